@@ -1,0 +1,102 @@
+# qpq wire contract, protocol `qpq/1` (the QUIC ALPN carries the version).
+#
+# One bidirectional QUIC stream per connection carries Cap'n Proto RPC (two-party, the client is
+# the Client side). The bootstrap capability is a NodeService. It is two logical services:
+#
+#   Authentication Service (AS): single-use MLS KeyPackages and identity-signed hybrid public keys
+#   Delivery Service (DS):       store-and-forward queues of opaque ciphertext per recipient key
+#
+# Identities are raw 32-byte Ed25519 public keys. The server never sees plaintext or group keys.
+# Every method that acts on "my" data lives on `Account`, which only `authenticate` hands out, so
+# no method can act on a key the connection has not proven it holds.
+#
+# Errors are RPC exceptions with a lowercase message such as
+# "payload too large: 300000 > 262144 bytes"; a bad call never drops the connection.
+
+@0xf1c1866953ae47a3;
+
+interface NodeService {
+  health @0 () -> (status :Text, version :Text, uptimeSecs :UInt64);
+  # Liveness, no authentication. status is "ok" while the server accepts work, "draining" during
+  # shutdown.
+
+  authenticate @1 (identityKey :Data, signature :Data) -> (account :Account);
+  # Proves possession of identityKey (32 bytes, Ed25519) on THIS connection. The signature is
+  # Ed25519 over  "qpq/1 authenticate" || 0x00 || exporter,  where exporter is 32 bytes of TLS
+  # keying material exported from this connection with label "EXPORTER-qpq/1 authenticate" and no
+  # context (RFC 5705 / RFC 8446 section 7.5). Both ends compute it; it differs on every
+  # connection, so a signature replayed on another connection fails.
+
+  fetchKeyPackage @2 (identityKey :Data) -> (keyPackage :Data, remaining :UInt32, lastResort :Bool);
+  # AS, no authentication (anyone may start a conversation with a key). Atomically removes and
+  # returns one of identityKey's single-use KeyPackages (RFC 9420 section 10). When none is left it
+  # returns the key's last-resort KeyPackage (kept, not removed) with lastResort = true. remaining
+  # counts single-use packages left after this call. Error "no key packages for this key" when the
+  # key has neither.
+
+  fetchHybridKey @3 (identityKey :Data) -> (hybridKey :Data, signature :Data);
+  # AS, no authentication. Returns the key's hybrid public key (X-Wing: ML-KEM-768 || X25519,
+  # 1216 bytes) and the identity's Ed25519 signature over it, exactly as uploaded. The server
+  # cannot forge that signature, so a fetching client detects a swapped key.
+
+  enqueue @4 (recipientKey :Data, payload :Data, channelId :Data) -> (seq :UInt64, channelSeq :UInt64);
+  # DS, no authentication (a sender need not reveal itself). Stores payload (at most the server's
+  # max payload, 256 KiB by default) for recipientKey and returns only after the write is durable
+  # on disk. seq is the message's per-recipient sequence number. channelId (0..=64 bytes, empty for
+  # none) is opaque to the server; a non-empty one gives the message the next position channelSeq
+  # in that channel's total order (0 when channelId is empty). Fails with "queue full: ..." when
+  # the recipient's queue is at its message or byte cap.
+
+  enqueueBatch @5 (channelId :Data, items :List(Delivery)) -> (channelSeq :UInt64, seqs :List(UInt64));
+  # DS, no authentication. Enqueues each item to its own recipient in ONE atomic, durable
+  # transaction: all are stored or none is. All items share one channelSeq, so every recipient sees
+  # the channel's messages in the same order (the per-group total order clients use to agree on one
+  # commit per epoch, RFC 9750 section 5.2). seqs[i] is items[i]'s per-recipient sequence number.
+
+  struct Delivery {
+    recipientKey @0 :Data;
+    payload @1 :Data;
+  }
+}
+
+interface Account {
+  # Every method acts only on the key proven by `authenticate`.
+
+  identity @0 () -> (identityKey :Data);
+
+  uploadKeyPackages @1 (keyPackages :List(Data), lastResort :Data) -> (count :UInt32);
+  # AS. Each package is parsed as an MLS KeyPackage (RFC 9420), its signature verified, its
+  # credential must be a BasicCredential whose identity is this account's key (which must also be
+  # its signature key), and its ciphersuite must be MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+  # keyPackages must not carry the last_resort extension; lastResort (optional, empty for none)
+  # must, and replaces the stored last-resort package. All-or-nothing and durable. count is the
+  # number of single-use packages stored afterwards; the pool is capped ("key package pool full").
+
+  keyPackageCount @2 () -> (count :UInt32, hasLastResort :Bool);
+
+  uploadHybridKey @3 (hybridKey :Data, signature :Data) -> ();
+  # AS. signature is Ed25519 by this account's key over
+  #   "qpq/1 hybrid-key" || identityKey || hybridKey
+  # and is verified before the key (1216 bytes) replaces any earlier one. Durable.
+
+  fetch @4 (limit :UInt32) -> (messages :List(Message), more :Bool);
+  # DS. Returns up to limit (capped by the server) pending messages in seq order WITHOUT deleting
+  # them (at-least-once delivery). more = true when further messages are waiting.
+
+  fetchWait @5 (timeoutMs :UInt32, limit :UInt32) -> (messages :List(Message), more :Bool);
+  # DS. Like fetch, but when the queue is empty waits until a message arrives (returns within
+  # milliseconds of its enqueue) or timeoutMs passes (then returns empty). timeoutMs at most
+  # 60000 ("timeout out of range: ...").
+
+  ack @6 (upToSeq :UInt64) -> (removed :UInt32);
+  # DS. Deletes every message with seq <= upToSeq, durably. Nothing is deleted before its ack.
+
+  struct Message {
+    seq @0 :UInt64;
+    channelId @1 :Data;
+    channelSeq @2 :UInt64;
+    payload @3 :Data;
+    enqueuedAtMs @4 :UInt64;
+    # Server clock, milliseconds since the Unix epoch.
+  }
+}

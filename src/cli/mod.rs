@@ -1,0 +1,87 @@
+//! The command line: one clap definition for every verb, so `--help`, the man pages, shell
+//! completions and the REPL grammar all come from the same place.
+
+pub mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Version string: crate version plus the git commit the binary was built from, if known.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("QPQ_GIT_COMMIT"), ")");
+
+/// qpq: end-to-end encrypted group messaging over MLS with a post-quantum envelope.
+#[derive(Debug, Parser)]
+#[command(name = "qpq", version = VERSION, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every client command shares.
+#[derive(Debug, Args, Clone, Default)]
+pub struct GlobalArgs {
+    /// Client home directory holding qpq-state.bin [default: the XDG data dir, ~/.local/share/qpq]
+    #[arg(long, global = true, env = "QPQ_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Server address HOST:PORT (remembered by `init`)
+    #[arg(long, global = true, env = "QPQ_SERVER", value_name = "HOST:PORT")]
+    pub server: Option<String>,
+    /// Pin the server certificate explicitly instead of trusting it on first use
+    #[arg(long, global = true, env = "QPQ_SERVER_FINGERPRINT", value_name = "sha256:HEX")]
+    pub server_fingerprint: Option<String>,
+}
+
+/// Every verb.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (Authentication + Delivery Service)
+    Serve(serve::ServeArgs),
+}
+
+/// Logs to stderr; `QPQ_LOG` (or `RUST_LOG`) sets the filter.
+pub fn init_logging(default: &str) {
+    let filter = std::env::var("QPQ_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the binary: returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+/// Prints `qpq: message` (lowercase causes chained with `: `); a closed stdout is not an error.
+pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
+    if e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    }) {
+        return std::process::ExitCode::SUCCESS;
+    }
+    let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+    eprintln!("qpq: {msg}");
+    std::process::ExitCode::FAILURE
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).map(|()| std::process::ExitCode::SUCCESS),
+    }
+}

@@ -1,0 +1,76 @@
+//! `qpq serve`: flags, signal handling, and the lines an operator (or a test) reads on start.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::server::{self, ServerConfig, config::Overrides};
+
+/// Flags of `qpq serve`; each has a `QPQ_*` variable and a `qpq-server.toml` key.
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (UDP); port 0 picks a free port [default: 0.0.0.0:7000]
+    #[arg(long, env = "QPQ_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory for qpq.db, the certificate and qpq-server.toml [default: ~/.local/share/qpq-server]
+    #[arg(long, env = "QPQ_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Config file [default: DATA_DIR/qpq-server.toml if present]
+    #[arg(long, env = "QPQ_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Operator's own certificate chain (PEM) instead of the generated self-signed one
+    #[arg(long, env = "QPQ_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert
+    #[arg(long, env = "QPQ_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+/// Runs the server until SIGINT/SIGTERM, then shuts down gracefully.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    crate::cli::init_logging("info");
+    let cfg = ServerConfig::resolve(Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        config: args.config,
+        cert: args.cert,
+        key: args.key,
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let running = server::start(cfg.clone()).await?;
+        let token = running.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            token.cancel();
+        });
+        // stdout: what the operator needs; the last line says the server is ready.
+        if running.generated_cert() {
+            println!("generated a self-signed certificate in {}", cfg.data_dir.display());
+        }
+        println!("certificate fingerprint {}", running.fingerprint());
+        println!("data dir {}", cfg.data_dir.display());
+        println!("listening on {}", running.local_addr());
+        tracing::info!(addr = %running.local_addr(), "serving");
+        running.wait().await?;
+        tracing::info!("stopped cleanly");
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers we cannot shut down gracefully; wait for ctrl-c at least.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Group management and the commit protocol (one commit per epoch, see [`super::messenger`]).
+
+use rand::RngCore;
+
+use crate::client::frame::Frame;
+use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
+use crate::client::session::SessionError;
+use crate::client::state::{GroupKind, GroupMeta};
+use crate::crypto::identity::PublicKey;
+use crate::mls::{self, MlsClient, Pending};
+
+/// How many times a change is retried after losing its epoch to a concurrent commit.
+pub const MAX_COMMIT_ATTEMPTS: usize = 8;
+/// Long-poll rounds spent waiting for our own commit to come back from the server.
+const CONFIRM_ROUNDS: usize = 6;
+/// Long-poll length of one confirmation round.
+const CONFIRM_WAIT_MS: u32 = 5_000;
+
+/// A member of a group, for listing.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub key: PublicKey,
+    pub name: Option<String>,
+    pub me: bool,
+}
+
+/// A group, for listing.
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    pub name: String,
+    pub group_id: Vec<u8>,
+    pub direct: bool,
+    pub active: bool,
+    pub members: usize,
+    pub epoch: u64,
+}
+
+impl Messenger {
+    /// Creates a group with only us in it. Local until someone is added.
+    pub fn group_create(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
+        if !valid_name(name) {
+            return Err(ClientError::BadName(name.to_string()));
+        }
+        if self.find_group(name).is_ok() {
+            return Err(ClientError::GroupExists(name.to_string()));
+        }
+        let group_id = new_group_id();
+        self.mls.create_group(&group_id)?;
+        self.home.state.groups.insert(
+            hex::encode(&group_id),
+            GroupMeta {
+                name: name.to_string(),
+                kind: GroupKind::Group,
+                active: true,
+                history: Default::default(),
+            },
+        );
+        self.persist()?;
+        Ok(group_id)
+    }
+
+    /// Opens a direct conversation with `peer`: a new two-member group.
+    pub(crate) async fn create_direct(&mut self, peer: [u8; 32]) -> Result<Vec<u8>, ClientError> {
+        // Everything that can fail on bad input happens before any state changes.
+        let kp = self.fetch_checked_key_package(&peer).await?;
+        self.hybrid_key_of(&peer).await?;
+        let group_id = new_group_id();
+        self.mls.create_group(&group_id)?;
+        self.home.state.groups.insert(
+            hex::encode(&group_id),
+            GroupMeta {
+                name: String::new(),
+                kind: GroupKind::Direct { peer },
+                active: true,
+                history: Default::default(),
+            },
+        );
+        self.persist()?;
+        let kps = vec![kp];
+        self.commit_change(
+            &group_id,
+            |m| m.add_members(&group_id, &kps),
+            &[peer],
+            GroupKind::Direct { peer },
+        )
+        .await?;
+        Ok(group_id)
+    }
+
+    /// Adds people (contact names or hex keys) to a group.
+    pub async fn group_add(&mut self, name: &str, members: &[String]) -> Result<Vec<Event>, ClientError> {
+        let group_id = self.find_group(name)?;
+        let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
+        self.connect().await?;
+        let mut events = self.receive_round(0).await?;
+        let current = self.mls.members(&group_id)?;
+        for k in &keys {
+            if current.contains(k) {
+                return Err(ClientError::AlreadyMember {
+                    who: self.display_name(k),
+                    group: name.to_string(),
+                });
+            }
+        }
+        let mut kps = Vec::with_capacity(keys.len());
+        for k in &keys {
+            kps.push(self.fetch_checked_key_package(k).await?);
+            self.hybrid_key_of(k).await?;
+        }
+        let gid = group_id.clone();
+        events.extend(
+            self.commit_change(&group_id, move |m| m.add_members(&gid, &kps), &keys, GroupKind::Group)
+                .await?,
+        );
+        events.extend(self.finish_round().await?);
+        Ok(events)
+    }
+
+    /// Removes people from a group.
+    pub async fn group_remove(&mut self, name: &str, members: &[String]) -> Result<Vec<Event>, ClientError> {
+        let group_id = self.find_group(name)?;
+        let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
+        self.connect().await?;
+        let mut events = self.receive_round(0).await?;
+        let current = self.mls.members(&group_id)?;
+        for k in &keys {
+            if !current.contains(k) {
+                return Err(ClientError::NotAMember { who: self.display_name(k), group: name.to_string() });
+            }
+            if *k == self.identity.public().0 {
+                return Err(ClientError::SelfTarget);
+            }
+        }
+        let gid = group_id.clone();
+        events.extend(
+            self.commit_change(&group_id, move |m| m.remove_members(&gid, &keys), &[], GroupKind::Group)
+                .await?,
+        );
+        events.extend(self.finish_round().await?);
+        Ok(events)
+    }
+
+    /// Rotates our leaf key in a group (post-compromise security).
+    pub async fn group_update(&mut self, name: &str) -> Result<Vec<Event>, ClientError> {
+        let group_id = self.find_group(name)?;
+        self.connect().await?;
+        let mut events = self.receive_round(0).await?;
+        let gid = group_id.clone();
+        events.extend(
+            self.commit_change(&group_id, move |m| m.self_update(&gid), &[], GroupKind::Group).await?,
+        );
+        events.extend(self.finish_round().await?);
+        Ok(events)
+    }
+
+    /// Leaves a group: asks the others to commit our removal and stops using it at once.
+    pub async fn group_leave(&mut self, name: &str) -> Result<(), ClientError> {
+        let group_id = self.find_group(name)?;
+        self.connect().await?;
+        self.receive_round(0).await?;
+        let me = self.identity.public().0;
+        let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
+        if !others.is_empty() {
+            let proposal = self.mls.leave_group(&group_id)?;
+            self.persist()?;
+            let frame = Frame::Mls { group_id: group_id.clone(), message: proposal }.encode();
+            self.fan_out(&group_id, &others, &frame).await?;
+        }
+        if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&group_id)) {
+            g.active = false;
+        }
+        self.persist()?;
+        Ok(())
+    }
+
+    /// Commits pending leave proposals of `group_id` (someone asked to leave).
+    pub(crate) async fn commit_leave_requests(&mut self, group_id: &[u8]) -> Result<Vec<Event>, ClientError> {
+        let gid = group_id.to_vec();
+        let make = |m: &mut MlsClient| {
+            m.commit_pending_proposals(&gid)?.ok_or(mls::MlsError::EmptyInput("no pending proposals"))
+        };
+        match self.commit_change(group_id, make, &[], GroupKind::Group).await {
+            // Someone else committed the leave first: nothing left to do.
+            Err(ClientError::Mls(mls::MlsError::EmptyInput(_))) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    /// Lists our groups (named groups and direct conversations).
+    pub fn group_list(&self) -> Vec<GroupSummary> {
+        let mut out: Vec<GroupSummary> = self
+            .home
+            .state
+            .groups
+            .iter()
+            .filter_map(|(id, g)| {
+                let group_id = hex::decode(id).ok()?;
+                let members =
+                    if g.active { self.mls.members(&group_id).map(|m| m.len()).unwrap_or(0) } else { 0 };
+                Some(GroupSummary {
+                    name: self.conversation_name(&group_id),
+                    epoch: self.mls.epoch(&group_id).unwrap_or(0),
+                    direct: matches!(g.kind, GroupKind::Direct { .. }),
+                    active: g.active,
+                    group_id,
+                    members,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.direct, &a.name).cmp(&(b.direct, &b.name)));
+        out
+    }
+
+    /// Members of a group, as this client's MLS state sees them.
+    pub fn group_members(&self, name: &str) -> Result<Vec<Member>, ClientError> {
+        let group_id = self.find_group(name)?;
+        let me = self.identity.public().0;
+        Ok(self
+            .mls
+            .members(&group_id)?
+            .into_iter()
+            .map(|k| Member {
+                key: PublicKey(k),
+                name: self.contact_name(&k).map(str::to_string),
+                me: k == me,
+            })
+            .collect())
+    }
+
+    /// The group id of a conversation by its display name (`#team` or a contact/key).
+    pub fn conversation_id(&self, target: &str) -> Result<Vec<u8>, ClientError> {
+        match self.resolve_target(target)? {
+            crate::client::messenger::Target::Group(g) => self.find_group(&g),
+            crate::client::messenger::Target::Person(p) => {
+                self.find_direct(&p).ok_or_else(|| ClientError::UnknownContact(target.to_string()))
+            }
+        }
+    }
+
+    pub fn epoch(&self, group_id: &[u8]) -> u64 {
+        self.mls.epoch(group_id).unwrap_or(0)
+    }
+
+    /// Fetches a KeyPackage of `who` and checks it really is theirs.
+    async fn fetch_checked_key_package(&mut self, who: &[u8; 32]) -> Result<Vec<u8>, ClientError> {
+        let fetched = self.session()?.fetch_key_package(who).await.map_err(|e| match e {
+            SessionError::Rpc(m) if m.contains("no key packages") => {
+                ClientError::NoKeyPackages { who: self.display_name(who) }
+            }
+            other => other.into(),
+        })?;
+        let v = mls::validate_key_package(&fetched.bytes)
+            .map_err(|_| ClientError::ForeignKeyPackage(self.display_name(who)))?;
+        if v.identity != *who {
+            return Err(ClientError::ForeignKeyPackage(self.display_name(who)));
+        }
+        Ok(fetched.bytes)
+    }
+
+    /// Runs the commit protocol for one change: stage it, send it to every member including us,
+    /// merge it if ours comes back first, otherwise retry on the new epoch. Sends the Welcome
+    /// (to `added`) only after the commit won.
+    pub(crate) async fn commit_change<F>(
+        &mut self,
+        group_id: &[u8],
+        mut make: F,
+        added: &[[u8; 32]],
+        kind: GroupKind,
+    ) -> Result<Vec<Event>, ClientError>
+    where
+        F: FnMut(&mut MlsClient) -> Result<Pending, mls::MlsError>,
+    {
+        let mut events = Vec::new();
+        for _attempt in 0..MAX_COMMIT_ATTEMPTS {
+            let pending = make(&mut self.mls)?;
+            // The staged commit's secrets must survive a crash before it leaves.
+            self.persist()?;
+            let recipients = self.mls.members(group_id)?;
+            let frame = Frame::Mls { group_id: group_id.to_vec(), message: pending.commit.clone() }.encode();
+            self.commits.insert(group_id.to_vec(), CommitStatus::Waiting(pending.commit.clone()));
+            if let Err(e) = self.fan_out(group_id, &recipients, &frame).await {
+                let _ = self.mls.clear_pending(group_id);
+                self.commits.remove(group_id);
+                self.persist()?;
+                return Err(e);
+            }
+            let mut rounds = 0;
+            while matches!(self.commits.get(group_id), Some(CommitStatus::Waiting(_))) {
+                if rounds == CONFIRM_ROUNDS {
+                    self.commits.remove(group_id);
+                    return Err(ClientError::CommitTimeout);
+                }
+                rounds += 1;
+                events.extend(self.receive_round(CONFIRM_WAIT_MS).await?);
+            }
+            match self.commits.remove(group_id) {
+                Some(CommitStatus::Won) => {
+                    if let Some(welcome) = pending.welcome {
+                        let name = self
+                            .home
+                            .state
+                            .groups
+                            .get(&hex::encode(group_id))
+                            .map(|g| g.name.clone())
+                            .unwrap_or_default();
+                        let frame = Frame::Welcome {
+                            welcome,
+                            group_name: name,
+                            kind: kind.clone(),
+                            inviter: self.identity.public().0,
+                        }
+                        .encode();
+                        self.fan_out(b"", added, &frame).await?;
+                    }
+                    return Ok(events);
+                }
+                _ => {
+                    // Lost the epoch: the winner is applied; is our change still needed?
+                    if !self.home.state.groups.get(&hex::encode(group_id)).is_some_and(|g| g.active) {
+                        return Err(ClientError::NotMember(self.conversation_name(group_id)));
+                    }
+                    continue;
+                }
+            }
+        }
+        Err(ClientError::CommitRace)
+    }
+}
+
+fn new_group_id() -> Vec<u8> {
+    let mut id = vec![0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    id
+}

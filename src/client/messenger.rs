@@ -1,0 +1,804 @@
+//! The messenger core shared by the one-shot commands and the shell: identity, contacts,
+//! conversations, sending, receiving. No printing: results come back as values and [`Event`]s.
+//!
+//! # Delivery
+//! Every payload on the DS is a [`Frame`] sealed for its recipient with the hybrid envelope.
+//! Group traffic uses the MLS group id as the DS channel id, so all members see a group's
+//! messages in one server-assigned order. [`Messenger::receive`] processes messages in that
+//! order, saves the state that holds their effect, and only then acks them: a crash re-delivers,
+//! and `processed_seq` makes a re-delivery a no-op.
+//!
+//! # One commit per epoch
+//! Membership changes are commits. A committer sends its commit to every member including itself
+//! and merges it only when its own copy comes back before any other commit of that epoch; if
+//! another commit comes first, openmls applies that one (ours no longer fits the epoch) and we
+//! retry the change on the new epoch, a bounded number of times. Every member applies the first
+//! valid commit of an epoch and fails on later ones, so nobody forks. Welcomes are sent only for
+//! a commit that won. See [`groups`](super::groups).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use zeroize::Zeroizing;
+
+use crate::client::frame::{AppMessage, Frame};
+use crate::client::session::{Delivered, Session, SessionError};
+use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Orphan, Secrets, State, StateError, Unlock};
+use crate::crypto::hybrid::{self, HybridPublicKey, HybridSecretKey};
+use crate::crypto::identity::{Identity, IdentityError, PublicKey};
+use crate::mls::{self, Incoming, MlsClient, MlsError, ProposalKind};
+use crate::transport::{Fingerprint, Pin};
+
+/// Single-use KeyPackages `init` uploads and refills to.
+pub const KEY_PACKAGE_POOL: usize = 20;
+/// Refill when the server holds fewer than this many.
+pub const KEY_PACKAGE_REFILL_BELOW: u32 = 5;
+/// Most messages for not-yet-joined groups kept while waiting for their Welcome.
+pub const MAX_ORPHANS: usize = 1000;
+/// How long such messages are kept.
+pub const ORPHAN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Longest text message (after the envelope and MLS overhead it stays under the DS limit).
+pub const MAX_TEXT_BYTES: usize = 200 * 1024;
+
+/// Errors of client operations, phrased for the person who typed the command.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("{0}")]
+    Mls(#[from] MlsError),
+    #[error("{0}")]
+    Key(#[from] IdentityError),
+    #[error("no server: pass --server HOST:PORT (or set QPQ_SERVER)")]
+    NoServer,
+    #[error("unknown contact {0:?}: add it with `contact add NAME KEY` or use the 64-hex key")]
+    UnknownContact(String),
+    #[error("no group named #{0}")]
+    UnknownGroup(String),
+    #[error("you are no longer a member of #{0}")]
+    NotMember(String),
+    #[error("invalid name {0:?}: use 1-32 letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    #[error("a contact named {0:?} already exists")]
+    ContactExists(String),
+    #[error("a group named #{0} already exists")]
+    GroupExists(String),
+    #[error("{who} has no key packages on the server (has it run `qpq init` there?)")]
+    NoKeyPackages { who: String },
+    #[error("{who} is already a member of #{group}")]
+    AlreadyMember { who: String, group: String },
+    #[error("{who} is not a member of #{group}")]
+    NotAMember { who: String, group: String },
+    #[error("the server returned a key package that does not belong to {0}")]
+    ForeignKeyPackage(String),
+    #[error("hybrid key of {who} rejected: {reason} (the server may have swapped it)")]
+    HybridKey { who: String, reason: String },
+    #[error("#{0} has no other members yet: add some with `group add`")]
+    Alone(String),
+    #[error("message too large: {0} > {MAX_TEXT_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("the group changed concurrently too many times; try again")]
+    CommitRace,
+    #[error("the server did not confirm our commit in time; try again")]
+    CommitTimeout,
+    #[error("that is your own key")]
+    SelfTarget,
+}
+
+/// Something that happened while processing incoming messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An application message (already kept in history and the inbox).
+    Message(Entry),
+    /// We joined a group.
+    Joined { group_id: Vec<u8>, by: [u8; 32] },
+    /// Members were added or removed by a commit.
+    Membership { group_id: Vec<u8>, by: [u8; 32], added: Vec<[u8; 32]>, removed: Vec<[u8; 32]> },
+    /// We were removed from a group (or our leave was committed).
+    Removed { group_id: Vec<u8>, by: [u8; 32] },
+    /// A message that could not be used; processing went on.
+    Dropped { reason: String },
+}
+
+/// What a send did.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub group_id: Vec<u8>,
+    pub recipients: usize,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Group(String),
+    Person([u8; 32]),
+}
+
+/// Connection settings given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    pub server: Option<String>,
+    pub fingerprint: Option<Fingerprint>,
+}
+
+/// Result of `init`.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    pub key: PublicKey,
+    pub fingerprint: Fingerprint,
+    /// True when the fingerprint was pinned on first use rather than given.
+    pub first_use: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CommitStatus {
+    Waiting(Vec<u8>),
+    Won,
+    Lost,
+}
+
+/// The client: an open home plus (lazily) a connection.
+pub struct Messenger {
+    pub(crate) home: Home,
+    pub(crate) identity: Identity,
+    pub(crate) hybrid: HybridSecretKey,
+    pub(crate) mls: MlsClient,
+    pub(crate) session: Option<Session>,
+    pub(crate) opts: ConnectOptions,
+    /// Our commits in flight, by group id.
+    pub(crate) commits: HashMap<Vec<u8>, CommitStatus>,
+    /// Groups where a member asked to leave: we commit their removal after this round.
+    pub(crate) leave_requests: Vec<Vec<u8>>,
+    /// Set when a Welcome used one of our KeyPackages: check the server's pool.
+    pub(crate) kp_check: bool,
+    /// Notices for the person (pinned certificate, refills); the caller prints them.
+    pub notices: Vec<String>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Valid contact and group names: short, no spaces or shell-special characters.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !PublicKey::looks_like_key(name)
+}
+
+async fn open_session(
+    server: &str,
+    known: Option<&String>,
+    explicit: Option<Fingerprint>,
+) -> Result<(Session, bool), ClientError> {
+    let pin = match (explicit, known) {
+        (Some(f), _) => Pin::Fingerprint(f),
+        (None, Some(k)) => Pin::Fingerprint(Fingerprint::parse(k).map_err(|e| SessionError::Transport(e))?),
+        (None, None) => Pin::FirstUse(Default::default()),
+    };
+    let first_use = matches!(pin, Pin::FirstUse(_));
+    Ok((Session::connect(server, pin).await?, first_use))
+}
+
+impl Messenger {
+    /// Creates an identity in `dir`, pins the server, uploads KeyPackages and the signed hybrid
+    /// key. Nothing is written to `dir` unless all of that succeeds.
+    pub async fn init(
+        dir: &Path,
+        name: Option<String>,
+        unlock: Unlock,
+        opts: ConnectOptions,
+    ) -> Result<(Messenger, InitReport), ClientError> {
+        if crate::client::state::exists(dir) {
+            return Err(StateError::AlreadyInitialized(dir.to_path_buf()).into());
+        }
+        if let Some(n) = &name {
+            if n.is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
+                return Err(ClientError::BadName(n.clone()));
+            }
+        }
+        let server = opts.server.clone().ok_or(ClientError::NoServer)?;
+        let identity = Identity::generate();
+        let hybrid = HybridSecretKey::generate();
+        let mls = MlsClient::new(identity.seed())?;
+        let (mut session, first_use) = open_session(&server, None, opts.fingerprint).await?;
+        session.authenticate(&identity).await?;
+        let kps = mls.key_packages(KEY_PACKAGE_POOL)?;
+        let lr = mls.last_resort_key_package()?;
+        session.upload_key_packages(&kps, Some(&lr)).await?;
+        let hpk = hybrid.public_key();
+        let sig = hybrid::sign_hybrid_key(identity.signing_key(), &hpk);
+        session.upload_hybrid_key(hpk.as_bytes(), &sig).await?;
+        let fingerprint = session.fingerprint();
+        let mut state = State::new(
+            Secrets { identity_seed: *identity.seed(), hybrid_seed: *hybrid.seed() },
+            name,
+            Some(server.clone()),
+        );
+        state.known_servers.insert(server, fingerprint.to_string());
+        state.mls_storage = mls.export_storage()?;
+        let home = Home::create(dir, state, unlock)?;
+        let report = InitReport { key: identity.public(), fingerprint, first_use };
+        let m = Messenger {
+            home,
+            identity,
+            hybrid,
+            mls,
+            session: Some(session),
+            opts,
+            commits: HashMap::new(),
+            leave_requests: Vec::new(),
+            kp_check: false,
+            notices: Vec::new(),
+        };
+        Ok((m, report))
+    }
+
+    /// Opens an existing home (taking its lock).
+    pub fn open(
+        dir: &Path,
+        passphrase: Option<&[u8]>,
+        opts: ConnectOptions,
+    ) -> Result<Messenger, ClientError> {
+        let home = Home::open(dir, passphrase, true)?;
+        let identity = Identity::from_seed(&home.state.secrets.identity_seed);
+        let hybrid = HybridSecretKey::from_seed(home.state.secrets.hybrid_seed);
+        let mls = MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?;
+        Ok(Messenger {
+            home,
+            identity,
+            hybrid,
+            mls,
+            session: None,
+            opts,
+            commits: HashMap::new(),
+            leave_requests: Vec::new(),
+            kp_check: false,
+            notices: Vec::new(),
+        })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.home.state
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.identity.public()
+    }
+
+    pub fn server(&self) -> Option<String> {
+        self.opts.server.clone().or_else(|| self.home.state.server.clone())
+    }
+
+    /// Writes the state (with the current MLS storage) durably.
+    pub(crate) fn persist(&mut self) -> Result<(), ClientError> {
+        self.home.state.mls_storage = self.mls.export_storage()?;
+        self.home.save()?;
+        Ok(())
+    }
+
+    /// Connects and authenticates if not connected yet (or the connection dropped).
+    pub async fn connect(&mut self) -> Result<&Session, ClientError> {
+        if self.session.as_ref().is_some_and(Session::is_open) {
+            // Checked just above; the borrow checker needs the second lookup.
+            return Ok(self.session.as_ref().ok_or(ClientError::NoServer)?);
+        }
+        self.session = None;
+        let server = self.server().ok_or(ClientError::NoServer)?;
+        let known = self.home.state.known_servers.get(&server).cloned();
+        let (mut session, first_use) = open_session(&server, known.as_ref(), self.opts.fingerprint).await?;
+        session.authenticate(&self.identity).await?;
+        let fp = session.fingerprint().to_string();
+        if known.as_ref() != Some(&fp) {
+            if first_use {
+                self.notices.push(format!("pinned certificate of {server}: {fp}"));
+            }
+            self.home.state.known_servers.insert(server, fp);
+            self.home.save()?;
+        }
+        self.session = Some(session);
+        Ok(self.session.as_ref().ok_or(ClientError::NoServer)?)
+    }
+
+    /// Drops the connection (the next call reconnects).
+    pub async fn disconnect(&mut self) {
+        if let Some(s) = self.session.take() {
+            s.close().await;
+        }
+    }
+
+    pub(crate) fn session(&self) -> Result<&Session, ClientError> {
+        self.session.as_ref().ok_or(ClientError::NoServer)
+    }
+
+    // ----- names -----
+
+    /// The contact name of `key`, if any.
+    pub fn contact_name(&self, key: &[u8; 32]) -> Option<&str> {
+        self.home.state.contacts.iter().find(|(_, k)| *k == key).map(|(n, _)| n.as_str())
+    }
+
+    /// A name for people: contact name, "me", or the short key.
+    pub fn display_name(&self, key: &[u8; 32]) -> String {
+        if *key == self.identity.public().0 {
+            return "me".to_string();
+        }
+        self.contact_name(key).map(str::to_string).unwrap_or_else(|| PublicKey(*key).short())
+    }
+
+    /// Resolves a contact name or a 64-hex key.
+    pub fn resolve_person(&self, s: &str) -> Result<[u8; 32], ClientError> {
+        if let Some(k) = self.home.state.contacts.get(s) {
+            return Ok(*k);
+        }
+        if PublicKey::looks_like_key(s) {
+            return Ok(PublicKey::parse_hex(s)?.0);
+        }
+        if s.len() >= 60 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(IdentityError::BadHex(s.to_string()).into());
+        }
+        Err(ClientError::UnknownContact(s.to_string()))
+    }
+
+    /// Parses a send target: `#group`, a contact name or a 64-hex key.
+    pub fn resolve_target(&self, s: &str) -> Result<Target, ClientError> {
+        if let Some(g) = s.strip_prefix('#') {
+            return Ok(Target::Group(g.to_string()));
+        }
+        let k = self.resolve_person(s)?;
+        if k == self.identity.public().0 {
+            return Err(ClientError::SelfTarget);
+        }
+        Ok(Target::Person(k))
+    }
+
+    // ----- contacts -----
+
+    pub fn contact_add(&mut self, name: &str, key: &str) -> Result<PublicKey, ClientError> {
+        if !valid_name(name) {
+            return Err(ClientError::BadName(name.to_string()));
+        }
+        let pk = PublicKey::parse_hex(key)?;
+        if self.home.state.contacts.contains_key(name) {
+            return Err(ClientError::ContactExists(name.to_string()));
+        }
+        self.home.state.contacts.insert(name.to_string(), pk.0);
+        self.home.save()?;
+        Ok(pk)
+    }
+
+    pub fn contact_remove(&mut self, name: &str) -> Result<(), ClientError> {
+        if self.home.state.contacts.remove(name).is_none() {
+            return Err(ClientError::UnknownContact(name.to_string()));
+        }
+        self.home.save()?;
+        Ok(())
+    }
+
+    pub fn contacts(&self) -> Vec<(String, PublicKey)> {
+        self.home.state.contacts.iter().map(|(n, k)| (n.clone(), PublicKey(*k))).collect()
+    }
+
+    // ----- conversations -----
+
+    /// Display name of a conversation: `#name` for groups, the peer's name for DMs.
+    pub fn conversation_name(&self, group_id: &[u8]) -> String {
+        match self.home.state.groups.get(&hex::encode(group_id)) {
+            Some(GroupMeta { kind: GroupKind::Direct { peer }, .. }) => self.display_name(peer),
+            Some(g) => format!("#{}", g.name),
+            None => format!("#{}", hex::encode(&group_id[..group_id.len().min(4)])),
+        }
+    }
+
+    /// Group name for JSON output: the group's name, or None for a direct conversation.
+    pub fn group_label(&self, group_id: &[u8]) -> Option<String> {
+        match self.home.state.groups.get(&hex::encode(group_id)) {
+            Some(GroupMeta { kind: GroupKind::Direct { .. }, .. }) => None,
+            Some(g) => Some(g.name.clone()),
+            None => None,
+        }
+    }
+
+    /// The group id of the active group called `name`.
+    pub fn find_group(&self, name: &str) -> Result<Vec<u8>, ClientError> {
+        let mut inactive = false;
+        for (id, g) in &self.home.state.groups {
+            if g.kind == GroupKind::Group && g.name == name {
+                if g.active {
+                    return hex::decode(id).map_err(|_| ClientError::UnknownGroup(name.to_string()));
+                }
+                inactive = true;
+            }
+        }
+        if inactive {
+            Err(ClientError::NotMember(name.to_string()))
+        } else {
+            Err(ClientError::UnknownGroup(name.to_string()))
+        }
+    }
+
+    /// The active direct conversation with `peer` (lowest group id wins when both sides created
+    /// one at the same time, so both ends converge on the same one).
+    pub fn find_direct(&self, peer: &[u8; 32]) -> Option<Vec<u8>> {
+        self.home
+            .state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.active && g.kind == GroupKind::Direct { peer: *peer })
+            .map(|(id, _)| id)
+            .min()
+            .and_then(|id| hex::decode(id).ok())
+    }
+
+    /// The last `n` messages of a conversation, oldest first.
+    pub fn history(&self, group_id: &[u8], n: usize) -> Vec<Entry> {
+        self.home
+            .state
+            .groups
+            .get(&hex::encode(group_id))
+            .map(|g| g.history.iter().rev().take(n).rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    // ----- sending -----
+
+    /// Sends `text` to a person (direct conversation, created on first use) or a group.
+    pub async fn send(&mut self, target: &Target, text: &str) -> Result<Sent, ClientError> {
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(ClientError::TooLarge(text.len()));
+        }
+        let group_id = match target {
+            Target::Group(name) => self.find_group(name)?,
+            Target::Person(_) => Vec::new(),
+        };
+        self.connect().await?;
+        // Catch up first: a commit or a Welcome may be waiting (e.g. the peer already opened a
+        // direct conversation with us, which we then reuse).
+        self.receive_round(0).await?;
+        self.finish_round().await?;
+        let group_id = match target {
+            Target::Group(name) => {
+                let id = self.find_group(name)?;
+                debug_assert_eq!(id, group_id);
+                id
+            }
+            Target::Person(peer) => match self.find_direct(peer) {
+                Some(id) => id,
+                None => self.create_direct(*peer).await?,
+            },
+        };
+        let me = self.identity.public().0;
+        let recipients: Vec<[u8; 32]> =
+            self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
+        if recipients.is_empty() {
+            return Err(ClientError::Alone(
+                self.conversation_name(&group_id).trim_start_matches('#').to_string(),
+            ));
+        }
+        let sent_at_ms = now_ms();
+        let body = AppMessage { text: text.to_string(), sent_at_ms }.encode();
+        let ciphertext = self.mls.encrypt(&group_id, &body)?;
+        let entry = Entry {
+            group_id: group_id.clone(),
+            from: me,
+            text: text.to_string(),
+            sent_at_ms,
+            received_at_ms: sent_at_ms,
+            outgoing: true,
+        };
+        self.push_history(entry);
+        // The ratchet advanced: persist before anything leaves, so a crash never reuses a key.
+        self.persist()?;
+        let frame = Frame::Mls { group_id: group_id.clone(), message: ciphertext }.encode();
+        self.fan_out(&group_id, &recipients, &frame).await?;
+        Ok(Sent { group_id, recipients: recipients.len() })
+    }
+
+    /// Seals `frame` for each recipient and enqueues all in one atomic batch on `channel`.
+    pub(crate) async fn fan_out(
+        &mut self,
+        channel: &[u8],
+        recipients: &[[u8; 32]],
+        frame: &[u8],
+    ) -> Result<u64, ClientError> {
+        let mut items = Vec::with_capacity(recipients.len());
+        for r in recipients {
+            let hk = self.hybrid_key_of(r).await?;
+            items.push((PublicKey(*r), hybrid::seal(r, &hk, frame)));
+        }
+        let (channel_seq, _) = self.session()?.enqueue_batch(channel, &items).await?;
+        Ok(channel_seq)
+    }
+
+    /// The verified hybrid key of `who` (cached in the state after the first fetch).
+    pub(crate) async fn hybrid_key_of(&mut self, who: &[u8; 32]) -> Result<HybridPublicKey, ClientError> {
+        if *who == self.identity.public().0 {
+            return Ok(self.hybrid.public_key());
+        }
+        if let Some(bytes) = self.home.state.hybrid_keys.get(who) {
+            if let Ok(k) = HybridPublicKey::from_bytes(bytes) {
+                return Ok(k);
+            }
+        }
+        let (key, sig) = self.session()?.fetch_hybrid_key(who).await.map_err(|e| match e {
+            SessionError::Rpc(m) if m.contains("no hybrid key") => {
+                ClientError::NoKeyPackages { who: self.display_name(who) }
+            }
+            other => other.into(),
+        })?;
+        let verified = hybrid::verify_hybrid_key(who, &key, &sig)
+            .map_err(|e| ClientError::HybridKey { who: self.display_name(who), reason: e.to_string() })?;
+        self.home.state.hybrid_keys.insert(*who, key);
+        Ok(verified)
+    }
+
+    pub(crate) fn push_history(&mut self, entry: Entry) {
+        let limit = self.home.state.history_limit;
+        if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&entry.group_id)) {
+            g.history.push_back(entry);
+            while g.history.len() > limit {
+                g.history.pop_front();
+            }
+        }
+    }
+
+    // ----- receiving -----
+
+    /// Processes everything pending; with `wait_ms` > 0 and an empty queue, long-polls up to
+    /// that long for the first message. Every message's effect is saved before it is acked.
+    pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
+        self.connect().await?;
+        let mut events = self.receive_round(wait_ms).await?;
+        events.extend(self.finish_round().await?);
+        Ok(events)
+    }
+
+    /// Unread messages (processed by any command, not yet shown by `recv`), oldest first;
+    /// they are removed from the inbox durably before being returned.
+    pub fn take_inbox(&mut self) -> Result<Vec<Entry>, ClientError> {
+        if self.home.state.inbox.is_empty() {
+            return Ok(Vec::new());
+        }
+        let taken: Vec<Entry> = self.home.state.inbox.drain(..).collect();
+        self.home.save()?;
+        Ok(taken)
+    }
+
+    /// One fetch (or fetchWait) and the processing of what came, repeated while the server says
+    /// more is waiting. Saves, then acks.
+    pub(crate) async fn receive_round(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        let mut wait = wait_ms;
+        loop {
+            let (msgs, more) = if wait > 0 {
+                self.session()?.fetch_wait(wait, 0).await?
+            } else {
+                self.session()?.fetch(0).await?
+            };
+            wait = 0;
+            let Some(last) = msgs.last().map(|m| m.seq) else { break };
+            for m in &msgs {
+                if m.seq <= self.home.state.processed_seq {
+                    continue; // re-delivery of something whose effect we already saved
+                }
+                self.process_delivered(m, &mut events);
+                self.home.state.processed_seq = m.seq;
+            }
+            self.persist()?;
+            self.session()?.ack(last).await?;
+            if !more {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Work that must not run inside a commit's confirmation loop: committing leave requests and
+    /// refilling KeyPackages.
+    pub(crate) async fn finish_round(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        while let Some(gid) = self.leave_requests.pop() {
+            if self.home.state.groups.get(&hex::encode(&gid)).is_some_and(|g| g.active) {
+                match self.commit_leave_requests(&gid).await {
+                    Ok(evs) => events.extend(evs),
+                    Err(e) => {
+                        events.push(Event::Dropped { reason: format!("could not commit a leave: {e}") })
+                    }
+                }
+            }
+        }
+        if self.kp_check {
+            self.kp_check = false;
+            self.refill_key_packages().await?;
+        }
+        Ok(events)
+    }
+
+    /// Tops the server's KeyPackage pool up and rotates the last-resort one when it may have
+    /// been used.
+    pub async fn refill_key_packages(&mut self) -> Result<(), ClientError> {
+        let (count, has_lr) = self.session()?.key_package_count().await?;
+        if count >= KEY_PACKAGE_REFILL_BELOW && has_lr && !self.home.state.rotate_last_resort {
+            return Ok(());
+        }
+        let n = KEY_PACKAGE_POOL.saturating_sub(count as usize);
+        let kps = self.mls.key_packages(n)?;
+        // An empty pool means the last-resort package was handed out: replace it.
+        let rotate = count == 0 || !has_lr || self.home.state.rotate_last_resort;
+        let lr = if rotate { Some(self.mls.last_resort_key_package()?) } else { None };
+        // Private keys must be durable before the public halves are published.
+        self.persist()?;
+        self.session()?.upload_key_packages(&kps, lr.as_deref()).await?;
+        self.home.state.rotate_last_resort = false;
+        self.home.save()?;
+        Ok(())
+    }
+
+    fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) {
+        let me = self.identity.public().0;
+        let plain = match hybrid::open(&me, &self.hybrid, &m.payload) {
+            Ok(p) => Zeroizing::new(p),
+            Err(e) => {
+                events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
+                return;
+            }
+        };
+        match Frame::decode(&plain) {
+            Ok(Frame::Welcome { welcome, group_name, kind, inviter }) => {
+                self.handle_welcome(&welcome, &group_name, kind, inviter, events)
+            }
+            Ok(Frame::Mls { group_id, message }) => self.handle_group_message(&group_id, &message, events),
+            Err(e) => events.push(Event::Dropped { reason: e.to_string() }),
+        }
+    }
+
+    fn handle_welcome(
+        &mut self,
+        welcome: &[u8],
+        name: &str,
+        kind: GroupKind,
+        inviter: [u8; 32],
+        events: &mut Vec<Event>,
+    ) {
+        self.kp_check = true;
+        let group_id = match self.mls.join(welcome) {
+            Ok(g) => g,
+            Err(e) => {
+                events.push(Event::Dropped { reason: format!("could not join a group: {e}") });
+                return;
+            }
+        };
+        let members = self.mls.members(&group_id).unwrap_or_default();
+        if !members.contains(&inviter) {
+            // The frame's inviter field is not authenticated; the group's membership is.
+            let _ = self.mls.delete_group(&group_id);
+            events
+                .push(Event::Dropped { reason: "a welcome named an inviter who is not in the group".into() });
+            return;
+        }
+        let kind = match kind {
+            GroupKind::Direct { .. } => GroupKind::Direct { peer: inviter },
+            GroupKind::Group => GroupKind::Group,
+        };
+        let name = match &kind {
+            GroupKind::Group => self.unique_group_name(name),
+            GroupKind::Direct { .. } => String::new(),
+        };
+        self.home.state.groups.insert(
+            hex::encode(&group_id),
+            GroupMeta { name, kind, active: true, history: Default::default() },
+        );
+        events.push(Event::Joined { group_id: group_id.clone(), by: inviter });
+        // Messages that raced ahead of this Welcome.
+        let now = now_ms();
+        let (mine, rest): (Vec<Orphan>, Vec<Orphan>) =
+            std::mem::take(&mut self.home.state.orphans).into_iter().partition(|o| o.group_id == group_id);
+        self.home.state.orphans =
+            rest.into_iter().filter(|o| now.saturating_sub(o.received_at_ms) < ORPHAN_TTL_MS).collect();
+        for o in mine {
+            self.handle_group_message(&group_id, &o.message, events);
+        }
+    }
+
+    fn unique_group_name(&self, wanted: &str) -> String {
+        let base = if valid_name(wanted) { wanted.to_string() } else { "group".to_string() };
+        let taken =
+            |n: &str| self.home.state.groups.values().any(|g| g.kind == GroupKind::Group && g.name == n);
+        if !taken(&base) {
+            return base;
+        }
+        (2..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or(base)
+    }
+
+    pub(crate) fn handle_group_message(&mut self, group_id: &[u8], message: &[u8], events: &mut Vec<Event>) {
+        let key = hex::encode(group_id);
+        let Some(meta) = self.home.state.groups.get(&key) else {
+            if self.home.state.orphans.len() < MAX_ORPHANS {
+                self.home.state.orphans.push(Orphan {
+                    group_id: group_id.to_vec(),
+                    message: message.to_vec(),
+                    received_at_ms: now_ms(),
+                });
+            }
+            return;
+        };
+        if !meta.active {
+            return;
+        }
+        if let Some(CommitStatus::Waiting(ours)) = self.commits.get(group_id) {
+            if ours.as_slice() == message {
+                match self.mls.merge_pending(group_id) {
+                    Ok(()) => {
+                        self.commits.insert(group_id.to_vec(), CommitStatus::Won);
+                    }
+                    Err(e) => {
+                        self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
+                        events
+                            .push(Event::Dropped { reason: format!("could not apply our own commit: {e}") });
+                    }
+                }
+                return;
+            }
+        }
+        let epoch_before = self.mls.epoch(group_id).unwrap_or(0);
+        match self.mls.process(group_id, message) {
+            Ok(Incoming::Application { sender, plaintext }) => match AppMessage::decode(&plaintext) {
+                Ok(app) => {
+                    let entry = Entry {
+                        group_id: group_id.to_vec(),
+                        from: sender,
+                        text: app.text,
+                        sent_at_ms: app.sent_at_ms,
+                        received_at_ms: now_ms(),
+                        outgoing: false,
+                    };
+                    self.push_history(entry.clone());
+                    self.home.state.inbox.push_back(entry.clone());
+                    events.push(Event::Message(entry));
+                }
+                Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
+            },
+            Ok(Incoming::Commit { sender, added, removed, self_removed, .. }) => {
+                if let Some(CommitStatus::Waiting(_)) = self.commits.get(group_id) {
+                    // Another commit took this epoch: ours can never apply.
+                    let _ = self.mls.clear_pending(group_id);
+                    self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
+                }
+                if self_removed {
+                    if let Some(g) = self.home.state.groups.get_mut(&key) {
+                        g.active = false;
+                    }
+                    events.push(Event::Removed { group_id: group_id.to_vec(), by: sender });
+                } else if !added.is_empty() || !removed.is_empty() {
+                    events.push(Event::Membership {
+                        group_id: group_id.to_vec(),
+                        by: sender,
+                        added,
+                        removed,
+                    });
+                }
+            }
+            Ok(Incoming::Proposal { sender, kind: ProposalKind::Remove { removed } })
+                if removed == sender =>
+            {
+                self.leave_requests.push(group_id.to_vec());
+            }
+            Ok(Incoming::Proposal { .. }) => {}
+            Err(e) => {
+                // A commit that lost its epoch (or a message from an epoch we no longer keep)
+                // fails here by design; anything else is worth a notice.
+                let stale = mls::MlsClient::peek(message).map(|i| i.epoch < epoch_before).unwrap_or(false)
+                    || matches!(e, MlsError::OwnMessage);
+                if !stale {
+                    events.push(Event::Dropped {
+                        reason: format!("a message of {} was dropped: {e}", self.conversation_name(group_id)),
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The client side: a connection to the server ([`session`]), the encrypted state ([`state`]),
+//! the frames inside envelopes ([`frame`]), and the messenger core ([`messenger`], [`groups`])
+//! that the one-shot commands and the shell share. No printing in here.
+
+pub mod frame;
+pub mod groups;
+pub mod messenger;
+pub mod session;
+pub mod state;

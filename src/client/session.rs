@@ -1,0 +1,352 @@
+//! One connection to a qpq server: QUIC + pinned TLS 1.3, Cap'n Proto RPC on one stream, typed
+//! wrappers around every NodeService/Account method.
+//!
+//! capnp-rpc is `!Send`: a `Session` must live inside a tokio `LocalSet` (the CLI, the shell and
+//! the tests all run one).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::crypto::identity::{Identity, PublicKey};
+use crate::limits;
+use crate::proto::node_capnp::{account, node_service};
+use crate::transport::{self, Fingerprint, Pin};
+
+/// How long connecting (resolve + QUIC/TLS handshake + stream) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot resolve server address {0:?}")]
+    Resolve(String),
+    #[error("cannot reach server {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error(
+        "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with --server-fingerprint)"
+    )]
+    CertificateChanged { pinned: Fingerprint, presented: Fingerprint },
+    #[error("server error: {0}")]
+    Rpc(String),
+    #[error("not authenticated")]
+    NotAuthenticated,
+    #[error("{0}")]
+    Transport(#[from] transport::TransportError),
+}
+
+impl From<capnp::Error> for SessionError {
+    fn from(e: capnp::Error) -> Self {
+        SessionError::Rpc(clean_rpc_error(&e))
+    }
+}
+
+/// The message the server put in its error, without capnp's decoration.
+pub fn clean_rpc_error(e: &capnp::Error) -> String {
+    let s = e.extra.trim();
+    let s = s.strip_prefix("remote exception: ").unwrap_or(s);
+    let s = s.strip_prefix("Failed: ").unwrap_or(s);
+    if s.is_empty() { format!("{:?}", e.kind).to_lowercase() } else { s.to_string() }
+}
+
+/// Server status from `health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub uptime_secs: u64,
+}
+
+/// A message as the DS returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub seq: u64,
+    pub channel_id: Vec<u8>,
+    pub channel_seq: u64,
+    pub payload: Vec<u8>,
+    pub enqueued_at_ms: u64,
+}
+
+/// A fetched KeyPackage.
+#[derive(Debug, Clone)]
+pub struct FetchedKeyPackage {
+    pub bytes: Vec<u8>,
+    pub remaining: u32,
+    pub last_resort: bool,
+}
+
+/// An open connection to the server.
+pub struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    node: node_service::Client,
+    account: Option<account::Client>,
+    fingerprint: Fingerprint,
+    rpc_task: tokio::task::JoinHandle<()>,
+}
+
+/// Resolves `HOST:PORT` (names via the system resolver, IP literals directly).
+pub async fn resolve(server: &str) -> Result<SocketAddr, SessionError> {
+    if let Ok(a) = server.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let mut addrs =
+        tokio::net::lookup_host(server).await.map_err(|_| SessionError::Resolve(server.to_string()))?;
+    addrs.next().ok_or_else(|| SessionError::Resolve(server.to_string()))
+}
+
+impl Session {
+    /// Connects, verifying the server certificate against `pin`.
+    pub async fn connect(server: &str, pin: Pin) -> Result<Session, SessionError> {
+        let addr = resolve(server).await?;
+        let connect_err = |reason: String| SessionError::Connect { addr: server.to_string(), reason };
+        let seen: Arc<Mutex<Option<Fingerprint>>> = match &pin {
+            Pin::FirstUse(slot) => slot.clone(),
+            Pin::Fingerprint(_) => Arc::new(Mutex::new(None)),
+        };
+        let endpoint = transport::client_endpoint(addr, transport::client_config(pin.clone())?)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let connecting =
+            endpoint.connect(addr, transport::SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => return Err(connect_err("timed out".into())),
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                if let (Pin::Fingerprint(pinned), Some(i)) = (&pin, msg.find("server presented ")) {
+                    if let Ok(presented) =
+                        Fingerprint::parse(msg[i + 17..].split_whitespace().next().unwrap_or(""))
+                    {
+                        return Err(SessionError::CertificateChanged { pinned: *pinned, presented });
+                    }
+                }
+                return Err(connect_err(msg));
+            }
+            Ok(Ok(c)) => c,
+        };
+        let fingerprint = match &pin {
+            Pin::Fingerprint(f) => *f,
+            Pin::FirstUse(_) => seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ok_or_else(|| connect_err("no server certificate seen".into()))?,
+        };
+        let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        let mut opts = capnp::message::ReaderOptions::new();
+        opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(recv.compat()),
+            futures::io::BufWriter::new(send.compat_write()),
+            rpc_twoparty_capnp::Side::Client,
+            opts,
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let node: node_service::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let rpc_task = tokio::task::spawn_local(async move {
+            if let Err(e) = rpc.await {
+                tracing::debug!(error = %e, "rpc session ended");
+            }
+        });
+        Ok(Session { endpoint, conn, node, account: None, fingerprint, rpc_task })
+    }
+
+    /// The server certificate's fingerprint on this connection.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Proves possession of `id` on this connection and keeps the returned Account.
+    pub async fn authenticate(&mut self, id: &Identity) -> Result<(), SessionError> {
+        let challenge = transport::auth_challenge(&self.conn)?;
+        let sig = id.sign_auth_challenge(&challenge);
+        self.authenticate_raw(&id.public().0, &sig).await
+    }
+
+    /// `authenticate` with caller-made bytes (tests use it to send bad signatures).
+    pub async fn authenticate_raw(&mut self, key: &[u8], sig: &[u8]) -> Result<(), SessionError> {
+        let mut req = self.node.authenticate_request();
+        req.get().set_identity_key(key);
+        req.get().set_signature(sig);
+        let resp = req.send().promise.await?;
+        self.account = Some(resp.get()?.get_account()?);
+        Ok(())
+    }
+
+    /// This connection's auth challenge (tests replay signatures with it).
+    pub fn auth_challenge(&self) -> Result<[u8; 32], SessionError> {
+        Ok(transport::auth_challenge(&self.conn)?)
+    }
+
+    fn account(&self) -> Result<&account::Client, SessionError> {
+        self.account.as_ref().ok_or(SessionError::NotAuthenticated)
+    }
+
+    pub async fn health(&self) -> Result<Health, SessionError> {
+        let resp = self.node.health_request().send().promise.await?;
+        let r = resp.get()?;
+        Ok(Health {
+            status: r
+                .get_status()?
+                .to_str()
+                .map_err(|_| SessionError::Rpc("health status is not utf-8".into()))?
+                .to_string(),
+            version: r
+                .get_version()?
+                .to_str()
+                .map_err(|_| SessionError::Rpc("health version is not utf-8".into()))?
+                .to_string(),
+            uptime_secs: r.get_uptime_secs(),
+        })
+    }
+
+    pub async fn fetch_key_package(&self, who: &[u8]) -> Result<FetchedKeyPackage, SessionError> {
+        let mut req = self.node.fetch_key_package_request();
+        req.get().set_identity_key(who);
+        let resp = req.send().promise.await?;
+        let r = resp.get()?;
+        Ok(FetchedKeyPackage {
+            bytes: r.get_key_package()?.to_vec(),
+            remaining: r.get_remaining(),
+            last_resort: r.get_last_resort(),
+        })
+    }
+
+    /// The hybrid key of `who` and the signature over it (unverified: see `crypto::hybrid`).
+    pub async fn fetch_hybrid_key(&self, who: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SessionError> {
+        let mut req = self.node.fetch_hybrid_key_request();
+        req.get().set_identity_key(who);
+        let resp = req.send().promise.await?;
+        let r = resp.get()?;
+        Ok((r.get_hybrid_key()?.to_vec(), r.get_signature()?.to_vec()))
+    }
+
+    /// Enqueues one payload; returns (seq, channel_seq).
+    pub async fn enqueue(
+        &self,
+        to: &[u8],
+        payload: &[u8],
+        channel: &[u8],
+    ) -> Result<(u64, u64), SessionError> {
+        let mut req = self.node.enqueue_request();
+        req.get().set_recipient_key(to);
+        req.get().set_payload(payload);
+        req.get().set_channel_id(channel);
+        let resp = req.send().promise.await?;
+        let r = resp.get()?;
+        Ok((r.get_seq(), r.get_channel_seq()))
+    }
+
+    /// Enqueues each payload to its recipient atomically; returns (channel_seq, seqs).
+    pub async fn enqueue_batch(
+        &self,
+        channel: &[u8],
+        items: &[(PublicKey, Vec<u8>)],
+    ) -> Result<(u64, Vec<u64>), SessionError> {
+        let mut req = self.node.enqueue_batch_request();
+        req.get().set_channel_id(channel);
+        let mut list = req.get().init_items(items.len() as u32);
+        for (i, (to, payload)) in items.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_recipient_key(&to.0);
+            b.set_payload(payload);
+        }
+        let resp = req.send().promise.await?;
+        let r = resp.get()?;
+        Ok((r.get_channel_seq(), r.get_seqs()?.iter().collect()))
+    }
+
+    pub async fn upload_key_packages(
+        &self,
+        packages: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+    ) -> Result<u32, SessionError> {
+        let mut req = self.account()?.upload_key_packages_request();
+        let mut list = req.get().init_key_packages(packages.len() as u32);
+        for (i, kp) in packages.iter().enumerate() {
+            list.set(i as u32, kp);
+        }
+        req.get().set_last_resort(last_resort.unwrap_or(&[]));
+        let resp = req.send().promise.await?;
+        Ok(resp.get()?.get_count())
+    }
+
+    /// (single-use KeyPackages left, has a last-resort one).
+    pub async fn key_package_count(&self) -> Result<(u32, bool), SessionError> {
+        let resp = self.account()?.key_package_count_request().send().promise.await?;
+        let r = resp.get()?;
+        Ok((r.get_count(), r.get_has_last_resort()))
+    }
+
+    pub async fn upload_hybrid_key(&self, key: &[u8], sig: &[u8]) -> Result<(), SessionError> {
+        let mut req = self.account()?.upload_hybrid_key_request();
+        req.get().set_hybrid_key(key);
+        req.get().set_signature(sig);
+        req.send().promise.await?;
+        Ok(())
+    }
+
+    pub async fn fetch(&self, limit: u32) -> Result<(Vec<Delivered>, bool), SessionError> {
+        let mut req = self.account()?.fetch_request();
+        req.get().set_limit(limit);
+        let resp = req.send().promise.await?;
+        let r = resp.get()?;
+        Ok((read_messages(r.get_messages()?)?, r.get_more()))
+    }
+
+    pub async fn fetch_wait(
+        &self,
+        timeout_ms: u32,
+        limit: u32,
+    ) -> Result<(Vec<Delivered>, bool), SessionError> {
+        let mut req = self.account()?.fetch_wait_request();
+        req.get().set_timeout_ms(timeout_ms);
+        req.get().set_limit(limit);
+        let resp = req.send().promise.await?;
+        let r = resp.get()?;
+        Ok((read_messages(r.get_messages()?)?, r.get_more()))
+    }
+
+    pub async fn ack(&self, up_to_seq: u64) -> Result<u32, SessionError> {
+        let mut req = self.account()?.ack_request();
+        req.get().set_up_to_seq(up_to_seq);
+        let resp = req.send().promise.await?;
+        Ok(resp.get()?.get_removed())
+    }
+
+    /// The untyped bootstrap capability (tests call unknown methods through it).
+    pub fn raw_node_client(&self) -> capnp::capability::Client {
+        self.node.client.clone()
+    }
+
+    /// True while the QUIC connection is open.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// Closes the connection and waits briefly for the close to reach the server.
+    pub async fn close(self) {
+        drop(self.account);
+        drop(self.node);
+        self.conn.close(0u32.into(), b"bye");
+        self.rpc_task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn read_messages(
+    list: capnp::struct_list::Reader<'_, account::message::Owned>,
+) -> Result<Vec<Delivered>, SessionError> {
+    let mut out = Vec::with_capacity(list.len() as usize);
+    for m in list.iter() {
+        out.push(Delivered {
+            seq: m.get_seq(),
+            channel_id: m.get_channel_id()?.to_vec(),
+            channel_seq: m.get_channel_seq(),
+            payload: m.get_payload()?.to_vec(),
+            enqueued_at_ms: m.get_enqueued_at_ms(),
+        });
+    }
+    Ok(out)
+}

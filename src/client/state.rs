@@ -1,0 +1,306 @@
+//! The client's durable state, `qpq-state.bin` in the home directory.
+//!
+//! Everything a client knows lives in one [`State`] value: identity and hybrid key seeds, the
+//! openmls storage, contacts, groups with their recent history, pinned server certificates and
+//! the delivery cursor. It is serialized with postcard, sealed by [`crate::crypto::statefile`]
+//! (Argon2id + XChaCha20-Poly1305, or the explicit unprotected mode) and written crash-safe
+//! (temp file, fsync, rename, fsync dir) by [`crate::fsutil::write_atomic`]. A [`Home`] holds the
+//! home's lock for its whole life, so two processes never interleave writes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
+use crate::fsutil::{self, HomeLock, LockError};
+
+/// File name of the state in the home.
+pub const STATE_FILE: &str = "qpq-state.bin";
+
+/// Largest state file read (MLS storage of many big groups fits well below this).
+const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Version of the [`State`] layout inside the sealed file.
+pub const STATE_VERSION: u32 = 1;
+
+/// Default number of messages kept per conversation for `/history`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 500;
+
+/// Errors loading or saving the state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no identity in {0}: run `qpq init --server HOST:PORT` first")]
+    NotInitialized(PathBuf),
+    #[error("{0} already holds an identity; refusing to overwrite it")]
+    AlreadyInitialized(PathBuf),
+    #[error("{0}")]
+    File(#[from] StateFileError),
+    #[error("{0}")]
+    Lock(#[from] LockError),
+    #[error("cannot {op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("state file is damaged: {0}")]
+    Decode(String),
+    #[error("state file version {0} is newer than this qpq understands ({STATE_VERSION})")]
+    Version(u32),
+    #[error("no home directory: pass --home or set QPQ_HOME")]
+    NoHome,
+}
+
+/// Secret seeds, zeroized on drop.
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop, Clone)]
+pub struct Secrets {
+    pub identity_seed: [u8; 32],
+    pub hybrid_seed: [u8; 32],
+}
+
+/// What kind of conversation a group is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    /// A named group (`#team`).
+    Group,
+    /// A direct conversation with one peer: a two-member MLS group.
+    Direct { peer: [u8; 32] },
+}
+
+/// One message of a conversation, as kept for history and the unread inbox.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Group id of the conversation.
+    pub group_id: Vec<u8>,
+    pub from: [u8; 32],
+    pub text: String,
+    /// Sender's clock, ms since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// Our clock when we processed it.
+    pub received_at_ms: u64,
+    /// True for messages we sent.
+    pub outgoing: bool,
+}
+
+/// What we know of one group.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct GroupMeta {
+    pub name: String,
+    pub kind: GroupKind,
+    /// False once we were removed or left.
+    pub active: bool,
+    pub history: VecDeque<Entry>,
+}
+
+/// A message for a group we have not joined yet (its Welcome may come later).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Orphan {
+    pub group_id: Vec<u8>,
+    pub message: Vec<u8>,
+    pub received_at_ms: u64,
+}
+
+/// The whole client state.
+#[derive(Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub secrets: Secrets,
+    pub name: Option<String>,
+    /// Server address (HOST:PORT) from `init`.
+    pub server: Option<String>,
+    /// Pinned certificate fingerprints by server address (like ssh's known_hosts).
+    pub known_servers: BTreeMap<String, String>,
+    /// openmls storage (see [`crate::mls::MlsClient::export_storage`]).
+    pub mls_storage: Vec<u8>,
+    /// Contact name → identity key.
+    pub contacts: BTreeMap<String, [u8; 32]>,
+    /// Verified hybrid keys of peers: identity → hybrid public key bytes.
+    pub hybrid_keys: BTreeMap<[u8; 32], Vec<u8>>,
+    /// Hex group id → group.
+    pub groups: BTreeMap<String, GroupMeta>,
+    /// Received messages not yet shown by `recv` (others than `recv` process the queue too).
+    pub inbox: VecDeque<Entry>,
+    /// Messages for groups not joined yet.
+    pub orphans: Vec<Orphan>,
+    /// Highest DS sequence number whose effect is in this state; redeliveries at or below it are
+    /// skipped (processed once).
+    pub processed_seq: u64,
+    pub history_limit: usize,
+    /// Set when a Welcome may have used our last-resort KeyPackage: rotate it.
+    pub rotate_last_resort: bool,
+}
+
+impl State {
+    pub fn new(secrets: Secrets, name: Option<String>, server: Option<String>) -> State {
+        State {
+            version: STATE_VERSION,
+            secrets,
+            name,
+            server,
+            known_servers: BTreeMap::new(),
+            mls_storage: Vec::new(),
+            contacts: BTreeMap::new(),
+            hybrid_keys: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            inbox: VecDeque::new(),
+            orphans: Vec::new(),
+            processed_seq: 0,
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            rotate_last_resort: false,
+        }
+    }
+
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        // postcard serialization of plain data cannot fail (no maps with non-string-key
+        // restrictions, no unsized writers); an error here would be a programming bug.
+        Zeroizing::new(postcard::to_allocvec(self).unwrap_or_default())
+    }
+
+    fn decode(bytes: &[u8]) -> Result<State, StateError> {
+        let s: State = postcard::from_bytes(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
+        if s.version > STATE_VERSION {
+            return Err(StateError::Version(s.version));
+        }
+        Ok(s)
+    }
+}
+
+/// How the state key is obtained.
+pub enum Unlock {
+    Passphrase(Zeroizing<String>),
+    None,
+}
+
+/// An open home: the lock, the state and the key to re-seal it.
+pub struct Home {
+    dir: PathBuf,
+    _lock: HomeLock,
+    key: StateKey,
+    pub state: State,
+}
+
+/// The default home: `$XDG_DATA_HOME/qpq` (usually `~/.local/share/qpq`).
+pub fn default_home() -> Result<PathBuf, StateError> {
+    dirs::data_dir().map(|d| d.join("qpq")).ok_or(StateError::NoHome)
+}
+
+/// True when the home holds a state file.
+pub fn exists(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists()
+}
+
+/// True when the state file is passphrase-protected (so the caller knows to ask).
+pub fn needs_passphrase(dir: &Path) -> Result<bool, StateError> {
+    let bytes = read(dir)?;
+    Ok(statefile::is_passphrase_protected(&bytes)?)
+}
+
+fn read(dir: &Path) -> Result<Vec<u8>, StateError> {
+    let path = dir.join(STATE_FILE);
+    fsutil::read_bounded(&path, MAX_STATE_BYTES).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StateError::NotInitialized(dir.to_path_buf())
+        } else {
+            StateError::Io { op: "read", path, source }
+        }
+    })
+}
+
+impl Home {
+    /// Creates a new home with `state` (fails if one exists).
+    pub fn create(dir: &Path, state: State, unlock: Unlock) -> Result<Home, StateError> {
+        fsutil::ensure_private_dir(dir).map_err(|source| StateError::Io {
+            op: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let lock = HomeLock::acquire(dir, false)?;
+        if exists(dir) {
+            return Err(StateError::AlreadyInitialized(dir.to_path_buf()));
+        }
+        let key = match unlock {
+            Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
+            Unlock::None => StateKey::unprotected(),
+        };
+        let home = Home { dir: dir.to_path_buf(), _lock: lock, key, state };
+        home.save()?;
+        Ok(home)
+    }
+
+    /// Opens an existing home, taking its lock (waiting for another qpq process if `wait`).
+    pub fn open(dir: &Path, passphrase: Option<&[u8]>, wait: bool) -> Result<Home, StateError> {
+        if !exists(dir) {
+            return Err(StateError::NotInitialized(dir.to_path_buf()));
+        }
+        let lock = HomeLock::acquire(dir, wait)?;
+        let bytes = read(dir)?;
+        let (key, plain) = statefile::open(&bytes, passphrase)?;
+        let state = State::decode(&plain)?;
+        Ok(Home { dir: dir.to_path_buf(), _lock: lock, key, state })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Seals and writes the state crash-safe; returns once it is durable.
+    pub fn save(&self) -> Result<(), StateError> {
+        let plain = self.state.encode();
+        let sealed = statefile::seal(&self.key, &plain);
+        let path = self.dir.join(STATE_FILE);
+        fsutil::write_atomic(&path, &sealed, 0o600).map_err(|source| StateError::Io {
+            op: "write",
+            path,
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        let mut s = State::new(
+            Secrets { identity_seed: [1; 32], hybrid_seed: [2; 32] },
+            Some("alice".into()),
+            Some("127.0.0.1:7000".into()),
+        );
+        s.contacts.insert("bob".into(), [3; 32]);
+        s.mls_storage = vec![9; 1000];
+        s
+    }
+
+    #[test]
+    fn state_round_trips_through_the_sealed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        drop(home);
+        let home = Home::open(dir.path(), None, false).unwrap();
+        assert_eq!(home.state.name.as_deref(), Some("alice"));
+        assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
+        assert_eq!(home.state.secrets.identity_seed, [1; 32]);
+        assert_eq!(home.state.mls_storage.len(), 1000);
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_a_locked_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let _home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        let err = Home::open(dir.path(), None, false).err().expect("locked");
+        assert!(matches!(err, StateError::Lock(_)), "{err}");
+    }
+
+    #[test]
+    fn tampered_state_is_rejected_and_create_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Home::create(dir.path(), sample(), Unlock::None).unwrap());
+        let err = Home::create(dir.path(), sample(), Unlock::None).err().expect("exists");
+        assert!(matches!(err, StateError::AlreadyInitialized(_)));
+        let path = dir.path().join(STATE_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        let err = Home::open(dir.path(), None, false).err().expect("tampered");
+        assert!(matches!(err, StateError::File(_)), "{err}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Client-side cryptography that is not MLS itself: the user's identity, the hybrid
+//! post-quantum envelope around every payload, and the encryption of the state file.
+//! Pure code: no network, no files.
+
+pub mod hybrid;
+pub mod identity;
+pub mod statefile;

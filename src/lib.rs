@@ -1,0 +1,35 @@
+//! qpq: an end-to-end encrypted group messenger built on MLS (RFC 9420) with a hybrid
+//! post-quantum envelope, and the self-hosted server it talks to.
+//!
+//! One binary, `qpq`, runs both ends. `qpq serve` is the NodeService: an Authentication Service
+//! (single-use MLS KeyPackages and identity-signed hybrid keys) and a Delivery Service
+//! (store-and-forward queues of opaque ciphertext, keyed by the recipient's Ed25519 key) behind
+//! one QUIC endpoint speaking Cap'n Proto RPC. Clients run MLS for group keys, forward secrecy and
+//! post-compromise security, wrap every payload in an X-Wing envelope, and keep their state in an
+//! encrypted file. The server never sees plaintext or group keys.
+//!
+//! # Layout
+//! - [`limits`]: every limit, with its reason.
+//! - [`proto`]: code generated from `schemas/node.capnp`, the wire contract.
+//! - [`transport`]: QUIC/TLS 1.3 configuration, certificate generation and pinning, the
+//!   connection-bound authentication challenge.
+//! - [`store`]: the server's redb tables and its group-commit writer.
+//! - [`server`]: `qpq serve`: accept loop, per-connection RPC, AS and DS handlers.
+//! - [`crypto`]: identity, hybrid envelope, state-file encryption (no I/O).
+//! - [`mls`]: the openmls wrapper (client groups, server KeyPackage validation).
+//! - [`fsutil`]: crash-safe file writes and the home lock.
+//! - [`client`]: session with the server, the messenger core, encrypted client state.
+//! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod crypto;
+pub mod fsutil;
+pub mod limits;
+pub mod mls;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod transport;

@@ -1,0 +1,205 @@
+//! Server settings: command-line flags > `QPQ_*` environment > `qpq-server.toml` > defaults.
+//!
+//! clap already merges flags with their environment variables; this module layers the optional
+//! TOML file (in the data dir, or `--config FILE`) and the defaults under that.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::limits;
+
+/// Name of the optional config file in the data dir.
+pub const CONFIG_FILE: &str = "qpq-server.toml";
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
+
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+
+/// Errors resolving the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("invalid listen address {0:?}: expected IP:PORT such as 0.0.0.0:7000")]
+    Listen(String),
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error("no data dir: pass --data-dir or set QPQ_DATA_DIR (no home directory to default to)")]
+    NoDataDir,
+    #[error("--cert and --key must be given together")]
+    CertKeyPair,
+}
+
+/// The settings as given on the command line or in the environment (all optional).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// `qpq-server.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub max_payload_bytes: Option<usize>,
+    pub max_queue_messages: Option<u64>,
+    pub max_queue_bytes: Option<u64>,
+    pub message_ttl_secs: Option<u64>,
+}
+
+/// The resolved settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub max_payload: usize,
+    pub max_queue_messages: u64,
+    pub max_queue_bytes: u64,
+    pub message_ttl_secs: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for a data dir, listening on `listen` (tests use `127.0.0.1:0`).
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            listen,
+            data_dir,
+            cert: None,
+            key: None,
+            max_payload: limits::DEFAULT_MAX_PAYLOAD,
+            max_queue_messages: limits::DEFAULT_MAX_QUEUE_MESSAGES,
+            max_queue_bytes: limits::DEFAULT_MAX_QUEUE_BYTES,
+            message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
+        }
+    }
+
+    /// Resolves flags/env over the config file over defaults.
+    pub fn resolve(o: Overrides) -> Result<ServerConfig, ConfigError> {
+        let default_dir = || dirs::data_dir().map(|d| d.join("qpq-server"));
+        // The file is found via --config, else in the data dir given by flag/env/default.
+        let pre_dir = o.data_dir.clone().or_else(default_dir);
+        let (file, file_path) = match (&o.config, &pre_dir) {
+            (Some(p), _) => (read_file(p)?, Some(p.clone())),
+            (None, Some(d)) if d.join(CONFIG_FILE).exists() => {
+                let p = d.join(CONFIG_FILE);
+                (read_file(&p)?, Some(p))
+            }
+            _ => (FileConfig::default(), None),
+        };
+        let base = file_path.as_deref().and_then(Path::parent).map(Path::to_path_buf);
+        let rel = |p: PathBuf| match &base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        };
+        let data_dir = o
+            .data_dir
+            .or_else(|| file.data_dir.clone().map(rel))
+            .or_else(default_dir)
+            .ok_or(ConfigError::NoDataDir)?;
+        let listen_s = o.listen.or(file.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| ConfigError::Listen(listen_s.clone()))?;
+        let cert = o.cert.or_else(|| file.cert.clone().map(rel));
+        let key = o.key.or_else(|| file.key.clone().map(rel));
+        if cert.is_some() != key.is_some() {
+            return Err(ConfigError::CertKeyPair);
+        }
+        let mut cfg = ServerConfig::new(data_dir, listen);
+        cfg.cert = cert;
+        cfg.key = key;
+        if let Some(v) = file.max_payload_bytes {
+            if v == 0 || v > limits::MAX_BATCH_BYTES {
+                return Err(ConfigError::Invalid {
+                    name: "max_payload_bytes",
+                    reason: format!("must be 1..={}", limits::MAX_BATCH_BYTES),
+                });
+            }
+            cfg.max_payload = v;
+        }
+        if let Some(v) = file.max_queue_messages {
+            cfg.max_queue_messages = v;
+        }
+        if let Some(v) = file.max_queue_bytes {
+            cfg.max_queue_bytes = v;
+        }
+        if let Some(v) = file.message_ttl_secs {
+            if v == 0 {
+                return Err(ConfigError::Invalid { name: "message_ttl_secs", reason: "must be > 0".into() });
+            }
+            cfg.message_ttl_secs = v;
+        }
+        Ok(cfg)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let bytes = crate::fsutil::read_bounded(path, MAX_CONFIG_BYTES)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| ConfigError::Parse { path: path.to_path_buf(), reason: "not utf-8".into() })?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), reason: e.message().to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "listen = \"127.0.0.1:9999\"\nmax_payload_bytes = 1000\nmessage_ttl_secs = 60\n",
+        )
+        .unwrap();
+        let from_file = ServerConfig::resolve(Overrides {
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.listen.port(), 9999);
+        assert_eq!(from_file.max_payload, 1000);
+        assert_eq!(from_file.message_ttl_secs, 60);
+        assert_eq!(from_file.max_queue_messages, limits::DEFAULT_MAX_QUEUE_MESSAGES);
+
+        let flagged = ServerConfig::resolve(Overrides {
+            data_dir: Some(dir.path().to_path_buf()),
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(flagged.listen.port(), 0);
+        assert_eq!(flagged.max_payload, 1000);
+    }
+
+    #[test]
+    fn bad_config_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "lisen = \"x\"\n").unwrap();
+        let e = ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        std::fs::write(&p, "listen = \"nope\"\n").unwrap();
+        let e = ServerConfig::resolve(Overrides { config: Some(p), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid listen address"), "{e}");
+    }
+}

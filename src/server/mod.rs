@@ -1,0 +1,338 @@
+//! `qpq serve`: the NodeService (AS + DS) over QUIC, Cap'n Proto RPC and redb.
+//!
+//! # Shape
+//! - [`start`] binds the QUIC endpoint, opens the store and returns a [`RunningServer`] (its
+//!   bound address, certificate fingerprint and a shutdown handle), so tests start it on port 0.
+//! - An accept loop on the caller's (multi-threaded) tokio runtime hands every connection to one
+//!   of a few RPC worker threads. capnp-rpc's `RpcSystem` is `!Send`, so each worker runs a
+//!   current-thread runtime with a `LocalSet`; connections are spread round-robin over them.
+//! - Each connection carries one bidirectional stream for RPC; its bootstrap object is a
+//!   [`rpc::NodeServiceImpl`] that knows the connection's TLS-exported auth challenge.
+//!
+//! # Shutdown
+//! [`RunningServer::shutdown`] (wired to SIGINT/SIGTERM by the CLI) stops accepting, wakes long
+//! polls, waits up to [`limits::SHUTDOWN_GRACE_MS`] for calls in flight to finish, closes every
+//! connection, then stops the store writer after it has committed everything it was handed, and
+//! closes redb.
+
+pub mod config;
+pub mod rpc;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use tokio::sync::mpsc;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use config::ServerConfig;
+
+use crate::limits;
+use crate::proto::node_capnp::node_service;
+use crate::store::{QueueLimits, Store, StoreError, WriteOp};
+use crate::transport::{self, Fingerprint, TransportError};
+
+/// Name of the database file in the data dir.
+pub const DB_FILE: &str = "qpq.db";
+
+/// How long a new connection may take to open its RPC stream.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start rpc worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// Limits the RPC layer checks before it touches the store.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcLimits {
+    pub max_payload: usize,
+}
+
+/// State every connection shares.
+pub struct Shared {
+    pub store: Store,
+    pub limits: RpcLimits,
+    pub started: Instant,
+    /// Cancelled when shutdown begins: long polls return, no new connections are served.
+    pub shutdown: CancellationToken,
+    draining: AtomicBool,
+    /// Calls that change or reserve state and must finish before the store closes.
+    inflight: AtomicUsize,
+    inflight_zero: tokio::sync::Notify,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call in flight until the guard drops.
+    pub fn call_guard(self: &Arc<Self>) -> CallGuard {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        CallGuard(self.clone())
+    }
+}
+
+/// See [`Shared::call_guard`].
+pub struct CallGuard(Arc<Shared>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.inflight_zero.notify_waiters();
+        }
+    }
+}
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    fingerprint: Fingerprint,
+    generated_cert: bool,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    accept_task: tokio::task::JoinHandle<()>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// True when this start generated the self-signed certificate.
+    pub fn generated_cert(&self) -> bool {
+        self.generated_cert
+    }
+
+    /// A token that, when cancelled, makes [`RunningServer::wait`] return.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Waits until shutdown is requested, then shuts down gracefully.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.shared.shutdown.cancelled().await;
+        self.shutdown().await
+    }
+
+    /// Graceful shutdown; see the module docs.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let RunningServer { shared, endpoint, accept_task, workers, .. } = self;
+        shared.draining.store(true, Ordering::SeqCst);
+        shared.shutdown.cancel();
+        let _ = accept_task.await;
+        let grace = Duration::from_millis(limits::SHUTDOWN_GRACE_MS);
+        let _ = tokio::time::timeout(grace, async {
+            loop {
+                let zero = shared.inflight_zero.notified();
+                if shared.inflight.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                zero.await;
+            }
+        })
+        .await;
+        endpoint.close(0u32.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        // Workers exit once their connections are gone and the token is cancelled.
+        let joined = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        let _ = tokio::time::timeout(grace, joined).await;
+        match Arc::try_unwrap(shared) {
+            Ok(shared) => shared.store.close()?,
+            Err(shared) => {
+                // A worker still holds a reference (it timed out); the writer still commits
+                // everything it was handed before its queue is dropped with the last reference.
+                tracing::warn!(refs = Arc::strong_count(&shared), "store still referenced at shutdown");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the server: data dir, certificate, database, endpoint, workers, accept loop.
+/// Must be called inside a multi-threaded tokio runtime.
+pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    crate::fsutil::ensure_private_dir(&cfg.data_dir)
+        .map_err(|source| ServerError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
+    let identity = match (&cfg.cert, &cfg.key) {
+        (Some(c), Some(k)) => transport::load_identity(c, k)?,
+        _ => transport::load_or_generate_identity(&cfg.data_dir)?,
+    };
+    let server_cfg = transport::server_config(&identity)?;
+    let store = Store::open(
+        &cfg.data_dir.join(DB_FILE),
+        QueueLimits {
+            max_messages: cfg.max_queue_messages,
+            max_bytes: cfg.max_queue_bytes,
+            ttl_ms: cfg.message_ttl_secs.saturating_mul(1000),
+        },
+    )?;
+    let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
+        .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+    let local_addr =
+        endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+    let shared = Arc::new(Shared {
+        store,
+        limits: RpcLimits { max_payload: cfg.max_payload },
+        started: Instant::now(),
+        shutdown: CancellationToken::new(),
+        draining: AtomicBool::new(false),
+        inflight: AtomicUsize::new(0),
+        inflight_zero: tokio::sync::Notify::new(),
+    });
+    let worker_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
+    let mut senders = Vec::with_capacity(worker_count);
+    let mut workers = Vec::with_capacity(worker_count);
+    for i in 0..worker_count {
+        let (tx, rx) = mpsc::unbounded_channel::<(u64, quinn::Incoming)>();
+        let shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("qpq-rpc-{i}"))
+            .spawn(move || rpc_worker(shared, rx))
+            .map_err(ServerError::Worker)?;
+        senders.push(tx);
+        workers.push(handle);
+    }
+    let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), senders));
+    spawn_sweeper(shared.clone());
+    Ok(RunningServer {
+        local_addr,
+        fingerprint: identity.fingerprint,
+        generated_cert: identity.generated,
+        shared,
+        endpoint,
+        accept_task,
+        workers,
+    })
+}
+
+fn spawn_sweeper(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(limits::SWEEP_INTERVAL_SECS));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+            match shared.store.write(WriteOp::Sweep).await {
+                Ok(out) => tracing::debug!(?out, "expired messages swept"),
+                Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        }
+    });
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    workers: Vec<mpsc::UnboundedSender<(u64, quinn::Incoming)>>,
+) {
+    let next_id = AtomicU64::new(1);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let worker = &workers[(id as usize) % workers.len()];
+        if worker.send((id, incoming)).is_err() {
+            tracing::error!("rpc worker is gone");
+            break;
+        }
+    }
+    // Dropping the senders lets idle workers finish once their connections are gone.
+}
+
+fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::Incoming)>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build rpc worker runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        while let Some((id, incoming)) = rx.recv().await {
+            let span = tracing::info_span!("conn", id, remote = %incoming.remote_address());
+            tokio::task::spawn_local(serve_connection(incoming, shared.clone()).instrument(span));
+        }
+    });
+    // Let connections still open on this worker finish (they end at endpoint close).
+    rt.block_on(local);
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    tracing::debug!("connected");
+    let streams = tokio::select! {
+        s = tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.accept_bi()) => s,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let (send, recv) = match streams {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "connection closed before opening its stream");
+            return;
+        }
+        Err(_) => {
+            conn.close(1u32.into(), b"no rpc stream opened");
+            return;
+        }
+    };
+    let challenge = match transport::auth_challenge(&conn) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no auth challenge");
+            conn.close(1u32.into(), b"internal error");
+            return;
+        }
+    };
+    let mut opts = capnp::message::ReaderOptions::new();
+    opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(recv.compat()),
+        futures::io::BufWriter::new(send.compat_write()),
+        rpc_twoparty_capnp::Side::Server,
+        opts,
+    );
+    let node: node_service::Client =
+        capnp_rpc::new_client(rpc::NodeServiceImpl { shared: shared.clone(), challenge });
+    let rpc = RpcSystem::new(Box::new(network), Some(node.client));
+    match rpc.await {
+        Ok(()) => tracing::debug!("rpc session ended"),
+        Err(e) => tracing::debug!(error = %e, "rpc session failed"),
+    }
+    conn.close(0u32.into(), b"bye");
+}

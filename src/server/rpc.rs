@@ -1,0 +1,442 @@
+//! The NodeService and Account capabilities: the AS and DS handlers behind `schemas/node.capnp`.
+//!
+//! Untrusted call parameters are parsed into typed values once, here at the boundary
+//! ([`parse_identity`], [`parse_channel`], ...); every failure becomes an RPC error with a
+//! lowercase message for the caller, never a panic or a dropped connection. `Account` exists only
+//! as the result of a successful `authenticate`, so every method on it acts on a proven key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capnp::Error;
+use capnp::capability::Rc;
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use super::Shared;
+use crate::limits;
+use crate::mls;
+use crate::proto::node_capnp::{account, node_service};
+use crate::store::{IdentityKey, Outcome, StoreError, StoredMessage, WriteOp};
+use crate::transport;
+
+fn failed(msg: impl Into<String>) -> Error {
+    Error::failed(msg.into())
+}
+
+fn store_err(e: StoreError) -> Error {
+    match e {
+        StoreError::Db(ref inner) => {
+            tracing::error!(error = %inner, "store failure");
+            failed("internal storage error")
+        }
+        other => failed(other.to_string()),
+    }
+}
+
+/// Parses a raw Ed25519 public key field.
+pub fn parse_identity(what: &str, data: &[u8]) -> Result<IdentityKey, Error> {
+    data.try_into()
+        .map_err(|_| failed(format!("{what} must be {} bytes, got {}", limits::IDENTITY_KEY_LEN, data.len())))
+}
+
+fn parse_channel(data: &[u8]) -> Result<Vec<u8>, Error> {
+    if data.len() > limits::MAX_CHANNEL_ID_LEN {
+        return Err(failed(format!(
+            "channel id too long: {} > {} bytes",
+            data.len(),
+            limits::MAX_CHANNEL_ID_LEN
+        )));
+    }
+    Ok(data.to_vec())
+}
+
+fn check_payload(shared: &Shared, payload: &[u8]) -> Result<(), Error> {
+    if payload.is_empty() {
+        return Err(failed("payload is empty"));
+    }
+    if payload.len() > shared.limits.max_payload {
+        return Err(failed(format!(
+            "payload too large: {} > {} bytes",
+            payload.len(),
+            shared.limits.max_payload
+        )));
+    }
+    Ok(())
+}
+
+fn fetch_limit(requested: u32) -> u32 {
+    match requested {
+        0 => limits::MAX_FETCH_MESSAGES,
+        n => n.min(limits::MAX_FETCH_MESSAGES),
+    }
+}
+
+/// The bootstrap capability of one connection.
+pub struct NodeServiceImpl {
+    pub shared: Arc<Shared>,
+    /// This connection's TLS-exported authentication challenge.
+    pub challenge: [u8; 32],
+}
+
+impl node_service::Server for NodeServiceImpl {
+    fn health(
+        self: Rc<Self>,
+        _: node_service::HealthParams,
+        mut results: node_service::HealthResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let mut r = results.get();
+        r.set_status(if self.shared.is_draining() { "draining" } else { "ok" });
+        r.set_version(env!("CARGO_PKG_VERSION"));
+        r.set_uptime_secs(self.shared.started.elapsed().as_secs());
+        std::future::ready(Ok(()))
+    }
+
+    fn authenticate(
+        self: Rc<Self>,
+        params: node_service::AuthenticateParams,
+        mut results: node_service::AuthenticateResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let res = (|| {
+            let p = params.get()?;
+            let who = parse_identity("identity key", p.get_identity_key()?)?;
+            let sig = p.get_signature()?;
+            let sig = Signature::from_slice(sig).map_err(|_| {
+                failed(format!("signature must be {} bytes, got {}", limits::SIGNATURE_LEN, sig.len()))
+            })?;
+            let vk = VerifyingKey::from_bytes(&who)
+                .map_err(|_| failed("identity key is not a valid ed25519 public key"))?;
+            vk.verify_strict(&transport::auth_message(&self.challenge), &sig).map_err(|_| {
+                failed("authentication failed: signature does not verify for this connection")
+            })?;
+            tracing::debug!(identity = %hex::encode(&who[..4]), "authenticated");
+            let account: account::Client =
+                capnp_rpc::new_client(AccountImpl { shared: self.shared.clone(), who });
+            results.get().set_account(account);
+            Ok(())
+        })();
+        std::future::ready(res)
+    }
+
+    fn fetch_key_package(
+        self: Rc<Self>,
+        params: node_service::FetchKeyPackageParams,
+        mut results: node_service::FetchKeyPackageResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard();
+            let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            match self.shared.store.write(WriteOp::TakeKeyPackage { who }).await.map_err(store_err)? {
+                Outcome::KeyPackage { bytes, remaining, last_resort } => {
+                    let mut r = results.get();
+                    r.set_key_package(&bytes);
+                    r.set_remaining(u32::try_from(remaining).unwrap_or(u32::MAX));
+                    r.set_last_resort(last_resort);
+                    Ok(())
+                }
+                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+            }
+        }
+    }
+
+    fn fetch_hybrid_key(
+        self: Rc<Self>,
+        params: node_service::FetchHybridKeyParams,
+        mut results: node_service::FetchHybridKeyResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let res = (|| {
+            let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            let (key, sig) = self
+                .shared
+                .store
+                .hybrid_key(&who)
+                .map_err(store_err)?
+                .ok_or_else(|| failed("no hybrid key for this key"))?;
+            let mut r = results.get();
+            r.set_hybrid_key(&key);
+            r.set_signature(&sig);
+            Ok(())
+        })();
+        std::future::ready(res)
+    }
+
+    fn enqueue(
+        self: Rc<Self>,
+        params: node_service::EnqueueParams,
+        mut results: node_service::EnqueueResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard();
+            let p = params.get()?;
+            let who = parse_identity("recipient key", p.get_recipient_key()?)?;
+            let payload = p.get_payload()?;
+            check_payload(&self.shared, payload)?;
+            let channel = parse_channel(p.get_channel_id()?)?;
+            let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
+            match self.shared.store.write(op).await.map_err(store_err)? {
+                Outcome::Enqueued { channel_seq, seqs } => {
+                    let mut r = results.get();
+                    r.set_seq(seqs.first().copied().unwrap_or(0));
+                    r.set_channel_seq(channel_seq);
+                    Ok(())
+                }
+                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+            }
+        }
+    }
+
+    fn enqueue_batch(
+        self: Rc<Self>,
+        params: node_service::EnqueueBatchParams,
+        mut results: node_service::EnqueueBatchResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard();
+            let p = params.get()?;
+            let channel = parse_channel(p.get_channel_id()?)?;
+            let list = p.get_items()?;
+            if list.is_empty() {
+                return Err(failed("batch has no recipients"));
+            }
+            if list.len() as usize > limits::MAX_BATCH_RECIPIENTS {
+                return Err(failed(format!(
+                    "too many recipients: {} > {}",
+                    list.len(),
+                    limits::MAX_BATCH_RECIPIENTS
+                )));
+            }
+            let mut items = Vec::with_capacity(list.len() as usize);
+            let mut total = 0usize;
+            for item in list.iter() {
+                let who = parse_identity("recipient key", item.get_recipient_key()?)?;
+                let payload = item.get_payload()?;
+                check_payload(&self.shared, payload)?;
+                total += payload.len();
+                if total > limits::MAX_BATCH_BYTES {
+                    return Err(failed(format!(
+                        "batch too large: more than {} bytes",
+                        limits::MAX_BATCH_BYTES
+                    )));
+                }
+                items.push((who, payload.to_vec()));
+            }
+            match self.shared.store.write(WriteOp::Enqueue { channel, items }).await.map_err(store_err)? {
+                Outcome::Enqueued { channel_seq, seqs } => {
+                    let mut r = results.get();
+                    r.set_channel_seq(channel_seq);
+                    let mut out = r.init_seqs(seqs.len() as u32);
+                    for (i, s) in seqs.iter().enumerate() {
+                        out.set(i as u32, *s);
+                    }
+                    Ok(())
+                }
+                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+            }
+        }
+    }
+}
+
+/// An authenticated account: every method acts on `who` only.
+pub struct AccountImpl {
+    shared: Arc<Shared>,
+    who: IdentityKey,
+}
+
+fn write_messages(
+    mut list: capnp::struct_list::Builder<'_, account::message::Owned>,
+    msgs: &[StoredMessage],
+) {
+    for (i, m) in msgs.iter().enumerate() {
+        let mut b = list.reborrow().get(i as u32);
+        b.set_seq(m.seq);
+        b.set_channel_id(&m.channel_id);
+        b.set_channel_seq(m.channel_seq);
+        b.set_payload(&m.payload);
+        b.set_enqueued_at_ms(m.enqueued_at_ms);
+    }
+}
+
+impl account::Server for AccountImpl {
+    fn identity(
+        self: Rc<Self>,
+        _: account::IdentityParams,
+        mut results: account::IdentityResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        results.get().set_identity_key(&self.who);
+        std::future::ready(Ok(()))
+    }
+
+    fn upload_key_packages(
+        self: Rc<Self>,
+        params: account::UploadKeyPackagesParams,
+        mut results: account::UploadKeyPackagesResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard();
+            let p = params.get()?;
+            let list = p.get_key_packages()?;
+            if list.len() as usize > limits::MAX_KEY_PACKAGES_PER_UPLOAD {
+                return Err(failed(format!(
+                    "too many key packages in one upload: {} > {}",
+                    list.len(),
+                    limits::MAX_KEY_PACKAGES_PER_UPLOAD
+                )));
+            }
+            let mut packages = Vec::with_capacity(list.len() as usize);
+            for kp in list.iter() {
+                let kp = kp?;
+                self.check_key_package(kp, false)?;
+                packages.push(kp.to_vec());
+            }
+            let lr = p.get_last_resort()?;
+            let last_resort = if lr.is_empty() {
+                None
+            } else {
+                self.check_key_package(lr, true)?;
+                Some(lr.to_vec())
+            };
+            if packages.is_empty() && last_resort.is_none() {
+                return Err(failed("nothing to upload"));
+            }
+            let op = WriteOp::UploadKeyPackages { who: self.who, packages, last_resort };
+            match self.shared.store.write(op).await.map_err(store_err)? {
+                Outcome::KeyPackagesStored { count } => {
+                    results.get().set_count(u32::try_from(count).unwrap_or(u32::MAX));
+                    Ok(())
+                }
+                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+            }
+        }
+    }
+
+    fn key_package_count(
+        self: Rc<Self>,
+        _: account::KeyPackageCountParams,
+        mut results: account::KeyPackageCountResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let res = self.shared.store.key_package_count(&self.who).map_err(store_err).map(|(n, lr)| {
+            let mut r = results.get();
+            r.set_count(u32::try_from(n).unwrap_or(u32::MAX));
+            r.set_has_last_resort(lr);
+        });
+        std::future::ready(res)
+    }
+
+    fn upload_hybrid_key(
+        self: Rc<Self>,
+        params: account::UploadHybridKeyParams,
+        _: account::UploadHybridKeyResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard();
+            let p = params.get()?;
+            let key = p.get_hybrid_key()?;
+            let sig = p.get_signature()?;
+            crate::crypto::hybrid::verify_hybrid_key(&self.who, key, sig)
+                .map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
+            let op = WriteOp::PutHybridKey { who: self.who, key: key.to_vec(), signature: sig.to_vec() };
+            self.shared.store.write(op).await.map_err(store_err)?;
+            Ok(())
+        }
+    }
+
+    fn fetch(
+        self: Rc<Self>,
+        params: account::FetchParams,
+        mut results: account::FetchResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let res = (|| {
+            let limit = fetch_limit(params.get()?.get_limit());
+            let (msgs, more) =
+                self.shared.store.fetch(&self.who, limit, limits::MAX_FETCH_BYTES).map_err(store_err)?;
+            let mut r = results.get();
+            r.set_more(more);
+            write_messages(r.init_messages(msgs.len() as u32), &msgs);
+            Ok(())
+        })();
+        std::future::ready(res)
+    }
+
+    fn fetch_wait(
+        self: Rc<Self>,
+        params: account::FetchWaitParams,
+        mut results: account::FetchWaitResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let p = params.get()?;
+            let timeout_ms = p.get_timeout_ms();
+            if timeout_ms > limits::MAX_FETCH_WAIT_MS {
+                return Err(failed(format!(
+                    "timeout out of range: {timeout_ms} > {} ms",
+                    limits::MAX_FETCH_WAIT_MS
+                )));
+            }
+            let limit = fetch_limit(p.get_limit());
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
+            let notify = self.shared.store.notifier().subscribe(&self.who);
+            let outcome = loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                // Register before reading, so a commit between the read and the wait still wakes us.
+                notified.as_mut().enable();
+                let fetched = self.shared.store.fetch(&self.who, limit, limits::MAX_FETCH_BYTES);
+                match fetched {
+                    Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
+                    Ok(_) => {}
+                    Err(e) => break Err(store_err(e)),
+                }
+                tokio::select! {
+                    _ = &mut notified => continue,
+                    _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false)),
+                    _ = self.shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
+                }
+            };
+            self.shared.store.notifier().release(&self.who, notify);
+            let (msgs, more) = outcome?;
+            let mut r = results.get();
+            r.set_more(more);
+            write_messages(r.init_messages(msgs.len() as u32), &msgs);
+            Ok(())
+        }
+    }
+
+    fn ack(
+        self: Rc<Self>,
+        params: account::AckParams,
+        mut results: account::AckResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard();
+            let up_to = params.get()?.get_up_to_seq();
+            match self.shared.store.write(WriteOp::Ack { who: self.who, up_to }).await.map_err(store_err)? {
+                Outcome::Acked { removed } => {
+                    results.get().set_removed(removed);
+                    Ok(())
+                }
+                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+            }
+        }
+    }
+}
+
+impl AccountImpl {
+    fn check_key_package(&self, bytes: &[u8], want_last_resort: bool) -> Result<(), Error> {
+        if bytes.len() > limits::MAX_KEY_PACKAGE_BYTES {
+            return Err(failed(format!(
+                "invalid key package: too large: {} > {} bytes",
+                bytes.len(),
+                limits::MAX_KEY_PACKAGE_BYTES
+            )));
+        }
+        let kp = mls::validate_key_package(bytes).map_err(|e| failed(e.to_string()))?;
+        if kp.identity != self.who {
+            return Err(failed("invalid key package: credential identity is not the authenticated key"));
+        }
+        match (kp.last_resort, want_last_resort) {
+            (true, false) => Err(failed("invalid key package: last-resort package sent as a single-use one")),
+            (false, true) => {
+                Err(failed("invalid key package: last-resort package lacks the last_resort extension"))
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The server's durable state: one redb file `qpq.db`.
+//!
+//! Reads (fetch, counts, hybrid keys) run on the caller's thread in their own read transaction.
+//! Every write goes through one writer thread ([`writer`]) that folds all requests waiting at
+//! that moment into a single redb transaction and commits it with `Durability::Immediate`
+//! (group commit): a reply means the data is on disk, and N concurrent enqueues cost one fsync,
+//! not N. After each commit the writer wakes the `fetchWait` calls of every recipient that got
+//! mail ([`Notifier`]).
+//!
+//! # Tables (format version [`SCHEMA_VERSION`])
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | `&str` name | `u64` (`schema_version`) |
+//! | `queue` | recipient (32) ‖ seq (u64 BE) | [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload |
+//! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes) |
+//! | `channels` | channel id | last channel_seq handed out |
+//! | `key_packages` | identity (32) ‖ id (u64 BE) | KeyPackage bytes (TLS encoding) |
+//! | `key_package_meta` | identity (32) | (next_id, count) |
+//! | `last_resort` | identity (32) | last-resort KeyPackage bytes |
+//! | `hybrid_keys` | identity (32) | signature (64) ‖ hybrid public key |
+//!
+//! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
+//! range scan.
+
+mod notifier;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use notifier::Notifier;
+pub use writer::{Outcome, WriteOp};
+
+use crate::limits;
+
+/// Version of the table layout above; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u64 = 1;
+
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
+pub(crate) const QUEUE_META: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("queue_meta");
+pub(crate) const CHANNELS: TableDefinition<&[u8], u64> = TableDefinition::new("channels");
+pub(crate) const KEY_PACKAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("key_packages");
+pub(crate) const KEY_PACKAGE_META: TableDefinition<&[u8], (u64, u64)> =
+    TableDefinition::new("key_package_meta");
+pub(crate) const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_resort");
+pub(crate) const HYBRID_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hybrid_keys");
+
+/// A raw Ed25519 public key: the identity that routes queues and owns KeyPackages.
+pub type IdentityKey = [u8; limits::IDENTITY_KEY_LEN];
+
+/// Errors of the store. Limit errors carry the message the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "queue full: recipient has {count} messages / {bytes} bytes waiting (limit {max_count} / {max_bytes})"
+    )]
+    QueueFull { count: u64, bytes: u64, max_count: u64, max_bytes: u64 },
+    #[error("key package pool full: {have} + {adding} > {max}")]
+    PoolFull { have: u64, adding: u64, max: u64 },
+    #[error("no key packages for this key")]
+    NoKeyPackages,
+    #[error("database file {path} was written by schema version {found}, this qpq reads {SCHEMA_VERSION}")]
+    SchemaVersion { path: String, found: u64 },
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Queue limits the store enforces on every enqueue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    pub ttl_ms: u64,
+}
+
+/// One message waiting in a recipient's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub channel_id: Vec<u8>,
+    pub channel_seq: u64,
+    pub payload: Vec<u8>,
+    pub enqueued_at_ms: u64,
+}
+
+impl StoredMessage {
+    fn encode_value(enqueued_at_ms: u64, channel_seq: u64, channel: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17 + channel.len() + payload.len());
+        v.extend_from_slice(&enqueued_at_ms.to_be_bytes());
+        v.extend_from_slice(&channel_seq.to_be_bytes());
+        // Channel ids are capped at MAX_CHANNEL_ID_LEN (64) at the RPC boundary, so this fits.
+        v.push(channel.len() as u8);
+        v.extend_from_slice(channel);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn decode(seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
+        let bad = || StoreError::Db(format!("corrupt queue entry at seq {seq}"));
+        let head = v.get(..17).ok_or_else(bad)?;
+        let enqueued_at_ms = u64::from_be_bytes(head[..8].try_into().map_err(|_| bad())?);
+        let channel_seq = u64::from_be_bytes(head[8..16].try_into().map_err(|_| bad())?);
+        let clen = head[16] as usize;
+        let channel_id = v.get(17..17 + clen).ok_or_else(bad)?.to_vec();
+        let payload = v[17 + clen..].to_vec();
+        Ok(StoredMessage { seq, channel_id, channel_seq, payload, enqueued_at_ms })
+    }
+
+    /// Payload bytes this entry counts against its queue's byte cap.
+    fn accounted_len(value_len: usize) -> u64 {
+        value_len as u64
+    }
+}
+
+pub(crate) fn queue_key(recipient: &IdentityKey, seq: u64) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..32].copy_from_slice(recipient);
+    k[32..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The open database plus its writer thread.
+pub struct Store {
+    db: Arc<Database>,
+    writer: writer::WriterHandle,
+    notifier: Arc<Notifier>,
+    limits: QueueLimits,
+}
+
+impl Store {
+    /// Opens (or creates) the database file and starts the writer thread.
+    pub fn open(path: &Path, limits: QueueLimits) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|g| g.value());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => {
+                    return Err(StoreError::SchemaVersion { path: path.display().to_string(), found: v });
+                }
+            }
+            // Create every table up front so read transactions never meet a missing table.
+            txn.open_table(QUEUE)?;
+            txn.open_table(QUEUE_META)?;
+            txn.open_table(CHANNELS)?;
+            txn.open_table(KEY_PACKAGES)?;
+            txn.open_table(KEY_PACKAGE_META)?;
+            txn.open_table(LAST_RESORT)?;
+            txn.open_table(HYBRID_KEYS)?;
+        }
+        txn.commit()?;
+        let db = Arc::new(db);
+        let notifier = Arc::new(Notifier::default());
+        let writer = writer::spawn(db.clone(), notifier.clone(), limits)?;
+        Ok(Store { db, writer, notifier, limits })
+    }
+
+    /// Sends one write to the writer thread and waits for its durable outcome.
+    pub async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        self.writer.submit(op).await
+    }
+
+    /// Wake-ups for one recipient's queue.
+    pub fn notifier(&self) -> &Arc<Notifier> {
+        &self.notifier
+    }
+
+    /// Pending, unexpired messages of `who` in seq order, without removing them.
+    /// Returns the messages and whether more are waiting beyond `limit`/`max_bytes`.
+    pub fn fetch(
+        &self,
+        who: &IdentityKey,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
+        let now = now_ms();
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(QUEUE)?;
+        let start = queue_key(who, 0);
+        let end = queue_key(who, u64::MAX);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for entry in table.range(&start[..]..=&end[..])? {
+            let (k, v) = entry?;
+            let key = k.value();
+            let seq = u64::from_be_bytes(
+                key[32..40].try_into().map_err(|_| StoreError::Db("corrupt queue key".to_string()))?,
+            );
+            let msg = StoredMessage::decode(seq, v.value())?;
+            if now.saturating_sub(msg.enqueued_at_ms) > self.limits.ttl_ms {
+                continue; // expired: invisible now, deleted by the next sweep
+            }
+            if out.len() as u32 >= limit || (!out.is_empty() && bytes + msg.payload.len() > max_bytes) {
+                return Ok((out, true));
+            }
+            bytes += msg.payload.len();
+            out.push(msg);
+        }
+        Ok((out, false))
+    }
+
+    /// Single-use KeyPackages stored for `who`, and whether it has a last-resort one.
+    pub fn key_package_count(&self, who: &IdentityKey) -> Result<(u64, bool), StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(KEY_PACKAGE_META)?;
+        let count = meta.get(&who[..])?.map(|g| g.value().1).unwrap_or(0);
+        let lr = txn.open_table(LAST_RESORT)?.get(&who[..])?.is_some();
+        Ok((count, lr))
+    }
+
+    /// The hybrid public key of `who` and the identity's signature over it.
+    pub fn hybrid_key(&self, who: &IdentityKey) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HYBRID_KEYS)?;
+        let Some(v) = table.get(&who[..])? else { return Ok(None) };
+        let v = v.value();
+        if v.len() < limits::SIGNATURE_LEN {
+            return Err(StoreError::Db("corrupt hybrid key entry".to_string()));
+        }
+        let (sig, key) = v.split_at(limits::SIGNATURE_LEN);
+        Ok(Some((key.to_vec(), sig.to_vec())))
+    }
+
+    /// Stops the writer after it has committed everything already submitted, then closes the
+    /// database file.
+    pub fn close(self) -> Result<(), StoreError> {
+        let Store { db, writer, .. } = self;
+        writer.shutdown();
+        match Arc::try_unwrap(db) {
+            Ok(db) => db.close().map_err(StoreError::from),
+            // Another holder (a read in flight) still has it; redb closes on the last drop.
+            Err(_) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The single writer thread: group commit of every write request.
+//!
+//! Requests arrive on a channel. The thread takes the first, then every other request already
+//! waiting (up to [`limits::MAX_WRITE_BATCH`]), applies them all in one redb write transaction and
+//! commits once with `Durability::Immediate`. Only then does each caller get its reply, so an
+//! acknowledged write is on disk, and under load many requests share one fsync.
+//!
+//! A request that breaks a limit (queue full, pool full) fails alone: each request checks every
+//! limit before it writes anything, so it leaves no partial effect in the shared transaction. A
+//! storage error fails the whole batch, which is then not committed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use tokio::sync::oneshot;
+
+use super::{
+    CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, LAST_RESORT, Notifier, QUEUE,
+    QUEUE_META, QueueLimits, StoreError, StoredMessage, now_ms, queue_key,
+};
+use crate::limits;
+
+/// One write request.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Store each payload for its recipient; one shared channel position when `channel` is set.
+    Enqueue { channel: Vec<u8>, items: Vec<(IdentityKey, Vec<u8>)> },
+    /// Delete `who`'s messages with seq <= `up_to`.
+    Ack { who: IdentityKey, up_to: u64 },
+    /// Add single-use KeyPackages and optionally replace the last-resort one (already validated).
+    UploadKeyPackages { who: IdentityKey, packages: Vec<Vec<u8>>, last_resort: Option<Vec<u8>> },
+    /// Remove and return one KeyPackage of `who`, or its last-resort one.
+    TakeKeyPackage { who: IdentityKey },
+    /// Replace `who`'s hybrid key (signature already verified).
+    PutHybridKey { who: IdentityKey, key: Vec<u8>, signature: Vec<u8> },
+    /// Delete expired messages.
+    Sweep,
+}
+
+/// The durable result of one [`WriteOp`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Enqueued { channel_seq: u64, seqs: Vec<u64> },
+    Acked { removed: u32 },
+    KeyPackagesStored { count: u64 },
+    KeyPackage { bytes: Vec<u8>, remaining: u64, last_resort: bool },
+    HybridKeyStored,
+    Swept { removed: u64 },
+}
+
+type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
+
+/// The submitting side of the writer thread.
+pub(super) struct WriterHandle {
+    tx: Mutex<Option<mpsc::Sender<(WriteOp, Reply)>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WriterHandle {
+    pub(super) async fn submit(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        {
+            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard.as_ref().ok_or(StoreError::Closed)?;
+            tx.send((op, reply_tx)).map_err(|_| StoreError::Closed)?;
+        }
+        reply_rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Closes the queue and waits until every request already in it is committed and answered.
+    pub(super) fn shutdown(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub(super) fn spawn(
+    db: Arc<Database>,
+    notifier: Arc<Notifier>,
+    limits: QueueLimits,
+) -> Result<WriterHandle, StoreError> {
+    let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
+    let thread = std::thread::Builder::new()
+        .name("qpq-store-writer".into())
+        .spawn(move || run(&db, &notifier, limits, rx))
+        .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
+    Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+}
+
+fn run(db: &Database, notifier: &Notifier, limits: QueueLimits, rx: mpsc::Receiver<(WriteOp, Reply)>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < limits::MAX_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut woken: Vec<IdentityKey> = Vec::new();
+        match apply_batch(db, limits, &jobs, &mut woken) {
+            Ok(outcomes) => {
+                notifier.notify(woken.iter());
+                for ((_, reply), out) in jobs.into_iter().zip(outcomes) {
+                    let _ = reply.send(out);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = jobs.len(), "write batch failed, nothing committed");
+                for (_, reply) in jobs {
+                    let _ = reply.send(Err(StoreError::Db(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Applies every job in one transaction and commits it durably. The outer error aborts all.
+fn apply_batch(
+    db: &Database,
+    limits: QueueLimits,
+    jobs: &[(WriteOp, Reply)],
+    woken: &mut Vec<IdentityKey>,
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (op, _) in jobs {
+        let out = match op {
+            WriteOp::Enqueue { channel, items } => enqueue(&txn, limits, channel, items, woken),
+            WriteOp::Ack { who, up_to } => ack(&txn, who, *up_to),
+            WriteOp::UploadKeyPackages { who, packages, last_resort } => {
+                upload_key_packages(&txn, who, packages, last_resort.as_deref())
+            }
+            WriteOp::TakeKeyPackage { who } => take_key_package(&txn, who),
+            WriteOp::PutHybridKey { who, key, signature } => {
+                let mut v = Vec::with_capacity(signature.len() + key.len());
+                v.extend_from_slice(signature);
+                v.extend_from_slice(key);
+                txn.open_table(HYBRID_KEYS)?.insert(&who[..], &v[..])?;
+                Ok(Outcome::HybridKeyStored)
+            }
+            WriteOp::Sweep => sweep(&txn, limits),
+        };
+        match out {
+            Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+            other => outcomes.push(other),
+        }
+    }
+    txn.commit()?;
+    Ok(outcomes)
+}
+
+fn enqueue(
+    txn: &WriteTransaction,
+    limits: QueueLimits,
+    channel: &[u8],
+    items: &[(IdentityKey, Vec<u8>)],
+    woken: &mut Vec<IdentityKey>,
+) -> Result<Outcome, StoreError> {
+    let mut meta = txn.open_table(QUEUE_META)?;
+    // Check every recipient's cap first (several items may share a recipient), write after.
+    let mut planned: HashMap<IdentityKey, (u64, u64, u64)> = HashMap::new();
+    for (who, payload) in items {
+        let entry = match planned.get(who) {
+            Some(e) => *e,
+            None => meta.get(&who[..])?.map(|g| g.value()).unwrap_or((1, 0, 0)),
+        };
+        let (next, count, bytes) = entry;
+        let add = StoredMessage::accounted_len(17 + channel.len() + payload.len());
+        if count + 1 > limits.max_messages || bytes + add > limits.max_bytes {
+            return Err(StoreError::QueueFull {
+                count,
+                bytes,
+                max_count: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            });
+        }
+        planned.insert(*who, (next, count + 1, bytes + add));
+    }
+    let channel_seq = if channel.is_empty() {
+        0
+    } else {
+        let mut chans = txn.open_table(CHANNELS)?;
+        let next = chans.get(channel)?.map(|g| g.value()).unwrap_or(0) + 1;
+        chans.insert(channel, next)?;
+        next
+    };
+    let now = now_ms();
+    let mut queue = txn.open_table(QUEUE)?;
+    let mut seqs = Vec::with_capacity(items.len());
+    let mut next_seq: HashMap<IdentityKey, u64> = HashMap::new();
+    for (who, payload) in items {
+        let seq = match next_seq.get(who) {
+            Some(s) => *s,
+            None => meta.get(&who[..])?.map(|g| g.value().0).unwrap_or(1),
+        };
+        let value = StoredMessage::encode_value(now, channel_seq, channel, payload);
+        queue.insert(&queue_key(who, seq)[..], &value[..])?;
+        next_seq.insert(*who, seq + 1);
+        seqs.push(seq);
+    }
+    for (who, (_, count, bytes)) in planned {
+        let next = next_seq.get(&who).copied().unwrap_or(1);
+        meta.insert(&who[..], (next, count, bytes))?;
+        woken.push(who);
+    }
+    Ok(Outcome::Enqueued { channel_seq, seqs })
+}
+
+fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {
+    let mut queue = txn.open_table(QUEUE)?;
+    let start = queue_key(who, 0);
+    let end = queue_key(who, up_to);
+    let mut doomed = Vec::new();
+    for entry in queue.range(&start[..]..=&end[..])? {
+        let (k, v) = entry?;
+        doomed.push((k.value().to_vec(), v.value().len()));
+    }
+    if doomed.is_empty() {
+        return Ok(Outcome::Acked { removed: 0 });
+    }
+    let mut freed = 0u64;
+    for (k, len) in &doomed {
+        queue.remove(&k[..])?;
+        freed += StoredMessage::accounted_len(*len);
+    }
+    let mut meta = txn.open_table(QUEUE_META)?;
+    let (next, count, bytes) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((1, 0, 0));
+    let removed = doomed.len() as u64;
+    meta.insert(&who[..], (next, count.saturating_sub(removed), bytes.saturating_sub(freed)))?;
+    Ok(Outcome::Acked { removed: u32::try_from(removed).unwrap_or(u32::MAX) })
+}
+
+fn kp_key(who: &IdentityKey, id: u64) -> [u8; 40] {
+    queue_key(who, id)
+}
+
+fn upload_key_packages(
+    txn: &WriteTransaction,
+    who: &IdentityKey,
+    packages: &[Vec<u8>],
+    last_resort: Option<&[u8]>,
+) -> Result<Outcome, StoreError> {
+    let mut meta = txn.open_table(KEY_PACKAGE_META)?;
+    let (mut next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
+    let adding = packages.len() as u64;
+    if count + adding > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
+        return Err(StoreError::PoolFull { have: count, adding, max: limits::MAX_KEY_PACKAGES_PER_IDENTITY });
+    }
+    let mut table = txn.open_table(KEY_PACKAGES)?;
+    for kp in packages {
+        table.insert(&kp_key(who, next)[..], &kp[..])?;
+        next += 1;
+    }
+    meta.insert(&who[..], (next, count + adding))?;
+    if let Some(lr) = last_resort {
+        txn.open_table(LAST_RESORT)?.insert(&who[..], lr)?;
+    }
+    Ok(Outcome::KeyPackagesStored { count: count + adding })
+}
+
+fn take_key_package(txn: &WriteTransaction, who: &IdentityKey) -> Result<Outcome, StoreError> {
+    let mut table = txn.open_table(KEY_PACKAGES)?;
+    let start = kp_key(who, 0);
+    let end = kp_key(who, u64::MAX);
+    let first = match table.range(&start[..]..=&end[..])?.next() {
+        Some(entry) => {
+            let (k, v) = entry?;
+            Some((k.value().to_vec(), v.value().to_vec()))
+        }
+        None => None,
+    };
+    if let Some((k, bytes)) = first {
+        table.remove(&k[..])?;
+        let mut meta = txn.open_table(KEY_PACKAGE_META)?;
+        let (next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 1));
+        let remaining = count.saturating_sub(1);
+        meta.insert(&who[..], (next, remaining))?;
+        return Ok(Outcome::KeyPackage { bytes, remaining, last_resort: false });
+    }
+    let lr = txn.open_table(LAST_RESORT)?;
+    match lr.get(&who[..])? {
+        Some(v) => Ok(Outcome::KeyPackage { bytes: v.value().to_vec(), remaining: 0, last_resort: true }),
+        None => Err(StoreError::NoKeyPackages),
+    }
+}
+
+fn sweep(txn: &WriteTransaction, limits: QueueLimits) -> Result<Outcome, StoreError> {
+    let now = now_ms();
+    let mut queue = txn.open_table(QUEUE)?;
+    let mut doomed: Vec<(Vec<u8>, usize)> = Vec::new();
+    for entry in queue.iter()? {
+        let (k, v) = entry?;
+        let v = v.value();
+        let Some(at) = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
+            continue;
+        };
+        if now.saturating_sub(at) > limits.ttl_ms {
+            doomed.push((k.value().to_vec(), v.len()));
+        }
+    }
+    let mut meta = txn.open_table(QUEUE_META)?;
+    for (k, len) in &doomed {
+        queue.remove(&k[..])?;
+        let who = &k[..32];
+        let current = meta.get(who)?.map(|g| g.value());
+        if let Some((next, count, bytes)) = current {
+            let freed = StoredMessage::accounted_len(*len);
+            meta.insert(who, (next, count.saturating_sub(1), bytes.saturating_sub(freed)))?;
+        }
+    }
+    Ok(Outcome::Swept { removed: doomed.len() as u64 })
+}

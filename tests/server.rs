@@ -1,0 +1,620 @@
+//! The NodeService contract, through real QUIC connections to a real server on 127.0.0.1:0.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{ServerProcess, connect, local, login, start_server, start_server_with};
+use qpq::client::session::{Session, SessionError};
+use qpq::crypto::hybrid::{self, HybridSecretKey};
+use qpq::crypto::identity::{Identity, PublicKey};
+use qpq::mls::MlsClient;
+use qpq::server::ServerConfig;
+use qpq::transport::Pin;
+
+fn rpc_msg(r: Result<impl std::fmt::Debug, SessionError>) -> String {
+    match r {
+        Err(SessionError::Rpc(m)) => m,
+        other => panic!("expected an rpc error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_status_version_and_uptime() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        let h = s.health().await.unwrap();
+        assert_eq!(h.status, "ok");
+        assert_eq!(h.version, env!("CARGO_PKG_VERSION"));
+        assert!(h.uptime_secs < 3600);
+        s.close().await;
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_fetch_ack_round_trip_and_fetch_does_not_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let sender = connect(&server).await;
+        let (s1, c1) = sender.enqueue(&alice.public().0, b"one", b"").await.unwrap();
+        let (s2, _) = sender.enqueue(&alice.public().0, b"two", b"chan").await.unwrap();
+        assert_eq!((s1, c1), (1, 0));
+        assert_eq!(s2, 2);
+
+        let a = login(&server, &alice).await;
+        let (first, more) = a.fetch(0).await.unwrap();
+        assert!(!more);
+        let (again, _) = a.fetch(0).await.unwrap();
+        assert_eq!(first, again, "fetch without ack returns the same messages");
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].payload, b"one");
+        assert_eq!(first[1].payload, b"two");
+        assert_eq!(first[1].channel_id, b"chan");
+        assert_eq!(first[1].channel_seq, 1);
+
+        assert_eq!(a.ack(1).await.unwrap(), 1);
+        let (left, _) = a.fetch(0).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].seq, 2);
+        assert_eq!(a.ack(2).await.unwrap(), 1);
+        assert!(a.fetch(0).await.unwrap().0.is_empty());
+        // Sequence numbers keep growing after acks.
+        let (s3, _) = sender.enqueue(&alice.public().0, b"three", b"").await.unwrap();
+        assert_eq!(s3, 3);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_limit_pages_and_reports_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let sender = connect(&server).await;
+        for i in 0..5u8 {
+            sender.enqueue(&alice.public().0, &[i + 1], b"").await.unwrap();
+        }
+        let a = login(&server, &alice).await;
+        let (page, more) = a.fetch(2).await.unwrap();
+        assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(more);
+        a.ack(2).await.unwrap();
+        let (page, more) = a.fetch(10).await.unwrap();
+        assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert!(!more);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bob_cannot_fetch_or_ack_alices_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let bob = Identity::generate();
+        let sender = connect(&server).await;
+        sender.enqueue(&alice.public().0, b"for alice", b"").await.unwrap();
+        let b = login(&server, &bob).await;
+        assert!(b.fetch(0).await.unwrap().0.is_empty());
+        assert_eq!(b.ack(u64::MAX).await.unwrap(), 0);
+        let a = login(&server, &alice).await;
+        assert_eq!(a.fetch(0).await.unwrap().0.len(), 1, "bob's ack did not touch alice's queue");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_methods_need_authentication_and_bad_signatures_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mut s = connect(&server).await;
+        assert!(matches!(s.fetch(0).await, Err(SessionError::NotAuthenticated)));
+        // Signature over the wrong challenge.
+        let bad = alice.sign_auth_challenge(&[7u8; 32]);
+        let msg = rpc_msg(s.authenticate_raw(&alice.public().0, &bad).await);
+        assert!(msg.contains("authentication failed"), "{msg}");
+        assert!(matches!(s.fetch(0).await, Err(SessionError::NotAuthenticated)));
+        // Zero-length and wrong-length keys and signatures.
+        let msg = rpc_msg(s.authenticate_raw(&[], &bad).await);
+        assert_eq!(msg, "identity key must be 32 bytes, got 0");
+        let msg = rpc_msg(s.authenticate_raw(&[1u8; 33], &bad).await);
+        assert_eq!(msg, "identity key must be 32 bytes, got 33");
+        let msg = rpc_msg(s.authenticate_raw(&alice.public().0, &bad[..10]).await);
+        assert_eq!(msg, "signature must be 64 bytes, got 10");
+        // The connection still works after all that.
+        s.authenticate(&alice).await.unwrap();
+        assert!(s.fetch(0).await.unwrap().0.is_empty());
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signature_replayed_on_another_connection_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mut first = connect(&server).await;
+        let mut second = connect(&server).await;
+        let c1 = first.auth_challenge().unwrap();
+        let c2 = second.auth_challenge().unwrap();
+        assert_ne!(c1, c2, "every connection has its own challenge");
+        let sig = alice.sign_auth_challenge(&c1);
+        first.authenticate_raw(&alice.public().0, &sig).await.unwrap();
+        let msg = rpc_msg(second.authenticate_raw(&alice.public().0, &sig).await);
+        assert!(msg.contains("authentication failed"), "{msg}");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_packages_are_single_use_under_concurrency_then_last_resort() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let kps = mls.key_packages(5).unwrap();
+        let lr = mls.last_resort_key_package().unwrap();
+        let a = login(&server, &alice).await;
+        assert_eq!(a.upload_key_packages(&kps, Some(&lr)).await.unwrap(), 5);
+        assert_eq!(a.key_package_count().await.unwrap(), (5, true));
+
+        let mut sessions = Vec::new();
+        for _ in 0..4 {
+            sessions.push(connect(&server).await);
+        }
+        let key = alice.public().0;
+        let fetches = (0..20).map(|i| {
+            let s = &sessions[i % sessions.len()];
+            async move { s.fetch_key_package(&key).await.unwrap() }
+        });
+        let results = futures::future::join_all(fetches).await;
+        let single: Vec<_> = results.iter().filter(|r| !r.last_resort).collect();
+        let distinct: HashSet<_> = single.iter().map(|r| r.bytes.clone()).collect();
+        assert_eq!(single.len(), 5);
+        assert_eq!(distinct.len(), 5, "no KeyPackage was handed out twice");
+        assert_eq!(distinct, kps.iter().cloned().collect::<HashSet<_>>());
+        for r in results.iter().filter(|r| r.last_resort) {
+            assert_eq!(r.bytes, lr);
+            assert_eq!(r.remaining, 0);
+        }
+        assert_eq!(a.key_package_count().await.unwrap(), (0, true), "last resort is kept");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_and_foreign_key_packages_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let bob = Identity::generate();
+        let bob_mls = MlsClient::new(bob.seed()).unwrap();
+        let alice_mls = MlsClient::new(alice.seed()).unwrap();
+        let a = login(&server, &alice).await;
+
+        let msg = rpc_msg(a.upload_key_packages(&[b"garbage".to_vec()], None).await);
+        assert!(msg.starts_with("invalid key package"), "{msg}");
+        let foreign = bob_mls.key_packages(1).unwrap();
+        let msg = rpc_msg(a.upload_key_packages(&foreign, None).await);
+        assert_eq!(msg, "invalid key package: credential identity is not the authenticated key");
+        let mut tampered = alice_mls.key_packages(1).unwrap();
+        let n = tampered[0].len();
+        tampered[0][n - 5] ^= 1;
+        let msg = rpc_msg(a.upload_key_packages(&tampered, None).await);
+        assert!(msg.starts_with("invalid key package"), "{msg}");
+        let lr = alice_mls.last_resort_key_package().unwrap();
+        let msg = rpc_msg(a.upload_key_packages(&[lr.clone()], None).await);
+        assert!(msg.contains("last-resort package sent as a single-use one"), "{msg}");
+        let plain = alice_mls.key_packages(1).unwrap();
+        let msg = rpc_msg(a.upload_key_packages(&[], Some(&plain[0])).await);
+        assert!(msg.contains("lacks the last_resort extension"), "{msg}");
+        // A good package mixed with a bad one: nothing is stored.
+        let mut mixed = alice_mls.key_packages(1).unwrap();
+        mixed.push(b"junk".to_vec());
+        rpc_msg(a.upload_key_packages(&mixed, None).await);
+        assert_eq!(a.key_package_count().await.unwrap(), (0, false));
+        let msg = rpc_msg(connect(&server).await.fetch_key_package(&alice.public().0).await);
+        assert_eq!(msg, "no key packages for this key");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_key_round_trips_with_its_signature_and_bad_ones_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let hk = HybridSecretKey::generate();
+        let pk = hk.public_key();
+        let sig = hybrid::sign_hybrid_key(alice.signing_key(), &pk);
+        let a = login(&server, &alice).await;
+        let other = HybridSecretKey::generate().public_key();
+        let msg = rpc_msg(a.upload_hybrid_key(other.as_bytes(), &sig).await);
+        assert!(msg.starts_with("invalid hybrid key"), "{msg}");
+        a.upload_hybrid_key(pk.as_bytes(), &sig).await.unwrap();
+        let anyone = connect(&server).await;
+        let (key, got_sig) = anyone.fetch_hybrid_key(&alice.public().0).await.unwrap();
+        assert_eq!(key, pk.as_bytes());
+        let verified = hybrid::verify_hybrid_key(&alice.public().0, &key, &got_sig).unwrap();
+        assert_eq!(verified, pk);
+        let msg = rpc_msg(anyone.fetch_hybrid_key(&Identity::generate().public().0).await);
+        assert_eq!(msg, "no hybrid key for this key");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_wait_wakes_on_enqueue_and_times_out_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let a = login(&server, &alice).await;
+        // Times out empty when nothing comes.
+        let (msgs, _) = a.fetch_wait(50, 0).await.unwrap();
+        assert!(msgs.is_empty());
+        // A long wait returns with the message: only a wake-up can make it non-empty, since
+        // the timeout path returns empty.
+        let sender = connect(&server).await;
+        let waiting = a.fetch_wait(60_000, 0);
+        let sending = async {
+            // The waiter is registered once the server sees the call; any order works, because a
+            // message enqueued before the wait starts is returned at once.
+            sender.enqueue(&alice.public().0, b"ping", b"").await.unwrap()
+        };
+        let ((msgs, _), _) = tokio::join!(async { waiting.await.unwrap() }, sending);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].payload, b"ping");
+        let msg = rpc_msg(a.fetch_wait(60_001, 0).await);
+        assert_eq!(msg, "timeout out of range: 60001 > 60000 ms");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_enqueues_get_clear_errors_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        let key = Identity::generate().public().0;
+        let big = vec![0u8; 300_000];
+        assert_eq!(rpc_msg(s.enqueue(&key, &big, b"").await), "payload too large: 300000 > 262144 bytes");
+        assert_eq!(rpc_msg(s.enqueue(&[], b"x", b"").await), "recipient key must be 32 bytes, got 0");
+        assert_eq!(rpc_msg(s.enqueue(&[0u8; 31], b"x", b"").await), "recipient key must be 32 bytes, got 31");
+        assert_eq!(rpc_msg(s.enqueue(&key, b"", b"").await), "payload is empty");
+        assert_eq!(rpc_msg(s.enqueue(&key, b"x", &[0u8; 65]).await), "channel id too long: 65 > 64 bytes");
+        assert_eq!(rpc_msg(s.enqueue_batch(b"", &[]).await), "batch has no recipients");
+        // Same connection still serves.
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_methods_get_an_error_not_a_dropped_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        let raw = s.raw_node_client();
+        let req = raw.new_call::<capnp::any_pointer::Owned, capnp::any_pointer::Owned>(
+            <qpq::proto::node_capnp::node_service::Client as capnp::traits::HasTypeId>::TYPE_ID,
+            99,
+            None,
+        );
+        let err = req.send().promise.await.err().expect("unknown method fails");
+        assert_eq!(err.kind, capnp::ErrorKind::Unimplemented);
+        let req = raw.new_call::<capnp::any_pointer::Owned, capnp::any_pointer::Owned>(0x1234, 0, None);
+        assert!(req.send().promise.await.is_err());
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_full_is_a_clear_error_and_batches_are_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.max_queue_messages = 3;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let full = Identity::generate();
+        let empty = Identity::generate();
+        for _ in 0..3 {
+            s.enqueue(&full.public().0, b"x", b"").await.unwrap();
+        }
+        let msg = rpc_msg(s.enqueue(&full.public().0, b"x", b"").await);
+        assert!(msg.starts_with("queue full: recipient has 3 messages"), "{msg}");
+        let items = vec![(empty.public(), b"a".to_vec()), (full.public(), b"b".to_vec())];
+        let msg = rpc_msg(s.enqueue_batch(b"group", &items).await);
+        assert!(msg.starts_with("queue full"), "{msg}");
+        let e = login(&server, &empty).await;
+        assert!(e.fetch(0).await.unwrap().0.is_empty(), "the failed batch stored nothing");
+        // The channel position was not consumed either.
+        let (cseq, seqs) = s.enqueue_batch(b"group", &[(empty.public(), b"a".to_vec())]).await.unwrap();
+        assert_eq!((cseq, seqs), (1, vec![1]));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_on_a_channel_are_seen_in_one_order_by_every_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let members: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+        let keys: Vec<PublicKey> = members.iter().map(|m| m.public()).collect();
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            senders.push(connect(&server).await);
+        }
+        let sends = (0..24u8).map(|i| {
+            let s = &senders[i as usize % senders.len()];
+            let items: Vec<_> = keys.iter().map(|k| (*k, vec![i])).collect();
+            async move { s.enqueue_batch(b"team", &items).await.unwrap() }
+        });
+        let results = futures::future::join_all(sends).await;
+        let cseqs: HashSet<u64> = results.iter().map(|r| r.0).collect();
+        assert_eq!(cseqs.len(), 24, "every batch got its own channel position");
+        let mut orders = Vec::new();
+        for m in &members {
+            let s = login(&server, m).await;
+            let (msgs, _) = s.fetch(0).await.unwrap();
+            assert_eq!(msgs.len(), 24);
+            let by_seq: Vec<u64> = msgs.iter().map(|m| m.channel_seq).collect();
+            let mut sorted = by_seq.clone();
+            sorted.sort();
+            assert_eq!(by_seq, sorted, "queue order is channel order");
+            orders.push(msgs.iter().map(|m| m.payload[0]).collect::<Vec<_>>());
+        }
+        assert_eq!(orders[0], orders[1]);
+        assert_eq!(orders[1], orders[2]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_key_packages_and_certificate_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Identity::generate();
+    let server = start_server(dir.path()).await;
+    let fp = server.fingerprint();
+    local(async {
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let a = login(&server, &alice).await;
+        a.upload_key_packages(&mls.key_packages(2).unwrap(), None).await.unwrap();
+        a.enqueue(&alice.public().0, b"kept", b"c").await.unwrap();
+        a.close().await;
+    })
+    .await;
+    server.shutdown().await.unwrap();
+
+    let server = start_server(dir.path()).await;
+    assert_eq!(server.fingerprint(), fp, "certificate reused");
+    assert!(!server.generated_cert());
+    local(async {
+        let a = login(&server, &alice).await;
+        let (msgs, _) = a.fetch(0).await.unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].payload, b"kept");
+        assert_eq!(a.key_package_count().await.unwrap(), (2, false));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_alpn_and_garbage_on_the_stream_only_cost_that_connection() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    // Garbage bytes on the RPC stream.
+    let cfg = qpq::transport::client_config(Pin::Fingerprint(server.fingerprint())).unwrap();
+    let ep = qpq::transport::client_endpoint(server.local_addr(), cfg).unwrap();
+    let conn = ep.connect(server.local_addr(), qpq::transport::SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    send.write_all(&garbage).await.unwrap();
+    let _ = send.finish();
+    // The server ends the connection: reading to the end finishes (EOF or reset), no hang.
+    let _ = recv.read_to_end(1 << 20).await;
+    let reason = conn.closed().await;
+    assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "server closed it: {reason:?}");
+
+    // Wrong ALPN: the handshake fails.
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny))
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"qpq/0".to_vec()];
+    let qcfg = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut ep2 = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep2.set_default_client_config(qcfg);
+    let res = ep2.connect(server.local_addr(), "qpq-server").unwrap().await;
+    assert!(res.is_err(), "a wrong ALPN must not connect");
+
+    // Other clients are still served.
+    local(async {
+        let s = connect(&server).await;
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_certificate_is_refused_naming_both_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let wrong = qpq::transport::Fingerprint([9u8; 32]);
+    let res = local(Session::connect(&server.local_addr().to_string(), Pin::Fingerprint(wrong))).await;
+    match res {
+        Err(SessionError::CertificateChanged { pinned, presented }) => {
+            assert_eq!(pinned, wrong);
+            assert_eq!(presented, server.fingerprint());
+        }
+        Err(other) => panic!("expected a certificate error, got {other}"),
+        Ok(_) => panic!("expected a certificate error, got a session"),
+    }
+    server.shutdown().await.unwrap();
+}
+
+/// The real binary, killed with SIGKILL while enqueues are in flight: every enqueue that
+/// returned success is there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_enqueues_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = ServerProcess::start(dir.path());
+    let addr = proc.addr.to_string();
+    let pin = proc.pin();
+    let alice = Identity::generate();
+    let acked = local(async {
+        let mut sessions = Vec::new();
+        for _ in 0..4 {
+            sessions.push(Session::connect(&addr, pin.clone()).await.unwrap());
+        }
+        let acked = std::rc::Rc::new(std::cell::RefCell::new(Vec::<Vec<u8>>::new()));
+        let mut proc = Some(proc);
+        let workers = sessions.iter().enumerate().map(|(w, s)| {
+            let acked = acked.clone();
+            let key = alice.public().0;
+            async move {
+                for i in 0..10_000u32 {
+                    let payload = format!("w{w}-m{i}").into_bytes();
+                    // After the kill an in-flight call never gets an answer; give up on it (it
+                    // was never acknowledged, so it does not count).
+                    let call = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        s.enqueue(&key, &payload, b""),
+                    );
+                    match call.await {
+                        Ok(Ok(_)) => acked.borrow_mut().push(payload),
+                        _ => return,
+                    }
+                }
+            }
+        });
+        let killer = async {
+            // Kill once a good number of writes have been acknowledged, with more in flight.
+            loop {
+                if acked.borrow().len() >= 200 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            if let Some(p) = proc.take() {
+                p.kill9();
+            }
+        };
+        tokio::join!(futures::future::join_all(workers), killer);
+        let v = acked.borrow().clone();
+        v
+    })
+    .await;
+    assert!(acked.len() >= 200);
+
+    let proc = ServerProcess::start(dir.path());
+    let stored = local(async {
+        let mut s = Session::connect(&proc.addr.to_string(), proc.pin()).await.unwrap();
+        s.authenticate(&alice).await.unwrap();
+        let mut all = HashSet::new();
+        let mut last = 0;
+        loop {
+            let (msgs, more) = s.fetch(0).await.unwrap();
+            for m in &msgs {
+                all.insert(m.payload.clone());
+                last = m.seq;
+            }
+            s.ack(last).await.unwrap();
+            if !more {
+                break;
+            }
+        }
+        all
+    })
+    .await;
+    let missing: Vec<_> = acked.iter().filter(|p| !stored.contains(*p)).collect();
+    assert!(missing.is_empty(), "{} acknowledged enqueues lost, e.g. {:?}", missing.len(), missing.first());
+    drop(proc);
+}
+
+#[test]
+fn sigterm_stops_the_binary_cleanly_with_exit_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = ServerProcess::start(dir.path());
+    let status = proc.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    // The database closed cleanly: the next start opens it.
+    let again = ServerProcess::start(dir.path());
+    assert_eq!(again.terminate().code(), Some(0));
+}
