@@ -7,6 +7,7 @@
 fn main() {
     println!("cargo:rerun-if-changed=schemas/node.capnp");
     println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
     println!("cargo:rerun-if-env-changed=QPQ_GIT_COMMIT");
     // `--version` names the commit when built from a git checkout, "unknown" otherwise.
     let commit = std::env::var("QPQ_GIT_COMMIT").ok().or_else(|| {

@@ -1,6 +1,7 @@
 //! The command line: one clap definition for every verb, so `--help`, the man pages, shell
 //! completions and the REPL grammar all come from the same place.
 
+pub mod client;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -39,6 +40,20 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Run the server (Authentication + Delivery Service)
     Serve(serve::ServeArgs),
+    /// Create your identity, pin the server, upload your keys; prints your key
+    Init(client::InitArgs),
+    #[command(flatten)]
+    Client(client::ClientVerb),
+    /// Receive: process everything pending and print each message
+    Recv(client::RecvArgs),
+    /// Print shell completions for bash, zsh or fish
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (qpq.1 and one per subcommand) into DIR
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 /// Logs to stderr; `QPQ_LOG` (or `RUST_LOG`) sets the filter.
@@ -81,7 +96,54 @@ pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    let g = cli.global;
     match cli.command {
-        Command::Serve(args) => serve::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Init(args) => client::init(&g, args).map(|()| ExitCode::SUCCESS),
+        Command::Client(verb) => client::oneshot(&g, verb),
+        Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let written = write_man_pages(&dir)?;
+            for p in written {
+                println!("{}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Renders `qpq.1` and one page per visible subcommand (`qpq-group-add.1`, ...) into `dir`.
+pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    render_man(&cmd, "qpq", dir, &mut out)?;
+    Ok(out)
+}
+
+fn render_man(
+    cmd: &clap::Command,
+    name: &str,
+    dir: &std::path::Path,
+    out: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
+    let cmd = cmd.clone().name(name.to_string()).version(VERSION);
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+    let path = dir.join(format!("{name}.1"));
+    std::fs::write(&path, buf)?;
+    out.push(path);
+    for sub in cmd.get_subcommands() {
+        if sub.is_hide_set() || sub.get_name() == "help" {
+            continue;
+        }
+        render_man(sub, &format!("{name}-{}", sub.get_name()), dir, out)?;
+    }
+    Ok(())
 }
