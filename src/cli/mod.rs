@@ -90,7 +90,17 @@ pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
     }) {
         return std::process::ExitCode::SUCCESS;
     }
-    let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+    // Wrapper errors often display their source already ("{0}"); print each text once.
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
     eprintln!("qpq: {msg}");
     std::process::ExitCode::FAILURE
 }

@@ -17,7 +17,7 @@ use crate::proto::node_capnp::{account, node_service};
 use crate::transport::{self, Fingerprint, Pin};
 
 /// How long connecting (resolve + QUIC/TLS handshake + stream) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors talking to the server.
 #[derive(Debug, thiserror::Error)]

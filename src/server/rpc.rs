@@ -372,9 +372,10 @@ impl account::Server for AccountImpl {
             }
             let limit = fetch_limit(p.get_limit());
             let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
-            let notify = self.shared.store.notifier().subscribe(&self.who);
+            let shared = self.shared.clone();
+            let subscription = shared.store.notifier().subscribe(&self.who);
             let outcome = loop {
-                let notified = notify.notified();
+                let notified = subscription.notify().notified();
                 tokio::pin!(notified);
                 // Register before reading, so a commit between the read and the wait still wakes us.
                 notified.as_mut().enable();
@@ -390,7 +391,7 @@ impl account::Server for AccountImpl {
                     _ = self.shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
                 }
             };
-            self.shared.store.notifier().release(&self.who, notify);
+            drop(subscription);
             let (msgs, more) = outcome?;
             let mut r = results.get();
             r.set_more(more);

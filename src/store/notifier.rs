@@ -19,19 +19,17 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// The wake-up channel of `who`; hold it across the read and the wait.
-    pub fn subscribe(&self, who: &IdentityKey) -> Arc<Notify> {
+    /// The wake-up channel of `who`; hold the subscription across the read and the wait. It
+    /// unregisters itself when dropped, also when the waiting call is cancelled.
+    pub fn subscribe<'a>(&'a self, who: &IdentityKey) -> Subscription<'a> {
         let mut map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(*who).or_default().clone()
+        let notify = map.entry(*who).or_default().clone();
+        Subscription { notifier: self, who: *who, notify }
     }
 
-    /// Drops `who`'s channel when the caller was its last user.
-    pub fn release(&self, who: &IdentityKey, handle: Arc<Notify>) {
-        let mut map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        // Two references left: the map's and the caller's `handle`.
-        if Arc::strong_count(&handle) <= 2 {
-            map.remove(who);
-        }
+    /// Number of recipients with a registered waiter (for tests and metrics).
+    pub fn waiting_recipients(&self) -> usize {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Wakes every current waiter of each recipient.
@@ -41,6 +39,29 @@ impl Notifier {
             if let Some(n) = map.get(r) {
                 n.notify_waiters();
             }
+        }
+    }
+}
+
+/// A registered waiter; see [`Notifier::subscribe`].
+pub struct Subscription<'a> {
+    notifier: &'a Notifier,
+    who: IdentityKey,
+    notify: Arc<Notify>,
+}
+
+impl Subscription<'_> {
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        let mut map = self.notifier.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references left: the map's and ours; then nobody else waits for this key.
+        if Arc::strong_count(&self.notify) <= 2 {
+            map.remove(&self.who);
         }
     }
 }

@@ -55,8 +55,12 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(data_dir: &Path) -> ServerProcess {
+        Self::spawn(data_dir, "127.0.0.1:0")
+    }
+
+    fn spawn(data_dir: &Path, listen: &str) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("QPQ_CONFIG")
             .env("QPQ_LOG", "warn")
@@ -107,5 +111,106 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl ServerProcess {
+    /// Restarts on a given address (the one a previous instance got from the OS), so clients
+    /// that remembered it can reconnect.
+    pub fn start_on(data_dir: &Path, addr: SocketAddr) -> ServerProcess {
+        Self::spawn(data_dir, &addr.to_string())
+    }
+}
+
+/// Output of one `qpq` run.
+pub struct Run {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A person with their own temp home, driving the real binary.
+pub struct User {
+    pub home: tempfile::TempDir,
+    pub key: String,
+    pub name: String,
+}
+
+pub fn qpq_in(home: &Path, args: &[&str], stdin: Option<&str>) -> Run {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qpq"));
+    cmd.arg("--home").arg(home).args(args);
+    cmd.env_remove("QPQ_SERVER").env_remove("QPQ_HOME").env_remove("QPQ_PASSPHRASE");
+    cmd.env_remove("QPQ_SERVER_FINGERPRINT").env("QPQ_LOG", "warn");
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn qpq");
+    {
+        let mut sin = child.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            sin.write_all(s.as_bytes()).expect("write stdin");
+        }
+    }
+    let out = child.wait_with_output().expect("qpq runs");
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl User {
+    /// `qpq init` against `server` with no passphrase.
+    pub fn init(server: &ServerProcess, name: &str) -> User {
+        let home = tempfile::tempdir().expect("temp home");
+        let addr = server.addr.to_string();
+        let r = qpq_in(home.path(), &["init", "--server", &addr, "--name", name, "--no-passphrase"], None);
+        assert!(r.ok, "init {name} failed: {}", r.stderr);
+        let key = r.stdout.trim().to_string();
+        assert_eq!(key.len(), 64, "init prints the key: {:?}", r.stdout);
+        User { home, key, name: name.to_string() }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        qpq_in(self.home.path(), args, None)
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(r.ok, "{} {:?} failed ({:?}): {}", self.name, args, r.code, r.stderr);
+        r.stdout
+    }
+
+    /// Runs and asserts failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(!r.ok, "{} {:?} should fail but printed {:?}", self.name, args, r.stdout);
+        r.stderr
+    }
+
+    pub fn add_contact(&self, other: &User) {
+        self.ok(&["contact", "add", &other.name, &other.key]);
+    }
+
+    /// `recv` once; the printed lines.
+    pub fn recv(&self) -> Vec<String> {
+        self.ok(&["recv"]).lines().map(str::to_string).collect()
+    }
+
+    pub fn state_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.home.path().join("qpq-state.bin")).expect("state file")
+    }
+}
+
+/// Makes every pair of users contacts of each other.
+pub fn introduce(users: &[&User]) {
+    for a in users {
+        for b in users {
+            if a.key != b.key {
+                a.add_contact(b);
+            }
+        }
     }
 }

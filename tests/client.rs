@@ -1,0 +1,418 @@
+//! Client scenarios through the real binary against a real `qpq serve` on 127.0.0.1:0, each
+//! user with their own home.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::{ServerProcess, User, introduce, qpq_in};
+use redb::ReadableTable;
+
+fn members_of(u: &User, group: &str) -> Vec<String> {
+    let mut v: Vec<String> = u
+        .ok(&["group", "members", group])
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or("").to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn epoch_of(u: &User, group: &str) -> String {
+    let list = u.ok(&["group", "list"]);
+    let line = list.lines().find(|l| l.starts_with(&format!("#{group} "))).expect("group listed").to_string();
+    line.rsplit("epoch ").next().unwrap_or("").trim_end_matches(')').to_string()
+}
+
+#[test]
+fn two_users_dm_both_ways_in_one_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+
+    alice.ok(&["send", "bob", "hello", "bob"]);
+    assert_eq!(bob.recv(), vec!["alice: hello bob"]);
+    // A reply by key finds the same conversation.
+    bob.ok(&["send", &alice.key, "hi alice"]);
+    assert_eq!(alice.recv(), vec!["bob: hi alice"]);
+    // Text from stdin, with a trailing newline stripped.
+    let r = qpq_in(alice.home.path(), &["send", "bob"], Some("from stdin\n"));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(bob.recv(), vec!["alice: from stdin"]);
+    assert!(bob.recv().is_empty(), "nothing twice");
+
+    for u in [&alice, &bob] {
+        let convs: Vec<String> = u.ok(&["group", "list"]).lines().map(str::to_string).collect();
+        assert_eq!(convs.len(), 1, "{} has exactly one conversation: {convs:?}", u.name);
+        assert!(convs[0].contains("direct, 2 members"), "{convs:?}");
+    }
+    // whoami shows the key and the name.
+    let who = alice.ok(&["whoami"]);
+    assert_eq!(who.lines().next(), Some(alice.key.as_str()));
+    assert!(who.contains("name: alice"));
+}
+
+#[test]
+fn recv_json_has_the_documented_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    alice.add_contact(&bob);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    alice.ok(&["send", "#team", "json please"]);
+    alice.ok(&["send", "bob", "direct one"]);
+    let out = bob.ok(&["recv", "--json"]);
+    let lines: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let group_msg = &lines[0];
+    assert_eq!(group_msg["from"], alice.key.as_str());
+    assert_eq!(group_msg["from_name"], serde_json::Value::Null, "bob has no contact for alice");
+    assert_eq!(group_msg["group"], "team");
+    assert_eq!(group_msg["text"], "json please");
+    for field in ["sent_at", "received_at"] {
+        let t = group_msg[field].as_str().expect("timestamp string");
+        assert!(humantime::parse_rfc3339(t).is_ok(), "{field} is rfc 3339: {t}");
+    }
+    assert_eq!(lines[1]["group"], serde_json::Value::Null);
+    assert_eq!(lines[1]["text"], "direct one");
+}
+
+#[test]
+fn three_users_in_a_group_and_a_removed_member_cannot_read_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    let carol = User::init(&server, "carol");
+    introduce(&[&alice, &bob, &carol]);
+
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    alice.ok(&["send", "#team", "welcome all"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: welcome all"], "bob learned the group's name");
+    assert_eq!(carol.recv(), vec!["[#team] alice: welcome all"]);
+    carol.ok(&["send", "#team", "carol here"]);
+    assert_eq!(bob.recv(), vec!["[#team] carol: carol here"]);
+    assert_eq!(alice.recv(), vec!["[#team] carol: carol here"]);
+    let all = members_of(&alice, "team");
+    assert_eq!(all.len(), 3);
+    assert_eq!(members_of(&bob, "team"), all);
+    assert_eq!(members_of(&carol, "team"), all);
+
+    alice.ok(&["group", "remove", "team", "carol"]);
+    alice.ok(&["send", "#team", "after carol left"]);
+    assert!(carol.recv().is_empty(), "carol reads nothing new");
+    let err = carol.fails(&["send", "#team", "still here?"]);
+    assert!(err.contains("no longer a member of #team"), "{err}");
+    assert_eq!(bob.recv(), vec!["[#team] alice: after carol left"]);
+    assert_eq!(members_of(&bob, "team").len(), 2);
+}
+
+#[test]
+fn an_offline_member_catches_up_after_several_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    let carol = User::init(&server, "carol");
+    let dave = User::init(&server, "dave");
+    introduce(&[&alice, &bob, &carol, &dave]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    assert!(bob.recv().is_empty());
+    // bob goes offline; several commits happen.
+    alice.ok(&["group", "add", "team", "carol"]);
+    alice.ok(&["group", "update", "team"]);
+    carol.recv();
+    carol.ok(&["group", "update", "team"]);
+    alice.ok(&["group", "add", "team", "dave"]);
+    alice.ok(&["group", "remove", "team", "carol"]);
+    alice.ok(&["send", "#team", "did you keep up?"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: did you keep up?"]);
+    assert_eq!(epoch_of(&bob, "team"), epoch_of(&alice, "team"));
+    assert_eq!(members_of(&bob, "team"), members_of(&alice, "team"));
+    bob.ok(&["send", "#team", "yes"]);
+    assert_eq!(dave.recv(), vec!["[#team] alice: did you keep up?", "[#team] bob: yes"]);
+}
+
+#[test]
+fn two_members_adding_people_at_the_same_moment_do_not_fork_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    let carol = User::init(&server, "carol");
+    let dave = User::init(&server, "dave");
+    introduce(&[&alice, &bob, &carol, &dave]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.recv();
+
+    for round in 0..2 {
+        // Both commit in the same epoch: start both processes, then wait for both.
+        let (a_args, b_args) = if round == 0 {
+            (["group", "add", "team", "carol"], ["group", "add", "team", "dave"])
+        } else {
+            (["group", "update", "team", ""], ["group", "update", "team", ""])
+        };
+        let spawn = |u: &User, args: &[&str]| {
+            let args: Vec<&str> = args.iter().copied().filter(|a| !a.is_empty()).collect();
+            Command::new(env!("CARGO_BIN_EXE_qpq"))
+                .arg("--home")
+                .arg(u.home.path())
+                .args(&args)
+                .env("QPQ_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        };
+        let a = spawn(&alice, &a_args);
+        let b = spawn(&bob, &b_args);
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        assert!(a.status.success(), "alice: {}", String::from_utf8_lossy(&a.stderr));
+        assert!(b.status.success(), "bob: {}", String::from_utf8_lossy(&b.stderr));
+    }
+    for u in [&alice, &bob, &carol, &dave] {
+        u.recv();
+    }
+    let epoch = epoch_of(&alice, "team");
+    let members = members_of(&alice, "team");
+    assert_eq!(members.len(), 4, "both additions landed: {members:?}");
+    for u in [&bob, &carol, &dave] {
+        assert_eq!(epoch_of(u, "team"), epoch, "{} is in the same epoch", u.name);
+        assert_eq!(members_of(u, "team"), members, "{} sees the same members", u.name);
+    }
+    // Messages flow between everyone.
+    for u in [&alice, &bob, &carol, &dave] {
+        u.ok(&["send", "#team", &format!("from {}", u.name)]);
+    }
+    for u in [&alice, &bob, &carol, &dave] {
+        let got = u.recv();
+        assert_eq!(got.len(), 3, "{} got {got:?}", u.name);
+        assert!(got.iter().all(|l| !l.contains(&format!("from {}", u.name))));
+    }
+}
+
+#[test]
+fn server_restart_mid_conversation_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let addr = server.addr;
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+    alice.ok(&["send", "bob", "before restart"]);
+    assert_eq!(server.terminate().code(), Some(0));
+    let server = ServerProcess::start_on(dir.path(), addr);
+    alice.ok(&["send", "bob", "after restart"]);
+    assert_eq!(bob.recv(), vec!["alice: before restart", "alice: after restart"]);
+    drop(server);
+}
+
+#[test]
+fn killing_recv_midway_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+    let n = 30;
+    for i in 0..n {
+        bob.ok(&["send", "alice", &format!("m{i}")]);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .arg("--home")
+        .arg(alice.home.path())
+        .args(["recv", "--follow"])
+        .env("QPQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    // Kill as soon as the first message is out: the rest are mid-way through processing.
+    seen.push(lines.next().expect("a line").unwrap());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    seen.extend(lines.map_while(Result::ok));
+    seen.extend(alice.recv());
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for l in &seen {
+        *counts.entry(l.clone()).or_default() += 1;
+    }
+    for i in 0..n {
+        let line = format!("bob: m{i}");
+        assert_eq!(counts.get(&line), Some(&1), "{line} printed exactly once; all: {seen:?}");
+    }
+    assert_eq!(seen.len(), n);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    alice.add_contact(&bob);
+    alice.ok(&["group", "create", "team"]);
+    let before = alice.state_bytes();
+    let (zs, a63, ab32) = ("z".repeat(64), "a".repeat(63), "ab".repeat(32));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["send", "nobody", "hi"], "unknown contact \"nobody\""),
+        (vec!["send", "abcd", "hi"], "unknown contact \"abcd\""),
+        (vec!["send", &zs, "hi"], "unknown contact"),
+        (vec!["send", &a63, "hi"], "invalid key"),
+        (vec!["send", "#nope", "hi"], "no group named #nope"),
+        (vec!["send", "#team", "hi"], "#team has no other members"),
+        (vec!["contact", "add", "eve", "1234"], "invalid key \"1234\": expected 64 hex digits"),
+        (vec!["contact", "add", "bob", &bob.key], "a contact named \"bob\" already exists"),
+        (vec!["contact", "add", "bad name", &bob.key], "invalid name"),
+        (vec!["group", "create", "team"], "a group named #team already exists"),
+        (vec!["group", "add", "team", &ab32], "invalid key: not an ed25519 public key"),
+        (vec!["group", "members", "ghost"], "no group named #ghost"),
+        (vec!["contact", "remove", "ghost"], "unknown contact \"ghost\""),
+    ];
+    for (args, want) in cases {
+        let err = alice.fails(&args);
+        assert!(err.starts_with("qpq: "), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert_eq!(alice.state_bytes(), before, "{args:?} changed the state file");
+    }
+    // A valid key that never ran init has no key packages.
+    let stranger = qpq::crypto::identity::Identity::generate().public().to_hex();
+    let err = alice.fails(&["group", "add", "team", &stranger]);
+    assert!(err.contains("has no key packages on the server"), "{err}");
+    let err = alice.fails(&["send", &stranger, "hi"]);
+    assert!(err.contains("has no key packages on the server"), "{err}");
+    assert_eq!(members_of(&alice, "team").len(), 1);
+    assert!(alice.ok(&["group", "list"]).lines().all(|l| !l.contains("direct")), "no half-made conversation");
+    // Usage errors exit 2 with clap's message.
+    let r = alice.run(&["send"]);
+    assert_eq!(r.code, Some(2));
+}
+
+#[test]
+fn passphrase_protects_the_state_and_a_wrong_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], pass: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qpq"));
+        cmd.arg("--home").arg(home.path()).args(args).env("QPQ_LOG", "warn").env_remove("QPQ_PASSPHRASE");
+        if let Some(p) = pass {
+            cmd.env("QPQ_PASSPHRASE", p);
+        }
+        cmd.stdin(Stdio::null()).output().unwrap()
+    };
+    let addr = server.addr.to_string();
+    let out = run(&["init", "--server", &addr], Some("correct horse"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let state = std::fs::read(home.path().join("qpq-state.bin")).unwrap();
+    assert!(!state.windows(16).any(|w| hex::encode(w) == key[..32]), "the key is not stored in the clear");
+    let out = run(&["whoami"], Some("wrong horse"));
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "qpq: wrong passphrase or corrupted state file");
+    let out = run(&["whoami"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set QPQ_PASSPHRASE"));
+    let out = run(&["whoami"], Some("correct horse"));
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next(), Some(key.as_str()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(home.path().join("qpq-state.bin")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_tampered_state_file_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let path = alice.home.path().join("qpq-state.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = alice.fails(&["whoami"]);
+    assert_eq!(err.trim(), "qpq: state file is corrupted or was tampered with");
+}
+
+#[test]
+fn a_swapped_hybrid_key_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let addr = server.addr;
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+    assert_eq!(server.terminate().code(), Some(0));
+    // Play a malicious server: replace bob's hybrid key, keep bob's signature.
+    {
+        let db = redb::Database::open(dir.path().join("qpq.db")).unwrap();
+        let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("hybrid_keys");
+        let bob_key = hex::decode(&bob.key).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(table).unwrap();
+            let old = t.get(&bob_key[..]).unwrap().unwrap().value().to_vec();
+            let mut swapped = old[..64].to_vec();
+            swapped
+                .extend_from_slice(qpq::crypto::hybrid::HybridSecretKey::generate().public_key().as_bytes());
+            t.insert(&bob_key[..], &swapped[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let server = ServerProcess::start_on(dir.path(), addr);
+    let err = alice.fails(&["send", "bob", "hi"]);
+    assert!(err.contains("hybrid key of bob rejected: hybrid key signature does not verify"), "{err}");
+    drop(server);
+}
+
+#[test]
+fn a_changed_server_certificate_is_a_hard_error_naming_both_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let addr = server.addr;
+    let old_fp = server.fingerprint.to_string();
+    let alice = User::init(&server, "alice");
+    assert_eq!(server.terminate().code(), Some(0));
+    // Another server (new certificate) on the same address.
+    let other_dir = tempfile::tempdir().unwrap();
+    let impostor = ServerProcess::start_on(other_dir.path(), addr);
+    let err = alice.fails(&["health"]);
+    assert!(err.contains("server certificate changed"), "{err}");
+    assert!(err.contains(&old_fp), "{err}");
+    assert!(err.contains(&impostor.fingerprint.to_string()), "{err}");
+    // Explicit pinning of the new one works.
+    let fp = impostor.fingerprint.to_string();
+    let out = alice.ok(&["--server-fingerprint", &fp, "health"]);
+    assert!(out.starts_with("ok version"), "{out}");
+}
+
+#[test]
+fn health_fails_when_the_server_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    alice.add_contact(&bob);
+    assert!(alice.ok(&["health"]).starts_with("ok version"));
+    server.kill9();
+    let err = alice.fails(&["health"]);
+    assert!(err.contains("cannot reach server"), "{err}");
+    let before = alice.state_bytes();
+    let err = alice.fails(&["send", "bob", "anyone?"]);
+    assert!(err.contains("cannot reach server"), "{err}");
+    assert_eq!(alice.state_bytes(), before);
+}
