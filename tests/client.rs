@@ -416,3 +416,53 @@ fn health_fails_when_the_server_is_down() {
     assert!(err.contains("cannot reach server"), "{err}");
     assert_eq!(alice.state_bytes(), before);
 }
+
+fn key_packages_on_server(u: &User) -> u32 {
+    let out = u.ok(&["health"]);
+    let line = out.lines().find(|l| l.starts_with("key packages: ")).expect("key package line");
+    line["key packages: ".len()..].split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn key_packages_are_refilled_after_welcomes_use_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    alice.add_contact(&bob);
+    assert_eq!(key_packages_on_server(&bob), 20);
+    for i in 0..17 {
+        let g = format!("g{i}");
+        alice.ok(&["group", "create", &g]);
+        alice.ok(&["group", "add", &g, "bob"]);
+    }
+    assert_eq!(key_packages_on_server(&bob), 3);
+    bob.recv();
+    assert_eq!(key_packages_on_server(&bob), 20, "refilled after processing the welcomes");
+    assert_eq!(bob.ok(&["group", "list"]).lines().count(), 17);
+}
+
+#[test]
+fn a_member_who_leaves_is_removed_by_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    let carol = User::init(&server, "carol");
+    introduce(&[&alice, &bob, &carol]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    bob.recv();
+    carol.recv();
+    bob.ok(&["group", "leave", "team"]);
+    let err = bob.fails(&["send", "#team", "hello?"]);
+    assert!(err.contains("no longer a member of #team"), "{err}");
+    // The next member to process the leave commits bob's removal.
+    alice.recv();
+    assert_eq!(members_of(&alice, "team").len(), 2);
+    carol.recv();
+    assert_eq!(members_of(&carol, "team"), members_of(&alice, "team"));
+    alice.ok(&["send", "#team", "just us"]);
+    assert_eq!(carol.recv(), vec!["[#team] alice: just us"]);
+    assert!(bob.recv().is_empty());
+}

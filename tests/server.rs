@@ -618,3 +618,67 @@ fn sigterm_stops_the_binary_cleanly_with_exit_zero() {
     let again = ServerProcess::start(dir.path());
     assert_eq!(again.terminate().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_own_certificate_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["chat.example.org".to_string()]).unwrap();
+    let cert_path = dir.path().join("own-cert.pem");
+    let key_path = dir.path().join("own-key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let mut cfg = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    cfg.cert = Some(cert_path);
+    cfg.key = Some(key_path);
+    let server = start_server_with(cfg).await;
+    let want = qpq::transport::Fingerprint::of(certified.cert.der());
+    assert_eq!(server.fingerprint(), want);
+    assert!(!dir.path().join("data").join(qpq::transport::CERT_FILE).exists(), "nothing generated");
+    local(async {
+        let s = connect(&server).await;
+        assert_eq!(s.fingerprint(), want);
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// The binary reads QPQ_LISTEN from the environment and limits from qpq-server.toml.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_env_and_config_file_settings() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("qpq-server.toml"),
+        "listen = \"127.0.0.1:1\"\nmax_payload_bytes = 1000\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .arg("serve")
+        .env("QPQ_DATA_DIR", dir.path())
+        .env("QPQ_LISTEN", "127.0.0.1:0")
+        .env("QPQ_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut fp) = (None, None);
+    while addr.is_none() {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(f) = line.strip_prefix("certificate fingerprint ") {
+            fp = Some(qpq::transport::Fingerprint::parse(f).unwrap());
+        }
+        addr = line.strip_prefix("listening on ").map(str::to_string);
+    }
+    let addr = addr.unwrap();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":1"), "env beats the file: {addr}");
+    local(async {
+        let s = Session::connect(&addr, Pin::Fingerprint(fp.unwrap())).await.unwrap();
+        let key = Identity::generate().public().0;
+        assert_eq!(rpc_msg(s.enqueue(&key, &[0u8; 2000], b"").await), "payload too large: 2000 > 1000 bytes");
+        s.enqueue(&key, &[0u8; 1000], b"").await.unwrap();
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -273,8 +273,12 @@ pub async fn run_verb(
         }
         ClientVerb::Health => {
             let server = m.server().unwrap_or_default();
-            let h = m.connect().await?.health().await?;
+            let session = m.connect().await?;
+            let h = session.health().await?;
+            let (kps, last_resort) = session.key_package_count().await?;
             writeln!(out, "{} version {} uptime {}s server {server}", h.status, h.version, h.uptime_secs)?;
+            let lr = if last_resort { "yes" } else { "no" };
+            writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
             if h.status != "ok" {
                 return Ok(VerbOutcome::Unhealthy);
             }
