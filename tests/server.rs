@@ -222,7 +222,7 @@ async fn invalid_and_foreign_key_packages_are_rejected() {
         let msg = rpc_msg(a.upload_key_packages(&tampered, None).await);
         assert!(msg.starts_with("invalid key package"), "{msg}");
         let lr = alice_mls.last_resort_key_package().unwrap();
-        let msg = rpc_msg(a.upload_key_packages(&[lr.clone()], None).await);
+        let msg = rpc_msg(a.upload_key_packages(std::slice::from_ref(&lr), None).await);
         assert!(msg.contains("last-resort package sent as a single-use one"), "{msg}");
         let plain = alice_mls.key_packages(1).unwrap();
         let msg = rpc_msg(a.upload_key_packages(&[], Some(&plain[0])).await);
@@ -434,7 +434,6 @@ async fn messages_key_packages_and_certificate_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_alpn_and_garbage_on_the_stream_only_cost_that_connection() {
-    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     // Garbage bytes on the RPC stream.
@@ -577,8 +576,8 @@ async fn acknowledged_enqueues_survive_sigkill() {
             }
         };
         tokio::join!(futures::future::join_all(workers), killer);
-        let v = acked.borrow().clone();
-        v
+
+        acked.borrow().clone()
     })
     .await;
     assert!(acked.len() >= 200);

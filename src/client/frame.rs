@@ -68,10 +68,10 @@ impl Frame {
 
     pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         let f: Frame = decode(bytes)?;
-        if let Frame::Welcome { group_name, .. } = &f {
-            if group_name.len() > MAX_GROUP_NAME {
-                return Err(FrameError::Malformed("group name too long".into()));
-            }
+        if let Frame::Welcome { group_name, .. } = &f
+            && group_name.len() > MAX_GROUP_NAME
+        {
+            return Err(FrameError::Malformed("group name too long".into()));
         }
         Ok(f)
     }

@@ -177,7 +177,7 @@ async fn open_session(
 ) -> Result<(Session, bool), ClientError> {
     let pin = match (explicit, known) {
         (Some(f), _) => Pin::Fingerprint(f),
-        (None, Some(k)) => Pin::Fingerprint(Fingerprint::parse(k).map_err(|e| SessionError::Transport(e))?),
+        (None, Some(k)) => Pin::Fingerprint(Fingerprint::parse(k).map_err(SessionError::Transport)?),
         (None, None) => Pin::FirstUse(Default::default()),
     };
     let first_use = matches!(pin, Pin::FirstUse(_));
@@ -196,10 +196,10 @@ impl Messenger {
         if crate::client::state::exists(dir) {
             return Err(StateError::AlreadyInitialized(dir.to_path_buf()).into());
         }
-        if let Some(n) = &name {
-            if n.is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
-                return Err(ClientError::BadName(n.clone()));
-            }
+        if let Some(n) = &name
+            && (n.is_empty() || n.len() > 64 || n.chars().any(char::is_control))
+        {
+            return Err(ClientError::BadName(n.clone()));
         }
         let server = opts.server.clone().ok_or(ClientError::NoServer)?;
         let identity = Identity::generate();
@@ -285,7 +285,7 @@ impl Messenger {
     pub async fn connect(&mut self) -> Result<&Session, ClientError> {
         if self.session.as_ref().is_some_and(Session::is_open) {
             // Checked just above; the borrow checker needs the second lookup.
-            return Ok(self.session.as_ref().ok_or(ClientError::NoServer)?);
+            return self.session.as_ref().ok_or(ClientError::NoServer);
         }
         self.session = None;
         let server = self.server().ok_or(ClientError::NoServer)?;
@@ -301,7 +301,7 @@ impl Messenger {
             self.home.save()?;
         }
         self.session = Some(session);
-        Ok(self.session.as_ref().ok_or(ClientError::NoServer)?)
+        self.session.as_ref().ok_or(ClientError::NoServer)
     }
 
     /// Drops the connection (the next call reconnects).
@@ -519,10 +519,10 @@ impl Messenger {
         if *who == self.identity.public().0 {
             return Ok(self.hybrid.public_key());
         }
-        if let Some(bytes) = self.home.state.hybrid_keys.get(who) {
-            if let Ok(k) = HybridPublicKey::from_bytes(bytes) {
-                return Ok(k);
-            }
+        if let Some(bytes) = self.home.state.hybrid_keys.get(who)
+            && let Ok(k) = HybridPublicKey::from_bytes(bytes)
+        {
+            return Ok(k);
         }
         let (key, sig) = self.session()?.fetch_hybrid_key(who).await.map_err(|e| match e {
             SessionError::Rpc(m) if m.contains("no hybrid key") => {
@@ -729,20 +729,19 @@ impl Messenger {
         if !meta.active {
             return;
         }
-        if let Some(CommitStatus::Waiting(ours)) = self.commits.get(group_id) {
-            if ours.as_slice() == message {
-                match self.mls.merge_pending(group_id) {
-                    Ok(()) => {
-                        self.commits.insert(group_id.to_vec(), CommitStatus::Won);
-                    }
-                    Err(e) => {
-                        self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
-                        events
-                            .push(Event::Dropped { reason: format!("could not apply our own commit: {e}") });
-                    }
+        if let Some(CommitStatus::Waiting(ours)) = self.commits.get(group_id)
+            && ours.as_slice() == message
+        {
+            match self.mls.merge_pending(group_id) {
+                Ok(()) => {
+                    self.commits.insert(group_id.to_vec(), CommitStatus::Won);
                 }
-                return;
+                Err(e) => {
+                    self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
+                    events.push(Event::Dropped { reason: format!("could not apply our own commit: {e}") });
+                }
             }
+            return;
         }
         let epoch_before = self.mls.epoch(group_id).unwrap_or(0);
         match self.mls.process(group_id, message) {

@@ -115,12 +115,11 @@ impl Session {
             Err(_) => return Err(connect_err("timed out".into())),
             Ok(Err(e)) => {
                 let msg = e.to_string();
-                if let (Pin::Fingerprint(pinned), Some(i)) = (&pin, msg.find("server presented ")) {
-                    if let Ok(presented) =
+                if let (Pin::Fingerprint(pinned), Some(i)) = (&pin, msg.find("server presented "))
+                    && let Ok(presented) =
                         Fingerprint::parse(msg[i + 17..].split_whitespace().next().unwrap_or(""))
-                    {
-                        return Err(SessionError::CertificateChanged { pinned: *pinned, presented });
-                    }
+                {
+                    return Err(SessionError::CertificateChanged { pinned: *pinned, presented });
                 }
                 return Err(connect_err(msg));
             }

@@ -86,8 +86,7 @@ impl PublicKey {
     /// Short form for people: the first 16 hex digits, grouped in fours.
     pub fn short(&self) -> String {
         let h = self.to_hex();
-        h[..SHORT_LEN]
-            .as_bytes()
+        h.as_bytes()[..SHORT_LEN]
             .chunks(4)
             .map(|c| String::from_utf8_lossy(c).into_owned())
             .collect::<Vec<_>>()

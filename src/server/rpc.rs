@@ -145,15 +145,15 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         let res = (|| {
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
-            let (key, sig) = self
+            let signed = self
                 .shared
                 .store
                 .hybrid_key(&who)
                 .map_err(store_err)?
                 .ok_or_else(|| failed("no hybrid key for this key"))?;
             let mut r = results.get();
-            r.set_hybrid_key(&key);
-            r.set_signature(&sig);
+            r.set_hybrid_key(&signed.key);
+            r.set_signature(&signed.signature);
             Ok(())
         })();
         std::future::ready(res)

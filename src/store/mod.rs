@@ -95,6 +95,13 @@ pub struct QueueLimits {
     pub ttl_ms: u64,
 }
 
+/// A hybrid public key as uploaded, with the identity's signature over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHybridKey {
+    pub key: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
 /// One message waiting in a recipient's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -243,7 +250,7 @@ impl Store {
     }
 
     /// The hybrid public key of `who` and the identity's signature over it.
-    pub fn hybrid_key(&self, who: &IdentityKey) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn hybrid_key(&self, who: &IdentityKey) -> Result<Option<SignedHybridKey>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(HYBRID_KEYS)?;
         let Some(v) = table.get(&who[..])? else { return Ok(None) };
@@ -252,7 +259,7 @@ impl Store {
             return Err(StoreError::Db("corrupt hybrid key entry".to_string()));
         }
         let (sig, key) = v.split_at(limits::SIGNATURE_LEN);
-        Ok(Some((key.to_vec(), sig.to_vec())))
+        Ok(Some(SignedHybridKey { key: key.to_vec(), signature: sig.to_vec() }))
     }
 
     /// Stops the writer after it has committed everything already submitted, then closes the
