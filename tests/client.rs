@@ -224,10 +224,8 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
     let alice = User::init(&server, "alice");
     let bob = User::init(&server, "bob");
     introduce(&[&alice, &bob]);
+    bob.ok(&["send", "alice", "m0"]);
     let n = 30;
-    for i in 0..n {
-        bob.ok(&["send", "alice", &format!("m{i}")]);
-    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
         .arg("--home")
         .arg(alice.home.path())
@@ -237,13 +235,23 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut seen: Vec<String> = Vec::new();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    // Kill as soon as the first message is out: the rest are mid-way through processing.
-    seen.push(lines.next().expect("a line").unwrap());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen: Vec<String> = vec![lines.next().expect("a line").unwrap()];
+    // bob keeps sending while alice's recv is killed in the middle of the stream.
+    std::thread::scope(|scope| {
+        let bob = &bob;
+        let sender = scope.spawn(move || {
+            for i in 1..n {
+                bob.ok(&["send", "alice", &format!("m{i}")]);
+            }
+        });
+        for _ in 0..n / 3 {
+            seen.push(lines.next().expect("a line").unwrap());
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        sender.join().unwrap();
+    });
     seen.extend(lines.map_while(Result::ok));
     seen.extend(alice.recv());
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -465,4 +473,33 @@ fn a_member_who_leaves_is_removed_by_the_others() {
     alice.ok(&["send", "#team", "just us"]);
     assert_eq!(carol.recv(), vec!["[#team] alice: just us"]);
     assert!(bob.recv().is_empty());
+}
+
+#[test]
+fn recv_follow_and_one_shot_sends_share_a_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+    alice.ok(&["send", "bob", "opening"]);
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .arg("--home")
+        .arg(alice.home.path())
+        .args(["recv", "--follow"])
+        .env("QPQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    for i in 0..3 {
+        // alice sends from the same home while her recv --follow runs.
+        alice.ok(&["send", "bob", &format!("a{i}")]);
+        bob.ok(&["send", "alice", &format!("b{i}")]);
+        assert_eq!(lines.next().unwrap().unwrap(), format!("bob: b{i}"));
+    }
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    assert_eq!(bob.recv(), vec!["alice: opening", "alice: a0", "alice: a1", "alice: a2"]);
 }

@@ -424,14 +424,15 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         // Taken out of the inbox durably first, then printed: a crash in between can lose the
         // printout (the message stays in history) but never prints it twice.
         let entries = m.take_inbox()?;
-        let mut stdout = std::io::stdout().lock();
+        // One write for the whole batch keeps that window to a single system call.
+        let mut batch = String::new();
         for e in &entries {
-            if args.json {
-                writeln!(stdout, "{}", entry_json(m, e))?;
-            } else {
-                writeln!(stdout, "{}", format_entry(m, e))?;
-            }
+            let line = if args.json { entry_json(m, e).to_string() } else { format_entry(m, e) };
+            batch.push_str(&line);
+            batch.push('\n');
         }
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(batch.as_bytes())?;
         stdout.flush()?;
         printed_any |= !entries.is_empty();
         if args.follow {

@@ -41,6 +41,7 @@ impl Messenger {
         if !valid_name(name) {
             return Err(ClientError::BadName(name.to_string()));
         }
+        let _op = self.begin()?;
         if self.find_group(name).is_ok() {
             return Err(ClientError::GroupExists(name.to_string()));
         }
@@ -92,6 +93,7 @@ impl Messenger {
         let group_id = self.find_group(name)?;
         let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
         self.connect().await?;
+        let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
         let current = self.mls.members(&group_id)?;
         for k in &keys {
@@ -121,6 +123,7 @@ impl Messenger {
         let group_id = self.find_group(name)?;
         let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
         self.connect().await?;
+        let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
         let current = self.mls.members(&group_id)?;
         for k in &keys {
@@ -144,6 +147,7 @@ impl Messenger {
     pub async fn group_update(&mut self, name: &str) -> Result<Vec<Event>, ClientError> {
         let group_id = self.find_group(name)?;
         self.connect().await?;
+        let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
         let gid = group_id.clone();
         events.extend(
@@ -157,6 +161,7 @@ impl Messenger {
     pub async fn group_leave(&mut self, name: &str) -> Result<(), ClientError> {
         let group_id = self.find_group(name)?;
         self.connect().await?;
+        let _op = self.begin()?;
         self.receive_round(0).await?;
         let me = self.identity.public().0;
         let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();

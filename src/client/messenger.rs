@@ -16,8 +16,10 @@
 //! valid commit of an epoch and fails on later ones, so nobody forks. Welcomes are sent only for
 //! a commit that won. See [`groups`](super::groups).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;
+use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use zeroize::Zeroizing;
@@ -27,6 +29,7 @@ use crate::client::session::{Delivered, Session, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Orphan, Secrets, State, StateError, Unlock};
 use crate::crypto::hybrid::{self, HybridPublicKey, HybridSecretKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
+use crate::fsutil::HomeLock;
 use crate::mls::{self, Incoming, MlsClient, MlsError, ProposalKind};
 use crate::transport::{Fingerprint, Pin};
 
@@ -156,6 +159,22 @@ pub struct Messenger {
     pub(crate) kp_check: bool,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
     pub notices: Vec<String>,
+    /// True while an operation holds the home's lock (see [`Messenger::begin`]).
+    held: Rc<Cell<bool>>,
+}
+
+/// One operation's hold on the home lock; releases it when dropped (if it took it).
+pub(crate) struct OpGuard {
+    lock: Option<HomeLock>,
+    held: Rc<Cell<bool>>,
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        if self.lock.take().is_some() {
+            self.held.set(false);
+        }
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -234,6 +253,7 @@ impl Messenger {
             leave_requests: Vec::new(),
             kp_check: false,
             notices: Vec::new(),
+            held: Rc::new(Cell::new(false)),
         };
         Ok((m, report))
     }
@@ -244,7 +264,7 @@ impl Messenger {
         passphrase: Option<&[u8]>,
         opts: ConnectOptions,
     ) -> Result<Messenger, ClientError> {
-        let home = Home::open(dir, passphrase, true)?;
+        let home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
         let hybrid = HybridSecretKey::from_seed(home.state.secrets.hybrid_seed);
         let mls = MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?;
@@ -259,7 +279,29 @@ impl Messenger {
             leave_requests: Vec::new(),
             kp_check: false,
             notices: Vec::new(),
+            held: Rc::new(Cell::new(false)),
         })
+    }
+
+    /// Starts an operation that may change the state: takes the home lock (unless an outer
+    /// operation holds it already) and reloads what another process saved meanwhile. Every
+    /// save happens under such a guard.
+    pub(crate) fn begin(&mut self) -> Result<OpGuard, ClientError> {
+        if self.held.get() {
+            return Ok(OpGuard { lock: None, held: self.held.clone() });
+        }
+        let lock = self.home.lock()?;
+        self.held.set(true);
+        let guard = OpGuard { lock: Some(lock), held: self.held.clone() };
+        if self.home.refresh()? {
+            self.mls = MlsClient::from_storage(self.identity.seed(), &self.home.state.mls_storage)?;
+        }
+        Ok(guard)
+    }
+
+    /// Picks up changes another qpq process saved (for long-lived users such as the shell).
+    pub fn refresh(&mut self) -> Result<(), ClientError> {
+        self.begin().map(drop)
     }
 
     pub fn state(&self) -> &State {
@@ -276,6 +318,7 @@ impl Messenger {
 
     /// Writes the state (with the current MLS storage) durably.
     pub(crate) fn persist(&mut self) -> Result<(), ClientError> {
+        debug_assert!(self.held.get(), "saves happen under the home lock");
         self.home.state.mls_storage = self.mls.export_storage()?;
         self.home.save()?;
         Ok(())
@@ -294,6 +337,7 @@ impl Messenger {
         session.authenticate(&self.identity).await?;
         let fp = session.fingerprint().to_string();
         if known.as_ref() != Some(&fp) {
+            let _op = self.begin()?;
             if first_use {
                 self.notices.push(format!("pinned certificate of {server}: {fp}"));
             }
@@ -359,6 +403,7 @@ impl Messenger {
     // ----- contacts -----
 
     pub fn contact_add(&mut self, name: &str, key: &str) -> Result<PublicKey, ClientError> {
+        let _op = self.begin()?;
         if !valid_name(name) {
             return Err(ClientError::BadName(name.to_string()));
         }
@@ -372,6 +417,7 @@ impl Messenger {
     }
 
     pub fn contact_remove(&mut self, name: &str) -> Result<(), ClientError> {
+        let _op = self.begin()?;
         if self.home.state.contacts.remove(name).is_none() {
             return Err(ClientError::UnknownContact(name.to_string()));
         }
@@ -456,6 +502,7 @@ impl Messenger {
             Target::Person(_) => Vec::new(),
         };
         self.connect().await?;
+        let _op = self.begin()?;
         // Catch up first: a commit or a Welcome may be waiting (e.g. the peer already opened a
         // direct conversation with us, which we then reuse).
         self.receive_round(0).await?;
@@ -552,7 +599,15 @@ impl Messenger {
     /// that long for the first message. Every message's effect is saved before it is acked.
     pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
         self.connect().await?;
-        let mut events = self.receive_round(wait_ms).await?;
+        if wait_ms > 0 {
+            // Wait without holding the home lock, so other qpq processes on this home go on.
+            let (waiting, _) = self.session()?.fetch_wait(wait_ms, 1).await?;
+            if waiting.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
+        let _op = self.begin()?;
+        let mut events = self.receive_round(0).await?;
         events.extend(self.finish_round().await?);
         Ok(events)
     }
@@ -560,6 +615,7 @@ impl Messenger {
     /// Unread messages (processed by any command, not yet shown by `recv`), oldest first;
     /// they are removed from the inbox durably before being returned.
     pub fn take_inbox(&mut self) -> Result<Vec<Entry>, ClientError> {
+        let _op = self.begin()?;
         if self.home.state.inbox.is_empty() {
             return Ok(Vec::new());
         }
@@ -621,6 +677,7 @@ impl Messenger {
     /// Tops the server's KeyPackage pool up and rotates the last-resort one when it may have
     /// been used.
     pub async fn refill_key_packages(&mut self) -> Result<(), ClientError> {
+        let _op = self.begin()?;
         let (count, has_lr) = self.session()?.key_package_count().await?;
         if count >= KEY_PACKAGE_REFILL_BELOW && has_lr && !self.home.state.rotate_last_resort {
             return Ok(());

@@ -169,11 +169,18 @@ pub enum Unlock {
     None,
 }
 
-/// An open home: the lock, the state and the key to re-seal it.
+/// An open home: the state and the key to re-seal it.
+///
+/// Several qpq processes may use one home at once (say `recv --follow` in one terminal and
+/// `send` in another). Each operation takes the home's lock ([`Home::lock`]), calls
+/// [`Home::refresh`] to pick up what another process saved meanwhile, changes the state, saves
+/// it, and releases the lock. Long waits (a long poll) happen without the lock.
 pub struct Home {
     dir: PathBuf,
-    _lock: HomeLock,
     key: StateKey,
+    /// Identity (device, inode) of the state file we last read or wrote: every save renames a
+    /// new file into place, so a different inode means another process saved.
+    file_id: Option<(u64, u64)>,
     pub state: State,
 }
 
@@ -204,6 +211,11 @@ fn read(dir: &Path) -> Result<Vec<u8>, StateError> {
     })
 }
 
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 impl Home {
     /// Creates a new home with `state` (fails if one exists).
     pub fn create(dir: &Path, state: State, unlock: Unlock) -> Result<Home, StateError> {
@@ -212,7 +224,7 @@ impl Home {
             path: dir.to_path_buf(),
             source,
         })?;
-        let lock = HomeLock::acquire(dir, false)?;
+        let _lock = HomeLock::acquire(dir, true)?;
         if exists(dir) {
             return Err(StateError::AlreadyInitialized(dir.to_path_buf()));
         }
@@ -220,37 +232,63 @@ impl Home {
             Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
             Unlock::None => StateKey::unprotected(),
         };
-        let home = Home { dir: dir.to_path_buf(), _lock: lock, key, state };
+        let mut home = Home { dir: dir.to_path_buf(), key, file_id: None, state };
         home.save()?;
         Ok(home)
     }
 
-    /// Opens an existing home, taking its lock (waiting for another qpq process if `wait`).
-    pub fn open(dir: &Path, passphrase: Option<&[u8]>, wait: bool) -> Result<Home, StateError> {
+    /// Opens an existing home (a consistent read under the lock).
+    pub fn open(dir: &Path, passphrase: Option<&[u8]>) -> Result<Home, StateError> {
         if !exists(dir) {
             return Err(StateError::NotInitialized(dir.to_path_buf()));
         }
-        let lock = HomeLock::acquire(dir, wait)?;
+        let _lock = HomeLock::acquire(dir, true)?;
+        let path = dir.join(STATE_FILE);
+        let id = file_id(&path);
         let bytes = read(dir)?;
         let (key, plain) = statefile::open(&bytes, passphrase)?;
         let state = State::decode(&plain)?;
-        Ok(Home { dir: dir.to_path_buf(), _lock: lock, key, state })
+        Ok(Home { dir: dir.to_path_buf(), key, file_id: id, state })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Seals and writes the state crash-safe; returns once it is durable.
-    pub fn save(&self) -> Result<(), StateError> {
+    /// Takes the home's lock, waiting while another qpq process holds it (operations hold it
+    /// briefly).
+    pub fn lock(&self) -> Result<HomeLock, StateError> {
+        Ok(HomeLock::acquire(&self.dir, true)?)
+    }
+
+    /// Re-reads the state if another process saved it since we last did. Call with the lock
+    /// held. Returns true when the state was reloaded.
+    pub fn refresh(&mut self) -> Result<bool, StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let id = file_id(&path);
+        if id == self.file_id {
+            return Ok(false);
+        }
+        let bytes = read(&self.dir)?;
+        let plain = statefile::open_with_key(&bytes, &self.key)?;
+        self.state = State::decode(&plain)?;
+        self.file_id = id;
+        Ok(true)
+    }
+
+    /// Seals and writes the state crash-safe; returns once it is durable. Call with the lock
+    /// held.
+    pub fn save(&mut self) -> Result<(), StateError> {
         let plain = self.state.encode();
         let sealed = statefile::seal(&self.key, &plain);
         let path = self.dir.join(STATE_FILE);
         fsutil::write_atomic(&path, &sealed, 0o600).map_err(|source| StateError::Io {
             op: "write",
-            path,
+            path: path.clone(),
             source,
-        })
+        })?;
+        self.file_id = file_id(&path);
+        Ok(())
     }
 }
 
@@ -274,7 +312,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
         drop(home);
-        let home = Home::open(dir.path(), None, false).unwrap();
+        let home = Home::open(dir.path(), None).unwrap();
         assert_eq!(home.state.name.as_deref(), Some("alice"));
         assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
         assert_eq!(home.state.secrets.identity_seed, [1; 32]);
@@ -282,11 +320,31 @@ mod tests {
     }
 
     #[test]
-    fn a_second_process_cannot_open_a_locked_home() {
+    fn a_second_handle_sees_what_the_first_saved_after_refresh() {
         let dir = tempfile::tempdir().unwrap();
-        let _home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
-        let err = Home::open(dir.path(), None, false).err().expect("locked");
-        assert!(matches!(err, StateError::Lock(_)), "{err}");
+        let mut a = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        let mut b = Home::open(dir.path(), None).unwrap();
+        {
+            let _lock = a.lock().unwrap();
+            assert!(!a.refresh().unwrap(), "nothing changed yet");
+            a.state.contacts.insert("carol".into(), [4; 32]);
+            a.save().unwrap();
+        }
+        let _lock = b.lock().unwrap();
+        assert!(b.refresh().unwrap());
+        assert_eq!(b.state.contacts.get("carol"), Some(&[4; 32]));
+        assert!(!b.refresh().unwrap(), "second refresh is a no-op");
+    }
+
+    #[test]
+    fn the_lock_excludes_other_holders_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        let held = home.lock().unwrap();
+        let err = HomeLock::acquire(dir.path(), false).err().expect("locked");
+        assert!(matches!(err, LockError::Busy { .. }), "{err}");
+        drop(held);
+        assert!(HomeLock::acquire(dir.path(), false).is_ok());
     }
 
     #[test]
@@ -300,7 +358,7 @@ mod tests {
         let n = bytes.len();
         bytes[n / 2] ^= 0x40;
         std::fs::write(&path, bytes).unwrap();
-        let err = Home::open(dir.path(), None, false).err().expect("tampered");
+        let err = Home::open(dir.path(), None).err().expect("tampered");
         assert!(matches!(err, StateError::File(_)), "{err}");
     }
 }
