@@ -17,7 +17,7 @@
 //! - [`server`]: `qpq serve`: accept loop, per-connection RPC, AS and DS handlers.
 //! - [`crypto`]: identity, hybrid envelope, state-file encryption (no I/O).
 //! - [`mls`]: the openmls wrapper (client groups, server KeyPackage validation).
-//! - [`fsutil`]: crash-safe file writes and the home lock.
+//! - [`fsutil`]: crash-safe file writes and the home lock; [`failpoint`]: crash points for tests.
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
 
@@ -26,6 +26,7 @@
 pub mod cli;
 pub mod client;
 pub mod crypto;
+pub mod failpoint;
 pub mod fsutil;
 pub mod limits;
 pub mod mls;

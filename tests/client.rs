@@ -503,3 +503,37 @@ fn recv_follow_and_one_shot_sends_share_a_home() {
     follow.wait().unwrap();
     assert_eq!(bob.recv(), vec!["alice: opening", "alice: a0", "alice: a1", "alice: a2"]);
 }
+
+/// The committer dies right after the server took its commit, or right after merging it (before
+/// its Welcome went out): the next command finishes the job and nobody is left behind.
+#[test]
+fn a_committer_killed_mid_commit_recovers_on_the_next_command() {
+    for point in ["commit-sent", "commit-merged"] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start(dir.path());
+        let alice = User::init(&server, "alice");
+        let bob = User::init(&server, "bob");
+        let carol = User::init(&server, "carol");
+        introduce(&[&alice, &bob, &carol]);
+        alice.ok(&["group", "create", "team"]);
+        alice.ok(&["group", "add", "team", "carol"]);
+        let crashed = Command::new(env!("CARGO_BIN_EXE_qpq"))
+            .arg("--home")
+            .arg(alice.home.path())
+            .args(["group", "add", "team", "bob"])
+            .env("QPQ_FAILPOINT", point)
+            .env("QPQ_LOG", "warn")
+            .output()
+            .unwrap();
+        assert_eq!(crashed.status.code(), Some(qpq::failpoint::FAILPOINT_EXIT_CODE), "stopped at {point}");
+        // Any later command resumes: here a plain recv.
+        alice.recv();
+        assert_eq!(members_of(&alice, "team").len(), 3, "{point}: the commit was applied");
+        assert!(bob.recv().is_empty());
+        assert_eq!(members_of(&bob, "team").len(), 3, "{point}: bob got his welcome");
+        alice.ok(&["send", "#team", "all here"]);
+        assert_eq!(bob.recv(), vec!["[#team] alice: all here"], "{point}");
+        assert_eq!(carol.recv(), vec!["[#team] alice: all here"], "{point}");
+        assert_eq!(epoch_of(&carol, "team"), epoch_of(&alice, "team"));
+    }
+}

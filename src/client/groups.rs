@@ -5,7 +5,7 @@ use rand::RngCore;
 use crate::client::frame::Frame;
 use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
 use crate::client::session::SessionError;
-use crate::client::state::{GroupKind, GroupMeta};
+use crate::client::state::{GroupKind, GroupMeta, Outgoing, PendingCommit};
 use crate::crypto::identity::PublicKey;
 use crate::mls::{self, MlsClient, Pending};
 
@@ -276,52 +276,62 @@ impl Messenger {
         F: FnMut(&mut MlsClient) -> Result<Pending, mls::MlsError>,
     {
         let mut events = Vec::new();
+        let key = hex::encode(group_id);
         for _attempt in 0..MAX_COMMIT_ATTEMPTS {
             let pending = make(&mut self.mls)?;
-            // The staged commit's secrets must survive a crash before it leaves.
+            let welcome = match pending.welcome {
+                Some(welcome) => {
+                    let group_name =
+                        self.home.state.groups.get(&key).map(|g| g.name.clone()).unwrap_or_default();
+                    let inviter = self.identity.public().0;
+                    let frame = Frame::Welcome { welcome, group_name, kind: kind.clone(), inviter }.encode();
+                    Some(Outgoing { channel: Vec::new(), recipients: added.to_vec(), frame })
+                }
+                None => None,
+            };
+            // The staged commit (its secrets, the Welcome to send if it wins) is durable before
+            // it leaves: a crash at any point resumes from here.
+            self.home
+                .state
+                .pending_commits
+                .insert(key.clone(), PendingCommit { commit: pending.commit.clone(), sent: false, welcome });
+            self.commits.remove(group_id);
             self.persist()?;
             let recipients = self.mls.members(group_id)?;
             let frame = Frame::Mls { group_id: group_id.to_vec(), message: pending.commit.clone() }.encode();
-            self.commits.insert(group_id.to_vec(), CommitStatus::Waiting(pending.commit.clone()));
-            if let Err(e) = self.fan_out(group_id, &recipients, &frame).await {
-                let _ = self.mls.clear_pending(group_id);
-                self.commits.remove(group_id);
-                self.persist()?;
-                return Err(e);
+            match self.fan_out(group_id, &recipients, &frame).await {
+                Ok(_) => {
+                    crate::failpoint::hit("commit-sent");
+                    if let Some(p) = self.home.state.pending_commits.get_mut(&key) {
+                        p.sent = true;
+                    }
+                    self.home.save()?;
+                }
+                Err(ClientError::Session(SessionError::Rpc(m))) => {
+                    // The server refused it: nothing was stored, the commit is void.
+                    self.home.state.pending_commits.remove(&key);
+                    self.mls.clear_pending(group_id)?;
+                    self.persist()?;
+                    return Err(ClientError::Session(SessionError::Rpc(m)));
+                }
+                // Unknown whether the server has it: the next drained queue tells (see
+                // `drop_unsent_commits`).
+                Err(e) => return Err(e),
             }
             let mut rounds = 0;
-            while matches!(self.commits.get(group_id), Some(CommitStatus::Waiting(_))) {
+            while !self.commits.contains_key(group_id) {
                 if rounds == CONFIRM_ROUNDS {
-                    self.commits.remove(group_id);
                     return Err(ClientError::CommitTimeout);
                 }
                 rounds += 1;
                 events.extend(self.receive_round(CONFIRM_WAIT_MS).await?);
             }
             match self.commits.remove(group_id) {
-                Some(CommitStatus::Won) => {
-                    if let Some(welcome) = pending.welcome {
-                        let name = self
-                            .home
-                            .state
-                            .groups
-                            .get(&hex::encode(group_id))
-                            .map(|g| g.name.clone())
-                            .unwrap_or_default();
-                        let frame = Frame::Welcome {
-                            welcome,
-                            group_name: name,
-                            kind: kind.clone(),
-                            inviter: self.identity.public().0,
-                        }
-                        .encode();
-                        self.fan_out(b"", added, &frame).await?;
-                    }
-                    return Ok(events);
-                }
+                // receive_round already sent the Welcome from the outbox.
+                Some(CommitStatus::Won) => return Ok(events),
                 _ => {
                     // Lost the epoch: the winner is applied; is our change still needed?
-                    if !self.home.state.groups.get(&hex::encode(group_id)).is_some_and(|g| g.active) {
+                    if !self.home.state.groups.get(&key).is_some_and(|g| g.active) {
                         return Err(ClientError::NotMember(self.conversation_name(group_id)));
                     }
                     continue;

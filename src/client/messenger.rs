@@ -26,7 +26,9 @@ use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::session::{Delivered, Session, SessionError};
-use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Orphan, Secrets, State, StateError, Unlock};
+use crate::client::state::{
+    Entry, GroupKind, GroupMeta, Home, Orphan, Outgoing, Secrets, State, StateError, Unlock,
+};
 use crate::crypto::hybrid::{self, HybridPublicKey, HybridSecretKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
 use crate::fsutil::HomeLock;
@@ -136,9 +138,9 @@ pub struct InitReport {
     pub first_use: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a commit of ours fared once the server ordered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CommitStatus {
-    Waiting(Vec<u8>),
     Won,
     Lost,
 }
@@ -151,7 +153,8 @@ pub struct Messenger {
     pub(crate) mls: MlsClient,
     pub(crate) session: Option<Session>,
     pub(crate) opts: ConnectOptions,
-    /// Our commits in flight, by group id.
+    /// Fate of our commits decided during this process's receive rounds, by group id (the
+    /// commits themselves are in the state's `pending_commits`, which survives a crash).
     pub(crate) commits: HashMap<Vec<u8>, CommitStatus>,
     /// Groups where a member asked to leave: we commit their removal after this round.
     pub(crate) leave_requests: Vec<Vec<u8>>,
@@ -650,7 +653,39 @@ impl Messenger {
                 break;
             }
         }
+        self.drop_unsent_commits()?;
+        self.flush_outbox().await?;
         Ok(events)
+    }
+
+    /// A commit whose sending failed and whose echo is not in our (now drained) queue never
+    /// reached the server: drop it so the group can move on.
+    fn drop_unsent_commits(&mut self) -> Result<(), ClientError> {
+        let unsent: Vec<String> =
+            self.home.state.pending_commits.iter().filter(|(_, p)| !p.sent).map(|(k, _)| k.clone()).collect();
+        if unsent.is_empty() {
+            return Ok(());
+        }
+        for k in unsent {
+            self.home.state.pending_commits.remove(&k);
+            if let Ok(gid) = hex::decode(&k) {
+                self.mls.clear_pending(&gid)?;
+                self.commits.insert(gid, CommitStatus::Lost);
+            }
+        }
+        self.persist()
+    }
+
+    /// Sends what the outbox holds (Welcomes of commits that won), removing each item once the
+    /// server has it.
+    pub(crate) async fn flush_outbox(&mut self) -> Result<(), ClientError> {
+        while let Some(item) = self.home.state.outbox.first().cloned() {
+            let Outgoing { channel, recipients, frame } = item;
+            self.fan_out(&channel, &recipients, &frame).await?;
+            self.home.state.outbox.remove(0);
+            self.home.save()?;
+        }
+        Ok(())
     }
 
     /// Work that must not run inside a commit's confirmation loop: committing leave requests and
@@ -786,11 +821,16 @@ impl Messenger {
         if !meta.active {
             return;
         }
-        if let Some(CommitStatus::Waiting(ours)) = self.commits.get(group_id)
-            && ours.as_slice() == message
-        {
+        let pending = self.home.state.pending_commits.get(&key);
+        if pending.is_some_and(|p| p.commit.as_slice() == message) {
+            let record = self.home.state.pending_commits.remove(&key);
             match self.mls.merge_pending(group_id) {
                 Ok(()) => {
+                    // The Welcome goes out with the same save that records the merge.
+                    if let Some(welcome) = record.and_then(|r| r.welcome) {
+                        self.home.state.outbox.push(welcome);
+                    }
+                    crate::failpoint::hit("commit-merged");
                     self.commits.insert(group_id.to_vec(), CommitStatus::Won);
                 }
                 Err(e) => {
@@ -819,7 +859,7 @@ impl Messenger {
                 Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
             },
             Ok(Incoming::Commit { sender, added, removed, self_removed, .. }) => {
-                if let Some(CommitStatus::Waiting(_)) = self.commits.get(group_id) {
+                if self.home.state.pending_commits.remove(&key).is_some() {
                     // Another commit took this epoch: ours can never apply.
                     let _ = self.mls.clear_pending(group_id);
                     self.commits.insert(group_id.to_vec(), CommitStatus::Lost);

@@ -98,6 +98,25 @@ pub struct Orphan {
     pub received_at_ms: u64,
 }
 
+/// A commit of ours that the server has not yet ordered (see `client::groups`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PendingCommit {
+    /// The commit as sent (the copy the server echoes back to us).
+    pub commit: Vec<u8>,
+    /// True once the server durably accepted it: its echo will come.
+    pub sent: bool,
+    /// The Welcome frame to send if it wins, and to whom.
+    pub welcome: Option<Outgoing>,
+}
+
+/// Frames waiting to be sent (Welcomes of commits that won), kept until the server has them.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Outgoing {
+    pub channel: Vec<u8>,
+    pub recipients: Vec<[u8; 32]>,
+    pub frame: Vec<u8>,
+}
+
 /// The whole client state.
 #[derive(Serialize, Deserialize)]
 pub struct State {
@@ -126,6 +145,10 @@ pub struct State {
     pub history_limit: usize,
     /// Set when a Welcome may have used our last-resort KeyPackage: rotate it.
     pub rotate_last_resort: bool,
+    /// Our commits awaiting their place in the group's order, by hex group id.
+    pub pending_commits: BTreeMap<String, PendingCommit>,
+    /// Frames to send as soon as we are connected.
+    pub outbox: Vec<Outgoing>,
 }
 
 impl State {
@@ -145,6 +168,8 @@ impl State {
             processed_seq: 0,
             history_limit: DEFAULT_HISTORY_LIMIT,
             rotate_last_resort: false,
+            pending_commits: BTreeMap::new(),
+            outbox: Vec::new(),
         }
     }
 
@@ -341,8 +366,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
         let held = home.lock().unwrap();
-        let err = HomeLock::acquire(dir.path(), false).err().expect("locked");
-        assert!(matches!(err, LockError::Busy { .. }), "{err}");
+        assert!(matches!(HomeLock::acquire(dir.path(), false), Err(LockError::Busy { .. })));
         drop(held);
         assert!(HomeLock::acquire(dir.path(), false).is_ok());
     }
