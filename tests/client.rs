@@ -537,3 +537,53 @@ fn a_committer_killed_mid_commit_recovers_on_the_next_command() {
         assert_eq!(epoch_of(&carol, "team"), epoch_of(&alice, "team"));
     }
 }
+
+#[test]
+fn recv_wait_returns_when_the_first_message_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+    alice.ok(&["send", "bob", "hello"]);
+    bob.recv();
+    let waiting = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .arg("--home")
+        .arg(bob.home.path())
+        .args(["recv", "--wait", "60"])
+        .env("QPQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    alice.ok(&["send", "bob", "worth the wait"]);
+    // Only the arrival can end this run with output: the timeout path prints nothing.
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alice: worth the wait\n");
+    // With nothing pending, a short wait ends empty and successfully.
+    let r = bob.run(&["recv", "--wait", "1"]);
+    assert!(r.ok && r.stdout.is_empty());
+}
+
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    // With the read end closed, the first write already fails with EPIPE.
+    alice.add_contact(&bob);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .arg("--home")
+        .arg(alice.home.path())
+        .args(["contact", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -105,6 +105,7 @@ async fn bob_cannot_fetch_or_ack_alices_queue() {
         let sender = connect(&server).await;
         sender.enqueue(&alice.public().0, b"for alice", b"").await.unwrap();
         let b = login(&server, &bob).await;
+        assert_eq!(b.account_identity().await.unwrap(), bob.public().0);
         assert!(b.fetch(0).await.unwrap().0.is_empty());
         assert_eq!(b.ack(u64::MAX).await.unwrap(), 0);
         let a = login(&server, &alice).await;

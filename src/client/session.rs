@@ -182,6 +182,12 @@ impl Session {
         self.account.as_ref().ok_or(SessionError::NotAuthenticated)
     }
 
+    /// The key this connection authenticated as, as the server sees it.
+    pub async fn account_identity(&self) -> Result<Vec<u8>, SessionError> {
+        let resp = self.account()?.identity_request().send().promise.await?;
+        Ok(resp.get()?.get_identity_key()?.to_vec())
+    }
+
     pub async fn health(&self) -> Result<Health, SessionError> {
         let resp = self.node.health_request().send().promise.await?;
         let r = resp.get()?;
