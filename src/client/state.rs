@@ -41,6 +41,8 @@ pub enum StateError {
     Lock(#[from] LockError),
     #[error("cannot {op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot encode the state: {0}")]
+    Encode(String),
     #[error("state file is damaged: {0}")]
     Decode(String),
     #[error("state file version {0} is newer than this qpq understands ({STATE_VERSION})")]
@@ -173,10 +175,9 @@ impl State {
         }
     }
 
-    fn encode(&self) -> Zeroizing<Vec<u8>> {
-        // postcard serialization of plain data cannot fail (no maps with non-string-key
-        // restrictions, no unsized writers); an error here would be a programming bug.
-        Zeroizing::new(postcard::to_allocvec(self).unwrap_or_default())
+    fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
+        // Never write a placeholder: a failed encoding leaves the old file in place.
+        postcard::to_allocvec(self).map(Zeroizing::new).map_err(|e| StateError::Encode(e.to_string()))
     }
 
     fn decode(bytes: &[u8]) -> Result<State, StateError> {
@@ -304,7 +305,7 @@ impl Home {
     /// Seals and writes the state crash-safe; returns once it is durable. Call with the lock
     /// held.
     pub fn save(&mut self) -> Result<(), StateError> {
-        let plain = self.state.encode();
+        let plain = self.state.encode()?;
         let sealed = statefile::seal(&self.key, &plain);
         let path = self.dir.join(STATE_FILE);
         fsutil::write_atomic(&path, &sealed, 0o600).map_err(|source| StateError::Io {
