@@ -67,3 +67,7 @@ pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
 
 /// How often the server deletes expired messages.
 pub const SWEEP_INTERVAL_SECS: u64 = 600;
+
+/// Most request bytes one connection may have in calls the server has not answered yet. Bounds
+/// the memory a client can pin by pipelining big enqueues (capnp-rpc has no flow control).
+pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;

@@ -327,8 +327,11 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         rpc_twoparty_capnp::Side::Server,
         opts,
     );
-    let node: node_service::Client =
-        capnp_rpc::new_client(rpc::NodeServiceImpl { shared: shared.clone(), challenge });
+    let node: node_service::Client = capnp_rpc::new_client(rpc::NodeServiceImpl {
+        shared: shared.clone(),
+        challenge,
+        budget: rpc::InflightBudget::default(),
+    });
     let rpc = RpcSystem::new(Box::new(network), Some(node.client));
     match rpc.await {
         Ok(()) => tracing::debug!("rpc session ended"),

@@ -71,11 +71,49 @@ fn fetch_limit(requested: u32) -> u32 {
     }
 }
 
+/// Request bytes in calls of one connection that have not been answered yet.
+#[derive(Default, Clone)]
+pub struct InflightBudget(std::rc::Rc<std::cell::Cell<usize>>);
+
+/// Holds `bytes` of a connection's budget until dropped.
+pub struct InflightGuard {
+    budget: InflightBudget,
+    bytes: usize,
+}
+
+impl InflightBudget {
+    /// Reserves `bytes` or fails with a clear error when the connection has too much pending.
+    fn reserve(&self, bytes: usize) -> Result<InflightGuard, Error> {
+        let used = self.0.get();
+        if used + bytes > limits::MAX_INFLIGHT_BYTES_PER_CONNECTION {
+            return Err(Error::overloaded(format!(
+                "too many requests in flight on this connection: {} + {bytes} > {} bytes",
+                used,
+                limits::MAX_INFLIGHT_BYTES_PER_CONNECTION
+            )));
+        }
+        self.0.set(used + bytes);
+        Ok(InflightGuard { budget: self.clone(), bytes })
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.budget.0.set(self.budget.0.get().saturating_sub(self.bytes));
+    }
+}
+
+fn size_bytes(size: capnp::MessageSize) -> usize {
+    usize::try_from(size.word_count).unwrap_or(usize::MAX).saturating_mul(8)
+}
+
 /// The bootstrap capability of one connection.
 pub struct NodeServiceImpl {
     pub shared: Arc<Shared>,
     /// This connection's TLS-exported authentication challenge.
     pub challenge: [u8; 32],
+    /// Shared by every capability of this connection.
+    pub budget: InflightBudget,
 }
 
 impl node_service::Server for NodeServiceImpl {
@@ -109,8 +147,11 @@ impl node_service::Server for NodeServiceImpl {
                 failed("authentication failed: signature does not verify for this connection")
             })?;
             tracing::debug!(identity = %hex::encode(&who[..4]), "authenticated");
-            let account: account::Client =
-                capnp_rpc::new_client(AccountImpl { shared: self.shared.clone(), who });
+            let account: account::Client = capnp_rpc::new_client(AccountImpl {
+                shared: self.shared.clone(),
+                who,
+                budget: self.budget.clone(),
+            });
             results.get().set_account(account);
             Ok(())
         })();
@@ -166,6 +207,7 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard();
+            let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let who = parse_identity("recipient key", p.get_recipient_key()?)?;
             let payload = p.get_payload()?;
@@ -191,6 +233,7 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard();
+            let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let channel = parse_channel(p.get_channel_id()?)?;
             let list = p.get_items()?;
@@ -239,6 +282,7 @@ impl node_service::Server for NodeServiceImpl {
 pub struct AccountImpl {
     shared: Arc<Shared>,
     who: IdentityKey,
+    budget: InflightBudget,
 }
 
 fn write_messages(
@@ -272,6 +316,7 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard();
+            let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let list = p.get_key_packages()?;
             if list.len() as usize > limits::MAX_KEY_PACKAGES_PER_UPLOAD {
@@ -439,5 +484,23 @@ impl AccountImpl {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inflight_budget_refuses_past_its_limit_and_frees_on_drop() {
+        let budget = InflightBudget::default();
+        let big = budget.reserve(limits::MAX_INFLIGHT_BYTES_PER_CONNECTION - 10).unwrap();
+        let small = budget.reserve(10).unwrap();
+        let err = budget.reserve(1).err().expect("over budget");
+        assert!(err.extra.contains("too many requests in flight"), "{}", err.extra);
+        drop(big);
+        drop(small);
+        assert_eq!(budget.0.get(), 0);
+        assert!(budget.reserve(limits::MAX_INFLIGHT_BYTES_PER_CONNECTION).is_ok());
     }
 }
