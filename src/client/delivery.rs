@@ -1,0 +1,323 @@
+//! Receiving: fetch (or long-poll), open each envelope, apply each frame in the server's order,
+//! save, then ack. Also the follow-up work of a round: committing leave requests, refilling
+//! KeyPackages, sending the Welcome outbox.
+//!
+//! Order of effects for every batch: process all → save the state (MLS storage, history, inbox,
+//! `processed_seq`) durably → ack. A crash before the save re-delivers the batch; a crash after it
+//! re-delivers messages at or below `processed_seq`, which are skipped.
+
+use zeroize::Zeroizing;
+
+use crate::client::frame::{AppMessage, Frame};
+use crate::client::messenger::{
+    ClientError, CommitStatus, Event, KEY_PACKAGE_POOL, KEY_PACKAGE_REFILL_BELOW, MAX_ORPHANS, Messenger,
+    ORPHAN_TTL_MS, now_ms, valid_name,
+};
+use crate::client::session::Delivered;
+use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
+use crate::crypto::hybrid;
+use crate::mls::{self, Incoming, MlsError, ProposalKind};
+
+impl Messenger {
+    // ----- receiving -----
+
+    /// Processes everything pending; with `wait_ms` > 0 and an empty queue, long-polls up to
+    /// that long for the first message. Every message's effect is saved before it is acked.
+    pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
+        self.connect().await?;
+        if wait_ms > 0 {
+            // Wait without holding the home lock, so other qpq processes on this home go on.
+            let (waiting, _) = self.session()?.fetch_wait(wait_ms, 1).await?;
+            if waiting.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
+        let _op = self.begin()?;
+        let mut events = self.receive_round(0).await?;
+        events.extend(self.finish_round().await?);
+        Ok(events)
+    }
+
+    /// Unread messages (processed by any command, not yet shown by `recv`), oldest first;
+    /// they are removed from the inbox durably before being returned.
+    pub fn take_inbox(&mut self) -> Result<Vec<Entry>, ClientError> {
+        let _op = self.begin()?;
+        if self.home.state.inbox.is_empty() {
+            return Ok(Vec::new());
+        }
+        let taken: Vec<Entry> = self.home.state.inbox.drain(..).collect();
+        self.home.save()?;
+        Ok(taken)
+    }
+
+    /// One fetch (or fetchWait) and the processing of what came, repeated while the server says
+    /// more is waiting. Saves, then acks.
+    pub(crate) async fn receive_round(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        let mut wait = wait_ms;
+        loop {
+            let (msgs, more) = if wait > 0 {
+                self.session()?.fetch_wait(wait, 0).await?
+            } else {
+                self.session()?.fetch(0).await?
+            };
+            wait = 0;
+            let Some(last) = msgs.last().map(|m| m.seq) else { break };
+            for m in &msgs {
+                if m.seq <= self.home.state.processed_seq {
+                    continue; // re-delivery of something whose effect we already saved
+                }
+                self.process_delivered(m, &mut events);
+                self.home.state.processed_seq = m.seq;
+            }
+            self.persist()?;
+            self.session()?.ack(last).await?;
+            if !more {
+                break;
+            }
+        }
+        self.drop_unsent_commits()?;
+        self.flush_outbox().await?;
+        Ok(events)
+    }
+
+    /// A commit whose sending failed and whose echo is not in our (now drained) queue never
+    /// reached the server: drop it so the group can move on.
+    fn drop_unsent_commits(&mut self) -> Result<(), ClientError> {
+        let unsent: Vec<String> =
+            self.home.state.pending_commits.iter().filter(|(_, p)| !p.sent).map(|(k, _)| k.clone()).collect();
+        if unsent.is_empty() {
+            return Ok(());
+        }
+        for k in unsent {
+            self.home.state.pending_commits.remove(&k);
+            if let Ok(gid) = hex::decode(&k) {
+                self.mls.clear_pending(&gid)?;
+                self.commits.insert(gid, CommitStatus::Lost);
+            }
+        }
+        self.persist()
+    }
+
+    /// Sends what the outbox holds (Welcomes of commits that won), removing each item once the
+    /// server has it.
+    pub(crate) async fn flush_outbox(&mut self) -> Result<(), ClientError> {
+        while let Some(item) = self.home.state.outbox.first().cloned() {
+            let Outgoing { channel, recipients, frame } = item;
+            self.fan_out(&channel, &recipients, &frame).await?;
+            self.home.state.outbox.remove(0);
+            self.home.save()?;
+        }
+        Ok(())
+    }
+
+    /// Work that must not run inside a commit's confirmation loop: committing leave requests and
+    /// refilling KeyPackages.
+    pub(crate) async fn finish_round(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        while let Some(gid) = self.leave_requests.pop() {
+            if self.home.state.groups.get(&hex::encode(&gid)).is_some_and(|g| g.active) {
+                match self.commit_leave_requests(&gid).await {
+                    Ok(evs) => events.extend(evs),
+                    Err(e) => {
+                        events.push(Event::Dropped { reason: format!("could not commit a leave: {e}") })
+                    }
+                }
+            }
+        }
+        if self.kp_check {
+            self.kp_check = false;
+            self.refill_key_packages().await?;
+        }
+        Ok(events)
+    }
+
+    /// Tops the server's KeyPackage pool up and rotates the last-resort one when it may have
+    /// been used.
+    pub async fn refill_key_packages(&mut self) -> Result<(), ClientError> {
+        let _op = self.begin()?;
+        let (count, has_lr) = self.session()?.key_package_count().await?;
+        if count >= KEY_PACKAGE_REFILL_BELOW && has_lr && !self.home.state.rotate_last_resort {
+            return Ok(());
+        }
+        let n = KEY_PACKAGE_POOL.saturating_sub(count as usize);
+        let kps = self.mls.key_packages(n)?;
+        // An empty pool means the last-resort package was handed out: replace it.
+        let rotate = count == 0 || !has_lr || self.home.state.rotate_last_resort;
+        let lr = if rotate { Some(self.mls.last_resort_key_package()?) } else { None };
+        // Private keys must be durable before the public halves are published.
+        self.persist()?;
+        self.session()?.upload_key_packages(&kps, lr.as_deref()).await?;
+        self.home.state.rotate_last_resort = false;
+        self.home.save()?;
+        Ok(())
+    }
+
+    fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) {
+        let me = self.identity.public().0;
+        let plain = match hybrid::open(&me, &self.hybrid, &m.payload) {
+            Ok(p) => Zeroizing::new(p),
+            Err(e) => {
+                events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
+                return;
+            }
+        };
+        match Frame::decode(&plain) {
+            Ok(Frame::Welcome { welcome, group_name, kind, inviter }) => {
+                self.handle_welcome(&welcome, &group_name, kind, inviter, events)
+            }
+            Ok(Frame::Mls { group_id, message }) => self.handle_group_message(&group_id, &message, events),
+            Err(e) => events.push(Event::Dropped { reason: e.to_string() }),
+        }
+    }
+
+    fn handle_welcome(
+        &mut self,
+        welcome: &[u8],
+        name: &str,
+        kind: GroupKind,
+        inviter: [u8; 32],
+        events: &mut Vec<Event>,
+    ) {
+        self.kp_check = true;
+        let group_id = match self.mls.join(welcome) {
+            Ok(g) => g,
+            Err(e) => {
+                events.push(Event::Dropped { reason: format!("could not join a group: {e}") });
+                return;
+            }
+        };
+        let members = self.mls.members(&group_id).unwrap_or_default();
+        if !members.contains(&inviter) {
+            // The frame's inviter field is not authenticated; the group's membership is.
+            let _ = self.mls.delete_group(&group_id);
+            events
+                .push(Event::Dropped { reason: "a welcome named an inviter who is not in the group".into() });
+            return;
+        }
+        let kind = match kind {
+            GroupKind::Direct { .. } => GroupKind::Direct { peer: inviter },
+            GroupKind::Group => GroupKind::Group,
+        };
+        let name = match &kind {
+            GroupKind::Group => self.unique_group_name(name),
+            GroupKind::Direct { .. } => String::new(),
+        };
+        self.home.state.groups.insert(
+            hex::encode(&group_id),
+            GroupMeta { name, kind, active: true, history: Default::default() },
+        );
+        events.push(Event::Joined { group_id: group_id.clone(), by: inviter });
+        // Messages that raced ahead of this Welcome.
+        let now = now_ms();
+        let (mine, rest): (Vec<Orphan>, Vec<Orphan>) =
+            std::mem::take(&mut self.home.state.orphans).into_iter().partition(|o| o.group_id == group_id);
+        self.home.state.orphans =
+            rest.into_iter().filter(|o| now.saturating_sub(o.received_at_ms) < ORPHAN_TTL_MS).collect();
+        for o in mine {
+            self.handle_group_message(&group_id, &o.message, events);
+        }
+    }
+
+    fn unique_group_name(&self, wanted: &str) -> String {
+        let base = if valid_name(wanted) { wanted.to_string() } else { "group".to_string() };
+        let taken =
+            |n: &str| self.home.state.groups.values().any(|g| g.kind == GroupKind::Group && g.name == n);
+        if !taken(&base) {
+            return base;
+        }
+        (2..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or(base)
+    }
+
+    pub(crate) fn handle_group_message(&mut self, group_id: &[u8], message: &[u8], events: &mut Vec<Event>) {
+        let key = hex::encode(group_id);
+        let Some(meta) = self.home.state.groups.get(&key) else {
+            if self.home.state.orphans.len() < MAX_ORPHANS {
+                self.home.state.orphans.push(Orphan {
+                    group_id: group_id.to_vec(),
+                    message: message.to_vec(),
+                    received_at_ms: now_ms(),
+                });
+            }
+            return;
+        };
+        if !meta.active {
+            return;
+        }
+        let pending = self.home.state.pending_commits.get(&key);
+        if pending.is_some_and(|p| p.commit.as_slice() == message) {
+            let record = self.home.state.pending_commits.remove(&key);
+            match self.mls.merge_pending(group_id) {
+                Ok(()) => {
+                    // The Welcome goes out with the same save that records the merge.
+                    if let Some(welcome) = record.and_then(|r| r.welcome) {
+                        self.home.state.outbox.push(welcome);
+                    }
+                    crate::failpoint::hit("commit-merged");
+                    self.commits.insert(group_id.to_vec(), CommitStatus::Won);
+                }
+                Err(e) => {
+                    self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
+                    events.push(Event::Dropped { reason: format!("could not apply our own commit: {e}") });
+                }
+            }
+            return;
+        }
+        let epoch_before = self.mls.epoch(group_id).unwrap_or(0);
+        match self.mls.process(group_id, message) {
+            Ok(Incoming::Application { sender, plaintext }) => match AppMessage::decode(&plaintext) {
+                Ok(app) => {
+                    let entry = Entry {
+                        group_id: group_id.to_vec(),
+                        from: sender,
+                        text: app.text,
+                        sent_at_ms: app.sent_at_ms,
+                        received_at_ms: now_ms(),
+                        outgoing: false,
+                    };
+                    self.push_history(entry.clone());
+                    self.home.state.inbox.push_back(entry.clone());
+                    events.push(Event::Message(entry));
+                }
+                Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
+            },
+            Ok(Incoming::Commit { sender, added, removed, self_removed, .. }) => {
+                if self.home.state.pending_commits.remove(&key).is_some() {
+                    // Another commit took this epoch: ours can never apply.
+                    let _ = self.mls.clear_pending(group_id);
+                    self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
+                }
+                if self_removed {
+                    if let Some(g) = self.home.state.groups.get_mut(&key) {
+                        g.active = false;
+                    }
+                    events.push(Event::Removed { group_id: group_id.to_vec(), by: sender });
+                } else if !added.is_empty() || !removed.is_empty() {
+                    events.push(Event::Membership {
+                        group_id: group_id.to_vec(),
+                        by: sender,
+                        added,
+                        removed,
+                    });
+                }
+            }
+            Ok(Incoming::Proposal { sender, kind: ProposalKind::Remove { removed } })
+                if removed == sender =>
+            {
+                self.leave_requests.push(group_id.to_vec());
+            }
+            Ok(Incoming::Proposal { .. }) => {}
+            Err(e) => {
+                // A commit that lost its epoch (or a message from an epoch we no longer keep)
+                // fails here by design; anything else is worth a notice.
+                let stale = mls::MlsClient::peek(message).map(|i| i.epoch < epoch_before).unwrap_or(false)
+                    || matches!(e, MlsError::OwnMessage);
+                if !stale {
+                    events.push(Event::Dropped {
+                        reason: format!("a message of {} was dropped: {e}", self.conversation_name(group_id)),
+                    });
+                }
+            }
+        }
+    }
+}
