@@ -128,32 +128,34 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
-/// Renders `qpq.1` and one page per visible subcommand (`qpq-group-add.1`, ...) into `dir`.
+/// Renders `qpq.1` and one page per visible subcommand (`qpq-group-add.1`, ...) into `dir`;
+/// returns the paths written. `man/` in the repository holds their output (`qpq man man/`).
 pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
-    let cmd = <Cli as clap::CommandFactory>::command();
+    // Only the crate version: with the commit in it, the checked-in pages in man/ would go stale
+    // on every commit. clap_mangen adds no date unless asked, so the output is deterministic.
+    // Built once from the root, so every page lists the global options and its synopsis reads
+    // `qpq group add`.
+    let mut cmd = <Cli as clap::CommandFactory>::command()
+        .version(env!("CARGO_PKG_VERSION"))
+        .disable_help_subcommand(true);
+    cmd.build();
     let mut out = Vec::new();
-    render_man(&cmd, "qpq", dir, &mut out)?;
+    render_man(&cmd, dir, &mut out)?;
     Ok(out)
 }
 
-fn render_man(
-    cmd: &clap::Command,
-    name: &str,
-    dir: &std::path::Path,
-    out: &mut Vec<PathBuf>,
-) -> anyhow::Result<()> {
-    let cmd = cmd.clone().name(name.to_string()).version(VERSION);
+fn render_man(cmd: &clap::Command, dir: &std::path::Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name());
     let mut buf = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+    clap_mangen::Man::new(cmd.clone())
+        .source(format!("qpq {}", env!("CARGO_PKG_VERSION")))
+        .render(&mut buf)?;
     let path = dir.join(format!("{name}.1"));
     std::fs::write(&path, buf)?;
     out.push(path);
-    for sub in cmd.get_subcommands() {
-        if sub.is_hide_set() || sub.get_name() == "help" {
-            continue;
-        }
-        render_man(sub, &format!("{name}-{}", sub.get_name()), dir, out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        render_man(sub, dir, out)?;
     }
     Ok(())
 }
