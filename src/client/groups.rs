@@ -248,7 +248,8 @@ impl Messenger {
 
     /// Fetches a KeyPackage of `who` and checks it really is theirs.
     async fn fetch_checked_key_package(&mut self, who: &[u8; 32]) -> Result<Vec<u8>, ClientError> {
-        let fetched = self.session()?.fetch_key_package(who).await.map_err(|e| match e {
+        let looked_up = self.anonymous().await?.fetch_key_package(who).await;
+        let fetched = looked_up.map_err(|e| match e {
             SessionError::Rpc(m) if m.contains("no key packages") => {
                 ClientError::NoKeyPackages { who: self.display_name(who) }
             }

@@ -148,6 +148,9 @@ pub struct Messenger {
     pub(crate) hybrid: HybridSecretKey,
     pub(crate) mls: MlsClient,
     pub(crate) session: Option<Session>,
+    /// A second, unauthenticated connection for enqueues and key lookups, so the server cannot
+    /// tie what we send (or whom we look up) to the identity that fetches on `session`.
+    pub(crate) anonymous: Option<Session>,
     pub(crate) opts: ConnectOptions,
     /// Fate of our commits decided during this process's receive rounds, by group id (the
     /// commits themselves are in the state's `pending_commits`, which survives a crash).
@@ -247,6 +250,7 @@ impl Messenger {
             hybrid,
             mls,
             session: Some(session),
+            anonymous: None,
             opts,
             commits: HashMap::new(),
             leave_requests: Vec::new(),
@@ -273,6 +277,7 @@ impl Messenger {
             hybrid,
             mls,
             session: None,
+            anonymous: None,
             opts,
             commits: HashMap::new(),
             leave_requests: Vec::new(),
@@ -347,8 +352,11 @@ impl Messenger {
         self.session.as_ref().ok_or(ClientError::NoServer)
     }
 
-    /// Drops the connection (the next call reconnects).
+    /// Drops the connections (the next call reconnects).
     pub async fn disconnect(&mut self) {
+        if let Some(s) = self.anonymous.take() {
+            s.close().await;
+        }
         if let Some(s) = self.session.take() {
             s.close().await;
         }
@@ -356,6 +364,17 @@ impl Messenger {
 
     pub(crate) fn session(&self) -> Result<&Session, ClientError> {
         self.session.as_ref().ok_or(ClientError::NoServer)
+    }
+
+    /// The unauthenticated connection, opened on first use with the certificate the
+    /// authenticated one pinned.
+    pub(crate) async fn anonymous(&mut self) -> Result<&Session, ClientError> {
+        if !self.anonymous.as_ref().is_some_and(Session::is_open) {
+            let pin = Pin::Fingerprint(self.connect().await?.fingerprint());
+            let server = self.server().ok_or(ClientError::NoServer)?;
+            self.anonymous = Some(Session::connect(&server, pin).await?);
+        }
+        self.anonymous.as_ref().ok_or(ClientError::NoServer)
     }
 
     // ----- names -----
@@ -556,7 +575,7 @@ impl Messenger {
             let hk = self.hybrid_key_of(r).await?;
             items.push((PublicKey(*r), hybrid::seal(r, &hk, frame)));
         }
-        let (channel_seq, _) = self.session()?.enqueue_batch(channel, &items).await?;
+        let (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
         Ok(channel_seq)
     }
 
@@ -570,7 +589,8 @@ impl Messenger {
         {
             return Ok(k);
         }
-        let (key, sig) = self.session()?.fetch_hybrid_key(who).await.map_err(|e| match e {
+        let looked_up = self.anonymous().await?.fetch_hybrid_key(who).await;
+        let (key, sig) = looked_up.map_err(|e| match e {
             SessionError::Rpc(m) if m.contains("no hybrid key") => {
                 ClientError::NoKeyPackages { who: self.display_name(who) }
             }
