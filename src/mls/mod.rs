@@ -1,0 +1,737 @@
+//! MLS (RFC 9420) group state for qpq, on top of openmls.
+//!
+//! The rest of the crate never touches openmls directly: the client drives
+//! its groups through [`MlsClient`], and the server checks uploaded
+//! KeyPackages with [`validate_key_package`] without holding any MLS state.
+//! Keeping every openmls call here confines the library's API churn to one
+//! file and lets this module enforce qpq's conventions in one place.
+//!
+//! Identity convention: a user *is* an Ed25519 keypair. The raw 32-byte
+//! public key is both the MLS `BasicCredential` identity and the MLS leaf
+//! signature key, so "who sent this" and "which key signed this" can never
+//! disagree. The server authenticates connections with the same key, which is
+//! why it can bind an uploaded KeyPackage to the uploader. This module
+//! rejects KeyPackages, Welcomes and Commits that would put a leaf violating
+//! the convention into a group.
+//!
+//! Persistence: openmls keeps all group state, pending commits, queued
+//! proposals and KeyPackage private keys in its storage provider; we use the
+//! in-memory `MemoryStorage` of `openmls_rust_crypto`, whose map is a public
+//! field. [`MlsClient::export_storage`] serializes that map (sorted by key,
+//! length-prefixed, so equal states give equal bytes) and
+//! [`MlsClient::from_storage`] loads it into a fresh provider; the caller
+//! keeps the bytes inside its encrypted state file. Groups are loaded from
+//! storage on every call, so the storage is the only source of truth and an
+//! export taken between calls is always complete. The signing key is not
+//! stored: it is re-derived from the identity seed the caller already keeps.
+//!
+//! Wire policy: every group uses one ciphersuite, carries the ratchet tree in
+//! Welcomes, sends commits and proposals as PrivateMessages (the server only
+//! sees ciphertext), keeps a few past epochs so application messages that
+//! race a commit still decrypt, and tolerates reordering within an epoch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+use ed25519_dalek::SigningKey;
+use openmls::prelude::{
+    BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
+    LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
+    MlsMessageIn, MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal,
+    ProtocolMessage, QueuedProposal, SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
+};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::types::SignatureScheme;
+use tls_codec::{Deserialize as _, Serialize as _};
+
+/// The only ciphersuite qpq speaks: X25519 + AES-128-GCM + SHA-256 + Ed25519,
+/// matching the Ed25519 user identities.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// Past epochs whose message secrets are kept, so an application message
+/// sent just before a commit still decrypts after the commit is merged.
+const MAX_PAST_EPOCHS: usize = 5;
+
+/// How far back within one sender's ratchet a message may arrive (reordering).
+const OUT_OF_ORDER_TOLERANCE: u32 = 100;
+
+/// How far ahead one sender's ratchet may jump (messages lost or delayed).
+const MAXIMUM_FORWARD_DISTANCE: u32 = 5000;
+
+/// Prefix of the storage export, so a future format change is detectable.
+const STORAGE_MAGIC: &[u8; 8] = b"qpqmls01";
+
+/// `MemoryStorage` key prefix of per-group join configs. Every stored group has
+/// exactly one, so the keys under it enumerate the groups (see `group_ids`).
+const JOIN_CONFIG_LABEL: &[u8] = b"MlsGroupJoinConfig";
+
+/// Errors of the client-side MLS operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MlsError {
+    #[error("unknown group")]
+    UnknownGroup,
+    #[error("group already exists")]
+    GroupExists,
+    #[error("invalid group id: must not be empty")]
+    EmptyGroupId,
+    #[error("not a member of this group")]
+    NotMember,
+    #[error("unknown member {0}")]
+    UnknownMember(String),
+    #[error("already a member: {0}")]
+    AlreadyMember(String),
+    #[error("cannot remove ourselves with a commit, leave the group instead")]
+    CannotRemoveSelf,
+    #[error("nothing to do: {0}")]
+    EmptyInput(&'static str),
+    #[error("a commit of ours is pending: merge or clear it first")]
+    PendingCommit,
+    #[error("no pending commit")]
+    NoPendingCommit,
+    #[error("pending proposals must be committed first")]
+    PendingProposals,
+    #[error("malformed mls message: {0}")]
+    Malformed(String),
+    #[error("unexpected mls message: {0}")]
+    UnexpectedMessage(&'static str),
+    #[error("message belongs to a different group")]
+    WrongGroup,
+    #[error("cannot process our own message")]
+    OwnMessage,
+    #[error("unsupported mls message: {0}")]
+    Unsupported(&'static str),
+    #[error("welcome matches none of our key packages")]
+    NoMatchingKeyPackage,
+    #[error("member violates the identity convention: {0}")]
+    InvalidMember(&'static str),
+    #[error(transparent)]
+    KeyPackage(#[from] KeyPackageError),
+    #[error("invalid mls storage: {0}")]
+    Storage(String),
+    #[error("{op} failed: {detail}")]
+    Openmls { op: &'static str, detail: String },
+}
+
+mod keypackage;
+#[cfg(test)]
+mod tests;
+
+pub use keypackage::{KeyPackageError, ValidatedKeyPackage, validate_key_package};
+use keypackage::{credential_identity, sender_identity, verify_key_package};
+
+/// A commit of ours, staged but not merged until the server orders it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Serialized MlsMessage (PrivateMessage) for the group.
+    pub commit: Vec<u8>,
+    /// Serialized MlsMessage (Welcome) for members added by this commit.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// A processed group message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Application {
+        sender: [u8; 32],
+        plaintext: Vec<u8>,
+    },
+    /// Already merged; `epoch` is the epoch the group is in now.
+    Commit {
+        sender: [u8; 32],
+        epoch: u64,
+        added: Vec<[u8; 32]>,
+        removed: Vec<[u8; 32]>,
+        /// We were removed: the group is now inactive.
+        self_removed: bool,
+    },
+    /// Queued until some member commits it; while queued we cannot send
+    /// application messages (openmls refuses), so commit it promptly.
+    Proposal {
+        sender: [u8; 32],
+        kind: ProposalKind,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposalKind {
+    Remove { removed: [u8; 32] },
+    Other,
+}
+
+/// The MLSMessage wire formats (RFC 9420 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireKind {
+    Welcome,
+    PrivateMessage,
+    PublicMessage,
+    KeyPackage,
+    GroupInfo,
+}
+
+/// Routing information readable without any group state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageInfo {
+    /// Empty for Welcome and KeyPackage, whose group id is encrypted or absent.
+    pub group_id: Vec<u8>,
+    /// 0 for Welcome and KeyPackage.
+    pub epoch: u64,
+    pub kind: WireKind,
+}
+
+/// One user's MLS state: signing key plus every group and KeyPackage secret.
+pub struct MlsClient {
+    identity: [u8; 32],
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+    provider: OpenMlsRustCrypto,
+}
+
+impl fmt::Debug for MlsClient {
+    // Never print key material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MlsClient").field("identity", &hex::encode(self.identity)).finish_non_exhaustive()
+    }
+}
+
+impl MlsClient {
+    /// A client with empty storage for the Ed25519 secret seed.
+    pub fn new(identity_seed: &[u8; 32]) -> Result<Self, MlsError> {
+        let public = SigningKey::from_bytes(identity_seed).verifying_key().to_bytes();
+        // openmls_basic_credential signs with `ed25519_dalek::SigningKey::
+        // try_from(private)`, i.e. it expects the 32-byte seed.
+        let signer =
+            SignatureKeyPair::from_raw(SignatureScheme::ED25519, identity_seed.to_vec(), public.to_vec());
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(public.to_vec()).into(),
+            signature_key: public.to_vec().into(),
+        };
+        Ok(Self { identity: public, signer, credential, provider: OpenMlsRustCrypto::default() })
+    }
+
+    /// Deterministic snapshot of the whole openmls storage.
+    pub fn export_storage(&self) -> Result<Vec<u8>, MlsError> {
+        let values =
+            self.provider.storage().values.read().map_err(|_| MlsError::Storage("lock poisoned".into()))?;
+        let sorted: BTreeMap<&Vec<u8>, &Vec<u8>> = values.iter().collect();
+        let mut out = STORAGE_MAGIC.to_vec();
+        out.extend_from_slice(&len_u32(sorted.len())?.to_be_bytes());
+        for (key, value) in sorted {
+            out.extend_from_slice(&len_u32(key.len())?.to_be_bytes());
+            out.extend_from_slice(key);
+            out.extend_from_slice(&len_u32(value.len())?.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        Ok(out)
+    }
+
+    /// Restores a client from [`MlsClient::export_storage`] output. Fails if
+    /// a stored group's own leaf belongs to another identity.
+    pub fn from_storage(identity_seed: &[u8; 32], storage: &[u8]) -> Result<Self, MlsError> {
+        let client = Self::new(identity_seed)?;
+        let entries = parse_storage(storage)?;
+        *client.provider.storage().values.write().map_err(|_| MlsError::Storage("lock poisoned".into()))? =
+            entries;
+        for group_id in client.group_ids() {
+            let group = client.load_group(&group_id)?;
+            if let Some(leaf) = group.own_leaf_node()
+                && leaf.signature_key().as_slice() != client.identity
+            {
+                return Err(MlsError::Storage("belongs to a different identity".into()));
+            }
+        }
+        Ok(client)
+    }
+
+    pub fn identity(&self) -> [u8; 32] {
+        self.identity
+    }
+
+    /// `n` fresh one-time KeyPackages; their private keys stay in storage
+    /// until a Welcome consumes them.
+    pub fn key_packages(&self, n: usize) -> Result<Vec<Vec<u8>>, MlsError> {
+        (0..n).map(|_| self.build_key_package(false)).collect()
+    }
+
+    /// A KeyPackage with the LastResort extension, for when the server runs
+    /// out of one-time ones. openmls keeps its private key after a join
+    /// (`keys_for_welcome` skips deleting last-resort bundles), so it can be
+    /// used for any number of groups.
+    pub fn last_resort_key_package(&self) -> Result<Vec<u8>, MlsError> {
+        self.build_key_package(true)
+    }
+
+    fn build_key_package(&self, last_resort: bool) -> Result<Vec<u8>, MlsError> {
+        let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+        if last_resort {
+            builder = builder.mark_as_last_resort();
+        }
+        let bundle = builder
+            .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
+            .map_err(|e| openmls_err("build key package", e))?;
+        bundle.key_package().tls_serialize_detached().map_err(|e| openmls_err("serialize key package", e))
+    }
+
+    /// Creates a group with us as the only member, at epoch 0.
+    pub fn create_group(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
+        if group_id.is_empty() {
+            return Err(MlsError::EmptyGroupId);
+        }
+        if self.find_group(group_id)?.is_some() {
+            return Err(MlsError::GroupExists);
+        }
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .capabilities(capabilities())
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(ratchet_config())
+            .build();
+        MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &config,
+            GroupId::from_slice(group_id),
+            self.credential.clone(),
+        )
+        .map_err(|e| openmls_err("create group", e))?;
+        Ok(())
+    }
+
+    /// Stages a commit adding the owners of `key_packages` (each verified
+    /// here too). The commit stays pending until `merge_pending`.
+    pub fn add_members(&mut self, group_id: &[u8], key_packages: &[Vec<u8>]) -> Result<Pending, MlsError> {
+        if key_packages.is_empty() {
+            return Err(MlsError::EmptyInput("no key packages"));
+        }
+        let mut group = self.load_committable(group_id)?;
+        let mut present: HashSet<Vec<u8>> = group.members().map(|m| m.signature_key).collect();
+        let mut verified = Vec::with_capacity(key_packages.len());
+        for bytes in key_packages {
+            let key_package = verify_key_package(self.provider.crypto(), bytes)?;
+            let leaf = key_package.leaf_node();
+            let identity = credential_identity(leaf.credential(), leaf.signature_key().as_slice())
+                .map_err(KeyPackageError::from)?;
+            // RFC 9420 forbids duplicate signature keys in a tree; catch it
+            // here with a clear error rather than deep inside openmls.
+            if !present.insert(identity.to_vec()) {
+                return Err(MlsError::AlreadyMember(hex::encode(identity)));
+            }
+            verified.push(key_package);
+        }
+        let (commit, welcome, _group_info) = group
+            .add_members(&self.provider, &self.signer, &verified)
+            .map_err(|e| openmls_err("add members", e))?;
+        Ok(Pending { commit: to_bytes(&commit)?, welcome: Some(to_bytes(&welcome)?) })
+    }
+
+    /// Stages a commit removing `members` (identities).
+    pub fn remove_members(&mut self, group_id: &[u8], members: &[[u8; 32]]) -> Result<Pending, MlsError> {
+        if members.is_empty() {
+            return Err(MlsError::EmptyInput("no members to remove"));
+        }
+        let mut group = self.load_committable(group_id)?;
+        let mut indices = Vec::with_capacity(members.len());
+        for member in members {
+            if *member == self.identity {
+                return Err(MlsError::CannotRemoveSelf);
+            }
+            let index = group
+                .members()
+                .find(|m| m.signature_key == member)
+                .map(|m| m.index)
+                .ok_or_else(|| MlsError::UnknownMember(hex::encode(member)))?;
+            indices.push(index);
+        }
+        let (commit, welcome, _group_info) = group
+            .remove_members(&self.provider, &self.signer, &indices)
+            .map_err(|e| openmls_err("remove members", e))?;
+        pending(&commit, welcome.as_ref())
+    }
+
+    /// Stages a commit with a fresh leaf and path secrets (post-compromise
+    /// security). Also covers any queued proposals.
+    pub fn self_update(&mut self, group_id: &[u8]) -> Result<Pending, MlsError> {
+        let mut group = self.load_committable(group_id)?;
+        let bundle = group
+            .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+            .map_err(|e| openmls_err("self update", e))?;
+        let (commit, welcome, _group_info) = bundle.into_messages();
+        pending(&commit, welcome.as_ref())
+    }
+
+    /// Stages a commit covering the queued proposals (e.g. a member's leave),
+    /// or returns `None` if nothing is queued.
+    pub fn commit_pending_proposals(&mut self, group_id: &[u8]) -> Result<Option<Pending>, MlsError> {
+        let mut group = self.load_committable(group_id)?;
+        if !group.has_pending_proposals() {
+            return Ok(None);
+        }
+        let (commit, welcome, _group_info) = group
+            .commit_to_pending_proposals(&self.provider, &self.signer)
+            .map_err(|e| openmls_err("commit pending proposals", e))?;
+        pending(&commit, welcome.as_ref()).map(Some)
+    }
+
+    /// A proposal to remove ourselves; another member must commit it. Until
+    /// then we stay a member (and cannot send application messages).
+    pub fn leave_group(&mut self, group_id: &[u8]) -> Result<Vec<u8>, MlsError> {
+        let mut group = self.load_committable(group_id)?;
+        let proposal =
+            group.leave_group(&self.provider, &self.signer).map_err(|e| openmls_err("leave group", e))?;
+        to_bytes(&proposal)
+    }
+
+    /// Our pending commit was accepted by the server: apply it.
+    pub fn merge_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
+        let mut group = self.load_group(group_id)?;
+        if group.pending_commit().is_none() {
+            return Err(MlsError::NoPendingCommit);
+        }
+        group.merge_pending_commit(&self.provider).map_err(|e| openmls_err("merge pending commit", e))
+    }
+
+    /// Our pending commit lost the race: drop it. Idempotent, so a client
+    /// that crashed mid-way can simply call it again.
+    pub fn clear_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
+        let mut group = self.load_group(group_id)?;
+        group
+            .clear_pending_commit(self.provider.storage())
+            .map_err(|e| openmls_err("clear pending commit", e))
+    }
+
+    /// Whether we have a staged, unmerged commit (false for unknown groups).
+    pub fn has_pending(&self, group_id: &[u8]) -> bool {
+        matches!(self.find_group(group_id), Ok(Some(group)) if group.pending_commit().is_some())
+    }
+
+    /// Encrypts an application message for the group's current epoch.
+    pub fn encrypt(&mut self, group_id: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, MlsError> {
+        let mut group = self.load_active(group_id)?;
+        if group.has_pending_proposals() {
+            return Err(MlsError::PendingProposals);
+        }
+        let message = group
+            .create_message(&self.provider, &self.signer, plaintext)
+            .map_err(|e| openmls_err("encrypt", e))?;
+        to_bytes(&message)
+    }
+
+    /// Group id, epoch and wire format of an MLSMessage, without any state.
+    pub fn peek(bytes: &[u8]) -> Result<MessageInfo, MlsError> {
+        let info =
+            |group_id: &GroupId, epoch: u64, kind| MessageInfo { group_id: group_id.to_vec(), epoch, kind };
+        let stateless = |kind| MessageInfo { group_id: Vec::new(), epoch: 0, kind };
+        Ok(match parse_message(bytes)?.extract() {
+            MlsMessageBodyIn::PrivateMessage(m) => {
+                info(m.group_id(), m.epoch().as_u64(), WireKind::PrivateMessage)
+            }
+            MlsMessageBodyIn::PublicMessage(m) => {
+                info(m.group_id(), m.epoch().as_u64(), WireKind::PublicMessage)
+            }
+            MlsMessageBodyIn::GroupInfo(g) => info(g.group_id(), g.epoch().as_u64(), WireKind::GroupInfo),
+            MlsMessageBodyIn::Welcome(_) => stateless(WireKind::Welcome),
+            MlsMessageBodyIn::KeyPackage(_) => stateless(WireKind::KeyPackage),
+        })
+    }
+
+    /// Decrypts and applies a group message. Commits are merged right away:
+    /// the caller must have decided the order (and cleared any losing
+    /// pending commit of ours) before calling. Our own messages cannot be
+    /// decrypted by us and yield [`MlsError::OwnMessage`].
+    pub fn process(&mut self, group_id: &[u8], bytes: &[u8]) -> Result<Incoming, MlsError> {
+        let message: ProtocolMessage = match parse_message(bytes)?.extract() {
+            MlsMessageBodyIn::PrivateMessage(m) => m.into(),
+            MlsMessageBodyIn::PublicMessage(m) => m.into(),
+            _ => return Err(MlsError::UnexpectedMessage("expected a group message")),
+        };
+        if message.group_id().as_slice() != group_id {
+            return Err(MlsError::WrongGroup);
+        }
+        let mut group = self.load_active(group_id)?;
+        let processed =
+            group.process_message(&self.provider, message).map_err(|e| openmls_err("process message", e))?;
+        let sender_credential = processed.credential().clone();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
+                sender: sender_identity(&sender_credential)?,
+                plaintext: app.into_bytes(),
+            }),
+            ProcessedMessageContent::ProposalMessage(queued) => {
+                let sender = sender_identity(&sender_credential)?;
+                self.accept_proposal(&mut group, sender, *queued)
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let sender = sender_identity(&sender_credential)?;
+                self.accept_commit(&mut group, sender, *staged)
+            }
+            ProcessedMessageContent::OwnPrivateMessage | ProcessedMessageContent::OwnPendingCommit => {
+                Err(MlsError::OwnMessage)
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
+                Err(MlsError::Unsupported("external join proposal"))
+            }
+        }
+    }
+
+    fn accept_proposal(
+        &self,
+        group: &mut MlsGroup,
+        sender: [u8; 32],
+        queued: QueuedProposal,
+    ) -> Result<Incoming, MlsError> {
+        let kind = match queued.proposal() {
+            Proposal::Remove(remove) => {
+                ProposalKind::Remove { removed: member_identity(group, remove.removed())? }
+            }
+            Proposal::SelfRemove => ProposalKind::Remove { removed: sender },
+            // Leaves entering the tree through a later commit of these
+            // proposals must follow the convention too.
+            Proposal::Add(add) => {
+                let leaf = add.key_package().leaf_node();
+                credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
+                ProposalKind::Other
+            }
+            Proposal::Update(update) => {
+                let leaf = update.leaf_node();
+                credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
+                ProposalKind::Other
+            }
+            _ => ProposalKind::Other,
+        };
+        group
+            .store_pending_proposal(self.provider.storage(), queued)
+            .map_err(|e| openmls_err("store proposal", e))?;
+        Ok(Incoming::Proposal { sender, kind })
+    }
+
+    fn accept_commit(
+        &self,
+        group: &mut MlsGroup,
+        sender: [u8; 32],
+        staged: StagedCommit,
+    ) -> Result<Incoming, MlsError> {
+        // Check every leaf the commit would put into the tree before merging;
+        // a rejected commit is simply dropped.
+        let added = staged
+            .add_proposals()
+            .map(|p| {
+                let leaf = p.add_proposal().key_package().leaf_node();
+                credential_identity(leaf.credential(), leaf.signature_key().as_slice())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for update in staged.update_proposals() {
+            let leaf = update.update_proposal().leaf_node();
+            credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
+        }
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            // The committer may refresh its keys but not become someone else.
+            let identity = credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
+            if identity != sender {
+                return Err(MlsError::InvalidMember("committer changed its identity"));
+            }
+        }
+        // Removed leaves must be resolved against the tree before the merge.
+        let removed = staged
+            .remove_proposals()
+            .map(|p| member_identity(group, p.remove_proposal().removed()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let self_removed = staged.self_removed();
+        let epoch = staged.epoch().as_u64();
+        group.merge_staged_commit(&self.provider, staged).map_err(|e| openmls_err("merge commit", e))?;
+        Ok(Incoming::Commit { sender, epoch, added, removed, self_removed })
+    }
+
+    /// Joins a group from a Welcome addressed to one of our KeyPackages and
+    /// returns its group id. A group we were removed from is replaced.
+    pub fn join(&mut self, welcome: &[u8]) -> Result<Vec<u8>, MlsError> {
+        let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome)?.extract() else {
+            return Err(MlsError::UnexpectedMessage("expected a welcome"));
+        };
+        let builder = StagedWelcome::build_from_welcome(&self.provider, &join_config(), welcome)
+            .map_err(welcome_err)?;
+        let group_id = builder.processed_welcome().unverified_group_info().group_id().to_vec();
+        // Leaves added long ago may carry an expired KeyPackage lifetime;
+        // RFC 9420 §7.3 only asks to check lifetimes of fresh KeyPackages, and
+        // checking them would make old groups unjoinable.
+        let mut builder = builder.skip_lifetime_validation();
+        match self.find_group(&group_id)? {
+            Some(existing) if existing.is_active() => return Err(MlsError::GroupExists),
+            Some(_) => builder = builder.replace_old_group(),
+            None => {}
+        }
+        let staged = builder.build().map_err(welcome_err)?;
+        for member in staged.members() {
+            credential_identity(&member.credential, &member.signature_key)?;
+        }
+        let group = staged.into_group(&self.provider).map_err(|e| openmls_err("join", e))?;
+        Ok(group.group_id().to_vec())
+    }
+
+    /// Identities of the current members, in leaf order.
+    pub fn members(&self, group_id: &[u8]) -> Result<Vec<[u8; 32]>, MlsError> {
+        let group = self.load_group(group_id)?;
+        group
+            .members()
+            .map(|m| credential_identity(&m.credential, &m.signature_key).map_err(MlsError::from))
+            .collect()
+    }
+
+    pub fn epoch(&self, group_id: &[u8]) -> Result<u64, MlsError> {
+        Ok(self.load_group(group_id)?.epoch().as_u64())
+    }
+
+    /// False once a merged commit removed us.
+    pub fn is_active(&self, group_id: &[u8]) -> Result<bool, MlsError> {
+        Ok(self.load_group(group_id)?.is_active())
+    }
+
+    /// Forgets the group's state entirely.
+    pub fn delete_group(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
+        let mut group = self.load_group(group_id)?;
+        group.delete(self.provider.storage()).map_err(|e| openmls_err("delete group", e))
+    }
+
+    /// Ids of all stored groups (active or not), sorted. Derived from the
+    /// storage keys of `MemoryStorage` (label ‖ JSON group id ‖ u16 version).
+    pub fn group_ids(&self) -> Vec<Vec<u8>> {
+        let Ok(values) = self.provider.storage().values.read() else {
+            return Vec::new();
+        };
+        let mut ids: Vec<Vec<u8>> = values
+            .keys()
+            .filter_map(|key| {
+                let rest = key.strip_prefix(JOIN_CONFIG_LABEL)?;
+                let json = rest.get(..rest.len().checked_sub(2)?)?;
+                serde_json::from_slice::<GroupId>(json).ok()
+            })
+            .map(|id| id.to_vec())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn find_group(&self, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
+        MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group_id))
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))
+    }
+
+    fn load_group(&self, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
+        self.find_group(group_id)?.ok_or(MlsError::UnknownGroup)
+    }
+
+    fn load_active(&self, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
+        let group = self.load_group(group_id)?;
+        if !group.is_active() {
+            return Err(MlsError::NotMember);
+        }
+        Ok(group)
+    }
+
+    /// Checked up front so callers get our errors instead of openmls's
+    /// generic "not operational".
+    fn load_committable(&self, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
+        let group = self.load_active(group_id)?;
+        if group.pending_commit().is_some() {
+            return Err(MlsError::PendingCommit);
+        }
+        Ok(group)
+    }
+}
+
+/// Leaf capabilities: the defaults plus LastResort, which openmls requires
+/// to be listed before a KeyPackage may carry that extension.
+fn capabilities() -> Capabilities {
+    Capabilities::builder().extensions(vec![ExtensionType::LastResort]).build()
+}
+
+fn ratchet_config() -> SenderRatchetConfiguration {
+    SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAXIMUM_FORWARD_DISTANCE)
+}
+
+/// Runtime settings for joined groups; must match `create_group`'s.
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(ratchet_config())
+        .build()
+}
+
+fn member_identity(group: &MlsGroup, index: LeafNodeIndex) -> Result<[u8; 32], MlsError> {
+    let member =
+        group.member_at(index).ok_or_else(|| MlsError::UnknownMember(format!("at leaf {}", index.u32())))?;
+    Ok(credential_identity(&member.credential, &member.signature_key)?)
+}
+
+fn parse_message(bytes: &[u8]) -> Result<MlsMessageIn, MlsError> {
+    MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(format!("{e:?}")))
+}
+
+fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, MlsError> {
+    message.to_bytes().map_err(|e| openmls_err("serialize message", e))
+}
+
+fn pending(commit: &MlsMessageOut, welcome: Option<&MlsMessageOut>) -> Result<Pending, MlsError> {
+    Ok(Pending { commit: to_bytes(commit)?, welcome: welcome.map(to_bytes).transpose()? })
+}
+
+fn openmls_err(op: &'static str, e: impl fmt::Debug) -> MlsError {
+    MlsError::Openmls { op, detail: format!("{e:?}") }
+}
+
+fn welcome_err<E: fmt::Debug>(e: WelcomeError<E>) -> MlsError {
+    match e {
+        WelcomeError::NoMatchingKeyPackage => MlsError::NoMatchingKeyPackage,
+        other => openmls_err("join", other),
+    }
+}
+
+fn len_u32(len: usize) -> Result<u32, MlsError> {
+    u32::try_from(len).map_err(|_| MlsError::Storage("entry too large".into()))
+}
+
+/// Inverse of `export_storage`; rejects anything it would not have written.
+fn parse_storage(bytes: &[u8]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MlsError> {
+    fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], MlsError> {
+        if input.len() < n {
+            return Err(MlsError::Storage("truncated".into()));
+        }
+        let (head, tail) = input.split_at(n);
+        *input = tail;
+        Ok(head)
+    }
+    fn take_u32(input: &mut &[u8]) -> Result<usize, MlsError> {
+        // `take` returned exactly four bytes, so the indexing cannot panic.
+        let b = take(input, 4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+
+    let mut input = bytes;
+    if take(&mut input, STORAGE_MAGIC.len())? != STORAGE_MAGIC {
+        return Err(MlsError::Storage("unknown format".into()));
+    }
+    let count = take_u32(&mut input)?;
+    // Do not trust `count` for preallocation: each entry needs >= 8 bytes.
+    let mut map = HashMap::with_capacity(count.min(input.len() / 8));
+    let mut previous: Option<&[u8]> = None;
+    for _ in 0..count {
+        let key_len = take_u32(&mut input)?;
+        let key = take(&mut input, key_len)?;
+        let value_len = take_u32(&mut input)?;
+        let value = take(&mut input, value_len)?;
+        // Strictly increasing keys: the canonical form, and no duplicates.
+        if previous.is_some_and(|p| p >= key) {
+            return Err(MlsError::Storage("keys not strictly sorted".into()));
+        }
+        previous = Some(key);
+        map.insert(key.to_vec(), value.to_vec());
+    }
+    if !input.is_empty() {
+        return Err(MlsError::Storage("trailing bytes".into()));
+    }
+    Ok(map)
+}

@@ -1,0 +1,504 @@
+//! Tests of the MLS wrapper with real openmls crypto.
+
+use openmls::prelude::{Credential, CredentialType, KeyPackageIn, Lifetime, ProtocolVersion};
+
+use super::*;
+
+fn client() -> MlsClient {
+    MlsClient::new(&rand::random()).unwrap()
+}
+
+fn key_package(c: &MlsClient) -> Vec<u8> {
+    c.key_packages(1).unwrap().remove(0)
+}
+
+/// `adder` commits the addition of `newcomer`, the existing `others`
+/// process that commit, and `newcomer` joins from the Welcome.
+fn add(group: &[u8], adder: &mut MlsClient, others: &mut [&mut MlsClient], newcomer: &mut MlsClient) {
+    let kp = key_package(newcomer);
+    let pending = adder.add_members(group, &[kp]).unwrap();
+    assert!(adder.has_pending(group));
+    adder.merge_pending(group).unwrap();
+    assert!(!adder.has_pending(group));
+    for other in others.iter_mut() {
+        match other.process(group, &pending.commit).unwrap() {
+            Incoming::Commit { sender, added, .. } => {
+                assert_eq!(sender, adder.identity());
+                assert_eq!(added, vec![newcomer.identity()]);
+            }
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+    let joined = newcomer.join(&pending.welcome.unwrap()).unwrap();
+    assert_eq!(joined, group);
+}
+
+/// Alice's group with Bob in it.
+fn pair() -> (MlsClient, MlsClient, Vec<u8>) {
+    let (mut alice, mut bob) = (client(), client());
+    let group = b"group-0123456789".to_vec();
+    alice.create_group(&group).unwrap();
+    add(&group, &mut alice, &mut [], &mut bob);
+    (alice, bob, group)
+}
+
+/// `from` sends `text`; every receiver decrypts it with the right sender.
+fn send(group: &[u8], from: &mut MlsClient, to: &mut [&mut MlsClient], text: &[u8]) {
+    let ciphertext = from.encrypt(group, text).unwrap();
+    for receiver in to.iter_mut() {
+        assert_eq!(
+            receiver.process(group, &ciphertext).unwrap(),
+            Incoming::Application { sender: from.identity(), plaintext: text.to_vec() }
+        );
+    }
+}
+
+fn trio() -> (MlsClient, MlsClient, MlsClient, Vec<u8>) {
+    let (mut alice, mut bob, group) = pair();
+    let mut carol = client();
+    add(&group, &mut alice, &mut [&mut bob], &mut carol);
+    (alice, bob, carol, group)
+}
+
+#[test]
+fn client_can_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<MlsClient>();
+}
+
+#[test]
+fn two_members_exchange_messages_both_ways() {
+    let (mut alice, mut bob, group) = pair();
+    assert_eq!(alice.epoch(&group).unwrap(), 1);
+    assert_eq!(bob.epoch(&group).unwrap(), 1);
+    send(&group, &mut alice, &mut [&mut bob], b"hello bob");
+    send(&group, &mut bob, &mut [&mut alice], b"hello alice");
+    send(&group, &mut bob, &mut [&mut alice], b"");
+}
+
+#[test]
+fn three_members_agree_on_epoch_and_members() {
+    let (mut alice, mut bob, mut carol, group) = trio();
+    let expected = vec![alice.identity(), bob.identity(), carol.identity()];
+    for c in [&alice, &bob, &carol] {
+        assert_eq!(c.epoch(&group).unwrap(), 2);
+        assert_eq!(c.members(&group).unwrap(), expected);
+        assert!(c.is_active(&group).unwrap());
+    }
+    send(&group, &mut carol, &mut [&mut alice, &mut bob], b"hi all");
+    send(&group, &mut bob, &mut [&mut alice, &mut carol], b"hi carol");
+}
+
+#[test]
+fn removed_member_learns_it_and_cannot_decrypt_later_messages() {
+    let (mut alice, mut bob, mut carol, group) = trio();
+    let pending = alice.remove_members(&group, &[carol.identity()]).unwrap();
+    assert!(pending.welcome.is_none());
+    alice.merge_pending(&group).unwrap();
+    let carol_id = carol.identity();
+    for c in [&mut bob, &mut carol] {
+        match c.process(&group, &pending.commit).unwrap() {
+            Incoming::Commit { sender, epoch, added, removed, self_removed } => {
+                assert_eq!(sender, alice.identity());
+                assert_eq!(epoch, 3);
+                assert!(added.is_empty());
+                assert_eq!(removed, vec![carol_id]);
+                assert_eq!(self_removed, c.identity() == carol_id);
+            }
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+    assert!(!carol.is_active(&group).unwrap());
+    assert!(bob.is_active(&group).unwrap());
+    assert_eq!(alice.members(&group).unwrap(), vec![alice.identity(), bob.identity()]);
+    assert_eq!(bob.members(&group).unwrap(), alice.members(&group).unwrap());
+
+    let later = alice.encrypt(&group, b"carol must not read this").unwrap();
+    assert!(matches!(carol.process(&group, &later), Err(MlsError::NotMember)));
+    // Not just our guard: openmls itself has no keys for it either.
+    let mut stale = carol.load_group(&group).unwrap();
+    let message = parse_message(&later).unwrap().try_into_protocol_message().unwrap();
+    assert!(stale.process_message(&carol.provider, message).is_err());
+    assert!(matches!(carol.encrypt(&group, b"x"), Err(MlsError::NotMember)));
+    assert_eq!(
+        bob.process(&group, &later).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"carol must not read this".to_vec() }
+    );
+    // The removed member's stale state is forgettable.
+    carol.delete_group(&group).unwrap();
+    assert!(matches!(carol.epoch(&group), Err(MlsError::UnknownGroup)));
+    assert!(carol.group_ids().is_empty());
+}
+
+#[test]
+fn removed_member_can_be_added_again() {
+    let (mut alice, mut bob, group) = pair();
+    let pending = alice.remove_members(&group, &[bob.identity()]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.process(&group, &pending.commit).unwrap();
+    assert!(!bob.is_active(&group).unwrap());
+    // The inactive copy is replaced by the new Welcome.
+    add(&group, &mut alice, &mut [], &mut bob);
+    assert!(bob.is_active(&group).unwrap());
+    assert_eq!(bob.epoch(&group).unwrap(), alice.epoch(&group).unwrap());
+    send(&group, &mut alice, &mut [&mut bob], b"welcome back");
+}
+
+#[test]
+fn self_update_advances_epoch_for_everyone() {
+    let (mut alice, mut bob, mut carol, group) = trio();
+    let pending = bob.self_update(&group).unwrap();
+    assert!(pending.welcome.is_none());
+    assert_eq!(bob.epoch(&group).unwrap(), 2, "pending commits are not applied");
+    bob.merge_pending(&group).unwrap();
+    for c in [&mut alice, &mut carol] {
+        assert!(matches!(
+            c.process(&group, &pending.commit).unwrap(),
+            Incoming::Commit { epoch: 3, self_removed: false, .. }
+        ));
+    }
+    for c in [&alice, &bob, &carol] {
+        assert_eq!(c.epoch(&group).unwrap(), 3);
+    }
+    send(&group, &mut bob, &mut [&mut alice, &mut carol], b"fresh keys");
+}
+
+#[test]
+fn leave_proposal_is_committed_by_another_member() {
+    let (mut alice, mut bob, mut carol, group) = trio();
+    let proposal = bob.leave_group(&group).unwrap();
+    // Every remaining member must see the proposal before the commit
+    // that references it.
+    for c in [&mut alice, &mut carol] {
+        assert_eq!(
+            c.process(&group, &proposal).unwrap(),
+            Incoming::Proposal {
+                sender: bob.identity(),
+                kind: ProposalKind::Remove { removed: bob.identity() }
+            }
+        );
+    }
+    assert!(matches!(alice.encrypt(&group, b"x"), Err(MlsError::PendingProposals)));
+    let pending = alice.commit_pending_proposals(&group).unwrap().unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert!(alice.commit_pending_proposals(&group).unwrap().is_none());
+    assert!(matches!(
+        carol.process(&group, &pending.commit).unwrap(),
+        Incoming::Commit { ref removed, self_removed: false, .. } if *removed == vec![bob.identity()]
+    ));
+    assert!(matches!(
+        bob.process(&group, &pending.commit).unwrap(),
+        Incoming::Commit { self_removed: true, .. }
+    ));
+    assert!(!bob.is_active(&group).unwrap());
+    let expected = vec![alice.identity(), carol.identity()];
+    assert_eq!(alice.members(&group).unwrap(), expected);
+    assert_eq!(carol.members(&group).unwrap(), expected);
+    send(&group, &mut carol, &mut [&mut alice], b"bye bob");
+}
+
+#[test]
+fn storage_round_trip_preserves_groups() {
+    let (seed_alice, seed_bob) = (rand::random(), rand::random());
+    let mut alice = MlsClient::new(&seed_alice).unwrap();
+    let mut bob = MlsClient::new(&seed_bob).unwrap();
+    let group = b"persisted group".to_vec();
+    alice.create_group(&group).unwrap();
+    add(&group, &mut alice, &mut [], &mut bob);
+    send(&group, &mut alice, &mut [&mut bob], b"before export");
+    let exported = alice.export_storage().unwrap();
+    assert_eq!(exported, alice.export_storage().unwrap(), "deterministic");
+    let mut alice = MlsClient::from_storage(&seed_alice, &exported).unwrap();
+    let mut bob = MlsClient::from_storage(&seed_bob, &bob.export_storage().unwrap()).unwrap();
+    assert_eq!(alice.group_ids(), vec![group.clone()]);
+    assert_eq!(alice.epoch(&group).unwrap(), bob.epoch(&group).unwrap());
+    send(&group, &mut alice, &mut [&mut bob], b"after export");
+    send(&group, &mut bob, &mut [&mut alice], b"reply after export");
+    let pending = bob.self_update(&group).unwrap();
+    // A pending commit survives a round trip too.
+    let mut bob = MlsClient::from_storage(&seed_bob, &bob.export_storage().unwrap()).unwrap();
+    assert!(bob.has_pending(&group));
+    bob.merge_pending(&group).unwrap();
+    alice.process(&group, &pending.commit).unwrap();
+    assert_eq!(alice.epoch(&group).unwrap(), 2);
+    assert_eq!(bob.epoch(&group).unwrap(), 2);
+
+    // Someone else's storage, and damaged exports, are refused.
+    assert!(matches!(MlsClient::from_storage(&seed_bob, &exported), Err(MlsError::Storage(_))));
+    for len in 0..exported.len().min(200) {
+        assert!(MlsClient::from_storage(&seed_alice, &exported[..len]).is_err());
+    }
+    let mut trailing = exported.clone();
+    trailing.push(0);
+    assert!(MlsClient::from_storage(&seed_alice, &trailing).is_err());
+    let empty = client().export_storage().unwrap();
+    assert!(MlsClient::from_storage(&seed_alice, &empty).unwrap().group_ids().is_empty());
+}
+
+#[test]
+fn losing_commit_is_cleared_and_the_winner_processed() {
+    let (mut alice, mut bob, group) = pair();
+    let carol = client();
+    let alice_pending = alice.add_members(&group, &[key_package(&carol)]).unwrap();
+    let bob_pending = bob.self_update(&group).unwrap();
+    assert!(matches!(alice.self_update(&group), Err(MlsError::PendingCommit)));
+    // The server ordered Bob's commit first: probe whether openmls lets
+    // Alice process it while her own commit is still pending.
+    bob.merge_pending(&group).unwrap();
+    assert!(matches!(alice.process(&group, &bob_pending.commit).unwrap(), Incoming::Commit { epoch: 2, .. }));
+    // Merging someone else's commit discards ours; clearing is harmless.
+    assert!(!alice.has_pending(&group));
+    alice.clear_pending(&group).unwrap();
+    assert!(!alice.has_pending(&group));
+    assert!(bob.process(&group, &alice_pending.commit).is_err());
+    assert_eq!(alice.epoch(&group).unwrap(), 2);
+    assert_eq!(bob.epoch(&group).unwrap(), 2);
+    send(&group, &mut alice, &mut [&mut bob], b"after the race");
+    send(&group, &mut bob, &mut [&mut alice], b"indeed");
+}
+
+#[test]
+fn clear_pending_before_processing_the_winner() {
+    let (mut alice, mut bob, group) = pair();
+    let _lost = alice.self_update(&group).unwrap();
+    let won = bob.self_update(&group).unwrap();
+    bob.merge_pending(&group).unwrap();
+    alice.clear_pending(&group).unwrap();
+    assert!(matches!(alice.merge_pending(&group), Err(MlsError::NoPendingCommit)));
+    assert!(matches!(alice.process(&group, &won.commit).unwrap(), Incoming::Commit { epoch: 2, .. }));
+    send(&group, &mut alice, &mut [&mut bob], b"in sync");
+}
+
+#[test]
+fn application_message_of_previous_epoch_still_decrypts() {
+    let (mut alice, mut bob, group) = pair();
+    let old = alice.encrypt(&group, b"sent in epoch 1").unwrap();
+    assert_eq!(MlsClient::peek(&old).unwrap().epoch, 1);
+    let pending = bob.self_update(&group).unwrap();
+    bob.merge_pending(&group).unwrap();
+    assert_eq!(bob.epoch(&group).unwrap(), 2);
+    assert_eq!(
+        bob.process(&group, &old).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"sent in epoch 1".to_vec() }
+    );
+    alice.process(&group, &pending.commit).unwrap();
+    // Several epochs later (within MAX_PAST_EPOCHS) as well.
+    let older = alice.encrypt(&group, b"sent in epoch 2").unwrap();
+    for _ in 0..3 {
+        let p = bob.self_update(&group).unwrap();
+        bob.merge_pending(&group).unwrap();
+        alice.process(&group, &p.commit).unwrap();
+    }
+    assert!(matches!(bob.process(&group, &older).unwrap(), Incoming::Application { .. }));
+}
+
+#[test]
+fn reordered_messages_within_an_epoch_decrypt() {
+    let (mut alice, mut bob, group) = pair();
+    let messages: Vec<_> = (0..20u8).map(|i| alice.encrypt(&group, &[i]).unwrap()).collect();
+    for (i, m) in messages.iter().enumerate().rev() {
+        assert_eq!(
+            bob.process(&group, m).unwrap(),
+            Incoming::Application { sender: alice.identity(), plaintext: vec![i as u8] }
+        );
+    }
+}
+
+#[test]
+fn own_and_foreign_messages_give_clear_errors() {
+    let (mut alice, mut bob, group) = pair();
+    let mine = alice.encrypt(&group, b"echo").unwrap();
+    assert!(matches!(alice.process(&group, &mine), Err(MlsError::OwnMessage)));
+    let pending = alice.self_update(&group).unwrap();
+    assert!(matches!(alice.process(&group, &pending.commit), Err(MlsError::OwnMessage)));
+    alice.merge_pending(&group).unwrap();
+    bob.process(&group, &pending.commit).unwrap();
+    assert!(matches!(bob.process(b"other group", &mine), Err(MlsError::WrongGroup)));
+    assert!(matches!(client().process(&group, &mine), Err(MlsError::UnknownGroup)));
+    assert!(matches!(bob.process(&group, b"junk"), Err(MlsError::Malformed(_))));
+    assert!(matches!(alice.remove_members(&group, &[[9; 32]]), Err(MlsError::UnknownMember(_))));
+    assert!(matches!(alice.remove_members(&group, &[alice.identity()]), Err(MlsError::CannotRemoveSelf)));
+    assert!(matches!(alice.add_members(&group, &[key_package(&bob)]), Err(MlsError::AlreadyMember(_))));
+    assert!(matches!(alice.create_group(&group), Err(MlsError::GroupExists)));
+    assert!(matches!(alice.create_group(b""), Err(MlsError::EmptyGroupId)));
+    assert!(!client().has_pending(&group));
+}
+
+#[test]
+fn peek_reports_routing_information() {
+    let (mut alice, mut bob, group) = pair();
+    let message = alice.encrypt(&group, b"x").unwrap();
+    assert_eq!(
+        MlsClient::peek(&message).unwrap(),
+        MessageInfo { group_id: group.clone(), epoch: 1, kind: WireKind::PrivateMessage }
+    );
+    let carol = client();
+    let pending = alice.add_members(&group, &[key_package(&carol)]).unwrap();
+    let commit_info = MlsClient::peek(&pending.commit).unwrap();
+    assert_eq!(commit_info.kind, WireKind::PrivateMessage);
+    assert_eq!(commit_info.epoch, 1);
+    let welcome = pending.welcome.unwrap();
+    assert_eq!(MlsClient::peek(&welcome).unwrap().kind, WireKind::Welcome);
+    assert!(matches!(bob.join(&welcome), Err(MlsError::NoMatchingKeyPackage)));
+    assert!(matches!(bob.join(&message), Err(MlsError::UnexpectedMessage(_))));
+    assert!(matches!(bob.process(&group, &welcome), Err(MlsError::UnexpectedMessage(_))));
+    for len in 0..message.len() {
+        assert!(MlsClient::peek(&message[..len]).is_err());
+    }
+    for _ in 0..2000 {
+        let len = rand::random::<usize>() % 300;
+        let bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        let _ = MlsClient::peek(&bytes);
+        let _ = bob.process(&group, &bytes);
+        let _ = bob.join(&bytes);
+    }
+}
+
+#[test]
+fn validate_accepts_real_key_packages() {
+    let c = client();
+    let one_time = validate_key_package(&key_package(&c)).unwrap();
+    assert_eq!(one_time.identity, c.identity());
+    assert!(!one_time.last_resort);
+    assert_eq!(one_time.hash_ref.len(), 32);
+    let last_resort = validate_key_package(&c.last_resort_key_package().unwrap()).unwrap();
+    assert_eq!(last_resort.identity, c.identity());
+    assert!(last_resort.last_resort);
+    assert_ne!(last_resort.hash_ref, one_time.hash_ref);
+    let batch = c.key_packages(3).unwrap();
+    assert_eq!(batch.len(), 3);
+    assert!(batch.iter().all(|kp| validate_key_package(kp).is_ok()));
+}
+
+#[test]
+fn validate_rejects_random_truncated_and_flipped_input() {
+    let kp = key_package(&client());
+    for len in 0..kp.len() {
+        assert!(validate_key_package(&kp[..len]).is_err(), "prefix {len}");
+    }
+    let mut trailing = kp.clone();
+    trailing.push(0);
+    assert_eq!(validate_key_package(&trailing), Err(KeyPackageError::TrailingBytes));
+    for i in 0..kp.len() {
+        let mut flipped = kp.clone();
+        flipped[i] ^= 0x01;
+        assert!(validate_key_package(&flipped).is_err(), "flip at {i}");
+    }
+    let mut bad_signature = kp.clone();
+    let last = bad_signature.len() - 1;
+    bad_signature[last] ^= 0x80;
+    assert_eq!(validate_key_package(&bad_signature), Err(KeyPackageError::BadSignature));
+    assert_eq!(KeyPackageError::BadSignature.to_string(), "invalid key package: signature does not verify");
+    for _ in 0..2000 {
+        let len = rand::random::<usize>() % 400;
+        let bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        assert!(validate_key_package(&bytes).is_err());
+    }
+}
+
+/// A KeyPackage signed by `c` with arbitrary contents.
+fn custom_key_package(
+    c: &MlsClient,
+    ciphersuite: Ciphersuite,
+    credential: Credential,
+    lifetime: Option<Lifetime>,
+) -> Vec<u8> {
+    let capabilities = Capabilities::builder()
+        .extensions(vec![ExtensionType::LastResort])
+        .credentials(vec![CredentialType::Basic, CredentialType::X509])
+        .build();
+    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities);
+    if let Some(lifetime) = lifetime {
+        builder = builder.key_package_lifetime(lifetime);
+    }
+    let credential = CredentialWithKey { credential, signature_key: c.signer.public().into() };
+    builder
+        .build(ciphersuite, &c.provider, &c.signer, credential)
+        .unwrap()
+        .key_package()
+        .tls_serialize_detached()
+        .unwrap()
+}
+
+#[test]
+fn validate_rejects_convention_and_policy_violations() {
+    let c = client();
+    let own = || BasicCredential::new(c.identity().to_vec()).into();
+    let other_suite =
+        custom_key_package(&c, Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519, own(), None);
+    assert_eq!(validate_key_package(&other_suite), Err(KeyPackageError::UnsupportedCiphersuite));
+    let mismatch = custom_key_package(&c, CIPHERSUITE, BasicCredential::new(vec![7; 32]).into(), None);
+    assert_eq!(validate_key_package(&mismatch), Err(KeyPackageError::IdentityMismatch));
+    assert_eq!(
+        KeyPackageError::IdentityMismatch.to_string(),
+        "invalid key package: credential identity does not match its signature key"
+    );
+    let x509 = custom_key_package(
+        &c,
+        CIPHERSUITE,
+        Credential::new(CredentialType::X509, c.identity().to_vec()),
+        None,
+    );
+    assert_eq!(validate_key_package(&x509), Err(KeyPackageError::NotBasicCredential));
+    let expired = custom_key_package(&c, CIPHERSUITE, own(), Some(Lifetime::init(0, 1)));
+    assert_eq!(validate_key_package(&expired), Err(KeyPackageError::BadLifetime));
+    let too_long = custom_key_package(&c, CIPHERSUITE, own(), Some(Lifetime::new(10 * 365 * 86400)));
+    assert_eq!(validate_key_package(&too_long), Err(KeyPackageError::BadLifetime));
+
+    // Clients refuse such packages too, whatever the server let through.
+    let mut alice = client();
+    alice.create_group(b"g").unwrap();
+    assert!(matches!(
+        alice.add_members(b"g", &[mismatch]),
+        Err(MlsError::KeyPackage(KeyPackageError::IdentityMismatch))
+    ));
+    assert!(!alice.has_pending(b"g"));
+}
+
+#[test]
+fn commits_and_welcomes_breaking_the_convention_are_refused() {
+    let (alice, mut bob, group) = pair();
+    let carol = client();
+    let forged =
+        custom_key_package(&carol, CIPHERSUITE, BasicCredential::new(bob.identity().to_vec()).into(), None);
+    // A misbehaving client that skips our checks and uses openmls directly.
+    let mut raw = alice.load_group(&group).unwrap();
+    let forged = KeyPackageIn::tls_deserialize_exact(&forged)
+        .unwrap()
+        .validate(alice.provider.crypto(), ProtocolVersion::Mls10)
+        .unwrap();
+    let (commit, welcome, _) = raw.add_members(&alice.provider, &alice.signer, &[forged]).unwrap();
+    let epoch = bob.epoch(&group).unwrap();
+    assert!(matches!(bob.process(&group, &to_bytes(&commit).unwrap()), Err(MlsError::InvalidMember(_))));
+    assert_eq!(bob.epoch(&group).unwrap(), epoch, "refused commit not merged");
+    let mut carol = carol;
+    assert!(matches!(carol.join(&to_bytes(&welcome).unwrap()), Err(MlsError::InvalidMember(_))));
+}
+
+#[test]
+fn last_resort_key_package_joins_several_groups() {
+    let mut alice = client();
+    let mut bob = client();
+    let last_resort = bob.last_resort_key_package().unwrap();
+    for group in [b"first group".as_slice(), b"second group"] {
+        alice.create_group(group).unwrap();
+        let pending = alice.add_members(group, std::slice::from_ref(&last_resort)).unwrap();
+        alice.merge_pending(group).unwrap();
+        assert_eq!(bob.join(&pending.welcome.unwrap()).unwrap(), group);
+        send(group, &mut alice, &mut [&mut bob], b"hi");
+        send(group, &mut bob, &mut [&mut alice], b"hi back");
+    }
+    assert_eq!(bob.group_ids(), vec![b"first group".to_vec(), b"second group".to_vec()]);
+
+    // A one-time package, by contrast, is consumed by its first Welcome.
+    let one_time = key_package(&bob);
+    let mut welcomes = Vec::new();
+    for group in [b"third group".as_slice(), b"fourth group"] {
+        alice.create_group(group).unwrap();
+        let pending = alice.add_members(group, std::slice::from_ref(&one_time)).unwrap();
+        alice.merge_pending(group).unwrap();
+        welcomes.push(pending.welcome.unwrap());
+    }
+    bob.join(&welcomes[0]).unwrap();
+    assert!(matches!(bob.join(&welcomes[1]), Err(MlsError::NoMatchingKeyPackage)));
+}
