@@ -31,5 +31,6 @@ pub mod limits;
 pub mod mls;
 pub mod proto;
 pub mod server;
+pub mod shell;
 pub mod store;
 pub mod transport;
