@@ -55,8 +55,14 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(data_dir: &Path) -> ServerProcess {
+        Self::start_on(data_dir, "127.0.0.1:0")
+    }
+
+    /// Started on `listen`: a restart on the address a port-0 server got (same data dir, so
+    /// the same certificate).
+    pub fn start_on(data_dir: &Path, listen: &str) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("QPQ_CONFIG")
             .env("QPQ_LOG", "warn")
