@@ -34,8 +34,10 @@ enum State {
 pub enum Change {
     /// Nothing worth saying.
     Same,
-    /// Went down (or never came up): say so once.
+    /// Went down: say so once.
     Lost,
+    /// The first attempt of the session failed: say so once.
+    Unreachable,
     /// Came back after being down.
     Back,
 }
@@ -55,6 +57,11 @@ impl Link {
         }
     }
 
+    /// True until the first receive of the session finished.
+    pub fn is_starting(&self) -> bool {
+        self.state == State::Starting
+    }
+
     pub fn is_offline(&self) -> bool {
         matches!(self.state, State::Offline { .. })
     }
@@ -69,7 +76,8 @@ impl Link {
     pub fn failed(&mut self, now: Instant) -> Change {
         let (backoff, change) = match self.state {
             State::Offline { backoff, .. } => ((backoff * 2).min(MAX_BACKOFF), Change::Same),
-            _ => (FIRST_BACKOFF, Change::Lost),
+            State::Online => (FIRST_BACKOFF, Change::Lost),
+            State::Starting => (FIRST_BACKOFF, Change::Unreachable),
         };
         self.state = State::Offline { backoff, next: now + backoff };
         change
@@ -84,8 +92,9 @@ mod tests {
     fn a_lost_server_is_reported_once_and_retried_with_capped_backoff() {
         let now = Instant::now();
         let mut link = Link::default();
+        assert!(link.is_starting());
         assert_eq!(link.next_attempt(now), now);
-        assert_eq!(link.failed(now), Change::Lost);
+        assert_eq!(link.failed(now), Change::Unreachable);
         let mut waits = vec![link.next_attempt(now) - now];
         for _ in 0..6 {
             assert_eq!(link.failed(now), Change::Same);
@@ -96,6 +105,7 @@ mod tests {
         assert!(link.is_offline());
         assert_eq!(link.succeeded(), Change::Back);
         assert_eq!(link.succeeded(), Change::Same);
+        assert!(!link.is_offline());
         assert_eq!(link.next_attempt(now), now);
         assert_eq!(link.failed(now), Change::Lost, "a new outage is reported again");
     }

@@ -30,6 +30,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, mpsc};
 
+use anyhow::Context;
+
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
     ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir,
@@ -80,6 +82,15 @@ enum Flow {
     Quit,
 }
 
+/// What the loop does after a wake-up.
+enum Step {
+    /// The editor is still reading (or nothing was asked of it).
+    Waiting,
+    /// Show the next prompt.
+    Ask,
+    Quit,
+}
+
 enum Wake {
     Input(Input),
     Received(Result<Vec<Event>, ClientError>),
@@ -112,6 +123,8 @@ impl Shell {
             }
             let wake = {
                 let due = self.link.next_attempt(tokio::time::Instant::now());
+                // The first receive catches up at once, so the link state is known early.
+                let wait = if self.link.is_starting() { 0 } else { LONG_POLL_MS };
                 let m = &mut self.m;
                 let lines = &mut self.input.lines;
                 tokio::select! {
@@ -119,42 +132,21 @@ impl Shell {
                     input = lines.recv() => Wake::Input(input.unwrap_or(Input::Eof)),
                     r = async {
                         tokio::time::sleep_until(due).await;
-                        m.receive(LONG_POLL_MS).await
+                        m.receive(wait).await
                     } => Wake::Received(r),
                 }
             };
-            let input = match wake {
+            let step = match wake {
                 Wake::Received(r) => {
                     self.received(r).await;
-                    continue;
+                    Step::Waiting
                 }
-                Wake::Input(input) => input,
+                Wake::Input(input) => self.take(input).await,
             };
-            match input {
-                Input::Notice(n) => {
-                    self.out.status(&n);
-                    continue;
-                }
-                Input::Bad(e) => {
-                    self.fail(&e);
-                    continue;
-                }
-                _ => {}
-            }
-            asked = false;
-            self.out.set_editing(false);
-            match input {
-                Input::Line(line) => {
-                    if self.line(&line).await == Flow::Quit {
-                        break;
-                    }
-                }
-                Input::Interrupted | Input::Notice(_) | Input::Bad(_) => {}
-                Input::Eof => break,
-                Input::Failed(e) => {
-                    self.fail(&e);
-                    break;
-                }
+            match step {
+                Step::Waiting => {}
+                Step::Ask => asked = false,
+                Step::Quit => break,
             }
         }
         if !self.input.is_editor() && !self.link.is_offline() {
@@ -166,6 +158,36 @@ impl Shell {
         }
         self.m.disconnect().await;
         if self.failed && !self.input.is_editor() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    }
+
+    /// Handles what the line source reported.
+    async fn take(&mut self, input: Input) -> Step {
+        match input {
+            // Sent by the editor thread before its line: the prompt request is still pending.
+            Input::Notice(n) => {
+                self.out.status(&n);
+                return Step::Waiting;
+            }
+            // Only stdin sends these, and it needs no prompt.
+            Input::Bad(e) => {
+                self.fail(&e);
+                return Step::Waiting;
+            }
+            _ => {}
+        }
+        self.out.set_editing(false);
+        match input {
+            Input::Line(line) => match self.line(&line).await {
+                Flow::Quit => Step::Quit,
+                Flow::Continue => Step::Ask,
+            },
+            Input::Interrupted | Input::Notice(_) | Input::Bad(_) => Step::Ask,
+            Input::Eof => Step::Quit,
+            Input::Failed(e) => {
+                self.fail(&e);
+                Step::Quit
+            }
+        }
     }
 
     fn greet(&self) {
@@ -186,20 +208,32 @@ impl Shell {
         self.out.error(msg);
     }
 
+    /// The server answered (a receive, or a command that connected): say so if it was gone.
+    fn link_up(&mut self) {
+        if self.link.succeeded() == Change::Back {
+            let server = self.m.server().unwrap_or_default();
+            self.out.status(&format!("connected to {server} again"));
+        }
+    }
+
     /// After a long poll: report the link, show what came.
     async fn received(&mut self, r: Result<Vec<Event>, ClientError>) {
         let server = self.m.server().unwrap_or_default();
         match r {
             Ok(events) => {
-                if self.link.succeeded() == Change::Back {
-                    self.out.status(&format!("connected to {server} again"));
-                }
+                self.link_up();
                 self.show(events);
             }
             Err(e) => {
-                if self.link.failed(tokio::time::Instant::now()) == Change::Lost {
-                    self.out
-                        .status(&format!("lost the server {server}: {e}; reconnecting in the background"));
+                let said = match self.link.failed(tokio::time::Instant::now()) {
+                    Change::Lost => {
+                        format!("lost the connection to {server} ({e}); reconnecting in the background")
+                    }
+                    Change::Unreachable => format!("cannot reach {server} ({e}); retrying in the background"),
+                    Change::Same | Change::Back => String::new(),
+                };
+                if !said.is_empty() {
+                    self.out.status(&said);
                 }
                 self.m.disconnect().await;
             }
@@ -256,6 +290,9 @@ impl Shell {
                 }
             },
         };
+        if self.m.is_connected() {
+            self.link_up();
+        }
         self.show(Vec::new());
         flow
     }
@@ -277,7 +314,8 @@ impl Shell {
                         anyhow::bail!("no open conversation: use @NAME TEXT, #GROUP TEXT or /chat NAME first")
                     }
                 };
-                self.verb(ClientVerb::Send(SendArgs { target, text: vec![text] })).await?;
+                let send = ClientVerb::Send(SendArgs { target, text: vec![text] });
+                self.verb(send).await.context("message not sent")?;
             }
             Action::Verb(verb) => self.verb(verb).await?,
         }
