@@ -32,5 +32,6 @@ pub mod limits;
 pub mod mls;
 pub mod proto;
 pub mod server;
+pub mod shell;
 pub mod store;
 pub mod transport;

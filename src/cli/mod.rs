@@ -46,6 +46,8 @@ pub enum Command {
     Client(client::ClientVerb),
     /// Receive: process everything pending and print each message
     Recv(client::RecvArgs),
+    /// Chat interactively (@bob hi, #team hi, /chat bob); runs a script when stdin is not a terminal
+    Shell,
     /// Print shell completions for bash, zsh or fish
     Completions {
         #[arg(value_enum)]
@@ -113,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Init(args) => client::init(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
+        Command::Shell => crate::shell::run(&g),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());

@@ -362,6 +362,12 @@ impl Messenger {
         }
     }
 
+    /// True while a connection is open (a dead server is noticed only by the next call or the
+    /// QUIC idle timeout). The shell uses it to report that the server is back.
+    pub fn is_connected(&self) -> bool {
+        self.session.as_ref().is_some_and(Session::is_open)
+    }
+
     pub(crate) fn session(&self) -> Result<&Session, ClientError> {
         self.session.as_ref().ok_or(ClientError::NoServer)
     }

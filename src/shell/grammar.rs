@@ -1,0 +1,457 @@
+//! What a shell line means. Two layers, so the shell and the one-shot commands never drift:
+//!
+//! - **Chat syntax** on top, taken verbatim (no quoting rules, so `don't` just works):
+//!   `@bob TEXT`, `#team TEXT`, `/say TEXT`, and plain text while a conversation is open.
+//! - **Verbs** below, parsed by clap from the *same* definitions as the command line
+//!   ([`ClientVerb`]) plus a few shell-only verbs, through a `multicall` wrapper after
+//!   shell-style word splitting. A verb may be written bare in the lobby (`group create team`)
+//!   and with a leading `/` anywhere (`/group create team`); inside a conversation a bare line is
+//!   text, as in irssi: `health is fine` is a message, `/health` the command.
+//!
+//! Parsing does no I/O and knows nothing of the messenger, so it is tested directly.
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{ColorChoice, CommandFactory, Parser, Subcommand};
+
+use crate::cli::client::ClientVerb;
+
+/// Messages shown by `/history` without a count.
+pub const DEFAULT_HISTORY_LINES: usize = 20;
+
+/// One shell line, as clap sees it after word splitting.
+#[derive(Debug, Parser)]
+#[command(multicall = true, disable_help_subcommand = true, color = ColorChoice::Never)]
+pub struct ShellLine {
+    #[command(subcommand)]
+    pub verb: ShellVerb,
+}
+
+/// Every verb the shell knows: the shared ones and the shell's own.
+#[derive(Debug, Subcommand)]
+pub enum ShellVerb {
+    #[command(flatten)]
+    Client(ClientVerb),
+    /// Open a conversation: plain lines then go there (`/chat` alone goes back to the lobby)
+    #[command(visible_alias = "c")]
+    Chat {
+        /// A contact name, a 64-hex key or #group
+        target: Option<String>,
+    },
+    /// Show the last N messages of the open conversation
+    #[command(visible_alias = "tail")]
+    History {
+        #[arg(default_value_t = DEFAULT_HISTORY_LINES)]
+        n: usize,
+    },
+    /// Show this help, or the help of one command
+    #[command(visible_alias = "h")]
+    Help { command: Option<String> },
+    /// Leave the shell (Ctrl-D does too)
+    #[command(visible_aliases = ["q", "exit"])]
+    Quit,
+}
+
+/// What the shell should do with a line.
+#[derive(Debug)]
+pub enum Action {
+    /// An empty line.
+    Nothing,
+    /// A verb shared with the one-shot commands.
+    Verb(ClientVerb),
+    /// Send `text` to `to`, or to the open conversation when `to` is None.
+    Say {
+        to: Option<String>,
+        text: String,
+    },
+    /// Open a conversation, or go back to the lobby.
+    Chat(Option<String>),
+    History(usize),
+    Help(Option<String>),
+    /// Text clap rendered for `--help`: output, not an error.
+    Show(String),
+    Quit,
+}
+
+/// Why a line could not be understood; the text is one lowercase line (a usage line may follow).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LineError(pub String);
+
+/// Parses one line. `in_conversation` decides whether a bare line is text or a verb.
+pub fn parse(line: &str, in_conversation: bool) -> Result<Action, LineError> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(Action::Nothing);
+    }
+    if let Some(rest) = strip_word(line, "/say") {
+        return say(None, rest, "/say");
+    }
+    if let Some(rest) = line.strip_prefix('/') {
+        return parse_verb(rest, "/");
+    }
+    if let Some(rest) = line.strip_prefix('@') {
+        return address(rest, "", "@NAME TEXT, with a contact name or a 64-hex key");
+    }
+    if let Some(rest) = line.strip_prefix('#') {
+        return address(rest, "#", "#GROUP TEXT, with the name of a group");
+    }
+    if in_conversation {
+        return Ok(Action::Say { to: None, text: line.to_string() });
+    }
+    parse_verb(line, "")
+}
+
+/// `rest` after `word` when the line is `word` alone or `word` followed by whitespace.
+fn strip_word<'a>(line: &'a str, word: &str) -> Option<&'a str> {
+    let rest = line.strip_prefix(word)?;
+    (rest.is_empty() || rest.starts_with(char::is_whitespace)).then(|| rest.trim_start())
+}
+
+/// `@bob TEXT` or `#team TEXT` (`sigil` is what the target keeps: "" or "#").
+fn address(rest: &str, sigil: &str, usage: &str) -> Result<Action, LineError> {
+    let (name, text) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let shown = if sigil.is_empty() { "@" } else { sigil };
+    if name.is_empty() {
+        return Err(LineError(format!("{shown} needs a name right after it ({usage})")));
+    }
+    let target = format!("{sigil}{name}");
+    say(Some(target), text.trim_start(), &format!("{shown}{name}"))
+}
+
+fn say(to: Option<String>, text: &str, what: &str) -> Result<Action, LineError> {
+    if text.is_empty() {
+        return Err(LineError(format!("nothing to send: write the message after {what}")));
+    }
+    Ok(Action::Say { to, text: text.to_string() })
+}
+
+/// Splits like a shell and hands the words to clap. `slash` is how the user wrote the verb.
+fn parse_verb(text: &str, slash: &str) -> Result<Action, LineError> {
+    let mut words = shell_words::split(&protect_hashes(text))
+        .map_err(|e| LineError(format!("cannot split the line into words: {e}")))?;
+    // A one-shot command pasted with its program name works too.
+    if words.len() > 1 && words[0] == "qpq" {
+        words.remove(0);
+    }
+    let Some(first) = words.first().cloned() else {
+        return Err(LineError(format!("a command is expected after {slash:?}: type /help")));
+    };
+    match ShellLine::try_parse_from(&words) {
+        Ok(ShellLine { verb }) => Ok(match verb {
+            ShellVerb::Client(v) => Action::Verb(v),
+            ShellVerb::Chat { target } => Action::Chat(target),
+            ShellVerb::History { n } => Action::History(n),
+            ShellVerb::Help { command } => Action::Help(command),
+            ShellVerb::Quit => Action::Quit,
+        }),
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => Ok(Action::Show(e.render().to_string())),
+            ErrorKind::InvalidSubcommand if words.len() == 1 || is_top_level(&e, &first) => {
+                Err(unknown_command(&e, slash, &first))
+            }
+            _ => Err(LineError(condense(&e.render().to_string()))),
+        },
+    }
+}
+
+/// Escapes every unquoted `#`: shell-words reads one that starts a word as a comment, but here
+/// it names a group (`send #team hi`). An escaped `#` inside a word is the same `#`.
+fn protect_hashes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    let (mut single, mut double, mut escaped) = (false, false, false);
+    for c in text.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' && !single {
+            escaped = true;
+        } else if c == '\'' && !double {
+            single = !single;
+        } else if c == '"' && !single {
+            double = !double;
+        } else if c == '#' && !single && !double {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// True when clap rejected the verb itself rather than a sub-verb (`group frob`).
+fn is_top_level(e: &clap::Error, first: &str) -> bool {
+    matches!(e.get(ContextKind::InvalidSubcommand), Some(ContextValue::String(s)) if s == first)
+}
+
+fn unknown_command(e: &clap::Error, slash: &str, word: &str) -> LineError {
+    let hint = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(ContextValue::String(s)) => format!(": did you mean {slash}{s}?"),
+        // clap offers aliases too (`h` for `histroy`): the full name reads best.
+        Some(ContextValue::Strings(v)) => match v.iter().max_by_key(|s| s.len()) {
+            Some(s) => format!(": did you mean {slash}{s}?"),
+            None => String::new(),
+        },
+        _ => String::new(),
+    };
+    let lobby = if slash.is_empty() { "; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME" } else { "" };
+    LineError(format!("unknown command {slash}{word}{hint} (type /help{lobby})"))
+}
+
+/// clap's multi-line error as one line plus its usage line, without the `--help` footer.
+fn condense(rendered: &str) -> String {
+    let mut head = String::new();
+    let mut usage = String::new();
+    for line in rendered.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+        if let Some(u) = line.strip_prefix("Usage: ") {
+            usage = format!("\nusage: {u}");
+        } else if line.starts_with("For more information") {
+            continue;
+        } else if head.is_empty() {
+            head = line.strip_prefix("error: ").unwrap_or(line).to_string();
+        } else {
+            // Continuation lines (lists of missing arguments, tips) join the first one.
+            head = format!("{} {}", head.trim_end_matches(':'), line.trim());
+        }
+    }
+    format!("{head}{usage}")
+}
+
+/// Whether a line may be kept in the history file. Lines starting with a space are never kept
+/// (bash's ignorespace habit). No verb takes a secret today, but a future `passphrase` verb
+/// must never reach the file, so its lines are refused here already.
+pub fn may_record(line: &str) -> bool {
+    if line.trim().is_empty() || line.starts_with(char::is_whitespace) {
+        return false;
+    }
+    let mut words = line.trim_start_matches('/').split_whitespace().peekable();
+    if words.peek() == Some(&"qpq") {
+        words.next();
+    }
+    let verb = words.next().unwrap_or("").to_ascii_lowercase();
+    !SECRET_VERBS.contains(&verb.as_str())
+}
+
+/// Verbs whose lines may carry a secret.
+const SECRET_VERBS: &[&str] = &["passphrase"];
+
+/// The help overview: chat syntax, then every verb from the clap definitions.
+pub fn help_overview() -> String {
+    let mut s = String::from(
+        "chat:\n  \
+         @NAME TEXT        send TEXT to a contact (or a 64-hex key)\n  \
+         #GROUP TEXT       send TEXT to a group\n  \
+         TEXT              inside a conversation (/chat NAME): send TEXT there\n  \
+         /say TEXT         send TEXT to the open conversation even if it starts with / @ #\n\
+         commands (bare in the lobby, with a leading / anywhere):\n",
+    );
+    let cmd = ShellLine::command();
+    for sub in cmd.get_subcommands() {
+        let mut name = sub.get_name().to_string();
+        let mut about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        let subs: Vec<&str> = sub.get_subcommands().map(|c| c.get_name()).collect();
+        if !subs.is_empty() {
+            name.push_str(" SUB");
+            about = format!("{about}: {}", subs.join(", "));
+        }
+        let aliases: Vec<&str> = sub.get_visible_aliases().collect();
+        if !aliases.is_empty() {
+            name = format!("{name} ({})", aliases.join(", "));
+        }
+        s.push_str(&format!("  {name:<17} {about}\n"));
+    }
+    s.push_str("`/help COMMAND` or `COMMAND --help` shows one command's arguments.\n");
+    s
+}
+
+/// The long help of one verb (`help group`, `help c`).
+pub fn help_for(topic: &str) -> Result<String, LineError> {
+    let topic = topic.trim_start_matches('/');
+    let mut cmd = ShellLine::command();
+    match cmd.find_subcommand_mut(topic) {
+        Some(sub) => Ok(sub.render_long_help().to_string()),
+        None => Err(LineError(format!("no command named {topic:?}: type /help for the list"))),
+    }
+}
+
+/// Names of all verbs (with aliases) and, per verb, its sub-verbs: the completer's vocabulary.
+pub fn verb_names() -> Vec<(String, Vec<String>)> {
+    let cmd = ShellLine::command();
+    let mut out = Vec::new();
+    for sub in cmd.get_subcommands() {
+        let subs: Vec<String> = sub.get_subcommands().map(|c| c.get_name().to_string()).collect();
+        out.push((sub.get_name().to_string(), subs.clone()));
+        for alias in sub.get_visible_aliases() {
+            out.push((alias.to_string(), subs.clone()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::client::{ContactCmd, GroupCmd};
+
+    fn ok(line: &str, conv: bool) -> Action {
+        parse(line, conv).unwrap_or_else(|e| panic!("{line:?} failed: {e}"))
+    }
+
+    fn err(line: &str, conv: bool) -> String {
+        match parse(line, conv) {
+            Err(e) => e.0,
+            Ok(a) => panic!("{line:?} parsed as {a:?}"),
+        }
+    }
+
+    fn say_of(a: Action) -> (Option<String>, String) {
+        match a {
+            Action::Say { to, text } => (to, text),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn at_and_hash_address_a_message_verbatim() {
+        assert_eq!(say_of(ok("@bob don't  panic", false)), (Some("bob".into()), "don't  panic".into()));
+        assert_eq!(say_of(ok("#team \"quoted\" hi", true)), (Some("#team".into()), "\"quoted\" hi".into()));
+        assert_eq!(say_of(ok("/say @not an address", true)), (None, "@not an address".into()));
+    }
+
+    #[test]
+    fn malformed_addresses_say_what_is_missing() {
+        assert!(err("@", false).starts_with("@ needs a name"), "{}", err("@", false));
+        assert!(err("@ hi", false).starts_with("@ needs a name"));
+        assert_eq!(err("@bob", false), "nothing to send: write the message after @bob");
+        assert_eq!(err("@bob   ", true), "nothing to send: write the message after @bob");
+        assert!(err("#", false).starts_with("# needs a name"));
+        assert_eq!(err("#team", false), "nothing to send: write the message after #team");
+        assert_eq!(err("/say", true), "nothing to send: write the message after /say");
+    }
+
+    #[test]
+    fn bare_lines_are_verbs_in_the_lobby_and_text_in_a_conversation() {
+        assert!(matches!(ok("whoami", false), Action::Verb(ClientVerb::Whoami)));
+        assert_eq!(say_of(ok("whoami", true)), (None, "whoami".into()));
+        assert!(matches!(ok("/whoami", true), Action::Verb(ClientVerb::Whoami)));
+        assert!(matches!(ok("qpq health", false), Action::Verb(ClientVerb::Health)));
+    }
+
+    #[test]
+    fn shared_verbs_parse_with_the_command_line_definitions() {
+        match ok("contact add bob 'ab cd'", false) {
+            Action::Verb(ClientVerb::Contact(ContactCmd::Add { name, key })) => {
+                assert_eq!((name.as_str(), key.as_str()), ("bob", "ab cd"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match ok("/group add team bob carol", true) {
+            Action::Verb(ClientVerb::Group(GroupCmd::Add { name, members })) => {
+                assert_eq!(name, "team");
+                assert_eq!(members, ["bob", "carol"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match ok("send bob hello there", false) {
+            Action::Verb(ClientVerb::Send(a)) => {
+                assert_eq!((a.target, a.text), ("bob".into(), vec!["hello".to_string(), "there".to_string()]))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shell_verbs_and_their_aliases() {
+        for (line, want) in [("/chat bob", Some("bob")), ("/c #team", Some("#team")), ("/chat", None)] {
+            match ok(line, true) {
+                Action::Chat(t) => assert_eq!(t.as_deref(), want, "{line}"),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        assert!(matches!(ok("/history", true), Action::History(DEFAULT_HISTORY_LINES)));
+        assert!(matches!(ok("/tail 3", true), Action::History(3)));
+        assert!(matches!(ok("history 7", false), Action::History(7)));
+        for line in ["/quit", "/q", "/exit", "quit"] {
+            assert!(matches!(ok(line, false), Action::Quit), "{line}");
+        }
+        assert!(matches!(ok("/help", true), Action::Help(None)));
+        assert!(matches!(ok("/h group", true), Action::Help(Some(t)) if t == "group"));
+    }
+
+    #[test]
+    fn unknown_commands_are_named_with_a_suggestion() {
+        assert_eq!(
+            err("frobnicate", false),
+            "unknown command frobnicate (type /help; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME)"
+        );
+        assert_eq!(err("/histroy", true), "unknown command /histroy: did you mean /history? (type /help)");
+        assert!(err("/", true).starts_with("a command is expected"));
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_plus_usage() {
+        let e = err("group create", false);
+        assert!(e.starts_with("the following required arguments were not provided"), "{e}");
+        assert!(e.contains("<NAME>"), "{e}");
+        assert!(e.ends_with("\nusage: group create <NAME>"), "{e}");
+        assert_eq!(e.lines().count(), 2, "{e}");
+        let e = err("whoami extra", false);
+        assert!(e.starts_with("unexpected argument 'extra' found"), "{e}");
+    }
+
+    #[test]
+    fn help_requests_are_output_not_errors() {
+        match ok("send --help", false) {
+            Action::Show(t) => assert!(t.contains("Usage: send <TARGET> [TEXT]..."), "{t}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(ok("group", false), Action::Show(t) if t.contains("create")));
+    }
+
+    #[test]
+    fn hash_names_survive_word_splitting() {
+        assert_eq!(protect_hashes("send #team hi"), "send \\#team hi");
+        assert_eq!(protect_hashes("send '#team' \"#x\" a#b"), "send '#team' \"#x\" a\\#b");
+        match ok("send #team a # b", false) {
+            Action::Verb(ClientVerb::Send(a)) => {
+                assert_eq!(a.target, "#team");
+                assert_eq!(a.text, ["a", "#", "b"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(ok("group members #team", false),
+            Action::Verb(ClientVerb::Group(GroupCmd::Members { name })) if name == "#team"));
+    }
+
+    #[test]
+    fn a_split_error_is_clear() {
+        assert_eq!(err("send bob \"hi", false), "cannot split the line into words: missing closing quote");
+    }
+
+    #[test]
+    fn help_lists_every_verb_from_clap() {
+        let h = help_overview();
+        for word in [
+            "whoami",
+            "health",
+            "contact SUB",
+            "add, list, remove",
+            "group SUB",
+            "chat (c)",
+            "quit (q, exit)",
+        ] {
+            assert!(h.contains(word), "{word} missing from:\n{h}");
+        }
+        assert!(help_for("/c").unwrap().contains("Open a conversation"));
+        assert!(help_for("nope").is_err());
+    }
+
+    #[test]
+    fn secrets_and_space_prefixed_lines_are_not_recorded() {
+        assert!(may_record("@bob hi"));
+        assert!(!may_record(" @bob hi"));
+        assert!(!may_record("passphrase hunter2"));
+        assert!(!may_record("/passphrase"));
+        assert!(!may_record("qpq Passphrase new"));
+        assert!(!may_record(""));
+    }
+}

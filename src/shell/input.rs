@@ -1,0 +1,197 @@
+//! Where lines come from: the rustyline editor on a terminal, or stdin line by line in scripts.
+//!
+//! Both read on a std thread of their own (rustyline's `readline` and stdin reads block) and
+//! send [`Input`]s to the core loop over a channel, so the core can `select!` between the next
+//! line and incoming messages. The editor reads a line only when the core asks with a prompt:
+//! the core shows the prompt after the previous line's output, so output order is right and
+//! the prompt shows the conversation `/chat` just opened.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rustyline::error::ReadlineError;
+use rustyline::history::FileHistory;
+use rustyline::{CompletionType, Config, Editor};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::shell::complete::{SharedNames, ShellHelper};
+use crate::shell::{grammar, printer};
+
+/// The history file in the home.
+pub const HISTORY_FILE: &str = "history";
+/// Lines kept in it: enough for weeks of chat commands, small enough to load instantly.
+pub const MAX_HISTORY_LINES: usize = 1000;
+
+/// What a line source reports.
+#[derive(Debug)]
+pub enum Input {
+    Line(String),
+    /// Ctrl-C at the prompt: the typed line is dropped, the shell goes on.
+    Interrupted,
+    /// End of input (Ctrl-D, or the end of a script).
+    Eof,
+    /// Something to tell the user (e.g. the history file cannot be written).
+    Notice(String),
+    /// A line that could not be read (not utf-8); it counts as a failed line.
+    Bad(String),
+    /// The source broke; the shell ends.
+    Failed(String),
+}
+
+/// A running line source.
+pub struct LineSource {
+    pub lines: UnboundedReceiver<Input>,
+    /// Prompts for the editor; None for stdin, which reads ahead on its own.
+    prompts: Option<mpsc::Sender<String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LineSource {
+    /// The line editor, with `history` as its file and `prints` feeding its external printer.
+    pub fn editor(
+        history: PathBuf,
+        names: SharedNames,
+        prints: mpsc::Receiver<String>,
+    ) -> std::io::Result<Self> {
+        let (tx, lines) = unbounded_channel();
+        let (prompts, prompt_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("qpq-editor".into())
+            .spawn(move || run_editor(&history, names, prints, prompt_rx, tx))?;
+        Ok(LineSource { lines, prompts: Some(prompts), thread: Some(thread) })
+    }
+
+    /// Lines of stdin.
+    pub fn stdin() -> std::io::Result<Self> {
+        let (tx, lines) = unbounded_channel();
+        // Not joined: a read blocked on stdin must not keep the shell from exiting.
+        std::thread::Builder::new().name("qpq-stdin".into()).spawn(move || read_stdin(tx))?;
+        Ok(LineSource { lines, prompts: None, thread: None })
+    }
+
+    pub fn is_editor(&self) -> bool {
+        self.prompts.is_some()
+    }
+
+    /// Asks the editor for the next line, showing `prompt` (a no-op for stdin).
+    pub fn request(&self, prompt: &str) {
+        if let Some(p) = &self.prompts {
+            // If the editor thread ended it already sent Eof or Failed, which ends the shell.
+            let _ = p.send(prompt.to_string());
+        }
+    }
+
+    /// Stops the editor and waits for it to give the terminal back.
+    pub fn close(mut self) {
+        self.prompts = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn editor_config() -> rustyline::Result<Config> {
+    Ok(Config::builder()
+        .max_history_size(MAX_HISTORY_LINES)?
+        .history_ignore_dups(true)?
+        .history_ignore_space(true)
+        .auto_add_history(false)
+        .completion_type(CompletionType::List)
+        .build())
+}
+
+fn run_editor(
+    history: &Path,
+    names: SharedNames,
+    prints: mpsc::Receiver<String>,
+    prompts: mpsc::Receiver<String>,
+    tx: UnboundedSender<Input>,
+) {
+    let editor = editor_config().and_then(Editor::<ShellHelper, FileHistory>::with_config);
+    let mut editor = match editor {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = tx.send(Input::Failed(format!("cannot start the line editor: {e}")));
+            return;
+        }
+    };
+    editor.set_helper(Some(ShellHelper::new(names)));
+    restrict_permissions(history);
+    match editor.load_history(history) {
+        Ok(()) => {}
+        Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let _ = tx.send(Input::Notice(format!("cannot read history {}: {e}", history.display())));
+        }
+    }
+    // The printer thread ends when the core drops its Printer, before it closes this source.
+    let started = match editor.create_external_printer() {
+        Ok(p) => printer::spawn_external(p, prints),
+        Err(_) => printer::spawn_fallback(prints),
+    };
+    if let Err(e) = started {
+        let _ = tx.send(Input::Notice(format!("cannot start the printer thread: {e}")));
+    }
+    let mut history_warned = false;
+    while let Ok(prompt) = prompts.recv() {
+        let input = match editor.readline(&prompt) {
+            Ok(line) => {
+                if grammar::may_record(&line) {
+                    let kept = editor.add_history_entry(line.as_str());
+                    // Appended at once, so a crash or a second terminal keeps the line.
+                    if let Err(e) = kept.and_then(|_| editor.append_history(history))
+                        && !history_warned
+                    {
+                        history_warned = true;
+                        let msg = format!("cannot write history {}: {e}", history.display());
+                        let _ = tx.send(Input::Notice(msg));
+                    }
+                }
+                Input::Line(line)
+            }
+            Err(ReadlineError::Interrupted) => Input::Interrupted,
+            Err(ReadlineError::Eof) => Input::Eof,
+            Err(e) => Input::Failed(format!("line editor: {e}")),
+        };
+        let last = matches!(input, Input::Eof | Input::Failed(_));
+        if tx.send(input).is_err() || last {
+            break;
+        }
+    }
+}
+
+/// The history may hold who you talk to: owner-only, like the state file (rustyline also
+/// creates it 0600; this fixes a file copied in with looser bits).
+fn restrict_permissions(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if path.exists() {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
+fn read_stdin(tx: UnboundedSender<Input>) {
+    let stdin = std::io::stdin();
+    let mut stdin = stdin.lock();
+    let mut n = 0usize;
+    loop {
+        let mut buf = Vec::new();
+        n += 1;
+        let input = match stdin.read_until(b'\n', &mut buf) {
+            Ok(0) => Input::Eof,
+            Ok(_) => match String::from_utf8(buf) {
+                Ok(s) => Input::Line(s.trim_end_matches(['\n', '\r']).to_string()),
+                Err(_) => Input::Bad(format!("line {n} is not utf-8 text: skipped")),
+            },
+            Err(e) => Input::Failed(format!("cannot read stdin: {e}")),
+        };
+        let last = matches!(input, Input::Eof | Input::Failed(_));
+        if tx.send(input).is_err() || last {
+            return;
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! `qpq shell`: the interactive chat REPL, and a line-by-line script runner when stdin is not a
+//! terminal.
+//!
+//! # Design
+//! One core loop on a current-thread runtime in a `LocalSet` (capnp-rpc is `!Send`) owns the
+//! [`Messenger`] and its connection for the whole session. It `select!`s between the next line
+//! from the [`input`] thread and a long poll `receive`; a line wins, the poll is dropped (safe:
+//! effects are saved before acks and `processed_seq` makes redelivery a no-op), the line runs,
+//! then the editor is asked for the next line. Arrivals go through the [`printer`] so they
+//! appear above a half-typed line. A failing receive is reported once and retried with backoff
+//! ([`link`]); commands keep working meanwhile, and those needing the server fail with one line.
+//!
+//! Lines mean what [`grammar`] says: shared verbs parsed by the one-shot clap definitions and
+//! run by [`run_verb`], plus chat syntax (`@bob hi`, `#team hi`, `/chat`, `/history`, ...).
+//!
+//! # Layout
+//! - [`grammar`]: line → action (no I/O).
+//! - [`complete`]: tab completion of verbs, contacts and groups.
+//! - [`input`]: the rustyline editor thread (history in `<home>/history`) or stdin lines.
+//! - [`printer`]: output that never mangles the line being typed.
+//! - [`link`]: the connection's up/down state and reconnect backoff.
+
+pub mod complete;
+pub mod grammar;
+pub mod input;
+pub mod link;
+pub mod printer;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, mpsc};
+
+use anyhow::Context;
+
+use crate::cli::GlobalArgs;
+use crate::cli::client::{
+    ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir,
+    open_messenger, run_verb,
+};
+use crate::client::messenger::{ClientError, Event, Messenger, Target};
+use crate::shell::complete::{Names, SharedNames};
+use crate::shell::grammar::Action;
+use crate::shell::input::{Input, LineSource};
+use crate::shell::link::{Change, Link};
+use crate::shell::printer::Printer;
+
+/// Long-poll length while waiting for a line: short enough to notice a dead server quickly,
+/// long enough to cost nothing while idle.
+pub const LONG_POLL_MS: u32 = 25_000;
+
+/// `qpq shell`.
+pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let home = home_dir(g)?;
+    let messenger = open_messenger(g)?;
+    let names: SharedNames = Arc::new(Mutex::new(Names::default()));
+    let (out, input) = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        let (tx, rx) = mpsc::channel();
+        let source = LineSource::editor(home.join(input::HISTORY_FILE), names.clone(), rx)?;
+        (Printer::terminal(tx), source)
+    } else {
+        (Printer::plain(), LineSource::stdin()?)
+    };
+    let mut shell =
+        Shell { m: messenger, out, input, names, conversation: None, link: Link::default(), failed: false };
+    let code = block_on_local(shell.run())?;
+    let Shell { out, input, .. } = shell;
+    drop(out); // ends the printer thread before the editor is joined
+    input.close();
+    Ok(code)
+}
+
+/// The open conversation: what `send` is given, and what the prompt shows.
+struct Conversation {
+    target: String,
+    label: String,
+}
+
+/// Whether the shell goes on after a line.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Quit,
+}
+
+/// What the loop does after a wake-up.
+enum Step {
+    /// The editor is still reading (or nothing was asked of it).
+    Waiting,
+    /// Show the next prompt.
+    Ask,
+    Quit,
+}
+
+enum Wake {
+    Input(Input),
+    Received(Result<Vec<Event>, ClientError>),
+}
+
+struct Shell {
+    m: Messenger,
+    out: Printer,
+    input: LineSource,
+    /// The completer's copy of contact and group names.
+    names: SharedNames,
+    conversation: Option<Conversation>,
+    link: Link,
+    /// A line failed: a script exits with status 1.
+    failed: bool,
+}
+
+impl Shell {
+    async fn run(&mut self) -> ExitCode {
+        if self.input.is_editor() {
+            self.greet();
+        }
+        self.show(Vec::new());
+        let mut asked = false;
+        loop {
+            if !asked {
+                self.input.request(&self.prompt());
+                self.out.set_editing(self.input.is_editor());
+                asked = true;
+            }
+            let wake = {
+                let due = self.link.next_attempt(tokio::time::Instant::now());
+                // The first receive catches up at once, so the link state is known early.
+                let wait = if self.link.is_starting() { 0 } else { LONG_POLL_MS };
+                let m = &mut self.m;
+                let lines = &mut self.input.lines;
+                tokio::select! {
+                    biased;
+                    input = lines.recv() => Wake::Input(input.unwrap_or(Input::Eof)),
+                    r = async {
+                        tokio::time::sleep_until(due).await;
+                        m.receive(wait).await
+                    } => Wake::Received(r),
+                }
+            };
+            let step = match wake {
+                Wake::Received(r) => {
+                    self.received(r).await;
+                    Step::Waiting
+                }
+                Wake::Input(input) => self.take(input).await,
+            };
+            match step {
+                Step::Waiting => {}
+                Step::Ask => asked = false,
+                Step::Quit => break,
+            }
+        }
+        if !self.input.is_editor() && !self.link.is_offline() {
+            // A script's last word: what arrived while it ran.
+            match self.m.receive(0).await {
+                Ok(events) => self.show(events),
+                Err(e) => self.out.status(&format!("cannot receive: {e}")),
+            }
+        }
+        self.m.disconnect().await;
+        if self.failed && !self.input.is_editor() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    }
+
+    /// Handles what the line source reported.
+    async fn take(&mut self, input: Input) -> Step {
+        match input {
+            // Sent by the editor thread before its line: the prompt request is still pending.
+            Input::Notice(n) => {
+                self.out.status(&n);
+                return Step::Waiting;
+            }
+            // Only stdin sends these, and it needs no prompt.
+            Input::Bad(e) => {
+                self.fail(&e);
+                return Step::Waiting;
+            }
+            _ => {}
+        }
+        self.out.set_editing(false);
+        match input {
+            Input::Line(line) => match self.line(&line).await {
+                Flow::Quit => Step::Quit,
+                Flow::Continue => Step::Ask,
+            },
+            Input::Interrupted | Input::Notice(_) | Input::Bad(_) => Step::Ask,
+            Input::Eof => Step::Quit,
+            Input::Failed(e) => {
+                self.fail(&e);
+                Step::Quit
+            }
+        }
+    }
+
+    fn greet(&self) {
+        let who = self.m.state().name.clone().unwrap_or_else(|| self.m.public_key().short());
+        let server = self.m.server().unwrap_or_else(|| "no server".into());
+        self.out.data(&format!("qpq shell: {who} on {server}; /help for help, Ctrl-D to leave"));
+    }
+
+    fn prompt(&self) -> String {
+        match &self.conversation {
+            Some(c) => format!("{}> ", c.label),
+            None => "qpq> ".to_string(),
+        }
+    }
+
+    fn fail(&mut self, msg: &str) {
+        self.failed = true;
+        self.out.error(msg);
+    }
+
+    /// The server answered (a receive, or a command that connected): say so if it was gone.
+    fn link_up(&mut self) {
+        if self.link.succeeded() == Change::Back {
+            let server = self.m.server().unwrap_or_default();
+            self.out.status(&format!("connected to {server} again"));
+        }
+    }
+
+    /// After a long poll: report the link, show what came.
+    async fn received(&mut self, r: Result<Vec<Event>, ClientError>) {
+        let server = self.m.server().unwrap_or_default();
+        match r {
+            Ok(events) => {
+                self.link_up();
+                self.show(events);
+            }
+            Err(e) => {
+                let said = match self.link.failed(tokio::time::Instant::now()) {
+                    Change::Lost => {
+                        format!("lost the connection to {server} ({e}); reconnecting in the background")
+                    }
+                    Change::Unreachable => format!("cannot reach {server} ({e}); retrying in the background"),
+                    Change::Same | Change::Back => String::new(),
+                };
+                if !said.is_empty() {
+                    self.out.status(&said);
+                }
+                self.m.disconnect().await;
+            }
+        }
+    }
+
+    /// Prints events, unread messages (from any command's receive) and notices.
+    fn show(&mut self, events: Vec<Event>) {
+        for e in &events {
+            if let Some(line) = describe_event(&self.m, e) {
+                self.out.data(&format!("* {line}"));
+            }
+        }
+        match self.m.take_inbox() {
+            Ok(entries) => {
+                for e in &entries {
+                    self.out.data(&format_entry(&self.m, e));
+                }
+            }
+            Err(e) => self.fail(&format!("cannot update the inbox: {e}")),
+        }
+        for n in std::mem::take(&mut self.m.notices) {
+            self.out.status(&n);
+        }
+        self.refresh_names();
+    }
+
+    fn refresh_names(&self) {
+        let names = Names {
+            contacts: self.m.contacts().into_iter().map(|(n, _)| n).collect(),
+            groups: self
+                .m
+                .group_list()
+                .into_iter()
+                .filter(|g| !g.direct && g.active)
+                .map(|g| g.name.trim_start_matches('#').to_string())
+                .collect(),
+        };
+        *self.names.lock().unwrap_or_else(|p| p.into_inner()) = names;
+    }
+
+    /// Runs one line; errors become one `error:` line and the shell goes on.
+    async fn line(&mut self, line: &str) -> Flow {
+        let flow = match grammar::parse(line, self.conversation.is_some()) {
+            Err(e) => {
+                self.fail(&e.0);
+                Flow::Continue
+            }
+            Ok(action) => match self.act(action).await {
+                Ok(flow) => flow,
+                Err(e) => {
+                    self.fail(&error_line(&e));
+                    Flow::Continue
+                }
+            },
+        };
+        if self.m.is_connected() {
+            self.link_up();
+        }
+        self.show(Vec::new());
+        flow
+    }
+
+    async fn act(&mut self, action: Action) -> anyhow::Result<Flow> {
+        match action {
+            Action::Nothing => {}
+            Action::Quit => return Ok(Flow::Quit),
+            Action::Show(text) => self.out.data(&text),
+            Action::Help(None) => self.out.data(&grammar::help_overview()),
+            Action::Help(Some(topic)) => self.out.data(&grammar::help_for(&topic)?),
+            Action::Chat(target) => self.open(target)?,
+            Action::History(n) => self.history(n)?,
+            Action::Say { to, text } => {
+                let target = match (to, &self.conversation) {
+                    (Some(t), _) => t,
+                    (None, Some(c)) => c.target.clone(),
+                    (None, None) => {
+                        anyhow::bail!("no open conversation: use @NAME TEXT, #GROUP TEXT or /chat NAME first")
+                    }
+                };
+                let send = ClientVerb::Send(SendArgs { target, text: vec![text] });
+                self.verb(send).await.context("message not sent")?;
+            }
+            Action::Verb(verb) => self.verb(verb).await?,
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// A shared verb, run exactly as the one-shot command runs it.
+    async fn verb(&mut self, verb: ClientVerb) -> anyhow::Result<()> {
+        let mut buf = Vec::new();
+        let r = run_verb(&mut self.m, verb, &mut buf, false).await;
+        if !buf.is_empty() {
+            self.out.data(&String::from_utf8_lossy(&buf));
+        }
+        if let VerbOutcome::Unhealthy = r? {
+            self.failed = true;
+        }
+        Ok(())
+    }
+
+    /// `/chat TARGET` checks the target exists; `/chat` alone goes back to the lobby.
+    fn open(&mut self, target: Option<String>) -> anyhow::Result<()> {
+        let Some(target) = target else {
+            self.conversation = None;
+            return Ok(());
+        };
+        let label = match self.m.resolve_target(&target)? {
+            Target::Group(g) => {
+                self.m.find_group(&g)?;
+                format!("#{g}")
+            }
+            Target::Person(k) => self.m.display_name(&k),
+        };
+        self.conversation = Some(Conversation { target, label });
+        Ok(())
+    }
+
+    fn history(&self, n: usize) -> anyhow::Result<()> {
+        let Some(c) = &self.conversation else {
+            anyhow::bail!("no open conversation: /chat NAME first, then /history");
+        };
+        let entries = match self.m.conversation_id(&c.target) {
+            Ok(id) => self.m.history(&id, n),
+            // A contact we have not talked to yet has no conversation.
+            Err(ClientError::UnknownContact(_)) if self.m.resolve_target(&c.target).is_ok() => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        if entries.is_empty() {
+            self.out.data(&format!("no messages with {} yet", c.label));
+        }
+        for e in &entries {
+            self.out.data(&format_entry(&self.m, e));
+        }
+        Ok(())
+    }
+}
+
+/// An error and its causes on one line, each cause once (wrapping errors often repeat theirs).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !line.contains(&s) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&s);
+        }
+    }
+    line
+}

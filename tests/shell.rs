@@ -1,0 +1,461 @@
+//! `qpq shell` end to end: the real binary against a real `qpq serve` on 127.0.0.1:0, driven by
+//! stdin scripts (pipes) and by a real pseudo-terminal (rexpect) for the line editor.
+//! Every wait is for expected output with a timeout; nothing sleeps to synchronise.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::ServerProcess;
+use rexpect::reader::Options;
+use rexpect::session::PtySession;
+
+const BIN: &str = env!("CARGO_BIN_EXE_qpq");
+/// Longest wait for one expected line. Generous: a dead server is noticed by the QUIC idle
+/// timeout (20 s) and a reconnect attempt may take the connect timeout (10 s).
+const WAIT: Duration = Duration::from_secs(60);
+
+// ----- users and one-shot commands -----
+
+struct User {
+    home: tempfile::TempDir,
+    key: String,
+}
+
+/// A `qpq` command for `home`, isolated from the caller's environment.
+fn qpq(home: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--home").arg(home);
+    for var in ["QPQ_HOME", "QPQ_SERVER", "QPQ_SERVER_FINGERPRINT", "QPQ_PASSPHRASE"] {
+        c.env_remove(var);
+    }
+    c.env("QPQ_LOG", "warn");
+    c
+}
+
+fn init(server: &ServerProcess, name: &str) -> User {
+    let home = tempfile::tempdir().unwrap();
+    let out = qpq(home.path())
+        .args(["init", "--no-passphrase", "--name", name, "--server"])
+        .arg(server.addr.to_string())
+        .arg("--server-fingerprint")
+        .arg(server.fingerprint.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "init {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(key.len(), 64, "init prints the key");
+    User { home, key }
+}
+
+/// Runs a one-shot command and returns its stdout; it must succeed.
+fn oneshot(u: &User, args: &[&str]) -> String {
+    let out = qpq(u.home.path()).args(args).output().unwrap();
+    assert!(out.status.success(), "qpq {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `contact add` for each (who, name) pair in `u`'s home.
+fn befriend(u: &User, others: &[(&User, &str)]) {
+    for (o, name) in others {
+        oneshot(u, &["contact", "add", name, &o.key]);
+    }
+}
+
+// ----- a shell on pipes -----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Out,
+    Err,
+}
+
+/// `qpq shell` with stdin, stdout and stderr on pipes; lines of both outputs arrive on one
+/// channel, in the order they were read.
+struct ScriptShell {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<(Stream, String)>,
+    seen: Vec<(Stream, String)>,
+}
+
+impl ScriptShell {
+    fn start(u: &User) -> ScriptShell {
+        let mut child = qpq(u.home.path())
+            .arg("shell")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for (stream, pipe) in
+            [(Stream::Out, Box::new(out) as Box<dyn std::io::Read + Send>), (Stream::Err, Box::new(err))]
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send((stream, line));
+                }
+            });
+        }
+        ScriptShell { stdin: child.stdin.take(), child, lines, seen: Vec::new() }
+    }
+
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for a line on `stream` containing `needle` and returns it.
+    fn expect(&mut self, stream: Stream, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((s, line)) => {
+                    self.seen.push((s, line.clone()));
+                    if s == stream && line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no {stream:?} line containing {needle:?}; seen: {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Closes stdin (end of the script) and returns the exit status with the remaining lines.
+    fn finish(mut self) -> (ExitStatus, Vec<(Stream, String)>) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + WAIT;
+        let mut rest = Vec::new();
+        // Both reader threads end when the process closes its outputs, i.e. when it exits.
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => rest.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("shell did not exit; seen {rest:#?}"),
+            }
+        }
+        (self.child.wait().unwrap(), rest)
+    }
+}
+
+impl Drop for ScriptShell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines_of(all: &[(Stream, String)], stream: Stream) -> Vec<&str> {
+    all.iter().filter(|(s, _)| *s == stream).map(|(_, l)| l.as_str()).collect()
+}
+
+/// Runs a whole script through `qpq shell` and returns (status, stdout lines, stderr lines).
+fn run_script(u: &User, script: &str) -> (ExitStatus, Vec<String>, Vec<String>) {
+    let mut sh = ScriptShell::start(u);
+    for line in script.lines() {
+        sh.say(line);
+    }
+    let (status, all) = sh.finish();
+    let owned = |s| lines_of(&all, s).into_iter().map(str::to_string).collect::<Vec<_>>();
+    (status, owned(Stream::Out), owned(Stream::Err))
+}
+
+// ----- scripted sessions -----
+
+#[test]
+fn scripted_shells_exchange_direct_and_group_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob, carol) = (init(&server, "alice"), init(&server, "bob"), init(&server, "carol"));
+    befriend(&alice, &[(&bob, "bob"), (&carol, "carol")]);
+    befriend(&bob, &[(&alice, "alice"), (&carol, "carol")]);
+    befriend(&carol, &[(&alice, "alice"), (&bob, "bob")]);
+
+    let mut a = ScriptShell::start(&alice);
+    let mut b = ScriptShell::start(&bob);
+    a.say("@bob hello bob, don't worry");
+    b.expect(Stream::Out, "* alice started a conversation with you");
+    assert_eq!(b.expect(Stream::Out, "hello bob"), "alice: hello bob, don't worry");
+
+    b.say("/chat alice");
+    b.say("hi alice, it's bob");
+    assert_eq!(a.expect(Stream::Out, "hi alice"), "bob: hi alice, it's bob");
+
+    a.say("group create team");
+    a.say("group add team bob carol");
+    a.say("#team hello team");
+    b.expect(Stream::Out, "* you were added to #team by alice");
+    assert_eq!(b.expect(Stream::Out, "hello team"), "[#team] alice: hello team");
+
+    // A one-shot member (who learns of the group by receiving) reaches both shells.
+    let got = oneshot(&carol, &["recv"]);
+    assert!(got.contains("[#team] alice: hello team"), "{got}");
+    oneshot(&carol, &["send", "#team", "carol", "here"]);
+    assert_eq!(a.expect(Stream::Out, "carol here"), "[#team] carol: carol here");
+    assert_eq!(b.expect(Stream::Out, "carol here"), "[#team] carol: carol here");
+
+    // In the lobby the same verb works bare, with a slash and with the qpq prefix.
+    b.say("/chat");
+    b.say("send #team from bob");
+    b.say("/send alice /send works");
+    b.say("qpq send alice pasted one-shot works");
+    a.expect(Stream::Out, "[#team] bob: from bob");
+    a.expect(Stream::Out, "bob: /send works");
+    a.expect(Stream::Out, "bob: pasted one-shot works");
+
+    b.say("/c alice");
+    b.say("/history 4");
+    assert_eq!(b.expect(Stream::Out, "hello bob"), "alice: hello bob, don't worry");
+    assert_eq!(b.expect(Stream::Out, "me: "), "me: hi alice, it's bob");
+    assert_eq!(b.expect(Stream::Out, "me: "), "me: /send works");
+    assert_eq!(b.expect(Stream::Out, "me: "), "me: pasted one-shot works");
+
+    // At the end of its script a shell exits 0 once everything it sent was delivered.
+    a.say("#team bye from alice's script");
+    let (status, rest) = a.finish();
+    assert!(status.success(), "alice's shell: {status:?} {rest:#?}");
+    b.expect(Stream::Out, "[#team] alice: bye from alice's script");
+    let (status, _) = b.finish();
+    assert!(status.success());
+    let got = oneshot(&carol, &["recv"]);
+    assert!(got.contains("[#team] bob: from bob"), "{got}");
+    assert!(got.contains("[#team] alice: bye from alice's script"), "{got}");
+}
+
+#[test]
+fn a_whole_script_runs_in_order_and_its_messages_are_delivered_before_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
+    befriend(&bob, &[(&alice, "alice")]);
+    let script = format!(
+        "contact add bob {}\n@bob one\n/chat bob\ntwo\n/say three\n/contact list\ncontact list\n",
+        bob.key
+    );
+    let (status, out, err) = run_script(&alice, &script);
+    assert!(status.success(), "{err:?}");
+    assert_eq!(out, [format!("bob {}", bob.key)]);
+    let got = oneshot(&bob, &["recv"]);
+    // In a conversation a bare line is text, even one that looks like a verb.
+    assert_eq!(
+        got.lines().filter(|l| l.starts_with("alice: ")).collect::<Vec<_>>(),
+        ["alice: one", "alice: two", "alice: three", "alice: contact list"]
+    );
+}
+
+#[test]
+fn every_chat_command_and_alias_works_and_errors_keep_the_shell_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
+    befriend(&alice, &[(&bob, "bob")]);
+    let script = "\
+frobnicate
+/histroy
+@
+@bob
+#team
+send bob \"unclosed
+group create
+/chat nobody
+/chat #nope
+/history
+hello?
+group create team
+/chat #team
+/tail
+/c bob
+/history 5
+@bob first
+second
+/say #not-a-group third
+/h
+/help group
+/send --help
+/c
+whoami
+/q
+whoami
+";
+    let (status, out, err) = run_script(&alice, script);
+    assert_eq!(status.code(), Some(1), "a script with failed lines exits 1");
+    let expected_errors = [
+        "error: unknown command frobnicate (type /help; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME)",
+        "error: unknown command /histroy: did you mean /history? (type /help)",
+        "error: @ needs a name right after it (@NAME TEXT, with a contact name or a 64-hex key)",
+        "error: nothing to send: write the message after @bob",
+        "error: nothing to send: write the message after #team",
+        "error: cannot split the line into words: missing closing quote",
+        "error: the following required arguments were not provided <NAME>",
+        "usage: group create <NAME>",
+        "error: unknown contact \"nobody\": add it with `contact add NAME KEY` or use the 64-hex key",
+        "error: no group named #nope",
+        "error: no open conversation: /chat NAME first, then /history",
+        "error: unknown command hello?: did you mean help? (type /help; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME)",
+    ];
+    assert_eq!(err, expected_errors, "stderr");
+    let pos = |needle: &str| {
+        out.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in {out:#?}"))
+    };
+    // In order: /tail in the empty group, /history with bob, /h, /help group, send --help, whoami.
+    let tail = pos("no messages with #team yet");
+    let history = pos("no messages with bob yet");
+    let help = pos("@NAME TEXT        send TEXT to a contact");
+    let group_help = pos("Usage: group <COMMAND>");
+    let send_help = pos("Usage: send <TARGET> [TEXT]...");
+    let whoami = pos(&alice.key);
+    assert!(
+        tail < history && history < help && help < group_help && group_help < send_help && send_help < whoami
+    );
+    assert!(out.iter().any(|l| l.starts_with("  quit (q, exit)")), "/h lists the aliases");
+    assert_eq!(out.iter().filter(|l| l.contains(&alice.key)).count(), 1, "nothing runs after /q");
+    let got = oneshot(&bob, &["recv"]);
+    let texts: Vec<&str> = got.lines().filter_map(|l| l.split_once(": ").map(|(_, t)| t)).collect();
+    assert_eq!(texts, ["first", "second", "#not-a-group third"]);
+}
+
+#[test]
+fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let addr = server.addr.to_string();
+    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
+    befriend(&alice, &[(&bob, "bob")]);
+    befriend(&bob, &[(&alice, "alice")]);
+    let mut a = ScriptShell::start(&alice);
+    a.say("@bob before the outage");
+    a.say("whoami");
+    a.expect(Stream::Out, &alice.key);
+    server.kill9();
+
+    a.say("@bob during the outage");
+    let e = a.expect(Stream::Err, "error: ");
+    assert!(e.starts_with("error: message not sent: "), "one clear line: {e}");
+    a.expect(Stream::Err, &format!("* lost the connection to {addr} ("));
+    a.say("whoami");
+    a.expect(Stream::Out, &alice.key);
+
+    let _server = ServerProcess::start_on(dir.path(), addr.parse().expect("socket address"));
+    a.expect(Stream::Err, &format!("* connected to {addr} again"));
+    a.say("@bob after the outage");
+    let (status, rest) = a.finish();
+    assert_eq!(status.code(), Some(1), "the failed send counts: {rest:#?}");
+    let got = oneshot(&bob, &["recv"]);
+    let texts: Vec<&str> = got.lines().collect();
+    assert_eq!(texts, ["alice: before the outage", "alice: after the outage"]);
+}
+
+// ----- a real terminal -----
+
+/// `qpq shell` on a pseudo-terminal, with ANSI sequences stripped from what it prints.
+fn pty_shell(u: &User) -> PtySession {
+    let mut cmd = qpq(u.home.path());
+    cmd.arg("shell").env("TERM", "xterm");
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
+    rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty")
+}
+
+#[test]
+fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
+    befriend(&alice, &[(&bob, "bob")]);
+    befriend(&bob, &[(&alice, "alice")]);
+    let mut p = pty_shell(&alice);
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("/chat bob").unwrap();
+    p.exp_string("bob> ").unwrap();
+    p.send("hello wor").unwrap();
+    p.flush().unwrap();
+    p.exp_string("hello wor").unwrap();
+
+    oneshot(&bob, &["send", "alice", "ping from bob"]);
+    p.exp_string("bob: ping from bob").unwrap();
+    // The prompt and the half-typed text are drawn again below the message.
+    p.exp_string("bob> hello wor").unwrap();
+    p.send_line("ld").unwrap();
+    p.send_line("/history 1").unwrap();
+    p.exp_string("me: hello world").unwrap();
+    p.exp_string("bob> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    let got = oneshot(&bob, &["recv"]);
+    assert!(got.lines().any(|l| l == "alice: hello world"), "the typed line survived intact: {got}");
+}
+
+#[test]
+fn pty_tab_completes_a_contact_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
+    befriend(&alice, &[(&bob, "bob")]);
+    let mut p = pty_shell(&alice);
+    p.exp_string("qpq> ").unwrap();
+    p.send("@b\t").unwrap();
+    p.flush().unwrap();
+    p.exp_string("@bob ").unwrap();
+    p.send_line("completed").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+    let got = oneshot(&bob, &["recv"]);
+    assert!(got.lines().any(|l| l.ends_with(": completed")), "{got}");
+}
+
+#[test]
+fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = init(&server, "alice");
+    let mut p = pty_shell(&alice);
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("whoami").unwrap();
+    p.exp_string(&alice.key).unwrap();
+    // Ctrl-C drops the typed line and the shell goes on.
+    p.send("never kept").unwrap();
+    p.flush().unwrap();
+    p.exp_string("never kept").unwrap();
+    p.send_control('c').unwrap();
+    p.exp_string("qpq> ").unwrap();
+    p.send_line(" contact list").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+
+    let path = alice.home.path().join("history");
+    let file = std::fs::read_to_string(&path).unwrap();
+    let kept: Vec<&str> = file.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(kept, ["whoami", "/quit"], "{file}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    // Up twice recalls `whoami` from the last session; Enter runs it.
+    let mut p = pty_shell(&alice);
+    p.exp_string("qpq> ").unwrap();
+    p.send("\x1b[A").unwrap();
+    p.flush().unwrap();
+    p.exp_string("/quit").unwrap();
+    p.send("\x1b[A").unwrap();
+    p.flush().unwrap();
+    p.exp_string("whoami").unwrap();
+    p.send_line("").unwrap();
+    p.exp_string(&alice.key).unwrap();
+    // Control keys only reach the editor once it is back in raw mode, i.e. at the prompt.
+    p.exp_string("qpq> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
