@@ -46,6 +46,8 @@ pub enum Command {
     Client(client::ClientVerb),
     /// Receive: process everything pending and print each message
     Recv(client::RecvArgs),
+    /// Measure the server and the client against the limits of their own stack
+    Bench(crate::bench::BenchArgs),
     /// Print shell completions for bash, zsh or fish
     Completions {
         #[arg(value_enum)]
@@ -103,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Init(args) => client::init(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());
