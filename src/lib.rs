@@ -20,9 +20,11 @@
 //! - [`fsutil`]: crash-safe file writes and the home lock; [`failpoint`]: crash points for tests.
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
+//! - [`bench`]: `qpq bench`, every figure measured against a reference from the same run.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod crypto;

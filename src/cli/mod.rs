@@ -48,6 +48,8 @@ pub enum Command {
     Recv(client::RecvArgs),
     /// Chat interactively (@bob hi, #team hi, /chat bob); runs a script when stdin is not a terminal
     Shell,
+    /// Measure the server and the client against the limits of their own stack
+    Bench(crate::bench::BenchArgs),
     /// Print shell completions for bash, zsh or fish
     Completions {
         #[arg(value_enum)]
@@ -116,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Shell => crate::shell::run(&g),
+        Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());

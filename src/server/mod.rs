@@ -119,6 +119,12 @@ impl RunningServer {
         self.fingerprint
     }
 
+    /// Durable write transactions the store has committed since start (see
+    /// [`Store::commit_count`]).
+    pub fn commit_count(&self) -> u64 {
+        self.shared.store.commit_count()
+    }
+
     /// True when this start generated the self-signed certificate.
     pub fn generated_cert(&self) -> bool {
         self.generated_cert

@@ -201,6 +201,12 @@ impl Store {
         self.writer.submit(op).await
     }
 
+    /// Write transactions the writer has committed since the store was opened: each is one
+    /// durable redb commit, so `messages / commit_count` measures how well group commit works.
+    pub fn commit_count(&self) -> u64 {
+        self.writer.commit_count()
+    }
+
     /// Wake-ups for one recipient's queue.
     pub fn notifier(&self) -> &Arc<Notifier> {
         &self.notifier
@@ -272,5 +278,37 @@ impl Store {
             // Another holder (a read in flight) still has it; redb closes on the last drop.
             Err(_) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> QueueLimits {
+        QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000 }
+    }
+
+    #[tokio::test]
+    async fn commit_count_counts_write_transactions_not_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
+        assert_eq!(store.commit_count(), 0, "opening the store is not a writer commit");
+        let who = [7u8; 32];
+        store
+            .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"a".to_vec())] })
+            .await
+            .unwrap();
+        assert_eq!(store.commit_count(), 1);
+        // Concurrent requests may share a commit, so the count grows by at most their number.
+        let ops = (0..8).map(|_| {
+            store.write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"b".to_vec())] })
+        });
+        for r in futures::future::join_all(ops).await {
+            r.unwrap();
+        }
+        let after = store.commit_count();
+        assert!((2..=9).contains(&after), "8 requests took {} commits", after - 1);
+        store.close().unwrap();
     }
 }

@@ -10,6 +10,7 @@
 //! storage error fails the whole batch, which is then not committed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
@@ -56,9 +57,16 @@ type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
 pub(super) struct WriterHandle {
     tx: Mutex<Option<mpsc::Sender<(WriteOp, Reply)>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Write transactions committed so far (one fsync each); read by `qpq bench`.
+    commits: Arc<AtomicU64>,
 }
 
 impl WriterHandle {
+    /// Write transactions committed since the writer started.
+    pub(super) fn commit_count(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
     pub(super) async fn submit(&self, op: WriteOp) -> Result<Outcome, StoreError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         {
@@ -90,14 +98,22 @@ pub(super) fn spawn(
     limits: QueueLimits,
 ) -> Result<WriterHandle, StoreError> {
     let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
+    let commits = Arc::new(AtomicU64::new(0));
+    let counter = commits.clone();
     let thread = std::thread::Builder::new()
         .name("qpq-store-writer".into())
-        .spawn(move || run(&db, &notifier, limits, rx))
+        .spawn(move || run(&db, &notifier, limits, &counter, rx))
         .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
-    Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), commits })
 }
 
-fn run(db: &Database, notifier: &Notifier, limits: QueueLimits, rx: mpsc::Receiver<(WriteOp, Reply)>) {
+fn run(
+    db: &Database,
+    notifier: &Notifier,
+    limits: QueueLimits,
+    commits: &AtomicU64,
+    rx: mpsc::Receiver<(WriteOp, Reply)>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < limits::MAX_WRITE_BATCH {
@@ -109,6 +125,7 @@ fn run(db: &Database, notifier: &Notifier, limits: QueueLimits, rx: mpsc::Receiv
         let mut woken: Vec<IdentityKey> = Vec::new();
         match apply_batch(db, limits, &jobs, &mut woken) {
             Ok(outcomes) => {
+                commits.fetch_add(1, Ordering::Relaxed);
                 notifier.notify(woken.iter());
                 for ((_, reply), out) in jobs.into_iter().zip(outcomes) {
                     let _ = reply.send(out);

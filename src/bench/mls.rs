@@ -1,0 +1,549 @@
+//! MLS: the client's group operations against their cryptographic floor.
+//!
+//! The floor of an operation is the sum of the asymmetric primitives RFC 9420 obliges it to run,
+//! each timed in this run with the very implementations openmls uses (`openmls_rust_crypto`:
+//! Ed25519 via ed25519-dalek, HPKE DHKEM-X25519/HKDF-SHA256/AES-128-GCM via hpke-rs) and, for the
+//! envelope, X-Wing (ML-KEM-768 + X25519) via the x-wing crate. Hashing, symmetric encryption,
+//! serialization and storage are left out on purpose: they are what `measured / floor` exposes.
+//! The primitives are timed right before and right after each group size and averaged, so the
+//! floor describes the same moments as the operations on a machine whose speed drifts.
+//!
+//! # Counting model
+//! Primitives: S = Ed25519 sign, V = Ed25519 verify, E = HPKE seal (encap + AEAD), O = HPKE
+//! open, K = HPKE key pair derivation (`DeriveKeyPair`: KDF + one X25519 base-point multiply).
+//! A group of n members has a ratchet tree of depth d = ⌈log2 n⌉; the creator sits at leaf 0 and
+//! member i at leaf i (openmls fills the leftmost free leaves in order). Leaf 0's filtered direct
+//! path has d parent nodes, since every copath subtree holds a leaf. The lowest common ancestor of
+//! leaves 0 and j is at level ⌊log2 j⌋ + 1, so a member at leaf j derives the d − ⌊log2 j⌋ node
+//! keys from there to the root.
+//! - create + add (n−1 KeyPackages, one commit, then merge): create signs its leaf (1 S, 1 K);
+//!   each KeyPackage is verified before the add, its own and its leaf node's signature (2 V
+//!   each); the commit carries a path (openmls's `add_members` forces one): new leaf (1 S, 1 K),
+//!   d path keys (d K, in parallel), no path encryption since every copath leaf is new, the commit and the
+//!   GroupInfo signed (2 S), GroupSecrets sealed to each new member (n−1 E).
+//!   Total 4 S + 2(n−1) V + (d+2) K + (n−1) E.
+//! - commit (the creator's self-update, then merge): after the adds only leaf 0's direct path is
+//!   non-blank, so every copath resolution is the subtree's leaves: n−1 E in all, the level
+//!   below the root alone holding n − 2^(d−1); new leaf and d path keys (d+1 K); leaf, commit and
+//!   GroupInfo signed (3 S).
+//! - process commit (member at leaf j): commit signature and the update path's leaf (2 V), the
+//!   path secret at the common ancestor (1 O), node keys from there to the root (d − ⌊log2 j⌋ K).
+//! - Welcome join (member at leaf j): GroupSecrets (1 O), GroupInfo signature plus every leaf of
+//!   the ratchet tree (n + 1 V), node keys from the common ancestor (d − ⌊log2 j⌋ K).
+//! - application message encrypt + decrypt: the sender signs, the receiver verifies (1 S + 1 V).
+//! - envelope seal + open ([`crypto::hybrid`]): one X-Wing encapsulation plus one decapsulation.
+//!
+//! Parallelism: openmls (rayon) encrypts the levels of an update path in parallel, each level's
+//! resolution in turn, and derives path node keys in parallel. For those steps the floor charges
+//! the critical path on this machine's cores: max(largest level, ⌈total / cores⌉) seals and
+//! ⌈path keys / cores⌉ derivations. Everything else (KeyPackage checks, Welcome secrets, tree
+//! verification on join) runs on one thread and is charged in full.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::crypto::OpenMlsCrypto;
+use openmls_traits::types::{HpkeCiphertext, SignatureScheme};
+use rand::RngCore as _;
+use x_wing::{Decapsulate as _, Decapsulator as _};
+
+use super::{Bench, Row, Settings};
+use crate::crypto::hybrid::{self, HybridSecretKey};
+use crate::mls::{CIPHERSUITE, Incoming, MlsClient};
+
+/// Bytes signed in the Ed25519 primitive timing: about a LeafNode's to-be-signed content.
+const SIGNED_LEN: usize = 256;
+/// Plaintext of the HPKE primitive timing: about an encrypted path secret / GroupSecrets.
+const HPKE_PLAINTEXT_LEN: usize = 64;
+/// Application message size.
+const APP_MESSAGE_LEN: usize = 64;
+/// Envelope payload size: a typical application message plus MLS framing.
+const ENVELOPE_PAYLOAD_LEN: usize = 1024;
+/// How long each primitive is timed, before and after each group size (bounded by
+/// [`MAX_PRIMITIVE_OPS`] too).
+const PRIMITIVE_BUDGET: Duration = Duration::from_millis(100);
+const QUICK_PRIMITIVE_BUDGET: Duration = Duration::from_millis(20);
+const MAX_PRIMITIVE_OPS: u64 = 100_000;
+/// Repetitions per operation: groups of 1000 take seconds to build, so fewer there.
+const REPS_SMALL: usize = 5;
+const REPS_LARGE: usize = 2;
+/// Group size from which [`REPS_LARGE`] applies.
+const LARGE_GROUP: usize = 256;
+/// Members whose join is timed per group size.
+const JOINERS: usize = 3;
+/// Repetitions of the per-message operations (app message, envelope).
+const MESSAGE_REPS: usize = 50;
+
+pub fn steps(s: &Settings) -> u64 {
+    s.mls_sizes.len() as u64 + 1
+}
+
+/// Mean seconds of each primitive, and the cores openmls's parallel steps can use.
+#[derive(Debug, Clone, Copy)]
+pub struct Primitives {
+    pub sign: f64,
+    pub verify: f64,
+    pub hpke_seal: f64,
+    pub hpke_open: f64,
+    pub derive_keypair: f64,
+    pub xwing_encaps: f64,
+    pub xwing_decaps: f64,
+    /// rayon's pool size (one thread per core).
+    pub cores: u64,
+}
+
+impl Primitives {
+    /// The mean of two timings of the same primitives.
+    pub fn mean(&self, other: &Primitives) -> Primitives {
+        let m = |a: f64, b: f64| (a + b) / 2.0;
+        Primitives {
+            sign: m(self.sign, other.sign),
+            verify: m(self.verify, other.verify),
+            hpke_seal: m(self.hpke_seal, other.hpke_seal),
+            hpke_open: m(self.hpke_open, other.hpke_open),
+            derive_keypair: m(self.derive_keypair, other.derive_keypair),
+            xwing_encaps: m(self.xwing_encaps, other.xwing_encaps),
+            xwing_decaps: m(self.xwing_decaps, other.xwing_decaps),
+            cores: self.cores,
+        }
+    }
+}
+
+/// How many of each primitive one operation needs (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCount {
+    pub sign: u64,
+    pub verify: u64,
+    /// HPKE seals run one after another (Welcome GroupSecrets).
+    pub hpke_seal: u64,
+    pub hpke_open: u64,
+    /// Key derivations run one after another (new leaf keys).
+    pub derive_keypair: u64,
+    /// Path secret encryptions: all levels of the path in parallel, each level's resolution in
+    /// turn. Their total, and the largest level.
+    pub path_seals: u64,
+    pub path_seals_max_level: u64,
+    /// Path node key derivations, all in parallel.
+    pub path_derives: u64,
+}
+
+impl OpCount {
+    /// HPKE seals on the critical path: no schedule on `cores` threads beats the larger of the
+    /// biggest level and an even split of the total.
+    pub fn critical_seals(&self, cores: u64) -> u64 {
+        self.hpke_seal + self.path_seals_max_level.max(self.path_seals.div_ceil(cores.max(1)))
+    }
+
+    /// Key derivations on the critical path.
+    pub fn critical_derives(&self, cores: u64) -> u64 {
+        self.derive_keypair + self.path_derives.div_ceil(cores.max(1))
+    }
+
+    /// The floor in seconds.
+    pub fn floor(&self, p: &Primitives) -> f64 {
+        self.sign as f64 * p.sign
+            + self.verify as f64 * p.verify
+            + self.critical_seals(p.cores) as f64 * p.hpke_seal
+            + self.hpke_open as f64 * p.hpke_open
+            + self.critical_derives(p.cores) as f64 * p.derive_keypair
+    }
+
+    fn annotate(&self, row: Row, cores: u64) -> Row {
+        row.extra("n_sign", self.sign as f64)
+            .extra("n_verify", self.verify as f64)
+            .extra("n_hpke_seal", (self.hpke_seal + self.path_seals) as f64)
+            .extra("n_hpke_seal_critical", self.critical_seals(cores) as f64)
+            .extra("n_hpke_open", self.hpke_open as f64)
+            .extra("n_derive", (self.derive_keypair + self.path_derives) as f64)
+    }
+}
+
+/// d = ⌈log2 n⌉, the ratchet tree depth of an n-member group.
+pub fn tree_depth(n: usize) -> u64 {
+    (n.max(1) as u64).next_power_of_two().trailing_zeros() as u64
+}
+
+/// Node keys a member at `leaf` derives from a path secret of leaf 0's path.
+pub fn keys_from_lca(n: usize, leaf: usize) -> u64 {
+    let lca_level = (leaf.max(1) as u64).ilog2() as u64 + 1;
+    (tree_depth(n) + 1).saturating_sub(lca_level)
+}
+
+/// Sizes of leaf 0's copath resolutions, level 1 up to the root, when every parent node off
+/// leaf 0's direct path is blank: the leaves of each sibling subtree.
+pub fn copath_leaves(n: usize) -> Vec<u64> {
+    let n = n as u64;
+    (1..=tree_depth(n as usize))
+        .map(|level| {
+            let (lo, hi) = (1u64 << (level - 1), 1u64 << level);
+            hi.min(n).saturating_sub(lo)
+        })
+        .collect()
+}
+
+pub fn create_add(n: usize) -> OpCount {
+    let added = n as u64 - 1;
+    OpCount {
+        sign: 4,
+        verify: 2 * added,
+        hpke_seal: added,
+        derive_keypair: 2,
+        path_derives: tree_depth(n),
+        ..OpCount::default()
+    }
+}
+
+pub fn commit(n: usize) -> OpCount {
+    let levels = copath_leaves(n);
+    OpCount {
+        sign: 3,
+        derive_keypair: 1,
+        path_seals: levels.iter().sum(),
+        path_seals_max_level: levels.iter().copied().max().unwrap_or(0),
+        path_derives: tree_depth(n),
+        ..OpCount::default()
+    }
+}
+
+pub fn process_commit(n: usize, leaf: usize) -> OpCount {
+    OpCount { verify: 2, hpke_open: 1, path_derives: keys_from_lca(n, leaf), ..OpCount::default() }
+}
+
+pub fn join(n: usize, leaf: usize) -> OpCount {
+    OpCount { verify: n as u64 + 1, hpke_open: 1, path_derives: keys_from_lca(n, leaf), ..OpCount::default() }
+}
+
+pub fn app_message() -> OpCount {
+    OpCount { sign: 1, verify: 1, ..OpCount::default() }
+}
+
+pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
+    let budget = if b.settings.quick { QUICK_PRIMITIVE_BUDGET } else { PRIMITIVE_BUDGET };
+    let mut rows = Vec::new();
+    let mut first = None;
+    for &n in &b.settings.mls_sizes {
+        b.step(&format!("mls: group of {n}"));
+        // Let the progress bar draw before a long synchronous stretch.
+        tokio::task::yield_now().await;
+        // Primitives are timed right before and after each size and averaged: on a shared
+        // machine their speed drifts, and the floor must describe the same moments.
+        let before = primitives(budget)?;
+        let ops = group_ops(n, b.settings.quick)?;
+        let p = before.mean(&primitives(budget)?);
+        rows.extend(ops.iter().map(|m| m.row(&p)));
+        first.get_or_insert(p);
+        b.done_step();
+    }
+
+    b.step("mls: envelope");
+    let before = primitives(budget)?;
+    let envelope = envelope_op(if b.settings.quick { 5 } else { MESSAGE_REPS })?;
+    let p = before.mean(&primitives(budget)?);
+    rows.push(
+        Row::new(format!("envelope seal + open, {ENVELOPE_PAYLOAD_LEN} B"), ms(envelope), "ms").against(
+            "x-wing encaps + decaps",
+            Some(ms(p.xwing_encaps + p.xwing_decaps)),
+            "ms",
+        ),
+    );
+    let first = first.unwrap_or(p);
+    for (name, v) in [
+        ("ed25519_sign_us", first.sign),
+        ("ed25519_verify_us", first.verify),
+        ("hpke_x25519_seal_us", first.hpke_seal),
+        ("hpke_x25519_open_us", first.hpke_open),
+        ("hpke_x25519_derive_keypair_us", first.derive_keypair),
+        ("xwing_encaps_us", p.xwing_encaps),
+        ("xwing_decaps_us", p.xwing_decaps),
+    ] {
+        b.record_reference(name, v * 1e6);
+    }
+    b.done_step();
+    Ok(rows)
+}
+
+fn ms(secs: f64) -> f64 {
+    secs * 1e3
+}
+
+/// The goals for MLS operations.
+#[derive(Debug, Clone, Copy)]
+enum OpGoal {
+    None,
+    /// measured / floor at most this (at 128 members).
+    RatioAtMost(f64),
+    /// Wall time under this many seconds (joining 1000 members).
+    SecondsUnder(f64),
+}
+
+/// One timed operation, before its floor is known.
+struct Measured {
+    case: String,
+    /// Mean seconds per operation.
+    secs: f64,
+    /// The operation counts of each timed instance (joins differ by leaf); the floor is their mean.
+    counts: Vec<OpCount>,
+    goal: OpGoal,
+}
+
+impl Measured {
+    fn new(case: String, secs: f64, count: OpCount, goal: OpGoal) -> Measured {
+        Measured { case, secs, counts: vec![count], goal }
+    }
+
+    fn row(&self, p: &Primitives) -> Row {
+        let floor = self.counts.iter().map(|c| c.floor(p)).sum::<f64>() / self.counts.len().max(1) as f64;
+        let row =
+            Row::new(self.case.clone(), ms(self.secs), "ms").against("crypto floor", Some(ms(floor)), "ms");
+        let row = match self.goal {
+            OpGoal::None => row,
+            OpGoal::RatioAtMost(max) => {
+                let met = row.ratio.is_some_and(|r| r <= max);
+                row.goal(format!("<= {max}x"), met)
+            }
+            OpGoal::SecondsUnder(max) => row.goal(format!("< {max} s"), self.secs < max),
+        };
+        match self.counts.first() {
+            Some(c) => c.annotate(row, p.cores),
+            None => row,
+        }
+    }
+}
+
+/// Times all group operations at size `n`.
+fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
+    let reps = if quick {
+        1
+    } else if n >= LARGE_GROUP {
+        REPS_LARGE
+    } else {
+        REPS_SMALL
+    };
+    let mut creator = MlsClient::new(&rand::random())?;
+    let mut members: Vec<MlsClient> =
+        (1..n).map(|_| MlsClient::new(&rand::random())).collect::<Result<_, _>>()?;
+    let ratio_goal = if n == 128 { OpGoal::RatioAtMost(1.5) } else { OpGoal::None };
+
+    // create + add: a fresh group per repetition; the last one is used below.
+    let mut create_total = 0.0;
+    let mut welcome = Vec::new();
+    let mut gid = Vec::new();
+    for r in 0..reps {
+        let kps = members
+            .iter()
+            .map(|m| m.key_packages(1).map(|mut v| v.remove(0)))
+            .collect::<Result<Vec<_>, _>>()?;
+        gid = format!("bench-{n}-{r}").into_bytes();
+        let t = Instant::now();
+        creator.create_group(&gid)?;
+        let pending = creator.add_members(&gid, &kps)?;
+        creator.merge_pending(&gid)?;
+        create_total += t.elapsed().as_secs_f64();
+        welcome = pending.welcome.context("an add produces a welcome")?;
+    }
+    let mut out = vec![Measured::new(
+        format!("create + add, {n} members"),
+        create_total / reps as f64,
+        create_add(n),
+        ratio_goal,
+    )];
+
+    // Welcome join by the last members (leaves n-1, n-2, ...); the first of them stays in.
+    let joiners = JOINERS.min(n - 1);
+    let mut join_time = 0.0;
+    let mut counts = Vec::with_capacity(joiners);
+    for k in 0..joiners {
+        let leaf = n - 1 - k;
+        let t = Instant::now();
+        members[leaf - 1].join(&welcome)?;
+        join_time += t.elapsed().as_secs_f64();
+        counts.push(join(n, leaf));
+    }
+    let goal = if n == 1000 { OpGoal::SecondsUnder(2.0) } else { ratio_goal };
+    out.push(Measured {
+        case: format!("welcome join, {n} members"),
+        secs: join_time / joiners as f64,
+        counts,
+        goal,
+    });
+
+    // Commit by the creator, processed by the member at the last leaf.
+    let receiver = members.last_mut().context("a group has at least two members")?;
+    let (mut commit_time, mut process_time) = (0.0, 0.0);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let pending = creator.self_update(&gid)?;
+        creator.merge_pending(&gid)?;
+        commit_time += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let incoming = receiver.process(&gid, &pending.commit)?;
+        process_time += t.elapsed().as_secs_f64();
+        anyhow::ensure!(matches!(incoming, Incoming::Commit { .. }), "expected a commit, got {incoming:?}");
+    }
+    out.push(Measured::new(format!("commit, {n} members"), commit_time / reps as f64, commit(n), ratio_goal));
+    out.push(Measured::new(
+        format!("process commit, {n} members"),
+        process_time / reps as f64,
+        process_commit(n, n - 1),
+        ratio_goal,
+    ));
+
+    // Application messages: creator encrypts, the receiver decrypts.
+    let reps = if quick { 5 } else { MESSAGE_REPS };
+    let text = vec![0x61u8; APP_MESSAGE_LEN];
+    let t = Instant::now();
+    for _ in 0..reps {
+        let ct = creator.encrypt(&gid, &text)?;
+        let incoming = receiver.process(&gid, &ct)?;
+        anyhow::ensure!(
+            matches!(&incoming, Incoming::Application { plaintext, .. } if *plaintext == text),
+            "application message did not round-trip"
+        );
+    }
+    out.push(Measured::new(
+        format!("app message encrypt + decrypt, {n} members"),
+        t.elapsed().as_secs_f64() / reps as f64,
+        app_message(),
+        ratio_goal,
+    ));
+    Ok(out)
+}
+
+/// Mean seconds of one envelope seal + open of [`ENVELOPE_PAYLOAD_LEN`] bytes.
+fn envelope_op(reps: usize) -> anyhow::Result<f64> {
+    let identity: [u8; 32] = rand::random();
+    let secret = HybridSecretKey::generate();
+    let public = secret.public_key();
+    let payload = vec![0x42u8; ENVELOPE_PAYLOAD_LEN];
+    let t = Instant::now();
+    for _ in 0..reps {
+        let sealed = hybrid::seal(&identity, &public, &payload);
+        let opened = hybrid::open(&identity, &secret, &sealed)?;
+        anyhow::ensure!(opened == payload, "envelope did not round-trip");
+    }
+    Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+}
+
+/// Mean seconds per call of `f`, run for `budget` (at most [`MAX_PRIMITIVE_OPS`] calls) after a
+/// short warm-up.
+fn time_mean(budget: Duration, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < MAX_PRIMITIVE_OPS && start.elapsed() < budget {
+        f()?;
+        n += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / n.max(1) as f64)
+}
+
+fn crypto_err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("{what} failed: {e:?}")
+}
+
+/// Times every primitive of the counting model.
+pub fn primitives(budget: Duration) -> anyhow::Result<Primitives> {
+    let crypto = RustCrypto::default();
+    // `HpkeConfig` is not Copy; building it is free.
+    let hpke = || CIPHERSUITE.hpke_config();
+    let message = vec![0x17u8; SIGNED_LEN];
+    let (sk, pk) = crypto.signature_key_gen(SignatureScheme::ED25519).map_err(|e| crypto_err("keygen", e))?;
+    let sig = crypto.sign(SignatureScheme::ED25519, &message, &sk).map_err(|e| crypto_err("sign", e))?;
+    let sign = time_mean(budget, || {
+        crypto.sign(SignatureScheme::ED25519, &message, &sk).map(drop).map_err(|e| crypto_err("sign", e))
+    })?;
+    let verify = time_mean(budget, || {
+        crypto
+            .verify_signature(SignatureScheme::ED25519, &message, &pk, &sig)
+            .map_err(|e| crypto_err("verify", e))
+    })?;
+
+    let mut ikm = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut ikm);
+    let keypair = crypto.derive_hpke_keypair(hpke(), &ikm).map_err(|e| crypto_err("derive", e))?;
+    let derive_keypair = time_mean(budget, || {
+        ikm[0] = ikm[0].wrapping_add(1);
+        crypto.derive_hpke_keypair(hpke(), &ikm).map(drop).map_err(|e| crypto_err("derive", e))
+    })?;
+    let plaintext = vec![0x29u8; HPKE_PLAINTEXT_LEN];
+    let info = b"qpq bench";
+    let sealed: HpkeCiphertext = crypto
+        .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
+        .map_err(|e| crypto_err("hpke seal", e))?;
+    let hpke_seal = time_mean(budget, || {
+        crypto
+            .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
+            .map(drop)
+            .map_err(|e| crypto_err("hpke seal", e))
+    })?;
+    let hpke_open = time_mean(budget, || {
+        crypto
+            .hpke_open(hpke(), &sealed, &keypair.private, info, b"")
+            .map(drop)
+            .map_err(|e| crypto_err("hpke open", e))
+    })?;
+
+    let mut seed = [0u8; x_wing::DECAPSULATION_KEY_SIZE];
+    rand::thread_rng().fill_bytes(&mut seed);
+    let dk = x_wing::DecapsulationKey::from(seed);
+    let ek = dk.encapsulation_key().clone();
+    let mut randomness = [0u8; x_wing::ENCAPSULATION_RANDOMNESS_SIZE];
+    let xwing_encaps = time_mean(budget, || {
+        rand::thread_rng().fill_bytes(&mut randomness);
+        let _ = ek.encapsulate_deterministic(&randomness.into());
+        Ok(())
+    })?;
+    let (ct, _) = ek.encapsulate_deterministic(&randomness.into());
+    let xwing_decaps = time_mean(budget, || {
+        let _ = dk.decapsulate(&ct);
+        Ok(())
+    })?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    Ok(Primitives { sign, verify, hpke_seal, hpke_open, derive_keypair, xwing_encaps, xwing_decaps, cores })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_depth_is_ceil_log2() {
+        assert_eq!(tree_depth(2), 1);
+        assert_eq!(tree_depth(16), 4);
+        assert_eq!(tree_depth(17), 5);
+        assert_eq!(tree_depth(128), 7);
+        assert_eq!(tree_depth(1000), 10);
+    }
+
+    #[test]
+    fn members_derive_keys_from_their_common_ancestor_with_leaf_0() {
+        // Leaf 1 shares leaf 0's lowest parent: it derives the whole path.
+        assert_eq!(keys_from_lca(16, 1), 4);
+        // Leaves 8..15 meet leaf 0 at the root only.
+        assert_eq!(keys_from_lca(16, 15), 1);
+        assert_eq!(keys_from_lca(16, 8), 1);
+        assert_eq!(keys_from_lca(16, 4), 2);
+        assert_eq!(keys_from_lca(2, 1), 1);
+    }
+
+    #[test]
+    fn join_verifies_every_leaf_and_the_group_info() {
+        assert_eq!(join(128, 127).verify, 129);
+        assert_eq!(create_add(128).hpke_seal, 127);
+    }
+
+    #[test]
+    fn a_commit_seals_to_every_other_leaf_with_the_largest_level_on_the_critical_path() {
+        assert_eq!(copath_leaves(128), vec![1, 2, 4, 8, 16, 32, 64]);
+        assert_eq!(copath_leaves(1000), vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 488]);
+        let c = commit(128);
+        assert_eq!(c.path_seals, 127);
+        assert_eq!(c.critical_seals(1), 127);
+        assert_eq!(c.critical_seals(2), 64);
+        assert_eq!(c.critical_seals(8), 64);
+        assert_eq!(commit(2).critical_seals(2), 1);
+    }
+}

@@ -1,0 +1,74 @@
+//! `qpq bench --quick --json`, run as the real binary: every scenario reports positive figures,
+//! each next to a positive reference. Nothing here compares a time with a threshold: the figures
+//! only have to exist and make sense.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const SCENARIOS: [&str; 4] = ["transport", "delivery", "mls", "connections"];
+
+fn positive(v: &Value) -> bool {
+    v.as_f64().is_some_and(|x| x.is_finite() && x > 0.0)
+}
+
+#[test]
+fn quick_bench_reports_every_scenario_against_a_reference() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .args(["bench", "--quick", "--json", "--duration-ms", "80", "--connections", "8"])
+        .env_remove("QPQ_SERVER")
+        .env_remove("QPQ_SERVER_FINGERPRINT")
+        .env("QPQ_LOG", "warn")
+        .output()
+        .expect("run qpq bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qpq bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one json document");
+
+    assert_eq!(report["server"], "in-process");
+    assert!(report["machine"]["cpus"].as_u64().is_some_and(|n| n >= 1));
+    for name in SCENARIOS {
+        let rows = report["scenarios"][name].as_array().unwrap_or_else(|| panic!("no {name} scenario"));
+        assert!(!rows.is_empty(), "{name} has no rows");
+        for row in rows {
+            let case = row["case"].as_str().unwrap_or("?");
+            assert!(positive(&row["value"]), "{name} / {case}: value {}", row["value"]);
+            assert!(
+                !row["reference"].as_str().unwrap_or("").is_empty(),
+                "{name} / {case}: no reference named"
+            );
+            // RSS grows in whole pages, so with 8 connections the bare server's slope may be 0.
+            if case.starts_with("server RSS") {
+                continue;
+            }
+            assert!(
+                positive(&row["reference_value"]),
+                "{name} / {case}: reference {}",
+                row["reference_value"]
+            );
+            assert!(positive(&row["ratio"]), "{name} / {case}: ratio {}", row["ratio"]);
+        }
+    }
+    // The group-commit figure needs the in-process store's counter.
+    let delivery = report["scenarios"]["delivery"].as_array().unwrap();
+    assert!(
+        delivery.iter().any(|r| positive(&r["extra"]["msgs_per_commit"])),
+        "no messages-per-commit figure"
+    );
+    // The MLS floor is built from primitives measured in this run.
+    for primitive in ["ed25519_sign_us", "ed25519_verify_us", "hpke_x25519_seal_us", "xwing_decaps_us"] {
+        assert!(positive(&report["references"][primitive]), "no {primitive} reference");
+    }
+}
+
+#[test]
+fn bench_rejects_an_out_of_range_group_size() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .args(["bench", "--scenario", "mls", "--mls-sizes", "1"])
+        .env_remove("QPQ_SERVER")
+        .output()
+        .expect("run qpq bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mls group size out of range: 1"), "stderr: {stderr}");
+}
