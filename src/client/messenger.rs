@@ -354,11 +354,14 @@ impl Messenger {
 
     /// Drops the connections (the next call reconnects).
     pub async fn disconnect(&mut self) {
-        if let Some(s) = self.anonymous.take() {
-            s.close().await;
-        }
-        if let Some(s) = self.session.take() {
-            s.close().await;
+        let closing = (self.anonymous.take().map(Session::close), self.session.take().map(Session::close));
+        match closing {
+            (Some(a), Some(s)) => {
+                futures::join!(a, s);
+            }
+            (Some(a), None) => a.await,
+            (None, Some(s)) => s.await,
+            (None, None) => {}
         }
     }
 
