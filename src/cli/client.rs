@@ -257,11 +257,14 @@ pub enum VerbOutcome {
 }
 
 /// Executes one shared verb. `stdin_ok` lets `send` read its text from stdin (one-shots only).
+/// What the verb's catching-up brought in (joins, membership changes) is added to `events` for
+/// the caller to show its own way.
 pub async fn run_verb(
     m: &mut Messenger,
     verb: ClientVerb,
     out: &mut dyn Write,
     stdin_ok: bool,
+    events: &mut Vec<Event>,
 ) -> anyhow::Result<VerbOutcome> {
     match verb {
         ClientVerb::Whoami => {
@@ -305,14 +308,14 @@ pub async fn run_verb(
             if text.is_empty() {
                 bail!("nothing to send: the message is empty");
             }
-            m.send(&target, &text).await?;
+            events.extend(m.send(&target, &text).await?.events);
         }
-        ClientVerb::Group(cmd) => run_group(m, cmd, out).await?,
+        ClientVerb::Group(cmd) => events.extend(run_group(m, cmd, out).await?),
     }
     Ok(VerbOutcome::Ok)
 }
 
-async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> anyhow::Result<()> {
+async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> anyhow::Result<Vec<Event>> {
     let events = match cmd {
         GroupCmd::Create { name } => {
             m.group_create(name.trim_start_matches('#'))?;
@@ -345,12 +348,7 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
             Vec::new()
         }
     };
-    for e in &events {
-        if let Some(line) = describe_event(m, e) {
-            eprintln!("qpq: {line}");
-        }
-    }
-    Ok(())
+    Ok(events)
 }
 
 /// Runs one shared verb as a one-shot command.
@@ -358,8 +356,14 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
     let mut m = open_messenger(g)?;
     let res = block_on_local(async {
         let mut stdout = std::io::stdout().lock();
-        let r = run_verb(&mut m, verb, &mut stdout, true).await;
+        let mut events = Vec::new();
+        let r = run_verb(&mut m, verb, &mut stdout, true, &mut events).await;
         let _ = stdout.flush();
+        for e in &events {
+            if let Some(line) = describe_event(&m, e) {
+                eprintln!("qpq: {line}");
+            }
+        }
         m.disconnect().await;
         r
     })?;

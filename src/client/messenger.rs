@@ -109,6 +109,8 @@ pub enum Event {
 pub struct Sent {
     pub group_id: Vec<u8>,
     pub recipients: usize,
+    /// What catching up before sending brought in (e.g. someone opened a conversation).
+    pub events: Vec<Event>,
 }
 
 /// Where a message goes.
@@ -532,8 +534,8 @@ impl Messenger {
         let _op = self.begin()?;
         // Catch up first: a commit or a Welcome may be waiting (e.g. the peer already opened a
         // direct conversation with us, which we then reuse).
-        self.receive_round(0).await?;
-        self.finish_round().await?;
+        let mut events = self.receive_round(0).await?;
+        events.extend(self.finish_round().await?);
         let group_id = match target {
             Target::Group(name) => {
                 let id = self.find_group(name)?;
@@ -569,7 +571,7 @@ impl Messenger {
         self.persist()?;
         let frame = Frame::Mls { group_id: group_id.clone(), message: ciphertext }.encode();
         self.fan_out(&group_id, &recipients, &frame).await?;
-        Ok(Sent { group_id, recipients: recipients.len() })
+        Ok(Sent { group_id, recipients: recipients.len(), events })
     }
 
     /// Seals `frame` for each recipient and enqueues all in one atomic batch on `channel`.

@@ -325,10 +325,12 @@ impl Shell {
     /// A shared verb, run exactly as the one-shot command runs it.
     async fn verb(&mut self, verb: ClientVerb) -> anyhow::Result<()> {
         let mut buf = Vec::new();
-        let r = run_verb(&mut self.m, verb, &mut buf, false).await;
+        let mut events = Vec::new();
+        let r = run_verb(&mut self.m, verb, &mut buf, false, &mut events).await;
         if !buf.is_empty() {
             self.out.data(&String::from_utf8_lossy(&buf));
         }
+        self.show(events);
         if let VerbOutcome::Unhealthy = r? {
             self.failed = true;
         }
