@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{ServerProcess, User, introduce, qpq_in};
+use common::{ServerProcess, User, cast, introduce, qpq_in};
 use redb::ReadableTable;
 
 fn members_of(u: &User, group: &str) -> Vec<String> {
@@ -28,11 +28,7 @@ fn epoch_of(u: &User, group: &str) -> String {
 
 #[test]
 fn two_users_dm_both_ways_in_one_conversation() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    introduce(&[&alice, &bob]);
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
 
     alice.ok(&["send", "bob", "hello", "bob"]);
     assert_eq!(bob.recv(), vec!["alice: hello bob"]);
@@ -86,12 +82,7 @@ fn recv_json_has_the_documented_fields() {
 
 #[test]
 fn three_users_in_a_group_and_a_removed_member_cannot_read_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    introduce(&[&alice, &bob, &carol]);
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
 
     alice.ok(&["group", "create", "team"]);
     alice.ok(&["group", "add", "team", "bob", "carol"]);
@@ -117,13 +108,7 @@ fn three_users_in_a_group_and_a_removed_member_cannot_read_on() {
 
 #[test]
 fn an_offline_member_catches_up_after_several_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    let dave = User::init(&server, "dave");
-    introduce(&[&alice, &bob, &carol, &dave]);
+    let (_dir, _server, [alice, bob, carol, dave]) = cast(["alice", "bob", "carol", "dave"]);
     alice.ok(&["group", "create", "team"]);
     alice.ok(&["group", "add", "team", "bob"]);
     assert!(bob.recv().is_empty());
@@ -144,13 +129,7 @@ fn an_offline_member_catches_up_after_several_commits() {
 
 #[test]
 fn two_members_adding_people_at_the_same_moment_do_not_fork_the_group() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    let dave = User::init(&server, "dave");
-    introduce(&[&alice, &bob, &carol, &dave]);
+    let (_dir, _server, [alice, bob, carol, dave]) = cast(["alice", "bob", "carol", "dave"]);
     alice.ok(&["group", "create", "team"]);
     alice.ok(&["group", "add", "team", "bob"]);
     bob.recv();
@@ -219,11 +198,7 @@ fn server_restart_mid_conversation_loses_nothing() {
 
 #[test]
 fn killing_recv_midway_loses_and_doubles_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    introduce(&[&alice, &bob]);
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     bob.ok(&["send", "alice", "m0"]);
     let n = 30;
     let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
@@ -452,12 +427,7 @@ fn key_packages_are_refilled_after_welcomes_use_them() {
 
 #[test]
 fn a_member_who_leaves_is_removed_by_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    introduce(&[&alice, &bob, &carol]);
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
     alice.ok(&["group", "create", "team"]);
     alice.ok(&["group", "add", "team", "bob", "carol"]);
     bob.recv();
@@ -477,11 +447,7 @@ fn a_member_who_leaves_is_removed_by_the_others() {
 
 #[test]
 fn recv_follow_and_one_shot_sends_share_a_home() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    introduce(&[&alice, &bob]);
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "opening"]);
     let mut follow = Command::new(env!("CARGO_BIN_EXE_qpq"))
         .arg("--home")
@@ -540,11 +506,7 @@ fn a_committer_killed_mid_commit_recovers_on_the_next_command() {
 
 #[test]
 fn recv_wait_returns_when_the_first_message_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    introduce(&[&alice, &bob]);
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "hello"]);
     bob.recv();
     let waiting = Command::new(env!("CARGO_BIN_EXE_qpq"))

@@ -214,3 +214,13 @@ pub fn introduce(users: &[&User]) {
         }
     }
 }
+
+/// A server in a temp dir plus people who ran `init` against it and know each other as
+/// contacts: the opening of most scenarios.
+pub fn cast<const N: usize>(names: [&str; N]) -> (tempfile::TempDir, ServerProcess, [User; N]) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = ServerProcess::start(dir.path());
+    let users = names.map(|n| User::init(&server, n));
+    introduce(&users.iter().collect::<Vec<_>>());
+    (dir, server, users)
+}
