@@ -274,9 +274,9 @@ pub fn client_config(pin: Pin) -> Result<quinn::ClientConfig, TransportError> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    // Keep-alives every 5 s hold the connection open through 60 s long polls; 20 silent seconds
-    // mean the server is gone, so a crashed server is noticed quickly.
-    cfg.transport_config(Arc::new(transport_config(Some(Duration::from_secs(5)), Duration::from_secs(20))));
+    // Keep-alives every 3 s hold the connection open through 60 s long polls; 10 silent seconds
+    // mean the server is gone, so a crashed server is noticed quickly (the shell reconnects).
+    cfg.transport_config(Arc::new(transport_config(Some(Duration::from_secs(3)), Duration::from_secs(10))));
     Ok(cfg)
 }
 

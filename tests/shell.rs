@@ -16,7 +16,7 @@ use rexpect::session::PtySession;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qpq");
 /// Longest wait for one expected line. Generous: a dead server is noticed by the QUIC idle
-/// timeout (20 s) and a reconnect attempt may take the connect timeout (10 s).
+/// timeout (10 s) and a reconnect attempt may take the connect timeout (5 s).
 const WAIT: Duration = Duration::from_secs(60);
 
 // ----- users and one-shot commands -----
