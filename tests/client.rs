@@ -549,3 +549,32 @@ fn a_closed_stdout_is_not_an_error() {
     assert!(out.status.success(), "exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_used_last_resort_key_package_is_replaced() {
+    let (_dir, server, [alice, bob]) = cast(["alice", "bob"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // Takes every single-use package of bob's, as strangers could; returns the last resort.
+    let drain = || -> Vec<u8> {
+        rt.block_on(tokio::task::LocalSet::new().run_until(async {
+            let s =
+                qpq::client::session::Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+            let key = hex::decode(&bob.key).unwrap();
+            loop {
+                let kp = s.fetch_key_package(&key).await.unwrap();
+                if kp.last_resort {
+                    s.close().await;
+                    return kp.bytes;
+                }
+            }
+        }))
+    };
+    let before = drain();
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.recv();
+    assert_eq!(members_of(&bob, "team").len(), 2, "bob joined with his last-resort package");
+    let after = drain();
+    assert_ne!(before, after, "the used last-resort package was replaced");
+    assert_eq!(after, drain(), "and the new one is kept, not consumed");
+}

@@ -142,9 +142,12 @@ impl Messenger {
         }
         let n = KEY_PACKAGE_POOL.saturating_sub(count as usize);
         let kps = self.mls.key_packages(n)?;
-        // An empty pool means the last-resort package was handed out: replace it.
-        let rotate = count == 0 || !has_lr || self.home.state.rotate_last_resort;
+        // A Welcome to our last-resort package set the flag (see `handle_welcome`).
+        let rotate = !has_lr || self.home.state.rotate_last_resort;
         let lr = if rotate { Some(self.mls.last_resort_key_package()?) } else { None };
+        if let Some(lr) = &lr {
+            self.home.state.last_resort_ref = mls::validate_key_package(lr).map_err(MlsError::from)?.hash_ref;
+        }
         // Private keys must be durable before the public halves are published.
         self.persist()?;
         self.session()?.upload_key_packages(&kps, lr.as_deref()).await?;
@@ -176,24 +179,30 @@ impl Messenger {
         welcome: &[u8],
         name: &str,
         kind: GroupKind,
-        inviter: [u8; 32],
+        claimed_inviter: [u8; 32],
         events: &mut Vec<Event>,
     ) {
         self.kp_check = true;
-        let group_id = match self.mls.join(welcome) {
-            Ok(g) => g,
+        let joined = match self.mls.join_welcome(welcome) {
+            Ok(j) => j,
             Err(e) => {
                 events.push(Event::Dropped { reason: format!("could not join a group: {e}") });
                 return;
             }
         };
-        let members = self.mls.members(&group_id).unwrap_or_default();
-        if !members.contains(&inviter) {
-            // The frame's inviter field is not authenticated; the group's membership is.
+        let group_id = joined.group_id;
+        if joined.inviter != claimed_inviter {
+            // The frame's inviter field is not authenticated; the signed GroupInfo is.
             let _ = self.mls.delete_group(&group_id);
-            events
-                .push(Event::Dropped { reason: "a welcome named an inviter who is not in the group".into() });
+            events.push(Event::Dropped {
+                reason: "a welcome claimed a different inviter than its signer".into(),
+            });
             return;
+        }
+        let inviter = joined.inviter;
+        if joined.key_package_refs.iter().any(|r| *r == self.home.state.last_resort_ref) {
+            // Our last-resort KeyPackage was used: replace it at the next refill.
+            self.home.state.rotate_last_resort = true;
         }
         let kind = match kind {
             GroupKind::Direct { .. } => GroupKind::Direct { peer: inviter },

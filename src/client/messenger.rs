@@ -244,6 +244,7 @@ impl Messenger {
         );
         state.known_servers.insert(server, fingerprint.to_string());
         state.mls_storage = mls.export_storage()?;
+        state.last_resort_ref = crate::mls::validate_key_package(&lr).map_err(MlsError::from)?.hash_ref;
         let home = Home::create(dir, state, unlock)?;
         let report = InitReport { key: identity.public(), fingerprint, first_use };
         let m = Messenger {

@@ -145,8 +145,10 @@ pub struct State {
     /// skipped (processed once).
     pub processed_seq: u64,
     pub history_limit: usize,
-    /// Set when a Welcome may have used our last-resort KeyPackage: rotate it.
+    /// Set when a Welcome used our last-resort KeyPackage: rotate it.
     pub rotate_last_resort: bool,
+    /// Hash reference of our current last-resort KeyPackage (RFC 9420 section 5.2).
+    pub last_resort_ref: Vec<u8>,
     /// Our commits awaiting their place in the group's order, by hex group id.
     pub pending_commits: BTreeMap<String, PendingCommit>,
     /// Frames to send as soon as we are connected.
@@ -170,6 +172,7 @@ impl State {
             processed_seq: 0,
             history_limit: DEFAULT_HISTORY_LIMIT,
             rotate_last_resort: false,
+            last_resort_ref: Vec::new(),
             pending_commits: BTreeMap::new(),
             outbox: Vec::new(),
         }

@@ -180,6 +180,16 @@ pub struct MessageInfo {
     pub kind: WireKind,
 }
 
+/// The result of joining a group from a Welcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub group_id: Vec<u8>,
+    /// The member who sent the Welcome, from the signed GroupInfo.
+    pub inviter: [u8; 32],
+    /// Hash references of the KeyPackages the Welcome's secrets are encrypted to.
+    pub key_package_refs: Vec<Vec<u8>>,
+}
+
 /// One user's MLS state: signing key plus every group and KeyPackage secret.
 pub struct MlsClient {
     identity: [u8; 32],
@@ -547,9 +557,17 @@ impl MlsClient {
     /// Joins a group from a Welcome addressed to one of our KeyPackages and
     /// returns its group id. A group we were removed from is replaced.
     pub fn join(&mut self, welcome: &[u8]) -> Result<Vec<u8>, MlsError> {
+        Ok(self.join_welcome(welcome)?.group_id)
+    }
+
+    /// Joins from a Welcome and reports who sent it (from the signed GroupInfo, not from any
+    /// unauthenticated wrapper) and which of our KeyPackages it was encrypted to.
+    pub fn join_welcome(&mut self, welcome: &[u8]) -> Result<Joined, MlsError> {
         let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome)?.extract() else {
             return Err(MlsError::UnexpectedMessage("expected a welcome"));
         };
+        let key_package_refs: Vec<Vec<u8>> =
+            welcome.secrets().iter().map(|s| s.new_member().as_slice().to_vec()).collect();
         let builder = StagedWelcome::build_from_welcome(&self.provider, &join_config(), welcome)
             .map_err(welcome_err)?;
         let group_id = builder.processed_welcome().unverified_group_info().group_id().to_vec();
@@ -566,8 +584,10 @@ impl MlsClient {
         for member in staged.members() {
             credential_identity(&member.credential, &member.signature_key)?;
         }
+        let sender = staged.welcome_sender().map_err(|e| openmls_err("welcome sender", e))?;
+        let inviter = credential_identity(sender.credential(), sender.signature_key().as_slice())?;
         let group = staged.into_group(&self.provider).map_err(|e| openmls_err("join", e))?;
-        Ok(group.group_id().to_vec())
+        Ok(Joined { group_id: group.group_id().to_vec(), inviter, key_package_refs })
     }
 
     /// Identities of the current members, in leaf order.
