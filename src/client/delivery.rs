@@ -200,7 +200,7 @@ impl Messenger {
             return;
         }
         let inviter = joined.inviter;
-        if joined.key_package_refs.iter().any(|r| *r == self.home.state.last_resort_ref) {
+        if joined.key_package_refs.contains(&self.home.state.last_resort_ref) {
             // Our last-resort KeyPackage was used: replace it at the next refill.
             self.home.state.rotate_last_resort = true;
         }
