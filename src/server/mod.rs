@@ -244,7 +244,7 @@ fn spawn_sweeper(shared: Arc<Shared>) {
                 _ = tick.tick() => {}
                 _ = shared.shutdown.cancelled() => return,
             }
-            match shared.store.write(WriteOp::Sweep).await {
+            match shared.store.write(WriteOp::Sweep { now_ms: crate::store::now_ms() }).await {
                 Ok(out) => tracing::debug!(?out, "expired messages swept"),
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
             }

@@ -148,7 +148,8 @@ pub(crate) fn queue_key(recipient: &IdentityKey, seq: u64) -> [u8; 40] {
     k
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// The server clock: ms since the Unix epoch.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -220,7 +221,18 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        let now = now_ms();
+        self.fetch_at(who, limit, max_bytes, now_ms())
+    }
+
+    /// [`Store::fetch`] as of the clock reading `now` (ms since the Unix epoch), which decides
+    /// what has expired.
+    pub fn fetch_at(
+        &self,
+        who: &IdentityKey,
+        limit: u32,
+        max_bytes: usize,
+        now: u64,
+    ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(QUEUE)?;
         let start = queue_key(who, 0);
@@ -309,6 +321,38 @@ mod tests {
         }
         let after = store.commit_count();
         assert!((2..=9).contains(&after), "8 requests took {} commits", after - 1);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn messages_expire_after_the_ttl_and_the_sweep_frees_their_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let lim = QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000 };
+        let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
+        let who = [9u8; 32];
+        for p in [b"old1", b"old2"] {
+            store
+                .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, p.to_vec())] })
+                .await
+                .unwrap();
+        }
+        let now = now_ms();
+        let later = now + lim.ttl_ms + 1_000;
+        assert_eq!(store.fetch_at(&who, 10, 1 << 20, now).unwrap().0.len(), 2, "fresh messages are visible");
+        assert!(store.fetch_at(&who, 10, 1 << 20, later).unwrap().0.is_empty(), "expired ones are not");
+        let full =
+            store.write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"new".to_vec())] }).await;
+        assert!(matches!(full, Err(StoreError::QueueFull { .. })), "expired messages count until swept");
+        let swept = store.write(WriteOp::Sweep { now_ms: now }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 0 }, "nothing has expired yet");
+        let swept = store.write(WriteOp::Sweep { now_ms: later }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 2 });
+        store
+            .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"new".to_vec())] })
+            .await
+            .unwrap();
+        let (left, _) = store.fetch_at(&who, 10, 1 << 20, now).unwrap();
+        assert_eq!(left.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"new".to_vec()]);
         store.close().unwrap();
     }
 }

@@ -36,8 +36,8 @@ pub enum WriteOp {
     TakeKeyPackage { who: IdentityKey },
     /// Replace `who`'s hybrid key (signature already verified).
     PutHybridKey { who: IdentityKey, key: Vec<u8>, signature: Vec<u8> },
-    /// Delete expired messages.
-    Sweep,
+    /// Delete messages that have expired as of `now_ms` (ms since the Unix epoch).
+    Sweep { now_ms: u64 },
 }
 
 /// The durable result of one [`WriteOp`].
@@ -166,7 +166,7 @@ fn apply_batch(
                 txn.open_table(HYBRID_KEYS)?.insert(&who[..], &v[..])?;
                 Ok(Outcome::HybridKeyStored)
             }
-            WriteOp::Sweep => sweep(&txn, limits),
+            WriteOp::Sweep { now_ms } => sweep(&txn, limits, *now_ms),
         };
         match out {
             Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
@@ -312,8 +312,7 @@ fn take_key_package(txn: &WriteTransaction, who: &IdentityKey) -> Result<Outcome
     }
 }
 
-fn sweep(txn: &WriteTransaction, limits: QueueLimits) -> Result<Outcome, StoreError> {
-    let now = now_ms();
+fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
     let mut doomed: Vec<(Vec<u8>, usize)> = Vec::new();
     for entry in queue.iter()? {
