@@ -71,3 +71,7 @@ pub const SWEEP_INTERVAL_SECS: u64 = 600;
 /// Most request bytes one connection may have in calls the server has not answered yet. Bounds
 /// the memory a client can pin by pipelining big enqueues (capnp-rpc has no flow control).
 pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;
+
+/// Default cap on open client connections: well above a small community's needs, and at ~50 KiB
+/// of server memory each (BENCHMARKS.md) bounded to about half a GiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;

@@ -682,3 +682,26 @@ async fn the_binary_takes_env_and_config_file_settings() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_and_the_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.max_connections = 2;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let a = connect(&server).await;
+        let b = connect(&server).await;
+        let third =
+            Session::connect(&server.local_addr().to_string(), Pin::Fingerprint(server.fingerprint())).await;
+        match third {
+            Err(SessionError::Connect { reason, .. }) => assert!(reason.contains("refused"), "{reason}"),
+            Err(other) => panic!("expected a refused connection, got {other}"),
+            Ok(_) => panic!("a third connection was accepted"),
+        }
+        assert_eq!(a.health().await.unwrap().status, "ok");
+        assert_eq!(b.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

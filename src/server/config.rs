@@ -57,6 +57,7 @@ pub struct FileConfig {
     pub max_payload_bytes: Option<usize>,
     pub max_queue_messages: Option<u64>,
     pub max_queue_bytes: Option<u64>,
+    pub max_connections: Option<usize>,
     pub message_ttl_secs: Option<u64>,
 }
 
@@ -70,6 +71,7 @@ pub struct ServerConfig {
     pub max_payload: usize,
     pub max_queue_messages: u64,
     pub max_queue_bytes: u64,
+    pub max_connections: usize,
     pub message_ttl_secs: u64,
 }
 
@@ -84,6 +86,7 @@ impl ServerConfig {
             max_payload: limits::DEFAULT_MAX_PAYLOAD,
             max_queue_messages: limits::DEFAULT_MAX_QUEUE_MESSAGES,
             max_queue_bytes: limits::DEFAULT_MAX_QUEUE_BYTES,
+            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
         }
     }
@@ -135,6 +138,12 @@ impl ServerConfig {
         }
         if let Some(v) = file.max_queue_bytes {
             cfg.max_queue_bytes = v;
+        }
+        if let Some(v) = file.max_connections {
+            if v == 0 {
+                return Err(ConfigError::Invalid { name: "max_connections", reason: "must be > 0".into() });
+            }
+            cfg.max_connections = v;
         }
         if let Some(v) = file.message_ttl_secs {
             if v == 0 {

@@ -71,6 +71,9 @@ pub struct Shared {
     /// Cancelled when shutdown begins: long polls return, no new connections are served.
     pub shutdown: CancellationToken,
     draining: AtomicBool,
+    /// Open client connections, and the most allowed.
+    connections: AtomicUsize,
+    max_connections: usize,
     /// Calls that change or reserve state and must finish before the store closes.
     inflight: AtomicUsize,
     inflight_zero: tokio::sync::Notify,
@@ -207,6 +210,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         draining: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        max_connections: cfg.max_connections,
         inflight: AtomicUsize::new(0),
         inflight_zero: tokio::sync::Notify::new(),
     });
@@ -264,6 +269,13 @@ async fn accept_loop(
             _ = shared.shutdown.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
+        if shared.connections.load(Ordering::SeqCst) >= shared.max_connections {
+            tracing::warn!(max = shared.max_connections, remote = %incoming.remote_address(), "connection refused: server full");
+            incoming.refuse();
+            continue;
+        }
+        // Counted here, uncounted when `serve_connection` ends (see `ConnectionSlot`).
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let worker = &workers[(id as usize) % workers.len()];
         if worker.send((id, incoming)).is_err() {
@@ -293,7 +305,17 @@ fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::
     rt.block_on(local);
 }
 
+/// Frees a connection's place in the count when its task ends, however it ends.
+struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let _slot = ConnectionSlot(shared.clone());
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
