@@ -470,11 +470,12 @@ fn recv_follow_and_one_shot_sends_share_a_home() {
     assert_eq!(bob.recv(), vec!["alice: opening", "alice: a0", "alice: a1", "alice: a2"]);
 }
 
-/// The committer dies right after the server took its commit, or right after merging it (before
-/// its Welcome went out): the next command finishes the job and nobody is left behind.
+/// The committer dies before its commit left, right after the server took it, or right after
+/// merging it (before its Welcome went out): later commands finish the job and nobody is left
+/// behind.
 #[test]
 fn a_committer_killed_mid_commit_recovers_on_the_next_command() {
-    for point in ["commit-sent", "commit-merged"] {
+    for point in ["commit-staged", "commit-sent", "commit-merged"] {
         let dir = tempfile::tempdir().unwrap();
         let server = ServerProcess::start(dir.path());
         let alice = User::init(&server, "alice");
@@ -492,7 +493,9 @@ fn a_committer_killed_mid_commit_recovers_on_the_next_command() {
             .output()
             .unwrap();
         assert_eq!(crashed.status.code(), Some(qpq::failpoint::FAILPOINT_EXIT_CODE), "stopped at {point}");
-        // Any later command resumes: here a plain recv.
+        // Later commands resume: a staged commit that never left is sent again by the first
+        // recv, and applied when its echo comes back (by the second at the latest).
+        alice.recv();
         alice.recv();
         assert_eq!(members_of(&alice, "team").len(), 3, "{point}: the commit was applied");
         assert!(bob.recv().is_empty());

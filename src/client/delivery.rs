@@ -76,35 +76,54 @@ impl Messenger {
                 break;
             }
         }
-        self.drop_unsent_commits()?;
-        self.flush_outbox().await?;
+        self.resend_unsent_commits().await?;
+        self.flush_outbox(&mut events).await?;
         Ok(events)
     }
 
-    /// A commit whose sending failed and whose echo is not in our (now drained) queue never
-    /// reached the server: drop it so the group can move on.
-    fn drop_unsent_commits(&mut self) -> Result<(), ClientError> {
-        let unsent: Vec<String> =
-            self.home.state.pending_commits.iter().filter(|(_, p)| !p.sent).map(|(k, _)| k.clone()).collect();
-        if unsent.is_empty() {
-            return Ok(());
-        }
-        for k in unsent {
-            self.home.state.pending_commits.remove(&k);
-            if let Ok(gid) = hex::decode(&k) {
-                self.mls.clear_pending(&gid)?;
-                self.commits.insert(gid, CommitStatus::Lost);
+    /// A commit whose sending failed with an unknown outcome and whose echo is not in our (now
+    /// drained) queue may or may not be in the server's hands: send it again. If the first copy
+    /// did land, every member applies the first and ignores the second (it no longer fits the
+    /// epoch), and so do we.
+    async fn resend_unsent_commits(&mut self) -> Result<(), ClientError> {
+        let unsent: Vec<(String, Vec<u8>)> = self
+            .home
+            .state
+            .pending_commits
+            .iter()
+            .filter(|(_, p)| !p.sent)
+            .map(|(k, p)| (k.clone(), p.commit.clone()))
+            .collect();
+        for (key, commit) in unsent {
+            let Ok(group_id) = hex::decode(&key) else { continue };
+            let recipients = self.mls.members(&group_id)?;
+            let frame = Frame::Mls { group_id: group_id.clone(), message: commit }.encode();
+            self.fan_out(&group_id, &recipients, &frame).await?;
+            if let Some(p) = self.home.state.pending_commits.get_mut(&key) {
+                p.sent = true;
             }
+            self.home.save()?;
         }
-        self.persist()
+        Ok(())
     }
 
     /// Sends what the outbox holds (Welcomes of commits that won), removing each item once the
-    /// server has it.
-    pub(crate) async fn flush_outbox(&mut self) -> Result<(), ClientError> {
+    /// server has it. An item the server refuses (say, a full queue) is dropped with a notice
+    /// rather than blocking everything behind it; on a lost connection the rest waits for the
+    /// next round.
+    pub(crate) async fn flush_outbox(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
         while let Some(item) = self.home.state.outbox.first().cloned() {
             let Outgoing { channel, recipients, frame } = item;
-            self.fan_out(&channel, &recipients, &frame).await?;
+            match self.fan_out(&channel, &recipients, &frame).await {
+                Ok(_) => {}
+                Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Ok(()),
+                Err(e) => {
+                    let who: Vec<String> = recipients.iter().map(|r| self.display_name(r)).collect();
+                    events.push(Event::Dropped {
+                        reason: format!("could not send a welcome to {}: {e}", who.join(", ")),
+                    });
+                }
+            }
             self.home.state.outbox.remove(0);
             self.home.save()?;
         }
@@ -115,15 +134,19 @@ impl Messenger {
     /// refilling KeyPackages.
     pub(crate) async fn finish_round(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
-        while let Some(gid) = self.leave_requests.pop() {
+        // Kept in the state until done, so a crash or a lost connection retries next round.
+        while let Some(gid) = self.home.state.leave_requests.first().cloned() {
             if self.home.state.groups.get(&hex::encode(&gid)).is_some_and(|g| g.active) {
                 match self.commit_leave_requests(&gid).await {
                     Ok(evs) => events.extend(evs),
+                    Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Err(e.into()),
                     Err(e) => {
                         events.push(Event::Dropped { reason: format!("could not commit a leave: {e}") })
                     }
                 }
             }
+            self.home.state.leave_requests.retain(|g| *g != gid);
+            self.home.save()?;
         }
         if self.kp_check {
             self.kp_check = false;
@@ -313,7 +336,9 @@ impl Messenger {
             Ok(Incoming::Proposal { sender, kind: ProposalKind::Remove { removed } })
                 if removed == sender =>
             {
-                self.leave_requests.push(group_id.to_vec());
+                if !self.home.state.leave_requests.iter().any(|g| g == group_id) {
+                    self.home.state.leave_requests.push(group_id.to_vec());
+                }
             }
             Ok(Incoming::Proposal { .. }) => {}
             Err(e) => {

@@ -78,13 +78,19 @@ impl Messenger {
         );
         self.persist()?;
         let kps = vec![kp];
-        self.commit_change(
-            &group_id,
-            |m| m.add_members(&group_id, &kps),
-            &[peer],
-            GroupKind::Direct { peer },
-        )
-        .await?;
+        let added = self
+            .commit_change(&group_id, |m| m.add_members(&group_id, &kps), &[peer], GroupKind::Direct { peer })
+            .await;
+        if let Err(e) = added {
+            let unknown = matches!(&e, ClientError::Session(se) if !se.is_definite_refusal());
+            if !unknown {
+                // The conversation never came to be: forget it, so the next send starts afresh.
+                self.home.state.groups.remove(&hex::encode(&group_id));
+                self.mls.delete_group(&group_id)?;
+                self.persist()?;
+            }
+            return Err(e);
+        }
         Ok(group_id)
     }
 
@@ -298,6 +304,7 @@ impl Messenger {
                 .insert(key.clone(), PendingCommit { commit: pending.commit.clone(), sent: false, welcome });
             self.commits.remove(group_id);
             self.persist()?;
+            crate::failpoint::hit("commit-staged");
             let recipients = self.mls.members(group_id)?;
             let frame = Frame::Mls { group_id: group_id.to_vec(), message: pending.commit.clone() }.encode();
             match self.fan_out(group_id, &recipients, &frame).await {
@@ -308,15 +315,15 @@ impl Messenger {
                     }
                     self.home.save()?;
                 }
-                Err(ClientError::Session(SessionError::Rpc(m))) => {
-                    // The server refused it: nothing was stored, the commit is void.
+                Err(e) if !matches!(&e, ClientError::Session(se) if !se.is_definite_refusal()) => {
+                    // Refused (or never sent): nothing was stored, the commit is void.
                     self.home.state.pending_commits.remove(&key);
                     self.mls.clear_pending(group_id)?;
                     self.persist()?;
-                    return Err(ClientError::Session(SessionError::Rpc(m)));
+                    return Err(e);
                 }
-                // Unknown whether the server has it: the next drained queue tells (see
-                // `drop_unsent_commits`).
+                // Unknown whether the server has it: the record stays, and the next receive
+                // round sends it again (see `resend_unsent_commits`); a duplicate is harmless.
                 Err(e) => return Err(e),
             }
             let mut rounds = 0;

@@ -157,8 +157,6 @@ pub struct Messenger {
     /// Fate of our commits decided during this process's receive rounds, by group id (the
     /// commits themselves are in the state's `pending_commits`, which survives a crash).
     pub(crate) commits: HashMap<Vec<u8>, CommitStatus>,
-    /// Groups where a member asked to leave: we commit their removal after this round.
-    pub(crate) leave_requests: Vec<Vec<u8>>,
     /// Set when a Welcome used one of our KeyPackages: check the server's pool.
     pub(crate) kp_check: bool,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
@@ -256,7 +254,6 @@ impl Messenger {
             anonymous: None,
             opts,
             commits: HashMap::new(),
-            leave_requests: Vec::new(),
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
@@ -283,7 +280,6 @@ impl Messenger {
             anonymous: None,
             opts,
             commits: HashMap::new(),
-            leave_requests: Vec::new(),
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),

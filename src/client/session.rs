@@ -54,13 +54,30 @@ pub enum SessionError {
     NotAuthenticated,
     #[error("the server did not answer within {0} s")]
     Timeout(u64),
+    #[error("connection to the server lost: {0}")]
+    Disconnected(String),
     #[error("{0}")]
     Transport(#[from] transport::TransportError),
 }
 
 impl From<capnp::Error> for SessionError {
     fn from(e: capnp::Error) -> Self {
-        SessionError::Rpc(clean_rpc_error(&e))
+        match e.kind {
+            // The server answered: the call had no effect (our handlers fail before writing).
+            capnp::ErrorKind::Failed | capnp::ErrorKind::Overloaded | capnp::ErrorKind::Unimplemented => {
+                SessionError::Rpc(clean_rpc_error(&e))
+            }
+            // No answer: the call may or may not have taken effect.
+            _ => SessionError::Disconnected(clean_rpc_error(&e)),
+        }
+    }
+}
+
+impl SessionError {
+    /// True when the server definitely did not act on the call (it answered with an error, or
+    /// the call never left); false when the outcome is unknown (lost connection, timeout).
+    pub fn is_definite_refusal(&self) -> bool {
+        !matches!(self, SessionError::Disconnected(_) | SessionError::Timeout(_))
     }
 }
 
@@ -378,4 +395,22 @@ fn read_messages(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_answer_from_the_server_is_a_definite_refusal() {
+        let answered =
+            SessionError::from(capnp::Error::failed("remote exception: Failed: queue full".into()));
+        assert!(matches!(&answered, SessionError::Rpc(m) if m == "queue full"));
+        assert!(answered.is_definite_refusal());
+        let lost = SessionError::from(capnp::Error::disconnected("connection reset".into()));
+        assert!(matches!(lost, SessionError::Disconnected(_)));
+        assert!(!lost.is_definite_refusal());
+        assert!(!SessionError::Timeout(30).is_definite_refusal());
+        assert!(SessionError::NotAuthenticated.is_definite_refusal());
+    }
 }

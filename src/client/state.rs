@@ -153,6 +153,8 @@ pub struct State {
     pub pending_commits: BTreeMap<String, PendingCommit>,
     /// Frames to send as soon as we are connected.
     pub outbox: Vec<Outgoing>,
+    /// Groups where a member asked to leave: we commit their removal.
+    pub leave_requests: Vec<Vec<u8>>,
 }
 
 impl State {
@@ -175,6 +177,7 @@ impl State {
             last_resort_ref: Vec::new(),
             pending_commits: BTreeMap::new(),
             outbox: Vec::new(),
+            leave_requests: Vec::new(),
         }
     }
 

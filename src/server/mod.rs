@@ -84,10 +84,16 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Counts a call in flight until the guard drops.
-    pub fn call_guard(self: &Arc<Self>) -> CallGuard {
+    /// Counts a call in flight until the guard drops. Once shutdown has begun, new calls that
+    /// would write are refused with a definite error, so clients never have to guess whether a
+    /// call cut off by the shutdown took effect.
+    pub fn call_guard(self: &Arc<Self>) -> Result<CallGuard, capnp::Error> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
-        CallGuard(self.clone())
+        let guard = CallGuard(self.clone());
+        if self.is_draining() {
+            return Err(capnp::Error::failed("server shutting down".to_string()));
+        }
+        Ok(guard)
     }
 }
 

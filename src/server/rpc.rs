@@ -164,7 +164,7 @@ impl node_service::Server for NodeServiceImpl {
         mut results: node_service::FetchKeyPackageResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let _call = self.shared.call_guard();
+            let _call = self.shared.call_guard()?;
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
             match self.shared.store.write(WriteOp::TakeKeyPackage { who }).await.map_err(store_err)? {
                 Outcome::KeyPackage { bytes, remaining, last_resort } => {
@@ -206,7 +206,7 @@ impl node_service::Server for NodeServiceImpl {
         mut results: node_service::EnqueueResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let _call = self.shared.call_guard();
+            let _call = self.shared.call_guard()?;
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let who = parse_identity("recipient key", p.get_recipient_key()?)?;
@@ -232,7 +232,7 @@ impl node_service::Server for NodeServiceImpl {
         mut results: node_service::EnqueueBatchResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let _call = self.shared.call_guard();
+            let _call = self.shared.call_guard()?;
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let channel = parse_channel(p.get_channel_id()?)?;
@@ -315,7 +315,7 @@ impl account::Server for AccountImpl {
         mut results: account::UploadKeyPackagesResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let _call = self.shared.call_guard();
+            let _call = self.shared.call_guard()?;
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let list = p.get_key_packages()?;
@@ -372,7 +372,7 @@ impl account::Server for AccountImpl {
         _: account::UploadHybridKeyResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let _call = self.shared.call_guard();
+            let _call = self.shared.call_guard()?;
             let p = params.get()?;
             let key = p.get_hybrid_key()?;
             let sig = p.get_signature()?;
@@ -451,7 +451,7 @@ impl account::Server for AccountImpl {
         mut results: account::AckResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let _call = self.shared.call_guard();
+            let _call = self.shared.call_guard()?;
             let up_to = params.get()?.get_up_to_seq();
             match self.shared.store.write(WriteOp::Ack { who: self.who, up_to }).await.map_err(store_err)? {
                 Outcome::Acked { removed } => {
