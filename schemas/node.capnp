@@ -20,12 +20,14 @@ interface NodeService {
   # Liveness, no authentication. status is "ok" while the server accepts work, "draining" during
   # shutdown.
 
-  authenticate @1 (identityKey :Data, signature :Data) -> (account :Account);
+  authenticate @1 (identityKey :Data, signature :Data) -> (account :Account, instance :UInt64);
   # Proves possession of identityKey (32 bytes, Ed25519) on THIS connection. The signature is
   # Ed25519 over  "qpq/1 authenticate" || 0x00 || exporter,  where exporter is 32 bytes of TLS
   # keying material exported from this connection with label "EXPORTER-qpq/1 authenticate" and no
   # context (RFC 5705 / RFC 8446 section 7.5). Both ends compute it; it differs on every
-  # connection, so a signature replayed on another connection fails.
+  # connection, so a signature replayed on another connection fails. instance identifies the
+  # server's database (random, fixed at its creation): a client that sees it change knows the
+  # per-recipient sequence numbers started over.
 
   fetchKeyPackage @2 (identityKey :Data) -> (keyPackage :Data, remaining :UInt32, lastResort :Bool);
   # AS, no authentication (anyone may start a conversation with a key). Atomically removes and

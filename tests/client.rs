@@ -581,3 +581,24 @@ fn a_used_last_resort_key_package_is_replaced() {
     assert_ne!(before, after, "the used last-resort package was replaced");
     assert_eq!(after, drain(), "and the new one is kept, not consumed");
 }
+
+/// The operator starts over with an empty database (same certificate, same address): clients
+/// notice, restart their delivery cursor and publish their keys again.
+#[test]
+fn a_replaced_server_database_loses_no_new_message() {
+    let (dir, server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    let addr = server.addr;
+    alice.ok(&["send", "bob", "before"]);
+    assert_eq!(bob.recv(), vec!["alice: before"]);
+    assert_eq!(server.terminate().code(), Some(0));
+    std::fs::remove_file(dir.path().join("qpq.db")).unwrap();
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    // Both reconnect; alice's message is seq 1 in bob's new queue, below bob's old cursor.
+    let r = bob.run(&["recv"]);
+    assert!(r.stderr.contains("database was replaced"), "{}", r.stderr);
+    alice.ok(&["send", "bob", "after"]);
+    assert_eq!(bob.recv(), vec!["alice: after"]);
+    // Their keys are back on the server: carol can start a conversation with bob.
+    carol.ok(&["send", "bob", "hi from carol"]);
+    assert_eq!(bob.recv(), vec!["carol: hi from carol"]);
+}

@@ -228,6 +228,7 @@ impl Messenger {
         let mls = MlsClient::new(identity.seed())?;
         let (mut session, first_use) = open_session(&server, None, opts.fingerprint).await?;
         session.authenticate(&identity).await?;
+        let server_instance = session.server_instance();
         let kps = mls.key_packages(KEY_PACKAGE_POOL)?;
         let lr = mls.last_resort_key_package()?;
         session.upload_key_packages(&kps, Some(&lr)).await?;
@@ -241,6 +242,7 @@ impl Messenger {
             Some(server.clone()),
         );
         state.known_servers.insert(server, fingerprint.to_string());
+        state.server_instance = server_instance;
         state.mls_storage = mls.export_storage()?;
         state.last_resort_ref = crate::mls::validate_key_package(&lr).map_err(MlsError::from)?.hash_ref;
         let home = Home::create(dir, state, unlock)?;
@@ -338,6 +340,22 @@ impl Messenger {
         let known = self.home.state.known_servers.get(&server).cloned();
         let (mut session, first_use) = open_session(&server, known.as_ref(), self.opts.fingerprint).await?;
         session.authenticate(&self.identity).await?;
+        let instance = session.server_instance();
+        let mut replaced = false;
+        if instance != self.home.state.server_instance {
+            let _op = self.begin()?;
+            if self.home.state.server_instance != 0 {
+                // A new server database numbers our queue from 1 again and has none of our
+                // keys: start the cursor over (or every new message would look like a
+                // redelivery and be skipped) and publish our keys again below.
+                self.notices
+                    .push("the server's database was replaced: publishing our keys again".to_string());
+                self.home.state.processed_seq = 0;
+                replaced = true;
+            }
+            self.home.state.server_instance = instance;
+            self.home.save()?;
+        }
         let fp = session.fingerprint().to_string();
         if known.as_ref() != Some(&fp) {
             let _op = self.begin()?;
@@ -348,7 +366,18 @@ impl Messenger {
             self.home.save()?;
         }
         self.session = Some(session);
+        if replaced {
+            self.republish().await?;
+        }
         self.session.as_ref().ok_or(ClientError::NoServer)
+    }
+
+    /// Uploads our signed hybrid key and a fresh KeyPackage pool (with a new last-resort one).
+    async fn republish(&mut self) -> Result<(), ClientError> {
+        let hpk = self.hybrid.public_key();
+        let sig = hybrid::sign_hybrid_key(self.identity.signing_key(), &hpk);
+        self.session()?.upload_hybrid_key(hpk.as_bytes(), &sig).await?;
+        self.refill_key_packages().await
     }
 
     /// Drops the connections (the next call reconnects).

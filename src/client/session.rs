@@ -122,6 +122,8 @@ pub struct Session {
     node: node_service::Client,
     account: Option<account::Client>,
     fingerprint: Fingerprint,
+    /// The server database's id, learned at authentication (0 before).
+    instance: u64,
     rpc_task: tokio::task::JoinHandle<()>,
 }
 
@@ -185,7 +187,12 @@ impl Session {
                 tracing::debug!(error = %e, "rpc session ended");
             }
         });
-        Ok(Session { endpoint, conn, node, account: None, fingerprint, rpc_task })
+        Ok(Session { endpoint, conn, node, account: None, fingerprint, instance: 0, rpc_task })
+    }
+
+    /// The id of the server's database, known after `authenticate`.
+    pub fn server_instance(&self) -> u64 {
+        self.instance
     }
 
     /// The server certificate's fingerprint on this connection.
@@ -207,6 +214,7 @@ impl Session {
         req.get().set_signature(sig);
         let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
         self.account = Some(resp.get()?.get_account()?);
+        self.instance = resp.get()?.get_instance();
         Ok(())
     }
 

@@ -155,6 +155,8 @@ pub struct State {
     pub outbox: Vec<Outgoing>,
     /// Groups where a member asked to leave: we commit their removal.
     pub leave_requests: Vec<Vec<u8>>,
+    /// The server database `processed_seq` refers to (its instance id; 0 = not known yet).
+    pub server_instance: u64,
 }
 
 impl State {
@@ -178,6 +180,7 @@ impl State {
             pending_commits: BTreeMap::new(),
             outbox: Vec::new(),
             leave_requests: Vec::new(),
+            server_instance: 0,
         }
     }
 

@@ -153,6 +153,7 @@ impl node_service::Server for NodeServiceImpl {
                 budget: self.budget.clone(),
             });
             results.get().set_account(account);
+            results.get().set_instance(self.shared.store.instance_id());
             Ok(())
         })();
         std::future::ready(res)

@@ -10,7 +10,7 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`) |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload |
 //! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes) |
 //! | `channels` | channel id | last channel_seq handed out |
@@ -158,6 +158,8 @@ pub fn now_ms() -> u64 {
 
 /// The open database plus its writer thread.
 pub struct Store {
+    /// Random id of this database, fixed when the file was created.
+    instance_id: u64,
     db: Arc<Database>,
     writer: writer::WriterHandle,
     notifier: Arc<Notifier>,
@@ -175,6 +177,12 @@ impl Store {
             match found {
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
+                    // Random and nonzero: names this database for clients (see `instance_id`).
+                    let mut id = 0;
+                    while id == 0 {
+                        id = rand::random::<u64>();
+                    }
+                    meta.insert("instance_id", id)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
                 Some(v) => {
@@ -190,11 +198,12 @@ impl Store {
             txn.open_table(LAST_RESORT)?;
             txn.open_table(HYBRID_KEYS)?;
         }
+        let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
         txn.commit()?;
         let db = Arc::new(db);
         let notifier = Arc::new(Notifier::default());
         let writer = writer::spawn(db.clone(), notifier.clone(), limits)?;
-        Ok(Store { db, writer, notifier, limits })
+        Ok(Store { db, writer, notifier, limits, instance_id })
     }
 
     /// Sends one write to the writer thread and waits for its durable outcome.
@@ -206,6 +215,11 @@ impl Store {
     /// durable redb commit, so `messages / commit_count` measures how well group commit works.
     pub fn commit_count(&self) -> u64 {
         self.writer.commit_count()
+    }
+
+    /// The random id this database got when it was created.
+    pub fn instance_id(&self) -> u64 {
+        self.instance_id
     }
 
     /// Wake-ups for one recipient's queue.
