@@ -143,15 +143,7 @@ fn two_members_adding_people_at_the_same_moment_do_not_fork_the_group() {
         };
         let spawn = |u: &User, args: &[&str]| {
             let args: Vec<&str> = args.iter().copied().filter(|a| !a.is_empty()).collect();
-            Command::new(env!("CARGO_BIN_EXE_qpq"))
-                .arg("--home")
-                .arg(u.home.path())
-                .args(&args)
-                .env("QPQ_LOG", "warn")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn")
+            u.spawn(&args)
         };
         let a = spawn(&alice, &a_args);
         let b = spawn(&bob, &b_args);
@@ -201,15 +193,7 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     bob.ok(&["send", "alice", "m0"]);
     let n = 30;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
-        .arg("--home")
-        .arg(alice.home.path())
-        .args(["recv", "--follow"])
-        .env("QPQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = alice.spawn(&["recv", "--follow"]);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen: Vec<String> = vec![lines.next().expect("a line").unwrap()];
     // bob keeps sending while alice's recv is killed in the middle of the stream.
@@ -449,15 +433,7 @@ fn a_member_who_leaves_is_removed_by_the_others() {
 fn recv_follow_and_one_shot_sends_share_a_home() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "opening"]);
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_qpq"))
-        .arg("--home")
-        .arg(alice.home.path())
-        .args(["recv", "--follow"])
-        .env("QPQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut follow = alice.spawn(&["recv", "--follow"]);
     let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
     for i in 0..3 {
         // alice sends from the same home while her recv --follow runs.
@@ -512,15 +488,7 @@ fn recv_wait_returns_when_the_first_message_arrives() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "hello"]);
     bob.recv();
-    let waiting = Command::new(env!("CARGO_BIN_EXE_qpq"))
-        .arg("--home")
-        .arg(bob.home.path())
-        .args(["recv", "--wait", "60"])
-        .env("QPQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let waiting = bob.spawn(&["recv", "--wait", "60"]);
     alice.ok(&["send", "bob", "worth the wait"]);
     // Only the arrival can end this run with output: the timeout path prints nothing.
     let out = waiting.wait_with_output().unwrap();
@@ -539,14 +507,7 @@ fn a_closed_stdout_is_not_an_error() {
     let bob = User::init(&server, "bob");
     // With the read end closed, the first write already fails with EPIPE.
     alice.add_contact(&bob);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
-        .arg("--home")
-        .arg(alice.home.path())
-        .args(["contact", "list"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = alice.spawn(&["contact", "list"]);
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));

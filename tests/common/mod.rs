@@ -172,6 +172,19 @@ impl User {
         User { home, key, name: name.to_string() }
     }
 
+    /// Starts `qpq ARGS` in this user's home without waiting: stdout and stderr piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_qpq"))
+            .arg("--home")
+            .arg(self.home.path())
+            .args(args)
+            .env("QPQ_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qpq")
+    }
+
     pub fn run(&self, args: &[&str]) -> Run {
         qpq_in(self.home.path(), args, None)
     }
