@@ -87,6 +87,22 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// An error and its causes on one line, each text once: wrapper errors often display their
+/// source already (`#[error("{0}")]`), so the plain chain would repeat it.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Prints `qpq: message` (lowercase causes chained with `: `); a closed stdout is not an error.
 pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
     if e.chain().any(|c| {
@@ -94,17 +110,7 @@ pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
     }) {
         return std::process::ExitCode::SUCCESS;
     }
-    // Wrapper errors often display their source already ("{0}"); print each text once.
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !msg.contains(&text) {
-            if !msg.is_empty() {
-                msg.push_str(": ");
-            }
-            msg.push_str(&text);
-        }
-    }
+    let msg = error_line(e);
     eprintln!("qpq: {msg}");
     std::process::ExitCode::FAILURE
 }

@@ -285,7 +285,7 @@ impl Shell {
             Ok(action) => match self.act(action).await {
                 Ok(flow) => flow,
                 Err(e) => {
-                    self.fail(&error_line(&e));
+                    self.fail(&crate::cli::error_line(&e));
                     Flow::Continue
                 }
             },
@@ -372,19 +372,4 @@ impl Shell {
         }
         Ok(())
     }
-}
-
-/// An error and its causes on one line, each cause once (wrapping errors often repeat theirs).
-fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if !line.contains(&s) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&s);
-        }
-    }
-    line
 }
