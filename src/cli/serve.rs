@@ -38,10 +38,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        // Handlers are installed here, before the ready line is printed: a SIGTERM that arrives
+        // right after "listening on" must find them, not the default action (kill).
+        let signals = Signals::install();
         let running = server::start(cfg.clone()).await?;
         let token = running.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("shutdown requested");
             token.cancel();
         });
@@ -59,18 +62,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+/// SIGINT and SIGTERM handlers, registered as soon as this value exists.
+struct Signals {
+    int: std::io::Result<tokio::signal::unix::Signal>,
+    term: std::io::Result<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals { int: signal(SignalKind::interrupt()), term: signal(SignalKind::terminate()) }
+    }
+
+    async fn wait(self) {
+        match (self.int, self.term) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        _ => {
-            // Without signal handlers we cannot shut down gracefully; wait for ctrl-c at least.
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                // Without signal handlers we cannot shut down gracefully; wait for ctrl-c at least.
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
