@@ -85,10 +85,14 @@ interface Account {
   # DS. Returns up to limit (capped by the server) pending messages in seq order WITHOUT deleting
   # them (at-least-once delivery). more = true when further messages are waiting.
 
-  fetchWait @5 (timeoutMs :UInt32, limit :UInt32) -> (messages :List(Message), more :Bool);
+  fetchWait @5 (timeoutMs :UInt32, limit :UInt32, ackUpTo :UInt64) -> (messages :List(Message), more :Bool, removed :UInt32);
   # DS. Like fetch, but when the queue is empty waits until a message arrives (returns within
   # milliseconds of its enqueue) or timeoutMs passes (then returns empty). timeoutMs at most
   # 60000 ("timeout out of range: ...").
+  # ackUpTo > 0 folds an ack into the call: messages with seq <= ackUpTo are deleted as by
+  # ack(ackUpTo) (removed counts them) and are never returned by this call. The deletion is
+  # committed while the call waits, and is durable before the reply, so a receive loop costs one
+  # round trip per batch and no commit stands between an enqueue and its wake-up. 0 acks nothing.
 
   ack @6 (upToSeq :UInt64) -> (removed :UInt32);
   # DS. Deletes every message with seq <= upToSeq, durably. Nothing is deleted before its ack.

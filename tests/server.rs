@@ -296,6 +296,40 @@ async fn fetch_wait_wakes_on_enqueue_and_times_out_empty() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_wait_with_a_folded_ack_deletes_the_batch_before_and_returns_only_later_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let sender = connect(&server).await;
+        for p in [b"one", b"two", b"six"] {
+            sender.enqueue(&alice.public().0, p, b"").await.unwrap();
+        }
+        let a = login(&server, &alice).await;
+        // Ack 1..=2 and fetch in one call: only seq 3 comes back, and 2 were removed.
+        let (msgs, more, removed) = a.ack_and_fetch_wait(2, 0, 0).await.unwrap();
+        assert_eq!((msgs.len(), more, removed), (1, false, 2));
+        assert_eq!((msgs[0].seq, msgs[0].payload.as_slice()), (3, &b"six"[..]));
+        // The ack is in the store, not only hidden from that one call.
+        let (left, _) = a.fetch(0).await.unwrap();
+        assert_eq!(left.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+        // Acking everything and waiting: the wait is woken by the next enqueue, and the folded
+        // ack removed seq 3 meanwhile.
+        let waiting = a.ack_and_fetch_wait(3, 60_000, 0);
+        let sending = async { sender.enqueue(&alice.public().0, b"ten", b"").await.unwrap() };
+        let ((msgs, _, removed), (seq, _)) = tokio::join!(async { waiting.await.unwrap() }, sending);
+        assert_eq!(removed, 1);
+        assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![seq]);
+        // Acking past the end is harmless and returns nothing more.
+        let (msgs, _, removed) = a.ack_and_fetch_wait(u64::MAX, 0, 0).await.unwrap();
+        assert_eq!((msgs.len(), removed), (0, 1));
+        assert!(a.fetch(0).await.unwrap().0.is_empty());
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_enqueues_get_clear_errors_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;

@@ -1,7 +1,8 @@
 //! Durable delivery: N senders enqueue to M recipients who `fetchWait` and `ack`.
 //!
 //! Each sender is its own connection with one enqueue outstanding; recipients are authenticated
-//! connections looping `fetchWait` → `ack`. Every payload carries the moment its enqueue started
+//! connections looping `fetchWait`, each call acking the batch before (`ackUpTo`), as a client
+//! that has saved that batch would. Every payload carries the moment its enqueue started
 //! (nanoseconds since the run's epoch, same process), so the recipient measures
 //! enqueue→wake-up latency: the enqueue RPC, the group commit with its fsync, the wake-up and the
 //! `fetchWait` reply.
@@ -237,6 +238,7 @@ async fn run_level(
             (&sent, &active_senders, &received, &last_delivery, &latencies);
         async move {
             let mut drain_deadline = None;
+            let mut ack_up_to = 0;
             loop {
                 if active.get() == 0 {
                     if received.get() >= sent.get() {
@@ -250,7 +252,8 @@ async fn run_level(
                         sent.get()
                     );
                 }
-                let (msgs, _more) = r.fetch_wait(FETCH_WAIT_MS, FETCH_LIMIT).await?;
+                let (msgs, _more, _) = r.ack_and_fetch_wait(ack_up_to, FETCH_WAIT_MS, FETCH_LIMIT).await?;
+                ack_up_to = 0;
                 let Some(last) = msgs.last().map(|m| m.seq) else { continue };
                 let now_ns = b.epoch.elapsed().as_nanos() as u64;
                 {
@@ -262,7 +265,7 @@ async fn run_level(
                 }
                 received.set(received.get() + msgs.len() as u64);
                 last_delivery.set(Some(Instant::now()));
-                r.ack(last).await?;
+                ack_up_to = last;
             }
             anyhow::Ok(())
         }

@@ -51,16 +51,14 @@ impl Messenger {
     }
 
     /// One fetch (or fetchWait) and the processing of what came, repeated while the server says
-    /// more is waiting. Saves, then acks.
+    /// more is waiting. Saves, then acks: a page's ack rides on the fetch of the next page, the
+    /// last page's is its own call.
     pub(crate) async fn receive_round(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
         let mut wait = wait_ms;
+        let mut saved_up_to = 0;
         loop {
-            let (msgs, more) = if wait > 0 {
-                self.session()?.fetch_wait(wait, 0).await?
-            } else {
-                self.session()?.fetch(0).await?
-            };
+            let (msgs, more, _) = self.session()?.ack_and_fetch_wait(saved_up_to, wait, 0).await?;
             wait = 0;
             let Some(last) = msgs.last().map(|m| m.seq) else { break };
             for m in &msgs {
@@ -71,10 +69,11 @@ impl Messenger {
                 self.home.state.processed_seq = m.seq;
             }
             self.persist()?;
-            self.session()?.ack(last).await?;
             if !more {
+                self.session()?.ack(last).await?;
                 break;
             }
+            saved_up_to = last;
         }
         self.resend_unsent_commits().await?;
         self.flush_outbox(&mut events).await?;

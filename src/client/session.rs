@@ -350,12 +350,24 @@ impl Session {
         timeout_ms: u32,
         limit: u32,
     ) -> Result<(Vec<Delivered>, bool), SessionError> {
+        self.ack_and_fetch_wait(0, timeout_ms, limit).await.map(|(msgs, more, _)| (msgs, more))
+    }
+
+    /// `fetchWait` with a folded ack: deletes messages up to `ack_up_to` (durably, before the
+    /// answer) and returns only later ones, in one round trip. Returns (messages, more, removed).
+    pub async fn ack_and_fetch_wait(
+        &self,
+        ack_up_to: u64,
+        timeout_ms: u32,
+        limit: u32,
+    ) -> Result<(Vec<Delivered>, bool, u32), SessionError> {
         let mut req = self.account()?.fetch_wait_request();
         req.get().set_timeout_ms(timeout_ms);
         req.get().set_limit(limit);
+        req.get().set_ack_up_to(ack_up_to);
         let resp = timed(req.send().promise, RPC_TIMEOUT + Duration::from_millis(timeout_ms.into())).await?;
         let r = resp.get()?;
-        Ok((read_messages(r.get_messages()?)?, r.get_more()))
+        Ok((read_messages(r.get_messages()?)?, r.get_more(), r.get_removed()))
     }
 
     pub async fn ack(&self, up_to_seq: u64) -> Result<u32, SessionError> {

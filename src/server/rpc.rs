@@ -393,7 +393,7 @@ impl account::Server for AccountImpl {
         let res = (|| {
             let limit = fetch_limit(params.get()?.get_limit());
             let (msgs, more) =
-                self.shared.store.fetch(&self.who, limit, limits::MAX_FETCH_BYTES).map_err(store_err)?;
+                self.shared.store.fetch(&self.who, 0, limit, limits::MAX_FETCH_BYTES).map_err(store_err)?;
             let mut r = results.get();
             r.set_more(more);
             write_messages(r.init_messages(msgs.len() as u32), &msgs);
@@ -417,30 +417,45 @@ impl account::Server for AccountImpl {
                 )));
             }
             let limit = fetch_limit(p.get_limit());
+            let ack_up_to = p.get_ack_up_to();
+            // Writes are refused once shutdown has begun; a plain fetchWait is not a write.
+            let _call = if ack_up_to > 0 { Some(self.shared.call_guard()?) } else { None };
             let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
             let shared = self.shared.clone();
-            let subscription = shared.store.notifier().subscribe(&self.who);
-            let outcome = loop {
-                let notified = subscription.notify().notified();
-                tokio::pin!(notified);
-                // Register before reading, so a commit between the read and the wait still wakes us.
-                notified.as_mut().enable();
-                let fetched = self.shared.store.fetch(&self.who, limit, limits::MAX_FETCH_BYTES);
-                match fetched {
-                    Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
-                    Ok(_) => {}
-                    Err(e) => break Err(store_err(e)),
+            // The folded ack commits while we wait: messages it deletes are skipped by reading
+            // after `ack_up_to`, so the wait never depends on that commit.
+            let ack = async {
+                if ack_up_to == 0 {
+                    return Ok(0);
                 }
-                tokio::select! {
-                    _ = &mut notified => continue,
-                    _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false)),
-                    _ = self.shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
+                acked(shared.store.write(WriteOp::Ack { who: self.who, up_to: ack_up_to }).await)
+            };
+            let wait = async {
+                let subscription = shared.store.notifier().subscribe(&self.who);
+                loop {
+                    let notified = subscription.notify().notified();
+                    tokio::pin!(notified);
+                    // Register before reading, so a commit between the read and the wait still wakes us.
+                    notified.as_mut().enable();
+                    let fetched = shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES);
+                    match fetched {
+                        Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
+                        Ok(_) => {}
+                        Err(e) => break Err(store_err(e)),
+                    }
+                    tokio::select! {
+                        _ = &mut notified => continue,
+                        _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false)),
+                        _ = shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
+                    }
                 }
             };
-            drop(subscription);
+            let (removed, outcome) = tokio::join!(ack, wait);
+            let removed = removed?;
             let (msgs, more) = outcome?;
             let mut r = results.get();
             r.set_more(more);
+            r.set_removed(removed);
             write_messages(r.init_messages(msgs.len() as u32), &msgs);
             Ok(())
         }
@@ -454,14 +469,18 @@ impl account::Server for AccountImpl {
         async move {
             let _call = self.shared.call_guard()?;
             let up_to = params.get()?.get_up_to_seq();
-            match self.shared.store.write(WriteOp::Ack { who: self.who, up_to }).await.map_err(store_err)? {
-                Outcome::Acked { removed } => {
-                    results.get().set_removed(removed);
-                    Ok(())
-                }
-                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
-            }
+            let removed = acked(self.shared.store.write(WriteOp::Ack { who: self.who, up_to }).await)?;
+            results.get().set_removed(removed);
+            Ok(())
         }
+    }
+}
+
+/// The number of messages an `Ack` write removed.
+fn acked(written: Result<Outcome, StoreError>) -> Result<u32, Error> {
+    match written.map_err(store_err)? {
+        Outcome::Acked { removed } => Ok(removed),
+        other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
     }
 }
 

@@ -227,15 +227,16 @@ impl Store {
         &self.notifier
     }
 
-    /// Pending, unexpired messages of `who` in seq order, without removing them.
-    /// Returns the messages and whether more are waiting beyond `limit`/`max_bytes`.
+    /// Pending, unexpired messages of `who` with seq > `after`, in seq order, without removing
+    /// them. Returns the messages and whether more are waiting beyond `limit`/`max_bytes`.
     pub fn fetch(
         &self,
         who: &IdentityKey,
+        after: u64,
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        self.fetch_at(who, limit, max_bytes, now_ms())
+        self.fetch_at(who, after, limit, max_bytes, now_ms())
     }
 
     /// [`Store::fetch`] as of the clock reading `now` (ms since the Unix epoch), which decides
@@ -243,13 +244,15 @@ impl Store {
     pub fn fetch_at(
         &self,
         who: &IdentityKey,
+        after: u64,
         limit: u32,
         max_bytes: usize,
         now: u64,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
+        let Some(first) = after.checked_add(1) else { return Ok((Vec::new(), false)) };
         let txn = self.db.begin_read()?;
         let table = txn.open_table(QUEUE)?;
-        let start = queue_key(who, 0);
+        let start = queue_key(who, first);
         let end = queue_key(who, u64::MAX);
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -352,8 +355,15 @@ mod tests {
         }
         let now = now_ms();
         let later = now + lim.ttl_ms + 1_000;
-        assert_eq!(store.fetch_at(&who, 10, 1 << 20, now).unwrap().0.len(), 2, "fresh messages are visible");
-        assert!(store.fetch_at(&who, 10, 1 << 20, later).unwrap().0.is_empty(), "expired ones are not");
+        assert_eq!(
+            store.fetch_at(&who, 0, 10, 1 << 20, now).unwrap().0.len(),
+            2,
+            "fresh messages are visible"
+        );
+        assert!(store.fetch_at(&who, 0, 10, 1 << 20, later).unwrap().0.is_empty(), "expired ones are not");
+        let (after_first, _) = store.fetch_at(&who, 1, 10, 1 << 20, now).unwrap();
+        assert_eq!(after_first.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2], "only seq > after");
+        assert!(store.fetch_at(&who, u64::MAX, 10, 1 << 20, now).unwrap().0.is_empty());
         let full =
             store.write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"new".to_vec())] }).await;
         assert!(matches!(full, Err(StoreError::QueueFull { .. })), "expired messages count until swept");
@@ -365,7 +375,7 @@ mod tests {
             .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"new".to_vec())] })
             .await
             .unwrap();
-        let (left, _) = store.fetch_at(&who, 10, 1 << 20, now).unwrap();
+        let (left, _) = store.fetch_at(&who, 0, 10, 1 << 20, now).unwrap();
         assert_eq!(left.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"new".to_vec()]);
         store.close().unwrap();
     }
