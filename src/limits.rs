@@ -75,3 +75,7 @@ pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;
 /// Default cap on open client connections: well above a small community's needs, and at ~50 KiB
 /// of server memory each (BENCHMARKS.md) bounded to about half a GiB.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on open connections from one IP address: a client holds two (an authenticated
+/// one and an anonymous one for sending), so this admits a NAT with ~100 people in a chat shell
+/// while no single host can take more than a small share of [`DEFAULT_MAX_CONNECTIONS`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;

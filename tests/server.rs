@@ -739,3 +739,31 @@ async fn connections_beyond_the_cap_are_refused_and_the_others_keep_working() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_is_held_to_its_quota_after_proving_it_owns_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.max_connections_per_ip = 4;
+    let server = start_server_with(cfg).await;
+    local(async {
+        // The first two are admitted at once; the next two only after answering a QUIC Retry,
+        // which the client does by itself.
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            open.push(connect(&server).await);
+        }
+        let fifth =
+            Session::connect(&server.local_addr().to_string(), Pin::Fingerprint(server.fingerprint())).await;
+        match fifth {
+            Err(SessionError::Connect { reason, .. }) => assert!(reason.contains("refused"), "{reason}"),
+            Err(other) => panic!("expected a refused connection, got {other}"),
+            Ok(_) => panic!("a fifth connection from one address was accepted"),
+        }
+        for s in &open {
+            assert_eq!(s.health().await.unwrap().status, "ok");
+        }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

@@ -231,6 +231,7 @@ fn readme_config_example_parses_and_shows_the_defaults() {
     assert_eq!(cfg.max_queue_bytes, limits::DEFAULT_MAX_QUEUE_BYTES);
     assert_eq!(cfg.message_ttl_secs, limits::DEFAULT_MESSAGE_TTL_SECS);
     assert_eq!(cfg.max_connections, limits::DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(cfg.max_connections_per_ip, limits::DEFAULT_MAX_CONNECTIONS_PER_IP);
     assert!(example.contains(&format!("(1 ..= {})", limits::MAX_BATCH_BYTES)), "{example}");
 }
 

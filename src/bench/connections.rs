@@ -12,7 +12,8 @@
 //!
 //! All connections share ONE client endpoint (one UDP socket), so N is not bounded by file
 //! descriptors. Against a remote server only the handshake rate is measured, with bare QUIC
-//! handshakes (no stream) to the same server as the reference.
+//! handshakes (no stream) to the same server as the reference; its `max_connections_per_ip`
+//! applies (past half of it each handshake takes a QUIC Retry), so raise it there first.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -49,9 +50,15 @@ struct ChildServer {
 }
 
 impl ChildServer {
-    /// `qpq serve` on 127.0.0.1:0 in a fresh temp data dir.
+    /// `qpq serve` on 127.0.0.1:0 in a fresh temp data dir. Every connection comes from
+    /// 127.0.0.1, so the config file lifts the per-address cap (and with it the QUIC Retry past
+    /// half of it) that a real server applies; the total cap is the default.
     fn serve() -> anyhow::Result<ChildServer> {
         let dir = tempfile::Builder::new().prefix("qpq-bench-serve-").tempdir()?;
+        std::fs::write(
+            dir.path().join(crate::server::config::CONFIG_FILE),
+            format!("max_connections_per_ip = {}\n", crate::limits::DEFAULT_MAX_CONNECTIONS),
+        )?;
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
         for var in ["QPQ_CONFIG", "QPQ_CERT", "QPQ_KEY"] {

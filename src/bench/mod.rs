@@ -461,7 +461,10 @@ pub fn run(g: &GlobalArgs, args: BenchArgs) -> anyhow::Result<()> {
                 let dir = tempfile::Builder::new().prefix("qpq-bench-").tempdir()?;
                 let data_dir = dir.path().join("server");
                 let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
-                let running = server::start(ServerConfig::new(data_dir.clone(), listen)).await?;
+                let mut cfg = ServerConfig::new(data_dir.clone(), listen);
+                // Every bench connection comes from 127.0.0.1.
+                cfg.max_connections_per_ip = cfg.max_connections;
+                let running = server::start(cfg).await?;
                 let target = Target {
                     addr: running.local_addr(),
                     fingerprint: running.fingerprint(),

@@ -58,6 +58,7 @@ pub struct FileConfig {
     pub max_queue_messages: Option<u64>,
     pub max_queue_bytes: Option<u64>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
     pub message_ttl_secs: Option<u64>,
 }
 
@@ -72,6 +73,7 @@ pub struct ServerConfig {
     pub max_queue_messages: u64,
     pub max_queue_bytes: u64,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub message_ttl_secs: u64,
 }
 
@@ -87,6 +89,7 @@ impl ServerConfig {
             max_queue_messages: limits::DEFAULT_MAX_QUEUE_MESSAGES,
             max_queue_bytes: limits::DEFAULT_MAX_QUEUE_BYTES,
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
         }
     }
@@ -144,6 +147,15 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid { name: "max_connections", reason: "must be > 0".into() });
             }
             cfg.max_connections = v;
+        }
+        if let Some(v) = file.max_connections_per_ip {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    name: "max_connections_per_ip",
+                    reason: "must be > 0".into(),
+                });
+            }
+            cfg.max_connections_per_ip = v;
         }
         if let Some(v) = file.message_ttl_secs {
             if v == 0 {

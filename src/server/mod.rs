@@ -6,6 +6,8 @@
 //! - An accept loop on the caller's (multi-threaded) tokio runtime hands every connection to one
 //!   of a few RPC worker threads. capnp-rpc's `RpcSystem` is `!Send`, so each worker runs a
 //!   current-thread runtime with a `LocalSet`; connections are spread round-robin over them.
+//!   Before that, [`admission`] decides whether a connection is served at all (caps in all and
+//!   per IP address, QUIC Retry for busy addresses).
 //! - Each connection carries one bidirectional stream for RPC; its bootstrap object is a
 //!   [`rpc::NodeServiceImpl`] that knows the connection's TLS-exported auth challenge.
 //!
@@ -15,6 +17,7 @@
 //! connection, then stops the store writer after it has committed everything it was handed, and
 //! closes redb.
 
+pub mod admission;
 pub mod config;
 pub mod rpc;
 
@@ -31,6 +34,7 @@ use tracing::Instrument;
 
 pub use config::ServerConfig;
 
+use self::admission::{Admission, Decision, Slot};
 use crate::limits;
 use crate::proto::node_capnp::node_service;
 use crate::store::{QueueLimits, Store, StoreError, WriteOp};
@@ -71,9 +75,8 @@ pub struct Shared {
     /// Cancelled when shutdown begins: long polls return, no new connections are served.
     pub shutdown: CancellationToken,
     draining: AtomicBool,
-    /// Open client connections, and the most allowed.
-    connections: AtomicUsize,
-    max_connections: usize,
+    /// Open client connections, in all and per address, against their caps.
+    admission: Arc<Admission>,
     /// Calls that change or reserve state and must finish before the store closes.
     inflight: AtomicUsize,
     inflight_zero: tokio::sync::Notify,
@@ -216,8 +219,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         draining: AtomicBool::new(false),
-        connections: AtomicUsize::new(0),
-        max_connections: cfg.max_connections,
+        admission: Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
         inflight: AtomicUsize::new(0),
         inflight_zero: tokio::sync::Notify::new(),
     });
@@ -225,7 +227,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut senders = Vec::with_capacity(worker_count);
     let mut workers = Vec::with_capacity(worker_count);
     for i in 0..worker_count {
-        let (tx, rx) = mpsc::unbounded_channel::<(u64, quinn::Incoming)>();
+        let (tx, rx) = mpsc::unbounded_channel::<(u64, quinn::Incoming, Slot)>();
         let shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("qpq-rpc-{i}"))
@@ -266,7 +268,7 @@ fn spawn_sweeper(shared: Arc<Shared>) {
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
-    workers: Vec<mpsc::UnboundedSender<(u64, quinn::Incoming)>>,
+    workers: Vec<mpsc::UnboundedSender<(u64, quinn::Incoming, Slot)>>,
 ) {
     let next_id = AtomicU64::new(1);
     loop {
@@ -275,16 +277,30 @@ async fn accept_loop(
             _ = shared.shutdown.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
-        if shared.connections.load(Ordering::SeqCst) >= shared.max_connections {
-            tracing::warn!(max = shared.max_connections, remote = %incoming.remote_address(), "connection refused: server full");
-            incoming.refuse();
-            continue;
-        }
-        // Counted here, uncounted when `serve_connection` ends (see `ConnectionSlot`).
-        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let remote = incoming.remote_address();
+        let slot = match shared.admission.admit(remote.ip(), incoming.remote_address_validated()) {
+            Decision::Admit(slot) => slot,
+            Decision::Validate if incoming.may_retry() => {
+                if let Err(e) = incoming.retry() {
+                    tracing::debug!(error = %e, %remote, "retry not sent");
+                }
+                continue;
+            }
+            Decision::Validate => {
+                tracing::warn!(%remote, "connection refused: address not validated");
+                incoming.refuse();
+                continue;
+            }
+            Decision::Refuse(reason) => {
+                tracing::warn!(%remote, "connection refused: {reason}");
+                incoming.refuse();
+                continue;
+            }
+        };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let worker = &workers[(id as usize) % workers.len()];
-        if worker.send((id, incoming)).is_err() {
+        // The slot lives as long as the connection's task (see `serve_connection`).
+        if worker.send((id, incoming, slot)).is_err() {
             tracing::error!("rpc worker is gone");
             break;
         }
@@ -292,7 +308,7 @@ async fn accept_loop(
     // Dropping the senders lets idle workers finish once their connections are gone.
 }
 
-fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::Incoming)>) {
+fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::Incoming, Slot)>) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -302,26 +318,18 @@ fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        while let Some((id, incoming)) = rx.recv().await {
+        while let Some((id, incoming, slot)) = rx.recv().await {
             let span = tracing::info_span!("conn", id, remote = %incoming.remote_address());
-            tokio::task::spawn_local(serve_connection(incoming, shared.clone()).instrument(span));
+            tokio::task::spawn_local(serve_connection(incoming, shared.clone(), slot).instrument(span));
         }
     });
     // Let connections still open on this worker finish (they end at endpoint close).
     rt.block_on(local);
 }
 
-/// Frees a connection's place in the count when its task ends, however it ends.
-struct ConnectionSlot(Arc<Shared>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let _slot = ConnectionSlot(shared.clone());
+/// Serves one connection; `_slot` frees its place in the admission counts when this task ends,
+/// however it ends.
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot: Slot) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
