@@ -36,10 +36,12 @@ interface NodeService {
   # counts single-use packages left after this call. Error "no key packages for this key" when the
   # key has neither.
 
-  fetchHybridKey @3 (identityKey :Data) -> (hybridKey :Data, signature :Data);
-  # AS, no authentication. Returns the key's hybrid public key (X-Wing: ML-KEM-768 || X25519,
-  # 1216 bytes) and the identity's Ed25519 signature over it, exactly as uploaded. The server
-  # cannot forge that signature, so a fetching client detects a swapped key.
+  fetchHybridKey @3 (identityKey :Data) -> (hybridKey :Data, signature :Data, createdAtMs :UInt64);
+  # AS, no authentication. Returns the key's current hybrid public key (X-Wing: ML-KEM-768 ||
+  # X25519, 1216 bytes), the identity's Ed25519 signature over it and its signed creation time,
+  # exactly as uploaded. The server cannot forge that signature, so a fetching client detects a
+  # swapped key; and since the time is signed too, a client that has seen a newer key detects an
+  # old one served again.
 
   enqueue @4 (recipientKey :Data, payload :Data, channelId :Data) -> (seq :UInt64, channelSeq :UInt64);
   # DS, no authentication (a sender need not reveal itself). Stores payload (at most the server's
@@ -76,10 +78,11 @@ interface Account {
 
   keyPackageCount @2 () -> (count :UInt32, hasLastResort :Bool);
 
-  uploadHybridKey @3 (hybridKey :Data, signature :Data) -> ();
+  uploadHybridKey @3 (hybridKey :Data, signature :Data, createdAtMs :UInt64) -> ();
   # AS. signature is Ed25519 by this account's key over
-  #   "qpq/1 hybrid-key" || identityKey || hybridKey
-  # and is verified before the key (1216 bytes) replaces any earlier one. Durable.
+  #   "qpq/1 hybrid-key" || identityKey || createdAtMs (8 bytes, big-endian) || hybridKey
+  # and is verified before the key (1216 bytes) replaces any earlier one. Durable. Clients
+  # rotate their key (weekly), so this is called again with a newer createdAtMs.
 
   fetch @4 (limit :UInt32) -> (messages :List(Message), more :Bool);
   # DS. Returns up to limit (capped by the server) pending messages in seq order WITHOUT deleting

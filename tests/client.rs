@@ -333,7 +333,8 @@ fn a_swapped_hybrid_key_is_detected() {
         {
             let mut t = txn.open_table(table).unwrap();
             let old = t.get(&bob_key[..]).unwrap().unwrap().value().to_vec();
-            let mut swapped = old[..64].to_vec();
+            // signature (64) || signed creation time (8) || key: keep the first two.
+            let mut swapped = old[..72].to_vec();
             swapped
                 .extend_from_slice(qpq::crypto::hybrid::HybridSecretKey::generate().public_key().as_bytes());
             t.insert(&bob_key[..], &swapped[..]).unwrap();
@@ -344,6 +345,32 @@ fn a_swapped_hybrid_key_is_detected() {
     let err = alice.fails(&["send", "bob", "hi"]);
     assert!(err.contains("hybrid key of bob rejected: hybrid key signature does not verify"), "{err}");
     drop(server);
+}
+
+#[test]
+fn a_rotated_envelope_key_still_opens_what_was_sealed_to_the_old_one() {
+    let (_dir, _server, [alice, bob, carol]) = common::cast(["alice", "bob", "carol"]);
+    alice.ok(&["send", "bob", "before"]);
+    let show = bob.ok(&["keys", "show"]);
+    let old_fp = show.split_whitespace().nth(2).expect("fingerprint").to_string();
+    assert!(show.starts_with(&format!("envelope key: {old_fp} created 0 days ago")), "{show}");
+    assert!(show.contains("on the server: yes; replaced keys kept: 0"), "{show}");
+
+    let rotated = bob.ok(&["keys", "rotate"]);
+    let new_fp = rotated.trim().strip_prefix("new envelope key: ").expect("new fingerprint").to_string();
+    assert_ne!(new_fp, old_fp);
+    assert!(bob.ok(&["keys", "show"]).contains("replaced keys kept: 1"));
+
+    // alice looked bob's key up a moment ago, so she still seals to the old one; carol never
+    // did, so she gets the new one from the server (signed by bob, or she would refuse it).
+    alice.ok(&["send", "bob", "after, to the old key"]);
+    carol.ok(&["send", "bob", "to the new key"]);
+    let mut got = bob.recv();
+    got.sort();
+    assert_eq!(got, vec!["alice: after, to the old key", "alice: before", "carol: to the new key"]);
+    // And bob's replies go out as usual.
+    bob.ok(&["send", "carol", "got it"]);
+    assert_eq!(carol.recv(), vec!["bob: got it"]);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use common::{ServerProcess, connect, local, login, start_server, start_server_with};
 use qpq::client::session::{Session, SessionError};
-use qpq::crypto::hybrid::{self, HybridSecretKey};
+use qpq::crypto::hybrid::{HybridSecretKey, SignedHybridKey};
 use qpq::crypto::identity::{Identity, PublicKey};
 use qpq::mls::MlsClient;
 use qpq::server::ServerConfig;
@@ -248,17 +248,26 @@ async fn hybrid_key_round_trips_with_its_signature_and_bad_ones_are_rejected() {
         let alice = Identity::generate();
         let hk = HybridSecretKey::generate();
         let pk = hk.public_key();
-        let sig = hybrid::sign_hybrid_key(alice.signing_key(), &pk);
+        let signed = SignedHybridKey::sign(alice.signing_key(), 1_000, &hk);
         let a = login(&server, &alice).await;
-        let other = HybridSecretKey::generate().public_key();
-        let msg = rpc_msg(a.upload_hybrid_key(other.as_bytes(), &sig).await);
+        // A valid signature over another key, or over another creation time, is refused.
+        let swapped = SignedHybridKey {
+            key: HybridSecretKey::generate().public_key().as_bytes().to_vec(),
+            ..signed.clone()
+        };
+        let msg = rpc_msg(a.upload_hybrid_key(&swapped).await);
         assert!(msg.starts_with("invalid hybrid key"), "{msg}");
-        a.upload_hybrid_key(pk.as_bytes(), &sig).await.unwrap();
+        let redated = SignedHybridKey { created_at_ms: 2_000, ..signed.clone() };
+        assert!(rpc_msg(a.upload_hybrid_key(&redated).await).starts_with("invalid hybrid key"));
+        a.upload_hybrid_key(&signed).await.unwrap();
         let anyone = connect(&server).await;
-        let (key, got_sig) = anyone.fetch_hybrid_key(&alice.public().0).await.unwrap();
-        assert_eq!(key, pk.as_bytes());
-        let verified = hybrid::verify_hybrid_key(&alice.public().0, &key, &got_sig).unwrap();
-        assert_eq!(verified, pk);
+        let got = anyone.fetch_hybrid_key(&alice.public().0).await.unwrap();
+        assert_eq!(got, signed, "key, signature and creation time come back as uploaded");
+        assert_eq!(got.verify(&alice.public().0).unwrap(), pk);
+        // A rotated key replaces the old one.
+        let next = SignedHybridKey::sign(alice.signing_key(), 3_000, &HybridSecretKey::generate());
+        a.upload_hybrid_key(&next).await.unwrap();
+        assert_eq!(anyone.fetch_hybrid_key(&alice.public().0).await.unwrap(), next);
         let msg = rpc_msg(anyone.fetch_hybrid_key(&Identity::generate().public().0).await);
         assert_eq!(msg, "no hybrid key for this key");
     })

@@ -31,6 +31,17 @@ pub enum ClientVerb {
     /// Create and manage groups
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Your envelope key (X-Wing, post-quantum), which rotates weekly by itself
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum KeysCmd {
+    /// Show your envelope key's fingerprint and age
+    Show,
+    /// Replace your envelope key now (say, after a device may have leaked it)
+    Rotate,
 }
 
 #[derive(Debug, Subcommand, Clone)]
@@ -311,6 +322,18 @@ pub async fn run_verb(
             events.extend(m.send(&target, &text).await?.events);
         }
         ClientVerb::Group(cmd) => events.extend(run_group(m, cmd, out).await?),
+        ClientVerb::Keys(KeysCmd::Show) => {
+            let k = m.envelope_key();
+            let days = k.age_ms / (24 * 60 * 60 * 1000);
+            writeln!(out, "envelope key: {} created {days} days ago", k.fingerprint)?;
+            let published = if k.published { "yes" } else { "no (at the next connection)" };
+            writeln!(out, "on the server: {published}; replaced keys kept: {}", k.retired)?;
+        }
+        ClientVerb::Keys(KeysCmd::Rotate) => {
+            m.connect().await?;
+            m.rotate_hybrid_key().await?;
+            writeln!(out, "new envelope key: {}", m.envelope_key().fingerprint)?;
+        }
     }
     Ok(VerbOutcome::Ok)
 }

@@ -15,7 +15,6 @@ use crate::client::messenger::{
 };
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
-use crate::crypto::hybrid;
 use crate::mls::{self, Incoming, MlsError, ProposalKind};
 
 impl Messenger {
@@ -151,6 +150,7 @@ impl Messenger {
             self.kp_check = false;
             self.refill_key_packages().await?;
         }
+        self.maintain_hybrid_key().await?;
         Ok(events)
     }
 
@@ -179,8 +179,7 @@ impl Messenger {
     }
 
     fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) {
-        let me = self.identity.public().0;
-        let plain = match hybrid::open(&me, &self.hybrid, &m.payload) {
+        let plain = match self.open_envelope(&m.payload) {
             Ok(p) => Zeroizing::new(p),
             Err(e) => {
                 events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });

@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::session::{Session, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Secrets, State, StateError, Unlock};
-use crate::crypto::hybrid::{self, HybridPublicKey, HybridSecretKey};
+use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
 use crate::fsutil::HomeLock;
 use crate::mls::{MlsClient, MlsError};
@@ -147,7 +147,6 @@ pub(crate) enum CommitStatus {
 pub struct Messenger {
     pub(crate) home: Home,
     pub(crate) identity: Identity,
-    pub(crate) hybrid: HybridSecretKey,
     pub(crate) mls: MlsClient,
     pub(crate) session: Option<Session>,
     /// A second, unauthenticated connection for enqueues and key lookups, so the server cannot
@@ -232,15 +231,15 @@ impl Messenger {
         let kps = mls.key_packages(KEY_PACKAGE_POOL)?;
         let lr = mls.last_resort_key_package()?;
         session.upload_key_packages(&kps, Some(&lr)).await?;
-        let hpk = hybrid.public_key();
-        let sig = hybrid::sign_hybrid_key(identity.signing_key(), &hpk);
-        session.upload_hybrid_key(hpk.as_bytes(), &sig).await?;
+        let hybrid_created_at_ms = now_ms();
+        session
+            .upload_hybrid_key(&SignedHybridKey::sign(identity.signing_key(), hybrid_created_at_ms, &hybrid))
+            .await?;
         let fingerprint = session.fingerprint();
-        let mut state = State::new(
-            Secrets { identity_seed: *identity.seed(), hybrid_seed: *hybrid.seed() },
-            name,
-            Some(server.clone()),
-        );
+        let mut state =
+            State::new(Secrets::new(*identity.seed(), *hybrid.seed()), name, Some(server.clone()));
+        state.hybrid_created_at_ms = hybrid_created_at_ms;
+        state.hybrid_published = true;
         state.known_servers.insert(server, fingerprint.to_string());
         state.server_instance = server_instance;
         state.mls_storage = mls.export_storage()?;
@@ -250,7 +249,6 @@ impl Messenger {
         let m = Messenger {
             home,
             identity,
-            hybrid,
             mls,
             session: Some(session),
             anonymous: None,
@@ -271,12 +269,10 @@ impl Messenger {
     ) -> Result<Messenger, ClientError> {
         let home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
-        let hybrid = HybridSecretKey::from_seed(home.state.secrets.hybrid_seed);
         let mls = MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?;
         Ok(Messenger {
             home,
             identity,
-            hybrid,
             mls,
             session: None,
             anonymous: None,
@@ -374,9 +370,7 @@ impl Messenger {
 
     /// Uploads our signed hybrid key and a fresh KeyPackage pool (with a new last-resort one).
     async fn republish(&mut self) -> Result<(), ClientError> {
-        let hpk = self.hybrid.public_key();
-        let sig = hybrid::sign_hybrid_key(self.identity.signing_key(), &hpk);
-        self.session()?.upload_hybrid_key(hpk.as_bytes(), &sig).await?;
+        self.publish_hybrid_key().await?;
         self.refill_key_packages().await
     }
 
@@ -614,29 +608,6 @@ impl Messenger {
         }
         let (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
         Ok(channel_seq)
-    }
-
-    /// The verified hybrid key of `who` (cached in the state after the first fetch).
-    pub(crate) async fn hybrid_key_of(&mut self, who: &[u8; 32]) -> Result<HybridPublicKey, ClientError> {
-        if *who == self.identity.public().0 {
-            return Ok(self.hybrid.public_key());
-        }
-        if let Some(bytes) = self.home.state.hybrid_keys.get(who)
-            && let Ok(k) = HybridPublicKey::from_bytes(bytes)
-        {
-            return Ok(k);
-        }
-        let looked_up = self.anonymous().await?.fetch_hybrid_key(who).await;
-        let (key, sig) = looked_up.map_err(|e| match e {
-            SessionError::Rpc(m) if m.contains("no hybrid key") => {
-                ClientError::NoKeyPackages { who: self.display_name(who) }
-            }
-            other => other.into(),
-        })?;
-        let verified = hybrid::verify_hybrid_key(who, &key, &sig)
-            .map_err(|e| ClientError::HybridKey { who: self.display_name(who), reason: e.to_string() })?;
-        self.home.state.hybrid_keys.insert(*who, key);
-        Ok(verified)
     }
 
     pub(crate) fn push_history(&mut self, entry: Entry) {

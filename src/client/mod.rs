@@ -1,11 +1,13 @@
 //! The client side: a connection to the server ([`session`]), the encrypted state ([`state`]),
-//! the frames inside envelopes ([`frame`]), and the messenger core ([`messenger`], [`delivery`],
+//! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), and the
+//! messenger core ([`messenger`], [`delivery`],
 //! [`groups`])
 //! that the one-shot commands and the shell share. No printing in here.
 
 pub mod delivery;
 pub mod frame;
 pub mod groups;
+pub mod hybridkeys;
 pub mod messenger;
 pub mod session;
 pub mod state;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
+use crate::crypto::hybrid::SignedHybridKey;
 use crate::crypto::identity::{Identity, PublicKey};
 use crate::limits;
 use crate::proto::node_capnp::{account, node_service};
@@ -264,12 +265,16 @@ impl Session {
     }
 
     /// The hybrid key of `who` and the signature over it (unverified: see `crypto::hybrid`).
-    pub async fn fetch_hybrid_key(&self, who: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SessionError> {
+    pub async fn fetch_hybrid_key(&self, who: &[u8]) -> Result<SignedHybridKey, SessionError> {
         let mut req = self.node.fetch_hybrid_key_request();
         req.get().set_identity_key(who);
         let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
         let r = resp.get()?;
-        Ok((r.get_hybrid_key()?.to_vec(), r.get_signature()?.to_vec()))
+        Ok(SignedHybridKey {
+            key: r.get_hybrid_key()?.to_vec(),
+            signature: r.get_signature()?.to_vec(),
+            created_at_ms: r.get_created_at_ms(),
+        })
     }
 
     /// Enqueues one payload; returns (seq, channel_seq).
@@ -329,10 +334,11 @@ impl Session {
         Ok((r.get_count(), r.get_has_last_resort()))
     }
 
-    pub async fn upload_hybrid_key(&self, key: &[u8], sig: &[u8]) -> Result<(), SessionError> {
+    pub async fn upload_hybrid_key(&self, signed: &SignedHybridKey) -> Result<(), SessionError> {
         let mut req = self.account()?.upload_hybrid_key_request();
-        req.get().set_hybrid_key(key);
-        req.get().set_signature(sig);
+        req.get().set_hybrid_key(&signed.key);
+        req.get().set_signature(&signed.signature);
+        req.get().set_created_at_ms(signed.created_at_ms);
         timed(req.send().promise, RPC_TIMEOUT).await?;
         Ok(())
     }

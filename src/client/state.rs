@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
 use crate::fsutil::{self, HomeLock, LockError};
 
@@ -22,8 +23,9 @@ pub const STATE_FILE: &str = "qpq-state.bin";
 /// Largest state file read (MLS storage of many big groups fits well below this).
 const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
 
-/// Version of the [`State`] layout inside the sealed file.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the [`State`] layout inside the sealed file. 2: hybrid keys rotate (creation
+/// time, retired secrets, peer keys with lookup times).
+pub const STATE_VERSION: u32 = 2;
 
 /// Default number of messages kept per conversation for `/history`.
 pub const DEFAULT_HISTORY_LIMIT: usize = 500;
@@ -47,6 +49,11 @@ pub enum StateError {
     Decode(String),
     #[error("state file version {0} is newer than this qpq understands ({STATE_VERSION})")]
     Version(u32),
+    #[error(
+        "state file version {0} is from an older qpq that this one cannot read (it reads {STATE_VERSION}): \
+         keep using that qpq, or start a new home with `qpq init`"
+    )]
+    OldVersion(u32),
     #[error("no home directory: pass --home or set QPQ_HOME")]
     NoHome,
 }
@@ -55,7 +62,17 @@ pub enum StateError {
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop, Clone)]
 pub struct Secrets {
     pub identity_seed: [u8; 32],
+    /// Our current hybrid (X-Wing) key.
     pub hybrid_seed: [u8; 32],
+    /// Hybrid keys we replaced, newest first, kept a while to open envelopes sealed to them
+    /// (see [`crate::client::hybridkeys`]).
+    pub retired_hybrid: Vec<RetiredHybridKey>,
+}
+
+impl Secrets {
+    pub fn new(identity_seed: [u8; 32], hybrid_seed: [u8; 32]) -> Secrets {
+        Secrets { identity_seed, hybrid_seed, retired_hybrid: Vec::new() }
+    }
 }
 
 /// What kind of conversation a group is.
@@ -133,8 +150,12 @@ pub struct State {
     pub mls_storage: Vec<u8>,
     /// Contact name → identity key.
     pub contacts: BTreeMap<String, [u8; 32]>,
-    /// Verified hybrid keys of peers: identity → hybrid public key bytes.
-    pub hybrid_keys: BTreeMap<[u8; 32], Vec<u8>>,
+    /// Creation time of our current hybrid key, as signed when it was published.
+    pub hybrid_created_at_ms: u64,
+    /// False from a rotation until the server has the new key (published by the next round).
+    pub hybrid_published: bool,
+    /// Verified hybrid keys of peers, by identity.
+    pub hybrid_keys: BTreeMap<[u8; 32], PeerHybridKey>,
     /// Hex group id → group.
     pub groups: BTreeMap<String, GroupMeta>,
     /// Received messages not yet shown by `recv` (others than `recv` process the queue too).
@@ -169,6 +190,8 @@ impl State {
             known_servers: BTreeMap::new(),
             mls_storage: Vec::new(),
             contacts: BTreeMap::new(),
+            hybrid_created_at_ms: 0,
+            hybrid_published: false,
             hybrid_keys: BTreeMap::new(),
             groups: BTreeMap::new(),
             inbox: VecDeque::new(),
@@ -190,6 +213,16 @@ impl State {
     }
 
     fn decode(bytes: &[u8]) -> Result<State, StateError> {
+        // The version leads the layout, so an older or newer file gets a precise error rather
+        // than "damaged".
+        if let Ok((version, _)) = postcard::take_from_bytes::<u32>(bytes) {
+            if version > STATE_VERSION {
+                return Err(StateError::Version(version));
+            }
+            if version < STATE_VERSION {
+                return Err(StateError::OldVersion(version));
+            }
+        }
         let s: State = postcard::from_bytes(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
         if s.version > STATE_VERSION {
             return Err(StateError::Version(s.version));
@@ -332,11 +365,8 @@ mod tests {
     use super::*;
 
     fn sample() -> State {
-        let mut s = State::new(
-            Secrets { identity_seed: [1; 32], hybrid_seed: [2; 32] },
-            Some("alice".into()),
-            Some("127.0.0.1:7000".into()),
-        );
+        let mut s =
+            State::new(Secrets::new([1; 32], [2; 32]), Some("alice".into()), Some("127.0.0.1:7000".into()));
         s.contacts.insert("bob".into(), [3; 32]);
         s.mls_storage = vec![9; 1000];
         s
@@ -352,6 +382,19 @@ mod tests {
         assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
         assert_eq!(home.state.secrets.identity_seed, [1; 32]);
         assert_eq!(home.state.mls_storage.len(), 1000);
+    }
+
+    #[test]
+    fn older_and_newer_layouts_get_their_own_errors() {
+        let mut s = sample();
+        s.version = STATE_VERSION + 1;
+        let newer = s.encode().unwrap();
+        assert!(matches!(State::decode(&newer), Err(StateError::Version(v)) if v == STATE_VERSION + 1));
+        // A version-1 file: its version leads, whatever follows.
+        let older = postcard::to_allocvec(&1u32).unwrap();
+        let err = State::decode(&older).err().expect("an older layout is refused");
+        assert!(err.to_string().starts_with("state file version 1 is from an older qpq"), "{err}");
+        assert!(matches!(State::decode(&[]), Err(StateError::Decode(_))));
     }
 
     #[test]

@@ -42,7 +42,9 @@
 //!
 //! The server distributes hybrid public keys, so each one is signed by its owner's Ed25519
 //! identity over [`hybrid_key_signing_bytes`]; [`verify_hybrid_key`] checks that signature
-//! before a key is ever used, which catches a server that swaps keys.
+//! before a key is ever used, which catches a server that swaps keys. The signature also covers
+//! the key's creation time, so a client that knows a newer key of someone refuses an older one
+//! a server replays (keys are rotated: see `client::hybridkeys`).
 
 use std::fmt;
 
@@ -211,23 +213,55 @@ impl fmt::Debug for HybridPublicKey {
     }
 }
 
+/// A hybrid public key as its owner published it: the key, its signed creation time and the
+/// identity's signature over both (see [`hybrid_key_signing_bytes`]). Unverified until
+/// [`SignedHybridKey::verify`] says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHybridKey {
+    pub key: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// Creation time the owner signed (ms since the Unix epoch).
+    pub created_at_ms: u64,
+}
+
+impl SignedHybridKey {
+    /// Signs `secret`'s public key as created at `created_at_ms`.
+    #[must_use]
+    pub fn sign(identity: &SigningKey, created_at_ms: u64, secret: &HybridSecretKey) -> SignedHybridKey {
+        let pk = secret.public_key();
+        let signature = sign_hybrid_key(identity, created_at_ms, &pk).to_vec();
+        SignedHybridKey { key: pk.as_bytes().to_vec(), signature, created_at_ms }
+    }
+
+    /// Checks the signature of `identity` and parses the key; see [`verify_hybrid_key`].
+    ///
+    /// # Errors
+    ///
+    /// As [`verify_hybrid_key`].
+    pub fn verify(&self, identity: &[u8; 32]) -> Result<HybridPublicKey, HybridError> {
+        verify_hybrid_key(identity, self.created_at_ms, &self.key, &self.signature)
+    }
+}
+
 /// Bytes the identity signs to vouch for its hybrid key: a domain-separation constant
-/// ("qpq/1 hybrid-key"), the 32-byte Ed25519 identity key, then the hybrid public key.
+/// ("qpq/1 hybrid-key"), the 32-byte Ed25519 identity key, the key's creation time (ms since the
+/// Unix epoch, 8 bytes big-endian), then the hybrid public key.
 ///
 /// Only the last field has variable length, so the encoding is unambiguous.
 #[must_use]
-pub fn hybrid_key_signing_bytes(identity: &[u8; 32], hybrid_pk: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HYBRID_KEY_SIGNING_LABEL.len() + identity.len() + hybrid_pk.len());
+pub fn hybrid_key_signing_bytes(identity: &[u8; 32], created_at_ms: u64, hybrid_pk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HYBRID_KEY_SIGNING_LABEL.len() + identity.len() + 8 + hybrid_pk.len());
     out.extend_from_slice(HYBRID_KEY_SIGNING_LABEL);
     out.extend_from_slice(identity);
+    out.extend_from_slice(&created_at_ms.to_be_bytes());
     out.extend_from_slice(hybrid_pk);
     out
 }
 
-/// Signs `pk` with the identity key (Ed25519, deterministic).
+/// Signs `pk`, created at `created_at_ms`, with the identity key (Ed25519, deterministic).
 #[must_use]
-pub fn sign_hybrid_key(identity: &SigningKey, pk: &HybridPublicKey) -> [u8; 64] {
-    let msg = hybrid_key_signing_bytes(identity.verifying_key().as_bytes(), pk.as_bytes());
+pub fn sign_hybrid_key(identity: &SigningKey, created_at_ms: u64, pk: &HybridPublicKey) -> [u8; 64] {
+    let msg = hybrid_key_signing_bytes(identity.verifying_key().as_bytes(), created_at_ms, pk.as_bytes());
     identity.sign(&msg).to_bytes()
 }
 
@@ -243,6 +277,7 @@ pub fn sign_hybrid_key(identity: &SigningKey, pk: &HybridPublicKey) -> [u8; 64] 
 /// [`HybridError::InvalidPublicKey`] for a validly signed but malformed key.
 pub fn verify_hybrid_key(
     identity: &[u8; 32],
+    created_at_ms: u64,
     hybrid_pk: &[u8],
     signature: &[u8],
 ) -> Result<HybridPublicKey, HybridError> {
@@ -255,7 +290,7 @@ pub fn verify_hybrid_key(
     let verifying_key = VerifyingKey::from_bytes(identity).map_err(|_| HybridError::InvalidIdentityKey)?;
     let signature = Signature::from_slice(signature).map_err(|_| HybridError::BadSignature)?;
     verifying_key
-        .verify_strict(&hybrid_key_signing_bytes(identity, hybrid_pk), &signature)
+        .verify_strict(&hybrid_key_signing_bytes(identity, created_at_ms, hybrid_pk), &signature)
         .map_err(|_| HybridError::BadSignature)?;
     HybridPublicKey::from_bytes(hybrid_pk)
 }
@@ -389,11 +424,13 @@ mod tests {
 
     // Both digests were generated once and cross-checked against an independent
     // implementation of the key schedule (Python pyca/cryptography HKDF, ChaCha20-Poly1305 and
-    // Ed25519 fed the X-Wing ct/ss for the same seed and eseed). A change here is a wire break.
+    // Ed25519 fed the X-Wing ct/ss for the same seed and eseed; the signature again when its
+    // bytes gained the creation time). A change here is a wire break.
     /// SHA-256 of the envelope for `kat_secret`, `kat_eseed`, `KAT_IDENTITY`, `KAT_PLAINTEXT`.
     const ENVELOPE_KAT_SHA256: &str = "014b2c96777d35711b02d48dbb7577ed5b572f9c08e575f59b5c0d8bac3f477b";
-    /// SHA-256 of the signature by identity seed [7; 32] over `kat_secret`'s public key.
-    const SIGNATURE_KAT_SHA256: &str = "8cdf62ae80397293b607b6cc9575650923dd20c7c5b50a7624fc296fed1ed951";
+    /// SHA-256 of the signature by identity seed [7; 32] over `kat_secret`'s public key, created
+    /// at `KAT_CREATED_AT_MS`.
+    const SIGNATURE_KAT_SHA256: &str = "c4336d466adb9dfd7e71cffe840a6654587048e4f9155f17bc143bb32aec15f2";
 
     fn field(v: &serde_json::Value, name: &str) -> Vec<u8> {
         hex::decode(v[name].as_str().expect("field is a string")).expect("field is hex")
@@ -408,6 +445,8 @@ mod tests {
     }
 
     const KAT_IDENTITY: [u8; 32] = [0x42; 32];
+    const KAT_CREATED_AT_MS: u64 = 1_764_000_000_000;
+    const T: u64 = 1_000;
     const KAT_PLAINTEXT: &[u8] = b"qpq hybrid envelope known-answer test";
 
     fn identity(seed: u8) -> SigningKey {
@@ -449,15 +488,16 @@ mod tests {
     #[test]
     fn signature_known_answer() {
         let pk = kat_secret().public_key();
-        let sig = sign_hybrid_key(&identity(7), &pk);
+        let sig = sign_hybrid_key(&identity(7), KAT_CREATED_AT_MS, &pk);
         assert_eq!(hex::encode(Sha256::digest(sig)), SIGNATURE_KAT_SHA256);
     }
 
     #[test]
     fn signing_bytes_layout() {
-        let bytes = hybrid_key_signing_bytes(&[9; 32], &[1, 2, 3]);
+        let bytes = hybrid_key_signing_bytes(&[9; 32], 0x0102_0304_0506_0708, &[1, 2, 3]);
         let mut expected = b"qpq/1 hybrid-key".to_vec();
         expected.extend_from_slice(&[9; 32]);
+        expected.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
         expected.extend_from_slice(&[1, 2, 3]);
         assert_eq!(bytes, expected);
     }
@@ -593,17 +633,22 @@ mod tests {
         let id = identity(1);
         let identity_pk = id.verifying_key().to_bytes();
         let pk = kat_secret().public_key();
-        let sig = sign_hybrid_key(&id, &pk);
-        assert_eq!(verify_hybrid_key(&identity_pk, pk.as_bytes(), &sig), Ok(pk));
+        let sig = sign_hybrid_key(&id, T, &pk);
+        assert_eq!(verify_hybrid_key(&identity_pk, T, pk.as_bytes(), &sig), Ok(pk.clone()));
+        // The creation time is signed: a server cannot make an old key look new.
+        assert_eq!(
+            verify_hybrid_key(&identity_pk, T + 1, pk.as_bytes(), &sig),
+            Err(HybridError::BadSignature)
+        );
     }
 
     #[test]
     fn swapped_hybrid_key_is_rejected() {
         let id = identity(1);
         let identity_pk = id.verifying_key().to_bytes();
-        let sig = sign_hybrid_key(&id, &kat_secret().public_key());
+        let sig = sign_hybrid_key(&id, T, &kat_secret().public_key());
         let swapped = HybridSecretKey::from_seed([0xEE; 32]).public_key();
-        let err = verify_hybrid_key(&identity_pk, swapped.as_bytes(), &sig).unwrap_err();
+        let err = verify_hybrid_key(&identity_pk, T, swapped.as_bytes(), &sig).unwrap_err();
         assert_eq!(err, HybridError::BadSignature);
         assert_eq!(err.to_string(), "hybrid key signature does not verify");
     }
@@ -612,11 +657,11 @@ mod tests {
     fn signature_by_other_identity_is_rejected() {
         let pk = kat_secret().public_key();
         let claimed = identity(1).verifying_key().to_bytes();
-        let sig = sign_hybrid_key(&identity(2), &pk);
-        assert_eq!(verify_hybrid_key(&claimed, pk.as_bytes(), &sig), Err(HybridError::BadSignature));
+        let sig = sign_hybrid_key(&identity(2), T, &pk);
+        assert_eq!(verify_hybrid_key(&claimed, T, pk.as_bytes(), &sig), Err(HybridError::BadSignature));
         // A signature made for one identity does not transfer to another one's key binding.
         let owner = identity(2).verifying_key().to_bytes();
-        assert!(verify_hybrid_key(&owner, pk.as_bytes(), &sig).is_ok());
+        assert!(verify_hybrid_key(&owner, T, pk.as_bytes(), &sig).is_ok());
     }
 
     #[test]
@@ -624,20 +669,20 @@ mod tests {
         let id = identity(1);
         let identity_pk = id.verifying_key().to_bytes();
         let pk = kat_secret().public_key();
-        let sig = sign_hybrid_key(&id, &pk);
+        let sig = sign_hybrid_key(&id, T, &pk);
 
-        let err = verify_hybrid_key(&identity_pk, &pk.as_bytes()[..12], &sig).unwrap_err();
+        let err = verify_hybrid_key(&identity_pk, T, &pk.as_bytes()[..12], &sig).unwrap_err();
         assert_eq!(err, HybridError::WrongPublicKeyLength { len: 12 });
         assert_eq!(err.to_string(), "hybrid public key has wrong length: 12 != 1216 bytes");
 
         let mut long = pk.as_bytes().to_vec();
         long.push(0);
         assert_eq!(
-            verify_hybrid_key(&identity_pk, &long, &sig),
+            verify_hybrid_key(&identity_pk, T, &long, &sig),
             Err(HybridError::WrongPublicKeyLength { len: 1217 })
         );
         assert_eq!(
-            verify_hybrid_key(&identity_pk, pk.as_bytes(), &sig[..63]),
+            verify_hybrid_key(&identity_pk, T, pk.as_bytes(), &sig[..63]),
             Err(HybridError::WrongSignatureLength { len: 63 })
         );
         assert_eq!(HybridPublicKey::from_bytes(&[0; 12]), Err(HybridError::WrongPublicKeyLength { len: 12 }));
@@ -654,9 +699,9 @@ mod tests {
         let mut not_a_point = [0u8; 32];
         not_a_point[0] = 2;
         let pk = kat_secret().public_key();
-        let sig = sign_hybrid_key(&identity(1), &pk);
+        let sig = sign_hybrid_key(&identity(1), T, &pk);
         assert_eq!(
-            verify_hybrid_key(&not_a_point, pk.as_bytes(), &sig),
+            verify_hybrid_key(&not_a_point, T, pk.as_bytes(), &sig),
             Err(HybridError::InvalidIdentityKey)
         );
     }

@@ -13,6 +13,7 @@ use capnp::capability::Rc;
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::Shared;
+use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
@@ -196,6 +197,7 @@ impl node_service::Server for NodeServiceImpl {
             let mut r = results.get();
             r.set_hybrid_key(&signed.key);
             r.set_signature(&signed.signature);
+            r.set_created_at_ms(signed.created_at_ms);
             Ok(())
         })();
         std::future::ready(res)
@@ -377,9 +379,11 @@ impl account::Server for AccountImpl {
             let p = params.get()?;
             let key = p.get_hybrid_key()?;
             let sig = p.get_signature()?;
-            crate::crypto::hybrid::verify_hybrid_key(&self.who, key, sig)
+            let created_at_ms = p.get_created_at_ms();
+            crate::crypto::hybrid::verify_hybrid_key(&self.who, created_at_ms, key, sig)
                 .map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
-            let op = WriteOp::PutHybridKey { who: self.who, key: key.to_vec(), signature: sig.to_vec() };
+            let signed = SignedHybridKey { key: key.to_vec(), signature: sig.to_vec(), created_at_ms };
+            let op = WriteOp::PutHybridKey { who: self.who, signed };
             self.shared.store.write(op).await.map_err(store_err)?;
             Ok(())
         }

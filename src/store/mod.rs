@@ -33,6 +33,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 pub use notifier::Notifier;
 pub use writer::{Outcome, WriteOp};
 
+use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
 /// Version of the table layout above; bumped on any incompatible change.
@@ -95,11 +96,24 @@ pub struct QueueLimits {
     pub ttl_ms: u64,
 }
 
-/// A hybrid public key as uploaded, with the identity's signature over it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignedHybridKey {
-    pub key: Vec<u8>,
-    pub signature: Vec<u8>,
+/// The `hybrid_keys` value: signature (64) || created_at_ms (8, big-endian) || key.
+pub(crate) fn encode_hybrid_key(signed: &SignedHybridKey) -> Vec<u8> {
+    let mut v = Vec::with_capacity(signed.signature.len() + 8 + signed.key.len());
+    v.extend_from_slice(&signed.signature);
+    v.extend_from_slice(&signed.created_at_ms.to_be_bytes());
+    v.extend_from_slice(&signed.key);
+    v
+}
+
+fn decode_hybrid_key(v: &[u8]) -> Result<SignedHybridKey, StoreError> {
+    let corrupt = || StoreError::Db("corrupt hybrid key entry".to_string());
+    let (signature, rest) = v.split_at_checked(limits::SIGNATURE_LEN).ok_or_else(corrupt)?;
+    let (created, key) = rest.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    Ok(SignedHybridKey {
+        key: key.to_vec(),
+        signature: signature.to_vec(),
+        created_at_ms: u64::from_be_bytes(*created),
+    })
 }
 
 /// One message waiting in a recipient's queue.
@@ -289,12 +303,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(HYBRID_KEYS)?;
         let Some(v) = table.get(&who[..])? else { return Ok(None) };
-        let v = v.value();
-        if v.len() < limits::SIGNATURE_LEN {
-            return Err(StoreError::Db("corrupt hybrid key entry".to_string()));
-        }
-        let (sig, key) = v.split_at(limits::SIGNATURE_LEN);
-        Ok(Some(SignedHybridKey { key: key.to_vec(), signature: sig.to_vec() }))
+        decode_hybrid_key(v.value()).map(Some)
     }
 
     /// Stops the writer after it has committed everything already submitted, then closes the

@@ -21,6 +21,7 @@ use super::{
     CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, LAST_RESORT, Notifier, QUEUE,
     QUEUE_META, QueueLimits, StoreError, StoredMessage, now_ms, queue_key,
 };
+use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
 /// One write request.
@@ -35,7 +36,7 @@ pub enum WriteOp {
     /// Remove and return one KeyPackage of `who`, or its last-resort one.
     TakeKeyPackage { who: IdentityKey },
     /// Replace `who`'s hybrid key (signature already verified).
-    PutHybridKey { who: IdentityKey, key: Vec<u8>, signature: Vec<u8> },
+    PutHybridKey { who: IdentityKey, signed: SignedHybridKey },
     /// Delete messages that have expired as of `now_ms` (ms since the Unix epoch).
     Sweep { now_ms: u64 },
 }
@@ -159,11 +160,8 @@ fn apply_batch(
                 upload_key_packages(&txn, who, packages, last_resort.as_deref())
             }
             WriteOp::TakeKeyPackage { who } => take_key_package(&txn, who),
-            WriteOp::PutHybridKey { who, key, signature } => {
-                let mut v = Vec::with_capacity(signature.len() + key.len());
-                v.extend_from_slice(signature);
-                v.extend_from_slice(key);
-                txn.open_table(HYBRID_KEYS)?.insert(&who[..], &v[..])?;
+            WriteOp::PutHybridKey { who, signed } => {
+                txn.open_table(HYBRID_KEYS)?.insert(&who[..], &super::encode_hybrid_key(signed)[..])?;
                 Ok(Outcome::HybridKeyStored)
             }
             WriteOp::Sweep { now_ms } => sweep(&txn, limits, *now_ms),
