@@ -457,6 +457,32 @@ fn a_member_who_leaves_is_removed_by_the_others() {
 }
 
 #[test]
+fn two_one_shot_saves_while_recv_follows_are_not_overwritten() {
+    // Regression: the follower compared the state file's inode to decide whether another
+    // process had saved. Two saves (two renames) brought the file back to the inode it had
+    // seen, since ext4 reuses a freed inode number at once, so it kept its stale state and its
+    // next save dropped both contacts.
+    let (_dir, _server, [alice, bob, carol, dave]) = cast(["alice", "bob", "carol", "dave"]);
+    for u in [&carol, &dave] {
+        alice.ok(&["contact", "remove", &u.name]);
+    }
+    bob.ok(&["send", "alice", "one"]);
+    let mut follow = alice.spawn(&["recv", "--follow"]);
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "bob: one", "the follower has loaded and saved");
+    alice.add_contact(&carol);
+    alice.add_contact(&dave);
+    bob.ok(&["send", "alice", "two"]);
+    assert_eq!(lines.next().unwrap().unwrap(), "bob: two", "the follower saved again");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    let contacts = alice.ok(&["contact", "list"]);
+    for name in ["bob", "carol", "dave"] {
+        assert!(contacts.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing:\n{contacts}");
+    }
+}
+
+#[test]
 fn recv_follow_and_one_shot_sends_share_a_home() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "opening"]);

@@ -246,9 +246,9 @@ pub enum Unlock {
 pub struct Home {
     dir: PathBuf,
     key: StateKey,
-    /// Identity (device, inode) of the state file we last read or wrote: every save renames a
-    /// new file into place, so a different inode means another process saved.
-    file_id: Option<(u64, u64)>,
+    /// The state file we last read or wrote: every save renames a new file into place, so a
+    /// different inode means another process saved.
+    seen: Option<SeenFile>,
     pub state: State,
 }
 
@@ -284,6 +284,24 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// A state file we read or wrote, kept open. While it is open its inode stays allocated, so no
+/// later file can get the same inode number: ext4 hands a freed number out again at once, and
+/// two saves by another process would otherwise bring the file back to "our" inode and hide
+/// them from [`Home::refresh`] (our next save would then overwrite them).
+struct SeenFile {
+    _open: std::fs::File,
+    id: (u64, u64),
+}
+
+impl SeenFile {
+    fn of(path: &Path) -> Option<SeenFile> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::File::open(path).ok()?;
+        let m = file.metadata().ok()?;
+        Some(SeenFile { id: (m.dev(), m.ino()), _open: file })
+    }
+}
+
 impl Home {
     /// Creates a new home with `state` (fails if one exists).
     pub fn create(dir: &Path, state: State, unlock: Unlock) -> Result<Home, StateError> {
@@ -300,7 +318,7 @@ impl Home {
             Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
             Unlock::None => StateKey::unprotected(),
         };
-        let mut home = Home { dir: dir.to_path_buf(), key, file_id: None, state };
+        let mut home = Home { dir: dir.to_path_buf(), key, seen: None, state };
         home.save()?;
         Ok(home)
     }
@@ -311,12 +329,12 @@ impl Home {
             return Err(StateError::NotInitialized(dir.to_path_buf()));
         }
         let _lock = HomeLock::acquire(dir, true)?;
-        let path = dir.join(STATE_FILE);
-        let id = file_id(&path);
+        // Under the lock nothing replaces the file between these two steps.
+        let seen = SeenFile::of(&dir.join(STATE_FILE));
         let bytes = read(dir)?;
         let (key, plain) = statefile::open(&bytes, passphrase)?;
         let state = State::decode(&plain)?;
-        Ok(Home { dir: dir.to_path_buf(), key, file_id: id, state })
+        Ok(Home { dir: dir.to_path_buf(), key, seen, state })
     }
 
     pub fn dir(&self) -> &Path {
@@ -333,14 +351,14 @@ impl Home {
     /// held. Returns true when the state was reloaded.
     pub fn refresh(&mut self) -> Result<bool, StateError> {
         let path = self.dir.join(STATE_FILE);
-        let id = file_id(&path);
-        if id == self.file_id {
+        if file_id(&path) == self.seen.as_ref().map(|s| s.id) {
             return Ok(false);
         }
+        let seen = SeenFile::of(&path);
         let bytes = read(&self.dir)?;
         let plain = statefile::open_with_key(&bytes, &self.key)?;
         self.state = State::decode(&plain)?;
-        self.file_id = id;
+        self.seen = seen;
         Ok(true)
     }
 
@@ -355,7 +373,10 @@ impl Home {
             path: path.clone(),
             source,
         })?;
-        self.file_id = file_id(&path);
+        // Drop the old file before opening the new one: holding the old inode any longer is
+        // pointless, the new one is what others must be compared with.
+        self.seen = None;
+        self.seen = SeenFile::of(&path);
         Ok(())
     }
 }
@@ -412,6 +433,23 @@ mod tests {
         assert!(b.refresh().unwrap());
         assert_eq!(b.state.contacts.get("carol"), Some(&[4; 32]));
         assert!(!b.refresh().unwrap(), "second refresh is a no-op");
+    }
+
+    #[test]
+    fn two_saves_by_another_handle_are_never_mistaken_for_none() {
+        // Two renames could bring the file back to the inode b saw (see `SeenFile`); the
+        // binary-level regression test is tests/client.rs, which reproduces it on ext4.
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        let mut b = Home::open(dir.path(), None).unwrap();
+        for name in ["carol", "dave"] {
+            let _lock = a.lock().unwrap();
+            a.state.contacts.insert(name.into(), [4; 32]);
+            a.save().unwrap();
+        }
+        let _lock = b.lock().unwrap();
+        assert!(b.refresh().unwrap(), "b must notice a's saves");
+        assert!(b.state.contacts.contains_key("carol") && b.state.contacts.contains_key("dave"));
     }
 
     #[test]
