@@ -586,45 +586,51 @@ async fn acknowledged_enqueues_survive_sigkill() {
         for _ in 0..4 {
             sessions.push(Session::connect(&addr, pin.clone()).await.unwrap());
         }
-        let acked = std::rc::Rc::new(std::cell::RefCell::new(Vec::<Vec<u8>>::new()));
+        let acked = std::cell::RefCell::new(Vec::<Vec<u8>>::new());
+        let killed = std::cell::Cell::new(false);
+        let active = std::cell::Cell::new(sessions.len());
+        let progress = tokio::sync::Notify::new();
         let mut proc = Some(proc);
         let workers = sessions.iter().enumerate().map(|(w, s)| {
-            let acked = acked.clone();
+            let (acked, killed, active, progress) = (&acked, &killed, &active, &progress);
             let key = alice.public().0;
             async move {
                 for i in 0..10_000u32 {
                     let payload = format!("w{w}-m{i}").into_bytes();
                     // After the kill an in-flight call never gets an answer; give up on it (it
-                    // was never acknowledged, so it does not count).
+                    // was never acknowledged, so it does not count). Before the kill a slow
+                    // answer (a stalled disk) is only not counted.
                     let call = tokio::time::timeout(
                         std::time::Duration::from_secs(2),
                         s.enqueue(&key, &payload, b""),
                     );
                     match call.await {
                         Ok(Ok(_)) => acked.borrow_mut().push(payload),
-                        _ => return,
+                        Err(_) if !killed.get() => {}
+                        _ => break,
                     }
+                    progress.notify_one();
                 }
+                active.set(active.get() - 1);
+                progress.notify_one();
             }
         });
         let killer = async {
             // Kill once a good number of writes have been acknowledged, with more in flight.
-            loop {
-                if acked.borrow().len() >= 200 {
-                    break;
-                }
-                tokio::task::yield_now().await;
+            while acked.borrow().len() < 200 && active.get() > 0 {
+                progress.notified().await;
             }
+            killed.set(true);
             if let Some(p) = proc.take() {
                 p.kill9();
             }
         };
         tokio::join!(futures::future::join_all(workers), killer);
 
-        acked.borrow().clone()
+        acked.into_inner()
     })
     .await;
-    assert!(acked.len() >= 200);
+    assert!(acked.len() >= 200, "only {} enqueues were acknowledged before the workers stopped", acked.len());
 
     let proc = ServerProcess::start(dir.path());
     let stored = local(async {

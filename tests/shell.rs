@@ -327,7 +327,7 @@ whoami
 #[test]
 fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
+    let server = ServerProcess::start_restartable(dir.path());
     let addr = server.addr.to_string();
     let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
     befriend(&alice, &[(&bob, "bob")]);

@@ -123,8 +123,9 @@ impl Shell {
             }
             let wake = {
                 let due = self.link.next_attempt(tokio::time::Instant::now());
-                // The first receive catches up at once, so the link state is known early.
-                let wait = if self.link.is_starting() { 0 } else { LONG_POLL_MS };
+                // The first receive, and the first after an outage, catch up at once, so the
+                // link state (and "connected again") is known without a long poll's delay.
+                let wait = if self.link.is_starting() || self.link.is_offline() { 0 } else { LONG_POLL_MS };
                 let m = &mut self.m;
                 let lines = &mut self.input.lines;
                 tokio::select! {

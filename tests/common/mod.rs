@@ -58,7 +58,31 @@ impl ServerProcess {
         Self::spawn(data_dir, "127.0.0.1:0")
     }
 
+    /// Starts on a port that a later [`ServerProcess::start_on`] can have again: one below the
+    /// kernel's ephemeral range, so no socket bound to port 0 (other tests' servers and clients)
+    /// can take it while this server is down.
+    pub fn start_restartable(data_dir: &Path) -> ServerProcess {
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        let (low, high) = (RESTARTABLE_PORTS_FROM, ephemeral_low.max(RESTARTABLE_PORTS_FROM + 1000));
+        for _ in 0..50 {
+            let port = rand::Rng::gen_range(&mut rand::thread_rng(), low..high);
+            if let Some(p) = Self::try_spawn(data_dir, &format!("127.0.0.1:{port}")) {
+                return p;
+            }
+        }
+        panic!("no free port in {low}..{high} after 50 tries");
+    }
+
     fn spawn(data_dir: &Path, listen: &str) -> ServerProcess {
+        Self::try_spawn(data_dir, listen).unwrap_or_else(|| panic!("qpq serve did not start on {listen}"))
+    }
+
+    /// None when the server exits before saying where it listens (say, the port is taken; its
+    /// stderr, inherited, says why).
+    fn try_spawn(data_dir: &Path, listen: &str) -> Option<ServerProcess> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
@@ -72,7 +96,10 @@ impl ServerProcess {
         let mut lines = BufReader::new(stdout).lines();
         let mut fingerprint = None;
         let addr = loop {
-            let line = lines.next().expect("server printed its address").expect("utf-8 line");
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.wait();
+                return None;
+            };
             if let Some(f) = line.strip_prefix("certificate fingerprint ") {
                 fingerprint = Some(Fingerprint::parse(f).expect("fingerprint"));
             }
@@ -82,12 +109,12 @@ impl ServerProcess {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        ServerProcess {
+        Some(ServerProcess {
             child,
             addr,
             fingerprint: fingerprint.expect("fingerprint line"),
             data_dir: data_dir.to_path_buf(),
-        }
+        })
     }
 
     pub fn pin(&self) -> Pin {
@@ -121,6 +148,9 @@ impl ServerProcess {
         Self::spawn(data_dir, &addr.to_string())
     }
 }
+
+/// Lowest port [`ServerProcess::start_restartable`] picks.
+const RESTARTABLE_PORTS_FROM: u16 = 20_000;
 
 /// Output of one `qpq` run.
 pub struct Run {
@@ -232,7 +262,8 @@ pub fn introduce(users: &[&User]) {
 /// contacts: the opening of most scenarios.
 pub fn cast<const N: usize>(names: [&str; N]) -> (tempfile::TempDir, ServerProcess, [User; N]) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = ServerProcess::start(dir.path());
+    // Restartable, because some scenarios stop the server and start it again on its address.
+    let server = ServerProcess::start_restartable(dir.path());
     let users = names.map(|n| User::init(&server, n));
     introduce(&users.iter().collect::<Vec<_>>());
     (dir, server, users)
