@@ -4,10 +4,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{ServerProcess, User, cast, introduce, qpq_in};
+use common::{Lines, ServerProcess, User, cast, introduce, qpq_in};
 use redb::ReadableTable;
 
 fn members_of(u: &User, group: &str) -> Vec<String> {
@@ -194,8 +193,8 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
     bob.ok(&["send", "alice", "m0"]);
     let n = 30;
     let mut child = alice.spawn(&["recv", "--follow"]);
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen: Vec<String> = vec![lines.next().expect("a line").unwrap()];
+    let mut lines = Lines::of(child.stdout.take().unwrap());
+    let mut seen: Vec<String> = vec![lines.next_line().expect("a line")];
     // bob keeps sending while alice's recv is killed in the middle of the stream.
     std::thread::scope(|scope| {
         let bob = &bob;
@@ -205,13 +204,13 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
             }
         });
         for _ in 0..n / 3 {
-            seen.push(lines.next().expect("a line").unwrap());
+            seen.push(lines.next_line().expect("a line"));
         }
         child.kill().unwrap();
         child.wait().unwrap();
         sender.join().unwrap();
     });
-    seen.extend(lines.map_while(Result::ok));
+    seen.extend(lines.rest());
     seen.extend(alice.recv());
     let mut counts: HashMap<String, usize> = HashMap::new();
     for l in &seen {
@@ -473,12 +472,12 @@ fn two_one_shot_saves_while_recv_follows_are_not_overwritten() {
     }
     bob.ok(&["send", "alice", "one"]);
     let mut follow = alice.spawn(&["recv", "--follow"]);
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "bob: one", "the follower has loaded and saved");
+    let mut lines = Lines::of(follow.stdout.take().unwrap());
+    assert_eq!(lines.next_line().unwrap(), "bob: one", "the follower has loaded and saved");
     alice.add_contact(&carol);
     alice.add_contact(&dave);
     bob.ok(&["send", "alice", "two"]);
-    assert_eq!(lines.next().unwrap().unwrap(), "bob: two", "the follower saved again");
+    assert_eq!(lines.next_line().unwrap(), "bob: two", "the follower saved again");
     follow.kill().unwrap();
     follow.wait().unwrap();
     let contacts = alice.ok(&["contact", "list"]);
@@ -492,12 +491,12 @@ fn recv_follow_and_one_shot_sends_share_a_home() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "opening"]);
     let mut follow = alice.spawn(&["recv", "--follow"]);
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut lines = Lines::of(follow.stdout.take().unwrap());
     for i in 0..3 {
         // alice sends from the same home while her recv --follow runs.
         alice.ok(&["send", "bob", &format!("a{i}")]);
         bob.ok(&["send", "alice", &format!("b{i}")]);
-        assert_eq!(lines.next().unwrap().unwrap(), format!("bob: b{i}"));
+        assert_eq!(lines.next_line().unwrap(), format!("bob: b{i}"));
     }
     follow.kill().unwrap();
     follow.wait().unwrap();

@@ -695,7 +695,6 @@ async fn an_operators_own_certificate_is_served() {
 /// The binary reads QPQ_LISTEN from the environment and limits from qpq-server.toml.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_takes_env_and_config_file_settings() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("qpq-server.toml"),
@@ -710,10 +709,10 @@ async fn the_binary_takes_env_and_config_file_settings() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = common::Lines::of(child.stdout.take().unwrap());
     let (mut addr, mut fp) = (None, None);
     while addr.is_none() {
-        let line = lines.next().unwrap().unwrap();
+        let line = lines.next_line().unwrap();
         if let Some(f) = line.strip_prefix("certificate fingerprint ") {
             fp = Some(qpq::transport::Fingerprint::parse(f).unwrap());
         }

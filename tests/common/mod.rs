@@ -5,12 +5,47 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use qpq::client::session::Session;
 use qpq::crypto::identity::Identity;
 use qpq::server::{self, RunningServer, ServerConfig};
 use qpq::transport::{Fingerprint, Pin};
+
+/// Longest a test waits for the next line from a child process: far beyond any healthy step on
+/// a slow machine, so hitting it means something hangs, and the test fails instead of hanging.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Lines of a child's output, read on a thread so a test can wait for one with a timeout. The
+/// thread drains the pipe to its end, so the child never blocks on a full pipe.
+pub struct Lines(mpsc::Receiver<String>);
+
+impl Lines {
+    pub fn of(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Lines(rx)
+    }
+
+    /// The next line; None at the end of the output. Panics after [`LINE_TIMEOUT`] without one.
+    pub fn next_line(&mut self) -> Option<String> {
+        match self.0.recv_timeout(LINE_TIMEOUT) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no output line within {LINE_TIMEOUT:?}"),
+        }
+    }
+
+    /// Every line until the end of the output.
+    pub fn rest(mut self) -> Vec<String> {
+        std::iter::from_fn(|| self.next_line()).collect()
+    }
+}
 
 /// An in-process server in its own temp dir.
 pub async fn start_server(dir: &Path) -> RunningServer {
@@ -92,11 +127,10 @@ impl ServerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn qpq serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
+        let mut lines = Lines::of(child.stdout.take().expect("piped stdout"));
         let mut fingerprint = None;
         let addr = loop {
-            let Some(Ok(line)) = lines.next() else {
+            let Some(line) = lines.next_line() else {
                 let _ = child.wait();
                 return None;
             };
@@ -107,8 +141,7 @@ impl ServerProcess {
                 break a.parse().expect("socket address");
             }
         };
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // `lines`' thread keeps draining stdout, so the server never blocks on a full pipe.
         Some(ServerProcess {
             child,
             addr,
