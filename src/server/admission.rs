@@ -7,6 +7,9 @@
 //! connections from it must first prove they own the address with a QUIC Retry (RFC 9000 section
 //! 8.1), which a forger never answers.
 //!
+//! An IPv6 host usually holds a whole /64 and can pick any address in it, so IPv6 clients are
+//! counted per /64 prefix; IPv4 per address (an IPv4-mapped IPv6 address counts as its IPv4).
+//!
 //! The decision is pure bookkeeping (no I/O): the accept loop asks [`Admission::admit`] and keeps
 //! the returned [`Slot`] for as long as the connection lives.
 
@@ -47,7 +50,7 @@ impl Admission {
     /// Decides on a connection from `ip`; `validated` says whether the client has already proven
     /// that it owns that address (it answered a Retry).
     pub fn admit(self: &Arc<Self>, ip: IpAddr, validated: bool) -> Decision {
-        let ip = ip.to_canonical();
+        let ip = quota_key(ip);
         let mut open = self.lock();
         let from_ip = open.per_ip.get(&ip).copied().unwrap_or(0);
         if open.total >= self.max_total {
@@ -72,6 +75,14 @@ impl Admission {
     fn lock(&self) -> MutexGuard<'_, Open> {
         // The counts stay consistent even if a holder panicked: every update is a single step.
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The address a connection's quota is counted under: IPv4 as is, IPv6 by its /64 prefix.
+fn quota_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
     }
 }
 
@@ -141,6 +152,15 @@ mod tests {
         let _v4 = admitted(a.admit("192.0.2.9".parse().unwrap(), true));
         let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
         assert!(matches!(a.admit(mapped, true), Decision::Refuse(_)));
+    }
+
+    #[test]
+    fn ipv6_addresses_share_the_quota_of_their_64_prefix() {
+        let a = Admission::new(10, 1);
+        let _one = admitted(a.admit("2001:db8:1:2::1".parse().unwrap(), true));
+        let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert!(matches!(a.admit(same_64, true), Decision::Refuse(_)), "same /64, same quota");
+        let _other_64 = admitted(a.admit("2001:db8:1:3::1".parse().unwrap(), true));
     }
 
     #[test]
