@@ -1,8 +1,9 @@
 //! Shipping qpq (issue 5): checked-in man pages, completions, `--version`, the README's quick
 //! start run end to end with the real binary, install.sh, and .ci/run.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -124,10 +125,10 @@ struct Server {
 impl Server {
     fn start(cmd: &mut Command) -> Server {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn server");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut lines = common::Lines::of(child.stdout.take().expect("stdout"));
         let mut fingerprint = None;
         let addr = loop {
-            let line = lines.next().expect("server printed `listening on`").expect("utf-8");
+            let line = lines.next_line().expect("server printed `listening on`");
             if let Some(f) = line.strip_prefix("certificate fingerprint ") {
                 fingerprint = Some(f.to_string());
             }
@@ -135,7 +136,7 @@ impl Server {
                 break a.to_string();
             }
         };
-        std::thread::spawn(move || for _ in lines {});
+        // `lines`' thread keeps draining stdout.
         Server { child, addr, fingerprint: fingerprint.expect("fingerprint printed before listening") }
     }
 }
