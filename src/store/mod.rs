@@ -17,7 +17,7 @@
 //! | `key_packages` | identity (32) ‖ id (u64 BE) | KeyPackage bytes (TLS encoding) |
 //! | `key_package_meta` | identity (32) | (next_id, count) |
 //! | `last_resort` | identity (32) | last-resort KeyPackage bytes |
-//! | `hybrid_keys` | identity (32) | signature (64) ‖ hybrid public key |
+//! | `hybrid_keys` | identity (32) | signature (64) ‖ created_at_ms (8, BE) ‖ hybrid public key |
 //!
 //! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
 //! range scan.
@@ -36,8 +36,9 @@ pub use writer::{Outcome, WriteOp};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
-/// Version of the table layout above; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version of the table layout above; bumped on any incompatible change. 2: `hybrid_keys`
+/// values carry the signed creation time.
+pub const SCHEMA_VERSION: u64 = 2;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
@@ -348,6 +349,23 @@ mod tests {
         let after = store.commit_count();
         assert!((2..=9).contains(&after), "8 requests took {} commits", after - 1);
         store.close().unwrap();
+    }
+
+    #[test]
+    fn a_database_of_another_schema_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let lim = QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000 };
+        Store::open(&path, lim).unwrap().close().unwrap();
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("schema_version", 1).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(&path, lim).err().expect("an older layout is refused");
+        assert!(matches!(err, StoreError::SchemaVersion { found: 1, .. }), "{err}");
+        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 2"), "{err}");
     }
 
     #[tokio::test]
