@@ -355,6 +355,15 @@ fn a_swapped_hybrid_key_is_detected() {
 fn a_rotated_envelope_key_still_opens_what_was_sealed_to_the_old_one() {
     let (_dir, _server, [alice, bob, carol]) = common::cast(["alice", "bob", "carol"]);
     alice.ok(&["send", "bob", "before"]);
+    // The one-shot saved the key it looked up, with the creation time bob signed, so a later
+    // process can tell an older key served again from a newer one.
+    let bob_id: [u8; 32] = hex::decode(&bob.key).unwrap().try_into().unwrap();
+    let remembered = |u: &User| {
+        let home = qpq::client::state::Home::open(u.home.path(), None).unwrap();
+        home.state.hybrid_keys.get(&bob_id).map(|k| k.created_at_ms)
+    };
+    let bobs_own = qpq::client::state::Home::open(bob.home.path(), None).unwrap().state.hybrid_created_at_ms;
+    assert_eq!(remembered(&alice), Some(bobs_own));
     let show = bob.ok(&["keys", "show"]);
     let old_fp = show.split_whitespace().nth(2).expect("fingerprint").to_string();
     assert!(show.starts_with(&format!("envelope key: {old_fp} created 0 days ago")), "{show}");
@@ -369,6 +378,7 @@ fn a_rotated_envelope_key_still_opens_what_was_sealed_to_the_old_one() {
     // did, so she gets the new one from the server (signed by bob, or she would refuse it).
     alice.ok(&["send", "bob", "after, to the old key"]);
     carol.ok(&["send", "bob", "to the new key"]);
+    assert!(remembered(&carol) > Some(bobs_own), "carol holds bob's newer key");
     let mut got = bob.recv();
     got.sort();
     assert_eq!(got, vec!["alice: after, to the old key", "alice: before", "carol: to the new key"]);

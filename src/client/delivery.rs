@@ -60,6 +60,12 @@ impl Messenger {
             let (msgs, more, _) = self.session()?.ack_and_fetch_wait(saved_up_to, wait, 0).await?;
             wait = 0;
             let Some(last) = msgs.last().map(|m| m.seq) else { break };
+            if msgs.first().is_some_and(|m| m.seq <= saved_up_to) {
+                // The server ignored ackUpTo (an older or broken one): ack the plain way and
+                // stop rather than page over the same messages forever.
+                self.session()?.ack(saved_up_to).await?;
+                break;
+            }
             for m in &msgs {
                 if m.seq <= self.home.state.processed_seq {
                     continue; // re-delivery of something whose effect we already saved

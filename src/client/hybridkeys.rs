@@ -160,10 +160,15 @@ impl Messenger {
     }
 
     /// Replaces our hybrid key now: the new secret (and the old one, retired) is durable before
-    /// the server gets the new public key. Returns the new key's creation time.
+    /// the server gets the new public key. If an earlier replacement has not reached the server
+    /// yet, that one is published instead of making another (so at most one key is ever
+    /// unpublished, and the first retired key is always the one the server handed out last).
+    /// Returns the new key's creation time.
     pub async fn rotate_hybrid_key(&mut self) -> Result<u64, ClientError> {
         let _op = self.begin()?;
-        self.replace_hybrid_key(now_ms())?;
+        if self.home.state.hybrid_published {
+            self.replace_hybrid_key(now_ms())?;
+        }
         self.publish_hybrid_key().await?;
         Ok(self.home.state.hybrid_created_at_ms)
     }
@@ -171,17 +176,18 @@ impl Messenger {
     /// Per-round upkeep: erase expired retired keys, rotate when due, publish an unpublished key.
     /// Call with the home lock held.
     pub(crate) async fn maintain_hybrid_key(&mut self) -> Result<(), ClientError> {
+        let _op = self.begin()?;
         let now = now_ms();
-        let state = &mut self.home.state;
-        let mut changed = purge_retired(&mut state.secrets.retired_hybrid, now) > 0;
-        if rotation_due(state.hybrid_created_at_ms, now) {
-            self.replace_hybrid_key(now)?;
-            changed = false; // saved by the replacement
-        }
-        if changed {
+        if purge_retired(&mut self.home.state.secrets.retired_hybrid, now) > 0 {
             self.home.save()?;
         }
+        // A key the server does not have yet is published before any further rotation, so a
+        // run of failed uploads cannot rotate the key the server still hands out into erasure.
         if !self.home.state.hybrid_published {
+            return self.publish_hybrid_key().await;
+        }
+        if rotation_due(self.home.state.hybrid_created_at_ms, now) {
+            self.replace_hybrid_key(now)?;
             self.publish_hybrid_key().await?;
         }
         Ok(())
@@ -192,7 +198,13 @@ impl Messenger {
         let fresh = HybridSecretKey::generate();
         let state = &mut self.home.state;
         let old = RetiredHybridKey { seed: state.secrets.hybrid_seed, retired_at_ms: now };
-        state.secrets.retired_hybrid.insert(0, old);
+        // A new vector rather than an insert, and the old buffer wiped whole, so growing the
+        // list leaves no copy of a seed in freed memory.
+        let mut retired = Vec::with_capacity(state.secrets.retired_hybrid.len() + 1);
+        retired.push(old);
+        retired.extend(state.secrets.retired_hybrid.drain(..));
+        state.secrets.retired_hybrid.zeroize();
+        state.secrets.retired_hybrid = retired;
         purge_retired(&mut state.secrets.retired_hybrid, now);
         state.secrets.hybrid_seed = *fresh.seed();
         state.hybrid_created_at_ms = next_created_at(state.hybrid_created_at_ms, now);
@@ -203,10 +215,17 @@ impl Messenger {
 
     /// Uploads our current signed hybrid key and records that the server has it.
     pub(crate) async fn publish_hybrid_key(&mut self) -> Result<(), ClientError> {
+        let _op = self.begin()?;
         let signed = self.own_signed_hybrid();
         self.session()?.upload_hybrid_key(&signed).await?;
-        if !self.home.state.hybrid_published {
-            self.home.state.hybrid_published = true;
+        let state = &mut self.home.state;
+        if !state.hybrid_published {
+            state.hybrid_published = true;
+            // Senders start sealing to the new key only now, so the previous key's keep time
+            // starts now too, not at the (maybe much earlier) rotation.
+            if let Some(previous) = state.secrets.retired_hybrid.first_mut() {
+                previous.retired_at_ms = previous.retired_at_ms.max(now_ms());
+            }
             self.home.save()?;
         }
         Ok(())
@@ -239,7 +258,11 @@ impl Messenger {
         check_not_rolled_back(known.as_ref(), &fetched).map_err(|e| reject(e.to_string()))?;
         let entry =
             PeerHybridKey { key: fetched.key, created_at_ms: fetched.created_at_ms, fetched_at_ms: now };
+        // Saved at once: the next process must compare with this key, or an older one served
+        // later would pass as new.
+        let _op = self.begin()?;
         self.home.state.hybrid_keys.insert(*who, entry);
+        self.persist()?;
         Ok(verified)
     }
 }

@@ -370,6 +370,8 @@ impl Messenger {
 
     /// Uploads our signed hybrid key and a fresh KeyPackage pool (with a new last-resort one).
     async fn republish(&mut self) -> Result<(), ClientError> {
+        // Under the lock, with the state reloaded: another process may have rotated our key.
+        let _op = self.begin()?;
         self.publish_hybrid_key().await?;
         self.refill_key_packages().await
     }

@@ -365,6 +365,10 @@ impl Home {
     /// Seals and writes the state crash-safe; returns once it is durable. Call with the lock
     /// held.
     pub fn save(&mut self) -> Result<(), StateError> {
+        // Until this save succeeds, what is in memory is not what is on disk: forget the file we
+        // saw, so the next `refresh` reloads the durable state instead of building on (and, say,
+        // publishing a key from) a state that was never saved.
+        self.seen = None;
         let plain = self.state.encode()?;
         let sealed = statefile::seal(&self.key, &plain);
         let path = self.dir.join(STATE_FILE);
@@ -373,9 +377,6 @@ impl Home {
             path: path.clone(),
             source,
         })?;
-        // Drop the old file before opening the new one: holding the old inode any longer is
-        // pointless, the new one is what others must be compared with.
-        self.seen = None;
         self.seen = SeenFile::of(&path);
         Ok(())
     }
@@ -450,6 +451,26 @@ mod tests {
         let _lock = b.lock().unwrap();
         assert!(b.refresh().unwrap(), "b must notice a's saves");
         assert!(b.state.contacts.contains_key("carol") && b.state.contacts.contains_key("dave"));
+    }
+
+    #[test]
+    fn after_a_failed_save_the_next_refresh_reloads_what_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        let _lock = a.lock().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let aside = dir.path().join("aside");
+        // A non-empty directory in the state file's place makes the rename fail.
+        std::fs::rename(&path, &aside).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), b"x").unwrap();
+        a.state.contacts.insert("never-saved".into(), [7; 32]);
+        assert!(a.save().is_err());
+        std::fs::remove_dir_all(&path).unwrap();
+        std::fs::rename(&aside, &path).unwrap();
+        assert!(a.refresh().unwrap(), "the unsaved state is not trusted");
+        assert!(!a.state.contacts.contains_key("never-saved"));
+        assert!(a.state.contacts.contains_key("bob"));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! capnp-rpc and quinn cost memory per connection (BENCHMARKS.md: ~50 KiB idle), so the total is
 //! capped; the per-IP cap keeps one host (or a botnet's single member) from taking every slot.
 //! A QUIC Initial's source address can be forged, so an attacker could fill a victim's per-IP
-//! quota with handshakes that never finish. Once an address holds half its quota, new
-//! connections from it must first prove they own the address with a QUIC Retry (RFC 9000 section
-//! 8.1), which a forger never answers.
+//! quota, or the whole server, with handshakes that never finish. Once an address holds half its
+//! quota, or the server half its total, new connections must first prove they own their address
+//! with a QUIC Retry (RFC 9000 section 8.1), which a forger never answers; and a handshake that
+//! does not finish within `limits::HANDSHAKE_TIMEOUT_MS` gives its slot back.
 //!
 //! An IPv6 host usually holds a whole /64 and can pick any address in it, so IPv6 clients are
 //! counted per /64 prefix; IPv4 per address (an IPv4-mapped IPv6 address counts as its IPv4).
@@ -59,7 +60,11 @@ impl Admission {
         if from_ip >= self.max_per_ip {
             return Decision::Refuse("too many connections from this address");
         }
-        if !validated && from_ip >= self.max_per_ip.div_ceil(2) {
+        // Unproven addresses hold a slot until their handshake ends or times out: once either
+        // count is half full, only proven ones may take more, so forged Initials cannot fill
+        // the server (from one address, or from many).
+        if !validated && (from_ip >= self.max_per_ip.div_ceil(2) || open.total >= self.max_total.div_ceil(2))
+        {
             return Decision::Validate;
         }
         open.total += 1;
@@ -136,13 +141,22 @@ mod tests {
     }
 
     #[test]
+    fn past_half_the_total_every_new_address_must_validate() {
+        let a = Admission::new(4, 10);
+        let _x = admitted(a.admit("192.0.2.1".parse().unwrap(), false));
+        let _y = admitted(a.admit("192.0.2.2".parse().unwrap(), false));
+        assert!(matches!(a.admit("192.0.2.3".parse().unwrap(), false), Decision::Validate));
+        let _z = admitted(a.admit("192.0.2.3".parse().unwrap(), true));
+    }
+
+    #[test]
     fn the_total_is_capped_and_freed_slots_are_reused() {
         let a = Admission::new(2, 10);
         let x = admitted(a.admit("192.0.2.1".parse().unwrap(), false));
-        let _y = admitted(a.admit("192.0.2.2".parse().unwrap(), false));
+        let _y = admitted(a.admit("192.0.2.2".parse().unwrap(), true));
         assert!(matches!(a.admit("192.0.2.3".parse().unwrap(), true), Decision::Refuse("server full")));
         drop(x);
-        let _z = admitted(a.admit("192.0.2.3".parse().unwrap(), false));
+        let _z = admitted(a.admit("192.0.2.3".parse().unwrap(), true));
         assert_eq!(a.open(), 2);
     }
 

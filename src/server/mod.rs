@@ -330,10 +330,15 @@ fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::
 /// Serves one connection; `_slot` frees its place in the admission counts when this task ends,
 /// however it ends.
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot: Slot) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let handshake = tokio::time::timeout(Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS), incoming);
+    let conn = match handshake.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("handshake timed out");
             return;
         }
     };

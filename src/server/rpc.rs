@@ -422,8 +422,9 @@ impl account::Server for AccountImpl {
             }
             let limit = fetch_limit(p.get_limit());
             let ack_up_to = p.get_ack_up_to();
-            // Writes are refused once shutdown has begun; a plain fetchWait is not a write.
-            let _call = if ack_up_to > 0 { Some(self.shared.call_guard()?) } else { None };
+            // Refused once shutdown has begun, even without an ack: an empty answer would only
+            // bring the client straight back.
+            let _call = self.shared.call_guard()?;
             let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
             let shared = self.shared.clone();
             // The folded ack commits while we wait: messages it deletes are skipped by reading
@@ -454,9 +455,8 @@ impl account::Server for AccountImpl {
                     }
                 }
             };
-            let (removed, outcome) = tokio::join!(ack, wait);
-            let removed = removed?;
-            let (msgs, more) = outcome?;
+            // A failed ack ends the call at once rather than after the wait.
+            let (removed, (msgs, more)) = tokio::try_join!(ack, wait)?;
             let mut r = results.get();
             r.set_more(more);
             r.set_removed(removed);
