@@ -202,7 +202,7 @@ impl Messenger {
         // list leaves no copy of a seed in freed memory.
         let mut retired = Vec::with_capacity(state.secrets.retired_hybrid.len() + 1);
         retired.push(old);
-        retired.extend(state.secrets.retired_hybrid.drain(..));
+        retired.append(&mut state.secrets.retired_hybrid);
         state.secrets.retired_hybrid.zeroize();
         state.secrets.retired_hybrid = retired;
         purge_retired(&mut state.secrets.retired_hybrid, now);
