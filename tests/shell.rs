@@ -459,3 +459,29 @@ fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_li
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
+
+#[test]
+fn pty_ctrl_c_abandons_a_stuck_command_and_the_shell_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
+    befriend(&alice, &[(&bob, "bob")]);
+    let mut p = pty_shell(&alice);
+    p.exp_string("qpq> ").unwrap();
+    // A dead server makes the next send hang until QUIC's idle timeout.
+    server.kill9();
+    p.send_line("@bob stuck").unwrap();
+    p.exp_string("@bob stuck").unwrap();
+    p.send_control('c').unwrap();
+    // Ctrl-C normally lands while the send runs (the terminal is out of raw mode): the send is
+    // abandoned. If it lands before the editor has left raw mode it is a key for the next
+    // prompt instead, and the send fails by itself. Either way the shell lives on.
+    let (_, what) = p.exp_regex("interrupted|error: message not sent").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("whoami").unwrap();
+    p.exp_string(&alice.key).unwrap();
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+    assert!(what == "interrupted" || what.starts_with("error: message not sent"), "{what}");
+}

@@ -376,6 +376,17 @@ impl Messenger {
         self.refill_key_packages().await
     }
 
+    /// After an operation was dropped midway (the shell's Ctrl-C): forget everything that is
+    /// only in memory and reload what is on disk, exactly as a restart after a crash would; the
+    /// connections (which may have calls in flight) are closed and reopened on the next call.
+    pub async fn abandon(&mut self) -> Result<(), ClientError> {
+        self.disconnect().await;
+        self.commits.clear();
+        self.kp_check = false;
+        self.home.forget_seen();
+        self.refresh()
+    }
+
     /// Drops the connections (the next call reconnects).
     pub async fn disconnect(&mut self) {
         let closing = (self.anonymous.take().map(Session::close), self.session.take().map(Session::close));

@@ -347,6 +347,11 @@ impl Home {
         Ok(HomeLock::acquire(&self.dir, true)?)
     }
 
+    /// Makes the next [`Home::refresh`] re-read the file whatever it holds in memory.
+    pub fn forget_seen(&mut self) {
+        self.seen = None;
+    }
+
     /// Re-reads the state if another process saved it since we last did. Call with the lock
     /// held. Returns true when the state was reloaded.
     pub fn refresh(&mut self) -> Result<bool, StateError> {

@@ -31,6 +31,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, mpsc};
 
 use anyhow::Context;
+use futures::FutureExt as _;
 
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
@@ -60,8 +61,16 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
     } else {
         (Printer::plain(), LineSource::stdin()?)
     };
-    let mut shell =
-        Shell { m: messenger, out, input, names, conversation: None, link: Link::default(), failed: false };
+    let mut shell = Shell {
+        m: messenger,
+        out,
+        input,
+        names,
+        conversation: None,
+        link: Link::default(),
+        failed: false,
+        interrupt: None,
+    };
     let code = block_on_local(shell.run())?;
     let Shell { out, input, .. } = shell;
     drop(out); // ends the printer thread before the editor is joined
@@ -106,11 +115,16 @@ struct Shell {
     link: Link,
     /// A line failed: a script exits with status 1.
     failed: bool,
+    /// SIGINT while a line runs (interactive only): Ctrl-C abandons that command, not the
+    /// shell. At the prompt the editor reads Ctrl-C as a key itself.
+    interrupt: Option<tokio::signal::unix::Signal>,
 }
 
 impl Shell {
     async fn run(&mut self) -> ExitCode {
         if self.input.is_editor() {
+            // Registered inside the runtime; from now on SIGINT no longer ends the process.
+            self.interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
             self.greet();
         }
         self.show(Vec::new());
@@ -178,9 +192,13 @@ impl Shell {
         }
         self.out.set_editing(false);
         match input {
-            Input::Line(line) => match self.line(&line).await {
-                Flow::Quit => Step::Quit,
-                Flow::Continue => Step::Ask,
+            Input::Line(line) => match self.line_interruptibly(&line).await {
+                Some(Flow::Quit) => Step::Quit,
+                Some(Flow::Continue) => Step::Ask,
+                None => {
+                    self.abandoned().await;
+                    Step::Ask
+                }
             },
             Input::Interrupted | Input::Notice(_) | Input::Bad(_) => Step::Ask,
             Input::Eof => Step::Quit,
@@ -277,6 +295,28 @@ impl Shell {
     }
 
     /// Runs one line; errors become one `error:` line and the shell goes on.
+    /// Runs a line; None when Ctrl-C (SIGINT) came first.
+    async fn line_interruptibly(&mut self, line: &str) -> Option<Flow> {
+        let Some(mut interrupt) = self.interrupt.take() else { return Some(self.line(line).await) };
+        // A signal from before this line (say, sent while the editor was reading) is not meant
+        // for it.
+        while let Some(Some(())) = interrupt.recv().now_or_never() {}
+        let flow = tokio::select! {
+            flow = self.line(line) => Some(flow),
+            _ = interrupt.recv() => None,
+        };
+        self.interrupt = Some(interrupt);
+        flow
+    }
+
+    /// After Ctrl-C dropped a command midway: like after a crash, only what it saved counts.
+    async fn abandoned(&mut self) {
+        self.out.status("interrupted");
+        if let Err(e) = self.m.abandon().await {
+            self.fail(&format!("cannot reload the state: {e}"));
+        }
+    }
+
     async fn line(&mut self, line: &str) -> Flow {
         let flow = match grammar::parse(line, self.conversation.is_some()) {
             Err(e) => {
