@@ -19,7 +19,9 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::client::messenger::{ClientError, Messenger, now_ms};
 use crate::client::session::SessionError;
-use crate::crypto::hybrid::{self, HybridError, HybridPublicKey, HybridSecretKey, SignedHybridKey};
+use crate::crypto::hybrid::{
+    self, HybridError, HybridPublicKey, HybridSecretKey, KEY_ID_LEN, SignedHybridKey,
+};
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// How long our hybrid key is used before it is replaced.
@@ -30,13 +32,16 @@ pub const RETIRED_KEY_KEEP_MS: u64 = 35 * DAY_MS;
 /// How long a peer's looked-up key is used before it is looked up again.
 pub const PEER_KEY_REFRESH_MS: u64 = DAY_MS;
 /// Most retired secrets kept, whatever their age (a burst of `keys rotate` cannot grow the
-/// state, or the trial decryptions of every envelope, without bound).
+/// state without bound).
 pub const MAX_RETIRED_KEYS: usize = 16;
 
 /// A secret we replaced, kept to open envelopes sealed to it before senders knew the new one.
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop, Clone)]
 pub struct RetiredHybridKey {
     pub seed: [u8; 32],
+    /// Its id in envelope headers (see `crypto::hybrid`), kept so that finding the key an
+    /// envelope names costs no key derivation.
+    pub key_id: [u8; KEY_ID_LEN],
     /// When it stopped being our current key (ms since the Unix epoch).
     pub retired_at_ms: u64,
 }
@@ -145,18 +150,18 @@ impl Messenger {
         )
     }
 
-    /// Opens an envelope with our current key, else with a retired one (newest first): a sender
-    /// may have sealed to our previous key before it looked the new one up.
+    /// Opens an envelope with the key its header names: our current key, or a retired one (a
+    /// sender may have sealed to our previous key before it looked the new one up). At most one
+    /// decapsulation, whatever the envelope holds.
     pub(crate) fn open_envelope(&self, envelope: &[u8]) -> Result<Vec<u8>, HybridError> {
         let me = self.identity.public().0;
-        let first = hybrid::open(&me, &self.own_hybrid(), envelope);
-        let Err(HybridError::DecryptionFailed) = first else { return first };
-        for retired in &self.home.state.secrets.retired_hybrid {
-            if let Ok(plain) = hybrid::open(&me, &HybridSecretKey::from_seed(retired.seed), envelope) {
-                return Ok(plain);
-            }
+        let current = hybrid::open(&me, &self.own_hybrid(), envelope);
+        let Err(HybridError::OtherKey) = current else { return current };
+        let named = hybrid::envelope_key_id(envelope);
+        match self.home.state.secrets.retired_hybrid.iter().find(|r| Some(r.key_id) == named) {
+            Some(retired) => hybrid::open(&me, &HybridSecretKey::from_seed(retired.seed), envelope),
+            None => current,
         }
-        first
     }
 
     /// Replaces our hybrid key now: the new secret (and the old one, retired) is durable before
@@ -197,7 +202,9 @@ impl Messenger {
     fn replace_hybrid_key(&mut self, now: u64) -> Result<(), ClientError> {
         let fresh = HybridSecretKey::generate();
         let state = &mut self.home.state;
-        let old = RetiredHybridKey { seed: state.secrets.hybrid_seed, retired_at_ms: now };
+        let old_key_id = HybridSecretKey::from_seed(state.secrets.hybrid_seed).public_key().key_id();
+        let old =
+            RetiredHybridKey { seed: state.secrets.hybrid_seed, key_id: old_key_id, retired_at_ms: now };
         // A new vector rather than an insert, and the old buffer wiped whole, so growing the
         // list leaves no copy of a seed in freed memory.
         let mut retired = Vec::with_capacity(state.secrets.retired_hybrid.len() + 1);
@@ -312,7 +319,11 @@ mod tests {
 
     #[test]
     fn retired_secrets_are_erased_after_their_keep_time_or_beyond_the_cap() {
-        let r = |age_ms: u64| RetiredHybridKey { seed: [age_ms as u8; 32], retired_at_ms: T0 - age_ms };
+        let r = |age_ms: u64| RetiredHybridKey {
+            seed: [age_ms as u8; 32],
+            key_id: [0; 4],
+            retired_at_ms: T0 - age_ms,
+        };
         let mut retired = vec![r(RETIRED_KEY_KEEP_MS), r(1), r(RETIRED_KEY_KEEP_MS - 1)];
         assert_eq!(purge_retired(&mut retired, T0), 1);
         let ages: Vec<u64> = retired.iter().map(|k| T0 - k.retired_at_ms).collect();

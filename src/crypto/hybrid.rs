@@ -25,7 +25,11 @@
 //!   Every envelope runs a fresh encapsulation, so `ss` (and thus the key) is never reused and a
 //!   nonce derived from it is safe; no nonce travels on the wire.
 //! * AEAD: ChaCha20-Poly1305 (RFC 8439) with
-//!   `AAD = version || suite || xwing_ct || recipient_identity`.
+//!   `AAD = version || suite || key_id || xwing_ct || recipient_identity`.
+//! * `key_id` = the first 4 bytes of SHA-256(recipient_pk). Recipients rotate their hybrid key
+//!   and keep retired ones a while (`client::hybridkeys`); the id tells them which key to try,
+//!   so an envelope costs at most one decapsulation and junk with an unknown id costs none. It
+//!   reveals nothing new: the server already knows the recipient and its published keys.
 //!
 //! Binding the recipient's Ed25519 identity and hybrid key hash into the KDF and AAD means an
 //! envelope only opens for the identity it was sealed to, and a server cannot re-target it.
@@ -33,10 +37,10 @@
 //! # Wire format
 //!
 //! ```text
-//! version (1) || suite (1) || X-Wing ciphertext (1120) || AEAD ciphertext || tag (16)
+//! version (1) = 2 || suite (1) || key_id (4) || X-Wing ciphertext (1120) || AEAD ciphertext || tag (16)
 //! ```
 //!
-//! The overhead is [`ENVELOPE_OVERHEAD`] = 1138 bytes.
+//! The overhead is [`ENVELOPE_OVERHEAD`] = 1142 bytes. (Version 1 had no key id; it is refused.)
 //!
 //! # Authenticity of hybrid keys
 //!
@@ -65,7 +69,9 @@ pub const HYBRID_SEED_LEN: usize = 32;
 /// Length of an Ed25519 signature over [`hybrid_key_signing_bytes`].
 pub const HYBRID_KEY_SIGNATURE_LEN: usize = 64;
 /// Current envelope format version (first wire byte).
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
+/// Bytes of the recipient key id in the envelope header.
+pub const KEY_ID_LEN: usize = 4;
 /// X-Wing + HKDF-SHA256 + ChaCha20-Poly1305 (second wire byte).
 pub const SUITE_XWING_HKDFSHA256_CHACHA20POLY1305: u8 = 1;
 /// Length of the X-Wing ciphertext: ML-KEM-768 ct (1088) || X25519 ephemeral pk (32).
@@ -80,7 +86,7 @@ const HYBRID_KEY_SIGNING_LABEL: &[u8] = b"qpq/1 hybrid-key";
 /// Domain separation for the envelope key schedule (HKDF info prefix).
 const ENVELOPE_KDF_LABEL: &[u8] = b"qpq/1 envelope";
 
-const HEADER_LEN: usize = 2;
+const HEADER_LEN: usize = 2 + KEY_ID_LEN;
 const TAG_LEN: usize = 16;
 const IDENTITY_LEN: usize = 32;
 const AEAD_KEY_LEN: usize = 32;
@@ -115,6 +121,8 @@ pub enum HybridError {
     UnsupportedSuite(u8),
     #[error("envelope does not decrypt")]
     DecryptionFailed,
+    #[error("envelope is for another hybrid key")]
+    OtherKey,
 }
 
 /// X-Wing secret key, stored as the draft's 32-byte seed (the KEM expands it on use).
@@ -202,6 +210,12 @@ impl HybridPublicKey {
     #[must_use]
     pub fn fingerprint(&self) -> [u8; 32] {
         Sha256::digest(&self.bytes[..]).into()
+    }
+
+    /// The envelope header's id of this key: the fingerprint's first [`KEY_ID_LEN`] bytes.
+    #[must_use]
+    pub fn key_id(&self) -> [u8; KEY_ID_LEN] {
+        key_id_of(&self.fingerprint())
     }
 }
 
@@ -335,21 +349,25 @@ pub fn open(own_identity: &[u8; 32], own: &HybridSecretKey, envelope: &[u8]) -> 
     if envelope.len() < ENVELOPE_OVERHEAD {
         return Err(HybridError::EnvelopeTooShort { len: envelope.len(), min: ENVELOPE_OVERHEAD });
     }
+    let header = &envelope[..HEADER_LEN];
     let kem_ct = &envelope[HEADER_LEN..KEM_CT_END];
     let body = &envelope[KEM_CT_END..];
 
+    let dk = own.decapsulation_key();
+    let own_pk_hash: [u8; 32] = Sha256::digest(dk.encapsulation_key().to_bytes()).into();
+    if header[2..] != key_id_of(&own_pk_hash) {
+        return Err(HybridError::OtherKey);
+    }
     // Cannot fail after the length check above; mapped rather than unwrapped to stay total.
     let ct = x_wing::Ciphertext::try_from(kem_ct).map_err(|_| HybridError::DecryptionFailed)?;
-    let dk = own.decapsulation_key();
     // X-Wing decapsulation never fails: a tampered ciphertext yields an unrelated secret
     // (ML-KEM implicit rejection), and the AEAD tag check below then fails.
     let mut ss = dk.decapsulate(&ct);
-    let own_pk_hash: [u8; 32] = Sha256::digest(dk.encapsulation_key().to_bytes()).into();
     let okm = derive_okm(&ss, own_identity, &own_pk_hash);
     ss.as_mut_slice().zeroize();
 
     let cipher = ChaCha20Poly1305::new(Key::from_slice(&okm[..AEAD_KEY_LEN]));
-    let aad = envelope_aad(kem_ct, own_identity);
+    let aad = envelope_aad(header, kem_ct, own_identity);
     cipher
         .decrypt(Nonce::from_slice(&okm[AEAD_KEY_LEN..]), Payload { msg: body, aad: &aad })
         .map_err(|_| HybridError::DecryptionFailed)
@@ -364,19 +382,23 @@ fn seal_with_randomness(
     eseed: &[u8; ENCAPSULATION_RANDOMNESS_LEN],
 ) -> Vec<u8> {
     let (kem_ct, mut ss) = recipient.ek.encapsulate_deterministic(eseed.into());
-    let okm = derive_okm(&ss, recipient_identity, &recipient.fingerprint());
+    let pk_hash = recipient.fingerprint();
+    let okm = derive_okm(&ss, recipient_identity, &pk_hash);
     ss.as_mut_slice().zeroize();
 
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.push(ENVELOPE_VERSION);
+    header.push(SUITE_XWING_HKDFSHA256_CHACHA20POLY1305);
+    header.extend_from_slice(&key_id_of(&pk_hash));
     let cipher = ChaCha20Poly1305::new(Key::from_slice(&okm[..AEAD_KEY_LEN]));
-    let aad = envelope_aad(&kem_ct, recipient_identity);
+    let aad = envelope_aad(&header, &kem_ct, recipient_identity);
     let body = cipher
         .encrypt(Nonce::from_slice(&okm[AEAD_KEY_LEN..]), Payload { msg: plaintext, aad: &aad })
         // Invariant: encryption only fails above ~256 GiB of plaintext (documented on `seal`).
         .expect("plaintext exceeds the chacha20poly1305 length limit");
 
     let mut out = Vec::with_capacity(ENVELOPE_OVERHEAD + plaintext.len());
-    out.push(ENVELOPE_VERSION);
-    out.push(SUITE_XWING_HKDFSHA256_CHACHA20POLY1305);
+    out.extend_from_slice(&header);
     out.extend_from_slice(&kem_ct);
     out.extend_from_slice(&body);
     out
@@ -388,7 +410,7 @@ fn derive_okm(
     recipient_identity: &[u8; 32],
     recipient_pk_hash: &[u8; 32],
 ) -> Zeroizing<[u8; AEAD_KEY_LEN + AEAD_NONCE_LEN]> {
-    let mut info = Vec::with_capacity(ENVELOPE_KDF_LABEL.len() + HEADER_LEN + IDENTITY_LEN + 32);
+    let mut info = Vec::with_capacity(ENVELOPE_KDF_LABEL.len() + 2 + IDENTITY_LEN + 32);
     info.extend_from_slice(ENVELOPE_KDF_LABEL);
     info.push(ENVELOPE_VERSION);
     info.push(SUITE_XWING_HKDFSHA256_CHACHA20POLY1305);
@@ -405,12 +427,24 @@ fn derive_okm(
     okm
 }
 
-/// `version || suite || xwing_ct || recipient_identity`: authenticates the header and KEM
-/// ciphertext and pins the envelope to its intended recipient.
-fn envelope_aad(kem_ct: &[u8], recipient_identity: &[u8; 32]) -> Vec<u8> {
+/// The key id of the key whose SHA-256 is `pk_hash`.
+fn key_id_of(pk_hash: &[u8; 32]) -> [u8; KEY_ID_LEN] {
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&pk_hash[..KEY_ID_LEN]);
+    id
+}
+
+/// The key id an envelope names, if it is long enough to have one (nothing else is checked).
+#[must_use]
+pub fn envelope_key_id(envelope: &[u8]) -> Option<[u8; KEY_ID_LEN]> {
+    envelope.get(2..HEADER_LEN)?.try_into().ok()
+}
+
+/// `version || suite || key_id || xwing_ct || recipient_identity`: authenticates the header and
+/// KEM ciphertext and pins the envelope to its intended recipient.
+fn envelope_aad(header: &[u8], kem_ct: &[u8], recipient_identity: &[u8; 32]) -> Vec<u8> {
     let mut aad = Vec::with_capacity(HEADER_LEN + kem_ct.len() + IDENTITY_LEN);
-    aad.push(ENVELOPE_VERSION);
-    aad.push(SUITE_XWING_HKDFSHA256_CHACHA20POLY1305);
+    aad.extend_from_slice(header);
     aad.extend_from_slice(kem_ct);
     aad.extend_from_slice(recipient_identity);
     aad
@@ -424,10 +458,11 @@ mod tests {
 
     // Both digests were generated once and cross-checked against an independent
     // implementation of the key schedule (Python pyca/cryptography HKDF, ChaCha20-Poly1305 and
-    // Ed25519 fed the X-Wing ct/ss for the same seed and eseed; the signature again when its
-    // bytes gained the creation time). A change here is a wire break.
+    // Ed25519 fed the X-Wing ct/ss for the same seed and eseed; both again when the signature
+    // gained the creation time and the envelope (version 2) the key id). A change here is a
+    // wire break.
     /// SHA-256 of the envelope for `kat_secret`, `kat_eseed`, `KAT_IDENTITY`, `KAT_PLAINTEXT`.
-    const ENVELOPE_KAT_SHA256: &str = "014b2c96777d35711b02d48dbb7577ed5b572f9c08e575f59b5c0d8bac3f477b";
+    const ENVELOPE_KAT_SHA256: &str = "b5a5fd219c46d50804ac5a12418ca95214f3e2746829db1f4f5fe72b27d7332f";
     /// SHA-256 of the signature by identity seed [7; 32] over `kat_secret`'s public key, created
     /// at `KAT_CREATED_AT_MS`.
     const SIGNATURE_KAT_SHA256: &str = "c4336d466adb9dfd7e71cffe840a6654587048e4f9155f17bc143bb32aec15f2";
@@ -529,7 +564,13 @@ mod tests {
         let pk = kat_secret().public_key();
         let env = seal(&KAT_IDENTITY, &pk, b"secret");
         let other = HybridSecretKey::from_seed([0xEE; 32]);
-        assert_eq!(open(&KAT_IDENTITY, &other, &env), Err(HybridError::DecryptionFailed));
+        assert_eq!(open(&KAT_IDENTITY, &other, &env), Err(HybridError::OtherKey));
+        assert_eq!(envelope_key_id(&env), Some(pk.key_id()));
+        assert_ne!(pk.key_id(), other.public_key().key_id());
+        // An envelope that claims the other key's id still does not open for it.
+        let mut claimed = env.clone();
+        claimed[2..6].copy_from_slice(&other.public_key().key_id());
+        assert_eq!(open(&KAT_IDENTITY, &other, &claimed), Err(HybridError::DecryptionFailed));
     }
 
     #[test]
@@ -551,6 +592,7 @@ mod tests {
             let expected = match i {
                 0 => HybridError::UnsupportedVersion(ENVELOPE_VERSION ^ 1),
                 1 => HybridError::UnsupportedSuite(SUITE_XWING_HKDFSHA256_CHACHA20POLY1305 ^ 1),
+                2..HEADER_LEN => HybridError::OtherKey,
                 _ => HybridError::DecryptionFailed,
             };
             assert_eq!(open(&KAT_IDENTITY, &sk, &bad), Err(expected), "byte {i}");
@@ -579,8 +621,8 @@ mod tests {
             assert_eq!(result, Err(expected), "length {len}");
         }
         assert_eq!(
-            HybridError::EnvelopeTooShort { len: 5, min: 1138 }.to_string(),
-            "envelope too short: 5 < 1138 bytes"
+            HybridError::EnvelopeTooShort { len: 5, min: 1142 }.to_string(),
+            "envelope too short: 5 < 1142 bytes"
         );
     }
 
