@@ -5,66 +5,17 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::ServerProcess;
+use common::{ServerProcess, User, qpq_command};
 use rexpect::reader::Options;
 use rexpect::session::PtySession;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qpq");
 /// Longest wait for one expected line. Generous: a dead server is noticed by the QUIC idle
 /// timeout (10 s) and a reconnect attempt may take the connect timeout (5 s).
 const WAIT: Duration = Duration::from_secs(60);
-
-// ----- users and one-shot commands -----
-
-struct User {
-    home: tempfile::TempDir,
-    key: String,
-}
-
-/// A `qpq` command for `home`, isolated from the caller's environment.
-fn qpq(home: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("--home").arg(home);
-    for var in ["QPQ_HOME", "QPQ_SERVER", "QPQ_SERVER_FINGERPRINT", "QPQ_PASSPHRASE"] {
-        c.env_remove(var);
-    }
-    c.env("QPQ_LOG", "warn");
-    c
-}
-
-fn init(server: &ServerProcess, name: &str) -> User {
-    let home = tempfile::tempdir().unwrap();
-    let out = qpq(home.path())
-        .args(["init", "--no-passphrase", "--name", name, "--server"])
-        .arg(server.addr.to_string())
-        .arg("--server-fingerprint")
-        .arg(server.fingerprint.to_string())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "init {name}: {}", String::from_utf8_lossy(&out.stderr));
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert_eq!(key.len(), 64, "init prints the key");
-    User { home, key }
-}
-
-/// Runs a one-shot command and returns its stdout; it must succeed.
-fn oneshot(u: &User, args: &[&str]) -> String {
-    let out = qpq(u.home.path()).args(args).output().unwrap();
-    assert!(out.status.success(), "qpq {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// `contact add` for each (who, name) pair in `u`'s home.
-fn befriend(u: &User, others: &[(&User, &str)]) {
-    for (o, name) in others {
-        oneshot(u, &["contact", "add", name, &o.key]);
-    }
-}
 
 // ----- a shell on pipes -----
 
@@ -85,7 +36,7 @@ struct ScriptShell {
 
 impl ScriptShell {
     fn start(u: &User) -> ScriptShell {
-        let mut child = qpq(u.home.path())
+        let mut child = qpq_command(u.home.path())
             .arg("shell")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -176,10 +127,14 @@ fn run_script(u: &User, script: &str) -> (ExitStatus, Vec<String>, Vec<String>) 
 fn scripted_shells_exchange_direct_and_group_messages() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let (alice, bob, carol) = (init(&server, "alice"), init(&server, "bob"), init(&server, "carol"));
-    befriend(&alice, &[(&bob, "bob"), (&carol, "carol")]);
-    befriend(&bob, &[(&alice, "alice"), (&carol, "carol")]);
-    befriend(&carol, &[(&alice, "alice"), (&bob, "bob")]);
+    let (alice, bob, carol) =
+        (User::init(&server, "alice"), User::init(&server, "bob"), User::init(&server, "carol"));
+    alice.add_contact(&bob);
+    alice.add_contact(&carol);
+    bob.add_contact(&alice);
+    bob.add_contact(&carol);
+    carol.add_contact(&alice);
+    carol.add_contact(&bob);
 
     let mut a = ScriptShell::start(&alice);
     let mut b = ScriptShell::start(&bob);
@@ -198,9 +153,9 @@ fn scripted_shells_exchange_direct_and_group_messages() {
     assert_eq!(b.expect(Stream::Out, "hello team"), "[#team] alice: hello team");
 
     // A one-shot member (who learns of the group by receiving) reaches both shells.
-    let got = oneshot(&carol, &["recv"]);
+    let got = carol.ok(&["recv"]);
     assert!(got.contains("[#team] alice: hello team"), "{got}");
-    oneshot(&carol, &["send", "#team", "carol", "here"]);
+    carol.ok(&["send", "#team", "carol", "here"]);
     assert_eq!(a.expect(Stream::Out, "carol here"), "[#team] carol: carol here");
     assert_eq!(b.expect(Stream::Out, "carol here"), "[#team] carol: carol here");
 
@@ -227,7 +182,7 @@ fn scripted_shells_exchange_direct_and_group_messages() {
     b.expect(Stream::Out, "[#team] alice: bye from alice's script");
     let (status, _) = b.finish();
     assert!(status.success());
-    let got = oneshot(&carol, &["recv"]);
+    let got = carol.ok(&["recv"]);
     assert!(got.contains("[#team] bob: from bob"), "{got}");
     assert!(got.contains("[#team] alice: bye from alice's script"), "{got}");
 }
@@ -236,8 +191,8 @@ fn scripted_shells_exchange_direct_and_group_messages() {
 fn a_whole_script_runs_in_order_and_its_messages_are_delivered_before_exit() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
-    befriend(&bob, &[(&alice, "alice")]);
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    bob.add_contact(&alice);
     let script = format!(
         "contact add bob {}\n@bob one\n/chat bob\ntwo\n/say three\n/contact list\ncontact list\n",
         bob.key
@@ -245,7 +200,7 @@ fn a_whole_script_runs_in_order_and_its_messages_are_delivered_before_exit() {
     let (status, out, err) = run_script(&alice, &script);
     assert!(status.success(), "{err:?}");
     assert_eq!(out, [format!("bob {}", bob.key)]);
-    let got = oneshot(&bob, &["recv"]);
+    let got = bob.ok(&["recv"]);
     // In a conversation a bare line is text, even one that looks like a verb.
     assert_eq!(
         got.lines().filter(|l| l.starts_with("alice: ")).collect::<Vec<_>>(),
@@ -257,8 +212,8 @@ fn a_whole_script_runs_in_order_and_its_messages_are_delivered_before_exit() {
 fn every_chat_command_and_alias_works_and_errors_keep_the_shell_going() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
-    befriend(&alice, &[(&bob, "bob")]);
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
     let script = "\
 frobnicate
 /histroy
@@ -319,7 +274,7 @@ whoami
     );
     assert!(out.iter().any(|l| l.starts_with("  quit (q, exit)")), "/h lists the aliases");
     assert_eq!(out.iter().filter(|l| l.contains(&alice.key)).count(), 1, "nothing runs after /q");
-    let got = oneshot(&bob, &["recv"]);
+    let got = bob.ok(&["recv"]);
     let texts: Vec<&str> = got.lines().filter_map(|l| l.split_once(": ").map(|(_, t)| t)).collect();
     assert_eq!(texts, ["first", "second", "#not-a-group third"]);
 }
@@ -329,9 +284,9 @@ fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start_restartable(dir.path());
     let addr = server.addr.to_string();
-    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
-    befriend(&alice, &[(&bob, "bob")]);
-    befriend(&bob, &[(&alice, "alice")]);
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
+    bob.add_contact(&alice);
     let mut a = ScriptShell::start(&alice);
     a.say("@bob before the outage");
     a.say("whoami");
@@ -350,7 +305,7 @@ fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
     a.say("@bob after the outage");
     let (status, rest) = a.finish();
     assert_eq!(status.code(), Some(1), "the failed send counts: {rest:#?}");
-    let got = oneshot(&bob, &["recv"]);
+    let got = bob.ok(&["recv"]);
     let texts: Vec<&str> = got.lines().collect();
     assert_eq!(texts, ["alice: before the outage", "alice: after the outage"]);
 }
@@ -359,7 +314,7 @@ fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
 
 /// `qpq shell` on a pseudo-terminal, with ANSI sequences stripped from what it prints.
 fn pty_shell(u: &User) -> PtySession {
-    let mut cmd = qpq(u.home.path());
+    let mut cmd = qpq_command(u.home.path());
     cmd.arg("shell").env("TERM", "xterm");
     let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
     rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty")
@@ -369,9 +324,9 @@ fn pty_shell(u: &User) -> PtySession {
 fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
-    befriend(&alice, &[(&bob, "bob")]);
-    befriend(&bob, &[(&alice, "alice")]);
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
+    bob.add_contact(&alice);
     let mut p = pty_shell(&alice);
     p.exp_string("qpq> ").unwrap();
     p.send_line("/chat bob").unwrap();
@@ -380,7 +335,7 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     p.flush().unwrap();
     p.exp_string("hello wor").unwrap();
 
-    oneshot(&bob, &["send", "alice", "ping from bob"]);
+    bob.ok(&["send", "alice", "ping from bob"]);
     p.exp_string("bob: ping from bob").unwrap();
     // The prompt and the half-typed text are drawn again below the message.
     p.exp_string("bob> hello wor").unwrap();
@@ -390,7 +345,7 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     p.exp_string("bob> ").unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
-    let got = oneshot(&bob, &["recv"]);
+    let got = bob.ok(&["recv"]);
     assert!(got.lines().any(|l| l == "alice: hello world"), "the typed line survived intact: {got}");
 }
 
@@ -398,8 +353,8 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
 fn pty_tab_completes_a_contact_name() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
-    befriend(&alice, &[(&bob, "bob")]);
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
     let mut p = pty_shell(&alice);
     p.exp_string("qpq> ").unwrap();
     p.send("@b\t").unwrap();
@@ -409,7 +364,7 @@ fn pty_tab_completes_a_contact_name() {
     p.exp_string("qpq> ").unwrap();
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
-    let got = oneshot(&bob, &["recv"]);
+    let got = bob.ok(&["recv"]);
     assert!(got.lines().any(|l| l.ends_with(": completed")), "{got}");
 }
 
@@ -417,7 +372,7 @@ fn pty_tab_completes_a_contact_name() {
 fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_lines() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let alice = init(&server, "alice");
+    let alice = User::init(&server, "alice");
     let mut p = pty_shell(&alice);
     p.exp_string("qpq> ").unwrap();
     p.send_line("whoami").unwrap();
@@ -464,8 +419,8 @@ fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_li
 fn pty_ctrl_c_abandons_a_stuck_command_and_the_shell_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
-    let (alice, bob) = (init(&server, "alice"), init(&server, "bob"));
-    befriend(&alice, &[(&bob, "bob")]);
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
     let mut p = pty_shell(&alice);
     p.exp_string("qpq> ").unwrap();
     // A dead server makes the next send hang until QUIC's idle timeout.

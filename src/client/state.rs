@@ -279,9 +279,14 @@ fn read(dir: &Path) -> Result<Vec<u8>, StateError> {
     })
 }
 
-fn file_id(path: &Path) -> Option<(u64, u64)> {
+/// A file's identity: (device, inode).
+fn id_of(m: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    (m.dev(), m.ino())
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| id_of(&m))
 }
 
 /// A state file we read or wrote, kept open. While it is open its inode stays allocated, so no
@@ -295,10 +300,9 @@ struct SeenFile {
 
 impl SeenFile {
     fn of(path: &Path) -> Option<SeenFile> {
-        use std::os::unix::fs::MetadataExt;
         let file = std::fs::File::open(path).ok()?;
-        let m = file.metadata().ok()?;
-        Some(SeenFile { id: (m.dev(), m.ino()), _open: file })
+        let id = id_of(&file.metadata().ok()?);
+        Some(SeenFile { id, _open: file })
     }
 }
 

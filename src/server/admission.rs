@@ -73,7 +73,8 @@ impl Admission {
     }
 
     /// Open connections in all.
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.lock().total
     }
 

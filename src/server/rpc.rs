@@ -377,12 +377,12 @@ impl account::Server for AccountImpl {
         async move {
             let _call = self.shared.call_guard()?;
             let p = params.get()?;
-            let key = p.get_hybrid_key()?;
-            let sig = p.get_signature()?;
-            let created_at_ms = p.get_created_at_ms();
-            crate::crypto::hybrid::verify_hybrid_key(&self.who, created_at_ms, key, sig)
-                .map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
-            let signed = SignedHybridKey { key: key.to_vec(), signature: sig.to_vec(), created_at_ms };
+            let signed = SignedHybridKey {
+                key: p.get_hybrid_key()?.to_vec(),
+                signature: p.get_signature()?.to_vec(),
+                created_at_ms: p.get_created_at_ms(),
+            };
+            signed.verify(&self.who).map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
             let op = WriteOp::PutHybridKey { who: self.who, signed };
             self.shared.store.write(op).await.map_err(store_err)?;
             Ok(())

@@ -200,12 +200,21 @@ pub struct User {
     pub name: String,
 }
 
+/// A `qpq` command for `home`, isolated from the caller's environment.
+pub fn qpq_command(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qpq"));
+    cmd.arg("--home").arg(home);
+    for var in ["QPQ_HOME", "QPQ_SERVER", "QPQ_SERVER_FINGERPRINT", "QPQ_PASSPHRASE"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("QPQ_LOG", "warn");
+    cmd
+}
+
 pub fn qpq_in(home: &Path, args: &[&str], stdin: Option<&str>) -> Run {
     use std::io::Write;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qpq"));
-    cmd.arg("--home").arg(home).args(args);
-    cmd.env_remove("QPQ_SERVER").env_remove("QPQ_HOME").env_remove("QPQ_PASSPHRASE");
-    cmd.env_remove("QPQ_SERVER_FINGERPRINT").env("QPQ_LOG", "warn");
+    let mut cmd = qpq_command(home);
+    cmd.args(args);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn qpq");
     {
@@ -237,11 +246,8 @@ impl User {
 
     /// Starts `qpq ARGS` in this user's home without waiting: stdout and stderr piped.
     pub fn spawn(&self, args: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_qpq"))
-            .arg("--home")
-            .arg(self.home.path())
+        qpq_command(self.home.path())
             .args(args)
-            .env("QPQ_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
