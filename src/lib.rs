@@ -18,6 +18,7 @@
 //! - [`crypto`]: identity, hybrid envelope, state-file encryption (no I/O).
 //! - [`mls`]: the openmls wrapper (client groups, server KeyPackage validation).
 //! - [`fsutil`]: crash-safe file writes and the home lock; [`failpoint`]: crash points for tests.
+//! - [`clock`]: time as an input (a shiftable clock for everything with a lifetime).
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
 //! - [`bench`]: `qpq bench`, every figure measured against a reference from the same run.
@@ -27,6 +28,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod crypto;
 pub mod failpoint;
 pub mod fsutil;
