@@ -68,6 +68,10 @@ pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
 /// How often the server deletes expired messages.
 pub const SWEEP_INTERVAL_SECS: u64 = 600;
 
+/// Most queue rows one sweep transaction scans: a slice takes milliseconds, so commits waiting
+/// behind the sweep are never stalled for long, however big the queue table is.
+pub const SWEEP_SLICE_ROWS: usize = 4096;
+
 /// Most request bytes one connection may have in calls the server has not answered yet. Bounds
 /// the memory a client can pin by pipelining big enqueues (capnp-rpc has no flow control).
 pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;

@@ -37,7 +37,7 @@ pub use config::ServerConfig;
 use self::admission::{Admission, Decision, Slot};
 use crate::limits;
 use crate::proto::node_capnp::node_service;
-use crate::store::{QueueLimits, Store, StoreError, WriteOp};
+use crate::store::{Outcome, QueueLimits, Store, StoreError, WriteOp};
 use crate::transport::{self, Fingerprint, TransportError};
 
 /// Name of the database file in the data dir.
@@ -135,6 +135,12 @@ impl RunningServer {
     /// [`Store::commit_count`]).
     pub fn commit_count(&self) -> u64 {
         self.shared.store.commit_count()
+    }
+
+    /// Runs one full expiry sweep now (the server also sweeps every
+    /// [`limits::SWEEP_INTERVAL_SECS`]); returns when it is done.
+    pub async fn sweep(&self) {
+        sweep_once(&self.shared).await;
     }
 
     /// True when this start generated the self-signed certificate.
@@ -251,18 +257,49 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
 
 fn spawn_sweeper(shared: Arc<Shared>) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(limits::SWEEP_INTERVAL_SECS));
+        let period = Duration::from_secs(limits::SWEEP_INTERVAL_SECS);
+        // The first pass comes one period after start, not at once: a restart loop must not
+        // turn into a sweep loop.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shared.shutdown.cancelled() => return,
             }
-            match shared.store.write(WriteOp::Sweep { now_ms: crate::store::now_ms() }).await {
-                Ok(out) => tracing::debug!(?out, "expired messages swept"),
-                Err(e) => tracing::warn!(error = %e, "sweep failed"),
-            }
+            sweep_once(&shared).await;
         }
     });
+}
+
+/// One pass over the whole queue table, one slice per write transaction (see
+/// [`WriteOp::Sweep`]); other writes commit between the slices.
+async fn sweep_once(shared: &Shared) {
+    let now_ms = crate::store::now_ms();
+    let mut after = Vec::new();
+    let mut removed = 0u64;
+    loop {
+        match shared.store.write(WriteOp::Sweep { now_ms, after }).await {
+            Ok(Outcome::Swept { removed: n, resume }) => {
+                removed += n;
+                match resume {
+                    Some(key) => after = key,
+                    None => break,
+                }
+            }
+            Ok(other) => {
+                tracing::warn!(?other, "sweep: unexpected outcome");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep failed");
+                break;
+            }
+        }
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+    }
+    tracing::debug!(removed, "expired messages swept");
 }
 
 async fn accept_loop(

@@ -117,6 +117,9 @@ fn decode_hybrid_key(v: &[u8]) -> Result<SignedHybridKey, StoreError> {
     })
 }
 
+/// A `queue` value split in place: (enqueued_at_ms, channel_seq, channel, payload).
+type EntryParts<'a> = (u64, u64, &'a [u8], &'a [u8]);
+
 /// One message waiting in a recipient's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -140,14 +143,29 @@ impl StoredMessage {
     }
 
     fn decode(seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
+        let (enqueued_at_ms, channel_seq, channel_id, payload) = Self::parts(seq, v)?;
+        Ok(StoredMessage {
+            seq,
+            channel_id: channel_id.to_vec(),
+            channel_seq,
+            payload: payload.to_vec(),
+            enqueued_at_ms,
+        })
+    }
+
+    /// The enqueue time of an encoded entry, checking that the whole entry is well formed.
+    fn enqueued_at(v: &[u8]) -> Result<u64, StoreError> {
+        Self::parts(0, v).map(|(at, ..)| at)
+    }
+
+    /// (enqueued_at_ms, channel_seq, channel, payload) of an encoded entry, without copying.
+    fn parts(seq: u64, v: &[u8]) -> Result<EntryParts<'_>, StoreError> {
         let bad = || StoreError::Db(format!("corrupt queue entry at seq {seq}"));
-        let head = v.get(..17).ok_or_else(bad)?;
-        let enqueued_at_ms = u64::from_be_bytes(head[..8].try_into().map_err(|_| bad())?);
-        let channel_seq = u64::from_be_bytes(head[8..16].try_into().map_err(|_| bad())?);
-        let clen = head[16] as usize;
-        let channel_id = v.get(17..17 + clen).ok_or_else(bad)?.to_vec();
-        let payload = v[17 + clen..].to_vec();
-        Ok(StoredMessage { seq, channel_id, channel_seq, payload, enqueued_at_ms })
+        let (at, rest) = v.split_first_chunk::<8>().ok_or_else(bad)?;
+        let (channel_seq, rest) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
+        let (&clen, rest) = rest.split_first().ok_or_else(bad)?;
+        let (channel_id, payload) = rest.split_at_checked(usize::from(clen)).ok_or_else(bad)?;
+        Ok((u64::from_be_bytes(*at), u64::from_be_bytes(*channel_seq), channel_id, payload))
     }
 
     /// Payload bytes this entry counts against its queue's byte cap.
@@ -161,6 +179,19 @@ pub(crate) fn queue_key(recipient: &IdentityKey, seq: u64) -> [u8; 40] {
     k[..32].copy_from_slice(recipient);
     k[32..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The recipient and seq of a `queue` key; a key of another length is corrupt (an error, never
+/// a panic: the file may have been damaged or edited while the server was stopped).
+pub(crate) fn split_queue_key(key: &[u8]) -> Result<(IdentityKey, u64), StoreError> {
+    let corrupt = || StoreError::Db(format!("corrupt queue key of {} bytes", key.len()));
+    let (who, seq) = key.split_first_chunk::<32>().ok_or_else(corrupt)?;
+    let seq: [u8; 8] = seq.try_into().map_err(|_| corrupt())?;
+    Ok((*who, u64::from_be_bytes(seq)))
+}
+
+fn queue_key_seq(key: &[u8]) -> Result<u64, StoreError> {
+    split_queue_key(key).map(|(_, seq)| seq)
 }
 
 /// The server clock: ms since the Unix epoch.
@@ -273,10 +304,7 @@ impl Store {
         let mut bytes = 0usize;
         for entry in table.range(&start[..]..=&end[..])? {
             let (k, v) = entry?;
-            let key = k.value();
-            let seq = u64::from_be_bytes(
-                key[32..40].try_into().map_err(|_| StoreError::Db("corrupt queue key".to_string()))?,
-            );
+            let seq = queue_key_seq(k.value())?;
             let msg = StoredMessage::decode(seq, v.value())?;
             if now.saturating_sub(msg.enqueued_at_ms) > self.limits.ttl_ms {
                 continue; // expired: invisible now, deleted by the next sweep
@@ -394,16 +422,76 @@ mod tests {
         let full =
             store.write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"new".to_vec())] }).await;
         assert!(matches!(full, Err(StoreError::QueueFull { .. })), "expired messages count until swept");
-        let swept = store.write(WriteOp::Sweep { now_ms: now }).await.unwrap();
-        assert_eq!(swept, Outcome::Swept { removed: 0 }, "nothing has expired yet");
-        let swept = store.write(WriteOp::Sweep { now_ms: later }).await.unwrap();
-        assert_eq!(swept, Outcome::Swept { removed: 2 });
+        let swept = store.write(WriteOp::Sweep { now_ms: now, after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 0, resume: None }, "nothing has expired yet");
+        let swept = store.write(WriteOp::Sweep { now_ms: later, after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 2, resume: None });
         store
             .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"new".to_vec())] })
             .await
             .unwrap();
         let (left, _) = store.fetch_at(&who, 0, 10, 1 << 20, now).unwrap();
         assert_eq!(left.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"new".to_vec()]);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_sweep_works_in_bounded_slices_and_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let lim = QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000 };
+        let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
+        let total = limits::SWEEP_SLICE_ROWS + 10;
+        let items = (0..total).map(|i| ([(i % 250) as u8; 32], b"x".to_vec())).collect();
+        store.write(WriteOp::Enqueue { channel: Vec::new(), items }).await.unwrap();
+        let later = now_ms() + lim.ttl_ms + 1_000;
+        let first = store.write(WriteOp::Sweep { now_ms: later, after: Vec::new() }).await.unwrap();
+        let Outcome::Swept { removed, resume: Some(after) } = first else { panic!("{first:?}") };
+        assert_eq!(removed as usize, limits::SWEEP_SLICE_ROWS, "one slice, then it stops");
+        let rest = store.write(WriteOp::Sweep { now_ms: later, after }).await.unwrap();
+        assert_eq!(rest, Outcome::Swept { removed: 10, resume: None });
+        store.close().unwrap();
+    }
+
+    /// Writes rows no qpq would write into a closed database file: keys shorter and longer than
+    /// recipient ‖ seq, and a value too short to hold its header.
+    fn damage(path: &Path, who: &IdentityKey) {
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut queue = txn.open_table(QUEUE).unwrap();
+            queue.insert(&[1u8; 10][..], &[0u8; 20][..]).unwrap();
+            let mut long = who.to_vec();
+            long.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 5]);
+            queue.insert(&long[..], &[0u8; 20][..]).unwrap();
+            queue.insert(&queue_key(who, 7)[..], &[1u8, 2][..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn damaged_rows_are_errors_and_the_writer_serves_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let who = [3u8; 32];
+        Store::open(&path, limits()).unwrap().close().unwrap();
+        damage(&path, &who);
+        let store = Store::open(&path, limits()).unwrap();
+        let err = store.fetch(&who, 0, 10, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("corrupt queue"), "{err}");
+        // The sweep meets every damaged row; it removes them instead of dying on them.
+        let swept = store.write(WriteOp::Sweep { now_ms: now_ms(), after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 3, resume: None });
+        let other = [4u8; 32];
+        store
+            .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(other, b"ok".to_vec())] })
+            .await
+            .unwrap();
+        store
+            .write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"ok".to_vec())] })
+            .await
+            .unwrap();
+        let (msgs, _) = store.fetch(&who, 0, 10, 1 << 20).unwrap();
+        assert_eq!(msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"ok".to_vec()]);
         store.close().unwrap();
     }
 }

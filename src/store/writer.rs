@@ -10,6 +10,7 @@
 //! storage error fails the whole batch, which is then not committed.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -37,19 +38,37 @@ pub enum WriteOp {
     TakeKeyPackage { who: IdentityKey },
     /// Replace `who`'s hybrid key (signature already verified).
     PutHybridKey { who: IdentityKey, signed: SignedHybridKey },
-    /// Delete messages that have expired as of `now_ms` (ms since the Unix epoch).
-    Sweep { now_ms: u64 },
+    /// Delete messages that have expired as of `now_ms` (ms since the Unix epoch), and rows too
+    /// damaged to deliver, among at most [`limits::SWEEP_SLICE_ROWS`] queue rows after the key
+    /// `after` (empty: from the start). One slice keeps the transaction, and so every commit
+    /// waiting behind it, short.
+    Sweep { now_ms: u64, after: Vec<u8> },
 }
 
 /// The durable result of one [`WriteOp`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Enqueued { channel_seq: u64, seqs: Vec<u64> },
-    Acked { removed: u32 },
-    KeyPackagesStored { count: u64 },
-    KeyPackage { bytes: Vec<u8>, remaining: u64, last_resort: bool },
+    Enqueued {
+        channel_seq: u64,
+        seqs: Vec<u64>,
+    },
+    Acked {
+        removed: u32,
+    },
+    KeyPackagesStored {
+        count: u64,
+    },
+    KeyPackage {
+        bytes: Vec<u8>,
+        remaining: u64,
+        last_resort: bool,
+    },
     HybridKeyStored,
-    Swept { removed: u64 },
+    /// `resume`: the key to pass as `after` for the next slice; None when the table is done.
+    Swept {
+        removed: u64,
+        resume: Option<Vec<u8>>,
+    },
 }
 
 type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
@@ -124,7 +143,13 @@ fn run(
             }
         }
         let mut woken: Vec<IdentityKey> = Vec::new();
-        match apply_batch(db, limits, &jobs, &mut woken) {
+        // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
+        // the thread lives on and serves the next one. The transaction is dropped uncommitted.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            apply_batch(db, limits, &jobs, &mut woken)
+        }))
+        .unwrap_or_else(|_| Err(StoreError::Db("write batch panicked".to_string())));
+        match applied {
             Ok(outcomes) => {
                 commits.fetch_add(1, Ordering::Relaxed);
                 notifier.notify(woken.iter());
@@ -164,7 +189,7 @@ fn apply_batch(
                 txn.open_table(HYBRID_KEYS)?.insert(&who[..], &super::encode_hybrid_key(signed)[..])?;
                 Ok(Outcome::HybridKeyStored)
             }
-            WriteOp::Sweep { now_ms } => sweep(&txn, limits, *now_ms),
+            WriteOp::Sweep { now_ms, after } => sweep(&txn, limits, *now_ms, after),
         };
         match out {
             Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
@@ -310,28 +335,46 @@ fn take_key_package(txn: &WriteTransaction, who: &IdentityKey) -> Result<Outcome
     }
 }
 
-fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64) -> Result<Outcome, StoreError> {
+fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
     let mut doomed: Vec<(Vec<u8>, usize)> = Vec::new();
-    for entry in queue.iter()? {
+    let mut last = None;
+    let mut scanned = 0usize;
+    let range = if after.is_empty() {
+        queue.range::<&[u8]>(..)?
+    } else {
+        queue.range::<&[u8]>((Bound::Excluded(after), Bound::Unbounded))?
+    };
+    for entry in range {
         let (k, v) = entry?;
-        let v = v.value();
-        let Some(at) = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
-            continue;
+        let (key, value) = (k.value(), v.value());
+        scanned += 1;
+        last = Some(key.to_vec());
+        let expired = match (super::split_queue_key(key), StoredMessage::enqueued_at(value)) {
+            (Ok(_), Ok(at)) => now.saturating_sub(at) > limits.ttl_ms,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "sweep removes a damaged queue row");
+                true
+            }
         };
-        if now.saturating_sub(at) > limits.ttl_ms {
-            doomed.push((k.value().to_vec(), v.len()));
+        if expired {
+            doomed.push((key.to_vec(), value.len()));
+        }
+        if scanned >= limits::SWEEP_SLICE_ROWS {
+            break;
         }
     }
+    let resume = if scanned >= limits::SWEEP_SLICE_ROWS { last } else { None };
     let mut meta = txn.open_table(QUEUE_META)?;
     for (k, len) in &doomed {
         queue.remove(&k[..])?;
-        let who = &k[..32];
-        let current = meta.get(who)?.map(|g| g.value());
+        // A damaged key names no recipient whose counts we could trust; leave the counts alone.
+        let Ok((who, _)) = super::split_queue_key(k) else { continue };
+        let current = meta.get(&who[..])?.map(|g| g.value());
         if let Some((next, count, bytes)) = current {
             let freed = StoredMessage::accounted_len(*len);
-            meta.insert(who, (next, count.saturating_sub(1), bytes.saturating_sub(freed)))?;
+            meta.insert(&who[..], (next, count.saturating_sub(1), bytes.saturating_sub(freed)))?;
         }
     }
-    Ok(Outcome::Swept { removed: doomed.len() as u64 })
+    Ok(Outcome::Swept { removed: doomed.len() as u64, resume })
 }
