@@ -10,10 +10,35 @@
 # Every method that acts on "my" data lives on `Account`, which only `authenticate` hands out, so
 # no method can act on a key the connection has not proven it holds.
 #
-# Errors are RPC exceptions with a lowercase message such as
-# "payload too large: 300000 > 262144 bytes"; a bad call never drops the connection.
+# Errors are RPC exceptions (type "failed") whose text is  "<code>: <text for people>",  where
+# <code> is the name of an ErrorCode enumerant below, e.g.
+#   "tooLarge: payload too large: 300000 > 262144 bytes"
+# Clients branch on the code, never on the text. Codes that ask the caller to come back later
+# (rateLimited, overQuota, busy) end their text with " (retry after <N> ms)"; a client waits
+# that long before retrying, a bounded number of times. Text without a known code prefix is
+# code `unknown`. A bad call is answered with an error and the connection stays up; only a
+# message larger than the server's read limit (the largest legal call plus framing, see
+# enqueueBatch) or a peer that stalls mid-message or stops reading replies loses its connection,
+# since an unread message cannot be answered.
 
 @0xf1c1866953ae47a3;
+
+enum ErrorCode {
+  unknown @0;            # no code (an error from the RPC layer itself, or an older server)
+  badRequest @1;         # a parameter is malformed or out of range; do not retry as is
+  tooLarge @2;           # a payload, batch or call is over its size limit
+  queueFull @3;          # the recipient's queue is at its message or byte cap
+  noKeyPackages @4;      # fetchKeyPackage: the key has no KeyPackage at all
+  noHybridKey @5;        # fetchHybridKey: the key has no hybrid key
+  rateLimited @6;        # this connection, address or target key is over its rate (retry hint)
+  overQuota @7;          # the server's storage quota is used up (retry hint)
+  staleKey @8;           # uploadHybridKey: not newer than the stored key
+  authFailed @9;         # authenticate: the signature does not verify
+  shuttingDown @10;      # the server is draining; the call had no effect
+  busy @11;              # this connection has too much in flight (retry hint)
+  poolFull @12;          # uploadKeyPackages: the pool would exceed its cap
+  internal @13;          # the server failed (storage); the call had no effect
+}
 
 interface NodeService {
   health @0 () -> (status :Text, version :Text, uptimeSecs :UInt64);
@@ -30,7 +55,9 @@ interface NodeService {
   # per-recipient sequence numbers started over.
 
   fetchKeyPackage @2 (identityKey :Data) -> (keyPackage :Data, remaining :UInt32, lastResort :Bool);
-  # AS, no authentication (anyone may start a conversation with a key). Atomically removes and
+  # AS, no authentication (anyone may start a conversation with a key), but rate-limited per
+  # connection, per source address (IPv4, or IPv6 /64) and per identityKey, so nobody drains a
+  # key's pool in a burst (rateLimited, with a retry hint). Atomically removes and
   # returns one of identityKey's single-use KeyPackages (RFC 9420 section 10). When none is left it
   # returns the key's last-resort KeyPackage (kept, not removed) with lastResort = true. remaining
   # counts single-use packages left after this call. Error "no key packages for this key" when the
@@ -49,13 +76,18 @@ interface NodeService {
   # on disk. seq is the message's per-recipient sequence number. channelId (0..=64 bytes, empty for
   # none) is opaque to the server; a non-empty one gives the message the next position channelSeq
   # in that channel's total order (0 when channelId is empty). Fails with "queue full: ..." when
-  # the recipient's queue is at its message or byte cap.
+  # the recipient's queue is at its message or byte cap, "overQuota: ..." when the server's total
+  # storage quota is used up, and "rateLimited: ..." when this connection or its source address
+  # (IPv4, or IPv6 /64) sends faster than the server's enqueue rate (enqueue and enqueueBatch
+  # share that budget, one token per call).
 
   enqueueBatch @5 (channelId :Data, items :List(Delivery)) -> (channelSeq :UInt64, seqs :List(UInt64));
   # DS, no authentication. Enqueues each item to its own recipient in ONE atomic, durable
   # transaction: all are stored or none is. All items share one channelSeq, so every recipient sees
   # the channel's messages in the same order (the per-group total order clients use to agree on one
   # commit per epoch, RFC 9750 section 5.2). seqs[i] is items[i]'s per-recipient sequence number.
+  # At most 4096 items, 16 MiB of payload in all, and each recipient at most once ("badRequest:
+  # duplicate recipient: ...").
 
   struct Delivery {
     recipientKey @0 :Data;
@@ -82,11 +114,16 @@ interface Account {
   # AS. signature is Ed25519 by this account's key over
   #   "qpq/1 hybrid-key" || identityKey || createdAtMs (8 bytes, big-endian) || hybridKey
   # and is verified before the key (1216 bytes) replaces any earlier one. Durable. Clients
-  # rotate their key (weekly), so this is called again with a newer createdAtMs.
+  # rotate their key (weekly), so this is called again with a newer createdAtMs. A key whose
+  # createdAtMs is not newer than the stored one's is refused ("staleKey: ..."; re-sending the
+  # stored key exactly succeeds), and createdAtMs must be nonzero and at most a year ahead of
+  # the server's clock ("badRequest: ...").
 
   fetch @4 (limit :UInt32) -> (messages :List(Message), more :Bool);
-  # DS. Returns up to limit (capped by the server) pending messages in seq order WITHOUT deleting
-  # them (at-least-once delivery). more = true when further messages are waiting.
+  # DS. Returns up to limit (capped by the server, 256) pending messages in seq order WITHOUT
+  # deleting them (at-least-once delivery). limit = 0 means "as many as the server allows" (the
+  # cap), as does any limit above it. more = true when further messages are waiting. Replies
+  # also stop at 8 MiB of payload (at least one message is always returned when one waits).
 
   fetchWait @5 (timeoutMs :UInt32, limit :UInt32, ackUpTo :UInt64) -> (messages :List(Message), more :Bool, removed :UInt32);
   # DS. Like fetch, but when the queue is empty waits until a message arrives (returns within

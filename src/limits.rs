@@ -33,6 +33,10 @@ pub const IDENTITY_KEY_LEN: usize = 32;
 /// Length of an Ed25519 signature.
 pub const SIGNATURE_LEN: usize = 64;
 
+/// Furthest in the future (by the server's clock) a hybrid key's signed creation time may lie: a
+/// year of clock skew is generous, while a key dated u64::MAX would refuse every later rotation.
+pub const MAX_HYBRID_KEY_FUTURE_MS: u64 = 365 * 24 * 3600 * 1000;
+
 /// Length of a hybrid (X-Wing: ML-KEM-768 + X25519) public key.
 pub const HYBRID_KEY_LEN: usize = 1216;
 
@@ -75,6 +79,10 @@ pub const SWEEP_SLICE_ROWS: usize = 4096;
 /// Most request bytes one connection may have in calls the server has not answered yet. Bounds
 /// the memory a client can pin by pipelining big enqueues (capnp-rpc has no flow control).
 pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;
+
+/// Retry hint sent with `busy` (a connection's in-flight budget is full): about the time a
+/// batch of durable writes takes to commit and free it.
+pub const BUSY_RETRY_AFTER_MS: u64 = 50;
 
 /// Default cap on open client connections: well above a small community's needs, and at ~50 KiB
 /// of server memory each (BENCHMARKS.md) bounded to about half a GiB.

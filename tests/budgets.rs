@@ -6,6 +6,7 @@ mod common;
 use common::{connect, local, login, start_server};
 use qpq::client::session::SessionError;
 use qpq::crypto::identity::Identity;
+use qpq::proto::wire_error::ErrorCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_damaged_while_the_server_was_stopped_is_an_error_and_writes_go_on() {
@@ -31,7 +32,9 @@ async fn a_row_damaged_while_the_server_was_stopped_is_an_error_and_writes_go_on
     local(async {
         let a = login(&server, &alice).await;
         match a.fetch(10).await {
-            Err(SessionError::Rpc(m)) => assert_eq!(m, "internal storage error"),
+            Err(SessionError::Rpc(m)) => {
+                assert_eq!((m.code, m.message.as_str()), (ErrorCode::Internal, "internal storage error"))
+            }
             other => panic!("a damaged row must be an rpc error, got {other:?}"),
         }
         // The sweep removes what it cannot deliver instead of killing the writer.

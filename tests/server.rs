@@ -14,7 +14,7 @@ use qpq::transport::Pin;
 
 fn rpc_msg(r: Result<impl std::fmt::Debug, SessionError>) -> String {
     match r {
-        Err(SessionError::Rpc(m)) => m,
+        Err(SessionError::Rpc(m)) => m.message,
         other => panic!("expected an rpc error, got {other:?}"),
     }
 }

@@ -4,10 +4,10 @@ use rand::RngCore;
 
 use crate::client::frame::Frame;
 use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
-use crate::client::session::SessionError;
 use crate::client::state::{GroupKind, GroupMeta, Outgoing, PendingCommit};
 use crate::crypto::identity::PublicKey;
 use crate::mls::{self, MlsClient, Pending};
+use crate::proto::wire_error::ErrorCode;
 
 /// How many times a change is retried after losing its epoch to a concurrent commit.
 pub const MAX_COMMIT_ATTEMPTS: usize = 8;
@@ -256,7 +256,7 @@ impl Messenger {
     async fn fetch_checked_key_package(&mut self, who: &[u8; 32]) -> Result<Vec<u8>, ClientError> {
         let looked_up = self.anonymous().await?.fetch_key_package(who).await;
         let fetched = looked_up.map_err(|e| match e {
-            SessionError::Rpc(m) if m.contains("no key packages") => {
+            e if e.code() == Some(ErrorCode::NoKeyPackages) => {
                 ClientError::NoKeyPackages { who: self.display_name(who) }
             }
             other => other.into(),

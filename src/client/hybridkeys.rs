@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::client::messenger::{ClientError, Messenger, now_ms};
-use crate::client::session::SessionError;
+use crate::proto::wire_error::ErrorCode;
 use crate::crypto::hybrid::{
     self, HybridError, HybridPublicKey, HybridSecretKey, KEY_ID_LEN, SignedHybridKey,
 };
@@ -255,7 +255,7 @@ impl Messenger {
         }
         let fetched = match self.anonymous().await?.fetch_hybrid_key(who).await {
             Ok(f) => f,
-            Err(SessionError::Rpc(m)) if m.contains("no hybrid key") => {
+            Err(e) if e.code() == Some(ErrorCode::NoHybridKey) => {
                 return known_key.ok_or_else(|| ClientError::NoKeyPackages { who: self.display_name(who) });
             }
             Err(e) => return Err(e.into()),

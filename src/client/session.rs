@@ -15,6 +15,7 @@ use crate::crypto::hybrid::SignedHybridKey;
 use crate::crypto::identity::{Identity, PublicKey};
 use crate::limits;
 use crate::proto::node_capnp::{account, node_service};
+use crate::proto::wire_error::{ErrorCode, WireError};
 use crate::transport::{self, Fingerprint, Pin};
 
 /// How long connecting (resolve + QUIC/TLS handshake + stream) may take.
@@ -49,8 +50,9 @@ pub enum SessionError {
         "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with --server-fingerprint)"
     )]
     CertificateChanged { pinned: Fingerprint, presented: Fingerprint },
+    /// The server answered with an error: its code (branch on this) and text.
     #[error("server error: {0}")]
-    Rpc(String),
+    Rpc(WireError),
     #[error("not authenticated")]
     NotAuthenticated,
     #[error("the server did not answer within {0} s")]
@@ -66,7 +68,7 @@ impl From<capnp::Error> for SessionError {
         match e.kind {
             // The server answered: the call had no effect (our handlers fail before writing).
             capnp::ErrorKind::Failed | capnp::ErrorKind::Overloaded | capnp::ErrorKind::Unimplemented => {
-                SessionError::Rpc(clean_rpc_error(&e))
+                SessionError::Rpc(WireError::parse(&clean_rpc_error(&e)))
             }
             // No answer: the call may or may not have taken effect.
             _ => SessionError::Disconnected(clean_rpc_error(&e)),
@@ -80,13 +82,64 @@ impl SessionError {
     pub fn is_definite_refusal(&self) -> bool {
         !matches!(self, SessionError::Disconnected(_) | SessionError::Timeout(_))
     }
+
+    /// The server's error code, when the server answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            SessionError::Rpc(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    /// How long to wait before retrying, when the server asked the caller to come back later
+    /// (rate limited, over quota, busy); capped at [`MAX_BACKOFF`].
+    fn backoff(&self) -> Option<Duration> {
+        match self {
+            SessionError::Rpc(WireError {
+                code: ErrorCode::RateLimited | ErrorCode::OverQuota | ErrorCode::Busy,
+                retry_after_ms: Some(ms),
+                ..
+            }) => Some(Duration::from_millis(*ms).min(MAX_BACKOFF)),
+            _ => None,
+        }
+    }
+}
+
+/// Most times one call is retried after the server asked us to come back later.
+pub const MAX_RETRIES: u32 = 3;
+
+/// Longest wait before one retry, whatever the server's hint says.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs `call`, and again after the server's retry hint when it answers rateLimited, overQuota
+/// or busy, at most [`MAX_RETRIES`] more times; then returns the last answer. The call had no
+/// effect when refused that way, so repeating it is safe.
+async fn with_backoff<T, F, Fut>(mut call: F) -> Result<T, SessionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SessionError>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(e) if tries < MAX_RETRIES => match e.backoff() {
+                Some(wait) => {
+                    tries += 1;
+                    tracing::debug!(error = %e, ?wait, "server asks to retry later");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(e),
+            },
+            other => return other,
+        }
+    }
 }
 
 /// The message the server put in its error, without capnp's decoration.
 pub fn clean_rpc_error(e: &capnp::Error) -> String {
     let s = e.extra.trim();
     let s = s.strip_prefix("remote exception: ").unwrap_or(s);
-    let s = s.strip_prefix("Failed: ").unwrap_or(s);
+    let s = s.strip_prefix("Failed: ").or_else(|| s.strip_prefix("Overloaded: ")).unwrap_or(s);
     if s.is_empty() { format!("{:?}", e.kind).to_lowercase() } else { s.to_string() }
 }
 
@@ -241,27 +294,30 @@ impl Session {
             status: r
                 .get_status()?
                 .to_str()
-                .map_err(|_| SessionError::Rpc("health status is not utf-8".into()))?
+                .map_err(|_| SessionError::Rpc(WireError::new(ErrorCode::Unknown, "health status is not utf-8")))?
                 .to_string(),
             version: r
                 .get_version()?
                 .to_str()
-                .map_err(|_| SessionError::Rpc("health version is not utf-8".into()))?
+                .map_err(|_| SessionError::Rpc(WireError::new(ErrorCode::Unknown, "health version is not utf-8")))?
                 .to_string(),
             uptime_secs: r.get_uptime_secs(),
         })
     }
 
     pub async fn fetch_key_package(&self, who: &[u8]) -> Result<FetchedKeyPackage, SessionError> {
-        let mut req = self.node.fetch_key_package_request();
-        req.get().set_identity_key(who);
-        let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
-        let r = resp.get()?;
-        Ok(FetchedKeyPackage {
-            bytes: r.get_key_package()?.to_vec(),
-            remaining: r.get_remaining(),
-            last_resort: r.get_last_resort(),
+        with_backoff(|| async {
+            let mut req = self.node.fetch_key_package_request();
+            req.get().set_identity_key(who);
+            let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
+            let r = resp.get()?;
+            Ok(FetchedKeyPackage {
+                bytes: r.get_key_package()?.to_vec(),
+                remaining: r.get_remaining(),
+                last_resort: r.get_last_resort(),
+            })
         })
+        .await
     }
 
     /// The hybrid key of `who` and the signature over it (unverified: see `crypto::hybrid`).
@@ -284,13 +340,16 @@ impl Session {
         payload: &[u8],
         channel: &[u8],
     ) -> Result<(u64, u64), SessionError> {
-        let mut req = self.node.enqueue_request();
-        req.get().set_recipient_key(to);
-        req.get().set_payload(payload);
-        req.get().set_channel_id(channel);
-        let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
-        let r = resp.get()?;
-        Ok((r.get_seq(), r.get_channel_seq()))
+        with_backoff(|| async {
+            let mut req = self.node.enqueue_request();
+            req.get().set_recipient_key(to);
+            req.get().set_payload(payload);
+            req.get().set_channel_id(channel);
+            let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
+            let r = resp.get()?;
+            Ok((r.get_seq(), r.get_channel_seq()))
+        })
+        .await
     }
 
     /// Enqueues each payload to its recipient atomically; returns (channel_seq, seqs).
@@ -299,17 +358,20 @@ impl Session {
         channel: &[u8],
         items: &[(PublicKey, Vec<u8>)],
     ) -> Result<(u64, Vec<u64>), SessionError> {
-        let mut req = self.node.enqueue_batch_request();
-        req.get().set_channel_id(channel);
-        let mut list = req.get().init_items(items.len() as u32);
-        for (i, (to, payload)) in items.iter().enumerate() {
-            let mut b = list.reborrow().get(i as u32);
-            b.set_recipient_key(&to.0);
-            b.set_payload(payload);
-        }
-        let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
-        let r = resp.get()?;
-        Ok((r.get_channel_seq(), r.get_seqs()?.iter().collect()))
+        with_backoff(|| async {
+            let mut req = self.node.enqueue_batch_request();
+            req.get().set_channel_id(channel);
+            let mut list = req.get().init_items(items.len() as u32);
+            for (i, (to, payload)) in items.iter().enumerate() {
+                let mut b = list.reborrow().get(i as u32);
+                b.set_recipient_key(&to.0);
+                b.set_payload(payload);
+            }
+            let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
+            let r = resp.get()?;
+            Ok((r.get_channel_seq(), r.get_seqs()?.iter().collect()))
+        })
+        .await
     }
 
     pub async fn upload_key_packages(
@@ -431,7 +493,13 @@ mod tests {
     fn only_an_answer_from_the_server_is_a_definite_refusal() {
         let answered =
             SessionError::from(capnp::Error::failed("remote exception: Failed: queue full".into()));
-        assert!(matches!(&answered, SessionError::Rpc(m) if m == "queue full"));
+        assert!(matches!(&answered, SessionError::Rpc(m) if m.message == "queue full"));
+        assert_eq!(answered.code(), Some(ErrorCode::Unknown), "no code prefix: unknown");
+        let coded = SessionError::from(capnp::Error::failed(
+            "remote exception: Failed: rateLimited: too many enqueues (retry after 20 ms)".into(),
+        ));
+        assert_eq!(coded.code(), Some(ErrorCode::RateLimited));
+        assert_eq!(coded.backoff(), Some(Duration::from_millis(20)));
         assert!(answered.is_definite_refusal());
         let lost = SessionError::from(capnp::Error::disconnected("connection reset".into()));
         assert!(matches!(lost, SessionError::Disconnected(_)));

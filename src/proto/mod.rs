@@ -5,3 +5,5 @@
 pub mod node_capnp {
     include!(concat!(env!("OUT_DIR"), "/node_capnp.rs"));
 }
+
+pub mod wire_error;

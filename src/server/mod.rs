@@ -37,6 +37,7 @@ pub use config::ServerConfig;
 use self::admission::{Admission, Decision, Slot};
 use crate::limits;
 use crate::proto::node_capnp::node_service;
+use crate::proto::wire_error::{ErrorCode, WireError};
 use crate::store::{Outcome, QueueLimits, Store, StoreError, WriteOp};
 use crate::transport::{self, Fingerprint, TransportError};
 
@@ -94,7 +95,7 @@ impl Shared {
         self.inflight.fetch_add(1, Ordering::SeqCst);
         let guard = CallGuard(self.clone());
         if self.is_draining() {
-            return Err(capnp::Error::failed("server shutting down".to_string()));
+            return Err(WireError::new(ErrorCode::ShuttingDown, "server shutting down").into_rpc());
         }
         Ok(guard)
     }

@@ -17,21 +17,39 @@ use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
+use crate::proto::wire_error::{ErrorCode, WireError};
 use crate::store::{IdentityKey, Outcome, StoreError, StoredMessage, WriteOp};
 use crate::transport;
 
+/// A malformed or out-of-range parameter (code `badRequest`).
 fn failed(msg: impl Into<String>) -> Error {
-    Error::failed(msg.into())
+    coded(ErrorCode::BadRequest, msg)
+}
+
+/// An error with its wire code; every error this module sends is built here or by
+/// [`WireError::into_rpc`].
+fn coded(code: ErrorCode, msg: impl Into<String>) -> Error {
+    WireError::new(code, msg).into_rpc()
+}
+
+fn unexpected(outcome: &Outcome) -> Error {
+    coded(ErrorCode::Internal, format!("internal error: unexpected outcome {outcome:?}"))
 }
 
 fn store_err(e: StoreError) -> Error {
-    match e {
-        StoreError::Db(ref inner) => {
+    let code = match &e {
+        StoreError::Db(inner) => {
             tracing::error!(error = %inner, "store failure");
-            failed("internal storage error")
+            return coded(ErrorCode::Internal, "internal storage error");
         }
-        other => failed(other.to_string()),
-    }
+        StoreError::QueueFull { .. } => ErrorCode::QueueFull,
+        StoreError::PoolFull { .. } => ErrorCode::PoolFull,
+        StoreError::NoKeyPackages => ErrorCode::NoKeyPackages,
+        StoreError::StaleHybridKey { .. } => ErrorCode::StaleKey,
+        StoreError::Closed => ErrorCode::ShuttingDown,
+        StoreError::SchemaVersion { .. } => ErrorCode::Internal,
+    };
+    coded(code, e.to_string())
 }
 
 /// Parses a raw Ed25519 public key field.
@@ -56,11 +74,14 @@ fn check_payload(shared: &Shared, payload: &[u8]) -> Result<(), Error> {
         return Err(failed("payload is empty"));
     }
     if payload.len() > shared.limits.max_payload {
-        return Err(failed(format!(
+        return Err(coded(
+            ErrorCode::TooLarge,
+            format!(
             "payload too large: {} > {} bytes",
             payload.len(),
             shared.limits.max_payload
-        )));
+        ),
+        ));
     }
     Ok(())
 }
@@ -87,11 +108,16 @@ impl InflightBudget {
     fn reserve(&self, bytes: usize) -> Result<InflightGuard, Error> {
         let used = self.0.get();
         if used + bytes > limits::MAX_INFLIGHT_BYTES_PER_CONNECTION {
-            return Err(Error::overloaded(format!(
-                "too many requests in flight on this connection: {} + {bytes} > {} bytes",
-                used,
-                limits::MAX_INFLIGHT_BYTES_PER_CONNECTION
-            )));
+            return Err(WireError::retry_after(
+                ErrorCode::Busy,
+                format!(
+                    "too many requests in flight on this connection: {} + {bytes} > {} bytes",
+                    used,
+                    limits::MAX_INFLIGHT_BYTES_PER_CONNECTION
+                ),
+                limits::BUSY_RETRY_AFTER_MS,
+            )
+            .into_rpc());
         }
         self.0.set(used + bytes);
         Ok(InflightGuard { budget: self.clone(), bytes })
@@ -145,7 +171,7 @@ impl node_service::Server for NodeServiceImpl {
             let vk = VerifyingKey::from_bytes(&who)
                 .map_err(|_| failed("identity key is not a valid ed25519 public key"))?;
             vk.verify_strict(&transport::auth_message(&self.challenge), &sig).map_err(|_| {
-                failed("authentication failed: signature does not verify for this connection")
+                coded(ErrorCode::AuthFailed, "authentication failed: signature does not verify for this connection")
             })?;
             tracing::debug!(identity = %hex::encode(&who[..4]), "authenticated");
             let account: account::Client = capnp_rpc::new_client(AccountImpl {
@@ -176,7 +202,7 @@ impl node_service::Server for NodeServiceImpl {
                     r.set_last_resort(last_resort);
                     Ok(())
                 }
-                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+                other => Err(unexpected(&other)),
             }
         }
     }
@@ -193,7 +219,7 @@ impl node_service::Server for NodeServiceImpl {
                 .store
                 .hybrid_key(&who)
                 .map_err(store_err)?
-                .ok_or_else(|| failed("no hybrid key for this key"))?;
+                .ok_or_else(|| coded(ErrorCode::NoHybridKey, "no hybrid key for this key"))?;
             let mut r = results.get();
             r.set_hybrid_key(&signed.key);
             r.set_signature(&signed.signature);
@@ -224,7 +250,7 @@ impl node_service::Server for NodeServiceImpl {
                     r.set_channel_seq(channel_seq);
                     Ok(())
                 }
-                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+                other => Err(unexpected(&other)),
             }
         }
     }
@@ -251,17 +277,24 @@ impl node_service::Server for NodeServiceImpl {
                 )));
             }
             let mut items = Vec::with_capacity(list.len() as usize);
+            let mut seen = std::collections::HashMap::with_capacity(list.len() as usize);
             let mut total = 0usize;
-            for item in list.iter() {
+            for (i, item) in list.iter().enumerate() {
                 let who = parse_identity("recipient key", item.get_recipient_key()?)?;
+                if let Some(first) = seen.insert(who, i) {
+                    return Err(failed(format!("duplicate recipient: item {i} repeats item {first}")));
+                }
                 let payload = item.get_payload()?;
                 check_payload(&self.shared, payload)?;
                 total += payload.len();
                 if total > limits::MAX_BATCH_BYTES {
-                    return Err(failed(format!(
+                    return Err(coded(
+                        ErrorCode::TooLarge,
+                        format!(
                         "batch too large: more than {} bytes",
                         limits::MAX_BATCH_BYTES
-                    )));
+                    ),
+                    ));
                 }
                 items.push((who, payload.to_vec()));
             }
@@ -275,7 +308,7 @@ impl node_service::Server for NodeServiceImpl {
                     }
                     Ok(())
                 }
-                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+                other => Err(unexpected(&other)),
             }
         }
     }
@@ -351,7 +384,7 @@ impl account::Server for AccountImpl {
                     results.get().set_count(u32::try_from(count).unwrap_or(u32::MAX));
                     Ok(())
                 }
-                other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+                other => Err(unexpected(&other)),
             }
         }
     }
@@ -382,6 +415,14 @@ impl account::Server for AccountImpl {
                 signature: p.get_signature()?.to_vec(),
                 created_at_ms: p.get_created_at_ms(),
             };
+            let now = crate::store::now_ms();
+            let latest = now.saturating_add(limits::MAX_HYBRID_KEY_FUTURE_MS);
+            if signed.created_at_ms == 0 || signed.created_at_ms > latest {
+                return Err(failed(format!(
+                    "invalid hybrid key: creation time out of range: {} not in 1..={latest} ms",
+                    signed.created_at_ms
+                )));
+            }
             signed.verify(&self.who).map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
             let op = WriteOp::PutHybridKey { who: self.who, signed };
             self.shared.store.write(op).await.map_err(store_err)?;
@@ -484,7 +525,7 @@ impl account::Server for AccountImpl {
 fn acked(written: Result<Outcome, StoreError>) -> Result<u32, Error> {
     match written.map_err(store_err)? {
         Outcome::Acked { removed } => Ok(removed),
-        other => Err(failed(format!("internal error: unexpected outcome {other:?}"))),
+        other => Err(unexpected(&other)),
     }
 }
 

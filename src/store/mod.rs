@@ -62,6 +62,8 @@ pub enum StoreError {
     QueueFull { count: u64, bytes: u64, max_count: u64, max_bytes: u64 },
     #[error("key package pool full: {have} + {adding} > {max}")]
     PoolFull { have: u64, adding: u64, max: u64 },
+    #[error("hybrid key not newer than the stored one: created {offered} <= {stored} ms")]
+    StaleHybridKey { stored: u64, offered: u64 },
     #[error("no key packages for this key")]
     NoKeyPackages,
     #[error("database file {path} was written by schema version {found}, this qpq reads {SCHEMA_VERSION}")]
@@ -106,7 +108,7 @@ pub(crate) fn encode_hybrid_key(signed: &SignedHybridKey) -> Vec<u8> {
     v
 }
 
-fn decode_hybrid_key(v: &[u8]) -> Result<SignedHybridKey, StoreError> {
+pub(crate) fn decode_hybrid_key(v: &[u8]) -> Result<SignedHybridKey, StoreError> {
     let corrupt = || StoreError::Db("corrupt hybrid key entry".to_string());
     let (signature, rest) = v.split_at_checked(limits::SIGNATURE_LEN).ok_or_else(corrupt)?;
     let (created, key) = rest.split_first_chunk::<8>().ok_or_else(corrupt)?;

@@ -185,10 +185,7 @@ fn apply_batch(
                 upload_key_packages(&txn, who, packages, last_resort.as_deref())
             }
             WriteOp::TakeKeyPackage { who } => take_key_package(&txn, who),
-            WriteOp::PutHybridKey { who, signed } => {
-                txn.open_table(HYBRID_KEYS)?.insert(&who[..], &super::encode_hybrid_key(signed)[..])?;
-                Ok(Outcome::HybridKeyStored)
-            }
+            WriteOp::PutHybridKey { who, signed } => put_hybrid_key(&txn, who, signed),
             WriteOp::Sweep { now_ms, after } => sweep(&txn, limits, *now_ms, after),
         };
         match out {
@@ -279,6 +276,29 @@ fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome,
     let removed = doomed.len() as u64;
     meta.insert(&who[..], (next, count.saturating_sub(removed), bytes.saturating_sub(freed)))?;
     Ok(Outcome::Acked { removed: u32::try_from(removed).unwrap_or(u32::MAX) })
+}
+
+/// Replaces `who`'s hybrid key only with a newer one: an older signed key (a replay of one the
+/// owner has rotated away from) is refused. Re-sending the stored key is a no-op success.
+fn put_hybrid_key(
+    txn: &WriteTransaction,
+    who: &IdentityKey,
+    signed: &SignedHybridKey,
+) -> Result<Outcome, StoreError> {
+    let mut table = txn.open_table(HYBRID_KEYS)?;
+    let encoded = super::encode_hybrid_key(signed);
+    let stored = table.get(&who[..])?.map(|g| g.value().to_vec());
+    if let Some(stored) = stored {
+        if stored == encoded {
+            return Ok(Outcome::HybridKeyStored);
+        }
+        let stored_at = super::decode_hybrid_key(&stored)?.created_at_ms;
+        if signed.created_at_ms <= stored_at {
+            return Err(StoreError::StaleHybridKey { stored: stored_at, offered: signed.created_at_ms });
+        }
+    }
+    table.insert(&who[..], &encoded[..])?;
+    Ok(Outcome::HybridKeyStored)
 }
 
 fn kp_key(who: &IdentityKey, id: u64) -> [u8; 40] {

@@ -1,0 +1,207 @@
+//! Rate limits for the calls anyone may make without authenticating (`enqueue`,
+//! `enqueueBatch`, `fetchKeyPackage`): token buckets per connection, per source address (IPv4,
+//! or IPv6 /64, as [`super::admission`] counts them) and, for `fetchKeyPackage`, per target
+//! key, so nobody drains one person's KeyPackage pool in a burst.
+//!
+//! A bucket holds up to `burst` tokens and gains `per_sec` a second; a call takes one or is
+//! refused with the time until one is there, which the client gets as its retry hint. Time is
+//! the server's [`Clock`], so tests move it instead of waiting.
+//!
+//! Keyed buckets are bounded in number ([`limits::MAX_RATE_LIMITED_KEYS`]): a bucket that has
+//! refilled is the same as none and is dropped when room is needed; when every tracked key is
+//! still draining, a new key is refused (fail closed) rather than letting the map grow.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Deserialize;
+
+use crate::clock::Clock;
+use crate::limits;
+
+/// A token bucket's shape: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Tokens gained per second (> 0; may be fractional: 0.2 is one every five seconds).
+    pub per_sec: f64,
+    /// Most tokens held, so the most calls in a burst (>= 1).
+    pub burst: u32,
+}
+
+impl Rate {
+    /// Why this rate is unusable, if it is.
+    pub fn invalid(&self) -> Option<String> {
+        if !(self.per_sec.is_finite() && self.per_sec > 0.0) {
+            return Some(format!("per_sec must be a number > 0, got {}", self.per_sec));
+        }
+        (self.burst == 0).then(|| "burst must be >= 1".to_string())
+    }
+}
+
+/// Every rate limit of the server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimits {
+    pub enqueue_per_connection: Rate,
+    pub enqueue_per_address: Rate,
+    pub key_package_per_connection: Rate,
+    pub key_package_per_address: Rate,
+    pub key_package_per_target: Rate,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            enqueue_per_connection: limits::DEFAULT_ENQUEUE_RATE_PER_CONNECTION,
+            enqueue_per_address: limits::DEFAULT_ENQUEUE_RATE_PER_ADDRESS,
+            key_package_per_connection: limits::DEFAULT_KEY_PACKAGE_RATE_PER_CONNECTION,
+            key_package_per_address: limits::DEFAULT_KEY_PACKAGE_RATE_PER_ADDRESS,
+            key_package_per_target: limits::DEFAULT_KEY_PACKAGE_RATE_PER_TARGET,
+        }
+    }
+}
+
+/// One token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    fn full(rate: Rate, now_ms: u64) -> Bucket {
+        Bucket { tokens: f64::from(rate.burst), at_ms: now_ms }
+    }
+
+    fn refill(&mut self, rate: Rate, now_ms: u64) {
+        let elapsed_s = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed_s * rate.per_sec).min(f64::from(rate.burst));
+        self.at_ms = self.at_ms.max(now_ms);
+    }
+
+    /// Takes one token, or returns the milliseconds until one is there.
+    fn take(&mut self, rate: Rate, now_ms: u64) -> Result<(), u64> {
+        self.refill(rate, now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait_ms = ((1.0 - self.tokens) / rate.per_sec * 1000.0).ceil();
+        // Finite and positive: per_sec > 0 (checked at configuration) and tokens < 1.
+        Err((wait_ms as u64).max(1))
+    }
+}
+
+/// A bucket for one connection (capnp-rpc serves a connection on one thread).
+#[derive(Debug)]
+pub struct ConnectionBucket {
+    rate: Rate,
+    bucket: Cell<Bucket>,
+}
+
+impl ConnectionBucket {
+    pub fn new(rate: Rate, clock: &Clock) -> ConnectionBucket {
+        ConnectionBucket { rate, bucket: Cell::new(Bucket::full(rate, clock.now_ms())) }
+    }
+
+    pub fn take(&self, clock: &Clock) -> Result<(), u64> {
+        let mut b = self.bucket.get();
+        let out = b.take(self.rate, clock.now_ms());
+        self.bucket.set(b);
+        out
+    }
+}
+
+/// Buckets per key (a source address, a target identity), shared by every connection.
+#[derive(Debug)]
+pub struct KeyedLimiter<K> {
+    rate: Rate,
+    max_keys: usize,
+    state: Mutex<Keyed<K>>,
+}
+
+#[derive(Debug)]
+struct Keyed<K> {
+    buckets: HashMap<K, Bucket>,
+    /// When full buckets were last dropped, so a full map is not scanned on every call.
+    pruned_at_ms: u64,
+}
+
+impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
+    pub fn new(rate: Rate, max_keys: usize) -> KeyedLimiter<K> {
+        KeyedLimiter {
+            rate,
+            max_keys,
+            state: Mutex::new(Keyed { buckets: HashMap::new(), pruned_at_ms: 0 }),
+        }
+    }
+
+    /// Takes one token of `key`'s bucket, or returns the milliseconds until one is there.
+    pub fn take(&self, key: K, now_ms: u64) -> Result<(), u64> {
+        let mut state = self.lock();
+        if !state.buckets.contains_key(&key) && state.buckets.len() >= self.max_keys {
+            if now_ms.saturating_sub(state.pruned_at_ms) >= limits::RATE_LIMIT_PRUNE_EVERY_MS {
+                let rate = self.rate;
+                state.pruned_at_ms = now_ms;
+                state.buckets.retain(|_, b| {
+                    b.refill(rate, now_ms);
+                    b.tokens < f64::from(rate.burst)
+                });
+            }
+            if state.buckets.len() >= self.max_keys {
+                return Err(limits::RATE_LIMIT_PRUNE_EVERY_MS);
+            }
+        }
+        let rate = self.rate;
+        state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms)).take(rate, now_ms)
+    }
+
+    /// Keys with a bucket (for tests).
+    pub fn tracked(&self) -> usize {
+        self.lock().buckets.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Keyed<K>> {
+        // Every update is a single step on plain data: the map is consistent even after a panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RATE: Rate = Rate { per_sec: 2.0, burst: 3 };
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_says_when_the_next_token_comes() {
+        let l = KeyedLimiter::new(RATE, 10);
+        for _ in 0..3 {
+            l.take(1u8, 1_000).unwrap();
+        }
+        assert_eq!(l.take(1u8, 1_000), Err(500), "one token every 500 ms");
+        assert_eq!(l.take(1u8, 1_300), Err(200));
+        l.take(1u8, 1_500).unwrap();
+        l.take(2u8, 1_500).unwrap();
+    }
+
+    #[test]
+    fn refilled_buckets_make_room_and_draining_ones_are_not_evicted() {
+        let l = KeyedLimiter::new(RATE, 2);
+        l.take(1u8, 0).unwrap();
+        l.take(2u8, 0).unwrap();
+        assert!(l.take(3u8, 0).is_err(), "both tracked keys still drain: a third is refused");
+        l.take(3u8, 10_000).unwrap();
+        assert_eq!(l.tracked(), 1, "refilled buckets were dropped");
+    }
+
+    #[test]
+    fn bad_rates_are_named() {
+        assert!(Rate { per_sec: 0.0, burst: 1 }.invalid().is_some());
+        assert!(Rate { per_sec: f64::NAN, burst: 1 }.invalid().is_some());
+        assert!(Rate { per_sec: 1.0, burst: 0 }.invalid().is_some());
+        assert!(RATE.invalid().is_none());
+    }
+}
