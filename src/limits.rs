@@ -3,6 +3,8 @@
 //! Server limits that an operator may change live in [`crate::server::config`] with these as
 //! defaults; the rest are protocol constants both ends rely on.
 
+use crate::server::ratelimit::Rate;
+
 /// Default largest payload one enqueue may carry: room for a large text or a Welcome for a big
 /// group, small enough that a queue cannot be flooded by a handful of calls.
 pub const DEFAULT_MAX_PAYLOAD: usize = 256 * 1024;
@@ -94,3 +96,33 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// A QUIC handshake that has not finished by then gives its connection slot back (a forged or
 /// stalled client must not hold it for the whole idle timeout).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Default enqueue rate of one connection (`enqueue` and `enqueueBatch`, one token per call):
+/// far above a person typing or a client flushing its outbox, low enough that one connection
+/// cannot keep the writer busy alone. Config: `rate_limits.enqueue_per_connection`.
+pub const DEFAULT_ENQUEUE_RATE_PER_CONNECTION: Rate = Rate { per_sec: 200.0, burst: 400 };
+
+/// Default enqueue rate of one source address (IPv4, or IPv6 /64): room for a NAT with many
+/// clients. Config: `rate_limits.enqueue_per_address`.
+pub const DEFAULT_ENQUEUE_RATE_PER_ADDRESS: Rate = Rate { per_sec: 1000.0, burst: 2000 };
+
+/// Default `fetchKeyPackage` rate of one connection: creating a group of 50 in one go.
+/// Config: `rate_limits.key_package_per_connection`.
+pub const DEFAULT_KEY_PACKAGE_RATE_PER_CONNECTION: Rate = Rate { per_sec: 10.0, burst: 50 };
+
+/// Default `fetchKeyPackage` rate of one source address. Config:
+/// `rate_limits.key_package_per_address`.
+pub const DEFAULT_KEY_PACKAGE_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burst: 200 };
+
+/// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
+/// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up
+/// hourly never runs dry. Config: `rate_limits.key_package_per_target`.
+pub const DEFAULT_KEY_PACKAGE_RATE_PER_TARGET: Rate = Rate { per_sec: 0.2, burst: 32 };
+
+/// Most keys (addresses, target identities) one rate limiter tracks at once: ~64 B each, so a
+/// few MiB; past it, only keys whose bucket has refilled make room.
+pub const MAX_RATE_LIMITED_KEYS: usize = 65_536;
+
+/// How often a full rate limiter may scan for refilled buckets, so a flood of new keys does not
+/// cost a scan per call; also the retry hint when no room could be made.
+pub const RATE_LIMIT_PRUNE_EVERY_MS: u64 = 1_000;

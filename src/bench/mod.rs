@@ -464,6 +464,8 @@ pub fn run(g: &GlobalArgs, args: BenchArgs) -> anyhow::Result<()> {
                 let mut cfg = ServerConfig::new(data_dir.clone(), listen);
                 // Every bench connection comes from 127.0.0.1.
                 cfg.max_connections_per_ip = cfg.max_connections;
+                // A bench measures the server's capacity, not its rate limits.
+                cfg.rate_limits = crate::server::ratelimit::RateLimits::unlimited();
                 let running = server::start(cfg).await?;
                 let target = Target {
                     addr: running.local_addr(),

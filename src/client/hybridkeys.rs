@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::client::messenger::{ClientError, Messenger, now_ms};
-use crate::proto::wire_error::ErrorCode;
 use crate::crypto::hybrid::{
     self, HybridError, HybridPublicKey, HybridSecretKey, KEY_ID_LEN, SignedHybridKey,
 };
+use crate::proto::wire_error::ErrorCode;
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// How long our hybrid key is used before it is replaced.

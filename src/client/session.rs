@@ -294,12 +294,16 @@ impl Session {
             status: r
                 .get_status()?
                 .to_str()
-                .map_err(|_| SessionError::Rpc(WireError::new(ErrorCode::Unknown, "health status is not utf-8")))?
+                .map_err(|_| {
+                    SessionError::Rpc(WireError::new(ErrorCode::Unknown, "health status is not utf-8"))
+                })?
                 .to_string(),
             version: r
                 .get_version()?
                 .to_str()
-                .map_err(|_| SessionError::Rpc(WireError::new(ErrorCode::Unknown, "health version is not utf-8")))?
+                .map_err(|_| {
+                    SessionError::Rpc(WireError::new(ErrorCode::Unknown, "health version is not utf-8"))
+                })?
                 .to_string(),
             uptime_secs: r.get_uptime_secs(),
         })

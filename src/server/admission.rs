@@ -85,7 +85,7 @@ impl Admission {
 }
 
 /// The address a connection's quota is counted under: IPv4 as is, IPv6 by its /64 prefix.
-fn quota_key(ip: IpAddr) -> IpAddr {
+pub fn quota_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
         v4 => v4,

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::ratelimit::{Rate, RateLimits};
+use crate::clock::Clock;
 use crate::limits;
 
 /// Name of the optional config file in the data dir.
@@ -60,6 +62,18 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub message_ttl_secs: Option<u64>,
+    pub rate_limits: Option<RateLimitsFile>,
+}
+
+/// `[rate_limits.*]` tables of `qpq-server.toml`, each `{ per_sec = 200.0, burst = 400 }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsFile {
+    pub enqueue_per_connection: Option<Rate>,
+    pub enqueue_per_address: Option<Rate>,
+    pub key_package_per_connection: Option<Rate>,
+    pub key_package_per_address: Option<Rate>,
+    pub key_package_per_target: Option<Rate>,
 }
 
 /// The resolved settings the server runs with.
@@ -75,6 +89,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub message_ttl_secs: u64,
+    pub rate_limits: RateLimits,
+    /// The server's clock ([`Clock::from_env`] for the binary; tests share one and move it).
+    pub clock: Clock,
 }
 
 impl ServerConfig {
@@ -91,6 +108,8 @@ impl ServerConfig {
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
+            rate_limits: RateLimits::default(),
+            clock: Clock::system(),
         }
     }
 
@@ -163,6 +182,41 @@ impl ServerConfig {
             }
             cfg.message_ttl_secs = v;
         }
+        if let Some(r) = &file.rate_limits {
+            let set = |name: &'static str, given: Option<Rate>, into: &mut Rate| match given {
+                Some(rate) => match rate.invalid() {
+                    Some(reason) => Err(ConfigError::Invalid { name, reason }),
+                    None => {
+                        *into = rate;
+                        Ok(())
+                    }
+                },
+                None => Ok(()),
+            };
+            let l = &mut cfg.rate_limits;
+            set(
+                "rate_limits.enqueue_per_connection",
+                r.enqueue_per_connection,
+                &mut l.enqueue_per_connection,
+            )?;
+            set("rate_limits.enqueue_per_address", r.enqueue_per_address, &mut l.enqueue_per_address)?;
+            set(
+                "rate_limits.key_package_per_connection",
+                r.key_package_per_connection,
+                &mut l.key_package_per_connection,
+            )?;
+            set(
+                "rate_limits.key_package_per_address",
+                r.key_package_per_address,
+                &mut l.key_package_per_address,
+            )?;
+            set(
+                "rate_limits.key_package_per_target",
+                r.key_package_per_target,
+                &mut l.key_package_per_target,
+            )?;
+        }
+        cfg.clock = Clock::from_env();
         Ok(cfg)
     }
 }

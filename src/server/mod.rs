@@ -19,6 +19,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod ratelimit;
 pub mod rpc;
 
 use std::net::SocketAddr;
@@ -78,6 +79,10 @@ pub struct Shared {
     draining: AtomicBool,
     /// Open client connections, in all and per address, against their caps.
     admission: Arc<Admission>,
+    /// The server's clock: rate limits and hybrid key times read it (tests move it).
+    pub clock: crate::clock::Clock,
+    /// Rate limits shared by every connection (per source address, per target key).
+    pub rates: SharedRates,
     /// Calls that change or reserve state and must finish before the store closes.
     inflight: AtomicUsize,
     inflight_zero: tokio::sync::Notify,
@@ -98,6 +103,27 @@ impl Shared {
             return Err(WireError::new(ErrorCode::ShuttingDown, "server shutting down").into_rpc());
         }
         Ok(guard)
+    }
+}
+
+/// The rate limiters every connection shares; per-connection buckets live in
+/// [`rpc::NodeServiceImpl`].
+pub struct SharedRates {
+    pub config: ratelimit::RateLimits,
+    pub enqueue_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
+    pub key_package_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
+    pub key_package_per_target: ratelimit::KeyedLimiter<crate::store::IdentityKey>,
+}
+
+impl SharedRates {
+    fn new(config: ratelimit::RateLimits) -> SharedRates {
+        let n = limits::MAX_RATE_LIMITED_KEYS;
+        SharedRates {
+            config,
+            enqueue_per_address: ratelimit::KeyedLimiter::new(config.enqueue_per_address, n),
+            key_package_per_address: ratelimit::KeyedLimiter::new(config.key_package_per_address, n),
+            key_package_per_target: ratelimit::KeyedLimiter::new(config.key_package_per_target, n),
+        }
     }
 }
 
@@ -227,6 +253,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown: CancellationToken::new(),
         draining: AtomicBool::new(false),
         admission: Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
+        clock: cfg.clock.clone(),
+        rates: SharedRates::new(cfg.rate_limits),
         inflight: AtomicUsize::new(0),
         inflight_zero: tokio::sync::Notify::new(),
     });
@@ -368,6 +396,7 @@ fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::
 /// Serves one connection; `_slot` frees its place in the admission counts when this task ends,
 /// however it ends.
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot: Slot) {
+    let remote = incoming.remote_address().ip();
     let handshake = tokio::time::timeout(Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS), incoming);
     let conn = match handshake.await {
         Ok(Ok(c)) => c,
@@ -412,11 +441,8 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot:
         rpc_twoparty_capnp::Side::Server,
         opts,
     );
-    let node: node_service::Client = capnp_rpc::new_client(rpc::NodeServiceImpl {
-        shared: shared.clone(),
-        challenge,
-        budget: rpc::InflightBudget::default(),
-    });
+    let node: node_service::Client =
+        capnp_rpc::new_client(rpc::NodeServiceImpl::new(shared.clone(), challenge, remote));
     let rpc = RpcSystem::new(Box::new(network), Some(node.client));
     match rpc.await {
         Ok(()) => tracing::debug!("rpc session ended"),

@@ -63,6 +63,20 @@ impl Default for RateLimits {
     }
 }
 
+impl RateLimits {
+    /// Limits no real client reaches (for `qpq bench`, which measures capacity).
+    pub fn unlimited() -> RateLimits {
+        let r = Rate { per_sec: 1e9, burst: u32::MAX };
+        RateLimits {
+            enqueue_per_connection: r,
+            enqueue_per_address: r,
+            key_package_per_connection: r,
+            key_package_per_address: r,
+            key_package_per_target: r,
+        }
+    }
+}
+
 /// One token bucket.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -131,11 +145,7 @@ struct Keyed<K> {
 
 impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
     pub fn new(rate: Rate, max_keys: usize) -> KeyedLimiter<K> {
-        KeyedLimiter {
-            rate,
-            max_keys,
-            state: Mutex::new(Keyed { buckets: HashMap::new(), pruned_at_ms: 0 }),
-        }
+        KeyedLimiter { rate, max_keys, state: Mutex::new(Keyed { buckets: HashMap::new(), pruned_at_ms: 0 }) }
     }
 
     /// Takes one token of `key`'s bucket, or returns the milliseconds until one is there.

@@ -5,6 +5,7 @@
 //! lowercase message for the caller, never a panic or a dropped connection. `Account` exists only
 //! as the result of a successful `authenticate`, so every method on it acts on a proven key.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use capnp::capability::Rc;
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::Shared;
+use super::ratelimit::ConnectionBucket;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::mls;
@@ -76,11 +78,7 @@ fn check_payload(shared: &Shared, payload: &[u8]) -> Result<(), Error> {
     if payload.len() > shared.limits.max_payload {
         return Err(coded(
             ErrorCode::TooLarge,
-            format!(
-            "payload too large: {} > {} bytes",
-            payload.len(),
-            shared.limits.max_payload
-        ),
+            format!("payload too large: {} > {} bytes", payload.len(), shared.limits.max_payload),
         ));
     }
     Ok(())
@@ -141,6 +139,61 @@ pub struct NodeServiceImpl {
     pub challenge: [u8; 32],
     /// Shared by every capability of this connection.
     pub budget: InflightBudget,
+    /// The peer's address as rate limits count it (IPv4, or IPv6 /64).
+    source: IpAddr,
+    enqueue_rate: ConnectionBucket,
+    key_package_rate: ConnectionBucket,
+}
+
+impl NodeServiceImpl {
+    pub fn new(shared: Arc<Shared>, challenge: [u8; 32], remote: IpAddr) -> NodeServiceImpl {
+        let rates = shared.rates.config;
+        let enqueue_rate = ConnectionBucket::new(rates.enqueue_per_connection, &shared.clock);
+        let key_package_rate = ConnectionBucket::new(rates.key_package_per_connection, &shared.clock);
+        NodeServiceImpl {
+            challenge,
+            budget: InflightBudget::default(),
+            source: super::admission::quota_key(remote),
+            enqueue_rate,
+            key_package_rate,
+            shared,
+        }
+    }
+
+    /// One token of this connection's and its address's enqueue budget.
+    fn take_enqueue_token(&self) -> Result<(), Error> {
+        let now = self.shared.clock.now_ms();
+        self.enqueue_rate
+            .take(&self.shared.clock)
+            .map_err(|ms| rate_limited("enqueues from this connection", ms))?;
+        self.shared
+            .rates
+            .enqueue_per_address
+            .take(self.source, now)
+            .map_err(|ms| rate_limited("enqueues from this address", ms))
+    }
+
+    /// One token of this connection's, its address's and the target key's KeyPackage budget.
+    fn take_key_package_token(&self, target: &IdentityKey) -> Result<(), Error> {
+        let now = self.shared.clock.now_ms();
+        let rates = &self.shared.rates;
+        self.key_package_rate
+            .take(&self.shared.clock)
+            .map_err(|ms| rate_limited("key package fetches from this connection", ms))?;
+        rates
+            .key_package_per_address
+            .take(self.source, now)
+            .map_err(|ms| rate_limited("key package fetches from this address", ms))?;
+        rates
+            .key_package_per_target
+            .take(*target, now)
+            .map_err(|ms| rate_limited("key package fetches for this key", ms))
+    }
+}
+
+fn rate_limited(what: &str, retry_after_ms: u64) -> Error {
+    WireError::retry_after(ErrorCode::RateLimited, format!("rate limited: too many {what}"), retry_after_ms)
+        .into_rpc()
 }
 
 impl node_service::Server for NodeServiceImpl {
@@ -171,7 +224,10 @@ impl node_service::Server for NodeServiceImpl {
             let vk = VerifyingKey::from_bytes(&who)
                 .map_err(|_| failed("identity key is not a valid ed25519 public key"))?;
             vk.verify_strict(&transport::auth_message(&self.challenge), &sig).map_err(|_| {
-                coded(ErrorCode::AuthFailed, "authentication failed: signature does not verify for this connection")
+                coded(
+                    ErrorCode::AuthFailed,
+                    "authentication failed: signature does not verify for this connection",
+                )
             })?;
             tracing::debug!(identity = %hex::encode(&who[..4]), "authenticated");
             let account: account::Client = capnp_rpc::new_client(AccountImpl {
@@ -194,6 +250,7 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            self.take_key_package_token(&who)?;
             match self.shared.store.write(WriteOp::TakeKeyPackage { who }).await.map_err(store_err)? {
                 Outcome::KeyPackage { bytes, remaining, last_resort } => {
                     let mut r = results.get();
@@ -236,6 +293,7 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard()?;
+            self.take_enqueue_token()?;
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let who = parse_identity("recipient key", p.get_recipient_key()?)?;
@@ -262,6 +320,7 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard()?;
+            self.take_enqueue_token()?;
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let channel = parse_channel(p.get_channel_id()?)?;
@@ -290,10 +349,7 @@ impl node_service::Server for NodeServiceImpl {
                 if total > limits::MAX_BATCH_BYTES {
                     return Err(coded(
                         ErrorCode::TooLarge,
-                        format!(
-                        "batch too large: more than {} bytes",
-                        limits::MAX_BATCH_BYTES
-                    ),
+                        format!("batch too large: more than {} bytes", limits::MAX_BATCH_BYTES),
                     ));
                 }
                 items.push((who, payload.to_vec()));
@@ -415,7 +471,7 @@ impl account::Server for AccountImpl {
                 signature: p.get_signature()?.to_vec(),
                 created_at_ms: p.get_created_at_ms(),
             };
-            let now = crate::store::now_ms();
+            let now = self.shared.clock.now_ms();
             let latest = now.saturating_add(limits::MAX_HYBRID_KEY_FUTURE_MS);
             if signed.created_at_ms == 0 || signed.created_at_ms > latest {
                 return Err(failed(format!(
