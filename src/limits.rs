@@ -49,12 +49,20 @@ pub const MAX_CHANNEL_ID_LEN: usize = 64;
 /// Most recipients in one multi-recipient enqueue: a large group's fan-out in one transaction.
 pub const MAX_BATCH_RECIPIENTS: usize = 4096;
 
-/// Most payload bytes in one multi-recipient enqueue (one capnp message must hold it all).
-pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// Most payload bytes in one multi-recipient enqueue (one capnp message must hold it all): 64
+/// full-size payloads, a Welcome plus commit fan-out for a large group.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
-/// Largest Cap'n Proto message either end reads, in 8-byte words: a full batch plus framing.
-/// A peer that announces more loses its connection instead of making us allocate.
-pub const RPC_TRAVERSAL_LIMIT_WORDS: usize = (MAX_BATCH_BYTES + 4 * 1024 * 1024) / 8;
+/// Bytes of capnp structure around each batch item (list element, two pointers, a 32-byte key).
+const BATCH_ITEM_OVERHEAD: usize = 64;
+
+/// Largest Cap'n Proto message either end reads, in 8-byte words: the largest legal call (a
+/// full batch of the most recipients) plus 64 KiB of framing, and no more. capnp counts every
+/// word a handler reads against this limit, so handlers read a message's data once. A peer that
+/// sends more loses its connection (an unread call cannot be answered) instead of making us
+/// allocate; anything up to it is answered, "batch too large" included.
+pub const RPC_TRAVERSAL_LIMIT_WORDS: usize =
+    (MAX_BATCH_BYTES + MAX_BATCH_RECIPIENTS * BATCH_ITEM_OVERHEAD + 64 * 1024) / 8;
 
 /// Most messages one fetch returns; a client with more pending fetches again (`more` is set).
 pub const MAX_FETCH_MESSAGES: u32 = 256;

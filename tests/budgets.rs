@@ -205,3 +205,25 @@ async fn a_row_damaged_while_the_server_was_stopped_is_an_error_and_writes_go_on
     .await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_cap_is_reachable_and_answered_on_a_live_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        let full = vec![7u8; qpq::limits::DEFAULT_MAX_PAYLOAD];
+        let fits = qpq::limits::MAX_BATCH_BYTES / full.len();
+        let items: Vec<_> = (0..fits).map(|_| (Identity::generate().public(), full.clone())).collect();
+        let (_, seqs) = s.enqueue_batch(b"", &items).await.expect("a batch of exactly the cap is stored");
+        assert_eq!(seqs.len(), fits);
+        let mut over = items;
+        over.push((Identity::generate().public(), full.clone()));
+        let e = refusal(s.enqueue_batch(b"", &over).await);
+        assert_eq!(e.code, ErrorCode::TooLarge, "{e:?}");
+        assert!(e.message.starts_with("batch too large"), "{e:?}");
+        assert_eq!(s.health().await.unwrap().status, "ok", "the connection stays up");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

@@ -128,6 +128,9 @@ impl Drop for InflightGuard {
     }
 }
 
+/// Bytes a call is counted for beyond its payloads (keys, channel id, capnp framing).
+const CALL_OVERHEAD_BYTES: usize = 1024;
+
 fn size_bytes(size: capnp::MessageSize) -> usize {
     usize::try_from(size.word_count).unwrap_or(usize::MAX).saturating_mul(8)
 }
@@ -294,10 +297,12 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_enqueue_token()?;
-            let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let who = parse_identity("recipient key", p.get_recipient_key()?)?;
             let payload = p.get_payload()?;
+            // Counted from what we read anyway: capnp's traversal limit counts every word read,
+            // so a second pass (total_size) would halve the largest call we can take.
+            let _bytes = self.budget.reserve(payload.len().saturating_add(CALL_OVERHEAD_BYTES))?;
             check_payload(&self.shared, payload)?;
             let channel = parse_channel(p.get_channel_id()?)?;
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
@@ -321,7 +326,6 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_enqueue_token()?;
-            let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let channel = parse_channel(p.get_channel_id()?)?;
             let list = p.get_items()?;
@@ -354,6 +358,7 @@ impl node_service::Server for NodeServiceImpl {
                 }
                 items.push((who, payload.to_vec()));
             }
+            let _bytes = self.budget.reserve(total.saturating_add(CALL_OVERHEAD_BYTES))?;
             match self.shared.store.write(WriteOp::Enqueue { channel, items }).await.map_err(store_err)? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
