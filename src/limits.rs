@@ -101,6 +101,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// one and an anonymous one for sending), so this admits a NAT with ~100 people in a chat shell
 /// while no single host can take more than a small share of [`DEFAULT_MAX_CONNECTIONS`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// At most one "connection refused" log line per this interval (the next one counts the
+/// refusals in between), so a connection flood cannot flood the log.
+pub const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;
 /// A QUIC handshake that has not finished by then gives its connection slot back (a forged or
 /// stalled client must not hold it for the whole idle timeout).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

@@ -337,6 +337,7 @@ async fn accept_loop(
     workers: Vec<mpsc::UnboundedSender<(u64, quinn::Incoming, Slot)>>,
 ) {
     let next_id = AtomicU64::new(1);
+    let mut refusals = admission::RefusalLog::default();
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -353,12 +354,16 @@ async fn accept_loop(
                 continue;
             }
             Decision::Validate => {
-                tracing::warn!(%remote, "connection refused: address not validated");
+                if let Some(unlogged) = refusals.note(Instant::now()) {
+                    tracing::warn!(%remote, unlogged, "connection refused: address not validated");
+                }
                 incoming.refuse();
                 continue;
             }
             Decision::Refuse(reason) => {
-                tracing::warn!(%remote, "connection refused: {reason}");
+                if let Some(unlogged) = refusals.note(Instant::now()) {
+                    tracing::warn!(%remote, unlogged, "connection refused: {reason}");
+                }
                 incoming.refuse();
                 continue;
             }
