@@ -16,6 +16,14 @@ pub const DEFAULT_MAX_QUEUE_MESSAGES: u64 = 10_000;
 /// Default cap on bytes waiting in one recipient's queue.
 pub const DEFAULT_MAX_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Default cap on bytes of queued messages in all queues together: a global storage quota, so
+/// many fresh recipient keys (each under its own cap) cannot fill the disk. Config:
+/// `max_stored_bytes`.
+pub const DEFAULT_MAX_STORED_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+
+/// Retry hint sent with `overQuota`: space comes back as recipients ack, not in milliseconds.
+pub const OVER_QUOTA_RETRY_AFTER_MS: u64 = 5_000;
+
 /// Default time a message waits for its recipient before the server drops it (30 days).
 pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 30 * 24 * 3600;
 

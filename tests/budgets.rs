@@ -227,3 +227,31 @@ async fn the_batch_cap_is_reachable_and_answered_on_a_live_connection() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_storage_quota_refuses_with_a_retry_hint_and_acks_free_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Each 1-byte message counts 18 bytes (header + payload): room for three.
+    cfg.max_stored_bytes = 3 * 18;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let alice = Identity::generate();
+        let first = Identity::generate();
+        raw_enqueue(&s, &first.public().0).await.unwrap();
+        for _ in 0..2 {
+            // Each to a fresh key: only the global quota can stop this.
+            raw_enqueue(&s, &Identity::generate().public().0).await.unwrap();
+        }
+        let e = refusal(raw_enqueue(&s, &alice.public().0).await);
+        assert_eq!(e.code, ErrorCode::OverQuota, "{e:?}");
+        assert_eq!(e.message, "server storage full: 54 + 18 > 54 bytes of queued messages");
+        assert_eq!(e.retry_after_ms, Some(qpq::limits::OVER_QUOTA_RETRY_AFTER_MS));
+        let f = login(&server, &first).await;
+        assert_eq!(f.ack(u64::MAX).await.unwrap(), 1);
+        raw_enqueue(&s, &alice.public().0).await.expect("an ack gives its bytes back to the quota");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

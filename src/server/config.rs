@@ -62,6 +62,7 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub message_ttl_secs: Option<u64>,
+    pub max_stored_bytes: Option<u64>,
     pub rate_limits: Option<RateLimitsFile>,
 }
 
@@ -89,6 +90,7 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub message_ttl_secs: u64,
+    pub max_stored_bytes: u64,
     pub rate_limits: RateLimits,
     /// The server's clock ([`Clock::from_env`] for the binary; tests share one and move it).
     pub clock: Clock,
@@ -108,6 +110,7 @@ impl ServerConfig {
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
+            max_stored_bytes: limits::DEFAULT_MAX_STORED_BYTES,
             rate_limits: RateLimits::default(),
             clock: Clock::system(),
         }
@@ -181,6 +184,12 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid { name: "message_ttl_secs", reason: "must be > 0".into() });
             }
             cfg.message_ttl_secs = v;
+        }
+        if let Some(v) = file.max_stored_bytes {
+            if v == 0 {
+                return Err(ConfigError::Invalid { name: "max_stored_bytes", reason: "must be > 0".into() });
+            }
+            cfg.max_stored_bytes = v;
         }
         if let Some(r) = &file.rate_limits {
             let set = |name: &'static str, given: Option<Rate>, into: &mut Rate| match given {

@@ -240,6 +240,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             max_messages: cfg.max_queue_messages,
             max_bytes: cfg.max_queue_bytes,
             ttl_ms: cfg.message_ttl_secs.saturating_mul(1000),
+            max_stored_bytes: cfg.max_stored_bytes,
         },
     )?;
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)

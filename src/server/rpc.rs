@@ -44,6 +44,14 @@ fn store_err(e: StoreError) -> Error {
             tracing::error!(error = %inner, "store failure");
             return coded(ErrorCode::Internal, "internal storage error");
         }
+        StoreError::OverQuota { .. } => {
+            return WireError::retry_after(
+                ErrorCode::OverQuota,
+                e.to_string(),
+                limits::OVER_QUOTA_RETRY_AFTER_MS,
+            )
+            .into_rpc();
+        }
         StoreError::QueueFull { .. } => ErrorCode::QueueFull,
         StoreError::PoolFull { .. } => ErrorCode::PoolFull,
         StoreError::NoKeyPackages => ErrorCode::NoKeyPackages,

@@ -10,7 +10,7 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`) |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload |
 //! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes) |
 //! | `channels` | channel id | last channel_seq handed out |
@@ -62,6 +62,8 @@ pub enum StoreError {
     QueueFull { count: u64, bytes: u64, max_count: u64, max_bytes: u64 },
     #[error("key package pool full: {have} + {adding} > {max}")]
     PoolFull { have: u64, adding: u64, max: u64 },
+    #[error("server storage full: {used} + {adding} > {max} bytes of queued messages")]
+    OverQuota { used: u64, adding: u64, max: u64 },
     #[error("hybrid key not newer than the stored one: created {offered} <= {stored} ms")]
     StaleHybridKey { stored: u64, offered: u64 },
     #[error("no key packages for this key")]
@@ -97,7 +99,12 @@ pub struct QueueLimits {
     pub max_messages: u64,
     pub max_bytes: u64,
     pub ttl_ms: u64,
+    /// Most bytes of queued messages in all recipients' queues together.
+    pub max_stored_bytes: u64,
 }
+
+/// The `meta` entry holding the bytes of all queued messages (as [`StoredMessage`] counts them).
+pub(crate) const STORED_BYTES: &str = "stored_bytes";
 
 /// The `hybrid_keys` value: signature (64) || created_at_ms (8, big-endian) || key.
 pub(crate) fn encode_hybrid_key(signed: &SignedHybridKey) -> Vec<u8> {
@@ -247,6 +254,17 @@ impl Store {
             txn.open_table(HYBRID_KEYS)?;
         }
         let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
+        {
+            // Files written before the quota existed lack the total: count it once.
+            let mut meta = txn.open_table(META)?;
+            if meta.get(STORED_BYTES)?.is_none() {
+                let mut total = 0u64;
+                for entry in txn.open_table(QUEUE_META)?.iter()? {
+                    total = total.saturating_add(entry?.1.value().2);
+                }
+                meta.insert(STORED_BYTES, total)?;
+            }
+        }
         txn.commit()?;
         let db = Arc::new(db);
         let notifier = Arc::new(Notifier::default());
@@ -355,7 +373,7 @@ mod tests {
     use super::*;
 
     fn limits() -> QueueLimits {
-        QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000 }
+        QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX }
     }
 
     #[tokio::test]
@@ -385,7 +403,8 @@ mod tests {
     fn a_database_of_another_schema_version_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qpq.db");
-        let lim = QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000 };
+        let lim =
+            QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
         Store::open(&path, lim).unwrap().close().unwrap();
         {
             let db = Database::open(&path).unwrap();
@@ -401,7 +420,8 @@ mod tests {
     #[tokio::test]
     async fn messages_expire_after_the_ttl_and_the_sweep_frees_their_quota() {
         let dir = tempfile::tempdir().unwrap();
-        let lim = QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000 };
+        let lim =
+            QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
         let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
         let who = [9u8; 32];
         for p in [b"old1", b"old2"] {
@@ -440,7 +460,8 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_works_in_bounded_slices_and_resumes_where_it_stopped() {
         let dir = tempfile::tempdir().unwrap();
-        let lim = QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000 };
+        let lim =
+            QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
         let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
         let total = limits::SWEEP_SLICE_ROWS + 10;
         let items = (0..total).map(|i| ([(i % 250) as u8; 32], b"x".to_vec())).collect();

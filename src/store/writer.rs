@@ -19,8 +19,8 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, LAST_RESORT, Notifier, QUEUE,
-    QUEUE_META, QueueLimits, StoreError, StoredMessage, now_ms, queue_key,
+    CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, LAST_RESORT, META, Notifier, QUEUE,
+    QUEUE_META, QueueLimits, STORED_BYTES, StoreError, StoredMessage, now_ms, queue_key,
 };
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
@@ -207,6 +207,7 @@ fn enqueue(
     let mut meta = txn.open_table(QUEUE_META)?;
     // Check every recipient's cap first (several items may share a recipient), write after.
     let mut planned: HashMap<IdentityKey, (u64, u64, u64)> = HashMap::new();
+    let mut adding = 0u64;
     for (who, payload) in items {
         let entry = match planned.get(who) {
             Some(e) => *e,
@@ -223,7 +224,13 @@ fn enqueue(
             });
         }
         planned.insert(*who, (next, count + 1, bytes + add));
+        adding += add;
     }
+    let used = stored_bytes(txn)?;
+    if used.saturating_add(adding) > limits.max_stored_bytes {
+        return Err(StoreError::OverQuota { used, adding, max: limits.max_stored_bytes });
+    }
+    set_stored_bytes(txn, used.saturating_add(adding))?;
     let channel_seq = if channel.is_empty() {
         0
     } else {
@@ -254,6 +261,16 @@ fn enqueue(
     Ok(Outcome::Enqueued { channel_seq, seqs })
 }
 
+/// Bytes of all queued messages (the storage quota's count).
+fn stored_bytes(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    Ok(txn.open_table(META)?.get(STORED_BYTES)?.map(|g| g.value()).unwrap_or(0))
+}
+
+fn set_stored_bytes(txn: &WriteTransaction, bytes: u64) -> Result<(), StoreError> {
+    txn.open_table(META)?.insert(STORED_BYTES, bytes)?;
+    Ok(())
+}
+
 fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
     let start = queue_key(who, 0);
@@ -275,6 +292,7 @@ fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome,
     let (next, count, bytes) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((1, 0, 0));
     let removed = doomed.len() as u64;
     meta.insert(&who[..], (next, count.saturating_sub(removed), bytes.saturating_sub(freed)))?;
+    set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(freed))?;
     Ok(Outcome::Acked { removed: u32::try_from(removed).unwrap_or(u32::MAX) })
 }
 
@@ -386,8 +404,10 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
     }
     let resume = if scanned >= limits::SWEEP_SLICE_ROWS { last } else { None };
     let mut meta = txn.open_table(QUEUE_META)?;
+    let mut freed_total = 0u64;
     for (k, len) in &doomed {
         queue.remove(&k[..])?;
+        freed_total += StoredMessage::accounted_len(*len);
         // A damaged key names no recipient whose counts we could trust; leave the counts alone.
         let Ok((who, _)) = super::split_queue_key(k) else { continue };
         let current = meta.get(&who[..])?.map(|g| g.value());
@@ -396,5 +416,7 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
             meta.insert(&who[..], (next, count.saturating_sub(1), bytes.saturating_sub(freed)))?;
         }
     }
+    drop(meta);
+    set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(freed_total))?;
     Ok(Outcome::Swept { removed: doomed.len() as u64, resume })
 }
