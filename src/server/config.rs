@@ -272,6 +272,24 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_and_the_storage_quota_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "max_stored_bytes = 1000\n[rate_limits]\nkey_package_per_target = { per_sec = 0.5, burst = 4 }\n",
+        )
+        .unwrap();
+        let cfg = ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() }).unwrap();
+        assert_eq!(cfg.max_stored_bytes, 1000);
+        assert_eq!(cfg.rate_limits.key_package_per_target, Rate { per_sec: 0.5, burst: 4 });
+        assert_eq!(cfg.rate_limits.enqueue_per_address, limits::DEFAULT_ENQUEUE_RATE_PER_ADDRESS);
+        std::fs::write(&p, "[rate_limits]\nenqueue_per_address = { per_sec = 0.0, burst = 4 }\n").unwrap();
+        let e = ServerConfig::resolve(Overrides { config: Some(p), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().starts_with("invalid setting rate_limits.enqueue_per_address: per_sec"), "{e}");
+    }
+
+    #[test]
     fn bad_config_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
