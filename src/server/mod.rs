@@ -8,6 +8,11 @@
 //!   current-thread runtime with a `LocalSet`; connections are spread round-robin over them.
 //!   Before that, [`admission`] decides whether a connection is served at all (caps in all and
 //!   per IP address, QUIC Retry for busy addresses).
+//! - Calls anyone may make without authenticating (`enqueue`, `enqueueBatch`,
+//!   `fetchKeyPackage`) draw on token buckets per connection, per source address and per target
+//!   key ([`ratelimit`]); the store enforces per-recipient caps and a global storage quota.
+//!   Every error goes out with a wire code from `schemas/node.capnp`
+//!   ([`crate::proto::wire_error`]).
 //! - Each connection carries one bidirectional stream for RPC; its bootstrap object is a
 //!   [`rpc::NodeServiceImpl`] that knows the connection's TLS-exported auth challenge.
 //!
