@@ -18,8 +18,7 @@
 # that long before retrying, a bounded number of times. Text without a known code prefix is
 # code `unknown`. A bad call is answered with an error and the connection stays up; only a
 # message larger than the server's read limit (the largest legal call plus framing, see
-# enqueueBatch) or a peer that stalls mid-message or stops reading replies loses its connection,
-# since an unread message cannot be answered.
+# enqueueBatch) loses its connection, since a call the server did not read cannot be answered.
 
 @0xf1c1866953ae47a3;
 
