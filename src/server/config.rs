@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::clock::Clock;
 use crate::limits;
 
 /// Name of the optional config file in the data dir.
@@ -75,6 +76,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub message_ttl_secs: u64,
+    /// The server's time, for everything with a lifetime (KeyPackages). `resolve` takes it from
+    /// [`Clock::from_env`]; in-process tests inject one they can move.
+    pub clock: Clock,
 }
 
 impl ServerConfig {
@@ -91,6 +95,7 @@ impl ServerConfig {
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
+            clock: Clock::system(),
         }
     }
 
@@ -125,6 +130,7 @@ impl ServerConfig {
             return Err(ConfigError::CertKeyPair);
         }
         let mut cfg = ServerConfig::new(data_dir, listen);
+        cfg.clock = Clock::from_env();
         cfg.cert = cert;
         cfg.key = key;
         if let Some(v) = file.max_payload_bytes {

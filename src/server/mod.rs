@@ -70,6 +70,8 @@ pub struct RpcLimits {
 /// State every connection shares.
 pub struct Shared {
     pub store: Store,
+    /// The server's time: decides which KeyPackages are accepted and handed out.
+    pub clock: crate::clock::Clock,
     pub limits: RpcLimits,
     pub started: Instant,
     /// Cancelled when shutdown begins: long polls return, no new connections are served.
@@ -215,6 +217,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let shared = Arc::new(Shared {
         store,
+        clock: cfg.clock.clone(),
         limits: RpcLimits { max_payload: cfg.max_payload },
         started: Instant::now(),
         shutdown: CancellationToken::new(),
@@ -260,6 +263,10 @@ fn spawn_sweeper(shared: Arc<Shared>) {
             match shared.store.write(WriteOp::Sweep { now_ms: crate::store::now_ms() }).await {
                 Ok(out) => tracing::debug!(?out, "expired messages swept"),
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+            match shared.store.write(WriteOp::ExpireKeyPackages { now: shared.clock.now_secs() }).await {
+                Ok(out) => tracing::debug!(?out, "expired key packages deleted"),
+                Err(e) => tracing::warn!(error = %e, "key package expiry failed"),
             }
         }
     });
