@@ -44,8 +44,9 @@ fn envelope_open(bencher: Bencher, len: usize) {
 #[divan::bench]
 fn key_package_validation(bencher: Bencher) {
     let client = MlsClient::new(&[9u8; 32]).expect("mls client");
-    let key_package = client.key_packages(1).expect("key package").remove(0);
-    bencher.bench_local(|| mls::validate_key_package(black_box(&key_package)));
+    let key_package = client.key_packages(1).expect("key package").remove(0).bytes;
+    let now = client.now_secs();
+    bencher.bench_local(|| mls::validate_key_package(black_box(&key_package), now));
 }
 
 #[divan::bench(args = STATE_SIZES)]

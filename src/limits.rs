@@ -145,3 +145,28 @@ pub const MAX_RATE_LIMITED_KEYS: usize = 65_536;
 /// How often a full rate limiter may scan for refilled buckets, so a flood of new keys does not
 /// cost a scan per call; also the retry hint when no room could be made.
 pub const RATE_LIMIT_PRUNE_EVERY_MS: u64 = 1_000;
+/// Lifetime qpq gives each KeyPackage (RFC 9420 §7.2 `Lifetime.not_after - now`): 28 days, a
+/// third of openmls's default of 84, so a package (and the init key a leak would expose) is
+/// usable for a bounded time, yet a client online every two weeks never runs out (see
+/// [`KEY_PACKAGE_REPLACE_AFTER_SECS`]).
+pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 28 * 24 * 3600;
+
+/// How far before its creation a KeyPackage's `not_before` lies, so a verifier whose clock runs
+/// up to an hour behind the creator's still accepts it (openmls uses the same margin).
+pub const KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS: u64 = 3600;
+
+/// Longest lifetime range (`not_after - not_before`) the server accepts, as RFC 9420 §7.2 asks
+/// applications to bound it: what qpq clients make plus a day of slack for other clients.
+pub const MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS: u64 =
+    KEY_PACKAGE_LIFETIME_SECS + KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS + 24 * 3600;
+
+/// Age at which a client replaces its published KeyPackages (single-use and last-resort): half
+/// the lifetime, so the server always holds packages with at least 14 days left from anyone
+/// who comes online every two weeks, and a client back from a longer absence republishes in
+/// its first receive round.
+pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = KEY_PACKAGE_LIFETIME_SECS / 2;
+
+/// How long after its `not_after` a client keeps a KeyPackage's private keys: a Welcome made
+/// just before expiry may wait in the adder's outbox and then in our queue for up to the
+/// server's message TTL, so the keys stay that long (default TTL) and are then deleted.
+pub const KEY_PACKAGE_KEY_RETENTION_SECS: u64 = DEFAULT_MESSAGE_TTL_SECS;

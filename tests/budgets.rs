@@ -90,7 +90,12 @@ async fn nobody_drains_one_keys_pool_in_a_burst() {
         let alice = Identity::generate();
         let mls = MlsClient::new(alice.seed()).unwrap();
         let a = login(&server, &alice).await;
-        a.upload_key_packages(&mls.key_packages(5).unwrap(), None).await.unwrap();
+        a.upload_key_packages(
+            &mls.key_packages(5).unwrap().into_iter().map(|k| k.bytes).collect::<Vec<_>>(),
+            None,
+        )
+        .await
+        .unwrap();
         let s = connect(&server).await;
         let other = connect(&server).await;
         raw_fetch_key_package(&s, &alice.public().0).await.unwrap();

@@ -263,9 +263,9 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     // A valid key that never ran init has no key packages.
     let stranger = qpq::crypto::identity::Identity::generate().public().to_hex();
     let err = alice.fails(&["group", "add", "team", &stranger]);
-    assert!(err.contains("has no key packages on the server"), "{err}");
+    assert!(err.contains("has no valid key packages on the server"), "{err}");
     let err = alice.fails(&["send", &stranger, "hi"]);
-    assert!(err.contains("has no key packages on the server"), "{err}");
+    assert!(err.contains("has no valid key packages on the server"), "{err}");
     assert_eq!(members_of(&alice, "team").len(), 1);
     assert!(alice.ok(&["group", "list"]).lines().all(|l| !l.contains("direct")), "no half-made conversation");
     // Usage errors exit 2 with clap's message.

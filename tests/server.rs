@@ -19,6 +19,11 @@ fn rpc_msg(r: Result<impl std::fmt::Debug, SessionError>) -> String {
     }
 }
 
+/// The bytes of freshly made KeyPackages, as uploaded.
+fn kp_bytes(kps: Vec<qpq::mls::NewKeyPackage>) -> Vec<Vec<u8>> {
+    kps.into_iter().map(|k| k.bytes).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_status_version_and_uptime() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,8 +175,8 @@ async fn key_packages_are_single_use_under_concurrency_then_last_resort() {
     local(async {
         let alice = Identity::generate();
         let mls = MlsClient::new(alice.seed()).unwrap();
-        let kps = mls.key_packages(5).unwrap();
-        let lr = mls.last_resort_key_package().unwrap();
+        let kps = kp_bytes(mls.key_packages(5).unwrap());
+        let lr = mls.last_resort_key_package().unwrap().bytes;
         let a = login(&server, &alice).await;
         assert_eq!(a.upload_key_packages(&kps, Some(&lr)).await.unwrap(), 5);
         assert_eq!(a.key_package_count().await.unwrap(), (5, true));
@@ -214,22 +219,22 @@ async fn invalid_and_foreign_key_packages_are_rejected() {
 
         let msg = rpc_msg(a.upload_key_packages(&[b"garbage".to_vec()], None).await);
         assert!(msg.starts_with("invalid key package"), "{msg}");
-        let foreign = bob_mls.key_packages(1).unwrap();
+        let foreign = kp_bytes(bob_mls.key_packages(1).unwrap());
         let msg = rpc_msg(a.upload_key_packages(&foreign, None).await);
         assert_eq!(msg, "invalid key package: credential identity is not the authenticated key");
-        let mut tampered = alice_mls.key_packages(1).unwrap();
+        let mut tampered = kp_bytes(alice_mls.key_packages(1).unwrap());
         let n = tampered[0].len();
         tampered[0][n - 5] ^= 1;
         let msg = rpc_msg(a.upload_key_packages(&tampered, None).await);
         assert!(msg.starts_with("invalid key package"), "{msg}");
-        let lr = alice_mls.last_resort_key_package().unwrap();
+        let lr = alice_mls.last_resort_key_package().unwrap().bytes;
         let msg = rpc_msg(a.upload_key_packages(std::slice::from_ref(&lr), None).await);
         assert!(msg.contains("last-resort package sent as a single-use one"), "{msg}");
-        let plain = alice_mls.key_packages(1).unwrap();
+        let plain = kp_bytes(alice_mls.key_packages(1).unwrap());
         let msg = rpc_msg(a.upload_key_packages(&[], Some(&plain[0])).await);
         assert!(msg.contains("lacks the last_resort extension"), "{msg}");
         // A good package mixed with a bad one: nothing is stored.
-        let mut mixed = alice_mls.key_packages(1).unwrap();
+        let mut mixed = kp_bytes(alice_mls.key_packages(1).unwrap());
         mixed.push(b"junk".to_vec());
         rpc_msg(a.upload_key_packages(&mixed, None).await);
         assert_eq!(a.key_package_count().await.unwrap(), (0, false));
@@ -455,7 +460,7 @@ async fn messages_key_packages_and_certificate_survive_a_restart() {
     local(async {
         let mls = MlsClient::new(alice.seed()).unwrap();
         let a = login(&server, &alice).await;
-        a.upload_key_packages(&mls.key_packages(2).unwrap(), None).await.unwrap();
+        a.upload_key_packages(&kp_bytes(mls.key_packages(2).unwrap()), None).await.unwrap();
         a.enqueue(&alice.public().0, b"kept", b"c").await.unwrap();
         a.close().await;
     })

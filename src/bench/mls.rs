@@ -332,7 +332,7 @@ fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
     for r in 0..reps {
         let kps = members
             .iter()
-            .map(|m| m.key_packages(1).map(|mut v| v.remove(0)))
+            .map(|m| m.key_packages(1).map(|mut v| v.remove(0).bytes))
             .collect::<Result<Vec<_>, _>>()?;
         gid = format!("bench-{n}-{r}").into_bytes();
         let t = Instant::now();

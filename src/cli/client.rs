@@ -40,7 +40,8 @@ pub enum ClientVerb {
 pub enum KeysCmd {
     /// Show your envelope key's fingerprint and age
     Show,
-    /// Replace your envelope key now (say, after a device may have leaked it)
+    /// Replace your envelope key and your published key packages now (say, after a device may
+    /// have leaked them)
     Rotate,
 }
 
@@ -333,6 +334,8 @@ pub async fn run_verb(
             m.connect().await?;
             m.rotate_hybrid_key().await?;
             writeln!(out, "new envelope key: {}", m.envelope_key().fingerprint)?;
+            let n = m.rotate_key_packages().await?;
+            writeln!(out, "new key packages: {n} and a last-resort one")?;
         }
     }
     Ok(VerbOutcome::Ok)

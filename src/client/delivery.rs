@@ -10,8 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{
-    ClientError, CommitStatus, Event, KEY_PACKAGE_POOL, KEY_PACKAGE_REFILL_BELOW, MAX_ORPHANS, Messenger,
-    ORPHAN_TTL_MS, now_ms, valid_name,
+    ClientError, CommitStatus, Event, MAX_ORPHANS, Messenger, ORPHAN_TTL_MS, now_ms, valid_name,
 };
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
@@ -152,36 +151,18 @@ impl Messenger {
             self.home.state.leave_requests.retain(|g| *g != gid);
             self.home.save()?;
         }
-        if self.kp_check {
-            self.kp_check = false;
-            self.refill_key_packages().await?;
+        if self.kp_check || self.key_packages_due() {
+            self.maintain_key_packages(false).await?;
         }
         self.maintain_hybrid_key().await?;
         Ok(events)
     }
 
     /// Tops the server's KeyPackage pool up and rotates the last-resort one when it may have
-    /// been used.
+    /// been used (and replaces whatever is due by age, see [`crate::client::keypool`]).
     pub async fn refill_key_packages(&mut self) -> Result<(), ClientError> {
-        let _op = self.begin()?;
-        let (count, has_lr) = self.session()?.key_package_count().await?;
-        if count >= KEY_PACKAGE_REFILL_BELOW && has_lr && !self.home.state.rotate_last_resort {
-            return Ok(());
-        }
-        let n = KEY_PACKAGE_POOL.saturating_sub(count as usize);
-        let kps = self.mls.key_packages(n)?;
-        // A Welcome to our last-resort package set the flag (see `handle_welcome`).
-        let rotate = !has_lr || self.home.state.rotate_last_resort;
-        let lr = if rotate { Some(self.mls.last_resort_key_package()?) } else { None };
-        if let Some(lr) = &lr {
-            self.home.state.last_resort_ref = mls::validate_key_package(lr).map_err(MlsError::from)?.hash_ref;
-        }
-        // Private keys must be durable before the public halves are published.
-        self.persist()?;
-        self.session()?.upload_key_packages(&kps, lr.as_deref()).await?;
-        self.home.state.rotate_last_resort = false;
-        self.home.save()?;
-        Ok(())
+        self.kp_check = true;
+        self.maintain_key_packages(false).await.map(drop)
     }
 
     fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) {

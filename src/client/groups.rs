@@ -6,7 +6,7 @@ use crate::client::frame::Frame;
 use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
 use crate::client::state::{GroupKind, GroupMeta, Outgoing, PendingCommit};
 use crate::crypto::identity::PublicKey;
-use crate::mls::{self, MlsClient, Pending};
+use crate::mls::{self, KeyPackageError, MlsClient, Pending};
 use crate::proto::wire_error::ErrorCode;
 
 /// How many times a change is retried after losing its epoch to a concurrent commit.
@@ -261,8 +261,12 @@ impl Messenger {
             }
             other => other.into(),
         })?;
-        let v = mls::validate_key_package(&fetched.bytes)
-            .map_err(|_| ClientError::ForeignKeyPackage(self.display_name(who)))?;
+        let v = mls::validate_key_package(&fetched.bytes, self.mls.now_secs()).map_err(|e| match e {
+            KeyPackageError::Expired { .. } | KeyPackageError::NotYetValid { .. } => {
+                ClientError::KeyPackageLifetime { who: self.display_name(who), reason: e.to_string() }
+            }
+            _ => ClientError::ForeignKeyPackage(self.display_name(who)),
+        })?;
         if v.identity != *who {
             return Err(ClientError::ForeignKeyPackage(self.display_name(who)));
         }

@@ -25,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::session::{Session, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Secrets, State, StateError, Unlock};
+use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
 use crate::fsutil::HomeLock;
@@ -67,8 +68,14 @@ pub enum ClientError {
     ContactExists(String),
     #[error("a group named #{0} already exists")]
     GroupExists(String),
-    #[error("{who} has no key packages on the server (has it run `qpq init` there?)")]
+    #[error(
+        "{who} has no valid key packages on the server: they must come online once (or run `qpq init` there)"
+    )]
     NoKeyPackages { who: String },
+    #[error(
+        "the server handed out a key package of {who} that is not valid now ({reason}): check the clocks"
+    )]
+    KeyPackageLifetime { who: String, reason: String },
     #[error("{who} is already a member of #{group}")]
     AlreadyMember { who: String, group: String },
     #[error("{who} is not a member of #{group}")]
@@ -224,13 +231,14 @@ impl Messenger {
         let server = opts.server.clone().ok_or(ClientError::NoServer)?;
         let identity = Identity::generate();
         let hybrid = HybridSecretKey::generate();
-        let mls = MlsClient::new(identity.seed())?;
+        let mls = MlsClient::new(identity.seed())?.with_clock(Clock::from_env());
         let (mut session, first_use) = open_session(&server, None, opts.fingerprint).await?;
         session.authenticate(&identity).await?;
         let server_instance = session.server_instance();
         let kps = mls.key_packages(KEY_PACKAGE_POOL)?;
         let lr = mls.last_resort_key_package()?;
-        session.upload_key_packages(&kps, Some(&lr)).await?;
+        let bytes: Vec<Vec<u8>> = kps.iter().map(|k| k.bytes.clone()).collect();
+        session.upload_key_packages(&bytes, Some(&lr.bytes)).await?;
         let hybrid_created_at_ms = now_ms();
         session
             .upload_hybrid_key(&SignedHybridKey::sign(identity.signing_key(), hybrid_created_at_ms, &hybrid))
@@ -243,7 +251,9 @@ impl Messenger {
         state.known_servers.insert(server, fingerprint.to_string());
         state.server_instance = server_instance;
         state.mls_storage = mls.export_storage()?;
-        state.last_resort_ref = crate::mls::validate_key_package(&lr).map_err(MlsError::from)?.hash_ref;
+        state.key_pool.record(&kps, false);
+        state.key_pool.record(std::slice::from_ref(&lr), true);
+        state.last_resort_ref = lr.hash_ref.clone();
         let home = Home::create(dir, state, unlock)?;
         let report = InitReport { key: identity.public(), fingerprint, first_use };
         let m = Messenger {
@@ -269,7 +279,8 @@ impl Messenger {
     ) -> Result<Messenger, ClientError> {
         let home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
-        let mls = MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?;
+        let mls =
+            MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?.with_clock(Clock::from_env());
         Ok(Messenger {
             home,
             identity,
@@ -295,7 +306,8 @@ impl Messenger {
         self.held.set(true);
         let guard = OpGuard { lock: Some(lock), held: self.held.clone() };
         if self.home.refresh()? {
-            self.mls = MlsClient::from_storage(self.identity.seed(), &self.home.state.mls_storage)?;
+            self.mls = MlsClient::from_storage(self.identity.seed(), &self.home.state.mls_storage)?
+                .with_clock(Clock::from_env());
         }
         Ok(guard)
     }

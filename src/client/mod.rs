@@ -1,5 +1,6 @@
 //! The client side: a connection to the server ([`session`]), the encrypted state ([`state`]),
-//! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), and the
+//! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), KeyPackage
+//! lifetimes ([`keypool`]), and the
 //! messenger core ([`messenger`], [`delivery`],
 //! [`groups`])
 //! that the one-shot commands and the shell share. No printing in here.
@@ -8,6 +9,7 @@ pub mod delivery;
 pub mod frame;
 pub mod groups;
 pub mod hybridkeys;
+pub mod keypool;
 pub mod messenger;
 pub mod session;
 pub mod state;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
+use crate::client::keypool::KeyPool;
 use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
 use crate::fsutil::{self, HomeLock, LockError};
 
@@ -24,8 +25,9 @@ pub const STATE_FILE: &str = "qpq-state.bin";
 const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Version of the [`State`] layout inside the sealed file. 2: hybrid keys rotate (creation
-/// time, retired secrets, peer keys with lookup times).
-pub const STATE_VERSION: u32 = 2;
+/// time, retired secrets, peer keys with lookup times). 3: `key_pool` (published KeyPackages
+/// with their lifetimes).
+pub const STATE_VERSION: u32 = 3;
 
 /// Default number of messages kept per conversation for `/history`.
 pub const DEFAULT_HISTORY_LIMIT: usize = 500;
@@ -146,8 +148,10 @@ pub struct State {
     pub server: Option<String>,
     /// Pinned certificate fingerprints by server address (like ssh's known_hosts).
     pub known_servers: BTreeMap<String, String>,
-    /// openmls storage (see [`crate::mls::MlsClient::export_storage`]).
-    pub mls_storage: Vec<u8>,
+    /// openmls storage (see [`crate::mls::MlsClient::export_storage`]): private keys and epoch
+    /// secrets, so wiped on drop; encoded like a `Vec<u8>`.
+    #[serde(with = "zeroizing_bytes")]
+    pub mls_storage: Zeroizing<Vec<u8>>,
     /// Contact name → identity key.
     pub contacts: BTreeMap<String, [u8; 32]>,
     /// Creation time of our current hybrid key, as signed when it was published.
@@ -178,6 +182,8 @@ pub struct State {
     pub leave_requests: Vec<Vec<u8>>,
     /// The server database `processed_seq` refers to (its instance id; 0 = not known yet).
     pub server_instance: u64,
+    /// Our published KeyPackages and their lifetimes (see [`crate::client::keypool`]).
+    pub key_pool: KeyPool,
 }
 
 impl State {
@@ -188,7 +194,7 @@ impl State {
             name,
             server,
             known_servers: BTreeMap::new(),
-            mls_storage: Vec::new(),
+            mls_storage: Zeroizing::new(Vec::new()),
             contacts: BTreeMap::new(),
             hybrid_created_at_ms: 0,
             hybrid_published: false,
@@ -204,6 +210,7 @@ impl State {
             outbox: Vec::new(),
             leave_requests: Vec::new(),
             server_instance: 0,
+            key_pool: KeyPool::default(),
         }
     }
 
@@ -391,6 +398,51 @@ impl Home {
     }
 }
 
+/// Serde for [`State::mls_storage`]: the same encoding as a `Vec<u8>` (a length and the bytes),
+/// decoded straight into one [`Zeroizing`] allocation so no unwiped copy is left behind.
+mod zeroizing_bytes {
+    use std::fmt;
+
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use zeroize::Zeroizing;
+
+    pub fn serialize<S: Serializer>(v: &Zeroizing<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<Vec<u8>>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Zeroizing<Vec<u8>>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                Ok(Zeroizing::new(v.to_vec()))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+                Ok(Zeroizing::new(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                // Not used by postcard (bytes arrive whole); sized from the hint, bounded.
+                let mut out = Zeroizing::new(Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20)));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    if out.len() == out.capacity() {
+                        // Grow by hand so the old buffer is wiped, not just freed.
+                        let mut bigger = Zeroizing::new(Vec::with_capacity(out.capacity().max(64) * 2));
+                        bigger.extend_from_slice(&out);
+                        out = bigger;
+                    }
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,7 +451,7 @@ mod tests {
         let mut s =
             State::new(Secrets::new([1; 32], [2; 32]), Some("alice".into()), Some("127.0.0.1:7000".into()));
         s.contacts.insert("bob".into(), [3; 32]);
-        s.mls_storage = vec![9; 1000];
+        s.mls_storage = Zeroizing::new(vec![9; 1000]);
         s
     }
 

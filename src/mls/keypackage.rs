@@ -1,14 +1,19 @@
 //! Server-side KeyPackage validation (RFC 9420 section 10.1) and the identity convention
 //! shared with the client side: a leaf's BasicCredential identity is its Ed25519 signature key.
+//!
+//! Lifetimes are judged by qpq's [`crate::clock::Clock`], not by the system clock openmls reads
+//! internally (see [`verify_key_package`]): the server decides with its clock which packages it
+//! accepts and hands out, and tests move that clock.
 
 use openmls::prelude::{
-    BasicCredential, Credential, KeyPackage, KeyPackageIn, KeyPackageVerifyError, ProtocolVersion,
+    BasicCredential, Credential, KeyPackage, KeyPackageIn, KeyPackageVerifyError, Lifetime, ProtocolVersion,
 };
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto;
 use tls_codec::Deserialize as _;
 
 use super::{CIPHERSUITE, MlsError};
+use crate::limits;
 
 /// Why an uploaded KeyPackage was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,8 +32,14 @@ pub enum KeyPackageError {
     NotBasicCredential,
     #[error("invalid key package: credential identity does not match its signature key")]
     IdentityMismatch,
-    #[error("invalid key package: lifetime expired, not yet valid or too long")]
-    BadLifetime,
+    #[error("invalid key package: no lifetime")]
+    MissingLifetime,
+    #[error("invalid key package: expired at {not_after}, now is {now} (unix seconds)")]
+    Expired { not_after: u64, now: u64 },
+    #[error("invalid key package: not valid before {not_before}, now is {now} (unix seconds)")]
+    NotYetValid { not_before: u64, now: u64 },
+    #[error("invalid key package: lifetime too long: {range} > {max} seconds")]
+    LifetimeTooLong { range: u64, max: u64 },
     #[error("invalid key package: extension not listed in its capabilities")]
     UnsupportedExtension,
 }
@@ -42,13 +53,16 @@ pub struct ValidatedKeyPackage {
     pub last_resort: bool,
     /// The KeyPackageRef (RFC 9420 §5.2), a stable id for the package.
     pub hash_ref: Vec<u8>,
+    /// End of the package's lifetime (unix seconds): nobody may be handed it from then on.
+    pub not_after: u64,
 }
 
-/// Parses and fully verifies a TLS-serialized KeyPackage. Stateless and
-/// panic-free on arbitrary input; meant for the server's upload path.
-pub fn validate_key_package(bytes: &[u8]) -> Result<ValidatedKeyPackage, KeyPackageError> {
+/// Parses and fully verifies a TLS-serialized KeyPackage, judging its lifetime as of `now`
+/// (unix seconds, from the caller's [`crate::clock::Clock`]). Stateless and panic-free on
+/// arbitrary input; used on the server's upload path and on packages a client fetched.
+pub fn validate_key_package(bytes: &[u8], now: u64) -> Result<ValidatedKeyPackage, KeyPackageError> {
     let crypto = RustCrypto::default();
-    let key_package = verify_key_package(&crypto, bytes)?;
+    let key_package = verify_key_package(&crypto, bytes, now)?;
     let leaf = key_package.leaf_node();
     let identity = credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
     let hash_ref = key_package
@@ -58,7 +72,27 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<ValidatedKeyPackage, KeyPack
         identity,
         last_resort: key_package.last_resort(),
         hash_ref: hash_ref.as_slice().to_vec(),
+        not_after: key_package.life_time().not_after(),
     })
+}
+
+/// Checks a lifetime against `now` and qpq's bound on its length (RFC 9420 §7.2: "applications
+/// MUST define a maximum total lifetime that is acceptable for a KeyPackage").
+pub fn check_lifetime(lifetime: &Lifetime, now: u64) -> Result<(), KeyPackageError> {
+    let range = lifetime.not_after().saturating_sub(lifetime.not_before());
+    if range > limits::MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS {
+        return Err(KeyPackageError::LifetimeTooLong {
+            range,
+            max: limits::MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS,
+        });
+    }
+    if lifetime.not_after() <= now {
+        return Err(KeyPackageError::Expired { not_after: lifetime.not_after(), now });
+    }
+    if lifetime.not_before() > now {
+        return Err(KeyPackageError::NotYetValid { not_before: lifetime.not_before(), now });
+    }
+    Ok(())
 }
 
 /// Shared by the server check and by `add_members`, which must not trust
@@ -66,6 +100,7 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<ValidatedKeyPackage, KeyPack
 pub(super) fn verify_key_package(
     crypto: &impl OpenMlsCrypto,
     bytes: &[u8],
+    now: u64,
 ) -> Result<KeyPackage, KeyPackageError> {
     let unverified = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| match e {
         tls_codec::Error::TrailingData => KeyPackageError::TrailingBytes,
@@ -84,14 +119,44 @@ pub(super) fn verify_key_package(
     if suite != u16::from(CIPHERSUITE) {
         return Err(KeyPackageError::UnsupportedCiphersuite);
     }
-    let key_package = unverified.validate(crypto, ProtocolVersion::Mls10).map_err(|e| match e {
+    // Kept for the lifetime case below (a few hundred bytes).
+    let unverified_copy = unverified.clone();
+    let key_package = match unverified.validate(crypto, ProtocolVersion::Mls10) {
+        Ok(key_package) => key_package,
+        // openmls judges the lifetime by the real system clock, and as the very last step of
+        // `KeyPackageIn::validate` (openmls 0.9 key_package_in.rs): both signatures, the
+        // version, the init key and the extension support have all passed when it reports a
+        // lifetime error. qpq judges lifetimes by its own clock instead (below), so such a
+        // package is as verified as any other. openmls lets only its test-utils turn a
+        // `KeyPackageIn` into a `KeyPackage` without `validate`; the two types share one serde
+        // form (the one openmls's own storage uses), so the conversion goes through it.
+        Err(KeyPackageVerifyError::LifetimeError(_)) => verified_but_for_lifetime(&unverified_copy)?,
+        Err(e) => return Err(verify_error(e)),
+    };
+    // Present: `validate` returned `MissingLifetime` otherwise, and the lifetime branch above
+    // only happens when openmls found a lifetime to check. (`life_time()` unwraps internally.)
+    check_lifetime(key_package.life_time(), now)?;
+    Ok(key_package)
+}
+
+/// See the lifetime branch of [`verify_key_package`]: only call it for a package whose
+/// `validate` failed on its lifetime alone.
+fn verified_but_for_lifetime(unverified: &KeyPackageIn) -> Result<KeyPackage, KeyPackageError> {
+    let json = serde_json::to_vec(unverified)
+        .map_err(|e| KeyPackageError::Malformed(format!("re-encoding: {e}")))?;
+    serde_json::from_slice::<KeyPackage>(&json)
+        .map_err(|e| KeyPackageError::Malformed(format!("re-encoding: {e}")))
+}
+
+fn verify_error(e: KeyPackageVerifyError) -> KeyPackageError {
+    match e {
         KeyPackageVerifyError::InvalidSignature | KeyPackageVerifyError::InvalidLeafNodeSignature => {
             KeyPackageError::BadSignature
         }
         KeyPackageVerifyError::InvalidProtocolVersion => KeyPackageError::UnsupportedVersion,
-        KeyPackageVerifyError::LifetimeError(_) | KeyPackageVerifyError::MissingLifetime => {
-            KeyPackageError::BadLifetime
-        }
+        KeyPackageVerifyError::MissingLifetime => KeyPackageError::MissingLifetime,
+        // Handled by the caller; kept total for the match.
+        KeyPackageVerifyError::LifetimeError(e) => KeyPackageError::Malformed(format!("lifetime: {e:?}")),
         KeyPackageVerifyError::UnsupportedExtension => KeyPackageError::UnsupportedExtension,
         KeyPackageVerifyError::InitKeyEqualsEncryptionKey => {
             KeyPackageError::Malformed("init key equals encryption key".into())
@@ -103,15 +168,7 @@ pub(super) fn verify_key_package(
             KeyPackageError::Malformed("extension not allowed in key packages".into())
         }
         KeyPackageVerifyError::LibraryError(e) => KeyPackageError::Malformed(format!("{e:?}")),
-    })?;
-    // openmls checks that the lifetime is current but not that it is bounded;
-    // RFC 9420 §7.2 asks applications to reject overly long lifetimes.
-    // `life_time()` unwraps internally, which cannot fire here: `validate`
-    // returned `MissingLifetime` above if the leaf had none.
-    if !key_package.life_time().has_acceptable_range() {
-        return Err(KeyPackageError::BadLifetime);
     }
-    Ok(key_package)
 }
 
 /// A leaf that breaks the identity convention.

@@ -24,6 +24,15 @@
 //! storage on every call, so the storage is the only source of truth and an
 //! export taken between calls is always complete. The signing key is not
 //! stored: it is re-derived from the identity seed the caller already keeps.
+//! The storage holds HPKE private keys and epoch secrets: exports are
+//! [`Zeroizing`] (built in one allocation so no stale copy is left behind) and
+//! every stored value is wiped when the client drops. openmls itself replaces
+//! map entries without wiping the old value; that copy is out of our reach.
+//!
+//! Lifetimes: KeyPackages get qpq's lifetime
+//! ([`crate::limits::KEY_PACKAGE_LIFETIME_SECS`]) as of the client's
+//! [`Clock`], and KeyPackages we are handed are judged by that clock too
+//! (see [`keypackage`]).
 //!
 //! Wire policy: every group uses one ciphersuite, carries the ratchet tree in
 //! Welcomes, sends commits and proposals as PrivateMessages (the server only
@@ -36,15 +45,21 @@ use std::fmt;
 use ed25519_dalek::SigningKey;
 use openmls::prelude::{
     BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
-    LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal,
-    ProtocolMessage, QueuedProposal, SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
+    KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup, MlsGroupCreateConfig,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY,
+    ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal, SenderRatchetConfiguration,
+    StagedCommit, StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
+use openmls_traits::storage::StorageProvider as _;
 use openmls_traits::types::SignatureScheme;
 use tls_codec::{Deserialize as _, Serialize as _};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::clock::Clock;
+use crate::limits;
 
 /// The only ciphersuite qpq speaks: X25519 + AES-128-GCM + SHA-256 + Ed25519,
 /// matching the Ed25519 user identities.
@@ -118,7 +133,7 @@ mod keypackage;
 #[cfg(test)]
 mod tests;
 
-pub use keypackage::{KeyPackageError, ValidatedKeyPackage, validate_key_package};
+pub use keypackage::{KeyPackageError, ValidatedKeyPackage, check_lifetime, validate_key_package};
 use keypackage::{credential_identity, sender_identity, verify_key_package};
 
 /// A commit of ours, staged but not merged until the server orders it.
@@ -180,6 +195,17 @@ pub struct MessageInfo {
     pub kind: WireKind,
 }
 
+/// A KeyPackage we just made; its private keys are in our storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKeyPackage {
+    /// TLS-serialized KeyPackage, to publish.
+    pub bytes: Vec<u8>,
+    /// Its KeyPackageRef (RFC 9420 §5.2), the storage key of its private keys.
+    pub hash_ref: Vec<u8>,
+    /// End of its lifetime (unix seconds).
+    pub not_after: u64,
+}
+
 /// The result of joining a group from a Welcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
@@ -196,6 +222,21 @@ pub struct MlsClient {
     signer: SignatureKeyPair,
     credential: CredentialWithKey,
     provider: OpenMlsRustCrypto,
+    /// Decides KeyPackage lifetimes (ours and the ones we are handed).
+    clock: Clock,
+}
+
+impl Drop for MlsClient {
+    // The storage holds HPKE private keys and epoch secrets.
+    fn drop(&mut self) {
+        let mut values = match self.provider.storage().values.write() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for value in values.values_mut() {
+            value.zeroize();
+        }
+    }
 }
 
 impl fmt::Debug for MlsClient {
@@ -217,15 +258,30 @@ impl MlsClient {
             credential: BasicCredential::new(public.to_vec()).into(),
             signature_key: public.to_vec().into(),
         };
-        Ok(Self { identity: public, signer, credential, provider: OpenMlsRustCrypto::default() })
+        Ok(Self {
+            identity: public,
+            signer,
+            credential,
+            provider: OpenMlsRustCrypto::default(),
+            clock: Clock::system(),
+        })
+    }
+
+    /// The same client judging time by `clock` (the system clock by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Deterministic snapshot of the whole openmls storage.
-    pub fn export_storage(&self) -> Result<Vec<u8>, MlsError> {
+    pub fn export_storage(&self) -> Result<Zeroizing<Vec<u8>>, MlsError> {
         let values =
             self.provider.storage().values.read().map_err(|_| MlsError::Storage("lock poisoned".into()))?;
         let sorted: BTreeMap<&Vec<u8>, &Vec<u8>> = values.iter().collect();
-        let mut out = STORAGE_MAGIC.to_vec();
+        // Sized up front: a growing Vec would leave copies of secrets in the memory it frees.
+        let size = STORAGE_MAGIC.len() + 4 + sorted.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>();
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        out.extend_from_slice(STORAGE_MAGIC);
         out.extend_from_slice(&len_u32(sorted.len())?.to_be_bytes());
         for (key, value) in sorted {
             out.extend_from_slice(&len_u32(key.len())?.to_be_bytes());
@@ -258,9 +314,14 @@ impl MlsClient {
         self.identity
     }
 
+    /// Unix seconds by this client's clock.
+    pub fn now_secs(&self) -> u64 {
+        self.clock.now_secs()
+    }
+
     /// `n` fresh one-time KeyPackages; their private keys stay in storage
-    /// until a Welcome consumes them.
-    pub fn key_packages(&self, n: usize) -> Result<Vec<Vec<u8>>, MlsError> {
+    /// until a Welcome consumes them or [`MlsClient::delete_key_package`].
+    pub fn key_packages(&self, n: usize) -> Result<Vec<NewKeyPackage>, MlsError> {
         (0..n).map(|_| self.build_key_package(false)).collect()
     }
 
@@ -268,19 +329,53 @@ impl MlsClient {
     /// out of one-time ones. openmls keeps its private key after a join
     /// (`keys_for_welcome` skips deleting last-resort bundles), so it can be
     /// used for any number of groups.
-    pub fn last_resort_key_package(&self) -> Result<Vec<u8>, MlsError> {
+    pub fn last_resort_key_package(&self) -> Result<NewKeyPackage, MlsError> {
         self.build_key_package(true)
     }
 
-    fn build_key_package(&self, last_resort: bool) -> Result<Vec<u8>, MlsError> {
-        let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+    /// Deletes the private keys of one of our KeyPackages (by hash reference); a Welcome to it
+    /// can no longer be joined. Deleting an unknown one is not an error.
+    pub fn delete_key_package(&self, hash_ref: &[u8]) -> Result<(), MlsError> {
+        self.provider
+            .storage()
+            .delete_key_package(&key_package_ref(hash_ref)?)
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))
+    }
+
+    /// True while the private keys of that KeyPackage are stored.
+    pub fn has_key_package(&self, hash_ref: &[u8]) -> bool {
+        let Ok(reference) = key_package_ref(hash_ref) else { return false };
+        let bundle: Result<Option<openmls::prelude::KeyPackageBundle>, _> =
+            self.provider.storage().key_package(&reference);
+        matches!(bundle, Ok(Some(_)))
+    }
+
+    fn build_key_package(&self, last_resort: bool) -> Result<NewKeyPackage, MlsError> {
+        let now = self.clock.now_secs();
+        // Explicit times from our clock (RFC 9420 §7.2), not openmls's 84-day default.
+        let lifetime = Lifetime::init(
+            now.saturating_sub(limits::KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS),
+            now.saturating_add(limits::KEY_PACKAGE_LIFETIME_SECS),
+        );
+        let mut builder =
+            KeyPackage::builder().leaf_node_capabilities(capabilities()).key_package_lifetime(lifetime);
         if last_resort {
             builder = builder.mark_as_last_resort();
         }
         let bundle = builder
             .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
             .map_err(|e| openmls_err("build key package", e))?;
-        bundle.key_package().tls_serialize_detached().map_err(|e| openmls_err("serialize key package", e))
+        let key_package = bundle.key_package();
+        let hash_ref = key_package
+            .hash_ref(self.provider.crypto())
+            .map_err(|e| openmls_err("key package hash reference", e))?;
+        Ok(NewKeyPackage {
+            bytes: key_package
+                .tls_serialize_detached()
+                .map_err(|e| openmls_err("serialize key package", e))?,
+            hash_ref: hash_ref.as_slice().to_vec(),
+            not_after: lifetime.not_after(),
+        })
     }
 
     /// Creates a group with us as the only member, at epoch 0.
@@ -320,7 +415,7 @@ impl MlsClient {
         let mut present: HashSet<Vec<u8>> = group.members().map(|m| m.signature_key).collect();
         let mut verified = Vec::with_capacity(key_packages.len());
         for bytes in key_packages {
-            let key_package = verify_key_package(self.provider.crypto(), bytes)?;
+            let key_package = verify_key_package(self.provider.crypto(), bytes, self.clock.now_secs())?;
             let leaf = key_package.leaf_node();
             let identity = credential_identity(leaf.credential(), leaf.signature_key().as_slice())
                 .map_err(KeyPackageError::from)?;
@@ -708,6 +803,16 @@ fn welcome_err<E: fmt::Debug>(e: WelcomeError<E>) -> MlsError {
         WelcomeError::NoMatchingKeyPackage => MlsError::NoMatchingKeyPackage,
         other => openmls_err("join", other),
     }
+}
+
+/// A KeyPackageRef from its bytes. openmls builds one from a slice only for its tests, so this
+/// goes through its TLS form (a variable-length vector, RFC 9420 §2.1.2).
+fn key_package_ref(hash_ref: &[u8]) -> Result<KeyPackageRef, MlsError> {
+    let encoded = tls_codec::VLBytes::new(hash_ref.to_vec())
+        .tls_serialize_detached()
+        .map_err(|e| MlsError::Storage(format!("key package reference: {e:?}")))?;
+    KeyPackageRef::tls_deserialize_exact(encoded.as_slice())
+        .map_err(|e| MlsError::Storage(format!("key package reference: {e:?}")))
 }
 
 fn len_u32(len: usize) -> Result<u32, MlsError> {

@@ -3,13 +3,19 @@
 use openmls::prelude::{Credential, CredentialType, KeyPackageIn, Lifetime, ProtocolVersion};
 
 use super::*;
+use crate::clock::Clock;
 
 fn client() -> MlsClient {
     MlsClient::new(&rand::random()).unwrap()
 }
 
 fn key_package(c: &MlsClient) -> Vec<u8> {
-    c.key_packages(1).unwrap().remove(0)
+    c.key_packages(1).unwrap().remove(0).bytes
+}
+
+/// Validation as of the system clock's now.
+fn validate_key_package(bytes: &[u8]) -> Result<ValidatedKeyPackage, KeyPackageError> {
+    super::validate_key_package(bytes, Clock::system().now_secs())
 }
 
 /// `adder` commits the addition of `newcomer`, the existing `others`
@@ -361,13 +367,13 @@ fn validate_accepts_real_key_packages() {
     assert_eq!(one_time.identity, c.identity());
     assert!(!one_time.last_resort);
     assert_eq!(one_time.hash_ref.len(), 32);
-    let last_resort = validate_key_package(&c.last_resort_key_package().unwrap()).unwrap();
+    let last_resort = validate_key_package(&c.last_resort_key_package().unwrap().bytes).unwrap();
     assert_eq!(last_resort.identity, c.identity());
     assert!(last_resort.last_resort);
     assert_ne!(last_resort.hash_ref, one_time.hash_ref);
     let batch = c.key_packages(3).unwrap();
     assert_eq!(batch.len(), 3);
-    assert!(batch.iter().all(|kp| validate_key_package(kp).is_ok()));
+    assert!(batch.iter().all(|kp| validate_key_package(&kp.bytes).is_ok()));
 }
 
 #[test]
@@ -407,10 +413,9 @@ fn custom_key_package(
         .extensions(vec![ExtensionType::LastResort])
         .credentials(vec![CredentialType::Basic, CredentialType::X509])
         .build();
-    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities);
-    if let Some(lifetime) = lifetime {
-        builder = builder.key_package_lifetime(lifetime);
-    }
+    let now = Clock::system().now_secs();
+    let lifetime = lifetime.unwrap_or(Lifetime::init(now - 60, now + limits::KEY_PACKAGE_LIFETIME_SECS));
+    let builder = KeyPackage::builder().leaf_node_capabilities(capabilities).key_package_lifetime(lifetime);
     let credential = CredentialWithKey { credential, signature_key: c.signer.public().into() };
     builder
         .build(ciphersuite, &c.provider, &c.signer, credential)
@@ -441,9 +446,9 @@ fn validate_rejects_convention_and_policy_violations() {
     );
     assert_eq!(validate_key_package(&x509), Err(KeyPackageError::NotBasicCredential));
     let expired = custom_key_package(&c, CIPHERSUITE, own(), Some(Lifetime::init(0, 1)));
-    assert_eq!(validate_key_package(&expired), Err(KeyPackageError::BadLifetime));
+    assert!(matches!(validate_key_package(&expired), Err(KeyPackageError::Expired { not_after: 1, .. })));
     let too_long = custom_key_package(&c, CIPHERSUITE, own(), Some(Lifetime::new(10 * 365 * 86400)));
-    assert_eq!(validate_key_package(&too_long), Err(KeyPackageError::BadLifetime));
+    assert!(matches!(validate_key_package(&too_long), Err(KeyPackageError::LifetimeTooLong { .. })));
 
     // Clients refuse such packages too, whatever the server let through.
     let mut alice = client();
@@ -479,7 +484,7 @@ fn commits_and_welcomes_breaking_the_convention_are_refused() {
 fn last_resort_key_package_joins_several_groups() {
     let mut alice = client();
     let mut bob = client();
-    let last_resort = bob.last_resort_key_package().unwrap();
+    let last_resort = bob.last_resort_key_package().unwrap().bytes;
     for group in [b"first group".as_slice(), b"second group"] {
         alice.create_group(group).unwrap();
         let pending = alice.add_members(group, std::slice::from_ref(&last_resort)).unwrap();
@@ -501,4 +506,99 @@ fn last_resort_key_package_joins_several_groups() {
     }
     bob.join(&welcomes[0]).unwrap();
     assert!(matches!(bob.join(&welcomes[1]), Err(MlsError::NoMatchingKeyPackage)));
+}
+
+const DAY: u64 = 24 * 3600;
+
+/// A client whose clock runs a year behind the system clock.
+fn client_a_year_ago() -> MlsClient {
+    client().with_clock(Clock::with_offset_ms(-365 * DAY as i64 * 1000))
+}
+
+#[test]
+fn key_packages_carry_qpqs_lifetime_from_the_clients_clock() {
+    let c = client_a_year_ago();
+    let now = c.now_secs();
+    let kp = c.key_packages(1).unwrap().remove(0);
+    assert_eq!(kp.not_after, now + limits::KEY_PACKAGE_LIFETIME_SECS, "not openmls's 84-day default");
+    let parsed = KeyPackageIn::tls_deserialize_exact(&kp.bytes).unwrap();
+    let json = serde_json::to_value(&parsed).unwrap();
+    let lifetime = &json["payload"]["leaf_node"]["payload"]["leaf_node_source"]["KeyPackage"];
+    assert_eq!(lifetime["not_before"], now - limits::KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS);
+    assert_eq!(lifetime["not_after"], now + limits::KEY_PACKAGE_LIFETIME_SECS);
+}
+
+#[test]
+fn lifetimes_are_judged_by_the_given_clock_not_the_system_clock() {
+    // Made a year ago by the maker's clock: expired for openmls, valid as of that clock.
+    let c = client_a_year_ago();
+    let then = c.now_secs();
+    let kp = c.key_packages(1).unwrap().remove(0);
+    let v = super::validate_key_package(&kp.bytes, then).unwrap();
+    assert_eq!(v.identity, c.identity());
+    assert!(!v.last_resort);
+    assert_eq!(v.hash_ref, kp.hash_ref, "the converted package is the one that was signed");
+    assert_eq!(v.not_after, kp.not_after);
+    let lr = c.last_resort_key_package().unwrap();
+    let v = super::validate_key_package(&lr.bytes, then).unwrap();
+    assert!(v.last_resort);
+    assert_eq!(v.hash_ref, lr.hash_ref);
+    // The same packages as of the system clock's now, and as of just before they begin.
+    assert!(matches!(validate_key_package(&kp.bytes), Err(KeyPackageError::Expired { .. })));
+    let early = then - limits::KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS - 1;
+    assert!(matches!(
+        super::validate_key_package(&kp.bytes, early),
+        Err(KeyPackageError::NotYetValid { .. })
+    ));
+    // A fresh package is not yet valid for a verifier whose clock is a year behind.
+    let fresh = key_package(&client());
+    assert!(matches!(super::validate_key_package(&fresh, then), Err(KeyPackageError::NotYetValid { .. })));
+}
+
+#[test]
+fn a_package_expired_by_the_system_clock_still_needs_valid_signatures() {
+    // openmls reports a lifetime error only after every other check; a tampered old package
+    // must still fail on its signature, never pass on our clock's say-so.
+    let c = client_a_year_ago();
+    let then = c.now_secs();
+    let kp = c.key_packages(1).unwrap().remove(0).bytes;
+    let mut bad = kp.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x80;
+    assert_eq!(super::validate_key_package(&bad, then), Err(KeyPackageError::BadSignature));
+    for i in 0..kp.len() {
+        let mut flipped = kp.clone();
+        flipped[i] ^= 0x01;
+        if let Ok(v) = super::validate_key_package(&flipped, then) {
+            panic!("flip at {i} accepted: {v:?}");
+        }
+    }
+}
+
+#[test]
+fn lifetimes_longer_than_qpqs_maximum_are_refused() {
+    let c = client();
+    let own = || BasicCredential::new(c.identity().to_vec()).into();
+    let now = Clock::system().now_secs();
+    let max = limits::MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS;
+    let at_max = custom_key_package(&c, CIPHERSUITE, own(), Some(Lifetime::init(now - 10, now - 10 + max)));
+    assert!(validate_key_package(&at_max).is_ok());
+    let longer = custom_key_package(&c, CIPHERSUITE, own(), Some(Lifetime::init(now - 10, now - 9 + max)));
+    assert_eq!(validate_key_package(&longer), Err(KeyPackageError::LifetimeTooLong { range: max + 1, max }));
+}
+
+#[test]
+fn a_deleted_key_package_can_no_longer_be_joined() {
+    let mut alice = client();
+    let bob = client();
+    let kp = bob.key_packages(1).unwrap().remove(0);
+    assert!(bob.has_key_package(&kp.hash_ref));
+    alice.create_group(b"g").unwrap();
+    let pending = alice.add_members(b"g", std::slice::from_ref(&kp.bytes)).unwrap();
+    bob.delete_key_package(&kp.hash_ref).unwrap();
+    assert!(!bob.has_key_package(&kp.hash_ref));
+    let exported = bob.export_storage().unwrap();
+    let mut bob = MlsClient::from_storage(&rand::random(), &exported).unwrap();
+    assert!(matches!(bob.join(&pending.welcome.unwrap()), Err(MlsError::NoMatchingKeyPackage)));
+    bob.delete_key_package(&kp.hash_ref).expect("deleting twice is fine");
 }

@@ -147,6 +147,7 @@ impl ServerConfig {
             return Err(ConfigError::CertKeyPair);
         }
         let mut cfg = ServerConfig::new(data_dir, listen);
+        cfg.clock = Clock::from_env();
         cfg.cert = cert;
         cfg.key = key;
         if let Some(v) = file.max_payload_bytes {

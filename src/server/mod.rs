@@ -84,7 +84,8 @@ pub struct Shared {
     draining: AtomicBool,
     /// Open client connections, in all and per address, against their caps.
     admission: Arc<Admission>,
-    /// The server's clock: rate limits and hybrid key times read it (tests move it).
+    /// The server's clock: KeyPackage lifetimes, rate limits and hybrid key times read it
+    /// (tests move it).
     pub clock: crate::clock::Clock,
     /// Rate limits shared by every connection (per source address, per target key).
     pub rates: SharedRates,
@@ -302,6 +303,10 @@ fn spawn_sweeper(shared: Arc<Shared>) {
                 _ = shared.shutdown.cancelled() => return,
             }
             sweep_once(&shared).await;
+            match shared.store.write(WriteOp::ExpireKeyPackages { now: shared.clock.now_secs() }).await {
+                Ok(out) => tracing::debug!(?out, "expired key packages deleted"),
+                Err(e) => tracing::warn!(error = %e, "key package expiry failed"),
+            }
         }
     });
 }

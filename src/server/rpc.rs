@@ -20,7 +20,7 @@ use crate::limits;
 use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
 use crate::proto::wire_error::{ErrorCode, WireError};
-use crate::store::{IdentityKey, Outcome, StoreError, StoredMessage, WriteOp};
+use crate::store::{IdentityKey, KeyPackageEntry, Outcome, StoreError, StoredMessage, WriteOp};
 use crate::transport;
 
 /// A malformed or out-of-range parameter (code `badRequest`).
@@ -262,7 +262,8 @@ impl node_service::Server for NodeServiceImpl {
             let _call = self.shared.call_guard()?;
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
             self.take_key_package_token(&who)?;
-            match self.shared.store.write(WriteOp::TakeKeyPackage { who }).await.map_err(store_err)? {
+            let now = self.shared.clock.now_secs();
+            match self.shared.store.write(WriteOp::TakeKeyPackage { who, now }).await.map_err(store_err)? {
                 Outcome::KeyPackage { bytes, remaining, last_resort } => {
                     let mut r = results.get();
                     r.set_key_package(&bytes);
@@ -431,23 +432,18 @@ impl account::Server for AccountImpl {
                     limits::MAX_KEY_PACKAGES_PER_UPLOAD
                 )));
             }
+            // One reading of the clock judges the whole upload.
+            let now = self.shared.clock.now_secs();
             let mut packages = Vec::with_capacity(list.len() as usize);
             for kp in list.iter() {
-                let kp = kp?;
-                self.check_key_package(kp, false)?;
-                packages.push(kp.to_vec());
+                packages.push(self.check_key_package(kp?, false, now)?);
             }
             let lr = p.get_last_resort()?;
-            let last_resort = if lr.is_empty() {
-                None
-            } else {
-                self.check_key_package(lr, true)?;
-                Some(lr.to_vec())
-            };
+            let last_resort = if lr.is_empty() { None } else { Some(self.check_key_package(lr, true, now)?) };
             if packages.is_empty() && last_resort.is_none() {
                 return Err(failed("nothing to upload"));
             }
-            let op = WriteOp::UploadKeyPackages { who: self.who, packages, last_resort };
+            let op = WriteOp::UploadKeyPackages { who: self.who, packages, last_resort, now };
             match self.shared.store.write(op).await.map_err(store_err)? {
                 Outcome::KeyPackagesStored { count } => {
                     results.get().set_count(u32::try_from(count).unwrap_or(u32::MAX));
@@ -463,7 +459,8 @@ impl account::Server for AccountImpl {
         _: account::KeyPackageCountParams,
         mut results: account::KeyPackageCountResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let res = self.shared.store.key_package_count(&self.who).map_err(store_err).map(|(n, lr)| {
+        let now = self.shared.clock.now_secs();
+        let res = self.shared.store.key_package_count(&self.who, now).map_err(store_err).map(|(n, lr)| {
             let mut r = results.get();
             r.set_count(u32::try_from(n).unwrap_or(u32::MAX));
             r.set_has_last_resort(lr);
@@ -599,7 +596,14 @@ fn acked(written: Result<Outcome, StoreError>) -> Result<u32, Error> {
 }
 
 impl AccountImpl {
-    fn check_key_package(&self, bytes: &[u8], want_last_resort: bool) -> Result<(), Error> {
+    /// Verifies an uploaded package, its lifetime as of `now` (the server's clock, unix seconds)
+    /// included: an expired, not yet valid or overlong one is refused (RFC 9420 §7.2).
+    fn check_key_package(
+        &self,
+        bytes: &[u8],
+        want_last_resort: bool,
+        now: u64,
+    ) -> Result<KeyPackageEntry, Error> {
         if bytes.len() > limits::MAX_KEY_PACKAGE_BYTES {
             return Err(failed(format!(
                 "invalid key package: too large: {} > {} bytes",
@@ -607,7 +611,7 @@ impl AccountImpl {
                 limits::MAX_KEY_PACKAGE_BYTES
             )));
         }
-        let kp = mls::validate_key_package(bytes).map_err(|e| failed(e.to_string()))?;
+        let kp = mls::validate_key_package(bytes, now).map_err(|e| failed(e.to_string()))?;
         if kp.identity != self.who {
             return Err(failed("invalid key package: credential identity is not the authenticated key"));
         }
@@ -616,7 +620,7 @@ impl AccountImpl {
             (false, true) => {
                 Err(failed("invalid key package: last-resort package lacks the last_resort extension"))
             }
-            _ => Ok(()),
+            _ => Ok(KeyPackageEntry { not_after: kp.not_after, bytes: bytes.to_vec() }),
         }
     }
 }

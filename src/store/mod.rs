@@ -14,13 +14,17 @@
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload |
 //! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes) |
 //! | `channels` | channel id | last channel_seq handed out |
-//! | `key_packages` | identity (32) ‖ id (u64 BE) | KeyPackage bytes (TLS encoding) |
-//! | `key_package_meta` | identity (32) | (next_id, count) |
-//! | `last_resort` | identity (32) | last-resort KeyPackage bytes |
+//! | `key_packages` | identity (32) ‖ id (u64 BE) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ KeyPackage bytes (TLS encoding) |
+//! | `key_package_meta` | identity (32) | (next_id, rows in `key_packages`, expired ones included until deleted) |
+//! | `last_resort` | identity (32) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ last-resort KeyPackage bytes |
 //! | `hybrid_keys` | identity (32) | signature (64) ‖ created_at_ms (8, BE) ‖ hybrid public key |
 //!
 //! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
 //! range scan.
+//!
+//! KeyPackages carry their `not_after` so the server never hands out an expired one: taking or
+//! uploading deletes the identity's expired ones it meets, counts leave them out, and
+//! [`WriteOp::ExpireKeyPackages`] (run with the sweep) deletes the rest.
 
 mod notifier;
 mod writer;
@@ -37,8 +41,9 @@ use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
 /// Version of the table layout above; bumped on any incompatible change. 2: `hybrid_keys`
-/// values carry the signed creation time.
-pub const SCHEMA_VERSION: u64 = 2;
+/// values carry the signed creation time. 3: `key_packages` and `last_resort` values start
+/// with the package's not_after.
+pub const SCHEMA_VERSION: u64 = 3;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
@@ -128,6 +133,41 @@ pub(crate) fn decode_hybrid_key(v: &[u8]) -> Result<SignedHybridKey, StoreError>
 
 /// A `queue` value split in place: (enqueued_at_ms, channel_seq, channel, payload).
 type EntryParts<'a> = (u64, u64, &'a [u8], &'a [u8]);
+/// A stored KeyPackage: its lifetime's end (unix seconds) and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageEntry {
+    pub not_after: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl KeyPackageEntry {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + self.bytes.len());
+        v.extend_from_slice(&self.not_after.to_be_bytes());
+        v.extend_from_slice(&self.bytes);
+        v
+    }
+
+    /// The not_after alone, without copying the package.
+    pub(crate) fn decode_not_after(v: &[u8]) -> Result<u64, StoreError> {
+        let (head, _) = v
+            .split_first_chunk::<8>()
+            .ok_or_else(|| StoreError::Db("corrupt key package entry".to_string()))?;
+        Ok(u64::from_be_bytes(*head))
+    }
+
+    pub(crate) fn decode(v: &[u8]) -> Result<KeyPackageEntry, StoreError> {
+        let (head, bytes) = v
+            .split_first_chunk::<8>()
+            .ok_or_else(|| StoreError::Db("corrupt key package entry".to_string()))?;
+        Ok(KeyPackageEntry { not_after: u64::from_be_bytes(*head), bytes: bytes.to_vec() })
+    }
+
+    /// Usable at `now` (unix seconds): RFC 9420 §7.2 validity ends at not_after.
+    pub(crate) fn is_valid_at(not_after: u64, now: u64) -> bool {
+        not_after > now
+    }
+}
 
 /// One message waiting in a recipient's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,12 +378,24 @@ impl Store {
         Ok((out, false))
     }
 
-    /// Single-use KeyPackages stored for `who`, and whether it has a last-resort one.
-    pub fn key_package_count(&self, who: &IdentityKey) -> Result<(u64, bool), StoreError> {
+    /// Single-use KeyPackages of `who` still valid at `now` (unix seconds), and whether it has a
+    /// valid last-resort one. Expired ones are left out (and deleted by the next write that
+    /// meets them). At most [`limits::MAX_KEY_PACKAGES_PER_IDENTITY`] rows are read.
+    pub fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
         let txn = self.db.begin_read()?;
-        let meta = txn.open_table(KEY_PACKAGE_META)?;
-        let count = meta.get(&who[..])?.map(|g| g.value().1).unwrap_or(0);
-        let lr = txn.open_table(LAST_RESORT)?.get(&who[..])?.is_some();
+        let table = txn.open_table(KEY_PACKAGES)?;
+        let (start, end) = (writer::kp_key(who, 0), writer::kp_key(who, u64::MAX));
+        let mut count = 0;
+        for entry in table.range(&start[..]..=&end[..])? {
+            let (_, v) = entry?;
+            if KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
+                count += 1;
+            }
+        }
+        let lr = match txn.open_table(LAST_RESORT)?.get(&who[..])? {
+            Some(v) => KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now),
+            None => false,
+        };
         Ok((count, lr))
     }
 
@@ -414,7 +466,7 @@ mod tests {
         }
         let err = Store::open(&path, lim).err().expect("an older layout is refused");
         assert!(matches!(err, StoreError::SchemaVersion { found: 1, .. }), "{err}");
-        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 2"), "{err}");
+        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 3"), "{err}");
     }
 
     #[tokio::test]
@@ -515,6 +567,87 @@ mod tests {
             .unwrap();
         let (msgs, _) = store.fetch(&who, 0, 10, 1 << 20).unwrap();
         assert_eq!(msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"ok".to_vec()]);
+        store.close().unwrap();
+    }
+
+    fn kp(not_after: u64, tag: u8) -> KeyPackageEntry {
+        KeyPackageEntry { not_after, bytes: vec![tag; 4] }
+    }
+
+    async fn take(store: &Store, who: IdentityKey, now: u64) -> Result<Outcome, StoreError> {
+        store.write(WriteOp::TakeKeyPackage { who, now }).await
+    }
+
+    #[tokio::test]
+    async fn nobody_is_handed_an_expired_key_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
+        let who = [3u8; 32];
+        let now = 1_000_000;
+        let packages = vec![kp(now + 10, 1), kp(now + 100, 2), kp(now + 10, 3)];
+        let op = WriteOp::UploadKeyPackages { who, packages, last_resort: Some(kp(now + 50, 9)), now };
+        assert_eq!(store.write(op).await.unwrap(), Outcome::KeyPackagesStored { count: 3 });
+        assert_eq!(store.key_package_count(&who, now).unwrap(), (3, true));
+        // Later: 1 and 3 have expired (not_after is the first second they are invalid).
+        let later = now + 10;
+        assert_eq!(store.key_package_count(&who, later).unwrap(), (1, true), "only valid ones count");
+        assert_eq!(
+            take(&store, who, later).await.unwrap(),
+            Outcome::KeyPackage { bytes: vec![2; 4], remaining: 1, last_resort: false },
+            "the expired first package is skipped (and deleted)"
+        );
+        assert_eq!(
+            take(&store, who, later).await.unwrap(),
+            Outcome::KeyPackage { bytes: vec![9; 4], remaining: 0, last_resort: true }
+        );
+        assert_eq!(store.key_package_count(&who, later).unwrap(), (0, true));
+        // Once the last-resort package expires too, there is nothing to hand out.
+        assert!(matches!(take(&store, who, now + 50).await, Err(StoreError::NoKeyPackages)));
+        assert_eq!(store.key_package_count(&who, now).unwrap(), (0, false), "the expired one was deleted");
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn expired_key_packages_are_deleted_and_free_the_pool_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
+        let (alice, bob) = ([1u8; 32], [2u8; 32]);
+        let now = 1_000_000;
+        let full: Vec<_> = (0..limits::MAX_KEY_PACKAGES_PER_IDENTITY).map(|_| kp(now + 10, 1)).collect();
+        let op = WriteOp::UploadKeyPackages { who: alice, packages: full.clone(), last_resort: None, now };
+        store.write(op).await.unwrap();
+        let op = WriteOp::UploadKeyPackages {
+            who: alice,
+            packages: vec![kp(now + 99, 2)],
+            last_resort: None,
+            now,
+        };
+        assert!(matches!(store.write(op).await, Err(StoreError::PoolFull { .. })));
+        // After they expired, an upload makes room for itself.
+        let later = now + 10;
+        let op = WriteOp::UploadKeyPackages {
+            who: alice,
+            packages: vec![kp(later + 99, 2)],
+            last_resort: None,
+            now: later,
+        };
+        assert_eq!(store.write(op).await.unwrap(), Outcome::KeyPackagesStored { count: 1 });
+        // The sweep deletes everyone's expired packages and last-resort ones.
+        let op = WriteOp::UploadKeyPackages {
+            who: bob,
+            packages: vec![kp(now + 10, 3), kp(now + 99, 4)],
+            last_resort: Some(kp(now + 10, 5)),
+            now,
+        };
+        store.write(op).await.unwrap();
+        assert_eq!(
+            store.write(WriteOp::ExpireKeyPackages { now: later }).await.unwrap(),
+            Outcome::KeyPackagesExpired { removed: 2 }
+        );
+        assert_eq!(store.key_package_count(&bob, now).unwrap(), (1, false), "deleted, not just hidden");
+        assert_eq!(store.key_package_count(&alice, now).unwrap(), (1, false));
+        let op = WriteOp::UploadKeyPackages { who: alice, packages: full, last_resort: None, now: later };
+        assert!(matches!(store.write(op).await, Err(StoreError::PoolFull { have: 1, .. })));
         store.close().unwrap();
     }
 }

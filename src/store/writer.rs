@@ -19,8 +19,8 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, LAST_RESORT, META, Notifier, QUEUE,
-    QUEUE_META, QueueLimits, STORED_BYTES, StoreError, StoredMessage, now_ms, queue_key,
+    CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry, LAST_RESORT, META,
+    Notifier, QUEUE, QUEUE_META, QueueLimits, STORED_BYTES, StoreError, StoredMessage, now_ms, queue_key,
 };
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
@@ -32,10 +32,19 @@ pub enum WriteOp {
     Enqueue { channel: Vec<u8>, items: Vec<(IdentityKey, Vec<u8>)> },
     /// Delete `who`'s messages with seq <= `up_to`.
     Ack { who: IdentityKey, up_to: u64 },
-    /// Add single-use KeyPackages and optionally replace the last-resort one (already validated).
-    UploadKeyPackages { who: IdentityKey, packages: Vec<Vec<u8>>, last_resort: Option<Vec<u8>> },
-    /// Remove and return one KeyPackage of `who`, or its last-resort one.
-    TakeKeyPackage { who: IdentityKey },
+    /// Add single-use KeyPackages and optionally replace the last-resort one (already validated
+    /// as of `now`, unix seconds); `who`'s expired packages are deleted first.
+    UploadKeyPackages {
+        who: IdentityKey,
+        packages: Vec<KeyPackageEntry>,
+        last_resort: Option<KeyPackageEntry>,
+        now: u64,
+    },
+    /// Remove and return one KeyPackage of `who` valid at `now` (unix seconds), or its
+    /// last-resort one if that is still valid; expired ones met on the way are deleted.
+    TakeKeyPackage { who: IdentityKey, now: u64 },
+    /// Delete every KeyPackage (single-use or last-resort) expired at `now` (unix seconds).
+    ExpireKeyPackages { now: u64 },
     /// Replace `who`'s hybrid key (signature already verified).
     PutHybridKey { who: IdentityKey, signed: SignedHybridKey },
     /// Delete messages that have expired as of `now_ms` (ms since the Unix epoch), and rows too
@@ -62,6 +71,9 @@ pub enum Outcome {
         bytes: Vec<u8>,
         remaining: u64,
         last_resort: bool,
+    },
+    KeyPackagesExpired {
+        removed: u64,
     },
     HybridKeyStored,
     /// `resume`: the key to pass as `after` for the next slice; None when the table is done.
@@ -181,10 +193,11 @@ fn apply_batch(
         let out = match op {
             WriteOp::Enqueue { channel, items } => enqueue(&txn, limits, channel, items, woken),
             WriteOp::Ack { who, up_to } => ack(&txn, who, *up_to),
-            WriteOp::UploadKeyPackages { who, packages, last_resort } => {
-                upload_key_packages(&txn, who, packages, last_resort.as_deref())
+            WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
+                upload_key_packages(&txn, who, packages, last_resort.as_ref(), *now)
             }
-            WriteOp::TakeKeyPackage { who } => take_key_package(&txn, who),
+            WriteOp::TakeKeyPackage { who, now } => take_key_package(&txn, who, *now),
+            WriteOp::ExpireKeyPackages { now } => expire_key_packages(&txn, *now),
             WriteOp::PutHybridKey { who, signed } => put_hybrid_key(&txn, who, signed),
             WriteOp::Sweep { now_ms, after } => sweep(&txn, limits, *now_ms, after),
         };
@@ -319,58 +332,137 @@ fn put_hybrid_key(
     Ok(Outcome::HybridKeyStored)
 }
 
-fn kp_key(who: &IdentityKey, id: u64) -> [u8; 40] {
+pub(super) fn kp_key(who: &IdentityKey, id: u64) -> [u8; 40] {
     queue_key(who, id)
+}
+
+/// Deletes `who`'s single-use packages expired at `now`; returns how many rows are left.
+fn prune_key_packages(txn: &WriteTransaction, who: &IdentityKey, now: u64) -> Result<u64, StoreError> {
+    let mut table = txn.open_table(KEY_PACKAGES)?;
+    let (start, end) = (kp_key(who, 0), kp_key(who, u64::MAX));
+    let mut doomed = Vec::new();
+    for entry in table.range(&start[..]..=&end[..])? {
+        let (k, v) = entry?;
+        if !KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
+            doomed.push(k.value().to_vec());
+        }
+    }
+    for k in &doomed {
+        table.remove(&k[..])?;
+    }
+    let mut meta = txn.open_table(KEY_PACKAGE_META)?;
+    let (next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
+    let left = count.saturating_sub(doomed.len() as u64);
+    if !doomed.is_empty() {
+        meta.insert(&who[..], (next, left))?;
+    }
+    Ok(left)
 }
 
 fn upload_key_packages(
     txn: &WriteTransaction,
     who: &IdentityKey,
-    packages: &[Vec<u8>],
-    last_resort: Option<&[u8]>,
+    packages: &[KeyPackageEntry],
+    last_resort: Option<&KeyPackageEntry>,
+    now: u64,
 ) -> Result<Outcome, StoreError> {
+    // Expired packages must not count against the cap: a returning user could never refill.
+    let count = prune_key_packages(txn, who, now)?;
     let mut meta = txn.open_table(KEY_PACKAGE_META)?;
-    let (mut next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
+    let (mut next, _) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
     let adding = packages.len() as u64;
     if count + adding > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
         return Err(StoreError::PoolFull { have: count, adding, max: limits::MAX_KEY_PACKAGES_PER_IDENTITY });
     }
     let mut table = txn.open_table(KEY_PACKAGES)?;
     for kp in packages {
-        table.insert(&kp_key(who, next)[..], &kp[..])?;
+        table.insert(&kp_key(who, next)[..], &kp.encode()[..])?;
         next += 1;
     }
     meta.insert(&who[..], (next, count + adding))?;
     if let Some(lr) = last_resort {
-        txn.open_table(LAST_RESORT)?.insert(&who[..], lr)?;
+        txn.open_table(LAST_RESORT)?.insert(&who[..], &lr.encode()[..])?;
     }
     Ok(Outcome::KeyPackagesStored { count: count + adding })
 }
 
-fn take_key_package(txn: &WriteTransaction, who: &IdentityKey) -> Result<Outcome, StoreError> {
+fn take_key_package(txn: &WriteTransaction, who: &IdentityKey, now: u64) -> Result<Outcome, StoreError> {
     let mut table = txn.open_table(KEY_PACKAGES)?;
-    let start = kp_key(who, 0);
-    let end = kp_key(who, u64::MAX);
-    let first = match table.range(&start[..]..=&end[..])?.next() {
-        Some(entry) => {
-            let (k, v) = entry?;
-            Some((k.value().to_vec(), v.value().to_vec()))
+    let (start, end) = (kp_key(who, 0), kp_key(who, u64::MAX));
+    let mut expired = Vec::new();
+    let mut found = None;
+    for entry in table.range(&start[..]..=&end[..])? {
+        let (k, v) = entry?;
+        let kp = KeyPackageEntry::decode(v.value())?;
+        if KeyPackageEntry::is_valid_at(kp.not_after, now) {
+            found = Some((k.value().to_vec(), kp.bytes));
+            break;
         }
-        None => None,
-    };
-    if let Some((k, bytes)) = first {
+        expired.push(k.value().to_vec());
+    }
+    let removed = expired.len() as u64 + u64::from(found.is_some());
+    for k in expired.iter().chain(found.as_ref().map(|(k, _)| k)) {
         table.remove(&k[..])?;
+    }
+    let mut remaining = 0;
+    if removed > 0 {
         let mut meta = txn.open_table(KEY_PACKAGE_META)?;
-        let (next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 1));
-        let remaining = count.saturating_sub(1);
+        let (next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, removed));
+        remaining = count.saturating_sub(removed);
         meta.insert(&who[..], (next, remaining))?;
+    }
+    if let Some((_, bytes)) = found {
+        // Rows after the one taken may have expired too; `remaining` is an upper bound until
+        // they are met (the count RPC reports the exact number of valid ones).
         return Ok(Outcome::KeyPackage { bytes, remaining, last_resort: false });
     }
-    let lr = txn.open_table(LAST_RESORT)?;
-    match lr.get(&who[..])? {
-        Some(v) => Ok(Outcome::KeyPackage { bytes: v.value().to_vec(), remaining: 0, last_resort: true }),
+    let mut lr = txn.open_table(LAST_RESORT)?;
+    let last = match lr.get(&who[..])? {
+        Some(v) => Some(KeyPackageEntry::decode(v.value())?),
+        None => None,
+    };
+    match last {
+        Some(kp) if KeyPackageEntry::is_valid_at(kp.not_after, now) => {
+            Ok(Outcome::KeyPackage { bytes: kp.bytes, remaining: 0, last_resort: true })
+        }
+        Some(_) => {
+            lr.remove(&who[..])?;
+            Err(StoreError::NoKeyPackages)
+        }
         None => Err(StoreError::NoKeyPackages),
     }
+}
+
+fn expire_key_packages(txn: &WriteTransaction, now: u64) -> Result<Outcome, StoreError> {
+    let mut table = txn.open_table(KEY_PACKAGES)?;
+    let mut doomed: Vec<Vec<u8>> = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        if !KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
+            doomed.push(k.value().to_vec());
+        }
+    }
+    let mut meta = txn.open_table(KEY_PACKAGE_META)?;
+    for k in &doomed {
+        table.remove(&k[..])?;
+        let who = k.get(..32).ok_or_else(|| StoreError::Db("corrupt key package key".to_string()))?;
+        let current = meta.get(who)?.map(|g| g.value());
+        if let Some((next, count)) = current {
+            meta.insert(who, (next, count.saturating_sub(1)))?;
+        }
+    }
+    let mut lr = txn.open_table(LAST_RESORT)?;
+    let mut dead_lr: Vec<Vec<u8>> = Vec::new();
+    for entry in lr.iter()? {
+        let (k, v) = entry?;
+        if !KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
+            dead_lr.push(k.value().to_vec());
+        }
+    }
+    for k in &dead_lr {
+        lr.remove(&k[..])?;
+    }
+    Ok(Outcome::KeyPackagesExpired { removed: (doomed.len() + dead_lr.len()) as u64 })
 }
 
 fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {

@@ -1,0 +1,193 @@
+//! Our KeyPackages over their lifetimes: what the server holds for us, when to replace it, and
+//! when the private keys of superseded packages are deleted.
+//!
+//! Every package lives [`limits::KEY_PACKAGE_LIFETIME_SECS`] (28 days) by our clock. The policy:
+//! - **Replace by age.** In every receive round (and on `qpq keys rotate`) the client uploads a
+//!   fresh pool of single-use packages and a new last-resort one once the newest it published
+//!   is [`limits::KEY_PACKAGE_REPLACE_AFTER_SECS`] (14 days) old. Older packages the server still
+//!   holds stay valid and are handed out first; the server deletes them when they expire.
+//! - **Refill by count.** After a Welcome used one of ours, the pool is topped up to
+//!   [`KEY_PACKAGE_POOL`] when fewer than [`KEY_PACKAGE_REFILL_BELOW`] valid ones are left, and
+//!   a used last-resort package is replaced.
+//! - **Delete superseded keys.** The private keys of a package are kept until its `not_after`
+//!   plus [`limits::KEY_PACKAGE_KEY_RETENTION_SECS`] (a Welcome to it may wait that long in a
+//!   queue), then deleted from the MLS storage. openmls already deletes a single-use package's
+//!   keys when a Welcome uses it; the rest (never used, or last-resort) go by this rule. We
+//!   judge by time rather than by asking the server, so a server that lies about what it holds
+//!   cannot make us keep or lose keys.
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::messenger::{ClientError, KEY_PACKAGE_POOL, KEY_PACKAGE_REFILL_BELOW, Messenger};
+use crate::limits;
+use crate::mls::{MlsClient, MlsError, NewKeyPackage};
+
+/// One KeyPackage we published and whose private keys we may still hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// Its KeyPackageRef (RFC 9420 §5.2).
+    pub hash_ref: Vec<u8>,
+    /// End of its lifetime (unix seconds, our clock).
+    pub not_after: u64,
+    pub last_resort: bool,
+}
+
+/// The KeyPackages we published, newest last (kept in the client state).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPool {
+    pub published: Vec<Published>,
+}
+
+impl KeyPool {
+    /// Remembers packages about to be published.
+    pub fn record(&mut self, packages: &[NewKeyPackage], last_resort: bool) {
+        self.published.extend(packages.iter().map(|p| Published {
+            hash_ref: p.hash_ref.clone(),
+            not_after: p.not_after,
+            last_resort,
+        }));
+    }
+
+    /// True when the newest package of that kind is old enough to be replaced (or none exists).
+    pub fn replacement_due(&self, last_resort: bool, now: u64) -> bool {
+        let newest =
+            self.published.iter().filter(|p| p.last_resort == last_resort).map(|p| p.not_after).max();
+        match newest {
+            None => true,
+            Some(not_after) => {
+                let made_at = not_after.saturating_sub(limits::KEY_PACKAGE_LIFETIME_SECS);
+                now >= made_at.saturating_add(limits::KEY_PACKAGE_REPLACE_AFTER_SECS)
+            }
+        }
+    }
+
+    /// Forgets and returns the packages whose private keys may go as of `now`: past their
+    /// `not_after` by the retention margin.
+    pub fn take_superseded(&mut self, now: u64) -> Vec<Published> {
+        let (gone, kept) = std::mem::take(&mut self.published)
+            .into_iter()
+            .partition(|p| p.not_after.saturating_add(limits::KEY_PACKAGE_KEY_RETENTION_SECS) <= now);
+        self.published = kept;
+        gone
+    }
+}
+
+/// Deletes the private keys of every superseded package; returns how many went.
+pub fn delete_superseded(pool: &mut KeyPool, mls: &MlsClient, now: u64) -> Result<usize, MlsError> {
+    let gone = pool.take_superseded(now);
+    for p in &gone {
+        mls.delete_key_package(&p.hash_ref)?;
+    }
+    Ok(gone.len())
+}
+
+impl Messenger {
+    /// True when [`Messenger::maintain_key_packages`] has work that needs no server round trip
+    /// to discover: a replacement by age, or keys to delete.
+    pub(crate) fn key_packages_due(&self) -> bool {
+        let now = self.mls.now_secs();
+        let pool = &self.home.state.key_pool;
+        pool.replacement_due(false, now)
+            || pool.replacement_due(true, now)
+            || pool
+                .published
+                .iter()
+                .any(|p| p.not_after.saturating_add(limits::KEY_PACKAGE_KEY_RETENTION_SECS) <= now)
+    }
+
+    /// Publishes a fresh KeyPackage pool and last-resort package now (`qpq keys rotate`);
+    /// returns how many single-use ones.
+    pub async fn rotate_key_packages(&mut self) -> Result<usize, ClientError> {
+        self.maintain_key_packages(true).await
+    }
+
+    /// Per-round upkeep of our KeyPackages (see the module header). `force` replaces the pool
+    /// and the last-resort package whatever their age (`qpq keys rotate`). Returns how many
+    /// single-use packages were uploaded.
+    pub(crate) async fn maintain_key_packages(&mut self, force: bool) -> Result<usize, ClientError> {
+        let _op = self.begin()?;
+        let now = self.mls.now_secs();
+        if delete_superseded(&mut self.home.state.key_pool, &self.mls, now)? > 0 {
+            self.persist()?;
+        }
+        let pool = &self.home.state.key_pool;
+        let replace_pool = force || pool.replacement_due(false, now);
+        let replace_lr = force || pool.replacement_due(true, now) || self.home.state.rotate_last_resort;
+        if !(replace_pool || replace_lr || self.kp_check) {
+            return Ok(0);
+        }
+        self.kp_check = false;
+        // The server counts only packages still valid by its clock.
+        let (count, has_lr) = self.session()?.key_package_count().await?;
+        let count = count as usize;
+        let room = (limits::MAX_KEY_PACKAGES_PER_IDENTITY as usize).saturating_sub(count);
+        let n = if replace_pool {
+            KEY_PACKAGE_POOL
+        } else if count < KEY_PACKAGE_REFILL_BELOW as usize {
+            KEY_PACKAGE_POOL.saturating_sub(count)
+        } else {
+            0
+        }
+        .min(room);
+        let rotate = replace_lr || !has_lr;
+        if n == 0 && !rotate {
+            return Ok(0);
+        }
+        let kps = self.mls.key_packages(n)?;
+        let lr = if rotate { Some(self.mls.last_resort_key_package()?) } else { None };
+        self.home.state.key_pool.record(&kps, false);
+        if let Some(lr) = &lr {
+            self.home.state.key_pool.record(std::slice::from_ref(lr), true);
+            self.home.state.last_resort_ref = lr.hash_ref.clone();
+        }
+        // Private keys must be durable before the public halves are published.
+        self.persist()?;
+        let bytes: Vec<Vec<u8>> = kps.into_iter().map(|k| k.bytes).collect();
+        self.session()?.upload_key_packages(&bytes, lr.as_ref().map(|l| l.bytes.as_slice())).await?;
+        if rotate {
+            self.home.state.rotate_last_resort = false;
+        }
+        self.home.save()?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 24 * 3600;
+
+    fn made_at(t: u64, last_resort: bool, tag: u8) -> Published {
+        Published { hash_ref: vec![tag], not_after: t + limits::KEY_PACKAGE_LIFETIME_SECS, last_resort }
+    }
+
+    #[test]
+    fn packages_are_replaced_after_half_their_lifetime() {
+        let t0 = 1_000_000_000;
+        let mut pool = KeyPool::default();
+        assert!(pool.replacement_due(false, t0), "nothing published yet");
+        pool.published = vec![made_at(t0, false, 1), made_at(t0, true, 2)];
+        assert!(!pool.replacement_due(false, t0 + 13 * DAY));
+        assert!(!pool.replacement_due(true, t0 + 13 * DAY));
+        assert!(pool.replacement_due(false, t0 + 14 * DAY));
+        assert!(pool.replacement_due(true, t0 + 14 * DAY));
+        // The newest package of each kind decides.
+        pool.published.push(made_at(t0 + 10 * DAY, false, 3));
+        assert!(!pool.replacement_due(false, t0 + 20 * DAY));
+        assert!(pool.replacement_due(true, t0 + 20 * DAY));
+    }
+
+    #[test]
+    fn keys_are_superseded_only_after_expiry_plus_the_retention_margin() {
+        let t0 = 1_000_000_000;
+        let mut pool = KeyPool { published: vec![made_at(t0, false, 1), made_at(t0 + 5 * DAY, true, 2)] };
+        let expiry = t0 + limits::KEY_PACKAGE_LIFETIME_SECS;
+        assert!(pool.take_superseded(expiry).is_empty(), "a welcome may still be on its way");
+        let margin = limits::KEY_PACKAGE_KEY_RETENTION_SECS;
+        assert!(pool.take_superseded(expiry + margin - 1).is_empty());
+        let gone = pool.take_superseded(expiry + margin);
+        assert_eq!(gone.iter().map(|p| p.hash_ref.clone()).collect::<Vec<_>>(), vec![vec![1]]);
+        assert_eq!(pool.published.len(), 1, "the younger one stays");
+    }
+}
