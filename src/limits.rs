@@ -82,3 +82,43 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// A QUIC handshake that has not finished by then gives its connection slot back (a forged or
 /// stalled client must not hold it for the whole idle timeout).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+// ----- what strangers can make a client home hold (consent, `client::requests`) -----
+
+/// Most message requests (invitations from keys that are not contacts) kept at once: a list a
+/// person can still review; more are dropped until some are accepted, blocked or expire.
+pub const MAX_REQUESTS: usize = 50;
+/// Most requests from one key, so a single stranger cannot take every slot.
+pub const MAX_REQUESTS_PER_SENDER: usize = 3;
+/// Most bytes all requests together keep (their Welcomes and the messages held for them).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Most messages held for one request until it is accepted: the start of a conversation.
+pub const MAX_HELD_PER_REQUEST: usize = 20;
+/// A request not answered within this time is dropped (30 days, the server's message TTL).
+pub const REQUEST_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most blocked keys remembered (32 bytes each): far more than a person blocks by hand.
+pub const MAX_BLOCKED: usize = 10_000;
+/// Characters of a request's first message shown as its preview.
+pub const REQUEST_PREVIEW_CHARS: usize = 80;
+
+/// Most messages kept for groups we know nothing of yet (a Welcome that comes late).
+pub const MAX_ORPHANS: usize = 100;
+/// Most bytes such messages keep together.
+pub const MAX_ORPHAN_BYTES: usize = 1024 * 1024;
+/// How long such messages are kept before each receive round drops them.
+pub const ORPHAN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Most bytes of message text kept per conversation for `history` (besides the entry count
+/// limit): the oldest go first.
+pub const MAX_HISTORY_BYTES_PER_CONVERSATION: usize = 2 * 1024 * 1024;
+/// Most bytes of unread text kept for `recv`; past it the oldest unread entries leave the
+/// inbox (they stay in history).
+pub const MAX_INBOX_BYTES: usize = 8 * 1024 * 1024;
+/// Most unread entries kept for `recv` (many tiny messages cost more than their text).
+pub const MAX_INBOX_ENTRIES: usize = 10_000;
+
+/// What strangers (keys we never accepted) can add to a home at most: requests, orphans and
+/// the block list, plus each request's bookkeeping (a KeyPackage private key of a few KiB kept
+/// for the later join, names, times). Whatever a stranger sends, a home grows by no more.
+pub const MAX_STRANGER_BYTES: usize =
+    MAX_REQUEST_BYTES + MAX_ORPHAN_BYTES + MAX_BLOCKED * 32 + MAX_REQUESTS * 8 * 1024;

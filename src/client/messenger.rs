@@ -25,9 +25,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::session::{Session, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Secrets, State, StateError, Unlock};
+use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
 use crate::fsutil::HomeLock;
+use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
 
@@ -35,10 +37,6 @@ use crate::transport::{Fingerprint, Pin};
 pub const KEY_PACKAGE_POOL: usize = 20;
 /// Refill when the server holds fewer than this many.
 pub const KEY_PACKAGE_REFILL_BELOW: u32 = 5;
-/// Most messages for not-yet-joined groups kept while waiting for their Welcome.
-pub const MAX_ORPHANS: usize = 1000;
-/// How long such messages are kept.
-pub const ORPHAN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Longest text message (after the envelope and MLS overhead it stays under the DS limit).
 pub const MAX_TEXT_BYTES: usize = 200 * 1024;
 
@@ -87,6 +85,16 @@ pub enum ClientError {
     CommitTimeout,
     #[error("that is your own key")]
     SelfTarget,
+    #[error("no message request {0}: see `qpq requests`")]
+    NoRequest(String),
+    #[error(
+        "the invitation from {who} can no longer be accepted: its key package is gone (expired); ask them to invite you again"
+    )]
+    RequestKeyPackageGone { who: String },
+    #[error("the block list is full ({0} keys): unblock some first")]
+    BlockListFull(usize),
+    #[error("{0} is not blocked")]
+    NotBlocked(String),
 }
 
 /// Something that happened while processing incoming messages.
@@ -96,6 +104,8 @@ pub enum Event {
     Message(Entry),
     /// We joined a group.
     Joined { group_id: Vec<u8>, by: [u8; 32] },
+    /// A key that is not a contact invited us (a message request, see `client::requests`).
+    Request { group_id: Vec<u8>, from: [u8; 32] },
     /// Members were added or removed by a commit.
     Membership { group_id: Vec<u8>, by: [u8; 32], added: Vec<[u8; 32]>, removed: Vec<[u8; 32]> },
     /// We were removed from a group (or our leave was committed).
@@ -162,6 +172,8 @@ pub struct Messenger {
     pub notices: Vec<String>,
     /// True while an operation holds the home's lock (see [`Messenger::begin`]).
     held: Rc<Cell<bool>>,
+    /// The time source for lifetimes (message requests, orphans).
+    pub(crate) clock: Clock,
 }
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
@@ -180,6 +192,12 @@ impl Drop for OpGuard {
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What an entry costs in the state, for the byte bounds of history and inbox: its text plus
+/// the fixed fields (keys, times, group id).
+pub(crate) fn entry_bytes(e: &Entry) -> usize {
+    e.text.len() + e.group_id.len() + 64
 }
 
 /// Valid contact and group names: short, no spaces or shell-special characters.
@@ -257,6 +275,7 @@ impl Messenger {
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
+            clock: Clock::from_env(),
         };
         Ok((m, report))
     }
@@ -281,6 +300,7 @@ impl Messenger {
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
+            clock: Clock::from_env(),
         })
     }
 
@@ -577,7 +597,11 @@ impl Messenger {
             }
             Target::Person(peer) => match self.find_direct(peer) {
                 Some(id) => id,
-                None => self.create_direct(*peer).await?,
+                // Replying to a message request accepts it (its conversation is the one to use).
+                None => match self.accept_direct_request_from(peer, &mut events)? {
+                    Some(id) => id,
+                    None => self.create_direct(*peer).await?,
+                },
             },
         };
         let me = self.identity.public().0;
@@ -629,6 +653,11 @@ impl Messenger {
             g.history.push_back(entry);
             while g.history.len() > limit {
                 g.history.pop_front();
+            }
+            let mut bytes: usize = g.history.iter().map(entry_bytes).sum();
+            while bytes > MAX_HISTORY_BYTES_PER_CONVERSATION {
+                let Some(old) = g.history.pop_front() else { break };
+                bytes = bytes.saturating_sub(entry_bytes(&old));
             }
         }
     }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
+use crate::client::requests::RequestBook;
 use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
 use crate::fsutil::{self, HomeLock, LockError};
 
@@ -24,8 +25,9 @@ pub const STATE_FILE: &str = "qpq-state.bin";
 const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Version of the [`State`] layout inside the sealed file. 2: hybrid keys rotate (creation
-/// time, retired secrets, peer keys with lookup times).
-pub const STATE_VERSION: u32 = 2;
+/// time, retired secrets, peer keys with lookup times). 3: message requests and the block list
+/// ([`State::requests`]).
+pub const STATE_VERSION: u32 = 3;
 
 /// Default number of messages kept per conversation for `/history`.
 pub const DEFAULT_HISTORY_LIMIT: usize = 500;
@@ -160,7 +162,8 @@ pub struct State {
     pub groups: BTreeMap<String, GroupMeta>,
     /// Received messages not yet shown by `recv` (others than `recv` process the queue too).
     pub inbox: VecDeque<Entry>,
-    /// Messages for groups not joined yet.
+    /// Messages for groups we know nothing of yet, bounded by [`crate::limits::MAX_ORPHANS`] and
+    /// [`crate::limits::MAX_ORPHAN_BYTES`] (messages for a pending request are held in it instead).
     pub orphans: Vec<Orphan>,
     /// Highest DS sequence number whose effect is in this state; redeliveries at or below it are
     /// skipped (processed once).
@@ -178,6 +181,9 @@ pub struct State {
     pub leave_requests: Vec<Vec<u8>>,
     /// The server database `processed_seq` refers to (its instance id; 0 = not known yet).
     pub server_instance: u64,
+    /// Invitations from keys that are not contacts, and the keys we block
+    /// (see [`crate::client::requests`]).
+    pub requests: RequestBook,
 }
 
 impl State {
@@ -204,6 +210,7 @@ impl State {
             outbox: Vec::new(),
             leave_requests: Vec::new(),
             server_instance: 0,
+            requests: RequestBook::default(),
         }
     }
 
