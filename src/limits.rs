@@ -87,11 +87,16 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// Most message requests (invitations from keys that are not contacts) kept at once: a list a
 /// person can still review; more are dropped until some are accepted, blocked or expire.
-pub const MAX_REQUESTS: usize = 50;
+pub const MAX_REQUESTS: usize = 32;
 /// Most requests from one key, so a single stranger cannot take every slot.
 pub const MAX_REQUESTS_PER_SENDER: usize = 3;
-/// Most bytes all requests together keep (their Welcomes and the messages held for them).
-pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Most bytes one request keeps (its Welcome and the messages held with it): room for a
+/// Welcome and a first message of the largest size; later ones wait on the server's side of
+/// the conversation until the request is accepted, or are dropped.
+pub const MAX_BYTES_PER_REQUEST: usize = 256 * 1024;
+/// Most bytes all requests together keep. A product of the two bounds above, so a full byte
+/// budget can never lock out a request that fits its own.
+pub const MAX_REQUEST_BYTES: usize = MAX_REQUESTS * MAX_BYTES_PER_REQUEST;
 /// Most messages held for one request until it is accepted: the start of a conversation.
 pub const MAX_HELD_PER_REQUEST: usize = 20;
 /// A request not answered within this time is dropped (30 days, the server's message TTL).

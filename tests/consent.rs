@@ -167,3 +167,128 @@ fn request_commands_refuse_what_does_not_exist() {
     assert!(bob.fails(&["requests", "accept", "nobody"]).contains("unknown contact"));
     assert!(bob.fails(&["requests", "block", &bob.key]).contains("your own key"));
 }
+
+// ----- a flood from strangers -----
+
+/// Bytes one attack round enqueues (about 200 MiB); [`ATTACK_ROUNDS`] rounds make ~1 GiB.
+const ROUND_BYTES: usize = 200 * 1024 * 1024;
+const ATTACK_ROUNDS: usize = 5;
+/// Real strangers per round, each with a real Welcome (a direct conversation) and messages.
+const STRANGERS_PER_ROUND: usize = 8;
+const MESSAGES_PER_STRANGER: usize = 3;
+/// Largest payload of the attack (the server's limit is raised to let it through).
+const JUNK_PAYLOAD: usize = 1024 * 1024;
+
+/// One round: real strangers open direct conversations with `victim` (real MLS Welcomes, real
+/// application messages of nearly the largest text), then sealed frames for groups that do not
+/// exist, sealed Welcomes that are not Welcomes, and raw junk, up to [`ROUND_BYTES`]. Returns
+/// the bytes the server accepted.
+async fn attack_round(server: &ServerProcess, victim: [u8; 32], round: usize) -> usize {
+    use qpq::client::frame::{AppMessage, Frame};
+    use qpq::client::session::Session;
+    use qpq::client::state::GroupKind;
+    use qpq::crypto::{hybrid, identity::Identity};
+    use qpq::mls::MlsClient;
+
+    let session = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+    let hybrid_key = session.fetch_hybrid_key(&victim).await.unwrap().verify(&victim).unwrap();
+    let mut sent = 0;
+    let enqueue = async |payload: Vec<u8>, channel: &[u8]| {
+        session.enqueue(&victim, &payload, channel).await.expect("the raised limits admit it");
+        payload.len()
+    };
+    for s in 0..STRANGERS_PER_ROUND {
+        let stranger = Identity::generate();
+        let mut mls = MlsClient::new(stranger.seed()).unwrap();
+        let group_id = rand::random::<[u8; 16]>().to_vec();
+        mls.create_group(&group_id).unwrap();
+        let kp = session.fetch_key_package(&victim).await.unwrap().bytes;
+        let pending = mls.add_members(&group_id, &[kp]).unwrap();
+        mls.merge_pending(&group_id).unwrap();
+        let welcome = Frame::Welcome {
+            welcome: pending.welcome.unwrap(),
+            group_name: String::new(),
+            kind: GroupKind::Direct { peer: victim },
+            inviter: stranger.public().0,
+        };
+        sent += enqueue(hybrid::seal(&victim, &hybrid_key, &welcome.encode()), &[]).await;
+        for i in 0..MESSAGES_PER_STRANGER {
+            let mut text = format!("stranger {round}-{s} says {i} ");
+            text.extend(std::iter::repeat_n('x', 190 * 1024));
+            let body = AppMessage { text, sent_at_ms: 0 }.encode();
+            let message = mls.encrypt(&group_id, &body).unwrap();
+            let frame = Frame::Mls { group_id: group_id.clone(), message }.encode();
+            sent += enqueue(hybrid::seal(&victim, &hybrid_key, &frame), &group_id).await;
+        }
+    }
+    let junk = vec![0x5a_u8; JUNK_PAYLOAD - 4096];
+    for i in 0..4 {
+        // Well sealed, for a group nobody invited us to (an orphan at best), and sent twice:
+        // a replayed envelope opens as well as the first.
+        let frame = Frame::Mls {
+            group_id: rand::random::<[u8; 16]>().to_vec(),
+            message: junk[..512 * 1024].to_vec(),
+        };
+        let sealed = hybrid::seal(&victim, &hybrid_key, &frame.encode());
+        sent += enqueue(sealed.clone(), &[i]).await;
+        sent += enqueue(sealed, &[i]).await;
+    }
+    for _ in 0..4 {
+        let frame = Frame::Welcome {
+            welcome: junk[..64 * 1024].to_vec(),
+            group_name: "x".repeat(64),
+            kind: GroupKind::Group,
+            inviter: [7; 32],
+        };
+        sent += enqueue(hybrid::seal(&victim, &hybrid_key, &frame.encode()), &[]).await;
+    }
+    // Raw junk, many calls in flight at once so the server folds them into few transactions.
+    let raw = |_| session.enqueue(&victim, &junk, b"junk");
+    while sent < ROUND_BYTES {
+        for r in futures::future::join_all((0..16).map(raw)).await {
+            r.expect("the raised limits admit it");
+            sent += junk.len();
+        }
+    }
+    session.close().await;
+    sent
+}
+
+#[test]
+fn a_gigabyte_from_strangers_leaves_the_home_bounded_and_opening() {
+    use qpq::limits::{MAX_REQUESTS, MAX_STRANGER_BYTES};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "max_payload_bytes = {}\nmax_queue_bytes = {}\nmax_queue_messages = 1000000\n",
+        JUNK_PAYLOAD,
+        4 * ROUND_BYTES
+    );
+    let server = ServerProcess::start_with_config(dir.path(), &config);
+    let bob = User::init(&server, "bob");
+    let victim = PublicKey::parse_hex(&bob.key).unwrap().0;
+    let before = bob.state_bytes().len();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (mut sent, mut largest) = (0, 0);
+    for round in 0..ATTACK_ROUNDS {
+        sent += rt.block_on(tokio::task::LocalSet::new().run_until(attack_round(&server, victim, round)));
+        let r = bob.run(&["recv"]);
+        assert!(r.ok, "recv after round {round}: {}", r.stderr);
+        assert_eq!(r.stdout, "", "no stranger's text reaches the screen");
+        let size = bob.state_bytes().len();
+        largest = largest.max(size);
+        assert!(
+            size <= before + MAX_STRANGER_BYTES,
+            "round {round}: home {size} bytes > {before} + {MAX_STRANGER_BYTES} after {sent} bytes sent"
+        );
+    }
+    println!("strangers sent {sent} bytes; the home went from {before} to at most {largest} bytes");
+    assert!(sent >= ATTACK_ROUNDS * ROUND_BYTES);
+
+    // The home still opens, the requests are capped, and the first one still joins.
+    let list = bob.ok(&["requests", "--json"]);
+    assert_eq!(list.lines().count(), MAX_REQUESTS, "{ATTACK_ROUNDS}x{STRANGERS_PER_ROUND} strangers wrote");
+    let accepted = bob.ok(&["requests", "accept", "#1"]);
+    assert!(accepted.contains("stranger 0-0 says 0"), "{}", &accepted[..accepted.len().min(200)]);
+    bob.ok(&["group", "list"]);
+}

@@ -4,7 +4,9 @@
 //!
 //! Order of effects for every batch: process all → save the state (MLS storage, history, inbox,
 //! `processed_seq`) durably → ack. A crash before the save re-delivers the batch; a crash after it
-//! re-delivers messages at or below `processed_seq`, which are skipped.
+//! re-delivers messages at or below `processed_seq`, which are skipped. A batch in which every
+//! message was dropped unopened (junk) changed nothing and is acked without a save: a flood of
+//! junk costs no rewrites of the state file.
 
 use zeroize::Zeroizing;
 
@@ -70,15 +72,18 @@ impl Messenger {
                 self.session()?.ack(saved_up_to).await?;
                 break;
             }
+            let mut changed = false;
             for m in &msgs {
                 if m.seq <= self.home.state.processed_seq {
                     continue; // re-delivery of something whose effect we already saved
                 }
-                self.process_delivered(m, &mut events);
+                changed |= self.process_delivered(m, &mut events);
                 self.home.state.processed_seq = m.seq;
             }
-            self.trim_inbox();
-            self.persist()?;
+            if changed {
+                self.trim_inbox();
+                self.persist()?;
+            }
             if !more {
                 self.session()?.ack(last).await?;
                 break;
@@ -189,12 +194,14 @@ impl Messenger {
         Ok(())
     }
 
-    fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) {
+    /// Applies one delivered message; false when it was dropped before changing anything (it
+    /// did not open or decode), so a page of such junk needs no save.
+    fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) -> bool {
         let plain = match self.open_envelope(&m.payload) {
             Ok(p) => Zeroizing::new(p),
             Err(e) => {
                 events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
-                return;
+                return false;
             }
         };
         match Frame::decode(&plain) {
@@ -202,8 +209,12 @@ impl Messenger {
                 self.handle_welcome(&welcome, &group_name, kind, inviter, events)
             }
             Ok(Frame::Mls { group_id, message }) => self.handle_group_message(&group_id, &message, events),
-            Err(e) => events.push(Event::Dropped { reason: e.to_string() }),
+            Err(e) => {
+                events.push(Event::Dropped { reason: e.to_string() });
+                return false;
+            }
         }
+        true
     }
 
     fn handle_welcome(

@@ -23,7 +23,7 @@ use crate::client::messenger::{ClientError, Event, Messenger};
 use crate::client::state::{GroupKind, Orphan};
 use crate::crypto::identity::PublicKey;
 use crate::limits::{
-    MAX_BLOCKED, MAX_HELD_PER_REQUEST, MAX_REQUEST_BYTES, MAX_REQUESTS, MAX_REQUESTS_PER_SENDER,
+    MAX_BLOCKED, MAX_BYTES_PER_REQUEST, MAX_HELD_PER_REQUEST, MAX_REQUESTS, MAX_REQUESTS_PER_SENDER,
     REQUEST_PREVIEW_CHARS, REQUEST_TTL_MS,
 };
 use crate::mls::{Incoming, MlsError};
@@ -39,22 +39,28 @@ pub struct Request {
     pub kind: GroupKind,
     pub group_name: String,
     /// The MLS Welcome, not processed yet: accepting joins with it.
+    #[serde(with = "serde_bytes")]
     pub welcome: Vec<u8>,
     /// Our clock when it came.
     pub received_at_ms: u64,
     /// The group's MLS messages that came after it, unprocessed, oldest first.
-    pub held: Vec<Vec<u8>>,
+    pub held: Vec<HeldMessage>,
 }
 
 impl Request {
-    /// Bytes this request keeps (what [`MAX_REQUEST_BYTES`] counts).
+    /// Bytes this request keeps (what [`MAX_BYTES_PER_REQUEST`] counts).
     pub fn bytes(&self) -> usize {
         self.welcome.len()
             + self.group_id.len()
             + self.group_name.len()
-            + self.held.iter().map(Vec::len).sum::<usize>()
+            + self.held.iter().map(|m| m.0.len()).sum::<usize>()
     }
 }
+
+/// An MLS message kept unprocessed for a request. (A newtype so it is encoded as one byte
+/// string; postcard writes that exactly as it writes a sequence of bytes, only faster.)
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HeldMessage(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// Why a request or a held message was not kept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +69,7 @@ pub enum Refusal {
     TooMany,
     #[error("too many message requests from one key ({MAX_REQUESTS_PER_SENDER})")]
     TooManyFromSender,
-    #[error("message requests hold too many bytes ({MAX_REQUEST_BYTES})")]
+    #[error("a message request may keep at most {MAX_BYTES_PER_REQUEST} bytes")]
     TooLarge,
     #[error("too many messages held for one request ({MAX_HELD_PER_REQUEST})")]
     TooManyHeld,
@@ -101,7 +107,7 @@ impl RequestBook {
         if self.pending.iter().filter(|r| r.from == request.from).count() >= MAX_REQUESTS_PER_SENDER {
             return Err(Refusal::TooManyFromSender);
         }
-        if self.bytes().saturating_add(request.bytes()) > MAX_REQUEST_BYTES {
+        if request.bytes() > MAX_BYTES_PER_REQUEST {
             return Err(Refusal::TooLarge);
         }
         self.pending.push(request);
@@ -110,15 +116,14 @@ impl RequestBook {
 
     /// Holds `message` for the request of `group_id`: None when there is no such request.
     pub fn hold(&mut self, group_id: &[u8], message: &[u8]) -> Option<Result<(), Refusal>> {
-        let total = self.bytes();
         let request = self.pending.iter_mut().find(|r| r.group_id == group_id)?;
         if request.held.len() >= MAX_HELD_PER_REQUEST {
             return Some(Err(Refusal::TooManyHeld));
         }
-        if total.saturating_add(message.len()) > MAX_REQUEST_BYTES {
+        if request.bytes().saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
             return Some(Err(Refusal::TooLarge));
         }
-        request.held.push(message.to_vec());
+        request.held.push(HeldMessage(message.to_vec()));
         Some(Ok(()))
     }
 
@@ -277,7 +282,7 @@ impl Messenger {
     /// MLS state (nothing is joined, nothing of ours is used up).
     fn preview(&self, r: &Request) -> Option<String> {
         let (_, mut scratch) = self.mls.preview_welcome(&r.welcome).ok()?;
-        r.held.iter().find_map(|m| match scratch.process(&r.group_id, m) {
+        r.held.iter().find_map(|m| match scratch.process(&r.group_id, &m.0) {
             Ok(Incoming::Application { plaintext, .. }) => {
                 AppMessage::decode(&plaintext).ok().map(|app| preview_line(&app.text, REQUEST_PREVIEW_CHARS))
             }
@@ -360,7 +365,7 @@ impl Messenger {
             },
         )?;
         for m in &r.held {
-            self.handle_group_message(&group_id, m, events);
+            self.handle_group_message(&group_id, &m.0, events);
         }
         // Shown with the accept: not unread any more.
         self.home.state.inbox.truncate(unread);
@@ -454,6 +459,7 @@ pub fn preview_line(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MAX_REQUEST_BYTES;
 
     fn request(from: u8, group: u8, welcome_len: usize, at: u64) -> Request {
         Request {
@@ -475,7 +481,7 @@ mod tests {
         }
         assert_eq!(book.admit(request(1, 200, 100, 0)), Err(Refusal::TooManyFromSender));
         assert_eq!(book.admit(request(2, 0, 100, 0)), Err(Refusal::Duplicate));
-        assert_eq!(book.admit(request(2, 201, MAX_REQUEST_BYTES, 0)), Err(Refusal::TooLarge));
+        assert_eq!(book.admit(request(2, 201, MAX_BYTES_PER_REQUEST + 1, 0)), Err(Refusal::TooLarge));
         let mut from = 10u8;
         while book.pending.len() < MAX_REQUESTS {
             book.admit(request(from, from, 100, 0)).unwrap();
@@ -495,8 +501,9 @@ mod tests {
         }
         assert_eq!(book.hold(&[1; 16], b"one more"), Some(Err(Refusal::TooManyHeld)));
         book.admit(request(2, 2, 100, 0)).unwrap();
-        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_REQUEST_BYTES]), Some(Err(Refusal::TooLarge)));
-        assert!(book.bytes() <= MAX_REQUEST_BYTES);
+        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_BYTES_PER_REQUEST - 100]), Some(Err(Refusal::TooLarge)));
+        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_BYTES_PER_REQUEST - 116]), Some(Ok(())));
+        assert!(book.pending.iter().all(|r| r.bytes() <= MAX_BYTES_PER_REQUEST));
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub struct GroupMeta {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Orphan {
     pub group_id: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub message: Vec<u8>,
     pub received_at_ms: u64,
 }
@@ -149,6 +150,7 @@ pub struct State {
     /// Pinned certificate fingerprints by server address (like ssh's known_hosts).
     pub known_servers: BTreeMap<String, String>,
     /// openmls storage (see [`crate::mls::MlsClient::export_storage`]).
+    #[serde(with = "serde_bytes")]
     pub mls_storage: Vec<u8>,
     /// Contact name → identity key.
     pub contacts: BTreeMap<String, [u8; 32]>,
@@ -420,6 +422,15 @@ mod tests {
         assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
         assert_eq!(home.state.secrets.identity_seed, [1; 32]);
         assert_eq!(home.state.mls_storage.len(), 1000);
+    }
+
+    #[test]
+    fn byte_strings_are_encoded_as_plain_sequences_were() {
+        // serde_bytes only makes the encoding faster: postcard writes a byte string exactly as
+        // a sequence of u8 (length, then the bytes), so files written either way read alike.
+        let o = Orphan { group_id: vec![1, 2], message: vec![0, 255, 7], received_at_ms: 9 };
+        let plain = postcard::to_allocvec(&(vec![1u8, 2], vec![0u8, 255, 7], 9u64)).unwrap();
+        assert_eq!(postcard::to_allocvec(&o).unwrap(), plain);
     }
 
     #[test]
