@@ -214,6 +214,7 @@ fn every_chat_command_and_alias_works_and_errors_keep_the_shell_going() {
     let server = ServerProcess::start(dir.path());
     let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
     alice.add_contact(&bob);
+    bob.add_contact(&alice); // else alice's messages wait as a request
     let script = "\
 frobnicate
 /histroy
@@ -355,6 +356,7 @@ fn pty_tab_completes_a_contact_name() {
     let server = ServerProcess::start(dir.path());
     let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
     alice.add_contact(&bob);
+    bob.add_contact(&alice); // else alice's messages wait as a request
     let mut p = pty_shell(&alice);
     p.exp_string("qpq> ").unwrap();
     p.send("@b\t").unwrap();
