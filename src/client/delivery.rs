@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{
-    ClientError, CommitStatus, Event, KEY_PACKAGE_POOL, KEY_PACKAGE_REFILL_BELOW, Messenger, entry_bytes,
+    ClientError, CommitStatus, Event, KEY_PACKAGE_POOL, KEY_PACKAGE_REFILL_BELOW, Messenger, keep_newest,
     now_ms, valid_name,
 };
 use crate::client::session::Delivered;
@@ -338,12 +338,7 @@ impl Messenger {
     /// Keeps the unread inbox within its bounds: the oldest unread leave it first (they stay in
     /// their conversation's history).
     fn trim_inbox(&mut self) {
-        let inbox = &mut self.home.state.inbox;
-        let mut bytes: usize = inbox.iter().map(entry_bytes).sum();
-        while inbox.len() > MAX_INBOX_ENTRIES || bytes > MAX_INBOX_BYTES {
-            let Some(old) = inbox.pop_front() else { break };
-            bytes = bytes.saturating_sub(entry_bytes(&old));
-        }
+        keep_newest(&mut self.home.state.inbox, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES);
     }
 
     fn unique_group_name(&self, wanted: &str) -> String {

@@ -17,7 +17,7 @@
 //! a commit that won. See [`groups`](super::groups).
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -198,6 +198,16 @@ pub(crate) fn now_ms() -> u64 {
 /// the fixed fields (keys, times, group id).
 pub(crate) fn entry_bytes(e: &Entry) -> usize {
     e.text.len() + e.group_id.len() + 64
+}
+
+/// Drops the oldest entries until at most `max_entries` of at most `max_bytes` together
+/// ([`entry_bytes`]) remain.
+pub(crate) fn keep_newest(entries: &mut VecDeque<Entry>, max_entries: usize, max_bytes: usize) {
+    let mut bytes: usize = entries.iter().map(entry_bytes).sum();
+    while entries.len() > max_entries || bytes > max_bytes {
+        let Some(old) = entries.pop_front() else { break };
+        bytes = bytes.saturating_sub(entry_bytes(&old));
+    }
 }
 
 /// Valid contact and group names: short, no spaces or shell-special characters.
@@ -651,14 +661,38 @@ impl Messenger {
         let limit = self.home.state.history_limit;
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&entry.group_id)) {
             g.history.push_back(entry);
-            while g.history.len() > limit {
-                g.history.pop_front();
-            }
-            let mut bytes: usize = g.history.iter().map(entry_bytes).sum();
-            while bytes > MAX_HISTORY_BYTES_PER_CONVERSATION {
-                let Some(old) = g.history.pop_front() else { break };
-                bytes = bytes.saturating_sub(entry_bytes(&old));
-            }
+            keep_newest(&mut g.history, limit, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(text: &str) -> Entry {
+        Entry {
+            group_id: vec![1; 16],
+            from: [2; 32],
+            text: text.to_string(),
+            sent_at_ms: 0,
+            received_at_ms: 0,
+            outgoing: false,
+        }
+    }
+
+    #[test]
+    fn history_and_inbox_keep_the_newest_within_count_and_bytes() {
+        let mut q: VecDeque<Entry> = ["a", "b", "c"].into_iter().map(entry).collect();
+        keep_newest(&mut q, 2, usize::MAX);
+        assert_eq!(q.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        let big = "x".repeat(1000);
+        let mut q: VecDeque<Entry> = [big.as_str(), "small", big.as_str()].into_iter().map(entry).collect();
+        let one_big = entry_bytes(&entry(&big));
+        keep_newest(&mut q, 10, one_big + entry_bytes(&entry("small")));
+        assert_eq!(q.len(), 2, "the oldest big entry went first");
+        assert_eq!(q[0].text, "small");
+        keep_newest(&mut q, 10, 10);
+        assert!(q.is_empty(), "nothing fits in 10 bytes");
     }
 }
