@@ -217,7 +217,7 @@ impl Messenger {
         true
     }
 
-    fn handle_welcome(
+    pub(crate) fn handle_welcome(
         &mut self,
         welcome: &[u8],
         name: &str,

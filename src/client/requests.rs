@@ -11,7 +11,7 @@
 //! what was held; `requests block` drops it all and remembers the key.
 //!
 //! Everything here is bounded ([`crate::limits`]): the number of requests (in all and per
-//! sender), their bytes together (Welcomes and held messages), their age, and the block list,
+//! sender), the bytes of each (its Welcome and held messages), their age, and the block list,
 //! so no stranger can make a home grow by more than [`crate::limits::MAX_STRANGER_BYTES`].
 
 use std::collections::BTreeSet;
@@ -460,6 +460,62 @@ pub fn preview_line(text: &str, max_chars: usize) -> String {
 mod tests {
     use super::*;
     use crate::limits::MAX_REQUEST_BYTES;
+
+    /// A messenger on a fresh home, offline (nothing here needs the server).
+    fn offline_messenger(dir: &std::path::Path) -> Messenger {
+        use crate::client::messenger::ConnectOptions;
+        use crate::client::state::{Home, Secrets, State, Unlock};
+        let seed: [u8; 32] = rand::random();
+        let mut state = State::new(Secrets::new(seed, rand::random()), None, None);
+        state.mls_storage = crate::mls::MlsClient::new(&seed).unwrap().export_storage().unwrap();
+        drop(Home::create(dir, state, Unlock::None).unwrap());
+        Messenger::open(dir, None, ConnectOptions::default()).unwrap()
+    }
+
+    /// A stranger's Welcome (a direct conversation) to one of `bob`'s fresh KeyPackages.
+    fn strangers_welcome(bob: &mut Messenger) -> (crate::mls::MlsClient, Vec<u8>) {
+        let mut stranger = crate::mls::MlsClient::new(&rand::random()).unwrap();
+        let kp = bob.mls.key_packages(1).unwrap().remove(0);
+        stranger.create_group(b"stranger-group-1").unwrap();
+        let welcome = stranger.add_members(b"stranger-group-1", &[kp]).unwrap().welcome.unwrap();
+        stranger.merge_pending(b"stranger-group-1").unwrap();
+        (stranger, welcome)
+    }
+
+    #[test]
+    fn a_request_that_outlived_its_key_package_fails_to_join_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (stranger, welcome) = strangers_welcome(&mut bob);
+        let peer = bob.public_key().0;
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "", GroupKind::Direct { peer }, stranger.identity(), &mut events);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
+        assert!(bob.mls.group_ids().is_empty(), "a request joins nothing");
+        // What the KeyPackage expiry does to an old package's private key.
+        bob.mls.discard_welcome_key_packages(&welcome).unwrap();
+        let err = bob.request_accept(&RequestSelector::Number(1), "#1").unwrap_err();
+        assert!(matches!(err, ClientError::RequestKeyPackageGone { .. }), "{err}");
+        assert!(err.to_string().contains("can no longer be accepted"), "{err}");
+        assert!(bob.state().requests.pending.is_empty(), "an unjoinable request is not kept");
+    }
+
+    #[test]
+    fn a_stranger_claiming_a_contacts_key_is_refused_without_joining() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (_stranger, welcome) = strangers_welcome(&mut bob);
+        let contact = [9; 32];
+        bob.home.state.contacts.insert("carol".into(), contact);
+        let peer = bob.public_key().0;
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "", GroupKind::Direct { peer }, contact, &mut events);
+        assert!(
+            matches!(events.as_slice(), [Event::Dropped { reason }] if reason.contains("different inviter")),
+            "{events:?}"
+        );
+        assert!(bob.mls.group_ids().is_empty() && bob.state().requests.pending.is_empty());
+    }
 
     fn request(from: u8, group: u8, welcome_len: usize, at: u64) -> Request {
         Request {

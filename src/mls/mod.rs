@@ -596,7 +596,9 @@ impl MlsClient {
     /// for, and returns that copy: who sent it (verified as in [`MlsClient::join_welcome`]),
     /// the group id, and a client that can read the group's first messages for a preview. Our
     /// own storage is untouched, so the KeyPackage private key stays until a real join (a
-    /// message request is decided by the person, later).
+    /// message request is decided by the person, later). The sender is the GroupInfo's signer
+    /// (RFC 9420 section 12.4.3: the new member verifies the GroupInfo signature against the
+    /// signer's leaf in the ratchet tree).
     pub fn preview_welcome(&self, welcome: &[u8]) -> Result<(Joined, MlsClient), MlsError> {
         let MlsMessageBodyIn::Welcome(parsed) = parse_message(welcome)?.extract() else {
             return Err(MlsError::UnexpectedMessage("expected a welcome"));
