@@ -145,6 +145,7 @@ pub const MAX_RATE_LIMITED_KEYS: usize = 65_536;
 /// How often a full rate limiter may scan for refilled buckets, so a flood of new keys does not
 /// cost a scan per call; also the retry hint when no room could be made.
 pub const RATE_LIMIT_PRUNE_EVERY_MS: u64 = 1_000;
+
 /// Lifetime qpq gives each KeyPackage (RFC 9420 §7.2 `Lifetime.not_after - now`): 28 days, a
 /// third of openmls's default of 84, so a package (and the init key a leak would expose) is
 /// usable for a bounded time, yet a client online every two weeks never runs out (see
@@ -170,3 +171,47 @@ pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = KEY_PACKAGE_LIFETIME_SECS / 2;
 /// just before expiry may wait in the adder's outbox and then in our queue for up to the
 /// server's message TTL, so the keys stay that long (default TTL) and are then deleted.
 pub const KEY_PACKAGE_KEY_RETENTION_SECS: u64 = DEFAULT_MESSAGE_TTL_SECS;
+// ----- what strangers can make a client home hold (consent, `client::requests`) -----
+
+/// Most message requests (invitations from keys that are not contacts) kept at once: a list a
+/// person can still review; more are dropped until some are accepted, blocked or expire.
+pub const MAX_REQUESTS: usize = 32;
+/// Most requests from one key, so a single stranger cannot take every slot.
+pub const MAX_REQUESTS_PER_SENDER: usize = 3;
+/// Most bytes one request keeps (its Welcome and the messages held with it): room for a
+/// Welcome and a first message of the largest size; later ones wait on the server's side of
+/// the conversation until the request is accepted, or are dropped.
+pub const MAX_BYTES_PER_REQUEST: usize = 256 * 1024;
+/// Most bytes all requests together keep. A product of the two bounds above, so a full byte
+/// budget can never lock out a request that fits its own.
+pub const MAX_REQUEST_BYTES: usize = MAX_REQUESTS * MAX_BYTES_PER_REQUEST;
+/// Most messages held for one request until it is accepted: the start of a conversation.
+pub const MAX_HELD_PER_REQUEST: usize = 20;
+/// A request not answered within this time is dropped (30 days, the server's message TTL).
+pub const REQUEST_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most blocked keys remembered (32 bytes each): far more than a person blocks by hand.
+pub const MAX_BLOCKED: usize = 10_000;
+/// Characters of a request's first message shown as its preview.
+pub const REQUEST_PREVIEW_CHARS: usize = 80;
+
+/// Most messages kept for groups we know nothing of yet (a Welcome that comes late).
+pub const MAX_ORPHANS: usize = 100;
+/// Most bytes such messages keep together.
+pub const MAX_ORPHAN_BYTES: usize = 1024 * 1024;
+/// How long such messages are kept before each receive round drops them.
+pub const ORPHAN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Most bytes of message text kept per conversation for `history` (besides the entry count
+/// limit): the oldest go first.
+pub const MAX_HISTORY_BYTES_PER_CONVERSATION: usize = 2 * 1024 * 1024;
+/// Most bytes of unread text kept for `recv`; past it the oldest unread entries leave the
+/// inbox (they stay in history).
+pub const MAX_INBOX_BYTES: usize = 8 * 1024 * 1024;
+/// Most unread entries kept for `recv` (many tiny messages cost more than their text).
+pub const MAX_INBOX_ENTRIES: usize = 10_000;
+
+/// What strangers (keys we never accepted) can add to a home at most: requests, orphans and
+/// the block list, plus each request's bookkeeping (a KeyPackage private key of a few KiB kept
+/// for the later join, names, times). Whatever a stranger sends, a home grows by no more.
+pub const MAX_STRANGER_BYTES: usize =
+    MAX_REQUEST_BYTES + MAX_ORPHAN_BYTES + MAX_BLOCKED * 32 + MAX_REQUESTS * 8 * 1024;

@@ -58,6 +58,9 @@ fn recv_json_has_the_documented_fields() {
     let alice = User::init(&server, "alice");
     let bob = User::init(&server, "bob");
     alice.add_contact(&bob);
+    // Bob knows alice (a stranger's invitation would wait as a message request), under a name
+    // of his own.
+    bob.ok(&["contact", "add", "ally", &alice.key]);
     alice.ok(&["group", "create", "team"]);
     alice.ok(&["group", "add", "team", "bob"]);
     alice.ok(&["send", "#team", "json please"]);
@@ -68,7 +71,7 @@ fn recv_json_has_the_documented_fields() {
     assert_eq!(lines.len(), 2, "{out}");
     let group_msg = &lines[0];
     assert_eq!(group_msg["from"], alice.key.as_str());
-    assert_eq!(group_msg["from_name"], serde_json::Value::Null, "bob has no contact for alice");
+    assert_eq!(group_msg["from_name"], "ally", "bob's name for alice");
     assert_eq!(group_msg["group"], "team");
     assert_eq!(group_msg["text"], "json please");
     for field in ["sent_at", "received_at"] {
@@ -437,7 +440,7 @@ fn key_packages_are_refilled_after_welcomes_use_them() {
     let server = ServerProcess::start(dir.path());
     let alice = User::init(&server, "alice");
     let bob = User::init(&server, "bob");
-    alice.add_contact(&bob);
+    introduce(&[&alice, &bob]);
     assert_eq!(key_packages_on_server(&bob), 20);
     for i in 0..17 {
         let g = format!("g{i}");

@@ -214,6 +214,7 @@ fn every_chat_command_and_alias_works_and_errors_keep_the_shell_going() {
     let server = ServerProcess::start(dir.path());
     let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
     alice.add_contact(&bob);
+    bob.add_contact(&alice); // else alice's messages wait as a request
     let script = "\
 frobnicate
 /histroy
@@ -355,6 +356,7 @@ fn pty_tab_completes_a_contact_name() {
     let server = ServerProcess::start(dir.path());
     let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
     alice.add_contact(&bob);
+    bob.add_contact(&alice); // else alice's messages wait as a request
     let mut p = pty_shell(&alice);
     p.exp_string("qpq> ").unwrap();
     p.send("@b\t").unwrap();
@@ -439,4 +441,24 @@ fn pty_ctrl_c_abandons_a_stuck_command_and_the_shell_goes_on() {
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
     assert!(what == "interrupted" || what.starts_with("error: message not sent"), "{what}");
+}
+
+#[test]
+fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.ok(&["send", &bob.key, "hi from a stranger"]);
+    let mut sh = ScriptShell::start(&bob);
+    // The shell catches up when it connects; the request is announced, its text only previewed.
+    let line = sh.expect(Stream::Out, "message request from");
+    assert!(line.contains("hi from a stranger") && line.contains("qpq requests accept #1"), "{line}");
+    sh.say("requests");
+    sh.expect(Stream::Out, &format!("#1 {} wants to start a conversation", alice.key));
+    sh.say("requests accept #1");
+    sh.expect(Stream::Out, ": hi from a stranger");
+    sh.say("requests");
+    sh.expect(Stream::Out, "no message requests");
+    let (status, _) = sh.finish();
+    assert!(status.success());
 }

@@ -12,8 +12,10 @@ use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
+use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
 use crate::crypto::identity::PublicKey;
+use crate::limits::REQUEST_PREVIEW_CHARS;
 use crate::transport::Fingerprint;
 
 /// Verbs that work both as `qpq VERB` and inside `qpq shell`.
@@ -34,6 +36,42 @@ pub enum ClientVerb {
     /// Your envelope key (X-Wing, post-quantum), which rotates weekly by itself
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Message requests: invitations from keys that are not contacts wait here until you
+    /// accept or block them
+    Requests(RequestsArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RequestsArgs {
+    #[command(subcommand)]
+    pub cmd: Option<RequestsCmd>,
+    /// List as one JSON object per request and line
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum RequestsCmd {
+    /// Join the group or open the conversation, and show the messages that waited with it
+    Accept {
+        /// #n from the list, or a key / contact name (all of its requests)
+        which: String,
+    },
+    /// Drop requests without blocking their sender
+    Decline {
+        /// #n from the list, or a key / contact name
+        which: String,
+    },
+    /// Drop a key's requests and ignore everything it sends from now on
+    Block {
+        /// #n from the list, or a key / contact name
+        which: String,
+    },
+    /// Let a blocked key's invitations through as requests again
+    Unblock { key: String },
+    /// List blocked keys
+    Blocked,
 }
 
 #[derive(Debug, Subcommand, Clone)]
@@ -222,6 +260,18 @@ pub fn describe_event(m: &Messenger, e: &Event) -> Option<String> {
         Event::Removed { group_id, by } => {
             Some(format!("you were removed from {} by {}", m.conversation_name(group_id), m.display_name(by)))
         }
+        Event::Request { group_id, from } => {
+            let (number, preview) = m.request_summary(group_id)?;
+            let what = match (preview, m.request_group_name(group_id)) {
+                (Some(text), _) => format!("\u{201c}{text}\u{201d}"),
+                (None, Some(g)) => format!("an invitation to #{}", preview_line(&g, REQUEST_PREVIEW_CHARS)),
+                (None, None) => "wants to start a conversation".to_string(),
+            };
+            Some(format!(
+                "message request from {}: {what} \u{2014} qpq requests accept #{number} (or block #{number})",
+                m.display_name(from)
+            ))
+        }
         Event::Dropped { reason } => Some(reason.clone()),
     }
 }
@@ -330,6 +380,7 @@ pub async fn run_verb(
             let published = if k.published { "yes" } else { "no (at the next connection)" };
             writeln!(out, "on the server: {published}; replaced keys kept: {}", k.retired)?;
         }
+        ClientVerb::Requests(args) => run_requests(m, args, out, events)?,
         ClientVerb::Keys(KeysCmd::Rotate) => {
             m.connect().await?;
             m.rotate_hybrid_key().await?;
@@ -339,6 +390,105 @@ pub async fn run_verb(
         }
     }
     Ok(VerbOutcome::Ok)
+}
+
+fn run_requests(
+    m: &mut Messenger,
+    args: RequestsArgs,
+    out: &mut dyn Write,
+    events: &mut Vec<Event>,
+) -> anyhow::Result<()> {
+    match args.cmd {
+        None => {
+            let list = m.requests()?;
+            for r in &list {
+                if args.json {
+                    writeln!(out, "{}", request_json(m, r))?;
+                    continue;
+                }
+                let what = match &r.group {
+                    Some(g) => format!("invites you to #{}", preview_line(g, REQUEST_PREVIEW_CHARS)),
+                    None => "wants to start a conversation".to_string(),
+                };
+                let preview =
+                    r.preview.as_deref().map(|p| format!(": \u{201c}{p}\u{201d}")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "#{} {} {what}{preview} ({} waiting, since {})",
+                    r.number,
+                    PublicKey(r.from),
+                    r.held,
+                    rfc3339(r.received_at_ms)
+                )?;
+            }
+            if !args.json {
+                if list.is_empty() {
+                    writeln!(out, "no message requests")?;
+                } else {
+                    writeln!(
+                        out,
+                        "accept with `qpq requests accept #n`, refuse with `qpq requests block #n`"
+                    )?;
+                }
+                let blocked = m.blocked().len();
+                if blocked > 0 {
+                    writeln!(
+                        out,
+                        "{blocked} blocked (list with `qpq requests blocked`, undo with `qpq requests unblock KEY`)"
+                    )?;
+                }
+            }
+        }
+        Some(RequestsCmd::Accept { which }) => {
+            let sel = m.request_selector(&which)?;
+            for e in m.request_accept(&sel, &which)? {
+                match &e {
+                    Event::Message(entry) => writeln!(out, "{}", format_entry(m, entry))?,
+                    _ => events.push(e),
+                }
+            }
+        }
+        Some(RequestsCmd::Decline { which }) => {
+            let sel = m.request_selector(&which)?;
+            let n = m.request_decline(&sel, &which)?;
+            writeln!(out, "declined {n} request{}", if n == 1 { "" } else { "s" })?;
+        }
+        Some(RequestsCmd::Block { which }) => {
+            let sel = m.request_selector(&which)?;
+            let key = m.request_block(&sel, &which)?;
+            writeln!(
+                out,
+                "blocked {} (undo with `qpq requests unblock {}`)",
+                PublicKey(key),
+                PublicKey(key)
+            )?;
+        }
+        Some(RequestsCmd::Unblock { key }) => {
+            let key = m.request_unblock(&key)?;
+            writeln!(out, "unblocked {}", PublicKey(key))?;
+        }
+        Some(RequestsCmd::Blocked) => {
+            for k in m.blocked() {
+                writeln!(out, "{k}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One request as a JSON object.
+pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
+    serde_json::json!({
+        "number": r.number,
+        "from": PublicKey(r.from).to_hex(),
+        "from_name": m.contact_name(&r.from),
+        "kind": if r.group.is_some() { "group" } else { "direct" },
+        "group": r.group,
+        "waiting": r.held,
+        "preview": r.preview,
+        "received_at": rfc3339(r.received_at_ms),
+        "expires_at": rfc3339(r.expires_at_ms),
+    })
 }
 
 async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> anyhow::Result<Vec<Event>> {

@@ -4,16 +4,19 @@
 //!
 //! Order of effects for every batch: process all → save the state (MLS storage, history, inbox,
 //! `processed_seq`) durably → ack. A crash before the save re-delivers the batch; a crash after it
-//! re-delivers messages at or below `processed_seq`, which are skipped.
+//! re-delivers messages at or below `processed_seq`, which are skipped. A batch in which every
+//! message was dropped unopened (junk) changed nothing and is acked without a save: a flood of
+//! junk costs no rewrites of the state file.
 
 use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{
-    ClientError, CommitStatus, Event, MAX_ORPHANS, Messenger, ORPHAN_TTL_MS, now_ms, valid_name,
+    ClientError, CommitStatus, Event, Messenger, keep_newest, now_ms, valid_name,
 };
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
+use crate::limits::{MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_ORPHAN_BYTES, MAX_ORPHANS, ORPHAN_TTL_MS};
 use crate::mls::{self, Incoming, MlsError, ProposalKind};
 
 impl Messenger {
@@ -55,6 +58,9 @@ impl Messenger {
         let mut events = Vec::new();
         let mut wait = wait_ms;
         let mut saved_up_to = 0;
+        if self.expire_strangers() {
+            self.persist()?;
+        }
         loop {
             let (msgs, more, _) = self.session()?.ack_and_fetch_wait(saved_up_to, wait, 0).await?;
             wait = 0;
@@ -65,14 +71,18 @@ impl Messenger {
                 self.session()?.ack(saved_up_to).await?;
                 break;
             }
+            let mut changed = false;
             for m in &msgs {
                 if m.seq <= self.home.state.processed_seq {
                     continue; // re-delivery of something whose effect we already saved
                 }
-                self.process_delivered(m, &mut events);
+                changed |= self.process_delivered(m, &mut events);
                 self.home.state.processed_seq = m.seq;
             }
-            self.persist()?;
+            if changed {
+                self.trim_inbox();
+                self.persist()?;
+            }
             if !more {
                 self.session()?.ack(last).await?;
                 break;
@@ -165,12 +175,14 @@ impl Messenger {
         self.maintain_key_packages(false).await.map(drop)
     }
 
-    fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) {
+    /// Applies one delivered message; false when it was dropped before changing anything (it
+    /// did not open or decode), so a page of such junk needs no save.
+    fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) -> bool {
         let plain = match self.open_envelope(&m.payload) {
             Ok(p) => Zeroizing::new(p),
             Err(e) => {
                 events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
-                return;
+                return false;
             }
         };
         match Frame::decode(&plain) {
@@ -178,11 +190,15 @@ impl Messenger {
                 self.handle_welcome(&welcome, &group_name, kind, inviter, events)
             }
             Ok(Frame::Mls { group_id, message }) => self.handle_group_message(&group_id, &message, events),
-            Err(e) => events.push(Event::Dropped { reason: e.to_string() }),
+            Err(e) => {
+                events.push(Event::Dropped { reason: e.to_string() });
+                return false;
+            }
         }
+        true
     }
 
-    fn handle_welcome(
+    pub(crate) fn handle_welcome(
         &mut self,
         welcome: &[u8],
         name: &str,
@@ -191,23 +207,55 @@ impl Messenger {
         events: &mut Vec<Event>,
     ) {
         self.kp_check = true;
-        let joined = match self.mls.join_welcome(welcome) {
-            Ok(j) => j,
+        // Read in a throwaway copy first: who signed it decides whether we join at all, and a
+        // request must not use up our KeyPackage (see `client::requests`).
+        let (preview, _) = match self.mls.preview_welcome(welcome) {
+            Ok(p) => p,
             Err(e) => {
                 events.push(Event::Dropped { reason: format!("could not join a group: {e}") });
                 return;
             }
         };
-        let group_id = joined.group_id;
-        if joined.inviter != claimed_inviter {
+        let inviter = preview.inviter;
+        if inviter != claimed_inviter {
             // The frame's inviter field is not authenticated; the signed GroupInfo is.
-            let _ = self.mls.delete_group(&group_id);
+            self.discard_welcome(welcome);
             events.push(Event::Dropped {
                 reason: "a welcome claimed a different inviter than its signer".into(),
             });
             return;
         }
+        if self.home.state.requests.is_blocked(&inviter) {
+            self.discard_welcome(welcome);
+            return;
+        }
+        if !self.consents_to(&inviter) {
+            self.file_request(welcome, preview.group_id, name, kind, inviter, events);
+            return;
+        }
+        if let Err(e) = self.join_group(welcome, name, &kind, Some(inviter), events) {
+            events.push(Event::Dropped { reason: format!("could not join a group: {e}") });
+        }
+    }
+
+    /// Joins from `welcome` for real, records the group and applies the messages that came
+    /// ahead of it; returns the group id. With `expect_inviter`, a Welcome signed by someone
+    /// else joins nothing.
+    pub(crate) fn join_group(
+        &mut self,
+        welcome: &[u8],
+        name: &str,
+        kind: &GroupKind,
+        expect_inviter: Option<[u8; 32]>,
+        events: &mut Vec<Event>,
+    ) -> Result<Vec<u8>, MlsError> {
+        let joined = self.mls.join_welcome(welcome)?;
+        let group_id = joined.group_id;
         let inviter = joined.inviter;
+        if expect_inviter.is_some_and(|e| e != inviter) {
+            let _ = self.mls.delete_group(&group_id);
+            return Err(MlsError::InvalidMember("the welcome's signer changed"));
+        }
         if joined.key_package_refs.contains(&self.home.state.last_resort_ref) {
             // Our last-resort KeyPackage was used: replace it at the next refill.
             self.home.state.rotate_last_resort = true;
@@ -226,14 +274,52 @@ impl Messenger {
         );
         events.push(Event::Joined { group_id: group_id.clone(), by: inviter });
         // Messages that raced ahead of this Welcome.
-        let now = now_ms();
         let (mine, rest): (Vec<Orphan>, Vec<Orphan>) =
             std::mem::take(&mut self.home.state.orphans).into_iter().partition(|o| o.group_id == group_id);
-        self.home.state.orphans =
-            rest.into_iter().filter(|o| now.saturating_sub(o.received_at_ms) < ORPHAN_TTL_MS).collect();
+        self.home.state.orphans = rest;
         for o in mine {
             self.handle_group_message(&group_id, &o.message, events);
         }
+        Ok(group_id)
+    }
+
+    /// Keeps a message for a group we know nothing of yet, within the orphan bounds: the oldest
+    /// make room for it.
+    fn keep_orphan(&mut self, group_id: &[u8], message: &[u8]) {
+        if message.len() > MAX_ORPHAN_BYTES {
+            return;
+        }
+        let orphans = &mut self.home.state.orphans;
+        let mut bytes: usize = orphans.iter().map(|o| o.message.len()).sum();
+        while !orphans.is_empty()
+            && (orphans.len() >= MAX_ORPHANS || bytes + message.len() > MAX_ORPHAN_BYTES)
+        {
+            bytes = bytes.saturating_sub(orphans.remove(0).message.len());
+        }
+        orphans.push(Orphan {
+            group_id: group_id.to_vec(),
+            message: message.to_vec(),
+            received_at_ms: self.clock.now_ms(),
+        });
+    }
+
+    /// Drops what outlived its time: orphans and unanswered requests (whose KeyPackage private
+    /// keys go with them). True when anything was dropped.
+    pub(crate) fn expire_strangers(&mut self) -> bool {
+        let now = self.clock.now_ms();
+        let before = self.home.state.orphans.len();
+        self.home.state.orphans.retain(|o| now.saturating_sub(o.received_at_ms) < ORPHAN_TTL_MS);
+        let expired = self.home.state.requests.expire(now);
+        for r in &expired {
+            self.discard_welcome(&r.welcome);
+        }
+        before != self.home.state.orphans.len() || !expired.is_empty()
+    }
+
+    /// Keeps the unread inbox within its bounds: the oldest unread leave it first (they stay in
+    /// their conversation's history).
+    fn trim_inbox(&mut self) {
+        keep_newest(&mut self.home.state.inbox, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES);
     }
 
     fn unique_group_name(&self, wanted: &str) -> String {
@@ -249,12 +335,12 @@ impl Messenger {
     pub(crate) fn handle_group_message(&mut self, group_id: &[u8], message: &[u8], events: &mut Vec<Event>) {
         let key = hex::encode(group_id);
         let Some(meta) = self.home.state.groups.get(&key) else {
-            if self.home.state.orphans.len() < MAX_ORPHANS {
-                self.home.state.orphans.push(Orphan {
-                    group_id: group_id.to_vec(),
-                    message: message.to_vec(),
-                    received_at_ms: now_ms(),
-                });
+            match self.home.state.requests.hold(group_id, message) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    events.push(Event::Dropped { reason: format!("a held message was dropped: {e}") })
+                }
+                None => self.keep_orphan(group_id, message),
             }
             return;
         };

@@ -17,7 +17,7 @@
 //! a commit that won. See [`groups`](super::groups).
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
 use crate::fsutil::HomeLock;
+use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
 
@@ -36,10 +37,6 @@ use crate::transport::{Fingerprint, Pin};
 pub const KEY_PACKAGE_POOL: usize = 20;
 /// Refill when the server holds fewer than this many.
 pub const KEY_PACKAGE_REFILL_BELOW: u32 = 5;
-/// Most messages for not-yet-joined groups kept while waiting for their Welcome.
-pub const MAX_ORPHANS: usize = 1000;
-/// How long such messages are kept.
-pub const ORPHAN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Longest text message (after the envelope and MLS overhead it stays under the DS limit).
 pub const MAX_TEXT_BYTES: usize = 200 * 1024;
 
@@ -94,6 +91,16 @@ pub enum ClientError {
     CommitTimeout,
     #[error("that is your own key")]
     SelfTarget,
+    #[error("no message request {0}: see `qpq requests`")]
+    NoRequest(String),
+    #[error(
+        "the invitation from {who} can no longer be accepted: its key package is gone (expired); ask them to invite you again"
+    )]
+    RequestKeyPackageGone { who: String },
+    #[error("the block list is full ({0} keys): unblock some first")]
+    BlockListFull(usize),
+    #[error("{0} is not blocked")]
+    NotBlocked(String),
 }
 
 /// Something that happened while processing incoming messages.
@@ -103,6 +110,8 @@ pub enum Event {
     Message(Entry),
     /// We joined a group.
     Joined { group_id: Vec<u8>, by: [u8; 32] },
+    /// A key that is not a contact invited us (a message request, see `client::requests`).
+    Request { group_id: Vec<u8>, from: [u8; 32] },
     /// Members were added or removed by a commit.
     Membership { group_id: Vec<u8>, by: [u8; 32], added: Vec<[u8; 32]>, removed: Vec<[u8; 32]> },
     /// We were removed from a group (or our leave was committed).
@@ -169,6 +178,8 @@ pub struct Messenger {
     pub notices: Vec<String>,
     /// True while an operation holds the home's lock (see [`Messenger::begin`]).
     held: Rc<Cell<bool>>,
+    /// The time source for lifetimes (message requests, orphans).
+    pub(crate) clock: Clock,
 }
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
@@ -187,6 +198,22 @@ impl Drop for OpGuard {
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What an entry costs in the state, for the byte bounds of history and inbox: its text plus
+/// the fixed fields (keys, times, group id).
+pub(crate) fn entry_bytes(e: &Entry) -> usize {
+    e.text.len() + e.group_id.len() + 64
+}
+
+/// Drops the oldest entries until at most `max_entries` of at most `max_bytes` together
+/// ([`entry_bytes`]) remain.
+pub(crate) fn keep_newest(entries: &mut VecDeque<Entry>, max_entries: usize, max_bytes: usize) {
+    let mut bytes: usize = entries.iter().map(entry_bytes).sum();
+    while entries.len() > max_entries || bytes > max_bytes {
+        let Some(old) = entries.pop_front() else { break };
+        bytes = bytes.saturating_sub(entry_bytes(&old));
+    }
 }
 
 /// Valid contact and group names: short, no spaces or shell-special characters.
@@ -267,6 +294,7 @@ impl Messenger {
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
+            clock: Clock::from_env(),
         };
         Ok((m, report))
     }
@@ -292,6 +320,7 @@ impl Messenger {
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
+            clock: Clock::from_env(),
         })
     }
 
@@ -589,7 +618,11 @@ impl Messenger {
             }
             Target::Person(peer) => match self.find_direct(peer) {
                 Some(id) => id,
-                None => self.create_direct(*peer).await?,
+                // Replying to a message request accepts it (its conversation is the one to use).
+                None => match self.accept_direct_request_from(peer, &mut events)? {
+                    Some(id) => id,
+                    None => self.create_direct(*peer).await?,
+                },
             },
         };
         let me = self.identity.public().0;
@@ -639,9 +672,38 @@ impl Messenger {
         let limit = self.home.state.history_limit;
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&entry.group_id)) {
             g.history.push_back(entry);
-            while g.history.len() > limit {
-                g.history.pop_front();
-            }
+            keep_newest(&mut g.history, limit, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(text: &str) -> Entry {
+        Entry {
+            group_id: vec![1; 16],
+            from: [2; 32],
+            text: text.to_string(),
+            sent_at_ms: 0,
+            received_at_ms: 0,
+            outgoing: false,
+        }
+    }
+
+    #[test]
+    fn history_and_inbox_keep_the_newest_within_count_and_bytes() {
+        let mut q: VecDeque<Entry> = ["a", "b", "c"].into_iter().map(entry).collect();
+        keep_newest(&mut q, 2, usize::MAX);
+        assert_eq!(q.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        let big = "x".repeat(1000);
+        let mut q: VecDeque<Entry> = [big.as_str(), "small", big.as_str()].into_iter().map(entry).collect();
+        let one_big = entry_bytes(&entry(&big));
+        keep_newest(&mut q, 10, one_big + entry_bytes(&entry("small")));
+        assert_eq!(q.len(), 2, "the oldest big entry went first");
+        assert_eq!(q[0].text, "small");
+        keep_newest(&mut q, 10, 10);
+        assert!(q.is_empty(), "nothing fits in 10 bytes");
     }
 }

@@ -15,6 +15,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::client::keypool::KeyPool;
+use crate::client::requests::RequestBook;
 use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
 use crate::fsutil::{self, HomeLock, LockError};
 
@@ -26,7 +27,7 @@ const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Version of the [`State`] layout inside the sealed file. 2: hybrid keys rotate (creation
 /// time, retired secrets, peer keys with lookup times). 3: `key_pool` (published KeyPackages
-/// with their lifetimes).
+/// with their lifetimes), message requests and the block list ([`State::requests`]).
 pub const STATE_VERSION: u32 = 3;
 
 /// Default number of messages kept per conversation for `/history`.
@@ -115,6 +116,7 @@ pub struct GroupMeta {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Orphan {
     pub group_id: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub message: Vec<u8>,
     pub received_at_ms: u64,
 }
@@ -164,7 +166,8 @@ pub struct State {
     pub groups: BTreeMap<String, GroupMeta>,
     /// Received messages not yet shown by `recv` (others than `recv` process the queue too).
     pub inbox: VecDeque<Entry>,
-    /// Messages for groups not joined yet.
+    /// Messages for groups we know nothing of yet, bounded by [`crate::limits::MAX_ORPHANS`] and
+    /// [`crate::limits::MAX_ORPHAN_BYTES`] (messages for a pending request are held in it instead).
     pub orphans: Vec<Orphan>,
     /// Highest DS sequence number whose effect is in this state; redeliveries at or below it are
     /// skipped (processed once).
@@ -184,6 +187,9 @@ pub struct State {
     pub server_instance: u64,
     /// Our published KeyPackages and their lifetimes (see [`crate::client::keypool`]).
     pub key_pool: KeyPool,
+    /// Invitations from keys that are not contacts, and the keys we block
+    /// (see [`crate::client::requests`]).
+    pub requests: RequestBook,
 }
 
 impl State {
@@ -211,6 +217,7 @@ impl State {
             leave_requests: Vec::new(),
             server_instance: 0,
             key_pool: KeyPool::default(),
+            requests: RequestBook::default(),
         }
     }
 
@@ -465,6 +472,15 @@ mod tests {
         assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
         assert_eq!(home.state.secrets.identity_seed, [1; 32]);
         assert_eq!(home.state.mls_storage.len(), 1000);
+    }
+
+    #[test]
+    fn byte_strings_are_encoded_as_plain_sequences_were() {
+        // serde_bytes only makes the encoding faster: postcard writes a byte string exactly as
+        // a sequence of u8 (length, then the bytes), so files written either way read alike.
+        let o = Orphan { group_id: vec![1, 2], message: vec![0, 255, 7], received_at_ms: 9 };
+        let plain = postcard::to_allocvec(&(vec![1u8, 2], vec![0u8, 255, 7], 9u64)).unwrap();
+        assert_eq!(postcard::to_allocvec(&o).unwrap(), plain);
     }
 
     #[test]

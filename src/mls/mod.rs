@@ -45,10 +45,10 @@ use std::fmt;
 use ed25519_dalek::SigningKey;
 use openmls::prelude::{
     BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
-    KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup, MlsGroupCreateConfig,
-    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY,
-    ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal, SenderRatchetConfiguration,
-    StagedCommit, StagedWelcome, WelcomeError,
+    KeyPackageBundle, KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup,
+    MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal,
+    SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -683,6 +683,65 @@ impl MlsClient {
         let inviter = credential_identity(sender.credential(), sender.signature_key().as_slice())?;
         let group = staged.into_group(&self.provider).map_err(|e| openmls_err("join", e))?;
         Ok(Joined { group_id: group.group_id().to_vec(), inviter, key_package_refs })
+    }
+
+    /// Joins from a Welcome in a throwaway copy that holds only the KeyPackage the Welcome is
+    /// for, and returns that copy: who sent it (verified as in [`MlsClient::join_welcome`]),
+    /// the group id, and a client that can read the group's first messages for a preview. Our
+    /// own storage is untouched, so the KeyPackage private key stays until a real join (a
+    /// message request is decided by the person, later). The sender is the GroupInfo's signer
+    /// (RFC 9420 section 12.4.3: the new member verifies the GroupInfo signature against the
+    /// signer's leaf in the ratchet tree).
+    pub fn preview_welcome(&self, welcome: &[u8]) -> Result<(Joined, MlsClient), MlsError> {
+        let MlsMessageBodyIn::Welcome(parsed) = parse_message(welcome)?.extract() else {
+            return Err(MlsError::UnexpectedMessage("expected a welcome"));
+        };
+        // The signer has no Clone; a round trip through its encoding copies it (wiped after).
+        let encoded = zeroize::Zeroizing::new(
+            self.signer.tls_serialize_detached().map_err(|e| openmls_err("copy signer", e))?,
+        );
+        let signer = SignatureKeyPair::tls_deserialize_exact(&encoded[..])
+            .map_err(|e| openmls_err("copy signer", e))?;
+        let mut scratch = MlsClient {
+            identity: self.identity,
+            signer,
+            credential: self.credential.clone(),
+            provider: OpenMlsRustCrypto::default(),
+            clock: self.clock.clone(),
+        };
+        let ours = self.provider.storage();
+        for secret in parsed.secrets() {
+            let hash_ref = secret.new_member();
+            let bundle: Option<KeyPackageBundle> =
+                ours.key_package(&hash_ref).map_err(|e| openmls_err("read key package", e))?;
+            if let Some(bundle) = bundle {
+                scratch
+                    .provider
+                    .storage()
+                    .write_key_package(&hash_ref, &bundle)
+                    .map_err(|e| openmls_err("copy key package", e))?;
+            }
+        }
+        let joined = scratch.join_welcome(welcome)?;
+        Ok((joined, scratch))
+    }
+
+    /// Deletes the private keys of the one-time KeyPackages a Welcome we will never use was
+    /// encrypted to (a blocked sender's, an expired request's); the last-resort one is kept.
+    pub fn discard_welcome_key_packages(&mut self, welcome: &[u8]) -> Result<(), MlsError> {
+        let MlsMessageBodyIn::Welcome(parsed) = parse_message(welcome)?.extract() else {
+            return Err(MlsError::UnexpectedMessage("expected a welcome"));
+        };
+        let storage = self.provider.storage();
+        for secret in parsed.secrets() {
+            let hash_ref = secret.new_member();
+            let bundle: Option<KeyPackageBundle> =
+                storage.key_package(&hash_ref).map_err(|e| openmls_err("read key package", e))?;
+            if bundle.is_some_and(|b| !b.key_package().last_resort()) {
+                storage.delete_key_package(&hash_ref).map_err(|e| openmls_err("delete key package", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Identities of the current members, in leaf order.

@@ -602,3 +602,36 @@ fn a_deleted_key_package_can_no_longer_be_joined() {
     assert!(matches!(bob.join(&pending.welcome.unwrap()), Err(MlsError::NoMatchingKeyPackage)));
     bob.delete_key_package(&kp.hash_ref).expect("deleting twice is fine");
 }
+
+#[test]
+fn a_previewed_welcome_keeps_the_key_package_for_a_later_join() {
+    let (mut alice, mut bob) = (client(), client());
+    let group = b"group-preview-01".to_vec();
+    alice.create_group(&group).unwrap();
+    let pending = alice.add_members(&group, &[key_package(&bob)]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    let welcome = pending.welcome.unwrap();
+    let hello = alice.encrypt(&group, b"hello bob").unwrap();
+    let (joined, mut scratch) = bob.preview_welcome(&welcome).unwrap();
+    assert_eq!((joined.group_id.clone(), joined.inviter), (group.clone(), alice.identity()));
+    assert_eq!(
+        scratch.process(&group, &hello).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"hello bob".to_vec() }
+    );
+    assert!(bob.group_ids().is_empty(), "a preview joins nothing");
+    // Twice: the preview consumed nothing.
+    bob.preview_welcome(&welcome).unwrap();
+    assert_eq!(bob.join_welcome(&welcome).unwrap().group_id, group);
+    assert!(matches!(bob.process(&group, &hello).unwrap(), Incoming::Application { .. }));
+}
+
+#[test]
+fn a_discarded_welcome_can_no_longer_be_joined() {
+    let (mut alice, mut bob) = (client(), client());
+    let group = b"group-discard-01".to_vec();
+    alice.create_group(&group).unwrap();
+    let welcome = alice.add_members(&group, &[key_package(&bob)]).unwrap().welcome.unwrap();
+    bob.discard_welcome_key_packages(&welcome).unwrap();
+    assert!(matches!(bob.preview_welcome(&welcome), Err(MlsError::NoMatchingKeyPackage)));
+    assert!(matches!(bob.join_welcome(&welcome), Err(MlsError::NoMatchingKeyPackage)));
+}

@@ -111,6 +111,13 @@ impl ServerProcess {
         panic!("no free port in {low}..{high} after 50 tries");
     }
 
+    /// Starts on 127.0.0.1:0 with `config` (qpq-server.toml text, say raised queue limits).
+    pub fn start_with_config(data_dir: &Path, config: &str) -> ServerProcess {
+        let file = data_dir.join("qpq-server.toml");
+        std::fs::write(&file, config).expect("write server config");
+        Self::try_spawn_with(data_dir, "127.0.0.1:0", Some(&file)).expect("qpq serve starts with the config")
+    }
+
     fn spawn(data_dir: &Path, listen: &str) -> ServerProcess {
         Self::try_spawn(data_dir, listen).unwrap_or_else(|| panic!("qpq serve did not start on {listen}"))
     }
@@ -118,8 +125,18 @@ impl ServerProcess {
     /// None when the server exits before saying where it listens (say, the port is taken; its
     /// stderr, inherited, says why).
     fn try_spawn(data_dir: &Path, listen: &str) -> Option<ServerProcess> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
-            .args(["serve", "--listen", listen, "--data-dir"])
+        Self::try_spawn_with(data_dir, listen, None)
+    }
+
+    fn try_spawn_with(data_dir: &Path, listen: &str, config: Option<&Path>) -> Option<ServerProcess> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qpq"));
+        if let Some(c) = config {
+            cmd.arg("serve").arg("--config").arg(c);
+        } else {
+            cmd.arg("serve");
+        }
+        let mut child = cmd
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("QPQ_CONFIG")
             .env("QPQ_LOG", "warn")

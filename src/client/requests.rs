@@ -1,0 +1,597 @@
+//! Consent: an invitation from a key that is not a contact joins nothing until the person says
+//! so (message requests, as Signal and SimpleX have them).
+//!
+//! A Welcome is first read in a throwaway copy of our MLS state
+//! ([`crate::mls::MlsClient::preview_welcome`]), which tells who signed it (the signed
+//! GroupInfo, not the frame's unauthenticated `inviter` field) without using up our
+//! KeyPackage. A contact's invitation (or one from someone we already have a direct conversation
+//! with) joins at once. A blocked key's is dropped silently and its KeyPackage private key
+//! deleted. Anyone else's becomes a [`Request`]: the Welcome bytes, kept unprocessed, and the
+//! group's messages that follow, held unread. `requests accept` joins for real and processes
+//! what was held; `requests block` drops it all and remembers the key.
+//!
+//! Everything here is bounded ([`crate::limits`]): the number of requests (in all and per
+//! sender), the bytes of each (its Welcome and held messages), their age, and the block list,
+//! so no stranger can make a home grow by more than [`crate::limits::MAX_STRANGER_BYTES`].
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::frame::AppMessage;
+use crate::client::messenger::{ClientError, Event, Messenger};
+use crate::client::state::{GroupKind, Orphan};
+use crate::crypto::identity::PublicKey;
+use crate::limits::{
+    MAX_BLOCKED, MAX_BYTES_PER_REQUEST, MAX_HELD_PER_REQUEST, MAX_REQUESTS, MAX_REQUESTS_PER_SENDER,
+    REQUEST_PREVIEW_CHARS, REQUEST_TTL_MS,
+};
+use crate::mls::{Incoming, MlsError};
+
+/// An invitation from a key that is not a contact, waiting for the person's decision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The inviter, as signed in the Welcome's GroupInfo.
+    pub from: [u8; 32],
+    /// The group the Welcome is for.
+    pub group_id: Vec<u8>,
+    /// A direct conversation or a named group (the name as the inviter chose it).
+    pub kind: GroupKind,
+    pub group_name: String,
+    /// The MLS Welcome, not processed yet: accepting joins with it.
+    #[serde(with = "serde_bytes")]
+    pub welcome: Vec<u8>,
+    /// Our clock when it came.
+    pub received_at_ms: u64,
+    /// The group's MLS messages that came after it, unprocessed, oldest first.
+    pub held: Vec<HeldMessage>,
+}
+
+impl Request {
+    /// Bytes this request keeps (what [`MAX_BYTES_PER_REQUEST`] counts).
+    pub fn bytes(&self) -> usize {
+        self.welcome.len()
+            + self.group_id.len()
+            + self.group_name.len()
+            + self.held.iter().map(|m| m.0.len()).sum::<usize>()
+    }
+}
+
+/// An MLS message kept unprocessed for a request. (A newtype so it is encoded as one byte
+/// string; postcard writes that exactly as it writes a sequence of bytes, only faster.)
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HeldMessage(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// Why a request or a held message was not kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("too many message requests ({MAX_REQUESTS}): accept or block some with `qpq requests`")]
+    TooMany,
+    #[error("too many message requests from one key ({MAX_REQUESTS_PER_SENDER})")]
+    TooManyFromSender,
+    #[error("a message request may keep at most {MAX_BYTES_PER_REQUEST} bytes")]
+    TooLarge,
+    #[error("too many messages held for one request ({MAX_HELD_PER_REQUEST})")]
+    TooManyHeld,
+    #[error("a request for that group is already waiting")]
+    Duplicate,
+}
+
+/// The pending requests and the block list, as kept in the state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestBook {
+    /// Oldest first; `#n` in `qpq requests` is the n-th of this list.
+    pub pending: Vec<Request>,
+    /// Keys whose invitations and messages are dropped without a word.
+    pub blocked: BTreeSet<[u8; 32]>,
+}
+
+impl RequestBook {
+    /// Bytes all pending requests keep.
+    pub fn bytes(&self) -> usize {
+        self.pending.iter().map(Request::bytes).sum()
+    }
+
+    pub fn is_blocked(&self, key: &[u8; 32]) -> bool {
+        self.blocked.contains(key)
+    }
+
+    /// Keeps `request` if it fits every bound.
+    pub fn admit(&mut self, request: Request) -> Result<(), Refusal> {
+        if self.pending.iter().any(|r| r.group_id == request.group_id) {
+            return Err(Refusal::Duplicate);
+        }
+        if self.pending.len() >= MAX_REQUESTS {
+            return Err(Refusal::TooMany);
+        }
+        if self.pending.iter().filter(|r| r.from == request.from).count() >= MAX_REQUESTS_PER_SENDER {
+            return Err(Refusal::TooManyFromSender);
+        }
+        if request.bytes() > MAX_BYTES_PER_REQUEST {
+            return Err(Refusal::TooLarge);
+        }
+        self.pending.push(request);
+        Ok(())
+    }
+
+    /// Holds `message` for the request of `group_id`: None when there is no such request.
+    pub fn hold(&mut self, group_id: &[u8], message: &[u8]) -> Option<Result<(), Refusal>> {
+        let request = self.pending.iter_mut().find(|r| r.group_id == group_id)?;
+        if request.held.len() >= MAX_HELD_PER_REQUEST {
+            return Some(Err(Refusal::TooManyHeld));
+        }
+        if request.bytes().saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
+            return Some(Err(Refusal::TooLarge));
+        }
+        request.held.push(HeldMessage(message.to_vec()));
+        Some(Ok(()))
+    }
+
+    /// Removes and returns the requests older than [`REQUEST_TTL_MS`] at `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Request> {
+        let (old, fresh) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|r| now_ms.saturating_sub(r.received_at_ms) >= REQUEST_TTL_MS);
+        self.pending = fresh;
+        old
+    }
+
+    /// Removes and returns every request from `key`.
+    pub fn take_from(&mut self, key: &[u8; 32]) -> Vec<Request> {
+        let (theirs, rest) = std::mem::take(&mut self.pending).into_iter().partition(|r| r.from == *key);
+        self.pending = rest;
+        theirs
+    }
+
+    /// Removes and returns the request of `group_id`.
+    pub fn take_group(&mut self, group_id: &[u8]) -> Option<Request> {
+        let i = self.pending.iter().position(|r| r.group_id == group_id)?;
+        Some(self.pending.remove(i))
+    }
+
+    /// Blocks `key`: returns its requests, now removed. False in the flag when the block list
+    /// is full (the requests are dropped all the same).
+    pub fn block(&mut self, key: [u8; 32]) -> (Vec<Request>, bool) {
+        let dropped = self.take_from(&key);
+        let kept = self.blocked.len() < MAX_BLOCKED || self.blocked.contains(&key);
+        if kept {
+            self.blocked.insert(key);
+        }
+        (dropped, kept)
+    }
+
+    /// Unblocks `key`; false when it was not blocked.
+    pub fn unblock(&mut self, key: &[u8; 32]) -> bool {
+        self.blocked.remove(key)
+    }
+}
+
+/// A pending request as `qpq requests` shows it.
+#[derive(Debug, Clone)]
+pub struct RequestView {
+    /// 1-based position: `qpq requests accept #n`.
+    pub number: usize,
+    pub from: [u8; 32],
+    pub group_id: Vec<u8>,
+    /// None for a direct conversation, else the group's name as the inviter chose it.
+    pub group: Option<String>,
+    pub received_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Messages waiting with it.
+    pub held: usize,
+    /// The first waiting message, as one short line (None when there is none to show).
+    pub preview: Option<String>,
+}
+
+/// Which requests a command means: `#n` (its number in the list) or a key (all of its
+/// requests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestSelector {
+    Number(usize),
+    Key([u8; 32]),
+}
+
+impl Messenger {
+    /// True when invitations from `key` join at once: a contact, or someone we already have a
+    /// direct conversation with (we wrote to them first, or accepted them before).
+    pub(crate) fn consents_to(&self, key: &[u8; 32]) -> bool {
+        self.contact_name(key).is_some() || self.find_direct(key).is_some()
+    }
+
+    /// Files a stranger's invitation as a request (and its messages that came ahead of it).
+    pub(crate) fn file_request(
+        &mut self,
+        welcome: &[u8],
+        group_id: Vec<u8>,
+        name: &str,
+        kind: GroupKind,
+        from: [u8; 32],
+        events: &mut Vec<Event>,
+    ) {
+        let kind = match kind {
+            GroupKind::Direct { .. } => GroupKind::Direct { peer: from },
+            GroupKind::Group => GroupKind::Group,
+        };
+        let request = Request {
+            from,
+            group_id: group_id.clone(),
+            kind,
+            group_name: name.to_string(),
+            welcome: welcome.to_vec(),
+            received_at_ms: self.clock.now_ms(),
+            held: Vec::new(),
+        };
+        match self.home.state.requests.admit(request) {
+            Ok(()) => {
+                let (mine, rest): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut self.home.state.orphans)
+                    .into_iter()
+                    .partition(|o| o.group_id == group_id);
+                self.home.state.orphans = rest;
+                for o in mine {
+                    let _ = self.home.state.requests.hold(&group_id, &o.message);
+                }
+                events.push(Event::Request { group_id, from });
+            }
+            // The same invitation again (a resend): the first one stands.
+            Err(Refusal::Duplicate) => {}
+            Err(e) => {
+                self.discard_welcome(welcome);
+                events.push(Event::Dropped {
+                    reason: format!("a message request from {} was dropped: {e}", PublicKey(from).short()),
+                });
+            }
+        }
+    }
+
+    /// Deletes the KeyPackage private keys a Welcome we will never join was encrypted to.
+    pub(crate) fn discard_welcome(&mut self, welcome: &[u8]) {
+        // Best effort: a Welcome that does not parse matched none of our packages anyway.
+        let _ = self.mls.discard_welcome_key_packages(welcome);
+    }
+
+    /// Pending requests, oldest first, with a preview of each one's first message.
+    pub fn requests(&mut self) -> Result<Vec<RequestView>, ClientError> {
+        let _op = self.begin()?;
+        if self.expire_strangers() {
+            self.persist()?;
+        }
+        Ok(self
+            .home
+            .state
+            .requests
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RequestView {
+                number: i + 1,
+                from: r.from,
+                group_id: r.group_id.clone(),
+                group: match r.kind {
+                    GroupKind::Group => Some(r.group_name.clone()),
+                    GroupKind::Direct { .. } => None,
+                },
+                received_at_ms: r.received_at_ms,
+                expires_at_ms: r.received_at_ms.saturating_add(REQUEST_TTL_MS),
+                held: r.held.len(),
+                preview: self.preview(r),
+            })
+            .collect())
+    }
+
+    /// The first held message of `r` that reads as text, decrypted in a throwaway copy of our
+    /// MLS state (nothing is joined, nothing of ours is used up).
+    fn preview(&self, r: &Request) -> Option<String> {
+        let (_, mut scratch) = self.mls.preview_welcome(&r.welcome).ok()?;
+        r.held.iter().find_map(|m| match scratch.process(&r.group_id, &m.0) {
+            Ok(Incoming::Application { plaintext, .. }) => {
+                AppMessage::decode(&plaintext).ok().map(|app| preview_line(&app.text, REQUEST_PREVIEW_CHARS))
+            }
+            _ => None,
+        })
+    }
+
+    /// The number (`#n`) and preview of the pending request for `group_id`, for event lines.
+    pub fn request_summary(&self, group_id: &[u8]) -> Option<(usize, Option<String>)> {
+        let pending = &self.home.state.requests.pending;
+        let i = pending.iter().position(|r| r.group_id == group_id)?;
+        Some((i + 1, pending.get(i).and_then(|r| self.preview(r))))
+    }
+
+    /// The group name a pending group request came with (None for a direct one).
+    pub fn request_group_name(&self, group_id: &[u8]) -> Option<String> {
+        let r = self.home.state.requests.pending.iter().find(|r| r.group_id == group_id)?;
+        matches!(r.kind, GroupKind::Group).then(|| r.group_name.clone())
+    }
+
+    /// Parses `#n` or a contact name / 64-hex key.
+    pub fn request_selector(&self, s: &str) -> Result<RequestSelector, ClientError> {
+        if let Some(n) = s.strip_prefix('#') {
+            return match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(RequestSelector::Number(n)),
+                _ => Err(ClientError::NoRequest(s.to_string())),
+            };
+        }
+        Ok(RequestSelector::Key(self.resolve_person(s)?))
+    }
+
+    /// Removes the selected requests from the book (none selected is an error).
+    fn take_requests(&mut self, which: &RequestSelector, label: &str) -> Result<Vec<Request>, ClientError> {
+        let book = &mut self.home.state.requests;
+        let taken = match which {
+            RequestSelector::Number(n) => {
+                let i = n.checked_sub(1).filter(|i| *i < book.pending.len());
+                i.map(|i| vec![book.pending.remove(i)]).unwrap_or_default()
+            }
+            RequestSelector::Key(k) => book.take_from(k),
+        };
+        if taken.is_empty() {
+            return Err(ClientError::NoRequest(label.to_string()));
+        }
+        Ok(taken)
+    }
+
+    /// Accepts requests: joins each group (or opens the direct conversation) and processes the
+    /// messages that waited with it. The returned events carry those messages; they are shown
+    /// by the caller and so do not stay in the unread inbox.
+    pub fn request_accept(
+        &mut self,
+        which: &RequestSelector,
+        label: &str,
+    ) -> Result<Vec<Event>, ClientError> {
+        let _op = self.begin()?;
+        let taken = self.take_requests(which, label)?;
+        let mut events = Vec::new();
+        let mut failure = None;
+        for r in taken {
+            if let Err(e) = self.accept_one(r, &mut events) {
+                failure.get_or_insert(e);
+            }
+        }
+        self.persist()?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(events),
+        }
+    }
+
+    fn accept_one(&mut self, r: Request, events: &mut Vec<Event>) -> Result<Vec<u8>, ClientError> {
+        let unread = self.home.state.inbox.len();
+        let group_id = self.join_group(&r.welcome, &r.group_name, &r.kind, Some(r.from), events).map_err(
+            |e| match e {
+                MlsError::NoMatchingKeyPackage => {
+                    ClientError::RequestKeyPackageGone { who: self.display_name(&r.from) }
+                }
+                other => other.into(),
+            },
+        )?;
+        for m in &r.held {
+            self.handle_group_message(&group_id, &m.0, events);
+        }
+        // Shown with the accept: not unread any more.
+        self.home.state.inbox.truncate(unread);
+        Ok(group_id)
+    }
+
+    /// Accepts the direct-conversation request of `peer`, if one waits (replying to a request
+    /// accepts it); returns its group id.
+    pub(crate) fn accept_direct_request_from(
+        &mut self,
+        peer: &[u8; 32],
+        events: &mut Vec<Event>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let book = &mut self.home.state.requests;
+        let Some(i) =
+            book.pending.iter().position(|r| r.from == *peer && matches!(r.kind, GroupKind::Direct { .. }))
+        else {
+            return Ok(None);
+        };
+        let r = book.pending.remove(i);
+        let joined = self.accept_one(r, events);
+        self.persist()?;
+        joined.map(Some)
+    }
+
+    /// Declines requests without blocking their senders: they are dropped with what waited.
+    pub fn request_decline(&mut self, which: &RequestSelector, label: &str) -> Result<usize, ClientError> {
+        let _op = self.begin()?;
+        let taken = self.take_requests(which, label)?;
+        for r in &taken {
+            self.discard_welcome(&r.welcome);
+        }
+        self.persist()?;
+        Ok(taken.len())
+    }
+
+    /// Blocks a key (given, or the sender of request `#n`): its requests and what waited with
+    /// them are dropped, and whatever it sends later is dropped without a word. Returns the key.
+    pub fn request_block(&mut self, which: &RequestSelector, label: &str) -> Result<[u8; 32], ClientError> {
+        let _op = self.begin()?;
+        let key = match which {
+            RequestSelector::Key(k) => *k,
+            RequestSelector::Number(n) => n
+                .checked_sub(1)
+                .and_then(|i| self.home.state.requests.pending.get(i))
+                .map(|r| r.from)
+                .ok_or_else(|| ClientError::NoRequest(label.to_string()))?,
+        };
+        if key == self.identity.public().0 {
+            return Err(ClientError::SelfTarget);
+        }
+        let (dropped, kept) = self.home.state.requests.block(key);
+        for r in &dropped {
+            self.discard_welcome(&r.welcome);
+        }
+        self.persist()?;
+        if !kept {
+            return Err(ClientError::BlockListFull(MAX_BLOCKED));
+        }
+        Ok(key)
+    }
+
+    /// Unblocks a key: its later invitations become requests again.
+    pub fn request_unblock(&mut self, who: &str) -> Result<[u8; 32], ClientError> {
+        let key = self.resolve_person(who)?;
+        let _op = self.begin()?;
+        if !self.home.state.requests.unblock(&key) {
+            return Err(ClientError::NotBlocked(who.to_string()));
+        }
+        self.home.save()?;
+        Ok(key)
+    }
+
+    /// The blocked keys.
+    pub fn blocked(&self) -> Vec<PublicKey> {
+        self.home.state.requests.blocked.iter().map(|k| PublicKey(*k)).collect()
+    }
+}
+
+/// A one-line preview of peer text: control characters (newlines, escapes) become spaces and
+/// at most `max_chars` characters are kept, so a request cannot take over the terminal.
+pub fn preview_line(text: &str, max_chars: usize) -> String {
+    let mut out: String =
+        text.chars().take(max_chars).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if text.chars().nth(max_chars).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::MAX_REQUEST_BYTES;
+
+    /// A messenger on a fresh home, offline (nothing here needs the server).
+    fn offline_messenger(dir: &std::path::Path) -> Messenger {
+        use crate::client::messenger::ConnectOptions;
+        use crate::client::state::{Home, Secrets, State, Unlock};
+        let seed: [u8; 32] = rand::random();
+        let mut state = State::new(Secrets::new(seed, rand::random()), None, None);
+        state.mls_storage = crate::mls::MlsClient::new(&seed).unwrap().export_storage().unwrap();
+        drop(Home::create(dir, state, Unlock::None).unwrap());
+        Messenger::open(dir, None, ConnectOptions::default()).unwrap()
+    }
+
+    /// A stranger's Welcome (a direct conversation) to one of `bob`'s fresh KeyPackages.
+    fn strangers_welcome(bob: &mut Messenger) -> (crate::mls::MlsClient, Vec<u8>) {
+        let mut stranger = crate::mls::MlsClient::new(&rand::random()).unwrap();
+        let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
+        stranger.create_group(b"stranger-group-1").unwrap();
+        let welcome = stranger.add_members(b"stranger-group-1", &[kp]).unwrap().welcome.unwrap();
+        stranger.merge_pending(b"stranger-group-1").unwrap();
+        (stranger, welcome)
+    }
+
+    #[test]
+    fn a_request_that_outlived_its_key_package_fails_to_join_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (stranger, welcome) = strangers_welcome(&mut bob);
+        let peer = bob.public_key().0;
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "", GroupKind::Direct { peer }, stranger.identity(), &mut events);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
+        assert!(bob.mls.group_ids().is_empty(), "a request joins nothing");
+        // What the KeyPackage expiry does to an old package's private key.
+        bob.mls.discard_welcome_key_packages(&welcome).unwrap();
+        let err = bob.request_accept(&RequestSelector::Number(1), "#1").unwrap_err();
+        assert!(matches!(err, ClientError::RequestKeyPackageGone { .. }), "{err}");
+        assert!(err.to_string().contains("can no longer be accepted"), "{err}");
+        assert!(bob.state().requests.pending.is_empty(), "an unjoinable request is not kept");
+    }
+
+    #[test]
+    fn a_stranger_claiming_a_contacts_key_is_refused_without_joining() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (_stranger, welcome) = strangers_welcome(&mut bob);
+        let contact = [9; 32];
+        bob.home.state.contacts.insert("carol".into(), contact);
+        let peer = bob.public_key().0;
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "", GroupKind::Direct { peer }, contact, &mut events);
+        assert!(
+            matches!(events.as_slice(), [Event::Dropped { reason }] if reason.contains("different inviter")),
+            "{events:?}"
+        );
+        assert!(bob.mls.group_ids().is_empty() && bob.state().requests.pending.is_empty());
+    }
+
+    fn request(from: u8, group: u8, welcome_len: usize, at: u64) -> Request {
+        Request {
+            from: [from; 32],
+            group_id: vec![group; 16],
+            kind: GroupKind::Direct { peer: [from; 32] },
+            group_name: String::new(),
+            welcome: vec![0; welcome_len],
+            received_at_ms: at,
+            held: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn requests_are_bounded_in_count_per_sender_and_bytes() {
+        let mut book = RequestBook::default();
+        for g in 0..MAX_REQUESTS_PER_SENDER as u8 {
+            book.admit(request(1, g, 100, 0)).unwrap();
+        }
+        assert_eq!(book.admit(request(1, 200, 100, 0)), Err(Refusal::TooManyFromSender));
+        assert_eq!(book.admit(request(2, 0, 100, 0)), Err(Refusal::Duplicate));
+        assert_eq!(book.admit(request(2, 201, MAX_BYTES_PER_REQUEST + 1, 0)), Err(Refusal::TooLarge));
+        let mut from = 10u8;
+        while book.pending.len() < MAX_REQUESTS {
+            book.admit(request(from, from, 100, 0)).unwrap();
+            from += 1;
+        }
+        assert_eq!(book.admit(request(from, from, 100, 0)), Err(Refusal::TooMany));
+        assert!(book.bytes() <= MAX_REQUEST_BYTES);
+    }
+
+    #[test]
+    fn held_messages_are_bounded_and_only_for_known_requests() {
+        let mut book = RequestBook::default();
+        book.admit(request(1, 1, 100, 0)).unwrap();
+        assert_eq!(book.hold(&[9; 16], b"x"), None);
+        for _ in 0..MAX_HELD_PER_REQUEST {
+            assert_eq!(book.hold(&[1; 16], b"hello"), Some(Ok(())));
+        }
+        assert_eq!(book.hold(&[1; 16], b"one more"), Some(Err(Refusal::TooManyHeld)));
+        book.admit(request(2, 2, 100, 0)).unwrap();
+        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_BYTES_PER_REQUEST - 100]), Some(Err(Refusal::TooLarge)));
+        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_BYTES_PER_REQUEST - 116]), Some(Ok(())));
+        assert!(book.pending.iter().all(|r| r.bytes() <= MAX_BYTES_PER_REQUEST));
+    }
+
+    #[test]
+    fn requests_expire_after_their_ttl() {
+        let mut book = RequestBook::default();
+        book.admit(request(1, 1, 10, 1_000)).unwrap();
+        book.admit(request(2, 2, 10, 5_000)).unwrap();
+        assert!(book.expire(1_000 + REQUEST_TTL_MS - 1).is_empty());
+        let gone = book.expire(1_000 + REQUEST_TTL_MS);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].from, [1; 32]);
+        assert_eq!(book.pending.len(), 1);
+    }
+
+    #[test]
+    fn blocking_drops_the_senders_requests_and_remembers_the_key() {
+        let mut book = RequestBook::default();
+        book.admit(request(1, 1, 10, 0)).unwrap();
+        book.admit(request(1, 2, 10, 0)).unwrap();
+        book.admit(request(2, 3, 10, 0)).unwrap();
+        let (dropped, kept) = book.block([1; 32]);
+        assert_eq!((dropped.len(), kept), (2, true));
+        assert!(book.is_blocked(&[1; 32]));
+        assert_eq!(book.pending.len(), 1);
+        assert!(book.unblock(&[1; 32]));
+        assert!(!book.unblock(&[1; 32]));
+    }
+
+    #[test]
+    fn a_preview_is_one_short_line() {
+        assert_eq!(preview_line("hi\nthere\x1b[2J", 80), "hi there [2J");
+        assert_eq!(preview_line("abcdef", 3), "abc…");
+        assert_eq!(preview_line("abc", 3), "abc");
+    }
+}
