@@ -14,6 +14,7 @@ use crate::cli::GlobalArgs;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::state::{self, Entry, Unlock};
 use crate::crypto::identity::PublicKey;
+use crate::text::{self, Shown};
 use crate::transport::Fingerprint;
 
 /// Verbs that work both as `qpq VERB` and inside `qpq shell`.
@@ -192,12 +193,17 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
 
 fn print_notices(m: &mut Messenger) {
     for n in m.notices.drain(..) {
-        eprintln!("qpq: {n}");
+        eprintln!("qpq: {}", Shown(&n));
     }
 }
 
-/// A line describing an event for people (None for messages, which are printed as data).
+/// A line describing an event for people (None for messages, which are printed as data); names
+/// and reasons in it may come from peers, so the whole line is escaped ([`text::shown`]).
 pub fn describe_event(m: &Messenger, e: &Event) -> Option<String> {
+    event_line(m, e).map(|line| text::shown(&line))
+}
+
+fn event_line(m: &Messenger, e: &Event) -> Option<String> {
     let names = |ks: &[[u8; 32]]| ks.iter().map(|k| m.display_name(k)).collect::<Vec<_>>().join(", ");
     match e {
         Event::Message(_) => None,
@@ -225,20 +231,23 @@ pub fn describe_event(m: &Messenger, e: &Event) -> Option<String> {
     }
 }
 
-/// One message as a plain line: `[#team] alice: hello`, or `alice: hello` for a direct one.
+/// One message for people: `[#team] alice: hello`, or `alice: hello` for a direct one, with
+/// peer text escaped and further lines indented under the header ([`text::message`]).
 pub fn format_entry(m: &Messenger, e: &Entry) -> String {
     let from = m.display_name(&e.from);
-    match m.group_label(&e.group_id) {
-        Some(g) => format!("[#{g}] {from}: {}", e.text),
-        None => format!("{from}: {}", e.text),
-    }
+    let header = match m.group_label(&e.group_id) {
+        Some(g) => format!("[#{}] {}: ", Shown(&g), Shown(&from)),
+        None => format!("{}: ", Shown(&from)),
+    };
+    text::message(&header, &e.text)
 }
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// One message as a JSON object.
+/// One message as a JSON object (print it with [`text::json_line`], which keeps the exact text
+/// but escapes what a terminal would obey).
 pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     serde_json::json!({
         "from": PublicKey(e.from).to_hex(),
@@ -281,7 +290,7 @@ pub async fn run_verb(
         ClientVerb::Whoami => {
             writeln!(out, "{}", m.public_key())?;
             if let Some(n) = &m.state().name {
-                writeln!(out, "name: {n}")?;
+                writeln!(out, "name: {}", Shown(n))?;
             }
             writeln!(out, "fingerprint: {}", m.public_key().short())?;
         }
@@ -290,7 +299,9 @@ pub async fn run_verb(
             let session = m.connect().await?;
             let h = session.health().await?;
             let (kps, last_resort) = session.key_package_count().await?;
-            writeln!(out, "{} version {} uptime {}s server {server}", h.status, h.version, h.uptime_secs)?;
+            // The server's words are a stranger's too.
+            let (status, version) = (Shown(&h.status), Shown(&h.version));
+            writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
             let lr = if last_resort { "yes" } else { "no" };
             writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
             if h.status != "ok" {
@@ -302,7 +313,7 @@ pub async fn run_verb(
         }
         ClientVerb::Contact(ContactCmd::List) => {
             for (name, key) in m.contacts() {
-                writeln!(out, "{name} {key}")?;
+                writeln!(out, "{} {key}", Shown(&name))?;
             }
         }
         ClientVerb::Contact(ContactCmd::Remove { name }) => m.contact_remove(&name)?,
@@ -359,14 +370,14 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
                     "left".into()
                 };
                 let kind = if g.direct { "direct" } else { "group" };
-                writeln!(out, "{} ({kind}, {state})", g.name)?;
+                writeln!(out, "{} ({kind}, {state})", Shown(&g.name))?;
             }
             Vec::new()
         }
         GroupCmd::Members { name } => {
             for mem in m.group_members(name.trim_start_matches('#'))? {
                 let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(|| "-".into()) };
-                writeln!(out, "{} {label}", mem.key)?;
+                writeln!(out, "{} {}", mem.key, Shown(&label))?;
             }
             Vec::new()
         }
@@ -431,7 +442,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
                 e
             }
             Err(e) if args.follow => {
-                eprintln!("qpq: {e}; retrying in {}s", backoff.as_secs_f32());
+                eprintln!("qpq: {}; retrying in {}s", Shown(&e.to_string()), backoff.as_secs_f32());
                 m.disconnect().await;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -454,12 +465,13 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         // One write for the whole batch keeps that window to a single system call.
         let mut batch = String::new();
         for e in &entries {
-            let line = if args.json { entry_json(m, e).to_string() } else { format_entry(m, e) };
+            let line = if args.json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
             batch.push_str(&line);
             batch.push('\n');
         }
         let mut stdout = std::io::stdout().lock();
-        stdout.write_all(batch.as_bytes())?;
+        // Already escaped line by line; the guard keeps it so should a printer above forget.
+        stdout.write_all(text::guard(&batch).as_bytes())?;
         stdout.flush()?;
         printed_any |= !entries.is_empty();
         if args.follow {

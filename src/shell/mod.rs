@@ -44,6 +44,7 @@ use crate::shell::grammar::Action;
 use crate::shell::input::{Input, LineSource};
 use crate::shell::link::{Change, Link};
 use crate::shell::printer::Printer;
+use crate::text;
 
 /// Long-poll length while waiting for a line: short enough to notice a dead server quickly,
 /// long enough to cost nothing while idle.
@@ -210,7 +211,8 @@ impl Shell {
     }
 
     fn greet(&self) {
-        let who = self.m.state().name.clone().unwrap_or_else(|| self.m.public_key().short());
+        let who =
+            self.m.state().name.as_deref().map(text::shown).unwrap_or_else(|| self.m.public_key().short());
         let server = self.m.server().unwrap_or_else(|| "no server".into());
         self.out.data(&format!("qpq shell: {who} on {server}; /help for help, Ctrl-D to leave"));
     }
@@ -282,12 +284,12 @@ impl Shell {
 
     fn refresh_names(&self) {
         let names = Names {
-            contacts: self.m.contacts().into_iter().map(|(n, _)| n).collect(),
+            contacts: self.m.contacts().into_iter().map(|(n, _)| n).filter(|n| completable(n)).collect(),
             groups: self
                 .m
                 .group_list()
                 .into_iter()
-                .filter(|g| !g.direct && g.active)
+                .filter(|g| !g.direct && g.active && completable(&g.name))
                 .map(|g| g.name.trim_start_matches('#').to_string())
                 .collect(),
         };
@@ -391,6 +393,8 @@ impl Shell {
             }
             Target::Person(k) => self.m.display_name(&k),
         };
+        // The prompt is drawn by the editor, past the printer's guard.
+        let label = text::shown(&label);
         self.conversation = Some(Conversation { target, label });
         Ok(())
     }
@@ -413,4 +417,10 @@ impl Shell {
         }
         Ok(())
     }
+}
+
+/// Names offered for completion: the editor shows the candidates raw, so a name with anything
+/// [`text::is_unsafe`] marks is never one of them.
+fn completable(name: &str) -> bool {
+    !name.chars().any(text::is_unsafe)
 }
