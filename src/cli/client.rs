@@ -470,8 +470,8 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
             batch.push('\n');
         }
         let mut stdout = std::io::stdout().lock();
-        // Already escaped line by line; the guard keeps it so should a printer above forget.
-        stdout.write_all(text::guard(&batch).as_bytes())?;
+        // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
+        stdout.write_all(batch.as_bytes())?;
         stdout.flush()?;
         printed_any |= !entries.is_empty();
         if args.follow {
