@@ -9,7 +9,9 @@ use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, User, qpq_command};
+use common::{
+    ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, qpq_command, qpq_in,
+};
 use rexpect::reader::Options;
 use rexpect::session::PtySession;
 
@@ -310,6 +312,30 @@ fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
     assert_eq!(texts, ["alice: before the outage", "alice: after the outage"]);
 }
 
+/// Issue 9: a message that would retitle the terminal, clear it and forge lines from bob is
+/// shown inert, live and in `/history`, with its continuation lines indented.
+#[test]
+fn a_shell_shows_terminal_attacks_inert_live_and_in_history() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let mut a = ScriptShell::start(&alice);
+    let r = qpq_in(bob.home.path(), &["send", "alice"], Some(TERMINAL_ATTACK));
+    assert!(r.ok, "{}", r.stderr);
+    a.expect(Stream::Out, "nor this");
+    a.say("/chat bob");
+    a.say("/history 1");
+    let mut all = a.seen.clone();
+    let (status, rest) = a.finish();
+    assert!(status.success(), "{rest:#?}");
+    all.extend(rest);
+    let out = lines_of(&all, Stream::Out);
+    let err = lines_of(&all, Stream::Err);
+    assert_inert(format!("{}\n{}\n", out.join("\n"), err.join("\n")).as_bytes());
+    let shown = out.windows(TERMINAL_ATTACK_SHOWN.len()).filter(|w| *w == TERMINAL_ATTACK_SHOWN).count();
+    assert_eq!(shown, 2, "once on arrival, once in /history: {out:#?}");
+    let headers = out.iter().filter(|l| l.starts_with("bob: ")).count();
+    assert_eq!(headers, 2, "no line poses as another message from bob: {out:#?}");
+}
+
 // ----- a real terminal -----
 
 /// `qpq shell` on a pseudo-terminal, with ANSI sequences stripped from what it prints.
@@ -347,6 +373,30 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     p.exp_eof().unwrap();
     let got = bob.ok(&["recv"]);
     assert!(got.lines().any(|l| l == "alice: hello world"), "the typed line survived intact: {got}");
+}
+
+#[test]
+fn pty_a_terminal_attack_arrives_as_visible_escapes() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let mut cmd = qpq_command(alice.home.path());
+    cmd.arg("shell").env("TERM", "xterm");
+    // Unstripped: the escape sequences the editor itself draws stay in, and so would the peer's.
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64));
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    p.exp_string("qpq> ").unwrap();
+    let r = qpq_in(bob.home.path(), &["send", "alice"], Some(TERMINAL_ATTACK));
+    assert!(r.ok, "{}", r.stderr);
+    let screen = p.exp_string("nor this").unwrap();
+    assert!(screen.contains(TERMINAL_ATTACK_SHOWN[0]), "{screen:?}");
+    assert!(screen.contains(&format!("\n{}", TERMINAL_ATTACK_SHOWN[1])), "{screen:?}");
+    for raw in
+        ["\x1b]", "\x1b[2J", "\x07", "\0", "\u{202e}", "\u{2069}", "\u{9b}", "\u{200f}", "\nbob:", "\rbob:"]
+    {
+        assert!(!screen.contains(raw), "{raw:?} reached the terminal: {screen:?}");
+    }
+    p.exp_string("qpq> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
 }
 
 #[test]
