@@ -82,3 +82,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// A QUIC handshake that has not finished by then gives its connection slot back (a forged or
 /// stalled client must not hold it for the whole idle timeout).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Largest shell history file read for cleaning: 1000 commands fit in a few tens of KiB, so a
+/// bigger file is not one qpq wrote and is emptied instead of parsed.
+pub const MAX_HISTORY_FILE_BYTES: u64 = 1024 * 1024;

@@ -441,7 +441,7 @@ fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_li
     let path = alice.home.path().join("history");
     let file = std::fs::read_to_string(&path).unwrap();
     let kept: Vec<&str> = file.lines().filter(|l| !l.starts_with('#')).collect();
-    assert_eq!(kept, ["whoami", "/quit"], "{file}");
+    assert_eq!(kept, ["/whoami", "/quit"], "kept in the slash form: {file}");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -463,6 +463,58 @@ fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_li
     p.exp_string("qpq> ").unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
+}
+
+/// Issue 9: the history file held every typed line, message text included. It keeps commands
+/// only, and an old file is cleaned when the shell starts.
+#[test]
+fn pty_history_keeps_commands_only_and_an_old_file_loses_its_message_text() {
+    let (_dir, _server, [alice, _bob]) = cast(["alice", "bob"]);
+    let path = alice.home.path().join("history");
+    let old = "#V2\nwhoami\n@bob old secret one\n/chat bob\nold secret two\n/send bob old secret three\n/group list\n";
+    std::fs::write(&path, old).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut p = pty_shell(&alice);
+    p.exp_string("keeps commands only").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    let cleaned = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(cleaned, "#V2\n/chat bob\n/group list\n", "cleaned before the first prompt");
+
+    for (line, prompt) in [
+        ("whoami", "qpq> "),
+        ("@bob new secret one", "qpq> "),
+        ("send bob new secret two", "qpq> "),
+        ("group list", "qpq> "),
+        ("/chat bob", "bob> "),
+        ("new secret three", "bob> "),
+        ("/say new secret four", "bob> "),
+        ("contact list", "bob> "),
+        ("/history 2", "bob> "),
+        ("/chat", "qpq> "),
+    ] {
+        p.send_line(line).unwrap();
+        p.exp_string(prompt).unwrap();
+    }
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert!(!file.contains("secret"), "no message text: {file}");
+    let kept: Vec<&str> = file.lines().skip(1).collect();
+    assert_eq!(
+        kept,
+        ["/chat bob", "/group list", "/whoami", "/group list", "/chat bob", "/history 2", "/chat", "/quit"],
+        "{file}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 }
 
 #[test]

@@ -17,11 +17,13 @@
 //! - [`grammar`]: line → action (no I/O).
 //! - [`complete`]: tab completion of verbs, contacts and groups.
 //! - [`input`]: the rustyline editor thread (history in `<home>/history`) or stdin lines.
+//! - [`history`]: what that file may keep: commands only, never message text.
 //! - [`printer`]: output that never mangles the line being typed.
 //! - [`link`]: the connection's up/down state and reconnect backoff.
 
 pub mod complete;
 pub mod grammar;
+pub mod history;
 pub mod input;
 pub mod link;
 pub mod printer;
@@ -132,7 +134,7 @@ impl Shell {
         let mut asked = false;
         loop {
             if !asked {
-                self.input.request(&self.prompt());
+                self.input.request(&self.prompt(), self.conversation.is_some());
                 self.out.set_editing(self.input.is_editor());
                 asked = true;
             }
