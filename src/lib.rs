@@ -21,6 +21,7 @@
 //! - [`clock`]: time as an input (a shiftable clock for everything with a lifetime).
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
+//! - [`text`]: the one sanitiser peer-supplied text passes before it reaches a terminal.
 //! - [`bench`]: `qpq bench`, every figure measured against a reference from the same run.
 
 #![forbid(unsafe_code)]
@@ -38,4 +39,5 @@ pub mod proto;
 pub mod server;
 pub mod shell;
 pub mod store;
+pub mod text;
 pub mod transport;

@@ -215,3 +215,7 @@ pub const MAX_INBOX_ENTRIES: usize = 10_000;
 /// for the later join, names, times). Whatever a stranger sends, a home grows by no more.
 pub const MAX_STRANGER_BYTES: usize =
     MAX_REQUEST_BYTES + MAX_ORPHAN_BYTES + MAX_BLOCKED * 32 + MAX_REQUESTS * 8 * 1024;
+
+/// Largest shell history file read for cleaning: 1000 commands fit in a few tens of KiB, so a
+/// bigger file is not one qpq wrote and is emptied instead of parsed.
+pub const MAX_HISTORY_FILE_BYTES: u64 = 1024 * 1024;

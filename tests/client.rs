@@ -6,7 +6,10 @@ mod common;
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 
-use common::{Lines, ServerProcess, User, cast, introduce, qpq_in};
+use common::{
+    Lines, ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, introduce,
+    qpq_command, qpq_in,
+};
 use redb::ReadableTable;
 
 fn members_of(u: &User, group: &str) -> Vec<String> {
@@ -49,6 +52,39 @@ fn two_users_dm_both_ways_in_one_conversation() {
     let who = alice.ok(&["whoami"]);
     assert_eq!(who.lines().next(), Some(alice.key.as_str()));
     assert!(who.contains("name: alice"));
+}
+
+/// Runs `qpq ARGS` as `u` and returns its stdout bytes exactly (the run must succeed).
+fn stdout_bytes(u: &User, args: &[&str]) -> Vec<u8> {
+    let out = qpq_command(u.home.path()).args(args).stdin(Stdio::null()).output().expect("qpq runs");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Issue 9: peer text reached the terminal raw (title change, screen clear, NUL, a forged
+/// second line from bob).
+#[test]
+fn recv_shows_terminal_attacks_inert_and_json_keeps_the_exact_text() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let send = || {
+        let r = qpq_in(bob.home.path(), &["send", "alice"], Some(TERMINAL_ATTACK));
+        assert!(r.ok, "{}", r.stderr);
+    };
+    send();
+    let out = stdout_bytes(&alice, &["recv"]);
+    assert_inert(&out);
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text.lines().collect::<Vec<_>>(), TERMINAL_ATTACK_SHOWN, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("bob: ")).count(), 1, "only the real header: {text}");
+
+    send();
+    let out = stdout_bytes(&alice, &["recv", "--json"]);
+    assert_inert(&out);
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text.lines().count(), 1, "one message, one line: {text}");
+    let msg: serde_json::Value = serde_json::from_str(text.trim_end()).expect("json line");
+    assert_eq!(msg["text"], TERMINAL_ATTACK, "the exact text round-trips");
+    assert!(text.contains("\\u202e"), "bidi controls are \\u escapes: {text}");
 }
 
 #[test]

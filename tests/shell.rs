@@ -9,7 +9,9 @@ use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, User, qpq_command};
+use common::{
+    ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, qpq_command, qpq_in,
+};
 use rexpect::reader::Options;
 use rexpect::session::PtySession;
 
@@ -311,6 +313,30 @@ fn sending_while_the_server_is_down_fails_cleanly_and_the_shell_reconnects() {
     assert_eq!(texts, ["alice: before the outage", "alice: after the outage"]);
 }
 
+/// Issue 9: a message that would retitle the terminal, clear it and forge lines from bob is
+/// shown inert, live and in `/history`, with its continuation lines indented.
+#[test]
+fn a_shell_shows_terminal_attacks_inert_live_and_in_history() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let mut a = ScriptShell::start(&alice);
+    let r = qpq_in(bob.home.path(), &["send", "alice"], Some(TERMINAL_ATTACK));
+    assert!(r.ok, "{}", r.stderr);
+    a.expect(Stream::Out, "nor this");
+    a.say("/chat bob");
+    a.say("/history 1");
+    let mut all = a.seen.clone();
+    let (status, rest) = a.finish();
+    assert!(status.success(), "{rest:#?}");
+    all.extend(rest);
+    let out = lines_of(&all, Stream::Out);
+    let err = lines_of(&all, Stream::Err);
+    assert_inert(format!("{}\n{}\n", out.join("\n"), err.join("\n")).as_bytes());
+    let shown = out.windows(TERMINAL_ATTACK_SHOWN.len()).filter(|w| *w == TERMINAL_ATTACK_SHOWN).count();
+    assert_eq!(shown, 2, "once on arrival, once in /history: {out:#?}");
+    let headers = out.iter().filter(|l| l.starts_with("bob: ")).count();
+    assert_eq!(headers, 2, "no line poses as another message from bob: {out:#?}");
+}
+
 // ----- a real terminal -----
 
 /// `qpq shell` on a pseudo-terminal, with ANSI sequences stripped from what it prints.
@@ -348,6 +374,30 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     p.exp_eof().unwrap();
     let got = bob.ok(&["recv"]);
     assert!(got.lines().any(|l| l == "alice: hello world"), "the typed line survived intact: {got}");
+}
+
+#[test]
+fn pty_a_terminal_attack_arrives_as_visible_escapes() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let mut cmd = qpq_command(alice.home.path());
+    cmd.arg("shell").env("TERM", "xterm");
+    // Unstripped: the escape sequences the editor itself draws stay in, and so would the peer's.
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64));
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    p.exp_string("qpq> ").unwrap();
+    let r = qpq_in(bob.home.path(), &["send", "alice"], Some(TERMINAL_ATTACK));
+    assert!(r.ok, "{}", r.stderr);
+    let screen = p.exp_string("nor this").unwrap();
+    assert!(screen.contains(TERMINAL_ATTACK_SHOWN[0]), "{screen:?}");
+    assert!(screen.contains(&format!("\n{}", TERMINAL_ATTACK_SHOWN[1])), "{screen:?}");
+    for raw in
+        ["\x1b]", "\x1b[2J", "\x07", "\0", "\u{202e}", "\u{2069}", "\u{9b}", "\u{200f}", "\nbob:", "\rbob:"]
+    {
+        assert!(!screen.contains(raw), "{raw:?} reached the terminal: {screen:?}");
+    }
+    p.exp_string("qpq> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
 }
 
 #[test]
@@ -393,7 +443,7 @@ fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_li
     let path = alice.home.path().join("history");
     let file = std::fs::read_to_string(&path).unwrap();
     let kept: Vec<&str> = file.lines().filter(|l| !l.starts_with('#')).collect();
-    assert_eq!(kept, ["whoami", "/quit"], "{file}");
+    assert_eq!(kept, ["/whoami", "/quit"], "kept in the slash form: {file}");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -415,6 +465,58 @@ fn pty_history_persists_across_restarts_without_space_prefixed_or_interrupted_li
     p.exp_string("qpq> ").unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
+}
+
+/// Issue 9: the history file held every typed line, message text included. It keeps commands
+/// only, and an old file is cleaned when the shell starts.
+#[test]
+fn pty_history_keeps_commands_only_and_an_old_file_loses_its_message_text() {
+    let (_dir, _server, [alice, _bob]) = cast(["alice", "bob"]);
+    let path = alice.home.path().join("history");
+    let old = "#V2\nwhoami\n@bob old secret one\n/chat bob\nold secret two\n/send bob old secret three\n/group list\n";
+    std::fs::write(&path, old).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut p = pty_shell(&alice);
+    p.exp_string("keeps commands only").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    let cleaned = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(cleaned, "#V2\n/chat bob\n/group list\n", "cleaned before the first prompt");
+
+    for (line, prompt) in [
+        ("whoami", "qpq> "),
+        ("@bob new secret one", "qpq> "),
+        ("send bob new secret two", "qpq> "),
+        ("group list", "qpq> "),
+        ("/chat bob", "bob> "),
+        ("new secret three", "bob> "),
+        ("/say new secret four", "bob> "),
+        ("contact list", "bob> "),
+        ("/history 2", "bob> "),
+        ("/chat", "qpq> "),
+    ] {
+        p.send_line(line).unwrap();
+        p.exp_string(prompt).unwrap();
+    }
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert!(!file.contains("secret"), "no message text: {file}");
+    let kept: Vec<&str> = file.lines().skip(1).collect();
+    assert_eq!(
+        kept,
+        ["/chat bob", "/group list", "/whoami", "/group list", "/chat bob", "/history 2", "/chat", "/quit"],
+        "{file}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 }
 
 #[test]

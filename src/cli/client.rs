@@ -16,6 +16,7 @@ use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
 use crate::crypto::identity::PublicKey;
 use crate::limits::REQUEST_PREVIEW_CHARS;
+use crate::text::{self, Shown};
 use crate::transport::Fingerprint;
 
 /// Verbs that work both as `qpq VERB` and inside `qpq shell`.
@@ -231,12 +232,17 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
 
 fn print_notices(m: &mut Messenger) {
     for n in m.notices.drain(..) {
-        eprintln!("qpq: {n}");
+        eprintln!("qpq: {}", Shown(&n));
     }
 }
 
-/// A line describing an event for people (None for messages, which are printed as data).
+/// A line describing an event for people (None for messages, which are printed as data); names
+/// and reasons in it may come from peers, so the whole line is escaped ([`text::shown`]).
 pub fn describe_event(m: &Messenger, e: &Event) -> Option<String> {
+    event_line(m, e).map(|line| text::shown(&line))
+}
+
+fn event_line(m: &Messenger, e: &Event) -> Option<String> {
     let names = |ks: &[[u8; 32]]| ks.iter().map(|k| m.display_name(k)).collect::<Vec<_>>().join(", ");
     match e {
         Event::Message(_) => None,
@@ -276,20 +282,23 @@ pub fn describe_event(m: &Messenger, e: &Event) -> Option<String> {
     }
 }
 
-/// One message as a plain line: `[#team] alice: hello`, or `alice: hello` for a direct one.
+/// One message for people: `[#team] alice: hello`, or `alice: hello` for a direct one, with
+/// peer text escaped and further lines indented under the header ([`text::message`]).
 pub fn format_entry(m: &Messenger, e: &Entry) -> String {
     let from = m.display_name(&e.from);
-    match m.group_label(&e.group_id) {
-        Some(g) => format!("[#{g}] {from}: {}", e.text),
-        None => format!("{from}: {}", e.text),
-    }
+    let header = match m.group_label(&e.group_id) {
+        Some(g) => format!("[#{}] {}: ", Shown(&g), Shown(&from)),
+        None => format!("{}: ", Shown(&from)),
+    };
+    text::message(&header, &e.text)
 }
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// One message as a JSON object.
+/// One message as a JSON object (print it with [`text::json_line`], which keeps the exact text
+/// but escapes what a terminal would obey).
 pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     serde_json::json!({
         "from": PublicKey(e.from).to_hex(),
@@ -332,7 +341,7 @@ pub async fn run_verb(
         ClientVerb::Whoami => {
             writeln!(out, "{}", m.public_key())?;
             if let Some(n) = &m.state().name {
-                writeln!(out, "name: {n}")?;
+                writeln!(out, "name: {}", Shown(n))?;
             }
             writeln!(out, "fingerprint: {}", m.public_key().short())?;
         }
@@ -341,7 +350,9 @@ pub async fn run_verb(
             let session = m.connect().await?;
             let h = session.health().await?;
             let (kps, last_resort) = session.key_package_count().await?;
-            writeln!(out, "{} version {} uptime {}s server {server}", h.status, h.version, h.uptime_secs)?;
+            // The server's words are a stranger's too.
+            let (status, version) = (Shown(&h.status), Shown(&h.version));
+            writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
             let lr = if last_resort { "yes" } else { "no" };
             writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
             if h.status != "ok" {
@@ -353,7 +364,7 @@ pub async fn run_verb(
         }
         ClientVerb::Contact(ContactCmd::List) => {
             for (name, key) in m.contacts() {
-                writeln!(out, "{name} {key}")?;
+                writeln!(out, "{} {key}", Shown(&name))?;
             }
         }
         ClientVerb::Contact(ContactCmd::Remove { name }) => m.contact_remove(&name)?,
@@ -403,7 +414,7 @@ fn run_requests(
             let list = m.requests()?;
             for r in &list {
                 if args.json {
-                    writeln!(out, "{}", request_json(m, r))?;
+                    writeln!(out, "{}", text::json_line(&request_json(m, r)))?;
                     continue;
                 }
                 let what = match &r.group {
@@ -412,14 +423,14 @@ fn run_requests(
                 };
                 let preview =
                     r.preview.as_deref().map(|p| format!(": \u{201c}{p}\u{201d}")).unwrap_or_default();
-                writeln!(
-                    out,
+                let line = format!(
                     "#{} {} {what}{preview} ({} waiting, since {})",
                     r.number,
                     PublicKey(r.from),
                     r.held,
                     rfc3339(r.received_at_ms)
-                )?;
+                );
+                writeln!(out, "{}", text::shown(&line))?;
             }
             if !args.json {
                 if list.is_empty() {
@@ -512,14 +523,14 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
                     "left".into()
                 };
                 let kind = if g.direct { "direct" } else { "group" };
-                writeln!(out, "{} ({kind}, {state})", g.name)?;
+                writeln!(out, "{} ({kind}, {state})", Shown(&g.name))?;
             }
             Vec::new()
         }
         GroupCmd::Members { name } => {
             for mem in m.group_members(name.trim_start_matches('#'))? {
                 let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(|| "-".into()) };
-                writeln!(out, "{} {label}", mem.key)?;
+                writeln!(out, "{} {}", mem.key, Shown(&label))?;
             }
             Vec::new()
         }
@@ -584,7 +595,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
                 e
             }
             Err(e) if args.follow => {
-                eprintln!("qpq: {e}; retrying in {}s", backoff.as_secs_f32());
+                eprintln!("qpq: {}; retrying in {}s", Shown(&e.to_string()), backoff.as_secs_f32());
                 m.disconnect().await;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -607,11 +618,12 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         // One write for the whole batch keeps that window to a single system call.
         let mut batch = String::new();
         for e in &entries {
-            let line = if args.json { entry_json(m, e).to_string() } else { format_entry(m, e) };
+            let line = if args.json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
             batch.push_str(&line);
             batch.push('\n');
         }
         let mut stdout = std::io::stdout().lock();
+        // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
         stdout.write_all(batch.as_bytes())?;
         stdout.flush()?;
         printed_any |= !entries.is_empty();

@@ -110,8 +110,9 @@ pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
     }) {
         return std::process::ExitCode::SUCCESS;
     }
+    // Errors may quote what a peer or the server sent.
     let msg = error_line(e);
-    eprintln!("qpq: {msg}");
+    eprintln!("qpq: {}", crate::text::guard(&msg));
     std::process::ExitCode::FAILURE
 }
 

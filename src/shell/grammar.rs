@@ -216,24 +216,6 @@ fn condense(rendered: &str) -> String {
     format!("{head}{usage}")
 }
 
-/// Whether a line may be kept in the history file. Lines starting with a space are never kept
-/// (bash's ignorespace habit). No verb takes a secret today, but a future `passphrase` verb
-/// must never reach the file, so its lines are refused here already.
-pub fn may_record(line: &str) -> bool {
-    if line.trim().is_empty() || line.starts_with(char::is_whitespace) {
-        return false;
-    }
-    let mut words = line.trim_start_matches('/').split_whitespace().peekable();
-    if words.peek() == Some(&"qpq") {
-        words.next();
-    }
-    let verb = words.next().unwrap_or("").to_ascii_lowercase();
-    !SECRET_VERBS.contains(&verb.as_str())
-}
-
-/// Verbs whose lines may carry a secret.
-const SECRET_VERBS: &[&str] = &["passphrase"];
-
 /// The help overview: chat syntax, then every verb from the clap definitions.
 pub fn help_overview() -> String {
     let mut s = String::from(
@@ -443,15 +425,5 @@ mod tests {
         }
         assert!(help_for("/c").unwrap().contains("Open a conversation"));
         assert!(help_for("nope").is_err());
-    }
-
-    #[test]
-    fn secrets_and_space_prefixed_lines_are_not_recorded() {
-        assert!(may_record("@bob hi"));
-        assert!(!may_record(" @bob hi"));
-        assert!(!may_record("passphrase hunter2"));
-        assert!(!may_record("/passphrase"));
-        assert!(!may_record("qpq Passphrase new"));
-        assert!(!may_record(""));
     }
 }

@@ -4,7 +4,9 @@
 //! send [`Input`]s to the core loop over a channel, so the core can `select!` between the next
 //! line and incoming messages. The editor reads a line only when the core asks with a prompt:
 //! the core shows the prompt after the previous line's output, so output order is right and
-//! the prompt shows the conversation `/chat` just opened.
+//! the prompt shows the conversation `/chat` just opened. Its history keeps commands only
+//! ([`history`]): the request says whether a conversation is open, since that decides whether a
+//! bare line is a command or text.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,7 @@ use rustyline::{CompletionType, Config, Editor};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::shell::complete::{SharedNames, ShellHelper};
-use crate::shell::{grammar, printer};
+use crate::shell::{history, printer};
 
 /// The history file in the home.
 pub const HISTORY_FILE: &str = "history";
@@ -40,11 +42,18 @@ pub enum Input {
     Failed(String),
 }
 
+/// The core asks the editor for a line.
+struct Ask {
+    prompt: String,
+    /// A conversation is open: a bare line is text, never kept in the history.
+    in_conversation: bool,
+}
+
 /// A running line source.
 pub struct LineSource {
     pub lines: UnboundedReceiver<Input>,
     /// Prompts for the editor; None for stdin, which reads ahead on its own.
-    prompts: Option<mpsc::Sender<String>>,
+    prompts: Option<mpsc::Sender<Ask>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -76,10 +85,10 @@ impl LineSource {
     }
 
     /// Asks the editor for the next line, showing `prompt` (a no-op for stdin).
-    pub fn request(&self, prompt: &str) {
+    pub fn request(&self, prompt: &str, in_conversation: bool) {
         if let Some(p) = &self.prompts {
             // If the editor thread ended it already sent Eof or Failed, which ends the shell.
-            let _ = p.send(prompt.to_string());
+            let _ = p.send(Ask { prompt: prompt.to_string(), in_conversation });
         }
     }
 
@@ -106,7 +115,7 @@ fn run_editor(
     history: &Path,
     names: SharedNames,
     prints: mpsc::Receiver<String>,
-    prompts: mpsc::Receiver<String>,
+    prompts: mpsc::Receiver<Ask>,
     tx: UnboundedSender<Input>,
 ) {
     let editor = editor_config().and_then(Editor::<ShellHelper, FileHistory>::with_config);
@@ -118,7 +127,19 @@ fn run_editor(
         }
     };
     editor.set_helper(Some(ShellHelper::new(names)));
-    restrict_permissions(history);
+    match history::clean_file(history) {
+        Ok(true) => {
+            let msg = format!(
+                "removed message text and unknown lines from {}: it keeps commands only",
+                history.display()
+            );
+            let _ = tx.send(Input::Notice(msg));
+        }
+        Ok(false) => {}
+        Err(e) => {
+            let _ = tx.send(Input::Notice(format!("cannot clean history {}: {e}", history.display())));
+        }
+    }
     match editor.load_history(history) {
         Ok(()) => {}
         Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -135,11 +156,11 @@ fn run_editor(
         let _ = tx.send(Input::Notice(format!("cannot start the printer thread: {e}")));
     }
     let mut history_warned = false;
-    while let Ok(prompt) = prompts.recv() {
+    while let Ok(Ask { prompt, in_conversation }) = prompts.recv() {
         let input = match editor.readline(&prompt) {
             Ok(line) => {
-                if grammar::may_record(&line) {
-                    let kept = editor.add_history_entry(line.as_str());
+                if let Some(entry) = history::entry_for(&line, in_conversation) {
+                    let kept = editor.add_history_entry(entry);
                     // Appended at once, so a crash or a second terminal keeps the line.
                     if let Err(e) = kept.and_then(|_| editor.append_history(history))
                         && !history_warned
@@ -158,18 +179,6 @@ fn run_editor(
         let last = matches!(input, Input::Eof | Input::Failed(_));
         if tx.send(input).is_err() || last {
             break;
-        }
-    }
-}
-
-/// The history may hold who you talk to: owner-only, like the state file (rustyline also
-/// creates it 0600; this fixes a file copied in with looser bits).
-fn restrict_permissions(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if path.exists() {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
     }
 }

@@ -17,11 +17,13 @@
 //! - [`grammar`]: line → action (no I/O).
 //! - [`complete`]: tab completion of verbs, contacts and groups.
 //! - [`input`]: the rustyline editor thread (history in `<home>/history`) or stdin lines.
+//! - [`history`]: what that file may keep: commands only, never message text.
 //! - [`printer`]: output that never mangles the line being typed.
 //! - [`link`]: the connection's up/down state and reconnect backoff.
 
 pub mod complete;
 pub mod grammar;
+pub mod history;
 pub mod input;
 pub mod link;
 pub mod printer;
@@ -44,6 +46,7 @@ use crate::shell::grammar::Action;
 use crate::shell::input::{Input, LineSource};
 use crate::shell::link::{Change, Link};
 use crate::shell::printer::Printer;
+use crate::text;
 
 /// Long-poll length while waiting for a line: short enough to notice a dead server quickly,
 /// long enough to cost nothing while idle.
@@ -131,7 +134,7 @@ impl Shell {
         let mut asked = false;
         loop {
             if !asked {
-                self.input.request(&self.prompt());
+                self.input.request(&self.prompt(), self.conversation.is_some());
                 self.out.set_editing(self.input.is_editor());
                 asked = true;
             }
@@ -210,7 +213,8 @@ impl Shell {
     }
 
     fn greet(&self) {
-        let who = self.m.state().name.clone().unwrap_or_else(|| self.m.public_key().short());
+        let who =
+            self.m.state().name.as_deref().map(text::shown).unwrap_or_else(|| self.m.public_key().short());
         let server = self.m.server().unwrap_or_else(|| "no server".into());
         self.out.data(&format!("qpq shell: {who} on {server}; /help for help, Ctrl-D to leave"));
     }
@@ -282,12 +286,12 @@ impl Shell {
 
     fn refresh_names(&self) {
         let names = Names {
-            contacts: self.m.contacts().into_iter().map(|(n, _)| n).collect(),
+            contacts: self.m.contacts().into_iter().map(|(n, _)| n).filter(|n| completable(n)).collect(),
             groups: self
                 .m
                 .group_list()
                 .into_iter()
-                .filter(|g| !g.direct && g.active)
+                .filter(|g| !g.direct && g.active && completable(&g.name))
                 .map(|g| g.name.trim_start_matches('#').to_string())
                 .collect(),
         };
@@ -391,6 +395,8 @@ impl Shell {
             }
             Target::Person(k) => self.m.display_name(&k),
         };
+        // The prompt is drawn by the editor, past the printer's guard.
+        let label = text::shown(&label);
         self.conversation = Some(Conversation { target, label });
         Ok(())
     }
@@ -413,4 +419,10 @@ impl Shell {
         }
         Ok(())
     }
+}
+
+/// Names offered for completion: the editor shows the candidates raw, so a name with anything
+/// [`text::is_unsafe`] marks is never one of them.
+fn completable(name: &str) -> bool {
+    !name.chars().any(text::is_unsafe)
 }

@@ -11,10 +11,16 @@
 //! it lives on a thread of its own fed by a channel: the core loop never waits on the terminal.
 //! Without a terminal (scripts, tests) there is no editor: everything is a plain line, with
 //! errors and status on stderr so stdout stays data.
+//!
+//! Every line passes [`crate::text::guard`] on its way out, terminal or not: whatever a caller
+//! forgot to escape (an error quoting peer data, a name) reaches the screen as visible escapes,
+//! never as control sequences. Messages are laid out before ([`crate::text::message`]).
 
 use std::cell::Cell;
 use std::io::Write;
 use std::sync::mpsc;
+
+use crate::text::guard;
 
 /// How the shell talks to its user.
 pub struct Printer {
@@ -55,9 +61,9 @@ impl Printer {
         self.editing.set(editing);
     }
 
-    /// Prints `text` (one or more lines, without the final newline).
+    /// Prints `text` (one or more lines, without the final newline), escaped by the guard.
     pub fn line(&self, kind: Kind, text: &str) {
-        let text = format!("{}\n", text.trim_end_matches('\n'));
+        let text = format!("{}\n", guard(text.trim_end_matches('\n')));
         match &self.mode {
             Mode::Terminal(tx) if self.editing.get() => {
                 if tx.send(text.clone()).is_err() {

@@ -324,3 +324,38 @@ pub fn cast<const N: usize>(names: [&str; N]) -> (tempfile::TempDir, ServerProce
     introduce(&users.iter().collect::<Vec<_>>());
     (dir, server, users)
 }
+
+/// Issue 9's terminal attacks in one message from bob: a window title (OSC ... BEL), a screen
+/// clear, NUL, bidi overrides and isolates, an 8-bit CSI, a CR that would overwrite the header,
+/// and continuation lines that would pass for further messages from bob.
+pub const TERMINAL_ATTACK: &str = "see you\x1b]0;title\x07\x1b[2J nul\0 \u{202e}evil\u{2069} \u{9b}2J\rbob: \
+     overwritten\nbob: I never said this\n\u{200f}bob: nor this";
+
+/// How a plain printer shows [`TERMINAL_ATTACK`] from bob: every control visible, every
+/// continuation indented under `bob: `.
+pub const TERMINAL_ATTACK_SHOWN: [&str; 3] = [
+    "bob: see you\\x1b]0;title\\x07\\x1b[2J nul\\x00 \\u{202e}evil\\u{2069} \\u{9b}2J\\rbob: overwritten",
+    "     bob: I never said this",
+    "     \\u{200f}bob: nor this",
+];
+
+/// Fails if `out` holds a byte sequence a terminal would obey: ESC, NUL, BEL, CR, any other C0
+/// control but LF, DEL, an 8-bit C1 control or a bidi/invisible format codepoint (UTF-8).
+pub fn assert_inert(out: &[u8]) {
+    for (i, &b) in out.iter().enumerate() {
+        assert!(
+            b >= 0x20 && b != 0x7f || b == b'\n',
+            "control byte {b:#04x} at {i} in {:?}",
+            String::from_utf8_lossy(out)
+        );
+    }
+    let text = std::str::from_utf8(out).expect("output is utf-8");
+    for c in text.chars() {
+        let cp = c as u32;
+        let bad = (0x80..=0x9f).contains(&cp)
+            || (0x202a..=0x202e).contains(&cp)
+            || (0x2066..=0x2069).contains(&cp)
+            || [0x200e, 0x200f, 0x061c, 0x200b, 0xfeff].contains(&cp);
+        assert!(!bad, "raw U+{cp:04X} in {text:?}");
+    }
+}
