@@ -22,6 +22,8 @@
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
 //! - [`bench`]: `qpq bench`, every figure measured against a reference from the same run.
+//! - `fuzzing` (hidden): one fuzz target per decoder a stranger reaches, for `fuzz/` and the
+//!   stable smoke run.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +34,7 @@ pub mod clock;
 pub mod crypto;
 pub mod failpoint;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod limits;
 pub mod mls;
 pub mod proto;

@@ -502,3 +502,19 @@ fn last_resort_key_package_joins_several_groups() {
     bob.join(&welcomes[0]).unwrap();
     assert!(matches!(bob.join(&welcomes[1]), Err(MlsError::NoMatchingKeyPackage)));
 }
+
+/// Found by the `mls_storage` fuzz target: openmls's memory storage unwraps the JSON decoding of
+/// its values, so a damaged value in an otherwise well-framed export panicked when the group was
+/// loaded. It is an error now.
+#[test]
+fn damaged_value_in_storage_is_an_error_not_a_panic() {
+    let seed = rand::random();
+    let mut alice = MlsClient::new(&seed).unwrap();
+    alice.create_group(b"damaged").unwrap();
+    let mut values = alice.provider.storage().values.read().unwrap().clone();
+    let (_, tree) = values.iter_mut().find(|(k, _)| k.starts_with(b"Tree")).expect("a stored tree");
+    tree[0] = b'!';
+    *alice.provider.storage().values.write().unwrap() = values;
+    let damaged = alice.export_storage().unwrap();
+    assert!(matches!(MlsClient::from_storage(&seed, &damaged), Err(MlsError::Storage(_))));
+}

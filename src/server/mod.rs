@@ -83,6 +83,20 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for connections served from `store`, not yet shutting down.
+    pub fn new(store: Store, limits: RpcLimits, admission: Arc<Admission>) -> Arc<Shared> {
+        Arc::new(Shared {
+            store,
+            limits,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            admission,
+            inflight: AtomicUsize::new(0),
+            inflight_zero: tokio::sync::Notify::new(),
+        })
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -97,6 +111,17 @@ impl Shared {
             return Err(capnp::Error::failed("server shutting down".to_string()));
         }
         Ok(guard)
+    }
+
+    /// Resolves once no call counted by [`Shared::call_guard`] is in flight.
+    pub async fn calls_finished(&self) {
+        loop {
+            let zero = self.inflight_zero.notified();
+            if self.inflight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            zero.await;
+        }
     }
 }
 
@@ -160,16 +185,7 @@ impl RunningServer {
         shared.shutdown.cancel();
         let _ = accept_task.await;
         let grace = Duration::from_millis(limits::SHUTDOWN_GRACE_MS);
-        let _ = tokio::time::timeout(grace, async {
-            loop {
-                let zero = shared.inflight_zero.notified();
-                if shared.inflight.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                zero.await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(grace, shared.calls_finished()).await;
         endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         // Workers exit once their connections are gone and the token is cancelled.
@@ -213,16 +229,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let local_addr =
         endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
-    let shared = Arc::new(Shared {
+    let shared = Shared::new(
         store,
-        limits: RpcLimits { max_payload: cfg.max_payload },
-        started: Instant::now(),
-        shutdown: CancellationToken::new(),
-        draining: AtomicBool::new(false),
-        admission: Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
-        inflight: AtomicUsize::new(0),
-        inflight_zero: tokio::sync::Notify::new(),
-    });
+        RpcLimits { max_payload: cfg.max_payload },
+        Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
+    );
     let worker_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
     let mut senders = Vec::with_capacity(worker_count);
     let mut workers = Vec::with_capacity(worker_count);
@@ -366,23 +377,38 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot:
             return;
         }
     };
-    let mut opts = capnp::message::ReaderOptions::new();
-    opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(recv.compat()),
-        futures::io::BufWriter::new(send.compat_write()),
-        rpc_twoparty_capnp::Side::Server,
-        opts,
-    );
-    let node: node_service::Client = capnp_rpc::new_client(rpc::NodeServiceImpl {
-        shared: shared.clone(),
-        challenge,
-        budget: rpc::InflightBudget::default(),
-    });
-    let rpc = RpcSystem::new(Box::new(network), Some(node.client));
-    match rpc.await {
+    match serve_rpc(recv.compat(), send.compat_write(), shared, challenge).await {
         Ok(()) => tracing::debug!("rpc session ended"),
         Err(e) => tracing::debug!(error = %e, "rpc session failed"),
     }
     conn.close(0u32.into(), b"bye");
+}
+
+/// Serves one connection's RPC system over any byte stream until the peer disconnects: the part
+/// of a connection that does not depend on QUIC, so the fuzz target can feed it raw bytes.
+/// `challenge` is the connection's authentication challenge. Must run inside a `LocalSet`.
+pub async fn serve_rpc<R, W>(
+    recv: R,
+    send: W,
+    shared: Arc<Shared>,
+    challenge: [u8; 32],
+) -> Result<(), capnp::Error>
+where
+    R: futures::AsyncRead + Unpin + 'static,
+    W: futures::AsyncWrite + Unpin + 'static,
+{
+    let mut opts = capnp::message::ReaderOptions::new();
+    opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(recv),
+        futures::io::BufWriter::new(send),
+        rpc_twoparty_capnp::Side::Server,
+        opts,
+    );
+    let node: node_service::Client = capnp_rpc::new_client(rpc::NodeServiceImpl {
+        shared,
+        challenge,
+        budget: rpc::InflightBudget::default(),
+    });
+    RpcSystem::new(Box::new(network), Some(node.client)).await
 }
