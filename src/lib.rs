@@ -23,6 +23,8 @@
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
 //! - [`text`]: the one sanitiser peer-supplied text passes before it reaches a terminal.
 //! - [`bench`]: `qpq bench`, every figure measured against a reference from the same run.
+//! - `fuzzing` (hidden): one fuzz target per decoder a stranger reaches, for `fuzz/` and the
+//!   stable smoke run.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +35,7 @@ pub mod clock;
 pub mod crypto;
 pub mod failpoint;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod limits;
 pub mod mls;
 pub mod proto;

@@ -221,12 +221,12 @@ impl State {
         }
     }
 
-    fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
+    pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
         // Never write a placeholder: a failed encoding leaves the old file in place.
         postcard::to_allocvec(self).map(Zeroizing::new).map_err(|e| StateError::Encode(e.to_string()))
     }
 
-    fn decode(bytes: &[u8]) -> Result<State, StateError> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<State, StateError> {
         // The version leads the layout, so an older or newer file gets a precise error rather
         // than "damaged".
         if let Ok((version, _)) = postcard::take_from_bytes::<u32>(bytes) {

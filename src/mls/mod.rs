@@ -912,6 +912,12 @@ fn parse_storage(bytes: &[u8]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MlsError> {
             return Err(MlsError::Storage("keys not strictly sorted".into()));
         }
         previous = Some(key);
+        // openmls_memory_storage 0.6 decodes stored values with serde_json and unwraps the result
+        // (`tree`, `group_context`, ... in its src/lib.rs), so a damaged value would panic at its
+        // first use: refuse it here instead.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() {
+            return Err(MlsError::Storage("damaged value".into()));
+        }
         map.insert(key.to_vec(), value.to_vec());
     }
     if !input.is_empty() {

@@ -635,3 +635,19 @@ fn a_discarded_welcome_can_no_longer_be_joined() {
     assert!(matches!(bob.preview_welcome(&welcome), Err(MlsError::NoMatchingKeyPackage)));
     assert!(matches!(bob.join_welcome(&welcome), Err(MlsError::NoMatchingKeyPackage)));
 }
+
+/// Found by the `mls_storage` fuzz target: openmls's memory storage unwraps the JSON decoding of
+/// its values, so a damaged value in an otherwise well-framed export panicked when the group was
+/// loaded. It is an error now.
+#[test]
+fn damaged_value_in_storage_is_an_error_not_a_panic() {
+    let seed = rand::random();
+    let mut alice = MlsClient::new(&seed).unwrap();
+    alice.create_group(b"damaged").unwrap();
+    let mut values = alice.provider.storage().values.read().unwrap().clone();
+    let (_, tree) = values.iter_mut().find(|(k, _)| k.starts_with(b"Tree")).expect("a stored tree");
+    tree[0] = b'!';
+    *alice.provider.storage().values.write().unwrap() = values;
+    let damaged = alice.export_storage().unwrap();
+    assert!(matches!(MlsClient::from_storage(&seed, &damaged), Err(MlsError::Storage(_))));
+}

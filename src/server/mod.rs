@@ -95,6 +95,28 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for connections served from `store`, not yet shutting down.
+    pub fn new(
+        store: Store,
+        limits: RpcLimits,
+        admission: Arc<Admission>,
+        clock: crate::clock::Clock,
+        rate_limits: ratelimit::RateLimits,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            store,
+            limits,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            admission,
+            clock,
+            rates: SharedRates::new(rate_limits),
+            inflight: AtomicUsize::new(0),
+            inflight_zero: tokio::sync::Notify::new(),
+        })
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -109,6 +131,17 @@ impl Shared {
             return Err(WireError::new(ErrorCode::ShuttingDown, "server shutting down").into_rpc());
         }
         Ok(guard)
+    }
+
+    /// Resolves once no call counted by [`Shared::call_guard`] is in flight.
+    pub async fn calls_finished(&self) {
+        loop {
+            let zero = self.inflight_zero.notified();
+            if self.inflight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            zero.await;
+        }
     }
 }
 
@@ -199,16 +232,7 @@ impl RunningServer {
         shared.shutdown.cancel();
         let _ = accept_task.await;
         let grace = Duration::from_millis(limits::SHUTDOWN_GRACE_MS);
-        let _ = tokio::time::timeout(grace, async {
-            loop {
-                let zero = shared.inflight_zero.notified();
-                if shared.inflight.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                zero.await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(grace, shared.calls_finished()).await;
         endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         // Workers exit once their connections are gone and the token is cancelled.
@@ -253,18 +277,13 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let local_addr =
         endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
-    let shared = Arc::new(Shared {
+    let shared = Shared::new(
         store,
-        limits: RpcLimits { max_payload: cfg.max_payload },
-        started: Instant::now(),
-        shutdown: CancellationToken::new(),
-        draining: AtomicBool::new(false),
-        admission: Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
-        clock: cfg.clock.clone(),
-        rates: SharedRates::new(cfg.rate_limits),
-        inflight: AtomicUsize::new(0),
-        inflight_zero: tokio::sync::Notify::new(),
-    });
+        RpcLimits { max_payload: cfg.max_payload },
+        Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
+        cfg.clock.clone(),
+        cfg.rate_limits,
+    );
     let worker_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
     let mut senders = Vec::with_capacity(worker_count);
     let mut workers = Vec::with_capacity(worker_count);
@@ -449,20 +468,36 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot:
             return;
         }
     };
-    let mut opts = capnp::message::ReaderOptions::new();
-    opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(recv.compat()),
-        futures::io::BufWriter::new(send.compat_write()),
-        rpc_twoparty_capnp::Side::Server,
-        opts,
-    );
-    let node: node_service::Client =
-        capnp_rpc::new_client(rpc::NodeServiceImpl::new(shared.clone(), challenge, remote));
-    let rpc = RpcSystem::new(Box::new(network), Some(node.client));
-    match rpc.await {
+    match serve_rpc(recv.compat(), send.compat_write(), shared, challenge, remote).await {
         Ok(()) => tracing::debug!("rpc session ended"),
         Err(e) => tracing::debug!(error = %e, "rpc session failed"),
     }
     conn.close(0u32.into(), b"bye");
+}
+
+/// Serves one connection's RPC system over any byte stream until the peer disconnects: the part
+/// of a connection that does not depend on QUIC, so the fuzz target can feed it raw bytes.
+/// `challenge` is the connection's authentication challenge. Must run inside a `LocalSet`.
+pub async fn serve_rpc<R, W>(
+    recv: R,
+    send: W,
+    shared: Arc<Shared>,
+    challenge: [u8; 32],
+    remote: std::net::IpAddr,
+) -> Result<(), capnp::Error>
+where
+    R: futures::AsyncRead + Unpin + 'static,
+    W: futures::AsyncWrite + Unpin + 'static,
+{
+    let mut opts = capnp::message::ReaderOptions::new();
+    opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(recv),
+        futures::io::BufWriter::new(send),
+        rpc_twoparty_capnp::Side::Server,
+        opts,
+    );
+    let node: node_service::Client =
+        capnp_rpc::new_client(rpc::NodeServiceImpl::new(shared, challenge, remote));
+    RpcSystem::new(Box::new(network), Some(node.client)).await
 }

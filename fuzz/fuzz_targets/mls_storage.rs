@@ -1,0 +1,4 @@
+//! Thin wrapper: the target's logic is `qpq::fuzzing::mls_storage`, shared with the stable smoke run.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| qpq::fuzzing::mls_storage(data));
