@@ -67,8 +67,14 @@ fn iterations(default: usize) -> usize {
 }
 
 /// The RNG seed: `QPQ_FUZZ_SEED` to replay a run, else a fresh one (printed either way).
+/// The mutation seed: `QPQ_FUZZ_SEED` (a number, or `random`), else a fixed one, so that CI's
+/// bounded smoke run is reproducible; open-ended exploration is `cargo fuzz`'s job.
 fn rng_seed() -> u64 {
-    std::env::var("QPQ_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random)
+    match std::env::var("QPQ_FUZZ_SEED").ok().as_deref() {
+        Some("random") => rand::random(),
+        Some(v) => v.parse().unwrap_or(1),
+        None => 1,
+    }
 }
 
 fn smoke(name: &str, default_iterations: usize) {

@@ -299,13 +299,24 @@ impl MlsClient {
         let entries = parse_storage(storage)?;
         *client.provider.storage().values.write().map_err(|_| MlsError::Storage("lock poisoned".into()))? =
             entries;
-        for group_id in client.group_ids() {
-            let group = client.load_group(&group_id)?;
-            if let Some(leaf) = group.own_leaf_node()
-                && leaf.signature_key().as_slice() != client.identity
-            {
-                return Err(MlsError::Storage("belongs to a different identity".into()));
+        // openmls_memory_storage unwraps the typed decoding of every value it reads, so JSON of
+        // the wrong shape would panic at first use. Loading every group here reads each group's
+        // values once; a panic in that load is a damaged store, reported as an error. The
+        // values are plain data, so nothing is left half-updated by an unwind.
+        let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), MlsError> {
+            for group_id in client.group_ids() {
+                let group = client.load_group(&group_id)?;
+                if let Some(leaf) = group.own_leaf_node()
+                    && leaf.signature_key().as_slice() != client.identity
+                {
+                    return Err(MlsError::Storage("belongs to a different identity".into()));
+                }
             }
+            Ok(())
+        }));
+        match check {
+            Ok(result) => result?,
+            Err(_) => return Err(MlsError::Storage("damaged value".into())),
         }
         Ok(client)
     }
@@ -915,7 +926,8 @@ fn parse_storage(bytes: &[u8]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MlsError> {
         // openmls_memory_storage 0.6 decodes stored values with serde_json and unwraps the result
         // (`tree`, `group_context`, ... in its src/lib.rs), so a damaged value would panic at its
         // first use: refuse it here instead.
-        if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() {
+        // A full parse: IgnoredAny skips string escapes unchecked (found by the fuzz smoke).
+        if serde_json::from_slice::<serde_json::Value>(value).is_err() {
             return Err(MlsError::Storage("damaged value".into()));
         }
         map.insert(key.to_vec(), value.to_vec());
