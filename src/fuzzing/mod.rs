@@ -266,6 +266,19 @@ pub fn shell_line(data: &[u8]) {
     let _ = crate::shell::history::keeps(&line);
 }
 
+/// The source address fuzzed connections appear to come from.
+pub(crate) const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// The time every fuzz target and seed lives at (2027-01-01 UTC): KeyPackage lifetimes are judged
+/// by qpq's clock, so a fixed one keeps targets and seeds deterministic however old the corpus.
+pub(crate) const FUZZ_NOW_SECS: u64 = 1_798_761_600;
+
+/// A clock that reads [`FUZZ_NOW_SECS`] (give or take the run's own duration).
+pub(crate) fn fuzz_clock() -> crate::clock::Clock {
+    let real = crate::clock::Clock::system().now_ms() as i64;
+    crate::clock::Clock::with_offset_ms((FUZZ_NOW_SECS as i64) * 1000 - real)
+}
+
 #[cfg(test)]
 mod tests {
     //! The seeds must reach past the checks a fuzzer cannot forge (signatures, AEAD tags, the
@@ -311,17 +324,4 @@ mod tests {
         assert!(store.hybrid_key(&me).unwrap().is_some(), "uploadHybridKey ran");
         assert!(store.key_package_count(&me, FUZZ_NOW_SECS).unwrap().1, "uploadKeyPackages ran");
     }
-}
-
-/// The source address fuzzed connections appear to come from.
-pub(crate) const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-
-/// The time every fuzz target and seed lives at (2027-01-01 UTC): KeyPackage lifetimes are judged
-/// by qpq's clock, so a fixed one keeps targets and seeds deterministic however old the corpus.
-pub(crate) const FUZZ_NOW_SECS: u64 = 1_798_761_600;
-
-/// A clock that reads [`FUZZ_NOW_SECS`] (give or take the run's own duration).
-pub(crate) fn fuzz_clock() -> crate::clock::Clock {
-    let real = crate::clock::Clock::system().now_ms() as i64;
-    crate::clock::Clock::with_offset_ms((FUZZ_NOW_SECS as i64) * 1000 - real)
 }
