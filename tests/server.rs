@@ -786,3 +786,31 @@ async fn one_address_is_held_to_its_quota_after_proving_it_owns_the_address() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_past_its_ttl_on_the_servers_clock_is_swept_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    cfg.message_ttl_secs = 3600;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let alice = Identity::generate();
+        let sender = connect(&server).await;
+        sender.enqueue(&alice.public().0, b"old", b"").await.unwrap();
+        let a = login(&server, &alice).await;
+        assert_eq!(a.fetch(0).await.unwrap().0.len(), 1);
+        clock.advance(3601 * 1000);
+        assert!(a.fetch(0).await.unwrap().0.is_empty(), "past the ttl by the server's clock: invisible");
+        server.sweep().await;
+        // Back to the real time: only a message the sweep deleted stays gone.
+        clock.set_offset_ms(0);
+        assert!(a.fetch(0).await.unwrap().0.is_empty(), "the sweep deleted it");
+        sender.enqueue(&alice.public().0, b"new", b"").await.unwrap();
+        let (left, _) = a.fetch(0).await.unwrap();
+        assert_eq!(left.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"new".to_vec()]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

@@ -264,7 +264,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         _ => transport::load_or_generate_identity(&cfg.data_dir)?,
     };
     let server_cfg = transport::server_config(&identity)?;
-    let store = Store::open(
+    let store = Store::open_with_clock(
         &cfg.data_dir.join(DB_FILE),
         QueueLimits {
             max_messages: cfg.max_queue_messages,
@@ -272,6 +272,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             ttl_ms: cfg.message_ttl_secs.saturating_mul(1000),
             max_stored_bytes: cfg.max_stored_bytes,
         },
+        cfg.clock.clone(),
     )?;
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
         .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
@@ -333,7 +334,7 @@ fn spawn_sweeper(shared: Arc<Shared>) {
 /// One pass over the whole queue table, one slice per write transaction (see
 /// [`WriteOp::Sweep`]); other writes commit between the slices.
 async fn sweep_once(shared: &Shared) {
-    let now_ms = crate::store::now_ms();
+    let now_ms = shared.clock.now_ms();
     let mut after = Vec::new();
     let mut removed = 0u64;
     loop {

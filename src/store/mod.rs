@@ -37,6 +37,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 pub use notifier::Notifier;
 pub use writer::{Outcome, WriteOp};
 
+use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
@@ -243,14 +244,6 @@ fn queue_key_seq(key: &[u8]) -> Result<u64, StoreError> {
     split_queue_key(key).map(|(_, seq)| seq)
 }
 
-/// The server clock: ms since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The open database plus its writer thread.
 pub struct Store {
     /// Random id of this database, fixed when the file was created.
@@ -259,11 +252,18 @@ pub struct Store {
     writer: writer::WriterHandle,
     notifier: Arc<Notifier>,
     limits: QueueLimits,
+    /// Decides message ages (enqueue time, TTL on fetch); tests move it.
+    clock: Clock,
 }
 
 impl Store {
-    /// Opens (or creates) the database file and starts the writer thread.
+    /// Opens (or creates) the database file and starts the writer thread, on the system clock.
     pub fn open(path: &Path, limits: QueueLimits) -> Result<Store, StoreError> {
+        Store::open_with_clock(path, limits, Clock::system())
+    }
+
+    /// [`Store::open`] with the clock that stamps and ages messages (the server's clock).
+    pub fn open_with_clock(path: &Path, limits: QueueLimits, clock: Clock) -> Result<Store, StoreError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
@@ -308,8 +308,8 @@ impl Store {
         txn.commit()?;
         let db = Arc::new(db);
         let notifier = Arc::new(Notifier::default());
-        let writer = writer::spawn(db.clone(), notifier.clone(), limits)?;
-        Ok(Store { db, writer, notifier, limits, instance_id })
+        let writer = writer::spawn(db.clone(), notifier.clone(), limits, clock.clone())?;
+        Ok(Store { db, writer, notifier, limits, instance_id, clock })
     }
 
     /// Sends one write to the writer thread and waits for its durable outcome.
@@ -342,7 +342,7 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        self.fetch_at(who, after, limit, max_bytes, now_ms())
+        self.fetch_at(who, after, limit, max_bytes, self.clock.now_ms())
     }
 
     /// [`Store::fetch`] as of the clock reading `now` (ms since the Unix epoch), which decides
@@ -423,6 +423,10 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn now_ms() -> u64 {
+        Clock::system().now_ms()
+    }
 
     fn limits() -> QueueLimits {
         QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX }

@@ -20,8 +20,9 @@ use tokio::sync::oneshot;
 
 use super::{
     CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry, LAST_RESORT, META,
-    Notifier, QUEUE, QUEUE_META, QueueLimits, STORED_BYTES, StoreError, StoredMessage, now_ms, queue_key,
+    Notifier, QUEUE, QUEUE_META, QueueLimits, STORED_BYTES, StoreError, StoredMessage, queue_key,
 };
+use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
@@ -128,13 +129,14 @@ pub(super) fn spawn(
     db: Arc<Database>,
     notifier: Arc<Notifier>,
     limits: QueueLimits,
+    clock: Clock,
 ) -> Result<WriterHandle, StoreError> {
     let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
     let commits = Arc::new(AtomicU64::new(0));
     let counter = commits.clone();
     let thread = std::thread::Builder::new()
         .name("qpq-store-writer".into())
-        .spawn(move || run(&db, &notifier, limits, &counter, rx))
+        .spawn(move || run(&db, &notifier, limits, &clock, &counter, rx))
         .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
     Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), commits })
 }
@@ -143,6 +145,7 @@ fn run(
     db: &Database,
     notifier: &Notifier,
     limits: QueueLimits,
+    clock: &Clock,
     commits: &AtomicU64,
     rx: mpsc::Receiver<(WriteOp, Reply)>,
 ) {
@@ -158,7 +161,7 @@ fn run(
         // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
         // the thread lives on and serves the next one. The transaction is dropped uncommitted.
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            apply_batch(db, limits, &jobs, &mut woken)
+            apply_batch(db, limits, clock.now_ms(), &jobs, &mut woken)
         }))
         .unwrap_or_else(|_| Err(StoreError::Db("write batch panicked".to_string())));
         match applied {
@@ -183,6 +186,7 @@ fn run(
 fn apply_batch(
     db: &Database,
     limits: QueueLimits,
+    now_ms: u64,
     jobs: &[(WriteOp, Reply)],
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
@@ -191,7 +195,7 @@ fn apply_batch(
     let mut outcomes = Vec::with_capacity(jobs.len());
     for (op, _) in jobs {
         let out = match op {
-            WriteOp::Enqueue { channel, items } => enqueue(&txn, limits, channel, items, woken),
+            WriteOp::Enqueue { channel, items } => enqueue(&txn, limits, now_ms, channel, items, woken),
             WriteOp::Ack { who, up_to } => ack(&txn, who, *up_to),
             WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
                 upload_key_packages(&txn, who, packages, last_resort.as_ref(), *now)
@@ -213,6 +217,7 @@ fn apply_batch(
 fn enqueue(
     txn: &WriteTransaction,
     limits: QueueLimits,
+    now: u64,
     channel: &[u8],
     items: &[(IdentityKey, Vec<u8>)],
     woken: &mut Vec<IdentityKey>,
@@ -252,7 +257,6 @@ fn enqueue(
         chans.insert(channel, next)?;
         next
     };
-    let now = now_ms();
     let mut queue = txn.open_table(QUEUE)?;
     let mut seqs = Vec::with_capacity(items.len());
     let mut next_seq: HashMap<IdentityKey, u64> = HashMap::new();
