@@ -102,6 +102,32 @@ pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;
 /// batch of durable writes takes to commit and free it.
 pub const BUSY_RETRY_AFTER_MS: u64 = 50;
 
+/// Default cap on the bytes the whole server buffers for peers (`server::memory`): replies not
+/// yet written to their streams plus large frames being read. Beyond it, fetches are refused
+/// `busy` and large frames wait, so RSS stays bounded however many clients stall. Room for a
+/// few full fetch replies and full batches at once. Config: `max_buffered_bytes`.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
+
+/// Default time a connection may leave its replies unread (it is paused meanwhile), or take
+/// over one large frame, before the server closes it. Config: `stall_timeout_ms`.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
+
+/// Frames up to this size are read without waiting for room in the memory budget: every call
+/// but big enqueues, so a budget filled by stalled peers never delays ordinary traffic.
+pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
+
+/// A connection with this many reply bytes not yet written gets no new call read until its
+/// peer reads: a client that stops reading stops costing memory after a reply or two.
+pub const READ_PAUSE_UNSENT_BYTES: usize = 256 * 1024;
+
+/// Most reply bytes one connection may have unwritten when a fetch reply is added: two full
+/// fetch replies, so one connection never takes the whole memory budget.
+pub const MAX_UNSENT_BYTES_PER_CONNECTION: usize = 2 * MAX_FETCH_BYTES + 64 * 1024;
+
+/// Most `fetchWait` calls parked at once on one connection: a client needs one; each holds a
+/// subscription and may wake with a full reply.
+pub const MAX_PARKED_WAITS_PER_CONNECTION: usize = 4;
+
 /// Default cap on open client connections: well above a small community's needs, and at ~50 KiB
 /// of server memory each (BENCHMARKS.md) bounded to about half a GiB.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;

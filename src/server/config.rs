@@ -63,6 +63,8 @@ pub struct FileConfig {
     pub max_connections_per_ip: Option<usize>,
     pub message_ttl_secs: Option<u64>,
     pub max_stored_bytes: Option<u64>,
+    pub max_buffered_bytes: Option<usize>,
+    pub stall_timeout_ms: Option<u64>,
     pub rate_limits: Option<RateLimitsFile>,
 }
 
@@ -91,6 +93,10 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     pub message_ttl_secs: u64,
     pub max_stored_bytes: u64,
+    /// Bytes the server buffers for peers at most (unwritten replies, large frames being read).
+    pub max_buffered_bytes: usize,
+    /// How long a connection may leave replies unread, or take over a large frame.
+    pub stall_timeout_ms: u64,
     pub rate_limits: RateLimits,
     /// The server's clock ([`Clock::from_env`] for the binary; tests share one and move it).
     pub clock: Clock,
@@ -111,6 +117,8 @@ impl ServerConfig {
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
             max_stored_bytes: limits::DEFAULT_MAX_STORED_BYTES,
+            max_buffered_bytes: limits::DEFAULT_MAX_BUFFERED_BYTES,
+            stall_timeout_ms: limits::DEFAULT_STALL_TIMEOUT_MS,
             rate_limits: RateLimits::default(),
             clock: Clock::system(),
         }
@@ -191,6 +199,23 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid { name: "max_stored_bytes", reason: "must be > 0".into() });
             }
             cfg.max_stored_bytes = v;
+        }
+        if let Some(v) = file.max_buffered_bytes {
+            // One full batch must fit, or it would wait for room forever.
+            let least = limits::MAX_BATCH_BYTES;
+            if v < least {
+                return Err(ConfigError::Invalid {
+                    name: "max_buffered_bytes",
+                    reason: format!("must be >= {least} (one full batch)"),
+                });
+            }
+            cfg.max_buffered_bytes = v;
+        }
+        if let Some(v) = file.stall_timeout_ms {
+            if v == 0 {
+                return Err(ConfigError::Invalid { name: "stall_timeout_ms", reason: "must be > 0".into() });
+            }
+            cfg.stall_timeout_ms = v;
         }
         if let Some(r) = &file.rate_limits {
             let set = |name: &'static str, given: Option<Rate>, into: &mut Rate| match given {

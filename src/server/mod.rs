@@ -24,8 +24,11 @@
 
 pub mod admission;
 pub mod config;
+pub mod framegate;
+pub mod memory;
 pub mod ratelimit;
 pub mod rpc;
+pub mod vat;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +95,10 @@ pub struct Shared {
     /// Calls that change or reserve state and must finish before the store closes.
     inflight: AtomicUsize,
     inflight_zero: tokio::sync::Notify,
+    /// Bytes buffered for peers by every connection together (see [`memory`]).
+    pub memory: Arc<memory::MemoryBudget>,
+    /// How long a connection may leave replies unread, or take over a large frame.
+    pub stall_timeout: Duration,
 }
 
 impl Shared {
@@ -102,6 +109,20 @@ impl Shared {
         admission: Arc<Admission>,
         clock: crate::clock::Clock,
         rate_limits: ratelimit::RateLimits,
+    ) -> Arc<Shared> {
+        let memory =
+            (limits::DEFAULT_MAX_BUFFERED_BYTES, Duration::from_millis(limits::DEFAULT_STALL_TIMEOUT_MS));
+        Shared::with_memory(store, limits, admission, clock, rate_limits, memory)
+    }
+
+    /// [`Shared::new`] with the memory budget's cap and the stall timeout.
+    pub fn with_memory(
+        store: Store,
+        limits: RpcLimits,
+        admission: Arc<Admission>,
+        clock: crate::clock::Clock,
+        rate_limits: ratelimit::RateLimits,
+        (max_buffered_bytes, stall_timeout): (usize, Duration),
     ) -> Arc<Shared> {
         Arc::new(Shared {
             store,
@@ -114,6 +135,8 @@ impl Shared {
             rates: SharedRates::new(rate_limits),
             inflight: AtomicUsize::new(0),
             inflight_zero: tokio::sync::Notify::new(),
+            memory: memory::MemoryBudget::new(max_buffered_bytes),
+            stall_timeout,
         })
     }
 
@@ -278,12 +301,13 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let local_addr =
         endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
-    let shared = Shared::new(
+    let shared = Shared::with_memory(
         store,
         RpcLimits { max_payload: cfg.max_payload },
         Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
         cfg.clock.clone(),
         cfg.rate_limits,
+        (cfg.max_buffered_bytes, Duration::from_millis(cfg.stall_timeout_ms)),
     );
     let worker_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
     let mut senders = Vec::with_capacity(worker_count);
@@ -479,6 +503,11 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot:
 /// Serves one connection's RPC system over any byte stream until the peer disconnects: the part
 /// of a connection that does not depend on QUIC, so the fuzz target can feed it raw bytes.
 /// `challenge` is the connection's authentication challenge. Must run inside a `LocalSet`.
+///
+/// Large frames are read through a [`framegate::FrameGate`] and every outgoing message is
+/// counted until written ([`vat::MeteredNetwork`]); a peer that leaves its replies unread past
+/// the stall timeout, or stalls inside a large frame, ends here with an error, and dropping the
+/// RPC system frees everything queued for it.
 pub async fn serve_rpc<R, W>(
     recv: R,
     send: W,
@@ -492,13 +521,21 @@ where
 {
     let mut opts = capnp::message::ReaderOptions::new();
     opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
+    let conn = memory::ConnMemory::new(shared.memory.clone(), shared.stall_timeout);
     let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(recv),
+        framegate::FrameGate::new(futures::io::BufReader::new(recv), conn.clone()),
         futures::io::BufWriter::new(send),
         rpc_twoparty_capnp::Side::Server,
         opts,
     );
     let node: node_service::Client =
-        capnp_rpc::new_client(rpc::NodeServiceImpl::new(shared, challenge, remote));
-    RpcSystem::new(Box::new(network), Some(node.client)).await
+        capnp_rpc::new_client(rpc::NodeServiceImpl::new(shared, challenge, remote, conn.clone()));
+    let system = RpcSystem::new(Box::new(vat::MeteredNetwork::new(network, conn.clone())), Some(node.client));
+    tokio::select! {
+        done = system => done,
+        reason = conn.watchdog() => {
+            tracing::debug!(reason, unsent = conn.unsent(), "closing a stalled connection");
+            Err(capnp::Error::disconnected(reason.to_string()))
+        }
+    }
 }

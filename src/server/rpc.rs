@@ -14,6 +14,7 @@ use capnp::capability::Rc;
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::Shared;
+use super::memory::ConnMemory;
 use super::ratelimit::ConnectionBucket;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
@@ -154,10 +155,17 @@ pub struct NodeServiceImpl {
     source: IpAddr,
     enqueue_rate: ConnectionBucket,
     key_package_rate: ConnectionBucket,
+    /// This connection's unwritten replies and parked long polls.
+    memory: Rc<ConnMemory>,
 }
 
 impl NodeServiceImpl {
-    pub fn new(shared: Arc<Shared>, challenge: [u8; 32], remote: IpAddr) -> NodeServiceImpl {
+    pub fn new(
+        shared: Arc<Shared>,
+        challenge: [u8; 32],
+        remote: IpAddr,
+        memory: Rc<ConnMemory>,
+    ) -> NodeServiceImpl {
         let rates = shared.rates.config;
         let enqueue_rate = ConnectionBucket::new(rates.enqueue_per_connection, &shared.clock);
         let key_package_rate = ConnectionBucket::new(rates.key_package_per_connection, &shared.clock);
@@ -168,6 +176,7 @@ impl NodeServiceImpl {
             enqueue_rate,
             key_package_rate,
             shared,
+            memory,
         }
     }
 
@@ -245,6 +254,7 @@ impl node_service::Server for NodeServiceImpl {
                 shared: self.shared.clone(),
                 who,
                 budget: self.budget.clone(),
+                memory: self.memory.clone(),
             });
             results.get().set_account(account);
             results.get().set_instance(self.shared.store.instance_id());
@@ -389,6 +399,12 @@ pub struct AccountImpl {
     shared: Arc<Shared>,
     who: IdentityKey,
     budget: InflightBudget,
+    memory: Rc<ConnMemory>,
+}
+
+/// Bytes a fetch reply of `msgs` takes: payloads and channel ids plus the struct around each.
+fn reply_bytes(msgs: &[StoredMessage]) -> usize {
+    msgs.iter().map(|m| m.payload.len() + m.channel_id.len() + 64).sum::<usize>() + 64
 }
 
 fn write_messages(
@@ -505,6 +521,8 @@ impl account::Server for AccountImpl {
             let limit = fetch_limit(params.get()?.get_limit());
             let (msgs, more) =
                 self.shared.store.fetch(&self.who, 0, limit, limits::MAX_FETCH_BYTES).map_err(store_err)?;
+            // Held until the reply is built; the reply then counts as unwritten until sent.
+            let _room = self.memory.reserve_reply(reply_bytes(&msgs))?;
             let mut r = results.get();
             r.set_more(more);
             write_messages(r.init_messages(msgs.len() as u32), &msgs);
@@ -532,6 +550,7 @@ impl account::Server for AccountImpl {
             // Refused once shutdown has begun, even without an ack: an empty answer would only
             // bring the client straight back.
             let _call = self.shared.call_guard()?;
+            let _parked = self.memory.park_wait()?;
             let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
             let shared = self.shared.clone();
             // The folded ack commits while we wait: messages it deletes are skipped by reading
@@ -564,6 +583,7 @@ impl account::Server for AccountImpl {
             };
             // A failed ack ends the call at once rather than after the wait.
             let (removed, (msgs, more)) = tokio::try_join!(ack, wait)?;
+            let _room = self.memory.reserve_reply(reply_bytes(&msgs))?;
             let mut r = results.get();
             r.set_more(more);
             r.set_removed(removed);

@@ -1,0 +1,328 @@
+//! The server's memory budget for what peers make it buffer: reply bytes produced but not yet
+//! written to a connection's stream, and Cap'n Proto frames read in part (issue 9).
+//!
+//! capnp-rpc queues outgoing messages without bound and allocates a whole incoming frame as
+//! soon as its header is read, so a client that stops reading, or announces a big frame and
+//! stalls, could make the server hold gigabytes. Three parts keep that bounded:
+//! - [`MemoryBudget`]: one process-wide byte count against a cap (config `max_buffered_bytes`).
+//!   Large frames ([`super::framegate`]) wait for room in it before their body is read; fetch
+//!   replies take room or are refused `busy`; every outgoing message is counted until written.
+//! - [`ConnMemory`]: one connection's unwritten reply bytes. A connection whose replies pile up
+//!   ([`limits::READ_PAUSE_UNSENT_BYTES`]) gets no further call read ([`super::vat`]); if it
+//!   stays so for the stall timeout, [`ConnMemory::watchdog`] ends it, which frees its queue.
+//! - The stall timeout (config `stall_timeout_ms`) also bounds how long a large frame may take.
+//!
+//! Everything per connection runs on that connection's worker thread (capnp-rpc is `!Send`), so
+//! [`ConnMemory`] uses `Cell`s; the global budget is atomic.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::limits;
+use crate::proto::wire_error::{ErrorCode, WireError};
+
+/// Bytes buffered for peers by the whole process, against a cap.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    cap: usize,
+    used: AtomicUsize,
+    freed: Notify,
+}
+
+/// Bytes held in a [`MemoryBudget`] until dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<MemoryBudget>,
+    bytes: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(cap: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget { cap, used: AtomicUsize::new(0), freed: Notify::new() })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Holds `bytes` if they fit under the cap.
+    pub fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Held> {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.cap)
+            })
+            .ok()
+            .map(|_| Held { budget: self.clone(), bytes })
+    }
+
+    /// Holds `bytes` whether or not they fit: for memory that already exists (a reply built),
+    /// so that the count stays true and makes later reservations wait or fail.
+    pub fn charge(self: &Arc<Self>, bytes: usize) -> Held {
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+        Held { budget: self.clone(), bytes }
+    }
+
+    /// Waits until `bytes` fit, then holds them. A request larger than the whole cap waits for
+    /// the budget to be empty and then takes it all.
+    pub async fn reserve(self: Arc<Self>, bytes: usize) -> Held {
+        let want = bytes.min(self.cap);
+        loop {
+            let freed = self.freed.notified();
+            if let Some(held) = self.try_reserve(want) {
+                return held;
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.budget.freed.notify_waiters();
+    }
+}
+
+/// One connection's share: its reply bytes not yet written, its parked long polls, and the
+/// stall timeout that ends it.
+#[derive(Debug)]
+pub struct ConnMemory {
+    pub global: Arc<MemoryBudget>,
+    /// How long this connection may stay paused (replies unread) or take over a large frame.
+    pub stall: Duration,
+    unsent: Cell<usize>,
+    /// Woken whenever `unsent` changes.
+    changed: Notify,
+    parked_waits: Cell<usize>,
+    /// Set when the connection must end (stalled); woken through `changed`.
+    killed: Cell<Option<&'static str>>,
+}
+
+/// Unwritten reply bytes of one outgoing message, given back when it has been written (or
+/// dropped with the connection).
+#[derive(Debug)]
+pub struct Unsent {
+    conn: Rc<ConnMemory>,
+    bytes: usize,
+    _global: Held,
+}
+
+/// A fetch reply's room, reserved before the reply is built.
+#[derive(Debug)]
+pub struct ReplyRoom {
+    _global: Held,
+}
+
+/// One parked `fetchWait` of a connection, counted until dropped.
+#[derive(Debug)]
+pub struct ParkedWait(Rc<ConnMemory>);
+
+impl ConnMemory {
+    pub fn new(global: Arc<MemoryBudget>, stall: Duration) -> Rc<ConnMemory> {
+        Rc::new(ConnMemory {
+            global,
+            stall,
+            unsent: Cell::new(0),
+            changed: Notify::new(),
+            parked_waits: Cell::new(0),
+            killed: Cell::new(None),
+        })
+    }
+
+    /// Reply bytes produced for this connection and not yet written to its stream.
+    pub fn unsent(&self) -> usize {
+        self.unsent.get()
+    }
+
+    /// True while this connection gets no new call read: its peer is not reading its replies.
+    pub fn paused(&self) -> bool {
+        self.unsent.get() >= limits::READ_PAUSE_UNSENT_BYTES
+    }
+
+    /// Counts an outgoing message of `bytes` until the returned value drops.
+    pub fn hold_unsent(self: &Rc<Self>, bytes: usize) -> Unsent {
+        self.unsent.set(self.unsent.get().saturating_add(bytes));
+        self.changed.notify_waiters();
+        Unsent { conn: self.clone(), bytes, _global: self.global.charge(bytes) }
+    }
+
+    /// Room for a reply of `bytes` (a fetch): refused with `busy` when this connection already
+    /// has too much unwritten or the server's budget is full.
+    pub fn reserve_reply(&self, bytes: usize) -> Result<ReplyRoom, capnp::Error> {
+        let unsent = self.unsent.get();
+        if unsent.saturating_add(bytes) > limits::MAX_UNSENT_BYTES_PER_CONNECTION {
+            return Err(busy(format!(
+                "replies not read: {unsent} + {bytes} > {} bytes unwritten on this connection",
+                limits::MAX_UNSENT_BYTES_PER_CONNECTION
+            )));
+        }
+        match self.global.try_reserve(bytes) {
+            Some(held) => Ok(ReplyRoom { _global: held }),
+            None => Err(busy(format!(
+                "server memory budget full: {} + {bytes} > {} bytes",
+                self.global.used(),
+                self.global.cap()
+            ))),
+        }
+    }
+
+    /// Counts one parked `fetchWait`, or refuses past [`limits::MAX_PARKED_WAITS_PER_CONNECTION`].
+    pub fn park_wait(self: &Rc<Self>) -> Result<ParkedWait, capnp::Error> {
+        let n = self.parked_waits.get();
+        if n >= limits::MAX_PARKED_WAITS_PER_CONNECTION {
+            return Err(busy(format!(
+                "too many fetchWait calls parked on this connection: {n} >= {}",
+                limits::MAX_PARKED_WAITS_PER_CONNECTION
+            )));
+        }
+        self.parked_waits.set(n + 1);
+        Ok(ParkedWait(self.clone()))
+    }
+
+    /// Marks the connection for closing (see [`ConnMemory::watchdog`]).
+    pub fn kill(&self, reason: &'static str) {
+        if self.killed.get().is_none() {
+            self.killed.set(Some(reason));
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once the connection is not paused.
+    pub async fn until_unpaused(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if !self.paused() || self.killed.get().is_some() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Runs as long as the connection lives; resolves with the reason the connection must end:
+    /// it stayed paused for the stall timeout, or a part of it called [`ConnMemory::kill`].
+    pub async fn watchdog(&self) -> &'static str {
+        loop {
+            let changed = self.changed.notified();
+            if let Some(reason) = self.killed.get() {
+                return reason;
+            }
+            if !self.paused() {
+                changed.await;
+                continue;
+            }
+            let deadline = tokio::time::sleep(self.stall);
+            tokio::pin!(deadline);
+            loop {
+                let changed = self.changed.notified();
+                if let Some(reason) = self.killed.get() {
+                    return reason;
+                }
+                if !self.paused() {
+                    break;
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = &mut deadline => return "peer stopped reading its replies",
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        self.conn.unsent.set(self.conn.unsent.get().saturating_sub(self.bytes));
+        self.conn.changed.notify_waiters();
+    }
+}
+
+impl Drop for ParkedWait {
+    fn drop(&mut self) {
+        self.0.parked_waits.set(self.0.parked_waits.get().saturating_sub(1));
+    }
+}
+
+fn busy(msg: String) -> capnp::Error {
+    WireError::retry_after(ErrorCode::Busy, msg, limits::BUSY_RETRY_AFTER_MS).into_rpc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_past_its_cap_and_charges_count_anyway() {
+        let b = MemoryBudget::new(100);
+        let a = b.try_reserve(60).unwrap();
+        assert!(b.try_reserve(41).is_none());
+        let c = b.charge(50);
+        assert_eq!(b.used(), 110, "a charge is counted even over the cap");
+        assert!(b.try_reserve(1).is_none());
+        drop((a, c));
+        assert_eq!(b.used(), 0);
+        assert!(b.try_reserve(100).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_reservation_gets_its_room_when_another_frees_it() {
+        let b = MemoryBudget::new(100);
+        let first = b.try_reserve(80).unwrap();
+        let waiting = tokio::spawn(b.clone().reserve(50));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        let held = waiting.await.unwrap();
+        assert_eq!(b.used(), 50);
+        drop(held);
+        // More than the whole cap takes it all rather than waiting forever.
+        let all = b.clone().reserve(1_000).await;
+        assert_eq!(b.used(), 100);
+        drop(all);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_paused_past_the_stall_timeout_is_ended_and_one_that_drains_is_not() {
+        let conn = ConnMemory::new(MemoryBudget::new(1 << 30), Duration::from_secs(5));
+        let big = conn.hold_unsent(limits::READ_PAUSE_UNSENT_BYTES);
+        assert!(conn.paused());
+        let watchdog = conn.watchdog();
+        tokio::pin!(watchdog);
+        // Drains before the deadline: no verdict.
+        tokio::select! {
+            r = &mut watchdog => panic!("ended early: {r}"),
+            _ = tokio::time::sleep(Duration::from_secs(4)) => {}
+        }
+        drop(big);
+        assert!(!conn.paused());
+        tokio::select! {
+            r = &mut watchdog => panic!("a drained connection was ended: {r}"),
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        let _stuck = conn.hold_unsent(limits::READ_PAUSE_UNSENT_BYTES);
+        assert_eq!(watchdog.await, "peer stopped reading its replies");
+    }
+
+    #[test]
+    fn replies_are_refused_past_the_connections_share_and_parked_waits_are_capped() {
+        let conn = ConnMemory::new(MemoryBudget::new(1 << 30), Duration::from_secs(5));
+        let _queued = conn.hold_unsent(limits::MAX_UNSENT_BYTES_PER_CONNECTION - 10);
+        let e = conn.reserve_reply(11).unwrap_err();
+        assert!(e.extra.contains("replies not read"), "{}", e.extra);
+        assert!(conn.reserve_reply(10).is_ok());
+        let waits: Vec<_> =
+            (0..limits::MAX_PARKED_WAITS_PER_CONNECTION).map(|_| conn.park_wait().unwrap()).collect();
+        assert!(conn.park_wait().is_err());
+        drop(waits);
+        assert!(conn.park_wait().is_ok());
+    }
+}

@@ -1,0 +1,131 @@
+//! capnp-rpc's two-party network with the server's memory accounting around it: every outgoing
+//! message counts as unwritten until the write queue has written it, and no call is read while
+//! the peer leaves too many replies unread (see [`super::memory`]).
+//!
+//! capnp-rpc's write queue is an unbounded channel inside `twoparty::VatNetwork`, so it cannot be
+//! bounded from outside; its `OutgoingMessage::send` hands back a promise that resolves once the
+//! message is written and flushed, which is where the count is given back.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use capnp::Error;
+use capnp::capability::Promise;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{Connection, IncomingMessage, OutgoingMessage, VatNetwork, twoparty};
+use futures::{FutureExt, TryFutureExt};
+
+use super::memory::ConnMemory;
+
+/// A `twoparty::VatNetwork` whose connection is metered by `conn`.
+pub struct MeteredNetwork<R: futures::AsyncRead + Unpin + 'static> {
+    inner: twoparty::VatNetwork<R>,
+    conn: Rc<ConnMemory>,
+}
+
+impl<R: futures::AsyncRead + Unpin + 'static> MeteredNetwork<R> {
+    pub fn new(inner: twoparty::VatNetwork<R>, conn: Rc<ConnMemory>) -> MeteredNetwork<R> {
+        MeteredNetwork { inner, conn }
+    }
+}
+
+impl<R: futures::AsyncRead + Unpin + 'static> VatNetwork<Side> for MeteredNetwork<R> {
+    fn connect(&mut self, host_id: Side) -> Option<Box<dyn Connection<Side>>> {
+        let conn = self.conn.clone();
+        self.inner.connect(host_id).map(|c| MeteredConnection::boxed(c, conn))
+    }
+
+    fn accept(&mut self) -> Promise<Box<dyn Connection<Side>>, Error> {
+        let conn = self.conn.clone();
+        Promise::from_future(self.inner.accept().map_ok(move |c| MeteredConnection::boxed(c, conn)))
+    }
+
+    fn drive_until_shutdown(&mut self) -> Promise<(), Error> {
+        self.inner.drive_until_shutdown()
+    }
+}
+
+struct MeteredConnection {
+    inner: Rc<RefCell<Box<dyn Connection<Side>>>>,
+    conn: Rc<ConnMemory>,
+}
+
+impl MeteredConnection {
+    fn boxed(inner: Box<dyn Connection<Side>>, conn: Rc<ConnMemory>) -> Box<dyn Connection<Side>> {
+        Box::new(MeteredConnection { inner: Rc::new(RefCell::new(inner)), conn })
+    }
+}
+
+impl Connection<Side> for MeteredConnection {
+    fn get_peer_vat_id(&self) -> Side {
+        self.inner.borrow().get_peer_vat_id()
+    }
+
+    fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
+        let inner = self.inner.borrow_mut().new_outgoing_message(first_segment_word_size);
+        Box::new(MeteredMessage { inner, conn: self.conn.clone() })
+    }
+
+    fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
+        if !self.conn.paused() {
+            return self.inner.borrow_mut().receive_incoming_message();
+        }
+        // The peer is not reading its replies: read no further call until it does (the
+        // watchdog ends the connection if that takes longer than the stall timeout).
+        let (inner, conn) = (self.inner.clone(), self.conn.clone());
+        Promise::from_future(async move {
+            conn.until_unpaused().await;
+            let next = inner.borrow_mut().receive_incoming_message();
+            next.await
+        })
+    }
+
+    fn new_stream(&mut self) -> (Box<dyn capnp_rpc::FlowController>, Promise<(), Error>) {
+        self.inner.borrow_mut().new_stream()
+    }
+
+    fn shutdown(&mut self, result: capnp::Result<()>) -> Promise<(), Error> {
+        self.inner.borrow_mut().shutdown(result)
+    }
+}
+
+struct MeteredMessage {
+    inner: Box<dyn OutgoingMessage>,
+    conn: Rc<ConnMemory>,
+}
+
+impl OutgoingMessage for MeteredMessage {
+    fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
+        self.inner.get_body()
+    }
+
+    fn get_body_as_reader(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.inner.get_body_as_reader()
+    }
+
+    fn send(
+        self: Box<Self>,
+    ) -> (Promise<(), Error>, Rc<capnp::message::Builder<capnp::message::HeapAllocator>>) {
+        let MeteredMessage { inner, conn } = *self;
+        let unsent = conn.hold_unsent(inner.size_in_words().saturating_mul(8));
+        let (written, message) = inner.send();
+        let written = written.shared();
+        let release = written.clone();
+        // capnp-rpc drops most send promises; this task keeps the count until the write queue
+        // has written the message, or has been dropped with the connection (an error). Every
+        // connection is served inside a LocalSet (see `serve_rpc`), so spawn_local has one.
+        tokio::task::spawn_local(async move {
+            let _ = release.await;
+            drop(unsent);
+        });
+        (Promise::from_future(written), message)
+    }
+
+    fn take(self: Box<Self>) -> capnp::message::Builder<capnp::message::HeapAllocator> {
+        self.inner.take()
+    }
+
+    fn size_in_words(&self) -> usize {
+        self.inner.size_in_words()
+    }
+}
