@@ -260,3 +260,205 @@ async fn the_global_storage_quota_refuses_with_a_retry_hint_and_acks_free_it() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+// ----- memory: attacks against the real `qpq serve` binary, its RSS read from /proc -----
+
+/// Server RSS may reach this under any attack below with the default limits: the 64 MiB memory
+/// budget, QUIC buffers per connection and the allocator's slack on top of an idle server
+/// (~20 MiB). Without the budget, the same attacks take it past 1 GiB.
+const RSS_BOUND_MIB: u64 = 256;
+/// After the attacker leaves, the server returns within this much of its idle RSS: glibc keeps
+/// freed pages of its per-thread arenas (measured 45 to 95 MiB over idle after waves of the
+/// huge-frame attack, about the 64 MiB memory budget plus QUIC buffers, not growing from wave
+/// to wave); without the budget the attacks hold far more, for as long as the attacker likes.
+const RSS_SLACK_AFTER_MIB: u64 = 128;
+/// The stall timeout the attack tests run the server with, so they end in a second.
+const TEST_STALL_MS: u64 = 1_000;
+
+/// Resident set of a process, in MiB (from /proc/<pid>/status).
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS line");
+    kib / 1024
+}
+
+/// The binary with the default limits and a short stall timeout; idle RSS after one round trip.
+async fn attacked_server(dir: &std::path::Path) -> (common::ServerProcess, u64) {
+    let server =
+        common::ServerProcess::start_with_config(dir, &format!("stall_timeout_ms = {TEST_STALL_MS}\n"));
+    local(async {
+        let s = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+        assert_eq!(s.health().await.unwrap().status, "ok");
+        s.close().await;
+    })
+    .await;
+    let idle = rss_mib(server.child.id());
+    (server, idle)
+}
+
+/// Samples the server's RSS until `done` resolves (at most `limit`); returns the peak and
+/// whether `done` resolved in time. Sampling is measurement, not synchronisation: the test
+/// waits on `done`.
+async fn peak_rss_until(pid: u32, done: impl std::future::Future, limit: std::time::Duration) -> (u64, bool) {
+    let mut peak = rss_mib(pid);
+    tokio::pin!(done);
+    let give_up = tokio::time::sleep(limit);
+    tokio::pin!(give_up);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = &mut done => return (peak.max(rss_mib(pid)), true),
+            _ = &mut give_up => return (peak, false),
+            _ = tick.tick() => peak = peak.max(rss_mib(pid)),
+        }
+    }
+}
+
+/// Reads from `inner` until `reading` is cleared, then never again: a peer that stops reading.
+struct StopsReading<R> {
+    inner: R,
+    reading: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: futures::AsyncRead + Unpin> futures::AsyncRead for StopsReading<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.reading.get() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// A raw QUIC connection to the server, pinned to its certificate.
+async fn raw_connection(server: &common::ServerProcess) -> (quinn::Endpoint, quinn::Connection) {
+    let cfg = qpq::transport::client_config(server.pin()).unwrap();
+    let ep = qpq::transport::client_endpoint(server.addr, cfg).unwrap();
+    let conn = ep.connect(server.addr, qpq::transport::SERVER_NAME).unwrap().await.unwrap();
+    (ep, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_fetch_replies_is_paused_then_closed_and_rss_stays_bounded() {
+    use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+    use qpq::proto::node_capnp::account;
+    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, idle) = attacked_server(dir.path()).await;
+    let pid = server.child.id();
+    local(async {
+        // 256 x 32 KiB waiting for a fresh key: every fetch(limit=256) answers ~8 MiB.
+        let victim = Identity::generate();
+        let filler = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+        let payload = vec![5u8; 32 * 1024];
+        let to = victim.public().0;
+        let sends = (0..256).map(|_| filler.enqueue(&to, &payload, b""));
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+        filler.close().await;
+
+        let (_ep, conn) = raw_connection(&server).await;
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let reading = std::rc::Rc::new(std::cell::Cell::new(true));
+        let input = StopsReading { inner: recv.compat(), reading: reading.clone() };
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(input),
+            futures::io::BufWriter::new(send.compat_write()),
+            Side::Client,
+            Default::default(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let node: node_service::Client = rpc.bootstrap(Side::Server);
+        tokio::task::spawn_local(rpc);
+        let challenge = qpq::transport::auth_challenge(&conn).unwrap();
+        let mut req = node.authenticate_request();
+        req.get().set_identity_key(&victim.public().0);
+        req.get().set_signature(&victim.sign_auth_challenge(&challenge));
+        let acct: account::Client = req.send().promise.await.unwrap().get().unwrap().get_account().unwrap();
+
+        reading.set(false);
+        let mut unanswered = Vec::new();
+        for _ in 0..200 {
+            let mut f = acct.fetch_request();
+            f.get().set_limit(256);
+            unanswered.push(f.send().promise);
+        }
+        let (peak, closed) = peak_rss_until(pid, conn.closed(), std::time::Duration::from_secs(60)).await;
+        eprintln!("fetch without reading: idle {idle} MiB, peak {peak} MiB");
+        assert!(peak < RSS_BOUND_MIB, "server RSS {peak} MiB >= {RSS_BOUND_MIB} MiB (idle {idle})");
+        assert!(closed, "the server never closed a connection that stopped reading");
+        drop(unanswered);
+
+        let s = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+        assert_eq!(s.health().await.unwrap().status, "ok", "others are still served");
+        let after = rss_mib(pid);
+        eprintln!("fetch without reading: after {after} MiB");
+        assert!(after < idle + RSS_SLACK_AFTER_MIB, "RSS {after} MiB after the attacker left (idle {idle})");
+    })
+    .await;
+}
+
+/// 24 connections that each announce one frame as large as the read limit allows, send 15/16
+/// of its body and stall; returns the server's peak RSS until the server has closed them all.
+async fn stall_in_huge_frames(server: &common::ServerProcess) -> u64 {
+    let words = qpq::limits::RPC_TRAVERSAL_LIMIT_WORDS as u32;
+    let mut head = 0u32.to_le_bytes().to_vec();
+    head.extend_from_slice(&words.to_le_bytes());
+    let body = std::sync::Arc::new(vec![0u8; words as usize * 8 / 16 * 15]);
+    let mut conns = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..24 {
+        let (ep, conn) = raw_connection(server).await;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let (head, body) = (head.clone(), body.clone());
+        // The writes may block on flow control while the server waits for room: not awaited.
+        writers.push(tokio::spawn(async move {
+            send.write_all(&head).await?;
+            send.write_all(&body).await?;
+            Ok::<_, quinn::WriteError>(send)
+        }));
+        conns.push((ep, conn, recv));
+    }
+    let all_closed = futures::future::join_all(conns.iter().map(|(_, c, _)| c.closed()));
+    let (peak, closed) =
+        peak_rss_until(server.child.id(), all_closed, std::time::Duration::from_secs(60)).await;
+    assert!(peak < RSS_BOUND_MIB, "server RSS {peak} MiB >= {RSS_BOUND_MIB} MiB");
+    assert!(closed, "stalled frames were not ended by the stall timeout");
+    for w in writers {
+        w.abort();
+    }
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_huge_frames_on_many_connections_hold_no_more_than_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, idle) = attacked_server(dir.path()).await;
+    let pid = server.child.id();
+    let peak = stall_in_huge_frames(&server).await;
+    let served = || {
+        local(async {
+            let s = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+            assert_eq!(s.health().await.unwrap().status, "ok");
+        })
+    };
+    served().await;
+    let after = rss_mib(pid);
+    eprintln!("half-sent frames: idle {idle} MiB, peak {peak} MiB, after {after} MiB");
+    assert!(after < idle + RSS_SLACK_AFTER_MIB, "RSS {after} MiB after the attacker left (idle {idle})");
+    // What the allocator kept is reused, not leaked: a second wave stays within the same bounds.
+    let peak2 = stall_in_huge_frames(&server).await;
+    served().await;
+    let after2 = rss_mib(pid);
+    eprintln!("half-sent frames, second wave: peak {peak2} MiB, after {after2} MiB");
+    assert!(after2 < idle + RSS_SLACK_AFTER_MIB, "RSS {after2} MiB after a second wave (idle {idle})");
+}
