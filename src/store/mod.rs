@@ -10,10 +10,10 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota) |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `seq_floor`, `channel_seq_floor`: see below) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload |
-//! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes) |
-//! | `channels` | channel id | last channel_seq handed out |
+//! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes); only while the queue is not empty |
+//! | `channels` | channel id | (last channel_seq handed out, messages queued with this channel id); only while that count is not zero |
 //! | `key_packages` | identity (32) ‖ id (u64 BE) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ KeyPackage bytes (TLS encoding) |
 //! | `key_package_meta` | identity (32) | (next_id, rows in `key_packages`, expired ones included until deleted) |
 //! | `last_resort` | identity (32) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ last-resort KeyPackage bytes |
@@ -22,10 +22,20 @@
 //! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
 //! range scan.
 //!
+//! Metadata rows live only as long as they describe something queued, so a stream of fresh
+//! recipient keys or channel ids leaves nothing behind once its messages are acked or expired.
+//! Sequence numbers still never go back. Invariant: every `seq` ever handed out to a recipient
+//! is below its `queue_meta` next_seq if it has a row, else below `seq_floor`; every
+//! `channel_seq` ever handed out on a channel is at most its `channels` row's last value if it
+//! has one, else at most `channel_seq_floor`. Deleting a row raises the floor to cover it (in
+//! the same transaction), and a row is created from the floor, so `seq` per recipient and
+//! `channelSeq` per channel are strictly increasing across deletion, re-creation and restarts.
+//!
 //! KeyPackages carry their `not_after` so the server never hands out an expired one: taking or
 //! uploading deletes the identity's expired ones it meets, counts leave them out, and
 //! [`WriteOp::ExpireKeyPackages`] (run with the sweep) deletes the rest.
 
+mod migrate;
 mod notifier;
 mod writer;
 
@@ -43,13 +53,14 @@ use crate::limits;
 
 /// Version of the table layout above; bumped on any incompatible change. 2: `hybrid_keys`
 /// values carry the signed creation time. 3: `key_packages` and `last_resort` values start
-/// with the package's not_after.
-pub const SCHEMA_VERSION: u64 = 3;
+/// with the package's not_after. 4: `channels` values count their queued messages and empty
+/// metadata rows are deleted (a version 3 file is migrated when opened, see [`migrate`]).
+pub const SCHEMA_VERSION: u64 = 4;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
 pub(crate) const QUEUE_META: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("queue_meta");
-pub(crate) const CHANNELS: TableDefinition<&[u8], u64> = TableDefinition::new("channels");
+pub(crate) const CHANNELS: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("channels");
 pub(crate) const KEY_PACKAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("key_packages");
 pub(crate) const KEY_PACKAGE_META: TableDefinition<&[u8], (u64, u64)> =
     TableDefinition::new("key_package_meta");
@@ -111,6 +122,10 @@ pub struct QueueLimits {
 
 /// The `meta` entry holding the bytes of all queued messages (as [`StoredMessage`] counts them).
 pub(crate) const STORED_BYTES: &str = "stored_bytes";
+/// The `meta` entry a re-created `queue_meta` row takes its next_seq from (see the module docs).
+pub(crate) const SEQ_FLOOR: &str = "seq_floor";
+/// The `meta` entry a re-created `channels` row counts on from (see the module docs).
+pub(crate) const CHANNEL_SEQ_FLOOR: &str = "channel_seq_floor";
 
 /// The `hybrid_keys` value: signature (64) || created_at_ms (8, big-endian) || key.
 pub(crate) fn encode_hybrid_key(signed: &SignedHybridKey) -> Vec<u8> {
@@ -209,7 +224,7 @@ impl StoredMessage {
     }
 
     /// (enqueued_at_ms, channel_seq, channel, payload) of an encoded entry, without copying.
-    fn parts(seq: u64, v: &[u8]) -> Result<EntryParts<'_>, StoreError> {
+    pub(crate) fn parts(seq: u64, v: &[u8]) -> Result<EntryParts<'_>, StoreError> {
         let bad = || StoreError::Db(format!("corrupt queue entry at seq {seq}"));
         let (at, rest) = v.split_first_chunk::<8>().ok_or_else(bad)?;
         let (channel_seq, rest) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
@@ -266,9 +281,12 @@ impl Store {
     pub fn open_with_clock(path: &Path, limits: QueueLimits, clock: Clock) -> Result<Store, StoreError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
+        let found = txn.open_table(META)?.get("schema_version")?.map(|g| g.value());
+        if found == Some(3) {
+            migrate::from_3(&txn)?;
+        }
         {
             let mut meta = txn.open_table(META)?;
-            let found = meta.get("schema_version")?.map(|g| g.value());
             match found {
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
@@ -280,6 +298,9 @@ impl Store {
                     meta.insert("instance_id", id)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
+                Some(3) => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
                 Some(v) => {
                     return Err(StoreError::SchemaVersion { path: path.display().to_string(), found: v });
                 }
@@ -470,7 +491,7 @@ mod tests {
         }
         let err = Store::open(&path, lim).err().expect("an older layout is refused");
         assert!(matches!(err, StoreError::SchemaVersion { found: 1, .. }), "{err}");
-        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 3"), "{err}");
+        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 4"), "{err}");
     }
 
     #[tokio::test]
@@ -572,6 +593,103 @@ mod tests {
         let (msgs, _) = store.fetch(&who, 0, 10, 1 << 20).unwrap();
         assert_eq!(msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"ok".to_vec()]);
         store.close().unwrap();
+    }
+
+    fn enqueue_op(who: IdentityKey, channel: &[u8]) -> WriteOp {
+        WriteOp::Enqueue { channel: channel.to_vec(), items: vec![(who, b"m".to_vec())] }
+    }
+
+    async fn enqueued(store: &Store, op: WriteOp) -> (u64, u64) {
+        match store.write(op).await.unwrap() {
+            Outcome::Enqueued { channel_seq, seqs } => (seqs[0], channel_seq),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// (queue_meta rows, channels rows) in the file.
+    fn metadata_rows(store: &Store) -> (u64, u64) {
+        let txn = store.db.begin_read().unwrap();
+        let qm = txn.open_table(QUEUE_META).unwrap().iter().unwrap().count() as u64;
+        (qm, txn.open_table(CHANNELS).unwrap().iter().unwrap().count() as u64)
+    }
+
+    #[tokio::test]
+    async fn empty_queue_and_channel_rows_are_deleted_and_numbers_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let store = Store::open(&path, limits()).unwrap();
+        let (alice, bob) = ([1u8; 32], [2u8; 32]);
+        assert_eq!(enqueued(&store, enqueue_op(alice, b"chan")).await, (1, 1));
+        assert_eq!(enqueued(&store, enqueue_op(alice, b"chan")).await, (2, 2));
+        assert_eq!(enqueued(&store, enqueue_op(bob, b"other")).await, (1, 1));
+        assert_eq!(metadata_rows(&store), (2, 2));
+        // Acking everything deletes alice's row and the channel only she had messages on.
+        store.write(WriteOp::Ack { who: alice, up_to: u64::MAX }).await.unwrap();
+        assert_eq!(metadata_rows(&store), (1, 1), "alice's queue row and `chan` are gone");
+        let (seq, channel_seq) = enqueued(&store, enqueue_op(alice, b"chan")).await;
+        assert!(seq > 2, "a re-created queue goes on above its old seqs: {seq}");
+        assert!(channel_seq > 2, "a re-created channel goes on above its old numbers: {channel_seq}");
+        // The sweep deletes rows too, and the floors survive a restart.
+        store.write(WriteOp::Ack { who: alice, up_to: u64::MAX }).await.unwrap();
+        let later = now_ms() + limits().ttl_ms + 1_000;
+        store.write(WriteOp::Sweep { now_ms: later, after: Vec::new() }).await.unwrap();
+        assert_eq!(metadata_rows(&store), (0, 0), "nothing is left for keys with nothing queued");
+        store.close().unwrap();
+        let store = Store::open(&path, limits()).unwrap();
+        let (seq2, channel_seq2) = enqueued(&store, enqueue_op(alice, b"chan")).await;
+        assert!(seq2 > seq && channel_seq2 > channel_seq, "{seq2} > {seq}, {channel_seq2} > {channel_seq}");
+        let (bob_seq, other_seq) = enqueued(&store, enqueue_op(bob, b"other")).await;
+        assert!(
+            bob_seq > 1 && other_seq > 1,
+            "bob's swept queue and channel also go on: {bob_seq} {other_seq}"
+        );
+        assert_eq!(store.fetch(&alice, 0, 10, 1 << 20).unwrap().0.len(), 1);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_3_file_is_migrated_keeping_its_messages_and_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let (alice, bob) = ([1u8; 32], [2u8; 32]);
+        {
+            // What qpq with schema 3 wrote: `channels` as id -> last seq, rows never deleted.
+            let channels_v3: TableDefinition<&[u8], u64> = TableDefinition::new("channels");
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("schema_version", 3).unwrap();
+                meta.insert("instance_id", 77).unwrap();
+                let mut chans = txn.open_table(channels_v3).unwrap();
+                chans.insert(&b"live"[..], 5).unwrap();
+                chans.insert(&b"dead"[..], 9).unwrap();
+                let value = StoredMessage::encode_value(now_ms(), 5, b"live", b"hi");
+                txn.open_table(QUEUE).unwrap().insert(&queue_key(&alice, 3)[..], &value[..]).unwrap();
+                let mut qm = txn.open_table(QUEUE_META).unwrap();
+                qm.insert(&alice[..], (4, 1, value.len() as u64)).unwrap();
+                qm.insert(&bob[..], (8, 0, 0)).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, limits()).unwrap();
+        assert_eq!(store.instance_id(), 77);
+        assert_eq!(metadata_rows(&store), (1, 1), "bob's empty row and the unused channel are gone");
+        let (msgs, _) = store.fetch(&alice, 0, 10, 1 << 20).unwrap();
+        assert_eq!((msgs[0].seq, msgs[0].channel_seq, msgs[0].payload.as_slice()), (3, 5, &b"hi"[..]));
+        assert_eq!(enqueued(&store, enqueue_op(alice, b"live")).await, (4, 6));
+        let (bob_seq, dead_seq) = enqueued(&store, enqueue_op(bob, b"dead")).await;
+        assert!(
+            bob_seq >= 8 && dead_seq > 9,
+            "numbers of deleted rows never come back: {bob_seq} {dead_seq}"
+        );
+        // The live channel's count came from the queue: acking both its messages deletes it.
+        store.write(WriteOp::Ack { who: alice, up_to: u64::MAX }).await.unwrap();
+        assert_eq!(metadata_rows(&store), (1, 1), "only bob's queue and `dead` are left");
+        store.close().unwrap();
+        let db = Database::open(&path).unwrap();
+        let version = db.begin_read().unwrap().open_table(META).unwrap().get("schema_version").unwrap();
+        assert_eq!(version.map(|g| g.value()), Some(SCHEMA_VERSION));
     }
 
     fn kp(not_after: u64, tag: u8) -> KeyPackageEntry {

@@ -19,8 +19,9 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry, LAST_RESORT, META,
-    Notifier, QUEUE, QUEUE_META, QueueLimits, STORED_BYTES, StoreError, StoredMessage, queue_key,
+    CHANNEL_SEQ_FLOOR, CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry,
+    LAST_RESORT, META, Notifier, QUEUE, QUEUE_META, QueueLimits, SEQ_FLOOR, STORED_BYTES, StoreError,
+    StoredMessage, queue_key,
 };
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
@@ -223,13 +224,15 @@ fn enqueue(
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Outcome, StoreError> {
     let mut meta = txn.open_table(QUEUE_META)?;
+    // A queue without a row starts above every seq it may have had (see the store's invariant).
+    let seq_floor = meta_value(txn, SEQ_FLOOR)?.max(1);
     // Check every recipient's cap first (several items may share a recipient), write after.
     let mut planned: HashMap<IdentityKey, (u64, u64, u64)> = HashMap::new();
     let mut adding = 0u64;
     for (who, payload) in items {
         let entry = match planned.get(who) {
             Some(e) => *e,
-            None => meta.get(&who[..])?.map(|g| g.value()).unwrap_or((1, 0, 0)),
+            None => meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0)),
         };
         let (next, count, bytes) = entry;
         let add = StoredMessage::accounted_len(17 + channel.len() + payload.len());
@@ -253,8 +256,10 @@ fn enqueue(
         0
     } else {
         let mut chans = txn.open_table(CHANNELS)?;
-        let next = chans.get(channel)?.map(|g| g.value()).unwrap_or(0) + 1;
-        chans.insert(channel, next)?;
+        let floor = meta_value(txn, CHANNEL_SEQ_FLOOR)?;
+        let (last, queued) = chans.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
+        let next = last + 1;
+        chans.insert(channel, (next, queued + items.len() as u64))?;
         next
     };
     let mut queue = txn.open_table(QUEUE)?;
@@ -263,7 +268,7 @@ fn enqueue(
     for (who, payload) in items {
         let seq = match next_seq.get(who) {
             Some(s) => *s,
-            None => meta.get(&who[..])?.map(|g| g.value().0).unwrap_or(1),
+            None => planned.get(who).map(|p| p.0).unwrap_or(seq_floor),
         };
         let value = StoredMessage::encode_value(now, channel_seq, channel, payload);
         queue.insert(&queue_key(who, seq)[..], &value[..])?;
@@ -271,7 +276,7 @@ fn enqueue(
         seqs.push(seq);
     }
     for (who, (_, count, bytes)) in planned {
-        let next = next_seq.get(&who).copied().unwrap_or(1);
+        let next = next_seq.get(&who).copied().unwrap_or(seq_floor);
         meta.insert(&who[..], (next, count, bytes))?;
         woken.push(who);
     }
@@ -288,29 +293,102 @@ fn set_stored_bytes(txn: &WriteTransaction, bytes: u64) -> Result<(), StoreError
     Ok(())
 }
 
+/// A `meta` counter (0 when absent).
+fn meta_value(txn: &WriteTransaction, name: &str) -> Result<u64, StoreError> {
+    Ok(txn.open_table(META)?.get(name)?.map(|g| g.value()).unwrap_or(0))
+}
+
+/// Raises a `meta` floor to at least `value`.
+fn raise_floor(txn: &WriteTransaction, name: &str, value: u64) -> Result<(), StoreError> {
+    let current = meta_value(txn, name)?;
+    if value > current {
+        txn.open_table(META)?.insert(name, value)?;
+    }
+    Ok(())
+}
+
+/// What deleting queue rows takes off the metadata: per recipient (messages, bytes), per
+/// channel messages, and bytes in all.
+#[derive(Default)]
+struct Released {
+    recipients: HashMap<IdentityKey, (u64, u64)>,
+    channels: HashMap<Vec<u8>, u64>,
+    bytes: u64,
+}
+
+impl Released {
+    /// Notes one deleted `queue` row; a value too damaged to name its channel counts for none.
+    fn note(&mut self, who: Option<IdentityKey>, value: &[u8]) {
+        let len = StoredMessage::accounted_len(value.len());
+        self.bytes += len;
+        if let Some(who) = who {
+            let e = self.recipients.entry(who).or_default();
+            *e = (e.0 + 1, e.1 + len);
+        }
+        if let Ok((_, _, channel, _)) = StoredMessage::parts(0, value)
+            && !channel.is_empty()
+        {
+            *self.channels.entry(channel.to_vec()).or_default() += 1;
+        }
+    }
+
+    /// Updates the counts; a queue or channel left with nothing is deleted and its number kept
+    /// in the floor (the store's invariant).
+    fn apply(self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let mut seq_floor = 0;
+        {
+            let mut meta = txn.open_table(QUEUE_META)?;
+            for (who, (n, bytes)) in self.recipients {
+                let current = meta.get(&who[..])?.map(|g| g.value());
+                let Some((next, count, have)) = current else { continue };
+                if count <= n {
+                    meta.remove(&who[..])?;
+                    seq_floor = seq_floor.max(next);
+                } else {
+                    meta.insert(&who[..], (next, count - n, have.saturating_sub(bytes)))?;
+                }
+            }
+        }
+        let mut channel_floor = 0;
+        {
+            let mut chans = txn.open_table(CHANNELS)?;
+            for (id, n) in self.channels {
+                let current = chans.get(&id[..])?.map(|g| g.value());
+                let Some((last, queued)) = current else { continue };
+                if queued <= n {
+                    chans.remove(&id[..])?;
+                    channel_floor = channel_floor.max(last);
+                } else {
+                    chans.insert(&id[..], (last, queued - n))?;
+                }
+            }
+        }
+        raise_floor(txn, SEQ_FLOOR, seq_floor)?;
+        raise_floor(txn, CHANNEL_SEQ_FLOOR, channel_floor)?;
+        set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(self.bytes))
+    }
+}
+
 fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
     let start = queue_key(who, 0);
     let end = queue_key(who, up_to);
     let mut doomed = Vec::new();
+    let mut released = Released::default();
     for entry in queue.range(&start[..]..=&end[..])? {
         let (k, v) = entry?;
-        doomed.push((k.value().to_vec(), v.value().len()));
+        doomed.push(k.value().to_vec());
+        released.note(Some(*who), v.value());
     }
     if doomed.is_empty() {
         return Ok(Outcome::Acked { removed: 0 });
     }
-    let mut freed = 0u64;
-    for (k, len) in &doomed {
+    for k in &doomed {
         queue.remove(&k[..])?;
-        freed += StoredMessage::accounted_len(*len);
     }
-    let mut meta = txn.open_table(QUEUE_META)?;
-    let (next, count, bytes) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((1, 0, 0));
-    let removed = doomed.len() as u64;
-    meta.insert(&who[..], (next, count.saturating_sub(removed), bytes.saturating_sub(freed)))?;
-    set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(freed))?;
-    Ok(Outcome::Acked { removed: u32::try_from(removed).unwrap_or(u32::MAX) })
+    drop(queue);
+    released.apply(txn)?;
+    Ok(Outcome::Acked { removed: u32::try_from(doomed.len()).unwrap_or(u32::MAX) })
 }
 
 /// Replaces `who`'s hybrid key only with a newer one: an older signed key (a replay of one the
@@ -471,7 +549,8 @@ fn expire_key_packages(txn: &WriteTransaction, now: u64) -> Result<Outcome, Stor
 
 fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
-    let mut doomed: Vec<(Vec<u8>, usize)> = Vec::new();
+    let mut doomed: Vec<Vec<u8>> = Vec::new();
+    let mut released = Released::default();
     let mut last = None;
     let mut scanned = 0usize;
     let range = if after.is_empty() {
@@ -492,27 +571,19 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
             }
         };
         if expired {
-            doomed.push((key.to_vec(), value.len()));
+            doomed.push(key.to_vec());
+            // A damaged key names no recipient whose counts we could trust; leave them alone.
+            released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value);
         }
         if scanned >= limits::SWEEP_SLICE_ROWS {
             break;
         }
     }
     let resume = if scanned >= limits::SWEEP_SLICE_ROWS { last } else { None };
-    let mut meta = txn.open_table(QUEUE_META)?;
-    let mut freed_total = 0u64;
-    for (k, len) in &doomed {
+    for k in &doomed {
         queue.remove(&k[..])?;
-        freed_total += StoredMessage::accounted_len(*len);
-        // A damaged key names no recipient whose counts we could trust; leave the counts alone.
-        let Ok((who, _)) = super::split_queue_key(k) else { continue };
-        let current = meta.get(&who[..])?.map(|g| g.value());
-        if let Some((next, count, bytes)) = current {
-            let freed = StoredMessage::accounted_len(*len);
-            meta.insert(&who[..], (next, count.saturating_sub(1), bytes.saturating_sub(freed)))?;
-        }
     }
-    drop(meta);
-    set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(freed_total))?;
+    drop(queue);
+    released.apply(txn)?;
     Ok(Outcome::Swept { removed: doomed.len() as u64, resume })
 }
