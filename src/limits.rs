@@ -135,6 +135,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// one and an anonymous one for sending), so this admits a NAT with ~100 people in a chat shell
 /// while no single host can take more than a small share of [`DEFAULT_MAX_CONNECTIONS`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// A connection nothing has arrived on for this long (and with no reply waiting to be written)
+/// may be evicted when a proven new connection from its address finds the address at its cap:
+/// longer than any call takes, shorter than the keep-alive a client uses to hold it open.
+pub const EVICT_IDLE_AFTER_MS: u64 = 10_000;
 /// At most one "connection refused" log line per this interval (the next one counts the
 /// refusals in between), so a connection flood cannot flood the log.
 pub const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;

@@ -814,3 +814,43 @@ async fn a_message_past_its_ttl_on_the_servers_clock_is_swept_without_waiting() 
     .await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_of_an_address_at_its_cap_make_room_for_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    cfg.max_connections_per_ip = 4;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            let s = connect(&server).await;
+            assert_eq!(s.health().await.unwrap().status, "ok");
+            open.push(s);
+        }
+        // Kept open but quiet past the idle time by the server's clock, except for three that
+        // just made a call.
+        clock.advance(qpq::limits::EVICT_IDLE_AFTER_MS as i64 + 1_000);
+        for s in &open[..3] {
+            assert_eq!(s.health().await.unwrap().status, "ok");
+        }
+        let fifth = connect(&server).await;
+        assert_eq!(fifth.health().await.unwrap().status, "ok", "a new connection is let in");
+        // The quiet one was closed to make room; its calls fail once the close arrives.
+        let mut tries = 0;
+        while open[3].health().await.is_ok() {
+            tries += 1;
+            assert!(tries < 100, "the idle connection was not evicted");
+        }
+        for s in &open[..3] {
+            assert_eq!(s.health().await.unwrap().status, "ok", "active connections stay");
+        }
+        let sixth =
+            Session::connect(&server.local_addr().to_string(), Pin::Fingerprint(server.fingerprint())).await;
+        assert!(sixth.is_err(), "with none idle, the cap still holds");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

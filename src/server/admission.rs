@@ -11,12 +11,26 @@
 //! An IPv6 host usually holds a whole /64 and can pick any address in it, so IPv6 clients are
 //! counted per /64 prefix; IPv4 per address (an IPv4-mapped IPv6 address counts as its IPv4).
 //!
+//! An address at its quota whose new connection has proven the address evicts its own
+//! longest-idle connection instead of being refused: one nothing has arrived on for
+//! [`limits::EVICT_IDLE_AFTER_MS`] (by the server's clock) and nothing is waiting to be written
+//! to. A parked `fetchWait` counts as idle once it is that old. So 256 kept-alive idle
+//! connections cannot lock out the others behind the same address (a NAT), while busy ones are
+//! never cut.
+//!
 //! The decision is pure bookkeeping (no I/O): the accept loop asks [`Admission::admit`] and keeps
-//! the returned [`Slot`] for as long as the connection lives.
+//! the returned [`Slot`] for as long as the connection lives; an evicted connection's
+//! [`Activity::evicted`] token is cancelled and its task closes it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::limits;
 
 /// What the accept loop does with an incoming connection.
 #[derive(Debug)]
@@ -34,18 +48,68 @@ pub enum Decision {
 pub struct Admission {
     max_total: usize,
     max_per_ip: usize,
+    clock: Clock,
     open: Mutex<Open>,
 }
 
 #[derive(Debug, Default)]
 struct Open {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Each address's connections (their count is the address's share of the quota).
+    per_ip: HashMap<IpAddr, Vec<Arc<Activity>>>,
+}
+
+/// What admission knows of one connection's use, updated by the connection's task.
+#[derive(Debug)]
+pub struct Activity {
+    /// When something last arrived on the connection (ms, the server's clock).
+    last_input_ms: AtomicU64,
+    /// Reply bytes not yet written to it.
+    unsent: AtomicUsize,
+    /// Cancelled when admission evicts the connection to make room.
+    pub evicted: CancellationToken,
+    /// Set once the connection's place in the counts has been given back.
+    released: AtomicBool,
+    clock: Clock,
+}
+
+impl Activity {
+    /// Activity of a connection not counted by any [`Admission`] (the fuzz target's).
+    pub fn untracked(clock: Clock) -> Arc<Activity> {
+        Arc::new(Activity {
+            last_input_ms: AtomicU64::new(clock.now_ms()),
+            unsent: AtomicUsize::new(0),
+            evicted: CancellationToken::new(),
+            released: AtomicBool::new(false),
+            clock,
+        })
+    }
+
+    /// Something arrived on the connection.
+    pub fn touch(&self) {
+        self.last_input_ms.store(self.clock.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn set_unsent(&self, bytes: usize) {
+        self.unsent.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Quiet since this time, when it may be evicted at `now`.
+    fn idle_since(&self, now: u64) -> Option<u64> {
+        let last = self.last_input_ms.load(Ordering::Relaxed);
+        let quiet = now.saturating_sub(last) >= limits::EVICT_IDLE_AFTER_MS;
+        (quiet && self.unsent.load(Ordering::Relaxed) == 0).then_some(last)
+    }
 }
 
 impl Admission {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Admission> {
-        Arc::new(Admission { max_total, max_per_ip, open: Mutex::new(Open::default()) })
+        Admission::with_clock(max_total, max_per_ip, Clock::system())
+    }
+
+    /// An admission whose idle times read `clock` (the server's).
+    pub fn with_clock(max_total: usize, max_per_ip: usize, clock: Clock) -> Arc<Admission> {
+        Arc::new(Admission { max_total, max_per_ip, clock, open: Mutex::new(Open::default()) })
     }
 
     /// Decides on a connection from `ip`; `validated` says whether the client has already proven
@@ -53,12 +117,18 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, ip: IpAddr, validated: bool) -> Decision {
         let ip = quota_key(ip);
         let mut open = self.lock();
-        let from_ip = open.per_ip.get(&ip).copied().unwrap_or(0);
+        let from_ip = open.per_ip.get(&ip).map_or(0, Vec::len);
         if open.total >= self.max_total {
             return Decision::Refuse("server full");
         }
         if from_ip >= self.max_per_ip {
-            return Decision::Refuse("too many connections from this address");
+            // Only a proven address may evict: forged Initials must not cut real connections.
+            if !validated {
+                return Decision::Validate;
+            }
+            if !Self::evict_idlest(&mut open, ip, self.clock.now_ms()) {
+                return Decision::Refuse("too many connections from this address");
+            }
         }
         // Unproven addresses hold a slot until their handshake ends or times out: once either
         // count is half full, only proven ones may take more, so forged Initials cannot fill
@@ -68,8 +138,26 @@ impl Admission {
             return Decision::Validate;
         }
         open.total += 1;
-        *open.per_ip.entry(ip).or_insert(0) += 1;
-        Decision::Admit(Slot { admission: self.clone(), ip })
+        let activity = Activity::untracked(self.clock.clone());
+        open.per_ip.entry(ip).or_default().push(activity.clone());
+        Decision::Admit(Slot { admission: self.clone(), ip, activity })
+    }
+
+    /// Evicts `ip`'s connection that has been idle longest, if one may be evicted at `now`.
+    fn evict_idlest(open: &mut Open, ip: IpAddr, now: u64) -> bool {
+        let Some(conns) = open.per_ip.get_mut(&ip) else { return false };
+        let idlest = conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.idle_since(now).map(|since| (since, i)))
+            .min()
+            .map(|(_, i)| i);
+        let Some(i) = idlest else { return false };
+        let victim = conns.swap_remove(i);
+        victim.released.store(true, Ordering::SeqCst);
+        victim.evicted.cancel();
+        open.total = open.total.saturating_sub(1);
+        true
     }
 
     /// Open connections in all.
@@ -118,20 +206,31 @@ pub fn quota_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// One admitted connection's place in the counts, given back on drop.
+/// One admitted connection's place in the counts, given back on drop (or on eviction).
 #[derive(Debug)]
 pub struct Slot {
     admission: Arc<Admission>,
     ip: IpAddr,
+    activity: Arc<Activity>,
+}
+
+impl Slot {
+    /// The connection's activity record, for its task to update and to watch for eviction.
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.admission.lock();
+        if self.activity.released.swap(true, Ordering::SeqCst) {
+            return; // evicted: already given back
+        }
         open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(conns) = open.per_ip.get_mut(&self.ip) {
+            conns.retain(|a| !Arc::ptr_eq(a, &self.activity));
+            if conns.is_empty() {
                 open.per_ip.remove(&self.ip);
             }
         }
@@ -165,6 +264,29 @@ mod tests {
         drop(first);
         let _again = admitted(a.admit(ip, true));
         assert_eq!(a.open(), 5);
+    }
+
+    #[test]
+    fn at_its_cap_a_proven_address_evicts_its_longest_idle_connection_not_a_busy_one() {
+        let clock = Clock::system();
+        let a = Admission::with_clock(100, 3, clock.clone());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let slots: Vec<Slot> = (0..3).map(|_| admitted(a.admit(ip, true))).collect();
+        assert!(matches!(a.admit(ip, true), Decision::Refuse(_)), "connections just opened are not idle yet");
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64 + 1);
+        slots[0].activity().touch(); // something just arrived on the first
+        slots[2].activity().set_unsent(10); // a reply is being written to the third
+        assert!(matches!(a.admit(ip, false), Decision::Validate), "an unproven address evicts nothing");
+        assert!(slots.iter().all(|s| !s.activity().evicted.is_cancelled()));
+        let fourth = admitted(a.admit(ip, true));
+        let evicted: Vec<bool> = slots.iter().map(|s| s.activity().evicted.is_cancelled()).collect();
+        assert_eq!(evicted, [false, true, false], "the idle one goes, the active and the busy stay");
+        assert_eq!(a.open(), 3);
+        assert!(matches!(a.admit(ip, true), Decision::Refuse(_)), "nothing else is idle");
+        drop(slots); // the evicted slot was given back already: no double count
+        assert_eq!(a.open(), 1);
+        drop(fourth);
+        assert!(a.lock().per_ip.is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::admission::Activity;
 use crate::limits;
 use crate::proto::wire_error::{ErrorCode, WireError};
 
@@ -106,6 +107,8 @@ pub struct ConnMemory {
     parked_waits: Cell<usize>,
     /// Set when the connection must end (stalled); woken through `changed`.
     killed: Cell<Option<&'static str>>,
+    /// What admission sees of this connection (idle time, unwritten bytes).
+    pub activity: Arc<Activity>,
 }
 
 /// Unwritten reply bytes of one outgoing message, given back when it has been written (or
@@ -129,6 +132,15 @@ pub struct ParkedWait(Rc<ConnMemory>);
 
 impl ConnMemory {
     pub fn new(global: Arc<MemoryBudget>, stall: Duration) -> Rc<ConnMemory> {
+        ConnMemory::with_activity(global, stall, Activity::untracked(crate::clock::Clock::system()))
+    }
+
+    /// A connection whose use admission follows through `activity` (see [`super::admission`]).
+    pub fn with_activity(
+        global: Arc<MemoryBudget>,
+        stall: Duration,
+        activity: Arc<Activity>,
+    ) -> Rc<ConnMemory> {
         Rc::new(ConnMemory {
             global,
             stall,
@@ -136,6 +148,7 @@ impl ConnMemory {
             changed: Notify::new(),
             parked_waits: Cell::new(0),
             killed: Cell::new(None),
+            activity,
         })
     }
 
@@ -152,6 +165,7 @@ impl ConnMemory {
     /// Counts an outgoing message of `bytes` until the returned value drops.
     pub fn hold_unsent(self: &Rc<Self>, bytes: usize) -> Unsent {
         self.unsent.set(self.unsent.get().saturating_add(bytes));
+        self.activity.set_unsent(self.unsent.get());
         self.changed.notify_waiters();
         Unsent { conn: self.clone(), bytes, _global: self.global.charge(bytes) }
     }
@@ -242,6 +256,7 @@ impl ConnMemory {
 impl Drop for Unsent {
     fn drop(&mut self) {
         self.conn.unsent.set(self.conn.unsent.get().saturating_sub(self.bytes));
+        self.conn.activity.set_unsent(self.conn.unsent.get());
         self.conn.changed.notify_waiters();
     }
 }

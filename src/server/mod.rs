@@ -304,7 +304,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let shared = Shared::with_memory(
         store,
         RpcLimits { max_payload: cfg.max_payload },
-        Admission::new(cfg.max_connections, cfg.max_connections_per_ip),
+        Admission::with_clock(cfg.max_connections, cfg.max_connections_per_ip, cfg.clock.clone()),
         cfg.clock.clone(),
         cfg.rate_limits,
         (cfg.max_buffered_bytes, Duration::from_millis(cfg.stall_timeout_ms)),
@@ -400,7 +400,8 @@ async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         let remote = incoming.remote_address();
-        let slot = match shared.admission.admit(remote.ip(), incoming.remote_address_validated()) {
+        let decision = shared.admission.admit(remote.ip(), incoming.remote_address_validated());
+        let slot = match decision {
             Decision::Admit(slot) => slot,
             Decision::Validate if incoming.may_retry() => {
                 if let Err(e) = incoming.retry() {
@@ -453,9 +454,9 @@ fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::
     rt.block_on(local);
 }
 
-/// Serves one connection; `_slot` frees its place in the admission counts when this task ends,
-/// however it ends.
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot: Slot) {
+/// Serves one connection; `slot` frees its place in the admission counts when this task ends,
+/// however it ends, and says when admission evicts the connection (it is then closed).
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, slot: Slot) {
     let remote = incoming.remote_address().ip();
     let handshake = tokio::time::timeout(Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS), incoming);
     let conn = match handshake.await {
@@ -493,11 +494,21 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, _slot:
             return;
         }
     };
-    match serve_rpc(recv.compat(), send.compat_write(), shared, challenge, remote).await {
-        Ok(()) => tracing::debug!("rpc session ended"),
-        Err(e) => tracing::debug!(error = %e, "rpc session failed"),
+    let activity = slot.activity();
+    let evicted = activity.evicted.clone();
+    tokio::select! {
+        served = serve_rpc_tracked(recv.compat(), send.compat_write(), shared, challenge, remote, activity) => {
+            match served {
+                Ok(()) => tracing::debug!("rpc session ended"),
+                Err(e) => tracing::debug!(error = %e, "rpc session failed"),
+            }
+            conn.close(0u32.into(), b"bye");
+        }
+        _ = evicted.cancelled() => {
+            tracing::debug!("evicted: idle while its address is at its connection cap");
+            conn.close(2u32.into(), b"idle connection evicted");
+        }
     }
-    conn.close(0u32.into(), b"bye");
 }
 
 /// Serves one connection's RPC system over any byte stream until the peer disconnects: the part
@@ -519,9 +530,26 @@ where
     R: futures::AsyncRead + Unpin + 'static,
     W: futures::AsyncWrite + Unpin + 'static,
 {
+    let activity = admission::Activity::untracked(shared.clock.clone());
+    serve_rpc_tracked(recv, send, shared, challenge, remote, activity).await
+}
+
+/// [`serve_rpc`] for a connection admission follows through `activity`.
+async fn serve_rpc_tracked<R, W>(
+    recv: R,
+    send: W,
+    shared: Arc<Shared>,
+    challenge: [u8; 32],
+    remote: std::net::IpAddr,
+    activity: Arc<admission::Activity>,
+) -> Result<(), capnp::Error>
+where
+    R: futures::AsyncRead + Unpin + 'static,
+    W: futures::AsyncWrite + Unpin + 'static,
+{
     let mut opts = capnp::message::ReaderOptions::new();
     opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
-    let conn = memory::ConnMemory::new(shared.memory.clone(), shared.stall_timeout);
+    let conn = memory::ConnMemory::with_activity(shared.memory.clone(), shared.stall_timeout, activity);
     let network = twoparty::VatNetwork::new(
         framegate::FrameGate::new(futures::io::BufReader::new(recv), conn.clone()),
         futures::io::BufWriter::new(send),

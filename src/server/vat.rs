@@ -67,8 +67,17 @@ impl Connection<Side> for MeteredConnection {
     }
 
     fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
+        let activity = self.conn.activity.clone();
+        // Only a call counts as use: protocol chatter (Finish, Release) that follows a reply
+        // must not keep an otherwise idle connection from being evicted.
+        let touched = move |m: Option<Box<dyn IncomingMessage>>| {
+            if m.as_ref().is_some_and(|m| is_call(m.as_ref())) {
+                activity.touch();
+            }
+            m
+        };
         if !self.conn.paused() {
-            return self.inner.borrow_mut().receive_incoming_message();
+            return Promise::from_future(self.inner.borrow_mut().receive_incoming_message().map_ok(touched));
         }
         // The peer is not reading its replies: read no further call until it does (the
         // watchdog ends the connection if that takes longer than the stall timeout).
@@ -76,7 +85,7 @@ impl Connection<Side> for MeteredConnection {
         Promise::from_future(async move {
             conn.until_unpaused().await;
             let next = inner.borrow_mut().receive_incoming_message();
-            next.await
+            next.await.map(touched)
         })
     }
 
@@ -87,6 +96,13 @@ impl Connection<Side> for MeteredConnection {
     fn shutdown(&mut self, result: capnp::Result<()>) -> Promise<(), Error> {
         self.inner.borrow_mut().shutdown(result)
     }
+}
+
+/// True for an RPC `Call` message (rpc.capnp `Message.call`).
+fn is_call(m: &dyn IncomingMessage) -> bool {
+    let Ok(body) = m.get_body() else { return false };
+    let Ok(message) = body.get_as::<capnp_rpc::rpc_capnp::message::Reader<'_>>() else { return false };
+    matches!(message.which(), Ok(capnp_rpc::rpc_capnp::message::Call(_)))
 }
 
 struct MeteredMessage {
