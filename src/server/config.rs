@@ -316,6 +316,25 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_budget_and_stall_timeout_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() })
+        };
+        let cfg = resolve("max_buffered_bytes = 33554432\nstall_timeout_ms = 500\n").unwrap();
+        assert_eq!((cfg.max_buffered_bytes, cfg.stall_timeout_ms), (32 << 20, 500));
+        let cfg = resolve("").unwrap();
+        assert_eq!(cfg.max_buffered_bytes, limits::DEFAULT_MAX_BUFFERED_BYTES);
+        assert_eq!(cfg.stall_timeout_ms, limits::DEFAULT_STALL_TIMEOUT_MS);
+        let e = resolve("max_buffered_bytes = 1000\n").unwrap_err().to_string();
+        assert_eq!(e, "invalid setting max_buffered_bytes: must be >= 16777216 (one full batch)");
+        let e = resolve("stall_timeout_ms = 0\n").unwrap_err().to_string();
+        assert_eq!(e, "invalid setting stall_timeout_ms: must be > 0");
+    }
+
+    #[test]
     fn bad_config_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
