@@ -96,6 +96,10 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
 
 impl<R: AsyncRead + Unpin> AsyncRead for FrameGate<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            // Nothing asked for: not an end of stream, and no state to change.
+            return Poll::Ready(Ok(0));
+        }
         let this = &mut *self;
         loop {
             match &mut this.state {
@@ -265,6 +269,43 @@ mod tests {
         assert_eq!(budget.used(), 0);
         assert_eq!(conn.watchdog().await, "frame not completed within the stall timeout");
         drop(tx);
+    }
+
+    /// Hands out one byte per read, the worst split a stream can have.
+    struct Trickle(futures::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let one = buf.len().min(1);
+            Pin::new(&mut self.0).poll_read(cx, &mut buf[..one])
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn multi_segment_tables_read_a_byte_at_a_time_pass_unchanged() {
+        let budget = MemoryBudget::new(1 << 30);
+        let conn = ConnMemory::new(budget.clone(), Duration::from_secs(5));
+        let mut input = Vec::new();
+        for sizes in [&[1u32, 2, 3][..], &[4, 5], &[(limits::UNBUDGETED_FRAME_BYTES / 8) as u32, 1]] {
+            input.extend_from_slice(&(sizes.len() as u32 - 1).to_le_bytes());
+            for s in sizes {
+                input.extend_from_slice(&s.to_le_bytes());
+            }
+            if sizes.len() % 2 == 0 {
+                input.extend_from_slice(&[0; 4]); // padding to a whole word
+            }
+            let words: u32 = sizes.iter().sum();
+            input.extend((0..words * 8).map(|i| i as u8));
+        }
+        let mut gate = FrameGate::new(Trickle(futures::io::Cursor::new(input.clone())), conn);
+        let mut out = Vec::new();
+        gate.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test(start_paused = true)]
