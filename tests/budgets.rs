@@ -268,10 +268,11 @@ async fn the_global_storage_quota_refuses_with_a_retry_hint_and_acks_free_it() {
 /// (~20 MiB). Without the budget, the same attacks take it past 1 GiB.
 const RSS_BOUND_MIB: u64 = 256;
 /// After the attacker leaves, the server returns within this much of its idle RSS: glibc keeps
-/// freed pages of its per-thread arenas (measured 45 to 95 MiB over idle after waves of the
-/// huge-frame attack, about the 64 MiB memory budget plus QUIC buffers, not growing from wave
-/// to wave); without the budget the attacks hold far more, for as long as the attacker likes.
-const RSS_SLACK_AFTER_MIB: u64 = 128;
+/// freed pages of its per-thread arenas (measured 34 to 127 MiB over idle after one or two waves
+/// of the huge-frame attack, about the 64 MiB memory budget plus QUIC buffers per arena, more
+/// when other tests load the machine); without the budget the attacks hold far more, for as
+/// long as the attacker likes.
+const RSS_SLACK_AFTER_MIB: u64 = 160;
 /// The stall timeout the attack tests run the server with, so they end in a second.
 const TEST_STALL_MS: u64 = 1_000;
 
