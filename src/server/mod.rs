@@ -15,6 +15,12 @@
 //!   ([`crate::proto::wire_error`]).
 //! - Each connection carries one bidirectional stream for RPC; its bootstrap object is a
 //!   [`rpc::NodeServiceImpl`] that knows the connection's TLS-exported auth challenge.
+//! - What peers make the server buffer is bounded by one [`memory::MemoryBudget`]: large frames
+//!   are read through a [`framegate::FrameGate`] that holds their size first, and every
+//!   outgoing message counts until written ([`vat::MeteredNetwork`], one `spawn_local` task per
+//!   message on the connection's worker). A peer that leaves its replies unread is paused, then
+//!   closed after the stall timeout; at its per-address cap, [`admission`] evicts an idle
+//!   connection for a proven newcomer.
 //!
 //! # Shutdown
 //! [`RunningServer::shutdown`] (wired to SIGINT/SIGTERM by the CLI) stops accepting, wakes long
