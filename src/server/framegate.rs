@@ -1,5 +1,5 @@
 //! A read gate under capnp's stream reader: a large frame's body is read only once its size
-//! is held in the server's [`MemoryBudget`], and must arrive within the stall timeout.
+//! is held in the server's [`MemoryBudget`](super::memory::MemoryBudget), and must arrive within the stall timeout.
 //!
 //! capnp allocates a whole frame as soon as it has read the frame's segment table, so a peer
 //! that announces a 16 MiB segment and sends most of it makes the server hold 16 MiB for as long
