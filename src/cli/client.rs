@@ -253,7 +253,15 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
                 Some(format!("{} started a conversation with you", m.display_name(by)))
             }
         }
-        Event::Membership { group_id, by, added, removed } => {
+        Event::Membership { group_id, by, added, removed, left } => {
+            let group = m.conversation_name(group_id);
+            // A leave reads the same to everyone, whoever committed it (issue 10, bug 2).
+            let me = m.public_key().0;
+            let leavers = if left == &[me] { "you".to_string() } else { names(left) };
+            let leave = format!("{leavers} left {group}");
+            if added.is_empty() && removed.is_empty() {
+                return (!left.is_empty()).then_some(leave);
+            }
             let mut parts = Vec::new();
             if !added.is_empty() {
                 parts.push(format!("{} added {}", m.display_name(by), names(added)));
@@ -261,7 +269,10 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             if !removed.is_empty() {
                 parts.push(format!("{} removed {}", m.display_name(by), names(removed)));
             }
-            Some(format!("[{}] {}", m.conversation_name(group_id), parts.join("; ")))
+            if !left.is_empty() {
+                parts.push(leave);
+            }
+            Some(format!("[{group}] {}", parts.join("; ")))
         }
         Event::Removed { group_id, by } => {
             Some(format!("you were removed from {} by {}", m.conversation_name(group_id), m.display_name(by)))
@@ -510,10 +521,7 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
         }
         GroupCmd::Add { name, members } => m.group_add(name.trim_start_matches('#'), &members).await?,
         GroupCmd::Remove { name, members } => m.group_remove(name.trim_start_matches('#'), &members).await?,
-        GroupCmd::Leave { name } => {
-            m.group_leave(name.trim_start_matches('#')).await?;
-            Vec::new()
-        }
+        GroupCmd::Leave { name } => m.group_leave(name.trim_start_matches('#')).await?,
         GroupCmd::Update { name } => m.group_update(name.trim_start_matches('#')).await?,
         GroupCmd::List => {
             for g in m.group_list() {

@@ -249,7 +249,10 @@ impl Messenger {
         expect_inviter: Option<[u8; 32]>,
         events: &mut Vec<Event>,
     ) -> Result<Vec<u8>, MlsError> {
-        let joined = self.mls.join_welcome(welcome)?;
+        // A group we left is joined afresh (issue 10, bug 1).
+        let groups = &self.home.state.groups;
+        let left = |id: &[u8]| groups.get(&hex::encode(id)).is_some_and(|g| !g.active);
+        let joined = self.mls.rejoin_welcome(welcome, left)?;
         let group_id = joined.group_id;
         let inviter = joined.inviter;
         if expect_inviter.is_some_and(|e| e != inviter) {
@@ -264,14 +267,22 @@ impl Messenger {
             GroupKind::Direct { .. } => GroupKind::Direct { peer: inviter },
             GroupKind::Group => GroupKind::Group,
         };
-        let name = match &kind {
-            GroupKind::Group => self.unique_group_name(name),
-            GroupKind::Direct { .. } => String::new(),
-        };
-        self.home.state.groups.insert(
-            hex::encode(&group_id),
-            GroupMeta { name, kind, active: true, history: Default::default() },
-        );
+        let key = hex::encode(&group_id);
+        match self.home.state.groups.get_mut(&key) {
+            // Rejoining: the group keeps its name and history (issue 10, bug 3).
+            Some(g) if !g.active => {
+                g.active = true;
+                g.kind = kind;
+            }
+            _ => {
+                let name = match &kind {
+                    GroupKind::Group => self.unique_group_name(name),
+                    GroupKind::Direct { .. } => String::new(),
+                };
+                let meta = GroupMeta { name, kind, active: true, history: Default::default() };
+                self.home.state.groups.insert(key, meta);
+            }
+        }
         events.push(Event::Joined { group_id: group_id.clone(), by: inviter });
         // Messages that raced ahead of this Welcome.
         let (mine, rest): (Vec<Orphan>, Vec<Orphan>) =
@@ -350,8 +361,20 @@ impl Messenger {
         let pending = self.home.state.pending_commits.get(&key);
         if pending.is_some_and(|p| p.commit.as_slice() == message) {
             let record = self.home.state.pending_commits.remove(&key);
+            let changes = self.mls.pending_changes(group_id).unwrap_or_default();
             match self.mls.merge_pending(group_id) {
                 Ok(()) => {
+                    // The command that made the change reports adds and removals itself; a
+                    // leave we committed for someone is news (issue 10, bug 2).
+                    if !changes.left.is_empty() {
+                        events.push(Event::Membership {
+                            group_id: group_id.to_vec(),
+                            by: self.identity.public().0,
+                            added: Vec::new(),
+                            removed: Vec::new(),
+                            left: changes.left,
+                        });
+                    }
                     // The Welcome goes out with the same save that records the merge.
                     if let Some(welcome) = record.and_then(|r| r.welcome) {
                         self.home.state.outbox.push(welcome);
@@ -384,7 +407,7 @@ impl Messenger {
                 }
                 Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
             },
-            Ok(Incoming::Commit { sender, added, removed, self_removed, .. }) => {
+            Ok(Incoming::Commit { sender, added, removed, left, self_removed, .. }) => {
                 if self.home.state.pending_commits.remove(&key).is_some() {
                     // Another commit took this epoch: ours can never apply.
                     let _ = self.mls.clear_pending(group_id);
@@ -395,12 +418,13 @@ impl Messenger {
                         g.active = false;
                     }
                     events.push(Event::Removed { group_id: group_id.to_vec(), by: sender });
-                } else if !added.is_empty() || !removed.is_empty() {
+                } else if !added.is_empty() || !removed.is_empty() || !left.is_empty() {
                     events.push(Event::Membership {
                         group_id: group_id.to_vec(),
                         by: sender,
                         added,
                         removed,
+                        left,
                     });
                 }
             }

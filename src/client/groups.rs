@@ -101,6 +101,13 @@ impl Messenger {
         self.connect().await?;
         let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
+        // Someone who just left is still a member until their leave is committed: commit it
+        // first, so they can be added again (issue 10, bug 1).
+        if self.home.state.leave_requests.contains(&group_id) {
+            events.extend(self.commit_leave_requests(&group_id).await?);
+            self.home.state.leave_requests.retain(|g| *g != group_id);
+            self.persist()?;
+        }
         let current = self.mls.members(&group_id)?;
         for k in &keys {
             if current.contains(k) {
@@ -164,11 +171,11 @@ impl Messenger {
     }
 
     /// Leaves a group: asks the others to commit our removal and stops using it at once.
-    pub async fn group_leave(&mut self, name: &str) -> Result<(), ClientError> {
+    pub async fn group_leave(&mut self, name: &str) -> Result<Vec<Event>, ClientError> {
         let group_id = self.find_group(name)?;
         self.connect().await?;
         let _op = self.begin()?;
-        self.receive_round(0).await?;
+        let mut events = self.receive_round(0).await?;
         let me = self.identity.public().0;
         let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
         if !others.is_empty() {
@@ -181,7 +188,14 @@ impl Messenger {
             g.active = false;
         }
         self.persist()?;
-        Ok(())
+        events.push(Event::Membership {
+            group_id,
+            by: me,
+            added: Vec::new(),
+            removed: Vec::new(),
+            left: vec![me],
+        });
+        Ok(events)
     }
 
     /// Commits pending leave proposals of `group_id` (someone asked to leave).

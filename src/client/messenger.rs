@@ -112,8 +112,15 @@ pub enum Event {
     Joined { group_id: Vec<u8>, by: [u8; 32] },
     /// A key that is not a contact invited us (a message request, see `client::requests`).
     Request { group_id: Vec<u8>, from: [u8; 32] },
-    /// Members were added or removed by a commit.
-    Membership { group_id: Vec<u8>, by: [u8; 32], added: Vec<[u8; 32]>, removed: Vec<[u8; 32]> },
+    /// Members were added, removed or left (their own removal, committed by `by`) by a commit;
+    /// `left` holds our own key after we left.
+    Membership {
+        group_id: Vec<u8>,
+        by: [u8; 32],
+        added: Vec<[u8; 32]>,
+        removed: Vec<[u8; 32]>,
+        left: Vec<[u8; 32]>,
+    },
     /// We were removed from a group (or our leave was committed).
     Removed { group_id: Vec<u8>, by: [u8; 32] },
     /// A message that could not be used; processing went on.

@@ -1,0 +1,84 @@
+//! Group lifecycle through the real binary (issue 10, bugs 1-3 and membership events): three
+//! people with their own homes against a real `qpq serve` on 127.0.0.1:0.
+
+mod common;
+
+use common::{User, cast, qpq_in};
+
+/// alice creates #team with bob and carol, and both have joined.
+fn team_of_three(alice: &User, bob: &User, carol: &User) {
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+}
+
+/// The lines of `group list` that name #team (any suffix).
+fn team_lines(u: &User) -> Vec<String> {
+    u.ok(&["group", "list"]).lines().filter(|l| l.starts_with("#team")).map(str::to_string).collect()
+}
+
+/// `/history` of `conversation` in a scripted shell: its stdout lines.
+fn shell_history(u: &User, conversation: &str) -> Vec<String> {
+    let script = format!("/chat {conversation}\n/history\n");
+    let r = qpq_in(u.home.path(), &["shell"], Some(&script));
+    assert!(r.ok, "shell failed: {}", r.stderr);
+    r.stdout.lines().filter(|l| !l.starts_with("qpq shell:")).map(str::to_string).collect()
+}
+
+/// Issue 10, bug 1: the leaver kept its old group, so the Welcome of the re-add failed with
+/// "group already exists" and bob never read #team again while alice believed he did.
+#[test]
+fn a_member_who_left_can_be_added_again_and_reads_and_writes() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(!r.stderr.contains("could not"), "bob joins again: {}", r.stderr);
+    alice.ok(&["send", "#team", "welcome back"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: welcome back"]);
+    bob.ok(&["send", "#team", "glad to be back"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: glad to be back"]);
+    assert_eq!(carol.recv(), vec!["[#team] alice: welcome back", "[#team] bob: glad to be back"]);
+}
+
+/// Issue 10, bug 2: alice (who committed bob's leave) saw nothing and carol saw a removal.
+#[test]
+fn a_leave_shows_as_left_to_everyone() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    let r = bob.run(&["group", "leave", "team"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("you left #team"), "the leaver is told: {}", r.stderr);
+    for u in [&alice, &carol] {
+        let r = u.run(&["recv"]);
+        assert!(r.ok, "{}", r.stderr);
+        assert!(r.stderr.contains("bob left #team"), "{} sees the leave: {}", u.name, r.stderr);
+        assert!(!r.stderr.contains("removed"), "{} sees no removal: {}", u.name, r.stderr);
+    }
+}
+
+/// Issue 10, bug 3: the re-added member got `#team-2`, and `send '#team'` failed.
+#[test]
+fn a_re_added_member_keeps_the_groups_name_and_history() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    alice.ok(&["send", "#team", "before the leave"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: before the leave"]);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.ok(&["recv"]);
+    let lines = team_lines(&bob);
+    assert_eq!(lines.len(), 1, "one #team: {lines:?}");
+    assert!(lines[0].starts_with("#team (group, 3 members"), "{lines:?}");
+    bob.ok(&["send", "#team", "same name"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: same name"]);
+    let history = shell_history(&bob, "#team");
+    let before = history.iter().position(|l| l.ends_with("alice: before the leave"));
+    let after = history.iter().position(|l| l.ends_with(": same name"));
+    assert!(before.is_some() && before < after, "one history, in order: {history:?}");
+}
