@@ -82,3 +82,96 @@ fn a_re_added_member_keeps_the_groups_name_and_history() {
     let after = history.iter().position(|l| l.ends_with(": same name"));
     assert!(before.is_some() && before < after, "one history, in order: {history:?}");
 }
+
+/// The index of the first line containing `needle`, after line `from`.
+fn find_after(lines: &[String], from: Option<usize>, needle: &str) -> Option<usize> {
+    let start = from.map_or(0, |i| i + 1);
+    lines.iter().skip(start).position(|l| l.contains(needle)).map(|i| i + start)
+}
+
+/// Asserts `needles` appear in `lines` in this order.
+fn assert_in_order(who: &str, lines: &[String], needles: &[&str]) {
+    let mut at = None;
+    for needle in needles {
+        let found = find_after(lines, at, needle);
+        assert!(found.is_some(), "{who}: {needle:?} after line {at:?} in {lines:#?}");
+        at = found;
+    }
+}
+
+/// Issue 10, item 6: joins, adds, leaves and removals are kept with the messages.
+#[test]
+fn history_shows_membership_changes_in_order_with_messages() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    alice.ok(&["send", "#team", "hello"]);
+    bob.ok(&["recv"]);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["send", "#team", "after bob"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+    alice.ok(&["group", "remove", "team", "carol"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+
+    let hist = shell_history(&alice, "#team");
+    assert_in_order(
+        "alice",
+        &hist,
+        &["me added bob, carol", "hello", "bob left #team", "after bob", "me added bob", "me removed carol"],
+    );
+    let hist = shell_history(&bob, "#team");
+    assert_in_order(
+        "bob",
+        &hist,
+        &[
+            "you were added to #team by alice",
+            "alice: hello",
+            "you left #team",
+            "you were added to #team by alice",
+            "alice removed carol",
+        ],
+    );
+    assert!(!hist.iter().any(|l| l.contains("after bob")), "bob was away: {hist:?}");
+}
+
+/// Issue 10, item 6: `recv --json` gives membership events as objects, and every object names
+/// its group by a stable id as well as the local name.
+#[test]
+fn recv_json_emits_membership_events_with_a_stable_group_id() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    alice.ok(&["send", "#team", "json"]);
+    let json = |u: &User| -> Vec<serde_json::Value> {
+        u.ok(&["recv", "--json"]).lines().map(|l| serde_json::from_str(l).expect("a json line")).collect()
+    };
+    let lines = json(&bob);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (joined, message) = (&lines[0], &lines[1]);
+    assert_eq!(joined["type"], "event");
+    assert_eq!(joined["event"], "joined");
+    assert_eq!(joined["group"], "team");
+    assert_eq!(joined["by"], alice.key.as_str());
+    let group_id = joined["group_id"].as_str().expect("a group id").to_string();
+    assert_eq!(group_id.len(), 32, "hex of the 16-byte MLS group id: {group_id}");
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["group_id"], group_id.as_str());
+    assert_eq!(message["text"], "json");
+    carol.ok(&["recv"]);
+
+    bob.ok(&["group", "leave", "team"]);
+    let lines = json(&alice);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "left");
+    assert_eq!(lines[0]["group_id"], group_id.as_str(), "the same id at every member");
+    assert_eq!(lines[0]["members"][0]["key"], bob.key.as_str());
+    assert_eq!(lines[0]["members"][0]["name"], "bob");
+    let lines = json(&carol);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "left");
+    assert_eq!(lines[0]["by"], alice.key.as_str(), "alice committed it");
+    assert_eq!(lines[0]["group_id"], group_id.as_str());
+}

@@ -283,7 +283,7 @@ impl Messenger {
                 self.home.state.groups.insert(key, meta);
             }
         }
-        events.push(Event::Joined { group_id: group_id.clone(), by: inviter });
+        self.membership_event(Event::Joined { group_id: group_id.clone(), by: inviter }, events);
         // Messages that raced ahead of this Welcome.
         let (mine, rest): (Vec<Orphan>, Vec<Orphan>) =
             std::mem::take(&mut self.home.state.orphans).into_iter().partition(|o| o.group_id == group_id);
@@ -364,12 +364,24 @@ impl Messenger {
             let changes = self.mls.pending_changes(group_id).unwrap_or_default();
             match self.mls.merge_pending(group_id) {
                 Ok(()) => {
+                    let me = self.identity.public().0;
+                    let direct = self.home.state.groups.get(&key).is_some_and(|g| g.kind != GroupKind::Group);
+                    if !direct {
+                        // Opening a direct conversation is no membership news.
+                        self.record_membership(&Event::Membership {
+                            group_id: group_id.to_vec(),
+                            by: me,
+                            added: changes.added,
+                            removed: changes.removed,
+                            left: changes.left.clone(),
+                        });
+                    }
                     // The command that made the change reports adds and removals itself; a
                     // leave we committed for someone is news (issue 10, bug 2).
                     if !changes.left.is_empty() {
                         events.push(Event::Membership {
                             group_id: group_id.to_vec(),
-                            by: self.identity.public().0,
+                            by: me,
                             added: Vec::new(),
                             removed: Vec::new(),
                             left: changes.left,
@@ -417,15 +429,11 @@ impl Messenger {
                     if let Some(g) = self.home.state.groups.get_mut(&key) {
                         g.active = false;
                     }
-                    events.push(Event::Removed { group_id: group_id.to_vec(), by: sender });
+                    self.membership_event(Event::Removed { group_id: group_id.to_vec(), by: sender }, events);
                 } else if !added.is_empty() || !removed.is_empty() || !left.is_empty() {
-                    events.push(Event::Membership {
-                        group_id: group_id.to_vec(),
-                        by: sender,
-                        added,
-                        removed,
-                        left,
-                    });
+                    let change =
+                        Event::Membership { group_id: group_id.to_vec(), by: sender, added, removed, left };
+                    self.membership_event(change, events);
                 }
             }
             Ok(Incoming::Proposal { sender, kind: ProposalKind::Remove { removed } })

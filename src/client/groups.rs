@@ -86,6 +86,7 @@ impl Messenger {
             if !unknown {
                 // The conversation never came to be: forget it, so the next send starts afresh.
                 self.home.state.groups.remove(&hex::encode(&group_id));
+                self.home.state.timelines.forget(&hex::encode(&group_id));
                 self.mls.delete_group(&group_id)?;
                 self.persist()?;
             }
@@ -187,14 +188,10 @@ impl Messenger {
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&group_id)) {
             g.active = false;
         }
+        let left =
+            Event::Membership { group_id, by: me, added: Vec::new(), removed: Vec::new(), left: vec![me] };
+        self.membership_event(left, &mut events);
         self.persist()?;
-        events.push(Event::Membership {
-            group_id,
-            by: me,
-            added: Vec::new(),
-            removed: Vec::new(),
-            left: vec![me],
-        });
         Ok(events)
     }
 

@@ -677,7 +677,9 @@ impl Messenger {
 
     pub(crate) fn push_history(&mut self, entry: Entry) {
         let limit = self.home.state.history_limit;
-        if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&entry.group_id)) {
+        let key = hex::encode(&entry.group_id);
+        if let Some(g) = self.home.state.groups.get_mut(&key) {
+            self.home.state.timelines.note_message(&key);
             g.history.push_back(entry);
             keep_newest(&mut g.history, limit, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }
