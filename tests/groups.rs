@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{User, cast, qpq_in};
+use common::{ServerProcess, User, cast, introduce, qpq_in};
 
 /// alice creates #team with bob and carol, and both have joined.
 fn team_of_three(alice: &User, bob: &User, carol: &User) {
@@ -174,4 +174,38 @@ fn recv_json_emits_membership_events_with_a_stable_group_id() {
     assert_eq!(lines[0]["event"], "left");
     assert_eq!(lines[0]["by"], alice.key.as_str(), "alice committed it");
     assert_eq!(lines[0]["group_id"], group_id.as_str());
+}
+
+/// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never
+/// read the group. A Welcome the server refuses (here: bob's queue is full) fails the command.
+#[test]
+fn group_add_fails_when_the_invitation_cannot_be_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_config(dir.path(), "max_queue_messages = 3\n");
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| User::init(&server, n));
+    introduce(&[&alice, &bob, &carol]);
+    // bob is away: carol's welcome and two messages fill his queue.
+    carol.ok(&["send", "bob", "one"]);
+    carol.ok(&["send", "bob", "two"]);
+    assert!(carol.fails(&["send", "bob", "three"]).contains("queue full"), "the queue is full");
+    alice.ok(&["group", "create", "team"]);
+    let r = alice.run(&["group", "add", "team", "bob"]);
+    assert!(!r.ok, "group add must not succeed: {}", r.stderr);
+    assert!(r.stderr.contains("refused their invitation"), "{}", r.stderr);
+    assert!(r.stderr.contains("queue full"), "{}", r.stderr);
+}
+
+/// Issue 10, bug 1: adding back someone whose leave nobody committed yet said "already a
+/// member"; the adder commits the pending leave first.
+#[test]
+fn a_member_who_just_left_can_be_added_back_at_once() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    let r = alice.run(&["group", "add", "team", "bob"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("bob left #team"), "{}", r.stderr);
+    bob.ok(&["recv"]);
+    alice.ok(&["send", "#team", "back at once"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: back at once"]);
 }

@@ -291,6 +291,9 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             ))
         }
         Event::Dropped { reason } => Some(reason.clone()),
+        Event::WelcomeRefused { to, reason } => {
+            Some(format!("the server refused the invitation of {}: {reason}", names(to)))
+        }
     }
 }
 

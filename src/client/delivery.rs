@@ -131,10 +131,7 @@ impl Messenger {
                 Ok(_) => {}
                 Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Ok(()),
                 Err(e) => {
-                    let who: Vec<String> = recipients.iter().map(|r| self.display_name(r)).collect();
-                    events.push(Event::Dropped {
-                        reason: format!("could not send a welcome to {}: {e}", who.join(", ")),
-                    });
+                    events.push(Event::WelcomeRefused { to: recipients.clone(), reason: e.to_string() })
                 }
             }
             self.home.state.outbox.remove(0);

@@ -129,6 +129,17 @@ impl Messenger {
                 .await?,
         );
         events.extend(self.finish_round().await?);
+        // Members whose Welcome the server refused will never read the group: not a success.
+        let refused = events.iter().find_map(|e| match e {
+            Event::WelcomeRefused { to, reason } if to.iter().any(|k| keys.contains(k)) => {
+                Some((to.clone(), reason.clone()))
+            }
+            _ => None,
+        });
+        if let Some((to, reason)) = refused {
+            let who = to.iter().map(|k| self.display_name(k)).collect::<Vec<_>>().join(" ");
+            return Err(ClientError::WelcomeRefused { who, group: name.to_string(), reason });
+        }
         Ok(events)
     }
 

@@ -85,6 +85,11 @@ pub enum ClientError {
     Alone(String),
     #[error("message too large: {0} > {MAX_TEXT_BYTES} bytes")]
     TooLarge(usize),
+    #[error(
+        "{who} joined #{group} but the server refused their invitation ({reason}), so they cannot read it: \
+         remove them with `qpq group remove {group} {who}` and add them again later"
+    )]
+    WelcomeRefused { who: String, group: String, reason: String },
     #[error("the group changed concurrently too many times; try again")]
     CommitRace,
     #[error("the server did not confirm our commit in time; try again")]
@@ -125,6 +130,9 @@ pub enum Event {
     Removed { group_id: Vec<u8>, by: [u8; 32] },
     /// A message that could not be used; processing went on.
     Dropped { reason: String },
+    /// The server refused the Welcome of a commit that added `to`: they are members who will
+    /// never read the group.
+    WelcomeRefused { to: Vec<[u8; 32]>, reason: String },
 }
 
 /// What a send did.

@@ -115,7 +115,9 @@ pub fn changes_of(e: &Event) -> Option<(&[u8], Vec<Change>)> {
                 .collect();
             Some((group_id, changes))
         }
-        Event::Message(_) | Event::Request { .. } | Event::Dropped { .. } => None,
+        Event::Message(_) | Event::Request { .. } | Event::Dropped { .. } | Event::WelcomeRefused { .. } => {
+            None
+        }
     }
 }
 
