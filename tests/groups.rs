@@ -209,3 +209,25 @@ fn a_member_who_just_left_can_be_added_back_at_once() {
     alice.ok(&["send", "#team", "back at once"]);
     assert_eq!(bob.recv(), vec!["[#team] alice: back at once"]);
 }
+
+/// Issue 10, bug 1: a message that overtakes the Welcome of a rejoin (carol wrote as soon as she
+/// saw bob added, before alice's Welcome went out) was dropped, since bob's copy of #team said
+/// "left"; it waits for the Welcome as it would for a group he never was in.
+#[test]
+fn a_message_ahead_of_a_rejoin_welcome_is_read_after_it() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    // alice stops right after her add won, before its Welcome left.
+    let out = common::qpq_command(alice.home.path())
+        .args(["group", "add", "team", "bob"])
+        .env("QPQ_FAILPOINT", "commit-merged")
+        .output()
+        .expect("qpq runs");
+    assert_eq!(out.status.code(), Some(qpq::failpoint::FAILPOINT_EXIT_CODE));
+    carol.ok(&["recv"]);
+    carol.ok(&["send", "#team", "raced the welcome"]);
+    alice.ok(&["recv"]);
+    assert_eq!(bob.recv(), vec!["[#team] carol: raced the welcome"]);
+}

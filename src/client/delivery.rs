@@ -353,6 +353,9 @@ impl Messenger {
             return;
         };
         if !meta.active {
+            // We left or were removed; should we be added back, this may have overtaken the
+            // Welcome: it waits with the orphans (bounded, and stale ones go unread).
+            self.keep_orphan(group_id, message);
             return;
         }
         let pending = self.home.state.pending_commits.get(&key);
