@@ -116,6 +116,15 @@ fn history_shows_membership_changes_in_order_with_messages() {
     bob.ok(&["recv"]);
     carol.ok(&["recv"]);
 
+    // A group you were removed from keeps its history, the removal last.
+    let hist = shell_history(&carol, "#team");
+    assert_in_order(
+        "carol",
+        &hist,
+        &["you were added to #team by alice", "bob left #team", "alice added bob"],
+    );
+    assert!(hist.last().is_some_and(|l| l.contains("you were removed from #team by alice")), "{hist:?}");
+
     let hist = shell_history(&alice, "#team");
     assert_in_order(
         "alice",

@@ -260,10 +260,21 @@ impl Messenger {
             .collect())
     }
 
-    /// The group id of a conversation by its display name (`#team` or a contact/key).
+    /// The group id of a conversation by its display name (`#team` or a contact/key); a group we
+    /// left or were removed from still has its history.
     pub fn conversation_id(&self, target: &str) -> Result<Vec<u8>, ClientError> {
         match self.resolve_target(target)? {
-            crate::client::messenger::Target::Group(g) => self.find_group(&g),
+            crate::client::messenger::Target::Group(g) => match self.find_group(&g) {
+                Err(ClientError::NotMember(_)) => self
+                    .home
+                    .state
+                    .groups
+                    .iter()
+                    .find(|(_, meta)| meta.kind == GroupKind::Group && meta.name == g)
+                    .and_then(|(id, _)| hex::decode(id).ok())
+                    .ok_or(ClientError::UnknownGroup(g)),
+                found => found,
+            },
             crate::client::messenger::Target::Person(p) => {
                 self.find_direct(&p).ok_or_else(|| ClientError::UnknownContact(target.to_string()))
             }

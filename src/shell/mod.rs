@@ -391,7 +391,8 @@ impl Shell {
         };
         let label = match self.m.resolve_target(&target)? {
             Target::Group(g) => {
-                self.m.find_group(&g)?;
+                // A group we left still opens, for its `/history`; sending there says why not.
+                self.m.conversation_id(&target)?;
                 format!("#{g}")
             }
             Target::Person(k) => self.m.display_name(&k),
