@@ -240,3 +240,21 @@ fn a_message_ahead_of_a_rejoin_welcome_is_read_after_it() {
     alice.ok(&["recv"]);
     assert_eq!(bob.recv(), vec!["[#team] carol: raced the welcome"]);
 }
+
+/// Rejoining a group whose name we gave to a new group meanwhile: the rejoined one gets a new
+/// name rather than making `#team` ambiguous.
+#[test]
+fn a_rejoined_group_whose_name_was_taken_meanwhile_gets_a_new_one() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    bob.ok(&["group", "create", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.ok(&["recv"]);
+    let mut lines = team_lines(&bob);
+    lines.sort();
+    assert_eq!(lines, vec!["#team (group, 1 members, epoch 0)", "#team-2 (group, 3 members, epoch 3)"]);
+    bob.ok(&["send", "#team-2", "in the old one"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: in the old one"]);
+}

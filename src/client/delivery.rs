@@ -270,6 +270,18 @@ impl Messenger {
             Some(g) if !g.active => {
                 g.active = true;
                 g.kind = kind;
+                let name = g.name.clone();
+                // Unless we gave its name to a new group meanwhile: two active `#team`s would
+                // make `#team` ambiguous.
+                let clash = self.home.state.groups.iter().any(|(k, other)| {
+                    *k != key && other.active && other.kind == GroupKind::Group && other.name == name
+                });
+                if clash {
+                    let fresh = self.unique_group_name(&name);
+                    if let Some(g) = self.home.state.groups.get_mut(&key) {
+                        g.name = fresh;
+                    }
+                }
             }
             _ => {
                 let name = match &kind {
