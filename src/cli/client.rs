@@ -14,6 +14,7 @@ use crate::cli::GlobalArgs;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
+use crate::client::timeline::changes_of;
 use crate::crypto::identity::PublicKey;
 use crate::limits::REQUEST_PREVIEW_CHARS;
 use crate::text::{self, Shown};
@@ -253,7 +254,15 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
                 Some(format!("{} started a conversation with you", m.display_name(by)))
             }
         }
-        Event::Membership { group_id, by, added, removed } => {
+        Event::Membership { group_id, by, added, removed, left } => {
+            let group = m.conversation_name(group_id);
+            // A leave reads the same to everyone, whoever committed it (issue 10, bug 2).
+            let me = m.public_key().0;
+            let leavers = if left == &[me] { "you".to_string() } else { names(left) };
+            let leave = format!("{leavers} left {group}");
+            if added.is_empty() && removed.is_empty() {
+                return (!left.is_empty()).then_some(leave);
+            }
             let mut parts = Vec::new();
             if !added.is_empty() {
                 parts.push(format!("{} added {}", m.display_name(by), names(added)));
@@ -261,7 +270,10 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             if !removed.is_empty() {
                 parts.push(format!("{} removed {}", m.display_name(by), names(removed)));
             }
-            Some(format!("[{}] {}", m.conversation_name(group_id), parts.join("; ")))
+            if !left.is_empty() {
+                parts.push(leave);
+            }
+            Some(format!("[{group}] {}", parts.join("; ")))
         }
         Event::Removed { group_id, by } => {
             Some(format!("you were removed from {} by {}", m.conversation_name(group_id), m.display_name(by)))
@@ -279,6 +291,9 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             ))
         }
         Event::Dropped { reason } => Some(reason.clone()),
+        Event::WelcomeRefused { to, reason } => {
+            Some(format!("the server refused the invitation of {}: {reason}", names(to)))
+        }
     }
 }
 
@@ -301,6 +316,8 @@ fn rfc3339(ms: u64) -> String {
 /// but escapes what a terminal would obey).
 pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     serde_json::json!({
+        "type": "message",
+        "group_id": hex::encode(&e.group_id),
         "from": PublicKey(e.from).to_hex(),
         "from_name": m.contact_name(&e.from),
         "group": m.group_label(&e.group_id),
@@ -308,6 +325,29 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
         "sent_at": rfc3339(e.sent_at_ms),
         "received_at": rfc3339(e.received_at_ms),
     })
+}
+
+/// A membership event as JSON objects, one per kind of change (none for other events): `type`
+/// "event", `event` joined/added/removed/left/removed_you, the group by stable id (hex of the
+/// MLS group id) and local name, who made the change and whom it concerns.
+pub fn event_json(m: &Messenger, e: &Event) -> Vec<serde_json::Value> {
+    let Some((group_id, changes)) = changes_of(e) else { return Vec::new() };
+    let person =
+        |k: &[u8; 32]| serde_json::json!({ "key": PublicKey(*k).to_hex(), "name": m.contact_name(k) });
+    changes
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({
+                "type": "event",
+                "event": c.kind.as_str(),
+                "group_id": hex::encode(group_id),
+                "group": m.group_label(group_id),
+                "by": PublicKey(c.by).to_hex(),
+                "by_name": m.contact_name(&c.by),
+                "members": c.members.iter().map(person).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }
 
 fn read_stdin_message() -> anyhow::Result<String> {
@@ -495,6 +535,7 @@ pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
         "from_name": m.contact_name(&r.from),
         "kind": if r.group.is_some() { "group" } else { "direct" },
         "group": r.group,
+        "group_id": hex::encode(&r.group_id),
         "waiting": r.held,
         "preview": r.preview,
         "received_at": rfc3339(r.received_at_ms),
@@ -510,10 +551,7 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
         }
         GroupCmd::Add { name, members } => m.group_add(name.trim_start_matches('#'), &members).await?,
         GroupCmd::Remove { name, members } => m.group_remove(name.trim_start_matches('#'), &members).await?,
-        GroupCmd::Leave { name } => {
-            m.group_leave(name.trim_start_matches('#')).await?;
-            Vec::new()
-        }
+        GroupCmd::Leave { name } => m.group_leave(name.trim_start_matches('#')).await?,
         GroupCmd::Update { name } => m.group_update(name.trim_start_matches('#')).await?,
         GroupCmd::List => {
             for g in m.group_list() {
@@ -606,8 +644,17 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
+        // With --json, membership events are data on stdout (ahead of this batch's messages).
+        let mut batch = String::new();
         for e in &events {
-            if let Some(line) = describe_event(m, e) {
+            let json = if args.json { event_json(m, e) } else { Vec::new() };
+            for v in &json {
+                batch.push_str(&text::json_line(v));
+                batch.push('\n');
+            }
+            if json.is_empty()
+                && let Some(line) = describe_event(m, e)
+            {
                 eprintln!("qpq: {line}");
             }
         }
@@ -616,7 +663,6 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         // printout (the message stays in history) but never prints it twice.
         let entries = m.take_inbox()?;
         // One write for the whole batch keeps that window to a single system call.
-        let mut batch = String::new();
         for e in &entries {
             let line = if args.json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
             batch.push_str(&line);

@@ -131,10 +131,7 @@ impl Messenger {
                 Ok(_) => {}
                 Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Ok(()),
                 Err(e) => {
-                    let who: Vec<String> = recipients.iter().map(|r| self.display_name(r)).collect();
-                    events.push(Event::Dropped {
-                        reason: format!("could not send a welcome to {}: {e}", who.join(", ")),
-                    });
+                    events.push(Event::WelcomeRefused { to: recipients.clone(), reason: e.to_string() })
                 }
             }
             self.home.state.outbox.remove(0);
@@ -249,7 +246,10 @@ impl Messenger {
         expect_inviter: Option<[u8; 32]>,
         events: &mut Vec<Event>,
     ) -> Result<Vec<u8>, MlsError> {
-        let joined = self.mls.join_welcome(welcome)?;
+        // A group we left is joined afresh (issue 10, bug 1).
+        let groups = &self.home.state.groups;
+        let left = |id: &[u8]| groups.get(&hex::encode(id)).is_some_and(|g| !g.active);
+        let joined = self.mls.rejoin_welcome(welcome, left)?;
         let group_id = joined.group_id;
         let inviter = joined.inviter;
         if expect_inviter.is_some_and(|e| e != inviter) {
@@ -264,15 +264,35 @@ impl Messenger {
             GroupKind::Direct { .. } => GroupKind::Direct { peer: inviter },
             GroupKind::Group => GroupKind::Group,
         };
-        let name = match &kind {
-            GroupKind::Group => self.unique_group_name(name),
-            GroupKind::Direct { .. } => String::new(),
-        };
-        self.home.state.groups.insert(
-            hex::encode(&group_id),
-            GroupMeta { name, kind, active: true, history: Default::default() },
-        );
-        events.push(Event::Joined { group_id: group_id.clone(), by: inviter });
+        let key = hex::encode(&group_id);
+        match self.home.state.groups.get_mut(&key) {
+            // Rejoining: the group keeps its name and history (issue 10, bug 3).
+            Some(g) if !g.active => {
+                g.active = true;
+                g.kind = kind;
+                let name = g.name.clone();
+                // Unless we gave its name to a new group meanwhile: two active `#team`s would
+                // make `#team` ambiguous.
+                let clash = self.home.state.groups.iter().any(|(k, other)| {
+                    *k != key && other.active && other.kind == GroupKind::Group && other.name == name
+                });
+                if clash {
+                    let fresh = self.unique_group_name(&name);
+                    if let Some(g) = self.home.state.groups.get_mut(&key) {
+                        g.name = fresh;
+                    }
+                }
+            }
+            _ => {
+                let name = match &kind {
+                    GroupKind::Group => self.unique_group_name(name),
+                    GroupKind::Direct { .. } => String::new(),
+                };
+                let meta = GroupMeta { name, kind, active: true, history: Default::default() };
+                self.home.state.groups.insert(key, meta);
+            }
+        }
+        self.membership_event(Event::Joined { group_id: group_id.clone(), by: inviter }, events);
         // Messages that raced ahead of this Welcome.
         let (mine, rest): (Vec<Orphan>, Vec<Orphan>) =
             std::mem::take(&mut self.home.state.orphans).into_iter().partition(|o| o.group_id == group_id);
@@ -345,13 +365,40 @@ impl Messenger {
             return;
         };
         if !meta.active {
+            // We left or were removed; should we be added back, this may have overtaken the
+            // Welcome: it waits with the orphans (bounded, and stale ones go unread).
+            self.keep_orphan(group_id, message);
             return;
         }
         let pending = self.home.state.pending_commits.get(&key);
         if pending.is_some_and(|p| p.commit.as_slice() == message) {
             let record = self.home.state.pending_commits.remove(&key);
+            let changes = self.mls.pending_changes(group_id).unwrap_or_default();
             match self.mls.merge_pending(group_id) {
                 Ok(()) => {
+                    let me = self.identity.public().0;
+                    let direct = self.home.state.groups.get(&key).is_some_and(|g| g.kind != GroupKind::Group);
+                    if !direct {
+                        // Opening a direct conversation is no membership news.
+                        self.record_membership(&Event::Membership {
+                            group_id: group_id.to_vec(),
+                            by: me,
+                            added: changes.added,
+                            removed: changes.removed,
+                            left: changes.left.clone(),
+                        });
+                    }
+                    // The command that made the change reports adds and removals itself; a
+                    // leave we committed for someone is news (issue 10, bug 2).
+                    if !changes.left.is_empty() {
+                        events.push(Event::Membership {
+                            group_id: group_id.to_vec(),
+                            by: me,
+                            added: Vec::new(),
+                            removed: Vec::new(),
+                            left: changes.left,
+                        });
+                    }
                     // The Welcome goes out with the same save that records the merge.
                     if let Some(welcome) = record.and_then(|r| r.welcome) {
                         self.home.state.outbox.push(welcome);
@@ -384,7 +431,7 @@ impl Messenger {
                 }
                 Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
             },
-            Ok(Incoming::Commit { sender, added, removed, self_removed, .. }) => {
+            Ok(Incoming::Commit { sender, added, removed, left, self_removed, .. }) => {
                 if self.home.state.pending_commits.remove(&key).is_some() {
                     // Another commit took this epoch: ours can never apply.
                     let _ = self.mls.clear_pending(group_id);
@@ -394,14 +441,11 @@ impl Messenger {
                     if let Some(g) = self.home.state.groups.get_mut(&key) {
                         g.active = false;
                     }
-                    events.push(Event::Removed { group_id: group_id.to_vec(), by: sender });
-                } else if !added.is_empty() || !removed.is_empty() {
-                    events.push(Event::Membership {
-                        group_id: group_id.to_vec(),
-                        by: sender,
-                        added,
-                        removed,
-                    });
+                    self.membership_event(Event::Removed { group_id: group_id.to_vec(), by: sender }, events);
+                } else if !added.is_empty() || !removed.is_empty() || !left.is_empty() {
+                    let change =
+                        Event::Membership { group_id: group_id.to_vec(), by: sender, added, removed, left };
+                    self.membership_event(change, events);
                 }
             }
             Ok(Incoming::Proposal { sender, kind: ProposalKind::Remove { removed } })

@@ -86,6 +86,7 @@ impl Messenger {
             if !unknown {
                 // The conversation never came to be: forget it, so the next send starts afresh.
                 self.home.state.groups.remove(&hex::encode(&group_id));
+                self.home.state.timelines.forget(&hex::encode(&group_id));
                 self.mls.delete_group(&group_id)?;
                 self.persist()?;
             }
@@ -101,6 +102,13 @@ impl Messenger {
         self.connect().await?;
         let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
+        // Someone who just left is still a member until their leave is committed: commit it
+        // first, so they can be added again (issue 10, bug 1).
+        if self.home.state.leave_requests.contains(&group_id) {
+            events.extend(self.commit_leave_requests(&group_id).await?);
+            self.home.state.leave_requests.retain(|g| *g != group_id);
+            self.persist()?;
+        }
         let current = self.mls.members(&group_id)?;
         for k in &keys {
             if current.contains(k) {
@@ -121,6 +129,17 @@ impl Messenger {
                 .await?,
         );
         events.extend(self.finish_round().await?);
+        // Members whose Welcome the server refused will never read the group: not a success.
+        let refused = events.iter().find_map(|e| match e {
+            Event::WelcomeRefused { to, reason } if to.iter().any(|k| keys.contains(k)) => {
+                Some((to.clone(), reason.clone()))
+            }
+            _ => None,
+        });
+        if let Some((to, reason)) = refused {
+            let who = to.iter().map(|k| self.display_name(k)).collect::<Vec<_>>().join(" ");
+            return Err(ClientError::WelcomeRefused { who, group: name.to_string(), reason });
+        }
         Ok(events)
     }
 
@@ -164,11 +183,11 @@ impl Messenger {
     }
 
     /// Leaves a group: asks the others to commit our removal and stops using it at once.
-    pub async fn group_leave(&mut self, name: &str) -> Result<(), ClientError> {
+    pub async fn group_leave(&mut self, name: &str) -> Result<Vec<Event>, ClientError> {
         let group_id = self.find_group(name)?;
         self.connect().await?;
         let _op = self.begin()?;
-        self.receive_round(0).await?;
+        let mut events = self.receive_round(0).await?;
         let me = self.identity.public().0;
         let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
         if !others.is_empty() {
@@ -180,8 +199,11 @@ impl Messenger {
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&group_id)) {
             g.active = false;
         }
+        let left =
+            Event::Membership { group_id, by: me, added: Vec::new(), removed: Vec::new(), left: vec![me] };
+        self.membership_event(left, &mut events);
         self.persist()?;
-        Ok(())
+        Ok(events)
     }
 
     /// Commits pending leave proposals of `group_id` (someone asked to leave).
@@ -238,10 +260,21 @@ impl Messenger {
             .collect())
     }
 
-    /// The group id of a conversation by its display name (`#team` or a contact/key).
+    /// The group id of a conversation by its display name (`#team` or a contact/key); a group we
+    /// left or were removed from still has its history.
     pub fn conversation_id(&self, target: &str) -> Result<Vec<u8>, ClientError> {
         match self.resolve_target(target)? {
-            crate::client::messenger::Target::Group(g) => self.find_group(&g),
+            crate::client::messenger::Target::Group(g) => match self.find_group(&g) {
+                Err(ClientError::NotMember(_)) => self
+                    .home
+                    .state
+                    .groups
+                    .iter()
+                    .find(|(_, meta)| meta.kind == GroupKind::Group && meta.name == g)
+                    .and_then(|(id, _)| hex::decode(id).ok())
+                    .ok_or(ClientError::UnknownGroup(g)),
+                found => found,
+            },
             crate::client::messenger::Target::Person(p) => {
                 self.find_direct(&p).ok_or_else(|| ClientError::UnknownContact(target.to_string()))
             }

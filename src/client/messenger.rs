@@ -85,6 +85,11 @@ pub enum ClientError {
     Alone(String),
     #[error("message too large: {0} > {MAX_TEXT_BYTES} bytes")]
     TooLarge(usize),
+    #[error(
+        "{who} joined #{group} but the server refused their invitation ({reason}), so they cannot read it: \
+         remove them with `qpq group remove {group} {who}` and add them again later"
+    )]
+    WelcomeRefused { who: String, group: String, reason: String },
     #[error("the group changed concurrently too many times; try again")]
     CommitRace,
     #[error("the server did not confirm our commit in time; try again")]
@@ -112,12 +117,22 @@ pub enum Event {
     Joined { group_id: Vec<u8>, by: [u8; 32] },
     /// A key that is not a contact invited us (a message request, see `client::requests`).
     Request { group_id: Vec<u8>, from: [u8; 32] },
-    /// Members were added or removed by a commit.
-    Membership { group_id: Vec<u8>, by: [u8; 32], added: Vec<[u8; 32]>, removed: Vec<[u8; 32]> },
+    /// Members were added, removed or left (their own removal, committed by `by`) by a commit;
+    /// `left` holds our own key after we left.
+    Membership {
+        group_id: Vec<u8>,
+        by: [u8; 32],
+        added: Vec<[u8; 32]>,
+        removed: Vec<[u8; 32]>,
+        left: Vec<[u8; 32]>,
+    },
     /// We were removed from a group (or our leave was committed).
     Removed { group_id: Vec<u8>, by: [u8; 32] },
     /// A message that could not be used; processing went on.
     Dropped { reason: String },
+    /// The server refused the Welcome of a commit that added `to`: they are members who will
+    /// never read the group.
+    WelcomeRefused { to: Vec<[u8; 32]>, reason: String },
 }
 
 /// What a send did.
@@ -670,7 +685,9 @@ impl Messenger {
 
     pub(crate) fn push_history(&mut self, entry: Entry) {
         let limit = self.home.state.history_limit;
-        if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&entry.group_id)) {
+        let key = hex::encode(&entry.group_id);
+        if let Some(g) = self.home.state.groups.get_mut(&key) {
+            self.home.state.timelines.note_message(&key);
             g.history.push_back(entry);
             keep_newest(&mut g.history, limit, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }

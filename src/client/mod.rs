@@ -1,6 +1,6 @@
 //! The client side: a connection to the server ([`session`]), the encrypted state ([`state`]),
 //! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), KeyPackage
-//! lifetimes ([`keypool`]), and the
+//! lifetimes ([`keypool`]), membership events kept with history ([`timeline`]), and the
 //! messenger core ([`messenger`], [`delivery`], [`groups`], and [`requests`] for consent to
 //! strangers' invitations)
 //! that the one-shot commands and the shell share. No printing in here.
@@ -14,3 +14,4 @@ pub mod messenger;
 pub mod requests;
 pub mod session;
 pub mod state;
+pub mod timeline;

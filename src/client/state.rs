@@ -6,6 +6,13 @@
 //! (Argon2id + XChaCha20-Poly1305, or the explicit unprotected mode) and written crash-safe
 //! (temp file, fsync, rename, fsync dir) by [`crate::fsutil::write_atomic`]. A [`Home`] holds the
 //! home's lock for its whole life, so two processes never interleave writes.
+//!
+//! # Trailer
+//! The plaintext is the postcard encoding of [`State`] followed by that of its
+//! [`Timelines`] (membership events, see [`crate::client::timeline`]). postcard ignores bytes
+//! after a value, so a file without the trailer (written before it existed) opens with no
+//! events, and a qpq of the same [`STATE_VERSION`] that predates the trailer still reads the
+//! file.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -16,6 +23,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::client::keypool::KeyPool;
 use crate::client::requests::RequestBook;
+use crate::client::timeline::Timelines;
 use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
 use crate::fsutil::{self, HomeLock, LockError};
 
@@ -190,6 +198,9 @@ pub struct State {
     /// Invitations from keys that are not contacts, and the keys we block
     /// (see [`crate::client::requests`]).
     pub requests: RequestBook,
+    /// Membership events of the conversations, stored in the trailer (see the module header).
+    #[serde(skip)]
+    pub timelines: Timelines,
 }
 
 impl State {
@@ -218,12 +229,20 @@ impl State {
             server_instance: 0,
             key_pool: KeyPool::default(),
             requests: RequestBook::default(),
+            timelines: Timelines::default(),
         }
     }
 
     pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
         // Never write a placeholder: a failed encoding leaves the old file in place.
-        postcard::to_allocvec(self).map(Zeroizing::new).map_err(|e| StateError::Encode(e.to_string()))
+        let encode = |e: postcard::Error| StateError::Encode(e.to_string());
+        let state = Zeroizing::new(postcard::to_allocvec(self).map_err(encode)?);
+        let trailer = Zeroizing::new(postcard::to_allocvec(&self.timelines).map_err(encode)?);
+        // Sized up front: a growing Vec would leave copies of the secrets in the memory it frees.
+        let mut out = Zeroizing::new(Vec::with_capacity(state.len() + trailer.len()));
+        out.extend_from_slice(&state);
+        out.extend_from_slice(&trailer);
+        Ok(out)
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<State, StateError> {
@@ -237,9 +256,13 @@ impl State {
                 return Err(StateError::OldVersion(version));
             }
         }
-        let s: State = postcard::from_bytes(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
+        let (mut s, trailer): (State, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
         if s.version > STATE_VERSION {
             return Err(StateError::Version(s.version));
+        }
+        if !trailer.is_empty() {
+            s.timelines = postcard::from_bytes(trailer).map_err(|e| StateError::Decode(e.to_string()))?;
         }
         Ok(s)
     }
@@ -472,6 +495,25 @@ mod tests {
         assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
         assert_eq!(home.state.secrets.identity_seed, [1; 32]);
         assert_eq!(home.state.mls_storage.len(), 1000);
+    }
+
+    #[test]
+    fn membership_events_ride_in_the_trailer_and_a_state_without_one_opens() {
+        use crate::client::timeline::MemberEventKind;
+        let mut s = sample();
+        s.timelines.record("ab", MemberEventKind::Left, [5; 32], vec![[6; 32]], 7, 10);
+        let bytes = s.encode().unwrap();
+        let back = State::decode(&bytes).unwrap();
+        assert_eq!(back.timelines.merged("ab", &VecDeque::new(), 10).len(), 1);
+        // A file written before the trailer existed: the state alone.
+        let without = postcard::to_allocvec(&s).unwrap();
+        assert!(without.len() < bytes.len());
+        let old = State::decode(&without).unwrap();
+        assert!(old.timelines.merged("ab", &VecDeque::new(), 10).is_empty());
+        assert_eq!(old.contacts, s.contacts);
+        // And what a qpq without the trailer reads (postcard ignores what follows a value).
+        let older: State = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(older.contacts, s.contacts);
     }
 
     #[test]

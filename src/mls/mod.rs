@@ -48,7 +48,7 @@ use openmls::prelude::{
     KeyPackageBundle, KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup,
     MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
     PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal,
-    SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
+    Sender, SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -145,6 +145,15 @@ pub struct Pending {
     pub welcome: Option<Vec<u8>>,
 }
 
+/// Who a commit adds and removes, telling a leave (a Remove proposal its subject sent, see
+/// [`MlsClient::leave_group`]) from a removal by someone else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<[u8; 32]>,
+    pub removed: Vec<[u8; 32]>,
+    pub left: Vec<[u8; 32]>,
+}
+
 /// A processed group message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -157,7 +166,10 @@ pub enum Incoming {
         sender: [u8; 32],
         epoch: u64,
         added: Vec<[u8; 32]>,
+        /// Removed by someone else.
         removed: Vec<[u8; 32]>,
+        /// Removed at their own request (they proposed their removal: a leave).
+        left: Vec<[u8; 32]>,
         /// We were removed: the group is now inactive.
         self_removed: bool,
     },
@@ -509,6 +521,20 @@ impl MlsClient {
         group.merge_pending_commit(&self.provider).map_err(|e| openmls_err("merge pending commit", e))
     }
 
+    /// What our pending commit changes (call before [`MlsClient::merge_pending`]).
+    pub fn pending_changes(&self, group_id: &[u8]) -> Result<Changes, MlsError> {
+        let group = self.load_group(group_id)?;
+        let staged = group.pending_commit().ok_or(MlsError::NoPendingCommit)?;
+        let added = staged
+            .add_proposals()
+            .map(|p| {
+                let leaf = p.add_proposal().key_package().leaf_node();
+                credential_identity(leaf.credential(), leaf.signature_key().as_slice())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Changes { added, ..removals(&group, staged)? })
+    }
+
     /// Our pending commit lost the race: drop it. Idempotent, so a client
     /// that crashed mid-way can simply call it again.
     pub fn clear_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
@@ -650,14 +676,11 @@ impl MlsClient {
             }
         }
         // Removed leaves must be resolved against the tree before the merge.
-        let removed = staged
-            .remove_proposals()
-            .map(|p| member_identity(group, p.remove_proposal().removed()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let Changes { removed, left, .. } = removals(group, &staged)?;
         let self_removed = staged.self_removed();
         let epoch = staged.epoch().as_u64();
         group.merge_staged_commit(&self.provider, staged).map_err(|e| openmls_err("merge commit", e))?;
-        Ok(Incoming::Commit { sender, epoch, added, removed, self_removed })
+        Ok(Incoming::Commit { sender, epoch, added, removed, left, self_removed })
     }
 
     /// Joins a group from a Welcome addressed to one of our KeyPackages and
@@ -669,6 +692,19 @@ impl MlsClient {
     /// Joins from a Welcome and reports who sent it (from the signed GroupInfo, not from any
     /// unauthenticated wrapper) and which of our KeyPackages it was encrypted to.
     pub fn join_welcome(&mut self, welcome: &[u8]) -> Result<Joined, MlsError> {
+        self.rejoin_welcome(welcome, |_| false)
+    }
+
+    /// [`MlsClient::join_welcome`], where a stored group for which `left` says true is replaced
+    /// even though it looks active: after a leave we never see the commit that removed us, so
+    /// our copy of the group stays active (RFC 9420 section 12.1.3: the leaver's Remove proposal
+    /// is committed by someone else). The old group is deleted whole (its queued proposals,
+    /// secrets and keys) only once the Welcome has been verified.
+    pub fn rejoin_welcome(
+        &mut self,
+        welcome: &[u8],
+        left: impl Fn(&[u8]) -> bool,
+    ) -> Result<Joined, MlsError> {
         let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome)?.extract() else {
             return Err(MlsError::UnexpectedMessage("expected a welcome"));
         };
@@ -681,8 +717,9 @@ impl MlsClient {
         // RFC 9420 §7.3 only asks to check lifetimes of fresh KeyPackages, and
         // checking them would make old groups unjoinable.
         let mut builder = builder.skip_lifetime_validation();
-        match self.find_group(&group_id)? {
-            Some(existing) if existing.is_active() => return Err(MlsError::GroupExists),
+        let old = self.find_group(&group_id)?;
+        match &old {
+            Some(existing) if existing.is_active() && !left(&group_id) => return Err(MlsError::GroupExists),
             Some(_) => builder = builder.replace_old_group(),
             None => {}
         }
@@ -692,6 +729,9 @@ impl MlsClient {
         }
         let sender = staged.welcome_sender().map_err(|e| openmls_err("welcome sender", e))?;
         let inviter = credential_identity(sender.credential(), sender.signature_key().as_slice())?;
+        if let Some(mut old) = old {
+            old.delete(self.provider.storage()).map_err(|e| openmls_err("delete old group", e))?;
+        }
         let group = staged.into_group(&self.provider).map_err(|e| openmls_err("join", e))?;
         Ok(Joined { group_id: group.group_id().to_vec(), inviter, key_package_refs })
     }
@@ -844,6 +884,22 @@ fn join_config() -> MlsGroupJoinConfig {
         .max_past_epochs(MAX_PAST_EPOCHS)
         .sender_ratchet_configuration(ratchet_config())
         .build()
+}
+
+/// The identities a staged commit removes (`added` is left empty). A leave
+/// is a Remove proposal whose sender is the member it removes.
+fn removals(group: &MlsGroup, staged: &StagedCommit) -> Result<Changes, MlsError> {
+    let (mut removed, mut left) = (Vec::new(), Vec::new());
+    for p in staged.remove_proposals() {
+        let index = p.remove_proposal().removed();
+        let who = member_identity(group, index)?;
+        if matches!(p.sender(), Sender::Member(by) if *by == index) {
+            left.push(who);
+        } else {
+            removed.push(who);
+        }
+    }
+    Ok(Changes { added: Vec::new(), removed, left })
 }
 
 fn member_identity(group: &MlsGroup, index: LeafNodeIndex) -> Result<[u8; 32], MlsError> {

@@ -104,11 +104,12 @@ fn removed_member_learns_it_and_cannot_decrypt_later_messages() {
     let carol_id = carol.identity();
     for c in [&mut bob, &mut carol] {
         match c.process(&group, &pending.commit).unwrap() {
-            Incoming::Commit { sender, epoch, added, removed, self_removed } => {
+            Incoming::Commit { sender, epoch, added, removed, left, self_removed } => {
                 assert_eq!(sender, alice.identity());
                 assert_eq!(epoch, 3);
                 assert!(added.is_empty());
                 assert_eq!(removed, vec![carol_id]);
+                assert!(left.is_empty(), "a removal is not a leave");
                 assert_eq!(self_removed, c.identity() == carol_id);
             }
             other => panic!("expected a commit, got {other:?}"),
@@ -186,11 +187,15 @@ fn leave_proposal_is_committed_by_another_member() {
     }
     assert!(matches!(alice.encrypt(&group, b"x"), Err(MlsError::PendingProposals)));
     let pending = alice.commit_pending_proposals(&group).unwrap().unwrap();
+    // A leave is told apart from a removal, by the committer and by the others (issue 10, bug 2).
+    let left_only = Changes { added: vec![], removed: vec![], left: vec![bob.identity()] };
+    assert_eq!(alice.pending_changes(&group).unwrap(), left_only);
     alice.merge_pending(&group).unwrap();
     assert!(alice.commit_pending_proposals(&group).unwrap().is_none());
     assert!(matches!(
         carol.process(&group, &pending.commit).unwrap(),
-        Incoming::Commit { ref removed, self_removed: false, .. } if *removed == vec![bob.identity()]
+        Incoming::Commit { ref removed, ref left, self_removed: false, .. }
+            if removed.is_empty() && *left == vec![bob.identity()]
     ));
     assert!(matches!(
         bob.process(&group, &pending.commit).unwrap(),

@@ -41,6 +41,7 @@ use crate::cli::client::{
     open_messenger, run_verb,
 };
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
+use crate::client::timeline::Item;
 use crate::shell::complete::{Names, SharedNames};
 use crate::shell::grammar::Action;
 use crate::shell::input::{Input, LineSource};
@@ -390,7 +391,8 @@ impl Shell {
         };
         let label = match self.m.resolve_target(&target)? {
             Target::Group(g) => {
-                self.m.find_group(&g)?;
+                // A group we left still opens, for its `/history`; sending there says why not.
+                self.m.conversation_id(&target)?;
                 format!("#{g}")
             }
             Target::Person(k) => self.m.display_name(&k),
@@ -405,17 +407,30 @@ impl Shell {
         let Some(c) = &self.conversation else {
             anyhow::bail!("no open conversation: /chat NAME first, then /history");
         };
-        let entries = match self.m.conversation_id(&c.target) {
-            Ok(id) => self.m.history(&id, n),
+        let (id, items) = match self.m.conversation_id(&c.target) {
+            Ok(id) => {
+                let items = self.m.timeline(&id, n);
+                (id, items)
+            }
             // A contact we have not talked to yet has no conversation.
-            Err(ClientError::UnknownContact(_)) if self.m.resolve_target(&c.target).is_ok() => Vec::new(),
+            Err(ClientError::UnknownContact(_)) if self.m.resolve_target(&c.target).is_ok() => {
+                (Vec::new(), Vec::new())
+            }
             Err(e) => return Err(e.into()),
         };
-        if entries.is_empty() {
+        if items.is_empty() {
             self.out.data(&format!("no messages with {} yet", c.label));
         }
-        for e in &entries {
-            self.out.data(&format_entry(&self.m, e));
+        for item in &items {
+            match item {
+                Item::Message(e) => self.out.data(&format_entry(&self.m, e)),
+                // Membership changes in their place among the messages.
+                Item::Event(e) => {
+                    if let Some(line) = describe_event(&self.m, &e.to_event(&id)) {
+                        self.out.data(&format!("* {line}"));
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -1,0 +1,285 @@
+//! Membership changes kept with each conversation's history (issue 10, item 6), so `/history`
+//! shows "bob left #team" in its place among the messages.
+//!
+//! A conversation's [`GroupLog`] counts the messages ever added to its history and keeps its
+//! recent [`MemberEvent`]s, each stamped with that count when it happened; [`Timelines::merged`]
+//! puts every event before the first message that came after it. The events are bounded like
+//! history: at most the history limit in number and
+//! [`MAX_HISTORY_BYTES_PER_CONVERSATION`] in bytes, the oldest going first.
+//!
+//! On disk the logs follow the [`State`](super::state::State) in the sealed state file (see
+//! [`super::state`]'s "Trailer"), so this needs no new state version: a home written before
+//! them opens with no events, and an older qpq of the same version reads the file (postcard
+//! ignores what follows the state) though a save by it drops the events.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::messenger::{Event, Messenger};
+use crate::client::state::Entry;
+use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
+
+/// What happened to a group's membership.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberEventKind {
+    /// We joined (`by` invited us).
+    Joined,
+    /// `by` added `members`.
+    Added,
+    /// `by` removed `members`.
+    Removed,
+    /// `members` left (`by` committed it; us for our own leave).
+    Left,
+    /// `by` removed us.
+    RemovedUs,
+}
+
+impl MemberEventKind {
+    /// The `event` field of its JSON form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberEventKind::Joined => "joined",
+            MemberEventKind::Added => "added",
+            MemberEventKind::Removed => "removed",
+            MemberEventKind::Left => "left",
+            MemberEventKind::RemovedUs => "removed_you",
+        }
+    }
+}
+
+/// One membership change of a conversation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MemberEvent {
+    pub kind: MemberEventKind,
+    pub by: [u8; 32],
+    pub members: Vec<[u8; 32]>,
+    /// Our clock when we learned of it, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// How many messages the conversation's history had received before it.
+    after: u64,
+}
+
+impl MemberEvent {
+    /// The same change as a live [`Event`] of the conversation `group_id`.
+    pub fn to_event(&self, group_id: &[u8]) -> Event {
+        let group_id = group_id.to_vec();
+        let members = self.members.clone();
+        let by = self.by;
+        let membership =
+            |added, removed, left| Event::Membership { group_id: group_id.clone(), by, added, removed, left };
+        match self.kind {
+            MemberEventKind::Joined => Event::Joined { group_id, by },
+            MemberEventKind::RemovedUs => Event::Removed { group_id, by },
+            MemberEventKind::Added => membership(members, Vec::new(), Vec::new()),
+            MemberEventKind::Removed => membership(Vec::new(), members, Vec::new()),
+            MemberEventKind::Left => membership(Vec::new(), Vec::new(), members),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        32 * (self.members.len() + 1) + 32
+    }
+}
+
+/// One kind of change of one commit: `by` did `kind` to `members`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub kind: MemberEventKind,
+    pub by: [u8; 32],
+    pub members: Vec<[u8; 32]>,
+}
+
+/// The membership changes of one live [`Event`] (none for messages, requests and notices), and
+/// the conversation they belong to.
+pub fn changes_of(e: &Event) -> Option<(&[u8], Vec<Change>)> {
+    let change =
+        |kind, by: &[u8; 32], members: &Vec<[u8; 32]>| Change { kind, by: *by, members: members.clone() };
+    match e {
+        Event::Joined { group_id, by } => {
+            Some((group_id, vec![change(MemberEventKind::Joined, by, &Vec::new())]))
+        }
+        Event::Removed { group_id, by } => {
+            Some((group_id, vec![change(MemberEventKind::RemovedUs, by, &Vec::new())]))
+        }
+        Event::Membership { group_id, by, added, removed, left } => {
+            let parts = [
+                (MemberEventKind::Added, added),
+                (MemberEventKind::Removed, removed),
+                (MemberEventKind::Left, left),
+            ];
+            let changes = parts
+                .into_iter()
+                .filter(|(_, who)| !who.is_empty())
+                .map(|(kind, who)| change(kind, by, who))
+                .collect();
+            Some((group_id, changes))
+        }
+        Event::Message(_) | Event::Request { .. } | Event::Dropped { .. } | Event::WelcomeRefused { .. } => {
+            None
+        }
+    }
+}
+
+/// One line of a conversation's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    Message(Entry),
+    Event(MemberEvent),
+}
+
+/// The membership logs of all conversations, by hex group id (as [`State::groups`]).
+///
+/// [`State::groups`]: super::state::State::groups
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Timelines {
+    by_group: BTreeMap<String, GroupLog>,
+}
+
+/// One conversation's log.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+struct GroupLog {
+    /// Messages ever added to the conversation's history.
+    messages: u64,
+    events: VecDeque<MemberEvent>,
+}
+
+impl Timelines {
+    /// A message was added to the history of `group` (hex id).
+    pub fn note_message(&mut self, group: &str) {
+        let log = self.by_group.entry(group.to_string()).or_default();
+        log.messages = log.messages.saturating_add(1);
+    }
+
+    /// Keeps a change of `group` (hex id), within `limit` events and the byte bound.
+    pub fn record(
+        &mut self,
+        group: &str,
+        kind: MemberEventKind,
+        by: [u8; 32],
+        members: Vec<[u8; 32]>,
+        at_ms: u64,
+        limit: usize,
+    ) {
+        let log = self.by_group.entry(group.to_string()).or_default();
+        log.events.push_back(MemberEvent { kind, by, members, at_ms, after: log.messages });
+        let mut bytes: usize = log.events.iter().map(MemberEvent::bytes).sum();
+        while log.events.len() > limit || bytes > MAX_HISTORY_BYTES_PER_CONVERSATION {
+            let Some(old) = log.events.pop_front() else { break };
+            bytes = bytes.saturating_sub(old.bytes());
+        }
+    }
+
+    /// Forgets a conversation that never came to be.
+    pub fn forget(&mut self, group: &str) {
+        self.by_group.remove(group);
+    }
+
+    /// The last `n` items of `group`'s history (its messages `history`, oldest first) with its
+    /// membership events in their places.
+    pub fn merged(&self, group: &str, history: &VecDeque<Entry>, n: usize) -> Vec<Item> {
+        let Some(log) = self.by_group.get(group) else {
+            return history.iter().rev().take(n).rev().cloned().map(Item::Message).collect();
+        };
+        // The messages still in history are the last `history.len()` of all ever added.
+        let first = log.messages.saturating_sub(history.len() as u64);
+        let mut events = log.events.iter().peekable();
+        let mut items = Vec::with_capacity(history.len() + log.events.len());
+        for (i, entry) in history.iter().enumerate() {
+            let index = first.saturating_add(i as u64);
+            while let Some(e) = events.next_if(|e| e.after <= index) {
+                items.push(Item::Event(e.clone()));
+            }
+            items.push(Item::Message(entry.clone()));
+        }
+        items.extend(events.cloned().map(Item::Event));
+        let skip = items.len().saturating_sub(n);
+        items.split_off(skip)
+    }
+}
+
+impl Messenger {
+    /// Keeps the membership changes of `e` in its conversation's log.
+    pub(crate) fn record_membership(&mut self, e: &Event) {
+        let Some((group_id, changes)) = changes_of(e) else { return };
+        let group = hex::encode(group_id);
+        let at_ms = self.clock.now_ms();
+        let limit = self.home.state.history_limit;
+        for c in changes {
+            self.home.state.timelines.record(&group, c.kind, c.by, c.members, at_ms, limit);
+        }
+    }
+
+    /// Records `e` and hands it on to be shown.
+    pub(crate) fn membership_event(&mut self, e: Event, events: &mut Vec<Event>) {
+        self.record_membership(&e);
+        events.push(e);
+    }
+
+    /// The last `n` items of a conversation: messages and membership events, oldest first.
+    pub fn timeline(&self, group_id: &[u8], n: usize) -> Vec<Item> {
+        let key = hex::encode(group_id);
+        match self.home.state.groups.get(&key) {
+            Some(g) => self.home.state.timelines.merged(&key, &g.history, n),
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(text: &str) -> Entry {
+        Entry {
+            group_id: vec![1; 16],
+            from: [2; 32],
+            text: text.to_string(),
+            sent_at_ms: 0,
+            received_at_ms: 0,
+            outgoing: false,
+        }
+    }
+
+    fn texts(items: &[Item]) -> Vec<String> {
+        items
+            .iter()
+            .map(|i| match i {
+                Item::Message(e) => e.text.clone(),
+                Item::Event(e) => e.kind.as_str().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_sit_between_the_messages_they_came_between() {
+        let mut t = Timelines::default();
+        let mut history = VecDeque::new();
+        t.record("g", MemberEventKind::Joined, [1; 32], vec![], 0, 10);
+        for text in ["one", "two"] {
+            history.push_back(entry(text));
+            t.note_message("g");
+        }
+        t.record("g", MemberEventKind::Left, [1; 32], vec![[3; 32]], 0, 10);
+        history.push_back(entry("three"));
+        t.note_message("g");
+        t.record("g", MemberEventKind::Added, [1; 32], vec![[3; 32]], 0, 10);
+        assert_eq!(texts(&t.merged("g", &history, 100)), ["joined", "one", "two", "left", "three", "added"]);
+        assert_eq!(texts(&t.merged("g", &history, 3)), ["left", "three", "added"]);
+        // The oldest message left history: the rest keep their places.
+        history.pop_front();
+        assert_eq!(texts(&t.merged("g", &history, 100)), ["joined", "two", "left", "three", "added"]);
+    }
+
+    #[test]
+    fn events_are_bounded_like_history() {
+        let mut t = Timelines::default();
+        for _ in 0..10 {
+            t.record("g", MemberEventKind::Added, [1; 32], vec![[3; 32]], 0, 4);
+        }
+        assert_eq!(t.merged("g", &VecDeque::new(), 100).len(), 4);
+        let many = vec![[3; 32]; MAX_HISTORY_BYTES_PER_CONVERSATION / 32];
+        t.record("g", MemberEventKind::Added, [1; 32], many, 0, 4);
+        assert!(t.merged("g", &VecDeque::new(), 100).is_empty(), "one event over the byte bound goes too");
+    }
+}

@@ -1,0 +1,260 @@
+//! Group lifecycle through the real binary (issue 10, bugs 1-3 and membership events): three
+//! people with their own homes against a real `qpq serve` on 127.0.0.1:0.
+
+mod common;
+
+use common::{ServerProcess, User, cast, introduce, qpq_in};
+
+/// alice creates #team with bob and carol, and both have joined.
+fn team_of_three(alice: &User, bob: &User, carol: &User) {
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+}
+
+/// The lines of `group list` that name #team (any suffix).
+fn team_lines(u: &User) -> Vec<String> {
+    u.ok(&["group", "list"]).lines().filter(|l| l.starts_with("#team")).map(str::to_string).collect()
+}
+
+/// `/history` of `conversation` in a scripted shell: its stdout lines.
+fn shell_history(u: &User, conversation: &str) -> Vec<String> {
+    let script = format!("/chat {conversation}\n/history\n");
+    let r = qpq_in(u.home.path(), &["shell"], Some(&script));
+    assert!(r.ok, "shell failed: {}", r.stderr);
+    r.stdout.lines().filter(|l| !l.starts_with("qpq shell:")).map(str::to_string).collect()
+}
+
+/// Issue 10, bug 1: the leaver kept its old group, so the Welcome of the re-add failed with
+/// "group already exists" and bob never read #team again while alice believed he did.
+#[test]
+fn a_member_who_left_can_be_added_again_and_reads_and_writes() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(!r.stderr.contains("could not"), "bob joins again: {}", r.stderr);
+    alice.ok(&["send", "#team", "welcome back"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: welcome back"]);
+    bob.ok(&["send", "#team", "glad to be back"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: glad to be back"]);
+    assert_eq!(carol.recv(), vec!["[#team] alice: welcome back", "[#team] bob: glad to be back"]);
+}
+
+/// Issue 10, bug 2: alice (who committed bob's leave) saw nothing and carol saw a removal.
+#[test]
+fn a_leave_shows_as_left_to_everyone() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    let r = bob.run(&["group", "leave", "team"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("you left #team"), "the leaver is told: {}", r.stderr);
+    for u in [&alice, &carol] {
+        let r = u.run(&["recv"]);
+        assert!(r.ok, "{}", r.stderr);
+        assert!(r.stderr.contains("bob left #team"), "{} sees the leave: {}", u.name, r.stderr);
+        assert!(!r.stderr.contains("removed"), "{} sees no removal: {}", u.name, r.stderr);
+    }
+}
+
+/// Issue 10, bug 3: the re-added member got `#team-2`, and `send '#team'` failed.
+#[test]
+fn a_re_added_member_keeps_the_groups_name_and_history() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    alice.ok(&["send", "#team", "before the leave"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: before the leave"]);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.ok(&["recv"]);
+    let lines = team_lines(&bob);
+    assert_eq!(lines.len(), 1, "one #team: {lines:?}");
+    assert!(lines[0].starts_with("#team (group, 3 members"), "{lines:?}");
+    bob.ok(&["send", "#team", "same name"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: same name"]);
+    let history = shell_history(&bob, "#team");
+    let before = history.iter().position(|l| l.ends_with("alice: before the leave"));
+    let after = history.iter().position(|l| l.ends_with(": same name"));
+    assert!(before.is_some() && before < after, "one history, in order: {history:?}");
+}
+
+/// The index of the first line containing `needle`, after line `from`.
+fn find_after(lines: &[String], from: Option<usize>, needle: &str) -> Option<usize> {
+    let start = from.map_or(0, |i| i + 1);
+    lines.iter().skip(start).position(|l| l.contains(needle)).map(|i| i + start)
+}
+
+/// Asserts `needles` appear in `lines` in this order.
+fn assert_in_order(who: &str, lines: &[String], needles: &[&str]) {
+    let mut at = None;
+    for needle in needles {
+        let found = find_after(lines, at, needle);
+        assert!(found.is_some(), "{who}: {needle:?} after line {at:?} in {lines:#?}");
+        at = found;
+    }
+}
+
+/// Issue 10, item 6: joins, adds, leaves and removals are kept with the messages.
+#[test]
+fn history_shows_membership_changes_in_order_with_messages() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    alice.ok(&["send", "#team", "hello"]);
+    bob.ok(&["recv"]);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["send", "#team", "after bob"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+    alice.ok(&["group", "remove", "team", "carol"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+
+    // A group you were removed from keeps its history, the removal last.
+    let hist = shell_history(&carol, "#team");
+    assert_in_order(
+        "carol",
+        &hist,
+        &["you were added to #team by alice", "bob left #team", "alice added bob"],
+    );
+    assert!(hist.last().is_some_and(|l| l.contains("you were removed from #team by alice")), "{hist:?}");
+
+    let hist = shell_history(&alice, "#team");
+    assert_in_order(
+        "alice",
+        &hist,
+        &["me added bob, carol", "hello", "bob left #team", "after bob", "me added bob", "me removed carol"],
+    );
+    let hist = shell_history(&bob, "#team");
+    assert_in_order(
+        "bob",
+        &hist,
+        &[
+            "you were added to #team by alice",
+            "alice: hello",
+            "you left #team",
+            "you were added to #team by alice",
+            "alice removed carol",
+        ],
+    );
+    assert!(!hist.iter().any(|l| l.contains("after bob")), "bob was away: {hist:?}");
+}
+
+/// Issue 10, item 6: `recv --json` gives membership events as objects, and every object names
+/// its group by a stable id as well as the local name.
+#[test]
+fn recv_json_emits_membership_events_with_a_stable_group_id() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    alice.ok(&["send", "#team", "json"]);
+    let json = |u: &User| -> Vec<serde_json::Value> {
+        u.ok(&["recv", "--json"]).lines().map(|l| serde_json::from_str(l).expect("a json line")).collect()
+    };
+    let lines = json(&bob);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (joined, message) = (&lines[0], &lines[1]);
+    assert_eq!(joined["type"], "event");
+    assert_eq!(joined["event"], "joined");
+    assert_eq!(joined["group"], "team");
+    assert_eq!(joined["by"], alice.key.as_str());
+    let group_id = joined["group_id"].as_str().expect("a group id").to_string();
+    assert_eq!(group_id.len(), 32, "hex of the 16-byte MLS group id: {group_id}");
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["group_id"], group_id.as_str());
+    assert_eq!(message["text"], "json");
+    carol.ok(&["recv"]);
+
+    bob.ok(&["group", "leave", "team"]);
+    let lines = json(&alice);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "left");
+    assert_eq!(lines[0]["group_id"], group_id.as_str(), "the same id at every member");
+    assert_eq!(lines[0]["members"][0]["key"], bob.key.as_str());
+    assert_eq!(lines[0]["members"][0]["name"], "bob");
+    let lines = json(&carol);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "left");
+    assert_eq!(lines[0]["by"], alice.key.as_str(), "alice committed it");
+    assert_eq!(lines[0]["group_id"], group_id.as_str());
+}
+
+/// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never
+/// read the group. A Welcome the server refuses (here: bob's queue is full) fails the command.
+#[test]
+fn group_add_fails_when_the_invitation_cannot_be_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_config(dir.path(), "max_queue_messages = 3\n");
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| User::init(&server, n));
+    introduce(&[&alice, &bob, &carol]);
+    // bob is away: carol's welcome and two messages fill his queue.
+    carol.ok(&["send", "bob", "one"]);
+    carol.ok(&["send", "bob", "two"]);
+    assert!(carol.fails(&["send", "bob", "three"]).contains("queue full"), "the queue is full");
+    alice.ok(&["group", "create", "team"]);
+    let r = alice.run(&["group", "add", "team", "bob"]);
+    assert!(!r.ok, "group add must not succeed: {}", r.stderr);
+    assert!(r.stderr.contains("refused their invitation"), "{}", r.stderr);
+    assert!(r.stderr.contains("queue full"), "{}", r.stderr);
+}
+
+/// Issue 10, bug 1: adding back someone whose leave nobody committed yet said "already a
+/// member"; the adder commits the pending leave first.
+#[test]
+fn a_member_who_just_left_can_be_added_back_at_once() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    let r = alice.run(&["group", "add", "team", "bob"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("bob left #team"), "{}", r.stderr);
+    bob.ok(&["recv"]);
+    alice.ok(&["send", "#team", "back at once"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: back at once"]);
+}
+
+/// Issue 10, bug 1: a message that overtakes the Welcome of a rejoin (carol wrote as soon as she
+/// saw bob added, before alice's Welcome went out) was dropped, since bob's copy of #team said
+/// "left"; it waits for the Welcome as it would for a group he never was in.
+#[test]
+fn a_message_ahead_of_a_rejoin_welcome_is_read_after_it() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    alice.ok(&["recv"]);
+    // alice stops right after her add won, before its Welcome left.
+    let out = common::qpq_command(alice.home.path())
+        .args(["group", "add", "team", "bob"])
+        .env("QPQ_FAILPOINT", "commit-merged")
+        .output()
+        .expect("qpq runs");
+    assert_eq!(out.status.code(), Some(qpq::failpoint::FAILPOINT_EXIT_CODE));
+    carol.ok(&["recv"]);
+    carol.ok(&["send", "#team", "raced the welcome"]);
+    alice.ok(&["recv"]);
+    assert_eq!(bob.recv(), vec!["[#team] carol: raced the welcome"]);
+}
+
+/// Rejoining a group whose name we gave to a new group meanwhile: the rejoined one gets a new
+/// name rather than making `#team` ambiguous.
+#[test]
+fn a_rejoined_group_whose_name_was_taken_meanwhile_gets_a_new_one() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    bob.ok(&["group", "create", "team"]);
+    alice.ok(&["recv"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.ok(&["recv"]);
+    let mut lines = team_lines(&bob);
+    lines.sort();
+    assert_eq!(lines, vec!["#team (group, 1 members, epoch 0)", "#team-2 (group, 3 members, epoch 3)"]);
+    bob.ok(&["send", "#team-2", "in the old one"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: in the old one"]);
+}
