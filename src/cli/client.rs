@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
+use crate::client::inbox::Cursor;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
@@ -569,9 +570,48 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
     res
 }
 
+/// Prints the inbox entries after `cursor` (whichever process fetched them) and moves it on;
+/// returns them.
+fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<Vec<Entry>> {
+    // Marked read durably first, then printed: a crash in between can lose the printout (the
+    // message stays in history) but never prints it twice.
+    let unread = m.read_inbox(cursor)?;
+    if unread.missed > 0 {
+        eprintln!("qpq: {}", missed_line(unread.missed));
+    }
+    // One write for the whole batch keeps that window to a single system call.
+    let mut batch = String::new();
+    for e in &unread.entries {
+        let line = if json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
+        batch.push_str(&line);
+        batch.push('\n');
+    }
+    let mut stdout = std::io::stdout().lock();
+    // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
+    stdout.write_all(batch.as_bytes())?;
+    stdout.flush()?;
+    Ok(unread.entries)
+}
+
+/// What a reader that fell behind the inbox's bounds is told.
+pub fn missed_line(missed: u64) -> String {
+    let s = if missed == 1 { "" } else { "s" };
+    format!(
+        "{missed} earlier message{s} not shown here: this reader fell behind and the inbox keeps only the newest (see /history)"
+    )
+}
+
 async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut printed_any = false;
+    // This process's place in the home's inbox: other readers of the home (another `recv
+    // --follow`, a shell) print the same messages, each from its own cursor.
+    let mut cursor = m.read_cursor()?;
+    // What waited already is printed before the first (long) poll.
+    let mut printed_any = !print_unread(m, &mut cursor, args.json)?.is_empty();
+    if args.follow {
+        // Also tells a script that messages sent from now on will be printed here.
+        eprintln!("qpq: following new messages (Ctrl-C to stop)");
+    }
     let mut backoff = Duration::from_millis(250);
     loop {
         let wait_ms = if args.follow {
@@ -612,20 +652,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
             }
         }
         print_notices(m);
-        // Taken out of the inbox durably first, then printed: a crash in between can lose the
-        // printout (the message stays in history) but never prints it twice.
-        let entries = m.take_inbox()?;
-        // One write for the whole batch keeps that window to a single system call.
-        let mut batch = String::new();
-        for e in &entries {
-            let line = if args.json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
-            batch.push_str(&line);
-            batch.push('\n');
-        }
-        let mut stdout = std::io::stdout().lock();
-        // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
-        stdout.write_all(batch.as_bytes())?;
-        stdout.flush()?;
+        let entries = print_unread(m, &mut cursor, args.json)?;
         printed_any |= !entries.is_empty();
         if args.follow {
             continue;

@@ -37,9 +37,10 @@ use futures::FutureExt as _;
 
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
-    ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir,
+    ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir, missed_line,
     open_messenger, run_verb,
 };
+use crate::client::inbox::Cursor;
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
 use crate::shell::complete::{Names, SharedNames};
 use crate::shell::grammar::Action;
@@ -55,7 +56,8 @@ pub const LONG_POLL_MS: u32 = 25_000;
 /// `qpq shell`.
 pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let home = home_dir(g)?;
-    let messenger = open_messenger(g)?;
+    let mut messenger = open_messenger(g)?;
+    let cursor = messenger.read_cursor()?;
     let names: SharedNames = Arc::new(Mutex::new(Names::default()));
     let (out, input) = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let (tx, rx) = mpsc::channel();
@@ -71,6 +73,7 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         names,
         conversation: None,
         link: Link::default(),
+        cursor,
         failed: false,
         interrupt: None,
     };
@@ -116,6 +119,8 @@ struct Shell {
     names: SharedNames,
     conversation: Option<Conversation>,
     link: Link,
+    /// This shell's place in the home's inbox (other readers of the home keep their own).
+    cursor: Cursor,
     /// A line failed: a script exits with status 1.
     failed: bool,
     /// SIGINT while a line runs (interactive only): Ctrl-C abandons that command, not the
@@ -270,9 +275,12 @@ impl Shell {
                 self.out.data(&format!("* {line}"));
             }
         }
-        match self.m.take_inbox() {
-            Ok(entries) => {
-                for e in &entries {
+        match self.m.read_inbox(&mut self.cursor) {
+            Ok(unread) => {
+                if unread.missed > 0 {
+                    self.out.status(&missed_line(unread.missed));
+                }
+                for e in &unread.entries {
                     self.out.data(&format_entry(&self.m, e));
                 }
             }
