@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use crate::cli::GlobalArgs;
 use crate::client::inbox::Cursor;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
+use crate::client::outbox::{EXIT_QUEUED, Fate};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
 use crate::crypto::identity::PublicKey;
@@ -31,6 +32,10 @@ pub enum ClientVerb {
     #[command(subcommand)]
     Contact(ContactCmd),
     /// Send a message to a contact, a 64-hex key or #group
+    ///
+    /// Messages go out through an outbox in the home. When the server cannot be reached the
+    /// message stays queued, `send` says "queued, will send when the server is back" and exits
+    /// with status 75; the next command that connects (send, recv, shell) sends it first.
     Send(SendArgs),
     /// Create and manage groups
     #[command(subcommand)]
@@ -326,6 +331,27 @@ pub enum VerbOutcome {
     Ok,
     /// The command ran but reports failure (e.g. an unhealthy server).
     Unhealthy,
+    /// The message waits in the outbox (the server is out of reach); `maybe_sent` when a
+    /// request carrying it may have arrived all the same.
+    Queued {
+        maybe_sent: bool,
+        reason: String,
+    },
+}
+
+impl VerbOutcome {
+    /// What a queued message's sender is told, if the verb queued one.
+    pub fn queued_line(&self) -> Option<String> {
+        match self {
+            VerbOutcome::Queued { maybe_sent: false, reason } => {
+                Some(format!("queued, will send when the server is back ({reason})"))
+            }
+            VerbOutcome::Queued { maybe_sent: true, reason } => Some(format!(
+                "may have been sent; it stays queued and the same message goes again when the server is back ({reason})"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Executes one shared verb. `stdin_ok` lets `send` read its text from stdin (one-shots only).
@@ -382,7 +408,11 @@ pub async fn run_verb(
             if text.is_empty() {
                 bail!("nothing to send: the message is empty");
             }
-            events.extend(m.send(&target, &text).await?.events);
+            let (fate, caught_up) = m.send(&target, &text).await?;
+            events.extend(caught_up);
+            if let Fate::Kept { maybe_sent, reason } = fate {
+                return Ok(VerbOutcome::Queued { maybe_sent, reason });
+            }
         }
         ClientVerb::Group(cmd) => events.extend(run_group(m, cmd, out).await?),
         ClientVerb::Keys(KeysCmd::Show) => {
@@ -556,9 +586,14 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
         r
     })?;
     print_notices(&mut m);
-    match res? {
+    let outcome = res?;
+    if let Some(line) = outcome.queued_line() {
+        eprintln!("qpq: {}", Shown(&line));
+    }
+    match outcome {
         VerbOutcome::Ok => Ok(std::process::ExitCode::SUCCESS),
         VerbOutcome::Unhealthy => Ok(std::process::ExitCode::FAILURE),
+        VerbOutcome::Queued { .. } => Ok(std::process::ExitCode::from(EXIT_QUEUED)),
     }
 }
 

@@ -25,7 +25,8 @@ impl Messenger {
     /// that long for the first message. Every message's effect is saved before it is acked.
     pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
         self.connect().await?;
-        if wait_ms > 0 {
+        // Queued messages go out before any long wait.
+        if wait_ms > 0 && !self.has_queued_sends() {
             // Wait without holding the home lock, so other qpq processes on this home go on. One
             // of them may fetch what we wait for: its save ends the wait too, so that this
             // process's reader shows the messages without waiting for the next ones.
@@ -41,6 +42,8 @@ impl Messenger {
         let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
         events.extend(self.finish_round().await?);
+        // Messages typed while the server was away go out now, in order.
+        self.flush_sends(&mut events).await?;
         Ok(events)
     }
 
@@ -406,9 +409,10 @@ impl Messenger {
             Ok(Incoming::Proposal { .. }) => {}
             Err(e) => {
                 // A commit that lost its epoch (or a message from an epoch we no longer keep)
-                // fails here by design; anything else is worth a notice.
+                // fails here by design, and so does a copy of a message we have (a sender's
+                // retry, see `client::outbox`); anything else is worth a notice.
                 let stale = mls::MlsClient::peek(message).map(|i| i.epoch < epoch_before).unwrap_or(false)
-                    || matches!(e, MlsError::OwnMessage);
+                    || matches!(e, MlsError::OwnMessage | MlsError::Replayed);
                 if !stale {
                     events.push(Event::Dropped {
                         reason: format!("a message of {} was dropped: {e}", self.conversation_name(group_id)),

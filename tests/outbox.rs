@@ -1,0 +1,97 @@
+//! The outbox (issue 10, item 7): a message typed while the server is away is queued in the
+//! home, `send` exits with 75 and says so, and the next command that connects sends it; a
+//! message whose first copy may have reached the server goes again with the same bytes and is
+//! shown once. Real `qpq serve` (stopped and restarted on its port), real homes.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::{Run, ServerProcess, User, cast, qpq_command};
+
+/// `send`'s exit status when the message waits in the outbox (EX_TEMPFAIL).
+const EXIT_QUEUED: i32 = 75;
+/// Exit status of a process stopped at a failpoint (see src/failpoint.rs).
+const FAILPOINT_EXIT: i32 = 86;
+
+/// `qpq ARGS` as `u`, stopped at failpoint `point`.
+fn run_until(u: &User, point: &str, args: &[&str]) -> Run {
+    let out = qpq_command(u.home.path())
+        .args(args)
+        .env("QPQ_FAILPOINT", point)
+        .stdin(Stdio::null())
+        .output()
+        .expect("qpq runs");
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_send_while_the_server_is_down_is_queued_and_delivered_once_when_it_is_back() {
+    let (dir, server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    let addr = server.addr;
+    server.kill9();
+
+    for (to, text) in [("bob", "while down"), ("bob", "still down"), ("carol", "hello carol")] {
+        let r = alice.run(&["send", to, text]);
+        assert_eq!(r.code, Some(EXIT_QUEUED), "{to} {text}: {}", r.stderr);
+        assert!(r.stderr.starts_with("qpq: queued, will send when the server is back ("), "{}", r.stderr);
+    }
+
+    let server = ServerProcess::start_on(dir.path(), addr);
+    // alice's next command that connects sends the outbox first, in order, then its own.
+    let r = alice.run(&["send", "bob", "back"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: sent a queued message to bob"), "{}", r.stderr);
+    // carol had no conversation with alice yet: it was opened when her message went out.
+    assert!(r.stderr.contains("qpq: sent a queued message to carol"), "{}", r.stderr);
+    assert_eq!(bob.recv(), ["alice: while down", "alice: still down", "alice: back"]);
+    assert_eq!(carol.recv(), ["alice: hello carol"]);
+    assert!(bob.recv().is_empty(), "nothing twice");
+    // Nothing is left to send: a further command says nothing about queued messages.
+    let r = alice.run(&["recv"]);
+    assert!(r.ok && r.stderr.is_empty(), "{}", r.stderr);
+    drop(server);
+}
+
+#[test]
+fn recv_sends_what_waits_in_the_outbox() {
+    let (dir, server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    let addr = server.addr;
+    server.kill9();
+    assert_eq!(alice.run(&["send", "bob", "queued"]).code, Some(EXIT_QUEUED));
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    let r = alice.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(bob.recv(), ["alice: queued"]);
+}
+
+/// Issue 10 item 7's third case: the request left and the answer never came. The copy that
+/// goes again is the same ciphertext, which bob drops quietly.
+#[test]
+fn a_message_that_reached_the_server_before_a_crash_goes_again_and_is_shown_once() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+
+    // alice dies right after the server took the message, before she could take it out of
+    // her outbox.
+    let r = run_until(&alice, "send-enqueued", &["send", "bob", "once"]);
+    assert_eq!(r.code, Some(FAILPOINT_EXIT), "{}", r.stderr);
+    let r = alice.run(&["send", "bob", "twice?"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: sent a queued message to bob"), "{}", r.stderr);
+
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), ["alice: once", "alice: twice?"]);
+    assert!(r.stderr.is_empty(), "the duplicate is dropped quietly: {}", r.stderr);
+}
