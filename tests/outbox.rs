@@ -95,3 +95,36 @@ fn a_message_that_reached_the_server_before_a_crash_goes_again_and_is_shown_once
     assert_eq!(r.stdout.lines().collect::<Vec<_>>(), ["alice: once", "alice: twice?"]);
     assert!(r.stderr.is_empty(), "the duplicate is dropped quietly: {}", r.stderr);
 }
+
+/// The shell never waits for the network to take a message: typed while the server is down
+/// (and before the shell noticed), it is queued, the prompt comes back at once, and the
+/// message goes out when the server is back.
+#[test]
+fn pty_a_message_typed_while_the_server_is_down_returns_the_prompt_and_goes_out_later() {
+    let (dir, server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    let addr = server.addr;
+    let mut cmd = qpq_command(alice.home.path());
+    cmd.arg("shell").env("TERM", "xterm");
+    let opts = rexpect::reader::Options::new().timeout_ms(Some(90_000)).strip_ansi_escape_codes(true);
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    p.exp_string("qpq> ").unwrap();
+    server.kill9();
+    p.send_line("@bob typed while down").unwrap();
+    p.exp_string("@bob typed while down").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    // A blocking send would report the dead server before this command ran.
+    p.send_line("whoami").unwrap();
+    let before = p.exp_string(&alice.key).unwrap();
+    assert!(
+        !before.contains("error:") && !before.contains("lost the connection"),
+        "the prompt waited for the network: {before}"
+    );
+    p.exp_string("1 message queued, will send when the server is back").unwrap();
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    p.exp_string("sent a queued message to bob").unwrap();
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(bob.recv(), ["alice: typed while down"]);
+}

@@ -29,6 +29,8 @@
 //! A crash after a request left but before `maybe_sent` was saved is the one case where a
 //! retry in a later epoch re-encrypts and a receiver may see the text twice.
 
+use std::collections::HashSet;
+
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target, now_ms};
 use crate::client::session::SessionError;
@@ -55,6 +57,9 @@ pub enum Fate {
 pub(crate) struct Watch {
     awaited: Option<u64>,
     fate: Option<Fate>,
+    /// Messages whose sending needs no notice (the shell queued them while connected; once an
+    /// attempt failed, each is announced when it finally goes).
+    quiet: HashSet<u64>,
 }
 
 /// True for errors that say nothing about the message, only that the server is out of reach
@@ -99,6 +104,22 @@ impl Messenger {
         Ok(id)
     }
 
+    /// Sending message `id` (queued by this process) needs no notice unless an attempt fails.
+    pub fn send_quietly(&mut self, id: u64) {
+        self.watch.quiet.insert(id);
+    }
+
+    /// From now on every queued message is announced when it goes (an attempt failed: the
+    /// person was told they wait).
+    pub fn announce_queued_sends(&mut self) {
+        self.watch.quiet.clear();
+    }
+
+    /// How many messages wait in the outbox.
+    pub fn queued_sends(&self) -> usize {
+        self.home.state.sends.len()
+    }
+
     /// True while messages wait in the outbox.
     pub fn has_queued_sends(&self) -> bool {
         !self.home.state.sends.is_empty()
@@ -126,7 +147,7 @@ impl Messenger {
                     self.drop_queued(item.id)?;
                     if awaited {
                         self.watch.fate = Some(Fate::Sent { group_id, recipients });
-                    } else {
+                    } else if !self.watch.quiet.remove(&item.id) {
                         let to = self.conversation_name(&group_id);
                         self.notices.push(format!("sent a queued message to {to}"));
                     }
@@ -143,6 +164,7 @@ impl Messenger {
                     if awaited {
                         self.watch.fate = Some(Fate::Kept { maybe_sent, reason: e.to_string() });
                     }
+                    self.watch.quiet.clear();
                     return Err(e);
                 }
                 Err(e) => {
@@ -291,7 +313,8 @@ impl Messenger {
 
     /// Connects, catches up, and sends the outbox: what became of message `id`.
     async fn deliver_outbox(&mut self, id: u64, events: &mut Vec<Event>) -> Fate {
-        self.watch = Watch { awaited: Some(id), fate: None };
+        self.watch.awaited = Some(id);
+        self.watch.fate = None;
         let r = async {
             self.connect().await?;
             let _op = self.begin()?;
@@ -302,7 +325,8 @@ impl Messenger {
             self.flush_sends(events).await
         }
         .await;
-        let recorded = std::mem::take(&mut self.watch).fate;
+        self.watch.awaited = None;
+        let recorded = self.watch.fate.take();
         let queued = self.home.state.sends.iter().find(|s| s.id == id);
         let maybe_sent = queued.and_then(|s| s.sealed.as_ref()).is_some_and(|s| s.maybe_sent);
         match (recorded, r) {

@@ -147,7 +147,12 @@ impl Shell {
                 let due = self.link.next_attempt(tokio::time::Instant::now());
                 // The first receive, and the first after an outage, catch up at once, so the
                 // link state (and "connected again") is known without a long poll's delay.
-                let wait = if self.link.is_starting() || self.link.is_offline() { 0 } else { LONG_POLL_MS };
+                // Queued messages go out at once too (a receive round sends the outbox first).
+                let wait = if self.link.is_starting() || self.link.is_offline() || self.m.has_queued_sends() {
+                    0
+                } else {
+                    LONG_POLL_MS
+                };
                 let m = &mut self.m;
                 let lines = &mut self.input.lines;
                 tokio::select! {
@@ -178,6 +183,13 @@ impl Shell {
                 Ok(events) => self.show(events),
                 Err(e) => self.out.status(&format!("cannot receive: {e}")),
             }
+        }
+        let n = self.m.queued_sends();
+        if n > 0 {
+            let s = if n == 1 { "" } else { "s" };
+            self.out.status(&format!(
+                "{n} message{s} queued: the next qpq command that reaches the server sends them"
+            ));
         }
         self.m.disconnect().await;
         if self.failed && !self.input.is_editor() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
@@ -260,8 +272,14 @@ impl Shell {
                     Change::Unreachable => format!("cannot reach {server} ({e}); retrying in the background"),
                     Change::Same | Change::Back => String::new(),
                 };
+                self.m.announce_queued_sends();
                 if !said.is_empty() {
                     self.out.status(&said);
+                    let n = self.m.queued_sends();
+                    if n > 0 {
+                        let s = if n == 1 { "" } else { "s" };
+                        self.out.status(&format!("{n} message{s} queued, will send when the server is back"));
+                    }
                 }
                 self.m.disconnect().await;
             }
@@ -367,12 +385,27 @@ impl Shell {
                         anyhow::bail!("no open conversation: use @NAME TEXT, #GROUP TEXT or /chat NAME first")
                     }
                 };
-                let send = ClientVerb::Send(SendArgs { target, text: vec![text] });
-                self.verb(send).await.context("message not sent")?;
+                self.say(&target, &text).context("message not sent")?;
+            }
+            Action::Verb(ClientVerb::Send(SendArgs { target, text })) if !text.is_empty() => {
+                self.say(&target, &text.join(" ")).context("message not sent")?;
             }
             Action::Verb(verb) => self.verb(verb).await?,
         }
         Ok(Flow::Continue)
+    }
+
+    /// Queues a message; the receive loop sends it in the background, so the prompt never
+    /// waits for the network and nothing typed is lost while the server is away.
+    fn say(&mut self, target: &str, text: &str) -> anyhow::Result<()> {
+        let target = self.m.resolve_target(target)?;
+        let id = self.m.queue_send(&target, text)?;
+        if self.link.is_offline() {
+            self.out.status("queued, will send when the server is back");
+        } else {
+            self.m.send_quietly(id);
+        }
+        Ok(())
     }
 
     /// A shared verb, run exactly as the one-shot command runs it.
