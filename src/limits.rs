@@ -217,6 +217,8 @@ pub const MAX_INBOX_READ_KEPT: usize = 256;
 pub const HOME_WATCH_MS: u64 = 200;
 /// Most messages waiting in the outbox; past it `send` refuses rather than grow the state.
 pub const MAX_QUEUED_SENDS: usize = 1000;
+/// Most bytes of text waiting in the outbox: the whole state is rewritten on every save.
+pub const MAX_QUEUED_SEND_BYTES: usize = 16 * 1024 * 1024;
 
 /// What strangers (keys we never accepted) can add to a home at most: requests, orphans and
 /// the block list, plus each request's bookkeeping (a KeyPackage private key of a few KiB kept

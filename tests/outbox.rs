@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{Run, ServerProcess, User, cast, qpq_command};
+use common::{Run, ServerProcess, User, cast, qpq_command, qpq_in};
 
 /// `send`'s exit status when the message waits in the outbox (EX_TEMPFAIL).
 const EXIT_QUEUED: i32 = 75;
@@ -127,4 +127,29 @@ fn pty_a_message_typed_while_the_server_is_down_returns_the_prompt_and_goes_out_
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
     assert_eq!(bob.recv(), ["alice: typed while down"]);
+}
+
+/// A crash between encrypting a message and sending it loses nothing, even when the group's
+/// epoch moves on before the retry (the text is encrypted again for the new epoch, since no
+/// copy ever left).
+#[test]
+fn a_message_encrypted_before_a_crash_goes_out_after_a_commit_changed_the_epoch() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.recv();
+    let r = run_until(&alice, "send-sealed", &["send", "#team", "sealed then crashed"]);
+    assert_eq!(r.code, Some(FAILPOINT_EXIT), "{}", r.stderr);
+    bob.ok(&["group", "update", "team"]);
+    let r = alice.run(&["send", "#team", "after the commit"]);
+    assert!(r.ok, "{}", r.stderr);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        r.stdout.lines().collect::<Vec<_>>(),
+        ["[#team] alice: sealed then crashed", "[#team] alice: after the commit"]
+    );
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let history = qpq_in(alice.home.path(), &["shell"], Some("/chat #team\n/history 10\n")).stdout;
+    assert_eq!(history.matches("sealed then crashed").count(), 1, "once in alice's history: {history}");
 }

@@ -91,7 +91,7 @@ pub enum ClientError {
     CommitTimeout,
     #[error("that is your own key")]
     SelfTarget,
-    #[error("the outbox is full ({0} messages wait): they go out when the server is back")]
+    #[error("the outbox is full ({0} messages wait): they go out when the server is back, then send again")]
     OutboxFull(usize),
     #[error("no message request {0}: see `qpq requests`")]
     NoRequest(String),

@@ -35,7 +35,7 @@ use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target, now_ms};
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, QueuedSend, QueuedTarget, SealedSend};
-use crate::limits::MAX_QUEUED_SENDS;
+use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -94,8 +94,10 @@ impl Messenger {
         if let QueuedTarget::Conversation(id) = &to {
             self.recipients_of(id)?;
         }
-        if self.home.state.sends.len() >= MAX_QUEUED_SENDS {
-            return Err(ClientError::OutboxFull(MAX_QUEUED_SENDS));
+        let queued = &self.home.state.sends;
+        let bytes: usize = queued.iter().map(|s| s.text.len()).sum::<usize>() + text.len();
+        if queued.len() >= MAX_QUEUED_SENDS || bytes > MAX_QUEUED_SEND_BYTES {
+            return Err(ClientError::OutboxFull(queued.len()));
         }
         let id = rand::random();
         let item = QueuedSend { id, to, text: text.to_string(), sent_at_ms: now_ms(), sealed: None };
@@ -258,6 +260,7 @@ impl Messenger {
                 // The ratchet advanced: saved with the ciphertext before anything leaves, so a
                 // crash never reuses a key and never loses the message.
                 self.persist()?;
+                crate::failpoint::hit("send-sealed");
                 sealed.ciphertext
             }
         };
