@@ -117,6 +117,30 @@ impl Messenger {
         self.watch.quiet.clear();
     }
 
+    /// The messages to a conversation that wait in the outbox and are not in its history yet
+    /// (a message enters the history when it is encrypted), as history entries.
+    pub fn queued_entries(&self, group_id: &[u8]) -> Vec<Entry> {
+        let me = self.identity.public().0;
+        self.home
+            .state
+            .sends
+            .iter()
+            .filter(|s| s.sealed.is_none())
+            .filter(|s| match &s.to {
+                QueuedTarget::Conversation(id) => id == group_id,
+                QueuedTarget::Person(peer) => self.find_direct(peer).is_some_and(|id| id == group_id),
+            })
+            .map(|s| Entry {
+                group_id: group_id.to_vec(),
+                from: me,
+                text: s.text.clone(),
+                sent_at_ms: s.sent_at_ms,
+                received_at_ms: s.sent_at_ms,
+                outgoing: true,
+            })
+            .collect()
+    }
+
     /// How many messages wait in the outbox.
     pub fn queued_sends(&self) -> usize {
         self.home.state.sends.len()

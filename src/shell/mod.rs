@@ -177,8 +177,9 @@ impl Shell {
                 Step::Quit => break,
             }
         }
-        if !self.input.is_editor() && !self.link.is_offline() {
-            // A script's last word: what arrived while it ran.
+        if (!self.input.is_editor() || self.m.has_queued_sends()) && !self.link.is_offline() {
+            // A script's last word: what arrived while it ran. Messages typed just before
+            // leaving go out now.
             match self.m.receive(0).await {
                 Ok(events) => self.show(events),
                 Err(e) => self.out.status(&format!("cannot receive: {e}")),
@@ -447,7 +448,12 @@ impl Shell {
             anyhow::bail!("no open conversation: /chat NAME first, then /history");
         };
         let entries = match self.m.conversation_id(&c.target) {
-            Ok(id) => self.m.history(&id, n),
+            Ok(id) => {
+                // What is typed counts from the moment it is queued.
+                let mut all = self.m.history(&id, n);
+                all.extend(self.m.queued_entries(&id));
+                all.split_off(all.len().saturating_sub(n))
+            }
             // A contact we have not talked to yet has no conversation.
             Err(ClientError::UnknownContact(_)) if self.m.resolve_target(&c.target).is_ok() => Vec::new(),
             Err(e) => return Err(e.into()),
