@@ -71,20 +71,25 @@ impl Messenger {
     pub fn read_inbox(&mut self, cursor: &mut Cursor) -> Result<Unread, ClientError> {
         let _op = self.begin()?;
         let s = &mut self.home.state;
-        // A state older than our cursor (say, restored from a backup) starts the count over.
-        let from = cursor.0.min(s.inbox_end_seq);
-        let first = first_seq(s);
-        let missed = first.saturating_sub(from + 1);
-        let skip = usize::try_from(from.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
-        let entries: Vec<Entry> = s.inbox.iter().skip(skip).cloned().collect();
+        let unread = unread_after(s, cursor.0);
         *cursor = Cursor(s.inbox_end_seq);
         if s.inbox_end_seq > s.read_seq {
             s.read_seq = s.inbox_end_seq;
             trim(s);
             self.home.save()?;
         }
-        Ok(Unread { missed, entries })
+        Ok(unread)
     }
+}
+
+/// The entries after sequence number `from`, and how many of those left the inbox already.
+fn unread_after(s: &State, from: u64) -> Unread {
+    // A state older than the cursor (say, restored from a backup) starts the count over.
+    let from = from.min(s.inbox_end_seq);
+    let first = first_seq(s);
+    let missed = first.saturating_sub(from + 1);
+    let skip = usize::try_from(from.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
+    Unread { missed, entries: s.inbox.iter().skip(skip).cloned().collect() }
 }
 
 #[cfg(test)]
@@ -122,5 +127,26 @@ mod tests {
         push(&mut s, entry(999));
         unpush_since(&mut s, len);
         assert_eq!(s.inbox_end_seq, MAX_INBOX_READ_KEPT as u64 + 10);
+    }
+
+    #[test]
+    fn a_reader_behind_what_the_inbox_keeps_is_told_how_many_it_missed() {
+        let mut s = state();
+        for n in 1..=10 {
+            push(&mut s, entry(n));
+        }
+        s.inbox.drain(..4); // entries 1-4 left (the caps)
+        let texts = |u: &Unread| u.entries.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
+        let behind = unread_after(&s, 1);
+        assert_eq!(
+            (behind.missed, texts(&behind)),
+            (3, ["5", "6", "7", "8", "9", "10"].map(String::from).to_vec())
+        );
+        let current = unread_after(&s, 8);
+        assert_eq!((current.missed, texts(&current)), (0, vec!["9".to_string(), "10".to_string()]));
+        assert!(unread_after(&s, 10).entries.is_empty());
+        // A cursor past the end (the state went back): nothing new, nothing missed.
+        let ahead = unread_after(&s, 99);
+        assert_eq!((ahead.missed, ahead.entries.len()), (0, 0));
     }
 }
