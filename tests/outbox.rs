@@ -153,3 +153,29 @@ fn a_message_encrypted_before_a_crash_goes_out_after_a_commit_changed_the_epoch(
     let history = qpq_in(alice.home.path(), &["shell"], Some("/chat #team\n/history 10\n")).stdout;
     assert_eq!(history.matches("sealed then crashed").count(), 1, "once in alice's history: {history}");
 }
+
+/// The third case of issue 10 item 7: the request left and its answer never came. `send` says
+/// "may have been sent; retrying", never "failed", and every copy that goes again is the same
+/// ciphertext, which bob shows once.
+#[test]
+fn a_send_whose_answer_was_lost_may_have_been_sent_and_is_retried_with_the_same_bytes() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+
+    // Every answer is lost in this process: the first attempt and its retry.
+    let r = run_until(&alice, "send-answer-lost", &["send", "bob", "did it arrive?"]);
+    assert_eq!(r.code, Some(EXIT_QUEUED), "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: may have been sent; retrying\n"), "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: may have been sent; it stays queued"), "{}", r.stderr);
+    assert!(!r.stderr.contains("fail"), "never \"failed\": {}", r.stderr);
+    // Two copies reached the server; a third goes with alice's next command.
+    let r = alice.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: sent a queued message to bob"), "{}", r.stderr);
+
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), ["alice: did it arrive?"]);
+    assert!(r.stderr.is_empty(), "the copies are dropped quietly: {}", r.stderr);
+}

@@ -289,7 +289,12 @@ impl Messenger {
             }
         };
         let frame = Frame::Mls { group_id: group_id.clone(), message: ciphertext }.encode();
-        match self.fan_out(&group_id, &recipients, &frame).await {
+        let mut sent = self.fan_out(&group_id, &recipients, &frame).await;
+        if sent.is_ok() && crate::failpoint::active("send-answer-lost") {
+            // Tests: the server took it, and the answer never came.
+            sent = Err(SessionError::Disconnected("the answer was lost (test point)".into()).into());
+        }
+        match sent {
             Ok(_) => {
                 // Tests stop here to leave a message on the server and in the outbox both.
                 crate::failpoint::hit("send-enqueued");
