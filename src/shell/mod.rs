@@ -9,6 +9,11 @@
 //! then the editor is asked for the next line. Arrivals go through the [`printer`] so they
 //! appear above a half-typed line. A failing receive is reported once and retried with backoff
 //! ([`link`]); commands keep working meanwhile, and those needing the server fail with one line.
+//! Messages never wait for the network: a chat line (or `send`) only queues the message in the
+//! home's outbox ([`crate::client::outbox`]), and the loop's next receive round sends it, so
+//! the prompt comes back at once and text typed while the server is away is kept. Arrivals are
+//! read from the home's inbox with this shell's own cursor ([`crate::client::inbox`]), so a
+//! `recv --follow` on the same home shows them too.
 //!
 //! Lines mean what [`grammar`] says: shared verbs parsed by the one-shot clap definitions and
 //! run by [`run_verb`], plus chat syntax (`@bob hi`, `#team hi`, `/chat`, `/history`, ...).
