@@ -12,3 +12,9 @@ pub fn hit(name: &str) {
         std::process::exit(FAILPOINT_EXIT_CODE);
     }
 }
+
+/// True if `QPQ_FAILPOINT` names this point: for points that make the process behave as if
+/// something failed (say, an answer lost on the way) rather than exit.
+pub fn active(name: &str) -> bool {
+    std::env::var_os("QPQ_FAILPOINT").is_some_and(|v| v == name)
+}

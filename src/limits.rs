@@ -239,6 +239,16 @@ pub const MAX_HISTORY_BYTES_PER_CONVERSATION: usize = 2 * 1024 * 1024;
 pub const MAX_INBOX_BYTES: usize = 8 * 1024 * 1024;
 /// Most unread entries kept for `recv` (many tiny messages cost more than their text).
 pub const MAX_INBOX_ENTRIES: usize = 10_000;
+/// Entries some reader already showed that the inbox keeps anyway, so another reader of the
+/// home that is a moment behind (it was printing, or waiting for the lock) still sees them.
+pub const MAX_INBOX_READ_KEPT: usize = 256;
+/// How often a reader waiting on the server also looks whether another process of the home
+/// saved (say, fetched messages this reader must show too): one `stat` per period.
+pub const HOME_WATCH_MS: u64 = 200;
+/// Most messages waiting in the outbox; past it `send` refuses rather than grow the state.
+pub const MAX_QUEUED_SENDS: usize = 1000;
+/// Most bytes of text waiting in the outbox: the whole state is rewritten on every save.
+pub const MAX_QUEUED_SEND_BYTES: usize = 16 * 1024 * 1024;
 
 /// What strangers (keys we never accepted) can add to a home at most: requests, orphans and
 /// the block list, plus each request's bookkeeping (a KeyPackage private key of a few KiB kept

@@ -462,10 +462,14 @@ fn health_fails_when_the_server_is_down() {
     server.kill9();
     let err = alice.fails(&["health"]);
     assert!(err.contains("cannot reach server"), "{err}");
-    let before = alice.state_bytes();
-    let err = alice.fails(&["send", "bob", "anyone?"]);
-    assert!(err.contains("cannot reach server"), "{err}");
-    assert_eq!(alice.state_bytes(), before);
+    // A message is queued instead (tests/outbox.rs follows it to its delivery).
+    let r = alice.run(&["send", "bob", "anyone?"]);
+    assert_eq!(r.code, Some(75), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("queued, will send when the server is back (cannot reach server"),
+        "{}",
+        r.stderr
+    );
 }
 
 fn key_packages_on_server(u: &User) -> u32 {

@@ -11,7 +11,9 @@ use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
+use crate::client::inbox::Cursor;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
+use crate::client::outbox::{EXIT_QUEUED, Fate};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
 use crate::client::timeline::changes_of;
@@ -31,6 +33,10 @@ pub enum ClientVerb {
     #[command(subcommand)]
     Contact(ContactCmd),
     /// Send a message to a contact, a 64-hex key or #group
+    ///
+    /// Messages go out through an outbox in the home. When the server cannot be reached the
+    /// message stays queued, `send` says "queued, will send when the server is back" and exits
+    /// with status 75; the next command that connects (send, recv, shell) sends it first.
     Send(SendArgs),
     /// Create and manage groups
     #[command(subcommand)]
@@ -365,6 +371,27 @@ pub enum VerbOutcome {
     Ok,
     /// The command ran but reports failure (e.g. an unhealthy server).
     Unhealthy,
+    /// The message waits in the outbox (the server is out of reach); `maybe_sent` when a
+    /// request carrying it may have arrived all the same.
+    Queued {
+        maybe_sent: bool,
+        reason: String,
+    },
+}
+
+impl VerbOutcome {
+    /// What a queued message's sender is told, if the verb queued one.
+    pub fn queued_line(&self) -> Option<String> {
+        match self {
+            VerbOutcome::Queued { maybe_sent: false, reason } => {
+                Some(format!("queued, will send when the server is back ({reason})"))
+            }
+            VerbOutcome::Queued { maybe_sent: true, reason } => Some(format!(
+                "may have been sent; it stays queued and the same message goes again when the server is back ({reason})"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Executes one shared verb. `stdin_ok` lets `send` read its text from stdin (one-shots only).
@@ -421,7 +448,11 @@ pub async fn run_verb(
             if text.is_empty() {
                 bail!("nothing to send: the message is empty");
             }
-            events.extend(m.send(&target, &text).await?.events);
+            let (fate, caught_up) = m.send(&target, &text).await?;
+            events.extend(caught_up);
+            if let Fate::Kept { maybe_sent, reason } = fate {
+                return Ok(VerbOutcome::Queued { maybe_sent, reason });
+            }
         }
         ClientVerb::Group(cmd) => events.extend(run_group(m, cmd, out).await?),
         ClientVerb::Keys(KeysCmd::Show) => {
@@ -593,9 +624,14 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
         r
     })?;
     print_notices(&mut m);
-    match res? {
+    let outcome = res?;
+    if let Some(line) = outcome.queued_line() {
+        eprintln!("qpq: {}", Shown(&line));
+    }
+    match outcome {
         VerbOutcome::Ok => Ok(std::process::ExitCode::SUCCESS),
         VerbOutcome::Unhealthy => Ok(std::process::ExitCode::FAILURE),
+        VerbOutcome::Queued { .. } => Ok(std::process::ExitCode::from(EXIT_QUEUED)),
     }
 }
 
@@ -607,9 +643,48 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
     res
 }
 
+/// Prints the inbox entries after `cursor` (whichever process fetched them) and moves it on;
+/// returns them.
+fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<Vec<Entry>> {
+    // Marked read durably first, then printed: a crash in between can lose the printout (the
+    // message stays in history) but never prints it twice.
+    let unread = m.read_inbox(cursor)?;
+    if unread.missed > 0 {
+        eprintln!("qpq: {}", missed_line(unread.missed));
+    }
+    // One write for the whole batch keeps that window to a single system call.
+    let mut batch = String::new();
+    for e in &unread.entries {
+        let line = if json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
+        batch.push_str(&line);
+        batch.push('\n');
+    }
+    let mut stdout = std::io::stdout().lock();
+    // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
+    stdout.write_all(batch.as_bytes())?;
+    stdout.flush()?;
+    Ok(unread.entries)
+}
+
+/// What a reader that fell behind the inbox's bounds is told.
+pub fn missed_line(missed: u64) -> String {
+    let s = if missed == 1 { "" } else { "s" };
+    format!(
+        "{missed} earlier message{s} not shown here: this reader fell behind and the inbox keeps only the newest (see /history)"
+    )
+}
+
 async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut printed_any = false;
+    // This process's place in the home's inbox: other readers of the home (another `recv
+    // --follow`, a shell) print the same messages, each from its own cursor.
+    let mut cursor = m.read_cursor()?;
+    // What waited already is printed before the first (long) poll.
+    let mut printed_any = !print_unread(m, &mut cursor, args.json)?.is_empty();
+    if args.follow {
+        // Also tells a script that messages sent from now on will be printed here.
+        eprintln!("qpq: following new messages (Ctrl-C to stop)");
+    }
     let mut backoff = Duration::from_millis(250);
     loop {
         let wait_ms = if args.follow {
@@ -658,20 +733,13 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
                 eprintln!("qpq: {line}");
             }
         }
-        print_notices(m);
-        // Taken out of the inbox durably first, then printed: a crash in between can lose the
-        // printout (the message stays in history) but never prints it twice.
-        let entries = m.take_inbox()?;
-        // One write for the whole batch keeps that window to a single system call.
-        for e in &entries {
-            let line = if args.json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
-            batch.push_str(&line);
-            batch.push('\n');
+        if !batch.is_empty() {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(batch.as_bytes())?;
+            stdout.flush()?;
         }
-        let mut stdout = std::io::stdout().lock();
-        // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
-        stdout.write_all(batch.as_bytes())?;
-        stdout.flush()?;
+        print_notices(m);
+        let entries = print_unread(m, &mut cursor, args.json)?;
         printed_any |= !entries.is_empty();
         if args.follow {
             continue;

@@ -11,12 +11,11 @@
 use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
-use crate::client::messenger::{
-    ClientError, CommitStatus, Event, Messenger, keep_newest, now_ms, valid_name,
-};
+use crate::client::inbox;
+use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, now_ms, valid_name};
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
-use crate::limits::{MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_ORPHAN_BYTES, MAX_ORPHANS, ORPHAN_TTL_MS};
+use crate::limits::{MAX_ORPHAN_BYTES, MAX_ORPHANS, ORPHAN_TTL_MS};
 use crate::mls::{self, Incoming, MlsError, ProposalKind};
 
 impl Messenger {
@@ -26,9 +25,16 @@ impl Messenger {
     /// that long for the first message. Every message's effect is saved before it is acked.
     pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
         self.connect().await?;
-        if wait_ms > 0 {
-            // Wait without holding the home lock, so other qpq processes on this home go on.
-            let (waiting, _) = self.session()?.fetch_wait(wait_ms, 1).await?;
+        // Queued messages go out before any long wait.
+        if wait_ms > 0 && !self.has_queued_sends() {
+            // Wait without holding the home lock, so other qpq processes on this home go on. One
+            // of them may fetch what we wait for: its save ends the wait too, so that this
+            // process's reader shows the messages without waiting for the next ones.
+            let session = self.session()?;
+            let waiting = tokio::select! {
+                r = session.fetch_wait(wait_ms, 1) => r?.0,
+                () = self.home.saved_elsewhere() => return Ok(Vec::new()),
+            };
             if waiting.is_empty() {
                 return Ok(Vec::new());
             }
@@ -36,19 +42,9 @@ impl Messenger {
         let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
         events.extend(self.finish_round().await?);
+        // Messages typed while the server was away go out now, in order.
+        self.flush_sends(&mut events).await?;
         Ok(events)
-    }
-
-    /// Unread messages (processed by any command, not yet shown by `recv`), oldest first;
-    /// they are removed from the inbox durably before being returned.
-    pub fn take_inbox(&mut self) -> Result<Vec<Entry>, ClientError> {
-        let _op = self.begin()?;
-        if self.home.state.inbox.is_empty() {
-            return Ok(Vec::new());
-        }
-        let taken: Vec<Entry> = self.home.state.inbox.drain(..).collect();
-        self.home.save()?;
-        Ok(taken)
     }
 
     /// One fetch (or fetchWait) and the processing of what came, repeated while the server says
@@ -336,10 +332,9 @@ impl Messenger {
         before != self.home.state.orphans.len() || !expired.is_empty()
     }
 
-    /// Keeps the unread inbox within its bounds: the oldest unread leave it first (they stay in
-    /// their conversation's history).
+    /// Keeps the inbox within its bounds (see [`crate::client::inbox`]).
     fn trim_inbox(&mut self) {
-        keep_newest(&mut self.home.state.inbox, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES);
+        inbox::trim(&mut self.home.state);
     }
 
     fn unique_group_name(&self, wanted: &str) -> String {
@@ -426,7 +421,7 @@ impl Messenger {
                         outgoing: false,
                     };
                     self.push_history(entry.clone());
-                    self.home.state.inbox.push_back(entry.clone());
+                    inbox::push(&mut self.home.state, entry.clone());
                     events.push(Event::Message(entry));
                 }
                 Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
@@ -458,9 +453,10 @@ impl Messenger {
             Ok(Incoming::Proposal { .. }) => {}
             Err(e) => {
                 // A commit that lost its epoch (or a message from an epoch we no longer keep)
-                // fails here by design; anything else is worth a notice.
+                // fails here by design, and so does a copy of a message we have (a sender's
+                // retry, see `client::outbox`); anything else is worth a notice.
                 let stale = mls::MlsClient::peek(message).map(|i| i.epoch < epoch_before).unwrap_or(false)
-                    || matches!(e, MlsError::OwnMessage);
+                    || matches!(e, MlsError::OwnMessage | MlsError::Replayed);
                 if !stale {
                     events.push(Event::Dropped {
                         reason: format!("a message of {} was dropped: {e}", self.conversation_name(group_id)),

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::client::frame::{AppMessage, Frame};
+use crate::client::outbox::Watch;
 use crate::client::session::{Session, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Secrets, State, StateError, Unlock};
 use crate::clock::Clock;
@@ -96,6 +96,8 @@ pub enum ClientError {
     CommitTimeout,
     #[error("that is your own key")]
     SelfTarget,
+    #[error("the outbox is full ({0} messages wait): they go out when the server is back, then send again")]
+    OutboxFull(usize),
     #[error("no message request {0}: see `qpq requests`")]
     NoRequest(String),
     #[error(
@@ -133,15 +135,6 @@ pub enum Event {
     /// The server refused the Welcome of a commit that added `to`: they are members who will
     /// never read the group.
     WelcomeRefused { to: Vec<[u8; 32]>, reason: String },
-}
-
-/// What a send did.
-#[derive(Debug, Clone)]
-pub struct Sent {
-    pub group_id: Vec<u8>,
-    pub recipients: usize,
-    /// What catching up before sending brought in (e.g. someone opened a conversation).
-    pub events: Vec<Event>,
 }
 
 /// Where a message goes.
@@ -195,6 +188,8 @@ pub struct Messenger {
     held: Rc<Cell<bool>>,
     /// The time source for lifetimes (message requests, orphans).
     pub(crate) clock: Clock,
+    /// The queued message this process waits for (see [`crate::client::outbox`]).
+    pub(crate) watch: Watch,
 }
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
@@ -310,6 +305,7 @@ impl Messenger {
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock: Clock::from_env(),
+            watch: Watch::default(),
         };
         Ok((m, report))
     }
@@ -336,6 +332,7 @@ impl Messenger {
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock: Clock::from_env(),
+            watch: Watch::default(),
         })
     }
 
@@ -608,64 +605,7 @@ impl Messenger {
             .unwrap_or_default()
     }
 
-    // ----- sending -----
-
-    /// Sends `text` to a person (direct conversation, created on first use) or a group.
-    pub async fn send(&mut self, target: &Target, text: &str) -> Result<Sent, ClientError> {
-        if text.len() > MAX_TEXT_BYTES {
-            return Err(ClientError::TooLarge(text.len()));
-        }
-        let group_id = match target {
-            Target::Group(name) => self.find_group(name)?,
-            Target::Person(_) => Vec::new(),
-        };
-        self.connect().await?;
-        let _op = self.begin()?;
-        // Catch up first: a commit or a Welcome may be waiting (e.g. the peer already opened a
-        // direct conversation with us, which we then reuse).
-        let mut events = self.receive_round(0).await?;
-        events.extend(self.finish_round().await?);
-        let group_id = match target {
-            Target::Group(name) => {
-                let id = self.find_group(name)?;
-                debug_assert_eq!(id, group_id);
-                id
-            }
-            Target::Person(peer) => match self.find_direct(peer) {
-                Some(id) => id,
-                // Replying to a message request accepts it (its conversation is the one to use).
-                None => match self.accept_direct_request_from(peer, &mut events)? {
-                    Some(id) => id,
-                    None => self.create_direct(*peer).await?,
-                },
-            },
-        };
-        let me = self.identity.public().0;
-        let recipients: Vec<[u8; 32]> =
-            self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
-        if recipients.is_empty() {
-            return Err(ClientError::Alone(
-                self.conversation_name(&group_id).trim_start_matches('#').to_string(),
-            ));
-        }
-        let sent_at_ms = now_ms();
-        let body = AppMessage { text: text.to_string(), sent_at_ms }.encode();
-        let ciphertext = self.mls.encrypt(&group_id, &body)?;
-        let entry = Entry {
-            group_id: group_id.clone(),
-            from: me,
-            text: text.to_string(),
-            sent_at_ms,
-            received_at_ms: sent_at_ms,
-            outgoing: true,
-        };
-        self.push_history(entry);
-        // The ratchet advanced: persist before anything leaves, so a crash never reuses a key.
-        self.persist()?;
-        let frame = Frame::Mls { group_id: group_id.clone(), message: ciphertext }.encode();
-        self.fan_out(&group_id, &recipients, &frame).await?;
-        Ok(Sent { group_id, recipients: recipients.len(), events })
-    }
+    // ----- sending (queued first, see [`crate::client::outbox`]) -----
 
     /// Seals `frame` for each recipient and enqueues all in one atomic batch on `channel`.
     pub(crate) async fn fan_out(

@@ -1,6 +1,7 @@
 //! The client side: a connection to the server ([`session`]), the encrypted state ([`state`]),
 //! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), KeyPackage
-//! lifetimes ([`keypool`]), membership events kept with history ([`timeline`]), and the
+//! lifetimes ([`keypool`]), membership events kept with history ([`timeline`]), the readers'
+//! log of received messages ([`inbox`]), messages waiting to be sent ([`outbox`]), and the
 //! messenger core ([`messenger`], [`delivery`], [`groups`], and [`requests`] for consent to
 //! strangers' invitations)
 //! that the one-shot commands and the shell share. No printing in here.
@@ -9,8 +10,10 @@ pub mod delivery;
 pub mod frame;
 pub mod groups;
 pub mod hybridkeys;
+pub mod inbox;
 pub mod keypool;
 pub mod messenger;
+pub mod outbox;
 pub mod requests;
 pub mod session;
 pub mod state;

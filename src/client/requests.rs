@@ -368,7 +368,7 @@ impl Messenger {
             self.handle_group_message(&group_id, &m.0, events);
         }
         // Shown with the accept: not unread any more.
-        self.home.state.inbox.truncate(unread);
+        crate::client::inbox::unpush_since(&mut self.home.state, unread);
         Ok(group_id)
     }
 

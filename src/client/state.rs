@@ -35,8 +35,10 @@ const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Version of the [`State`] layout inside the sealed file. 2: hybrid keys rotate (creation
 /// time, retired secrets, peer keys with lookup times). 3: `key_pool` (published KeyPackages
-/// with their lifetimes), message requests and the block list ([`State::requests`]).
-pub const STATE_VERSION: u32 = 3;
+/// with their lifetimes), message requests and the block list ([`State::requests`]). 4: the inbox
+/// is a log that readers do not drain ([`State::inbox_end_seq`], [`State::read_seq`]) and sends
+/// wait in an outbox ([`State::sends`]); version 3 files are migrated on open.
+pub const STATE_VERSION: u32 = 4;
 
 /// Default number of messages kept per conversation for `/history`.
 pub const DEFAULT_HISTORY_LIMIT: usize = 500;
@@ -172,7 +174,9 @@ pub struct State {
     pub hybrid_keys: BTreeMap<[u8; 32], PeerHybridKey>,
     /// Hex group id → group.
     pub groups: BTreeMap<String, GroupMeta>,
-    /// Received messages not yet shown by `recv` (others than `recv` process the queue too).
+    /// Received messages, oldest first, as a log every reader of the home follows with its own
+    /// cursor (see [`crate::client::inbox`]); entry `i` has the home-wide sequence number
+    /// `inbox_end_seq - len + 1 + i`.
     pub inbox: VecDeque<Entry>,
     /// Messages for groups we know nothing of yet, bounded by [`crate::limits::MAX_ORPHANS`] and
     /// [`crate::limits::MAX_ORPHAN_BYTES`] (messages for a pending request are held in it instead).
@@ -198,9 +202,51 @@ pub struct State {
     /// Invitations from keys that are not contacts, and the keys we block
     /// (see [`crate::client::requests`]).
     pub requests: RequestBook,
+    /// Sequence number of the newest entry ever added to `inbox` (0: none yet).
+    pub inbox_end_seq: u64,
+    /// Entries of `inbox` up to this sequence number were shown by some reader (`recv`, the
+    /// shell): one-shot `recv` prints what follows it.
+    pub read_seq: u64,
+    /// Messages waiting to be sent, oldest first (see [`crate::client::outbox`]).
+    pub sends: VecDeque<QueuedSend>,
     /// Membership events of the conversations, stored in the trailer (see the module header).
     #[serde(skip)]
     pub timelines: Timelines,
+}
+
+/// A message in the outbox: typed, maybe encrypted, not known to be on the server yet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueuedSend {
+    /// Unique in this home: lets a command find its own message again.
+    pub id: u64,
+    pub to: QueuedTarget,
+    pub text: String,
+    /// Our clock when it was typed.
+    pub sent_at_ms: u64,
+    /// The MLS message, once encrypted: made once, since encrypting advances the ratchet.
+    pub sealed: Option<SealedSend>,
+}
+
+/// Where a queued message goes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum QueuedTarget {
+    /// An existing conversation (group or direct), by group id.
+    Conversation(Vec<u8>),
+    /// A person with no conversation yet: it is opened when the message goes out.
+    Person([u8; 32]),
+}
+
+/// A queued message's MLS ciphertext and what became of sending it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SealedSend {
+    pub group_id: Vec<u8>,
+    /// The group epoch it was encrypted in.
+    pub epoch: u64,
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// True once a request carrying it left and no answer came: the server may have it, so
+    /// only these same bytes may go out again (receivers drop the duplicate).
+    pub maybe_sent: bool,
 }
 
 impl State {
@@ -229,6 +275,9 @@ impl State {
             server_instance: 0,
             key_pool: KeyPool::default(),
             requests: RequestBook::default(),
+            inbox_end_seq: 0,
+            read_seq: 0,
+            sends: VecDeque::new(),
             timelines: Timelines::default(),
         }
     }
@@ -252,6 +301,9 @@ impl State {
             if version > STATE_VERSION {
                 return Err(StateError::Version(version));
             }
+            if version == 3 {
+                return Self::migrate_from_3(bytes);
+            }
             if version < STATE_VERSION {
                 return Err(StateError::OldVersion(version));
             }
@@ -264,6 +316,27 @@ impl State {
         if !trailer.is_empty() {
             s.timelines = postcard::from_bytes(trailer).map_err(|e| StateError::Decode(e.to_string()))?;
         }
+        Ok(s)
+    }
+}
+
+impl State {
+    /// Version 4 only appended fields, and postcard writes a struct as its fields one after
+    /// the other, so a version 3 encoding followed by the new fields' defaults is a version 4
+    /// encoding. A version 3 inbox held only unread entries: they keep their place as unread.
+    fn migrate_from_3(bytes: &[u8]) -> Result<State, StateError> {
+        let tail = postcard::to_allocvec(&(0u64, 0u64, VecDeque::<QueuedSend>::new()))
+            .map_err(|e| StateError::Encode(e.to_string()))?;
+        let mut v4 = Zeroizing::new(Vec::with_capacity(bytes.len() + tail.len()));
+        v4.extend_from_slice(bytes);
+        v4.extend_from_slice(&tail);
+        let (mut s, rest): (State, &[u8]) =
+            postcard::take_from_bytes(&v4).map_err(|e| StateError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(StateError::Decode(format!("{} bytes after a version 3 state", rest.len())));
+        }
+        s.version = STATE_VERSION;
+        s.inbox_end_seq = s.inbox.len() as u64;
         Ok(s)
     }
 }
@@ -408,6 +481,19 @@ impl Home {
         Ok(true)
     }
 
+    /// Returns once another process saved the state (polled every
+    /// [`crate::limits::HOME_WATCH_MS`]); never, if none does.
+    pub async fn saved_elsewhere(&self) {
+        let path = self.dir.join(STATE_FILE);
+        let period = std::time::Duration::from_millis(crate::limits::HOME_WATCH_MS);
+        loop {
+            tokio::time::sleep(period).await;
+            if file_id(&path) != self.seen.as_ref().map(|s| s.id) {
+                return;
+            }
+        }
+    }
+
     /// Seals and writes the state crash-safe; returns once it is durable. Call with the lock
     /// held.
     pub fn save(&mut self) -> Result<(), StateError> {
@@ -536,6 +622,31 @@ mod tests {
         let err = State::decode(&older).err().expect("an older layout is refused");
         assert!(err.to_string().starts_with("state file version 1 is from an older qpq"), "{err}");
         assert!(matches!(State::decode(&[]), Err(StateError::Decode(_))));
+    }
+
+    #[test]
+    fn a_version_3_home_opens_with_its_unread_messages_unread() {
+        let mut s = sample();
+        s.inbox.push_back(Entry {
+            group_id: vec![5; 16],
+            from: [3; 32],
+            text: "unread".into(),
+            sent_at_ms: 1,
+            received_at_ms: 2,
+            outgoing: false,
+        });
+        s.version = 3;
+        // What qpq 3 wrote: everything up to (not including) the fields version 4 appended.
+        let v4 = s.encode().unwrap();
+        let tail = postcard::to_allocvec(&(0u64, 0u64, VecDeque::<QueuedSend>::new())).unwrap();
+        let v3 = &v4[..v4.len() - tail.len()];
+        let m = State::decode(v3).expect("a version 3 state migrates");
+        assert_eq!(m.version, STATE_VERSION);
+        assert_eq!(m.contacts.get("bob"), Some(&[3; 32]));
+        assert_eq!((m.inbox.len(), m.inbox_end_seq, m.read_seq), (1, 1, 0), "still unread");
+        assert!(m.sends.is_empty());
+        // Damage is still damage.
+        assert!(matches!(State::decode(&v3[..v3.len() - 1]), Err(StateError::Decode(_))));
     }
 
     #[test]

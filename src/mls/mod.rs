@@ -43,6 +43,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use ed25519_dalek::SigningKey;
+use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
+use openmls::group::{ProcessMessageError, ValidationError};
 use openmls::prelude::{
     BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
     KeyPackageBundle, KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup,
@@ -115,6 +117,8 @@ pub enum MlsError {
     WrongGroup,
     #[error("cannot process our own message")]
     OwnMessage,
+    #[error("a message that was processed already came again")]
+    Replayed,
     #[error("unsupported mls message: {0}")]
     Unsupported(&'static str),
     #[error("welcome matches none of our key packages")]
@@ -593,8 +597,14 @@ impl MlsClient {
             return Err(MlsError::WrongGroup);
         }
         let mut group = self.load_active(group_id)?;
-        let processed =
-            group.process_message(&self.provider, message).map_err(|e| openmls_err("process message", e))?;
+        let processed = group.process_message(&self.provider, message).map_err(|e| match e {
+            // The key of this sender's generation was used already (RFC 9420 section 9.2 deletes
+            // it after use): the same message came again.
+            ProcessMessageError::ValidationError(ValidationError::UnableToDecrypt(
+                MessageDecryptionError::SecretTreeError(SecretTreeError::SecretReuseError),
+            )) => MlsError::Replayed,
+            e => openmls_err("process message", e),
+        })?;
         let sender_credential = processed.credential().clone();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {

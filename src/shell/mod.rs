@@ -9,6 +9,11 @@
 //! then the editor is asked for the next line. Arrivals go through the [`printer`] so they
 //! appear above a half-typed line. A failing receive is reported once and retried with backoff
 //! ([`link`]); commands keep working meanwhile, and those needing the server fail with one line.
+//! Messages never wait for the network: a chat line (or `send`) only queues the message in the
+//! home's outbox ([`crate::client::outbox`]), and the loop's next receive round sends it, so
+//! the prompt comes back at once and text typed while the server is away is kept. Arrivals are
+//! read from the home's inbox with this shell's own cursor ([`crate::client::inbox`]), so a
+//! `recv --follow` on the same home shows them too.
 //!
 //! Lines mean what [`grammar`] says: shared verbs parsed by the one-shot clap definitions and
 //! run by [`run_verb`], plus chat syntax (`@bob hi`, `#team hi`, `/chat`, `/history`, ...).
@@ -37,9 +42,10 @@ use futures::FutureExt as _;
 
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
-    ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir,
+    ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir, missed_line,
     open_messenger, run_verb,
 };
+use crate::client::inbox::Cursor;
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
 use crate::client::timeline::Item;
 use crate::shell::complete::{Names, SharedNames};
@@ -56,7 +62,8 @@ pub const LONG_POLL_MS: u32 = 25_000;
 /// `qpq shell`.
 pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let home = home_dir(g)?;
-    let messenger = open_messenger(g)?;
+    let mut messenger = open_messenger(g)?;
+    let cursor = messenger.read_cursor()?;
     let names: SharedNames = Arc::new(Mutex::new(Names::default()));
     let (out, input) = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let (tx, rx) = mpsc::channel();
@@ -72,6 +79,7 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         names,
         conversation: None,
         link: Link::default(),
+        cursor,
         failed: false,
         interrupt: None,
     };
@@ -117,6 +125,8 @@ struct Shell {
     names: SharedNames,
     conversation: Option<Conversation>,
     link: Link,
+    /// This shell's place in the home's inbox (other readers of the home keep their own).
+    cursor: Cursor,
     /// A line failed: a script exits with status 1.
     failed: bool,
     /// SIGINT while a line runs (interactive only): Ctrl-C abandons that command, not the
@@ -143,7 +153,12 @@ impl Shell {
                 let due = self.link.next_attempt(tokio::time::Instant::now());
                 // The first receive, and the first after an outage, catch up at once, so the
                 // link state (and "connected again") is known without a long poll's delay.
-                let wait = if self.link.is_starting() || self.link.is_offline() { 0 } else { LONG_POLL_MS };
+                // Queued messages go out at once too (a receive round sends the outbox first).
+                let wait = if self.link.is_starting() || self.link.is_offline() || self.m.has_queued_sends() {
+                    0
+                } else {
+                    LONG_POLL_MS
+                };
                 let m = &mut self.m;
                 let lines = &mut self.input.lines;
                 tokio::select! {
@@ -168,12 +183,20 @@ impl Shell {
                 Step::Quit => break,
             }
         }
-        if !self.input.is_editor() && !self.link.is_offline() {
-            // A script's last word: what arrived while it ran.
+        if (!self.input.is_editor() || self.m.has_queued_sends()) && !self.link.is_offline() {
+            // A script's last word: what arrived while it ran. Messages typed just before
+            // leaving go out now.
             match self.m.receive(0).await {
                 Ok(events) => self.show(events),
                 Err(e) => self.out.status(&format!("cannot receive: {e}")),
             }
+        }
+        let n = self.m.queued_sends();
+        if n > 0 {
+            let s = if n == 1 { "" } else { "s" };
+            self.out.status(&format!(
+                "{n} message{s} queued: the next qpq command that reaches the server sends them"
+            ));
         }
         self.m.disconnect().await;
         if self.failed && !self.input.is_editor() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
@@ -256,8 +279,14 @@ impl Shell {
                     Change::Unreachable => format!("cannot reach {server} ({e}); retrying in the background"),
                     Change::Same | Change::Back => String::new(),
                 };
+                self.m.announce_queued_sends();
                 if !said.is_empty() {
                     self.out.status(&said);
+                    let n = self.m.queued_sends();
+                    if n > 0 {
+                        let s = if n == 1 { "" } else { "s" };
+                        self.out.status(&format!("{n} message{s} queued, will send when the server is back"));
+                    }
                 }
                 self.m.disconnect().await;
             }
@@ -271,9 +300,12 @@ impl Shell {
                 self.out.data(&format!("* {line}"));
             }
         }
-        match self.m.take_inbox() {
-            Ok(entries) => {
-                for e in &entries {
+        match self.m.read_inbox(&mut self.cursor) {
+            Ok(unread) => {
+                if unread.missed > 0 {
+                    self.out.status(&missed_line(unread.missed));
+                }
+                for e in &unread.entries {
                     self.out.data(&format_entry(&self.m, e));
                 }
             }
@@ -360,12 +392,27 @@ impl Shell {
                         anyhow::bail!("no open conversation: use @NAME TEXT, #GROUP TEXT or /chat NAME first")
                     }
                 };
-                let send = ClientVerb::Send(SendArgs { target, text: vec![text] });
-                self.verb(send).await.context("message not sent")?;
+                self.say(&target, &text).context("message not sent")?;
+            }
+            Action::Verb(ClientVerb::Send(SendArgs { target, text })) if !text.is_empty() => {
+                self.say(&target, &text.join(" ")).context("message not sent")?;
             }
             Action::Verb(verb) => self.verb(verb).await?,
         }
         Ok(Flow::Continue)
+    }
+
+    /// Queues a message; the receive loop sends it in the background, so the prompt never
+    /// waits for the network and nothing typed is lost while the server is away.
+    fn say(&mut self, target: &str, text: &str) -> anyhow::Result<()> {
+        let target = self.m.resolve_target(target)?;
+        let id = self.m.queue_send(&target, text)?;
+        if self.link.is_offline() {
+            self.out.status("queued, will send when the server is back");
+        } else {
+            self.m.send_quietly(id);
+        }
+        Ok(())
     }
 
     /// A shared verb, run exactly as the one-shot command runs it.
@@ -409,7 +456,10 @@ impl Shell {
         };
         let (id, items) = match self.m.conversation_id(&c.target) {
             Ok(id) => {
-                let items = self.m.timeline(&id, n);
+                // What is typed counts from the moment it is queued.
+                let mut items = self.m.timeline(&id, n);
+                items.extend(self.m.queued_entries(&id).into_iter().map(Item::Message));
+                let items = items.split_off(items.len().saturating_sub(n));
                 (id, items)
             }
             // A contact we have not talked to yet has no conversation.

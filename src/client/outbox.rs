@@ -1,0 +1,373 @@
+//! The outbox: every message is queued durably in the home first ([`State::sends`]) and sent
+//! from there, in order, by whatever command connects next (`send`, `recv`, the shell's
+//! receive loop, any command that catches up).
+//!
+//! A message's fate is one of three:
+//! - sent: the server answered the enqueue; it leaves the outbox.
+//! - refused: the server answered with an error (a full queue, ...), or it cannot be sent at
+//!   all (the group is gone): it leaves the outbox with an error for the person.
+//! - unknown: no connection, or the request left and the connection dropped before the answer.
+//!   It stays queued. `send` says "queued, will send when the server is back" (exit
+//!   [`EXIT_QUEUED`]) or "may have been sent; retrying", never "failed".
+//!
+//! # One ciphertext per message
+//! Encrypting advances the MLS ratchet, so a message is encrypted once and its ciphertext saved
+//! in the outbox with the ratchet ([`SealedSend`]) before the first attempt: a crash between
+//! encrypting and sending loses nothing. A retry sends the same bytes; a receiver that already
+//! has them finds their generation's key used up and drops the copy quietly
+//! (see [`crate::mls::MlsError::Replayed`]).
+//!
+//! When the group's epoch moved on before a retry (a commit came in), the saved ciphertext
+//! belongs to an older epoch:
+//! - if no request carrying it ever left ([`SealedSend::maybe_sent`] false), the text is
+//!   encrypted again for the current epoch (the old ciphertext was never seen by anyone);
+//! - if one may have left, the same bytes go again: re-encrypting could show the text twice.
+//!   Members keep the secrets of a few past epochs (`MAX_PAST_EPOCHS` in [`crate::mls`]), so
+//!   the copy still opens for a member that never got the first one unless that many commits
+//!   came in between.
+//!
+//! A crash after a request left but before `maybe_sent` was saved is the one case where a
+//! retry in a later epoch re-encrypts and a receiver may see the text twice.
+
+use std::collections::HashSet;
+
+use crate::client::frame::{AppMessage, Frame};
+use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target, now_ms};
+use crate::client::session::SessionError;
+use crate::client::state::{Entry, QueuedSend, QueuedTarget, SealedSend};
+use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
+
+/// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
+/// again later, which qpq does by itself).
+pub const EXIT_QUEUED: u8 = 75;
+
+/// What became of a queued message in this process.
+#[derive(Debug)]
+pub enum Fate {
+    /// The server has it.
+    Sent { group_id: Vec<u8>, recipients: usize },
+    /// It left the outbox unsent.
+    Refused(ClientError),
+    /// Still queued; `maybe_sent` when a request carrying it may have reached the server.
+    Kept { maybe_sent: bool, reason: String },
+}
+
+/// The one message a command waits for, and what became of it.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    awaited: Option<u64>,
+    fate: Option<Fate>,
+    /// Messages whose sending needs no notice (the shell queued them while connected; once an
+    /// attempt failed, each is announced when it finally goes).
+    quiet: HashSet<u64>,
+}
+
+/// True for errors that say nothing about the message, only that the server is out of reach
+/// (or stopped answering): the message stays queued.
+pub fn is_offline(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Session(
+            SessionError::Connect { .. }
+                | SessionError::Resolve(_)
+                | SessionError::Disconnected(_)
+                | SessionError::Timeout(_)
+        )
+    )
+}
+
+impl Messenger {
+    /// Checks what can be checked without the server and queues `text` for `target` durably;
+    /// returns the message's id in the outbox.
+    pub fn queue_send(&mut self, target: &Target, text: &str) -> Result<u64, ClientError> {
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(ClientError::TooLarge(text.len()));
+        }
+        let _op = self.begin()?;
+        let to = match target {
+            Target::Group(name) => QueuedTarget::Conversation(self.find_group(name)?),
+            Target::Person(peer) => match self.find_direct(peer) {
+                Some(id) => QueuedTarget::Conversation(id),
+                None => QueuedTarget::Person(*peer),
+            },
+        };
+        if let QueuedTarget::Conversation(id) = &to {
+            self.recipients_of(id)?;
+        }
+        let queued = &self.home.state.sends;
+        let bytes: usize = queued.iter().map(|s| s.text.len()).sum::<usize>() + text.len();
+        if queued.len() >= MAX_QUEUED_SENDS || bytes > MAX_QUEUED_SEND_BYTES {
+            return Err(ClientError::OutboxFull(queued.len()));
+        }
+        let id = rand::random();
+        let item = QueuedSend { id, to, text: text.to_string(), sent_at_ms: now_ms(), sealed: None };
+        self.home.state.sends.push_back(item);
+        self.home.save()?;
+        Ok(id)
+    }
+
+    /// Sending message `id` (queued by this process) needs no notice unless an attempt fails.
+    pub fn send_quietly(&mut self, id: u64) {
+        self.watch.quiet.insert(id);
+    }
+
+    /// From now on every queued message is announced when it goes (an attempt failed: the
+    /// person was told they wait).
+    pub fn announce_queued_sends(&mut self) {
+        self.watch.quiet.clear();
+    }
+
+    /// The messages to a conversation that wait in the outbox and are not in its history yet
+    /// (a message enters the history when it is encrypted), as history entries.
+    pub fn queued_entries(&self, group_id: &[u8]) -> Vec<Entry> {
+        let me = self.identity.public().0;
+        self.home
+            .state
+            .sends
+            .iter()
+            .filter(|s| s.sealed.is_none())
+            .filter(|s| match &s.to {
+                QueuedTarget::Conversation(id) => id == group_id,
+                QueuedTarget::Person(peer) => self.find_direct(peer).is_some_and(|id| id == group_id),
+            })
+            .map(|s| Entry {
+                group_id: group_id.to_vec(),
+                from: me,
+                text: s.text.clone(),
+                sent_at_ms: s.sent_at_ms,
+                received_at_ms: s.sent_at_ms,
+                outgoing: true,
+            })
+            .collect()
+    }
+
+    /// How many messages wait in the outbox.
+    pub fn queued_sends(&self) -> usize {
+        self.home.state.sends.len()
+    }
+
+    /// True while messages wait in the outbox.
+    pub fn has_queued_sends(&self) -> bool {
+        !self.home.state.sends.is_empty()
+    }
+
+    /// Takes a queued message out again (it never left: nothing was encrypted for it).
+    pub(crate) fn unqueue(&mut self, id: u64) -> Result<(), ClientError> {
+        let _op = self.begin()?;
+        let before = self.home.state.sends.len();
+        self.home.state.sends.retain(|s| s.id != id || s.sealed.is_some());
+        if self.home.state.sends.len() != before {
+            self.home.save()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the outbox in order, under the home lock and connected. Stops at the first
+    /// message that cannot go now (the rest waits behind it, to keep the order); messages the
+    /// server refuses leave the outbox with a notice (or as the awaited message's fate).
+    pub(crate) async fn flush_sends(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
+        while let Some(item) = self.home.state.sends.front().cloned() {
+            let awaited = self.watch.awaited == Some(item.id);
+            match self.send_queued(item.clone(), events).await {
+                Ok((group_id, recipients)) => {
+                    self.drop_queued(item.id)?;
+                    if awaited {
+                        self.watch.fate = Some(Fate::Sent { group_id, recipients });
+                    } else if !self.watch.quiet.remove(&item.id) {
+                        let to = self.conversation_name(&group_id);
+                        self.notices.push(format!("sent a queued message to {to}"));
+                    }
+                }
+                Err(e) if is_offline(&e) => {
+                    let maybe_sent = self
+                        .home
+                        .state
+                        .sends
+                        .iter()
+                        .find(|s| s.id == item.id)
+                        .and_then(|s| s.sealed.as_ref())
+                        .is_some_and(|s| s.maybe_sent);
+                    if awaited {
+                        self.watch.fate = Some(Fate::Kept { maybe_sent, reason: e.to_string() });
+                    }
+                    self.watch.quiet.clear();
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.drop_queued(item.id)?;
+                    if awaited {
+                        self.watch.fate = Some(Fate::Refused(e));
+                    } else {
+                        let to = match &item.to {
+                            QueuedTarget::Conversation(id) => self.conversation_name(id),
+                            QueuedTarget::Person(k) => self.display_name(k),
+                        };
+                        events.push(Event::Dropped {
+                            reason: format!("a queued message to {to} was not sent: {e}"),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_queued(&mut self, id: u64) -> Result<(), ClientError> {
+        self.home.state.sends.retain(|s| s.id != id);
+        self.home.save()?;
+        Ok(())
+    }
+
+    /// Members of a conversation other than us; an error when there are none.
+    fn recipients_of(&self, group_id: &[u8]) -> Result<Vec<[u8; 32]>, ClientError> {
+        let me = self.identity.public().0;
+        let key = hex::encode(group_id);
+        if let Some(g) = self.home.state.groups.get(&key)
+            && !g.active
+        {
+            return Err(ClientError::NotMember(
+                self.conversation_name(group_id).trim_start_matches('#').into(),
+            ));
+        }
+        let recipients: Vec<[u8; 32]> =
+            self.mls.members(group_id)?.into_iter().filter(|m| *m != me).collect();
+        if recipients.is_empty() {
+            return Err(ClientError::Alone(
+                self.conversation_name(group_id).trim_start_matches('#').to_string(),
+            ));
+        }
+        Ok(recipients)
+    }
+
+    /// One queued message: opens its conversation if needed, encrypts it if not yet (or again,
+    /// see the module header), saves, sends.
+    async fn send_queued(
+        &mut self,
+        item: QueuedSend,
+        events: &mut Vec<Event>,
+    ) -> Result<(Vec<u8>, usize), ClientError> {
+        let group_id = match &item.to {
+            QueuedTarget::Conversation(id) => id.clone(),
+            QueuedTarget::Person(peer) => {
+                let id = match self.find_direct(peer) {
+                    Some(id) => id,
+                    // Replying to a message request accepts it (its conversation is the one).
+                    None => match self.accept_direct_request_from(peer, events)? {
+                        Some(id) => id,
+                        None => self.create_direct(*peer).await?,
+                    },
+                };
+                self.set_queued(item.id, |s| s.to = QueuedTarget::Conversation(id.clone()));
+                self.persist()?;
+                id
+            }
+        };
+        let recipients = self.recipients_of(&group_id)?;
+        let epoch = self.mls.epoch(&group_id)?;
+        let ciphertext = match item.sealed {
+            Some(s) if s.group_id == group_id && (s.maybe_sent || s.epoch == epoch) => s.ciphertext,
+            sealed => {
+                let body = AppMessage { text: item.text.clone(), sent_at_ms: item.sent_at_ms }.encode();
+                let ciphertext = self.mls.encrypt(&group_id, &body)?;
+                if sealed.is_none() {
+                    self.push_history(Entry {
+                        group_id: group_id.clone(),
+                        from: self.identity.public().0,
+                        text: item.text.clone(),
+                        sent_at_ms: item.sent_at_ms,
+                        received_at_ms: item.sent_at_ms,
+                        outgoing: true,
+                    });
+                }
+                let sealed = SealedSend { group_id: group_id.clone(), epoch, ciphertext, maybe_sent: false };
+                self.set_queued(item.id, |s| s.sealed = Some(sealed.clone()));
+                // The ratchet advanced: saved with the ciphertext before anything leaves, so a
+                // crash never reuses a key and never loses the message.
+                self.persist()?;
+                crate::failpoint::hit("send-sealed");
+                sealed.ciphertext
+            }
+        };
+        let frame = Frame::Mls { group_id: group_id.clone(), message: ciphertext }.encode();
+        let mut sent = self.fan_out(&group_id, &recipients, &frame).await;
+        if sent.is_ok() && crate::failpoint::active("send-answer-lost") {
+            // Tests: the server took it, and the answer never came.
+            sent = Err(SessionError::Disconnected("the answer was lost (test point)".into()).into());
+        }
+        match sent {
+            Ok(_) => {
+                // Tests stop here to leave a message on the server and in the outbox both.
+                crate::failpoint::hit("send-enqueued");
+                Ok((group_id, recipients.len()))
+            }
+            Err(e) => {
+                if matches!(&e, ClientError::Session(se) if !se.is_definite_refusal()) {
+                    self.set_queued(item.id, |s| {
+                        if let Some(sealed) = &mut s.sealed {
+                            sealed.maybe_sent = true;
+                        }
+                    });
+                    self.home.save()?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn set_queued(&mut self, id: u64, f: impl FnOnce(&mut QueuedSend)) {
+        if let Some(s) = self.home.state.sends.iter_mut().find(|s| s.id == id) {
+            f(s);
+        }
+    }
+
+    /// Queues `text` for `target` and sends the outbox up to it. Ok with [`Fate::Kept`] when
+    /// it stays queued; the error when it was refused or could not be queued.
+    pub async fn send(&mut self, target: &Target, text: &str) -> Result<(Fate, Vec<Event>), ClientError> {
+        let id = self.queue_send(target, text)?;
+        let mut events = Vec::new();
+        let mut fate = self.deliver_outbox(id, &mut events).await;
+        if let Fate::Kept { maybe_sent: true, .. } = &fate {
+            // The request may have arrived: the same bytes once more, on a new connection.
+            self.notices.push("may have been sent; retrying".to_string());
+            self.disconnect().await;
+            fate = self.deliver_outbox(id, &mut events).await;
+        }
+        match fate {
+            Fate::Refused(e) => {
+                // Refused before it was encrypted (say, a changed server certificate): it
+                // leaves the outbox, as a failed send always did.
+                self.unqueue(id)?;
+                Err(e)
+            }
+            f => Ok((f, events)),
+        }
+    }
+
+    /// Connects, catches up, and sends the outbox: what became of message `id`.
+    async fn deliver_outbox(&mut self, id: u64, events: &mut Vec<Event>) -> Fate {
+        self.watch.awaited = Some(id);
+        self.watch.fate = None;
+        let r = async {
+            self.connect().await?;
+            let _op = self.begin()?;
+            // Catch up first: a commit or a Welcome may be waiting (the peer may have opened a
+            // direct conversation with us, which we then reuse).
+            events.extend(self.receive_round(0).await?);
+            events.extend(self.finish_round().await?);
+            self.flush_sends(events).await
+        }
+        .await;
+        self.watch.awaited = None;
+        let recorded = self.watch.fate.take();
+        let queued = self.home.state.sends.iter().find(|s| s.id == id);
+        let maybe_sent = queued.and_then(|s| s.sealed.as_ref()).is_some_and(|s| s.maybe_sent);
+        match (recorded, r) {
+            (Some(f), _) => f,
+            (None, Err(e)) if is_offline(&e) => Fate::Kept { maybe_sent, reason: e.to_string() },
+            (None, Err(e)) => Fate::Refused(e),
+            // Another process of this home sent it meanwhile.
+            (None, Ok(())) if queued.is_none() => Fate::Sent { group_id: Vec::new(), recipients: 0 },
+            (None, Ok(())) => Fate::Kept { maybe_sent, reason: "it is still queued".into() },
+        }
+    }
+}
