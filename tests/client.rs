@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use common::{
     Lines, ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, introduce,
-    qpq_command, qpq_in,
+    qpq_command, qpq_in, untimed,
 };
 use redb::ReadableTable;
 
@@ -73,7 +73,7 @@ fn recv_shows_terminal_attacks_inert_and_json_keeps_the_exact_text() {
     send();
     let out = stdout_bytes(&alice, &["recv"]);
     assert_inert(&out);
-    let text = String::from_utf8(out).unwrap();
+    let text = untimed(&String::from_utf8(out).unwrap());
     assert_eq!(text.lines().collect::<Vec<_>>(), TERMINAL_ATTACK_SHOWN, "{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("bob: ")).count(), 1, "only the real header: {text}");
 

@@ -16,6 +16,7 @@ use crate::client::requests::{RequestView, preview_line};
 use crate::client::state::{self, Entry, Unlock};
 use crate::crypto::identity::PublicKey;
 use crate::limits::REQUEST_PREVIEW_CHARS;
+use crate::localtime;
 use crate::text::{self, Shown};
 use crate::transport::Fingerprint;
 
@@ -282,13 +283,17 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
     }
 }
 
-/// One message for people: `[#team] alice: hello`, or `alice: hello` for a direct one, with
-/// peer text escaped and further lines indented under the header ([`text::message`]).
+/// One message for people: `14:03 [#team] alice: hello`, or `14:03 alice: hello` for a direct
+/// one, with peer text escaped and further lines indented under the header ([`text::message`]).
+/// The time is when we received it, in local time with the date when it is not today
+/// ([`localtime::short`]): our own clock orders what we saw and cannot be set by a peer; the
+/// sender's claimed time is in `--json` as `sent_at`.
 pub fn format_entry(m: &Messenger, e: &Entry) -> String {
     let from = m.display_name(&e.from);
+    let when = localtime::short(e.received_at_ms, m.now_ms());
     let header = match m.group_label(&e.group_id) {
-        Some(g) => format!("[#{}] {}: ", Shown(&g), Shown(&from)),
-        None => format!("{}: ", Shown(&from)),
+        Some(g) => format!("{when} [#{}] {}: ", Shown(&g), Shown(&from)),
+        None => format!("{when} {}: ", Shown(&from)),
     };
     text::message(&header, &e.text)
 }

@@ -350,6 +350,11 @@ impl Messenger {
         &self.home.state
     }
 
+    /// Now, by this messenger's clock (ms since the Unix epoch).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     pub fn public_key(&self) -> PublicKey {
         self.identity.public()
     }
