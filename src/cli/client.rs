@@ -276,7 +276,7 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             };
             Some(format!(
                 "message request from {}: {what} \u{2014} qpq requests accept #{number} (or block #{number})",
-                m.display_name(from)
+                m.request_sender_name(group_id, from)
             ))
         }
         Event::Dropped { reason } => Some(reason.clone()),
@@ -308,6 +308,7 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     serde_json::json!({
         "from": PublicKey(e.from).to_hex(),
         "from_name": m.contact_name(&e.from),
+        "from_claimed_name": m.claimed_name(&e.from),
         "group": m.group_label(&e.group_id),
         "text": e.text,
         "sent_at": rfc3339(e.sent_at_ms),
@@ -428,8 +429,9 @@ fn run_requests(
                 };
                 let preview =
                     r.preview.as_deref().map(|p| format!(": \u{201c}{p}\u{201d}")).unwrap_or_default();
+                let claimed = r.claimed_name.as_deref().map(|n| format!(" ~{n}")).unwrap_or_default();
                 let line = format!(
-                    "#{} {} {what}{preview} ({} waiting, since {})",
+                    "#{} {}{claimed} {what}{preview} ({} waiting, since {})",
                     r.number,
                     PublicKey(r.from),
                     r.held,
@@ -498,6 +500,7 @@ pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
         "number": r.number,
         "from": PublicKey(r.from).to_hex(),
         "from_name": m.contact_name(&r.from),
+        "from_claimed_name": r.claimed_name,
         "kind": if r.group.is_some() { "group" } else { "direct" },
         "group": r.group,
         "waiting": r.held,
@@ -534,7 +537,9 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
         }
         GroupCmd::Members { name } => {
             for mem in m.group_members(name.trim_start_matches('#'))? {
-                let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(|| "-".into()) };
+                // A signed name is a claim: marked with `~` (the key is on the line already).
+                let claimed = || m.claimed_name(&mem.key.0).map_or_else(|| "-".into(), |n| format!("~{n}"));
+                let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(claimed) };
                 writeln!(out, "{} {}", mem.key, Shown(&label))?;
             }
             Vec::new()

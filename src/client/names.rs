@@ -1,0 +1,133 @@
+//! Who people are, for people: the names printers show, and the short key forms a person may
+//! type back.
+//!
+//! Three kinds of name, in order of trust: our own contact names (we chose them), the display
+//! name a member signed into their MLS leaf (a claim, see [`crate::mls::valid_display_name`]
+//! and the `profile` module of [`crate::mls`]), and the key itself. A claimed name is always
+//! shown marked, with the start of the key it came with: `~Alice (304b-9934)`, so that nobody
+//! can pass for a contact by claiming their name; a contact's local name wins over any claim.
+//!
+//! Short keys: wherever a person is expected, the short form qpq prints (`304b-9934-b339-081f`)
+//! or a prefix of it of at least [`MIN_SHORT_KEY_HEX`] hex digits (`304b-9934`, as in the
+//! marked form) is accepted when exactly one key this home knows starts with it: contacts,
+//! members of our groups, senders of message requests and our own. Dashes are ignored.
+
+use std::collections::BTreeSet;
+
+use crate::client::messenger::{ClientError, Messenger};
+use crate::client::state::GroupKind;
+use crate::crypto::identity::PublicKey;
+
+/// Fewest hex digits accepted as a short key: 32 bits, as many as the marked form shows, so a
+/// typed prefix is rarely ambiguous among the keys one home knows.
+pub const MIN_SHORT_KEY_HEX: usize = 8;
+
+/// Hex digits of the key shown after a claimed name.
+const MARK_HEX: usize = 8;
+
+/// The key as shown after a claimed name: `304b-9934`.
+pub fn key_mark(key: &[u8; 32]) -> String {
+    let h = hex::encode(&key[..MARK_HEX / 2]);
+    format!("{}-{}", &h[..4], &h[4..])
+}
+
+/// `~name (304b-9934)`: a name someone claimed, marked as a claim.
+pub fn marked(name: &str, key: &[u8; 32]) -> String {
+    format!("~{name} ({})", key_mark(key))
+}
+
+/// The lowercase hex digits of `s` if it reads as a short key (hex digits and dashes, enough
+/// digits, fewer than a whole key), else None.
+pub fn short_key_digits(s: &str) -> Option<String> {
+    if !s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return None;
+    }
+    let digits: String = s.chars().filter(|c| *c != '-').map(|c| c.to_ascii_lowercase()).collect();
+    (digits.len() >= MIN_SHORT_KEY_HEX && digits.len() < 64).then_some(digits)
+}
+
+impl Messenger {
+    /// The display name `key` signed into its leaf in one of our groups (the direct
+    /// conversation with them first), if any.
+    pub fn claimed_name(&self, key: &[u8; 32]) -> Option<String> {
+        let groups = &self.home.state.groups;
+        let direct = groups.iter().filter(|(_, g)| g.kind == GroupKind::Direct { peer: *key });
+        let others = groups.iter().filter(|(_, g)| g.kind != GroupKind::Direct { peer: *key });
+        direct
+            .chain(others)
+            .filter_map(|(id, _)| hex::decode(id).ok())
+            .find_map(|id| self.mls.member_name(&id, key))
+    }
+
+    /// Every key this home knows: ours, contacts, members of our groups, requests' senders.
+    pub fn known_keys(&self) -> BTreeSet<[u8; 32]> {
+        let state = &self.home.state;
+        let mut keys: BTreeSet<[u8; 32]> = state.contacts.values().copied().collect();
+        keys.insert(self.identity.public().0);
+        for (id, g) in &state.groups {
+            if let GroupKind::Direct { peer } = g.kind {
+                keys.insert(peer);
+            }
+            if let Ok(members) =
+                hex::decode(id).map_err(drop).and_then(|id| self.mls.members(&id).map_err(drop))
+            {
+                keys.extend(members);
+            }
+        }
+        keys.extend(state.requests.pending.iter().map(|r| r.from));
+        keys
+    }
+
+    /// The one known key that starts with the short key `s` (see the module docs); None when `s`
+    /// is not a short key at all.
+    pub fn resolve_short_key(&self, s: &str) -> Option<Result<[u8; 32], ClientError>> {
+        let digits = short_key_digits(s)?;
+        let found: Vec<[u8; 32]> =
+            self.known_keys().into_iter().filter(|k| hex::encode(k).starts_with(&digits)).collect();
+        Some(match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(ClientError::UnknownContact(s.to_string())),
+            many => Err(ClientError::AmbiguousKey {
+                given: s.to_string(),
+                candidates: many.iter().map(|k| self.key_with_name(k)).collect::<Vec<_>>().join(", "),
+            }),
+        })
+    }
+
+    /// `304b-9934-b339-081f (alice)`: a key for a list of candidates.
+    fn key_with_name(&self, key: &[u8; 32]) -> String {
+        let short = PublicKey(*key).short();
+        if *key == self.identity.public().0 {
+            return format!("{short} (you)");
+        }
+        match (self.contact_name(key), self.claimed_name(key)) {
+            (Some(n), _) => format!("{short} ({n})"),
+            (None, Some(n)) => format!("{short} (~{n})"),
+            (None, None) => short,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_keys_are_dashed_hex_prefixes_of_at_least_eight_digits() {
+        assert_eq!(short_key_digits("304b-9934-B339-081f").as_deref(), Some("304b9934b339081f"));
+        assert_eq!(short_key_digits("304b-9934").as_deref(), Some("304b9934"));
+        assert_eq!(short_key_digits("304b99"), None, "too short");
+        assert_eq!(short_key_digits("alice"), None);
+        assert_eq!(short_key_digits(&"a".repeat(64)), None, "a whole key is not a short one");
+        assert_eq!(
+            marked(
+                "Alice",
+                &[
+                    0x30, 0x4b, 0x99, 0x34, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    0, 0, 0, 0, 0, 0
+                ]
+            ),
+            "~Alice (304b-9934)"
+        );
+    }
+}
