@@ -560,7 +560,7 @@ fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
     let line = sh.expect(Stream::Out, "message request from");
     assert!(line.contains("hi from a stranger") && line.contains("qpq requests accept #1"), "{line}");
     sh.say("requests");
-    sh.expect(Stream::Out, &format!("#1 {} wants to start a conversation", alice.key));
+    sh.expect(Stream::Out, &format!("#1 {} ~alice wants to start a conversation", alice.key));
     sh.say("requests accept #1");
     sh.expect(Stream::Out, ": hi from a stranger");
     sh.say("requests");
