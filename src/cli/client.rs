@@ -30,7 +30,7 @@ pub enum ClientVerb {
     /// Manage contacts (names for keys)
     #[command(subcommand)]
     Contact(ContactCmd),
-    /// Send a message to a contact, a 64-hex key or #group
+    /// Send a message to a contact, a key (64-hex, or a unique short key) or #group
     Send(SendArgs),
     /// Create and manage groups
     #[command(subcommand)]
@@ -97,7 +97,7 @@ pub enum ContactCmd {
 
 #[derive(Debug, Args, Clone)]
 pub struct SendArgs {
-    /// A contact name, a 64-hex key, or #group
+    /// A contact name, a key (64-hex, or a unique short key like 304b-9934), or #group
     pub target: String,
     /// The message; without it, stdin is read to its end (one message)
     pub text: Vec<String>,
@@ -131,7 +131,7 @@ pub enum GroupCmd {
 
 #[derive(Debug, Args, Clone)]
 pub struct InitArgs {
-    /// Display name (kept locally, shown by whoami)
+    /// Display name (1-64 bytes), signed into your MLS leaf: others see it marked as a claim
     #[arg(long)]
     pub name: Option<String>,
     /// Store the state without a passphrase (keys protected only by file permissions)
