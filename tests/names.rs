@@ -95,6 +95,20 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
     let members = ok(&bob, &["group", "members", "team"]);
     assert!(members.contains(&format!("{} al\n", alice.key)), "{members}");
     assert!(members.contains(&format!("{} ~carol\n", carol.key)), "{members}");
+
+    // A new name reaches the group with a signed leaf update; contacts' names still win.
+    let out = ok(&alice, &["name", "set", "Alice L."]);
+    assert!(out.contains("name: Alice L. (signed into 1 conversation)"), "{out}");
+    assert!(ok(&alice, &["whoami"]).contains("name: Alice L."));
+    ok(&alice, &["send", "#team", "renamed"]);
+    let shown = format!("~Alice L. ({})", &short(&alice)[..9]);
+    // Names are read from the group as it is when printed, so the earlier unread one shows the
+    // new name too.
+    let got = untimed(&ok(&carol, &["recv"]));
+    assert_eq!(got, format!("[#team] {shown}: json for bob\n[#team] {shown}: renamed\n"));
+    assert_eq!(untimed(&ok(&bob, &["recv"])), "[#team] al: renamed\n");
+    let (okay, _, err) = run(&alice, 0, &["name", "set", "bad\u{202e}name"], None);
+    assert!(!okay && err.contains("invalid display name"), "{err}");
 }
 
 #[test]

@@ -41,6 +41,18 @@ pub enum ClientVerb {
     /// Message requests: invitations from keys that are not contacts wait here until you
     /// accept or block them
     Requests(RequestsArgs),
+    /// The display name others see (marked as your claim)
+    #[command(subcommand)]
+    Name(NameCmd),
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum NameCmd {
+    /// Sign a new display name into your groups and your next key packages
+    Set {
+        /// 1-64 bytes of printable text
+        name: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -289,7 +301,7 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
 /// ([`localtime::short`]): our own clock orders what we saw and cannot be set by a peer; the
 /// sender's claimed time is in `--json` as `sent_at`.
 pub fn format_entry(m: &Messenger, e: &Entry) -> String {
-    let from = m.display_name(&e.from);
+    let from = m.display_name_in(&e.group_id, &e.from);
     let when = localtime::short(e.received_at_ms, m.now_ms());
     let header = match m.group_label(&e.group_id) {
         Some(g) => format!("{when} [#{}] {}: ", Shown(&g), Shown(&from)),
@@ -308,7 +320,7 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     serde_json::json!({
         "from": PublicKey(e.from).to_hex(),
         "from_name": m.contact_name(&e.from),
-        "from_claimed_name": m.claimed_name(&e.from),
+        "from_claimed_name": m.claimed_name_in(&e.group_id, &e.from),
         "group": m.group_label(&e.group_id),
         "text": e.text,
         "sent_at": rfc3339(e.sent_at_ms),
@@ -350,6 +362,16 @@ pub async fn run_verb(
                 writeln!(out, "name: {}", Shown(n))?;
             }
             writeln!(out, "fingerprint: {}", m.public_key().short())?;
+        }
+        ClientVerb::Name(NameCmd::Set { name }) => {
+            let (groups, came) = m.set_display_name(&name).await?;
+            events.extend(came);
+            writeln!(
+                out,
+                "name: {} (signed into {groups} conversation{})",
+                Shown(&name),
+                if groups == 1 { "" } else { "s" }
+            )?;
         }
         ClientVerb::Health => {
             let server = m.server().unwrap_or_default();

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::client::messenger::{ClientError, Messenger};
+use crate::client::messenger::{ClientError, Event, Messenger};
 use crate::client::state::GroupKind;
 use crate::crypto::identity::PublicKey;
 
@@ -57,6 +57,58 @@ impl Messenger {
             .chain(others)
             .filter_map(|(id, _)| hex::decode(id).ok())
             .find_map(|id| self.mls.member_name(&id, key))
+    }
+
+    /// [`Self::claimed_name`], looking in the group `group_id` first (a message's own group has
+    /// its sender's leaf, and one group is cheaper to read than all).
+    pub fn claimed_name_in(&self, group_id: &[u8], key: &[u8; 32]) -> Option<String> {
+        self.mls.member_name(group_id, key).or_else(|| self.claimed_name(key))
+    }
+
+    /// [`Messenger::display_name`] for a message of the group `group_id`.
+    pub fn display_name_in(&self, group_id: &[u8], key: &[u8; 32]) -> String {
+        if *key == self.identity.public().0 {
+            return "me".to_string();
+        }
+        if let Some(n) = self.contact_name(key) {
+            return n.to_string();
+        }
+        match self.claimed_name_in(group_id, key) {
+            Some(n) => marked(&n, key),
+            None => PublicKey(*key).short(),
+        }
+    }
+
+    /// Changes our display name: saved, signed into a fresh leaf in every group we are in (a
+    /// self-update commit each, RFC 9420 section 12.1.2) and into a new pool of KeyPackages for
+    /// whoever adds us next. Returns the number of groups updated and what came in meanwhile.
+    pub async fn set_display_name(&mut self, name: &str) -> Result<(usize, Vec<Event>), ClientError> {
+        if !crate::mls::valid_display_name(name) {
+            return Err(ClientError::BadDisplayName(name.to_string()));
+        }
+        self.connect().await?;
+        let _op = self.begin()?;
+        self.home.state.name = Some(name.to_string());
+        self.mls.set_display_name(Some(name));
+        self.persist()?;
+        let mut events = self.receive_round(0).await?;
+        let groups: Vec<(Vec<u8>, GroupKind)> = self
+            .home
+            .state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.active)
+            .filter_map(|(id, g)| Some((hex::decode(id).ok()?, g.kind.clone())))
+            .collect();
+        let mut updated = 0;
+        for (group_id, kind) in groups {
+            let gid = group_id.clone();
+            events.extend(self.commit_change(&group_id, move |m| m.self_update(&gid), &[], kind).await?);
+            updated += 1;
+        }
+        events.extend(self.finish_round().await?);
+        self.rotate_key_packages().await?;
+        Ok((updated, events))
     }
 
     /// Every key this home knows: ours, contacts, members of our groups, requests' senders.

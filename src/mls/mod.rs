@@ -279,6 +279,11 @@ impl MlsClient {
         self
     }
 
+    /// Changes the name signed into the leaves made from now on (see [`Self::with_display_name`]).
+    pub fn set_display_name(&mut self, name: Option<&str>) {
+        self.display_name = name.filter(|n| valid_display_name(n)).map(str::to_string);
+    }
+
     /// The display name member `key` of the group signed into its leaf, if a valid one.
     pub fn member_name(&self, group_id: &[u8], key: &[u8; 32]) -> Option<String> {
         let group = self.find_group(group_id).ok()??;
@@ -492,11 +497,17 @@ impl MlsClient {
     }
 
     /// Stages a commit with a fresh leaf and path secrets (post-compromise
-    /// security). Also covers any queued proposals.
+    /// security). Also covers any queued proposals. The new leaf carries our
+    /// current display name (see [`profile`]), so this is also how a new name
+    /// reaches a group.
     pub fn self_update(&mut self, group_id: &[u8]) -> Result<Pending, MlsError> {
         let mut group = self.load_committable(group_id)?;
+        let leaf = LeafNodeParameters::builder()
+            .with_capabilities(capabilities())
+            .with_extensions(profile::leaf_extensions(self.display_name.as_deref()))
+            .build();
         let bundle = group
-            .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+            .self_update(&self.provider, &self.signer, leaf)
             .map_err(|e| openmls_err("self update", e))?;
         let (commit, welcome, _group_info) = bundle.into_messages();
         pending(&commit, welcome.as_ref())
