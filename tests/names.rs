@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ServerProcess, User, qpq_command, time_width, untimed};
+use common::{Lines, ServerProcess, User, qpq_command, time_width, untimed};
 use qpq::crypto::identity::PublicKey;
 
 /// `qpq ARGS` in `u`'s home in UTC, with the clock moved by `offset_secs`, optionally with stdin.
@@ -76,7 +76,8 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
     let json: serde_json::Value = serde_json::from_str(ok(&carol, &["requests", "--json"]).trim()).unwrap();
     assert_eq!(json["from_claimed_name"], "Alice");
     assert_eq!(json["from_name"], serde_json::Value::Null);
-    ok(&carol, &["requests", "accept", "#1"]);
+    let (okay, _, err) = run(&carol, 0, &["requests", "accept", "#1"], None);
+    assert!(okay && err.contains(&format!("you were added to #team by {}", marked(&alice))), "{err}");
     ok(&alice, &["send", "#team", "welcome carol"]);
     let (_, out, _) = run(&carol, 0, &["recv", "--json"], None);
     let msg: serde_json::Value = serde_json::from_str(out.trim()).expect("one json line");
@@ -231,4 +232,31 @@ fn messages_show_their_time_and_the_date_when_not_today() {
     let shown = format!("{} {}", &received[..10], &received[11..16]);
     assert!(lines[1].starts_with(&shown), "{} vs {received}", lines[1]);
     assert_eq!(untimed(lines[1]), "alice: second");
+}
+
+/// The shell prints a message that arrives while it runs with its time too.
+#[test]
+fn the_shell_shows_the_time_of_a_message_as_it_arrives() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    alice.add_contact(&bob);
+    bob.add_contact(&alice);
+    let mut shell = qpq_command(alice.home.path())
+        .arg("shell")
+        .env("TZ", "UTC")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Lines::of(shell.stdout.take().unwrap());
+    ok(&bob, &["send", "alice", "live one"]);
+    let line = std::iter::from_fn(|| lines.next_line()).find(|l| l.contains("live one")).expect("shown");
+    assert_eq!(time_width(&line), Some(6), "{line:?}");
+    assert_eq!(untimed(&line), "bob: live one");
+    drop(shell.stdin.take());
+    assert!(shell.wait().unwrap().success());
 }
