@@ -484,16 +484,7 @@ impl Messenger {
     /// A name for people: "me", the contact name, the name they signed marked as a claim
     /// (`~Alice (304b-9934)`, see [`names`](super::names)), or the short key.
     pub fn display_name(&self, key: &[u8; 32]) -> String {
-        if *key == self.identity.public().0 {
-            return "me".to_string();
-        }
-        if let Some(n) = self.contact_name(key) {
-            return n.to_string();
-        }
-        match self.claimed_name(key) {
-            Some(n) => crate::client::names::marked(&n, key),
-            None => PublicKey(*key).short(),
-        }
+        self.name_for_people(key, || self.claimed_name(key))
     }
 
     /// Resolves a contact name, a 64-hex key or a unique short key (see

@@ -67,13 +67,19 @@ impl Messenger {
 
     /// [`Messenger::display_name`] for a message of the group `group_id`.
     pub fn display_name_in(&self, group_id: &[u8], key: &[u8; 32]) -> String {
+        self.name_for_people(key, || self.claimed_name_in(group_id, key))
+    }
+
+    /// "me", the contact name, the `claimed` name marked, or the short key: the first there is
+    /// (`claimed` is looked up only when needed, as it reads group state).
+    pub(crate) fn name_for_people(&self, key: &[u8; 32], claimed: impl FnOnce() -> Option<String>) -> String {
         if *key == self.identity.public().0 {
             return "me".to_string();
         }
         if let Some(n) = self.contact_name(key) {
             return n.to_string();
         }
-        match self.claimed_name_in(group_id, key) {
+        match claimed() {
             Some(n) => marked(&n, key),
             None => PublicKey(*key).short(),
         }

@@ -309,15 +309,12 @@ impl Messenger {
     /// [`Messenger::display_name`] does, with the name signed in the invitation when we share
     /// no group with them yet.
     pub fn request_sender_name(&self, group_id: &[u8], from: &[u8; 32]) -> String {
-        let shown = self.display_name(from);
-        if shown != PublicKey(*from).short() {
-            return shown;
-        }
-        let pending = self.home.state.requests.pending.iter().find(|r| r.group_id == group_id);
-        match pending.and_then(|r| self.preview_and_name(r).1) {
-            Some(n) => crate::client::names::marked(&n, from),
-            None => shown,
-        }
+        self.name_for_people(from, || {
+            self.claimed_name(from).or_else(|| {
+                let pending = self.home.state.requests.pending.iter().find(|r| r.group_id == group_id)?;
+                self.preview_and_name(pending).1
+            })
+        })
     }
 
     /// The number (`#n`) and preview of the pending request for `group_id`, for event lines.
