@@ -140,6 +140,16 @@ fn short_keys_work_as_targets_and_contact_keys_when_unique() {
     ok(&carol, &["contact", "add", "b", &short(&bob).to_uppercase()]);
     assert!(ok(&carol, &["contact", "list"]).contains(&format!("b {}", bob.key)));
 
+    // A stranger's request is blocked and unblocked by the short key too.
+    let dave = User::init(&server, "dave");
+    ok(&dave, &["send", &carol.key, "hi carol"]);
+    ok(&carol, &["recv"]);
+    assert!(ok(&carol, &["requests", "block", &short(&dave)]).starts_with(&format!("blocked {}", dave.key)));
+    assert!(
+        ok(&carol, &["requests", "unblock", &short(&dave)[..9]])
+            .starts_with(&format!("unblocked {}", dave.key))
+    );
+
     // A key nobody here knows is no target; neither is too short a prefix.
     let (okay, _, err) = run(&carol, 0, &["send", "0000-0000-0000-0000", "x"], None);
     assert!(!okay && err.contains("unknown contact \"0000-0000-0000-0000\""), "{err}");

@@ -10,7 +10,8 @@
 //! Short keys: wherever a person is expected, the short form qpq prints (`304b-9934-b339-081f`)
 //! or a prefix of it of at least [`MIN_SHORT_KEY_HEX`] hex digits (`304b-9934`, as in the
 //! marked form) is accepted when exactly one key this home knows starts with it: contacts,
-//! members of our groups, senders of message requests and our own. Dashes are ignored.
+//! members of our groups, senders of message requests, blocked keys and our own. Dashes are
+//! ignored.
 
 use std::collections::BTreeSet;
 
@@ -117,7 +118,8 @@ impl Messenger {
         Ok((updated, events))
     }
 
-    /// Every key this home knows: ours, contacts, members of our groups, requests' senders.
+    /// Every key this home knows: ours, contacts, members of our groups, requests' senders,
+    /// blocked keys.
     pub fn known_keys(&self) -> BTreeSet<[u8; 32]> {
         let state = &self.home.state;
         let mut keys: BTreeSet<[u8; 32]> = state.contacts.values().copied().collect();
@@ -133,6 +135,7 @@ impl Messenger {
             }
         }
         keys.extend(state.requests.pending.iter().map(|r| r.from));
+        keys.extend(state.requests.blocked.iter().copied());
         keys
     }
 
