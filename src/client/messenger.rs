@@ -502,7 +502,7 @@ impl Messenger {
         self.resolve_short_key(s).unwrap_or_else(|| Err(ClientError::UnknownContact(s.to_string())))
     }
 
-    /// Parses a send target: `#group`, a contact name or a 64-hex key.
+    /// Parses a send target: `#group`, a contact name, a 64-hex key or a unique short key.
     pub fn resolve_target(&self, s: &str) -> Result<Target, ClientError> {
         if let Some(g) = s.strip_prefix('#') {
             return Ok(Target::Group(g.to_string()));

@@ -23,6 +23,10 @@ use crate::crypto::identity::PublicKey;
 /// typed prefix is rarely ambiguous among the keys one home knows.
 pub const MIN_SHORT_KEY_HEX: usize = 8;
 
+/// Most hex digits of a short key: the whole short form qpq prints (`304b-9934-b339-081f`);
+/// longer strings are meant as whole keys and get the whole-key errors.
+pub const MAX_SHORT_KEY_HEX: usize = 16;
+
 /// Hex digits of the key shown after a claimed name.
 const MARK_HEX: usize = 8;
 
@@ -38,13 +42,13 @@ pub fn marked(name: &str, key: &[u8; 32]) -> String {
 }
 
 /// The lowercase hex digits of `s` if it reads as a short key (hex digits and dashes, enough
-/// digits, fewer than a whole key), else None.
+/// digits, at most the printed short form), else None.
 pub fn short_key_digits(s: &str) -> Option<String> {
     if !s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
         return None;
     }
     let digits: String = s.chars().filter(|c| *c != '-').map(|c| c.to_ascii_lowercase()).collect();
-    (digits.len() >= MIN_SHORT_KEY_HEX && digits.len() < 64).then_some(digits)
+    (MIN_SHORT_KEY_HEX..=MAX_SHORT_KEY_HEX).contains(&digits.len()).then_some(digits)
 }
 
 impl Messenger {
@@ -179,6 +183,7 @@ mod tests {
         assert_eq!(short_key_digits("304b-9934").as_deref(), Some("304b9934"));
         assert_eq!(short_key_digits("304b99"), None, "too short");
         assert_eq!(short_key_digits("alice"), None);
+        assert_eq!(short_key_digits(&"a".repeat(17)), None, "longer than the printed short form");
         assert_eq!(short_key_digits(&"a".repeat(64)), None, "a whole key is not a short one");
         assert_eq!(
             marked(
