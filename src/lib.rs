@@ -18,7 +18,8 @@
 //! - [`crypto`]: identity, hybrid envelope, state-file encryption (no I/O).
 //! - [`mls`]: the openmls wrapper (client groups, server KeyPackage validation).
 //! - [`fsutil`]: crash-safe file writes and the home lock; [`failpoint`]: crash points for tests.
-//! - [`clock`]: time as an input (a shiftable clock for everything with a lifetime).
+//! - [`clock`]: time as an input (a shiftable clock for everything with a lifetime);
+//!   [`localtime`]: times shown to people, in the local zone.
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
 //! - [`text`]: the one sanitiser peer-supplied text passes before it reaches a terminal.
@@ -37,6 +38,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod fuzzing;
 pub mod limits;
+pub mod localtime;
 pub mod mls;
 pub mod proto;
 pub mod server;

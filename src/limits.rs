@@ -259,3 +259,7 @@ pub const MAX_STRANGER_BYTES: usize =
 /// Largest shell history file read for cleaning: 1000 commands fit in a few tens of KiB, so a
 /// bigger file is not one qpq wrote and is emptied instead of parsed.
 pub const MAX_HISTORY_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Longest display name (UTF-8 bytes) one signs into one's MLS leaf and accepts from others:
+/// room for a full name in any script, too short to pose as a message.
+pub const MAX_DISPLAY_NAME_BYTES: usize = 64;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use common::{
     Lines, ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, introduce,
-    qpq_command, qpq_in,
+    qpq_command, qpq_in, untimed,
 };
 use redb::ReadableTable;
 
@@ -73,7 +73,7 @@ fn recv_shows_terminal_attacks_inert_and_json_keeps_the_exact_text() {
     send();
     let out = stdout_bytes(&alice, &["recv"]);
     assert_inert(&out);
-    let text = String::from_utf8(out).unwrap();
+    let text = untimed(&String::from_utf8(out).unwrap());
     assert_eq!(text.lines().collect::<Vec<_>>(), TERMINAL_ATTACK_SHOWN, "{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("bob: ")).count(), 1, "only the real header: {text}");
 
@@ -237,7 +237,7 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
     let n = 30;
     let mut child = alice.spawn(&["recv", "--follow"]);
     let mut lines = Lines::of(child.stdout.take().unwrap());
-    let mut seen: Vec<String> = vec![lines.next_line().expect("a line")];
+    let mut seen: Vec<String> = vec![untimed(&lines.next_line().expect("a line"))];
     // bob keeps sending while alice's recv is killed in the middle of the stream.
     std::thread::scope(|scope| {
         let bob = &bob;
@@ -247,13 +247,13 @@ fn killing_recv_midway_loses_and_doubles_nothing() {
             }
         });
         for _ in 0..n / 3 {
-            seen.push(lines.next_line().expect("a line"));
+            seen.push(untimed(&lines.next_line().expect("a line")));
         }
         child.kill().unwrap();
         child.wait().unwrap();
         sender.join().unwrap();
     });
-    seen.extend(lines.rest());
+    seen.extend(lines.rest().iter().map(|l| untimed(l)));
     seen.extend(alice.recv());
     let mut counts: HashMap<String, usize> = HashMap::new();
     for l in &seen {
@@ -530,11 +530,11 @@ fn two_one_shot_saves_while_recv_follows_are_not_overwritten() {
     bob.ok(&["send", "alice", "one"]);
     let mut follow = alice.spawn(&["recv", "--follow"]);
     let mut lines = Lines::of(follow.stdout.take().unwrap());
-    assert_eq!(lines.next_line().unwrap(), "bob: one", "the follower has loaded and saved");
+    assert_eq!(untimed(&lines.next_line().unwrap()), "bob: one", "the follower has loaded and saved");
     alice.add_contact(&carol);
     alice.add_contact(&dave);
     bob.ok(&["send", "alice", "two"]);
-    assert_eq!(lines.next_line().unwrap(), "bob: two", "the follower saved again");
+    assert_eq!(untimed(&lines.next_line().unwrap()), "bob: two", "the follower saved again");
     follow.kill().unwrap();
     follow.wait().unwrap();
     let contacts = alice.ok(&["contact", "list"]);
@@ -553,7 +553,7 @@ fn recv_follow_and_one_shot_sends_share_a_home() {
         // alice sends from the same home while her recv --follow runs.
         alice.ok(&["send", "bob", &format!("a{i}")]);
         bob.ok(&["send", "alice", &format!("b{i}")]);
-        assert_eq!(lines.next_line().unwrap(), format!("bob: b{i}"));
+        assert_eq!(untimed(&lines.next_line().unwrap()), format!("bob: b{i}"));
     }
     follow.kill().unwrap();
     follow.wait().unwrap();
@@ -607,7 +607,7 @@ fn recv_wait_returns_when_the_first_message_arrives() {
     // Only the arrival can end this run with output: the timeout path prints nothing.
     let out = waiting.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "alice: worth the wait\n");
+    assert_eq!(untimed(&String::from_utf8_lossy(&out.stdout)), "alice: worth the wait\n");
     // With nothing pending, a short wait ends empty and successfully.
     let r = bob.run(&["recv", "--wait", "1"]);
     assert!(r.ok && r.stdout.is_empty());

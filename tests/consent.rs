@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ServerProcess, User, cast, qpq_command};
+use common::{ServerProcess, User, cast, qpq_command, untimed};
 use qpq::crypto::identity::PublicKey;
 
 /// `qpq ARGS` in `u`'s home with the clock moved by `offset_secs`.
@@ -15,8 +15,10 @@ fn run_at(u: &User, offset_secs: i64, args: &[&str]) -> std::process::Output {
         .expect("qpq runs")
 }
 
+/// How a stranger shows: the name they signed (`init --name`), marked as a claim, with the
+/// start of their key.
 fn short(u: &User) -> String {
-    PublicKey::parse_hex(&u.key).unwrap().short()
+    format!("~{} ({})", u.name, &PublicKey::parse_hex(&u.key).unwrap().short()[..9])
 }
 
 /// Two people who do not know each other.
@@ -44,7 +46,7 @@ fn a_strangers_direct_message_waits_as_a_request_and_is_shown_on_accept() {
     );
     assert_eq!(bob.ok(&["group", "list"]), "", "no conversation joined");
     let list = bob.ok(&["requests"]);
-    assert!(list.starts_with(&format!("#1 {} wants to start a conversation", alice.key)), "{list}");
+    assert!(list.starts_with(&format!("#1 {} ~alice wants to start a conversation", alice.key)), "{list}");
     assert!(list.contains("hello bob, it is alice") && list.contains("(1 waiting"), "{list}");
     let json: serde_json::Value = serde_json::from_str(bob.ok(&["requests", "--json"]).trim()).unwrap();
     assert_eq!(json["number"], 1);
@@ -56,7 +58,7 @@ fn a_strangers_direct_message_waits_as_a_request_and_is_shown_on_accept() {
         assert!(humantime::parse_rfc3339(json[field].as_str().unwrap()).is_ok(), "{json}");
     }
 
-    let accepted = bob.ok(&["requests", "accept", "#1"]);
+    let accepted = untimed(&bob.ok(&["requests", "accept", "#1"]));
     assert_eq!(accepted.trim(), format!("{}: hello bob, it is alice", short(&alice)));
     assert_eq!(bob.ok(&["requests"]).trim(), "no message requests");
     assert!(bob.recv().is_empty(), "shown by accept, not again by recv");
@@ -84,7 +86,7 @@ fn a_strangers_group_invitation_waits_and_accept_joins_for_later_messages() {
     let list = bob.ok(&["requests"]);
     assert!(list.contains("invites you to #team") && list.contains("before you said yes"), "{list}");
 
-    let accepted = bob.ok(&["requests", "accept", &alice.key]);
+    let accepted = untimed(&bob.ok(&["requests", "accept", &alice.key]));
     assert_eq!(accepted.trim(), format!("[#team] {}: before you said yes", short(&alice)));
     alice.ok(&["send", "#team", "after"]);
     assert_eq!(bob.recv(), vec![format!("[#team] {}: after", short(&alice))]);
@@ -130,7 +132,7 @@ fn a_contacts_invitation_still_joins_at_once() {
     alice.ok(&["send", "#team", "hi team"]);
     let r = bob.run(&["recv"]);
     assert!(r.stderr.contains("you were added to #team by alice"), "{}", r.stderr);
-    assert_eq!(r.stdout.trim(), "[#team] alice: hi team");
+    assert_eq!(untimed(&r.stdout).trim(), "[#team] alice: hi team");
     assert!(bob.ok(&["requests"]).contains("no message requests"));
 }
 
@@ -288,7 +290,7 @@ fn a_gigabyte_from_strangers_leaves_the_home_bounded_and_opening() {
     // The home still opens, the requests are capped, and the first one still joins.
     let list = bob.ok(&["requests", "--json"]);
     assert_eq!(list.lines().count(), MAX_REQUESTS, "{ATTACK_ROUNDS}x{STRANGERS_PER_ROUND} strangers wrote");
-    let accepted = bob.ok(&["requests", "accept", "#1"]);
+    let accepted = untimed(&bob.ok(&["requests", "accept", "#1"]));
     assert!(accepted.contains("stranger 0-0 says 0"), "{}", &accepted[..accepted.len().min(200)]);
     bob.ok(&["group", "list"]);
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, qpq_command, qpq_in,
+    untimed,
 };
 use rexpect::reader::Options;
 use rexpect::session::PtySession;
@@ -76,7 +77,7 @@ impl ScriptShell {
                 Ok((s, line)) => {
                     self.seen.push((s, line.clone()));
                     if s == stream && line.contains(needle) {
-                        return line;
+                        return untimed(&line);
                     }
                 }
                 Err(_) => panic!("no {stream:?} line containing {needle:?}; seen: {:#?}", self.seen),
@@ -155,7 +156,7 @@ fn scripted_shells_exchange_direct_and_group_messages() {
     assert_eq!(b.expect(Stream::Out, "hello team"), "[#team] alice: hello team");
 
     // A one-shot member (who learns of the group by receiving) reaches both shells.
-    let got = carol.ok(&["recv"]);
+    let got = untimed(&carol.ok(&["recv"]));
     assert!(got.contains("[#team] alice: hello team"), "{got}");
     carol.ok(&["send", "#team", "carol", "here"]);
     assert_eq!(a.expect(Stream::Out, "carol here"), "[#team] carol: carol here");
@@ -184,7 +185,7 @@ fn scripted_shells_exchange_direct_and_group_messages() {
     b.expect(Stream::Out, "[#team] alice: bye from alice's script");
     let (status, _) = b.finish();
     assert!(status.success());
-    let got = carol.ok(&["recv"]);
+    let got = untimed(&carol.ok(&["recv"]));
     assert!(got.contains("[#team] bob: from bob"), "{got}");
     assert!(got.contains("[#team] alice: bye from alice's script"), "{got}");
 }
@@ -202,7 +203,7 @@ fn a_whole_script_runs_in_order_and_its_messages_are_delivered_before_exit() {
     let (status, out, err) = run_script(&alice, &script);
     assert!(status.success(), "{err:?}");
     assert_eq!(out, [format!("bob {}", bob.key)]);
-    let got = bob.ok(&["recv"]);
+    let got = untimed(&bob.ok(&["recv"]));
     // In a conversation a bare line is text, even one that looks like a verb.
     assert_eq!(
         got.lines().filter(|l| l.starts_with("alice: ")).collect::<Vec<_>>(),
@@ -277,7 +278,7 @@ whoami
     );
     assert!(out.iter().any(|l| l.starts_with("  quit (q, exit)")), "/h lists the aliases");
     assert_eq!(out.iter().filter(|l| l.contains(&alice.key)).count(), 1, "nothing runs after /q");
-    let got = bob.ok(&["recv"]);
+    let got = untimed(&bob.ok(&["recv"]));
     let texts: Vec<&str> = got.lines().filter_map(|l| l.split_once(": ").map(|(_, t)| t)).collect();
     assert_eq!(texts, ["first", "second", "#not-a-group third"]);
 }
@@ -311,7 +312,7 @@ fn sending_while_the_server_is_down_queues_and_the_shell_sends_it_on_reconnect()
     let (status, rest) = a.finish();
     assert!(status.success(), "nothing failed: {rest:#?}");
     assert!(!a_seen_error(&rest), "{rest:#?}");
-    let got = bob.ok(&["recv"]);
+    let got = untimed(&bob.ok(&["recv"]));
     let texts: Vec<&str> = got.lines().collect();
     assert_eq!(texts, ["alice: during the outage", "alice: after the outage"]);
 }
@@ -338,6 +339,8 @@ fn a_shell_shows_terminal_attacks_inert_live_and_in_history() {
     let out = lines_of(&all, Stream::Out);
     let err = lines_of(&all, Stream::Err);
     assert_inert(format!("{}\n{}\n", out.join("\n"), err.join("\n")).as_bytes());
+    let out_text = untimed(&out.join("\n"));
+    let out: Vec<&str> = out_text.lines().collect();
     let shown = out.windows(TERMINAL_ATTACK_SHOWN.len()).filter(|w| *w == TERMINAL_ATTACK_SHOWN).count();
     assert_eq!(shown, 2, "once on arrival, once in /history: {out:#?}");
     let headers = out.iter().filter(|l| l.starts_with("bob: ")).count();
@@ -379,7 +382,7 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     p.exp_string("bob> ").unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
-    let got = bob.ok(&["recv"]);
+    let got = untimed(&bob.ok(&["recv"]));
     assert!(got.lines().any(|l| l == "alice: hello world"), "the typed line survived intact: {got}");
 }
 
@@ -396,7 +399,8 @@ fn pty_a_terminal_attack_arrives_as_visible_escapes() {
     assert!(r.ok, "{}", r.stderr);
     let screen = p.exp_string("nor this").unwrap();
     assert!(screen.contains(TERMINAL_ATTACK_SHOWN[0]), "{screen:?}");
-    assert!(screen.contains(&format!("\n{}", TERMINAL_ATTACK_SHOWN[1])), "{screen:?}");
+    // Continuations are indented under the whole header, its time (`14:03 `) included.
+    assert!(screen.contains(&format!("\n      {}", TERMINAL_ATTACK_SHOWN[1])), "{screen:?}");
     for raw in
         ["\x1b]", "\x1b[2J", "\x07", "\0", "\u{202e}", "\u{2069}", "\u{9b}", "\u{200f}", "\nbob:", "\rbob:"]
     {
@@ -423,7 +427,7 @@ fn pty_tab_completes_a_contact_name() {
     p.exp_string("qpq> ").unwrap();
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
-    let got = bob.ok(&["recv"]);
+    let got = untimed(&bob.ok(&["recv"]));
     assert!(got.lines().any(|l| l.ends_with(": completed")), "{got}");
 }
 
@@ -564,7 +568,7 @@ fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
     let line = sh.expect(Stream::Out, "message request from");
     assert!(line.contains("hi from a stranger") && line.contains("qpq requests accept #1"), "{line}");
     sh.say("requests");
-    sh.expect(Stream::Out, &format!("#1 {} wants to start a conversation", alice.key));
+    sh.expect(Stream::Out, &format!("#1 {} ~alice wants to start a conversation", alice.key));
     sh.say("requests accept #1");
     sh.expect(Stream::Out, ": hi from a stranger");
     sh.say("requests");

@@ -203,8 +203,9 @@ fn readme_quickstart_runs_end_to_end() {
     for key in &lines[..2] {
         assert!(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()), "not a key: {key:?}");
     }
-    assert_eq!(lines[2], "alice: hello bob", "stderr:\n{stderr}");
-    assert!(users_block.contains("# prints: alice: hello bob"));
+    assert_eq!(common::time_width(lines[2]), Some(6), "a time first: {:?}", lines[2]);
+    assert_eq!(common::untimed(lines[2]), "alice: hello bob", "stderr:\n{stderr}");
+    assert!(users_block.contains("# prints: 14:03 alice: hello bob"));
     // Both pinned the certificate the server printed, as the README tells them to compare.
     let pinned = format!("pinned server certificate {} (trust on first use)", server.fingerprint);
     assert_eq!(stderr.matches(&pinned).count(), 2, "stderr:\n{stderr}");

@@ -19,6 +19,7 @@ use crate::client::state::{self, Entry, Unlock};
 use crate::client::timeline::changes_of;
 use crate::crypto::identity::PublicKey;
 use crate::limits::REQUEST_PREVIEW_CHARS;
+use crate::localtime;
 use crate::text::{self, Shown};
 use crate::transport::Fingerprint;
 
@@ -32,7 +33,7 @@ pub enum ClientVerb {
     /// Manage contacts (names for keys)
     #[command(subcommand)]
     Contact(ContactCmd),
-    /// Send a message to a contact, a 64-hex key or #group
+    /// Send a message to a contact, a key (64-hex, or a unique short key) or #group
     ///
     /// Messages go out through an outbox in the home. When the server cannot be reached the
     /// message stays queued, `send` says "queued, will send when the server is back" and exits
@@ -47,6 +48,18 @@ pub enum ClientVerb {
     /// Message requests: invitations from keys that are not contacts wait here until you
     /// accept or block them
     Requests(RequestsArgs),
+    /// The display name others see (marked as your claim)
+    #[command(subcommand)]
+    Name(NameCmd),
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum NameCmd {
+    /// Sign a new display name into your groups and your next key packages
+    Set {
+        /// 1-64 bytes of printable text
+        name: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -103,7 +116,7 @@ pub enum ContactCmd {
 
 #[derive(Debug, Args, Clone)]
 pub struct SendArgs {
-    /// A contact name, a 64-hex key, or #group
+    /// A contact name, a key (64-hex, or a unique short key like 304b-9934), or #group
     pub target: String,
     /// The message; without it, stdin is read to its end (one message)
     pub text: Vec<String>,
@@ -137,7 +150,7 @@ pub enum GroupCmd {
 
 #[derive(Debug, Args, Clone)]
 pub struct InitArgs {
-    /// Display name (kept locally, shown by whoami)
+    /// Display name (1-64 bytes), signed into your MLS leaf: others see it marked as a claim
     #[arg(long)]
     pub name: Option<String>,
     /// Store the state without a passphrase (keys protected only by file permissions)
@@ -293,7 +306,7 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             };
             Some(format!(
                 "message request from {}: {what} \u{2014} qpq requests accept #{number} (or block #{number})",
-                m.display_name(from)
+                m.request_sender_name(group_id, from)
             ))
         }
         Event::Dropped { reason } => Some(reason.clone()),
@@ -303,13 +316,17 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
     }
 }
 
-/// One message for people: `[#team] alice: hello`, or `alice: hello` for a direct one, with
-/// peer text escaped and further lines indented under the header ([`text::message`]).
+/// One message for people: `14:03 [#team] alice: hello`, or `14:03 alice: hello` for a direct
+/// one, with peer text escaped and further lines indented under the header ([`text::message`]).
+/// The time is when we received it, in local time with the date when it is not today
+/// ([`localtime::short`]): our own clock orders what we saw and cannot be set by a peer; the
+/// sender's claimed time is in `--json` as `sent_at`.
 pub fn format_entry(m: &Messenger, e: &Entry) -> String {
-    let from = m.display_name(&e.from);
+    let from = m.display_name_in(&e.group_id, &e.from);
+    let when = localtime::short(e.received_at_ms, m.now_ms());
     let header = match m.group_label(&e.group_id) {
-        Some(g) => format!("[#{}] {}: ", Shown(&g), Shown(&from)),
-        None => format!("{}: ", Shown(&from)),
+        Some(g) => format!("{when} [#{}] {}: ", Shown(&g), Shown(&from)),
+        None => format!("{when} {}: ", Shown(&from)),
     };
     text::message(&header, &e.text)
 }
@@ -326,6 +343,7 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
         "group_id": hex::encode(&e.group_id),
         "from": PublicKey(e.from).to_hex(),
         "from_name": m.contact_name(&e.from),
+        "from_claimed_name": m.claimed_name_in(&e.group_id, &e.from),
         "group": m.group_label(&e.group_id),
         "text": e.text,
         "sent_at": rfc3339(e.sent_at_ms),
@@ -412,6 +430,16 @@ pub async fn run_verb(
             }
             writeln!(out, "fingerprint: {}", m.public_key().short())?;
         }
+        ClientVerb::Name(NameCmd::Set { name }) => {
+            let (groups, came) = m.set_display_name(&name).await?;
+            events.extend(came);
+            writeln!(
+                out,
+                "name: {} (signed into {groups} conversation{})",
+                Shown(&name),
+                if groups == 1 { "" } else { "s" }
+            )?;
+        }
         ClientVerb::Health => {
             let server = m.server().unwrap_or_default();
             let session = m.connect().await?;
@@ -494,8 +522,9 @@ fn run_requests(
                 };
                 let preview =
                     r.preview.as_deref().map(|p| format!(": \u{201c}{p}\u{201d}")).unwrap_or_default();
+                let claimed = r.claimed_name.as_deref().map(|n| format!(" ~{n}")).unwrap_or_default();
                 let line = format!(
-                    "#{} {} {what}{preview} ({} waiting, since {})",
+                    "#{} {}{claimed} {what}{preview} ({} waiting, since {})",
                     r.number,
                     PublicKey(r.from),
                     r.held,
@@ -564,6 +593,7 @@ pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
         "number": r.number,
         "from": PublicKey(r.from).to_hex(),
         "from_name": m.contact_name(&r.from),
+        "from_claimed_name": r.claimed_name,
         "kind": if r.group.is_some() { "group" } else { "direct" },
         "group": r.group,
         "group_id": hex::encode(&r.group_id),
@@ -598,7 +628,9 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
         }
         GroupCmd::Members { name } => {
             for mem in m.group_members(name.trim_start_matches('#'))? {
-                let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(|| "-".into()) };
+                // A signed name is a claim: marked with `~` (the key is on the line already).
+                let claimed = || m.claimed_name(&mem.key.0).map_or_else(|| "-".into(), |n| format!("~{n}"));
+                let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(claimed) };
                 writeln!(out, "{} {}", mem.key, Shown(&label))?;
             }
             Vec::new()

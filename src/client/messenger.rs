@@ -61,6 +61,10 @@ pub enum ClientError {
     NotMember(String),
     #[error("invalid name {0:?}: use 1-32 letters, digits, '-', '_' or '.'")]
     BadName(String),
+    #[error("invalid display name {0:?}: use 1-64 bytes of printable text")]
+    BadDisplayName(String),
+    #[error("{given:?} matches several keys: {candidates}; type more of the key")]
+    AmbiguousKey { given: String, candidates: String },
     #[error("a contact named {0:?} already exists")]
     ContactExists(String),
     #[error("a group named #{0} already exists")]
@@ -261,14 +265,15 @@ impl Messenger {
             return Err(StateError::AlreadyInitialized(dir.to_path_buf()).into());
         }
         if let Some(n) = &name
-            && (n.is_empty() || n.len() > 64 || n.chars().any(char::is_control))
+            && !crate::mls::valid_display_name(n)
         {
-            return Err(ClientError::BadName(n.clone()));
+            return Err(ClientError::BadDisplayName(n.clone()));
         }
         let server = opts.server.clone().ok_or(ClientError::NoServer)?;
         let identity = Identity::generate();
         let hybrid = HybridSecretKey::generate();
-        let mls = MlsClient::new(identity.seed())?.with_clock(Clock::from_env());
+        let mls =
+            MlsClient::new(identity.seed())?.with_clock(Clock::from_env()).with_display_name(name.as_deref());
         let (mut session, first_use) = open_session(&server, None, opts.fingerprint).await?;
         session.authenticate(&identity).await?;
         let server_instance = session.server_instance();
@@ -318,8 +323,9 @@ impl Messenger {
     ) -> Result<Messenger, ClientError> {
         let home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
-        let mls =
-            MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?.with_clock(Clock::from_env());
+        let mls = MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?
+            .with_clock(Clock::from_env())
+            .with_display_name(home.state.name.as_deref());
         Ok(Messenger {
             home,
             identity,
@@ -348,7 +354,8 @@ impl Messenger {
         let guard = OpGuard { lock: Some(lock), held: self.held.clone() };
         if self.home.refresh()? {
             self.mls = MlsClient::from_storage(self.identity.seed(), &self.home.state.mls_storage)?
-                .with_clock(Clock::from_env());
+                .with_clock(Clock::from_env())
+                .with_display_name(self.home.state.name.as_deref());
         }
         Ok(guard)
     }
@@ -360,6 +367,11 @@ impl Messenger {
 
     pub fn state(&self) -> &State {
         &self.home.state
+    }
+
+    /// Now, by this messenger's clock (ms since the Unix epoch).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -481,15 +493,14 @@ impl Messenger {
         self.home.state.contacts.iter().find(|(_, k)| *k == key).map(|(n, _)| n.as_str())
     }
 
-    /// A name for people: contact name, "me", or the short key.
+    /// A name for people: "me", the contact name, the name they signed marked as a claim
+    /// (`~Alice (304b-9934)`, see [`names`](super::names)), or the short key.
     pub fn display_name(&self, key: &[u8; 32]) -> String {
-        if *key == self.identity.public().0 {
-            return "me".to_string();
-        }
-        self.contact_name(key).map(str::to_string).unwrap_or_else(|| PublicKey(*key).short())
+        self.name_for_people(key, || self.claimed_name(key))
     }
 
-    /// Resolves a contact name or a 64-hex key.
+    /// Resolves a contact name, a 64-hex key or a unique short key (see
+    /// [`names`](super::names)).
     pub fn resolve_person(&self, s: &str) -> Result<[u8; 32], ClientError> {
         if let Some(k) = self.home.state.contacts.get(s) {
             return Ok(*k);
@@ -500,10 +511,10 @@ impl Messenger {
         if s.len() >= 60 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(IdentityError::BadHex(s.to_string()).into());
         }
-        Err(ClientError::UnknownContact(s.to_string()))
+        self.resolve_short_key(s).unwrap_or_else(|| Err(ClientError::UnknownContact(s.to_string())))
     }
 
-    /// Parses a send target: `#group`, a contact name or a 64-hex key.
+    /// Parses a send target: `#group`, a contact name, a 64-hex key or a unique short key.
     pub fn resolve_target(&self, s: &str) -> Result<Target, ClientError> {
         if let Some(g) = s.strip_prefix('#') {
             return Ok(Target::Group(g.to_string()));
@@ -522,7 +533,11 @@ impl Messenger {
         if !valid_name(name) {
             return Err(ClientError::BadName(name.to_string()));
         }
-        let pk = PublicKey::parse_hex(key)?;
+        // A whole key, or the short form of one this home already knows (a group member's).
+        let pk = match self.resolve_short_key(key) {
+            Some(found) => PublicKey(found?),
+            None => PublicKey::parse_hex(key)?,
+        };
         if self.home.state.contacts.contains_key(name) {
             return Err(ClientError::ContactExists(name.to_string()));
         }

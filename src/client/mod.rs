@@ -2,8 +2,8 @@
 //! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), KeyPackage
 //! lifetimes ([`keypool`]), membership events kept with history ([`timeline`]), the readers'
 //! log of received messages ([`inbox`]), messages waiting to be sent ([`outbox`]), and the
-//! messenger core ([`messenger`], [`delivery`], [`groups`], and [`requests`] for consent to
-//! strangers' invitations)
+//! messenger core ([`messenger`], [`delivery`], [`groups`], [`requests`] for consent to
+//! strangers' invitations, and [`names`] for the names people see and the keys they type)
 //! that the one-shot commands and the shell share. No printing in here.
 
 pub mod delivery;
@@ -13,6 +13,7 @@ pub mod hybridkeys;
 pub mod inbox;
 pub mod keypool;
 pub mod messenger;
+pub mod names;
 pub mod outbox;
 pub mod requests;
 pub mod session;

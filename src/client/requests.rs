@@ -181,6 +181,9 @@ pub struct RequestView {
     pub held: usize,
     /// The first waiting message, as one short line (None when there is none to show).
     pub preview: Option<String>,
+    /// The display name the sender signed into their leaf of the invitation's group (a claim:
+    /// show it marked, see [`crate::client::names`]).
+    pub claimed_name: Option<String>,
 }
 
 /// Which requests a command means: `#n` (its number in the list) or a key (all of its
@@ -262,18 +265,22 @@ impl Messenger {
             .pending
             .iter()
             .enumerate()
-            .map(|(i, r)| RequestView {
-                number: i + 1,
-                from: r.from,
-                group_id: r.group_id.clone(),
-                group: match r.kind {
-                    GroupKind::Group => Some(r.group_name.clone()),
-                    GroupKind::Direct { .. } => None,
-                },
-                received_at_ms: r.received_at_ms,
-                expires_at_ms: r.received_at_ms.saturating_add(REQUEST_TTL_MS),
-                held: r.held.len(),
-                preview: self.preview(r),
+            .map(|(i, r)| {
+                let (preview, claimed_name) = self.preview_and_name(r);
+                RequestView {
+                    number: i + 1,
+                    from: r.from,
+                    group_id: r.group_id.clone(),
+                    group: match r.kind {
+                        GroupKind::Group => Some(r.group_name.clone()),
+                        GroupKind::Direct { .. } => None,
+                    },
+                    received_at_ms: r.received_at_ms,
+                    expires_at_ms: r.received_at_ms.saturating_add(REQUEST_TTL_MS),
+                    held: r.held.len(),
+                    preview,
+                    claimed_name,
+                }
             })
             .collect())
     }
@@ -281,12 +288,32 @@ impl Messenger {
     /// The first held message of `r` that reads as text, decrypted in a throwaway copy of our
     /// MLS state (nothing is joined, nothing of ours is used up).
     fn preview(&self, r: &Request) -> Option<String> {
-        let (_, mut scratch) = self.mls.preview_welcome(&r.welcome).ok()?;
-        r.held.iter().find_map(|m| match scratch.process(&r.group_id, &m.0) {
+        self.preview_and_name(r).0
+    }
+
+    /// [`Self::preview`] and the display name the sender signed into their leaf of the group,
+    /// both read from one throwaway join.
+    fn preview_and_name(&self, r: &Request) -> (Option<String>, Option<String>) {
+        let Ok((_, mut scratch)) = self.mls.preview_welcome(&r.welcome) else { return (None, None) };
+        let name = scratch.member_name(&r.group_id, &r.from);
+        let preview = r.held.iter().find_map(|m| match scratch.process(&r.group_id, &m.0) {
             Ok(Incoming::Application { plaintext, .. }) => {
                 AppMessage::decode(&plaintext).ok().map(|app| preview_line(&app.text, REQUEST_PREVIEW_CHARS))
             }
             _ => None,
+        });
+        (preview, name)
+    }
+
+    /// How to name the sender of the pending request for `group_id`: as
+    /// [`Messenger::display_name`] does, with the name signed in the invitation when we share
+    /// no group with them yet.
+    pub fn request_sender_name(&self, group_id: &[u8], from: &[u8; 32]) -> String {
+        self.name_for_people(from, || {
+            self.claimed_name(from).or_else(|| {
+                let pending = self.home.state.requests.pending.iter().find(|r| r.group_id == group_id)?;
+                self.preview_and_name(pending).1
+            })
         })
     }
 

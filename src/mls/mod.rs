@@ -134,11 +134,13 @@ pub enum MlsError {
 }
 
 mod keypackage;
+mod profile;
 #[cfg(test)]
 mod tests;
 
 pub use keypackage::{KeyPackageError, ValidatedKeyPackage, check_lifetime, validate_key_package};
 use keypackage::{credential_identity, sender_identity, verify_key_package};
+pub use profile::{DISPLAY_NAME_EXTENSION, valid_display_name};
 
 /// A commit of ours, staged but not merged until the server orders it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +242,8 @@ pub struct MlsClient {
     provider: OpenMlsRustCrypto,
     /// Decides KeyPackage lifetimes (ours and the ones we are handed).
     clock: Clock,
+    /// The name we sign into the leaves we make (see [`profile`]).
+    display_name: Option<String>,
 }
 
 impl Drop for MlsClient {
@@ -280,7 +284,28 @@ impl MlsClient {
             credential,
             provider: OpenMlsRustCrypto::default(),
             clock: Clock::system(),
+            display_name: None,
         })
+    }
+
+    /// The same client signing `name` into the leaves it makes from now on: KeyPackages and
+    /// groups it creates (see [`profile`]). An invalid name is not signed at all.
+    pub fn with_display_name(mut self, name: Option<&str>) -> Self {
+        self.display_name = name.filter(|n| valid_display_name(n)).map(str::to_string);
+        self
+    }
+
+    /// Changes the name signed into the leaves made from now on (see [`Self::with_display_name`]).
+    pub fn set_display_name(&mut self, name: Option<&str>) {
+        self.display_name = name.filter(|n| valid_display_name(n)).map(str::to_string);
+    }
+
+    /// The display name member `key` of the group signed into its leaf, if a valid one.
+    pub fn member_name(&self, group_id: &[u8], key: &[u8; 32]) -> Option<String> {
+        let group = self.find_group(group_id).ok()??;
+        let member = group.members().find(|m| m.signature_key.as_slice() == key)?;
+        let leaf = group.public_group().leaf(member.index)?;
+        profile::name_of(leaf)
     }
 
     /// The same client judging time by `clock` (the system clock by default).
@@ -384,8 +409,10 @@ impl MlsClient {
             now.saturating_sub(limits::KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS),
             now.saturating_add(limits::KEY_PACKAGE_LIFETIME_SECS),
         );
-        let mut builder =
-            KeyPackage::builder().leaf_node_capabilities(capabilities()).key_package_lifetime(lifetime);
+        let mut builder = KeyPackage::builder()
+            .leaf_node_capabilities(capabilities())
+            .leaf_node_extensions(profile::leaf_extensions(self.display_name.as_deref()))
+            .key_package_lifetime(lifetime);
         if last_resort {
             builder = builder.mark_as_last_resort();
         }
@@ -420,6 +447,8 @@ impl MlsClient {
             .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .sender_ratchet_configuration(ratchet_config())
+            .with_leaf_node_extensions(profile::leaf_extensions(self.display_name.as_deref()))
+            .map_err(|e| openmls_err("create group", e))?
             .build();
         MlsGroup::new_with_group_id(
             &self.provider,
@@ -484,11 +513,17 @@ impl MlsClient {
     }
 
     /// Stages a commit with a fresh leaf and path secrets (post-compromise
-    /// security). Also covers any queued proposals.
+    /// security). Also covers any queued proposals. The new leaf carries our
+    /// current display name (see [`profile`]), so this is also how a new name
+    /// reaches a group.
     pub fn self_update(&mut self, group_id: &[u8]) -> Result<Pending, MlsError> {
         let mut group = self.load_committable(group_id)?;
+        let leaf = LeafNodeParameters::builder()
+            .with_capabilities(capabilities())
+            .with_extensions(profile::leaf_extensions(self.display_name.as_deref()))
+            .build();
         let bundle = group
-            .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+            .self_update(&self.provider, &self.signer, leaf)
             .map_err(|e| openmls_err("self update", e))?;
         let (commit, welcome, _group_info) = bundle.into_messages();
         pending(&commit, welcome.as_ref())
@@ -769,6 +804,7 @@ impl MlsClient {
             credential: self.credential.clone(),
             provider: OpenMlsRustCrypto::default(),
             clock: self.clock.clone(),
+            display_name: self.display_name.clone(),
         };
         let ours = self.provider.storage();
         for secret in parsed.secrets() {
@@ -876,10 +912,10 @@ impl MlsClient {
     }
 }
 
-/// Leaf capabilities: the defaults plus LastResort, which openmls requires
-/// to be listed before a KeyPackage may carry that extension.
+/// Leaf capabilities: the defaults plus LastResort and our display name, which openmls
+/// requires to be listed before a leaf may carry those extensions.
 fn capabilities() -> Capabilities {
-    Capabilities::builder().extensions(vec![ExtensionType::LastResort]).build()
+    Capabilities::builder().extensions(vec![ExtensionType::LastResort, profile::extension_type()]).build()
 }
 
 fn ratchet_config() -> SenderRatchetConfiguration {

@@ -656,3 +656,36 @@ fn damaged_value_in_storage_is_an_error_not_a_panic() {
     let damaged = alice.export_storage().unwrap();
     assert!(matches!(MlsClient::from_storage(&seed, &damaged), Err(MlsError::Storage(_))));
 }
+
+/// A name is signed into the leaf (KeyPackage or group creation), read by the others from the
+/// tree, changed by a self-update, and a leaf claiming an unsafe name reads as no name.
+#[test]
+fn display_names_travel_in_leaves_and_unsafe_ones_are_ignored() {
+    let mut alice = client().with_display_name(Some("Alice"));
+    let mut bob = client().with_display_name(Some("Bob"));
+    let group = b"named-group-0123".to_vec();
+    alice.create_group(&group).unwrap();
+    add(&group, &mut alice, &mut [], &mut bob);
+    assert_eq!(bob.member_name(&group, &alice.identity()).as_deref(), Some("Alice"), "creator's leaf");
+    assert_eq!(alice.member_name(&group, &bob.identity()).as_deref(), Some("Bob"), "key package leaf");
+
+    alice.set_display_name(Some("Alice L."));
+    let pending = alice.self_update(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.process(&group, &pending.commit).unwrap();
+    assert_eq!(bob.member_name(&group, &alice.identity()).as_deref(), Some("Alice L."), "updated");
+
+    // A client that signs what qpq would never sign: the others see no name at all.
+    let mut mallory = client();
+    mallory.display_name = Some("bob\u{1b}[2J".into());
+    add(&group, &mut alice, &mut [&mut bob], &mut mallory);
+    assert_eq!(bob.member_name(&group, &mallory.identity()), None);
+    mallory.display_name = Some("x".repeat(crate::limits::MAX_DISPLAY_NAME_BYTES + 1));
+    let pending = mallory.self_update(&group).unwrap();
+    mallory.merge_pending(&group).unwrap();
+    bob.process(&group, &pending.commit).unwrap();
+    assert_eq!(bob.member_name(&group, &mallory.identity()), None);
+    // And a name nobody signed is None, not an error.
+    assert_eq!(bob.member_name(&group, &[7; 32]), None);
+    assert_eq!(client().with_display_name(Some("\u{202e}")).display_name, None, "never signed");
+}

@@ -293,9 +293,9 @@ impl User {
         self.ok(&["contact", "add", &other.name, &other.key]);
     }
 
-    /// `recv` once; the printed lines.
+    /// `recv` once; the printed lines without their times ([`untimed`]).
     pub fn recv(&self) -> Vec<String> {
-        self.ok(&["recv"]).lines().map(str::to_string).collect()
+        untimed(&self.ok(&["recv"])).lines().map(str::to_string).collect()
     }
 
     pub fn state_bytes(&self) -> Vec<u8> {
@@ -358,4 +358,43 @@ pub fn assert_inert(out: &[u8]) {
             || [0x200e, 0x200f, 0x061c, 0x200b, 0xfeff].contains(&cp);
         assert!(!bad, "raw U+{cp:04X} in {text:?}");
     }
+}
+
+/// Width of the time in front of a printed message (`14:03 ` or `2026-11-29 14:03 `), if `line`
+/// starts with one.
+pub fn time_width(line: &str) -> Option<usize> {
+    let b = line.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let clock = |at: usize| {
+        digits(at..at + 2)
+            && b.get(at + 2) == Some(&b':')
+            && digits(at + 3..at + 5)
+            && b.get(at + 5) == Some(&b' ')
+    };
+    if clock(0) {
+        return Some(6);
+    }
+    let date =
+        digits(0..4) && b.get(4) == Some(&b'-') && digits(5..7) && b.get(7) == Some(&b'-') && digits(8..10);
+    (date && b.get(10) == Some(&b' ') && clock(11)).then_some(17)
+}
+
+/// Printed messages without their times, for scenarios about what was said (tests/names.rs
+/// checks the times): a message's time is cut, and so is the same width of the indentation of
+/// its continuation lines.
+pub fn untimed(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut width = 0;
+    for line in text.split_inclusive('\n') {
+        if let Some(w) = time_width(line) {
+            width = w;
+            out.push_str(&line[w..]);
+        } else if width > 0 && line.len() > width && line.as_bytes()[..width].iter().all(|&c| c == b' ') {
+            out.push_str(&line[width..]);
+        } else {
+            width = 0;
+            out.push_str(line);
+        }
+    }
+    out
 }

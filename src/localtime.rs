@@ -1,0 +1,84 @@
+//! Times for people: a message's time in the local time zone, short when it is today.
+//!
+//! The zone is the system's (`TZ`, else `/etc/localtime`), read by `jiff`, which parses the
+//! zone's rules itself: unlike libc's `localtime_r` behind the `time` crate's local offset it is
+//! safe in a process with several threads (the shell has an input and a printer thread), and it
+//! gives each instant its own offset, so a message from before a DST change shows the hour it
+//! had then. When no zone can be found the times are shown in UTC, marked with a trailing `Z`.
+//!
+//! "Today" is judged against a [`Clock`](crate::clock::Clock) reading the caller passes in, never
+//! the system clock, so tests can move it.
+
+use std::sync::OnceLock;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+/// The system time zone, looked up once; None when the system has none we can read.
+fn system_zone() -> &'static Option<TimeZone> {
+    static ZONE: OnceLock<Option<TimeZone>> = OnceLock::new();
+    ZONE.get_or_init(|| TimeZone::try_system().ok())
+}
+
+/// `14:03` when `at_ms` falls on the same local day as `now_ms`, else `2026-11-29 14:03`
+/// (both ms since the Unix epoch). In UTC, with a `Z` suffix, when there is no local zone.
+pub fn short(at_ms: u64, now_ms: u64) -> String {
+    match system_zone() {
+        Some(tz) => short_in(tz, at_ms, now_ms, ""),
+        None => short_in(&TimeZone::UTC, at_ms, now_ms, "Z"),
+    }
+}
+
+fn short_in(tz: &TimeZone, at_ms: u64, now_ms: u64, suffix: &str) -> String {
+    let at = timestamp(at_ms).to_zoned(tz.clone());
+    let now = timestamp(now_ms).to_zoned(tz.clone());
+    if at.date() == now.date() {
+        format!("{}{suffix}", at.strftime("%H:%M"))
+    } else {
+        format!("{}{suffix}", at.strftime("%Y-%m-%d %H:%M"))
+    }
+}
+
+/// `at_ms` as RFC 3339 in UTC with milliseconds (`2026-11-29T14:03:07.123Z`), for JSON.
+pub fn rfc3339(at_ms: u64) -> String {
+    format!("{:.3}", timestamp(at_ms))
+}
+
+/// Out-of-range times (a peer's clock claims the year 300000) clamp to the last instant jiff
+/// represents rather than failing: a bad clock must not hide the message.
+fn timestamp(ms: u64) -> Timestamp {
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    /// 2026-11-29T14:03:07.123Z
+    const AT: u64 = 1_795_960_987_123;
+
+    #[test]
+    fn today_shows_the_time_and_other_days_the_date_too() {
+        let utc = TimeZone::UTC;
+        assert_eq!(short_in(&utc, AT, AT + 60_000, ""), "14:03");
+        assert_eq!(short_in(&utc, AT, AT + DAY_MS, ""), "2026-11-29 14:03");
+        assert_eq!(short_in(&utc, AT, AT, "Z"), "14:03Z");
+    }
+
+    #[test]
+    fn the_local_zone_decides_the_hour_and_the_day() {
+        let tokyo = TimeZone::fixed(jiff::tz::offset(9));
+        // 14:03 UTC is 23:03 in UTC+9, and ten minutes later it is the next day there.
+        assert_eq!(short_in(&tokyo, AT, AT, ""), "23:03");
+        assert_eq!(short_in(&tokyo, AT, AT + 60 * 60_000, ""), "2026-11-29 23:03");
+    }
+
+    #[test]
+    fn rfc3339_is_utc_with_milliseconds_and_absurd_times_clamp() {
+        assert_eq!(rfc3339(AT), "2026-11-29T14:03:07.123Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert!(rfc3339(u64::MAX).starts_with("9999-12-"), "{}", rfc3339(u64::MAX));
+    }
+}
