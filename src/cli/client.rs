@@ -13,11 +13,12 @@ use zeroize::Zeroizing;
 use crate::cli::GlobalArgs;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::requests::{RequestView, preview_line};
+use crate::client::session::{Health, Session};
 use crate::client::state::{self, Entry, Unlock};
 use crate::crypto::identity::PublicKey;
 use crate::limits::REQUEST_PREVIEW_CHARS;
 use crate::text::{self, Shown};
-use crate::transport::Fingerprint;
+use crate::transport::{Fingerprint, Pin};
 
 /// Verbs that work both as `qpq VERB` and inside `qpq shell`.
 #[derive(Debug, Subcommand, Clone)]
@@ -164,6 +165,11 @@ pub fn home_dir(g: &GlobalArgs) -> anyhow::Result<PathBuf> {
         Some(h) => Ok(h.clone()),
         None => Ok(state::default_home()?),
     }
+}
+
+/// True when the home (from --home / QPQ_HOME / the default) holds an identity.
+pub fn has_home(g: &GlobalArgs) -> bool {
+    home_dir(g).is_ok_and(|d| state::exists(&d))
 }
 
 pub fn connect_options(g: &GlobalArgs) -> anyhow::Result<ConnectOptions> {
@@ -349,10 +355,8 @@ pub async fn run_verb(
             let server = m.server().unwrap_or_default();
             let session = m.connect().await?;
             let h = session.health().await?;
+            write_health(out, &server, session, &h)?;
             let (kps, last_resort) = session.key_package_count().await?;
-            // The server's words are a stranger's too.
-            let (status, version) = (Shown(&h.status), Shown(&h.version));
-            writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
             let lr = if last_resort { "yes" } else { "no" };
             writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
             if h.status != "ok" {
@@ -401,6 +405,39 @@ pub async fn run_verb(
         }
     }
     Ok(VerbOutcome::Ok)
+}
+
+/// The lines of `health` every caller prints: status, version and uptime first (scripts match
+/// `ok version`), then what the connection showed: certificate and key exchange.
+fn write_health(out: &mut dyn Write, server: &str, session: &Session, h: &Health) -> std::io::Result<()> {
+    // The server's words are a stranger's too.
+    let (status, version) = (Shown(&h.status), Shown(&h.version));
+    writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
+    writeln!(out, "certificate fingerprint {}", session.fingerprint())?;
+    let kx = session.key_exchange_group().unwrap_or_else(|| "unknown".into());
+    writeln!(out, "tls 1.3 key exchange {kx}")
+}
+
+/// `qpq health` without a home (an operator's check): no identity, nothing pinned or saved. The
+/// certificate is checked against `--server-fingerprint` when given, else only shown.
+pub fn health_without_home(g: &GlobalArgs) -> anyhow::Result<std::process::ExitCode> {
+    let server = g.server.clone().ok_or_else(|| {
+        anyhow::anyhow!("no server: pass --server HOST:PORT (no qpq home here to remember one)")
+    })?;
+    let pin = match connect_options(g)?.fingerprint {
+        Some(f) => Pin::Fingerprint(f),
+        None => Pin::FirstUse(Default::default()),
+    };
+    let h = block_on_local(async {
+        let session = Session::connect(&server, pin).await?;
+        let h = session.health().await?;
+        let mut stdout = std::io::stdout().lock();
+        write_health(&mut stdout, &server, &session, &h)?;
+        stdout.flush()?;
+        session.close().await;
+        anyhow::Ok(h)
+    })??;
+    Ok(if h.status == "ok" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
 
 fn run_requests(

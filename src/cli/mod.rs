@@ -60,6 +60,31 @@ pub enum Command {
     Man { dir: PathBuf },
 }
 
+/// Verbs that never touch a client home or a server connection: their help and man pages do
+/// not list the client options (clap copies global options into every subcommand).
+const NOT_CLIENT_VERBS: [&str; 3] = ["serve", "completions", "man"];
+
+/// The command line as parsed and documented: [`Cli`] without the client-only options under
+/// [`NOT_CLIENT_VERBS`]. clap copies a global option into a subcommand unless that subcommand
+/// has an argument with its id, so each gets a hidden stand-in that refuses any value.
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    for verb in NOT_CLIENT_VERBS {
+        cmd = cmd.mut_subcommand(verb, |sub| {
+            [("home", "home"), ("server", "server"), ("server_fingerprint", "server-fingerprint")]
+                .into_iter()
+                .fold(sub, |sub, (id, long)| {
+                    sub.arg(clap::Arg::new(id).long(long).hide(true).value_parser(refuse_client_option))
+                })
+        });
+    }
+    cmd
+}
+
+fn refuse_client_option(_: &str) -> Result<PathBuf, String> {
+    Err("this is a client option; this verb does not take it".into())
+}
+
 /// Logs to stderr; `QPQ_LOG` (or `RUST_LOG`) sets the filter.
 pub fn init_logging(default: &str) {
     let filter = std::env::var("QPQ_LOG")
@@ -68,12 +93,17 @@ pub fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|matches| <Cli as clap::FromArgMatches>::from_arg_matches(&matches));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
@@ -122,12 +152,16 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Init(args) => client::init(&g, args).map(|()| ExitCode::SUCCESS),
+        // An operator checks a server from anywhere: without a home, health needs no identity.
+        Command::Client(client::ClientVerb::Health) if !client::has_home(&g) => {
+            client::health_without_home(&g)
+        }
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Shell => crate::shell::run(&g),
         Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = command();
             clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
@@ -149,9 +183,7 @@ pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     // on every commit. clap_mangen adds no date unless asked, so the output is deterministic.
     // Built once from the root, so every page lists the global options and its synopsis reads
     // `qpq group add`.
-    let mut cmd = <Cli as clap::CommandFactory>::command()
-        .version(env!("CARGO_PKG_VERSION"))
-        .disable_help_subcommand(true);
+    let mut cmd = command().version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true);
     cmd.build();
     let mut out = Vec::new();
     render_man(&cmd, dir, &mut out)?;

@@ -54,8 +54,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         println!("certificate fingerprint {}", running.fingerprint());
         println!("data dir {}", cfg.data_dir.display());
+        // Logged before the ready line, so that line is the last one a start prints.
+        let kx = crate::transport::key_exchange_groups().join(", ");
+        tracing::info!(addr = %running.local_addr(), tls = "1.3", key_exchange = %kx, "serving");
         println!("listening on {}", running.local_addr());
-        tracing::info!(addr = %running.local_addr(), "serving");
         running.wait().await?;
         tracing::info!("stopped cleanly");
         anyhow::Ok(())

@@ -75,6 +75,9 @@ pub enum StoreError {
     NoKeyPackages,
     #[error("database file {path} was written by schema version {found}, this qpq reads {SCHEMA_VERSION}")]
     SchemaVersion { path: String, found: u64 },
+    /// Another process (a second `qpq serve`) holds the database file's lock.
+    #[error("the database is in use by another process")]
+    InUse,
     #[error("database error: {0}")]
     Db(String),
     #[error("the store is shutting down")]
@@ -264,7 +267,10 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database file and starts the writer thread.
     pub fn open(path: &Path, limits: QueueLimits) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            e => e.into(),
+        })?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;

@@ -1,0 +1,138 @@
+//! Issue 10, items 8–11 through the real binary: the server from the operator's side, the pinned
+//! server, passphrase prompts (on a pseudo-terminal) and contact checks.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{Lines, ServerProcess, User, qpq_in};
+
+const QPQ: &str = env!("CARGO_BIN_EXE_qpq");
+
+/// `qpq serve` with stdout and stderr on one pipe (a shell's `2>&1`), so lines keep their order.
+fn serve_merged(data_dir: &std::path::Path, listen: &str) -> (std::process::Child, Lines) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" serve --listen \"$1\" --data-dir \"$2\" 2>&1")
+        .arg(QPQ)
+        .arg(listen)
+        .arg(data_dir)
+        .env_remove("QPQ_CONFIG")
+        .env("QPQ_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qpq serve");
+    let lines = Lines::of(child.stdout.take().expect("piped stdout"));
+    (child, lines)
+}
+
+fn terminate(child: &mut std::process::Child) {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+}
+
+// ----- item 8: the server from the operator's side -----
+
+#[test]
+fn health_without_a_home_shows_fingerprint_version_uptime_and_key_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let nohome = tempfile::tempdir().unwrap();
+    let addr = server.addr.to_string();
+    let r = qpq_in(nohome.path(), &["health", "--server", &addr], None);
+    assert!(r.ok, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[0].starts_with("ok version 0.1.0 uptime "), "{lines:?}");
+    assert!(lines.contains(&format!("certificate fingerprint {}", server.fingerprint).as_str()), "{lines:?}");
+    assert!(lines.contains(&"tls 1.3 key exchange X25519"), "{lines:?}");
+    // An operator's check leaves nothing behind: no identity, no pin.
+    assert_eq!(std::fs::read_dir(nohome.path()).unwrap().count(), 0);
+    // A given fingerprint is checked.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let r = qpq_in(nohome.path(), &["health", "--server", &addr, "--server-fingerprint", &wrong], None);
+    assert!(!r.ok && r.stderr.contains("server certificate changed"), "{}", r.stderr);
+    // Without a home there is nothing to remember a server: it must be given.
+    let r = qpq_in(nohome.path(), &["health"], None);
+    assert!(!r.ok && r.stderr.contains("no server: pass --server"), "{}", r.stderr);
+}
+
+#[test]
+fn health_with_a_home_also_shows_the_key_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let out = alice.ok(&["health"]);
+    assert!(out.starts_with("ok version"), "{out}");
+    assert!(out.contains("tls 1.3 key exchange X25519"), "{out}");
+    assert!(out.contains("key packages: "), "{out}");
+}
+
+#[test]
+fn serve_resolves_a_host_name_and_its_ready_line_is_the_last_line_of_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut lines) = serve_merged(dir.path(), "localhost:0");
+    let mut seen = Vec::new();
+    let addr = loop {
+        let line = lines.next_line().expect("serve prints its ready line");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.parse::<std::net::SocketAddr>().expect("socket address");
+        }
+        seen.push(line);
+    };
+    assert!(addr.ip().is_loopback(), "{addr}");
+    assert!(seen.iter().any(|l| l.contains("serving") && l.contains("key_exchange=X25519")), "{seen:?}");
+    // Nothing is printed after the ready line until something happens: the next line is the
+    // reaction to SIGTERM.
+    terminate(&mut child);
+    let next = lines.next_line().expect("a line after SIGTERM");
+    assert!(next.contains("shutdown requested"), "{next:?} came after the ready line");
+    assert!(child.wait().unwrap().success());
+    // No colour codes in logs that do not go to a terminal.
+    let all = seen.join("\n") + &next;
+    assert!(!all.contains('\x1b'), "{all:?}");
+}
+
+#[test]
+fn serve_refuses_a_host_name_that_does_not_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(QPQ)
+        .args(["serve", "--listen", "no-such-host.invalid:7000", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot resolve listen address \"no-such-host.invalid:7000\""), "{err}");
+}
+
+#[test]
+fn a_second_serve_on_a_data_dir_in_use_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = ServerProcess::start(dir.path());
+    let out = Command::new(QPQ)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("QPQ_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("qpq: data dir {} is in use by another qpq serve", dir.path().display());
+    assert!(err.lines().any(|l| l == want), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty(), "no ready line");
+}
+
+#[test]
+fn serve_help_lists_only_server_options_and_refuses_client_ones() {
+    let out = Command::new(QPQ).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--listen") && help.contains("--data-dir"), "{help}");
+    for client_only in ["--home", "--server ", "--server-fingerprint", "QPQ_HOME", "QPQ_SERVER"] {
+        assert!(!help.contains(client_only), "{client_only} in serve --help:\n{help}");
+    }
+    let send = Command::new(QPQ).args(["send", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&send.stdout).contains("--home"), "client verbs keep them");
+    let out = Command::new(QPQ).args(["serve", "--home", "/tmp/x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("this is a client option"));
+}
