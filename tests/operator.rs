@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{Lines, ServerProcess, User, qpq_in};
+use common::{Lines, ServerProcess, User, qpq_command, qpq_in};
 
 const QPQ: &str = env!("CARGO_BIN_EXE_qpq");
 
@@ -135,4 +135,46 @@ fn serve_help_lists_only_server_options_and_refuses_client_ones() {
     let out = Command::new(QPQ).args(["serve", "--home", "/tmp/x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("this is a client option"));
+}
+
+// ----- item 11: contacts -----
+
+#[test]
+fn contact_add_refuses_your_own_key_the_all_zero_key_and_a_key_named_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    let err = alice.fails(&["contact", "add", "me", &alice.key]);
+    assert!(err.contains("that is your own key: contacts are other people"), "{err}");
+    let zero = "0".repeat(64);
+    let err = alice.fails(&["contact", "add", "nobody", &zero]);
+    assert!(err.contains("is not anyone's identity key"), "{err}");
+    alice.ok(&["contact", "add", "bob", &bob.key]);
+    let err = alice.fails(&["contact", "add", "robert", &bob.key]);
+    assert!(err.contains("that key is already your contact \"bob\""), "{err}");
+    assert_eq!(alice.ok(&["contact", "list"]), format!("bob {}\n", bob.key));
+}
+
+#[test]
+fn an_empty_contact_list_prints_nothing_for_scripts_and_words_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    assert_eq!(alice.ok(&["contact", "list"]), "");
+    assert_eq!(alice.ok(&["contact", "list", "--json"]), "");
+    let mut cmd = qpq_command(alice.home.path());
+    cmd.args(["contact", "list"]);
+    let mut p = rexpect::session::spawn_with_options(cmd, pty_options()).expect("spawn on a pty");
+    p.exp_string("no contacts yet").unwrap();
+    p.exp_eof().unwrap();
+    let bob = User::init(&server, "bob");
+    alice.ok(&["contact", "add", "bob", &bob.key]);
+    let json = alice.ok(&["contact", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one json object");
+    assert_eq!(v["name"], "bob");
+    assert_eq!(v["key"], bob.key.as_str());
+}
+
+fn pty_options() -> rexpect::reader::Options {
+    rexpect::reader::Options::new().timeout_ms(Some(60_000)).strip_ansi_escape_codes(true)
 }

@@ -89,8 +89,12 @@ pub enum KeysCmd {
 pub enum ContactCmd {
     /// Name a key: `contact add bob 6a3f...`
     Add { name: String, key: String },
-    /// List contacts
-    List,
+    /// List contacts ("no contacts yet" on a terminal when there are none)
+    List {
+        /// One JSON object per contact and line (nothing when there are none)
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget a contact name
     Remove { name: String },
 }
@@ -366,9 +370,19 @@ pub async fn run_verb(
         ClientVerb::Contact(ContactCmd::Add { name, key }) => {
             m.contact_add(&name, &key)?;
         }
-        ClientVerb::Contact(ContactCmd::List) => {
-            for (name, key) in m.contacts() {
-                writeln!(out, "{} {key}", Shown(&name))?;
+        ClientVerb::Contact(ContactCmd::List { json }) => {
+            let contacts = m.contacts();
+            for (name, key) in &contacts {
+                if json {
+                    let obj = serde_json::json!({ "name": name, "key": key.to_hex() });
+                    writeln!(out, "{}", text::json_line(&obj))?;
+                } else {
+                    writeln!(out, "{} {key}", Shown(name))?;
+                }
+            }
+            // Scripts read an empty list as no lines; people get words.
+            if contacts.is_empty() && !json && std::io::stdout().is_terminal() {
+                writeln!(out, "no contacts yet: add one with `qpq contact add NAME KEY`")?;
             }
         }
         ClientVerb::Contact(ContactCmd::Remove { name }) => m.contact_remove(&name)?,

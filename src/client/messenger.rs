@@ -101,6 +101,12 @@ pub enum ClientError {
     BlockListFull(usize),
     #[error("{0} is not blocked")]
     NotBlocked(String),
+    #[error("that is your own key: contacts are other people")]
+    ContactIsSelf,
+    #[error("{0} is not anyone's identity key (a small-order point, like the all-zero key)")]
+    WeakKey(String),
+    #[error("that key is already your contact {0:?}: `qpq contact remove {0}` first to rename it")]
+    KeyAlreadyContact(String),
 }
 
 /// Something that happened while processing incoming messages.
@@ -222,6 +228,22 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 32
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && !PublicKey::looks_like_key(name)
+}
+
+/// Keys that cannot be a contact: our own, a small-order point (no one holds its secret; the
+/// all-zero key is one, RFC 8032 section 5.1.3 decodes it), one already named otherwise.
+fn check_contact_key(pk: &PublicKey, me: &PublicKey, existing: Option<&str>) -> Result<(), ClientError> {
+    if pk == me {
+        return Err(ClientError::ContactIsSelf);
+    }
+    let weak = ed25519_dalek::VerifyingKey::from_bytes(&pk.0).map_or(true, |k| k.is_weak());
+    if weak {
+        return Err(ClientError::WeakKey(pk.short()));
+    }
+    if let Some(name) = existing {
+        return Err(ClientError::KeyAlreadyContact(name.to_string()));
+    }
+    Ok(())
 }
 
 async fn open_session(
@@ -514,6 +536,7 @@ impl Messenger {
         if self.home.state.contacts.contains_key(name) {
             return Err(ClientError::ContactExists(name.to_string()));
         }
+        check_contact_key(&pk, &self.identity.public(), self.contact_name(&pk.0))?;
         self.home.state.contacts.insert(name.to_string(), pk.0);
         self.home.save()?;
         Ok(pk)
