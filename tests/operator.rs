@@ -178,3 +178,73 @@ fn an_empty_contact_list_prints_nothing_for_scripts_and_words_on_a_terminal() {
 fn pty_options() -> rexpect::reader::Options {
     rexpect::reader::Options::new().timeout_ms(Some(60_000)).strip_ansi_escape_codes(true)
 }
+
+// ----- item 9: the pinned server -----
+
+#[test]
+fn server_show_pin_and_forget_manage_the_pin_explicitly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let (addr, fp) = (server.addr.to_string(), server.fingerprint.to_string());
+    assert_eq!(alice.ok(&["server", "show"]), format!("server {addr}\npinned {fp}\n"));
+    // A flag never re-pins silently.
+    let other = format!("sha256:{}", "cd".repeat(32));
+    let err = alice.fails(&["--server-fingerprint", &other, "health"]);
+    assert!(err.contains(&format!("re-pin with `qpq server pin {other}`")), "{err}");
+    assert!(alice.ok(&["server", "show"]).contains(&fp), "the pin stayed");
+    // The same fingerprint as the pin is fine.
+    alice.ok(&["--server-fingerprint", &fp, "health"]);
+    // Without a fingerprint and without a terminal, pin names what the server presents.
+    let err = alice.fails(&["server", "pin"]);
+    assert!(err.contains(&format!("the server presents {fp}")), "{err}");
+    // An explicit re-pin to a wrong certificate makes connections fail loudly...
+    assert_eq!(alice.ok(&["server", "pin", &other]), format!("pinned {addr} {other} (was {fp})\n"));
+    let err = alice.fails(&["health"]);
+    assert!(err.contains("server certificate changed"), "{err}");
+    // ...until it is forgotten: not on a terminal, the next connection trusts on first use.
+    assert_eq!(alice.ok(&["server", "forget"]), format!("forgot the certificate pinned for {addr}\n"));
+    assert!(alice.ok(&["server", "show"]).contains("pinned nothing"));
+    let r = alice.run(&["health"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("pinned certificate of {addr}: {fp}")), "{}", r.stderr);
+    assert!(alice.ok(&["server", "show"]).contains(&format!("pinned {fp}")));
+    alice.ok(&["server", "forget"]);
+    let err = alice.fails(&["server", "forget"]);
+    assert!(err.contains("nothing pinned"), "{err}");
+}
+
+/// `qpq ARGS` for a fresh home on a pseudo-terminal (QPQ_PASSPHRASE set, so only the server
+/// question is asked).
+fn pty_init(home: &std::path::Path, addr: &str) -> rexpect::session::PtySession {
+    let mut cmd = qpq_command(home);
+    cmd.args(["init", "--server", addr]).env("QPQ_PASSPHRASE", "correct horse");
+    rexpect::session::spawn_with_options(cmd, pty_options()).expect("spawn on a pty")
+}
+
+#[test]
+fn first_use_on_a_terminal_asks_before_pinning_and_no_means_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (addr, fp) = (server.addr.to_string(), server.fingerprint.to_string());
+    let home = tempfile::tempdir().unwrap();
+    let mut p = pty_init(home.path(), &addr);
+    p.exp_string(&format!("its certificate fingerprint is {fp}")).unwrap();
+    p.exp_string("(yes/no)? ").unwrap();
+    p.send_line("no").unwrap();
+    p.exp_string("server certificate not trusted").unwrap();
+    p.exp_eof().unwrap();
+    assert!(!home.path().join("qpq-state.bin").exists(), "nothing created");
+
+    let mut p = pty_init(home.path(), &addr);
+    p.exp_string("(yes/no)? ").unwrap();
+    p.send_line("yes").unwrap();
+    p.exp_string("identity created").unwrap();
+    p.exp_eof().unwrap();
+    let show = qpq_command(home.path())
+        .args(["server", "show"])
+        .env("QPQ_PASSPHRASE", "correct horse")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&show.stdout).contains(&format!("pinned {fp}")));
+}

@@ -99,6 +99,21 @@ pub enum ContactCmd {
     Remove { name: String },
 }
 
+/// `qpq server`: the pinned certificate of the server (ssh-keygen -F / -R for qpq).
+#[derive(Debug, Subcommand, Clone)]
+pub enum ServerCmd {
+    /// Show the server address and the certificate pinned for it (and other pinned servers)
+    Show,
+    /// Pin a certificate for the server: the given fingerprint (as the operator told you), or
+    /// the one the server presents now after you confirm it on a terminal
+    Pin {
+        /// sha256:HEX as `qpq serve` printed it; without it the server is asked
+        fingerprint: Option<String>,
+    },
+    /// Forget the server's pinned certificate (the next connection pins again)
+    Forget,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct SendArgs {
     /// A contact name, a 64-hex key, or #group
@@ -189,8 +204,100 @@ fn prompt(msg: &str) -> anyhow::Result<Zeroizing<String>> {
     Ok(Zeroizing::new(rpassword::prompt_password(msg).context("cannot read passphrase")?))
 }
 
-/// Opens the home, asking for the passphrase if the state needs one.
+/// Opens the home for a command that may connect: as [`open_home`], and on a terminal a first
+/// connection to a server without a pin asks the person to confirm its certificate first.
 pub fn open_messenger(g: &GlobalArgs) -> anyhow::Result<Messenger> {
+    let mut m = open_home(g)?;
+    if let Some(server) = m.server()
+        && m.pinned(&server).is_none()
+        && g.server_fingerprint.is_none()
+        && std::io::stdin().is_terminal()
+    {
+        // When the server cannot be reached now, the command's own connection says so.
+        if let Ok(fp) = block_on_local(probe_fingerprint(&server))?
+            && confirm_first_use(&server, &fp)?
+        {
+            m.pin_server(&server, fp)?;
+        }
+    }
+    Ok(m)
+}
+
+/// The certificate fingerprint `server` presents (a connection that trusts nothing and is
+/// closed at once).
+async fn probe_fingerprint(server: &str) -> anyhow::Result<Fingerprint> {
+    let session = Session::connect(server, Pin::FirstUse(Default::default())).await?;
+    let fp = session.fingerprint();
+    session.close().await;
+    Ok(fp)
+}
+
+/// Asks on the terminal whether to trust `fp` for `server`, as ssh does; an error when not.
+fn confirm_first_use(server: &str, fp: &Fingerprint) -> anyhow::Result<bool> {
+    let mut err = std::io::stderr().lock();
+    write!(
+        err,
+        "qpq: the authenticity of server {server} cannot be established.\n\
+         qpq: its certificate fingerprint is {fp}\n\
+         qpq: compare it with the one `qpq serve` printed. trust it and pin it (yes/no)? "
+    )?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).context("cannot read the answer")?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "yes" | "y" => Ok(true),
+        _ => bail!("server certificate not trusted: nothing pinned for {server}"),
+    }
+}
+
+/// `qpq server show|pin|forget`.
+pub fn server_verb(g: &GlobalArgs, cmd: ServerCmd) -> anyhow::Result<()> {
+    let mut m = open_home(g)?;
+    let server = m.server().ok_or(crate::client::messenger::ClientError::NoServer)?;
+    match cmd {
+        ServerCmd::Show => {
+            let pinned = m.pinned(&server).map(|f| f.to_string());
+            println!("server {server}");
+            println!("pinned {}", pinned.as_deref().unwrap_or("nothing (the next connection pins)"));
+            for (other, fp) in m.pins().into_iter().filter(|(s, _)| *s != server) {
+                println!("also pinned {other} {fp}");
+            }
+        }
+        ServerCmd::Pin { fingerprint } => {
+            let given = fingerprint.or_else(|| g.server_fingerprint.clone());
+            let fp = match given {
+                Some(f) => Fingerprint::parse(&f)?,
+                None => {
+                    let fp = block_on_local(probe_fingerprint(&server))??;
+                    if !std::io::stdin().is_terminal() {
+                        bail!(
+                            "the server presents {fp}: check it with the operator, then run `qpq server pin {fp}`"
+                        );
+                    }
+                    confirm_first_use(&server, &fp)?;
+                    fp
+                }
+            };
+            let before = m.pinned(&server);
+            m.pin_server(&server, fp)?;
+            match before {
+                Some(old) if old != fp => println!("pinned {server} {fp} (was {old})"),
+                _ => println!("pinned {server} {fp}"),
+            }
+        }
+        ServerCmd::Forget => {
+            if m.forget_server(&server)? {
+                println!("forgot the certificate pinned for {server}");
+            } else {
+                bail!("nothing pinned for {server}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens the home, asking for the passphrase if the state needs one.
+pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
     let dir = home_dir(g)?;
     let pass = if state::exists(&dir) && state::needs_passphrase(&dir)? {
         match passphrase_from_env() {
@@ -229,7 +336,15 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     } else {
         bail!("no passphrase: set QPQ_PASSPHRASE, run interactively, or pass --no-passphrase");
     };
-    let opts = connect_options(g)?;
+    let mut opts = connect_options(g)?;
+    if let Some(server) = &opts.server
+        && opts.fingerprint.is_none()
+        && std::io::stdin().is_terminal()
+    {
+        let fp = block_on_local(probe_fingerprint(server))??;
+        confirm_first_use(server, &fp)?;
+        opts.fingerprint = Some(fp);
+    }
     let (m, report) = block_on_local(Messenger::init(&dir, args.name, unlock, opts))??;
     if report.first_use {
         eprintln!("qpq: pinned server certificate {} (trust on first use)", report.fingerprint);

@@ -30,7 +30,9 @@ pub struct GlobalArgs {
     /// Server address HOST:PORT (remembered by `init`)
     #[arg(long, global = true, env = "QPQ_SERVER", value_name = "HOST:PORT")]
     pub server: Option<String>,
-    /// Pin the server certificate explicitly instead of trusting it on first use
+    /// Expect this server certificate. Without it, the first connection to a server asks on a
+    /// terminal and trusts on first use otherwise; a different certificate than the pinned one
+    /// is refused (re-pin with `qpq server pin`)
     #[arg(long, global = true, env = "QPQ_SERVER_FINGERPRINT", value_name = "sha256:HEX")]
     pub server_fingerprint: Option<String>,
 }
@@ -44,6 +46,9 @@ pub enum Command {
     Init(client::InitArgs),
     #[command(flatten)]
     Client(client::ClientVerb),
+    /// The pinned server certificate, like ssh's known_hosts: show, pin or forget it
+    #[command(subcommand)]
+    Server(client::ServerCmd),
     /// Receive: process everything pending and print each message
     Recv(client::RecvArgs),
     /// Chat interactively (@bob hi, #team hi, /chat bob); runs a script when stdin is not a terminal
@@ -157,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             client::health_without_home(&g)
         }
         Command::Client(verb) => client::oneshot(&g, verb),
+        Command::Server(cmd) => client::server_verb(&g, cmd).map(|()| ExitCode::SUCCESS),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Shell => crate::shell::run(&g),
         Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),

@@ -107,6 +107,10 @@ pub enum ClientError {
     WeakKey(String),
     #[error("that key is already your contact {0:?}: `qpq contact remove {0}` first to rename it")]
     KeyAlreadyContact(String),
+    #[error(
+        "--server-fingerprint {given} is not the certificate pinned for {server} ({pinned}): if the operator replaced it, re-pin with `qpq server pin {given}`"
+    )]
+    PinMismatch { server: String, pinned: Fingerprint, given: Fingerprint },
 }
 
 /// Something that happened while processing incoming messages.
@@ -251,9 +255,14 @@ async fn open_session(
     known: Option<&String>,
     explicit: Option<Fingerprint>,
 ) -> Result<(Session, bool), ClientError> {
+    let known = known.map(|k| Fingerprint::parse(k).map_err(SessionError::Transport)).transpose()?;
     let pin = match (explicit, known) {
+        // A pin changes only through `qpq server pin`, never as a side effect of a flag.
+        (Some(given), Some(pinned)) if given != pinned => {
+            return Err(ClientError::PinMismatch { server: server.to_string(), pinned, given });
+        }
         (Some(f), _) => Pin::Fingerprint(f),
-        (None, Some(k)) => Pin::Fingerprint(Fingerprint::parse(k).map_err(SessionError::Transport)?),
+        (None, Some(k)) => Pin::Fingerprint(k),
         (None, None) => Pin::FirstUse(Default::default()),
     };
     let first_use = matches!(pin, Pin::FirstUse(_));
@@ -482,6 +491,36 @@ impl Messenger {
             self.anonymous = Some(Session::connect(&server, pin).await?);
         }
         self.anonymous.as_ref().ok_or(ClientError::NoServer)
+    }
+
+    // ----- the pinned server -----
+
+    /// The certificate fingerprint pinned for `server`, if any.
+    pub fn pinned(&self, server: &str) -> Option<Fingerprint> {
+        self.home.state.known_servers.get(server).and_then(|k| Fingerprint::parse(k).ok())
+    }
+
+    /// Every pin, by server address.
+    pub fn pins(&self) -> Vec<(String, String)> {
+        self.home.state.known_servers.iter().map(|(s, f)| (s.clone(), f.clone())).collect()
+    }
+
+    /// Pins `fp` for `server`, replacing any earlier pin (`qpq server pin`).
+    pub fn pin_server(&mut self, server: &str, fp: Fingerprint) -> Result<(), ClientError> {
+        let _op = self.begin()?;
+        self.home.state.known_servers.insert(server.to_string(), fp.to_string());
+        self.home.save()?;
+        Ok(())
+    }
+
+    /// Forgets the pin of `server`; false when there was none.
+    pub fn forget_server(&mut self, server: &str) -> Result<bool, ClientError> {
+        let _op = self.begin()?;
+        if self.home.state.known_servers.remove(server).is_none() {
+            return Ok(false);
+        }
+        self.home.save()?;
+        Ok(true)
     }
 
     // ----- names -----

@@ -47,7 +47,7 @@ pub enum SessionError {
     #[error("cannot reach server {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error(
-        "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with --server-fingerprint)"
+        "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with `qpq server pin {presented}`)"
     )]
     CertificateChanged { pinned: Fingerprint, presented: Fingerprint },
     /// The server answered with an error: its code (branch on this) and text.
