@@ -219,3 +219,10 @@ pub const MAX_STRANGER_BYTES: usize =
 /// Largest shell history file read for cleaning: 1000 commands fit in a few tens of KiB, so a
 /// bigger file is not one qpq wrote and is emptied instead of parsed.
 pub const MAX_HISTORY_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Passphrase attempts a person gets at a terminal prompt (unlocking, or repeating a new one at
+/// `init`): enough for typos, few enough that a guesser must start the command again.
+pub const PASSPHRASE_TRIES: u32 = 3;
+
+/// Largest `--passphrase-file` read: a passphrase, not a key file.
+pub const MAX_PASSPHRASE_FILE_BYTES: u64 = 4096;

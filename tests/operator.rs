@@ -248,3 +248,98 @@ fn first_use_on_a_terminal_asks_before_pinning_and_no_means_nothing_is_created()
         .unwrap();
     assert!(String::from_utf8_lossy(&show.stdout).contains(&format!("pinned {fp}")));
 }
+
+// ----- item 10: passphrases -----
+
+/// A fresh home with a passphrase, made without prompts.
+fn init_with_passphrase(server: &ServerProcess, passphrase: &str) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let out = qpq_command(home.path())
+        .args(["init", "--server", &server.addr.to_string()])
+        .env("QPQ_PASSPHRASE", passphrase)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    home
+}
+
+#[test]
+fn init_on_a_terminal_asks_again_after_a_mismatched_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = qpq_command(home.path());
+    let fp = server.fingerprint.to_string();
+    cmd.args(["init", "--server", &server.addr.to_string(), "--server-fingerprint", &fp]);
+    let mut p = rexpect::session::spawn_with_options(cmd, pty_options()).expect("spawn on a pty");
+    p.exp_string(&format!("new qpq passphrase for {}: ", home.path().display())).unwrap();
+    p.send_line("first try").unwrap();
+    p.exp_string("repeat passphrase: ").unwrap();
+    p.send_line("first tyr").unwrap();
+    p.exp_string("passphrases do not match, try again").unwrap();
+    p.exp_string("new qpq passphrase for ").unwrap();
+    p.send_line("second try").unwrap();
+    p.exp_string("repeat passphrase: ").unwrap();
+    p.send_line("second try").unwrap();
+    p.exp_string("identity created").unwrap();
+    p.exp_eof().unwrap();
+    // The second passphrase is the one that opens the home.
+    let out = qpq_command(home.path()).arg("whoami").env("QPQ_PASSPHRASE", "second try").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_wrong_passphrase_gets_three_tries_at_a_prompt_naming_the_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let home = init_with_passphrase(&server, "right one");
+    let prompt = format!("qpq passphrase for {}: ", home.path().display());
+    let whoami = || {
+        let mut cmd = qpq_command(home.path());
+        cmd.arg("whoami");
+        rexpect::session::spawn_with_options(cmd, pty_options()).expect("spawn on a pty")
+    };
+    let mut p = whoami();
+    for wrong in ["wrong one", "wrong two"] {
+        p.exp_string(&prompt).unwrap();
+        p.send_line(wrong).unwrap();
+        p.exp_string("wrong passphrase, try again").unwrap();
+    }
+    p.exp_string(&prompt).unwrap();
+    p.send_line("right one").unwrap();
+    p.exp_string("fingerprint: ").unwrap();
+    p.exp_eof().unwrap();
+
+    let mut p = whoami();
+    for wrong in ["a", "b", "c"] {
+        p.exp_string(&prompt).unwrap();
+        p.send_line(wrong).unwrap();
+    }
+    p.exp_string("qpq: wrong passphrase or corrupted state file").unwrap();
+    p.exp_eof().unwrap();
+}
+
+#[test]
+fn a_passphrase_file_unlocks_the_home_and_must_be_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let home = init_with_passphrase(&server, "from a file");
+    let file = dir.path().join("pass");
+    std::fs::write(&file, "from a file\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file_s = file.to_str().unwrap();
+    let r = qpq_in(home.path(), &["--passphrase-file", file_s, "whoami"], None);
+    assert!(r.ok, "{}", r.stderr);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = qpq_in(home.path(), &["whoami", "--passphrase-file", file_s], None);
+    assert!(!r.ok && r.stderr.contains("is readable by others (mode 644): chmod 600 it"), "{}", r.stderr);
+    // Without one, a script is told every way to give it.
+    let r = qpq_in(home.path(), &["whoami"], None);
+    assert!(
+        r.stderr.contains("set QPQ_PASSPHRASE, pass --passphrase-file or run on a terminal"),
+        "{}",
+        r.stderr
+    );
+}

@@ -11,12 +11,14 @@ use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
+use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::session::{Health, Session};
-use crate::client::state::{self, Entry, Unlock};
+use crate::client::state::{self, Entry, StateError, Unlock};
 use crate::crypto::identity::PublicKey;
-use crate::limits::REQUEST_PREVIEW_CHARS;
+use crate::crypto::statefile::StateFileError;
+use crate::limits::{MAX_PASSPHRASE_FILE_BYTES, PASSPHRASE_TRIES, REQUEST_PREVIEW_CHARS};
 use crate::text::{self, Shown};
 use crate::transport::{Fingerprint, Pin};
 
@@ -296,21 +298,65 @@ pub fn server_verb(g: &GlobalArgs, cmd: ServerCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the home, asking for the passphrase if the state needs one.
+/// Opens the home, asking for the passphrase if the state needs one: `--passphrase-file`,
+/// else QPQ_PASSPHRASE, else a prompt naming the home with [`PASSPHRASE_TRIES`] tries.
 pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
     let dir = home_dir(g)?;
-    let pass = if state::exists(&dir) && state::needs_passphrase(&dir)? {
-        match passphrase_from_env() {
-            Some(p) => Some(p),
-            None if std::io::stdin().is_terminal() => Some(prompt("qpq passphrase: ")?),
-            None => {
-                bail!("state file is encrypted with a passphrase: set QPQ_PASSPHRASE or run interactively")
+    let opts = connect_options(g)?;
+    if !(state::exists(&dir) && state::needs_passphrase(&dir)?) {
+        return Ok(Messenger::open(&dir, None, opts)?);
+    }
+    if let Some(p) = given_passphrase(g)? {
+        return Ok(Messenger::open(&dir, Some(p.as_bytes()), opts)?);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "the state in {} is encrypted with a passphrase: set QPQ_PASSPHRASE, pass --passphrase-file or run on a terminal",
+            dir.display()
+        );
+    }
+    let mut tries = 1;
+    loop {
+        let p = prompt(&format!("qpq passphrase for {}: ", dir.display()))?;
+        match Messenger::open(&dir, Some(p.as_bytes()), opts.clone()) {
+            Err(ClientError::State(StateError::File(StateFileError::WrongPassphrase)))
+                if tries < PASSPHRASE_TRIES =>
+            {
+                eprintln!("qpq: wrong passphrase, try again");
+                tries += 1;
             }
+            r => return Ok(r?),
         }
-    } else {
-        None
-    };
-    Ok(Messenger::open(&dir, pass.as_ref().map(|p| p.as_bytes()), connect_options(g)?)?)
+    }
+}
+
+/// The passphrase given without a prompt: `--passphrase-file`, else QPQ_PASSPHRASE.
+fn given_passphrase(g: &GlobalArgs) -> anyhow::Result<Option<Zeroizing<String>>> {
+    match &g.passphrase_file {
+        Some(path) => passphrase_from_file(path).map(Some),
+        None => Ok(passphrase_from_env()),
+    }
+}
+
+/// The first line of a passphrase file that only its owner can read (as ssh insists for keys).
+fn passphrase_from_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!("passphrase file {shown} is readable by others (mode {:o}): chmod 600 it", mode & 0o777);
+    }
+    let bytes = Zeroizing::new(
+        crate::fsutil::read_bounded(path, MAX_PASSPHRASE_FILE_BYTES)
+            .with_context(|| format!("cannot read {shown} (at most {MAX_PASSPHRASE_FILE_BYTES} bytes)"))?,
+    );
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("passphrase file {shown} is not utf-8"))?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        bail!("passphrase file {shown} is empty");
+    }
+    Ok(Zeroizing::new(line.to_string()))
 }
 
 /// `qpq init`.
@@ -318,23 +364,17 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     let dir = home_dir(g)?;
     let unlock = if args.no_passphrase {
         Unlock::None
-    } else if let Some(p) = passphrase_from_env() {
+    } else if let Some(p) = given_passphrase(g)? {
         if p.is_empty() {
             bail!("QPQ_PASSPHRASE is empty: choose a passphrase or pass --no-passphrase");
         }
         Unlock::Passphrase(p)
     } else if std::io::stdin().is_terminal() {
-        let p = prompt("new qpq passphrase: ")?;
-        let again = prompt("repeat passphrase: ")?;
-        if p != again {
-            bail!("passphrases do not match");
-        }
-        if p.is_empty() {
-            bail!("empty passphrase: choose one or pass --no-passphrase");
-        }
-        Unlock::Passphrase(p)
+        Unlock::Passphrase(new_passphrase(&dir)?)
     } else {
-        bail!("no passphrase: set QPQ_PASSPHRASE, run interactively, or pass --no-passphrase");
+        bail!(
+            "no passphrase: set QPQ_PASSPHRASE, pass --passphrase-file, run on a terminal, or pass --no-passphrase"
+        );
     };
     let mut opts = connect_options(g)?;
     if let Some(server) = &opts.server
@@ -353,6 +393,22 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     println!("{}", report.key);
     drop(m);
     Ok(())
+}
+
+/// Asks for a new passphrase and its repeat, again after a mismatch ([`PASSPHRASE_TRIES`] in all).
+fn new_passphrase(dir: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    for _ in 0..PASSPHRASE_TRIES {
+        let p = prompt(&format!("new qpq passphrase for {}: ", dir.display()))?;
+        if p.is_empty() {
+            bail!("empty passphrase: choose one or pass --no-passphrase");
+        }
+        let again = prompt("repeat passphrase: ")?;
+        if p == again {
+            return Ok(p);
+        }
+        eprintln!("qpq: passphrases do not match, try again");
+    }
+    bail!("passphrases did not match {PASSPHRASE_TRIES} times: nothing created")
 }
 
 fn print_notices(m: &mut Messenger) {

@@ -35,6 +35,10 @@ pub struct GlobalArgs {
     /// is refused (re-pin with `qpq server pin`)
     #[arg(long, global = true, env = "QPQ_SERVER_FINGERPRINT", value_name = "sha256:HEX")]
     pub server_fingerprint: Option<String>,
+    /// Read the home's passphrase from FILE (its first line; the file must not be readable by
+    /// others) instead of QPQ_PASSPHRASE or a prompt
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 /// Every verb.
@@ -76,11 +80,16 @@ pub fn command() -> clap::Command {
     let mut cmd = <Cli as clap::CommandFactory>::command();
     for verb in NOT_CLIENT_VERBS {
         cmd = cmd.mut_subcommand(verb, |sub| {
-            [("home", "home"), ("server", "server"), ("server_fingerprint", "server-fingerprint")]
-                .into_iter()
-                .fold(sub, |sub, (id, long)| {
-                    sub.arg(clap::Arg::new(id).long(long).hide(true).value_parser(refuse_client_option))
-                })
+            [
+                ("home", "home"),
+                ("server", "server"),
+                ("server_fingerprint", "server-fingerprint"),
+                ("passphrase_file", "passphrase-file"),
+            ]
+            .into_iter()
+            .fold(sub, |sub, (id, long)| {
+                sub.arg(clap::Arg::new(id).long(long).hide(true).value_parser(refuse_client_option))
+            })
         });
     }
     cmd
