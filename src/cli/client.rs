@@ -155,7 +155,8 @@ pub struct InitArgs {
     /// Display name (kept locally, shown by whoami)
     #[arg(long)]
     pub name: Option<String>,
-    /// Store the state without a passphrase (keys protected only by file permissions)
+    /// Store the state without a passphrase (keys protected only by file permissions). Without
+    /// it the passphrase comes from --passphrase-file, QPQ_PASSPHRASE, or a prompt on a terminal
     #[arg(long)]
     pub no_passphrase: bool,
 }

@@ -2,6 +2,7 @@
 //! completions and the REPL grammar all come from the same place.
 
 pub mod client;
+pub mod manpage;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -11,9 +12,17 @@ use clap::{Args, Parser, Subcommand};
 /// Version string: crate version plus the git commit the binary was built from, if known.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("QPQ_GIT_COMMIT"), ")");
 
+/// What `qpq --help` adds below the options (the man pages have it in their own sections).
+const AFTER_HELP: &str = "\
+    Environment: QPQ_HOME, QPQ_SERVER, QPQ_SERVER_FINGERPRINT as their options; QPQ_PASSPHRASE the \
+    home's passphrase instead of a prompt (--passphrase-file FILE is the safer way).\n\n\
+    The first connection to a server asks to confirm its certificate on a terminal and trusts it \
+    on first use otherwise; `qpq server` shows, re-pins or forgets it.\n\n\
+    Exit status: 0 success, 1 error (`qpq: message` on stderr), 2 usage error.";
+
 /// qpq: end-to-end encrypted group messaging over MLS with a post-quantum envelope.
 #[derive(Debug, Parser)]
-#[command(name = "qpq", version = VERSION, propagate_version = true)]
+#[command(name = "qpq", version = VERSION, propagate_version = true, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -198,7 +207,9 @@ pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     // on every commit. clap_mangen adds no date unless asked, so the output is deterministic.
     // Built once from the root, so every page lists the global options and its synopsis reads
     // `qpq group add`.
-    let mut cmd = command().version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true);
+    // The after-help text is in the pages' own sections (manpage.rs), not in an EXTRA one.
+    let mut cmd =
+        command().after_help(None::<&str>).version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true);
     cmd.build();
     let mut out = Vec::new();
     render_man(&cmd, dir, &mut out)?;
@@ -211,6 +222,7 @@ fn render_man(cmd: &clap::Command, dir: &std::path::Path, out: &mut Vec<PathBuf>
     clap_mangen::Man::new(cmd.clone())
         .source(format!("qpq {}", env!("CARGO_PKG_VERSION")))
         .render(&mut buf)?;
+    buf.extend_from_slice(manpage::extra_sections(name).as_bytes());
     let path = dir.join(format!("{name}.1"));
     std::fs::write(&path, buf)?;
     out.push(path);
