@@ -343,3 +343,73 @@ fn a_passphrase_file_unlocks_the_home_and_must_be_private() {
         r.stderr
     );
 }
+
+// ----- item 12: dynamic completion -----
+
+/// What qpq offers for the last word of `line` (the fish protocol: one candidate per line).
+fn complete(home: &std::path::Path, line: &[&str], passphrase: Option<&str>) -> Vec<String> {
+    let mut cmd = Command::new(QPQ);
+    cmd.arg("--").args(line).env("COMPLETE", "fish").env("QPQ_HOME", home).env_remove("QPQ_PASSPHRASE");
+    if let Some(p) = passphrase {
+        cmd.env("QPQ_PASSPHRASE", p);
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn completion_offers_contacts_and_groups_from_the_home_without_prompting() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
+    alice.ok(&["group", "create", "team"]);
+    let home = alice.home.path();
+    assert_eq!(complete(home, &["qpq", "send", "b"], None), vec!["bob"]);
+    assert_eq!(complete(home, &["qpq", "send", "#"], None), vec!["#team"]);
+    assert_eq!(complete(home, &["qpq", "group", "add", "t"], None), vec!["team"]);
+    assert_eq!(complete(home, &["qpq", "group", "add", "team", "b"], None), vec!["bob"]);
+
+    // An encrypted home: names only with QPQ_PASSPHRASE, never a prompt (stdin is closed, and a
+    // prompt on the terminal would hang this test).
+    let secret = init_with_passphrase(&server, "pw");
+    qpq_command(secret.path())
+        .args(["contact", "add", "bob", &bob.key])
+        .env("QPQ_PASSPHRASE", "pw")
+        .output()
+        .unwrap();
+    assert!(complete(secret.path(), &["qpq", "send", "b"], None).is_empty());
+    assert_eq!(complete(secret.path(), &["qpq", "send", "b"], Some("pw")), vec!["bob"]);
+}
+
+#[test]
+fn bash_completes_a_contact_name_through_the_registered_script() {
+    if Command::new("bash").arg("--version").output().is_err() {
+        eprintln!("no bash here: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
+    let bin_dir = std::path::Path::new(QPQ).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(
+            "source <(qpq completions bash) && COMP_WORDS=(qpq send b) && COMP_CWORD=2 && \
+             _clap_complete_qpq qpq b qpq && printf '%s\\n' \"${COMPREPLY[@]}\"",
+        )
+        .env("PATH", path)
+        .env("QPQ_HOME", alice.home.path())
+        .env_remove("QPQ_PASSPHRASE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(got.lines().any(|l| l.trim() == "bob"), "{got:?} {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use clap_complete::engine::ArgValueCandidates;
 use zeroize::Zeroizing;
 
-use crate::cli::GlobalArgs;
+use crate::cli::{GlobalArgs, complete};
 use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::requests::{RequestView, preview_line};
@@ -98,7 +99,10 @@ pub enum ContactCmd {
         json: bool,
     },
     /// Forget a contact name
-    Remove { name: String },
+    Remove {
+        #[arg(add = ArgValueCandidates::new(complete::contacts))]
+        name: String,
+    },
 }
 
 /// `qpq server`: the pinned certificate of the server (ssh-keygen -F / -R for qpq).
@@ -119,6 +123,7 @@ pub enum ServerCmd {
 #[derive(Debug, Args, Clone)]
 pub struct SendArgs {
     /// A contact name, a 64-hex key, or #group
+    #[arg(add = ArgValueCandidates::new(complete::targets))]
     pub target: String,
     /// The message; without it, stdin is read to its end (one message)
     pub text: Vec<String>,
@@ -130,24 +135,35 @@ pub enum GroupCmd {
     Create { name: String },
     /// Add members (contact names or keys)
     Add {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
-        #[arg(required = true)]
+        #[arg(required = true, add = ArgValueCandidates::new(complete::contacts))]
         members: Vec<String>,
     },
     /// Remove members
     Remove {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
-        #[arg(required = true)]
+        #[arg(required = true, add = ArgValueCandidates::new(complete::contacts))]
         members: Vec<String>,
     },
     /// Leave a group
-    Leave { name: String },
+    Leave {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
     /// Rotate your keys in a group (post-compromise security)
-    Update { name: String },
+    Update {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
     /// List your groups and direct conversations
     List,
     /// List the members of a group
-    Members { name: String },
+    Members {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -205,6 +221,11 @@ fn passphrase_from_env() -> Option<Zeroizing<String>> {
 
 fn prompt(msg: &str) -> anyhow::Result<Zeroizing<String>> {
     Ok(Zeroizing::new(rpassword::prompt_password(msg).context("cannot read passphrase")?))
+}
+
+/// The passphrase from the environment, for callers that must not prompt (completion).
+pub(crate) fn env_passphrase() -> Option<Zeroizing<String>> {
+    passphrase_from_env()
 }
 
 /// Opens the home for a command that may connect: as [`open_home`], and on a terminal a first

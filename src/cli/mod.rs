@@ -2,6 +2,7 @@
 //! completions and the REPL grammar all come from the same place.
 
 pub mod client;
+pub mod complete;
 pub mod manpage;
 pub mod serve;
 
@@ -68,7 +69,9 @@ pub enum Command {
     Shell,
     /// Measure the server and the client against the limits of their own stack
     Bench(crate::bench::BenchArgs),
-    /// Print shell completions for bash, zsh or fish
+    /// Print the script that registers qpq's shell completion (bash, zsh, fish, elvish,
+    /// powershell): it completes verbs, options, and contact and group names from the home
+    /// (without asking for a passphrase: only with QPQ_PASSPHRASE set or an unencrypted home)
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -123,6 +126,8 @@ pub fn init_logging(default: &str) {
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
+    // A TAB in a shell with qpq's completion registered runs this (and exits here).
+    complete::complete_if_asked();
     let parsed = command()
         .try_get_matches()
         .and_then(|matches| <Cli as clap::FromArgMatches>::from_arg_matches(&matches));
@@ -185,8 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Shell => crate::shell::run(&g),
         Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
-            let mut cmd = command();
-            clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());
+            complete::write_registration(shell, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => {
