@@ -9,8 +9,18 @@ use common::{Lines, ServerProcess, User, qpq_command, qpq_in};
 
 const QPQ: &str = env!("CARGO_BIN_EXE_qpq");
 
+/// A child process killed when the test ends, even by a failed assertion.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `qpq serve` with stdout and stderr on one pipe (a shell's `2>&1`), so lines keep their order.
-fn serve_merged(data_dir: &std::path::Path, listen: &str) -> (std::process::Child, Lines) {
+fn serve_merged(data_dir: &std::path::Path, listen: &str) -> (Reaped, Lines) {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg("exec \"$0\" serve --listen \"$1\" --data-dir \"$2\" 2>&1")
@@ -24,11 +34,11 @@ fn serve_merged(data_dir: &std::path::Path, listen: &str) -> (std::process::Chil
         .spawn()
         .expect("spawn qpq serve");
     let lines = Lines::of(child.stdout.take().expect("piped stdout"));
-    (child, lines)
+    (Reaped(child), lines)
 }
 
-fn terminate(child: &mut std::process::Child) {
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+fn terminate(child: &mut Reaped) {
+    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill -TERM");
 }
 
 // ----- item 8: the server from the operator's side -----
@@ -86,7 +96,7 @@ fn serve_resolves_a_host_name_and_its_ready_line_is_the_last_line_of_the_start()
     terminate(&mut child);
     let next = lines.next_line().expect("a line after SIGTERM");
     assert!(next.contains("shutdown requested"), "{next:?} came after the ready line");
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     // No colour codes in logs that do not go to a terminal.
     let all = seen.join("\n") + &next;
     assert!(!all.contains('\x1b'), "{all:?}");
