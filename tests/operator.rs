@@ -423,3 +423,34 @@ fn bash_completes_a_contact_name_through_the_registered_script() {
     let got = String::from_utf8_lossy(&out.stdout);
     assert!(got.lines().any(|l| l.trim() == "bob"), "{got:?} {}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn serve_keeps_serving_and_stops_on_sigterm_when_its_stdout_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(QPQ)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("QPQ_CONFIG")
+        .env("QPQ_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qpq serve");
+    // Nobody reads stdout: its start-up lines meet a closed pipe (as under `| head -1`).
+    drop(child.stdout.take());
+    let mut log = Lines::of(child.stderr.take().expect("piped stderr"));
+    let mut child = Reaped(child);
+    let addr = loop {
+        let line = log.next_line().expect("serve logs its address");
+        if let Some(rest) = line.split("serving addr=").nth(1) {
+            break rest.split(' ').next().unwrap().to_string();
+        }
+    };
+    let nohome = tempfile::tempdir().unwrap();
+    let r = qpq_in(nohome.path(), &["health", "--server", &addr], None);
+    assert!(r.ok, "{}", r.stderr);
+    terminate(&mut child);
+    let rest = log.rest();
+    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
+    assert!(child.0.wait().unwrap().success());
+}
