@@ -1,7 +1,9 @@
 #!/bin/sh
 # Builds qpq and installs the binary, its man pages and shell completions under PREFIX; with
 # --systemd also the qpq.service unit and its user. Every file it writes is listed in a manifest,
-# so --uninstall removes exactly those. Needs only cargo and a C compiler (or --binary).
+# so --uninstall removes exactly those. Needs only cargo and a C compiler (or --binary). The build
+# is static (crt-static, as the README's "A static binary" describes), so the installed file can be
+# copied to another machine as it is; --dynamic links the C library dynamically instead.
 set -eu
 
 usage() {
@@ -12,6 +14,7 @@ Usage: ./install.sh [OPTIONS]
 
 Options:
   --binary PATH   install this prebuilt qpq instead of running cargo build --release
+  --dynamic       build a dynamically linked binary (default: static, crt-static)
   --systemd       also install the qpq.service unit and create the system user qpq
   --no-user       with --systemd: do not create the user (packaging, tests)
   --uninstall     remove everything the last install listed in its manifest
@@ -21,6 +24,11 @@ Environment:
   PREFIX        install root [default: /usr/local]
   SYSTEMD_DIR   where the unit goes [default: /etc/systemd/system]
   CARGO         cargo to build with [default: cargo]
+  RUSTC         rustc asked for the host target of a static build [default: rustc]
+
+The default build is static (RUSTFLAGS gains -C target-feature=+crt-static, for the host
+target): the installed file has no dependencies and can be copied to another machine as it is.
+--dynamic builds the ordinary dynamically linked binary.
 
 Installs PREFIX/bin/qpq, PREFIX/share/man/man1/qpq*.1, completions for bash, zsh and fish under
 PREFIX/share, and the manifest PREFIX/share/qpq/install-manifest. Running it again updates the
@@ -40,6 +48,7 @@ note() {
 
 here=$(cd "$(dirname "$0")" && pwd)
 binary=
+static=true
 systemd=false
 create_user=true
 uninstall=false
@@ -51,6 +60,7 @@ while [ $# -gt 0 ]; do
             shift
             ;;
         --binary=*) binary=${1#--binary=} ;;
+        --dynamic) static=false ;;
         --systemd) systemd=true ;;
         --no-user) create_user=false ;;
         --uninstall) uninstall=true ;;
@@ -124,8 +134,20 @@ fi
 if [ -z "$binary" ]; then
     cargo=${CARGO:-cargo}
     command -v "$cargo" >/dev/null 2>&1 || die "cargo not found: install Rust or pass --binary PATH"
-    "$cargo" build --release --locked --manifest-path "$here/Cargo.toml"
-    binary=${CARGO_TARGET_DIR:-$here/target}/release/qpq
+    target_dir=${CARGO_TARGET_DIR:-$here/target}
+    if [ "$static" = true ]; then
+        # crt-static needs an explicit --target, or build scripts and proc macros would be linked
+        # statically too; the host's triple keeps the binary native.
+        rustc=${RUSTC:-rustc}
+        host=$("$rustc" -vV | sed -n 's/^host: //p')
+        [ -n "$host" ] || die "cannot tell the host target from $rustc -vV (or pass --dynamic)"
+        RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
+            "$cargo" build --release --locked --target "$host" --manifest-path "$here/Cargo.toml"
+        binary=$target_dir/$host/release/qpq
+    else
+        "$cargo" build --release --locked --manifest-path "$here/Cargo.toml"
+        binary=$target_dir/release/qpq
+    fi
 fi
 if [ ! -f "$binary" ] || [ ! -x "$binary" ]; then die "not an executable file: $binary"; fi
 "$binary" --version >/dev/null || die "$binary does not run"

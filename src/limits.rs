@@ -263,3 +263,9 @@ pub const MAX_HISTORY_FILE_BYTES: u64 = 1024 * 1024;
 /// Longest display name (UTF-8 bytes) one signs into one's MLS leaf and accepts from others:
 /// room for a full name in any script, too short to pose as a message.
 pub const MAX_DISPLAY_NAME_BYTES: usize = 64;
+/// Passphrase attempts a person gets at a terminal prompt (unlocking, or repeating a new one at
+/// `init`): enough for typos, few enough that a guesser must start the command again.
+pub const PASSPHRASE_TRIES: u32 = 3;
+
+/// Largest `--passphrase-file` read: a passphrase, not a key file.
+pub const MAX_PASSPHRASE_FILE_BYTES: u64 = 4096;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls::client::ClientSessionStore;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -260,8 +261,54 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
+/// The key exchange group of a client's handshake. quinn does not expose rustls's negotiated
+/// group, but rustls hands it to the session store once the handshake is complete (as a hint for
+/// the next connection, RFC 8446 section 4.2.7); this store keeps that and resumes nothing (a
+/// qpq client config serves one connection).
+#[derive(Debug, Default)]
+pub struct KeyExchangeRecorder(Mutex<Option<rustls::NamedGroup>>);
+
+impl KeyExchangeRecorder {
+    /// The group (`X25519`, ...) once the handshake completed.
+    pub fn group(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).map(|g| format!("{g:?}"))
+    }
+}
+
+impl ClientSessionStore for KeyExchangeRecorder {
+    fn set_kx_hint(&self, _: ServerName<'static>, group: rustls::NamedGroup) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(group);
+    }
+
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        None
+    }
+
+    fn set_tls12_session(&self, _: ServerName<'static>, _: rustls::client::Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(&self, _: ServerName<'static>, _: rustls::client::Tls13ClientSessionValue) {}
+
+    fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
+    }
+}
+
 /// Client-side QUIC config pinned as `pin` says.
 pub fn client_config(pin: Pin) -> Result<quinn::ClientConfig, TransportError> {
+    client_config_recording(pin, Arc::new(KeyExchangeRecorder::default()))
+}
+
+/// [`client_config`] whose handshake tells `kx` the key exchange group it used.
+pub fn client_config_recording(
+    pin: Pin,
+    kx: Arc<KeyExchangeRecorder>,
+) -> Result<quinn::ClientConfig, TransportError> {
     let provider = provider();
     let verifier = Arc::new(PinVerifier { pin, provider: provider.clone() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -271,6 +318,7 @@ pub fn client_config(pin: Pin) -> Result<quinn::ClientConfig, TransportError> {
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.resumption = rustls::client::Resumption::store(kx);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -293,6 +341,11 @@ pub fn auth_message(challenge: &[u8; 32]) -> Vec<u8> {
     let mut m = AUTH_SIGNATURE_CONTEXT.to_vec();
     m.extend_from_slice(challenge);
     m
+}
+
+/// The key exchange groups this build offers, in preference order (rustls with ring).
+pub fn key_exchange_groups() -> Vec<String> {
+    provider().kx_groups.iter().map(|g| format!("{:?}", g.name())).collect()
 }
 
 /// A client endpoint bound to the unspecified address of the server's family.

@@ -445,9 +445,13 @@ fn a_changed_server_certificate_is_a_hard_error_naming_both_fingerprints() {
     assert!(err.contains("server certificate changed"), "{err}");
     assert!(err.contains(&old_fp), "{err}");
     assert!(err.contains(&impostor.fingerprint.to_string()), "{err}");
-    // Explicit pinning of the new one works.
+    assert!(err.contains("qpq server pin"), "{err}");
+    // Only an explicit re-pin moves the pin (issue 10, item 9).
     let fp = impostor.fingerprint.to_string();
-    let out = alice.ok(&["--server-fingerprint", &fp, "health"]);
+    let err = alice.fails(&["--server-fingerprint", &fp, "health"]);
+    assert!(err.contains("is not the certificate pinned for"), "{err}");
+    alice.ok(&["server", "pin", &fp]);
+    let out = alice.ok(&["health"]);
     assert!(out.starts_with("ok version"), "{out}");
 }
 

@@ -74,15 +74,19 @@ fn man_pages_name_only_the_crate_version_and_no_date() {
 }
 
 #[test]
-fn completions_for_each_shell_mention_qpq_and_its_subcommands() {
+fn completions_for_each_shell_register_qpq_which_completes_its_subcommands() {
     for shell in ["bash", "zsh", "fish"] {
         let out = qpq(&["completions", shell]);
         assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
         let script = text(&out.stdout);
-        assert!(script.len() > 500, "{shell}: suspiciously short script:\n{script}");
-        for word in ["qpq", "send", "recv", "group", "contact", "server-fingerprint"] {
-            assert!(script.contains(word), "{shell} completions do not mention {word}");
-        }
+        assert!(script.len() > 100, "{shell}: suspiciously short script:\n{script}");
+        // The script calls back into qpq at each TAB (dynamic completion, issue 10 item 12).
+        assert!(script.contains("COMPLETE") && script.contains(shell) && script.contains("qpq"), "{script}");
+    }
+    let out = Command::new(QPQ).args(["--", "qpq", ""]).env("COMPLETE", "fish").output().unwrap();
+    let words = text(&out.stdout);
+    for word in ["send", "recv", "group", "contact", "server", "--server-fingerprint"] {
+        assert!(words.lines().any(|l| l.starts_with(word)), "completing `qpq ` lacks {word}:\n{words}");
     }
 }
 
@@ -397,4 +401,54 @@ fn install_sh_systemd_writes_the_hardened_unit_and_uninstall_removes_it() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(files_under(units.path()).is_empty(), "{:?}", files_under(units.path()));
     assert!(files_under(p).is_empty(), "{:?}", files_under(p));
+}
+
+/// Runs install.sh with CARGO set to a stand-in that records its arguments and RUSTFLAGS, then
+/// puts the real test binary where cargo would have written it: what install.sh asks of cargo,
+/// without a release build. Returns the recorded call.
+fn install_sh_with_recording_cargo(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, target, log) =
+        (dir.path().join("prefix"), dir.path().join("target"), dir.path().join("log"));
+    let fake = dir.path().join("cargo");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nprintf 'RUSTFLAGS=%s\\nARGS=%s\\n' \"$RUSTFLAGS\" \"$*\" >'{log}'\n\
+             sub=release\n\
+             while [ $# -gt 0 ]; do [ \"$1\" = --target ] && sub=\"$2/release\"; shift; done\n\
+             mkdir -p \"$CARGO_TARGET_DIR/$sub\" && cp '{qpq}' \"$CARGO_TARGET_DIR/$sub/qpq\"\n",
+            log = log.display(),
+            qpq = QPQ,
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(repo().join("install.sh"))
+        .args(args)
+        .env("PREFIX", &prefix)
+        .env("CARGO", &fake)
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("SYSTEMD_DIR")
+        .output()
+        .expect("run install.sh");
+    assert!(out.status.success(), "install.sh {args:?}: {}", text(&out.stderr));
+    assert!(prefix.join("bin/qpq").exists());
+    std::fs::read_to_string(&log).expect("cargo was called")
+}
+
+#[test]
+fn install_sh_builds_a_static_binary_by_default_and_a_dynamic_one_when_asked() {
+    let host = text(&Command::new("rustc").arg("-vV").output().expect("rustc -vV").stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .expect("host line");
+    let call = install_sh_with_recording_cargo(&[]);
+    assert!(call.contains("RUSTFLAGS=-C target-feature=+crt-static\n"), "{call}");
+    assert!(call.contains(&format!("--release --locked --target {host} ")), "{call}");
+    let call = install_sh_with_recording_cargo(&["--dynamic"]);
+    assert!(call.contains("RUSTFLAGS=\n"), "{call}");
+    assert!(!call.contains("--target"), "{call}");
 }

@@ -8,20 +8,24 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use clap_complete::engine::ArgValueCandidates;
 use zeroize::Zeroizing;
 
-use crate::cli::GlobalArgs;
+use crate::cli::{GlobalArgs, complete};
 use crate::client::inbox::Cursor;
+use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::outbox::{EXIT_QUEUED, Fate};
 use crate::client::requests::{RequestView, preview_line};
-use crate::client::state::{self, Entry, Unlock};
+use crate::client::session::{Health, Session};
+use crate::client::state::{self, Entry, StateError, Unlock};
 use crate::client::timeline::changes_of;
 use crate::crypto::identity::PublicKey;
-use crate::limits::REQUEST_PREVIEW_CHARS;
+use crate::crypto::statefile::StateFileError;
+use crate::limits::{MAX_PASSPHRASE_FILE_BYTES, PASSPHRASE_TRIES, REQUEST_PREVIEW_CHARS};
 use crate::localtime;
 use crate::text::{self, Shown};
-use crate::transport::Fingerprint;
+use crate::transport::{Fingerprint, Pin};
 
 /// Verbs that work both as `qpq VERB` and inside `qpq shell`.
 #[derive(Debug, Subcommand, Clone)]
@@ -108,15 +112,38 @@ pub enum KeysCmd {
 pub enum ContactCmd {
     /// Name a key: `contact add bob 6a3f...`
     Add { name: String, key: String },
-    /// List contacts
-    List,
+    /// List contacts ("no contacts yet" on a terminal when there are none)
+    List {
+        /// One JSON object per contact and line (nothing when there are none)
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget a contact name
-    Remove { name: String },
+    Remove {
+        #[arg(add = ArgValueCandidates::new(complete::contacts))]
+        name: String,
+    },
+}
+
+/// `qpq server`: the pinned certificate of the server (ssh-keygen -F / -R for qpq).
+#[derive(Debug, Subcommand, Clone)]
+pub enum ServerCmd {
+    /// Show the server address and the certificate pinned for it (and other pinned servers)
+    Show,
+    /// Pin a certificate for the server: the given fingerprint (as the operator told you), or
+    /// the one the server presents now after you confirm it on a terminal
+    Pin {
+        /// sha256:HEX as `qpq serve` printed it; without it the server is asked
+        fingerprint: Option<String>,
+    },
+    /// Forget the server's pinned certificate (the next connection pins again)
+    Forget,
 }
 
 #[derive(Debug, Args, Clone)]
 pub struct SendArgs {
     /// A contact name, a key (64-hex, or a unique short key like 304b-9934), or #group
+    #[arg(add = ArgValueCandidates::new(complete::targets))]
     pub target: String,
     /// The message; without it, stdin is read to its end (one message)
     pub text: Vec<String>,
@@ -128,24 +155,35 @@ pub enum GroupCmd {
     Create { name: String },
     /// Add members (contact names or keys)
     Add {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
-        #[arg(required = true)]
+        #[arg(required = true, add = ArgValueCandidates::new(complete::contacts))]
         members: Vec<String>,
     },
     /// Remove members
     Remove {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
-        #[arg(required = true)]
+        #[arg(required = true, add = ArgValueCandidates::new(complete::contacts))]
         members: Vec<String>,
     },
     /// Leave a group
-    Leave { name: String },
+    Leave {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
     /// Rotate your keys in a group (post-compromise security)
-    Update { name: String },
+    Update {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
     /// List your groups and direct conversations
     List,
     /// List the members of a group
-    Members { name: String },
+    Members {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -153,7 +191,8 @@ pub struct InitArgs {
     /// Display name (1-64 bytes), signed into your MLS leaf: others see it marked as a claim
     #[arg(long)]
     pub name: Option<String>,
-    /// Store the state without a passphrase (keys protected only by file permissions)
+    /// Store the state without a passphrase (keys protected only by file permissions). Without
+    /// it the passphrase comes from --passphrase-file, QPQ_PASSPHRASE, or a prompt on a terminal
     #[arg(long)]
     pub no_passphrase: bool,
 }
@@ -186,6 +225,11 @@ pub fn home_dir(g: &GlobalArgs) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// True when the home (from --home / QPQ_HOME / the default) holds an identity.
+pub fn has_home(g: &GlobalArgs) -> bool {
+    home_dir(g).is_ok_and(|d| state::exists(&d))
+}
+
 pub fn connect_options(g: &GlobalArgs) -> anyhow::Result<ConnectOptions> {
     let fingerprint = g.server_fingerprint.as_deref().map(Fingerprint::parse).transpose()?;
     Ok(ConnectOptions { server: g.server.clone(), fingerprint })
@@ -199,21 +243,162 @@ fn prompt(msg: &str) -> anyhow::Result<Zeroizing<String>> {
     Ok(Zeroizing::new(rpassword::prompt_password(msg).context("cannot read passphrase")?))
 }
 
-/// Opens the home, asking for the passphrase if the state needs one.
+/// The passphrase from the environment, for callers that must not prompt (completion).
+pub(crate) fn env_passphrase() -> Option<Zeroizing<String>> {
+    passphrase_from_env()
+}
+
+/// Opens the home for a command that may connect: as [`open_home`], and on a terminal a first
+/// connection to a server without a pin asks the person to confirm its certificate first.
 pub fn open_messenger(g: &GlobalArgs) -> anyhow::Result<Messenger> {
-    let dir = home_dir(g)?;
-    let pass = if state::exists(&dir) && state::needs_passphrase(&dir)? {
-        match passphrase_from_env() {
-            Some(p) => Some(p),
-            None if std::io::stdin().is_terminal() => Some(prompt("qpq passphrase: ")?),
-            None => {
-                bail!("state file is encrypted with a passphrase: set QPQ_PASSPHRASE or run interactively")
+    let mut m = open_home(g)?;
+    if let Some(server) = m.server()
+        && m.pinned(&server).is_none()
+        && g.server_fingerprint.is_none()
+        && std::io::stdin().is_terminal()
+    {
+        // When the server cannot be reached now, the command's own connection says so.
+        if let Ok(fp) = block_on_local(probe_fingerprint(&server))?
+            && confirm_first_use(&server, &fp)?
+        {
+            m.pin_server(&server, fp)?;
+        }
+    }
+    Ok(m)
+}
+
+/// The certificate fingerprint `server` presents (a connection that trusts nothing and is
+/// closed at once).
+async fn probe_fingerprint(server: &str) -> anyhow::Result<Fingerprint> {
+    let session = Session::connect(server, Pin::FirstUse(Default::default())).await?;
+    let fp = session.fingerprint();
+    session.close().await;
+    Ok(fp)
+}
+
+/// Asks on the terminal whether to trust `fp` for `server`, as ssh does; an error when not.
+fn confirm_first_use(server: &str, fp: &Fingerprint) -> anyhow::Result<bool> {
+    let mut err = std::io::stderr().lock();
+    write!(
+        err,
+        "qpq: the authenticity of server {server} cannot be established.\n\
+         qpq: its certificate fingerprint is {fp}\n\
+         qpq: compare it with the one `qpq serve` printed. trust it and pin it (yes/no)? "
+    )?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).context("cannot read the answer")?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "yes" | "y" => Ok(true),
+        _ => bail!("server certificate not trusted: nothing pinned for {server}"),
+    }
+}
+
+/// `qpq server show|pin|forget`.
+pub fn server_verb(g: &GlobalArgs, cmd: ServerCmd) -> anyhow::Result<()> {
+    let mut m = open_home(g)?;
+    let server = m.server().ok_or(crate::client::messenger::ClientError::NoServer)?;
+    match cmd {
+        ServerCmd::Show => {
+            let pinned = m.pinned(&server).map(|f| f.to_string());
+            println!("server {server}");
+            println!("pinned {}", pinned.as_deref().unwrap_or("nothing (the next connection pins)"));
+            for (other, fp) in m.pins().into_iter().filter(|(s, _)| *s != server) {
+                println!("also pinned {other} {fp}");
             }
         }
-    } else {
-        None
-    };
-    Ok(Messenger::open(&dir, pass.as_ref().map(|p| p.as_bytes()), connect_options(g)?)?)
+        ServerCmd::Pin { fingerprint } => {
+            let given = fingerprint.or_else(|| g.server_fingerprint.clone());
+            let fp = match given {
+                Some(f) => Fingerprint::parse(&f)?,
+                None => {
+                    let fp = block_on_local(probe_fingerprint(&server))??;
+                    if !std::io::stdin().is_terminal() {
+                        bail!(
+                            "the server presents {fp}: check it with the operator, then run `qpq server pin {fp}`"
+                        );
+                    }
+                    confirm_first_use(&server, &fp)?;
+                    fp
+                }
+            };
+            let before = m.pinned(&server);
+            m.pin_server(&server, fp)?;
+            match before {
+                Some(old) if old != fp => println!("pinned {server} {fp} (was {old})"),
+                _ => println!("pinned {server} {fp}"),
+            }
+        }
+        ServerCmd::Forget => {
+            if m.forget_server(&server)? {
+                println!("forgot the certificate pinned for {server}");
+            } else {
+                bail!("nothing pinned for {server}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens the home, asking for the passphrase if the state needs one: `--passphrase-file`,
+/// else QPQ_PASSPHRASE, else a prompt naming the home with [`PASSPHRASE_TRIES`] tries.
+pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
+    let dir = home_dir(g)?;
+    let opts = connect_options(g)?;
+    if !(state::exists(&dir) && state::needs_passphrase(&dir)?) {
+        return Ok(Messenger::open(&dir, None, opts)?);
+    }
+    if let Some(p) = given_passphrase(g)? {
+        return Ok(Messenger::open(&dir, Some(p.as_bytes()), opts)?);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "the state in {} is encrypted with a passphrase: set QPQ_PASSPHRASE, pass --passphrase-file or run on a terminal",
+            dir.display()
+        );
+    }
+    let mut tries = 1;
+    loop {
+        let p = prompt(&format!("qpq passphrase for {}: ", dir.display()))?;
+        match Messenger::open(&dir, Some(p.as_bytes()), opts.clone()) {
+            Err(ClientError::State(StateError::File(StateFileError::WrongPassphrase)))
+                if tries < PASSPHRASE_TRIES =>
+            {
+                eprintln!("qpq: wrong passphrase, try again");
+                tries += 1;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// The passphrase given without a prompt: `--passphrase-file`, else QPQ_PASSPHRASE.
+fn given_passphrase(g: &GlobalArgs) -> anyhow::Result<Option<Zeroizing<String>>> {
+    match &g.passphrase_file {
+        Some(path) => passphrase_from_file(path).map(Some),
+        None => Ok(passphrase_from_env()),
+    }
+}
+
+/// The first line of a passphrase file that only its owner can read (as ssh insists for keys).
+fn passphrase_from_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!("passphrase file {shown} is readable by others (mode {:o}): chmod 600 it", mode & 0o777);
+    }
+    let bytes = Zeroizing::new(
+        crate::fsutil::read_bounded(path, MAX_PASSPHRASE_FILE_BYTES)
+            .with_context(|| format!("cannot read {shown} (at most {MAX_PASSPHRASE_FILE_BYTES} bytes)"))?,
+    );
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("passphrase file {shown} is not utf-8"))?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        bail!("passphrase file {shown} is empty");
+    }
+    Ok(Zeroizing::new(line.to_string()))
 }
 
 /// `qpq init`.
@@ -221,25 +406,27 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     let dir = home_dir(g)?;
     let unlock = if args.no_passphrase {
         Unlock::None
-    } else if let Some(p) = passphrase_from_env() {
+    } else if let Some(p) = given_passphrase(g)? {
         if p.is_empty() {
             bail!("QPQ_PASSPHRASE is empty: choose a passphrase or pass --no-passphrase");
         }
         Unlock::Passphrase(p)
     } else if std::io::stdin().is_terminal() {
-        let p = prompt("new qpq passphrase: ")?;
-        let again = prompt("repeat passphrase: ")?;
-        if p != again {
-            bail!("passphrases do not match");
-        }
-        if p.is_empty() {
-            bail!("empty passphrase: choose one or pass --no-passphrase");
-        }
-        Unlock::Passphrase(p)
+        Unlock::Passphrase(new_passphrase(&dir)?)
     } else {
-        bail!("no passphrase: set QPQ_PASSPHRASE, run interactively, or pass --no-passphrase");
+        bail!(
+            "no passphrase: set QPQ_PASSPHRASE, pass --passphrase-file, run on a terminal, or pass --no-passphrase"
+        );
     };
-    let opts = connect_options(g)?;
+    let mut opts = connect_options(g)?;
+    if let Some(server) = &opts.server
+        && opts.fingerprint.is_none()
+        && std::io::stdin().is_terminal()
+    {
+        let fp = block_on_local(probe_fingerprint(server))??;
+        confirm_first_use(server, &fp)?;
+        opts.fingerprint = Some(fp);
+    }
     let (m, report) = block_on_local(Messenger::init(&dir, args.name, unlock, opts))??;
     if report.first_use {
         eprintln!("qpq: pinned server certificate {} (trust on first use)", report.fingerprint);
@@ -248,6 +435,22 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     println!("{}", report.key);
     drop(m);
     Ok(())
+}
+
+/// Asks for a new passphrase and its repeat, again after a mismatch ([`PASSPHRASE_TRIES`] in all).
+fn new_passphrase(dir: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    for _ in 0..PASSPHRASE_TRIES {
+        let p = prompt(&format!("new qpq passphrase for {}: ", dir.display()))?;
+        if p.is_empty() {
+            bail!("empty passphrase: choose one or pass --no-passphrase");
+        }
+        let again = prompt("repeat passphrase: ")?;
+        if p == again {
+            return Ok(p);
+        }
+        eprintln!("qpq: passphrases do not match, try again");
+    }
+    bail!("passphrases did not match {PASSPHRASE_TRIES} times: nothing created")
 }
 
 fn print_notices(m: &mut Messenger) {
@@ -444,10 +647,8 @@ pub async fn run_verb(
             let server = m.server().unwrap_or_default();
             let session = m.connect().await?;
             let h = session.health().await?;
+            write_health(out, &server, session, &h)?;
             let (kps, last_resort) = session.key_package_count().await?;
-            // The server's words are a stranger's too.
-            let (status, version) = (Shown(&h.status), Shown(&h.version));
-            writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
             let lr = if last_resort { "yes" } else { "no" };
             writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
             if h.status != "ok" {
@@ -457,9 +658,19 @@ pub async fn run_verb(
         ClientVerb::Contact(ContactCmd::Add { name, key }) => {
             m.contact_add(&name, &key)?;
         }
-        ClientVerb::Contact(ContactCmd::List) => {
-            for (name, key) in m.contacts() {
-                writeln!(out, "{} {key}", Shown(&name))?;
+        ClientVerb::Contact(ContactCmd::List { json }) => {
+            let contacts = m.contacts();
+            for (name, key) in &contacts {
+                if json {
+                    let obj = serde_json::json!({ "name": name, "key": key.to_hex() });
+                    writeln!(out, "{}", text::json_line(&obj))?;
+                } else {
+                    writeln!(out, "{} {key}", Shown(name))?;
+                }
+            }
+            // Scripts read an empty list as no lines; people get words.
+            if contacts.is_empty() && !json && std::io::stdout().is_terminal() {
+                writeln!(out, "no contacts yet: add one with `qpq contact add NAME KEY`")?;
             }
         }
         ClientVerb::Contact(ContactCmd::Remove { name }) => m.contact_remove(&name)?,
@@ -500,6 +711,39 @@ pub async fn run_verb(
         }
     }
     Ok(VerbOutcome::Ok)
+}
+
+/// The lines of `health` every caller prints: status, version and uptime first (scripts match
+/// `ok version`), then what the connection showed: certificate and key exchange.
+fn write_health(out: &mut dyn Write, server: &str, session: &Session, h: &Health) -> std::io::Result<()> {
+    // The server's words are a stranger's too.
+    let (status, version) = (Shown(&h.status), Shown(&h.version));
+    writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
+    writeln!(out, "certificate fingerprint {}", session.fingerprint())?;
+    let kx = session.key_exchange_group().unwrap_or_else(|| "unknown".into());
+    writeln!(out, "tls 1.3 key exchange {kx}")
+}
+
+/// `qpq health` without a home (an operator's check): no identity, nothing pinned or saved. The
+/// certificate is checked against `--server-fingerprint` when given, else only shown.
+pub fn health_without_home(g: &GlobalArgs) -> anyhow::Result<std::process::ExitCode> {
+    let server = g.server.clone().ok_or_else(|| {
+        anyhow::anyhow!("no server: pass --server HOST:PORT (no qpq home here to remember one)")
+    })?;
+    let pin = match connect_options(g)?.fingerprint {
+        Some(f) => Pin::Fingerprint(f),
+        None => Pin::FirstUse(Default::default()),
+    };
+    let h = block_on_local(async {
+        let session = Session::connect(&server, pin).await?;
+        let h = session.health().await?;
+        let mut stdout = std::io::stdout().lock();
+        write_health(&mut stdout, &server, &session, &h)?;
+        stdout.flush()?;
+        session.close().await;
+        anyhow::Ok(h)
+    })??;
+    Ok(if h.status == "ok" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
 
 fn run_requests(

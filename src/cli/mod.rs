@@ -2,6 +2,8 @@
 //! completions and the REPL grammar all come from the same place.
 
 pub mod client;
+pub mod complete;
+pub mod manpage;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -11,9 +13,18 @@ use clap::{Args, Parser, Subcommand};
 /// Version string: crate version plus the git commit the binary was built from, if known.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("QPQ_GIT_COMMIT"), ")");
 
+/// What `qpq --help` adds below the options (the man pages have it in their own sections).
+const AFTER_HELP: &str = "\
+    Environment: QPQ_HOME, QPQ_SERVER, QPQ_SERVER_FINGERPRINT as their options; QPQ_PASSPHRASE the \
+    home's passphrase instead of a prompt (--passphrase-file FILE is the safer way).\n\n\
+    The first connection to a server asks to confirm its certificate on a terminal and trusts it \
+    on first use otherwise; `qpq server` shows, re-pins or forgets it.\n\n\
+    Exit status: 0 success, 1 error (`qpq: message` on stderr), 2 usage error,
+    75 message queued (send: the server could not be reached; it goes out with the next command).";
+
 /// qpq: end-to-end encrypted group messaging over MLS with a post-quantum envelope.
 #[derive(Debug, Parser)]
-#[command(name = "qpq", version = VERSION, propagate_version = true)]
+#[command(name = "qpq", version = VERSION, propagate_version = true, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -30,9 +41,15 @@ pub struct GlobalArgs {
     /// Server address HOST:PORT (remembered by `init`)
     #[arg(long, global = true, env = "QPQ_SERVER", value_name = "HOST:PORT")]
     pub server: Option<String>,
-    /// Pin the server certificate explicitly instead of trusting it on first use
+    /// Expect this server certificate. Without it, the first connection to a server asks on a
+    /// terminal and trusts on first use otherwise; a different certificate than the pinned one
+    /// is refused (re-pin with `qpq server pin`)
     #[arg(long, global = true, env = "QPQ_SERVER_FINGERPRINT", value_name = "sha256:HEX")]
     pub server_fingerprint: Option<String>,
+    /// Read the home's passphrase from FILE (its first line; the file must not be readable by
+    /// others) instead of QPQ_PASSPHRASE or a prompt
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 /// Every verb.
@@ -44,13 +61,18 @@ pub enum Command {
     Init(client::InitArgs),
     #[command(flatten)]
     Client(client::ClientVerb),
+    /// The pinned server certificate, like ssh's known_hosts: show, pin or forget it
+    #[command(subcommand)]
+    Server(client::ServerCmd),
     /// Receive: process everything pending and print each message
     Recv(client::RecvArgs),
     /// Chat interactively (@bob hi, #team hi, /chat bob); runs a script when stdin is not a terminal
     Shell,
     /// Measure the server and the client against the limits of their own stack
     Bench(crate::bench::BenchArgs),
-    /// Print shell completions for bash, zsh or fish
+    /// Print the script that registers qpq's shell completion (bash, zsh, fish, elvish,
+    /// powershell): it completes verbs, options, and contact and group names from the home
+    /// (without asking for a passphrase: only with QPQ_PASSPHRASE set or an unencrypted home)
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -58,6 +80,36 @@ pub enum Command {
     /// Write the man pages (qpq.1 and one per subcommand) into DIR
     #[command(hide = true)]
     Man { dir: PathBuf },
+}
+
+/// Verbs that never touch a client home or a server connection: their help and man pages do
+/// not list the client options (clap copies global options into every subcommand).
+const NOT_CLIENT_VERBS: [&str; 3] = ["serve", "completions", "man"];
+
+/// The command line as parsed and documented: [`Cli`] without the client-only options under
+/// [`NOT_CLIENT_VERBS`]. clap copies a global option into a subcommand unless that subcommand
+/// has an argument with its id, so each gets a hidden stand-in that refuses any value.
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    for verb in NOT_CLIENT_VERBS {
+        cmd = cmd.mut_subcommand(verb, |sub| {
+            [
+                ("home", "home"),
+                ("server", "server"),
+                ("server_fingerprint", "server-fingerprint"),
+                ("passphrase_file", "passphrase-file"),
+            ]
+            .into_iter()
+            .fold(sub, |sub, (id, long)| {
+                sub.arg(clap::Arg::new(id).long(long).hide(true).value_parser(refuse_client_option))
+            })
+        });
+    }
+    cmd
+}
+
+fn refuse_client_option(_: &str) -> Result<PathBuf, String> {
+    Err("this is a client option; this verb does not take it".into())
 }
 
 /// Logs to stderr; `QPQ_LOG` (or `RUST_LOG`) sets the filter.
@@ -68,12 +120,19 @@ pub fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
+    // A TAB in a shell with qpq's completion registered runs this (and exits here).
+    complete::complete_if_asked();
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|matches| <Cli as clap::FromArgMatches>::from_arg_matches(&matches));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
@@ -122,13 +181,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Init(args) => client::init(&g, args).map(|()| ExitCode::SUCCESS),
+        // An operator checks a server from anywhere: without a home, health needs no identity.
+        Command::Client(client::ClientVerb::Health) if !client::has_home(&g) => {
+            client::health_without_home(&g)
+        }
         Command::Client(verb) => client::oneshot(&g, verb),
+        Command::Server(cmd) => client::server_verb(&g, cmd).map(|()| ExitCode::SUCCESS),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Shell => crate::shell::run(&g),
         Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "qpq", &mut std::io::stdout());
+            complete::write_registration(shell, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => {
@@ -149,9 +212,9 @@ pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     // on every commit. clap_mangen adds no date unless asked, so the output is deterministic.
     // Built once from the root, so every page lists the global options and its synopsis reads
     // `qpq group add`.
-    let mut cmd = <Cli as clap::CommandFactory>::command()
-        .version(env!("CARGO_PKG_VERSION"))
-        .disable_help_subcommand(true);
+    // The after-help text is in the pages' own sections (manpage.rs), not in an EXTRA one.
+    let mut cmd =
+        command().after_help(None::<&str>).version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true);
     cmd.build();
     let mut out = Vec::new();
     render_man(&cmd, dir, &mut out)?;
@@ -164,6 +227,7 @@ fn render_man(cmd: &clap::Command, dir: &std::path::Path, out: &mut Vec<PathBuf>
     clap_mangen::Man::new(cmd.clone())
         .source(format!("qpq {}", env!("CARGO_PKG_VERSION")))
         .render(&mut buf)?;
+    buf.extend_from_slice(manpage::extra_sections(name).as_bytes());
     let path = dir.join(format!("{name}.1"));
     std::fs::write(&path, buf)?;
     out.push(path);

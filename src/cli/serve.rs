@@ -50,16 +50,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         });
         // stdout: what the operator needs; the last line says the server is ready.
         if running.generated_cert() {
-            println!("generated a self-signed certificate in {}", cfg.data_dir.display());
+            say(format_args!("generated a self-signed certificate in {}", cfg.data_dir.display()));
         }
-        println!("certificate fingerprint {}", running.fingerprint());
-        println!("data dir {}", cfg.data_dir.display());
-        println!("listening on {}", running.local_addr());
-        tracing::info!(addr = %running.local_addr(), "serving");
+        say(format_args!("certificate fingerprint {}", running.fingerprint()));
+        say(format_args!("data dir {}", cfg.data_dir.display()));
+        // Logged before the ready line, so that line is the last one a start prints.
+        let kx = crate::transport::key_exchange_groups().join(", ");
+        tracing::info!(addr = %running.local_addr(), tls = "1.3", key_exchange = %kx, "serving");
+        say(format_args!("listening on {}", running.local_addr()));
         running.wait().await?;
         tracing::info!("stopped cleanly");
         anyhow::Ok(())
     })
+}
+
+/// Prints a start-up line on stdout. A closed stdout (a supervisor that discards it, `| head`)
+/// must not stop the server: `println!` would panic there, leaving a half-started process.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        tracing::warn!(error = %e, "cannot print the start-up line {line} on stdout");
+    }
 }
 
 /// SIGINT and SIGTERM handlers, registered as soon as this value exists.

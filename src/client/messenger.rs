@@ -112,6 +112,16 @@ pub enum ClientError {
     BlockListFull(usize),
     #[error("{0} is not blocked")]
     NotBlocked(String),
+    #[error("that is your own key: contacts are other people")]
+    ContactIsSelf,
+    #[error("{0} is not anyone's identity key (a small-order point, like the all-zero key)")]
+    WeakKey(String),
+    #[error("that key is already your contact {0:?}: `qpq contact remove {0}` first to rename it")]
+    KeyAlreadyContact(String),
+    #[error(
+        "--server-fingerprint {given} is not the certificate pinned for {server} ({pinned}): if the operator replaced it, re-pin with `qpq server pin {given}`"
+    )]
+    PinMismatch { server: String, pinned: Fingerprint, given: Fingerprint },
 }
 
 /// Something that happened while processing incoming messages.
@@ -238,14 +248,35 @@ pub fn valid_name(name: &str) -> bool {
         && !PublicKey::looks_like_key(name)
 }
 
+/// Keys that cannot be a contact: our own, a small-order point (no one holds its secret; the
+/// all-zero key is one, RFC 8032 section 5.1.3 decodes it), one already named otherwise.
+fn check_contact_key(pk: &PublicKey, me: &PublicKey, existing: Option<&str>) -> Result<(), ClientError> {
+    if pk == me {
+        return Err(ClientError::ContactIsSelf);
+    }
+    let weak = ed25519_dalek::VerifyingKey::from_bytes(&pk.0).map_or(true, |k| k.is_weak());
+    if weak {
+        return Err(ClientError::WeakKey(pk.short()));
+    }
+    if let Some(name) = existing {
+        return Err(ClientError::KeyAlreadyContact(name.to_string()));
+    }
+    Ok(())
+}
+
 async fn open_session(
     server: &str,
     known: Option<&String>,
     explicit: Option<Fingerprint>,
 ) -> Result<(Session, bool), ClientError> {
+    let known = known.map(|k| Fingerprint::parse(k).map_err(SessionError::Transport)).transpose()?;
     let pin = match (explicit, known) {
+        // A pin changes only through `qpq server pin`, never as a side effect of a flag.
+        (Some(given), Some(pinned)) if given != pinned => {
+            return Err(ClientError::PinMismatch { server: server.to_string(), pinned, given });
+        }
         (Some(f), _) => Pin::Fingerprint(f),
-        (None, Some(k)) => Pin::Fingerprint(Fingerprint::parse(k).map_err(SessionError::Transport)?),
+        (None, Some(k)) => Pin::Fingerprint(k),
         (None, None) => Pin::FirstUse(Default::default()),
     };
     let first_use = matches!(pin, Pin::FirstUse(_));
@@ -486,6 +517,36 @@ impl Messenger {
         self.anonymous.as_ref().ok_or(ClientError::NoServer)
     }
 
+    // ----- the pinned server -----
+
+    /// The certificate fingerprint pinned for `server`, if any.
+    pub fn pinned(&self, server: &str) -> Option<Fingerprint> {
+        self.home.state.known_servers.get(server).and_then(|k| Fingerprint::parse(k).ok())
+    }
+
+    /// Every pin, by server address.
+    pub fn pins(&self) -> Vec<(String, String)> {
+        self.home.state.known_servers.iter().map(|(s, f)| (s.clone(), f.clone())).collect()
+    }
+
+    /// Pins `fp` for `server`, replacing any earlier pin (`qpq server pin`).
+    pub fn pin_server(&mut self, server: &str, fp: Fingerprint) -> Result<(), ClientError> {
+        let _op = self.begin()?;
+        self.home.state.known_servers.insert(server.to_string(), fp.to_string());
+        self.home.save()?;
+        Ok(())
+    }
+
+    /// Forgets the pin of `server`; false when there was none.
+    pub fn forget_server(&mut self, server: &str) -> Result<bool, ClientError> {
+        let _op = self.begin()?;
+        if self.home.state.known_servers.remove(server).is_none() {
+            return Ok(false);
+        }
+        self.home.save()?;
+        Ok(true)
+    }
+
     // ----- names -----
 
     /// The contact name of `key`, if any.
@@ -541,6 +602,7 @@ impl Messenger {
         if self.home.state.contacts.contains_key(name) {
             return Err(ClientError::ContactExists(name.to_string()));
         }
+        check_contact_key(&pk, &self.identity.public(), self.contact_name(&pk.0))?;
         self.home.state.contacts.insert(name.to_string(), pk.0);
         self.home.save()?;
         Ok(pk)

@@ -47,7 +47,7 @@ pub enum SessionError {
     #[error("cannot reach server {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error(
-        "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with --server-fingerprint)"
+        "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with `qpq server pin {presented}`)"
     )]
     CertificateChanged { pinned: Fingerprint, presented: Fingerprint },
     /// The server answered with an error: its code (branch on this) and text.
@@ -179,6 +179,8 @@ pub struct Session {
     /// The server database's id, learned at authentication (0 before).
     instance: u64,
     rpc_task: tokio::task::JoinHandle<()>,
+    /// Learns the TLS key exchange group when the handshake completes.
+    kx: Arc<transport::KeyExchangeRecorder>,
 }
 
 /// Resolves `HOST:PORT` (names via the system resolver, IP literals directly).
@@ -200,8 +202,10 @@ impl Session {
             Pin::FirstUse(slot) => slot.clone(),
             Pin::Fingerprint(_) => Arc::new(Mutex::new(None)),
         };
-        let endpoint = transport::client_endpoint(addr, transport::client_config(pin.clone())?)
-            .map_err(|e| connect_err(e.to_string()))?;
+        let kx = Arc::new(transport::KeyExchangeRecorder::default());
+        let endpoint =
+            transport::client_endpoint(addr, transport::client_config_recording(pin.clone(), kx.clone())?)
+                .map_err(|e| connect_err(e.to_string()))?;
         let connecting =
             endpoint.connect(addr, transport::SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
@@ -241,7 +245,12 @@ impl Session {
                 tracing::debug!(error = %e, "rpc session ended");
             }
         });
-        Ok(Session { endpoint, conn, node, account: None, fingerprint, instance: 0, rpc_task })
+        Ok(Session { endpoint, conn, node, account: None, fingerprint, instance: 0, rpc_task, kx })
+    }
+
+    /// The TLS key exchange group negotiated on this connection (`X25519`, ...).
+    pub fn key_exchange_group(&self) -> Option<String> {
+        self.kx.group()
     }
 
     /// The id of the server's database, known after `authenticate`.

@@ -28,8 +28,10 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
-    #[error("invalid listen address {0:?}: expected IP:PORT such as 0.0.0.0:7000")]
+    #[error("invalid listen address {0:?}: expected HOST:PORT such as 0.0.0.0:7000 or localhost:7000")]
     Listen(String),
+    #[error("cannot resolve listen address {0:?}")]
+    Resolve(String),
     #[error("invalid setting {name}: {reason}")]
     Invalid { name: &'static str, reason: String },
     #[error("no data dir: pass --data-dir or set QPQ_DATA_DIR (no home directory to default to)")]
@@ -46,6 +48,23 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+/// `IP:PORT` as is, or `HOST:PORT` through the system resolver (its first answer, the one a
+/// client on this machine resolving the same name also tries first). Start-up is synchronous,
+/// so the blocking lookup is fine here.
+fn resolve_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else { return Err(ConfigError::Listen(s.to_string())) };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(ConfigError::Listen(s.to_string()));
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(s)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| ConfigError::Resolve(s.to_string()))
 }
 
 /// `qpq-server.toml`.
@@ -148,7 +167,7 @@ impl ServerConfig {
             .or_else(default_dir)
             .ok_or(ConfigError::NoDataDir)?;
         let listen_s = o.listen.or(file.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_s.parse().map_err(|_| ConfigError::Listen(listen_s.clone()))?;
+        let listen = resolve_listen(&listen_s)?;
         let cert = o.cert.or_else(|| file.cert.clone().map(rel));
         let key = o.key.or_else(|| file.key.clone().map(rel));
         if cert.is_some() != key.is_some() {

@@ -71,6 +71,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot create data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    #[error("data dir {0} is in use by another qpq serve")]
+    DataDirInUse(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start rpc worker: {0}")]
@@ -302,7 +304,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             max_stored_bytes: cfg.max_stored_bytes,
         },
         cfg.clock.clone(),
-    )?;
+    )
+    .map_err(|e| match e {
+        StoreError::InUse => ServerError::DataDirInUse(cfg.data_dir.display().to_string()),
+        e => e.into(),
+    })?;
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
         .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let local_addr =

@@ -58,7 +58,7 @@ fn store_err(e: StoreError) -> Error {
         StoreError::NoKeyPackages => ErrorCode::NoKeyPackages,
         StoreError::StaleHybridKey { .. } => ErrorCode::StaleKey,
         StoreError::Closed => ErrorCode::ShuttingDown,
-        StoreError::SchemaVersion { .. } => ErrorCode::Internal,
+        StoreError::SchemaVersion { .. } | StoreError::InUse => ErrorCode::Internal,
     };
     coded(code, e.to_string())
 }

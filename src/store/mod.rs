@@ -87,6 +87,9 @@ pub enum StoreError {
     NoKeyPackages,
     #[error("database file {path} was written by schema version {found}, this qpq reads {SCHEMA_VERSION}")]
     SchemaVersion { path: String, found: u64 },
+    /// Another process (a second `qpq serve`) holds the database file's lock.
+    #[error("the database is in use by another process")]
+    InUse,
     #[error("database error: {0}")]
     Db(String),
     #[error("the store is shutting down")]
@@ -279,7 +282,10 @@ impl Store {
 
     /// [`Store::open`] with the clock that stamps and ages messages (the server's clock).
     pub fn open_with_clock(path: &Path, limits: QueueLimits, clock: Clock) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            e => e.into(),
+        })?;
         let txn = db.begin_write()?;
         let found = txn.open_table(META)?.get("schema_version")?.map(|g| g.value());
         if found == Some(3) {
