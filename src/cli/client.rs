@@ -235,8 +235,24 @@ pub fn connect_options(g: &GlobalArgs) -> anyhow::Result<ConnectOptions> {
     Ok(ConnectOptions { server: g.server.clone(), fingerprint })
 }
 
+/// `QPQ_PASSPHRASE` as the binary found it before taking it out of its environment
+/// (src/main.rs), held until the process exits.
+static ENV_PASSPHRASE: std::sync::OnceLock<Zeroizing<String>> = std::sync::OnceLock::new();
+
+/// Hands over `QPQ_PASSPHRASE`, read and removed from the environment by the binary's `main`
+/// before any thread exists (the library may not touch the environment: that needs `unsafe`).
+/// Only the first call counts.
+pub fn set_env_passphrase(passphrase: Zeroizing<String>) {
+    let _ = ENV_PASSPHRASE.set(passphrase);
+}
+
+/// The passphrase handed over by [`set_env_passphrase`], else `QPQ_PASSPHRASE` as it is now
+/// (for callers other than the binary).
 fn passphrase_from_env() -> Option<Zeroizing<String>> {
-    std::env::var("QPQ_PASSPHRASE").ok().map(Zeroizing::new)
+    match ENV_PASSPHRASE.get() {
+        Some(p) => Some(p.clone()),
+        None => std::env::var("QPQ_PASSPHRASE").ok().map(Zeroizing::new),
+    }
 }
 
 fn prompt(msg: &str) -> anyhow::Result<Zeroizing<String>> {

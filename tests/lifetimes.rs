@@ -1,0 +1,248 @@
+//! KeyPackage lifetimes end to end (issue 9, point 1): the real `qpq serve` binary and real
+//! clients, with time moved through `QPQ_TEST_CLOCK_OFFSET_SECS` (each process reads its own
+//! offset at start). A year passing while the server runs is a server stopped at one offset
+//! and started again at another on the same data dir.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Lines, Run, ServerProcess, User, qpq_command};
+use qpq::clock::OFFSET_ENV;
+use qpq::transport::Fingerprint;
+use redb::{ReadableDatabase, ReadableTable};
+
+const DAY: i64 = 24 * 3600;
+const YEAR: i64 = 365 * DAY;
+
+/// `qpq serve` on 127.0.0.1:0 over `data_dir`, its clock `offset` seconds from the real one.
+fn serve_at(data_dir: &Path, offset: i64) -> ServerProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("QPQ_CONFIG")
+        .env("QPQ_LOG", "warn")
+        .env(OFFSET_ENV, offset.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn qpq serve");
+    let mut lines = Lines::of(child.stdout.take().expect("piped stdout"));
+    let mut fingerprint = None;
+    let addr = loop {
+        let line = lines.next_line().expect("qpq serve says where it listens");
+        if let Some(f) = line.strip_prefix("certificate fingerprint ") {
+            fingerprint = Some(Fingerprint::parse(f).expect("fingerprint"));
+        }
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.parse().expect("socket address");
+        }
+    };
+    // `lines`' thread keeps draining stdout, so the server never blocks on a full pipe.
+    ServerProcess {
+        child,
+        addr,
+        fingerprint: fingerprint.expect("fingerprint line"),
+        data_dir: data_dir.to_path_buf(),
+    }
+}
+
+/// Stops the server cleanly (SIGTERM), so its database closes and the next one opens it.
+fn stop(server: ServerProcess) {
+    let status = server.terminate();
+    assert!(status.success(), "qpq serve exits cleanly on SIGTERM: {status:?}");
+}
+
+/// `qpq ARGS` as `u` against `server`, the client's clock `offset` seconds from the real one.
+fn run_at(u: &User, server: &ServerProcess, offset: i64, args: &[&str]) -> Run {
+    let out = qpq_command(u.home.path())
+        .arg("--server")
+        .arg(server.addr.to_string())
+        .args(args)
+        .env(OFFSET_ENV, offset.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("qpq runs");
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok_at(u: &User, server: &ServerProcess, offset: i64, args: &[&str]) -> String {
+    let r = run_at(u, server, offset, args);
+    assert!(r.ok, "{} {args:?} at {offset:+}s failed ({:?}): {}", u.name, r.code, r.stderr);
+    r.stdout
+}
+
+fn fails_at(u: &User, server: &ServerProcess, offset: i64, args: &[&str]) -> String {
+    let r = run_at(u, server, offset, args);
+    assert!(!r.ok, "{} {args:?} at {offset:+}s should fail but printed {:?}", u.name, r.stdout);
+    // The error is the last line; notices (a certificate pinned for a new address) come first.
+    r.stderr.lines().last().unwrap_or_default().to_string()
+}
+
+/// `qpq init` at `offset` (which uploads the user's keys), no passphrase.
+fn init_at(server: &ServerProcess, offset: i64, name: &str) -> User {
+    let home = tempfile::tempdir().expect("temp home");
+    let addr = server.addr.to_string();
+    let out = qpq_command(home.path())
+        .args(["init", "--server", &addr, "--name", name, "--no-passphrase"])
+        .env(OFFSET_ENV, offset.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("qpq init runs");
+    assert!(out.status.success(), "init {name} at {offset:+}s: {}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(key.len(), 64, "init prints the key: {key:?}");
+    User { home, key, name: name.to_string() }
+}
+
+/// What `qpq health` reports of `u`'s KeyPackages, counted by the server's clock (`health` only
+/// connects: it uploads nothing).
+fn key_packages_line(u: &User, server: &ServerProcess, offset: i64) -> String {
+    let out = ok_at(u, server, offset, &["health"]);
+    out.lines().find(|l| l.starts_with("key packages: ")).unwrap_or_else(|| panic!("{out}")).to_string()
+}
+
+fn count_line(single_use: u32, last_resort: bool) -> String {
+    format!(
+        "key packages: {single_use} on the server, last resort: {}",
+        if last_resort { "yes" } else { "no" }
+    )
+}
+
+fn contacts(a: &User, b: &User) {
+    for (x, y) in [(a, b), (b, a)] {
+        let r = common::qpq_in(x.home.path(), &["contact", "add", &y.name, &y.key], None);
+        assert!(r.ok, "{}", r.stderr);
+    }
+}
+
+/// Rows the server's database holds for `who` (hex key): single-use KeyPackages and whether a
+/// last-resort one is stored. The server must be stopped.
+fn stored_rows(data_dir: &Path, who: &str) -> (usize, bool) {
+    let who = hex::decode(who).expect("hex key");
+    let db = redb::Database::open(data_dir.join("qpq.db")).expect("open the server's database");
+    let txn = db.begin_read().unwrap();
+    let kps: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("key_packages");
+    let single = txn
+        .open_table(kps)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().0.value().starts_with(&who))
+        .count();
+    let lr: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("last_resort");
+    let last_resort = txn.open_table(lr).unwrap().get(&who[..]).unwrap().is_some();
+    (single, last_resort)
+}
+
+/// Issue 9: with packages 90 days old, `send` failed with "does not belong to bob", burned one
+/// package per try and nothing refilled them. Bob and alice set up a year ago (the server's
+/// clock then agreed, or their uploads would have been refused as expired); a year later the
+/// server runs at the real time.
+#[test]
+fn a_user_idle_for_a_year_is_reachable_again_once_they_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), -YEAR);
+    let alice = init_at(&server, -YEAR, "alice");
+    let bob = init_at(&server, -YEAR, "bob");
+    contacts(&alice, &bob);
+    assert_eq!(key_packages_line(&bob, &server, -YEAR), count_line(20, true));
+    stop(server);
+
+    // A year later.
+    let server = serve_at(dir.path(), 0);
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(0, false), "all of bob's expired");
+    for _ in 0..2 {
+        let err = fails_at(&alice, &server, 0, &["send", "bob", "hi"]);
+        assert_eq!(
+            err.trim(),
+            format!(
+                "qpq: {} has no valid key packages on the server: they must come online once (or run `qpq init` there)",
+                bob.name
+            )
+        );
+    }
+    assert!(
+        ok_at(&alice, &server, 0, &["group", "list"]).lines().all(|l| !l.contains("direct")),
+        "no half-made conversation"
+    );
+
+    // Bob comes back: one receive round replaces his year-old packages.
+    assert_eq!(ok_at(&bob, &server, 0, &["recv"]), "");
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true), "a full fresh pool");
+    ok_at(&alice, &server, 0, &["send", "bob", "hi"]);
+    assert_eq!(ok_at(&bob, &server, 0, &["recv"]).lines().collect::<Vec<_>>(), vec!["alice: hi"]);
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(19, true), "exactly one was used");
+    stop(server);
+}
+
+/// The server never hands out a package past its lifetime (28 days): it deletes it instead and
+/// says so, while a package inside its lifetime is handed out as before.
+#[test]
+fn nobody_is_handed_a_dead_key_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), 0);
+    let alice = init_at(&server, 0, "alice");
+    let bob = init_at(&server, 0, "bob");
+    let carol = init_at(&server, 0, "carol");
+    contacts(&alice, &bob);
+    contacts(&alice, &carol);
+    stop(server);
+
+    // 27 days on, the packages are old but alive.
+    let server = serve_at(dir.path(), 27 * DAY);
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true));
+    ok_at(&alice, &server, 0, &["send", "bob", "still valid"]);
+    assert_eq!(ok_at(&bob, &server, 0, &["recv"]).lines().collect::<Vec<_>>(), vec!["alice: still valid"]);
+    stop(server);
+
+    // 29 days on, every package carol uploaded is dead.
+    let server = serve_at(dir.path(), 29 * DAY);
+    let err = fails_at(&alice, &server, 0, &["send", "carol", "hi"]);
+    assert_eq!(
+        err.trim(),
+        "qpq: carol has no valid key packages on the server: they must come online once (or run `qpq init` there)"
+    );
+    assert_eq!(key_packages_line(&carol, &server, 0), count_line(0, false));
+    stop(server);
+    assert_eq!(stored_rows(dir.path(), &carol.key), (0, false), "deleted, not just hidden");
+}
+
+/// The age rule: a client that comes online every two weeks replaces its packages before they
+/// expire, so it stays reachable through a period in which it never comes back (the server
+/// alone would have only dead packages of it by then). Every clock agrees with the server's,
+/// and the story ends at the real time: openmls checks leaf lifetimes against the system clock
+/// when a member is added, so a package made by a clock ahead of the real one is "not valid yet"
+/// to it (src/clock.rs).
+#[test]
+fn a_user_who_checks_in_every_two_weeks_stays_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), -29 * DAY);
+    let alice = init_at(&server, -29 * DAY, "alice");
+    let bob = init_at(&server, -29 * DAY, "bob");
+    contacts(&alice, &bob);
+    stop(server);
+
+    // 15 days later bob receives once; his pool is past half its lifetime, so he publishes a
+    // new one.
+    let server = serve_at(dir.path(), -14 * DAY);
+    assert_eq!(ok_at(&bob, &server, -14 * DAY, &["recv"]), "");
+    assert_eq!(
+        key_packages_line(&bob, &server, -14 * DAY),
+        count_line(40, true),
+        "the old pool stays until it expires"
+    );
+    stop(server);
+
+    // 29 days after init the first pool is dead; the second reaches him.
+    let server = serve_at(dir.path(), 0);
+    ok_at(&alice, &server, 0, &["send", "bob", "hi"]);
+    assert_eq!(ok_at(&bob, &server, 0, &["recv"]).lines().collect::<Vec<_>>(), vec!["alice: hi"]);
+    stop(server);
+}
