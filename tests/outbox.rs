@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{Run, ServerProcess, User, cast, qpq_command, qpq_in};
+use common::{Run, ServerProcess, User, cast, qpq_command, qpq_in, untimed};
 
 /// `send`'s exit status when the message waits in the outbox (EX_TEMPFAIL).
 const EXIT_QUEUED: i32 = 75;
@@ -92,7 +92,7 @@ fn a_message_that_reached_the_server_before_a_crash_goes_again_and_is_shown_once
 
     let r = bob.run(&["recv"]);
     assert!(r.ok, "{}", r.stderr);
-    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), ["alice: once", "alice: twice?"]);
+    assert_eq!(untimed(&r.stdout).lines().collect::<Vec<_>>(), ["alice: once", "alice: twice?"]);
     assert!(r.stderr.is_empty(), "the duplicate is dropped quietly: {}", r.stderr);
 }
 
@@ -146,7 +146,7 @@ fn a_message_encrypted_before_a_crash_goes_out_after_a_commit_changed_the_epoch(
     let r = bob.run(&["recv"]);
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(
-        r.stdout.lines().collect::<Vec<_>>(),
+        untimed(&r.stdout).lines().collect::<Vec<_>>(),
         ["[#team] alice: sealed then crashed", "[#team] alice: after the commit"]
     );
     assert!(r.stderr.is_empty(), "{}", r.stderr);
@@ -176,6 +176,6 @@ fn a_send_whose_answer_was_lost_may_have_been_sent_and_is_retried_with_the_same_
 
     let r = bob.run(&["recv"]);
     assert!(r.ok, "{}", r.stderr);
-    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), ["alice: did it arrive?"]);
+    assert_eq!(untimed(&r.stdout).lines().collect::<Vec<_>>(), ["alice: did it arrive?"]);
     assert!(r.stderr.is_empty(), "the copies are dropped quietly: {}", r.stderr);
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{Lines, ServerProcess, User, qpq_command};
+use common::{Lines, ServerProcess, User, qpq_command, untimed};
 
 const PASSPHRASE: &str = "correct horse 7f3a battery";
 
@@ -49,7 +49,7 @@ fn a_running_client_no_longer_shows_its_passphrase_in_its_environment() {
         .unwrap();
     let mut lines = Lines::of(follow.stdout.take().unwrap());
     // It printed bob's message: it has opened the state with the passphrase and is running.
-    assert_eq!(lines.next_line().as_deref(), Some("bob: one"));
+    assert_eq!(lines.next_line().map(|l| untimed(&l)).as_deref(), Some("bob: one"));
     let environ = environ_of(follow.id());
     let _ = follow.kill();
     let _ = follow.wait();

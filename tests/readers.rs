@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::process::{Child, Stdio};
 
-use common::{Lines, User, cast, qpq_command};
+use common::{Lines, User, cast, qpq_command, untimed};
 
 /// The line `recv --follow` prints on stderr once it knows where it starts reading.
 const FOLLOWING: &str = "qpq: following new messages (Ctrl-C to stop)";
@@ -42,7 +42,7 @@ fn two_followers_on_one_home_both_print_every_message_in_order() {
     }
     let want: Vec<String> = sent.iter().map(|m| format!("alice: {m}")).collect();
     for out in [&mut a_out, &mut b_out] {
-        let got: Vec<String> = (0..6).map(|_| out.next_line().expect("a line")).collect();
+        let got: Vec<String> = (0..6).map(|_| untimed(&out.next_line().expect("a line"))).collect();
         assert_eq!(got, want);
     }
     stop(a);
@@ -78,12 +78,12 @@ fn a_shell_and_a_follower_on_one_home_both_print_every_message() {
     }
     let mut from_shell = Vec::new();
     while from_shell.len() < 6 {
-        let line = shell_out.next_line().expect("a line");
+        let line = untimed(&shell_out.next_line().expect("a line"));
         if line.starts_with("alice: ") {
             from_shell.push(line);
         }
     }
-    let from_follower: Vec<String> = (0..6).map(|_| f_out.next_line().expect("a line")).collect();
+    let from_follower: Vec<String> = (0..6).map(|_| untimed(&f_out.next_line().expect("a line"))).collect();
     let want: Vec<String> = (1..=6).map(|i| format!("alice: m{i}")).collect();
     assert_eq!(from_shell, want);
     assert_eq!(from_follower, want);
