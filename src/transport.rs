@@ -101,8 +101,36 @@ pub struct ServerIdentity {
     pub generated: bool,
 }
 
+/// Which TLS key exchange groups an end accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyExchange {
+    /// Only the hybrid X25519MLKEM768 (the default on both ends).
+    HybridOnly,
+    /// X25519MLKEM768 preferred, classical X25519 accepted (a server's `allow_classical_kx`).
+    AllowClassical,
+}
+
+/// The rustls crypto provider of both ends, passed explicitly to every config (no process
+/// default): aws-lc-rs, restricted to the key exchange groups `kx` allows.
+///
+/// Why aws-lc-rs: ring has no ML-KEM. rustls's aws-lc-rs provider ships X25519MLKEM768
+/// (draft-ietf-tls-ecdhe-mlkem) with the hybrid combiner maintained inside rustls itself, and
+/// ML-KEM from AWS-LC (FIPS 203, formally verified parts); rustls-post-quantum is now only a
+/// re-export of it. A custom provider pairing ring with libcrux-ml-kem would mean writing the
+/// combiner and group plumbing ourselves. aws-lc-sys builds with cc (no cmake) and links
+/// statically under `crt-static` (README, "A static binary").
+fn provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    let kx_groups = match kx {
+        KeyExchange::HybridOnly => vec![kx_group::X25519MLKEM768],
+        KeyExchange::AllowClassical => vec![kx_group::X25519MLKEM768, kx_group::X25519],
+    };
+    Arc::new(CryptoProvider { kx_groups, ..default_provider() })
+}
+
+/// The provider of a client and of a default server: hybrid key exchange only.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    provider_for(KeyExchange::HybridOnly)
 }
 
 /// Loads `cert`/`key` PEM files given by the operator.
@@ -176,9 +204,17 @@ fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::Tran
     t
 }
 
-/// Server-side QUIC config: TLS 1.3 only, ALPN `qpq/1`.
+/// Server-side QUIC config: TLS 1.3 only, ALPN `qpq/1`, hybrid key exchange only.
 pub fn server_config(id: &ServerIdentity) -> Result<quinn::ServerConfig, TransportError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    server_config_with(id, KeyExchange::HybridOnly)
+}
+
+/// [`server_config`] accepting the key exchange groups `kx` allows.
+pub fn server_config_with(
+    id: &ServerIdentity,
+    kx: KeyExchange,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider_for(kx))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
         .with_no_client_auth()

@@ -63,6 +63,7 @@ pub struct FileConfig {
     pub max_connections_per_ip: Option<usize>,
     pub message_ttl_secs: Option<u64>,
     pub max_stored_bytes: Option<u64>,
+    pub allow_classical_kx: Option<bool>,
     pub rate_limits: Option<RateLimitsFile>,
 }
 
@@ -92,6 +93,8 @@ pub struct ServerConfig {
     pub message_ttl_secs: u64,
     pub max_stored_bytes: u64,
     pub rate_limits: RateLimits,
+    /// Accept clients offering only classical X25519 TLS key exchange (default: hybrid only).
+    pub allow_classical_kx: bool,
     /// The server's clock ([`Clock::from_env`] for the binary; tests share one and move it).
     pub clock: Clock,
 }
@@ -112,6 +115,7 @@ impl ServerConfig {
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
             max_stored_bytes: limits::DEFAULT_MAX_STORED_BYTES,
             rate_limits: RateLimits::default(),
+            allow_classical_kx: false,
             clock: Clock::system(),
         }
     }
@@ -191,6 +195,9 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid { name: "max_stored_bytes", reason: "must be > 0".into() });
             }
             cfg.max_stored_bytes = v;
+        }
+        if let Some(v) = file.allow_classical_kx {
+            cfg.allow_classical_kx = v;
         }
         if let Some(r) = &file.rate_limits {
             let set = |name: &'static str, given: Option<Rate>, into: &mut Rate| match given {
