@@ -769,6 +769,11 @@ impl MlsClient {
             .collect()
     }
 
+    /// The group's ciphersuite ([`CIPHERSUITE`] for every group qpq creates or joins).
+    pub fn ciphersuite(&self, group_id: &[u8]) -> Result<Ciphersuite, MlsError> {
+        Ok(self.load_group(group_id)?.ciphersuite())
+    }
+
     pub fn epoch(&self, group_id: &[u8]) -> Result<u64, MlsError> {
         Ok(self.load_group(group_id)?.epoch().as_u64())
     }
