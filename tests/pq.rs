@@ -222,3 +222,20 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[test]
+fn group_info_shows_the_hybrid_suite_on_both_sides() {
+    let (_dir, _server, [alice, bob]) = common::cast(["alice", "bob"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.recv();
+    for user in [&alice, &bob] {
+        let out = user.ok(&["group", "info", "#team"]);
+        assert!(out.contains("members 2\n"), "{out}");
+        assert!(
+            out.contains("ciphersuite MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519 (0x004f)\n"),
+            "{out}"
+        );
+    }
+    assert!(alice.fails(&["group", "info", "ghost"]).contains("no group named #ghost"));
+}
