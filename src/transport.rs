@@ -108,6 +108,8 @@ pub enum KeyExchange {
     HybridOnly,
     /// X25519MLKEM768 preferred, classical X25519 accepted (a server's `allow_classical_kx`).
     AllowClassical,
+    /// Classical X25519 only: what an old or foreign client offers (`qpq bench`'s comparison).
+    ClassicalOnly,
 }
 
 /// The rustls crypto provider of both ends, passed explicitly to every config (no process
@@ -124,13 +126,9 @@ fn provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
     let kx_groups = match kx {
         KeyExchange::HybridOnly => vec![kx_group::X25519MLKEM768],
         KeyExchange::AllowClassical => vec![kx_group::X25519MLKEM768, kx_group::X25519],
+        KeyExchange::ClassicalOnly => vec![kx_group::X25519],
     };
     Arc::new(CryptoProvider { kx_groups, ..default_provider() })
-}
-
-/// The provider of a client and of a default server: hybrid key exchange only.
-fn provider() -> Arc<CryptoProvider> {
-    provider_for(KeyExchange::HybridOnly)
 }
 
 /// Loads `cert`/`key` PEM files given by the operator.
@@ -298,7 +296,12 @@ impl ServerCertVerifier for PinVerifier {
 
 /// Client-side QUIC config pinned as `pin` says.
 pub fn client_config(pin: Pin) -> Result<quinn::ClientConfig, TransportError> {
-    let provider = provider();
+    client_config_with(pin, KeyExchange::HybridOnly)
+}
+
+/// [`client_config`] offering the key exchange groups `kx` allows.
+pub fn client_config_with(pin: Pin, kx: KeyExchange) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = provider_for(kx);
     let verifier = Arc::new(PinVerifier { pin, provider: provider.clone() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
