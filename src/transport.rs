@@ -5,6 +5,10 @@
 //! they pin the SHA-256 fingerprint of the server's certificate (trust on first use, like ssh's
 //! known_hosts, or given explicitly). The TLS handshake signature is still verified against the
 //! pinned certificate's key, so only the holder of that key can complete the handshake.
+//!
+//! Key exchange is the hybrid X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem) on both ends, so
+//! recorded traffic stays confidential against a future quantum computer; a server accepts
+//! classical X25519 too only when its config says `allow_classical_kx`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -117,9 +121,9 @@ pub enum KeyExchange {
 ///
 /// Why aws-lc-rs: ring has no ML-KEM. rustls's aws-lc-rs provider ships X25519MLKEM768
 /// (draft-ietf-tls-ecdhe-mlkem) with the hybrid combiner maintained inside rustls itself, and
-/// ML-KEM from AWS-LC (FIPS 203, formally verified parts); rustls-post-quantum is now only a
-/// re-export of it. A custom provider pairing ring with libcrux-ml-kem would mean writing the
-/// combiner and group plumbing ourselves. aws-lc-sys builds with cc (no cmake) and links
+/// ML-KEM from AWS-LC (FIPS 203); the rustls-post-quantum crate builds on this same provider.
+/// A custom provider pairing ring with libcrux-ml-kem would mean writing the combiner and the
+/// group plumbing ourselves. aws-lc-sys builds with cc (no cmake) and links
 /// statically under `crt-static` (README, "A static binary").
 fn provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
     use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
