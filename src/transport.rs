@@ -5,6 +5,10 @@
 //! they pin the SHA-256 fingerprint of the server's certificate (trust on first use, like ssh's
 //! known_hosts, or given explicitly). The TLS handshake signature is still verified against the
 //! pinned certificate's key, so only the holder of that key can complete the handshake.
+//!
+//! Key exchange is the hybrid X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem) on both ends, so
+//! recorded traffic stays confidential against a future quantum computer; a server accepts
+//! classical X25519 too only when its config says `allow_classical_kx`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -102,8 +106,34 @@ pub struct ServerIdentity {
     pub generated: bool,
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// Which TLS key exchange groups an end accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyExchange {
+    /// Only the hybrid X25519MLKEM768 (the default on both ends).
+    HybridOnly,
+    /// X25519MLKEM768 preferred, classical X25519 accepted (a server's `allow_classical_kx`).
+    AllowClassical,
+    /// Classical X25519 only: what an old or foreign client offers (`qpq bench`'s comparison).
+    ClassicalOnly,
+}
+
+/// The rustls crypto provider of both ends, passed explicitly to every config (no process
+/// default): aws-lc-rs, restricted to the key exchange groups `kx` allows.
+///
+/// Why aws-lc-rs: ring has no ML-KEM. rustls's aws-lc-rs provider ships X25519MLKEM768
+/// (draft-ietf-tls-ecdhe-mlkem) with the hybrid combiner maintained inside rustls itself, and
+/// ML-KEM from AWS-LC (FIPS 203); the rustls-post-quantum crate builds on this same provider.
+/// A custom provider pairing ring with libcrux-ml-kem would mean writing the combiner and the
+/// group plumbing ourselves. aws-lc-sys builds with cc (no cmake) and links
+/// statically under `crt-static` (README, "A static binary").
+fn provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    let kx_groups = match kx {
+        KeyExchange::HybridOnly => vec![kx_group::X25519MLKEM768],
+        KeyExchange::AllowClassical => vec![kx_group::X25519MLKEM768, kx_group::X25519],
+        KeyExchange::ClassicalOnly => vec![kx_group::X25519],
+    };
+    Arc::new(CryptoProvider { kx_groups, ..default_provider() })
 }
 
 /// Loads `cert`/`key` PEM files given by the operator.
@@ -177,9 +207,17 @@ fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::Tran
     t
 }
 
-/// Server-side QUIC config: TLS 1.3 only, ALPN `qpq/1`.
+/// Server-side QUIC config: TLS 1.3 only, ALPN `qpq/1`, hybrid key exchange only.
 pub fn server_config(id: &ServerIdentity) -> Result<quinn::ServerConfig, TransportError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    server_config_with(id, KeyExchange::HybridOnly)
+}
+
+/// [`server_config`] accepting the key exchange groups `kx` allows.
+pub fn server_config_with(
+    id: &ServerIdentity,
+    kx: KeyExchange,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider_for(kx))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
         .with_no_client_auth()
@@ -301,15 +339,28 @@ impl ClientSessionStore for KeyExchangeRecorder {
 
 /// Client-side QUIC config pinned as `pin` says.
 pub fn client_config(pin: Pin) -> Result<quinn::ClientConfig, TransportError> {
-    client_config_recording(pin, Arc::new(KeyExchangeRecorder::default()))
+    client_config_with(pin, KeyExchange::HybridOnly)
 }
 
-/// [`client_config`] whose handshake tells `kx` the key exchange group it used.
+/// [`client_config`] offering the key exchange groups `kx` allows.
+pub fn client_config_with(pin: Pin, kx: KeyExchange) -> Result<quinn::ClientConfig, TransportError> {
+    client_config_recording_with(pin, kx, Arc::new(KeyExchangeRecorder::default()))
+}
+
+/// [`client_config`] whose handshake tells `recorder` the key exchange group it used.
 pub fn client_config_recording(
     pin: Pin,
-    kx: Arc<KeyExchangeRecorder>,
+    recorder: Arc<KeyExchangeRecorder>,
 ) -> Result<quinn::ClientConfig, TransportError> {
-    let provider = provider();
+    client_config_recording_with(pin, KeyExchange::HybridOnly, recorder)
+}
+
+fn client_config_recording_with(
+    pin: Pin,
+    kx: KeyExchange,
+    recorder: Arc<KeyExchangeRecorder>,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = provider_for(kx);
     let verifier = Arc::new(PinVerifier { pin, provider: provider.clone() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -318,7 +369,7 @@ pub fn client_config_recording(
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.resumption = rustls::client::Resumption::store(kx);
+    tls.resumption = rustls::client::Resumption::store(recorder);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -343,9 +394,9 @@ pub fn auth_message(challenge: &[u8; 32]) -> Vec<u8> {
     m
 }
 
-/// The key exchange groups this build offers, in preference order (rustls with ring).
-pub fn key_exchange_groups() -> Vec<String> {
-    provider().kx_groups.iter().map(|g| format!("{:?}", g.name())).collect()
+/// The key exchange groups a server with policy `kx` accepts, in preference order.
+pub fn key_exchange_groups(kx: KeyExchange) -> Vec<String> {
+    provider_for(kx).kx_groups.iter().map(|g| format!("{:?}", g.name())).collect()
 }
 
 /// A client endpoint bound to the unspecified address of the server's family.

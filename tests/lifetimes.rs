@@ -199,7 +199,10 @@ fn nobody_is_handed_a_dead_key_package() {
     let server = serve_at(dir.path(), 27 * DAY);
     assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true));
     ok_at(&alice, &server, 0, &["send", "bob", "still valid"]);
-    assert_eq!(untimed(&ok_at(&bob, &server, 0, &["recv"])).lines().collect::<Vec<_>>(), vec!["alice: still valid"]);
+    assert_eq!(
+        untimed(&ok_at(&bob, &server, 0, &["recv"])).lines().collect::<Vec<_>>(),
+        vec!["alice: still valid"]
+    );
     stop(server);
 
     // 29 days on, every package carol uploaded is dead.

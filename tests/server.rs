@@ -500,7 +500,7 @@ async fn wrong_alpn_and_garbage_on_the_stream_only_cost_that_connection() {
 
     // Wrong ALPN: the handshake fails.
     let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .unwrap()
@@ -556,7 +556,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -38,7 +38,7 @@ const RSS_GOAL_KIB: f64 = 64.0;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn steps(_: &Settings) -> u64 {
-    2
+    3
 }
 
 /// A child process that dies with the bench: killed on drop.
@@ -242,7 +242,10 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         Some(reference.handshakes_per_s),
         "conn/s",
     );
-    Ok(vec![rss_row, rate_row])
+    b.step("connections: tls key exchange groups");
+    let kx_row = super::kx::compare(n).await?;
+    b.done_step();
+    Ok(vec![rss_row, rate_row, kx_row])
 }
 
 /// Remote: handshake rate only, against bare QUIC handshakes to the same server.

@@ -2,8 +2,9 @@
 //!
 //! The floor of an operation is the sum of the asymmetric primitives RFC 9420 obliges it to run,
 //! each timed in this run with the very implementations openmls uses (`openmls_rust_crypto`:
-//! Ed25519 via ed25519-dalek, HPKE DHKEM-X25519/HKDF-SHA256/AES-128-GCM via hpke-rs) and, for the
-//! envelope, X-Wing (ML-KEM-768 + X25519) via the x-wing crate. Hashing, symmetric encryption,
+//! Ed25519 via ed25519-dalek, the suite's HPKE, X-Wing/HKDF-SHA256/AES-128-GCM, via hpke-rs) and,
+//! for the envelope, X-Wing (ML-KEM-768 + X25519) via the x-wing crate. A last step sets the
+//! hybrid suite against the classical DHKEM-X25519 one qpq spoke before: wire sizes and times. Hashing, symmetric encryption,
 //! serialization and storage are left out on purpose: they are what `measured / floor` exposes.
 //! The primitives are timed right before and right after each group size and averaged, so the
 //! floor describes the same moments as the operations on a machine whose speed drifts.
@@ -50,7 +51,9 @@ use x_wing::{Decapsulate as _, Decapsulator as _};
 
 use super::{Bench, Row, Settings};
 use crate::crypto::hybrid::{self, HybridSecretKey};
-use crate::mls::{CIPHERSUITE, Incoming, MlsClient};
+use crate::mls::{CIPHERSUITE, CLASSICAL_CIPHERSUITE, Incoming, MlsClient};
+use openmls::prelude::Ciphersuite;
+use openmls_traits::OpenMlsProvider as _;
 
 /// Bytes signed in the Ed25519 primitive timing: about a LeafNode's to-be-signed content.
 const SIGNED_LEN: usize = 256;
@@ -75,8 +78,13 @@ const JOINERS: usize = 3;
 /// Repetitions of the per-message operations (app message, envelope).
 const MESSAGE_REPS: usize = 50;
 
+/// Group size of the hybrid-against-classical suite comparison (the commit goal is at
+/// 128 members).
+const SUITE_COMPARE_MEMBERS: usize = 128;
+const QUICK_SUITE_COMPARE_MEMBERS: usize = 8;
+
 pub fn steps(s: &Settings) -> u64 {
-    s.mls_sizes.len() as u64 + 1
+    s.mls_sizes.len() as u64 + 2
 }
 
 /// Mean seconds of each primitive, and the cores openmls's parallel steps can use.
@@ -236,6 +244,12 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         b.done_step();
     }
 
+    b.step("mls: hybrid suite against classical");
+    tokio::task::yield_now().await;
+    let members = if b.settings.quick { QUICK_SUITE_COMPARE_MEMBERS } else { SUITE_COMPARE_MEMBERS };
+    rows.extend(suite_comparison(members, if b.settings.quick { 1 } else { REPS_SMALL })?);
+    b.done_step();
+
     b.step("mls: envelope");
     let before = primitives(budget)?;
     let envelope = envelope_op(if b.settings.quick { 5 } else { MESSAGE_REPS })?;
@@ -251,9 +265,9 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     for (name, v) in [
         ("ed25519_sign_us", first.sign),
         ("ed25519_verify_us", first.verify),
-        ("hpke_x25519_seal_us", first.hpke_seal),
-        ("hpke_x25519_open_us", first.hpke_open),
-        ("hpke_x25519_derive_keypair_us", first.derive_keypair),
+        ("hpke_suite_seal_us", first.hpke_seal),
+        ("hpke_suite_open_us", first.hpke_open),
+        ("hpke_suite_derive_keypair_us", first.derive_keypair),
         ("xwing_encaps_us", p.xwing_encaps),
         ("xwing_decaps_us", p.xwing_decaps),
     ] {
@@ -408,6 +422,132 @@ fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
         ratio_goal,
     ));
     Ok(out)
+}
+
+/// What one suite costs at a group size: bytes on the wire and seconds per operation.
+struct SuiteCost {
+    key_package_bytes: usize,
+    commit_bytes: usize,
+    welcome_bytes: usize,
+    commit_secs: f64,
+    join_secs: f64,
+}
+
+/// Builds a group of `n` under `suite` with openmls directly (the same code for both suites,
+/// since qpq's own client speaks only [`CIPHERSUITE`]): a KeyPackage, the Welcome of adding the
+/// last member to the other `n - 1`, that member's join, and a self-update commit at `n`.
+fn suite_cost(suite: Ciphersuite, n: usize, reps: usize) -> anyhow::Result<SuiteCost> {
+    use openmls::prelude::{
+        BasicCredential, CredentialWithKey, KeyPackage, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
+        MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, StagedWelcome,
+    };
+    use openmls_basic_credential::SignatureKeyPair;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+    use tls_codec::{Deserialize as _, Serialize as _};
+
+    let err = |what: &'static str| move |e: &dyn std::fmt::Debug| anyhow::anyhow!("{what}: {e:?}");
+    let member = || -> anyhow::Result<(OpenMlsRustCrypto, SignatureKeyPair, CredentialWithKey)> {
+        let provider = OpenMlsRustCrypto::default();
+        let signer = SignatureKeyPair::new(SignatureScheme::ED25519).map_err(|e| err("keygen")(&e))?;
+        signer.store(provider.storage()).map_err(|e| err("store signer")(&e))?;
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(signer.public().to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+        Ok((provider, signer, credential))
+    };
+    let key_package = |m: &(OpenMlsRustCrypto, SignatureKeyPair, CredentialWithKey)| {
+        KeyPackage::builder()
+            .build(suite, &m.0, &m.1, m.2.clone())
+            .map(|b| b.key_package().clone())
+            .map_err(|e| err("key package")(&e))
+    };
+    let creator = member()?;
+    let config = MlsGroupCreateConfig::builder().ciphersuite(suite).use_ratchet_tree_extension(true).build();
+    let mut group = MlsGroup::new(&creator.0, &creator.1, &config, creator.2.clone())
+        .map_err(|e| err("create group")(&e))?;
+    let others = (2..n).map(|_| member().and_then(|m| key_package(&m))).collect::<Result<Vec<_>, _>>()?;
+    if !others.is_empty() {
+        group.add_members(&creator.0, &creator.1, &others).map_err(|e| err("add members")(&e))?;
+        group.merge_pending_commit(&creator.0).map_err(|e| err("merge")(&e))?;
+    }
+    let last = member()?;
+    let last_kp = key_package(&last)?;
+    let key_package_bytes = last_kp.tls_serialize_detached().map_err(|e| err("serialize")(&e))?.len();
+    let (_, welcome, _) =
+        group.add_members(&creator.0, &creator.1, &[last_kp]).map_err(|e| err("add member")(&e))?;
+    group.merge_pending_commit(&creator.0).map_err(|e| err("merge")(&e))?;
+    let welcome = welcome.tls_serialize_detached().map_err(|e| err("serialize")(&e))?;
+    let t = Instant::now();
+    let MlsMessageBodyIn::Welcome(w) =
+        MlsMessageIn::tls_deserialize_exact(&welcome).map_err(|e| err("parse welcome")(&e))?.extract()
+    else {
+        anyhow::bail!("expected a welcome");
+    };
+    let join_config = MlsGroupJoinConfig::builder().use_ratchet_tree_extension(true).build();
+    StagedWelcome::new_from_welcome(&last.0, &join_config, w, None)
+        .map_err(|e| err("stage welcome")(&e))?
+        .into_group(&last.0)
+        .map_err(|e| err("join")(&e))?;
+    let join_secs = t.elapsed().as_secs_f64();
+    let (mut commit_bytes, mut commit_total) = (0, 0.0);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let bundle = group
+            .self_update(&creator.0, &creator.1, LeafNodeParameters::default())
+            .map_err(|e| err("self update")(&e))?;
+        group.merge_pending_commit(&creator.0).map_err(|e| err("merge")(&e))?;
+        commit_total += t.elapsed().as_secs_f64();
+        commit_bytes = bundle.commit().tls_serialize_detached().map_err(|e| err("serialize")(&e))?.len();
+    }
+    Ok(SuiteCost {
+        key_package_bytes,
+        commit_bytes,
+        welcome_bytes: welcome.len(),
+        commit_secs: commit_total / reps.max(1) as f64,
+        join_secs,
+    })
+}
+
+/// The hybrid suite qpq speaks against the classical one it spoke before, at `n` members: sizes
+/// of a KeyPackage, a commit and a Welcome, and the time of a commit and a join.
+fn suite_comparison(n: usize, reps: usize) -> anyhow::Result<Vec<Row>> {
+    let pq = suite_cost(CIPHERSUITE, n, reps)?;
+    let classical = suite_cost(CLASSICAL_CIPHERSUITE, n, reps)?;
+    let vs = "classical x25519 suite";
+    let commit_goal = (n == 128).then_some(2.0);
+    let mut commit = Row::new(format!("pq suite commit, {n} members"), ms(pq.commit_secs), "ms").against(
+        vs,
+        Some(ms(classical.commit_secs)),
+        "ms",
+    );
+    if let Some(max) = commit_goal {
+        let met = commit.ratio.is_some_and(|r| r <= max);
+        commit = commit.goal(format!("<= {max}x"), met);
+    }
+    Ok(vec![
+        Row::new("pq suite key package", pq.key_package_bytes as f64, "B").against(
+            vs,
+            Some(classical.key_package_bytes as f64),
+            "B",
+        ),
+        Row::new(format!("pq suite commit, {n} members"), pq.commit_bytes as f64, "B").against(
+            vs,
+            Some(classical.commit_bytes as f64),
+            "B",
+        ),
+        Row::new(format!("pq suite welcome, joining {n} members"), pq.welcome_bytes as f64, "B").against(
+            vs,
+            Some(classical.welcome_bytes as f64),
+            "B",
+        ),
+        commit,
+        Row::new(format!("pq suite welcome join, {n} members"), ms(pq.join_secs), "ms").against(
+            vs,
+            Some(ms(classical.join_secs)),
+            "ms",
+        ),
+    ])
 }
 
 /// Mean seconds of one envelope seal + open of [`ENVELOPE_PAYLOAD_LEN`] bytes.

@@ -25,6 +25,7 @@
 pub mod connections;
 pub mod delivery;
 pub mod echo;
+pub mod kx;
 pub mod mls;
 pub mod transport;
 

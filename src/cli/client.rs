@@ -184,6 +184,11 @@ pub enum GroupCmd {
         #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
     },
+    /// Show a group's size, epoch and MLS ciphersuite
+    Info {
+        #[arg(add = ArgValueCandidates::new(complete::groups))]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -884,6 +889,18 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
                 let kind = if g.direct { "direct" } else { "group" };
                 writeln!(out, "{} ({kind}, {state})", Shown(&g.name))?;
             }
+            Vec::new()
+        }
+        GroupCmd::Info { name } => {
+            let name = name.trim_start_matches('#');
+            let suite = m.group_ciphersuite(name)?;
+            let gid = m.find_group(name)?;
+            if let Some(g) = m.group_list().into_iter().find(|g| g.group_id == gid) {
+                writeln!(out, "{}", Shown(&g.name))?;
+                writeln!(out, "members {}", g.members)?;
+                writeln!(out, "epoch {}", g.epoch)?;
+            }
+            writeln!(out, "ciphersuite {suite}")?;
             Vec::new()
         }
         GroupCmd::Members { name } => {

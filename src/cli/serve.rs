@@ -55,7 +55,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         say(format_args!("certificate fingerprint {}", running.fingerprint()));
         say(format_args!("data dir {}", cfg.data_dir.display()));
         // Logged before the ready line, so that line is the last one a start prints.
-        let kx = crate::transport::key_exchange_groups().join(", ");
+        let policy = if cfg.allow_classical_kx {
+            crate::transport::KeyExchange::AllowClassical
+        } else {
+            crate::transport::KeyExchange::HybridOnly
+        };
+        let kx = crate::transport::key_exchange_groups(policy).join(", ");
         tracing::info!(addr = %running.local_addr(), tls = "1.3", key_exchange = %kx, "serving");
         say(format_args!("listening on {}", running.local_addr()));
         running.wait().await?;

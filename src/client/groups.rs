@@ -260,6 +260,12 @@ impl Messenger {
             .collect())
     }
 
+    /// The MLS ciphersuite of a group, by name and number (`MLS_128_..._Ed25519 (0x004f)`).
+    pub fn group_ciphersuite(&self, name: &str) -> Result<String, ClientError> {
+        let suite = self.mls.ciphersuite(&self.find_group(name)?)?;
+        Ok(format!("{suite:?} ({:#06x})", u16::from(suite)))
+    }
+
     /// The group id of a conversation by its display name (`#team` or a contact/key); a group we
     /// left or were removed from still has its history.
     pub fn conversation_id(&self, target: &str) -> Result<Vec<u8>, ClientError> {

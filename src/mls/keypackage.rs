@@ -26,8 +26,11 @@ pub enum KeyPackageError {
     BadSignature,
     #[error("invalid key package: unsupported protocol version")]
     UnsupportedVersion,
-    #[error("invalid key package: unsupported ciphersuite")]
-    UnsupportedCiphersuite,
+    #[error(
+        "invalid key package: ciphersuite {0:#06x} refused, qpq requires \
+         MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519 (0x004f); the sender's qpq is too old"
+    )]
+    UnsupportedCiphersuite(u16),
     #[error("invalid key package: not a basic credential")]
     NotBasicCredential,
     #[error("invalid key package: credential identity does not match its signature key")]
@@ -117,7 +120,7 @@ pub(super) fn verify_key_package(
         .map(|b| u16::from_be_bytes([b[0], b[1]]))
         .ok_or_else(|| KeyPackageError::Malformed("truncated".into()))?;
     if suite != u16::from(CIPHERSUITE) {
-        return Err(KeyPackageError::UnsupportedCiphersuite);
+        return Err(KeyPackageError::UnsupportedCiphersuite(suite));
     }
     // Kept for the lifetime case below (a few hundred bytes).
     let unverified_copy = unverified.clone();

@@ -63,9 +63,14 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::clock::Clock;
 use crate::limits;
 
-/// The only ciphersuite qpq speaks: X25519 + AES-128-GCM + SHA-256 + Ed25519,
-/// matching the Ed25519 user identities.
-pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// The only ciphersuite qpq speaks (0x004F): HPKE with the hybrid X-Wing KEM (ML-KEM-768 +
+/// X25519, draft-connolly-cfrg-xwing-kem-06) + AES-128-GCM + SHA-256 + Ed25519 signatures
+/// matching the Ed25519 user identities (draft-ietf-mls-pq-ciphersuites). Group secrets thus
+/// rest on ML-KEM and X25519 together; authentication stays classical (Ed25519).
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519;
+
+/// The classical suite qpq spoke before: refused now, kept for `qpq bench mls`'s comparison.
+pub const CLASSICAL_CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 
 /// Past epochs whose message secrets are kept, so an application message
 /// sent just before a commit still decrypts after the commit is merged.
@@ -848,6 +853,11 @@ impl MlsClient {
             .members()
             .map(|m| credential_identity(&m.credential, &m.signature_key).map_err(MlsError::from))
             .collect()
+    }
+
+    /// The group's ciphersuite ([`CIPHERSUITE`] for every group qpq creates or joins).
+    pub fn ciphersuite(&self, group_id: &[u8]) -> Result<Ciphersuite, MlsError> {
+        Ok(self.load_group(group_id)?.ciphersuite())
     }
 
     pub fn epoch(&self, group_id: &[u8]) -> Result<u64, MlsError> {

@@ -436,7 +436,7 @@ fn validate_rejects_convention_and_policy_violations() {
     let own = || BasicCredential::new(c.identity().to_vec()).into();
     let other_suite =
         custom_key_package(&c, Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519, own(), None);
-    assert_eq!(validate_key_package(&other_suite), Err(KeyPackageError::UnsupportedCiphersuite));
+    assert_eq!(validate_key_package(&other_suite), Err(KeyPackageError::UnsupportedCiphersuite(0x0003)));
     let mismatch = custom_key_package(&c, CIPHERSUITE, BasicCredential::new(vec![7; 32]).into(), None);
     assert_eq!(validate_key_package(&mismatch), Err(KeyPackageError::IdentityMismatch));
     assert_eq!(

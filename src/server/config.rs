@@ -84,6 +84,7 @@ pub struct FileConfig {
     pub max_stored_bytes: Option<u64>,
     pub max_buffered_bytes: Option<usize>,
     pub stall_timeout_ms: Option<u64>,
+    pub allow_classical_kx: Option<bool>,
     pub rate_limits: Option<RateLimitsFile>,
 }
 
@@ -117,6 +118,8 @@ pub struct ServerConfig {
     /// How long a connection may leave replies unread, or take over a large frame.
     pub stall_timeout_ms: u64,
     pub rate_limits: RateLimits,
+    /// Accept clients offering only classical X25519 TLS key exchange (default: hybrid only).
+    pub allow_classical_kx: bool,
     /// The server's clock ([`Clock::from_env`] for the binary; tests share one and move it).
     pub clock: Clock,
 }
@@ -139,6 +142,7 @@ impl ServerConfig {
             max_buffered_bytes: limits::DEFAULT_MAX_BUFFERED_BYTES,
             stall_timeout_ms: limits::DEFAULT_STALL_TIMEOUT_MS,
             rate_limits: RateLimits::default(),
+            allow_classical_kx: false,
             clock: Clock::system(),
         }
     }
@@ -235,6 +239,9 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid { name: "stall_timeout_ms", reason: "must be > 0".into() });
             }
             cfg.stall_timeout_ms = v;
+        }
+        if let Some(v) = file.allow_classical_kx {
+            cfg.allow_classical_kx = v;
         }
         if let Some(r) = &file.rate_limits {
             let set = |name: &'static str, given: Option<Rate>, into: &mut Rate| match given {

@@ -294,7 +294,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         (Some(c), Some(k)) => transport::load_identity(c, k)?,
         _ => transport::load_or_generate_identity(&cfg.data_dir)?,
     };
-    let server_cfg = transport::server_config(&identity)?;
+    let kx = if cfg.allow_classical_kx {
+        transport::KeyExchange::AllowClassical
+    } else {
+        transport::KeyExchange::HybridOnly
+    };
+    let server_cfg = transport::server_config_with(&identity, kx)?;
     let store = Store::open_with_clock(
         &cfg.data_dir.join(DB_FILE),
         QueueLimits {
