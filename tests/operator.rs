@@ -54,7 +54,7 @@ fn health_without_a_home_shows_fingerprint_version_uptime_and_key_exchange() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines[0].starts_with("ok version 0.1.0 uptime "), "{lines:?}");
     assert!(lines.contains(&format!("certificate fingerprint {}", server.fingerprint).as_str()), "{lines:?}");
-    assert!(lines.contains(&"tls 1.3 key exchange X25519"), "{lines:?}");
+    assert!(lines.contains(&"tls 1.3 key exchange X25519MLKEM768"), "{lines:?}");
     // An operator's check leaves nothing behind: no identity, no pin.
     assert_eq!(std::fs::read_dir(nohome.path()).unwrap().count(), 0);
     // A given fingerprint is checked.
@@ -73,7 +73,7 @@ fn health_with_a_home_also_shows_the_key_exchange() {
     let alice = User::init(&server, "alice");
     let out = alice.ok(&["health"]);
     assert!(out.starts_with("ok version"), "{out}");
-    assert!(out.contains("tls 1.3 key exchange X25519"), "{out}");
+    assert!(out.contains("tls 1.3 key exchange X25519MLKEM768"), "{out}");
     assert!(out.contains("key packages: "), "{out}");
 }
 
@@ -90,7 +90,7 @@ fn serve_resolves_a_host_name_and_its_ready_line_is_the_last_line_of_the_start()
         seen.push(line);
     };
     assert!(addr.ip().is_loopback(), "{addr}");
-    assert!(seen.iter().any(|l| l.contains("serving") && l.contains("key_exchange=X25519")), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains("serving") && l.contains("key_exchange=X25519MLKEM768")), "{seen:?}");
     // Nothing is printed after the ready line until something happens: the next line is the
     // reaction to SIGTERM.
     terminate(&mut child);
