@@ -90,7 +90,10 @@ fn serve_resolves_a_host_name_and_its_ready_line_is_the_last_line_of_the_start()
         seen.push(line);
     };
     assert!(addr.ip().is_loopback(), "{addr}");
-    assert!(seen.iter().any(|l| l.contains("serving") && l.contains("key_exchange=X25519MLKEM768")), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l.contains("serving") && l.contains("key_exchange=X25519MLKEM768")),
+        "{seen:?}"
+    );
     // Nothing is printed after the ready line until something happens: the next line is the
     // reaction to SIGTERM.
     terminate(&mut child);
