@@ -31,6 +31,11 @@ const MAX_KILL_DELAY_MS: u64 = 300;
 /// round trip, so reaching it means the senders are stuck and the test fails instead of hanging.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Most enqueues one sender makes per server life. Without a bound a fast build fills the
+/// recipient's queue (10,000 messages by default) before the 20 rounds end, and every later
+/// enqueue is refused as `queueFull`, which is the server keeping its limit, not a lost ack.
+const MAX_ENQUEUES_PER_ROUND: usize = 100;
+
 /// What one sender learned: payload numbers the server acknowledged.
 struct SenderLog {
     acked: Vec<u64>,
@@ -50,7 +55,7 @@ fn run_sender(
     recipient: [u8; 32],
     mut generation: watch::Receiver<u64>,
     stop: Arc<AtomicBool>,
-    acks: mpsc::Sender<()>,
+    acks: mpsc::Sender<u64>,
 ) -> SenderLog {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
@@ -58,7 +63,8 @@ fn run_sender(
         let mut log = SenderLog { acked: Vec::new() };
         let mut next = 0u64;
         while !stop.load(Ordering::SeqCst) {
-            generation.borrow_and_update();
+            // The server life this connection belongs to: every ack says which one took it.
+            let life = *generation.borrow_and_update();
             let session = tokio::select! {
                 s = Session::connect(&addr, pin.clone()) => s.ok(),
                 _ = generation.changed() => continue,
@@ -68,7 +74,14 @@ fn run_sender(
                 let _ = generation.changed().await;
                 continue;
             };
+            let mut this_round = 0;
             loop {
+                if this_round == MAX_ENQUEUES_PER_ROUND {
+                    // Enough on this server: wait for the next one (or the stop).
+                    let _ = generation.changed().await;
+                    break;
+                }
+                this_round += 1;
                 let n = next;
                 next += 1;
                 let (body, channel) = (payload(sender, n), [sender as u8; 16]);
@@ -79,7 +92,7 @@ fn run_sender(
                 match sent {
                     Ok(_) => {
                         log.acked.push(n);
-                        let _ = acks.send(());
+                        let _ = acks.send(life);
                     }
                     Err(_) => break,
                 }
@@ -144,10 +157,16 @@ fn acknowledged_enqueues_survive_twenty_sigkills_exactly_once() {
     let mut delays = Vec::new();
     for round in 0..KILLS {
         // Acks from the previous server do not count: this one must have taken an enqueue.
-        while ack_rx.try_recv().is_ok() {}
-        ack_rx.recv_timeout(PROGRESS_TIMEOUT).unwrap_or_else(|e| {
-            panic!("no acknowledged enqueue within {PROGRESS_TIMEOUT:?} in round {round} ({e}); QPQ_CRASH_SEED={seed}")
-        });
+        let deadline = std::time::Instant::now() + PROGRESS_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let life = ack_rx.recv_timeout(left).unwrap_or_else(|e| {
+                panic!("no acknowledged enqueue within {PROGRESS_TIMEOUT:?} in round {round} ({e}); QPQ_CRASH_SEED={seed}")
+            });
+            if life == round as u64 {
+                break;
+            }
+        }
         let delay = rng.gen_range(0..=MAX_KILL_DELAY_MS);
         delays.push(delay);
         std::thread::sleep(Duration::from_millis(delay));
