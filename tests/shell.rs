@@ -427,6 +427,9 @@ fn pty_tab_completes_a_contact_name() {
     p.exp_string("qpq> ").unwrap();
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
+    // The shell sends in the background; if its link was down at the quit, the message waits
+    // in alice's outbox and her next command sends it (this test is about completion).
+    alice.ok(&["recv"]);
     let got = untimed(&bob.ok(&["recv"]));
     assert!(got.lines().any(|l| l.ends_with(": completed")), "{got}");
 }
