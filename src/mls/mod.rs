@@ -569,13 +569,7 @@ impl MlsClient {
     pub fn pending_changes(&self, group_id: &[u8]) -> Result<Changes, MlsError> {
         let group = self.load_group(group_id)?;
         let staged = group.pending_commit().ok_or(MlsError::NoPendingCommit)?;
-        let added = staged
-            .add_proposals()
-            .map(|p| {
-                let leaf = p.add_proposal().key_package().leaf_node();
-                credential_identity(leaf.credential(), leaf.signature_key().as_slice())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let added = added_members(staged)?;
         Ok(Changes { added, ..removals(&group, staged)? })
     }
 
@@ -707,13 +701,7 @@ impl MlsClient {
     ) -> Result<Incoming, MlsError> {
         // Check every leaf the commit would put into the tree before merging;
         // a rejected commit is simply dropped.
-        let added = staged
-            .add_proposals()
-            .map(|p| {
-                let leaf = p.add_proposal().key_package().leaf_node();
-                credential_identity(leaf.credential(), leaf.signature_key().as_slice())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let added = added_members(&staged)?;
         for update in staged.update_proposals() {
             let leaf = update.update_proposal().leaf_node();
             credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
@@ -944,6 +932,18 @@ fn join_config() -> MlsGroupJoinConfig {
 
 /// The identities a staged commit removes (`added` is left empty). A leave
 /// is a Remove proposal whose sender is the member it removes.
+/// The identities a staged commit adds, each checked against its leaf's signature key.
+fn added_members(staged: &StagedCommit) -> Result<Vec<[u8; 32]>, MlsError> {
+    staged
+        .add_proposals()
+        .map(|p| {
+            let leaf = p.add_proposal().key_package().leaf_node();
+            credential_identity(leaf.credential(), leaf.signature_key().as_slice())
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MlsError::from)
+}
+
 fn removals(group: &MlsGroup, staged: &StagedCommit) -> Result<Changes, MlsError> {
     let (mut removed, mut left) = (Vec::new(), Vec::new());
     for p in staged.remove_proposals() {
