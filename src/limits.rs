@@ -146,6 +146,10 @@ pub const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;
 /// stalled client must not hold it for the whole idle timeout).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
+/// Most characters of a server's close reason a client shows: a sentence, not a stranger's
+/// screenful.
+pub const MAX_CLOSE_REASON_CHARS: usize = 200;
+
 /// Default enqueue rate of one connection (`enqueue` and `enqueueBatch`, one token per call):
 /// far above a person typing or a client flushing its outbox, low enough that one connection
 /// cannot keep the writer busy alone. Config: `rate_limits.enqueue_per_connection`.

@@ -9,6 +9,13 @@
 //! Key exchange is the hybrid X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem) on both ends, so
 //! recorded traffic stays confidential against a future quantum computer; a server accepts
 //! classical X25519 too only when its config says `allow_classical_kx`.
+//!
+//! The ALPN id carries the wire protocol version (RFC 7301). A server also accepts the previous
+//! version's id in the handshake, only to close the connection at once with
+//! [`CLOSE_OUTDATED_PROTOCOL`] and a reason naming both versions; a client that meets a server
+//! without its version gets TLS alert no_application_protocol, which QUIC carries as crypto
+//! error 0x178 (RFC 9001 section 4.8). [`version_mismatch`] reads both from the typed quinn
+//! error, never from its text.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -27,7 +34,21 @@ use sha2::{Digest, Sha256};
 use crate::fsutil;
 
 /// ALPN protocol id; the version in it changes with any incompatible wire change.
-pub const ALPN: &[u8] = b"qpq/1";
+pub const ALPN: &[u8] = b"qpq/2";
+
+/// ALPN ids of earlier versions: a server accepts them in the handshake only to close the
+/// connection with [`CLOSE_OUTDATED_PROTOCOL`] and a reason a person can act on.
+pub const OUTDATED_ALPNS: &[&[u8]] = &[b"qpq/1"];
+
+/// The previous version's ALPN id, named in the error a client shows for a server without ours.
+pub const PREVIOUS_ALPN: &[u8] = b"qpq/1";
+
+/// Application close code: the client speaks an outdated protocol version (the reason names
+/// both). Other codes: 0 normal close, 1 no RPC stream or internal error, 2 evicted idle.
+pub const CLOSE_OUTDATED_PROTOCOL: u32 = 3;
+
+/// TLS alert no_application_protocol (RFC 7301 section 3.2).
+const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 
 /// TLS exporter label for the authentication challenge (RFC 8446 section 7.5).
 pub const AUTH_EXPORTER_LABEL: &[u8] = b"EXPORTER-qpq/1 authenticate";
@@ -207,7 +228,8 @@ fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::Tran
     t
 }
 
-/// Server-side QUIC config: TLS 1.3 only, ALPN `qpq/1`, hybrid key exchange only.
+/// Server-side QUIC config: TLS 1.3 only, ALPN `qpq/2` (and the outdated ids, to refuse them
+/// by name), hybrid key exchange only.
 pub fn server_config(id: &ServerIdentity) -> Result<quinn::ServerConfig, TransportError> {
     server_config_with(id, KeyExchange::HybridOnly)
 }
@@ -223,7 +245,9 @@ pub fn server_config_with(
         .with_no_client_auth()
         .with_single_cert(id.chain.clone(), id.key.clone_key())
         .map_err(|e| TransportError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Ours first: rustls picks the first of the server's ids that the client offers.
+    tls.alpn_protocols =
+        std::iter::once(ALPN).chain(OUTDATED_ALPNS.iter().copied()).map(<[u8]>::to_vec).collect();
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -247,6 +271,8 @@ pub enum Pin {
 struct PinVerifier {
     pin: Pin,
     provider: Arc<CryptoProvider>,
+    /// Learns the certificate the server presented, matching the pin or not.
+    recorder: Arc<HandshakeRecorder>,
 }
 
 impl ServerCertVerifier for PinVerifier {
@@ -259,6 +285,7 @@ impl ServerCertVerifier for PinVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = Fingerprint::of(end_entity);
+        *self.recorder.presented.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
         match &self.pin {
             Pin::Fingerprint(want) if *want == seen => Ok(ServerCertVerified::assertion()),
             Pin::Fingerprint(want) => Err(rustls::Error::General(format!(
@@ -299,23 +326,34 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
-/// The key exchange group of a client's handshake. quinn does not expose rustls's negotiated
-/// group, but rustls hands it to the session store once the handshake is complete (as a hint for
-/// the next connection, RFC 8446 section 4.2.7); this store keeps that and resumes nothing (a
-/// qpq client config serves one connection).
+/// What a client's handshake showed: the key exchange group and the server's certificate.
+///
+/// quinn does not expose rustls's negotiated group, but rustls hands it to the session store
+/// once the handshake is complete (as a hint for the next connection, RFC 8446 section 4.2.7);
+/// this store keeps that and resumes nothing (a qpq client config serves one connection). The
+/// certificate comes from the pin verifier, so a refused certificate is known by its
+/// fingerprint, not by parsing an error's text.
 #[derive(Debug, Default)]
-pub struct KeyExchangeRecorder(Mutex<Option<rustls::NamedGroup>>);
+pub struct HandshakeRecorder {
+    group: Mutex<Option<rustls::NamedGroup>>,
+    presented: Mutex<Option<Fingerprint>>,
+}
 
-impl KeyExchangeRecorder {
+impl HandshakeRecorder {
     /// The group (`X25519`, ...) once the handshake completed.
     pub fn group(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).map(|g| format!("{g:?}"))
+        self.group.lock().unwrap_or_else(|p| p.into_inner()).map(|g| format!("{g:?}"))
+    }
+
+    /// The fingerprint of the certificate the server presented, once it did.
+    pub fn presented(&self) -> Option<Fingerprint> {
+        *self.presented.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl ClientSessionStore for KeyExchangeRecorder {
+impl ClientSessionStore for HandshakeRecorder {
     fn set_kx_hint(&self, _: ServerName<'static>, group: rustls::NamedGroup) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(group);
+        *self.group.lock().unwrap_or_else(|p| p.into_inner()) = Some(group);
     }
 
     fn kx_hint(&self, _: &ServerName<'_>) -> Option<rustls::NamedGroup> {
@@ -344,13 +382,14 @@ pub fn client_config(pin: Pin) -> Result<quinn::ClientConfig, TransportError> {
 
 /// [`client_config`] offering the key exchange groups `kx` allows.
 pub fn client_config_with(pin: Pin, kx: KeyExchange) -> Result<quinn::ClientConfig, TransportError> {
-    client_config_recording_with(pin, kx, Arc::new(KeyExchangeRecorder::default()))
+    client_config_recording_with(pin, kx, Arc::new(HandshakeRecorder::default()))
 }
 
-/// [`client_config`] whose handshake tells `recorder` the key exchange group it used.
+/// [`client_config`] whose handshake tells `recorder` the key exchange group it used and the
+/// certificate the server presented.
 pub fn client_config_recording(
     pin: Pin,
-    recorder: Arc<KeyExchangeRecorder>,
+    recorder: Arc<HandshakeRecorder>,
 ) -> Result<quinn::ClientConfig, TransportError> {
     client_config_recording_with(pin, KeyExchange::HybridOnly, recorder)
 }
@@ -358,10 +397,10 @@ pub fn client_config_recording(
 fn client_config_recording_with(
     pin: Pin,
     kx: KeyExchange,
-    recorder: Arc<KeyExchangeRecorder>,
+    recorder: Arc<HandshakeRecorder>,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let provider = provider_for(kx);
-    let verifier = Arc::new(PinVerifier { pin, provider: provider.clone() });
+    let verifier = Arc::new(PinVerifier { pin, provider: provider.clone(), recorder: recorder.clone() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
@@ -377,6 +416,55 @@ fn client_config_recording_with(
     // mean the server is gone, so a crashed server is noticed quickly (the shell reconnects).
     cfg.transport_config(Arc::new(transport_config(Some(Duration::from_secs(3)), Duration::from_secs(10))));
     Ok(cfg)
+}
+
+/// The ALPN id a finished handshake negotiated (`qpq/2`), from either end's view.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+/// An ALPN id as text for people and logs (`qpq/2`).
+pub fn alpn_name(alpn: &[u8]) -> String {
+    crate::text::shown(&String::from_utf8_lossy(alpn))
+}
+
+/// The close reason a server sends a client whose protocol `client_alpn` is outdated.
+pub fn outdated_protocol_reason(client_alpn: &[u8]) -> String {
+    format!(
+        "this server speaks {}; your client speaks {}: upgrade qpq",
+        alpn_name(ALPN),
+        alpn_name(client_alpn)
+    )
+}
+
+/// Why a connection failed for want of a common protocol version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionMismatch {
+    /// The server has none of the client's ALPN ids (TLS alert no_application_protocol): to a
+    /// qpq client, an older server.
+    NoCommonProtocol,
+    /// The server closed with [`CLOSE_OUTDATED_PROTOCOL`]: a newer server; its reason, for
+    /// people.
+    ClientOutdated { reason: String },
+}
+
+/// Reads a version mismatch from a connection error by its codes (the text is only shown).
+pub fn version_mismatch(e: &quinn::ConnectionError) -> Option<VersionMismatch> {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL) =>
+        {
+            Some(VersionMismatch::NoCommonProtocol)
+        }
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_OUTDATED_PROTOCOL) =>
+        {
+            let reason = String::from_utf8_lossy(&close.reason);
+            let reason: String = reason.chars().take(crate::limits::MAX_CLOSE_REASON_CHARS).collect();
+            Some(VersionMismatch::ClientOutdated { reason: crate::text::shown(&reason) })
+        }
+        _ => None,
+    }
 }
 
 /// The 32-byte authentication challenge of this connection (both ends compute the same value).

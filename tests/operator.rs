@@ -54,6 +54,7 @@ fn health_without_a_home_shows_fingerprint_version_uptime_and_key_exchange() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines[0].starts_with("ok version 0.1.0 uptime "), "{lines:?}");
     assert!(lines.contains(&format!("certificate fingerprint {}", server.fingerprint).as_str()), "{lines:?}");
+    assert!(lines.contains(&"protocol qpq/2"), "{lines:?}");
     assert!(lines.contains(&"tls 1.3 key exchange X25519MLKEM768"), "{lines:?}");
     // An operator's check leaves nothing behind: no identity, no pin.
     assert_eq!(std::fs::read_dir(nohome.path()).unwrap().count(), 0);

@@ -735,12 +735,13 @@ pub async fn run_verb(
 }
 
 /// The lines of `health` every caller prints: status, version and uptime first (scripts match
-/// `ok version`), then what the connection showed: certificate and key exchange.
+/// `ok version`), then what the connection showed: certificate, wire protocol, key exchange.
 fn write_health(out: &mut dyn Write, server: &str, session: &Session, h: &Health) -> std::io::Result<()> {
     // The server's words are a stranger's too.
     let (status, version) = (Shown(&h.status), Shown(&h.version));
     writeln!(out, "{status} version {version} uptime {}s server {server}", h.uptime_secs)?;
     writeln!(out, "certificate fingerprint {}", session.fingerprint())?;
+    writeln!(out, "protocol {}", session.protocol().unwrap_or_else(|| "unknown".into()))?;
     let kx = session.key_exchange_group().unwrap_or_else(|| "unknown".into());
     writeln!(out, "tls 1.3 key exchange {kx}")
 }

@@ -50,6 +50,14 @@ pub enum SessionError {
         "server certificate changed: pinned {pinned}, server presented {presented} (if the operator really replaced it, re-pin with `qpq server pin {presented}`)"
     )]
     CertificateChanged { pinned: Fingerprint, presented: Fingerprint },
+    #[error(
+        "server {addr} does not speak {ours} (it offered no protocol this client speaks; an older server speaks {previous}): the server needs an upgraded qpq"
+    )]
+    ServerOutdated { addr: String, ours: String, previous: String },
+    /// A newer server closed the connection because this client is outdated; `reason` is the
+    /// server's text, which names both versions.
+    #[error("server {addr} refused this client's protocol {ours}: {reason}")]
+    ClientOutdated { addr: String, ours: String, reason: String },
     /// The server answered with an error: its code (branch on this) and text.
     #[error("server error: {0}")]
     Rpc(WireError),
@@ -180,7 +188,7 @@ pub struct Session {
     instance: u64,
     rpc_task: tokio::task::JoinHandle<()>,
     /// Learns the TLS key exchange group when the handshake completes.
-    kx: Arc<transport::KeyExchangeRecorder>,
+    kx: Arc<transport::HandshakeRecorder>,
 }
 
 /// Resolves `HOST:PORT` (names via the system resolver, IP literals directly).
@@ -202,7 +210,7 @@ impl Session {
             Pin::FirstUse(slot) => slot.clone(),
             Pin::Fingerprint(_) => Arc::new(Mutex::new(None)),
         };
-        let kx = Arc::new(transport::KeyExchangeRecorder::default());
+        let kx = Arc::new(transport::HandshakeRecorder::default());
         let endpoint =
             transport::client_endpoint(addr, transport::client_config_recording(pin.clone(), kx.clone())?)
                 .map_err(|e| connect_err(e.to_string()))?;
@@ -210,16 +218,7 @@ impl Session {
             endpoint.connect(addr, transport::SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Err(_) => return Err(connect_err("timed out".into())),
-            Ok(Err(e)) => {
-                let msg = e.to_string();
-                if let (Pin::Fingerprint(pinned), Some(i)) = (&pin, msg.find("server presented "))
-                    && let Ok(presented) =
-                        Fingerprint::parse(msg[i + 17..].split_whitespace().next().unwrap_or(""))
-                {
-                    return Err(SessionError::CertificateChanged { pinned: *pinned, presented });
-                }
-                return Err(connect_err(msg));
-            }
+            Ok(Err(e)) => return Err(handshake_error(server, &pin, &kx, &e)),
             Ok(Ok(c)) => c,
         };
         let fingerprint = match &pin {
@@ -229,7 +228,7 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner())
                 .ok_or_else(|| connect_err("no server certificate seen".into()))?,
         };
-        let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| handshake_error(server, &pin, &kx, &e))?;
         let mut opts = capnp::message::ReaderOptions::new();
         opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
         let network = twoparty::VatNetwork::new(
@@ -246,6 +245,11 @@ impl Session {
             }
         });
         Ok(Session { endpoint, conn, node, account: None, fingerprint, instance: 0, rpc_task, kx })
+    }
+
+    /// The wire protocol negotiated on this connection (`qpq/2`).
+    pub fn protocol(&self) -> Option<String> {
+        transport::negotiated_alpn(&self.conn).map(|p| transport::alpn_name(&p))
     }
 
     /// The TLS key exchange group negotiated on this connection (`X25519`, ...).
@@ -480,6 +484,40 @@ impl Session {
         // timeout anyway. A short bounded wait keeps one-shot commands fast.
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
+}
+
+/// The error for a connection that failed during or right after its handshake, told apart by
+/// the typed quinn error and what the handshake recorded, never by the error's text.
+fn handshake_error(
+    server: &str,
+    pin: &Pin,
+    seen: &transport::HandshakeRecorder,
+    e: &quinn::ConnectionError,
+) -> SessionError {
+    let addr = server.to_string();
+    match transport::version_mismatch(e) {
+        Some(transport::VersionMismatch::NoCommonProtocol) => {
+            return SessionError::ServerOutdated {
+                addr,
+                ours: transport::alpn_name(transport::ALPN),
+                previous: transport::alpn_name(transport::PREVIOUS_ALPN),
+            };
+        }
+        Some(transport::VersionMismatch::ClientOutdated { reason }) => {
+            return SessionError::ClientOutdated {
+                addr,
+                ours: transport::alpn_name(transport::ALPN),
+                reason,
+            };
+        }
+        None => {}
+    }
+    if let (Pin::Fingerprint(pinned), Some(presented)) = (pin, seen.presented())
+        && presented != *pinned
+    {
+        return SessionError::CertificateChanged { pinned: *pinned, presented };
+    }
+    SessionError::Connect { addr, reason: e.to_string() }
 }
 
 fn read_messages(

@@ -487,6 +487,15 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, slot: 
             return;
         }
     };
+    let alpn = transport::negotiated_alpn(&conn).unwrap_or_default();
+    if alpn != transport::ALPN {
+        // An outdated client (the handshake accepts only our id and the outdated ones): tell it
+        // why in the close reason instead of failing the handshake without a word.
+        tracing::debug!(client_protocol = %transport::alpn_name(&alpn), "refused an outdated client");
+        let reason = transport::outdated_protocol_reason(&alpn);
+        conn.close(transport::CLOSE_OUTDATED_PROTOCOL.into(), reason.as_bytes());
+        return;
+    }
     tracing::debug!("connected");
     let streams = tokio::select! {
         s = tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.accept_bi()) => s,
