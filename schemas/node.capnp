@@ -1,4 +1,22 @@
-# qpq wire contract, protocol `qpq/1` (the QUIC ALPN carries the version).
+# qpq wire contract, protocol version 2: ALPN `qpq/2` (the QUIC ALPN carries the version; any
+# incompatible change to this file changes it). A server accepts ALPN `qpq/1` in the handshake
+# only to close the connection with application code 3 and the reason "this server speaks
+# qpq/2; your client speaks qpq/1: upgrade qpq". A server without `qpq/2` fails the handshake
+# with TLS alert no_application_protocol (QUIC crypto error 0x178), which a client reports as
+# an older server.
+#
+# What protects what:
+#   TLS 1.3        key exchange X25519MLKEM768 (hybrid, post-quantum); the server authenticates
+#                  with its certificate, which clients pin (sha256 fingerprint). Protects all of
+#                  this RPC traffic, metadata included, from the network.
+#   MLS            suite 0x004f, MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519 (X-Wing HPKE,
+#                  post-quantum): group secrets and every group message (application messages,
+#                  commits, proposals), end to end. Signatures are Ed25519.
+#   envelope       X-Wing + HKDF-SHA256 + ChaCha20-Poly1305 (envelope version 3), sealed to the
+#                  recipient's identity-signed hybrid key: Welcomes and, where used, direct
+#                  messages (frames that carry what MLS does not cover, like a group's name).
+#   the server     sees recipient keys, channel ids, sizes, times and network addresses; never
+#                  plaintext, group keys or the sender of a message (see README, Security model).
 #
 # One bidirectional QUIC stream per connection carries Cap'n Proto RPC (two-party, the client is
 # the Client side). The bootstrap capability is a NodeService. It is two logical services:
@@ -102,7 +120,7 @@ interface Account {
   uploadKeyPackages @1 (keyPackages :List(Data), lastResort :Data) -> (count :UInt32);
   # AS. Each package is parsed as an MLS KeyPackage (RFC 9420), its signature verified, its
   # credential must be a BasicCredential whose identity is this account's key (which must also be
-  # its signature key), and its ciphersuite must be MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+  # its signature key), and its ciphersuite must be MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519.
   # keyPackages must not carry the last_resort extension; lastResort (optional, empty for none)
   # must, and replaces the stored last-resort package. All-or-nothing and durable. count is the
   # number of single-use packages stored afterwards; the pool is capped ("key package pool full").

@@ -50,6 +50,11 @@ pub const CLOSE_OUTDATED_PROTOCOL: u32 = 3;
 /// TLS alert no_application_protocol (RFC 7301 section 3.2).
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 
+// The two labels below keep their "qpq/1" from the first version: they separate the
+// authentication signature from every other use of an identity key, and the ALPN already
+// keeps versions apart (the exporter differs on every connection), so a new spelling would
+// buy nothing.
+
 /// TLS exporter label for the authentication challenge (RFC 8446 section 7.5).
 pub const AUTH_EXPORTER_LABEL: &[u8] = b"EXPORTER-qpq/1 authenticate";
 

@@ -1,7 +1,7 @@
 //! The raw quinn echo the references are measured with.
 //!
 //! Same QUIC/TLS setup as `qpq serve` ([`transport::server_config`] / [`transport::client_config`]:
-//! TLS 1.3, ALPN `qpq/1`, one bidirectional stream per connection) and the same traffic shape as
+//! TLS 1.3, ALPN `qpq/2`, one bidirectional stream per connection) and the same traffic shape as
 //! the RPC: length-prefixed frames (`len: u32 BE ‖ payload`) pipelined on that one stream, echoed
 //! back verbatim. Whatever qpq adds on top (Cap'n Proto, the NodeService, the store) is what a
 //! ratio against it shows.

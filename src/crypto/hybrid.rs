@@ -16,7 +16,7 @@
 //!
 //!   ```text
 //!   (xwing_ct, ss) = X-Wing.Encaps(recipient_pk)
-//!   info = "qpq/1 envelope" || version || suite || recipient_identity (32)
+//!   info = "qpq/2 envelope" || version || suite || recipient_identity (32)
 //!          || SHA-256(recipient_pk)
 //!   okm  = HKDF-SHA256(salt = "", ikm = ss, info, L = 44)
 //!   key  = okm[0..32], nonce = okm[32..44]
@@ -37,10 +37,14 @@
 //! # Wire format
 //!
 //! ```text
-//! version (1) = 2 || suite (1) || key_id (4) || X-Wing ciphertext (1120) || AEAD ciphertext || tag (16)
+//! version (1) = 3 || suite (1) || key_id (4) || X-Wing ciphertext (1120) || AEAD ciphertext || tag (16)
 //! ```
 //!
-//! The overhead is [`ENVELOPE_OVERHEAD`] = 1142 bytes. (Version 1 had no key id; it is refused.)
+//! The overhead is [`ENVELOPE_OVERHEAD`] = 1142 bytes. Version 3 is the envelope of wire
+//! protocol `qpq/2`: the layout of version 2 with the KDF label "qpq/2 envelope" (was "qpq/1
+//! envelope"), so no key of a `qpq/1` envelope can ever open as a `qpq/2` one, whose frames mean
+//! other things. Versions 1 (no key id) and 2 (`qpq/1`) are refused by name
+//! ([`HybridError::RetiredVersion`]), not as a failed decryption.
 //!
 //! # Authenticity of hybrid keys
 //!
@@ -69,7 +73,9 @@ pub const HYBRID_SEED_LEN: usize = 32;
 /// Length of an Ed25519 signature over [`hybrid_key_signing_bytes`].
 pub const HYBRID_KEY_SIGNATURE_LEN: usize = 64;
 /// Current envelope format version (first wire byte).
-pub const ENVELOPE_VERSION: u8 = 2;
+pub const ENVELOPE_VERSION: u8 = 3;
+/// Envelope versions of earlier qpq releases, refused by name.
+pub const RETIRED_ENVELOPE_VERSIONS: &[u8] = &[1, 2];
 /// Bytes of the recipient key id in the envelope header.
 pub const KEY_ID_LEN: usize = 4;
 /// X-Wing + HKDF-SHA256 + ChaCha20-Poly1305 (second wire byte).
@@ -84,7 +90,7 @@ pub const ENVELOPE_OVERHEAD: usize = HEADER_LEN + XWING_CIPHERTEXT_LEN + TAG_LEN
 /// Domain separation for the identity's signature over its hybrid key.
 const HYBRID_KEY_SIGNING_LABEL: &[u8] = b"qpq/1 hybrid-key";
 /// Domain separation for the envelope key schedule (HKDF info prefix).
-const ENVELOPE_KDF_LABEL: &[u8] = b"qpq/1 envelope";
+const ENVELOPE_KDF_LABEL: &[u8] = b"qpq/2 envelope";
 
 const HEADER_LEN: usize = 2 + KEY_ID_LEN;
 const TAG_LEN: usize = 16;
@@ -117,6 +123,8 @@ pub enum HybridError {
     EnvelopeTooShort { len: usize, min: usize },
     #[error("unsupported envelope version {0}")]
     UnsupportedVersion(u8),
+    #[error("envelope version {0} is no longer supported: it was sealed by an older qpq (before qpq/2)")]
+    RetiredVersion(u8),
     #[error("unsupported envelope suite {0}")]
     UnsupportedSuite(u8),
     #[error("envelope does not decrypt")]
@@ -332,14 +340,17 @@ pub fn seal(recipient_identity: &[u8; 32], recipient: &HybridPublicKey, plaintex
 ///
 /// # Errors
 ///
-/// [`HybridError::EnvelopeTooShort`], [`HybridError::UnsupportedVersion`],
-/// [`HybridError::UnsupportedSuite`], or [`HybridError::DecryptionFailed`] for anything that
+/// [`HybridError::EnvelopeTooShort`], [`HybridError::RetiredVersion`],
+/// [`HybridError::UnsupportedVersion`], [`HybridError::UnsupportedSuite`], or [`HybridError::DecryptionFailed`] for anything that
 /// was not sealed to this identity and key or was modified in transit.
 pub fn open(own_identity: &[u8; 32], own: &HybridSecretKey, envelope: &[u8]) -> Result<Vec<u8>, HybridError> {
     // Version and suite first, so a future format with other sizes gets a precise error.
     let [version, suite, ..] = *envelope else {
         return Err(HybridError::EnvelopeTooShort { len: envelope.len(), min: ENVELOPE_OVERHEAD });
     };
+    if RETIRED_ENVELOPE_VERSIONS.contains(&version) {
+        return Err(HybridError::RetiredVersion(version));
+    }
     if version != ENVELOPE_VERSION {
         return Err(HybridError::UnsupportedVersion(version));
     }
@@ -459,10 +470,10 @@ mod tests {
     // Both digests were generated once and cross-checked against an independent
     // implementation of the key schedule (Python pyca/cryptography HKDF, ChaCha20-Poly1305 and
     // Ed25519 fed the X-Wing ct/ss for the same seed and eseed; both again when the signature
-    // gained the creation time and the envelope (version 2) the key id). A change here is a
-    // wire break.
+    // gained the creation time and the envelope (version 2) the key id, and for version 3 with
+    // its "qpq/2 envelope" label). A change here is a wire break.
     /// SHA-256 of the envelope for `kat_secret`, `kat_eseed`, `KAT_IDENTITY`, `KAT_PLAINTEXT`.
-    const ENVELOPE_KAT_SHA256: &str = "b5a5fd219c46d50804ac5a12418ca95214f3e2746829db1f4f5fe72b27d7332f";
+    const ENVELOPE_KAT_SHA256: &str = "45f02653615c5082a3ebaaa82c19926fdf84391dca0fae77af417b6eccca0e9c";
     /// SHA-256 of the signature by identity seed [7; 32] over `kat_secret`'s public key, created
     /// at `KAT_CREATED_AT_MS`.
     const SIGNATURE_KAT_SHA256: &str = "c4336d466adb9dfd7e71cffe840a6654587048e4f9155f17bc143bb32aec15f2";
@@ -590,7 +601,8 @@ mod tests {
             let mut bad = env.clone();
             bad[i] ^= 0x01;
             let expected = match i {
-                0 => HybridError::UnsupportedVersion(ENVELOPE_VERSION ^ 1),
+                // 3 ^ 1 = 2: qpq/1's envelope version.
+                0 => HybridError::RetiredVersion(ENVELOPE_VERSION ^ 1),
                 1 => HybridError::UnsupportedSuite(SUITE_XWING_HKDFSHA256_CHACHA20POLY1305 ^ 1),
                 2..HEADER_LEN => HybridError::OtherKey,
                 _ => HybridError::DecryptionFailed,
@@ -624,6 +636,25 @@ mod tests {
             HybridError::EnvelopeTooShort { len: 5, min: 1142 }.to_string(),
             "envelope too short: 5 < 1142 bytes"
         );
+    }
+
+    #[test]
+    fn a_qpq1_envelope_is_refused_by_its_version() {
+        let sk = kat_secret();
+        let mut env = seal(&KAT_IDENTITY, &sk.public_key(), b"payload");
+        for old in [2, 1] {
+            env[0] = old;
+            let err = open(&KAT_IDENTITY, &sk, &env).unwrap_err();
+            assert_eq!(err, HybridError::RetiredVersion(old));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "envelope version {old} is no longer supported: it was sealed by an older qpq (before qpq/2)"
+                )
+            );
+        }
+        // Even a header alone is refused by its version.
+        assert_eq!(open(&KAT_IDENTITY, &sk, &[2, 1]), Err(HybridError::RetiredVersion(2)));
     }
 
     #[test]
