@@ -1,9 +1,9 @@
 # qpq wire contract, protocol version 2: ALPN `qpq/2` (the QUIC ALPN carries the version; any
 # incompatible change to this file changes it). A server accepts ALPN `qpq/1` in the handshake
-# only to close the connection with application code 3 and the reason "this server speaks
-# qpq/2; your client speaks qpq/1: upgrade qpq". A server without `qpq/2` fails the handshake
-# with TLS alert no_application_protocol (QUIC crypto error 0x178), which a client reports as
-# an older server.
+# only to answer every NodeService call with "badRequest: this server speaks qpq/2; your client
+# speaks qpq/1: upgrade qpq" and then close the connection with application code 3 and that
+# reason. A server without `qpq/2` fails the handshake with TLS alert no_application_protocol
+# (QUIC crypto error 0x178), which a client reports as an older server.
 #
 # What protects what:
 #   TLS 1.3        key exchange X25519MLKEM768 (hybrid, post-quantum); the server authenticates

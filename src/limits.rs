@@ -150,6 +150,17 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// screenful.
 pub const MAX_CLOSE_REASON_CHARS: usize = 200;
 
+/// Longest a server talks to a client of an outdated protocol version: long enough for it to
+/// make its first call and read the upgrade message, short enough that it holds no slot.
+pub const OUTDATED_CLIENT_SECS: u64 = 10;
+
+/// Most bytes a server reads from a client of an outdated protocol version: a few calls.
+pub const OUTDATED_CLIENT_MAX_READ_BYTES: u64 = 64 * 1024;
+
+/// Largest RPC message (in 8-byte words) read from such a client; its calls carry nothing the
+/// server reads.
+pub const OUTDATED_CLIENT_MAX_MESSAGE_WORDS: usize = 8 * 1024;
+
 /// Default enqueue rate of one connection (`enqueue` and `enqueueBatch`, one token per call):
 /// far above a person typing or a client flushing its outbox, low enough that one connection
 /// cannot keep the writer busy alone. Config: `rate_limits.enqueue_per_connection`.

@@ -11,8 +11,8 @@
 //! classical X25519 too only when its config says `allow_classical_kx`.
 //!
 //! The ALPN id carries the wire protocol version (RFC 7301). A server also accepts the previous
-//! version's id in the handshake, only to close the connection at once with
-//! [`CLOSE_OUTDATED_PROTOCOL`] and a reason naming both versions; a client that meets a server
+//! version's id in the handshake, only to tell that client to upgrade (`server::outdated`) and
+//! close with [`CLOSE_OUTDATED_PROTOCOL`] and a reason naming both versions; a client that meets a server
 //! without its version gets TLS alert no_application_protocol, which QUIC carries as crypto
 //! error 0x178 (RFC 9001 section 4.8). [`version_mismatch`] reads both from the typed quinn
 //! error, never from its text.
@@ -36,8 +36,8 @@ use crate::fsutil;
 /// ALPN protocol id; the version in it changes with any incompatible wire change.
 pub const ALPN: &[u8] = b"qpq/2";
 
-/// ALPN ids of earlier versions: a server accepts them in the handshake only to close the
-/// connection with [`CLOSE_OUTDATED_PROTOCOL`] and a reason a person can act on.
+/// ALPN ids of earlier versions: a server accepts them in the handshake only to tell the client
+/// to upgrade, then close with [`CLOSE_OUTDATED_PROTOCOL`] and a reason a person can act on.
 pub const OUTDATED_ALPNS: &[&[u8]] = &[b"qpq/1"];
 
 /// The previous version's ALPN id, named in the error a client shows for a server without ours.

@@ -1,14 +1,19 @@
 //! Wire protocol versions (issue 11 item 4): both ends negotiate ALPN `qpq/2`; a `qpq/1` client
-//! is closed with a reason naming both versions; a `qpq/2` client meeting a `qpq/1` server gets
-//! an error naming both, read from the typed TLS alert, not from text.
+//! gets an RPC error naming both versions, then a close with code 3 and the same reason; a
+//! `qpq/2` client meeting a `qpq/1` server gets an error naming both, read from the typed TLS
+//! alert, not from text.
 
 mod common;
 
 use std::sync::Arc;
 
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
 use common::{local, start_server, tofu};
 use qpq::client::session::{Session, SessionError};
+use qpq::proto::node_capnp::node_service;
+use qpq::proto::wire_error::ErrorCode;
 use qpq::transport::{self, VersionMismatch};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 /// A raw quinn client config offering only `alpn`, trusting any certificate, with qpq's own
 /// (hybrid) key exchange: what an older qpq client sends.
@@ -75,35 +80,64 @@ async fn client_and_server_negotiate_qpq2() {
     server.shutdown().await.unwrap();
 }
 
+const UPGRADE: &str = "this server speaks qpq/2; your client speaks qpq/1: upgrade qpq";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qpq1_client_is_closed_with_a_reason_naming_both_versions() {
+async fn a_qpq1_client_is_told_both_versions_then_closed() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     let ep = transport::client_endpoint(server.local_addr(), client_offering(b"qpq/1")).unwrap();
-    // The handshake completes on qpq/1 (so the reason can reach the client), then the server
-    // closes the connection.
+    // The handshake completes on qpq/1, so the server can say why it will not serve.
     let conn = ep.connect(server.local_addr(), transport::SERVER_NAME).unwrap().await.expect("handshake");
     assert_eq!(transport::negotiated_alpn(&conn).as_deref(), Some(&b"qpq/1"[..]));
+    // What a qpq/1 client does first (the NodeService of qpq/1 has the same methods): its
+    // call fails with text it prints, naming both versions.
+    let failed = local(async {
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(recv.compat()),
+            futures::io::BufWriter::new(send.compat_write()),
+            rpc_twoparty_capnp::Side::Client,
+            Default::default(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let node: node_service::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let rpc_task = tokio::task::spawn_local(rpc);
+        let failed = node.health_request().send().promise.await.map(drop).expect_err("refused");
+        drop(node);
+        rpc_task.abort();
+        failed
+    })
+    .await;
+    let seen = SessionError::from(failed);
+    assert_eq!(seen.to_string(), format!("server error: {UPGRADE}"), "as a qpq/1 client prints it");
+    assert_eq!(seen.code(), Some(ErrorCode::BadRequest));
+    // Then the server closes the connection with code 3 and the same reason.
     let closed = conn.closed().await;
     match &closed {
         quinn::ConnectionError::ApplicationClosed(close) => {
             assert_eq!(close.error_code, quinn::VarInt::from_u32(transport::CLOSE_OUTDATED_PROTOCOL));
-            assert_eq!(&close.reason[..], b"this server speaks qpq/2; your client speaks qpq/1: upgrade qpq");
+            assert_eq!(&close.reason[..], UPGRADE.as_bytes());
         }
         other => panic!("expected an application close, got {other:?}"),
     }
     // The typed reading a qpq client does of the same close.
     assert_eq!(
         transport::version_mismatch(&closed),
-        Some(VersionMismatch::ClientOutdated {
-            reason: "this server speaks qpq/2; your client speaks qpq/1: upgrade qpq".into()
-        })
+        Some(VersionMismatch::ClientOutdated { reason: UPGRADE.into() })
     );
     // An unknown protocol gets no handshake at all.
     let ep = transport::client_endpoint(server.local_addr(), client_offering(b"qpq/0")).unwrap();
     let refused = ep.connect(server.local_addr(), transport::SERVER_NAME).unwrap().await;
     let err = refused.expect_err("qpq/0 is no protocol of this server");
     assert_eq!(transport::version_mismatch(&err), Some(VersionMismatch::NoCommonProtocol), "{err}");
+    // Other clients are served as ever.
+    local(async {
+        let s = common::connect(&server).await;
+        assert_eq!(s.health().await.unwrap().status, "ok");
+        s.close().await;
+    })
+    .await;
     server.shutdown().await.unwrap();
 }
 

@@ -14,7 +14,9 @@
 //!   Every error goes out with a wire code from `schemas/node.capnp`
 //!   ([`crate::proto::wire_error`]).
 //! - Each connection carries one bidirectional stream for RPC; its bootstrap object is a
-//!   [`rpc::NodeServiceImpl`] that knows the connection's TLS-exported auth challenge.
+//!   [`rpc::NodeServiceImpl`] that knows the connection's TLS-exported auth challenge. A client
+//!   of an outdated protocol version (ALPN `qpq/1`) gets [`outdated`] instead: an error naming
+//!   both versions for each call, then a close.
 //! - What peers make the server buffer is bounded by one [`memory::MemoryBudget`]: large frames
 //!   are read through a [`framegate::FrameGate`] that holds their size first, and every
 //!   outgoing message counts until written ([`vat::MeteredNetwork`], one `spawn_local` task per
@@ -32,6 +34,7 @@ pub mod admission;
 pub mod config;
 pub mod framegate;
 pub mod memory;
+pub mod outdated;
 pub mod ratelimit;
 pub mod rpc;
 pub mod vat;
@@ -490,10 +493,9 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, slot: 
     let alpn = transport::negotiated_alpn(&conn).unwrap_or_default();
     if alpn != transport::ALPN {
         // An outdated client (the handshake accepts only our id and the outdated ones): tell it
-        // why in the close reason instead of failing the handshake without a word.
-        tracing::debug!(client_protocol = %transport::alpn_name(&alpn), "refused an outdated client");
-        let reason = transport::outdated_protocol_reason(&alpn);
-        conn.close(transport::CLOSE_OUTDATED_PROTOCOL.into(), reason.as_bytes());
+        // to upgrade instead of failing the handshake without a word.
+        tracing::debug!(client_protocol = %transport::alpn_name(&alpn), "refusing an outdated client");
+        outdated::refuse(conn, &alpn, shared.shutdown.clone()).await;
         return;
     }
     tracing::debug!("connected");
