@@ -187,7 +187,7 @@ pub struct Session {
     /// The server database's id, learned at authentication (0 before).
     instance: u64,
     rpc_task: tokio::task::JoinHandle<()>,
-    /// Learns the TLS key exchange group when the handshake completes.
+    /// Learns the TLS key exchange group and the presented certificate during the handshake.
     kx: Arc<transport::HandshakeRecorder>,
 }
 
