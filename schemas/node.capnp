@@ -92,6 +92,31 @@ interface NodeService {
     recipientKey @0 :Data;
     payload @1 :Data;
   }
+
+  enqueueFanout @6 (channelId :Data, payload :Data, recipients :List(Data)) -> (channelSeq :UInt64, seqs :List(UInt64));
+  # DS, no authentication. Enqueues ONE payload for every key in recipients, in one atomic,
+  # durable transaction (all or none), with one channelSeq as in enqueueBatch; seqs[i] is
+  # recipients[i]'s per-recipient sequence number. Each recipient fetches an ordinary Message
+  # carrying the payload. This is how a group's MLS messages travel: they are sealed once by MLS
+  # (a post-quantum suite) and cost the sender one upload, not one per member.
+  # The server stores the payload once, with a small index entry per recipient (under 64 bytes),
+  # and deletes it when the last recipient has acked it or when it expires (the same TTL as any
+  # message; all its entries expire together).
+  # Limits and charges:
+  #   - payload: 1 byte up to the server's max payload (256 KiB by default), else "tooLarge";
+  #   - recipients: 1 to 10000 keys of 32 bytes, each at most once; an empty list, a duplicate
+  #     ("duplicate recipient: item 3 repeats item 0") or a malformed key is "badRequest", too
+  #     many is "tooLarge";
+  #   - each recipient's queue is charged the whole payload (its view: what it will fetch)
+  #     against its message and byte caps, else "queueFull" (nothing is stored for anyone);
+  #   - the server's storage quota is charged the payload once plus 48 bytes per recipient (its
+  #     real cost), else "overQuota" (retry hint); so one call can never cost the server more
+  #     than payload + 48 bytes x recipients;
+  #   - one token of the enqueue rate, shared with enqueue and enqueueBatch ("rateLimited").
+  # What the server learns is what it routes: the recipient keys, the channel id, the time and
+  # the size, and that these recipients got the same payload (they share a group). The payload
+  # is an MLS PrivateMessage: its group id, epoch and content type are in the clear (RFC 9420
+  # section 6.3); sender and content are not.
 }
 
 interface Account {
