@@ -6,6 +6,13 @@
 #   Authentication Service (AS): single-use MLS KeyPackages and identity-signed hybrid public keys
 #   Delivery Service (DS):       store-and-forward queues of opaque ciphertext per recipient key
 #
+# What protects what: TLS (X25519MLKEM768) hides everything below from the network. A group's MLS
+# messages (application messages, commits, proposals) are sealed once by MLS with a post-quantum
+# suite and enqueued once for all members (enqueueFanout); Welcomes, whose frame carries the
+# group's name and inviter outside MLS, are each sealed for their recipient with an X-Wing
+# envelope (enqueue, enqueueBatch). The client marks which is which in the payload's first byte;
+# the server does not look.
+#
 # Identities are raw 32-byte Ed25519 public keys. The server never sees plaintext or group keys.
 # Every method that acts on "my" data lives on `Account`, which only `authenticate` hands out, so
 # no method can act on a key the connection has not proven it holds.
@@ -77,8 +84,8 @@ interface NodeService {
   # in that channel's total order (0 when channelId is empty). Fails with "queue full: ..." when
   # the recipient's queue is at its message or byte cap, "overQuota: ..." when the server's total
   # storage quota is used up, and "rateLimited: ..." when this connection or its source address
-  # (IPv4, or IPv6 /64) sends faster than the server's enqueue rate (enqueue and enqueueBatch
-  # share that budget, one token per call).
+  # (IPv4, or IPv6 /64) sends faster than the server's enqueue rate (enqueue, enqueueBatch
+  # and enqueueFanout share that budget, one token per call).
 
   enqueueBatch @5 (channelId :Data, items :List(Delivery)) -> (channelSeq :UInt64, seqs :List(UInt64));
   # DS, no authentication. Enqueues each item to its own recipient in ONE atomic, durable

@@ -718,6 +718,11 @@ impl Messenger {
         Ok(channel_seq)
     }
 
+    /// UDP bytes this messenger's open connections have sent (for `qpq bench`).
+    pub(crate) fn bytes_sent(&self) -> u64 {
+        self.session.iter().chain(self.anonymous.iter()).map(Session::bytes_sent).sum()
+    }
+
     pub(crate) fn push_history(&mut self, entry: Entry) {
         let limit = self.home.state.history_limit;
         let key = hex::encode(&entry.group_id);

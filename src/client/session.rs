@@ -387,6 +387,12 @@ impl Session {
         .await
     }
 
+    /// UDP bytes this connection has sent so far (QUIC headers, acks and retransmissions
+    /// included); read by `qpq bench`.
+    pub fn bytes_sent(&self) -> u64 {
+        self.conn.stats().udp_tx.bytes
+    }
+
     /// Enqueues one payload for every recipient atomically (the server stores it once);
     /// returns (channel_seq, seqs).
     pub async fn enqueue_fanout(

@@ -409,6 +409,13 @@ impl Store {
         self.writer.commit_count()
     }
 
+    /// Bytes of queued messages as the storage quota counts them: inline entries whole, a
+    /// fanned-out payload once plus [`limits::FANOUT_ENTRY_BYTES`] per recipient.
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(META)?.get(STORED_BYTES)?.map(|g| g.value()).unwrap_or(0))
+    }
+
     /// The random id this database got when it was created.
     pub fn instance_id(&self) -> u64 {
         self.instance_id
