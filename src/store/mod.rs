@@ -859,6 +859,8 @@ mod tests {
         let full = store.write(fanout_op(b"", b"x", &[who[0], who[1]])).await;
         assert!(matches!(full, Err(StoreError::QueueFull { .. })), "{full:?}");
         assert_eq!(store.fetch(&who[0], 0, 10, 1 << 20).unwrap().0.len(), 0, "all or nothing");
+        let none = store.write(fanout_op(b"c", b"x", &[])).await.unwrap();
+        assert_eq!(none, Outcome::Enqueued { channel_seq: 0, seqs: vec![] }, "nobody: nothing stored");
         let dup = store.write(fanout_op(b"", b"x", &[who[0], who[0]])).await;
         assert!(matches!(dup, Err(StoreError::DuplicateRecipient { first: 0, again: 1 })), "{dup:?}");
         store.close().unwrap();

@@ -305,6 +305,10 @@ fn fanout(
     recipients: &[IdentityKey],
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Outcome, StoreError> {
+    if recipients.is_empty() {
+        // Nothing to store (the RPC layer refuses this); a row without refs would never go.
+        return Ok(Outcome::Enqueued { channel_seq: 0, seqs: Vec::new() });
+    }
     // The inline encoding's length: what each recipient will fetch, and the row's body.
     let entry_len = 17 + channel.len() + payload.len();
     let charge = StoredMessage::accounted_len(entry_len);
