@@ -24,6 +24,13 @@
 #   Authentication Service (AS): single-use MLS KeyPackages and identity-signed hybrid public keys
 #   Delivery Service (DS):       store-and-forward queues of opaque ciphertext per recipient key
 #
+# What protects what: TLS (X25519MLKEM768) hides everything below from the network. A group's MLS
+# messages (application messages, commits, proposals) are sealed once by MLS with a post-quantum
+# suite and enqueued once for all members (enqueueFanout); Welcomes, whose frame carries the
+# group's name and inviter outside MLS, are each sealed for their recipient with an X-Wing
+# envelope (enqueue, enqueueBatch). The client marks which is which in the payload's first byte;
+# the server does not look.
+#
 # Identities are raw 32-byte Ed25519 public keys. The server never sees plaintext or group keys.
 # Every method that acts on "my" data lives on `Account`, which only `authenticate` hands out, so
 # no method can act on a key the connection has not proven it holds.
@@ -95,8 +102,8 @@ interface NodeService {
   # in that channel's total order (0 when channelId is empty). Fails with "queue full: ..." when
   # the recipient's queue is at its message or byte cap, "overQuota: ..." when the server's total
   # storage quota is used up, and "rateLimited: ..." when this connection or its source address
-  # (IPv4, or IPv6 /64) sends faster than the server's enqueue rate (enqueue and enqueueBatch
-  # share that budget, one token per call).
+  # (IPv4, or IPv6 /64) sends faster than the server's enqueue rate (enqueue, enqueueBatch
+  # and enqueueFanout share that budget, one token per call).
 
   enqueueBatch @5 (channelId :Data, items :List(Delivery)) -> (channelSeq :UInt64, seqs :List(UInt64));
   # DS, no authentication. Enqueues each item to its own recipient in ONE atomic, durable
@@ -110,6 +117,31 @@ interface NodeService {
     recipientKey @0 :Data;
     payload @1 :Data;
   }
+
+  enqueueFanout @6 (channelId :Data, payload :Data, recipients :List(Data)) -> (channelSeq :UInt64, seqs :List(UInt64));
+  # DS, no authentication. Enqueues ONE payload for every key in recipients, in one atomic,
+  # durable transaction (all or none), with one channelSeq as in enqueueBatch; seqs[i] is
+  # recipients[i]'s per-recipient sequence number. Each recipient fetches an ordinary Message
+  # carrying the payload. This is how a group's MLS messages travel: they are sealed once by MLS
+  # (a post-quantum suite) and cost the sender one upload, not one per member.
+  # The server stores the payload once, with a small index entry per recipient (under 64 bytes),
+  # and deletes it when the last recipient has acked it or when it expires (the same TTL as any
+  # message; all its entries expire together).
+  # Limits and charges:
+  #   - payload: 1 byte up to the server's max payload (256 KiB by default), else "tooLarge";
+  #   - recipients: 1 to 10000 keys of 32 bytes, each at most once; an empty list, a duplicate
+  #     ("duplicate recipient: item 3 repeats item 0") or a malformed key is "badRequest", too
+  #     many is "tooLarge";
+  #   - each recipient's queue is charged the whole payload (its view: what it will fetch)
+  #     against its message and byte caps, else "queueFull" (nothing is stored for anyone);
+  #   - the server's storage quota is charged the payload once plus 48 bytes per recipient (its
+  #     real cost), else "overQuota" (retry hint); so one call can never cost the server more
+  #     than payload + 48 bytes x recipients;
+  #   - one token of the enqueue rate, shared with enqueue and enqueueBatch ("rateLimited").
+  # What the server learns is what it routes: the recipient keys, the channel id, the time and
+  # the size, and that these recipients got the same payload (they share a group). The payload
+  # is an MLS PrivateMessage: its group id, epoch and content type are in the clear (RFC 9420
+  # section 6.3); sender and content are not.
 }
 
 interface Account {

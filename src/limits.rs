@@ -61,16 +61,31 @@ pub const MAX_BATCH_RECIPIENTS: usize = 4096;
 /// full-size payloads, a Welcome plus commit fan-out for a large group.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
+/// Most recipients of one `enqueueFanout`: a 10,000-member group's message in one call. The
+/// call then holds at most 10,000 x 32-byte keys (~400 KB with capnp framing) plus one payload,
+/// far under [`RPC_TRAVERSAL_LIMIT_WORDS`].
+pub const MAX_FANOUT_RECIPIENTS: usize = 10_000;
+
+/// What the storage quota charges per recipient of a fanned-out payload: its index entry in
+/// `queue` (40-byte key + 8-byte payload id). The payload itself is charged once, so one fanout
+/// costs the server at most payload + 48 bytes x recipients.
+pub const FANOUT_ENTRY_BYTES: u64 = 48;
+
 /// Bytes of capnp structure around each batch item (list element, two pointers, a 32-byte key).
 const BATCH_ITEM_OVERHEAD: usize = 64;
 
+/// Most recipient entries one call can carry: an `enqueueFanout` lists more keys than a batch.
+const MAX_CALL_RECIPIENTS: usize =
+    if MAX_FANOUT_RECIPIENTS > MAX_BATCH_RECIPIENTS { MAX_FANOUT_RECIPIENTS } else { MAX_BATCH_RECIPIENTS };
+
 /// Largest Cap'n Proto message either end reads, in 8-byte words: the largest legal call (a
-/// full batch of the most recipients) plus 64 KiB of framing, and no more. capnp counts every
+/// full batch, or a fanout of the largest payload an operator may allow to the most recipients)
+/// plus 64 KiB of framing, and no more. capnp counts every
 /// word a handler reads against this limit, so handlers read a message's data once. A peer that
 /// sends more loses its connection (an unread call cannot be answered) instead of making us
 /// allocate; anything up to it is answered, "batch too large" included.
 pub const RPC_TRAVERSAL_LIMIT_WORDS: usize =
-    (MAX_BATCH_BYTES + MAX_BATCH_RECIPIENTS * BATCH_ITEM_OVERHEAD + 64 * 1024) / 8;
+    (MAX_BATCH_BYTES + MAX_CALL_RECIPIENTS * BATCH_ITEM_OVERHEAD + 64 * 1024) / 8;
 
 /// Most messages one fetch returns; a client with more pending fetches again (`more` is set).
 pub const MAX_FETCH_MESSAGES: u32 = 256;

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 4] = ["transport", "delivery", "mls", "connections"];
+const SCENARIOS: [&str; 5] = ["transport", "delivery", "mls", "fanout", "connections"];
 
 fn positive(v: &Value) -> bool {
     v.as_f64().is_some_and(|x| x.is_finite() && x > 0.0)

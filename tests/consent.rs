@@ -187,6 +187,7 @@ const JUNK_PAYLOAD: usize = 1024 * 1024;
 /// the bytes the server accepted.
 async fn attack_round(server: &ServerProcess, victim: [u8; 32], round: usize) -> usize {
     use qpq::client::frame::{AppMessage, Frame};
+    use qpq::client::parcel::Parcel;
     use qpq::client::session::Session;
     use qpq::client::state::GroupKind;
     use qpq::crypto::{hybrid, identity::Identity};
@@ -195,6 +196,8 @@ async fn attack_round(server: &ServerProcess, victim: [u8; 32], round: usize) ->
     let session = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
     let hybrid_key = session.fetch_hybrid_key(&victim).await.unwrap().verify(&victim).unwrap();
     let mut sent = 0;
+    let sealed_for_victim =
+        |frame: &[u8]| Parcel::Sealed(&hybrid::seal(&victim, &hybrid_key, frame)).encode();
     let enqueue = async |payload: Vec<u8>, channel: &[u8]| {
         session.enqueue(&victim, &payload, channel).await.expect("the raised limits admit it");
         payload.len()
@@ -213,14 +216,14 @@ async fn attack_round(server: &ServerProcess, victim: [u8; 32], round: usize) ->
             kind: GroupKind::Direct { peer: victim },
             inviter: stranger.public().0,
         };
-        sent += enqueue(hybrid::seal(&victim, &hybrid_key, &welcome.encode()), &[]).await;
+        sent += enqueue(sealed_for_victim(&welcome.encode()), &[]).await;
         for i in 0..MESSAGES_PER_STRANGER {
             let mut text = format!("stranger {round}-{s} says {i} ");
             text.extend(std::iter::repeat_n('x', 190 * 1024));
             let body = AppMessage { text, sent_at_ms: 0 }.encode();
             let message = mls.encrypt(&group_id, &body).unwrap();
             let frame = Frame::Mls { group_id: group_id.clone(), message }.encode();
-            sent += enqueue(hybrid::seal(&victim, &hybrid_key, &frame), &group_id).await;
+            sent += enqueue(Parcel::Group(&frame).encode(), &group_id).await;
         }
     }
     let junk = vec![0x5a_u8; JUNK_PAYLOAD - 4096];
@@ -231,7 +234,7 @@ async fn attack_round(server: &ServerProcess, victim: [u8; 32], round: usize) ->
             group_id: rand::random::<[u8; 16]>().to_vec(),
             message: junk[..512 * 1024].to_vec(),
         };
-        let sealed = hybrid::seal(&victim, &hybrid_key, &frame.encode());
+        let sealed = sealed_for_victim(&frame.encode());
         sent += enqueue(sealed.clone(), &[i]).await;
         sent += enqueue(sealed, &[i]).await;
     }
@@ -242,7 +245,7 @@ async fn attack_round(server: &ServerProcess, victim: [u8; 32], round: usize) ->
             kind: GroupKind::Group,
             inviter: [7; 32],
         };
-        sent += enqueue(hybrid::seal(&victim, &hybrid_key, &frame.encode()), &[]).await;
+        sent += enqueue(sealed_for_victim(&frame.encode()), &[]).await;
     }
     // Raw junk, many calls in flight at once so the server folds them into few transactions.
     let raw = |_| session.enqueue(&victim, &junk, b"junk");

@@ -854,3 +854,137 @@ async fn idle_connections_of_an_address_at_its_cap_make_room_for_a_new_one() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+/// (rows of `payloads`, rows of `queue`) in a stopped server's database file.
+fn stored_rows(dir: &std::path::Path) -> (usize, usize) {
+    use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+    let payloads: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
+    let queue: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
+    let db = redb::Database::open(dir.join("qpq.db")).unwrap();
+    let txn = db.begin_read().unwrap();
+    let p = txn.open_table(payloads).unwrap().len().unwrap() as usize;
+    let q = txn.open_table(queue).unwrap().len().unwrap() as usize;
+    (p, q)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let people: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+    let keys: Vec<PublicKey> = people.iter().map(|p| p.public()).collect();
+    let payload = vec![0x42u8; 5000];
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        s.enqueue(&keys[1].0, b"earlier", b"").await.unwrap();
+        let (cseq, seqs) = s.enqueue_fanout(b"grp", &payload, &keys).await.unwrap();
+        assert_eq!((cseq, seqs), (1, vec![1, 2, 1]), "one channel position, each recipient's own seq");
+        for p in &people {
+            let (msgs, _) = login(&server, p).await.fetch(0).await.unwrap();
+            let m = msgs.last().unwrap();
+            assert_eq!((m.channel_id.as_slice(), m.channel_seq, &m.payload), (&b"grp"[..], 1, &payload));
+        }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    assert_eq!(stored_rows(dir.path()), (1, 4), "one payload row for three recipients");
+
+    let server = start_server(dir.path()).await;
+    local(async {
+        for p in &people[..2] {
+            login(&server, p).await.ack(u64::MAX).await.unwrap();
+        }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    assert_eq!(stored_rows(dir.path()), (1, 1), "the last recipient has not acked yet");
+
+    let server = start_server(dir.path()).await;
+    local(async {
+        let last = login(&server, &people[2]).await;
+        assert_eq!(last.fetch(0).await.unwrap().0[0].payload, payload);
+        last.ack(u64::MAX).await.unwrap();
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    assert_eq!(stored_rows(dir.path()), (0, 0), "the last ack deleted it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_fanouts_are_refused_with_codes_and_store_nothing() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        let alice = Identity::generate();
+        let a = alice.public();
+        let refused = |r: Result<(u64, Vec<u64>), SessionError>| match r {
+            Err(SessionError::Rpc(e)) => (e.code, e.message),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let bad = ErrorCode::BadRequest;
+        assert_eq!(refused(s.enqueue_fanout(b"", b"x", &[]).await), (bad, "fanout has no recipients".into()));
+        assert_eq!(
+            refused(s.enqueue_fanout(b"", b"x", &[a, Identity::generate().public(), a]).await),
+            (bad, "duplicate recipient: item 2 repeats item 0".into())
+        );
+        let many: Vec<PublicKey> = (0..=qpq::limits::MAX_FANOUT_RECIPIENTS)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                PublicKey(k)
+            })
+            .collect();
+        assert_eq!(
+            refused(s.enqueue_fanout(b"", b"x", &many).await),
+            (ErrorCode::TooLarge, "too many recipients: 10001 > 10000".into())
+        );
+        let (_, seqs) = s.enqueue_fanout(b"", b"x", &many[1..]).await.expect("exactly the cap is taken");
+        assert_eq!(seqs.len(), qpq::limits::MAX_FANOUT_RECIPIENTS);
+        assert_eq!(
+            refused(s.enqueue_fanout(b"", &vec![0u8; 300_000], &[a]).await),
+            (ErrorCode::TooLarge, "payload too large: 300000 > 262144 bytes".into())
+        );
+        assert_eq!(refused(s.enqueue_fanout(b"", b"", &[a]).await), (bad, "payload is empty".into()));
+        assert_eq!(
+            refused(s.enqueue_fanout(&[0u8; 65], b"x", &[a]).await),
+            (bad, "channel id too long: 65 > 64 bytes".into())
+        );
+        assert!(login(&server, &alice).await.fetch(0).await.unwrap().0.is_empty(), "nothing was stored");
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payload() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let payload = vec![7u8; 20_000];
+    let n = 100u64;
+    let entry = 17 + payload.len() as u64; // the queue entry's header, no channel id
+    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    // Room for one stored copy and 100 index entries; 100 copies would need 2 MB.
+    cfg.max_stored_bytes = 8 + entry + n * qpq::limits::FANOUT_ENTRY_BYTES;
+    cfg.max_queue_bytes = entry + 10;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let keys: Vec<PublicKey> = (0..n).map(|_| Identity::generate().public()).collect();
+        s.enqueue_fanout(b"", &payload, &keys).await.expect("one copy fits the quota");
+        // Without the session's retries (the refusal asks to come back in seconds).
+        let node = qpq::proto::node_capnp::node_service::Client { client: s.raw_node_client() };
+        let mut req = node.enqueue_fanout_request();
+        req.get().set_payload(b"more");
+        req.get().init_recipients(1).set(0, &Identity::generate().public().0);
+        let e = SessionError::from(req.send().promise.await.err().expect("over the quota"));
+        assert_eq!(e.code(), Some(ErrorCode::OverQuota), "{e}");
+        // Each recipient's queue was charged the whole payload: its byte cap is reached too.
+        let e = s.enqueue(&keys[0].0, &[1u8; 20], b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "{e}");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

@@ -12,6 +12,8 @@
 //! - [`delivery`]: N senders → M recipients (`fetchWait` + `ack`), against fsync, a bare redb
 //!   commit and the echo; messages per commit (group commit); enqueue→wake-up latency.
 //! - [`mls`]: openmls operations at several group sizes against their cryptographic floor.
+//! - [`fanout`]: application messages through a real `Messenger` to groups of 2, 100 and 1000
+//!   members: the sender's CPU, upload and the server's storage per message against 2 members.
 //! - [`connections`]: idle connections to a real `qpq serve` child: server RSS per connection
 //!   and handshake rate, against a bare quinn echo server child.
 //! - [`echo`]: the raw quinn echo server and client the references use.
@@ -25,6 +27,7 @@
 pub mod connections;
 pub mod delivery;
 pub mod echo;
+pub mod fanout;
 pub mod kx;
 pub mod mls;
 pub mod transport;
@@ -60,6 +63,9 @@ pub const MAX_OPS_PER_RUN: u64 = 2_000_000;
 /// Default MLS group sizes; 1000 only on request (`--mls-sizes 2,16,128,1000`).
 const DEFAULT_MLS_SIZES: &[usize] = &[2, 16, 128];
 const QUICK_MLS_SIZES: &[usize] = &[2, 16];
+/// Default group sizes of the fanout scenario (issue 11's 2, 100 and 1000 members).
+const DEFAULT_FANOUT_SIZES: &[usize] = &[2, 100, 1000];
+const QUICK_FANOUT_SIZES: &[usize] = &[2, 16];
 /// Largest MLS group accepted: every member is a real client built in this process.
 const MAX_MLS_GROUP: usize = 4096;
 /// Idle connections by default: enough to see the per-connection slope, quick to open.
@@ -79,6 +85,7 @@ pub enum Scenario {
     Transport,
     Delivery,
     Mls,
+    Fanout,
     Connections,
 }
 
@@ -88,6 +95,7 @@ impl Scenario {
             Scenario::Transport => "transport",
             Scenario::Delivery => "delivery",
             Scenario::Mls => "mls",
+            Scenario::Fanout => "fanout",
             Scenario::Connections => "connections",
         }
     }
@@ -111,6 +119,9 @@ pub struct BenchArgs {
     /// MLS group sizes [default: 2,16,128; 2,16 with --quick]
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub mls_sizes: Vec<usize>,
+    /// Group sizes of the fanout scenario [default: 2,100,1000; 2,16 with --quick]
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub fanout_sizes: Vec<usize>,
     /// Idle connections to open [default: 500, 16 with --quick]
     #[arg(long, value_name = "N")]
     pub connections: Option<usize>,
@@ -132,6 +143,7 @@ pub struct Settings {
     pub senders: Vec<usize>,
     pub recipients: usize,
     pub mls_sizes: Vec<usize>,
+    pub fanout_sizes: Vec<usize>,
     pub connections: usize,
 }
 
@@ -139,7 +151,13 @@ impl Settings {
     pub fn resolve(args: &BenchArgs) -> anyhow::Result<Settings> {
         let quick = args.quick;
         let mut scenarios = if args.scenario.is_empty() {
-            vec![Scenario::Transport, Scenario::Delivery, Scenario::Mls, Scenario::Connections]
+            vec![
+                Scenario::Transport,
+                Scenario::Delivery,
+                Scenario::Mls,
+                Scenario::Fanout,
+                Scenario::Connections,
+            ]
         } else {
             args.scenario.clone()
         };
@@ -158,6 +176,14 @@ impl Settings {
         if let Some(bad) = mls_sizes.iter().find(|n| !(2..=MAX_MLS_GROUP).contains(*n)) {
             bail!("mls group size out of range: {bad} (expected 2..={MAX_MLS_GROUP})");
         }
+        let fanout_sizes = if args.fanout_sizes.is_empty() {
+            if quick { QUICK_FANOUT_SIZES.to_vec() } else { DEFAULT_FANOUT_SIZES.to_vec() }
+        } else {
+            args.fanout_sizes.clone()
+        };
+        if let Some(bad) = fanout_sizes.iter().find(|n| !(2..=fanout::MAX_FANOUT_GROUP).contains(*n)) {
+            bail!("fanout group size out of range: {bad} (expected 2..={})", fanout::MAX_FANOUT_GROUP);
+        }
         let connections =
             args.connections.unwrap_or(if quick { QUICK_CONNECTIONS } else { DEFAULT_CONNECTIONS });
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
@@ -175,6 +201,7 @@ impl Settings {
             senders: if quick { vec![1, 4] } else { vec![1, 16, 64] },
             recipients,
             mls_sizes,
+            fanout_sizes,
             connections,
         })
     }
@@ -336,6 +363,11 @@ impl<'a> Bench<'a> {
         self.target.local.as_ref().map(|(_, d)| d.as_path())
     }
 
+    /// Bytes of queued messages the in-process store charges its quota, `None` when remote.
+    pub fn stored_bytes(&self) -> Option<u64> {
+        self.target.local.as_ref().and_then(|(s, _)| s.stored_bytes().ok())
+    }
+
     /// A new, unauthenticated connection to the server under test.
     pub async fn connect(&self) -> anyhow::Result<Session> {
         Ok(Session::connect(&self.target.addr.to_string(), Pin::Fingerprint(self.target.fingerprint)).await?)
@@ -495,6 +527,7 @@ async fn run_scenarios(settings: Settings, target: Target<'_>, server: String) -
             Scenario::Transport => transport::steps(&settings),
             Scenario::Delivery => delivery::steps(&settings),
             Scenario::Mls => mls::steps(&settings),
+            Scenario::Fanout => fanout::steps(&settings),
             Scenario::Connections => connections::steps(&settings),
         })
         .sum();
@@ -510,6 +543,7 @@ async fn run_scenarios(settings: Settings, target: Target<'_>, server: String) -
             Scenario::Transport => transport::run(&bench).await,
             Scenario::Delivery => delivery::run(&bench).await,
             Scenario::Mls => mls::run(&bench).await,
+            Scenario::Fanout => fanout::run(&bench).await,
             Scenario::Connections => connections::run(&bench).await,
         };
         match rows {
@@ -664,6 +698,7 @@ mod tests {
             json: false,
             duration_ms: None,
             mls_sizes: sizes,
+            fanout_sizes: vec![],
             connections: None,
             recipients: None,
             echo_server: false,
@@ -671,7 +706,7 @@ mod tests {
         assert!(Settings::resolve(&args(vec![1])).is_err());
         assert!(Settings::resolve(&args(vec![2, 16, 1000])).is_ok());
         let s = Settings::resolve(&args(vec![])).unwrap();
-        assert_eq!(s.scenarios.len(), 4);
+        assert_eq!(s.scenarios.len(), 5);
         assert_eq!(s.mls_sizes, DEFAULT_MLS_SIZES);
     }
 }

@@ -1,4 +1,4 @@
-//! Receiving: fetch (or long-poll), open each envelope, apply each frame in the server's order,
+//! Receiving: fetch (or long-poll), parse each payload (a [`Parcel`]: open it when sealed), apply each frame in the server's order,
 //! save, then ack. Also the follow-up work of a round: committing leave requests, refilling
 //! KeyPackages, sending the Welcome outbox.
 //!
@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::inbox;
 use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, now_ms, valid_name};
+use crate::client::parcel::Parcel;
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
 use crate::limits::{MAX_ORPHAN_BYTES, MAX_ORPHANS, ORPHAN_TTL_MS};
@@ -123,7 +124,7 @@ impl Messenger {
     pub(crate) async fn flush_outbox(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
         while let Some(item) = self.home.state.outbox.first().cloned() {
             let Outgoing { channel, recipients, frame } = item;
-            match self.fan_out(&channel, &recipients, &frame).await {
+            match self.seal_for_each(&channel, &recipients, &frame).await {
                 Ok(_) => {}
                 Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Ok(()),
                 Err(e) => {
@@ -171,16 +172,28 @@ impl Messenger {
     /// Applies one delivered message; false when it was dropped before changing anything (it
     /// did not open or decode), so a page of such junk needs no save.
     fn process_delivered(&mut self, m: &Delivered, events: &mut Vec<Event>) -> bool {
-        let plain = match self.open_envelope(&m.payload) {
-            Ok(p) => Zeroizing::new(p),
+        let (sealed, frame) = match Parcel::parse(&m.payload) {
+            Ok(Parcel::Sealed(envelope)) => match self.open_envelope(envelope) {
+                Ok(p) => (true, Zeroizing::new(p)),
+                Err(e) => {
+                    events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
+                    return false;
+                }
+            },
+            Ok(Parcel::Group(frame)) => (false, Zeroizing::new(frame.to_vec())),
             Err(e) => {
-                events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
+                events.push(Event::Dropped { reason: e.to_string() });
                 return false;
             }
         };
-        match Frame::decode(&plain) {
-            Ok(Frame::Welcome { welcome, group_name, kind, inviter }) => {
+        match Frame::decode(&frame) {
+            Ok(Frame::Welcome { welcome, group_name, kind, inviter }) if sealed => {
                 self.handle_welcome(&welcome, &group_name, kind, inviter, events)
+            }
+            Ok(Frame::Welcome { .. }) => {
+                // Its name and inviter travel outside MLS: only ever accepted sealed.
+                events.push(Event::Dropped { reason: "a welcome came without its envelope".into() });
+                return false;
             }
             Ok(Frame::Mls { group_id, message }) => self.handle_group_message(&group_id, &message, events),
             Err(e) => {

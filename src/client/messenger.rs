@@ -2,8 +2,9 @@
 //! conversations, sending, receiving. No printing: results come back as values and [`Event`]s.
 //!
 //! # Delivery
-//! Every payload on the DS is a [`Frame`] sealed for its recipient with the hybrid envelope.
-//! Group traffic uses the MLS group id as the DS channel id, so all members see a group's
+//! Every payload on the DS is a [`Parcel`](super::parcel): a group's MLS messages (direct
+//! conversations included) are sent once for all members through `enqueueFanout`, sealed by
+//! MLS alone; Welcomes are sealed for each recipient with the hybrid envelope. Group traffic uses the MLS group id as the DS channel id, so all members see a group's
 //! messages in one server-assigned order. [`Messenger::receive`] processes messages in that
 //! order, saves the state that holds their effect, and only then acks them: a crash re-delivers,
 //! and `processed_seq` makes a re-delivery a no-op.
@@ -23,6 +24,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::client::outbox::Watch;
+use crate::client::parcel::Parcel;
 use crate::client::session::{Session, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Secrets, State, StateError, Unlock};
 use crate::clock::Clock;
@@ -684,8 +686,24 @@ impl Messenger {
 
     // ----- sending (queued first, see [`crate::client::outbox`]) -----
 
-    /// Seals `frame` for each recipient and enqueues all in one atomic batch on `channel`.
+    /// Sends a group's MLS `frame` (an encoded [`Frame::Mls`](super::frame::Frame::Mls)) once
+    /// for every recipient on `channel`: the server stores one copy, and the cost does not grow
+    /// with the group beyond 32 bytes of key per recipient.
     pub(crate) async fn fan_out(
+        &mut self,
+        channel: &[u8],
+        recipients: &[[u8; 32]],
+        frame: &[u8],
+    ) -> Result<u64, ClientError> {
+        let payload = Parcel::Group(frame).encode();
+        let to: Vec<PublicKey> = recipients.iter().map(|r| PublicKey(*r)).collect();
+        let (channel_seq, _) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
+        Ok(channel_seq)
+    }
+
+    /// Seals `frame` (a Welcome's) for each recipient with the hybrid envelope and enqueues all
+    /// in one atomic batch on `channel`.
+    pub(crate) async fn seal_for_each(
         &mut self,
         channel: &[u8],
         recipients: &[[u8; 32]],
@@ -694,10 +712,15 @@ impl Messenger {
         let mut items = Vec::with_capacity(recipients.len());
         for r in recipients {
             let hk = self.hybrid_key_of(r).await?;
-            items.push((PublicKey(*r), hybrid::seal(r, &hk, frame)));
+            items.push((PublicKey(*r), Parcel::Sealed(&hybrid::seal(r, &hk, frame)).encode()));
         }
         let (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
         Ok(channel_seq)
+    }
+
+    /// UDP bytes this messenger's open connections have sent (for `qpq bench`).
+    pub(crate) fn bytes_sent(&self) -> u64 {
+        self.session.iter().chain(self.anonymous.iter()).map(Session::bytes_sent).sum()
     }
 
     pub(crate) fn push_history(&mut self, entry: Entry) {

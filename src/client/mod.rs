@@ -1,5 +1,5 @@
 //! The client side: a connection to the server ([`session`]), the encrypted state ([`state`]),
-//! the frames inside envelopes ([`frame`]), envelope key lifetimes ([`hybridkeys`]), KeyPackage
+//! what a DS payload is ([`parcel`]), the frames inside it ([`frame`]), envelope key lifetimes ([`hybridkeys`]), KeyPackage
 //! lifetimes ([`keypool`]), membership events kept with history ([`timeline`]), the readers'
 //! log of received messages ([`inbox`]), messages waiting to be sent ([`outbox`]), and the
 //! messenger core ([`messenger`], [`delivery`], [`groups`], [`requests`] for consent to
@@ -15,6 +15,7 @@ pub mod keypool;
 pub mod messenger;
 pub mod names;
 pub mod outbox;
+pub mod parcel;
 pub mod requests;
 pub mod session;
 pub mod state;

@@ -391,6 +391,35 @@ impl Session {
         .await
     }
 
+    /// UDP bytes this connection has sent so far (QUIC headers, acks and retransmissions
+    /// included); read by `qpq bench`.
+    pub fn bytes_sent(&self) -> u64 {
+        self.conn.stats().udp_tx.bytes
+    }
+
+    /// Enqueues one payload for every recipient atomically (the server stores it once);
+    /// returns (channel_seq, seqs).
+    pub async fn enqueue_fanout(
+        &self,
+        channel: &[u8],
+        payload: &[u8],
+        recipients: &[PublicKey],
+    ) -> Result<(u64, Vec<u64>), SessionError> {
+        with_backoff(|| async {
+            let mut req = self.node.enqueue_fanout_request();
+            req.get().set_channel_id(channel);
+            req.get().set_payload(payload);
+            let mut list = req.get().init_recipients(recipients.len() as u32);
+            for (i, to) in recipients.iter().enumerate() {
+                list.set(i as u32, &to.0);
+            }
+            let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
+            let r = resp.get()?;
+            Ok((r.get_channel_seq(), r.get_seqs()?.iter().collect()))
+        })
+        .await
+    }
+
     pub async fn upload_key_packages(
         &self,
         packages: &[Vec<u8>],

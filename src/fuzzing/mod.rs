@@ -207,8 +207,12 @@ pub fn hybrid_open(data: &[u8]) {
     let _ = hybrid::open(&identity, key, data);
 }
 
-/// An envelope's plaintext, and an MLS application message's plaintext.
+/// An envelope's plaintext, an MLS application message's plaintext, and a DS payload's kind
+/// ([`crate::client::parcel`]) with the group frame it may carry.
 pub fn frame_decode(data: &[u8]) {
+    if let Ok(crate::client::parcel::Parcel::Group(body)) = crate::client::parcel::Parcel::parse(data) {
+        let _ = Frame::decode(body);
+    }
     if let Ok(frame) = Frame::decode(data) {
         // What decodes must encode back to an equal frame.
         let again = Frame::decode(&frame.encode());

@@ -91,6 +91,13 @@ fn frame_seeds() -> Seeds {
         seed("welcome", welcome.encode()),
         seed("direct-welcome", direct.encode()),
         seed("mls", Frame::Mls { group_id: vec![5; 16], message: vec![6; 100] }.encode()),
+        seed(
+            "group-parcel",
+            crate::client::parcel::Parcel::Group(
+                &Frame::Mls { group_id: vec![5; 16], message: vec![6; 100] }.encode(),
+            )
+            .encode(),
+        ),
         seed("app-message", AppMessage { text: "hi ✓".into(), sent_at_ms: 1_700_000_000_000 }.encode()),
         seed("bad-version", vec![9, 0, 0]),
     ]

@@ -8,7 +8,7 @@
 //!   current-thread runtime with a `LocalSet`; connections are spread round-robin over them.
 //!   Before that, [`admission`] decides whether a connection is served at all (caps in all and
 //!   per IP address, QUIC Retry for busy addresses).
-//! - Calls anyone may make without authenticating (`enqueue`, `enqueueBatch`,
+//! - Calls anyone may make without authenticating (`enqueue`, `enqueueBatch`, `enqueueFanout`,
 //!   `fetchKeyPackage`) draw on token buckets per connection, per source address and per target
 //!   key ([`ratelimit`]); the store enforces per-recipient caps and a global storage quota.
 //!   Every error goes out with a wire code from `schemas/node.capnp`
@@ -235,6 +235,11 @@ impl RunningServer {
     /// [`Store::commit_count`]).
     pub fn commit_count(&self) -> u64 {
         self.shared.store.commit_count()
+    }
+
+    /// Bytes of queued messages as the storage quota counts them (see [`Store::stored_bytes`]).
+    pub fn stored_bytes(&self) -> Result<u64, crate::store::StoreError> {
+        self.shared.store.stored_bytes()
     }
 
     /// Runs one full expiry sweep now (the server also sweeps every

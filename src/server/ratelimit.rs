@@ -1,5 +1,5 @@
 //! Rate limits for the calls anyone may make without authenticating (`enqueue`,
-//! `enqueueBatch`, `fetchKeyPackage`): token buckets per connection, per source address (IPv4,
+//! `enqueueBatch`, `enqueueFanout`, `fetchKeyPackage`): token buckets per connection, per source address (IPv4,
 //! or IPv6 /64, as [`super::admission`] counts them) and, for `fetchKeyPackage`, per target
 //! key, so nobody drains one person's KeyPackage pool in a burst.
 //!

@@ -56,6 +56,7 @@ fn store_err(e: StoreError) -> Error {
         StoreError::QueueFull { .. } => ErrorCode::QueueFull,
         StoreError::PoolFull { .. } => ErrorCode::PoolFull,
         StoreError::NoKeyPackages => ErrorCode::NoKeyPackages,
+        StoreError::DuplicateRecipient { .. } => ErrorCode::BadRequest,
         StoreError::StaleHybridKey { .. } => ErrorCode::StaleKey,
         StoreError::Closed => ErrorCode::ShuttingDown,
         StoreError::SchemaVersion { .. } | StoreError::InUse => ErrorCode::Internal,
@@ -392,6 +393,61 @@ impl node_service::Server for NodeServiceImpl {
             }
         }
     }
+
+    fn enqueue_fanout(
+        self: Rc<Self>,
+        params: node_service::EnqueueFanoutParams,
+        mut results: node_service::EnqueueFanoutResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        async move {
+            let _call = self.shared.call_guard()?;
+            self.take_enqueue_token()?;
+            let p = params.get()?;
+            let channel = parse_channel(p.get_channel_id()?)?;
+            let payload = p.get_payload()?;
+            check_payload(&self.shared, payload)?;
+            let recipients = parse_fanout_recipients(p.get_recipients()?)?;
+            let held = payload.len().saturating_add(recipients.len() * limits::IDENTITY_KEY_LEN);
+            let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
+            let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients };
+            match self.shared.store.write(op).await.map_err(store_err)? {
+                Outcome::Enqueued { channel_seq, seqs } => {
+                    let mut r = results.get();
+                    r.set_channel_seq(channel_seq);
+                    let mut out = r.init_seqs(seqs.len() as u32);
+                    for (i, s) in seqs.iter().enumerate() {
+                        out.set(i as u32, *s);
+                    }
+                    Ok(())
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+}
+
+/// Reads the recipient list of an `enqueueFanout`: 1..=[`limits::MAX_FANOUT_RECIPIENTS`]
+/// distinct 32-byte keys.
+fn parse_fanout_recipients(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, Error> {
+    if list.is_empty() {
+        return Err(failed("fanout has no recipients"));
+    }
+    if list.len() as usize > limits::MAX_FANOUT_RECIPIENTS {
+        return Err(coded(
+            ErrorCode::TooLarge,
+            format!("too many recipients: {} > {}", list.len(), limits::MAX_FANOUT_RECIPIENTS),
+        ));
+    }
+    let mut keys = Vec::with_capacity(list.len() as usize);
+    let mut seen = std::collections::HashMap::with_capacity(list.len() as usize);
+    for (i, key) in list.iter().enumerate() {
+        let who = parse_identity("recipient key", key?)?;
+        if let Some(first) = seen.insert(who, i) {
+            return Err(failed(format!("duplicate recipient: item {i} repeats item {first}")));
+        }
+        keys.push(who);
+    }
+    Ok(keys)
 }
 
 /// An authenticated account: every method acts on `who` only.

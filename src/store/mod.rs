@@ -10,8 +10,9 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `seq_floor`, `channel_seq_floor`: see below) |
-//! | `queue` | recipient (32) ‖ seq (u64 BE) | [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`) |
+//! | `queue` | recipient (32) ‖ seq (u64 BE) | either an inline entry, the [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload (17 bytes or more), or a shared entry: payload id u64 BE (exactly 8 bytes) |
+//! | `payloads` | payload id (u64) | a fanned-out payload: refs u64 BE (`queue` entries still pointing here) ‖ the inline entry encoding above |
 //! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes); only while the queue is not empty |
 //! | `channels` | channel id | (last channel_seq handed out, messages queued with this channel id); only while that count is not zero |
 //! | `key_packages` | identity (32) ‖ id (u64 BE) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ KeyPackage bytes (TLS encoding) |
@@ -21,6 +22,14 @@
 //!
 //! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
 //! range scan.
+//!
+//! A fanned-out payload (`enqueueFanout`) is stored once in `payloads`, with one 8-byte shared
+//! entry per recipient in `queue`; its row holds the enqueue time and channel position every
+//! entry shares, so all its entries expire together. Deleting an entry (ack, sweep) drops one
+//! ref; the last one deletes the row. Charges: a recipient's `queue_meta` bytes count what it
+//! will fetch (the inline encoding's length, whether inline or shared); `stored_bytes` counts
+//! what the file holds: an inline entry's length, and for a fanout the `payloads` row once plus
+//! [`limits::FANOUT_ENTRY_BYTES`] per shared entry.
 //!
 //! Metadata rows live only as long as they describe something queued, so a stream of fresh
 //! recipient keys or channel ids leaves nothing behind once its messages are acked or expired.
@@ -54,8 +63,10 @@ use crate::limits;
 /// Version of the table layout above; bumped on any incompatible change. 2: `hybrid_keys`
 /// values carry the signed creation time. 3: `key_packages` and `last_resort` values start
 /// with the package's not_after. 4: `channels` values count their queued messages and empty
-/// metadata rows are deleted (a version 3 file is migrated when opened, see [`migrate`]).
-pub const SCHEMA_VERSION: u64 = 4;
+/// metadata rows are deleted (a version 3 file is migrated when opened, see [`migrate`]). 5:
+/// the `payloads` table and shared `queue` entries (a version 3 or 4 file is migrated: its
+/// inline entries are read as they are, since no inline entry is 8 bytes long).
+pub const SCHEMA_VERSION: u64 = 5;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
@@ -66,6 +77,7 @@ pub(crate) const KEY_PACKAGE_META: TableDefinition<&[u8], (u64, u64)> =
     TableDefinition::new("key_package_meta");
 pub(crate) const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_resort");
 pub(crate) const HYBRID_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hybrid_keys");
+pub(crate) const PAYLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
 
 /// A raw Ed25519 public key: the identity that routes queues and owns KeyPackages.
 pub type IdentityKey = [u8; limits::IDENTITY_KEY_LEN];
@@ -85,6 +97,9 @@ pub enum StoreError {
     StaleHybridKey { stored: u64, offered: u64 },
     #[error("no key packages for this key")]
     NoKeyPackages,
+    /// A fanout names a recipient twice (the RPC layer refuses this first).
+    #[error("duplicate recipient: item {again} repeats item {first}")]
+    DuplicateRecipient { first: usize, again: usize },
     #[error("database file {path} was written by schema version {found}, this qpq reads {SCHEMA_VERSION}")]
     SchemaVersion { path: String, found: u64 },
     /// Another process (a second `qpq serve`) holds the database file's lock.
@@ -129,6 +144,48 @@ pub(crate) const STORED_BYTES: &str = "stored_bytes";
 pub(crate) const SEQ_FLOOR: &str = "seq_floor";
 /// The `meta` entry a re-created `channels` row counts on from (see the module docs).
 pub(crate) const CHANNEL_SEQ_FLOOR: &str = "channel_seq_floor";
+/// The `meta` entry holding the id the next fanned-out payload gets.
+pub(crate) const NEXT_PAYLOAD_ID: &str = "next_payload_id";
+
+/// Length of a shared `queue` value: a payload id. Inline values are at least 17 bytes long, so
+/// the length alone tells the two apart (and a version 4 file needs no rewrite).
+pub(crate) const SHARED_ENTRY_LEN: usize = 8;
+
+/// A `queue` value by kind.
+pub(crate) enum QueueValue<'a> {
+    /// The [`StoredMessage`] encoding itself.
+    Inline(&'a [u8]),
+    /// The id of a `payloads` row.
+    Shared(u64),
+}
+
+impl<'a> QueueValue<'a> {
+    pub(crate) fn of(v: &'a [u8]) -> QueueValue<'a> {
+        match <[u8; SHARED_ENTRY_LEN]>::try_from(v) {
+            Ok(id) => QueueValue::Shared(u64::from_be_bytes(id)),
+            Err(_) => QueueValue::Inline(v),
+        }
+    }
+}
+
+/// A `payloads` value split into (refs, inline entry encoding).
+pub(crate) fn split_payload_row(row: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    let (refs, entry) =
+        row.split_first_chunk::<8>().ok_or_else(|| StoreError::Db("corrupt payload row".to_string()))?;
+    Ok((u64::from_be_bytes(*refs), entry))
+}
+
+/// The inline encoding a shared `queue` value points to; a missing row is corruption.
+pub(crate) fn shared_entry(
+    payloads: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+    id: u64,
+) -> Result<Vec<u8>, StoreError> {
+    let row = payloads.get(id)?.ok_or_else(|| {
+        StoreError::Db(format!("corrupt queue entry at seq {seq}: payload {id} is missing"))
+    })?;
+    Ok(split_payload_row(row.value())?.1.to_vec())
+}
 
 /// The `hybrid_keys` value: signature (64) || created_at_ms (8, big-endian) || key.
 pub(crate) fn encode_hybrid_key(signed: &SignedHybridKey) -> Vec<u8> {
@@ -291,6 +348,7 @@ impl Store {
         if found == Some(3) {
             migrate::from_3(&txn)?;
         }
+        // 4 -> 5 adds the `payloads` table (created below); version 4 entries are all inline.
         {
             let mut meta = txn.open_table(META)?;
             match found {
@@ -304,7 +362,7 @@ impl Store {
                     meta.insert("instance_id", id)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
-                Some(3) => {
+                Some(3 | 4) => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(v) => {
@@ -319,6 +377,7 @@ impl Store {
             txn.open_table(KEY_PACKAGE_META)?;
             txn.open_table(LAST_RESORT)?;
             txn.open_table(HYBRID_KEYS)?;
+            txn.open_table(PAYLOADS)?;
         }
         let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
         {
@@ -348,6 +407,13 @@ impl Store {
     /// durable redb commit, so `messages / commit_count` measures how well group commit works.
     pub fn commit_count(&self) -> u64 {
         self.writer.commit_count()
+    }
+
+    /// Bytes of queued messages as the storage quota counts them: inline entries whole, a
+    /// fanned-out payload once plus [`limits::FANOUT_ENTRY_BYTES`] per recipient.
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(META)?.get(STORED_BYTES)?.map(|g| g.value()).unwrap_or(0))
     }
 
     /// The random id this database got when it was created.
@@ -385,6 +451,7 @@ impl Store {
         let Some(first) = after.checked_add(1) else { return Ok((Vec::new(), false)) };
         let txn = self.db.begin_read()?;
         let table = txn.open_table(QUEUE)?;
+        let payloads = txn.open_table(PAYLOADS)?;
         let start = queue_key(who, first);
         let end = queue_key(who, u64::MAX);
         let mut out = Vec::new();
@@ -392,7 +459,10 @@ impl Store {
         for entry in table.range(&start[..]..=&end[..])? {
             let (k, v) = entry?;
             let seq = queue_key_seq(k.value())?;
-            let msg = StoredMessage::decode(seq, v.value())?;
+            let msg = match QueueValue::of(v.value()) {
+                QueueValue::Inline(v) => StoredMessage::decode(seq, v)?,
+                QueueValue::Shared(id) => StoredMessage::decode(seq, &shared_entry(&payloads, seq, id)?)?,
+            };
             if now.saturating_sub(msg.enqueued_at_ms) > self.limits.ttl_ms {
                 continue; // expired: invisible now, deleted by the next sweep
             }
@@ -497,7 +567,7 @@ mod tests {
         }
         let err = Store::open(&path, lim).err().expect("an older layout is refused");
         assert!(matches!(err, StoreError::SchemaVersion { found: 1, .. }), "{err}");
-        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 4"), "{err}");
+        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 5"), "{err}");
     }
 
     #[tokio::test]
@@ -696,6 +766,126 @@ mod tests {
         let db = Database::open(&path).unwrap();
         let version = db.begin_read().unwrap().open_table(META).unwrap().get("schema_version").unwrap();
         assert_eq!(version.map(|g| g.value()), Some(SCHEMA_VERSION));
+    }
+
+    fn fanout_op(channel: &[u8], payload: &[u8], recipients: &[IdentityKey]) -> WriteOp {
+        WriteOp::Fanout {
+            channel: channel.to_vec(),
+            payload: payload.to_vec(),
+            recipients: recipients.to_vec(),
+        }
+    }
+
+    /// (rows in `payloads`, the `stored_bytes` quota count).
+    fn payload_rows_and_stored_bytes(store: &Store) -> (u64, u64) {
+        let txn = store.db.begin_read().unwrap();
+        let rows = txn.open_table(PAYLOADS).unwrap().iter().unwrap().count() as u64;
+        let stored = txn.open_table(META).unwrap().get(STORED_BYTES).unwrap().map(|g| g.value()).unwrap_or(0);
+        (rows, stored)
+    }
+
+    #[tokio::test]
+    async fn a_fanned_out_payload_is_stored_once_and_deleted_after_the_last_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
+        let (alice, bob, carol) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        enqueued(&store, enqueue_op(bob, b"grp")).await; // bob already has mail: seqs differ
+        let payload = vec![7u8; 1000];
+        let out = store.write(fanout_op(b"grp", &payload, &[alice, bob, carol])).await.unwrap();
+        assert_eq!(out, Outcome::Enqueued { channel_seq: 2, seqs: vec![1, 2, 1] });
+        let (rows, stored) = payload_rows_and_stored_bytes(&store);
+        let row = 8 + 17 + 3 + payload.len() as u64;
+        assert_eq!(rows, 1, "one copy for three recipients");
+        let inline_m = 17 + 3 + 1;
+        assert_eq!(stored, inline_m + row + 3 * limits::FANOUT_ENTRY_BYTES, "the payload is charged once");
+        for who in [alice, bob, carol] {
+            let (msgs, _) = store.fetch(&who, 0, 10, 1 << 20).unwrap();
+            let m = msgs.last().unwrap();
+            assert_eq!((m.channel_id.as_slice(), m.channel_seq, &m.payload), (&b"grp"[..], 2, &payload));
+        }
+        store.write(WriteOp::Ack { who: alice, up_to: u64::MAX }).await.unwrap();
+        store.write(WriteOp::Ack { who: bob, up_to: u64::MAX }).await.unwrap();
+        assert_eq!(
+            payload_rows_and_stored_bytes(&store),
+            (1, row + limits::FANOUT_ENTRY_BYTES),
+            "carol's copy"
+        );
+        let (left, _) = store.fetch(&carol, 0, 10, 1 << 20).unwrap();
+        assert_eq!(left[0].payload, payload, "still there for the one who has not acked");
+        store.write(WriteOp::Ack { who: carol, up_to: u64::MAX }).await.unwrap();
+        assert_eq!(payload_rows_and_stored_bytes(&store), (0, 0), "the last ack deletes it");
+        assert_eq!(metadata_rows(&store), (0, 0));
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_fanned_out_payload_expires_with_all_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
+        let who: Vec<IdentityKey> = (1..=5u8).map(|i| [i; 32]).collect();
+        store.write(fanout_op(b"grp", b"hello", &who)).await.unwrap();
+        store.write(WriteOp::Ack { who: who[0], up_to: u64::MAX }).await.unwrap();
+        let now = now_ms();
+        let later = now + limits().ttl_ms + 1_000;
+        assert!(store.fetch_at(&who[1], 0, 10, 1 << 20, later).unwrap().0.is_empty(), "expired for all");
+        let swept = store.write(WriteOp::Sweep { now_ms: now, after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 0, resume: None });
+        assert_eq!(payload_rows_and_stored_bytes(&store).0, 1);
+        let swept = store.write(WriteOp::Sweep { now_ms: later, after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 4, resume: None });
+        assert_eq!(payload_rows_and_stored_bytes(&store), (0, 0), "the payload went with its entries");
+        assert_eq!(metadata_rows(&store), (0, 0));
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_fanout_charges_each_queue_the_payload_and_the_quota_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = vec![1u8; 10_000];
+        let entry = 17 + payload.len() as u64;
+        let n = 50u64;
+        // Room for the payload once and 50 entries, far from room for 50 copies.
+        let quota = 8 + entry + n * limits::FANOUT_ENTRY_BYTES;
+        let lim =
+            QueueLimits { max_messages: 100, max_bytes: entry, ttl_ms: 60_000, max_stored_bytes: quota };
+        let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
+        let who: Vec<IdentityKey> = (0..n).map(|i| [i as u8; 32]).collect();
+        store.write(fanout_op(b"", &payload, &who)).await.unwrap();
+        assert_eq!(payload_rows_and_stored_bytes(&store), (1, quota));
+        // The quota is used up now, and so is each queue's byte cap (charged the whole payload).
+        let over = store.write(fanout_op(b"", b"x", &[[200u8; 32]])).await;
+        assert!(matches!(over, Err(StoreError::OverQuota { .. })), "{over:?}");
+        store.write(WriteOp::Ack { who: who[0], up_to: u64::MAX }).await.unwrap();
+        let full = store.write(fanout_op(b"", b"x", &[who[0], who[1]])).await;
+        assert!(matches!(full, Err(StoreError::QueueFull { .. })), "{full:?}");
+        assert_eq!(store.fetch(&who[0], 0, 10, 1 << 20).unwrap().0.len(), 0, "all or nothing");
+        let none = store.write(fanout_op(b"c", b"x", &[])).await.unwrap();
+        assert_eq!(none, Outcome::Enqueued { channel_seq: 0, seqs: vec![] }, "nobody: nothing stored");
+        let dup = store.write(fanout_op(b"", b"x", &[who[0], who[0]])).await;
+        assert!(matches!(dup, Err(StoreError::DuplicateRecipient { first: 0, again: 1 })), "{dup:?}");
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_4_file_is_opened_with_its_inline_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let who = [1u8; 32];
+        {
+            let store = Store::open(&path, limits()).unwrap();
+            enqueued(&store, enqueue_op(who, b"c")).await;
+            store.close().unwrap();
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("schema_version", 4).unwrap();
+            txn.delete_table(PAYLOADS).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, limits()).unwrap();
+        assert_eq!(store.fetch(&who, 0, 10, 1 << 20).unwrap().0[0].payload, b"m");
+        store.write(fanout_op(b"c", b"shared", &[who])).await.unwrap();
+        assert_eq!(store.fetch(&who, 0, 10, 1 << 20).unwrap().0.len(), 2);
+        store.close().unwrap();
     }
 
     fn kp(not_after: u64, tag: u8) -> KeyPackageEntry {

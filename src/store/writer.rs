@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::{
     CHANNEL_SEQ_FLOOR, CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry,
-    LAST_RESORT, META, Notifier, QUEUE, QUEUE_META, QueueLimits, SEQ_FLOOR, STORED_BYTES, StoreError,
-    StoredMessage, queue_key,
+    LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue,
+    SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
 };
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
@@ -32,6 +32,9 @@ use crate::limits;
 pub enum WriteOp {
     /// Store each payload for its recipient; one shared channel position when `channel` is set.
     Enqueue { channel: Vec<u8>, items: Vec<(IdentityKey, Vec<u8>)> },
+    /// Store one payload once for every recipient (distinct keys); one shared channel position
+    /// when `channel` is set. Answered with [`Outcome::Enqueued`], seqs in `recipients` order.
+    Fanout { channel: Vec<u8>, payload: Vec<u8>, recipients: Vec<IdentityKey> },
     /// Delete `who`'s messages with seq <= `up_to`.
     Ack { who: IdentityKey, up_to: u64 },
     /// Add single-use KeyPackages and optionally replace the last-resort one (already validated
@@ -197,6 +200,9 @@ fn apply_batch(
     for (op, _) in jobs {
         let out = match op {
             WriteOp::Enqueue { channel, items } => enqueue(&txn, limits, now_ms, channel, items, woken),
+            WriteOp::Fanout { channel, payload, recipients } => {
+                fanout(&txn, limits, now_ms, channel, payload, recipients, woken)
+            }
             WriteOp::Ack { who, up_to } => ack(&txn, who, *up_to),
             WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
                 upload_key_packages(&txn, who, packages, last_resort.as_ref(), *now)
@@ -252,16 +258,7 @@ fn enqueue(
         return Err(StoreError::OverQuota { used, adding, max: limits.max_stored_bytes });
     }
     set_stored_bytes(txn, used.saturating_add(adding))?;
-    let channel_seq = if channel.is_empty() {
-        0
-    } else {
-        let mut chans = txn.open_table(CHANNELS)?;
-        let floor = meta_value(txn, CHANNEL_SEQ_FLOOR)?;
-        let (last, queued) = chans.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
-        let next = last + 1;
-        chans.insert(channel, (next, queued + items.len() as u64))?;
-        next
-    };
+    let channel_seq = next_channel_seq(txn, channel, items.len() as u64)?;
     let mut queue = txn.open_table(QUEUE)?;
     let mut seqs = Vec::with_capacity(items.len());
     let mut next_seq: HashMap<IdentityKey, u64> = HashMap::new();
@@ -279,6 +276,84 @@ fn enqueue(
         let next = next_seq.get(&who).copied().unwrap_or(seq_floor);
         meta.insert(&who[..], (next, count, bytes))?;
         woken.push(who);
+    }
+    Ok(Outcome::Enqueued { channel_seq, seqs })
+}
+
+/// The next position on `channel` (0 for none), which `added` new queue entries share.
+fn next_channel_seq(txn: &WriteTransaction, channel: &[u8], added: u64) -> Result<u64, StoreError> {
+    if channel.is_empty() {
+        return Ok(0);
+    }
+    let mut chans = txn.open_table(CHANNELS)?;
+    let floor = meta_value(txn, CHANNEL_SEQ_FLOOR)?;
+    let (last, queued) = chans.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
+    let next = last + 1;
+    chans.insert(channel, (next, queued + added))?;
+    Ok(next)
+}
+
+/// One payload stored once in `payloads`, with a shared `queue` entry per recipient. Each
+/// recipient's caps are charged the whole entry (what it will fetch); the storage quota is
+/// charged the row once plus [`limits::FANOUT_ENTRY_BYTES`] per recipient (what the file holds).
+fn fanout(
+    txn: &WriteTransaction,
+    limits: QueueLimits,
+    now: u64,
+    channel: &[u8],
+    payload: &[u8],
+    recipients: &[IdentityKey],
+    woken: &mut Vec<IdentityKey>,
+) -> Result<Outcome, StoreError> {
+    if recipients.is_empty() {
+        // Nothing to store (the RPC layer refuses this); a row without refs would never go.
+        return Ok(Outcome::Enqueued { channel_seq: 0, seqs: Vec::new() });
+    }
+    // The inline encoding's length: what each recipient will fetch, and the row's body.
+    let entry_len = 17 + channel.len() + payload.len();
+    let charge = StoredMessage::accounted_len(entry_len);
+    let mut meta = txn.open_table(QUEUE_META)?;
+    let seq_floor = meta_value(txn, SEQ_FLOOR)?.max(1);
+    let mut seen: HashMap<IdentityKey, usize> = HashMap::with_capacity(recipients.len());
+    let mut planned = Vec::with_capacity(recipients.len());
+    for (i, who) in recipients.iter().enumerate() {
+        if let Some(first) = seen.insert(*who, i) {
+            return Err(StoreError::DuplicateRecipient { first, again: i });
+        }
+        let (next, count, bytes) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
+        if count + 1 > limits.max_messages || bytes + charge > limits.max_bytes {
+            return Err(StoreError::QueueFull {
+                count,
+                bytes,
+                max_count: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            });
+        }
+        planned.push((next, count + 1, bytes + charge));
+    }
+    let n = recipients.len() as u64;
+    let row_len = 8 + entry_len as u64;
+    let adding = row_len.saturating_add(n.saturating_mul(limits::FANOUT_ENTRY_BYTES));
+    let used = stored_bytes(txn)?;
+    if used.saturating_add(adding) > limits.max_stored_bytes {
+        return Err(StoreError::OverQuota { used, adding, max: limits.max_stored_bytes });
+    }
+    set_stored_bytes(txn, used.saturating_add(adding))?;
+    let channel_seq = next_channel_seq(txn, channel, n)?;
+    let id = meta_value(txn, NEXT_PAYLOAD_ID)?.max(1);
+    txn.open_table(META)?.insert(NEXT_PAYLOAD_ID, id + 1)?;
+    // The row carries the channel position every entry shares.
+    let mut row = Vec::with_capacity(8 + entry_len);
+    row.extend_from_slice(&n.to_be_bytes());
+    row.extend_from_slice(&StoredMessage::encode_value(now, channel_seq, channel, payload));
+    txn.open_table(PAYLOADS)?.insert(id, &row[..])?;
+    let mut queue = txn.open_table(QUEUE)?;
+    let mut seqs = Vec::with_capacity(recipients.len());
+    for (who, (next, count, bytes)) in recipients.iter().zip(planned) {
+        queue.insert(&queue_key(who, next)[..], &id.to_be_bytes()[..])?;
+        meta.insert(&who[..], (next + 1, count, bytes))?;
+        seqs.push(next);
+        woken.push(*who);
     }
     Ok(Outcome::Enqueued { channel_seq, seqs })
 }
@@ -313,19 +388,31 @@ fn raise_floor(txn: &WriteTransaction, name: &str, value: u64) -> Result<(), Sto
 struct Released {
     recipients: HashMap<IdentityKey, (u64, u64)>,
     channels: HashMap<Vec<u8>, u64>,
+    /// Refs dropped per `payloads` row.
+    payloads: HashMap<u64, u64>,
     bytes: u64,
 }
 
 impl Released {
-    /// Notes one deleted `queue` row; a value too damaged to name its channel counts for none.
-    fn note(&mut self, who: Option<IdentityKey>, value: &[u8]) {
-        let len = StoredMessage::accounted_len(value.len());
-        self.bytes += len;
+    /// Notes one deleted `queue` row; `shared` is the entry a shared value points to (None when
+    /// its payload row is missing). A value too damaged to name its channel counts for none.
+    fn note(&mut self, who: Option<IdentityKey>, value: &[u8], shared: Option<&[u8]>) {
+        let entry = match QueueValue::of(value) {
+            QueueValue::Inline(v) => {
+                self.bytes += StoredMessage::accounted_len(v.len());
+                v
+            }
+            QueueValue::Shared(id) => {
+                self.bytes += limits::FANOUT_ENTRY_BYTES;
+                *self.payloads.entry(id).or_default() += 1;
+                shared.unwrap_or_default()
+            }
+        };
         if let Some(who) = who {
             let e = self.recipients.entry(who).or_default();
-            *e = (e.0 + 1, e.1 + len);
+            *e = (e.0 + 1, e.1 + StoredMessage::accounted_len(entry.len()));
         }
-        if let Ok((_, _, channel, _)) = StoredMessage::parts(0, value)
+        if let Ok((_, _, channel, _)) = StoredMessage::parts(0, entry)
             && !channel.is_empty()
         {
             *self.channels.entry(channel.to_vec()).or_default() += 1;
@@ -363,14 +450,34 @@ impl Released {
                 }
             }
         }
+        let mut freed = self.bytes;
+        {
+            // A payload goes with its last entry.
+            let mut payloads = txn.open_table(PAYLOADS)?;
+            for (id, n) in self.payloads {
+                let current = payloads.get(id)?.map(|g| g.value().to_vec());
+                let Some(row) = current else { continue };
+                let (refs, entry) = split_payload_row(&row)?;
+                if refs <= n {
+                    payloads.remove(id)?;
+                    freed += row.len() as u64;
+                } else {
+                    let mut kept = Vec::with_capacity(row.len());
+                    kept.extend_from_slice(&(refs - n).to_be_bytes());
+                    kept.extend_from_slice(entry);
+                    payloads.insert(id, &kept[..])?;
+                }
+            }
+        }
         raise_floor(txn, SEQ_FLOOR, seq_floor)?;
         raise_floor(txn, CHANNEL_SEQ_FLOOR, channel_floor)?;
-        set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(self.bytes))
+        set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(freed))
     }
 }
 
 fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
+    let payloads = txn.open_table(PAYLOADS)?;
     let start = queue_key(who, 0);
     let end = queue_key(who, up_to);
     let mut doomed = Vec::new();
@@ -378,7 +485,8 @@ fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome,
     for entry in queue.range(&start[..]..=&end[..])? {
         let (k, v) = entry?;
         doomed.push(k.value().to_vec());
-        released.note(Some(*who), v.value());
+        let shared = shared_row(&payloads, v.value())?;
+        released.note(Some(*who), v.value(), shared.as_deref());
     }
     if doomed.is_empty() {
         return Ok(Outcome::Acked { removed: 0 });
@@ -386,9 +494,16 @@ fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome,
     for k in &doomed {
         queue.remove(&k[..])?;
     }
-    drop(queue);
+    drop((queue, payloads));
     released.apply(txn)?;
     Ok(Outcome::Acked { removed: u32::try_from(doomed.len()).unwrap_or(u32::MAX) })
+}
+
+/// The entry a shared `queue` value points to, None for an inline value or a missing row.
+fn shared_row(payloads: &redb::Table<u64, &[u8]>, value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    let QueueValue::Shared(id) = QueueValue::of(value) else { return Ok(None) };
+    let Some(row) = payloads.get(id)? else { return Ok(None) };
+    Ok(split_payload_row(row.value()).ok().map(|(_, entry)| entry.to_vec()))
 }
 
 /// Replaces `who`'s hybrid key only with a newer one: an older signed key (a replay of one the
@@ -549,6 +664,7 @@ fn expire_key_packages(txn: &WriteTransaction, now: u64) -> Result<Outcome, Stor
 
 fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
     let mut queue = txn.open_table(QUEUE)?;
+    let payloads = txn.open_table(PAYLOADS)?;
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();
     let mut last = None;
@@ -563,7 +679,16 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
         let (key, value) = (k.value(), v.value());
         scanned += 1;
         last = Some(key.to_vec());
-        let expired = match (super::split_queue_key(key), StoredMessage::enqueued_at(value)) {
+        // A shared entry ages with its payload row; one whose row is missing is damaged.
+        let shared = shared_row(&payloads, value)?;
+        let enqueued_at = match (QueueValue::of(value), &shared) {
+            (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
+            (QueueValue::Shared(_), Some(entry)) => StoredMessage::enqueued_at(entry),
+            (QueueValue::Shared(id), None) => {
+                Err(StoreError::Db(format!("shared entry of missing payload {id}")))
+            }
+        };
+        let expired = match (super::split_queue_key(key), enqueued_at) {
             (Ok(_), Ok(at)) => now.saturating_sub(at) > limits.ttl_ms,
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "sweep removes a damaged queue row");
@@ -573,7 +698,7 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
         if expired {
             doomed.push(key.to_vec());
             // A damaged key names no recipient whose counts we could trust; leave them alone.
-            released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value);
+            released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value, shared.as_deref());
         }
         if scanned >= limits::SWEEP_SLICE_ROWS {
             break;
@@ -583,7 +708,7 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
     for k in &doomed {
         queue.remove(&k[..])?;
     }
-    drop(queue);
+    drop((queue, payloads));
     released.apply(txn)?;
     Ok(Outcome::Swept { removed: doomed.len() as u64, resume })
 }

@@ -1,0 +1,104 @@
+//! Group messages sealed once and fanned out by the server (issue 11, item 3), end to end:
+//! people with their own homes driving the real binary against a real `qpq serve`, and the
+//! server's database file read after the server stopped.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ServerProcess, User, cast};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+const PAYLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
+const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
+
+/// (`payloads` rows, `queue` rows) in a stopped server's database file.
+fn stored(data_dir: &Path) -> (u64, u64) {
+    let db = redb::Database::open(data_dir.join("qpq.db")).expect("open the server's database");
+    let txn = db.begin_read().unwrap();
+    let payloads = txn.open_table(PAYLOADS).unwrap().len().unwrap();
+    (payloads, txn.open_table(QUEUE).unwrap().len().unwrap())
+}
+
+/// Stops the server, runs `check` on its data dir, and starts it again on the same address.
+fn with_server_stopped(server: ServerProcess, check: impl FnOnce(&Path)) -> ServerProcess {
+    let (dir, addr) = (server.data_dir.clone(), server.addr);
+    assert!(server.terminate().success());
+    check(&dir);
+    ServerProcess::start_on(&dir, addr)
+}
+
+fn team_of_three(alice: &User, bob: &User, carol: &User) {
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+    alice.ok(&["recv"]);
+}
+
+/// The group's MLS messages travel as one stored copy (the server sees no per-recipient
+/// envelope) and still read as ever; the copy is deleted once the last member acked it.
+#[test]
+fn a_group_of_three_chats_through_one_stored_copy_per_message() {
+    let (_dir, server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    let server = with_server_stopped(server, |dir| {
+        assert_eq!(stored(dir).0, 0, "everything so far was acked: no payload is left");
+    });
+    // The MLS ciphertext is opaque; a long text makes its copy easy to recognise by size.
+    let text = "x".repeat(20_000);
+    alice.ok(&["send", "#team", &text]);
+    let server = with_server_stopped(server, |dir| {
+        let db = redb::Database::open(dir.join("qpq.db")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let payloads = txn.open_table(PAYLOADS).unwrap();
+        let rows: Vec<Vec<u8>> = payloads.iter().unwrap().map(|r| r.unwrap().1.value().to_vec()).collect();
+        assert_eq!(rows.len(), 1, "one stored copy for bob and carol");
+        assert!(rows[0].len() > 20_000, "it is the message: {} bytes", rows[0].len());
+        let big_entries = txn
+            .open_table(QUEUE)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .filter(|r| r.as_ref().unwrap().1.value().len() > 1000)
+            .count();
+        assert_eq!(big_entries, 0, "no recipient holds a copy of its own");
+    });
+    assert_eq!(bob.recv(), vec![format!("[#team] alice: {text}")]);
+    let server = with_server_stopped(server, |dir| {
+        assert_eq!(stored(dir).0, 1, "carol has not read it yet: the copy stays");
+    });
+    assert_eq!(carol.recv(), vec![format!("[#team] alice: {text}")]);
+    bob.ok(&["send", "#team", "hi both"]);
+    carol.ok(&["send", "#team", "hi all"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: hi both", "[#team] carol: hi all"]);
+    assert_eq!(bob.recv(), vec!["[#team] carol: hi all"]);
+    assert_eq!(carol.recv(), vec!["[#team] bob: hi both"]);
+    // A commit goes the same way: carol removed, bob and alice go on.
+    alice.ok(&["group", "remove", "team", "carol"]);
+    bob.ok(&["recv"]);
+    carol.ok(&["recv"]);
+    alice.ok(&["send", "#team", "just us"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: just us"]);
+    let server = with_server_stopped(server, |dir| {
+        let (payloads, queue) = stored(dir);
+        assert_eq!((payloads, queue), (0, 0), "every copy was acked by its last reader and deleted");
+    });
+    drop(server);
+}
+
+/// A direct conversation is an MLS group of two: its messages are fanned out too.
+#[test]
+fn direct_messages_go_through_the_fanout_and_read_as_ever() {
+    let (_dir, server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "hello bob"]);
+    assert_eq!(bob.recv(), vec!["alice: hello bob"]);
+    let text = "y".repeat(10_000);
+    bob.ok(&["send", "alice", &text]);
+    let server = with_server_stopped(server, |dir| {
+        let (payloads, _) = stored(dir);
+        assert_eq!(payloads, 1, "bob's message waits as one shared payload");
+    });
+    assert_eq!(alice.recv(), vec![format!("bob: {text}")]);
+    drop(server);
+}
