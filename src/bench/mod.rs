@@ -22,6 +22,7 @@
 //! scenarios on a `LocalSet` (capnp-rpc is `!Send`) while a progress bar runs on stderr, and
 //! prints a table, or `--json`, on stdout.
 
+pub mod child;
 pub mod connections;
 pub mod delivery;
 pub mod echo;
@@ -120,6 +121,10 @@ pub struct BenchArgs {
     /// Internal: run the bare quinn echo server the connections scenario compares against
     #[arg(long, hide = true)]
     pub echo_server: bool,
+    /// The `qpq` executable whose `serve` the server-CPU measurement runs [default: this one];
+    /// to compare a build with an older one under the same load generator
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub server_exe: Option<PathBuf>,
 }
 
 /// [`BenchArgs`] resolved and checked.
@@ -133,6 +138,7 @@ pub struct Settings {
     pub recipients: usize,
     pub mls_sizes: Vec<usize>,
     pub connections: usize,
+    pub server_exe: Option<PathBuf>,
 }
 
 impl Settings {
@@ -176,6 +182,7 @@ impl Settings {
             recipients,
             mls_sizes,
             connections,
+            server_exe: args.server_exe.clone(),
         })
     }
 
@@ -338,12 +345,27 @@ impl<'a> Bench<'a> {
 
     /// A new, unauthenticated connection to the server under test.
     pub async fn connect(&self) -> anyhow::Result<Session> {
-        Ok(Session::connect(&self.target.addr.to_string(), Pin::Fingerprint(self.target.fingerprint)).await?)
+        self.connect_at(None).await
     }
 
     /// A new connection authenticated as `id`.
     pub async fn login(&self, id: &crate::crypto::identity::Identity) -> anyhow::Result<Session> {
-        let mut s = self.connect().await?;
+        self.login_at(None, id).await
+    }
+
+    /// [`Bench::connect`] to `at` (address, fingerprint) instead of the target when set.
+    pub async fn connect_at(&self, at: Option<(SocketAddr, Fingerprint)>) -> anyhow::Result<Session> {
+        let (addr, fingerprint) = at.unwrap_or((self.target.addr, self.target.fingerprint));
+        Ok(Session::connect(&addr.to_string(), Pin::Fingerprint(fingerprint)).await?)
+    }
+
+    /// [`Bench::login`] to `at` instead of the target when set.
+    pub async fn login_at(
+        &self,
+        at: Option<(SocketAddr, Fingerprint)>,
+        id: &crate::crypto::identity::Identity,
+    ) -> anyhow::Result<Session> {
+        let mut s = self.connect_at(at).await?;
         s.authenticate(id).await?;
         Ok(s)
     }
@@ -667,6 +689,7 @@ mod tests {
             connections: None,
             recipients: None,
             echo_server: false,
+            server_exe: None,
         };
         assert!(Settings::resolve(&args(vec![1])).is_err());
         assert!(Settings::resolve(&args(vec![2, 16, 1000])).is_ok());
