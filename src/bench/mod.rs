@@ -10,7 +10,8 @@
 //! # Scenarios (one file each)
 //! - [`transport`]: NodeService calls at 1/16/64 in flight against a pipelined raw quinn echo.
 //! - [`delivery`]: N senders → M recipients (`fetchWait` + `ack`), against fsync, a bare redb
-//!   commit and the echo; messages per commit (group commit); enqueue→wake-up latency.
+//!   commit and the echo; messages per commit (group commit); enqueue→wake-up latency; the
+//!   server's CPU per delivered message, measured on a `qpq serve` child ([`child`]).
 //! - [`mls`]: openmls operations at several group sizes against their cryptographic floor.
 //! - [`connections`]: idle connections to a real `qpq serve` child: server RSS per connection
 //!   and handshake rate, against a bare quinn echo server child.
