@@ -299,3 +299,9 @@ pub const PASSPHRASE_TRIES: u32 = 3;
 
 /// Largest `--passphrase-file` read: a passphrase, not a key file.
 pub const MAX_PASSPHRASE_FILE_BYTES: u64 = 4096;
+
+/// Cores per RPC worker thread: on a small machine one thread runs quinn and every connection,
+/// so a message crosses threads only to the store writer and back (issue 14).
+pub const RPC_CORES_PER_WORKER: usize = 4;
+/// Most RPC worker threads.
+pub const MAX_RPC_WORKERS: usize = 8;

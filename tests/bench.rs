@@ -55,6 +55,18 @@ fn quick_bench_reports_every_scenario_against_a_reference() {
         delivery.iter().any(|r| positive(&r["extra"]["msgs_per_commit"])),
         "no messages-per-commit figure"
     );
+    // The server's CPU per message comes from a `qpq serve` child, with its context switches.
+    let cpu = delivery
+        .iter()
+        .find(|r| r["case"].as_str().is_some_and(|c| c.starts_with("server cpu per delivered msg")))
+        .expect("no server cpu row");
+    assert_eq!(cpu["unit"], "us");
+    assert!(cpu["extra"]["server_ctx_switches_per_msg"].as_f64().is_some(), "no context switch figure");
+    // The latency row is against the disk's fsync p99 plus an echo round trip.
+    assert!(
+        delivery.iter().any(|r| r["reference"].as_str().is_some_and(|x| x.starts_with("fsync p99"))),
+        "no wake-up row against fsync p99"
+    );
     // The MLS floor is built from primitives measured in this run.
     for primitive in ["ed25519_sign_us", "ed25519_verify_us", "hpke_suite_seal_us", "xwing_decaps_us"] {
         assert!(positive(&report["references"][primitive]), "no {primitive} reference");

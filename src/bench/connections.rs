@@ -16,17 +16,17 @@
 //! applies (past half of it each handshake takes a QUIC Retry), so raise it there first.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
 use futures::StreamExt as _;
 use tokio_util::compat::{TokioAsyncReadCompatExt as _, TokioAsyncWriteCompatExt as _};
 
-use super::{Bench, Row, Settings, echo, proc_kib};
+use super::child::ChildServer;
+use super::{Bench, Row, Settings, echo};
 use crate::proto::node_capnp::node_service;
-use crate::transport::{self, Fingerprint};
+use crate::transport;
 
 /// Handshakes in progress at once while opening connections.
 const HANDSHAKE_CONCURRENCY: usize = 16;
@@ -39,74 +39,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn steps(_: &Settings) -> u64 {
     3
-}
-
-/// A child process that dies with the bench: killed on drop.
-struct ChildServer {
-    child: Child,
-    addr: SocketAddr,
-    fingerprint: Fingerprint,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl ChildServer {
-    /// `qpq serve` on 127.0.0.1:0 in a fresh temp data dir. Every connection comes from
-    /// 127.0.0.1, so the config file lifts the per-address cap (and with it the QUIC Retry past
-    /// half of it) that a real server applies; the total cap is the default.
-    fn serve() -> anyhow::Result<ChildServer> {
-        let dir = tempfile::Builder::new().prefix("qpq-bench-serve-").tempdir()?;
-        std::fs::write(
-            dir.path().join(crate::server::config::CONFIG_FILE),
-            format!("max_connections_per_ip = {}\n", crate::limits::DEFAULT_MAX_CONNECTIONS),
-        )?;
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
-        for var in ["QPQ_CONFIG", "QPQ_CERT", "QPQ_KEY"] {
-            cmd.env_remove(var);
-        }
-        ChildServer::spawn(cmd.env("QPQ_LOG", "warn"), Some(dir))
-    }
-
-    /// `qpq bench --echo-server`, which exits when its stdin closes.
-    fn echo() -> anyhow::Result<ChildServer> {
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["bench", "--echo-server"]).env_remove("QPQ_SERVER");
-        ChildServer::spawn(&mut cmd, None)
-    }
-
-    fn spawn(cmd: &mut Command, dir: Option<tempfile::TempDir>) -> anyhow::Result<ChildServer> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start the server child")?;
-        let stdout = child.stdout.take().context("child stdout is piped")?;
-        let mut stdout = std::io::BufReader::new(stdout);
-        let banner = echo::read_child_banner(&mut stdout);
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        match banner {
-            Ok((addr, fingerprint)) => Ok(ChildServer { child, addr, fingerprint, _dir: dir }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
-            }
-        }
-    }
-
-    fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        proc_kib(&status, "VmRSS:").context("no VmRSS in /proc/PID/status")
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An idle qpq connection: QUIC, the RPC stream, a bootstrapped NodeService.

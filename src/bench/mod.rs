@@ -10,7 +10,8 @@
 //! # Scenarios (one file each)
 //! - [`transport`]: NodeService calls at 1/16/64 in flight against a pipelined raw quinn echo.
 //! - [`delivery`]: N senders → M recipients (`fetchWait` + `ack`), against fsync, a bare redb
-//!   commit and the echo; messages per commit (group commit); enqueue→wake-up latency.
+//!   commit and the echo; messages per commit (group commit); enqueue→wake-up latency; the
+//!   server's CPU per delivered message, measured on a `qpq serve` child ([`child`]).
 //! - [`mls`]: openmls operations at several group sizes against their cryptographic floor.
 //! - [`fanout`]: application messages through a real `Messenger` to groups of 2, 100 and 1000
 //!   members: the sender's CPU, upload and the server's storage per message against 2 members.
@@ -24,6 +25,7 @@
 //! scenarios on a `LocalSet` (capnp-rpc is `!Send`) while a progress bar runs on stderr, and
 //! prints a table, or `--json`, on stdout.
 
+pub mod child;
 pub mod connections;
 pub mod delivery;
 pub mod echo;
@@ -131,6 +133,10 @@ pub struct BenchArgs {
     /// Internal: run the bare quinn echo server the connections scenario compares against
     #[arg(long, hide = true)]
     pub echo_server: bool,
+    /// The `qpq` executable whose `serve` the server-CPU measurement runs [default: this one];
+    /// to compare a build with an older one under the same load generator
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub server_exe: Option<PathBuf>,
 }
 
 /// [`BenchArgs`] resolved and checked.
@@ -145,6 +151,7 @@ pub struct Settings {
     pub mls_sizes: Vec<usize>,
     pub fanout_sizes: Vec<usize>,
     pub connections: usize,
+    pub server_exe: Option<PathBuf>,
 }
 
 impl Settings {
@@ -203,6 +210,7 @@ impl Settings {
             mls_sizes,
             fanout_sizes,
             connections,
+            server_exe: args.server_exe.clone(),
         })
     }
 
@@ -370,12 +378,27 @@ impl<'a> Bench<'a> {
 
     /// A new, unauthenticated connection to the server under test.
     pub async fn connect(&self) -> anyhow::Result<Session> {
-        Ok(Session::connect(&self.target.addr.to_string(), Pin::Fingerprint(self.target.fingerprint)).await?)
+        self.connect_at(None).await
     }
 
     /// A new connection authenticated as `id`.
     pub async fn login(&self, id: &crate::crypto::identity::Identity) -> anyhow::Result<Session> {
-        let mut s = self.connect().await?;
+        self.login_at(None, id).await
+    }
+
+    /// [`Bench::connect`] to `at` (address, fingerprint) instead of the target when set.
+    pub async fn connect_at(&self, at: Option<(SocketAddr, Fingerprint)>) -> anyhow::Result<Session> {
+        let (addr, fingerprint) = at.unwrap_or((self.target.addr, self.target.fingerprint));
+        Ok(Session::connect(&addr.to_string(), Pin::Fingerprint(fingerprint)).await?)
+    }
+
+    /// [`Bench::login`] to `at` instead of the target when set.
+    pub async fn login_at(
+        &self,
+        at: Option<(SocketAddr, Fingerprint)>,
+        id: &crate::crypto::identity::Identity,
+    ) -> anyhow::Result<Session> {
+        let mut s = self.connect_at(at).await?;
         s.authenticate(id).await?;
         Ok(s)
     }
@@ -702,6 +725,7 @@ mod tests {
             connections: None,
             recipients: None,
             echo_server: false,
+            server_exe: None,
         };
         assert!(Settings::resolve(&args(vec![1])).is_err());
         assert!(Settings::resolve(&args(vec![2, 16, 1000])).is_ok());

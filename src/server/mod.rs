@@ -3,11 +3,20 @@
 //! # Shape
 //! - [`start`] binds the QUIC endpoint, opens the store and returns a [`RunningServer`] (its
 //!   bound address, certificate fingerprint and a shutdown handle), so tests start it on port 0.
-//! - An accept loop on the caller's (multi-threaded) tokio runtime hands every connection to one
-//!   of a few RPC worker threads. capnp-rpc's `RpcSystem` is `!Send`, so each worker runs a
-//!   current-thread runtime with a `LocalSet`; connections are spread round-robin over them.
-//!   Before that, [`admission`] decides whether a connection is served at all (caps in all and
-//!   per IP address, QUIC Retry for busy addresses).
+//! - Threads and hand-offs (issue 14: each hop between threads is a wake-up and usually a context
+//!   switch, and they were 40% of the server's CPU per message):
+//!   ```text
+//!   UDP ─▶ [qpq-rpc-0: quinn endpoint driver, accept loop, connections, RPC] ─submit─▶ [writer]
+//!          [qpq-rpc-N: connections, RPC (only with more than RPC_CORES_PER_WORKER cores)]   │
+//!            ▲ enqueue replies, fetchWait wake-ups (after the fsync) ───────────────────────┘
+//!   ```
+//!   capnp-rpc's `RpcSystem` is `!Send`, so each RPC worker runs a current-thread runtime with a
+//!   `LocalSet`. The quinn endpoint (its UDP socket and driver) lives on worker 0, with the accept
+//!   loop: a datagram for a connection on worker 0 is decrypted and answered without leaving that
+//!   thread. Connections are spread round-robin over the workers; with few cores there is one, so
+//!   the only hops per message are to the store writer and back. The caller's runtime only runs
+//!   the sweeper and shutdown. Before a connection is handed on, [`admission`] decides whether it
+//!   is served at all (caps in all and per IP address, QUIC Retry for busy addresses).
 //! - Calls anyone may make without authenticating (`enqueue`, `enqueueBatch`, `enqueueFanout`,
 //!   `fetchKeyPackage`) draw on token buckets per connection, per source address and per target
 //!   key ([`ratelimit`]); the store enforces per-recipient caps and a global storage quota.
@@ -218,7 +227,8 @@ pub struct RunningServer {
     generated_cert: bool,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
-    accept_task: tokio::task::JoinHandle<()>,
+    /// Resolves (sender dropped) when the accept loop on worker 0 has ended.
+    accept_done: tokio::sync::oneshot::Receiver<()>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -266,10 +276,10 @@ impl RunningServer {
 
     /// Graceful shutdown; see the module docs.
     pub async fn shutdown(self) -> Result<(), ServerError> {
-        let RunningServer { shared, endpoint, accept_task, workers, .. } = self;
+        let RunningServer { shared, endpoint, accept_done, workers, .. } = self;
         shared.draining.store(true, Ordering::SeqCst);
         shared.shutdown.cancel();
-        let _ = accept_task.await;
+        let _ = accept_done.await;
         let grace = Duration::from_millis(limits::SHUTDOWN_GRACE_MS);
         let _ = tokio::time::timeout(grace, shared.calls_finished()).await;
         endpoint.close(0u32.into(), b"server shutting down");
@@ -322,10 +332,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         StoreError::InUse => ServerError::DataDirInUse(cfg.data_dir.display().to_string()),
         e => e.into(),
     })?;
-    let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
-        .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
-    let local_addr =
-        endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let shared = Shared::with_memory(
         store,
         RpcLimits { max_payload: cfg.max_payload },
@@ -334,20 +340,43 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         cfg.rate_limits,
         (cfg.max_buffered_bytes, Duration::from_millis(cfg.stall_timeout_ms)),
     );
-    let worker_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let worker_count = cores.div_ceil(limits::RPC_CORES_PER_WORKER).clamp(1, limits::MAX_RPC_WORKERS);
     let mut senders = Vec::with_capacity(worker_count);
-    let mut workers = Vec::with_capacity(worker_count);
-    for i in 0..worker_count {
+    let mut receivers = Vec::with_capacity(worker_count);
+    for _ in 0..worker_count {
         let (tx, rx) = mpsc::unbounded_channel::<(u64, quinn::Incoming, Slot)>();
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    // Worker 0 binds the endpoint on its own runtime (so quinn's driver runs there) and reports
+    // back; the accept loop then runs next to it.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<Result<quinn::Endpoint, ServerError>>();
+    let (accept_done_tx, accept_done) = tokio::sync::oneshot::channel::<()>();
+    let mut network =
+        Some(Network { server_cfg, listen: cfg.listen, bound: bound_tx, senders, accept_done_tx });
+    let mut workers = Vec::with_capacity(worker_count);
+    for (i, rx) in receivers.into_iter().enumerate() {
         let shared = shared.clone();
+        let network = network.take();
         let handle = std::thread::Builder::new()
             .name(format!("qpq-rpc-{i}"))
-            .spawn(move || rpc_worker(shared, rx))
+            .spawn(move || rpc_worker(shared, rx, network))
             .map_err(ServerError::Worker)?;
-        senders.push(tx);
         workers.push(handle);
     }
-    let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), senders));
+    let bound = tokio::task::spawn_blocking(move || bound_rx.recv())
+        .await
+        .map_err(|e| ServerError::Worker(std::io::Error::other(e.to_string())))?;
+    let endpoint = match bound {
+        Ok(Ok(endpoint)) => endpoint,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(ServerError::Worker(std::io::Error::other("rpc worker 0 ended before binding")));
+        }
+    };
+    let local_addr =
+        endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     spawn_sweeper(shared.clone());
     Ok(RunningServer {
         local_addr,
@@ -355,9 +384,41 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         generated_cert: identity.generated,
         shared,
         endpoint,
-        accept_task,
+        accept_done,
         workers,
     })
+}
+
+/// What worker 0 needs to run the endpoint and the accept loop.
+struct Network {
+    server_cfg: quinn::ServerConfig,
+    listen: SocketAddr,
+    /// Where the bound endpoint (or why it could not bind) goes.
+    bound: std::sync::mpsc::Sender<Result<quinn::Endpoint, ServerError>>,
+    /// One channel per RPC worker, this one included.
+    senders: Vec<mpsc::UnboundedSender<(u64, quinn::Incoming, Slot)>>,
+    /// Dropped when the accept loop ends.
+    accept_done_tx: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Network {
+    /// Binds the endpoint on the current runtime and spawns the accept loop there.
+    fn start(self, shared: &Arc<Shared>) {
+        let Network { server_cfg, listen, bound, senders, accept_done_tx } = self;
+        let endpoint = match quinn::Endpoint::server(server_cfg, listen) {
+            Ok(e) => e,
+            Err(source) => {
+                let _ = bound.send(Err(ServerError::Bind { addr: listen, source }));
+                return;
+            }
+        };
+        let _ = bound.send(Ok(endpoint.clone()));
+        let shared = shared.clone();
+        tokio::task::spawn_local(async move {
+            accept_loop(endpoint, shared, senders).await;
+            drop(accept_done_tx);
+        });
+    }
 }
 
 fn spawn_sweeper(shared: Arc<Shared>) {
@@ -460,16 +521,26 @@ async fn accept_loop(
     // Dropping the senders lets idle workers finish once their connections are gone.
 }
 
-fn rpc_worker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, quinn::Incoming, Slot)>) {
+fn rpc_worker(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<(u64, quinn::Incoming, Slot)>,
+    network: Option<Network>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build rpc worker runtime");
+            if let Some(n) = network {
+                let _ = n.bound.send(Err(ServerError::Worker(e)));
+            }
             return;
         }
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        if let Some(network) = network {
+            network.start(&shared);
+        }
         while let Some((id, incoming, slot)) = rx.recv().await {
             let span = tracing::info_span!("conn", id, remote = %incoming.remote_address());
             tokio::task::spawn_local(serve_connection(incoming, shared.clone(), slot).instrument(span));

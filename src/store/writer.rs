@@ -230,8 +230,13 @@ fn enqueue(
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Outcome, StoreError> {
     let mut meta = txn.open_table(QUEUE_META)?;
+    // The counters, opened once: opening a redb table costs a lookup and a write-back on drop.
+    let mut counters = txn.open_table(META)?;
+    let counter = |t: &redb::Table<&str, u64>, name: &str| -> Result<u64, StoreError> {
+        Ok(t.get(name)?.map(|g| g.value()).unwrap_or(0))
+    };
     // A queue without a row starts above every seq it may have had (see the store's invariant).
-    let seq_floor = meta_value(txn, SEQ_FLOOR)?.max(1);
+    let seq_floor = counter(&counters, SEQ_FLOOR)?.max(1);
     // Check every recipient's cap first (several items may share a recipient), write after.
     let mut planned: HashMap<IdentityKey, (u64, u64, u64)> = HashMap::new();
     let mut adding = 0u64;
@@ -253,12 +258,21 @@ fn enqueue(
         planned.insert(*who, (next, count + 1, bytes + add));
         adding += add;
     }
-    let used = stored_bytes(txn)?;
+    let used = counter(&counters, STORED_BYTES)?;
     if used.saturating_add(adding) > limits.max_stored_bytes {
         return Err(StoreError::OverQuota { used, adding, max: limits.max_stored_bytes });
     }
-    set_stored_bytes(txn, used.saturating_add(adding))?;
-    let channel_seq = next_channel_seq(txn, channel, items.len() as u64)?;
+    counters.insert(STORED_BYTES, used.saturating_add(adding))?;
+    let channel_seq = if channel.is_empty() {
+        0
+    } else {
+        let mut chans = txn.open_table(CHANNELS)?;
+        let floor = counter(&counters, CHANNEL_SEQ_FLOOR)?;
+        let (last, queued) = chans.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
+        let next = last + 1;
+        chans.insert(channel, (next, queued + items.len() as u64))?;
+        next
+    };
     let mut queue = txn.open_table(QUEUE)?;
     let mut seqs = Vec::with_capacity(items.len());
     let mut next_seq: HashMap<IdentityKey, u64> = HashMap::new();
