@@ -21,6 +21,7 @@
 //! is replayed paced at half the peak rate to read the latency an unsaturated server gives.
 
 use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -28,7 +29,9 @@ use redb::{Database, Durability, TableDefinition};
 use tokio::time::MissedTickBehavior;
 
 use super::{Bench, Row, Settings, percentile};
+use crate::client::session::Session;
 use crate::crypto::identity::Identity;
+use crate::transport::{Fingerprint, Pin};
 
 /// Payload of every delivered message (timestamp first, then padding).
 pub const PAYLOAD_LEN: usize = 256;
@@ -56,25 +59,41 @@ const MAX_REFERENCE_OPS: u64 = 100_000;
 const REFERENCE_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("bench");
 
 pub fn steps(s: &Settings) -> u64 {
-    1 + s.senders.len() as u64 + 1
+    // With PostgreSQL: one and two nodes per sender count, and three paced runs.
+    let pg = if s.postgres.is_some() { 2 * s.senders.len() as u64 + 3 } else { 0 };
+    1 + s.senders.len() as u64 + 1 + pg
+}
+
+/// Where a level's senders and recipients connect, and how to count the store's commits.
+pub(super) struct Route<'r> {
+    pub senders_at: SocketAddr,
+    pub recipients_at: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub commits: &'r dyn Fn() -> Option<u64>,
+}
+
+impl Route<'_> {
+    async fn connect(&self, at: SocketAddr) -> anyhow::Result<Session> {
+        Ok(Session::connect(&at.to_string(), Pin::Fingerprint(self.fingerprint)).await?)
+    }
 }
 
 /// What one load level produced.
-struct Level {
-    delivered: u64,
+pub(super) struct Level {
+    pub delivered: u64,
     /// Start of the run to the last delivery.
-    elapsed: Duration,
-    commits: Option<u64>,
+    pub elapsed: Duration,
+    pub commits: Option<u64>,
     /// Enqueue→wake-up, milliseconds, ascending.
-    latencies_ms: Vec<f64>,
+    pub latencies_ms: Vec<f64>,
 }
 
 impl Level {
-    fn rate(&self) -> f64 {
+    pub fn rate(&self) -> f64 {
         self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn with_latency(&self, row: Row) -> Row {
+    pub fn with_latency(&self, row: Row) -> Row {
         row.extra("p50_ms", percentile(&self.latencies_ms, 0.50))
             .extra("p99_ms", percentile(&self.latencies_ms, 0.99))
             .extra("max_ms", percentile(&self.latencies_ms, 1.0))
@@ -101,12 +120,22 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     b.done_step();
 
     let m = b.settings.recipients;
+    let commits = || b.commit_count();
+    let route = Route {
+        senders_at: b.target.addr,
+        recipients_at: b.target.addr,
+        fingerprint: b.target.fingerprint,
+        commits: &commits,
+    };
     let mut peak: f64 = 0.0;
+    // (senders, msg/s, wake-up p99 ms) of the main target, for the PostgreSQL comparison.
+    let mut by_senders = Vec::new();
     for &n in &b.settings.senders {
         b.step(&format!("delivery: {n} senders"));
-        let (level, disk) = with_disk_probe(b, run_level(b, n, m, budget, None)).await?;
+        let (level, disk) = with_disk_probe(b, run_level(b, &route, n, m, budget, None)).await?;
         let rate = level.rate();
         peak = peak.max(rate);
+        by_senders.push((n, rate));
         let echo = b.echo_rate(PAYLOAD_LEN, n).await?;
         let mut delivered = Row::new(format!("delivered, {n} senders -> {m} recipients"), rate, "msg/s")
             .against(format!("raw quinn echo 256 B x{n}"), Some(echo), "calls/s");
@@ -134,7 +163,8 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     let target = (peak * PACED_FRACTION).max(1.0);
     let senders = PACED_SENDERS.min(b.settings.senders.iter().copied().max().unwrap_or(1));
     let period = Duration::from_secs_f64(senders as f64 / target);
-    let (level, disk) = with_disk_probe(b, run_level(b, senders, m, budget * 2, Some(period))).await?;
+    let (level, disk) =
+        with_disk_probe(b, run_level(b, &route, senders, m, budget * 2, Some(period))).await?;
     let echo_1 = b.echo_rate(PAYLOAD_LEN, 1).await?;
     // One durable enqueue cannot beat one fsync plus one round trip.
     let floor_ms = disk.map(|d| d.p50_ms + 1000.0 / echo_1);
@@ -150,6 +180,9 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     .extra("delivered_msg_per_s", level.rate());
     rows.push(level.with_latency(row));
     b.done_step();
+    if let Some(url) = b.settings.postgres.clone() {
+        rows.extend(super::delivery_pg::run(b, &url, &by_senders, m, peak).await?);
+    }
     Ok(rows)
 }
 
@@ -179,8 +212,9 @@ async fn with_disk_probe<T>(
 
 /// One load level: `n` senders (closed loop, or one message per `pace` each) for `budget`, to `m`
 /// recipients who drain everything sent.
-async fn run_level(
+pub(super) async fn run_level(
     b: &Bench<'_>,
+    route: &Route<'_>,
     n: usize,
     m: usize,
     budget: Duration,
@@ -189,11 +223,13 @@ async fn run_level(
     let ids: Vec<Identity> = (0..m).map(|_| Identity::generate()).collect();
     let mut recipients = Vec::with_capacity(m);
     for id in &ids {
-        recipients.push(b.login(id).await?);
+        let mut s = route.connect(route.recipients_at).await?;
+        s.authenticate(id).await?;
+        recipients.push(s);
     }
     let mut senders = Vec::with_capacity(n);
     for _ in 0..n {
-        senders.push(b.connect().await?);
+        senders.push(route.connect(route.senders_at).await?);
     }
 
     let sent = Cell::new(0u64);
@@ -201,7 +237,7 @@ async fn run_level(
     let received = Cell::new(0u64);
     let last_delivery = Cell::new(None::<Instant>);
     let latencies = RefCell::new(Vec::new());
-    let commits_before = b.commit_count();
+    let commits_before = (route.commits)();
     let start = Instant::now();
     let deadline = start + budget;
 
@@ -275,7 +311,7 @@ async fn run_level(
         futures::future::try_join_all(receive_loops),
     )
     .await?;
-    let commits = b.commit_count().zip(commits_before).map(|(after, before)| after - before);
+    let commits = (route.commits)().zip(commits_before).map(|(after, before)| after - before);
     let elapsed = last_delivery.get().map_or(start.elapsed(), |t| t - start);
     for s in senders {
         s.close().await;

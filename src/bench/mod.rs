@@ -24,6 +24,7 @@
 
 pub mod connections;
 pub mod delivery;
+pub mod delivery_pg;
 pub mod echo;
 pub mod kx;
 pub mod mls;
@@ -117,6 +118,10 @@ pub struct BenchArgs {
     /// Recipients in the delivery scenario [default: 8, 2 with --quick]
     #[arg(long, value_name = "N")]
     pub recipients: Option<usize>,
+    /// Also run the delivery scenario on this PostgreSQL database (a throwaway one: the bench
+    /// writes to it): one node, then two nodes with senders on one and recipients on the other
+    #[arg(long, env = "QPQ_BENCH_POSTGRES", value_name = "URL", hide_env_values = true)]
+    pub postgres: Option<String>,
     /// Internal: run the bare quinn echo server the connections scenario compares against
     #[arg(long, hide = true)]
     pub echo_server: bool,
@@ -133,6 +138,10 @@ pub struct Settings {
     pub recipients: usize,
     pub mls_sizes: Vec<usize>,
     pub connections: usize,
+    /// The PostgreSQL database the delivery scenario also runs on (never printed: it may hold
+    /// a password).
+    #[serde(skip)]
+    pub postgres: Option<String>,
 }
 
 impl Settings {
@@ -176,6 +185,7 @@ impl Settings {
             recipients,
             mls_sizes,
             connections,
+            postgres: args.postgres.clone(),
         })
     }
 
