@@ -234,3 +234,37 @@ async fn killing_node_a_mid_load_loses_no_acknowledged_message() {
     assert!(stored.contains(&b"after the kill"[..]), "node b serves the dead node's clients");
     drop(b);
 }
+
+/// The database refuses the node (connections cut, new ones refused): calls that need it fail
+/// with the `unavailable` code, health still answers, nothing acknowledged is lost, and the
+/// node serves again as soon as the database is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_a_clear_error_and_the_node_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::postgres();
+    let Backend::Postgres(url) = &backend else { unreachable!() };
+    let db = url.rsplit('/').next().unwrap().to_string();
+    common::use_backend(backend.clone());
+    let server = start_server_with(common::server_config(dir.path())).await;
+    let cluster = common::pg::Cluster::get();
+    local(async {
+        let alice = Identity::generate();
+        let sender = common::connect(&server).await;
+        sender.enqueue(&alice.public().0, b"before", b"").await.unwrap();
+        cluster.psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+        cluster
+            .psql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"));
+        let err = sender.enqueue(&alice.public().0, b"during", b"").await.unwrap_err();
+        assert_eq!(err.code(), Some(qpq::proto::wire_error::ErrorCode::Unavailable), "{err}");
+        assert!(err.to_string().contains("storage unavailable"), "{err}");
+        assert_eq!(sender.health().await.unwrap().status, "ok");
+        cluster.psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+        sender.enqueue(&alice.public().0, b"after", b"").await.unwrap();
+        let a = login(&server, &alice).await;
+        let (msgs, _) = a.fetch(0).await.unwrap();
+        let got: Vec<_> = msgs.iter().map(|m| m.payload.clone()).collect();
+        assert_eq!(got, vec![b"before".to_vec(), b"after".to_vec()]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
