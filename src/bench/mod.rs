@@ -676,6 +676,7 @@ mod tests {
             mls_sizes: sizes,
             connections: None,
             recipients: None,
+            postgres: None,
             echo_server: false,
         };
         assert!(Settings::resolve(&args(vec![1])).is_err());

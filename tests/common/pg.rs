@@ -103,10 +103,10 @@ impl Cluster {
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(Ok(()));
                     }
-                } else if line.contains("FATAL") || line.contains("could not") {
-                    if let Some(tx) = ready.as_ref() {
-                        let _ = tx.send(Err(line.clone()));
-                    }
+                } else if (line.contains("FATAL") || line.contains("could not"))
+                    && let Some(tx) = ready.as_ref()
+                {
+                    let _ = tx.send(Err(line.clone()));
                 }
             }
         });

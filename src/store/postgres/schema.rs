@@ -36,7 +36,7 @@ use crate::store::StoreError;
 pub const SCHEMA_VERSION: i32 = 1;
 
 /// Any constant: the advisory lock key that serialises migrations of one database.
-const MIGRATION_LOCK: i64 = 0x7170_715f_6d69_67;
+const MIGRATION_LOCK: i64 = 0x0071_7071_5f6d_6967;
 
 /// (version, SQL) in order; never edit one that has shipped, add the next.
 const MIGRATIONS: &[(i32, &str)] = &[(
