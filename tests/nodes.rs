@@ -268,3 +268,50 @@ async fn a_database_outage_is_a_clear_error_and_the_node_recovers() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+/// Batches on one channel sent at the same time through both nodes: every batch gets its own
+/// `channelSeq`, each recipient's `seq` numbers are dense and unique, and both recipients see
+/// the batches in the same order, which is channel order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_through_two_nodes_keep_one_order_and_dense_seqs() {
+    let root = tempfile::tempdir().unwrap();
+    common::use_backend(Backend::postgres());
+    let a = start_server_with(common::server_config(&root.path().join("a"))).await;
+    let mut cfg_b = common::server_config(&root.path().join("b"));
+    cfg_b.cert = Some(root.path().join("a").join(CERT_FILE));
+    cfg_b.key = Some(root.path().join("a").join(KEY_FILE));
+    let b = start_server_with(cfg_b).await;
+    local(async {
+        let members: Vec<Identity> = (0..2).map(|_| Identity::generate()).collect();
+        let keys: Vec<_> = members.iter().map(|m| m.public()).collect();
+        let mut senders = Vec::new();
+        for i in 0..6 {
+            senders.push(common::connect(if i % 2 == 0 { &a } else { &b }).await);
+        }
+        let sends = (0..60u8).map(|i| {
+            let s = &senders[i as usize % senders.len()];
+            let items: Vec<_> = keys.iter().map(|k| (*k, vec![i])).collect();
+            async move { s.enqueue_batch(b"team", &items).await.unwrap() }
+        });
+        let results = futures::future::join_all(sends).await;
+        let cseqs: HashSet<u64> = results.iter().map(|r| r.0).collect();
+        assert_eq!(cseqs.len(), 60, "every batch got its own channel position");
+        let mut orders = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            let s = login(if i == 0 { &a } else { &b }, m).await;
+            let (msgs, more) = s.fetch(0).await.unwrap();
+            assert!(!more);
+            let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=60).collect::<Vec<u64>>(), "dense, unique, in order");
+            let by_seq: Vec<u64> = msgs.iter().map(|m| m.channel_seq).collect();
+            let mut sorted = by_seq.clone();
+            sorted.sort();
+            assert_eq!(by_seq, sorted, "queue order is channel order");
+            orders.push(msgs.iter().map(|m| m.payload[0]).collect::<Vec<_>>());
+        }
+        assert_eq!(orders[0], orders[1]);
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
