@@ -62,6 +62,8 @@ enum ErrorCode {
   busy @11;              # this connection has too much in flight (retry hint)
   poolFull @12;          # uploadKeyPackages: the pool would exceed its cap
   internal @13;          # the server failed (storage); the call had no effect
+  unavailable @14;       # the node cannot reach its shared database (retry hint; retry, on this
+                         # or another node: a write cut off mid-commit may have taken effect)
 }
 
 interface NodeService {

@@ -13,7 +13,8 @@
 //! - [`proto`]: code generated from `schemas/node.capnp`, the wire contract.
 //! - [`transport`]: QUIC/TLS 1.3 configuration, certificate generation and pinning, the
 //!   connection-bound authentication challenge.
-//! - [`store`]: the server's redb tables and its group-commit writer.
+//! - [`store`]: the server's state behind one trait ([`store::DeliveryStore`]): the redb tables and
+//!   their group-commit writer (the default), or a PostgreSQL database shared by several nodes.
 //! - [`server`]: `qpq serve`: accept loop, per-connection RPC, AS and DS handlers.
 //! - [`crypto`]: identity, hybrid envelope, state-file encryption (no I/O).
 //! - [`mls`]: the openmls wrapper (client groups, server KeyPackage validation).

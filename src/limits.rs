@@ -305,3 +305,28 @@ pub const MAX_PASSPHRASE_FILE_BYTES: u64 = 4096;
 pub const RPC_CORES_PER_WORKER: usize = 4;
 /// Most RPC worker threads.
 pub const MAX_RPC_WORKERS: usize = 8;
+/// Connections each node keeps to a PostgreSQL store: enough for every RPC worker's concurrent
+/// transactions to overlap their commits (PostgreSQL then shares WAL flushes between them).
+pub const PG_POOL_SIZE: usize = 16;
+
+/// Longest a PostgreSQL transaction waits for a pooled connection, or a new one to open, before
+/// the call fails with `unavailable`: a database that is down gives clients an answer, not a hang.
+pub const PG_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+/// Times a PostgreSQL transaction is retried after a deadlock or serialization failure (rare
+/// races between a sweep and enqueues; PostgreSQL aborts one side, which then runs again).
+pub const PG_TX_ATTEMPTS: usize = 5;
+
+/// How long a `fetchWait` parked on a PostgreSQL node trusts LISTEN/NOTIFY before reading its
+/// queue again: a notification lost with a dropped listen connection delays mail by at most this.
+pub const PG_FALLBACK_POLL_MS: u64 = 2_000;
+
+/// Longest the listen connection waits before reconnecting after it lost PostgreSQL.
+pub const PG_LISTEN_RETRY_MS: u64 = 1_000;
+
+/// Recipients named in one NOTIFY payload: 64 hex digits each, under PostgreSQL's 8000-byte
+/// payload limit with room for the sending node's id.
+pub const PG_NOTIFY_RECIPIENTS: usize = 100;
+
+/// Retry hint sent with `unavailable` when the shared database cannot be reached.
+pub const STORE_UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;

@@ -9,7 +9,6 @@ use qpq::client::session::{Session, SessionError};
 use qpq::crypto::hybrid::{HybridSecretKey, SignedHybridKey};
 use qpq::crypto::identity::{Identity, PublicKey};
 use qpq::mls::MlsClient;
-use qpq::server::ServerConfig;
 use qpq::transport::Pin;
 
 fn rpc_msg(r: Result<impl std::fmt::Debug, SessionError>) -> String {
@@ -24,6 +23,42 @@ fn kp_bytes(kps: Vec<qpq::mls::NewKeyPackage>) -> Vec<Vec<u8>> {
     kps.into_iter().map(|k| k.bytes).collect()
 }
 
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_status_version_and_uptime() {
     let dir = tempfile::tempdir().unwrap();
@@ -389,7 +424,7 @@ async fn unknown_methods_get_an_error_not_a_dropped_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_is_a_clear_error_and_batches_are_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     cfg.max_queue_messages = 3;
     let server = start_server_with(cfg).await;
     local(async {
@@ -525,41 +560,6 @@ async fn wrong_alpn_and_garbage_on_the_stream_only_cost_that_connection() {
     server.shutdown().await.unwrap();
 }
 
-#[derive(Debug)]
-struct AcceptAny;
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_certificate_is_refused_naming_both_fingerprints() {
     let dir = tempfile::tempdir().unwrap();
@@ -681,7 +681,7 @@ async fn an_operators_own_certificate_is_served() {
     let key_path = dir.path().join("own-key.pem");
     std::fs::write(&cert_path, certified.cert.pem()).unwrap();
     std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
-    let mut cfg = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(&dir.path().join("data"));
     cfg.cert = Some(cert_path);
     cfg.key = Some(key_path);
     let server = start_server_with(cfg).await;
@@ -710,6 +710,7 @@ async fn the_binary_takes_env_and_config_file_settings() {
         .arg("serve")
         .env("QPQ_DATA_DIR", dir.path())
         .env("QPQ_LISTEN", "127.0.0.1:0")
+        .env("QPQ_STORE", common::backend().store_arg())
         .env("QPQ_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -739,7 +740,7 @@ async fn the_binary_takes_env_and_config_file_settings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_are_refused_and_the_others_keep_working() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     cfg.max_connections = 2;
     let server = start_server_with(cfg).await;
     local(async {
@@ -762,7 +763,7 @@ async fn connections_beyond_the_cap_are_refused_and_the_others_keep_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_is_held_to_its_quota_after_proving_it_owns_the_address() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     cfg.max_connections_per_ip = 4;
     let server = start_server_with(cfg).await;
     local(async {
@@ -790,7 +791,7 @@ async fn one_address_is_held_to_its_quota_after_proving_it_owns_the_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_past_its_ttl_on_the_servers_clock_is_swept_without_waiting() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     let clock = qpq::clock::Clock::system();
     cfg.clock = clock.clone();
     cfg.message_ttl_secs = 3600;
@@ -818,7 +819,7 @@ async fn a_message_past_its_ttl_on_the_servers_clock_is_swept_without_waiting() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_of_an_address_at_its_cap_make_room_for_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     let clock = qpq::clock::Clock::system();
     cfg.clock = clock.clone();
     cfg.max_connections_per_ip = 4;

@@ -32,6 +32,7 @@
 //! server, also a child, per 256-byte call at 16 in flight.
 
 use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -40,7 +41,9 @@ use tokio::time::MissedTickBehavior;
 
 use super::child::{ChildServer, Usage};
 use super::{Bench, Row, Settings, percentile};
+use crate::client::session::Session;
 use crate::crypto::identity::Identity;
+use crate::transport::{Fingerprint, Pin};
 
 /// Payload of every delivered message (timestamp first, then padding).
 pub const PAYLOAD_LEN: usize = 256;
@@ -84,27 +87,45 @@ const MAX_REFERENCE_OPS: u64 = 100_000;
 const REFERENCE_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("bench");
 
 pub fn steps(s: &Settings) -> u64 {
-    1 + s.senders.len() as u64 + 2
+    // With PostgreSQL: one and two nodes per sender count, and three paced runs.
+    let pg = if s.postgres.is_some() { 2 * s.senders.len() as u64 + 3 } else { 0 };
+    1 + s.senders.len() as u64 + 2 + pg
+}
+
+/// Where a level's senders and recipients connect, and how to count the store's commits.
+pub(super) struct Route<'r> {
+    pub senders_at: SocketAddr,
+    pub recipients_at: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub commits: &'r dyn Fn() -> Option<u64>,
+    /// The child server whose CPU the level measures, when it runs against one.
+    pub child: Option<&'r ChildServer>,
+}
+
+impl Route<'_> {
+    async fn connect(&self, at: SocketAddr) -> anyhow::Result<Session> {
+        Ok(Session::connect(&at.to_string(), Pin::Fingerprint(self.fingerprint)).await?)
+    }
 }
 
 /// What one load level produced.
-struct Level {
-    delivered: u64,
+pub(super) struct Level {
+    pub delivered: u64,
     /// Start of the run to the last delivery.
-    elapsed: Duration,
-    commits: Option<u64>,
+    pub elapsed: Duration,
+    pub commits: Option<u64>,
     /// Enqueue→wake-up, milliseconds, ascending.
-    latencies_ms: Vec<f64>,
+    pub latencies_ms: Vec<f64>,
     /// The child server's usage once every connection was open, and once all was delivered.
     usage: Option<(Usage, Usage)>,
 }
 
 impl Level {
-    fn rate(&self) -> f64 {
+    pub fn rate(&self) -> f64 {
         self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn with_latency(&self, row: Row) -> Row {
+    pub fn with_latency(&self, row: Row) -> Row {
         row.extra("p50_ms", percentile(&self.latencies_ms, 0.50))
             .extra("p99_ms", percentile(&self.latencies_ms, 0.99))
             .extra("max_ms", percentile(&self.latencies_ms, 1.0))
@@ -131,15 +152,26 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     b.done_step();
 
     let m = b.settings.recipients;
+    let commits = || b.commit_count();
+    let route = Route {
+        senders_at: b.target.addr,
+        recipients_at: b.target.addr,
+        fingerprint: b.target.fingerprint,
+        commits: &commits,
+        child: None,
+    };
     let mut peak: f64 = 0.0;
     let echo_1 = b.echo_rate(PAYLOAD_LEN, 1).await?;
     let echo_rtt_ms = 1000.0 / echo_1.max(1e-9);
     b.record_reference("echo_256B_rtt_ms", echo_rtt_ms);
+    // (senders, msg/s, wake-up p99 ms) of the main target, for the PostgreSQL comparison.
+    let mut by_senders = Vec::new();
     for &n in &b.settings.senders {
         b.step(&format!("delivery: {n} senders"));
-        let (level, disk) = with_disk_probe(b, run_level(b, None, n, m, budget, None)).await?;
+        let (level, disk) = with_disk_probe(b, run_level(b, &route, n, m, budget, None)).await?;
         let rate = level.rate();
         peak = peak.max(rate);
+        by_senders.push((n, rate));
         let echo = b.echo_rate(PAYLOAD_LEN, n).await?;
         // No enqueue is acknowledged before its fsync: one per sender per fsync + round trip.
         let bound = disk.map(|d| n as f64 * 1000.0 / (d.p50_ms + echo_rtt_ms));
@@ -170,7 +202,7 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     let target = (peak * PACED_FRACTION).max(1.0);
     let senders = PACED_SENDERS.min(b.settings.senders.iter().copied().max().unwrap_or(1));
     let period = Duration::from_secs_f64(senders as f64 / target);
-    let (level, disk) = with_disk_probe(b, run_level(b, None, senders, m, budget * 2, Some(period))).await?;
+    let (level, disk) = with_disk_probe(b, run_level(b, &route, senders, m, budget * 2, Some(period))).await?;
     // One durable enqueue cannot beat one fsync plus one round trip; the p99 against the disk's.
     let floor_ms = disk.map(|d| d.p99_ms + echo_rtt_ms);
     let p99 = percentile(&level.latencies_ms, 0.99);
@@ -194,6 +226,9 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         rows.push(server_cpu(b, n, m, budget).await?);
     }
     b.done_step();
+    if let Some(url) = b.settings.postgres.clone() {
+        rows.extend(super::delivery_pg::run(b, &url, &by_senders, m, peak).await?);
+    }
     Ok(rows)
 }
 
@@ -206,8 +241,16 @@ async fn server_cpu(b: &Bench<'_>, n: usize, m: usize, budget: Duration) -> anyh
     };
     let server = ChildServer::serve_with(&exe, UNLIMITED_RATES)?;
     // A short warm-up: allocator, redb's file and caches, quinn's congestion windows.
-    run_level(b, Some(&server), n, m, budget / 4, None).await?;
-    let level = run_level(b, Some(&server), n, m, budget, None).await?;
+    let no_commits = || None;
+    let route = Route {
+        senders_at: server.addr,
+        recipients_at: server.addr,
+        fingerprint: server.fingerprint,
+        commits: &no_commits,
+        child: Some(&server),
+    };
+    run_level(b, &route, n, m, budget / 4, None).await?;
+    let level = run_level(b, &route, n, m, budget, None).await?;
     drop(server);
     let (before, after) = level.usage.context("child usage not measured")?;
     let delivered = level.delivered.max(1) as f64;
@@ -262,10 +305,10 @@ async fn with_disk_probe<T>(
 }
 
 /// One load level: `n` senders (closed loop, or one message per `pace` each) for `budget`, to `m`
-/// recipients who drain everything sent; against `child` instead of the bench's target if set.
-async fn run_level(
+/// recipients who drain everything sent.
+pub(super) async fn run_level(
     b: &Bench<'_>,
-    child: Option<&ChildServer>,
+    route: &Route<'_>,
     n: usize,
     m: usize,
     budget: Duration,
@@ -273,22 +316,23 @@ async fn run_level(
 ) -> anyhow::Result<Level> {
     let ids: Vec<Identity> = (0..m).map(|_| Identity::generate()).collect();
     let mut recipients = Vec::with_capacity(m);
-    let at = child.map(|c| (c.addr, c.fingerprint));
     for id in &ids {
-        recipients.push(b.login_at(at, id).await?);
+        let mut s = route.connect(route.recipients_at).await?;
+        s.authenticate(id).await?;
+        recipients.push(s);
     }
     let mut senders = Vec::with_capacity(n);
     for _ in 0..n {
-        senders.push(b.connect_at(at).await?);
+        senders.push(route.connect(route.senders_at).await?);
     }
-    let usage_before = child.map(ChildServer::usage).transpose()?;
+    let usage_before = route.child.map(ChildServer::usage).transpose()?;
 
     let sent = Cell::new(0u64);
     let active_senders = Cell::new(n);
     let received = Cell::new(0u64);
     let last_delivery = Cell::new(None::<Instant>);
     let latencies = RefCell::new(Vec::new());
-    let commits_before = b.commit_count();
+    let commits_before = (route.commits)();
     let start = Instant::now();
     let deadline = start + budget;
 
@@ -362,11 +406,8 @@ async fn run_level(
         futures::future::try_join_all(receive_loops),
     )
     .await?;
-    let usage = usage_before.zip(child.map(ChildServer::usage).transpose()?);
-    let commits = match child {
-        Some(_) => None,
-        None => b.commit_count().zip(commits_before).map(|(after, before)| after - before),
-    };
+    let usage = usage_before.zip(route.child.map(ChildServer::usage).transpose()?);
+    let commits = (route.commits)().zip(commits_before).map(|(after, before)| after - before);
     let elapsed = last_delivery.get().map_or(start.elapsed(), |t| t - start);
     for s in senders {
         s.close().await;

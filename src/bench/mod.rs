@@ -28,6 +28,7 @@
 pub mod child;
 pub mod connections;
 pub mod delivery;
+pub mod delivery_pg;
 pub mod echo;
 pub mod fanout;
 pub mod kx;
@@ -130,6 +131,10 @@ pub struct BenchArgs {
     /// Recipients in the delivery scenario [default: 8, 2 with --quick]
     #[arg(long, value_name = "N")]
     pub recipients: Option<usize>,
+    /// Also run the delivery scenario on this PostgreSQL database (a throwaway one: the bench
+    /// writes to it): one node, then two nodes with senders on one and recipients on the other
+    #[arg(long, env = "QPQ_BENCH_POSTGRES", value_name = "URL", hide_env_values = true)]
+    pub postgres: Option<String>,
     /// Internal: run the bare quinn echo server the connections scenario compares against
     #[arg(long, hide = true)]
     pub echo_server: bool,
@@ -152,6 +157,10 @@ pub struct Settings {
     pub fanout_sizes: Vec<usize>,
     pub connections: usize,
     pub server_exe: Option<PathBuf>,
+    /// The PostgreSQL database the delivery scenario also runs on (never printed: it may hold
+    /// a password).
+    #[serde(skip)]
+    pub postgres: Option<String>,
 }
 
 impl Settings {
@@ -211,6 +220,7 @@ impl Settings {
             fanout_sizes,
             connections,
             server_exe: args.server_exe.clone(),
+            postgres: args.postgres.clone(),
         })
     }
 
@@ -724,6 +734,7 @@ mod tests {
             fanout_sizes: vec![],
             connections: None,
             recipients: None,
+            postgres: None,
             echo_server: false,
             server_exe: None,
         };

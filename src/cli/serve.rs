@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// Private key (PEM) for --cert
     #[arg(long, env = "QPQ_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Where to keep messages and keys: "redb" (qpq.db in the data dir) or a postgres://USER@HOST:PORT/DB
+    /// url shared by several nodes [default: redb]
+    #[arg(long, env = "QPQ_STORE", value_name = "STORE", hide_env_values = true)]
+    pub store: Option<String>,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then shuts down gracefully.
@@ -35,6 +39,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         config: args.config,
         cert: args.cert,
         key: args.key,
+        store: args.store,
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

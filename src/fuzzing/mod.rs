@@ -324,7 +324,9 @@ mod tests {
     fn account_seed_reaches_the_account_methods() {
         let me = crate::crypto::identity::Identity::from_seed(&[0xaa; 32]).public().0;
         rpc_entry(&seed("rpc_entry", "account"));
-        let store = &rpc_shared().unwrap().store;
+        let crate::store::AnyStore::Redb(store) = &rpc_shared().unwrap().store else {
+            panic!("the fuzz target runs on redb")
+        };
         assert!(store.hybrid_key(&me).unwrap().is_some(), "uploadHybridKey ran");
         assert!(store.key_package_count(&me, FUZZ_NOW_SECS).unwrap().1, "uploadKeyPackages ran");
     }

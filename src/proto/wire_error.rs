@@ -24,6 +24,7 @@ const NAMES: &[(ErrorCode, &str)] = &[
     (ErrorCode::Busy, "busy"),
     (ErrorCode::PoolFull, "poolFull"),
     (ErrorCode::Internal, "internal"),
+    (ErrorCode::Unavailable, "unavailable"),
 ];
 
 /// The schema's name of `code`.

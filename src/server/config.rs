@@ -38,6 +38,42 @@ pub enum ConfigError {
     NoDataDir,
     #[error("--cert and --key must be given together")]
     CertKeyPair,
+    #[error("invalid store {0:?}: expected \"redb\" or a postgres://USER@HOST:PORT/DB url")]
+    Store(String),
+}
+
+/// Where the server keeps its state: `store = ...` in `qpq-server.toml`, `--store`, `QPQ_STORE`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum StoreLocation {
+    /// `qpq.db` in the data dir (the default).
+    #[default]
+    Redb,
+    /// A PostgreSQL database shared by every node of the service (the URL may hold a password).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    pub fn parse(s: &str) -> Result<StoreLocation, ConfigError> {
+        let t = s.trim();
+        if t.is_empty() || t == "redb" {
+            Ok(StoreLocation::Redb)
+        } else if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+            Ok(StoreLocation::Postgres(t.to_string()))
+        } else {
+            // Said without the text, which may hold a password.
+            Err(ConfigError::Store(t.chars().take_while(|c| *c != ':').collect()))
+        }
+    }
+}
+
+/// Never prints a URL (it may hold a password).
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Redb => f.write_str("Redb"),
+            StoreLocation::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
 }
 
 /// The settings as given on the command line or in the environment (all optional).
@@ -48,6 +84,7 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub store: Option<String>,
 }
 
 /// `IP:PORT` as is, or `HOST:PORT` through the system resolver (its first answer, the one a
@@ -75,6 +112,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub store: Option<String>,
     pub max_payload_bytes: Option<usize>,
     pub max_queue_messages: Option<u64>,
     pub max_queue_bytes: Option<u64>,
@@ -106,6 +144,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// redb in the data dir, or a shared PostgreSQL database.
+    pub store: StoreLocation,
     pub max_payload: usize,
     pub max_queue_messages: u64,
     pub max_queue_bytes: u64,
@@ -132,6 +172,7 @@ impl ServerConfig {
             data_dir,
             cert: None,
             key: None,
+            store: StoreLocation::Redb,
             max_payload: limits::DEFAULT_MAX_PAYLOAD,
             max_queue_messages: limits::DEFAULT_MAX_QUEUE_MESSAGES,
             max_queue_bytes: limits::DEFAULT_MAX_QUEUE_BYTES,
@@ -181,6 +222,9 @@ impl ServerConfig {
         cfg.clock = Clock::from_env();
         cfg.cert = cert;
         cfg.key = key;
+        if let Some(s) = o.store.as_deref().or(file.store.as_deref()) {
+            cfg.store = StoreLocation::parse(s)?;
+        }
         if let Some(v) = file.max_payload_bytes {
             if v == 0 || v > limits::MAX_BATCH_BYTES {
                 return Err(ConfigError::Invalid {

@@ -59,13 +59,13 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use config::ServerConfig;
+pub use config::{ServerConfig, StoreLocation};
 
 use self::admission::{Admission, Decision, Slot};
 use crate::limits;
 use crate::proto::node_capnp::node_service;
 use crate::proto::wire_error::{ErrorCode, WireError};
-use crate::store::{Outcome, QueueLimits, Store, StoreError, WriteOp};
+use crate::store::{AnyStore, DeliveryStore, Outcome, PgStore, QueueLimits, Store, StoreError, WriteOp};
 use crate::transport::{self, Fingerprint, TransportError};
 
 /// Name of the database file in the data dir.
@@ -99,7 +99,7 @@ pub struct RpcLimits {
 
 /// State every connection shares.
 pub struct Shared {
-    pub store: Store,
+    pub store: AnyStore,
     pub limits: RpcLimits,
     pub started: Instant,
     /// Cancelled when shutdown begins: long polls return, no new connections are served.
@@ -124,7 +124,7 @@ pub struct Shared {
 impl Shared {
     /// State for connections served from `store`, not yet shutting down.
     pub fn new(
-        store: Store,
+        store: impl Into<AnyStore>,
         limits: RpcLimits,
         admission: Arc<Admission>,
         clock: crate::clock::Clock,
@@ -137,7 +137,7 @@ impl Shared {
 
     /// [`Shared::new`] with the memory budget's cap and the stall timeout.
     pub fn with_memory(
-        store: Store,
+        store: impl Into<AnyStore>,
         limits: RpcLimits,
         admission: Arc<Admission>,
         clock: crate::clock::Clock,
@@ -145,7 +145,7 @@ impl Shared {
         (max_buffered_bytes, stall_timeout): (usize, Duration),
     ) -> Arc<Shared> {
         Arc::new(Shared {
-            store,
+            store: store.into(),
             limits,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
@@ -318,20 +318,23 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         transport::KeyExchange::HybridOnly
     };
     let server_cfg = transport::server_config_with(&identity, kx)?;
-    let store = Store::open_with_clock(
-        &cfg.data_dir.join(DB_FILE),
-        QueueLimits {
-            max_messages: cfg.max_queue_messages,
-            max_bytes: cfg.max_queue_bytes,
-            ttl_ms: cfg.message_ttl_secs.saturating_mul(1000),
-            max_stored_bytes: cfg.max_stored_bytes,
-        },
-        cfg.clock.clone(),
-    )
-    .map_err(|e| match e {
-        StoreError::InUse => ServerError::DataDirInUse(cfg.data_dir.display().to_string()),
-        e => e.into(),
-    })?;
+    let queue_limits = QueueLimits {
+        max_messages: cfg.max_queue_messages,
+        max_bytes: cfg.max_queue_bytes,
+        ttl_ms: cfg.message_ttl_secs.saturating_mul(1000),
+        max_stored_bytes: cfg.max_stored_bytes,
+    };
+    let store: AnyStore = match &cfg.store {
+        StoreLocation::Redb => {
+            Store::open_with_clock(&cfg.data_dir.join(DB_FILE), queue_limits, cfg.clock.clone())
+                .map_err(|e| match e {
+                    StoreError::InUse => ServerError::DataDirInUse(cfg.data_dir.display().to_string()),
+                    e => e.into(),
+                })?
+                .into()
+        }
+        StoreLocation::Postgres(url) => PgStore::open(url, queue_limits, cfg.clock.clone()).await?.into(),
+    };
     let shared = Shared::with_memory(
         store,
         RpcLimits { max_payload: cfg.max_payload },

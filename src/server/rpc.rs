@@ -21,7 +21,9 @@ use crate::limits;
 use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
 use crate::proto::wire_error::{ErrorCode, WireError};
-use crate::store::{IdentityKey, KeyPackageEntry, Outcome, StoreError, StoredMessage, WriteOp};
+use crate::store::{
+    DeliveryStore, IdentityKey, KeyPackageEntry, Outcome, StoreError, StoredMessage, WriteOp,
+};
 use crate::transport;
 
 /// A malformed or out-of-range parameter (code `badRequest`).
@@ -59,6 +61,15 @@ fn store_err(e: StoreError) -> Error {
         StoreError::DuplicateRecipient { .. } => ErrorCode::BadRequest,
         StoreError::StaleHybridKey { .. } => ErrorCode::StaleKey,
         StoreError::Closed => ErrorCode::ShuttingDown,
+        StoreError::Unavailable(inner) => {
+            tracing::error!(error = %inner, "shared database unavailable");
+            return WireError::retry_after(
+                ErrorCode::Unavailable,
+                "storage unavailable: the server cannot reach its database",
+                limits::STORE_UNAVAILABLE_RETRY_AFTER_MS,
+            )
+            .into_rpc();
+        }
         StoreError::SchemaVersion { .. } | StoreError::InUse => ErrorCode::Internal,
     };
     coded(code, e.to_string())
@@ -292,12 +303,13 @@ impl node_service::Server for NodeServiceImpl {
         params: node_service::FetchHybridKeyParams,
         mut results: node_service::FetchHybridKeyResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let res = (|| {
+        async move {
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
             let signed = self
                 .shared
                 .store
                 .hybrid_key(&who)
+                .await
                 .map_err(store_err)?
                 .ok_or_else(|| coded(ErrorCode::NoHybridKey, "no hybrid key for this key"))?;
             let mut r = results.get();
@@ -305,8 +317,7 @@ impl node_service::Server for NodeServiceImpl {
             r.set_signature(&signed.signature);
             r.set_created_at_ms(signed.created_at_ms);
             Ok(())
-        })();
-        std::future::ready(res)
+        }
     }
 
     fn enqueue(
@@ -531,13 +542,14 @@ impl account::Server for AccountImpl {
         _: account::KeyPackageCountParams,
         mut results: account::KeyPackageCountResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let now = self.shared.clock.now_secs();
-        let res = self.shared.store.key_package_count(&self.who, now).map_err(store_err).map(|(n, lr)| {
+        async move {
+            let now = self.shared.clock.now_secs();
+            let (n, lr) = self.shared.store.key_package_count(&self.who, now).await.map_err(store_err)?;
             let mut r = results.get();
             r.set_count(u32::try_from(n).unwrap_or(u32::MAX));
             r.set_has_last_resort(lr);
-        });
-        std::future::ready(res)
+            Ok(())
+        }
     }
 
     fn upload_hybrid_key(
@@ -573,18 +585,21 @@ impl account::Server for AccountImpl {
         params: account::FetchParams,
         mut results: account::FetchResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let res = (|| {
+        async move {
             let limit = fetch_limit(params.get()?.get_limit());
-            let (msgs, more) =
-                self.shared.store.fetch(&self.who, 0, limit, limits::MAX_FETCH_BYTES).map_err(store_err)?;
+            let (msgs, more) = self
+                .shared
+                .store
+                .fetch(&self.who, 0, limit, limits::MAX_FETCH_BYTES)
+                .await
+                .map_err(store_err)?;
             // Held until the reply is built; the reply then counts as unwritten until sent.
             let _room = self.memory.reserve_reply(reply_bytes(&msgs))?;
             let mut r = results.get();
             r.set_more(more);
             write_messages(r.init_messages(msgs.len() as u32), &msgs);
             Ok(())
-        })();
-        std::future::ready(res)
+        }
     }
 
     fn fetch_wait(
@@ -624,14 +639,22 @@ impl account::Server for AccountImpl {
                     tokio::pin!(notified);
                     // Register before reading, so a commit between the read and the wait still wakes us.
                     notified.as_mut().enable();
-                    let fetched = shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES);
+                    let fetched =
+                        shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES).await;
                     match fetched {
                         Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
                         Ok(_) => {}
                         Err(e) => break Err(store_err(e)),
                     }
+                    // A store whose wake-ups can be lost (another node's NOTIFY) is read again
+                    // after its fallback interval; the deadline still ends the wait.
+                    let recheck = match shared.store.fallback_poll() {
+                        Some(every) => (tokio::time::Instant::now() + every).min(deadline),
+                        None => deadline,
+                    };
                     tokio::select! {
                         _ = &mut notified => continue,
+                        _ = tokio::time::sleep_until(recheck), if recheck < deadline => continue,
                         _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false)),
                         _ = shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
                     }

@@ -44,8 +44,10 @@
 //! uploading deletes the identity's expired ones it meets, counts leave them out, and
 //! [`WriteOp::ExpireKeyPackages`] (run with the sweep) deletes the rest.
 
+pub mod backend;
 mod migrate;
 mod notifier;
+pub mod postgres;
 mod writer;
 
 use std::path::Path;
@@ -53,7 +55,9 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+pub use backend::{AnyStore, DeliveryStore};
 pub use notifier::Notifier;
+pub use postgres::PgStore;
 pub use writer::{Outcome, WriteOp};
 
 use crate::clock::Clock;
@@ -109,6 +113,9 @@ pub enum StoreError {
     Db(String),
     #[error("the store is shutting down")]
     Closed,
+    /// The shared database (PostgreSQL) cannot be reached or refused the transaction.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 macro_rules! db_err {

@@ -32,6 +32,14 @@ impl Notifier {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Wakes every current waiter (after wake-ups may have been lost, see `postgres::listen`).
+    pub fn notify_all(&self) {
+        let map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for n in map.values() {
+            n.notify_waiters();
+        }
+    }
+
     /// Wakes every current waiter of each recipient.
     pub fn notify<'a>(&self, recipients: impl IntoIterator<Item = &'a IdentityKey>) {
         let map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());

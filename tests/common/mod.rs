@@ -1,6 +1,8 @@
 //! Shared test fixtures: real servers on 127.0.0.1:0 in temp dirs, real clients.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,10 +49,80 @@ impl Lines {
     }
 }
 
+/// The store a test's servers use: redb in their data dir, or a PostgreSQL database.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Redb,
+    /// The URL of a fresh database in this test binary's cluster ([`pg::Cluster`]).
+    Postgres(String),
+}
+
+impl Backend {
+    /// A fresh database in the shared cluster (started on first use).
+    pub fn postgres() -> Backend {
+        Backend::Postgres(pg::Cluster::get().fresh_database())
+    }
+
+    /// The value of `--store` / `QPQ_STORE`.
+    pub fn store_arg(&self) -> String {
+        match self {
+            Backend::Redb => "redb".to_string(),
+            Backend::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+thread_local! {
+    /// The backend of the test running on this thread (a `#[tokio::test]`'s body is polled on
+    /// its own thread); [`Backend::Redb`] unless the test chose another.
+    static BACKEND: std::cell::RefCell<Backend> = const { std::cell::RefCell::new(Backend::Redb) };
+}
+
+/// Makes every server this test starts through the fixtures use `backend`.
+pub fn use_backend(backend: Backend) {
+    BACKEND.with(|b| *b.borrow_mut() = backend);
+}
+
+/// The backend the running test chose.
+pub fn backend() -> Backend {
+    BACKEND.with(|b| b.borrow().clone())
+}
+
+/// Defaults for a server in `dir` on 127.0.0.1:0, on the running test's backend.
+pub fn server_config(dir: &Path) -> ServerConfig {
+    let mut cfg = ServerConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    if let Backend::Postgres(url) = backend() {
+        cfg.store = server::StoreLocation::Postgres(url);
+    }
+    cfg
+}
+
+/// Declares each test twice, in a module named after it: `redb` and `postgres`, each running
+/// the same body with every fixture-started server on that backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    () => {};
+    ($(#[$m:meta])* async fn $name:ident() $body:block $($rest:tt)*) => {
+        mod $name {
+            use super::*;
+            $(#[$m])* async fn redb() { common::use_backend(common::Backend::Redb); $body }
+            $(#[$m])* async fn postgres() { common::use_backend(common::Backend::postgres()); $body }
+        }
+        on_both_backends!($($rest)*);
+    };
+    ($(#[$m:meta])* fn $name:ident() $body:block $($rest:tt)*) => {
+        mod $name {
+            use super::*;
+            $(#[$m])* fn redb() { common::use_backend(common::Backend::Redb); $body }
+            $(#[$m])* fn postgres() { common::use_backend(common::Backend::postgres()); $body }
+        }
+        on_both_backends!($($rest)*);
+    };
+}
+
 /// An in-process server in its own temp dir.
 pub async fn start_server(dir: &Path) -> RunningServer {
-    let cfg = ServerConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
-    server::start(cfg).await.expect("server starts")
+    server::start(server_config(dir)).await.expect("server starts")
 }
 
 pub async fn start_server_with(cfg: ServerConfig) -> RunningServer {
@@ -139,6 +211,7 @@ impl ServerProcess {
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("QPQ_CONFIG")
+            .env("QPQ_STORE", backend().store_arg())
             .env("QPQ_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

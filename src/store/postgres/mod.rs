@@ -1,0 +1,329 @@
+//! The PostgreSQL store: several `qpq serve` nodes share one database.
+//!
+//! Every write is one PostgreSQL transaction on a pooled connection (deadpool-postgres over
+//! tokio-postgres), committed with `synchronous_commit = on` (forced in the connection options),
+//! so a reply means the commit is in the flushed WAL. Concurrency is left to PostgreSQL's row
+//! locks, not to locks in this process (see [`ops`]): that is what makes several nodes safe.
+//! PostgreSQL groups concurrent commits into shared WAL flushes on its own.
+//!
+//! Each call runs as a task on the runtime that opened the store (the server's multi-threaded
+//! one), so the pool's connection tasks live there whichever RPC worker asked.
+//!
+//! After an enqueue commits, this node wakes its own waiters directly; the transaction also
+//! sends `NOTIFY qpq_mail` with the recipients, which every other node's listen connection
+//! ([`listen`]) turns into wake-ups there. Only the commit delivers a NOTIFY, so a woken waiter
+//! always finds its mail.
+//!
+//! TLS to the database: none (`NoTls`). Run PostgreSQL on loopback or a private network, or
+//! tunnel it; a `sslmode=require` URL is refused at start-up rather than silently downgraded.
+
+mod listen;
+mod ops;
+mod schema;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+pub use schema::SCHEMA_VERSION;
+
+use super::{IdentityKey, Notifier, Outcome, QueueLimits, StoreError, StoredMessage, WriteOp};
+use crate::clock::Clock;
+use crate::crypto::hybrid::SignedHybridKey;
+use crate::limits;
+
+/// The NOTIFY channel every node listens on.
+const MAIL_CHANNEL: &str = "qpq_mail";
+
+/// Why a transaction did not commit.
+#[derive(Debug)]
+pub(crate) enum TxError {
+    /// A deadlock or serialization failure: PostgreSQL rolled it back; run it again.
+    Conflict(String),
+    /// Anything else: roll back and report.
+    Store(StoreError),
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> TxError {
+        TxError::Store(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> TxError {
+        use tokio_postgres::error::SqlState;
+        match e.code() {
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE => {
+                TxError::Conflict(e.to_string())
+            }
+            // An error the server sent about our SQL or data: a bug or damage, not an outage.
+            Some(c)
+                if !c.code().starts_with("08")
+                    && !c.code().starts_with("57")
+                    && !c.code().starts_with("53") =>
+            {
+                TxError::Store(StoreError::Db(format!("postgresql: {}", db_text(&e))))
+            }
+            // Connection failures, shutdown, out of resources, or no server answer at all.
+            _ => TxError::Store(StoreError::Unavailable(db_text(&e))),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for TxError {
+    fn from(e: deadpool_postgres::PoolError) -> TxError {
+        TxError::Store(StoreError::Unavailable(format!("no database connection: {e}")))
+    }
+}
+
+/// The most useful text of a driver error (the server's message when it sent one).
+fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Shared by the store handle and the tasks it spawns.
+struct Inner {
+    pool: Pool,
+    limits: QueueLimits,
+    clock: Clock,
+    notifier: Arc<Notifier>,
+    commits: AtomicU64,
+    instance_id: u64,
+    /// Random per process: a node skips its own NOTIFYs (it woke its waiters already).
+    node_id: u64,
+}
+
+/// The PostgreSQL-backed store of one node.
+pub struct PgStore {
+    inner: Arc<Inner>,
+    runtime: tokio::runtime::Handle,
+    /// Stops the listen task.
+    stop: CancellationToken,
+}
+
+/// Parses and checks a `postgres://` URL; the password never appears in an error.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg: tokio_postgres::Config =
+        url.parse().map_err(|_| StoreError::Unavailable("invalid postgres url".to_string()))?;
+    if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(StoreError::Unavailable(
+            "sslmode=require is not supported: qpq connects to postgresql without tls (use loopback, \
+             a private network or a tunnel)"
+                .to_string(),
+        ));
+    }
+    // Durable before acknowledged, whatever the server's default.
+    let options = match cfg.get_options() {
+        Some(o) => format!("{o} -c synchronous_commit=on"),
+        None => "-c synchronous_commit=on".to_string(),
+    };
+    cfg.options(&options);
+    cfg.connect_timeout(Duration::from_millis(limits::PG_CONNECT_TIMEOUT_MS));
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("qpq");
+    }
+    Ok(cfg)
+}
+
+impl PgStore {
+    /// Connects, migrates the schema and starts listening for other nodes' mail. Must be called
+    /// inside a tokio runtime, which then runs every database call.
+    pub async fn open(url: &str, limits: QueueLimits, clock: Clock) -> Result<PgStore, StoreError> {
+        let cfg = parse_url(url)?;
+        let manager = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let timeout = Some(Duration::from_millis(limits::PG_CONNECT_TIMEOUT_MS));
+        let pool = Pool::builder(manager)
+            .max_size(limits::PG_POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot build the connection pool: {e}")))?;
+        let instance_id = {
+            let mut client = pool.get().await.map_err(|e| unavailable(TxError::from(e)))?;
+            let tx = client.transaction().await.map_err(|e| unavailable(TxError::from(e)))?;
+            let id = schema::migrate(&tx).await.map_err(unavailable)?;
+            tx.commit().await.map_err(|e| unavailable(TxError::from(e)))?;
+            id
+        };
+        let inner = Arc::new(Inner {
+            pool,
+            limits,
+            clock,
+            notifier: Arc::new(Notifier::default()),
+            commits: AtomicU64::new(0),
+            instance_id,
+            node_id: rand::random(),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(listen::run(cfg, inner.node_id, inner.notifier.clone(), stop.clone()));
+        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), stop })
+    }
+
+    /// Runs `f` on the store's runtime and waits for it.
+    async fn on_runtime<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.runtime.spawn(f(self.inner.clone())).await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        self.on_runtime(|inner| async move { inner.write(op).await }).await
+    }
+
+    pub async fn fetch(
+        &self,
+        who: &IdentityKey,
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
+        let who = *who;
+        self.on_runtime(move |inner| async move {
+            let now = inner.clock.now_ms();
+            let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
+            ops::fetch(&client, inner.limits, &who, after, limit, max_bytes, now).await.map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
+        let who = *who;
+        self.on_runtime(move |inner| async move {
+            let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
+            ops::key_package_count(&client, &who, now).await.map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn hybrid_key(&self, who: &IdentityKey) -> Result<Option<SignedHybridKey>, StoreError> {
+        let who = *who;
+        self.on_runtime(move |inner| async move {
+            let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
+            ops::hybrid_key(&client, &who).await.map_err(unavailable)
+        })
+        .await
+    }
+
+    pub fn instance_id(&self) -> u64 {
+        self.inner.instance_id
+    }
+
+    pub fn notifier(&self) -> &Arc<Notifier> {
+        &self.inner.notifier
+    }
+
+    /// Write transactions this node has committed.
+    pub fn commit_count(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    /// Stops listening and closes the pool (calls in flight finish or fail `unavailable`).
+    pub fn close(self) {
+        self.stop.cancel();
+        self.inner.pool.close();
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A [`TxError`] as the caller sees it.
+fn unavailable(e: TxError) -> StoreError {
+    match e {
+        TxError::Conflict(m) => StoreError::Unavailable(format!("transaction kept conflicting: {m}")),
+        TxError::Store(e) => e,
+    }
+}
+
+impl Inner {
+    /// One write in its own transaction, run again after a deadlock or serialization failure.
+    async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        let now_ms = self.clock.now_ms();
+        let mut last = String::new();
+        for _ in 0..limits::PG_TX_ATTEMPTS {
+            let mut client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
+            let tx = client.transaction().await.map_err(|e| unavailable(e.into()))?;
+            let mut woken = Vec::new();
+            let applied = ops::apply(&tx, self.limits, now_ms, self.node_id, &op, &mut woken).await;
+            match applied {
+                Ok(outcome) => match tx.commit().await {
+                    Ok(()) => {
+                        self.commits.fetch_add(1, Ordering::Relaxed);
+                        self.notifier.notify(woken.iter());
+                        return outcome;
+                    }
+                    Err(e) => match TxError::from(e) {
+                        TxError::Conflict(m) => last = m,
+                        TxError::Store(e) => return Err(e),
+                    },
+                },
+                // Dropping `tx` rolls it back.
+                Err(TxError::Conflict(m)) => last = m,
+                Err(TxError::Store(e)) => return Err(e),
+            }
+            tracing::debug!(error = %last, "postgresql transaction conflicted, running it again");
+        }
+        Err(StoreError::Unavailable(format!("transaction kept conflicting: {last}")))
+    }
+}
+
+impl super::DeliveryStore for PgStore {
+    async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        PgStore::write(self, op).await
+    }
+
+    async fn fetch(
+        &self,
+        who: &IdentityKey,
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
+        PgStore::fetch(self, who, after, limit, max_bytes).await
+    }
+
+    async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
+        PgStore::key_package_count(self, who, now).await
+    }
+
+    async fn hybrid_key(&self, who: &IdentityKey) -> Result<Option<SignedHybridKey>, StoreError> {
+        PgStore::hybrid_key(self, who).await
+    }
+
+    fn instance_id(&self) -> u64 {
+        PgStore::instance_id(self)
+    }
+
+    fn notifier(&self) -> &Arc<Notifier> {
+        PgStore::notifier(self)
+    }
+
+    fn commit_count(&self) -> u64 {
+        PgStore::commit_count(self)
+    }
+
+    fn fallback_poll(&self) -> Option<Duration> {
+        // NOTIFYs sent while the listen connection was down are lost (see `listen`).
+        Some(Duration::from_millis(limits::PG_FALLBACK_POLL_MS))
+    }
+}

@@ -1,0 +1,539 @@
+//! Each store operation as SQL inside one transaction (READ COMMITTED).
+//!
+//! Locking, so that nodes agree without talking to each other:
+//! - An enqueue upserts and so row-locks its channel's `qpq_channels` row first (the counter
+//!   that hands out `channelSeq`), then every recipient's `qpq_queues` row in key order, and
+//!   holds them to commit: batches on one channel commit one after the other in `channelSeq`
+//!   order, and a recipient's `seq` numbers are handed out in commit order, on any node.
+//! - A KeyPackage is taken with `FOR UPDATE SKIP LOCKED` + `DELETE`: concurrent takers get
+//!   different packages, never the same one.
+//! - An upload locks the identity's `qpq_key_package_owners` row to check the pool cap.
+//! - Rare lock cycles (a sweep against a batch) are PostgreSQL deadlocks; it aborts one side,
+//!   which the caller runs again.
+
+use deadpool_postgres::{Object, Transaction};
+
+use super::{MAIL_CHANNEL, TxError};
+use crate::crypto::hybrid::SignedHybridKey;
+use crate::limits;
+use crate::store::{
+    IdentityKey, KeyPackageEntry, Outcome, QueueLimits, StoreError, StoredMessage, WriteOp,
+    decode_hybrid_key, encode_hybrid_key,
+};
+
+/// Shards of the stored-bytes total (each connection adds to `pg_backend_pid() % SHARDS`).
+const STORED_BYTES_SHARDS: i32 = 64;
+
+/// A u64 as PostgreSQL's bigint, saturating (numbers past i64::MAX never occur in practice).
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A bigint column that holds a count or number as u64 (negative ones read as 0).
+fn unbig(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn identity(v: &[u8]) -> Result<IdentityKey, TxError> {
+    v.try_into().map_err(|_| TxError::Store(StoreError::Db(format!("corrupt identity of {} bytes", v.len()))))
+}
+
+/// Applies `op`. The outer error rolls the transaction back (a refused enqueue or upload, a
+/// database error); the inner result is what the caller gets once it commits.
+pub(super) async fn apply(
+    tx: &Transaction<'_>,
+    limits: QueueLimits,
+    now_ms: u64,
+    node_id: u64,
+    op: &WriteOp,
+    woken: &mut Vec<IdentityKey>,
+) -> Result<Result<Outcome, StoreError>, TxError> {
+    match op {
+        WriteOp::Enqueue { channel, items } => {
+            enqueue(tx, limits, now_ms, node_id, channel, items, woken).await.map(Ok)
+        }
+        // Not yet stored once here: each recipient gets its own copy of the payload (and the
+        // quota is charged per copy), in one transaction with one channel position. Storing it
+        // once needs reference-counted rows in `qpq_payloads` (see the module docs).
+        WriteOp::Fanout { channel, payload, recipients } => {
+            let mut seen = std::collections::HashMap::with_capacity(recipients.len());
+            for (i, who) in recipients.iter().enumerate() {
+                if let Some(first) = seen.insert(*who, i) {
+                    return Ok(Err(StoreError::DuplicateRecipient { first, again: i }));
+                }
+            }
+            let items: Vec<(IdentityKey, Vec<u8>)> =
+                recipients.iter().map(|who| (*who, payload.clone())).collect();
+            enqueue(tx, limits, now_ms, node_id, channel, &items, woken).await.map(Ok)
+        }
+        WriteOp::Ack { who, up_to } => ack(tx, who, *up_to).await.map(Ok),
+        WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
+            upload_key_packages(tx, who, packages, last_resort.as_ref(), *now).await.map(Ok)
+        }
+        WriteOp::TakeKeyPackage { who, now } => take_key_package(tx, who, *now).await,
+        WriteOp::ExpireKeyPackages { now } => expire_key_packages(tx, *now).await.map(Ok),
+        WriteOp::PutHybridKey { who, signed } => put_hybrid_key(tx, who, signed).await,
+        WriteOp::Sweep { now_ms, .. } => sweep(tx, limits, *now_ms).await.map(Ok),
+    }
+}
+
+async fn meta_value(tx: &Transaction<'_>, name: &str) -> Result<i64, TxError> {
+    let row = tx.query_opt("SELECT value FROM qpq_meta WHERE name = $1", &[&name]).await?;
+    Ok(row.map(|r| r.get(0)).unwrap_or(0))
+}
+
+/// Adds `delta` bytes to this connection's shard of the stored-bytes total.
+async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
+        )
+        .await?;
+    tx.execute(&stmt, &[&STORED_BYTES_SHARDS, &delta]).await?;
+    Ok(())
+}
+
+async fn enqueue(
+    tx: &Transaction<'_>,
+    limits: QueueLimits,
+    now: u64,
+    node_id: u64,
+    channel: &[u8],
+    items: &[(IdentityKey, Vec<u8>)],
+    woken: &mut Vec<IdentityKey>,
+) -> Result<Outcome, TxError> {
+    let now_i = big(now);
+    // The channel row first (see the module docs for the lock order).
+    let channel_seq = if channel.is_empty() {
+        0
+    } else {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO qpq_channels (id, last_seq, touched_ms) VALUES ($1, 0, $2)
+                 ON CONFLICT (id) DO UPDATE SET touched_ms = excluded.touched_ms RETURNING last_seq",
+            )
+            .await?;
+        let last: i64 = tx.query_one(&stmt, &[&channel, &now_i]).await?.get(0);
+        // 0: created just now; a new row counts on from the floor (the schema's invariant).
+        let base = if last == 0 { meta_value(tx, "channel_seq_floor").await? } else { last };
+        let next = base.saturating_add(1);
+        let stmt = tx.prepare_cached("UPDATE qpq_channels SET last_seq = $2 WHERE id = $1").await?;
+        tx.execute(&stmt, &[&channel, &next]).await?;
+        next
+    };
+    // Lock every recipient's queue row, in key order.
+    let mut recipients: Vec<IdentityKey> = items.iter().map(|(w, _)| *w).collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    let keys: Vec<&[u8]> = recipients.iter().map(|r| &r[..]).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO qpq_queues (recipient, next_seq, count, bytes)
+             SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
+             ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
+             RETURNING recipient, next_seq, count, bytes",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&keys]).await?;
+    let mut fresh_floor = None;
+    // recipient -> (next seq, count, bytes), in key order.
+    let mut state: Vec<(IdentityKey, i64, i64, i64)> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let who = identity(row.get(0))?;
+        let mut next: i64 = row.get(1);
+        if next == 0 {
+            let floor = match fresh_floor {
+                Some(f) => f,
+                None => {
+                    let f = meta_value(tx, "seq_floor").await?.max(1);
+                    fresh_floor = Some(f);
+                    f
+                }
+            };
+            next = floor;
+        }
+        state.push((who, next, row.get(2), row.get(3)));
+    }
+    state.sort_unstable_by_key(|s| s.0);
+    let find = |state: &[(IdentityKey, i64, i64, i64)], who: &IdentityKey| {
+        state.binary_search_by_key(who, |s| s.0).map_err(|_| {
+            TxError::Store(StoreError::Db("enqueue: a recipient's queue row went missing".to_string()))
+        })
+    };
+    // Check every cap before writing anything.
+    let mut adding = 0i64;
+    let mut planned = state.clone();
+    let mut item_bytes = Vec::with_capacity(items.len());
+    for (who, payload) in items {
+        let i = find(&planned, who)?;
+        let add = big(StoredMessage::accounted_len(17 + channel.len() + payload.len()));
+        let (_, _, count, bytes) = planned[i];
+        if unbig(count) + 1 > limits.max_messages || unbig(bytes) + unbig(add) > limits.max_bytes {
+            return Err(TxError::Store(StoreError::QueueFull {
+                count: unbig(count),
+                bytes: unbig(bytes),
+                max_count: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            }));
+        }
+        planned[i].2 = count + 1;
+        planned[i].3 = bytes + add;
+        adding += add;
+        item_bytes.push(add);
+    }
+    let used: i64 =
+        tx.query_one("SELECT coalesce(sum(bytes), 0)::bigint FROM qpq_stored_bytes", &[]).await?.get(0);
+    let used = unbig(used);
+    if used.saturating_add(unbig(adding)) > limits.max_stored_bytes {
+        return Err(TxError::Store(StoreError::OverQuota {
+            used,
+            adding: unbig(adding),
+            max: limits.max_stored_bytes,
+        }));
+    }
+    add_stored_bytes(tx, adding).await?;
+    let mut seqs = Vec::with_capacity(items.len());
+    for (who, _) in items {
+        let i = find(&planned, who)?;
+        let seq = planned[i].1;
+        planned[i].1 = seq.saturating_add(1);
+        seqs.push(seq);
+    }
+    let entry_keys: Vec<&[u8]> = items.iter().map(|(w, _)| &w[..]).collect();
+    let bodies: Vec<&[u8]> = items.iter().map(|(_, p)| &p[..]).collect();
+    let stmt = tx
+        .prepare_cached(
+            "WITH items AS MATERIALIZED (
+                 SELECT nextval('qpq_payloads_id_seq') AS id, t.recipient, t.seq, t.body, t.bytes
+                 FROM unnest($4::bytea[], $5::bigint[], $6::bytea[], $7::bigint[]) AS t(recipient, seq, body, bytes)
+             ), p AS (
+                 INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body)
+                 SELECT id, $1, $2, $3, body FROM items
+             )
+             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms)
+             SELECT recipient, seq, id, bytes, $3 FROM items",
+        )
+        .await?;
+    tx.execute(&stmt, &[&channel, &channel_seq, &now_i, &entry_keys, &seqs, &bodies, &item_bytes]).await?;
+    let next: Vec<i64> = planned.iter().map(|p| p.1).collect();
+    let counts: Vec<i64> = planned.iter().map(|p| p.2).collect();
+    let totals: Vec<i64> = planned.iter().map(|p| p.3).collect();
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
+             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
+             WHERE q.recipient = u.r",
+        )
+        .await?;
+    tx.execute(&stmt, &[&keys, &next, &counts, &totals]).await?;
+    notify(tx, node_id, &recipients).await?;
+    woken.extend(recipients);
+    Ok(Outcome::Enqueued { channel_seq: unbig(channel_seq), seqs: seqs.into_iter().map(unbig).collect() })
+}
+
+/// NOTIFY the other nodes (delivered when this transaction commits, never before).
+async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
+    let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+    for chunk in recipients.chunks(limits::PG_NOTIFY_RECIPIENTS) {
+        let mut payload = format!("{node_id:016x}");
+        for r in chunk {
+            payload.push(':');
+            payload.push_str(&hex::encode(r));
+        }
+        tx.execute(&stmt, &[&MAIL_CHANNEL, &payload]).await?;
+    }
+    Ok(())
+}
+
+async fn ack(tx: &Transaction<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, TxError> {
+    let stmt = tx
+        .prepare_cached(
+            "WITH d AS (DELETE FROM qpq_entries WHERE recipient = $1 AND seq <= $2 RETURNING payload_id, bytes),
+                  p AS (DELETE FROM qpq_payloads WHERE id IN (SELECT payload_id FROM d))
+             SELECT count(*)::bigint, coalesce(sum(bytes), 0)::bigint FROM d",
+        )
+        .await?;
+    let row = tx.query_one(&stmt, &[&&who[..], &big(up_to)]).await?;
+    let (n, bytes): (i64, i64) = (row.get(0), row.get(1));
+    if n == 0 {
+        return Ok(Outcome::Acked { removed: 0 });
+    }
+    let stmt = tx
+        .prepare_cached("UPDATE qpq_queues SET count = count - $2, bytes = bytes - $3 WHERE recipient = $1")
+        .await?;
+    tx.execute(&stmt, &[&&who[..], &n, &bytes]).await?;
+    add_stored_bytes(tx, -bytes).await?;
+    Ok(Outcome::Acked { removed: u32::try_from(n).unwrap_or(u32::MAX) })
+}
+
+/// Deletes the oldest expired entries (one slice), then, once none are left, empty queue rows
+/// and idle channel rows (raising the floors in the same transaction).
+async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Outcome, TxError> {
+    let cutoff = big(now.saturating_sub(limits.ttl_ms));
+    let slice = big(limits::SWEEP_SLICE_ROWS as u64);
+    let rows = tx
+        .query(
+            "WITH doomed AS (
+                 SELECT recipient, seq FROM qpq_entries WHERE enqueued_at_ms < $1
+                 ORDER BY enqueued_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), d AS (
+                 DELETE FROM qpq_entries e USING doomed
+                 WHERE e.recipient = doomed.recipient AND e.seq = doomed.seq
+                 RETURNING e.recipient, e.payload_id, e.bytes
+             ), p AS (DELETE FROM qpq_payloads WHERE id IN (SELECT payload_id FROM d))
+             SELECT recipient, count(*)::bigint, sum(bytes)::bigint FROM d GROUP BY recipient ORDER BY recipient",
+            &[&cutoff, &slice],
+        )
+        .await?;
+    let mut removed = 0i64;
+    let mut freed = 0i64;
+    let mut keys: Vec<Vec<u8>> = Vec::with_capacity(rows.len());
+    let mut counts = Vec::with_capacity(rows.len());
+    let mut sizes = Vec::with_capacity(rows.len());
+    for row in rows {
+        keys.push(row.get(0));
+        let (n, b): (i64, i64) = (row.get(1), row.get(2));
+        removed += n;
+        freed += b;
+        counts.push(n);
+        sizes.push(b);
+    }
+    if !keys.is_empty() {
+        tx.execute(
+            "UPDATE qpq_queues q SET count = q.count - u.n, bytes = q.bytes - u.b
+             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS u(r, n, b) WHERE q.recipient = u.r",
+            &[&keys, &counts, &sizes],
+        )
+        .await?;
+        add_stored_bytes(tx, -freed).await?;
+    }
+    if removed >= slice {
+        // More may be waiting; the caller comes back for the next slice.
+        return Ok(Outcome::Swept { removed: unbig(removed), resume: Some(Vec::new()) });
+    }
+    tx.execute(
+        "WITH d AS (DELETE FROM qpq_queues WHERE count <= 0 RETURNING next_seq)
+         UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(next_seq), 0) FROM d))
+         WHERE name = 'seq_floor'",
+        &[],
+    )
+    .await?;
+    tx.execute(
+        "WITH d AS (DELETE FROM qpq_channels WHERE touched_ms < $1 RETURNING last_seq)
+         UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(last_seq), 0) FROM d))
+         WHERE name = 'channel_seq_floor'",
+        &[&cutoff],
+    )
+    .await?;
+    Ok(Outcome::Swept { removed: unbig(removed), resume: None })
+}
+
+async fn upload_key_packages(
+    tx: &Transaction<'_>,
+    who: &IdentityKey,
+    packages: &[KeyPackageEntry],
+    last_resort: Option<&KeyPackageEntry>,
+    now: u64,
+) -> Result<Outcome, TxError> {
+    let key = &who[..];
+    tx.execute(
+        "INSERT INTO qpq_key_package_owners (identity) VALUES ($1)
+         ON CONFLICT (identity) DO UPDATE SET identity = excluded.identity",
+        &[&key],
+    )
+    .await?;
+    // Expired packages must not count against the cap: a returning user could never refill.
+    tx.execute("DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2", &[&key, &big(now)])
+        .await?;
+    let have: i64 = tx
+        .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
+        .await?
+        .get(0);
+    let (have, adding) = (unbig(have), packages.len() as u64);
+    if have + adding > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
+        return Err(TxError::Store(StoreError::PoolFull {
+            have,
+            adding,
+            max: limits::MAX_KEY_PACKAGES_PER_IDENTITY,
+        }));
+    }
+    let not_after: Vec<i64> = packages.iter().map(|p| big(p.not_after)).collect();
+    let bytes: Vec<&[u8]> = packages.iter().map(|p| &p.bytes[..]).collect();
+    tx.execute(
+        "INSERT INTO qpq_key_packages (identity, not_after, bytes)
+         SELECT $1, n, b FROM unnest($2::bigint[], $3::bytea[]) WITH ORDINALITY AS t(n, b, o) ORDER BY o",
+        &[&key, &not_after, &bytes],
+    )
+    .await?;
+    if let Some(lr) = last_resort {
+        tx.execute(
+            "INSERT INTO qpq_last_resort (identity, not_after, bytes) VALUES ($1, $2, $3)
+             ON CONFLICT (identity) DO UPDATE SET not_after = excluded.not_after, bytes = excluded.bytes",
+            &[&key, &big(lr.not_after), &&lr.bytes[..]],
+        )
+        .await?;
+    }
+    Ok(Outcome::KeyPackagesStored { count: have + adding })
+}
+
+async fn take_key_package(
+    tx: &Transaction<'_>,
+    who: &IdentityKey,
+    now: u64,
+) -> Result<Result<Outcome, StoreError>, TxError> {
+    let (key, now) = (&who[..], big(now));
+    let stmt = tx
+        .prepare_cached(
+            "WITH t AS (
+                 SELECT id FROM qpq_key_packages WHERE identity = $1 AND not_after > $2
+                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
+             )
+             DELETE FROM qpq_key_packages k USING t WHERE k.id = t.id RETURNING k.bytes",
+        )
+        .await?;
+    let taken = tx.query_opt(&stmt, &[&key, &now]).await?;
+    if let Some(row) = taken {
+        tx.execute("DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2", &[&key, &now])
+            .await?;
+        let remaining: i64 = tx
+            .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
+            .await?
+            .get(0);
+        return Ok(Ok(Outcome::KeyPackage {
+            bytes: row.get(0),
+            remaining: unbig(remaining),
+            last_resort: false,
+        }));
+    }
+    tx.execute("DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2", &[&key, &now]).await?;
+    let lr =
+        tx.query_opt("SELECT not_after, bytes FROM qpq_last_resort WHERE identity = $1", &[&key]).await?;
+    match lr {
+        Some(row) if row.get::<_, i64>(0) > now => {
+            Ok(Ok(Outcome::KeyPackage { bytes: row.get(1), remaining: 0, last_resort: true }))
+        }
+        Some(_) => {
+            tx.execute("DELETE FROM qpq_last_resort WHERE identity = $1 AND not_after <= $2", &[&key, &now])
+                .await?;
+            Ok(Err(StoreError::NoKeyPackages))
+        }
+        None => Ok(Err(StoreError::NoKeyPackages)),
+    }
+}
+
+async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, TxError> {
+    let now = big(now);
+    let a = tx.execute("DELETE FROM qpq_key_packages WHERE not_after <= $1", &[&now]).await?;
+    let b = tx.execute("DELETE FROM qpq_last_resort WHERE not_after <= $1", &[&now]).await?;
+    Ok(Outcome::KeyPackagesExpired { removed: a + b })
+}
+
+/// Replaces the hybrid key only with a newer one (see the redb writer's `put_hybrid_key`).
+async fn put_hybrid_key(
+    tx: &Transaction<'_>,
+    who: &IdentityKey,
+    signed: &SignedHybridKey,
+) -> Result<Result<Outcome, StoreError>, TxError> {
+    let encoded = encode_hybrid_key(signed);
+    let created = big(signed.created_at_ms);
+    let written = tx
+        .execute(
+            "INSERT INTO qpq_hybrid_keys (identity, created_at_ms, value) VALUES ($1, $2, $3)
+             ON CONFLICT (identity) DO UPDATE SET created_at_ms = excluded.created_at_ms, value = excluded.value
+             WHERE qpq_hybrid_keys.created_at_ms < excluded.created_at_ms",
+            &[&&who[..], &created, &encoded],
+        )
+        .await?;
+    if written > 0 {
+        return Ok(Ok(Outcome::HybridKeyStored));
+    }
+    let row = tx
+        .query_one("SELECT created_at_ms, value FROM qpq_hybrid_keys WHERE identity = $1", &[&&who[..]])
+        .await?;
+    let stored: Vec<u8> = row.get(1);
+    if stored == encoded {
+        return Ok(Ok(Outcome::HybridKeyStored));
+    }
+    Ok(Err(StoreError::StaleHybridKey { stored: unbig(row.get(0)), offered: signed.created_at_ms }))
+}
+
+/// Unexpired messages of `who` after `after`, cut like the redb store's fetch: at `limit`
+/// messages, or before the message that would pass `max_bytes` (the first one always fits).
+pub(super) async fn fetch(
+    client: &Object,
+    limits: QueueLimits,
+    who: &IdentityKey,
+    after: u64,
+    limit: u32,
+    max_bytes: usize,
+    now: u64,
+) -> Result<(Vec<StoredMessage>, bool), TxError> {
+    if after >= i64::MAX as u64 {
+        return Ok((Vec::new(), false));
+    }
+    let oldest = big(now.saturating_sub(limits.ttl_ms));
+    let stmt = client
+        .prepare_cached(
+            "SELECT seq, channel_id, channel_seq, body, enqueued_at_ms FROM (
+                 SELECT *, coalesce(sum(octet_length(body)) OVER (ORDER BY seq
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                 FROM (
+                     SELECT e.seq, p.channel_id, p.channel_seq, p.body, p.enqueued_at_ms
+                     FROM qpq_entries e JOIN qpq_payloads p ON p.id = e.payload_id
+                     WHERE e.recipient = $1 AND e.seq > $2 AND e.enqueued_at_ms >= $3
+                     ORDER BY e.seq LIMIT $4
+                 ) page
+             ) cut WHERE before <= $5 ORDER BY seq",
+        )
+        .await?;
+    let rows = client
+        .query(&stmt, &[&&who[..], &big(after), &oldest, &(i64::from(limit) + 1), &big(max_bytes as u64)])
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut bytes = 0usize;
+    for row in rows {
+        let payload: Vec<u8> = row.get(3);
+        if out.len() as u32 >= limit || (!out.is_empty() && bytes + payload.len() > max_bytes) {
+            return Ok((out, true));
+        }
+        bytes += payload.len();
+        out.push(StoredMessage {
+            seq: unbig(row.get(0)),
+            channel_id: row.get(1),
+            channel_seq: unbig(row.get(2)),
+            payload,
+            enqueued_at_ms: unbig(row.get(4)),
+        });
+    }
+    Ok((out, false))
+}
+
+pub(super) async fn key_package_count(
+    client: &Object,
+    who: &IdentityKey,
+    now: u64,
+) -> Result<(u64, bool), TxError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1 AND not_after > $2),
+                    EXISTS (SELECT 1 FROM qpq_last_resort WHERE identity = $1 AND not_after > $2)",
+            &[&&who[..], &big(now)],
+        )
+        .await?;
+    Ok((unbig(row.get(0)), row.get(1)))
+}
+
+pub(super) async fn hybrid_key(
+    client: &Object,
+    who: &IdentityKey,
+) -> Result<Option<SignedHybridKey>, TxError> {
+    let row = client.query_opt("SELECT value FROM qpq_hybrid_keys WHERE identity = $1", &[&&who[..]]).await?;
+    match row {
+        Some(r) => Ok(Some(decode_hybrid_key(r.get::<_, &[u8]>(0))?)),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,117 @@
+//! The PostgreSQL schema and its versioned migrations, run at every node's start-up.
+//!
+//! `qpq_schema_version` lists the migrations applied. A starting node takes a transaction-level
+//! advisory lock (so two nodes starting together migrate once), applies the migrations above
+//! the highest listed version in that one transaction, and refuses a database whose version is
+//! newer than it knows.
+//!
+//! # Tables (version 1)
+//! | table | key | columns |
+//! |---|---|---|
+//! | `qpq_meta` | name | value bigint: `instance_id`, `seq_floor`, `channel_seq_floor` (see below) |
+//! | `qpq_queues` | recipient | next_seq, count, bytes: one row per recipient with a queue; the row is the per-recipient lock that orders its `seq` numbers across nodes |
+//! | `qpq_channels` | id | last_seq, touched_ms: the per-channel counter row for `channelSeq` |
+//! | `qpq_payloads` | id (bigserial) | channel_id, channel_seq, enqueued_at_ms, body: a message body, stored once |
+//! | `qpq_entries` | (recipient, seq) | payload_id, bytes, enqueued_at_ms: one recipient's queue entry pointing at a payload |
+//! | `qpq_stored_bytes` | shard | bytes: the storage quota's total, split in shards so concurrent enqueues on different connections do not queue on one row |
+//! | `qpq_key_packages` | id (bigserial) | identity, not_after, bytes: single-use KeyPackages, taken in id order |
+//! | `qpq_key_package_owners` | identity | none: the row an upload locks to check the per-identity cap |
+//! | `qpq_last_resort` | identity | not_after, bytes |
+//! | `qpq_hybrid_keys` | identity | created_at_ms, value (signature ‖ created_at_ms ‖ key, as in redb) |
+//!
+//! Payloads and entries are separate so that one body can later be shared by the entries of
+//! several recipients (fan-out): today every entry has its own payload, and deleting an entry
+//! deletes its payload; with sharing, a payload is deleted when its last entry goes.
+//!
+//! A `qpq_queues` row left with count 0 and a `qpq_channels` row untouched for a TTL are
+//! deleted by the sweep, which raises `seq_floor`/`channel_seq_floor` to cover their numbers
+//! in the same transaction; a re-created row starts from the floor, so numbers never go back.
+
+use deadpool_postgres::Transaction;
+
+use super::TxError;
+use crate::store::StoreError;
+
+/// The newest schema this qpq knows.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Any constant: the advisory lock key that serialises migrations of one database.
+const MIGRATION_LOCK: i64 = 0x0071_7071_5f6d_6967;
+
+/// (version, SQL) in order; never edit one that has shipped, add the next.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE qpq_meta (name text PRIMARY KEY, value bigint NOT NULL);
+     INSERT INTO qpq_meta (name, value) VALUES ('seq_floor', 0), ('channel_seq_floor', 0);
+     CREATE TABLE qpq_queues (
+         recipient bytea PRIMARY KEY,
+         next_seq bigint NOT NULL,
+         count bigint NOT NULL,
+         bytes bigint NOT NULL);
+     CREATE TABLE qpq_channels (
+         id bytea PRIMARY KEY,
+         last_seq bigint NOT NULL,
+         touched_ms bigint NOT NULL);
+     CREATE TABLE qpq_payloads (
+         id bigserial PRIMARY KEY,
+         channel_id bytea NOT NULL,
+         channel_seq bigint NOT NULL,
+         enqueued_at_ms bigint NOT NULL,
+         body bytea NOT NULL);
+     CREATE TABLE qpq_entries (
+         recipient bytea NOT NULL,
+         seq bigint NOT NULL,
+         payload_id bigint NOT NULL,
+         bytes bigint NOT NULL,
+         enqueued_at_ms bigint NOT NULL,
+         PRIMARY KEY (recipient, seq));
+     CREATE INDEX qpq_entries_by_age ON qpq_entries (enqueued_at_ms);
+     CREATE TABLE qpq_stored_bytes (shard integer PRIMARY KEY, bytes bigint NOT NULL);
+     CREATE TABLE qpq_key_packages (
+         id bigserial PRIMARY KEY,
+         identity bytea NOT NULL,
+         not_after bigint NOT NULL,
+         bytes bytea NOT NULL);
+     CREATE INDEX qpq_key_packages_by_identity ON qpq_key_packages (identity, id);
+     CREATE INDEX qpq_key_packages_by_expiry ON qpq_key_packages (not_after);
+     CREATE TABLE qpq_key_package_owners (identity bytea PRIMARY KEY);
+     CREATE TABLE qpq_last_resort (identity bytea PRIMARY KEY, not_after bigint NOT NULL, bytes bytea NOT NULL);
+     CREATE TABLE qpq_hybrid_keys (identity bytea PRIMARY KEY, created_at_ms bigint NOT NULL, value bytea NOT NULL);",
+)];
+
+/// Brings the database to [`SCHEMA_VERSION`] and returns its instance id (created on first use).
+pub(super) async fn migrate(tx: &Transaction<'_>) -> Result<u64, TxError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS qpq_schema_version (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let found: i32 =
+        tx.query_one("SELECT coalesce(max(version), 0) FROM qpq_schema_version", &[]).await?.get(0);
+    if found > SCHEMA_VERSION {
+        return Err(TxError::Store(StoreError::SchemaVersion {
+            path: "postgresql database".to_string(),
+            found: u64::try_from(found).unwrap_or(0),
+        }));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        tracing::info!(version, "migrating the postgresql schema");
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO qpq_schema_version (version) VALUES ($1)", &[version]).await?;
+    }
+    // Random and nonzero; stored as the bigint with the same bits.
+    let mut id = 0u64;
+    while id == 0 {
+        id = rand::random::<u64>();
+    }
+    tx.execute(
+        "INSERT INTO qpq_meta (name, value) VALUES ('instance_id', $1) ON CONFLICT (name) DO NOTHING",
+        &[&(id as i64)],
+    )
+    .await?;
+    let stored: i64 =
+        tx.query_one("SELECT value FROM qpq_meta WHERE name = 'instance_id'", &[]).await?.get(0);
+    Ok(stored as u64)
+}

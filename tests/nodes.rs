@@ -1,0 +1,317 @@
+//! Several `qpq serve` nodes over one PostgreSQL database (issue 13): every node presents the
+//! same certificate (node B gets node A's cert.pem and key.pem, as an operator copies them),
+//! clients on different nodes talk to each other, a `fetchWait` parked on one node wakes on an
+//! enqueue on another, and a node killed with SIGKILL loses nothing it acknowledged.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use common::{Backend, ServerProcess, User, introduce, local, login, start_server_with};
+use qpq::client::session::Session;
+use qpq::crypto::identity::Identity;
+use qpq::transport::{CERT_FILE, KEY_FILE};
+
+/// Gives `to` the certificate and key `from` generated: the operator's copy step.
+fn share_certificate(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [CERT_FILE, KEY_FILE] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Two real `qpq serve` binaries on one fresh PostgreSQL database, one certificate.
+fn two_nodes(root: &Path) -> (ServerProcess, ServerProcess) {
+    common::use_backend(Backend::postgres());
+    let (dir_a, dir_b) = (root.join("a"), root.join("b"));
+    let a = ServerProcess::start(&dir_a);
+    share_certificate(&dir_a, &dir_b);
+    let b = ServerProcess::start(&dir_b);
+    assert_eq!(a.fingerprint, b.fingerprint, "both nodes present one certificate");
+    (a, b)
+}
+
+fn epoch_of(u: &User, group: &str) -> String {
+    let list = u.ok(&["group", "list"]);
+    let line = list.lines().find(|l| l.starts_with(&format!("#{group} "))).expect("group listed").to_string();
+    line.rsplit("epoch ").next().unwrap_or("").trim_end_matches(')').to_string()
+}
+
+fn members_of(u: &User, group: &str) -> Vec<String> {
+    let mut v: Vec<String> = u
+        .ok(&["group", "members", group])
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or("").to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn alice_on_node_a_and_bob_on_node_b_chat_and_form_a_group() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(root.path());
+    let alice = User::init(&a, "alice");
+    let bob = User::init(&b, "bob");
+    let carol = User::init(&a, "carol");
+    introduce(&[&alice, &bob, &carol]);
+
+    alice.ok(&["send", "bob", "hello from node a"]);
+    assert_eq!(bob.recv(), vec!["alice: hello from node a"]);
+    bob.ok(&["send", "alice", "hi from node b"]);
+    assert_eq!(alice.recv(), vec!["bob: hi from node b"]);
+
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol"]);
+    bob.recv();
+    carol.recv();
+    bob.ok(&["send", "#team", "bob here"]);
+    assert_eq!(alice.recv(), vec!["[#team] bob: bob here"]);
+    assert_eq!(carol.recv(), vec!["[#team] bob: bob here"]);
+    let epoch = epoch_of(&alice, "team");
+    for u in [&bob, &carol] {
+        assert_eq!(epoch_of(u, "team"), epoch, "{} is in alice's epoch", u.name);
+    }
+}
+
+/// Two members on different nodes commit in the same epoch at the same moment: the database
+/// orders the two commits on the group's channel, one wins, the other is retried, and all four
+/// end in one epoch with the same members.
+#[test]
+fn a_commit_race_across_nodes_converges() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(root.path());
+    let alice = User::init(&a, "alice");
+    let bob = User::init(&b, "bob");
+    let carol = User::init(&a, "carol");
+    let dave = User::init(&b, "dave");
+    introduce(&[&alice, &bob, &carol, &dave]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    bob.recv();
+    let (ra, rb) =
+        (alice.spawn(&["group", "add", "team", "carol"]), bob.spawn(&["group", "add", "team", "dave"]));
+    let (ra, rb) = (ra.wait_with_output().unwrap(), rb.wait_with_output().unwrap());
+    assert!(ra.status.success(), "alice: {}", String::from_utf8_lossy(&ra.stderr));
+    assert!(rb.status.success(), "bob: {}", String::from_utf8_lossy(&rb.stderr));
+    for u in [&alice, &bob, &carol, &dave] {
+        u.recv();
+    }
+    let epoch = epoch_of(&alice, "team");
+    let members = members_of(&alice, "team");
+    assert_eq!(members.len(), 4, "both additions landed: {members:?}");
+    for u in [&bob, &carol, &dave] {
+        assert_eq!(epoch_of(u, "team"), epoch, "{} is in the same epoch", u.name);
+        assert_eq!(members_of(u, "team"), members, "{} sees the same members", u.name);
+    }
+    for u in [&alice, &bob, &carol, &dave] {
+        u.ok(&["send", "#team", &format!("from {}", u.name)]);
+    }
+    for u in [&alice, &bob, &carol, &dave] {
+        let got = u.recv();
+        assert_eq!(got.len(), 3, "{} got {got:?}", u.name);
+    }
+}
+
+/// A `fetchWait` on node B whose timeout is shorter than the fallback poll: only node A's
+/// NOTIFY can wake it with the message before it times out empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_wait_on_node_b_wakes_on_an_enqueue_on_node_a() {
+    let root = tempfile::tempdir().unwrap();
+    common::use_backend(Backend::postgres());
+    let a = start_server_with(common::server_config(&root.path().join("a"))).await;
+    // Node B takes node A's certificate through the `cert`/`key` settings.
+    let mut cfg_b = common::server_config(&root.path().join("b"));
+    cfg_b.cert = Some(root.path().join("a").join(CERT_FILE));
+    cfg_b.key = Some(root.path().join("a").join(KEY_FILE));
+    let b = start_server_with(cfg_b).await;
+    assert_eq!(a.fingerprint(), b.fingerprint());
+    let timeout_ms = u32::try_from(qpq::limits::PG_FALLBACK_POLL_MS / 2).unwrap();
+    local(async {
+        let bob = Identity::generate();
+        let on_b = login(&b, &bob).await;
+        let on_a = common::connect(&a).await;
+        assert_eq!(on_b.server_instance(), {
+            let mut s = common::connect(&a).await;
+            s.authenticate(&bob).await.unwrap();
+            s.server_instance()
+        });
+        for round in 0..3u8 {
+            let wait = on_b.fetch_wait(timeout_ms, 0);
+            let send = async {
+                // Yield once so the wait is sent first; it finds the message either way.
+                tokio::task::yield_now().await;
+                on_a.enqueue(&bob.public().0, &[round + 1], b"").await.unwrap()
+            };
+            let ((msgs, _), _) = tokio::join!(async { wait.await.unwrap() }, send);
+            assert_eq!(msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![vec![round + 1]]);
+            on_b.ack(msgs[0].seq).await.unwrap();
+        }
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Node A is killed with SIGKILL while four clients enqueue through it: every enqueue it
+/// acknowledged is fetched through node B, and the clients go on through node B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_node_a_mid_load_loses_no_acknowledged_message() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(root.path());
+    let (addr_a, addr_b, pin) = (a.addr.to_string(), b.addr.to_string(), a.pin());
+    let alice = Identity::generate();
+    let acked = local(async {
+        let mut sessions = Vec::new();
+        for _ in 0..4 {
+            sessions.push(Session::connect(&addr_a, pin.clone()).await.unwrap());
+        }
+        let acked = std::cell::RefCell::new(Vec::<Vec<u8>>::new());
+        let killed = std::cell::Cell::new(false);
+        let active = std::cell::Cell::new(sessions.len());
+        let progress = tokio::sync::Notify::new();
+        let mut node_a = Some(a);
+        let workers = sessions.iter().enumerate().map(|(w, s)| {
+            let (acked, killed, active, progress) = (&acked, &killed, &active, &progress);
+            let key = alice.public().0;
+            async move {
+                for i in 0..10_000u32 {
+                    let payload = format!("w{w}-m{i}").into_bytes();
+                    let call = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        s.enqueue(&key, &payload, b""),
+                    );
+                    match call.await {
+                        Ok(Ok(_)) => acked.borrow_mut().push(payload),
+                        Err(_) if !killed.get() => {}
+                        _ => break,
+                    }
+                    progress.notify_one();
+                }
+                active.set(active.get() - 1);
+                progress.notify_one();
+            }
+        });
+        let killer = async {
+            while acked.borrow().len() < 200 && active.get() > 0 {
+                progress.notified().await;
+            }
+            killed.set(true);
+            if let Some(p) = node_a.take() {
+                p.kill9();
+            }
+        };
+        tokio::join!(futures::future::join_all(workers), killer);
+        acked.into_inner()
+    })
+    .await;
+    assert!(acked.len() >= 200, "only {} enqueues were acknowledged before the kill", acked.len());
+    let stored = local(async {
+        // The clients of the dead node reconnect to the other one, which has the same pin.
+        let sender = Session::connect(&addr_b, pin.clone()).await.unwrap();
+        sender.enqueue(&alice.public().0, b"after the kill", b"").await.unwrap();
+        let mut s = Session::connect(&addr_b, pin.clone()).await.unwrap();
+        s.authenticate(&alice).await.unwrap();
+        let mut all = HashSet::new();
+        let mut last = 0;
+        loop {
+            let (msgs, more) = s.fetch(0).await.unwrap();
+            for m in &msgs {
+                all.insert(m.payload.clone());
+                last = m.seq;
+            }
+            s.ack(last).await.unwrap();
+            if !more {
+                break;
+            }
+        }
+        all
+    })
+    .await;
+    let missing: Vec<_> = acked.iter().filter(|p| !stored.contains(*p)).collect();
+    assert!(missing.is_empty(), "{} acknowledged enqueues lost, e.g. {:?}", missing.len(), missing.first());
+    assert!(stored.contains(&b"after the kill"[..]), "node b serves the dead node's clients");
+    drop(b);
+}
+
+/// The database refuses the node (connections cut, new ones refused): calls that need it fail
+/// with the `unavailable` code, health still answers, nothing acknowledged is lost, and the
+/// node serves again as soon as the database is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_a_clear_error_and_the_node_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::postgres();
+    let Backend::Postgres(url) = &backend else { unreachable!() };
+    let db = url.rsplit('/').next().unwrap().to_string();
+    common::use_backend(backend.clone());
+    let server = start_server_with(common::server_config(dir.path())).await;
+    let cluster = common::pg::Cluster::get();
+    local(async {
+        let alice = Identity::generate();
+        let sender = common::connect(&server).await;
+        sender.enqueue(&alice.public().0, b"before", b"").await.unwrap();
+        cluster.psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+        cluster
+            .psql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"));
+        let err = sender.enqueue(&alice.public().0, b"during", b"").await.unwrap_err();
+        assert_eq!(err.code(), Some(qpq::proto::wire_error::ErrorCode::Unavailable), "{err}");
+        assert!(err.to_string().contains("storage unavailable"), "{err}");
+        assert_eq!(sender.health().await.unwrap().status, "ok");
+        cluster.psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+        sender.enqueue(&alice.public().0, b"after", b"").await.unwrap();
+        let a = login(&server, &alice).await;
+        let (msgs, _) = a.fetch(0).await.unwrap();
+        let got: Vec<_> = msgs.iter().map(|m| m.payload.clone()).collect();
+        assert_eq!(got, vec![b"before".to_vec(), b"after".to_vec()]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// Batches on one channel sent at the same time through both nodes: every batch gets its own
+/// `channelSeq`, each recipient's `seq` numbers are dense and unique, and both recipients see
+/// the batches in the same order, which is channel order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_through_two_nodes_keep_one_order_and_dense_seqs() {
+    let root = tempfile::tempdir().unwrap();
+    common::use_backend(Backend::postgres());
+    let a = start_server_with(common::server_config(&root.path().join("a"))).await;
+    let mut cfg_b = common::server_config(&root.path().join("b"));
+    cfg_b.cert = Some(root.path().join("a").join(CERT_FILE));
+    cfg_b.key = Some(root.path().join("a").join(KEY_FILE));
+    let b = start_server_with(cfg_b).await;
+    local(async {
+        let members: Vec<Identity> = (0..2).map(|_| Identity::generate()).collect();
+        let keys: Vec<_> = members.iter().map(|m| m.public()).collect();
+        let mut senders = Vec::new();
+        for i in 0..6 {
+            senders.push(common::connect(if i % 2 == 0 { &a } else { &b }).await);
+        }
+        let sends = (0..60u8).map(|i| {
+            let s = &senders[i as usize % senders.len()];
+            let items: Vec<_> = keys.iter().map(|k| (*k, vec![i])).collect();
+            async move { s.enqueue_batch(b"team", &items).await.unwrap() }
+        });
+        let results = futures::future::join_all(sends).await;
+        let cseqs: HashSet<u64> = results.iter().map(|r| r.0).collect();
+        assert_eq!(cseqs.len(), 60, "every batch got its own channel position");
+        let mut orders = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            let s = login(if i == 0 { &a } else { &b }, m).await;
+            let (msgs, more) = s.fetch(0).await.unwrap();
+            assert!(!more);
+            let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=60).collect::<Vec<u64>>(), "dense, unique, in order");
+            let by_seq: Vec<u64> = msgs.iter().map(|m| m.channel_seq).collect();
+            let mut sorted = by_seq.clone();
+            sorted.sort();
+            assert_eq!(by_seq, sorted, "queue order is channel order");
+            orders.push(msgs.iter().map(|m| m.payload[0]).collect::<Vec<_>>());
+        }
+        assert_eq!(orders[0], orders[1]);
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
