@@ -14,6 +14,8 @@
 //! - [`mls`]: openmls operations at several group sizes against their cryptographic floor.
 //! - [`connections`]: idle connections to a real `qpq serve` child: server RSS per connection
 //!   and handshake rate, against a bare quinn echo server child.
+//! - [`home`]: `send` and receive from a home with 50 groups of 100 and 100k history entries,
+//!   against a fresh home (only on request: `--scenario home`).
 //! - [`echo`]: the raw quinn echo server and client the references use.
 //!
 //! # Shape
@@ -25,6 +27,7 @@
 pub mod connections;
 pub mod delivery;
 pub mod echo;
+pub mod home;
 pub mod kx;
 pub mod mls;
 pub mod transport;
@@ -80,6 +83,7 @@ pub enum Scenario {
     Delivery,
     Mls,
     Connections,
+    Home,
 }
 
 impl Scenario {
@@ -89,6 +93,7 @@ impl Scenario {
             Scenario::Delivery => "delivery",
             Scenario::Mls => "mls",
             Scenario::Connections => "connections",
+            Scenario::Home => "home",
         }
     }
 }
@@ -96,7 +101,8 @@ impl Scenario {
 /// Flags of `qpq bench`. `--server`/`--server-fingerprint` (global) select a remote server.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma separated [default: all]
+    /// Scenarios to run, comma separated [default: all but home, which builds a large home
+    /// for minutes]
     #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME,...")]
     pub scenario: Vec<Scenario>,
     /// Tiny sizes and very short runs: checks that everything works, measures little
@@ -496,6 +502,7 @@ async fn run_scenarios(settings: Settings, target: Target<'_>, server: String) -
             Scenario::Delivery => delivery::steps(&settings),
             Scenario::Mls => mls::steps(&settings),
             Scenario::Connections => connections::steps(&settings),
+            Scenario::Home => home::steps(&settings),
         })
         .sum();
     let progress = ProgressBar::new(steps);
@@ -511,6 +518,7 @@ async fn run_scenarios(settings: Settings, target: Target<'_>, server: String) -
             Scenario::Delivery => delivery::run(&bench).await,
             Scenario::Mls => mls::run(&bench).await,
             Scenario::Connections => connections::run(&bench).await,
+            Scenario::Home => home::run(&bench).await,
         };
         match rows {
             Ok(rows) => {

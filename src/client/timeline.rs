@@ -170,6 +170,23 @@ impl Timelines {
         }
     }
 
+    /// Messages ever added to `group`'s history.
+    pub fn message_count(&self, group: &str) -> u64 {
+        self.by_group.get(group).map_or(0, |log| log.messages)
+    }
+
+    /// The index (among all messages ever added) of the oldest of the `kept` messages still in
+    /// `group`'s history: the kept ones are the newest.
+    pub fn first_index(&self, group: &str, kept: usize) -> u64 {
+        self.message_count(group).saturating_sub(kept as u64)
+    }
+
+    /// `group`'s events that came before message `after` for `lo <= after <= hi`, oldest first.
+    pub fn events_between(&self, group: &str, lo: u64, hi: u64) -> Vec<MemberEvent> {
+        let Some(log) = self.by_group.get(group) else { return Vec::new() };
+        log.events.iter().filter(|e| (lo..=hi).contains(&e.after)).cloned().collect()
+    }
+
     /// Forgets a conversation that never came to be.
     pub fn forget(&mut self, group: &str) {
         self.by_group.remove(group);
