@@ -70,6 +70,50 @@ pub enum Before {
     Time(u64),
 }
 
+/// Why a history request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    #[error(
+        "cannot read --before {0:?}: expected a cursor from the previous page, a time like \"2026-11-30 14:00\", \"today\", \"yesterday\", or an age like \"2h\" or \"3d\""
+    )]
+    BadBefore(String),
+    #[error(
+        "cannot read --retention {0:?}: expected an age like \"90d\" or \"12h\", or \"off\" to keep everything"
+    )]
+    BadRetention(String),
+}
+
+impl Before {
+    /// Reads what a person passes to `--before` (see [`HistoryError::BadBefore`]); `now_ms`
+    /// anchors "today" and ages.
+    pub fn parse(text: &str, now_ms: u64) -> Result<Before, HistoryError> {
+        let text = text.trim();
+        if let Some(p) = Position::parse_cursor(text) {
+            return Ok(Before::Position(p));
+        }
+        if let Some(ms) = crate::localtime::parse_local(text, now_ms) {
+            return Ok(Before::Time(ms));
+        }
+        match humantime::parse_duration(text) {
+            Ok(age) if !age.is_zero() => {
+                Ok(Before::Time(now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))))
+            }
+            _ => Err(HistoryError::BadBefore(text.to_string())),
+        }
+    }
+}
+
+/// Reads `--retention`: an age (`90d`), or `off` for none.
+pub fn parse_retention(text: &str) -> Result<Option<std::time::Duration>, HistoryError> {
+    match text.trim() {
+        "off" | "none" => Ok(None),
+        t => match humantime::parse_duration(t) {
+            Ok(age) if !age.is_zero() => Ok(Some(age)),
+            _ => Err(HistoryError::BadRetention(t.to_string())),
+        },
+    }
+}
+
 /// What to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryQuery {
@@ -406,6 +450,27 @@ mod tests {
         assert_eq!(p.entries.len(), 43);
         assert_eq!(p.older, None, "exactly everything: nothing older");
         assert!(run(&[], &HistoryQuery::newest(None, 5)).entries.is_empty());
+    }
+
+    #[test]
+    fn before_reads_cursors_times_and_ages() {
+        let now = 10_000_000_000;
+        let p = Position { at_ms: 5, group_id: vec![1, 2], index: 3 };
+        assert_eq!(Before::parse(&p.to_string(), now), Ok(Before::Position(p)));
+        assert_eq!(Before::parse("2h", now), Ok(Before::Time(now - 2 * 3600 * 1000)));
+        assert_eq!(Before::parse(" 3d ", now), Ok(Before::Time(now - 3 * 24 * 3600 * 1000)));
+        assert_eq!(Before::parse("1970-01-01T00:00:01Z", now), Ok(Before::Time(1000)));
+        assert!(matches!(Before::parse("yesterday", now), Ok(Before::Time(t)) if t < now));
+        let e = Before::parse("last tuesday", now).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read --before \"last tuesday\": expected a cursor"), "{e}");
+        assert!(Before::parse("0s", now).is_err(), "an age of nothing is a mistake");
+        assert_eq!(parse_retention("off"), Ok(None));
+        assert_eq!(parse_retention("90d"), Ok(Some(std::time::Duration::from_secs(90 * 24 * 3600))));
+        assert!(parse_retention("0d").is_err());
+        assert_eq!(
+            parse_retention("forever").unwrap_err().to_string(),
+            "cannot read --retention \"forever\": expected an age like \"90d\" or \"12h\", or \"off\" to keep everything"
+        );
     }
 
     #[test]
