@@ -76,7 +76,7 @@ pub struct HistoryArgs {
     pub target: Option<String>,
     /// Only messages older than this: the cursor the previous page printed, a time
     /// ("2026-11-30 14:00", "2026-11-30", "14:00"), "today", "yesterday", or an age ("2h", "3d")
-    #[arg(long, value_name = "WHEN|CURSOR", allow_hyphen_values = false)]
+    #[arg(long, value_name = "WHEN|CURSOR")]
     pub before: Option<String>,
     /// Messages per page
     #[arg(
