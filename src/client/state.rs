@@ -620,6 +620,24 @@ mod tests {
     }
 
     #[test]
+    fn the_history_retention_rides_in_a_second_trailer_and_older_files_keep_everything() {
+        use crate::client::timeline::MemberEventKind;
+        let mut s = sample();
+        s.timelines.record("ab", MemberEventKind::Left, [5; 32], vec![[6; 32]], 7, 10);
+        let without = s.encode().unwrap();
+        assert_eq!(State::decode(&without).unwrap().history_retention_ms, 0, "no trailer: keep all");
+        s.history_retention_ms = 90 * 24 * 3600 * 1000;
+        let bytes = s.encode().unwrap();
+        let back = State::decode(&bytes).unwrap();
+        assert_eq!(back.history_retention_ms, s.history_retention_ms);
+        assert_eq!(back.timelines.merged("ab", &VecDeque::new(), 10).len(), 1, "events still read");
+        // A qpq that knows only the first trailer reads the events and ignores the rest.
+        let (_, trailer): (State, &[u8]) = postcard::take_from_bytes(&bytes).unwrap();
+        let events: Timelines = postcard::from_bytes(trailer).unwrap();
+        assert_eq!(events.merged("ab", &VecDeque::new(), 10).len(), 1);
+    }
+
+    #[test]
     fn byte_strings_are_encoded_as_plain_sequences_were() {
         // serde_bytes only makes the encoding faster: postcard writes a byte string exactly as
         // a sequence of u8 (length, then the bytes), so files written either way read alike.
