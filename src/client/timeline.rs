@@ -289,6 +289,28 @@ mod tests {
     }
 
     #[test]
+    fn positions_count_every_message_ever_added_and_events_find_their_message() {
+        let mut t = Timelines::default();
+        t.record("g", MemberEventKind::Joined, [1; 32], vec![], 0, 10);
+        for _ in 0..5 {
+            t.note_message("g");
+        }
+        t.record("g", MemberEventKind::Left, [1; 32], vec![[3; 32]], 0, 10);
+        t.note_message("g");
+        t.record("g", MemberEventKind::Added, [1; 32], vec![[3; 32]], 0, 10);
+        assert_eq!(t.message_count("g"), 6);
+        // Three messages kept: they are numbers 3, 4, 5 of all six.
+        assert_eq!(t.first_index("g", 3), 3);
+        let kinds = |v: Vec<MemberEvent>| v.into_iter().map(|e| e.kind.as_str()).collect::<Vec<_>>();
+        assert_eq!(kinds(t.events_between("g", 0, 0)), ["joined"], "before message 0");
+        assert_eq!(kinds(t.events_between("g", 5, 5)), ["left"], "before message 5");
+        assert_eq!(kinds(t.events_between("g", 6, u64::MAX)), ["added"], "after the newest");
+        assert!(t.events_between("g", 1, 4).is_empty());
+        assert!(t.events_between("other", 0, u64::MAX).is_empty());
+        assert_eq!(t.first_index("other", 2), 0, "a home from before the counter");
+    }
+
+    #[test]
     fn events_are_bounded_like_history() {
         let mut t = Timelines::default();
         for _ in 0..10 {
