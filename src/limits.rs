@@ -261,8 +261,14 @@ pub const MAX_ORPHAN_BYTES: usize = 1024 * 1024;
 /// How long such messages are kept before each receive round drops them.
 pub const ORPHAN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// Most bytes of message text kept per conversation for `history` (besides the entry count
-/// limit): the oldest go first.
+/// Entries per `history` page unless `-n` says otherwise: a screenful.
+pub const DEFAULT_HISTORY_PAGE: usize = 20;
+/// Largest `history -n`: a page is built in memory, so it stays bounded whatever is typed.
+pub const MAX_HISTORY_PAGE: usize = 100_000;
+
+/// Most bytes of message text kept per conversation for `history` (there is no count limit,
+/// issue 12): the oldest go first. Kept while the whole state is one file every save rewrites
+/// and that must stay readable (under its 512 MiB bound); a database makes it unnecessary.
 pub const MAX_HISTORY_BYTES_PER_CONVERSATION: usize = 2 * 1024 * 1024;
 /// Most bytes of unread text kept for `recv`; past it the oldest unread entries leave the
 /// inbox (they stay in history).

@@ -44,6 +44,38 @@ pub fn rfc3339(at_ms: u64) -> String {
     format!("{:.3}", timestamp(at_ms))
 }
 
+/// A time a person types, in the local zone (UTC without one), as ms since the Unix epoch:
+/// `2026-11-30 14:00` (or with seconds, or a `T`), `2026-11-30` (its midnight), `14:00` (today),
+/// `today` and `yesterday` (their midnights), or RFC 3339 with an offset (`2026-11-30T14:00Z`).
+/// `now_ms` decides what today is. None when it is none of these.
+pub fn parse_local(text: &str, now_ms: u64) -> Option<u64> {
+    let tz = system_zone().clone().unwrap_or(TimeZone::UTC);
+    parse_in(&tz, text, now_ms)
+}
+
+fn parse_in(tz: &TimeZone, text: &str, now_ms: u64) -> Option<u64> {
+    let text = text.trim();
+    let today = timestamp(now_ms).to_zoned(tz.clone()).date();
+    let at: Timestamp = match text {
+        "today" => today.to_zoned(tz.clone()).ok()?.timestamp(),
+        "yesterday" => today.yesterday().ok()?.to_zoned(tz.clone()).ok()?.timestamp(),
+        _ => {
+            if let Ok(t) = text.parse::<Timestamp>() {
+                t
+            } else if let Ok(dt) = text.parse::<jiff::civil::DateTime>() {
+                dt.to_zoned(tz.clone()).ok()?.timestamp()
+            } else if let Ok(d) = text.parse::<jiff::civil::Date>() {
+                d.to_zoned(tz.clone()).ok()?.timestamp()
+            } else if let Ok(t) = text.parse::<jiff::civil::Time>() {
+                today.to_datetime(t).to_zoned(tz.clone()).ok()?.timestamp()
+            } else {
+                return None;
+            }
+        }
+    };
+    u64::try_from(at.as_millisecond()).ok()
+}
+
 /// Out-of-range times (a peer's clock claims the year 300000) clamp to the last instant jiff
 /// represents rather than failing: a bad clock must not hide the message.
 fn timestamp(ms: u64) -> Timestamp {
@@ -73,6 +105,25 @@ mod tests {
         // 14:03 UTC is 23:03 in UTC+9, and ten minutes later it is the next day there.
         assert_eq!(short_in(&tokyo, AT, AT, ""), "23:03");
         assert_eq!(short_in(&tokyo, AT, AT + 60 * 60_000, ""), "2026-11-29 23:03");
+    }
+
+    #[test]
+    fn typed_times_read_in_the_local_zone() {
+        let utc = TimeZone::UTC;
+        let at_1400 = AT - (3 * 60 + 7) * 1000 - 123;
+        assert_eq!(parse_in(&utc, "2026-11-29 14:00", AT), Some(at_1400));
+        assert_eq!(parse_in(&utc, "2026-11-29T14:00:00", AT), Some(at_1400));
+        assert_eq!(parse_in(&utc, "14:00", AT), Some(at_1400));
+        assert_eq!(parse_in(&utc, "2026-11-29T14:00:00Z", AT + DAY_MS), Some(at_1400));
+        let midnight = at_1400 - 14 * 3600 * 1000;
+        assert_eq!(parse_in(&utc, "2026-11-29", AT), Some(midnight));
+        assert_eq!(parse_in(&utc, "today", AT), Some(midnight));
+        assert_eq!(parse_in(&utc, "yesterday", AT), Some(midnight - DAY_MS));
+        let tokyo = TimeZone::fixed(jiff::tz::offset(9));
+        assert_eq!(parse_in(&tokyo, "2026-11-29 23:00", AT), Some(at_1400));
+        for junk in ["", "soon", "2026-13-01", "25:00", "2026-11-29 14:00 extra"] {
+            assert_eq!(parse_in(&utc, junk, AT), None, "{junk:?}");
+        }
     }
 
     #[test]

@@ -84,3 +84,36 @@ fn bench_rejects_an_out_of_range_group_size() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mls group size out of range: 1"), "stderr: {stderr}");
 }
+
+/// Issue 12: `--scenario home` (not in the default set) builds a small large home with
+/// `--quick` and reports send and receive, wall and CPU, each against a fresh home.
+#[test]
+fn quick_home_bench_compares_a_large_home_with_a_fresh_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qpq"))
+        .args(["bench", "--scenario", "home", "--quick", "--json"])
+        .env_remove("QPQ_SERVER")
+        .env_remove("QPQ_SERVER_FINGERPRINT")
+        .env("QPQ_LOG", "warn")
+        .output()
+        .expect("run qpq bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qpq bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one json document");
+    let rows = report["scenarios"]["home"].as_array().expect("a home scenario");
+    let cases: Vec<&str> = rows.iter().map(|r| r["case"].as_str().unwrap_or("?")).collect();
+    assert_eq!(
+        cases,
+        [
+            "send, DM, large home, wall median",
+            "send, DM, large home, cpu median",
+            "receive, DM, large home, wall median",
+            "receive, DM, large home, cpu median"
+        ]
+    );
+    for row in rows {
+        assert!(positive(&row["value"]) && positive(&row["reference_value"]), "{row}");
+        assert!(row["reference"].as_str().unwrap_or("").starts_with("fresh home"), "{row}");
+        assert!(positive(&row["extra"]["state_bytes"]), "{row}");
+    }
+    assert!(report["scenarios"].get("mls").is_none(), "only the scenario asked for");
+}

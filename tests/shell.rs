@@ -259,7 +259,6 @@ whoami
         "usage: group create <NAME>",
         "error: unknown contact \"nobody\": add it with `contact add NAME KEY` or use the 64-hex key",
         "error: no group named #nope",
-        "error: no open conversation: /chat NAME first, then /history",
         "error: unknown command hello?: did you mean help? (type /help; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME)",
     ];
     assert_eq!(err, expected_errors, "stderr");

@@ -17,6 +17,8 @@
 //!   members: the sender's CPU, upload and the server's storage per message against 2 members.
 //! - [`connections`]: idle connections to a real `qpq serve` child: server RSS per connection
 //!   and handshake rate, against a bare quinn echo server child.
+//! - [`home`]: `send` and receive from a home with 50 groups of 100 and 100k history entries,
+//!   against a fresh home (only on request: `--scenario home`).
 //! - [`echo`]: the raw quinn echo server and client the references use.
 //!
 //! # Shape
@@ -31,6 +33,7 @@ pub mod delivery;
 pub mod delivery_pg;
 pub mod echo;
 pub mod fanout;
+pub mod home;
 pub mod kx;
 pub mod mls;
 pub mod transport;
@@ -90,6 +93,7 @@ pub enum Scenario {
     Mls,
     Fanout,
     Connections,
+    Home,
 }
 
 impl Scenario {
@@ -100,6 +104,7 @@ impl Scenario {
             Scenario::Mls => "mls",
             Scenario::Fanout => "fanout",
             Scenario::Connections => "connections",
+            Scenario::Home => "home",
         }
     }
 }
@@ -107,7 +112,8 @@ impl Scenario {
 /// Flags of `qpq bench`. `--server`/`--server-fingerprint` (global) select a remote server.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma separated [default: all]
+    /// Scenarios to run, comma separated [default: all but home, which builds a large home
+    /// for minutes]
     #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME,...")]
     pub scenario: Vec<Scenario>,
     /// Tiny sizes and very short runs: checks that everything works, measures little
@@ -562,6 +568,7 @@ async fn run_scenarios(settings: Settings, target: Target<'_>, server: String) -
             Scenario::Mls => mls::steps(&settings),
             Scenario::Fanout => fanout::steps(&settings),
             Scenario::Connections => connections::steps(&settings),
+            Scenario::Home => home::steps(&settings),
         })
         .sum();
     let progress = ProgressBar::new(steps);
@@ -578,6 +585,7 @@ async fn run_scenarios(settings: Settings, target: Target<'_>, server: String) -
             Scenario::Mls => mls::run(&bench).await,
             Scenario::Fanout => fanout::run(&bench).await,
             Scenario::Connections => connections::run(&bench).await,
+            Scenario::Home => home::run(&bench).await,
         };
         match rows {
             Ok(rows) => {

@@ -12,6 +12,7 @@ use clap_complete::engine::ArgValueCandidates;
 use zeroize::Zeroizing;
 
 use crate::cli::{GlobalArgs, complete};
+use crate::client::history::{Before, HistoryPage, HistoryQuery, parse_retention};
 use crate::client::inbox::Cursor;
 use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
@@ -19,10 +20,13 @@ use crate::client::outbox::{EXIT_QUEUED, Fate};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::session::{Health, Session};
 use crate::client::state::{self, Entry, StateError, Unlock};
-use crate::client::timeline::changes_of;
+use crate::client::timeline::{Item, changes_of};
 use crate::crypto::identity::PublicKey;
 use crate::crypto::statefile::StateFileError;
-use crate::limits::{MAX_PASSPHRASE_FILE_BYTES, PASSPHRASE_TRIES, REQUEST_PREVIEW_CHARS};
+use crate::limits::{
+    DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, MAX_PASSPHRASE_FILE_BYTES, PASSPHRASE_TRIES,
+    REQUEST_PREVIEW_CHARS,
+};
 use crate::localtime;
 use crate::text::{self, Shown};
 use crate::transport::{Fingerprint, Pin};
@@ -55,6 +59,43 @@ pub enum ClientVerb {
     /// The display name others see (marked as your claim)
     #[command(subcommand)]
     Name(NameCmd),
+    /// Show message history, newest page last; pages back with --before, searches with --grep
+    ///
+    /// Every message is kept unless a retention is set (`--retention 90d`). A page ends with
+    /// the cursor of the page before it (on stderr, and as `position` in each JSON line):
+    /// `qpq history bob --before CURSOR` shows that one. In the shell, `/history` again shows
+    /// the page before the last one shown, and `/history N` shows N messages.
+    #[command(visible_alias = "tail")]
+    History(HistoryArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HistoryArgs {
+    /// A contact name, a key or #group; all conversations without it
+    #[arg(add = ArgValueCandidates::new(complete::targets))]
+    pub target: Option<String>,
+    /// Only messages older than this: the cursor the previous page printed, a time
+    /// ("2026-11-30 14:00", "2026-11-30", "14:00"), "today", "yesterday", or an age ("2h", "3d")
+    #[arg(long, value_name = "WHEN|CURSOR")]
+    pub before: Option<String>,
+    /// Messages per page
+    #[arg(
+        short = 'n',
+        value_name = "N",
+        default_value_t = DEFAULT_HISTORY_PAGE as u64,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_HISTORY_PAGE as u64)
+    )]
+    pub n: u64,
+    /// One JSON object per message (and membership change) and line
+    #[arg(long)]
+    pub json: bool,
+    /// Only messages containing WORD, ignoring case
+    #[arg(long, value_name = "WORD")]
+    pub grep: Option<String>,
+    /// Keep history for this long ("90d", "12h") and delete older messages now and from then
+    /// on, or "off" to keep everything (the default); "show" prints the setting
+    #[arg(long, value_name = "AGE|off|show", conflicts_with_all = ["target", "before", "grep", "json"])]
+    pub retention: Option<String>,
 }
 
 #[derive(Debug, Subcommand, Clone)]
@@ -723,6 +764,7 @@ pub async fn run_verb(
             writeln!(out, "on the server: {published}; replaced keys kept: {}", k.retired)?;
         }
         ClientVerb::Requests(args) => run_requests(m, args, out, events)?,
+        ClientVerb::History(args) => run_history(m, &args, out)?,
         ClientVerb::Keys(KeysCmd::Rotate) => {
             m.connect().await?;
             m.rotate_hybrid_key().await?;
@@ -732,6 +774,111 @@ pub async fn run_verb(
         }
     }
     Ok(VerbOutcome::Ok)
+}
+
+/// `qpq history`: one page, then the cursor of the page before it on stderr.
+fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let Some(keep) = &args.retention {
+        if keep.trim() == "show" {
+            writeln!(out, "history retention: {}", retention_text(m.history_retention()))?;
+            return Ok(());
+        }
+        let keep = parse_retention(keep)?;
+        let deleted = m.set_history_retention(keep)?;
+        let s = if deleted == 1 { "" } else { "s" };
+        writeln!(out, "history retention: {} ({deleted} older message{s} deleted)", retention_text(keep))?;
+        return Ok(());
+    }
+    let Some(query) = history_query(m, args)? else {
+        return Ok(());
+    };
+    let page = m.history_page(&query);
+    write_history(m, &query, &page, args.json, out)?;
+    if let Some(older) = &page.older {
+        let target =
+            args.target.as_deref().map(|t| format!("{} ", shell_words::quote(t))).unwrap_or_default();
+        eprintln!("qpq: older messages: qpq history {}--before {older}", Shown(&target));
+    }
+    Ok(())
+}
+
+fn retention_text(keep: Option<Duration>) -> String {
+    match keep {
+        None => "off (every message is kept)".into(),
+        Some(d) => format!("{}", humantime::format_duration(d)),
+    }
+}
+
+/// The query `args` ask for; None for a contact with no conversation yet (nothing to show).
+pub fn history_query(m: &Messenger, args: &HistoryArgs) -> anyhow::Result<Option<HistoryQuery>> {
+    let conversation = match &args.target {
+        None => None,
+        Some(t) => match m.conversation_id(t) {
+            Ok(id) => Some(id),
+            Err(ClientError::UnknownContact(_)) if m.resolve_target(t).is_ok() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let before = match &args.before {
+        None => Before::Newest,
+        Some(b) => Before::parse(b, m.now_ms())?,
+    };
+    // In range by the parser (at most MAX_HISTORY_PAGE), so it fits a usize.
+    let n = usize::try_from(args.n).unwrap_or(MAX_HISTORY_PAGE);
+    let grep = args.grep.clone().filter(|g| !g.is_empty());
+    Ok(Some(HistoryQuery { conversation, before, n, grep }))
+}
+
+/// Writes a page: lines like `recv`'s (with the conversation named when the query spans all),
+/// membership changes as `* ...` lines; or JSON lines with each message's `position`.
+pub fn write_history(
+    m: &Messenger,
+    query: &HistoryQuery,
+    page: &HistoryPage,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let mut at = page.entries.iter();
+    for (group_id, item) in m.page_items(query, page) {
+        match item {
+            Item::Message(e) => {
+                let position = at.next().map(|h| h.position.to_string()).unwrap_or_default();
+                if json {
+                    let mut v = entry_json(m, &e);
+                    v["position"] = serde_json::Value::String(position);
+                    v["outgoing"] = serde_json::Value::Bool(e.outgoing);
+                    writeln!(out, "{}", text::json_line(&v))?;
+                } else if query.conversation.is_none() {
+                    writeln!(out, "{}", format_entry_in(m, &e))?;
+                } else {
+                    writeln!(out, "{}", format_entry(m, &e))?;
+                }
+            }
+            Item::Event(ev) => {
+                let event = ev.to_event(&group_id);
+                if json {
+                    for v in event_json(m, &event) {
+                        writeln!(out, "{}", text::json_line(&v))?;
+                    }
+                } else if let Some(line) = describe_event(m, &event) {
+                    writeln!(out, "* {line}")?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`format_entry`] naming the direct conversation too (`14:03 [bob] me: hi`), for a history
+/// of all conversations.
+fn format_entry_in(m: &Messenger, e: &Entry) -> String {
+    if m.group_label(&e.group_id).is_some() {
+        return format_entry(m, e);
+    }
+    let from = m.display_name_in(&e.group_id, &e.from);
+    let when = localtime::short(e.received_at_ms, m.now_ms());
+    let with = m.conversation_name(&e.group_id);
+    text::message(&format!("{when} [{}] {}: ", Shown(&with), Shown(&from)), &e.text)
 }
 
 /// The lines of `health` every caller prints: status, version and uptime first (scripts match

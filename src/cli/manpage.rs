@@ -105,6 +105,13 @@ fn examples(page: &str) -> &'static [(&'static str, &'static str)] {
             ("qpq group add team bob carol", "add members"),
             ("qpq group members team", "who is in it"),
         ],
+        "qpq-history" => &[
+            ("qpq history", "the newest messages of all conversations"),
+            ("qpq history bob -n 50", "the last 50 with bob; stderr names the command for the page before"),
+            ("qpq history '#team' --before yesterday", "what #team said before today"),
+            ("qpq history --grep invoice --json", "every message mentioning an invoice, as JSON lines"),
+            ("qpq history --retention 90d", "from now on keep 90 days (off: keep everything)"),
+        ],
         "qpq-shell" => &[
             ("qpq shell", "then: @bob hi, #team hi, /chat bob, /history, /quit"),
             ("printf '@bob hi\\n' | qpq shell", "a script: runs each line, then exits"),

@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::inbox;
-use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, now_ms, valid_name};
+use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
 use crate::client::parcel::Parcel;
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
@@ -430,7 +430,7 @@ impl Messenger {
                         from: sender,
                         text: app.text,
                         sent_at_ms: app.sent_at_ms,
-                        received_at_ms: now_ms(),
+                        received_at_ms: self.clock.now_ms(),
                         outgoing: false,
                     };
                     self.push_history(entry.clone());

@@ -724,13 +724,15 @@ impl Messenger {
     }
 
     pub(crate) fn push_history(&mut self, entry: Entry) {
-        let limit = self.home.state.history_limit;
         let key = hex::encode(&entry.group_id);
         if let Some(g) = self.home.state.groups.get_mut(&key) {
             self.home.state.timelines.note_message(&key);
             g.history.push_back(entry);
-            keep_newest(&mut g.history, limit, MAX_HISTORY_BYTES_PER_CONVERSATION);
+            // No count cap (issue 12); the byte bound stays while the whole state is one file
+            // that every save rewrites and that must stay under the state file's size limit.
+            keep_newest(&mut g.history, usize::MAX, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }
+        self.expire_history();
     }
 }
 

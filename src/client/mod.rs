@@ -9,6 +9,7 @@
 pub mod delivery;
 pub mod frame;
 pub mod groups;
+pub mod history;
 pub mod hybridkeys;
 pub mod inbox;
 pub mod keypool;

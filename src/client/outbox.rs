@@ -32,7 +32,7 @@
 use std::collections::HashSet;
 
 use crate::client::frame::{AppMessage, Frame};
-use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target, now_ms};
+use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
@@ -100,7 +100,8 @@ impl Messenger {
             return Err(ClientError::OutboxFull(queued.len()));
         }
         let id = rand::random();
-        let item = QueuedSend { id, to, text: text.to_string(), sent_at_ms: now_ms(), sealed: None };
+        let item =
+            QueuedSend { id, to, text: text.to_string(), sent_at_ms: self.clock.now_ms(), sealed: None };
         self.home.state.sends.push_back(item);
         self.home.save()?;
         Ok(id)

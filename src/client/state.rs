@@ -12,7 +12,8 @@
 //! [`Timelines`] (membership events, see [`crate::client::timeline`]). postcard ignores bytes
 //! after a value, so a file without the trailer (written before it existed) opens with no
 //! events, and a qpq of the same [`STATE_VERSION`] that predates the trailer still reads the
-//! file.
+//! file. A second trailer, the history retention ([`State::history_retention_ms`]), follows the
+//! same way: absent means "keep everything".
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -40,8 +41,9 @@ const MAX_STATE_BYTES: u64 = 512 * 1024 * 1024;
 /// wait in an outbox ([`State::sends`]); version 3 files are migrated on open.
 pub const STATE_VERSION: u32 = 4;
 
-/// Default number of messages kept per conversation for `/history`.
-pub const DEFAULT_HISTORY_LIMIT: usize = 500;
+/// Most membership events kept per conversation (messages have no count cap: see
+/// [`State::history_retention_ms`]).
+pub const DEFAULT_EVENT_LIMIT: usize = 500;
 
 /// Errors loading or saving the state.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +186,8 @@ pub struct State {
     /// Highest DS sequence number whose effect is in this state; redeliveries at or below it are
     /// skipped (processed once).
     pub processed_seq: u64,
+    /// Bounds the membership events kept per conversation (see [`crate::client::timeline`]);
+    /// named for when it bounded messages too.
     pub history_limit: usize,
     /// Set when a Welcome used our last-resort KeyPackage: rotate it.
     pub rotate_last_resort: bool,
@@ -212,6 +216,10 @@ pub struct State {
     /// Membership events of the conversations, stored in the trailer (see the module header).
     #[serde(skip)]
     pub timelines: Timelines,
+    /// History entries received longer ago than this are deleted (0: keep everything), stored
+    /// in the second trailer (see the module header).
+    #[serde(skip)]
+    pub history_retention_ms: u64,
 }
 
 /// A message in the outbox: typed, maybe encrypted, not known to be on the server yet.
@@ -266,7 +274,7 @@ impl State {
             inbox: VecDeque::new(),
             orphans: Vec::new(),
             processed_seq: 0,
-            history_limit: DEFAULT_HISTORY_LIMIT,
+            history_limit: DEFAULT_EVENT_LIMIT,
             rotate_last_resort: false,
             last_resort_ref: Vec::new(),
             pending_commits: BTreeMap::new(),
@@ -279,6 +287,7 @@ impl State {
             read_seq: 0,
             sends: VecDeque::new(),
             timelines: Timelines::default(),
+            history_retention_ms: 0,
         }
     }
 
@@ -286,7 +295,10 @@ impl State {
         // Never write a placeholder: a failed encoding leaves the old file in place.
         let encode = |e: postcard::Error| StateError::Encode(e.to_string());
         let state = Zeroizing::new(postcard::to_allocvec(self).map_err(encode)?);
-        let trailer = Zeroizing::new(postcard::to_allocvec(&self.timelines).map_err(encode)?);
+        let mut trailer = Zeroizing::new(postcard::to_allocvec(&self.timelines).map_err(encode)?);
+        if self.history_retention_ms != 0 {
+            trailer.extend_from_slice(&postcard::to_allocvec(&self.history_retention_ms).map_err(encode)?);
+        }
         // Sized up front: a growing Vec would leave copies of the secrets in the memory it frees.
         let mut out = Zeroizing::new(Vec::with_capacity(state.len() + trailer.len()));
         out.extend_from_slice(&state);
@@ -314,7 +326,12 @@ impl State {
             return Err(StateError::Version(s.version));
         }
         if !trailer.is_empty() {
-            s.timelines = postcard::from_bytes(trailer).map_err(|e| StateError::Decode(e.to_string()))?;
+            let decode = |e: postcard::Error| StateError::Decode(e.to_string());
+            let (timelines, rest) = postcard::take_from_bytes(trailer).map_err(decode)?;
+            s.timelines = timelines;
+            if !rest.is_empty() {
+                s.history_retention_ms = postcard::from_bytes(rest).map_err(decode)?;
+            }
         }
         Ok(s)
     }
@@ -600,6 +617,24 @@ mod tests {
         // And what a qpq without the trailer reads (postcard ignores what follows a value).
         let older: State = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(older.contacts, s.contacts);
+    }
+
+    #[test]
+    fn the_history_retention_rides_in_a_second_trailer_and_older_files_keep_everything() {
+        use crate::client::timeline::MemberEventKind;
+        let mut s = sample();
+        s.timelines.record("ab", MemberEventKind::Left, [5; 32], vec![[6; 32]], 7, 10);
+        let without = s.encode().unwrap();
+        assert_eq!(State::decode(&without).unwrap().history_retention_ms, 0, "no trailer: keep all");
+        s.history_retention_ms = 90 * 24 * 3600 * 1000;
+        let bytes = s.encode().unwrap();
+        let back = State::decode(&bytes).unwrap();
+        assert_eq!(back.history_retention_ms, s.history_retention_ms);
+        assert_eq!(back.timelines.merged("ab", &VecDeque::new(), 10).len(), 1, "events still read");
+        // A qpq that knows only the first trailer reads the events and ignores the rest.
+        let (_, trailer): (State, &[u8]) = postcard::take_from_bytes(&bytes).unwrap();
+        let events: Timelines = postcard::from_bytes(trailer).unwrap();
+        assert_eq!(events.merged("ab", &VecDeque::new(), 10).len(), 1);
     }
 
     #[test]

@@ -170,6 +170,23 @@ impl Timelines {
         }
     }
 
+    /// Messages ever added to `group`'s history.
+    pub fn message_count(&self, group: &str) -> u64 {
+        self.by_group.get(group).map_or(0, |log| log.messages)
+    }
+
+    /// The index (among all messages ever added) of the oldest of the `kept` messages still in
+    /// `group`'s history: the kept ones are the newest.
+    pub fn first_index(&self, group: &str, kept: usize) -> u64 {
+        self.message_count(group).saturating_sub(kept as u64)
+    }
+
+    /// `group`'s events that came before message `after` for `lo <= after <= hi`, oldest first.
+    pub fn events_between(&self, group: &str, lo: u64, hi: u64) -> Vec<MemberEvent> {
+        let Some(log) = self.by_group.get(group) else { return Vec::new() };
+        log.events.iter().filter(|e| (lo..=hi).contains(&e.after)).cloned().collect()
+    }
+
     /// Forgets a conversation that never came to be.
     pub fn forget(&mut self, group: &str) {
         self.by_group.remove(group);
@@ -269,6 +286,28 @@ mod tests {
         // The oldest message left history: the rest keep their places.
         history.pop_front();
         assert_eq!(texts(&t.merged("g", &history, 100)), ["joined", "two", "left", "three", "added"]);
+    }
+
+    #[test]
+    fn positions_count_every_message_ever_added_and_events_find_their_message() {
+        let mut t = Timelines::default();
+        t.record("g", MemberEventKind::Joined, [1; 32], vec![], 0, 10);
+        for _ in 0..5 {
+            t.note_message("g");
+        }
+        t.record("g", MemberEventKind::Left, [1; 32], vec![[3; 32]], 0, 10);
+        t.note_message("g");
+        t.record("g", MemberEventKind::Added, [1; 32], vec![[3; 32]], 0, 10);
+        assert_eq!(t.message_count("g"), 6);
+        // Three messages kept: they are numbers 3, 4, 5 of all six.
+        assert_eq!(t.first_index("g", 3), 3);
+        let kinds = |v: Vec<MemberEvent>| v.into_iter().map(|e| e.kind.as_str()).collect::<Vec<_>>();
+        assert_eq!(kinds(t.events_between("g", 0, 0)), ["joined"], "before message 0");
+        assert_eq!(kinds(t.events_between("g", 5, 5)), ["left"], "before message 5");
+        assert_eq!(kinds(t.events_between("g", 6, u64::MAX)), ["added"], "after the newest");
+        assert!(t.events_between("g", 1, 4).is_empty());
+        assert!(t.events_between("other", 0, u64::MAX).is_empty());
+        assert_eq!(t.first_index("other", 2), 0, "a home from before the counter");
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl ShellHelper {
         };
         match (verb, args) {
             (_, []) if !subs.is_empty() => matching(word, subs, ""),
-            ("send" | "chat" | "c", []) => people_or_groups(),
+            ("send" | "chat" | "c" | "history" | "tail", []) => people_or_groups(),
             ("help" | "h", []) => {
                 let verbs: Vec<String> = self.verbs.iter().map(|(v, _)| v.clone()).collect();
                 matching(word, &verbs, "")

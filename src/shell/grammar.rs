@@ -15,8 +15,7 @@ use clap::{ColorChoice, CommandFactory, Parser, Subcommand};
 
 use crate::cli::client::ClientVerb;
 
-/// Messages shown by `/history` without a count.
-pub const DEFAULT_HISTORY_LINES: usize = 20;
+use crate::cli::client::HistoryArgs;
 
 /// One shell line, as clap sees it after word splitting.
 #[derive(Debug, Parser)]
@@ -36,12 +35,6 @@ pub enum ShellVerb {
     Chat {
         /// A contact name, a 64-hex key or #group
         target: Option<String>,
-    },
-    /// Show the last N messages of the open conversation
-    #[command(visible_alias = "tail")]
-    History {
-        #[arg(default_value_t = DEFAULT_HISTORY_LINES)]
-        n: usize,
     },
     /// Show this help, or the help of one command
     #[command(visible_alias = "h")]
@@ -65,7 +58,9 @@ pub enum Action {
     },
     /// Open a conversation, or go back to the lobby.
     Chat(Option<String>),
-    History(usize),
+    /// `history`, whose target defaults to the open conversation and whose repetition pages
+    /// back (a bare number as the target is a count: `/history 5`).
+    History(HistoryArgs),
     Help(Option<String>),
     /// Text clap rendered for `--help`: output, not an error.
     Show(String),
@@ -138,9 +133,9 @@ fn parse_verb(text: &str, slash: &str) -> Result<Action, LineError> {
     };
     match ShellLine::try_parse_from(&words) {
         Ok(ShellLine { verb }) => Ok(match verb {
+            ShellVerb::Client(ClientVerb::History(args)) => Action::History(count_as_target(args)),
             ShellVerb::Client(v) => Action::Verb(v),
             ShellVerb::Chat { target } => Action::Chat(target),
-            ShellVerb::History { n } => Action::History(n),
             ShellVerb::Help { command } => Action::Help(command),
             ShellVerb::Quit => Action::Quit,
         }),
@@ -154,6 +149,18 @@ fn parse_verb(text: &str, slash: &str) -> Result<Action, LineError> {
             _ => Err(LineError(condense(&e.render().to_string()))),
         },
     }
+}
+
+/// `/history 5`, as the shell always took it: a number where the target goes is a count
+/// (names of contacts and groups are never all digits there; write `-n` to be explicit).
+fn count_as_target(mut args: HistoryArgs) -> HistoryArgs {
+    if let Some(n) = args.target.as_deref().and_then(|t| t.parse::<u64>().ok())
+        && (1..=crate::limits::MAX_HISTORY_PAGE as u64).contains(&n)
+    {
+        args.target = None;
+        args.n = n;
+    }
+    args
 }
 
 /// Escapes every unquoted `#`: shell-words reads one that starts a word as a comment, but here
@@ -349,9 +356,24 @@ mod tests {
                 other => panic!("{line}: {other:?}"),
             }
         }
-        assert!(matches!(ok("/history", true), Action::History(DEFAULT_HISTORY_LINES)));
-        assert!(matches!(ok("/tail 3", true), Action::History(3)));
-        assert!(matches!(ok("history 7", false), Action::History(7)));
+        let history = |line: &str| match ok(line, !line.starts_with("history")) {
+            Action::History(a) => (a.target, a.n, a.before, a.grep),
+            other => panic!("{line}: {other:?}"),
+        };
+        let page = crate::limits::DEFAULT_HISTORY_PAGE as u64;
+        assert_eq!(history("/history"), (None, page, None, None));
+        assert_eq!(history("/tail 3"), (None, 3, None, None));
+        assert_eq!(history("history 7"), (None, 7, None, None));
+        assert_eq!(
+            history("/history #team -n 4 --grep hi"),
+            (Some("#team".into()), 4, None, Some("hi".into()))
+        );
+        assert_eq!(history("/history bob --before 2h"), (Some("bob".into()), page, Some("2h".into()), None));
+        assert!(
+            err("/history -n 0", true).contains("0 is not in 1..=100000"),
+            "{}",
+            err("/history -n 0", true)
+        );
         for line in ["/quit", "/q", "/exit", "quit"] {
             assert!(matches!(ok(line, false), Action::Quit), "{line}");
         }

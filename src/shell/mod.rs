@@ -42,12 +42,12 @@ use futures::FutureExt as _;
 
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
-    ClientVerb, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry, home_dir, missed_line,
-    open_messenger, run_verb,
+    ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry,
+    history_query, home_dir, missed_line, open_messenger, run_verb, write_history,
 };
+use crate::client::history::{Before, Position};
 use crate::client::inbox::Cursor;
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
-use crate::client::timeline::Item;
 use crate::shell::complete::{Names, SharedNames};
 use crate::shell::grammar::Action;
 use crate::shell::input::{Input, LineSource};
@@ -82,6 +82,7 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         cursor,
         failed: false,
         interrupt: None,
+        paging: None,
     };
     let code = block_on_local(shell.run())?;
     let Shell { out, input, .. } = shell;
@@ -117,6 +118,15 @@ enum Wake {
     Received(Result<Vec<Event>, ClientError>),
 }
 
+/// What makes two `/history` lines the same request (their target resolved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PageKey {
+    target: Option<String>,
+    n: u64,
+    grep: Option<String>,
+    json: bool,
+}
+
 struct Shell {
     m: Messenger,
     out: Printer,
@@ -132,6 +142,9 @@ struct Shell {
     /// SIGINT while a line runs (interactive only): Ctrl-C abandons that command, not the
     /// shell. At the prompt the editor reads Ctrl-C as a key itself.
     interrupt: Option<tokio::signal::unix::Signal>,
+    /// The last `/history` and the cursor of the page before the one it showed: the same
+    /// `/history` again shows that page. Any other command forgets it.
+    paging: Option<(PageKey, Position)>,
 }
 
 impl Shell {
@@ -376,6 +389,9 @@ impl Shell {
     }
 
     async fn act(&mut self, action: Action) -> anyhow::Result<Flow> {
+        if !matches!(action, Action::History(_) | Action::Nothing) {
+            self.paging = None;
+        }
         match action {
             Action::Nothing => {}
             Action::Quit => return Ok(Flow::Quit),
@@ -383,7 +399,8 @@ impl Shell {
             Action::Help(None) => self.out.data(&grammar::help_overview()),
             Action::Help(Some(topic)) => self.out.data(&grammar::help_for(&topic)?),
             Action::Chat(target) => self.open(target)?,
-            Action::History(n) => self.history(n)?,
+            Action::History(args) if args.retention.is_some() => self.verb(ClientVerb::History(args)).await?,
+            Action::History(args) => self.history(args)?,
             Action::Say { to, text } => {
                 let target = match (to, &self.conversation) {
                     (Some(t), _) => t,
@@ -450,37 +467,55 @@ impl Shell {
         Ok(())
     }
 
-    fn history(&self, n: usize) -> anyhow::Result<()> {
-        let Some(c) = &self.conversation else {
-            anyhow::bail!("no open conversation: /chat NAME first, then /history");
-        };
-        let (id, items) = match self.m.conversation_id(&c.target) {
-            Ok(id) => {
-                // What is typed counts from the moment it is queued.
-                let mut items = self.m.timeline(&id, n);
-                items.extend(self.m.queued_entries(&id).into_iter().map(Item::Message));
-                let items = items.split_off(items.len().saturating_sub(n));
-                (id, items)
-            }
-            // A contact we have not talked to yet has no conversation.
-            Err(ClientError::UnknownContact(_)) if self.m.resolve_target(&c.target).is_ok() => {
-                (Vec::new(), Vec::new())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if items.is_empty() {
-            self.out.data(&format!("no messages with {} yet", c.label));
+    /// `/history`: a page of the named conversation, the open one, or (in the lobby) all;
+    /// repeated, the page before.
+    fn history(&mut self, mut args: HistoryArgs) -> anyhow::Result<()> {
+        let mut label = args.target.clone();
+        if args.target.is_none()
+            && let Some(c) = &self.conversation
+        {
+            args.target = Some(c.target.clone());
+            label = Some(c.label.clone());
         }
-        for item in &items {
-            match item {
-                Item::Message(e) => self.out.data(&format_entry(&self.m, e)),
-                // Membership changes in their place among the messages.
-                Item::Event(e) => {
-                    if let Some(line) = describe_event(&self.m, &e.to_event(&id)) {
-                        self.out.data(&format!("* {line}"));
-                    }
-                }
+        let key =
+            PageKey { target: args.target.clone(), n: args.n, grep: args.grep.clone(), json: args.json };
+        let continued = match self.paging.take() {
+            Some((k, older)) if k == key && args.before.is_none() => Some(older),
+            _ => None,
+        };
+        let Some(mut query) = history_query(&self.m, &args)? else {
+            // A contact we have not talked to yet has no conversation.
+            self.out.data(&format!("no messages with {} yet", label.unwrap_or_default()));
+            return Ok(());
+        };
+        if let Some(older) = continued.clone() {
+            query.before = Before::Position(older);
+        }
+        let page = self.m.history_page(&query);
+        let mut buf = Vec::new();
+        write_history(&self.m, &query, &page, args.json, &mut buf)?;
+        // What is typed counts from the moment it is queued: it ends the newest page.
+        if query.before == Before::Newest
+            && query.grep.is_none()
+            && let Some(id) = &query.conversation
+        {
+            for e in self.m.queued_entries(id) {
+                buf.extend_from_slice(format_entry(&self.m, &e).as_bytes());
+                buf.push(b'\n');
             }
+        }
+        if buf.is_empty() {
+            match (&label, continued.is_some() || query.before != Before::Newest || query.grep.is_some()) {
+                (_, true) => self.out.data("no older messages"),
+                (Some(l), false) => self.out.data(&format!("no messages with {l} yet")),
+                (None, false) => self.out.data("no messages yet"),
+            }
+        } else {
+            self.out.data(&String::from_utf8_lossy(&buf));
+        }
+        if let Some(older) = page.older {
+            self.out.status("older messages: /history again");
+            self.paging = Some((key, older));
         }
         Ok(())
     }
