@@ -269,3 +269,7 @@ pub const PASSPHRASE_TRIES: u32 = 3;
 
 /// Largest `--passphrase-file` read: a passphrase, not a key file.
 pub const MAX_PASSPHRASE_FILE_BYTES: u64 = 4096;
+
+/// Page cache of the client database (`qpq.db`): the records of one operation (a group's MLS
+/// state, a few messenger records) fit many times over; redb's 1 GiB default is for servers.
+pub const CLIENT_DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
