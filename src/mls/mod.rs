@@ -59,7 +59,7 @@ use openmls_traits::types::SignatureScheme;
 use tls_codec::{Deserialize as _, Serialize as _};
 use zeroize::Zeroizing;
 
-use crate::client::db::mls::DbProvider;
+use crate::client::db::mls::{DbProvider, MlsStore};
 use crate::clock::Clock;
 use crate::limits;
 
@@ -332,6 +332,27 @@ impl MlsClient {
         let client = Self::new(identity_seed)?;
         let entries = parse_storage(storage)?;
         client.provider.storage().restore(entries);
+        client.check_groups()?;
+        Ok(client)
+    }
+
+    /// A client over `store` (records loaded from the client database), checked like
+    /// [`MlsClient::from_storage`].
+    pub fn from_store(identity_seed: &[u8; 32], store: MlsStore) -> Result<Self, MlsError> {
+        let mut client = Self::new(identity_seed)?;
+        client.provider = DbProvider::new(store);
+        client.check_groups()?;
+        Ok(client)
+    }
+
+    /// The storage: the messenger flushes its changes into its own database writes.
+    pub fn store(&self) -> &MlsStore {
+        self.provider.storage()
+    }
+
+    /// Loads every stored group once: fails if one is damaged or is not ours.
+    fn check_groups(&self) -> Result<(), MlsError> {
+        let client = self;
         // openmls_memory_storage unwraps the typed decoding of every value it reads, so JSON of
         // the wrong shape would panic at first use. Loading every group here reads each group's
         // values once; a panic in that load is a damaged store, reported as an error. The
@@ -351,7 +372,7 @@ impl MlsClient {
             Ok(result) => result?,
             Err(_) => return Err(MlsError::Storage("damaged value".into())),
         }
-        Ok(client)
+        Ok(())
     }
 
     pub fn identity(&self) -> [u8; 32] {
@@ -852,7 +873,7 @@ impl MlsClient {
 
     /// Ids of all stored groups (active or not), sorted. Derived from the
     /// storage keys of the join configs (label ‖ JSON group id ‖ u16 version) that the store
-    /// indexes (see [`crate::client::db::mls::MlsStore::group_config_keys`]).
+    /// indexes (see [`MlsStore::group_config_keys`]).
     pub fn group_ids(&self) -> Vec<Vec<u8>> {
         let Ok(keys) = self.provider.storage().group_config_keys() else {
             return Vec::new();

@@ -169,7 +169,7 @@ impl MlsStore {
         let cache = lock(&self.cache);
         for key in &dirty {
             match cache.get(key) {
-                Some(Some(value)) => w.put(Table::Mls, key, value)?,
+                Some(Some(value)) => w.put(Table::Mls, key, &pair(key, value))?,
                 _ => w.delete(Table::Mls, key)?,
             }
         }
@@ -201,6 +201,19 @@ impl MlsStore {
         cache.insert(GROUP_INDEX_KEY.to_vec(), Some(Zeroizing::new(index)));
     }
 
+    /// Loads every record of `db` (clean, nothing to flush), replacing what the store held.
+    pub fn load_all(&self, db: &ClientDb) -> Result<(), DbError> {
+        let records = db.scan(Table::Mls)?;
+        let mut cache = lock(&self.cache);
+        cache.clear();
+        lock(&self.dirty).clear();
+        for p in records {
+            let (k, v) = unpair(&p).ok_or(super::seal::RecordDamaged)?;
+            cache.insert(k.to_vec(), Some(v));
+        }
+        Ok(())
+    }
+
     /// The storage keys of every stored group's join config (from the index record).
     pub fn group_config_keys(&self) -> Result<Vec<Vec<u8>>, MlsStoreError> {
         match self.get(GROUP_INDEX_KEY)? {
@@ -215,7 +228,17 @@ impl MlsStore {
         }
         let db = lock(&self.db).clone();
         let Some(db) = db else { return Ok(None) };
-        let v = db.get(Table::Mls, key)?;
+        let v = match db.get(Table::Mls, key)? {
+            Some(p) => {
+                let (k, v) = unpair(&p).ok_or(MlsStoreError::Serialization)?;
+                // The slot is keyed by `key`, so only damage could make these differ.
+                if k != key {
+                    return Err(MlsStoreError::Serialization);
+                }
+                Some(v)
+            }
+            None => None,
+        };
         lock(&self.cache).insert(key.to_vec(), v.clone());
         Ok(v)
     }
@@ -305,6 +328,24 @@ impl MlsStore {
         self.set(storage_key, None);
         Ok(())
     }
+}
+
+/// A record's plaintext: u32 BE key length ‖ key ‖ value, so a scan of the table (whose slots
+/// are keyed hashes) recovers the storage keys.
+fn pair(key: &[u8], value: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + key.len() + value.len()));
+    // Storage keys are a label and a JSON id: far below 4 GiB.
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out
+}
+
+fn unpair(p: &[u8]) -> Option<(&[u8], Zeroizing<Vec<u8>>)> {
+    let (len, rest) = p.split_at_checked(4)?;
+    let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+    let (key, value) = rest.split_at_checked(len)?;
+    Some((key, Zeroizing::new(value.to_vec())))
 }
 
 /// Lists may hold secrets (own leaf nodes hold none, but wipe alike).

@@ -35,7 +35,9 @@
 //! so the handle is never contended; the generation counter tells a process whether another one
 //! wrote since it last looked (and so whether its cached records are stale).
 
+pub mod migrate;
 pub mod mls;
+pub mod records;
 pub mod seal;
 
 use std::io;
@@ -122,9 +124,18 @@ pub type HistoryRecord = (u64, Zeroizing<Vec<u8>>);
 
 /// An open client database and the keys of its records.
 pub struct ClientDb {
-    db: Database,
+    /// Always Some until dropped (taken in `Drop` to close it shielded).
+    db: Option<Database>,
     keys: RecordKeys,
     path: PathBuf,
+}
+
+impl Drop for ClientDb {
+    fn drop(&mut self) {
+        // Closing writes redb's state back and may meet the same damage as a read.
+        let db = self.db.take();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+    }
 }
 
 impl std::fmt::Debug for ClientDb {
@@ -142,7 +153,11 @@ impl ClientDb {
     /// Creates `dir/qpq.db` sealed under `key` (fails if it exists). The caller holds the home
     /// lock.
     pub fn create(dir: &Path, key: &StateKey) -> Result<ClientDb, DbError> {
-        let path = dir.join(DB_FILE);
+        ClientDb::create_at(dir.join(DB_FILE), key)
+    }
+
+    /// Creates a database at `path` (a migration builds it under another name first).
+    pub fn create_at(path: PathBuf, key: &StateKey) -> Result<ClientDb, DbError> {
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true).create_new(true);
         #[cfg(unix)]
@@ -173,41 +188,48 @@ impl ClientDb {
             }
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
-        Ok(ClientDb { db, keys: RecordKeys::derive(key), path })
+        Ok(ClientDb { db: Some(db), keys: RecordKeys::derive(key), path })
     }
 
     /// Opens the database with a passphrase (one Argon2id run), returning the state key for the
     /// next opens of this process.
     pub fn unlock(dir: &Path, passphrase: Option<&[u8]>) -> Result<(StateKey, ClientDb), DbError> {
         let (db, path) = open_file(dir)?;
-        let check = key_check(&db, &path)?;
+        let check = shielded(&path, || key_check(&db, &path))?;
         let (key, plain) = statefile::open(&check, passphrase)?;
         if plain.as_slice() != KEY_CHECK {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
         let keys = RecordKeys::derive(&key);
-        Ok((key, ClientDb { db, keys, path }))
+        Ok((key, ClientDb { db: Some(db), keys, path }))
     }
 
     /// Opens the database with a key this process derived before (no Argon2id run).
     pub fn open(dir: &Path, key: &StateKey) -> Result<ClientDb, DbError> {
         let (db, path) = open_file(dir)?;
-        let check = key_check(&db, &path)?;
+        let check = shielded(&path, || key_check(&db, &path))?;
         let plain = statefile::open_with_key(&check, key)?;
         if plain.as_slice() != KEY_CHECK {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
-        Ok(ClientDb { db, keys: RecordKeys::derive(key), path })
+        Ok(ClientDb { db: Some(db), keys: RecordKeys::derive(key), path })
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
     pub fn is_passphrase_protected(dir: &Path) -> Result<bool, DbError> {
         let (db, path) = open_file(dir)?;
-        Ok(statefile::is_passphrase_protected(&key_check(&db, &path)?)?)
+        let check = shielded(&path, || key_check(&db, &path));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        Ok(statefile::is_passphrase_protected(&check?)?)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn redb(&self) -> &Database {
+        // Invariant: `db` is Some from construction until `drop` takes it.
+        self.db.as_ref().expect("the database is open until dropped")
     }
 
     /// The number of writes committed so far: changes whenever anyone wrote.
@@ -216,7 +238,7 @@ impl ClientDb {
     }
 
     fn generation_unshielded(&self) -> Result<u64, DbError> {
-        let txn = self.db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
         let meta = txn.open_table(META).map_err(|e| io_err("read")(e.into()))?;
         read_generation(&meta, &self.path)
     }
@@ -228,7 +250,7 @@ impl ClientDb {
 
     fn get_unshielded(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
         let slot = self.keys.slot(table.label(), logical);
-        let txn = self.db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
         let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
         let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
             return Ok(None);
@@ -257,7 +279,7 @@ impl ClientDb {
         let conv = self.keys.slot(label, conversation);
         let lo = history_key(&conv, *seqs.start());
         let hi = history_key(&conv, *seqs.end());
-        let txn = self.db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
         let t = txn.open_table(Table::History.def()).map_err(|e| io_err("read")(e.into()))?;
         let mut out = Vec::new();
         for item in t.range(lo.as_slice()..=hi.as_slice()).map_err(|e| io_err("read")(e.into()))?.rev() {
@@ -272,9 +294,23 @@ impl ClientDb {
         Ok(out)
     }
 
+    /// The plaintext of every record of `table` (for loading a whole table at once).
+    pub fn scan(&self, table: Table) -> Result<Vec<Zeroizing<Vec<u8>>>, DbError> {
+        shielded(&self.path, || {
+            let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
+            let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| io_err("read")(e.into()))? {
+                let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
+                out.push(self.keys.open(table.label(), k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Starts a write: everything put or deleted lands together, or not at all.
     pub fn write(&self) -> Result<DbWrite<'_>, DbError> {
-        let txn = self.db.begin_write().map_err(|e| io_err("write")(e.into()))?;
+        let txn = self.redb().begin_write().map_err(|e| io_err("write")(e.into()))?;
         Ok(DbWrite { txn, keys: &self.keys, path: &self.path })
     }
 }
