@@ -288,7 +288,7 @@ impl State {
         }
     }
 
-    pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
+    pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
         // Never write a placeholder: a failed encoding leaves the old file in place.
         let encode = |e: postcard::Error| StateError::Encode(e.to_string());
         let state = Zeroizing::new(postcard::to_allocvec(self).map_err(encode)?);

@@ -298,8 +298,17 @@ impl User {
         untimed(&self.ok(&["recv"])).lines().map(str::to_string).collect()
     }
 
+    /// The client database's write counter: unchanged means nothing was written.
+    pub fn state_generation(&self) -> u64 {
+        let key = qpq::crypto::statefile::StateKey::unprotected();
+        qpq::client::db::ClientDb::open(self.home.path(), &key)
+            .expect("client database")
+            .generation()
+            .unwrap()
+    }
+
     pub fn state_bytes(&self) -> Vec<u8> {
-        std::fs::read(self.home.path().join("qpq-state.bin")).expect("state file")
+        std::fs::read(self.home.path().join("qpq.db")).expect("client database")
     }
 }
 
