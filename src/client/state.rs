@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::client::db::mls::MlsStore;
-use crate::client::db::{self, ClientDb, DB_FILE, DbError, migrate, records};
+use crate::client::db::{self, ClientDb, DbError, migrate, records};
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::client::keypool::KeyPool;
 use crate::client::requests::RequestBook;
@@ -379,13 +379,12 @@ pub struct Home {
 /// releases the lock (fields drop after `drop`).
 pub struct HomeGuard {
     hold: DbHold,
-    dir: PathBuf,
     _lock: HomeLock,
 }
 
 impl Drop for HomeGuard {
     fn drop(&mut self) {
-        self.hold.close(&self.dir);
+        self.hold.close();
     }
 }
 
@@ -397,9 +396,8 @@ struct DbHold(Rc<RefCell<HoldInner>>);
 #[derive(Default)]
 struct HoldInner {
     db: Option<Rc<ClientDb>>,
-    /// The database file's (mtime, length) when we last closed it: a change means another
-    /// process had it open since (see [`Home::saved_elsewhere`]).
-    stamp: Option<(std::time::SystemTime, u64)>,
+    /// The database generation this process last read or wrote (see [`Home::saved_elsewhere`]).
+    seen: u64,
 }
 
 impl DbHold {
@@ -413,17 +411,20 @@ impl DbHold {
     }
 
     /// Closes the database (call before releasing the home's lock).
-    fn close(&self, dir: &Path) {
-        let mut inner = self.0.borrow_mut();
-        if inner.db.take().is_some() {
-            inner.stamp = stamp_of(&dir.join(DB_FILE));
-        }
+    fn close(&self) {
+        self.0.borrow_mut().db.take();
     }
 }
 
-fn stamp_of(path: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+/// A hint file next to the database holding its generation, rewritten (not synced) after every
+/// commit, so a waiting process notices another's save with one small read: redb itself rewrites
+/// its header whenever any process opens the file, so the database's own mtime would wake every
+/// waiter on every look. The generation inside the database stays the truth.
+const GENERATION_HINT: &str = "qpq.db.gen";
+
+fn read_hint(dir: &Path) -> Option<u64> {
+    let bytes = fsutil::read_bounded(&dir.join(GENERATION_HINT), 32).ok()?;
+    std::str::from_utf8(&bytes).ok()?.trim().parse().ok()
 }
 
 /// The default home: `$XDG_DATA_HOME/qpq` (usually `~/.local/share/qpq`).
@@ -488,7 +489,7 @@ impl Home {
             state,
         };
         home.refresh()?;
-        home.hold.close(dir);
+        home.hold.close();
         Ok(home)
     }
 
@@ -513,7 +514,7 @@ impl Home {
             state: State::new(Secrets::new([0; 32], [0; 32]), None, None),
         };
         let loaded = home.refresh();
-        home.hold.close(dir);
+        home.hold.close();
         loaded?;
         Ok(home)
     }
@@ -526,7 +527,7 @@ impl Home {
     /// briefly). Dropping the guard closes the database, then releases the lock.
     pub fn lock(&self) -> Result<HomeGuard, StateError> {
         let lock = HomeLock::acquire(&self.dir, true)?;
-        Ok(HomeGuard { hold: self.hold.clone(), dir: self.dir.clone(), _lock: lock })
+        Ok(HomeGuard { hold: self.hold.clone(), _lock: lock })
     }
 
     /// Makes the next [`Home::refresh`] reload everything whatever it holds in memory.
@@ -540,6 +541,7 @@ impl Home {
     pub fn refresh(&mut self) -> Result<bool, StateError> {
         let db = self.hold.get_or_open(&self.dir, &self.key)?;
         let generation = db.generation()?;
+        self.hold.0.borrow_mut().seen = generation;
         if Some(generation) == self.generation {
             return Ok(false);
         }
@@ -550,6 +552,7 @@ impl Home {
         self.written = written;
         self.mls_loaded = Some(mls);
         self.generation = Some(generation);
+        self.hold.0.borrow_mut().seen = generation;
         Ok(true)
     }
 
@@ -558,14 +561,13 @@ impl Home {
         self.mls_loaded.take()
     }
 
-    /// Returns once another process may have saved (polled every
-    /// [`crate::limits::HOME_WATCH_MS`]): the database file changed since we closed it.
+    /// Returns once another process saved (polled every [`crate::limits::HOME_WATCH_MS`]):
+    /// the generation hint moved past what we last saw.
     pub async fn saved_elsewhere(&self) {
-        let path = self.dir.join(DB_FILE);
         let period = std::time::Duration::from_millis(crate::limits::HOME_WATCH_MS);
         loop {
             tokio::time::sleep(period).await;
-            if stamp_of(&path) != self.hold.0.borrow().stamp {
+            if read_hint(&self.dir).is_some_and(|g| g != self.hold.0.borrow().seen) {
                 return;
             }
         }
@@ -590,6 +592,10 @@ impl Home {
             mls.flush(&mut w)?;
         }
         let generation = w.commit()?;
+        self.hold.0.borrow_mut().seen = generation;
+        // A hint only (see `GENERATION_HINT`): losing it to a crash delays a waiter, nothing more.
+        // Not synced, not atomic: a torn read parses as nothing and the next poll sees it whole.
+        let _ = std::fs::write(self.dir.join(GENERATION_HINT), generation.to_string());
         self.written = written;
         // Our write follows the generation we loaded only if nobody wrote in between (they
         // cannot: we hold the lock); otherwise the next refresh reloads.
@@ -793,7 +799,7 @@ mod tests {
     fn after_a_failed_save_the_next_refresh_reloads_what_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Home::create(dir.path(), sample(), Unlock::None).unwrap();
-        let path = dir.path().join(DB_FILE);
+        let path = dir.path().join(db::DB_FILE);
         let aside = dir.path().join("aside");
         // A directory in the database's place makes the save fail.
         std::fs::rename(&path, &aside).unwrap();
@@ -827,7 +833,7 @@ mod tests {
         let err = Home::create(dir.path(), sample(), Unlock::None).err().expect("exists");
         assert!(matches!(err, StateError::AlreadyInitialized(_)));
         // Every sealed record is checked: flip a byte inside each, one at a time.
-        let path = dir.path().join(DB_FILE);
+        let path = dir.path().join(db::DB_FILE);
         let good = std::fs::read(&path).unwrap();
         let mut rejected = 0;
         for at in (0..good.len()).step_by(97) {

@@ -330,3 +330,40 @@ fn a_forgotten_overlay_leaves_the_database_as_it_was() {
     assert_eq!(count(&db, Table::Mls), before);
     assert!(alice.storage().group_config_keys().unwrap().is_empty(), "reads come from the database again");
 }
+
+/// Not a check: prints what opening the database per lock hold costs (see the module header).
+#[test]
+#[ignore = "measurement: cargo test --lib measure_open_cost -- --ignored --nocapture"]
+fn measure_open_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StateKey::unprotected();
+    let db = ClientDb::create(dir.path(), &key).unwrap();
+    let mut w = db.write().unwrap();
+    for i in 0..5000u32 {
+        w.put(Table::Mls, &i.to_be_bytes(), &[7; 2000]).unwrap();
+    }
+    w.commit().unwrap();
+    drop(db);
+    let rounds = 100;
+    let start = std::time::Instant::now();
+    for _ in 0..rounds {
+        let db = ClientDb::open(dir.path(), &key).unwrap();
+        db.generation().unwrap();
+    }
+    let open = start.elapsed() / rounds;
+    let db = ClientDb::open(dir.path(), &key).unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..rounds {
+        let mut w = db.write().unwrap();
+        w.put(Table::Mls, &(i as u32).to_be_bytes(), &[8; 2000]).unwrap();
+        w.commit().unwrap();
+    }
+    let commit = start.elapsed() / rounds;
+    let start = std::time::Instant::now();
+    let all = db.scan(Table::Mls).unwrap();
+    println!(
+        "10 MB database: open + generation {open:?}, one-record durable commit {commit:?}, scan of {} records {:?}",
+        all.len(),
+        start.elapsed()
+    );
+}
