@@ -355,7 +355,7 @@ fn measure_open_cost() {
     let start = std::time::Instant::now();
     for i in 0..rounds {
         let mut w = db.write().unwrap();
-        w.put(Table::Mls, &(i as u32).to_be_bytes(), &[8; 2000]).unwrap();
+        w.put(Table::Mls, &i.to_be_bytes(), &[8; 2000]).unwrap();
         w.commit().unwrap();
     }
     let commit = start.elapsed() / rounds;
