@@ -59,7 +59,7 @@ pub enum StateError {
     #[error("{0}")]
     Lock(#[from] LockError),
     #[error("{0}")]
-    Db(#[from] DbError),
+    Db(DbError),
     #[error("cannot {op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot encode the state: {0}")]
@@ -75,6 +75,17 @@ pub enum StateError {
     OldVersion(u32),
     #[error("no home directory: pass --home or set QPQ_HOME")]
     NoHome,
+}
+
+impl From<DbError> for StateError {
+    /// Key errors (wrong or missing passphrase) keep the kind they had with the state file, so
+    /// callers that retry a passphrase match one error whatever the home's format.
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Key(k) => StateError::File(k),
+            other => StateError::Db(other),
+        }
+    }
 }
 
 /// Secret seeds, zeroized on drop.
