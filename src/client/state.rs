@@ -1,18 +1,19 @@
-//! The client's durable state, `qpq-state.bin` in the home directory.
+//! The client's durable state: in memory one [`State`] value (identity and hybrid key seeds,
+//! contacts, groups with their recent history, pinned server certificates, the delivery cursor),
+//! on disk the records of the client database `qpq.db` ([`crate::client::db`]): each part of
+//! the state is a sealed record of its own ([`crate::client::db::records`]), and openmls's
+//! storage lives record by record in the same database. A [`Home`] opens the database only while
+//! it holds the home's lock, and a save writes the records that changed in one transaction.
 //!
-//! Everything a client knows lives in one [`State`] value: identity and hybrid key seeds, the
-//! openmls storage, contacts, groups with their recent history, pinned server certificates and
-//! the delivery cursor. It is serialized with postcard, sealed by [`crate::crypto::statefile`]
-//! (Argon2id + XChaCha20-Poly1305, or the explicit unprotected mode) and written crash-safe
-//! (temp file, fsync, rename, fsync dir) by [`crate::fsutil::write_atomic`]. A [`Home`] holds the
-//! home's lock for its whole life, so two processes never interleave writes.
+//! A home of an older qpq holds `qpq-state.bin` instead: the postcard encoding of [`State`]
+//! (with `mls_storage` holding openmls's export), sealed by [`crate::crypto::statefile`]. It is
+//! migrated into the database when first opened ([`crate::client::db::migrate`]).
 //!
 //! # Trailer
-//! The plaintext is the postcard encoding of [`State`] followed by that of its
-//! [`Timelines`] (membership events, see [`crate::client::timeline`]). postcard ignores bytes
+//! In `qpq-state.bin` the plaintext is the postcard encoding of [`State`] followed by that of
+//! its [`Timelines`] (membership events, see [`crate::client::timeline`]). postcard ignores bytes
 //! after a value, so a file without the trailer (written before it existed) opens with no
-//! events, and a qpq of the same [`STATE_VERSION`] that predates the trailer still reads the
-//! file.
+//! events.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};

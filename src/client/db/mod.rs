@@ -33,7 +33,13 @@
 //! redb lets one handle at a time own the file. Every qpq process keeps the home's
 //! [`crate::fsutil::HomeLock`] discipline and holds a [`ClientDb`] only while it holds that lock,
 //! so the handle is never contended; the generation counter tells a process whether another one
-//! wrote since it last looked (and so whether its cached records are stale).
+//! wrote since it last looked (and so whether its cached records are stale). A process waiting
+//! on the server watches `qpq.db.gen`, an unsynced copy of the generation rewritten after each
+//! commit, since redb rewrites its header whenever any process opens the file.
+//!
+//! Opening per lock hold costs, measured on a 10 MB database with
+//! `cargo test --lib measure_open_cost -- --ignored --nocapture` (debug build, 2 shared cores):
+//! open + generation read 16 ms; a durable one-record commit 0.6 ms.
 
 pub mod migrate;
 pub mod mls;
