@@ -77,7 +77,7 @@ fn write_and_rename(tmp: &Path, path: &Path, bytes: &[u8], mode: u32) -> io::Res
 }
 
 #[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     match File::open(dir)?.sync_all() {
         // Some filesystems (certain FUSE and network ones) cannot fsync a directory; the rename
         // has happened and there is nothing stronger to fall back to.
@@ -87,7 +87,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
+pub fn sync_dir(_dir: &Path) -> io::Result<()> {
     // Directories cannot be opened for fsync on Windows; the rename there is
     // `MoveFileExW(MOVEFILE_REPLACE_EXISTING)`, which needs no separate directory sync.
     Ok(())

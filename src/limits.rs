@@ -336,3 +336,6 @@ pub const PG_NOTIFY_RECIPIENTS: usize = 100;
 
 /// Retry hint sent with `unavailable` when the shared database cannot be reached.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
+/// Page cache of the client database (`qpq.db`): the records of one operation (a group's MLS
+/// state, a few messenger records) fit many times over; redb's 1 GiB default is for servers.
+pub const CLIENT_DB_CACHE_BYTES: usize = 16 * 1024 * 1024;

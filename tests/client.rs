@@ -279,7 +279,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let bob = User::init(&server, "bob");
     alice.add_contact(&bob);
     alice.ok(&["group", "create", "team"]);
-    let before = alice.state_bytes();
+    let before = alice.state_generation();
     let (zs, a63, ab32) = ("z".repeat(64), "a".repeat(63), "ab".repeat(32));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["send", "nobody", "hi"], "unknown contact \"nobody\""),
@@ -301,7 +301,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(err.starts_with("qpq: "), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
         assert_eq!(err.lines().count(), 1, "one line: {err}");
-        assert_eq!(alice.state_bytes(), before, "{args:?} changed the state file");
+        assert_eq!(alice.state_generation(), before, "{args:?} wrote to the home");
     }
     // A valid key that never ran init has no key packages.
     let stranger = qpq::crypto::identity::Identity::generate().public().to_hex();
@@ -333,7 +333,7 @@ fn passphrase_protects_the_state_and_a_wrong_one_is_refused() {
     let out = run(&["init", "--server", &addr], Some("correct horse"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let state = std::fs::read(home.path().join("qpq-state.bin")).unwrap();
+    let state = std::fs::read(home.path().join("qpq.db")).unwrap();
     assert!(!state.windows(16).any(|w| hex::encode(w) == key[..32]), "the key is not stored in the clear");
     let out = run(&["whoami"], Some("wrong horse"));
     assert!(!out.status.success());
@@ -344,7 +344,7 @@ fn passphrase_protects_the_state_and_a_wrong_one_is_refused() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next(), Some(key.as_str()));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(home.path().join("qpq-state.bin")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(home.path().join("qpq.db")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -353,13 +353,30 @@ fn a_tampered_state_file_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
     let alice = User::init(&server, "alice");
-    let path = alice.home.path().join("qpq-state.bin");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 1;
-    std::fs::write(&path, &bytes).unwrap();
+    // Flip one bit in every sealed record of the state table: redb's pages stay valid, so
+    // what notices is each record's AEAD tag.
+    {
+        let db = redb::Database::open(alice.home.path().join("qpq.db")).unwrap();
+        let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("state");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(table).unwrap();
+            let all: Vec<(Vec<u8>, Vec<u8>)> = t
+                .iter()
+                .unwrap()
+                .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())).unwrap())
+                .collect();
+            assert!(all.len() > 10, "the state is split into records");
+            for (k, mut v) in all {
+                let mid = v.len() / 2;
+                v[mid] ^= 1;
+                t.insert(&k[..], &v[..]).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
     let err = alice.fails(&["whoami"]);
-    assert_eq!(err.trim(), "qpq: state file is corrupted or was tampered with");
+    assert_eq!(err.trim(), "qpq: a record of the client database is damaged or was moved");
 }
 
 #[test]

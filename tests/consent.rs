@@ -272,7 +272,7 @@ fn a_gigabyte_from_strangers_leaves_the_home_bounded_and_opening() {
     let server = ServerProcess::start_with_config(dir.path(), &config);
     let bob = User::init(&server, "bob");
     let victim = PublicKey::parse_hex(&bob.key).unwrap().0;
-    let before = bob.state_bytes().len();
+    let before = bob.state_stored_bytes() as usize;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (mut sent, mut largest) = (0, 0);
     for round in 0..ATTACK_ROUNDS {
@@ -280,7 +280,7 @@ fn a_gigabyte_from_strangers_leaves_the_home_bounded_and_opening() {
         let r = bob.run(&["recv"]);
         assert!(r.ok, "recv after round {round}: {}", r.stderr);
         assert_eq!(r.stdout, "", "no stranger's text reaches the screen");
-        let size = bob.state_bytes().len();
+        let size = bob.state_stored_bytes() as usize;
         largest = largest.max(size);
         assert!(
             size <= before + MAX_STRANGER_BYTES,

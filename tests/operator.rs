@@ -248,7 +248,7 @@ fn first_use_on_a_terminal_asks_before_pinning_and_no_means_nothing_is_created()
     p.send_line("no").unwrap();
     p.exp_string("server certificate not trusted").unwrap();
     p.exp_eof().unwrap();
-    assert!(!home.path().join("qpq-state.bin").exists(), "nothing created");
+    assert!(!home.path().join("qpq.db").exists(), "nothing created");
 
     let mut p = pty_init(home.path(), &addr);
     p.exp_string("(yes/no)? ").unwrap();

@@ -213,7 +213,7 @@ fn readme_quickstart_runs_end_to_end() {
     // Both pinned the certificate the server printed, as the README tells them to compare.
     let pinned = format!("pinned server certificate {} (trust on first use)", server.fingerprint);
     assert_eq!(stderr.matches(&pinned).count(), 2, "stderr:\n{stderr}");
-    assert!(work.join("alice").join("qpq-state.bin").is_file());
+    assert!(work.join("alice").join("qpq.db").is_file());
     assert!(!tmp.path().join("xdg").exists(), "something used the default home");
 }
 

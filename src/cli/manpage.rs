@@ -40,10 +40,12 @@ const SERVER_ENV: &[(&str, &str)] = &[
 
 const CLIENT_FILES: &[(&str, &str)] = &[
     (
-        "~/.local/share/qpq/qpq-state.bin",
-        "the identity, contacts, groups, history and the pinned server certificates (encrypted with \
-         the passphrase unless init --no-passphrase; mode 0600)",
+        "~/.local/share/qpq/qpq.db",
+        "the client database (redb): identity, contacts, groups, MLS state, history and the pinned \
+         server certificates, each record encrypted with the passphrase unless init --no-passphrase \
+         (mode 0600); a qpq-state.bin of an older qpq is migrated into it once",
     ),
+    ("~/.local/share/qpq/LOCK", "held by the qpq process working on the home at the moment"),
     ("~/.local/share/qpq/history", "the shell's line history (commands only)"),
 ];
 

@@ -35,7 +35,7 @@ pub struct Cli {
 /// Options every client command shares.
 #[derive(Debug, Args, Clone, Default)]
 pub struct GlobalArgs {
-    /// Client home directory holding qpq-state.bin [default: the XDG data dir, ~/.local/share/qpq]
+    /// Client home directory holding qpq.db [default: the XDG data dir, ~/.local/share/qpq]
     #[arg(long, global = true, env = "QPQ_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,
     /// Server address HOST:PORT (remembered by `init`)

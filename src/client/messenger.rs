@@ -26,11 +26,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::client::outbox::Watch;
 use crate::client::parcel::Parcel;
 use crate::client::session::{Session, SessionError};
-use crate::client::state::{Entry, GroupKind, GroupMeta, Home, Secrets, State, StateError, Unlock};
+use crate::client::state::{
+    Entry, GroupKind, GroupMeta, Home, HomeGuard, Secrets, State, StateError, Unlock,
+};
 use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
-use crate::fsutil::HomeLock;
 use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
@@ -210,7 +211,7 @@ pub struct Messenger {
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
 pub(crate) struct OpGuard {
-    lock: Option<HomeLock>,
+    lock: Option<HomeGuard>,
     held: Rc<Cell<bool>>,
 }
 
@@ -329,7 +330,14 @@ impl Messenger {
         state.key_pool.record(&kps, false);
         state.key_pool.record(std::slice::from_ref(&lr), true);
         state.last_resort_ref = lr.hash_ref.clone();
-        let home = Home::create(dir, state, unlock)?;
+        let mut home = Home::create(dir, state, unlock)?;
+        // The same records as `mls`, but clean: nothing left to write.
+        let mls = match home.take_mls() {
+            Some(store) => MlsClient::from_store(identity.seed(), store)?
+                .with_clock(Clock::from_env())
+                .with_display_name(home.state.name.as_deref()),
+            None => mls,
+        };
         let report = InitReport { key: identity.public(), fingerprint, first_use };
         let m = Messenger {
             home,
@@ -354,9 +362,9 @@ impl Messenger {
         passphrase: Option<&[u8]>,
         opts: ConnectOptions,
     ) -> Result<Messenger, ClientError> {
-        let home = Home::open(dir, passphrase)?;
+        let mut home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
-        let mls = MlsClient::from_storage(identity.seed(), &home.state.mls_storage)?
+        let mls = MlsClient::from_store(identity.seed(), home.take_mls().unwrap_or_default())?
             .with_clock(Clock::from_env())
             .with_display_name(home.state.name.as_deref());
         Ok(Messenger {
@@ -385,8 +393,10 @@ impl Messenger {
         let lock = self.home.lock()?;
         self.held.set(true);
         let guard = OpGuard { lock: Some(lock), held: self.held.clone() };
-        if self.home.refresh()? {
-            self.mls = MlsClient::from_storage(self.identity.seed(), &self.home.state.mls_storage)?
+        if self.home.refresh()?
+            && let Some(store) = self.home.take_mls()
+        {
+            self.mls = MlsClient::from_store(self.identity.seed(), store)?
                 .with_clock(Clock::from_env())
                 .with_display_name(self.home.state.name.as_deref());
         }
@@ -418,8 +428,7 @@ impl Messenger {
     /// Writes the state (with the current MLS storage) durably.
     pub(crate) fn persist(&mut self) -> Result<(), ClientError> {
         debug_assert!(self.held.get(), "saves happen under the home lock");
-        self.home.state.mls_storage = self.mls.export_storage()?;
-        self.home.save()?;
+        self.home.save_with(Some(self.mls.store()))?;
         Ok(())
     }
 

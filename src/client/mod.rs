@@ -6,6 +6,7 @@
 //! strangers' invitations, and [`names`] for the names people see and the keys they type)
 //! that the one-shot commands and the shell share. No printing in here.
 
+pub mod db;
 pub mod delivery;
 pub mod frame;
 pub mod groups;

@@ -1,26 +1,31 @@
-//! The client's durable state, `qpq-state.bin` in the home directory.
+//! The client's durable state: in memory one [`State`] value (identity and hybrid key seeds,
+//! contacts, groups with their recent history, pinned server certificates, the delivery cursor),
+//! on disk the records of the client database `qpq.db` ([`crate::client::db`]): each part of
+//! the state is a sealed record of its own ([`crate::client::db::records`]), and openmls's
+//! storage lives record by record in the same database. A [`Home`] opens the database only while
+//! it holds the home's lock, and a save writes the records that changed in one transaction.
 //!
-//! Everything a client knows lives in one [`State`] value: identity and hybrid key seeds, the
-//! openmls storage, contacts, groups with their recent history, pinned server certificates and
-//! the delivery cursor. It is serialized with postcard, sealed by [`crate::crypto::statefile`]
-//! (Argon2id + XChaCha20-Poly1305, or the explicit unprotected mode) and written crash-safe
-//! (temp file, fsync, rename, fsync dir) by [`crate::fsutil::write_atomic`]. A [`Home`] holds the
-//! home's lock for its whole life, so two processes never interleave writes.
+//! A home of an older qpq holds `qpq-state.bin` instead: the postcard encoding of [`State`]
+//! (with `mls_storage` holding openmls's export), sealed by [`crate::crypto::statefile`]. It is
+//! migrated into the database when first opened ([`crate::client::db::migrate`]).
 //!
 //! # Trailer
-//! The plaintext is the postcard encoding of [`State`] followed by that of its
-//! [`Timelines`] (membership events, see [`crate::client::timeline`]). postcard ignores bytes
+//! In `qpq-state.bin` the plaintext is the postcard encoding of [`State`] followed by that of
+//! its [`Timelines`] (membership events, see [`crate::client::timeline`]). postcard ignores bytes
 //! after a value, so a file without the trailer (written before it existed) opens with no
-//! events, and a qpq of the same [`STATE_VERSION`] that predates the trailer still reads the
-//! file. A second trailer, the history retention ([`State::history_retention_ms`]), follows the
-//! same way: absent means "keep everything".
+//! events. A second trailer, the history retention ([`State::history_retention_ms`]), follows
+//! the same way: absent means "keep everything". In the database both are records of their own.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::client::db::mls::MlsStore;
+use crate::client::db::{self, ClientDb, DbError, migrate, records};
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::client::keypool::KeyPool;
 use crate::client::requests::RequestBook;
@@ -56,6 +61,8 @@ pub enum StateError {
     File(#[from] StateFileError),
     #[error("{0}")]
     Lock(#[from] LockError),
+    #[error("{0}")]
+    Db(DbError),
     #[error("cannot {op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot encode the state: {0}")]
@@ -71,6 +78,17 @@ pub enum StateError {
     OldVersion(u32),
     #[error("no home directory: pass --home or set QPQ_HOME")]
     NoHome,
+}
+
+impl From<DbError> for StateError {
+    /// Key errors (wrong or missing passphrase) keep the kind they had with the state file, so
+    /// callers that retry a passphrase match one error whatever the home's format.
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Key(k) => StateError::File(k),
+            other => StateError::Db(other),
+        }
+    }
 }
 
 /// Secret seeds, zeroized on drop.
@@ -291,7 +309,7 @@ impl State {
         }
     }
 
-    pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
+    pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
         // Never write a placeholder: a failed encoding leaves the old file in place.
         let encode = |e: postcard::Error| StateError::Encode(e.to_string());
         let state = Zeroizing::new(postcard::to_allocvec(self).map_err(encode)?);
@@ -364,19 +382,78 @@ pub enum Unlock {
     None,
 }
 
-/// An open home: the state and the key to re-seal it.
+/// An open home: the state, the key of its records, and (while this process holds the home's
+/// lock) the client database.
 ///
 /// Several qpq processes may use one home at once (say `recv --follow` in one terminal and
 /// `send` in another). Each operation takes the home's lock ([`Home::lock`]), calls
-/// [`Home::refresh`] to pick up what another process saved meanwhile, changes the state, saves
-/// it, and releases the lock. Long waits (a long poll) happen without the lock.
+/// [`Home::refresh`] to open the database and pick up what another process saved meanwhile,
+/// changes the state, saves the records that changed, and releases the lock, which closes the
+/// database ([`DbHold::close`]): redb lets one handle at a time own the file. Long waits (a long
+/// poll) happen without the lock.
 pub struct Home {
     dir: PathBuf,
     key: StateKey,
-    /// The state file we last read or wrote: every save renames a new file into place, so a
-    /// different inode means another process saved.
-    seen: Option<SeenFile>,
+    hold: DbHold,
+    /// Generation of the database that `state` reflects; None: reload at the next refresh.
+    generation: Option<u64>,
+    /// Digests of the state records as last read or written (see [`records`]).
+    written: records::Written,
+    /// openmls's records as of the last load, until the messenger takes them.
+    mls_loaded: Option<MlsStore>,
     pub state: State,
+}
+
+/// The home's lock, held: dropping it closes the database this process opened under it, then
+/// releases the lock (fields drop after `drop`).
+pub struct HomeGuard {
+    hold: DbHold,
+    _lock: HomeLock,
+}
+
+impl Drop for HomeGuard {
+    fn drop(&mut self) {
+        self.hold.close();
+    }
+}
+
+/// The database while the home's lock is held, shared by a [`Home`] and the guard of the
+/// operation that took the lock (which closes it on release).
+#[derive(Clone, Default)]
+struct DbHold(Rc<RefCell<HoldInner>>);
+
+#[derive(Default)]
+struct HoldInner {
+    db: Option<Rc<ClientDb>>,
+    /// The database generation this process last read or wrote (see [`Home::saved_elsewhere`]).
+    seen: u64,
+}
+
+impl DbHold {
+    fn get_or_open(&self, dir: &Path, key: &StateKey) -> Result<Rc<ClientDb>, StateError> {
+        if let Some(db) = &self.0.borrow().db {
+            return Ok(db.clone());
+        }
+        let db = Rc::new(ClientDb::open(dir, key)?);
+        self.0.borrow_mut().db = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Closes the database (call before releasing the home's lock).
+    fn close(&self) {
+        self.0.borrow_mut().db.take();
+    }
+}
+
+/// A hint file next to the database holding its generation, rewritten (not synced) after every
+/// commit, so a waiting process notices another's save with one small read: redb itself rewrites
+/// its header whenever any process opens the file, so the database's own mtime would wake every
+/// waiter on every look. The generation inside the database stays the truth.
+const GENERATION_HINT: &str = "qpq.db.gen";
+
+fn read_hint(dir: &Path) -> Option<u64> {
+    let bytes = fsutil::read_bounded(&dir.join(GENERATION_HINT), 32).ok()?;
+    std::str::from_utf8(&bytes).ok()?.trim().parse().ok()
 }
 
 /// The default home: `$XDG_DATA_HOME/qpq` (usually `~/.local/share/qpq`).
@@ -384,18 +461,22 @@ pub fn default_home() -> Result<PathBuf, StateError> {
     dirs::data_dir().map(|d| d.join("qpq")).ok_or(StateError::NoHome)
 }
 
-/// True when the home holds a state file.
+/// True when the home holds a client database or a state file still to migrate.
 pub fn exists(dir: &Path) -> bool {
-    dir.join(STATE_FILE).exists()
+    db::exists(dir) || dir.join(STATE_FILE).exists()
 }
 
-/// True when the state file is passphrase-protected (so the caller knows to ask).
+/// True when the home is passphrase-protected (so the caller knows to ask).
 pub fn needs_passphrase(dir: &Path) -> Result<bool, StateError> {
+    if db::exists(dir) {
+        let _lock = HomeLock::acquire(dir, true)?;
+        return Ok(ClientDb::is_passphrase_protected(dir)?);
+    }
     let bytes = read(dir)?;
     Ok(statefile::is_passphrase_protected(&bytes)?)
 }
 
-fn read(dir: &Path) -> Result<Vec<u8>, StateError> {
+pub(crate) fn read(dir: &Path) -> Result<Vec<u8>, StateError> {
     let path = dir.join(STATE_FILE);
     fsutil::read_bounded(&path, MAX_STATE_BYTES).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -404,33 +485,6 @@ fn read(dir: &Path) -> Result<Vec<u8>, StateError> {
             StateError::Io { op: "read", path, source }
         }
     })
-}
-
-/// A file's identity: (device, inode).
-fn id_of(m: &std::fs::Metadata) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    (m.dev(), m.ino())
-}
-
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| id_of(&m))
-}
-
-/// A state file we read or wrote, kept open. While it is open its inode stays allocated, so no
-/// later file can get the same inode number: ext4 hands a freed number out again at once, and
-/// two saves by another process would otherwise bring the file back to "our" inode and hide
-/// them from [`Home::refresh`] (our next save would then overwrite them).
-struct SeenFile {
-    _open: std::fs::File,
-    id: (u64, u64),
-}
-
-impl SeenFile {
-    fn of(path: &Path) -> Option<SeenFile> {
-        let file = std::fs::File::open(path).ok()?;
-        let id = id_of(&file.metadata().ok()?);
-        Some(SeenFile { id, _open: file })
-    }
 }
 
 impl Home {
@@ -449,23 +503,49 @@ impl Home {
             Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
             Unlock::None => StateKey::unprotected(),
         };
-        let mut home = Home { dir: dir.to_path_buf(), key, seen: None, state };
-        home.save()?;
+        // Built aside and renamed into place, so a crash leaves no half-made home.
+        let partial = dir.join(migrate::PARTIAL_FILE);
+        migrate::remove_if_present(&partial)?;
+        migrate::write_new(&partial, &key, &state)?;
+        migrate::publish(dir, &partial)?;
+        let mut home = Home {
+            dir: dir.to_path_buf(),
+            key,
+            hold: DbHold::default(),
+            generation: None,
+            written: Default::default(),
+            mls_loaded: None,
+            state,
+        };
+        home.refresh()?;
+        home.hold.close();
         Ok(home)
     }
 
-    /// Opens an existing home (a consistent read under the lock).
+    /// Opens an existing home (a consistent read under the lock), migrating a state file to the
+    /// database first if need be (see [`migrate`]).
     pub fn open(dir: &Path, passphrase: Option<&[u8]>) -> Result<Home, StateError> {
         if !exists(dir) {
             return Err(StateError::NotInitialized(dir.to_path_buf()));
         }
         let _lock = HomeLock::acquire(dir, true)?;
-        // Under the lock nothing replaces the file between these two steps.
-        let seen = SeenFile::of(&dir.join(STATE_FILE));
-        let bytes = read(dir)?;
-        let (key, plain) = statefile::open(&bytes, passphrase)?;
-        let state = State::decode(&plain)?;
-        Ok(Home { dir: dir.to_path_buf(), key, seen, state })
+        let key = match migrate::migrate_if_needed(dir, passphrase)? {
+            Some(key) => key,
+            None => ClientDb::unlock(dir, passphrase)?.0,
+        };
+        let mut home = Home {
+            dir: dir.to_path_buf(),
+            key,
+            hold: DbHold::default(),
+            generation: None,
+            written: Default::default(),
+            mls_loaded: None,
+            state: State::new(Secrets::new([0; 32], [0; 32]), None, None),
+        };
+        let loaded = home.refresh();
+        home.hold.close();
+        loaded?;
+        Ok(home)
     }
 
     pub fn dir(&self) -> &Path {
@@ -473,60 +553,84 @@ impl Home {
     }
 
     /// Takes the home's lock, waiting while another qpq process holds it (operations hold it
-    /// briefly).
-    pub fn lock(&self) -> Result<HomeLock, StateError> {
-        Ok(HomeLock::acquire(&self.dir, true)?)
+    /// briefly). Dropping the guard closes the database, then releases the lock.
+    pub fn lock(&self) -> Result<HomeGuard, StateError> {
+        let lock = HomeLock::acquire(&self.dir, true)?;
+        Ok(HomeGuard { hold: self.hold.clone(), _lock: lock })
     }
 
-    /// Makes the next [`Home::refresh`] re-read the file whatever it holds in memory.
+    /// Makes the next [`Home::refresh`] reload everything whatever it holds in memory.
     pub fn forget_seen(&mut self) {
-        self.seen = None;
+        self.generation = None;
     }
 
-    /// Re-reads the state if another process saved it since we last did. Call with the lock
-    /// held. Returns true when the state was reloaded.
+    /// Opens the database and reloads the state if another process saved since we last did.
+    /// Call with the lock held. Returns true when the state was reloaded (then
+    /// [`Home::take_mls`] holds openmls's records as of now).
     pub fn refresh(&mut self) -> Result<bool, StateError> {
-        let path = self.dir.join(STATE_FILE);
-        if file_id(&path) == self.seen.as_ref().map(|s| s.id) {
+        let db = self.hold.get_or_open(&self.dir, &self.key)?;
+        let generation = db.generation()?;
+        self.hold.0.borrow_mut().seen = generation;
+        if Some(generation) == self.generation {
             return Ok(false);
         }
-        let seen = SeenFile::of(&path);
-        let bytes = read(&self.dir)?;
-        let plain = statefile::open_with_key(&bytes, &self.key)?;
-        self.state = State::decode(&plain)?;
-        self.seen = seen;
+        let (state, written) = records::read_state(&db)?;
+        let mls = MlsStore::memory();
+        mls.load_all(&db)?;
+        self.state = state;
+        self.written = written;
+        self.mls_loaded = Some(mls);
+        self.generation = Some(generation);
+        self.hold.0.borrow_mut().seen = generation;
         Ok(true)
     }
 
-    /// Returns once another process saved the state (polled every
-    /// [`crate::limits::HOME_WATCH_MS`]); never, if none does.
+    /// openmls's records loaded by the last reload (once).
+    pub fn take_mls(&mut self) -> Option<MlsStore> {
+        self.mls_loaded.take()
+    }
+
+    /// Returns once another process saved (polled every [`crate::limits::HOME_WATCH_MS`]):
+    /// the generation hint moved past what we last saw.
     pub async fn saved_elsewhere(&self) {
-        let path = self.dir.join(STATE_FILE);
         let period = std::time::Duration::from_millis(crate::limits::HOME_WATCH_MS);
         loop {
             tokio::time::sleep(period).await;
-            if file_id(&path) != self.seen.as_ref().map(|s| s.id) {
+            if read_hint(&self.dir).is_some_and(|g| g != self.hold.0.borrow().seen) {
                 return;
             }
         }
     }
 
-    /// Seals and writes the state crash-safe; returns once it is durable. Call with the lock
-    /// held.
+    /// Writes the state records that changed, durably. Call with the lock held.
     pub fn save(&mut self) -> Result<(), StateError> {
-        // Until this save succeeds, what is in memory is not what is on disk: forget the file we
-        // saw, so the next `refresh` reloads the durable state instead of building on (and, say,
-        // publishing a key from) a state that was never saved.
-        self.seen = None;
-        let plain = self.state.encode()?;
-        let sealed = statefile::seal(&self.key, &plain);
-        let path = self.dir.join(STATE_FILE);
-        fsutil::write_atomic(&path, &sealed, 0o600).map_err(|source| StateError::Io {
-            op: "write",
-            path: path.clone(),
-            source,
-        })?;
-        self.seen = SeenFile::of(&path);
+        self.save_with(None)
+    }
+
+    /// Writes the state records that changed and openmls's changed records (`mls`) in one
+    /// transaction; returns once it is durable. Call with the lock held.
+    pub fn save_with(&mut self, mls: Option<&MlsStore>) -> Result<(), StateError> {
+        // Until this save succeeds, what is in memory is not what is on disk: the next
+        // `refresh` reloads the durable state instead of building on (and, say, publishing a
+        // key from) a state that was never saved.
+        let expected = self.generation.take();
+        let db = self.hold.get_or_open(&self.dir, &self.key)?;
+        let mut w = db.write()?;
+        let written = records::write_changed(&self.state, &self.written, &mut w)?;
+        if let Some(mls) = mls {
+            mls.flush(&mut w)?;
+        }
+        let generation = w.commit()?;
+        self.hold.0.borrow_mut().seen = generation;
+        // A hint only (see `GENERATION_HINT`): losing it to a crash delays a waiter, nothing more.
+        // Not synced, not atomic: a torn read parses as nothing and the next poll sees it whole.
+        let _ = std::fs::write(self.dir.join(GENERATION_HINT), generation.to_string());
+        self.written = written;
+        // Our write follows the generation we loaded only if nobody wrote in between (they
+        // cannot: we hold the lock); otherwise the next refresh reloads.
+        if expected.is_some_and(|g| g + 1 == generation) {
+            self.generation = Some(generation);
+        }
         Ok(())
     }
 }
@@ -584,20 +688,39 @@ mod tests {
         let mut s =
             State::new(Secrets::new([1; 32], [2; 32]), Some("alice".into()), Some("127.0.0.1:7000".into()));
         s.contacts.insert("bob".into(), [3; 32]);
-        s.mls_storage = Zeroizing::new(vec![9; 1000]);
+        let mut mls = crate::mls::MlsClient::new(&[1; 32]).unwrap();
+        mls.create_group(b"a group").unwrap();
+        s.mls_storage = mls.export_storage().unwrap();
         s
     }
 
     #[test]
-    fn state_round_trips_through_the_sealed_file() {
+    fn state_round_trips_through_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::create(dir.path(), sample(), Unlock::None).unwrap();
         drop(home);
-        let home = Home::open(dir.path(), None).unwrap();
+        assert!(!dir.path().join(STATE_FILE).exists(), "a new home has only the database");
+        let mut home = Home::open(dir.path(), None).unwrap();
         assert_eq!(home.state.name.as_deref(), Some("alice"));
         assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
         assert_eq!(home.state.secrets.identity_seed, [1; 32]);
-        assert_eq!(home.state.mls_storage.len(), 1000);
+        assert!(home.state.mls_storage.is_empty(), "mls records live in their own table");
+        let mls = crate::mls::MlsClient::from_store(&[1; 32], home.take_mls().unwrap()).unwrap();
+        assert_eq!(mls.group_ids(), vec![b"a group".to_vec()]);
+    }
+
+    #[test]
+    fn a_save_writes_only_the_records_that_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Home::create(dir.path(), sample(), Unlock::None).unwrap();
+        let _lock = a.lock().unwrap();
+        a.refresh().unwrap();
+        let before = a.written.clone();
+        a.state.contacts.insert("carol".into(), [4; 32]);
+        a.save().unwrap();
+        let changed: Vec<&String> =
+            a.written.iter().filter(|(k, d)| before.get(*k) != Some(d)).map(|(k, _)| k).collect();
+        assert_eq!(changed, ["contacts"]);
     }
 
     #[test]
@@ -723,17 +846,18 @@ mod tests {
     fn after_a_failed_save_the_next_refresh_reloads_what_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Home::create(dir.path(), sample(), Unlock::None).unwrap();
-        let _lock = a.lock().unwrap();
-        let path = dir.path().join(STATE_FILE);
+        let path = dir.path().join(db::DB_FILE);
         let aside = dir.path().join("aside");
-        // A non-empty directory in the state file's place makes the rename fail.
+        // A directory in the database's place makes the save fail.
         std::fs::rename(&path, &aside).unwrap();
         std::fs::create_dir(&path).unwrap();
-        std::fs::write(path.join("x"), b"x").unwrap();
+        let lock = a.lock().unwrap();
         a.state.contacts.insert("never-saved".into(), [7; 32]);
         assert!(a.save().is_err());
-        std::fs::remove_dir_all(&path).unwrap();
+        drop(lock);
+        std::fs::remove_dir(&path).unwrap();
         std::fs::rename(&aside, &path).unwrap();
+        let _lock = a.lock().unwrap();
         assert!(a.refresh().unwrap(), "the unsaved state is not trusted");
         assert!(!a.state.contacts.contains_key("never-saved"));
         assert!(a.state.contacts.contains_key("bob"));
@@ -755,12 +879,50 @@ mod tests {
         drop(Home::create(dir.path(), sample(), Unlock::None).unwrap());
         let err = Home::create(dir.path(), sample(), Unlock::None).err().expect("exists");
         assert!(matches!(err, StateError::AlreadyInitialized(_)));
-        let path = dir.path().join(STATE_FILE);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let n = bytes.len();
-        bytes[n / 2] ^= 0x40;
-        std::fs::write(&path, bytes).unwrap();
-        let err = Home::open(dir.path(), None).err().expect("tampered");
-        assert!(matches!(err, StateError::File(_)), "{err}");
+        // Every sealed record is checked: flip a byte inside each, one at a time.
+        let path = dir.path().join(db::DB_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let mut rejected = 0;
+        for at in (0..good.len()).step_by(97) {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x40;
+            std::fs::write(&path, &bytes).unwrap();
+            // Free space and slack may take a flip unnoticed; what opens must be the same state.
+            match Home::open(dir.path(), None) {
+                Ok(home) => assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32])),
+                Err(e) => {
+                    rejected += 1;
+                    assert!(e.to_string().chars().next().is_some_and(|c| !c.is_uppercase()), "{e}");
+                }
+            }
+        }
+        assert!(rejected > 0, "some flipped byte lands in a record or redb's own structures");
+    }
+
+    #[test]
+    fn a_state_file_home_migrates_once_and_keeps_its_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            StateKey::from_passphrase(b"pw", KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 }).unwrap();
+        let mut s = sample();
+        s.groups.insert(
+            "ab".into(),
+            GroupMeta { name: "team".into(), kind: GroupKind::Group, active: true, history: VecDeque::new() },
+        );
+        let sealed = statefile::seal(&key, &s.encode().unwrap());
+        std::fs::write(dir.path().join(STATE_FILE), sealed).unwrap();
+        assert!(exists(dir.path()) && needs_passphrase(dir.path()).unwrap());
+        assert!(matches!(Home::open(dir.path(), Some(b"wrong")), Err(StateError::File(_))));
+        assert!(dir.path().join(STATE_FILE).exists(), "a failed unlock migrates nothing");
+        let mut home = Home::open(dir.path(), Some(b"pw")).unwrap();
+        assert!(!dir.path().join(STATE_FILE).exists(), "the old file is gone once the database is durable");
+        assert!(!dir.path().join(migrate::PARTIAL_FILE).exists());
+        assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
+        assert_eq!(home.state.groups["ab"].name, "team");
+        let mls = crate::mls::MlsClient::from_store(&[1; 32], home.take_mls().unwrap()).unwrap();
+        assert_eq!(mls.group_ids(), vec![b"a group".to_vec()]);
+        drop(home);
+        assert!(needs_passphrase(dir.path()).unwrap());
+        assert!(Home::open(dir.path(), Some(b"pw")).is_ok());
     }
 }

@@ -216,6 +216,18 @@ impl StateKey {
         Ok(StateKey { key: hkdf_state_key(ikm.as_ref()), source: KeySource::Argon2id { params, salt } })
     }
 
+    /// A key for another purpose derived from this one (HKDF-SHA256, RFC 5869, with this key as
+    /// input key material and `info` naming the purpose), so the client database's record keys
+    /// come from the same single Argon2id run without ever reusing the file key itself.
+    pub fn subkey(&self, info: &[u8]) -> Zeroizing<[u8; KEY_LEN]> {
+        let mut out = Zeroizing::new([0; KEY_LEN]);
+        Hkdf::<Sha256>::new(None, self.key.as_ref())
+            .expand(info, out.as_mut())
+            // Invariant: HKDF-SHA256 can expand up to 255 * 32 bytes; we ask for 32.
+            .expect("hkdf-sha256 output length 32 is valid");
+        out
+    }
+
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(Key::from_slice(self.key.as_ref()))
     }

@@ -15,9 +15,9 @@
 //! the convention into a group.
 //!
 //! Persistence: openmls keeps all group state, pending commits, queued
-//! proposals and KeyPackage private keys in its storage provider; we use the
-//! in-memory `MemoryStorage` of `openmls_rust_crypto`, whose map is a public
-//! field. [`MlsClient::export_storage`] serializes that map (sorted by key,
+//! proposals and KeyPackage private keys in its storage provider; ours is
+//! [`crate::client::db::mls::MlsStore`], which works in memory or over the
+//! client database. [`MlsClient::export_storage`] serializes its records (sorted by key,
 //! length-prefixed, so equal states give equal bytes) and
 //! [`MlsClient::from_storage`] loads it into a fresh provider; the caller
 //! keeps the bytes inside its encrypted state file. Groups are loaded from
@@ -39,7 +39,7 @@
 //! sees ciphertext), keeps a few past epochs so application messages that
 //! race a commit still decrypt, and tolerates reordering within an epoch.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use ed25519_dalek::SigningKey;
@@ -53,13 +53,13 @@ use openmls::prelude::{
     Sender, SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
 };
 use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::storage::StorageProvider as _;
 use openmls_traits::types::SignatureScheme;
 use tls_codec::{Deserialize as _, Serialize as _};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
+use crate::client::db::mls::{DbProvider, MlsStore};
 use crate::clock::Clock;
 use crate::limits;
 
@@ -244,24 +244,11 @@ pub struct MlsClient {
     identity: [u8; 32],
     signer: SignatureKeyPair,
     credential: CredentialWithKey,
-    provider: OpenMlsRustCrypto,
+    provider: DbProvider,
     /// Decides KeyPackage lifetimes (ours and the ones we are handed).
     clock: Clock,
     /// The name we sign into the leaves we make (see [`profile`]).
     display_name: Option<String>,
-}
-
-impl Drop for MlsClient {
-    // The storage holds HPKE private keys and epoch secrets.
-    fn drop(&mut self) {
-        let mut values = match self.provider.storage().values.write() {
-            Ok(v) => v,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for value in values.values_mut() {
-            value.zeroize();
-        }
-    }
 }
 
 impl fmt::Debug for MlsClient {
@@ -287,7 +274,7 @@ impl MlsClient {
             identity: public,
             signer,
             credential,
-            provider: OpenMlsRustCrypto::default(),
+            provider: DbProvider::default(),
             clock: Clock::system(),
             display_name: None,
         })
@@ -321,9 +308,10 @@ impl MlsClient {
 
     /// Deterministic snapshot of the whole openmls storage.
     pub fn export_storage(&self) -> Result<Zeroizing<Vec<u8>>, MlsError> {
-        let values =
-            self.provider.storage().values.read().map_err(|_| MlsError::Storage("lock poisoned".into()))?;
-        let sorted: BTreeMap<&Vec<u8>, &Vec<u8>> = values.iter().collect();
+        // Our own index record is rebuilt by `from_storage`: the blob stays what it was.
+        let mut values = self.provider.storage().snapshot();
+        values.retain(|(k, _)| k.as_slice() != crate::client::db::mls::GROUP_INDEX_KEY);
+        let sorted: BTreeMap<&Vec<u8>, &Zeroizing<Vec<u8>>> = values.iter().map(|(k, v)| (k, v)).collect();
         // Sized up front: a growing Vec would leave copies of secrets in the memory it frees.
         let size = STORAGE_MAGIC.len() + 4 + sorted.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>();
         let mut out = Zeroizing::new(Vec::with_capacity(size));
@@ -343,8 +331,28 @@ impl MlsClient {
     pub fn from_storage(identity_seed: &[u8; 32], storage: &[u8]) -> Result<Self, MlsError> {
         let client = Self::new(identity_seed)?;
         let entries = parse_storage(storage)?;
-        *client.provider.storage().values.write().map_err(|_| MlsError::Storage("lock poisoned".into()))? =
-            entries;
+        client.provider.storage().restore(entries);
+        client.check_groups()?;
+        Ok(client)
+    }
+
+    /// A client over `store` (records loaded from the client database), checked like
+    /// [`MlsClient::from_storage`].
+    pub fn from_store(identity_seed: &[u8; 32], store: MlsStore) -> Result<Self, MlsError> {
+        let mut client = Self::new(identity_seed)?;
+        client.provider = DbProvider::new(store);
+        client.check_groups()?;
+        Ok(client)
+    }
+
+    /// The storage: the messenger flushes its changes into its own database writes.
+    pub fn store(&self) -> &MlsStore {
+        self.provider.storage()
+    }
+
+    /// Loads every stored group once: fails if one is damaged or is not ours.
+    fn check_groups(&self) -> Result<(), MlsError> {
+        let client = self;
         // openmls_memory_storage unwraps the typed decoding of every value it reads, so JSON of
         // the wrong shape would panic at first use. Loading every group here reads each group's
         // values once; a panic in that load is a damaged store, reported as an error. The
@@ -364,7 +372,7 @@ impl MlsClient {
             Ok(result) => result?,
             Err(_) => return Err(MlsError::Storage("damaged value".into())),
         }
-        Ok(client)
+        Ok(())
     }
 
     pub fn identity(&self) -> [u8; 32] {
@@ -795,7 +803,7 @@ impl MlsClient {
             identity: self.identity,
             signer,
             credential: self.credential.clone(),
-            provider: OpenMlsRustCrypto::default(),
+            provider: DbProvider::default(),
             clock: self.clock.clone(),
             display_name: self.display_name.clone(),
         };
@@ -864,13 +872,14 @@ impl MlsClient {
     }
 
     /// Ids of all stored groups (active or not), sorted. Derived from the
-    /// storage keys of `MemoryStorage` (label ‖ JSON group id ‖ u16 version).
+    /// storage keys of the join configs (label ‖ JSON group id ‖ u16 version) that the store
+    /// indexes (see [`MlsStore::group_config_keys`]).
     pub fn group_ids(&self) -> Vec<Vec<u8>> {
-        let Ok(values) = self.provider.storage().values.read() else {
+        let Ok(keys) = self.provider.storage().group_config_keys() else {
             return Vec::new();
         };
-        let mut ids: Vec<Vec<u8>> = values
-            .keys()
+        let mut ids: Vec<Vec<u8>> = keys
+            .iter()
             .filter_map(|key| {
                 let rest = key.strip_prefix(JOIN_CONFIG_LABEL)?;
                 let json = rest.get(..rest.len().checked_sub(2)?)?;
@@ -1002,7 +1011,7 @@ fn len_u32(len: usize) -> Result<u32, MlsError> {
 }
 
 /// Inverse of `export_storage`; rejects anything it would not have written.
-fn parse_storage(bytes: &[u8]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MlsError> {
+fn parse_storage(bytes: &[u8]) -> Result<Vec<crate::client::db::mls::MlsRecord>, MlsError> {
     fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], MlsError> {
         if input.len() < n {
             return Err(MlsError::Storage("truncated".into()));
@@ -1023,7 +1032,7 @@ fn parse_storage(bytes: &[u8]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MlsError> {
     }
     let count = take_u32(&mut input)?;
     // Do not trust `count` for preallocation: each entry needs >= 8 bytes.
-    let mut map = HashMap::with_capacity(count.min(input.len() / 8));
+    let mut map = Vec::with_capacity(count.min(input.len() / 8));
     let mut previous: Option<&[u8]> = None;
     for _ in 0..count {
         let key_len = take_u32(&mut input)?;
@@ -1042,7 +1051,7 @@ fn parse_storage(bytes: &[u8]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MlsError> {
         if serde_json::from_slice::<serde_json::Value>(value).is_err() {
             return Err(MlsError::Storage("damaged value".into()));
         }
-        map.insert(key.to_vec(), value.to_vec());
+        map.push((key.to_vec(), Zeroizing::new(value.to_vec())));
     }
     if !input.is_empty() {
         return Err(MlsError::Storage("trailing bytes".into()));

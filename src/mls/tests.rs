@@ -649,10 +649,10 @@ fn damaged_value_in_storage_is_an_error_not_a_panic() {
     let seed = rand::random();
     let mut alice = MlsClient::new(&seed).unwrap();
     alice.create_group(b"damaged").unwrap();
-    let mut values = alice.provider.storage().values.read().unwrap().clone();
+    let mut values = alice.provider.storage().snapshot();
     let (_, tree) = values.iter_mut().find(|(k, _)| k.starts_with(b"Tree")).expect("a stored tree");
     tree[0] = b'!';
-    *alice.provider.storage().values.write().unwrap() = values;
+    alice.provider.storage().restore(values);
     let damaged = alice.export_storage().unwrap();
     assert!(matches!(MlsClient::from_storage(&seed, &damaged), Err(MlsError::Storage(_))));
 }

@@ -371,8 +371,34 @@ impl User {
         untimed(&self.ok(&["recv"])).lines().map(str::to_string).collect()
     }
 
+    /// The client database's write counter: unchanged means nothing was written.
+    pub fn state_generation(&self) -> u64 {
+        let key = qpq::crypto::statefile::StateKey::unprotected();
+        qpq::client::db::ClientDb::open(self.home.path(), &key)
+            .expect("client database")
+            .generation()
+            .unwrap()
+    }
+
+    /// Bytes the client database's records hold (keys, sealed values and b-tree metadata): what
+    /// the home keeps, without the free pages redb's file keeps for reuse or the slack of its
+    /// power-of-two page allocations.
+    pub fn state_stored_bytes(&self) -> u64 {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let db = redb::Database::open(self.home.path().join("qpq.db")).expect("client database");
+        let txn = db.begin_read().unwrap();
+        ["mls", "state", "history"]
+            .into_iter()
+            .map(|name| {
+                let t = txn.open_table(redb::TableDefinition::<&[u8], &[u8]>::new(name)).unwrap();
+                let stats = t.stats().unwrap();
+                stats.stored_bytes() + stats.metadata_bytes()
+            })
+            .sum()
+    }
+
     pub fn state_bytes(&self) -> Vec<u8> {
-        std::fs::read(self.home.path().join("qpq-state.bin")).expect("state file")
+        std::fs::read(self.home.path().join("qpq.db")).expect("client database")
     }
 }
 

@@ -1,0 +1,899 @@
+//! openmls's `StorageProvider` on the client database: an MLS operation changes only the records
+//! it touches, and they land in the same redb transaction as the messenger's own changes.
+//!
+//! [`MlsStore`] is a read-through cache with a write overlay. openmls reads a value: the store
+//! looks in its cache, then (if attached to a [`ClientDb`]) opens the sealed record and caches
+//! the plaintext. openmls writes or deletes: only the cache changes and the key is marked dirty.
+//! [`MlsStore::flush`] puts the dirty records into a caller's [`DbWrite`], which the messenger
+//! commits together with its cursor, inbox and history; [`MlsStore::forget`] drops everything
+//! not yet committed (a failed operation, or another process wrote: see the generation in
+//! [`super`]). Without a database the store is purely in memory, which is what
+//! [`MlsStore::snapshot`]/[`MlsStore::restore`] (the old state file's blob) use.
+//!
+//! Keys and values mirror `openmls_memory_storage` 0.6 (MIT): storage key = label ‖ JSON key ‖
+//! u16 BE storage version, value = JSON; lists are JSON arrays of JSON values. Two departures:
+//! `clear_proposal_queue` deletes the queued proposals under their real key (the memory store
+//! deletes an unprefixed key, so proposals outlive their queue), and the store keeps an index of
+//! its groups (record [`GROUP_INDEX_KEY`]), since sealed slots cannot be listed by prefix.
+//!
+//! Every plaintext is [`Zeroizing`]: dropped, forgotten or replaced values are wiped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::storage::{CURRENT_VERSION, Entity, StorageProvider, traits};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+use super::{ClientDb, DbError, DbWrite, Table};
+
+const KEY_PACKAGE_LABEL: &[u8] = b"KeyPackage";
+const PSK_LABEL: &[u8] = b"Psk";
+const ENCRYPTION_KEY_PAIR_LABEL: &[u8] = b"EncryptionKeyPair";
+const SIGNATURE_KEY_PAIR_LABEL: &[u8] = b"SignatureKeyPair";
+const EPOCH_KEY_PAIRS_LABEL: &[u8] = b"EpochKeyPairs";
+const TREE_LABEL: &[u8] = b"Tree";
+const GROUP_CONTEXT_LABEL: &[u8] = b"GroupContext";
+const INTERIM_TRANSCRIPT_HASH_LABEL: &[u8] = b"InterimTranscriptHash";
+const CONFIRMATION_TAG_LABEL: &[u8] = b"ConfirmationTag";
+/// Public: every stored group has exactly one join config (see `crate::mls`).
+pub const JOIN_CONFIG_LABEL: &[u8] = b"MlsGroupJoinConfig";
+const OWN_LEAF_NODES_LABEL: &[u8] = b"OwnLeafNodes";
+const GROUP_STATE_LABEL: &[u8] = b"GroupState";
+const QUEUED_PROPOSAL_LABEL: &[u8] = b"QueuedProposal";
+const PROPOSAL_QUEUE_REFS_LABEL: &[u8] = b"ProposalQueueRefs";
+const OWN_LEAF_NODE_INDEX_LABEL: &[u8] = b"OwnLeafNodeIndex";
+const EPOCH_SECRETS_LABEL: &[u8] = b"EpochSecrets";
+const RESUMPTION_PSK_STORE_LABEL: &[u8] = b"ResumptionPsk";
+const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
+
+/// Logical key of the store's own record: the JSON list of the storage keys of the stored
+/// groups' join configs. No openmls label starts with `qpq/`.
+pub const GROUP_INDEX_KEY: &[u8] = b"qpq/group-index";
+
+/// An openmls provider whose storage is an [`MlsStore`]: RustCrypto for crypto and randomness.
+#[derive(Default)]
+pub struct DbProvider {
+    crypto: RustCrypto,
+    store: MlsStore,
+}
+
+impl DbProvider {
+    pub fn new(store: MlsStore) -> DbProvider {
+        DbProvider { crypto: RustCrypto::default(), store }
+    }
+}
+
+impl OpenMlsProvider for DbProvider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = MlsStore;
+
+    fn storage(&self) -> &MlsStore {
+        &self.store
+    }
+
+    fn crypto(&self) -> &RustCrypto {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &RustCrypto {
+        &self.crypto
+    }
+}
+
+/// Errors of the store, as openmls carries them.
+#[derive(Debug, thiserror::Error)]
+pub enum MlsStoreError {
+    #[error("mls storage value could not be (de)serialized")]
+    Serialization,
+    #[error("{0}")]
+    Db(String),
+}
+
+impl From<serde_json::Error> for MlsStoreError {
+    fn from(_: serde_json::Error) -> Self {
+        MlsStoreError::Serialization
+    }
+}
+
+impl From<DbError> for MlsStoreError {
+    fn from(e: DbError) -> Self {
+        MlsStoreError::Db(e.to_string())
+    }
+}
+
+/// A storage key and its plaintext value.
+pub type MlsRecord = (Vec<u8>, Zeroizing<Vec<u8>>);
+
+/// A cached record: `None` is "known absent" (deleted, or not in the database).
+type Cached = Option<Zeroizing<Vec<u8>>>;
+
+/// openmls storage over the client database (or only in memory); see the module header.
+#[derive(Default)]
+pub struct MlsStore {
+    // Mutexes, not RefCells, so an `MlsClient` can move between threads; never contended
+    // (openmls calls the store from one thread at a time) and never held across calls.
+    db: Mutex<Option<Arc<ClientDb>>>,
+    cache: Mutex<BTreeMap<Vec<u8>, Cached>>,
+    dirty: Mutex<BTreeSet<Vec<u8>>>,
+}
+
+/// Locks `m`; a panic while it was held leaves plain data, still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl std::fmt::Debug for MlsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("MlsStore").field("dirty", &lock(&self.dirty).len()).finish_non_exhaustive()
+    }
+}
+
+impl MlsStore {
+    /// An empty store that lives only in memory until attached.
+    pub fn memory() -> MlsStore {
+        MlsStore::default()
+    }
+
+    /// Reads missing records from `db` from now on (while the caller holds the home lock).
+    pub fn attach(&self, db: Arc<ClientDb>) {
+        *lock(&self.db) = Some(db);
+    }
+
+    /// Stops reading from the database (the lock is about to be released).
+    pub fn detach(&self) {
+        *lock(&self.db) = None;
+    }
+
+    /// Drops every cached record and every change not flushed yet (all wiped on drop).
+    pub fn forget(&self) {
+        lock(&self.cache).clear();
+        lock(&self.dirty).clear();
+    }
+
+    /// True when some change waits for [`MlsStore::flush`].
+    pub fn is_dirty(&self) -> bool {
+        !lock(&self.dirty).is_empty()
+    }
+
+    /// Puts the changed records into `w` (the caller commits them with its own); returns how
+    /// many. The cache keeps them: after the commit they are what the database holds. If the
+    /// commit fails the caller must [`MlsStore::forget`].
+    pub fn flush(&self, w: &mut DbWrite<'_>) -> Result<usize, DbError> {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        let cache = lock(&self.cache);
+        for key in &dirty {
+            match cache.get(key) {
+                Some(Some(value)) => w.put(Table::Mls, key, &pair(key, value))?,
+                _ => w.delete(Table::Mls, key)?,
+            }
+        }
+        Ok(dirty.len())
+    }
+
+    /// Every record (the store must hold all of them: in memory, or loaded with
+    /// [`MlsStore::load_all`]), sorted by key.
+    pub fn snapshot(&self) -> Vec<MlsRecord> {
+        lock(&self.cache).iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect()
+    }
+
+    /// Replaces the contents with `entries`, all marked dirty (a migration writes them all).
+    pub fn restore(&self, entries: impl IntoIterator<Item = MlsRecord>) {
+        self.forget();
+        let mut cache = lock(&self.cache);
+        let mut dirty = lock(&self.dirty);
+        let mut groups = Vec::new();
+        for (k, v) in entries {
+            if k.starts_with(JOIN_CONFIG_LABEL) {
+                groups.push(k.clone());
+            }
+            dirty.insert(k.clone());
+            cache.insert(k, Some(v));
+        }
+        groups.sort();
+        let index = serde_json::to_vec(&groups).unwrap_or_default();
+        dirty.insert(GROUP_INDEX_KEY.to_vec());
+        cache.insert(GROUP_INDEX_KEY.to_vec(), Some(Zeroizing::new(index)));
+    }
+
+    /// Loads every record of `db` (clean, nothing to flush), replacing what the store held.
+    pub fn load_all(&self, db: &ClientDb) -> Result<(), DbError> {
+        let records = db.scan(Table::Mls)?;
+        let mut cache = lock(&self.cache);
+        cache.clear();
+        lock(&self.dirty).clear();
+        for p in records {
+            let (k, v) = unpair(&p).ok_or(super::seal::RecordDamaged)?;
+            cache.insert(k.to_vec(), Some(v));
+        }
+        Ok(())
+    }
+
+    /// The storage keys of every stored group's join config (from the index record).
+    pub fn group_config_keys(&self) -> Result<Vec<Vec<u8>>, MlsStoreError> {
+        match self.get(GROUP_INDEX_KEY)? {
+            Some(v) => Ok(serde_json::from_slice(&v)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Cached, MlsStoreError> {
+        if let Some(v) = lock(&self.cache).get(key) {
+            return Ok(v.clone());
+        }
+        let db = lock(&self.db).clone();
+        let Some(db) = db else { return Ok(None) };
+        let v = match db.get(Table::Mls, key)? {
+            Some(p) => {
+                let (k, v) = unpair(&p).ok_or(MlsStoreError::Serialization)?;
+                // The slot is keyed by `key`, so only damage could make these differ.
+                if k != key {
+                    return Err(MlsStoreError::Serialization);
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        lock(&self.cache).insert(key.to_vec(), v.clone());
+        Ok(v)
+    }
+
+    fn set(&self, key: Vec<u8>, value: Cached) {
+        lock(&self.dirty).insert(key.clone());
+        lock(&self.cache).insert(key, value);
+    }
+
+    fn update_index(&self, config_key: &[u8], present: bool) -> Result<(), MlsStoreError> {
+        let mut keys = self.group_config_keys()?;
+        let pos = keys.binary_search_by(|k| k.as_slice().cmp(config_key));
+        match (pos, present) {
+            (Err(i), true) => keys.insert(i, config_key.to_vec()),
+            (Ok(i), false) => {
+                keys.remove(i);
+            }
+            _ => return Ok(()),
+        }
+        self.set(GROUP_INDEX_KEY.to_vec(), Some(Zeroizing::new(serde_json::to_vec(&keys)?)));
+        Ok(())
+    }
+
+    fn write(&self, label: &[u8], key: &[u8], value: Vec<u8>) -> Result<(), MlsStoreError> {
+        let storage_key = build_key_from_vec(label, key.to_vec());
+        if label == JOIN_CONFIG_LABEL {
+            self.update_index(&storage_key, true)?;
+        }
+        self.set(storage_key, Some(Zeroizing::new(value)));
+        Ok(())
+    }
+
+    fn append(&self, label: &[u8], key: &[u8], value: Vec<u8>) -> Result<(), MlsStoreError> {
+        let storage_key = build_key_from_vec(label, key.to_vec());
+        let mut list: Vec<Vec<u8>> = match self.get(&storage_key)? {
+            Some(bytes) => serde_json::from_slice(&bytes)?,
+            None => Vec::new(),
+        };
+        list.push(value);
+        let out = Zeroizing::new(serde_json::to_vec(&list)?);
+        wipe_list(list);
+        self.set(storage_key, Some(out));
+        Ok(())
+    }
+
+    fn remove_item(&self, label: &[u8], key: &[u8], value: Vec<u8>) -> Result<(), MlsStoreError> {
+        let storage_key = build_key_from_vec(label, key.to_vec());
+        let mut list: Vec<Vec<u8>> = match self.get(&storage_key)? {
+            Some(bytes) => serde_json::from_slice(&bytes)?,
+            None => Vec::new(),
+        };
+        if let Some(pos) = list.iter().position(|item| item == &value) {
+            list.remove(pos);
+        }
+        let out = Zeroizing::new(serde_json::to_vec(&list)?);
+        wipe_list(list);
+        self.set(storage_key, Some(out));
+        Ok(())
+    }
+
+    fn read<V: DeserializeOwned>(&self, label: &[u8], key: &[u8]) -> Result<Option<V>, MlsStoreError> {
+        match self.get(&build_key_from_vec(label, key.to_vec()))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn read_list<V: Entity<CURRENT_VERSION>>(
+        &self,
+        label: &[u8],
+        key: &[u8],
+    ) -> Result<Vec<V>, MlsStoreError> {
+        let list: Vec<Vec<u8>> = match self.get(&build_key_from_vec(label, key.to_vec()))? {
+            Some(bytes) => serde_json::from_slice(&bytes)?,
+            None => Vec::new(),
+        };
+        let out = list.iter().map(|v| serde_json::from_slice(v)).collect::<Result<Vec<V>, _>>();
+        wipe_list(list);
+        Ok(out?)
+    }
+
+    fn delete(&self, label: &[u8], key: &[u8]) -> Result<(), MlsStoreError> {
+        let storage_key = build_key_from_vec(label, key.to_vec());
+        if label == JOIN_CONFIG_LABEL {
+            self.update_index(&storage_key, false)?;
+        }
+        self.set(storage_key, None);
+        Ok(())
+    }
+}
+
+/// A record's plaintext: u32 BE key length ‖ key ‖ value, so a scan of the table (whose slots
+/// are keyed hashes) recovers the storage keys.
+fn pair(key: &[u8], value: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + key.len() + value.len()));
+    // Storage keys are a label and a JSON id: far below 4 GiB.
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out
+}
+
+fn unpair(p: &[u8]) -> Option<(&[u8], Zeroizing<Vec<u8>>)> {
+    let (len, rest) = p.split_at_checked(4)?;
+    let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+    let (key, value) = rest.split_at_checked(len)?;
+    Some((key, Zeroizing::new(value.to_vec())))
+}
+
+/// Lists may hold secrets (own leaf nodes hold none, but wipe alike).
+fn wipe_list(list: Vec<Vec<u8>>) {
+    for item in list {
+        drop(Zeroizing::new(item));
+    }
+}
+
+fn build_key_from_vec(label: &[u8], key: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(label.len() + key.len() + 2);
+    out.extend_from_slice(label);
+    out.extend_from_slice(&key);
+    out.extend_from_slice(&CURRENT_VERSION.to_be_bytes());
+    out
+}
+
+fn json<K: Serialize>(key: K) -> Result<Vec<u8>, MlsStoreError> {
+    Ok(serde_json::to_vec(&key)?)
+}
+
+fn epoch_key_pairs_id(
+    group_id: &impl traits::GroupId<CURRENT_VERSION>,
+    epoch: &impl traits::EpochKey<CURRENT_VERSION>,
+    leaf_index: u32,
+) -> Result<Vec<u8>, MlsStoreError> {
+    let mut key = serde_json::to_vec(group_id)?;
+    key.extend_from_slice(&serde_json::to_vec(epoch)?);
+    key.extend_from_slice(&serde_json::to_vec(&leaf_index)?);
+    Ok(key)
+}
+
+impl StorageProvider<CURRENT_VERSION> for MlsStore {
+    type Error = MlsStoreError;
+
+    fn queue_proposal<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
+        QueuedProposal: traits::QueuedProposal<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        proposal_ref: &ProposalRef,
+        proposal: &QueuedProposal,
+    ) -> Result<(), Self::Error> {
+        self.write(QUEUED_PROPOSAL_LABEL, &json((group_id, proposal_ref))?, json(proposal)?)?;
+        self.append(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?, json(proposal_ref)?)
+    }
+
+    fn write_tree<GroupId: traits::GroupId<CURRENT_VERSION>, TreeSync: traits::TreeSync<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+        tree: &TreeSync,
+    ) -> Result<(), Self::Error> {
+        self.write(TREE_LABEL, &json(group_id)?, json(tree)?)
+    }
+
+    fn write_interim_transcript_hash<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        InterimTranscriptHash: traits::InterimTranscriptHash<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        interim_transcript_hash: &InterimTranscriptHash,
+    ) -> Result<(), Self::Error> {
+        self.write(INTERIM_TRANSCRIPT_HASH_LABEL, &json(group_id)?, json(interim_transcript_hash)?)
+    }
+
+    fn write_context<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        GroupContext: traits::GroupContext<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        group_context: &GroupContext,
+    ) -> Result<(), Self::Error> {
+        self.write(GROUP_CONTEXT_LABEL, &json(group_id)?, json(group_context)?)
+    }
+
+    fn write_confirmation_tag<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ConfirmationTag: traits::ConfirmationTag<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        confirmation_tag: &ConfirmationTag,
+    ) -> Result<(), Self::Error> {
+        self.write(CONFIRMATION_TAG_LABEL, &json(group_id)?, json(confirmation_tag)?)
+    }
+
+    fn write_signature_key_pair<
+        SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>,
+        SignatureKeyPair: traits::SignatureKeyPair<CURRENT_VERSION>,
+    >(
+        &self,
+        public_key: &SignaturePublicKey,
+        signature_key_pair: &SignatureKeyPair,
+    ) -> Result<(), Self::Error> {
+        self.write(SIGNATURE_KEY_PAIR_LABEL, &json(public_key)?, json(signature_key_pair)?)
+    }
+
+    fn queued_proposal_refs<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Vec<ProposalRef>, Self::Error> {
+        self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?)
+    }
+
+    fn queued_proposals<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
+        QueuedProposal: traits::QueuedProposal<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Vec<(ProposalRef, QueuedProposal)>, Self::Error> {
+        let refs: Vec<ProposalRef> = self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?)?;
+        refs.into_iter()
+            .map(|proposal_ref| {
+                let proposal = self
+                    .read(QUEUED_PROPOSAL_LABEL, &json((group_id, &proposal_ref))?)?
+                    // The memory store unwraps here; a queue naming a missing proposal is damage.
+                    .ok_or(MlsStoreError::Serialization)?;
+                Ok((proposal_ref, proposal))
+            })
+            .collect()
+    }
+
+    fn tree<GroupId: traits::GroupId<CURRENT_VERSION>, TreeSync: traits::TreeSync<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<TreeSync>, Self::Error> {
+        self.read(TREE_LABEL, &json(group_id)?)
+    }
+
+    fn group_context<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        GroupContext: traits::GroupContext<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<GroupContext>, Self::Error> {
+        self.read(GROUP_CONTEXT_LABEL, &json(group_id)?)
+    }
+
+    fn interim_transcript_hash<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        InterimTranscriptHash: traits::InterimTranscriptHash<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<InterimTranscriptHash>, Self::Error> {
+        self.read(INTERIM_TRANSCRIPT_HASH_LABEL, &json(group_id)?)
+    }
+
+    fn confirmation_tag<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ConfirmationTag: traits::ConfirmationTag<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<ConfirmationTag>, Self::Error> {
+        self.read(CONFIRMATION_TAG_LABEL, &json(group_id)?)
+    }
+
+    fn signature_key_pair<
+        SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>,
+        SignatureKeyPair: traits::SignatureKeyPair<CURRENT_VERSION>,
+    >(
+        &self,
+        public_key: &SignaturePublicKey,
+    ) -> Result<Option<SignatureKeyPair>, Self::Error> {
+        self.read(SIGNATURE_KEY_PAIR_LABEL, &json(public_key)?)
+    }
+
+    fn write_key_package<
+        HashReference: traits::HashReference<CURRENT_VERSION>,
+        KeyPackage: traits::KeyPackage<CURRENT_VERSION>,
+    >(
+        &self,
+        hash_ref: &HashReference,
+        key_package: &KeyPackage,
+    ) -> Result<(), Self::Error> {
+        self.write(KEY_PACKAGE_LABEL, &json(hash_ref)?, json(key_package)?)
+    }
+
+    fn write_psk<PskId: traits::PskId<CURRENT_VERSION>, PskBundle: traits::PskBundle<CURRENT_VERSION>>(
+        &self,
+        psk_id: &PskId,
+        psk: &PskBundle,
+    ) -> Result<(), Self::Error> {
+        self.write(PSK_LABEL, &json(psk_id)?, json(psk)?)
+    }
+
+    fn write_encryption_key_pair<
+        EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>,
+        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
+    >(
+        &self,
+        public_key: &EncryptionKey,
+        key_pair: &HpkeKeyPair,
+    ) -> Result<(), Self::Error> {
+        self.write(ENCRYPTION_KEY_PAIR_LABEL, &json(public_key)?, json(key_pair)?)
+    }
+
+    fn key_package<
+        KeyPackageRef: traits::HashReference<CURRENT_VERSION>,
+        KeyPackage: traits::KeyPackage<CURRENT_VERSION>,
+    >(
+        &self,
+        hash_ref: &KeyPackageRef,
+    ) -> Result<Option<KeyPackage>, Self::Error> {
+        self.read(KEY_PACKAGE_LABEL, &json(hash_ref)?)
+    }
+
+    fn psk<PskBundle: traits::PskBundle<CURRENT_VERSION>, PskId: traits::PskId<CURRENT_VERSION>>(
+        &self,
+        psk_id: &PskId,
+    ) -> Result<Option<PskBundle>, Self::Error> {
+        self.read(PSK_LABEL, &json(psk_id)?)
+    }
+
+    fn encryption_key_pair<
+        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
+        EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>,
+    >(
+        &self,
+        public_key: &EncryptionKey,
+    ) -> Result<Option<HpkeKeyPair>, Self::Error> {
+        self.read(ENCRYPTION_KEY_PAIR_LABEL, &json(public_key)?)
+    }
+
+    fn delete_signature_key_pair<SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>>(
+        &self,
+        public_key: &SignaturePublicKey,
+    ) -> Result<(), Self::Error> {
+        self.delete(SIGNATURE_KEY_PAIR_LABEL, &json(public_key)?)
+    }
+
+    fn delete_encryption_key_pair<EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>>(
+        &self,
+        public_key: &EncryptionKey,
+    ) -> Result<(), Self::Error> {
+        self.delete(ENCRYPTION_KEY_PAIR_LABEL, &json(public_key)?)
+    }
+
+    fn delete_key_package<KeyPackageRef: traits::HashReference<CURRENT_VERSION>>(
+        &self,
+        hash_ref: &KeyPackageRef,
+    ) -> Result<(), Self::Error> {
+        self.delete(KEY_PACKAGE_LABEL, &json(hash_ref)?)
+    }
+
+    fn delete_psk<PskKey: traits::PskId<CURRENT_VERSION>>(&self, psk_id: &PskKey) -> Result<(), Self::Error> {
+        self.delete(PSK_LABEL, &json(psk_id)?)
+    }
+
+    fn group_state<
+        GroupState: traits::GroupState<CURRENT_VERSION>,
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<GroupState>, Self::Error> {
+        self.read(GROUP_STATE_LABEL, &json(group_id)?)
+    }
+
+    fn write_group_state<
+        GroupState: traits::GroupState<CURRENT_VERSION>,
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        group_state: &GroupState,
+    ) -> Result<(), Self::Error> {
+        self.write(GROUP_STATE_LABEL, &json(group_id)?, json(group_state)?)
+    }
+
+    fn delete_group_state<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(GROUP_STATE_LABEL, &json(group_id)?)
+    }
+
+    fn message_secrets<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        MessageSecrets: traits::MessageSecrets<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<MessageSecrets>, Self::Error> {
+        self.read(MESSAGE_SECRETS_LABEL, &json(group_id)?)
+    }
+
+    fn write_message_secrets<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        MessageSecrets: traits::MessageSecrets<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        message_secrets: &MessageSecrets,
+    ) -> Result<(), Self::Error> {
+        self.write(MESSAGE_SECRETS_LABEL, &json(group_id)?, json(message_secrets)?)
+    }
+
+    fn delete_message_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(MESSAGE_SECRETS_LABEL, &json(group_id)?)
+    }
+
+    fn resumption_psk_store<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ResumptionPskStore: traits::ResumptionPskStore<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<ResumptionPskStore>, Self::Error> {
+        self.read(RESUMPTION_PSK_STORE_LABEL, &json(group_id)?)
+    }
+
+    fn write_resumption_psk_store<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ResumptionPskStore: traits::ResumptionPskStore<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        resumption_psk_store: &ResumptionPskStore,
+    ) -> Result<(), Self::Error> {
+        self.write(RESUMPTION_PSK_STORE_LABEL, &json(group_id)?, json(resumption_psk_store)?)
+    }
+
+    fn delete_all_resumption_psk_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(RESUMPTION_PSK_STORE_LABEL, &json(group_id)?)
+    }
+
+    fn own_leaf_index<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        LeafNodeIndex: traits::LeafNodeIndex<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<LeafNodeIndex>, Self::Error> {
+        self.read(OWN_LEAF_NODE_INDEX_LABEL, &json(group_id)?)
+    }
+
+    fn write_own_leaf_index<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        LeafNodeIndex: traits::LeafNodeIndex<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        own_leaf_index: &LeafNodeIndex,
+    ) -> Result<(), Self::Error> {
+        self.write(OWN_LEAF_NODE_INDEX_LABEL, &json(group_id)?, json(own_leaf_index)?)
+    }
+
+    fn delete_own_leaf_index<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(OWN_LEAF_NODE_INDEX_LABEL, &json(group_id)?)
+    }
+
+    fn group_epoch_secrets<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        GroupEpochSecrets: traits::GroupEpochSecrets<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<GroupEpochSecrets>, Self::Error> {
+        self.read(EPOCH_SECRETS_LABEL, &json(group_id)?)
+    }
+
+    fn write_group_epoch_secrets<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        GroupEpochSecrets: traits::GroupEpochSecrets<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        group_epoch_secrets: &GroupEpochSecrets,
+    ) -> Result<(), Self::Error> {
+        self.write(EPOCH_SECRETS_LABEL, &json(group_id)?, json(group_epoch_secrets)?)
+    }
+
+    fn delete_group_epoch_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(EPOCH_SECRETS_LABEL, &json(group_id)?)
+    }
+
+    fn write_encryption_epoch_key_pairs<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        EpochKey: traits::EpochKey<CURRENT_VERSION>,
+        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        epoch: &EpochKey,
+        leaf_index: u32,
+        key_pairs: &[HpkeKeyPair],
+    ) -> Result<(), Self::Error> {
+        self.write(EPOCH_KEY_PAIRS_LABEL, &epoch_key_pairs_id(group_id, epoch, leaf_index)?, json(key_pairs)?)
+    }
+
+    fn encryption_epoch_key_pairs<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        EpochKey: traits::EpochKey<CURRENT_VERSION>,
+        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        epoch: &EpochKey,
+        leaf_index: u32,
+    ) -> Result<Vec<HpkeKeyPair>, Self::Error> {
+        let key = epoch_key_pairs_id(group_id, epoch, leaf_index)?;
+        Ok(self.read(EPOCH_KEY_PAIRS_LABEL, &key)?.unwrap_or_default())
+    }
+
+    fn delete_encryption_epoch_key_pairs<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        EpochKey: traits::EpochKey<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        epoch: &EpochKey,
+        leaf_index: u32,
+    ) -> Result<(), Self::Error> {
+        self.delete(EPOCH_KEY_PAIRS_LABEL, &epoch_key_pairs_id(group_id, epoch, leaf_index)?)
+    }
+
+    fn clear_proposal_queue<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        let refs: Vec<ProposalRef> = self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?)?;
+        for proposal_ref in refs {
+            // Under the key `queue_proposal` wrote it (see the module header).
+            self.delete(QUEUED_PROPOSAL_LABEL, &json((group_id, proposal_ref))?)?;
+        }
+        self.delete(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?)
+    }
+
+    fn mls_group_join_config<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        MlsGroupJoinConfig: traits::MlsGroupJoinConfig<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<MlsGroupJoinConfig>, Self::Error> {
+        self.read(JOIN_CONFIG_LABEL, &json(group_id)?)
+    }
+
+    fn write_mls_join_config<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        MlsGroupJoinConfig: traits::MlsGroupJoinConfig<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        config: &MlsGroupJoinConfig,
+    ) -> Result<(), Self::Error> {
+        self.write(JOIN_CONFIG_LABEL, &json(group_id)?, json(config)?)
+    }
+
+    fn own_leaf_nodes<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        LeafNode: traits::LeafNode<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Vec<LeafNode>, Self::Error> {
+        self.read_list(OWN_LEAF_NODES_LABEL, &json(group_id)?)
+    }
+
+    fn append_own_leaf_node<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        LeafNode: traits::LeafNode<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        leaf_node: &LeafNode,
+    ) -> Result<(), Self::Error> {
+        self.append(OWN_LEAF_NODES_LABEL, &json(group_id)?, json(leaf_node)?)
+    }
+
+    fn delete_own_leaf_nodes<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(OWN_LEAF_NODES_LABEL, &json(group_id)?)
+    }
+
+    fn delete_group_config<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(JOIN_CONFIG_LABEL, &json(group_id)?)
+    }
+
+    fn delete_tree<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(TREE_LABEL, &json(group_id)?)
+    }
+
+    fn delete_confirmation_tag<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(CONFIRMATION_TAG_LABEL, &json(group_id)?)
+    }
+
+    fn delete_context<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(GROUP_CONTEXT_LABEL, &json(group_id)?)
+    }
+
+    fn delete_interim_transcript_hash<GroupId: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.delete(INTERIM_TRANSCRIPT_HASH_LABEL, &json(group_id)?)
+    }
+
+    fn remove_proposal<
+        GroupId: traits::GroupId<CURRENT_VERSION>,
+        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        proposal_ref: &ProposalRef,
+    ) -> Result<(), Self::Error> {
+        self.remove_item(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?, json(proposal_ref)?)?;
+        self.delete(QUEUED_PROPOSAL_LABEL, &json((group_id, proposal_ref))?)
+    }
+}

@@ -1,0 +1,158 @@
+//! Record keys and record sealing for the client database ([`super`]).
+//!
+//! Two keys come from the home's state key (itself HKDF over the Argon2id output, see
+//! [`crate::crypto::statefile`]) by HKDF-SHA256 (RFC 5869) with distinct `info` labels:
+//! - the *slot key*: a record's redb key is `HMAC-SHA256(slot key, table label || 0x00 ||
+//!   logical key)` (RFC 2104), so neither names, group ids nor openmls labels appear on disk,
+//!   and equal logical keys still find the same record;
+//! - the *record key*: a record's value is `nonce (24) || XChaCha20-Poly1305(plaintext) || tag
+//!   (16)` with a fresh random nonce per write, and associated data `"qpq.db/1" || table label
+//!   || slot`, so a sealed value moved to another slot or table fails authentication.
+//!
+//! Labels are fixed ASCII without a zero byte, so `label || 0x00 || key` is unambiguous.
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use rand::rngs::OsRng;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::crypto::statefile::StateKey;
+
+/// HKDF info of the slot (record name) key.
+const SLOT_KEY_INFO: &[u8] = b"qpq.db/1 slot key";
+/// HKDF info of the record (AEAD) key.
+const RECORD_KEY_INFO: &[u8] = b"qpq.db/1 record key";
+/// Prefix of every record's associated data.
+const AAD_PREFIX: &[u8] = b"qpq.db/1";
+
+/// Length of a slot (an HMAC-SHA256 output).
+pub const SLOT_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+
+/// A record's place on disk: the keyed hash of its table and logical key.
+pub type Slot = [u8; SLOT_LEN];
+
+/// The two derived keys, wiped on drop.
+pub struct RecordKeys {
+    slot_key: Zeroizing<[u8; 32]>,
+    cipher: XChaCha20Poly1305,
+    // The cipher keeps its own copy of the key; chacha20poly1305 zeroizes it on drop (the
+    // crate's `zeroize` feature is on through argon2/x-wing).
+}
+
+/// A record that does not open under our key in its slot.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a record of the client database is damaged or was moved")]
+pub struct RecordDamaged;
+
+impl RecordKeys {
+    pub fn derive(key: &StateKey) -> RecordKeys {
+        let record = key.subkey(RECORD_KEY_INFO);
+        RecordKeys {
+            slot_key: key.subkey(SLOT_KEY_INFO),
+            cipher: XChaCha20Poly1305::new(Key::from_slice(record.as_ref())),
+        }
+    }
+
+    /// The slot of `logical` in table `label`.
+    pub fn slot(&self, label: &[u8], logical: &[u8]) -> Slot {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.slot_key.as_ref())
+            // Invariant: HMAC accepts keys of any length.
+            .expect("hmac takes any key length");
+        mac.update(label);
+        mac.update(&[0]);
+        mac.update(logical);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Seals `plaintext` for `slot` of table `label`.
+    pub fn seal(&self, label: &[u8], slot: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0; NONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        // Sized up front and encrypted in place: no plaintext copy is left by a reallocation.
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(label, slot), &mut out[NONCE_LEN..])
+            // Invariant: the only failure is a plaintext over 256 GiB; records are far smaller
+            // (a redb value is at most 3 GiB).
+            .expect("record plaintext is below the xchacha20poly1305 length limit");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens a value sealed by [`RecordKeys::seal`] for the same slot and table.
+    pub fn open(
+        &self,
+        label: &[u8],
+        slot: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, RecordDamaged> {
+        let (nonce, rest) = sealed.split_at_checked(NONCE_LEN).ok_or(RecordDamaged)?;
+        let body_len = rest.len().checked_sub(TAG_LEN).ok_or(RecordDamaged)?;
+        let (body, tag) = rest.split_at(body_len);
+        let mut plain = Zeroizing::new(body.to_vec());
+        self.cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                &aad(label, slot),
+                plain.as_mut_slice(),
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| RecordDamaged)?;
+        Ok(plain)
+    }
+}
+
+fn aad(label: &[u8], slot: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(AAD_PREFIX.len() + label.len() + slot.len());
+    aad.extend_from_slice(AAD_PREFIX);
+    aad.extend_from_slice(label);
+    aad.extend_from_slice(slot);
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_opens_only_in_its_own_slot_and_table() {
+        let keys = RecordKeys::derive(&StateKey::unprotected());
+        let slot = keys.slot(b"mls", b"group one");
+        assert_ne!(slot, keys.slot(b"mls", b"group two"));
+        assert_ne!(slot, keys.slot(b"state", b"group one"));
+        let sealed = keys.seal(b"mls", &slot, b"epoch secrets");
+        assert!(!sealed.windows(13).any(|w| w == b"epoch secrets"), "plaintext must not show");
+        assert_eq!(keys.open(b"mls", &slot, &sealed).unwrap().as_slice(), b"epoch secrets");
+        let other = keys.slot(b"mls", b"group two");
+        assert_eq!(keys.open(b"mls", &other, &sealed), Err(RecordDamaged), "moved to another slot");
+        assert_eq!(keys.open(b"state", &slot, &sealed), Err(RecordDamaged), "moved to another table");
+        let mut flipped = sealed.clone();
+        flipped[30] ^= 1;
+        assert_eq!(keys.open(b"mls", &slot, &flipped), Err(RecordDamaged));
+        assert_eq!(keys.open(b"mls", &slot, &sealed[..20]), Err(RecordDamaged), "truncated");
+    }
+
+    #[test]
+    fn another_key_names_and_seals_records_differently() {
+        let a = RecordKeys::derive(&StateKey::unprotected());
+        let b = RecordKeys::derive(
+            &StateKey::from_passphrase(
+                b"pw",
+                crate::crypto::statefile::KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 },
+            )
+            .unwrap(),
+        );
+        assert_ne!(a.slot(b"mls", b"x"), b.slot(b"mls", b"x"));
+        let slot = a.slot(b"mls", b"x");
+        let sealed = a.seal(b"mls", &slot, b"v");
+        assert_eq!(b.open(b"mls", &slot, &sealed), Err(RecordDamaged));
+    }
+}

@@ -1,0 +1,369 @@
+//! The client database's format, keys and bad input; the openmls store over it.
+
+use std::sync::Arc;
+
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::storage::StorageProvider as _;
+use redb::ReadableTableMetadata;
+use tls_codec::{Deserialize as _, Serialize as _};
+
+use super::mls::{DbProvider, MlsStore};
+use super::*;
+use crate::crypto::statefile::KdfParams;
+
+/// Cheap Argon2id parameters: the tests are about the format, not the cost.
+const FAST: KdfParams = KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
+
+fn new_db() -> (tempfile::TempDir, StateKey, ClientDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StateKey::from_passphrase(b"correct horse", FAST).unwrap();
+    let db = ClientDb::create(dir.path(), &key).unwrap();
+    (dir, key, db)
+}
+
+fn count(db: &ClientDb, table: Table) -> u64 {
+    let txn = db.redb().begin_read().unwrap();
+    txn.open_table(table.def()).unwrap().len().unwrap()
+}
+
+#[test]
+fn records_round_trip_and_nothing_readable_reaches_the_file() {
+    let (dir, key, db) = new_db();
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"contacts", b"bob=secret-contact-name").unwrap();
+    w.put_history(b"group-id-in-clear", 1, b"a very private message").unwrap();
+    assert_eq!(w.commit().unwrap(), 1, "first write is generation 1");
+    assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob=secret-contact-name");
+    assert_eq!(db.get(Table::Mls, b"contacts").unwrap(), None, "tables are separate");
+    drop(db);
+    let bytes = std::fs::read(dir.path().join(DB_FILE)).unwrap();
+    for needle in [&b"secret-contact-name"[..], b"contacts", b"group-id-in-clear", b"very private"] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{:?} on disk",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let db = ClientDb::open(dir.path(), &key).unwrap();
+    assert_eq!(db.generation().unwrap(), 1);
+    assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob=secret-contact-name");
+}
+
+#[test]
+fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
+    let (dir, _key, db) = new_db();
+    drop(db);
+    assert!(ClientDb::is_passphrase_protected(dir.path()).unwrap());
+    let (_, db) = ClientDb::unlock(dir.path(), Some(b"correct horse")).unwrap();
+    drop(db);
+    let err = ClientDb::unlock(dir.path(), Some(b"wrong")).unwrap_err();
+    assert_eq!(err.to_string(), "wrong passphrase or corrupted state file");
+    let err = ClientDb::unlock(dir.path(), None).unwrap_err();
+    assert!(err.to_string().starts_with("state file is encrypted with a passphrase"), "{err}");
+    // A key from another derivation (another salt) is not taken for this home's.
+    let other = StateKey::from_passphrase(b"correct horse", FAST).unwrap();
+    assert!(matches!(ClientDb::open(dir.path(), &other), Err(DbError::Key(StateFileError::Rekeyed))));
+    // The unprotected mode needs nothing.
+    let plain = tempfile::tempdir().unwrap();
+    drop(ClientDb::create(plain.path(), &StateKey::unprotected()).unwrap());
+    assert!(!ClientDb::is_passphrase_protected(plain.path()).unwrap());
+    assert!(ClientDb::unlock(plain.path(), None).is_ok());
+}
+
+#[test]
+fn a_newer_or_older_format_is_refused_by_name() {
+    for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older")] {
+        let (dir, key, db) = new_db();
+        let txn = db.redb().begin_write().unwrap();
+        txn.open_table(META).unwrap().insert(META_FORMAT, found.to_le_bytes().as_slice()).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        let err = ClientDb::open(dir.path(), &key).unwrap_err();
+        assert!(err.to_string().contains(&format!("client database format {found}, {word} than")), "{err}");
+    }
+}
+
+#[test]
+fn truncated_corrupted_and_foreign_files_give_clear_errors_not_panics() {
+    let (dir, key, db) = new_db();
+    let mut w = db.write().unwrap();
+    for i in 0..50u32 {
+        w.put(Table::State, &i.to_be_bytes(), &[7; 300]).unwrap();
+    }
+    w.commit().unwrap();
+    drop(db);
+    let path = dir.path().join(DB_FILE);
+    let good = std::fs::read(&path).unwrap();
+    let check = |bytes: &[u8], what: &str| {
+        std::fs::write(&path, bytes).unwrap();
+        // Any error will do, as long as it is an error with a lowercase sentence and no panic;
+        // a damaged record must not read as another value.
+        match ClientDb::open(dir.path(), &key) {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.chars().next().is_some_and(|c| !c.is_uppercase()), "{what}: {msg}");
+            }
+            Ok(db) => {
+                for i in 0..50u32 {
+                    if let Ok(Some(v)) = db.get(Table::State, &i.to_be_bytes()) {
+                        assert_eq!(v.as_slice(), &[7; 300], "{what}");
+                    }
+                }
+            }
+        }
+    };
+    check(&good[..good.len() / 2], "truncated to half");
+    check(&good[..100], "truncated to 100 bytes");
+    check(&[], "empty");
+    check(b"SQLite format 3\0 and then some more bytes of a foreign file", "foreign");
+    for at in (0..good.len()).step_by(good.len() / 64 + 1) {
+        let mut bad = good.clone();
+        bad[at] ^= 0x55;
+        check(&bad, &format!("byte {at} flipped"));
+    }
+    // A redb file of another program: no meta table.
+    std::fs::remove_file(&path).unwrap();
+    let foreign = redb::Database::create(&path).unwrap();
+    let txn = foreign.begin_write().unwrap();
+    txn.open_table(TableDefinition::<&str, &str>::new("other")).unwrap().insert("a", "b").unwrap();
+    txn.commit().unwrap();
+    drop(foreign);
+    let err = ClientDb::open(dir.path(), &key).unwrap_err();
+    assert!(err.to_string().contains("is not a qpq client database or is damaged"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(ClientDb::open(dir.path(), &key), Err(DbError::Missing(_))));
+}
+
+#[test]
+fn a_write_not_committed_leaves_nothing_and_commits_bump_the_generation() {
+    let (_dir, _key, db) = new_db();
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"a", b"1").unwrap();
+    drop(w);
+    assert_eq!(db.get(Table::State, b"a").unwrap(), None);
+    assert_eq!(db.generation().unwrap(), 0);
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"a", b"1").unwrap();
+    w.commit().unwrap();
+    let mut w = db.write().unwrap();
+    w.delete(Table::State, b"a").unwrap();
+    assert_eq!(w.commit().unwrap(), 2);
+    assert_eq!(db.get(Table::State, b"a").unwrap(), None);
+    assert_eq!(count(&db, Table::State), 0, "a delete removes the record");
+}
+
+#[test]
+fn a_sealed_record_copied_into_another_slot_does_not_open() {
+    let (_dir, _key, db) = new_db();
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"a", b"alice's").unwrap();
+    w.put(Table::State, b"b", b"bob's").unwrap();
+    w.commit().unwrap();
+    let (sa, sb) = (db.keys.slot(b"state", b"a"), db.keys.slot(b"state", b"b"));
+    let txn = db.redb().begin_write().unwrap();
+    {
+        let mut t = txn.open_table(Table::State.def()).unwrap();
+        let a = t.get(sa.as_slice()).unwrap().unwrap().value().to_vec();
+        t.insert(sb.as_slice(), a.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+    assert!(matches!(db.get(Table::State, b"b"), Err(DbError::Record(_))));
+}
+
+#[test]
+fn history_pages_backwards_per_conversation_in_one_range() {
+    let (_dir, _key, db) = new_db();
+    let mut w = db.write().unwrap();
+    for seq in 1..=300u64 {
+        w.put_history(b"conv-a", seq, format!("a{seq}").as_bytes()).unwrap();
+        w.put_history(b"conv-b", seq, format!("b{seq}").as_bytes()).unwrap();
+    }
+    w.commit().unwrap();
+    let page = db.history_page(b"conv-a", 0..=u64::MAX, 3).unwrap();
+    let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, [300, 299, 298]);
+    assert_eq!(page[0].1.as_slice(), b"a300");
+    let before = db.history_page(b"conv-a", 0..=255, 2).unwrap();
+    assert_eq!(before.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [255, 254], "255 = 0x00ff, 256 = 0x0100");
+    assert_eq!(db.history_page(b"conv-b", 0..=u64::MAX, 1000).unwrap().len(), 300);
+    assert!(db.history_page(b"conv-c", 0..=u64::MAX, 10).unwrap().is_empty());
+}
+
+// ----- the openmls store -----
+
+fn member(store: MlsStore) -> (DbProvider, SignatureKeyPair, CredentialWithKey) {
+    let provider = DbProvider::new(store);
+    let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+    signer.store(provider.storage()).unwrap();
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(signer.public().to_vec()).into(),
+        signature_key: signer.public().into(),
+    };
+    (provider, signer, credential)
+}
+
+use crate::mls::CIPHERSUITE;
+
+fn flush_commit(db: &ClientDb, store: &MlsStore) -> usize {
+    let mut w = db.write().unwrap();
+    let n = store.flush(&mut w).unwrap();
+    w.commit().unwrap();
+    n
+}
+
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder().ciphersuite(CIPHERSUITE).use_ratchet_tree_extension(true).build()
+}
+
+#[test]
+fn an_mls_group_survives_in_the_database_and_a_message_writes_only_a_few_records() {
+    let (_dir, _key, db) = new_db();
+    let db = Arc::new(db);
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let (alice, alice_signer, alice_cred) = member(store);
+    let (bob, bob_signer, bob_cred) = member(MlsStore::memory());
+    let bob_kp = KeyPackage::builder().build(CIPHERSUITE, &bob, &bob_signer, bob_cred).unwrap();
+    let mut group = MlsGroup::new(&alice, &alice_signer, &create_config(), alice_cred).unwrap();
+    let (_commit, welcome, _) =
+        group.add_members(&alice, &alice_signer, &[bob_kp.key_package().clone()]).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    let written = flush_commit(&db, alice.storage());
+    assert!(written > 5, "the group's records were written ({written})");
+    let records = count(&db, Table::Mls);
+
+    let welcome = MlsMessageIn::tls_deserialize_exact(welcome.tls_serialize_detached().unwrap()).unwrap();
+    let MlsMessageBodyIn::Welcome(welcome) = welcome.extract() else { panic!("a welcome") };
+    let join = MlsGroupJoinConfig::builder().use_ratchet_tree_extension(true).build();
+    let mut bob_group =
+        StagedWelcome::new_from_welcome(&bob, &join, welcome, None).unwrap().into_group(&bob).unwrap();
+
+    // A fresh store over the same database: the group loads from its records alone.
+    let group_id = group.group_id().clone();
+    let reopened = MlsStore::memory();
+    reopened.attach(db.clone());
+    let alice = DbProvider::new(reopened);
+    let mut group =
+        MlsGroup::load(alice.storage(), &group_id).unwrap().expect("the group is in the database");
+    let out = group.create_message(&alice, &alice_signer, b"hi bob").unwrap();
+    let changed = flush_commit(&db, alice.storage());
+    assert!((1..=3).contains(&changed), "a message changes a few records, not the state ({changed})");
+    assert_eq!(count(&db, Table::Mls), records, "and adds none");
+    let msg = MlsMessageIn::tls_deserialize_exact(out.tls_serialize_detached().unwrap()).unwrap();
+    let processed = bob_group.process_message(&bob, msg.try_into_protocol_message().unwrap()).unwrap();
+    let ProcessedMessageContent::ApplicationMessage(m) = processed.into_content() else {
+        panic!("app message")
+    };
+    assert_eq!(m.into_bytes(), b"hi bob");
+}
+
+#[test]
+fn deleting_a_group_or_a_used_key_package_deletes_their_records() {
+    let (_dir, _key, db) = new_db();
+    let db = Arc::new(db);
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let (alice, signer, cred) = member(store);
+    let before = {
+        flush_commit(&db, alice.storage());
+        count(&db, Table::Mls)
+    };
+    let kp = KeyPackage::builder().build(CIPHERSUITE, &alice, &signer, cred.clone()).unwrap();
+    let hash_ref = kp.key_package().hash_ref(alice.crypto()).unwrap();
+    let mut group = MlsGroup::new(&alice, &signer, &create_config(), cred).unwrap();
+    flush_commit(&db, alice.storage());
+    assert!(count(&db, Table::Mls) > before + 5);
+    assert_eq!(alice.storage().group_config_keys().unwrap().len(), 1);
+
+    group.delete(alice.storage()).unwrap();
+    alice.storage().delete_key_package(&hash_ref).unwrap();
+    alice.storage().delete_encryption_key_pair(kp.key_package().leaf_node().encryption_key()).unwrap();
+    flush_commit(&db, alice.storage());
+    assert!(alice.storage().group_config_keys().unwrap().is_empty());
+    // What is left: the signature key and the (now empty) group index.
+    assert_eq!(count(&db, Table::Mls), before + 1, "group and key package records are gone");
+}
+
+#[test]
+fn clearing_the_proposal_queue_deletes_the_queued_proposals() {
+    // openmls_memory_storage 0.6 deletes an unprefixed key here, so proposals outlived their
+    // queue; ours are gone.
+    let store = MlsStore::memory();
+    let gid = GroupId::from_slice(b"g");
+    let proposal_ref = vec![1u8, 2, 3];
+    store.queue_proposal(&gid, &Ref(proposal_ref.clone()), &Ref(vec![9u8; 4])).unwrap();
+    assert_eq!(store.snapshot().len(), 2, "the proposal and the queue");
+    store.clear_proposal_queue::<GroupId, Ref>(&gid).unwrap();
+    assert!(store.snapshot().is_empty(), "nothing is left");
+}
+
+/// A stand-in for openmls's typed keys and values (they are serde types).
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct Ref(Vec<u8>);
+impl openmls_traits::storage::Key<{ openmls_traits::storage::CURRENT_VERSION }> for Ref {}
+impl openmls_traits::storage::Entity<{ openmls_traits::storage::CURRENT_VERSION }> for Ref {}
+impl openmls_traits::storage::traits::ProposalRef<{ openmls_traits::storage::CURRENT_VERSION }> for Ref {}
+impl openmls_traits::storage::traits::QueuedProposal<{ openmls_traits::storage::CURRENT_VERSION }> for Ref {}
+
+#[test]
+fn a_forgotten_overlay_leaves_the_database_as_it_was() {
+    let (_dir, _key, db) = new_db();
+    let db = Arc::new(db);
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let (alice, signer, cred) = member(store);
+    flush_commit(&db, alice.storage());
+    let before = count(&db, Table::Mls);
+    let _group = MlsGroup::new(&alice, &signer, &create_config(), cred).unwrap();
+    assert!(alice.storage().is_dirty());
+    alice.storage().forget();
+    assert!(!alice.storage().is_dirty());
+    flush_commit(&db, alice.storage());
+    assert_eq!(count(&db, Table::Mls), before);
+    assert!(alice.storage().group_config_keys().unwrap().is_empty(), "reads come from the database again");
+}
+
+/// Not a check: prints what opening the database per lock hold costs (see the module header).
+#[test]
+#[ignore = "measurement: cargo test --lib measure_open_cost -- --ignored --nocapture"]
+fn measure_open_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StateKey::unprotected();
+    let db = ClientDb::create(dir.path(), &key).unwrap();
+    let mut w = db.write().unwrap();
+    for i in 0..5000u32 {
+        w.put(Table::Mls, &i.to_be_bytes(), &[7; 2000]).unwrap();
+    }
+    w.commit().unwrap();
+    drop(db);
+    let rounds = 100;
+    let start = std::time::Instant::now();
+    for _ in 0..rounds {
+        let db = ClientDb::open(dir.path(), &key).unwrap();
+        db.generation().unwrap();
+    }
+    let open = start.elapsed() / rounds;
+    let db = ClientDb::open(dir.path(), &key).unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..rounds {
+        let mut w = db.write().unwrap();
+        w.put(Table::Mls, &i.to_be_bytes(), &[8; 2000]).unwrap();
+        w.commit().unwrap();
+    }
+    let commit = start.elapsed() / rounds;
+    let start = std::time::Instant::now();
+    let all = db.scan(Table::Mls).unwrap();
+    println!(
+        "10 MB database: open + generation {open:?}, one-record durable commit {commit:?}, scan of {} records {:?}",
+        all.len(),
+        start.elapsed()
+    );
+}
