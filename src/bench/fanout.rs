@@ -115,7 +115,7 @@ async fn measure(b: &Bench<'_>, members: usize, cpu_budget_s: f64) -> anyhow::Re
     let n = sent as f64;
     let upload = m.bytes_sent().saturating_sub(sent_before) as f64 / n;
     let stored = b.stored_bytes().map(|s| s.saturating_sub(stored_before) as f64 / n).unwrap_or(0.0);
-    let state_bytes = std::fs::metadata(home.path().join(crate::client::state::STATE_FILE))
+    let state_bytes = std::fs::metadata(home.path().join(crate::client::db::DB_FILE))
         .map(|md| md.len() as f64)
         .unwrap_or(0.0);
     m.disconnect().await;

@@ -160,7 +160,7 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     b.done_step();
     b.step(&format!("home: {} history entries", shape.history));
     fill_history(large.dir.path(), &shape)?;
-    let state_bytes = std::fs::metadata(large.dir.path().join(crate::client::state::STATE_FILE))?.len();
+    let state_bytes = std::fs::metadata(large.dir.path().join(crate::client::db::DB_FILE))?.len();
     let setup_secs = setup.elapsed().as_secs_f64();
     b.done_step();
 
