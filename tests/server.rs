@@ -855,6 +855,7 @@ async fn idle_connections_of_an_address_at_its_cap_make_room_for_a_new_one() {
     .await;
     server.shutdown().await.unwrap();
 }
+}
 
 /// (rows of `payloads`, rows of `queue`) in a stopped server's database file.
 fn stored_rows(dir: &std::path::Path) -> (usize, usize) {
@@ -966,7 +967,8 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
     let payload = vec![7u8; 20_000];
     let n = 100u64;
     let entry = 17 + payload.len() as u64; // the queue entry's header, no channel id
-    let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg =
+        qpq::server::config::ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
     // Room for one stored copy and 100 index entries; 100 copies would need 2 MB.
     cfg.max_stored_bytes = 8 + entry + n * qpq::limits::FANOUT_ENTRY_BYTES;
     cfg.max_queue_bytes = entry + 10;

@@ -202,7 +202,8 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     let target = (peak * PACED_FRACTION).max(1.0);
     let senders = PACED_SENDERS.min(b.settings.senders.iter().copied().max().unwrap_or(1));
     let period = Duration::from_secs_f64(senders as f64 / target);
-    let (level, disk) = with_disk_probe(b, run_level(b, &route, senders, m, budget * 2, Some(period))).await?;
+    let (level, disk) =
+        with_disk_probe(b, run_level(b, &route, senders, m, budget * 2, Some(period))).await?;
     // One durable enqueue cannot beat one fsync plus one round trip; the p99 against the disk's.
     let floor_ms = disk.map(|d| d.p99_ms + echo_rtt_ms);
     let p99 = percentile(&level.latencies_ms, 0.99);
