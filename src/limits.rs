@@ -339,3 +339,7 @@ pub const STORE_UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
 /// Page cache of the client database (`qpq.db`): the records of one operation (a group's MLS
 /// state, a few messenger records) fit many times over; redb's 1 GiB default is for servers.
 pub const CLIENT_DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Longest the shell waits at exit for queued messages to go out; whatever does not go out
+/// stays in the outbox for the next command.
+pub const SHELL_QUIT_FLUSH_SECS: u64 = 10;

@@ -316,6 +316,33 @@ fn sending_while_the_server_is_down_queues_and_the_shell_sends_it_on_reconnect()
     assert_eq!(texts, ["alice: during the outage", "alice: after the outage"]);
 }
 
+/// A shell that quits while its link is still marked down, but the server is back, sends what
+/// waits in its outbox on the way out (seen once on CI: the message stayed queued).
+#[test]
+fn a_shell_quitting_while_marked_offline_still_sends_its_queued_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_restartable(dir.path());
+    let addr = server.addr.to_string();
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
+    bob.add_contact(&alice);
+    let mut a = ScriptShell::start(&alice);
+    a.say("whoami");
+    a.expect(Stream::Out, &alice.key);
+    server.kill9();
+    a.say("@bob sent on the way out");
+    a.expect(Stream::Err, "* 1 message queued, will send when the server is back");
+    let _server = ServerProcess::start_on(dir.path(), addr.parse().expect("socket address"));
+    // Quit at once: the link's next attempt is still ahead (it backs off after a failure).
+    let (status, rest) = a.finish();
+    assert!(status.success(), "{rest:#?}");
+    assert!(
+        !rest.iter().any(|(_, l)| l.contains("queued: the next qpq command")),
+        "the message stayed queued: {rest:#?}"
+    );
+    assert_eq!(untimed(&bob.ok(&["recv"])).trim(), "alice: sent on the way out");
+}
+
 fn a_seen_error(lines: &[(Stream, String)]) -> bool {
     lines.iter().any(|(s, l)| *s == Stream::Err && l.starts_with("error: "))
 }

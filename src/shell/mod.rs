@@ -196,12 +196,20 @@ impl Shell {
                 Step::Quit => break,
             }
         }
-        if (!self.input.is_editor() || self.m.has_queued_sends()) && !self.link.is_offline() {
-            // A script's last word: what arrived while it ran. Messages typed just before
-            // leaving go out now.
-            match self.m.receive(0).await {
-                Ok(events) => self.show(events),
-                Err(e) => self.out.status(&format!("cannot receive: {e}")),
+        // A script's last word: what arrived while it ran. Messages typed just before leaving go
+        // out now, even when the last receive failed (the link may have come back since): one
+        // attempt, bounded, since the outbox keeps whatever does not go out.
+        let flush = self.m.has_queued_sends();
+        if flush || (!self.input.is_editor() && !self.link.is_offline()) {
+            let last = tokio::time::timeout(
+                std::time::Duration::from_secs(crate::limits::SHELL_QUIT_FLUSH_SECS),
+                self.m.receive(0),
+            )
+            .await;
+            match last {
+                Ok(Ok(events)) => self.show(events),
+                Ok(Err(e)) => self.out.status(&format!("cannot receive: {e}")),
+                Err(_) => self.out.status("the server did not answer in time"),
             }
         }
         let n = self.m.queued_sends();
