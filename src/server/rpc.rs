@@ -394,10 +394,7 @@ impl node_service::Server for NodeServiceImpl {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
-                    let mut out = r.init_seqs(seqs.len() as u32);
-                    for (i, s) in seqs.iter().enumerate() {
-                        out.set(i as u32, *s);
-                    }
+                    put_seqs(r.init_seqs(seqs.len() as u32), &seqs);
                     Ok(())
                 }
                 other => Err(unexpected(&other)),
@@ -425,15 +422,19 @@ impl node_service::Server for NodeServiceImpl {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
-                    let mut out = r.init_seqs(seqs.len() as u32);
-                    for (i, s) in seqs.iter().enumerate() {
-                        out.set(i as u32, *s);
-                    }
+                    put_seqs(r.init_seqs(seqs.len() as u32), &seqs);
                     Ok(())
                 }
                 other => Err(unexpected(&other)),
             }
         }
+    }
+}
+
+/// Writes each recipient's seq of an `enqueueBatch` or `enqueueFanout` answer, in request order.
+fn put_seqs(mut out: capnp::primitive_list::Builder<'_, u64>, seqs: &[u64]) {
+    for (i, s) in seqs.iter().enumerate() {
+        out.set(i as u32, *s);
     }
 }
 
