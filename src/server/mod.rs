@@ -37,7 +37,9 @@
 //! [`RunningServer::shutdown`] (wired to SIGINT/SIGTERM by the CLI) stops accepting, wakes long
 //! polls, waits up to [`limits::SHUTDOWN_GRACE_MS`] for calls in flight to finish, closes every
 //! connection, then stops the store writer after it has committed everything it was handed, and
-//! closes redb.
+//! closes redb. Connection tasks still alive after the grace (a peer that never finishes closing)
+//! are dropped with their worker's task set, and the sweeper is awaited, so that when `shutdown`
+//! returns nothing holds the store any more and the same data dir can be opened again at once.
 
 pub mod admission;
 pub mod config;
@@ -230,6 +232,9 @@ pub struct RunningServer {
     /// Resolves (sender dropped) when the accept loop on worker 0 has ended.
     accept_done: tokio::sync::oneshot::Receiver<()>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// Cancelled once the grace has passed: workers drop the connection tasks still running.
+    hard_stop: CancellationToken,
+    sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -276,7 +281,7 @@ impl RunningServer {
 
     /// Graceful shutdown; see the module docs.
     pub async fn shutdown(self) -> Result<(), ServerError> {
-        let RunningServer { shared, endpoint, accept_done, workers, .. } = self;
+        let RunningServer { shared, endpoint, accept_done, workers, hard_stop, sweeper, .. } = self;
         shared.draining.store(true, Ordering::SeqCst);
         shared.shutdown.cancel();
         let _ = accept_done.await;
@@ -284,13 +289,17 @@ impl RunningServer {
         let _ = tokio::time::timeout(grace, shared.calls_finished()).await;
         endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        // Workers exit once their connections are gone and the token is cancelled.
+        // Workers exit once their connections are gone and the accept loop has ended; whatever
+        // is still running then is dropped (its connection is closed already).
+        hard_stop.cancel();
         let joined = tokio::task::spawn_blocking(move || {
             for w in workers {
                 let _ = w.join();
             }
         });
         let _ = tokio::time::timeout(grace, joined).await;
+        // The sweeper returns at the shutdown token; its reference must be gone before closing.
+        let _ = tokio::time::timeout(grace, sweeper).await;
         match Arc::try_unwrap(shared) {
             Ok(shared) => shared.store.close()?,
             Err(shared) => {
@@ -359,12 +368,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut network =
         Some(Network { server_cfg, listen: cfg.listen, bound: bound_tx, senders, accept_done_tx });
     let mut workers = Vec::with_capacity(worker_count);
+    let hard_stop = CancellationToken::new();
     for (i, rx) in receivers.into_iter().enumerate() {
         let shared = shared.clone();
         let network = network.take();
+        let hard_stop = hard_stop.clone();
         let handle = std::thread::Builder::new()
             .name(format!("qpq-rpc-{i}"))
-            .spawn(move || rpc_worker(shared, rx, network))
+            .spawn(move || rpc_worker(shared, rx, network, hard_stop))
             .map_err(ServerError::Worker)?;
         workers.push(handle);
     }
@@ -380,7 +391,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let local_addr =
         endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
-    spawn_sweeper(shared.clone());
+    let sweeper = spawn_sweeper(shared.clone());
     Ok(RunningServer {
         local_addr,
         fingerprint: identity.fingerprint,
@@ -389,6 +400,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         endpoint,
         accept_done,
         workers,
+        hard_stop,
+        sweeper,
     })
 }
 
@@ -424,7 +437,7 @@ impl Network {
     }
 }
 
-fn spawn_sweeper(shared: Arc<Shared>) {
+fn spawn_sweeper(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let period = Duration::from_secs(limits::SWEEP_INTERVAL_SECS);
         // The first pass comes one period after start, not at once: a restart loop must not
@@ -441,7 +454,7 @@ fn spawn_sweeper(shared: Arc<Shared>) {
                 Err(e) => tracing::warn!(error = %e, "key package expiry failed"),
             }
         }
-    });
+    })
 }
 
 /// One pass over the whole queue table, one slice per write transaction (see
@@ -528,6 +541,7 @@ fn rpc_worker(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<(u64, quinn::Incoming, Slot)>,
     network: Option<Network>,
+    hard_stop: CancellationToken,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -549,8 +563,14 @@ fn rpc_worker(
             tokio::task::spawn_local(serve_connection(incoming, shared.clone(), slot).instrument(span));
         }
     });
-    // Let connections still open on this worker finish (they end at endpoint close).
-    rt.block_on(local);
+    // Let connections still open on this worker finish (they end at endpoint close), until the
+    // grace has passed; dropping the task set then drops the rest.
+    rt.block_on(async {
+        tokio::select! {
+            _ = local => {}
+            _ = hard_stop.cancelled() => {}
+        }
+    });
 }
 
 /// Serves one connection; `slot` frees its place in the admission counts when this task ends,
