@@ -23,6 +23,7 @@ use super::{
     LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue,
     SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
 };
+use super::notifier::Committed;
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
@@ -161,7 +162,8 @@ fn run(
                 Err(_) => break,
             }
         }
-        let mut woken: Vec<IdentityKey> = Vec::new();
+        // The messages this batch commits, handed to parked fetchWaits once it is durable.
+        let mut woken: Vec<Committed<'_>> = Vec::new();
         // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
         // the thread lives on and serves the next one. The transaction is dropped uncommitted.
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -171,7 +173,7 @@ fn run(
         match applied {
             Ok(outcomes) => {
                 commits.fetch_add(1, Ordering::Relaxed);
-                notifier.notify(woken.iter());
+                notifier.hand(&woken);
                 for ((_, reply), out) in jobs.into_iter().zip(outcomes) {
                     let _ = reply.send(out);
                 }
@@ -235,12 +237,12 @@ impl<'txn> Delivery<'txn> {
 }
 
 /// Applies every job in one transaction and commits it durably. The outer error aborts all.
-fn apply_batch(
+fn apply_batch<'a>(
     db: &Database,
     limits: QueueLimits,
     now_ms: u64,
-    jobs: &[(WriteOp, Reply)],
-    woken: &mut Vec<IdentityKey>,
+    jobs: &'a [(WriteOp, Reply)],
+    woken: &mut Vec<Committed<'a>>,
 ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
@@ -272,13 +274,13 @@ fn apply_batch(
     Ok(outcomes)
 }
 
-fn enqueue(
+fn enqueue<'a>(
     d: &mut Delivery<'_>,
     limits: QueueLimits,
     now: u64,
-    channel: &[u8],
-    items: &[(IdentityKey, Vec<u8>)],
-    woken: &mut Vec<IdentityKey>,
+    channel: &'a [u8],
+    items: &'a [(IdentityKey, Vec<u8>)],
+    woken: &mut Vec<Committed<'a>>,
 ) -> Result<Outcome, StoreError> {
     // A queue without a row starts above every seq it may have had (see the store's invariant).
     let seq_floor = d.counter(SEQ_FLOOR)?.max(1);
@@ -320,11 +322,11 @@ fn enqueue(
         d.queue.insert(&queue_key(who, seq)[..], &value[..])?;
         next_seq.insert(*who, seq + 1);
         seqs.push(seq);
+        woken.push(Committed { to: *who, seq, enqueued_at_ms: now, channel_seq, channel, payload });
     }
     for (who, (_, count, bytes)) in planned {
         let next = next_seq.get(&who).copied().unwrap_or(seq_floor);
         d.queue_meta.insert(&who[..], (next, count, bytes))?;
-        woken.push(who);
     }
     Ok(Outcome::Enqueued { channel_seq, seqs })
 }
@@ -332,14 +334,14 @@ fn enqueue(
 /// One payload stored once in `payloads`, with a shared `queue` entry per recipient. Each
 /// recipient's caps are charged the whole entry (what it will fetch); the storage quota is
 /// charged the row once plus [`limits::FANOUT_ENTRY_BYTES`] per recipient (what the file holds).
-fn fanout(
+fn fanout<'a>(
     d: &mut Delivery<'_>,
     limits: QueueLimits,
     now: u64,
-    channel: &[u8],
-    payload: &[u8],
+    channel: &'a [u8],
+    payload: &'a [u8],
     recipients: &[IdentityKey],
-    woken: &mut Vec<IdentityKey>,
+    woken: &mut Vec<Committed<'a>>,
 ) -> Result<Outcome, StoreError> {
     if recipients.is_empty() {
         // Nothing to store (the RPC layer refuses this); a row without refs would never go.
@@ -387,7 +389,7 @@ fn fanout(
         d.queue.insert(&queue_key(who, next)[..], &id.to_be_bytes()[..])?;
         d.queue_meta.insert(&who[..], (next + 1, count, bytes))?;
         seqs.push(next);
-        woken.push(*who);
+        woken.push(Committed { to: *who, seq: next, enqueued_at_ms: now, channel_seq, channel, payload });
     }
     Ok(Outcome::Enqueued { channel_seq, seqs })
 }
