@@ -29,7 +29,7 @@
 //! - What peers make the server buffer is bounded by one [`memory::MemoryBudget`]: large frames
 //!   are read through a [`framegate::FrameGate`] that holds their size first, and every
 //!   outgoing message counts until written ([`vat::MeteredNetwork`], one `spawn_local` task per
-//!   message on the connection's worker). A peer that leaves its replies unread is paused, then
+//!   connection on its worker gives the counts back in write order). A peer that leaves its replies unread is paused, then
 //!   closed after the stall timeout; at its per-address cap, [`admission`] evicts an idle
 //!   connection for a proven newcomer.
 //!

@@ -22,7 +22,7 @@ use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
 use crate::proto::wire_error::{ErrorCode, WireError};
 use crate::store::{
-    DeliveryStore, IdentityKey, KeyPackageEntry, Outcome, StoreError, StoredMessage, WriteOp,
+    DeliveryStore, IdentityKey, KeyPackageEntry, Outcome, StoreError, StoredMessage, Taken, WriteOp,
 };
 use crate::transport;
 
@@ -634,18 +634,19 @@ impl account::Server for AccountImpl {
                 acked(shared.store.write(WriteOp::Ack { who: self.who, up_to: ack_up_to }).await)
             };
             let wait = async {
+                // Subscribed before the read, so whatever is committed after it is handed to us
+                // (see `store::notifier`).
                 let subscription = shared.store.notifier().subscribe(&self.who);
+                let mut read = true;
                 loop {
-                    let notified = subscription.notify().notified();
-                    tokio::pin!(notified);
-                    // Register before reading, so a commit between the read and the wait still wakes us.
-                    notified.as_mut().enable();
-                    let fetched =
-                        shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES).await;
-                    match fetched {
-                        Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
-                        Ok(_) => {}
-                        Err(e) => break Err(store_err(e)),
+                    if read {
+                        let fetched =
+                            shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES).await;
+                        match fetched {
+                            Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
+                            Ok(_) => {}
+                            Err(e) => break Err(store_err(e)),
+                        }
                     }
                     // A store whose wake-ups can be lost (another node's NOTIFY) is read again
                     // after its fallback interval; the deadline still ends the wait.
@@ -654,10 +655,19 @@ impl account::Server for AccountImpl {
                         None => deadline,
                     };
                     tokio::select! {
-                        _ = &mut notified => continue,
-                        _ = tokio::time::sleep_until(recheck), if recheck < deadline => continue,
+                        _ = subscription.changed() => {}
+                        _ = tokio::time::sleep_until(recheck), if recheck < deadline => {
+                            read = true;
+                            continue;
+                        }
                         _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false)),
                         _ = shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
+                    }
+                    // Mail committed while we waited comes with the wake-up: no read transaction.
+                    match subscription.take(ack_up_to, limit, limits::MAX_FETCH_BYTES) {
+                        Taken::Messages(msgs, more) if !msgs.is_empty() => break Ok((msgs, more)),
+                        Taken::Messages(..) => read = false,
+                        Taken::ReadStore => read = true,
                     }
                 }
             };

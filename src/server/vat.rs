@@ -4,18 +4,22 @@
 //!
 //! capnp-rpc's write queue is an unbounded channel inside `twoparty::VatNetwork`, so it cannot be
 //! bounded from outside; its `OutgoingMessage::send` hands back a promise that resolves once the
-//! message is written and flushed, which is where the count is given back.
+//! message is written and flushed, which is where the count is given back. One task per
+//! connection ([`give_back`]) awaits those promises oldest first, instead of one spawned task per
+//! outgoing message (an allocation and a scheduling round per reply, issue 14).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use capnp::Error;
 use capnp::capability::Promise;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{Connection, IncomingMessage, OutgoingMessage, VatNetwork, twoparty};
+use futures::future::Shared;
 use futures::{FutureExt, TryFutureExt};
 
-use super::memory::ConnMemory;
+use super::memory::{ConnMemory, Unsent};
 
 /// A `twoparty::VatNetwork` whose connection is metered by `conn`.
 pub struct MeteredNetwork<R: futures::AsyncRead + Unpin + 'static> {
@@ -48,11 +52,62 @@ impl<R: futures::AsyncRead + Unpin + 'static> VatNetwork<Side> for MeteredNetwor
 struct MeteredConnection {
     inner: Rc<RefCell<Box<dyn Connection<Side>>>>,
     conn: Rc<ConnMemory>,
+    unwritten: Rc<Unwritten>,
 }
 
 impl MeteredConnection {
     fn boxed(inner: Box<dyn Connection<Side>>, conn: Rc<ConnMemory>) -> Box<dyn Connection<Side>> {
-        Box::new(MeteredConnection { inner: Rc::new(RefCell::new(inner)), conn })
+        let unwritten = Rc::new(Unwritten::default());
+        // Every connection is served inside a LocalSet (see `serve_rpc`), so spawn_local has one.
+        tokio::task::spawn_local(give_back(unwritten.clone()));
+        Box::new(MeteredConnection { inner: Rc::new(RefCell::new(inner)), conn, unwritten })
+    }
+}
+
+impl Drop for MeteredConnection {
+    fn drop(&mut self) {
+        self.unwritten.closed.set(true);
+        self.unwritten.pushed.notify_one();
+    }
+}
+
+/// A connection's outgoing messages not yet written, oldest first, each with its count.
+#[derive(Default)]
+struct Unwritten {
+    queue: RefCell<VecDeque<(Shared<Promise<(), Error>>, Unsent)>>,
+    /// Woken when the queue gets its first entry, or when the connection is dropped.
+    pushed: tokio::sync::Notify,
+    closed: Cell<bool>,
+}
+
+impl Unwritten {
+    fn push(&self, written: Shared<Promise<(), Error>>, unsent: Unsent) {
+        let mut queue = self.queue.borrow_mut();
+        queue.push_back((written, unsent));
+        if queue.len() == 1 {
+            self.pushed.notify_one();
+        }
+    }
+}
+
+/// Gives each message's count back once the write queue has written it, or has been dropped
+/// with the connection (an error). The queue writes in order, so waiting for the oldest first
+/// never holds a count much longer than its write. Ends with the connection, once every
+/// message it queued is settled.
+async fn give_back(unwritten: Rc<Unwritten>) {
+    loop {
+        // The borrow ends before any await: `push` runs between our polls.
+        let oldest = unwritten.queue.borrow().front().map(|(w, _)| w.clone());
+        match oldest {
+            Some(written) => {
+                let _ = written.await;
+                let settled = unwritten.queue.borrow_mut().pop_front();
+                drop(settled);
+            }
+            None if unwritten.closed.get() => return,
+            // notify_one keeps its permit, so a push between the check and here is not missed.
+            None => unwritten.pushed.notified().await,
+        }
     }
 }
 
@@ -63,7 +118,7 @@ impl Connection<Side> for MeteredConnection {
 
     fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
         let inner = self.inner.borrow_mut().new_outgoing_message(first_segment_word_size);
-        Box::new(MeteredMessage { inner, conn: self.conn.clone() })
+        Box::new(MeteredMessage { inner, conn: self.conn.clone(), unwritten: self.unwritten.clone() })
     }
 
     fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
@@ -108,6 +163,7 @@ fn is_call(m: &dyn IncomingMessage) -> bool {
 struct MeteredMessage {
     inner: Box<dyn OutgoingMessage>,
     conn: Rc<ConnMemory>,
+    unwritten: Rc<Unwritten>,
 }
 
 impl OutgoingMessage for MeteredMessage {
@@ -122,18 +178,13 @@ impl OutgoingMessage for MeteredMessage {
     fn send(
         self: Box<Self>,
     ) -> (Promise<(), Error>, Rc<capnp::message::Builder<capnp::message::HeapAllocator>>) {
-        let MeteredMessage { inner, conn } = *self;
+        let MeteredMessage { inner, conn, unwritten } = *self;
         let unsent = conn.hold_unsent(inner.size_in_words().saturating_mul(8));
         let (written, message) = inner.send();
         let written = written.shared();
-        let release = written.clone();
-        // capnp-rpc drops most send promises; this task keeps the count until the write queue
-        // has written the message, or has been dropped with the connection (an error). Every
-        // connection is served inside a LocalSet (see `serve_rpc`), so spawn_local has one.
-        tokio::task::spawn_local(async move {
-            let _ = release.await;
-            drop(unsent);
-        });
+        // capnp-rpc drops most send promises; the connection's `give_back` task keeps the count
+        // until the write queue has written the message.
+        unwritten.push(written.clone(), unsent);
         (Promise::from_future(written), message)
     }
 

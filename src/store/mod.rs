@@ -4,8 +4,8 @@
 //! Every write goes through one writer thread ([`writer`]) that folds all requests waiting at
 //! that moment into a single redb transaction and commits it with `Durability::Immediate`
 //! (group commit): a reply means the data is on disk, and N concurrent enqueues cost one fsync,
-//! not N. After each commit the writer wakes the `fetchWait` calls of every recipient that got
-//! mail ([`Notifier`]).
+//! not N. After each commit the writer hands the committed messages to the parked `fetchWait`
+//! calls of their recipients, which answer without a read transaction ([`Notifier`]).
 //!
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
@@ -56,7 +56,7 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use backend::{AnyStore, DeliveryStore};
-pub use notifier::Notifier;
+pub use notifier::{Notifier, Taken};
 pub use postgres::PgStore;
 pub use writer::{Outcome, WriteOp};
 

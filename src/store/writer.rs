@@ -23,6 +23,7 @@ use super::{
     LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue,
     SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
 };
+use super::notifier::Committed;
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
@@ -161,7 +162,8 @@ fn run(
                 Err(_) => break,
             }
         }
-        let mut woken: Vec<IdentityKey> = Vec::new();
+        // The messages this batch commits, handed to parked fetchWaits once it is durable.
+        let mut woken: Vec<Committed<'_>> = Vec::new();
         // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
         // the thread lives on and serves the next one. The transaction is dropped uncommitted.
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -171,7 +173,7 @@ fn run(
         match applied {
             Ok(outcomes) => {
                 commits.fetch_add(1, Ordering::Relaxed);
-                notifier.notify(woken.iter());
+                notifier.hand(&woken);
                 for ((_, reply), out) in jobs.into_iter().zip(outcomes) {
                     let _ = reply.send(out);
                 }
@@ -186,64 +188,109 @@ fn run(
     }
 }
 
+/// The delivery tables of one write transaction, opened once per batch: opening a redb table
+/// looks its name up in the table tree and allocates, and dropping it stages its root again, so
+/// an `ack` that opened each table where it needed it paid that about ten times.
+struct Delivery<'txn> {
+    queue: redb::Table<'txn, &'static [u8], &'static [u8]>,
+    queue_meta: redb::Table<'txn, &'static [u8], (u64, u64, u64)>,
+    channels: redb::Table<'txn, &'static [u8], (u64, u64)>,
+    payloads: redb::Table<'txn, u64, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Delivery<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Delivery<'txn>, StoreError> {
+        Ok(Delivery {
+            queue: txn.open_table(QUEUE)?,
+            queue_meta: txn.open_table(QUEUE_META)?,
+            channels: txn.open_table(CHANNELS)?,
+            payloads: txn.open_table(PAYLOADS)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    /// A `meta` counter (0 when absent).
+    fn counter(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self.meta.get(name)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    /// Raises a `meta` floor to at least `value`.
+    fn raise_floor(&mut self, name: &str, value: u64) -> Result<(), StoreError> {
+        if value > self.counter(name)? {
+            self.meta.insert(name, value)?;
+        }
+        Ok(())
+    }
+
+    /// The next position on `channel` (0 for none), which `added` new queue entries share.
+    fn next_channel_seq(&mut self, channel: &[u8], added: u64) -> Result<u64, StoreError> {
+        if channel.is_empty() {
+            return Ok(0);
+        }
+        let floor = self.counter(CHANNEL_SEQ_FLOOR)?;
+        let (last, queued) = self.channels.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
+        let next = last + 1;
+        self.channels.insert(channel, (next, queued + added))?;
+        Ok(next)
+    }
+}
+
 /// Applies every job in one transaction and commits it durably. The outer error aborts all.
-fn apply_batch(
+fn apply_batch<'a>(
     db: &Database,
     limits: QueueLimits,
     now_ms: u64,
-    jobs: &[(WriteOp, Reply)],
-    woken: &mut Vec<IdentityKey>,
+    jobs: &'a [(WriteOp, Reply)],
+    woken: &mut Vec<Committed<'a>>,
 ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let mut outcomes = Vec::with_capacity(jobs.len());
-    for (op, _) in jobs {
-        let out = match op {
-            WriteOp::Enqueue { channel, items } => enqueue(&txn, limits, now_ms, channel, items, woken),
-            WriteOp::Fanout { channel, payload, recipients } => {
-                fanout(&txn, limits, now_ms, channel, payload, recipients, woken)
+    {
+        let mut d = Delivery::open(&txn)?;
+        for (op, _) in jobs {
+            let out = match op {
+                WriteOp::Enqueue { channel, items } => enqueue(&mut d, limits, now_ms, channel, items, woken),
+                WriteOp::Fanout { channel, payload, recipients } => {
+                    fanout(&mut d, limits, now_ms, channel, payload, recipients, woken)
+                }
+                WriteOp::Ack { who, up_to } => ack(&mut d, who, *up_to),
+                WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
+                    upload_key_packages(&txn, who, packages, last_resort.as_ref(), *now)
+                }
+                WriteOp::TakeKeyPackage { who, now } => take_key_package(&txn, who, *now),
+                WriteOp::ExpireKeyPackages { now } => expire_key_packages(&txn, *now),
+                WriteOp::PutHybridKey { who, signed } => put_hybrid_key(&txn, who, signed),
+                WriteOp::Sweep { now_ms, after } => sweep(&mut d, limits, *now_ms, after),
+            };
+            match out {
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                other => outcomes.push(other),
             }
-            WriteOp::Ack { who, up_to } => ack(&txn, who, *up_to),
-            WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
-                upload_key_packages(&txn, who, packages, last_resort.as_ref(), *now)
-            }
-            WriteOp::TakeKeyPackage { who, now } => take_key_package(&txn, who, *now),
-            WriteOp::ExpireKeyPackages { now } => expire_key_packages(&txn, *now),
-            WriteOp::PutHybridKey { who, signed } => put_hybrid_key(&txn, who, signed),
-            WriteOp::Sweep { now_ms, after } => sweep(&txn, limits, *now_ms, after),
-        };
-        match out {
-            Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
-            other => outcomes.push(other),
         }
     }
     txn.commit()?;
     Ok(outcomes)
 }
 
-fn enqueue(
-    txn: &WriteTransaction,
+fn enqueue<'a>(
+    d: &mut Delivery<'_>,
     limits: QueueLimits,
     now: u64,
-    channel: &[u8],
-    items: &[(IdentityKey, Vec<u8>)],
-    woken: &mut Vec<IdentityKey>,
+    channel: &'a [u8],
+    items: &'a [(IdentityKey, Vec<u8>)],
+    woken: &mut Vec<Committed<'a>>,
 ) -> Result<Outcome, StoreError> {
-    let mut meta = txn.open_table(QUEUE_META)?;
-    // The counters, opened once: opening a redb table costs a lookup and a write-back on drop.
-    let mut counters = txn.open_table(META)?;
-    let counter = |t: &redb::Table<&str, u64>, name: &str| -> Result<u64, StoreError> {
-        Ok(t.get(name)?.map(|g| g.value()).unwrap_or(0))
-    };
     // A queue without a row starts above every seq it may have had (see the store's invariant).
-    let seq_floor = counter(&counters, SEQ_FLOOR)?.max(1);
+    let seq_floor = d.counter(SEQ_FLOOR)?.max(1);
     // Check every recipient's cap first (several items may share a recipient), write after.
     let mut planned: HashMap<IdentityKey, (u64, u64, u64)> = HashMap::new();
     let mut adding = 0u64;
     for (who, payload) in items {
         let entry = match planned.get(who) {
             Some(e) => *e,
-            None => meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0)),
+            None => d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0)),
         };
         let (next, count, bytes) = entry;
         let add = StoredMessage::accounted_len(17 + channel.len() + payload.len());
@@ -258,22 +305,12 @@ fn enqueue(
         planned.insert(*who, (next, count + 1, bytes + add));
         adding += add;
     }
-    let used = counter(&counters, STORED_BYTES)?;
+    let used = d.counter(STORED_BYTES)?;
     if used.saturating_add(adding) > limits.max_stored_bytes {
         return Err(StoreError::OverQuota { used, adding, max: limits.max_stored_bytes });
     }
-    counters.insert(STORED_BYTES, used.saturating_add(adding))?;
-    let channel_seq = if channel.is_empty() {
-        0
-    } else {
-        let mut chans = txn.open_table(CHANNELS)?;
-        let floor = counter(&counters, CHANNEL_SEQ_FLOOR)?;
-        let (last, queued) = chans.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
-        let next = last + 1;
-        chans.insert(channel, (next, queued + items.len() as u64))?;
-        next
-    };
-    let mut queue = txn.open_table(QUEUE)?;
+    d.meta.insert(STORED_BYTES, used.saturating_add(adding))?;
+    let channel_seq = d.next_channel_seq(channel, items.len() as u64)?;
     let mut seqs = Vec::with_capacity(items.len());
     let mut next_seq: HashMap<IdentityKey, u64> = HashMap::new();
     for (who, payload) in items {
@@ -282,42 +319,29 @@ fn enqueue(
             None => planned.get(who).map(|p| p.0).unwrap_or(seq_floor),
         };
         let value = StoredMessage::encode_value(now, channel_seq, channel, payload);
-        queue.insert(&queue_key(who, seq)[..], &value[..])?;
+        d.queue.insert(&queue_key(who, seq)[..], &value[..])?;
         next_seq.insert(*who, seq + 1);
         seqs.push(seq);
+        woken.push(Committed { to: *who, seq, enqueued_at_ms: now, channel_seq, channel, payload });
     }
     for (who, (_, count, bytes)) in planned {
         let next = next_seq.get(&who).copied().unwrap_or(seq_floor);
-        meta.insert(&who[..], (next, count, bytes))?;
-        woken.push(who);
+        d.queue_meta.insert(&who[..], (next, count, bytes))?;
     }
     Ok(Outcome::Enqueued { channel_seq, seqs })
-}
-
-/// The next position on `channel` (0 for none), which `added` new queue entries share.
-fn next_channel_seq(txn: &WriteTransaction, channel: &[u8], added: u64) -> Result<u64, StoreError> {
-    if channel.is_empty() {
-        return Ok(0);
-    }
-    let mut chans = txn.open_table(CHANNELS)?;
-    let floor = meta_value(txn, CHANNEL_SEQ_FLOOR)?;
-    let (last, queued) = chans.get(channel)?.map(|g| g.value()).unwrap_or((floor, 0));
-    let next = last + 1;
-    chans.insert(channel, (next, queued + added))?;
-    Ok(next)
 }
 
 /// One payload stored once in `payloads`, with a shared `queue` entry per recipient. Each
 /// recipient's caps are charged the whole entry (what it will fetch); the storage quota is
 /// charged the row once plus [`limits::FANOUT_ENTRY_BYTES`] per recipient (what the file holds).
-fn fanout(
-    txn: &WriteTransaction,
+fn fanout<'a>(
+    d: &mut Delivery<'_>,
     limits: QueueLimits,
     now: u64,
-    channel: &[u8],
-    payload: &[u8],
+    channel: &'a [u8],
+    payload: &'a [u8],
     recipients: &[IdentityKey],
-    woken: &mut Vec<IdentityKey>,
+    woken: &mut Vec<Committed<'a>>,
 ) -> Result<Outcome, StoreError> {
     if recipients.is_empty() {
         // Nothing to store (the RPC layer refuses this); a row without refs would never go.
@@ -326,15 +350,14 @@ fn fanout(
     // The inline encoding's length: what each recipient will fetch, and the row's body.
     let entry_len = 17 + channel.len() + payload.len();
     let charge = StoredMessage::accounted_len(entry_len);
-    let mut meta = txn.open_table(QUEUE_META)?;
-    let seq_floor = meta_value(txn, SEQ_FLOOR)?.max(1);
+    let seq_floor = d.counter(SEQ_FLOOR)?.max(1);
     let mut seen: HashMap<IdentityKey, usize> = HashMap::with_capacity(recipients.len());
     let mut planned = Vec::with_capacity(recipients.len());
     for (i, who) in recipients.iter().enumerate() {
         if let Some(first) = seen.insert(*who, i) {
             return Err(StoreError::DuplicateRecipient { first, again: i });
         }
-        let (next, count, bytes) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
+        let (next, count, bytes) = d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
         if count + 1 > limits.max_messages || bytes + charge > limits.max_bytes {
             return Err(StoreError::QueueFull {
                 count,
@@ -348,52 +371,27 @@ fn fanout(
     let n = recipients.len() as u64;
     let row_len = 8 + entry_len as u64;
     let adding = row_len.saturating_add(n.saturating_mul(limits::FANOUT_ENTRY_BYTES));
-    let used = stored_bytes(txn)?;
+    let used = d.counter(STORED_BYTES)?;
     if used.saturating_add(adding) > limits.max_stored_bytes {
         return Err(StoreError::OverQuota { used, adding, max: limits.max_stored_bytes });
     }
-    set_stored_bytes(txn, used.saturating_add(adding))?;
-    let channel_seq = next_channel_seq(txn, channel, n)?;
-    let id = meta_value(txn, NEXT_PAYLOAD_ID)?.max(1);
-    txn.open_table(META)?.insert(NEXT_PAYLOAD_ID, id + 1)?;
+    d.meta.insert(STORED_BYTES, used.saturating_add(adding))?;
+    let channel_seq = d.next_channel_seq(channel, n)?;
+    let id = d.counter(NEXT_PAYLOAD_ID)?.max(1);
+    d.meta.insert(NEXT_PAYLOAD_ID, id + 1)?;
     // The row carries the channel position every entry shares.
     let mut row = Vec::with_capacity(8 + entry_len);
     row.extend_from_slice(&n.to_be_bytes());
     row.extend_from_slice(&StoredMessage::encode_value(now, channel_seq, channel, payload));
-    txn.open_table(PAYLOADS)?.insert(id, &row[..])?;
-    let mut queue = txn.open_table(QUEUE)?;
+    d.payloads.insert(id, &row[..])?;
     let mut seqs = Vec::with_capacity(recipients.len());
     for (who, (next, count, bytes)) in recipients.iter().zip(planned) {
-        queue.insert(&queue_key(who, next)[..], &id.to_be_bytes()[..])?;
-        meta.insert(&who[..], (next + 1, count, bytes))?;
+        d.queue.insert(&queue_key(who, next)[..], &id.to_be_bytes()[..])?;
+        d.queue_meta.insert(&who[..], (next + 1, count, bytes))?;
         seqs.push(next);
-        woken.push(*who);
+        woken.push(Committed { to: *who, seq: next, enqueued_at_ms: now, channel_seq, channel, payload });
     }
     Ok(Outcome::Enqueued { channel_seq, seqs })
-}
-
-/// Bytes of all queued messages (the storage quota's count).
-fn stored_bytes(txn: &WriteTransaction) -> Result<u64, StoreError> {
-    Ok(txn.open_table(META)?.get(STORED_BYTES)?.map(|g| g.value()).unwrap_or(0))
-}
-
-fn set_stored_bytes(txn: &WriteTransaction, bytes: u64) -> Result<(), StoreError> {
-    txn.open_table(META)?.insert(STORED_BYTES, bytes)?;
-    Ok(())
-}
-
-/// A `meta` counter (0 when absent).
-fn meta_value(txn: &WriteTransaction, name: &str) -> Result<u64, StoreError> {
-    Ok(txn.open_table(META)?.get(name)?.map(|g| g.value()).unwrap_or(0))
-}
-
-/// Raises a `meta` floor to at least `value`.
-fn raise_floor(txn: &WriteTransaction, name: &str, value: u64) -> Result<(), StoreError> {
-    let current = meta_value(txn, name)?;
-    if value > current {
-        txn.open_table(META)?.insert(name, value)?;
-    }
-    Ok(())
 }
 
 /// What deleting queue rows takes off the metadata: per recipient (messages, bytes), per
@@ -435,81 +433,71 @@ impl Released {
 
     /// Updates the counts; a queue or channel left with nothing is deleted and its number kept
     /// in the floor (the store's invariant).
-    fn apply(self, txn: &WriteTransaction) -> Result<(), StoreError> {
+    fn apply(self, d: &mut Delivery<'_>) -> Result<(), StoreError> {
         let mut seq_floor = 0;
-        {
-            let mut meta = txn.open_table(QUEUE_META)?;
-            for (who, (n, bytes)) in self.recipients {
-                let current = meta.get(&who[..])?.map(|g| g.value());
-                let Some((next, count, have)) = current else { continue };
-                if count <= n {
-                    meta.remove(&who[..])?;
-                    seq_floor = seq_floor.max(next);
-                } else {
-                    meta.insert(&who[..], (next, count - n, have.saturating_sub(bytes)))?;
-                }
+        for (who, (n, bytes)) in self.recipients {
+            let current = d.queue_meta.get(&who[..])?.map(|g| g.value());
+            let Some((next, count, have)) = current else { continue };
+            if count <= n {
+                d.queue_meta.remove(&who[..])?;
+                seq_floor = seq_floor.max(next);
+            } else {
+                d.queue_meta.insert(&who[..], (next, count - n, have.saturating_sub(bytes)))?;
             }
         }
         let mut channel_floor = 0;
-        {
-            let mut chans = txn.open_table(CHANNELS)?;
-            for (id, n) in self.channels {
-                let current = chans.get(&id[..])?.map(|g| g.value());
-                let Some((last, queued)) = current else { continue };
-                if queued <= n {
-                    chans.remove(&id[..])?;
-                    channel_floor = channel_floor.max(last);
-                } else {
-                    chans.insert(&id[..], (last, queued - n))?;
-                }
+        for (id, n) in self.channels {
+            let current = d.channels.get(&id[..])?.map(|g| g.value());
+            let Some((last, queued)) = current else { continue };
+            if queued <= n {
+                d.channels.remove(&id[..])?;
+                channel_floor = channel_floor.max(last);
+            } else {
+                d.channels.insert(&id[..], (last, queued - n))?;
             }
         }
         let mut freed = self.bytes;
-        {
-            // A payload goes with its last entry.
-            let mut payloads = txn.open_table(PAYLOADS)?;
-            for (id, n) in self.payloads {
-                let current = payloads.get(id)?.map(|g| g.value().to_vec());
-                let Some(row) = current else { continue };
-                let (refs, entry) = split_payload_row(&row)?;
-                if refs <= n {
-                    payloads.remove(id)?;
-                    freed += row.len() as u64;
-                } else {
-                    let mut kept = Vec::with_capacity(row.len());
-                    kept.extend_from_slice(&(refs - n).to_be_bytes());
-                    kept.extend_from_slice(entry);
-                    payloads.insert(id, &kept[..])?;
-                }
+        // A payload goes with its last entry.
+        for (id, n) in self.payloads {
+            let current = d.payloads.get(id)?.map(|g| g.value().to_vec());
+            let Some(row) = current else { continue };
+            let (refs, entry) = split_payload_row(&row)?;
+            if refs <= n {
+                d.payloads.remove(id)?;
+                freed += row.len() as u64;
+            } else {
+                let mut kept = Vec::with_capacity(row.len());
+                kept.extend_from_slice(&(refs - n).to_be_bytes());
+                kept.extend_from_slice(entry);
+                d.payloads.insert(id, &kept[..])?;
             }
         }
-        raise_floor(txn, SEQ_FLOOR, seq_floor)?;
-        raise_floor(txn, CHANNEL_SEQ_FLOOR, channel_floor)?;
-        set_stored_bytes(txn, stored_bytes(txn)?.saturating_sub(freed))
+        d.raise_floor(SEQ_FLOOR, seq_floor)?;
+        d.raise_floor(CHANNEL_SEQ_FLOOR, channel_floor)?;
+        let stored = d.counter(STORED_BYTES)?;
+        d.meta.insert(STORED_BYTES, stored.saturating_sub(freed))?;
+        Ok(())
     }
 }
 
-fn ack(txn: &WriteTransaction, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {
-    let mut queue = txn.open_table(QUEUE)?;
-    let payloads = txn.open_table(PAYLOADS)?;
+fn ack(d: &mut Delivery<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {
     let start = queue_key(who, 0);
     let end = queue_key(who, up_to);
     let mut doomed = Vec::new();
     let mut released = Released::default();
-    for entry in queue.range(&start[..]..=&end[..])? {
+    for entry in d.queue.range(&start[..]..=&end[..])? {
         let (k, v) = entry?;
         doomed.push(k.value().to_vec());
-        let shared = shared_row(&payloads, v.value())?;
+        let shared = shared_row(&d.payloads, v.value())?;
         released.note(Some(*who), v.value(), shared.as_deref());
     }
     if doomed.is_empty() {
         return Ok(Outcome::Acked { removed: 0 });
     }
     for k in &doomed {
-        queue.remove(&k[..])?;
+        d.queue.remove(&k[..])?;
     }
-    drop((queue, payloads));
-    released.apply(txn)?;
+    released.apply(d)?;
     Ok(Outcome::Acked { removed: u32::try_from(doomed.len()).unwrap_or(u32::MAX) })
 }
 
@@ -676,17 +664,15 @@ fn expire_key_packages(txn: &WriteTransaction, now: u64) -> Result<Outcome, Stor
     Ok(Outcome::KeyPackagesExpired { removed: (doomed.len() + dead_lr.len()) as u64 })
 }
 
-fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
-    let mut queue = txn.open_table(QUEUE)?;
-    let payloads = txn.open_table(PAYLOADS)?;
+fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();
     let mut last = None;
     let mut scanned = 0usize;
     let range = if after.is_empty() {
-        queue.range::<&[u8]>(..)?
+        d.queue.range::<&[u8]>(..)?
     } else {
-        queue.range::<&[u8]>((Bound::Excluded(after), Bound::Unbounded))?
+        d.queue.range::<&[u8]>((Bound::Excluded(after), Bound::Unbounded))?
     };
     for entry in range {
         let (k, v) = entry?;
@@ -694,7 +680,7 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
         scanned += 1;
         last = Some(key.to_vec());
         // A shared entry ages with its payload row; one whose row is missing is damaged.
-        let shared = shared_row(&payloads, value)?;
+        let shared = shared_row(&d.payloads, value)?;
         let enqueued_at = match (QueueValue::of(value), &shared) {
             (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
             (QueueValue::Shared(_), Some(entry)) => StoredMessage::enqueued_at(entry),
@@ -720,9 +706,8 @@ fn sweep(txn: &WriteTransaction, limits: QueueLimits, now: u64, after: &[u8]) ->
     }
     let resume = if scanned >= limits::SWEEP_SLICE_ROWS { last } else { None };
     for k in &doomed {
-        queue.remove(&k[..])?;
+        d.queue.remove(&k[..])?;
     }
-    drop((queue, payloads));
-    released.apply(txn)?;
+    released.apply(d)?;
     Ok(Outcome::Swept { removed: doomed.len() as u64, resume })
 }
