@@ -32,7 +32,7 @@ use crate::client::state::{
 use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
-use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
+use crate::limits::{self, MAX_HISTORY_BYTES_PER_CONVERSATION};
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
 
@@ -710,20 +710,37 @@ impl Messenger {
         Ok(channel_seq)
     }
 
-    /// Seals `frame` (a Welcome's) for each recipient with the hybrid envelope and enqueues all
-    /// in one atomic batch on `channel`.
+    /// Seals `frame` (a Welcome's) for each recipient with the hybrid envelope and enqueues them
+    /// on `channel`: in one atomic batch when they fit [`limits::MAX_BATCH_BYTES`], else in as
+    /// few batches as fit. A Welcome to a large group is megabytes (see
+    /// [`limits::DEFAULT_MAX_PAYLOAD`]), and each Welcome stands alone, so splitting loses no
+    /// ordering; if the connection drops between batches the whole item is sent again, and a
+    /// joiner who already joined drops the repeat (its KeyPackage is used up). Returns the last
+    /// batch's channel sequence number.
     pub(crate) async fn seal_for_each(
         &mut self,
         channel: &[u8],
         recipients: &[[u8; 32]],
         frame: &[u8],
     ) -> Result<u64, ClientError> {
-        let mut items = Vec::with_capacity(recipients.len());
+        let mut batches: Vec<Vec<(PublicKey, Vec<u8>)>> = vec![Vec::new()];
+        let mut bytes = 0usize;
         for r in recipients {
             let hk = self.hybrid_key_of(r).await?;
-            items.push((PublicKey(*r), Parcel::Sealed(&hybrid::seal(r, &hk, frame)).encode()));
+            let parcel = Parcel::Sealed(&hybrid::seal(r, &hk, frame)).encode();
+            bytes += parcel.len();
+            if bytes > limits::MAX_BATCH_BYTES && batches.last().is_some_and(|b| !b.is_empty()) {
+                batches.push(Vec::new());
+                bytes = parcel.len();
+            }
+            if let Some(b) = batches.last_mut() {
+                b.push((PublicKey(*r), parcel));
+            }
         }
-        let (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
+        let mut channel_seq = 0;
+        for items in batches {
+            (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
+        }
         Ok(channel_seq)
     }
 
