@@ -98,7 +98,7 @@ interface NodeService {
 
   enqueue @4 (recipientKey :Data, payload :Data, channelId :Data) -> (seq :UInt64, channelSeq :UInt64);
   # DS, no authentication (a sender need not reveal itself). Stores payload (at most the server's
-  # max payload, 256 KiB by default) for recipientKey and returns only after the write is durable
+  # max payload, 4 MiB by default) for recipientKey and returns only after the write is durable
   # on disk. seq is the message's per-recipient sequence number. channelId (0..=64 bytes, empty for
   # none) is opaque to the server; a non-empty one gives the message the next position channelSeq
   # in that channel's total order (0 when channelId is empty). Fails with "queue full: ..." when
@@ -130,7 +130,7 @@ interface NodeService {
   # and deletes it when the last recipient has acked it or when it expires (the same TTL as any
   # message; all its entries expire together).
   # Limits and charges:
-  #   - payload: 1 byte up to the server's max payload (256 KiB by default), else "tooLarge";
+  #   - payload: 1 byte up to the server's max payload (4 MiB by default), else "tooLarge";
   #   - recipients: 1 to 10000 keys of 32 bytes, each at most once; an empty list, a duplicate
   #     ("duplicate recipient: item 3 repeats item 0") or a malformed key is "badRequest", too
   #     many is "tooLarge";

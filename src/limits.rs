@@ -5,9 +5,17 @@
 
 use crate::server::ratelimit::Rate;
 
-/// Default largest payload one enqueue may carry: room for a large text or a Welcome for a big
-/// group, small enough that a queue cannot be flooded by a handful of calls.
-pub const DEFAULT_MAX_PAYLOAD: usize = 256 * 1024;
+/// Default largest payload one enqueue may carry: room for the Welcome of a 1000-member group
+/// (issue 11). With the hybrid MLS suite every leaf and every parent node of the ratchet tree
+/// carries a 1216-byte X-Wing key, so a Welcome (which carries the tree) grows by about 1.5 kB
+/// per member while parents are blank and 2.7 kB once the tree has filled: 190 kB at 128
+/// members, about 2.7 MB at 1000 with a full tree; a commit on a fresh tree seals to every
+/// other member (1.2 kB each). The old 256 KiB stopped joins at about 170 members. 4 MiB covers
+/// about 1500 members with a full tree; an operator may set up to [`MAX_BATCH_BYTES`]. It stays
+/// at most half of [`MAX_FETCH_BYTES`], so one message always fits a fetch with room to spare;
+/// queues and the storage quota still bound what a sender can pile up.
+pub const DEFAULT_MAX_PAYLOAD: usize = 4 * 1024 * 1024;
+const _: () = assert!(DEFAULT_MAX_PAYLOAD <= MAX_FETCH_BYTES / 2);
 
 /// Default cap on messages waiting in one recipient's queue, so one flooded key cannot fill the
 /// disk; the sender gets a clear "queue full" error instead.

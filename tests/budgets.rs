@@ -217,7 +217,10 @@ async fn the_batch_cap_is_reachable_and_answered_on_a_live_connection() {
     let server = start_server(dir.path()).await;
     local(async {
         let s = connect(&server).await;
-        let full = vec![7u8; qpq::limits::DEFAULT_MAX_PAYLOAD];
+        // 256 KiB items: one item past the cap stays within the reader's slack
+        // (`limits::RPC_TRAVERSAL_LIMIT_WORDS`), so the refusal is answered. An item of the
+        // default max payload (4 MiB) would overshoot it, and such a call loses its connection.
+        let full = vec![7u8; 256 * 1024];
         let fits = qpq::limits::MAX_BATCH_BYTES / full.len();
         let items: Vec<_> = (0..fits).map(|_| (Identity::generate().public(), full.clone())).collect();
         let (_, seqs) = s.enqueue_batch(b"", &items).await.expect("a batch of exactly the cap is stored");

@@ -350,8 +350,11 @@ async fn bad_enqueues_get_clear_errors_and_the_server_keeps_serving() {
     local(async {
         let s = connect(&server).await;
         let key = Identity::generate().public().0;
-        let big = vec![0u8; 300_000];
-        assert_eq!(rpc_msg(s.enqueue(&key, &big, b"").await), "payload too large: 300000 > 262144 bytes");
+        let big = vec![0u8; qpq::limits::DEFAULT_MAX_PAYLOAD + 1];
+        assert_eq!(
+            rpc_msg(s.enqueue(&key, &big, b"").await),
+            format!("payload too large: {} > {} bytes", big.len(), qpq::limits::DEFAULT_MAX_PAYLOAD)
+        );
         assert_eq!(rpc_msg(s.enqueue(&[], b"x", b"").await), "recipient key must be 32 bytes, got 0");
         assert_eq!(rpc_msg(s.enqueue(&[0u8; 31], b"x", b"").await), "recipient key must be 32 bytes, got 31");
         assert_eq!(rpc_msg(s.enqueue(&key, b"", b"").await), "payload is empty");
@@ -909,9 +912,10 @@ async fn bad_fanouts_are_refused_with_codes_and_store_nothing() {
         );
         let (_, seqs) = s.enqueue_fanout(b"", b"x", &many[1..]).await.expect("exactly the cap is taken");
         assert_eq!(seqs.len(), qpq::limits::MAX_FANOUT_RECIPIENTS);
+        let max = qpq::limits::DEFAULT_MAX_PAYLOAD;
         assert_eq!(
-            refused(s.enqueue_fanout(b"", &vec![0u8; 300_000], &[a]).await),
-            (ErrorCode::TooLarge, "payload too large: 300000 > 262144 bytes".into())
+            refused(s.enqueue_fanout(b"", &vec![0u8; max + 1], &[a]).await),
+            (ErrorCode::TooLarge, format!("payload too large: {} > {max} bytes", max + 1))
         );
         assert_eq!(refused(s.enqueue_fanout(b"", b"", &[a]).await), (bad, "payload is empty".into()));
         assert_eq!(

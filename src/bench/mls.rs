@@ -2,7 +2,8 @@
 //!
 //! The floor of an operation is the sum of the asymmetric primitives RFC 9420 obliges it to run,
 //! each timed in this run with the very implementations openmls uses (`openmls_rust_crypto`:
-//! Ed25519 via ed25519-dalek, the suite's HPKE, X-Wing/HKDF-SHA256/AES-128-GCM, via hpke-rs) and,
+//! Ed25519 via ed25519-dalek; the suite's HPKE, X-Wing/HKDF-SHA256/AES-128-GCM, via qpq's provider,
+//! [`crate::mls::QpqCrypto`], whose HPKE is libcrux's) and,
 //! for the envelope, X-Wing (ML-KEM-768 + X25519) via the x-wing crate. A last step sets the
 //! hybrid suite against the classical DHKEM-X25519 one qpq spoke before: wire sizes and times. Hashing, symmetric encryption,
 //! serialization and storage are left out on purpose: they are what `measured / floor` exposes.
@@ -51,7 +52,7 @@ use x_wing::{Decapsulate as _, Decapsulator as _};
 
 use super::{Bench, Row, Settings};
 use crate::crypto::hybrid::{self, HybridSecretKey};
-use crate::mls::{CIPHERSUITE, CLASSICAL_CIPHERSUITE, Incoming, MlsClient};
+use crate::mls::{CIPHERSUITE, CLASSICAL_CIPHERSUITE, Incoming, MlsClient, QpqCrypto};
 use openmls::prelude::Ciphersuite;
 use openmls_traits::OpenMlsProvider as _;
 
@@ -273,6 +274,12 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     ] {
         b.record_reference(name, v * 1e6);
     }
+    // What the suite's HPKE cost with RustCrypto alone (openmls_rust_crypto, the x-wing crate),
+    // the provider qpq used before src/mls/crypto.rs.
+    let (seal, open, derive) = hpke_timings(&RustCrypto::default(), budget)?;
+    b.record_reference("hpke_rustcrypto_seal_us", seal * 1e6);
+    b.record_reference("hpke_rustcrypto_open_us", open * 1e6);
+    b.record_reference("hpke_rustcrypto_derive_keypair_us", derive * 1e6);
     b.done_step();
     Ok(rows)
 }
@@ -429,25 +436,34 @@ struct SuiteCost {
     key_package_bytes: usize,
     commit_bytes: usize,
     welcome_bytes: usize,
+    /// A self-update right after the adds: every parent off the creator's path is blank, so the
+    /// path secrets are sealed to every other leaf (n - 1 seals).
     commit_secs: f64,
+    /// A self-update after one member in each of the creator's copath subtrees has committed
+    /// (⌈log2 n⌉ - 1 commits): every copath node is a parent with a key, so d seals.
+    settled_commit_secs: f64,
     join_secs: f64,
 }
 
 /// Builds a group of `n` under `suite` with openmls directly (the same code for both suites,
-/// since qpq's own client speaks only [`CIPHERSUITE`]): a KeyPackage, the Welcome of adding the
-/// last member to the other `n - 1`, that member's join, and a self-update commit at `n`.
+/// since qpq's own client speaks only [`CIPHERSUITE`]) and qpq's crypto provider: a KeyPackage,
+/// the Welcome of adding the last member to the other `n - 1`, that member's join, a
+/// self-update commit at `n` on the fresh tree, then again once the tree has settled (see
+/// [`SuiteCost`]).
 fn suite_cost(suite: Ciphersuite, n: usize, reps: usize) -> anyhow::Result<SuiteCost> {
     use openmls::prelude::{
         BasicCredential, CredentialWithKey, KeyPackage, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
-        MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, StagedWelcome,
+        MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, StagedWelcome,
     };
     use openmls_basic_credential::SignatureKeyPair;
-    use openmls_rust_crypto::OpenMlsRustCrypto;
     use tls_codec::{Deserialize as _, Serialize as _};
 
+    use crate::client::db::mls::DbProvider;
+
+    type Member = (DbProvider, SignatureKeyPair, CredentialWithKey);
     let err = |what: &'static str| move |e: &dyn std::fmt::Debug| anyhow::anyhow!("{what}: {e:?}");
-    let member = || -> anyhow::Result<(OpenMlsRustCrypto, SignatureKeyPair, CredentialWithKey)> {
-        let provider = OpenMlsRustCrypto::default();
+    let member = || -> anyhow::Result<Member> {
+        let provider = DbProvider::default();
         let signer = SignatureKeyPair::new(SignatureScheme::ED25519).map_err(|e| err("keygen")(&e))?;
         signer.store(provider.storage()).map_err(|e| err("store signer")(&e))?;
         let credential = CredentialWithKey {
@@ -456,55 +472,114 @@ fn suite_cost(suite: Ciphersuite, n: usize, reps: usize) -> anyhow::Result<Suite
         };
         Ok((provider, signer, credential))
     };
-    let key_package = |m: &(OpenMlsRustCrypto, SignatureKeyPair, CredentialWithKey)| {
+    let key_package = |m: &Member| {
         KeyPackage::builder()
             .build(suite, &m.0, &m.1, m.2.clone())
             .map(|b| b.key_package().clone())
             .map_err(|e| err("key package")(&e))
     };
+    let join_config = MlsGroupJoinConfig::builder().use_ratchet_tree_extension(true).build();
+    let join = |m: &Member, welcome: &[u8]| -> anyhow::Result<MlsGroup> {
+        let MlsMessageBodyIn::Welcome(w) =
+            MlsMessageIn::tls_deserialize_exact(welcome).map_err(|e| err("parse welcome")(&e))?.extract()
+        else {
+            anyhow::bail!("expected a welcome");
+        };
+        StagedWelcome::new_from_welcome(&m.0, &join_config, w, None)
+            .map_err(|e| err("stage welcome")(&e))?
+            .into_group(&m.0)
+            .map_err(|e| err("join")(&e))
+    };
+    let process = |m: &Member, group: &mut MlsGroup, commit: &[u8]| -> anyhow::Result<()> {
+        let message = MlsMessageIn::tls_deserialize_exact(commit)
+            .map_err(|e| err("parse commit")(&e))?
+            .try_into_protocol_message()
+            .map_err(|e| err("protocol message")(&e))?;
+        let processed = group.process_message(&m.0, message).map_err(|e| err("process commit")(&e))?;
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            anyhow::bail!("expected a commit");
+        };
+        group.merge_staged_commit(&m.0, *staged).map_err(|e| err("merge")(&e))
+    };
     let creator = member()?;
     let config = MlsGroupCreateConfig::builder().ciphersuite(suite).use_ratchet_tree_extension(true).build();
     let mut group = MlsGroup::new(&creator.0, &creator.1, &config, creator.2.clone())
         .map_err(|e| err("create group")(&e))?;
-    let others = (2..n).map(|_| member().and_then(|m| key_package(&m))).collect::<Result<Vec<_>, _>>()?;
-    if !others.is_empty() {
-        group.add_members(&creator.0, &creator.1, &others).map_err(|e| err("add members")(&e))?;
+    // Member i (0-based) of `others` sits at leaf i + 1.
+    let others = (2..n).map(|_| member()).collect::<Result<Vec<_>, _>>()?;
+    let others_kps = others.iter().map(key_package).collect::<Result<Vec<_>, _>>()?;
+    // Every commit after the first add, in order: what a member joining by its Welcome replays.
+    let mut log: Vec<Vec<u8>> = Vec::new();
+    let mut first_welcome = Vec::new();
+    if !others_kps.is_empty() {
+        let (_, welcome, _) =
+            group.add_members(&creator.0, &creator.1, &others_kps).map_err(|e| err("add members")(&e))?;
         group.merge_pending_commit(&creator.0).map_err(|e| err("merge")(&e))?;
+        first_welcome = welcome.tls_serialize_detached().map_err(|e| err("serialize")(&e))?;
     }
     let last = member()?;
     let last_kp = key_package(&last)?;
     let key_package_bytes = last_kp.tls_serialize_detached().map_err(|e| err("serialize")(&e))?.len();
-    let (_, welcome, _) =
+    let (commit, welcome, _) =
         group.add_members(&creator.0, &creator.1, &[last_kp]).map_err(|e| err("add member")(&e))?;
     group.merge_pending_commit(&creator.0).map_err(|e| err("merge")(&e))?;
+    log.push(commit.tls_serialize_detached().map_err(|e| err("serialize")(&e))?);
     let welcome = welcome.tls_serialize_detached().map_err(|e| err("serialize")(&e))?;
     let t = Instant::now();
-    let MlsMessageBodyIn::Welcome(w) =
-        MlsMessageIn::tls_deserialize_exact(&welcome).map_err(|e| err("parse welcome")(&e))?.extract()
-    else {
-        anyhow::bail!("expected a welcome");
-    };
-    let join_config = MlsGroupJoinConfig::builder().use_ratchet_tree_extension(true).build();
-    StagedWelcome::new_from_welcome(&last.0, &join_config, w, None)
-        .map_err(|e| err("stage welcome")(&e))?
-        .into_group(&last.0)
-        .map_err(|e| err("join")(&e))?;
+    join(&last, &welcome)?;
     let join_secs = t.elapsed().as_secs_f64();
-    let (mut commit_bytes, mut commit_total) = (0, 0.0);
-    for _ in 0..reps {
+    let self_update = |group: &mut MlsGroup| -> anyhow::Result<(f64, Vec<u8>)> {
         let t = Instant::now();
         let bundle = group
             .self_update(&creator.0, &creator.1, LeafNodeParameters::default())
             .map_err(|e| err("self update")(&e))?;
         group.merge_pending_commit(&creator.0).map_err(|e| err("merge")(&e))?;
-        commit_total += t.elapsed().as_secs_f64();
-        commit_bytes = bundle.commit().tls_serialize_detached().map_err(|e| err("serialize")(&e))?.len();
+        let secs = t.elapsed().as_secs_f64();
+        Ok((secs, bundle.commit().tls_serialize_detached().map_err(|e| err("serialize")(&e))?))
+    };
+    let (mut commit_bytes, mut commit_total) = (0, 0.0);
+    for _ in 0..reps {
+        let (secs, commit) = self_update(&mut group)?;
+        commit_total += secs;
+        commit_bytes = commit.len();
+        log.push(commit);
+    }
+
+    // Settle the tree: the members at leaves 2^(d-1), ..., 4, 2 (one in each of the creator's
+    // copath subtrees above leaf 1) join, catch up and commit in turn, each commit processed by
+    // the creator and the committers still to come.
+    let leaves: Vec<usize> = (1..tree_depth(n)).rev().map(|k| 1usize << k).filter(|&l| l < n - 1).collect();
+    let mut committers = Vec::new();
+    for &leaf in &leaves {
+        let m = others.get(leaf - 1).context("a member at every leaf below n - 1")?;
+        let mut g = join(m, &first_welcome)?;
+        for c in &log {
+            process(m, &mut g, c)?;
+        }
+        committers.push((m, g));
+    }
+    for i in 0..committers.len() {
+        let (done, rest) = committers.split_at_mut(i + 1);
+        let (m, g) = done.last_mut().context("committer")?;
+        let bundle =
+            g.self_update(&m.0, &m.1, LeafNodeParameters::default()).map_err(|e| err("self update")(&e))?;
+        g.merge_pending_commit(&m.0).map_err(|e| err("merge")(&e))?;
+        let commit = bundle.commit().tls_serialize_detached().map_err(|e| err("serialize")(&e))?;
+        process(&creator, &mut group, &commit)?;
+        for (m, g) in rest {
+            process(m, g, &commit)?;
+        }
+    }
+    let mut settled_total = 0.0;
+    for _ in 0..reps {
+        settled_total += self_update(&mut group)?.0;
     }
     Ok(SuiteCost {
         key_package_bytes,
         commit_bytes,
         welcome_bytes: welcome.len(),
         commit_secs: commit_total / reps.max(1) as f64,
+        settled_commit_secs: settled_total / reps.max(1) as f64,
         join_secs,
     })
 }
@@ -525,6 +600,8 @@ fn suite_comparison(n: usize, reps: usize) -> anyhow::Result<Vec<Row>> {
         let met = commit.ratio.is_some_and(|r| r <= max);
         commit = commit.goal(format!("<= {max}x"), met);
     }
+    let settled = Row::new(format!("pq suite commit, {n} members, settled tree"), ms(pq.settled_commit_secs), "ms")
+        .against(vs, Some(ms(classical.settled_commit_secs)), "ms");
     Ok(vec![
         Row::new("pq suite key package", pq.key_package_bytes as f64, "B").against(
             vs,
@@ -542,6 +619,7 @@ fn suite_comparison(n: usize, reps: usize) -> anyhow::Result<Vec<Row>> {
             "B",
         ),
         commit,
+        settled,
         Row::new(format!("pq suite welcome join, {n} members"), ms(pq.join_secs), "ms").against(
             vs,
             Some(ms(classical.join_secs)),
@@ -584,11 +662,35 @@ fn crypto_err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
     anyhow::anyhow!("{what} failed: {e:?}")
 }
 
-/// Times every primitive of the counting model.
-pub fn primitives(budget: Duration) -> anyhow::Result<Primitives> {
-    let crypto = RustCrypto::default();
+/// Mean seconds of one HPKE seal, open and key pair derivation of the suite by `crypto`.
+pub fn hpke_timings(crypto: &impl OpenMlsCrypto, budget: Duration) -> anyhow::Result<(f64, f64, f64)> {
     // `HpkeConfig` is not Copy; building it is free.
     let hpke = || CIPHERSUITE.hpke_config();
+    let mut ikm = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut ikm);
+    let keypair = crypto.derive_hpke_keypair(hpke(), &ikm).map_err(|e| crypto_err("derive", e))?;
+    let derive = time_mean(budget, || {
+        ikm[0] = ikm[0].wrapping_add(1);
+        crypto.derive_hpke_keypair(hpke(), &ikm).map(drop).map_err(|e| crypto_err("derive", e))
+    })?;
+    let plaintext = vec![0x29u8; HPKE_PLAINTEXT_LEN];
+    let info = b"qpq bench";
+    let sealed: HpkeCiphertext = crypto
+        .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
+        .map_err(|e| crypto_err("hpke seal", e))?;
+    let seal = time_mean(budget, || {
+        crypto.hpke_seal(hpke(), &keypair.public, info, b"", &plaintext).map(drop).map_err(|e| crypto_err("hpke seal", e))
+    })?;
+    let open = time_mean(budget, || {
+        crypto.hpke_open(hpke(), &sealed, &keypair.private, info, b"").map(drop).map_err(|e| crypto_err("hpke open", e))
+    })?;
+    Ok((seal, open, derive))
+}
+
+/// Times every primitive of the counting model: Ed25519 by RustCrypto, the suite's HPKE by
+/// qpq's provider ([`QpqCrypto`]), as openmls runs them.
+pub fn primitives(budget: Duration) -> anyhow::Result<Primitives> {
+    let crypto = RustCrypto::default();
     let message = vec![0x17u8; SIGNED_LEN];
     let (sk, pk) = crypto.signature_key_gen(SignatureScheme::ED25519).map_err(|e| crypto_err("keygen", e))?;
     let sig = crypto.sign(SignatureScheme::ED25519, &message, &sk).map_err(|e| crypto_err("sign", e))?;
@@ -601,30 +703,7 @@ pub fn primitives(budget: Duration) -> anyhow::Result<Primitives> {
             .map_err(|e| crypto_err("verify", e))
     })?;
 
-    let mut ikm = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut ikm);
-    let keypair = crypto.derive_hpke_keypair(hpke(), &ikm).map_err(|e| crypto_err("derive", e))?;
-    let derive_keypair = time_mean(budget, || {
-        ikm[0] = ikm[0].wrapping_add(1);
-        crypto.derive_hpke_keypair(hpke(), &ikm).map(drop).map_err(|e| crypto_err("derive", e))
-    })?;
-    let plaintext = vec![0x29u8; HPKE_PLAINTEXT_LEN];
-    let info = b"qpq bench";
-    let sealed: HpkeCiphertext = crypto
-        .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
-        .map_err(|e| crypto_err("hpke seal", e))?;
-    let hpke_seal = time_mean(budget, || {
-        crypto
-            .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
-            .map(drop)
-            .map_err(|e| crypto_err("hpke seal", e))
-    })?;
-    let hpke_open = time_mean(budget, || {
-        crypto
-            .hpke_open(hpke(), &sealed, &keypair.private, info, b"")
-            .map(drop)
-            .map_err(|e| crypto_err("hpke open", e))
-    })?;
+    let (hpke_seal, hpke_open, derive_keypair) = hpke_timings(&QpqCrypto::default(), budget)?;
 
     let mut seed = [0u8; x_wing::DECAPSULATION_KEY_SIZE];
     rand::thread_rng().fill_bytes(&mut seed);

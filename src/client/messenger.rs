@@ -32,7 +32,7 @@ use crate::client::state::{
 use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
-use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
+use crate::limits::{self, MAX_HISTORY_BYTES_PER_CONVERSATION};
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
 
@@ -710,8 +710,13 @@ impl Messenger {
         Ok(channel_seq)
     }
 
-    /// Seals `frame` (a Welcome's) for each recipient with the hybrid envelope and enqueues all
-    /// in one atomic batch on `channel`.
+    /// Seals `frame` (a Welcome's) for each recipient with the hybrid envelope and enqueues them
+    /// on `channel`: in one atomic batch when they fit [`limits::MAX_BATCH_BYTES`], else in as
+    /// few batches as fit. A Welcome to a large group is megabytes (see
+    /// [`limits::DEFAULT_MAX_PAYLOAD`]), and each Welcome stands alone, so splitting loses no
+    /// ordering; if the connection drops between batches the whole item is sent again, and a
+    /// joiner who already joined drops the repeat (its KeyPackage is used up). Returns the last
+    /// batch's channel sequence number.
     pub(crate) async fn seal_for_each(
         &mut self,
         channel: &[u8],
@@ -723,7 +728,10 @@ impl Messenger {
             let hk = self.hybrid_key_of(r).await?;
             items.push((PublicKey(*r), Parcel::Sealed(&hybrid::seal(r, &hk, frame)).encode()));
         }
-        let (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
+        let mut channel_seq = 0;
+        for items in split_batches(items, limits::MAX_BATCH_BYTES) {
+            (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
+        }
         Ok(channel_seq)
     }
 
@@ -745,9 +753,51 @@ impl Messenger {
     }
 }
 
+
+/// Splits enqueueBatch items, in order, into batches of at most `cap` payload bytes each (one
+/// item larger than `cap` goes alone, for the server to refuse by name). Never returns an empty
+/// batch unless `items` is empty, when it returns one empty batch (the call as before).
+fn split_batches(items: Vec<(PublicKey, Vec<u8>)>, cap: usize) -> Vec<Vec<(PublicKey, Vec<u8>)>> {
+    let mut batches: Vec<Vec<(PublicKey, Vec<u8>)>> = vec![Vec::new()];
+    let mut bytes = 0usize;
+    for (to, payload) in items {
+        bytes = bytes.saturating_add(payload.len());
+        if bytes > cap && batches.last().is_some_and(|b| !b.is_empty()) {
+            batches.push(Vec::new());
+            bytes = payload.len();
+        }
+        if let Some(b) = batches.last_mut() {
+            b.push((to, payload));
+        }
+    }
+    batches
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn welcome_copies_are_split_into_batches_under_the_cap() {
+        let item = |n: usize, len: usize| (PublicKey([n as u8; 32]), vec![0u8; len]);
+        let sizes = |b: &[Vec<(PublicKey, Vec<u8>)>]| -> Vec<Vec<usize>> {
+            b.iter().map(|batch| batch.iter().map(|(_, p)| p.len()).collect()).collect()
+        };
+        // Fits: one atomic batch, as before.
+        assert_eq!(sizes(&split_batches(vec![item(1, 40), item(2, 60)], 100)), vec![vec![40, 60]]);
+        // Over: as few batches as fit, order kept.
+        let split = split_batches((0..5).map(|i| item(i, 40)).collect(), 100);
+        assert_eq!(sizes(&split), vec![vec![40, 40], vec![40, 40], vec![40]]);
+        let order: Vec<u8> = split.iter().flatten().map(|(k, _)| k.0[0]).collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
+        // An item over the cap goes alone (the server refuses it by name).
+        assert_eq!(sizes(&split_batches(vec![item(1, 10), item(2, 150), item(3, 10)], 100)), vec![
+            vec![10],
+            vec![150],
+            vec![10]
+        ]);
+        assert_eq!(sizes(&split_batches(Vec::new(), 100)), vec![Vec::<usize>::new()]);
+    }
 
     fn entry(text: &str) -> Entry {
         Entry {

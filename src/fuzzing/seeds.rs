@@ -212,7 +212,13 @@ fn rpc_seeds() -> anyhow::Result<Seeds> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let mut seeds = Vec::new();
-        for scenario in [Scenario::Anonymous, Scenario::Account, Scenario::BadSignature] {
+        for scenario in [
+            Scenario::Anonymous,
+            Scenario::Account,
+            Scenario::BadSignature,
+            Scenario::Fanout,
+            Scenario::FanoutRefused,
+        ] {
             seeds.push(seed(scenario.name(), record(scenario).await?));
         }
         Ok(seeds)
@@ -226,6 +232,12 @@ enum Scenario {
     /// `authenticate` with a valid signature over [`AUTH_CHALLENGE`], then every Account method.
     Account,
     BadSignature,
+    /// `enqueueFanout` of one payload to three recipients, then a second payload to two of them
+    /// on the same channel.
+    Fanout,
+    /// `enqueueFanout` calls the server refuses: no recipients, a repeated recipient, a key of the
+    /// wrong length, an empty payload.
+    FanoutRefused,
 }
 
 impl Scenario {
@@ -234,6 +246,8 @@ impl Scenario {
             Scenario::Anonymous => "anonymous",
             Scenario::Account => "account",
             Scenario::BadSignature => "bad-signature",
+            Scenario::Fanout => "fanout",
+            Scenario::FanoutRefused => "fanout-refused",
         }
     }
 }
@@ -292,9 +306,7 @@ async fn run_calls(scenario: Scenario, node: &node_service::Client) -> anyhow::R
             for i in 0..2 {
                 let mut item = items.reborrow().get(i);
                 // Distinct recipients: the server refuses a batch that names one twice.
-                let mut recipient = peer;
-                recipient[31] ^= i as u8;
-                item.set_recipient_key(&recipient);
+                item.set_recipient_key(&recipient(peer, i as u8));
                 item.set_payload(b"batched payload");
             }
             req.send().promise.await?;
@@ -342,7 +354,56 @@ async fn run_calls(scenario: Scenario, node: &node_service::Client) -> anyhow::R
             req.get().set_signature(&[0; 64]);
             let _ = req.send().promise.await;
         }
+        Scenario::Fanout => {
+            let members: Vec<[u8; 32]> = (0..3u8).map(|i| recipient(peer, i)).collect();
+            fanout(node, [3; 16], b"one mls message", &members).await?;
+            fanout(node, [3; 16], b"the next one", members.get(1..).unwrap_or_default()).await?;
+        }
+        Scenario::FanoutRefused => {
+            let one = [recipient(peer, 0)];
+            let refused: [(&[u8], Vec<&[u8]>); 4] = [
+                (b"to nobody", vec![]),
+                (b"twice to one", vec![&one[0], &one[0]]),
+                (b"to a short key", vec![&one[0][..31]]),
+                (b"", vec![&one[0]]),
+            ];
+            for (payload, recipients) in refused {
+                let mut req = node.enqueue_fanout_request();
+                req.get().set_channel_id(&[4; 16]);
+                req.get().set_payload(payload);
+                let mut list = req.get().init_recipients(recipients.len() as u32);
+                for (i, key) in recipients.iter().enumerate() {
+                    list.set(i as u32, key);
+                }
+                anyhow::ensure!(req.send().promise.await.is_err(), "the server took a bad enqueueFanout");
+            }
+        }
     }
+    Ok(())
+}
+
+/// `peer` with its last byte changed by `i`: distinct recipients.
+fn recipient(peer: [u8; 32], i: u8) -> [u8; 32] {
+    let mut key = peer;
+    key[31] ^= i;
+    key
+}
+
+async fn fanout(
+    node: &node_service::Client,
+    channel: [u8; 16],
+    payload: &[u8],
+    recipients: &[[u8; 32]],
+) -> anyhow::Result<()> {
+    let mut req = node.enqueue_fanout_request();
+    req.get().set_channel_id(&channel);
+    req.get().set_payload(payload);
+    let mut list = req.get().init_recipients(recipients.len() as u32);
+    for (i, key) in recipients.iter().enumerate() {
+        list.set(i as u32, key);
+    }
+    let reply = req.send().promise.await?;
+    anyhow::ensure!(reply.get()?.get_seqs()?.len() as usize == recipients.len(), "one seq per recipient");
     Ok(())
 }
 

@@ -138,11 +138,13 @@ pub enum MlsError {
     Openmls { op: &'static str, detail: String },
 }
 
+mod crypto;
 mod keypackage;
 mod profile;
 #[cfg(test)]
 mod tests;
 
+pub use crypto::QpqCrypto;
 pub use keypackage::{KeyPackageError, ValidatedKeyPackage, check_lifetime, validate_key_package};
 use keypackage::{credential_identity, sender_identity, verify_key_package};
 pub use profile::{DISPLAY_NAME_EXTENSION, valid_display_name};

@@ -689,3 +689,41 @@ fn display_names_travel_in_leaves_and_unsafe_ones_are_ignored() {
     assert_eq!(bob.member_name(&group, &[7; 32]), None);
     assert_eq!(client().with_display_name(Some("\u{202e}")).display_name, None, "never signed");
 }
+
+/// Issue 11 weak point: with the hybrid suite a Welcome carries a 1216-byte X-Wing key per
+/// leaf, so adding the 200th member made a Welcome above the old 256 KiB payload limit and the
+/// group could not grow. The sealed parcel the client enqueues must fit the default limit now
+/// (this fails with the old `DEFAULT_MAX_PAYLOAD`), and the joiner can join from it.
+#[test]
+fn a_welcome_to_a_two_hundred_member_group_fits_the_default_payload_limit() {
+    use crate::client::frame::Frame;
+    use crate::client::parcel::Parcel;
+    use crate::client::state::GroupKind;
+    use crate::crypto::hybrid::{self, HybridSecretKey};
+    use crate::limits::DEFAULT_MAX_PAYLOAD;
+
+    const OLD_LIMIT: usize = 256 * 1024;
+    const MEMBERS: usize = 200;
+    let mut creator = client();
+    let mut members: Vec<MlsClient> = (1..MEMBERS).map(|_| client()).collect();
+    let kps: Vec<Vec<u8>> = members.iter().map(key_package).collect();
+    let group = b"group-of-two-hundred".to_vec();
+    creator.create_group(&group).unwrap();
+    let welcome = creator.add_members(&group, &kps).unwrap().welcome.unwrap();
+    creator.merge_pending(&group).unwrap();
+
+    let frame = Frame::Welcome {
+        welcome: welcome.clone(),
+        group_name: "two hundred".into(),
+        kind: GroupKind::Group,
+        inviter: creator.identity(),
+    }
+    .encode();
+    let joiner = members.last_mut().unwrap();
+    let secret = HybridSecretKey::generate();
+    let parcel = Parcel::Sealed(&hybrid::seal(&joiner.identity(), &secret.public_key(), &frame)).encode();
+    assert!(parcel.len() > OLD_LIMIT, "{} bytes: the case no longer exceeds the old limit", parcel.len());
+    assert!(parcel.len() <= DEFAULT_MAX_PAYLOAD, "{} > {DEFAULT_MAX_PAYLOAD}", parcel.len());
+    assert_eq!(joiner.join(&welcome).unwrap(), group);
+    assert_eq!(joiner.members(&group).unwrap().len(), MEMBERS);
+}

@@ -21,7 +21,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::storage::{CURRENT_VERSION, Entity, StorageProvider, traits};
 use serde::Serialize;
@@ -29,6 +28,7 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::{ClientDb, DbError, DbWrite, Table};
+use crate::mls::QpqCrypto;
 
 const KEY_PACKAGE_LABEL: &[u8] = b"KeyPackage";
 const PSK_LABEL: &[u8] = b"Psk";
@@ -54,33 +54,33 @@ const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
 /// groups' join configs. No openmls label starts with `qpq/`.
 pub const GROUP_INDEX_KEY: &[u8] = b"qpq/group-index";
 
-/// An openmls provider whose storage is an [`MlsStore`]: RustCrypto for crypto and randomness.
+/// An openmls provider whose storage is an [`MlsStore`], with qpq's crypto ([`QpqCrypto`]).
 #[derive(Default)]
 pub struct DbProvider {
-    crypto: RustCrypto,
+    crypto: QpqCrypto,
     store: MlsStore,
 }
 
 impl DbProvider {
     pub fn new(store: MlsStore) -> DbProvider {
-        DbProvider { crypto: RustCrypto::default(), store }
+        DbProvider { crypto: QpqCrypto::default(), store }
     }
 }
 
 impl OpenMlsProvider for DbProvider {
-    type CryptoProvider = RustCrypto;
-    type RandProvider = RustCrypto;
+    type CryptoProvider = QpqCrypto;
+    type RandProvider = QpqCrypto;
     type StorageProvider = MlsStore;
 
     fn storage(&self) -> &MlsStore {
         &self.store
     }
 
-    fn crypto(&self) -> &RustCrypto {
+    fn crypto(&self) -> &QpqCrypto {
         &self.crypto
     }
 
-    fn rand(&self) -> &RustCrypto {
+    fn rand(&self) -> &QpqCrypto {
         &self.crypto
     }
 }
