@@ -25,16 +25,16 @@ use crate::store::{
 const STORED_BYTES_SHARDS: i32 = 64;
 
 /// A u64 as PostgreSQL's bigint, saturating (numbers past i64::MAX never occur in practice).
-fn big(v: u64) -> i64 {
+pub(super) fn big(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// A bigint column that holds a count or number as u64 (negative ones read as 0).
-fn unbig(v: i64) -> u64 {
+pub(super) fn unbig(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn identity(v: &[u8]) -> Result<IdentityKey, TxError> {
+pub(super) fn identity(v: &[u8]) -> Result<IdentityKey, TxError> {
     v.try_into().map_err(|_| TxError::Store(StoreError::Db(format!("corrupt identity of {} bytes", v.len()))))
 }
 
@@ -83,7 +83,7 @@ async fn meta_value(tx: &Transaction<'_>, name: &str) -> Result<i64, TxError> {
 }
 
 /// Adds `delta` bytes to this connection's shard of the stored-bytes total.
-async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
+pub(super) async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
     if delta == 0 {
         return Ok(());
     }
@@ -236,7 +236,7 @@ async fn enqueue(
 }
 
 /// NOTIFY the other nodes (delivered when this transaction commits, never before).
-async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
+pub(super) async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
     let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
     for chunk in recipients.chunks(limits::PG_NOTIFY_RECIPIENTS) {
         let mut payload = format!("{node_id:016x}");
