@@ -7,18 +7,20 @@
 //!
 //! How, like the redb writer: a few worker tasks per node share one queue of requests; a free
 //! worker takes every request waiting (up to [`limits::PG_BATCH_OPS`]) and runs them as:
-//! 1. BEGIN;
-//! 2. pipelined, in this order: upsert and so lock the batch's channel rows (sorted), then its
-//!    queue rows (sorted), read the floors and the stored-bytes total, and delete the acked
-//!    entries (returning what went);
-//! 3. in memory, the requests one after the other in arrival order: acks count what they
+//! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
+//!    rows (sorted), then its queue rows (sorted), read the floors and the stored-bytes total,
+//!    and delete the acked entries (returning what went);
+//! 2. in memory, the requests one after the other in arrival order: acks count what they
 //!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
 //!    left by the requests before them; a refused request changes nothing and does not disturb
 //!    the others (the caps are decided here, so no SAVEPOINT is needed);
-//! 4. pipelined: one insert of every payload and entry, one update of the queue rows, one of
-//!    the channel rows, one of this connection's stored-bytes shard, one NOTIFY per
-//!    [`limits::PG_NOTIFY_RECIPIENTS`] recipients;
-//! 5. COMMIT: one WAL flush acknowledges the whole batch.
+//! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
+//!    rows, one of the channel rows, one of this connection's stored-bytes shard, one NOTIFY per
+//!    [`limits::PG_NOTIFY_RECIPIENTS`] recipients, and COMMIT: one WAL flush acknowledges the
+//!    whole batch. A statement that fails aborts the transaction, so the COMMIT behind it only
+//!    rolls back; the batch answers with that statement's error, never success.
+//!
+//! On any error the worker sends ROLLBACK before the connection goes back to the pool.
 //!
 //! Every batch locks rows in the same order (channels by key, then queues by key, then one
 //! shard), on every node, so batches queue behind each other instead of deadlocking. A request
@@ -29,8 +31,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 
 use super::{Inner, TxError, ops, unavailable};
 use crate::limits;
@@ -104,20 +107,19 @@ impl Inner {
         let now_ms = self.clock.now_ms();
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
-            let mut client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let tx = client.transaction().await.map_err(|e| unavailable(e.into()))?;
-            match apply(&tx, self.limits, now_ms, self.node_id, ops).await {
-                Ok(applied) => match tx.commit().await {
-                    Ok(()) => {
-                        self.commits.fetch_add(1, Ordering::Relaxed);
-                        return Ok(applied);
-                    }
-                    Err(e) => match TxError::from(e) {
-                        TxError::Conflict(m) => last = m,
-                        TxError::Store(e) => return Err(e),
-                    },
-                },
-                // Dropping `tx` rolls it back.
+            let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
+            let applied = apply(&client, self.limits, now_ms, self.node_id, ops).await;
+            if applied.is_err() {
+                // Ends the transaction if the failure left one open (a warning, not an error,
+                // when the pipelined COMMIT already ended it); a dead connection is dropped by
+                // the pool.
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+            match applied {
+                Ok(applied) => {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(applied);
+                }
                 Err(TxError::Conflict(m)) => last = m,
                 Err(TxError::Store(e)) => return Err(e),
             }
@@ -170,10 +172,11 @@ fn channel_of(op: &WriteOp) -> &[u8] {
     }
 }
 
-/// Applies `ops` inside `tx` (see the module docs for the steps). The error rolls back the
-/// whole batch; refusals are per request, inside [`Applied`].
+/// Runs `ops` as one transaction on `tx`, from BEGIN to COMMIT (see the module docs for the
+/// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
+/// inside [`Applied`].
 async fn apply(
-    tx: &Transaction<'_>,
+    tx: &Object,
     limits: QueueLimits,
     now: u64,
     node_id: u64,
@@ -234,7 +237,8 @@ async fn apply(
         )
         .await?;
     // Sent in this order on one connection, so locks are taken in this order.
-    let (channel_rows, queue_rows, totals, acked) = tokio::try_join!(
+    let ((), channel_rows, queue_rows, totals, acked) = tokio::try_join!(
+        tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
                 return Ok(Vec::new());
@@ -394,6 +398,18 @@ async fn apply(
     channel_state.sort_unstable();
     let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
     let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
+    let add_stored = tx
+        .prepare_cached(
+            "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
+        )
+        .await?;
+    let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+    let delta = adding_total - freed;
+    let payloads = ops::notify_payloads(node_id, &woken);
+    let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
+        payloads.iter().map(|p| [&super::MAIL_CHANNEL as &(dyn ToSql + Sync), p]).collect();
+    // The shard last: it is the last lock of every batch.
     tokio::try_join!(
         async {
             if rows.recipients.is_empty() {
@@ -417,10 +433,15 @@ async fn apply(
             }
             tx.execute(&update_channels, &[&c_keys, &c_last]).await
         },
+        async {
+            if delta == 0 {
+                return Ok(0);
+            }
+            tx.execute(&add_stored, &[&ops::STORED_BYTES_SHARDS, &delta]).await
+        },
+        futures::future::try_join_all(notify_params.iter().map(|params| tx.execute(&notify, params))),
+        tx.batch_execute("COMMIT"),
     )?;
-    // The shard and the NOTIFYs last: the shard is the last lock of every batch.
-    ops::add_stored_bytes(tx, adding_total - freed).await?;
-    ops::notify(tx, node_id, &woken).await?;
     Ok(Applied { outcomes, woken })
 }
 

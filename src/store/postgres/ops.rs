@@ -22,7 +22,7 @@ use crate::store::{
 };
 
 /// Shards of the stored-bytes total (each connection adds to `pg_backend_pid() % SHARDS`).
-const STORED_BYTES_SHARDS: i32 = 64;
+pub(super) const STORED_BYTES_SHARDS: i32 = 64;
 
 /// A u64 as PostgreSQL's bigint, saturating (numbers past i64::MAX never occur in practice).
 pub(super) fn big(v: u64) -> i64 {
@@ -83,7 +83,7 @@ async fn meta_value(tx: &Transaction<'_>, name: &str) -> Result<i64, TxError> {
 }
 
 /// Adds `delta` bytes to this connection's shard of the stored-bytes total.
-pub(super) async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
+async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
     if delta == 0 {
         return Ok(());
     }
@@ -236,17 +236,27 @@ async fn enqueue(
 }
 
 /// NOTIFY the other nodes (delivered when this transaction commits, never before).
-pub(super) async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
+async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
     let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-    for chunk in recipients.chunks(limits::PG_NOTIFY_RECIPIENTS) {
-        let mut payload = format!("{node_id:016x}");
-        for r in chunk {
-            payload.push(':');
-            payload.push_str(&hex::encode(r));
-        }
+    for payload in notify_payloads(node_id, recipients) {
         tx.execute(&stmt, &[&MAIL_CHANNEL, &payload]).await?;
     }
     Ok(())
+}
+
+/// The NOTIFY payloads naming `recipients` (see [`super::listen`] for the format).
+pub(super) fn notify_payloads(node_id: u64, recipients: &[IdentityKey]) -> Vec<String> {
+    recipients
+        .chunks(limits::PG_NOTIFY_RECIPIENTS)
+        .map(|chunk| {
+            let mut payload = format!("{node_id:016x}");
+            for r in chunk {
+                payload.push(':');
+                payload.push_str(&hex::encode(r));
+            }
+            payload
+        })
+        .collect()
 }
 
 async fn ack(tx: &Transaction<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, TxError> {
