@@ -1,4 +1,6 @@
-//! Each store operation as SQL inside one transaction (READ COMMITTED).
+//! Each store operation as SQL inside one transaction (READ COMMITTED). Enqueues, fanouts and
+//! acks normally go through the group commit ([`super::batch`]) instead; they come here only
+//! when a batch failed with a database error and is run again one request at a time.
 //!
 //! Locking, so that nodes agree without talking to each other:
 //! - An enqueue upserts and so row-locks its channel's `qpq_channels` row first (the counter
