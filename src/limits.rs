@@ -323,6 +323,15 @@ pub const MAX_RPC_WORKERS: usize = 8;
 /// transactions to overlap their commits (PostgreSQL then shares WAL flushes between them).
 pub const PG_POOL_SIZE: usize = 16;
 
+/// Requests one PostgreSQL group commit takes at most: enough that 64 senders' enqueues share a
+/// WAL flush, few enough that one transaction's rows and arrays stay small.
+pub const PG_BATCH_OPS: usize = 64;
+/// Group-commit workers per node (each one transaction at a time, on its own pooled connection):
+/// one batch is filling its locks while another flushes, and the rest of the pool serves reads.
+pub const PG_BATCH_WORKERS: usize = 4;
+/// Enqueues and acks waiting for a group-commit worker before callers wait to queue.
+pub const PG_BATCH_QUEUE: usize = 1024;
+
 /// Longest a PostgreSQL transaction waits for a pooled connection, or a new one to open, before
 /// the call fails with `unavailable`: a database that is down gives clients an answer, not a hang.
 pub const PG_CONNECT_TIMEOUT_MS: u64 = 5_000;

@@ -417,6 +417,70 @@ async fn queue_full_is_a_clear_error_and_batches_are_all_or_nothing() {
     server.shutdown().await.unwrap();
 }
 
+/// Requests in flight together share a commit (group commit on both backends): a refused one
+/// must neither store anything nor take a number, and must not disturb the others; two acks
+/// of one queue together remove each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_accepted_requests_in_flight_together_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 12;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let (full, open, carol) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let mut senders = Vec::new();
+        for _ in 0..8 {
+            senders.push(connect(&server).await);
+        }
+        for i in 0..4u8 {
+            senders[0].enqueue(&carol.public().0, &[i], b"").await.unwrap();
+        }
+        for i in 0..8u8 {
+            senders[0].enqueue(&full.public().0, &[i], b"").await.unwrap();
+        }
+        let c = login(&server, &carol).await;
+        // `full` has room for 4 more. 8 singles to `full`, 8 batches on "team" naming `full`
+        // too (each all-or-nothing), 8 batches on "team" to `open` only (all fit), and two
+        // acks of carol's queue, all at once.
+        let full_key = full.public().0;
+        let mixed_items = [(open.public(), b"m".to_vec()), (full.public(), b"m".to_vec())];
+        let plain_items = [(open.public(), b"p".to_vec())];
+        let singles = senders.iter().map(|s| s.enqueue(&full_key, b"s", b""));
+        let mixed = senders.iter().map(|s| s.enqueue_batch(b"team", &mixed_items));
+        let plain = senders.iter().map(|s| s.enqueue_batch(b"team", &plain_items));
+        let (singles, mixed, plain, acks) = tokio::join!(
+            futures::future::join_all(singles),
+            futures::future::join_all(mixed),
+            futures::future::join_all(plain),
+            futures::future::join(c.ack(2), c.ack(3)),
+        );
+        let single_seqs: HashSet<u64> = singles.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.0).collect();
+        let mixed_ok: Vec<(u64, Vec<u64>)> = mixed.into_iter().filter_map(|r| r.ok()).collect();
+        let taken_by_mixed = mixed_ok.len();
+        assert_eq!(single_seqs.len() + taken_by_mixed, 4, "exactly the cap was stored in `full`");
+        for r in singles.iter().filter(|r| r.is_err()) {
+            assert!(format!("{r:?}").contains("queue full"), "{r:?}");
+        }
+        let plain: Vec<(u64, Vec<u64>)> = plain.into_iter().map(|r| r.unwrap()).collect();
+        let mut cseqs: Vec<u64> = plain.iter().chain(&mixed_ok).map(|r| r.0).collect();
+        cseqs.sort();
+        let n = cseqs.len() as u64;
+        assert_eq!(cseqs, (1..=n).collect::<Vec<u64>>(), "refused batches took no channel position");
+        let o = login(&server, &open).await;
+        let (msgs, _) = o.fetch(0).await.unwrap();
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=n).collect::<Vec<u64>>(), "dense seqs: refused batches stored nothing");
+        let f = login(&server, &full).await;
+        assert_eq!(f.fetch(0).await.unwrap().0.len(), 12);
+        let (a2, a3) = (acks.0.unwrap(), acks.1.unwrap());
+        assert_eq!(a2 + a3, 3, "each acked message removed once: {a2} + {a3}");
+        let left: Vec<u64> = c.fetch(0).await.unwrap().0.iter().map(|m| m.seq).collect();
+        assert_eq!(left, vec![4]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_on_a_channel_are_seen_in_one_order_by_every_recipient() {
     let dir = tempfile::tempdir().unwrap();

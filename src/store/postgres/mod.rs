@@ -1,10 +1,11 @@
 //! The PostgreSQL store: several `qpq serve` nodes share one database.
 //!
-//! Every write is one PostgreSQL transaction on a pooled connection (deadpool-postgres over
-//! tokio-postgres), committed with `synchronous_commit = on` (forced in the connection options),
-//! so a reply means the commit is in the flushed WAL. Concurrency is left to PostgreSQL's row
-//! locks, not to locks in this process (see [`ops`]): that is what makes several nodes safe.
-//! PostgreSQL groups concurrent commits into shared WAL flushes on its own.
+//! Every write is committed in a PostgreSQL transaction on a pooled connection
+//! (deadpool-postgres over tokio-postgres) with `synchronous_commit = on` (forced in the
+//! connection options), so a reply means the commit is in the flushed WAL. Enqueues and acks,
+//! the frequent writes, are group-committed: the ones waiting at one moment share a transaction
+//! ([`batch`]); the rest run one transaction each ([`ops`]). Concurrency is left to PostgreSQL's
+//! row locks, not to locks in this process: that is what makes several nodes safe.
 //!
 //! Each call runs as a task on the runtime that opened the store (the server's multi-threaded
 //! one), so the pool's connection tasks live there whichever RPC worker asked.
@@ -17,6 +18,7 @@
 //! TLS to the database: none (`NoTls`). Run PostgreSQL on loopback or a private network, or
 //! tunnel it; a `sslmode=require` URL is refused at start-up rather than silently downgraded.
 
+mod batch;
 mod listen;
 mod ops;
 mod schema;
@@ -26,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
@@ -105,6 +108,8 @@ struct Inner {
 pub struct PgStore {
     inner: Arc<Inner>,
     runtime: tokio::runtime::Handle,
+    /// Enqueues and acks for the group-commit workers (they stop when this closes).
+    batches: mpsc::Sender<batch::Request>,
     /// Stops the listen task.
     stop: CancellationToken,
 }
@@ -170,7 +175,12 @@ impl PgStore {
         });
         let stop = CancellationToken::new();
         tokio::spawn(listen::run(cfg, inner.node_id, inner.notifier.clone(), stop.clone()));
-        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), stop })
+        let (batches, queue) = mpsc::channel(limits::PG_BATCH_QUEUE);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..limits::PG_BATCH_WORKERS {
+            tokio::spawn(batch::run_worker(inner.clone(), queue.clone()));
+        }
+        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, stop })
     }
 
     /// Runs `f` on the store's runtime and waits for it.
@@ -184,7 +194,12 @@ impl PgStore {
     }
 
     pub async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
-        self.on_runtime(|inner| async move { inner.write(op).await }).await
+        if !batch::batched(&op) {
+            return self.on_runtime(|inner| async move { inner.write(op).await }).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.batches.send((op, reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     pub async fn fetch(

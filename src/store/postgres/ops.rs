@@ -1,4 +1,6 @@
-//! Each store operation as SQL inside one transaction (READ COMMITTED).
+//! Each store operation as SQL inside one transaction (READ COMMITTED). Enqueues, fanouts and
+//! acks normally go through the group commit ([`super::batch`]) instead; they come here only
+//! when a batch failed with a database error and is run again one request at a time.
 //!
 //! Locking, so that nodes agree without talking to each other:
 //! - An enqueue upserts and so row-locks its channel's `qpq_channels` row first (the counter
@@ -22,19 +24,19 @@ use crate::store::{
 };
 
 /// Shards of the stored-bytes total (each connection adds to `pg_backend_pid() % SHARDS`).
-const STORED_BYTES_SHARDS: i32 = 64;
+pub(super) const STORED_BYTES_SHARDS: i32 = 64;
 
 /// A u64 as PostgreSQL's bigint, saturating (numbers past i64::MAX never occur in practice).
-fn big(v: u64) -> i64 {
+pub(super) fn big(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// A bigint column that holds a count or number as u64 (negative ones read as 0).
-fn unbig(v: i64) -> u64 {
+pub(super) fn unbig(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn identity(v: &[u8]) -> Result<IdentityKey, TxError> {
+pub(super) fn identity(v: &[u8]) -> Result<IdentityKey, TxError> {
     v.try_into().map_err(|_| TxError::Store(StoreError::Db(format!("corrupt identity of {} bytes", v.len()))))
 }
 
@@ -238,15 +240,25 @@ async fn enqueue(
 /// NOTIFY the other nodes (delivered when this transaction commits, never before).
 async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
     let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-    for chunk in recipients.chunks(limits::PG_NOTIFY_RECIPIENTS) {
-        let mut payload = format!("{node_id:016x}");
-        for r in chunk {
-            payload.push(':');
-            payload.push_str(&hex::encode(r));
-        }
+    for payload in notify_payloads(node_id, recipients) {
         tx.execute(&stmt, &[&MAIL_CHANNEL, &payload]).await?;
     }
     Ok(())
+}
+
+/// The NOTIFY payloads naming `recipients` (see [`super::listen`] for the format).
+pub(super) fn notify_payloads(node_id: u64, recipients: &[IdentityKey]) -> Vec<String> {
+    recipients
+        .chunks(limits::PG_NOTIFY_RECIPIENTS)
+        .map(|chunk| {
+            let mut payload = format!("{node_id:016x}");
+            for r in chunk {
+                payload.push(':');
+                payload.push_str(&hex::encode(r));
+            }
+            payload
+        })
+        .collect()
 }
 
 async fn ack(tx: &Transaction<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, TxError> {

@@ -1,0 +1,492 @@
+//! Group commit on PostgreSQL: the enqueues and acks waiting at one moment run as one
+//! transaction, in a fixed number of round trips whatever their number.
+//!
+//! Why: one transaction per request cost about ten statements (each a loopback round trip and a
+//! backend wake-up) and one WAL flush per message, and held the recipient's queue row locked
+//! across all of them; on a small machine that, not the disk, capped throughput (issue 13).
+//!
+//! How, like the redb writer: a few worker tasks per node share one queue of requests; a free
+//! worker takes every request waiting (up to [`limits::PG_BATCH_OPS`]) and runs them as:
+//! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
+//!    rows (sorted), then its queue rows (sorted), read the floors and the stored-bytes total,
+//!    and delete the acked entries (returning what went);
+//! 2. in memory, the requests one after the other in arrival order: acks count what they
+//!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
+//!    left by the requests before them; a refused request changes nothing and does not disturb
+//!    the others (the caps are decided here, so no SAVEPOINT is needed);
+//! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
+//!    rows, one of the channel rows, one of this connection's stored-bytes shard, one NOTIFY per
+//!    [`limits::PG_NOTIFY_RECIPIENTS`] recipients, and COMMIT: one WAL flush acknowledges the
+//!    whole batch. A statement that fails aborts the transaction, so the COMMIT behind it only
+//!    rolls back; the batch answers with that statement's error, never success.
+//!
+//! On any error the worker sends ROLLBACK before the connection goes back to the pool.
+//!
+//! Every batch locks rows in the same order (channels by key, then queues by key, then one
+//! shard), on every node, so batches queue behind each other instead of deadlocking. A request
+//! the batch cannot explain (a database error, not a refusal) makes the batch run again one
+//! request per transaction, so only the guilty request fails.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use deadpool_postgres::Object;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+use super::{Inner, TxError, ops, unavailable};
+use crate::limits;
+use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, StoredMessage, WriteOp};
+
+/// One queued request and where its answer goes.
+pub(super) type Request = (WriteOp, oneshot::Sender<Result<Outcome, StoreError>>);
+
+/// Whether `op` goes through the batch (the frequent writes); the rest keep a transaction each.
+pub(super) fn batched(op: &WriteOp) -> bool {
+    matches!(op, WriteOp::Enqueue { .. } | WriteOp::Fanout { .. } | WriteOp::Ack { .. })
+}
+
+/// One worker: takes what is waiting, commits it, answers, until the queue closes.
+pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Request>>>) {
+    loop {
+        let requests = {
+            let mut rx = queue.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut requests = vec![first];
+            while requests.len() < limits::PG_BATCH_OPS {
+                match rx.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+            requests
+        };
+        let (ops, replies): (Vec<WriteOp>, Vec<_>) = requests.into_iter().unzip();
+        match inner.commit_batch(&ops).await {
+            Ok(Applied { outcomes, woken }) => {
+                inner.notifier.notify(woken.iter());
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    // The caller may have gone (its connection closed): nothing to tell.
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(StoreError::Db(m)) if ops.len() > 1 => {
+                tracing::warn!(error = %m, n = ops.len(), "postgresql batch failed; running its requests one by one");
+                for (op, reply) in ops.into_iter().zip(replies) {
+                    let _ = reply.send(inner.write(op).await);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(same_error(&e)));
+                }
+            }
+        }
+    }
+}
+
+/// A batch-wide error, once per request (StoreError is not Clone: it wraps driver errors' text).
+fn same_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Db(other.to_string()),
+    }
+}
+
+/// What a committed batch answers, request by request, and whose waiters to wake.
+pub(super) struct Applied {
+    outcomes: Vec<Result<Outcome, StoreError>>,
+    woken: Vec<IdentityKey>,
+}
+
+impl Inner {
+    /// Runs `ops` as one transaction, again after a deadlock or serialization failure.
+    async fn commit_batch(&self, ops: &[WriteOp]) -> Result<Applied, StoreError> {
+        let now_ms = self.clock.now_ms();
+        let mut last = String::new();
+        for _ in 0..limits::PG_TX_ATTEMPTS {
+            let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
+            let applied = apply(&client, self.limits, now_ms, self.node_id, ops).await;
+            if applied.is_err() {
+                // Ends the transaction if the failure left one open (a warning, not an error,
+                // when the pipelined COMMIT already ended it); a dead connection is dropped by
+                // the pool.
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+            match applied {
+                Ok(applied) => {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(applied);
+                }
+                Err(TxError::Conflict(m)) => last = m,
+                Err(TxError::Store(e)) => return Err(e),
+            }
+            tracing::debug!(error = %last, "postgresql batch conflicted, running it again");
+        }
+        Err(StoreError::Unavailable(format!("transaction kept conflicting: {last}")))
+    }
+}
+
+/// A locked queue row as the batch changes it.
+#[derive(Clone, Copy)]
+struct Queue {
+    next: i64,
+    count: i64,
+    bytes: i64,
+}
+
+/// The rows one enqueue adds, in item order.
+struct Rows<'a> {
+    recipients: Vec<&'a [u8]>,
+    seqs: Vec<i64>,
+    bodies: Vec<&'a [u8]>,
+    sizes: Vec<i64>,
+    channels: Vec<&'a [u8]>,
+    channel_seqs: Vec<i64>,
+}
+
+/// The recipient and body of each item of an enqueue or fanout (a fanout still stores one copy
+/// per recipient here; see `ops::apply`).
+fn items(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
+    match op {
+        WriteOp::Enqueue { items, .. } => Ok(items.iter().map(|(w, p)| (w, &p[..])).collect()),
+        WriteOp::Fanout { payload, recipients, .. } => {
+            let mut seen = HashMap::with_capacity(recipients.len());
+            for (i, who) in recipients.iter().enumerate() {
+                if let Some(first) = seen.insert(*who, i) {
+                    return Err(StoreError::DuplicateRecipient { first, again: i });
+                }
+            }
+            Ok(recipients.iter().map(|w| (w, &payload[..])).collect())
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+fn channel_of(op: &WriteOp) -> &[u8] {
+    match op {
+        WriteOp::Enqueue { channel, .. } | WriteOp::Fanout { channel, .. } => channel,
+        _ => &[],
+    }
+}
+
+/// Runs `ops` as one transaction on `tx`, from BEGIN to COMMIT (see the module docs for the
+/// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
+/// inside [`Applied`].
+async fn apply(
+    tx: &Object,
+    limits: QueueLimits,
+    now: u64,
+    node_id: u64,
+    ops: &[WriteOp],
+) -> Result<Applied, TxError> {
+    let now_i = ops::big(now);
+    // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
+    let mut channel_keys: Vec<&[u8]> =
+        ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
+    channel_keys.sort_unstable();
+    channel_keys.dedup();
+    let mut queue_keys: Vec<&[u8]> = Vec::new();
+    let mut acks: HashMap<&IdentityKey, i64> = HashMap::new();
+    for op in ops {
+        match op {
+            WriteOp::Ack { who, up_to } => {
+                queue_keys.push(&who[..]);
+                let up_to = ops::big(*up_to);
+                acks.entry(who).and_modify(|u| *u = (*u).max(up_to)).or_insert(up_to);
+            }
+            other => queue_keys.extend(items(other).unwrap_or_default().into_iter().map(|(w, _)| &w[..])),
+        }
+    }
+    queue_keys.sort_unstable();
+    queue_keys.dedup();
+    let (ack_keys, ack_up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
+
+    let lock_channels = tx
+        .prepare_cached(
+            "INSERT INTO qpq_channels (id, last_seq, touched_ms)
+             SELECT c, 0, $2 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(c, o) ORDER BY o
+             ON CONFLICT (id) DO UPDATE SET touched_ms = excluded.touched_ms
+             RETURNING id, last_seq",
+        )
+        .await?;
+    let lock_queues = tx
+        .prepare_cached(
+            "INSERT INTO qpq_queues (recipient, next_seq, count, bytes)
+             SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
+             ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
+             RETURNING recipient, next_seq, count, bytes",
+        )
+        .await?;
+    let totals = tx
+        .prepare_cached(
+            "SELECT coalesce((SELECT value FROM qpq_meta WHERE name = 'seq_floor'), 0),
+                    coalesce((SELECT value FROM qpq_meta WHERE name = 'channel_seq_floor'), 0),
+                    (SELECT coalesce(sum(bytes), 0)::bigint FROM qpq_stored_bytes)",
+        )
+        .await?;
+    let delete_acked = tx
+        .prepare_cached(
+            "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
+                  d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
+                        RETURNING e.recipient, e.seq, e.payload_id, e.bytes),
+                  p AS (DELETE FROM qpq_payloads WHERE id IN (SELECT payload_id FROM d))
+             SELECT recipient, seq, bytes FROM d",
+        )
+        .await?;
+    // Sent in this order on one connection, so locks are taken in this order.
+    let ((), channel_rows, queue_rows, totals, acked) = tokio::try_join!(
+        tx.batch_execute("BEGIN"),
+        async {
+            if channel_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&lock_channels, &[&channel_keys, &now_i]).await
+        },
+        async {
+            if queue_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&lock_queues, &[&queue_keys]).await
+        },
+        tx.query_one(&totals, &[]),
+        async {
+            if ack_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&delete_acked, &[&ack_keys, &ack_up_to]).await
+        },
+    )?;
+    let (seq_floor, channel_floor, mut used): (i64, i64, i64) = (totals.get(0), totals.get(1), totals.get(2));
+
+    // Step 3, in memory. A new row (0) counts on from its floor (the schema's invariant).
+    let mut channels: HashMap<Vec<u8>, i64> = HashMap::with_capacity(channel_rows.len());
+    for row in channel_rows {
+        let last: i64 = row.get(1);
+        channels.insert(row.get(0), if last == 0 { channel_floor } else { last });
+    }
+    let mut queues: HashMap<IdentityKey, Queue> = HashMap::with_capacity(queue_rows.len());
+    for row in queue_rows {
+        let next: i64 = row.get(1);
+        let next = if next == 0 { seq_floor.max(1) } else { next };
+        queues.insert(ops::identity(row.get(0))?, Queue { next, count: row.get(2), bytes: row.get(3) });
+    }
+    // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
+    // the same recipient earlier in the batch did not: as if they ran one after the other.
+    let mut removed = vec![0u32; ops.len()];
+    let mut freed = 0i64;
+    for row in acked {
+        let who = ops::identity(row.get(0))?;
+        let (seq, size): (i64, i64) = (row.get(1), row.get(2));
+        let q = queues.get_mut(&who).ok_or_else(missing_row)?;
+        q.count -= 1;
+        q.bytes -= size;
+        freed += size;
+        let mut first_ack: Option<(usize, i64)> = None;
+        for (i, op) in ops.iter().enumerate() {
+            if let WriteOp::Ack { who: w, up_to } = op {
+                let up_to = ops::big(*up_to);
+                if *w == who && seq <= up_to && first_ack.is_none_or(|(_, u)| up_to < u) {
+                    first_ack = Some((i, up_to));
+                }
+            }
+        }
+        if let Some((i, _)) = first_ack {
+            removed[i] = removed[i].saturating_add(1);
+        }
+    }
+    used -= freed;
+
+    let mut rows = Rows {
+        recipients: Vec::new(),
+        seqs: Vec::new(),
+        bodies: Vec::new(),
+        sizes: Vec::new(),
+        channels: Vec::new(),
+        channel_seqs: Vec::new(),
+    };
+    let mut adding_total = 0i64;
+    let mut woken: Vec<IdentityKey> = Vec::new();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        if let WriteOp::Ack { .. } = op {
+            outcomes.push(Ok(Outcome::Acked { removed: removed[i] }));
+            continue;
+        }
+        let items = match items(op) {
+            Ok(items) => items,
+            Err(refused) => {
+                outcomes.push(Err(refused));
+                continue;
+            }
+        };
+        let channel = channel_of(op);
+        let refused = plan_enqueue(limits, channel, &items, &queues, used);
+        if let Err(refused) = refused {
+            outcomes.push(Err(refused));
+            continue;
+        }
+        // Accepted: take the numbers.
+        let channel_seq = match channels.get_mut(channel) {
+            Some(last) => {
+                *last = last.saturating_add(1);
+                *last
+            }
+            None => 0,
+        };
+        let mut seqs = Vec::with_capacity(items.len());
+        for &(who, payload) in &items {
+            let q = queues.get_mut(who).ok_or_else(missing_row)?;
+            let size = accounted(channel, payload);
+            let seq = q.next;
+            q.next = seq.saturating_add(1);
+            q.count += 1;
+            q.bytes += size;
+            used += size;
+            adding_total += size;
+            rows.recipients.push(&who[..]);
+            rows.seqs.push(seq);
+            rows.bodies.push(payload);
+            rows.sizes.push(size);
+            rows.channels.push(channel);
+            rows.channel_seqs.push(channel_seq);
+            woken.push(*who);
+            seqs.push(ops::unbig(seq));
+        }
+        outcomes.push(Ok(Outcome::Enqueued { channel_seq: ops::unbig(channel_seq), seqs }));
+    }
+    woken.sort_unstable();
+    woken.dedup();
+
+    // Step 4: write it all.
+    let insert = tx
+        .prepare_cached(
+            "WITH items AS MATERIALIZED (
+                 SELECT nextval('qpq_payloads_id_seq') AS id, t.*
+                 FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bigint[], $5::bytea[], $6::bigint[])
+                      AS t(recipient, seq, body, bytes, channel_id, channel_seq)
+             ), p AS (
+                 INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body)
+                 SELECT id, channel_id, channel_seq, $7, body FROM items
+             )
+             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms)
+             SELECT recipient, seq, id, bytes, $7 FROM items",
+        )
+        .await?;
+    let update_queues = tx
+        .prepare_cached(
+            "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
+             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
+             WHERE q.recipient = u.r",
+        )
+        .await?;
+    let update_channels = tx
+        .prepare_cached(
+            "UPDATE qpq_channels c SET last_seq = u.last
+             FROM unnest($1::bytea[], $2::bigint[]) AS u(id, last) WHERE c.id = u.id",
+        )
+        .await?;
+    let mut queue_state: Vec<(&IdentityKey, &Queue)> = queues.iter().collect();
+    queue_state.sort_unstable_by_key(|(k, _)| **k);
+    let q_keys: Vec<&[u8]> = queue_state.iter().map(|(k, _)| &k[..]).collect();
+    let q_next: Vec<i64> = queue_state.iter().map(|(_, q)| q.next).collect();
+    let q_count: Vec<i64> = queue_state.iter().map(|(_, q)| q.count).collect();
+    let q_bytes: Vec<i64> = queue_state.iter().map(|(_, q)| q.bytes).collect();
+    let mut channel_state: Vec<(&Vec<u8>, &i64)> = channels.iter().collect();
+    channel_state.sort_unstable();
+    let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
+    let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
+    let add_stored = tx
+        .prepare_cached(
+            "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
+        )
+        .await?;
+    let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+    let delta = adding_total - freed;
+    let payloads = ops::notify_payloads(node_id, &woken);
+    let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
+        payloads.iter().map(|p| [&super::MAIL_CHANNEL as &(dyn ToSql + Sync), p]).collect();
+    // The shard last: it is the last lock of every batch.
+    tokio::try_join!(
+        async {
+            if rows.recipients.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                &insert,
+                &[&rows.recipients, &rows.seqs, &rows.bodies, &rows.sizes, &rows.channels, &rows.channel_seqs, &now_i],
+            )
+            .await
+        },
+        async {
+            if q_keys.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&update_queues, &[&q_keys, &q_next, &q_count, &q_bytes]).await
+        },
+        async {
+            if c_keys.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&update_channels, &[&c_keys, &c_last]).await
+        },
+        async {
+            if delta == 0 {
+                return Ok(0);
+            }
+            tx.execute(&add_stored, &[&ops::STORED_BYTES_SHARDS, &delta]).await
+        },
+        futures::future::try_join_all(notify_params.iter().map(|params| tx.execute(&notify, params))),
+        tx.batch_execute("COMMIT"),
+    )?;
+    Ok(Applied { outcomes, woken })
+}
+
+/// Bytes an item is charged against the caps (as the redb store counts them).
+fn accounted(channel: &[u8], payload: &[u8]) -> i64 {
+    ops::big(StoredMessage::accounted_len(17 + channel.len() + payload.len()))
+}
+
+/// Checks every cap an enqueue would pass, against the state the requests before it left.
+fn plan_enqueue(
+    limits: QueueLimits,
+    channel: &[u8],
+    items: &[(&IdentityKey, &[u8])],
+    queues: &HashMap<IdentityKey, Queue>,
+    used: i64,
+) -> Result<(), StoreError> {
+    let mut planned: HashMap<&IdentityKey, (i64, i64)> = HashMap::new();
+    let mut adding = 0i64;
+    for (who, payload) in items {
+        let (count, bytes) = match planned.get(*who) {
+            Some(p) => *p,
+            None => {
+                let q = queues.get(*who).ok_or_else(|| unavailable(missing_row()))?;
+                (q.count, q.bytes)
+            }
+        };
+        let add = accounted(channel, payload);
+        if ops::unbig(count) + 1 > limits.max_messages || ops::unbig(bytes) + ops::unbig(add) > limits.max_bytes {
+            return Err(StoreError::QueueFull {
+                count: ops::unbig(count),
+                bytes: ops::unbig(bytes),
+                max_count: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            });
+        }
+        planned.insert(*who, (count + 1, bytes + add));
+        adding += add;
+    }
+    let used = ops::unbig(used);
+    if used.saturating_add(ops::unbig(adding)) > limits.max_stored_bytes {
+        return Err(StoreError::OverQuota { used, adding: ops::unbig(adding), max: limits.max_stored_bytes });
+    }
+    Ok(())
+}
+
+fn missing_row() -> TxError {
+    TxError::Store(StoreError::Db("batch: a recipient's queue row went missing".to_string()))
+}
