@@ -32,7 +32,6 @@ use crate::client::state::{
 use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
-use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
 
@@ -683,16 +682,6 @@ impl Messenger {
             .and_then(|id| hex::decode(id).ok())
     }
 
-    /// The last `n` messages of a conversation, oldest first.
-    pub fn history(&self, group_id: &[u8], n: usize) -> Vec<Entry> {
-        self.home
-            .state
-            .groups
-            .get(&hex::encode(group_id))
-            .map(|g| g.history.iter().rev().take(n).rev().cloned().collect())
-            .unwrap_or_default()
-    }
-
     // ----- sending (queued first, see [`crate::client::outbox`]) -----
 
     /// Sends a group's MLS `frame` (an encoded [`Frame::Mls`](super::frame::Frame::Mls)) once
@@ -736,10 +725,8 @@ impl Messenger {
         let key = hex::encode(&entry.group_id);
         if let Some(g) = self.home.state.groups.get_mut(&key) {
             self.home.state.timelines.note_message(&key);
+            // Appended to the history table by the next save (no cap: issue 12).
             g.history.push_back(entry);
-            // No count cap (issue 12); the byte bound stays while the whole state is one file
-            // that every save rewrites and that must stay under the state file's size limit.
-            keep_newest(&mut g.history, usize::MAX, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }
         self.expire_history();
     }

@@ -33,7 +33,7 @@ fn records_round_trip_and_nothing_readable_reaches_the_file() {
     let (dir, key, db) = new_db();
     let mut w = db.write().unwrap();
     w.put(Table::State, b"contacts", b"bob=secret-contact-name").unwrap();
-    w.put_history(b"group-id-in-clear", 1, b"a very private message").unwrap();
+    w.put_history(b"group-id-in-clear", HistoryKey { at_ms: 1, index: 0 }, b"a very private message").unwrap();
     assert_eq!(w.commit().unwrap(), 1, "first write is generation 1");
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob=secret-contact-name");
     assert_eq!(db.get(Table::Mls, b"contacts").unwrap(), None, "tables are separate");
@@ -181,20 +181,30 @@ fn a_sealed_record_copied_into_another_slot_does_not_open() {
 #[test]
 fn history_pages_backwards_per_conversation_in_one_range() {
     let (_dir, _key, db) = new_db();
+    let at = |at_ms: u64, index: u64| HistoryKey { at_ms, index };
     let mut w = db.write().unwrap();
     for seq in 1..=300u64 {
-        w.put_history(b"conv-a", seq, format!("a{seq}").as_bytes()).unwrap();
-        w.put_history(b"conv-b", seq, format!("b{seq}").as_bytes()).unwrap();
+        w.put_history(b"conv-a", at(1000 + seq, seq), format!("a{seq}").as_bytes()).unwrap();
+        w.put_history(b"conv-b", at(1000 + seq, seq), format!("b{seq}").as_bytes()).unwrap();
     }
     w.commit().unwrap();
-    let page = db.history_page(b"conv-a", 0..=u64::MAX, 3).unwrap();
-    let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
+    let all = HistoryKey::MIN..=HistoryKey::MAX;
+    let page = db.history_page(b"conv-a", all.clone(), 3).unwrap();
+    let seqs: Vec<u64> = page.iter().map(|(k, _)| k.index).collect();
     assert_eq!(seqs, [300, 299, 298]);
     assert_eq!(page[0].1.as_slice(), b"a300");
-    let before = db.history_page(b"conv-a", 0..=255, 2).unwrap();
-    assert_eq!(before.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [255, 254], "255 = 0x00ff, 256 = 0x0100");
-    assert_eq!(db.history_page(b"conv-b", 0..=u64::MAX, 1000).unwrap().len(), 300);
-    assert!(db.history_page(b"conv-c", 0..=u64::MAX, 10).unwrap().is_empty());
+    let below = at(1256, 256).below().unwrap();
+    let before = db.history_page(b"conv-a", HistoryKey::MIN..=below, 2).unwrap();
+    assert_eq!(before.iter().map(|(k, _)| k.index).collect::<Vec<_>>(), [255, 254], "big-endian order");
+    assert_eq!(db.history_page(b"conv-b", all.clone(), 1000).unwrap().len(), 300);
+    assert!(db.history_page(b"conv-c", all.clone(), 10).unwrap().is_empty());
+    assert_eq!(db.history_oldest(b"conv-b").unwrap(), Some(at(1001, 1)));
+    // Expiry is one range: conv-a's entries received before 1101, and no one else's.
+    let mut w = db.write().unwrap();
+    assert_eq!(w.delete_history_before(b"conv-a", 1101).unwrap(), 100);
+    w.commit().unwrap();
+    assert_eq!(db.history_oldest(b"conv-a").unwrap(), Some(at(1101, 101)));
+    assert_eq!(db.history_page(b"conv-b", all, 1000).unwrap().len(), 300);
 }
 
 // ----- the openmls store -----
