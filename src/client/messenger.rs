@@ -332,7 +332,7 @@ impl Messenger {
         let mut home = Home::create(dir, state, unlock)?;
         // The same records as `mls`, but clean: nothing left to write.
         let mls = match home.take_mls() {
-            Some(store) => MlsClient::from_store(identity.seed(), store)?
+            Some(store) => MlsClient::from_store_lazy(identity.seed(), store)?
                 .with_clock(Clock::from_env())
                 .with_display_name(home.state.name.as_deref()),
             None => mls,
@@ -363,7 +363,7 @@ impl Messenger {
     ) -> Result<Messenger, ClientError> {
         let mut home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
-        let mls = MlsClient::from_store(identity.seed(), home.take_mls().unwrap_or_default())?
+        let mls = MlsClient::from_store_lazy(identity.seed(), home.take_mls().unwrap_or_default())?
             .with_clock(Clock::from_env())
             .with_display_name(home.state.name.as_deref());
         Ok(Messenger {
@@ -395,10 +395,13 @@ impl Messenger {
         if self.home.refresh()?
             && let Some(store) = self.home.take_mls()
         {
-            self.mls = MlsClient::from_store(self.identity.seed(), store)?
+            self.mls = MlsClient::from_store_lazy(self.identity.seed(), store)?
                 .with_clock(Clock::from_env())
                 .with_display_name(self.home.state.name.as_deref());
         }
+        // openmls reads its records on demand through this operation's handle (the previous
+        // one was closed with the lock).
+        self.mls.store().attach(self.home.db()?);
         Ok(guard)
     }
 

@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -431,24 +432,28 @@ struct DbHold(Rc<RefCell<HoldInner>>);
 
 #[derive(Default)]
 struct HoldInner {
-    db: Option<Rc<ClientDb>>,
+    /// An `Arc`: openmls's store reads through the same handle (see [`Home::refresh`]).
+    db: Option<Arc<ClientDb>>,
     /// The database generation this process last read or wrote (see [`Home::saved_elsewhere`]).
     seen: u64,
 }
 
 impl DbHold {
-    fn get_or_open(&self, dir: &Path, key: &StateKey) -> Result<Rc<ClientDb>, StateError> {
+    fn get_or_open(&self, dir: &Path, key: &StateKey) -> Result<Arc<ClientDb>, StateError> {
         if let Some(db) = &self.0.borrow().db {
             return Ok(db.clone());
         }
-        let db = Rc::new(ClientDb::open(dir, key)?);
+        let db = Arc::new(ClientDb::open(dir, key)?);
         self.0.borrow_mut().db = Some(db.clone());
         Ok(db)
     }
 
-    /// Closes the database (call before releasing the home's lock).
+    /// Closes the database (call before releasing the home's lock), also for the handles
+    /// openmls's store still holds.
     fn close(&self) {
-        self.0.borrow_mut().db.take();
+        if let Some(db) = self.0.borrow_mut().db.take() {
+            db.close();
+        }
     }
 }
 
@@ -577,7 +582,9 @@ impl Home {
 
     /// Opens the database and reloads the state if another process saved since we last did.
     /// Call with the lock held. Returns true when the state was reloaded (then
-    /// [`Home::take_mls`] holds openmls's records as of now).
+    /// [`Home::take_mls`] holds an empty openmls store reading through to the database: records
+    /// are read when openmls asks for them, so a reload reads the messenger's records and none
+    /// of openmls's).
     pub fn refresh(&mut self) -> Result<bool, StateError> {
         let db = self.hold.get_or_open(&self.dir, &self.key)?;
         let generation = db.generation()?;
@@ -587,7 +594,7 @@ impl Home {
         }
         let (state, written) = records::read_state(&db)?;
         let mls = MlsStore::memory();
-        mls.load_all(&db)?;
+        mls.attach(db.clone());
         self.state = state;
         self.written = written;
         self.mls_loaded = Some(mls);
@@ -596,8 +603,8 @@ impl Home {
         Ok(true)
     }
 
-    /// The database, for reads under the home's lock (history pages).
-    pub(crate) fn db(&self) -> Result<Rc<ClientDb>, StateError> {
+    /// The database, for reads under the home's lock (history pages, openmls's store).
+    pub(crate) fn db(&self) -> Result<Arc<ClientDb>, StateError> {
         self.hold.get_or_open(&self.dir, &self.key)
     }
 

@@ -33,8 +33,9 @@
 //!
 //! # Processes
 //! redb lets one handle at a time own the file. Every qpq process keeps the home's
-//! [`crate::fsutil::HomeLock`] discipline and holds a [`ClientDb`] only while it holds that lock,
-//! so the handle is never contended; the generation counter tells a process whether another one
+//! [`crate::fsutil::HomeLock`] discipline and keeps the file open only while it holds that lock
+//! ([`ClientDb::close`] when it releases it; a read on a closed handle, outside any operation,
+//! takes the lock and opens the file for that read), so the handle is never contended; the generation counter tells a process whether another one
 //! wrote since it last looked (and so whether its cached records are stale). A process waiting
 //! on the server watches `qpq.db.gen`, an unsynced copy of the generation rewritten after each
 //! commit, since redb rewrites its header whenever any process opens the file.
@@ -52,10 +53,13 @@ use std::io;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+use std::sync::{PoisonError, RwLock};
+
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
 use crate::crypto::statefile::{self, StateFileError, StateKey};
+use crate::fsutil::HomeLock;
 use crate::limits::CLIENT_DB_CACHE_BYTES;
 use seal::{RecordDamaged, RecordKeys};
 
@@ -119,6 +123,10 @@ pub enum DbError {
     Key(#[from] StateFileError),
     #[error("{0} is open in another handle of this process")]
     InUse(PathBuf),
+    #[error("{0} was closed: writes happen under the home's lock")]
+    Closed(PathBuf),
+    #[error("{0}")]
+    Lock(String),
     #[error("{0}")]
     Record(#[from] RecordDamaged),
     #[error("cannot {op} the client database: {reason}")]
@@ -156,18 +164,24 @@ impl HistoryKey {
 pub type HistoryRecord = (HistoryKey, Zeroizing<Vec<u8>>);
 
 /// An open client database and the keys of its records.
+///
+/// [`ClientDb::close`] releases the file (the home's lock is about to be released) while
+/// others still hold this handle: openmls's store reads through it on demand
+/// ([`mls::MlsStore::attach`]). A read on a closed handle takes the home's lock, opens the file
+/// for that one read and closes it again (a read outside any operation, such as listing a
+/// group's members); a write on a closed handle is refused.
 pub struct ClientDb {
-    /// Always Some until dropped (taken in `Drop` to close it shielded).
-    db: Option<Database>,
+    /// None once closed (taken in `close` or `Drop` to close it shielded).
+    db: RwLock<Option<Database>>,
     keys: RecordKeys,
     path: PathBuf,
+    /// The home directory, for reads after `close` (None: a database being built aside).
+    home: Option<PathBuf>,
 }
 
 impl Drop for ClientDb {
     fn drop(&mut self) {
-        // Closing writes redb's state back and may meet the same damage as a read.
-        let db = self.db.take();
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        self.close();
     }
 }
 
@@ -221,7 +235,7 @@ impl ClientDb {
             }
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
-        Ok(ClientDb { db: Some(db), keys: RecordKeys::derive(key), path })
+        Ok(ClientDb { db: RwLock::new(Some(db)), keys: RecordKeys::derive(key), path, home: None })
     }
 
     /// Opens the database with a passphrase (one Argon2id run), returning the state key for the
@@ -234,7 +248,8 @@ impl ClientDb {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
         let keys = RecordKeys::derive(&key);
-        Ok((key, ClientDb { db: Some(db), keys, path }))
+        let home = Some(dir.to_path_buf());
+        Ok((key, ClientDb { db: RwLock::new(Some(db)), keys, path, home }))
     }
 
     /// Opens the database with a key this process derived before (no Argon2id run).
@@ -245,7 +260,8 @@ impl ClientDb {
         if plain.as_slice() != KEY_CHECK {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
-        Ok(ClientDb { db: Some(db), keys: RecordKeys::derive(key), path })
+        let home = Some(dir.to_path_buf());
+        Ok(ClientDb { db: RwLock::new(Some(db)), keys: RecordKeys::derive(key), path, home })
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
@@ -260,9 +276,42 @@ impl ClientDb {
         &self.path
     }
 
-    fn redb(&self) -> &Database {
-        // Invariant: `db` is Some from construction until `drop` takes it.
-        self.db.as_ref().expect("the database is open until dropped")
+    /// Releases the file (idempotent); see the type's header for what works afterwards.
+    pub fn close(&self) {
+        let db = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        // Closing writes redb's state back and may meet the same damage as a read.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+    }
+
+    /// Runs `f` on the open file, or, once closed, on the file opened for this one read under
+    /// the home's lock.
+    fn with_redb<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, DbError> {
+        {
+            let open = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(db) = open.as_ref() {
+                return f(db);
+            }
+        }
+        let Some(home) = &self.home else { return Err(DbError::Closed(self.path.clone())) };
+        let _lock = HomeLock::acquire(home, true).map_err(|e| DbError::Lock(e.to_string()))?;
+        let (db, _) = open_file(home)?;
+        let out = f(&db);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        out
+    }
+
+    /// Runs `f` on the open file; refused once closed.
+    fn with_open<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, DbError> {
+        let open = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match open.as_ref() {
+            Some(db) => f(db),
+            None => Err(DbError::Closed(self.path.clone())),
+        }
+    }
+
+    #[cfg(test)]
+    fn raw(&self) -> std::sync::RwLockReadGuard<'_, Option<Database>> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The number of writes committed so far: changes whenever anyone wrote.
@@ -271,9 +320,11 @@ impl ClientDb {
     }
 
     fn generation_unshielded(&self) -> Result<u64, DbError> {
-        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
-        let meta = txn.open_table(META).map_err(|e| io_err("read")(e.into()))?;
-        read_generation(&meta, &self.path)
+        self.with_redb(|db| {
+            let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+            let meta = txn.open_table(META).map_err(|e| io_err("read")(e.into()))?;
+            read_generation(&meta, &self.path)
+        })
     }
 
     /// The plaintext of record `logical` of `table`, if present.
@@ -283,12 +334,14 @@ impl ClientDb {
 
     fn get_unshielded(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
         let slot = self.keys.slot(table.label(), logical);
-        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
-        let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-        let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
-            return Ok(None);
-        };
-        Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
+        self.with_redb(|db| {
+            let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+            let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
+            let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
+                return Ok(None);
+            };
+            Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
+        })
     }
 
     /// Up to `n` history entries of `conversation` with keys in `keys`, newest first: one
@@ -319,7 +372,9 @@ impl ClientDb {
         let conv = self.keys.slot(label, conversation);
         let lo = history_key(&conv, *keys.start());
         let hi = history_key(&conv, *keys.end());
-        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let db = db.as_ref().ok_or_else(|| DbError::Closed(self.path.clone()))?;
+        let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
         let t = txn.open_table(Table::History.def()).map_err(|e| io_err("read")(e.into()))?;
         let range = t.range(lo.as_slice()..=hi.as_slice()).map_err(|e| io_err("read")(e.into()))?;
         let items: Box<dyn Iterator<Item = _>> = if newest_first { Box::new(range.rev()) } else { Box::new(range) };
@@ -338,20 +393,22 @@ impl ClientDb {
     /// The plaintext of every record of `table` (for loading a whole table at once).
     pub fn scan(&self, table: Table) -> Result<Vec<Zeroizing<Vec<u8>>>, DbError> {
         shielded(&self.path, || {
-            let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
-            let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-            let mut out = Vec::new();
-            for item in t.iter().map_err(|e| io_err("read")(e.into()))? {
-                let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
-                out.push(self.keys.open(table.label(), k.value(), v.value())?);
-            }
-            Ok(out)
+            self.with_open(|db| {
+                let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+                let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
+                let mut out = Vec::new();
+                for item in t.iter().map_err(|e| io_err("read")(e.into()))? {
+                    let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
+                    out.push(self.keys.open(table.label(), k.value(), v.value())?);
+                }
+                Ok(out)
+            })
         })
     }
 
     /// Starts a write: everything put or deleted lands together, or not at all.
     pub fn write(&self) -> Result<DbWrite<'_>, DbError> {
-        let txn = self.redb().begin_write().map_err(|e| io_err("write")(e.into()))?;
+        let txn = self.with_open(|db| db.begin_write().map_err(|e| io_err("write")(e.into())))?;
         Ok(DbWrite { txn, keys: &self.keys, path: &self.path })
     }
 }

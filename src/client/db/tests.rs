@@ -24,7 +24,7 @@ fn new_db() -> (tempfile::TempDir, StateKey, ClientDb) {
 }
 
 fn count(db: &ClientDb, table: Table) -> u64 {
-    let txn = db.redb().begin_read().unwrap();
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
     txn.open_table(table.def()).unwrap().len().unwrap()
 }
 
@@ -82,7 +82,7 @@ fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
 fn a_newer_or_older_format_is_refused_by_name() {
     for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older")] {
         let (dir, key, db) = new_db();
-        let txn = db.redb().begin_write().unwrap();
+        let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
         txn.open_table(META).unwrap().insert(META_FORMAT, found.to_le_bytes().as_slice()).unwrap();
         txn.commit().unwrap();
         drop(db);
@@ -168,7 +168,7 @@ fn a_sealed_record_copied_into_another_slot_does_not_open() {
     w.put(Table::State, b"b", b"bob's").unwrap();
     w.commit().unwrap();
     let (sa, sb) = (db.keys.slot(b"state", b"a"), db.keys.slot(b"state", b"b"));
-    let txn = db.redb().begin_write().unwrap();
+    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
     {
         let mut t = txn.open_table(Table::State.def()).unwrap();
         let a = t.get(sa.as_slice()).unwrap().unwrap().value().to_vec();
