@@ -792,7 +792,7 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
     let Some(query) = history_query(m, args)? else {
         return Ok(());
     };
-    let page = m.history_page(&query);
+    let page = m.history_page(&query)?;
     write_history(m, &query, &page, args.json, out)?;
     if let Some(older) = &page.older {
         let target =

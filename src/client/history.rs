@@ -14,15 +14,22 @@
 //! conversation's message counter (see [`crate::client::timeline`]), so it is stable while new
 //! entries arrive and old ones go.
 //!
-//! # The seam
-//! [`page`] is pure logic over an iterator of entries, newest first: today it is fed from the
-//! in-memory state ([`Messenger::history_page`]); a database keyed by position feeds it the same
-//! way, reading only as many records as the page needs.
+//! # Reading a page
+//! [`page`] is pure logic over an iterator of entries, newest first. [`Messenger::history_page`]
+//! feeds it from the client database, whose `history` table orders each conversation's entries
+//! by receive time then index ([`crate::client::db::HistoryKey`]), which is [`Position`] order
+//! within one conversation: per conversation it reads one range below the cursor, at most one
+//! entry past the page (more only while a `--grep` skips entries), and merges the
+//! conversations. A page costs O(n) records for one conversation and O(n × conversations) for
+//! all of them, whatever the history's length.
 
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::client::db::{HistoryKey, records};
 use crate::client::messenger::{ClientError, Messenger};
-use crate::client::state::Entry;
+use crate::client::state::{Entry, StateError};
 use crate::client::timeline::Item;
 
 /// Where an entry sits in the history (ordered oldest to newest).
@@ -148,6 +155,9 @@ pub struct HistoryPage {
     /// The cursor of the next older page (the position of the oldest entry here), or None when
     /// no older entry matches.
     pub older: Option<Position>,
+    /// The index of the oldest kept entry of each conversation on the page, by group id
+    /// (filled by [`Messenger::history_page`]; events before it go before it).
+    pub oldest: BTreeMap<Vec<u8>, u64>,
 }
 
 /// Case-insensitive substring matching (Unicode lowercase on both sides).
@@ -197,7 +207,24 @@ where
     }
     picked.reverse();
     let older = if more { picked.first().map(|e| e.position.clone()) } else { None };
-    HistoryPage { entries: picked, older }
+    HistoryPage { entries: picked, older, oldest: BTreeMap::new() }
+}
+
+/// Records read per range scan while a search skips entries.
+const GREP_CHUNK: usize = 256;
+
+/// The highest key of `conversation` that sorts before `before` (None: nothing does).
+fn upper_key(conversation: &[u8], before: &Before) -> Option<HistoryKey> {
+    match before {
+        Before::Newest => Some(HistoryKey::MAX),
+        Before::Time(t) => HistoryKey { at_ms: *t, index: 0 }.below(),
+        Before::Position(p) => match conversation.cmp(p.group_id.as_slice()) {
+            // Same time, smaller group id: older, whatever the index.
+            Ordering::Less => Some(HistoryKey { at_ms: p.at_ms, index: u64::MAX }),
+            Ordering::Equal => HistoryKey { at_ms: p.at_ms, index: p.index }.below(),
+            Ordering::Greater => HistoryKey { at_ms: p.at_ms, index: 0 }.below(),
+        },
+    }
 }
 
 impl Messenger {
@@ -213,9 +240,9 @@ impl Messenger {
         let _op = self.begin()?;
         let ms = keep.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
         self.home.state.history_retention_ms = ms;
-        let deleted = self.expire_history();
+        self.expire_history();
         self.home.save()?;
-        Ok(deleted)
+        Ok(self.home.last_history.expired)
     }
 
     /// Entries received before this time are past the retention (0 when there is none).
@@ -226,25 +253,14 @@ impl Messenger {
         }
     }
 
-    /// Deletes the entries past the retention, oldest first in each conversation (so the
-    /// positions of the rest stay as they were); returns how many. The caller saves.
-    pub(crate) fn expire_history(&mut self) -> usize {
-        let cutoff = self.retention_cutoff_ms();
-        let mut deleted = 0;
-        if cutoff == 0 {
-            return deleted;
-        }
-        for g in self.home.state.groups.values_mut() {
-            while g.history.front().is_some_and(|e| e.received_at_ms < cutoff) {
-                g.history.pop_front();
-                deleted += 1;
-            }
-        }
-        deleted
+    /// Makes the next save delete the entries past the retention (one range per
+    /// conversation; oldest first, so the positions of the rest stay as they were).
+    pub(crate) fn expire_history(&mut self) {
+        self.home.expire_before_ms = self.retention_cutoff_ms();
     }
 
-    /// Bench only: appends `entries` to their conversations' history as if received, without
-    /// saving (the bench fills a large home this way instead of sending 100k messages).
+    /// Bench only: appends `entries` to their conversations' history as if received, and
+    /// saves (the bench fills a large home this way instead of sending 100k messages).
     #[doc(hidden)]
     pub fn inject_history_for_bench(&mut self, entries: Vec<Entry>) -> Result<(), ClientError> {
         let _op = self.begin()?;
@@ -255,32 +271,76 @@ impl Messenger {
         Ok(())
     }
 
-    /// Every kept entry with its position, newest first, of one conversation or all.
-    fn positioned(&self, conversation: Option<&[u8]>) -> Vec<(Position, &Entry)> {
+    /// One page of history (see the module header). Entries past the retention are left out
+    /// even before the next save deletes them. Takes the home's lock to read the database.
+    pub fn history_page(&mut self, query: &HistoryQuery) -> Result<HistoryPage, ClientError> {
+        let _op = self.begin()?;
+        let db = self.home.db()?;
+        let cutoff = self.retention_cutoff_ms();
+        let needle = Needle::new(query.grep.as_deref());
+        let want = query.n.max(1).saturating_add(1);
+        let chunk = if needle.0.is_some() { want.max(GREP_CHUNK) } else { want };
         let state = &self.home.state;
-        let mut all = Vec::new();
-        for (key, g) in &state.groups {
-            let Ok(group_id) = hex::decode(key) else { continue };
-            if conversation.is_some_and(|c| c != group_id.as_slice()) {
-                continue;
+        let conversations: Vec<(String, Vec<u8>)> = match &query.conversation {
+            Some(id) => vec![(hex::encode(id), id.clone())],
+            None => state.groups.keys().filter_map(|k| Some((k.clone(), hex::decode(k).ok()?))).collect(),
+        };
+        let lowest = HistoryKey { at_ms: cutoff, index: 0 };
+        let mut found: Vec<(Position, Entry)> = Vec::new();
+        for (key, id) in &conversations {
+            let position = |k: HistoryKey| Position { at_ms: k.at_ms, group_id: id.clone(), index: k.index };
+            let mut picked = 0;
+            // Entries added since the last save (none once an operation saved), newest first.
+            if let Some(g) = state.groups.get(key) {
+                let first = state.timelines.first_index(key, g.history.len());
+                for (i, e) in g.history.iter().enumerate().rev() {
+                    let p = position(HistoryKey { at_ms: e.received_at_ms, index: first + i as u64 });
+                    if upper_key(id, &query.before).is_some_and(|hi| p.at_ms >= cutoff && (p.at_ms, p.index) <= (hi.at_ms, hi.index))
+                        && needle.matches(&e.text)
+                    {
+                        found.push((p, e.clone()));
+                        picked += 1;
+                    }
+                }
             }
-            let first = state.timelines.first_index(key, g.history.len());
-            for (i, e) in g.history.iter().enumerate() {
-                let index = first.saturating_add(i as u64);
-                let position = Position { at_ms: e.received_at_ms, group_id: group_id.clone(), index };
-                all.push((position, e));
+            let mut hi = upper_key(id, &query.before);
+            while picked < want {
+                let Some(top) = hi.filter(|h| *h >= lowest) else { break };
+                let records = db.history_page(id, lowest..=top, chunk).map_err(StateError::from)?;
+                let full = records.len() == chunk;
+                for (k, plain) in records {
+                    hi = k.below();
+                    let e = records::decode_entry(&plain)?;
+                    if needle.matches(&e.text) {
+                        found.push((position(k), e));
+                        picked += 1;
+                        if picked >= want {
+                            break;
+                        }
+                    }
+                }
+                if !full {
+                    break;
+                }
             }
         }
-        all.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-        all
-    }
-
-    /// One page of history (see the module header). Entries past the retention are left out
-    /// even before the next save deletes them.
-    pub fn history_page(&self, query: &HistoryQuery) -> HistoryPage {
-        let cutoff = self.retention_cutoff_ms();
-        let all = self.positioned(query.conversation.as_deref());
-        page(all.into_iter().filter(|(p, _)| p.at_ms >= cutoff), query)
+        found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut page = page(found.iter().map(|(p, e)| (p.clone(), e)), query);
+        // Where each conversation on the page starts, for placing its earliest events.
+        for e in &page.entries {
+            let id = &e.position.group_id;
+            if page.oldest.contains_key(id) {
+                continue;
+            }
+            let key = hex::encode(id);
+            let pending = state.groups.get(&key).filter(|g| !g.history.is_empty());
+            let oldest = match db.history_oldest(id).map_err(StateError::from)? {
+                Some(k) => k.index,
+                None => state.timelines.first_index(&key, pending.map_or(0, |g| g.history.len())),
+            };
+            page.oldest.insert(id.clone(), oldest);
+        }
+        Ok(page)
     }
 
     /// A page's messages with the membership events of their conversations in their places:
@@ -300,9 +360,8 @@ impl Messenger {
         let mut items = Vec::with_capacity(page.entries.len());
         for e in &page.entries {
             let key = hex::encode(&e.position.group_id);
-            let kept = state.groups.get(&key).map_or(0, |g| g.history.len());
-            let first = state.timelines.first_index(&key, kept);
-            let last = (first + kept as u64).saturating_sub(1);
+            let first = page.oldest.get(&e.position.group_id).copied().unwrap_or(0);
+            let last = state.timelines.message_count(&key).saturating_sub(1);
             let lo = if e.position.index == first { 0 } else { e.position.index };
             for ev in state.timelines.events_between(&key, lo, e.position.index) {
                 items.push((e.position.group_id.clone(), Item::Event(ev)));

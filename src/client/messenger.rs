@@ -32,7 +32,7 @@ use crate::client::state::{
 use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
-use crate::limits::{self, MAX_HISTORY_BYTES_PER_CONVERSATION};
+use crate::limits;
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
 
@@ -333,7 +333,7 @@ impl Messenger {
         let mut home = Home::create(dir, state, unlock)?;
         // The same records as `mls`, but clean: nothing left to write.
         let mls = match home.take_mls() {
-            Some(store) => MlsClient::from_store(identity.seed(), store)?
+            Some(store) => MlsClient::from_store_lazy(identity.seed(), store)?
                 .with_clock(Clock::from_env())
                 .with_display_name(home.state.name.as_deref()),
             None => mls,
@@ -364,7 +364,7 @@ impl Messenger {
     ) -> Result<Messenger, ClientError> {
         let mut home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
-        let mls = MlsClient::from_store(identity.seed(), home.take_mls().unwrap_or_default())?
+        let mls = MlsClient::from_store_lazy(identity.seed(), home.take_mls().unwrap_or_default())?
             .with_clock(Clock::from_env())
             .with_display_name(home.state.name.as_deref());
         Ok(Messenger {
@@ -396,10 +396,13 @@ impl Messenger {
         if self.home.refresh()?
             && let Some(store) = self.home.take_mls()
         {
-            self.mls = MlsClient::from_store(self.identity.seed(), store)?
+            self.mls = MlsClient::from_store_lazy(self.identity.seed(), store)?
                 .with_clock(Clock::from_env())
                 .with_display_name(self.home.state.name.as_deref());
         }
+        // openmls reads its records on demand through this operation's handle (the previous
+        // one was closed with the lock).
+        self.mls.store().attach(self.home.db()?);
         Ok(guard)
     }
 
@@ -683,16 +686,6 @@ impl Messenger {
             .and_then(|id| hex::decode(id).ok())
     }
 
-    /// The last `n` messages of a conversation, oldest first.
-    pub fn history(&self, group_id: &[u8], n: usize) -> Vec<Entry> {
-        self.home
-            .state
-            .groups
-            .get(&hex::encode(group_id))
-            .map(|g| g.history.iter().rev().take(n).rev().cloned().collect())
-            .unwrap_or_default()
-    }
-
     // ----- sending (queued first, see [`crate::client::outbox`]) -----
 
     /// Sends a group's MLS `frame` (an encoded [`Frame::Mls`](super::frame::Frame::Mls)) once
@@ -744,10 +737,8 @@ impl Messenger {
         let key = hex::encode(&entry.group_id);
         if let Some(g) = self.home.state.groups.get_mut(&key) {
             self.home.state.timelines.note_message(&key);
+            // Appended to the history table by the next save (no cap: issue 12).
             g.history.push_back(entry);
-            // No count cap (issue 12); the byte bound stays while the whole state is one file
-            // that every save rewrites and that must stay under the state file's size limit.
-            keep_newest(&mut g.history, usize::MAX, MAX_HISTORY_BYTES_PER_CONVERSATION);
         }
         self.expire_history();
     }

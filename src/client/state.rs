@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -139,6 +140,9 @@ pub struct GroupMeta {
     pub kind: GroupKind,
     /// False once we were removed or left.
     pub active: bool,
+    /// In a `qpq-state.bin`: the kept history, oldest first. In memory on the database: only
+    /// the entries added since the last save, which the save appends to the history table
+    /// (see [`records`]); read history with [`crate::client::history`].
     pub history: VecDeque<Entry>,
 }
 
@@ -401,6 +405,10 @@ pub struct Home {
     written: records::Written,
     /// openmls's records as of the last load, until the messenger takes them.
     mls_loaded: Option<MlsStore>,
+    /// History entries received before this time are deleted by the next save (0: none).
+    pub(crate) expire_before_ms: u64,
+    /// What the last successful save did to the history.
+    pub(crate) last_history: records::HistoryWrites,
     pub state: State,
 }
 
@@ -424,24 +432,28 @@ struct DbHold(Rc<RefCell<HoldInner>>);
 
 #[derive(Default)]
 struct HoldInner {
-    db: Option<Rc<ClientDb>>,
+    /// An `Arc`: openmls's store reads through the same handle (see [`Home::refresh`]).
+    db: Option<Arc<ClientDb>>,
     /// The database generation this process last read or wrote (see [`Home::saved_elsewhere`]).
     seen: u64,
 }
 
 impl DbHold {
-    fn get_or_open(&self, dir: &Path, key: &StateKey) -> Result<Rc<ClientDb>, StateError> {
+    fn get_or_open(&self, dir: &Path, key: &StateKey) -> Result<Arc<ClientDb>, StateError> {
         if let Some(db) = &self.0.borrow().db {
             return Ok(db.clone());
         }
-        let db = Rc::new(ClientDb::open(dir, key)?);
+        let db = Arc::new(ClientDb::open(dir, key)?);
         self.0.borrow_mut().db = Some(db.clone());
         Ok(db)
     }
 
-    /// Closes the database (call before releasing the home's lock).
+    /// Closes the database (call before releasing the home's lock), also for the handles
+    /// openmls's store still holds.
     fn close(&self) {
-        self.0.borrow_mut().db.take();
+        if let Some(db) = self.0.borrow_mut().db.take() {
+            db.close();
+        }
     }
 }
 
@@ -515,6 +527,8 @@ impl Home {
             generation: None,
             written: Default::default(),
             mls_loaded: None,
+            expire_before_ms: 0,
+            last_history: Default::default(),
             state,
         };
         home.refresh()?;
@@ -540,6 +554,8 @@ impl Home {
             generation: None,
             written: Default::default(),
             mls_loaded: None,
+            expire_before_ms: 0,
+            last_history: Default::default(),
             state: State::new(Secrets::new([0; 32], [0; 32]), None, None),
         };
         let loaded = home.refresh();
@@ -566,7 +582,9 @@ impl Home {
 
     /// Opens the database and reloads the state if another process saved since we last did.
     /// Call with the lock held. Returns true when the state was reloaded (then
-    /// [`Home::take_mls`] holds openmls's records as of now).
+    /// [`Home::take_mls`] holds an empty openmls store reading through to the database: records
+    /// are read when openmls asks for them, so a reload reads the messenger's records and none
+    /// of openmls's).
     pub fn refresh(&mut self) -> Result<bool, StateError> {
         let db = self.hold.get_or_open(&self.dir, &self.key)?;
         let generation = db.generation()?;
@@ -576,13 +594,18 @@ impl Home {
         }
         let (state, written) = records::read_state(&db)?;
         let mls = MlsStore::memory();
-        mls.load_all(&db)?;
+        mls.attach(db.clone());
         self.state = state;
         self.written = written;
         self.mls_loaded = Some(mls);
         self.generation = Some(generation);
         self.hold.0.borrow_mut().seen = generation;
         Ok(true)
+    }
+
+    /// The database, for reads under the home's lock (history pages, openmls's store).
+    pub(crate) fn db(&self) -> Result<Arc<ClientDb>, StateError> {
+        self.hold.get_or_open(&self.dir, &self.key)
     }
 
     /// openmls's records loaded by the last reload (once).
@@ -616,7 +639,8 @@ impl Home {
         let expected = self.generation.take();
         let db = self.hold.get_or_open(&self.dir, &self.key)?;
         let mut w = db.write()?;
-        let written = records::write_changed(&self.state, &self.written, &mut w)?;
+        let (written, history) =
+            records::write_changed(&self.state, &self.written, self.expire_before_ms, &mut w)?;
         if let Some(mls) = mls {
             mls.flush(&mut w)?;
         }
@@ -626,6 +650,10 @@ impl Home {
         // Not synced, not atomic: a torn read parses as nothing and the next poll sees it whole.
         let _ = std::fs::write(self.dir.join(GENERATION_HINT), generation.to_string());
         self.written = written;
+        self.last_history = history;
+        for g in self.state.groups.values_mut() {
+            g.history.clear();
+        }
         // Our write follows the generation we loaded only if nobody wrote in between (they
         // cannot: we hold the lock); otherwise the next refresh reloads.
         if expected.is_some_and(|g| g + 1 == generation) {
@@ -721,6 +749,45 @@ mod tests {
         let changed: Vec<&String> =
             a.written.iter().filter(|(k, d)| before.get(*k) != Some(d)).map(|(k, _)| k).collect();
         assert_eq!(changed, ["contacts"]);
+    }
+
+    #[test]
+    fn history_lives_in_its_own_table_and_opening_reads_none_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sample();
+        s.groups.insert(
+            "ab".into(),
+            GroupMeta { name: "team".into(), kind: GroupKind::Group, active: true, history: VecDeque::new() },
+        );
+        let mut a = Home::create(dir.path(), s, Unlock::None).unwrap();
+        {
+            let _lock = a.lock().unwrap();
+            a.refresh().unwrap();
+            for i in 0..50u64 {
+                let e = Entry {
+                    group_id: vec![0xab],
+                    from: [3; 32],
+                    text: format!("m{i}"),
+                    sent_at_ms: 100 + i,
+                    received_at_ms: 100 + i,
+                    outgoing: false,
+                };
+                a.state.timelines.note_message("ab");
+                a.state.groups.get_mut("ab").unwrap().history.push_back(e);
+            }
+            a.save().unwrap();
+            assert!(a.state.groups["ab"].history.is_empty(), "saved entries leave memory");
+            assert_eq!(a.last_history.added, 50);
+        }
+        let b = Home::open(dir.path(), None).unwrap();
+        assert!(b.state.groups["ab"].history.is_empty(), "opening decodes no history");
+        let _lock = b.lock().unwrap();
+        let db = b.db().unwrap();
+        let all = db::HistoryKey::MIN..=db::HistoryKey::MAX;
+        let page = db.history_page(&[0xab], all, 3).unwrap();
+        let got: Vec<(u64, String)> =
+            page.iter().map(|(k, p)| (k.index, records::decode_entry(p).unwrap().text)).collect();
+        assert_eq!(got, [(49, "m49".to_string()), (48, "m48".into()), (47, "m47".into())]);
     }
 
     #[test]

@@ -232,15 +232,6 @@ impl Messenger {
         self.record_membership(&e);
         events.push(e);
     }
-
-    /// The last `n` items of a conversation: messages and membership events, oldest first.
-    pub fn timeline(&self, group_id: &[u8], n: usize) -> Vec<Item> {
-        let key = hex::encode(group_id);
-        match self.home.state.groups.get(&key) {
-            Some(g) => self.home.state.timelines.merged(&key, &g.history, n),
-            None => Vec::new(),
-        }
-    }
 }
 
 #[cfg(test)]

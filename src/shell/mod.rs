@@ -499,7 +499,7 @@ impl Shell {
         if let Some(older) = continued.clone() {
             query.before = Before::Position(older);
         }
-        let page = self.m.history_page(&query);
+        let page = self.m.history_page(&query)?;
         let mut buf = Vec::new();
         write_history(&self.m, &query, &page, args.json, &mut buf)?;
         // What is typed counts from the moment it is queued: it ends the newest page.

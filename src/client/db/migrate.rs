@@ -40,7 +40,8 @@ pub fn remove_if_present(path: &Path) -> Result<(), StateError> {
 pub fn write_new(path: &Path, key: &StateKey, state: &State) -> Result<(), StateError> {
     let db = ClientDb::create_at(path.to_path_buf(), key)?;
     let mut w = db.write()?;
-    records::write_changed(state, &Default::default(), &mut w)?;
+    // The state file's kept history goes into the history table with the records.
+    records::write_changed(state, &Default::default(), 0, &mut w)?;
     if !state.mls_storage.is_empty() {
         // Parsed and checked (every group loads, and is ours) by the MLS client itself.
         let mls = crate::mls::MlsClient::from_storage(&state.secrets.identity_seed, &state.mls_storage)

@@ -12,7 +12,7 @@
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
 //! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`])          |
 //! | `state`   | slot of the logical record name | sealed messenger record                 |
-//! | `history` | slot of the conversation ‖ u64 BE sequence | sealed history entry         |
+//! | `history` | slot of the conversation ‖ u64 BE receive time (ms) ‖ u64 BE message index | sealed history entry |
 //!
 //! # Keys
 //! Opening runs Argon2id once on the passphrase with the salt and parameters of the `key`
@@ -25,14 +25,17 @@
 //! # What is visible on disk
 //! The format version, the KDF parameters and salt, the generation counter, and per table the
 //! number and sizes of records; for `history`, which records share a conversation (not which
-//! conversation) and their order, so that a page of history is one range scan. No names, keys,
-//! group ids or texts. The old state file showed only its total size; the record sizes and
+//! conversation), their receive times and their indices in the conversation, so that a page of
+//! history (ordered by time, then index: [`crate::client::history::Position`]) is one range scan
+//! per conversation and expiring old entries is one range deletion. No names, keys, group ids or
+//! texts. The old state file showed only its total size; the record sizes and
 //! history counts are the price of not rewriting everything per message.
 //!
 //! # Processes
 //! redb lets one handle at a time own the file. Every qpq process keeps the home's
-//! [`crate::fsutil::HomeLock`] discipline and holds a [`ClientDb`] only while it holds that lock,
-//! so the handle is never contended; the generation counter tells a process whether another one
+//! [`crate::fsutil::HomeLock`] discipline and keeps the file open only while it holds that lock
+//! ([`ClientDb::close`] when it releases it; a read on a closed handle, outside any operation,
+//! takes the lock and opens the file for that read), so the handle is never contended; the generation counter tells a process whether another one
 //! wrote since it last looked (and so whether its cached records are stale). A process waiting
 //! on the server watches `qpq.db.gen`, an unsynced copy of the generation rewritten after each
 //! commit, since redb rewrites its header whenever any process opens the file.
@@ -50,18 +53,23 @@ use std::io;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+use std::sync::{PoisonError, RwLock};
+
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
 use crate::crypto::statefile::{self, StateFileError, StateKey};
+use crate::fsutil::HomeLock;
 use crate::limits::CLIENT_DB_CACHE_BYTES;
 use seal::{RecordDamaged, RecordKeys};
 
 /// File name of the database in the home.
 pub const DB_FILE: &str = "qpq.db";
 
-/// Version of the layout above. A file of another version is refused by name.
-pub const DB_FORMAT_VERSION: u32 = 1;
+/// Version of the layout above. A file of another version is refused by name. 2: history
+/// entries are keyed by time and index and live only in `history` (format 1 kept them inside
+/// the group records of `state` too, so opening a home decoded its whole history).
+pub const DB_FORMAT_VERSION: u32 = 2;
 
 /// What the `key` record seals: proves the key before any record is read.
 pub const KEY_CHECK: &[u8] = b"qpq.db key check v1";
@@ -115,6 +123,10 @@ pub enum DbError {
     Key(#[from] StateFileError),
     #[error("{0} is open in another handle of this process")]
     InUse(PathBuf),
+    #[error("{0} was closed: writes happen under the home's lock")]
+    Closed(PathBuf),
+    #[error("{0}")]
+    Lock(String),
     #[error("{0}")]
     Record(#[from] RecordDamaged),
     #[error("cannot {op} the client database: {reason}")]
@@ -125,22 +137,51 @@ fn io_err(op: &'static str) -> impl Fn(redb::Error) -> DbError {
     move |e| DbError::Io { op, reason: e.to_string() }
 }
 
-/// A history entry's sequence number and plaintext.
-pub type HistoryRecord = (u64, Zeroizing<Vec<u8>>);
+/// Where a history entry sits in its conversation: the order of the `history` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HistoryKey {
+    /// Receive time, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Index among all messages the conversation ever had.
+    pub index: u64,
+}
+
+impl HistoryKey {
+    pub const MIN: HistoryKey = HistoryKey { at_ms: 0, index: 0 };
+    pub const MAX: HistoryKey = HistoryKey { at_ms: u64::MAX, index: u64::MAX };
+
+    /// The greatest key strictly below this one (None below [`HistoryKey::MIN`]).
+    pub fn below(self) -> Option<HistoryKey> {
+        match (self.at_ms, self.index) {
+            (0, 0) => None,
+            (at_ms, 0) => Some(HistoryKey { at_ms: at_ms - 1, index: u64::MAX }),
+            (at_ms, index) => Some(HistoryKey { at_ms, index: index - 1 }),
+        }
+    }
+}
+
+/// A history entry's place and plaintext.
+pub type HistoryRecord = (HistoryKey, Zeroizing<Vec<u8>>);
 
 /// An open client database and the keys of its records.
+///
+/// [`ClientDb::close`] releases the file (the home's lock is about to be released) while
+/// others still hold this handle: openmls's store reads through it on demand
+/// ([`mls::MlsStore::attach`]). A read on a closed handle takes the home's lock, opens the file
+/// for that one read and closes it again (a read outside any operation, such as listing a
+/// group's members); a write on a closed handle is refused.
 pub struct ClientDb {
-    /// Always Some until dropped (taken in `Drop` to close it shielded).
-    db: Option<Database>,
+    /// None once closed (taken in `close` or `Drop` to close it shielded).
+    db: RwLock<Option<Database>>,
     keys: RecordKeys,
     path: PathBuf,
+    /// The home directory, for reads after `close` (None: a database being built aside).
+    home: Option<PathBuf>,
 }
 
 impl Drop for ClientDb {
     fn drop(&mut self) {
-        // Closing writes redb's state back and may meet the same damage as a read.
-        let db = self.db.take();
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        self.close();
     }
 }
 
@@ -194,7 +235,7 @@ impl ClientDb {
             }
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
-        Ok(ClientDb { db: Some(db), keys: RecordKeys::derive(key), path })
+        Ok(ClientDb { db: RwLock::new(Some(db)), keys: RecordKeys::derive(key), path, home: None })
     }
 
     /// Opens the database with a passphrase (one Argon2id run), returning the state key for the
@@ -207,7 +248,8 @@ impl ClientDb {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
         let keys = RecordKeys::derive(&key);
-        Ok((key, ClientDb { db: Some(db), keys, path }))
+        let home = Some(dir.to_path_buf());
+        Ok((key, ClientDb { db: RwLock::new(Some(db)), keys, path, home }))
     }
 
     /// Opens the database with a key this process derived before (no Argon2id run).
@@ -218,7 +260,8 @@ impl ClientDb {
         if plain.as_slice() != KEY_CHECK {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
-        Ok(ClientDb { db: Some(db), keys: RecordKeys::derive(key), path })
+        let home = Some(dir.to_path_buf());
+        Ok(ClientDb { db: RwLock::new(Some(db)), keys: RecordKeys::derive(key), path, home })
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
@@ -233,9 +276,42 @@ impl ClientDb {
         &self.path
     }
 
-    fn redb(&self) -> &Database {
-        // Invariant: `db` is Some from construction until `drop` takes it.
-        self.db.as_ref().expect("the database is open until dropped")
+    /// Releases the file (idempotent); see the type's header for what works afterwards.
+    pub fn close(&self) {
+        let db = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        // Closing writes redb's state back and may meet the same damage as a read.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+    }
+
+    /// Runs `f` on the open file, or, once closed, on the file opened for this one read under
+    /// the home's lock.
+    fn with_redb<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, DbError> {
+        {
+            let open = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(db) = open.as_ref() {
+                return f(db);
+            }
+        }
+        let Some(home) = &self.home else { return Err(DbError::Closed(self.path.clone())) };
+        let _lock = HomeLock::acquire(home, true).map_err(|e| DbError::Lock(e.to_string()))?;
+        let (db, _) = open_file(home)?;
+        let out = f(&db);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        out
+    }
+
+    /// Runs `f` on the open file; refused once closed.
+    fn with_open<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, DbError> {
+        let open = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match open.as_ref() {
+            Some(db) => f(db),
+            None => Err(DbError::Closed(self.path.clone())),
+        }
+    }
+
+    #[cfg(test)]
+    fn raw(&self) -> std::sync::RwLockReadGuard<'_, Option<Database>> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The number of writes committed so far: changes whenever anyone wrote.
@@ -244,9 +320,11 @@ impl ClientDb {
     }
 
     fn generation_unshielded(&self) -> Result<u64, DbError> {
-        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
-        let meta = txn.open_table(META).map_err(|e| io_err("read")(e.into()))?;
-        read_generation(&meta, &self.path)
+        self.with_redb(|db| {
+            let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+            let meta = txn.open_table(META).map_err(|e| io_err("read")(e.into()))?;
+            read_generation(&meta, &self.path)
+        })
     }
 
     /// The plaintext of record `logical` of `table`, if present.
@@ -256,46 +334,58 @@ impl ClientDb {
 
     fn get_unshielded(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
         let slot = self.keys.slot(table.label(), logical);
-        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
-        let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-        let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
-            return Ok(None);
-        };
-        Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
+        self.with_redb(|db| {
+            let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+            let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
+            let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
+                return Ok(None);
+            };
+            Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
+        })
     }
 
-    /// Up to `n` history entries of `conversation` with sequence numbers in `seqs`, newest
-    /// first: one range scan, whatever the history's length.
+    /// Up to `n` history entries of `conversation` with keys in `keys`, newest first: one
+    /// range scan, whatever the history's length.
     pub fn history_page(
         &self,
         conversation: &[u8],
-        seqs: RangeInclusive<u64>,
+        keys: RangeInclusive<HistoryKey>,
         n: usize,
     ) -> Result<Vec<HistoryRecord>, DbError> {
-        shielded(&self.path, || self.history_page_unshielded(conversation, seqs.clone(), n))
+        shielded(&self.path, || self.history_range(conversation, keys.clone(), n, true))
     }
 
-    fn history_page_unshielded(
+    /// The key of the oldest history entry of `conversation`, if any.
+    pub fn history_oldest(&self, conversation: &[u8]) -> Result<Option<HistoryKey>, DbError> {
+        let all = HistoryKey::MIN..=HistoryKey::MAX;
+        shielded(&self.path, || Ok(self.history_range(conversation, all, 1, false)?.pop().map(|(k, _)| k)))
+    }
+
+    fn history_range(
         &self,
         conversation: &[u8],
-        seqs: RangeInclusive<u64>,
+        keys: RangeInclusive<HistoryKey>,
         n: usize,
+        newest_first: bool,
     ) -> Result<Vec<HistoryRecord>, DbError> {
         let label = Table::History.label();
         let conv = self.keys.slot(label, conversation);
-        let lo = history_key(&conv, *seqs.start());
-        let hi = history_key(&conv, *seqs.end());
-        let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
+        let lo = history_key(&conv, *keys.start());
+        let hi = history_key(&conv, *keys.end());
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let db = db.as_ref().ok_or_else(|| DbError::Closed(self.path.clone()))?;
+        let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
         let t = txn.open_table(Table::History.def()).map_err(|e| io_err("read")(e.into()))?;
+        let range = t.range(lo.as_slice()..=hi.as_slice()).map_err(|e| io_err("read")(e.into()))?;
+        let items: Box<dyn Iterator<Item = _>> = if newest_first { Box::new(range.rev()) } else { Box::new(range) };
         let mut out = Vec::new();
-        for item in t.range(lo.as_slice()..=hi.as_slice()).map_err(|e| io_err("read")(e.into()))?.rev() {
+        for item in items {
             if out.len() >= n {
                 break;
             }
             let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
-            let seq =
-                k.value().get(conv.len()..).and_then(|s| <[u8; 8]>::try_from(s).ok()).ok_or(RecordDamaged)?;
-            out.push((u64::from_be_bytes(seq), self.keys.open(label, k.value(), v.value())?));
+            let key = parse_history_key(&conv, k.value()).ok_or(RecordDamaged)?;
+            out.push((key, self.keys.open(label, k.value(), v.value())?));
         }
         Ok(out)
     }
@@ -303,20 +393,22 @@ impl ClientDb {
     /// The plaintext of every record of `table` (for loading a whole table at once).
     pub fn scan(&self, table: Table) -> Result<Vec<Zeroizing<Vec<u8>>>, DbError> {
         shielded(&self.path, || {
-            let txn = self.redb().begin_read().map_err(|e| io_err("read")(e.into()))?;
-            let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-            let mut out = Vec::new();
-            for item in t.iter().map_err(|e| io_err("read")(e.into()))? {
-                let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
-                out.push(self.keys.open(table.label(), k.value(), v.value())?);
-            }
-            Ok(out)
+            self.with_open(|db| {
+                let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
+                let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
+                let mut out = Vec::new();
+                for item in t.iter().map_err(|e| io_err("read")(e.into()))? {
+                    let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
+                    out.push(self.keys.open(table.label(), k.value(), v.value())?);
+                }
+                Ok(out)
+            })
         })
     }
 
     /// Starts a write: everything put or deleted lands together, or not at all.
     pub fn write(&self) -> Result<DbWrite<'_>, DbError> {
-        let txn = self.redb().begin_write().map_err(|e| io_err("write")(e.into()))?;
+        let txn = self.with_open(|db| db.begin_write().map_err(|e| io_err("write")(e.into())))?;
         Ok(DbWrite { txn, keys: &self.keys, path: &self.path })
     }
 }
@@ -343,10 +435,27 @@ impl DbWrite<'_> {
         Ok(())
     }
 
-    /// Stores history entry `seq` of `conversation`.
-    pub fn put_history(&mut self, conversation: &[u8], seq: u64, plaintext: &[u8]) -> Result<(), DbError> {
+    /// Stores history entry `key` of `conversation`.
+    pub fn put_history(&mut self, conversation: &[u8], key: HistoryKey, plaintext: &[u8]) -> Result<(), DbError> {
         let conv = self.keys.slot(Table::History.label(), conversation);
-        self.put_at(Table::History, &history_key(&conv, seq), plaintext)
+        self.put_at(Table::History, &history_key(&conv, key), plaintext)
+    }
+
+    /// Deletes the history entries of `conversation` received before `cutoff_ms` (all of them
+    /// with `u64::MAX`): one range; returns how many.
+    pub fn delete_history_before(&mut self, conversation: &[u8], cutoff_ms: u64) -> Result<usize, DbError> {
+        let conv = self.keys.slot(Table::History.label(), conversation);
+        let lo = history_key(&conv, HistoryKey::MIN);
+        let Some(last) = (HistoryKey { at_ms: cutoff_ms, index: 0 }).below() else { return Ok(0) };
+        let hi = history_key(&conv, last);
+        let mut t = self.txn.open_table(Table::History.def()).map_err(|e| io_err("write")(e.into()))?;
+        let mut deleted = 0;
+        t.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| {
+            deleted += 1;
+            false
+        })
+        .map_err(|e| io_err("write")(e.into()))?;
+        Ok(deleted)
     }
 
     fn put_at(&mut self, table: Table, slot: &[u8], plaintext: &[u8]) -> Result<(), DbError> {
@@ -386,11 +495,19 @@ fn shielded<T>(path: &Path, f: impl FnOnce() -> Result<T, DbError>) -> Result<T,
     })
 }
 
-fn history_key(conversation_slot: &[u8], seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(conversation_slot.len() + 8);
+fn history_key(conversation_slot: &[u8], key: HistoryKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(conversation_slot.len() + 16);
     k.extend_from_slice(conversation_slot);
-    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(&key.at_ms.to_be_bytes());
+    k.extend_from_slice(&key.index.to_be_bytes());
     k
+}
+
+fn parse_history_key(conversation_slot: &[u8], k: &[u8]) -> Option<HistoryKey> {
+    let rest = k.strip_prefix(conversation_slot)?;
+    let at_ms = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let index = u64::from_be_bytes(rest.get(8..)?.try_into().ok()?);
+    Some(HistoryKey { at_ms, index })
 }
 
 /// Opens the redb file and checks its format version. redb checks some invariants with debug

@@ -24,7 +24,7 @@ fn new_db() -> (tempfile::TempDir, StateKey, ClientDb) {
 }
 
 fn count(db: &ClientDb, table: Table) -> u64 {
-    let txn = db.redb().begin_read().unwrap();
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
     txn.open_table(table.def()).unwrap().len().unwrap()
 }
 
@@ -33,7 +33,7 @@ fn records_round_trip_and_nothing_readable_reaches_the_file() {
     let (dir, key, db) = new_db();
     let mut w = db.write().unwrap();
     w.put(Table::State, b"contacts", b"bob=secret-contact-name").unwrap();
-    w.put_history(b"group-id-in-clear", 1, b"a very private message").unwrap();
+    w.put_history(b"group-id-in-clear", HistoryKey { at_ms: 1, index: 0 }, b"a very private message").unwrap();
     assert_eq!(w.commit().unwrap(), 1, "first write is generation 1");
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob=secret-contact-name");
     assert_eq!(db.get(Table::Mls, b"contacts").unwrap(), None, "tables are separate");
@@ -82,7 +82,7 @@ fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
 fn a_newer_or_older_format_is_refused_by_name() {
     for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older")] {
         let (dir, key, db) = new_db();
-        let txn = db.redb().begin_write().unwrap();
+        let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
         txn.open_table(META).unwrap().insert(META_FORMAT, found.to_le_bytes().as_slice()).unwrap();
         txn.commit().unwrap();
         drop(db);
@@ -168,7 +168,7 @@ fn a_sealed_record_copied_into_another_slot_does_not_open() {
     w.put(Table::State, b"b", b"bob's").unwrap();
     w.commit().unwrap();
     let (sa, sb) = (db.keys.slot(b"state", b"a"), db.keys.slot(b"state", b"b"));
-    let txn = db.redb().begin_write().unwrap();
+    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
     {
         let mut t = txn.open_table(Table::State.def()).unwrap();
         let a = t.get(sa.as_slice()).unwrap().unwrap().value().to_vec();
@@ -181,20 +181,30 @@ fn a_sealed_record_copied_into_another_slot_does_not_open() {
 #[test]
 fn history_pages_backwards_per_conversation_in_one_range() {
     let (_dir, _key, db) = new_db();
+    let at = |at_ms: u64, index: u64| HistoryKey { at_ms, index };
     let mut w = db.write().unwrap();
     for seq in 1..=300u64 {
-        w.put_history(b"conv-a", seq, format!("a{seq}").as_bytes()).unwrap();
-        w.put_history(b"conv-b", seq, format!("b{seq}").as_bytes()).unwrap();
+        w.put_history(b"conv-a", at(1000 + seq, seq), format!("a{seq}").as_bytes()).unwrap();
+        w.put_history(b"conv-b", at(1000 + seq, seq), format!("b{seq}").as_bytes()).unwrap();
     }
     w.commit().unwrap();
-    let page = db.history_page(b"conv-a", 0..=u64::MAX, 3).unwrap();
-    let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
+    let all = HistoryKey::MIN..=HistoryKey::MAX;
+    let page = db.history_page(b"conv-a", all.clone(), 3).unwrap();
+    let seqs: Vec<u64> = page.iter().map(|(k, _)| k.index).collect();
     assert_eq!(seqs, [300, 299, 298]);
     assert_eq!(page[0].1.as_slice(), b"a300");
-    let before = db.history_page(b"conv-a", 0..=255, 2).unwrap();
-    assert_eq!(before.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [255, 254], "255 = 0x00ff, 256 = 0x0100");
-    assert_eq!(db.history_page(b"conv-b", 0..=u64::MAX, 1000).unwrap().len(), 300);
-    assert!(db.history_page(b"conv-c", 0..=u64::MAX, 10).unwrap().is_empty());
+    let below = at(1256, 256).below().unwrap();
+    let before = db.history_page(b"conv-a", HistoryKey::MIN..=below, 2).unwrap();
+    assert_eq!(before.iter().map(|(k, _)| k.index).collect::<Vec<_>>(), [255, 254], "big-endian order");
+    assert_eq!(db.history_page(b"conv-b", all.clone(), 1000).unwrap().len(), 300);
+    assert!(db.history_page(b"conv-c", all.clone(), 10).unwrap().is_empty());
+    assert_eq!(db.history_oldest(b"conv-b").unwrap(), Some(at(1001, 1)));
+    // Expiry is one range: conv-a's entries received before 1101, and no one else's.
+    let mut w = db.write().unwrap();
+    assert_eq!(w.delete_history_before(b"conv-a", 1101).unwrap(), 100);
+    w.commit().unwrap();
+    assert_eq!(db.history_oldest(b"conv-a").unwrap(), Some(at(1101, 101)));
+    assert_eq!(db.history_page(b"conv-b", all, 1000).unwrap().len(), 300);
 }
 
 // ----- the openmls store -----
