@@ -689,3 +689,39 @@ fn display_names_travel_in_leaves_and_unsafe_ones_are_ignored() {
     assert_eq!(bob.member_name(&group, &[7; 32]), None);
     assert_eq!(client().with_display_name(Some("\u{202e}")).display_name, None, "never signed");
 }
+
+/// Loaded groups are cached between operations; a store whose records are replaced underneath
+/// (another process wrote, a reload) must not be answered from the stale cache. Fails with a
+/// cache that ignores `MlsStore::version`.
+#[test]
+fn cached_groups_follow_a_store_replaced_underneath() {
+    let (mut alice, mut bob, group) = pair();
+    let before = alice.provider.storage().snapshot();
+    let epoch = alice.epoch(&group).unwrap();
+    alice.self_update(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert_eq!(alice.epoch(&group).unwrap(), epoch + 1);
+    alice.provider.storage().restore(before);
+    assert_eq!(alice.epoch(&group).unwrap(), epoch, "answered from the stale cache");
+    // And the group still works from the restored records.
+    assert!(!alice.has_pending(&group));
+    let text = alice.encrypt(&group, b"after restore").unwrap();
+    assert_eq!(
+        bob.process(&group, &text).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"after restore".to_vec() }
+    );
+}
+
+/// A failed operation drops its checked-out copy: the next one sees what the storage holds.
+#[test]
+fn a_failed_operation_leaves_the_stored_group_in_charge() {
+    let (mut alice, mut bob, group) = pair();
+    let message = alice.encrypt(&group, b"once").unwrap();
+    bob.process(&group, &message).unwrap();
+    assert!(matches!(bob.process(&group, &message), Err(MlsError::Replayed)));
+    let again = alice.encrypt(&group, b"twice").unwrap();
+    assert_eq!(
+        bob.process(&group, &again).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"twice".to_vec() }
+    );
+}

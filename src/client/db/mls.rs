@@ -19,6 +19,7 @@
 //! Every plaintext is [`Zeroizing`]: dropped, forgotten or replaced values are wiped.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openmls_rust_crypto::RustCrypto;
@@ -120,6 +121,9 @@ pub struct MlsStore {
     db: Mutex<Option<Arc<ClientDb>>>,
     cache: Mutex<BTreeMap<Vec<u8>, Cached>>,
     dirty: Mutex<BTreeSet<Vec<u8>>>,
+    /// Bumped whenever the contents are replaced or dropped other than through openmls's own
+    /// writes (see [`MlsStore::version`]).
+    version: AtomicU64,
 }
 
 /// Locks `m`; a panic while it was held leaves plain data, still usable.
@@ -143,6 +147,19 @@ impl MlsStore {
     /// Reads missing records from `db` from now on (while the caller holds the home lock).
     pub fn attach(&self, db: Arc<ClientDb>) {
         *lock(&self.db) = Some(db);
+        self.bump();
+    }
+
+    /// Changes whenever the records may differ from what openmls last wrote or read through
+    /// this store ([`MlsStore::forget`], [`MlsStore::restore`], [`MlsStore::load_all`],
+    /// [`MlsStore::attach`]): whoever keeps values decoded from the store (the loaded groups of
+    /// [`crate::mls::MlsClient`]) drops them when it moves.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Stops reading from the database (the lock is about to be released).
@@ -154,6 +171,7 @@ impl MlsStore {
     pub fn forget(&self) {
         lock(&self.cache).clear();
         lock(&self.dirty).clear();
+        self.bump();
     }
 
     /// True when some change waits for [`MlsStore::flush`].
@@ -207,6 +225,7 @@ impl MlsStore {
         let mut cache = lock(&self.cache);
         cache.clear();
         lock(&self.dirty).clear();
+        self.bump();
         for p in records {
             let (k, v) = unpair(&p).ok_or(super::seal::RecordDamaged)?;
             cache.insert(k.to_vec(), Some(v));
