@@ -343,12 +343,9 @@ impl Measured {
         let reference = if durable { "crypto floor + fsync per saving client" } else { "crypto floor" };
         let row = Row::new(self.case.clone(), ms(self.secs), "ms").against(reference, Some(ms(floor)), "ms");
         let row = if durable {
-            let crypto = self
-                .counts
-                .iter()
-                .map(|c| OpCount { durable_writes: 0, ..*c }.floor(p))
-                .sum::<f64>()
-                / self.counts.len().max(1) as f64;
+            let crypto =
+                self.counts.iter().map(|c| OpCount { durable_writes: 0, ..*c }.floor(p)).sum::<f64>()
+                    / self.counts.len().max(1) as f64;
             row.extra("crypto_floor_ms", ms(crypto))
                 .extra("fsync_ms", ms(p.fsync))
                 .extra("ratio_to_crypto_floor", self.secs / crypto.max(f64::MIN_POSITIVE))
@@ -767,7 +764,17 @@ pub fn primitives(budget: Duration, dir: &std::path::Path) -> anyhow::Result<Pri
     })?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let fsync = fsync_floor(budget, dir)?;
-    Ok(Primitives { sign, verify, hpke_seal, hpke_open, derive_keypair, xwing_encaps, xwing_decaps, cores, fsync })
+    Ok(Primitives {
+        sign,
+        verify,
+        hpke_seal,
+        hpke_open,
+        derive_keypair,
+        xwing_encaps,
+        xwing_decaps,
+        cores,
+        fsync,
+    })
 }
 
 #[cfg(test)]

@@ -1189,11 +1189,11 @@ fn parse_storage(bytes: &[u8]) -> Result<Vec<crate::client::db::mls::MlsRecord>,
             return Err(MlsError::Storage("keys not strictly sorted".into()));
         }
         previous = Some(key);
-        // openmls_memory_storage 0.6 decodes stored values with serde_json and unwraps the result
-        // (`tree`, `group_context`, ... in its src/lib.rs), so a damaged value would panic at its
-        // first use: refuse it here instead.
-        // A full parse: IgnoredAny skips string escapes unchecked (found by the fuzz smoke).
-        if serde_json::from_slice::<serde_json::Value>(value).is_err() {
+        // openmls_memory_storage 0.6 decoded stored values with serde_json and unwrapped the
+        // result, so a damaged value would panic at its first use: refuse what is not a value of
+        // either encoding of the store here (JSON fully parsed: IgnoredAny skips string escapes
+        // unchecked, found by the fuzz smoke); a damaged binary value fails at its decoding.
+        if !crate::client::db::mls::plausible_value(value) {
             return Err(MlsError::Storage("damaged value".into()));
         }
         map.push((key.to_vec(), Zeroizing::new(value.to_vec())));
