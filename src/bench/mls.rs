@@ -35,6 +35,18 @@
 //! - application message encrypt + decrypt: the sender signs, the receiver verifies (1 S + 1 V).
 //! - envelope seal + open ([`crypto::hybrid`]): one X-Wing encapsulation plus one decapsulation.
 //!
+//! # Storage included (issue 12)
+//! Each size runs twice. The rows without a suffix keep every client's openmls records in
+//! memory ([`MlsStore`] without a database). The rows marked `qpq.db` give every timed client
+//! its own client database in a temporary directory and, after each operation, do what the
+//! messenger does: flush the changed records into one write transaction and commit it durably
+//! (sealed records, redb, one fsync). Their floor is the crypto floor plus one durable write per
+//! client that saved: a 4 KiB write + `sync_data` of the same disk, timed around the size like
+//! the primitives (`fsync` in the row's extras). A durable write per operation is part of "storage
+//! included": the messenger acknowledges nothing before it is on disk, and no storage design
+//! avoids that one flush. Everything else the database costs (encoding, sealing, redb's pages
+//! and its two-phase commit) is what `measured / floor` exposes.
+//!
 //! Parallelism: openmls (rayon) encrypts the levels of an update path in parallel, each level's
 //! resolution in turn, and derives path node keys in parallel. For those steps the floor charges
 //! the critical path on this machine's cores: max(largest level, ⌈total / cores⌉) seals and
@@ -51,7 +63,9 @@ use rand::RngCore as _;
 use x_wing::{Decapsulate as _, Decapsulator as _};
 
 use super::{Bench, Row, Settings};
+use crate::client::db::ClientDb;
 use crate::crypto::hybrid::{self, HybridSecretKey};
+use crate::crypto::statefile::StateKey;
 use crate::mls::{CIPHERSUITE, CLASSICAL_CIPHERSUITE, Incoming, MlsClient, QpqCrypto};
 use openmls::prelude::Ciphersuite;
 use openmls_traits::OpenMlsProvider as _;
@@ -78,6 +92,8 @@ const LARGE_GROUP: usize = 256;
 const JOINERS: usize = 3;
 /// Repetitions of the per-message operations (app message, envelope).
 const MESSAGE_REPS: usize = 50;
+/// Bytes written before each fsync of the durable-write floor.
+const FSYNC_BLOCK: usize = 4096;
 
 /// Group size of the hybrid-against-classical suite comparison (the issue's commit goal is at
 /// 128 members).
@@ -100,6 +116,8 @@ pub struct Primitives {
     pub xwing_decaps: f64,
     /// rayon's pool size (one thread per core).
     pub cores: u64,
+    /// One durable 4 KiB write (write + `sync_data`) on the disk of the client databases.
+    pub fsync: f64,
 }
 
 impl Primitives {
@@ -115,6 +133,7 @@ impl Primitives {
             xwing_encaps: m(self.xwing_encaps, other.xwing_encaps),
             xwing_decaps: m(self.xwing_decaps, other.xwing_decaps),
             cores: self.cores,
+            fsync: m(self.fsync, other.fsync),
         }
     }
 }
@@ -135,6 +154,8 @@ pub struct OpCount {
     pub path_seals_max_level: u64,
     /// Path node key derivations, all in parallel.
     pub path_derives: u64,
+    /// Durable database writes (one per client that saves; `qpq.db` rows only).
+    pub durable_writes: u64,
 }
 
 impl OpCount {
@@ -156,6 +177,12 @@ impl OpCount {
             + self.critical_seals(p.cores) as f64 * p.hpke_seal
             + self.hpke_open as f64 * p.hpke_open
             + self.critical_derives(p.cores) as f64 * p.derive_keypair
+            + self.durable_writes as f64 * p.fsync
+    }
+
+    /// The same operation saved durably by `clients` clients.
+    fn durable(self, clients: u64) -> OpCount {
+        OpCount { durable_writes: clients, ..self }
     }
 
     fn annotate(&self, row: Row, cores: u64) -> Row {
@@ -165,6 +192,7 @@ impl OpCount {
             .extra("n_hpke_seal_critical", self.critical_seals(cores) as f64)
             .extra("n_hpke_open", self.hpke_open as f64)
             .extra("n_derive", (self.derive_keypair + self.path_derives) as f64)
+            .extra("n_fsync", self.durable_writes as f64)
     }
 }
 
@@ -231,15 +259,17 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     let budget = if b.settings.quick { QUICK_PRIMITIVE_BUDGET } else { PRIMITIVE_BUDGET };
     let mut rows = Vec::new();
     let mut first = None;
+    let disk = tempfile::tempdir()?;
     for &n in &b.settings.mls_sizes {
         b.step(&format!("mls: group of {n}"));
         // Let the progress bar draw before a long synchronous stretch.
         tokio::task::yield_now().await;
         // Primitives are timed right before and after each size and averaged: on a shared
         // machine their speed drifts, and the floor must describe the same moments.
-        let before = primitives(budget)?;
-        let ops = group_ops(n, b.settings.quick)?;
-        let p = before.mean(&primitives(budget)?);
+        let before = primitives(budget, disk.path())?;
+        let mut ops = group_ops(n, b.settings.quick, None)?;
+        ops.extend(group_ops(n, b.settings.quick, Some(disk.path()))?);
+        let p = before.mean(&primitives(budget, disk.path())?);
         rows.extend(ops.iter().map(|m| m.row(&p)));
         first.get_or_insert(p);
         b.done_step();
@@ -252,9 +282,9 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
     b.done_step();
 
     b.step("mls: envelope");
-    let before = primitives(budget)?;
+    let before = primitives(budget, disk.path())?;
     let envelope = envelope_op(if b.settings.quick { 5 } else { MESSAGE_REPS })?;
-    let p = before.mean(&primitives(budget)?);
+    let p = before.mean(&primitives(budget, disk.path())?);
     rows.push(
         Row::new(format!("envelope seal + open, {ENVELOPE_PAYLOAD_LEN} B"), ms(envelope), "ms").against(
             "x-wing encaps + decaps",
@@ -271,6 +301,7 @@ pub async fn run(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         ("hpke_suite_derive_keypair_us", first.derive_keypair),
         ("xwing_encaps_us", p.xwing_encaps),
         ("xwing_decaps_us", p.xwing_decaps),
+        ("fsync_4KiB_us", first.fsync),
     ] {
         b.record_reference(name, v * 1e6);
     }
@@ -315,8 +346,19 @@ impl Measured {
 
     fn row(&self, p: &Primitives) -> Row {
         let floor = self.counts.iter().map(|c| c.floor(p)).sum::<f64>() / self.counts.len().max(1) as f64;
-        let row =
-            Row::new(self.case.clone(), ms(self.secs), "ms").against("crypto floor", Some(ms(floor)), "ms");
+        let durable = self.counts.first().is_some_and(|c| c.durable_writes > 0);
+        let reference = if durable { "crypto floor + fsync per saving client" } else { "crypto floor" };
+        let row = Row::new(self.case.clone(), ms(self.secs), "ms").against(reference, Some(ms(floor)), "ms");
+        let row = if durable {
+            let crypto =
+                self.counts.iter().map(|c| OpCount { durable_writes: 0, ..*c }.floor(p)).sum::<f64>()
+                    / self.counts.len().max(1) as f64;
+            row.extra("crypto_floor_ms", ms(crypto))
+                .extra("fsync_ms", ms(p.fsync))
+                .extra("ratio_to_crypto_floor", self.secs / crypto.max(f64::MIN_POSITIVE))
+        } else {
+            row
+        };
         let row = match self.goal {
             OpGoal::None => row,
             OpGoal::RatioAtMost(max) => {
@@ -332,8 +374,36 @@ impl Measured {
     }
 }
 
-/// Times all group operations at size `n`.
-fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
+/// The client database of one timed client, saved after each operation as the messenger
+/// saves: the changed openmls records in one durable write.
+struct Durable {
+    db: ClientDb,
+    _dir: tempfile::TempDir,
+}
+
+impl Durable {
+    fn create(parent: &std::path::Path) -> anyhow::Result<Durable> {
+        let dir = tempfile::tempdir_in(parent)?;
+        let db = ClientDb::create(dir.path(), &StateKey::unprotected())?;
+        Ok(Durable { db, _dir: dir })
+    }
+
+    fn save(&self, client: &MlsClient) -> anyhow::Result<()> {
+        let mut w = self.db.write()?;
+        client.store().flush(&mut w)?;
+        w.commit()?;
+        Ok(())
+    }
+}
+
+/// Saves `client` if it has a database (`qpq.db` rows), else nothing.
+fn save(db: Option<&Durable>, client: &MlsClient) -> anyhow::Result<()> {
+    db.map_or(Ok(()), |d| d.save(client))
+}
+
+/// Times all group operations at size `n`; with `disk`, the timed clients save to client
+/// databases under it after each operation (see the module header).
+fn group_ops(n: usize, quick: bool, disk: Option<&std::path::Path>) -> anyhow::Result<Vec<Measured>> {
     let reps = if quick {
         1
     } else if n >= LARGE_GROUP {
@@ -344,7 +414,27 @@ fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
     let mut creator = MlsClient::new(&rand::random())?;
     let mut members: Vec<MlsClient> =
         (1..n).map(|_| MlsClient::new(&rand::random())).collect::<Result<_, _>>()?;
-    let ratio_goal = if n == 128 { OpGoal::RatioAtMost(1.5) } else { OpGoal::None };
+    // Members at the last leaves join (and the last one receives); they and the creator save.
+    let joiners = JOINERS.min(n - 1);
+    let durable = |_: ()| disk.map(Durable::create).transpose();
+    let creator_db = durable(())?;
+    let mut member_dbs: Vec<Option<Durable>> = (1..n).map(|_| None).collect();
+    for k in 0..joiners {
+        if let Some(slot) = member_dbs.get_mut(n - 2 - k) {
+            *slot = durable(())?;
+        }
+    }
+    let suffix = if disk.is_some() { ", qpq.db" } else { "" };
+    let saving = |count: OpCount, clients: u64| if disk.is_some() { count.durable(clients) } else { count };
+    let ratio_goal = match (n, disk) {
+        (128, None) => OpGoal::RatioAtMost(1.5),
+        _ => OpGoal::None,
+    };
+    // Issue 12: at 128 members with storage included.
+    let (process_goal, message_goal) = match (n, disk) {
+        (128, Some(_)) => (OpGoal::RatioAtMost(2.0), OpGoal::RatioAtMost(3.0)),
+        _ => (ratio_goal, ratio_goal),
+    };
 
     // create + add: a fresh group per repetition; the last one is used below.
     let mut create_total = 0.0;
@@ -355,35 +445,42 @@ fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
             .iter()
             .map(|m| m.key_packages(1).map(|mut v| v.remove(0).bytes))
             .collect::<Result<Vec<_>, _>>()?;
+        // Their KeyPackages' keys are saved before anything is timed.
+        for (m, db) in members.iter().zip(&member_dbs) {
+            save(db.as_ref(), m)?;
+        }
         gid = format!("bench-{n}-{r}").into_bytes();
         let t = Instant::now();
         creator.create_group(&gid)?;
         let pending = creator.add_members(&gid, &kps)?;
         creator.merge_pending(&gid)?;
+        save(creator_db.as_ref(), &creator)?;
         create_total += t.elapsed().as_secs_f64();
         welcome = pending.welcome.context("an add produces a welcome")?;
     }
     let mut out = vec![Measured::new(
-        format!("create + add, {n} members"),
+        format!("create + add, {n} members{suffix}"),
         create_total / reps as f64,
-        create_add(n),
+        saving(create_add(n), 1),
         ratio_goal,
     )];
 
     // Welcome join by the last members (leaves n-1, n-2, ...); the first of them stays in.
-    let joiners = JOINERS.min(n - 1);
     let mut join_time = 0.0;
     let mut counts = Vec::with_capacity(joiners);
     for k in 0..joiners {
         let leaf = n - 1 - k;
+        let member = members.get_mut(leaf - 1).context("a joiner")?;
+        let db = member_dbs.get(leaf - 1).and_then(Option::as_ref);
         let t = Instant::now();
-        members[leaf - 1].join(&welcome)?;
+        member.join(&welcome)?;
+        save(db, member)?;
         join_time += t.elapsed().as_secs_f64();
-        counts.push(join(n, leaf));
+        counts.push(saving(join(n, leaf), 1));
     }
     let goal = if n == 1000 { OpGoal::SecondsUnder(2.0) } else { ratio_goal };
     out.push(Measured {
-        case: format!("welcome join, {n} members"),
+        case: format!("welcome join, {n} members{suffix}"),
         secs: join_time / joiners as f64,
         counts,
         goal,
@@ -391,23 +488,31 @@ fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
 
     // Commit by the creator, processed by the member at the last leaf.
     let receiver = members.last_mut().context("a group has at least two members")?;
+    let receiver_db = member_dbs.last().and_then(Option::as_ref);
     let (mut commit_time, mut process_time) = (0.0, 0.0);
     for _ in 0..reps {
         let t = Instant::now();
         let pending = creator.self_update(&gid)?;
         creator.merge_pending(&gid)?;
+        save(creator_db.as_ref(), &creator)?;
         commit_time += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let incoming = receiver.process(&gid, &pending.commit)?;
+        save(receiver_db, receiver)?;
         process_time += t.elapsed().as_secs_f64();
         anyhow::ensure!(matches!(incoming, Incoming::Commit { .. }), "expected a commit, got {incoming:?}");
     }
-    out.push(Measured::new(format!("commit, {n} members"), commit_time / reps as f64, commit(n), ratio_goal));
     out.push(Measured::new(
-        format!("process commit, {n} members"),
-        process_time / reps as f64,
-        process_commit(n, n - 1),
+        format!("commit, {n} members{suffix}"),
+        commit_time / reps as f64,
+        saving(commit(n), 1),
         ratio_goal,
+    ));
+    out.push(Measured::new(
+        format!("process commit, {n} members{suffix}"),
+        process_time / reps as f64,
+        saving(process_commit(n, n - 1), 1),
+        process_goal,
     ));
 
     // Application messages: creator encrypts, the receiver decrypts.
@@ -416,17 +521,19 @@ fn group_ops(n: usize, quick: bool) -> anyhow::Result<Vec<Measured>> {
     let t = Instant::now();
     for _ in 0..reps {
         let ct = creator.encrypt(&gid, &text)?;
+        save(creator_db.as_ref(), &creator)?;
         let incoming = receiver.process(&gid, &ct)?;
+        save(receiver_db, receiver)?;
         anyhow::ensure!(
             matches!(&incoming, Incoming::Application { plaintext, .. } if *plaintext == text),
             "application message did not round-trip"
         );
     }
     out.push(Measured::new(
-        format!("app message encrypt + decrypt, {n} members"),
+        format!("app message encrypt + decrypt, {n} members{suffix}"),
         t.elapsed().as_secs_f64() / reps as f64,
-        app_message(),
-        ratio_goal,
+        saving(app_message(), 2),
+        message_goal,
     ));
     Ok(out)
 }
@@ -662,6 +769,20 @@ fn crypto_err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
     anyhow::anyhow!("{what} failed: {e:?}")
 }
 
+/// Mean seconds of one durable [`FSYNC_BLOCK`]-byte write in a file under `dir`.
+fn fsync_floor(budget: Duration, dir: &std::path::Path) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt as _;
+    let file = tempfile::tempfile_in(dir)?;
+    let block = vec![0x33u8; FSYNC_BLOCK];
+    file.write_all_at(&block, 0)?;
+    file.sync_all()?;
+    time_mean(budget, || {
+        file.write_all_at(&block, 0)?;
+        file.sync_data()?;
+        Ok(())
+    })
+}
+
 /// Mean seconds of one HPKE seal, open and key pair derivation of the suite by `crypto`.
 pub fn hpke_timings(crypto: &impl OpenMlsCrypto, budget: Duration) -> anyhow::Result<(f64, f64, f64)> {
     // `HpkeConfig` is not Copy; building it is free.
@@ -689,7 +810,7 @@ pub fn hpke_timings(crypto: &impl OpenMlsCrypto, budget: Duration) -> anyhow::Re
 
 /// Times every primitive of the counting model: Ed25519 by RustCrypto, the suite's HPKE by
 /// qpq's provider ([`QpqCrypto`]), as openmls runs them.
-pub fn primitives(budget: Duration) -> anyhow::Result<Primitives> {
+pub fn primitives(budget: Duration, dir: &std::path::Path) -> anyhow::Result<Primitives> {
     let crypto = RustCrypto::default();
     let message = vec![0x17u8; SIGNED_LEN];
     let (sk, pk) = crypto.signature_key_gen(SignatureScheme::ED25519).map_err(|e| crypto_err("keygen", e))?;
@@ -721,7 +842,18 @@ pub fn primitives(budget: Duration) -> anyhow::Result<Primitives> {
         Ok(())
     })?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    Ok(Primitives { sign, verify, hpke_seal, hpke_open, derive_keypair, xwing_encaps, xwing_decaps, cores })
+    let fsync = fsync_floor(budget, dir)?;
+    Ok(Primitives {
+        sign,
+        verify,
+        hpke_seal,
+        hpke_open,
+        derive_keypair,
+        xwing_encaps,
+        xwing_decaps,
+        cores,
+        fsync,
+    })
 }
 
 #[cfg(test)]

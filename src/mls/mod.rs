@@ -20,9 +20,15 @@
 //! client database. [`MlsClient::export_storage`] serializes its records (sorted by key,
 //! length-prefixed, so equal states give equal bytes) and
 //! [`MlsClient::from_storage`] loads it into a fresh provider; the caller
-//! keeps the bytes inside its encrypted state file. Groups are loaded from
-//! storage on every call, so the storage is the only source of truth and an
-//! export taken between calls is always complete. The signing key is not
+//! keeps the bytes inside its encrypted state file. The storage is the only
+//! source of truth: openmls writes every change through to it, so an export
+//! taken between calls is always complete. Decoding a group from it costs
+//! O(members) (the whole ratchet tree), so loaded groups are kept in a cache
+//! (see [`GroupCache`]) that an operation checks a group out of and returns
+//! it to only on success: a failed operation drops its copy and the next one
+//! reloads what the storage holds, exactly as if nothing were cached. The
+//! cache is emptied whenever the storage's contents are replaced underneath
+//! (another process wrote: see [`MlsStore::version`]). The signing key is not
 //! stored: it is re-derived from the identity seed the caller already keeps.
 //! The storage holds HPKE private keys and epoch secrets: exports are
 //! [`Zeroizing`] (built in one allocation so no stale copy is left behind) and
@@ -39,8 +45,9 @@
 //! sees ciphertext), keeps a few past epochs so application messages that
 //! race a commit still decrypt, and tolerates reordering within an epoch.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ed25519_dalek::SigningKey;
 use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
@@ -251,6 +258,79 @@ pub struct MlsClient {
     clock: Clock,
     /// The name we sign into the leaves we make (see [`profile`]).
     display_name: Option<String>,
+    /// Groups decoded from the storage, kept between operations (see the module header).
+    groups: GroupCache,
+}
+
+/// Loaded groups by group id, valid for one [`MlsStore::version`] of the storage. A Mutex, not a
+/// RefCell, so an `MlsClient` can move between threads; never held across an openmls call.
+#[derive(Default)]
+struct GroupCache(Mutex<CachedGroups>);
+
+#[derive(Default)]
+struct CachedGroups {
+    /// The storage version the groups were loaded at.
+    version: u64,
+    groups: HashMap<Vec<u8>, MlsGroup>,
+}
+
+impl GroupCache {
+    fn lock(&self) -> MutexGuard<'_, CachedGroups> {
+        // A panic while held leaves at worst a missing group, which is reloaded.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the group out if it was loaded at `version` (everything is dropped otherwise).
+    fn take(&self, version: u64, group_id: &[u8]) -> Option<MlsGroup> {
+        let mut cached = self.lock();
+        if cached.version != version {
+            cached.groups.clear();
+            cached.version = version;
+            return None;
+        }
+        cached.groups.remove(group_id)
+    }
+
+    /// Returns a group loaded or last changed at `version`, unless the storage moved since.
+    fn put(&self, version: u64, group_id: Vec<u8>, group: MlsGroup) {
+        let mut cached = self.lock();
+        if cached.version == version {
+            cached.groups.insert(group_id, group);
+        }
+    }
+
+    fn evict(&self, group_id: &[u8]) {
+        self.lock().groups.remove(group_id);
+    }
+}
+
+/// A group checked out of the [`GroupCache`] for one operation. [`Checkout::keep`] returns it
+/// once the operation succeeded; dropped without that (an error on the way), the copy is
+/// discarded and the next operation reloads the group from the storage.
+struct Checkout<'a> {
+    cache: &'a GroupCache,
+    version: u64,
+    group_id: Vec<u8>,
+    group: MlsGroup,
+}
+
+impl Checkout<'_> {
+    fn keep(self) {
+        self.cache.put(self.version, self.group_id, self.group);
+    }
+}
+
+impl std::ops::Deref for Checkout<'_> {
+    type Target = MlsGroup;
+    fn deref(&self) -> &MlsGroup {
+        &self.group
+    }
+}
+
+impl std::ops::DerefMut for Checkout<'_> {
+    fn deref_mut(&mut self) -> &mut MlsGroup {
+        &mut self.group
+    }
 }
 
 impl fmt::Debug for MlsClient {
@@ -279,6 +359,7 @@ impl MlsClient {
             provider: DbProvider::default(),
             clock: Clock::system(),
             display_name: None,
+            groups: GroupCache::default(),
         })
     }
 
@@ -296,10 +377,13 @@ impl MlsClient {
 
     /// The display name member `key` of the group signed into its leaf, if a valid one.
     pub fn member_name(&self, group_id: &[u8], key: &[u8; 32]) -> Option<String> {
-        let group = self.find_group(group_id).ok()??;
-        let member = group.members().find(|m| m.signature_key.as_slice() == key)?;
-        let leaf = group.public_group().leaf(member.index)?;
-        profile::name_of(leaf)
+        let group = self.checkout(group_id).ok()??;
+        let name = group
+            .members()
+            .find(|m| m.signature_key.as_slice() == key)
+            .and_then(|member| group.public_group().leaf(member.index).and_then(profile::name_of));
+        group.keep();
+        name
     }
 
     /// The same client judging time by `clock` (the system clock by default).
@@ -371,12 +455,14 @@ impl MlsClient {
         // values are plain data, so nothing is left half-updated by an unwind.
         let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), MlsError> {
             for group_id in client.group_ids() {
-                let group = client.load_group(&group_id)?;
+                let group = client.group(&group_id)?;
                 if let Some(leaf) = group.own_leaf_node()
                     && leaf.signature_key().as_slice() != client.identity
                 {
                     return Err(MlsError::Storage("belongs to a different identity".into()));
                 }
+                // Loaded anyway: the first operation on it finds it decoded.
+                group.keep();
             }
             Ok(())
         }));
@@ -462,7 +548,8 @@ impl MlsClient {
         if group_id.is_empty() {
             return Err(MlsError::EmptyGroupId);
         }
-        if self.find_group(group_id)?.is_some() {
+        if let Some(existing) = self.checkout(group_id)? {
+            existing.keep();
             return Err(MlsError::GroupExists);
         }
         let config = MlsGroupCreateConfig::builder()
@@ -475,7 +562,7 @@ impl MlsClient {
             .with_leaf_node_extensions(profile::leaf_extensions(self.display_name.as_deref()))
             .map_err(|e| openmls_err("create group", e))?
             .build();
-        MlsGroup::new_with_group_id(
+        let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
             &config,
@@ -483,6 +570,7 @@ impl MlsClient {
             self.credential.clone(),
         )
         .map_err(|e| openmls_err("create group", e))?;
+        self.groups.put(self.provider.storage().version(), group_id.to_vec(), group);
         Ok(())
     }
 
@@ -510,6 +598,7 @@ impl MlsClient {
         let (commit, welcome, _group_info) = group
             .add_members(&self.provider, &self.signer, &verified)
             .map_err(|e| openmls_err("add members", e))?;
+        group.keep();
         Ok(Pending { commit: to_bytes(&commit)?, welcome: Some(to_bytes(&welcome)?) })
     }
 
@@ -534,6 +623,7 @@ impl MlsClient {
         let (commit, welcome, _group_info) = group
             .remove_members(&self.provider, &self.signer, &indices)
             .map_err(|e| openmls_err("remove members", e))?;
+        group.keep();
         pending(&commit, welcome.as_ref())
     }
 
@@ -550,6 +640,7 @@ impl MlsClient {
         let bundle = group
             .self_update(&self.provider, &self.signer, leaf)
             .map_err(|e| openmls_err("self update", e))?;
+        group.keep();
         let (commit, welcome, _group_info) = bundle.into_messages();
         pending(&commit, welcome.as_ref())
     }
@@ -559,11 +650,13 @@ impl MlsClient {
     pub fn commit_pending_proposals(&mut self, group_id: &[u8]) -> Result<Option<Pending>, MlsError> {
         let mut group = self.load_committable(group_id)?;
         if !group.has_pending_proposals() {
+            group.keep();
             return Ok(None);
         }
         let (commit, welcome, _group_info) = group
             .commit_to_pending_proposals(&self.provider, &self.signer)
             .map_err(|e| openmls_err("commit pending proposals", e))?;
+        group.keep();
         pending(&commit, welcome.as_ref()).map(Some)
     }
 
@@ -573,49 +666,60 @@ impl MlsClient {
         let mut group = self.load_committable(group_id)?;
         let proposal =
             group.leave_group(&self.provider, &self.signer).map_err(|e| openmls_err("leave group", e))?;
+        group.keep();
         to_bytes(&proposal)
     }
 
     /// Our pending commit was accepted by the server: apply it.
     pub fn merge_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
-        let mut group = self.load_group(group_id)?;
+        let mut group = self.group(group_id)?;
         if group.pending_commit().is_none() {
             return Err(MlsError::NoPendingCommit);
         }
-        group.merge_pending_commit(&self.provider).map_err(|e| openmls_err("merge pending commit", e))
+        group.merge_pending_commit(&self.provider).map_err(|e| openmls_err("merge pending commit", e))?;
+        group.keep();
+        Ok(())
     }
 
     /// What our pending commit changes (call before [`MlsClient::merge_pending`]).
     pub fn pending_changes(&self, group_id: &[u8]) -> Result<Changes, MlsError> {
-        let group = self.load_group(group_id)?;
+        let group = self.group(group_id)?;
         let staged = group.pending_commit().ok_or(MlsError::NoPendingCommit)?;
-        let added = added_members(staged)?;
-        Ok(Changes { added, ..removals(&group, staged)? })
+        let changes = Changes { added: added_members(staged)?, ..removals(&group, staged)? };
+        group.keep();
+        Ok(changes)
     }
 
     /// Our pending commit lost the race: drop it. Idempotent, so a client
     /// that crashed mid-way can simply call it again.
     pub fn clear_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
-        let mut group = self.load_group(group_id)?;
+        let mut group = self.group(group_id)?;
         group
             .clear_pending_commit(self.provider.storage())
-            .map_err(|e| openmls_err("clear pending commit", e))
+            .map_err(|e| openmls_err("clear pending commit", e))?;
+        group.keep();
+        Ok(())
     }
 
     /// Whether we have a staged, unmerged commit (false for unknown groups).
     pub fn has_pending(&self, group_id: &[u8]) -> bool {
-        matches!(self.find_group(group_id), Ok(Some(group)) if group.pending_commit().is_some())
+        let Ok(Some(group)) = self.checkout(group_id) else { return false };
+        let pending = group.pending_commit().is_some();
+        group.keep();
+        pending
     }
 
     /// Encrypts an application message for the group's current epoch.
     pub fn encrypt(&mut self, group_id: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, MlsError> {
         let mut group = self.load_active(group_id)?;
         if group.has_pending_proposals() {
+            group.keep();
             return Err(MlsError::PendingProposals);
         }
         let message = group
             .create_message(&self.provider, &self.signer, plaintext)
             .map_err(|e| openmls_err("encrypt", e))?;
+        group.keep();
         to_bytes(&message)
     }
 
@@ -660,26 +764,28 @@ impl MlsClient {
             e => openmls_err("process message", e),
         })?;
         let sender_credential = processed.credential().clone();
-        match processed.into_content() {
-            ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
+        let incoming = match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => Incoming::Application {
                 sender: sender_identity(&sender_credential)?,
                 plaintext: app.into_bytes(),
-            }),
+            },
             ProcessedMessageContent::ProposalMessage(queued) => {
                 let sender = sender_identity(&sender_credential)?;
-                self.accept_proposal(&mut group, sender, *queued)
+                self.accept_proposal(&mut group, sender, *queued)?
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let sender = sender_identity(&sender_credential)?;
-                self.accept_commit(&mut group, sender, *staged)
+                self.accept_commit(&mut group, sender, *staged)?
             }
             ProcessedMessageContent::OwnPrivateMessage | ProcessedMessageContent::OwnPendingCommit => {
-                Err(MlsError::OwnMessage)
+                return Err(MlsError::OwnMessage);
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
-                Err(MlsError::Unsupported("external join proposal"))
+                return Err(MlsError::Unsupported("external join proposal"));
             }
-        }
+        };
+        group.keep();
+        Ok(incoming)
     }
 
     fn accept_proposal(
@@ -775,7 +881,9 @@ impl MlsClient {
         // RFC 9420 §7.3 only asks to check lifetimes of fresh KeyPackages, and
         // checking them would make old groups unjoinable.
         let mut builder = builder.skip_lifetime_validation();
-        let old = self.find_group(&group_id)?;
+        // A join writes the group's records behind the cache: never reuse a cached copy.
+        self.groups.evict(&group_id);
+        let old = self.stored_group(&group_id)?;
         match &old {
             Some(existing) if existing.is_active() && !left(&group_id) => return Err(MlsError::GroupExists),
             Some(_) => builder = builder.replace_old_group(),
@@ -791,7 +899,9 @@ impl MlsClient {
             old.delete(self.provider.storage()).map_err(|e| openmls_err("delete old group", e))?;
         }
         let group = staged.into_group(&self.provider).map_err(|e| openmls_err("join", e))?;
-        Ok(Joined { group_id: group.group_id().to_vec(), inviter, key_package_refs })
+        let group_id = group.group_id().to_vec();
+        self.groups.put(self.provider.storage().version(), group_id.clone(), group);
+        Ok(Joined { group_id, inviter, key_package_refs })
     }
 
     /// Joins from a Welcome in a throwaway copy that holds only the KeyPackage the Welcome is
@@ -818,6 +928,7 @@ impl MlsClient {
             provider: DbProvider::default(),
             clock: self.clock.clone(),
             display_name: self.display_name.clone(),
+            groups: GroupCache::default(),
         };
         let ours = self.provider.storage();
         for secret in parsed.secrets() {
@@ -856,30 +967,42 @@ impl MlsClient {
 
     /// Identities of the current members, in leaf order.
     pub fn members(&self, group_id: &[u8]) -> Result<Vec<[u8; 32]>, MlsError> {
-        let group = self.load_group(group_id)?;
-        group
+        let group = self.group(group_id)?;
+        let members = group
             .members()
             .map(|m| credential_identity(&m.credential, &m.signature_key).map_err(MlsError::from))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        group.keep();
+        Ok(members)
     }
 
     /// The group's ciphersuite ([`CIPHERSUITE`] for every group qpq creates or joins).
     pub fn ciphersuite(&self, group_id: &[u8]) -> Result<Ciphersuite, MlsError> {
-        Ok(self.load_group(group_id)?.ciphersuite())
+        let group = self.group(group_id)?;
+        let suite = group.ciphersuite();
+        group.keep();
+        Ok(suite)
     }
 
     pub fn epoch(&self, group_id: &[u8]) -> Result<u64, MlsError> {
-        Ok(self.load_group(group_id)?.epoch().as_u64())
+        let group = self.group(group_id)?;
+        let epoch = group.epoch().as_u64();
+        group.keep();
+        Ok(epoch)
     }
 
     /// False once a merged commit removed us.
     pub fn is_active(&self, group_id: &[u8]) -> Result<bool, MlsError> {
-        Ok(self.load_group(group_id)?.is_active())
+        let group = self.group(group_id)?;
+        let active = group.is_active();
+        group.keep();
+        Ok(active)
     }
 
     /// Forgets the group's state entirely.
     pub fn delete_group(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
-        let mut group = self.load_group(group_id)?;
+        // Not kept: its records are gone.
+        let mut group = self.group(group_id)?;
         group.delete(self.provider.storage()).map_err(|e| openmls_err("delete group", e))
     }
 
@@ -903,18 +1026,39 @@ impl MlsClient {
         ids
     }
 
-    fn find_group(&self, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
+    /// The group as the storage holds it, decoded afresh (bypassing the cache).
+    fn stored_group(&self, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
         MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group_id))
             .map_err(|e| MlsError::Storage(format!("{e:?}")))
     }
 
+    /// A fresh decoding of a stored group, for tests that play a client skipping our checks.
+    #[cfg(test)]
     fn load_group(&self, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
-        self.find_group(group_id)?.ok_or(MlsError::UnknownGroup)
+        self.stored_group(group_id)?.ok_or(MlsError::UnknownGroup)
     }
 
-    fn load_active(&self, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
-        let group = self.load_group(group_id)?;
+    /// The group for one operation: from the cache, or decoded from the storage.
+    fn checkout(&self, group_id: &[u8]) -> Result<Option<Checkout<'_>>, MlsError> {
+        let version = self.provider.storage().version();
+        let group = match self.groups.take(version, group_id) {
+            Some(group) => group,
+            None => match self.stored_group(group_id)? {
+                Some(group) => group,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Checkout { cache: &self.groups, version, group_id: group_id.to_vec(), group }))
+    }
+
+    fn group(&self, group_id: &[u8]) -> Result<Checkout<'_>, MlsError> {
+        self.checkout(group_id)?.ok_or(MlsError::UnknownGroup)
+    }
+
+    fn load_active(&self, group_id: &[u8]) -> Result<Checkout<'_>, MlsError> {
+        let group = self.group(group_id)?;
         if !group.is_active() {
+            group.keep();
             return Err(MlsError::NotMember);
         }
         Ok(group)
@@ -922,9 +1066,10 @@ impl MlsClient {
 
     /// Checked up front so callers get our errors instead of openmls's
     /// generic "not operational".
-    fn load_committable(&self, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
+    fn load_committable(&self, group_id: &[u8]) -> Result<Checkout<'_>, MlsError> {
         let group = self.load_active(group_id)?;
         if group.pending_commit().is_some() {
+            group.keep();
             return Err(MlsError::PendingCommit);
         }
         Ok(group)
@@ -1056,11 +1201,11 @@ fn parse_storage(bytes: &[u8]) -> Result<Vec<crate::client::db::mls::MlsRecord>,
             return Err(MlsError::Storage("keys not strictly sorted".into()));
         }
         previous = Some(key);
-        // openmls_memory_storage 0.6 decodes stored values with serde_json and unwraps the result
-        // (`tree`, `group_context`, ... in its src/lib.rs), so a damaged value would panic at its
-        // first use: refuse it here instead.
-        // A full parse: IgnoredAny skips string escapes unchecked (found by the fuzz smoke).
-        if serde_json::from_slice::<serde_json::Value>(value).is_err() {
+        // openmls_memory_storage 0.6 decoded stored values with serde_json and unwrapped the
+        // result, so a damaged value would panic at its first use: refuse what is not a value of
+        // either encoding of the store here (JSON fully parsed: IgnoredAny skips string escapes
+        // unchecked, found by the fuzz smoke); a damaged binary value fails at its decoding.
+        if !crate::client::db::mls::plausible_value(value) {
             return Err(MlsError::Storage("damaged value".into()));
         }
         map.push((key.to_vec(), Zeroizing::new(value.to_vec())));

@@ -727,3 +727,107 @@ fn a_welcome_to_a_two_hundred_member_group_fits_the_default_payload_limit() {
     assert_eq!(joiner.join(&welcome).unwrap(), group);
     assert_eq!(joiner.members(&group).unwrap().len(), MEMBERS);
 }
+
+/// Loaded groups are cached between operations; a store whose records are replaced underneath
+/// (another process wrote, a reload) must not be answered from the stale cache. Fails with a
+/// cache that ignores `MlsStore::version`.
+#[test]
+fn cached_groups_follow_a_store_replaced_underneath() {
+    let (mut alice, mut bob, group) = pair();
+    let before = alice.provider.storage().snapshot();
+    let epoch = alice.epoch(&group).unwrap();
+    alice.self_update(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert_eq!(alice.epoch(&group).unwrap(), epoch + 1);
+    alice.provider.storage().restore(before);
+    assert_eq!(alice.epoch(&group).unwrap(), epoch, "answered from the stale cache");
+    // And the group still works from the restored records.
+    assert!(!alice.has_pending(&group));
+    let text = alice.encrypt(&group, b"after restore").unwrap();
+    assert_eq!(
+        bob.process(&group, &text).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"after restore".to_vec() }
+    );
+}
+
+/// A failed operation drops its checked-out copy: the next one sees what the storage holds.
+#[test]
+fn a_failed_operation_leaves_the_stored_group_in_charge() {
+    let (mut alice, mut bob, group) = pair();
+    let message = alice.encrypt(&group, b"once").unwrap();
+    bob.process(&group, &message).unwrap();
+    assert!(matches!(bob.process(&group, &message), Err(MlsError::Replayed)));
+    let again = alice.encrypt(&group, b"twice").unwrap();
+    assert_eq!(
+        bob.process(&group, &again).unwrap(),
+        Incoming::Application { sender: alice.identity(), plaintext: b"twice".to_vec() }
+    );
+}
+
+/// Values are stored binary (postcard behind a tag byte), except the join config; stores written
+/// by earlier builds hold JSON (openmls_memory_storage's encoding, which ours mirrored) and must
+/// still load and keep working, their records turning binary as openmls rewrites them.
+#[test]
+fn json_records_of_earlier_builds_still_load_and_new_writes_are_binary() {
+    use crate::client::db::mls::{GROUP_INDEX_KEY, VALUE_TAG};
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    let seed: [u8; 32] = rand::random();
+    let alice = MlsClient::new(&seed).unwrap();
+    // The group made by openmls over its JSON memory storage, as earlier builds stored it.
+    let legacy = OpenMlsRustCrypto::default();
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .build();
+    let group = b"legacy-group-012".to_vec();
+    MlsGroup::new_with_group_id(
+        &legacy,
+        &alice.signer,
+        &config,
+        GroupId::from_slice(&group),
+        alice.credential.clone(),
+    )
+    .unwrap();
+    let values: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)> = legacy
+        .storage()
+        .values
+        .read()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), Zeroizing::new(v.clone())))
+        .collect();
+    assert!(values.iter().all(|(_, v)| v.first() != Some(&VALUE_TAG)), "the fixture is JSON");
+    let blob = {
+        let scratch = MlsClient::new(&seed).unwrap();
+        scratch.provider.storage().restore(values);
+        scratch.export_storage().unwrap()
+    };
+    let mut alice = MlsClient::from_storage(&seed, &blob).unwrap();
+    assert_eq!(alice.group_ids(), vec![group.clone()]);
+    assert_eq!(alice.epoch(&group).unwrap(), 0);
+
+    let mut bob = client();
+    add(&group, &mut alice, &mut [], &mut bob);
+    send(&group, &mut alice, &mut [&mut bob], b"from a legacy store");
+    for (key, value) in alice.provider.storage().snapshot() {
+        let json = key.starts_with(JOIN_CONFIG_LABEL)
+            || key.as_slice() == GROUP_INDEX_KEY
+            || key.starts_with(b"OwnLeafNodes")
+            || key.starts_with(b"ProposalQueueRefs");
+        if key.starts_with(b"MessageSecrets") || key.starts_with(b"Tree") {
+            assert_eq!(value.first(), Some(&VALUE_TAG), "rewritten binary: {}", String::from_utf8_lossy(&key));
+        }
+        if json {
+            assert!(serde_json::from_slice::<serde_json::Value>(&value).is_ok());
+        }
+    }
+    // A binary value that fails to decode is an error, not a panic.
+    let mut values = alice.provider.storage().snapshot();
+    let (_, secrets) = values.iter_mut().find(|(k, _)| k.starts_with(b"MessageSecrets")).unwrap();
+    secrets.truncate(3);
+    alice.provider.storage().restore(values);
+    let damaged = alice.export_storage().unwrap();
+    assert!(matches!(MlsClient::from_storage(&seed, &damaged), Err(MlsError::Storage(_))));
+}

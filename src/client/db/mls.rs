@@ -10,8 +10,14 @@
 //! [`super`]). Without a database the store is purely in memory, which is what
 //! [`MlsStore::snapshot`]/[`MlsStore::restore`] (the old state file's blob) use.
 //!
-//! Keys and values mirror `openmls_memory_storage` 0.6 (MIT): storage key = label ‖ JSON key ‖
-//! u16 BE storage version, value = JSON; lists are JSON arrays of JSON values. Two departures:
+//! Keys mirror `openmls_memory_storage` 0.6 (MIT): storage key = label ‖ JSON key ‖ u16 BE
+//! storage version. Values are [`VALUE_TAG`] ‖ postcard, a binary serde encoding: openmls's
+//! values are mostly byte strings (keys, secrets, the ratchet tree), which JSON writes as arrays
+//! of decimal integers, four times their size and slow to encode, and a group's message secrets
+//! are rewritten on every message. Two exceptions stay JSON: the join config, whose past-epoch
+//! policy openmls decodes as an untagged enum (postcard cannot), and values written before
+//! (the old state file's blob, databases of earlier builds), which are read as JSON: no JSON text
+//! starts with the tag byte. Lists are JSON arrays of encoded items. Two departures:
 //! `clear_proposal_queue` deletes the queued proposals under their real key (the memory store
 //! deletes an unprefixed key, so proposals outlive their queue), and the store keeps an index of
 //! its groups (record [`GROUP_INDEX_KEY`]), since sealed slots cannot be listed by prefix.
@@ -19,6 +25,7 @@
 //! Every plaintext is [`Zeroizing`]: dropped, forgotten or replaced values are wiped.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openmls_traits::OpenMlsProvider;
@@ -49,6 +56,33 @@ const OWN_LEAF_NODE_INDEX_LABEL: &[u8] = b"OwnLeafNodeIndex";
 const EPOCH_SECRETS_LABEL: &[u8] = b"EpochSecrets";
 const RESUMPTION_PSK_STORE_LABEL: &[u8] = b"ResumptionPsk";
 const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
+
+/// First byte of a postcard-encoded value; never the first byte of JSON text.
+pub const VALUE_TAG: u8 = 0xb1;
+
+/// Encodes a value: postcard behind [`VALUE_TAG`], JSON for the join config (see the header).
+fn encode<V: Serialize + ?Sized>(label: &[u8], value: &V) -> Result<Vec<u8>, MlsStoreError> {
+    if label == JOIN_CONFIG_LABEL {
+        return Ok(serde_json::to_vec(value)?);
+    }
+    let mut out = postcard::to_extend(value, vec![VALUE_TAG]).map_err(|_| MlsStoreError::Serialization)?;
+    out.shrink_to_fit();
+    Ok(out)
+}
+
+/// Decodes either encoding of [`encode`].
+fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, MlsStoreError> {
+    match bytes.split_first() {
+        Some((&VALUE_TAG, rest)) => postcard::from_bytes(rest).map_err(|_| MlsStoreError::Serialization),
+        _ => Ok(serde_json::from_slice(bytes)?),
+    }
+}
+
+/// True when `bytes` is a well-formed value of either encoding as far as can be told without
+/// its type (JSON fully parsed; postcard only tagged: its decoding needs the type).
+pub fn plausible_value(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&VALUE_TAG) || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+}
 
 /// Logical key of the store's own record: the JSON list of the storage keys of the stored
 /// groups' join configs. No openmls label starts with `qpq/`.
@@ -120,6 +154,9 @@ pub struct MlsStore {
     db: Mutex<Option<Arc<ClientDb>>>,
     cache: Mutex<BTreeMap<Vec<u8>, Cached>>,
     dirty: Mutex<BTreeSet<Vec<u8>>>,
+    /// Bumped whenever the contents are replaced or dropped other than through openmls's own
+    /// writes (see [`MlsStore::version`]).
+    version: AtomicU64,
 }
 
 /// Locks `m`; a panic while it was held leaves plain data, still usable.
@@ -143,6 +180,19 @@ impl MlsStore {
     /// Reads missing records from `db` from now on (while the caller holds the home lock).
     pub fn attach(&self, db: Arc<ClientDb>) {
         *lock(&self.db) = Some(db);
+        self.bump();
+    }
+
+    /// Changes whenever the records may differ from what openmls last wrote or read through
+    /// this store ([`MlsStore::forget`], [`MlsStore::restore`], [`MlsStore::load_all`],
+    /// [`MlsStore::attach`]): whoever keeps values decoded from the store (the loaded groups of
+    /// [`crate::mls::MlsClient`]) drops them when it moves.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Stops reading from the database (the lock is about to be released).
@@ -154,6 +204,7 @@ impl MlsStore {
     pub fn forget(&self) {
         lock(&self.cache).clear();
         lock(&self.dirty).clear();
+        self.bump();
     }
 
     /// True when some change waits for [`MlsStore::flush`].
@@ -207,6 +258,7 @@ impl MlsStore {
         let mut cache = lock(&self.cache);
         cache.clear();
         lock(&self.dirty).clear();
+        self.bump();
         for p in records {
             let (k, v) = unpair(&p).ok_or(super::seal::RecordDamaged)?;
             cache.insert(k.to_vec(), Some(v));
@@ -301,7 +353,7 @@ impl MlsStore {
 
     fn read<V: DeserializeOwned>(&self, label: &[u8], key: &[u8]) -> Result<Option<V>, MlsStoreError> {
         match self.get(&build_key_from_vec(label, key.to_vec()))? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
     }
@@ -315,7 +367,7 @@ impl MlsStore {
             Some(bytes) => serde_json::from_slice(&bytes)?,
             None => Vec::new(),
         };
-        let out = list.iter().map(|v| serde_json::from_slice(v)).collect::<Result<Vec<V>, _>>();
+        let out = list.iter().map(|v| decode(v)).collect::<Result<Vec<V>, _>>();
         wipe_list(list);
         Ok(out?)
     }
@@ -391,7 +443,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         proposal_ref: &ProposalRef,
         proposal: &QueuedProposal,
     ) -> Result<(), Self::Error> {
-        self.write(QUEUED_PROPOSAL_LABEL, &json((group_id, proposal_ref))?, json(proposal)?)?;
+        self.write(
+            QUEUED_PROPOSAL_LABEL,
+            &json((group_id, proposal_ref))?,
+            encode(QUEUED_PROPOSAL_LABEL, proposal)?,
+        )?;
         self.append(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?, json(proposal_ref)?)
     }
 
@@ -400,7 +456,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         tree: &TreeSync,
     ) -> Result<(), Self::Error> {
-        self.write(TREE_LABEL, &json(group_id)?, json(tree)?)
+        self.write(TREE_LABEL, &json(group_id)?, encode(TREE_LABEL, tree)?)
     }
 
     fn write_interim_transcript_hash<
@@ -411,7 +467,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         interim_transcript_hash: &InterimTranscriptHash,
     ) -> Result<(), Self::Error> {
-        self.write(INTERIM_TRANSCRIPT_HASH_LABEL, &json(group_id)?, json(interim_transcript_hash)?)
+        self.write(
+            INTERIM_TRANSCRIPT_HASH_LABEL,
+            &json(group_id)?,
+            encode(INTERIM_TRANSCRIPT_HASH_LABEL, interim_transcript_hash)?,
+        )
     }
 
     fn write_context<
@@ -422,7 +482,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         group_context: &GroupContext,
     ) -> Result<(), Self::Error> {
-        self.write(GROUP_CONTEXT_LABEL, &json(group_id)?, json(group_context)?)
+        self.write(GROUP_CONTEXT_LABEL, &json(group_id)?, encode(GROUP_CONTEXT_LABEL, group_context)?)
     }
 
     fn write_confirmation_tag<
@@ -433,7 +493,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         confirmation_tag: &ConfirmationTag,
     ) -> Result<(), Self::Error> {
-        self.write(CONFIRMATION_TAG_LABEL, &json(group_id)?, json(confirmation_tag)?)
+        self.write(
+            CONFIRMATION_TAG_LABEL,
+            &json(group_id)?,
+            encode(CONFIRMATION_TAG_LABEL, confirmation_tag)?,
+        )
     }
 
     fn write_signature_key_pair<
@@ -444,7 +508,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         public_key: &SignaturePublicKey,
         signature_key_pair: &SignatureKeyPair,
     ) -> Result<(), Self::Error> {
-        self.write(SIGNATURE_KEY_PAIR_LABEL, &json(public_key)?, json(signature_key_pair)?)
+        self.write(
+            SIGNATURE_KEY_PAIR_LABEL,
+            &json(public_key)?,
+            encode(SIGNATURE_KEY_PAIR_LABEL, signature_key_pair)?,
+        )
     }
 
     fn queued_proposal_refs<
@@ -532,7 +600,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         hash_ref: &HashReference,
         key_package: &KeyPackage,
     ) -> Result<(), Self::Error> {
-        self.write(KEY_PACKAGE_LABEL, &json(hash_ref)?, json(key_package)?)
+        self.write(KEY_PACKAGE_LABEL, &json(hash_ref)?, encode(KEY_PACKAGE_LABEL, key_package)?)
     }
 
     fn write_psk<PskId: traits::PskId<CURRENT_VERSION>, PskBundle: traits::PskBundle<CURRENT_VERSION>>(
@@ -540,7 +608,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         psk_id: &PskId,
         psk: &PskBundle,
     ) -> Result<(), Self::Error> {
-        self.write(PSK_LABEL, &json(psk_id)?, json(psk)?)
+        self.write(PSK_LABEL, &json(psk_id)?, encode(PSK_LABEL, psk)?)
     }
 
     fn write_encryption_key_pair<
@@ -551,7 +619,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         public_key: &EncryptionKey,
         key_pair: &HpkeKeyPair,
     ) -> Result<(), Self::Error> {
-        self.write(ENCRYPTION_KEY_PAIR_LABEL, &json(public_key)?, json(key_pair)?)
+        self.write(
+            ENCRYPTION_KEY_PAIR_LABEL,
+            &json(public_key)?,
+            encode(ENCRYPTION_KEY_PAIR_LABEL, key_pair)?,
+        )
     }
 
     fn key_package<
@@ -624,7 +696,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         group_state: &GroupState,
     ) -> Result<(), Self::Error> {
-        self.write(GROUP_STATE_LABEL, &json(group_id)?, json(group_state)?)
+        self.write(GROUP_STATE_LABEL, &json(group_id)?, encode(GROUP_STATE_LABEL, group_state)?)
     }
 
     fn delete_group_state<GroupId: traits::GroupId<CURRENT_VERSION>>(
@@ -652,7 +724,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         message_secrets: &MessageSecrets,
     ) -> Result<(), Self::Error> {
-        self.write(MESSAGE_SECRETS_LABEL, &json(group_id)?, json(message_secrets)?)
+        self.write(MESSAGE_SECRETS_LABEL, &json(group_id)?, encode(MESSAGE_SECRETS_LABEL, message_secrets)?)
     }
 
     fn delete_message_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
@@ -680,7 +752,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         resumption_psk_store: &ResumptionPskStore,
     ) -> Result<(), Self::Error> {
-        self.write(RESUMPTION_PSK_STORE_LABEL, &json(group_id)?, json(resumption_psk_store)?)
+        self.write(
+            RESUMPTION_PSK_STORE_LABEL,
+            &json(group_id)?,
+            encode(RESUMPTION_PSK_STORE_LABEL, resumption_psk_store)?,
+        )
     }
 
     fn delete_all_resumption_psk_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
@@ -708,7 +784,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         own_leaf_index: &LeafNodeIndex,
     ) -> Result<(), Self::Error> {
-        self.write(OWN_LEAF_NODE_INDEX_LABEL, &json(group_id)?, json(own_leaf_index)?)
+        self.write(
+            OWN_LEAF_NODE_INDEX_LABEL,
+            &json(group_id)?,
+            encode(OWN_LEAF_NODE_INDEX_LABEL, own_leaf_index)?,
+        )
     }
 
     fn delete_own_leaf_index<GroupId: traits::GroupId<CURRENT_VERSION>>(
@@ -736,7 +816,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         group_epoch_secrets: &GroupEpochSecrets,
     ) -> Result<(), Self::Error> {
-        self.write(EPOCH_SECRETS_LABEL, &json(group_id)?, json(group_epoch_secrets)?)
+        self.write(EPOCH_SECRETS_LABEL, &json(group_id)?, encode(EPOCH_SECRETS_LABEL, group_epoch_secrets)?)
     }
 
     fn delete_group_epoch_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
@@ -757,7 +837,11 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         leaf_index: u32,
         key_pairs: &[HpkeKeyPair],
     ) -> Result<(), Self::Error> {
-        self.write(EPOCH_KEY_PAIRS_LABEL, &epoch_key_pairs_id(group_id, epoch, leaf_index)?, json(key_pairs)?)
+        self.write(
+            EPOCH_KEY_PAIRS_LABEL,
+            &epoch_key_pairs_id(group_id, epoch, leaf_index)?,
+            encode(EPOCH_KEY_PAIRS_LABEL, key_pairs)?,
+        )
     }
 
     fn encryption_epoch_key_pairs<
@@ -819,7 +903,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         config: &MlsGroupJoinConfig,
     ) -> Result<(), Self::Error> {
-        self.write(JOIN_CONFIG_LABEL, &json(group_id)?, json(config)?)
+        self.write(JOIN_CONFIG_LABEL, &json(group_id)?, encode(JOIN_CONFIG_LABEL, config)?)
     }
 
     fn own_leaf_nodes<
