@@ -707,8 +707,9 @@ fn suite_comparison(n: usize, reps: usize) -> anyhow::Result<Vec<Row>> {
         let met = commit.ratio.is_some_and(|r| r <= max);
         commit = commit.goal(format!("<= {max}x"), met);
     }
-    let settled = Row::new(format!("pq suite commit, {n} members, settled tree"), ms(pq.settled_commit_secs), "ms")
-        .against(vs, Some(ms(classical.settled_commit_secs)), "ms");
+    let settled =
+        Row::new(format!("pq suite commit, {n} members, settled tree"), ms(pq.settled_commit_secs), "ms")
+            .against(vs, Some(ms(classical.settled_commit_secs)), "ms");
     Ok(vec![
         Row::new("pq suite key package", pq.key_package_bytes as f64, "B").against(
             vs,
@@ -800,10 +801,16 @@ pub fn hpke_timings(crypto: &impl OpenMlsCrypto, budget: Duration) -> anyhow::Re
         .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
         .map_err(|e| crypto_err("hpke seal", e))?;
     let seal = time_mean(budget, || {
-        crypto.hpke_seal(hpke(), &keypair.public, info, b"", &plaintext).map(drop).map_err(|e| crypto_err("hpke seal", e))
+        crypto
+            .hpke_seal(hpke(), &keypair.public, info, b"", &plaintext)
+            .map(drop)
+            .map_err(|e| crypto_err("hpke seal", e))
     })?;
     let open = time_mean(budget, || {
-        crypto.hpke_open(hpke(), &sealed, &keypair.private, info, b"").map(drop).map_err(|e| crypto_err("hpke open", e))
+        crypto
+            .hpke_open(hpke(), &sealed, &keypair.private, info, b"")
+            .map(drop)
+            .map_err(|e| crypto_err("hpke open", e))
     })?;
     Ok((seal, open, derive))
 }

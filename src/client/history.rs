@@ -295,7 +295,8 @@ impl Messenger {
                 let first = state.timelines.first_index(key, g.history.len());
                 for (i, e) in g.history.iter().enumerate().rev() {
                     let p = position(HistoryKey { at_ms: e.received_at_ms, index: first + i as u64 });
-                    if upper_key(id, &query.before).is_some_and(|hi| p.at_ms >= cutoff && (p.at_ms, p.index) <= (hi.at_ms, hi.index))
+                    if upper_key(id, &query.before)
+                        .is_some_and(|hi| p.at_ms >= cutoff && (p.at_ms, p.index) <= (hi.at_ms, hi.index))
                         && needle.matches(&e.text)
                     {
                         found.push((p, e.clone()));

@@ -744,7 +744,6 @@ impl Messenger {
     }
 }
 
-
 /// Splits enqueueBatch items, in order, into batches of at most `cap` payload bytes each (one
 /// item larger than `cap` goes alone, for the server to refuse by name). Never returns an empty
 /// batch unless `items` is empty, when it returns one empty batch (the call as before).
@@ -782,11 +781,10 @@ mod tests {
         let order: Vec<u8> = split.iter().flatten().map(|(k, _)| k.0[0]).collect();
         assert_eq!(order, vec![0, 1, 2, 3, 4]);
         // An item over the cap goes alone (the server refuses it by name).
-        assert_eq!(sizes(&split_batches(vec![item(1, 10), item(2, 150), item(3, 10)], 100)), vec![
-            vec![10],
-            vec![150],
-            vec![10]
-        ]);
+        assert_eq!(
+            sizes(&split_batches(vec![item(1, 10), item(2, 150), item(3, 10)], 100)),
+            vec![vec![10], vec![150], vec![10]]
+        );
         assert_eq!(sizes(&split_batches(Vec::new(), 100)), vec![Vec::<usize>::new()]);
     }
 

@@ -72,7 +72,12 @@ impl OpenMlsCrypto for QpqCrypto {
         self.rust.supported_ciphersuites().into_iter().filter(|cs| self.hpke.supports(*cs).is_ok()).collect()
     }
 
-    fn hkdf_extract(&self, hash_type: HashType, salt: &[u8], ikm: &[u8]) -> Result<SecretVLBytes, CryptoError> {
+    fn hkdf_extract(
+        &self,
+        hash_type: HashType,
+        salt: &[u8],
+        ikm: &[u8],
+    ) -> Result<SecretVLBytes, CryptoError> {
         self.rust.hkdf_extract(hash_type, salt, ikm)
     }
 
@@ -221,8 +226,9 @@ mod tests {
 
             let (enc, secret) =
                 ours.hpke_setup_sender_and_export(suite.hpke_config(), &kp.public, info, b"ctx", 32).unwrap();
-            let theirs =
-                rust.hpke_setup_receiver_and_export(suite.hpke_config(), &enc, &kp.private, info, b"ctx", 32).unwrap();
+            let theirs = rust
+                .hpke_setup_receiver_and_export(suite.hpke_config(), &enc, &kp.private, info, b"ctx", 32)
+                .unwrap();
             assert_eq!(&*secret, &*theirs);
         }
     }
@@ -256,9 +262,14 @@ mod tests {
         }
     }
 
-    fn commit_workload<P: openmls_traits::OpenMlsProvider>(make: impl Fn() -> P, suite: Ciphersuite, n: usize) {
+    fn commit_workload<P: openmls_traits::OpenMlsProvider>(
+        make: impl Fn() -> P,
+        suite: Ciphersuite,
+        n: usize,
+    ) {
         use openmls::prelude::{
-            BasicCredential, CredentialWithKey, KeyPackage, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
+            BasicCredential, CredentialWithKey, KeyPackage, LeafNodeParameters, MlsGroup,
+            MlsGroupCreateConfig,
         };
         use openmls_basic_credential::SignatureKeyPair;
 
@@ -279,7 +290,8 @@ mod tests {
                 KeyPackage::builder().build(suite, &m.0, &m.1, m.2.clone()).unwrap().key_package().clone()
             })
             .collect();
-        let config = MlsGroupCreateConfig::builder().ciphersuite(suite).use_ratchet_tree_extension(true).build();
+        let config =
+            MlsGroupCreateConfig::builder().ciphersuite(suite).use_ratchet_tree_extension(true).build();
         let mut group = MlsGroup::new(&creator.0, &creator.1, &config, creator.2.clone()).unwrap();
         group.add_members(&creator.0, &creator.1, &kps).unwrap();
         group.merge_pending_commit(&creator.0).unwrap();

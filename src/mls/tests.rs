@@ -817,7 +817,12 @@ fn json_records_of_earlier_builds_still_load_and_new_writes_are_binary() {
             || key.starts_with(b"OwnLeafNodes")
             || key.starts_with(b"ProposalQueueRefs");
         if key.starts_with(b"MessageSecrets") || key.starts_with(b"Tree") {
-            assert_eq!(value.first(), Some(&VALUE_TAG), "rewritten binary: {}", String::from_utf8_lossy(&key));
+            assert_eq!(
+                value.first(),
+                Some(&VALUE_TAG),
+                "rewritten binary: {}",
+                String::from_utf8_lossy(&key)
+            );
         }
         if json {
             assert!(serde_json::from_slice::<serde_json::Value>(&value).is_ok());

@@ -220,7 +220,10 @@ mod tests {
         sub.changed().await;
         match sub.take(0, 10, 1 << 20) {
             Taken::Messages(m, more) => {
-                assert_eq!(m.iter().map(|m| (m.seq, m.payload.as_slice())).collect::<Vec<_>>(), [(7, &b"hi"[..])]);
+                assert_eq!(
+                    m.iter().map(|m| (m.seq, m.payload.as_slice())).collect::<Vec<_>>(),
+                    [(7, &b"hi"[..])]
+                );
                 assert!(!more);
             }
             other => panic!("{other:?}"),

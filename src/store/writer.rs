@@ -18,12 +18,12 @@ use std::thread::JoinHandle;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
+use super::notifier::Committed;
 use super::{
     CHANNEL_SEQ_FLOOR, CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry,
     LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue,
     SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
 };
-use super::notifier::Committed;
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
@@ -357,7 +357,8 @@ fn fanout<'a>(
         if let Some(first) = seen.insert(*who, i) {
             return Err(StoreError::DuplicateRecipient { first, again: i });
         }
-        let (next, count, bytes) = d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
+        let (next, count, bytes) =
+            d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
         if count + 1 > limits.max_messages || bytes + charge > limits.max_bytes {
             return Err(StoreError::QueueFull {
                 count,

@@ -377,7 +377,8 @@ impl ClientDb {
         let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
         let t = txn.open_table(Table::History.def()).map_err(|e| io_err("read")(e.into()))?;
         let range = t.range(lo.as_slice()..=hi.as_slice()).map_err(|e| io_err("read")(e.into()))?;
-        let items: Box<dyn Iterator<Item = _>> = if newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        let items: Box<dyn Iterator<Item = _>> =
+            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
         let mut out = Vec::new();
         for item in items {
             if out.len() >= n {
@@ -436,7 +437,12 @@ impl DbWrite<'_> {
     }
 
     /// Stores history entry `key` of `conversation`.
-    pub fn put_history(&mut self, conversation: &[u8], key: HistoryKey, plaintext: &[u8]) -> Result<(), DbError> {
+    pub fn put_history(
+        &mut self,
+        conversation: &[u8],
+        key: HistoryKey,
+        plaintext: &[u8],
+    ) -> Result<(), DbError> {
         let conv = self.keys.slot(Table::History.label(), conversation);
         self.put_at(Table::History, &history_key(&conv, key), plaintext)
     }

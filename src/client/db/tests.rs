@@ -33,7 +33,8 @@ fn records_round_trip_and_nothing_readable_reaches_the_file() {
     let (dir, key, db) = new_db();
     let mut w = db.write().unwrap();
     w.put(Table::State, b"contacts", b"bob=secret-contact-name").unwrap();
-    w.put_history(b"group-id-in-clear", HistoryKey { at_ms: 1, index: 0 }, b"a very private message").unwrap();
+    w.put_history(b"group-id-in-clear", HistoryKey { at_ms: 1, index: 0 }, b"a very private message")
+        .unwrap();
     assert_eq!(w.commit().unwrap(), 1, "first write is generation 1");
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob=secret-contact-name");
     assert_eq!(db.get(Table::Mls, b"contacts").unwrap(), None, "tables are separate");

@@ -184,8 +184,7 @@ async fn apply(
 ) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
     // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
-    let mut channel_keys: Vec<&[u8]> =
-        ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
+    let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
     channel_keys.sort_unstable();
     channel_keys.dedup();
     let mut queue_keys: Vec<&[u8]> = Vec::new();
@@ -417,7 +416,15 @@ async fn apply(
             }
             tx.execute(
                 &insert,
-                &[&rows.recipients, &rows.seqs, &rows.bodies, &rows.sizes, &rows.channels, &rows.channel_seqs, &now_i],
+                &[
+                    &rows.recipients,
+                    &rows.seqs,
+                    &rows.bodies,
+                    &rows.sizes,
+                    &rows.channels,
+                    &rows.channel_seqs,
+                    &now_i,
+                ],
             )
             .await
         },
@@ -469,7 +476,9 @@ fn plan_enqueue(
             }
         };
         let add = accounted(channel, payload);
-        if ops::unbig(count) + 1 > limits.max_messages || ops::unbig(bytes) + ops::unbig(add) > limits.max_bytes {
+        if ops::unbig(count) + 1 > limits.max_messages
+            || ops::unbig(bytes) + ops::unbig(add) > limits.max_bytes
+        {
             return Err(StoreError::QueueFull {
                 count: ops::unbig(count),
                 bytes: ops::unbig(bytes),
