@@ -211,14 +211,7 @@ async fn apply(
              RETURNING id, last_seq",
         )
         .await?;
-    let lock_queues = tx
-        .prepare_cached(
-            "INSERT INTO qpq_queues (recipient, next_seq, count, bytes)
-             SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
-             ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
-             RETURNING recipient, next_seq, count, bytes",
-        )
-        .await?;
+    let lock_queues = tx.prepare_cached(super::ops::LOCK_QUEUE_ROWS).await?;
     let totals = tx
         .prepare_cached(
             "SELECT coalesce((SELECT value FROM qpq_meta WHERE name = 'seq_floor'), 0),

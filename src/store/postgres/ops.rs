@@ -13,6 +13,14 @@
 //! - Rare lock cycles (a sweep against a batch) are PostgreSQL deadlocks; it aborts one side,
 //!   which the caller runs again.
 
+/// Locks (creating when missing) each recipient's queue row of `$1` in the order given, which
+/// callers sort by key so that concurrent transactions lock in one order: the enqueue path here
+/// and the group commit ([`super::batch`]).
+pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, next_seq, count, bytes)
+     SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
+     ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
+     RETURNING recipient, next_seq, count, bytes";
+
 use deadpool_postgres::{Object, Transaction};
 
 use super::{MAIL_CHANNEL, TxError};
@@ -132,14 +140,7 @@ async fn enqueue(
     recipients.sort_unstable();
     recipients.dedup();
     let keys: Vec<&[u8]> = recipients.iter().map(|r| &r[..]).collect();
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO qpq_queues (recipient, next_seq, count, bytes)
-             SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
-             ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
-             RETURNING recipient, next_seq, count, bytes",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(LOCK_QUEUE_ROWS).await?;
     let rows = tx.query(&stmt, &[&keys]).await?;
     let mut fresh_floor = None;
     // recipient -> (next seq, count, bytes), in key order.
