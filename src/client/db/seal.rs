@@ -93,6 +93,7 @@ impl RecordKeys {
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
+        // Invariant: `out` holds the NONCE_LEN-byte nonce, then the plaintext to encrypt.
         let tag = self
             .cipher
             .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(label, slot), &mut out[NONCE_LEN..])
