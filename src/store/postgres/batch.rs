@@ -15,9 +15,9 @@
 //!    left by the requests before them; a refused request changes nothing and does not disturb
 //!    the others (the caps are decided here, so no SAVEPOINT is needed);
 //! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
-//!    rows, one of the channel rows, one of this connection's stored-bytes shard, one NOTIFY per
-//!    [`limits::PG_NOTIFY_RECIPIENTS`] recipients, and COMMIT: one WAL flush acknowledges the
-//!    whole batch. A statement that fails aborts the transaction, so the COMMIT behind it only
+//!    rows, one of the channel rows, one of this connection's stored-bytes shard, and COMMIT:
+//!    one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a cluster-wide
+//!    lock across the flush; the other nodes are told after the commit ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it only
 //!    rolls back; the batch answers with that statement's error, never success.
 //!
 //! On any error the worker sends ROLLBACK before the connection goes back to the pool.
@@ -33,7 +33,6 @@ use std::sync::atomic::Ordering;
 
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_postgres::types::ToSql;
 
 use super::{Inner, TxError, ops, unavailable};
 use crate::limits;
@@ -66,6 +65,7 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
         match inner.commit_batch(&ops).await {
             Ok(Applied { outcomes, woken }) => {
                 inner.notifier.notify(woken.iter());
+                inner.wakeups.push(woken.iter());
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // The caller may have gone (its connection closed): nothing to tell.
                     let _ = reply.send(outcome);
@@ -108,7 +108,7 @@ impl Inner {
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let applied = apply(&client, self.limits, now_ms, self.node_id, ops).await;
+            let applied = apply(&client, self.limits, now_ms, ops).await;
             if applied.is_err() {
                 // Ends the transaction if the failure left one open (a warning, not an error,
                 // when the pipelined COMMIT already ended it); a dead connection is dropped by
@@ -179,7 +179,6 @@ async fn apply(
     tx: &Object,
     limits: QueueLimits,
     now: u64,
-    node_id: u64,
     ops: &[WriteOp],
 ) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
@@ -396,11 +395,7 @@ async fn apply(
              ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
         )
         .await?;
-    let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
     let delta = adding_total - freed;
-    let payloads = ops::notify_payloads(node_id, &woken);
-    let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
-        payloads.iter().map(|p| [&super::MAIL_CHANNEL as &(dyn ToSql + Sync), p]).collect();
     // The shard last: it is the last lock of every batch.
     tokio::try_join!(
         async {
@@ -439,7 +434,6 @@ async fn apply(
             }
             tx.execute(&add_stored, &[&ops::STORED_BYTES_SHARDS, &delta]).await
         },
-        futures::future::try_join_all(notify_params.iter().map(|params| tx.execute(&notify, params))),
         tx.batch_execute("COMMIT"),
     )?;
     Ok(Applied { outcomes, woken })

@@ -23,7 +23,7 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
 
 use deadpool_postgres::{Object, Transaction};
 
-use super::{MAIL_CHANNEL, TxError};
+use super::TxError;
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::store::{
@@ -54,13 +54,12 @@ pub(super) async fn apply(
     tx: &Transaction<'_>,
     limits: QueueLimits,
     now_ms: u64,
-    node_id: u64,
     op: &WriteOp,
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Result<Outcome, StoreError>, TxError> {
     match op {
         WriteOp::Enqueue { channel, items } => {
-            enqueue(tx, limits, now_ms, node_id, channel, items, woken).await.map(Ok)
+            enqueue(tx, limits, now_ms, channel, items, woken).await.map(Ok)
         }
         // Not yet stored once here: each recipient gets its own copy of the payload (and the
         // quota is charged per copy), in one transaction with one channel position. Storing it
@@ -74,7 +73,7 @@ pub(super) async fn apply(
             }
             let items: Vec<(IdentityKey, Vec<u8>)> =
                 recipients.iter().map(|who| (*who, payload.clone())).collect();
-            enqueue(tx, limits, now_ms, node_id, channel, &items, woken).await.map(Ok)
+            enqueue(tx, limits, now_ms, channel, &items, woken).await.map(Ok)
         }
         WriteOp::Ack { who, up_to } => ack(tx, who, *up_to).await.map(Ok),
         WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
@@ -111,7 +110,6 @@ async fn enqueue(
     tx: &Transaction<'_>,
     limits: QueueLimits,
     now: u64,
-    node_id: u64,
     channel: &[u8],
     items: &[(IdentityKey, Vec<u8>)],
     woken: &mut Vec<IdentityKey>,
@@ -233,18 +231,9 @@ async fn enqueue(
         )
         .await?;
     tx.execute(&stmt, &[&keys, &next, &counts, &totals]).await?;
-    notify(tx, node_id, &recipients).await?;
+    // Waiters are woken by the caller once this commits (here and on other nodes: see `wake`).
     woken.extend(recipients);
     Ok(Outcome::Enqueued { channel_seq: unbig(channel_seq), seqs: seqs.into_iter().map(unbig).collect() })
-}
-
-/// NOTIFY the other nodes (delivered when this transaction commits, never before).
-async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
-    let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-    for payload in notify_payloads(node_id, recipients) {
-        tx.execute(&stmt, &[&MAIL_CHANNEL, &payload]).await?;
-    }
-    Ok(())
 }
 
 /// The NOTIFY payloads naming `recipients` (see [`super::listen`] for the format).
