@@ -889,9 +889,18 @@ async fn idle_connections_of_an_address_at_its_cap_make_room_for_a_new_one() {
 }
 }
 
-/// (rows of `payloads`, rows of `queue`) in a stopped server's database file.
+/// (payload rows, queue entries) a stopped server stored: redb's `payloads` and `queue` tables
+/// in its database file, or PostgreSQL's `qpq_payloads` and `qpq_entries`.
 fn stored_rows(dir: &std::path::Path) -> (usize, usize) {
     use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+    if let common::Backend::Postgres(url) = common::backend() {
+        let out = common::pg::Cluster::get().query(
+            &url,
+            "SELECT (SELECT count(*) FROM qpq_payloads) || ' ' || (SELECT count(*) FROM qpq_entries)",
+        );
+        let (p, q) = out.split_once(' ').expect("two counts");
+        return (p.parse().unwrap(), q.parse().unwrap());
+    }
     let payloads: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
     let queue: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
     let db = redb::Database::open(dir.join("qpq.db")).unwrap();
@@ -901,6 +910,15 @@ fn stored_rows(dir: &std::path::Path) -> (usize, usize) {
     (p, q)
 }
 
+/// Bytes charged against the storage quota, on PostgreSQL (None on redb, which keeps the total
+/// in its file's metadata).
+fn pg_stored_bytes() -> Option<u64> {
+    let common::Backend::Postgres(url) = common::backend() else { return None };
+    let out = common::pg::Cluster::get().query(&url, "SELECT coalesce(sum(bytes), 0) FROM qpq_stored_bytes");
+    Some(out.parse().unwrap())
+}
+
+on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     let dir = tempfile::tempdir().unwrap();
@@ -921,7 +939,15 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(stored_rows(dir.path()), (1, 4), "one payload row for three recipients");
+    // redb keeps the single enqueue inside its queue entry; PostgreSQL in a payload row of its own.
+    let single = usize::from(matches!(common::backend(), common::Backend::Postgres(_)));
+    assert_eq!(stored_rows(dir.path()), (1 + single, 4), "one payload row for three recipients");
+    // The quota: the single enqueue's entry (17 + 7), the fanout's row once (8 + 17 + 3 + 5000)
+    // and 48 bytes per recipient's entry.
+    let fanout_row = 8 + 17 + 3 + 5000;
+    if let Some(used) = pg_stored_bytes() {
+        assert_eq!(used, 24 + fanout_row + 3 * qpq::limits::FANOUT_ENTRY_BYTES);
+    }
 
     let server = start_server(dir.path()).await;
     local(async {
@@ -932,6 +958,9 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     .await;
     server.shutdown().await.unwrap();
     assert_eq!(stored_rows(dir.path()), (1, 1), "the last recipient has not acked yet");
+    if let Some(used) = pg_stored_bytes() {
+        assert_eq!(used, fanout_row + qpq::limits::FANOUT_ENTRY_BYTES, "the row stays charged until its last ack");
+    }
 
     let server = start_server(dir.path()).await;
     local(async {
@@ -942,6 +971,9 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     .await;
     server.shutdown().await.unwrap();
     assert_eq!(stored_rows(dir.path()), (0, 0), "the last ack deleted it");
+    if let Some(used) = pg_stored_bytes() {
+        assert_eq!(used, 0, "every charge was given back");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1000,8 +1032,7 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
     let payload = vec![7u8; 20_000];
     let n = 100u64;
     let entry = 17 + payload.len() as u64; // the queue entry's header, no channel id
-    let mut cfg =
-        qpq::server::config::ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     // Room for one stored copy and 100 index entries; 100 copies would need 2 MB.
     cfg.max_stored_bytes = 8 + entry + n * qpq::limits::FANOUT_ENTRY_BYTES;
     cfg.max_queue_bytes = entry + 10;
@@ -1023,4 +1054,5 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
     })
     .await;
     server.shutdown().await.unwrap();
+}
 }

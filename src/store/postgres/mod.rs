@@ -20,6 +20,7 @@
 
 mod batch;
 mod listen;
+mod mail;
 mod ops;
 mod schema;
 mod wake;
