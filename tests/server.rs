@@ -1056,3 +1056,72 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
     server.shutdown().await.unwrap();
 }
 }
+
+/// PostgreSQL schema version 1 as it shipped (frozen here: a database written by it must keep
+/// working), with its version row.
+const PG_SCHEMA_V1: &str = "
+     CREATE TABLE qpq_schema_version (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+     INSERT INTO qpq_schema_version (version) VALUES (1);
+     CREATE TABLE qpq_meta (name text PRIMARY KEY, value bigint NOT NULL);
+     INSERT INTO qpq_meta (name, value) VALUES ('seq_floor', 0), ('channel_seq_floor', 0);
+     CREATE TABLE qpq_queues (recipient bytea PRIMARY KEY, next_seq bigint NOT NULL, count bigint NOT NULL,
+         bytes bigint NOT NULL);
+     CREATE TABLE qpq_channels (id bytea PRIMARY KEY, last_seq bigint NOT NULL, touched_ms bigint NOT NULL);
+     CREATE TABLE qpq_payloads (id bigserial PRIMARY KEY, channel_id bytea NOT NULL, channel_seq bigint NOT NULL,
+         enqueued_at_ms bigint NOT NULL, body bytea NOT NULL);
+     CREATE TABLE qpq_entries (recipient bytea NOT NULL, seq bigint NOT NULL, payload_id bigint NOT NULL,
+         bytes bigint NOT NULL, enqueued_at_ms bigint NOT NULL, PRIMARY KEY (recipient, seq));
+     CREATE INDEX qpq_entries_by_age ON qpq_entries (enqueued_at_ms);
+     CREATE TABLE qpq_stored_bytes (shard integer PRIMARY KEY, bytes bigint NOT NULL);
+     CREATE TABLE qpq_key_packages (id bigserial PRIMARY KEY, identity bytea NOT NULL, not_after bigint NOT NULL,
+         bytes bytea NOT NULL);
+     CREATE INDEX qpq_key_packages_by_identity ON qpq_key_packages (identity, id);
+     CREATE INDEX qpq_key_packages_by_expiry ON qpq_key_packages (not_after);
+     CREATE TABLE qpq_key_package_owners (identity bytea PRIMARY KEY);
+     CREATE TABLE qpq_last_resort (identity bytea PRIMARY KEY, not_after bigint NOT NULL, bytes bytea NOT NULL);
+     CREATE TABLE qpq_hybrid_keys (identity bytea PRIMARY KEY, created_at_ms bigint NOT NULL, value bytea NOT NULL);";
+
+/// A database written by schema version 1 (a payload row per entry) is migrated at start-up:
+/// its mail is fetched and acked as before, the ack gives back exactly what version 1 charged,
+/// and fanouts stored after the migration share a payload row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_as_before() {
+    let cluster = common::pg::Cluster::get();
+    let url = cluster.fresh_database();
+    let bob = Identity::generate();
+    let carol = Identity::generate();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let key = hex::encode(bob.public().0);
+    // One message of 7 bytes, no channel: charged 17 + 7 on the queue and the quota.
+    cluster.query(
+        &url,
+        &format!(
+            "{PG_SCHEMA_V1};
+             INSERT INTO qpq_queues VALUES ('\\x{key}', 2, 1, 24);
+             INSERT INTO qpq_payloads (channel_id, channel_seq, enqueued_at_ms, body) VALUES ('', 0, {now_ms}, 'earlier');
+             INSERT INTO qpq_entries VALUES ('\\x{key}', 1, 1, 24, {now_ms});
+             INSERT INTO qpq_stored_bytes VALUES (0, 24);"
+        ),
+    );
+    common::use_backend(common::Backend::Postgres(url.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let b = login(&server, &bob).await;
+        let (msgs, _) = b.fetch(0).await.unwrap();
+        assert_eq!(
+            msgs.iter().map(|m| (m.seq, m.payload.clone())).collect::<Vec<_>>(),
+            vec![(1, b"earlier".to_vec())]
+        );
+        let s = connect(&server).await;
+        let (_, seqs) = s.enqueue_fanout(b"", b"shared", &[bob.public(), carol.public()]).await.unwrap();
+        assert_eq!(seqs, vec![2, 1], "bob's numbers go on from the migrated queue");
+        assert_eq!(b.ack(2).await.unwrap(), 2);
+        login(&server, &carol).await.ack(1).await.unwrap();
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "2");
+    assert_eq!(stored_rows(dir.path()), (0, 0));
+    assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
+}
