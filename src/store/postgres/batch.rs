@@ -5,8 +5,9 @@
 //! backend wake-up) and one WAL flush per message, and held the recipient's queue row locked
 //! across all of them; on a small machine that, not the disk, capped throughput (issue 13).
 //!
-//! How, like the redb writer: a few worker tasks per node share one queue of requests; a free
-//! worker takes every request waiting (up to [`limits::PG_BATCH_OPS`]) and runs them as:
+//! How, like the redb writer: a worker task per node ([`limits::PG_BATCH_WORKERS`]) takes every
+//! request waiting (up to [`limits::PG_BATCH_OPS`]), so what arrives during one transaction's
+//! WAL flush forms the next batch, and runs them as:
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
 //!    rows (sorted), then its queue rows (sorted), read the floors and the stored-bytes total,
 //!    and delete the acked entries (returning what went);
