@@ -315,3 +315,45 @@ async fn concurrent_batches_through_two_nodes_keep_one_order_and_dense_seqs() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Fanouts whose recipients all ack at once, half through each node: every ack takes its ref
+/// off the shared payload rows while the others do the same, and when the last one is done no
+/// payload row, entry or charge is left (a lost decrement would leave a row charged forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_fanout_payloads_go_with_the_last_of_many_concurrent_acks_on_two_nodes() {
+    let root = tempfile::tempdir().unwrap();
+    let backend = Backend::postgres();
+    let Backend::Postgres(url) = backend.clone() else { unreachable!() };
+    common::use_backend(backend);
+    let a = start_server_with(common::server_config(&root.path().join("a"))).await;
+    let mut cfg_b = common::server_config(&root.path().join("b"));
+    cfg_b.cert = Some(root.path().join("a").join(CERT_FILE));
+    cfg_b.key = Some(root.path().join("a").join(KEY_FILE));
+    let b = start_server_with(cfg_b).await;
+    let cluster = common::pg::Cluster::get();
+    local(async {
+        let members: Vec<Identity> = (0..12).map(|_| Identity::generate()).collect();
+        let keys: Vec<_> = members.iter().map(|m| m.public()).collect();
+        let sender = common::connect(&a).await;
+        for i in 0..5u8 {
+            sender.enqueue_fanout(b"team", &[i; 300], &keys).await.unwrap();
+        }
+        assert_eq!(cluster.query(&url, "SELECT count(*) FROM qpq_payloads"), "5", "one row per fanout");
+        let mut sessions = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            sessions.push(login(if i % 2 == 0 { &a } else { &b }, m).await);
+        }
+        let acks = sessions.iter().map(|s| async move { s.ack(u64::MAX).await.unwrap() });
+        let removed = futures::future::join_all(acks).await;
+        assert_eq!(removed, vec![5; 12], "each recipient acked its five entries");
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let left = cluster.query(
+        &url,
+        "SELECT (SELECT count(*) FROM qpq_payloads) || ' ' || (SELECT count(*) FROM qpq_entries) || ' ' ||
+                (SELECT coalesce(sum(bytes), 0) FROM qpq_stored_bytes)",
+    );
+    assert_eq!(left, "0 0 0", "payload rows, entries, stored bytes");
+}

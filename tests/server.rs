@@ -889,9 +889,18 @@ async fn idle_connections_of_an_address_at_its_cap_make_room_for_a_new_one() {
 }
 }
 
-/// (rows of `payloads`, rows of `queue`) in a stopped server's database file.
+/// (payload rows, queue entries) a stopped server stored: redb's `payloads` and `queue` tables
+/// in its database file, or PostgreSQL's `qpq_payloads` and `qpq_entries`.
 fn stored_rows(dir: &std::path::Path) -> (usize, usize) {
     use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+    if let common::Backend::Postgres(url) = common::backend() {
+        let out = common::pg::Cluster::get().query(
+            &url,
+            "SELECT (SELECT count(*) FROM qpq_payloads) || ' ' || (SELECT count(*) FROM qpq_entries)",
+        );
+        let (p, q) = out.split_once(' ').expect("two counts");
+        return (p.parse().unwrap(), q.parse().unwrap());
+    }
     let payloads: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
     let queue: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
     let db = redb::Database::open(dir.join("qpq.db")).unwrap();
@@ -901,6 +910,15 @@ fn stored_rows(dir: &std::path::Path) -> (usize, usize) {
     (p, q)
 }
 
+/// Bytes charged against the storage quota, on PostgreSQL (None on redb, which keeps the total
+/// in its file's metadata).
+fn pg_stored_bytes() -> Option<u64> {
+    let common::Backend::Postgres(url) = common::backend() else { return None };
+    let out = common::pg::Cluster::get().query(&url, "SELECT coalesce(sum(bytes), 0) FROM qpq_stored_bytes");
+    Some(out.parse().unwrap())
+}
+
+on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     let dir = tempfile::tempdir().unwrap();
@@ -921,7 +939,15 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(stored_rows(dir.path()), (1, 4), "one payload row for three recipients");
+    // redb keeps the single enqueue inside its queue entry; PostgreSQL in a payload row of its own.
+    let single = usize::from(matches!(common::backend(), common::Backend::Postgres(_)));
+    assert_eq!(stored_rows(dir.path()), (1 + single, 4), "one payload row for three recipients");
+    // The quota: the single enqueue's entry (17 + 7), the fanout's row once (8 + 17 + 3 + 5000)
+    // and 48 bytes per recipient's entry.
+    let fanout_row = 8 + 17 + 3 + 5000;
+    if let Some(used) = pg_stored_bytes() {
+        assert_eq!(used, 24 + fanout_row + 3 * qpq::limits::FANOUT_ENTRY_BYTES);
+    }
 
     let server = start_server(dir.path()).await;
     local(async {
@@ -932,6 +958,9 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     .await;
     server.shutdown().await.unwrap();
     assert_eq!(stored_rows(dir.path()), (1, 1), "the last recipient has not acked yet");
+    if let Some(used) = pg_stored_bytes() {
+        assert_eq!(used, fanout_row + qpq::limits::FANOUT_ENTRY_BYTES, "the row stays charged until its last ack");
+    }
 
     let server = start_server(dir.path()).await;
     local(async {
@@ -942,6 +971,9 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     .await;
     server.shutdown().await.unwrap();
     assert_eq!(stored_rows(dir.path()), (0, 0), "the last ack deleted it");
+    if let Some(used) = pg_stored_bytes() {
+        assert_eq!(used, 0, "every charge was given back");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1000,8 +1032,7 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
     let payload = vec![7u8; 20_000];
     let n = 100u64;
     let entry = 17 + payload.len() as u64; // the queue entry's header, no channel id
-    let mut cfg =
-        qpq::server::config::ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let mut cfg = common::server_config(dir.path());
     // Room for one stored copy and 100 index entries; 100 copies would need 2 MB.
     cfg.max_stored_bytes = 8 + entry + n * qpq::limits::FANOUT_ENTRY_BYTES;
     cfg.max_queue_bytes = entry + 10;
@@ -1023,4 +1054,74 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
     })
     .await;
     server.shutdown().await.unwrap();
+}
+}
+
+/// PostgreSQL schema version 1 as it shipped (frozen here: a database written by it must keep
+/// working), with its version row.
+const PG_SCHEMA_V1: &str = "
+     CREATE TABLE qpq_schema_version (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+     INSERT INTO qpq_schema_version (version) VALUES (1);
+     CREATE TABLE qpq_meta (name text PRIMARY KEY, value bigint NOT NULL);
+     INSERT INTO qpq_meta (name, value) VALUES ('seq_floor', 0), ('channel_seq_floor', 0);
+     CREATE TABLE qpq_queues (recipient bytea PRIMARY KEY, next_seq bigint NOT NULL, count bigint NOT NULL,
+         bytes bigint NOT NULL);
+     CREATE TABLE qpq_channels (id bytea PRIMARY KEY, last_seq bigint NOT NULL, touched_ms bigint NOT NULL);
+     CREATE TABLE qpq_payloads (id bigserial PRIMARY KEY, channel_id bytea NOT NULL, channel_seq bigint NOT NULL,
+         enqueued_at_ms bigint NOT NULL, body bytea NOT NULL);
+     CREATE TABLE qpq_entries (recipient bytea NOT NULL, seq bigint NOT NULL, payload_id bigint NOT NULL,
+         bytes bigint NOT NULL, enqueued_at_ms bigint NOT NULL, PRIMARY KEY (recipient, seq));
+     CREATE INDEX qpq_entries_by_age ON qpq_entries (enqueued_at_ms);
+     CREATE TABLE qpq_stored_bytes (shard integer PRIMARY KEY, bytes bigint NOT NULL);
+     CREATE TABLE qpq_key_packages (id bigserial PRIMARY KEY, identity bytea NOT NULL, not_after bigint NOT NULL,
+         bytes bytea NOT NULL);
+     CREATE INDEX qpq_key_packages_by_identity ON qpq_key_packages (identity, id);
+     CREATE INDEX qpq_key_packages_by_expiry ON qpq_key_packages (not_after);
+     CREATE TABLE qpq_key_package_owners (identity bytea PRIMARY KEY);
+     CREATE TABLE qpq_last_resort (identity bytea PRIMARY KEY, not_after bigint NOT NULL, bytes bytea NOT NULL);
+     CREATE TABLE qpq_hybrid_keys (identity bytea PRIMARY KEY, created_at_ms bigint NOT NULL, value bytea NOT NULL);";
+
+/// A database written by schema version 1 (a payload row per entry) is migrated at start-up:
+/// its mail is fetched and acked as before, the ack gives back exactly what version 1 charged,
+/// and fanouts stored after the migration share a payload row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_as_before() {
+    let cluster = common::pg::Cluster::get();
+    let url = cluster.fresh_database();
+    let bob = Identity::generate();
+    let carol = Identity::generate();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let key = hex::encode(bob.public().0);
+    // One message of 7 bytes, no channel: charged 17 + 7 on the queue and the quota.
+    cluster.query(
+        &url,
+        &format!(
+            "{PG_SCHEMA_V1};
+             INSERT INTO qpq_queues VALUES ('\\x{key}', 2, 1, 24);
+             INSERT INTO qpq_payloads (channel_id, channel_seq, enqueued_at_ms, body) VALUES ('', 0, {now_ms}, 'earlier');
+             INSERT INTO qpq_entries VALUES ('\\x{key}', 1, 1, 24, {now_ms});
+             INSERT INTO qpq_stored_bytes VALUES (0, 24);"
+        ),
+    );
+    common::use_backend(common::Backend::Postgres(url.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let b = login(&server, &bob).await;
+        let (msgs, _) = b.fetch(0).await.unwrap();
+        assert_eq!(
+            msgs.iter().map(|m| (m.seq, m.payload.clone())).collect::<Vec<_>>(),
+            vec![(1, b"earlier".to_vec())]
+        );
+        let s = connect(&server).await;
+        let (_, seqs) = s.enqueue_fanout(b"", b"shared", &[bob.public(), carol.public()]).await.unwrap();
+        assert_eq!(seqs, vec![2, 1], "bob's numbers go on from the migrated queue");
+        assert_eq!(b.ack(2).await.unwrap(), 2);
+        login(&server, &carol).await.ack(1).await.unwrap();
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "2");
+    assert_eq!(stored_rows(dir.path()), (0, 0));
+    assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
 }

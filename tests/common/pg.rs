@@ -129,6 +129,16 @@ impl Cluster {
         format!("postgres://qpq@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// The value(s) one SQL query returns in the database at `url`, unaligned (`psql -At`).
+    pub fn query(&self, url: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-d", url, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Runs one SQL command as the superuser in the `postgres` database.
     pub fn psql(&self, sql: &str) {
         let out = Command::new(self.bin.join("psql"))

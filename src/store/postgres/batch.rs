@@ -5,8 +5,9 @@
 //! backend wake-up) and one WAL flush per message, and held the recipient's queue row locked
 //! across all of them; on a small machine that, not the disk, capped throughput (issue 13).
 //!
-//! How, like the redb writer: a few worker tasks per node share one queue of requests; a free
-//! worker takes every request waiting (up to [`limits::PG_BATCH_OPS`]) and runs them as:
+//! How, like the redb writer: a worker task per node ([`limits::PG_BATCH_WORKERS`]) takes every
+//! request waiting (up to [`limits::PG_BATCH_OPS`]), so what arrives during one transaction's
+//! WAL flush forms the next batch, and runs them as:
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
 //!    rows (sorted), then its queue rows (sorted), read the floors and the stored-bytes total,
 //!    and delete the acked entries (returning what went);
@@ -15,9 +16,9 @@
 //!    left by the requests before them; a refused request changes nothing and does not disturb
 //!    the others (the caps are decided here, so no SAVEPOINT is needed);
 //! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
-//!    rows, one of the channel rows, one of this connection's stored-bytes shard, one NOTIFY per
-//!    [`limits::PG_NOTIFY_RECIPIENTS`] recipients, and COMMIT: one WAL flush acknowledges the
-//!    whole batch. A statement that fails aborts the transaction, so the COMMIT behind it only
+//!    rows, one of the channel rows, one of this connection's stored-bytes shard, and COMMIT:
+//!    one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a cluster-wide
+//!    lock across the flush; the other nodes are told after the commit ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it only
 //!    rolls back; the batch answers with that statement's error, never success.
 //!
 //! On any error the worker sends ROLLBACK before the connection goes back to the pool.
@@ -33,11 +34,10 @@ use std::sync::atomic::Ordering;
 
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_postgres::types::ToSql;
 
-use super::{Inner, TxError, ops, unavailable};
+use super::{Inner, TxError, mail, ops, unavailable};
 use crate::limits;
-use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, StoredMessage, WriteOp};
+use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, WriteOp};
 
 /// One queued request and where its answer goes.
 pub(super) type Request = (WriteOp, oneshot::Sender<Result<Outcome, StoreError>>);
@@ -66,6 +66,7 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
         match inner.commit_batch(&ops).await {
             Ok(Applied { outcomes, woken }) => {
                 inner.notifier.notify(woken.iter());
+                inner.wakeups.push(woken.iter());
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // The caller may have gone (its connection closed): nothing to tell.
                     let _ = reply.send(outcome);
@@ -108,7 +109,7 @@ impl Inner {
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let applied = apply(&client, self.limits, now_ms, self.node_id, ops).await;
+            let applied = apply(&client, self.limits, now_ms, ops).await;
             if applied.is_err() {
                 // Ends the transaction if the failure left one open (a warning, not an error,
                 // when the pipelined COMMIT already ended it); a dead connection is dropped by
@@ -137,18 +138,8 @@ struct Queue {
     bytes: i64,
 }
 
-/// The rows one enqueue adds, in item order.
-struct Rows<'a> {
-    recipients: Vec<&'a [u8]>,
-    seqs: Vec<i64>,
-    bodies: Vec<&'a [u8]>,
-    sizes: Vec<i64>,
-    channels: Vec<&'a [u8]>,
-    channel_seqs: Vec<i64>,
-}
-
-/// The recipient and body of each item of an enqueue or fanout (a fanout still stores one copy
-/// per recipient here; see `ops::apply`).
+/// The recipient and body of each item of an enqueue or fanout (a fanout's items all share its
+/// one stored payload: see [`mail`]).
 fn items(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
     match op {
         WriteOp::Enqueue { items, .. } => Ok(items.iter().map(|(w, p)| (w, &p[..])).collect()),
@@ -175,13 +166,7 @@ fn channel_of(op: &WriteOp) -> &[u8] {
 /// Runs `ops` as one transaction on `tx`, from BEGIN to COMMIT (see the module docs for the
 /// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
 /// inside [`Applied`].
-async fn apply(
-    tx: &Object,
-    limits: QueueLimits,
-    now: u64,
-    node_id: u64,
-    ops: &[WriteOp],
-) -> Result<Applied, TxError> {
+async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
     // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
     let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
@@ -220,16 +205,17 @@ async fn apply(
         )
         .await?;
     let delete_acked = tx
-        .prepare_cached(
+        .prepare_cached(concat!(
             "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
                   d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
-                        RETURNING e.recipient, e.seq, e.payload_id, e.bytes),
-                  p AS (DELETE FROM qpq_payloads WHERE id IN (SELECT payload_id FROM d))
-             SELECT recipient, seq, bytes FROM d",
-        )
+                        RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota), ",
+            mail::release_payloads!(),
+            " SELECT recipient, seq, bytes, quota FROM d"
+        ))
         .await?;
+    let delete_unreferenced = tx.prepare_cached(mail::DELETE_UNREFERENCED).await?;
     // Sent in this order on one connection, so locks are taken in this order.
-    let ((), channel_rows, queue_rows, totals, acked) = tokio::try_join!(
+    let ((), channel_rows, queue_rows, totals, acked, unreferenced) = tokio::try_join!(
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -250,6 +236,12 @@ async fn apply(
             }
             tx.query(&delete_acked, &[&ack_keys, &ack_up_to]).await
         },
+        async {
+            if ack_keys.is_empty() {
+                return Ok(0);
+            }
+            tx.query_one(&delete_unreferenced, &[]).await.map(|r| r.get::<_, i64>(0))
+        },
     )?;
     let (seq_floor, channel_floor, mut used): (i64, i64, i64) = (totals.get(0), totals.get(1), totals.get(2));
 
@@ -268,14 +260,14 @@ async fn apply(
     // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
     // the same recipient earlier in the batch did not: as if they ran one after the other.
     let mut removed = vec![0u32; ops.len()];
-    let mut freed = 0i64;
+    let mut freed = unreferenced;
     for row in acked {
         let who = ops::identity(row.get(0))?;
-        let (seq, size): (i64, i64) = (row.get(1), row.get(2));
+        let (seq, size, quota): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
         let q = queues.get_mut(&who).ok_or_else(missing_row)?;
         q.count -= 1;
         q.bytes -= size;
-        freed += size;
+        freed += quota;
         let mut first_ack: Option<(usize, i64)> = None;
         for (i, op) in ops.iter().enumerate() {
             if let WriteOp::Ack { who: w, up_to } = op {
@@ -291,14 +283,7 @@ async fn apply(
     }
     used -= freed;
 
-    let mut rows = Rows {
-        recipients: Vec::new(),
-        seqs: Vec::new(),
-        bodies: Vec::new(),
-        sizes: Vec::new(),
-        channels: Vec::new(),
-        channel_seqs: Vec::new(),
-    };
+    let mut rows = mail::NewMail::default();
     let mut adding_total = 0i64;
     let mut woken: Vec<IdentityKey> = Vec::new();
     let mut outcomes = Vec::with_capacity(ops.len());
@@ -315,7 +300,9 @@ async fn apply(
             }
         };
         let channel = channel_of(op);
-        let refused = plan_enqueue(limits, channel, &items, &queues, used);
+        let shared = matches!(op, WriteOp::Fanout { .. });
+        let charge = mail::quota_charge(shared, channel, &items);
+        let refused = plan_enqueue(limits, channel, &items, &queues, used, charge);
         if let Err(refused) = refused {
             outcomes.push(Err(refused));
             continue;
@@ -331,42 +318,26 @@ async fn apply(
         let mut seqs = Vec::with_capacity(items.len());
         for &(who, payload) in &items {
             let q = queues.get_mut(who).ok_or_else(missing_row)?;
-            let size = accounted(channel, payload);
             let seq = q.next;
             q.next = seq.saturating_add(1);
             q.count += 1;
-            q.bytes += size;
-            used += size;
-            adding_total += size;
-            rows.recipients.push(&who[..]);
-            rows.seqs.push(seq);
-            rows.bodies.push(payload);
-            rows.sizes.push(size);
-            rows.channels.push(channel);
-            rows.channel_seqs.push(channel_seq);
+            q.bytes += mail::queue_charge(channel, payload);
             woken.push(*who);
-            seqs.push(ops::unbig(seq));
+            seqs.push(seq);
         }
-        outcomes.push(Ok(Outcome::Enqueued { channel_seq: ops::unbig(channel_seq), seqs }));
+        used += charge;
+        adding_total += charge;
+        rows.add(shared, channel, channel_seq, &items, &seqs);
+        outcomes.push(Ok(Outcome::Enqueued {
+            channel_seq: ops::unbig(channel_seq),
+            seqs: seqs.into_iter().map(ops::unbig).collect(),
+        }));
     }
     woken.sort_unstable();
     woken.dedup();
 
     // Step 4: write it all.
-    let insert = tx
-        .prepare_cached(
-            "WITH items AS MATERIALIZED (
-                 SELECT nextval('qpq_payloads_id_seq') AS id, t.*
-                 FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bigint[], $5::bytea[], $6::bigint[])
-                      AS t(recipient, seq, body, bytes, channel_id, channel_seq)
-             ), p AS (
-                 INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body)
-                 SELECT id, channel_id, channel_seq, $7, body FROM items
-             )
-             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms)
-             SELECT recipient, seq, id, bytes, $7 FROM items",
-        )
-        .await?;
+    let insert = tx.prepare_cached(mail::INSERT_MAIL).await?;
     let update_queues = tx
         .prepare_cached(
             "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
@@ -396,30 +367,14 @@ async fn apply(
              ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
         )
         .await?;
-    let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
     let delta = adding_total - freed;
-    let payloads = ops::notify_payloads(node_id, &woken);
-    let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
-        payloads.iter().map(|p| [&super::MAIL_CHANNEL as &(dyn ToSql + Sync), p]).collect();
     // The shard last: it is the last lock of every batch.
     tokio::try_join!(
         async {
-            if rows.recipients.is_empty() {
+            if rows.is_empty() {
                 return Ok(0);
             }
-            tx.execute(
-                &insert,
-                &[
-                    &rows.recipients,
-                    &rows.seqs,
-                    &rows.bodies,
-                    &rows.sizes,
-                    &rows.channels,
-                    &rows.channel_seqs,
-                    &now_i,
-                ],
-            )
-            .await
+            tx.execute(&insert, &rows.params(&now_i)).await
         },
         async {
             if q_keys.is_empty() {
@@ -439,27 +394,22 @@ async fn apply(
             }
             tx.execute(&add_stored, &[&ops::STORED_BYTES_SHARDS, &delta]).await
         },
-        futures::future::try_join_all(notify_params.iter().map(|params| tx.execute(&notify, params))),
         tx.batch_execute("COMMIT"),
     )?;
     Ok(Applied { outcomes, woken })
 }
 
-/// Bytes an item is charged against the caps (as the redb store counts them).
-fn accounted(channel: &[u8], payload: &[u8]) -> i64 {
-    ops::big(StoredMessage::accounted_len(17 + channel.len() + payload.len()))
-}
-
-/// Checks every cap an enqueue would pass, against the state the requests before it left.
+/// Checks every cap an enqueue would pass, against the state the requests before it left;
+/// `adding` is its storage-quota charge.
 fn plan_enqueue(
     limits: QueueLimits,
     channel: &[u8],
     items: &[(&IdentityKey, &[u8])],
     queues: &HashMap<IdentityKey, Queue>,
     used: i64,
+    adding: i64,
 ) -> Result<(), StoreError> {
     let mut planned: HashMap<&IdentityKey, (i64, i64)> = HashMap::new();
-    let mut adding = 0i64;
     for (who, payload) in items {
         let (count, bytes) = match planned.get(*who) {
             Some(p) => *p,
@@ -468,7 +418,7 @@ fn plan_enqueue(
                 (q.count, q.bytes)
             }
         };
-        let add = accounted(channel, payload);
+        let add = mail::queue_charge(channel, payload);
         if ops::unbig(count) + 1 > limits.max_messages
             || ops::unbig(bytes) + ops::unbig(add) > limits.max_bytes
         {
@@ -480,7 +430,6 @@ fn plan_enqueue(
             });
         }
         planned.insert(*who, (count + 1, bytes + add));
-        adding += add;
     }
     let used = ops::unbig(used);
     if used.saturating_add(ops::unbig(adding)) > limits.max_stored_bytes {

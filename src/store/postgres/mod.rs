@@ -10,18 +10,20 @@
 //! Each call runs as a task on the runtime that opened the store (the server's multi-threaded
 //! one), so the pool's connection tasks live there whichever RPC worker asked.
 //!
-//! After an enqueue commits, this node wakes its own waiters directly; the transaction also
-//! sends `NOTIFY qpq_mail` with the recipients, which every other node's listen connection
-//! ([`listen`]) turns into wake-ups there. Only the commit delivers a NOTIFY, so a woken waiter
-//! always finds its mail.
+//! After an enqueue commits, this node wakes its own waiters directly and hands the recipients
+//! to its wake-up sender ([`wake`]), which sends `NOTIFY qpq_mail` in a separate, non-durable
+//! transaction; every other node's listen connection ([`listen`]) turns it into wake-ups there.
+//! The NOTIFY is sent only after the data commit, so a woken waiter always finds its mail.
 //!
 //! TLS to the database: none (`NoTls`). Run PostgreSQL on loopback or a private network, or
 //! tunnel it; a `sslmode=require` URL is refused at start-up rather than silently downgraded.
 
 mod batch;
 mod listen;
+mod mail;
 mod ops;
 mod schema;
+mod wake;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +100,8 @@ struct Inner {
     limits: QueueLimits,
     clock: Clock,
     notifier: Arc<Notifier>,
+    /// Recipients whose NOTIFY the wake-up sender has yet to send.
+    wakeups: Arc<wake::Pending>,
     commits: AtomicU64,
     instance_id: u64,
     /// Random per process: a node skips its own NOTIFYs (it woke its waiters already).
@@ -110,7 +114,7 @@ pub struct PgStore {
     runtime: tokio::runtime::Handle,
     /// Enqueues and acks for the group-commit workers (they stop when this closes).
     batches: mpsc::Sender<batch::Request>,
-    /// Stops the listen task.
+    /// Stops the listen and wake-up tasks.
     stop: CancellationToken,
 }
 
@@ -169,12 +173,14 @@ impl PgStore {
             limits,
             clock,
             notifier: Arc::new(Notifier::default()),
+            wakeups: Arc::new(wake::Pending::default()),
             commits: AtomicU64::new(0),
             instance_id,
             node_id: rand::random(),
         });
         let stop = CancellationToken::new();
-        tokio::spawn(listen::run(cfg, inner.node_id, inner.notifier.clone(), stop.clone()));
+        tokio::spawn(listen::run(cfg.clone(), inner.node_id, inner.notifier.clone(), stop.clone()));
+        tokio::spawn(wake::run(cfg, inner.node_id, inner.wakeups.clone(), stop.clone()));
         let (batches, queue) = mpsc::channel(limits::PG_BATCH_QUEUE);
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
         for _ in 0..limits::PG_BATCH_WORKERS {
@@ -279,12 +285,13 @@ impl Inner {
             let mut client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
             let tx = client.transaction().await.map_err(|e| unavailable(e.into()))?;
             let mut woken = Vec::new();
-            let applied = ops::apply(&tx, self.limits, now_ms, self.node_id, &op, &mut woken).await;
+            let applied = ops::apply(&tx, self.limits, now_ms, &op, &mut woken).await;
             match applied {
                 Ok(outcome) => match tx.commit().await {
                     Ok(()) => {
                         self.commits.fetch_add(1, Ordering::Relaxed);
                         self.notifier.notify(woken.iter());
+                        self.wakeups.push(woken.iter());
                         return outcome;
                     }
                     Err(e) => match TxError::from(e) {

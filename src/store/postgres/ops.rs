@@ -23,7 +23,7 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
 
 use deadpool_postgres::{Object, Transaction};
 
-use super::{MAIL_CHANNEL, TxError};
+use super::{TxError, mail};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::store::{
@@ -54,17 +54,15 @@ pub(super) async fn apply(
     tx: &Transaction<'_>,
     limits: QueueLimits,
     now_ms: u64,
-    node_id: u64,
     op: &WriteOp,
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Result<Outcome, StoreError>, TxError> {
     match op {
         WriteOp::Enqueue { channel, items } => {
-            enqueue(tx, limits, now_ms, node_id, channel, items, woken).await.map(Ok)
+            let items: Vec<(&IdentityKey, &[u8])> = items.iter().map(|(w, p)| (w, &p[..])).collect();
+            enqueue(tx, limits, now_ms, channel, false, &items, woken).await.map(Ok)
         }
-        // Not yet stored once here: each recipient gets its own copy of the payload (and the
-        // quota is charged per copy), in one transaction with one channel position. Storing it
-        // once needs reference-counted rows in `qpq_payloads` (see the module docs).
+        // One payload row shared by every recipient's entry (see `mail`).
         WriteOp::Fanout { channel, payload, recipients } => {
             let mut seen = std::collections::HashMap::with_capacity(recipients.len());
             for (i, who) in recipients.iter().enumerate() {
@@ -72,9 +70,8 @@ pub(super) async fn apply(
                     return Ok(Err(StoreError::DuplicateRecipient { first, again: i }));
                 }
             }
-            let items: Vec<(IdentityKey, Vec<u8>)> =
-                recipients.iter().map(|who| (*who, payload.clone())).collect();
-            enqueue(tx, limits, now_ms, node_id, channel, &items, woken).await.map(Ok)
+            let items: Vec<(&IdentityKey, &[u8])> = recipients.iter().map(|w| (w, &payload[..])).collect();
+            enqueue(tx, limits, now_ms, channel, true, &items, woken).await.map(Ok)
         }
         WriteOp::Ack { who, up_to } => ack(tx, who, *up_to).await.map(Ok),
         WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
@@ -111,9 +108,9 @@ async fn enqueue(
     tx: &Transaction<'_>,
     limits: QueueLimits,
     now: u64,
-    node_id: u64,
     channel: &[u8],
-    items: &[(IdentityKey, Vec<u8>)],
+    shared: bool,
+    items: &[(&IdentityKey, &[u8])],
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Outcome, TxError> {
     let now_i = big(now);
@@ -136,7 +133,7 @@ async fn enqueue(
         next
     };
     // Lock every recipient's queue row, in key order.
-    let mut recipients: Vec<IdentityKey> = items.iter().map(|(w, _)| *w).collect();
+    let mut recipients: Vec<IdentityKey> = items.iter().map(|(w, _)| **w).collect();
     recipients.sort_unstable();
     recipients.dedup();
     let keys: Vec<&[u8]> = recipients.iter().map(|r| &r[..]).collect();
@@ -168,12 +165,11 @@ async fn enqueue(
         })
     };
     // Check every cap before writing anything.
-    let mut adding = 0i64;
+    let adding = mail::quota_charge(shared, channel, items);
     let mut planned = state.clone();
-    let mut item_bytes = Vec::with_capacity(items.len());
     for (who, payload) in items {
         let i = find(&planned, who)?;
-        let add = big(StoredMessage::accounted_len(17 + channel.len() + payload.len()));
+        let add = mail::queue_charge(channel, payload);
         let (_, _, count, bytes) = planned[i];
         if unbig(count) + 1 > limits.max_messages || unbig(bytes) + unbig(add) > limits.max_bytes {
             return Err(TxError::Store(StoreError::QueueFull {
@@ -185,8 +181,6 @@ async fn enqueue(
         }
         planned[i].2 = count + 1;
         planned[i].3 = bytes + add;
-        adding += add;
-        item_bytes.push(add);
     }
     let used: i64 =
         tx.query_one("SELECT coalesce(sum(bytes), 0)::bigint FROM qpq_stored_bytes", &[]).await?.get(0);
@@ -206,22 +200,10 @@ async fn enqueue(
         planned[i].1 = seq.saturating_add(1);
         seqs.push(seq);
     }
-    let entry_keys: Vec<&[u8]> = items.iter().map(|(w, _)| &w[..]).collect();
-    let bodies: Vec<&[u8]> = items.iter().map(|(_, p)| &p[..]).collect();
-    let stmt = tx
-        .prepare_cached(
-            "WITH items AS MATERIALIZED (
-                 SELECT nextval('qpq_payloads_id_seq') AS id, t.recipient, t.seq, t.body, t.bytes
-                 FROM unnest($4::bytea[], $5::bigint[], $6::bytea[], $7::bigint[]) AS t(recipient, seq, body, bytes)
-             ), p AS (
-                 INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body)
-                 SELECT id, $1, $2, $3, body FROM items
-             )
-             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms)
-             SELECT recipient, seq, id, bytes, $3 FROM items",
-        )
-        .await?;
-    tx.execute(&stmt, &[&channel, &channel_seq, &now_i, &entry_keys, &seqs, &bodies, &item_bytes]).await?;
+    let mut rows = mail::NewMail::default();
+    rows.add(shared, channel, channel_seq, items, &seqs);
+    let stmt = tx.prepare_cached(mail::INSERT_MAIL).await?;
+    tx.execute(&stmt, &rows.params(&now_i)).await?;
     let next: Vec<i64> = planned.iter().map(|p| p.1).collect();
     let counts: Vec<i64> = planned.iter().map(|p| p.2).collect();
     let totals: Vec<i64> = planned.iter().map(|p| p.3).collect();
@@ -233,18 +215,9 @@ async fn enqueue(
         )
         .await?;
     tx.execute(&stmt, &[&keys, &next, &counts, &totals]).await?;
-    notify(tx, node_id, &recipients).await?;
+    // Waiters are woken by the caller once this commits (here and on other nodes: see `wake`).
     woken.extend(recipients);
     Ok(Outcome::Enqueued { channel_seq: unbig(channel_seq), seqs: seqs.into_iter().map(unbig).collect() })
-}
-
-/// NOTIFY the other nodes (delivered when this transaction commits, never before).
-async fn notify(tx: &Transaction<'_>, node_id: u64, recipients: &[IdentityKey]) -> Result<(), TxError> {
-    let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-    for payload in notify_payloads(node_id, recipients) {
-        tx.execute(&stmt, &[&MAIL_CHANNEL, &payload]).await?;
-    }
-    Ok(())
 }
 
 /// The NOTIFY payloads naming `recipients` (see [`super::listen`] for the format).
@@ -264,23 +237,31 @@ pub(super) fn notify_payloads(node_id: u64, recipients: &[IdentityKey]) -> Vec<S
 
 async fn ack(tx: &Transaction<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, TxError> {
     let stmt = tx
-        .prepare_cached(
-            "WITH d AS (DELETE FROM qpq_entries WHERE recipient = $1 AND seq <= $2 RETURNING payload_id, bytes),
-                  p AS (DELETE FROM qpq_payloads WHERE id IN (SELECT payload_id FROM d))
-             SELECT count(*)::bigint, coalesce(sum(bytes), 0)::bigint FROM d",
-        )
+        .prepare_cached(concat!(
+            "WITH d AS (DELETE FROM qpq_entries WHERE recipient = $1 AND seq <= $2
+                        RETURNING payload_id, bytes, quota), ",
+            mail::release_payloads!(),
+            " SELECT count(*)::bigint, coalesce(sum(bytes), 0)::bigint, coalesce(sum(quota), 0)::bigint FROM d"
+        ))
         .await?;
     let row = tx.query_one(&stmt, &[&&who[..], &big(up_to)]).await?;
-    let (n, bytes): (i64, i64) = (row.get(0), row.get(1));
+    let (n, bytes, quota): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     if n == 0 {
         return Ok(Outcome::Acked { removed: 0 });
     }
+    let freed = quota + release_unreferenced(tx).await?;
     let stmt = tx
         .prepare_cached("UPDATE qpq_queues SET count = count - $2, bytes = bytes - $3 WHERE recipient = $1")
         .await?;
     tx.execute(&stmt, &[&&who[..], &n, &bytes]).await?;
-    add_stored_bytes(tx, -bytes).await?;
+    add_stored_bytes(tx, -freed).await?;
     Ok(Outcome::Acked { removed: u32::try_from(n).unwrap_or(u32::MAX) })
+}
+
+/// Deletes the payloads this transaction took the last refs of; returns the quota they free.
+async fn release_unreferenced(tx: &Transaction<'_>) -> Result<i64, TxError> {
+    let stmt = tx.prepare_cached(mail::DELETE_UNREFERENCED).await?;
+    Ok(tx.query_one(&stmt, &[]).await?.get(0))
 }
 
 /// Deletes the oldest expired entries (one slice), then, once none are left, empty queue rows
@@ -290,28 +271,32 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
     let slice = big(limits::SWEEP_SLICE_ROWS as u64);
     let rows = tx
         .query(
-            "WITH doomed AS (
-                 SELECT recipient, seq FROM qpq_entries WHERE enqueued_at_ms < $1
-                 ORDER BY enqueued_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED
-             ), d AS (
-                 DELETE FROM qpq_entries e USING doomed
-                 WHERE e.recipient = doomed.recipient AND e.seq = doomed.seq
-                 RETURNING e.recipient, e.payload_id, e.bytes
-             ), p AS (DELETE FROM qpq_payloads WHERE id IN (SELECT payload_id FROM d))
-             SELECT recipient, count(*)::bigint, sum(bytes)::bigint FROM d GROUP BY recipient ORDER BY recipient",
+            concat!(
+                "WITH doomed AS (
+                     SELECT recipient, seq FROM qpq_entries WHERE enqueued_at_ms < $1
+                     ORDER BY enqueued_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED
+                 ), d AS (
+                     DELETE FROM qpq_entries e USING doomed
+                     WHERE e.recipient = doomed.recipient AND e.seq = doomed.seq
+                     RETURNING e.recipient, e.payload_id, e.bytes, e.quota
+                 ), ",
+                mail::release_payloads!(),
+                " SELECT recipient, count(*)::bigint, sum(bytes)::bigint, sum(quota)::bigint
+                 FROM d GROUP BY recipient ORDER BY recipient"
+            ),
             &[&cutoff, &slice],
         )
         .await?;
     let mut removed = 0i64;
-    let mut freed = 0i64;
+    let mut quota = 0i64;
     let mut keys: Vec<Vec<u8>> = Vec::with_capacity(rows.len());
     let mut counts = Vec::with_capacity(rows.len());
     let mut sizes = Vec::with_capacity(rows.len());
     for row in rows {
         keys.push(row.get(0));
-        let (n, b): (i64, i64) = (row.get(1), row.get(2));
+        let (n, b, q): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
         removed += n;
-        freed += b;
+        quota += q;
         counts.push(n);
         sizes.push(b);
     }
@@ -322,6 +307,7 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
             &[&keys, &counts, &sizes],
         )
         .await?;
+        let freed = quota + release_unreferenced(tx).await?;
         add_stored_bytes(tx, -freed).await?;
     }
     if removed >= slice {

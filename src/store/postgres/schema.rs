@@ -19,9 +19,20 @@
 //! | `qpq_last_resort` | identity | not_after, bytes |
 //! | `qpq_hybrid_keys` | identity | created_at_ms, value (signature ‖ created_at_ms ‖ key, as in redb) |
 //!
-//! Payloads and entries are separate so that one body can later be shared by the entries of
-//! several recipients (fan-out): today every entry has its own payload, and deleting an entry
-//! deletes its payload; with sharing, a payload is deleted when its last entry goes.
+//! # Version 2: fan-out stores its payload once
+//! `qpq_payloads` gains `refs` (entries pointing at it) and `quota` (what the row is charged
+//! against the storage quota); `qpq_entries` gains `quota` (what the entry is charged), next to
+//! `bytes` (what its recipient's queue is charged: the whole message, which it will fetch).
+//! - An enqueue stores a payload per entry: `refs` 1, row `quota` 0, entry `quota` = `bytes`
+//!   (what version 1 charged; its rows migrate to exactly this).
+//! - A fanout stores one payload for all its recipients: `refs` = recipients, row `quota` =
+//!   8 + the message, each entry `quota` = [`crate::limits::FANOUT_ENTRY_BYTES`]: the redb
+//!   store's charges, so a quota means the same on both backends.
+//!
+//! Whatever deletes entries (ack, sweep) decrements the `refs` of their payloads in the same
+//! statement (an UPDATE waits for a concurrent one on the row and counts from its result), then
+//! deletes the payloads left at 0 (`qpq_payloads_unreferenced`, a partial index, finds them) and
+//! frees the quota of both. No committed payload has `refs` 0.
 //!
 //! A `qpq_queues` row left with count 0 and a `qpq_channels` row untouched for a TTL are
 //! deleted by the sweep, which raises `seq_floor`/`channel_seq_floor` to cover their numbers
@@ -33,14 +44,15 @@ use super::TxError;
 use crate::store::StoreError;
 
 /// The newest schema this qpq knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Any constant: the advisory lock key that serialises migrations of one database.
 const MIGRATION_LOCK: i64 = 0x0071_7071_5f6d_6967;
 
 /// (version, SQL) in order; never edit one that has shipped, add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
     "CREATE TABLE qpq_meta (name text PRIMARY KEY, value bigint NOT NULL);
      INSERT INTO qpq_meta (name, value) VALUES ('seq_floor', 0), ('channel_seq_floor', 0);
      CREATE TABLE qpq_queues (
@@ -77,7 +89,17 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE TABLE qpq_key_package_owners (identity bytea PRIMARY KEY);
      CREATE TABLE qpq_last_resort (identity bytea PRIMARY KEY, not_after bigint NOT NULL, bytes bytea NOT NULL);
      CREATE TABLE qpq_hybrid_keys (identity bytea PRIMARY KEY, created_at_ms bigint NOT NULL, value bytea NOT NULL);",
-)];
+    ),
+    (
+        2,
+        "ALTER TABLE qpq_payloads ADD COLUMN refs bigint NOT NULL DEFAULT 1,
+                                 ADD COLUMN quota bigint NOT NULL DEFAULT 0;
+         ALTER TABLE qpq_entries ADD COLUMN quota bigint;
+         UPDATE qpq_entries SET quota = bytes;
+         ALTER TABLE qpq_entries ALTER COLUMN quota SET NOT NULL;
+         CREATE INDEX qpq_payloads_unreferenced ON qpq_payloads (id) WHERE refs <= 0;",
+    ),
+];
 
 /// Brings the database to [`SCHEMA_VERSION`] and returns its instance id (created on first use).
 pub(super) async fn migrate(tx: &Transaction<'_>) -> Result<u64, TxError> {
