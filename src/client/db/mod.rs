@@ -46,6 +46,7 @@
 
 pub mod migrate;
 pub mod mls;
+pub mod past_leaves;
 pub mod records;
 pub mod seal;
 
