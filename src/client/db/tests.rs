@@ -81,7 +81,7 @@ fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
 
 #[test]
 fn a_newer_or_older_format_is_refused_by_name() {
-    for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older")] {
+    for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older"), (1, "older")] {
         let (dir, key, db) = new_db();
         let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
         txn.open_table(META).unwrap().insert(META_FORMAT, found.to_le_bytes().as_slice()).unwrap();
@@ -90,6 +90,25 @@ fn a_newer_or_older_format_is_refused_by_name() {
         let err = ClientDb::open(dir.path(), &key).unwrap_err();
         assert!(err.to_string().contains(&format!("client database format {found}, {word} than")), "{err}");
     }
+}
+
+/// Fails without the upgrade: format 2 is then refused as older.
+#[test]
+fn a_format_2_database_is_upgraded_in_place_and_keeps_its_records() {
+    let (dir, key, db) = new_db();
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"contacts", b"bob").unwrap();
+    w.commit().unwrap();
+    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+    txn.open_table(META).unwrap().insert(META_FORMAT, UPGRADED_FORMAT.to_le_bytes().as_slice()).unwrap();
+    txn.commit().unwrap();
+    drop(db);
+    let db = ClientDb::open(dir.path(), &key).unwrap();
+    assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+    assert_eq!(db.generation().unwrap(), 1, "the upgrade changes no record");
 }
 
 #[test]
