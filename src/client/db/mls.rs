@@ -14,7 +14,11 @@
 //! storage version. Values are [`VALUE_TAG`] ‖ postcard, a binary serde encoding: openmls's
 //! values are mostly byte strings (keys, secrets, the ratchet tree), which JSON writes as arrays
 //! of decimal integers, four times their size and slow to encode, and a group's message secrets
-//! are rewritten on every message. Two exceptions stay JSON: the join config, whose past-epoch
+//! are rewritten on every message. Those message secrets are stored in two parts
+//! ([`super::past_leaves`]): the past epochs' member lists live in records of their own
+//! ([`PAST_LEAVES_LABEL`]), written once per epoch and deleted when the epoch leaves openmls's
+//! window or the group's message secrets are deleted, so a message re-encodes O(1) member lists
+//! instead of one per kept past epoch. Two exceptions stay JSON: the join config, whose past-epoch
 //! policy openmls decodes as an untagged enum (postcard cannot), and values written before
 //! (the old state file's blob, databases of earlier builds), which are read as JSON: no JSON text
 //! starts with the tag byte. Lists are JSON arrays of encoded items. Two departures:
