@@ -272,7 +272,12 @@ pub struct MlsClient {
 /// Loaded groups by group id, valid for one [`MlsStore::version`] of the storage. A Mutex, not a
 /// RefCell, so an `MlsClient` can move between threads; never held across an openmls call.
 #[derive(Default)]
-struct GroupCache(Mutex<CachedGroups>);
+struct GroupCache(
+    Mutex<CachedGroups>,
+    /// Groups decoded from the storage so far (tests check the cache is used).
+    #[cfg(test)]
+    std::sync::atomic::AtomicUsize,
+);
 
 #[derive(Default)]
 struct CachedGroups {
@@ -1035,6 +1040,8 @@ impl MlsClient {
 
     /// The group as the storage holds it, decoded afresh (bypassing the cache).
     fn stored_group(&self, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
+        #[cfg(test)]
+        self.groups.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group_id))
             .map_err(|e| MlsError::Storage(format!("{e:?}")))
     }

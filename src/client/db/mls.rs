@@ -186,14 +186,20 @@ impl MlsStore {
     }
 
     /// Reads missing records from `db` from now on (while the caller holds the home lock).
+    ///
+    /// `db` must hold the records this store last saw (another handle on the same file, no
+    /// other process wrote since: the messenger checks the generation first and builds a new
+    /// store otherwise, `Home::refresh`). So attaching does not move [`MlsStore::version`]:
+    /// the cached records and the groups decoded from them stay valid. It used to, and every
+    /// messenger operation (which attaches that operation's handle) then decoded its group's
+    /// whole ratchet tree again: O(members) per message.
     pub fn attach(&self, db: Arc<ClientDb>) {
         *lock(&self.db) = Some(db);
-        self.bump();
     }
 
     /// Changes whenever the records may differ from what openmls last wrote or read through
-    /// this store ([`MlsStore::forget`], [`MlsStore::restore`], [`MlsStore::load_all`],
-    /// [`MlsStore::attach`]): whoever keeps values decoded from the store (the loaded groups of
+    /// this store ([`MlsStore::forget`], [`MlsStore::restore`], [`MlsStore::load_all`]):
+    /// whoever keeps values decoded from the store (the loaded groups of
     /// [`crate::mls::MlsClient`]) drops them when it moves.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
