@@ -17,8 +17,8 @@
 //! are rewritten on every message. Those message secrets are stored in two parts
 //! ([`super::past_leaves`]): the past epochs' member lists live in records of their own
 //! ([`PAST_LEAVES_LABEL`]), written once per epoch and deleted when the epoch leaves openmls's
-//! window or the group's message secrets are deleted, so a message re-encodes O(1) member lists
-//! instead of one per kept past epoch. Two exceptions stay JSON: the join config, whose past-epoch
+//! window or the group's message secrets are deleted, so a message encodes no member list (it
+//! encoded one per kept past epoch) and a commit encodes one, the epoch that just ended. Two exceptions stay JSON: the join config, whose past-epoch
 //! policy openmls decodes as an untagged enum (postcard cannot), and values written before
 //! (the old state file's blob, databases of earlier builds), which are read as JSON: no JSON text
 //! starts with the tag byte. Lists are JSON arrays of encoded items. Two departures:
