@@ -433,8 +433,8 @@ impl MlsStore {
         if main.first() != Some(&past_leaves::SPLIT_TAG) {
             return Ok(Some(decode(&main)?));
         }
-        let leaves = |epoch| past_leaves_key(group_id, epoch).ok().and_then(|k| self.get(&k).ok().flatten());
-        let whole = past_leaves::join(&main, leaves).ok_or(MlsStoreError::Serialization)?;
+        let leaves = |epoch| self.get(&past_leaves_key(group_id, epoch)?);
+        let whole = past_leaves::join(&main, leaves)?.ok_or(MlsStoreError::Serialization)?;
         Ok(Some(postcard::from_bytes(&whole).map_err(|_| MlsStoreError::Serialization)?))
     }
 

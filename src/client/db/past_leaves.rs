@@ -107,18 +107,26 @@ pub fn epochs(main: &[u8]) -> Vec<u64> {
 }
 
 /// The postcard bytes of the whole value: `main`'s body with each epoch's leaves (the
-/// records `leaves` returns, [`VALUE_TAG`] first) spliced in. None when a record is damaged or
-/// missing.
-pub fn join(main: &[u8], leaves: impl Fn(u64) -> Option<Zeroizing<Vec<u8>>>) -> Option<Zeroizing<Vec<u8>>> {
-    let (points, body) = points(main)?;
+/// records `leaves` returns, [`VALUE_TAG`] first) spliced in. `Ok(None)` when a record is
+/// damaged or missing; an error of `leaves` (reading a record) is returned as it is.
+pub fn join<E>(
+    main: &[u8],
+    mut leaves: impl FnMut(u64) -> Result<Option<Zeroizing<Vec<u8>>>, E>,
+) -> Result<Option<Zeroizing<Vec<u8>>>, E> {
+    let Some((points, body)) = points(main) else { return Ok(None) };
     let mut parts = Vec::with_capacity(points.len());
     for &(epoch, _) in &points {
-        parts.push(leaves(epoch)?);
+        let Some(part) = leaves(epoch)? else { return Ok(None) };
+        parts.push(part);
     }
+    Ok(splice(&points, body, &parts))
+}
+
+fn splice(points: &[(u64, usize)], body: &[u8], parts: &[Zeroizing<Vec<u8>>]) -> Option<Zeroizing<Vec<u8>>> {
     let total = body.len() + parts.iter().map(|p| p.len()).sum::<usize>();
     let mut out = Wiping::with_capacity(total);
     let mut at = 0;
-    for (&(_, offset), part) in points.iter().zip(&parts) {
+    for (&(_, offset), part) in points.iter().zip(parts) {
         out.extend(body.get(at..offset)?);
         out.extend(part.strip_prefix(&[VALUE_TAG])?);
         at = offset;
@@ -479,14 +487,17 @@ mod tests {
         }
     }
 
+    fn leaves_of(s: &Split) -> impl FnMut(u64) -> Result<Option<Zeroizing<Vec<u8>>>, ()> + '_ {
+        |e| Ok(s.new_leaves.iter().find(|(x, _)| *x == e).map(|(_, v)| v.clone()))
+    }
+
     #[test]
     fn split_then_join_gives_the_postcard_bytes() {
         for value in [store(0..0), store(7..8), store(300..305)] {
             let s = split(&value, &|_| false).unwrap();
             assert_eq!(s.epochs, value.past_epoch_trees.iter().map(|t| t.epoch).collect::<Vec<_>>());
             assert_eq!(s.new_leaves.len(), s.epochs.len());
-            let leaves = |e: u64| s.new_leaves.iter().find(|(x, _)| *x == e).map(|(_, v)| v.clone());
-            let joined = join(&s.main, leaves).unwrap();
+            let joined = join(&s.main, leaves_of(&s)).unwrap().unwrap();
             assert_eq!(joined.as_slice(), postcard::to_stdvec(&value).unwrap().as_slice());
             assert_eq!(postcard::from_bytes::<MessageSecretsStore>(&joined).unwrap(), value);
         }
@@ -514,13 +525,13 @@ mod tests {
     #[test]
     fn damaged_main_records_and_missing_leaves_are_refused() {
         let s = split(&store(1..3), &|_| false).unwrap();
-        let leaves = |e: u64| s.new_leaves.iter().find(|(x, _)| *x == e).map(|(_, v)| v.clone());
-        assert!(join(&s.main, |_| None).is_none());
+        assert!(join(&s.main, |_| Ok::<_, ()>(None)).unwrap().is_none());
+        assert_eq!(join(&s.main, |_| Err("read failed")).unwrap_err(), "read failed");
         for cut in [1, 4, 9, 16] {
-            assert!(join(&s.main[..cut], leaves).is_none(), "cut at {cut}");
+            assert!(join(&s.main[..cut], leaves_of(&s)).unwrap().is_none(), "cut at {cut}");
         }
         let mut huge = s.main.to_vec();
         huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(join(&huge, leaves).is_none());
+        assert!(join(&huge, leaves_of(&s)).unwrap().is_none());
     }
 }
