@@ -81,6 +81,13 @@ pub const CLASSICAL_CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_
 
 /// Past epochs whose message secrets are kept, so an application message
 /// sent just before a commit still decrypts after the commit is merged.
+///
+/// Why 5 and not 1: the server orders a group's messages, so a live sender races at most
+/// one commit, but the outbox (`crate::client::outbox`) re-sends a ciphertext that may have
+/// left as it was, after however many commits came in meanwhile, and each kept epoch is one
+/// more commit such a retry survives. Why the cost is fine: the client database stores each past
+/// epoch's member list once (`crate::client::db::past_leaves`), so a kept epoch adds only its
+/// secret tree to the record rewritten per message (`qpq bench --scenario fanout`, issue 11).
 const MAX_PAST_EPOCHS: usize = 5;
 
 /// How far back within one sender's ratchet a message may arrive (reordering).
@@ -265,7 +272,12 @@ pub struct MlsClient {
 /// Loaded groups by group id, valid for one [`MlsStore::version`] of the storage. A Mutex, not a
 /// RefCell, so an `MlsClient` can move between threads; never held across an openmls call.
 #[derive(Default)]
-struct GroupCache(Mutex<CachedGroups>);
+struct GroupCache(
+    Mutex<CachedGroups>,
+    /// Groups decoded from the storage so far (tests check the cache is used).
+    #[cfg(test)]
+    std::sync::atomic::AtomicUsize,
+);
 
 #[derive(Default)]
 struct CachedGroups {
@@ -1028,6 +1040,8 @@ impl MlsClient {
 
     /// The group as the storage holds it, decoded afresh (bypassing the cache).
     fn stored_group(&self, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
+        #[cfg(test)]
+        self.groups.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group_id))
             .map_err(|e| MlsError::Storage(format!("{e:?}")))
     }

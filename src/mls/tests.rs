@@ -816,7 +816,11 @@ fn json_records_of_earlier_builds_still_load_and_new_writes_are_binary() {
             || key.as_slice() == GROUP_INDEX_KEY
             || key.starts_with(b"OwnLeafNodes")
             || key.starts_with(b"ProposalQueueRefs");
-        if key.starts_with(b"MessageSecrets") || key.starts_with(b"Tree") {
+        if key.starts_with(b"MessageSecrets") {
+            // Stored in two parts (past epochs' leaves apart): `client::db::past_leaves`.
+            assert_eq!(value.first(), Some(&crate::client::db::past_leaves::SPLIT_TAG));
+        }
+        if key.starts_with(b"Tree") {
             assert_eq!(
                 value.first(),
                 Some(&VALUE_TAG),
@@ -835,4 +839,38 @@ fn json_records_of_earlier_builds_still_load_and_new_writes_are_binary() {
     alice.provider.storage().restore(values);
     let damaged = alice.export_storage().unwrap();
     assert!(matches!(MlsClient::from_storage(&seed, &damaged), Err(MlsError::Storage(_))));
+}
+
+/// Every messenger operation attaches that operation's database handle to the store; the
+/// decoded group must survive it. It did not (attaching moved the store's version), so each
+/// message decoded the whole ratchet tree again: O(members) per message (issue 11). Fails when
+/// `MlsStore::attach` moves the version.
+#[test]
+fn attaching_the_database_again_keeps_the_loaded_group() {
+    use std::sync::atomic::Ordering;
+
+    use crate::client::db::ClientDb;
+    use crate::crypto::statefile::StateKey;
+
+    let seed: [u8; 32] = rand::random();
+    let mut alice = MlsClient::new(&seed).unwrap();
+    let mut bob = client();
+    let group = b"group-0123456789".to_vec();
+    alice.create_group(&group).unwrap();
+    add(&group, &mut alice, &mut [], &mut bob);
+    let dir = tempfile::tempdir().unwrap();
+    let db = std::sync::Arc::new(ClientDb::create(dir.path(), &StateKey::unprotected()).unwrap());
+    let store = MlsStore::memory();
+    store.restore(alice.store().snapshot());
+    store.attach(db.clone());
+    let mut alice = MlsClient::from_store_lazy(&seed, store).unwrap();
+    send(&group, &mut alice, &mut [&mut bob], b"loads the group");
+    let loads = alice.groups.1.load(Ordering::Relaxed);
+    assert_eq!(loads, 1);
+    for text in [&b"one"[..], b"two"] {
+        alice.store().detach();
+        alice.store().attach(db.clone());
+        send(&group, &mut alice, &mut [&mut bob], text);
+    }
+    assert_eq!(alice.groups.1.load(Ordering::Relaxed), loads, "the group was decoded again");
 }

@@ -14,7 +14,11 @@
 //! storage version. Values are [`VALUE_TAG`] ‖ postcard, a binary serde encoding: openmls's
 //! values are mostly byte strings (keys, secrets, the ratchet tree), which JSON writes as arrays
 //! of decimal integers, four times their size and slow to encode, and a group's message secrets
-//! are rewritten on every message. Two exceptions stay JSON: the join config, whose past-epoch
+//! are rewritten on every message. Those message secrets are stored in two parts
+//! ([`super::past_leaves`]): the past epochs' member lists live in records of their own
+//! ([`PAST_LEAVES_LABEL`]), written once per epoch and deleted when the epoch leaves openmls's
+//! window or the group's message secrets are deleted, so a message encodes no member list (it
+//! encoded one per kept past epoch) and a commit encodes one, the epoch that just ended. Two exceptions stay JSON: the join config, whose past-epoch
 //! policy openmls decodes as an untagged enum (postcard cannot), and values written before
 //! (the old state file's blob, databases of earlier builds), which are read as JSON: no JSON text
 //! starts with the tag byte. Lists are JSON arrays of encoded items. Two departures:
@@ -34,7 +38,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use super::{ClientDb, DbError, DbWrite, Table};
+use super::{ClientDb, DbError, DbWrite, Table, past_leaves};
 use crate::mls::QpqCrypto;
 
 const KEY_PACKAGE_LABEL: &[u8] = b"KeyPackage";
@@ -56,6 +60,10 @@ const OWN_LEAF_NODE_INDEX_LABEL: &[u8] = b"OwnLeafNodeIndex";
 const EPOCH_SECRETS_LABEL: &[u8] = b"EpochSecrets";
 const RESUMPTION_PSK_STORE_LABEL: &[u8] = b"ResumptionPsk";
 const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
+/// The member list of one past epoch of a group's message secrets ([`super::past_leaves`]):
+/// storage key = this label ‖ JSON group id ‖ JSON epoch ‖ version. No openmls label starts
+/// with `qpq/`.
+pub const PAST_LEAVES_LABEL: &[u8] = b"qpq/PastEpochLeaves";
 
 /// First byte of a postcard-encoded value; never the first byte of JSON text.
 pub const VALUE_TAG: u8 = 0xb1;
@@ -81,7 +89,7 @@ fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, MlsStoreError> {
 /// True when `bytes` is a well-formed value of either encoding as far as can be told without
 /// its type (JSON fully parsed; postcard only tagged: its decoding needs the type).
 pub fn plausible_value(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&VALUE_TAG) || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+    matches!(bytes.first(), Some(&VALUE_TAG | &past_leaves::SPLIT_TAG)) || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
 }
 
 /// Logical key of the store's own record: the JSON list of the storage keys of the stored
@@ -178,14 +186,20 @@ impl MlsStore {
     }
 
     /// Reads missing records from `db` from now on (while the caller holds the home lock).
+    ///
+    /// `db` must hold the records this store last saw (another handle on the same file, no
+    /// other process wrote since: the messenger checks the generation first and builds a new
+    /// store otherwise, `Home::refresh`). So attaching does not move [`MlsStore::version`]:
+    /// the cached records and the groups decoded from them stay valid. It used to, and every
+    /// messenger operation (which attaches that operation's handle) then decoded its group's
+    /// whole ratchet tree again: O(members) per message.
     pub fn attach(&self, db: Arc<ClientDb>) {
         *lock(&self.db) = Some(db);
-        self.bump();
     }
 
     /// Changes whenever the records may differ from what openmls last wrote or read through
-    /// this store ([`MlsStore::forget`], [`MlsStore::restore`], [`MlsStore::load_all`],
-    /// [`MlsStore::attach`]): whoever keeps values decoded from the store (the loaded groups of
+    /// this store ([`MlsStore::forget`], [`MlsStore::restore`], [`MlsStore::load_all`]):
+    /// whoever keeps values decoded from the store (the loaded groups of
     /// [`crate::mls::MlsClient`]) drops them when it moves.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
@@ -205,6 +219,12 @@ impl MlsStore {
         lock(&self.cache).clear();
         lock(&self.dirty).clear();
         self.bump();
+    }
+
+    /// The storage keys of the changes waiting for [`MlsStore::flush`].
+    #[cfg(test)]
+    pub fn dirty_keys(&self) -> Vec<Vec<u8>> {
+        lock(&self.dirty).iter().cloned().collect()
     }
 
     /// True when some change waits for [`MlsStore::flush`].
@@ -372,6 +392,61 @@ impl MlsStore {
         Ok(out?)
     }
 
+    /// Stores a group's message secrets split ([`past_leaves`]): the main record, plus the
+    /// leaves of the past epochs it did not name before; the leaves of epochs it no longer names
+    /// are deleted. A value of another shape is stored whole (and its old leaves deleted).
+    fn write_split_message_secrets<V: Serialize + ?Sized>(
+        &self,
+        group_id: &[u8],
+        value: &V,
+    ) -> Result<(), MlsStoreError> {
+        let key = build_key_from_vec(MESSAGE_SECRETS_LABEL, group_id.to_vec());
+        let before = self.past_epochs(&key)?;
+        let (main, epochs) = match past_leaves::split(value, &|e| before.contains(&e)) {
+            Ok(split) => {
+                for (epoch, leaves) in split.new_leaves {
+                    self.set(past_leaves_key(group_id, epoch)?, Some(leaves));
+                }
+                (split.main, split.epochs)
+            }
+            Err(past_leaves::ShapeError) => (Zeroizing::new(encode(MESSAGE_SECRETS_LABEL, value)?), Vec::new()),
+        };
+        for gone in before.iter().filter(|e| !epochs.contains(e)) {
+            self.set(past_leaves_key(group_id, *gone)?, None);
+        }
+        self.set(key, Some(main));
+        Ok(())
+    }
+
+    /// The past epochs whose leaves records the message secrets at `key` name.
+    fn past_epochs(&self, key: &[u8]) -> Result<Vec<u64>, MlsStoreError> {
+        if let Some(Some(v)) = lock(&self.cache).get(key) {
+            return Ok(past_leaves::epochs(v));
+        }
+        Ok(self.get(key)?.map(|v| past_leaves::epochs(&v)).unwrap_or_default())
+    }
+
+    fn read_message_secrets<V: DeserializeOwned>(&self, group_id: &[u8]) -> Result<Option<V>, MlsStoreError> {
+        let Some(main) = self.get(&build_key_from_vec(MESSAGE_SECRETS_LABEL, group_id.to_vec()))? else {
+            return Ok(None);
+        };
+        if main.first() != Some(&past_leaves::SPLIT_TAG) {
+            return Ok(Some(decode(&main)?));
+        }
+        let leaves = |epoch| self.get(&past_leaves_key(group_id, epoch)?);
+        let whole = past_leaves::join(&main, leaves)?.ok_or(MlsStoreError::Serialization)?;
+        Ok(Some(postcard::from_bytes(&whole).map_err(|_| MlsStoreError::Serialization)?))
+    }
+
+    fn delete_split_message_secrets(&self, group_id: &[u8]) -> Result<(), MlsStoreError> {
+        let key = build_key_from_vec(MESSAGE_SECRETS_LABEL, group_id.to_vec());
+        for epoch in self.past_epochs(&key)? {
+            self.set(past_leaves_key(group_id, epoch)?, None);
+        }
+        self.set(key, None);
+        Ok(())
+    }
+
     fn delete(&self, label: &[u8], key: &[u8]) -> Result<(), MlsStoreError> {
         let storage_key = build_key_from_vec(label, key.to_vec());
         if label == JOIN_CONFIG_LABEL {
@@ -417,6 +492,13 @@ fn build_key_from_vec(label: &[u8], key: Vec<u8>) -> Vec<u8> {
 
 fn json<K: Serialize>(key: K) -> Result<Vec<u8>, MlsStoreError> {
     Ok(serde_json::to_vec(&key)?)
+}
+
+/// Storage key of one past epoch's leaves ([`PAST_LEAVES_LABEL`]).
+fn past_leaves_key(group_id: &[u8], epoch: u64) -> Result<Vec<u8>, MlsStoreError> {
+    let mut key = group_id.to_vec();
+    key.extend_from_slice(&serde_json::to_vec(&epoch)?);
+    Ok(build_key_from_vec(PAST_LEAVES_LABEL, key))
 }
 
 fn epoch_key_pairs_id(
@@ -713,7 +795,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<MessageSecrets>, Self::Error> {
-        self.read(MESSAGE_SECRETS_LABEL, &json(group_id)?)
+        self.read_message_secrets(&json(group_id)?)
     }
 
     fn write_message_secrets<
@@ -724,14 +806,14 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         message_secrets: &MessageSecrets,
     ) -> Result<(), Self::Error> {
-        self.write(MESSAGE_SECRETS_LABEL, &json(group_id)?, encode(MESSAGE_SECRETS_LABEL, message_secrets)?)
+        self.write_split_message_secrets(&json(group_id)?, message_secrets)
     }
 
     fn delete_message_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete(MESSAGE_SECRETS_LABEL, &json(group_id)?)
+        self.delete_split_message_secrets(&json(group_id)?)
     }
 
     fn resumption_psk_store<

@@ -10,7 +10,7 @@
 //! | `meta`    | `"format"`                      | u32 LE format version, in clear         |
 //! |           | `"key"`                         | key check: a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing [`KEY_CHECK`] |
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
-//! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`])          |
+//! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`]) |
 //! | `state`   | slot of the logical record name | sealed messenger record                 |
 //! | `history` | slot of the conversation ‖ u64 BE receive time (ms) ‖ u64 BE message index | sealed history entry |
 //!
@@ -46,6 +46,7 @@
 
 pub mod migrate;
 pub mod mls;
+pub mod past_leaves;
 pub mod records;
 pub mod seal;
 
@@ -66,10 +67,18 @@ use seal::{RecordDamaged, RecordKeys};
 /// File name of the database in the home.
 pub const DB_FILE: &str = "qpq.db";
 
-/// Version of the layout above. A file of another version is refused by name. 2: history
-/// entries are keyed by time and index and live only in `history` (format 1 kept them inside
-/// the group records of `state` too, so opening a home decoded its whole history).
-pub const DB_FORMAT_VERSION: u32 = 2;
+/// Version of the layout above. A file of another version is refused by name, except
+/// [`UPGRADED_FORMAT`]. 2: history entries are keyed by time and index and live only in
+/// `history` (format 1 kept them inside the group records of `state` too, so opening a home
+/// decoded its whole history). 3: a group's message secrets may be stored in two parts, the
+/// past epochs' member lists in records of their own ([`past_leaves`]), which a format-2 binary
+/// cannot read.
+pub const DB_FORMAT_VERSION: u32 = 3;
+
+/// The older format this one upgrades in place when opening: every format-2 record reads the
+/// same in format 3 (message secrets stored whole are still read, and split when next
+/// written), so the upgrade rewrites only the format record, in one redb transaction.
+pub const UPGRADED_FORMAT: u32 = 2;
 
 /// What the `key` record seals: proves the key before any record is read.
 pub const KEY_CHECK: &[u8] = b"qpq.db key check v1";
@@ -547,7 +556,11 @@ fn open_file(dir: &Path) -> Result<(Database, PathBuf), DbError> {
         };
         Ok((db, version))
     });
-    let (db, version) = opened?;
+    let (db, mut version) = opened?;
+    if version == UPGRADED_FORMAT {
+        shielded(&path, || upgrade(&db))?;
+        version = DB_FORMAT_VERSION;
+    }
     if version > DB_FORMAT_VERSION {
         return Err(DbError::Newer { path, found: version });
     }
@@ -555,6 +568,18 @@ fn open_file(dir: &Path) -> Result<(Database, PathBuf), DbError> {
         return Err(DbError::Older { path, found: version });
     }
     Ok((db, path))
+}
+
+/// Moves a format [`UPGRADED_FORMAT`] file to [`DB_FORMAT_VERSION`] (durable when it returns;
+/// a crash before leaves it at the old format, which the next open upgrades).
+fn upgrade(db: &Database) -> Result<(), DbError> {
+    let txn = db.begin_write().map_err(|e| io_err("upgrade")(e.into()))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
+        meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())
+            .map_err(|e| io_err("upgrade")(e.into()))?;
+    }
+    txn.commit().map_err(|e| io_err("upgrade")(e.into()))
 }
 
 fn key_check(db: &Database, path: &Path) -> Result<Vec<u8>, DbError> {

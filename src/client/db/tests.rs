@@ -9,7 +9,7 @@ use openmls_traits::storage::StorageProvider as _;
 use redb::ReadableTableMetadata;
 use tls_codec::{Deserialize as _, Serialize as _};
 
-use super::mls::{DbProvider, MlsStore};
+use super::mls::{DbProvider, MlsStore, PAST_LEAVES_LABEL};
 use super::*;
 use crate::crypto::statefile::KdfParams;
 
@@ -81,7 +81,7 @@ fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
 
 #[test]
 fn a_newer_or_older_format_is_refused_by_name() {
-    for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older")] {
+    for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older"), (1, "older")] {
         let (dir, key, db) = new_db();
         let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
         txn.open_table(META).unwrap().insert(META_FORMAT, found.to_le_bytes().as_slice()).unwrap();
@@ -90,6 +90,25 @@ fn a_newer_or_older_format_is_refused_by_name() {
         let err = ClientDb::open(dir.path(), &key).unwrap_err();
         assert!(err.to_string().contains(&format!("client database format {found}, {word} than")), "{err}");
     }
+}
+
+/// Fails without the upgrade: format 2 is then refused as older.
+#[test]
+fn a_format_2_database_is_upgraded_in_place_and_keeps_its_records() {
+    let (dir, key, db) = new_db();
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"contacts", b"bob").unwrap();
+    w.commit().unwrap();
+    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+    txn.open_table(META).unwrap().insert(META_FORMAT, UPGRADED_FORMAT.to_le_bytes().as_slice()).unwrap();
+    txn.commit().unwrap();
+    drop(db);
+    let db = ClientDb::open(dir.path(), &key).unwrap();
+    assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+    assert_eq!(db.generation().unwrap(), 1, "the upgrade changes no record");
 }
 
 #[test]
@@ -377,4 +396,113 @@ fn measure_open_cost() {
         all.len(),
         start.elapsed()
     );
+}
+
+/// The storage keys of every past-epoch leaves record in `db`.
+fn leaves_records(db: &ClientDb) -> Vec<Vec<u8>> {
+    let all = MlsStore::memory();
+    all.load_all(db).unwrap();
+    all.snapshot().into_iter().map(|(k, _)| k).filter(|k| k.starts_with(PAST_LEAVES_LABEL)).collect()
+}
+
+/// A message sent or received rewrites the group's message secrets; the member lists of the
+/// past epochs are stored once per epoch in records of their own (issues 11 and 12), dropped as
+/// their epoch leaves the window and with the group, and read back whole after a reopen (a
+/// past epoch's message needs its sender's leaf). Fails without the deletion of the epochs that
+/// left the window (6 records instead of 3).
+#[test]
+fn past_epoch_leaves_are_written_once_dropped_with_their_epoch_and_read_back_after_reopen() {
+    const KEPT: usize = 3;
+    let (dir, key, db) = new_db();
+    let db = Arc::new(db);
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let (alice, alice_signer, alice_cred) = member(store);
+    let (bob, bob_signer, bob_cred) = member(MlsStore::memory());
+    let bob_kp = KeyPackage::builder().build(CIPHERSUITE, &bob, &bob_signer, bob_cred).unwrap();
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(KEPT)
+        .build();
+    let mut group = MlsGroup::new(&alice, &alice_signer, &config, alice_cred).unwrap();
+    let (_, welcome, _) = group.add_members(&alice, &alice_signer, &[bob_kp.key_package().clone()]).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    flush_commit(&db, alice.storage());
+    let welcome = MlsMessageIn::tls_deserialize_exact(welcome.tls_serialize_detached().unwrap()).unwrap();
+    let MlsMessageBodyIn::Welcome(welcome) = welcome.extract() else { panic!("a welcome") };
+    let join = MlsGroupJoinConfig::builder().use_ratchet_tree_extension(true).max_past_epochs(KEPT).build();
+    let mut bob_group =
+        StagedWelcome::new_from_welcome(&bob, &join, welcome, None).unwrap().into_group(&bob).unwrap();
+    let incoming = |m: MlsMessageOut| {
+        MlsMessageIn::tls_deserialize_exact(m.tls_serialize_detached().unwrap())
+            .unwrap()
+            .try_into_protocol_message()
+            .unwrap()
+    };
+
+    // 2 * KEPT commits: the window moves past the first epochs.
+    let mut late = None;
+    for i in 0..2 * KEPT {
+        if i == 2 * KEPT - 1 {
+            late = Some(bob_group.create_message(&bob, &bob_signer, b"sent before the last commit").unwrap());
+        }
+        let bundle = group.self_update(&alice, &alice_signer, LeafNodeParameters::default()).unwrap();
+        group.merge_pending_commit(&alice).unwrap();
+        flush_commit(&db, alice.storage());
+        let processed = bob_group.process_message(&bob, incoming(bundle.into_commit())).unwrap();
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            panic!("a commit")
+        };
+        bob_group.merge_staged_commit(&bob, *staged).unwrap();
+    }
+    let epoch = group.epoch().as_u64();
+    let group_id = group.group_id().clone();
+    let expected: Vec<Vec<u8>> = (epoch - KEPT as u64..epoch)
+        .map(|e| {
+            let mut k = PAST_LEAVES_LABEL.to_vec();
+            k.extend_from_slice(&serde_json::to_vec(&group_id).unwrap());
+            k.extend_from_slice(e.to_string().as_bytes());
+            k.extend_from_slice(&openmls_traits::storage::CURRENT_VERSION.to_be_bytes());
+            k
+        })
+        .collect();
+    let mut found = leaves_records(&db);
+    found.sort();
+    let text = |keys: &[Vec<u8>]| keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>();
+    assert_eq!(text(&found), text(&expected), "one leaves record per kept past epoch, none stale");
+
+    // A message rewrites the message secrets, not the leaves.
+    let out = bob_group.create_message(&bob, &bob_signer, b"current").unwrap();
+    group.process_message(&alice, incoming(out)).unwrap();
+    let dirty = alice.storage().dirty_keys();
+    assert!(dirty.iter().any(|k| k.starts_with(b"MessageSecrets")), "{dirty:?}");
+    assert!(!dirty.iter().any(|k| k.starts_with(PAST_LEAVES_LABEL)), "leaves rewritten");
+    flush_commit(&db, alice.storage());
+
+    // Close, reopen: a message of the previous epoch finds its sender in that epoch's leaves.
+    drop((group, alice));
+    let db = Arc::into_inner(db).expect("one handle");
+    drop(db);
+    let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
+    let reopened = MlsStore::memory();
+    reopened.attach(db.clone());
+    let alice = DbProvider::new(reopened);
+    let mut group = MlsGroup::load(alice.storage(), &group_id).unwrap().expect("stored");
+    let processed = group.process_message(&alice, incoming(late.unwrap())).unwrap();
+    assert_eq!(processed.epoch().as_u64(), epoch - 1);
+    let ProcessedMessageContent::ApplicationMessage(m) = processed.into_content() else {
+        panic!("an application message")
+    };
+    assert_eq!(m.into_bytes(), b"sent before the last commit");
+    flush_commit(&db, alice.storage());
+    assert_eq!(leaves_records(&db).len(), KEPT);
+
+    // Deleting the group deletes its leaves records.
+    group.delete(alice.storage()).unwrap();
+    flush_commit(&db, alice.storage());
+    assert!(leaves_records(&db).is_empty());
+    let all = MlsStore::memory();
+    all.load_all(&db).unwrap();
+    assert!(!all.snapshot().iter().any(|(k, _)| k.starts_with(b"MessageSecrets")));
 }
