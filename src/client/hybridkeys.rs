@@ -126,6 +126,7 @@ impl Messenger {
     pub fn envelope_key(&self) -> EnvelopeKeyInfo {
         let state = &self.home.state;
         EnvelopeKeyInfo {
+            // Invariant: the fingerprint is a 32-byte SHA-256 digest; 8 of its bytes are shown.
             fingerprint: format!(
                 "sha256:{}",
                 hex::encode(&self.own_hybrid().public_key().fingerprint()[..8])

@@ -32,6 +32,8 @@ const MARK_HEX: usize = 8;
 
 /// The key as shown after a claimed name: `304b-9934`.
 pub fn key_mark(key: &[u8; 32]) -> String {
+    // Invariant: MARK_HEX / 2 = 4 bytes of a 32-byte key give 8 hex digits, split after 4.
+    const _: () = assert!(MARK_HEX == 8);
     let h = hex::encode(&key[..MARK_HEX / 2]);
     format!("{}-{}", &h[..4], &h[4..])
 }

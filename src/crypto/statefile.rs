@@ -166,6 +166,18 @@ impl KeySource {
     }
 }
 
+thread_local! {
+    /// Argon2id derivations run on this thread (per thread: tests side by side in one process
+    /// do not count each other's).
+    static ARGON2ID_RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many Argon2id derivations this thread has run so far, for tests of what opening a home
+/// costs (issue 12: one derivation per open).
+pub fn argon2id_runs_on_this_thread() -> u64 {
+    ARGON2ID_RUNS.with(std::cell::Cell::get)
+}
+
 /// A derived state key (zeroized on drop), so a long-running process (the shell) derives once and
 /// re-seals many times without re-running Argon2.
 ///
@@ -210,6 +222,7 @@ impl StateKey {
         })?;
         blocks.resize(block_count, Block::default());
         let mut ikm = Zeroizing::new([0; KEY_LEN]);
+        ARGON2ID_RUNS.with(|n| n.set(n.get().wrapping_add(1)));
         Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params)
             .hash_password_into_with_memory(passphrase, &salt, ikm.as_mut(), blocks.as_mut_slice())
             .map_err(|e| StateFileError::Kdf(e.to_string()))?;

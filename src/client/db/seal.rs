@@ -11,6 +11,8 @@
 //!
 //! Labels are fixed ASCII without a zero byte, so `label || 0x00 || key` is unambiguous.
 
+use std::cell::Cell;
+
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
@@ -35,6 +37,20 @@ const TAG_LEN: usize = 16;
 
 /// A record's place on disk: the keyed hash of its table and logical key.
 pub type Slot = [u8; SLOT_LEN];
+
+thread_local! {
+    /// Records [`RecordKeys::open`] was asked to open on this thread. Per thread, so tests
+    /// running side by side in one process do not count each other's reads; opening a home is
+    /// synchronous, so its reads all happen on the caller's thread.
+    static RECORDS_OPENED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many sealed records this thread has opened so far (any table, any handle): what an
+/// operation reads, for tests of issue 12's "opening a home reads O(1) records". One
+/// thread-local add per record, next to an AEAD open.
+pub fn records_opened_on_this_thread() -> u64 {
+    RECORDS_OPENED.with(Cell::get)
+}
 
 /// The two derived keys, wiped on drop.
 pub struct RecordKeys {
@@ -77,6 +93,7 @@ impl RecordKeys {
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
+        // Invariant: `out` holds the NONCE_LEN-byte nonce, then the plaintext to encrypt.
         let tag = self
             .cipher
             .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(label, slot), &mut out[NONCE_LEN..])
@@ -94,6 +111,7 @@ impl RecordKeys {
         slot: &[u8],
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, RecordDamaged> {
+        RECORDS_OPENED.with(|n| n.set(n.get().wrapping_add(1)));
         let (nonce, rest) = sealed.split_at_checked(NONCE_LEN).ok_or(RecordDamaged)?;
         let body_len = rest.len().checked_sub(TAG_LEN).ok_or(RecordDamaged)?;
         let (body, tag) = rest.split_at(body_len);
