@@ -402,7 +402,7 @@ pub struct Home {
     /// Generation of the database that `state` reflects; None: reload at the next refresh.
     generation: Option<u64>,
     /// Digests of the state records as last read or written (see [`records`]).
-    written: records::Written,
+    pub(crate) written: records::Written,
     /// openmls's records as of the last load, until the messenger takes them.
     mls_loaded: Option<MlsStore>,
     /// History entries received before this time are deleted by the next save (0: none).
@@ -747,7 +747,7 @@ mod tests {
         a.state.contacts.insert("carol".into(), [4; 32]);
         a.save().unwrap();
         let changed: Vec<&String> =
-            a.written.iter().filter(|(k, d)| before.get(*k) != Some(d)).map(|(k, _)| k).collect();
+            a.written.records.iter().filter(|(k, d)| before.records.get(*k) != Some(d)).map(|(k, _)| k).collect();
         assert_eq!(changed, ["contacts"]);
     }
 

@@ -59,6 +59,7 @@ use std::sync::{PoisonError, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
+use crate::client::state::StateError;
 use crate::crypto::statefile::{self, StateFileError, StateKey};
 use crate::fsutil::HomeLock;
 use crate::limits::CLIENT_DB_CACHE_BYTES;
@@ -72,12 +73,16 @@ pub const DB_FILE: &str = "qpq.db";
 /// `history` (format 1 kept them inside the group records of `state` too, so opening a home
 /// decoded its whole history). 3: a group's message secrets may be stored in two parts, the
 /// past epochs' member lists in records of their own ([`past_leaves`]), which a format-2 binary
-/// cannot read.
+/// cannot read; and the `state` record `groups` holds every conversation's metadata, where format
+/// 2 kept one `group/<hex id>` record per conversation, so opening read one record per
+/// conversation ([`records`]).
 pub const DB_FORMAT_VERSION: u32 = 3;
 
-/// The older format this one upgrades in place when opening: every format-2 record reads the
-/// same in format 3 (message secrets stored whole are still read, and split when next
-/// written), so the upgrade rewrites only the format record, in one redb transaction.
+/// The older format this one upgrades in place when opening, once the key is proven, in one
+/// redb transaction: the per-conversation records move into the `groups` record and are
+/// deleted ([`records::merge_group_records`]) and the format record is rewritten. Everything
+/// else of format 2 reads the same in format 3 (message secrets stored whole are still read,
+/// and split when next written).
 pub const UPGRADED_FORMAT: u32 = 2;
 
 /// What the `key` record seals: proves the key before any record is read.
@@ -250,32 +255,36 @@ impl ClientDb {
     /// Opens the database with a passphrase (one Argon2id run), returning the state key for the
     /// next opens of this process.
     pub fn unlock(dir: &Path, passphrase: Option<&[u8]>) -> Result<(StateKey, ClientDb), DbError> {
-        let (db, path) = open_file(dir)?;
+        let (db, path, format) = open_file(dir)?;
         let check = shielded(&path, || key_check(&db, &path))?;
         let (key, plain) = statefile::open(&check, passphrase)?;
         if plain.as_slice() != KEY_CHECK {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
         let keys = RecordKeys::derive(&key);
+        upgrade_if_needed(&db, format, &keys, &path)?;
         let home = Some(dir.to_path_buf());
         Ok((key, ClientDb { db: RwLock::new(Some(db)), keys, path, home }))
     }
 
     /// Opens the database with a key this process derived before (no Argon2id run).
     pub fn open(dir: &Path, key: &StateKey) -> Result<ClientDb, DbError> {
-        let (db, path) = open_file(dir)?;
+        let (db, path, format) = open_file(dir)?;
         let check = shielded(&path, || key_check(&db, &path))?;
         let plain = statefile::open_with_key(&check, key)?;
         if plain.as_slice() != KEY_CHECK {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
+        let keys = RecordKeys::derive(key);
+        upgrade_if_needed(&db, format, &keys, &path)?;
         let home = Some(dir.to_path_buf());
-        Ok(ClientDb { db: RwLock::new(Some(db)), keys: RecordKeys::derive(key), path, home })
+        Ok(ClientDb { db: RwLock::new(Some(db)), keys, path, home })
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
     pub fn is_passphrase_protected(dir: &Path) -> Result<bool, DbError> {
-        let (db, path) = open_file(dir)?;
+        // The header only: a format-2 file is upgraded by the open that proves the key.
+        let (db, path, _) = open_file(dir)?;
         let check = shielded(&path, || key_check(&db, &path));
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
         Ok(statefile::is_passphrase_protected(&check?)?)
@@ -303,8 +312,10 @@ impl ClientDb {
         }
         let Some(home) = &self.home else { return Err(DbError::Closed(self.path.clone())) };
         let _lock = HomeLock::acquire(home, true).map_err(|e| DbError::Lock(e.to_string()))?;
-        let (db, _) = open_file(home)?;
-        let out = f(&db);
+        let (db, path, format) = open_file(home)?;
+        // Replaced by an older qpq since this handle proved the key: the upgrade's first record
+        // read fails if the key is not this file's.
+        let out = upgrade_if_needed(&db, format, &self.keys, &path).and_then(|()| f(&db));
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
         out
     }
@@ -437,6 +448,16 @@ impl DbWrite<'_> {
         self.put_at(table, &slot, plaintext)
     }
 
+    /// The plaintext of record `logical` of `table` as this write sees it, if present.
+    pub fn get(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
+        let slot = self.keys.slot(table.label(), logical);
+        let t = self.txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
+        let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
+            return Ok(None);
+        };
+        Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
+    }
+
     /// Deletes record `logical` of `table` (nothing if absent).
     pub fn delete(&mut self, table: Table, logical: &[u8]) -> Result<(), DbError> {
         let slot = self.keys.slot(table.label(), logical);
@@ -525,9 +546,11 @@ fn parse_history_key(conversation_slot: &[u8], k: &[u8]) -> Option<HistoryKey> {
     Some(HistoryKey { at_ms, index })
 }
 
-/// Opens the redb file and checks its format version. redb checks some invariants with debug
-/// assertions, so a damaged file could panic a debug build: that is caught and reported too.
-fn open_file(dir: &Path) -> Result<(Database, PathBuf), DbError> {
+/// Opens the redb file and checks its format version: [`DB_FORMAT_VERSION`] or
+/// [`UPGRADED_FORMAT`], returned (the upgrade needs the key: [`upgrade_if_needed`]). redb checks
+/// some invariants with debug assertions, so a damaged file could panic a debug build: that is
+/// caught and reported too.
+fn open_file(dir: &Path) -> Result<(Database, PathBuf, u32), DbError> {
     let path = dir.join(DB_FILE);
     if !path.is_file() {
         return Err(DbError::Missing(dir.to_path_buf()));
@@ -556,30 +579,42 @@ fn open_file(dir: &Path) -> Result<(Database, PathBuf), DbError> {
         };
         Ok((db, version))
     });
-    let (db, mut version) = opened?;
-    if version == UPGRADED_FORMAT {
-        shielded(&path, || upgrade(&db))?;
-        version = DB_FORMAT_VERSION;
-    }
+    let (db, version) = opened?;
     if version > DB_FORMAT_VERSION {
         return Err(DbError::Newer { path, found: version });
     }
-    if version < DB_FORMAT_VERSION {
+    if version < DB_FORMAT_VERSION && version != UPGRADED_FORMAT {
         return Err(DbError::Older { path, found: version });
     }
-    Ok((db, path))
+    Ok((db, path, version))
 }
 
-/// Moves a format [`UPGRADED_FORMAT`] file to [`DB_FORMAT_VERSION`] (durable when it returns;
-/// a crash before leaves it at the old format, which the next open upgrades).
-fn upgrade(db: &Database) -> Result<(), DbError> {
-    let txn = db.begin_write().map_err(|e| io_err("upgrade")(e.into()))?;
-    {
-        let mut meta = txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
-        meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())
-            .map_err(|e| io_err("upgrade")(e.into()))?;
+/// Moves a file of format [`UPGRADED_FORMAT`] to [`DB_FORMAT_VERSION`] with the records' keys
+/// (durable when it returns; a crash before leaves it at the old format, which the next open
+/// upgrades). Nothing for a file of the current format.
+fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path) -> Result<(), DbError> {
+    if format == DB_FORMAT_VERSION {
+        return Ok(());
     }
-    txn.commit().map_err(|e| io_err("upgrade")(e.into()))
+    shielded(path, || {
+        let txn = db.begin_write().map_err(|e| io_err("upgrade")(e.into()))?;
+        let mut w = DbWrite { txn, keys, path };
+        let moved = records::merge_group_records(&mut w).map_err(|e| match e {
+            StateError::Db(e) => e,
+            other => DbError::Damaged { path: path.to_path_buf(), reason: other.to_string() },
+        })?;
+        {
+            let mut meta = w.txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
+            meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| io_err("upgrade")(e.into()))?;
+        }
+        if moved > 0 {
+            // Records changed: a write like any other, so it counts as a generation.
+            w.commit().map(drop)
+        } else {
+            w.txn.commit().map_err(|e| io_err("upgrade")(e.into()))
+        }
+    })
 }
 
 fn key_check(db: &Database, path: &Path) -> Result<Vec<u8>, DbError> {

@@ -2,9 +2,16 @@
 //! records that changed.
 //!
 //! Each field of [`State`] is one record named after the field (postcard, like the old file),
-//! except `groups`, which is one record per group (`group/<hex id>`: a [`GroupRecord`], without
-//! history) plus the list of their names (`groups`), and `mls_storage`, which is not a record at
-//! all: openmls's records live in the `mls` table (see [`super::mls`]).
+//! and `mls_storage` is not a record at all: openmls's records live in the `mls` table (see
+//! [`super::mls`]). `groups` is one record too: every conversation's id and [`GroupRecord`] (its
+//! name, kind and whether we are in it, without history), so opening a home reads the same
+//! number of records however many conversations it has (issue 12); that record grows by about a
+//! hundred bytes per conversation and is rewritten only when a conversation is created, joined,
+//! left, renamed or forgotten, never per message. Format 2 kept one `group/<hex id>` record per
+//! conversation plus a list of their names; [`merge_group_records`] moves such a database over.
+//! The other records are one per field too, so their number is fixed; some grow in size with
+//! the home (`contacts`, `timelines` with a counter and membership events per conversation,
+//! `sends`, `requests`) or are bounded by [`crate::limits`] (`inbox`, `orphans`).
 //!
 //! History is not in these records: each entry is a record of the `history` table keyed by
 //! its receive time and index ([`super::HistoryKey`]). In memory a group's
@@ -15,7 +22,7 @@
 //! so the write is proportional to the change; the encoding is proportional to the state
 //! without MLS and history (well under a KiB per group, the inbox and the outbox).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -25,12 +32,13 @@ use zeroize::Zeroizing;
 use super::{ClientDb, DbError, DbWrite, HistoryKey, Table};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Secrets, State, StateError};
 
-/// Name of the record listing the groups' record names.
-const GROUPS_INDEX: &str = "groups";
-/// Prefix of a group's record name.
-const GROUP_PREFIX: &str = "group/";
+/// Name of the record holding every conversation's (hex id, [`GroupRecord`]), ordered by id.
+const GROUPS: &str = "groups";
+/// Prefix of a conversation's own record in format 2, where `groups` listed these names.
+const V2_GROUP_PREFIX: &str = "group/";
 
-/// A group's record: [`GroupMeta`] without its history.
+/// A conversation in the groups record: [`GroupMeta`] without its history. Format 2 stored
+/// the same encoding as a record of its own.
 #[derive(Serialize, Deserialize)]
 struct GroupRecord {
     name: String,
@@ -46,8 +54,14 @@ struct GroupRecordRef<'a> {
     active: bool,
 }
 
-/// Digests of the records as last written or read, by record name.
-pub type Written = HashMap<String, [u8; 32]>;
+/// What a save compares the state with: the records as last written or read.
+#[derive(Debug, Clone, Default)]
+pub struct Written {
+    /// SHA-256 of each record's plaintext, by record name.
+    pub(crate) records: HashMap<String, [u8; 32]>,
+    /// The conversations in the groups record: a save deletes the history of one that is gone.
+    conversations: BTreeSet<String>,
+}
 
 /// Calls `$m!(field)` for every field of [`State`] stored as a record of its own.
 macro_rules! plain_fields {
@@ -98,12 +112,12 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
         };
     }
     plain_fields!(put);
-    let names: Vec<String> = state.groups.keys().map(|id| format!("{GROUP_PREFIX}{id}")).collect();
-    out.insert(GROUPS_INDEX.to_string(), encode(&names)?);
-    for (id, g) in &state.groups {
-        let record = GroupRecordRef { name: &g.name, kind: &g.kind, active: g.active };
-        out.insert(format!("{GROUP_PREFIX}{id}"), encode(&record)?);
-    }
+    let groups: Vec<(&str, GroupRecordRef<'_>)> = state
+        .groups
+        .iter()
+        .map(|(id, g)| (id.as_str(), GroupRecordRef { name: &g.name, kind: &g.kind, active: g.active }))
+        .collect();
+    out.insert(GROUPS.to_string(), encode(&groups)?);
     Ok(out)
 }
 
@@ -132,20 +146,23 @@ pub fn write_changed(
     w: &mut DbWrite<'_>,
 ) -> Result<(Written, HistoryWrites), StateError> {
     let now = records(state)?;
-    let mut next = Written::with_capacity(now.len());
+    let mut next = Written { records: HashMap::with_capacity(now.len()), conversations: BTreeSet::new() };
     for (name, plain) in &now {
         let d = digest(plain);
-        if written.get(name) != Some(&d) {
+        if written.records.get(name) != Some(&d) {
             w.put(Table::State, name.as_bytes(), plain).map_err(db_err)?;
         }
-        next.insert(name.clone(), d);
+        next.records.insert(name.clone(), d);
     }
-    for name in written.keys().filter(|n| !now.contains_key(*n)) {
+    for name in written.records.keys().filter(|n| !now.contains_key(*n)) {
         w.delete(Table::State, name.as_bytes()).map_err(db_err)?;
-        if let Some(id) = name.strip_prefix(GROUP_PREFIX).and_then(|h| hex::decode(h).ok()) {
+    }
+    for hex_id in written.conversations.iter().filter(|id| !state.groups.contains_key(*id)) {
+        if let Ok(id) = hex::decode(hex_id) {
             w.delete_history_before(&id, u64::MAX).map_err(db_err)?;
         }
     }
+    next.conversations = state.groups.keys().cloned().collect();
     let mut history = HistoryWrites::default();
     for (hex_id, g) in &state.groups {
         let Ok(id) = hex::decode(hex_id) else { continue };
@@ -171,15 +188,16 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, StateError> {
     decode("history entry", bytes)
 }
 
-/// Reads the whole [`State`] (without `mls_storage`) and the digests of its records.
+/// Reads the whole [`State`] (without `mls_storage`) and the digests of its records: a fixed
+/// number of records, whatever the home holds.
 pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
-    let mut written = Written::new();
+    let mut written = Written::default();
     let mut get = |name: &str| -> Result<Zeroizing<Vec<u8>>, StateError> {
         let v = db
             .get(Table::State, name.as_bytes())
             .map_err(db_err)?
             .ok_or_else(|| StateError::Decode(format!("record {name} is missing")))?;
-        written.insert(name.to_string(), digest(&v));
+        written.records.insert(name.to_string(), digest(&v));
         Ok(v)
     };
     let secrets: Secrets = decode("secrets", &get("secrets")?)?;
@@ -190,16 +208,168 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
         };
     }
     plain_fields!(take);
-    let names: Vec<String> = decode(GROUPS_INDEX, &get(GROUPS_INDEX)?)?;
-    for name in names {
-        let id = name.strip_prefix(GROUP_PREFIX).unwrap_or(&name).to_string();
-        let g: GroupRecord = decode(&name, &get(&name)?)?;
+    let groups: Vec<(String, GroupRecord)> = decode(GROUPS, &get(GROUPS)?)?;
+    for (id, g) in groups {
         let group = GroupMeta { name: g.name, kind: g.kind, active: g.active, history: Default::default() };
+        written.conversations.insert(id.clone());
         state.groups.insert(id, group);
     }
     Ok((state, written))
 }
 
+/// Format 2 to 3, in the caller's transaction: moves every conversation's `group/<hex id>`
+/// record into the groups record and deletes it. Returns how many it moved (0, writing nothing,
+/// when there are none or no groups record at all).
+pub fn merge_group_records(w: &mut DbWrite<'_>) -> Result<usize, StateError> {
+    let Some(index) = w.get(Table::State, GROUPS.as_bytes()).map_err(db_err)? else { return Ok(0) };
+    let names: Vec<String> = decode(GROUPS, &index)?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let mut groups = Vec::with_capacity(names.len());
+    for name in &names {
+        let plain = w
+            .get(Table::State, name.as_bytes())
+            .map_err(db_err)?
+            .ok_or_else(|| StateError::Decode(format!("record {name} is missing")))?;
+        let g: GroupRecord = decode(name, &plain)?;
+        let id = name.strip_prefix(V2_GROUP_PREFIX).unwrap_or(name).to_string();
+        groups.push((id, g));
+        w.delete(Table::State, name.as_bytes()).map_err(db_err)?;
+    }
+    // Format 2 listed the names in the state's (sorted) order; sort anyway: digests compare bytes.
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    w.put(Table::State, GROUPS.as_bytes(), &encode(&groups)?).map_err(db_err)?;
+    Ok(names.len())
+}
+
 fn db_err(e: DbError) -> StateError {
     StateError::Db(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::path::Path;
+
+    use redb::ReadableDatabase;
+
+    use super::super::{DB_FORMAT_VERSION, META, META_FORMAT, UPGRADED_FORMAT};
+    use super::*;
+    use crate::client::state::{Home, Unlock};
+    use crate::crypto::statefile::StateKey;
+
+    fn meta(name: &str, kind: GroupKind, active: bool) -> GroupMeta {
+        GroupMeta { name: name.into(), kind, active, history: VecDeque::new() }
+    }
+
+    /// A home (no passphrase) whose state has `groups`.
+    fn home_with(dir: &Path, groups: &[(&str, GroupMeta)]) {
+        let mut s = State::new(Secrets::new([1; 32], [2; 32]), Some("alice".into()), None);
+        for (id, g) in groups {
+            s.groups.insert(id.to_string(), g.clone());
+        }
+        drop(Home::create(dir, s, Unlock::None).unwrap());
+    }
+
+    fn format(db: &ClientDb) -> Vec<u8> {
+        let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+        txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec()
+    }
+
+    /// Format 2 kept one `group/<hex id>` record per conversation and listed their names in
+    /// `groups`; opening such a home moves them into the one `groups` record, deletes them and
+    /// lists the same conversations. Fails without the merge: format 2's `groups` record (a list
+    /// of names) does not decode as format 3's, and the home does not open.
+    #[test]
+    fn a_format_2_home_opens_with_its_conversations_and_keeps_no_record_per_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let team = meta("team", GroupKind::Group, true);
+        let bob = meta("bob", GroupKind::Direct { peer: [3; 32] }, true);
+        let old = meta("old", GroupKind::Group, false);
+        home_with(dir.path(), &[]);
+        // Rewritten as format 2 wrote it (a record is the postcard of its fields in order).
+        let key = StateKey::unprotected();
+        let v2 = [("group/ab", &team), ("group/cd", &bob), ("group/ef", &old)];
+        {
+            let db = ClientDb::open(dir.path(), &key).unwrap();
+            let mut w = db.write().unwrap();
+            let names: Vec<&str> = v2.iter().map(|(n, _)| *n).collect();
+            w.put(Table::State, b"groups", &postcard::to_allocvec(&names).unwrap()).unwrap();
+            for (name, g) in v2 {
+                let fields = (&g.name, &g.kind, g.active);
+                w.put(Table::State, name.as_bytes(), &postcard::to_allocvec(&fields).unwrap()).unwrap();
+            }
+            w.commit().unwrap();
+            let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(META_FORMAT, UPGRADED_FORMAT.to_le_bytes().as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+
+        let home = Home::open(dir.path(), None).unwrap();
+        let listed: Vec<(&str, &str, &GroupKind, bool)> =
+            home.state.groups.iter().map(|(id, g)| (id.as_str(), g.name.as_str(), &g.kind, g.active)).collect();
+        assert_eq!(
+            listed,
+            [
+                ("ab", "team", &GroupKind::Group, true),
+                ("cd", "bob", &GroupKind::Direct { peer: [3; 32] }, true),
+                ("ef", "old", &GroupKind::Group, false)
+            ]
+        );
+        drop(home);
+        let db = ClientDb::open(dir.path(), &key).unwrap();
+        assert_eq!(format(&db), DB_FORMAT_VERSION.to_le_bytes());
+        for (name, _) in v2 {
+            assert!(db.get(Table::State, name.as_bytes()).unwrap().is_none(), "{name} is still there");
+        }
+        let (state, _) = read_state(&db).unwrap();
+        assert_eq!(state.groups.len(), 3, "and the next open reads them from the groups record");
+    }
+
+    /// The groups record no longer has a record per conversation whose deletion said that a
+    /// conversation was gone: a save still deletes a forgotten conversation's history, also in
+    /// a process that only read the home. Fails without `Written::conversations` (the history
+    /// of `ab` stays).
+    #[test]
+    fn a_save_deletes_the_history_of_a_forgotten_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = [("ab", meta("team", GroupKind::Group, true)), ("cd", meta("bob", GroupKind::Group, true))];
+        home_with(dir.path(), &groups);
+        let entry = |id: u8| Entry {
+            group_id: vec![id],
+            from: [3; 32],
+            text: "hello".into(),
+            sent_at_ms: 5,
+            received_at_ms: 5,
+            outgoing: false,
+        };
+        {
+            let mut a = Home::open(dir.path(), None).unwrap();
+            let _lock = a.lock().unwrap();
+            a.refresh().unwrap();
+            for (hex_id, id) in [("ab", 0xab), ("cd", 0xcd)] {
+                a.state.timelines.note_message(hex_id);
+                a.state.groups.get_mut(hex_id).unwrap().history.push_back(entry(id));
+            }
+            a.save().unwrap();
+        }
+        // Another process, which read the home but never wrote it, forgets `ab`.
+        let mut b = Home::open(dir.path(), None).unwrap();
+        let _lock = b.lock().unwrap();
+        b.refresh().unwrap();
+        b.state.groups.remove("ab");
+        b.save().unwrap();
+        let db = b.db().unwrap();
+        let all = || HistoryKey::MIN..=HistoryKey::MAX;
+        assert!(db.history_page(&[0xab], all(), 10).unwrap().is_empty(), "the forgotten history is gone");
+        assert_eq!(db.history_page(&[0xcd], all(), 10).unwrap().len(), 1, "the other conversation keeps its own");
+        // Renaming a conversation rewrites the groups record and nothing else.
+        let before = b.written.records.clone();
+        b.state.groups.get_mut("cd").unwrap().name = "bobby".into();
+        b.save().unwrap();
+        let changed: Vec<&String> =
+            b.written.records.iter().filter(|(k, d)| before.get(*k) != Some(d)).map(|(k, _)| k).collect();
+        assert_eq!(changed, ["groups"]);
+    }
 }
