@@ -1121,7 +1121,7 @@ async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_a
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "2");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
 }
