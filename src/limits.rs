@@ -327,8 +327,8 @@ pub const PG_POOL_SIZE: usize = 16;
 /// WAL flush, few enough that one transaction's rows and arrays stay small.
 pub const PG_BATCH_OPS: usize = 64;
 /// Group-commit workers per node (each one transaction at a time, on its own pooled connection).
-/// One, like the redb writer: every batch locks the queue rows of its recipients until its WAL
-/// flush, so a second worker's batch mostly waits on those locks, having taken only what was
+/// One, like the redb writer: every batch locks the queue rows of its enqueues' recipients
+/// until its WAL flush (acks lock freed rows instead: schema version 3), so a second worker's batch mostly waits on those locks, having taken only what was
 /// waiting when the first one started; one worker takes everything that waited during the
 /// flush. Measured (issue 13, delivery bench, 2 nodes, 16 senders): 1.2-1.3 messages per commit
 /// with 4 workers, 2.3 with 2, 3.7-4.0 with 1, and the most msg/s with 1 at 16 and 64 senders.

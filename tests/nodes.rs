@@ -357,3 +357,72 @@ async fn shared_fanout_payloads_go_with_the_last_of_many_concurrent_acks_on_two_
     );
     assert_eq!(left, "0 0 0", "payload rows, entries, stored bytes");
 }
+
+/// Acks count although they no longer lock the queue row (schema version 3, issue 13): a queue
+/// filled to its cap through node A and emptied by acks through both nodes at once reads empty
+/// (enqueued − freed, in messages and bytes), takes a whole cap-sized burst again through both
+/// nodes, and once swept leaves no queue or freed row, while its numbers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_through_two_nodes_make_room_for_a_cap_sized_burst_again() {
+    const CAP: u64 = 6;
+    let root = tempfile::tempdir().unwrap();
+    let backend = Backend::postgres();
+    let Backend::Postgres(url) = backend.clone() else { unreachable!() };
+    common::use_backend(backend);
+    let mut cfg_a = common::server_config(&root.path().join("a"));
+    cfg_a.max_queue_messages = CAP;
+    let a = start_server_with(cfg_a).await;
+    let mut cfg_b = common::server_config(&root.path().join("b"));
+    cfg_b.max_queue_messages = CAP;
+    cfg_b.cert = Some(root.path().join("a").join(CERT_FILE));
+    cfg_b.key = Some(root.path().join("a").join(KEY_FILE));
+    let b = start_server_with(cfg_b).await;
+    let cluster = common::pg::Cluster::get();
+    let bob = Identity::generate();
+    let key = hex::encode(bob.public().0);
+    let held = format!(
+        "SELECT coalesce(sum(q.count - coalesce(f.count, 0)), -1) || ' ' || coalesce(sum(q.bytes - coalesce(f.bytes, 0)), -1)
+         FROM qpq_queues q LEFT JOIN qpq_queue_freed f ON f.recipient = q.recipient
+         WHERE q.recipient = '\\x{key}'"
+    );
+    local(async {
+        let mut senders = Vec::new();
+        for i in 0..CAP {
+            senders.push(common::connect(if i % 2 == 0 { &a } else { &b }).await);
+        }
+        for i in 0..CAP as u8 {
+            senders[0].enqueue(&bob.public().0, &[i; 40], b"").await.unwrap();
+        }
+        let full = senders[1].enqueue(&bob.public().0, b"over", b"").await.unwrap_err();
+        assert_eq!(full.code(), Some(qpq::proto::wire_error::ErrorCode::QueueFull), "{full}");
+        // Acks through both nodes at once, each removing its share.
+        let on_a = login(&a, &bob).await;
+        let on_b = login(&b, &bob).await;
+        let (x, y, z) = tokio::join!(on_a.ack(2), on_b.ack(4), on_b.ack(CAP));
+        assert_eq!(x.unwrap() + y.unwrap() + z.unwrap(), CAP as u32, "each message removed once");
+        assert_eq!(cluster.query(&url, &held), "0 0", "the store holds nothing for bob");
+        // A whole cap again, at once through both nodes: none may be refused.
+        let bob_key = bob.public().0;
+        let burst = senders.iter().map(|s| s.enqueue(&bob_key, b"again", b""));
+        let seqs: HashSet<u64> =
+            futures::future::join_all(burst).await.into_iter().map(|r| r.unwrap().0).collect();
+        assert_eq!(seqs, (CAP + 1..=2 * CAP).collect::<HashSet<u64>>(), "numbers go on");
+        let full = senders[0].enqueue(&bob.public().0, b"over", b"").await.unwrap_err();
+        assert_eq!(full.code(), Some(qpq::proto::wire_error::ErrorCode::QueueFull), "{full}");
+        assert_eq!(on_b.ack(u64::MAX).await.unwrap(), CAP as u32);
+        a.sweep().await;
+        assert_eq!(
+            cluster.query(
+                &url,
+                "SELECT (SELECT count(*) FROM qpq_queues) || ' ' || (SELECT count(*) FROM qpq_queue_freed)"
+            ),
+            "0 0",
+            "the sweep deleted the empty queue row and its freed row"
+        );
+        let (seq, _) = senders[1].enqueue(&bob.public().0, b"later", b"").await.unwrap();
+        assert_eq!(seq, 2 * CAP + 1, "a re-created queue counts on from the floor");
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -1121,7 +1121,65 @@ async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_a
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "2");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
+}
+
+/// What PostgreSQL schema version 2 added to version 1 as it shipped (frozen here, like
+/// [`PG_SCHEMA_V1`]), with its version row.
+const PG_SCHEMA_V2_ON_V1: &str = "
+     ALTER TABLE qpq_payloads ADD COLUMN refs bigint NOT NULL DEFAULT 1, ADD COLUMN quota bigint NOT NULL DEFAULT 0;
+     ALTER TABLE qpq_entries ADD COLUMN quota bigint;
+     UPDATE qpq_entries SET quota = bytes;
+     ALTER TABLE qpq_entries ALTER COLUMN quota SET NOT NULL;
+     CREATE INDEX qpq_payloads_unreferenced ON qpq_payloads (id) WHERE refs <= 0;
+     INSERT INTO qpq_schema_version (version) VALUES (2);";
+
+/// A database written by schema version 2 (acks decremented the queue row) is migrated to
+/// version 3 at start-up: its full queue refuses one more, an ack of its old mail makes room
+/// again (the freed row starts from nothing), and its numbers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_acks() {
+    use qpq::proto::wire_error::ErrorCode;
+    let cluster = common::pg::Cluster::get();
+    let url = cluster.fresh_database();
+    let bob = Identity::generate();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let key = hex::encode(bob.public().0);
+    // Two messages of 7 bytes, no channel: 17 + 7 each on the queue and the quota.
+    cluster.query(
+        &url,
+        &format!(
+            "{PG_SCHEMA_V1}; {PG_SCHEMA_V2_ON_V1}
+             INSERT INTO qpq_queues VALUES ('\\x{key}', 3, 2, 48);
+             INSERT INTO qpq_payloads (channel_id, channel_seq, enqueued_at_ms, body, refs, quota)
+                 VALUES ('', 0, {now_ms}, 'earlier', 1, 0), ('', 0, {now_ms}, 'earliest', 1, 0);
+             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms, quota)
+                 VALUES ('\\x{key}', 1, 1, 24, {now_ms}, 24), ('\\x{key}', 2, 2, 24, {now_ms}, 24);
+             INSERT INTO qpq_stored_bytes VALUES (0, 48);"
+        ),
+    );
+    common::use_backend(common::Backend::Postgres(url.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 2;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let e = s.enqueue(&bob.public().0, b"x", b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "{e}");
+        let b = login(&server, &bob).await;
+        assert_eq!(b.ack(1).await.unwrap(), 1);
+        let (seq, _) = s.enqueue(&bob.public().0, b"x", b"").await.unwrap();
+        assert_eq!(seq, 3, "numbers go on from the migrated queue");
+        let e = s.enqueue(&bob.public().0, b"y", b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "full again: the migrated count still holds");
+        assert_eq!(b.ack(3).await.unwrap(), 2);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
+    assert_eq!(stored_rows(dir.path()), (0, 0));
+    assert_eq!(pg_stored_bytes(), Some(0), "the version 2 entries gave back their 48 bytes");
 }

@@ -9,22 +9,27 @@
 //! request waiting (up to [`limits::PG_BATCH_OPS`]), so what arrives during one transaction's
 //! WAL flush forms the next batch, and runs them as:
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
-//!    rows (sorted), then its queue rows (sorted), read the floors and the stored-bytes total,
-//!    and delete the acked entries (returning what went);
+//!    rows (sorted), then its enqueues' queue rows (sorted), read the floors, the stored-bytes
+//!    total and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
+//!    safe), and delete the acked entries (returning what went);
 //! 2. in memory, the requests one after the other in arrival order: acks count what they
 //!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
 //!    left by the requests before them; a refused request changes nothing and does not disturb
 //!    the others (the caps are decided here, so no SAVEPOINT is needed);
 //! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
-//!    rows, one of the channel rows, one of this connection's stored-bytes shard, and COMMIT:
+//!    rows, one of the channel rows, one upsert of the acked recipients' freed rows (sorted),
+//!    one of this connection's stored-bytes shard, and COMMIT:
 //!    one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a cluster-wide
 //!    lock across the flush; the other nodes are told after the commit ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it only
 //!    rolls back; the batch answers with that statement's error, never success.
 //!
 //! On any error the worker sends ROLLBACK before the connection goes back to the pool.
 //!
-//! Every batch locks rows in the same order (channels by key, then queues by key, then one
-//! shard), on every node, so batches queue behind each other instead of deadlocking. A request
+//! Acks lock no queue row (schema version 3): a node whose batches are acks does not wait for
+//! the WAL flush of a node enqueueing to the same recipients, nor the other way round.
+//!
+//! Every batch locks rows in the same order (channels by key, then queues by key, then freed
+//! rows by key, then one shard), on every node, so batches queue behind each other instead of deadlocking. A request
 //! the batch cannot explain (a database error, not a refusal) makes the batch run again one
 //! request per transaction, so only the guilty request fails.
 
@@ -130,12 +135,15 @@ impl Inner {
     }
 }
 
-/// A locked queue row as the batch changes it.
+/// A locked queue row as the batch changes it, and what acks freed from it (not written back:
+/// the caps check `count − freed`).
 #[derive(Clone, Copy)]
 struct Queue {
     next: i64,
     count: i64,
     bytes: i64,
+    freed_count: i64,
+    freed_bytes: i64,
 }
 
 /// The recipient and body of each item of an enqueue or fanout (a fanout's items all share its
@@ -177,7 +185,6 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     for op in ops {
         match op {
             WriteOp::Ack { who, up_to } => {
-                queue_keys.push(&who[..]);
                 let up_to = ops::big(*up_to);
                 acks.entry(who).and_modify(|u| *u = (*u).max(up_to)).or_insert(up_to);
             }
@@ -214,8 +221,10 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         ))
         .await?;
     let delete_unreferenced = tx.prepare_cached(mail::DELETE_UNREFERENCED).await?;
-    // Sent in this order on one connection, so locks are taken in this order.
-    let ((), channel_rows, queue_rows, totals, acked, unreferenced) = tokio::try_join!(
+    let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
+    // Sent in this order on one connection, so locks are taken in this order; the freed rows
+    // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
+    let ((), channel_rows, queue_rows, totals, freed_rows, acked, unreferenced) = tokio::try_join!(
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -230,6 +239,12 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             tx.query(&lock_queues, &[&queue_keys]).await
         },
         tx.query_one(&totals, &[]),
+        async {
+            if queue_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&read_freed, &[&queue_keys]).await
+        },
         async {
             if ack_keys.is_empty() {
                 return Ok(Vec::new());
@@ -251,22 +266,32 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         let last: i64 = row.get(1);
         channels.insert(row.get(0), if last == 0 { channel_floor } else { last });
     }
+    let freed_before = ops::read_freed(freed_rows)?;
     let mut queues: HashMap<IdentityKey, Queue> = HashMap::with_capacity(queue_rows.len());
     for row in queue_rows {
+        let who = ops::identity(row.get(0))?;
         let next: i64 = row.get(1);
         let next = if next == 0 { seq_floor.max(1) } else { next };
-        queues.insert(ops::identity(row.get(0))?, Queue { next, count: row.get(2), bytes: row.get(3) });
+        let (freed_count, freed_bytes) = freed_before.get(&who).copied().unwrap_or((0, 0));
+        queues.insert(who, Queue { next, count: row.get(2), bytes: row.get(3), freed_count, freed_bytes });
     }
     // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
     // the same recipient earlier in the batch did not: as if they ran one after the other.
     let mut removed = vec![0u32; ops.len()];
     let mut freed = unreferenced;
+    // recipient -> (messages, bytes) this batch's acks removed: added to its freed row.
+    let mut acked_now: HashMap<IdentityKey, (i64, i64)> = HashMap::new();
     for row in acked {
         let who = ops::identity(row.get(0))?;
         let (seq, size, quota): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
-        let q = queues.get_mut(&who).ok_or_else(missing_row)?;
-        q.count -= 1;
-        q.bytes -= size;
+        let a = acked_now.entry(who).or_insert((0, 0));
+        a.0 += 1;
+        a.1 += size;
+        // A queue this batch also enqueues to: its later enqueues see the room.
+        if let Some(q) = queues.get_mut(&who) {
+            q.freed_count += 1;
+            q.freed_bytes += size;
+        }
         freed += quota;
         let mut first_ack: Option<(usize, i64)> = None;
         for (i, op) in ops.iter().enumerate() {
@@ -361,6 +386,12 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     channel_state.sort_unstable();
     let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
     let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
+    let mut acked_state: Vec<(&IdentityKey, &(i64, i64))> = acked_now.iter().collect();
+    acked_state.sort_unstable_by_key(|(k, _)| **k);
+    let a_keys: Vec<&[u8]> = acked_state.iter().map(|(k, _)| &k[..]).collect();
+    let a_count: Vec<i64> = acked_state.iter().map(|(_, a)| a.0).collect();
+    let a_bytes: Vec<i64> = acked_state.iter().map(|(_, a)| a.1).collect();
+    let add_freed = tx.prepare_cached(ops::ADD_FREED).await?;
     let add_stored = tx
         .prepare_cached(
             "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
@@ -389,6 +420,12 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             tx.execute(&update_channels, &[&c_keys, &c_last]).await
         },
         async {
+            if a_keys.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&add_freed, &[&a_keys, &a_count, &a_bytes]).await
+        },
+        async {
             if delta == 0 {
                 return Ok(0);
             }
@@ -415,7 +452,7 @@ fn plan_enqueue(
             Some(p) => *p,
             None => {
                 let q = queues.get(*who).ok_or_else(|| unavailable(missing_row()))?;
-                (q.count, q.bytes)
+                (q.count - q.freed_count, q.bytes - q.freed_bytes)
             }
         };
         let add = mail::queue_charge(channel, payload);

@@ -10,8 +10,21 @@
 //! - A KeyPackage is taken with `FOR UPDATE SKIP LOCKED` + `DELETE`: concurrent takers get
 //!   different packages, never the same one.
 //! - An upload locks the identity's `qpq_key_package_owners` row to check the pool cap.
+//! - An ack locks its entries and its recipient's `qpq_queue_freed` row (schema version 3),
+//!   never the `qpq_queues` row: acks and enqueues of one recipient do not wait for each other.
 //! - Rare lock cycles (a sweep against a batch) are PostgreSQL deadlocks; it aborts one side,
 //!   which the caller runs again.
+//!
+//! Why the caps stay safe although an enqueue does not lock the freed rows: it locks its queue
+//! rows first, then reads their freed rows in a later statement (so after every lock is held,
+//! with a snapshot taken then) without locking. A queue holds `count − freed` (see
+//! [`super::schema`]). `count` is exact: only lock holders change it. `freed` only grows while
+//! the queue row exists, and only by entries `count` already counted; an ack that has not
+//! committed yet is missed, so the queue looks fuller than it is: a borderline enqueue may be
+//! refused, none is admitted over a cap. The freed row only shrinks when the sweep deletes it
+//! together with its queue row (both locked, `count − freed` ≤ 0 rechecked under the locks);
+//! an enqueue that then re-creates the queue row reads the freed row after the sweep committed,
+//! so it never subtracts a freed count left from the deleted row.
 
 /// Locks (creating when missing) each recipient's queue row of `$1` in the order given, which
 /// callers sort by key so that concurrent transactions lock in one order: the enqueue path here
@@ -20,6 +33,21 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
      SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
      ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
      RETURNING recipient, next_seq, count, bytes";
+
+/// Reads what acks freed from the queues of `$1` (no lock: see the module docs). Run after the
+/// statement that locked those queue rows, never in it (its snapshot would predate the locks).
+pub(super) const READ_FREED: &str =
+    "SELECT recipient, count, bytes FROM qpq_queue_freed WHERE recipient = ANY($1::bytea[])";
+
+/// Adds what acks removed (`$2` messages, `$3` bytes) to the freed rows of `$1`, creating them
+/// when missing; callers sort `$1` by key so that concurrent acks lock in one order.
+pub(super) const ADD_FREED: &str = "INSERT INTO qpq_queue_freed (recipient, count, bytes)
+     SELECT r, n, b FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS t(r, n, b, o)
+     ORDER BY o
+     ON CONFLICT (recipient) DO UPDATE SET count = qpq_queue_freed.count + excluded.count,
+                                           bytes = qpq_queue_freed.bytes + excluded.bytes";
+
+use std::collections::HashMap;
 
 use deadpool_postgres::{Object, Transaction};
 
@@ -159,6 +187,9 @@ async fn enqueue(
         state.push((who, next, row.get(2), row.get(3)));
     }
     state.sort_unstable_by_key(|s| s.0);
+    // A statement of its own, after the locks (see the module docs).
+    let stmt = tx.prepare_cached(READ_FREED).await?;
+    let freed = read_freed(tx.query(&stmt, &[&keys]).await?)?;
     let find = |state: &[(IdentityKey, i64, i64, i64)], who: &IdentityKey| {
         state.binary_search_by_key(who, |s| s.0).map_err(|_| {
             TxError::Store(StoreError::Db("enqueue: a recipient's queue row went missing".to_string()))
@@ -171,10 +202,12 @@ async fn enqueue(
         let i = find(&planned, who)?;
         let add = mail::queue_charge(channel, payload);
         let (_, _, count, bytes) = planned[i];
-        if unbig(count) + 1 > limits.max_messages || unbig(bytes) + unbig(add) > limits.max_bytes {
+        let (freed_count, freed_bytes) = freed.get(*who).copied().unwrap_or((0, 0));
+        let (held, held_bytes) = (unbig(count - freed_count), unbig(bytes - freed_bytes));
+        if held + 1 > limits.max_messages || held_bytes + unbig(add) > limits.max_bytes {
             return Err(TxError::Store(StoreError::QueueFull {
-                count: unbig(count),
-                bytes: unbig(bytes),
+                count: held,
+                bytes: held_bytes,
                 max_count: limits.max_messages,
                 max_bytes: limits.max_bytes,
             }));
@@ -250,12 +283,21 @@ async fn ack(tx: &Transaction<'_>, who: &IdentityKey, up_to: u64) -> Result<Outc
         return Ok(Outcome::Acked { removed: 0 });
     }
     let freed = quota + release_unreferenced(tx).await?;
-    let stmt = tx
-        .prepare_cached("UPDATE qpq_queues SET count = count - $2, bytes = bytes - $3 WHERE recipient = $1")
-        .await?;
-    tx.execute(&stmt, &[&&who[..], &n, &bytes]).await?;
+    let stmt = tx.prepare_cached(ADD_FREED).await?;
+    tx.execute(&stmt, &[&vec![&who[..]], &vec![n], &vec![bytes]]).await?;
     add_stored_bytes(tx, -freed).await?;
     Ok(Outcome::Acked { removed: u32::try_from(n).unwrap_or(u32::MAX) })
+}
+
+/// The rows of [`READ_FREED`] by recipient: (count, bytes).
+pub(super) fn read_freed(
+    rows: Vec<tokio_postgres::Row>,
+) -> Result<HashMap<IdentityKey, (i64, i64)>, TxError> {
+    let mut freed = HashMap::with_capacity(rows.len());
+    for row in rows {
+        freed.insert(identity(row.get(0))?, (row.get(1), row.get(2)));
+    }
+    Ok(freed)
 }
 
 /// Deletes the payloads this transaction took the last refs of; returns the quota they free.
@@ -314,13 +356,7 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
         // More may be waiting; the caller comes back for the next slice.
         return Ok(Outcome::Swept { removed: unbig(removed), resume: Some(Vec::new()) });
     }
-    tx.execute(
-        "WITH d AS (DELETE FROM qpq_queues WHERE count <= 0 RETURNING next_seq)
-         UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(next_seq), 0) FROM d))
-         WHERE name = 'seq_floor'",
-        &[],
-    )
-    .await?;
+    delete_empty_queues(tx).await?;
     tx.execute(
         "WITH d AS (DELETE FROM qpq_channels WHERE touched_ms < $1 RETURNING last_seq)
          UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(last_seq), 0) FROM d))
@@ -329,6 +365,43 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
     )
     .await?;
     Ok(Outcome::Swept { removed: unbig(removed), resume: None })
+}
+
+/// Deletes the queue rows left with no message (`count − freed` ≤ 0) and their freed rows,
+/// raising `seq_floor` over their numbers. Locks the candidates' queue rows, then their freed
+/// rows (the order of every batch), then rechecks in a statement whose snapshot is taken with
+/// both held: an ack or enqueue that committed meanwhile is counted.
+async fn delete_empty_queues(tx: &Transaction<'_>) -> Result<(), TxError> {
+    let rows = tx
+        .query(
+            "SELECT q.recipient FROM qpq_queues q LEFT JOIN qpq_queue_freed f ON f.recipient = q.recipient
+             WHERE q.count - coalesce(f.count, 0) <= 0 ORDER BY q.recipient FOR UPDATE OF q",
+            &[],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<Vec<u8>> = rows.into_iter().map(|r| r.get(0)).collect();
+    tx.execute(
+        "SELECT 1 FROM qpq_queue_freed WHERE recipient = ANY($1::bytea[]) ORDER BY recipient FOR UPDATE",
+        &[&keys],
+    )
+    .await?;
+    tx.execute(
+        "WITH d AS (
+             DELETE FROM qpq_queues q WHERE q.recipient = ANY($1::bytea[])
+             AND q.count - coalesce((SELECT f.count FROM qpq_queue_freed f WHERE f.recipient = q.recipient), 0) <= 0
+             RETURNING q.recipient, q.next_seq
+         ), df AS (
+             DELETE FROM qpq_queue_freed f USING d WHERE f.recipient = d.recipient
+         )
+         UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(next_seq), 0) FROM d))
+         WHERE name = 'seq_floor'",
+        &[&keys],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn upload_key_packages(

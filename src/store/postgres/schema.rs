@@ -37,6 +37,15 @@
 //! A `qpq_queues` row left with count 0 and a `qpq_channels` row untouched for a TTL are
 //! deleted by the sweep, which raises `seq_floor`/`channel_seq_floor` to cover their numbers
 //! in the same transaction; a re-created row starts from the floor, so numbers never go back.
+//!
+//! # Version 3: acks do not lock the queue row
+//! `qpq_queue_freed` (recipient → count, bytes) holds what acks removed from a queue; the
+//! `qpq_queues` row keeps what enqueues added (less what the sweep expired). A queue holds
+//! `count − freed.count` messages of `bytes − freed.bytes`. Why: an ack used to lock the same
+//! row as an enqueue to the same recipient, so a node acking and a node enqueueing took turns,
+//! each waiting for the other's WAL flush (issue 13). Now an ack locks only the freed row (and
+//! its entries), an enqueue only the queue row. See [`super::ops`] for why the caps stay safe.
+//! A version 2 database starts with no freed rows (a missing row reads as 0).
 
 use deadpool_postgres::Transaction;
 
@@ -44,7 +53,7 @@ use super::TxError;
 use crate::store::StoreError;
 
 /// The newest schema this qpq knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Any constant: the advisory lock key that serialises migrations of one database.
 const MIGRATION_LOCK: i64 = 0x0071_7071_5f6d_6967;
@@ -98,6 +107,13 @@ const MIGRATIONS: &[(i32, &str)] = &[
          UPDATE qpq_entries SET quota = bytes;
          ALTER TABLE qpq_entries ALTER COLUMN quota SET NOT NULL;
          CREATE INDEX qpq_payloads_unreferenced ON qpq_payloads (id) WHERE refs <= 0;",
+    ),
+    (
+        3,
+        "CREATE TABLE qpq_queue_freed (
+             recipient bytea PRIMARY KEY,
+             count bigint NOT NULL,
+             bytes bigint NOT NULL);",
     ),
 ];
 
