@@ -203,7 +203,8 @@ async fn opening_a_home_runs_argon2id_once_and_reads_no_history_or_mls_record() 
     let (many_groups, kdf) = open_cost(alice_dir, &opts);
     assert_eq!(kdf, 1);
     assert_eq!(
-        many_groups, small,
+        many_groups,
+        small,
         "no record per conversation and no MLS record ({} -> {} conversations, {mls_small} -> {mls_big} MLS records)",
         GROUPS + 1,
         10 * (GROUPS + 1)

@@ -746,8 +746,13 @@ mod tests {
         let before = a.written.clone();
         a.state.contacts.insert("carol".into(), [4; 32]);
         a.save().unwrap();
-        let changed: Vec<&String> =
-            a.written.records.iter().filter(|(k, d)| before.records.get(*k) != Some(d)).map(|(k, _)| k).collect();
+        let changed: Vec<&String> = a
+            .written
+            .records
+            .iter()
+            .filter(|(k, d)| before.records.get(*k) != Some(d))
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(changed, ["contacts"]);
     }
 

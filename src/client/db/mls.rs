@@ -89,7 +89,8 @@ fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, MlsStoreError> {
 /// True when `bytes` is a well-formed value of either encoding as far as can be told without
 /// its type (JSON fully parsed; postcard only tagged: its decoding needs the type).
 pub fn plausible_value(bytes: &[u8]) -> bool {
-    matches!(bytes.first(), Some(&VALUE_TAG | &past_leaves::SPLIT_TAG)) || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+    matches!(bytes.first(), Some(&VALUE_TAG | &past_leaves::SPLIT_TAG))
+        || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
 }
 
 /// Logical key of the store's own record: the JSON list of the storage keys of the stored
@@ -409,7 +410,9 @@ impl MlsStore {
                 }
                 (split.main, split.epochs)
             }
-            Err(past_leaves::ShapeError) => (Zeroizing::new(encode(MESSAGE_SECRETS_LABEL, value)?), Vec::new()),
+            Err(past_leaves::ShapeError) => {
+                (Zeroizing::new(encode(MESSAGE_SECRETS_LABEL, value)?), Vec::new())
+            }
         };
         for gone in before.iter().filter(|e| !epochs.contains(e)) {
             self.set(past_leaves_key(group_id, *gone)?, None);

@@ -55,7 +55,8 @@ pub struct Split {
 /// Encodes a `MessageSecretsStore` as a main record and the leaves records of the past epochs
 /// for which `known(epoch)` is false; the others' leaves are not encoded at all.
 pub fn split<V: Serialize + ?Sized>(value: &V, known: &dyn Fn(u64) -> bool) -> Result<Split, ShapeError> {
-    let mut enc = Encoder { body: Zeroizing::new(Vec::new()), points: Vec::new(), new_leaves: Vec::new(), known };
+    let mut enc =
+        Encoder { body: Zeroizing::new(Vec::new()), points: Vec::new(), new_leaves: Vec::new(), known };
     value.serialize(StoreSer { enc: &mut enc })?;
     let mut main = Wiping::with_capacity(5 + 12 * enc.points.len() + enc.body.len());
     let count = u32::try_from(enc.points.len()).map_err(|_| ShapeError)?;
@@ -220,7 +221,11 @@ macro_rules! refuse_rest {
             Err(ShapeError)
         }
 
-        fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, _: &T) -> Result<(), ShapeError> {
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), ShapeError> {
             Err(ShapeError)
         }
 
@@ -311,7 +316,11 @@ impl ser::SerializeStruct for StoreFields<'_, '_> {
     type Ok = ();
     type Error = ShapeError;
 
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), ShapeError> {
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), ShapeError> {
         if STORE_FIELDS.get(self.next) != Some(&key) {
             return Err(ShapeError);
         }
@@ -415,7 +424,11 @@ impl ser::SerializeStruct for TreeFields<'_, '_> {
     type Ok = ();
     type Error = ShapeError;
 
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), ShapeError> {
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), ShapeError> {
         if TREE_FIELDS.get(self.next) != Some(&key) {
             return Err(ShapeError);
         }
@@ -478,7 +491,9 @@ mod tests {
         let tree = |epoch: u64| EpochTree {
             epoch,
             message_secrets: vec![Some([epoch as u8; 4]), None],
-            leaves: (0..3).map(|i| Member { index: i, encryption_key: vec![epoch as u8 ^ i as u8; 300] }).collect(),
+            leaves: (0..3)
+                .map(|i| Member { index: i, encryption_key: vec![epoch as u8 ^ i as u8; 300] })
+                .collect(),
         };
         MessageSecretsStore {
             max_epochs: 5,

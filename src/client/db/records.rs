@@ -302,13 +302,20 @@ mod tests {
             }
             w.commit().unwrap();
             let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
-            txn.open_table(META).unwrap().insert(META_FORMAT, UPGRADED_FORMAT.to_le_bytes().as_slice()).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_FORMAT, UPGRADED_FORMAT.to_le_bytes().as_slice())
+                .unwrap();
             txn.commit().unwrap();
         }
 
         let home = Home::open(dir.path(), None).unwrap();
-        let listed: Vec<(&str, &str, &GroupKind, bool)> =
-            home.state.groups.iter().map(|(id, g)| (id.as_str(), g.name.as_str(), &g.kind, g.active)).collect();
+        let listed: Vec<(&str, &str, &GroupKind, bool)> = home
+            .state
+            .groups
+            .iter()
+            .map(|(id, g)| (id.as_str(), g.name.as_str(), &g.kind, g.active))
+            .collect();
         assert_eq!(
             listed,
             [
@@ -334,7 +341,8 @@ mod tests {
     #[test]
     fn a_save_deletes_the_history_of_a_forgotten_conversation() {
         let dir = tempfile::tempdir().unwrap();
-        let groups = [("ab", meta("team", GroupKind::Group, true)), ("cd", meta("bob", GroupKind::Group, true))];
+        let groups =
+            [("ab", meta("team", GroupKind::Group, true)), ("cd", meta("bob", GroupKind::Group, true))];
         home_with(dir.path(), &groups);
         let entry = |id: u8| Entry {
             group_id: vec![id],
@@ -363,7 +371,11 @@ mod tests {
         let db = b.db().unwrap();
         let all = || HistoryKey::MIN..=HistoryKey::MAX;
         assert!(db.history_page(&[0xab], all(), 10).unwrap().is_empty(), "the forgotten history is gone");
-        assert_eq!(db.history_page(&[0xcd], all(), 10).unwrap().len(), 1, "the other conversation keeps its own");
+        assert_eq!(
+            db.history_page(&[0xcd], all(), 10).unwrap().len(),
+            1,
+            "the other conversation keeps its own"
+        );
         // Renaming a conversation rewrites the groups record and nothing else.
         let before = b.written.records.clone();
         b.state.groups.get_mut("cd").unwrap().name = "bobby".into();

@@ -469,7 +469,8 @@ fn past_epoch_leaves_are_written_once_dropped_with_their_epoch_and_read_back_aft
         .collect();
     let mut found = leaves_records(&db);
     found.sort();
-    let text = |keys: &[Vec<u8>]| keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>();
+    let text =
+        |keys: &[Vec<u8>]| keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>();
     assert_eq!(text(&found), text(&expected), "one leaves record per kept past epoch, none stale");
 
     // A message rewrites the message secrets, not the leaves.
