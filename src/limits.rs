@@ -326,7 +326,8 @@ pub const PG_POOL_SIZE: usize = 16;
 /// Requests one PostgreSQL group commit takes at most: enough that 64 senders' enqueues share a
 /// WAL flush, few enough that one transaction's rows and arrays stay small.
 pub const PG_BATCH_OPS: usize = 64;
-/// Group-commit workers per node (each one transaction at a time, on its own pooled connection).
+/// Group-commit workers per node and lane (enqueues, acks; each one transaction at a time, on
+/// its own pooled connection).
 /// One, like the redb writer: every batch locks the queue rows of its enqueues' recipients
 /// until its WAL flush (acks lock freed rows instead: schema version 3), so a second worker's batch mostly waits on those locks, having taken only what was
 /// waiting when the first one started; one worker takes everything that waited during the

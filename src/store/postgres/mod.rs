@@ -114,6 +114,8 @@ pub struct PgStore {
     runtime: tokio::runtime::Handle,
     /// Enqueues and acks for the group-commit workers (they stop when this closes).
     batches: mpsc::Sender<batch::Request>,
+    /// Acks, for their own group-commit lane (see [`batch`]).
+    acks: mpsc::Sender<batch::Request>,
     /// Stops the listen and wake-up tasks.
     stop: CancellationToken,
 }
@@ -181,12 +183,16 @@ impl PgStore {
         let stop = CancellationToken::new();
         tokio::spawn(listen::run(cfg.clone(), inner.node_id, inner.notifier.clone(), stop.clone()));
         tokio::spawn(wake::run(cfg, inner.node_id, inner.wakeups.clone(), stop.clone()));
-        let (batches, queue) = mpsc::channel(limits::PG_BATCH_QUEUE);
-        let queue = Arc::new(tokio::sync::Mutex::new(queue));
-        for _ in 0..limits::PG_BATCH_WORKERS {
-            tokio::spawn(batch::run_worker(inner.clone(), queue.clone()));
-        }
-        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, stop })
+        let lane = |inner: &Arc<Inner>| {
+            let (sender, queue) = mpsc::channel(limits::PG_BATCH_QUEUE);
+            let queue = Arc::new(tokio::sync::Mutex::new(queue));
+            for _ in 0..limits::PG_BATCH_WORKERS {
+                tokio::spawn(batch::run_worker(inner.clone(), queue.clone()));
+            }
+            sender
+        };
+        let (batches, acks) = (lane(&inner), lane(&inner));
+        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, acks, stop })
     }
 
     /// Runs `f` on the store's runtime and waits for it.
@@ -204,7 +210,8 @@ impl PgStore {
             return self.on_runtime(|inner| async move { inner.write(op).await }).await;
         }
         let (reply, answer) = oneshot::channel();
-        self.batches.send((op, reply)).await.map_err(|_| StoreError::Closed)?;
+        let lane = if matches!(op, WriteOp::Ack { .. }) { &self.acks } else { &self.batches };
+        lane.send((op, reply)).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
