@@ -368,13 +368,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
 
     // Step 4: write it all.
     let insert = tx.prepare_cached(mail::INSERT_MAIL).await?;
-    let update_queues = tx
-        .prepare_cached(
-            "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
-             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
-             WHERE q.recipient = u.r",
-        )
-        .await?;
+    let update_queues = tx.prepare_cached(ops::UPDATE_QUEUE_ROWS).await?;
     let update_channels = tx
         .prepare_cached(
             "UPDATE qpq_channels c SET last_seq = u.last

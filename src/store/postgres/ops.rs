@@ -34,6 +34,13 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
      ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
      RETURNING recipient, next_seq, count, bytes";
 
+/// Sets each queue row of `$1` to its new `next_seq` (`$2`), `count` (`$3`) and `bytes` (`$4`):
+/// what an enqueue writes back to the rows it locked with [`LOCK_QUEUE_ROWS`].
+pub(super) const UPDATE_QUEUE_ROWS: &str =
+    "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
+     FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
+     WHERE q.recipient = u.r";
+
 /// Reads what acks freed from the queues of `$1` (no lock: see the module docs). Run after the
 /// statement that locked those queue rows, never in it (its snapshot would predate the locks).
 pub(super) const READ_FREED: &str =
@@ -240,13 +247,7 @@ async fn enqueue(
     let next: Vec<i64> = planned.iter().map(|p| p.1).collect();
     let counts: Vec<i64> = planned.iter().map(|p| p.2).collect();
     let totals: Vec<i64> = planned.iter().map(|p| p.3).collect();
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
-             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
-             WHERE q.recipient = u.r",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(UPDATE_QUEUE_ROWS).await?;
     tx.execute(&stmt, &[&keys, &next, &counts, &totals]).await?;
     // Waiters are woken by the caller once this commits (here and on other nodes: see `wake`).
     woken.extend(recipients);
