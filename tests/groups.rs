@@ -210,6 +210,30 @@ fn group_add_fails_when_the_invitation_cannot_be_delivered() {
     assert!(r.stderr.contains("queue full"), "{}", r.stderr);
 }
 
+/// Issue 11: a `group add` whose commit won but whose Welcome could not leave (the connection
+/// dropped) exited 0, as if bob could read #team. It now says the invitation is queued and exits
+/// 75 like a queued `send`; the next command that connects sends it.
+#[test]
+fn group_add_says_when_the_invitation_is_still_queued() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["group", "create", "team"]);
+    let out = common::qpq_command(alice.home.path())
+        .args(["group", "add", "team", "bob"])
+        .env("QPQ_FAILPOINT", "outbox-connection-lost")
+        .output()
+        .expect("qpq runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(i32::from(qpq::client::outbox::EXIT_QUEUED)), "{stderr}");
+    assert!(stderr.contains("queued"), "{stderr}");
+    assert!(stderr.contains("bob added to #team; the invitation waits in the outbox"), "{stderr}");
+    assert!(bob.recv().is_empty(), "nothing reached bob yet");
+    // alice's next command that connects sends the Welcome.
+    alice.ok(&["recv"]);
+    bob.ok(&["recv"]);
+    alice.ok(&["send", "#team", "now you are in"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: now you are in"]);
+}
+
 /// Issue 10, bug 1: adding back someone whose leave nobody committed yet said "already a
 /// member"; the adder commits the pending leave first.
 #[test]

@@ -755,7 +755,11 @@ pub async fn run_verb(
                 return Ok(VerbOutcome::Queued { maybe_sent, reason });
             }
         }
-        ClientVerb::Group(cmd) => events.extend(run_group(m, cmd, out).await?),
+        ClientVerb::Group(cmd) => {
+            let (came, outcome) = run_group(m, cmd, out).await?;
+            events.extend(came);
+            return Ok(outcome);
+        }
         ClientVerb::Keys(KeysCmd::Show) => {
             let k = m.envelope_key();
             let days = k.age_ms / (24 * 60 * 60 * 1000);
@@ -1017,13 +1021,30 @@ pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
     })
 }
 
-async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> anyhow::Result<Vec<Event>> {
+async fn run_group(
+    m: &mut Messenger,
+    cmd: GroupCmd,
+    out: &mut dyn Write,
+) -> anyhow::Result<(Vec<Event>, VerbOutcome)> {
+    let mut outcome = VerbOutcome::Ok;
     let events = match cmd {
         GroupCmd::Create { name } => {
             m.group_create(name.trim_start_matches('#'))?;
             Vec::new()
         }
-        GroupCmd::Add { name, members } => m.group_add(name.trim_start_matches('#'), &members).await?,
+        GroupCmd::Add { name, members } => {
+            let name = name.trim_start_matches('#');
+            let added = m.group_add(name, &members).await?;
+            if !added.welcome_queued.is_empty() {
+                let who =
+                    added.welcome_queued.iter().map(|k| m.display_name(k)).collect::<Vec<_>>().join(" ");
+                outcome = VerbOutcome::Queued {
+                    maybe_sent: false,
+                    reason: format!("{who} added to #{name}; the invitation waits in the outbox"),
+                };
+            }
+            added.events
+        }
         GroupCmd::Remove { name, members } => m.group_remove(name.trim_start_matches('#'), &members).await?,
         GroupCmd::Leave { name } => m.group_leave(name.trim_start_matches('#')).await?,
         GroupCmd::Update { name } => m.group_update(name.trim_start_matches('#')).await?,
@@ -1061,7 +1082,7 @@ async fn run_group(m: &mut Messenger, cmd: GroupCmd, out: &mut dyn Write) -> any
             Vec::new()
         }
     };
-    Ok(events)
+    Ok((events, outcome))
 }
 
 /// Runs one shared verb as a one-shot command.

@@ -13,7 +13,8 @@ const EXIT_STATUS: &[(&str, &str)] = &[
     (
         "75",
         "send: the message is queued in the home's outbox (the server could not be reached, or the \
-         answer was lost and it may have been sent); the next command that connects sends it",
+         answer was lost and it may have been sent); group add: the members were added but their \
+         invitation (Welcome) waits in the outbox; the next command that connects sends it",
     ),
 ];
 

@@ -16,6 +16,16 @@ const CONFIRM_ROUNDS: usize = 6;
 /// Long-poll length of one confirmation round.
 const CONFIRM_WAIT_MS: u32 = 5_000;
 
+/// What `group add` did.
+#[derive(Debug)]
+pub struct Added {
+    /// What catching up brought in, and the membership change itself.
+    pub events: Vec<Event>,
+    /// Added members whose Welcome still waits in the outbox (the server went out of reach after
+    /// the commit won): they are members, and read the group once the Welcome goes.
+    pub welcome_queued: Vec<[u8; 32]>,
+}
+
 /// A member of a group, for listing.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -95,8 +105,9 @@ impl Messenger {
         Ok(group_id)
     }
 
-    /// Adds people (contact names or hex keys) to a group.
-    pub async fn group_add(&mut self, name: &str, members: &[String]) -> Result<Vec<Event>, ClientError> {
+    /// Adds people (contact names or hex keys) to a group. The commit won when this returns
+    /// `Ok`; [`Added::welcome_queued`] names the new members whose Welcome did not leave yet.
+    pub async fn group_add(&mut self, name: &str, members: &[String]) -> Result<Added, ClientError> {
         let group_id = self.find_group(name)?;
         let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
         self.connect().await?;
@@ -140,7 +151,21 @@ impl Messenger {
             let who = to.iter().map(|k| self.display_name(k)).collect::<Vec<_>>().join(" ");
             return Err(ClientError::WelcomeRefused { who, group: name.to_string(), reason });
         }
-        Ok(events)
+        // The connection was lost after the commit won: the Welcome waits in the outbox (durably)
+        // and any later command that connects sends it. Said, so the caller does not take the
+        // add for delivered (issue 11).
+        let mut welcome_queued: Vec<[u8; 32]> = self
+            .home
+            .state
+            .outbox
+            .iter()
+            .flat_map(|o| o.recipients.iter())
+            .filter(|k| keys.contains(k))
+            .copied()
+            .collect();
+        welcome_queued.sort_unstable();
+        welcome_queued.dedup();
+        Ok(Added { events, welcome_queued })
     }
 
     /// Removes people from a group.

@@ -449,7 +449,11 @@ impl Shell {
             self.out.data(&String::from_utf8_lossy(&buf));
         }
         self.show(events);
-        if let VerbOutcome::Unhealthy = r? {
+        let outcome = r?;
+        if let Some(line) = outcome.queued_line() {
+            self.out.status(&line);
+        }
+        if let VerbOutcome::Unhealthy = outcome {
             self.failed = true;
         }
         Ok(())
