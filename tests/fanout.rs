@@ -102,3 +102,46 @@ fn direct_messages_go_through_the_fanout_and_read_as_ever() {
     assert_eq!(alice.recv(), vec![format!("bob: {text}")]);
     drop(server);
 }
+
+/// A Welcome is sealed once for all the members it adds (issue 11): the server stores one copy
+/// (a parcel of kind 0x12) however many join, no recipient holds a copy of its own, and everyone
+/// joins and talks. Sealed per recipient, as before, it was three queue entries of the whole
+/// Welcome each and no shared payload.
+#[test]
+fn a_welcome_to_several_new_members_is_stored_once() {
+    let (_dir, server, [alice, bob, carol, dave]) = cast(["alice", "bob", "carol", "dave"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob", "carol", "dave"]);
+    let server = with_server_stopped(server, |dir| {
+        let db = redb::Database::open(dir.join("qpq.db")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let rows: Vec<Vec<u8>> = txn
+            .open_table(PAYLOADS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().1.value().to_vec())
+            .collect();
+        assert_eq!(rows.len(), 1, "one stored copy of the welcome for bob, carol and dave");
+        // Three stanzas (the body key sealed to each) travel with the one body.
+        assert!(rows[0].len() > 3 * qpq::crypto::sealmany::STANZA_LEN, "{} bytes", rows[0].len());
+        let big_entries = txn
+            .open_table(QUEUE)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .filter(|r| r.as_ref().unwrap().1.value().len() > 1000)
+            .count();
+        assert_eq!(big_entries, 0, "no recipient holds a copy of its own");
+    });
+    for u in [&bob, &carol, &dave] {
+        u.ok(&["recv"]);
+    }
+    alice.ok(&["send", "#team", "welcome all"]);
+    for u in [&bob, &carol, &dave] {
+        assert_eq!(u.recv(), vec!["[#team] alice: welcome all"], "{}", u.name);
+    }
+    dave.ok(&["send", "#team", "thanks"]);
+    assert_eq!(bob.recv(), vec!["[#team] dave: thanks"]);
+    drop(server);
+}

@@ -184,6 +184,13 @@ impl Messenger {
                     return false;
                 }
             },
+            Ok(Parcel::SealedMany(data)) => match self.open_sealed_many(data) {
+                Ok(p) => (true, Zeroizing::new(p)),
+                Err(e) => {
+                    events.push(Event::Dropped { reason: format!("a message did not decrypt: {e}") });
+                    return false;
+                }
+            },
             Ok(Parcel::Group(frame)) => (false, Zeroizing::new(frame.to_vec())),
             Err(e) => {
                 events.push(Event::Dropped { reason: e.to_string() });

@@ -21,6 +21,7 @@ use crate::client::messenger::{ClientError, Messenger, now_ms};
 use crate::crypto::hybrid::{
     self, HybridError, HybridPublicKey, HybridSecretKey, KEY_ID_LEN, SignedHybridKey,
 };
+use crate::crypto::sealmany::{self, SealManyError};
 use crate::proto::wire_error::ErrorCode;
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -163,6 +164,14 @@ impl Messenger {
             Some(retired) => hybrid::open(&me, &HybridSecretKey::from_seed(retired.seed), envelope),
             None => current,
         }
+    }
+
+    /// Opens a payload sealed once for several recipients ([`crate::crypto::sealmany`]) with our
+    /// current or a retired hybrid key.
+    pub(crate) fn open_sealed_many(&self, data: &[u8]) -> Result<Vec<u8>, SealManyError> {
+        let mut own_ids = vec![self.own_hybrid().public_key().key_id()];
+        own_ids.extend(self.home.state.secrets.retired_hybrid.iter().map(|r| r.key_id));
+        sealmany::open(data, &own_ids, |stanza| self.open_envelope(stanza))
     }
 
     /// Replaces our hybrid key now: the new secret (and the old one, retired) is durable before

@@ -4,7 +4,8 @@
 //! # Delivery
 //! Every payload on the DS is a [`Parcel`](super::parcel): a group's MLS messages (direct
 //! conversations included) are sent once for all members through `enqueueFanout`, sealed by
-//! MLS alone; Welcomes are sealed for each recipient with the hybrid envelope. Group traffic uses the MLS group id as the DS channel id, so all members see a group's
+//! MLS alone; a Welcome is sealed once for its new members (the frame once, its key in a hybrid
+//! envelope per member) and fanned out too. Group traffic uses the MLS group id as the DS channel id, so all members see a group's
 //! messages in one server-assigned order. [`Messenger::receive`] processes messages in that
 //! order, saves the state that holds their effect, and only then acks them: a crash re-delivers,
 //! and `processed_seq` makes a re-delivery a no-op.
@@ -32,9 +33,12 @@ use crate::client::state::{
 use crate::clock::Clock;
 use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
-use crate::limits;
+use crate::crypto::sealmany;
 use crate::mls::{MlsClient, MlsError};
 use crate::transport::{Fingerprint, Pin};
+
+/// Recipients of one sealed-once Welcome parcel: 64 stanzas are 75 KB.
+const WELCOME_RECIPIENTS_PER_PARCEL: usize = 64;
 
 /// Single-use KeyPackages `init` uploads and refills to.
 pub const KEY_PACKAGE_POOL: usize = 20;
@@ -703,32 +707,35 @@ impl Messenger {
         Ok(channel_seq)
     }
 
-    /// Seals `frame` (a Welcome's) for each recipient with the hybrid envelope and enqueues them
-    /// on `channel`: in one atomic batch when they fit [`limits::MAX_BATCH_BYTES`], else in as
-    /// few batches as fit. A Welcome to a large group is megabytes (see
-    /// [`limits::DEFAULT_MAX_PAYLOAD`]), and each Welcome stands alone, so splitting loses no
-    /// ordering; if the connection drops between batches the whole item is sent again, and a
-    /// joiner who already joined drops the repeat (its KeyPackage is used up). Returns the last
-    /// batch's channel sequence number.
+    /// Seals `frame` (a Welcome's) once for its recipients ([`sealmany`]: the frame once, its key
+    /// in a hybrid envelope per recipient) and fans it out on `channel`: the server stores one
+    /// copy. Recipients go [`WELCOME_RECIPIENTS_PER_PARCEL`] to a parcel, so a parcel stays
+    /// within a few dozen KB of the Welcome itself (whose size the server's payload limit
+    /// bounds). Each Welcome stands alone, so splitting loses no ordering; if the connection
+    /// drops between parcels the whole item is sent again, and a joiner who already joined drops
+    /// the repeat (its KeyPackage is used up). Returns the last parcel's channel sequence number.
     pub(crate) async fn seal_for_each(
         &mut self,
         channel: &[u8],
         recipients: &[[u8; 32]],
         frame: &[u8],
     ) -> Result<u64, ClientError> {
-        let mut items = Vec::with_capacity(recipients.len());
-        for r in recipients {
-            let hk = self.hybrid_key_of(r).await?;
-            items.push((PublicKey(*r), Parcel::Sealed(&hybrid::seal(r, &hk, frame)).encode()));
-            // Sealing a large group's Welcome for every new member is seconds of CPU (188 copies
-            // of 280 KB took 20 s in a debug build) on the thread that also drives the QUIC
-            // connections: without a yield no keep-alive leaves, the client's 10 s idle timeout
-            // closes them, and the batches fail as "connection lost".
-            tokio::task::yield_now().await;
-        }
         let mut channel_seq = 0;
-        for items in split_batches(items, limits::MAX_BATCH_BYTES) {
-            (channel_seq, _) = self.anonymous().await?.enqueue_batch(channel, &items).await?;
+        for chunk in recipients.chunks(WELCOME_RECIPIENTS_PER_PARCEL) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            for r in chunk {
+                keys.push((*r, self.hybrid_key_of(r).await?));
+            }
+            let to: Vec<([u8; 32], &hybrid::HybridPublicKey)> = keys.iter().map(|(r, k)| (*r, k)).collect();
+            // Invariant: `chunk` is non-empty and at most WELCOME_RECIPIENTS_PER_PARCEL long,
+            // far below sealmany::MAX_RECIPIENTS.
+            let Some(sealed) = sealmany::seal(&to, frame) else { continue };
+            let payload = Parcel::SealedMany(&sealed).encode();
+            let to: Vec<PublicKey> = chunk.iter().map(|r| PublicKey(*r)).collect();
+            (channel_seq, _) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
+            // Sealing is milliseconds per parcel, on the thread that also drives the QUIC
+            // connections: let keep-alives out between parcels.
+            tokio::task::yield_now().await;
         }
         Ok(channel_seq)
     }
@@ -749,49 +756,9 @@ impl Messenger {
     }
 }
 
-/// Splits enqueueBatch items, in order, into batches of at most `cap` payload bytes each (one
-/// item larger than `cap` goes alone, for the server to refuse by name). Never returns an empty
-/// batch unless `items` is empty, when it returns one empty batch (the call as before).
-fn split_batches(items: Vec<(PublicKey, Vec<u8>)>, cap: usize) -> Vec<Vec<(PublicKey, Vec<u8>)>> {
-    let mut batches: Vec<Vec<(PublicKey, Vec<u8>)>> = vec![Vec::new()];
-    let mut bytes = 0usize;
-    for (to, payload) in items {
-        bytes = bytes.saturating_add(payload.len());
-        if bytes > cap && batches.last().is_some_and(|b| !b.is_empty()) {
-            batches.push(Vec::new());
-            bytes = payload.len();
-        }
-        if let Some(b) = batches.last_mut() {
-            b.push((to, payload));
-        }
-    }
-    batches
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn welcome_copies_are_split_into_batches_under_the_cap() {
-        let item = |n: usize, len: usize| (PublicKey([n as u8; 32]), vec![0u8; len]);
-        let sizes = |b: &[Vec<(PublicKey, Vec<u8>)>]| -> Vec<Vec<usize>> {
-            b.iter().map(|batch| batch.iter().map(|(_, p)| p.len()).collect()).collect()
-        };
-        // Fits: one atomic batch, as before.
-        assert_eq!(sizes(&split_batches(vec![item(1, 40), item(2, 60)], 100)), vec![vec![40, 60]]);
-        // Over: as few batches as fit, order kept.
-        let split = split_batches((0..5).map(|i| item(i, 40)).collect(), 100);
-        assert_eq!(sizes(&split), vec![vec![40, 40], vec![40, 40], vec![40]]);
-        let order: Vec<u8> = split.iter().flatten().map(|(k, _)| k.0[0]).collect();
-        assert_eq!(order, vec![0, 1, 2, 3, 4]);
-        // An item over the cap goes alone (the server refuses it by name).
-        assert_eq!(
-            sizes(&split_batches(vec![item(1, 10), item(2, 150), item(3, 10)], 100)),
-            vec![vec![10], vec![150], vec![10]]
-        );
-        assert_eq!(sizes(&split_batches(Vec::new(), 100)), vec![Vec::<usize>::new()]);
-    }
 
     fn entry(text: &str) -> Entry {
         Entry {

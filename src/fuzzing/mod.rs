@@ -205,6 +205,10 @@ pub fn hybrid_open(data: &[u8]) {
     let identity = crate::crypto::identity::Identity::from_seed(&ENVELOPE_IDENTITY_SEED).public().0;
     let _ = hybrid::envelope_key_id(data);
     let _ = hybrid::open(&identity, key, data);
+    // The same input as a payload sealed once for many (`crypto::sealmany`), ours among them.
+    static KEY_ID: OnceLock<[u8; hybrid::KEY_ID_LEN]> = OnceLock::new();
+    let own = *KEY_ID.get_or_init(|| key.public_key().key_id());
+    let _ = crate::crypto::sealmany::open(data, &[own], |s| hybrid::open(&identity, key, s));
 }
 
 /// An envelope's plaintext, an MLS application message's plaintext, and a DS payload's kind

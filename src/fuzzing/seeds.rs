@@ -71,6 +71,11 @@ fn envelope_seeds() -> Seeds {
         seed("tampered-tag", tampered),
         seed("other-key", hybrid::seal(&identity, &other, b"not for us")),
         seed("header-only", sealed.get(..6).unwrap_or_default()),
+        seed(
+            "sealed-many",
+            crate::crypto::sealmany::seal(&[([0x42; 32], &other), (identity, &pk)], &frame)
+                .unwrap_or_default(),
+        ),
     ]
 }
 
