@@ -48,6 +48,10 @@ const LABEL: &[u8] = b"qpq/2 sealed once";
 const TAG_LEN: usize = 16;
 /// Most recipients one payload names (the count is a u16).
 pub const MAX_RECIPIENTS: usize = u16::MAX as usize;
+/// Most stanzas naming one of our key ids that one payload may make us try: an honest payload
+/// has one (ids are 4 bytes, so another recipient's rarely collides); junk full of our id must
+/// not cost a decapsulation per stanza.
+const MAX_TRIES: usize = 4;
 
 /// What can go wrong opening a payload sealed for many.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -83,6 +87,7 @@ fn split(data: &[u8]) -> Result<Parts<'_>, SealManyError> {
     if data.len() < min {
         return Err(SealManyError::TooShort { len: data.len(), min });
     }
+    // Cannot panic: `rest` is data minus the 2 count bytes, at least stanza_bytes + TAG_LEN long.
     let (stanzas, body) = rest.split_at(stanza_bytes);
     Ok(Parts { stanzas, body })
 }
@@ -128,10 +133,11 @@ pub fn open(
 ) -> Result<Vec<u8>, SealManyError> {
     let parts = split(data)?;
     let mut last_error = SealManyError::NotForUs;
-    for stanza in parts.stanzas.chunks_exact(STANZA_LEN) {
-        if !hybrid::envelope_key_id(stanza).is_some_and(|id| own_ids.contains(&id)) {
-            continue;
-        }
+    let ours = parts
+        .stanzas
+        .chunks_exact(STANZA_LEN)
+        .filter(|s| hybrid::envelope_key_id(s).is_some_and(|id| own_ids.contains(&id)));
+    for stanza in ours.take(MAX_TRIES) {
         // Another recipient's key can share a 4-byte id with ours: its stanza fails to open
         // (the envelope is bound to its recipient's identity) and the next one is tried.
         let key = match open_stanza(stanza) {
@@ -208,5 +214,26 @@ mod tests {
         huge.extend_from_slice(&sealed[2..]);
         assert!(matches!(open_as(&huge, &p), Err(SealManyError::TooShort { .. })));
         assert!(seal(&[], b"x").is_none());
+    }
+
+    #[test]
+    fn junk_stanzas_with_our_key_id_cost_a_bounded_number_of_tries() {
+        let p = someone(1);
+        let one = seal(&[(p.identity, &p.public)], b"body").unwrap();
+        let stanza = &one[2..2 + STANZA_LEN];
+        let mut junk = vec![0, 50];
+        for _ in 0..50 {
+            let mut s = stanza.to_vec();
+            s[STANZA_LEN - 1] ^= 1; // names our key, never opens
+            junk.extend_from_slice(&s);
+        }
+        junk.extend_from_slice(&[0; TAG_LEN]);
+        let mut tries = 0;
+        let r = open(&junk, &[p.public.key_id()], |s| {
+            tries += 1;
+            hybrid::open(&p.identity, &p.secret, s)
+        });
+        assert_eq!(r, Err(SealManyError::Envelope(HybridError::DecryptionFailed)));
+        assert_eq!(tries, MAX_TRIES);
     }
 }
