@@ -581,5 +581,24 @@ fn measure_app_message_commit() {
     }
     let bare = start.elapsed() / m as u32;
     eprintln!("MARK bare end");
+    // The same commit straight on redb: one record only, then one record plus the generation.
+    let raw = |with_meta: bool| {
+        let start = std::time::Instant::now();
+        for i in 0..m {
+            let guard = cdb.raw();
+            let txn = guard.as_ref().unwrap().begin_write().unwrap();
+            {
+                let mut t = txn.open_table(Table::State.def()).unwrap();
+                t.insert(b"raw".as_slice(), (i as u64).to_le_bytes().as_slice()).unwrap();
+            }
+            if with_meta {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(META_GENERATION, (i as u64).to_le_bytes().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        start.elapsed() / m as u32
+    };
+    eprintln!("raw redb commit: one record {:?}, one record + generation {:?}", raw(false), raw(true));
     eprintln!("{n} members: message with two durable saves {per_message:?}, bare one-record commit {bare:?}");
 }
