@@ -144,7 +144,39 @@ struct GroupLog {
     events: VecDeque<MemberEvent>,
 }
 
+/// The message counters of [`Timelines`], by hex group id: the part a message changes.
+pub type MessageCounts = BTreeMap<String, u64>;
+
+/// The membership events of [`Timelines`], by hex group id (conversations with none left out):
+/// the part only a membership change changes.
+pub type MemberEvents = BTreeMap<String, VecDeque<MemberEvent>>;
+
 impl Timelines {
+    /// The two parts the client database stores as records of their own, so a message rewrites
+    /// a counter per conversation (tens of bytes each) and not every conversation's events,
+    /// which hold member lists ([`crate::client::db::records`]). Borrowed: they encode as
+    /// [`MessageCounts`] and [`MemberEvents`].
+    pub fn split(&self) -> (BTreeMap<&str, u64>, BTreeMap<&str, &VecDeque<MemberEvent>>) {
+        let counts = self.by_group.iter().map(|(g, log)| (g.as_str(), log.messages)).collect();
+        let events = self
+            .by_group
+            .iter()
+            .filter(|(_, log)| !log.events.is_empty())
+            .map(|(g, log)| (g.as_str(), &log.events))
+            .collect();
+        (counts, events)
+    }
+
+    /// Joins what [`Timelines::split`] made.
+    pub fn join(counts: MessageCounts, events: MemberEvents) -> Timelines {
+        let mut by_group: BTreeMap<String, GroupLog> =
+            counts.into_iter().map(|(g, messages)| (g, GroupLog { messages, events: VecDeque::new() })).collect();
+        for (g, events) in events {
+            by_group.entry(g).or_default().events = events;
+        }
+        Timelines { by_group }
+    }
+
     /// A message was added to the history of `group` (hex id).
     pub fn note_message(&mut self, group: &str) {
         let log = self.by_group.entry(group.to_string()).or_default();

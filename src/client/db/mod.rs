@@ -68,21 +68,24 @@ use seal::{RecordDamaged, RecordKeys};
 /// File name of the database in the home.
 pub const DB_FILE: &str = "qpq.db";
 
-/// Version of the layout above. A file of another version is refused by name, except
-/// [`UPGRADED_FORMAT`]. 2: history entries are keyed by time and index and live only in
+/// Version of the layout above. A file of another version is refused by name, except the
+/// older ones from [`UPGRADED_FORMAT`] on. 2: history entries are keyed by time and index and live only in
 /// `history` (format 1 kept them inside the group records of `state` too, so opening a home
 /// decoded its whole history). 3: a group's message secrets may be stored in two parts, the
 /// past epochs' member lists in records of their own ([`past_leaves`]), which a format-2 binary
 /// cannot read; and the `state` record `groups` holds every conversation's metadata, where format
 /// 2 kept one `group/<hex id>` record per conversation, so opening read one record per
-/// conversation ([`records`]).
-pub const DB_FORMAT_VERSION: u32 = 3;
+/// conversation ([`records`]). 4: the `state` record `timelines` is two records, the message
+/// counters and the membership events, so a message no longer rewrites every conversation's
+/// events ([`records::split_timelines`]).
+pub const DB_FORMAT_VERSION: u32 = 4;
 
-/// The older format this one upgrades in place when opening, once the key is proven, in one
-/// redb transaction: the per-conversation records move into the `groups` record and are
-/// deleted ([`records::merge_group_records`]) and the format record is rewritten. Everything
-/// else of format 2 reads the same in format 3 (message secrets stored whole are still read,
-/// and split when next written).
+/// The oldest format this one upgrades in place when opening, once the key is proven, in one
+/// redb transaction, step by step: from 2, the per-conversation records move into the `groups`
+/// record and are deleted ([`records::merge_group_records`]); from 3 (and 2), the `timelines`
+/// record is split in two ([`records::split_timelines`]); then the format record is rewritten.
+/// Everything else of formats 2 and 3 reads the same in format 4 (message secrets stored whole
+/// are still read, and split when next written).
 pub const UPGRADED_FORMAT: u32 = 2;
 
 /// What the `key` record seals: proves the key before any record is read.
@@ -546,8 +549,8 @@ fn parse_history_key(conversation_slot: &[u8], k: &[u8]) -> Option<HistoryKey> {
     Some(HistoryKey { at_ms, index })
 }
 
-/// Opens the redb file and checks its format version: [`DB_FORMAT_VERSION`] or
-/// [`UPGRADED_FORMAT`], returned (the upgrade needs the key: [`upgrade_if_needed`]). redb checks
+/// Opens the redb file and checks its format version: [`DB_FORMAT_VERSION`] or one from
+/// [`UPGRADED_FORMAT`] on, returned (the upgrade needs the key: [`upgrade_if_needed`]). redb checks
 /// some invariants with debug assertions, so a damaged file could panic a debug build: that is
 /// caught and reported too.
 fn open_file(dir: &Path) -> Result<(Database, PathBuf, u32), DbError> {
@@ -583,13 +586,13 @@ fn open_file(dir: &Path) -> Result<(Database, PathBuf, u32), DbError> {
     if version > DB_FORMAT_VERSION {
         return Err(DbError::Newer { path, found: version });
     }
-    if version < DB_FORMAT_VERSION && version != UPGRADED_FORMAT {
+    if version < UPGRADED_FORMAT {
         return Err(DbError::Older { path, found: version });
     }
     Ok((db, path, version))
 }
 
-/// Moves a file of format [`UPGRADED_FORMAT`] to [`DB_FORMAT_VERSION`] with the records' keys
+/// Moves a file of a format from [`UPGRADED_FORMAT`] on to [`DB_FORMAT_VERSION`] with the records' keys
 /// (durable when it returns; a crash before leaves it at the old format, which the next open
 /// upgrades). Nothing for a file of the current format.
 fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path) -> Result<(), DbError> {
@@ -599,10 +602,15 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
     shielded(path, || {
         let txn = db.begin_write().map_err(|e| io_err("upgrade")(e.into()))?;
         let mut w = DbWrite { txn, keys, path };
-        let moved = records::merge_group_records(&mut w).map_err(|e| match e {
+        let step_err = |e| match e {
             StateError::Db(e) => e,
             other => DbError::Damaged { path: path.to_path_buf(), reason: other.to_string() },
-        })?;
+        };
+        let mut moved = 0;
+        if format < 3 {
+            moved += records::merge_group_records(&mut w).map_err(step_err)?;
+        }
+        moved += records::split_timelines(&mut w).map_err(step_err)?;
         {
             let mut meta = w.txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
             meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())

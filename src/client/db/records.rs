@@ -10,8 +10,10 @@
 //! left, renamed or forgotten, never per message. Format 2 kept one `group/<hex id>` record per
 //! conversation plus a list of their names; [`merge_group_records`] moves such a database over.
 //! The other records are one per field too, so their number is fixed; some grow in size with
-//! the home (`contacts`, `timelines` with a counter and membership events per conversation,
-//! `sends`, `requests`) or are bounded by [`crate::limits`] (`inbox`, `orphans`).
+//! the home (`contacts`, `sends`, `requests`, and the timelines: `message_counts` with a counter
+//! per conversation, rewritten by every message, and `member_events`, rewritten only when a
+//! membership changes; format 3 kept both in one `timelines` record, [`split_timelines`] moves
+//! it) or are bounded by [`crate::limits`] (`inbox`, `orphans`).
 //!
 //! History is not in these records: each entry is a record of the `history` table keyed by
 //! its receive time and index ([`super::HistoryKey`]). In memory a group's
@@ -31,11 +33,20 @@ use zeroize::Zeroizing;
 
 use super::{ClientDb, DbError, DbWrite, HistoryKey, Table};
 use crate::client::state::{Entry, GroupKind, GroupMeta, Secrets, State, StateError};
+use crate::client::timeline::{MemberEvents, MessageCounts, Timelines};
 
 /// Name of the record holding every conversation's (hex id, [`GroupRecord`]), ordered by id.
 const GROUPS: &str = "groups";
 /// Prefix of a conversation's own record in format 2, where `groups` listed these names.
 const V2_GROUP_PREFIX: &str = "group/";
+/// [`State::timelines`] is two records: every conversation's message counter, rewritten by
+/// each message, and the membership events, rewritten only by a membership change. Format 3
+/// kept both in one record, [`V3_TIMELINES`], so each message rewrote every conversation's
+/// events with their member lists (about 3 KiB for a conversation that added 100 members).
+const MESSAGE_COUNTS: &str = "message_counts";
+const MEMBER_EVENTS: &str = "member_events";
+/// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
+const V3_TIMELINES: &str = "timelines";
 
 /// A conversation in the groups record: [`GroupMeta`] without its history. Format 2 stored
 /// the same encoding as a record of its own.
@@ -89,7 +100,6 @@ macro_rules! plain_fields {
         $m!(inbox_end_seq);
         $m!(read_seq);
         $m!(sends);
-        $m!(timelines);
         $m!(history_retention_ms);
     };
 }
@@ -112,6 +122,9 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
         };
     }
     plain_fields!(put);
+    let (counts, events) = state.timelines.split();
+    out.insert(MESSAGE_COUNTS.to_string(), encode(&counts)?);
+    out.insert(MEMBER_EVENTS.to_string(), encode(&events)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -208,6 +221,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
         };
     }
     plain_fields!(take);
+    let counts: MessageCounts = decode(MESSAGE_COUNTS, &get(MESSAGE_COUNTS)?)?;
+    let events: MemberEvents = decode(MEMBER_EVENTS, &get(MEMBER_EVENTS)?)?;
+    state.timelines = Timelines::join(counts, events);
     let groups: Vec<(String, GroupRecord)> = decode(GROUPS, &get(GROUPS)?)?;
     for (id, g) in groups {
         let group = GroupMeta { name: g.name, kind: g.kind, active: g.active, history: Default::default() };
@@ -243,6 +259,19 @@ pub fn merge_group_records(w: &mut DbWrite<'_>) -> Result<usize, StateError> {
     Ok(names.len())
 }
 
+/// Format 3 to 4, in the caller's transaction: splits the `timelines` record into the message
+/// counters and the membership events, and deletes it. Returns 1 when it did, 0 (writing
+/// nothing) when there is no such record.
+pub fn split_timelines(w: &mut DbWrite<'_>) -> Result<usize, StateError> {
+    let Some(plain) = w.get(Table::State, V3_TIMELINES.as_bytes()).map_err(db_err)? else { return Ok(0) };
+    let timelines: Timelines = decode(V3_TIMELINES, &plain)?;
+    let (counts, events) = timelines.split();
+    w.put(Table::State, MESSAGE_COUNTS.as_bytes(), &encode(&counts)?).map_err(db_err)?;
+    w.put(Table::State, MEMBER_EVENTS.as_bytes(), &encode(&events)?).map_err(db_err)?;
+    w.delete(Table::State, V3_TIMELINES.as_bytes()).map_err(db_err)?;
+    Ok(1)
+}
+
 fn db_err(e: DbError) -> StateError {
     StateError::Db(e)
 }
@@ -257,6 +286,7 @@ mod tests {
     use super::super::{DB_FORMAT_VERSION, META, META_FORMAT, UPGRADED_FORMAT};
     use super::*;
     use crate::client::state::{Home, Unlock};
+    use crate::client::timeline::MemberEventKind;
     use crate::crypto::statefile::StateKey;
 
     fn meta(name: &str, kind: GroupKind, active: bool) -> GroupMeta {
@@ -332,6 +362,77 @@ mod tests {
         }
         let (state, _) = read_state(&db).unwrap();
         assert_eq!(state.groups.len(), 3, "and the next open reads them from the groups record");
+    }
+
+    /// The sum of the plaintext sizes of the state records a save changed, and their names.
+    fn changed_bytes(home: &Home, before: &HashMap<String, [u8; 32]>) -> (usize, Vec<String>) {
+        let db = home.db().unwrap();
+        let mut names: Vec<String> =
+            home.written.records.iter().filter(|(k, d)| before.get(*k) != Some(d)).map(|(k, _)| k.clone()).collect();
+        names.sort();
+        let bytes = names.iter().map(|n| db.get(Table::State, n.as_bytes()).unwrap().map_or(0, |v| v.len())).sum();
+        (bytes, names)
+    }
+
+    /// Issue 12: a message rewrites a counter, not the membership events of every conversation
+    /// (member lists, up to 2 MiB per conversation). Fails with format 3's one `timelines`
+    /// record: a message then rewrote 20 conversations' events, ~70 KiB here.
+    #[test]
+    fn a_message_does_not_rewrite_the_membership_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..20u8).map(|i| hex::encode([i])).collect();
+        let groups: Vec<(&str, GroupMeta)> =
+            ids.iter().map(|id| (id.as_str(), meta("team", GroupKind::Group, true))).collect();
+        home_with(dir.path(), &groups);
+        let mut home = Home::open(dir.path(), None).unwrap();
+        let _lock = home.lock().unwrap();
+        home.refresh().unwrap();
+        let added: Vec<[u8; 32]> = (0..100u8).map(|i| [i; 32]).collect();
+        for id in &ids {
+            home.state.timelines.record(id, MemberEventKind::Added, [9; 32], added.clone(), 1, 100);
+        }
+        home.save().unwrap();
+        let before = home.written.records.clone();
+        home.state.timelines.note_message(&ids[3]);
+        home.save().unwrap();
+        let (bytes, names) = changed_bytes(&home, &before);
+        assert!(bytes < 1024, "a message rewrote {bytes} bytes of state records: {names:?}");
+        assert_eq!(home.state.timelines.message_count(&ids[3]), 1);
+    }
+
+    /// A format-3 home keeps its timelines in one record: opening it splits that record in two,
+    /// deletes it, and reads the same counters and events.
+    #[test]
+    fn a_format_3_home_opens_with_its_timelines_split() {
+        let dir = tempfile::tempdir().unwrap();
+        home_with(dir.path(), &[("ab", meta("team", GroupKind::Group, true))]);
+        let mut timelines = Timelines::default();
+        timelines.note_message("ab");
+        timelines.note_message("ab");
+        timelines.record("ab", MemberEventKind::Left, [5; 32], vec![[6; 32]], 7, 10);
+        timelines.note_message("cd");
+        let key = StateKey::unprotected();
+        {
+            let db = ClientDb::open(dir.path(), &key).unwrap();
+            let mut w = db.write().unwrap();
+            w.delete(Table::State, MESSAGE_COUNTS.as_bytes()).unwrap();
+            w.delete(Table::State, MEMBER_EVENTS.as_bytes()).unwrap();
+            w.put(Table::State, V3_TIMELINES.as_bytes(), &postcard::to_allocvec(&timelines).unwrap()).unwrap();
+            w.commit().unwrap();
+            let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(META_FORMAT, 3u32.to_le_bytes().as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        let home = Home::open(dir.path(), None).unwrap();
+        assert_eq!(home.state.timelines.message_count("ab"), 2);
+        assert_eq!(home.state.timelines.message_count("cd"), 1);
+        assert_eq!(home.state.timelines.events_between("ab", 0, u64::MAX).len(), 1);
+        drop(home);
+        let db = ClientDb::open(dir.path(), &key).unwrap();
+        assert_eq!(format(&db), DB_FORMAT_VERSION.to_le_bytes());
+        assert!(db.get(Table::State, V3_TIMELINES.as_bytes()).unwrap().is_none(), "the old record is gone");
+        let (state, _) = read_state(&db).unwrap();
+        assert_eq!(state.timelines.message_count("ab"), 2, "and the next open reads the split records");
     }
 
     /// The groups record no longer has a record per conversation whose deletion said that a

@@ -507,3 +507,98 @@ fn past_epoch_leaves_are_written_once_dropped_with_their_epoch_and_read_back_aft
     all.load_all(&db).unwrap();
     assert!(!all.snapshot().iter().any(|(k, _)| k.starts_with(b"MessageSecrets")));
 }
+
+/// Not a check: what one durable commit of an application message writes, for strace and
+/// callgrind (issue 12). `QPQ_MEASURE_MEMBERS` (default 128) members; the creator sends
+/// `QPQ_MEASURE_MESSAGES` (default 50) messages to the member at the last leaf, both saving
+/// to a database of their own after each, as `qpq bench --scenario mls` does. The timed loop
+/// is framed by `MARK` lines on stderr (visible in `strace -e trace=write`), then the same
+/// number of bare one-record commits on the creator's file. Run:
+/// `strace -f -e trace=pwrite64,write,fsync,fdatasync,ftruncate,fallocate target/debug/deps/qpq-HASH
+/// measure_app_message_commit --ignored --nocapture`.
+#[test]
+#[ignore = "measurement: cargo test --lib measure_app_message_commit -- --ignored --nocapture"]
+fn measure_app_message_commit() {
+    use crate::mls::{Incoming, MlsClient};
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let n = env("QPQ_MEASURE_MEMBERS", 128);
+    let m = env("QPQ_MEASURE_MESSAGES", 50);
+    let key = StateKey::unprotected();
+    let (cdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cdb, rdb) = (ClientDb::create(cdir.path(), &key).unwrap(), ClientDb::create(rdir.path(), &key).unwrap());
+    let save = |db: &ClientDb, c: &MlsClient| {
+        let mut w = db.write().unwrap();
+        let k = c.store().dirty_keys();
+        c.store().flush(&mut w).unwrap();
+        w.commit().unwrap();
+        k
+    };
+    let mut creator = MlsClient::new(&rand::random()).unwrap();
+    let mut members: Vec<MlsClient> = (1..n).map(|_| MlsClient::new(&rand::random()).unwrap()).collect();
+    let kps: Vec<Vec<u8>> = members.iter().map(|m| m.key_packages(1).unwrap().remove(0).bytes).collect();
+    let gid = b"measure".to_vec();
+    creator.create_group(&gid).unwrap();
+    let welcome = creator.add_members(&gid, &kps).unwrap().welcome.unwrap();
+    creator.merge_pending(&gid).unwrap();
+    save(&cdb, &creator);
+    let receiver = members.last_mut().unwrap();
+    save(&rdb, receiver);
+    receiver.join(&welcome).unwrap();
+    save(&rdb, receiver);
+    let text = vec![0x61u8; 64];
+    let describe = |who: &str, db: &ClientDb, keys: Vec<Vec<u8>>| {
+        for k in keys {
+            let label: String = k.iter().take_while(|b| b.is_ascii_alphabetic()).map(|&b| b as char).collect();
+            let size = db.get(Table::Mls, &k).unwrap().map_or(0, |v| v.len());
+            eprintln!("{who}: record {label} ({} key bytes): {size} plaintext bytes", k.len());
+        }
+    };
+    let file_len = |d: &tempfile::TempDir| std::fs::metadata(d.path().join(DB_FILE)).unwrap().len();
+    // One message outside the loop, described.
+    let ct = creator.encrypt(&gid, &text).unwrap();
+    describe("sender", &cdb, save(&cdb, &creator));
+    receiver.process(&gid, &ct).unwrap();
+    describe("receiver", &rdb, save(&rdb, receiver));
+    eprintln!("file sizes before: sender {} receiver {}", file_len(&cdir), file_len(&rdir));
+    eprintln!("MARK messages start");
+    let start = std::time::Instant::now();
+    for _ in 0..m {
+        let ct = creator.encrypt(&gid, &text).unwrap();
+        save(&cdb, &creator);
+        let incoming = receiver.process(&gid, &ct).unwrap();
+        save(&rdb, receiver);
+        assert!(matches!(incoming, Incoming::Application { .. }));
+    }
+    let per_message = start.elapsed() / m as u32;
+    eprintln!("MARK messages end");
+    eprintln!("file sizes after: sender {} receiver {}", file_len(&cdir), file_len(&rdir));
+    eprintln!("MARK bare start");
+    let start = std::time::Instant::now();
+    for i in 0..m {
+        let mut w = cdb.write().unwrap();
+        w.put(Table::State, b"bare", &(i as u64).to_le_bytes()).unwrap();
+        w.commit().unwrap();
+    }
+    let bare = start.elapsed() / m as u32;
+    eprintln!("MARK bare end");
+    // The same commit straight on redb: one record only, then one record plus the generation.
+    let raw = |with_meta: bool| {
+        let start = std::time::Instant::now();
+        for i in 0..m {
+            let guard = cdb.raw();
+            let txn = guard.as_ref().unwrap().begin_write().unwrap();
+            {
+                let mut t = txn.open_table(Table::State.def()).unwrap();
+                t.insert(b"raw".as_slice(), (i as u64).to_le_bytes().as_slice()).unwrap();
+            }
+            if with_meta {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(META_GENERATION, (i as u64).to_le_bytes().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        start.elapsed() / m as u32
+    };
+    eprintln!("raw redb commit: one record {:?}, one record + generation {:?}", raw(false), raw(true));
+    eprintln!("{n} members: message with two durable saves {per_message:?}, bare one-record commit {bare:?}");
+}
