@@ -10,7 +10,7 @@
 //! | `meta`    | `"format"`                      | u32 LE format version, in clear         |
 //! |           | `"key"`                         | key check: a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing [`KEY_CHECK`] |
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
-//! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`]) |
+//! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`]; its ratchet tree one record per node: [`tree_nodes`]) |
 //! | `state`   | slot of the logical record name | sealed messenger record                 |
 //! | `history` | slot of the conversation ‖ u64 BE receive time (ms) ‖ u64 BE message index | sealed history entry |
 //!
@@ -49,6 +49,7 @@ pub mod mls;
 pub mod past_leaves;
 pub mod records;
 pub mod seal;
+pub mod tree_nodes;
 
 use std::io;
 use std::ops::RangeInclusive;
@@ -75,8 +76,9 @@ pub const DB_FILE: &str = "qpq.db";
 /// past epochs' member lists in records of their own ([`past_leaves`]), which a format-2 binary
 /// cannot read; and the `state` record `groups` holds every conversation's metadata, where format
 /// 2 kept one `group/<hex id>` record per conversation, so opening read one record per
-/// conversation ([`records`]).
-pub const DB_FORMAT_VERSION: u32 = 3;
+/// conversation ([`records`]). 4: a group's ratchet tree may be stored one record per node
+/// ([`tree_nodes`]), which a format-3 binary cannot read.
+pub const DB_FORMAT_VERSION: u32 = 4;
 
 /// The older format this one upgrades in place when opening, once the key is proven, in one
 /// redb transaction: the per-conversation records move into the `groups` record and are
@@ -84,6 +86,11 @@ pub const DB_FORMAT_VERSION: u32 = 3;
 /// else of format 2 reads the same in format 3 (message secrets stored whole are still read,
 /// and split when next written).
 pub const UPGRADED_FORMAT: u32 = 2;
+
+/// The other older format upgraded in place: every record of format 3 reads the same in format
+/// 4 (a tree stored whole is still read, and split when next written), so only the format
+/// record is rewritten.
+pub const WHOLE_TREE_FORMAT: u32 = 3;
 
 /// What the `key` record seals: proves the key before any record is read.
 pub const KEY_CHECK: &[u8] = b"qpq.db key check v1";
@@ -546,8 +553,8 @@ fn parse_history_key(conversation_slot: &[u8], k: &[u8]) -> Option<HistoryKey> {
     Some(HistoryKey { at_ms, index })
 }
 
-/// Opens the redb file and checks its format version: [`DB_FORMAT_VERSION`] or
-/// [`UPGRADED_FORMAT`], returned (the upgrade needs the key: [`upgrade_if_needed`]). redb checks
+/// Opens the redb file and checks its format version: [`DB_FORMAT_VERSION`],
+/// [`UPGRADED_FORMAT`] or [`WHOLE_TREE_FORMAT`], returned (the upgrade needs the key: [`upgrade_if_needed`]). redb checks
 /// some invariants with debug assertions, so a damaged file could panic a debug build: that is
 /// caught and reported too.
 fn open_file(dir: &Path) -> Result<(Database, PathBuf, u32), DbError> {
@@ -583,13 +590,13 @@ fn open_file(dir: &Path) -> Result<(Database, PathBuf, u32), DbError> {
     if version > DB_FORMAT_VERSION {
         return Err(DbError::Newer { path, found: version });
     }
-    if version < DB_FORMAT_VERSION && version != UPGRADED_FORMAT {
+    if version < DB_FORMAT_VERSION && version != UPGRADED_FORMAT && version != WHOLE_TREE_FORMAT {
         return Err(DbError::Older { path, found: version });
     }
     Ok((db, path, version))
 }
 
-/// Moves a file of format [`UPGRADED_FORMAT`] to [`DB_FORMAT_VERSION`] with the records' keys
+/// Moves a file of format [`UPGRADED_FORMAT`] or [`WHOLE_TREE_FORMAT`] to [`DB_FORMAT_VERSION`] with the records' keys
 /// (durable when it returns; a crash before leaves it at the old format, which the next open
 /// upgrades). Nothing for a file of the current format.
 fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path) -> Result<(), DbError> {
@@ -599,10 +606,14 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
     shielded(path, || {
         let txn = db.begin_write().map_err(|e| io_err("upgrade")(e.into()))?;
         let mut w = DbWrite { txn, keys, path };
-        let moved = records::merge_group_records(&mut w).map_err(|e| match e {
-            StateError::Db(e) => e,
-            other => DbError::Damaged { path: path.to_path_buf(), reason: other.to_string() },
-        })?;
+        let moved = if format == UPGRADED_FORMAT {
+            records::merge_group_records(&mut w).map_err(|e| match e {
+                StateError::Db(e) => e,
+                other => DbError::Damaged { path: path.to_path_buf(), reason: other.to_string() },
+            })?
+        } else {
+            0
+        };
         {
             let mut meta = w.txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
             meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())

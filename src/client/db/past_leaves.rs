@@ -154,7 +154,7 @@ impl Wiping {
         }
     }
 
-    fn extend(&mut self, data: &[u8]) {
+    pub fn extend(&mut self, data: &[u8]) {
         self.reserve(data.len());
         self.0.extend_from_slice(data);
     }
