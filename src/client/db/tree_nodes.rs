@@ -52,7 +52,8 @@ pub struct Split {
 
 /// Encodes a `TreeSync` as a main record and one record per node.
 pub fn split<V: Serialize + ?Sized>(value: &V) -> Result<Split, ShapeError> {
-    let mut enc = Encoder { body: Zeroizing::new(Vec::new()), leaves: None, parents: None };
+    let mut enc =
+        Encoder { body: Zeroizing::new(Vec::new()), scratch: Zeroizing::new(Vec::new()), leaves: None, parents: None };
     value.serialize(Shaped { enc: &mut enc, level: Level::TreeSync })?;
     let (Some((leaf_off, leaves)), Some((parent_off, parents))) = (enc.leaves, enc.parents) else {
         return Err(ShapeError);
@@ -141,15 +142,22 @@ fn append<T: Serialize + ?Sized>(buf: &mut Zeroizing<Vec<u8>>, value: &T) -> Res
     Ok(())
 }
 
-/// One node record: [`VALUE_TAG`] ‖ postcard.
-fn node_record<T: Serialize + ?Sized>(value: &T) -> Result<Zeroizing<Vec<u8>>, ShapeError> {
-    let mut record = Zeroizing::new(vec![VALUE_TAG]);
-    append(&mut record, value)?;
-    Ok(record)
+/// One node record: [`VALUE_TAG`] ‖ postcard, encoded in `scratch` (kept between nodes, so
+/// it grows to the largest node once) and copied out at its exact size.
+fn node_record<T: Serialize + ?Sized>(
+    scratch: &mut Zeroizing<Vec<u8>>,
+    value: &T,
+) -> Result<Zeroizing<Vec<u8>>, ShapeError> {
+    scratch.clear();
+    scratch.push(VALUE_TAG);
+    append(scratch, value)?;
+    Ok(Zeroizing::new(scratch.to_vec()))
 }
 
 struct Encoder {
     body: Zeroizing<Vec<u8>>,
+    /// Where each node is encoded before it is copied into its record.
+    scratch: Zeroizing<Vec<u8>>,
     /// (offset in `body` where the leaves belong, their records).
     leaves: Option<(usize, Vec<Zeroizing<Vec<u8>>>)>,
     parents: Option<(usize, Vec<Zeroizing<Vec<u8>>>)>,
@@ -328,7 +336,7 @@ impl ser::SerializeSeq for Nodes<'_> {
     type Error = ShapeError;
 
     fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ShapeError> {
-        self.records.push(node_record(value)?);
+        self.records.push(node_record(&mut self.enc.scratch, value)?);
         Ok(())
     }
 
