@@ -594,6 +594,19 @@ fn measure_commit_records() {
         println!("round {round}: total {total} bytes");
         flush(receiver.store());
     }
+    // What loading the group afresh reads (a one-shot command's first use of the group).
+    let db = Arc::new(db);
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let fresh = MlsClient::from_store_lazy(&[N as u8; 32], store).unwrap();
+    let opened = seal::records_opened_on_this_thread();
+    let start = std::time::Instant::now();
+    fresh.epoch(&gid).unwrap();
+    println!(
+        "loading the group afresh: {} records opened, {:?} (debug build)",
+        seal::records_opened_on_this_thread() - opened,
+        start.elapsed()
+    );
 }
 
 /// A group's tree is stored one record per node: a commit rewrites the nodes it changed (the
