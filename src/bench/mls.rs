@@ -401,6 +401,21 @@ fn save(db: Option<&Durable>, client: &MlsClient) -> anyhow::Result<()> {
     db.map_or(Ok(()), |d| d.save(client))
 }
 
+/// The timed part of "process commit": the receiver applies the commit and saves. Never
+/// inlined, so a profiler can isolate it by name, e.g.
+/// `valgrind --tool=callgrind --dump-before=*process_commit_saved* --dump-after=*process_commit_saved*`.
+#[inline(never)]
+fn process_commit_saved(
+    receiver: &mut MlsClient,
+    db: Option<&Durable>,
+    gid: &[u8],
+    commit: &[u8],
+) -> anyhow::Result<Incoming> {
+    let incoming = receiver.process(gid, commit)?;
+    save(db, receiver)?;
+    Ok(incoming)
+}
+
 /// Times all group operations at size `n`; with `disk`, the timed clients save to client
 /// databases under it after each operation (see the module header).
 fn group_ops(n: usize, quick: bool, disk: Option<&std::path::Path>) -> anyhow::Result<Vec<Measured>> {
@@ -497,8 +512,7 @@ fn group_ops(n: usize, quick: bool, disk: Option<&std::path::Path>) -> anyhow::R
         save(creator_db.as_ref(), &creator)?;
         commit_time += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let incoming = receiver.process(&gid, &pending.commit)?;
-        save(receiver_db, receiver)?;
+        let incoming = process_commit_saved(receiver, receiver_db, &gid, &pending.commit)?;
         process_time += t.elapsed().as_secs_f64();
         anyhow::ensure!(matches!(incoming, Incoming::Commit { .. }), "expected a commit, got {incoming:?}");
     }

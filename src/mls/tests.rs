@@ -821,12 +821,16 @@ fn json_records_of_earlier_builds_still_load_and_new_writes_are_binary() {
             assert_eq!(value.first(), Some(&crate::client::db::past_leaves::SPLIT_TAG));
         }
         if key.starts_with(b"Tree") {
+            // Stored one record per node: `client::db::tree_nodes`.
             assert_eq!(
                 value.first(),
-                Some(&VALUE_TAG),
-                "rewritten binary: {}",
+                Some(&crate::client::db::tree_nodes::SPLIT_TAG),
+                "rewritten split: {}",
                 String::from_utf8_lossy(&key)
             );
+        }
+        if key.starts_with(crate::client::db::mls::TREE_NODE_LABEL) {
+            assert_eq!(value.first(), Some(&VALUE_TAG), "node rewritten binary");
         }
         if json {
             assert!(serde_json::from_slice::<serde_json::Value>(&value).is_ok());

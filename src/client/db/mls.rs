@@ -18,7 +18,11 @@
 //! ([`super::past_leaves`]): the past epochs' member lists live in records of their own
 //! ([`PAST_LEAVES_LABEL`]), written once per epoch and deleted when the epoch leaves openmls's
 //! window or the group's message secrets are deleted, so a message encodes no member list (it
-//! encoded one per kept past epoch) and a commit encodes one, the epoch that just ended. Two exceptions stay JSON: the join config, whose past-epoch
+//! encoded one per kept past epoch) and a commit encodes one, the epoch that just ended. A
+//! group's ratchet tree is stored one record per node ([`super::tree_nodes`],
+//! [`TREE_NODE_LABEL`]), and a write whose bytes equal the cached record's is no change
+//! ([`MlsStore::set`]), so a commit writes the nodes it changed, not the whole tree (issue 12:
+//! 187 KB per commit at 128 members). Two exceptions stay JSON: the join config, whose past-epoch
 //! policy openmls decodes as an untagged enum (postcard cannot), and values written before
 //! (the old state file's blob, databases of earlier builds), which are read as JSON: no JSON text
 //! starts with the tag byte. Lists are JSON arrays of encoded items. Two departures:
@@ -38,6 +42,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+use super::tree_nodes::{self, NodeKind};
 use super::{ClientDb, DbError, DbWrite, Table, past_leaves};
 use crate::mls::QpqCrypto;
 
@@ -64,6 +69,9 @@ const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
 /// storage key = this label ‖ JSON group id ‖ JSON epoch ‖ version. No openmls label starts
 /// with `qpq/`.
 pub const PAST_LEAVES_LABEL: &[u8] = b"qpq/PastEpochLeaves";
+/// One node of a group's ratchet tree ([`super::tree_nodes`]): storage key = this label ‖ JSON
+/// group id ‖ `L` (leaf) or `P` (parent) ‖ JSON index ‖ version.
+pub const TREE_NODE_LABEL: &[u8] = b"qpq/TreeNode";
 
 /// First byte of a postcard-encoded value; never the first byte of JSON text.
 pub const VALUE_TAG: u8 = 0xb1;
@@ -89,7 +97,7 @@ fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, MlsStoreError> {
 /// True when `bytes` is a well-formed value of either encoding as far as can be told without
 /// its type (JSON fully parsed; postcard only tagged: its decoding needs the type).
 pub fn plausible_value(bytes: &[u8]) -> bool {
-    matches!(bytes.first(), Some(&VALUE_TAG | &past_leaves::SPLIT_TAG))
+    matches!(bytes.first(), Some(&VALUE_TAG | &past_leaves::SPLIT_TAG | &tree_nodes::SPLIT_TAG))
         || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
 }
 
@@ -316,9 +324,16 @@ impl MlsStore {
         Ok(v)
     }
 
+    /// Changes a record in the overlay. A value equal to the cached one changes nothing: the
+    /// cache holds what the database holds, or a change already marked dirty (see
+    /// [`MlsStore::flush`]), so an unchanged tree node is not written again.
     fn set(&self, key: Vec<u8>, value: Cached) {
+        let mut cache = lock(&self.cache);
+        if cache.get(&key).is_some_and(|cached| *cached == value) {
+            return;
+        }
         lock(&self.dirty).insert(key.clone());
-        lock(&self.cache).insert(key, value);
+        cache.insert(key, value);
     }
 
     fn update_index(&self, config_key: &[u8], present: bool) -> Result<(), MlsStoreError> {
@@ -421,6 +436,80 @@ impl MlsStore {
         Ok(())
     }
 
+    /// Stores a group's ratchet tree as a main record and one record per node
+    /// ([`tree_nodes`]); [`MlsStore::set`] skips the nodes whose bytes did not change, and the
+    /// nodes past the end of a shrunk tree are deleted. A value of another shape is stored
+    /// whole (and its old nodes deleted).
+    fn write_split_tree<V: Serialize + ?Sized>(&self, group_id: &[u8], value: &V) -> Result<(), MlsStoreError> {
+        let key = build_key_from_vec(TREE_LABEL, group_id.to_vec());
+        let (old_leaves, old_parents) = self.tree_counts(&key)?;
+        let (main, leaves, parents) = match tree_nodes::split(value) {
+            Ok(split) => {
+                let (leaves, parents) = (split.leaves.len(), split.parents.len());
+                for (kind, records) in [(NodeKind::Leaf, split.leaves), (NodeKind::Parent, split.parents)] {
+                    for (i, record) in records.into_iter().enumerate() {
+                        self.set(tree_node_key(group_id, kind, i)?, Some(record));
+                    }
+                }
+                (split.main, leaves, parents)
+            }
+            Err(past_leaves::ShapeError) => (Zeroizing::new(encode(TREE_LABEL, value)?), 0, 0),
+        };
+        self.delete_tree_nodes(group_id, (leaves, old_leaves), (parents, old_parents))?;
+        self.set(key, Some(main));
+        Ok(())
+    }
+
+    /// Deletes the leaves `from..to` and the parents `from..to` of a group's tree.
+    fn delete_tree_nodes(
+        &self,
+        group_id: &[u8],
+        leaves: (usize, usize),
+        parents: (usize, usize),
+    ) -> Result<(), MlsStoreError> {
+        for (kind, (from, to)) in [(NodeKind::Leaf, leaves), (NodeKind::Parent, parents)] {
+            for i in from..to {
+                self.set(tree_node_key(group_id, kind, i)?, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node counts of the tree stored at `key`: (0, 0) when absent or stored whole.
+    fn tree_counts(&self, key: &[u8]) -> Result<(usize, usize), MlsStoreError> {
+        Ok(self.get(key)?.and_then(|main| tree_nodes::counts(&main)).unwrap_or((0, 0)))
+    }
+
+    fn read_tree<V: DeserializeOwned>(&self, group_id: &[u8]) -> Result<Option<V>, MlsStoreError> {
+        let Some(main) = self.get(&build_key_from_vec(TREE_LABEL, group_id.to_vec()))? else {
+            return Ok(None);
+        };
+        if main.first() != Some(&tree_nodes::SPLIT_TAG) {
+            return Ok(Some(decode(&main)?));
+        }
+        let node = |kind, i| self.get(&tree_node_key(group_id, kind, i)?);
+        let whole = tree_nodes::join(&main, node)?.ok_or(MlsStoreError::Serialization)?;
+        Ok(Some(postcard::from_bytes(&whole).map_err(|_| MlsStoreError::Serialization)?))
+    }
+
+    /// A group's tree as format 3 stored it: one record, [`VALUE_TAG`] ‖ postcard.
+    #[cfg(test)]
+    pub fn whole_tree(&self, group_id: &[u8]) -> Result<Zeroizing<Vec<u8>>, MlsStoreError> {
+        let main = self.get(&build_key_from_vec(TREE_LABEL, group_id.to_vec()))?;
+        let main = main.ok_or(MlsStoreError::Serialization)?;
+        let node = |kind, i| self.get(&tree_node_key(group_id, kind, i)?);
+        let whole = tree_nodes::join(&main, node)?.ok_or(MlsStoreError::Serialization)?;
+        Ok(Zeroizing::new([&[VALUE_TAG][..], &whole].concat()))
+    }
+
+    fn delete_split_tree(&self, group_id: &[u8]) -> Result<(), MlsStoreError> {
+        let key = build_key_from_vec(TREE_LABEL, group_id.to_vec());
+        let (leaves, parents) = self.tree_counts(&key)?;
+        self.delete_tree_nodes(group_id, (0, leaves), (0, parents))?;
+        self.set(key, None);
+        Ok(())
+    }
+
     /// The past epochs whose leaves records the message secrets at `key` name.
     fn past_epochs(&self, key: &[u8]) -> Result<Vec<u64>, MlsStoreError> {
         if let Some(Some(v)) = lock(&self.cache).get(key) {
@@ -497,6 +586,17 @@ fn json<K: Serialize>(key: K) -> Result<Vec<u8>, MlsStoreError> {
     Ok(serde_json::to_vec(&key)?)
 }
 
+/// Storage key of one node of a group's tree ([`TREE_NODE_LABEL`]).
+fn tree_node_key(group_id: &[u8], kind: NodeKind, index: usize) -> Result<Vec<u8>, MlsStoreError> {
+    let mut key = group_id.to_vec();
+    key.push(match kind {
+        NodeKind::Leaf => b'L',
+        NodeKind::Parent => b'P',
+    });
+    key.extend_from_slice(&serde_json::to_vec(&index)?);
+    Ok(build_key_from_vec(TREE_NODE_LABEL, key))
+}
+
 /// Storage key of one past epoch's leaves ([`PAST_LEAVES_LABEL`]).
 fn past_leaves_key(group_id: &[u8], epoch: u64) -> Result<Vec<u8>, MlsStoreError> {
     let mut key = group_id.to_vec();
@@ -541,7 +641,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         group_id: &GroupId,
         tree: &TreeSync,
     ) -> Result<(), Self::Error> {
-        self.write(TREE_LABEL, &json(group_id)?, encode(TREE_LABEL, tree)?)
+        self.write_split_tree(&json(group_id)?, tree)
     }
 
     fn write_interim_transcript_hash<
@@ -634,7 +734,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<TreeSync>, Self::Error> {
-        self.read(TREE_LABEL, &json(group_id)?)
+        self.read_tree(&json(group_id)?)
     }
 
     fn group_context<
@@ -1030,7 +1130,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStore {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete(TREE_LABEL, &json(group_id)?)
+        self.delete_split_tree(&json(group_id)?)
     }
 
     fn delete_confirmation_tag<GroupId: traits::GroupId<CURRENT_VERSION>>(

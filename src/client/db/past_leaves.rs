@@ -154,7 +154,7 @@ impl Wiping {
         }
     }
 
-    fn extend(&mut self, data: &[u8]) {
+    pub fn extend(&mut self, data: &[u8]) {
         self.reserve(data.len());
         self.0.extend_from_slice(data);
     }
@@ -163,8 +163,13 @@ impl Wiping {
 impl Flavor for Wiping {
     type Output = Zeroizing<Vec<u8>>;
 
+    // postcard writes a byte string that serde presents as a sequence (every `Vec<u8>` of
+    // openmls) one byte at a time: the common case, room left, must stay a plain push.
+    #[inline]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.reserve(1);
+        if self.0.len() == self.0.capacity() {
+            self.reserve(1);
+        }
         self.0.push(data);
         Ok(())
     }
