@@ -22,6 +22,7 @@ mod batch;
 mod listen;
 mod mail;
 mod ops;
+mod reconnect;
 mod schema;
 mod wake;
 
