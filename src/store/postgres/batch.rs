@@ -98,9 +98,10 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
 }
 
 /// A batch-wide error, once per request (StoreError is not Clone: it wraps driver errors' text).
-fn same_error(e: &StoreError) -> StoreError {
+pub(super) fn same_error(e: &StoreError) -> StoreError {
     match e {
         StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Db(m) => StoreError::Db(m.clone()),
         StoreError::Closed => StoreError::Closed,
         other => StoreError::Db(other.to_string()),
     }

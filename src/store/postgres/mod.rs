@@ -5,7 +5,8 @@
 //! connection options), so a reply means the commit is in the flushed WAL. Enqueues and acks,
 //! the frequent writes, are group-committed: the ones waiting at one moment share a transaction
 //! ([`batch`]); the rest run one transaction each ([`ops`]). Concurrency is left to PostgreSQL's
-//! row locks, not to locks in this process: that is what makes several nodes safe.
+//! row locks, not to locks in this process: that is what makes several nodes safe. Queue
+//! fetches waiting at one moment share one read statement ([`reads`]).
 //!
 //! Each call runs as a task on the runtime that opened the store (the server's multi-threaded
 //! one), so the pool's connection tasks live there whichever RPC worker asked.
@@ -22,6 +23,7 @@ mod batch;
 mod listen;
 mod mail;
 mod ops;
+mod reads;
 mod reconnect;
 mod schema;
 mod wake;
@@ -117,6 +119,8 @@ pub struct PgStore {
     batches: mpsc::Sender<batch::Request>,
     /// Acks, for their own group-commit lane (see [`batch`]).
     acks: mpsc::Sender<batch::Request>,
+    /// Fetches, for the read workers that coalesce them (see [`reads`]).
+    fetches: mpsc::Sender<reads::Request>,
     /// Stops the listen and wake-up tasks.
     stop: CancellationToken,
 }
@@ -193,7 +197,12 @@ impl PgStore {
             sender
         };
         let (batches, acks) = (lane(&inner), lane(&inner));
-        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, acks, stop })
+        let (fetches, queue) = mpsc::channel(limits::PG_BATCH_QUEUE);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..limits::PG_FETCH_WORKERS {
+            tokio::spawn(reads::run_worker(inner.clone(), queue.clone()));
+        }
+        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, acks, fetches, stop })
     }
 
     /// Runs `f` on the store's runtime and waits for it.
@@ -223,13 +232,14 @@ impl PgStore {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        let who = *who;
-        self.on_runtime(move |inner| async move {
-            let now = inner.clock.now_ms();
-            let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            ops::fetch(&client, inner.limits, &who, after, limit, max_bytes, now).await.map_err(unavailable)
-        })
-        .await
+        if after >= i64::MAX as u64 {
+            // No seq is that high (they are bigints).
+            return Ok((Vec::new(), false));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = reads::Request { who: *who, after, limit, max_bytes, reply };
+        self.fetches.send(request).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     pub async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
