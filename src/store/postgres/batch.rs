@@ -10,7 +10,7 @@
 //! WAL flush forms the next batch, and runs them as:
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
 //!    rows (sorted), then its enqueues' queue rows (sorted), read the floors, the stored-bytes
-//!    total and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
+//!    total (both only when the batch enqueues) and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
 //!    safe), and delete the acked entries (returning what went);
 //! 2. in memory, the requests one after the other in arrival order: acks count what they
 //!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
@@ -244,7 +244,13 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             }
             tx.query(&lock_queues, &[&queue_keys]).await
         },
-        tx.query_one(&totals, &[]),
+        async {
+            // Only enqueues need the floors and the total (an ack-only batch: one statement less).
+            if queue_keys.is_empty() {
+                return Ok(None);
+            }
+            tx.query_one(&totals, &[]).await.map(Some)
+        },
         async {
             if queue_keys.is_empty() {
                 return Ok(Vec::new());
@@ -264,7 +270,11 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             tx.query_one(&delete_unreferenced, &[]).await.map(|r| r.get::<_, i64>(0))
         },
     )?;
-    let (seq_floor, channel_floor, mut used): (i64, i64, i64) = (totals.get(0), totals.get(1), totals.get(2));
+    let (seq_floor, channel_floor, mut used): (i64, i64, i64) = match totals {
+        Some(t) => (t.get(0), t.get(1), t.get(2)),
+        // No enqueue in this batch: nothing takes a number or checks the quota.
+        None => (0, 0, 0),
+    };
 
     // Step 3, in memory. A new row (0) counts on from its floor (the schema's invariant).
     let mut channels: HashMap<Vec<u8>, i64> = HashMap::with_capacity(channel_rows.len());
