@@ -106,6 +106,8 @@ struct Inner {
     /// Recipients whose NOTIFY the wake-up sender has yet to send.
     wakeups: Arc<wake::Pending>,
     commits: AtomicU64,
+    /// Read statements the fetch workers have run (each serves one or more fetches).
+    reads: AtomicU64,
     instance_id: u64,
     /// Random per process: a node skips its own NOTIFYs (it woke its waiters already).
     node_id: u64,
@@ -182,6 +184,7 @@ impl PgStore {
             notifier: Arc::new(Notifier::default()),
             wakeups: Arc::new(wake::Pending::default()),
             commits: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             instance_id,
             node_id: rand::random(),
         });
@@ -271,6 +274,11 @@ impl PgStore {
     /// Write transactions this node has committed.
     pub fn commit_count(&self) -> u64 {
         self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    /// Read statements this node has run for fetches (several fetches may share one).
+    pub fn read_statements(&self) -> u64 {
+        self.inner.reads.load(Ordering::Relaxed)
     }
 
     /// Stops listening and closes the pool (calls in flight finish or fail `unavailable`).

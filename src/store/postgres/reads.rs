@@ -14,6 +14,7 @@
 //! than asked only sees more: every caller subscribed for wake-ups before asking.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -74,6 +75,7 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
         let now = inner.clock.now_ms();
         let read = async {
             let client = inner.pool.get().await.map_err(TxError::from)?;
+            inner.reads.fetch_add(1, Ordering::Relaxed);
             fetch_pages(&client, inner.limits.ttl_ms, now, &requests).await
         };
         match read.await.map_err(unavailable) {
