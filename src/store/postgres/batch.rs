@@ -44,6 +44,7 @@ use std::sync::atomic::Ordering;
 
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 
 use super::{Inner, TxError, mail, ops, unavailable};
 use crate::limits;
@@ -51,6 +52,22 @@ use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, WriteOp};
 
 /// One queued request and where its answer goes.
 pub(super) type Request = (WriteOp, oneshot::Sender<Result<Outcome, StoreError>>);
+
+/// A batch's mail ([`mail::insert_mail_ctes`], `$1`–`$11`), its queue rows' new `next_seq`,
+/// `count` and `bytes` (`$12`–`$15`, [`ops::update_queue_rows`]), its channel rows' new
+/// `last_seq` (`$16`, `$17`) and `$19` bytes added to this connection's stored-bytes shard (of
+/// `$18`), in one statement. Its only new lock is the shard's: the queue and channel rows were
+/// locked in step 1, and the entries' keys are new (their seqs were taken under those locks).
+const WRITE_MAIL: &str = concat!(
+    "WITH ",
+    mail::insert_mail_ctes!(),
+    ", q AS (",
+    ops::update_queue_rows!("$12", "$13", "$14", "$15"),
+    "), c AS (UPDATE qpq_channels c SET last_seq = u.last
+             FROM unnest($16::bytea[], $17::bigint[]) AS u(id, last) WHERE c.id = u.id)
+     INSERT INTO qpq_stored_bytes (shard, bytes) SELECT pg_backend_pid() % $18::integer, $19::bigint WHERE $19::bigint <> 0
+     ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes"
+);
 
 /// Whether `op` goes through the batch (the frequent writes); the rest keep a transaction each.
 pub(super) fn batched(op: &WriteOp) -> bool {
@@ -378,14 +395,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     woken.dedup();
 
     // Step 4: write it all.
-    let insert = tx.prepare_cached(mail::INSERT_MAIL).await?;
-    let update_queues = tx.prepare_cached(ops::UPDATE_QUEUE_ROWS).await?;
-    let update_channels = tx
-        .prepare_cached(
-            "UPDATE qpq_channels c SET last_seq = u.last
-             FROM unnest($1::bytea[], $2::bigint[]) AS u(id, last) WHERE c.id = u.id",
-        )
-        .await?;
+    let write_mail = tx.prepare_cached(WRITE_MAIL).await?;
     let mut queue_state: Vec<(&IdentityKey, &Queue)> = queues.iter().collect();
     queue_state.sort_unstable_by_key(|(k, _)| **k);
     let q_keys: Vec<&[u8]> = queue_state.iter().map(|(k, _)| &k[..]).collect();
@@ -409,26 +419,14 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         )
         .await?;
     let delta = adding_total - freed;
-    // The shard last: it is the last lock of every batch.
+    // The freed rows before the shard: the shard is the last lock of every batch. A batch that
+    // stores mail writes it, its queue and channel rows (locked in step 1) and the shard in one
+    // statement.
+    let mail_params = rows.params(&now_i);
+    let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
+    write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
+    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &delta]);
     tokio::try_join!(
-        async {
-            if rows.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&insert, &rows.params(&now_i)).await
-        },
-        async {
-            if q_keys.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&update_queues, &[&q_keys, &q_next, &q_count, &q_bytes]).await
-        },
-        async {
-            if c_keys.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&update_channels, &[&c_keys, &c_last]).await
-        },
         async {
             if a_keys.is_empty() {
                 return Ok(0);
@@ -436,6 +434,10 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             tx.execute(&add_freed, &[&a_keys, &a_count, &a_bytes]).await
         },
         async {
+            if !rows.is_empty() {
+                return tx.execute(&write_mail, &write_params).await;
+            }
+            // Nothing stored (acks, or only refused enqueues): no queue or channel row changed.
             if delta == 0 {
                 return Ok(0);
             }

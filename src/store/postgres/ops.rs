@@ -34,12 +34,24 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
      ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
      RETURNING recipient, next_seq, count, bytes";
 
-/// Sets each queue row of `$1` to its new `next_seq` (`$2`), `count` (`$3`) and `bytes` (`$4`):
-/// what an enqueue writes back to the rows it locked with [`LOCK_QUEUE_ROWS`].
-pub(super) const UPDATE_QUEUE_ROWS: &str =
-    "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
-     FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
-     WHERE q.recipient = u.r";
+/// Sets each queue row of the first placeholder to its new `next_seq` (the second), `count`
+/// (the third) and `bytes` (the fourth): what an enqueue writes back to the rows it locked
+/// with [`LOCK_QUEUE_ROWS`]. A macro so that the group commit's one write statement
+/// ([`super::batch`]) says it with its own placeholders.
+macro_rules! update_queue_rows {
+    ($r:literal, $next:literal, $count:literal, $bytes:literal) => {
+        concat!(
+            "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
+             FROM unnest(", $r, "::bytea[], ", $next, "::bigint[], ", $count, "::bigint[], ", $bytes,
+            "::bigint[]) AS u(r, next, count, bytes)
+             WHERE q.recipient = u.r"
+        )
+    };
+}
+pub(super) use update_queue_rows;
+
+/// [`update_queue_rows`] with `$1`–`$4`.
+pub(super) const UPDATE_QUEUE_ROWS: &str = update_queue_rows!("$1", "$2", "$3", "$4");
 
 /// Reads what acks freed from the queues of `$1` (no lock: see the module docs). Run after the
 /// statement that locked those queue rows, never in it (its snapshot would predate the locks).
