@@ -11,7 +11,8 @@
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
 //!    rows (sorted), then its enqueues' queue rows (sorted), read the floors, the stored-bytes
 //!    total (both only when the batch enqueues) and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
-//!    safe), and delete the acked entries (returning what went);
+//!    safe), and delete the acked entries with the payloads they were the last entries of (returning what
+//!    went);
 //! 2. in memory, the requests one after the other in arrival order: acks count what they
 //!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
 //!    left by the requests before them; a refused request changes nothing and does not disturb
@@ -239,15 +240,14 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
                   d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
                         RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota), ",
-            mail::release_payloads!(),
-            " SELECT recipient, seq, bytes, quota FROM d"
+            mail::release_or_delete_payloads!(),
+            " SELECT recipient, seq, bytes, quota, (SELECT coalesce(sum(quota), 0) FROM x)::bigint FROM d"
         ))
         .await?;
-    let delete_unreferenced = tx.prepare_cached(mail::DELETE_UNREFERENCED).await?;
     let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
     // Sent in this order on one connection, so locks are taken in this order; the freed rows
     // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
-    let ((), channel_rows, queue_rows, totals, freed_rows, acked, unreferenced) = tokio::try_join!(
+    let ((), channel_rows, queue_rows, totals, freed_rows, acked) = tokio::try_join!(
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -280,12 +280,6 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             }
             tx.query(&delete_acked, &[&ack_keys, &ack_up_to]).await
         },
-        async {
-            if ack_keys.is_empty() {
-                return Ok(0);
-            }
-            tx.query_one(&delete_unreferenced, &[]).await.map(|r| r.get::<_, i64>(0))
-        },
     )?;
     let (seq_floor, channel_floor, mut used): (i64, i64, i64) = match totals {
         Some(t) => (t.get(0), t.get(1), t.get(2)),
@@ -311,7 +305,8 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
     // the same recipient earlier in the batch did not: as if they ran one after the other.
     let mut removed = vec![0u32; ops.len()];
-    let mut freed = unreferenced;
+    // The quota of the payloads the acks deleted (on every row of `acked`, the same).
+    let mut freed: i64 = acked.first().map(|r| r.get(4)).unwrap_or(0);
     // recipient -> (messages, bytes) this batch's acks removed: added to its freed row.
     let mut acked_now: HashMap<IdentityKey, (i64, i64)> = HashMap::new();
     for row in acked {
