@@ -434,7 +434,8 @@ async fn acks_through_two_nodes_make_room_for_a_cap_sized_burst_again() {
 async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
     use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
-    let limits = QueueLimits { max_messages: 1000, max_bytes: 1 << 20, ttl_ms: 3_600_000, max_stored_bytes: 1 << 30 };
+    let limits =
+        QueueLimits { max_messages: 1000, max_bytes: 1 << 20, ttl_ms: 3_600_000, max_stored_bytes: 1 << 30 };
     let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
     // Recipient i has i + 1 messages of 100 bytes, the k-th filled with byte 10 * i + k.
     let people: Vec<IdentityKey> = (0..8u8).map(|i| [i + 1; 32]).collect();
@@ -443,7 +444,9 @@ async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
         for k in 0..=i {
             let body = vec![(10 * i + k) as u8; 100];
             let op = WriteOp::Enqueue { channel: Vec::new(), items: vec![(*who, body.clone())] };
-            let Outcome::Enqueued { seqs, .. } = store.write(op).await.unwrap() else { panic!("not enqueued") };
+            let Outcome::Enqueued { seqs, .. } = store.write(op).await.unwrap() else {
+                panic!("not enqueued")
+            };
             queued[i].push((seqs[0], body));
         }
     }

@@ -42,7 +42,14 @@ macro_rules! update_queue_rows {
     ($r:literal, $next:literal, $count:literal, $bytes:literal) => {
         concat!(
             "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
-             FROM unnest(", $r, "::bytea[], ", $next, "::bigint[], ", $count, "::bigint[], ", $bytes,
+             FROM unnest(",
+            $r,
+            "::bytea[], ",
+            $next,
+            "::bigint[], ",
+            $count,
+            "::bigint[], ",
+            $bytes,
             "::bigint[]) AS u(r, next, count, bytes)
              WHERE q.recipient = u.r"
         )
@@ -74,8 +81,8 @@ use super::{TxError, mail};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::store::{
-    IdentityKey, KeyPackageEntry, Outcome, QueueLimits, StoreError, WriteOp,
-    decode_hybrid_key, encode_hybrid_key,
+    IdentityKey, KeyPackageEntry, Outcome, QueueLimits, StoreError, WriteOp, decode_hybrid_key,
+    encode_hybrid_key,
 };
 
 /// Shards of the stored-bytes total (each connection adds to `pg_backend_pid() % SHARDS`).

@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Inner, TxError, batch, ops, unavailable};
 use crate::limits;
-use crate::store::{IdentityKey, StoredMessage, StoreError};
+use crate::store::{IdentityKey, StoreError, StoredMessage};
 
 /// Messages found and whether more are waiting beyond the request's limits.
 pub(super) type Page = (Vec<StoredMessage>, bool);
@@ -95,7 +95,12 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
 }
 
 /// Reads every request's page in one statement; the pages come back in request order.
-async fn fetch_pages(client: &Object, ttl_ms: u64, now: u64, requests: &[Request]) -> Result<Vec<Page>, TxError> {
+async fn fetch_pages(
+    client: &Object,
+    ttl_ms: u64,
+    now: u64,
+    requests: &[Request],
+) -> Result<Vec<Page>, TxError> {
     let oldest = ops::big(now.saturating_sub(ttl_ms));
     let who: Vec<&[u8]> = requests.iter().map(|r| &r.who[..]).collect();
     let after: Vec<i64> = requests.iter().map(|r| ops::big(r.after)).collect();
