@@ -336,6 +336,12 @@ pub const PG_BATCH_OPS: usize = 64;
 pub const PG_BATCH_WORKERS: usize = 1;
 /// Enqueues and acks waiting for a group-commit worker before callers wait to queue.
 pub const PG_BATCH_QUEUE: usize = 1024;
+/// Fetches one PostgreSQL read statement takes at most: every recipient one enqueue commit
+/// wakes, with room; the answer is bounded by each request's own limits.
+pub const PG_FETCH_OPS: usize = 64;
+/// Read workers per node, each one statement at a time on its own pooled connection: two, so a
+/// fetch arriving during a read waits for at most one statement, not for a queue of them.
+pub const PG_FETCH_WORKERS: usize = 2;
 
 /// Longest a PostgreSQL transaction waits for a pooled connection, or a new one to open, before
 /// the call fails with `unavailable`: a database that is down gives clients an answer, not a hang.

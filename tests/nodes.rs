@@ -426,3 +426,58 @@ async fn acks_through_two_nodes_make_room_for_a_cap_sized_burst_again() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Issue 13: fetches that wait at one moment share read statements on PostgreSQL (one per fetch
+/// was half of a node's round trips), and each still gets exactly its own page: its recipient,
+/// after its seq, cut at its limit and byte budget, with `more` set when something was left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
+    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
+    let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
+    let limits =
+        QueueLimits { max_messages: 1000, max_bytes: 1 << 20, ttl_ms: 3_600_000, max_stored_bytes: 1 << 30 };
+    let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
+    // Recipient i has i + 1 messages of 100 bytes, the k-th filled with byte 10 * i + k.
+    let people: Vec<IdentityKey> = (0..8u8).map(|i| [i + 1; 32]).collect();
+    let mut queued: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); people.len()];
+    for (i, who) in people.iter().enumerate() {
+        for k in 0..=i {
+            let body = vec![(10 * i + k) as u8; 100];
+            let op = WriteOp::Enqueue { channel: Vec::new(), items: vec![(*who, body.clone())] };
+            let Outcome::Enqueued { seqs, .. } = store.write(op).await.unwrap() else {
+                panic!("not enqueued")
+            };
+            queued[i].push((seqs[0], body));
+        }
+    }
+    // Three requests per recipient: everything, after its first message at most two, and
+    // everything within 150 bytes (one message, then `more`).
+    let mut requests = Vec::new();
+    for (i, who) in people.iter().enumerate() {
+        let first = queued[i][0].0;
+        requests.push((i, *who, 0u64, 100u32, 1usize << 20));
+        requests.push((i, *who, first, 2, 1 << 20));
+        requests.push((i, *who, 0, 100, 150));
+    }
+    let before = store.read_statements();
+    let pages = futures::future::join_all(
+        requests.iter().map(|(_, who, after, limit, max_bytes)| store.fetch(who, *after, *limit, *max_bytes)),
+    )
+    .await;
+    let statements = store.read_statements() - before;
+    for ((i, _, after, limit, max_bytes), page) in requests.iter().zip(pages) {
+        let (msgs, more) = page.unwrap();
+        let after_it: Vec<&(u64, Vec<u8>)> = queued[*i].iter().filter(|(seq, _)| seq > after).collect();
+        let fit = if *max_bytes < 200 { 1 } else { *limit as usize };
+        let want: Vec<(u64, Vec<u8>)> = after_it.iter().take(fit).map(|m| (*m).clone()).collect();
+        let got: Vec<(u64, Vec<u8>)> = msgs.into_iter().map(|m| (m.seq, m.payload)).collect();
+        assert_eq!(got, want, "recipient {i}, after {after}, limit {limit}, {max_bytes} bytes");
+        assert_eq!(more, after_it.len() > want.len(), "more, recipient {i}, after {after}, limit {limit}");
+    }
+    assert!(
+        statements < requests.len() as u64 / 2,
+        "{} concurrent fetches took {statements} read statements",
+        requests.len()
+    );
+    store.close();
+}

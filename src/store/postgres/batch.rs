@@ -10,8 +10,9 @@
 //! WAL flush forms the next batch, and runs them as:
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
 //!    rows (sorted), then its enqueues' queue rows (sorted), read the floors, the stored-bytes
-//!    total and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
-//!    safe), and delete the acked entries (returning what went);
+//!    total (both only when the batch enqueues) and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
+//!    safe), and delete the acked entries with the payloads they were the last entries of (returning what
+//!    went);
 //! 2. in memory, the requests one after the other in arrival order: acks count what they
 //!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
 //!    left by the requests before them; a refused request changes nothing and does not disturb
@@ -44,6 +45,7 @@ use std::sync::atomic::Ordering;
 
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 
 use super::{Inner, TxError, mail, ops, unavailable};
 use crate::limits;
@@ -51,6 +53,22 @@ use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, WriteOp};
 
 /// One queued request and where its answer goes.
 pub(super) type Request = (WriteOp, oneshot::Sender<Result<Outcome, StoreError>>);
+
+/// A batch's mail ([`mail::insert_mail_ctes`], `$1`–`$11`), its queue rows' new `next_seq`,
+/// `count` and `bytes` (`$12`–`$15`, [`ops::update_queue_rows`]), its channel rows' new
+/// `last_seq` (`$16`, `$17`) and `$19` bytes added to this connection's stored-bytes shard (of
+/// `$18`), in one statement. Its only new lock is the shard's: the queue and channel rows were
+/// locked in step 1, and the entries' keys are new (their seqs were taken under those locks).
+const WRITE_MAIL: &str = concat!(
+    "WITH ",
+    mail::insert_mail_ctes!(),
+    ", q AS (",
+    ops::update_queue_rows!("$12", "$13", "$14", "$15"),
+    "), c AS (UPDATE qpq_channels c SET last_seq = u.last
+             FROM unnest($16::bytea[], $17::bigint[]) AS u(id, last) WHERE c.id = u.id)
+     INSERT INTO qpq_stored_bytes (shard, bytes) SELECT pg_backend_pid() % $18::integer, $19::bigint WHERE $19::bigint <> 0
+     ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes"
+);
 
 /// Whether `op` goes through the batch (the frequent writes); the rest keep a transaction each.
 pub(super) fn batched(op: &WriteOp) -> bool {
@@ -98,9 +116,10 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
 }
 
 /// A batch-wide error, once per request (StoreError is not Clone: it wraps driver errors' text).
-fn same_error(e: &StoreError) -> StoreError {
+pub(super) fn same_error(e: &StoreError) -> StoreError {
     match e {
         StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Db(m) => StoreError::Db(m.clone()),
         StoreError::Closed => StoreError::Closed,
         other => StoreError::Db(other.to_string()),
     }
@@ -221,15 +240,14 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
                   d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
                         RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota), ",
-            mail::release_payloads!(),
-            " SELECT recipient, seq, bytes, quota FROM d"
+            mail::release_or_delete_payloads!(),
+            " SELECT recipient, seq, bytes, quota, (SELECT coalesce(sum(quota), 0) FROM x)::bigint FROM d"
         ))
         .await?;
-    let delete_unreferenced = tx.prepare_cached(mail::DELETE_UNREFERENCED).await?;
     let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
     // Sent in this order on one connection, so locks are taken in this order; the freed rows
     // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
-    let ((), channel_rows, queue_rows, totals, freed_rows, acked, unreferenced) = tokio::try_join!(
+    let ((), channel_rows, queue_rows, totals, freed_rows, acked) = tokio::try_join!(
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -243,7 +261,13 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             }
             tx.query(&lock_queues, &[&queue_keys]).await
         },
-        tx.query_one(&totals, &[]),
+        async {
+            // Only enqueues need the floors and the total (an ack-only batch: one statement less).
+            if queue_keys.is_empty() {
+                return Ok(None);
+            }
+            tx.query_one(&totals, &[]).await.map(Some)
+        },
         async {
             if queue_keys.is_empty() {
                 return Ok(Vec::new());
@@ -256,14 +280,12 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             }
             tx.query(&delete_acked, &[&ack_keys, &ack_up_to]).await
         },
-        async {
-            if ack_keys.is_empty() {
-                return Ok(0);
-            }
-            tx.query_one(&delete_unreferenced, &[]).await.map(|r| r.get::<_, i64>(0))
-        },
     )?;
-    let (seq_floor, channel_floor, mut used): (i64, i64, i64) = (totals.get(0), totals.get(1), totals.get(2));
+    let (seq_floor, channel_floor, mut used): (i64, i64, i64) = match totals {
+        Some(t) => (t.get(0), t.get(1), t.get(2)),
+        // No enqueue in this batch: nothing takes a number or checks the quota.
+        None => (0, 0, 0),
+    };
 
     // Step 3, in memory. A new row (0) counts on from its floor (the schema's invariant).
     let mut channels: HashMap<Vec<u8>, i64> = HashMap::with_capacity(channel_rows.len());
@@ -283,7 +305,8 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
     // the same recipient earlier in the batch did not: as if they ran one after the other.
     let mut removed = vec![0u32; ops.len()];
-    let mut freed = unreferenced;
+    // The quota of the payloads the acks deleted (on every row of `acked`, the same).
+    let mut freed: i64 = acked.first().map(|r| r.get(4)).unwrap_or(0);
     // recipient -> (messages, bytes) this batch's acks removed: added to its freed row.
     let mut acked_now: HashMap<IdentityKey, (i64, i64)> = HashMap::new();
     for row in acked {
@@ -367,14 +390,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     woken.dedup();
 
     // Step 4: write it all.
-    let insert = tx.prepare_cached(mail::INSERT_MAIL).await?;
-    let update_queues = tx.prepare_cached(ops::UPDATE_QUEUE_ROWS).await?;
-    let update_channels = tx
-        .prepare_cached(
-            "UPDATE qpq_channels c SET last_seq = u.last
-             FROM unnest($1::bytea[], $2::bigint[]) AS u(id, last) WHERE c.id = u.id",
-        )
-        .await?;
+    let write_mail = tx.prepare_cached(WRITE_MAIL).await?;
     let mut queue_state: Vec<(&IdentityKey, &Queue)> = queues.iter().collect();
     queue_state.sort_unstable_by_key(|(k, _)| **k);
     let q_keys: Vec<&[u8]> = queue_state.iter().map(|(k, _)| &k[..]).collect();
@@ -398,26 +414,14 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         )
         .await?;
     let delta = adding_total - freed;
-    // The shard last: it is the last lock of every batch.
+    // The freed rows before the shard: the shard is the last lock of every batch. A batch that
+    // stores mail writes it, its queue and channel rows (locked in step 1) and the shard in one
+    // statement.
+    let mail_params = rows.params(&now_i);
+    let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
+    write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
+    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &delta]);
     tokio::try_join!(
-        async {
-            if rows.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&insert, &rows.params(&now_i)).await
-        },
-        async {
-            if q_keys.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&update_queues, &[&q_keys, &q_next, &q_count, &q_bytes]).await
-        },
-        async {
-            if c_keys.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&update_channels, &[&c_keys, &c_last]).await
-        },
         async {
             if a_keys.is_empty() {
                 return Ok(0);
@@ -425,6 +429,10 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             tx.execute(&add_freed, &[&a_keys, &a_count, &a_bytes]).await
         },
         async {
+            if !rows.is_empty() {
+                return tx.execute(&write_mail, &write_params).await;
+            }
+            // Nothing stored (acks, or only refused enqueues): no queue or channel row changed.
             if delta == 0 {
                 return Ok(0);
             }

@@ -8,14 +8,12 @@
 //! a message; it never loses one (the message is in the database).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::MAIL_CHANNEL;
-use crate::limits;
+use super::{MAIL_CHANNEL, reconnect};
 use crate::store::{IdentityKey, Notifier};
 
 /// Listens until `stop` is cancelled, reconnecting after a pause whenever the connection ends.
@@ -25,18 +23,7 @@ pub(super) async fn run(
     notifier: Arc<Notifier>,
     stop: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            ended = listen_once(&cfg, node_id, &notifier) => {
-                tracing::warn!(reason = %ended, "postgresql listen connection lost; reconnecting");
-            }
-            _ = stop.cancelled() => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(limits::PG_LISTEN_RETRY_MS)) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+    reconnect::forever("listen", &stop, || listen_once(&cfg, node_id, &notifier)).await
 }
 
 /// One connection's life; returns why it ended.

@@ -11,21 +11,32 @@ use super::ops;
 use crate::limits;
 use crate::store::{IdentityKey, StoredMessage};
 
-/// Inserts payloads (`$1`–`$5`: body, channel, channel_seq, refs, quota) and entries (`$7`–`$11`:
-/// recipient, seq, the 1-based index of its payload in `$1`, bytes, quota), all enqueued at `$6`.
-pub(super) const INSERT_MAIL: &str = "WITH p_in AS MATERIALIZED (
-         SELECT nextval('qpq_payloads_id_seq') AS id, t.*
-         FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[]) WITH ORDINALITY
-              AS t(body, channel_id, channel_seq, refs, quota, o)
-     ), p AS (
-         INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body, refs, quota)
-         SELECT id, channel_id, channel_seq, $6, body, refs, quota FROM p_in
-     )
-     INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, quota, enqueued_at_ms)
-     SELECT e.recipient, e.seq, p_in.id, e.bytes, e.quota, $6
-     FROM unnest($7::bytea[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
-          AS e(recipient, seq, payload, bytes, quota)
-     JOIN p_in ON p_in.o = e.payload";
+/// The CTEs that insert payloads (`$1`–`$5`: body, channel, channel_seq, refs, quota) and
+/// entries (`$7`–`$11`: recipient, seq, the 1-based index of its payload in `$1`, bytes, quota),
+/// all enqueued at `$6`: the head of [`INSERT_MAIL`] and of the group commit's one write
+/// statement ([`super::batch`]).
+macro_rules! insert_mail_ctes {
+    () => {
+        "p_in AS MATERIALIZED (
+             SELECT nextval('qpq_payloads_id_seq') AS id, t.*
+             FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[]) WITH ORDINALITY
+                  AS t(body, channel_id, channel_seq, refs, quota, o)
+         ), p AS (
+             INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body, refs, quota)
+             SELECT id, channel_id, channel_seq, $6, body, refs, quota FROM p_in
+         ), e AS (
+             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, quota, enqueued_at_ms)
+             SELECT e.recipient, e.seq, p_in.id, e.bytes, e.quota, $6
+             FROM unnest($7::bytea[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
+                  AS e(recipient, seq, payload, bytes, quota)
+             JOIN p_in ON p_in.o = e.payload
+         )"
+    };
+}
+pub(super) use insert_mail_ctes;
+
+/// Inserts the payloads and entries of [`insert_mail_ctes`]'s parameters.
+pub(super) const INSERT_MAIL: &str = concat!("WITH ", insert_mail_ctes!(), " SELECT count(*) FROM p_in");
 
 /// Deletes the payloads whose last entry this transaction deleted; returns the quota they free.
 /// Run after the statement that deleted the entries (see `release_payloads!`): a row at 0 refs
@@ -47,6 +58,27 @@ macro_rules! release_payloads {
     };
 }
 pub(super) use release_payloads;
+
+/// Like [`release_payloads`], but a payload whose last entries `d` deleted goes in the same
+/// statement (CTE `x`, `RETURNING quota`) instead of being left at 0 refs for
+/// [`DELETE_UNREFERENCED`]: no new row version, no entry in the partial index, one statement
+/// less. Why it is safe: `l` locks the rows and, in READ COMMITTED, `FOR UPDATE` returns their
+/// latest committed `refs` (after waiting for a concurrent release), so `u` and `x` decide on
+/// that value, not on the statement's snapshot, and each row goes to exactly one of them; a row
+/// a concurrent release changed after the snapshot is re-read by `u`/`x` (EvalPlanQual) and
+/// still matches `l`'s decision, since `l` holds its lock.
+macro_rules! release_or_delete_payloads {
+    () => {
+        "g AS (SELECT payload_id, count(*) AS n FROM d GROUP BY payload_id),
+         l AS (SELECT p.id, p.refs FROM qpq_payloads p WHERE p.id IN (SELECT payload_id FROM g)
+               ORDER BY p.id FOR UPDATE),
+         u AS (UPDATE qpq_payloads p SET refs = p.refs - g.n FROM g JOIN l ON l.id = g.payload_id
+               WHERE p.id = g.payload_id AND l.refs > g.n),
+         x AS (DELETE FROM qpq_payloads p USING g JOIN l ON l.id = g.payload_id
+               WHERE p.id = g.payload_id AND l.refs <= g.n RETURNING p.quota)"
+    };
+}
+pub(super) use release_or_delete_payloads;
 
 /// Bytes a message is charged on its recipient's queue: the whole message, which it will fetch.
 pub(super) fn queue_charge(channel: &[u8], payload: &[u8]) -> i64 {

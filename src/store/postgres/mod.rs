@@ -5,7 +5,8 @@
 //! connection options), so a reply means the commit is in the flushed WAL. Enqueues and acks,
 //! the frequent writes, are group-committed: the ones waiting at one moment share a transaction
 //! ([`batch`]); the rest run one transaction each ([`ops`]). Concurrency is left to PostgreSQL's
-//! row locks, not to locks in this process: that is what makes several nodes safe.
+//! row locks, not to locks in this process: that is what makes several nodes safe. Queue
+//! fetches waiting at one moment share one read statement ([`reads`]).
 //!
 //! Each call runs as a task on the runtime that opened the store (the server's multi-threaded
 //! one), so the pool's connection tasks live there whichever RPC worker asked.
@@ -22,6 +23,8 @@ mod batch;
 mod listen;
 mod mail;
 mod ops;
+mod reads;
+mod reconnect;
 mod schema;
 mod wake;
 
@@ -103,6 +106,8 @@ struct Inner {
     /// Recipients whose NOTIFY the wake-up sender has yet to send.
     wakeups: Arc<wake::Pending>,
     commits: AtomicU64,
+    /// Read statements the fetch workers have run (each serves one or more fetches).
+    reads: AtomicU64,
     instance_id: u64,
     /// Random per process: a node skips its own NOTIFYs (it woke its waiters already).
     node_id: u64,
@@ -116,6 +121,8 @@ pub struct PgStore {
     batches: mpsc::Sender<batch::Request>,
     /// Acks, for their own group-commit lane (see [`batch`]).
     acks: mpsc::Sender<batch::Request>,
+    /// Fetches, for the read workers that coalesce them (see [`reads`]).
+    fetches: mpsc::Sender<reads::Request>,
     /// Stops the listen and wake-up tasks.
     stop: CancellationToken,
 }
@@ -177,6 +184,7 @@ impl PgStore {
             notifier: Arc::new(Notifier::default()),
             wakeups: Arc::new(wake::Pending::default()),
             commits: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             instance_id,
             node_id: rand::random(),
         });
@@ -192,7 +200,12 @@ impl PgStore {
             sender
         };
         let (batches, acks) = (lane(&inner), lane(&inner));
-        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, acks, stop })
+        let (fetches, queue) = mpsc::channel(limits::PG_BATCH_QUEUE);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..limits::PG_FETCH_WORKERS {
+            tokio::spawn(reads::run_worker(inner.clone(), queue.clone()));
+        }
+        Ok(PgStore { inner, runtime: tokio::runtime::Handle::current(), batches, acks, fetches, stop })
     }
 
     /// Runs `f` on the store's runtime and waits for it.
@@ -222,13 +235,14 @@ impl PgStore {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        let who = *who;
-        self.on_runtime(move |inner| async move {
-            let now = inner.clock.now_ms();
-            let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            ops::fetch(&client, inner.limits, &who, after, limit, max_bytes, now).await.map_err(unavailable)
-        })
-        .await
+        if after >= i64::MAX as u64 {
+            // No seq is that high (they are bigints).
+            return Ok((Vec::new(), false));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = reads::Request { who: *who, after, limit, max_bytes, reply };
+        self.fetches.send(request).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     pub async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
@@ -260,6 +274,11 @@ impl PgStore {
     /// Write transactions this node has committed.
     pub fn commit_count(&self) -> u64 {
         self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    /// Read statements this node has run for fetches (several fetches may share one).
+    pub fn read_statements(&self) -> u64 {
+        self.inner.reads.load(Ordering::Relaxed)
     }
 
     /// Stops listening and closes the pool (calls in flight finish or fail `unavailable`).

@@ -34,12 +34,31 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
      ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
      RETURNING recipient, next_seq, count, bytes";
 
-/// Sets each queue row of `$1` to its new `next_seq` (`$2`), `count` (`$3`) and `bytes` (`$4`):
-/// what an enqueue writes back to the rows it locked with [`LOCK_QUEUE_ROWS`].
-pub(super) const UPDATE_QUEUE_ROWS: &str =
-    "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
-     FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(r, next, count, bytes)
-     WHERE q.recipient = u.r";
+/// Sets each queue row of the first placeholder to its new `next_seq` (the second), `count`
+/// (the third) and `bytes` (the fourth): what an enqueue writes back to the rows it locked
+/// with [`LOCK_QUEUE_ROWS`]. A macro so that the group commit's one write statement
+/// ([`super::batch`]) says it with its own placeholders.
+macro_rules! update_queue_rows {
+    ($r:literal, $next:literal, $count:literal, $bytes:literal) => {
+        concat!(
+            "UPDATE qpq_queues q SET next_seq = u.next, count = u.count, bytes = u.bytes
+             FROM unnest(",
+            $r,
+            "::bytea[], ",
+            $next,
+            "::bigint[], ",
+            $count,
+            "::bigint[], ",
+            $bytes,
+            "::bigint[]) AS u(r, next, count, bytes)
+             WHERE q.recipient = u.r"
+        )
+    };
+}
+pub(super) use update_queue_rows;
+
+/// [`update_queue_rows`] with `$1`–`$4`.
+pub(super) const UPDATE_QUEUE_ROWS: &str = update_queue_rows!("$1", "$2", "$3", "$4");
 
 /// Reads what acks freed from the queues of `$1` (no lock: see the module docs). Run after the
 /// statement that locked those queue rows, never in it (its snapshot would predate the locks).
@@ -62,8 +81,8 @@ use super::{TxError, mail};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::store::{
-    IdentityKey, KeyPackageEntry, Outcome, QueueLimits, StoreError, StoredMessage, WriteOp,
-    decode_hybrid_key, encode_hybrid_key,
+    IdentityKey, KeyPackageEntry, Outcome, QueueLimits, StoreError, WriteOp, decode_hybrid_key,
+    encode_hybrid_key,
 };
 
 /// Shards of the stored-bytes total (each connection adds to `pg_backend_pid() % SHARDS`).
@@ -536,55 +555,6 @@ async fn put_hybrid_key(
 
 /// Unexpired messages of `who` after `after`, cut like the redb store's fetch: at `limit`
 /// messages, or before the message that would pass `max_bytes` (the first one always fits).
-pub(super) async fn fetch(
-    client: &Object,
-    limits: QueueLimits,
-    who: &IdentityKey,
-    after: u64,
-    limit: u32,
-    max_bytes: usize,
-    now: u64,
-) -> Result<(Vec<StoredMessage>, bool), TxError> {
-    if after >= i64::MAX as u64 {
-        return Ok((Vec::new(), false));
-    }
-    let oldest = big(now.saturating_sub(limits.ttl_ms));
-    let stmt = client
-        .prepare_cached(
-            "SELECT seq, channel_id, channel_seq, body, enqueued_at_ms FROM (
-                 SELECT *, coalesce(sum(octet_length(body)) OVER (ORDER BY seq
-                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-                 FROM (
-                     SELECT e.seq, p.channel_id, p.channel_seq, p.body, p.enqueued_at_ms
-                     FROM qpq_entries e JOIN qpq_payloads p ON p.id = e.payload_id
-                     WHERE e.recipient = $1 AND e.seq > $2 AND e.enqueued_at_ms >= $3
-                     ORDER BY e.seq LIMIT $4
-                 ) page
-             ) cut WHERE before <= $5 ORDER BY seq",
-        )
-        .await?;
-    let rows = client
-        .query(&stmt, &[&&who[..], &big(after), &oldest, &(i64::from(limit) + 1), &big(max_bytes as u64)])
-        .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut bytes = 0usize;
-    for row in rows {
-        let payload: Vec<u8> = row.get(3);
-        if out.len() as u32 >= limit || (!out.is_empty() && bytes + payload.len() > max_bytes) {
-            return Ok((out, true));
-        }
-        bytes += payload.len();
-        out.push(StoredMessage {
-            seq: unbig(row.get(0)),
-            channel_id: row.get(1),
-            channel_seq: unbig(row.get(2)),
-            payload,
-            enqueued_at_ms: unbig(row.get(4)),
-        });
-    }
-    Ok((out, false))
-}
-
 pub(super) async fn key_package_count(
     client: &Object,
     who: &IdentityKey,

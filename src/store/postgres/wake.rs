@@ -22,14 +22,12 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-use super::{MAIL_CHANNEL, ops};
-use crate::limits;
+use super::{MAIL_CHANNEL, ops, reconnect};
 use crate::store::IdentityKey;
 
 /// Recipients with committed mail whose NOTIFY has not been sent yet.
@@ -70,18 +68,7 @@ pub(super) async fn run(
     pending: std::sync::Arc<Pending>,
     stop: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            ended = send_until_error(&cfg, node_id, &pending) => {
-                tracing::warn!(reason = %ended, "postgresql notify connection lost; reconnecting");
-            }
-            _ = stop.cancelled() => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(limits::PG_LISTEN_RETRY_MS)) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+    reconnect::forever("notify", &stop, || send_until_error(&cfg, node_id, &pending)).await
 }
 
 /// One connection's life; returns why it ended.

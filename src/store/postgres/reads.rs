@@ -1,0 +1,141 @@
+//! Coalesced reads: the queue fetches waiting at one moment share one statement.
+//!
+//! Why (issue 13): at 16 senders, one PostgreSQL node's delivery spent half of its round trips
+//! on fetches, one statement per woken `fetchWait` carrying about two messages, while each
+//! enqueue commit wakes every recipient it wrote to at once. A round trip is a wake-up of a
+//! backend and of this process on a machine whose cores the senders, the nodes and PostgreSQL
+//! share; the index scans themselves are cheap.
+//!
+//! How, like the group commit ([`super::batch`]): [`limits::PG_FETCH_WORKERS`] tasks per node
+//! each take every fetch waiting (up to [`limits::PG_FETCH_OPS`]) and run them as one
+//! autocommit statement, a `LATERAL` page per request, on one pooled connection. Each request
+//! gets exactly what its own statement returned before: its recipient's unexpired entries after
+//! its seq, in seq order, cut at its limit and byte budget. A read that runs a little later
+//! than asked only sees more: every caller subscribed for wake-ups before asking.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use deadpool_postgres::Object;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::{Inner, TxError, batch, ops, unavailable};
+use crate::limits;
+use crate::store::{IdentityKey, StoreError, StoredMessage};
+
+/// Messages found and whether more are waiting beyond the request's limits.
+pub(super) type Page = (Vec<StoredMessage>, bool);
+
+/// One waiting fetch and where its answer goes.
+pub(super) struct Request {
+    pub who: IdentityKey,
+    /// Below `i64::MAX` (the caller answers larger ones itself: nothing can follow them).
+    pub after: u64,
+    pub limit: u32,
+    pub max_bytes: usize,
+    pub reply: oneshot::Sender<Result<Page, StoreError>>,
+}
+
+/// The pages of `$1` (recipients), after `$2`, at most `$3` rows each, cut where the payload
+/// bytes before a row pass `$4`, entries enqueued at or after `$5`; `o` is the request's
+/// 1-based index.
+const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq, x.body, x.enqueued_at_ms
+     FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
+          AS r(who, after, lim, max_bytes, o)
+     CROSS JOIN LATERAL (
+         SELECT * FROM (
+             SELECT page.*, coalesce(sum(octet_length(page.body)) OVER (ORDER BY page.seq
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+             FROM (
+                 SELECT e.seq, p.channel_id, p.channel_seq, p.body, p.enqueued_at_ms
+                 FROM qpq_entries e JOIN qpq_payloads p ON p.id = e.payload_id
+                 WHERE e.recipient = r.who AND e.seq > r.after AND e.enqueued_at_ms >= $5
+                 ORDER BY e.seq LIMIT r.lim
+             ) page
+         ) cut WHERE cut.before <= r.max_bytes
+     ) x
+     ORDER BY r.o, x.seq";
+
+/// One worker: takes what is waiting, reads it in one statement, answers, until the queue
+/// closes.
+pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Request>>>) {
+    loop {
+        let requests = {
+            let mut rx = queue.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut requests = vec![first];
+            while requests.len() < limits::PG_FETCH_OPS {
+                match rx.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+            requests
+        };
+        let now = inner.clock.now_ms();
+        let read = async {
+            let client = inner.pool.get().await.map_err(TxError::from)?;
+            inner.reads.fetch_add(1, Ordering::Relaxed);
+            fetch_pages(&client, inner.limits.ttl_ms, now, &requests).await
+        };
+        match read.await.map_err(unavailable) {
+            Ok(pages) => {
+                for (request, page) in requests.into_iter().zip(pages) {
+                    // The caller may have gone (its call was cancelled): nothing to tell.
+                    let _ = request.reply.send(Ok(page));
+                }
+            }
+            Err(e) => {
+                for request in requests {
+                    let _ = request.reply.send(Err(batch::same_error(&e)));
+                }
+            }
+        }
+    }
+}
+
+/// Reads every request's page in one statement; the pages come back in request order.
+async fn fetch_pages(
+    client: &Object,
+    ttl_ms: u64,
+    now: u64,
+    requests: &[Request],
+) -> Result<Vec<Page>, TxError> {
+    let oldest = ops::big(now.saturating_sub(ttl_ms));
+    let who: Vec<&[u8]> = requests.iter().map(|r| &r.who[..]).collect();
+    let after: Vec<i64> = requests.iter().map(|r| ops::big(r.after)).collect();
+    // One row more than the limit tells whether more are waiting.
+    let rows_max: Vec<i64> = requests.iter().map(|r| i64::from(r.limit) + 1).collect();
+    let max_bytes: Vec<i64> = requests.iter().map(|r| ops::big(r.max_bytes as u64)).collect();
+    let stmt = client.prepare_cached(FETCH_PAGES).await?;
+    let rows = client.query(&stmt, &[&who, &after, &rows_max, &max_bytes, &oldest]).await?;
+    let mut pages: Vec<Page> = requests.iter().map(|_| (Vec::new(), false)).collect();
+    let mut bytes = vec![0usize; requests.len()];
+    for row in rows {
+        let o: i64 = row.get(0);
+        // `o` is an index into `requests`, 1-based, as sent: anything else is a damaged answer.
+        let i = usize::try_from(o - 1)
+            .ok()
+            .filter(|i| *i < requests.len())
+            .ok_or_else(|| TxError::Store(StoreError::Db(format!("fetch: unexpected request index {o}"))))?;
+        let (out, more) = &mut pages[i];
+        if *more {
+            continue;
+        }
+        let payload: Vec<u8> = row.get(4);
+        let r = &requests[i];
+        if out.len() as u32 >= r.limit || (!out.is_empty() && bytes[i] + payload.len() > r.max_bytes) {
+            *more = true;
+            continue;
+        }
+        bytes[i] += payload.len();
+        out.push(StoredMessage {
+            seq: ops::unbig(row.get(1)),
+            channel_id: row.get(2),
+            channel_seq: ops::unbig(row.get(3)),
+            payload,
+            enqueued_at_ms: ops::unbig(row.get(5)),
+        });
+    }
+    Ok(pages)
+}
