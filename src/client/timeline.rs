@@ -169,8 +169,10 @@ impl Timelines {
 
     /// Joins what [`Timelines::split`] made.
     pub fn join(counts: MessageCounts, events: MemberEvents) -> Timelines {
-        let mut by_group: BTreeMap<String, GroupLog> =
-            counts.into_iter().map(|(g, messages)| (g, GroupLog { messages, events: VecDeque::new() })).collect();
+        let mut by_group: BTreeMap<String, GroupLog> = counts
+            .into_iter()
+            .map(|(g, messages)| (g, GroupLog { messages, events: VecDeque::new() }))
+            .collect();
         for (g, events) in events {
             by_group.entry(g).or_default().events = events;
         }

@@ -440,7 +440,11 @@ impl MlsStore {
     /// ([`tree_nodes`]); [`MlsStore::set`] skips the nodes whose bytes did not change, and the
     /// nodes past the end of a shrunk tree are deleted. A value of another shape is stored
     /// whole (and its old nodes deleted).
-    fn write_split_tree<V: Serialize + ?Sized>(&self, group_id: &[u8], value: &V) -> Result<(), MlsStoreError> {
+    fn write_split_tree<V: Serialize + ?Sized>(
+        &self,
+        group_id: &[u8],
+        value: &V,
+    ) -> Result<(), MlsStoreError> {
         let key = build_key_from_vec(TREE_LABEL, group_id.to_vec());
         let (old_leaves, old_parents) = self.tree_counts(&key)?;
         let (main, leaves, parents) = match tree_nodes::split(value) {

@@ -619,6 +619,8 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
             meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())
                 .map_err(|e| io_err("upgrade")(e.into()))?;
         }
+        // Tests stop here: a crash before the commit leaves the old format, whole.
+        crate::failpoint::hit("clientdb-upgrade-before-commit");
         if moved > 0 {
             // Records changed: a write like any other, so it counts as a generation.
             w.commit().map(drop)

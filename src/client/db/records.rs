@@ -367,10 +367,16 @@ mod tests {
     /// The sum of the plaintext sizes of the state records a save changed, and their names.
     fn changed_bytes(home: &Home, before: &HashMap<String, [u8; 32]>) -> (usize, Vec<String>) {
         let db = home.db().unwrap();
-        let mut names: Vec<String> =
-            home.written.records.iter().filter(|(k, d)| before.get(*k) != Some(d)).map(|(k, _)| k.clone()).collect();
+        let mut names: Vec<String> = home
+            .written
+            .records
+            .iter()
+            .filter(|(k, d)| before.get(*k) != Some(d))
+            .map(|(k, _)| k.clone())
+            .collect();
         names.sort();
-        let bytes = names.iter().map(|n| db.get(Table::State, n.as_bytes()).unwrap().map_or(0, |v| v.len())).sum();
+        let bytes =
+            names.iter().map(|n| db.get(Table::State, n.as_bytes()).unwrap().map_or(0, |v| v.len())).sum();
         (bytes, names)
     }
 
@@ -400,29 +406,75 @@ mod tests {
         assert_eq!(home.state.timelines.message_count(&ids[3]), 1);
     }
 
-    /// A format-3 home keeps its timelines in one record: opening it splits that record in two,
-    /// deletes it, and reads the same counters and events.
+    /// The process [`an_upgrade_killed_before_its_commit_leaves_the_format_3_home_whole`] starts:
+    /// opens the home named by `QPQ_TEST_HOME` (and dies at the failpoint it is given).
     #[test]
-    fn a_format_3_home_opens_with_its_timelines_split() {
+    #[ignore = "run by an_upgrade_killed_before_its_commit_leaves_the_format_3_home_whole"]
+    fn open_the_home_of_the_parent_test() {
+        if let Some(dir) = std::env::var_os("QPQ_TEST_HOME") {
+            drop(Home::open(Path::new(&dir), None));
+        }
+    }
+
+    /// Issue 12: a process killed while it upgrades a format-3 home (right before the upgrade's
+    /// one commit) leaves the home at format 3 with its one `timelines` record; the next open
+    /// upgrades it and reads the same counters and events.
+    #[test]
+    fn an_upgrade_killed_before_its_commit_leaves_the_format_3_home_whole() {
         let dir = tempfile::tempdir().unwrap();
-        home_with(dir.path(), &[("ab", meta("team", GroupKind::Group, true))]);
+        format_3_home(dir.path());
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(exe)
+            .args(["client::db::records::tests::open_the_home_of_the_parent_test", "--exact", "--ignored"])
+            .env("QPQ_TEST_HOME", dir.path())
+            .env("QPQ_FAILPOINT", "clientdb-upgrade-before-commit")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(crate::failpoint::FAILPOINT_EXIT_CODE), "the child died at the point");
+        let key = StateKey::unprotected();
+        {
+            // Read with redb alone: opening a ClientDb would upgrade it.
+            let db = redb::Database::open(dir.path().join(super::super::DB_FILE)).unwrap();
+            let txn = db.begin_read().unwrap();
+            let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+            assert_eq!(format, 3u32.to_le_bytes(), "still format 3");
+        }
+        let home = Home::open(dir.path(), None).unwrap();
+        assert_eq!(home.state.timelines.message_count("ab"), 2);
+        assert_eq!(home.state.timelines.events_between("ab", 0, u64::MAX).len(), 1);
+        drop(home);
+        let db = ClientDb::open(dir.path(), &key).unwrap();
+        assert_eq!(format(&db), DB_FORMAT_VERSION.to_le_bytes());
+    }
+
+    /// A home as format 3 wrote it: one `timelines` record (two messages and an event in `ab`,
+    /// one message in `cd`), the format record saying 3.
+    fn format_3_home(dir: &Path) {
+        home_with(dir, &[("ab", meta("team", GroupKind::Group, true))]);
         let mut timelines = Timelines::default();
         timelines.note_message("ab");
         timelines.note_message("ab");
         timelines.record("ab", MemberEventKind::Left, [5; 32], vec![[6; 32]], 7, 10);
         timelines.note_message("cd");
+        let db = ClientDb::open(dir, &StateKey::unprotected()).unwrap();
+        let mut w = db.write().unwrap();
+        w.delete(Table::State, MESSAGE_COUNTS.as_bytes()).unwrap();
+        w.delete(Table::State, MEMBER_EVENTS.as_bytes()).unwrap();
+        w.put(Table::State, V3_TIMELINES.as_bytes(), &postcard::to_allocvec(&timelines).unwrap()).unwrap();
+        w.commit().unwrap();
+        let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+        txn.open_table(META).unwrap().insert(META_FORMAT, 3u32.to_le_bytes().as_slice()).unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// A format-3 home keeps its timelines in one record: opening it splits that record in two,
+    /// deletes it, and reads the same counters and events.
+    #[test]
+    fn a_format_3_home_opens_with_its_timelines_split() {
+        let dir = tempfile::tempdir().unwrap();
+        format_3_home(dir.path());
         let key = StateKey::unprotected();
-        {
-            let db = ClientDb::open(dir.path(), &key).unwrap();
-            let mut w = db.write().unwrap();
-            w.delete(Table::State, MESSAGE_COUNTS.as_bytes()).unwrap();
-            w.delete(Table::State, MEMBER_EVENTS.as_bytes()).unwrap();
-            w.put(Table::State, V3_TIMELINES.as_bytes(), &postcard::to_allocvec(&timelines).unwrap()).unwrap();
-            w.commit().unwrap();
-            let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
-            txn.open_table(META).unwrap().insert(META_FORMAT, 3u32.to_le_bytes().as_slice()).unwrap();
-            txn.commit().unwrap();
-        }
         let home = Home::open(dir.path(), None).unwrap();
         assert_eq!(home.state.timelines.message_count("ab"), 2);
         assert_eq!(home.state.timelines.message_count("cd"), 1);

@@ -573,7 +573,8 @@ fn measure_app_message_commit() {
     let m = env("QPQ_MEASURE_MESSAGES", 50);
     let key = StateKey::unprotected();
     let (cdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cdb, rdb) = (ClientDb::create(cdir.path(), &key).unwrap(), ClientDb::create(rdir.path(), &key).unwrap());
+    let (cdb, rdb) =
+        (ClientDb::create(cdir.path(), &key).unwrap(), ClientDb::create(rdir.path(), &key).unwrap());
     let save = |db: &ClientDb, c: &MlsClient| {
         let mut w = db.write().unwrap();
         let k = c.store().dirty_keys();
@@ -596,7 +597,8 @@ fn measure_app_message_commit() {
     let text = vec![0x61u8; 64];
     let describe = |who: &str, db: &ClientDb, keys: Vec<Vec<u8>>| {
         for k in keys {
-            let label: String = k.iter().take_while(|b| b.is_ascii_alphabetic()).map(|&b| b as char).collect();
+            let label: String =
+                k.iter().take_while(|b| b.is_ascii_alphabetic()).map(|&b| b as char).collect();
             let size = db.get(Table::Mls, &k).unwrap().map_or(0, |v| v.len());
             eprintln!("{who}: record {label} ({} key bytes): {size} plaintext bytes", k.len());
         }
@@ -683,8 +685,12 @@ fn measure_commit_records() {
         for key in receiver.store().dirty_keys() {
             let len = snapshot.get(&key).map_or(0, |v| v.len());
             total += len;
-            let label: String = String::from_utf8_lossy(&key).chars().take_while(|c| *c != '[' && *c != '"').collect();
-            println!("round {round}: {label:<24} {len:>8} bytes{}", if snapshot.contains_key(&key) { "" } else { " (deleted)" });
+            let label: String =
+                String::from_utf8_lossy(&key).chars().take_while(|c| *c != '[' && *c != '"').collect();
+            println!(
+                "round {round}: {label:<24} {len:>8} bytes{}",
+                if snapshot.contains_key(&key) { "" } else { " (deleted)" }
+            );
         }
         println!("round {round}: total {total} bytes");
         flush(receiver.store());

@@ -52,8 +52,12 @@ pub struct Split {
 
 /// Encodes a `TreeSync` as a main record and one record per node.
 pub fn split<V: Serialize + ?Sized>(value: &V) -> Result<Split, ShapeError> {
-    let mut enc =
-        Encoder { body: Zeroizing::new(Vec::new()), scratch: Zeroizing::new(Vec::new()), leaves: None, parents: None };
+    let mut enc = Encoder {
+        body: Zeroizing::new(Vec::new()),
+        scratch: Zeroizing::new(Vec::new()),
+        leaves: None,
+        parents: None,
+    };
     value.serialize(Shaped { enc: &mut enc, level: Level::TreeSync })?;
     let (Some((leaf_off, leaves)), Some((parent_off, parents))) = (enc.leaves, enc.parents) else {
         return Err(ShapeError);
@@ -90,7 +94,8 @@ fn header(main: &[u8]) -> Option<Header<'_>> {
         let bytes = head.get(4 * i..4 * i + 4)?;
         Some(u32::from_le_bytes(bytes.try_into().ok()?) as usize)
     };
-    let h = Header { leaves: field(0)?, leaf_off: field(1)?, parents: field(2)?, parent_off: field(3)?, body };
+    let h =
+        Header { leaves: field(0)?, leaf_off: field(1)?, parents: field(2)?, parent_off: field(3)?, body };
     // Offsets in order and inside the body. The counts are not bounded here: [`join`] asks for
     // the nodes one by one and stops at the first missing one.
     (h.leaf_off <= h.parent_off && h.parent_off <= body.len()).then_some(h)
@@ -237,7 +242,11 @@ impl<'a> ser::Serializer for Shaped<'a> {
         Err(ShapeError)
     }
 
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, _: &T) -> Result<(), ShapeError> {
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), ShapeError> {
         Err(ShapeError)
     }
 
@@ -310,7 +319,11 @@ impl ser::SerializeStruct for Fields<'_> {
     type Ok = ();
     type Error = ShapeError;
 
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), ShapeError> {
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), ShapeError> {
         let fields = self.level.struct_shape().map_or(&[][..], |(_, f)| f);
         if fields.get(self.next) != Some(&key) {
             return Err(ShapeError);
