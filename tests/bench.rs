@@ -14,15 +14,21 @@ fn positive(v: &Value) -> bool {
 
 #[test]
 fn quick_bench_reports_every_scenario_against_a_reference() {
+    // Its own temp dir: everything the bench (and its children) made there must be gone after.
+    let tmp = tempfile::tempdir().expect("temp dir");
     let out = Command::new(env!("CARGO_BIN_EXE_qpq"))
         .args(["bench", "--quick", "--json", "--duration-ms", "80", "--connections", "8"])
         .env_remove("QPQ_SERVER")
         .env_remove("QPQ_SERVER_FINGERPRINT")
         .env("QPQ_LOG", "warn")
+        .env("TMPDIR", tmp.path())
         .output()
         .expect("run qpq bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "qpq bench failed: {stderr}");
+    // The echo server child, killed at once, left its certificate dir behind on every run.
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the bench left {left:?} in its temp dir");
     let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one json document");
 
     assert_eq!(report["server"], "in-process");

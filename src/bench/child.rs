@@ -25,6 +25,8 @@ pub struct ChildServer {
     pub addr: SocketAddr,
     pub fingerprint: Fingerprint,
     _dir: Option<tempfile::TempDir>,
+    /// Exits by itself when its stdin closes (the echo server).
+    exits_on_eof: bool,
 }
 
 /// What a child has used so far: CPU time and context switches of all its threads.
@@ -54,17 +56,21 @@ impl ChildServer {
         for var in ["QPQ_CONFIG", "QPQ_CERT", "QPQ_KEY"] {
             cmd.env_remove(var);
         }
-        ChildServer::spawn(cmd.env("QPQ_LOG", "warn"), Some(dir))
+        ChildServer::spawn(cmd.env("QPQ_LOG", "warn"), Some(dir), false)
     }
 
     /// `qpq bench --echo-server`, which exits when its stdin closes.
     pub fn echo() -> anyhow::Result<ChildServer> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["bench", "--echo-server"]).env_remove("QPQ_SERVER");
-        ChildServer::spawn(&mut cmd, None)
+        ChildServer::spawn(&mut cmd, None, true)
     }
 
-    fn spawn(cmd: &mut Command, dir: Option<tempfile::TempDir>) -> anyhow::Result<ChildServer> {
+    fn spawn(
+        cmd: &mut Command,
+        dir: Option<tempfile::TempDir>,
+        exits_on_eof: bool,
+    ) -> anyhow::Result<ChildServer> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -77,7 +83,7 @@ impl ChildServer {
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         match banner {
-            Ok((addr, fingerprint)) => Ok(ChildServer { child, addr, fingerprint, _dir: dir }),
+            Ok((addr, fingerprint)) => Ok(ChildServer { child, addr, fingerprint, _dir: dir, exits_on_eof }),
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -119,8 +125,24 @@ impl ChildServer {
     }
 }
 
+/// How long a child that exits when its stdin closes gets to do so (and remove its temp dir)
+/// before it is killed.
+const EXIT_ON_EOF_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Drop for ChildServer {
     fn drop(&mut self) {
+        // The echo child exits when its stdin closes and then removes the temp dir holding its
+        // key; killed at once, it left that dir behind on every run.
+        if self.exits_on_eof {
+            drop(self.child.stdin.take());
+            let deadline = std::time::Instant::now() + EXIT_ON_EOF_GRACE;
+            while std::time::Instant::now() < deadline {
+                match self.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => return,
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
