@@ -20,6 +20,12 @@ fn stored(data_dir: &Path) -> (u64, u64) {
     (payloads, txn.open_table(QUEUE).unwrap().len().unwrap())
 }
 
+/// `queue` values over 1000 bytes: copies a recipient holds of its own (a shared entry is 8).
+fn big_queue_entries(txn: &redb::ReadTransaction) -> usize {
+    let queue = txn.open_table(QUEUE).unwrap();
+    queue.iter().unwrap().filter(|r| r.as_ref().unwrap().1.value().len() > 1000).count()
+}
+
 /// Stops the server, runs `check` on its data dir, and starts it again on the same address.
 fn with_server_stopped(server: ServerProcess, check: impl FnOnce(&Path)) -> ServerProcess {
     let (dir, addr) = (server.data_dir.clone(), server.addr);
@@ -55,13 +61,7 @@ fn a_group_of_three_chats_through_one_stored_copy_per_message() {
         let rows: Vec<Vec<u8>> = payloads.iter().unwrap().map(|r| r.unwrap().1.value().to_vec()).collect();
         assert_eq!(rows.len(), 1, "one stored copy for bob and carol");
         assert!(rows[0].len() > 20_000, "it is the message: {} bytes", rows[0].len());
-        let big_entries = txn
-            .open_table(QUEUE)
-            .unwrap()
-            .iter()
-            .unwrap()
-            .filter(|r| r.as_ref().unwrap().1.value().len() > 1000)
-            .count();
+        let big_entries = big_queue_entries(&txn);
         assert_eq!(big_entries, 0, "no recipient holds a copy of its own");
     });
     assert_eq!(bob.recv(), vec![format!("[#team] alice: {text}")]);
@@ -125,13 +125,7 @@ fn a_welcome_to_several_new_members_is_stored_once() {
         assert_eq!(rows.len(), 1, "one stored copy of the welcome for bob, carol and dave");
         // Three stanzas (the body key sealed to each) travel with the one body.
         assert!(rows[0].len() > 3 * qpq::crypto::sealmany::STANZA_LEN, "{} bytes", rows[0].len());
-        let big_entries = txn
-            .open_table(QUEUE)
-            .unwrap()
-            .iter()
-            .unwrap()
-            .filter(|r| r.as_ref().unwrap().1.value().len() > 1000)
-            .count();
+        let big_entries = big_queue_entries(&txn);
         assert_eq!(big_entries, 0, "no recipient holds a copy of its own");
     });
     for u in [&bob, &carol, &dave] {

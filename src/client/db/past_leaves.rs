@@ -281,6 +281,8 @@ macro_rules! refuse_rest {
         }
     };
 }
+// Shared with `tree_nodes`, whose serializer follows a shape the same way.
+pub(super) use {refuse, refuse_rest};
 
 /// The `MessageSecretsStore` struct itself.
 struct StoreSer<'a, 'k> {

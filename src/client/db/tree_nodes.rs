@@ -24,7 +24,7 @@ use serde::ser::{self, Impossible};
 use zeroize::Zeroizing;
 
 use super::mls::VALUE_TAG;
-use super::past_leaves::{ShapeError, Wiping};
+use super::past_leaves::{ShapeError, Wiping, refuse, refuse_rest};
 
 /// First byte of a split tree's main record; neither [`VALUE_TAG`], the past-leaves tag nor
 /// the first byte of JSON text.
@@ -211,13 +211,6 @@ struct Nodes<'a> {
     records: Vec<Zeroizing<Vec<u8>>>,
 }
 
-/// Refuses every serializer method but `serialize_seq`/`serialize_struct`.
-macro_rules! refuse {
-    ($($name:ident($($t:ty),*);)*) => {
-        $(fn $name(self, $(_: $t),*) -> Result<(), ShapeError> { Err(ShapeError) })*
-    };
-}
-
 impl<'a> ser::Serializer for Shaped<'a> {
     type Ok = ();
     type Error = ShapeError;
@@ -229,36 +222,7 @@ impl<'a> ser::Serializer for Shaped<'a> {
     type SerializeStruct = Fields<'a>;
     type SerializeStructVariant = Impossible<(), ShapeError>;
 
-    refuse! {
-        serialize_bool(bool); serialize_i8(i8); serialize_i16(i16); serialize_i32(i32);
-        serialize_i64(i64); serialize_u8(u8); serialize_u16(u16); serialize_u32(u32);
-        serialize_u64(u64); serialize_f32(f32); serialize_f64(f64); serialize_char(char);
-        serialize_str(&str); serialize_bytes(&[u8]); serialize_none(); serialize_unit();
-        serialize_unit_struct(&'static str);
-        serialize_unit_variant(&'static str, u32, &'static str);
-    }
-
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), ShapeError> {
-        Err(ShapeError)
-    }
-
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: &T,
-    ) -> Result<(), ShapeError> {
-        Err(ShapeError)
-    }
-
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> Result<(), ShapeError> {
-        Err(ShapeError)
-    }
+    refuse_rest!();
 
     fn serialize_seq(self, len: Option<usize>) -> Result<Nodes<'a>, ShapeError> {
         let Level::Nodes(kind) = self.level else { return Err(ShapeError) };
@@ -269,32 +233,6 @@ impl<'a> ser::Serializer for Shaped<'a> {
         Ok(Nodes { enc: self.enc, kind, records: Vec::with_capacity(len) })
     }
 
-    fn serialize_tuple(self, _: usize) -> Result<Impossible<(), ShapeError>, ShapeError> {
-        Err(ShapeError)
-    }
-
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Impossible<(), ShapeError>, ShapeError> {
-        Err(ShapeError)
-    }
-
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Impossible<(), ShapeError>, ShapeError> {
-        Err(ShapeError)
-    }
-
-    fn serialize_map(self, _: Option<usize>) -> Result<Impossible<(), ShapeError>, ShapeError> {
-        Err(ShapeError)
-    }
-
     fn serialize_struct(self, name: &'static str, len: usize) -> Result<Fields<'a>, ShapeError> {
         match self.level.struct_shape() {
             Some((expected, fields)) if name == expected && len == fields.len() => {
@@ -302,16 +240,6 @@ impl<'a> ser::Serializer for Shaped<'a> {
             }
             _ => Err(ShapeError),
         }
-    }
-
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Impossible<(), ShapeError>, ShapeError> {
-        Err(ShapeError)
     }
 }
 

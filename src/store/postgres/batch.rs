@@ -75,21 +75,25 @@ pub(super) fn batched(op: &WriteOp) -> bool {
     matches!(op, WriteOp::Enqueue { .. } | WriteOp::Fanout { .. } | WriteOp::Ack { .. })
 }
 
+/// Waits for one request on `queue`, then takes whatever else is already waiting, up to `max` in
+/// all (the batch and read workers' intake); `None` once the queue is closed.
+pub(super) async fn take_waiting<T>(queue: &Mutex<mpsc::Receiver<T>>, max: usize) -> Option<Vec<T>> {
+    let mut rx = queue.lock().await;
+    let first = rx.recv().await?;
+    let mut requests = vec![first];
+    while requests.len() < max {
+        match rx.try_recv() {
+            Ok(r) => requests.push(r),
+            Err(_) => break,
+        }
+    }
+    Some(requests)
+}
+
 /// One worker: takes what is waiting, commits it, answers, until the queue closes.
 pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Request>>>) {
     loop {
-        let requests = {
-            let mut rx = queue.lock().await;
-            let Some(first) = rx.recv().await else { return };
-            let mut requests = vec![first];
-            while requests.len() < limits::PG_BATCH_OPS {
-                match rx.try_recv() {
-                    Ok(r) => requests.push(r),
-                    Err(_) => break,
-                }
-            }
-            requests
-        };
+        let Some(requests) = take_waiting(&queue, limits::PG_BATCH_OPS).await else { return };
         let (ops, replies): (Vec<WriteOp>, Vec<_>) = requests.into_iter().unzip();
         match inner.commit_batch(&ops).await {
             Ok(Applied { outcomes, woken }) => {

@@ -60,18 +60,7 @@ const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq, x.bod
 /// closes.
 pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Request>>>) {
     loop {
-        let requests = {
-            let mut rx = queue.lock().await;
-            let Some(first) = rx.recv().await else { return };
-            let mut requests = vec![first];
-            while requests.len() < limits::PG_FETCH_OPS {
-                match rx.try_recv() {
-                    Ok(r) => requests.push(r),
-                    Err(_) => break,
-                }
-            }
-            requests
-        };
+        let Some(requests) = batch::take_waiting(&queue, limits::PG_FETCH_OPS).await else { return };
         let now = inner.clock.now_ms();
         let read = async {
             let client = inner.pool.get().await.map_err(TxError::from)?;
