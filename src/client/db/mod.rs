@@ -10,9 +10,31 @@
 //! | `meta`    | `"format"`                      | u32 LE format version, in clear         |
 //! |           | `"key"`                         | key check: a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing [`KEY_CHECK`] |
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
+//! |           | `"journal"`                     | the journal's id (16 B) ‖ u64 LE sequence number of the last journal entry redb holds |
 //! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`]; its ratchet tree one record per node: [`tree_nodes`]) |
 //! | `state`   | slot of the logical record name | sealed messenger record                 |
 //! | `history` | slot of the conversation ‖ u64 BE receive time (ms) ‖ u64 BE message index | sealed history entry |
+//!
+//! # The journal
+//! Next to the file, `qpq.db.journal` ([`journal`], layout there): a commit whose write set is
+//! small and fits goes there as one sealed entry (one `pwrite` and one `fdatasync`, no file
+//! metadata change: the cost of a durable write and nothing more), and its records go into an
+//! in-memory overlay that every read (`get`, `scan`, history ranges, a write's own reads)
+//! merges over redb. A redb commit costs ~229k instructions, 7 pages and an `fdatasync` even
+//! for one record (BENCHMARKS.md, 2026-12-01), which an app message should not pay.
+//!
+//! A *checkpoint* folds the overlay into redb in one durable commit that also records, in
+//! `meta`, the last journal entry it holds, then resets the journal (in that order: a crash
+//! between leaves entries the next replay skips). It happens when a write set is over
+//! [`journal::ENTRY_MAX`] or would take the journal past half full (that write is part of the
+//! checkpoint), and when a handle closes with more than [`journal::CLOSE_CHECKPOINT_AT`] in the
+//! journal. Opening a home replays the journal: bounded by its size (half of 256 KiB), so an
+//! open stays O(1) records plus at most ~80 entries.
+//!
+//! Why not redb's own `Durability::None` commits for visibility: redb 4.6 still runs the table
+//! tree's flush and the system tree's updates on them and writes their pages, and closing a
+//! handle with one pending makes it durable with a full commit, which every lock release would
+//! then pay (`close_database` in redb's `db.rs`). The overlay costs a map insertion.
 //!
 //! # Keys
 //! Opening runs Argon2id once on the passphrase with the salt and parameters of the `key`
@@ -38,7 +60,9 @@
 //! takes the lock and opens the file for that read), so the handle is never contended; the generation counter tells a process whether another one
 //! wrote since it last looked (and so whether its cached records are stale). A process waiting
 //! on the server watches `qpq.db.gen`, an unsynced copy of the generation rewritten after each
-//! commit, since redb rewrites its header whenever any process opens the file.
+//! commit, since redb rewrites its header whenever any process opens the file. The journal is
+//! shared the same way: whoever opens the home next replays the entries another process left
+//! and appends after them, so no process's acknowledged write is lost or overwritten.
 //!
 //! Opening per lock hold costs, measured on a 10 MB database with
 //! `cargo test --lib measure_open_cost -- --ignored --nocapture` (debug build, 2 shared cores):
@@ -984,5 +1008,7 @@ fn read_generation<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(u64::from_le_bytes(bytes))
 }
 
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod tests;
