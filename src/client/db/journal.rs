@@ -109,6 +109,7 @@ impl Journal {
         }
         let file = options.open(&partial).map_err(io_err("create", &partial))?;
         let mut block = vec![0u8; JOURNAL_BYTES as usize];
+        // Invariant: the block is JOURNAL_BYTES long, far more than the 40-byte header.
         block[..16].copy_from_slice(MAGIC);
         block[16..32].copy_from_slice(&id);
         block[32..40].copy_from_slice(&1u64.to_le_bytes());
@@ -143,6 +144,7 @@ impl Journal {
         }
         let mut bytes = Zeroizing::new(vec![0u8; JOURNAL_BYTES as usize]);
         read_exact_at(&file, &mut bytes, 0).map_err(io_err("read", path))?;
+        // Invariant: `bytes` is JOURNAL_BYTES long (checked size), so the header slices exist.
         if &bytes[..16] != MAGIC {
             return Err(damaged("the journal has no journal header"));
         }
@@ -226,6 +228,7 @@ impl Journal {
 /// The length and sequence number of the entry frame at `at`, if one fits.
 fn frame(bytes: &[u8], at: usize) -> Option<(usize, u64)> {
     let head = bytes.get(at..at + FRAME_LEN)?;
+    // Invariant: `head` is FRAME_LEN (12) bytes: a u32 then a u64.
     let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
     if len == 0 || len > ENTRY_MAX + 64 {
         return None;
@@ -233,6 +236,7 @@ fn frame(bytes: &[u8], at: usize) -> Option<(usize, u64)> {
     Some((len, u64_le(&head[4..])))
 }
 
+/// Invariant: callers pass at least 8 bytes (fixed header and frame fields).
 fn u64_le(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
@@ -337,7 +341,7 @@ fn write_all_at(file: &File, mut buf: &[u8], mut at: u64) -> io::Result<()> {
     use std::os::windows::fs::FileExt;
     while !buf.is_empty() {
         let n = file.seek_write(buf, at)?;
-        buf = &buf[n..];
+        buf = buf.get(n..).unwrap_or_default();
         at += n as u64;
     }
     Ok(())
@@ -351,7 +355,7 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> io::Result<()>
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf = &mut buf[n..];
+        buf = std::mem::take(&mut buf).get_mut(n..).unwrap_or_default();
         at += n as u64;
     }
     Ok(())
