@@ -318,3 +318,37 @@ fn measure_open_with_a_full_journal() {
          open after the close's checkpoint {empty:?}"
     );
 }
+
+/// A format-4 home (no journal, no `journal` record) opens as format 5: the journal is created
+/// then, its records are kept, and the next small write goes to the journal, not to redb.
+#[test]
+fn a_format_4_home_is_upgraded_and_gets_a_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    put(&db, "old", b"kept");
+    {
+        // As format 4 left it.
+        let raw = db.raw();
+        let txn = raw.as_ref().unwrap().begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(META_FORMAT, 4u32.to_le_bytes().as_slice()).unwrap();
+            meta.remove(META_JOURNAL).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    drop(db);
+    std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert!(dir.path().join(JOURNAL_FILE).is_file(), "the journal is created");
+    assert_eq!(value(&db, "old").as_deref(), Some(&b"kept"[..]));
+    let before = db.generation().unwrap();
+    assert_eq!(put(&db, "new", b"journaled"), before + 1);
+    assert_eq!(frames(dir.path()).len(), 1, "the write is the journal's first entry");
+    drop(db);
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert_eq!(value(&db, "new").as_deref(), Some(&b"journaled"[..]));
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes());
+}
