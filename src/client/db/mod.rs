@@ -10,9 +10,31 @@
 //! | `meta`    | `"format"`                      | u32 LE format version, in clear         |
 //! |           | `"key"`                         | key check: a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing [`KEY_CHECK`] |
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
+//! |           | `"journal"`                     | the journal's id (16 B) ‖ u64 LE sequence number of the last journal entry redb holds |
 //! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`]; its ratchet tree one record per node: [`tree_nodes`]) |
 //! | `state`   | slot of the logical record name | sealed messenger record                 |
 //! | `history` | slot of the conversation ‖ u64 BE receive time (ms) ‖ u64 BE message index | sealed history entry |
+//!
+//! # The journal
+//! Next to the file, `qpq.db.journal` ([`journal`], layout there): a commit whose write set is
+//! small and fits goes there as one sealed entry (one `pwrite` and one `fdatasync`, no file
+//! metadata change: the cost of a durable write and nothing more), and its records go into an
+//! in-memory overlay that every read (`get`, `scan`, history ranges, a write's own reads)
+//! merges over redb. A redb commit costs ~229k instructions, 7 pages and an `fdatasync` even
+//! for one record (BENCHMARKS.md, 2026-12-01), which an app message should not pay.
+//!
+//! A *checkpoint* folds the overlay into redb in one durable commit that also records, in
+//! `meta`, the last journal entry it holds, then resets the journal (in that order: a crash
+//! between leaves entries the next replay skips). It happens when a write set is over
+//! [`journal::ENTRY_MAX`] or would take the journal past half full (that write is part of the
+//! checkpoint), and when a handle closes with more than [`journal::CLOSE_CHECKPOINT_AT`] in the
+//! journal. Opening a home replays the journal: bounded by its size (half of 256 KiB), so an
+//! open stays O(1) records plus at most ~80 entries.
+//!
+//! Why not redb's own `Durability::None` commits for visibility: redb 4.6 still runs the table
+//! tree's flush and the system tree's updates on them and writes their pages, and closing a
+//! handle with one pending makes it durable with a full commit, which every lock release would
+//! then pay (`close_database` in redb's `db.rs`). The overlay costs a map insertion.
 //!
 //! # Keys
 //! Opening runs Argon2id once on the passphrase with the salt and parameters of the `key`
@@ -38,12 +60,15 @@
 //! takes the lock and opens the file for that read), so the handle is never contended; the generation counter tells a process whether another one
 //! wrote since it last looked (and so whether its cached records are stale). A process waiting
 //! on the server watches `qpq.db.gen`, an unsynced copy of the generation rewritten after each
-//! commit, since redb rewrites its header whenever any process opens the file.
+//! commit, since redb rewrites its header whenever any process opens the file. The journal is
+//! shared the same way: whoever opens the home next replays the entries another process left
+//! and appends after them, so no process's acknowledged write is lost or overwritten.
 //!
 //! Opening per lock hold costs, measured on a 10 MB database with
 //! `cargo test --lib measure_open_cost -- --ignored --nocapture` (debug build, 2 shared cores):
 //! open + generation read 16 ms; a durable one-record commit 0.6 ms.
 
+pub mod journal;
 pub mod migrate;
 pub mod mls;
 pub mod past_leaves;
@@ -51,11 +76,11 @@ pub mod records;
 pub mod seal;
 pub mod tree_nodes;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
@@ -64,6 +89,7 @@ use crate::client::state::StateError;
 use crate::crypto::statefile::{self, StateFileError, StateKey};
 use crate::fsutil::HomeLock;
 use crate::limits::CLIENT_DB_CACHE_BYTES;
+use journal::{JOURNAL_FILE, Journal, JournalId};
 use seal::{RecordDamaged, RecordKeys};
 
 /// File name of the database in the home.
@@ -80,8 +106,10 @@ pub const DB_FILE: &str = "qpq.db";
 /// counters and the membership events, so a message no longer rewrites every conversation's
 /// events ([`records::split_timelines`]); and a group's ratchet tree may be stored one record
 /// per node ([`tree_nodes`]), so a commit rewrites only the nodes it changed. A format-3 binary
-/// reads neither.
-pub const DB_FORMAT_VERSION: u32 = 4;
+/// reads neither. 5: small writes go to the journal ([`journal`]) and reach redb only at a
+/// checkpoint, so the newest records may be in `qpq.db.journal` alone, which a format-4 binary
+/// would ignore (losing them).
+pub const DB_FORMAT_VERSION: u32 = 5;
 
 /// The oldest format this one upgrades in place when opening, once the key is proven, in one
 /// redb transaction, step by step: from 2, the per-conversation records move into the `groups`
@@ -98,9 +126,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_FORMAT: &str = "format";
 const META_KEY: &str = "key";
 const META_GENERATION: &str = "generation";
+const META_JOURNAL: &str = "journal";
 
 /// The sealed tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Table {
     /// openmls's storage ([`mls::MlsStore`]).
     Mls,
@@ -192,11 +221,251 @@ pub type HistoryRecord = (HistoryKey, Zeroizing<Vec<u8>>);
 /// group's members); a write on a closed handle is refused.
 pub struct ClientDb {
     /// None once closed (taken in `close` or `Drop` to close it shielded).
-    db: RwLock<Option<Database>>,
+    db: RwLock<Option<Store>>,
+    /// Held by a [`DbWrite`] from start to commit: one write at a time, as redb's own writes.
+    writer: Mutex<()>,
     keys: RecordKeys,
     path: PathBuf,
     /// The home directory, for reads after `close` (None: a database being built aside).
     home: Option<PathBuf>,
+}
+
+/// The open redb file, its journal and the journaled writes redb does not hold yet.
+struct Store {
+    db: Database,
+    /// None for a database built aside (a migration's): every write is a durable redb commit.
+    journal: Option<Journal>,
+    overlay: Overlay,
+}
+
+/// The records written through the journal since the last checkpoint, as redb will hold them:
+/// every read merges them over redb's. Sealed values only, as in redb.
+#[derive(Default)]
+struct Overlay {
+    /// (table, slot) → sealed value, None when deleted.
+    records: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    /// The generation of the last journaled write (None: redb's `meta` has it).
+    generation: Option<u64>,
+}
+
+impl Overlay {
+    fn apply(&mut self, changes: impl IntoIterator<Item = journal::Change>, generation: u64) {
+        self.records.extend(changes);
+        self.generation = Some(generation);
+    }
+
+    /// The overlay's records of `table` with slots in `lo..=hi`.
+    fn range<'a>(
+        &'a self,
+        table: Table,
+        lo: &[u8],
+        hi: &[u8],
+    ) -> impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> {
+        self.records.range((table, lo.to_vec())..=(table, hi.to_vec())).map(|((_, k), v)| (k, v))
+    }
+}
+
+fn read_err(e: impl Into<redb::Error>) -> DbError {
+    io_err("read")(e.into())
+}
+
+fn write_err(e: impl Into<redb::Error>) -> DbError {
+    io_err("write")(e.into())
+}
+
+impl Store {
+    fn generation(&self, path: &Path) -> Result<u64, DbError> {
+        if let Some(g) = self.overlay.generation {
+            return Ok(g);
+        }
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let meta = txn.open_table(META).map_err(read_err)?;
+        read_generation(&meta, path)
+    }
+
+    fn get_sealed(&self, table: Table, slot: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        if let Some(v) = self.overlay.records.get(&(table, slot.to_vec())) {
+            return Ok(v.clone());
+        }
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let t = txn.open_table(table.def()).map_err(read_err)?;
+        Ok(t.get(slot).map_err(read_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every (slot, sealed value) of `table`, ordered by slot.
+    fn scan(&self, table: Table) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let t = txn.open_table(table.def()).map_err(read_err)?;
+        let mut all = BTreeMap::new();
+        for item in t.iter().map_err(read_err)? {
+            let (k, v) = item.map_err(read_err)?;
+            all.insert(k.value().to_vec(), v.value().to_vec());
+        }
+        let (lo, hi) = ([], [0xff; 64]);
+        for (k, v) in self.overlay.range(table, &lo, &hi) {
+            match v {
+                Some(v) => all.insert(k.clone(), v.clone()),
+                None => all.remove(k),
+            };
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    /// Up to `n` (key, sealed value) of the `history` table in `lo..=hi`, redb's merged with the
+    /// overlay's, in key order or, with `newest_first`, reversed.
+    fn history_range(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        n: usize,
+        newest_first: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let overlay = self.overlay.range(Table::History, lo, hi);
+        let mut overlay: Box<dyn Iterator<Item = _>> =
+            if newest_first { Box::new(overlay.rev()) } else { Box::new(overlay) };
+        let mut next_overlay = overlay.next();
+        let comes_first = |a: &[u8], b: &[u8]| if newest_first { a > b } else { a < b };
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let t = txn.open_table(Table::History.def()).map_err(read_err)?;
+        let range = t.range(lo..=hi).map_err(read_err)?;
+        let items: Box<dyn Iterator<Item = _>> =
+            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        let mut out = Vec::new();
+        let push = |out: &mut Vec<(Vec<u8>, Vec<u8>)>, k: &[u8], v: &Option<Vec<u8>>| {
+            if let Some(v) = v {
+                out.push((k.to_vec(), v.clone()));
+            }
+        };
+        for item in items {
+            let (k, v) = item.map_err(read_err)?;
+            let k = k.value();
+            // The overlay's records before this one, then this one (the overlay's if it has it).
+            while let Some((ok, ov)) = next_overlay.filter(|(ok, _)| comes_first(ok, k)) {
+                push(&mut out, ok, ov);
+                next_overlay = overlay.next();
+            }
+            if out.len() >= n {
+                break;
+            }
+            match next_overlay {
+                Some((ok, ov)) if ok.as_slice() == k => {
+                    push(&mut out, ok, ov);
+                    next_overlay = overlay.next();
+                }
+                _ => out.push((k.to_vec(), v.value().to_vec())),
+            }
+            if out.len() >= n {
+                break;
+            }
+        }
+        while let Some((ok, ov)) = next_overlay {
+            push(&mut out, ok, ov);
+            next_overlay = overlay.next();
+        }
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Commits the overlay and `changes` to redb durably with `generation`, recording that redb
+    /// now covers every journal entry, then empties the journal (in that order: a crash between
+    /// leaves entries that the next replay skips).
+    fn checkpoint(
+        &mut self,
+        changes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+        generation: u64,
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        apply(&txn, self.overlay.records.iter())?;
+        apply(&txn, changes.iter())?;
+        {
+            let mut meta = txn.open_table(META).map_err(write_err)?;
+            meta.insert(META_GENERATION, generation.to_le_bytes().as_slice()).map_err(write_err)?;
+            if let Some(j) = &self.journal {
+                meta.insert(META_JOURNAL, journal_record(j.id(), j.last_seq()).as_slice())
+                    .map_err(write_err)?;
+            }
+        }
+        crate::failpoint::hit("clientdb-before-commit");
+        txn.commit().map_err(|e| io_err("commit")(e.into()))?;
+        self.overlay = Overlay::default();
+        crate::failpoint::hit("clientdb-checkpoint-before-reset");
+        if let Some(j) = &mut self.journal
+            && j.used() > journal::HEADER_BYTES
+        {
+            j.reset()?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies `changes` to the tables of `txn`.
+fn apply<'a>(
+    txn: &redb::WriteTransaction,
+    changes: impl Iterator<Item = (&'a (Table, Vec<u8>), &'a Option<Vec<u8>>)>,
+) -> Result<(), DbError> {
+    let mut tables: BTreeMap<Table, redb::Table<'_, &'static [u8], &'static [u8]>> = BTreeMap::new();
+    for ((table, slot), value) in changes {
+        let t = match tables.entry(*table) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(txn.open_table(table.def()).map_err(write_err)?)
+            }
+        };
+        match value {
+            Some(v) => t.insert(slot.as_slice(), v.as_slice()).map(drop),
+            None => t.remove(slot.as_slice()).map(drop),
+        }
+        .map_err(write_err)?;
+    }
+    Ok(())
+}
+
+fn journal_record(id: &JournalId, covered: u64) -> [u8; journal::ID_LEN + 8] {
+    let mut r = [0; journal::ID_LEN + 8];
+    r[..journal::ID_LEN].copy_from_slice(id);
+    r[journal::ID_LEN..].copy_from_slice(&covered.to_le_bytes());
+    r
+}
+
+/// Attaches the journal of the database `db` at `path` in home `dir`: replays it into a fresh
+/// overlay, or first creates it when `meta` names none (a new file, or one upgraded from format
+/// 4: no entry can exist). Without `dir` (a database built aside), no journal.
+fn attach_journal(db: Database, dir: Option<&Path>, keys: &RecordKeys, path: &Path) -> Result<Store, DbError> {
+    let Some(dir) = dir else { return Ok(Store { db, journal: None, overlay: Overlay::default() }) };
+    let damaged = |reason: &str| DbError::Damaged { path: path.to_path_buf(), reason: reason.into() };
+    let record = {
+        let txn = db.begin_read().map_err(read_err)?;
+        let meta = txn.open_table(META).map_err(read_err)?;
+        meta.get(META_JOURNAL).map_err(read_err)?.map(|v| v.value().to_vec())
+    };
+    let jpath = dir.join(JOURNAL_FILE);
+    let (id, covered) = match record {
+        Some(r) => {
+            let id: JournalId = r.get(..journal::ID_LEN).and_then(|b| b.try_into().ok()).ok_or_else(|| damaged("bad journal record"))?;
+            let covered = r
+                .get(journal::ID_LEN..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_le_bytes)
+                .ok_or_else(|| damaged("bad journal record"))?;
+            (id, covered)
+        }
+        None => {
+            let id = Journal::create(&jpath)?;
+            let txn = db.begin_write().map_err(write_err)?;
+            {
+                let mut meta = txn.open_table(META).map_err(write_err)?;
+                meta.insert(META_JOURNAL, journal_record(&id, 0).as_slice()).map_err(write_err)?;
+            }
+            txn.commit().map_err(|e| io_err("commit")(e.into()))?;
+            (id, 0)
+        }
+    };
+    let replayed = Journal::replay(&jpath, &id, covered, keys)?;
+    let mut overlay = Overlay::default();
+    for (generation, changes) in replayed.entries {
+        overlay.apply(changes, generation);
+    }
+    Ok(Store { db, journal: Some(replayed.journal), overlay })
 }
 
 impl Drop for ClientDb {
@@ -217,14 +486,19 @@ pub fn exists(dir: &Path) -> bool {
 }
 
 impl ClientDb {
-    /// Creates `dir/qpq.db` sealed under `key` (fails if it exists). The caller holds the home
-    /// lock.
+    /// Creates `dir/qpq.db` sealed under `key` (fails if it exists), with its journal. The
+    /// caller holds the home lock.
     pub fn create(dir: &Path, key: &StateKey) -> Result<ClientDb, DbError> {
-        ClientDb::create_at(dir.join(DB_FILE), key)
+        ClientDb::create_in(dir.join(DB_FILE), Some(dir), key)
     }
 
-    /// Creates a database at `path` (a migration builds it under another name first).
+    /// Creates a database at `path` without a journal (a migration builds it under another name
+    /// first; the first open in the home creates the journal).
     pub fn create_at(path: PathBuf, key: &StateKey) -> Result<ClientDb, DbError> {
+        ClientDb::create_in(path, None, key)
+    }
+
+    fn create_in(path: PathBuf, dir: Option<&Path>, key: &StateKey) -> Result<ClientDb, DbError> {
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true).create_new(true);
         #[cfg(unix)]
@@ -255,7 +529,9 @@ impl ClientDb {
             }
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
-        Ok(ClientDb { db: RwLock::new(Some(db)), keys: RecordKeys::derive(key), path, home: None })
+        let keys = RecordKeys::derive(key);
+        let store = attach_journal(db, dir, &keys, &path)?;
+        Ok(ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home: None })
     }
 
     /// Opens the database with a passphrase (one Argon2id run), returning the state key for the
@@ -268,9 +544,9 @@ impl ClientDb {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
         let keys = RecordKeys::derive(&key);
-        upgrade_if_needed(&db, format, &keys, &path)?;
+        let store = open_store(db, format, dir, &keys, &path)?;
         let home = Some(dir.to_path_buf());
-        Ok((key, ClientDb { db: RwLock::new(Some(db)), keys, path, home }))
+        Ok((key, ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home }))
     }
 
     /// Opens the database with a key this process derived before (no Argon2id run).
@@ -282,9 +558,9 @@ impl ClientDb {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
         }
         let keys = RecordKeys::derive(key);
-        upgrade_if_needed(&db, format, &keys, &path)?;
+        let store = open_store(db, format, dir, &keys, &path)?;
         let home = Some(dir.to_path_buf());
-        Ok(ClientDb { db: RwLock::new(Some(db)), keys, path, home })
+        Ok(ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home })
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
@@ -300,20 +576,40 @@ impl ClientDb {
         &self.path
     }
 
-    /// Releases the file (idempotent); see the type's header for what works afterwards.
+    /// Releases the file (idempotent), first folding the journal into redb if it holds more
+    /// than [`journal::CLOSE_CHECKPOINT_AT`]; see the type's header for what works afterwards.
     pub fn close(&self) {
-        let db = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        let store = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
         // Closing writes redb's state back and may meet the same damage as a read.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            if let Some(mut store) = store
+                && store.journal.as_ref().is_some_and(|j| j.used() > journal::CLOSE_CHECKPOINT_AT)
+                && let Ok(generation) = store.generation(&self.path)
+            {
+                // A failure leaves the journal as it is: the next open replays it.
+                let _ = store.checkpoint(&BTreeMap::new(), generation);
+            }
+        }));
+    }
+
+    /// Folds the journal into redb now (one durable redb commit, generation unchanged).
+    pub fn checkpoint(&self) -> Result<(), DbError> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        shielded(&self.path, || {
+            let mut open = self.db.write().unwrap_or_else(PoisonError::into_inner);
+            let store = open.as_mut().ok_or_else(|| DbError::Closed(self.path.clone()))?;
+            let generation = store.generation(&self.path)?;
+            store.checkpoint(&BTreeMap::new(), generation)
+        })
     }
 
     /// Runs `f` on the open file, or, once closed, on the file opened for this one read under
     /// the home's lock.
-    fn with_redb<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, DbError> {
+    fn with_redb<T>(&self, f: impl FnOnce(&Store) -> Result<T, DbError>) -> Result<T, DbError> {
         {
             let open = self.db.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(db) = open.as_ref() {
-                return f(db);
+            if let Some(store) = open.as_ref() {
+                return f(store);
             }
         }
         let Some(home) = &self.home else { return Err(DbError::Closed(self.path.clone())) };
@@ -321,36 +617,31 @@ impl ClientDb {
         let (db, path, format) = open_file(home)?;
         // Replaced by an older qpq since this handle proved the key: the upgrade's first record
         // read fails if the key is not this file's.
-        let out = upgrade_if_needed(&db, format, &self.keys, &path).and_then(|()| f(&db));
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        let store = open_store(db, format, home, &self.keys, &path)?;
+        let out = f(&store);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(store)));
         out
     }
 
     /// Runs `f` on the open file; refused once closed.
-    fn with_open<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, DbError> {
+    fn with_open<T>(&self, f: impl FnOnce(&Store) -> Result<T, DbError>) -> Result<T, DbError> {
         let open = self.db.read().unwrap_or_else(PoisonError::into_inner);
         match open.as_ref() {
-            Some(db) => f(db),
+            Some(store) => f(store),
             None => Err(DbError::Closed(self.path.clone())),
         }
     }
 
+    /// The redb file as tests look into it: with the journal folded in first.
     #[cfg(test)]
-    fn raw(&self) -> std::sync::RwLockReadGuard<'_, Option<Database>> {
-        self.db.read().unwrap_or_else(PoisonError::into_inner)
+    fn raw(&self) -> RawGuard<'_> {
+        self.checkpoint().expect("checkpoint");
+        RawGuard(self.db.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The number of writes committed so far: changes whenever anyone wrote.
     pub fn generation(&self) -> Result<u64, DbError> {
-        shielded(&self.path, || self.generation_unshielded())
-    }
-
-    fn generation_unshielded(&self) -> Result<u64, DbError> {
-        self.with_redb(|db| {
-            let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
-            let meta = txn.open_table(META).map_err(|e| io_err("read")(e.into()))?;
-            read_generation(&meta, &self.path)
-        })
+        shielded(&self.path, || self.with_redb(|s| s.generation(&self.path)))
     }
 
     /// The plaintext of record `logical` of `table`, if present.
@@ -360,14 +651,8 @@ impl ClientDb {
 
     fn get_unshielded(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
         let slot = self.keys.slot(table.label(), logical);
-        self.with_redb(|db| {
-            let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
-            let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-            let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
-                return Ok(None);
-            };
-            Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
-        })
+        let Some(sealed) = self.with_redb(|s| s.get_sealed(table, &slot))? else { return Ok(None) };
+        Ok(Some(self.keys.open(table.label(), &slot, &sealed)?))
     }
 
     /// Up to `n` history entries of `conversation` with keys in `keys`, newest first: one
@@ -398,21 +683,11 @@ impl ClientDb {
         let conv = self.keys.slot(label, conversation);
         let lo = history_key(&conv, *keys.start());
         let hi = history_key(&conv, *keys.end());
-        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
-        let db = db.as_ref().ok_or_else(|| DbError::Closed(self.path.clone()))?;
-        let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
-        let t = txn.open_table(Table::History.def()).map_err(|e| io_err("read")(e.into()))?;
-        let range = t.range(lo.as_slice()..=hi.as_slice()).map_err(|e| io_err("read")(e.into()))?;
-        let items: Box<dyn Iterator<Item = _>> =
-            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
-        let mut out = Vec::new();
-        for item in items {
-            if out.len() >= n {
-                break;
-            }
-            let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
-            let key = parse_history_key(&conv, k.value()).ok_or(RecordDamaged)?;
-            out.push((key, self.keys.open(label, k.value(), v.value())?));
+        let sealed = self.with_open(|s| s.history_range(&lo, &hi, n, newest_first))?;
+        let mut out = Vec::with_capacity(sealed.len());
+        for (k, v) in sealed {
+            let key = parse_history_key(&conv, &k).ok_or(RecordDamaged)?;
+            out.push((key, self.keys.open(label, &k, &v)?));
         }
         Ok(out)
     }
@@ -420,31 +695,63 @@ impl ClientDb {
     /// The plaintext of every record of `table` (for loading a whole table at once).
     pub fn scan(&self, table: Table) -> Result<Vec<Zeroizing<Vec<u8>>>, DbError> {
         shielded(&self.path, || {
-            self.with_open(|db| {
-                let txn = db.begin_read().map_err(|e| io_err("read")(e.into()))?;
-                let t = txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-                let mut out = Vec::new();
-                for item in t.iter().map_err(|e| io_err("read")(e.into()))? {
-                    let (k, v) = item.map_err(|e| io_err("read")(e.into()))?;
-                    out.push(self.keys.open(table.label(), k.value(), v.value())?);
-                }
-                Ok(out)
-            })
+            let all = self.with_open(|s| s.scan(table))?;
+            let mut out = Vec::with_capacity(all.len());
+            for (k, v) in all {
+                out.push(self.keys.open(table.label(), &k, &v)?);
+            }
+            Ok(out)
         })
     }
 
     /// Starts a write: everything put or deleted lands together, or not at all.
     pub fn write(&self) -> Result<DbWrite<'_>, DbError> {
-        let txn = self.with_open(|db| db.begin_write().map_err(|e| io_err("write")(e.into())))?;
-        Ok(DbWrite { txn, keys: &self.keys, path: &self.path })
+        let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        self.with_open(|_| Ok(()))?;
+        Ok(DbWrite {
+            keys: &self.keys,
+            path: &self.path,
+            target: Target::Handle { db: self, _writer: writer },
+            changes: BTreeMap::new(),
+        })
     }
 }
 
-/// A write transaction on the client database.
+/// The test's view of the open redb file.
+#[cfg(test)]
+struct RawGuard<'a>(std::sync::RwLockReadGuard<'a, Option<Store>>);
+
+#[cfg(test)]
+impl RawGuard<'_> {
+    fn as_ref(&self) -> Option<&Database> {
+        self.0.as_ref().map(|s| &s.db)
+    }
+}
+
+/// Opens the journal of a file whose key was proven, after upgrading an older format.
+fn open_store(db: Database, format: u32, dir: &Path, keys: &RecordKeys, path: &Path) -> Result<Store, DbError> {
+    // The file is dropped inside the shield when anything fails: closing may meet damage too.
+    shielded(path, move || {
+        upgrade_if_needed(&db, format, keys, path)?;
+        attach_journal(db, Some(dir), keys, path)
+    })
+}
+
+/// Where a write's changes go when it commits.
+enum Target<'a> {
+    /// The database handle: through the journal, or a durable redb commit (a checkpoint).
+    Handle { db: &'a ClientDb, _writer: MutexGuard<'a, ()> },
+    /// An upgrade's redb transaction on a file being opened.
+    Txn(redb::WriteTransaction),
+}
+
+/// A write on the client database: its changes are kept (sealed) until it commits.
 pub struct DbWrite<'a> {
-    txn: redb::WriteTransaction,
     keys: &'a RecordKeys,
     path: &'a Path,
+    target: Target<'a>,
+    /// (table, slot) → sealed value, None when deleted.
+    changes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
 }
 
 impl DbWrite<'_> {
@@ -457,18 +764,24 @@ impl DbWrite<'_> {
     /// The plaintext of record `logical` of `table` as this write sees it, if present.
     pub fn get(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
         let slot = self.keys.slot(table.label(), logical);
-        let t = self.txn.open_table(table.def()).map_err(|e| io_err("read")(e.into()))?;
-        let Some(sealed) = t.get(slot.as_slice()).map_err(|e| io_err("read")(e.into()))? else {
-            return Ok(None);
+        let sealed = match self.changes.get(&(table, slot.to_vec())) {
+            Some(v) => v.clone(),
+            None => match &self.target {
+                Target::Handle { db, .. } => db.with_open(|s| s.get_sealed(table, &slot))?,
+                Target::Txn(txn) => {
+                    let t = txn.open_table(table.def()).map_err(read_err)?;
+                    t.get(slot.as_slice()).map_err(read_err)?.map(|v| v.value().to_vec())
+                }
+            },
         };
-        Ok(Some(self.keys.open(table.label(), &slot, sealed.value())?))
+        let Some(sealed) = sealed else { return Ok(None) };
+        Ok(Some(self.keys.open(table.label(), &slot, &sealed)?))
     }
 
     /// Deletes record `logical` of `table` (nothing if absent).
     pub fn delete(&mut self, table: Table, logical: &[u8]) -> Result<(), DbError> {
         let slot = self.keys.slot(table.label(), logical);
-        let mut t = self.txn.open_table(table.def()).map_err(|e| io_err("write")(e.into()))?;
-        t.remove(slot.as_slice()).map_err(|e| io_err("write")(e.into()))?;
+        self.changes.insert((table, slot.to_vec()), None);
         Ok(())
     }
 
@@ -484,47 +797,86 @@ impl DbWrite<'_> {
     }
 
     /// Deletes the history entries of `conversation` received before `cutoff_ms` (all of them
-    /// with `u64::MAX`): one range; returns how many.
+    /// with `u64::MAX`): one range read, then a deletion per entry; returns how many.
     pub fn delete_history_before(&mut self, conversation: &[u8], cutoff_ms: u64) -> Result<usize, DbError> {
         let conv = self.keys.slot(Table::History.label(), conversation);
         let lo = history_key(&conv, HistoryKey::MIN);
         let Some(last) = (HistoryKey { at_ms: cutoff_ms, index: 0 }).below() else { return Ok(0) };
         let hi = history_key(&conv, last);
-        let mut t = self.txn.open_table(Table::History.def()).map_err(|e| io_err("write")(e.into()))?;
-        let mut deleted = 0;
-        t.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| {
-            deleted += 1;
-            false
-        })
-        .map_err(|e| io_err("write")(e.into()))?;
+        let mut doomed: std::collections::BTreeSet<Vec<u8>> = match &self.target {
+            Target::Handle { db, .. } => {
+                db.with_open(|s| s.history_range(&lo, &hi, usize::MAX, false))?.into_iter().map(|(k, _)| k).collect()
+            }
+            Target::Txn(txn) => {
+                let t = txn.open_table(Table::History.def()).map_err(read_err)?;
+                let mut keys = std::collections::BTreeSet::new();
+                for item in t.range(lo.as_slice()..=hi.as_slice()).map_err(read_err)? {
+                    keys.insert(item.map_err(read_err)?.0.value().to_vec());
+                }
+                keys
+            }
+        };
+        for ((_, k), v) in self.changes.range((Table::History, lo.clone())..=(Table::History, hi.clone())) {
+            match v {
+                Some(_) => doomed.insert(k.clone()),
+                None => doomed.remove(k),
+            };
+        }
+        let deleted = doomed.len();
+        for k in doomed {
+            self.changes.insert((Table::History, k), None);
+        }
         Ok(deleted)
     }
 
     fn put_at(&mut self, table: Table, slot: &[u8], plaintext: &[u8]) -> Result<(), DbError> {
         let sealed = self.keys.seal(table.label(), slot, plaintext);
-        let mut t = self.txn.open_table(table.def()).map_err(|e| io_err("write")(e.into()))?;
-        t.insert(slot, sealed.as_slice()).map_err(|e| io_err("write")(e.into()))?;
+        self.changes.insert((table, slot.to_vec()), Some(sealed));
         Ok(())
     }
 
-    /// Bumps the generation and commits durably (redb's default durability fsyncs); returns
-    /// the new generation.
+    /// Bumps the generation and makes the write durable, returning the new generation: one
+    /// journal entry (a write and an `fdatasync`) when it is small and the journal has room, or
+    /// else one durable redb commit that also folds the journal in (a checkpoint).
     pub fn commit(self) -> Result<u64, DbError> {
         let path = self.path;
         shielded(path, move || self.commit_unshielded())
     }
 
     fn commit_unshielded(self) -> Result<u64, DbError> {
-        let generation = {
-            let mut meta = self.txn.open_table(META).map_err(|e| io_err("write")(e.into()))?;
-            let next = read_generation(&meta, self.path)?.wrapping_add(1);
-            meta.insert(META_GENERATION, next.to_le_bytes().as_slice())
-                .map_err(|e| io_err("write")(e.into()))?;
-            next
-        };
-        crate::failpoint::hit("clientdb-before-commit");
-        self.txn.commit().map_err(|e| io_err("commit")(e.into()))?;
-        Ok(generation)
+        let DbWrite { keys, path, target, changes } = self;
+        match target {
+            Target::Txn(txn) => {
+                apply(&txn, changes.iter())?;
+                let generation = {
+                    let mut meta = txn.open_table(META).map_err(write_err)?;
+                    let next = read_generation(&meta, path)?.wrapping_add(1);
+                    meta.insert(META_GENERATION, next.to_le_bytes().as_slice()).map_err(write_err)?;
+                    next
+                };
+                crate::failpoint::hit("clientdb-before-commit");
+                txn.commit().map_err(|e| io_err("commit")(e.into()))?;
+                Ok(generation)
+            }
+            Target::Handle { db, _writer } => {
+                let mut open = db.db.write().unwrap_or_else(PoisonError::into_inner);
+                let store = open.as_mut().ok_or_else(|| DbError::Closed(path.to_path_buf()))?;
+                let generation = store.generation(path)?.wrapping_add(1);
+                if let Some(j) = &mut store.journal
+                    && let Some(body) = journal::encode_entry(generation, changes.iter())
+                    && j.fits(body.len())
+                {
+                    crate::failpoint::hit("clientdb-before-commit");
+                    j.append(keys, &body)?;
+                    // Tests stop here: the entry is durable, nothing else happened.
+                    crate::failpoint::hit("clientdb-journal-after-sync");
+                    store.overlay.apply(changes, generation);
+                    return Ok(generation);
+                }
+                store.checkpoint(&changes, generation)?;
+                Ok(generation)
+            }
+        }
     }
 }
 
@@ -604,7 +956,7 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
     }
     shielded(path, || {
         let txn = db.begin_write().map_err(|e| io_err("upgrade")(e.into()))?;
-        let mut w = DbWrite { txn, keys, path };
+        let mut w = DbWrite { keys, path, target: Target::Txn(txn), changes: BTreeMap::new() };
         let step_err = |e| match e {
             StateError::Db(e) => e,
             other => DbError::Damaged { path: path.to_path_buf(), reason: other.to_string() },
@@ -614,8 +966,11 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
             moved += records::merge_group_records(&mut w).map_err(step_err)?;
         }
         moved += records::split_timelines(&mut w).map_err(step_err)?;
+        let Target::Txn(txn) = &w.target else {
+            return Err(DbError::Closed(path.to_path_buf()));
+        };
         {
-            let mut meta = w.txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
+            let mut meta = txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
             meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())
                 .map_err(|e| io_err("upgrade")(e.into()))?;
         }
@@ -625,7 +980,8 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
             // Records changed: a write like any other, so it counts as a generation.
             w.commit().map(drop)
         } else {
-            w.txn.commit().map_err(|e| io_err("upgrade")(e.into()))
+            let Target::Txn(txn) = w.target else { return Err(DbError::Closed(path.to_path_buf())) };
+            txn.commit().map_err(|e| io_err("upgrade")(e.into()))
         }
     })
 }
@@ -652,5 +1008,7 @@ fn read_generation<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(u64::from_le_bytes(bytes))
 }
 
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod tests;

@@ -112,6 +112,16 @@ impl RecordKeys {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, RecordDamaged> {
         RECORDS_OPENED.with(|n| n.set(n.get().wrapping_add(1)));
+        self.open_uncounted(label, slot, sealed)
+    }
+
+    /// [`RecordKeys::open`] without counting a record read (the journal's entries).
+    pub fn open_uncounted(
+        &self,
+        label: &[u8],
+        slot: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, RecordDamaged> {
         let (nonce, rest) = sealed.split_at_checked(NONCE_LEN).ok_or(RecordDamaged)?;
         let body_len = rest.len().checked_sub(TAG_LEN).ok_or(RecordDamaged)?;
         let (body, tag) = rest.split_at(body_len);
