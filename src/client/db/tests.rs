@@ -681,16 +681,24 @@ fn measure_commit_records() {
         creator.merge_pending(&gid).unwrap();
         receiver.process(&gid, &pending.commit).unwrap();
         let snapshot: std::collections::BTreeMap<_, _> = receiver.store().snapshot().into_iter().collect();
+        // Per label: (records written, their bytes, records deleted).
+        let mut by_label = std::collections::BTreeMap::<String, (usize, usize, usize)>::new();
         let mut total = 0;
         for key in receiver.store().dirty_keys() {
-            let len = snapshot.get(&key).map_or(0, |v| v.len());
-            total += len;
             let label: String =
                 String::from_utf8_lossy(&key).chars().take_while(|c| *c != '[' && *c != '"').collect();
-            println!(
-                "round {round}: {label:<24} {len:>8} bytes{}",
-                if snapshot.contains_key(&key) { "" } else { " (deleted)" }
-            );
+            let entry = by_label.entry(label).or_default();
+            match snapshot.get(&key) {
+                Some(v) => {
+                    total += v.len();
+                    entry.0 += 1;
+                    entry.1 += v.len();
+                }
+                None => entry.2 += 1,
+            }
+        }
+        for (label, (n, bytes, deleted)) in by_label {
+            println!("round {round}: {label:<24} {n:>4} written {bytes:>8} bytes, {deleted} deleted");
         }
         println!("round {round}: total {total} bytes");
         flush(receiver.store());
