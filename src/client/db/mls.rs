@@ -725,7 +725,7 @@ fn tree_node_key(group_id: &[u8], kind: NodeKind, index: usize) -> Result<Vec<u8
 }
 
 /// Storage key of one member of a group's past epochs ([`PAST_MEMBER_LABEL`]).
-fn past_member_key(group_id: &[u8], member: &MemberRef) -> Result<Vec<u8>, MlsStoreError> {
+pub(super) fn past_member_key(group_id: &[u8], member: &MemberRef) -> Result<Vec<u8>, MlsStoreError> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut key = Vec::with_capacity(group_id.len() + 2 * member.len());
     key.extend_from_slice(group_id);
