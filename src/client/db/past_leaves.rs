@@ -611,6 +611,25 @@ mod tests {
     }
 
     #[test]
+    fn leaves_of_another_shape_are_refused() {
+        #[derive(Serialize)]
+        struct EpochTree {
+            epoch: u64,
+            message_secrets: u8,
+            leaves: [u8; 2],
+        }
+        #[derive(Serialize)]
+        struct MessageSecretsStore {
+            max_epochs: usize,
+            past_epoch_trees: Vec<EpochTree>,
+            message_secrets: u8,
+        }
+        let tree = EpochTree { epoch: 1, message_secrets: 0, leaves: [1, 2] };
+        let value = MessageSecretsStore { max_epochs: 1, past_epoch_trees: vec![tree], message_secrets: 0 };
+        assert!(split(&value, &|_| false).is_err(), "a tuple is not a member list");
+    }
+
+    #[test]
     fn damaged_main_records_and_missing_leaves_are_refused() {
         let s = split(&store(1..3), &|_| false).unwrap();
         assert!(join(&s.main, |_| Ok::<_, ()>(None)).unwrap().is_none());
