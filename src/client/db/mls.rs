@@ -107,8 +107,7 @@ pub fn plausible_value(bytes: &[u8]) -> bool {
     matches!(
         bytes.first(),
         Some(&VALUE_TAG | &past_leaves::SPLIT_TAG | &tree_nodes::SPLIT_TAG | &past_members::LIST_TAG)
-    )
-        || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+    ) || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
 }
 
 /// Logical key of the store's own record: the JSON list of the storage keys of the stored
@@ -462,7 +461,10 @@ impl MlsStore {
         let mut members = BTreeMap::new();
         for (epoch, records) in new_leaves {
             let refs = self.member_refs(group_id, &records, &latest)?;
-            self.set(past_leaves_key(group_id, epoch)?, Some(past_members::list(&refs).map_err(|_| MlsStoreError::Serialization)?));
+            self.set(
+                past_leaves_key(group_id, epoch)?,
+                Some(past_members::list(&refs).map_err(|_| MlsStoreError::Serialization)?),
+            );
             new_live.extend(refs.iter().copied());
             members.extend(refs.iter().copied().zip(records));
             latest = refs;
@@ -617,7 +619,11 @@ impl MlsStore {
     }
 
     /// The postcard bytes of a group's message secrets from their split main record.
-    fn join_message_secrets(&self, group_id: &[u8], main: &[u8]) -> Result<Zeroizing<Vec<u8>>, MlsStoreError> {
+    fn join_message_secrets(
+        &self,
+        group_id: &[u8],
+        main: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, MlsStoreError> {
         let leaves = |epoch| -> Result<Cached, MlsStoreError> {
             let Some(record) = self.get(&past_leaves_key(group_id, epoch)?)? else { return Ok(None) };
             if !past_members::is_list(&record) {

@@ -570,7 +570,12 @@ mod tests {
     }
 
     fn leaves_of(s: &Split) -> impl FnMut(u64) -> Result<Option<Zeroizing<Vec<u8>>>, ()> + '_ {
-        |e| Ok(s.new_leaves.iter().find(|(x, _)| *x == e).and_then(|(_, m)| super::super::past_members::whole(m)))
+        |e| {
+            Ok(s.new_leaves
+                .iter()
+                .find(|(x, _)| *x == e)
+                .and_then(|(_, m)| super::super::past_members::whole(m)))
+        }
     }
 
     #[test]

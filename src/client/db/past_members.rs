@@ -177,7 +177,10 @@ mod tests {
         let all = |r: &MemberRef| Ok::<_, ()>(records.iter().find(|m| reference(m) == *r).cloned());
         assert!(join(&l, all).unwrap().is_some());
         assert_eq!(join(&l, |_| Ok::<_, ()>(None)).unwrap(), None);
-        assert_eq!(join(&l, |_| Err::<Option<Zeroizing<Vec<u8>>>, _>("read failed")).unwrap_err(), "read failed");
+        assert_eq!(
+            join(&l, |_| Err::<Option<Zeroizing<Vec<u8>>>, _>("read failed")).unwrap_err(),
+            "read failed"
+        );
         for cut in [0, 1, 4, 5, 6, l.len() - 1] {
             assert_eq!(refs(&l[..cut]), None, "cut at {cut}");
         }

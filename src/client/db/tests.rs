@@ -9,8 +9,10 @@ use openmls_traits::storage::StorageProvider as _;
 use redb::ReadableTableMetadata;
 use tls_codec::{Deserialize as _, Serialize as _};
 
+use super::mls::{
+    DbProvider, MlsStore, PAST_LEAVES_LABEL, PAST_MEMBER_LABEL, TREE_NODE_LABEL, past_member_key,
+};
 use super::past_members;
-use super::mls::{DbProvider, MlsStore, PAST_LEAVES_LABEL, PAST_MEMBER_LABEL, TREE_NODE_LABEL, past_member_key};
 use super::*;
 use crate::crypto::statefile::KdfParams;
 
@@ -916,7 +918,8 @@ fn a_format_4_database_is_upgraded_in_place_and_its_inline_members_read_then_dro
     // The records as format 4 wrote them: each past epoch's members inline, no member records.
     let snapshot = alice.storage().snapshot();
     let by_key: std::collections::BTreeMap<_, _> = snapshot.iter().cloned().collect();
-    let member_of = |r: &past_members::MemberRef| Ok::<_, ()>(by_key.get(&past_member_key(&gid, r).unwrap()).cloned());
+    let member_of =
+        |r: &past_members::MemberRef| Ok::<_, ()>(by_key.get(&past_member_key(&gid, r).unwrap()).cloned());
     let records: Vec<_> = snapshot
         .iter()
         .filter(|(k, _)| !k.starts_with(PAST_MEMBER_LABEL))
