@@ -18,7 +18,10 @@
 //! ([`super::past_leaves`]): the past epochs' member lists live in records of their own
 //! ([`PAST_LEAVES_LABEL`]), written once per epoch and deleted when the epoch leaves openmls's
 //! window or the group's message secrets are deleted, so a message encodes no member list (it
-//! encoded one per kept past epoch) and a commit encodes one, the epoch that just ended. A
+//! encoded one per kept past epoch). Such a list names its members by reference
+//! ([`super::past_members`]): each member is a record ([`PAST_MEMBER_LABEL`]) shared by the
+//! epochs that hold it, so a commit writes the ended epoch's list of references and the members
+//! that changed, not the whole member list (165 KB at 128 members). A
 //! group's ratchet tree is stored one record per node ([`super::tree_nodes`],
 //! [`TREE_NODE_LABEL`]), and a write whose bytes equal the cached record's is no change
 //! ([`MlsStore::set`]), so a commit writes the nodes it changed, not the whole tree (issue 12:
@@ -42,6 +45,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+use super::past_members::{self, MemberRef};
 use super::tree_nodes::{self, NodeKind};
 use super::{ClientDb, DbError, DbWrite, Table, past_leaves};
 use crate::mls::QpqCrypto;
@@ -69,6 +73,9 @@ const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
 /// storage key = this label ‖ JSON group id ‖ JSON epoch ‖ version. No openmls label starts
 /// with `qpq/`.
 pub const PAST_LEAVES_LABEL: &[u8] = b"qpq/PastEpochLeaves";
+/// One member of some past epochs of a group ([`super::past_members`]): storage key = this
+/// label ‖ JSON group id ‖ hex of the member's reference ‖ version.
+pub const PAST_MEMBER_LABEL: &[u8] = b"qpq/PastMember";
 /// One node of a group's ratchet tree ([`super::tree_nodes`]): storage key = this label ‖ JSON
 /// group id ‖ `L` (leaf) or `P` (parent) ‖ JSON index ‖ version.
 pub const TREE_NODE_LABEL: &[u8] = b"qpq/TreeNode";
@@ -97,8 +104,10 @@ fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, MlsStoreError> {
 /// True when `bytes` is a well-formed value of either encoding as far as can be told without
 /// its type (JSON fully parsed; postcard only tagged: its decoding needs the type).
 pub fn plausible_value(bytes: &[u8]) -> bool {
-    matches!(bytes.first(), Some(&VALUE_TAG | &past_leaves::SPLIT_TAG | &tree_nodes::SPLIT_TAG))
-        || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+    matches!(
+        bytes.first(),
+        Some(&VALUE_TAG | &past_leaves::SPLIT_TAG | &tree_nodes::SPLIT_TAG | &past_members::LIST_TAG)
+    ) || serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
 }
 
 /// Logical key of the store's own record: the JSON list of the storage keys of the stored
@@ -174,6 +183,9 @@ pub struct MlsStore {
     /// Bumped whenever the contents are replaced or dropped other than through openmls's own
     /// writes (see [`MlsStore::version`]).
     version: AtomicU64,
+    /// Tests only: the postcard bytes of the last message secrets written per group.
+    #[cfg(test)]
+    written: Mutex<BTreeMap<Vec<u8>, Zeroizing<Vec<u8>>>>,
 }
 
 /// Locks `m`; a panic while it was held leaves plain data, still usable.
@@ -409,31 +421,104 @@ impl MlsStore {
     }
 
     /// Stores a group's message secrets split ([`past_leaves`]): the main record, plus the
-    /// leaves of the past epochs it did not name before; the leaves of epochs it no longer names
-    /// are deleted. A value of another shape is stored whole (and its old leaves deleted).
+    /// lists of the past epochs it did not name before and their members not stored yet
+    /// ([`past_members`]); the lists of epochs it no longer names are deleted, and the members
+    /// no list names any more. A value of another shape is stored whole (and its old lists and
+    /// members deleted).
     fn write_split_message_secrets<V: Serialize + ?Sized>(
         &self,
         group_id: &[u8],
         value: &V,
     ) -> Result<(), MlsStoreError> {
+        #[cfg(test)]
+        self.written_secrets(group_id, value);
         let key = build_key_from_vec(MESSAGE_SECRETS_LABEL, group_id.to_vec());
         let before = self.past_epochs(&key)?;
-        let (main, epochs) = match past_leaves::split(value, &|e| before.contains(&e)) {
-            Ok(split) => {
-                for (epoch, leaves) in split.new_leaves {
-                    self.set(past_leaves_key(group_id, epoch)?, Some(leaves));
-                }
-                (split.main, split.epochs)
-            }
+        let (main, epochs, new_leaves) = match past_leaves::split(value, &|e| before.contains(&e)) {
+            Ok(split) => (split.main, split.epochs, split.new_leaves),
             Err(past_leaves::ShapeError) => {
-                (Zeroizing::new(encode(MESSAGE_SECRETS_LABEL, value)?), Vec::new())
+                (Zeroizing::new(encode(MESSAGE_SECRETS_LABEL, value)?), Vec::new(), Vec::new())
             }
         };
+        // Every message sent or received: the same epochs, nothing else to write.
+        if new_leaves.is_empty() && before.iter().all(|e| epochs.contains(e)) {
+            self.set(key, Some(main));
+            return Ok(());
+        }
+        // The live sets before and after (see `past_members`): the kept epochs' lists are the
+        // same in both.
+        let mut old_live = BTreeSet::new();
+        let mut new_live = BTreeSet::new();
+        let mut latest: Vec<MemberRef> = Vec::new();
+        for &epoch in &before {
+            let refs = self.list_refs(group_id, epoch)?;
+            if epochs.contains(&epoch) {
+                new_live.extend(refs.iter().copied());
+            }
+            old_live.extend(refs.iter().copied());
+            latest = refs;
+        }
+        let mut members = BTreeMap::new();
+        for (epoch, records) in new_leaves {
+            let refs = self.member_refs(group_id, &records, &latest)?;
+            self.set(
+                past_leaves_key(group_id, epoch)?,
+                Some(past_members::list(&refs).map_err(|_| MlsStoreError::Serialization)?),
+            );
+            new_live.extend(refs.iter().copied());
+            members.extend(refs.iter().copied().zip(records));
+            latest = refs;
+        }
+        let (put, delete) = past_members::changes(&old_live, &new_live);
+        for r in put {
+            // Every reference of a new list came with its record.
+            let record = members.remove(&r).ok_or(MlsStoreError::Serialization)?;
+            self.set(past_member_key(group_id, &r)?, Some(record));
+        }
+        for r in delete {
+            self.set(past_member_key(group_id, &r)?, None);
+        }
         for gone in before.iter().filter(|e| !epochs.contains(e)) {
             self.set(past_leaves_key(group_id, *gone)?, None);
         }
         self.set(key, Some(main));
         Ok(())
+    }
+
+    /// The references of an epoch's `records` (each a member record). A member equal to the
+    /// one at the same place in the `previous` epoch's list (read from the cache: the records
+    /// of a loaded group are there) takes its reference without hashing: a commit changes a
+    /// few members of 128.
+    fn member_refs(
+        &self,
+        group_id: &[u8],
+        records: &[Zeroizing<Vec<u8>>],
+        previous: &[MemberRef],
+    ) -> Result<Vec<MemberRef>, MlsStoreError> {
+        let mut refs = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            let mut reused = None;
+            if let Some(r) = previous.get(i) {
+                // The record under a reference is the one that hashes to it.
+                let key = past_member_key(group_id, r)?;
+                if lock(&self.cache).get(&key).is_some_and(|v| v.as_ref() == Some(record)) {
+                    reused = Some(*r);
+                }
+            }
+            refs.push(reused.unwrap_or_else(|| past_members::reference(record)));
+        }
+        Ok(refs)
+    }
+
+    /// The references the leaves record of `epoch` names: none when it is absent or holds its
+    /// members inline (format 4); an error when it is a damaged list (what it named is unknown).
+    fn list_refs(&self, group_id: &[u8], epoch: u64) -> Result<Vec<MemberRef>, MlsStoreError> {
+        match self.get(&past_leaves_key(group_id, epoch)?)? {
+            Some(record) if past_members::is_list(&record) => {
+                past_members::refs(&record).ok_or(MlsStoreError::Serialization)
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Stores a group's ratchet tree as a main record and one record per node
@@ -529,18 +614,62 @@ impl MlsStore {
         if main.first() != Some(&past_leaves::SPLIT_TAG) {
             return Ok(Some(decode(&main)?));
         }
-        let leaves = |epoch| self.get(&past_leaves_key(group_id, epoch)?);
-        let whole = past_leaves::join(&main, leaves)?.ok_or(MlsStoreError::Serialization)?;
+        let whole = self.join_message_secrets(group_id, &main)?;
         Ok(Some(postcard::from_bytes(&whole).map_err(|_| MlsStoreError::Serialization)?))
     }
 
+    /// The postcard bytes of a group's message secrets from their split main record.
+    fn join_message_secrets(
+        &self,
+        group_id: &[u8],
+        main: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, MlsStoreError> {
+        let leaves = |epoch| -> Result<Cached, MlsStoreError> {
+            let Some(record) = self.get(&past_leaves_key(group_id, epoch)?)? else { return Ok(None) };
+            if !past_members::is_list(&record) {
+                return Ok(Some(record));
+            }
+            past_members::join(&record, |r| self.get(&past_member_key(group_id, r)?))
+        };
+        past_leaves::join(main, leaves)?.ok_or(MlsStoreError::Serialization)
+    }
+
+    /// Deletes a group's message secrets, the lists of their past epochs and every member
+    /// those name (the live set becomes empty: [`past_members`]).
     fn delete_split_message_secrets(&self, group_id: &[u8]) -> Result<(), MlsStoreError> {
         let key = build_key_from_vec(MESSAGE_SECRETS_LABEL, group_id.to_vec());
+        let mut live = BTreeSet::new();
         for epoch in self.past_epochs(&key)? {
+            live.extend(self.list_refs(group_id, epoch)?);
             self.set(past_leaves_key(group_id, epoch)?, None);
+        }
+        for r in live {
+            self.set(past_member_key(group_id, &r)?, None);
         }
         self.set(key, None);
         Ok(())
+    }
+
+    /// Remembers the postcard bytes of the last message secrets written for a group, to check
+    /// that reading gives them back.
+    #[cfg(test)]
+    fn written_secrets<V: Serialize + ?Sized>(&self, group_id: &[u8], value: &V) {
+        let bytes = Zeroizing::new(postcard::to_stdvec(value).unwrap_or_default());
+        lock(&self.written).insert(group_id.to_vec(), bytes);
+    }
+
+    /// (postcard of the last message secrets written for the group, postcard of what reading
+    /// them back gives).
+    #[cfg(test)]
+    pub fn secrets_written_and_read(
+        &self,
+        group_id: &[u8],
+        reader: &MlsStore,
+    ) -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), MlsStoreError> {
+        let written = lock(&self.written).get(group_id).cloned().ok_or(MlsStoreError::Serialization)?;
+        let key = build_key_from_vec(MESSAGE_SECRETS_LABEL, group_id.to_vec());
+        let main = reader.get(&key)?.ok_or(MlsStoreError::Serialization)?;
+        Ok((written, reader.join_message_secrets(group_id, &main)?))
     }
 
     fn delete(&self, label: &[u8], key: &[u8]) -> Result<(), MlsStoreError> {
@@ -599,6 +728,18 @@ fn tree_node_key(group_id: &[u8], kind: NodeKind, index: usize) -> Result<Vec<u8
     });
     key.extend_from_slice(&serde_json::to_vec(&index)?);
     Ok(build_key_from_vec(TREE_NODE_LABEL, key))
+}
+
+/// Storage key of one member of a group's past epochs ([`PAST_MEMBER_LABEL`]).
+pub(super) fn past_member_key(group_id: &[u8], member: &MemberRef) -> Result<Vec<u8>, MlsStoreError> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = Vec::with_capacity(group_id.len() + 2 * member.len());
+    key.extend_from_slice(group_id);
+    for b in member {
+        key.push(HEX[usize::from(b >> 4)]);
+        key.push(HEX[usize::from(b & 15)]);
+    }
+    Ok(build_key_from_vec(PAST_MEMBER_LABEL, key))
 }
 
 /// Storage key of one past epoch's leaves ([`PAST_LEAVES_LABEL`]).

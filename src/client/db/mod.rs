@@ -11,7 +11,7 @@
 //! |           | `"key"`                         | key check: a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing [`KEY_CHECK`] |
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
 //! |           | `"journal"`                     | the journal's id (16 B) ‖ u64 LE sequence number of the last journal entry redb holds |
-//! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`]; its ratchet tree one record per node: [`tree_nodes`]) |
+//! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`], the past epochs' members shared between epochs: [`past_members`]; its ratchet tree one record per node: [`tree_nodes`]) |
 //! | `state`   | slot of the logical record name | sealed messenger record                 |
 //! | `history` | slot of the conversation ‖ u64 BE receive time (ms) ‖ u64 BE message index | sealed history entry |
 //!
@@ -72,6 +72,7 @@ pub mod journal;
 pub mod migrate;
 pub mod mls;
 pub mod past_leaves;
+pub mod past_members;
 pub mod records;
 pub mod seal;
 pub mod tree_nodes;
@@ -108,15 +109,18 @@ pub const DB_FILE: &str = "qpq.db";
 /// per node ([`tree_nodes`]), so a commit rewrites only the nodes it changed. A format-3 binary
 /// reads neither. 5: small writes go to the journal ([`journal`]) and reach redb only at a
 /// checkpoint, so the newest records may be in `qpq.db.journal` alone, which a format-4 binary
-/// would ignore (losing them).
+/// would ignore (losing them); and a past epoch's member list may be a list of references to
+/// member records shared between epochs ([`past_members`]), so a commit writes the members
+/// that changed, not the ended epoch's whole list, which a format-4 binary cannot read.
 pub const DB_FORMAT_VERSION: u32 = 5;
 
 /// The oldest format this one upgrades in place when opening, once the key is proven, in one
 /// redb transaction, step by step: from 2, the per-conversation records move into the `groups`
 /// record and are deleted ([`records::merge_group_records`]); from 3 (and 2), the `timelines`
 /// record is split in two ([`records::split_timelines`]); then the format record is rewritten.
-/// Everything else of formats 2 and 3 reads the same in format 4 (message secrets and ratchet
-/// trees stored whole are still read, and split when next written).
+/// Everything else of formats 2 to 4 reads the same in format 5 (message secrets and ratchet
+/// trees stored whole are still read, and split when next written; from 4, nothing moves: a
+/// past epoch's members stored inline are still read, and dropped with their epoch).
 pub const UPGRADED_FORMAT: u32 = 2;
 
 /// What the `key` record seals: proves the key before any record is read.

@@ -7,14 +7,17 @@
 //! X-Wing public key, which serde writes byte by byte): at 1000 members and 5 past epochs,
 //! about 6.5 MB per message. A past epoch's member list never changes, so [`split`] encodes the
 //! value with serializers that follow its shape: everything but the `leaves` goes into the
-//! *main* record exactly as postcard would write it, and each epoch's `leaves` are encoded, as
-//! a record of their own, only the first time that epoch is seen (the caller says which epochs
-//! already have one). [`join`] puts the postcard bytes back together: postcard writes a struct
-//! as its fields in order and a sequence as a varint length and its items, so the whole value
-//! is the main body with each epoch's leaves spliced in at the offset the main record names.
+//! *main* record exactly as postcard would write it, and each epoch's `leaves` are encoded,
+//! one member at a time, only the first time that epoch is seen (the caller says which epochs
+//! already have one); the caller stores them as records shared between epochs
+//! ([`super::past_members`]). [`join`] puts the postcard bytes back together: postcard writes a
+//! struct as its fields in order and a sequence as a varint length and its items, so the whole
+//! value is the main body with each epoch's leaves spliced in at the offset the main record
+//! names.
 //!
 //! Main record: [`SPLIT_TAG`] ‖ u32 LE count ‖ count × (u64 LE epoch ‖ u32 LE body offset) ‖
-//! body. Leaves record: [`super::mls::VALUE_TAG`] ‖ postcard of the epoch's `Vec<Member>`.
+//! body. An epoch's leaves as [`join`] takes them: [`super::mls::VALUE_TAG`] ‖ postcard of the
+//! epoch's `Vec<Member>` (how format 4 stored them; [`super::past_members::join`] rebuilds it).
 //! A value of another shape (a later openmls) is refused by [`split`] with [`ShapeError`]: the
 //! caller then stores it whole, as before.
 //!
@@ -48,15 +51,21 @@ pub struct Split {
     pub main: Zeroizing<Vec<u8>>,
     /// The epochs of the past epoch trees, in order.
     pub epochs: Vec<u64>,
-    /// Leaves records of the epochs not already stored (`known` was false).
-    pub new_leaves: Vec<(u64, Zeroizing<Vec<u8>>)>,
+    /// The members of the epochs not already stored (`known` was false), in order, each
+    /// [`VALUE_TAG`] ‖ postcard of one member.
+    pub new_leaves: Vec<(u64, Vec<Zeroizing<Vec<u8>>>)>,
 }
 
-/// Encodes a `MessageSecretsStore` as a main record and the leaves records of the past epochs
-/// for which `known(epoch)` is false; the others' leaves are not encoded at all.
+/// Encodes a `MessageSecretsStore` as a main record and the members of the past epochs for
+/// which `known(epoch)` is false; the others' leaves are not encoded at all.
 pub fn split<V: Serialize + ?Sized>(value: &V, known: &dyn Fn(u64) -> bool) -> Result<Split, ShapeError> {
-    let mut enc =
-        Encoder { body: Zeroizing::new(Vec::new()), points: Vec::new(), new_leaves: Vec::new(), known };
+    let mut enc = Encoder {
+        body: Zeroizing::new(Vec::new()),
+        scratch: Zeroizing::new(Vec::new()),
+        points: Vec::new(),
+        new_leaves: Vec::new(),
+        known,
+    };
     value.serialize(StoreSer { enc: &mut enc })?;
     let mut main = Wiping::with_capacity(5 + 12 * enc.points.len() + enc.body.len());
     let count = u32::try_from(enc.points.len()).map_err(|_| ShapeError)?;
@@ -193,9 +202,11 @@ fn append<T: Serialize + ?Sized>(buf: &mut Zeroizing<Vec<u8>>, value: &T) -> Res
 
 struct Encoder<'k> {
     body: Zeroizing<Vec<u8>>,
+    /// Where each member is encoded before it is copied into its record.
+    scratch: Zeroizing<Vec<u8>>,
     /// (epoch, offset in `body` where its leaves belong).
     points: Vec<(u64, u32)>,
-    new_leaves: Vec<(u64, Zeroizing<Vec<u8>>)>,
+    new_leaves: Vec<(u64, Vec<Zeroizing<Vec<u8>>>)>,
     known: &'k dyn Fn(u64) -> bool,
 }
 
@@ -452,9 +463,9 @@ impl ser::SerializeStruct for TreeFields<'_, '_> {
                 let offset = u32::try_from(self.enc.body.len()).map_err(|_| ShapeError)?;
                 self.enc.points.push((epoch, offset));
                 if !(self.enc.known)(epoch) {
-                    let mut record = Zeroizing::new(vec![VALUE_TAG]);
-                    append(&mut record, value)?;
-                    self.enc.new_leaves.push((epoch, record));
+                    let mut records = Vec::new();
+                    value.serialize(MembersSer { scratch: &mut self.enc.scratch, records: &mut records })?;
+                    self.enc.new_leaves.push((epoch, records));
                 }
                 Ok(())
             }
@@ -464,6 +475,55 @@ impl ser::SerializeStruct for TreeFields<'_, '_> {
 
     fn end(self) -> Result<(), ShapeError> {
         if self.next == TREE_FIELDS.len() { Ok(()) } else { Err(ShapeError) }
+    }
+}
+
+/// An epoch's `leaves` sequence: each member encoded on its own, into `records`.
+struct MembersSer<'a> {
+    scratch: &'a mut Zeroizing<Vec<u8>>,
+    records: &'a mut Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl<'a> ser::Serializer for MembersSer<'a> {
+    type Ok = ();
+    type Error = ShapeError;
+    type SerializeSeq = MembersSer<'a>;
+    type SerializeTuple = Impossible<(), ShapeError>;
+    type SerializeTupleStruct = Impossible<(), ShapeError>;
+    type SerializeTupleVariant = Impossible<(), ShapeError>;
+    type SerializeMap = Impossible<(), ShapeError>;
+    type SerializeStruct = Impossible<(), ShapeError>;
+    type SerializeStructVariant = Impossible<(), ShapeError>;
+
+    refuse_rest!();
+
+    fn serialize_seq(self, len: Option<usize>) -> Result<MembersSer<'a>, ShapeError> {
+        // The length is written back by `past_members::whole`, from the count of records.
+        self.records.reserve_exact(len.ok_or(ShapeError)?);
+        Ok(self)
+    }
+
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Impossible<(), ShapeError>, ShapeError> {
+        Err(ShapeError)
+    }
+}
+
+impl ser::SerializeSeq for MembersSer<'_> {
+    type Ok = ();
+    type Error = ShapeError;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ShapeError> {
+        // Encoded in `scratch` (kept between members, so it grows to the largest once) and
+        // copied out at its exact size.
+        self.scratch.clear();
+        self.scratch.push(VALUE_TAG);
+        append(self.scratch, value)?;
+        self.records.push(Zeroizing::new(self.scratch.to_vec()));
+        Ok(())
+    }
+
+    fn end(self) -> Result<(), ShapeError> {
+        Ok(())
     }
 }
 
@@ -510,7 +570,12 @@ mod tests {
     }
 
     fn leaves_of(s: &Split) -> impl FnMut(u64) -> Result<Option<Zeroizing<Vec<u8>>>, ()> + '_ {
-        |e| Ok(s.new_leaves.iter().find(|(x, _)| *x == e).map(|(_, v)| v.clone()))
+        |e| {
+            Ok(s.new_leaves
+                .iter()
+                .find(|(x, _)| *x == e)
+                .and_then(|(_, m)| super::super::past_members::whole(m)))
+        }
     }
 
     #[test]
@@ -529,6 +594,12 @@ mod tests {
     fn known_epochs_are_not_encoded_again() {
         let s = split(&store(3..8), &|e| e < 6).unwrap();
         assert_eq!(s.new_leaves.iter().map(|(e, _)| *e).collect::<Vec<_>>(), vec![6, 7]);
+        // One record per member, each the postcard of that member.
+        let (_, members) = &s.new_leaves[0];
+        assert_eq!(members.len(), 3);
+        let mut first = vec![VALUE_TAG];
+        first.extend(postcard::to_stdvec(&store(6..7).past_epoch_trees[0].leaves[0]).unwrap());
+        assert_eq!(members[0].as_slice(), first.as_slice());
         // The main record holds no member's key.
         assert!(s.main.len() < 300);
     }
@@ -542,6 +613,25 @@ mod tests {
         }
         assert!(split(&MessageSecretsStore { max_epochs: 1, message_secrets: 2 }, &|_| false).is_err());
         assert!(split(&7u32, &|_| false).is_err());
+    }
+
+    #[test]
+    fn leaves_of_another_shape_are_refused() {
+        #[derive(Serialize)]
+        struct EpochTree {
+            epoch: u64,
+            message_secrets: u8,
+            leaves: [u8; 2],
+        }
+        #[derive(Serialize)]
+        struct MessageSecretsStore {
+            max_epochs: usize,
+            past_epoch_trees: Vec<EpochTree>,
+            message_secrets: u8,
+        }
+        let tree = EpochTree { epoch: 1, message_secrets: 0, leaves: [1, 2] };
+        let value = MessageSecretsStore { max_epochs: 1, past_epoch_trees: vec![tree], message_secrets: 0 };
+        assert!(split(&value, &|_| false).is_err(), "a tuple is not a member list");
     }
 
     #[test]

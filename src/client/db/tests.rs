@@ -9,7 +9,10 @@ use openmls_traits::storage::StorageProvider as _;
 use redb::ReadableTableMetadata;
 use tls_codec::{Deserialize as _, Serialize as _};
 
-use super::mls::{DbProvider, MlsStore, PAST_LEAVES_LABEL, TREE_NODE_LABEL};
+use super::mls::{
+    DbProvider, MlsStore, PAST_LEAVES_LABEL, PAST_MEMBER_LABEL, TREE_NODE_LABEL, past_member_key,
+};
+use super::past_members;
 use super::*;
 use crate::crypto::statefile::KdfParams;
 
@@ -681,16 +684,24 @@ fn measure_commit_records() {
         creator.merge_pending(&gid).unwrap();
         receiver.process(&gid, &pending.commit).unwrap();
         let snapshot: std::collections::BTreeMap<_, _> = receiver.store().snapshot().into_iter().collect();
+        // Per label: (records written, their bytes, records deleted).
+        let mut by_label = std::collections::BTreeMap::<String, (usize, usize, usize)>::new();
         let mut total = 0;
         for key in receiver.store().dirty_keys() {
-            let len = snapshot.get(&key).map_or(0, |v| v.len());
-            total += len;
             let label: String =
                 String::from_utf8_lossy(&key).chars().take_while(|c| *c != '[' && *c != '"').collect();
-            println!(
-                "round {round}: {label:<24} {len:>8} bytes{}",
-                if snapshot.contains_key(&key) { "" } else { " (deleted)" }
-            );
+            let entry = by_label.entry(label).or_default();
+            match snapshot.get(&key) {
+                Some(v) => {
+                    total += v.len();
+                    entry.0 += 1;
+                    entry.1 += v.len();
+                }
+                None => entry.2 += 1,
+            }
+        }
+        for (label, (n, bytes, deleted)) in by_label {
+            println!("round {round}: {label:<24} {n:>4} written {bytes:>8} bytes, {deleted} deleted");
         }
         println!("round {round}: total {total} bytes");
         flush(receiver.store());
@@ -753,4 +764,204 @@ fn a_commit_rewrites_only_the_tree_nodes_it_changed_and_the_tree_survives_a_reop
     group.delete(alice.storage()).unwrap();
     flush_commit(&db, alice.storage());
     assert!(node_records(&db).is_empty(), "deleting the group deletes its nodes");
+}
+
+/// Checks that the member records of the group `gid` (JSON) in `db` are exactly those the lists
+/// of its past epochs name (no orphan, none missing), each the record that hashes to its
+/// reference; returns (lists, members inline in format-4 leaves records, member records).
+fn assert_members_are_the_live_set(db: &ClientDb, gid: &[u8]) -> (usize, usize, usize) {
+    let all = MlsStore::memory();
+    all.load_all(db).unwrap();
+    let snapshot = all.snapshot();
+    let (mut lists, mut inline) = (0, 0);
+    let mut live = std::collections::BTreeSet::new();
+    for (k, v) in &snapshot {
+        if k.starts_with(PAST_LEAVES_LABEL) {
+            if past_members::is_list(v) {
+                lists += 1;
+                live.extend(past_members::refs(v).expect("a well-formed list"));
+            } else {
+                inline += 1;
+            }
+        }
+    }
+    let expected: std::collections::BTreeSet<Vec<u8>> =
+        live.iter().map(|r| past_member_key(gid, r).unwrap()).collect();
+    let found: std::collections::BTreeMap<Vec<u8>, Zeroizing<Vec<u8>>> =
+        snapshot.into_iter().filter(|(k, _)| k.starts_with(PAST_MEMBER_LABEL)).collect();
+    let text = |keys: &mut dyn Iterator<Item = &Vec<u8>>| {
+        keys.map(|k| String::from_utf8_lossy(k).into_owned()).collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(text(&mut found.keys()), text(&mut expected.iter()), "member records");
+    for r in &live {
+        assert_eq!(past_members::reference(&found[&past_member_key(gid, r).unwrap()]), *r);
+    }
+    (lists, inline, found.len())
+}
+
+/// The message secrets the reader gets back from `db` are byte for byte what openmls wrote.
+fn assert_secrets_read_back(db: &Arc<ClientDb>, writer: &MlsStore, gid: &[u8], step: &str) {
+    let reader = MlsStore::memory();
+    reader.attach(db.clone());
+    let (written, read) = writer.secrets_written_and_read(gid, &reader).unwrap();
+    assert!(written.len() > 100, "{step}: captured");
+    assert_eq!(written.as_slice(), read.as_slice(), "{step}: joined bytes differ from what was written");
+}
+
+/// The past epochs' members are records shared between epochs (issue 12): over adds, an
+/// update, a remove and epochs leaving the window, the message secrets read back byte for
+/// byte, a commit writes only the members that changed, the member records are exactly those
+/// the kept epochs name, and deleting the group leaves none. The shared-writes check fails when
+/// every member is written with its epoch (3 member records instead of 1); the live-set checks
+/// fail without the deletion of the members no epoch names.
+#[test]
+fn past_members_are_shared_between_epochs_read_back_whole_and_none_outlives_its_epochs() {
+    const KEPT: usize = 3;
+    let (_dir, _key, db) = new_db();
+    let db = Arc::new(db);
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let (alice, signer, cred) = member(store);
+    flush_commit(&db, alice.storage());
+    let before = count(&db, Table::Mls);
+    let others: Vec<_> = (0..3).map(|_| member(MlsStore::memory())).collect();
+    let kp = |i: usize| {
+        let (p, s, c) = &others[i];
+        KeyPackage::builder().build(CIPHERSUITE, p, s, c.clone()).unwrap().key_package().clone()
+    };
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(KEPT)
+        .build();
+    let mut group = MlsGroup::new(&alice, &signer, &config, cred).unwrap();
+    let gid = serde_json::to_vec(group.group_id()).unwrap();
+    let written_members = || {
+        let dirty = alice.storage().dirty_keys();
+        let snapshot: std::collections::BTreeMap<_, _> = alice.storage().snapshot().into_iter().collect();
+        dirty.iter().filter(|k| k.starts_with(PAST_MEMBER_LABEL) && snapshot.contains_key(*k)).count()
+    };
+    let step = |name: &str, written: usize| {
+        flush_commit(&db, alice.storage());
+        assert_secrets_read_back(&db, alice.storage(), &gid, name);
+        let (lists, inline, members) = assert_members_are_the_live_set(&db, &gid);
+        println!("{name}: {written} member records written, {lists} lists, {members} member records");
+        assert_eq!(inline, 0);
+        (lists, members)
+    };
+
+    // Epoch 0 -> 1: bob and carol join; epoch 0 (alice alone) is archived.
+    group.add_members(&alice, &signer, &[kp(0), kp(1)]).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    assert_eq!(step("add two", written_members()), (1, 1));
+    // 1 -> 2: alice updates; epoch 1 is archived: all new (openmls's add commit carried a
+    // path, so alice's leaf changed too).
+    group.self_update(&alice, &signer, LeafNodeParameters::default()).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    let written = written_members();
+    assert_eq!(written, 3, "alice, bob and carol");
+    assert_eq!(step("update", written), (2, 4));
+    // 2 -> 3: dave joins; epoch 2 differs from epoch 1 by alice's updated leaf only.
+    group.add_members(&alice, &signer, &[kp(2)]).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    let written = written_members();
+    assert_eq!(written, 1, "alice's updated leaf; bob and carol are shared");
+    assert_eq!(step("add", written), (3, 5));
+    // 3 -> 4: carol is removed; epoch 0 and its alice leave the window.
+    let carol = others[1].1.public();
+    let carol = group.members().find(|m| m.signature_key == carol).unwrap().index;
+    group.remove_members(&alice, &signer, &[carol]).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    let written = written_members();
+    assert_eq!(written, 2, "alice's leaf of epoch 3 and dave");
+    assert_eq!(step("remove", written), (KEPT, 6));
+    // Updates until every epoch that held carol, and alice's first leaf, has left the window.
+    for i in 0..KEPT + 1 {
+        group.self_update(&alice, &signer, LeafNodeParameters::default()).unwrap();
+        group.merge_pending_commit(&alice).unwrap();
+        let written = written_members();
+        assert!(written <= 1, "update {i}: {written} member records written");
+        step(&format!("update {i}"), written);
+    }
+    let (_, _, members) = assert_members_are_the_live_set(&db, &gid);
+    assert_eq!(members, 2 + KEPT, "bob, dave, and alice's leaf of each kept epoch");
+
+    group.delete(alice.storage()).unwrap();
+    flush_commit(&db, alice.storage());
+    assert_eq!(assert_members_are_the_live_set(&db, &gid), (0, 0, 0));
+    assert_eq!(count(&db, Table::Mls), before + 1, "only the signature key and the (empty) group index");
+}
+
+/// Fails without the upgrade: format 4 is then refused as older. A format-4 home holds each
+/// past epoch's members inline; they are read as they are, and dropped with their epochs.
+#[test]
+fn a_format_4_database_is_upgraded_in_place_and_its_inline_members_read_then_dropped() {
+    const KEPT: usize = 2;
+    let (dir, key, db) = new_db();
+    let (alice, signer, cred) = member(MlsStore::memory());
+    let (bob, bob_signer, bob_cred) = member(MlsStore::memory());
+    let bob_kp = KeyPackage::builder().build(CIPHERSUITE, &bob, &bob_signer, bob_cred).unwrap();
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(KEPT)
+        .build();
+    let mut group = MlsGroup::new(&alice, &signer, &config, cred).unwrap();
+    group.add_members(&alice, &signer, &[bob_kp.key_package().clone()]).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    for _ in 0..KEPT {
+        group.self_update(&alice, &signer, LeafNodeParameters::default()).unwrap();
+        group.merge_pending_commit(&alice).unwrap();
+    }
+    let group_id = group.group_id().clone();
+    let gid = serde_json::to_vec(&group_id).unwrap();
+    // The records as format 4 wrote them: each past epoch's members inline, no member records.
+    let snapshot = alice.storage().snapshot();
+    let by_key: std::collections::BTreeMap<_, _> = snapshot.iter().cloned().collect();
+    let member_of =
+        |r: &past_members::MemberRef| Ok::<_, ()>(by_key.get(&past_member_key(&gid, r).unwrap()).cloned());
+    let records: Vec<_> = snapshot
+        .iter()
+        .filter(|(k, _)| !k.starts_with(PAST_MEMBER_LABEL))
+        .map(|(k, v)| match k.starts_with(PAST_LEAVES_LABEL) {
+            true => (k.clone(), past_members::join(v, member_of).unwrap().expect("every member")),
+            false => (k.clone(), v.clone()),
+        })
+        .collect();
+    let old = MlsStore::memory();
+    old.restore(records);
+    flush_commit(&db, &old);
+    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+    txn.open_table(META).unwrap().insert(META_FORMAT, 4u32.to_le_bytes().as_slice()).unwrap();
+    txn.commit().unwrap();
+    drop(db);
+
+    let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+    assert_eq!(assert_members_are_the_live_set(&db, &gid), (0, KEPT, 0), "members inline, as written");
+    let store = MlsStore::memory();
+    store.attach(db.clone());
+    let alice = DbProvider::new(store);
+    let mut group = MlsGroup::load(alice.storage(), &group_id).unwrap().expect("loads with members inline");
+    assert_eq!(group.members().count(), 2);
+    // One commit: a list joins the inline epochs, which read back alongside it.
+    group.self_update(&alice, &signer, LeafNodeParameters::default()).unwrap();
+    group.merge_pending_commit(&alice).unwrap();
+    flush_commit(&db, alice.storage());
+    assert_secrets_read_back(&db, alice.storage(), &gid, "inline and list");
+    assert_eq!(assert_members_are_the_live_set(&db, &gid), (1, KEPT - 1, 2));
+    // The inline epochs leave the window.
+    for _ in 0..KEPT {
+        group.self_update(&alice, &signer, LeafNodeParameters::default()).unwrap();
+        group.merge_pending_commit(&alice).unwrap();
+    }
+    flush_commit(&db, alice.storage());
+    assert_secrets_read_back(&db, alice.storage(), &gid, "lists only");
+    let (lists, inline, _) = assert_members_are_the_live_set(&db, &gid);
+    assert_eq!((lists, inline), (KEPT, 0));
+    group.delete(alice.storage()).unwrap();
+    flush_commit(&db, alice.storage());
+    assert_eq!(assert_members_are_the_live_set(&db, &gid), (0, 0, 0));
 }
