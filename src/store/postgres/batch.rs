@@ -41,13 +41,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
-use super::{Inner, TxError, mail, ops, unavailable};
+use super::{Inner, TxError, enqueue, mail, ops, unavailable};
 use crate::limits;
 use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, WriteOp};
 
@@ -131,8 +131,8 @@ pub(super) fn same_error(e: &StoreError) -> StoreError {
 
 /// What a committed batch answers, request by request, and whose waiters to wake.
 pub(super) struct Applied {
-    outcomes: Vec<Result<Outcome, StoreError>>,
-    woken: Vec<IdentityKey>,
+    pub(super) outcomes: Vec<Result<Outcome, StoreError>>,
+    pub(super) woken: Vec<IdentityKey>,
 }
 
 impl Inner {
@@ -142,7 +142,11 @@ impl Inner {
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let applied = apply(&client, self.limits, now_ms, ops).await;
+            let applied = if enqueue::all_enqueues(ops) {
+                enqueue::apply(&client, self.limits, now_ms, ops, &self.batch_round_trips).await
+            } else {
+                apply(&client, self.limits, now_ms, ops, &self.batch_round_trips).await
+            };
             if applied.is_err() {
                 // Ends the transaction if the failure left one open (a warning, not an error,
                 // when the pipelined COMMIT already ended it); a dead connection is dropped by
@@ -176,7 +180,7 @@ struct Queue {
 
 /// The recipient and body of each item of an enqueue or fanout (a fanout's items all share its
 /// one stored payload: see [`mail`]).
-fn items(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
+pub(super) fn items_of(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
     match op {
         WriteOp::Enqueue { items, .. } => Ok(items.iter().map(|(w, p)| (w, &p[..])).collect()),
         WriteOp::Fanout { payload, recipients, .. } => {
@@ -202,7 +206,13 @@ fn channel_of(op: &WriteOp) -> &[u8] {
 /// Runs `ops` as one transaction on `tx`, from BEGIN to COMMIT (see the module docs for the
 /// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
 /// inside [`Applied`].
-async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
+async fn apply(
+    tx: &Object,
+    limits: QueueLimits,
+    now: u64,
+    ops: &[WriteOp],
+    trips: &AtomicU64,
+) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
     // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
     let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
@@ -216,7 +226,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
                 let up_to = ops::big(*up_to);
                 acks.entry(who).and_modify(|u| *u = (*u).max(up_to)).or_insert(up_to);
             }
-            other => queue_keys.extend(items(other).unwrap_or_default().into_iter().map(|(w, _)| &w[..])),
+            other => queue_keys.extend(items_of(other).unwrap_or_default().into_iter().map(|(w, _)| &w[..])),
         }
     }
     queue_keys.sort_unstable();
@@ -251,6 +261,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
     // Sent in this order on one connection, so locks are taken in this order; the freed rows
     // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
+    trips.fetch_add(1, Ordering::Relaxed);
     let ((), channel_rows, queue_rows, totals, freed_rows, acked) = tokio::try_join!(
         tx.batch_execute("BEGIN"),
         async {
@@ -349,7 +360,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             outcomes.push(Ok(Outcome::Acked { removed: removed[i] }));
             continue;
         }
-        let items = match items(op) {
+        let items = match items_of(op) {
             Ok(items) => items,
             Err(refused) => {
                 outcomes.push(Err(refused));
@@ -425,6 +436,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
     write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &delta]);
+    trips.fetch_add(1, Ordering::Relaxed);
     tokio::try_join!(
         async {
             if a_keys.is_empty() {

@@ -95,7 +95,7 @@ pub(super) fn quota_charge(shared: bool, channel: &[u8], items: &[(&IdentityKey,
 }
 
 /// A shared payload row's own charge: its reference count and the message (as in redb).
-fn shared_row_charge(channel: &[u8], payload: &[u8]) -> i64 {
+pub(super) fn shared_row_charge(channel: &[u8], payload: &[u8]) -> i64 {
     8 + queue_charge(channel, payload)
 }
 
