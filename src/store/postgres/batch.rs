@@ -47,7 +47,7 @@ use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
-use super::{Inner, TxError, enqueue, mail, ops, unavailable};
+use super::{Inner, TxError, ack, enqueue, mail, ops, unavailable};
 use crate::limits;
 use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, WriteOp};
 
@@ -144,6 +144,8 @@ impl Inner {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
             let applied = if enqueue::all_enqueues(ops) {
                 enqueue::apply(&client, self.limits, now_ms, ops, &self.batch_round_trips).await
+            } else if ack::all_acks(ops) {
+                ack::apply(&client, ops, &self.batch_round_trips).await
             } else {
                 apply(&client, self.limits, now_ms, ops, &self.batch_round_trips).await
             };

@@ -19,6 +19,7 @@
 //! TLS to the database: none (`NoTls`). Run PostgreSQL on loopback or a private network, or
 //! tunnel it; a `sslmode=require` URL is refused at start-up rather than silently downgraded.
 
+mod ack;
 mod batch;
 mod enqueue;
 mod listen;
@@ -107,8 +108,8 @@ struct Inner {
     /// Recipients whose NOTIFY the wake-up sender has yet to send.
     wakeups: Arc<wake::Pending>,
     commits: AtomicU64,
-    /// Pipelined round trips the group commit has made (one per enqueue batch, two per ack
-    /// batch: see [`batch`] and [`enqueue`]).
+    /// Pipelined round trips the group commit has made (one per batch: see [`enqueue`] and
+    /// [`ack`]).
     batch_round_trips: AtomicU64,
     /// Read statements the fetch workers have run (each serves one or more fetches).
     reads: AtomicU64,

@@ -124,10 +124,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
              count bigint NOT NULL,
              bytes bigint NOT NULL);",
     ),
-    (4, ENQUEUE_BATCH_V4),
+    (4, BATCH_FUNCTIONS_V4),
 ];
 
-/// Version 4's `qpq_enqueue_batch` (see the module docs and [`super::enqueue`]). Parameters:
+/// Version 4's `qpq_enqueue_batch` and `qpq_ack_batch` (see the module docs and [`super::enqueue`]). Parameters:
 /// the time, the caps (`p_max_messages`, `p_max_bytes` per queue, `p_max_stored` in all), the
 /// stored-bytes shards; the channels and recipients to lock, each sorted and distinct; per
 /// request its channel (1-based index, 0 for none), the index of its last item and its quota
@@ -135,7 +135,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// request, refs and quota. Answers per request a status (0 accepted, 1 a queue cap, 2 the
 /// storage quota), its `channelSeq`, what refused it (held messages and bytes, or the stored
 /// total), and per item its `seq`.
-const ENQUEUE_BATCH_V4: &str = r#"CREATE FUNCTION qpq_enqueue_batch(
+const BATCH_FUNCTIONS_V4: &str = r#"CREATE FUNCTION qpq_enqueue_batch(
     p_now_ms bigint, p_max_messages bigint, p_max_bytes bigint, p_max_stored bigint, p_shards integer,
     p_ch_keys bytea[], p_q_keys bytea[],
     p_req_ch integer[], p_req_end integer[], p_req_charge bigint[],
@@ -277,6 +277,45 @@ BEGIN
     INSERT INTO qpq_stored_bytes (shard, bytes)
     SELECT pg_backend_pid() % p_shards, v_added WHERE v_added <> 0
     ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes;
+END
+$fn$;
+CREATE FUNCTION qpq_ack_batch(p_keys bytea[], p_up_to bigint[], p_shards integer)
+RETURNS TABLE (o_recipient bytea, o_seq bigint, o_bytes bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_r bytea[];
+    v_s bigint[];
+    v_b bigint[];
+    v_freed bigint;
+BEGIN
+    -- 1. The entries, then the payloads they were the last entries of (locked in id order).
+    WITH a AS (SELECT r, up_to FROM unnest(p_keys, p_up_to) AS a(r, up_to)),
+         d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
+               RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota),
+         g AS (SELECT payload_id, count(*) AS n FROM d GROUP BY payload_id),
+         l AS (SELECT p.id, p.refs FROM qpq_payloads p WHERE p.id IN (SELECT payload_id FROM g)
+               ORDER BY p.id FOR UPDATE),
+         u AS (UPDATE qpq_payloads p SET refs = p.refs - g.n FROM g JOIN l ON l.id = g.payload_id
+               WHERE p.id = g.payload_id AND l.refs > g.n),
+         x AS (DELETE FROM qpq_payloads p USING g JOIN l ON l.id = g.payload_id
+               WHERE p.id = g.payload_id AND l.refs <= g.n RETURNING p.quota)
+    SELECT coalesce(array_agg(d.recipient ORDER BY d.recipient, d.seq), '{}'),
+           coalesce(array_agg(d.seq ORDER BY d.recipient, d.seq), '{}'),
+           coalesce(array_agg(d.bytes ORDER BY d.recipient, d.seq), '{}'),
+           coalesce(sum(d.quota), 0)::bigint + (SELECT coalesce(sum(x.quota), 0)::bigint FROM x)
+    INTO v_r, v_s, v_b, v_freed
+    FROM d;
+    -- 2. The freed rows, in key order.
+    INSERT INTO qpq_queue_freed (recipient, count, bytes)
+    SELECT t.r, count(*), sum(t.b) FROM unnest(v_r, v_b) AS t(r, b) GROUP BY t.r ORDER BY t.r
+    ON CONFLICT (recipient) DO UPDATE SET count = qpq_queue_freed.count + excluded.count,
+                                          bytes = qpq_queue_freed.bytes + excluded.bytes;
+    -- 3. This connection's stored-bytes shard, last.
+    IF v_freed <> 0 THEN
+        INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % p_shards, -v_freed)
+        ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes;
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_r, v_s, v_b);
 END
 $fn$;"#;
 
