@@ -11,6 +11,15 @@
 //! COMMIT; the COMMIT answers once the WAL is flushed. It returns the entries it deleted, from
 //! which each request's count is worked out here, as before: each ack removes the entries at
 //! or below its `up_to` that no smaller ack of the same recipient in the batch claims.
+//!
+//! A payload whose last entries the batch deleted goes in the same statement as the entries,
+//! instead of being left at 0 refs for a later delete: no new row version, no entry in the
+//! partial index. Why that is safe: the statement locks the payload rows `FOR UPDATE` in id
+//! order, and in READ COMMITTED that returns their latest committed `refs` (after waiting for
+//! a concurrent release), so the decrement and the delete decide on that value, not on the
+//! statement's snapshot, and each row goes to exactly one of them; a row a concurrent release
+//! changed after the snapshot is re-read (EvalPlanQual) and still matches the decision, since
+//! the lock is held.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
