@@ -481,3 +481,66 @@ async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
     );
     store.close();
 }
+
+/// Issue 13, step 6: an enqueue batch costs one round trip to PostgreSQL (BEGIN, the call of
+/// `qpq_enqueue_batch` and COMMIT, pipelined), where it cost two (lock and read, then write and
+/// COMMIT). Whatever the batching, the contracts hold: a queue cap refuses exactly the requests
+/// over it and no other, a refused request takes no number, a fanout naming someone twice is
+/// refused alone, and `channelSeq`s and `seq`s stay dense.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_batch_takes_one_round_trip_and_a_refusal_leaves_the_others_alone() {
+    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, StoreError, WriteOp};
+    let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
+    let limits =
+        QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 3_600_000, max_stored_bytes: 1 << 30 };
+    let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
+    let people: Vec<IdentityKey> = (0..6u8).map(|i| [i + 101; 32]).collect();
+    // Three enqueues on one channel to each of three people (the third of each is over the cap),
+    // three fanouts on another channel to the other three (the third is over), and a fanout
+    // naming someone twice.
+    let mut ops = Vec::new();
+    for round in 0..3u8 {
+        for who in &people[..3] {
+            ops.push(WriteOp::Enqueue { channel: b"chat".to_vec(), items: vec![(*who, vec![round; 50])] });
+        }
+        ops.push(WriteOp::Fanout { channel: b"group".to_vec(), payload: vec![round; 60], recipients: people[3..].to_vec() });
+    }
+    ops.push(WriteOp::Fanout { channel: b"group".to_vec(), payload: vec![9; 10], recipients: vec![people[0], people[0]] });
+    let (trips, commits) = (store.batch_round_trips(), store.commit_count());
+    let results = futures::future::join_all(ops.into_iter().map(|op| store.write(op))).await;
+    let (trips, commits) = (store.batch_round_trips() - trips, store.commit_count() - commits);
+    assert!(commits >= 1 && trips == commits, "{commits} batches took {trips} round trips");
+
+    let (mut chat, mut group, mut full, mut dup) = (Vec::new(), Vec::new(), 0, 0);
+    let mut seqs: std::collections::HashMap<IdentityKey, Vec<u64>> = Default::default();
+    let recipients = |i: usize| if i == 12 { vec![] } else if i % 4 == 3 { people[3..].to_vec() } else { vec![people[i % 4]] };
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(Outcome::Enqueued { channel_seq, seqs: got }) => {
+                if i % 4 == 3 { group.push(channel_seq) } else { chat.push(channel_seq) }
+                for (who, seq) in recipients(i).into_iter().zip(got) {
+                    seqs.entry(who).or_default().push(seq);
+                }
+            }
+            Err(StoreError::QueueFull { count: 2, max_count: 2, .. }) => full += 1,
+            Err(StoreError::DuplicateRecipient { first: 0, again: 1 }) => dup += 1,
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert_eq!((full, dup), (4, 1), "the third request to each queue refused, and the duplicate");
+    chat.sort_unstable();
+    group.sort_unstable();
+    assert_eq!(chat, (1..=6).collect::<Vec<u64>>(), "refused requests take no channelSeq");
+    assert_eq!(group, vec![1, 2]);
+    for who in &people {
+        let mut got = seqs.remove(who).unwrap_or_default();
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 2], "dense seqs for {:?}", &who[..1]);
+    }
+    // What a refusal left alone is there to fetch, each message once.
+    for who in &people {
+        let (msgs, more) = store.fetch(who, 0, 10, 1 << 20).await.unwrap();
+        assert_eq!((msgs.len(), more), (2, false));
+    }
+    store.close();
+}
