@@ -333,7 +333,6 @@ pub const PG_BATCH_OPS: usize = 64;
 /// waiting when the first one started; one worker takes everything that waited during the
 /// flush. Measured (issue 13, delivery bench, 2 nodes, 16 senders): 1.2-1.3 messages per commit
 /// with 4 workers, 2.3 with 2, 3.7-4.0 with 1, and the most msg/s with 1 at 16 and 64 senders.
-/// Again with one-round-trip batches (step 6): 2.2-2.4 per commit with 2, and no more msg/s.
 pub const PG_BATCH_WORKERS: usize = 1;
 /// Enqueues and acks waiting for a group-commit worker before callers wait to queue.
 pub const PG_BATCH_QUEUE: usize = 1024;

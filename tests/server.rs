@@ -1121,7 +1121,7 @@ async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_a
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
 }
@@ -1179,71 +1179,7 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 2 entries gave back their 48 bytes");
-}
-
-/// What PostgreSQL schema version 3 added to version 2 as it shipped (frozen here, like
-/// [`PG_SCHEMA_V1`]), with its version row.
-const PG_SCHEMA_V3_ON_V2: &str = "
-     CREATE TABLE qpq_queue_freed (recipient bytea PRIMARY KEY, count bigint NOT NULL, bytes bigint NOT NULL);
-     INSERT INTO qpq_schema_version (version) VALUES (3);";
-
-/// A database written by schema version 3 (the node decided an enqueue batch's numbers and
-/// caps between two round trips) is migrated to version 4 (`qpq_enqueue_batch` decides them):
-/// its channel and queue numbers go on, its freed row still makes room under the cap, and a
-/// full queue refuses one more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_3_postgres_database_is_migrated_and_its_numbers_and_caps_go_on() {
-    use qpq::proto::wire_error::ErrorCode;
-    let cluster = common::pg::Cluster::get();
-    let url = cluster.fresh_database();
-    let bob = Identity::generate();
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let key = hex::encode(bob.public().0);
-    // Bob was sent two messages on channel "chan" (channelSeqs 4 and 5) and acked the first:
-    // his queue holds one, seq 2, charged 24 on the queue and the quota.
-    cluster.query(
-        &url,
-        &format!(
-            "{PG_SCHEMA_V1}; {PG_SCHEMA_V2_ON_V1} {PG_SCHEMA_V3_ON_V2}
-             INSERT INTO qpq_queues VALUES ('\\x{key}', 3, 2, 48);
-             INSERT INTO qpq_queue_freed VALUES ('\\x{key}', 1, 24);
-             INSERT INTO qpq_channels VALUES ('\\x6368616e', 5, {now_ms});
-             INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body, refs, quota)
-                 VALUES (2, '\\x6368616e', 5, {now_ms}, 'earlier', 1, 0);
-             SELECT setval('qpq_payloads_id_seq', 2);
-             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms, quota)
-                 VALUES ('\\x{key}', 2, 2, 24, {now_ms}, 24);
-             INSERT INTO qpq_stored_bytes VALUES (0, 24);"
-        ),
-    );
-    common::use_backend(common::Backend::Postgres(url.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::server_config(dir.path());
-    cfg.max_queue_messages = 2;
-    let server = start_server_with(cfg).await;
-    local(async {
-        let s = connect(&server).await;
-        let (seq, channel_seq) = s.enqueue(&bob.public().0, b"x", b"chan").await.unwrap();
-        assert_eq!((seq, channel_seq), (3, 6), "both numbers go on from the migrated rows");
-        let e = s.enqueue(&bob.public().0, b"y", b"chan").await.unwrap_err();
-        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "full: the migrated count less its freed row");
-        let b = login(&server, &bob).await;
-        let (msgs, _) = b.fetch(0).await.unwrap();
-        assert_eq!(
-            msgs.iter().map(|m| (m.seq, m.channel_seq, m.payload.clone())).collect::<Vec<_>>(),
-            vec![(2, 5, b"earlier".to_vec()), (3, 6, b"x".to_vec())]
-        );
-        assert_eq!(b.ack(3).await.unwrap(), 2);
-        let (seq, channel_seq) = s.enqueue(&bob.public().0, b"z", b"chan").await.unwrap();
-        assert_eq!((seq, channel_seq), (4, 7));
-        assert_eq!(b.ack(4).await.unwrap(), 1);
-    })
-    .await;
-    server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
-    assert_eq!(stored_rows(dir.path()), (0, 0));
-    assert_eq!(pg_stored_bytes(), Some(0), "the version 3 entry gave back its 24 bytes");
 }

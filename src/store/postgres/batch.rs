@@ -1,23 +1,30 @@
-//! Group commit on PostgreSQL: the enqueues, or the acks, waiting at one moment run as one
-//! transaction, in one round trip whatever their number.
+//! Group commit on PostgreSQL: the enqueues and acks waiting at one moment run as one
+//! transaction, in a fixed number of round trips whatever their number.
 //!
 //! Why: one transaction per request cost about ten statements (each a loopback round trip and a
 //! backend wake-up) and one WAL flush per message, and held the recipient's queue row locked
 //! across all of them; on a small machine that, not the disk, capped throughput (issue 13).
 //!
-//! How, like the redb writer: a worker task per lane and node ([`limits::PG_BATCH_WORKERS`])
-//! takes every request waiting (up to [`limits::PG_BATCH_OPS`]), so what arrives during one
-//! transaction's WAL flush forms the next batch, and sends it as BEGIN, one call of a function
-//! of the schema (version 4) and COMMIT, pipelined: an enqueue batch to `qpq_enqueue_batch`
-//! ([`super::enqueue`], where the argument for its contracts is), an ack batch to
-//! `qpq_ack_batch` ([`super::ack`]). The function decides everything that needs the rows
-//! (numbers, caps, what an ack freed), so PostgreSQL holds the batch's locks for the time of
-//! one statement and one WAL flush, not across a second round trip to this node. One WAL flush
-//! acknowledges the whole batch. No NOTIFY here: it would hold a cluster-wide lock across the
-//! flush; the other nodes are told after the commit ([`super::wake`]). A statement that fails
-//! aborts the transaction, so the COMMIT behind it only rolls back; the batch answers with that
-//! statement's error, never success. On any error the worker sends ROLLBACK before the
-//! connection goes back to the pool.
+//! How, like the redb writer: a worker task per node ([`limits::PG_BATCH_WORKERS`]) takes every
+//! request waiting (up to [`limits::PG_BATCH_OPS`]), so what arrives during one transaction's
+//! WAL flush forms the next batch, and runs them as:
+//! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
+//!    rows (sorted), then its enqueues' queue rows (sorted), read the floors, the stored-bytes
+//!    total (both only when the batch enqueues) and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
+//!    safe), and delete the acked entries with the payloads they were the last entries of (returning what
+//!    went);
+//! 2. in memory, the requests one after the other in arrival order: acks count what they
+//!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
+//!    left by the requests before them; a refused request changes nothing and does not disturb
+//!    the others (the caps are decided here, so no SAVEPOINT is needed);
+//! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
+//!    rows, one of the channel rows, one upsert of the acked recipients' freed rows (sorted),
+//!    one of this connection's stored-bytes shard, and COMMIT:
+//!    one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a cluster-wide
+//!    lock across the flush; the other nodes are told after the commit ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it only
+//!    rolls back; the batch answers with that statement's error, never success.
+//!
+//! On any error the worker sends ROLLBACK before the connection goes back to the pool.
 //!
 //! Acks lock no queue row (schema version 3): a node whose batches are acks does not wait for
 //! the WAL flush of a node enqueueing to the same recipients, nor the other way round. So acks
@@ -28,22 +35,40 @@
 //! flight is making, which only makes its caps conservative (see [`super::ops`]).
 //!
 //! Every batch locks rows in the same order (channels by key, then queues by key, then freed
-//! rows by key, then one shard), on every node, so batches queue behind each other instead of
-//! deadlocking. A request the batch cannot explain (a database error, not a refusal) makes the
-//! batch run again one request per transaction, so only the guilty request fails.
+//! rows by key, then one shard), on every node, so batches queue behind each other instead of deadlocking. A request
+//! the batch cannot explain (a database error, not a refusal) makes the batch run again one
+//! request per transaction, so only the guilty request fails.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 
-use super::{Inner, TxError, ack, enqueue, unavailable};
+use super::{Inner, TxError, mail, ops, unavailable};
 use crate::limits;
-use crate::store::{IdentityKey, Outcome, StoreError, WriteOp};
+use crate::store::{IdentityKey, Outcome, QueueLimits, StoreError, WriteOp};
 
 /// One queued request and where its answer goes.
 pub(super) type Request = (WriteOp, oneshot::Sender<Result<Outcome, StoreError>>);
+
+/// A batch's mail ([`mail::insert_mail_ctes`], `$1`–`$11`), its queue rows' new `next_seq`,
+/// `count` and `bytes` (`$12`–`$15`, [`ops::update_queue_rows`]), its channel rows' new
+/// `last_seq` (`$16`, `$17`) and `$19` bytes added to this connection's stored-bytes shard (of
+/// `$18`), in one statement. Its only new lock is the shard's: the queue and channel rows were
+/// locked in step 1, and the entries' keys are new (their seqs were taken under those locks).
+const WRITE_MAIL: &str = concat!(
+    "WITH ",
+    mail::insert_mail_ctes!(),
+    ", q AS (",
+    ops::update_queue_rows!("$12", "$13", "$14", "$15"),
+    "), c AS (UPDATE qpq_channels c SET last_seq = u.last
+             FROM unnest($16::bytea[], $17::bigint[]) AS u(id, last) WHERE c.id = u.id)
+     INSERT INTO qpq_stored_bytes (shard, bytes) SELECT pg_backend_pid() % $18::integer, $19::bigint WHERE $19::bigint <> 0
+     ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes"
+);
 
 /// Whether `op` goes through the batch (the frequent writes); the rest keep a transaction each.
 pub(super) fn batched(op: &WriteOp) -> bool {
@@ -70,10 +95,7 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
     loop {
         let Some(requests) = take_waiting(&queue, limits::PG_BATCH_OPS).await else { return };
         let (ops, replies): (Vec<WriteOp>, Vec<_>) = requests.into_iter().unzip();
-        // A lane holds one kind (see `PgStore::write`); anything else runs one by one.
-        let one_kind = ack::all_acks(&ops) || enqueue::all_enqueues(&ops);
-        let committed = if one_kind { inner.commit_batch(&ops).await } else { Err(mixed()) };
-        match committed {
+        match inner.commit_batch(&ops).await {
             Ok(Applied { outcomes, woken }) => {
                 inner.notifier.notify(woken.iter());
                 inner.wakeups.push(woken.iter());
@@ -82,7 +104,7 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
                     let _ = reply.send(outcome);
                 }
             }
-            Err(StoreError::Db(m)) if ops.len() > 1 || !one_kind => {
+            Err(StoreError::Db(m)) if ops.len() > 1 => {
                 tracing::warn!(error = %m, n = ops.len(), "postgresql batch failed; running its requests one by one");
                 for (op, reply) in ops.into_iter().zip(replies) {
                     let _ = reply.send(inner.write(op).await);
@@ -97,10 +119,6 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
     }
 }
 
-fn mixed() -> StoreError {
-    StoreError::Db("a batch mixing acks and enqueues".to_string())
-}
-
 /// A batch-wide error, once per request (StoreError is not Clone: it wraps driver errors' text).
 pub(super) fn same_error(e: &StoreError) -> StoreError {
     match e {
@@ -113,8 +131,8 @@ pub(super) fn same_error(e: &StoreError) -> StoreError {
 
 /// What a committed batch answers, request by request, and whose waiters to wake.
 pub(super) struct Applied {
-    pub(super) outcomes: Vec<Result<Outcome, StoreError>>,
-    pub(super) woken: Vec<IdentityKey>,
+    outcomes: Vec<Result<Outcome, StoreError>>,
+    woken: Vec<IdentityKey>,
 }
 
 impl Inner {
@@ -124,11 +142,7 @@ impl Inner {
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let applied = if ack::all_acks(ops) {
-                ack::apply(&client, ops, &self.batch_round_trips).await
-            } else {
-                enqueue::apply(&client, self.limits, now_ms, ops, &self.batch_round_trips).await
-            };
+            let applied = apply(&client, self.limits, now_ms, ops).await;
             if applied.is_err() {
                 // Ends the transaction if the failure left one open (a warning, not an error,
                 // when the pipelined COMMIT already ended it); a dead connection is dropped by
@@ -149,9 +163,20 @@ impl Inner {
     }
 }
 
+/// A locked queue row as the batch changes it, and what acks freed from it (not written back:
+/// the caps check `count − freed`).
+#[derive(Clone, Copy)]
+struct Queue {
+    next: i64,
+    count: i64,
+    bytes: i64,
+    freed_count: i64,
+    freed_bytes: i64,
+}
+
 /// The recipient and body of each item of an enqueue or fanout (a fanout's items all share its
 /// one stored payload: see [`mail`]).
-pub(super) fn items_of(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
+fn items(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
     match op {
         WriteOp::Enqueue { items, .. } => Ok(items.iter().map(|(w, p)| (w, &p[..])).collect()),
         WriteOp::Fanout { payload, recipients, .. } => {
@@ -165,4 +190,302 @@ pub(super) fn items_of(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, Store
         }
         _ => Ok(Vec::new()),
     }
+}
+
+fn channel_of(op: &WriteOp) -> &[u8] {
+    match op {
+        WriteOp::Enqueue { channel, .. } | WriteOp::Fanout { channel, .. } => channel,
+        _ => &[],
+    }
+}
+
+/// Runs `ops` as one transaction on `tx`, from BEGIN to COMMIT (see the module docs for the
+/// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
+/// inside [`Applied`].
+async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
+    let now_i = ops::big(now);
+    // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
+    let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
+    channel_keys.sort_unstable();
+    channel_keys.dedup();
+    let mut queue_keys: Vec<&[u8]> = Vec::new();
+    let mut acks: HashMap<&IdentityKey, i64> = HashMap::new();
+    for op in ops {
+        match op {
+            WriteOp::Ack { who, up_to } => {
+                let up_to = ops::big(*up_to);
+                acks.entry(who).and_modify(|u| *u = (*u).max(up_to)).or_insert(up_to);
+            }
+            other => queue_keys.extend(items(other).unwrap_or_default().into_iter().map(|(w, _)| &w[..])),
+        }
+    }
+    queue_keys.sort_unstable();
+    queue_keys.dedup();
+    let (ack_keys, ack_up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
+
+    let lock_channels = tx
+        .prepare_cached(
+            "INSERT INTO qpq_channels (id, last_seq, touched_ms)
+             SELECT c, 0, $2 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(c, o) ORDER BY o
+             ON CONFLICT (id) DO UPDATE SET touched_ms = excluded.touched_ms
+             RETURNING id, last_seq",
+        )
+        .await?;
+    let lock_queues = tx.prepare_cached(super::ops::LOCK_QUEUE_ROWS).await?;
+    let totals = tx
+        .prepare_cached(
+            "SELECT coalesce((SELECT value FROM qpq_meta WHERE name = 'seq_floor'), 0),
+                    coalesce((SELECT value FROM qpq_meta WHERE name = 'channel_seq_floor'), 0),
+                    (SELECT coalesce(sum(bytes), 0)::bigint FROM qpq_stored_bytes)",
+        )
+        .await?;
+    let delete_acked = tx
+        .prepare_cached(concat!(
+            "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
+                  d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
+                        RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota), ",
+            mail::release_or_delete_payloads!(),
+            " SELECT recipient, seq, bytes, quota, (SELECT coalesce(sum(quota), 0) FROM x)::bigint FROM d"
+        ))
+        .await?;
+    let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
+    // Sent in this order on one connection, so locks are taken in this order; the freed rows
+    // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
+    let ((), channel_rows, queue_rows, totals, freed_rows, acked) = tokio::try_join!(
+        tx.batch_execute("BEGIN"),
+        async {
+            if channel_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&lock_channels, &[&channel_keys, &now_i]).await
+        },
+        async {
+            if queue_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&lock_queues, &[&queue_keys]).await
+        },
+        async {
+            // Only enqueues need the floors and the total (an ack-only batch: one statement less).
+            if queue_keys.is_empty() {
+                return Ok(None);
+            }
+            tx.query_one(&totals, &[]).await.map(Some)
+        },
+        async {
+            if queue_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&read_freed, &[&queue_keys]).await
+        },
+        async {
+            if ack_keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&delete_acked, &[&ack_keys, &ack_up_to]).await
+        },
+    )?;
+    let (seq_floor, channel_floor, mut used): (i64, i64, i64) = match totals {
+        Some(t) => (t.get(0), t.get(1), t.get(2)),
+        // No enqueue in this batch: nothing takes a number or checks the quota.
+        None => (0, 0, 0),
+    };
+
+    // Step 3, in memory. A new row (0) counts on from its floor (the schema's invariant).
+    let mut channels: HashMap<Vec<u8>, i64> = HashMap::with_capacity(channel_rows.len());
+    for row in channel_rows {
+        let last: i64 = row.get(1);
+        channels.insert(row.get(0), if last == 0 { channel_floor } else { last });
+    }
+    let freed_before = ops::read_freed(freed_rows)?;
+    let mut queues: HashMap<IdentityKey, Queue> = HashMap::with_capacity(queue_rows.len());
+    for row in queue_rows {
+        let who = ops::identity(row.get(0))?;
+        let next: i64 = row.get(1);
+        let next = if next == 0 { seq_floor.max(1) } else { next };
+        let (freed_count, freed_bytes) = freed_before.get(&who).copied().unwrap_or((0, 0));
+        queues.insert(who, Queue { next, count: row.get(2), bytes: row.get(3), freed_count, freed_bytes });
+    }
+    // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
+    // the same recipient earlier in the batch did not: as if they ran one after the other.
+    let mut removed = vec![0u32; ops.len()];
+    // The quota of the payloads the acks deleted (on every row of `acked`, the same).
+    let mut freed: i64 = acked.first().map(|r| r.get(4)).unwrap_or(0);
+    // recipient -> (messages, bytes) this batch's acks removed: added to its freed row.
+    let mut acked_now: HashMap<IdentityKey, (i64, i64)> = HashMap::new();
+    for row in acked {
+        let who = ops::identity(row.get(0))?;
+        let (seq, size, quota): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
+        let a = acked_now.entry(who).or_insert((0, 0));
+        a.0 += 1;
+        a.1 += size;
+        // A queue this batch also enqueues to: its later enqueues see the room.
+        if let Some(q) = queues.get_mut(&who) {
+            q.freed_count += 1;
+            q.freed_bytes += size;
+        }
+        freed += quota;
+        let mut first_ack: Option<(usize, i64)> = None;
+        for (i, op) in ops.iter().enumerate() {
+            if let WriteOp::Ack { who: w, up_to } = op {
+                let up_to = ops::big(*up_to);
+                if *w == who && seq <= up_to && first_ack.is_none_or(|(_, u)| up_to < u) {
+                    first_ack = Some((i, up_to));
+                }
+            }
+        }
+        if let Some((i, _)) = first_ack {
+            removed[i] = removed[i].saturating_add(1);
+        }
+    }
+    used -= freed;
+
+    let mut rows = mail::NewMail::default();
+    let mut adding_total = 0i64;
+    let mut woken: Vec<IdentityKey> = Vec::new();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        if let WriteOp::Ack { .. } = op {
+            outcomes.push(Ok(Outcome::Acked { removed: removed[i] }));
+            continue;
+        }
+        let items = match items(op) {
+            Ok(items) => items,
+            Err(refused) => {
+                outcomes.push(Err(refused));
+                continue;
+            }
+        };
+        let channel = channel_of(op);
+        let shared = matches!(op, WriteOp::Fanout { .. });
+        let charge = mail::quota_charge(shared, channel, &items);
+        let refused = plan_enqueue(limits, channel, &items, &queues, used, charge);
+        if let Err(refused) = refused {
+            outcomes.push(Err(refused));
+            continue;
+        }
+        // Accepted: take the numbers.
+        let channel_seq = match channels.get_mut(channel) {
+            Some(last) => {
+                *last = last.saturating_add(1);
+                *last
+            }
+            None => 0,
+        };
+        let mut seqs = Vec::with_capacity(items.len());
+        for &(who, payload) in &items {
+            let q = queues.get_mut(who).ok_or_else(missing_row)?;
+            let seq = q.next;
+            q.next = seq.saturating_add(1);
+            q.count += 1;
+            q.bytes += mail::queue_charge(channel, payload);
+            woken.push(*who);
+            seqs.push(seq);
+        }
+        used += charge;
+        adding_total += charge;
+        rows.add(shared, channel, channel_seq, &items, &seqs);
+        outcomes.push(Ok(Outcome::Enqueued {
+            channel_seq: ops::unbig(channel_seq),
+            seqs: seqs.into_iter().map(ops::unbig).collect(),
+        }));
+    }
+    woken.sort_unstable();
+    woken.dedup();
+
+    // Step 4: write it all.
+    let write_mail = tx.prepare_cached(WRITE_MAIL).await?;
+    let mut queue_state: Vec<(&IdentityKey, &Queue)> = queues.iter().collect();
+    queue_state.sort_unstable_by_key(|(k, _)| **k);
+    let q_keys: Vec<&[u8]> = queue_state.iter().map(|(k, _)| &k[..]).collect();
+    let q_next: Vec<i64> = queue_state.iter().map(|(_, q)| q.next).collect();
+    let q_count: Vec<i64> = queue_state.iter().map(|(_, q)| q.count).collect();
+    let q_bytes: Vec<i64> = queue_state.iter().map(|(_, q)| q.bytes).collect();
+    let mut channel_state: Vec<(&Vec<u8>, &i64)> = channels.iter().collect();
+    channel_state.sort_unstable();
+    let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
+    let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
+    let mut acked_state: Vec<(&IdentityKey, &(i64, i64))> = acked_now.iter().collect();
+    acked_state.sort_unstable_by_key(|(k, _)| **k);
+    let a_keys: Vec<&[u8]> = acked_state.iter().map(|(k, _)| &k[..]).collect();
+    let a_count: Vec<i64> = acked_state.iter().map(|(_, a)| a.0).collect();
+    let a_bytes: Vec<i64> = acked_state.iter().map(|(_, a)| a.1).collect();
+    let add_freed = tx.prepare_cached(ops::ADD_FREED).await?;
+    let add_stored = tx
+        .prepare_cached(
+            "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
+        )
+        .await?;
+    let delta = adding_total - freed;
+    // The freed rows before the shard: the shard is the last lock of every batch. A batch that
+    // stores mail writes it, its queue and channel rows (locked in step 1) and the shard in one
+    // statement.
+    let mail_params = rows.params(&now_i);
+    let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
+    write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
+    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &delta]);
+    tokio::try_join!(
+        async {
+            if a_keys.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&add_freed, &[&a_keys, &a_count, &a_bytes]).await
+        },
+        async {
+            if !rows.is_empty() {
+                return tx.execute(&write_mail, &write_params).await;
+            }
+            // Nothing stored (acks, or only refused enqueues): no queue or channel row changed.
+            if delta == 0 {
+                return Ok(0);
+            }
+            tx.execute(&add_stored, &[&ops::STORED_BYTES_SHARDS, &delta]).await
+        },
+        tx.batch_execute("COMMIT"),
+    )?;
+    Ok(Applied { outcomes, woken })
+}
+
+/// Checks every cap an enqueue would pass, against the state the requests before it left;
+/// `adding` is its storage-quota charge.
+fn plan_enqueue(
+    limits: QueueLimits,
+    channel: &[u8],
+    items: &[(&IdentityKey, &[u8])],
+    queues: &HashMap<IdentityKey, Queue>,
+    used: i64,
+    adding: i64,
+) -> Result<(), StoreError> {
+    let mut planned: HashMap<&IdentityKey, (i64, i64)> = HashMap::new();
+    for (who, payload) in items {
+        let (count, bytes) = match planned.get(*who) {
+            Some(p) => *p,
+            None => {
+                let q = queues.get(*who).ok_or_else(|| unavailable(missing_row()))?;
+                (q.count - q.freed_count, q.bytes - q.freed_bytes)
+            }
+        };
+        let add = mail::queue_charge(channel, payload);
+        if ops::unbig(count) + 1 > limits.max_messages
+            || ops::unbig(bytes) + ops::unbig(add) > limits.max_bytes
+        {
+            return Err(StoreError::QueueFull {
+                count: ops::unbig(count),
+                bytes: ops::unbig(bytes),
+                max_count: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            });
+        }
+        planned.insert(*who, (count + 1, bytes + add));
+    }
+    let used = ops::unbig(used);
+    if used.saturating_add(ops::unbig(adding)) > limits.max_stored_bytes {
+        return Err(StoreError::OverQuota { used, adding: ops::unbig(adding), max: limits.max_stored_bytes });
+    }
+    Ok(())
+}
+
+fn missing_row() -> TxError {
+    TxError::Store(StoreError::Db("batch: a recipient's queue row went missing".to_string()))
 }

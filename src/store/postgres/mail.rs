@@ -13,7 +13,8 @@ use crate::store::{IdentityKey, StoredMessage};
 
 /// The CTEs that insert payloads (`$1`–`$5`: body, channel, channel_seq, refs, quota) and
 /// entries (`$7`–`$11`: recipient, seq, the 1-based index of its payload in `$1`, bytes, quota),
-/// all enqueued at `$6`: the head of [`INSERT_MAIL`].
+/// all enqueued at `$6`: the head of [`INSERT_MAIL`] and of the group commit's one write
+/// statement ([`super::batch`]).
 macro_rules! insert_mail_ctes {
     () => {
         "p_in AS MATERIALIZED (
@@ -32,6 +33,7 @@ macro_rules! insert_mail_ctes {
          )"
     };
 }
+pub(super) use insert_mail_ctes;
 
 /// Inserts the payloads and entries of [`insert_mail_ctes`]'s parameters.
 pub(super) const INSERT_MAIL: &str = concat!("WITH ", insert_mail_ctes!(), " SELECT count(*) FROM p_in");
@@ -57,6 +59,27 @@ macro_rules! release_payloads {
 }
 pub(super) use release_payloads;
 
+/// Like [`release_payloads`], but a payload whose last entries `d` deleted goes in the same
+/// statement (CTE `x`, `RETURNING quota`) instead of being left at 0 refs for
+/// [`DELETE_UNREFERENCED`]: no new row version, no entry in the partial index, one statement
+/// less. Why it is safe: `l` locks the rows and, in READ COMMITTED, `FOR UPDATE` returns their
+/// latest committed `refs` (after waiting for a concurrent release), so `u` and `x` decide on
+/// that value, not on the statement's snapshot, and each row goes to exactly one of them; a row
+/// a concurrent release changed after the snapshot is re-read by `u`/`x` (EvalPlanQual) and
+/// still matches `l`'s decision, since `l` holds its lock.
+macro_rules! release_or_delete_payloads {
+    () => {
+        "g AS (SELECT payload_id, count(*) AS n FROM d GROUP BY payload_id),
+         l AS (SELECT p.id, p.refs FROM qpq_payloads p WHERE p.id IN (SELECT payload_id FROM g)
+               ORDER BY p.id FOR UPDATE),
+         u AS (UPDATE qpq_payloads p SET refs = p.refs - g.n FROM g JOIN l ON l.id = g.payload_id
+               WHERE p.id = g.payload_id AND l.refs > g.n),
+         x AS (DELETE FROM qpq_payloads p USING g JOIN l ON l.id = g.payload_id
+               WHERE p.id = g.payload_id AND l.refs <= g.n RETURNING p.quota)"
+    };
+}
+pub(super) use release_or_delete_payloads;
+
 /// Bytes a message is charged on its recipient's queue: the whole message, which it will fetch.
 pub(super) fn queue_charge(channel: &[u8], payload: &[u8]) -> i64 {
     ops::big(StoredMessage::accounted_len(17 + channel.len() + payload.len()))
@@ -72,7 +95,7 @@ pub(super) fn quota_charge(shared: bool, channel: &[u8], items: &[(&IdentityKey,
 }
 
 /// A shared payload row's own charge: its reference count and the message (as in redb).
-pub(super) fn shared_row_charge(channel: &[u8], payload: &[u8]) -> i64 {
+fn shared_row_charge(channel: &[u8], payload: &[u8]) -> i64 {
     8 + queue_charge(channel, payload)
 }
 
@@ -130,6 +153,10 @@ impl<'a> NewMail<'a> {
             self.sizes.push(size);
             self.entry_quotas.push(quota);
         }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.recipients.is_empty()
     }
 
     /// The parameters of [`INSERT_MAIL`], enqueued at `now`.

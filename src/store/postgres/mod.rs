@@ -19,9 +19,7 @@
 //! TLS to the database: none (`NoTls`). Run PostgreSQL on loopback or a private network, or
 //! tunnel it; a `sslmode=require` URL is refused at start-up rather than silently downgraded.
 
-mod ack;
 mod batch;
-mod enqueue;
 mod listen;
 mod mail;
 mod ops;
@@ -108,9 +106,6 @@ struct Inner {
     /// Recipients whose NOTIFY the wake-up sender has yet to send.
     wakeups: Arc<wake::Pending>,
     commits: AtomicU64,
-    /// Pipelined round trips the group commit has made (one per batch: see [`enqueue`] and
-    /// [`ack`]).
-    batch_round_trips: AtomicU64,
     /// Read statements the fetch workers have run (each serves one or more fetches).
     reads: AtomicU64,
     instance_id: u64,
@@ -189,7 +184,6 @@ impl PgStore {
             notifier: Arc::new(Notifier::default()),
             wakeups: Arc::new(wake::Pending::default()),
             commits: AtomicU64::new(0),
-            batch_round_trips: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             instance_id,
             node_id: rand::random(),
@@ -280,11 +274,6 @@ impl PgStore {
     /// Write transactions this node has committed.
     pub fn commit_count(&self) -> u64 {
         self.inner.commits.load(Ordering::Relaxed)
-    }
-
-    /// Pipelined round trips this node's group commit has made to the database.
-    pub fn batch_round_trips(&self) -> u64 {
-        self.inner.batch_round_trips.load(Ordering::Relaxed)
     }
 
     /// Read statements this node has run for fetches (several fetches may share one).

@@ -27,8 +27,8 @@
 //! so it never subtracts a freed count left from the deleted row.
 
 /// Locks (creating when missing) each recipient's queue row of `$1` in the order given, which
-/// callers sort by key so that concurrent transactions lock in one order (as
-/// `qpq_enqueue_batch` does, see [`super::enqueue`]).
+/// callers sort by key so that concurrent transactions lock in one order: the enqueue path here
+/// and the group commit ([`super::batch`]).
 pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, next_seq, count, bytes)
      SELECT r, 0, 0, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS t(r, o) ORDER BY o
      ON CONFLICT (recipient) DO UPDATE SET count = qpq_queues.count
@@ -36,7 +36,8 @@ pub(super) const LOCK_QUEUE_ROWS: &str = "INSERT INTO qpq_queues (recipient, nex
 
 /// Sets each queue row of the first placeholder to its new `next_seq` (the second), `count`
 /// (the third) and `bytes` (the fourth): what an enqueue writes back to the rows it locked
-/// with [`LOCK_QUEUE_ROWS`].
+/// with [`LOCK_QUEUE_ROWS`]. A macro so that the group commit's one write statement
+/// ([`super::batch`]) says it with its own placeholders.
 macro_rules! update_queue_rows {
     ($r:literal, $next:literal, $count:literal, $bytes:literal) => {
         concat!(
@@ -54,6 +55,7 @@ macro_rules! update_queue_rows {
         )
     };
 }
+pub(super) use update_queue_rows;
 
 /// [`update_queue_rows`] with `$1`–`$4`.
 pub(super) const UPDATE_QUEUE_ROWS: &str = update_queue_rows!("$1", "$2", "$3", "$4");
