@@ -133,7 +133,7 @@ impl Journal {
         let damaged = |reason: &str| super::DbError::Damaged { path: path.to_path_buf(), reason: reason.into() };
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                damaged("the journal is missing")
+                damaged("the journal is missing; it holds the newest writes and goes with qpq.db: restore both from the same copy")
             } else {
                 io_err("open", path)(e)
             }

@@ -352,3 +352,17 @@ fn a_format_4_home_is_upgraded_and_gets_a_journal() {
     let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
     assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes());
 }
+
+/// A home whose journal is gone (qpq.db copied alone) is refused, naming the journal and what to
+/// do, instead of opening without the journaled writes.
+#[test]
+fn a_home_without_its_journal_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    put(&db, "newest", b"only in the journal");
+    drop(db);
+    std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+    let e = ClientDb::open(dir.path(), &key()).unwrap_err().to_string();
+    assert!(e.contains(JOURNAL_FILE), "names the journal: {e}");
+    assert!(e.contains("the journal is missing") && e.contains("restore both"), "says what to do: {e}");
+}
