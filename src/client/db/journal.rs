@@ -130,7 +130,8 @@ impl Journal {
         covered: u64,
         keys: &RecordKeys,
     ) -> Result<Replayed, super::DbError> {
-        let damaged = |reason: &str| super::DbError::Damaged { path: path.to_path_buf(), reason: reason.into() };
+        let damaged =
+            |reason: &str| super::DbError::Damaged { path: path.to_path_buf(), reason: reason.into() };
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 damaged("the journal is missing; it holds the newest writes and goes with qpq.db: restore both from the same copy")
@@ -168,7 +169,10 @@ impl Journal {
             at = start + body_len;
             seq += 1;
         }
-        Ok(Replayed { journal: Journal { file, path: path.to_path_buf(), id: *id, end: at as u64, next_seq: seq }, entries })
+        Ok(Replayed {
+            journal: Journal { file, path: path.to_path_buf(), id: *id, end: at as u64, next_seq: seq },
+            entries,
+        })
     }
 
     pub fn id(&self) -> &JournalId {

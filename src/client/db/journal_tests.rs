@@ -217,7 +217,10 @@ fn two_processes_taking_turns_see_each_others_writes() {
         } else {
             let db = ClientDb::open(dir.path(), &key()).unwrap();
             assert_eq!(db.generation().unwrap(), n - 1);
-            assert_eq!(value(&db, &format!("turn{}", n - 1)).as_deref(), Some(format!("{}", n - 1).as_bytes()));
+            assert_eq!(
+                value(&db, &format!("turn{}", n - 1)).as_deref(),
+                Some(format!("{}", n - 1).as_bytes())
+            );
             assert_eq!(put(&db, &format!("turn{n}"), format!("{n}").as_bytes()), n);
         }
     }

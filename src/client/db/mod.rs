@@ -504,7 +504,13 @@ impl RawGuard<'_> {
 }
 
 /// Opens the journal of a file whose key was proven, after upgrading an older format.
-fn open_store(db: Database, format: u32, dir: &Path, keys: &RecordKeys, path: &Path) -> Result<Store, DbError> {
+fn open_store(
+    db: Database,
+    format: u32,
+    dir: &Path,
+    keys: &RecordKeys,
+    path: &Path,
+) -> Result<Store, DbError> {
     // The file is dropped inside the shield when anything fails: closing may meet damage too.
     shielded(path, move || {
         upgrade_if_needed(&db, format, keys, path)?;
@@ -579,9 +585,11 @@ impl DbWrite<'_> {
         let Some(last) = (HistoryKey { at_ms: cutoff_ms, index: 0 }).below() else { return Ok(0) };
         let hi = history_key(&conv, last);
         let mut doomed: std::collections::BTreeSet<Vec<u8>> = match &self.target {
-            Target::Handle { db, .. } => {
-                db.with_open(|s| s.history_range(&lo, &hi, usize::MAX, false))?.into_iter().map(|(k, _)| k).collect()
-            }
+            Target::Handle { db, .. } => db
+                .with_open(|s| s.history_range(&lo, &hi, usize::MAX, false))?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
             Target::Txn(txn) => {
                 let t = txn.open_table(Table::History.def()).map_err(read_err)?;
                 let mut keys = std::collections::BTreeSet::new();

@@ -10,7 +10,9 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::journal::{self, JOURNAL_FILE, Journal, JournalId};
 use super::seal::RecordKeys;
-use super::{DbError, META, META_GENERATION, META_JOURNAL, Table, io_err, read_err, read_generation, write_err};
+use super::{
+    DbError, META, META_GENERATION, META_JOURNAL, Table, io_err, read_err, read_generation, write_err,
+};
 
 /// The open redb file, its journal and the journaled writes redb does not hold yet.
 pub(super) struct Store {
@@ -204,7 +206,12 @@ pub(super) fn journal_record(id: &JournalId, covered: u64) -> [u8; journal::ID_L
 /// Attaches the journal of the database `db` at `path` in home `dir`: replays it into a fresh
 /// overlay, or first creates it when `meta` names none (a new file, or one upgraded from format
 /// 4: no entry can exist). Without `dir` (a database built aside), no journal.
-pub(super) fn attach_journal(db: Database, dir: Option<&Path>, keys: &RecordKeys, path: &Path) -> Result<Store, DbError> {
+pub(super) fn attach_journal(
+    db: Database,
+    dir: Option<&Path>,
+    keys: &RecordKeys,
+    path: &Path,
+) -> Result<Store, DbError> {
     let Some(dir) = dir else { return Ok(Store { db, journal: None, overlay: Overlay::default() }) };
     let damaged = |reason: &str| DbError::Damaged { path: path.to_path_buf(), reason: reason.into() };
     let record = {
@@ -215,7 +222,10 @@ pub(super) fn attach_journal(db: Database, dir: Option<&Path>, keys: &RecordKeys
     let jpath = dir.join(JOURNAL_FILE);
     let (id, covered) = match record {
         Some(r) => {
-            let id: JournalId = r.get(..journal::ID_LEN).and_then(|b| b.try_into().ok()).ok_or_else(|| damaged("bad journal record"))?;
+            let id: JournalId = r
+                .get(..journal::ID_LEN)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| damaged("bad journal record"))?;
             let covered = r
                 .get(journal::ID_LEN..)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
