@@ -351,8 +351,7 @@ fn a_format_4_home_is_upgraded_and_gets_a_journal() {
     drop(db);
     let db = ClientDb::open(dir.path(), &key()).unwrap();
     assert_eq!(value(&db, "new").as_deref(), Some(&b"journaled"[..]));
-    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
-    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    let format = super::tests::stored_format(&db);
     assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes());
 }
 

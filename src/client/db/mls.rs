@@ -732,13 +732,8 @@ fn tree_node_key(group_id: &[u8], kind: NodeKind, index: usize) -> Result<Vec<u8
 
 /// Storage key of one member of a group's past epochs ([`PAST_MEMBER_LABEL`]).
 pub(super) fn past_member_key(group_id: &[u8], member: &MemberRef) -> Result<Vec<u8>, MlsStoreError> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut key = Vec::with_capacity(group_id.len() + 2 * member.len());
-    key.extend_from_slice(group_id);
-    for b in member {
-        key.push(HEX[usize::from(b >> 4)]);
-        key.push(HEX[usize::from(b & 15)]);
-    }
+    let mut key = group_id.to_vec();
+    key.extend_from_slice(hex::encode(member).as_bytes());
     Ok(build_key_from_vec(PAST_MEMBER_LABEL, key))
 }
 

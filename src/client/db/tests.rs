@@ -31,6 +31,19 @@ fn count(db: &ClientDb, table: Table) -> u64 {
     txn.open_table(table.def()).unwrap().len().unwrap()
 }
 
+/// Writes `format` into the `meta` record, as an older qpq left the file.
+pub(super) fn set_format(db: &ClientDb, format: u32) {
+    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
+    txn.open_table(META).unwrap().insert(META_FORMAT, format.to_le_bytes().as_slice()).unwrap();
+    txn.commit().unwrap();
+}
+
+/// The bytes of the `meta` format record.
+pub(super) fn stored_format(db: &ClientDb) -> Vec<u8> {
+    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+    txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec()
+}
+
 #[test]
 fn records_round_trip_and_nothing_readable_reaches_the_file() {
     let (dir, key, db) = new_db();
@@ -86,9 +99,7 @@ fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
 fn a_newer_or_older_format_is_refused_by_name() {
     for (found, word) in [(DB_FORMAT_VERSION + 1, "newer"), (0, "older"), (1, "older")] {
         let (dir, key, db) = new_db();
-        let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
-        txn.open_table(META).unwrap().insert(META_FORMAT, found.to_le_bytes().as_slice()).unwrap();
-        txn.commit().unwrap();
+        set_format(&db, found);
         drop(db);
         let err = ClientDb::open(dir.path(), &key).unwrap_err();
         assert!(err.to_string().contains(&format!("client database format {found}, {word} than")), "{err}");
@@ -102,14 +113,11 @@ fn a_format_2_database_is_upgraded_in_place_and_keeps_its_records() {
     let mut w = db.write().unwrap();
     w.put(Table::State, b"contacts", b"bob").unwrap();
     w.commit().unwrap();
-    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
-    txn.open_table(META).unwrap().insert(META_FORMAT, UPGRADED_FORMAT.to_le_bytes().as_slice()).unwrap();
-    txn.commit().unwrap();
+    set_format(&db, UPGRADED_FORMAT);
     drop(db);
     let db = ClientDb::open(dir.path(), &key).unwrap();
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
-    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
-    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    let format = stored_format(&db);
     assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
     assert_eq!(db.generation().unwrap(), 1, "the upgrade changes no record");
 }
@@ -133,14 +141,11 @@ fn a_format_3_database_is_upgraded_in_place_and_its_whole_tree_still_loads() {
     let old = MlsStore::memory();
     old.restore(records);
     flush_commit(&db, &old);
-    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
-    txn.open_table(META).unwrap().insert(META_FORMAT, 3u32.to_le_bytes().as_slice()).unwrap();
-    txn.commit().unwrap();
+    set_format(&db, 3);
     drop(db);
 
     let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
-    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
-    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    let format = stored_format(&db);
     assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
     assert!(node_records(&db).is_empty());
     let store = MlsStore::memory();
@@ -931,14 +936,11 @@ fn a_format_4_database_is_upgraded_in_place_and_its_inline_members_read_then_dro
     let old = MlsStore::memory();
     old.restore(records);
     flush_commit(&db, &old);
-    let txn = db.raw().as_ref().unwrap().begin_write().unwrap();
-    txn.open_table(META).unwrap().insert(META_FORMAT, 4u32.to_le_bytes().as_slice()).unwrap();
-    txn.commit().unwrap();
+    set_format(&db, 4);
     drop(db);
 
     let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
-    let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
-    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec();
+    let format = stored_format(&db);
     assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
     assert_eq!(assert_members_are_the_live_set(&db, &gid), (0, KEPT, 0), "members inline, as written");
     let store = MlsStore::memory();
