@@ -70,6 +70,33 @@ const WRITE_MAIL: &str = concat!(
      ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes"
 );
 
+/// An ack-only batch (the ack lane) in one statement: deletes the acked entries of `$1` up to
+/// `$2`, releases or deletes their payloads, adds what went to the recipients' freed rows
+/// (sorted, [`ops::ADD_FREED`]'s upsert) and takes the quota it frees off this connection's
+/// stored-bytes shard (of `$3`); returns each deleted entry (recipient, seq) for the
+/// requests' counts. Sent as BEGIN, this, COMMIT in one round trip: before, the freed rows and
+/// the shard were a second round trip of two more statements, which on a small machine cost
+/// PostgreSQL CPU per batch (issue 13). Locks in the order every batch takes them: entries,
+/// payloads (by id, in `l`), then freed rows (`f`, by key), then the shard (`s`, whose row
+/// needs `x`, evaluated after `f` in the final select).
+const ACK_BATCH: &str = concat!(
+    "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
+          d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
+                RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota), ",
+    mail::release_or_delete_payloads!(),
+    ", f AS (INSERT INTO qpq_queue_freed (recipient, count, bytes)
+             SELECT recipient, count(*), sum(bytes)::bigint FROM d GROUP BY recipient ORDER BY recipient
+             ON CONFLICT (recipient) DO UPDATE SET count = qpq_queue_freed.count + excluded.count,
+                                                   bytes = qpq_queue_freed.bytes + excluded.bytes
+             RETURNING 1),
+       t AS (SELECT ((SELECT coalesce(sum(quota), 0) FROM d) + (SELECT coalesce(sum(quota), 0) FROM x))::bigint AS q),
+       s AS (INSERT INTO qpq_stored_bytes (shard, bytes)
+             SELECT pg_backend_pid() % $3::integer, -t.q FROM t WHERE t.q <> 0 AND (SELECT count(*) FROM f) >= 0
+             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes
+             RETURNING 1)
+     SELECT recipient, seq, (SELECT count(*) FROM s) FROM d"
+);
+
 /// Whether `op` goes through the batch (the frequent writes); the rest keep a transaction each.
 pub(super) fn batched(op: &WriteOp) -> bool {
     matches!(op, WriteOp::Enqueue { .. } | WriteOp::Fanout { .. } | WriteOp::Ack { .. })
@@ -203,6 +230,9 @@ fn channel_of(op: &WriteOp) -> &[u8] {
 /// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
 /// inside [`Applied`].
 async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
+    if ops.iter().all(|op| matches!(op, WriteOp::Ack { .. })) {
+        return apply_acks(tx, ops).await;
+    }
     let now_i = ops::big(now);
     // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
     let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
@@ -325,18 +355,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             q.freed_bytes += size;
         }
         freed += quota;
-        let mut first_ack: Option<(usize, i64)> = None;
-        for (i, op) in ops.iter().enumerate() {
-            if let WriteOp::Ack { who: w, up_to } = op {
-                let up_to = ops::big(*up_to);
-                if *w == who && seq <= up_to && first_ack.is_none_or(|(_, u)| up_to < u) {
-                    first_ack = Some((i, up_to));
-                }
-            }
-        }
-        if let Some((i, _)) = first_ack {
-            removed[i] = removed[i].saturating_add(1);
-        }
+        count_removed(ops, &mut removed, &who, seq);
     }
     used -= freed;
 
@@ -445,6 +464,50 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         tx.batch_execute("COMMIT"),
     )?;
     Ok(Applied { outcomes, woken })
+}
+
+/// An ack-only batch: [`ACK_BATCH`] between BEGIN and COMMIT, one round trip.
+async fn apply_acks(tx: &Object, ops: &[WriteOp]) -> Result<Applied, TxError> {
+    let mut acks: HashMap<&IdentityKey, i64> = HashMap::new();
+    for op in ops {
+        if let WriteOp::Ack { who, up_to } = op {
+            let up_to = ops::big(*up_to);
+            acks.entry(who).and_modify(|u| *u = (*u).max(up_to)).or_insert(up_to);
+        }
+    }
+    let (keys, up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
+    let stmt = tx.prepare_cached(ACK_BATCH).await?;
+    let params: [&(dyn ToSql + Sync); 3] = [&keys, &up_to, &ops::STORED_BYTES_SHARDS];
+    let ((), acked, ()) = tokio::try_join!(
+        tx.batch_execute("BEGIN"),
+        tx.query(&stmt, &params),
+        tx.batch_execute("COMMIT"),
+    )?;
+    let mut removed = vec![0u32; ops.len()];
+    for row in acked {
+        let who = ops::identity(row.get(0))?;
+        count_removed(ops, &mut removed, &who, row.get(1));
+    }
+    let outcomes = removed.into_iter().map(|removed| Ok(Outcome::Acked { removed })).collect();
+    Ok(Applied { outcomes, woken: Vec::new() })
+}
+
+/// Counts the deleted entry `seq` of `who` to the ack request that removed it: the one with the
+/// smallest `up_to` at or above it, earliest first, as if the batch's acks ran one after the
+/// other (a smaller ack earlier in the batch took it first).
+fn count_removed(ops: &[WriteOp], removed: &mut [u32], who: &IdentityKey, seq: i64) {
+    let mut first_ack: Option<(usize, i64)> = None;
+    for (i, op) in ops.iter().enumerate() {
+        if let WriteOp::Ack { who: w, up_to } = op {
+            let up_to = ops::big(*up_to);
+            if w == who && seq <= up_to && first_ack.is_none_or(|(_, u)| up_to < u) {
+                first_ack = Some((i, up_to));
+            }
+        }
+    }
+    if let Some((i, _)) = first_ack {
+        removed[i] = removed[i].saturating_add(1);
+    }
 }
 
 /// Checks every cap an enqueue would pass, against the state the requests before it left;
