@@ -478,11 +478,8 @@ async fn apply_acks(tx: &Object, ops: &[WriteOp]) -> Result<Applied, TxError> {
     let (keys, up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
     let stmt = tx.prepare_cached(ACK_BATCH).await?;
     let params: [&(dyn ToSql + Sync); 3] = [&keys, &up_to, &ops::STORED_BYTES_SHARDS];
-    let ((), acked, ()) = tokio::try_join!(
-        tx.batch_execute("BEGIN"),
-        tx.query(&stmt, &params),
-        tx.batch_execute("COMMIT"),
-    )?;
+    let ((), acked, ()) =
+        tokio::try_join!(tx.batch_execute("BEGIN"), tx.query(&stmt, &params), tx.batch_execute("COMMIT"),)?;
     let mut removed = vec![0u32; ops.len()];
     for row in acked {
         let who = ops::identity(row.get(0))?;

@@ -403,7 +403,8 @@ mod tests {
         // PostgreSQL applies `-c` settings in order, so ours must come last to win.
         assert!(options.starts_with("-c synchronous_commit=off -c plan_cache_mode=auto "), "{options}");
         assert!(options.ends_with(SESSION_OPTIONS), "{options}");
-        for forced in ["synchronous_commit=on", "plan_cache_mode=force_generic_plan", "random_page_cost=1.1"] {
+        for forced in ["synchronous_commit=on", "plan_cache_mode=force_generic_plan", "random_page_cost=1.1"]
+        {
             assert!(SESSION_OPTIONS.contains(forced), "{forced} missing from {SESSION_OPTIONS}");
         }
         let plain = parse_url("postgres://qpq@127.0.0.1:5432/qpq").expect("a valid url");
