@@ -939,9 +939,9 @@ async fn a_fanout_is_stored_once_and_deleted_after_the_last_ack_not_before() {
     })
     .await;
     server.shutdown().await.unwrap();
-    // redb keeps the single enqueue inside its queue entry; PostgreSQL in a payload row of its own.
-    let single = usize::from(matches!(common::backend(), common::Backend::Postgres(_)));
-    assert_eq!(stored_rows(dir.path()), (1 + single, 4), "one payload row for three recipients");
+    // Both stores keep the single enqueue inside its queue entry (PostgreSQL since schema
+    // version 4): the fanout's is the only payload row.
+    assert_eq!(stored_rows(dir.path()), (1, 4), "one payload row for three recipients, none for one");
     // The quota: the single enqueue's entry (17 + 7), the fanout's row once (8 + 17 + 3 + 5000)
     // and 48 bytes per recipient's entry.
     let fanout_row = 8 + 17 + 3 + 5000;
@@ -1121,7 +1121,7 @@ async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_a
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
 }
@@ -1137,8 +1137,9 @@ const PG_SCHEMA_V2_ON_V1: &str = "
      INSERT INTO qpq_schema_version (version) VALUES (2);";
 
 /// A database written by schema version 2 (acks decremented the queue row) is migrated to
-/// version 3 at start-up: its full queue refuses one more, an ack of its old mail makes room
-/// again (the freed row starts from nothing), and its numbers go on.
+/// version 4 at start-up: its full queue refuses one more, an ack of its old mail makes room
+/// again (the freed row starts from nothing), its numbers go on, and its payload-row entries
+/// read in one page with the inline ones written after the migration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_acks() {
     use qpq::proto::wire_error::ErrorCode;
@@ -1175,11 +1176,18 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
         assert_eq!(seq, 3, "numbers go on from the migrated queue");
         let e = s.enqueue(&bob.public().0, b"y", b"").await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::QueueFull), "full again: the migrated count still holds");
+        // One page holds a migrated entry (its payload row) and a new one (its body inline,
+        // schema version 4).
+        let (msgs, _) = b.fetch(0).await.unwrap();
+        assert_eq!(
+            msgs.iter().map(|m| (m.seq, m.payload.clone(), m.channel_id.clone())).collect::<Vec<_>>(),
+            vec![(2, b"earliest".to_vec(), Vec::new()), (3, b"x".to_vec(), Vec::new())]
+        );
         assert_eq!(b.ack(3).await.unwrap(), 2);
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 2 entries gave back their 48 bytes");
 }

@@ -2,8 +2,9 @@
 //! the SQL that inserts them and that releases them again. Shared by the group commit
 //! ([`super::batch`]) and the one-request path ([`super::ops`]) so both store and charge alike.
 //!
-//! A payload row is shared by the entries of one fanout and deleted with its last entry; the
-//! charges match the redb store's (see [`super::schema`], version 2).
+//! A payload row is shared by the entries of one fanout and deleted with its last entry; an
+//! enqueue's message is kept in its entry (schema version 4). The charges match the redb
+//! store's (see [`super::schema`], version 2).
 
 use tokio_postgres::types::ToSql;
 
@@ -11,22 +12,28 @@ use super::ops;
 use crate::limits;
 use crate::store::{IdentityKey, StoredMessage};
 
-/// The CTEs that insert payloads (`$1`–`$5`: body, channel, channel_seq, refs, quota) and
-/// entries (`$7`–`$11`: recipient, seq, the 1-based index of its payload in `$1`, bytes, quota),
-/// all enqueued at `$6`: the head of [`INSERT_MAIL`] and of the group commit's one write
-/// statement ([`super::batch`]).
+/// The CTEs that insert mail: the messages (`$1`–`$5`: body, channel, channel_seq, refs, quota)
+/// and the entries (`$7`–`$11`: recipient, seq, the 1-based index of its message in `$1`, bytes,
+/// quota), all enqueued at `$6`: the head of [`INSERT_MAIL`] and of the group commit's one
+/// write statement ([`super::batch`]). A shared message (a fanout's: the only ones charged a
+/// row quota, `shared_row_charge` > 0) gets a payload row its entries point at; any other is
+/// written into its one entry.
 macro_rules! insert_mail_ctes {
     () => {
         "p_in AS MATERIALIZED (
-             SELECT nextval('qpq_payloads_id_seq') AS id, t.*
+             SELECT CASE WHEN t.quota <> 0 THEN nextval('qpq_payloads_id_seq') END AS id, t.*
              FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[]) WITH ORDINALITY
                   AS t(body, channel_id, channel_seq, refs, quota, o)
          ), p AS (
              INSERT INTO qpq_payloads (id, channel_id, channel_seq, enqueued_at_ms, body, refs, quota)
-             SELECT id, channel_id, channel_seq, $6, body, refs, quota FROM p_in
+             SELECT id, channel_id, channel_seq, $6, body, refs, quota FROM p_in WHERE id IS NOT NULL
          ), e AS (
-             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, quota, enqueued_at_ms)
-             SELECT e.recipient, e.seq, p_in.id, e.bytes, e.quota, $6
+             INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, quota, enqueued_at_ms,
+                                      channel_id, channel_seq, body)
+             SELECT e.recipient, e.seq, p_in.id, e.bytes, e.quota, $6,
+                    CASE WHEN p_in.id IS NULL THEN p_in.channel_id END,
+                    CASE WHEN p_in.id IS NULL THEN p_in.channel_seq END,
+                    CASE WHEN p_in.id IS NULL THEN p_in.body END
              FROM unnest($7::bytea[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
                   AS e(recipient, seq, payload, bytes, quota)
              JOIN p_in ON p_in.o = e.payload

@@ -47,8 +47,10 @@ const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq, x.bod
              SELECT page.*, coalesce(sum(octet_length(page.body)) OVER (ORDER BY page.seq
                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
              FROM (
-                 SELECT e.seq, p.channel_id, p.channel_seq, p.body, p.enqueued_at_ms
-                 FROM qpq_entries e JOIN qpq_payloads p ON p.id = e.payload_id
+                 SELECT e.seq, coalesce(e.channel_id, p.channel_id) AS channel_id,
+                        coalesce(e.channel_seq, p.channel_seq) AS channel_seq,
+                        coalesce(e.body, p.body) AS body, e.enqueued_at_ms
+                 FROM qpq_entries e LEFT JOIN qpq_payloads p ON p.id = e.payload_id
                  WHERE e.recipient = r.who AND e.seq > r.after AND e.enqueued_at_ms >= $5
                  ORDER BY e.seq LIMIT r.lim
              ) page
