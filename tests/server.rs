@@ -1136,6 +1136,42 @@ const PG_SCHEMA_V2_ON_V1: &str = "
      CREATE INDEX qpq_payloads_unreferenced ON qpq_payloads (id) WHERE refs <= 0;
      INSERT INTO qpq_schema_version (version) VALUES (2);";
 
+/// What PostgreSQL schema version 3 added to version 2 as it shipped, with its version row.
+const PG_SCHEMA_V3_ON_V2: &str = "
+     CREATE TABLE qpq_queue_freed (recipient bytea PRIMARY KEY, count bigint NOT NULL, bytes bigint NOT NULL);
+     INSERT INTO qpq_schema_version (version) VALUES (3);";
+
+/// A node that would migrate a version 3 database refuses to start while a node of an older
+/// version is connected to it (that node would not see the mail the new one keeps in its
+/// entries, and its clients' acks would delete it unread), says so, and leaves the database as
+/// it was; once the older node is gone, it migrates. A connection of a node of its own version
+/// does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_does_not_migrate_a_database_an_older_node_is_using() {
+    let cluster = common::pg::Cluster::get();
+    let url = cluster.fresh_database();
+    cluster.query(&url, &format!("{PG_SCHEMA_V1}; {PG_SCHEMA_V2_ON_V1} {PG_SCHEMA_V3_ON_V2}"));
+    common::use_backend(common::Backend::Postgres(url.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let older = cluster.idle_connection(&url, "qpq");
+    let peer_name = format!("qpq schema {}", qpq::store::postgres::SCHEMA_VERSION);
+    let peer = cluster.idle_connection(&url, &peer_name);
+    let refused = match qpq::server::start(common::server_config(dir.path())).await {
+        Ok(_) => panic!("started and migrated under an older node"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("schema version 3") && refused.contains("1 connection(s) of older qpq nodes"),
+        "{refused}"
+    );
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "3", "not migrated");
+    cluster.close_idle(&url, "qpq", older);
+    let server = start_server(dir.path()).await;
+    server.shutdown().await.unwrap();
+    cluster.close_idle(&url, &peer_name, peer);
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
+}
+
 /// A database written by schema version 2 (acks decremented the queue row) is migrated to
 /// version 4 at start-up: its full queue refuses one more, an ack of its old mail makes room
 /// again (the freed row starts from nothing), its numbers go on, and its payload-row entries

@@ -129,6 +129,43 @@ impl Cluster {
         format!("postgres://qpq@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// A connection to `url` named `application_name` that stays open, idle, until the
+    /// returned psql's stdin is closed (see [`Cluster::close_idle`]); returns once PostgreSQL
+    /// lists it.
+    pub fn idle_connection(&self, url: &str, application_name: &str) -> Child {
+        let child = Command::new(self.bin.join("psql"))
+            .args(["-d", url, "-q"])
+            .env("PGAPPNAME", application_name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run psql");
+        self.wait_for_connections(url, application_name, 1);
+        child
+    }
+
+    /// Closes a connection of [`Cluster::idle_connection`] and returns once PostgreSQL no
+    /// longer lists it.
+    pub fn close_idle(&self, url: &str, application_name: &str, mut child: Child) {
+        drop(child.stdin.take());
+        child.wait().expect("psql exits at the end of its input");
+        self.wait_for_connections(url, application_name, 0);
+    }
+
+    /// Polls until `n` connections named `application_name` are open in `url`'s database.
+    fn wait_for_connections(&self, url: &str, application_name: &str, n: usize) {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = '{application_name}'"
+        );
+        for _ in 0..1000 {
+            if self.query(url, &sql) == n.to_string() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("{application_name}: never {n} connection(s)");
+    }
+
     /// The value(s) one SQL query returns in the database at `url`, unaligned (`psql -At`).
     pub fn query(&self, url: &str, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))

@@ -161,7 +161,7 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     cfg.options(&options);
     cfg.connect_timeout(Duration::from_millis(limits::PG_CONNECT_TIMEOUT_MS));
     if cfg.get_application_name().is_none() {
-        cfg.application_name("qpq");
+        cfg.application_name(&schema::application_name());
     }
     Ok(cfg)
 }
@@ -409,5 +409,7 @@ mod tests {
         }
         let plain = parse_url("postgres://qpq@127.0.0.1:5432/qpq").expect("a valid url");
         assert_eq!(plain.get_options(), Some(SESSION_OPTIONS));
+        // Named after the schema it speaks, so a migrating node sees it (see `schema`).
+        assert_eq!(plain.get_application_name(), Some(format!("qpq schema {SCHEMA_VERSION}").as_str()));
     }
 }

@@ -47,11 +47,21 @@
 //! its entries), an enqueue only the queue row. See [`super::ops`] for why the caps stay safe.
 //! A version 2 database starts with no freed rows (a missing row reads as 0).
 //!
+//! # Upgrading while older nodes run
+//! A node's connections are named `qpq schema N` (`application_name`, unless its URL names
+//! them), N the version it reads and writes; nodes before version 4 named them `qpq`. A node
+//! about to migrate an existing database refuses to start while connections of older nodes are
+//! open in it: an older node would keep serving with the new schema, and, from version 4 on,
+//! would not see the mail newer nodes write into entries, so its client's next ack would
+//! delete messages it never got. Stop every node, then start the new version.
+//!
 //! # Version 4: a single recipient's mail is kept in its entry
 //! `qpq_entries` gains `channel_id`, `channel_seq` and `body`, and `payload_id` may be null.
 //! An enqueue's entry now carries its message itself, as redb's queue entry does; only a
 //! fanout stores a `qpq_payloads` row, shared by its entries. A CHECK keeps exactly one of the
-//! two: an entry has a `payload_id` or a `body`, never both or neither. Why: a payload row per
+//! two: an entry has a `payload_id` or a `body`, never both or neither. It is added `NOT VALID`
+//! (checked on every new row, no scan of the existing ones under the table's lock): every row
+//! of an older version has a `payload_id` and no body, so it holds for them by construction. Why: a payload row per
 //! enqueued message was a heap row and an index entry to write, and a row to lock and delete at
 //! ack time, for every message; that was about a fifth of PostgreSQL's executor work per
 //! delivered message on the delivery bench (issue 13). The releasing statements need no change:
@@ -65,6 +75,18 @@ use crate::store::StoreError;
 
 /// The newest schema this qpq knows.
 pub const SCHEMA_VERSION: i32 = 4;
+
+/// The `application_name` of a node's connections (see the module docs).
+pub(super) fn application_name() -> String {
+    format!("qpq schema {SCHEMA_VERSION}")
+}
+
+/// Other connections to this database from nodes that speak a schema older than `$1`.
+const OLDER_NODES: &str = "SELECT count(*) FROM pg_stat_activity
+     WHERE datname = current_database() AND pid <> pg_backend_pid()
+       AND (application_name = 'qpq'
+            OR (application_name ~ '^qpq schema [0-9]{1,9}$'
+                AND substring(application_name from 12)::integer < $1))";
 
 /// Any constant: the advisory lock key that serialises migrations of one database.
 const MIGRATION_LOCK: i64 = 0x0071_7071_5f6d_6967;
@@ -135,7 +157,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
                                 ADD CONSTRAINT qpq_entries_one_body CHECK (
                                     (payload_id IS NULL) = (body IS NOT NULL)
                                     AND (body IS NULL) = (channel_id IS NULL)
-                                    AND (body IS NULL) = (channel_seq IS NULL));",
+                                    AND (body IS NULL) = (channel_seq IS NULL)) NOT VALID;",
     ),
 ];
 
@@ -155,6 +177,16 @@ pub(super) async fn migrate(tx: &Transaction<'_>) -> Result<u64, TxError> {
             path: "postgresql database".to_string(),
             found: u64::try_from(found).unwrap_or(0),
         }));
+    }
+    if found > 0 && found < SCHEMA_VERSION {
+        let older: i64 = tx.query_one(OLDER_NODES, &[&SCHEMA_VERSION]).await?.get(0);
+        if older > 0 {
+            return Err(TxError::Store(StoreError::Unavailable(format!(
+                "the database is at schema version {found} and {older} connection(s) of older qpq \
+                 nodes are open in it: stop every node, then start this version, which migrates \
+                 it to version {SCHEMA_VERSION} (older nodes cannot read what it writes)"
+            ))));
+        }
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
         tracing::info!(version, "migrating the postgresql schema");
