@@ -44,6 +44,31 @@ pub(super) fn stored_format(db: &ClientDb) -> Vec<u8> {
     txn.open_table(META).unwrap().get(META_FORMAT).unwrap().unwrap().value().to_vec()
 }
 
+/// Checks that the `meta` format record says the current format (after an upgrade).
+fn assert_current_format(db: &ClientDb) {
+    let format = stored_format(db);
+    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+}
+
+/// Writes `records` (the MLS records as an older format wrote them) into `db`, marks it format
+/// `format`, closes it and opens it again, which upgrades it; checks the upgraded format record.
+fn reopened_as_format(
+    db: ClientDb,
+    dir: &tempfile::TempDir,
+    key: &StateKey,
+    records: Vec<super::mls::MlsRecord>,
+    format: u32,
+) -> Arc<ClientDb> {
+    let old = MlsStore::memory();
+    old.restore(records);
+    flush_commit(&db, &old);
+    set_format(&db, format);
+    drop(db);
+    let db = Arc::new(ClientDb::open(dir.path(), key).unwrap());
+    assert_current_format(&db);
+    db
+}
+
 #[test]
 fn records_round_trip_and_nothing_readable_reaches_the_file() {
     let (dir, key, db) = new_db();
@@ -117,8 +142,7 @@ fn a_format_2_database_is_upgraded_in_place_and_keeps_its_records() {
     drop(db);
     let db = ClientDb::open(dir.path(), &key).unwrap();
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
-    let format = stored_format(&db);
-    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+    assert_current_format(&db);
     assert_eq!(db.generation().unwrap(), 1, "the upgrade changes no record");
 }
 
@@ -138,15 +162,7 @@ fn a_format_3_database_is_upgraded_in_place_and_its_whole_tree_still_loads() {
         .filter(|(k, _)| !k.starts_with(TREE_NODE_LABEL))
         .map(|(k, v)| if k.starts_with(b"Tree") { (k, whole.clone()) } else { (k, v) })
         .collect();
-    let old = MlsStore::memory();
-    old.restore(records);
-    flush_commit(&db, &old);
-    set_format(&db, 3);
-    drop(db);
-
-    let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
-    let format = stored_format(&db);
-    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+    let db = reopened_as_format(db, &dir, &key, records, 3);
     assert!(node_records(&db).is_empty());
     let store = MlsStore::memory();
     store.attach(db.clone());
@@ -933,15 +949,7 @@ fn a_format_4_database_is_upgraded_in_place_and_its_inline_members_read_then_dro
             false => (k.clone(), v.clone()),
         })
         .collect();
-    let old = MlsStore::memory();
-    old.restore(records);
-    flush_commit(&db, &old);
-    set_format(&db, 4);
-    drop(db);
-
-    let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
-    let format = stored_format(&db);
-    assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes(), "the format record says {DB_FORMAT_VERSION}");
+    let db = reopened_as_format(db, &dir, &key, records, 4);
     assert_eq!(assert_members_are_the_live_set(&db, &gid), (0, KEPT, 0), "members inline, as written");
     let store = MlsStore::memory();
     store.attach(db.clone());
