@@ -1,4 +1,4 @@
-//! Group commit on PostgreSQL: the enqueues and acks waiting at one moment run as one
+//! Group commit on PostgreSQL: the enqueues (or the acks) waiting at one moment run as one
 //! transaction, in a fixed number of round trips whatever their number.
 //!
 //! Why: one transaction per request cost about ten statements (each a loopback round trip and a
@@ -7,22 +7,23 @@
 //!
 //! How, like the redb writer: a worker task per node ([`limits::PG_BATCH_WORKERS`]) takes every
 //! request waiting (up to [`limits::PG_BATCH_OPS`]), so what arrives during one transaction's
-//! WAL flush forms the next batch, and runs them as:
+//! WAL flush forms the next batch. A batch of enqueues and fanouts (the mail lane) runs as:
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
-//!    rows (sorted), then its enqueues' queue rows (sorted), read the floors, the stored-bytes
-//!    total (both only when the batch enqueues) and those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay
-//!    safe), and delete the acked entries with the payloads they were the last entries of (returning what
-//!    went);
-//! 2. in memory, the requests one after the other in arrival order: acks count what they
-//!    removed, enqueues take their `channelSeq` and `seq`s and check every cap against the state
-//!    left by the requests before them; a refused request changes nothing and does not disturb
-//!    the others (the caps are decided here, so no SAVEPOINT is needed);
-//! 3. one pipelined round trip: one insert of every payload and entry, one update of the queue
-//!    rows, one of the channel rows, one upsert of the acked recipients' freed rows (sorted),
-//!    one of this connection's stored-bytes shard, and COMMIT:
-//!    one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a cluster-wide
-//!    lock across the flush; the other nodes are told after the commit ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it only
-//!    rolls back; the batch answers with that statement's error, never success.
+//!    rows (sorted), then its queue rows (sorted), read the floors, the stored-bytes total and
+//!    those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay safe);
+//! 2. in memory, the requests one after the other in arrival order: each takes its `channelSeq`
+//!    and `seq`s and checks every cap against the state left by the requests before it; a
+//!    refused request changes nothing and does not disturb the others (the caps are decided
+//!    here, so no SAVEPOINT is needed);
+//! 3. one pipelined round trip: one statement that inserts every payload and entry and updates
+//!    the queue rows, the channel rows and this connection's stored-bytes shard ([`WRITE_MAIL`]),
+//!    and COMMIT: one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a
+//!    cluster-wide lock across the flush; the other nodes are told after the commit
+//!    ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it
+//!    only rolls back; the batch answers with that statement's error, never success.
+//!
+//! An ack batch (the ack lane) is one round trip: BEGIN, [`ACK_BATCH`], COMMIT. The lanes never
+//! mix the two kinds; a mixed batch would fail as a whole and run one request at a time.
 //!
 //! On any error the worker sends ROLLBACK before the connection goes back to the pool.
 //!
@@ -34,10 +35,11 @@
 //! one node lost 40% of its rate that way). An enqueue then does not see the room an ack in
 //! flight is making, which only makes its caps conservative (see [`super::ops`]).
 //!
-//! Every batch locks rows in the same order (channels by key, then queues by key, then freed
-//! rows by key, then one shard), on every node, so batches queue behind each other instead of deadlocking. A request
-//! the batch cannot explain (a database error, not a refusal) makes the batch run again one
-//! request per transaction, so only the guilty request fails.
+//! Every batch locks rows in one order (a mail batch: channels by key, queues by key, then one
+//! shard; an ack batch: entries, payloads by id, freed rows by key, then one shard), on every
+//! node, so batches queue behind each other instead of deadlocking. A request the batch cannot
+//! explain (a database error, not a refusal) makes the batch run again one request per
+//! transaction, so only the guilty request fails.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -231,28 +233,29 @@ fn channel_of(op: &WriteOp) -> &[u8] {
 /// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
 /// inside [`Applied`].
 async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
-    if ops.iter().all(|op| matches!(op, WriteOp::Ack { .. })) {
+    let acks = ops.iter().filter(|op| matches!(op, WriteOp::Ack { .. })).count();
+    if acks == ops.len() {
         return apply_acks(tx, ops).await;
     }
+    if acks > 0 {
+        // The lanes never build such a batch (acks have their own); should one come, this error
+        // makes the worker run its requests one by one, each in the transaction of its kind.
+        return Err(TxError::Store(StoreError::Db("batch: acks mixed with mail".to_string())));
+    }
+    apply_mail(tx, limits, now, ops).await
+}
+
+/// A batch of enqueues and fanouts (the mail lane), steps 1 to 3 of the module docs.
+async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
-    // Step 2: the keys to lock, sorted; acks collapsed to the highest `up_to` per recipient.
+    // Step 1: the keys to lock, sorted.
     let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
     channel_keys.sort_unstable();
     channel_keys.dedup();
-    let mut queue_keys: Vec<&[u8]> = Vec::new();
-    let mut acks: HashMap<&IdentityKey, i64> = HashMap::new();
-    for op in ops {
-        match op {
-            WriteOp::Ack { who, up_to } => {
-                let up_to = ops::big(*up_to);
-                acks.entry(who).and_modify(|u| *u = (*u).max(up_to)).or_insert(up_to);
-            }
-            other => queue_keys.extend(items(other).unwrap_or_default().into_iter().map(|(w, _)| &w[..])),
-        }
-    }
+    let mut queue_keys: Vec<&[u8]> =
+        ops.iter().flat_map(|op| items(op).unwrap_or_default().into_iter().map(|(w, _)| &w[..])).collect();
     queue_keys.sort_unstable();
     queue_keys.dedup();
-    let (ack_keys, ack_up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
 
     let lock_channels = tx
         .prepare_cached(
@@ -270,19 +273,10 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
                     (SELECT coalesce(sum(bytes), 0)::bigint FROM qpq_stored_bytes)",
         )
         .await?;
-    let delete_acked = tx
-        .prepare_cached(concat!(
-            "WITH a AS (SELECT r, up_to FROM unnest($1::bytea[], $2::bigint[]) AS a(r, up_to)),
-                  d AS (DELETE FROM qpq_entries e USING a WHERE e.recipient = a.r AND e.seq <= a.up_to
-                        RETURNING e.recipient, e.seq, e.payload_id, e.bytes, e.quota), ",
-            mail::release_or_delete_payloads!(),
-            " SELECT recipient, seq, bytes, quota, (SELECT coalesce(sum(quota), 0) FROM x)::bigint FROM d"
-        ))
-        .await?;
     let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
     // Sent in this order on one connection, so locks are taken in this order; the freed rows
     // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
-    let ((), channel_rows, queue_rows, totals, freed_rows, acked) = tokio::try_join!(
+    let ((), channel_rows, queue_rows, totals, freed_rows) = tokio::try_join!(
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -297,7 +291,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             tx.query(&lock_queues, &[&queue_keys]).await
         },
         async {
-            // Only enqueues need the floors and the total (an ack-only batch: one statement less).
+            // A batch none of whose requests has an item to store takes no number.
             if queue_keys.is_empty() {
                 return Ok(None);
             }
@@ -309,20 +303,13 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
             }
             tx.query(&read_freed, &[&queue_keys]).await
         },
-        async {
-            if ack_keys.is_empty() {
-                return Ok(Vec::new());
-            }
-            tx.query(&delete_acked, &[&ack_keys, &ack_up_to]).await
-        },
     )?;
     let (seq_floor, channel_floor, mut used): (i64, i64, i64) = match totals {
         Some(t) => (t.get(0), t.get(1), t.get(2)),
-        // No enqueue in this batch: nothing takes a number or checks the quota.
         None => (0, 0, 0),
     };
 
-    // Step 3, in memory. A new row (0) counts on from its floor (the schema's invariant).
+    // Step 2, in memory. A new row (0) counts on from its floor (the schema's invariant).
     let mut channels: HashMap<Vec<u8>, i64> = HashMap::with_capacity(channel_rows.len());
     for row in channel_rows {
         let last: i64 = row.get(1);
@@ -337,38 +324,11 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         let (freed_count, freed_bytes) = freed_before.get(&who).copied().unwrap_or((0, 0));
         queues.insert(who, Queue { next, count: row.get(2), bytes: row.get(3), freed_count, freed_bytes });
     }
-    // Each ack request removes the acked entries at or below its `up_to` that a smaller ack of
-    // the same recipient earlier in the batch did not: as if they ran one after the other.
-    let mut removed = vec![0u32; ops.len()];
-    // The quota of the payloads the acks deleted (on every row of `acked`, the same).
-    let mut freed: i64 = acked.first().map(|r| r.get(4)).unwrap_or(0);
-    // recipient -> (messages, bytes) this batch's acks removed: added to its freed row.
-    let mut acked_now: HashMap<IdentityKey, (i64, i64)> = HashMap::new();
-    for row in acked {
-        let who = ops::identity(row.get(0))?;
-        let (seq, size, quota): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
-        let a = acked_now.entry(who).or_insert((0, 0));
-        a.0 += 1;
-        a.1 += size;
-        // A queue this batch also enqueues to: its later enqueues see the room.
-        if let Some(q) = queues.get_mut(&who) {
-            q.freed_count += 1;
-            q.freed_bytes += size;
-        }
-        freed += quota;
-        count_removed(ops, &mut removed, &who, seq);
-    }
-    used -= freed;
-
     let mut rows = mail::NewMail::default();
     let mut adding_total = 0i64;
     let mut woken: Vec<IdentityKey> = Vec::new();
     let mut outcomes = Vec::with_capacity(ops.len());
-    for (i, op) in ops.iter().enumerate() {
-        if let WriteOp::Ack { .. } = op {
-            outcomes.push(Ok(Outcome::Acked { removed: removed[i] }));
-            continue;
-        }
+    for op in ops {
         let items = match items(op) {
             Ok(items) => items,
             Err(refused) => {
@@ -413,7 +373,7 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     woken.sort_unstable();
     woken.dedup();
 
-    // Step 4: write it all.
+    // Step 3: write it all.
     let write_mail = tx.prepare_cached(WRITE_MAIL).await?;
     let mut queue_state: Vec<(&IdentityKey, &Queue)> = queues.iter().collect();
     queue_state.sort_unstable_by_key(|(k, _)| **k);
@@ -425,42 +385,19 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
     channel_state.sort_unstable();
     let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
     let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
-    let mut acked_state: Vec<(&IdentityKey, &(i64, i64))> = acked_now.iter().collect();
-    acked_state.sort_unstable_by_key(|(k, _)| **k);
-    let a_keys: Vec<&[u8]> = acked_state.iter().map(|(k, _)| &k[..]).collect();
-    let a_count: Vec<i64> = acked_state.iter().map(|(_, a)| a.0).collect();
-    let a_bytes: Vec<i64> = acked_state.iter().map(|(_, a)| a.1).collect();
-    let add_freed = tx.prepare_cached(ops::ADD_FREED).await?;
-    let add_stored = tx
-        .prepare_cached(
-            "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
-             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
-        )
-        .await?;
-    let delta = adding_total - freed;
-    // The freed rows before the shard: the shard is the last lock of every batch. A batch that
-    // stores mail writes it, its queue and channel rows (locked in step 1) and the shard in one
-    // statement.
+    // The mail, its queue and channel rows (locked in step 1) and the shard (the last lock of
+    // every batch) in one statement; a batch whose every request was refused stored nothing
+    // and changes no row.
     let mail_params = rows.params(&now_i);
     let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
-    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &delta]);
+    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &adding_total]);
     tokio::try_join!(
         async {
-            if a_keys.is_empty() {
+            if rows.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&add_freed, &[&a_keys, &a_count, &a_bytes]).await
-        },
-        async {
-            if !rows.is_empty() {
-                return tx.execute(&write_mail, &write_params).await;
-            }
-            // Nothing stored (acks, or only refused enqueues): no queue or channel row changed.
-            if delta == 0 {
-                return Ok(0);
-            }
-            tx.execute(&add_stored, &[&ops::STORED_BYTES_SHARDS, &delta]).await
+            tx.execute(&write_mail, &write_params).await
         },
         tx.batch_execute("COMMIT"),
     )?;
