@@ -12,7 +12,8 @@
 //! |---|---|---|
 //! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | either an inline entry, the [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload (17 bytes or more), or a shared entry: payload id u64 BE (exactly 8 bytes) |
-//! | `payloads` | payload id (u64) | a fanned-out payload: refs u64 BE (`queue` entries still pointing here) ‖ the inline entry encoding above |
+//! | `payloads` | payload id (u64) | a fanned-out payload: refs u64 BE (`queue` entries pointing here when it was stored) ‖ the inline entry encoding above; written once, never rewritten |
+//! | `payload_refs` | payload id (u64) | `queue` entries still pointing at that `payloads` row, once some have gone (absent: the row's own refs) |
 //! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes); only while the queue is not empty |
 //! | `channels` | channel id | (last channel_seq handed out, messages queued with this channel id); only while that count is not zero |
 //! | `key_packages` | identity (32) ‖ id (u64 BE) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ KeyPackage bytes (TLS encoding) |
@@ -26,7 +27,8 @@
 //! A fanned-out payload (`enqueueFanout`) is stored once in `payloads`, with one 8-byte shared
 //! entry per recipient in `queue`; its row holds the enqueue time and channel position every
 //! entry shares, so all its entries expire together. Deleting an entry (ack, sweep) drops one
-//! ref; the last one deletes the row. Charges: a recipient's `queue_meta` bytes count what it
+//! ref, counted in `payload_refs` so that the row (up to the payload limit, MiBs) is never
+//! copied or rewritten for it; the last one deletes both rows. Charges: a recipient's `queue_meta` bytes count what it
 //! will fetch (the inline encoding's length, whether inline or shared); `stored_bytes` counts
 //! what the file holds: an inline entry's length, and for a fanout the `payloads` row once plus
 //! [`limits::FANOUT_ENTRY_BYTES`] per shared entry.
@@ -69,8 +71,11 @@ use crate::limits;
 /// with the package's not_after. 4: `channels` values count their queued messages and empty
 /// metadata rows are deleted (a version 3 file is migrated when opened, see [`migrate`]). 5:
 /// the `payloads` table and shared `queue` entries (a version 3 or 4 file is migrated: its
-/// inline entries are read as they are, since no inline entry is 8 bytes long).
-pub const SCHEMA_VERSION: u64 = 5;
+/// inline entries are read as they are, since no inline entry is 8 bytes long). 6: the
+/// `payload_refs` table (a version 5 file's rows keep their refs in the row, which is what an
+/// absent `payload_refs` row means, so opening it changes nothing but the version; an older qpq
+/// refuses a version 6 file, whose rows' own refs may be stale).
+pub const SCHEMA_VERSION: u64 = 6;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
@@ -82,6 +87,7 @@ pub(crate) const KEY_PACKAGE_META: TableDefinition<&[u8], (u64, u64)> =
 pub(crate) const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_resort");
 pub(crate) const HYBRID_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hybrid_keys");
 pub(crate) const PAYLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
+pub(crate) const PAYLOAD_REFS: TableDefinition<u64, u64> = TableDefinition::new("payload_refs");
 
 /// A raw Ed25519 public key: the identity that routes queues and owns KeyPackages.
 pub type IdentityKey = [u8; limits::IDENTITY_KEY_LEN];
@@ -182,16 +188,17 @@ pub(crate) fn split_payload_row(row: &[u8]) -> Result<(u64, &[u8]), StoreError> 
     Ok((u64::from_be_bytes(*refs), entry))
 }
 
-/// The inline encoding a shared `queue` value points to; a missing row is corruption.
-pub(crate) fn shared_entry(
+/// The message a shared `queue` value points to, decoded straight from its row (one copy of
+/// the payload, the one the reply needs); a missing row is corruption.
+pub(crate) fn decode_shared(
     payloads: &impl ReadableTable<u64, &'static [u8]>,
     seq: u64,
     id: u64,
-) -> Result<Vec<u8>, StoreError> {
+) -> Result<StoredMessage, StoreError> {
     let row = payloads.get(id)?.ok_or_else(|| {
         StoreError::Db(format!("corrupt queue entry at seq {seq}: payload {id} is missing"))
     })?;
-    Ok(split_payload_row(row.value())?.1.to_vec())
+    StoredMessage::decode(seq, split_payload_row(row.value())?.1)
 }
 
 /// The `hybrid_keys` value: signature (64) || created_at_ms (8, big-endian) || key.
@@ -355,7 +362,8 @@ impl Store {
         if found == Some(3) {
             migrate::from_3(&txn)?;
         }
-        // 4 -> 5 adds the `payloads` table (created below); version 4 entries are all inline.
+        // 4 -> 5 adds the `payloads` table, 5 -> 6 `payload_refs` (both created below, empty:
+        // version 4 entries are all inline, version 5 rows hold their own refs).
         {
             let mut meta = txn.open_table(META)?;
             match found {
@@ -369,7 +377,7 @@ impl Store {
                     meta.insert("instance_id", id)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
-                Some(3 | 4) => {
+                Some(3..=5) => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(v) => {
@@ -385,6 +393,7 @@ impl Store {
             txn.open_table(LAST_RESORT)?;
             txn.open_table(HYBRID_KEYS)?;
             txn.open_table(PAYLOADS)?;
+            txn.open_table(PAYLOAD_REFS)?;
         }
         let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
         {
@@ -468,7 +477,7 @@ impl Store {
             let seq = queue_key_seq(k.value())?;
             let msg = match QueueValue::of(v.value()) {
                 QueueValue::Inline(v) => StoredMessage::decode(seq, v)?,
-                QueueValue::Shared(id) => StoredMessage::decode(seq, &shared_entry(&payloads, seq, id)?)?,
+                QueueValue::Shared(id) => decode_shared(&payloads, seq, id)?,
             };
             if now.saturating_sub(msg.enqueued_at_ms) > self.limits.ttl_ms {
                 continue; // expired: invisible now, deleted by the next sweep
@@ -574,7 +583,7 @@ mod tests {
         }
         let err = Store::open(&path, lim).err().expect("an older layout is refused");
         assert!(matches!(err, StoreError::SchemaVersion { found: 1, .. }), "{err}");
-        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 5"), "{err}");
+        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 6"), "{err}");
     }
 
     #[tokio::test]
@@ -823,6 +832,100 @@ mod tests {
         assert_eq!(payload_rows_and_stored_bytes(&store), (0, 0), "the last ack deletes it");
         assert_eq!(metadata_rows(&store), (0, 0));
         store.close().unwrap();
+    }
+
+    /// The `payloads` row's bytes, and its `payload_refs` count (None: absent).
+    fn payload_row_and_refs(store: &Store, id: u64) -> (Option<Vec<u8>>, Option<u64>) {
+        let txn = store.db.begin_read().unwrap();
+        let row = txn.open_table(PAYLOADS).unwrap().get(id).unwrap().map(|g| g.value().to_vec());
+        let refs = txn.open_table(PAYLOAD_REFS).unwrap().get(id).unwrap().map(|g| g.value());
+        (row, refs)
+    }
+
+    #[tokio::test]
+    async fn acks_and_sweeps_of_a_large_fanout_never_rewrite_its_payload_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
+        let who: Vec<IdentityKey> = (1..=4u8).map(|i| [i; 32]).collect();
+        store.write(fanout_op(b"grp", &vec![9u8; 256 * 1024], &who)).await.unwrap();
+        let (stored, refs) = payload_row_and_refs(&store, 1);
+        let stored = stored.expect("the fanout's row");
+        assert_eq!(refs, None, "a new row holds its own refs");
+        for (i, w) in who.iter().take(3).enumerate() {
+            let acked = store.write(WriteOp::Ack { who: *w, up_to: u64::MAX }).await.unwrap();
+            assert_eq!(acked, Outcome::Acked { removed: 1 });
+            let (row, refs) = payload_row_and_refs(&store, 1);
+            assert!(row.as_ref() == Some(&stored), "ack {i} rewrote the payload row");
+            assert_eq!(refs, Some(3 - i as u64));
+        }
+        let swept = store.write(WriteOp::Sweep { now_ms: now_ms(), after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 0, resume: None });
+        assert!(payload_row_and_refs(&store, 1).0.as_ref() == Some(&stored), "the sweep rewrote it");
+        let (msgs, _) = store.fetch(&who[3], 0, 10, 1 << 20).unwrap();
+        assert_eq!((msgs[0].channel_id.as_slice(), msgs[0].payload.len()), (&b"grp"[..], 256 * 1024));
+        store.write(WriteOp::Ack { who: who[3], up_to: u64::MAX }).await.unwrap();
+        assert_eq!(payload_row_and_refs(&store, 1), (None, None), "the last ack deletes both rows");
+        assert_eq!(payload_rows_and_stored_bytes(&store), (0, 0));
+        assert_eq!(metadata_rows(&store), (0, 0));
+        store.close().unwrap();
+    }
+
+    /// What a sweep pass and acks cost with one 4 MiB fanout to 2000 recipients (issue: a
+    /// pass copied the payload once per entry). `cargo test --release --lib
+    /// measure_sweep_and_acks_of_a_large_fanout -- --ignored --nocapture`
+    #[tokio::test]
+    #[ignore]
+    async fn measure_sweep_and_acks_of_a_large_fanout() {
+        let dir = tempfile::tempdir().unwrap();
+        let lim =
+            QueueLimits { max_messages: 100, max_bytes: 8 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
+        let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
+        let who: Vec<IdentityKey> = (0..2000u32)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                k
+            })
+            .collect();
+        store.write(fanout_op(b"grp", &vec![9u8; 4 << 20], &who)).await.unwrap();
+        let t = std::time::Instant::now();
+        let swept = store.write(WriteOp::Sweep { now_ms: now_ms(), after: Vec::new() }).await.unwrap();
+        println!("MEASURE sweep pass over 2000 shared entries: {:?} ({swept:?})", t.elapsed());
+        let t = std::time::Instant::now();
+        for w in &who[..100] {
+            store.write(WriteOp::Ack { who: *w, up_to: u64::MAX }).await.unwrap();
+        }
+        println!("MEASURE 100 acks one after the other: {:?}", t.elapsed());
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_5_file_keeps_its_payload_rows_refs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let who: Vec<IdentityKey> = (1..=3u8).map(|i| [i; 32]).collect();
+        {
+            let store = Store::open(&path, limits()).unwrap();
+            store.write(fanout_op(b"c", b"shared", &who)).await.unwrap();
+            store.close().unwrap();
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("schema_version", 5).unwrap();
+            txn.delete_table(PAYLOAD_REFS).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, limits()).unwrap();
+        for w in &who[..2] {
+            store.write(WriteOp::Ack { who: *w, up_to: u64::MAX }).await.unwrap();
+            assert_eq!(payload_rows_and_stored_bytes(&store).0, 1, "the row's own 3 refs count");
+        }
+        assert_eq!(store.fetch(&who[2], 0, 10, 1 << 20).unwrap().0[0].payload, b"shared");
+        store.write(WriteOp::Ack { who: who[2], up_to: u64::MAX }).await.unwrap();
+        assert_eq!(payload_rows_and_stored_bytes(&store), (0, 0));
+        store.close().unwrap();
+        let db = Database::open(&path).unwrap();
+        let version = db.begin_read().unwrap().open_table(META).unwrap().get("schema_version").unwrap();
+        assert_eq!(version.map(|g| g.value()), Some(SCHEMA_VERSION));
     }
 
     #[tokio::test]

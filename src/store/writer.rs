@@ -21,8 +21,8 @@ use tokio::sync::oneshot;
 use super::notifier::Committed;
 use super::{
     CHANNEL_SEQ_FLOOR, CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry,
-    LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue,
-    SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
+    LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOAD_REFS, PAYLOADS, QUEUE, QUEUE_META, QueueLimits,
+    QueueValue, SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
 };
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
@@ -198,6 +198,7 @@ struct Delivery<'txn> {
     queue_meta: redb::Table<'txn, &'static [u8], (u64, u64, u64)>,
     channels: redb::Table<'txn, &'static [u8], (u64, u64)>,
     payloads: redb::Table<'txn, u64, &'static [u8]>,
+    payload_refs: redb::Table<'txn, u64, u64>,
     meta: redb::Table<'txn, &'static str, u64>,
 }
 
@@ -208,6 +209,7 @@ impl<'txn> Delivery<'txn> {
             queue_meta: txn.open_table(QUEUE_META)?,
             channels: txn.open_table(CHANNELS)?,
             payloads: txn.open_table(PAYLOADS)?,
+            payload_refs: txn.open_table(PAYLOAD_REFS)?,
             meta: txn.open_table(META)?,
         })
     }
@@ -409,25 +411,26 @@ struct Released {
 }
 
 impl Released {
-    /// Notes one deleted `queue` row; `shared` is the entry a shared value points to (None when
-    /// its payload row is missing). A value too damaged to name its channel counts for none.
-    fn note(&mut self, who: Option<IdentityKey>, value: &[u8], shared: Option<&[u8]>) {
-        let entry = match QueueValue::of(value) {
+    /// Notes one deleted `queue` row; `shared` is the head of the entry a shared value points to
+    /// (None when its payload row is missing). A value too damaged to name its channel counts
+    /// for none.
+    fn note(&mut self, who: Option<IdentityKey>, value: &[u8], shared: Option<&SharedHead>) {
+        let (head, len) = match QueueValue::of(value) {
             QueueValue::Inline(v) => {
                 self.bytes += StoredMessage::accounted_len(v.len());
-                v
+                (v, v.len())
             }
             QueueValue::Shared(id) => {
                 self.bytes += limits::FANOUT_ENTRY_BYTES;
                 *self.payloads.entry(id).or_default() += 1;
-                shared.unwrap_or_default()
+                shared.map(|s| (&s.head[..], s.len)).unwrap_or_default()
             }
         };
         if let Some(who) = who {
             let e = self.recipients.entry(who).or_default();
-            *e = (e.0 + 1, e.1 + StoredMessage::accounted_len(entry.len()));
+            *e = (e.0 + 1, e.1 + StoredMessage::accounted_len(len));
         }
-        if let Ok((_, _, channel, _)) = StoredMessage::parts(0, entry)
+        if let Ok((_, _, channel, _)) = StoredMessage::parts(0, head)
             && !channel.is_empty()
         {
             *self.channels.entry(channel.to_vec()).or_default() += 1;
@@ -460,19 +463,24 @@ impl Released {
             }
         }
         let mut freed = self.bytes;
-        // A payload goes with its last entry.
+        // A payload goes with its last entry. Its row is read in place and never rewritten:
+        // the count lives in `payload_refs` (absent: the row's own refs).
         for (id, n) in self.payloads {
-            let current = d.payloads.get(id)?.map(|g| g.value().to_vec());
-            let Some(row) = current else { continue };
-            let (refs, entry) = split_payload_row(&row)?;
+            let stored = d.payloads.get(id)?.map(|g| {
+                let row = g.value();
+                (row.len() as u64, split_payload_row(row).map(|(refs, _)| refs))
+            });
+            let Some((row_len, own_refs)) = stored else { continue };
+            let refs = match d.payload_refs.get(id)?.map(|g| g.value()) {
+                Some(refs) => refs,
+                None => own_refs?,
+            };
             if refs <= n {
                 d.payloads.remove(id)?;
-                freed += row.len() as u64;
+                d.payload_refs.remove(id)?;
+                freed += row_len;
             } else {
-                let mut kept = Vec::with_capacity(row.len());
-                kept.extend_from_slice(&(refs - n).to_be_bytes());
-                kept.extend_from_slice(entry);
-                d.payloads.insert(id, &kept[..])?;
+                d.payload_refs.insert(id, refs - n)?;
             }
         }
         d.raise_floor(SEQ_FLOOR, seq_floor)?;
@@ -488,11 +496,12 @@ fn ack(d: &mut Delivery<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, S
     let end = queue_key(who, up_to);
     let mut doomed = Vec::new();
     let mut released = Released::default();
+    let mut heads = HashMap::new();
     for entry in d.queue.range(&start[..]..=&end[..])? {
         let (k, v) = entry?;
         doomed.push(k.value().to_vec());
-        let shared = shared_row(&d.payloads, v.value())?;
-        released.note(Some(*who), v.value(), shared.as_deref());
+        let shared = shared_head(&d.payloads, &mut heads, v.value())?;
+        released.note(Some(*who), v.value(), shared);
     }
     if doomed.is_empty() {
         return Ok(Outcome::Acked { removed: 0 });
@@ -504,11 +513,35 @@ fn ack(d: &mut Delivery<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, S
     Ok(Outcome::Acked { removed: u32::try_from(doomed.len()).unwrap_or(u32::MAX) })
 }
 
-/// The entry a shared `queue` value points to, None for an inline value or a missing row.
-fn shared_row(payloads: &redb::Table<u64, &[u8]>, value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+/// What deleting or aging a shared `queue` entry needs of the entry it points to: its start up
+/// to the end of the channel id (time, channel position, channel) and its whole length.
+/// Never the payload: a fanout's row can be MiBs with thousands of entries pointing at it, and
+/// copying it per entry made one large fanout cost its size times its recipients on every
+/// sweep pass.
+struct SharedHead {
+    head: Vec<u8>,
+    len: usize,
+}
+
+/// The [`SharedHead`] a `queue` value points to, looked up once per payload row in `cache`
+/// (None for an inline value or a missing row).
+fn shared_head<'c>(
+    payloads: &redb::Table<u64, &[u8]>,
+    cache: &'c mut HashMap<u64, Option<SharedHead>>,
+    value: &[u8],
+) -> Result<Option<&'c SharedHead>, StoreError> {
     let QueueValue::Shared(id) = QueueValue::of(value) else { return Ok(None) };
-    let Some(row) = payloads.get(id)? else { return Ok(None) };
-    Ok(split_payload_row(row.value()).ok().map(|(_, entry)| entry.to_vec()))
+    if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(id) {
+        let head = payloads.get(id)?.and_then(|row| {
+            let (_, entry) = split_payload_row(row.value()).ok()?;
+            // time 8 ‖ channel_seq 8 ‖ channel length 1 ‖ channel: the longest head is 272.
+            let channel_len = usize::from(*entry.get(16).unwrap_or(&0));
+            let head_len = entry.len().min(17 + channel_len);
+            Some(SharedHead { head: entry.get(..head_len).unwrap_or_default().to_vec(), len: entry.len() })
+        });
+        slot.insert(head);
+    }
+    Ok(cache.get(&id).and_then(Option::as_ref))
 }
 
 /// Replaces `who`'s hybrid key only with a newer one: an older signed key (a replay of one the
@@ -670,6 +703,7 @@ fn expire_key_packages(txn: &WriteTransaction, now: u64) -> Result<Outcome, Stor
 fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();
+    let mut heads = HashMap::new();
     let mut last = None;
     let mut scanned = 0usize;
     let range = if after.is_empty() {
@@ -683,10 +717,10 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
         scanned += 1;
         last = Some(key.to_vec());
         // A shared entry ages with its payload row; one whose row is missing is damaged.
-        let shared = shared_row(&d.payloads, value)?;
-        let enqueued_at = match (QueueValue::of(value), &shared) {
+        let shared = shared_head(&d.payloads, &mut heads, value)?;
+        let enqueued_at = match (QueueValue::of(value), shared) {
             (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
-            (QueueValue::Shared(_), Some(entry)) => StoredMessage::enqueued_at(entry),
+            (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head),
             (QueueValue::Shared(id), None) => {
                 Err(StoreError::Db(format!("shared entry of missing payload {id}")))
             }
@@ -701,7 +735,7 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
         if expired {
             doomed.push(key.to_vec());
             // A damaged key names no recipient whose counts we could trust; leave them alone.
-            released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value, shared.as_deref());
+            released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value, shared);
         }
         if scanned >= limits::SWEEP_SLICE_ROWS {
             break;
