@@ -173,6 +173,10 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// screenful.
 pub const MAX_CLOSE_REASON_CHARS: usize = 200;
 
+/// Most characters of a server's error text a client keeps (our own server's longest is a
+/// sentence with numbers): what reaches a terminal from a stranger stays a line, not a page.
+pub const MAX_SERVER_ERROR_CHARS: usize = 1000;
+
 /// Longest a server talks to a client of an outdated protocol version: long enough for it to
 /// make its first call and read the upgrade message, short enough that it holds no slot.
 pub const OUTDATED_CLIENT_SECS: u64 = 10;

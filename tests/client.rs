@@ -623,7 +623,8 @@ fn recv_wait_returns_when_the_first_message_arrives() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "hello"]);
     bob.recv();
-    let waiting = bob.spawn(&["recv", "--wait", "60"]);
+    // Any number of seconds is a wait, the largest too (it once overflowed the deadline).
+    let waiting = bob.spawn(&["recv", "--wait", &u64::MAX.to_string()]);
     alice.ok(&["send", "bob", "worth the wait"]);
     // Only the arrival can end this run with output: the timeout path prints nothing.
     let out = waiting.wait_with_output().unwrap();

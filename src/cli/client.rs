@@ -4,7 +4,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -596,10 +596,6 @@ pub fn format_entry(m: &Messenger, e: &Entry) -> String {
     text::message(&header, &e.text)
 }
 
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 /// One message as a JSON object (print it with [`text::json_line`], which keeps the exact text
 /// but escapes what a terminal would obey).
 pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
@@ -611,8 +607,9 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
         "from_claimed_name": m.claimed_name_in(&e.group_id, &e.from),
         "group": m.group_label(&e.group_id),
         "text": e.text,
-        "sent_at": rfc3339(e.sent_at_ms),
-        "received_at": rfc3339(e.received_at_ms),
+        // The sender's clock may say anything: the year 10000 and later are clamped.
+        "sent_at": localtime::rfc3339(e.sent_at_ms),
+        "received_at": localtime::rfc3339(e.received_at_ms),
     })
 }
 
@@ -945,7 +942,7 @@ fn run_requests(
                     r.number,
                     PublicKey(r.from),
                     r.held,
-                    rfc3339(r.received_at_ms)
+                    localtime::rfc3339(r.received_at_ms)
                 );
                 writeln!(out, "{}", text::shown(&line))?;
             }
@@ -1016,8 +1013,8 @@ pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
         "group_id": hex::encode(&r.group_id),
         "waiting": r.held,
         "preview": r.preview,
-        "received_at": rfc3339(r.received_at_ms),
-        "expires_at": rfc3339(r.expires_at_ms),
+        "received_at": localtime::rfc3339(r.received_at_ms),
+        "expires_at": localtime::rfc3339(r.expires_at_ms),
     })
 }
 
@@ -1153,7 +1150,9 @@ pub fn missed_line(missed: u64) -> String {
 }
 
 async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
-    let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s));
+    // Clamped to 136 years, so that any number a script passes makes a deadline (an `Instant`
+    // addition past its range panics).
+    let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s.min(u64::from(u32::MAX))));
     // This process's place in the home's inbox: other readers of the home (another `recv
     // --follow`, a shell) print the same messages, each from its own cursor.
     let mut cursor = m.read_cursor()?;
@@ -1229,4 +1228,32 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     }
     m.disconnect().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::testing::offline_messenger;
+
+    /// `sent_at` is the sender's claim: any u64 makes valid JSON, never a panic (humantime's
+    /// formatter failed past the year 9999).
+    #[test]
+    fn a_message_json_takes_any_sent_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = offline_messenger(dir.path());
+        for sent_at_ms in [0, 253_402_300_800_000, u64::MAX] {
+            let e = Entry {
+                group_id: vec![1; 16],
+                from: [2; 32],
+                text: "hi".into(),
+                sent_at_ms,
+                received_at_ms: 1_700_000_000_000,
+                outgoing: false,
+            };
+            let v = entry_json(&m, &e);
+            let sent = v["sent_at"].as_str().unwrap();
+            assert!(sent.starts_with("1970-01-01T") || sent.starts_with("9999-12-"), "{sent}");
+            assert_eq!(v["received_at"], "2023-11-14T22:13:20.000Z");
+        }
+    }
 }

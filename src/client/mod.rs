@@ -22,3 +22,6 @@ pub mod requests;
 pub mod session;
 pub mod state;
 pub mod timeline;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -486,18 +486,8 @@ pub fn preview_line(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::testing::offline_messenger;
     use crate::limits::MAX_REQUEST_BYTES;
-
-    /// A messenger on a fresh home, offline (nothing here needs the server).
-    fn offline_messenger(dir: &std::path::Path) -> Messenger {
-        use crate::client::messenger::ConnectOptions;
-        use crate::client::state::{Home, Secrets, State, Unlock};
-        let seed: [u8; 32] = rand::random();
-        let mut state = State::new(Secrets::new(seed, rand::random()), None, None);
-        state.mls_storage = crate::mls::MlsClient::new(&seed).unwrap().export_storage().unwrap();
-        drop(Home::create(dir, state, Unlock::None).unwrap());
-        Messenger::open(dir, None, ConnectOptions::default()).unwrap()
-    }
 
     /// A stranger's Welcome (a direct conversation) to one of `bob`'s fresh KeyPackages.
     fn strangers_welcome(bob: &mut Messenger) -> (crate::mls::MlsClient, Vec<u8>) {

@@ -16,6 +16,7 @@ use crate::crypto::identity::{Identity, PublicKey};
 use crate::limits;
 use crate::proto::node_capnp::{account, node_service};
 use crate::proto::wire_error::{ErrorCode, WireError};
+use crate::text;
 use crate::transport::{self, Fingerprint, Pin};
 
 /// How long connecting (resolve + QUIC/TLS handshake + stream) may take.
@@ -67,6 +68,9 @@ pub enum SessionError {
     Timeout(u64),
     #[error("connection to the server lost: {0}")]
     Disconnected(String),
+    /// The server's answer broke the protocol (e.g. more messages than asked for).
+    #[error("the server answered out of protocol: {0}")]
+    BadAnswer(String),
     #[error("{0}")]
     Transport(#[from] transport::TransportError),
 }
@@ -143,12 +147,20 @@ where
     }
 }
 
-/// The message the server put in its error, without capnp's decoration.
+/// The message the server put in its error, without capnp's decoration, on one line: a server
+/// is a stranger too, and its text is printed (by the shell among chat lines), so line breaks
+/// and every other unsafe character are escaped here ([`text::shown`]) and the length is
+/// capped ([`limits::MAX_SERVER_ERROR_CHARS`]); a newline in it could otherwise forge a line
+/// that looks like a message.
 pub fn clean_rpc_error(e: &capnp::Error) -> String {
     let s = e.extra.trim();
     let s = s.strip_prefix("remote exception: ").unwrap_or(s);
     let s = s.strip_prefix("Failed: ").or_else(|| s.strip_prefix("Overloaded: ")).unwrap_or(s);
-    if s.is_empty() { format!("{:?}", e.kind).to_lowercase() } else { s.to_string() }
+    if s.is_empty() {
+        return format!("{:?}", e.kind).to_lowercase();
+    }
+    let s: String = s.chars().take(limits::MAX_SERVER_ERROR_CHARS).collect();
+    text::shown(&s)
 }
 
 /// Server status from `health`.
@@ -456,7 +468,7 @@ impl Session {
         req.get().set_limit(limit);
         let resp = timed(req.send().promise, RPC_TIMEOUT).await?;
         let r = resp.get()?;
-        Ok((read_messages(r.get_messages()?)?, r.get_more()))
+        Ok((read_messages(r.get_messages()?, limit)?, r.get_more()))
     }
 
     pub async fn fetch_wait(
@@ -481,7 +493,7 @@ impl Session {
         req.get().set_ack_up_to(ack_up_to);
         let resp = timed(req.send().promise, RPC_TIMEOUT + Duration::from_millis(timeout_ms.into())).await?;
         let r = resp.get()?;
-        Ok((read_messages(r.get_messages()?)?, r.get_more(), r.get_removed()))
+        Ok((read_messages(r.get_messages()?, limit)?, r.get_more(), r.get_removed()))
     }
 
     pub async fn ack(&self, up_to_seq: u64) -> Result<u32, SessionError> {
@@ -546,12 +558,23 @@ fn handshake_error(
     {
         return SessionError::CertificateChanged { pinned: *pinned, presented };
     }
-    SessionError::Connect { addr, reason: e.to_string() }
+    // A close reason is the peer's text: one line, capped, like its error messages.
+    let reason: String = e.to_string().chars().take(limits::MAX_SERVER_ERROR_CHARS).collect();
+    SessionError::Connect { addr, reason: text::shown(&reason) }
 }
 
+/// The messages of a fetch answer; more than `asked` (or than any server sends,
+/// [`limits::MAX_FETCH_MESSAGES`]) is refused before anything is copied: a list of empty
+/// entries costs the server a few bytes each and us a `Delivered` each.
 fn read_messages(
     list: capnp::struct_list::Reader<'_, account::message::Owned>,
+    asked: u32,
 ) -> Result<Vec<Delivered>, SessionError> {
+    // 0 asks for the server's most, as on the server.
+    let most = if asked == 0 { limits::MAX_FETCH_MESSAGES } else { asked.min(limits::MAX_FETCH_MESSAGES) };
+    if list.len() > most {
+        return Err(SessionError::BadAnswer(format!("{} messages in a fetch of at most {most}", list.len())));
+    }
     let mut out = Vec::with_capacity(list.len() as usize);
     for m in list.iter() {
         out.push(Delivered {
@@ -568,6 +591,39 @@ fn read_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fetch answer of `n` empty messages, read back as `read_messages` asking for `asked`.
+    fn read_answer_of(n: u32, asked: u32) -> Result<usize, SessionError> {
+        let mut message = capnp::message::Builder::new_default();
+        message.initn_root::<capnp::struct_list::Builder<account::message::Owned>>(n);
+        let list = message.get_root_as_reader::<capnp::struct_list::Reader<account::message::Owned>>()?;
+        read_messages(list, asked).map(|m| m.len())
+    }
+
+    #[test]
+    fn a_fetch_answer_longer_than_asked_is_refused() {
+        assert_eq!(read_answer_of(3, 3).unwrap(), 3);
+        assert_eq!(
+            read_answer_of(limits::MAX_FETCH_MESSAGES, 0).unwrap(),
+            limits::MAX_FETCH_MESSAGES as usize
+        );
+        for (n, asked) in [(4, 3), (limits::MAX_FETCH_MESSAGES + 1, 0), (100_000, u32::MAX)] {
+            let err = read_answer_of(n, asked).unwrap_err();
+            assert!(matches!(err, SessionError::BadAnswer(_)), "{n} of {asked}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_servers_error_text_stays_on_one_line() {
+        let forged = "busy: x\n14:03 [#team] alice: send me the code\n\x1b[2J";
+        let e = SessionError::from(capnp::Error::failed(format!("remote exception: Failed: {forged}")));
+        let shown = e.to_string();
+        assert!(!shown.contains('\n') && !shown.contains('\x1b'), "{shown:?}");
+        assert!(shown.contains("x\\n14:03 [#team] alice"), "escaped, still readable: {shown}");
+        assert_eq!(e.code(), Some(ErrorCode::Busy), "the code is still read");
+        let long = SessionError::from(capnp::Error::failed("y".repeat(100_000)));
+        assert!(long.to_string().len() < 2 * limits::MAX_SERVER_ERROR_CHARS, "capped");
+    }
 
     #[test]
     fn only_an_answer_from_the_server_is_a_definite_refusal() {
