@@ -151,6 +151,16 @@ pub const MAX_UNSENT_BYTES_PER_CONNECTION: usize = 2 * MAX_FETCH_BYTES + 64 * 10
 /// subscription and may wake with a full reply.
 pub const MAX_PARKED_WAITS_PER_CONNECTION: usize = 4;
 
+/// Most calls one connection may have open on the server: received and not yet answered, or
+/// answered and waiting for the peer's `Finish` (capnp-rpc keeps each such answer until then).
+/// More is a peer that never finishes its calls, and the connection is ended: our clients keep
+/// a handful open.
+pub const MAX_OPEN_CALLS_PER_CONNECTION: usize = 4096;
+
+/// Most identities one connection may authenticate as (our clients use one): each keeps an
+/// account capability for the connection's life.
+pub const MAX_IDENTITIES_PER_CONNECTION: usize = 8;
+
 /// Default cap on open client connections: well above a small community's needs, and at ~50 KiB
 /// of server memory each (BENCHMARKS.md) bounded to about half a GiB.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;

@@ -23,6 +23,13 @@ fn kp_bytes(kps: Vec<qpq::mls::NewKeyPackage>) -> Vec<Vec<u8>> {
     kps.into_iter().map(|k| k.bytes).collect()
 }
 
+/// One Cap'n Proto RPC message (rpc.capnp), framed for the stream.
+fn rpc_frame(build: impl FnOnce(capnp_rpc::rpc_capnp::message::Builder<'_>)) -> Vec<u8> {
+    let mut m = capnp::message::Builder::new_default();
+    build(m.init_root());
+    capnp::serialize::write_message_to_words(&m)
+}
+
 on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_status_version_and_uptime() {
@@ -584,6 +591,80 @@ async fn wrong_alpn_and_garbage_on_the_stream_only_cost_that_connection() {
     assert!(res.is_err(), "a wrong ALPN must not connect");
 
     // Other clients are still served.
+    local(async {
+        let s = connect(&server).await;
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// Authenticating again as the same identity on one connection works (and hands out the same
+/// account, which capnp-rpc then exports once); a connection authenticating as ever new
+/// identities is refused past the cap, by code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_authenticates_as_a_bounded_number_of_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mut s = login(&server, &alice).await;
+        for _ in 0..50 {
+            s.authenticate(&alice).await.expect("the same identity again");
+        }
+        assert_eq!(s.fetch(0).await.unwrap().0.len(), 0, "its account still works");
+        for _ in 1..qpq::limits::MAX_IDENTITIES_PER_CONNECTION {
+            s.authenticate(&Identity::generate()).await.expect("under the cap");
+        }
+        let refused = s.authenticate(&Identity::generate()).await.unwrap_err();
+        assert_eq!(refused.code(), Some(qpq::proto::wire_error::ErrorCode::AuthFailed), "{refused}");
+        s.authenticate(&alice).await.expect("one it already has is still fine");
+        assert!(login(&server, &Identity::generate()).await.fetch(0).await.is_ok(), "a new connection is");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// A peer that calls and never sends `Finish` would keep one answer per failed call on the
+/// server for as long as the connection lives; past the open-call cap the server ends the
+/// connection instead (and serves everyone else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_never_finished_end_their_connection_at_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let cfg = qpq::transport::client_config(Pin::Fingerprint(server.fingerprint())).unwrap();
+    let ep = qpq::transport::client_endpoint(server.local_addr(), cfg).unwrap();
+    let conn = ep.connect(server.local_addr(), qpq::transport::SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // Read every answer, so the server never pauses for unread replies.
+    let reader = tokio::spawn(async move { recv.read_to_end(usize::MAX).await.map(|b| b.len()) });
+    let mut out = rpc_frame(|m| m.init_bootstrap().set_question_id(0));
+    let calls = qpq::limits::MAX_OPEN_CALLS_PER_CONNECTION as u32 + 100;
+    for q in 1..=calls {
+        out.extend(rpc_frame(|m| {
+            let mut call = m.init_call();
+            call.set_question_id(q);
+            call.set_interface_id(
+                <qpq::proto::node_capnp::node_service::Client as capnp::traits::HasTypeId>::TYPE_ID,
+            );
+            call.set_method_id(3); // fetchHybridKey, with a 1-byte key: an error answer
+            let mut promised = call.reborrow().init_target().init_promised_answer();
+            promised.set_question_id(0);
+            let params: capnp::any_pointer::Builder<'_> = call.init_params().get_content();
+            let mut p = params.init_as::<qpq::proto::node_capnp::node_service::fetch_hybrid_key_params::Builder<'_>>();
+            p.set_identity_key(&[1]);
+        }));
+    }
+    // The server may end the connection while this is still being written.
+    let _ = send.write_all(&out).await;
+    // Bounded only so that a regression fails instead of hanging: the server keeps an open
+    // connection alive (keep-alives), so without the cap this never resolves.
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(60), conn.closed())
+        .await
+        .expect("the server kept a connection with thousands of unfinished calls");
+    assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "server ended it: {reason:?}");
+    let _ = reader.await;
+
     local(async {
         let s = connect(&server).await;
         assert_eq!(s.health().await.unwrap().status, "ok");

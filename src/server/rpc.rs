@@ -169,6 +169,11 @@ pub struct NodeServiceImpl {
     key_package_rate: ConnectionBucket,
     /// This connection's unwritten replies and parked long polls.
     memory: Rc<ConnMemory>,
+    /// The account capability of each identity authenticated on this connection: authenticating
+    /// again hands out the same one, so a peer repeating `authenticate` (and never releasing
+    /// what it got) does not grow capnp-rpc's export table; at most
+    /// [`limits::MAX_IDENTITIES_PER_CONNECTION`] identities.
+    accounts: std::cell::RefCell<std::collections::HashMap<IdentityKey, account::Client>>,
 }
 
 impl NodeServiceImpl {
@@ -189,6 +194,7 @@ impl NodeServiceImpl {
             key_package_rate,
             shared,
             memory,
+            accounts: Default::default(),
         }
     }
 
@@ -262,13 +268,25 @@ impl node_service::Server for NodeServiceImpl {
                 )
             })?;
             tracing::debug!(identity = %hex::encode(&who[..4]), "authenticated");
-            let account: account::Client = capnp_rpc::new_client(AccountImpl {
-                shared: self.shared.clone(),
-                who,
-                budget: self.budget.clone(),
-                memory: self.memory.clone(),
+            let mut accounts = self.accounts.borrow_mut();
+            if !accounts.contains_key(&who) && accounts.len() >= limits::MAX_IDENTITIES_PER_CONNECTION {
+                return Err(coded(
+                    ErrorCode::AuthFailed,
+                    format!(
+                        "too many identities on one connection (at most {}): use another connection",
+                        limits::MAX_IDENTITIES_PER_CONNECTION
+                    ),
+                ));
+            }
+            let account = accounts.entry(who).or_insert_with(|| {
+                capnp_rpc::new_client(AccountImpl {
+                    shared: self.shared.clone(),
+                    who,
+                    budget: self.budget.clone(),
+                    memory: self.memory.clone(),
+                })
             });
-            results.get().set_account(account);
+            results.get().set_account(account.clone());
             results.get().set_instance(self.shared.store.instance_id());
             Ok(())
         })();

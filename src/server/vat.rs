@@ -7,9 +7,13 @@
 //! message is written and flushed, which is where the count is given back. One task per
 //! connection ([`give_back`]) awaits those promises oldest first, instead of one spawned task per
 //! outgoing message (an allocation and a scheduling round per reply, issue 14).
+//!
+//! It also counts the connection's open calls ([`OpenCalls`]): capnp-rpc keeps every answer
+//! that was not sent with `noFinishNeeded` (an error, or results holding a capability) until
+//! the peer sends `Finish`, so a peer that never does could grow that table call by call.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 
 use capnp::Error;
@@ -20,6 +24,7 @@ use futures::future::Shared;
 use futures::{FutureExt, TryFutureExt};
 
 use super::memory::{ConnMemory, Unsent};
+use crate::limits;
 
 /// A `twoparty::VatNetwork` whose connection is metered by `conn`.
 pub struct MeteredNetwork<R: futures::AsyncRead + Unpin + 'static> {
@@ -53,6 +58,7 @@ struct MeteredConnection {
     inner: Rc<RefCell<Box<dyn Connection<Side>>>>,
     conn: Rc<ConnMemory>,
     unwritten: Rc<Unwritten>,
+    open: Rc<OpenCalls>,
 }
 
 impl MeteredConnection {
@@ -60,7 +66,69 @@ impl MeteredConnection {
         let unwritten = Rc::new(Unwritten::default());
         // Every connection is served inside a LocalSet (see `serve_rpc`), so spawn_local has one.
         tokio::task::spawn_local(give_back(unwritten.clone()));
-        Box::new(MeteredConnection { inner: Rc::new(RefCell::new(inner)), conn, unwritten })
+        let open = Rc::new(OpenCalls::default());
+        Box::new(MeteredConnection { inner: Rc::new(RefCell::new(inner)), conn, unwritten, open })
+    }
+}
+
+/// The question ids of the peer's calls (and bootstrap requests) that capnp-rpc still holds an
+/// answer for: added when the call is read; removed by the peer's `Finish`, or by our `Return`
+/// when it says `noFinishNeeded`. Bounded by [`limits::MAX_OPEN_CALLS_PER_CONNECTION`]: the
+/// call that would pass it ends the connection, which frees them all.
+#[derive(Default)]
+struct OpenCalls {
+    ids: RefCell<HashSet<u32>>,
+}
+
+impl OpenCalls {
+    /// Notes one incoming message; an error when it opens one call too many.
+    fn read(&self, m: &dyn IncomingMessage) -> Result<(), Error> {
+        let mut ids = self.ids.borrow_mut();
+        match rpc_kind(m.get_body()) {
+            Some(Kind::Opens(id)) => {
+                ids.insert(id);
+                if ids.len() > limits::MAX_OPEN_CALLS_PER_CONNECTION {
+                    return Err(Error::failed(format!(
+                        "too many open calls on this connection (over {}): finish them",
+                        limits::MAX_OPEN_CALLS_PER_CONNECTION
+                    )));
+                }
+            }
+            Some(Kind::Finishes(id)) => {
+                ids.remove(&id);
+            }
+            Some(Kind::Returns { .. }) | None => {}
+        }
+        Ok(())
+    }
+
+    /// Notes one outgoing message.
+    fn sent(&self, body: capnp::Result<capnp::any_pointer::Reader<'_>>) {
+        if let Some(Kind::Returns { id, no_finish_needed: true }) = rpc_kind(body) {
+            self.ids.borrow_mut().remove(&id);
+        }
+    }
+}
+
+/// What an RPC message does to the open calls (rpc.capnp `Message`).
+enum Kind {
+    Opens(u32),
+    Finishes(u32),
+    Returns { id: u32, no_finish_needed: bool },
+}
+
+fn rpc_kind(body: capnp::Result<capnp::any_pointer::Reader<'_>>) -> Option<Kind> {
+    use capnp_rpc::rpc_capnp::message;
+    let message = body.ok()?.get_as::<message::Reader<'_>>().ok()?;
+    match message.which().ok()? {
+        message::Call(c) => Some(Kind::Opens(c.ok()?.get_question_id())),
+        message::Bootstrap(b) => Some(Kind::Opens(b.ok()?.get_question_id())),
+        message::Finish(f) => Some(Kind::Finishes(f.ok()?.get_question_id())),
+        message::Return(r) => {
+            let r = r.ok()?;
+            Some(Kind::Returns { id: r.get_answer_id(), no_finish_needed: r.get_no_finish_needed() })
+        }
+        _ => None,
     }
 }
 
@@ -118,21 +186,32 @@ impl Connection<Side> for MeteredConnection {
 
     fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
         let inner = self.inner.borrow_mut().new_outgoing_message(first_segment_word_size);
-        Box::new(MeteredMessage { inner, conn: self.conn.clone(), unwritten: self.unwritten.clone() })
+        Box::new(MeteredMessage {
+            inner,
+            conn: self.conn.clone(),
+            unwritten: self.unwritten.clone(),
+            open: self.open.clone(),
+        })
     }
 
     fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
         let activity = self.conn.activity.clone();
+        let open = self.open.clone();
         // Only a call counts as use: protocol chatter (Finish, Release) that follows a reply
         // must not keep an otherwise idle connection from being evicted.
         let touched = move |m: Option<Box<dyn IncomingMessage>>| {
-            if m.as_ref().is_some_and(|m| is_call(m.as_ref())) {
-                activity.touch();
+            if let Some(m) = m.as_ref() {
+                open.read(m.as_ref())?;
+                if is_call(m.as_ref()) {
+                    activity.touch();
+                }
             }
-            m
+            Ok(m)
         };
         if !self.conn.paused() {
-            return Promise::from_future(self.inner.borrow_mut().receive_incoming_message().map_ok(touched));
+            return Promise::from_future(
+                self.inner.borrow_mut().receive_incoming_message().map(|m| m.and_then(touched)),
+            );
         }
         // The peer is not reading its replies: read no further call until it does (the
         // watchdog ends the connection if that takes longer than the stall timeout).
@@ -140,7 +219,7 @@ impl Connection<Side> for MeteredConnection {
         Promise::from_future(async move {
             conn.until_unpaused().await;
             let next = inner.borrow_mut().receive_incoming_message();
-            next.await.map(touched)
+            next.await.and_then(touched)
         })
     }
 
@@ -164,6 +243,7 @@ struct MeteredMessage {
     inner: Box<dyn OutgoingMessage>,
     conn: Rc<ConnMemory>,
     unwritten: Rc<Unwritten>,
+    open: Rc<OpenCalls>,
 }
 
 impl OutgoingMessage for MeteredMessage {
@@ -178,7 +258,8 @@ impl OutgoingMessage for MeteredMessage {
     fn send(
         self: Box<Self>,
     ) -> (Promise<(), Error>, Rc<capnp::message::Builder<capnp::message::HeapAllocator>>) {
-        let MeteredMessage { inner, conn, unwritten } = *self;
+        let MeteredMessage { inner, conn, unwritten, open } = *self;
+        open.sent(inner.get_body_as_reader());
         let unsent = conn.hold_unsent(inner.size_in_words().saturating_mul(8));
         let (written, message) = inner.send();
         let written = written.shared();
