@@ -5,6 +5,7 @@
 //! lowercase message for the caller, never a panic or a dropped connection. `Account` exists only
 //! as the result of a successful `authenticate`, so every method on it acts on a proven key.
 
+use std::borrow::Borrow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -489,15 +490,17 @@ pub struct AccountImpl {
 }
 
 /// Bytes a fetch reply of `msgs` takes: payloads and channel ids plus the struct around each.
-fn reply_bytes(msgs: &[StoredMessage]) -> usize {
-    msgs.iter().map(|m| m.payload.len() + m.channel_id.len() + 64).sum::<usize>() + 64
+fn reply_bytes<M: Borrow<StoredMessage>>(msgs: &[M]) -> usize {
+    msgs.iter().map(|m| m.borrow()).map(|m| m.payload.len() + m.channel_id.len() + 64).sum::<usize>() + 64
 }
 
-fn write_messages(
+/// Writes `msgs` (read from the store, or shared with other waiters: see `store::notifier`).
+fn write_messages<M: Borrow<StoredMessage>>(
     mut list: capnp::struct_list::Builder<'_, account::message::Owned>,
-    msgs: &[StoredMessage],
+    msgs: &[M],
 ) {
     for (i, m) in msgs.iter().enumerate() {
+        let m = m.borrow();
         let mut b = list.reborrow().get(i as u32);
         b.set_seq(m.seq);
         b.set_channel_id(&m.channel_id);
@@ -661,7 +664,9 @@ impl account::Server for AccountImpl {
                         let fetched =
                             shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES).await;
                         match fetched {
-                            Ok((msgs, more)) if !msgs.is_empty() => break Ok((msgs, more)),
+                            Ok((msgs, more)) if !msgs.is_empty() => {
+                                break Ok((msgs.into_iter().map(Arc::new).collect(), more));
+                            }
                             Ok(_) => {}
                             Err(e) => break Err(store_err(e)),
                         }

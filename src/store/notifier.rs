@@ -6,7 +6,9 @@
 //! hand messages (PostgreSQL, whose commits may come from another node) calls
 //! [`Notifier::notify`] instead, which marks the mailbox *stale*: the call reads the store again.
 //! A mailbox that would grow past [`MAX_HANDED_MESSAGES`] or [`MAX_HANDED_BYTES`] turns stale too,
-//! so its memory is bounded and nothing is lost.
+//! so its memory is bounded and nothing is lost. A message handed to several waiters (one
+//! recipient's parked calls, on as many connections as it likes) is one shared copy: copied per
+//! waiter, one 64 KiB enqueue to a key with 40,000 parked calls held 2.5 GiB.
 //!
 //! Why nothing is missed: a subscription exists before its call reads the store, so a message is
 //! either committed before that read (and the read returns it) or handed after it (commit, then
@@ -50,7 +52,7 @@ struct Mailbox {
 
 #[derive(Default)]
 struct MailboxState {
-    messages: Vec<StoredMessage>,
+    messages: Vec<Arc<StoredMessage>>,
     bytes: usize,
     /// Something may have been committed that is not in `messages`: read the store.
     stale: bool,
@@ -70,7 +72,9 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    fn put(&self, c: &Committed<'_>) {
+    /// Puts `c` in this mailbox, as the copy `shared` holds (made by the first mailbox that
+    /// takes it).
+    fn put(&self, c: &Committed<'_>, shared: &mut Option<Arc<StoredMessage>>) {
         let mut s = self.lock();
         if s.stale {
             return; // already woken, and the store read will find this message
@@ -81,13 +85,16 @@ impl Mailbox {
         }
         let first = s.messages.is_empty();
         s.bytes += c.payload.len();
-        s.messages.push(StoredMessage {
-            seq: c.seq,
-            channel_id: c.channel.to_vec(),
-            channel_seq: c.channel_seq,
-            payload: c.payload.to_vec(),
-            enqueued_at_ms: c.enqueued_at_ms,
+        let message = shared.get_or_insert_with(|| {
+            Arc::new(StoredMessage {
+                seq: c.seq,
+                channel_id: c.channel.to_vec(),
+                channel_seq: c.channel_seq,
+                payload: c.payload.to_vec(),
+                enqueued_at_ms: c.enqueued_at_ms,
+            })
         });
+        s.messages.push(message.clone());
         drop(s);
         // One wake-up per batch of handed messages: later ones find the waiter already woken.
         if first {
@@ -138,8 +145,9 @@ impl Notifier {
             return;
         }
         for c in committed {
+            let mut shared = None;
             for m in map.get(&c.to).into_iter().flatten() {
-                m.put(c);
+                m.put(c, &mut shared);
             }
         }
     }
@@ -149,7 +157,7 @@ impl Notifier {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Taken {
     /// Messages after the waiter's seq, and whether more are waiting beyond its limits.
-    Messages(Vec<StoredMessage>, bool),
+    Messages(Vec<Arc<StoredMessage>>, bool),
     /// The mailbox may be incomplete: read the store.
     ReadStore,
 }
@@ -265,9 +273,15 @@ mod tests {
         let alice = [1u8; 32];
         let (a, b) = (n.subscribe(&alice), n.subscribe(&alice));
         n.hand(&[committed(alice, 1, b"x")]);
-        for s in [&a, &b] {
-            assert!(matches!(s.take(0, 10, 1024), Taken::Messages(m, _) if m.len() == 1));
-        }
+        let taken: Vec<Arc<StoredMessage>> = [&a, &b]
+            .into_iter()
+            .flat_map(|s| match s.take(0, 10, 1024) {
+                Taken::Messages(m, _) => m,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(taken.len(), 2, "one each");
+        assert!(Arc::ptr_eq(&taken[0], &taken[1]), "the same copy: memory does not grow per waiter");
         assert_eq!(n.waiting_recipients(), 1);
         drop((a, b));
         assert_eq!(n.waiting_recipients(), 0);
