@@ -168,6 +168,45 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms)).take(rate, now_ms)
     }
 
+    /// Whether `key` has a token now, without taking it: Ok for a key without a bucket (it
+    /// would start full), else the milliseconds until one is there. With [`Self::charge`], for
+    /// a limit that only what actually happened should spend.
+    pub fn check(&self, key: K, now_ms: u64) -> Result<(), u64> {
+        let mut state = self.lock();
+        let rate = self.rate;
+        let Some(bucket) = state.buckets.get_mut(&key) else { return Ok(()) };
+        bucket.refill(rate, now_ms);
+        if bucket.tokens >= 1.0 {
+            return Ok(());
+        }
+        let mut probe = *bucket;
+        probe.take(rate, now_ms)
+    }
+
+    /// Spends one token of `key`'s bucket, going into debt if concurrent callers passed
+    /// [`Self::check`] together (the debt delays the next ones). A key that finds the map full
+    /// and nothing to prune is not limited: failing open here only lifts this one limit, where
+    /// failing closed would let whoever fills the map refuse everyone.
+    pub fn charge(&self, key: K, now_ms: u64) {
+        let mut state = self.lock();
+        let rate = self.rate;
+        if !state.buckets.contains_key(&key) && state.buckets.len() >= self.max_keys {
+            if now_ms.saturating_sub(state.pruned_at_ms) >= limits::RATE_LIMIT_PRUNE_EVERY_MS {
+                state.pruned_at_ms = now_ms;
+                state.buckets.retain(|_, b| {
+                    b.refill(rate, now_ms);
+                    b.tokens < f64::from(rate.burst)
+                });
+            }
+            if state.buckets.len() >= self.max_keys {
+                return;
+            }
+        }
+        let bucket = state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms));
+        bucket.refill(rate, now_ms);
+        bucket.tokens -= 1.0;
+    }
+
     /// Keys with a bucket (for tests).
     pub fn tracked(&self) -> usize {
         self.lock().buckets.len()
@@ -205,6 +244,23 @@ mod tests {
         assert!(l.take(3u8, 0).is_err(), "both tracked keys still drain: a third is refused");
         l.take(3u8, 10_000).unwrap();
         assert_eq!(l.tracked(), 1, "refilled buckets were dropped");
+    }
+
+    #[test]
+    fn checking_spends_nothing_and_a_charge_may_go_into_debt() {
+        let l = KeyedLimiter::new(RATE, 1);
+        for _ in 0..10 {
+            l.check(1u8, 0).unwrap();
+        }
+        assert_eq!(l.tracked(), 0, "a check creates no bucket");
+        for _ in 0..4 {
+            l.charge(1u8, 0);
+        }
+        assert_eq!(l.check(1u8, 0), Err(1000), "one token in debt: two tokens' time");
+        l.charge(2u8, 0); // the map is full of a draining key: not limited, not tracked
+        l.check(2u8, 0).unwrap();
+        assert_eq!(l.tracked(), 1);
+        l.check(1u8, 1_000).unwrap();
     }
 
     #[test]

@@ -212,7 +212,10 @@ impl NodeServiceImpl {
             .map_err(|ms| rate_limited("enqueues from this address", ms))
     }
 
-    /// One token of this connection's, its address's and the target key's KeyPackage budget.
+    /// One token of this connection's and its address's KeyPackage budget, and whether the
+    /// target key's budget has one: that one is spent only when a package is handed out
+    /// ([`super::ratelimit::KeyedLimiter::charge`]), so fetches for keys without packages (a stranger
+    /// naming random keys) cannot fill the per-target table and lock out real ones.
     fn take_key_package_token(&self, target: &IdentityKey) -> Result<(), Error> {
         let now = self.shared.clock.now_ms();
         let rates = &self.shared.rates;
@@ -225,7 +228,7 @@ impl NodeServiceImpl {
             .map_err(|ms| rate_limited("key package fetches from this address", ms))?;
         rates
             .key_package_per_target
-            .take(*target, now)
+            .check(*target, now)
             .map_err(|ms| rate_limited("key package fetches for this key", ms))
     }
 }
@@ -306,6 +309,7 @@ impl node_service::Server for NodeServiceImpl {
             let now = self.shared.clock.now_secs();
             match self.shared.store.write(WriteOp::TakeKeyPackage { who, now }).await.map_err(store_err)? {
                 Outcome::KeyPackage { bytes, remaining, last_resort } => {
+                    self.shared.rates.key_package_per_target.charge(who, self.shared.clock.now_ms());
                     let mut r = results.get();
                     r.set_key_package(&bytes);
                     r.set_remaining(u32::try_from(remaining).unwrap_or(u32::MAX));
