@@ -276,6 +276,19 @@ impl Messenger {
             let _ = self.mls.delete_group(&group_id);
             return Err(MlsError::InvalidMember("the welcome's signer changed"));
         }
+        // The frame's "direct" label is the inviter's word, not MLS's: a direct conversation
+        // that holds anyone but the two of us would show as private and is not.
+        if matches!(kind, GroupKind::Direct { .. }) {
+            let me = self.identity.public().0;
+            let mut members = self.mls.members(&group_id)?;
+            members.sort_unstable();
+            let mut two = vec![me, inviter];
+            two.sort_unstable();
+            if members != two {
+                let _ = self.mls.delete_group(&group_id);
+                return Err(MlsError::InvalidMember("a direct conversation must hold only its two people"));
+            }
+        }
         if joined.key_package_refs.contains(&self.home.state.last_resort_ref) {
             // Our last-resort KeyPackage was used: replace it at the next refill.
             self.home.state.rotate_last_resort = true;

@@ -94,6 +94,10 @@ pub enum ClientError {
     HybridKey { who: String, reason: String },
     #[error("#{0} has no other members yet: add some with `group add`")]
     Alone(String),
+    #[error(
+        "the direct conversation with {peer} now has {others} too, so it is not private: not sending (start a group to talk to all of them)"
+    )]
+    DirectNotPrivate { peer: String, others: String },
     #[error("message too large: {0} > {MAX_TEXT_BYTES} bytes")]
     TooLarge(usize),
     #[error(

@@ -34,8 +34,9 @@ use std::collections::HashSet;
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
 use crate::client::session::SessionError;
-use crate::client::state::{Entry, QueuedSend, QueuedTarget, SealedSend};
+use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
+use crate::text;
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -232,6 +233,21 @@ impl Messenger {
         }
         let recipients: Vec<[u8; 32]> =
             self.mls.members(group_id)?.into_iter().filter(|m| *m != me).collect();
+        // A direct conversation is the two of us: if its peer added someone, saying anything
+        // there would tell them too, which is not what the person typing means.
+        if let Some(GroupKind::Direct { peer }) = self.home.state.groups.get(&key).map(|g| &g.kind)
+            && recipients.iter().any(|r| r != peer)
+        {
+            let others: Vec<String> = recipients
+                .iter()
+                .filter(|r| *r != peer)
+                .map(|r| text::shown(&self.display_name(r)))
+                .collect();
+            return Err(ClientError::DirectNotPrivate {
+                peer: text::shown(&self.display_name(peer)),
+                others: others.join(", "),
+            });
+        }
         if recipients.is_empty() {
             return Err(ClientError::Alone(
                 self.conversation_name(group_id).trim_start_matches('#').to_string(),
@@ -370,5 +386,43 @@ impl Messenger {
             (None, Ok(())) if queued.is_none() => Fate::Sent { group_id: Vec::new(), recipients: 0 },
             (None, Ok(())) => Fate::Kept { maybe_sent, reason: "it is still queued".into() },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::testing::offline_messenger;
+
+    /// A direct conversation whose peer later adds someone is not used to send: the person
+    /// typing to carol would be telling eve too.
+    #[test]
+    fn a_direct_conversation_that_gained_a_member_refuses_to_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let mut carol = crate::mls::MlsClient::new(&rand::random()).unwrap();
+        let eve = crate::mls::MlsClient::new(&rand::random()).unwrap();
+        bob.home.state.contacts.insert("carol".into(), carol.identity());
+        let group = b"carol-and-bob".as_slice();
+        carol.create_group(group).unwrap();
+        let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
+        let welcome = carol.add_members(group, &[kp]).unwrap().welcome.unwrap();
+        carol.merge_pending(group).unwrap();
+        let mut events = Vec::new();
+        bob.handle_welcome(
+            &welcome,
+            "",
+            GroupKind::Direct { peer: carol.identity() },
+            carol.identity(),
+            &mut events,
+        );
+        assert_eq!(bob.recipients_of(group).unwrap(), vec![carol.identity()], "{events:?}");
+
+        let add = carol.add_members(group, &[eve.key_packages(1).unwrap().remove(0).bytes]).unwrap();
+        carol.merge_pending(group).unwrap();
+        bob.mls.process(group, &add.commit).unwrap();
+        let err = bob.recipients_of(group).unwrap_err();
+        assert!(matches!(err, ClientError::DirectNotPrivate { .. }), "{err}");
+        assert!(err.to_string().contains("not private"), "{err}");
     }
 }

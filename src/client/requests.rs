@@ -534,6 +534,37 @@ mod tests {
         assert!(bob.mls.group_ids().is_empty() && bob.state().requests.pending.is_empty());
     }
 
+    /// The "direct" label of a Welcome is its sender's claim: a contact's direct conversation
+    /// that also holds a third person is not joined (it would show as private).
+    #[test]
+    fn a_direct_welcome_with_a_third_member_joins_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let mut carol = crate::mls::MlsClient::new(&rand::random()).unwrap();
+        let eve = crate::mls::MlsClient::new(&rand::random()).unwrap();
+        bob.home.state.contacts.insert("carol".into(), carol.identity());
+        let kps = vec![
+            bob.mls.key_packages(1).unwrap().remove(0).bytes,
+            eve.key_packages(1).unwrap().remove(0).bytes,
+        ];
+        carol.create_group(b"not-so-direct").unwrap();
+        let welcome = carol.add_members(b"not-so-direct", &kps).unwrap().welcome.unwrap();
+        let mut events = Vec::new();
+        bob.handle_welcome(
+            &welcome,
+            "",
+            GroupKind::Direct { peer: carol.identity() },
+            carol.identity(),
+            &mut events,
+        );
+        assert!(
+            matches!(events.as_slice(), [Event::Dropped { reason }] if reason.contains("only its two people")),
+            "{events:?}"
+        );
+        assert!(bob.mls.group_ids().is_empty(), "nothing joined");
+        assert!(bob.state().groups.is_empty());
+    }
+
     fn request(from: u8, group: u8, welcome_len: usize, at: u64) -> Request {
         Request {
             from: [from; 32],

@@ -110,6 +110,8 @@ pub enum MlsError {
     UnknownGroup,
     #[error("group already exists")]
     GroupExists,
+    #[error("an old welcome: it starts at epoch {welcome}, and our copy of the group reached {ours}")]
+    StaleWelcome { welcome: u64, ours: u64 },
     #[error("invalid group id: must not be empty")]
     EmptyGroupId,
     #[error("not a member of this group")]
@@ -902,6 +904,15 @@ impl MlsClient {
             None => {}
         }
         let staged = builder.build().map_err(welcome_err)?;
+        // A Welcome into a group we were in must start after the epoch we last saw: one of ours
+        // from before (the server can keep and replay it; a last-resort KeyPackage still opens
+        // it) would put us back at an old epoch, to read old messages again.
+        if let Some(existing) = &old {
+            let (welcome, ours) = (staged.group_context().epoch().as_u64(), existing.epoch().as_u64());
+            if welcome <= ours {
+                return Err(MlsError::StaleWelcome { welcome, ours });
+            }
+        }
         for member in staged.members() {
             credential_identity(&member.credential, &member.signature_key)?;
         }

@@ -878,3 +878,31 @@ fn attaching_the_database_again_keeps_the_loaded_group() {
     }
     assert_eq!(alice.groups.1.load(Ordering::Relaxed), loads, "the group was decoded again");
 }
+
+/// A Welcome bob already used (kept and replayed, say by the server: his last-resort
+/// KeyPackage still opens it) does not put him back into a group he was removed from; a new
+/// invitation, after the removal, does.
+#[test]
+fn a_replayed_welcome_does_not_rejoin_an_old_epoch() {
+    let mut alice = client();
+    let mut bob = client();
+    let group = b"team".as_slice();
+    let last_resort = bob.last_resort_key_package().unwrap().bytes;
+    alice.create_group(group).unwrap();
+    let pending = alice.add_members(group, std::slice::from_ref(&last_resort)).unwrap();
+    alice.merge_pending(group).unwrap();
+    let old_welcome = pending.welcome.unwrap();
+    bob.join(&old_welcome).unwrap();
+    let removal = alice.remove_members(group, &[bob.identity()]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.process(group, &removal.commit).unwrap();
+    assert!(!bob.is_active(group).unwrap());
+    let replayed = bob.rejoin_welcome(&old_welcome, |_| true);
+    assert!(matches!(replayed, Err(MlsError::StaleWelcome { welcome: 1, ours: _ })), "{replayed:?}");
+    assert!(!bob.is_active(group).unwrap(), "still out");
+
+    let pending = alice.add_members(group, std::slice::from_ref(&last_resort)).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true).unwrap();
+    send(group, &mut alice, &mut [&mut bob], b"welcome back");
+}
