@@ -215,6 +215,14 @@ pub const DEFAULT_KEY_PACKAGE_RATE_PER_CONNECTION: Rate = Rate { per_sec: 10.0, 
 /// `rate_limits.key_package_per_address`.
 pub const DEFAULT_KEY_PACKAGE_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burst: 200 };
 
+/// Default `fetchHybridKey` rate of one connection: it needs no account, and on PostgreSQL each
+/// lookup holds a pooled connection the write batches also need. Config:
+/// `rate_limits.lookup_per_connection`.
+pub const DEFAULT_LOOKUP_RATE_PER_CONNECTION: Rate = Rate { per_sec: 20.0, burst: 100 };
+
+/// Default `fetchHybridKey` rate of one source address. Config: `rate_limits.lookup_per_address`.
+pub const DEFAULT_LOOKUP_RATE_PER_ADDRESS: Rate = Rate { per_sec: 100.0, burst: 400 };
+
 /// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
 /// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up
 /// hourly never runs dry. Config: `rate_limits.key_package_per_target`.

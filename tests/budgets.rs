@@ -45,6 +45,40 @@ async fn raw_fetch_key_package(s: &Session, who: &[u8]) -> Result<(), SessionErr
     Ok(())
 }
 
+/// `fetchHybridKey` needs no account: it is rate limited per connection (then per address),
+/// with a retry hint, so a stranger cannot keep the store busy with lookups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_lookups_are_rate_limited_per_connection_with_a_retry_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let clock = Clock::system();
+    cfg.clock = clock.clone();
+    cfg.rate_limits.lookup_per_connection = Rate { per_sec: 0.5, burst: 2 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let nobody = Identity::generate().public().0;
+        for _ in 0..2 {
+            assert_eq!(refusal(s.fetch_hybrid_key(&nobody).await).code, ErrorCode::NoHybridKey);
+        }
+        let node = node_service::Client { client: s.raw_node_client() };
+        let mut req = node.fetch_hybrid_key_request();
+        req.get().set_identity_key(&nobody);
+        let e = refusal(req.send().promise.await.map(|_| ()).map_err(SessionError::from));
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert_eq!(e.message, "rate limited: too many key lookups from this connection");
+        assert!(matches!(e.retry_after_ms, Some(1..=2000)), "{e:?}");
+        assert_eq!(
+            refusal(connect(&server).await.fetch_hybrid_key(&nobody).await).code,
+            ErrorCode::NoHybridKey
+        );
+        clock.advance(2_000);
+        assert_eq!(refusal(s.fetch_hybrid_key(&nobody).await).code, ErrorCode::NoHybridKey);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueues_are_rate_limited_per_connection_then_per_address_with_a_retry_hint() {
     let dir = tempfile::tempdir().unwrap();

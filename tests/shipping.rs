@@ -239,6 +239,7 @@ fn readme_config_example_parses_and_shows_the_defaults() {
     assert_eq!(cfg.max_connections, limits::DEFAULT_MAX_CONNECTIONS);
     assert_eq!(cfg.max_connections_per_ip, limits::DEFAULT_MAX_CONNECTIONS_PER_IP);
     assert!(example.contains(&format!("(1 ..= {})", limits::MAX_BATCH_BYTES)), "{example}");
+    assert_eq!(cfg.rate_limits, qpq::server::ratelimit::RateLimits::default(), "every rate, as the defaults");
 }
 
 #[test]

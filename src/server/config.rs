@@ -135,6 +135,8 @@ pub struct RateLimitsFile {
     pub key_package_per_connection: Option<Rate>,
     pub key_package_per_address: Option<Rate>,
     pub key_package_per_target: Option<Rate>,
+    pub lookup_per_connection: Option<Rate>,
+    pub lookup_per_address: Option<Rate>,
 }
 
 /// The resolved settings the server runs with.
@@ -320,6 +322,8 @@ impl ServerConfig {
                 r.key_package_per_target,
                 &mut l.key_package_per_target,
             )?;
+            set("rate_limits.lookup_per_connection", r.lookup_per_connection, &mut l.lookup_per_connection)?;
+            set("rate_limits.lookup_per_address", r.lookup_per_address, &mut l.lookup_per_address)?;
         }
         cfg.clock = Clock::from_env();
         Ok(cfg)

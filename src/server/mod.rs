@@ -197,6 +197,7 @@ pub struct SharedRates {
     pub enqueue_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
     pub key_package_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
     pub key_package_per_target: ratelimit::KeyedLimiter<crate::store::IdentityKey>,
+    pub lookup_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
 }
 
 impl SharedRates {
@@ -207,6 +208,7 @@ impl SharedRates {
             enqueue_per_address: ratelimit::KeyedLimiter::new(config.enqueue_per_address, n),
             key_package_per_address: ratelimit::KeyedLimiter::new(config.key_package_per_address, n),
             key_package_per_target: ratelimit::KeyedLimiter::new(config.key_package_per_target, n),
+            lookup_per_address: ratelimit::KeyedLimiter::new(config.lookup_per_address, n),
         }
     }
 }

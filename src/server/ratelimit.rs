@@ -49,6 +49,8 @@ pub struct RateLimits {
     pub key_package_per_connection: Rate,
     pub key_package_per_address: Rate,
     pub key_package_per_target: Rate,
+    pub lookup_per_connection: Rate,
+    pub lookup_per_address: Rate,
 }
 
 impl Default for RateLimits {
@@ -59,6 +61,8 @@ impl Default for RateLimits {
             key_package_per_connection: limits::DEFAULT_KEY_PACKAGE_RATE_PER_CONNECTION,
             key_package_per_address: limits::DEFAULT_KEY_PACKAGE_RATE_PER_ADDRESS,
             key_package_per_target: limits::DEFAULT_KEY_PACKAGE_RATE_PER_TARGET,
+            lookup_per_connection: limits::DEFAULT_LOOKUP_RATE_PER_CONNECTION,
+            lookup_per_address: limits::DEFAULT_LOOKUP_RATE_PER_ADDRESS,
         }
     }
 }
@@ -73,6 +77,8 @@ impl RateLimits {
             key_package_per_connection: r,
             key_package_per_address: r,
             key_package_per_target: r,
+            lookup_per_connection: r,
+            lookup_per_address: r,
         }
     }
 }

@@ -168,6 +168,7 @@ pub struct NodeServiceImpl {
     source: IpAddr,
     enqueue_rate: ConnectionBucket,
     key_package_rate: ConnectionBucket,
+    lookup_rate: ConnectionBucket,
     /// This connection's unwritten replies and parked long polls.
     memory: Rc<ConnMemory>,
     /// The account capability of each identity authenticated on this connection: authenticating
@@ -187,12 +188,14 @@ impl NodeServiceImpl {
         let rates = shared.rates.config;
         let enqueue_rate = ConnectionBucket::new(rates.enqueue_per_connection, &shared.clock);
         let key_package_rate = ConnectionBucket::new(rates.key_package_per_connection, &shared.clock);
+        let lookup_rate = ConnectionBucket::new(rates.lookup_per_connection, &shared.clock);
         NodeServiceImpl {
             challenge,
             budget: InflightBudget::default(),
             source: super::admission::quota_key(remote),
             enqueue_rate,
             key_package_rate,
+            lookup_rate,
             shared,
             memory,
             accounts: Default::default(),
@@ -210,6 +213,19 @@ impl NodeServiceImpl {
             .enqueue_per_address
             .take(self.source, now)
             .map_err(|ms| rate_limited("enqueues from this address", ms))
+    }
+
+    /// One token of this connection's and its address's lookup budget (`fetchHybridKey`).
+    fn take_lookup_token(&self) -> Result<(), Error> {
+        let now = self.shared.clock.now_ms();
+        self.lookup_rate
+            .take(&self.shared.clock)
+            .map_err(|ms| rate_limited("key lookups from this connection", ms))?;
+        self.shared
+            .rates
+            .lookup_per_address
+            .take(self.source, now)
+            .map_err(|ms| rate_limited("key lookups from this address", ms))
     }
 
     /// One token of this connection's and its address's KeyPackage budget, and whether the
@@ -328,6 +344,7 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            self.take_lookup_token()?;
             let signed = self
                 .shared
                 .store
