@@ -105,6 +105,8 @@ pub struct ConnMemory {
     /// Woken whenever `unsent` changes.
     changed: Notify,
     parked_waits: Cell<usize>,
+    /// Plain `fetch` calls reading the store now.
+    fetches: Cell<usize>,
     /// Set when the connection must end (stalled); woken through `changed`.
     killed: Cell<Option<&'static str>>,
     /// What admission sees of this connection (idle time, unwritten bytes).
@@ -130,6 +132,10 @@ pub struct ReplyRoom {
 #[derive(Debug)]
 pub struct ParkedWait(Rc<ConnMemory>);
 
+/// One `fetch` of a connection reading the store, counted until dropped.
+#[derive(Debug)]
+pub struct FetchSlot(Rc<ConnMemory>);
+
 impl ConnMemory {
     pub fn new(global: Arc<MemoryBudget>, stall: Duration) -> Rc<ConnMemory> {
         ConnMemory::with_activity(global, stall, Activity::untracked(crate::clock::Clock::system()))
@@ -147,6 +153,7 @@ impl ConnMemory {
             unsent: Cell::new(0),
             changed: Notify::new(),
             parked_waits: Cell::new(0),
+            fetches: Cell::new(0),
             killed: Cell::new(None),
             activity,
         })
@@ -201,6 +208,22 @@ impl ConnMemory {
         }
         self.parked_waits.set(n + 1);
         Ok(ParkedWait(self.clone()))
+    }
+
+    /// Counts one `fetch` reading the store, or refuses past
+    /// [`limits::MAX_PARKED_WAITS_PER_CONNECTION`] of them: a read loads its page (up to
+    /// [`limits::MAX_FETCH_BYTES`]) before its reply can reserve room, so the reads one
+    /// connection has going at once must be few, as its parked waits are.
+    pub fn fetch_slot(self: &Rc<Self>) -> Result<FetchSlot, capnp::Error> {
+        let n = self.fetches.get();
+        if n >= limits::MAX_PARKED_WAITS_PER_CONNECTION {
+            return Err(busy(format!(
+                "too many fetch calls at once on this connection: {n} >= {}",
+                limits::MAX_PARKED_WAITS_PER_CONNECTION
+            )));
+        }
+        self.fetches.set(n + 1);
+        Ok(FetchSlot(self.clone()))
     }
 
     /// Marks the connection for closing (see [`ConnMemory::watchdog`]).
@@ -264,6 +287,12 @@ impl Drop for Unsent {
 impl Drop for ParkedWait {
     fn drop(&mut self) {
         self.0.parked_waits.set(self.0.parked_waits.get().saturating_sub(1));
+    }
+}
+
+impl Drop for FetchSlot {
+    fn drop(&mut self) {
+        self.0.fetches.set(self.0.fetches.get().saturating_sub(1));
     }
 }
 
@@ -339,5 +368,11 @@ mod tests {
         assert!(conn.park_wait().is_err());
         drop(waits);
         assert!(conn.park_wait().is_ok());
+        let reads: Vec<_> =
+            (0..limits::MAX_PARKED_WAITS_PER_CONNECTION).map(|_| conn.fetch_slot().unwrap()).collect();
+        let e = conn.fetch_slot().unwrap_err();
+        assert!(e.extra.contains("too many fetch calls at once"), "{}", e.extra);
+        drop(reads);
+        assert!(conn.fetch_slot().is_ok());
     }
 }

@@ -630,6 +630,7 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let limit = fetch_limit(params.get()?.get_limit());
+            let _reading = self.memory.fetch_slot()?;
             let (msgs, more) = self
                 .shared
                 .store
