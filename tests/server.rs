@@ -23,6 +23,18 @@ fn kp_bytes(kps: Vec<qpq::mls::NewKeyPackage>) -> Vec<Vec<u8>> {
     kps.into_iter().map(|k| k.bytes).collect()
 }
 
+/// A QUIC connection to `server` and the bidirectional stream the RPC system would use, for
+/// writing raw bytes (the endpoint is returned so it outlives the connection).
+async fn raw_rpc_stream(
+    server: &qpq::server::RunningServer,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let cfg = qpq::transport::client_config(Pin::Fingerprint(server.fingerprint())).unwrap();
+    let ep = qpq::transport::client_endpoint(server.local_addr(), cfg).unwrap();
+    let conn = ep.connect(server.local_addr(), qpq::transport::SERVER_NAME).unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (ep, conn, send, recv)
+}
+
 /// One Cap'n Proto RPC message (rpc.capnp), framed for the stream.
 fn rpc_frame(build: impl FnOnce(capnp_rpc::rpc_capnp::message::Builder<'_>)) -> Vec<u8> {
     let mut m = capnp::message::Builder::new_default();
@@ -560,10 +572,7 @@ async fn wrong_alpn_and_garbage_on_the_stream_only_cost_that_connection() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     // Garbage bytes on the RPC stream.
-    let cfg = qpq::transport::client_config(Pin::Fingerprint(server.fingerprint())).unwrap();
-    let ep = qpq::transport::client_endpoint(server.local_addr(), cfg).unwrap();
-    let conn = ep.connect(server.local_addr(), qpq::transport::SERVER_NAME).unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_ep, conn, mut send, mut recv) = raw_rpc_stream(&server).await;
     let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     send.write_all(&garbage).await.unwrap();
     let _ = send.finish();
@@ -632,10 +641,7 @@ async fn one_connection_authenticates_as_a_bounded_number_of_identities() {
 async fn calls_never_finished_end_their_connection_at_the_cap() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
-    let cfg = qpq::transport::client_config(Pin::Fingerprint(server.fingerprint())).unwrap();
-    let ep = qpq::transport::client_endpoint(server.local_addr(), cfg).unwrap();
-    let conn = ep.connect(server.local_addr(), qpq::transport::SERVER_NAME).unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_ep, conn, mut send, mut recv) = raw_rpc_stream(&server).await;
     // Read every answer, so the server never pauses for unread replies.
     let reader = tokio::spawn(async move { recv.read_to_end(usize::MAX).await.map(|b| b.len()) });
     let mut out = rpc_frame(|m| m.init_bootstrap().set_question_id(0));

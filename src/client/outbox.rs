@@ -392,17 +392,14 @@ impl Messenger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::testing::offline_messenger;
+    use crate::client::testing::bob_carol_and_eve;
 
     /// A direct conversation whose peer later adds someone is not used to send: the person
     /// typing to carol would be telling eve too.
     #[test]
     fn a_direct_conversation_that_gained_a_member_refuses_to_send() {
         let dir = tempfile::tempdir().unwrap();
-        let mut bob = offline_messenger(dir.path());
-        let mut carol = crate::mls::MlsClient::new(&rand::random()).unwrap();
-        let eve = crate::mls::MlsClient::new(&rand::random()).unwrap();
-        bob.home.state.contacts.insert("carol".into(), carol.identity());
+        let (mut bob, mut carol, eve) = bob_carol_and_eve(dir.path());
         let group = b"carol-and-bob".as_slice();
         carol.create_group(group).unwrap();
         let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;

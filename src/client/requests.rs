@@ -486,7 +486,7 @@ pub fn preview_line(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::testing::offline_messenger;
+    use crate::client::testing::{bob_carol_and_eve, offline_messenger};
     use crate::limits::MAX_REQUEST_BYTES;
 
     /// A stranger's Welcome (a direct conversation) to one of `bob`'s fresh KeyPackages.
@@ -539,10 +539,7 @@ mod tests {
     #[test]
     fn a_direct_welcome_with_a_third_member_joins_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut bob = offline_messenger(dir.path());
-        let mut carol = crate::mls::MlsClient::new(&rand::random()).unwrap();
-        let eve = crate::mls::MlsClient::new(&rand::random()).unwrap();
-        bob.home.state.contacts.insert("carol".into(), carol.identity());
+        let (mut bob, mut carol, eve) = bob_carol_and_eve(dir.path());
         let kps = vec![
             bob.mls.key_packages(1).unwrap().remove(0).bytes,
             eve.key_packages(1).unwrap().remove(0).bytes,
