@@ -6,7 +6,8 @@
 //! someone: `@bob hi`, `#team hi`, `/say ...`, `send bob hi`, plain lines in an open
 //! conversation. A line that does not parse, a help request (`send bob hi --help`), a line
 //! typed with a leading space (bash's ignorespace) and any line of a secret verb are not kept
-//! either.
+//! either, nor a history search (`/history --grep WORD`): what someone looks for in their
+//! messages says as much as the messages.
 //!
 //! A kept line is written in its slash form (`whoami` typed in the lobby is kept as
 //! `/whoami`): it then means the same wherever it is recalled (bare, it would be sent as text
@@ -42,6 +43,7 @@ pub fn entry_for(line: &str, in_conversation: bool) -> Option<String> {
     }
     let command = match grammar::parse(line, in_conversation).ok()? {
         Action::Verb(ClientVerb::Send(_)) | Action::Say { .. } | Action::Show(_) | Action::Nothing => false,
+        Action::History(h) | Action::Verb(ClientVerb::History(h)) if h.grep.is_some() => false,
         Action::Verb(_) | Action::Chat(_) | Action::History(_) | Action::Help(_) | Action::Quit => true,
     };
     let line = line.trim_end();
@@ -170,6 +172,9 @@ mod tests {
             ("passphrase hunter2", false),
             ("/Passphrase", true),
             ("qpq passphrase new", false),
+            ("/history --grep salary", true),
+            ("history bob --grep salary", false),
+            ("qpq history --grep salary -n 5", false),
         ] {
             assert_eq!(entry_for(line, conv), None, "{line:?} in a conversation: {conv}");
         }
