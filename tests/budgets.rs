@@ -45,6 +45,34 @@ async fn raw_fetch_key_package(s: &Session, who: &[u8]) -> Result<(), SessionErr
     Ok(())
 }
 
+/// A full pool refuses an upload before its packages are verified: a replayed (or garbage)
+/// upload costs a count, not two signature checks per package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_refuses_an_upload_before_checking_its_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let a = login(&server, &alice).await;
+        let max = qpq::limits::MAX_KEY_PACKAGES_PER_IDENTITY as usize;
+        let per = qpq::limits::MAX_KEY_PACKAGES_PER_UPLOAD;
+        let mut stored = 0;
+        while stored < max {
+            let n = per.min(max - stored);
+            let kps: Vec<Vec<u8>> = mls.key_packages(n).unwrap().into_iter().map(|k| k.bytes).collect();
+            a.upload_key_packages(&kps, None).await.unwrap();
+            stored += n;
+        }
+        let garbage = vec![vec![0u8; 64]];
+        let e = refusal(a.upload_key_packages(&garbage, None).await);
+        assert_eq!(e.code, ErrorCode::PoolFull, "{e:?}");
+        assert_eq!(a.key_package_count().await.unwrap(), (max as u32, false));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// `fetchHybridKey` needs no account: it is rate limited per connection (then per address),
 /// with a retry hint, so a stranger cannot keep the store busy with lookups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

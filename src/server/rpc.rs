@@ -560,6 +560,17 @@ impl account::Server for AccountImpl {
             }
             // One reading of the clock judges the whole upload.
             let now = self.shared.clock.now_secs();
+            // A full pool is refused before the packages' signatures are checked (two each): a
+            // replayed upload must not buy hundreds of checks. The write checks again, atomically.
+            let adding = u64::from(list.len());
+            if adding > 0 {
+                let (have, _) =
+                    self.shared.store.key_package_count(&self.who, now).await.map_err(store_err)?;
+                if have.saturating_add(adding) > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
+                    let max = limits::MAX_KEY_PACKAGES_PER_IDENTITY;
+                    return Err(store_err(StoreError::PoolFull { have, adding, max }));
+                }
+            }
             let mut packages = Vec::with_capacity(list.len() as usize);
             for kp in list.iter() {
                 packages.push(self.check_key_package(kp?, false, now)?);
