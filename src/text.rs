@@ -96,6 +96,13 @@ pub fn shown(s: &str) -> String {
     Shown(s).to_string()
 }
 
+/// At most the first `max_chars` characters of `s`, [`Shown`]: a stranger's sentence (a server's
+/// error or close reason) as one line of bounded length.
+pub fn shown_at_most(s: &str, max_chars: usize) -> String {
+    let start = s.char_indices().nth(max_chars).and_then(|(end, _)| s.get(..end)).unwrap_or(s);
+    shown(start)
+}
+
 /// Whole lines of output with everything unsafe escaped but their line breaks kept.
 pub fn guard(s: &str) -> Cow<'_, str> {
     if !s.chars().any(|c| is_unsafe(c) && c != '\n') {

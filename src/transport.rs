@@ -465,8 +465,8 @@ pub fn version_mismatch(e: &quinn::ConnectionError) -> Option<VersionMismatch> {
             if close.error_code == quinn::VarInt::from_u32(CLOSE_OUTDATED_PROTOCOL) =>
         {
             let reason = String::from_utf8_lossy(&close.reason);
-            let reason: String = reason.chars().take(crate::limits::MAX_CLOSE_REASON_CHARS).collect();
-            Some(VersionMismatch::ClientOutdated { reason: crate::text::shown(&reason) })
+            let reason = crate::text::shown_at_most(&reason, crate::limits::MAX_CLOSE_REASON_CHARS);
+            Some(VersionMismatch::ClientOutdated { reason })
         }
         _ => None,
     }

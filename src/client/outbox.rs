@@ -36,7 +36,6 @@ use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Ta
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
-use crate::text;
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -223,10 +222,8 @@ impl Messenger {
     /// Members of a conversation other than us; an error when there are none.
     fn recipients_of(&self, group_id: &[u8]) -> Result<Vec<[u8; 32]>, ClientError> {
         let me = self.identity.public().0;
-        let key = hex::encode(group_id);
-        if let Some(g) = self.home.state.groups.get(&key)
-            && !g.active
-        {
+        let meta = self.home.state.groups.get(&hex::encode(group_id));
+        if meta.is_some_and(|g| !g.active) {
             return Err(ClientError::NotMember(
                 self.conversation_name(group_id).trim_start_matches('#').into(),
             ));
@@ -235,16 +232,14 @@ impl Messenger {
             self.mls.members(group_id)?.into_iter().filter(|m| *m != me).collect();
         // A direct conversation is the two of us: if its peer added someone, saying anything
         // there would tell them too, which is not what the person typing means.
-        if let Some(GroupKind::Direct { peer }) = self.home.state.groups.get(&key).map(|g| &g.kind)
+        // (Names are escaped where errors are printed, as for every other error.)
+        if let Some(GroupKind::Direct { peer }) = meta.map(|g| &g.kind)
             && recipients.iter().any(|r| r != peer)
         {
-            let others: Vec<String> = recipients
-                .iter()
-                .filter(|r| *r != peer)
-                .map(|r| text::shown(&self.display_name(r)))
-                .collect();
+            let others: Vec<String> =
+                recipients.iter().filter(|r| *r != peer).map(|r| self.display_name(r)).collect();
             return Err(ClientError::DirectNotPrivate {
-                peer: text::shown(&self.display_name(peer)),
+                peer: self.display_name(peer),
                 others: others.join(", "),
             });
         }
@@ -392,7 +387,7 @@ impl Messenger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::testing::bob_carol_and_eve;
+    use crate::client::testing::{bob_carol_and_eve, receive_direct_welcome};
 
     /// A direct conversation whose peer later adds someone is not used to send: the person
     /// typing to carol would be telling eve too.
@@ -405,14 +400,7 @@ mod tests {
         let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
         let welcome = carol.add_members(group, &[kp]).unwrap().welcome.unwrap();
         carol.merge_pending(group).unwrap();
-        let mut events = Vec::new();
-        bob.handle_welcome(
-            &welcome,
-            "",
-            GroupKind::Direct { peer: carol.identity() },
-            carol.identity(),
-            &mut events,
-        );
+        let events = receive_direct_welcome(&mut bob, &carol, &welcome);
         assert_eq!(bob.recipients_of(group).unwrap(), vec![carol.identity()], "{events:?}");
 
         let add = carol.add_members(group, &[eve.key_packages(1).unwrap().remove(0).bytes]).unwrap();

@@ -486,7 +486,7 @@ pub fn preview_line(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::testing::{bob_carol_and_eve, offline_messenger};
+    use crate::client::testing::{bob_carol_and_eve, offline_messenger, receive_direct_welcome};
     use crate::limits::MAX_REQUEST_BYTES;
 
     /// A stranger's Welcome (a direct conversation) to one of `bob`'s fresh KeyPackages.
@@ -546,14 +546,7 @@ mod tests {
         ];
         carol.create_group(b"not-so-direct").unwrap();
         let welcome = carol.add_members(b"not-so-direct", &kps).unwrap().welcome.unwrap();
-        let mut events = Vec::new();
-        bob.handle_welcome(
-            &welcome,
-            "",
-            GroupKind::Direct { peer: carol.identity() },
-            carol.identity(),
-            &mut events,
-        );
+        let events = receive_direct_welcome(&mut bob, &carol, &welcome);
         assert!(
             matches!(events.as_slice(), [Event::Dropped { reason }] if reason.contains("only its two people")),
             "{events:?}"

@@ -159,8 +159,7 @@ pub fn clean_rpc_error(e: &capnp::Error) -> String {
     if s.is_empty() {
         return format!("{:?}", e.kind).to_lowercase();
     }
-    let s: String = s.chars().take(limits::MAX_SERVER_ERROR_CHARS).collect();
-    text::shown(&s)
+    text::shown_at_most(s, limits::MAX_SERVER_ERROR_CHARS)
 }
 
 /// Server status from `health`.
@@ -559,8 +558,10 @@ fn handshake_error(
         return SessionError::CertificateChanged { pinned: *pinned, presented };
     }
     // A close reason is the peer's text: one line, capped, like its error messages.
-    let reason: String = e.to_string().chars().take(limits::MAX_SERVER_ERROR_CHARS).collect();
-    SessionError::Connect { addr, reason: text::shown(&reason) }
+    SessionError::Connect {
+        addr,
+        reason: text::shown_at_most(&e.to_string(), limits::MAX_SERVER_ERROR_CHARS),
+    }
 }
 
 /// The messages of a fetch answer; more than `asked` (or than any server sends,

@@ -15,6 +15,19 @@ pub(crate) fn offline_messenger(dir: &Path) -> Messenger {
     Messenger::open(dir, None, ConnectOptions::default()).unwrap()
 }
 
+/// Bob receives `welcome` from `inviter`, labelled a direct conversation with them; returns
+/// what it told him.
+pub(crate) fn receive_direct_welcome(
+    bob: &mut Messenger,
+    inviter: &MlsClient,
+    welcome: &[u8],
+) -> Vec<crate::client::messenger::Event> {
+    let mut events = Vec::new();
+    let peer = inviter.identity();
+    bob.handle_welcome(welcome, "", crate::client::state::GroupKind::Direct { peer }, peer, &mut events);
+    events
+}
+
 /// Bob (an offline messenger in `dir`) with carol as his contact, and eve, a stranger: the
 /// cast of the tests of who a conversation holds. Carol and eve are bare MLS clients.
 pub(crate) fn bob_carol_and_eve(dir: &Path) -> (Messenger, MlsClient, MlsClient) {

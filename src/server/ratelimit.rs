@@ -157,18 +157,8 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
     /// Takes one token of `key`'s bucket, or returns the milliseconds until one is there.
     pub fn take(&self, key: K, now_ms: u64) -> Result<(), u64> {
         let mut state = self.lock();
-        if !state.buckets.contains_key(&key) && state.buckets.len() >= self.max_keys {
-            if now_ms.saturating_sub(state.pruned_at_ms) >= limits::RATE_LIMIT_PRUNE_EVERY_MS {
-                let rate = self.rate;
-                state.pruned_at_ms = now_ms;
-                state.buckets.retain(|_, b| {
-                    b.refill(rate, now_ms);
-                    b.tokens < f64::from(rate.burst)
-                });
-            }
-            if state.buckets.len() >= self.max_keys {
-                return Err(limits::RATE_LIMIT_PRUNE_EVERY_MS);
-            }
+        if !self.room_for(&mut state, &key, now_ms) {
+            return Err(limits::RATE_LIMIT_PRUNE_EVERY_MS);
         }
         let rate = self.rate;
         state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms)).take(rate, now_ms)
@@ -196,21 +186,30 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
     pub fn charge(&self, key: K, now_ms: u64) {
         let mut state = self.lock();
         let rate = self.rate;
-        if !state.buckets.contains_key(&key) && state.buckets.len() >= self.max_keys {
-            if now_ms.saturating_sub(state.pruned_at_ms) >= limits::RATE_LIMIT_PRUNE_EVERY_MS {
-                state.pruned_at_ms = now_ms;
-                state.buckets.retain(|_, b| {
-                    b.refill(rate, now_ms);
-                    b.tokens < f64::from(rate.burst)
-                });
-            }
-            if state.buckets.len() >= self.max_keys {
-                return;
-            }
+        if !self.room_for(&mut state, &key, now_ms) {
+            return;
         }
         let bucket = state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms));
         bucket.refill(rate, now_ms);
         bucket.tokens -= 1.0;
+    }
+
+    /// Whether `key` has a bucket or the map room for one, after dropping the full buckets
+    /// (at most once per [`limits::RATE_LIMIT_PRUNE_EVERY_MS`], so a full map is not scanned on
+    /// every call).
+    fn room_for(&self, state: &mut Keyed<K>, key: &K, now_ms: u64) -> bool {
+        if state.buckets.contains_key(key) || state.buckets.len() < self.max_keys {
+            return true;
+        }
+        if now_ms.saturating_sub(state.pruned_at_ms) >= limits::RATE_LIMIT_PRUNE_EVERY_MS {
+            let rate = self.rate;
+            state.pruned_at_ms = now_ms;
+            state.buckets.retain(|_, b| {
+                b.refill(rate, now_ms);
+                b.tokens < f64::from(rate.burst)
+            });
+        }
+        state.buckets.len() < self.max_keys
     }
 
     /// Keys with a bucket (for tests).

@@ -81,11 +81,12 @@ struct OpenCalls {
 }
 
 impl OpenCalls {
-    /// Notes one incoming message; an error when it opens one call too many.
-    fn read(&self, m: &dyn IncomingMessage) -> Result<(), Error> {
+    /// Notes one incoming message; whether it is a call (not a bootstrap request), or an error
+    /// when it opens one call too many.
+    fn read(&self, m: &dyn IncomingMessage) -> Result<bool, Error> {
         let mut ids = self.ids.borrow_mut();
         match rpc_kind(m.get_body()) {
-            Some(Kind::Opens(id)) => {
+            Some(Kind::Opens { id, call }) => {
                 ids.insert(id);
                 if ids.len() > limits::MAX_OPEN_CALLS_PER_CONNECTION {
                     return Err(Error::failed(format!(
@@ -93,13 +94,14 @@ impl OpenCalls {
                         limits::MAX_OPEN_CALLS_PER_CONNECTION
                     )));
                 }
+                Ok(call)
             }
             Some(Kind::Finishes(id)) => {
                 ids.remove(&id);
+                Ok(false)
             }
-            Some(Kind::Returns { .. }) | None => {}
+            Some(Kind::Returns { .. }) | None => Ok(false),
         }
-        Ok(())
     }
 
     /// Notes one outgoing message.
@@ -112,17 +114,24 @@ impl OpenCalls {
 
 /// What an RPC message does to the open calls (rpc.capnp `Message`).
 enum Kind {
-    Opens(u32),
+    /// A `Call` (`call`) or a `Bootstrap` request.
+    Opens {
+        id: u32,
+        call: bool,
+    },
     Finishes(u32),
-    Returns { id: u32, no_finish_needed: bool },
+    Returns {
+        id: u32,
+        no_finish_needed: bool,
+    },
 }
 
 fn rpc_kind(body: capnp::Result<capnp::any_pointer::Reader<'_>>) -> Option<Kind> {
     use capnp_rpc::rpc_capnp::message;
     let message = body.ok()?.get_as::<message::Reader<'_>>().ok()?;
     match message.which().ok()? {
-        message::Call(c) => Some(Kind::Opens(c.ok()?.get_question_id())),
-        message::Bootstrap(b) => Some(Kind::Opens(b.ok()?.get_question_id())),
+        message::Call(c) => Some(Kind::Opens { id: c.ok()?.get_question_id(), call: true }),
+        message::Bootstrap(b) => Some(Kind::Opens { id: b.ok()?.get_question_id(), call: false }),
         message::Finish(f) => Some(Kind::Finishes(f.ok()?.get_question_id())),
         message::Return(r) => {
             let r = r.ok()?;
@@ -200,11 +209,11 @@ impl Connection<Side> for MeteredConnection {
         // Only a call counts as use: protocol chatter (Finish, Release) that follows a reply
         // must not keep an otherwise idle connection from being evicted.
         let touched = move |m: Option<Box<dyn IncomingMessage>>| {
-            if let Some(m) = m.as_ref() {
-                open.read(m.as_ref())?;
-                if is_call(m.as_ref()) {
-                    activity.touch();
-                }
+            // One reading of each message serves both.
+            if let Some(m) = m.as_ref()
+                && open.read(m.as_ref())?
+            {
+                activity.touch();
             }
             Ok(m)
         };
@@ -230,13 +239,6 @@ impl Connection<Side> for MeteredConnection {
     fn shutdown(&mut self, result: capnp::Result<()>) -> Promise<(), Error> {
         self.inner.borrow_mut().shutdown(result)
     }
-}
-
-/// True for an RPC `Call` message (rpc.capnp `Message.call`).
-fn is_call(m: &dyn IncomingMessage) -> bool {
-    let Ok(body) = m.get_body() else { return false };
-    let Ok(message) = body.get_as::<capnp_rpc::rpc_capnp::message::Reader<'_>>() else { return false };
-    matches!(message.which(), Ok(capnp_rpc::rpc_capnp::message::Call(_)))
 }
 
 struct MeteredMessage {
