@@ -39,6 +39,17 @@ pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 30 * 24 * 3600;
 /// bounded so one identity cannot use the server as free storage.
 pub const MAX_KEY_PACKAGES_PER_IDENTITY: u64 = 200;
 
+/// Default cap on bytes of key material of all identities together (KeyPackages, last-resort
+/// ones and hybrid keys, each row charged its value plus [`KEY_ROW_OVERHEAD_BYTES`]): identities
+/// are free, so without it a stranger could fill the disk through uploads under fresh ones.
+/// Separate from [`DEFAULT_MAX_STORED_BYTES`], so neither kind of flood starves the other.
+/// Config: `max_key_bytes`.
+pub const DEFAULT_MAX_KEY_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// What a stored key row is charged beyond its value: its key, its expiry index row and the
+/// table's own overhead.
+pub const KEY_ROW_OVERHEAD_BYTES: u64 = 128;
+
 /// Largest KeyPackage accepted: real ones are well under 1 KiB with our single ciphersuite.
 pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
 
@@ -222,6 +233,17 @@ pub const DEFAULT_LOOKUP_RATE_PER_CONNECTION: Rate = Rate { per_sec: 20.0, burst
 
 /// Default `fetchHybridKey` rate of one source address. Config: `rate_limits.lookup_per_address`.
 pub const DEFAULT_LOOKUP_RATE_PER_ADDRESS: Rate = Rate { per_sec: 100.0, burst: 400 };
+
+/// Default key upload rate of one connection (`uploadKeyPackages` and `uploadHybridKey`, one
+/// token per call, for all identities on it): a client uploads when it registers and when its
+/// pool runs low, while each call can cost 200 signature checks. Config:
+/// `rate_limits.key_upload_per_connection`.
+pub const DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION: Rate = Rate { per_sec: 1.0, burst: 20 };
+
+/// Default key upload rate of one source address: a burst of 1000 lets hundreds of people behind
+/// one NAT register at once; identities are free, so this (and the key budget) is what bounds
+/// a stranger's uploads. Config: `rate_limits.key_upload_per_address`.
+pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 20.0, burst: 1000 };
 
 /// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
 /// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up

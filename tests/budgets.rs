@@ -73,6 +73,52 @@ async fn a_full_pool_refuses_an_upload_before_checking_its_packages() {
     server.shutdown().await.unwrap();
 }
 
+/// Key uploads (`uploadKeyPackages`, `uploadHybridKey`) are rate limited per connection, for
+/// every identity on it, then per address, before anything in them is verified: identities are
+/// free, and each upload can cost 200 signature checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_uploads_are_rate_limited_per_connection_then_per_address_before_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let clock = Clock::system();
+    cfg.clock = clock.clone();
+    cfg.rate_limits.key_upload_per_connection = Rate { per_sec: 1.0, burst: 2 };
+    cfg.rate_limits.key_upload_per_address = Rate { per_sec: 1.0, burst: 3 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let (alice, bob, carol) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let kps = |n| -> Vec<Vec<u8>> { mls.key_packages(n).unwrap().into_iter().map(|k| k.bytes).collect() };
+        let mut a = connect(&server).await;
+        a.authenticate(&alice).await.unwrap();
+        a.upload_key_packages(&kps(1), None).await.unwrap();
+        let signed = SignedHybridKey::sign(alice.signing_key(), 1_000, &HybridSecretKey::generate());
+        a.upload_hybrid_key(&signed).await.unwrap();
+        // Garbage: refused for the rate, not for what it holds, so nothing was verified.
+        let e = refusal(a.upload_key_packages(&[vec![0u8; 64]], None).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+        assert_eq!(e.message, "rate limited: too many key uploads from this connection");
+        assert!(matches!(e.retry_after_ms, Some(1..=1000)), "{e:?}");
+        // Another identity on the same connection shares its budget.
+        let bob_mls = MlsClient::new(bob.seed()).unwrap();
+        let bobs: Vec<Vec<u8>> = bob_mls.key_packages(1).unwrap().into_iter().map(|k| k.bytes).collect();
+        a.authenticate(&bob).await.unwrap();
+        assert_eq!(refusal(a.upload_key_packages(&bobs, None).await).code, ErrorCode::RateLimited);
+        a.authenticate(&alice).await.unwrap();
+        // A new connection from the same address has its own budget, but not the address's.
+        let b = login(&server, &bob).await;
+        b.upload_key_packages(&bobs, None).await.unwrap();
+        let c = login(&server, &carol).await;
+        let e = refusal(c.upload_key_packages(&[vec![0u8; 64]], None).await);
+        assert_eq!(e.message, "rate limited: too many key uploads from this address");
+        clock.advance(1_000);
+        a.upload_key_packages(&kps(1), None).await.expect("a second later, one more token each");
+        assert_eq!(a.key_package_count().await.unwrap(), (2, false));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// `fetchHybridKey` needs no account: it is rate limited per connection (then per address),
 /// with a retry hint, so a stranger cannot keep the store busy with lookups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

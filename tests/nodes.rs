@@ -434,8 +434,13 @@ async fn acks_through_two_nodes_make_room_for_a_cap_sized_burst_again() {
 async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
     use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
-    let limits =
-        QueueLimits { max_messages: 1000, max_bytes: 1 << 20, ttl_ms: 3_600_000, max_stored_bytes: 1 << 30 };
+    let limits = QueueLimits {
+        max_messages: 1000,
+        max_bytes: 1 << 20,
+        ttl_ms: 3_600_000,
+        max_stored_bytes: 1 << 30,
+        max_key_bytes: 1 << 30,
+    };
     let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
     // Recipient i has i + 1 messages of 100 bytes, the k-th filled with byte 10 * i + k.
     let people: Vec<IdentityKey> = (0..8u8).map(|i| [i + 1; 32]).collect();

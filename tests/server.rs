@@ -42,6 +42,14 @@ fn rpc_frame(build: impl FnOnce(capnp_rpc::rpc_capnp::message::Builder<'_>)) -> 
     capnp::serialize::write_message_to_words(&m)
 }
 
+/// The PostgreSQL schema version this qpq migrates to.
+const PG_SCHEMA: i32 = qpq::store::postgres::SCHEMA_VERSION;
+
+/// What the server charges a stored KeyPackage against its key budget.
+fn key_charge(kp: &[u8]) -> u64 {
+    8 + kp.len() as u64 + qpq::limits::KEY_ROW_OVERHEAD_BYTES
+}
+
 on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_status_version_and_uptime() {
@@ -220,6 +228,54 @@ async fn key_packages_are_single_use_under_concurrency_then_last_resort() {
             assert_eq!(r.remaining, 0);
         }
         assert_eq!(a.key_package_count().await.unwrap(), (0, true), "last resort is kept");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_material_has_a_budget_and_handed_out_or_expired_packages_free_it() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (Identity::generate(), Identity::generate());
+    let (alice_mls, bob_mls) = (MlsClient::new(alice.seed()).unwrap(), MlsClient::new(bob.seed()).unwrap());
+    let kps = kp_bytes(alice_mls.key_packages(3).unwrap());
+    let lr = alice_mls.last_resort_key_package().unwrap().bytes;
+    let bobs = kp_bytes(bob_mls.key_packages(1).unwrap());
+    let alices: u64 = kps.iter().map(|k| key_charge(k)).sum::<u64>() + key_charge(&lr);
+    let mut cfg = common::server_config(dir.path());
+    // Alice's packages fit; then neither a hybrid key (64 + 8 + its 1216 bytes) nor a package
+    // (larger) does, by a byte.
+    let hybrid_charge = 64 + 8 + qpq::limits::HYBRID_KEY_LEN as u64 + qpq::limits::KEY_ROW_OVERHEAD_BYTES;
+    assert!(key_charge(&bobs[0]) > hybrid_charge);
+    cfg.max_key_bytes = alices + hybrid_charge - 1;
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    let server = start_server_with(cfg).await;
+    local(async {
+        let a = login(&server, &alice).await;
+        assert_eq!(a.upload_key_packages(&kps, Some(&lr)).await.unwrap(), 3);
+        let b = login(&server, &bob).await;
+        let e = b.upload_key_packages(&bobs, None).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OverQuota), "{e}");
+        assert!(e.to_string().contains("key storage full"), "{e}");
+        // A new hybrid key is key material too.
+        let signed = SignedHybridKey::sign(bob.signing_key(), 1_000, &HybridSecretKey::generate());
+        let e = b.upload_hybrid_key(&signed).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OverQuota), "{e}");
+        assert_eq!(b.key_package_count().await.unwrap(), (0, false), "nothing of bob's was stored");
+
+        // A package handed out frees its charge.
+        connect(&server).await.fetch_key_package(&alice.public().0).await.unwrap();
+        assert_eq!(b.upload_key_packages(&bobs, None).await.unwrap(), 1);
+
+        // Expired packages free theirs once the sweep deletes them.
+        clock.advance((qpq::limits::KEY_PACKAGE_LIFETIME_SECS as i64 + 3600) * 1000);
+        server.sweep().await;
+        clock.set_offset_ms(0);
+        assert_eq!(a.key_package_count().await.unwrap(), (0, false), "deleted, not just hidden");
+        let more = kp_bytes(alice_mls.key_packages(3).unwrap());
+        assert_eq!(a.upload_key_packages(&more, Some(&lr)).await.unwrap(), 3, "the budget is free again");
     })
     .await;
     server.shutdown().await.unwrap();
@@ -1208,7 +1264,7 @@ async fn a_version_1_postgres_database_is_migrated_and_its_mail_read_and_acked_a
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), PG_SCHEMA.to_string());
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 1 entry gave back its 24 bytes");
 }
@@ -1256,13 +1312,14 @@ async fn a_node_does_not_migrate_a_database_an_older_node_is_using() {
     let server = start_server(dir.path()).await;
     server.shutdown().await.unwrap();
     cluster.close_idle(&url, &peer_name, peer);
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), PG_SCHEMA.to_string());
 }
 
 /// A database written by schema version 2 (acks decremented the queue row) is migrated to
-/// version 4 at start-up: its full queue refuses one more, an ack of its old mail makes room
-/// again (the freed row starts from nothing), its numbers go on, and its payload-row entries
-/// read in one page with the inline ones written after the migration.
+/// the newest version at start-up: its full queue refuses one more, an ack of its old mail makes
+/// room again (the freed row starts from nothing), its numbers go on, and its payload-row
+/// entries read in one page with the inline ones written after the migration. Its key rows
+/// are charged to the key budget (version 5) and an expired one gives its charge back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_acks() {
     use qpq::proto::wire_error::ErrorCode;
@@ -1281,7 +1338,13 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
                  VALUES ('', 0, {now_ms}, 'earlier', 1, 0), ('', 0, {now_ms}, 'earliest', 1, 0);
              INSERT INTO qpq_entries (recipient, seq, payload_id, bytes, enqueued_at_ms, quota)
                  VALUES ('\\x{key}', 1, 1, 24, {now_ms}, 24), ('\\x{key}', 2, 2, 24, {now_ms}, 24);
-             INSERT INTO qpq_stored_bytes VALUES (0, 48);"
+             INSERT INTO qpq_stored_bytes VALUES (0, 48);
+             INSERT INTO qpq_key_packages (identity, not_after, bytes)
+                 VALUES ('\\x{key}', {past}, '\\x01020304'), ('\\x{key}', {later}, '\\x0102');
+             INSERT INTO qpq_last_resort VALUES ('\\x{key}', {later}, '\\x010203');
+             INSERT INTO qpq_hybrid_keys VALUES ('\\x{key}', 1, '\\x00010203040506070809');",
+            past = now_ms / 1000 - 10,
+            later = now_ms / 1000 + 3600,
         ),
     );
     common::use_backend(common::Backend::Postgres(url.clone()));
@@ -1307,10 +1370,18 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
             vec![(2, b"earliest".to_vec(), Vec::new()), (3, b"x".to_vec(), Vec::new())]
         );
         assert_eq!(b.ack(3).await.unwrap(), 2);
+        // Packages: 8 + their bytes + 128 each; the hybrid key: its value + 128.
+        assert_eq!(cluster.query(&url, "SELECT sum(bytes) FROM qpq_key_bytes"), "555");
+        server.sweep().await;
+        assert_eq!(
+            cluster.query(&url, "SELECT sum(bytes) FROM qpq_key_bytes"),
+            "415",
+            "the expired one's 140 freed"
+        );
     })
     .await;
     server.shutdown().await.unwrap();
-    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), "4");
+    assert_eq!(cluster.query(&url, "SELECT max(version) FROM qpq_schema_version"), PG_SCHEMA.to_string());
     assert_eq!(stored_rows(dir.path()), (0, 0));
     assert_eq!(pg_stored_bytes(), Some(0), "the version 2 entries gave back their 48 bytes");
 }

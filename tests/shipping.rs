@@ -238,6 +238,8 @@ fn readme_config_example_parses_and_shows_the_defaults() {
     assert_eq!(cfg.message_ttl_secs, limits::DEFAULT_MESSAGE_TTL_SECS);
     assert_eq!(cfg.max_connections, limits::DEFAULT_MAX_CONNECTIONS);
     assert_eq!(cfg.max_connections_per_ip, limits::DEFAULT_MAX_CONNECTIONS_PER_IP);
+    assert_eq!(cfg.max_stored_bytes, limits::DEFAULT_MAX_STORED_BYTES);
+    assert_eq!(cfg.max_key_bytes, limits::DEFAULT_MAX_KEY_BYTES);
     assert!(example.contains(&format!("(1 ..= {})", limits::MAX_BATCH_BYTES)), "{example}");
     assert_eq!(cfg.rate_limits, qpq::server::ratelimit::RateLimits::default(), "every rate, as the defaults");
 }

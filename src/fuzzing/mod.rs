@@ -100,6 +100,7 @@ fn rpc_shared() -> Option<Arc<Shared>> {
                     max_bytes: crate::limits::DEFAULT_MAX_QUEUE_BYTES,
                     ttl_ms: crate::limits::DEFAULT_MESSAGE_TTL_SECS * 1000,
                     max_stored_bytes: crate::limits::DEFAULT_MAX_STORED_BYTES,
+                    max_key_bytes: crate::limits::DEFAULT_MAX_KEY_BYTES,
                 },
             )
             .ok()?;

@@ -120,6 +120,7 @@ pub struct FileConfig {
     pub max_connections_per_ip: Option<usize>,
     pub message_ttl_secs: Option<u64>,
     pub max_stored_bytes: Option<u64>,
+    pub max_key_bytes: Option<u64>,
     pub max_buffered_bytes: Option<usize>,
     pub stall_timeout_ms: Option<u64>,
     pub allow_classical_kx: Option<bool>,
@@ -137,6 +138,8 @@ pub struct RateLimitsFile {
     pub key_package_per_target: Option<Rate>,
     pub lookup_per_connection: Option<Rate>,
     pub lookup_per_address: Option<Rate>,
+    pub key_upload_per_connection: Option<Rate>,
+    pub key_upload_per_address: Option<Rate>,
 }
 
 /// The resolved settings the server runs with.
@@ -155,6 +158,8 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     pub message_ttl_secs: u64,
     pub max_stored_bytes: u64,
+    /// Bytes of key material (KeyPackages, hybrid keys) of all identities together.
+    pub max_key_bytes: u64,
     /// Bytes the server buffers for peers at most (unwritten replies, large frames being read).
     pub max_buffered_bytes: usize,
     /// How long a connection may leave replies unread, or take over a large frame.
@@ -182,6 +187,7 @@ impl ServerConfig {
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             message_ttl_secs: limits::DEFAULT_MESSAGE_TTL_SECS,
             max_stored_bytes: limits::DEFAULT_MAX_STORED_BYTES,
+            max_key_bytes: limits::DEFAULT_MAX_KEY_BYTES,
             max_buffered_bytes: limits::DEFAULT_MAX_BUFFERED_BYTES,
             stall_timeout_ms: limits::DEFAULT_STALL_TIMEOUT_MS,
             rate_limits: RateLimits::default(),
@@ -269,6 +275,12 @@ impl ServerConfig {
             }
             cfg.max_stored_bytes = v;
         }
+        if let Some(v) = file.max_key_bytes {
+            if v == 0 {
+                return Err(ConfigError::Invalid { name: "max_key_bytes", reason: "must be > 0".into() });
+            }
+            cfg.max_key_bytes = v;
+        }
         if let Some(v) = file.max_buffered_bytes {
             // One full batch must fit, or it would wait for room forever.
             let least = limits::MAX_BATCH_BYTES;
@@ -324,6 +336,16 @@ impl ServerConfig {
             )?;
             set("rate_limits.lookup_per_connection", r.lookup_per_connection, &mut l.lookup_per_connection)?;
             set("rate_limits.lookup_per_address", r.lookup_per_address, &mut l.lookup_per_address)?;
+            set(
+                "rate_limits.key_upload_per_connection",
+                r.key_upload_per_connection,
+                &mut l.key_upload_per_connection,
+            )?;
+            set(
+                "rate_limits.key_upload_per_address",
+                r.key_upload_per_address,
+                &mut l.key_upload_per_address,
+            )?;
         }
         cfg.clock = Clock::from_env();
         Ok(cfg)
@@ -377,11 +399,12 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(
             &p,
-            "max_stored_bytes = 1000\n[rate_limits]\nkey_package_per_target = { per_sec = 0.5, burst = 4 }\n",
+            "max_stored_bytes = 1000\nmax_key_bytes = 2000\n[rate_limits]\nkey_package_per_target = { per_sec = 0.5, burst = 4 }\n",
         )
         .unwrap();
         let cfg = ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() }).unwrap();
         assert_eq!(cfg.max_stored_bytes, 1000);
+        assert_eq!(cfg.max_key_bytes, 2000);
         assert_eq!(cfg.rate_limits.key_package_per_target, Rate { per_sec: 0.5, burst: 4 });
         assert_eq!(cfg.rate_limits.enqueue_per_address, limits::DEFAULT_ENQUEUE_RATE_PER_ADDRESS);
         std::fs::write(&p, "[rate_limits]\nenqueue_per_address = { per_sec = 0.0, burst = 4 }\n").unwrap();

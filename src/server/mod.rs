@@ -198,6 +198,7 @@ pub struct SharedRates {
     pub key_package_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
     pub key_package_per_target: ratelimit::KeyedLimiter<crate::store::IdentityKey>,
     pub lookup_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
+    pub key_upload_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
 }
 
 impl SharedRates {
@@ -209,6 +210,7 @@ impl SharedRates {
             key_package_per_address: ratelimit::KeyedLimiter::new(config.key_package_per_address, n),
             key_package_per_target: ratelimit::KeyedLimiter::new(config.key_package_per_target, n),
             lookup_per_address: ratelimit::KeyedLimiter::new(config.lookup_per_address, n),
+            key_upload_per_address: ratelimit::KeyedLimiter::new(config.key_upload_per_address, n),
         }
     }
 }
@@ -259,10 +261,11 @@ impl RunningServer {
         self.shared.store.stored_bytes()
     }
 
-    /// Runs one full expiry sweep now (the server also sweeps every
-    /// [`limits::SWEEP_INTERVAL_SECS`]); returns when it is done.
+    /// Runs one full expiry sweep now, of messages and then KeyPackages, as the server does
+    /// every [`limits::SWEEP_INTERVAL_SECS`]; returns when it is done.
     pub async fn sweep(&self) {
         sweep_once(&self.shared).await;
+        expire_key_packages(&self.shared).await;
     }
 
     /// True when this start generated the self-signed certificate.
@@ -334,6 +337,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         max_bytes: cfg.max_queue_bytes,
         ttl_ms: cfg.message_ttl_secs.saturating_mul(1000),
         max_stored_bytes: cfg.max_stored_bytes,
+        max_key_bytes: cfg.max_key_bytes,
     };
     let store: AnyStore = match &cfg.store {
         StoreLocation::Redb => {
@@ -451,12 +455,38 @@ fn spawn_sweeper(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
                 _ = shared.shutdown.cancelled() => return,
             }
             sweep_once(&shared).await;
-            match shared.store.write(WriteOp::ExpireKeyPackages { now: shared.clock.now_secs() }).await {
-                Ok(out) => tracing::debug!(?out, "expired key packages deleted"),
-                Err(e) => tracing::warn!(error = %e, "key package expiry failed"),
-            }
+            expire_key_packages(&shared).await;
         }
     })
+}
+
+/// Deletes every KeyPackage expired now, one slice per write transaction (see
+/// [`WriteOp::ExpireKeyPackages`]); other writes commit between the slices.
+async fn expire_key_packages(shared: &Shared) {
+    let now = shared.clock.now_secs();
+    let mut removed = 0u64;
+    loop {
+        match shared.store.write(WriteOp::ExpireKeyPackages { now }).await {
+            Ok(Outcome::KeyPackagesExpired { removed: n, more }) => {
+                removed += n;
+                if !more {
+                    break;
+                }
+            }
+            Ok(other) => {
+                tracing::warn!(?other, "key package expiry: unexpected outcome");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "key package expiry failed");
+                break;
+            }
+        }
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+    }
+    tracing::debug!(removed, "expired key packages deleted");
 }
 
 /// One pass over the whole queue table, one slice per write transaction (see

@@ -51,6 +51,8 @@ pub struct RateLimits {
     pub key_package_per_target: Rate,
     pub lookup_per_connection: Rate,
     pub lookup_per_address: Rate,
+    pub key_upload_per_connection: Rate,
+    pub key_upload_per_address: Rate,
 }
 
 impl Default for RateLimits {
@@ -63,6 +65,8 @@ impl Default for RateLimits {
             key_package_per_target: limits::DEFAULT_KEY_PACKAGE_RATE_PER_TARGET,
             lookup_per_connection: limits::DEFAULT_LOOKUP_RATE_PER_CONNECTION,
             lookup_per_address: limits::DEFAULT_LOOKUP_RATE_PER_ADDRESS,
+            key_upload_per_connection: limits::DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION,
+            key_upload_per_address: limits::DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS,
         }
     }
 }
@@ -79,6 +83,8 @@ impl RateLimits {
             key_package_per_target: r,
             lookup_per_connection: r,
             lookup_per_address: r,
+            key_upload_per_connection: r,
+            key_upload_per_address: r,
         }
     }
 }

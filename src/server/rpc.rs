@@ -56,6 +56,8 @@ fn store_err(e: StoreError) -> Error {
             )
             .into_rpc();
         }
+        // Key material leaves only as packages are taken or expire (weeks): no retry hint.
+        StoreError::KeyStoreFull { .. } => ErrorCode::OverQuota,
         StoreError::QueueFull { .. } => ErrorCode::QueueFull,
         StoreError::PoolFull { .. } => ErrorCode::PoolFull,
         StoreError::NoKeyPackages => ErrorCode::NoKeyPackages,
@@ -169,6 +171,8 @@ pub struct NodeServiceImpl {
     enqueue_rate: ConnectionBucket,
     key_package_rate: ConnectionBucket,
     lookup_rate: ConnectionBucket,
+    /// Shared with this connection's accounts, which make the uploads.
+    key_upload_rate: Rc<ConnectionBucket>,
     /// This connection's unwritten replies and parked long polls.
     memory: Rc<ConnMemory>,
     /// The account capability of each identity authenticated on this connection: authenticating
@@ -189,6 +193,7 @@ impl NodeServiceImpl {
         let enqueue_rate = ConnectionBucket::new(rates.enqueue_per_connection, &shared.clock);
         let key_package_rate = ConnectionBucket::new(rates.key_package_per_connection, &shared.clock);
         let lookup_rate = ConnectionBucket::new(rates.lookup_per_connection, &shared.clock);
+        let key_upload_rate = Rc::new(ConnectionBucket::new(rates.key_upload_per_connection, &shared.clock));
         NodeServiceImpl {
             challenge,
             budget: InflightBudget::default(),
@@ -196,6 +201,7 @@ impl NodeServiceImpl {
             enqueue_rate,
             key_package_rate,
             lookup_rate,
+            key_upload_rate,
             shared,
             memory,
             accounts: Default::default(),
@@ -304,6 +310,8 @@ impl node_service::Server for NodeServiceImpl {
                     who,
                     budget: self.budget.clone(),
                     memory: self.memory.clone(),
+                    source: self.source,
+                    key_upload_rate: self.key_upload_rate.clone(),
                 })
             });
             results.get().set_account(account.clone());
@@ -508,6 +516,9 @@ pub struct AccountImpl {
     who: IdentityKey,
     budget: InflightBudget,
     memory: Rc<ConnMemory>,
+    /// The connection's address as rate limits count it, and its key upload bucket.
+    source: IpAddr,
+    key_upload_rate: Rc<ConnectionBucket>,
 }
 
 /// Bytes a fetch reply of `msgs` takes: payloads and channel ids plus the struct around each.
@@ -548,6 +559,7 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard()?;
+            self.take_key_upload_token()?;
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let list = p.get_key_packages()?;
@@ -613,6 +625,7 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard()?;
+            self.take_key_upload_token()?;
             let p = params.get()?;
             let signed = SignedHybridKey {
                 key: p.get_hybrid_key()?.to_vec(),
@@ -762,6 +775,20 @@ fn acked(written: Result<Outcome, StoreError>) -> Result<u32, Error> {
 }
 
 impl AccountImpl {
+    /// One token of this connection's and its address's key upload budget, taken before
+    /// anything of the upload is read or verified.
+    fn take_key_upload_token(&self) -> Result<(), Error> {
+        let now = self.shared.clock.now_ms();
+        self.key_upload_rate
+            .take(&self.shared.clock)
+            .map_err(|ms| rate_limited("key uploads from this connection", ms))?;
+        self.shared
+            .rates
+            .key_upload_per_address
+            .take(self.source, now)
+            .map_err(|ms| rate_limited("key uploads from this address", ms))
+    }
+
     /// Verifies an uploaded package, its lifetime as of `now` (the server's clock, unix seconds)
     /// included: an expired, not yet valid or overlong one is refused (RFC 9420 §7.2).
     fn check_key_package(

@@ -10,7 +10,7 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`) |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `key_bytes`: what the key rows are charged, for the key budget; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | either an inline entry, the [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload (17 bytes or more), or a shared entry: payload id u64 BE (exactly 8 bytes) |
 //! | `payloads` | payload id (u64) | a fanned-out payload: refs u64 BE (`queue` entries pointing here when it was stored) ‖ the inline entry encoding above; written once, never rewritten |
 //! | `payload_refs` | payload id (u64) | `queue` entries still pointing at that `payloads` row, once some have gone (absent: the row's own refs) |
@@ -20,6 +20,7 @@
 //! | `key_package_meta` | identity (32) | (next_id, rows in `key_packages`, expired ones included until deleted) |
 //! | `last_resort` | identity (32) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ last-resort KeyPackage bytes |
 //! | `hybrid_keys` | identity (32) | signature (64) ‖ created_at_ms (8, BE) ‖ hybrid public key |
+//! | `key_package_expiry` | not_after (u64 BE) ‖ identity (32) ‖ id (u64 BE; `u64::MAX` for the last-resort one) | `()`: one row per `key_packages` and `last_resort` row (see [`keys`]) |
 //!
 //! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
 //! range scan.
@@ -44,9 +45,11 @@
 //!
 //! KeyPackages carry their `not_after` so the server never hands out an expired one: taking or
 //! uploading deletes the identity's expired ones it meets, counts leave them out, and
-//! [`WriteOp::ExpireKeyPackages`] (run with the sweep) deletes the rest.
+//! [`WriteOp::ExpireKeyPackages`] (run with the sweep) deletes the rest, through the expiry
+//! index. Key material has a byte budget of its own ([`keys`]).
 
 pub mod backend;
+mod keys;
 mod migrate;
 mod notifier;
 pub mod postgres;
@@ -74,8 +77,10 @@ use crate::limits;
 /// inline entries are read as they are, since no inline entry is 8 bytes long). 6: the
 /// `payload_refs` table (a version 5 file's rows keep their refs in the row, which is what an
 /// absent `payload_refs` row means, so opening it changes nothing but the version; an older qpq
-/// refuses a version 6 file, whose rows' own refs may be stale).
-pub const SCHEMA_VERSION: u64 = 6;
+/// refuses a version 6 file, whose rows' own refs may be stale). 7: `key_package_expiry` and
+/// `meta.key_bytes` (built from the key tables when an older file is opened; an older qpq
+/// refuses a version 7 file, whose index and total it would not keep).
+pub const SCHEMA_VERSION: u64 = 7;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
@@ -88,6 +93,7 @@ pub(crate) const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::n
 pub(crate) const HYBRID_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hybrid_keys");
 pub(crate) const PAYLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
 pub(crate) const PAYLOAD_REFS: TableDefinition<u64, u64> = TableDefinition::new("payload_refs");
+pub(crate) const KEY_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("key_package_expiry");
 
 /// A raw Ed25519 public key: the identity that routes queues and owns KeyPackages.
 pub type IdentityKey = [u8; limits::IDENTITY_KEY_LEN];
@@ -103,6 +109,8 @@ pub enum StoreError {
     PoolFull { have: u64, adding: u64, max: u64 },
     #[error("server storage full: {used} + {adding} > {max} bytes of queued messages")]
     OverQuota { used: u64, adding: u64, max: u64 },
+    #[error("server key storage full: {used} + {adding} > {max} bytes of key packages and hybrid keys")]
+    KeyStoreFull { used: u64, adding: u64, max: u64 },
     #[error("hybrid key not newer than the stored one: created {offered} <= {stored} ms")]
     StaleHybridKey { stored: u64, offered: u64 },
     #[error("no key packages for this key")]
@@ -149,10 +157,15 @@ pub struct QueueLimits {
     pub ttl_ms: u64,
     /// Most bytes of queued messages in all recipients' queues together.
     pub max_stored_bytes: u64,
+    /// Most bytes of key material (KeyPackages, last-resort ones, hybrid keys) of all
+    /// identities together, as [`keys::charge`] counts them.
+    pub max_key_bytes: u64,
 }
 
 /// The `meta` entry holding the bytes of all queued messages (as [`StoredMessage`] counts them).
 pub(crate) const STORED_BYTES: &str = "stored_bytes";
+/// The `meta` entry holding what all key rows are charged (see [`keys`]).
+pub(crate) const KEY_BYTES: &str = "key_bytes";
 /// The `meta` entry a re-created `queue_meta` row takes its next_seq from (see the module docs).
 pub(crate) const SEQ_FLOOR: &str = "seq_floor";
 /// The `meta` entry a re-created `channels` row counts on from (see the module docs).
@@ -377,7 +390,7 @@ impl Store {
                     meta.insert("instance_id", id)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
-                Some(3..=5) => {
+                Some(3..=6) => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(v) => {
@@ -394,6 +407,11 @@ impl Store {
             txn.open_table(HYBRID_KEYS)?;
             txn.open_table(PAYLOADS)?;
             txn.open_table(PAYLOAD_REFS)?;
+            txn.open_table(KEY_EXPIRY)?;
+        }
+        // 6 -> 7: index and charge the key rows an older qpq stored.
+        if matches!(found, Some(3..=6)) {
+            keys::index_existing(&txn)?;
         }
         let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
         {
@@ -430,6 +448,12 @@ impl Store {
     pub fn stored_bytes(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(META)?.get(STORED_BYTES)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    /// What the stored key rows are charged against the key budget (see [`keys`]).
+    pub fn key_bytes(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(META)?.get(KEY_BYTES)?.map(|g| g.value()).unwrap_or(0))
     }
 
     /// The random id this database got when it was created.
@@ -497,7 +521,7 @@ impl Store {
     pub fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KEY_PACKAGES)?;
-        let (start, end) = (writer::kp_key(who, 0), writer::kp_key(who, u64::MAX));
+        let (start, end) = (keys::kp_key(who, 0), keys::kp_key(who, u64::MAX));
         let mut count = 0;
         for entry in table.range(&start[..]..=&end[..])? {
             let (_, v) = entry?;
@@ -542,7 +566,13 @@ mod tests {
     }
 
     fn limits() -> QueueLimits {
-        QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX }
+        QueueLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            ttl_ms: 60_000,
+            max_stored_bytes: u64::MAX,
+            max_key_bytes: u64::MAX,
+        }
     }
 
     #[tokio::test]
@@ -572,8 +602,13 @@ mod tests {
     fn a_database_of_another_schema_version_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qpq.db");
-        let lim =
-            QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
+        let lim = QueueLimits {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+            ttl_ms: 60_000,
+            max_stored_bytes: u64::MAX,
+            max_key_bytes: u64::MAX,
+        };
         Store::open(&path, lim).unwrap().close().unwrap();
         {
             let db = Database::open(&path).unwrap();
@@ -583,14 +618,19 @@ mod tests {
         }
         let err = Store::open(&path, lim).err().expect("an older layout is refused");
         assert!(matches!(err, StoreError::SchemaVersion { found: 1, .. }), "{err}");
-        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 6"), "{err}");
+        assert!(err.to_string().ends_with("was written by schema version 1, this qpq reads 7"), "{err}");
     }
 
     #[tokio::test]
     async fn messages_expire_after_the_ttl_and_the_sweep_frees_their_quota() {
         let dir = tempfile::tempdir().unwrap();
-        let lim =
-            QueueLimits { max_messages: 2, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
+        let lim = QueueLimits {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+            ttl_ms: 60_000,
+            max_stored_bytes: u64::MAX,
+            max_key_bytes: u64::MAX,
+        };
         let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
         let who = [9u8; 32];
         for p in [b"old1", b"old2"] {
@@ -629,8 +669,13 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_works_in_bounded_slices_and_resumes_where_it_stopped() {
         let dir = tempfile::tempdir().unwrap();
-        let lim =
-            QueueLimits { max_messages: 100, max_bytes: 1 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
+        let lim = QueueLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            ttl_ms: 60_000,
+            max_stored_bytes: u64::MAX,
+            max_key_bytes: u64::MAX,
+        };
         let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
         let total = limits::SWEEP_SLICE_ROWS + 10;
         let items = (0..total).map(|i| ([(i % 250) as u8; 32], b"x".to_vec())).collect();
@@ -877,8 +922,13 @@ mod tests {
     #[ignore]
     async fn measure_sweep_and_acks_of_a_large_fanout() {
         let dir = tempfile::tempdir().unwrap();
-        let lim =
-            QueueLimits { max_messages: 100, max_bytes: 8 << 20, ttl_ms: 60_000, max_stored_bytes: u64::MAX };
+        let lim = QueueLimits {
+            max_messages: 100,
+            max_bytes: 8 << 20,
+            ttl_ms: 60_000,
+            max_stored_bytes: u64::MAX,
+            max_key_bytes: u64::MAX,
+        };
         let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
         let who: Vec<IdentityKey> = (0..2000u32)
             .map(|i| {
@@ -956,8 +1006,13 @@ mod tests {
         let n = 50u64;
         // Room for the payload once and 50 entries, far from room for 50 copies.
         let quota = 8 + entry + n * limits::FANOUT_ENTRY_BYTES;
-        let lim =
-            QueueLimits { max_messages: 100, max_bytes: entry, ttl_ms: 60_000, max_stored_bytes: quota };
+        let lim = QueueLimits {
+            max_messages: 100,
+            max_bytes: entry,
+            ttl_ms: 60_000,
+            max_stored_bytes: quota,
+            max_key_bytes: u64::MAX,
+        };
         let store = Store::open(&dir.path().join("qpq.db"), lim).unwrap();
         let who: Vec<IdentityKey> = (0..n).map(|i| [i as u8; 32]).collect();
         store.write(fanout_op(b"", &payload, &who)).await.unwrap();
@@ -1070,7 +1125,7 @@ mod tests {
         store.write(op).await.unwrap();
         assert_eq!(
             store.write(WriteOp::ExpireKeyPackages { now: later }).await.unwrap(),
-            Outcome::KeyPackagesExpired { removed: 2 }
+            Outcome::KeyPackagesExpired { removed: 2, more: false }
         );
         assert_eq!(store.key_package_count(&bob, now).unwrap(), (1, false), "deleted, not just hidden");
         assert_eq!(store.key_package_count(&alice, now).unwrap(), (1, false));

@@ -18,11 +18,12 @@ use std::thread::JoinHandle;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
+use super::keys::Keys;
 use super::notifier::Committed;
 use super::{
-    CHANNEL_SEQ_FLOOR, CHANNELS, HYBRID_KEYS, IdentityKey, KEY_PACKAGE_META, KEY_PACKAGES, KeyPackageEntry,
-    LAST_RESORT, META, NEXT_PAYLOAD_ID, Notifier, PAYLOAD_REFS, PAYLOADS, QUEUE, QUEUE_META, QueueLimits,
-    QueueValue, SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
+    CHANNEL_SEQ_FLOOR, CHANNELS, IdentityKey, KeyPackageEntry, META, NEXT_PAYLOAD_ID, Notifier, PAYLOAD_REFS,
+    PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue, SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage,
+    queue_key, split_payload_row,
 };
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
@@ -49,7 +50,8 @@ pub enum WriteOp {
     /// Remove and return one KeyPackage of `who` valid at `now` (unix seconds), or its
     /// last-resort one if that is still valid; expired ones met on the way are deleted.
     TakeKeyPackage { who: IdentityKey, now: u64 },
-    /// Delete every KeyPackage (single-use or last-resort) expired at `now` (unix seconds).
+    /// Delete KeyPackages (single-use or last-resort) expired at `now` (unix seconds), oldest
+    /// first, at most [`limits::SWEEP_SLICE_ROWS`] per call (see [`Outcome::KeyPackagesExpired`]).
     ExpireKeyPackages { now: u64 },
     /// Replace `who`'s hybrid key (signature already verified).
     PutHybridKey { who: IdentityKey, signed: SignedHybridKey },
@@ -80,8 +82,10 @@ pub enum Outcome {
         remaining: u64,
         last_resort: bool,
     },
+    /// `more`: a full slice was deleted; another may find more expired packages.
     KeyPackagesExpired {
         removed: u64,
+        more: bool,
     },
     HybridKeyStored,
     /// `resume`: the key to pass as `after` for the next slice; None when the table is done.
@@ -261,11 +265,18 @@ fn apply_batch<'a>(
                 }
                 WriteOp::Ack { who, up_to } => ack(&mut d, who, *up_to),
                 WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
-                    upload_key_packages(&txn, who, packages, last_resort.as_ref(), *now)
+                    Keys::open(&txn, &mut d.meta)
+                        .and_then(|mut k| k.upload(limits, who, packages, last_resort.as_ref(), *now))
                 }
-                WriteOp::TakeKeyPackage { who, now } => take_key_package(&txn, who, *now),
-                WriteOp::ExpireKeyPackages { now } => expire_key_packages(&txn, *now),
-                WriteOp::PutHybridKey { who, signed } => put_hybrid_key(&txn, who, signed),
+                WriteOp::TakeKeyPackage { who, now } => {
+                    Keys::open(&txn, &mut d.meta).and_then(|mut k| k.take(who, *now))
+                }
+                WriteOp::ExpireKeyPackages { now } => {
+                    Keys::open(&txn, &mut d.meta).and_then(|mut k| k.expire(*now))
+                }
+                WriteOp::PutHybridKey { who, signed } => {
+                    Keys::open(&txn, &mut d.meta).and_then(|mut k| k.put_hybrid(limits, who, signed))
+                }
                 WriteOp::Sweep { now_ms, after } => sweep(&mut d, limits, *now_ms, after),
             };
             match out {
@@ -542,162 +553,6 @@ fn shared_head<'c>(
         slot.insert(head);
     }
     Ok(cache.get(&id).and_then(Option::as_ref))
-}
-
-/// Replaces `who`'s hybrid key only with a newer one: an older signed key (a replay of one the
-/// owner has rotated away from) is refused. Re-sending the stored key is a no-op success.
-fn put_hybrid_key(
-    txn: &WriteTransaction,
-    who: &IdentityKey,
-    signed: &SignedHybridKey,
-) -> Result<Outcome, StoreError> {
-    let mut table = txn.open_table(HYBRID_KEYS)?;
-    let encoded = super::encode_hybrid_key(signed);
-    let stored = table.get(&who[..])?.map(|g| g.value().to_vec());
-    if let Some(stored) = stored {
-        if stored == encoded {
-            return Ok(Outcome::HybridKeyStored);
-        }
-        let stored_at = super::decode_hybrid_key(&stored)?.created_at_ms;
-        if signed.created_at_ms <= stored_at {
-            return Err(StoreError::StaleHybridKey { stored: stored_at, offered: signed.created_at_ms });
-        }
-    }
-    table.insert(&who[..], &encoded[..])?;
-    Ok(Outcome::HybridKeyStored)
-}
-
-pub(super) fn kp_key(who: &IdentityKey, id: u64) -> [u8; 40] {
-    queue_key(who, id)
-}
-
-/// Deletes `who`'s single-use packages expired at `now`; returns how many rows are left.
-fn prune_key_packages(txn: &WriteTransaction, who: &IdentityKey, now: u64) -> Result<u64, StoreError> {
-    let mut table = txn.open_table(KEY_PACKAGES)?;
-    let (start, end) = (kp_key(who, 0), kp_key(who, u64::MAX));
-    let mut doomed = Vec::new();
-    for entry in table.range(&start[..]..=&end[..])? {
-        let (k, v) = entry?;
-        if !KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
-            doomed.push(k.value().to_vec());
-        }
-    }
-    for k in &doomed {
-        table.remove(&k[..])?;
-    }
-    let mut meta = txn.open_table(KEY_PACKAGE_META)?;
-    let (next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
-    let left = count.saturating_sub(doomed.len() as u64);
-    if !doomed.is_empty() {
-        meta.insert(&who[..], (next, left))?;
-    }
-    Ok(left)
-}
-
-fn upload_key_packages(
-    txn: &WriteTransaction,
-    who: &IdentityKey,
-    packages: &[KeyPackageEntry],
-    last_resort: Option<&KeyPackageEntry>,
-    now: u64,
-) -> Result<Outcome, StoreError> {
-    // Expired packages must not count against the cap: a returning user could never refill.
-    let count = prune_key_packages(txn, who, now)?;
-    let mut meta = txn.open_table(KEY_PACKAGE_META)?;
-    let (mut next, _) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
-    let adding = packages.len() as u64;
-    if count + adding > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
-        return Err(StoreError::PoolFull { have: count, adding, max: limits::MAX_KEY_PACKAGES_PER_IDENTITY });
-    }
-    let mut table = txn.open_table(KEY_PACKAGES)?;
-    for kp in packages {
-        table.insert(&kp_key(who, next)[..], &kp.encode()[..])?;
-        next += 1;
-    }
-    meta.insert(&who[..], (next, count + adding))?;
-    if let Some(lr) = last_resort {
-        txn.open_table(LAST_RESORT)?.insert(&who[..], &lr.encode()[..])?;
-    }
-    Ok(Outcome::KeyPackagesStored { count: count + adding })
-}
-
-fn take_key_package(txn: &WriteTransaction, who: &IdentityKey, now: u64) -> Result<Outcome, StoreError> {
-    let mut table = txn.open_table(KEY_PACKAGES)?;
-    let (start, end) = (kp_key(who, 0), kp_key(who, u64::MAX));
-    let mut expired = Vec::new();
-    let mut found = None;
-    for entry in table.range(&start[..]..=&end[..])? {
-        let (k, v) = entry?;
-        let kp = KeyPackageEntry::decode(v.value())?;
-        if KeyPackageEntry::is_valid_at(kp.not_after, now) {
-            found = Some((k.value().to_vec(), kp.bytes));
-            break;
-        }
-        expired.push(k.value().to_vec());
-    }
-    let removed = expired.len() as u64 + u64::from(found.is_some());
-    for k in expired.iter().chain(found.as_ref().map(|(k, _)| k)) {
-        table.remove(&k[..])?;
-    }
-    let mut remaining = 0;
-    if removed > 0 {
-        let mut meta = txn.open_table(KEY_PACKAGE_META)?;
-        let (next, count) = meta.get(&who[..])?.map(|g| g.value()).unwrap_or((0, removed));
-        remaining = count.saturating_sub(removed);
-        meta.insert(&who[..], (next, remaining))?;
-    }
-    if let Some((_, bytes)) = found {
-        // Rows after the one taken may have expired too; `remaining` is an upper bound until
-        // they are met (the count RPC reports the exact number of valid ones).
-        return Ok(Outcome::KeyPackage { bytes, remaining, last_resort: false });
-    }
-    let mut lr = txn.open_table(LAST_RESORT)?;
-    let last = match lr.get(&who[..])? {
-        Some(v) => Some(KeyPackageEntry::decode(v.value())?),
-        None => None,
-    };
-    match last {
-        Some(kp) if KeyPackageEntry::is_valid_at(kp.not_after, now) => {
-            Ok(Outcome::KeyPackage { bytes: kp.bytes, remaining: 0, last_resort: true })
-        }
-        Some(_) => {
-            lr.remove(&who[..])?;
-            Err(StoreError::NoKeyPackages)
-        }
-        None => Err(StoreError::NoKeyPackages),
-    }
-}
-
-fn expire_key_packages(txn: &WriteTransaction, now: u64) -> Result<Outcome, StoreError> {
-    let mut table = txn.open_table(KEY_PACKAGES)?;
-    let mut doomed: Vec<Vec<u8>> = Vec::new();
-    for entry in table.iter()? {
-        let (k, v) = entry?;
-        if !KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
-            doomed.push(k.value().to_vec());
-        }
-    }
-    let mut meta = txn.open_table(KEY_PACKAGE_META)?;
-    for k in &doomed {
-        table.remove(&k[..])?;
-        let who = k.get(..32).ok_or_else(|| StoreError::Db("corrupt key package key".to_string()))?;
-        let current = meta.get(who)?.map(|g| g.value());
-        if let Some((next, count)) = current {
-            meta.insert(who, (next, count.saturating_sub(1)))?;
-        }
-    }
-    let mut lr = txn.open_table(LAST_RESORT)?;
-    let mut dead_lr: Vec<Vec<u8>> = Vec::new();
-    for entry in lr.iter()? {
-        let (k, v) = entry?;
-        if !KeyPackageEntry::is_valid_at(KeyPackageEntry::decode_not_after(v.value())?, now) {
-            dead_lr.push(k.value().to_vec());
-        }
-    }
-    for k in &dead_lr {
-        lr.remove(&k[..])?;
-    }
-    Ok(Outcome::KeyPackagesExpired { removed: (doomed.len() + dead_lr.len()) as u64 })
 }
 
 fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {

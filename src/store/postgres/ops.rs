@@ -80,6 +80,7 @@ use deadpool_postgres::{Object, Transaction};
 use super::{TxError, mail};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
+use crate::store::keys::charge;
 use crate::store::{
     IdentityKey, KeyPackageEntry, Outcome, QueueLimits, StoreError, WriteOp, decode_hybrid_key,
     encode_hybrid_key,
@@ -129,11 +130,11 @@ pub(super) async fn apply(
         }
         WriteOp::Ack { who, up_to } => ack(tx, who, *up_to).await.map(Ok),
         WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
-            upload_key_packages(tx, who, packages, last_resort.as_ref(), *now).await.map(Ok)
+            upload_key_packages(tx, limits, who, packages, last_resort.as_ref(), *now).await.map(Ok)
         }
         WriteOp::TakeKeyPackage { who, now } => take_key_package(tx, who, *now).await,
         WriteOp::ExpireKeyPackages { now } => expire_key_packages(tx, *now).await.map(Ok),
-        WriteOp::PutHybridKey { who, signed } => put_hybrid_key(tx, who, signed).await,
+        WriteOp::PutHybridKey { who, signed } => put_hybrid_key(tx, limits, who, signed).await,
         WriteOp::Sweep { now_ms, .. } => sweep(tx, limits, *now_ms).await.map(Ok),
     }
 }
@@ -424,8 +425,70 @@ async fn delete_empty_queues(tx: &Transaction<'_>) -> Result<(), TxError> {
     Ok(())
 }
 
+/// What a key row is charged against the key budget (the redb store's [`charge`]): a
+/// package's bytes plus the 8-byte not_after redb keeps beside them, or a hybrid key's value.
+fn package_charge(bytes: &[u8]) -> i64 {
+    big(charge(8 + bytes.len()))
+}
+
+/// Adds `delta` bytes to this connection's shard of the key material total.
+async fn add_key_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO qpq_key_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_key_bytes.bytes + excluded.bytes",
+        )
+        .await?;
+    tx.execute(&stmt, &[&STORED_BYTES_SHARDS, &delta]).await?;
+    Ok(())
+}
+
+/// Refuses `adding` more key bytes when, after `freeing`, they would pass the budget. Like the
+/// message quota, the total is read without a lock: nodes uploading at the same instant can
+/// pass it together by at most their uploads.
+async fn check_key_room(
+    tx: &Transaction<'_>,
+    limits: QueueLimits,
+    adding: i64,
+    freeing: i64,
+) -> Result<(), TxError> {
+    if adding <= 0 {
+        return Ok(());
+    }
+    let used: i64 =
+        tx.query_one("SELECT coalesce(sum(bytes), 0)::bigint FROM qpq_key_bytes", &[]).await?.get(0);
+    let used = unbig(used.saturating_sub(freeing));
+    if used.saturating_add(unbig(adding)) > limits.max_key_bytes {
+        return Err(TxError::Store(StoreError::KeyStoreFull {
+            used,
+            adding: unbig(adding),
+            max: limits.max_key_bytes,
+        }));
+    }
+    Ok(())
+}
+
+/// Deletes `who`'s single-use packages expired at `now`; returns the charge they freed.
+async fn prune_key_packages(tx: &Transaction<'_>, key: &[u8], now: i64) -> Result<i64, TxError> {
+    let freed: i64 = tx
+        .query_one(
+            "WITH d AS (DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2
+                        RETURNING length(bytes)::bigint + $3 AS c)
+             SELECT coalesce(sum(c), 0)::bigint FROM d",
+            &[&key, &now, &package_charge(&[])],
+        )
+        .await?
+        .get(0);
+    add_key_bytes(tx, -freed).await?;
+    Ok(freed)
+}
+
 async fn upload_key_packages(
     tx: &Transaction<'_>,
+    limits: QueueLimits,
     who: &IdentityKey,
     packages: &[KeyPackageEntry],
     last_resort: Option<&KeyPackageEntry>,
@@ -439,8 +502,7 @@ async fn upload_key_packages(
     )
     .await?;
     // Expired packages must not count against the cap: a returning user could never refill.
-    tx.execute("DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2", &[&key, &big(now)])
-        .await?;
+    prune_key_packages(tx, key, big(now)).await?;
     let have: i64 = tx
         .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
         .await?
@@ -453,6 +515,20 @@ async fn upload_key_packages(
             max: limits::MAX_KEY_PACKAGES_PER_IDENTITY,
         }));
     }
+    let mut bytes_added: i64 = packages.iter().map(|p| package_charge(&p.bytes)).sum();
+    let mut replaced = 0i64;
+    if let Some(lr) = last_resort {
+        bytes_added += package_charge(&lr.bytes);
+        // Locked, so a take deleting it meanwhile waits and the charge freed is this one.
+        let old = tx
+            .query_opt(
+                "SELECT length(bytes)::bigint FROM qpq_last_resort WHERE identity = $1 FOR UPDATE",
+                &[&key],
+            )
+            .await?;
+        replaced = old.map(|r| r.get::<_, i64>(0) + package_charge(&[])).unwrap_or(0);
+    }
+    check_key_room(tx, limits, bytes_added, replaced).await?;
     let not_after: Vec<i64> = packages.iter().map(|p| big(p.not_after)).collect();
     let bytes: Vec<&[u8]> = packages.iter().map(|p| &p.bytes[..]).collect();
     tx.execute(
@@ -469,6 +545,7 @@ async fn upload_key_packages(
         )
         .await?;
     }
+    add_key_bytes(tx, bytes_added - replaced).await?;
     Ok(Outcome::KeyPackagesStored { count: have + adding })
 }
 
@@ -488,20 +565,16 @@ async fn take_key_package(
         )
         .await?;
     let taken = tx.query_opt(&stmt, &[&key, &now]).await?;
+    prune_key_packages(tx, key, now).await?;
     if let Some(row) = taken {
-        tx.execute("DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2", &[&key, &now])
-            .await?;
+        let bytes: Vec<u8> = row.get(0);
+        add_key_bytes(tx, -package_charge(&bytes)).await?;
         let remaining: i64 = tx
             .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
             .await?
             .get(0);
-        return Ok(Ok(Outcome::KeyPackage {
-            bytes: row.get(0),
-            remaining: unbig(remaining),
-            last_resort: false,
-        }));
+        return Ok(Ok(Outcome::KeyPackage { bytes, remaining: unbig(remaining), last_resort: false }));
     }
-    tx.execute("DELETE FROM qpq_key_packages WHERE identity = $1 AND not_after <= $2", &[&key, &now]).await?;
     let lr =
         tx.query_opt("SELECT not_after, bytes FROM qpq_last_resort WHERE identity = $1", &[&key]).await?;
     match lr {
@@ -509,38 +582,81 @@ async fn take_key_package(
             Ok(Ok(Outcome::KeyPackage { bytes: row.get(1), remaining: 0, last_resort: true }))
         }
         Some(_) => {
-            tx.execute("DELETE FROM qpq_last_resort WHERE identity = $1 AND not_after <= $2", &[&key, &now])
+            let gone = tx
+                .query_opt(
+                    "DELETE FROM qpq_last_resort WHERE identity = $1 AND not_after <= $2
+                     RETURNING length(bytes)::bigint + $3",
+                    &[&key, &now, &package_charge(&[])],
+                )
                 .await?;
+            add_key_bytes(tx, -gone.map(|r| r.get::<_, i64>(0)).unwrap_or(0)).await?;
             Ok(Err(StoreError::NoKeyPackages))
         }
         None => Ok(Err(StoreError::NoKeyPackages)),
     }
 }
 
+/// Deletes the oldest packages expired at `now`, at most one slice of each table, through their
+/// expiry indexes; `more` when a table gave a full slice. Nodes expiring at once skip each
+/// other's rows.
 async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, TxError> {
-    let now = big(now);
-    let a = tx.execute("DELETE FROM qpq_key_packages WHERE not_after <= $1", &[&now]).await?;
-    let b = tx.execute("DELETE FROM qpq_last_resort WHERE not_after <= $1", &[&now]).await?;
-    Ok(Outcome::KeyPackagesExpired { removed: a + b })
+    let (now, slice, overhead) = (big(now), big(limits::SWEEP_SLICE_ROWS as u64), package_charge(&[]));
+    let mut removed = 0u64;
+    let mut freed = 0i64;
+    let mut more = false;
+    for table in ["qpq_key_packages", "qpq_last_resort"] {
+        let key = if table == "qpq_key_packages" { "id" } else { "identity" };
+        let row = tx
+            .query_one(
+                &format!(
+                    "WITH d AS (DELETE FROM {table} WHERE {key} IN (
+                         SELECT {key} FROM {table} WHERE not_after <= $1
+                         ORDER BY not_after LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING length(bytes)::bigint + $3 AS c)
+                     SELECT count(*)::bigint, coalesce(sum(c), 0)::bigint FROM d"
+                ),
+                &[&now, &slice, &overhead],
+            )
+            .await?;
+        let (n, c): (i64, i64) = (row.get(0), row.get(1));
+        removed += unbig(n);
+        freed += c;
+        more |= n >= slice;
+    }
+    add_key_bytes(tx, -freed).await?;
+    Ok(Outcome::KeyPackagesExpired { removed, more })
 }
 
-/// Replaces the hybrid key only with a newer one (see the redb writer's `put_hybrid_key`).
+/// Replaces the hybrid key only with a newer one (see the redb store's `put_hybrid`). Every
+/// hybrid key has the same length (the RPC layer checks it), so only a first one is charged.
 async fn put_hybrid_key(
     tx: &Transaction<'_>,
+    limits: QueueLimits,
     who: &IdentityKey,
     signed: &SignedHybridKey,
 ) -> Result<Result<Outcome, StoreError>, TxError> {
     let encoded = encode_hybrid_key(signed);
     let created = big(signed.created_at_ms);
+    let cost = big(charge(encoded.len()));
+    let exists =
+        tx.query_opt("SELECT 1 FROM qpq_hybrid_keys WHERE identity = $1", &[&&who[..]]).await?.is_some();
+    if !exists {
+        check_key_room(tx, limits, cost, 0).await?;
+    }
+    // `xmax = 0` tells an inserted row from an updated one (a first key from a replacement).
     let written = tx
-        .execute(
+        .query_opt(
             "INSERT INTO qpq_hybrid_keys (identity, created_at_ms, value) VALUES ($1, $2, $3)
              ON CONFLICT (identity) DO UPDATE SET created_at_ms = excluded.created_at_ms, value = excluded.value
-             WHERE qpq_hybrid_keys.created_at_ms < excluded.created_at_ms",
+             WHERE qpq_hybrid_keys.created_at_ms < excluded.created_at_ms
+             RETURNING (xmax = 0)",
             &[&&who[..], &created, &encoded],
         )
         .await?;
-    if written > 0 {
+    if let Some(row) = written {
+        if row.get::<_, bool>(0) {
+            add_key_bytes(tx, cost).await?;
+        }
         return Ok(Ok(Outcome::HybridKeyStored));
     }
     let row = tx
@@ -553,8 +669,7 @@ async fn put_hybrid_key(
     Ok(Err(StoreError::StaleHybridKey { stored: unbig(row.get(0)), offered: signed.created_at_ms }))
 }
 
-/// Unexpired messages of `who` after `after`, cut like the redb store's fetch: at `limit`
-/// messages, or before the message that would pass `max_bytes` (the first one always fits).
+/// Single-use packages of `who` valid at `now`, and whether a valid last-resort one is stored.
 pub(super) async fn key_package_count(
     client: &Object,
     who: &IdentityKey,

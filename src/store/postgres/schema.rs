@@ -67,6 +67,13 @@
 //! cut the WAL records per delivered message from ~10 to ~6 (issue 13). The releasing
 //! statements need no change: a null `payload_id` matches no payload row. Rows of older
 //! versions keep their payload rows and read as before.
+//!
+//! # Version 5: a byte budget for key material
+//! `qpq_key_bytes` (shard → bytes, like `qpq_stored_bytes`) totals what the key rows are
+//! charged: a package's bytes + 8 + [`crate::limits::KEY_ROW_OVERHEAD_BYTES`], a hybrid key's
+//! value + that overhead, the redb store's charges. Uploads and new hybrid keys that would pass
+//! `max_key_bytes` are refused. The migration counts the existing rows once, and indexes
+//! `qpq_last_resort` by expiry so the sweep's slices find expired ones without a scan.
 
 use deadpool_postgres::Transaction;
 
@@ -74,7 +81,7 @@ use super::TxError;
 use crate::store::StoreError;
 
 /// The newest schema this qpq knows.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The `application_name` of a node's connections (see the module docs).
 pub(super) fn application_name() -> String {
@@ -159,7 +166,20 @@ const MIGRATIONS: &[(i32, &str)] = &[
                                     AND (body IS NULL) = (channel_id IS NULL)
                                     AND (body IS NULL) = (channel_seq IS NULL)) NOT VALID;",
     ),
+    (
+        5,
+        // 136 = 8 (the not_after redb keeps in the value) + KEY_ROW_OVERHEAD_BYTES (asserted below).
+        "CREATE TABLE qpq_key_bytes (shard integer PRIMARY KEY, bytes bigint NOT NULL);
+         INSERT INTO qpq_key_bytes (shard, bytes) SELECT 0,
+             (SELECT coalesce(sum(length(bytes) + 136), 0) FROM qpq_key_packages)
+             + (SELECT coalesce(sum(length(bytes) + 136), 0) FROM qpq_last_resort)
+             + (SELECT coalesce(sum(length(value) + 128), 0) FROM qpq_hybrid_keys);
+         CREATE INDEX qpq_last_resort_by_expiry ON qpq_last_resort (not_after);",
+    ),
 ];
+
+// Migration 5 counts existing rows with this overhead written out; it must not drift from it.
+const _: () = assert!(crate::limits::KEY_ROW_OVERHEAD_BYTES == 128);
 
 /// Brings the database to [`SCHEMA_VERSION`] and returns its instance id (created on first use).
 pub(super) async fn migrate(tx: &Transaction<'_>) -> Result<u64, TxError> {
