@@ -109,6 +109,10 @@ pub const RPC_TRAVERSAL_LIMIT_WORDS: usize =
 /// Most messages one fetch returns; a client with more pending fetches again (`more` is set).
 pub const MAX_FETCH_MESSAGES: u32 = 256;
 
+/// What a fetch's loaded page is charged per message beyond its payload and channel id (its
+/// struct and vectors), against the memory budget.
+pub const FETCH_MESSAGE_OVERHEAD_BYTES: usize = 64;
+
 /// Most payload bytes one fetch returns, so a reply stays well under the reader limit.
 pub const MAX_FETCH_BYTES: usize = 8 * 1024 * 1024;
 

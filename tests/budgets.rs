@@ -119,6 +119,41 @@ async fn key_uploads_are_rate_limited_per_connection_then_per_address_before_ver
     server.shutdown().await.unwrap();
 }
 
+/// A fetch holds what it loads in the memory budget as it loads it (twice: the page and the
+/// reply built from it), so a page stops where the budget is full and the client still gets a
+/// message. Before, a page was loaded whole and only its reply asked for room: with less room
+/// than a page (a small budget, or one mostly taken by others), every fetch and every
+/// `fetchWait` of that queue was refused `busy`, for as long as the queue stayed that large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_loads_what_the_memory_budget_holds_and_still_makes_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Room for one 1 MiB message loaded and answered, not for two.
+    cfg.max_buffered_bytes = 3 << 20;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let alice = Identity::generate();
+        let s = connect(&server).await;
+        for i in 0..3u8 {
+            s.enqueue(&alice.public().0, &vec![i; 1 << 20], b"").await.unwrap();
+        }
+        let a = login(&server, &alice).await;
+        let (msgs, more) = a.fetch(0).await.unwrap();
+        assert_eq!((msgs.len(), more), (1, true), "one message fits, and more are waiting");
+        assert_eq!(msgs[0].payload, vec![0u8; 1 << 20]);
+        let (msgs, more, acked) = a.ack_and_fetch_wait(msgs[0].seq, 1_000, 0).await.unwrap();
+        assert_eq!(acked, 1);
+        assert_eq!((msgs.len(), more), (1, true));
+        assert_eq!(msgs[0].payload, vec![1u8; 1 << 20]);
+        let (msgs, more, acked) = a.ack_and_fetch_wait(msgs[0].seq, 1_000, 0).await.unwrap();
+        assert_eq!(acked, 1);
+        assert_eq!((msgs.len(), more), (1, false));
+        assert_eq!(msgs[0].payload, vec![2u8; 1 << 20]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// `fetchHybridKey` needs no account: it is rate limited per connection (then per address),
 /// with a retry hint, so a stranger cannot keep the store busy with lookups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,11 @@ impl MemoryBudget {
         Held { budget: self.clone(), bytes }
     }
 
+    /// Room for a fetch to load its page into, taken a message at a time ([`PageRoom::take`]).
+    pub fn page_room(self: &Arc<Self>) -> PageRoom {
+        PageRoom { held: Held { budget: self.clone(), bytes: 0 }, refused: false }
+    }
+
     /// Waits until `bytes` fit, then holds them. A request larger than the whole cap waits for
     /// the budget to be empty and then takes it all.
     pub async fn reserve(self: Arc<Self>, bytes: usize) -> Held {
@@ -128,6 +133,50 @@ pub struct ReplyRoom {
     _global: Held,
 }
 
+/// What one fetch has loaded from the store, held in the budget until dropped (after its reply
+/// is built). Without it a fetch's page was loaded first and counted only as a reply, so many
+/// connections reading large queues at once could load far more than the budget.
+#[derive(Debug)]
+pub struct PageRoom {
+    held: Held,
+    refused: bool,
+}
+
+impl PageRoom {
+    /// Holds room for one more message of `bytes` (payload and channel id, plus its share of
+    /// the page), twice: once loaded and once in the reply built from it, which then needs no
+    /// room of its own ([`ConnMemory::reply_from_page`]). False when that does not fit under
+    /// the budget's cap.
+    pub fn take(&mut self, bytes: usize) -> bool {
+        let n = bytes.saturating_add(limits::FETCH_MESSAGE_OVERHEAD_BYTES).saturating_mul(2);
+        let budget = &self.held.budget;
+        let fits = budget
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(n).filter(|&total| total <= budget.cap)
+            })
+            .is_ok();
+        if fits {
+            self.held.bytes += n;
+        } else {
+            self.refused = true;
+        }
+        fits
+    }
+
+    /// `busy` when the budget had no room for even the first message of a page that has one.
+    pub fn check_progress(&self, taken: usize) -> Result<(), capnp::Error> {
+        if taken == 0 && self.refused {
+            return Err(busy(format!(
+                "server memory budget full: {} of {} bytes in use, no room to load a message",
+                self.held.budget.used(),
+                self.held.budget.cap()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// One parked `fetchWait` of a connection, counted until dropped.
 #[derive(Debug)]
 pub struct ParkedWait(Rc<ConnMemory>);
@@ -180,13 +229,7 @@ impl ConnMemory {
     /// Room for a reply of `bytes` (a fetch): refused with `busy` when this connection already
     /// has too much unwritten or the server's budget is full.
     pub fn reserve_reply(&self, bytes: usize) -> Result<ReplyRoom, capnp::Error> {
-        let unsent = self.unsent.get();
-        if unsent.saturating_add(bytes) > limits::MAX_UNSENT_BYTES_PER_CONNECTION {
-            return Err(busy(format!(
-                "replies not read: {unsent} + {bytes} > {} bytes unwritten on this connection",
-                limits::MAX_UNSENT_BYTES_PER_CONNECTION
-            )));
-        }
+        self.check_unsent(bytes)?;
         match self.global.try_reserve(bytes) {
             Some(held) => Ok(ReplyRoom { _global: held }),
             None => Err(busy(format!(
@@ -195,6 +238,25 @@ impl ConnMemory {
                 self.global.cap()
             ))),
         }
+    }
+
+    /// Room for the reply of `bytes` built from a page loaded under `page`, which already holds
+    /// it (see [`PageRoom::take`]); refused with `busy` when this connection has too much
+    /// unwritten.
+    pub fn reply_from_page(&self, page: PageRoom, bytes: usize) -> Result<ReplyRoom, capnp::Error> {
+        self.check_unsent(bytes)?;
+        Ok(ReplyRoom { _global: page.held })
+    }
+
+    fn check_unsent(&self, bytes: usize) -> Result<(), capnp::Error> {
+        let unsent = self.unsent.get();
+        if unsent.saturating_add(bytes) > limits::MAX_UNSENT_BYTES_PER_CONNECTION {
+            return Err(busy(format!(
+                "replies not read: {unsent} + {bytes} > {} bytes unwritten on this connection",
+                limits::MAX_UNSENT_BYTES_PER_CONNECTION
+            )));
+        }
+        Ok(())
     }
 
     /// Counts one parked `fetchWait`, or refuses past [`limits::MAX_PARKED_WAITS_PER_CONNECTION`].
@@ -211,9 +273,8 @@ impl ConnMemory {
     }
 
     /// Counts one `fetch` reading the store, or refuses past
-    /// [`limits::MAX_PARKED_WAITS_PER_CONNECTION`] of them: a read loads its page (up to
-    /// [`limits::MAX_FETCH_BYTES`]) before its reply can reserve room, so the reads one
-    /// connection has going at once must be few, as its parked waits are.
+    /// [`limits::MAX_PARKED_WAITS_PER_CONNECTION`] of them: each read holds room for its page
+    /// ([`PageRoom`]), and one connection must not take the whole budget with many.
     pub fn fetch_slot(self: &Rc<Self>) -> Result<FetchSlot, capnp::Error> {
         let n = self.fetches.get();
         if n >= limits::MAX_PARKED_WAITS_PER_CONNECTION {

@@ -655,14 +655,17 @@ impl account::Server for AccountImpl {
         async move {
             let limit = fetch_limit(params.get()?.get_limit());
             let _reading = self.memory.fetch_slot()?;
+            // Held until the reply is built: what the page loaded, a message at a time.
+            let mut page = self.memory.global.page_room();
             let (msgs, more) = self
                 .shared
                 .store
-                .fetch(&self.who, 0, limit, limits::MAX_FETCH_BYTES)
+                .fetch(&self.who, 0, limit, limits::MAX_FETCH_BYTES, &mut |n| page.take(n))
                 .await
                 .map_err(store_err)?;
+            page.check_progress(msgs.len())?;
             // Held until the reply is built; the reply then counts as unwritten until sent.
-            let _room = self.memory.reserve_reply(reply_bytes(&msgs))?;
+            let _room = self.memory.reply_from_page(page, reply_bytes(&msgs))?;
             let mut r = results.get();
             r.set_more(more);
             write_messages(r.init_messages(msgs.len() as u32), &msgs);
@@ -707,13 +710,19 @@ impl account::Server for AccountImpl {
                 let mut read = true;
                 loop {
                     if read {
+                        let mut room = self.memory.global.page_room();
+                        let max = limits::MAX_FETCH_BYTES;
                         let fetched =
-                            shared.store.fetch(&self.who, ack_up_to, limit, limits::MAX_FETCH_BYTES).await;
+                            shared.store.fetch(&self.who, ack_up_to, limit, max, &mut |n| room.take(n)).await;
                         match fetched {
                             Ok((msgs, more)) if !msgs.is_empty() => {
-                                break Ok((msgs.into_iter().map(Arc::new).collect(), more));
+                                break Ok((msgs.into_iter().map(Arc::new).collect(), more, Some(room)));
                             }
-                            Ok(_) => {}
+                            Ok(_) => {
+                                if let Err(e) = room.check_progress(0) {
+                                    break Err(e);
+                                }
+                            }
                             Err(e) => break Err(store_err(e)),
                         }
                     }
@@ -729,20 +738,24 @@ impl account::Server for AccountImpl {
                             read = true;
                             continue;
                         }
-                        _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false)),
-                        _ = shared.shutdown.cancelled() => break Ok((Vec::new(), false)),
+                        _ = tokio::time::sleep_until(deadline) => break Ok((Vec::new(), false, None)),
+                        _ = shared.shutdown.cancelled() => break Ok((Vec::new(), false, None)),
                     }
                     // Mail committed while we waited comes with the wake-up: no read transaction.
                     match subscription.take(ack_up_to, limit, limits::MAX_FETCH_BYTES) {
-                        Taken::Messages(msgs, more) if !msgs.is_empty() => break Ok((msgs, more)),
+                        // Shared with the other waiters: in memory already, counted as the reply.
+                        Taken::Messages(msgs, more) if !msgs.is_empty() => break Ok((msgs, more, None)),
                         Taken::Messages(..) => read = false,
                         Taken::ReadStore => read = true,
                     }
                 }
             };
             // A failed ack ends the call at once rather than after the wait.
-            let (removed, (msgs, more)) = tokio::try_join!(ack, wait)?;
-            let _room = self.memory.reserve_reply(reply_bytes(&msgs))?;
+            let (removed, (msgs, more, page)) = tokio::try_join!(ack, wait)?;
+            let _room = match page {
+                Some(page) => self.memory.reply_from_page(page, reply_bytes(&msgs))?,
+                None => self.memory.reserve_reply(reply_bytes(&msgs))?,
+            };
             let mut r = results.get();
             r.set_more(more);
             r.set_removed(removed);

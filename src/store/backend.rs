@@ -51,12 +51,16 @@ pub trait DeliveryStore {
     fn write(&self, op: WriteOp) -> impl Future<Output = Result<Outcome, StoreError>>;
 
     /// Unexpired messages of `who` with seq > `after`, in order; and whether more are waiting.
+    /// `room` is asked for each message's payload and channel bytes before it is taken; the
+    /// page stops (with `more`) at the first it refuses. On redb nothing refused is ever
+    /// copied; PostgreSQL has sent the rows by then, so there it bounds what the page keeps.
     fn fetch(
         &self,
         who: &IdentityKey,
         after: u64,
         limit: u32,
         max_bytes: usize,
+        room: &mut dyn FnMut(usize) -> bool,
     ) -> impl Future<Output = Result<(Vec<StoredMessage>, bool), StoreError>>;
 
     /// Valid single-use KeyPackages of `who` at `now` (unix s), and whether a valid
@@ -143,10 +147,11 @@ impl DeliveryStore for AnyStore {
         after: u64,
         limit: u32,
         max_bytes: usize,
+        room: &mut dyn FnMut(usize) -> bool,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
         match self {
-            AnyStore::Redb(s) => DeliveryStore::fetch(s, who, after, limit, max_bytes).await,
-            AnyStore::Postgres(s) => DeliveryStore::fetch(s, who, after, limit, max_bytes).await,
+            AnyStore::Redb(s) => DeliveryStore::fetch(s, who, after, limit, max_bytes, room).await,
+            AnyStore::Postgres(s) => DeliveryStore::fetch(s, who, after, limit, max_bytes, room).await,
         }
     }
 
@@ -206,8 +211,9 @@ impl DeliveryStore for Store {
         after: u64,
         limit: u32,
         max_bytes: usize,
+        room: &mut dyn FnMut(usize) -> bool,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        Store::fetch(self, who, after, limit, max_bytes)
+        self.fetch_within_at(who, after, limit, max_bytes, self.now_ms(), room)
     }
 
     async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {

@@ -201,19 +201,6 @@ pub(crate) fn split_payload_row(row: &[u8]) -> Result<(u64, &[u8]), StoreError> 
     Ok((u64::from_be_bytes(*refs), entry))
 }
 
-/// The message a shared `queue` value points to, decoded straight from its row (one copy of
-/// the payload, the one the reply needs); a missing row is corruption.
-pub(crate) fn decode_shared(
-    payloads: &impl ReadableTable<u64, &'static [u8]>,
-    seq: u64,
-    id: u64,
-) -> Result<StoredMessage, StoreError> {
-    let row = payloads.get(id)?.ok_or_else(|| {
-        StoreError::Db(format!("corrupt queue entry at seq {seq}: payload {id} is missing"))
-    })?;
-    StoredMessage::decode(seq, split_payload_row(row.value())?.1)
-}
-
 /// The `hybrid_keys` value: signature (64) || created_at_ms (8, big-endian) || key.
 pub(crate) fn encode_hybrid_key(signed: &SignedHybridKey) -> Vec<u8> {
     let mut v = Vec::with_capacity(signed.signature.len() + 8 + signed.key.len());
@@ -292,17 +279,6 @@ impl StoredMessage {
         v.extend_from_slice(channel);
         v.extend_from_slice(payload);
         v
-    }
-
-    fn decode(seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
-        let (enqueued_at_ms, channel_seq, channel_id, payload) = Self::parts(seq, v)?;
-        Ok(StoredMessage {
-            seq,
-            channel_id: channel_id.to_vec(),
-            channel_seq,
-            payload: payload.to_vec(),
-            enqueued_at_ms,
-        })
     }
 
     /// The enqueue time of an encoded entry, checking that the whole entry is well formed.
@@ -478,6 +454,11 @@ impl Store {
         self.fetch_at(who, after, limit, max_bytes, self.clock.now_ms())
     }
 
+    /// The store's clock now (ms since the Unix epoch).
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// [`Store::fetch`] as of the clock reading `now` (ms since the Unix epoch), which decides
     /// what has expired.
     pub fn fetch_at(
@@ -487,6 +468,21 @@ impl Store {
         limit: u32,
         max_bytes: usize,
         now: u64,
+    ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
+        self.fetch_within_at(who, after, limit, max_bytes, now, &mut |_| true)
+    }
+
+    /// [`Store::fetch_at`] that asks `room` for each message's payload and channel bytes before
+    /// copying it out of the file, and stops (answering `more`) at the first it refuses: how the
+    /// server holds what fetches load to its memory budget, whatever their pages hold.
+    pub fn fetch_within_at(
+        &self,
+        who: &IdentityKey,
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+        now: u64,
+        room: &mut dyn FnMut(usize) -> bool,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
         let Some(first) = after.checked_add(1) else { return Ok((Vec::new(), false)) };
         let txn = self.db.begin_read()?;
@@ -499,18 +495,35 @@ impl Store {
         for entry in table.range(&start[..]..=&end[..])? {
             let (k, v) = entry?;
             let seq = queue_key_seq(k.value())?;
-            let msg = match QueueValue::of(v.value()) {
-                QueueValue::Inline(v) => StoredMessage::decode(seq, v)?,
-                QueueValue::Shared(id) => decode_shared(&payloads, seq, id)?,
+            // Read in place (the file's pages): nothing is copied until the message is taken.
+            let row;
+            let encoded = match QueueValue::of(v.value()) {
+                QueueValue::Inline(v) => v,
+                QueueValue::Shared(id) => {
+                    row = payloads.get(id)?.ok_or_else(|| {
+                        StoreError::Db(format!("corrupt queue entry at seq {seq}: payload {id} is missing"))
+                    })?;
+                    split_payload_row(row.value())?.1
+                }
             };
-            if now.saturating_sub(msg.enqueued_at_ms) > self.limits.ttl_ms {
+            let (enqueued_at_ms, channel_seq, channel_id, payload) = StoredMessage::parts(seq, encoded)?;
+            if now.saturating_sub(enqueued_at_ms) > self.limits.ttl_ms {
                 continue; // expired: invisible now, deleted by the next sweep
             }
-            if out.len() as u32 >= limit || (!out.is_empty() && bytes + msg.payload.len() > max_bytes) {
+            if out.len() as u32 >= limit || (!out.is_empty() && bytes + payload.len() > max_bytes) {
                 return Ok((out, true));
             }
-            bytes += msg.payload.len();
-            out.push(msg);
+            if !room(payload.len() + channel_id.len()) {
+                return Ok((out, true));
+            }
+            bytes += payload.len();
+            out.push(StoredMessage {
+                seq,
+                channel_id: channel_id.to_vec(),
+                channel_seq,
+                payload: payload.to_vec(),
+                enqueued_at_ms,
+            });
         }
         Ok((out, false))
     }

@@ -361,8 +361,14 @@ impl super::DeliveryStore for PgStore {
         after: u64,
         limit: u32,
         max_bytes: usize,
+        room: &mut dyn FnMut(usize) -> bool,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        PgStore::fetch(self, who, after, limit, max_bytes).await
+        let (mut msgs, mut more) = PgStore::fetch(self, who, after, limit, max_bytes).await?;
+        if let Some(cut) = msgs.iter().position(|m| !room(m.payload.len() + m.channel_id.len())) {
+            msgs.truncate(cut);
+            more = true;
+        }
+        Ok((msgs, more))
     }
 
     async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {
