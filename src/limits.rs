@@ -238,16 +238,19 @@ pub const DEFAULT_LOOKUP_RATE_PER_CONNECTION: Rate = Rate { per_sec: 20.0, burst
 /// Default `fetchHybridKey` rate of one source address. Config: `rate_limits.lookup_per_address`.
 pub const DEFAULT_LOOKUP_RATE_PER_ADDRESS: Rate = Rate { per_sec: 100.0, burst: 400 };
 
-/// Default key upload rate of one connection (`uploadKeyPackages` and `uploadHybridKey`, one
-/// token per call, for all identities on it): a client uploads when it registers and when its
-/// pool runs low, while each call can cost 200 signature checks. Config:
-/// `rate_limits.key_upload_per_connection`.
-pub const DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION: Rate = Rate { per_sec: 1.0, burst: 20 };
+/// Default key upload rate of one connection, for all identities on it: a token per
+/// `uploadKeyPackages` or `uploadHybridKey` call, taken before anything in it is read, plus one
+/// per package it carries (spent once counted, before any is verified; the bucket may go into
+/// debt). A client registering spends about 23 (two calls, 20 packages and a last-resort one),
+/// a largest upload 102; each package costs two signature checks and up to 16 KiB of the key
+/// budget. Config: `rate_limits.key_upload_per_connection`.
+pub const DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION: Rate = Rate { per_sec: 5.0, burst: 250 };
 
-/// Default key upload rate of one source address: a burst of 1000 lets hundreds of people behind
-/// one NAT register at once; identities are free, so this (and the key budget) is what bounds
-/// a stranger's uploads. Config: `rate_limits.key_upload_per_address`.
-pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 20.0, burst: 1000 };
+/// Default key upload rate of one source address, counted as per connection: a burst of 5000
+/// lets about 200 people behind one NAT register at once; identities are free, so this and
+/// the key budget are what bound a stranger's uploads (50 packages a second: at most ~800 KiB/s
+/// of key material from one address). Config: `rate_limits.key_upload_per_address`.
+pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burst: 5000 };
 
 /// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
 /// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up

@@ -74,16 +74,17 @@ async fn a_full_pool_refuses_an_upload_before_checking_its_packages() {
 }
 
 /// Key uploads (`uploadKeyPackages`, `uploadHybridKey`) are rate limited per connection, for
-/// every identity on it, then per address, before anything in them is verified: identities are
-/// free, and each upload can cost 200 signature checks.
+/// every identity on it, then per address: a token per call before anything in it is read, and
+/// one per package once they are counted, before any is verified. Identities are free, and each
+/// package costs two signature checks and room in the key budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_uploads_are_rate_limited_per_connection_then_per_address_before_verification() {
+async fn key_uploads_are_rate_limited_per_connection_then_per_address_by_their_packages() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     let clock = Clock::system();
     cfg.clock = clock.clone();
-    cfg.rate_limits.key_upload_per_connection = Rate { per_sec: 1.0, burst: 2 };
-    cfg.rate_limits.key_upload_per_address = Rate { per_sec: 1.0, burst: 3 };
+    cfg.rate_limits.key_upload_per_connection = Rate { per_sec: 1.0, burst: 4 };
+    cfg.rate_limits.key_upload_per_address = Rate { per_sec: 1.0, burst: 5 };
     let server = start_server_with(cfg).await;
     local(async {
         let (alice, bob, carol) = (Identity::generate(), Identity::generate(), Identity::generate());
@@ -91,29 +92,30 @@ async fn key_uploads_are_rate_limited_per_connection_then_per_address_before_ver
         let kps = |n| -> Vec<Vec<u8>> { mls.key_packages(n).unwrap().into_iter().map(|k| k.bytes).collect() };
         let mut a = connect(&server).await;
         a.authenticate(&alice).await.unwrap();
-        a.upload_key_packages(&kps(1), None).await.unwrap();
-        let signed = SignedHybridKey::sign(alice.signing_key(), 1_000, &HybridSecretKey::generate());
-        a.upload_hybrid_key(&signed).await.unwrap();
+        // A call and three packages: the connection's 4 tokens, 4 of the address's 5.
+        assert_eq!(a.upload_key_packages(&kps(3), None).await.unwrap(), 3);
         // Garbage: refused for the rate, not for what it holds, so nothing was verified.
         let e = refusal(a.upload_key_packages(&[vec![0u8; 64]], None).await);
         assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
         assert_eq!(e.message, "rate limited: too many key uploads from this connection");
         assert!(matches!(e.retry_after_ms, Some(1..=1000)), "{e:?}");
         // Another identity on the same connection shares its budget.
-        let bob_mls = MlsClient::new(bob.seed()).unwrap();
-        let bobs: Vec<Vec<u8>> = bob_mls.key_packages(1).unwrap().into_iter().map(|k| k.bytes).collect();
         a.authenticate(&bob).await.unwrap();
-        assert_eq!(refusal(a.upload_key_packages(&bobs, None).await).code, ErrorCode::RateLimited);
-        a.authenticate(&alice).await.unwrap();
-        // A new connection from the same address has its own budget, but not the address's.
+        let signed = SignedHybridKey::sign(bob.signing_key(), 1_000, &HybridSecretKey::generate());
+        assert_eq!(refusal(a.upload_hybrid_key(&signed).await).code, ErrorCode::RateLimited);
+        // A new connection from the same address has its own budget, but not the address's:
+        // bob's hybrid key takes the address's last token.
         let b = login(&server, &bob).await;
-        b.upload_key_packages(&bobs, None).await.unwrap();
+        b.upload_hybrid_key(&signed).await.unwrap();
         let c = login(&server, &carol).await;
         let e = refusal(c.upload_key_packages(&[vec![0u8; 64]], None).await);
         assert_eq!(e.message, "rate limited: too many key uploads from this address");
         clock.advance(1_000);
-        a.upload_key_packages(&kps(1), None).await.expect("a second later, one more token each");
-        assert_eq!(a.key_package_count().await.unwrap(), (2, false));
+        a.authenticate(&alice).await.unwrap();
+        a.upload_key_packages(&kps(1), None).await.expect("a second later, a token each again");
+        assert_eq!(a.key_package_count().await.unwrap(), (4, false));
+        let e = refusal(a.upload_key_packages(&kps(1), None).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "the package went into debt: {e:?}");
     })
     .await;
     server.shutdown().await.unwrap();
@@ -149,6 +151,12 @@ async fn a_fetch_loads_what_the_memory_budget_holds_and_still_makes_progress() {
         assert_eq!(acked, 1);
         assert_eq!((msgs.len(), more), (1, false));
         assert_eq!(msgs[0].payload, vec![2u8; 1 << 20]);
+        // A message larger than half the budget (loaded and answered: more than all of it) is
+        // still delivered, alone, once nothing else holds the budget.
+        s.enqueue(&alice.public().0, &vec![3u8; 2 << 20], b"").await.unwrap();
+        let (msgs, more, _) = a.ack_and_fetch_wait(msgs[0].seq, 1_000, 0).await.unwrap();
+        assert_eq!((msgs.len(), more), (1, false));
+        assert_eq!(msgs[0].payload, vec![3u8; 2 << 20]);
     })
     .await;
     server.shutdown().await.unwrap();

@@ -146,10 +146,15 @@ impl PageRoom {
     /// Holds room for one more message of `bytes` (payload and channel id, plus its share of
     /// the page), twice: once loaded and once in the reply built from it, which then needs no
     /// room of its own ([`ConnMemory::reply_from_page`]). False when that does not fit under
-    /// the budget's cap.
+    /// the budget's cap. A page's first message is charged at most the whole cap, as
+    /// [`MemoryBudget::reserve`] does, so a message larger than half the budget is still
+    /// delivered (alone, when the budget is empty) instead of refused for ever.
     pub fn take(&mut self, bytes: usize) -> bool {
-        let n = bytes.saturating_add(limits::FETCH_MESSAGE_OVERHEAD_BYTES).saturating_mul(2);
         let budget = &self.held.budget;
+        let mut n = bytes.saturating_add(limits::FETCH_MESSAGE_OVERHEAD_BYTES).saturating_mul(2);
+        if self.held.bytes == 0 {
+            n = n.min(budget.cap);
+        }
         let fits = budget
             .used
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
@@ -162,6 +167,11 @@ impl PageRoom {
             self.refused = true;
         }
         fits
+    }
+
+    /// Whether the budget refused a message of this page.
+    pub fn refused(&self) -> bool {
+        self.refused
     }
 
     /// `busy` when the budget had no room for even the first message of a page that has one.

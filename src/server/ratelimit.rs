@@ -138,6 +138,15 @@ impl ConnectionBucket {
         self.bucket.set(b);
         out
     }
+
+    /// Spends `tokens` more, going into debt (which delays the next [`Self::take`]): for a call
+    /// whose cost is known only once it has been let in (an upload's package count).
+    pub fn charge(&self, tokens: u32, clock: &Clock) {
+        let mut b = self.bucket.get();
+        b.refill(self.rate, clock.now_ms());
+        b.tokens -= f64::from(tokens);
+        self.bucket.set(b);
+    }
 }
 
 /// Buckets per key (a source address, a target identity), shared by every connection.
@@ -190,6 +199,11 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
     /// and nothing to prune is not limited: failing open here only lifts this one limit, where
     /// failing closed would let whoever fills the map refuse everyone.
     pub fn charge(&self, key: K, now_ms: u64) {
+        self.charge_n(key, now_ms, 1);
+    }
+
+    /// [`Self::charge`] of `tokens` tokens at once.
+    pub fn charge_n(&self, key: K, now_ms: u64, tokens: u32) {
         let mut state = self.lock();
         let rate = self.rate;
         if !self.room_for(&mut state, &key, now_ms) {
@@ -197,7 +211,7 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         }
         let bucket = state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms));
         bucket.refill(rate, now_ms);
-        bucket.tokens -= 1.0;
+        bucket.tokens -= f64::from(tokens);
     }
 
     /// Whether `key` has a bucket or the map room for one, after dropping the full buckets

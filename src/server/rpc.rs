@@ -570,6 +570,8 @@ impl account::Server for AccountImpl {
                     limits::MAX_KEY_PACKAGES_PER_UPLOAD
                 )));
             }
+            let lr_given = !p.get_last_resort()?.is_empty();
+            self.charge_key_uploads(list.len().saturating_add(u32::from(lr_given)));
             // One reading of the clock judges the whole upload.
             let now = self.shared.clock.now_secs();
             // A full pool is refused before the packages' signatures are checked (two each): a
@@ -718,11 +720,10 @@ impl account::Server for AccountImpl {
                             Ok((msgs, more)) if !msgs.is_empty() => {
                                 break Ok((msgs.into_iter().map(Arc::new).collect(), more, Some(room)));
                             }
-                            Ok(_) => {
-                                if let Err(e) = room.check_progress(0) {
-                                    break Err(e);
-                                }
-                            }
+                            // No room for its first message: answered `busy`, but only once the
+                            // folded ack has committed (after the join below).
+                            Ok(_) if room.refused() => break Ok((Vec::new(), true, Some(room))),
+                            Ok(_) => {}
                             Err(e) => break Err(store_err(e)),
                         }
                     }
@@ -753,7 +754,10 @@ impl account::Server for AccountImpl {
             // A failed ack ends the call at once rather than after the wait.
             let (removed, (msgs, more, page)) = tokio::try_join!(ack, wait)?;
             let _room = match page {
-                Some(page) => self.memory.reply_from_page(page, reply_bytes(&msgs))?,
+                Some(page) => {
+                    page.check_progress(msgs.len())?;
+                    self.memory.reply_from_page(page, reply_bytes(&msgs))?
+                }
                 None => self.memory.reserve_reply(reply_bytes(&msgs))?,
             };
             let mut r = results.get();
@@ -788,6 +792,15 @@ fn acked(written: Result<Outcome, StoreError>) -> Result<u32, Error> {
 }
 
 impl AccountImpl {
+    /// Spends one more token of this connection's and its address's key upload budget per
+    /// package, once the upload's package count is known (before any is verified): the budget
+    /// then bounds the key bytes and signature checks one address can cause, not its calls.
+    fn charge_key_uploads(&self, packages: u32) {
+        let now = self.shared.clock.now_ms();
+        self.key_upload_rate.charge(packages, &self.shared.clock);
+        self.shared.rates.key_upload_per_address.charge_n(self.source, now, packages);
+    }
+
     /// One token of this connection's and its address's key upload budget, taken before
     /// anything of the upload is read or verified.
     fn take_key_upload_token(&self) -> Result<(), Error> {

@@ -253,6 +253,7 @@ impl<'t, 'm> Keys<'t, 'm> {
         }
         let more = doomed.len() >= limits::SWEEP_SLICE_ROWS;
         let mut freed = 0;
+        let mut removed = 0u64;
         for k in &doomed {
             // Fixed offsets into a 48-byte array: these slices cannot fail.
             let (not_after, who, slot) = (&k[..8], &k[8..40], &k[40..]);
@@ -268,15 +269,21 @@ impl<'t, 'm> Keys<'t, 'm> {
                 };
                 if stored == Some(not_after) {
                     freed += self.drop_last_resort(who)?;
+                    removed += 1;
                 }
                 continue;
             }
             let who: IdentityKey = who.try_into().map_err(|_| corrupt("key package expiry row"))?;
             let key = kp_key(&who, slot);
-            let len = self.packages.get(&key[..])?.map(|v| v.value().len());
-            if let Some(len) = len {
+            // Only the package this row indexes (ids are never reused, so it always is).
+            let stored = match self.packages.get(&key[..])? {
+                Some(v) => Some((KeyPackageEntry::decode_not_after(v.value())?, v.value().len())),
+                None => None,
+            };
+            if let Some((_, len)) = stored.filter(|(at, _)| *at == not_after) {
                 self.packages.remove(&key[..])?;
                 freed += charge(len);
+                removed += 1;
                 let pool = self.pool.get(&who[..])?.map(|g| g.value());
                 if let Some((next, count)) = pool {
                     self.pool.insert(&who[..], (next, count.saturating_sub(1)))?;
@@ -284,7 +291,7 @@ impl<'t, 'm> Keys<'t, 'm> {
             }
         }
         self.account(0, freed)?;
-        Ok(Outcome::KeyPackagesExpired { removed: doomed.len() as u64, more })
+        Ok(Outcome::KeyPackagesExpired { removed, more })
     }
 
     /// Replaces `who`'s hybrid key only with a newer one: an older signed key (a replay of one
@@ -496,6 +503,32 @@ mod tests {
         }
         let none = store.write(WriteOp::ExpireKeyPackages { now: later }).await.unwrap();
         assert_eq!(none, Outcome::KeyPackagesExpired { removed: 0, more: false });
+        check(store, &path, u64::MAX).close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stale_expiry_row_never_deletes_a_valid_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let who = [1u8; 32];
+        let now = 1_000_000;
+        let store = Store::open(&path, limits(u64::MAX)).unwrap();
+        store.write(upload(who, vec![kp(now + 1000, 4)], Some(kp(now + 1000, 4)), now)).await.unwrap();
+        store.close().unwrap();
+        {
+            // Rows naming the stored packages with an earlier not_after (a damaged index).
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut expiry = txn.open_table(KEY_EXPIRY).unwrap();
+            expiry.insert(&expiry_key(now + 5, &who, 0)[..], ()).unwrap();
+            expiry.insert(&expiry_key(now + 5, &who, LAST_RESORT_SLOT)[..], ()).unwrap();
+            drop(expiry);
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, limits(u64::MAX)).unwrap();
+        let out = store.write(WriteOp::ExpireKeyPackages { now: now + 10 }).await.unwrap();
+        assert_eq!(out, Outcome::KeyPackagesExpired { removed: 0, more: false });
+        assert_eq!(store.key_package_count(&who, now + 10).unwrap(), (1, true), "both packages kept");
         check(store, &path, u64::MAX).close().unwrap();
     }
 
