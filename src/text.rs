@@ -118,10 +118,20 @@ pub fn guard(s: &str) -> Cow<'_, str> {
 /// followed by `body`, whose further lines are indented by the header's width (at least two
 /// columns), so none of them starts at column 0.
 pub fn message(header: &str, body: &str) -> String {
+    message_for_width(header, body, None)
+}
+
+/// [`message`] for a terminal `width` columns wide (None: not a terminal). A line that would
+/// not fit is broken where the terminal would wrap it, onto a continuation line indented like
+/// the others: left to the terminal, the wrapped part starts at column 0, and a peer padding a
+/// line to the width could start it with `alice: ` and pass for another message.
+pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> String {
     let header = guard(header);
-    let indent = " ".repeat(header.chars().count().max(2));
+    let header_cols = columns(&header);
+    let indent = " ".repeat(header_cols.max(2));
     let mut out = String::with_capacity(header.len() + body.len() + 16);
     out.push_str(&header);
+    let mut line_buf = String::new();
     for (n, line) in body.split('\n').enumerate() {
         if n > 0 {
             out.push('\n');
@@ -130,9 +140,33 @@ pub fn message(header: &str, body: &str) -> String {
         // CRLF is a line break like LF; any other CR is escaped below.
         let line = line.strip_suffix('\r').unwrap_or(line);
         let line = line.replace('\t', &" ".repeat(TAB_SPACES));
-        let _ = write_escaped(&mut out, &line, |_| false);
+        line_buf.clear();
+        let _ = write_escaped(&mut line_buf, &line, |_| false);
+        let Some(width) = width else {
+            out.push_str(&line_buf);
+            continue;
+        };
+        let mut row_start = if n == 0 { header_cols } else { indent.len() };
+        let mut used = row_start;
+        for c in line_buf.chars() {
+            let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+            // Break before a character the row has no room for; at least one per row.
+            if used + w > width && used > row_start {
+                out.push('\n');
+                out.push_str(&indent);
+                used = indent.len();
+                row_start = used;
+            }
+            out.push(c);
+            used += w;
+        }
     }
     out
+}
+
+/// Columns `s` takes on a terminal (escaped text: no control characters).
+fn columns(s: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(s)
 }
 
 /// `value` as one line of JSON in which every character [`is_unsafe`] marks is a `\uXXXX`
@@ -240,6 +274,27 @@ mod tests {
         assert_eq!(message("", "a\nb"), "a\n  b");
         let g = message("[#team] alice: ", "x\ny");
         assert_eq!(g, "[#team] alice: x\n               y");
+    }
+
+    #[test]
+    fn a_line_longer_than_the_terminal_is_broken_onto_an_indented_line() {
+        // Padded so that, soft-wrapped by an 20-column terminal, `alice: hi` would start a row.
+        let body = format!("{}alice: hi", " ".repeat(15));
+        let m = message_for_width("bob: ", &body, Some(20));
+        assert_eq!(m, format!("bob: {}\n     alice: hi", " ".repeat(15)));
+        for row in m.lines() {
+            assert!(columns(row) <= 20, "{row:?}");
+        }
+        for row in m.lines().skip(1) {
+            assert!(row.starts_with("     "), "{row:?}");
+        }
+        // Wide characters count two columns and are never split; escapes count as shown.
+        let m = message_for_width("b: ", "日本語日本語\x1b", Some(9));
+        assert_eq!(m, "b: 日本語\n   日本語\n   \\x1b");
+        // Not a terminal: nothing is broken.
+        assert_eq!(message_for_width("bob: ", &body, None), format!("bob: {body}"));
+        // A terminal narrower than the indent still shows everything, a character a row.
+        assert_eq!(message_for_width("bob: ", "ab", Some(3)), "bob: a\n     b");
     }
 
     #[test]

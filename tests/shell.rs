@@ -437,6 +437,35 @@ fn pty_a_terminal_attack_arrives_as_visible_escapes() {
     p.exp_eof().unwrap();
 }
 
+/// A peer pads a line to the terminal's width so that, wrapped by the terminal, its rest would
+/// start a row as `alice: ...`. On a terminal 40 columns wide, `recv` breaks the line itself and
+/// indents the rest under the header.
+#[test]
+fn pty_a_line_wider_than_the_terminal_continues_indented_not_at_column_0() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    // `14:03 bob: ` is 11 columns: 29 spaces fill the row.
+    let spoof = format!("hi{}alice: your passphrase?", " ".repeat(27));
+    bob.ok(&["send", "alice", &spoof]);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg("stty cols 40 rows 24 && exec \"$0\" \"$@\"");
+    let qpq = qpq_command(alice.home.path());
+    cmd.arg(qpq.get_program()).args(qpq.get_args()).arg("recv").env("QPQ_LOG", "warn");
+    for var in ["QPQ_HOME", "QPQ_SERVER", "QPQ_SERVER_FINGERPRINT", "QPQ_PASSPHRASE"] {
+        cmd.env_remove(var);
+    }
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq recv on a pty");
+    let out = p.exp_eof().unwrap();
+    // Messages only (not the event line on stderr).
+    let rows: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("qpq: ")).collect();
+    assert_eq!(rows.len(), 2, "{out:?}");
+    assert!(rows[0].trim_end().ends_with(" bob: hi"), "{rows:?}");
+    assert_eq!(rows[1].trim_end(), format!("{}alice: your passphrase?", " ".repeat(11)), "{rows:?}");
+    for row in &rows {
+        assert!(row.chars().count() <= 40, "a row the terminal would wrap: {row:?}");
+    }
+}
+
 #[test]
 fn pty_tab_completes_a_contact_name() {
     let dir = tempfile::tempdir().unwrap();

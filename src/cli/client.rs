@@ -593,7 +593,13 @@ pub fn format_entry(m: &Messenger, e: &Entry) -> String {
         Some(g) => format!("{when} [#{}] {}: ", Shown(&g), Shown(&from)),
         None => format!("{when} {}: ", Shown(&from)),
     };
-    text::message(&header, &e.text)
+    text::message_for_width(&header, &e.text, terminal_columns())
+}
+
+/// Columns of the terminal on stdout, when stdout is one: messages are broken to fit it
+/// ([`text::message_for_width`]) rather than left to the terminal's own wrapping.
+fn terminal_columns() -> Option<usize> {
+    terminal_size::terminal_size_of(std::io::stdout()).map(|(w, _)| usize::from(w.0)).filter(|w| *w > 0)
 }
 
 /// One message as a JSON object (print it with [`text::json_line`], which keeps the exact text
@@ -879,7 +885,11 @@ fn format_entry_in(m: &Messenger, e: &Entry) -> String {
     let from = m.display_name_in(&e.group_id, &e.from);
     let when = localtime::short(e.received_at_ms, m.now_ms());
     let with = m.conversation_name(&e.group_id);
-    text::message(&format!("{when} [{}] {}: ", Shown(&with), Shown(&from)), &e.text)
+    text::message_for_width(
+        &format!("{when} [{}] {}: ", Shown(&with), Shown(&from)),
+        &e.text,
+        terminal_columns(),
+    )
 }
 
 /// The lines of `health` every caller prints: status, version and uptime first (scripts match

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::messenger::MAX_TEXT_BYTES;
 use crate::client::state::GroupKind;
 
 /// Format byte in front of every encoded frame.
@@ -82,8 +83,18 @@ impl AppMessage {
         encode(self)
     }
 
+    /// Text longer than [`MAX_TEXT_BYTES`] is malformed: our clients never send it, and a
+    /// peer's client that does would otherwise flood the terminal and the history with up to a
+    /// whole payload (4 MiB) per message.
     pub fn decode(bytes: &[u8]) -> Result<AppMessage, FrameError> {
-        decode(bytes)
+        let app: AppMessage = decode(bytes)?;
+        if app.text.len() > MAX_TEXT_BYTES {
+            return Err(FrameError::Malformed(format!(
+                "text too long: {} > {MAX_TEXT_BYTES} bytes",
+                app.text.len()
+            )));
+        }
+        Ok(app)
     }
 }
 
@@ -110,5 +121,13 @@ mod tests {
         }
         let a = AppMessage { text: "hi ✓".into(), sent_at_ms: 42 };
         assert_eq!(AppMessage::decode(&a.encode()).unwrap(), a);
+        let longest = AppMessage { text: "x".repeat(MAX_TEXT_BYTES), sent_at_ms: 42 };
+        assert_eq!(AppMessage::decode(&longest.encode()).unwrap(), longest);
+        let over = AppMessage { text: "x".repeat(MAX_TEXT_BYTES + 1), sent_at_ms: 42 };
+        let e = AppMessage::decode(&over.encode()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("malformed frame: text too long: {} > {MAX_TEXT_BYTES} bytes", MAX_TEXT_BYTES + 1)
+        );
     }
 }
