@@ -10,6 +10,9 @@
 //!
 //! An IPv6 host usually holds a whole /64 and can pick any address in it, so IPv6 clients are
 //! counted per /64 prefix; IPv4 per address (an IPv4-mapped IPv6 address counts as its IPv4).
+//! A site is often given a whole /48 (65,536 /64s), and an IPv4 attacker may hold a /24, so each
+//! such network holds at most [`limits::CONNECTIONS_PER_NETWORK_FACTOR`] times the per-address
+//! quota: before, one /48 could take every slot of the server 256 at a time.
 //!
 //! An address at its quota whose new connection has proven the address evicts its own
 //! longest-idle connection instead of being refused: one nothing has arrived on for
@@ -48,6 +51,7 @@ pub enum Decision {
 pub struct Admission {
     max_total: usize,
     max_per_ip: usize,
+    max_per_net: usize,
     clock: Clock,
     open: Mutex<Open>,
 }
@@ -57,6 +61,23 @@ struct Open {
     total: usize,
     /// Each address's connections (their count is the address's share of the quota).
     per_ip: HashMap<IpAddr, Vec<Arc<Activity>>>,
+    /// Connections per network ([`network_key`]); no entry for a network with none.
+    per_net: HashMap<IpAddr, usize>,
+}
+
+impl Open {
+    fn add_to_net(&mut self, net: IpAddr) {
+        *self.per_net.entry(net).or_default() += 1;
+    }
+
+    fn remove_from_net(&mut self, net: IpAddr) {
+        if let Some(n) = self.per_net.get_mut(&net) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_net.remove(&net);
+            }
+        }
+    }
 }
 
 /// What admission knows of one connection's use, updated by the connection's task.
@@ -109,13 +130,15 @@ impl Admission {
 
     /// An admission whose idle times read `clock` (the server's).
     pub fn with_clock(max_total: usize, max_per_ip: usize, clock: Clock) -> Arc<Admission> {
-        Arc::new(Admission { max_total, max_per_ip, clock, open: Mutex::new(Open::default()) })
+        let max_per_net = max_per_ip.saturating_mul(limits::CONNECTIONS_PER_NETWORK_FACTOR);
+        Arc::new(Admission { max_total, max_per_ip, max_per_net, clock, open: Mutex::new(Open::default()) })
     }
 
     /// Decides on a connection from `ip`; `validated` says whether the client has already proven
     /// that it owns that address (it answered a Retry).
     pub fn admit(self: &Arc<Self>, ip: IpAddr, validated: bool) -> Decision {
         let ip = quota_key(ip);
+        let net = network_key(ip);
         let mut open = self.lock();
         let from_ip = open.per_ip.get(&ip).map_or(0, Vec::len);
         if open.total >= self.max_total {
@@ -130,14 +153,25 @@ impl Admission {
                 return Decision::Refuse("too many connections from this address");
             }
         }
-        // Unproven addresses hold a slot until their handshake ends or times out: once either
+        let from_net = open.per_net.get(&net).copied().unwrap_or(0);
+        if from_net >= self.max_per_net {
+            if !validated {
+                return Decision::Validate;
+            }
+            return Decision::Refuse("too many connections from this network");
+        }
+        // Unproven addresses hold a slot until their handshake ends or times out: once any
         // count is half full, only proven ones may take more, so forged Initials cannot fill
-        // the server (from one address, or from many).
-        if !validated && (from_ip >= self.max_per_ip.div_ceil(2) || open.total >= self.max_total.div_ceil(2))
+        // the server (from one address, one network, or from many).
+        if !validated
+            && (from_ip >= self.max_per_ip.div_ceil(2)
+                || from_net >= self.max_per_net.div_ceil(2)
+                || open.total >= self.max_total.div_ceil(2))
         {
             return Decision::Validate;
         }
         open.total += 1;
+        open.add_to_net(net);
         let activity = Activity::untracked(self.clock.clone());
         open.per_ip.entry(ip).or_default().push(activity.clone());
         Decision::Admit(Slot { admission: self.clone(), ip, activity })
@@ -157,6 +191,7 @@ impl Admission {
         victim.released.store(true, Ordering::SeqCst);
         victim.evicted.cancel();
         open.total = open.total.saturating_sub(1);
+        open.remove_from_net(network_key(ip));
         true
     }
 
@@ -206,6 +241,15 @@ pub fn quota_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The network a connection's address belongs to, for the per-network cap: an IPv4 /24, an IPv6
+/// /48 (IPv4-mapped addresses count as IPv4).
+pub fn network_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & !0xff).into()),
+    }
+}
+
 /// One admitted connection's place in the counts, given back on drop (or on eviction).
 #[derive(Debug)]
 pub struct Slot {
@@ -228,6 +272,7 @@ impl Drop for Slot {
             return; // evicted: already given back
         }
         open.total = open.total.saturating_sub(1);
+        open.remove_from_net(network_key(self.ip));
         if let Some(conns) = open.per_ip.get_mut(&self.ip) {
             conns.retain(|a| !Arc::ptr_eq(a, &self.activity));
             if conns.is_empty() {
@@ -287,6 +332,7 @@ mod tests {
         assert_eq!(a.open(), 1);
         drop(fourth);
         assert!(a.lock().per_ip.is_empty());
+        assert!(a.lock().per_net.is_empty(), "an eviction gave its network count back once");
     }
 
     #[test]
@@ -327,6 +373,36 @@ mod tests {
     }
 
     #[test]
+    fn a_network_holds_a_bounded_multiple_of_the_address_quota() {
+        let factor = limits::CONNECTIONS_PER_NETWORK_FACTOR;
+        let a = Admission::new(1000, 2);
+        // Addresses of one /48, each at its own quota of 2.
+        let in_48 = |i: usize| -> IpAddr { format!("2001:db8:7:{i:x}::1").parse().unwrap() };
+        let mut slots: Vec<Slot> =
+            (0..factor).flat_map(|i| [0, 1].map(|_| admitted(a.admit(in_48(i), true)))).collect();
+        assert!(matches!(a.admit(in_48(factor), false), Decision::Validate), "past half, prove the address");
+        assert!(matches!(
+            a.admit(in_48(factor), true),
+            Decision::Refuse("too many connections from this network")
+        ));
+        // Another /48, and the IPv4 /24s, are not affected; a /24 has the same cap.
+        let _other = admitted(a.admit("2001:db8:8::1".parse().unwrap(), false));
+        let in_24 = |i: usize| -> IpAddr { format!("192.0.2.{i}").parse().unwrap() };
+        let _v4: Vec<Slot> =
+            (0..factor).flat_map(|i| [0, 1].map(|_| admitted(a.admit(in_24(i), true)))).collect();
+        assert!(matches!(
+            a.admit(in_24(200), true),
+            Decision::Refuse("too many connections from this network")
+        ));
+        let _next_24 = admitted(a.admit("192.0.3.1".parse().unwrap(), true));
+        // A connection given back makes room in its network.
+        slots.pop();
+        let _again = admitted(a.admit(in_48(factor), true));
+        drop(slots);
+        assert_eq!(a.lock().per_net.len(), 4, "the /48, the other /48 and the two /24s");
+    }
+
+    #[test]
     fn a_refusal_flood_logs_one_line_per_interval_and_counts_the_rest() {
         let mut log = RefusalLog::default();
         let t0 = std::time::Instant::now();
@@ -347,5 +423,6 @@ mod tests {
         drop(slots);
         assert_eq!(a.open(), 0);
         assert!(a.lock().per_ip.is_empty(), "no entry is left behind for an address with no connection");
+        assert!(a.lock().per_net.is_empty(), "nor for a network");
     }
 }
