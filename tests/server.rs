@@ -1342,7 +1342,8 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
              INSERT INTO qpq_key_packages (identity, not_after, bytes)
                  VALUES ('\\x{key}', {past}, '\\x01020304'), ('\\x{key}', {later}, '\\x0102');
              INSERT INTO qpq_last_resort VALUES ('\\x{key}', {later}, '\\x010203');
-             INSERT INTO qpq_hybrid_keys VALUES ('\\x{key}', 1, '\\x00010203040506070809');",
+             INSERT INTO qpq_hybrid_keys VALUES ('\\x{key}', 1, '\\x00010203040506070809');
+             INSERT INTO qpq_key_package_owners VALUES ('\\x00');",
             past = now_ms / 1000 - 10,
             later = now_ms / 1000 + 3600,
         ),
@@ -1378,6 +1379,8 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
             "415",
             "the expired one's 140 freed"
         );
+        let owners = cluster.query(&url, "SELECT count(*) FROM qpq_key_package_owners");
+        assert_eq!(owners, "0", "an owner row with no package left is deleted");
     })
     .await;
     server.shutdown().await.unwrap();

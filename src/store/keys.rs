@@ -83,6 +83,18 @@ impl<'t, 'm> Keys<'t, 'm> {
         })
     }
 
+    /// Records `who`'s (next id, package rows); an identity with no package left has no row,
+    /// so identities that come and go (they are free) leave nothing behind. Its ids may then
+    /// start again from 0: no package row, and so no index row, of its is left to collide with.
+    fn set_pool(&mut self, who: &IdentityKey, next: u64, count: u64) -> Result<(), StoreError> {
+        if count == 0 {
+            self.pool.remove(&who[..])?;
+        } else {
+            self.pool.insert(&who[..], (next, count))?;
+        }
+        Ok(())
+    }
+
     fn used(&self) -> Result<u64, StoreError> {
         Ok(self.meta.get(KEY_BYTES)?.map(|g| g.value()).unwrap_or(0))
     }
@@ -143,7 +155,7 @@ impl<'t, 'm> Keys<'t, 'm> {
         let (next, count) = self.pool.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
         let left = count.saturating_sub(doomed.len() as u64);
         if !doomed.is_empty() {
-            self.pool.insert(&who[..], (next, left))?;
+            self.set_pool(who, next, left)?;
         }
         Ok(left)
     }
@@ -180,7 +192,7 @@ impl<'t, 'm> Keys<'t, 'm> {
             self.expiry.insert(&expiry_key(kp.not_after, who, next)[..], ())?;
             next += 1;
         }
-        self.pool.insert(&who[..], (next, count + adding))?;
+        self.set_pool(who, next, count + adding)?;
         let mut freed = 0;
         if let Some((not_after, value)) = &lr {
             freed = self.drop_last_resort(who)?;
@@ -215,7 +227,7 @@ impl<'t, 'm> Keys<'t, 'm> {
         if removed > 0 {
             let (next, count) = self.pool.get(&who[..])?.map(|g| g.value()).unwrap_or((0, removed));
             remaining = count.saturating_sub(removed);
-            self.pool.insert(&who[..], (next, remaining))?;
+            self.set_pool(who, next, remaining)?;
         }
         if let Some(bytes) = found {
             // Rows after the one taken may have expired too; `remaining` is an upper bound until
@@ -286,7 +298,7 @@ impl<'t, 'm> Keys<'t, 'm> {
                 removed += 1;
                 let pool = self.pool.get(&who[..])?.map(|g| g.value());
                 if let Some((next, count)) = pool {
-                    self.pool.insert(&who[..], (next, count.saturating_sub(1)))?;
+                    self.set_pool(&who, next, count.saturating_sub(1))?;
                 }
             }
         }
@@ -503,6 +515,34 @@ mod tests {
         }
         let none = store.write(WriteOp::ExpireKeyPackages { now: later }).await.unwrap();
         assert_eq!(none, Outcome::KeyPackagesExpired { removed: 0, more: false });
+        check(store, &path, u64::MAX).close().unwrap();
+    }
+
+    /// Identities are free: one whose packages are all gone (taken or expired) leaves no row.
+    #[tokio::test]
+    async fn an_identity_with_no_package_left_leaves_no_pool_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let (alice, bob) = ([1u8; 32], [2u8; 32]);
+        let now = 1_000_000;
+        let store = Store::open(&path, limits(u64::MAX)).unwrap();
+        store.write(upload(alice, vec![kp(now + 10, 4), kp(now + 10, 5)], None, now)).await.unwrap();
+        store.write(upload(bob, vec![kp(now + 10, 4)], None, now)).await.unwrap();
+        for _ in 0..2 {
+            store.write(WriteOp::TakeKeyPackage { who: alice, now }).await.unwrap();
+        }
+        store.write(WriteOp::ExpireKeyPackages { now: now + 10 }).await.unwrap();
+        store.close().unwrap();
+        {
+            let db = Database::open(&path).unwrap();
+            let rows = db.begin_read().unwrap().open_table(KEY_PACKAGE_META).unwrap().iter().unwrap().count();
+            assert_eq!(rows, 0, "taken and expired: no pool row left");
+        }
+        // Ids start again, and packages come and go as before.
+        let store = Store::open(&path, limits(u64::MAX)).unwrap();
+        store.write(upload(alice, vec![kp(now + 99, 6)], None, now)).await.unwrap();
+        let taken = store.write(WriteOp::TakeKeyPackage { who: alice, now }).await.unwrap();
+        assert_eq!(taken, Outcome::KeyPackage { bytes: vec![7; 6], remaining: 0, last_resort: false });
         check(store, &path, u64::MAX).close().unwrap();
     }
 

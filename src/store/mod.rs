@@ -17,7 +17,7 @@
 //! | `queue_meta` | recipient (32) | (next_seq, message count, payload bytes); only while the queue is not empty |
 //! | `channels` | channel id | (last channel_seq handed out, messages queued with this channel id); only while that count is not zero |
 //! | `key_packages` | identity (32) ‖ id (u64 BE) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ KeyPackage bytes (TLS encoding) |
-//! | `key_package_meta` | identity (32) | (next_id, rows in `key_packages`, expired ones included until deleted) |
+//! | `key_package_meta` | identity (32) | (next_id, rows in `key_packages`, expired ones included until deleted); only while that count is not zero |
 //! | `last_resort` | identity (32) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ last-resort KeyPackage bytes |
 //! | `hybrid_keys` | identity (32) | signature (64) ‖ created_at_ms (8, BE) ‖ hybrid public key |
 //! | `key_package_expiry` | not_after (u64 BE) ‖ identity (32) ‖ id (u64 BE; `u64::MAX` for the last-resort one) | `()`: one row per `key_packages` and `last_resort` row (see [`keys`]) |

@@ -624,6 +624,19 @@ async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, 
         more |= n >= slice;
     }
     add_key_bytes(tx, -freed).await?;
+    // Owner rows of identities with no package left (taken or expired), a slice at a time:
+    // identities are free, and each would otherwise leave its row for ever. An upload
+    // re-creates its row (and waits for this delete if it holds the row meanwhile).
+    let owners = tx
+        .execute(
+            "DELETE FROM qpq_key_package_owners WHERE identity IN (
+                 SELECT o.identity FROM qpq_key_package_owners o
+                 WHERE NOT EXISTS (SELECT 1 FROM qpq_key_packages k WHERE k.identity = o.identity)
+                 LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            &[&slice],
+        )
+        .await?;
+    more |= owners >= unbig(slice);
     Ok(Outcome::KeyPackagesExpired { removed, more })
 }
 
