@@ -125,10 +125,19 @@ pub fn message(header: &str, body: &str) -> String {
 /// not fit is broken where the terminal would wrap it, onto a continuation line indented like
 /// the others: left to the terminal, the wrapped part starts at column 0, and a peer padding a
 /// line to the width could start it with `alice: ` and pass for another message.
+///
+/// Widths are over-estimated, never under: a character counts its wider (East Asian) width,
+/// and one followed by U+FE0F (emoji presentation, `❤️`) counts two, as terminals draw it. A
+/// row broken early is harmless; one the terminal wraps is the spoof. On a terminal no wider
+/// than the header, the indent is two columns, so no continuation wraps before its text.
 pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> String {
     let header = guard(header);
     let header_cols = columns(&header);
-    let indent = " ".repeat(header_cols.max(2));
+    let mut indent_cols = header_cols.max(2);
+    if width.is_some_and(|w| indent_cols >= w) {
+        indent_cols = 2;
+    }
+    let indent = " ".repeat(indent_cols);
     let mut out = String::with_capacity(header.len() + body.len() + 16);
     out.push_str(&header);
     let mut line_buf = String::new();
@@ -148,8 +157,9 @@ pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> Stri
         };
         let mut row_start = if n == 0 { header_cols } else { indent.len() };
         let mut used = row_start;
-        for c in line_buf.chars() {
-            let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        let mut chars = line_buf.chars().peekable();
+        while let Some(c) = chars.next() {
+            let w = char_columns(c, chars.peek() == Some(&'\u{fe0f}'));
             // Break before a character the row has no room for; at least one per row.
             if used + w > width && used > row_start {
                 out.push('\n');
@@ -164,9 +174,23 @@ pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> Stri
     out
 }
 
-/// Columns `s` takes on a terminal (escaped text: no control characters).
+/// Columns `s` takes on a terminal (escaped text: no control characters), over-estimated as
+/// [`message_for_width`] does.
 fn columns(s: &str) -> usize {
-    unicode_width::UnicodeWidthStr::width(s)
+    let mut chars = s.chars().peekable();
+    let mut n = 0;
+    while let Some(c) = chars.next() {
+        n += char_columns(c, chars.peek() == Some(&'\u{fe0f}'));
+    }
+    n
+}
+
+/// The most columns a terminal may give `c`: its East Asian width where that is wider, and two
+/// when an emoji presentation selector (U+FE0F) follows it.
+fn char_columns(c: char, emoji_presentation: bool) -> usize {
+    use unicode_width::UnicodeWidthChar;
+    let w = c.width().unwrap_or(0).max(c.width_cjk().unwrap_or(0));
+    if emoji_presentation { w.max(2) } else { w }
 }
 
 /// `value` as one line of JSON in which every character [`is_unsafe`] marks is a `\uXXXX`
@@ -293,8 +317,11 @@ mod tests {
         assert_eq!(m, "b: 日本語\n   日本語\n   \\x1b");
         // Not a terminal: nothing is broken.
         assert_eq!(message_for_width("bob: ", &body, None), format!("bob: {body}"));
-        // A terminal narrower than the indent still shows everything, a character a row.
-        assert_eq!(message_for_width("bob: ", "ab", Some(3)), "bob: a\n     b");
+        // A terminal no wider than the header: continuations are indented two columns.
+        assert_eq!(message_for_width("bob: ", "abc", Some(4)), "bob: a\n  bc");
+        // Emoji with a presentation selector are drawn two columns wide, and so counted.
+        let m = message_for_width("b: ", "\u{2764}\u{fe0f}\u{2764}\u{fe0f}\u{2764}\u{fe0f}x", Some(9));
+        assert_eq!(m, "b: \u{2764}\u{fe0f}\u{2764}\u{fe0f}\u{2764}\u{fe0f}\n   x");
     }
 
     #[test]

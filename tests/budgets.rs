@@ -114,8 +114,10 @@ async fn key_uploads_are_rate_limited_per_connection_then_per_address_by_their_p
         a.authenticate(&alice).await.unwrap();
         a.upload_key_packages(&kps(1), None).await.expect("a second later, a token each again");
         assert_eq!(a.key_package_count().await.unwrap(), (4, false));
+        // The call's token and its package's: one token in debt, two seconds to the next.
         let e = refusal(a.upload_key_packages(&kps(1), None).await);
-        assert_eq!(e.code, ErrorCode::RateLimited, "the package went into debt: {e:?}");
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+        assert!(matches!(e.retry_after_ms, Some(1001..=2000)), "the package went into debt: {e:?}");
     })
     .await;
     server.shutdown().await.unwrap();

@@ -1343,7 +1343,8 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
                  VALUES ('\\x{key}', {past}, '\\x01020304'), ('\\x{key}', {later}, '\\x0102');
              INSERT INTO qpq_last_resort VALUES ('\\x{key}', {later}, '\\x010203');
              INSERT INTO qpq_hybrid_keys VALUES ('\\x{key}', 1, '\\x00010203040506070809');
-             INSERT INTO qpq_key_package_owners VALUES ('\\x00');",
+             INSERT INTO qpq_key_packages (identity, not_after, bytes) VALUES ('\\x00', {past}, '\\x01');
+             INSERT INTO qpq_key_package_owners VALUES ('\\x00'), ('\\x{key}');",
             past = now_ms / 1000 - 10,
             later = now_ms / 1000 + 3600,
         ),
@@ -1372,15 +1373,15 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
         );
         assert_eq!(b.ack(3).await.unwrap(), 2);
         // Packages: 8 + their bytes + 128 each; the hybrid key: its value + 128.
-        assert_eq!(cluster.query(&url, "SELECT sum(bytes) FROM qpq_key_bytes"), "555");
+        assert_eq!(cluster.query(&url, "SELECT sum(bytes) FROM qpq_key_bytes"), "692");
         server.sweep().await;
         assert_eq!(
             cluster.query(&url, "SELECT sum(bytes) FROM qpq_key_bytes"),
             "415",
-            "the expired one's 140 freed"
+            "the expired ones' 140 and 137 freed"
         );
-        let owners = cluster.query(&url, "SELECT count(*) FROM qpq_key_package_owners");
-        assert_eq!(owners, "0", "an owner row with no package left is deleted");
+        let owners = cluster.query(&url, "SELECT encode(identity, 'hex') FROM qpq_key_package_owners");
+        assert_eq!(owners, key, "the owner row of an identity with no package left is deleted, not bob's");
     })
     .await;
     server.shutdown().await.unwrap();

@@ -379,7 +379,10 @@ mod tests {
         // Addresses of one /48, each at its own quota of 2.
         let in_48 = |i: usize| -> IpAddr { format!("2001:db8:7:{i:x}::1").parse().unwrap() };
         let mut slots: Vec<Slot> =
-            (0..factor).flat_map(|i| [0, 1].map(|_| admitted(a.admit(in_48(i), true)))).collect();
+            (0..factor / 2).flat_map(|i| [0, 1].map(|_| admitted(a.admit(in_48(i), true)))).collect();
+        // Half the network's cap is held: a new address of it must prove itself first.
+        assert!(matches!(a.admit(in_48(factor), false), Decision::Validate), "half the network's cap");
+        slots.extend((factor / 2..factor).flat_map(|i| [0, 1].map(|_| admitted(a.admit(in_48(i), true)))));
         assert!(matches!(a.admit(in_48(factor), false), Decision::Validate), "past half, prove the address");
         assert!(matches!(
             a.admit(in_48(factor), true),

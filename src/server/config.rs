@@ -292,6 +292,16 @@ impl ServerConfig {
             }
             cfg.max_buffered_bytes = v;
         }
+        // A fetch holds a message twice (loaded and answered): a largest one must fit.
+        let least = cfg.max_payload.saturating_add(limits::FETCH_MESSAGE_OVERHEAD_BYTES).saturating_mul(2);
+        if cfg.max_buffered_bytes < least {
+            return Err(ConfigError::Invalid {
+                name: "max_buffered_bytes",
+                reason: format!(
+                    "must be >= {least}: 2 x (max_payload_bytes + 64), a largest message loaded and answered"
+                ),
+            });
+        }
         if let Some(v) = file.stall_timeout_ms {
             if v == 0 {
                 return Err(ConfigError::Invalid { name: "stall_timeout_ms", reason: "must be > 0".into() });
@@ -410,6 +420,18 @@ mod tests {
         std::fs::write(&p, "[rate_limits]\nenqueue_per_address = { per_sec = 0.0, burst = 4 }\n").unwrap();
         let e = ServerConfig::resolve(Overrides { config: Some(p), ..Default::default() }).unwrap_err();
         assert!(e.to_string().starts_with("invalid setting rate_limits.enqueue_per_address: per_sec"), "{e}");
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_a_largest_message_loaded_and_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "max_payload_bytes = 16777216\nmax_buffered_bytes = 33554432\n").unwrap();
+        let e =
+            ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().starts_with("invalid setting max_buffered_bytes: must be >= 33554560"), "{e}");
+        std::fs::write(&p, "max_payload_bytes = 16777216\nmax_buffered_bytes = 33554560\n").unwrap();
+        ServerConfig::resolve(Overrides { config: Some(p), ..Default::default() }).unwrap();
     }
 
     #[test]

@@ -287,7 +287,8 @@ impl<'t, 'm> Keys<'t, 'm> {
             }
             let who: IdentityKey = who.try_into().map_err(|_| corrupt("key package expiry row"))?;
             let key = kp_key(&who, slot);
-            // Only the package this row indexes (ids are never reused, so it always is).
+            // Only the package this row indexes. It always is: an identity's ids start again only
+            // once none of its packages, and so none of its index rows, is left.
             let stored = match self.packages.get(&key[..])? {
                 Some(v) => Some((KeyPackageEntry::decode_not_after(v.value())?, v.value().len())),
                 None => None,

@@ -146,15 +146,22 @@ async fn meta_value(tx: &Transaction<'_>, name: &str) -> Result<i64, TxError> {
 
 /// Adds `delta` bytes to this connection's shard of the stored-bytes total.
 async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
+    add_to_shard(
+        tx,
+        "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+         ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
+        delta,
+    )
+    .await
+}
+
+/// Adds `delta` to this connection's shard of a sharded total with `upsert`, a statement of
+/// (shards, delta); nothing for 0.
+async fn add_to_shard(tx: &Transaction<'_>, upsert: &str, delta: i64) -> Result<(), TxError> {
     if delta == 0 {
         return Ok(());
     }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
-             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(upsert).await?;
     tx.execute(&stmt, &[&STORED_BYTES_SHARDS, &delta]).await?;
     Ok(())
 }
@@ -433,17 +440,13 @@ fn package_charge(bytes: &[u8]) -> i64 {
 
 /// Adds `delta` bytes to this connection's shard of the key material total.
 async fn add_key_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
-    if delta == 0 {
-        return Ok(());
-    }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO qpq_key_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
-             ON CONFLICT (shard) DO UPDATE SET bytes = qpq_key_bytes.bytes + excluded.bytes",
-        )
-        .await?;
-    tx.execute(&stmt, &[&STORED_BYTES_SHARDS, &delta]).await?;
-    Ok(())
+    add_to_shard(
+        tx,
+        "INSERT INTO qpq_key_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+         ON CONFLICT (shard) DO UPDATE SET bytes = qpq_key_bytes.bytes + excluded.bytes",
+        delta,
+    )
+    .await
 }
 
 /// Refuses `adding` more key bytes when, after `freeing`, they would pass the budget. Like the
@@ -573,6 +576,9 @@ async fn take_key_package(
             .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
             .await?
             .get(0);
+        if remaining == 0 {
+            forget_owners(tx, &[key.to_vec()]).await?;
+        }
         return Ok(Ok(Outcome::KeyPackage { bytes, remaining: unbig(remaining), last_resort: false }));
     }
     let lr =
@@ -604,40 +610,54 @@ async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, 
     let mut removed = 0u64;
     let mut freed = 0i64;
     let mut more = false;
+    let mut touched: Vec<Vec<u8>> = Vec::new();
     for table in ["qpq_key_packages", "qpq_last_resort"] {
         let key = if table == "qpq_key_packages" { "id" } else { "identity" };
-        let row = tx
-            .query_one(
+        let rows = tx
+            .query(
                 &format!(
                     "WITH d AS (DELETE FROM {table} WHERE {key} IN (
                          SELECT {key} FROM {table} WHERE not_after <= $1
                          ORDER BY not_after LIMIT $2 FOR UPDATE SKIP LOCKED)
-                     RETURNING length(bytes)::bigint + $3 AS c)
-                     SELECT count(*)::bigint, coalesce(sum(c), 0)::bigint FROM d"
+                     RETURNING identity, length(bytes)::bigint + $3 AS c)
+                     SELECT identity, count(*)::bigint, sum(c)::bigint FROM d GROUP BY identity"
                 ),
                 &[&now, &slice, &overhead],
             )
             .await?;
-        let (n, c): (i64, i64) = (row.get(0), row.get(1));
+        let mut n = 0i64;
+        for row in rows {
+            n += row.get::<_, i64>(1);
+            freed += row.get::<_, i64>(2);
+            if table == "qpq_key_packages" {
+                touched.push(row.get(0));
+            }
+        }
         removed += unbig(n);
-        freed += c;
         more |= n >= slice;
     }
     add_key_bytes(tx, -freed).await?;
-    // Owner rows of identities with no package left (taken or expired), a slice at a time:
-    // identities are free, and each would otherwise leave its row for ever. An upload
-    // re-creates its row (and waits for this delete if it holds the row meanwhile).
-    let owners = tx
-        .execute(
-            "DELETE FROM qpq_key_package_owners WHERE identity IN (
-                 SELECT o.identity FROM qpq_key_package_owners o
-                 WHERE NOT EXISTS (SELECT 1 FROM qpq_key_packages k WHERE k.identity = o.identity)
-                 LIMIT $1 FOR UPDATE SKIP LOCKED)",
-            &[&slice],
-        )
-        .await?;
-    more |= owners >= unbig(slice);
+    forget_owners(tx, &touched).await?;
     Ok(Outcome::KeyPackagesExpired { removed, more })
+}
+
+/// Deletes the owner rows of `identities` that have no package left: identities are free, and
+/// each would otherwise leave its row for ever. A row an upload holds is skipped (it is adding
+/// packages); an upload that comes after re-creates its row.
+async fn forget_owners(tx: &Transaction<'_>, identities: &[Vec<u8>]) -> Result<(), TxError> {
+    if identities.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "DELETE FROM qpq_key_package_owners WHERE identity IN (
+             SELECT o.identity FROM qpq_key_package_owners o
+             WHERE o.identity = ANY($1::bytea[])
+               AND NOT EXISTS (SELECT 1 FROM qpq_key_packages k WHERE k.identity = o.identity)
+             FOR UPDATE SKIP LOCKED)",
+        &[&identities],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Replaces the hybrid key only with a newer one (see the redb store's `put_hybrid`). Every
