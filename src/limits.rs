@@ -184,9 +184,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// while no single host can take more than a small share of [`DEFAULT_MAX_CONNECTIONS`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 
-/// Connections one network (an IPv4 /24, an IPv6 /48) may hold, as a multiple of
-/// `max_connections_per_ip`: 1024 by default, so a site with a /48 of addresses cannot take
-/// every slot of the server.
+/// Connections one IPv6 /48 may hold, as a multiple of `max_connections_per_ip`: 1024 by
+/// default, so a site with a /48 of addresses cannot take every slot of the server.
 pub const CONNECTIONS_PER_NETWORK_FACTOR: usize = 4;
 /// A connection nothing has arrived on for this long (and with no reply waiting to be written)
 /// may be evicted when a proven new connection from its address finds the address at its cap:
