@@ -50,6 +50,12 @@ pub const DEFAULT_MAX_KEY_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 /// table's own overhead.
 pub const KEY_ROW_OVERHEAD_BYTES: u64 = 128;
 
+/// A hybrid key not replaced within this many seconds of its signed creation is deleted by the
+/// sweep (and its charge freed): clients replace theirs weekly and on their return, so its
+/// owner has been gone for over a year, far longer than any message waits for them. Without it,
+/// every identity ever registered, free as they are, would keep its 1.4 KB row for ever.
+pub const HYBRID_KEY_SERVER_LIFETIME_SECS: u64 = 400 * 24 * 3600;
+
 /// Largest KeyPackage accepted: real ones are well under 1 KiB with our single ciphersuite.
 pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
 

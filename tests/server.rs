@@ -281,6 +281,33 @@ async fn key_material_has_a_budget_and_handed_out_or_expired_packages_free_it() 
     server.shutdown().await.unwrap();
 }
 
+/// A hybrid key its owner has not replaced for the server's lifetime (clients replace theirs
+/// weekly) is deleted by the sweep, so identities that came once do not keep a row for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_key_not_replaced_for_its_server_lifetime_is_deleted_by_the_sweep() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let (alice, bob) = (Identity::generate(), Identity::generate());
+        let now_ms = std::time::SystemTime::UNIX_EPOCH.elapsed().unwrap().as_millis() as u64;
+        let lifetime_ms = qpq::limits::HYBRID_KEY_SERVER_LIFETIME_SECS * 1000;
+        let fresh = SignedHybridKey::sign(alice.signing_key(), now_ms, &HybridSecretKey::generate());
+        login(&server, &alice).await.upload_hybrid_key(&fresh).await.unwrap();
+        let created = now_ms - lifetime_ms - 2000;
+        let stale = SignedHybridKey::sign(bob.signing_key(), created, &HybridSecretKey::generate());
+        login(&server, &bob).await.upload_hybrid_key(&stale).await.unwrap();
+        let s = connect(&server).await;
+        assert_eq!(s.fetch_hybrid_key(&bob.public().0).await.unwrap().created_at_ms, created);
+        server.sweep().await;
+        let e = s.fetch_hybrid_key(&bob.public().0).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::NoHybridKey), "{e}");
+        assert_eq!(s.fetch_hybrid_key(&alice.public().0).await.unwrap().created_at_ms, now_ms, "kept");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_and_foreign_key_packages_are_rejected() {
     let dir = tempfile::tempdir().unwrap();

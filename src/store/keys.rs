@@ -8,8 +8,9 @@
 //! ([`StoreError::KeyStoreFull`]). It is separate from the message quota so that a flood of
 //! one kind cannot starve the other.
 //!
-//! Why an expiry index: `key_package_expiry` holds one empty row per stored package, keyed
-//! not_after ‖ identity ‖ slot (the package's id, or [`LAST_RESORT_SLOT`]), so
+//! Why an expiry index: `key_package_expiry` holds one empty row per stored package and hybrid
+//! key, keyed not_after ‖ identity ‖ slot (the package's id, [`LAST_RESORT_SLOT`], or
+//! [`HYBRID_SLOT`] with the key's [`hybrid_expires_at`]), so
 //! [`WriteOp::ExpireKeyPackages`](super::WriteOp) deletes the expired ones in time order, a
 //! slice per transaction, reading only what it deletes (it scanned every package of the file
 //! in one transaction before).
@@ -29,6 +30,16 @@ use crate::limits;
 /// The index slot of an identity's last-resort package (single-use ids count up from 0 by at
 /// most [`limits::MAX_KEY_PACKAGES_PER_UPLOAD`] per upload, so they never reach it).
 pub(super) const LAST_RESORT_SLOT: u64 = u64::MAX;
+
+/// The index slot of an identity's hybrid key, whose row expires
+/// [`limits::HYBRID_KEY_SERVER_LIFETIME_SECS`] after its signed creation ([`hybrid_expires_at`]).
+pub(super) const HYBRID_SLOT: u64 = u64::MAX - 1;
+
+/// When a hybrid key created at `created_at_ms` (signed by its owner) is deleted, in unix
+/// seconds: it is expired at `now` once this is <= now, as a KeyPackage's not_after is.
+pub(crate) fn hybrid_expires_at(created_at_ms: u64) -> u64 {
+    (created_at_ms / 1000).saturating_add(limits::HYBRID_KEY_SERVER_LIFETIME_SECS)
+}
 
 /// Bytes a stored key row is charged: its value plus [`limits::KEY_ROW_OVERHEAD_BYTES`] for
 /// its key, its index row and the table's own overhead.
@@ -272,6 +283,22 @@ impl<'t, 'm> Keys<'t, 'm> {
             let not_after = u64::from_be_bytes(not_after.try_into().unwrap_or_default());
             let slot = u64::from_be_bytes(slot.try_into().unwrap_or_default());
             self.expiry.remove(&k[..])?;
+            if slot == HYBRID_SLOT {
+                // Only the key this row indexes (a replaced one took its row with it).
+                let stored = match self.hybrid.get(who)? {
+                    Some(v) => {
+                        let at = super::decode_hybrid_key(v.value())?.created_at_ms;
+                        Some((hybrid_expires_at(at), v.value().len()))
+                    }
+                    None => None,
+                };
+                if let Some((_, len)) = stored.filter(|(at, _)| *at == not_after) {
+                    self.hybrid.remove(who)?;
+                    freed += charge(len);
+                    removed += 1;
+                }
+                continue;
+            }
             if slot == LAST_RESORT_SLOT {
                 // Only the package this row indexes: a replaced one took its row with it, but
                 // a stale row must never cost anyone a valid last-resort package.
@@ -327,10 +354,12 @@ impl<'t, 'm> Keys<'t, 'm> {
                 return Err(StoreError::StaleHybridKey { stored: stored_at, offered: signed.created_at_ms });
             }
             replaced = charge(stored.len());
+            self.expiry.remove(&expiry_key(hybrid_expires_at(stored_at), who, HYBRID_SLOT)[..])?;
         }
         let adding = charge(encoded.len());
         self.check_room(limits, adding, replaced)?;
         self.hybrid.insert(&who[..], &encoded[..])?;
+        self.expiry.insert(&expiry_key(hybrid_expires_at(signed.created_at_ms), who, HYBRID_SLOT)[..], ())?;
         self.account(adding, replaced)?;
         Ok(Outcome::HybridKeyStored)
     }
@@ -354,7 +383,10 @@ pub(super) fn index_existing(txn: &WriteTransaction) -> Result<(), StoreError> {
         total = total.saturating_add(charge(v.value().len()));
     }
     for entry in txn.open_table(HYBRID_KEYS)?.iter()? {
-        total = total.saturating_add(charge(entry?.1.value().len()));
+        let (k, v) = entry?;
+        let at = super::decode_hybrid_key(v.value())?.created_at_ms;
+        expiry.insert(&expiry_key(hybrid_expires_at(at), k.value(), HYBRID_SLOT)[..], ())?;
+        total = total.saturating_add(charge(v.value().len()));
     }
     txn.open_table(super::META)?.insert(KEY_BYTES, total)?;
     Ok(())
@@ -395,7 +427,7 @@ mod tests {
     }
 
     /// The key rows' charges and index rows counted from scratch: (charged bytes, index rows,
-    /// key rows with a not_after).
+    /// key rows: packages, last-resort packages and hybrid keys, one index row each).
     fn recount(path: &std::path::Path) -> (u64, u64, u64) {
         let db = Database::open(path).unwrap();
         let txn = db.begin_read().unwrap();
@@ -409,6 +441,7 @@ mod tests {
         }
         for e in txn.open_table(HYBRID_KEYS).unwrap().iter().unwrap() {
             total += charge(e.unwrap().1.value().len());
+            rows += 1;
         }
         // Version 6 had no index.
         let index = txn.open_table(KEY_EXPIRY).map(|t| t.iter().unwrap().count() as u64).unwrap_or(0);
@@ -519,6 +552,39 @@ mod tests {
         check(store, &path, u64::MAX).close().unwrap();
     }
 
+    /// A hybrid key not replaced for HYBRID_KEY_SERVER_LIFETIME_SECS after its signed creation is
+    /// deleted by expiry, with its charge; a replaced one's time no longer counts.
+    #[tokio::test]
+    async fn a_hybrid_key_left_unreplaced_for_its_server_lifetime_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let (alice, bob) = ([1u8; 32], [2u8; 32]);
+        let store = Store::open(&path, limits(u64::MAX)).unwrap();
+        let (old, newer) = (1_000_000, 90 * 24 * 3600 * 1000);
+        store.write(WriteOp::PutHybridKey { who: alice, signed: hybrid(old) }).await.unwrap();
+        store.write(WriteOp::PutHybridKey { who: bob, signed: hybrid(old) }).await.unwrap();
+        store.write(WriteOp::PutHybridKey { who: bob, signed: hybrid(newer) }).await.unwrap();
+        let store = check(store, &path, u64::MAX);
+        let expire = |now| WriteOp::ExpireKeyPackages { now };
+        let due = hybrid_expires_at(old);
+        let out = store.write(expire(due - 1)).await.unwrap();
+        assert_eq!(out, Outcome::KeyPackagesExpired { removed: 0, more: false }, "not yet");
+        let out = store.write(expire(due)).await.unwrap();
+        assert_eq!(
+            out,
+            Outcome::KeyPackagesExpired { removed: 1, more: false },
+            "alice's, not bob's newer one"
+        );
+        assert_eq!(store.hybrid_key(&alice).unwrap(), None);
+        assert_eq!(store.hybrid_key(&bob).unwrap().map(|k| k.created_at_ms), Some(newer));
+        assert_eq!(store.key_bytes().unwrap(), charge(64 + 8 + limits::HYBRID_KEY_LEN));
+        let store = check(store, &path, u64::MAX);
+        let out = store.write(expire(hybrid_expires_at(newer))).await.unwrap();
+        assert_eq!(out, Outcome::KeyPackagesExpired { removed: 1, more: false });
+        assert_eq!(store.key_bytes().unwrap(), 0);
+        check(store, &path, u64::MAX).close().unwrap();
+    }
+
     /// Identities are free: one whose packages are all gone (taken or expired) leaves no row.
     #[tokio::test]
     async fn an_identity_with_no_package_left_leaves_no_pool_row() {
@@ -602,7 +668,7 @@ mod tests {
         let store = Store::open(&path, limits(u64::MAX)).unwrap();
         assert_eq!(store.key_bytes().unwrap(), total);
         let store = check(store, &path, u64::MAX);
-        assert_eq!(rows, 5);
+        assert_eq!(rows, 6);
         let out = store.write(WriteOp::ExpireKeyPackages { now: now + 10 }).await.unwrap();
         assert_eq!(
             out,

@@ -20,7 +20,7 @@
 //! | `key_package_meta` | identity (32) | (next_id, rows in `key_packages`, expired ones included until deleted); only while that count is not zero |
 //! | `last_resort` | identity (32) | [`KeyPackageEntry`]: not_after (unix s, u64 BE) ‖ last-resort KeyPackage bytes |
 //! | `hybrid_keys` | identity (32) | signature (64) ‖ created_at_ms (8, BE) ‖ hybrid public key |
-//! | `key_package_expiry` | not_after (u64 BE) ‖ identity (32) ‖ id (u64 BE; `u64::MAX` for the last-resort one) | `()`: one row per `key_packages` and `last_resort` row (see [`keys`]) |
+//! | `key_package_expiry` | not_after (u64 BE) ‖ identity (32) ‖ id (u64 BE; `u64::MAX` for the last-resort one, `u64::MAX - 1` for the hybrid key) | `()`: one row per `key_packages`, `last_resort` and `hybrid_keys` row (see [`keys`]) |
 //!
 //! Big-endian sequence numbers make redb's byte order the delivery order, so a fetch is one
 //! range scan.

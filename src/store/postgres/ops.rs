@@ -636,6 +636,24 @@ async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, 
         removed += unbig(n);
         more |= n >= slice;
     }
+    // Hybrid keys not replaced for their server lifetime: created before this (see the redb
+    // store's `hybrid_expires_at`: expired once created_at_ms / 1000 + lifetime <= now).
+    let cutoff_ms =
+        big((unbig(now) + 1).saturating_sub(limits::HYBRID_KEY_SERVER_LIFETIME_SECS).saturating_mul(1000));
+    let row = tx
+        .query_one(
+            "WITH d AS (DELETE FROM qpq_hybrid_keys WHERE identity IN (
+                 SELECT identity FROM qpq_hybrid_keys WHERE created_at_ms < $1
+                 ORDER BY created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING length(value)::bigint + $3 AS c)
+             SELECT count(*)::bigint, coalesce(sum(c), 0)::bigint FROM d",
+            &[&cutoff_ms, &slice, &big(limits::KEY_ROW_OVERHEAD_BYTES)],
+        )
+        .await?;
+    let (n, c): (i64, i64) = (row.get(0), row.get(1));
+    removed += unbig(n);
+    freed += c;
+    more |= n >= slice;
     add_key_bytes(tx, -freed).await?;
     forget_owners(tx, &touched).await?;
     Ok(Outcome::KeyPackagesExpired { removed, more })

@@ -73,7 +73,9 @@
 //! charged: a package's bytes + 8 + [`crate::limits::KEY_ROW_OVERHEAD_BYTES`], a hybrid key's
 //! value + that overhead, the redb store's charges. Uploads and new hybrid keys that would pass
 //! `max_key_bytes` are refused. The migration counts the existing rows once, and indexes
-//! `qpq_last_resort` by expiry so the sweep's slices find expired ones without a scan.
+//! `qpq_last_resort` by expiry and `qpq_hybrid_keys` by creation time, so the sweep's slices
+//! find expired ones without a scan (a hybrid key is deleted
+//! [`crate::limits::HYBRID_KEY_SERVER_LIFETIME_SECS`] after its signed creation).
 
 use deadpool_postgres::Transaction;
 
@@ -174,7 +176,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
              (SELECT coalesce(sum(length(bytes) + 136), 0) FROM qpq_key_packages)
              + (SELECT coalesce(sum(length(bytes) + 136), 0) FROM qpq_last_resort)
              + (SELECT coalesce(sum(length(value) + 128), 0) FROM qpq_hybrid_keys);
-         CREATE INDEX qpq_last_resort_by_expiry ON qpq_last_resort (not_after);",
+         CREATE INDEX qpq_last_resort_by_expiry ON qpq_last_resort (not_after);
+         CREATE INDEX qpq_hybrid_keys_by_age ON qpq_hybrid_keys (created_at_ms);",
     ),
 ];
 
