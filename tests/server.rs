@@ -1369,7 +1369,7 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
              INSERT INTO qpq_key_packages (identity, not_after, bytes)
                  VALUES ('\\x{key}', {past}, '\\x01020304'), ('\\x{key}', {later}, '\\x0102');
              INSERT INTO qpq_last_resort VALUES ('\\x{key}', {later}, '\\x010203');
-             INSERT INTO qpq_hybrid_keys VALUES ('\\x{key}', 1, '\\x00010203040506070809');
+             INSERT INTO qpq_hybrid_keys VALUES ('\\x{key}', {now_ms}, '\\x00010203040506070809');
              INSERT INTO qpq_key_packages (identity, not_after, bytes) VALUES ('\\x00', {past}, '\\x01');
              INSERT INTO qpq_key_package_owners VALUES ('\\x00'), ('\\x{key}');",
             past = now_ms / 1000 - 10,

@@ -28,7 +28,8 @@ use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 
 /// The index slot of an identity's last-resort package (single-use ids count up from 0 by at
-/// most [`limits::MAX_KEY_PACKAGES_PER_UPLOAD`] per upload, so they never reach it).
+/// most [`limits::MAX_KEY_PACKAGES_PER_UPLOAD`] per upload, so they never reach it, nor
+/// [`HYBRID_SLOT`]).
 pub(super) const LAST_RESORT_SLOT: u64 = u64::MAX;
 
 /// The index slot of an identity's hybrid key, whose row expires
@@ -345,19 +346,24 @@ impl<'t, 'm> Keys<'t, 'm> {
         let encoded = super::encode_hybrid_key(signed);
         let stored = self.hybrid.get(&who[..])?.map(|g| g.value().to_vec());
         let mut replaced = 0;
+        let mut stored_at = None;
         if let Some(stored) = stored {
             if stored == encoded {
                 return Ok(Outcome::HybridKeyStored);
             }
-            let stored_at = super::decode_hybrid_key(&stored)?.created_at_ms;
-            if signed.created_at_ms <= stored_at {
-                return Err(StoreError::StaleHybridKey { stored: stored_at, offered: signed.created_at_ms });
+            let at = super::decode_hybrid_key(&stored)?.created_at_ms;
+            if signed.created_at_ms <= at {
+                return Err(StoreError::StaleHybridKey { stored: at, offered: signed.created_at_ms });
             }
+            stored_at = Some(at);
             replaced = charge(stored.len());
-            self.expiry.remove(&expiry_key(hybrid_expires_at(stored_at), who, HYBRID_SLOT)[..])?;
         }
         let adding = charge(encoded.len());
+        // Refused before anything changes: the batch commits a refused request's writes.
         self.check_room(limits, adding, replaced)?;
+        if let Some(old) = stored_at {
+            self.expiry.remove(&expiry_key(hybrid_expires_at(old), who, HYBRID_SLOT)[..])?;
+        }
         self.hybrid.insert(&who[..], &encoded[..])?;
         self.expiry.insert(&expiry_key(hybrid_expires_at(signed.created_at_ms), who, HYBRID_SLOT)[..], ())?;
         self.account(adding, replaced)?;
@@ -583,6 +589,27 @@ mod tests {
         assert_eq!(out, Outcome::KeyPackagesExpired { removed: 1, more: false });
         assert_eq!(store.key_bytes().unwrap(), 0);
         check(store, &path, u64::MAX).close().unwrap();
+    }
+
+    /// A replacement the budget refuses changes nothing: the old key keeps its index row (the
+    /// writer commits a refused request's writes with the rest of its batch).
+    #[tokio::test]
+    async fn a_refused_hybrid_key_replacement_keeps_the_old_keys_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        let who = [1u8; 32];
+        let first = hybrid(1_000_000);
+        let max = charge(64 + 8 + first.key.len());
+        let store = Store::open(&path, limits(max)).unwrap();
+        store.write(WriteOp::PutHybridKey { who, signed: first }).await.unwrap();
+        let larger = SignedHybridKey { key: vec![1; limits::HYBRID_KEY_LEN + 1], ..hybrid(2_000_000) };
+        let refused = store.write(WriteOp::PutHybridKey { who, signed: larger }).await;
+        assert!(matches!(refused, Err(StoreError::KeyStoreFull { .. })), "{refused:?}");
+        let store = check(store, &path, max);
+        let out =
+            store.write(WriteOp::ExpireKeyPackages { now: hybrid_expires_at(1_000_000) }).await.unwrap();
+        assert_eq!(out, Outcome::KeyPackagesExpired { removed: 1, more: false }, "still found by its row");
+        check(store, &path, max).close().unwrap();
     }
 
     /// Identities are free: one whose packages are all gone (taken or expired) leaves no row.
