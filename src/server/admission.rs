@@ -21,7 +21,9 @@
 //! [`limits::EVICT_IDLE_AFTER_MS`] (by the server's clock) and nothing is waiting to be written
 //! to. A parked `fetchWait` counts as idle once it is that old. So 256 kept-alive idle
 //! connections cannot lock out the others behind the same address (a NAT), while busy ones are
-//! never cut.
+//! never cut. Likewise at a full /48: a proven address with fewer connections than another
+//! address of the /48 evicts that one's longest-idle connection, so a few neighbours on a
+//! provider's shared /48 cannot lock the rest out with idle connections.
 //!
 //! The decision is pure bookkeeping (no I/O): the accept loop asks [`Admission::admit`] and keeps
 //! the returned [`Slot`] for as long as the connection lives; an evicted connection's
@@ -155,12 +157,19 @@ impl Admission {
                 return Decision::Refuse("too many connections from this address");
             }
         }
-        let from_net = open.per_net.get(&net).copied().unwrap_or(0);
+        let mut from_net = open.per_net.get(&net).copied().unwrap_or(0);
         if from_net >= self.max_per_net {
             if !validated {
                 return Decision::Validate;
             }
-            return Decision::Refuse("too many connections from this network");
+            // A network is often shared (a provider's /48): a proven address with fewer
+            // connections than another of its network takes that one's longest-idle connection,
+            // so idle connections of a few neighbours cannot lock the rest out.
+            let from_ip = open.per_ip.get(&ip).map_or(0, Vec::len);
+            if !Self::evict_idlest_in_net(&mut open, net, from_ip, self.clock.now_ms()) {
+                return Decision::Refuse("too many connections from this network");
+            }
+            from_net -= 1;
         }
         // Unproven addresses hold a slot until their handshake ends or times out: once any
         // count is half full, only proven ones may take more, so forged Initials cannot fill
@@ -192,9 +201,28 @@ impl Admission {
         let victim = conns.swap_remove(i);
         victim.released.store(true, Ordering::SeqCst);
         victim.evicted.cancel();
+        if conns.is_empty() {
+            open.per_ip.remove(&ip);
+        }
         open.total = open.total.saturating_sub(1);
         open.remove_from_net(network_key(ip));
         true
+    }
+
+    /// Evicts the longest-idle connection (if one may be evicted at `now`) of the addresses of
+    /// `net` that hold more than `than` connections. Scans every address: only at a full
+    /// network, and the map holds at most the server's connections.
+    fn evict_idlest_in_net(open: &mut Open, net: IpAddr, than: usize, now: u64) -> bool {
+        let victim = open
+            .per_ip
+            .iter()
+            .filter(|(ip, conns)| network_key(**ip) == net && conns.len() > than)
+            .filter_map(|(ip, conns)| {
+                conns.iter().filter_map(|a| a.idle_since(now)).min().map(|since| (since, *ip))
+            })
+            .min()
+            .map(|(_, ip)| ip);
+        victim.is_some_and(|ip| Self::evict_idlest(open, ip, now))
     }
 
     /// Open connections in all.
@@ -373,6 +401,37 @@ mod tests {
         let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
         assert!(matches!(a.admit(same_64, true), Decision::Refuse(_)), "same /64, same quota");
         let _other_64 = admitted(a.admit("2001:db8:1:3::1".parse().unwrap(), true));
+    }
+
+    #[test]
+    fn at_a_full_network_a_proven_newcomer_evicts_an_idle_connection_of_a_heavier_neighbour() {
+        let factor = limits::CONNECTIONS_PER_NETWORK_FACTOR;
+        let clock = Clock::system();
+        let a = Admission::with_clock(1000, 2, clock.clone());
+        let in_48 = |i: usize| -> IpAddr { format!("2001:db8:7:{i:x}::1").parse().unwrap() };
+        // The network is full: `factor` neighbours with two connections each.
+        let slots: Vec<Slot> =
+            (0..factor).flat_map(|i| [0, 1].map(|_| admitted(a.admit(in_48(i), true)))).collect();
+        let newcomer = in_48(factor);
+        assert!(matches!(a.admit(newcomer, true), Decision::Refuse(_)), "nobody is idle yet");
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64 + 1);
+        for s in &slots[1..] {
+            s.activity().touch(); // all busy but the first
+        }
+        assert!(matches!(a.admit(newcomer, false), Decision::Validate), "an unproven address evicts nothing");
+        let first = admitted(a.admit(newcomer, true));
+        let evicted: Vec<bool> = slots.iter().map(|s| s.activity().evicted.is_cancelled()).collect();
+        assert!(evicted[0] && !evicted[1..].iter().any(|e| *e), "only the idle one: {evicted:?}");
+        assert_eq!(a.lock().per_net.values().sum::<usize>(), 2 * factor, "still full, not over");
+        // Nobody else is idle, and the newcomer (now with one) takes no more from neighbours
+        // with the same count or fewer than its own.
+        assert!(matches!(
+            a.admit(newcomer, true),
+            Decision::Refuse("too many connections from this network")
+        ));
+        drop(first);
+        drop(slots);
+        assert!(a.lock().per_ip.is_empty() && a.lock().per_net.is_empty());
     }
 
     #[test]
