@@ -187,13 +187,23 @@ impl PageRoom {
     }
 }
 
-/// One parked `fetchWait` of a connection, counted until dropped.
-#[derive(Debug)]
-pub struct ParkedWait(Rc<ConnMemory>);
+/// The calls a connection may have going at once, at most
+/// [`limits::MAX_PARKED_WAITS_PER_CONNECTION`] of each kind.
+#[derive(Debug, Clone, Copy)]
+enum CallKind {
+    /// A parked `fetchWait`.
+    ParkedWait,
+    /// A `fetch` reading the store.
+    Fetch,
+}
 
-/// One `fetch` of a connection reading the store, counted until dropped.
+/// One counted call of a connection ([`ConnMemory::park_wait`], [`ConnMemory::fetch_slot`]),
+/// given back when dropped.
 #[derive(Debug)]
-pub struct FetchSlot(Rc<ConnMemory>);
+pub struct CallSlot {
+    conn: Rc<ConnMemory>,
+    kind: CallKind,
+}
 
 impl ConnMemory {
     pub fn new(global: Arc<MemoryBudget>, stall: Duration) -> Rc<ConnMemory> {
@@ -270,31 +280,33 @@ impl ConnMemory {
     }
 
     /// Counts one parked `fetchWait`, or refuses past [`limits::MAX_PARKED_WAITS_PER_CONNECTION`].
-    pub fn park_wait(self: &Rc<Self>) -> Result<ParkedWait, capnp::Error> {
-        let n = self.parked_waits.get();
-        if n >= limits::MAX_PARKED_WAITS_PER_CONNECTION {
-            return Err(busy(format!(
-                "too many fetchWait calls parked on this connection: {n} >= {}",
-                limits::MAX_PARKED_WAITS_PER_CONNECTION
-            )));
-        }
-        self.parked_waits.set(n + 1);
-        Ok(ParkedWait(self.clone()))
+    pub fn park_wait(self: &Rc<Self>) -> Result<CallSlot, capnp::Error> {
+        self.count_call(CallKind::ParkedWait, "fetchWait calls parked on this connection")
     }
 
     /// Counts one `fetch` reading the store, or refuses past
     /// [`limits::MAX_PARKED_WAITS_PER_CONNECTION`] of them: each read holds room for its page
     /// ([`PageRoom`]), and one connection must not take the whole budget with many.
-    pub fn fetch_slot(self: &Rc<Self>) -> Result<FetchSlot, capnp::Error> {
-        let n = self.fetches.get();
+    pub fn fetch_slot(self: &Rc<Self>) -> Result<CallSlot, capnp::Error> {
+        self.count_call(CallKind::Fetch, "fetch calls at once on this connection")
+    }
+
+    /// Counts one call of `kind` (`what`, in the refusal), or refuses with `busy` at the cap.
+    fn count_call(self: &Rc<Self>, kind: CallKind, what: &str) -> Result<CallSlot, capnp::Error> {
+        let calls = self.calls(kind);
+        let n = calls.get();
         if n >= limits::MAX_PARKED_WAITS_PER_CONNECTION {
-            return Err(busy(format!(
-                "too many fetch calls at once on this connection: {n} >= {}",
-                limits::MAX_PARKED_WAITS_PER_CONNECTION
-            )));
+            return Err(busy(format!("too many {what}: {n} >= {}", limits::MAX_PARKED_WAITS_PER_CONNECTION)));
         }
-        self.fetches.set(n + 1);
-        Ok(FetchSlot(self.clone()))
+        calls.set(n + 1);
+        Ok(CallSlot { conn: self.clone(), kind })
+    }
+
+    fn calls(&self, kind: CallKind) -> &Cell<usize> {
+        match kind {
+            CallKind::ParkedWait => &self.parked_waits,
+            CallKind::Fetch => &self.fetches,
+        }
     }
 
     /// Marks the connection for closing (see [`ConnMemory::watchdog`]).
@@ -355,15 +367,10 @@ impl Drop for Unsent {
     }
 }
 
-impl Drop for ParkedWait {
+impl Drop for CallSlot {
     fn drop(&mut self) {
-        self.0.parked_waits.set(self.0.parked_waits.get().saturating_sub(1));
-    }
-}
-
-impl Drop for FetchSlot {
-    fn drop(&mut self) {
-        self.0.fetches.set(self.0.fetches.get().saturating_sub(1));
+        let calls = self.conn.calls(self.kind);
+        calls.set(calls.get().saturating_sub(1));
     }
 }
 

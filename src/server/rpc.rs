@@ -16,7 +16,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::Shared;
 use super::memory::ConnMemory;
-use super::ratelimit::ConnectionBucket;
+use super::ratelimit::{ConnectionBucket, KeyedLimiter};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::mls;
@@ -210,28 +210,14 @@ impl NodeServiceImpl {
 
     /// One token of this connection's and its address's enqueue budget.
     fn take_enqueue_token(&self) -> Result<(), Error> {
-        let now = self.shared.clock.now_ms();
-        self.enqueue_rate
-            .take(&self.shared.clock)
-            .map_err(|ms| rate_limited("enqueues from this connection", ms))?;
-        self.shared
-            .rates
-            .enqueue_per_address
-            .take(self.source, now)
-            .map_err(|ms| rate_limited("enqueues from this address", ms))
+        let rates = &self.shared.rates;
+        take_pair(&self.shared, &self.enqueue_rate, &rates.enqueue_per_address, self.source, "enqueues")
     }
 
     /// One token of this connection's and its address's lookup budget (`fetchHybridKey`).
     fn take_lookup_token(&self) -> Result<(), Error> {
-        let now = self.shared.clock.now_ms();
-        self.lookup_rate
-            .take(&self.shared.clock)
-            .map_err(|ms| rate_limited("key lookups from this connection", ms))?;
-        self.shared
-            .rates
-            .lookup_per_address
-            .take(self.source, now)
-            .map_err(|ms| rate_limited("key lookups from this address", ms))
+        let rates = &self.shared.rates;
+        take_pair(&self.shared, &self.lookup_rate, &rates.lookup_per_address, self.source, "key lookups")
     }
 
     /// One token of this connection's and its address's KeyPackage budget, and whether the
@@ -239,20 +225,28 @@ impl NodeServiceImpl {
     /// ([`super::ratelimit::KeyedLimiter::charge`]), so fetches for keys without packages (a stranger
     /// naming random keys) cannot fill the per-target table and lock out real ones.
     fn take_key_package_token(&self, target: &IdentityKey) -> Result<(), Error> {
-        let now = self.shared.clock.now_ms();
         let rates = &self.shared.rates;
-        self.key_package_rate
-            .take(&self.shared.clock)
-            .map_err(|ms| rate_limited("key package fetches from this connection", ms))?;
-        rates
-            .key_package_per_address
-            .take(self.source, now)
-            .map_err(|ms| rate_limited("key package fetches from this address", ms))?;
+        let what = "key package fetches";
+        take_pair(&self.shared, &self.key_package_rate, &rates.key_package_per_address, self.source, what)?;
         rates
             .key_package_per_target
-            .check(*target, now)
+            .check(*target, self.shared.clock.now_ms())
             .map_err(|ms| rate_limited("key package fetches for this key", ms))
     }
+}
+
+/// One token of a connection's bucket, then one of its address's: `rateLimited` naming `what`
+/// (the calls counted) and which of the two ran out.
+fn take_pair(
+    shared: &Shared,
+    connection: &ConnectionBucket,
+    per_address: &KeyedLimiter<IpAddr>,
+    source: IpAddr,
+    what: &str,
+) -> Result<(), Error> {
+    let now = shared.clock.now_ms();
+    connection.take(&shared.clock).map_err(|ms| rate_limited(&format!("{what} from this connection"), ms))?;
+    per_address.take(source, now).map_err(|ms| rate_limited(&format!("{what} from this address"), ms))
 }
 
 fn rate_limited(what: &str, retry_after_ms: u64) -> Error {
@@ -804,15 +798,14 @@ impl AccountImpl {
     /// One token of this connection's and its address's key upload budget, taken before
     /// anything of the upload is read or verified.
     fn take_key_upload_token(&self) -> Result<(), Error> {
-        let now = self.shared.clock.now_ms();
-        self.key_upload_rate
-            .take(&self.shared.clock)
-            .map_err(|ms| rate_limited("key uploads from this connection", ms))?;
-        self.shared
-            .rates
-            .key_upload_per_address
-            .take(self.source, now)
-            .map_err(|ms| rate_limited("key uploads from this address", ms))
+        let rates = &self.shared.rates;
+        take_pair(
+            &self.shared,
+            &self.key_upload_rate,
+            &rates.key_upload_per_address,
+            self.source,
+            "key uploads",
+        )
     }
 
     /// Verifies an uploaded package, its lifetime as of `now` (the server's clock, unix seconds)

@@ -454,11 +454,6 @@ impl Store {
         self.fetch_at(who, after, limit, max_bytes, self.clock.now_ms())
     }
 
-    /// The store's clock now (ms since the Unix epoch).
-    fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
-    }
-
     /// [`Store::fetch`] as of the clock reading `now` (ms since the Unix epoch), which decides
     /// what has expired.
     pub fn fetch_at(
