@@ -123,6 +123,67 @@ async fn key_uploads_are_rate_limited_per_connection_then_per_address_by_their_p
     server.shutdown().await.unwrap();
 }
 
+/// The key material one network (an IPv4 address, an IPv6 /48) may add has a daily budget of
+/// its own, across connections and identities: before, one address could fill the whole key
+/// budget with fresh identities' packages in about 90 minutes at the upload rate, and then
+/// nobody could register for weeks. An upload is charged once its packages are counted, before
+/// they are verified, and the next one is refused while the network is in debt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_material_of_one_network_has_a_budget_across_connections_and_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let clock = Clock::system();
+    cfg.clock = clock.clone();
+    // One byte every 100 s, so the real time the test takes refills nothing that counts.
+    cfg.rate_limits.key_bytes_per_network = Rate { per_sec: 0.01, burst: 4_000 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let (alice, bob) = (Identity::generate(), Identity::generate());
+        let kps = |who: &Identity, n| -> Vec<Vec<u8>> {
+            MlsClient::new(who.seed())
+                .unwrap()
+                .key_packages(n)
+                .unwrap()
+                .into_iter()
+                .map(|k| k.bytes)
+                .collect()
+        };
+        let (alice_kps, bob_kps) = (kps(&alice, 3), kps(&bob, 1));
+        let charge: u64 =
+            alice_kps.iter().map(|k| k.len() as u64 + qpq::limits::KEY_ROW_OVERHEAD_BYTES).sum();
+        assert!(charge > 4_000, "three packages overdraw the budget: {charge}");
+        // A full budget lets one upload in, which may overdraw it.
+        let a = login(&server, &alice).await;
+        assert_eq!(a.upload_key_packages(&alice_kps, None).await.unwrap(), 3);
+        // Then another identity on another connection from the same network is refused, for
+        // the network, before its packages are read: garbage gets the same answer.
+        let b = login(&server, &bob).await;
+        for upload in [bob_kps.clone(), vec![vec![0u8; 64]]] {
+            let e = refusal(b.upload_key_packages(&upload, None).await);
+            assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+            assert_eq!(e.message, "rate limited: too much key material uploaded from this network");
+        }
+        let signed = SignedHybridKey::sign(bob.signing_key(), 1_000, &HybridSecretKey::generate());
+        let e = refusal(b.upload_hybrid_key(&signed).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+        // The hint is when the debt is paid and a byte is there: then the upload passes.
+        let wait = e.retry_after_ms.expect("a retry hint");
+        let debt_ms = (charge - 4_000) * 100_000;
+        assert!(
+            (debt_ms..=debt_ms + 100_000).contains(&wait),
+            "{wait} ms for a debt of {} B",
+            charge - 4_000
+        );
+        clock.advance(wait as i64 - 1_000);
+        assert_eq!(refusal(b.upload_key_packages(&bob_kps, None).await).code, ErrorCode::RateLimited);
+        clock.advance(1_000);
+        assert_eq!(b.upload_key_packages(&bob_kps, None).await.unwrap(), 1);
+        assert_eq!(a.key_package_count().await.unwrap(), (3, false));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// A fetch holds what it loads in the memory budget as it loads it (twice: the page and the
 /// reply built from it), so a page stops where the budget is full and the client still gets a
 /// message. Before, a page was loaded whole and only its reply asked for room: with less room

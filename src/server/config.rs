@@ -140,6 +140,7 @@ pub struct RateLimitsFile {
     pub lookup_per_address: Option<Rate>,
     pub key_upload_per_connection: Option<Rate>,
     pub key_upload_per_address: Option<Rate>,
+    pub key_bytes_per_network: Option<Rate>,
 }
 
 /// The resolved settings the server runs with.
@@ -356,6 +357,7 @@ impl ServerConfig {
                 r.key_upload_per_address,
                 &mut l.key_upload_per_address,
             )?;
+            set("rate_limits.key_bytes_per_network", r.key_bytes_per_network, &mut l.key_bytes_per_network)?;
         }
         cfg.clock = Clock::from_env();
         Ok(cfg)
@@ -409,13 +411,14 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(
             &p,
-            "max_stored_bytes = 1000\nmax_key_bytes = 2000\n[rate_limits]\nkey_package_per_target = { per_sec = 0.5, burst = 4 }\n",
+            "max_stored_bytes = 1000\nmax_key_bytes = 2000\n[rate_limits]\nkey_package_per_target = { per_sec = 0.5, burst = 4 }\nkey_bytes_per_network = { per_sec = 10.0, burst = 5000 }\n",
         )
         .unwrap();
         let cfg = ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() }).unwrap();
         assert_eq!(cfg.max_stored_bytes, 1000);
         assert_eq!(cfg.max_key_bytes, 2000);
         assert_eq!(cfg.rate_limits.key_package_per_target, Rate { per_sec: 0.5, burst: 4 });
+        assert_eq!(cfg.rate_limits.key_bytes_per_network, Rate { per_sec: 10.0, burst: 5000 });
         assert_eq!(cfg.rate_limits.enqueue_per_address, limits::DEFAULT_ENQUEUE_RATE_PER_ADDRESS);
         std::fs::write(&p, "[rate_limits]\nenqueue_per_address = { per_sec = 0.0, burst = 4 }\n").unwrap();
         let e = ServerConfig::resolve(Overrides { config: Some(p), ..Default::default() }).unwrap_err();

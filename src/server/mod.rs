@@ -199,6 +199,8 @@ pub struct SharedRates {
     pub key_package_per_target: ratelimit::KeyedLimiter<crate::store::IdentityKey>,
     pub lookup_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
     pub key_upload_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
+    /// Keyed by [`admission::network_key`].
+    pub key_bytes_per_network: ratelimit::KeyedLimiter<std::net::IpAddr>,
 }
 
 impl SharedRates {
@@ -211,6 +213,7 @@ impl SharedRates {
             key_package_per_target: ratelimit::KeyedLimiter::new(config.key_package_per_target, n),
             lookup_per_address: ratelimit::KeyedLimiter::new(config.lookup_per_address, n),
             key_upload_per_address: ratelimit::KeyedLimiter::new(config.key_upload_per_address, n),
+            key_bytes_per_network: ratelimit::KeyedLimiter::new(config.key_bytes_per_network, n),
         }
     }
 }

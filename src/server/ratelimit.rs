@@ -53,6 +53,8 @@ pub struct RateLimits {
     pub lookup_per_address: Rate,
     pub key_upload_per_connection: Rate,
     pub key_upload_per_address: Rate,
+    /// Bytes, not calls: see [`limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK`].
+    pub key_bytes_per_network: Rate,
 }
 
 impl Default for RateLimits {
@@ -67,6 +69,7 @@ impl Default for RateLimits {
             lookup_per_address: limits::DEFAULT_LOOKUP_RATE_PER_ADDRESS,
             key_upload_per_connection: limits::DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION,
             key_upload_per_address: limits::DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS,
+            key_bytes_per_network: limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK,
         }
     }
 }
@@ -85,6 +88,7 @@ impl RateLimits {
             lookup_per_address: r,
             key_upload_per_connection: r,
             key_upload_per_address: r,
+            key_bytes_per_network: r,
         }
     }
 }

@@ -14,9 +14,9 @@ use capnp::Error;
 use capnp::capability::Rc;
 use ed25519_dalek::{Signature, VerifyingKey};
 
-use super::Shared;
 use super::memory::ConnMemory;
 use super::ratelimit::{ConnectionBucket, KeyedLimiter};
+use super::{Shared, admission};
 use crate::crypto::hybrid::SignedHybridKey;
 use crate::limits;
 use crate::mls;
@@ -250,8 +250,11 @@ fn take_pair(
 }
 
 fn rate_limited(what: &str, retry_after_ms: u64) -> Error {
-    WireError::retry_after(ErrorCode::RateLimited, format!("rate limited: too many {what}"), retry_after_ms)
-        .into_rpc()
+    rate_limited_as(&format!("rate limited: too many {what}"), retry_after_ms)
+}
+
+fn rate_limited_as(message: &str, retry_after_ms: u64) -> Error {
+    WireError::retry_after(ErrorCode::RateLimited, message.to_string(), retry_after_ms).into_rpc()
 }
 
 impl node_service::Server for NodeServiceImpl {
@@ -565,7 +568,12 @@ impl account::Server for AccountImpl {
                 )));
             }
             let lr_given = !p.get_last_resort()?.is_empty();
-            self.charge_key_uploads(list.len().saturating_add(u32::from(lr_given)));
+            let lr_len = p.get_last_resort()?.len();
+            let lens: Vec<usize> = list.iter().map(|kp| kp.map_or(0, <[u8]>::len)).collect();
+            self.charge_key_uploads(
+                list.len().saturating_add(u32::from(lr_given)),
+                lens.into_iter().chain(lr_given.then_some(lr_len)),
+            );
             // One reading of the clock judges the whole upload.
             let now = self.shared.clock.now_secs();
             // A full pool is refused before the packages' signatures are checked (two each): a
@@ -636,6 +644,7 @@ impl account::Server for AccountImpl {
                     signed.created_at_ms
                 )));
             }
+            self.charge_key_uploads(0, [signed.key.len() + signed.signature.len()].into_iter());
             signed.verify(&self.who).map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
             let op = WriteOp::PutHybridKey { who: self.who, signed };
             self.shared.store.write(op).await.map_err(store_err)?;
@@ -789,16 +798,31 @@ impl AccountImpl {
     /// Spends one more token of this connection's and its address's key upload budget per
     /// package, once the upload's package count is known (before any is verified): the budget
     /// then bounds the key bytes and signature checks one address can cause, not its calls.
-    fn charge_key_uploads(&self, packages: u32) {
+    ///
+    /// Also charges the upload's `values` (each package's or key's length) to its network's
+    /// key material budget, as the key budget would charge them stored
+    /// ([`limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK`]).
+    fn charge_key_uploads(&self, packages: u32, values: impl Iterator<Item = usize>) {
         let now = self.shared.clock.now_ms();
         self.key_upload_rate.charge(packages, &self.shared.clock);
-        self.shared.rates.key_upload_per_address.charge_n(self.source, now, packages);
+        let rates = &self.shared.rates;
+        rates.key_upload_per_address.charge_n(self.source, now, packages);
+        let bytes = values.fold(0u64, |sum, len| {
+            sum.saturating_add(len as u64).saturating_add(limits::KEY_ROW_OVERHEAD_BYTES)
+        });
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        rates.key_bytes_per_network.charge_n(admission::network_key(self.source), now, bytes);
     }
 
     /// One token of this connection's and its address's key upload budget, taken before
-    /// anything of the upload is read or verified.
+    /// anything of the upload is read or verified; refused too while the network's key
+    /// material budget is spent (in debt after earlier uploads).
     fn take_key_upload_token(&self) -> Result<(), Error> {
         let rates = &self.shared.rates;
+        let now = self.shared.clock.now_ms();
+        rates.key_bytes_per_network.check(admission::network_key(self.source), now).map_err(|ms| {
+            rate_limited_as("rate limited: too much key material uploaded from this network", ms)
+        })?;
         take_pair(
             &self.shared,
             &self.key_upload_rate,
