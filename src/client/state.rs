@@ -561,6 +561,8 @@ impl Home {
         let loaded = home.refresh();
         home.hold.close();
         loaded?;
+        // The database opened and read: a state file a published migration left can go.
+        migrate::remove_leftover(dir)?;
         Ok(home)
     }
 

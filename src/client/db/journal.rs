@@ -79,6 +79,9 @@ pub struct Journal {
     end: u64,
     /// The sequence number of the next entry.
     next_seq: u64,
+    /// A write or sync failed since the last reset, so what the file holds past `end` (or in
+    /// its header) is unknown: no entry is appended until a checkpoint has reset it.
+    failed: bool,
 }
 
 /// What a replay found.
@@ -153,6 +156,12 @@ impl Journal {
             return Err(damaged("the journal belongs to another database"));
         }
         let mut seq = u64_le(&bytes[32..40]);
+        // The header is not sealed: its base must continue what redb covers (the base is
+        // covered + 1 after a reset, lower when a reset did not happen). A base past it means
+        // entries in between are missing (a qpq.db and a journal of different copies).
+        if seq == 0 || seq > covered.saturating_add(1) {
+            return Err(damaged("the journal does not continue qpq.db: restore both from the same copy"));
+        }
         let mut at = HEADER_BYTES as usize;
         let mut entries = Vec::new();
         while let Some((body_len, entry_seq)) = frame(&bytes, at) {
@@ -169,8 +178,23 @@ impl Journal {
             at = start + body_len;
             seq += 1;
         }
+        // Every entry redb covers was durable before redb's commit, so the journal reaches it;
+        // one that stops short is an older copy (or damaged), and new entries would get
+        // numbers the next opening skips as covered: acknowledged, then lost.
+        if seq <= covered {
+            return Err(damaged(
+                "the journal ends before what qpq.db holds: restore both from the same copy",
+            ));
+        }
         Ok(Replayed {
-            journal: Journal { file, path: path.to_path_buf(), id: *id, end: at as u64, next_seq: seq },
+            journal: Journal {
+                file,
+                path: path.to_path_buf(),
+                id: *id,
+                end: at as u64,
+                next_seq: seq,
+                failed: false,
+            },
             entries,
         })
     }
@@ -191,7 +215,15 @@ impl Journal {
 
     /// True when an entry of `body_len` plaintext bytes may go here rather than into redb.
     pub fn fits(&self, body_len: usize) -> bool {
-        body_len <= ENTRY_MAX && self.end + (FRAME_LEN + body_len + 40) as u64 <= CHECKPOINT_AT
+        !self.failed
+            && body_len <= ENTRY_MAX
+            && self.end + (FRAME_LEN + body_len + 40) as u64 <= CHECKPOINT_AT
+    }
+
+    /// True when the next checkpoint must reset the journal: it holds entries, or a failed
+    /// write left it in an unknown state.
+    pub fn needs_reset(&self) -> bool {
+        self.failed || self.end > HEADER_BYTES
     }
 
     /// Appends an entry holding `body` and makes it durable: one write and one `fdatasync`.
@@ -208,8 +240,22 @@ impl Journal {
         if self.end + buf.len() as u64 > JOURNAL_BYTES {
             return Err(super::DbError::Io { op: "journal", reason: "the journal is full".into() });
         }
-        write_all_at(&self.file, &buf, self.end).map_err(io_err("write", &self.path))?;
-        self.file.sync_data().map_err(io_err("sync", &self.path))?;
+        let written =
+            write_all_at(&self.file, &buf, self.end).map_err(io_err("write", &self.path)).and_then(|()| {
+                if crate::failpoint::active("clientdb-journal-sync-fails") {
+                    return Err(super::DbError::Io { op: "sync", reason: "failpoint".into() });
+                }
+                self.file.sync_data().map_err(io_err("sync", &self.path))
+            });
+        if let Err(e) = written {
+            // The entry may be on disk anyway (a failed fdatasync says nothing either way), and
+            // the caller was told it failed. Its number is burnt: the checkpoint that must come
+            // before any other append records redb as covering it and resets the base past it,
+            // so it is never replayed over what was written after it.
+            self.next_seq += 1;
+            self.failed = true;
+            return Err(e);
+        }
         self.end += buf.len() as u64;
         self.next_seq += 1;
         Ok(())
@@ -222,9 +268,12 @@ impl Journal {
         header[..16].copy_from_slice(MAGIC);
         header[16..32].copy_from_slice(&self.id);
         header[32..40].copy_from_slice(&self.next_seq.to_le_bytes());
+        // A failure leaves the header unknown: `failed` keeps appends off until a reset passes.
+        self.failed = true;
         write_all_at(&self.file, &header, 0).map_err(io_err("write", &self.path))?;
         self.file.sync_data().map_err(io_err("sync", &self.path))?;
         self.end = HEADER_BYTES;
+        self.failed = false;
         Ok(())
     }
 }

@@ -82,6 +82,16 @@ fn journal_child() {
             w.put(Table::State, b"big", &vec![3u8; 70_000]).unwrap();
             w.commit().unwrap();
         }
+        // Run with the journal's fdatasync failing: a small write fails, a large one (redb,
+        // a checkpoint) then passes.
+        "sync-fails" => {
+            let mut w = db.write().unwrap();
+            w.put(Table::State, b"k", b"old, failed").unwrap();
+            assert!(w.commit().is_err(), "the journal's sync failed");
+            let mut w = db.write().unwrap();
+            w.put(Table::State, b"k", &vec![5u8; 300 << 10]).unwrap();
+            w.commit().unwrap();
+        }
         // Two processes taking turns: check what the other wrote, then write ours.
         turn => {
             let n: u64 = turn.strip_prefix("turn-").unwrap().parse().unwrap();
@@ -367,4 +377,74 @@ fn a_home_without_its_journal_is_refused_by_name() {
     let e = ClientDb::open(dir.path(), &key()).unwrap_err().to_string();
     assert!(e.contains(JOURNAL_FILE), "names the journal: {e}");
     assert!(e.contains("the journal is missing") && e.contains("restore both"), "says what to do: {e}");
+}
+
+/// Sets the journal header's base (its first entry's sequence number).
+fn set_base(dir: &Path, base: u64) {
+    let path = dir.join(JOURNAL_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[32..40].copy_from_slice(&base.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// The journal's header is not sealed, so its base is checked against what redb covers: a base
+/// of 0, or one past the first entry redb lacks, is refused by name. Before, a base of 0 made
+/// replay stop at once (the journaled writes silently gone) and number new entries at or below
+/// what redb covers, so they were skipped at the next opening: acknowledged, then lost.
+#[test]
+fn a_journal_whose_base_does_not_continue_the_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    put(&db, "a", b"journaled");
+    put(&db, "b", b"journaled too");
+    drop(db);
+    for base in [0, 2, 3, u64::MAX] {
+        set_base(dir.path(), base);
+        let e = ClientDb::open(dir.path(), &key()).unwrap_err().to_string();
+        assert!(e.contains("does not continue qpq.db") && e.contains("restore both"), "base {base}: {e}");
+    }
+    set_base(dir.path(), 1);
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert_eq!(value(&db, "b").as_deref(), Some(&b"journaled too"[..]));
+}
+
+/// An older copy of the journal (restored alone, say) that stops before what redb covers is
+/// refused: its next entries would be numbered at or below redb's and skipped at the next
+/// opening.
+#[test]
+fn a_journal_older_than_the_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    put(&db, "a", b"first");
+    let old = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+    put(&db, "b", b"second");
+    // A write too large for the journal goes to redb with everything journaled before it, and
+    // redb then covers entries 1 and 2.
+    put(&db, "large", &vec![7u8; 300 << 10]);
+    drop(db);
+    let header = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+    assert_eq!(header[32..40], 3u64.to_le_bytes(), "the checkpoint emptied the journal");
+    std::fs::write(dir.path().join(JOURNAL_FILE), &old).unwrap();
+    let e = ClientDb::open(dir.path(), &key()).unwrap_err().to_string();
+    assert!(e.contains("ends before what qpq.db holds"), "{e}");
+}
+
+/// A journal write whose `fdatasync` failed was reported failed, but its bytes may reach the
+/// disk all the same. The write after it (here a large one, through redb) must win at the next
+/// opening. Before, the failed entry's number was reused as the journal's base, so the next
+/// opening replayed the failed write over the newer value: the state went back in time (for
+/// openmls, a ratchet's secrets used twice).
+#[test]
+fn a_journal_write_that_failed_never_comes_back_over_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    assert_eq!(child(dir.path(), "sync-fails", Some("clientdb-journal-sync-fails")), Some(0));
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert_eq!(value(&db, "k"), Some(vec![5u8; 300 << 10]), "the later write stands");
+    // And the journal takes new entries again.
+    put(&db, "after", b"journaled");
+    drop(db);
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert_eq!(value(&db, "after").as_deref(), Some(&b"journaled"[..]));
+    assert_eq!(value(&db, "k"), Some(vec![5u8; 300 << 10]));
 }

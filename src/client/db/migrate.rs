@@ -6,8 +6,10 @@
 //! any moment leaves one of:
 //! - the state file alone, maybe with a partial database: the partial file is deleted and the
 //!   migration starts over;
-//! - both the database and the state file: the database is durable and wins, the state file is
-//!   removed;
+//! - both the database and the state file: the database is durable and wins; the state file
+//!   is removed once the database has opened with the key and read whole
+//!   ([`remove_leftover`]), never before: a damaged database next to it must not cost the
+//!   only good copy;
 //! - the database alone: migrated.
 //!
 //! The database keeps the state file's key (same Argon2id salt and parameters), so migrating
@@ -65,11 +67,8 @@ pub fn migrate_if_needed(dir: &Path, passphrase: Option<&[u8]>) -> Result<Option
     let partial = dir.join(PARTIAL_FILE);
     let old = dir.join(STATE_FILE);
     if super::exists(dir) {
-        // Leftovers of a migration that published the database but died before cleaning up.
-        if old.exists() {
-            remove_if_present(&old)?;
-            fsutil::sync_dir(dir).map_err(io("sync", dir))?;
-        }
+        // A migration that published the database but died before cleaning up leaves the state
+        // file: the caller removes it once the database has opened ([`remove_leftover`]).
         remove_if_present(&partial)?;
         return Ok(None);
     }
@@ -85,4 +84,15 @@ pub fn migrate_if_needed(dir: &Path, passphrase: Option<&[u8]>) -> Result<Option
     remove_if_present(&old)?;
     fsutil::sync_dir(dir).map_err(io("sync", dir))?;
     Ok(Some(key))
+}
+
+/// Removes the state file a published migration left behind; call only once the database has
+/// opened with its key and read whole.
+pub fn remove_leftover(dir: &Path) -> Result<(), StateError> {
+    let old = dir.join(STATE_FILE);
+    if old.exists() {
+        remove_if_present(&old)?;
+        fsutil::sync_dir(dir).map_err(io("sync", dir))?;
+    }
+    Ok(())
 }

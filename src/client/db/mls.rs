@@ -88,9 +88,10 @@ fn encode<V: Serialize + ?Sized>(label: &[u8], value: &V) -> Result<Vec<u8>, Mls
     if label == JOIN_CONFIG_LABEL {
         return Ok(serde_json::to_vec(value)?);
     }
-    let mut out = postcard::to_extend(value, vec![VALUE_TAG]).map_err(|_| MlsStoreError::Serialization)?;
-    out.shrink_to_fit();
-    Ok(out)
+    let mut out =
+        past_leaves::encode_wiping(&[VALUE_TAG], value).map_err(|_| MlsStoreError::Serialization)?;
+    // Moved out whole (no copy left behind): the caller keeps it in a `Zeroizing` at once.
+    Ok(std::mem::take(&mut *out))
 }
 
 /// Decodes either encoding of [`encode`].

@@ -194,6 +194,21 @@ impl Flavor for Wiping {
 }
 
 /// Appends the postcard encoding of `value` to `buf`.
+/// `prefix` ‖ the postcard encoding of `value`, in a buffer of exactly that length; every buffer
+/// it grew through is wiped as it is dropped (`postcard::to_allocvec` and friends free them
+/// unwiped, with the secrets inside).
+pub fn encode_wiping<T: Serialize + ?Sized>(
+    prefix: &[u8],
+    value: &T,
+) -> postcard::Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Wiping::with_capacity(prefix.len() + 64);
+    buf.extend(prefix);
+    let full = postcard::serialize_with_flavor(value, buf)?;
+    let mut exact = Zeroizing::new(Vec::with_capacity(full.len()));
+    exact.extend_from_slice(&full);
+    Ok(exact)
+}
+
 fn append<T: Serialize + ?Sized>(buf: &mut Zeroizing<Vec<u8>>, value: &T) -> Result<(), ShapeError> {
     let taken = Wiping(std::mem::take(buf));
     *buf = postcard::serialize_with_flavor(value, taken).map_err(|_| ShapeError)?;
@@ -455,7 +470,9 @@ impl ser::SerializeStruct for TreeFields<'_, '_> {
             "epoch" => {
                 let bytes = postcard::to_stdvec(value).map_err(|_| ShapeError)?;
                 self.epoch = Some(postcard::from_bytes::<u64>(&bytes).map_err(|_| ShapeError)?);
-                self.enc.body.extend_from_slice(&bytes);
+                let mut body = Wiping(std::mem::take(&mut self.enc.body));
+                body.extend(&bytes);
+                self.enc.body = body.0;
                 Ok(())
             }
             "leaves" => {

@@ -105,7 +105,7 @@ macro_rules! plain_fields {
 }
 
 fn encode<T: Serialize + ?Sized>(v: &T) -> Result<Zeroizing<Vec<u8>>, StateError> {
-    postcard::to_allocvec(v).map(Zeroizing::new).map_err(|e| StateError::Encode(e.to_string()))
+    super::past_leaves::encode_wiping(&[], v).map_err(|e| StateError::Encode(e.to_string()))
 }
 
 fn decode<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, StateError> {

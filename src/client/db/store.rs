@@ -166,7 +166,7 @@ impl Store {
         self.overlay = Overlay::default();
         crate::failpoint::hit("clientdb-checkpoint-before-reset");
         if let Some(j) = &mut self.journal
-            && j.used() > journal::HEADER_BYTES
+            && j.needs_reset()
         {
             j.reset()?;
         }
