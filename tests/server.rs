@@ -127,6 +127,35 @@ async fn fetch_limit_pages_and_reports_more() {
     server.shutdown().await.unwrap();
 }
 
+/// A message larger than a fetch's byte budget (possible with `max_payload_bytes` above
+/// 8 MiB) comes alone, and the page still says more are waiting. Before, PostgreSQL's page cut
+/// the next row away and answered `more = false`, so the client parked instead of fetching on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_a_page_still_reports_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_payload = 12 << 20;
+    cfg.max_buffered_bytes = 64 << 20;
+    let big = qpq::limits::MAX_FETCH_BYTES + 1024;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let alice = Identity::generate();
+        let sender = connect(&server).await;
+        sender.enqueue(&alice.public().0, &vec![7u8; big], b"").await.unwrap();
+        sender.enqueue(&alice.public().0, b"small", b"").await.unwrap();
+        let a = login(&server, &alice).await;
+        let (page, more) = a.fetch(10).await.unwrap();
+        assert_eq!(page.iter().map(|m| m.payload.len()).collect::<Vec<_>>(), vec![big]);
+        assert!(more, "the small one is waiting");
+        a.ack(page[0].seq).await.unwrap();
+        let (page, more) = a.fetch(10).await.unwrap();
+        assert_eq!(page.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(), vec![&b"small"[..]]);
+        assert!(!more);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bob_cannot_fetch_or_ack_alices_queue() {
     let dir = tempfile::tempdir().unwrap();

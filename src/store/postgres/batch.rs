@@ -276,7 +276,11 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
     // Sent in this order on one connection, so locks are taken in this order; the freed rows
     // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
+    // Polled in that order too (`biased`): when a statement fails, every later one fails with
+    // "current transaction is aborted", and the error returned must be the first statement's
+    // (a deadlock or serialization failure, run again), not one of those (a plain error).
     let ((), channel_rows, queue_rows, totals, freed_rows) = tokio::try_join!(
+        biased;
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -393,6 +397,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
     write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &adding_total]);
     tokio::try_join!(
+        biased;
         async {
             if rows.is_empty() {
                 return Ok(0);
@@ -416,8 +421,7 @@ async fn apply_acks(tx: &Object, ops: &[WriteOp]) -> Result<Applied, TxError> {
     let (keys, up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
     let stmt = tx.prepare_cached(ACK_BATCH).await?;
     let params: [&(dyn ToSql + Sync); 3] = [&keys, &up_to, &ops::STORED_BYTES_SHARDS];
-    let ((), acked, ()) =
-        tokio::try_join!(tx.batch_execute("BEGIN"), tx.query(&stmt, &params), tx.batch_execute("COMMIT"),)?;
+    let ((), acked, ()) = tokio::try_join!(biased; tx.batch_execute("BEGIN"), tx.query(&stmt, &params), tx.batch_execute("COMMIT"),)?;
     let mut removed = vec![0u32; ops.len()];
     for row in acked {
         let who = ops::identity(row.get(0))?;

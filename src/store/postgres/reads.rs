@@ -38,14 +38,17 @@ pub(super) struct Request {
 
 /// The pages of `$1` (recipients), after `$2`, at most `$3` rows each, cut where the payload
 /// bytes before a row pass `$4`, entries enqueued at or after `$5`; `o` is the request's
-/// 1-based index.
-const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq, x.body, x.enqueued_at_ms
+/// 1-based index. A page's second row is always returned, without its body when past the cut,
+/// so that a first message larger than `$4` still says more are waiting.
+const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq,
+            CASE WHEN x.before <= r.max_bytes THEN x.body END, x.enqueued_at_ms
      FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
           AS r(who, after, lim, max_bytes, o)
      CROSS JOIN LATERAL (
          SELECT * FROM (
              SELECT page.*, coalesce(sum(octet_length(page.body)) OVER (ORDER BY page.seq
-                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before,
+                 row_number() OVER (ORDER BY page.seq) AS rn
              FROM (
                  SELECT e.seq, coalesce(e.channel_id, p.channel_id) AS channel_id,
                         coalesce(e.channel_seq, p.channel_seq) AS channel_seq,
@@ -54,7 +57,7 @@ const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq, x.bod
                  WHERE e.recipient = r.who AND e.seq > r.after AND e.enqueued_at_ms >= $5
                  ORDER BY e.seq LIMIT r.lim
              ) page
-         ) cut WHERE cut.before <= r.max_bytes
+         ) cut WHERE cut.before <= r.max_bytes OR cut.rn = 2
      ) x
      ORDER BY r.o, x.seq";
 
@@ -113,7 +116,11 @@ async fn fetch_pages(
         if *more {
             continue;
         }
-        let payload: Vec<u8> = row.get(4);
+        // No body: the row is past the byte cut (see FETCH_PAGES).
+        let Some(payload) = row.get::<_, Option<Vec<u8>>>(4) else {
+            *more = true;
+            continue;
+        };
         let r = &requests[i];
         if out.len() as u32 >= r.limit || (!out.is_empty() && bytes[i] + payload.len() > r.max_bytes) {
             *more = true;
