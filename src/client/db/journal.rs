@@ -178,13 +178,14 @@ impl Journal {
             at = start + body_len;
             seq += 1;
         }
-        // Every entry redb covers was durable before redb's commit, so the journal reaches it;
-        // one that stops short is an older copy (or damaged), and new entries would get
-        // numbers the next opening skips as covered: acknowledged, then lost.
-        if seq <= covered {
-            return Err(damaged(
-                "the journal ends before what qpq.db holds: restore both from the same copy",
-            ));
+        // A journal that ends at or before what redb covers holds nothing redb lacks: a failed
+        // append's burnt number that a checkpoint covered before its reset got through, or an
+        // older copy of the journal. Its entries must not be continued (new ones would get
+        // numbers the next opening skips as covered: acknowledged, then lost), so numbering goes
+        // on after `covered` and appends wait for the first checkpoint to reset it.
+        let stale = seq <= covered;
+        if stale {
+            seq = covered.saturating_add(1);
         }
         Ok(Replayed {
             journal: Journal {
@@ -193,7 +194,7 @@ impl Journal {
                 id: *id,
                 end: at as u64,
                 next_seq: seq,
-                failed: false,
+                failed: stale,
             },
             entries,
         })
