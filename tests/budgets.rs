@@ -131,53 +131,51 @@ async fn key_uploads_are_rate_limited_per_connection_then_per_address_by_their_p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_material_of_one_network_has_a_budget_across_connections_and_identities() {
     let dir = tempfile::tempdir().unwrap();
+    let (alice, bob, carol) = (Identity::generate(), Identity::generate(), Identity::generate());
+    let kps = |who: &Identity, n| -> Vec<Vec<u8>> {
+        MlsClient::new(who.seed()).unwrap().key_packages(n).unwrap().into_iter().map(|k| k.bytes).collect()
+    };
+    let charge = |kps: &[Vec<u8>]| -> u64 {
+        kps.iter().map(|k| k.len() as u64 + qpq::limits::KEY_ROW_OVERHEAD_BYTES).sum()
+    };
+    let (alice_kps, bob_kps) = (kps(&alice, 3), kps(&bob, 1));
+    let signed = SignedHybridKey::sign(bob.signing_key(), 1_000, &HybridSecretKey::generate());
+    let hybrid = (signed.key.len() + signed.signature.len()) as u64 + qpq::limits::KEY_ROW_OVERHEAD_BYTES;
+    // Room for alice's packages and bob's hybrid key, and 100 bytes more: not for bob's package.
+    let burst = charge(&alice_kps) + hybrid + 100;
+    assert!(charge(&bob_kps) > hybrid + 100);
     let mut cfg = config(dir.path());
     let clock = Clock::system();
     cfg.clock = clock.clone();
     // One byte every 100 s, so the real time the test takes refills nothing that counts.
-    cfg.rate_limits.key_bytes_per_network = Rate { per_sec: 0.01, burst: 4_000 };
+    cfg.rate_limits.key_bytes_per_network = Rate { per_sec: 0.01, burst: burst as u32 };
     let server = start_server_with(cfg).await;
     local(async {
-        let (alice, bob) = (Identity::generate(), Identity::generate());
-        let kps = |who: &Identity, n| -> Vec<Vec<u8>> {
-            MlsClient::new(who.seed())
-                .unwrap()
-                .key_packages(n)
-                .unwrap()
-                .into_iter()
-                .map(|k| k.bytes)
-                .collect()
-        };
-        let (alice_kps, bob_kps) = (kps(&alice, 3), kps(&bob, 1));
-        let charge: u64 =
-            alice_kps.iter().map(|k| k.len() as u64 + qpq::limits::KEY_ROW_OVERHEAD_BYTES).sum();
-        assert!(charge > 4_000, "three packages overdraw the budget: {charge}");
-        // A full budget lets one upload in, which may overdraw it.
         let a = login(&server, &alice).await;
         assert_eq!(a.upload_key_packages(&alice_kps, None).await.unwrap(), 3);
-        // Then another identity on another connection from the same network is refused, for
-        // the network, before its packages are read: garbage gets the same answer.
+        // Another identity on another connection from the same network shares the budget: an
+        // upload whose whole cost is not there is refused whole, nothing stored.
         let b = login(&server, &bob).await;
-        for upload in [bob_kps.clone(), vec![vec![0u8; 64]]] {
-            let e = refusal(b.upload_key_packages(&upload, None).await);
-            assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
-            assert_eq!(e.message, "rate limited: too much key material uploaded from this network");
-        }
-        let signed = SignedHybridKey::sign(bob.signing_key(), 1_000, &HybridSecretKey::generate());
-        let e = refusal(b.upload_hybrid_key(&signed).await);
+        let e = refusal(b.upload_key_packages(&bob_kps, None).await);
         assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
-        // The hint is when the debt is paid and a byte is there: then the upload passes.
+        assert_eq!(e.message, "rate limited: too much key material uploaded from this network");
+        assert_eq!(b.key_package_count().await.unwrap(), (0, false));
+        // The hint is when the whole cost is there (the hybrid key's and 100 bytes are).
         let wait = e.retry_after_ms.expect("a retry hint");
-        let debt_ms = (charge - 4_000) * 100_000;
-        assert!(
-            (debt_ms..=debt_ms + 100_000).contains(&wait),
-            "{wait} ms for a debt of {} B",
-            charge - 4_000
-        );
-        clock.advance(wait as i64 - 1_000);
-        assert_eq!(refusal(b.upload_key_packages(&bob_kps, None).await).code, ErrorCode::RateLimited);
-        clock.advance(1_000);
+        let short_ms = (charge(&bob_kps) - hybrid - 100) * 100_000;
+        // Less the little the test's own real time refilled.
+        assert!((short_ms - 1_000..=short_ms).contains(&wait), "{wait} ms to find {short_ms} ms of bytes");
+        // What fits passes: bob's hybrid key; then the 100 bytes left hold no package.
+        b.upload_hybrid_key(&signed).await.unwrap();
+        let c = login(&server, &carol).await;
+        let e = refusal(c.upload_key_packages(&[vec![0u8; 64]], None).await);
+        assert_eq!(e.message, "rate limited: too much key material uploaded from this network");
+        // The hybrid key took its share since the hint: wait for that too.
+        clock.advance(wait as i64 + hybrid as i64 * 100_000);
         assert_eq!(b.upload_key_packages(&bob_kps, None).await.unwrap(), 1);
+        // Spent to nothing: refused before anything of the upload is read.
+        let e = refusal(c.upload_key_packages(&[vec![0u8; 64]], None).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
         assert_eq!(a.key_package_count().await.unwrap(), (3, false));
     })
     .await;

@@ -198,6 +198,27 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         probe.take(rate, now_ms)
     }
 
+    /// Takes `tokens` of `key`'s bucket at once if it holds them all (or, for more than its
+    /// burst, if it is full: the take then leaves it in debt), else takes nothing and returns
+    /// the milliseconds until it will. Fails open like [`Self::charge_n`].
+    pub fn take_n(&self, key: K, now_ms: u64, tokens: u32) -> Result<(), u64> {
+        let mut state = self.lock();
+        let rate = self.rate;
+        if !self.room_for(&mut state, &key, now_ms) {
+            return Ok(());
+        }
+        let bucket = state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms));
+        bucket.refill(rate, now_ms);
+        let need = f64::from(tokens.min(rate.burst));
+        if bucket.tokens >= need {
+            bucket.tokens -= f64::from(tokens);
+            return Ok(());
+        }
+        let wait_ms = ((need - bucket.tokens) / rate.per_sec * 1000.0).ceil();
+        // Finite and positive: per_sec > 0 (checked at configuration) and tokens < need.
+        Err((wait_ms as u64).max(1))
+    }
+
     /// Spends one token of `key`'s bucket, going into debt if concurrent callers passed
     /// [`Self::check`] together (the debt delays the next ones). A key that finds the map full
     /// and nothing to prune is not limited: failing open here only lifts this one limit, where
@@ -252,6 +273,18 @@ mod tests {
     use super::*;
 
     const RATE: Rate = Rate { per_sec: 2.0, burst: 3 };
+
+    #[test]
+    fn take_n_takes_all_or_nothing_and_says_when_all_are_there() {
+        let l = KeyedLimiter::new(Rate { per_sec: 2.0, burst: 10 }, 10);
+        l.take_n(1u8, 0, 7).unwrap();
+        assert_eq!(l.take_n(1u8, 0, 4), Err(500), "one more token needed, every 500 ms");
+        l.take_n(1u8, 0, 3).unwrap();
+        assert_eq!(l.take_n(1u8, 0, 1), Err(500), "the refused take took nothing");
+        // More than the burst: a full bucket lets it in, into debt.
+        assert_eq!(l.take_n(2u8, 0, 15), Ok(()));
+        assert_eq!(l.take_n(2u8, 0, 1), Err(3000));
+    }
 
     #[test]
     fn a_bucket_allows_its_burst_then_says_when_the_next_token_comes() {

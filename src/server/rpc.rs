@@ -573,7 +573,7 @@ impl account::Server for AccountImpl {
             self.charge_key_uploads(
                 list.len().saturating_add(u32::from(lr_given)),
                 lens.into_iter().chain(lr_given.then_some(lr_len)),
-            );
+            )?;
             // One reading of the clock judges the whole upload.
             let now = self.shared.clock.now_secs();
             // A full pool is refused before the packages' signatures are checked (two each): a
@@ -644,7 +644,7 @@ impl account::Server for AccountImpl {
                     signed.created_at_ms
                 )));
             }
-            self.charge_key_uploads(0, [signed.key.len() + signed.signature.len()].into_iter());
+            self.charge_key_uploads(0, [signed.key.len() + signed.signature.len()].into_iter())?;
             signed.verify(&self.who).map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
             let op = WriteOp::PutHybridKey { who: self.who, signed };
             self.shared.store.write(op).await.map_err(store_err)?;
@@ -799,19 +799,24 @@ impl AccountImpl {
     /// package, once the upload's package count is known (before any is verified): the budget
     /// then bounds the key bytes and signature checks one address can cause, not its calls.
     ///
-    /// Also charges the upload's `values` (each package's or key's length) to its network's
+    /// First takes the upload's `values` (each package's or key's length) from its network's
     /// key material budget, as the key budget would charge them stored
-    /// ([`limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK`]).
-    fn charge_key_uploads(&self, packages: u32, values: impl Iterator<Item = usize>) {
+    /// ([`limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK`]): all of them or, refused, none, so
+    /// a budget nearly spent refuses a registration's first upload whole rather than letting
+    /// it in and refusing its next call.
+    fn charge_key_uploads(&self, packages: u32, values: impl Iterator<Item = usize>) -> Result<(), Error> {
         let now = self.shared.clock.now_ms();
-        self.key_upload_rate.charge(packages, &self.shared.clock);
         let rates = &self.shared.rates;
-        rates.key_upload_per_address.charge_n(self.source, now, packages);
         let bytes = values.fold(0u64, |sum, len| {
             sum.saturating_add(len as u64).saturating_add(limits::KEY_ROW_OVERHEAD_BYTES)
         });
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-        rates.key_bytes_per_network.charge_n(admission::network_key(self.source), now, bytes);
+        rates.key_bytes_per_network.take_n(admission::network_key(self.source), now, bytes).map_err(
+            |ms| rate_limited_as("rate limited: too much key material uploaded from this network", ms),
+        )?;
+        self.key_upload_rate.charge(packages, &self.shared.clock);
+        rates.key_upload_per_address.charge_n(self.source, now, packages);
+        Ok(())
     }
 
     /// One token of this connection's and its address's key upload budget, taken before
