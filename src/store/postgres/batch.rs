@@ -276,11 +276,11 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let read_freed = tx.prepare_cached(ops::READ_FREED).await?;
     // Sent in this order on one connection, so locks are taken in this order; the freed rows
     // are read by a statement after the one that locks their queue rows (see `ops::READ_FREED`).
-    // Polled in that order too (`biased`): when a statement fails, every later one fails with
-    // "current transaction is aborted", and the error returned must be the first statement's
-    // (a deadlock or serialization failure, run again), not one of those (a plain error).
-    let ((), channel_rows, queue_rows, totals, freed_rows) = tokio::try_join!(
-        biased;
+    // Every answer is awaited, then the first error in statement order is the one returned:
+    // when a statement fails, every later one fails with "current transaction is aborted", and
+    // the error that counts is the first (a deadlock or serialization failure, run again), not
+    // one of those (a plain error). `try_join!` returned whichever it happened to poll first.
+    let (begun, channel_rows, queue_rows, totals, freed_rows) = tokio::join!(
         tx.batch_execute("BEGIN"),
         async {
             if channel_keys.is_empty() {
@@ -307,7 +307,9 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
             }
             tx.query(&read_freed, &[&queue_keys]).await
         },
-    )?;
+    );
+    begun?;
+    let (channel_rows, queue_rows, totals, freed_rows) = (channel_rows?, queue_rows?, totals?, freed_rows?);
     let (seq_floor, channel_floor, mut used): (i64, i64, i64) = match totals {
         Some(t) => (t.get(0), t.get(1), t.get(2)),
         None => (0, 0, 0),
@@ -396,8 +398,8 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
     write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &adding_total]);
-    tokio::try_join!(
-        biased;
+    // The write's error before the COMMIT's (see step 1).
+    let (written, committed) = tokio::join!(
         async {
             if rows.is_empty() {
                 return Ok(0);
@@ -405,7 +407,9 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
             tx.execute(&write_mail, &write_params).await
         },
         tx.batch_execute("COMMIT"),
-    )?;
+    );
+    written?;
+    committed?;
     Ok(Applied { outcomes, woken })
 }
 
@@ -421,7 +425,12 @@ async fn apply_acks(tx: &Object, ops: &[WriteOp]) -> Result<Applied, TxError> {
     let (keys, up_to): (Vec<&[u8]>, Vec<i64>) = acks.iter().map(|(w, u)| (&w[..], *u)).unzip();
     let stmt = tx.prepare_cached(ACK_BATCH).await?;
     let params: [&(dyn ToSql + Sync); 3] = [&keys, &up_to, &ops::STORED_BYTES_SHARDS];
-    let ((), acked, ()) = tokio::try_join!(biased; tx.batch_execute("BEGIN"), tx.query(&stmt, &params), tx.batch_execute("COMMIT"),)?;
+    // Errors in statement order (see `apply_mail`).
+    let (begun, acked, committed) =
+        tokio::join!(tx.batch_execute("BEGIN"), tx.query(&stmt, &params), tx.batch_execute("COMMIT"));
+    begun?;
+    let acked = acked?;
+    committed?;
     let mut removed = vec![0u32; ops.len()];
     for row in acked {
         let who = ops::identity(row.get(0))?;
