@@ -486,3 +486,38 @@ async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
     );
     store.close();
 }
+
+/// Uploads of one identity through two nodes at once check its pool cap one after the other:
+/// eight uploads of 60 packages against a cap of 200 store three, never more. Each upload
+/// serialises on an advisory lock of its identity (schema version 6; before, an owner row that
+/// some paths left behind for ever); without one, concurrent uploads count the same packages
+/// and all pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_of_one_identity_through_two_nodes_keep_its_pool_cap() {
+    use qpq::store::{KeyPackageEntry, Outcome, PgStore, QueueLimits, StoreError, WriteOp};
+    let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
+    let limits = QueueLimits {
+        max_messages: 1000,
+        max_bytes: 1 << 20,
+        ttl_ms: 3_600_000,
+        max_stored_bytes: 1 << 30,
+        max_key_bytes: 1 << 30,
+    };
+    let clock = qpq::clock::Clock::system();
+    let a = PgStore::open(&url, limits, clock.clone()).await.unwrap();
+    let b = PgStore::open(&url, limits, clock.clone()).await.unwrap();
+    assert_eq!(qpq::limits::MAX_KEY_PACKAGES_PER_IDENTITY, 200);
+    let now = clock.now_secs();
+    let who = [0x5au8; 32];
+    let uploads = (0..8).map(|i| {
+        let store = if i % 2 == 0 { &a } else { &b };
+        let packages =
+            (0..60).map(|k| KeyPackageEntry { not_after: now + 3600, bytes: vec![k; 64] }).collect();
+        store.write(WriteOp::UploadKeyPackages { who, packages, last_resort: None, now })
+    });
+    let results = futures::future::join_all(uploads).await;
+    let stored = results.iter().filter(|r| matches!(r, Ok(Outcome::KeyPackagesStored { .. }))).count();
+    let full = results.iter().filter(|r| matches!(r, Err(StoreError::PoolFull { .. }))).count();
+    assert_eq!((stored, full), (3, 5), "{results:?}");
+    assert_eq!(a.key_package_count(&who, now).await.unwrap(), (180, false));
+}

@@ -9,7 +9,8 @@
 //!   order, and a recipient's `seq` numbers are handed out in commit order, on any node.
 //! - A KeyPackage is taken with `FOR UPDATE SKIP LOCKED` + `DELETE`: concurrent takers get
 //!   different packages, never the same one.
-//! - An upload locks the identity's `qpq_key_package_owners` row to check the pool cap.
+//! - An upload takes a transaction-scoped advisory lock on its identity ([`identity_lock`])
+//!   to check the pool cap.
 //! - An ack locks its entries and its recipient's `qpq_queue_freed` row (schema version 3),
 //!   never the `qpq_queues` row: acks and enqueues of one recipient do not wait for each other.
 //! - Rare lock cycles (a sweep against a batch) are PostgreSQL deadlocks; it aborts one side,
@@ -498,12 +499,9 @@ async fn upload_key_packages(
     now: u64,
 ) -> Result<Outcome, TxError> {
     let key = &who[..];
-    tx.execute(
-        "INSERT INTO qpq_key_package_owners (identity) VALUES ($1)
-         ON CONFLICT (identity) DO UPDATE SET identity = excluded.identity",
-        &[&key],
-    )
-    .await?;
+    // Uploads of one identity check its cap one after the other, on any node.
+    let (space, id) = identity_lock(who);
+    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&space, &id]).await?;
     // Expired packages must not count against the cap: a returning user could never refill.
     prune_key_packages(tx, key, big(now)).await?;
     let have: i64 = tx
@@ -576,9 +574,6 @@ async fn take_key_package(
             .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
             .await?
             .get(0);
-        if remaining == 0 {
-            forget_owners(tx, &[key.to_vec()]).await?;
-        }
         return Ok(Ok(Outcome::KeyPackage { bytes, remaining: unbig(remaining), last_resort: false }));
     }
     let lr =
@@ -610,7 +605,6 @@ async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, 
     let mut removed = 0u64;
     let mut freed = 0i64;
     let mut more = false;
-    let mut touched: Vec<Vec<u8>> = Vec::new();
     for table in ["qpq_key_packages", "qpq_last_resort"] {
         let key = if table == "qpq_key_packages" { "id" } else { "identity" };
         let rows = tx
@@ -629,9 +623,6 @@ async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, 
         for row in rows {
             n += row.get::<_, i64>(1);
             freed += row.get::<_, i64>(2);
-            if table == "qpq_key_packages" {
-                touched.push(row.get(0));
-            }
         }
         removed += unbig(n);
         more |= n >= slice;
@@ -655,27 +646,16 @@ async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, 
     freed += c;
     more |= n >= slice;
     add_key_bytes(tx, -freed).await?;
-    forget_owners(tx, &touched).await?;
     Ok(Outcome::KeyPackagesExpired { removed, more })
 }
 
-/// Deletes the owner rows of `identities` that have no package left: identities are free, and
-/// each would otherwise leave its row for ever. A row an upload holds is skipped (it is adding
-/// packages); an upload that comes after re-creates its row.
-async fn forget_owners(tx: &Transaction<'_>, identities: &[Vec<u8>]) -> Result<(), TxError> {
-    if identities.is_empty() {
-        return Ok(());
-    }
-    tx.execute(
-        "DELETE FROM qpq_key_package_owners WHERE identity IN (
-             SELECT o.identity FROM qpq_key_package_owners o
-             WHERE o.identity = ANY($1::bytea[])
-               AND NOT EXISTS (SELECT 1 FROM qpq_key_packages k WHERE k.identity = o.identity)
-             FOR UPDATE SKIP LOCKED)",
-        &[&identities],
-    )
-    .await?;
-    Ok(())
+/// The advisory lock (two-key form, so it never meets the one-key migration lock) that
+/// serialises the uploads of `who`: a constant namespace and the key's first four bytes (an
+/// Ed25519 key is uniformly random; two identities sharing them only wait for each other).
+/// Indexing cannot fail: an `IdentityKey` is 32 bytes.
+fn identity_lock(who: &IdentityKey) -> (i32, i32) {
+    const KEY_UPLOADS: i32 = 0x7170_716b;
+    (KEY_UPLOADS, i32::from_le_bytes([who[0], who[1], who[2], who[3]]))
 }
 
 /// Replaces the hybrid key only with a newer one (see the redb store's `put_hybrid`). Every

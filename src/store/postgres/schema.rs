@@ -15,7 +15,7 @@
 //! | `qpq_entries` | (recipient, seq) | payload_id, bytes, enqueued_at_ms: one recipient's queue entry pointing at a payload |
 //! | `qpq_stored_bytes` | shard | bytes: the storage quota's total, split in shards so concurrent enqueues on different connections do not queue on one row |
 //! | `qpq_key_packages` | id (bigserial) | identity, not_after, bytes: single-use KeyPackages, taken in id order |
-//! | `qpq_key_package_owners` | identity | none: the row an upload locks to check the per-identity cap |
+//! | `qpq_key_package_owners` | identity | none: the row an upload locked to check the per-identity cap (until version 6) |
 //! | `qpq_last_resort` | identity | not_after, bytes |
 //! | `qpq_hybrid_keys` | identity | created_at_ms, value (signature ‖ created_at_ms ‖ key, as in redb) |
 //!
@@ -76,6 +76,13 @@
 //! `qpq_last_resort` by expiry and `qpq_hybrid_keys` by creation time, so the sweep's slices
 //! find expired ones without a scan (a hybrid key is deleted
 //! [`crate::limits::HYBRID_KEY_SERVER_LIFETIME_SECS`] after its signed creation).
+//!
+//! # Version 6: no owner rows
+//! `qpq_key_package_owners` is dropped. An upload serialises with the other uploads of its
+//! identity through a transaction-scoped advisory lock on the identity instead
+//! ([`super::ops`]): a row had to be deleted when the identity's last package went, and some
+//! paths (an upload of a last-resort package alone, a take that found every package expired,
+//! a refused upload) left it for ever, one row per free identity.
 
 use deadpool_postgres::Transaction;
 
@@ -83,7 +90,7 @@ use super::TxError;
 use crate::store::StoreError;
 
 /// The newest schema this qpq knows.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// The `application_name` of a node's connections (see the module docs).
 pub(super) fn application_name() -> String {
@@ -179,6 +186,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
          CREATE INDEX qpq_last_resort_by_expiry ON qpq_last_resort (not_after);
          CREATE INDEX qpq_hybrid_keys_by_age ON qpq_hybrid_keys (created_at_ms);",
     ),
+    (6, "DROP TABLE qpq_key_package_owners;"),
 ];
 
 // Migration 5 counts existing rows with this overhead written out; it must not drift from it.
