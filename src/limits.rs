@@ -262,8 +262,8 @@ pub const DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION: Rate = Rate { per_sec: 5.0, bu
 /// of key material from one address). Config: `rate_limits.key_upload_per_address`.
 pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burst: 5000 };
 
-/// Default key material one network may add, in bytes: 64 MiB at once, refilled over a day
-/// (~777 B/s). A network is an IPv4 address or an IPv6 /48 ([`crate::server::admission::network_key`]).
+/// Default key material one network may add, in bytes: 64 MiB at once, refilled at 777 B/s
+/// (in a day). A network is an IPv4 address or an IPv6 /48 ([`crate::server::admission::network_key`]).
 /// Charged as the key budget charges ([`DEFAULT_MAX_KEY_BYTES`]): each package or hybrid key's bytes plus
 /// [`KEY_ROW_OVERHEAD_BYTES`], once counted, before any is verified.
 ///
@@ -273,8 +273,7 @@ pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burs
 /// (~40 KB with X-Wing keys), so this still lets ~1600 people a day register from one network,
 /// and a client replacing what it hands out never comes near it; filling the 4 GiB default
 /// budget now takes 64 network-days. Config: `rate_limits.key_bytes_per_network`.
-pub const DEFAULT_KEY_BYTES_RATE_PER_NETWORK: Rate =
-    Rate { per_sec: 67_108_864.0 / 86_400.0, burst: 67_108_864 };
+pub const DEFAULT_KEY_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 777.0, burst: 67_108_864 };
 
 /// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
 /// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up
