@@ -521,3 +521,50 @@ async fn concurrent_uploads_of_one_identity_through_two_nodes_keep_its_pool_cap(
     assert_eq!((stored, full), (3, 5), "{results:?}");
     assert_eq!(a.key_package_count(&who, now).await.unwrap(), (180, false));
 }
+
+/// Coalesced fetches stop loading once one statement holds two pages' worth of payload, and
+/// the requests past that point are read again by another statement: twelve fetches of pages
+/// of 6 MiB at once load at most ~19 MiB per statement (before, all of them: 72 MiB, and up to
+/// ~1 GiB with 64 full queues, before the memory budget was asked for any of it), and every
+/// fetch still gets exactly its page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_fetches_bound_what_one_statement_loads() {
+    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
+    let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
+    let limits = QueueLimits {
+        max_messages: 1000,
+        max_bytes: 64 << 20,
+        ttl_ms: 3_600_000,
+        max_stored_bytes: 1 << 30,
+        max_key_bytes: 1 << 30,
+    };
+    let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
+    const MIB: usize = 1 << 20;
+    let people: Vec<IdentityKey> = (0..12u8).map(|i| [0x80 + i; 32]).collect();
+    let mut first_seqs = Vec::new();
+    for (i, who) in people.iter().enumerate() {
+        let mut seqs = Vec::new();
+        for k in 0..3u8 {
+            let op =
+                WriteOp::Enqueue { channel: Vec::new(), items: vec![(*who, vec![i as u8 * 3 + k; 3 * MIB])] };
+            let Outcome::Enqueued { seqs: s, .. } = store.write(op).await.unwrap() else {
+                panic!("not enqueued")
+            };
+            seqs.push(s[0]);
+        }
+        first_seqs.push(seqs);
+    }
+    // Each page: two 3 MiB messages fit 8 MiB, the third is left (`more`).
+    let pages = futures::future::join_all(people.iter().map(|who| store.fetch(who, 0, 100, 8 * MIB))).await;
+    for (i, page) in pages.into_iter().enumerate() {
+        let (msgs, more) = page.unwrap();
+        let got: Vec<(u64, u8, usize)> =
+            msgs.iter().map(|m| (m.seq, m.payload[0], m.payload.len())).collect();
+        let want: Vec<(u64, u8, usize)> =
+            (0..2).map(|k| (first_seqs[i][k], i as u8 * 3 + k as u8, 3 * MIB)).collect();
+        assert_eq!((got, more), (want, true), "recipient {i}");
+    }
+    let largest = store.largest_read_statement_bytes();
+    assert!(largest <= 16 * MIB + 3 * MIB, "one statement loaded {} MiB", largest / MIB);
+    store.close();
+}

@@ -108,6 +108,8 @@ struct Inner {
     commits: AtomicU64,
     /// Read statements the fetch workers have run (each serves one or more fetches).
     reads: AtomicU64,
+    /// The most payload bytes one read statement loaded (see [`reads`]; for tests).
+    largest_read: std::sync::atomic::AtomicUsize,
     instance_id: u64,
     /// Random per process: a node skips its own NOTIFYs (it woke its waiters already).
     node_id: u64,
@@ -200,6 +202,7 @@ impl PgStore {
             wakeups: Arc::new(wake::Pending::default()),
             commits: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            largest_read: std::sync::atomic::AtomicUsize::new(0),
             instance_id,
             node_id: rand::random(),
         });
@@ -294,6 +297,11 @@ impl PgStore {
     /// Read statements this node has run for fetches (several fetches may share one).
     pub fn read_statements(&self) -> u64 {
         self.inner.reads.load(Ordering::Relaxed)
+    }
+
+    /// The most payload bytes one coalesced read statement has loaded.
+    pub fn largest_read_statement_bytes(&self) -> usize {
+        self.inner.largest_read.load(Ordering::Relaxed)
     }
 
     /// Stops listening and closes the pool (calls in flight finish or fail `unavailable`).

@@ -67,51 +67,76 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
     loop {
         let Some(requests) = batch::take_waiting(&queue, limits::PG_FETCH_OPS).await else { return };
         let now = inner.clock.now_ms();
-        let read = async {
-            let client = inner.pool.get().await.map_err(TxError::from)?;
-            inner.reads.fetch_add(1, Ordering::Relaxed);
-            fetch_pages(&client, inner.limits.ttl_ms, now, &requests).await
-        };
-        match read.await.map_err(unavailable) {
-            Ok(pages) => {
-                for (request, page) in requests.into_iter().zip(pages) {
-                    // The caller may have gone (its call was cancelled): nothing to tell.
-                    let _ = request.reply.send(Ok(page));
+        let mut requests = requests;
+        // Each statement answers a prefix of the requests (at least one); the rest go again.
+        while !requests.is_empty() {
+            let read = async {
+                let client = inner.pool.get().await.map_err(TxError::from)?;
+                inner.reads.fetch_add(1, Ordering::Relaxed);
+                fetch_pages(&client, &inner, now, &requests).await
+            };
+            match read.await.map_err(unavailable) {
+                Ok(pages) => {
+                    let rest = requests.split_off(pages.len().min(requests.len()));
+                    for (request, page) in requests.into_iter().zip(pages) {
+                        // The caller may have gone (its call was cancelled): nothing to tell.
+                        let _ = request.reply.send(Ok(page));
+                    }
+                    requests = rest;
                 }
-            }
-            Err(e) => {
-                for request in requests {
-                    let _ = request.reply.send(Err(batch::same_error(&e)));
+                Err(e) => {
+                    for request in requests.drain(..) {
+                        let _ = request.reply.send(Err(batch::same_error(&e)));
+                    }
                 }
             }
         }
     }
 }
 
-/// Reads every request's page in one statement; the pages come back in request order.
+/// Most payload bytes one coalesced statement loads before it stops reading: the pages of
+/// up to [`limits::PG_FETCH_OPS`] requests of up to [`limits::MAX_FETCH_BYTES`] each would
+/// be about a GiB per worker, loaded before the memory budget is asked for any of it. A
+/// statement's first request is always read whole (its page alone is bounded), so each
+/// statement answers at least one.
+const FETCH_STATEMENT_BYTES: usize = 2 * limits::MAX_FETCH_BYTES;
+
+/// Reads the requests' pages in one statement, in request order: all of them, or the first
+/// ones, up to where [`FETCH_STATEMENT_BYTES`] were loaded (never within the first request).
 async fn fetch_pages(
     client: &Object,
-    ttl_ms: u64,
+    inner: &Inner,
     now: u64,
     requests: &[Request],
 ) -> Result<Vec<Page>, TxError> {
-    let oldest = ops::big(now.saturating_sub(ttl_ms));
+    let oldest = ops::big(now.saturating_sub(inner.limits.ttl_ms));
     let who: Vec<&[u8]> = requests.iter().map(|r| &r.who[..]).collect();
     let after: Vec<i64> = requests.iter().map(|r| ops::big(r.after)).collect();
     // One row more than the limit tells whether more are waiting.
     let rows_max: Vec<i64> = requests.iter().map(|r| i64::from(r.limit) + 1).collect();
     let max_bytes: Vec<i64> = requests.iter().map(|r| ops::big(r.max_bytes as u64)).collect();
     let stmt = client.prepare_cached(FETCH_PAGES).await?;
-    let rows = client.query(&stmt, &[&who, &after, &rows_max, &max_bytes, &oldest]).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&who, &after, &rows_max, &max_bytes, &oldest];
+    let rows = client.query_raw(&stmt, params).await?;
+    futures::pin_mut!(rows);
     let mut pages: Vec<Page> = requests.iter().map(|_| (Vec::new(), false)).collect();
     let mut bytes = vec![0usize; requests.len()];
-    for row in rows {
+    let mut loaded = 0usize;
+    while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await? {
         let o: i64 = row.get(0);
         // `o` is an index into `requests`, 1-based, as sent: anything else is a damaged answer.
         let i = usize::try_from(o - 1)
             .ok()
             .filter(|i| *i < requests.len())
             .ok_or_else(|| TxError::Store(StoreError::Db(format!("fetch: unexpected request index {o}"))))?;
+        if i > 0 && loaded > FETCH_STATEMENT_BYTES {
+            // Request i and the ones after it go again in another statement; the rest of this
+            // one's rows are discarded as they arrive when `rows` is dropped.
+            pages.truncate(i);
+            inner.largest_read.fetch_max(loaded, Ordering::Relaxed);
+            return Ok(pages);
+        }
         let (out, more) = &mut pages[i];
         if *more {
             continue;
@@ -127,6 +152,7 @@ async fn fetch_pages(
             continue;
         }
         bytes[i] += payload.len();
+        loaded += payload.len();
         out.push(StoredMessage {
             seq: ops::unbig(row.get(1)),
             channel_id: row.get(2),
@@ -135,5 +161,6 @@ async fn fetch_pages(
             enqueued_at_ms: ops::unbig(row.get(5)),
         });
     }
+    inner.largest_read.fetch_max(loaded, Ordering::Relaxed);
     Ok(pages)
 }
