@@ -568,3 +568,49 @@ async fn coalesced_fetches_bound_what_one_statement_loads() {
     assert!(largest <= 16 * MIB + 3 * MIB, "one statement loaded {} MiB", largest / MIB);
     store.close();
 }
+
+/// The sweep deletes drained queue rows a slice at a time: 4097 drained queues take two sweep
+/// transactions, the first saying more may be waiting. Before, one transaction locked and
+/// deleted every drained queue of the service at once (acks leave their queue rows to the
+/// sweep, so that is every recipient who emptied their queue since the last one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_deletes_drained_queues_a_slice_at_a_time() {
+    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
+    let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
+    let limits = QueueLimits {
+        max_messages: 1000,
+        max_bytes: 1 << 20,
+        ttl_ms: 3_600_000,
+        max_stored_bytes: 1 << 30,
+        max_key_bytes: 1 << 30,
+    };
+    let clock = qpq::clock::Clock::system();
+    let store = PgStore::open(&url, limits, clock.clone()).await.unwrap();
+    let slice = qpq::limits::SWEEP_SLICE_ROWS;
+    let people: Vec<IdentityKey> = (0..=slice as u32)
+        .map(|i| {
+            let mut k = [0xc3u8; 32];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            k
+        })
+        .collect();
+    let items = people.iter().map(|who| (*who, b"m".to_vec())).collect();
+    let Outcome::Enqueued { seqs, .. } =
+        store.write(WriteOp::Enqueue { channel: Vec::new(), items }).await.unwrap()
+    else {
+        panic!("not enqueued")
+    };
+    let acks = people.iter().zip(seqs).map(|(who, seq)| store.write(WriteOp::Ack { who: *who, up_to: seq }));
+    for acked in futures::future::join_all(acks).await {
+        assert_eq!(acked.unwrap(), Outcome::Acked { removed: 1 });
+    }
+    let now = clock.now_ms();
+    let first = store.write(WriteOp::Sweep { now_ms: now, after: Vec::new() }).await.unwrap();
+    assert!(
+        matches!(first, Outcome::Swept { resume: Some(_), .. }),
+        "a full slice: more may wait: {first:?}"
+    );
+    let second = store.write(WriteOp::Sweep { now_ms: now, after: Vec::new() }).await.unwrap();
+    assert!(matches!(second, Outcome::Swept { resume: None, .. }), "{second:?}");
+    store.close();
+}

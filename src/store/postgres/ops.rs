@@ -381,11 +381,10 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
         let freed = quota + release_unreferenced(tx).await?;
         add_stored_bytes(tx, -freed).await?;
     }
-    if removed >= slice {
+    if removed >= slice || delete_empty_queues(tx, slice).await? >= slice {
         // More may be waiting; the caller comes back for the next slice.
         return Ok(Outcome::Swept { removed: unbig(removed), resume: Some(Vec::new()) });
     }
-    delete_empty_queues(tx).await?;
     tx.execute(
         "WITH d AS (DELETE FROM qpq_channels WHERE touched_ms < $1 RETURNING last_seq)
          UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(last_seq), 0) FROM d))
@@ -396,20 +395,25 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
     Ok(Outcome::Swept { removed: unbig(removed), resume: None })
 }
 
-/// Deletes the queue rows left with no message (`count − freed` ≤ 0) and their freed rows,
-/// raising `seq_floor` over their numbers. Locks the candidates' queue rows, then their freed
-/// rows (the order of every batch), then rechecks in a statement whose snapshot is taken with
-/// both held: an ack or enqueue that committed meanwhile is counted.
-async fn delete_empty_queues(tx: &Transaction<'_>) -> Result<(), TxError> {
+/// Deletes up to `slice` queue rows left with no message (`count − freed` ≤ 0) and their
+/// freed rows, raising `seq_floor` over their numbers; returns how many candidates it locked
+/// (`slice` means more may be waiting). Locks the candidates' queue rows, skipping any a batch
+/// holds (it is writing to that queue), then their freed rows (the order of every batch), then
+/// rechecks in a statement whose snapshot is taken with both held: an ack or enqueue that
+/// committed meanwhile is counted. Sliced so that one sweep transaction never locks every
+/// drained queue of a large service at once (acks never delete queue rows, so every recipient
+/// who emptied their queue since the last sweep is a candidate).
+async fn delete_empty_queues(tx: &Transaction<'_>, slice: i64) -> Result<i64, TxError> {
     let rows = tx
         .query(
             "SELECT q.recipient FROM qpq_queues q LEFT JOIN qpq_queue_freed f ON f.recipient = q.recipient
-             WHERE q.count - coalesce(f.count, 0) <= 0 ORDER BY q.recipient FOR UPDATE OF q",
-            &[],
+             WHERE q.count - coalesce(f.count, 0) <= 0 ORDER BY q.recipient LIMIT $1 FOR UPDATE OF q SKIP LOCKED",
+            &[&slice],
         )
         .await?;
+    let locked = rows.len() as i64;
     if rows.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let keys: Vec<Vec<u8>> = rows.into_iter().map(|r| r.get(0)).collect();
     tx.execute(
@@ -430,7 +434,7 @@ async fn delete_empty_queues(tx: &Transaction<'_>) -> Result<(), TxError> {
         &[&keys],
     )
     .await?;
-    Ok(())
+    Ok(locked)
 }
 
 /// What a key row is charged against the key budget (the redb store's [`charge`]): a
