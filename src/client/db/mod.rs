@@ -544,6 +544,10 @@ impl DbWrite<'_> {
 
     /// The plaintext of record `logical` of `table` as this write sees it, if present.
     pub fn get(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
+        shielded(self.path, || self.get_unshielded(table, logical))
+    }
+
+    fn get_unshielded(&self, table: Table, logical: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, DbError> {
         let slot = self.keys.slot(table.label(), logical);
         let sealed = match self.changes.get(&(table, slot.to_vec())) {
             Some(v) => v.clone(),
@@ -580,6 +584,15 @@ impl DbWrite<'_> {
     /// Deletes the history entries of `conversation` received before `cutoff_ms` (all of them
     /// with `u64::MAX`): one range read, then a deletion per entry; returns how many.
     pub fn delete_history_before(&mut self, conversation: &[u8], cutoff_ms: u64) -> Result<usize, DbError> {
+        let path = self.path;
+        shielded(path, || self.delete_history_before_unshielded(conversation, cutoff_ms))
+    }
+
+    fn delete_history_before_unshielded(
+        &mut self,
+        conversation: &[u8],
+        cutoff_ms: u64,
+    ) -> Result<usize, DbError> {
         let conv = self.keys.slot(Table::History.label(), conversation);
         let lo = history_key(&conv, HistoryKey::MIN);
         let Some(last) = (HistoryKey { at_ms: cutoff_ms, index: 0 }).below() else { return Ok(0) };

@@ -690,6 +690,11 @@ async fn put_hybrid_key(
         .await?;
     if let Some(row) = written {
         if row.get::<_, bool>(0) {
+            // Inserted although a row was there when read: the sweep deleted it meanwhile
+            // (the read takes no lock), so this is a first key after all.
+            if exists {
+                check_key_room(tx, limits, cost, 0).await?;
+            }
             add_key_bytes(tx, cost).await?;
         }
         return Ok(Ok(Outcome::HybridKeyStored));
