@@ -40,26 +40,37 @@ pub(super) struct Request {
 /// bytes before a row pass `$4`, entries enqueued at or after `$5`; `o` is the request's
 /// 1-based index. A page's second row is always returned, without its body when past the cut,
 /// so that a first message larger than `$4` still says more are waiting.
-const FETCH_PAGES: &str = "SELECT r.o, x.seq, x.channel_id, x.channel_seq,
-            CASE WHEN x.before <= r.max_bytes THEN x.body END, x.enqueued_at_ms
-     FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
-          AS r(who, after, lim, max_bytes, o)
-     CROSS JOIN LATERAL (
-         SELECT * FROM (
-             SELECT page.*, coalesce(sum(octet_length(page.body)) OVER (ORDER BY page.seq
-                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before,
-                 row_number() OVER (ORDER BY page.seq) AS rn
-             FROM (
-                 SELECT e.seq, coalesce(e.channel_id, p.channel_id) AS channel_id,
-                        coalesce(e.channel_seq, p.channel_seq) AS channel_seq,
-                        coalesce(e.body, p.body) AS body, e.enqueued_at_ms
-                 FROM qpq_entries e LEFT JOIN qpq_payloads p ON p.id = e.payload_id
-                 WHERE e.recipient = r.who AND e.seq > r.after AND e.enqueued_at_ms >= $5
-                 ORDER BY e.seq LIMIT r.lim
-             ) page
-         ) cut WHERE cut.before <= r.max_bytes OR cut.rn = 2
-     ) x
-     ORDER BY r.o, x.seq";
+///
+/// `over` marks the rows, from the second request on, after `$6` payload bytes of the
+/// statement's pages (in request order): they come without a body, and their requests go again
+/// in another statement ([`FETCH_STATEMENT_BYTES`]). A large body stays a TOAST pointer until it
+/// is sent (`octet_length` reads its length from the pointer), so rows past the cut cost
+/// PostgreSQL neither the reading nor the sending of their bodies.
+const FETCH_PAGES: &str = "SELECT o, seq, channel_id, channel_seq,
+            CASE WHEN before <= max_bytes AND NOT over THEN body END, enqueued_at_ms, over
+     FROM (
+         SELECT r.o, r.max_bytes, x.seq, x.channel_id, x.channel_seq, x.body, x.enqueued_at_ms, x.before,
+                r.o > 1 AND coalesce(sum(CASE WHEN x.before <= r.max_bytes THEN octet_length(x.body) END)
+                    OVER (ORDER BY r.o, x.seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) > $6 AS over
+         FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
+              AS r(who, after, lim, max_bytes, o)
+         CROSS JOIN LATERAL (
+             SELECT * FROM (
+                 SELECT page.*, coalesce(sum(octet_length(page.body)) OVER (ORDER BY page.seq
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before,
+                     row_number() OVER (ORDER BY page.seq) AS rn
+                 FROM (
+                     SELECT e.seq, coalesce(e.channel_id, p.channel_id) AS channel_id,
+                            coalesce(e.channel_seq, p.channel_seq) AS channel_seq,
+                            coalesce(e.body, p.body) AS body, e.enqueued_at_ms
+                     FROM qpq_entries e LEFT JOIN qpq_payloads p ON p.id = e.payload_id
+                     WHERE e.recipient = r.who AND e.seq > r.after AND e.enqueued_at_ms >= $5
+                     ORDER BY e.seq LIMIT r.lim
+                 ) page
+             ) cut WHERE cut.before <= r.max_bytes OR cut.rn = 2
+         ) x
+     ) s
+     ORDER BY o, seq";
 
 /// One worker: takes what is waiting, reads it in one statement, answers, until the queue
 /// closes.
@@ -94,15 +105,16 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
     }
 }
 
-/// Most payload bytes one coalesced statement loads before it stops reading: the pages of
-/// up to [`limits::PG_FETCH_OPS`] requests of up to [`limits::MAX_FETCH_BYTES`] each would
+/// Most payload bytes one coalesced statement sends (see [`FETCH_PAGES`]'s `over`): the pages
+/// of up to [`limits::PG_FETCH_OPS`] requests of up to [`limits::MAX_FETCH_BYTES`] each would
 /// be about a GiB per worker, loaded before the memory budget is asked for any of it. A
-/// statement's first request is always read whole (its page alone is bounded), so each
+/// statement's first request is always sent whole (its page alone is bounded), so each
 /// statement answers at least one.
 const FETCH_STATEMENT_BYTES: usize = 2 * limits::MAX_FETCH_BYTES;
 
 /// Reads the requests' pages in one statement, in request order: all of them, or the first
-/// ones, up to where [`FETCH_STATEMENT_BYTES`] were loaded (never within the first request).
+/// ones, up to where the statement passed [`FETCH_STATEMENT_BYTES`] (never within the first
+/// request).
 async fn fetch_pages(
     client: &Object,
     inner: &Inner,
@@ -116,8 +128,9 @@ async fn fetch_pages(
     let rows_max: Vec<i64> = requests.iter().map(|r| i64::from(r.limit) + 1).collect();
     let max_bytes: Vec<i64> = requests.iter().map(|r| ops::big(r.max_bytes as u64)).collect();
     let stmt = client.prepare_cached(FETCH_PAGES).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&who, &after, &rows_max, &max_bytes, &oldest];
+    let budget = ops::big(FETCH_STATEMENT_BYTES as u64);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&who, &after, &rows_max, &max_bytes, &oldest, &budget];
     let rows = client.query_raw(&stmt, params).await?;
     futures::pin_mut!(rows);
     let mut pages: Vec<Page> = requests.iter().map(|_| (Vec::new(), false)).collect();
@@ -130,9 +143,9 @@ async fn fetch_pages(
             .ok()
             .filter(|i| *i < requests.len())
             .ok_or_else(|| TxError::Store(StoreError::Db(format!("fetch: unexpected request index {o}"))))?;
-        if i > 0 && loaded > FETCH_STATEMENT_BYTES {
-            // Request i and the ones after it go again in another statement; the rest of this
-            // one's rows are discarded as they arrive when `rows` is dropped.
+        if i > 0 && row.get::<_, bool>(6) {
+            // Past the statement's bytes: request i and the ones after it go again in another
+            // statement (the rest of these rows, bodiless, are discarded as they arrive).
             pages.truncate(i);
             inner.largest_read.fetch_max(loaded, Ordering::Relaxed);
             return Ok(pages);
