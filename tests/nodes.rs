@@ -432,15 +432,9 @@ async fn acks_through_two_nodes_make_room_for_a_cap_sized_burst_again() {
 /// after its seq, cut at its limit and byte budget, with `more` set when something was left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
-    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
+    use qpq::store::{IdentityKey, Outcome, PgStore, WriteOp};
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
-    let limits = QueueLimits {
-        max_messages: 1000,
-        max_bytes: 1 << 20,
-        ttl_ms: 3_600_000,
-        max_stored_bytes: 1 << 30,
-        max_key_bytes: 1 << 30,
-    };
+    let limits = store_limits(1 << 20);
     let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
     // Recipient i has i + 1 messages of 100 bytes, the k-th filled with byte 10 * i + k.
     let people: Vec<IdentityKey> = (0..8u8).map(|i| [i + 1; 32]).collect();
@@ -494,15 +488,9 @@ async fn concurrent_fetches_share_read_statements_and_each_gets_its_own_page() {
 /// and all pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_of_one_identity_through_two_nodes_keep_its_pool_cap() {
-    use qpq::store::{KeyPackageEntry, Outcome, PgStore, QueueLimits, StoreError, WriteOp};
+    use qpq::store::{KeyPackageEntry, Outcome, PgStore, StoreError, WriteOp};
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
-    let limits = QueueLimits {
-        max_messages: 1000,
-        max_bytes: 1 << 20,
-        ttl_ms: 3_600_000,
-        max_stored_bytes: 1 << 30,
-        max_key_bytes: 1 << 30,
-    };
+    let limits = store_limits(1 << 20);
     let clock = qpq::clock::Clock::system();
     let a = PgStore::open(&url, limits, clock.clone()).await.unwrap();
     let b = PgStore::open(&url, limits, clock.clone()).await.unwrap();
@@ -529,15 +517,9 @@ async fn concurrent_uploads_of_one_identity_through_two_nodes_keep_its_pool_cap(
 /// fetch still gets exactly its page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_fetches_bound_what_one_statement_loads() {
-    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
+    use qpq::store::{IdentityKey, Outcome, PgStore, WriteOp};
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
-    let limits = QueueLimits {
-        max_messages: 1000,
-        max_bytes: 64 << 20,
-        ttl_ms: 3_600_000,
-        max_stored_bytes: 1 << 30,
-        max_key_bytes: 1 << 30,
-    };
+    let limits = store_limits(64 << 20);
     let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
     const MIB: usize = 1 << 20;
     let people: Vec<IdentityKey> = (0..12u8).map(|i| [0x80 + i; 32]).collect();
@@ -575,15 +557,9 @@ async fn coalesced_fetches_bound_what_one_statement_loads() {
 /// sweep, so that is every recipient who emptied their queue since the last one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_deletes_drained_queues_a_slice_at_a_time() {
-    use qpq::store::{IdentityKey, Outcome, PgStore, QueueLimits, WriteOp};
+    use qpq::store::{IdentityKey, Outcome, PgStore, WriteOp};
     let Backend::Postgres(url) = Backend::postgres() else { unreachable!("a postgres backend") };
-    let limits = QueueLimits {
-        max_messages: 1000,
-        max_bytes: 1 << 20,
-        ttl_ms: 3_600_000,
-        max_stored_bytes: 1 << 30,
-        max_key_bytes: 1 << 30,
-    };
+    let limits = store_limits(1 << 20);
     let clock = qpq::clock::Clock::system();
     let store = PgStore::open(&url, limits, clock.clone()).await.unwrap();
     let slice = qpq::limits::SWEEP_SLICE_ROWS;
@@ -613,4 +589,15 @@ async fn the_sweep_deletes_drained_queues_a_slice_at_a_time() {
     let second = store.write(WriteOp::Sweep { now_ms: now, after: Vec::new() }).await.unwrap();
     assert!(matches!(second, Outcome::Swept { resume: None, .. }), "{second:?}");
     store.close();
+}
+
+/// Limits of the store-level tests above: roomy, with a queue of `max_bytes`.
+fn store_limits(max_bytes: u64) -> qpq::store::QueueLimits {
+    qpq::store::QueueLimits {
+        max_messages: 1000,
+        max_bytes,
+        ttl_ms: 3_600_000,
+        max_stored_bytes: 1 << 30,
+        max_key_bytes: 1 << 30,
+    }
 }
