@@ -257,6 +257,11 @@ fn rate_limited_as(message: &str, retry_after_ms: u64) -> Error {
     WireError::retry_after(ErrorCode::RateLimited, message.to_string(), retry_after_ms).into_rpc()
 }
 
+/// The refusal of a key upload while its network's key material budget is spent.
+fn key_material_limited(retry_after_ms: u64) -> Error {
+    rate_limited_as("rate limited: too much key material uploaded from this network", retry_after_ms)
+}
+
 impl node_service::Server for NodeServiceImpl {
     fn health(
         self: Rc<Self>,
@@ -567,8 +572,8 @@ impl account::Server for AccountImpl {
                     limits::MAX_KEY_PACKAGES_PER_UPLOAD
                 )));
             }
-            let lr_given = !p.get_last_resort()?.is_empty();
             let lr_len = p.get_last_resort()?.len();
+            let lr_given = lr_len > 0;
             let lens: Vec<usize> = list.iter().map(|kp| kp.map_or(0, <[u8]>::len)).collect();
             self.charge_key_uploads(
                 list.len().saturating_add(u32::from(lr_given)),
@@ -811,9 +816,8 @@ impl AccountImpl {
             sum.saturating_add(len as u64).saturating_add(limits::KEY_ROW_OVERHEAD_BYTES)
         });
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-        rates.key_bytes_per_network.take_n(admission::network_key(self.source), now, bytes).map_err(
-            |ms| rate_limited_as("rate limited: too much key material uploaded from this network", ms),
-        )?;
+        let network = admission::network_key(self.source);
+        rates.key_bytes_per_network.take_n(network, now, bytes).map_err(key_material_limited)?;
         self.key_upload_rate.charge(packages, &self.shared.clock);
         rates.key_upload_per_address.charge_n(self.source, now, packages);
         Ok(())
@@ -825,9 +829,10 @@ impl AccountImpl {
     fn take_key_upload_token(&self) -> Result<(), Error> {
         let rates = &self.shared.rates;
         let now = self.shared.clock.now_ms();
-        rates.key_bytes_per_network.check(admission::network_key(self.source), now).map_err(|ms| {
-            rate_limited_as("rate limited: too much key material uploaded from this network", ms)
-        })?;
+        rates
+            .key_bytes_per_network
+            .check(admission::network_key(self.source), now)
+            .map_err(key_material_limited)?;
         take_pair(
             &self.shared,
             &self.key_upload_rate,

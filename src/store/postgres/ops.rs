@@ -145,15 +145,24 @@ async fn meta_value(tx: &Transaction<'_>, name: &str) -> Result<i64, TxError> {
     Ok(row.map(|r| r.get(0)).unwrap_or(0))
 }
 
+/// The statement that adds `$2` to this connection's shard (of `$1`) of the sharded total
+/// `$table`.
+macro_rules! shard_upsert {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
+             ON CONFLICT (shard) DO UPDATE SET bytes = ",
+            $table,
+            ".bytes + excluded.bytes"
+        )
+    };
+}
+
 /// Adds `delta` bytes to this connection's shard of the stored-bytes total.
 async fn add_stored_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
-    add_to_shard(
-        tx,
-        "INSERT INTO qpq_stored_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
-         ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes",
-        delta,
-    )
-    .await
+    add_to_shard(tx, shard_upsert!("qpq_stored_bytes"), delta).await
 }
 
 /// Adds `delta` to this connection's shard of a sharded total with `upsert`, a statement of
@@ -445,13 +454,7 @@ fn package_charge(bytes: &[u8]) -> i64 {
 
 /// Adds `delta` bytes to this connection's shard of the key material total.
 async fn add_key_bytes(tx: &Transaction<'_>, delta: i64) -> Result<(), TxError> {
-    add_to_shard(
-        tx,
-        "INSERT INTO qpq_key_bytes (shard, bytes) VALUES (pg_backend_pid() % $1, $2)
-         ON CONFLICT (shard) DO UPDATE SET bytes = qpq_key_bytes.bytes + excluded.bytes",
-        delta,
-    )
-    .await
+    add_to_shard(tx, shard_upsert!("qpq_key_bytes"), delta).await
 }
 
 /// Refuses `adding` more key bytes when, after `freeing`, they would pass the budget. Like the
@@ -601,54 +604,49 @@ async fn take_key_package(
     }
 }
 
-/// Deletes the oldest packages expired at `now`, at most one slice of each table, through their
-/// expiry indexes; `more` when a table gave a full slice. Nodes expiring at once skip each
-/// other's rows.
+/// Deletes the oldest packages expired at `now`, and the hybrid keys past their server lifetime,
+/// at most one slice of each table, through their expiry indexes; `more` when a table gave a
+/// full slice. Nodes expiring at once skip each other's rows.
 async fn expire_key_packages(tx: &Transaction<'_>, now: u64) -> Result<Outcome, TxError> {
+    // Hybrid keys not replaced for their server lifetime: created before this (see the redb
+    // store's `hybrid_expires_at`: expired once created_at_ms / 1000 + lifetime <= now).
+    let hybrid_cutoff_ms =
+        big((now + 1).saturating_sub(limits::HYBRID_KEY_SERVER_LIFETIME_SECS).saturating_mul(1000));
     let (now, slice, overhead) = (big(now), big(limits::SWEEP_SLICE_ROWS as u64), package_charge(&[]));
+    // (table, its key, its time column, the last expired time, its value, a row's overhead)
+    let tables = [
+        ("qpq_key_packages", "id", "not_after", now, "bytes", overhead),
+        ("qpq_last_resort", "identity", "not_after", now, "bytes", overhead),
+        (
+            "qpq_hybrid_keys",
+            "identity",
+            "created_at_ms",
+            hybrid_cutoff_ms - 1,
+            "value",
+            big(limits::KEY_ROW_OVERHEAD_BYTES),
+        ),
+    ];
     let mut removed = 0u64;
     let mut freed = 0i64;
     let mut more = false;
-    for table in ["qpq_key_packages", "qpq_last_resort"] {
-        let key = if table == "qpq_key_packages" { "id" } else { "identity" };
-        let rows = tx
-            .query(
+    for (table, key, time, last, value, overhead) in tables {
+        let row = tx
+            .query_one(
                 &format!(
                     "WITH d AS (DELETE FROM {table} WHERE {key} IN (
-                         SELECT {key} FROM {table} WHERE not_after <= $1
-                         ORDER BY not_after LIMIT $2 FOR UPDATE SKIP LOCKED)
-                     RETURNING identity, length(bytes)::bigint + $3 AS c)
-                     SELECT identity, count(*)::bigint, sum(c)::bigint FROM d GROUP BY identity"
+                         SELECT {key} FROM {table} WHERE {time} <= $1
+                         ORDER BY {time} LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING length({value})::bigint + $3 AS c)
+                     SELECT count(*)::bigint, coalesce(sum(c), 0)::bigint FROM d"
                 ),
-                &[&now, &slice, &overhead],
+                &[&last, &slice, &overhead],
             )
             .await?;
-        let mut n = 0i64;
-        for row in rows {
-            n += row.get::<_, i64>(1);
-            freed += row.get::<_, i64>(2);
-        }
+        let (n, c): (i64, i64) = (row.get(0), row.get(1));
         removed += unbig(n);
+        freed += c;
         more |= n >= slice;
     }
-    // Hybrid keys not replaced for their server lifetime: created before this (see the redb
-    // store's `hybrid_expires_at`: expired once created_at_ms / 1000 + lifetime <= now).
-    let cutoff_ms =
-        big((unbig(now) + 1).saturating_sub(limits::HYBRID_KEY_SERVER_LIFETIME_SECS).saturating_mul(1000));
-    let row = tx
-        .query_one(
-            "WITH d AS (DELETE FROM qpq_hybrid_keys WHERE identity IN (
-                 SELECT identity FROM qpq_hybrid_keys WHERE created_at_ms < $1
-                 ORDER BY created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
-             RETURNING length(value)::bigint + $3 AS c)
-             SELECT count(*)::bigint, coalesce(sum(c), 0)::bigint FROM d",
-            &[&cutoff_ms, &slice, &big(limits::KEY_ROW_OVERHEAD_BYTES)],
-        )
-        .await?;
-    let (n, c): (i64, i64) = (row.get(0), row.get(1));
-    removed += unbig(n);
-    freed += c;
-    more |= n >= slice;
     add_key_bytes(tx, -freed).await?;
     Ok(Outcome::KeyPackagesExpired { removed, more })
 }
