@@ -7,7 +7,10 @@
 //!
 //! A request that breaks a limit (queue full, pool full) fails alone: each request checks every
 //! limit before it writes anything, so it leaves no partial effect in the shared transaction. A
-//! storage error fails the whole batch, which is then not committed.
+//! storage error (a damaged row, a failed write) or a panic fails the whole batch, which is then
+//! not committed, and runs again one request per transaction, so that only the request that met
+//! the error fails (as on PostgreSQL): one recipient's damaged row must not refuse everyone's
+//! mail that happened to share its batch.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -168,30 +171,51 @@ fn run(
                 Err(_) => break,
             }
         }
-        // The messages this batch commits, handed to parked fetchWaits once it is durable.
-        let mut woken: Vec<Committed<'_>> = Vec::new();
-        // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
-        // the thread lives on and serves the next one. The transaction is dropped uncommitted.
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            apply_batch(db, limits, clock.now_ms(), &jobs, &mut woken)
-        }))
-        .unwrap_or_else(|_| Err(StoreError::Db("write batch panicked".to_string())));
-        match applied {
-            Ok(outcomes) => {
-                commits.fetch_add(1, Ordering::Relaxed);
-                notifier.hand(&woken);
-                for ((_, reply), out) in jobs.into_iter().zip(outcomes) {
-                    let _ = reply.send(out);
-                }
+        let now_ms = clock.now_ms();
+        let outcomes = match commit(db, notifier, limits, now_ms, commits, &jobs) {
+            Ok(outcomes) => outcomes,
+            Err(e) if jobs.len() > 1 => {
+                tracing::warn!(error = %e, batch = jobs.len(), "write batch failed; running its requests one by one");
+                (0..jobs.len())
+                    .map(|i| match commit(db, notifier, limits, now_ms, commits, &jobs[i..=i]) {
+                        // One outcome per job: `apply_batch` pushes one for each.
+                        Ok(mut one) => one.pop().unwrap_or_else(|| Err(StoreError::Db("no outcome".into()))),
+                        Err(e) => Err(e),
+                    })
+                    .collect()
             }
             Err(e) => {
-                tracing::error!(error = %e, batch = jobs.len(), "write batch failed, nothing committed");
-                for (_, reply) in jobs {
-                    let _ = reply.send(Err(StoreError::Db(e.to_string())));
-                }
+                tracing::error!(error = %e, "write failed, nothing committed");
+                jobs.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect()
             }
+        };
+        for ((_, reply), out) in jobs.into_iter().zip(outcomes) {
+            let _ = reply.send(out);
         }
     }
+}
+
+/// Applies `jobs` in one transaction, commits it durably and hands its messages to parked
+/// fetchWaits; an error means nothing was committed.
+fn commit(
+    db: &Database,
+    notifier: &Notifier,
+    limits: QueueLimits,
+    now_ms: u64,
+    commits: &AtomicU64,
+    jobs: &[(WriteOp, Reply)],
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+    // The messages this batch commits, handed to parked fetchWaits once it is durable.
+    let mut woken: Vec<Committed<'_>> = Vec::new();
+    // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
+    // the thread lives on and serves the next one. The transaction is dropped uncommitted.
+    let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply_batch(db, limits, now_ms, jobs, &mut woken)
+    }))
+    .unwrap_or_else(|_| Err(StoreError::Db("write batch panicked".to_string())))?;
+    commits.fetch_add(1, Ordering::Relaxed);
+    notifier.hand(&woken);
+    Ok(outcomes)
 }
 
 /// The delivery tables of one write transaction, opened once per batch: opening a redb table
@@ -602,4 +626,69 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
     }
     released.apply(d)?;
     Ok(Outcome::Swept { removed: doomed.len() as u64, resume })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{KEY_PACKAGES, Store};
+    use redb::ReadableDatabase;
+
+    fn limits() -> QueueLimits {
+        QueueLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            ttl_ms: 60_000,
+            max_stored_bytes: u64::MAX,
+            max_key_bytes: u64::MAX,
+        }
+    }
+
+    /// Runs `ops` through the writer loop as one batch (all are waiting when it starts) and
+    /// returns their answers in order.
+    fn run_as_one_batch(db: &Database, ops: Vec<WriteOp>) -> Vec<Result<Outcome, StoreError>> {
+        let (tx, rx) = mpsc::channel();
+        let mut answers = Vec::new();
+        for op in ops {
+            let (reply, answer) = oneshot::channel();
+            tx.send((op, reply)).unwrap();
+            answers.push(answer);
+        }
+        drop(tx);
+        let commits = AtomicU64::new(0);
+        run(db, &Notifier::default(), limits(), &Clock::system(), &commits, rx);
+        answers.into_iter().map(|mut a| a.try_recv().expect("every request is answered")).collect()
+    }
+
+    #[test]
+    fn a_request_meeting_a_damaged_row_fails_alone_not_with_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        Store::open(&path, limits()).unwrap().close().unwrap();
+        let (damaged, other) = ([5u8; 32], [6u8; 32]);
+        let db = Database::open(&path).unwrap();
+        {
+            // A single-use KeyPackage row too short to hold its not_after.
+            let txn = db.begin_write().unwrap();
+            txn.open_table(KEY_PACKAGES).unwrap().insert(&queue_key(&damaged, 0)[..], &[1u8, 2, 3][..]).unwrap();
+            txn.commit().unwrap();
+        }
+        let answers = run_as_one_batch(
+            &db,
+            vec![
+                WriteOp::Enqueue { channel: Vec::new(), items: vec![(other, b"before".to_vec())] },
+                WriteOp::TakeKeyPackage { who: damaged, now: 1 },
+                WriteOp::Enqueue { channel: Vec::new(), items: vec![(other, b"after".to_vec())] },
+            ],
+        );
+        assert!(matches!(answers[1], Err(StoreError::Db(_))), "{:?}", answers[1]);
+        assert_eq!(answers[0].as_ref().ok(), Some(&Outcome::Enqueued { channel_seq: 0, seqs: vec![1] }));
+        assert_eq!(answers[2].as_ref().ok(), Some(&Outcome::Enqueued { channel_seq: 0, seqs: vec![2] }));
+        // Both are durable, in order.
+        let txn = db.begin_read().unwrap();
+        let queue = txn.open_table(QUEUE).unwrap();
+        let start = queue_key(&other, 0);
+        let end = queue_key(&other, u64::MAX);
+        assert_eq!(queue.range(&start[..]..=&end[..]).unwrap().count(), 2);
+    }
 }
