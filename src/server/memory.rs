@@ -32,6 +32,8 @@ use crate::proto::wire_error::{ErrorCode, WireError};
 pub struct MemoryBudget {
     cap: usize,
     used: AtomicUsize,
+    /// The part of `used` held by large frames being read ([`MemoryBudget::reserve_frame`]).
+    frames: AtomicUsize,
     freed: Notify,
 }
 
@@ -40,11 +42,78 @@ pub struct MemoryBudget {
 pub struct Held {
     budget: Arc<MemoryBudget>,
     bytes: usize,
+    /// Counted in `frames` too.
+    frame: bool,
+}
+
+impl Held {
+    /// Adds `other` (of the same budget and kind) to this one: one value to drop.
+    pub fn absorb(&mut self, mut other: Held) {
+        debug_assert!(Arc::ptr_eq(&self.budget, &other.budget) && self.frame == other.frame);
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl MemoryBudget {
     pub fn new(cap: usize) -> Arc<MemoryBudget> {
-        Arc::new(MemoryBudget { cap, used: AtomicUsize::new(0), freed: Notify::new() })
+        Arc::new(MemoryBudget {
+            cap,
+            used: AtomicUsize::new(0),
+            frames: AtomicUsize::new(0),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Most bytes large frames being read may hold together: half the cap, so that whatever
+    /// peers send and leave unfinished, fetch pages and replies always have the other half
+    /// (a review found that four strangers announcing 16 MiB frames stopped every delivery).
+    pub fn frames_cap(&self) -> usize {
+        self.cap / 2
+    }
+
+    /// Bytes held by large frames being read now.
+    pub fn frames_used(&self) -> usize {
+        self.frames.load(Ordering::SeqCst)
+    }
+
+    /// Holds `bytes` more of a frame that holds `holding` already, if they fit under both the
+    /// frames' share and the cap. A frame that is alone in the frames' share (it holds all of
+    /// it) always gets more: a frame larger than the share (a small configured budget) then
+    /// goes on alone instead of waiting for ever.
+    pub fn try_reserve_frame(self: &Arc<Self>, bytes: usize, holding: usize) -> Option<Held> {
+        let frames_cap = self.frames_cap();
+        self.frames
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| {
+                f.checked_add(bytes).filter(|&total| total <= frames_cap || f == holding)
+            })
+            .ok()?;
+        let alone = self.frames_used() == holding + bytes;
+        let global = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+            used.checked_add(bytes).filter(|&total| total <= self.cap || alone)
+        });
+        if global.is_err() {
+            self.frames.fetch_sub(bytes, Ordering::SeqCst);
+            // Another frame may have been refused while ours was counted.
+            self.freed.notify_waiters();
+            return None;
+        }
+        Some(Held { budget: self.clone(), bytes, frame: true })
+    }
+
+    /// Waits until [`MemoryBudget::try_reserve_frame`] holds `bytes` more of a frame holding
+    /// `holding`.
+    pub async fn reserve_frame(self: Arc<Self>, bytes: usize, holding: usize) -> Held {
+        loop {
+            let freed = self.freed.notified();
+            if let Some(held) = self.try_reserve_frame(bytes, holding) {
+                return held;
+            }
+            freed.await;
+        }
     }
 
     /// Bytes held now.
@@ -63,19 +132,19 @@ impl MemoryBudget {
                 used.checked_add(bytes).filter(|&total| total <= self.cap)
             })
             .ok()
-            .map(|_| Held { budget: self.clone(), bytes })
+            .map(|_| Held { budget: self.clone(), bytes, frame: false })
     }
 
     /// Holds `bytes` whether or not they fit: for memory that already exists (a reply built),
     /// so that the count stays true and makes later reservations wait or fail.
     pub fn charge(self: &Arc<Self>, bytes: usize) -> Held {
         self.used.fetch_add(bytes, Ordering::SeqCst);
-        Held { budget: self.clone(), bytes }
+        Held { budget: self.clone(), bytes, frame: false }
     }
 
     /// Room for a fetch to load its page into, taken a message at a time ([`PageRoom::take`]).
     pub fn page_room(self: &Arc<Self>) -> PageRoom {
-        PageRoom { held: Held { budget: self.clone(), bytes: 0 }, refused: false }
+        PageRoom { held: Held { budget: self.clone(), bytes: 0, frame: false }, refused: false }
     }
 
     /// Waits until `bytes` fit, then holds them. A request larger than the whole cap waits for
@@ -94,6 +163,12 @@ impl MemoryBudget {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        if self.frame {
+            self.budget.frames.fetch_sub(self.bytes, Ordering::SeqCst);
+        }
         self.budget.used.fetch_sub(self.bytes, Ordering::SeqCst);
         self.budget.freed.notify_waiters();
     }
