@@ -156,6 +156,13 @@ pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 /// over one large frame, before the server closes it. Config: `stall_timeout_ms`.
 pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
 
+/// QUIC receive window of a server connection (its one stream and the connection): what a peer
+/// may send beyond what the server has read (see `transport::server_transport_config`).
+pub const SERVER_RECEIVE_WINDOW_BYTES: u32 = 256 * 1024;
+
+/// QUIC send window of a server connection: bytes written and not yet acknowledged by the peer.
+pub const SERVER_SEND_WINDOW_BYTES: u64 = 1024 * 1024;
+
 /// Frames up to this size are read without waiting for room in the memory budget: every call
 /// but big enqueues, so a budget filled by stalled peers never delays ordinary traffic.
 pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
@@ -181,6 +188,11 @@ pub const MAX_OPEN_CALLS_PER_CONNECTION: usize = 4096;
 /// Most identities one connection may authenticate as (our clients use one): each keeps an
 /// account capability for the connection's life.
 pub const MAX_IDENTITIES_PER_CONNECTION: usize = 8;
+
+/// Most failed `authenticate` calls one connection may make; later ones are refused without a
+/// signature check (a client that fails once has a bug or the wrong key, not a reason to try
+/// thousands of times).
+pub const MAX_AUTH_FAILURES_PER_CONNECTION: usize = 8;
 
 /// Default cap on open client connections: well above a small community's needs, and at ~50 KiB
 /// of server memory each (BENCHMARKS.md) bounded to about half a GiB.

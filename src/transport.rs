@@ -31,7 +31,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-use crate::fsutil;
+use crate::{fsutil, limits};
 
 /// ALPN protocol id; the version in it changes with any incompatible wire change.
 pub const ALPN: &[u8] = b"qpq/2";
@@ -226,10 +226,27 @@ fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::Tran
     // One RPC stream per connection: nothing else may open streams.
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // No QUIC datagrams: qpq sends none, and quinn buffers up to 1.25 MB of received ones per
+    // connection for a reader that never comes (RFC 9221: not advertising the transport
+    // parameter makes a datagram from the peer a protocol violation).
+    t.datagram_receive_buffer_size(None);
     if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     t.keep_alive_interval(keep_alive);
+    t
+}
+
+/// What quinn may buffer per server connection outside the server's memory budget: bytes
+/// received and not yet read (a paused connection's calls), and bytes written and not yet
+/// acknowledged by the peer. quinn's defaults (1.25 MB and 10 MB) are sized for one fast bulk
+/// transfer, and times [`crate::limits::DEFAULT_MAX_CONNECTIONS`] were gigabytes no budget
+/// counted. These still move 256 KiB per round trip in and 1 MiB out (20 MB/s down at 50 ms).
+fn server_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config(None, Duration::from_secs(120));
+    t.stream_receive_window(limits::SERVER_RECEIVE_WINDOW_BYTES.into());
+    t.receive_window(limits::SERVER_RECEIVE_WINDOW_BYTES.into());
+    t.send_window(limits::SERVER_SEND_WINDOW_BYTES);
     t
 }
 
@@ -258,7 +275,7 @@ pub fn server_config_with(
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // Clients keep their connections alive during long polls; two silent minutes mean gone.
-    cfg.transport_config(Arc::new(transport_config(None, Duration::from_secs(120))));
+    cfg.transport_config(Arc::new(server_transport_config()));
     Ok(cfg)
 }
 

@@ -182,6 +182,39 @@ async fn the_key_material_of_one_network_has_a_budget_across_connections_and_ide
     server.shutdown().await.unwrap();
 }
 
+/// An upload's sizes are checked before the network's key material budget is charged: junk
+/// (oversized packages, a "hybrid key" of any length) must not spend a shared address's budget
+/// for a day and lock its other users out of registering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_key_uploads_are_refused_before_they_spend_the_networks_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Identity::generate();
+    let kps: Vec<Vec<u8>> =
+        MlsClient::new(alice.seed()).unwrap().key_packages(2).unwrap().into_iter().map(|k| k.bytes).collect();
+    let mut cfg = config(dir.path());
+    // Room for alice's two packages and a little more, not for one oversized package.
+    let burst = kps.iter().map(|k| k.len() + 128).sum::<usize>() + 1_000;
+    assert!(burst < qpq::limits::MAX_KEY_PACKAGE_BYTES);
+    cfg.rate_limits.key_bytes_per_network = Rate { per_sec: 0.01, burst: burst as u32 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let a = login(&server, &alice).await;
+        let junk = vec![vec![7u8; qpq::limits::MAX_KEY_PACKAGE_BYTES + 1]; 3];
+        let e = refusal(a.upload_key_packages(&junk, None).await);
+        assert!(e.message.contains("too large"), "{e:?}");
+        let e = refusal(a.upload_key_packages(&kps[..1], Some(&junk[0])).await);
+        assert!(e.message.contains("too large"), "{e:?}");
+        let fake =
+            SignedHybridKey { key: vec![1u8; 64 << 10], signature: vec![2u8; 64], created_at_ms: 1_000 };
+        let e = refusal(a.upload_hybrid_key(&fake).await);
+        assert!(e.message.starts_with("invalid hybrid key"), "{e:?}");
+        // The budget is untouched: the real upload fits.
+        assert_eq!(a.upload_key_packages(&kps, None).await.unwrap(), 2);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// A fetch holds what it loads in the memory budget as it loads it (twice: the page and the
 /// reply built from it), so a page stops where the budget is full and the client still gets a
 /// message. Before, a page was loaded whole and only its reply asked for room: with less room

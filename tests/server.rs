@@ -746,6 +746,41 @@ async fn one_connection_authenticates_as_a_bounded_number_of_identities() {
     server.shutdown().await.unwrap();
 }
 
+/// Each failed `authenticate` costs the server a signature verification on a worker thread
+/// many connections share: past a few failures a connection is refused without one, even with
+/// a good signature; a repeat of an identity the connection proved needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_a_bounded_number_of_failed_authentications() {
+    use qpq::proto::node_capnp::node_service;
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mut s = login(&server, &alice).await;
+        let node = node_service::Client { client: s.raw_node_client() };
+        let bad = |key: [u8; 32]| {
+            let mut req = node.authenticate_request();
+            req.get().set_identity_key(&key);
+            req.get().set_signature(&[1u8; 64]);
+            req
+        };
+        // Alice's own key with a bad signature: she proved it already, so no check is made.
+        bad(alice.public().0).send().promise.await.expect("a proved identity needs no second check");
+        for _ in 0..qpq::limits::MAX_AUTH_FAILURES_PER_CONNECTION {
+            let e = SessionError::from(bad(Identity::generate().public().0).send().promise.await.map(|_| ()).unwrap_err());
+            assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
+            assert!(e.to_string().contains("signature does not verify"), "{e}");
+        }
+        let e = s.authenticate(&Identity::generate()).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
+        assert!(e.to_string().contains("too many failed authentications"), "{e}");
+        assert!(login(&server, &Identity::generate()).await.fetch(0).await.is_ok(), "a new connection is fine");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// A peer that calls and never sends `Finish` would keep one answer per failed call on the
 /// server for as long as the connection lives; past the open-call cap the server ends the
 /// connection instead (and serves everyone else).
@@ -783,6 +818,71 @@ async fn calls_never_finished_end_their_connection_at_the_cap() {
     assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "server ended it: {reason:?}");
     let _ = reader.await;
 
+    local(async {
+        let s = connect(&server).await;
+        assert_eq!(s.health().await.unwrap().status, "ok");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// quinn buffers up to 1.25 MB of received QUIC datagrams per connection by default, for a
+/// reader the server never runs: the server advertises no datagram support, so a peer cannot
+/// send any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_takes_no_quic_datagrams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let (_ep, conn, _send, _recv) = raw_rpc_stream(&server).await;
+    assert_eq!(conn.max_datagram_size(), None);
+    assert!(conn.send_datagram(vec![0u8; 100].into()).is_err());
+    server.shutdown().await.unwrap();
+}
+
+/// A call whose parameters carry capabilities (our schema takes none) would make capnp-rpc
+/// create an import per descriptor, and a Release message for each later, before our code sees
+/// the call: a million from one 17 MiB frame. The server ends such a connection on reading it,
+/// and a Resolve or Return from a client (the server asks it nothing) the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_client_never_sends_end_the_connection_before_capnp_acts_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let service = <qpq::proto::node_capnp::node_service::Client as capnp::traits::HasTypeId>::TYPE_ID;
+    let with_caps = rpc_frame(|m| {
+        let mut call = m.init_call();
+        call.set_question_id(1);
+        call.set_interface_id(service);
+        call.set_method_id(0); // health
+        call.reborrow().init_target().init_promised_answer().set_question_id(0);
+        let mut table = call.init_params().init_cap_table(10_000);
+        for i in 0..10_000u32 {
+            table.reborrow().get(i).set_sender_hosted(i);
+        }
+    });
+    let ret = rpc_frame(|m| {
+        let mut r = m.init_return();
+        r.set_answer_id(7);
+        r.init_results();
+    });
+    let resolve = rpc_frame(|m| {
+        let mut r = m.init_resolve();
+        r.set_promise_id(3);
+        r.init_cap().set_sender_hosted(4);
+    });
+    for (what, frame) in [("a call with capabilities", with_caps), ("a return", ret), ("a resolve", resolve)] {
+        let (_ep, conn, mut send, mut recv) = raw_rpc_stream(&server).await;
+        let reader = tokio::spawn(async move { recv.read_to_end(usize::MAX).await.map(|b| b.len()) });
+        let mut out = rpc_frame(|m| m.init_bootstrap().set_question_id(0));
+        out.extend(frame);
+        let _ = send.write_all(&out).await;
+        // Bounded only so that a regression fails instead of hanging: the server keeps an open
+        // connection alive (keep-alives).
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(60), conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("the server kept a connection that sent {what}"));
+        assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "{what}: server ended it: {reason:?}");
+        let _ = reader.await;
+    }
     local(async {
         let s = connect(&server).await;
         assert_eq!(s.health().await.unwrap().status, "ok");

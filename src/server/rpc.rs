@@ -17,7 +17,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use super::memory::ConnMemory;
 use super::ratelimit::{ConnectionBucket, KeyedLimiter};
 use super::{Shared, admission};
-use crate::crypto::hybrid::SignedHybridKey;
+use crate::crypto::hybrid::{HYBRID_PUBLIC_KEY_LEN, SignedHybridKey};
 use crate::limits;
 use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
@@ -180,6 +180,9 @@ pub struct NodeServiceImpl {
     /// what it got) does not grow capnp-rpc's export table; at most
     /// [`limits::MAX_IDENTITIES_PER_CONNECTION`] identities.
     accounts: std::cell::RefCell<std::collections::HashMap<IdentityKey, account::Client>>,
+    /// `authenticate` calls of this connection that failed: past
+    /// [`limits::MAX_AUTH_FAILURES_PER_CONNECTION`], no signature is checked any more.
+    auth_failures: std::cell::Cell<usize>,
 }
 
 impl NodeServiceImpl {
@@ -205,6 +208,7 @@ impl NodeServiceImpl {
             shared,
             memory,
             accounts: Default::default(),
+            auth_failures: Default::default(),
         }
     }
 
@@ -283,17 +287,44 @@ impl node_service::Server for NodeServiceImpl {
         let res = (|| {
             let p = params.get()?;
             let who = parse_identity("identity key", p.get_identity_key()?)?;
+            // An identity this connection has proved gets its account again without a second
+            // check: it holds it already, and a peer replaying its own valid signature must not
+            // buy a signature verification per call.
+            if let Some(account) = self.accounts.borrow().get(&who) {
+                results.get().set_account(account.clone());
+                results.get().set_instance(self.shared.store.instance_id());
+                return Ok(());
+            }
+            // A connection trying key after key: each try costs a point decompression and a
+            // verification (~60 µs), on the worker thread every connection of it shares.
+            if self.auth_failures.get() >= limits::MAX_AUTH_FAILURES_PER_CONNECTION {
+                return Err(coded(
+                    ErrorCode::AuthFailed,
+                    format!(
+                        "too many failed authentications on this connection (at most {}): use another connection",
+                        limits::MAX_AUTH_FAILURES_PER_CONNECTION
+                    ),
+                ));
+            }
+            let failure = |e: Error| {
+                self.auth_failures.set(self.auth_failures.get().saturating_add(1));
+                e
+            };
             let sig = p.get_signature()?;
             let sig = Signature::from_slice(sig).map_err(|_| {
-                failed(format!("signature must be {} bytes, got {}", limits::SIGNATURE_LEN, sig.len()))
+                failure(failed(format!(
+                    "signature must be {} bytes, got {}",
+                    limits::SIGNATURE_LEN,
+                    sig.len()
+                )))
             })?;
             let vk = VerifyingKey::from_bytes(&who)
-                .map_err(|_| failed("identity key is not a valid ed25519 public key"))?;
+                .map_err(|_| failure(failed("identity key is not a valid ed25519 public key")))?;
             vk.verify_strict(&transport::auth_message(&self.challenge), &sig).map_err(|_| {
-                coded(
+                failure(coded(
                     ErrorCode::AuthFailed,
                     "authentication failed: signature does not verify for this connection",
-                )
+                ))
             })?;
             tracing::debug!(identity = %hex::encode(&who[..4]), "authenticated");
             let mut accounts = self.accounts.borrow_mut();
@@ -575,6 +606,15 @@ impl account::Server for AccountImpl {
             let lr_len = p.get_last_resort()?.len();
             let lr_given = lr_len > 0;
             let lens: Vec<usize> = list.iter().map(|kp| kp.map_or(0, <[u8]>::len)).collect();
+            // Sizes before the network's budget is charged: junk of any size must not spend it.
+            if let Some(len) =
+                lens.iter().copied().chain([lr_len]).find(|&l| l > limits::MAX_KEY_PACKAGE_BYTES)
+            {
+                return Err(failed(format!(
+                    "invalid key package: too large: {len} > {} bytes",
+                    limits::MAX_KEY_PACKAGE_BYTES
+                )));
+            }
             self.charge_key_uploads(
                 list.len().saturating_add(u32::from(lr_given)),
                 lens.into_iter().chain(lr_given.then_some(lr_len)),
@@ -647,6 +687,15 @@ impl account::Server for AccountImpl {
                 return Err(failed(format!(
                     "invalid hybrid key: creation time out of range: {} not in 1..={latest} ms",
                     signed.created_at_ms
+                )));
+            }
+            // Sizes before the network's budget is charged: junk of any size must not spend it.
+            if signed.key.len() != HYBRID_PUBLIC_KEY_LEN || signed.signature.len() != limits::SIGNATURE_LEN {
+                return Err(failed(format!(
+                    "invalid hybrid key: a {HYBRID_PUBLIC_KEY_LEN}-byte key and a {}-byte signature expected, got {} and {}",
+                    limits::SIGNATURE_LEN,
+                    signed.key.len(),
+                    signed.signature.len()
                 )));
             }
             self.charge_key_uploads(0, [signed.key.len() + signed.signature.len()].into_iter())?;

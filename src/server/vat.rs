@@ -100,7 +100,13 @@ impl OpenCalls {
                 ids.remove(&id);
                 Ok(false)
             }
-            Some(Kind::Returns { .. }) | None => Ok(false),
+            Some(Kind::Other) => Ok(false),
+            // The server asks the client nothing, so there is nothing to answer.
+            Some(Kind::Returns { .. }) => {
+                Err(Error::failed("protocol violation: a return message".to_string()))
+            }
+            Some(Kind::Refused(why)) => Err(Error::failed(format!("protocol violation: {why}"))),
+            None => Err(Error::failed("protocol violation: not an rpc message".to_string())),
         }
     }
 
@@ -124,21 +130,49 @@ enum Kind {
         id: u32,
         no_finish_needed: bool,
     },
+    /// Releases an export or aborts the connection: allowed, nothing to count.
+    Other,
+    /// A message a qpq client never sends and the server must not act on (see [`rpc_kind`]).
+    Refused(&'static str),
 }
 
+/// What `body` (an rpc.capnp `Message`) is; None when it is not one.
+///
+/// A client may send Bootstrap, Call, Finish, Release and Abort, nothing else: the server calls
+/// no client capability, so a client has nothing to Return, Resolve or Disembargo, and our
+/// schema takes no capability as a parameter. Everything else is refused before capnp-rpc acts
+/// on it, because it would act first and budget nothing: every capability descriptor in a
+/// call's table becomes an import entry (and later a Release message) before our code sees the
+/// call, so one 17 MiB frame could make a million of them.
 fn rpc_kind(body: capnp::Result<capnp::any_pointer::Reader<'_>>) -> Option<Kind> {
     use capnp_rpc::rpc_capnp::message;
     let message = body.ok()?.get_as::<message::Reader<'_>>().ok()?;
-    match message.which().ok()? {
-        message::Call(c) => Some(Kind::Opens { id: c.ok()?.get_question_id(), call: true }),
-        message::Bootstrap(b) => Some(Kind::Opens { id: b.ok()?.get_question_id(), call: false }),
-        message::Finish(f) => Some(Kind::Finishes(f.ok()?.get_question_id())),
+    Some(match message.which().ok()? {
+        message::Call(c) => {
+            let c = c.ok()?;
+            // A call whose parameters cannot be read is left to capnp-rpc, which answers it with
+            // an error; one that carries capabilities is refused here.
+            if c.get_params().ok().and_then(|p| p.get_cap_table().ok()).is_some_and(|t| !t.is_empty()) {
+                return Some(Kind::Refused("a call carrying capabilities"));
+            }
+            Kind::Opens { id: c.get_question_id(), call: true }
+        }
+        message::Bootstrap(b) => Kind::Opens { id: b.ok()?.get_question_id(), call: false },
+        message::Finish(f) => Kind::Finishes(f.ok()?.get_question_id()),
         message::Return(r) => {
             let r = r.ok()?;
-            Some(Kind::Returns { id: r.get_answer_id(), no_finish_needed: r.get_no_finish_needed() })
+            Kind::Returns { id: r.get_answer_id(), no_finish_needed: r.get_no_finish_needed() }
         }
-        _ => None,
-    }
+        message::Release(_) | message::Abort(_) => Kind::Other,
+        message::Resolve(_) => Kind::Refused("a resolve message"),
+        message::Disembargo(_) => Kind::Refused("a disembargo message"),
+        message::Unimplemented(_) => Kind::Refused("an unimplemented message"),
+        message::Provide(_)
+        | message::Accept(_)
+        | message::Join(_)
+        | message::ObsoleteSave(_)
+        | message::ObsoleteDelete(_) => Kind::Refused("a three-party or obsolete message"),
+    })
 }
 
 impl Drop for MeteredConnection {

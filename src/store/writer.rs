@@ -670,7 +670,10 @@ mod tests {
         {
             // A single-use KeyPackage row too short to hold its not_after.
             let txn = db.begin_write().unwrap();
-            txn.open_table(KEY_PACKAGES).unwrap().insert(&queue_key(&damaged, 0)[..], &[1u8, 2, 3][..]).unwrap();
+            txn.open_table(KEY_PACKAGES)
+                .unwrap()
+                .insert(&queue_key(&damaged, 0)[..], &[1u8, 2, 3][..])
+                .unwrap();
             txn.commit().unwrap();
         }
         let answers = run_as_one_batch(
