@@ -287,6 +287,19 @@ pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burs
 /// budget now takes 64 network-days. Config: `rate_limits.key_bytes_per_network`.
 pub const DEFAULT_KEY_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 777.0, burst: 67_108_864 };
 
+/// Default budget of mail bytes one network (an IPv4 address or an IPv6 /48) may enqueue: 1 GiB
+/// at once, refilled at 1 GiB a day (~12.4 KB/s). Each enqueue is charged its payloads, a fanout
+/// its payload once plus [`FANOUT_ENTRY_BYTES`] per recipient (what the storage quota charges),
+/// all or nothing, before the store is asked.
+///
+/// Why: the enqueue rates count calls, and one call carries up to 16 MiB to recipients that
+/// cost nothing to name. One address filled the default 16 GiB storage quota in about 1,000
+/// calls (minutes of upload), and nobody's mail was taken for the 30 days until it expired (a
+/// review of the server). Now one network fills at most a sixteenth of it a day; many networks
+/// still can, more slowly (see the README's known limits). Config:
+/// `rate_limits.enqueue_bytes_per_network`.
+pub const DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 12_428.0, burst: 1_073_741_824 };
+
 /// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
 /// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up
 /// hourly never runs dry. Config: `rate_limits.key_package_per_target`.

@@ -7,7 +7,7 @@ use common::{connect, local, login, start_server, start_server_with};
 use qpq::client::session::{Session, SessionError};
 use qpq::clock::Clock;
 use qpq::crypto::hybrid::{HybridSecretKey, SignedHybridKey};
-use qpq::crypto::identity::Identity;
+use qpq::crypto::identity::{Identity, PublicKey};
 use qpq::mls::MlsClient;
 use qpq::proto::node_capnp::node_service;
 use qpq::proto::wire_error::{ErrorCode, WireError};
@@ -205,7 +205,7 @@ async fn oversized_key_uploads_are_refused_before_they_spend_the_networks_budget
         let e = refusal(a.upload_key_packages(&kps[..1], Some(&junk[0])).await);
         assert!(e.message.contains("too large"), "{e:?}");
         let fake =
-            SignedHybridKey { key: vec![1u8; 64 << 10], signature: vec![2u8; 64], created_at_ms: 1_000 };
+            SignedHybridKey { key: vec![1u8; 40 << 10], signature: vec![2u8; 64], created_at_ms: 1_000 };
         let e = refusal(a.upload_hybrid_key(&fake).await);
         assert!(e.message.starts_with("invalid hybrid key"), "{e:?}");
         // The budget is untouched: the real upload fits.
@@ -361,6 +361,85 @@ async fn nobody_drains_one_keys_pool_in_a_burst() {
         assert_eq!(a.key_package_count().await.unwrap(), (3, false), "the refused fetches took nothing");
         clock.advance(5_000);
         raw_fetch_key_package(&s, &alice.public().0).await.unwrap();
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// Enqueue rates count calls, and one call carries up to 16 MiB to keys that cost nothing to
+/// name: one address could fill the storage quota for everyone in minutes. The bytes of mail one
+/// network enqueues have a budget across its connections, charged whole or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mail_one_network_enqueues_has_a_byte_budget_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let clock = Clock::system();
+    cfg.clock = clock.clone();
+    // One byte every 100 s, so the real time the test takes refills nothing that counts.
+    cfg.rate_limits.enqueue_bytes_per_network = Rate { per_sec: 0.01, burst: 10_000 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let (s, other) = (connect(&server).await, connect(&server).await);
+        let to = |i: u8| PublicKey([i; 32]);
+        s.enqueue(&to(1).0, &[1u8; 6_000], b"").await.unwrap();
+        // 4,000 bytes are left: a fanout of 3,000 to 10 (3,000 + 10 x 48) passes, then 520.
+        let recipients: Vec<PublicKey> = (10..20).map(to).collect();
+        other.enqueue_fanout(b"", &[2u8; 3_000], &recipients).await.unwrap();
+        // Without the session's retries, which would wait out the hint.
+        let raw = |s: &Session, to: PublicKey, payload: Vec<u8>| {
+            let node = node_service::Client { client: s.raw_node_client() };
+            let mut req = node.enqueue_request();
+            req.get().set_recipient_key(&to.0);
+            req.get().set_payload(&payload);
+            async move { req.send().promise.await.map(|_| ()).map_err(SessionError::from) }
+        };
+        let e = refusal(raw(&other, to(2), vec![3u8; 600]).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+        assert_eq!(e.message, "rate limited: too many bytes of mail enqueued from this network");
+        let wait = e.retry_after_ms.expect("a retry hint");
+        assert!((7_000_000..=8_000_000).contains(&wait), "80 bytes short at 0.01 B/s: {wait} ms");
+        let node = node_service::Client { client: s.raw_node_client() };
+        let mut batch = node.enqueue_batch_request();
+        let mut list = batch.get().init_items(2);
+        for (i, who) in [3u8, 4].into_iter().enumerate() {
+            let mut item = list.reborrow().get(i as u32);
+            item.set_recipient_key(&[who; 32]);
+            item.set_payload(&[4u8; 300]);
+        }
+        let e = refusal(batch.send().promise.await.map(|_| ()).map_err(SessionError::from));
+        assert_eq!(e.code, ErrorCode::RateLimited, "a batch is charged its total");
+        clock.advance(wait as i64);
+        other.enqueue(&to(2).0, &[3u8; 600], b"").await.unwrap();
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// Fetches sent together used to pass the per-target check together, before any of them was
+/// charged, so one connection could take a whole pool past the limit; now the target's token is
+/// taken first and given back only when no package is handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_sent_together_do_not_pass_the_per_target_limit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.rate_limits.key_package_per_target = Rate { per_sec: 0.01, burst: 2 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let alice = Identity::generate();
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let a = login(&server, &alice).await;
+        let kps: Vec<Vec<u8>> = mls.key_packages(6).unwrap().into_iter().map(|k| k.bytes).collect();
+        a.upload_key_packages(&kps, None).await.unwrap();
+        let s = connect(&server).await;
+        let target = alice.public().0;
+        let fetches = (0..6).map(|_| raw_fetch_key_package(&s, &target));
+        let answers = futures::future::join_all(fetches).await;
+        let handed = answers.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(handed, 2, "the target's burst, however many are sent at once");
+        for e in answers.into_iter().filter_map(Result::err) {
+            assert_eq!(refusal::<()>(Err(e)).code, ErrorCode::RateLimited);
+        }
+        assert_eq!(a.key_package_count().await.unwrap(), (4, false));
     })
     .await;
     server.shutdown().await.unwrap();

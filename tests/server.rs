@@ -869,7 +869,23 @@ async fn messages_a_client_never_sends_end_the_connection_before_capnp_acts_on_t
         r.set_promise_id(3);
         r.init_cap().set_sender_hosted(4);
     });
-    for (what, frame) in [("a call with capabilities", with_caps), ("a return", ret), ("a resolve", resolve)] {
+    // fetchHybridKey takes a 32-byte key: a 100 KiB one would live as long as the call.
+    let padded = rpc_frame(|m| {
+        let mut call = m.init_call();
+        call.set_question_id(1);
+        call.set_interface_id(service);
+        call.set_method_id(3);
+        call.reborrow().init_target().init_promised_answer().set_question_id(0);
+        let params: capnp::any_pointer::Builder<'_> = call.init_params().get_content();
+        let mut p = params.init_as::<qpq::proto::node_capnp::node_service::fetch_hybrid_key_params::Builder<'_>>();
+        p.set_identity_key(&vec![1u8; 100 << 10]);
+    });
+    for (what, frame) in [
+        ("a call with capabilities", with_caps),
+        ("a return", ret),
+        ("a resolve", resolve),
+        ("a large frame for a call with small parameters", padded),
+    ] {
         let (_ep, conn, mut send, mut recv) = raw_rpc_stream(&server).await;
         let reader = tokio::spawn(async move { recv.read_to_end(usize::MAX).await.map(|b| b.len()) });
         let mut out = rpc_frame(|m| m.init_bootstrap().set_question_id(0));

@@ -74,6 +74,7 @@ enqueue_per_address = { per_sec = 1e9, burst = 4294967295 }
 key_package_per_connection = { per_sec = 1e9, burst = 4294967295 }
 key_package_per_address = { per_sec = 1e9, burst = 4294967295 }
 key_package_per_target = { per_sec = 1e9, burst = 4294967295 }
+enqueue_bytes_per_network = { per_sec = 1e9, burst = 4294967295 }
 ";
 /// A level's fsync probes (before and after) each run for the measurement time divided by this.
 const DISK_PROBE_DIVISOR: u32 = 4;

@@ -141,6 +141,7 @@ pub struct RateLimitsFile {
     pub key_upload_per_connection: Option<Rate>,
     pub key_upload_per_address: Option<Rate>,
     pub key_bytes_per_network: Option<Rate>,
+    pub enqueue_bytes_per_network: Option<Rate>,
 }
 
 /// The resolved settings the server runs with.
@@ -358,6 +359,11 @@ impl ServerConfig {
                 &mut l.key_upload_per_address,
             )?;
             set("rate_limits.key_bytes_per_network", r.key_bytes_per_network, &mut l.key_bytes_per_network)?;
+            set(
+                "rate_limits.enqueue_bytes_per_network",
+                r.enqueue_bytes_per_network,
+                &mut l.enqueue_bytes_per_network,
+            )?;
         }
         cfg.clock = Clock::from_env();
         Ok(cfg)

@@ -55,6 +55,8 @@ pub struct FrameGate<R> {
     state: State,
     /// Ends a wait for room or for the next chunk that takes longer than the stall timeout.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The size of the frame being passed on (table and body), told to `conn` once whole.
+    frame_bytes: usize,
 }
 
 /// A large frame's body as it arrives: whole chunks, then the one being filled.
@@ -99,6 +101,7 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
             need: 8,
             state: State::Table,
             deadline: None,
+            frame_bytes: 0,
         }
     }
 
@@ -242,7 +245,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameGate<R> {
                             continue;
                         }
                     }
-                    this.state = match this.body_size() {
+                    let body_size = this.body_size();
+                    let body_bytes = body_size.map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX));
+                    this.frame_bytes = this.need.saturating_add(body_bytes);
+                    this.state = match body_size {
                         None => State::Emit { sent: 0, next: Next::Raw },
                         Some(left) if left <= limits::UNBUDGETED_FRAME_BYTES as u64 => {
                             State::Emit { sent: 0, next: Next::Through(left) }
@@ -294,6 +300,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameGate<R> {
                         return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                     }
                     *left -= n as u64;
+                    if *left == 0 {
+                        this.conn.last_frame.set(this.frame_bytes);
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 State::Drain { chunks, at, held } => {
@@ -313,6 +322,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameGate<R> {
                     }
                     if chunks.is_empty() {
                         drop(held.take());
+                        this.conn.last_frame.set(this.frame_bytes);
                     }
                     return Poll::Ready(Ok(n));
                 }

@@ -191,6 +191,9 @@ pub struct ConnMemory {
     killed: Cell<Option<&'static str>>,
     /// What admission sees of this connection (idle time, unwritten bytes).
     pub activity: Arc<Activity>,
+    /// The size of the last frame the frame gate handed to capnp whole: when the vat receives
+    /// a message, that message's frame ([`super::framegate`] reads nothing ahead).
+    pub last_frame: Cell<usize>,
 }
 
 /// Unwritten reply bytes of one outgoing message, given back when it has been written (or
@@ -300,6 +303,7 @@ impl ConnMemory {
             fetches: Cell::new(0),
             killed: Cell::new(None),
             activity,
+            last_frame: Cell::new(0),
         })
     }
 

@@ -201,6 +201,8 @@ pub struct SharedRates {
     pub key_upload_per_address: ratelimit::KeyedLimiter<std::net::IpAddr>,
     /// Keyed by [`admission::network_key`].
     pub key_bytes_per_network: ratelimit::KeyedLimiter<std::net::IpAddr>,
+    /// Keyed by [`admission::network_key`].
+    pub enqueue_bytes_per_network: ratelimit::KeyedLimiter<std::net::IpAddr>,
 }
 
 impl SharedRates {
@@ -214,6 +216,7 @@ impl SharedRates {
             lookup_per_address: ratelimit::KeyedLimiter::new(config.lookup_per_address, n),
             key_upload_per_address: ratelimit::KeyedLimiter::new(config.key_upload_per_address, n),
             key_bytes_per_network: ratelimit::KeyedLimiter::new(config.key_bytes_per_network, n),
+            enqueue_bytes_per_network: ratelimit::KeyedLimiter::new(config.enqueue_bytes_per_network, n),
         }
     }
 }

@@ -55,6 +55,7 @@ pub struct RateLimits {
     pub key_upload_per_address: Rate,
     /// Bytes, not calls: see [`limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK`].
     pub key_bytes_per_network: Rate,
+    pub enqueue_bytes_per_network: Rate,
 }
 
 impl Default for RateLimits {
@@ -70,6 +71,7 @@ impl Default for RateLimits {
             key_upload_per_connection: limits::DEFAULT_KEY_UPLOAD_RATE_PER_CONNECTION,
             key_upload_per_address: limits::DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS,
             key_bytes_per_network: limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK,
+            enqueue_bytes_per_network: limits::DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK,
         }
     }
 }
@@ -89,6 +91,7 @@ impl RateLimits {
             key_upload_per_connection: r,
             key_upload_per_address: r,
             key_bytes_per_network: r,
+            enqueue_bytes_per_network: r,
         }
     }
 }
@@ -237,6 +240,17 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         let bucket = state.buckets.entry(key).or_insert_with(|| Bucket::full(rate, now_ms));
         bucket.refill(rate, now_ms);
         bucket.tokens -= f64::from(tokens);
+    }
+
+    /// Gives back `tokens` taken from `key`'s bucket for something that did not happen (up to
+    /// its burst); nothing for a key without a bucket.
+    pub fn refund(&self, key: K, now_ms: u64, tokens: u32) {
+        let mut state = self.lock();
+        let rate = self.rate;
+        if let Some(bucket) = state.buckets.get_mut(&key) {
+            bucket.refill(rate, now_ms);
+            bucket.tokens = (bucket.tokens + f64::from(tokens)).min(f64::from(rate.burst));
+        }
     }
 
     /// Whether `key` has a bucket or the map room for one, after dropping the full buckets

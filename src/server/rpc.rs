@@ -212,6 +212,20 @@ impl NodeServiceImpl {
         }
     }
 
+    /// `bytes` of this connection's network's mail budget, all or nothing (see
+    /// [`limits::DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK`]).
+    fn take_enqueue_bytes(&self, bytes: usize) -> Result<(), Error> {
+        let network = admission::network_key(self.source);
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.shared
+            .rates
+            .enqueue_bytes_per_network
+            .take_n(network, self.shared.clock.now_ms(), bytes)
+            .map_err(|ms| {
+                rate_limited_as("rate limited: too many bytes of mail enqueued from this network", ms)
+            })
+    }
+
     /// One token of this connection's and its address's enqueue budget.
     fn take_enqueue_token(&self) -> Result<(), Error> {
         let rates = &self.shared.rates;
@@ -224,18 +238,24 @@ impl NodeServiceImpl {
         take_pair(&self.shared, &self.lookup_rate, &rates.lookup_per_address, self.source, "key lookups")
     }
 
-    /// One token of this connection's and its address's KeyPackage budget, and whether the
-    /// target key's budget has one: that one is spent only when a package is handed out
-    /// ([`super::ratelimit::KeyedLimiter::charge`]), so fetches for keys without packages (a stranger
-    /// naming random keys) cannot fill the per-target table and lock out real ones.
+    /// One token of this connection's and its address's KeyPackage budget, and one of the
+    /// target key's. The target's is taken before the store is asked (so that calls sent
+    /// together cannot all pass a check and take a whole pool, as a review showed), and given
+    /// back when no package is handed out ([`Self::refund_key_package_token`]): fetches for
+    /// keys without packages (a stranger naming random keys) leave full buckets, which the
+    /// per-target table drops first, so they cannot lock out real ones.
     fn take_key_package_token(&self, target: &IdentityKey) -> Result<(), Error> {
         let rates = &self.shared.rates;
         let what = "key package fetches";
         take_pair(&self.shared, &self.key_package_rate, &rates.key_package_per_address, self.source, what)?;
         rates
             .key_package_per_target
-            .check(*target, self.shared.clock.now_ms())
+            .take_n(*target, self.shared.clock.now_ms(), 1)
             .map_err(|ms| rate_limited("key package fetches for this key", ms))
+    }
+
+    fn refund_key_package_token(&self, target: &IdentityKey) {
+        self.shared.rates.key_package_per_target.refund(*target, self.shared.clock.now_ms(), 1);
     }
 }
 
@@ -364,9 +384,12 @@ impl node_service::Server for NodeServiceImpl {
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
             self.take_key_package_token(&who)?;
             let now = self.shared.clock.now_secs();
-            match self.shared.store.write(WriteOp::TakeKeyPackage { who, now }).await.map_err(store_err)? {
+            let taken = self.shared.store.write(WriteOp::TakeKeyPackage { who, now }).await;
+            if !matches!(taken, Ok(Outcome::KeyPackage { .. })) {
+                self.refund_key_package_token(&who);
+            }
+            match taken.map_err(store_err)? {
                 Outcome::KeyPackage { bytes, remaining, last_resort } => {
-                    self.shared.rates.key_package_per_target.charge(who, self.shared.clock.now_ms());
                     let mut r = results.get();
                     r.set_key_package(&bytes);
                     r.set_remaining(u32::try_from(remaining).unwrap_or(u32::MAX));
@@ -417,6 +440,7 @@ impl node_service::Server for NodeServiceImpl {
             let _bytes = self.budget.reserve(payload.len().saturating_add(CALL_OVERHEAD_BYTES))?;
             check_payload(&self.shared, payload)?;
             let channel = parse_channel(p.get_channel_id()?)?;
+            self.take_enqueue_bytes(payload.len())?;
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
             match self.shared.store.write(op).await.map_err(store_err)? {
                 Outcome::Enqueued { channel_seq, seqs } => {
@@ -471,6 +495,7 @@ impl node_service::Server for NodeServiceImpl {
                 items.push((who, payload.to_vec()));
             }
             let _bytes = self.budget.reserve(total.saturating_add(CALL_OVERHEAD_BYTES))?;
+            self.take_enqueue_bytes(total)?;
             match self.shared.store.write(WriteOp::Enqueue { channel, items }).await.map_err(store_err)? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
@@ -498,6 +523,10 @@ impl node_service::Server for NodeServiceImpl {
             let recipients = parse_fanout_recipients(p.get_recipients()?)?;
             let held = payload.len().saturating_add(recipients.len() * limits::IDENTITY_KEY_LEN);
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
+            let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
+            self.take_enqueue_bytes(
+                payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX)),
+            )?;
             let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients };
             match self.shared.store.write(op).await.map_err(store_err)? {
                 Outcome::Enqueued { channel_seq, seqs } => {

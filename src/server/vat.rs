@@ -83,9 +83,19 @@ struct OpenCalls {
 impl OpenCalls {
     /// Notes one incoming message; whether it is a call (not a bootstrap request), or an error
     /// when it opens one call too many.
-    fn read(&self, m: &dyn IncomingMessage) -> Result<bool, Error> {
+    fn read(&self, m: &dyn IncomingMessage, frame_bytes: usize) -> Result<bool, Error> {
         let mut ids = self.ids.borrow_mut();
         match rpc_kind(m.get_body()) {
+            Some(Kind::Opens { id, call: Some((interface, method)) })
+                if frame_bytes > limits::UNBUDGETED_FRAME_BYTES && !takes_large_params(interface, method) =>
+            {
+                // Its parameters would live, unbudgeted, as long as the call (a parked fetchWait:
+                // a minute); no such call needs more than a few hundred bytes.
+                let _ = id;
+                Err(Error::failed(format!(
+                    "protocol violation: a {frame_bytes}-byte message for a call that takes small parameters"
+                )))
+            }
             Some(Kind::Opens { id, call }) => {
                 ids.insert(id);
                 if ids.len() > limits::MAX_OPEN_CALLS_PER_CONNECTION {
@@ -94,7 +104,7 @@ impl OpenCalls {
                         limits::MAX_OPEN_CALLS_PER_CONNECTION
                     )));
                 }
-                Ok(call)
+                Ok(call.is_some())
             }
             Some(Kind::Finishes(id)) => {
                 ids.remove(&id);
@@ -120,10 +130,10 @@ impl OpenCalls {
 
 /// What an RPC message does to the open calls (rpc.capnp `Message`).
 enum Kind {
-    /// A `Call` (`call`) or a `Bootstrap` request.
+    /// A `Call` (`call`: its interface and method) or a `Bootstrap` request.
     Opens {
         id: u32,
-        call: bool,
+        call: Option<(u64, u16)>,
     },
     Finishes(u32),
     Returns {
@@ -155,9 +165,9 @@ fn rpc_kind(body: capnp::Result<capnp::any_pointer::Reader<'_>>) -> Option<Kind>
             if c.get_params().ok().and_then(|p| p.get_cap_table().ok()).is_some_and(|t| !t.is_empty()) {
                 return Some(Kind::Refused("a call carrying capabilities"));
             }
-            Kind::Opens { id: c.get_question_id(), call: true }
+            Kind::Opens { id: c.get_question_id(), call: Some((c.get_interface_id(), c.get_method_id())) }
         }
-        message::Bootstrap(b) => Kind::Opens { id: b.ok()?.get_question_id(), call: false },
+        message::Bootstrap(b) => Kind::Opens { id: b.ok()?.get_question_id(), call: None },
         message::Finish(f) => Kind::Finishes(f.ok()?.get_question_id()),
         message::Return(r) => {
             let r = r.ok()?;
@@ -173,6 +183,21 @@ fn rpc_kind(body: capnp::Result<capnp::any_pointer::Reader<'_>>) -> Option<Kind>
         | message::ObsoleteSave(_)
         | message::ObsoleteDelete(_) => Kind::Refused("a three-party or obsolete message"),
     })
+}
+
+/// Whether a call of `method` on `interface` may arrive in a frame over
+/// [`limits::UNBUDGETED_FRAME_BYTES`]: the enqueues (their payloads) and KeyPackage uploads
+/// (up to 100 packages of 16 KiB); each counts its parameters in the connection's in-flight
+/// budget once read.
+fn takes_large_params(interface: u64, method: u16) -> bool {
+    use crate::proto::node_capnp::{account, node_service};
+    use capnp::traits::HasTypeId;
+    const ENQUEUE: u16 = 4;
+    const ENQUEUE_BATCH: u16 = 5;
+    const ENQUEUE_FANOUT: u16 = 6;
+    const UPLOAD_KEY_PACKAGES: u16 = 1;
+    (interface == node_service::Client::TYPE_ID && matches!(method, ENQUEUE | ENQUEUE_BATCH | ENQUEUE_FANOUT))
+        || (interface == account::Client::TYPE_ID && method == UPLOAD_KEY_PACKAGES)
 }
 
 impl Drop for MeteredConnection {
@@ -240,12 +265,13 @@ impl Connection<Side> for MeteredConnection {
     fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
         let activity = self.conn.activity.clone();
         let open = self.open.clone();
+        let frames = self.conn.clone();
         // Only a call counts as use: protocol chatter (Finish, Release) that follows a reply
         // must not keep an otherwise idle connection from being evicted.
         let touched = move |m: Option<Box<dyn IncomingMessage>>| {
             // One reading of each message serves both.
             if let Some(m) = m.as_ref()
-                && open.read(m.as_ref())?
+                && open.read(m.as_ref(), frames.last_frame.get())?
             {
                 activity.touch();
             }
