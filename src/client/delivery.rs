@@ -17,7 +17,7 @@ use crate::client::parcel::Parcel;
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
 use crate::limits::{MAX_ORPHAN_BYTES, MAX_ORPHANS, ORPHAN_TTL_MS};
-use crate::mls::{self, Incoming, MlsError, ProposalKind};
+use crate::mls::{self, Incoming, MlsError};
 
 impl Messenger {
     // ----- receiving -----
@@ -480,14 +480,11 @@ impl Messenger {
                     self.membership_event(change, events);
                 }
             }
-            Ok(Incoming::Proposal { sender, kind: ProposalKind::Remove { removed } })
-                if removed == sender =>
-            {
+            Ok(Incoming::LeaveRequest { .. }) => {
                 if !self.home.state.leave_requests.iter().any(|g| g == group_id) {
                     self.home.state.leave_requests.push(group_id.to_vec());
                 }
             }
-            Ok(Incoming::Proposal { .. }) => {}
             Err(e) => {
                 // A commit that lost its epoch (or a message from an epoch we no longer keep)
                 // fails here by design, and so does a copy of a message we have (a sender's

@@ -12,7 +12,8 @@
 //! disagree. The server authenticates connections with the same key, which is
 //! why it can bind an uploaded KeyPackage to the uploader. This module
 //! rejects KeyPackages, Welcomes and Commits that would put a leaf violating
-//! the convention into a group.
+//! the convention into a group, and every proposal but a member's request to leave (see
+//! `accept_proposal`).
 //!
 //! Persistence: openmls keeps all group state, pending commits, queued
 //! proposals and KeyPackage private keys in its storage provider; ours is
@@ -140,6 +141,8 @@ pub enum MlsError {
     OwnMessage,
     #[error("a message that was processed already came again")]
     Replayed,
+    #[error("refused proposal: {0}, only a member's request to leave is accepted")]
+    RefusedProposal(&'static str),
     #[error("unsupported mls message: {0}")]
     Unsupported(&'static str),
     #[error("welcome matches none of our key packages")]
@@ -202,18 +205,13 @@ pub enum Incoming {
         /// We were removed: the group is now inactive.
         self_removed: bool,
     },
-    /// Queued until some member commits it; while queued we cannot send
-    /// application messages (openmls refuses), so commit it promptly.
-    Proposal {
+    /// A member's request to leave (a Remove proposal naming its sender, see
+    /// [`MlsClient::leave_group`]), the only proposal qpq accepts. Queued until some member
+    /// commits it; while queued we cannot send application messages (openmls refuses), so
+    /// commit it promptly.
+    LeaveRequest {
         sender: [u8; 32],
-        kind: ProposalKind,
     },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProposalKind {
-    Remove { removed: [u8; 32] },
-    Other,
 }
 
 /// The MLSMessage wire formats (RFC 9420 §6).
@@ -802,35 +800,41 @@ impl MlsClient {
         Ok(incoming)
     }
 
+    /// Queues a member's request to leave; refuses every other proposal. qpq never sends any
+    /// other (adds, removals and updates travel inside commits), and a queued proposal is
+    /// committed by whichever member commits next, so storing one would let any member act in
+    /// the next committer's name (a Remove of someone else), block everyone's sending until a
+    /// commit (openmls refuses to encrypt while proposals wait) or break every later commit
+    /// (a PreSharedKey proposal naming a PSK nobody has). A commit that references a refused
+    /// proposal fails to process here like any invalid commit; honest qpq committers never
+    /// include one, since they never queued it.
     fn accept_proposal(
         &self,
         group: &mut MlsGroup,
         sender: [u8; 32],
         queued: QueuedProposal,
     ) -> Result<Incoming, MlsError> {
-        let kind = match queued.proposal() {
-            Proposal::Remove(remove) => {
-                ProposalKind::Remove { removed: member_identity(group, remove.removed())? }
-            }
-            Proposal::SelfRemove => ProposalKind::Remove { removed: sender },
-            // Leaves entering the tree through a later commit of these
-            // proposals must follow the convention too.
-            Proposal::Add(add) => {
-                let leaf = add.key_package().leaf_node();
-                credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
-                ProposalKind::Other
-            }
-            Proposal::Update(update) => {
-                let leaf = update.leaf_node();
-                credential_identity(leaf.credential(), leaf.signature_key().as_slice())?;
-                ProposalKind::Other
-            }
-            _ => ProposalKind::Other,
+        let refused = match queued.proposal() {
+            Proposal::Remove(remove) => match queued.sender() {
+                Sender::Member(by) if *by == remove.removed() => None,
+                _ => Some("a removal of someone else"),
+            },
+            Proposal::SelfRemove => None,
+            Proposal::Add(_) => Some("an add"),
+            Proposal::Update(_) => Some("an update"),
+            Proposal::PreSharedKey(_) => Some("a pre-shared key"),
+            Proposal::ReInit(_) => Some("a reinit"),
+            Proposal::ExternalInit(_) => Some("an external init"),
+            Proposal::GroupContextExtensions(_) => Some("a group context change"),
+            Proposal::Custom(_) => Some("a custom proposal"),
         };
+        if let Some(kind) = refused {
+            return Err(MlsError::RefusedProposal(kind));
+        }
         group
             .store_pending_proposal(self.provider.storage(), queued)
             .map_err(|e| openmls_err("store proposal", e))?;
-        Ok(Incoming::Proposal { sender, kind })
+        Ok(Incoming::LeaveRequest { sender })
     }
 
     fn accept_commit(

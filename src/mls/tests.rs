@@ -1,6 +1,7 @@
 //! Tests of the MLS wrapper with real openmls crypto.
 
 use openmls::prelude::{Credential, CredentialType, KeyPackageIn, Lifetime, ProtocolVersion};
+use openmls::schedule::{ExternalPsk, PreSharedKeyId, Psk};
 
 use super::*;
 use crate::clock::Clock;
@@ -177,13 +178,7 @@ fn leave_proposal_is_committed_by_another_member() {
     // Every remaining member must see the proposal before the commit
     // that references it.
     for c in [&mut alice, &mut carol] {
-        assert_eq!(
-            c.process(&group, &proposal).unwrap(),
-            Incoming::Proposal {
-                sender: bob.identity(),
-                kind: ProposalKind::Remove { removed: bob.identity() }
-            }
-        );
+        assert_eq!(c.process(&group, &proposal).unwrap(), Incoming::LeaveRequest { sender: bob.identity() });
     }
     assert!(matches!(alice.encrypt(&group, b"x"), Err(MlsError::PendingProposals)));
     let pending = alice.commit_pending_proposals(&group).unwrap().unwrap();
@@ -206,6 +201,66 @@ fn leave_proposal_is_committed_by_another_member() {
     assert_eq!(alice.members(&group).unwrap(), expected);
     assert_eq!(carol.members(&group).unwrap(), expected);
     send(&group, &mut carol, &mut [&mut alice], b"bye bob");
+}
+
+/// A member's proposal is committed by whoever commits next, so only a request to leave is
+/// queued: anything else would let one member block or break the group for everyone.
+#[test]
+fn proposals_other_than_a_leave_are_refused_and_nothing_is_queued() {
+    let (mut alice, mut bob, mut carol, group) = trio();
+    let mut dave = client();
+    add(&group, &mut alice, &mut [&mut bob, &mut carol], &mut dave);
+    let epoch = alice.epoch(&group).unwrap();
+    let members = alice.members(&group).unwrap();
+    // Bob is hostile: he skips our wrapper and proposes through openmls directly.
+    let mut raw = bob.load_group(&group).unwrap();
+    let erin = client();
+    let erin_kp = KeyPackageIn::tls_deserialize_exact(key_package(&erin))
+        .unwrap()
+        .validate(bob.provider.crypto(), ProtocolVersion::Mls10)
+        .unwrap();
+    let (add, _) = raw.propose_add_member(&bob.provider, &bob.signer, &erin_kp).unwrap();
+    let carol_leaf = raw.members().find(|m| m.signature_key == carol.identity()).unwrap().index;
+    let (remove_carol, _) = raw.propose_remove_member(&bob.provider, &bob.signer, carol_leaf).unwrap();
+    for (proposal, kind) in [(add, "an add"), (remove_carol, "a removal of someone else")] {
+        let proposal = to_bytes(&proposal).unwrap();
+        for receiver in [&mut alice, &mut dave] {
+            let refused = receiver.process(&group, &proposal);
+            assert!(matches!(refused, Err(MlsError::RefusedProposal(k)) if k == kind), "{refused:?}");
+        }
+    }
+    // A commit of the refused proposals (by reference) fails like any invalid commit.
+    let (commit, _, _) = raw.commit_to_pending_proposals(&bob.provider, &bob.signer).unwrap();
+    let commit = to_bytes(&commit).unwrap();
+    for receiver in [&mut alice, &mut dave] {
+        assert!(receiver.process(&group, &commit).is_err());
+        assert_eq!(receiver.epoch(&group).unwrap(), epoch, "the commit was not merged");
+        assert_eq!(receiver.members(&group).unwrap(), members);
+    }
+    // Carol, hostile too, proposes a PSK nobody has: stored, it would break every later commit.
+    let mut raw = carol.load_group(&group).unwrap();
+    let psk = Psk::External(ExternalPsk::new(b"a psk nobody has".to_vec()));
+    let psk = PreSharedKeyId::new(CIPHERSUITE, carol.provider.rand(), psk).unwrap();
+    let (psk, _) = raw.propose_pre_shared_key(&carol.provider, &carol.signer, psk).unwrap();
+    let psk = to_bytes(&psk).unwrap();
+    for receiver in [&mut alice, &mut dave] {
+        let refused = receiver.process(&group, &psk);
+        assert!(matches!(refused, Err(MlsError::RefusedProposal("a pre-shared key"))), "{refused:?}");
+    }
+    // Nothing was queued: Alice still sends, and her commits go through.
+    assert!(alice.commit_pending_proposals(&group).unwrap().is_none());
+    send(&group, &mut alice, &mut [&mut dave], b"still here");
+    let update = alice.self_update(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert!(matches!(dave.process(&group, &update.commit).unwrap(), Incoming::Commit { .. }));
+    assert_eq!(dave.epoch(&group).unwrap(), epoch + 1);
+    send(&group, &mut dave, &mut [&mut alice], b"fresh epoch");
+    // A request to leave is still queued and committed.
+    let leave = dave.leave_group(&group).unwrap();
+    assert_eq!(alice.process(&group, &leave).unwrap(), Incoming::LeaveRequest { sender: dave.identity() });
+    assert!(alice.commit_pending_proposals(&group).unwrap().is_some());
+    let left = Changes { added: vec![], removed: vec![], left: vec![dave.identity()] };
+    assert_eq!(alice.pending_changes(&group).unwrap(), left);
 }
 
 #[test]
