@@ -119,8 +119,10 @@ impl Messenger {
 
     /// Sends what the outbox holds (Welcomes of commits that won), removing each item once the
     /// server has it. An item the server refuses (say, a full queue) is dropped with a notice
-    /// rather than blocking everything behind it; on a lost connection the rest waits for the
-    /// next round.
+    /// rather than blocking everything behind it; when the server cannot be reached or the
+    /// connection fails, the rest waits for the next round (see
+    /// [`crate::client::session::SessionError::is_refusal_of_the_call`]): the commit won, and
+    /// its new members can read the group only with these.
     pub(crate) async fn flush_outbox(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
         if crate::failpoint::active("outbox-connection-lost") {
             // Tests: the connection drops before the outbox goes; everything stays queued.
@@ -130,7 +132,7 @@ impl Messenger {
             let Outgoing { channel, recipients, frame } = item;
             match self.seal_for_each(&channel, &recipients, &frame).await {
                 Ok(_) => {}
-                Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Ok(()),
+                Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Ok(()),
                 Err(e) => {
                     events.push(Event::WelcomeRefused { to: recipients.clone(), reason: e.to_string() })
                 }
@@ -145,12 +147,12 @@ impl Messenger {
     /// refilling KeyPackages.
     pub(crate) async fn finish_round(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
-        // Kept in the state until done, so a crash or a lost connection retries next round.
+        // Kept in the state until done, so a crash or a connection failure retries next round.
         while let Some(gid) = self.home.state.leave_requests.first().cloned() {
             if self.home.state.groups.get(&hex::encode(&gid)).is_some_and(|g| g.active) {
                 match self.commit_leave_requests(&gid).await {
                     Ok(evs) => events.extend(evs),
-                    Err(ClientError::Session(e)) if !e.is_definite_refusal() => return Err(e.into()),
+                    Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Err(e.into()),
                     Err(e) => {
                         events.push(Event::Dropped { reason: format!("could not commit a leave: {e}") })
                     }
@@ -498,5 +500,139 @@ impl Messenger {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::client::frame::Frame;
+    use crate::client::messenger::{ClientError, ConnectOptions, Event, Messenger};
+    use crate::client::session::SessionError;
+    use crate::client::state::{GroupKind, Outgoing, Unlock};
+    use crate::server::{self, RunningServer, ServerConfig};
+
+    /// A real server in `dir` on 127.0.0.1:0; started again on the same `dir`, it has the same
+    /// certificate and database (on a new port).
+    async fn start(dir: &Path) -> RunningServer {
+        let cfg = ServerConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        server::start(cfg).await.unwrap()
+    }
+
+    fn opts(server: &RunningServer) -> ConnectOptions {
+        ConnectOptions {
+            server: Some(server.local_addr().to_string()),
+            fingerprint: Some(server.fingerprint()),
+        }
+    }
+
+    async fn person(home: &Path, name: &str, server: &RunningServer) -> Messenger {
+        Messenger::init(home, Some(name.into()), Unlock::None, opts(server)).await.unwrap().0
+    }
+
+    /// A Welcome whose connection could not be opened (the server went down after the commit
+    /// won) was dropped as refused: bob became a member who could never read the group. It
+    /// waits in the outbox and goes once the server is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_welcome_waits_while_the_server_is_down_and_goes_when_it_is_back() {
+        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let server = start(server_dir.path()).await;
+        let local = tokio::task::LocalSet::new();
+        let server = local
+            .run_until(async move {
+                let mut alice = person(alice_home.path(), "alice", &server).await;
+                let mut bob = person(bob_home.path(), "bob", &server).await;
+                let bob_key = bob.public_key().0;
+                bob.contact_add("alice", &hex::encode(alice.public_key().0)).unwrap();
+                // alice's add of bob to #team won, and its Welcome waits in the outbox (as
+                // `handle_group_message` leaves it when our commit comes back).
+                let group_id = alice.group_create("team").unwrap();
+                let kp = alice.anonymous().await.unwrap().fetch_key_package(&bob_key).await.unwrap();
+                let welcome = alice.mls.add_members(&group_id, &[kp.bytes]).unwrap().welcome.unwrap();
+                alice.mls.merge_pending(&group_id).unwrap();
+                let inviter = alice.public_key().0;
+                let frame =
+                    Frame::Welcome { welcome, group_name: "team".into(), kind: GroupKind::Group, inviter }
+                        .encode();
+                let op = alice.begin().unwrap();
+                let item = Outgoing { channel: Vec::new(), recipients: vec![bob_key], frame };
+                alice.home.state.outbox.push(item);
+                alice.persist().unwrap();
+
+                server.shutdown().await.unwrap();
+                let mut events = Vec::new();
+                alice.flush_outbox(&mut events).await.unwrap();
+                assert!(events.is_empty(), "not refused: {events:?}");
+                assert_eq!(alice.state().outbox.len(), 1, "the Welcome waits");
+                drop(op);
+
+                let server = start(server_dir.path()).await;
+                alice.opts = opts(&server);
+                bob.opts = opts(&server);
+                alice.receive(0).await.unwrap();
+                assert!(alice.state().outbox.is_empty(), "the Welcome went");
+                let events = bob.receive(0).await.unwrap();
+                let joined =
+                    |e: &Event| matches!(e, Event::Joined { group_id: g, by } if *g == group_id && *by == inviter);
+                assert!(events.iter().any(joined), "{events:?}");
+                alice.disconnect().await;
+                bob.disconnect().await;
+                server
+            })
+            .await;
+        server.shutdown().await.unwrap();
+    }
+
+    /// A member's leave that could not be committed because the server was out of reach was
+    /// forgotten ("could not commit a leave"), so bob stayed in alice's group. The request stays
+    /// and is committed once the server is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_request_waits_while_the_server_is_down_and_is_committed_when_it_is_back() {
+        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let server = start(server_dir.path()).await;
+        let local = tokio::task::LocalSet::new();
+        let server = local
+            .run_until(async move {
+                let mut alice = person(alice_home.path(), "alice", &server).await;
+                let mut bob = person(bob_home.path(), "bob", &server).await;
+                let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
+                alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
+                bob.contact_add("alice", &hex::encode(alice_key)).unwrap();
+                let group_id = alice.group_create("team").unwrap();
+                alice.group_add("team", &["bob".to_string()]).await.unwrap();
+                bob.receive(0).await.unwrap();
+                bob.group_leave("team").await.unwrap();
+                // alice reads bob's request to leave; the server goes down before she commits it.
+                let op = alice.begin().unwrap();
+                alice.receive_round(0).await.unwrap();
+                assert_eq!(alice.state().leave_requests, vec![group_id.clone()]);
+
+                server.shutdown().await.unwrap();
+                let failed = alice.finish_round().await;
+                assert!(
+                    matches!(failed, Err(ClientError::Session(SessionError::Connect { .. }))),
+                    "{failed:?}"
+                );
+                assert_eq!(alice.state().leave_requests, vec![group_id.clone()], "the request stays");
+                drop(op);
+
+                let server = start(server_dir.path()).await;
+                alice.opts = opts(&server);
+                let events = alice.receive(0).await.unwrap();
+                assert!(alice.state().leave_requests.is_empty(), "{events:?}");
+                assert_eq!(
+                    alice.mls.members(&group_id).unwrap(),
+                    vec![alice_key],
+                    "bob's leave is committed"
+                );
+                let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
+                assert!(events.iter().any(left), "{events:?}");
+                alice.disconnect().await;
+                bob.disconnect().await;
+                server
+            })
+            .await;
+        server.shutdown().await.unwrap();
     }
 }

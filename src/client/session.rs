@@ -95,6 +95,20 @@ impl SessionError {
         !matches!(self, SessionError::Disconnected(_) | SessionError::Timeout(_))
     }
 
+    /// True when the server answered that it will not take this call (a full queue, a bad
+    /// request, no such key, ...). Everything else says nothing about the call: the server out of
+    /// reach, a connection that failed or broke, no answer in time, an answer out of protocol,
+    /// or an answer about the server itself (shutting down, its database unavailable). Work that
+    /// must get done (a Welcome to deliver, a leave to commit) is kept and tried again then, not
+    /// given up. Not [`SessionError::is_definite_refusal`]'s question: a connection that could
+    /// not be opened definitely had no effect, and is still no reason to drop what was to go on it.
+    pub fn is_refusal_of_the_call(&self) -> bool {
+        match self {
+            SessionError::Rpc(e) => !matches!(e.code, ErrorCode::ShuttingDown | ErrorCode::Unavailable),
+            _ => false,
+        }
+    }
+
     /// The server's error code, when the server answered with an error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -643,5 +657,18 @@ mod tests {
         assert!(!lost.is_definite_refusal());
         assert!(!SessionError::Timeout(30).is_definite_refusal());
         assert!(SessionError::NotAuthenticated.is_definite_refusal());
+        assert!(answered.is_refusal_of_the_call());
+        let unreachable = SessionError::Connect { addr: "127.0.0.1:9".into(), reason: "timed out".into() };
+        assert!(unreachable.is_definite_refusal(), "nothing left");
+        assert!(!unreachable.is_refusal_of_the_call(), "and yet the server said nothing about the call");
+        assert!(!lost.is_refusal_of_the_call());
+        assert!(
+            !SessionError::BadAnswer("3 messages in a fetch of at most 2".into()).is_refusal_of_the_call()
+        );
+        let draining = SessionError::from(capnp::Error::failed(
+            "remote exception: Failed: shuttingDown: the server is shutting down".into(),
+        ));
+        assert_eq!(draining.code(), Some(ErrorCode::ShuttingDown));
+        assert!(!draining.is_refusal_of_the_call(), "about the server, not the call");
     }
 }
