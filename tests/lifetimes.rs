@@ -249,3 +249,31 @@ fn a_user_who_checks_in_every_two_weeks_stays_reachable() {
     assert_eq!(untimed(&ok_at(&bob, &server, 0, &["recv"])).lines().collect::<Vec<_>>(), vec!["alice: hi"]);
     stop(server);
 }
+
+/// A replacement the server refused (here: its key material budget is full) was recorded as
+/// published all the same, so bob's next rounds took the pool for fresh and would have tried
+/// again only 14 days later, while his last-resort reference named a package the server never
+/// had. The round after the refusal publishes the new pool.
+#[test]
+fn a_refused_key_package_upload_is_retried_at_the_next_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), -15 * DAY);
+    let bob = init_at(&server, -15 * DAY, "bob");
+    stop(server);
+
+    // Bob's pool is past half its lifetime, and the server has no room for new key material.
+    let config = dir.path().join("qpq-server.toml");
+    std::fs::write(&config, "max_key_bytes = 1\n").unwrap();
+    let server = serve_at(dir.path(), 0);
+    let refused = fails_at(&bob, &server, 0, &["recv"]);
+    assert!(refused.contains("server key storage full"), "{refused}");
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true));
+    stop(server);
+
+    // Room again: the next round publishes the new pool and last-resort package.
+    std::fs::remove_file(&config).unwrap();
+    let server = serve_at(dir.path(), 0);
+    assert_eq!(ok_at(&bob, &server, 0, &["recv"]), "");
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(40, true));
+    stop(server);
+}

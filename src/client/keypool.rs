@@ -9,6 +9,10 @@
 //! - **Refill by count.** After a Welcome used one of ours, the pool is topped up to
 //!   [`KEY_PACKAGE_POOL`] when fewer than [`KEY_PACKAGE_REFILL_BELOW`] valid ones are left, and
 //!   a used last-resort package is replaced.
+//! - **Retry a failed upload.** Packages are recorded (their keys durable) before the upload.
+//!   If the server refuses it, they are forgotten with their keys, so the next round sees the
+//!   pool as the server holds it and tries again; if its outcome is unknown (the connection
+//!   dropped), they are kept and the next round publishes a new pool and last-resort package.
 //! - **Delete superseded keys.** The private keys of a package are kept until its `not_after`
 //!   plus [`limits::KEY_PACKAGE_KEY_RETENTION_SECS`] (a Welcome to it may wait that long in a
 //!   queue), then deleted from the MLS storage. openmls already deletes a single-use package's
@@ -111,7 +115,7 @@ impl Messenger {
             self.persist()?;
         }
         let pool = &self.home.state.key_pool;
-        let replace_pool = force || pool.replacement_due(false, now);
+        let replace_pool = force || pool.replacement_due(false, now) || self.home.state.rotate_last_resort;
         let replace_lr = force || pool.replacement_due(true, now) || self.home.state.rotate_last_resort;
         if !(replace_pool || replace_lr || self.kp_check) {
             return Ok(0);
@@ -135,15 +139,37 @@ impl Messenger {
         }
         let kps = self.mls.key_packages(n)?;
         let lr = if rotate { Some(self.mls.last_resort_key_package()?) } else { None };
+        let previous_lr = self.home.state.last_resort_ref.clone();
         self.home.state.key_pool.record(&kps, false);
         if let Some(lr) = &lr {
             self.home.state.key_pool.record(std::slice::from_ref(lr), true);
             self.home.state.last_resort_ref = lr.hash_ref.clone();
         }
-        // Private keys must be durable before the public halves are published.
+        // Private keys must be durable before the public halves are published (and recorded, so
+        // that they are deleted in time even if we crash before the upload's outcome is known).
         self.persist()?;
+        let refs: Vec<Vec<u8>> = kps.iter().chain(lr.as_ref()).map(|k| k.hash_ref.clone()).collect();
         let bytes: Vec<Vec<u8>> = kps.into_iter().map(|k| k.bytes).collect();
-        self.session()?.upload_key_packages(&bytes, lr.as_ref().map(|l| l.bytes.as_slice())).await?;
+        let uploaded =
+            self.session()?.upload_key_packages(&bytes, lr.as_ref().map(|l| l.bytes.as_slice())).await;
+        if let Err(e) = uploaded {
+            if e.is_refusal_of_the_call() {
+                // The server answered that it takes none of them: forget them and their keys, so
+                // that the next round judges by what the server holds and tries again.
+                self.home.state.key_pool.published.retain(|p| !refs.contains(&p.hash_ref));
+                for r in &refs {
+                    self.mls.delete_key_package(r)?;
+                }
+                self.home.state.last_resort_ref = previous_lr;
+            } else {
+                // They may have reached the server: their keys stay (a Welcome may use them),
+                // and the next round replaces the pool and the last-resort package all the same.
+                self.home.state.rotate_last_resort = true;
+            }
+            self.kp_check = true;
+            self.persist()?;
+            return Err(e.into());
+        }
         if rotate {
             self.home.state.rotate_last_resort = false;
         }

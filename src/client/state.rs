@@ -211,7 +211,9 @@ pub struct State {
     /// Bounds the membership events kept per conversation (see [`crate::client::timeline`]);
     /// named for when it bounded messages too.
     pub history_limit: usize,
-    /// Set when a Welcome used our last-resort KeyPackage: rotate it.
+    /// Set when a Welcome used our last-resort KeyPackage, or when an upload of KeyPackages may
+    /// or may not have reached the server: the next round publishes a new pool and last-resort
+    /// package (see [`crate::client::keypool`]).
     pub rotate_last_resort: bool,
     /// Hash reference of our current last-resort KeyPackage (RFC 9420 section 5.2).
     pub last_resort_ref: Vec<u8>,
