@@ -142,9 +142,12 @@ impl<'t, 'm> Keys<'t, 'm> {
     /// Deletes `who`'s last-resort package, if any, with its index row; returns its charge.
     fn drop_last_resort(&mut self, who: &[u8]) -> Result<u64, StoreError> {
         let Some(old) = self.last_resort.remove(who)? else { return Ok(0) };
-        let (len, not_after) = (old.value().len(), KeyPackageEntry::decode_not_after(old.value())?);
+        // A damaged row names no index row; one left behind finds no package and goes alone.
+        let (len, not_after) = (old.value().len(), KeyPackageEntry::decode_not_after(old.value()).ok());
         drop(old);
-        self.expiry.remove(&expiry_key(not_after, who, LAST_RESORT_SLOT)[..])?;
+        if let Some(not_after) = not_after {
+            self.expiry.remove(&expiry_key(not_after, who, LAST_RESORT_SLOT)[..])?;
+        }
         Ok(charge(len))
     }
 
@@ -284,12 +287,16 @@ impl<'t, 'm> Keys<'t, 'm> {
             let not_after = u64::from_be_bytes(not_after.try_into().unwrap_or_default());
             let slot = u64::from_be_bytes(slot.try_into().unwrap_or_default());
             self.expiry.remove(&k[..])?;
+            // A key row too damaged to decode is deleted when its index row comes up: an error
+            // here failed the slice, and expiry, oldest first, never got past it again, so no
+            // later key expired and the key budget was never freed.
             if slot == HYBRID_SLOT {
                 // Only the key this row indexes (a replaced one took its row with it).
                 let stored = match self.hybrid.get(who)? {
                     Some(v) => {
-                        let at = super::decode_hybrid_key(v.value())?.created_at_ms;
-                        Some((hybrid_expires_at(at), v.value().len()))
+                        let at =
+                            super::decode_hybrid_key(v.value()).map(|k| hybrid_expires_at(k.created_at_ms));
+                        Some((at.unwrap_or(not_after), v.value().len()))
                     }
                     None => None,
                 };
@@ -304,7 +311,7 @@ impl<'t, 'm> Keys<'t, 'm> {
                 // Only the package this row indexes: a replaced one took its row with it, but
                 // a stale row must never cost anyone a valid last-resort package.
                 let stored = match self.last_resort.get(who)? {
-                    Some(v) => Some(KeyPackageEntry::decode_not_after(v.value())?),
+                    Some(v) => Some(KeyPackageEntry::decode_not_after(v.value()).unwrap_or(not_after)),
                     None => None,
                 };
                 if stored == Some(not_after) {
@@ -318,7 +325,9 @@ impl<'t, 'm> Keys<'t, 'm> {
             // Only the package this row indexes. It always is: an identity's ids start again only
             // once none of its packages, and so none of its index rows, is left.
             let stored = match self.packages.get(&key[..])? {
-                Some(v) => Some((KeyPackageEntry::decode_not_after(v.value())?, v.value().len())),
+                Some(v) => {
+                    Some((KeyPackageEntry::decode_not_after(v.value()).unwrap_or(not_after), v.value().len()))
+                }
                 None => None,
             };
             if let Some((_, len)) = stored.filter(|(at, _)| *at == not_after) {

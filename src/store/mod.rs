@@ -740,6 +740,43 @@ mod tests {
         store.close().unwrap();
     }
 
+    /// A payload row too short for its count, and a hybrid key too short to decode, made every
+    /// sweep (and ack) and every key expiry that met them fail, so they were never passed again:
+    /// expired mail kept its quota and no later key expired. Both now go when they come up.
+    #[tokio::test]
+    async fn the_sweep_and_key_expiry_delete_damaged_rows_instead_of_stopping_at_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qpq.db");
+        Store::open(&path, limits()).unwrap().close().unwrap();
+        let who = [8u8; 32];
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(PAYLOADS).unwrap().insert(5u64, &[1u8, 2, 3][..]).unwrap();
+            txn.open_table(QUEUE).unwrap().insert(&queue_key(&who, 1)[..], &5u64.to_be_bytes()[..]).unwrap();
+            txn.open_table(QUEUE_META).unwrap().insert(&who[..], (2, 1, 48)).unwrap();
+            txn.open_table(HYBRID_KEYS).unwrap().insert(&who[..], &[9u8; 5][..]).unwrap();
+            let index = keys::expiry_key(100, &who, keys::HYBRID_SLOT);
+            txn.open_table(KEY_EXPIRY).unwrap().insert(&index[..], ()).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, limits()).unwrap();
+        let swept = store.write(WriteOp::Sweep { now_ms: now_ms(), after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 1, resume: None });
+        let expired = store.write(WriteOp::ExpireKeyPackages { now: 200 }).await.unwrap();
+        assert_eq!(expired, Outcome::KeyPackagesExpired { removed: 1, more: false });
+        let txn = store.db.begin_read().unwrap();
+        assert_eq!(
+            txn.open_table(PAYLOADS).unwrap().iter().unwrap().count(),
+            0,
+            "the damaged payload row went"
+        );
+        assert_eq!(txn.open_table(HYBRID_KEYS).unwrap().iter().unwrap().count(), 0, "the damaged key went");
+        assert_eq!(txn.open_table(QUEUE_META).unwrap().iter().unwrap().count(), 0, "the queue is empty");
+        drop(txn);
+        store.close().unwrap();
+    }
+
     fn enqueue_op(who: IdentityKey, channel: &[u8]) -> WriteOp {
         WriteOp::Enqueue { channel: channel.to_vec(), items: vec![(who, b"m".to_vec())] }
     }

@@ -506,9 +506,16 @@ impl Released {
                 (row.len() as u64, split_payload_row(row).map(|(refs, _)| refs))
             });
             let Some((row_len, own_refs)) = stored else { continue };
-            let refs = match d.payload_refs.get(id)?.map(|g| g.value()) {
-                Some(refs) => refs,
-                None => own_refs?,
+            let refs = match (d.payload_refs.get(id)?.map(|g| g.value()), own_refs) {
+                (Some(refs), _) => refs,
+                (None, Ok(refs)) => refs,
+                // A row too short to hold its count (a damaged file): nothing can be read from
+                // it, so it goes now. An error here failed every ack and sweep that met it, so
+                // the sweep never passed it again and expired mail kept its quota for ever.
+                (None, Err(e)) => {
+                    tracing::warn!(error = %e, id, "deleting a damaged payload row");
+                    0
+                }
             };
             if refs <= n {
                 d.payloads.remove(id)?;
