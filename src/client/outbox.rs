@@ -36,6 +36,7 @@ use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Ta
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
+use crate::proto::wire_error::ErrorCode;
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -62,18 +63,33 @@ pub(crate) struct Watch {
     quiet: HashSet<u64>,
 }
 
-/// True for errors that say nothing about the message, only that the server is out of reach
-/// (or stopped answering): the message stays queued.
+/// True for errors that say nothing about the message, only about the server or the way to
+/// it: out of reach, stopped answering, answered out of protocol, or answered about itself
+/// (shutting down, its database unavailable, busy, failing, over its rate or storage quota for
+/// now). The message stays queued and goes once the server takes it again; dropping it there
+/// lost what the user wrote to a server restart. A changed certificate or an outdated protocol
+/// is a refusal (the user must act first), and so is an answer about the message itself.
 pub fn is_offline(e: &ClientError) -> bool {
-    matches!(
-        e,
+    match e {
         ClientError::Session(
             SessionError::Connect { .. }
-                | SessionError::Resolve(_)
-                | SessionError::Disconnected(_)
-                | SessionError::Timeout(_)
-        )
-    )
+            | SessionError::Resolve(_)
+            | SessionError::Disconnected(_)
+            | SessionError::Timeout(_)
+            | SessionError::BadAnswer(_)
+            | SessionError::Transport(_),
+        ) => true,
+        ClientError::Session(SessionError::Rpc(w)) => matches!(
+            w.code,
+            ErrorCode::ShuttingDown
+                | ErrorCode::Unavailable
+                | ErrorCode::Busy
+                | ErrorCode::Internal
+                | ErrorCode::RateLimited
+                | ErrorCode::OverQuota
+        ),
+        _ => false,
+    }
 }
 
 impl Messenger {
@@ -387,6 +403,37 @@ impl Messenger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queued message is dropped only for what the server says about it, never because the
+    /// server is restarting, its database is down or it is briefly over a limit.
+    #[test]
+    fn answers_about_the_server_keep_a_message_queued_answers_about_the_message_do_not() {
+        let rpc = |code| {
+            ClientError::Session(SessionError::Rpc(crate::proto::wire_error::WireError::new(code, "x")))
+        };
+        for code in [
+            ErrorCode::ShuttingDown,
+            ErrorCode::Unavailable,
+            ErrorCode::Busy,
+            ErrorCode::Internal,
+            ErrorCode::RateLimited,
+            ErrorCode::OverQuota,
+        ] {
+            assert!(is_offline(&rpc(code)), "{code:?} keeps it queued");
+        }
+        for code in
+            [ErrorCode::BadRequest, ErrorCode::TooLarge, ErrorCode::QueueFull, ErrorCode::NoKeyPackages]
+        {
+            assert!(!is_offline(&rpc(code)), "{code:?} is about the message");
+        }
+        assert!(is_offline(&ClientError::Session(SessionError::BadAnswer("x".into()))));
+        assert!(is_offline(&ClientError::Session(SessionError::Timeout(30))));
+        let changed = SessionError::CertificateChanged {
+            pinned: crate::transport::Fingerprint([1; 32]),
+            presented: crate::transport::Fingerprint([2; 32]),
+        };
+        assert!(!is_offline(&ClientError::Session(changed)), "the user must act first");
+    }
     use crate::client::testing::{bob_carol_and_eve, receive_direct_welcome};
 
     /// A direct conversation whose peer later adds someone is not used to send: the person
