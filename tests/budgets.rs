@@ -377,11 +377,16 @@ async fn the_mail_one_network_enqueues_has_a_byte_budget_across_connections() {
     cfg.clock = clock.clone();
     // One byte every 100 s, so the real time the test takes refills nothing that counts.
     cfg.rate_limits.enqueue_bytes_per_network = Rate { per_sec: 0.01, burst: 10_000 };
+    cfg.max_queue_messages = 1;
     let server = start_server_with(cfg).await;
     local(async {
         let (s, other) = (connect(&server).await, connect(&server).await);
         let to = |i: u8| PublicKey([i; 32]);
         s.enqueue(&to(1).0, &[1u8; 6_000], b"").await.unwrap();
+        // What the store refuses (here a full queue) is given back: retries cost nothing.
+        for _ in 0..3 {
+            assert_eq!(refusal(s.enqueue(&to(1).0, &[1u8; 3_000], b"").await).code, ErrorCode::QueueFull);
+        }
         // 4,000 bytes are left: a fanout of 3,000 to 10 (3,000 + 10 x 48) passes, then 520.
         let recipients: Vec<PublicKey> = (10..20).map(to).collect();
         other.enqueue_fanout(b"", &[2u8; 3_000], &recipients).await.unwrap();

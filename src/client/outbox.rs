@@ -36,7 +36,6 @@ use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Ta
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
-use crate::proto::wire_error::ErrorCode;
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -64,30 +63,23 @@ pub(crate) struct Watch {
 }
 
 /// True for errors that say nothing about the message, only about the server or the way to
-/// it: out of reach, stopped answering, answered out of protocol, or answered about itself
-/// (shutting down, its database unavailable, busy, failing, over its rate or storage quota for
-/// now). The message stays queued and goes once the server takes it again; dropping it there
-/// lost what the user wrote to a server restart. A changed certificate or an outdated protocol
-/// is a refusal (the user must act first), and so is an answer about the message itself.
+/// it: out of reach, stopped answering, or answered about itself (shutting down, its database
+/// unavailable, busy, over a rate or its storage quota for now:
+/// [`SessionError::is_answer_about_the_server`]). The message stays queued and goes once the
+/// server takes it again; dropping it there lost what the user wrote to a server restart.
+/// Everything else refuses it, with a notice: an answer about the message, a server failing
+/// (internal) or answering out of protocol, which may never stop and would otherwise hold
+/// every message behind this one for ever, and a changed certificate or an outdated protocol
+/// (the user must act first).
 pub fn is_offline(e: &ClientError) -> bool {
     match e {
         ClientError::Session(
             SessionError::Connect { .. }
             | SessionError::Resolve(_)
             | SessionError::Disconnected(_)
-            | SessionError::Timeout(_)
-            | SessionError::BadAnswer(_)
-            | SessionError::Transport(_),
+            | SessionError::Timeout(_),
         ) => true,
-        ClientError::Session(SessionError::Rpc(w)) => matches!(
-            w.code,
-            ErrorCode::ShuttingDown
-                | ErrorCode::Unavailable
-                | ErrorCode::Busy
-                | ErrorCode::Internal
-                | ErrorCode::RateLimited
-                | ErrorCode::OverQuota
-        ),
+        ClientError::Session(se) => se.is_answer_about_the_server(),
         _ => false,
     }
 }
@@ -408,6 +400,7 @@ mod tests {
     /// server is restarting, its database is down or it is briefly over a limit.
     #[test]
     fn answers_about_the_server_keep_a_message_queued_answers_about_the_message_do_not() {
+        use crate::proto::wire_error::ErrorCode;
         let rpc = |code| {
             ClientError::Session(SessionError::Rpc(crate::proto::wire_error::WireError::new(code, "x")))
         };
@@ -415,7 +408,6 @@ mod tests {
             ErrorCode::ShuttingDown,
             ErrorCode::Unavailable,
             ErrorCode::Busy,
-            ErrorCode::Internal,
             ErrorCode::RateLimited,
             ErrorCode::OverQuota,
         ] {
@@ -426,7 +418,9 @@ mod tests {
         {
             assert!(!is_offline(&rpc(code)), "{code:?} is about the message");
         }
-        assert!(is_offline(&ClientError::Session(SessionError::BadAnswer("x".into()))));
+        // May never stop: kept, it would hold every message behind it for ever.
+        assert!(!is_offline(&rpc(ErrorCode::Internal)));
+        assert!(!is_offline(&ClientError::Session(SessionError::BadAnswer("x".into()))));
         assert!(is_offline(&ClientError::Session(SessionError::Timeout(30))));
         let changed = SessionError::CertificateChanged {
             pinned: crate::transport::Fingerprint([1; 32]),
@@ -434,6 +428,7 @@ mod tests {
         };
         assert!(!is_offline(&ClientError::Session(changed)), "the user must act first");
     }
+
     use crate::client::testing::{bob_carol_and_eve, receive_direct_welcome};
 
     /// A direct conversation whose peer later adds someone is not used to send: the person

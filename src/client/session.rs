@@ -103,10 +103,25 @@ impl SessionError {
     /// given up. Not [`SessionError::is_definite_refusal`]'s question: a connection that could
     /// not be opened definitely had no effect, and is still no reason to drop what was to go on it.
     pub fn is_refusal_of_the_call(&self) -> bool {
-        match self {
-            SessionError::Rpc(e) => !matches!(e.code, ErrorCode::ShuttingDown | ErrorCode::Unavailable),
-            _ => false,
-        }
+        matches!(self, SessionError::Rpc(_)) && !self.is_answer_about_the_server()
+    }
+
+    /// True for the server's answers about itself rather than the call: shutting down, its
+    /// database unavailable, busy, or over a rate or its storage quota for now (all but the
+    /// first carry a retry hint). What must get done (a queued message, a Welcome, a leave)
+    /// is kept and tried again on these; a review found Welcomes dropped on a full quota.
+    pub fn is_answer_about_the_server(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Rpc(e) if matches!(
+                e.code,
+                ErrorCode::ShuttingDown
+                    | ErrorCode::Unavailable
+                    | ErrorCode::Busy
+                    | ErrorCode::RateLimited
+                    | ErrorCode::OverQuota
+            )
+        )
     }
 
     /// The server's error code, when the server answered with an error.
@@ -651,6 +666,7 @@ mod tests {
         ));
         assert_eq!(coded.code(), Some(ErrorCode::RateLimited));
         assert_eq!(coded.backoff(), Some(Duration::from_millis(20)));
+        assert!(!coded.is_refusal_of_the_call(), "over a rate for now: about the server, kept");
         assert!(answered.is_definite_refusal());
         let lost = SessionError::from(capnp::Error::disconnected("connection reset".into()));
         assert!(matches!(lost, SessionError::Disconnected(_)));

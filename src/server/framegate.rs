@@ -20,10 +20,12 @@
 //! peer the bytes themselves. The frames' share is half the budget, so fetch pages and replies
 //! keep the other half whatever peers upload.
 //!
-//! Deadlines: a chunk must arrive, or room for it be found, within the stall timeout of the
-//! previous one (so a slow uplink sending a large frame steadily is not cut, as it was when the
-//! whole frame had one stall timeout). Frames that fill the frames' share and stop sending wait
-//! for room until their deadline ends the oldest, which frees its room.
+//! Deadlines: a chunk must arrive within the stall timeout of the previous one (so a slow
+//! uplink sending a large frame steadily is not cut, as it was when the whole frame had one
+//! stall timeout), and room for it must be found within twice that. So frames whose senders
+//! stopped end before the frames waiting for the room they hold. Known limit: live uploads
+//! that together need more than the share (three 16 MiB frames on the default 64 MiB budget)
+//! wait for each other until the oldest wait ends its connection, and its client retries.
 
 use std::collections::VecDeque;
 use std::io;
@@ -68,6 +70,8 @@ struct Body {
     left: u64,
     held: Option<Held>,
     reserving: Option<Reserving>,
+    /// Whether `reserving` has been waiting (its deadline is then the room wait's).
+    waiting_for_room: bool,
 }
 
 enum State {
@@ -139,6 +143,13 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
                 let held = match fut.as_mut().poll(cx) {
                     Poll::Ready(held) => held,
                     Poll::Pending => {
+                        if !body.waiting_for_room {
+                            // Longer than a stall: frames whose senders stopped (holding room)
+                            // end first and free it; frames that only wait for each other (the
+                            // share full of live uploads) end one at a time, the oldest wait first.
+                            body.waiting_for_room = true;
+                            self.deadline = Some(Box::pin(tokio::time::sleep(self.conn.stall * 2)));
+                        }
                         check_deadline(
                             &mut self.deadline,
                             &self.conn,
@@ -149,6 +160,7 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
                     }
                 };
                 body.reserving = None;
+                body.waiting_for_room = false;
                 // Room found: the chunk has a stall timeout of its own to arrive in.
                 self.deadline = Some(Box::pin(tokio::time::sleep(self.conn.stall)));
                 match &mut body.held {
@@ -261,6 +273,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameGate<R> {
                                 left,
                                 held: None,
                                 reserving: None,
+                                waiting_for_room: false,
                             })
                         }
                     };

@@ -34,6 +34,10 @@ pub struct MemoryBudget {
     used: AtomicUsize,
     /// The part of `used` held by large frames being read ([`MemoryBudget::reserve_frame`]).
     frames: AtomicUsize,
+    /// Serialises frame reservations, so that `frames` is only raised once both checks passed:
+    /// a raise undone after a failed second check made other frames fail meanwhile, and waking
+    /// them for it made a waiting frame wake itself and spin (a review found it).
+    frame_lock: std::sync::Mutex<()>,
     freed: Notify,
 }
 
@@ -64,6 +68,7 @@ impl MemoryBudget {
             cap,
             used: AtomicUsize::new(0),
             frames: AtomicUsize::new(0),
+            frame_lock: std::sync::Mutex::new(()),
             freed: Notify::new(),
         })
     }
@@ -85,22 +90,20 @@ impl MemoryBudget {
     /// it) always gets more: a frame larger than the share (a small configured budget) then
     /// goes on alone instead of waiting for ever.
     pub fn try_reserve_frame(self: &Arc<Self>, bytes: usize, holding: usize) -> Option<Held> {
-        let frames_cap = self.frames_cap();
-        self.frames
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| {
-                f.checked_add(bytes).filter(|&total| total <= frames_cap || f == holding)
-            })
-            .ok()?;
-        let alone = self.frames_used() == holding + bytes;
-        let global = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-            used.checked_add(bytes).filter(|&total| total <= self.cap || alone)
-        });
-        if global.is_err() {
-            self.frames.fetch_sub(bytes, Ordering::SeqCst);
-            // Another frame may have been refused while ours was counted.
-            self.freed.notify_waiters();
+        // Only frame reservations raise `frames`, all under this lock; drops lower it freely,
+        // which only makes a check here conservative.
+        let _serial = self.frame_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let frames = self.frames.load(Ordering::SeqCst);
+        let alone = frames == holding;
+        if frames.checked_add(bytes).is_none_or(|total| total > self.frames_cap() && !alone) {
             return None;
         }
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.cap || alone)
+            })
+            .ok()?;
+        self.frames.fetch_add(bytes, Ordering::SeqCst);
         Some(Held { budget: self.clone(), bytes, frame: true })
     }
 
@@ -472,6 +475,26 @@ mod tests {
         drop((a, c));
         assert_eq!(b.used(), 0);
         assert!(b.try_reserve(100).is_some());
+    }
+
+    /// A frame that fits the frames' share but not the whole cap waits (returns Pending): a
+    /// failed try used to wake every waiter, itself included, so it spun inside one poll.
+    #[test]
+    fn a_frame_with_no_room_under_the_cap_waits_instead_of_spinning() {
+        let b = MemoryBudget::new(100);
+        let _pages = b.try_reserve(60).unwrap();
+        let _frame = b.try_reserve_frame(20, 0).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let budget = b.clone();
+        std::thread::spawn(move || {
+            let polled =
+                futures::executor::block_on(futures::future::poll_immediate(budget.reserve_frame(30, 0)));
+            let _ = tx.send(polled.is_none());
+        });
+        let pending = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("one poll returned");
+        assert!(pending, "no room under the cap: it waits");
+        assert_eq!((b.used(), b.frames_used()), (80, 20), "and holds nothing meanwhile");
+        assert!(b.try_reserve_frame(20, 0).is_some(), "what fits still gets in");
     }
 
     #[tokio::test(start_paused = true)]

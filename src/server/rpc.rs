@@ -226,6 +226,23 @@ impl NodeServiceImpl {
             })
     }
 
+    /// Gives back what [`Self::take_enqueue_bytes`] took for an enqueue the store refused, so a
+    /// client retrying a refused message (a full quota, a restart) is not charged again.
+    fn refund_enqueue_bytes(&self, bytes: usize) {
+        let network = admission::network_key(self.source);
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.shared.rates.enqueue_bytes_per_network.refund(network, self.shared.clock.now_ms(), bytes);
+    }
+
+    /// The store's answer to an enqueue of `bytes`, refunding them when it refused.
+    async fn write_enqueue(&self, op: WriteOp, bytes: usize) -> Result<Outcome, Error> {
+        let written = self.shared.store.write(op).await;
+        if written.is_err() {
+            self.refund_enqueue_bytes(bytes);
+        }
+        written.map_err(store_err)
+    }
+
     /// One token of this connection's and its address's enqueue budget.
     fn take_enqueue_token(&self) -> Result<(), Error> {
         let rates = &self.shared.rates;
@@ -442,7 +459,7 @@ impl node_service::Server for NodeServiceImpl {
             let channel = parse_channel(p.get_channel_id()?)?;
             self.take_enqueue_bytes(payload.len())?;
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
-            match self.shared.store.write(op).await.map_err(store_err)? {
+            match self.write_enqueue(op, payload.len()).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_seq(seqs.first().copied().unwrap_or(0));
@@ -496,7 +513,7 @@ impl node_service::Server for NodeServiceImpl {
             }
             let _bytes = self.budget.reserve(total.saturating_add(CALL_OVERHEAD_BYTES))?;
             self.take_enqueue_bytes(total)?;
-            match self.shared.store.write(WriteOp::Enqueue { channel, items }).await.map_err(store_err)? {
+            match self.write_enqueue(WriteOp::Enqueue { channel, items }, total).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
@@ -524,11 +541,10 @@ impl node_service::Server for NodeServiceImpl {
             let held = payload.len().saturating_add(recipients.len() * limits::IDENTITY_KEY_LEN);
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
             let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
-            self.take_enqueue_bytes(
-                payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX)),
-            )?;
+            let charged = payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX));
+            self.take_enqueue_bytes(charged)?;
             let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients };
-            match self.shared.store.write(op).await.map_err(store_err)? {
+            match self.write_enqueue(op, charged).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
