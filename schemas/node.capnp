@@ -55,7 +55,8 @@ enum ErrorCode {
   noKeyPackages @4;      # fetchKeyPackage: the key has no KeyPackage at all
   noHybridKey @5;        # fetchHybridKey: the key has no hybrid key
   rateLimited @6;        # this connection, address or target key is over its rate (retry hint)
-  overQuota @7;          # the server's storage quota is used up (retry hint)
+  overQuota @7;          # the server's storage quota is used up (retry hint); or its key
+                         # storage (uploads: no hint, key material frees in weeks)
   staleKey @8;           # uploadHybridKey: not newer than the stored key
   authFailed @9;         # authenticate: the signature does not verify
   shuttingDown @10;      # the server is draining; the call had no effect

@@ -42,6 +42,15 @@ fn rpc_frame(build: impl FnOnce(capnp_rpc::rpc_capnp::message::Builder<'_>)) -> 
     capnp::serialize::write_message_to_words(&m)
 }
 
+/// Waits until the server ends `conn`, which sent `what`: at most a minute, so that a
+/// regression fails instead of hanging (the server keeps an open connection alive).
+async fn ended_by_the_server(conn: &quinn::Connection, what: &str) {
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(60), conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("the server kept a connection that sent {what}"));
+    assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "{what}: the server ended it: {reason:?}");
+}
+
 /// The PostgreSQL schema version this qpq migrates to.
 const PG_SCHEMA: i32 = qpq::store::postgres::SCHEMA_VERSION;
 
@@ -810,12 +819,7 @@ async fn calls_never_finished_end_their_connection_at_the_cap() {
     }
     // The server may end the connection while this is still being written.
     let _ = send.write_all(&out).await;
-    // Bounded only so that a regression fails instead of hanging: the server keeps an open
-    // connection alive (keep-alives), so without the cap this never resolves.
-    let reason = tokio::time::timeout(std::time::Duration::from_secs(60), conn.closed())
-        .await
-        .expect("the server kept a connection with thousands of unfinished calls");
-    assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "server ended it: {reason:?}");
+    ended_by_the_server(&conn, "thousands of unfinished calls").await;
     let _ = reader.await;
 
     local(async {
@@ -891,12 +895,7 @@ async fn messages_a_client_never_sends_end_the_connection_before_capnp_acts_on_t
         let mut out = rpc_frame(|m| m.init_bootstrap().set_question_id(0));
         out.extend(frame);
         let _ = send.write_all(&out).await;
-        // Bounded only so that a regression fails instead of hanging: the server keeps an open
-        // connection alive (keep-alives).
-        let reason = tokio::time::timeout(std::time::Duration::from_secs(60), conn.closed())
-            .await
-            .unwrap_or_else(|_| panic!("the server kept a connection that sent {what}"));
-        assert!(!matches!(reason, quinn::ConnectionError::TimedOut), "{what}: server ended it: {reason:?}");
+        ended_by_the_server(&conn, what).await;
         let _ = reader.await;
     }
     local(async {
@@ -1320,6 +1319,13 @@ async fn bad_fanouts_are_refused_with_codes_and_store_nothing() {
         assert_eq!(
             refused(s.enqueue_fanout(b"", b"x", &many).await),
             (ErrorCode::TooLarge, "too many recipients: 10001 > 10000".into())
+        );
+        // A batch over its recipient cap is tooLarge too, as the schema says.
+        let batch: Vec<(PublicKey, Vec<u8>)> =
+            many[..=qpq::limits::MAX_BATCH_RECIPIENTS].iter().map(|k| (*k, b"x".to_vec())).collect();
+        assert_eq!(
+            refused(s.enqueue_batch(b"", &batch).await),
+            (ErrorCode::TooLarge, "too many recipients: 4097 > 4096".into())
         );
         let (_, seqs) = s.enqueue_fanout(b"", b"x", &many[1..]).await.expect("exactly the cap is taken");
         assert_eq!(seqs.len(), qpq::limits::MAX_FANOUT_RECIPIENTS);

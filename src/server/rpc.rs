@@ -486,11 +486,11 @@ impl node_service::Server for NodeServiceImpl {
                 return Err(failed("batch has no recipients"));
             }
             if list.len() as usize > limits::MAX_BATCH_RECIPIENTS {
-                return Err(failed(format!(
-                    "too many recipients: {} > {}",
-                    list.len(),
-                    limits::MAX_BATCH_RECIPIENTS
-                )));
+                // tooLarge, as for a fanout (the schema's codes): the call is over a size limit.
+                return Err(coded(
+                    ErrorCode::TooLarge,
+                    format!("too many recipients: {} > {}", list.len(), limits::MAX_BATCH_RECIPIENTS),
+                ));
             }
             let mut items = Vec::with_capacity(list.len() as usize);
             let mut seen = std::collections::HashMap::with_capacity(list.len() as usize);

@@ -566,14 +566,15 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn now_ms() -> u64 {
         Clock::system().now_ms()
     }
 
-    fn limits() -> QueueLimits {
+    /// Roomy limits with a one-minute TTL.
+    pub(crate) fn limits() -> QueueLimits {
         QueueLimits {
             max_messages: 100,
             max_bytes: 1 << 20,

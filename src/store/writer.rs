@@ -638,18 +638,9 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::limits;
     use crate::store::{KEY_PACKAGES, Store};
     use redb::ReadableDatabase;
-
-    fn limits() -> QueueLimits {
-        QueueLimits {
-            max_messages: 100,
-            max_bytes: 1 << 20,
-            ttl_ms: 60_000,
-            max_stored_bytes: u64::MAX,
-            max_key_bytes: u64::MAX,
-        }
-    }
 
     /// Runs `ops` through the writer loop as one batch (all are waiting when it starts) and
     /// returns their answers in order.
