@@ -87,11 +87,13 @@ pub fn delete_superseded(pool: &mut KeyPool, mls: &MlsClient, now: u64) -> Resul
 
 impl Messenger {
     /// True when [`Messenger::maintain_key_packages`] has work that needs no server round trip
-    /// to discover: a replacement by age, or keys to delete.
+    /// to discover: a replacement by age or asked for (a used last-resort package, an upload
+    /// whose outcome is unknown: the flag outlives the process that set it), or keys to delete.
     pub(crate) fn key_packages_due(&self) -> bool {
         let now = self.mls.now_secs();
         let pool = &self.home.state.key_pool;
-        pool.replacement_due(false, now)
+        self.home.state.rotate_last_resort
+            || pool.replacement_due(false, now)
             || pool.replacement_due(true, now)
             || pool
                 .published
