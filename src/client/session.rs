@@ -92,7 +92,13 @@ impl SessionError {
     /// True when the server definitely did not act on the call (it answered with an error, or
     /// the call never left); false when the outcome is unknown (lost connection, timeout).
     pub fn is_definite_refusal(&self) -> bool {
-        !matches!(self, SessionError::Disconnected(_) | SessionError::Timeout(_))
+        match self {
+            SessionError::Disconnected(_) | SessionError::Timeout(_) => false,
+            // The node lost its database: a write cut off mid-commit may have taken effect (the
+            // schema says so), so a commit answered this way may be stored and delivered.
+            SessionError::Rpc(e) => e.code != ErrorCode::Unavailable,
+            _ => true,
+        }
     }
 
     /// True when the server answered that it will not take this call (a full queue, a bad
@@ -686,5 +692,11 @@ mod tests {
         ));
         assert_eq!(draining.code(), Some(ErrorCode::ShuttingDown));
         assert!(!draining.is_refusal_of_the_call(), "about the server, not the call");
+        assert!(draining.is_definite_refusal(), "a draining server took nothing");
+        let unavailable = SessionError::from(capnp::Error::failed(
+            "remote exception: Failed: unavailable: storage unavailable (retry after 1000 ms)".into(),
+        ));
+        assert_eq!(unavailable.code(), Some(ErrorCode::Unavailable));
+        assert!(!unavailable.is_definite_refusal(), "a write cut off mid-commit may have taken effect");
     }
 }
