@@ -155,9 +155,11 @@ impl Messenger {
         let uploaded =
             self.session()?.upload_key_packages(&bytes, lr.as_ref().map(|l| l.bytes.as_slice())).await;
         if let Err(e) = uploaded {
-            if e.is_refusal_of_the_call() {
-                // The server answered that it takes none of them: forget them and their keys, so
-                // that the next round judges by what the server holds and tries again.
+            if e.is_definite_refusal() {
+                // The server answered without storing any (a full key storage, a rate limit, a
+                // restart): forget them and their keys, so that the next round judges by what the
+                // server holds and tries again. Keeping them, as for an unknown outcome, would
+                // add a pool of private keys per round for as long as the server stays full.
                 self.home.state.key_pool.published.retain(|p| !refs.contains(&p.hash_ref));
                 for r in &refs {
                     self.mls.delete_key_package(r)?;
