@@ -69,9 +69,8 @@ struct Body {
     /// Body bytes not yet read.
     left: u64,
     held: Option<Held>,
+    /// Room being found for the next chunk.
     reserving: Option<Reserving>,
-    /// Whether `reserving` has been waiting (its deadline is then the room wait's).
-    waiting_for_room: bool,
 }
 
 enum State {
@@ -120,36 +119,34 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
         }
         (words <= limits::RPC_TRAVERSAL_LIMIT_WORDS as u64).then_some(words * 8)
     }
-}
 
-impl<R: AsyncRead + Unpin> FrameGate<R> {
-    /// One step of reading a large frame's body: holds room for the next chunk, or reads into
-    /// the room held. Ready(Ok(true)) when the body is whole.
-    fn buffer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let State::Buffering(body) = &mut self.state else { return Poll::Ready(Ok(true)) };
+    /// Reads a large frame's body into memory held for it, a chunk at a time: holds room for
+    /// the next chunk, then reads into it. Ready once the body is whole.
+    fn buffer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let State::Buffering(body) = &mut self.state else { return Poll::Ready(Ok(())) };
         loop {
             let room = body.chunks.back().map_or(0, |c| c.len() - body.filled);
             if room == 0 {
                 if body.left == 0 {
-                    return Poll::Ready(Ok(true));
+                    return Poll::Ready(Ok(()));
                 }
-                let holding = body.held.as_ref().map_or(0, Held::bytes);
-                // Below `left`, which is at most the traversal limit: fits a usize.
-                let want = usize::try_from(body.left).unwrap_or(usize::MAX).min(CHUNK);
-                let budget = &self.conn.global;
-                let fut = body
-                    .reserving
-                    .get_or_insert_with(|| Box::pin(budget.clone().reserve_frame(want, holding)));
+                let fut = match &mut body.reserving {
+                    Some(fut) => fut,
+                    None => {
+                        let holding = body.held.as_ref().map_or(0, Held::bytes);
+                        // Below `left`, which is at most the traversal limit: fits a usize.
+                        let want = usize::try_from(body.left).unwrap_or(usize::MAX).min(CHUNK);
+                        // Room must be found within twice a stall: frames whose senders stopped
+                        // (holding room) end first and free it; frames that only wait for each
+                        // other (the share full of live uploads) end one at a time, the oldest
+                        // wait first.
+                        self.deadline = Some(Box::pin(tokio::time::sleep(self.conn.stall * 2)));
+                        body.reserving.insert(Box::pin(self.conn.global.clone().reserve_frame(want, holding)))
+                    }
+                };
                 let held = match fut.as_mut().poll(cx) {
                     Poll::Ready(held) => held,
                     Poll::Pending => {
-                        if !body.waiting_for_room {
-                            // Longer than a stall: frames whose senders stopped (holding room)
-                            // end first and free it; frames that only wait for each other (the
-                            // share full of live uploads) end one at a time, the oldest wait first.
-                            body.waiting_for_room = true;
-                            self.deadline = Some(Box::pin(tokio::time::sleep(self.conn.stall * 2)));
-                        }
                         check_deadline(
                             &mut self.deadline,
                             &self.conn,
@@ -160,9 +157,9 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
                     }
                 };
                 body.reserving = None;
-                body.waiting_for_room = false;
                 // Room found: the chunk has a stall timeout of its own to arrive in.
                 self.deadline = Some(Box::pin(tokio::time::sleep(self.conn.stall)));
+                let want = held.bytes();
                 match &mut body.held {
                     Some(h) => h.absorb(held),
                     None => body.held = Some(held),
@@ -171,17 +168,13 @@ impl<R: AsyncRead + Unpin> FrameGate<R> {
                 body.filled = 0;
                 continue;
             }
-            let Some(chunk) = body.chunks.back_mut() else { return Poll::Ready(Ok(true)) };
+            let Some(chunk) = body.chunks.back_mut() else { return Poll::Ready(Ok(())) };
             let dst = &mut chunk[body.filled..]; // filled <= chunk.len()
             match Pin::new(&mut self.inner).poll_read(cx, dst) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Poll::Ready(Ok(n)) => {
                     body.filled += n;
                     body.left -= n as u64;
-                    if body.filled == chunk.len() {
-                        // A whole chunk arrived: the next one has a stall timeout of its own.
-                        self.deadline = Some(Box::pin(tokio::time::sleep(self.conn.stall)));
-                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
@@ -273,7 +266,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameGate<R> {
                                 left,
                                 held: None,
                                 reserving: None,
-                                waiting_for_room: false,
                             })
                         }
                     };

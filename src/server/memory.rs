@@ -149,19 +149,6 @@ impl MemoryBudget {
     pub fn page_room(self: &Arc<Self>) -> PageRoom {
         PageRoom { held: Held { budget: self.clone(), bytes: 0, frame: false }, refused: false }
     }
-
-    /// Waits until `bytes` fit, then holds them. A request larger than the whole cap waits for
-    /// the budget to be empty and then takes it all.
-    pub async fn reserve(self: Arc<Self>, bytes: usize) -> Held {
-        let want = bytes.min(self.cap);
-        loop {
-            let freed = self.freed.notified();
-            if let Some(held) = self.try_reserve(want) {
-                return held;
-            }
-            freed.await;
-        }
-    }
 }
 
 impl Drop for Held {
@@ -500,17 +487,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiting_reservation_gets_its_room_when_another_frees_it() {
         let b = MemoryBudget::new(100);
-        let first = b.try_reserve(80).unwrap();
-        let waiting = tokio::spawn(b.clone().reserve(50));
+        let first = b.try_reserve_frame(40, 0).unwrap();
+        let waiting = tokio::spawn(b.clone().reserve_frame(20, 0));
         tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
+        assert!(!waiting.is_finished(), "past the frames' share (50)");
         drop(first);
         let held = waiting.await.unwrap();
-        assert_eq!(b.used(), 50);
+        assert_eq!(b.used(), 20);
         drop(held);
-        // More than the whole cap takes it all rather than waiting forever.
-        let all = b.clone().reserve(1_000).await;
-        assert_eq!(b.used(), 100);
+        // A frame larger than the share, alone, takes what it needs rather than waiting forever.
+        let all = b.clone().reserve_frame(1_000, 0).await;
+        assert_eq!(b.used(), 1_000);
         drop(all);
     }
 

@@ -212,33 +212,20 @@ impl NodeServiceImpl {
         }
     }
 
-    /// `bytes` of this connection's network's mail budget, all or nothing (see
-    /// [`limits::DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK`]).
-    fn take_enqueue_bytes(&self, bytes: usize) -> Result<(), Error> {
-        let network = admission::network_key(self.source);
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-        self.shared
-            .rates
-            .enqueue_bytes_per_network
-            .take_n(network, self.shared.clock.now_ms(), bytes)
-            .map_err(|ms| {
-                rate_limited_as("rate limited: too many bytes of mail enqueued from this network", ms)
-            })
-    }
-
-    /// Gives back what [`Self::take_enqueue_bytes`] took for an enqueue the store refused, so a
-    /// client retrying a refused message (a full quota, a restart) is not charged again.
-    fn refund_enqueue_bytes(&self, bytes: usize) {
-        let network = admission::network_key(self.source);
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-        self.shared.rates.enqueue_bytes_per_network.refund(network, self.shared.clock.now_ms(), bytes);
-    }
-
-    /// The store's answer to an enqueue of `bytes`, refunding them when it refused.
+    /// Takes `bytes` of this connection's network's mail budget, all or nothing (see
+    /// [`limits::DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK`]), then writes `op`; gives the bytes
+    /// back when the store refuses, so a client retrying a refused message (a full quota, a
+    /// restart) is not charged again.
     async fn write_enqueue(&self, op: WriteOp, bytes: usize) -> Result<Outcome, Error> {
+        let limiter = &self.shared.rates.enqueue_bytes_per_network;
+        let network = admission::network_key(self.source);
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        limiter.take_n(network, self.shared.clock.now_ms(), bytes).map_err(|ms| {
+            rate_limited_as("rate limited: too many bytes of mail enqueued from this network", ms)
+        })?;
         let written = self.shared.store.write(op).await;
         if written.is_err() {
-            self.refund_enqueue_bytes(bytes);
+            limiter.refund(network, self.shared.clock.now_ms(), bytes);
         }
         written.map_err(store_err)
     }
@@ -457,7 +444,6 @@ impl node_service::Server for NodeServiceImpl {
             let _bytes = self.budget.reserve(payload.len().saturating_add(CALL_OVERHEAD_BYTES))?;
             check_payload(&self.shared, payload)?;
             let channel = parse_channel(p.get_channel_id()?)?;
-            self.take_enqueue_bytes(payload.len())?;
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
             match self.write_enqueue(op, payload.len()).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
@@ -512,7 +498,6 @@ impl node_service::Server for NodeServiceImpl {
                 items.push((who, payload.to_vec()));
             }
             let _bytes = self.budget.reserve(total.saturating_add(CALL_OVERHEAD_BYTES))?;
-            self.take_enqueue_bytes(total)?;
             match self.write_enqueue(WriteOp::Enqueue { channel, items }, total).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
@@ -542,7 +527,6 @@ impl node_service::Server for NodeServiceImpl {
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
             let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
             let charged = payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX));
-            self.take_enqueue_bytes(charged)?;
             let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients };
             match self.write_enqueue(op, charged).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
@@ -944,13 +928,7 @@ impl AccountImpl {
         want_last_resort: bool,
         now: u64,
     ) -> Result<KeyPackageEntry, Error> {
-        if bytes.len() > limits::MAX_KEY_PACKAGE_BYTES {
-            return Err(failed(format!(
-                "invalid key package: too large: {} > {} bytes",
-                bytes.len(),
-                limits::MAX_KEY_PACKAGE_BYTES
-            )));
-        }
+        // Its size was checked with the whole upload's, before the key budget was charged.
         let kp = mls::validate_key_package(bytes, now).map_err(|e| failed(e.to_string()))?;
         if kp.identity != self.who {
             return Err(failed("invalid key package: credential identity is not the authenticated key"));

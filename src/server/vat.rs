@@ -81,17 +81,17 @@ struct OpenCalls {
 }
 
 impl OpenCalls {
-    /// Notes one incoming message; whether it is a call (not a bootstrap request), or an error
-    /// when it opens one call too many.
+    /// Notes one incoming message (its frame `frame_bytes` long); whether it is a call (not a
+    /// bootstrap request), or an error that ends the connection: one call too many, or a
+    /// message no qpq client sends ([`rpc_kind`], [`takes_large_params`]).
     fn read(&self, m: &dyn IncomingMessage, frame_bytes: usize) -> Result<bool, Error> {
         let mut ids = self.ids.borrow_mut();
         match rpc_kind(m.get_body()) {
-            Some(Kind::Opens { id, call: Some((interface, method)) })
+            Some(Kind::Opens { call: Some((interface, method)), .. })
                 if frame_bytes > limits::UNBUDGETED_FRAME_BYTES && !takes_large_params(interface, method) =>
             {
                 // Its parameters would live, unbudgeted, as long as the call (a parked fetchWait:
                 // a minute); no such call needs more than a few hundred bytes.
-                let _ = id;
                 Err(Error::failed(format!(
                     "protocol violation: a {frame_bytes}-byte message for a call that takes small parameters"
                 )))
@@ -265,13 +265,13 @@ impl Connection<Side> for MeteredConnection {
     fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
         let activity = self.conn.activity.clone();
         let open = self.open.clone();
-        let frames = self.conn.clone();
+        let conn = self.conn.clone();
         // Only a call counts as use: protocol chatter (Finish, Release) that follows a reply
         // must not keep an otherwise idle connection from being evicted.
         let touched = move |m: Option<Box<dyn IncomingMessage>>| {
             // One reading of each message serves both.
             if let Some(m) = m.as_ref()
-                && open.read(m.as_ref(), frames.last_frame.get())?
+                && open.read(m.as_ref(), conn.last_frame.get())?
             {
                 activity.touch();
             }
