@@ -27,6 +27,10 @@ use super::{IdentityKey, StoredMessage};
 pub const MAX_HANDED_MESSAGES: usize = 64;
 /// Payload bytes one mailbox holds before it turns stale.
 pub const MAX_HANDED_BYTES: usize = 64 * 1024;
+/// Payload bytes one [`Notifier::hand`] copies in all; the mailboxes it would copy more for turn
+/// stale. A fanout's recipients each get their own message (their own seq), so without this one
+/// 64 KiB fanout to 10,000 keys with parked calls copied 625 MiB at once, outside every budget.
+pub const MAX_HANDED_BYTES_PER_HAND: usize = 4 * 1024 * 1024;
 
 /// One message the writer has just made durable for `to` (borrowed from its write request).
 pub struct Committed<'a> {
@@ -73,15 +77,20 @@ impl Mailbox {
     }
 
     /// Puts `c` in this mailbox, as the copy `shared` holds (made by the first mailbox that
-    /// takes it).
-    fn put(&self, c: &Committed<'_>, shared: &mut Option<Arc<StoredMessage>>) {
+    /// takes it, when `budget` still has room for its payload).
+    fn put(&self, c: &Committed<'_>, shared: &mut Option<Arc<StoredMessage>>, budget: &mut usize) {
         let mut s = self.lock();
         if s.stale {
             return; // already woken, and the store read will find this message
         }
-        if s.messages.len() >= MAX_HANDED_MESSAGES || s.bytes + c.payload.len() > MAX_HANDED_BYTES {
+        let no_copy = shared.is_none() && c.payload.len() > *budget;
+        if no_copy || s.messages.len() >= MAX_HANDED_MESSAGES || s.bytes + c.payload.len() > MAX_HANDED_BYTES
+        {
             drop(s);
             return self.mark_stale();
+        }
+        if shared.is_none() {
+            *budget -= c.payload.len();
         }
         let first = s.messages.is_empty();
         s.bytes += c.payload.len();
@@ -144,10 +153,11 @@ impl Notifier {
         if map.is_empty() {
             return;
         }
+        let mut budget = MAX_HANDED_BYTES_PER_HAND;
         for c in committed {
             let mut shared = None;
             for m in map.get(&c.to).into_iter().flatten() {
-                m.put(c, &mut shared);
+                m.put(c, &mut shared, &mut budget);
             }
         }
     }
@@ -237,6 +247,31 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(sub.take(0, 10, 1 << 20), Taken::Messages(Vec::new(), false));
+    }
+
+    /// A fanout's recipients each get a message of their own: handing one to 10,000 parked
+    /// calls copied its payload 10,000 times. The copies one hand makes are bounded; the rest
+    /// of the waiters read the store.
+    #[test]
+    fn one_hand_copies_a_bounded_number_of_bytes_and_sends_the_rest_to_the_store() {
+        let n = Notifier::default();
+        let payload = vec![7u8; MAX_HANDED_BYTES];
+        let keys: Vec<IdentityKey> = (0..200u32)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                k
+            })
+            .collect();
+        let subs: Vec<_> = keys.iter().map(|k| n.subscribe(k)).collect();
+        let fanout: Vec<_> = keys.iter().map(|k| committed(*k, 1, &payload)).collect();
+        n.hand(&fanout);
+        let handed = subs
+            .iter()
+            .filter(|s| matches!(s.take(0, 10, 1 << 20), Taken::Messages(m, _) if m.len() == 1))
+            .count();
+        assert_eq!(handed, MAX_HANDED_BYTES_PER_HAND / MAX_HANDED_BYTES, "the rest read the store");
+        assert!(subs.iter().all(|s| s.take(0, 10, 1 << 20) == Taken::Messages(Vec::new(), false)));
     }
 
     #[test]
