@@ -70,10 +70,13 @@ impl From<tokio_postgres::Error> for TxError {
                 TxError::Conflict(e.to_string())
             }
             // An error the server sent about our SQL or data: a bug or damage, not an outage.
+            // Lock and idle timeouts (55P03, 25P03) and a read-only server (25006, an old
+            // primary after a failover) are outages too: try again later.
             Some(c)
                 if !c.code().starts_with("08")
                     && !c.code().starts_with("57")
-                    && !c.code().starts_with("53") =>
+                    && !c.code().starts_with("53")
+                    && !matches!(c.code(), "55P03" | "25P03" | "25006") =>
             {
                 TxError::Store(StoreError::Db(format!("postgresql: {}", db_text(&e))))
             }
@@ -142,8 +145,19 @@ pub struct PgStore {
 ///   4.0 the planner chose sequential scans of them over primary-key lookups (0.2-0.45 ms to
 ///   delete three acked entries). 1.1 is the usual value for data in memory or on SSDs, and is
 ///   set for this session only.
-const SESSION_OPTIONS: &str =
-    "-c synchronous_commit=on -c plan_cache_mode=force_generic_plan -c random_page_cost=1.1";
+/// - `default_transaction_isolation=read committed`: the floor reads and the row locks of an
+///   enqueue count on each statement seeing what committed before it (PostgreSQL's default, but
+///   a database or role may set another; under repeatable read an enqueue racing a sweep could
+///   hand out sequence numbers below the recipient's cursor).
+/// - `lock_timeout=15s`: a node that stalls inside a transaction (a paused VM, a lost link)
+///   keeps its row locks until PostgreSQL notices; the other nodes' enqueues to the same
+///   recipients give up after this and answer `unavailable` instead of hanging their workers.
+/// - `idle_in_transaction_session_timeout=60s`: and PostgreSQL ends such a stalled transaction
+///   after this, so its locks do not outlive it by the two hours TCP keepalive would take.
+///   (Migrations wait for each other without a limit: see [`schema::migrate`].)
+const SESSION_OPTIONS: &str = "-c synchronous_commit=on -c plan_cache_mode=force_generic_plan \
+     -c random_page_cost=1.1 -c default_transaction_isolation=read\\ committed -c lock_timeout=15s \
+     -c idle_in_transaction_session_timeout=60s";
 
 /// Parses and checks a `postgres://` URL; the password never appears in an error.
 fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
@@ -162,6 +176,11 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     };
     cfg.options(&options);
     cfg.connect_timeout(Duration::from_millis(limits::PG_CONNECT_TIMEOUT_MS));
+    // A database host that vanished (no RST) is noticed in about a minute, not two hours.
+    cfg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3);
     if cfg.get_application_name().is_none() {
         cfg.application_name(&schema::application_name());
     }
@@ -417,8 +436,14 @@ mod tests {
         // PostgreSQL applies `-c` settings in order, so ours must come last to win.
         assert!(options.starts_with("-c synchronous_commit=off -c plan_cache_mode=auto "), "{options}");
         assert!(options.ends_with(SESSION_OPTIONS), "{options}");
-        for forced in ["synchronous_commit=on", "plan_cache_mode=force_generic_plan", "random_page_cost=1.1"]
-        {
+        for forced in [
+            "synchronous_commit=on",
+            "plan_cache_mode=force_generic_plan",
+            "random_page_cost=1.1",
+            "default_transaction_isolation=read\\ committed",
+            "lock_timeout=",
+            "idle_in_transaction_session_timeout=",
+        ] {
             assert!(SESSION_OPTIONS.contains(forced), "{forced} missing from {SESSION_OPTIONS}");
         }
         let plain = parse_url("postgres://qpq@127.0.0.1:5432/qpq").expect("a valid url");
