@@ -37,9 +37,12 @@ impl ShellHelper {
     /// Where the word under the cursor starts, and what may replace it.
     pub fn candidates(&self, line: &str, pos: usize) -> (usize, Vec<Pair>) {
         let head = line.get(..pos).unwrap_or(line);
-        let start = head.rfind(char::is_whitespace).map_or(0, |i| i + 1);
-        let word = &head[start..];
-        let mut before: Vec<&str> = head[..start].split_whitespace().collect();
+        // The byte after the last whitespace character, however many bytes it takes (a
+        // no-break space is two): a char boundary, so both slices below hold.
+        let start =
+            head.char_indices().rev().find(|(_, c)| c.is_whitespace()).map_or(0, |(i, c)| i + c.len_utf8());
+        let (before, word) = head.split_at(start);
+        let mut before: Vec<&str> = before.split_whitespace().collect();
         if before.first().is_some_and(|w| w.trim_start_matches('/') == "qpq") {
             before.remove(0);
         }
@@ -161,6 +164,15 @@ mod tests {
         assert_eq!(complete("group add team b").1, ["bob ", "bea "]);
         assert_eq!(complete("group members t").1, ["team ", "tea "]);
         assert!(complete("whoami b").1.is_empty());
+    }
+
+    /// A whitespace character of several bytes (a no-break space, an ideographic space) before
+    /// the word panicked: the word was sliced one byte after its start.
+    #[test]
+    fn multi_byte_whitespace_before_the_word_completes_without_a_panic() {
+        assert_eq!(complete("send\u{a0}ca"), (6, vec!["carol ".to_string()]));
+        assert_eq!(complete("send\u{3000}ca"), (7, vec!["carol ".to_string()]));
+        assert_eq!(complete("\u{2009}#te").1, ["#team ", "#tea "]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use rustyline::error::ReadlineError;
 use rustyline::history::FileHistory;
 use rustyline::{CompletionType, Config, Editor};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{Receiver, Sender, channel};
 
 use crate::shell::complete::{SharedNames, ShellHelper};
 use crate::shell::{history, printer};
@@ -25,6 +25,12 @@ use crate::shell::{history, printer};
 pub const HISTORY_FILE: &str = "history";
 /// Lines kept in it: enough for weeks of chat commands, small enough to load instantly.
 pub const MAX_HISTORY_LINES: usize = 1000;
+/// Longest script line read: the longest message with room for its command. A longer line is
+/// skipped (and counts as failed) without being held in memory.
+pub const MAX_SCRIPT_LINE_BYTES: usize = crate::client::messenger::MAX_TEXT_BYTES + 4096;
+/// Lines read ahead of the core: the reader waits for the core beyond this, so a script fed
+/// faster than it runs (`yes | qpq shell`) costs bounded memory.
+const READ_AHEAD_LINES: usize = 16;
 
 /// What a line source reports.
 #[derive(Debug)]
@@ -51,7 +57,7 @@ struct Ask {
 
 /// A running line source.
 pub struct LineSource {
-    pub lines: UnboundedReceiver<Input>,
+    pub lines: Receiver<Input>,
     /// Prompts for the editor; None for stdin, which reads ahead on its own.
     prompts: Option<mpsc::Sender<Ask>>,
     thread: Option<JoinHandle<()>>,
@@ -64,7 +70,7 @@ impl LineSource {
         names: SharedNames,
         prints: mpsc::Receiver<String>,
     ) -> std::io::Result<Self> {
-        let (tx, lines) = unbounded_channel();
+        let (tx, lines) = channel(READ_AHEAD_LINES);
         let (prompts, prompt_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("qpq-editor".into())
@@ -74,7 +80,7 @@ impl LineSource {
 
     /// Lines of stdin.
     pub fn stdin() -> std::io::Result<Self> {
-        let (tx, lines) = unbounded_channel();
+        let (tx, lines) = channel(READ_AHEAD_LINES);
         // Not joined: a read blocked on stdin must not keep the shell from exiting.
         std::thread::Builder::new().name("qpq-stdin".into()).spawn(move || read_stdin(tx))?;
         Ok(LineSource { lines, prompts: None, thread: None })
@@ -116,13 +122,13 @@ fn run_editor(
     names: SharedNames,
     prints: mpsc::Receiver<String>,
     prompts: mpsc::Receiver<Ask>,
-    tx: UnboundedSender<Input>,
+    tx: Sender<Input>,
 ) {
     let editor = editor_config().and_then(Editor::<ShellHelper, FileHistory>::with_config);
     let mut editor = match editor {
         Ok(e) => e,
         Err(e) => {
-            let _ = tx.send(Input::Failed(format!("cannot start the line editor: {e}")));
+            let _ = tx.blocking_send(Input::Failed(format!("cannot start the line editor: {e}")));
             return;
         }
     };
@@ -133,18 +139,20 @@ fn run_editor(
                 "removed message text and unknown lines from {}: it keeps commands only",
                 history.display()
             );
-            let _ = tx.send(Input::Notice(msg));
+            let _ = tx.blocking_send(Input::Notice(msg));
         }
         Ok(false) => {}
         Err(e) => {
-            let _ = tx.send(Input::Notice(format!("cannot clean history {}: {e}", history.display())));
+            let _ =
+                tx.blocking_send(Input::Notice(format!("cannot clean history {}: {e}", history.display())));
         }
     }
     match editor.load_history(history) {
         Ok(()) => {}
         Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            let _ = tx.send(Input::Notice(format!("cannot read history {}: {e}", history.display())));
+            let _ =
+                tx.blocking_send(Input::Notice(format!("cannot read history {}: {e}", history.display())));
         }
     }
     // The printer thread ends when the core drops its Printer, before it closes this source.
@@ -153,7 +161,7 @@ fn run_editor(
         Err(_) => printer::spawn_fallback(prints),
     };
     if let Err(e) = started {
-        let _ = tx.send(Input::Notice(format!("cannot start the printer thread: {e}")));
+        let _ = tx.blocking_send(Input::Notice(format!("cannot start the printer thread: {e}")));
     }
     let mut history_warned = false;
     while let Ok(Ask { prompt, in_conversation }) = prompts.recv() {
@@ -167,40 +175,127 @@ fn run_editor(
                     {
                         history_warned = true;
                         let msg = format!("cannot write history {}: {e}", history.display());
-                        let _ = tx.send(Input::Notice(msg));
+                        let _ = tx.blocking_send(Input::Notice(msg));
                     }
                 }
                 Input::Line(line)
             }
             Err(ReadlineError::Interrupted) => Input::Interrupted,
             Err(ReadlineError::Eof) => Input::Eof,
+            // A byte that is not utf-8 (a Latin-1 paste, an 8-bit meta key): the line is lost,
+            // the shell is not.
+            Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Input::Bad("the line is not utf-8 text: skipped".into())
+            }
             Err(e) => Input::Failed(format!("line editor: {e}")),
         };
         let last = matches!(input, Input::Eof | Input::Failed(_));
-        if tx.send(input).is_err() || last {
+        if tx.blocking_send(input).is_err() || last {
             break;
         }
     }
 }
 
-fn read_stdin(tx: UnboundedSender<Input>) {
+fn read_stdin(tx: Sender<Input>) {
     let stdin = std::io::stdin();
     let mut stdin = stdin.lock();
     let mut n = 0usize;
     loop {
-        let mut buf = Vec::new();
         n += 1;
-        let input = match stdin.read_until(b'\n', &mut buf) {
-            Ok(0) => Input::Eof,
-            Ok(_) => match String::from_utf8(buf) {
+        let input = match read_line_bounded(&mut stdin, MAX_SCRIPT_LINE_BYTES) {
+            Ok(Line::End) => Input::Eof,
+            Ok(Line::TooLong) => {
+                Input::Bad(format!("line {n} is longer than {MAX_SCRIPT_LINE_BYTES} bytes: skipped"))
+            }
+            Ok(Line::Bytes(buf)) => match String::from_utf8(buf) {
                 Ok(s) => Input::Line(s.trim_end_matches(['\n', '\r']).to_string()),
                 Err(_) => Input::Bad(format!("line {n} is not utf-8 text: skipped")),
             },
             Err(e) => Input::Failed(format!("cannot read stdin: {e}")),
         };
         let last = matches!(input, Input::Eof | Input::Failed(_));
-        if tx.send(input).is_err() || last {
+        if tx.blocking_send(input).is_err() || last {
             return;
         }
+    }
+}
+
+/// One line read by [`read_line_bounded`].
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// The line with its newline (none at the end of input).
+    Bytes(Vec<u8>),
+    /// Longer than the bound: read to its end and dropped.
+    TooLong,
+    /// Nothing more to read.
+    End,
+}
+
+/// Reads one line holding at most `max` bytes of it in memory: a longer one is consumed up to
+/// its newline, a buffer at a time, and reported [`Line::TooLong`].
+fn read_line_bounded(r: &mut impl BufRead, max: usize) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let mut too_long = false;
+    loop {
+        let chunk = match r.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(match (too_long, buf.is_empty()) {
+                (true, _) => Line::TooLong,
+                (false, true) => Line::End,
+                (false, false) => Line::Bytes(buf),
+            });
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > max {
+                too_long = true;
+                buf = Vec::new();
+            } else {
+                buf.extend_from_slice(chunk.get(..take).unwrap_or(chunk));
+            }
+        }
+        r.consume(take);
+        if done {
+            return Ok(if too_long { Line::TooLong } else { Line::Bytes(buf) });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_read_within_a_bound_and_a_longer_one_is_skipped_whole() {
+        let input = b"short\n0123456789abcdef\nnext\nlast";
+        // A small buffer, so that the long line spans several fills.
+        let mut r = std::io::BufReader::with_capacity(4, &input[..]);
+        let mut lines = Vec::new();
+        loop {
+            let line = read_line_bounded(&mut r, 8).unwrap();
+            if line == Line::End {
+                break;
+            }
+            lines.push(line);
+        }
+        assert_eq!(
+            lines,
+            [
+                Line::Bytes(b"short\n".to_vec()),
+                Line::TooLong,
+                Line::Bytes(b"next\n".to_vec()),
+                Line::Bytes(b"last".to_vec()),
+            ]
+        );
+        let mut endless = std::io::Read::take(std::io::repeat(b'x'), 1 << 20);
+        let mut endless = std::io::BufReader::new(&mut endless);
+        assert_eq!(read_line_bounded(&mut endless, 1024).unwrap(), Line::TooLong);
     }
 }
