@@ -385,6 +385,14 @@ pub const MAX_INBOX_ENTRIES: usize = 10_000;
 /// Entries some reader already showed that the inbox keeps anyway, so another reader of the
 /// home that is a moment behind (it was printing, or waiting for the lock) still sees them.
 pub const MAX_INBOX_READ_KEPT: usize = 256;
+/// Most pages one receive round fetches before it returns, so that a round's memory and time
+/// are bounded even when a server always says more is waiting. Pages that add to the inbox end
+/// a round sooner (see [`crate::client::delivery`]); this bounds the others (commits, junk).
+pub const MAX_PAGES_PER_ROUND: usize = 64;
+/// Most receive rounds an operation that sends or commits runs to catch up first: more than a
+/// full queue ([`DEFAULT_MAX_QUEUE_MESSAGES`] at [`MAX_FETCH_MESSAGES`] a page).
+pub const MAX_CATCH_UP_ROUNDS: usize = 64;
+const _: () = assert!(MAX_CATCH_UP_ROUNDS as u64 * MAX_FETCH_MESSAGES as u64 > DEFAULT_MAX_QUEUE_MESSAGES);
 /// How often a reader waiting on the server also looks whether another process of the home
 /// saved (say, fetched messages this reader must show too): one `stat` per period.
 pub const HOME_WATCH_MS: u64 = 200;

@@ -650,6 +650,19 @@ fn a_closed_stdout_is_not_an_error() {
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `recv` marked messages read before it printed them, so a pipe whose reader had gone (or a
+/// full disk) lost them for every later `recv`. They are unread again when the write fails.
+#[test]
+fn messages_recv_could_not_write_are_printed_by_the_next_recv() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "hello through a broken pipe"]);
+    let mut child = bob.spawn(&["recv"]);
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(bob.recv(), vec!["alice: hello through a broken pipe".to_string()]);
+}
+
 #[test]
 fn a_used_last_resort_key_package_is_replaced() {
     let (_dir, server, [alice, bob]) = cast(["alice", "bob"]);

@@ -159,6 +159,8 @@ fn replying_to_a_request_accepts_it() {
     assert!(bob.ok(&["requests"]).contains("no message requests"));
     assert_eq!(bob.ok(&["group", "list"]).lines().count(), 1, "the request's conversation is reused");
     assert_eq!(alice.recv(), vec![format!("{}: hello yourself", short(&bob))]);
+    // What waited with the request is read like any message: replying did not hide it.
+    assert_eq!(bob.recv(), vec![format!("{}: hello?", short(&alice))]);
 }
 
 #[test]

@@ -224,6 +224,7 @@ frobnicate
 @
 @bob
 #team
+send bob ''
 send bob \"unclosed
 group create
 /chat nobody
@@ -254,6 +255,7 @@ whoami
         "error: @ needs a name right after it (@NAME TEXT, with a contact name or a 64-hex key)",
         "error: nothing to send: write the message after @bob",
         "error: nothing to send: write the message after #team",
+        "error: message not sent: nothing to send: the message is empty",
         "error: cannot split the line into words: missing closing quote",
         "error: the following required arguments were not provided <NAME>",
         "usage: group create <NAME>",

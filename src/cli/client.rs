@@ -1132,7 +1132,8 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
 /// returns them.
 fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<Vec<Entry>> {
     // Marked read durably first, then printed: a crash in between can lose the printout (the
-    // message stays in history) but never prints it twice.
+    // message stays in history) but never prints it twice. A write that fails (a closed pipe,
+    // a full disk) marks them unread again, so the next `recv` prints them.
     let unread = m.read_inbox(cursor)?;
     if unread.missed > 0 {
         eprintln!("qpq: {}", missed_line(unread.missed));
@@ -1146,8 +1147,10 @@ fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::R
     }
     let mut stdout = std::io::stdout().lock();
     // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
-    stdout.write_all(batch.as_bytes())?;
-    stdout.flush()?;
+    if let Err(e) = stdout.write_all(batch.as_bytes()).and_then(|()| stdout.flush()) {
+        m.unread_again(&unread)?;
+        return Err(e.into());
+    }
     Ok(unread.entries)
 }
 
@@ -1228,7 +1231,8 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         print_notices(m);
         let entries = print_unread(m, &mut cursor, args.json)?;
         printed_any |= !entries.is_empty();
-        if args.follow {
+        if args.follow || m.has_backlog() {
+            // A long backlog comes in rounds, each printed as it comes.
             continue;
         }
         let waiting = deadline.is_some_and(|d| Instant::now() < d) && !printed_any;

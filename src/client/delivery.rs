@@ -12,22 +12,28 @@ use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::inbox;
+use crate::client::messenger::entry_bytes;
 use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
 use crate::client::parcel::Parcel;
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
-use crate::limits::{MAX_ORPHAN_BYTES, MAX_ORPHANS, ORPHAN_TTL_MS};
+use crate::limits::{
+    MAX_CATCH_UP_ROUNDS, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_INBOX_BYTES, MAX_INBOX_ENTRIES,
+    MAX_ORPHAN_BYTES, MAX_ORPHANS, MAX_PAGES_PER_ROUND, ORPHAN_TTL_MS,
+};
 use crate::mls::{self, Incoming, MlsError};
 
 impl Messenger {
     // ----- receiving -----
 
-    /// Processes everything pending; with `wait_ms` > 0 and an empty queue, long-polls up to
-    /// that long for the first message. Every message's effect is saved before it is acked.
+    /// Processes what is pending, one round (see [`Messenger::receive_round`]); with `wait_ms` >
+    /// 0 and an empty queue, long-polls up to that long for the first message. Every message's
+    /// effect is saved before it is acked. When [`Messenger::has_backlog`] says more is waiting,
+    /// the caller shows what came and calls again at once.
     pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
         self.connect().await?;
-        // Queued messages go out before any long wait.
-        if wait_ms > 0 && !self.has_queued_sends() {
+        // Queued messages go out before any long wait; a backlog is fetched at once.
+        if wait_ms > 0 && !self.has_queued_sends() && !self.backlog {
             // Wait without holding the home lock, so other qpq processes on this home go on. One
             // of them may fetch what we wait for: its save ends the wait too, so that this
             // process's reader shows the messages without waiting for the next ones.
@@ -42,19 +48,53 @@ impl Messenger {
         }
         let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
-        events.extend(self.finish_round().await?);
-        // Messages typed while the server was away go out now, in order.
-        self.flush_sends(&mut events).await?;
+        if !self.backlog {
+            events.extend(self.finish_round().await?);
+            // Messages typed while the server was away go out now, in order.
+            self.flush_sends(&mut events).await?;
+        }
+        Ok(events)
+    }
+
+    /// True when the last receive round stopped with messages still waiting on the server: the
+    /// caller shows what came (it is in the inbox) and receives again without waiting.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog
+    }
+
+    /// Receives until the server's queue is drained (at most [`MAX_CATCH_UP_ROUNDS`] rounds):
+    /// what an operation that sends or commits runs first, so that it acts on the group's
+    /// newest epoch. The messages are in the inbox for the readers; the events returned leave
+    /// them out, so the events of many rounds stay small.
+    pub(crate) async fn catch_up(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        for _ in 0..MAX_CATCH_UP_ROUNDS {
+            let round = self.receive_round(0).await?;
+            events.extend(round.into_iter().filter(|e| !matches!(e, Event::Message(_))));
+            if !self.backlog {
+                break;
+            }
+        }
         Ok(events)
     }
 
     /// One fetch (or fetchWait) and the processing of what came, repeated while the server says
-    /// more is waiting. Saves, then acks: a page's ack rides on the fetch of the next page, the
-    /// last page's is its own call.
+    /// more is waiting and the round's bounds allow. Saves, then acks: a page's ack rides on the
+    /// fetch of the next page (of this round or the next one), the last page's is its own call.
+    ///
+    /// A round is bounded so that what it returns and keeps is bounded whatever the server
+    /// sends: it stops after a page when the next page (up to [`MAX_FETCH_BYTES`] and
+    /// [`MAX_FETCH_MESSAGES`]) might not fit in the inbox beside what the round already added,
+    /// so that a reader that was caught up when the round began misses nothing, and after
+    /// [`MAX_PAGES_PER_ROUND`] pages in any case. It then sets [`Messenger::has_backlog`]; the
+    /// Welcomes, resent commits and queued sends that follow a drained queue wait for the round
+    /// that drains it.
     pub(crate) async fn receive_round(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
-        let mut wait = wait_ms;
-        let mut saved_up_to = 0;
+        let mut wait = if self.backlog { 0 } else { wait_ms };
+        let mut saved_up_to = std::mem::take(&mut self.unacked);
+        self.backlog = false;
+        let (mut pages, mut added_entries, mut added_bytes) = (0usize, 0usize, 0usize);
         if self.expire_strangers() {
             self.persist()?;
         }
@@ -69,6 +109,7 @@ impl Messenger {
                 break;
             }
             let mut changed = false;
+            let inbox_end = self.home.state.inbox_end_seq;
             for m in &msgs {
                 if m.seq <= self.home.state.processed_seq {
                     continue; // re-delivery of something whose effect we already saved
@@ -76,6 +117,18 @@ impl Messenger {
                 changed |= self.process_delivered(m, &mut events);
                 self.home.state.processed_seq = m.seq;
             }
+            let added = usize::try_from(self.home.state.inbox_end_seq.saturating_sub(inbox_end))
+                .unwrap_or(usize::MAX);
+            added_entries = added_entries.saturating_add(added);
+            added_bytes = self
+                .home
+                .state
+                .inbox
+                .iter()
+                .rev()
+                .take(added)
+                .map(entry_bytes)
+                .fold(added_bytes, usize::saturating_add);
             if changed {
                 self.trim_inbox();
                 self.persist()?;
@@ -85,6 +138,14 @@ impl Messenger {
                 break;
             }
             saved_up_to = last;
+            pages += 1;
+            let inbox_full = added_bytes.saturating_add(MAX_FETCH_BYTES) > MAX_INBOX_BYTES
+                || added_entries.saturating_add(MAX_FETCH_MESSAGES as usize) > MAX_INBOX_ENTRIES;
+            if inbox_full || pages >= MAX_PAGES_PER_ROUND {
+                self.backlog = true;
+                self.unacked = last;
+                return Ok(events);
+            }
         }
         self.resend_unsent_commits().await?;
         self.flush_outbox(&mut events).await?;
@@ -389,12 +450,8 @@ impl Messenger {
     pub(crate) fn handle_group_message(&mut self, group_id: &[u8], message: &[u8], events: &mut Vec<Event>) {
         let key = hex::encode(group_id);
         let Some(meta) = self.home.state.groups.get(&key) else {
-            match self.home.state.requests.hold(group_id, message) {
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    events.push(Event::Dropped { reason: format!("a held message was dropped: {e}") })
-                }
-                None => self.keep_orphan(group_id, message),
+            if !self.hold_for_request(group_id, message, events) {
+                self.keep_orphan(group_id, message);
             }
             return;
         };
@@ -628,6 +685,109 @@ mod tests {
                 );
                 let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
                 assert!(events.iter().any(left), "{events:?}");
+                alice.disconnect().await;
+                bob.disconnect().await;
+                server
+            })
+            .await;
+        server.shutdown().await.unwrap();
+    }
+
+    /// A backlog larger than the inbox came in one round: the round kept it all in memory and
+    /// the inbox dropped the oldest before any reader saw them ("N earlier messages not
+    /// shown"). Rounds now end where the next page might not fit, and the reader shows each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_larger_than_the_inbox_comes_in_rounds_a_reader_sees_whole() {
+        use crate::client::messenger::{MAX_TEXT_BYTES, Target};
+        use crate::limits::MAX_INBOX_BYTES;
+        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let server = start(server_dir.path()).await;
+        let local = tokio::task::LocalSet::new();
+        let server = local
+            .run_until(async move {
+                let mut alice = person(alice_home.path(), "alice", &server).await;
+                let mut bob = person(bob_home.path(), "bob", &server).await;
+                let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
+                alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
+                bob.contact_add("alice", &hex::encode(alice_key)).unwrap();
+                let text = |i: usize| format!("{i:03} {}", "x".repeat(MAX_TEXT_BYTES - 16));
+                let n = MAX_INBOX_BYTES / MAX_TEXT_BYTES + 8;
+                for i in 0..n {
+                    alice.send(&Target::Person(bob_key), &text(i)).await.unwrap();
+                }
+                let mut cursor = bob.read_cursor().unwrap();
+                let (mut shown, mut missed, mut rounds) = (Vec::new(), 0, 0);
+                loop {
+                    bob.receive(0).await.unwrap();
+                    rounds += 1;
+                    let unread = bob.read_inbox(&mut cursor).unwrap();
+                    missed += unread.missed;
+                    shown.extend(unread.entries.into_iter().map(|e| e.text));
+                    if !bob.has_backlog() {
+                        break;
+                    }
+                    assert!(rounds < 10, "the backlog ends");
+                }
+                assert_eq!(missed, 0);
+                assert_eq!(shown, (0..n).map(text).collect::<Vec<_>>(), "every message, once, in order");
+                assert!(rounds >= 2, "{rounds} rounds");
+                // The round ends were acked: nothing comes again.
+                bob.receive(0).await.unwrap();
+                assert!(bob.read_inbox(&mut cursor).unwrap().entries.is_empty());
+                alice.disconnect().await;
+                bob.disconnect().await;
+                server
+            })
+            .await;
+        server.shutdown().await.unwrap();
+    }
+
+    /// A stranger's group sent more than a request holds while it waited, a commit among it:
+    /// the commit was dropped with the overflow, so the accepted group could read nothing new.
+    /// The request now keeps the group's commits first (and the newest chat).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_overflows_keeps_its_groups_commits() {
+        use crate::client::messenger::Target;
+        use crate::client::requests::RequestSelector;
+        use crate::limits::MAX_HELD_PER_REQUEST;
+        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let server = start(server_dir.path()).await;
+        let local = tokio::task::LocalSet::new();
+        let server = local
+            .run_until(async move {
+                let mut alice = person(alice_home.path(), "alice", &server).await;
+                let mut bob = person(bob_home.path(), "bob", &server).await;
+                let bob_key = bob.public_key().0;
+                alice.group_create("team").unwrap();
+                alice.group_add("team", &[hex::encode(bob_key)]).await.unwrap();
+                let team = Target::Group("team".into());
+                let n = MAX_HELD_PER_REQUEST + 5;
+                for i in 0..n {
+                    alice.send(&team, &format!("before {i}")).await.unwrap();
+                }
+                alice.group_update("team").await.unwrap();
+                alice.send(&team, "after the commit").await.unwrap();
+                let events = bob.receive(0).await.unwrap();
+                assert!(events.iter().any(|e| matches!(e, Event::Request { .. })), "{events:?}");
+
+                let accepted = bob.request_accept(&RequestSelector::Number(1), "#1").unwrap();
+                let texts: Vec<String> = accepted
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::Message(m) => Some(m.text.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let mut want: Vec<String> =
+                    (n + 1 - MAX_HELD_PER_REQUEST..n).map(|i| format!("before {i}")).collect();
+                want.push("after the commit".into());
+                assert_eq!(texts, want, "the newest chat is kept: {accepted:?}");
+                alice.send(&team, "later").await.unwrap();
+                let mut cursor = bob.read_cursor().unwrap();
+                let events = bob.receive(0).await.unwrap();
+                let unread: Vec<String> =
+                    bob.read_inbox(&mut cursor).unwrap().entries.into_iter().map(|e| e.text).collect();
+                assert_eq!(unread, vec!["later".to_string()], "bob follows the group: {events:?}");
                 alice.disconnect().await;
                 bob.disconnect().await;
                 server

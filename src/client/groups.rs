@@ -112,7 +112,7 @@ impl Messenger {
         let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.receive_round(0).await?;
+        let mut events = self.catch_up().await?;
         // Someone who just left is still a member until their leave is committed: commit it
         // first, so they can be added again (issue 10, bug 1).
         if self.home.state.leave_requests.contains(&group_id) {
@@ -174,7 +174,7 @@ impl Messenger {
         let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.receive_round(0).await?;
+        let mut events = self.catch_up().await?;
         let current = self.mls.members(&group_id)?;
         for k in &keys {
             if !current.contains(k) {
@@ -198,7 +198,7 @@ impl Messenger {
         let group_id = self.find_group(name)?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.receive_round(0).await?;
+        let mut events = self.catch_up().await?;
         let gid = group_id.clone();
         events.extend(
             self.commit_change(&group_id, move |m| m.self_update(&gid), &[], GroupKind::Group).await?,
@@ -212,7 +212,7 @@ impl Messenger {
         let group_id = self.find_group(name)?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.receive_round(0).await?;
+        let mut events = self.catch_up().await?;
         let me = self.identity.public().0;
         let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
         if !others.is_empty() {
@@ -401,6 +401,11 @@ impl Messenger {
                 }
                 rounds += 1;
                 events.extend(self.receive_round(CONFIRM_WAIT_MS).await?);
+                if self.backlog {
+                    // Our echo may be behind a long queue: drain it, a round without waiting
+                    // at a time.
+                    events.extend(self.catch_up().await?);
+                }
             }
             match self.commits.remove(group_id) {
                 // receive_round already sent the Welcome from the outbox.

@@ -28,6 +28,8 @@ pub struct Unread {
     /// Entries that left the inbox before this reader showed them (it fell behind the caps).
     pub missed: u64,
     pub entries: Vec<Entry>,
+    /// The home's read mark before and after this read (see [`Messenger::unread_again`]).
+    marked: (u64, u64),
 }
 
 /// Sequence number of the inbox's first entry (`inbox_end_seq + 1` when it is empty).
@@ -71,14 +73,31 @@ impl Messenger {
     pub fn read_inbox(&mut self, cursor: &mut Cursor) -> Result<Unread, ClientError> {
         let _op = self.begin()?;
         let s = &mut self.home.state;
-        let unread = unread_after(s, cursor.0);
+        let mut unread = unread_after(s, cursor.0);
         *cursor = Cursor(s.inbox_end_seq);
+        unread.marked = (s.read_seq, s.read_seq.max(s.inbox_end_seq));
         if s.inbox_end_seq > s.read_seq {
             s.read_seq = s.inbox_end_seq;
             trim(s);
             self.home.save()?;
         }
         Ok(unread)
+    }
+
+    /// Marks what `unread` marked read as unread again, when showing it failed (the reader of a
+    /// pipe went away, the disk is full): the next reader shows it. What a crash between the
+    /// mark and the write loses stays lost; a failed write is told and undone. A no-op when
+    /// another reader has shown more since. Entries beyond what the inbox keeps of read ones
+    /// ([`MAX_INBOX_READ_KEPT`]) left it already: the next reader is told it missed them.
+    pub fn unread_again(&mut self, unread: &Unread) -> Result<(), ClientError> {
+        let _op = self.begin()?;
+        let s = &mut self.home.state;
+        let (before, after) = unread.marked;
+        if s.read_seq == after && before < after {
+            s.read_seq = before;
+            self.home.save()?;
+        }
+        Ok(())
     }
 }
 
@@ -89,7 +108,7 @@ fn unread_after(s: &State, from: u64) -> Unread {
     let first = first_seq(s);
     let missed = first.saturating_sub(from + 1);
     let skip = usize::try_from(from.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
-    Unread { missed, entries: s.inbox.iter().skip(skip).cloned().collect() }
+    Unread { missed, entries: s.inbox.iter().skip(skip).cloned().collect(), marked: (0, 0) }
 }
 
 #[cfg(test)]

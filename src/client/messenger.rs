@@ -100,6 +100,8 @@ pub enum ClientError {
     DirectNotPrivate { peer: String, others: String },
     #[error("message too large: {0} > {MAX_TEXT_BYTES} bytes")]
     TooLarge(usize),
+    #[error("nothing to send: the message is empty")]
+    EmptyMessage,
     #[error(
         "{who} joined #{group} but the server refused their invitation ({reason}), so they cannot read it: \
          remove them with `qpq group remove {group} {who}` and add them again later"
@@ -215,6 +217,12 @@ pub struct Messenger {
     pub(crate) clock: Clock,
     /// The queued message this process waits for (see [`crate::client::outbox`]).
     pub(crate) watch: Watch,
+    /// The last receive round stopped with messages still waiting on the server (see
+    /// [`Messenger::has_backlog`]).
+    pub(crate) backlog: bool,
+    /// The last message whose effect is saved but whose ack has not gone yet: it rides on the
+    /// next round's first fetch (0 when none).
+    pub(crate) unacked: u64,
 }
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
@@ -360,6 +368,8 @@ impl Messenger {
             held: Rc::new(Cell::new(false)),
             clock: Clock::from_env(),
             watch: Watch::default(),
+            backlog: false,
+            unacked: 0,
         };
         Ok((m, report))
     }
@@ -388,6 +398,8 @@ impl Messenger {
             held: Rc::new(Cell::new(false)),
             clock: Clock::from_env(),
             watch: Watch::default(),
+            backlog: false,
+            unacked: 0,
         })
     }
 

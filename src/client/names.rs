@@ -104,7 +104,7 @@ impl Messenger {
         self.home.state.name = Some(name.to_string());
         self.mls.set_display_name(Some(name));
         self.persist()?;
-        let mut events = self.receive_round(0).await?;
+        let mut events = self.catch_up().await?;
         let groups: Vec<(Vec<u8>, GroupKind)> = self
             .home
             .state

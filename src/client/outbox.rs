@@ -91,6 +91,10 @@ impl Messenger {
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClientError::TooLarge(text.len()));
         }
+        if text.is_empty() {
+            // The one-shot refuses it before it comes here; the shell's `send bob ''` did not.
+            return Err(ClientError::EmptyMessage);
+        }
         let _op = self.begin()?;
         let to = match target {
             Target::Group(name) => QueuedTarget::Conversation(self.find_group(name)?),
@@ -372,7 +376,7 @@ impl Messenger {
             let _op = self.begin()?;
             // Catch up first: a commit or a Welcome may be waiting (the peer may have opened a
             // direct conversation with us, which we then reuse).
-            events.extend(self.receive_round(0).await?);
+            events.extend(self.catch_up().await?);
             events.extend(self.finish_round().await?);
             self.flush_sends(events).await
         }

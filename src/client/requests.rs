@@ -62,6 +62,35 @@ impl Request {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct HeldMessage(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
+/// What [`RequestBook::hold`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Kept; `evicted` older application messages left to make room for it.
+    Kept { evicted: usize },
+    /// Not kept: an application message larger than a request may hold beside the group's
+    /// commits.
+    Refused(Refusal),
+    /// A commit or proposal that does not fit beside the others: the request can never follow
+    /// its group and was removed (here, so that its Welcome's KeyPackage can be discarded).
+    Abandoned(Request),
+}
+
+/// True for an MLS application message, false for a commit or a proposal, None for bytes that
+/// are no group message. The content type is in the clear (RFC 9420 §6).
+fn content_is_application(message: &[u8]) -> Option<bool> {
+    use crate::mls::{MlsClient, WireKind};
+    MlsClient::peek(message)
+        .ok()
+        .filter(|i| matches!(i.kind, WireKind::PrivateMessage | WireKind::PublicMessage))
+        .map(|i| i.application)
+}
+
+/// True for a held application message (the messages held are group messages: see
+/// [`RequestBook::hold`]).
+fn is_application(message: &[u8]) -> bool {
+    content_is_application(message) == Some(true)
+}
+
 /// Why a request or a held message was not kept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -71,8 +100,8 @@ pub enum Refusal {
     TooManyFromSender,
     #[error("a message request may keep at most {MAX_BYTES_PER_REQUEST} bytes")]
     TooLarge,
-    #[error("too many messages held for one request ({MAX_HELD_PER_REQUEST})")]
-    TooManyHeld,
+    #[error("not an mls group message")]
+    NotGroupMessage,
     #[error("a request for that group is already waiting")]
     Duplicate,
 }
@@ -115,16 +144,42 @@ impl RequestBook {
     }
 
     /// Holds `message` for the request of `group_id`: None when there is no such request.
-    pub fn hold(&mut self, group_id: &[u8], message: &[u8]) -> Option<Result<(), Refusal>> {
-        let request = self.pending.iter_mut().find(|r| r.group_id == group_id)?;
-        if request.held.len() >= MAX_HELD_PER_REQUEST {
-            return Some(Err(Refusal::TooManyHeld));
+    ///
+    /// The group's commits and proposals are what joining later needs to follow it, so they
+    /// are kept first: when a message does not fit, the oldest held application messages leave
+    /// to make room (the newest chat is kept, as the inbox keeps it). A commit or proposal that
+    /// does not fit even then means the request could never follow its group: the request is
+    /// removed and returned ([`Held::Abandoned`]), rather than accepted later into a group whose
+    /// messages it cannot read.
+    pub fn hold(&mut self, group_id: &[u8], message: &[u8]) -> Option<Held> {
+        let i = self.pending.iter().position(|r| r.group_id == group_id)?;
+        let request = &mut self.pending[i];
+        let Some(application) = content_is_application(message) else {
+            return Some(Held::Refused(Refusal::NotGroupMessage));
+        };
+        let handshake_bytes = request.bytes()
+            - request.held.iter().filter(|m| is_application(&m.0)).map(|m| m.0.len()).sum::<usize>();
+        if handshake_bytes.saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
+            if application {
+                return Some(Held::Refused(Refusal::TooLarge));
+            }
+            return Some(Held::Abandoned(self.pending.remove(i)));
         }
-        if request.bytes().saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
-            return Some(Err(Refusal::TooLarge));
+        let mut evicted = 0;
+        loop {
+            let applications = request.held.iter().filter(|m| is_application(&m.0)).count();
+            let fits = request.bytes().saturating_add(message.len()) <= MAX_BYTES_PER_REQUEST
+                && (!application || applications < MAX_HELD_PER_REQUEST);
+            if fits {
+                break;
+            }
+            // Some application message is held: without them all, the message fits (above).
+            let Some(oldest) = request.held.iter().position(|m| is_application(&m.0)) else { break };
+            request.held.remove(oldest);
+            evicted += 1;
         }
         request.held.push(HeldMessage(message.to_vec()));
-        Some(Ok(()))
+        Some(Held::Kept { evicted })
     }
 
     /// Removes and returns the requests older than [`REQUEST_TTL_MS`] at `now_ms`.
@@ -230,10 +285,10 @@ impl Messenger {
                     .into_iter()
                     .partition(|o| o.group_id == group_id);
                 self.home.state.orphans = rest;
+                events.push(Event::Request { group_id: group_id.clone(), from });
                 for o in mine {
-                    let _ = self.home.state.requests.hold(&group_id, &o.message);
+                    self.hold_for_request(&group_id, &o.message, events);
                 }
-                events.push(Event::Request { group_id, from });
             }
             // The same invitation again (a resend): the first one stands.
             Err(Refusal::Duplicate) => {}
@@ -244,6 +299,36 @@ impl Messenger {
                 });
             }
         }
+    }
+
+    /// Holds a group message for the request of `group_id`, telling what it cost (see
+    /// [`RequestBook::hold`]); false when no request waits for that group.
+    pub(crate) fn hold_for_request(
+        &mut self,
+        group_id: &[u8],
+        message: &[u8],
+        events: &mut Vec<Event>,
+    ) -> bool {
+        let reason = match self.home.state.requests.hold(group_id, message) {
+            None => return false,
+            Some(Held::Kept { evicted: 0 }) => return true,
+            Some(Held::Kept { evicted }) => {
+                let s = if evicted == 1 { "" } else { "s" };
+                format!(
+                    "{evicted} older message{s} waiting with a message request left to make room for newer ones (a request keeps at most {MAX_HELD_PER_REQUEST})"
+                )
+            }
+            Some(Held::Refused(e)) => format!("a message waiting with a message request was dropped: {e}"),
+            Some(Held::Abandoned(r)) => {
+                self.discard_welcome(&r.welcome);
+                format!(
+                    "the message request from {} was dropped: its group changed more than a request can keep while it waited (ask them to invite you again)",
+                    PublicKey(r.from).short()
+                )
+            }
+        };
+        events.push(Event::Dropped { reason });
+        true
     }
 
     /// Deletes the KeyPackage private keys a Welcome we will never join was encrypted to.
@@ -370,7 +455,7 @@ impl Messenger {
         let mut events = Vec::new();
         let mut failure = None;
         for r in taken {
-            if let Err(e) = self.accept_one(r, &mut events) {
+            if let Err(e) = self.accept_one(r, true, &mut events) {
                 failure.get_or_insert(e);
             }
         }
@@ -381,7 +466,15 @@ impl Messenger {
         }
     }
 
-    fn accept_one(&mut self, r: Request, events: &mut Vec<Event>) -> Result<Vec<u8>, ClientError> {
+    /// Joins the group of `r` and processes what waited with it. With `shown`, the caller shows
+    /// the messages (they come back as events and leave the unread inbox); otherwise they stay
+    /// unread for the inbox's readers.
+    fn accept_one(
+        &mut self,
+        r: Request,
+        shown: bool,
+        events: &mut Vec<Event>,
+    ) -> Result<Vec<u8>, ClientError> {
         let unread = self.home.state.inbox.len();
         let group_id = self.join_group(&r.welcome, &r.group_name, &r.kind, Some(r.from), events).map_err(
             |e| match e {
@@ -394,8 +487,9 @@ impl Messenger {
         for m in &r.held {
             self.handle_group_message(&group_id, &m.0, events);
         }
-        // Shown with the accept: not unread any more.
-        crate::client::inbox::unpush_since(&mut self.home.state, unread);
+        if shown {
+            crate::client::inbox::unpush_since(&mut self.home.state, unread);
+        }
         Ok(group_id)
     }
 
@@ -413,7 +507,8 @@ impl Messenger {
             return Ok(None);
         };
         let r = book.pending.remove(i);
-        let joined = self.accept_one(r, events);
+        // Replying shows nothing: what waited stays unread for `recv` and the shell.
+        let joined = self.accept_one(r, false, events);
         self.persist()?;
         joined.map(Some)
     }
@@ -586,17 +681,66 @@ mod tests {
     }
 
     #[test]
-    fn held_messages_are_bounded_and_only_for_known_requests() {
+    fn held_messages_keep_the_groups_commits_and_the_newest_chat() {
+        use crate::mls::MlsClient;
+        let group = vec![1u8; 16];
+        let mut alice = MlsClient::new(&[7; 32]).unwrap();
+        alice.create_group(&group).unwrap();
+        let commit = |m: &mut MlsClient| {
+            let c = m.self_update(&group).unwrap().commit;
+            m.merge_pending(&group).unwrap();
+            c
+        };
+        let c1 = commit(&mut alice);
+        let chat: Vec<Vec<u8>> = (0..=MAX_HELD_PER_REQUEST)
+            .map(|i| alice.encrypt(&group, format!("m{i:02}").as_bytes()).unwrap())
+            .collect();
+        let c2 = commit(&mut alice);
         let mut book = RequestBook::default();
         book.admit(request(1, 1, 100, 0)).unwrap();
-        assert_eq!(book.hold(&[9; 16], b"x"), None);
-        for _ in 0..MAX_HELD_PER_REQUEST {
-            assert_eq!(book.hold(&[1; 16], b"hello"), Some(Ok(())));
+        assert_eq!(book.hold(&[9; 16], &chat[0]), None, "no request for that group");
+        assert_eq!(book.hold(&[1; 16], b"junk"), Some(Held::Refused(Refusal::NotGroupMessage)));
+        assert_eq!(book.hold(&[1; 16], &c1), Some(Held::Kept { evicted: 0 }));
+        for m in &chat[..MAX_HELD_PER_REQUEST] {
+            assert_eq!(book.hold(&[1; 16], m), Some(Held::Kept { evicted: 0 }));
         }
-        assert_eq!(book.hold(&[1; 16], b"one more"), Some(Err(Refusal::TooManyHeld)));
-        book.admit(request(2, 2, 100, 0)).unwrap();
-        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_BYTES_PER_REQUEST - 100]), Some(Err(Refusal::TooLarge)));
-        assert_eq!(book.hold(&[2; 16], &vec![0; MAX_BYTES_PER_REQUEST - 116]), Some(Ok(())));
+        // One chat message too many: the oldest leaves, the commit stays.
+        assert_eq!(book.hold(&[1; 16], &chat[MAX_HELD_PER_REQUEST]), Some(Held::Kept { evicted: 1 }));
+        // A commit does not count against the chat messages' number.
+        assert_eq!(book.hold(&[1; 16], &c2), Some(Held::Kept { evicted: 0 }));
+        let held: Vec<&[u8]> = book.pending[0].held.iter().map(|m| m.0.as_slice()).collect();
+        let mut want: Vec<&[u8]> = vec![&c1];
+        want.extend(chat[1..].iter().map(Vec::as_slice));
+        want.push(&c2);
+        assert_eq!(held, want);
+
+        // Bytes: a commit makes room by sending the oldest chat away.
+        let (a, c) = (chat[0].len(), c2.len());
+        assert!(chat.iter().all(|m| m.len() == a), "same-length texts seal to the same length");
+        let welcome = MAX_BYTES_PER_REQUEST - 16 - 2 * a - c + 1;
+        book.admit(request(2, 2, welcome, 0)).unwrap();
+        for m in &chat[..2] {
+            assert_eq!(book.hold(&[2; 16], m), Some(Held::Kept { evicted: 0 }));
+        }
+        assert_eq!(book.hold(&[2; 16], &c2), Some(Held::Kept { evicted: 1 }));
+        let held: Vec<&[u8]> = book.pending[1].held.iter().map(|m| m.0.as_slice()).collect();
+        assert_eq!(held, vec![chat[1].as_slice(), c2.as_slice()]);
+
+        // Newer chat sends older chat away, never the commit.
+        assert_eq!(book.hold(&[2; 16], &chat[2]), Some(Held::Kept { evicted: 1 }));
+        let held: Vec<&[u8]> = book.pending[1].held.iter().map(|m| m.0.as_slice()).collect();
+        assert_eq!(held, vec![c2.as_slice(), chat[2].as_slice()]);
+
+        // A chat message that cannot fit beside the commits is refused.
+        book.admit(request(3, 3, MAX_BYTES_PER_REQUEST - 16 - a + 1, 0)).unwrap();
+        assert_eq!(book.hold(&[3; 16], &chat[0]), Some(Held::Refused(Refusal::TooLarge)));
+        // A commit that cannot fit: the request could never follow its group, and goes.
+        let abandoned = book.pending.len();
+        assert_eq!(
+            book.hold(&[3; 16], &c2).map(|h| matches!(h, Held::Abandoned(r) if r.group_id == [3; 16])),
+            Some(true)
+        );
+        assert_eq!(book.pending.len(), abandoned - 1);
         assert!(book.pending.iter().all(|r| r.bytes() <= MAX_BYTES_PER_REQUEST));
     }
 

@@ -54,8 +54,8 @@ use ed25519_dalek::SigningKey;
 use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
 use openmls::group::{ProcessMessageError, ValidationError};
 use openmls::prelude::{
-    BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
-    KeyPackageBundle, KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup,
+    BasicCredential, Capabilities, Ciphersuite, ContentType, CredentialWithKey, ExtensionType, GroupId,
+    KeyPackage, KeyPackageBundle, KeyPackageRef, LeafNodeIndex, LeafNodeParameters, Lifetime, MlsGroup,
     MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
     PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal,
     Sender, SenderRatchetConfiguration, StagedCommit, StagedWelcome, WelcomeError,
@@ -232,6 +232,9 @@ pub struct MessageInfo {
     /// 0 for Welcome and KeyPackage.
     pub epoch: u64,
     pub kind: WireKind,
+    /// A group message whose content type (RFC 9420 §6, in the clear in both framings) is
+    /// application data; false for proposals and commits and for the other formats.
+    pub application: bool,
 }
 
 /// A KeyPackage we just made; its private keys are in our storage.
@@ -737,17 +740,23 @@ impl MlsClient {
 
     /// Group id, epoch and wire format of an MLSMessage, without any state.
     pub fn peek(bytes: &[u8]) -> Result<MessageInfo, MlsError> {
-        let info =
-            |group_id: &GroupId, epoch: u64, kind| MessageInfo { group_id: group_id.to_vec(), epoch, kind };
-        let stateless = |kind| MessageInfo { group_id: Vec::new(), epoch: 0, kind };
+        let info = |group_id: &GroupId, epoch: u64, kind, content: Option<ContentType>| MessageInfo {
+            group_id: group_id.to_vec(),
+            epoch,
+            kind,
+            application: content == Some(ContentType::Application),
+        };
+        let stateless = |kind| MessageInfo { group_id: Vec::new(), epoch: 0, kind, application: false };
         Ok(match parse_message(bytes)?.extract() {
             MlsMessageBodyIn::PrivateMessage(m) => {
-                info(m.group_id(), m.epoch().as_u64(), WireKind::PrivateMessage)
+                info(m.group_id(), m.epoch().as_u64(), WireKind::PrivateMessage, Some(m.content_type()))
             }
             MlsMessageBodyIn::PublicMessage(m) => {
-                info(m.group_id(), m.epoch().as_u64(), WireKind::PublicMessage)
+                info(m.group_id(), m.epoch().as_u64(), WireKind::PublicMessage, Some(m.content_type()))
             }
-            MlsMessageBodyIn::GroupInfo(g) => info(g.group_id(), g.epoch().as_u64(), WireKind::GroupInfo),
+            MlsMessageBodyIn::GroupInfo(g) => {
+                info(g.group_id(), g.epoch().as_u64(), WireKind::GroupInfo, None)
+            }
             MlsMessageBodyIn::Welcome(_) => stateless(WireKind::Welcome),
             MlsMessageBodyIn::KeyPackage(_) => stateless(WireKind::KeyPackage),
         })

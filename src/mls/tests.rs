@@ -396,13 +396,14 @@ fn peek_reports_routing_information() {
     let message = alice.encrypt(&group, b"x").unwrap();
     assert_eq!(
         MlsClient::peek(&message).unwrap(),
-        MessageInfo { group_id: group.clone(), epoch: 1, kind: WireKind::PrivateMessage }
+        MessageInfo { group_id: group.clone(), epoch: 1, kind: WireKind::PrivateMessage, application: true }
     );
     let carol = client();
     let pending = alice.add_members(&group, &[key_package(&carol)]).unwrap();
     let commit_info = MlsClient::peek(&pending.commit).unwrap();
     assert_eq!(commit_info.kind, WireKind::PrivateMessage);
     assert_eq!(commit_info.epoch, 1);
+    assert!(!commit_info.application, "a commit is a handshake message");
     let welcome = pending.welcome.unwrap();
     assert_eq!(MlsClient::peek(&welcome).unwrap().kind, WireKind::Welcome);
     assert!(matches!(bob.join(&welcome), Err(MlsError::NoMatchingKeyPackage)));

@@ -167,7 +167,11 @@ impl Shell {
                 // The first receive, and the first after an outage, catch up at once, so the
                 // link state (and "connected again") is known without a long poll's delay.
                 // Queued messages go out at once too (a receive round sends the outbox first).
-                let wait = if self.link.is_starting() || self.link.is_offline() || self.m.has_queued_sends() {
+                let wait = if self.link.is_starting()
+                    || self.link.is_offline()
+                    || self.m.has_queued_sends()
+                    || self.m.has_backlog()
+                {
                     0
                 } else {
                     LONG_POLL_MS
@@ -201,13 +205,25 @@ impl Shell {
         // attempt, bounded, since the outbox keeps whatever does not go out.
         let flush = self.m.has_queued_sends();
         if flush || (!self.input.is_editor() && !self.link.is_offline()) {
+            // A backlog comes in rounds, each shown as it comes; queued messages go out after
+            // the last one.
             let last = tokio::time::timeout(
                 std::time::Duration::from_secs(crate::limits::SHELL_QUIT_FLUSH_SECS),
-                self.m.receive(0),
+                async {
+                    loop {
+                        match self.m.receive(0).await {
+                            Ok(events) => self.show(events),
+                            Err(e) => return Err(e),
+                        }
+                        if !self.m.has_backlog() {
+                            return Ok(());
+                        }
+                    }
+                },
             )
             .await;
             match last {
-                Ok(Ok(events)) => self.show(events),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => self.out.status(&format!("cannot receive: {e}")),
                 Err(_) => self.out.status("the server did not answer in time"),
             }
