@@ -139,39 +139,57 @@ pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> Stri
     }
     let indent = " ".repeat(indent_cols);
     let mut out = String::with_capacity(header.len() + body.len() + 16);
-    out.push_str(&header);
+    // A header wider than the terminal (a long claimed name in a long group name) is broken
+    // like the body: wrapped by the terminal, its rest would start at column 0.
+    let mut header_end = match width {
+        Some(w) => push_rows(&mut out, &header, 0, &indent, w),
+        None => {
+            out.push_str(&header);
+            header_cols
+        }
+    };
     let mut line_buf = String::new();
     for (n, line) in body.split('\n').enumerate() {
         if n > 0 {
             out.push('\n');
             out.push_str(&indent);
+            header_end = indent.len();
         }
         // CRLF is a line break like LF; any other CR is escaped below.
         let line = line.strip_suffix('\r').unwrap_or(line);
         let line = line.replace('\t', &" ".repeat(TAB_SPACES));
         line_buf.clear();
         let _ = write_escaped(&mut line_buf, &line, |_| false);
-        let Some(width) = width else {
-            out.push_str(&line_buf);
-            continue;
-        };
-        let mut row_start = if n == 0 { header_cols } else { indent.len() };
-        let mut used = row_start;
-        let mut chars = line_buf.chars().peekable();
-        while let Some(c) = chars.next() {
-            let w = char_columns(c, chars.peek() == Some(&'\u{fe0f}'));
-            // Break before a character the row has no room for; at least one per row.
-            if used + w > width && used > row_start {
-                out.push('\n');
-                out.push_str(&indent);
-                used = indent.len();
-                row_start = used;
+        match width {
+            Some(w) => {
+                push_rows(&mut out, &line_buf, header_end, &indent, w);
             }
-            out.push(c);
-            used += w;
+            None => out.push_str(&line_buf),
         }
     }
     out
+}
+
+/// Pushes `text` (escaped: no control characters) onto `out` from column `used` of a row
+/// `width` columns wide, breaking onto a new row that starts with `indent` before any
+/// character the row has no room for; returns the column after it. A new row always takes at
+/// least one character, so a terminal narrower than a character still makes progress.
+fn push_rows(out: &mut String, text: &str, mut used: usize, indent: &str, width: usize) -> usize {
+    let mut fresh_row = used == 0;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let w = char_columns(c, chars.peek() == Some(&'\u{fe0f}'));
+        if used + w > width && !fresh_row {
+            out.push('\n');
+            out.push_str(indent);
+            used = indent.len();
+            fresh_row = true;
+        }
+        out.push(c);
+        used += w;
+        fresh_row = false;
+    }
+    used
 }
 
 /// Columns `s` takes on a terminal (escaped text: no control characters), over-estimated as
@@ -317,11 +335,30 @@ mod tests {
         assert_eq!(m, "b: 日本語\n   日本語\n   \\x1b");
         // Not a terminal: nothing is broken.
         assert_eq!(message_for_width("bob: ", &body, None), format!("bob: {body}"));
-        // A terminal no wider than the header: continuations are indented two columns.
-        assert_eq!(message_for_width("bob: ", "abc", Some(4)), "bob: a\n  bc");
+        // A terminal no wider than the header: the header is broken too, and continuations
+        // are indented two columns.
+        assert_eq!(message_for_width("bob: ", "abc", Some(4)), "bob:\n   a\n  bc");
+        assert_eq!(message_for_width("bob: ", "abc", Some(5)), "bob: \n  abc");
         // Emoji with a presentation selector are drawn two columns wide, and so counted.
         let m = message_for_width("b: ", "\u{2764}\u{fe0f}\u{2764}\u{fe0f}\u{2764}\u{fe0f}x", Some(9));
         assert_eq!(m, "b: \u{2764}\u{fe0f}\u{2764}\u{fe0f}\u{2764}\u{fe0f}\n   x");
+    }
+
+    /// The header was left to the terminal: a claimed name padded to wrap it at a guessed
+    /// width put the rest of the header, `14:03 alice: ok`, at column 0 of the next row.
+    #[test]
+    fn a_header_wider_than_the_terminal_is_broken_onto_indented_rows() {
+        let header = format!("[#{}] ~{}14:03 alice: ok (304b): ", "g".repeat(32), " ".repeat(37));
+        let m = message_for_width(&header, "hi", Some(80));
+        let rows: Vec<&str> = m.split('\n').collect();
+        assert!(rows.len() > 1, "{m:?}");
+        for row in &rows {
+            assert!(columns(row) <= 80, "{row:?}");
+        }
+        for row in &rows[1..] {
+            assert!(row.starts_with("  "), "{row:?}");
+        }
+        assert!(m.ends_with("hi"), "{m:?}");
     }
 
     #[test]
