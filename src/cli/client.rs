@@ -363,10 +363,10 @@ pub fn server_verb(g: &GlobalArgs, cmd: ServerCmd) -> anyhow::Result<()> {
     match cmd {
         ServerCmd::Show => {
             let pinned = m.pinned(&server).map(|f| f.to_string());
-            println!("server {server}");
-            println!("pinned {}", pinned.as_deref().unwrap_or("nothing (the next connection pins)"));
+            out!("server {server}")?;
+            out!("pinned {}", pinned.as_deref().unwrap_or("nothing (the next connection pins)"))?;
             for (other, fp) in m.pins().into_iter().filter(|(s, _)| *s != server) {
-                println!("also pinned {other} {fp}");
+                out!("also pinned {other} {fp}")?;
             }
         }
         ServerCmd::Pin { fingerprint } => {
@@ -387,13 +387,13 @@ pub fn server_verb(g: &GlobalArgs, cmd: ServerCmd) -> anyhow::Result<()> {
             let before = m.pinned(&server);
             m.pin_server(&server, fp)?;
             match before {
-                Some(old) if old != fp => println!("pinned {server} {fp} (was {old})"),
-                _ => println!("pinned {server} {fp}"),
+                Some(old) if old != fp => out!("pinned {server} {fp} (was {old})")?,
+                _ => out!("pinned {server} {fp}")?,
             }
         }
         ServerCmd::Forget => {
             if m.forget_server(&server)? {
-                println!("forgot the certificate pinned for {server}");
+                out!("forgot the certificate pinned for {server}")?;
             } else {
                 bail!("nothing pinned for {server}");
             }
@@ -426,7 +426,7 @@ pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
             Err(ClientError::State(StateError::File(StateFileError::WrongPassphrase)))
                 if tries < PASSPHRASE_TRIES =>
             {
-                eprintln!("qpq: wrong passphrase, try again");
+                err!("qpq: wrong passphrase, try again");
                 tries += 1;
             }
             r => return Ok(r?),
@@ -491,10 +491,10 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     }
     let (m, report) = block_on_local(Messenger::init(&dir, args.name, unlock, opts))??;
     if report.first_use {
-        eprintln!("qpq: pinned server certificate {} (trust on first use)", report.fingerprint);
+        err!("qpq: pinned server certificate {} (trust on first use)", report.fingerprint);
     }
-    eprintln!("qpq: identity created in {}", dir.display());
-    println!("{}", report.key);
+    err!("qpq: identity created in {}", dir.display());
+    out!("{}", report.key)?;
     drop(m);
     Ok(())
 }
@@ -510,14 +510,14 @@ fn new_passphrase(dir: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
         if p == again {
             return Ok(p);
         }
-        eprintln!("qpq: passphrases do not match, try again");
+        err!("qpq: passphrases do not match, try again");
     }
     bail!("passphrases did not match {PASSPHRASE_TRIES} times: nothing created")
 }
 
 fn print_notices(m: &mut Messenger) {
     for n in m.notices.drain(..) {
-        eprintln!("qpq: {}", Shown(&n));
+        err!("qpq: {}", Shown(&n));
     }
 }
 
@@ -804,7 +804,7 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
     if let Some(older) = &page.older {
         let target =
             args.target.as_deref().map(|t| format!("{} ", shell_words::quote(t))).unwrap_or_default();
-        eprintln!("qpq: older messages: qpq history {}--before {older}", Shown(&target));
+        err!("qpq: older messages: qpq history {}--before {older}", Shown(&target));
     }
     Ok(())
 }
@@ -1102,7 +1102,7 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
         let _ = stdout.flush();
         for e in &events {
             if let Some(line) = describe_event(&m, e) {
-                eprintln!("qpq: {line}");
+                err!("qpq: {line}");
             }
         }
         m.disconnect().await;
@@ -1111,7 +1111,7 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
     print_notices(&mut m);
     let outcome = res?;
     if let Some(line) = outcome.queued_line() {
-        eprintln!("qpq: {}", Shown(&line));
+        err!("qpq: {}", Shown(&line));
     }
     match outcome {
         VerbOutcome::Ok => Ok(std::process::ExitCode::SUCCESS),
@@ -1136,7 +1136,7 @@ fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::R
     // a full disk) marks them unread again, so the next `recv` prints them.
     let unread = m.read_inbox(cursor)?;
     if unread.missed > 0 {
-        eprintln!("qpq: {}", missed_line(unread.missed));
+        err!("qpq: {}", missed_line(unread.missed));
     }
     // One write for the whole batch keeps that window to a single system call.
     let mut batch = String::new();
@@ -1173,7 +1173,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     let mut printed_any = !print_unread(m, &mut cursor, args.json)?.is_empty();
     if args.follow {
         // Also tells a script that messages sent from now on will be printed here.
-        eprintln!("qpq: following new messages (Ctrl-C to stop)");
+        err!("qpq: following new messages (Ctrl-C to stop)");
     }
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -1198,7 +1198,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
                 e
             }
             Err(e) if args.follow => {
-                eprintln!("qpq: {}; retrying in {}s", Shown(&e.to_string()), backoff.as_secs_f32());
+                err!("qpq: {}; retrying in {}s", Shown(&e.to_string()), backoff.as_secs_f32());
                 m.disconnect().await;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -1220,7 +1220,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
             if json.is_empty()
                 && let Some(line) = describe_event(m, e)
             {
-                eprintln!("qpq: {line}");
+                err!("qpq: {line}");
             }
         }
         if !batch.is_empty() {

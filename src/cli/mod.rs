@@ -1,6 +1,24 @@
 //! The command line: one clap definition for every verb, so `--help`, the man pages, shell
 //! completions and the REPL grammar all come from the same place.
 
+/// `println!` that hands a failing stdout (a closed pipe: `qpq server show | true`) back as an
+/// error for `?` instead of panicking; [`report`] takes a closed pipe for success.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)
+    }};
+}
+
+/// `eprintln!` that ignores a failing stderr instead of panicking: there is nowhere left to
+/// tell.
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 pub mod client;
 pub mod complete;
 pub mod manpage;
@@ -171,7 +189,7 @@ pub fn report(e: &anyhow::Error) -> std::process::ExitCode {
     }
     // Errors may quote what a peer or the server sent.
     let msg = error_line(e);
-    eprintln!("qpq: {}", crate::text::guard(&msg));
+    err!("qpq: {}", crate::text::guard(&msg));
     std::process::ExitCode::FAILURE
 }
 
@@ -197,7 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Man { dir } => {
             let written = write_man_pages(&dir)?;
             for p in written {
-                println!("{}", p.display());
+                out!("{}", p.display())?;
             }
             Ok(ExitCode::SUCCESS)
         }
