@@ -139,6 +139,8 @@ pub enum MlsError {
     WrongGroup,
     #[error("cannot process our own message")]
     OwnMessage,
+    #[error("a message from someone who is no longer a member")]
+    FormerMember,
     #[error("a message that was processed already came again")]
     Replayed,
     #[error("refused proposal: {0}, only a member's request to leave is accepted")]
@@ -776,6 +778,7 @@ impl MlsClient {
             return Err(MlsError::WrongGroup);
         }
         let mut group = self.load_active(group_id)?;
+        let past_epoch = message.epoch() < group.epoch();
         let processed = group.process_message(&self.provider, message).map_err(|e| match e {
             // The key of this sender's generation was used already (RFC 9420 section 9.2 deletes
             // it after use): the same message came again.
@@ -786,10 +789,24 @@ impl MlsClient {
         })?;
         let sender_credential = processed.credential().clone();
         let incoming = match processed.into_content() {
-            ProcessedMessageContent::ApplicationMessage(app) => Incoming::Application {
-                sender: sender_identity(&sender_credential)?,
-                plaintext: app.into_bytes(),
-            },
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                let sender = sender_identity(&sender_credential)?;
+                // openmls opens messages of the last MAX_PAST_EPOCHS epochs (for messages in
+                // flight while a commit landed) and names their sender from that epoch's tree:
+                // someone removed since could go on posting until five more commits. What the
+                // server ordered after their removal is not theirs to say any more. (A message
+                // of the current epoch was named from the current tree.)
+                let member = || {
+                    group.members().any(|m| {
+                        credential_identity(&m.credential, &m.signature_key).is_ok_and(|k| k == sender)
+                    })
+                };
+                if past_epoch && !member() {
+                    group.keep();
+                    return Err(MlsError::FormerMember);
+                }
+                Incoming::Application { sender, plaintext: app.into_bytes() }
+            }
             ProcessedMessageContent::ProposalMessage(queued) => {
                 let sender = sender_identity(&sender_credential)?;
                 self.accept_proposal(&mut group, sender, *queued)?

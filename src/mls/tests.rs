@@ -358,6 +358,24 @@ fn application_message_of_previous_epoch_still_decrypts() {
     assert!(matches!(bob.process(&group, &older).unwrap(), Incoming::Application { .. }));
 }
 
+/// openmls opens a message of a past epoch and names its sender from that epoch: a removed
+/// member could go on posting in the group until five more commits.
+#[test]
+fn a_removed_members_message_of_an_older_epoch_is_refused() {
+    let (mut alice, mut bob, mut carol, group) = trio();
+    let after_removal = carol.encrypt(&group, b"still here?").unwrap();
+    let in_flight = bob.encrypt(&group, b"sent before the commit").unwrap();
+    let pending = alice.remove_members(&group, &[carol.identity()]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.process(&group, &pending.commit).unwrap();
+    assert!(matches!(bob.process(&group, &after_removal), Err(MlsError::FormerMember)));
+    // A member's message of the epoch before still counts.
+    assert_eq!(
+        alice.process(&group, &in_flight).unwrap(),
+        Incoming::Application { sender: bob.identity(), plaintext: b"sent before the commit".to_vec() }
+    );
+}
+
 #[test]
 fn reordered_messages_within_an_epoch_decrypt() {
     let (mut alice, mut bob, group) = pair();
