@@ -147,6 +147,9 @@ fn bad_history_input_gets_clear_errors() {
     );
     let err = alice.fails(&["history", "--retention", "forever"]);
     assert!(err.starts_with("qpq: cannot read --retention \"forever\": expected an age"), "{err}");
+    // "6m" meant as six months is six minutes: a retention that short deletes nearly all.
+    let err = alice.fails(&["history", "--retention", "6m"]);
+    assert!(err.contains("under an hour") && err.contains("6months"), "{err}");
     let err = alice.fails(&["history", "nobody"]);
     assert!(err.starts_with("qpq: unknown contact \"nobody\""), "{err}");
     // A time before anything is not an error: an empty page.

@@ -88,6 +88,10 @@ pub enum HistoryError {
         "cannot read --retention {0:?}: expected an age like \"90d\" or \"12h\", or \"off\" to keep everything"
     )]
     BadRetention(String),
+    #[error(
+        "a history retention of {0:?} is under an hour and would delete messages minutes old: refused (months are written \"6months\", minutes \"6m\")"
+    )]
+    ShortRetention(String),
 }
 
 impl Before {
@@ -110,11 +114,17 @@ impl Before {
     }
 }
 
-/// Reads `--retention`: an age (`90d`), or `off` for none.
+/// Shortest retention taken: `6m` reads as six minutes, and a retention deletes at once.
+pub const MIN_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Reads `--retention`: an age (`90d`) of at least [`MIN_RETENTION`], or `off` for none.
 pub fn parse_retention(text: &str) -> Result<Option<std::time::Duration>, HistoryError> {
     match text.trim() {
         "off" | "none" => Ok(None),
         t => match humantime::parse_duration(t) {
+            Ok(age) if age < MIN_RETENTION && !age.is_zero() => {
+                Err(HistoryError::ShortRetention(t.to_string()))
+            }
             Ok(age) if !age.is_zero() => Ok(Some(age)),
             _ => Err(HistoryError::BadRetention(t.to_string())),
         },
