@@ -31,20 +31,8 @@ impl Messenger {
     /// effect is saved before it is acked. When [`Messenger::has_backlog`] says more is waiting,
     /// the caller shows what came and calls again at once.
     pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<Event>, ClientError> {
-        self.connect().await?;
-        // Queued messages go out before any long wait; a backlog is fetched at once.
-        if wait_ms > 0 && !self.has_queued_sends() && !self.backlog {
-            // Wait without holding the home lock, so other qpq processes on this home go on. One
-            // of them may fetch what we wait for: its save ends the wait too, so that this
-            // process's reader shows the messages without waiting for the next ones.
-            let session = self.session()?;
-            let waiting = tokio::select! {
-                r = session.fetch_wait(wait_ms, 1) => r?.0,
-                () = self.home.saved_elsewhere() => return Ok(Vec::new()),
-            };
-            if waiting.is_empty() {
-                return Ok(Vec::new());
-            }
+        if !self.wait_for_mail(wait_ms).await? {
+            return Ok(Vec::new());
         }
         let _op = self.begin()?;
         let mut events = self.receive_round(0).await?;
@@ -54,6 +42,28 @@ impl Messenger {
             self.flush_sends(&mut events).await?;
         }
         Ok(events)
+    }
+
+    /// The waiting part of [`Messenger::receive`]: true when a receive round has work (with
+    /// `wait_ms` 0, queued sends or a backlog, at once), false when `wait_ms` passed with an
+    /// empty queue or another qpq process on this home saved meanwhile (its reader shows what
+    /// it fetched). It holds no lock and changes nothing, so it may be cancelled at any point,
+    /// which a round may not be without losing its events: the shell races only this against
+    /// the next typed line, then runs the round (`receive(0)`) whole.
+    pub async fn wait_for_mail(&mut self, wait_ms: u32) -> Result<bool, ClientError> {
+        self.connect().await?;
+        // Queued messages go out before any long wait; a backlog is fetched at once.
+        if wait_ms == 0 || self.has_queued_sends() || self.backlog {
+            return Ok(true);
+        }
+        // Without the home lock, so other qpq processes on this home go on. One of them may
+        // fetch what we wait for: its save ends the wait too, so that this process's reader
+        // shows the messages without waiting for the next ones.
+        let session = self.session()?;
+        tokio::select! {
+            r = session.fetch_wait(wait_ms, 1) => Ok(!r?.0.is_empty()),
+            () = self.home.saved_elsewhere() => Ok(false),
+        }
     }
 
     /// True when the last receive round stopped with messages still waiting on the server: the

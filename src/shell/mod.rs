@@ -115,7 +115,8 @@ enum Step {
 
 enum Wake {
     Input(Input),
-    Received(Result<Vec<Event>, ClientError>),
+    /// The wait for mail ended: true when a receive round has work.
+    Mail(Result<bool, ClientError>),
 }
 
 /// What makes two `/history` lines the same request (their target resolved).
@@ -183,12 +184,20 @@ impl Shell {
                     input = lines.recv() => Wake::Input(input.unwrap_or(Input::Eof)),
                     r = async {
                         tokio::time::sleep_until(due).await;
-                        m.receive(wait).await
-                    } => Wake::Received(r),
+                        m.wait_for_mail(wait).await
+                    } => Wake::Mail(r),
                 }
             };
             let step = match wake {
-                Wake::Received(r) => {
+                Wake::Mail(r) => {
+                    // The round runs whole: cancelled by a typed line, its events (a Welcome's
+                    // "added you", a request) were lost and a send cut midway could go twice.
+                    // Lines typed meanwhile wait in the channel.
+                    let r = match r {
+                        Ok(true) => self.m.receive(0).await,
+                        Ok(false) => Ok(Vec::new()),
+                        Err(e) => Err(e),
+                    };
                     self.received(r).await;
                     Step::Waiting
                 }
