@@ -183,7 +183,6 @@ fn push_rows(out: &mut String, text: &str, mut used: usize, indent: &str, width:
             out.push('\n');
             out.push_str(indent);
             used = indent.len();
-            fresh_row = true;
         }
         out.push(c);
         used += w;

@@ -598,6 +598,37 @@ mod tests {
         Messenger::init(home, Some(name.into()), Unlock::None, opts(server)).await.unwrap().0
     }
 
+    /// Runs `body` with alice and bob (each the other's contact when `contacts`) on a fresh
+    /// server in `server_dir`, on a LocalSet; `body` hands the server back (it may have started
+    /// it again) and the two, to be disconnected and shut down.
+    async fn with_alice_and_bob<F, Fut>(contacts: bool, body: F)
+    where
+        F: FnOnce(std::path::PathBuf, RunningServer, Messenger, Messenger) -> Fut,
+        Fut: std::future::Future<Output = (RunningServer, Messenger, Messenger)>,
+    {
+        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let server = start(server_dir.path()).await;
+        let local = tokio::task::LocalSet::new();
+        let server = local
+            .run_until(async move {
+                let mut alice = person(alice_home.path(), "alice", &server).await;
+                let mut bob = person(bob_home.path(), "bob", &server).await;
+                if contacts {
+                    let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
+                    alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
+                    bob.contact_add("alice", &hex::encode(alice_key)).unwrap();
+                }
+                let (server, mut alice, mut bob) =
+                    body(server_dir.path().to_path_buf(), server, alice, bob).await;
+                alice.disconnect().await;
+                bob.disconnect().await;
+                drop((alice_home, bob_home));
+                server
+            })
+            .await;
+        server.shutdown().await.unwrap();
+    }
+
     /// A Welcome whose connection could not be opened (the server went down after the commit
     /// won) was dropped as refused: bob became a member who could never read the group. It
     /// waits in the outbox and goes once the server is back.
@@ -656,51 +687,33 @@ mod tests {
     /// and is committed once the server is back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leave_request_waits_while_the_server_is_down_and_is_committed_when_it_is_back() {
-        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
-        let server = start(server_dir.path()).await;
-        let local = tokio::task::LocalSet::new();
-        let server = local
-            .run_until(async move {
-                let mut alice = person(alice_home.path(), "alice", &server).await;
-                let mut bob = person(bob_home.path(), "bob", &server).await;
-                let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
-                alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
-                bob.contact_add("alice", &hex::encode(alice_key)).unwrap();
-                let group_id = alice.group_create("team").unwrap();
-                alice.group_add("team", &["bob".to_string()]).await.unwrap();
-                bob.receive(0).await.unwrap();
-                bob.group_leave("team").await.unwrap();
-                // alice reads bob's request to leave; the server goes down before she commits it.
-                let op = alice.begin().unwrap();
-                alice.receive_round(0).await.unwrap();
-                assert_eq!(alice.state().leave_requests, vec![group_id.clone()]);
+        with_alice_and_bob(true, |server_dir, server, mut alice, mut bob| async move {
+            let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
+            let group_id = alice.group_create("team").unwrap();
+            alice.group_add("team", &["bob".to_string()]).await.unwrap();
+            bob.receive(0).await.unwrap();
+            bob.group_leave("team").await.unwrap();
+            // alice reads bob's request to leave; the server goes down before she commits it.
+            let op = alice.begin().unwrap();
+            alice.receive_round(0).await.unwrap();
+            assert_eq!(alice.state().leave_requests, vec![group_id.clone()]);
 
-                server.shutdown().await.unwrap();
-                let failed = alice.finish_round().await;
-                assert!(
-                    matches!(failed, Err(ClientError::Session(SessionError::Connect { .. }))),
-                    "{failed:?}"
-                );
-                assert_eq!(alice.state().leave_requests, vec![group_id.clone()], "the request stays");
-                drop(op);
+            server.shutdown().await.unwrap();
+            let failed = alice.finish_round().await;
+            assert!(matches!(failed, Err(ClientError::Session(SessionError::Connect { .. }))), "{failed:?}");
+            assert_eq!(alice.state().leave_requests, vec![group_id.clone()], "the request stays");
+            drop(op);
 
-                let server = start(server_dir.path()).await;
-                alice.opts = opts(&server);
-                let events = alice.receive(0).await.unwrap();
-                assert!(alice.state().leave_requests.is_empty(), "{events:?}");
-                assert_eq!(
-                    alice.mls.members(&group_id).unwrap(),
-                    vec![alice_key],
-                    "bob's leave is committed"
-                );
-                let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
-                assert!(events.iter().any(left), "{events:?}");
-                alice.disconnect().await;
-                bob.disconnect().await;
-                server
-            })
-            .await;
-        server.shutdown().await.unwrap();
+            let server = start(&server_dir).await;
+            alice.opts = opts(&server);
+            let events = alice.receive(0).await.unwrap();
+            assert!(alice.state().leave_requests.is_empty(), "{events:?}");
+            assert_eq!(alice.mls.members(&group_id).unwrap(), vec![alice_key], "bob's leave is committed");
+            let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
+            assert!(events.iter().any(left), "{events:?}");
+            (server, alice, bob)
+        })
+        .await;
     }
 
     /// A backlog larger than the inbox came in one round: the round kept it all in memory and
@@ -710,46 +723,35 @@ mod tests {
     async fn a_backlog_larger_than_the_inbox_comes_in_rounds_a_reader_sees_whole() {
         use crate::client::messenger::{MAX_TEXT_BYTES, Target};
         use crate::limits::MAX_INBOX_BYTES;
-        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
-        let server = start(server_dir.path()).await;
-        let local = tokio::task::LocalSet::new();
-        let server = local
-            .run_until(async move {
-                let mut alice = person(alice_home.path(), "alice", &server).await;
-                let mut bob = person(bob_home.path(), "bob", &server).await;
-                let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
-                alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
-                bob.contact_add("alice", &hex::encode(alice_key)).unwrap();
-                let text = |i: usize| format!("{i:03} {}", "x".repeat(MAX_TEXT_BYTES - 16));
-                let n = MAX_INBOX_BYTES / MAX_TEXT_BYTES + 8;
-                for i in 0..n {
-                    alice.send(&Target::Person(bob_key), &text(i)).await.unwrap();
-                }
-                let mut cursor = bob.read_cursor().unwrap();
-                let (mut shown, mut missed, mut rounds) = (Vec::new(), 0, 0);
-                loop {
-                    bob.receive(0).await.unwrap();
-                    rounds += 1;
-                    let unread = bob.read_inbox(&mut cursor).unwrap();
-                    missed += unread.missed;
-                    shown.extend(unread.entries.into_iter().map(|e| e.text));
-                    if !bob.has_backlog() {
-                        break;
-                    }
-                    assert!(rounds < 10, "the backlog ends");
-                }
-                assert_eq!(missed, 0);
-                assert_eq!(shown, (0..n).map(text).collect::<Vec<_>>(), "every message, once, in order");
-                assert!(rounds >= 2, "{rounds} rounds");
-                // The round ends were acked: nothing comes again.
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            let bob_key = bob.public_key().0;
+            let text = |i: usize| format!("{i:03} {}", "x".repeat(MAX_TEXT_BYTES - 16));
+            let n = MAX_INBOX_BYTES / MAX_TEXT_BYTES + 8;
+            for i in 0..n {
+                alice.send(&Target::Person(bob_key), &text(i)).await.unwrap();
+            }
+            let mut cursor = bob.read_cursor().unwrap();
+            let (mut shown, mut missed, mut rounds) = (Vec::new(), 0, 0);
+            loop {
                 bob.receive(0).await.unwrap();
-                assert!(bob.read_inbox(&mut cursor).unwrap().entries.is_empty());
-                alice.disconnect().await;
-                bob.disconnect().await;
-                server
-            })
-            .await;
-        server.shutdown().await.unwrap();
+                rounds += 1;
+                let unread = bob.read_inbox(&mut cursor).unwrap();
+                missed += unread.missed;
+                shown.extend(unread.entries.into_iter().map(|e| e.text));
+                if !bob.has_backlog() {
+                    break;
+                }
+                assert!(rounds < 10, "the backlog ends");
+            }
+            assert_eq!(missed, 0);
+            assert_eq!(shown, (0..n).map(text).collect::<Vec<_>>(), "every message, once, in order");
+            assert!(rounds >= 2, "{rounds} rounds");
+            // The round ends were acked: nothing comes again.
+            bob.receive(0).await.unwrap();
+            assert!(bob.read_inbox(&mut cursor).unwrap().entries.is_empty());
+            (server, alice, bob)
+        })
+        .await;
     }
 
     /// A stranger's group sent more than a request holds while it waited, a commit among it:
@@ -760,49 +762,40 @@ mod tests {
         use crate::client::messenger::Target;
         use crate::client::requests::RequestSelector;
         use crate::limits::MAX_HELD_PER_REQUEST;
-        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
-        let server = start(server_dir.path()).await;
-        let local = tokio::task::LocalSet::new();
-        let server = local
-            .run_until(async move {
-                let mut alice = person(alice_home.path(), "alice", &server).await;
-                let mut bob = person(bob_home.path(), "bob", &server).await;
-                let bob_key = bob.public_key().0;
-                alice.group_create("team").unwrap();
-                alice.group_add("team", &[hex::encode(bob_key)]).await.unwrap();
-                let team = Target::Group("team".into());
-                let n = MAX_HELD_PER_REQUEST + 5;
-                for i in 0..n {
-                    alice.send(&team, &format!("before {i}")).await.unwrap();
-                }
-                alice.group_update("team").await.unwrap();
-                alice.send(&team, "after the commit").await.unwrap();
-                let events = bob.receive(0).await.unwrap();
-                assert!(events.iter().any(|e| matches!(e, Event::Request { .. })), "{events:?}");
+        with_alice_and_bob(false, |_, server, mut alice, mut bob| async move {
+            let bob_key = bob.public_key().0;
+            alice.group_create("team").unwrap();
+            alice.group_add("team", &[hex::encode(bob_key)]).await.unwrap();
+            let team = Target::Group("team".into());
+            let n = MAX_HELD_PER_REQUEST + 5;
+            for i in 0..n {
+                alice.send(&team, &format!("before {i}")).await.unwrap();
+            }
+            alice.group_update("team").await.unwrap();
+            alice.send(&team, "after the commit").await.unwrap();
+            let events = bob.receive(0).await.unwrap();
+            assert!(events.iter().any(|e| matches!(e, Event::Request { .. })), "{events:?}");
 
-                let accepted = bob.request_accept(&RequestSelector::Number(1), "#1").unwrap();
-                let texts: Vec<String> = accepted
-                    .iter()
-                    .filter_map(|e| match e {
-                        Event::Message(m) => Some(m.text.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                let mut want: Vec<String> =
-                    (n + 1 - MAX_HELD_PER_REQUEST..n).map(|i| format!("before {i}")).collect();
-                want.push("after the commit".into());
-                assert_eq!(texts, want, "the newest chat is kept: {accepted:?}");
-                alice.send(&team, "later").await.unwrap();
-                let mut cursor = bob.read_cursor().unwrap();
-                let events = bob.receive(0).await.unwrap();
-                let unread: Vec<String> =
-                    bob.read_inbox(&mut cursor).unwrap().entries.into_iter().map(|e| e.text).collect();
-                assert_eq!(unread, vec!["later".to_string()], "bob follows the group: {events:?}");
-                alice.disconnect().await;
-                bob.disconnect().await;
-                server
-            })
-            .await;
-        server.shutdown().await.unwrap();
+            let accepted = bob.request_accept(&RequestSelector::Number(1), "#1").unwrap();
+            let texts: Vec<String> = accepted
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Message(m) => Some(m.text.clone()),
+                    _ => None,
+                })
+                .collect();
+            let mut want: Vec<String> =
+                (n + 1 - MAX_HELD_PER_REQUEST..n).map(|i| format!("before {i}")).collect();
+            want.push("after the commit".into());
+            assert_eq!(texts, want, "the newest chat is kept: {accepted:?}");
+            alice.send(&team, "later").await.unwrap();
+            let mut cursor = bob.read_cursor().unwrap();
+            let events = bob.receive(0).await.unwrap();
+            let unread: Vec<String> =
+                bob.read_inbox(&mut cursor).unwrap().entries.into_iter().map(|e| e.text).collect();
+            assert_eq!(unread, vec!["later".to_string()], "bob follows the group: {events:?}");
+            (server, alice, bob)
+        })
+        .await;
     }
 }
