@@ -122,11 +122,17 @@ interface NodeService {
   }
 
   enqueueFanout @6 (channelId :Data, payload :Data, recipients :List(Data)) -> (channelSeq :UInt64, seqs :List(UInt64));
-  # DS, no authentication. Enqueues ONE payload for every key in recipients, in one atomic,
-  # durable transaction (all or none), with one channelSeq as in enqueueBatch; seqs[i] is
-  # recipients[i]'s per-recipient sequence number. Each recipient fetches an ordinary Message
-  # carrying the payload. This is how a group's MLS messages travel: they are sealed once by MLS
-  # (a post-quantum suite) and cost the sender one upload, not one per member.
+  # DS, no authentication. Enqueues ONE payload for every key in recipients whose queue can take
+  # it, in one atomic, durable transaction, with one channelSeq as in enqueueBatch; seqs[i] is
+  # recipients[i]'s per-recipient sequence number, or 0 when recipients[i]'s queue was full and
+  # it was skipped (real sequence numbers start at 1, so 0 is never one). Skipped recipients get
+  # nothing (not later either: the server keeps no note of them); the others get the message as
+  # if the skipped ones had not been named. A full queue skips its recipient instead of
+  # refusing the call so that one member (offline for long, or flooded by a stranger who knows
+  # their key) cannot stop a whole group's messages and commits. A sender learns from the zeros
+  # who did not get it. Each recipient fetches an ordinary Message carrying the payload. This
+  # is how a group's MLS messages travel: they are sealed once by MLS (a post-quantum suite) and
+  # cost the sender one upload, not one per member.
   # The server stores the payload once, with a small index entry per recipient (under 64 bytes),
   # and deletes it when the last recipient has acked it or when it expires (the same TTL as any
   # message; all its entries expire together).
@@ -136,11 +142,16 @@ interface NodeService {
   #     ("duplicate recipient: item 3 repeats item 0") or a malformed key is "badRequest", too
   #     many is "tooLarge";
   #   - each recipient's queue is charged the whole payload (its view: what it will fetch)
-  #     against its message and byte caps, else "queueFull" (nothing is stored for anyone);
-  #   - the server's storage quota is charged the payload once plus 48 bytes per recipient (its
-  #     real cost), else "overQuota" (retry hint); so one call can never cost the server more
+  #     against its message and byte caps; a recipient whose queue has no room for it (at its
+  #     message cap, or the payload would pass its byte cap) is skipped (seq 0). When every recipient is skipped the call fails with "queueFull" and nothing is
+  #     stored (no channelSeq is taken);
+  #   - the server's storage quota (and this network's enqueue byte rate) is charged the payload
+  #     once plus 48 bytes per stored recipient (its real cost; skipped ones cost nothing), else
+  #     "overQuota" (retry hint, nothing stored); so one call can never cost the server more
   #     than payload + 48 bytes x recipients;
   #   - one token of the enqueue rate, shared with enqueue and enqueueBatch ("rateLimited").
+  # Every refusal but a full queue (the limits above, "overQuota", "rateLimited") fails the whole
+  # call and stores nothing for anyone.
   # What the server learns is what it routes: the recipient keys, the channel id, the time and
   # the size, and that these recipients got the same payload (they share a group). The payload
   # is an MLS PrivateMessage: its group id, epoch and content type are in the clear (RFC 9420

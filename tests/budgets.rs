@@ -423,6 +423,33 @@ async fn the_mail_one_network_enqueues_has_a_byte_budget_across_connections() {
 /// Fetches sent together used to pass the per-target check together, before any of them was
 /// charged, so one connection could take a whole pool past the limit; now the target's token is
 /// taken first and given back only when no package is handed out.
+/// A fanout that skips a full queue stores nothing for it, and so charges the network's byte
+/// budget only for the recipients it stored for (the 48 bytes of a skipped one are given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_costs_the_network_nothing_for_a_recipient_it_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // One byte every 100 s: nothing the test's real time refills counts.
+    cfg.rate_limits.enqueue_bytes_per_network = Rate { per_sec: 0.01, burst: 1_000 };
+    cfg.max_queue_messages = 1;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let to = |i: u8| PublicKey([i; 32]);
+        s.enqueue(&to(1).0, &[1u8; 100], b"").await.unwrap();
+        // Charged 400 + 2 x 48 up front; to(1)'s queue is full, so 48 come back: 452 left.
+        let (_, seqs) = s.enqueue_fanout(b"", &[2u8; 400], &[to(1), to(2)]).await.unwrap();
+        assert_eq!(seqs, vec![0, 1]);
+        let node = node_service::Client { client: s.raw_node_client() };
+        let mut req = node.enqueue_request();
+        req.get().set_recipient_key(&to(3).0);
+        req.get().set_payload(&[3u8; 452]);
+        req.send().promise.await.expect("the skipped recipient's bytes were given back");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetches_sent_together_do_not_pass_the_per_target_limit_together() {
     let dir = tempfile::tempdir().unwrap();

@@ -1378,6 +1378,69 @@ async fn a_fanout_charges_the_storage_quota_once_and_each_queue_the_whole_payloa
 }
 }
 
+/// Bytes a stopped server charged against its storage quota: redb's `stored_bytes` counter in
+/// its database file, or the sum of PostgreSQL's shards.
+fn stored_bytes(dir: &std::path::Path) -> u64 {
+    use redb::{ReadableDatabase, TableDefinition};
+    if let Some(used) = pg_stored_bytes() {
+        return used;
+    }
+    let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    let db = redb::Database::open(dir.join("qpq.db")).unwrap();
+    let txn = db.begin_read().unwrap();
+    let used = txn.open_table(meta).unwrap().get("stored_bytes").unwrap().map(|g| g.value());
+    used.unwrap_or(0)
+}
+
+on_both_backends! {
+/// Security review: a stranger who filled one member's queue (10,000 anonymous 1-byte enqueues)
+/// made every fanout naming that member fail with queueFull, freezing all their groups. A full
+/// queue now skips its recipient (seq 0) and the others still get the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_skips_full_queues_and_stores_for_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 3;
+    let server = start_server_with(cfg).await;
+    // alice and carol have room; bob's and dave's queues are full.
+    let people: Vec<Identity> = (0..4).map(|_| Identity::generate()).collect();
+    let keys: Vec<PublicKey> = people.iter().map(|p| p.public()).collect();
+    let (bob, dave) = (keys[1], keys[3]);
+    let payload = vec![0x42u8; 1000];
+    local(async {
+        let s = connect(&server).await;
+        for _ in 0..3 {
+            s.enqueue(&bob.0, b"x", b"").await.unwrap();
+            s.enqueue(&dave.0, b"x", b"").await.unwrap();
+        }
+        let (cseq, seqs) = s.enqueue_fanout(b"grp", &payload, &keys).await.expect("stored for the others");
+        assert_eq!((cseq, seqs), (1, vec![1, 0, 1, 0]), "one channel position, 0 for the full queues");
+        for p in [&people[0], &people[2]] {
+            let (msgs, _) = login(&server, p).await.fetch(0).await.unwrap();
+            let got: Vec<_> = msgs.iter().map(|m| (m.seq, m.channel_id.as_slice(), m.channel_seq, &m.payload)).collect();
+            assert_eq!(got, vec![(1, &b"grp"[..], 1, &payload)]);
+        }
+        for p in [&people[1], &people[3]] {
+            let (msgs, _) = login(&server, p).await.fetch(0).await.unwrap();
+            assert!(msgs.iter().all(|m| m.payload == b"x"), "nothing past the cap");
+            assert_eq!(msgs.len(), 3);
+        }
+        // Every recipient full: refused as before, and nothing stored, no channel position taken.
+        let msg = rpc_msg(s.enqueue_fanout(b"grp", b"y", &[bob, dave]).await);
+        assert!(msg.starts_with("queue full: recipient has 3 messages"), "{msg}");
+        let (cseq, seqs) = s.enqueue_fanout(b"grp", b"z", &[keys[0]]).await.unwrap();
+        assert_eq!((cseq, seqs), (2, vec![2]), "the refused fanout took no number");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    // Six 1-byte enqueues (17 + 1 each), the first fanout's row once (8 + 17 + 3 + 1000) and two
+    // entries (not four), the last fanout's row (8 + 17 + 3 + 1) and one entry.
+    let entry = qpq::limits::FANOUT_ENTRY_BYTES;
+    assert_eq!(stored_bytes(dir.path()), 6 * 18 + (8 + 17 + 3 + 1000) + 2 * entry + (8 + 17 + 3 + 1) + entry);
+    assert_eq!(stored_rows(dir.path()), (2, 6 + 2 + 1), "no entry for a skipped recipient");
+}
+}
+
 /// PostgreSQL schema version 1 as it shipped (frozen here: a database written by it must keep
 /// working), with its version row.
 const PG_SCHEMA_V1: &str = "

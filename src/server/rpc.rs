@@ -225,9 +225,20 @@ impl NodeServiceImpl {
         })?;
         let written = self.shared.store.write(op).await;
         if written.is_err() {
-            limiter.refund(network, self.shared.clock.now_ms(), bytes);
+            self.refund_network_bytes(u64::from(bytes));
         }
         written.map_err(store_err)
+    }
+
+    /// Gives back bytes [`Self::write_enqueue`] took from this network's budget for what was
+    /// not stored after all (the recipients a fanout skipped).
+    fn refund_network_bytes(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let network = admission::network_key(self.source);
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.shared.rates.enqueue_bytes_per_network.refund(network, self.shared.clock.now_ms(), bytes);
     }
 
     /// One token of this connection's and its address's enqueue budget.
@@ -530,6 +541,9 @@ impl node_service::Server for NodeServiceImpl {
             let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients };
             match self.write_enqueue(op, charged).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
+                    // Recipients whose queues were full (seq 0) got nothing and cost nothing.
+                    let skipped = seqs.iter().filter(|s| **s == 0).count() as u64;
+                    self.refund_network_bytes(skipped.saturating_mul(limits::FANOUT_ENTRY_BYTES));
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
                     put_seqs(r.init_seqs(seqs.len() as u32), &seqs);

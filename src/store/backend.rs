@@ -19,8 +19,15 @@
 //!   storage quota refuses the whole batch). A non-empty channel id gets one `channelSeq` for
 //!   the batch, strictly increasing per channel; every recipient sees the batches of one
 //!   channel in `channelSeq` order.
+//! - **Fanout skips full queues.** `Fanout` stores its payload, in one transaction and with
+//!   one `channelSeq`, for every recipient whose queue has room for it under its message and
+//!   byte caps, and skips the others, whose seq in the answer is 0 (real seqs start at 1). It
+//!   is refused with [`StoreError::QueueFull`] only when every recipient is skipped, and then
+//!   stores nothing and takes no `channelSeq`. The storage quota is charged for what is stored
+//!   (the payload once, [`crate::limits::FANOUT_ENTRY_BYTES`] per stored recipient); a
+//!   duplicate recipient or the quota refuses the whole fanout.
 //! - **Per-recipient seq.** Each recipient's messages get strictly increasing `seq` numbers,
-//!   dense while its queue exists, never reused (also across deletion of empty queues,
+//!   from 1, dense while its queue exists, never reused (also across deletion of empty queues,
 //!   restarts and, for PostgreSQL, nodes).
 //! - **Fetch from a cursor.** `fetch(who, after, ..)` returns unexpired messages with
 //!   `seq > after` in seq order without removing them; `more` says a limit cut the page.

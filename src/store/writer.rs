@@ -37,8 +37,10 @@ use crate::limits;
 pub enum WriteOp {
     /// Store each payload for its recipient; one shared channel position when `channel` is set.
     Enqueue { channel: Vec<u8>, items: Vec<(IdentityKey, Vec<u8>)> },
-    /// Store one payload once for every recipient (distinct keys); one shared channel position
-    /// when `channel` is set. Answered with [`Outcome::Enqueued`], seqs in `recipients` order.
+    /// Store one payload once for every recipient (distinct keys) whose queue can take it; one
+    /// shared channel position when `channel` is set. Answered with [`Outcome::Enqueued`], seqs
+    /// in `recipients` order, 0 for a recipient skipped because its queue is full (real seqs
+    /// start at 1); refused with [`StoreError::QueueFull`] only when every queue is full.
     Fanout { channel: Vec<u8>, payload: Vec<u8>, recipients: Vec<IdentityKey> },
     /// Delete `who`'s messages with seq <= `up_to`.
     Ack { who: IdentityKey, up_to: u64 },
@@ -372,7 +374,10 @@ fn enqueue<'a>(
 
 /// One payload stored once in `payloads`, with a shared `queue` entry per recipient. Each
 /// recipient's caps are charged the whole entry (what it will fetch); the storage quota is
-/// charged the row once plus [`limits::FANOUT_ENTRY_BYTES`] per recipient (what the file holds).
+/// charged the row once plus [`limits::FANOUT_ENTRY_BYTES`] per stored entry (what the file
+/// holds). A recipient whose queue cannot take the entry is skipped (seq 0) and the others still
+/// get it: one full queue must not refuse a whole group's mail (see `enqueueFanout` in the
+/// schema). Only when every recipient is skipped is the fanout refused, storing nothing.
 fn fanout<'a>(
     d: &mut Delivery<'_>,
     limits: QueueLimits,
@@ -391,7 +396,9 @@ fn fanout<'a>(
     let charge = StoredMessage::accounted_len(entry_len);
     let seq_floor = d.counter(SEQ_FLOOR)?.max(1);
     let mut seen: HashMap<IdentityKey, usize> = HashMap::with_capacity(recipients.len());
+    // Per recipient: its queue's new (next_seq, count, bytes), or None when it is skipped.
     let mut planned = Vec::with_capacity(recipients.len());
+    let mut first_full = None;
     for (i, who) in recipients.iter().enumerate() {
         if let Some(first) = seen.insert(*who, i) {
             return Err(StoreError::DuplicateRecipient { first, again: i });
@@ -399,16 +406,22 @@ fn fanout<'a>(
         let (next, count, bytes) =
             d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
         if count + 1 > limits.max_messages || bytes + charge > limits.max_bytes {
-            return Err(StoreError::QueueFull {
+            first_full.get_or_insert(StoreError::QueueFull {
                 count,
                 bytes,
                 max_count: limits.max_messages,
                 max_bytes: limits.max_bytes,
             });
+            planned.push(None);
+        } else {
+            planned.push(Some((next, count + 1, bytes + charge)));
         }
-        planned.push((next, count + 1, bytes + charge));
     }
-    let n = recipients.len() as u64;
+    let n = planned.iter().flatten().count() as u64;
+    if n == 0 {
+        // Every queue is full (recipients is not empty, so one refusal was kept).
+        return Err(first_full.unwrap_or(StoreError::Db("fanout: no recipient checked".to_string())));
+    }
     let row_len = 8 + entry_len as u64;
     let adding = row_len.saturating_add(n.saturating_mul(limits::FANOUT_ENTRY_BYTES));
     let used = d.counter(STORED_BYTES)?;
@@ -419,13 +432,17 @@ fn fanout<'a>(
     let channel_seq = d.next_channel_seq(channel, n)?;
     let id = d.counter(NEXT_PAYLOAD_ID)?.max(1);
     d.meta.insert(NEXT_PAYLOAD_ID, id + 1)?;
-    // The row carries the channel position every entry shares.
+    // The row carries the channel position every entry shares, and refs for the stored ones.
     let mut row = Vec::with_capacity(8 + entry_len);
     row.extend_from_slice(&n.to_be_bytes());
     row.extend_from_slice(&StoredMessage::encode_value(now, channel_seq, channel, payload));
     d.payloads.insert(id, &row[..])?;
     let mut seqs = Vec::with_capacity(recipients.len());
-    for (who, (next, count, bytes)) in recipients.iter().zip(planned) {
+    for (who, planned) in recipients.iter().zip(planned) {
+        let Some((next, count, bytes)) = planned else {
+            seqs.push(0);
+            continue;
+        };
         d.queue.insert(&queue_key(who, next)[..], &id.to_be_bytes()[..])?;
         d.queue_meta.insert(&who[..], (next + 1, count, bytes))?;
         seqs.push(next);

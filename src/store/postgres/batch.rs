@@ -14,7 +14,8 @@
 //! 2. in memory, the requests one after the other in arrival order: each takes its `channelSeq`
 //!    and `seq`s and checks every cap against the state left by the requests before it; a
 //!    refused request changes nothing and does not disturb the others (the caps are decided
-//!    here, so no SAVEPOINT is needed);
+//!    here, so no SAVEPOINT is needed); a fanout leaves out the recipients whose queues are
+//!    full and is refused only when that leaves nobody;
 //! 3. one pipelined round trip: one statement that inserts every payload and entry and updates
 //!    the queue rows, the channel rows and this connection's stored-bytes shard ([`WRITE_MAIL`]),
 //!    and COMMIT: one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a
@@ -344,6 +345,29 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
         };
         let channel = channel_of(op);
         let shared = matches!(op, WriteOp::Fanout { .. });
+        // A fanout skips the recipients whose queues are full and stores for the others (the
+        // schema's `enqueueFanout`); refused only when it would store for nobody.
+        let room = if shared {
+            // Against the state the requests before it left.
+            let held = |who: &IdentityKey| {
+                let q = queues.get(who).ok_or_else(missing_row)?;
+                Ok((q.count - q.freed_count, q.bytes - q.freed_bytes))
+            };
+            match mail::fanout_room(limits, channel, &items, held) {
+                Ok(room) => Some(room),
+                Err(TxError::Store(refused @ StoreError::QueueFull { .. })) => {
+                    outcomes.push(Err(refused));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let items = match &room {
+            Some(room) => mail::kept(&items, room),
+            None => items,
+        };
         let charge = mail::quota_charge(shared, channel, &items);
         let refused = plan_enqueue(limits, channel, &items, &queues, used, charge);
         if let Err(refused) = refused {
@@ -371,6 +395,10 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
         used += charge;
         adding_total += charge;
         rows.add(shared, channel, channel_seq, &items, &seqs);
+        let seqs = match &room {
+            Some(room) => mail::spread_seqs(room, seqs),
+            None => seqs,
+        };
         outcomes.push(Ok(Outcome::Enqueued {
             channel_seq: ops::unbig(channel_seq),
             seqs: seqs.into_iter().map(ops::unbig).collect(),
@@ -478,15 +506,8 @@ fn plan_enqueue(
             }
         };
         let add = mail::queue_charge(channel, payload);
-        if ops::unbig(count) + 1 > limits.max_messages
-            || ops::unbig(bytes) + ops::unbig(add) > limits.max_bytes
-        {
-            return Err(StoreError::QueueFull {
-                count: ops::unbig(count),
-                bytes: ops::unbig(bytes),
-                max_count: limits.max_messages,
-                max_bytes: limits.max_bytes,
-            });
+        if let Some(full) = mail::queue_full(limits, count, bytes, add) {
+            return Err(full);
         }
         planned.insert(*who, (count + 1, bytes + add));
     }

@@ -8,9 +8,9 @@
 
 use tokio_postgres::types::ToSql;
 
-use super::ops;
+use super::{TxError, ops};
 use crate::limits;
-use crate::store::{IdentityKey, StoredMessage};
+use crate::store::{IdentityKey, QueueLimits, StoreError, StoredMessage};
 
 /// The CTEs that insert mail: the messages (`$1`–`$5`: body, channel, channel_seq, refs, quota)
 /// and the entries (`$7`–`$11`: recipient, seq, the 1-based index of its message in `$1`, bytes,
@@ -90,6 +90,61 @@ pub(super) use release_or_delete_payloads;
 /// Bytes a message is charged on its recipient's queue: the whole message, which it will fetch.
 pub(super) fn queue_charge(channel: &[u8], payload: &[u8]) -> i64 {
     ops::big(StoredMessage::accounted_len(17 + channel.len() + payload.len()))
+}
+
+/// The refusal of one more message of `add` bytes to a queue that holds `count` messages and
+/// `bytes` bytes (after what acks freed), or None when it fits both caps.
+pub(super) fn queue_full(limits: QueueLimits, count: i64, bytes: i64, add: i64) -> Option<StoreError> {
+    let (count, bytes) = (ops::unbig(count), ops::unbig(bytes));
+    if count + 1 > limits.max_messages || bytes.saturating_add(ops::unbig(add)) > limits.max_bytes {
+        return Some(StoreError::QueueFull {
+            count,
+            bytes,
+            max_count: limits.max_messages,
+            max_bytes: limits.max_bytes,
+        });
+    }
+    None
+}
+
+/// Which recipients of a fanout (`items`, distinct) have room for it, given what each one's
+/// queue holds (`held`: messages, bytes); the first refusal when none has, so the fanout is
+/// refused only when it would store for nobody.
+pub(super) fn fanout_room(
+    limits: QueueLimits,
+    channel: &[u8],
+    items: &[(&IdentityKey, &[u8])],
+    mut held: impl FnMut(&IdentityKey) -> Result<(i64, i64), TxError>,
+) -> Result<Vec<bool>, TxError> {
+    let mut room = Vec::with_capacity(items.len());
+    let mut first_full = None;
+    for (who, payload) in items {
+        let (count, bytes) = held(who)?;
+        let full = queue_full(limits, count, bytes, queue_charge(channel, payload));
+        room.push(full.is_none());
+        if let Some(full) = full {
+            first_full.get_or_insert(full);
+        }
+    }
+    match first_full {
+        Some(full) if !room.contains(&true) => Err(TxError::Store(full)),
+        _ => Ok(room),
+    }
+}
+
+/// The items of a fanout whose `room` is true (the recipients it stores for), in order.
+pub(super) fn kept<'i>(
+    items: &[(&'i IdentityKey, &'i [u8])],
+    room: &[bool],
+) -> Vec<(&'i IdentityKey, &'i [u8])> {
+    items.iter().zip(room).filter(|(_, fits)| **fits).map(|(item, _)| *item).collect()
+}
+
+/// A fanout's answer in request order: the stored recipients' `seqs` where `room` is true, 0
+/// (no real seq is 0) for the skipped ones.
+pub(super) fn spread_seqs(room: &[bool], seqs: Vec<i64>) -> Vec<i64> {
+    let mut stored = seqs.into_iter();
+    room.iter().map(|fits| if *fits { stored.next().unwrap_or(0) } else { 0 }).collect()
 }
 
 /// What one accepted enqueue or fanout adds to the storage quota.

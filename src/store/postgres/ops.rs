@@ -239,6 +239,27 @@ async fn enqueue(
             TxError::Store(StoreError::Db("enqueue: a recipient's queue row went missing".to_string()))
         })
     };
+    // A fanout (distinct recipients) leaves out those whose queues are full and stores for the
+    // others (the schema's `enqueueFanout`); refused only when that leaves nobody.
+    let room = if shared {
+        let held = |who: &IdentityKey| {
+            // `find` answers an index of `state` (binary search) or an error.
+            let (_, _, count, bytes) = state[find(&state, who)?];
+            let (freed_count, freed_bytes) = freed.get(who).copied().unwrap_or((0, 0));
+            Ok((count - freed_count, bytes - freed_bytes))
+        };
+        Some(mail::fanout_room(limits, channel, items, held)?)
+    } else {
+        None
+    };
+    let kept;
+    let items = match &room {
+        Some(room) => {
+            kept = mail::kept(items, room);
+            &kept[..]
+        }
+        None => items,
+    };
     // Check every cap before writing anything.
     let adding = mail::quota_charge(shared, channel, items);
     let mut planned = state.clone();
@@ -247,14 +268,8 @@ async fn enqueue(
         let add = mail::queue_charge(channel, payload);
         let (_, _, count, bytes) = planned[i];
         let (freed_count, freed_bytes) = freed.get(*who).copied().unwrap_or((0, 0));
-        let (held, held_bytes) = (unbig(count - freed_count), unbig(bytes - freed_bytes));
-        if held + 1 > limits.max_messages || held_bytes + unbig(add) > limits.max_bytes {
-            return Err(TxError::Store(StoreError::QueueFull {
-                count: held,
-                bytes: held_bytes,
-                max_count: limits.max_messages,
-                max_bytes: limits.max_bytes,
-            }));
+        if let Some(full) = mail::queue_full(limits, count - freed_count, bytes - freed_bytes, add) {
+            return Err(TxError::Store(full));
         }
         planned[i].2 = count + 1;
         planned[i].3 = bytes + add;
@@ -287,7 +302,17 @@ async fn enqueue(
     let stmt = tx.prepare_cached(UPDATE_QUEUE_ROWS).await?;
     tx.execute(&stmt, &[&keys, &next, &counts, &totals]).await?;
     // Waiters are woken by the caller once this commits (here and on other nodes: see `wake`).
-    woken.extend(recipients);
+    let seqs = match &room {
+        // A fanout's items are its stored recipients, each once.
+        Some(room) => {
+            woken.extend(items.iter().map(|(w, _)| **w));
+            mail::spread_seqs(room, seqs)
+        }
+        None => {
+            woken.extend(recipients);
+            seqs
+        }
+    };
     Ok(Outcome::Enqueued { channel_seq: unbig(channel_seq), seqs: seqs.into_iter().map(unbig).collect() })
 }
 
