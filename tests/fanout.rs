@@ -139,3 +139,37 @@ fn a_welcome_to_several_new_members_is_stored_once() {
     assert_eq!(bob.recv(), vec!["[#team] dave: thanks"]);
     drop(server);
 }
+
+/// Security review: one member whose queue is full (offline for long, or flooded by a stranger
+/// who knows their key) made every message and commit to the group fail with "queue full", for
+/// everyone. The server now skips the full queue: the others still get each message and commit,
+/// and the sender is told who did not.
+#[test]
+fn a_member_with_a_full_queue_does_not_stop_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_config(dir.path(), "max_queue_messages = 3\n");
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| User::init(&server, n));
+    common::introduce(&[&alice, &bob, &carol]);
+    team_of_three(&alice, &bob, &carol);
+    // carol is away: three messages fill her queue.
+    for text in ["one", "two", "three"] {
+        alice.ok(&["send", "#team", text]);
+    }
+    assert_eq!(bob.recv().len(), 3);
+    let r = alice.run(&["send", "#team", "four"]);
+    assert!(r.ok, "sent to bob although carol's queue is full: {}", r.stderr);
+    assert!(
+        r.stderr.contains("carol did not get your message to #team: their queue on the server is full"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(bob.recv(), vec!["[#team] alice: four"]);
+    // A commit goes to bob too; carol missed it and is told to be no longer able to follow.
+    let r = alice.run(&["group", "update", "team"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("carol did not get a change to #team"), "{}", r.stderr);
+    assert!(r.stderr.contains("can no longer follow it"), "{}", r.stderr);
+    bob.ok(&["recv"]);
+    alice.ok(&["send", "#team", "after the update"]);
+    assert_eq!(bob.recv(), vec!["[#team] alice: after the update"]);
+}

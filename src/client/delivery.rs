@@ -12,8 +12,9 @@ use zeroize::Zeroizing;
 
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::inbox;
-use crate::client::messenger::entry_bytes;
-use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
+use crate::client::messenger::{
+    Carried, ClientError, CommitStatus, Event, Messenger, entry_bytes, valid_name,
+};
 use crate::client::parcel::Parcel;
 use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
@@ -179,7 +180,8 @@ impl Messenger {
             let Ok(group_id) = hex::decode(&key) else { continue };
             let recipients = self.mls.members(&group_id)?;
             let frame = Frame::Mls { group_id: group_id.clone(), message: commit }.encode();
-            self.fan_out(&group_id, &recipients, &frame).await?;
+            let skipped = self.fan_out(&group_id, &recipients, &frame).await?;
+            self.note_skipped(&group_id, &skipped, Carried::Commit);
             if let Some(p) = self.home.state.pending_commits.get_mut(&key) {
                 p.sent = true;
             }
@@ -202,6 +204,11 @@ impl Messenger {
         while let Some(item) = self.home.state.outbox.first().cloned() {
             let Outgoing { channel, recipients, frame } = item;
             match self.seal_for_each(&channel, &recipients, &frame).await {
+                // The server took it for the others; those whose queue is full never get it.
+                Ok(skipped) if !skipped.is_empty() => events.push(Event::WelcomeRefused {
+                    to: skipped,
+                    reason: "their queue on the server is full".into(),
+                }),
                 Ok(_) => {}
                 Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Ok(()),
                 Err(e) => {

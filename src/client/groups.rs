@@ -3,7 +3,7 @@
 use rand::RngCore;
 
 use crate::client::frame::Frame;
-use crate::client::messenger::{ClientError, CommitStatus, Event, Messenger, valid_name};
+use crate::client::messenger::{Carried, ClientError, CommitStatus, Event, Messenger, valid_name};
 use crate::client::state::{GroupKind, GroupMeta, Outgoing, PendingCommit};
 use crate::crypto::identity::PublicKey;
 use crate::mls::{self, KeyPackageError, MlsClient, Pending};
@@ -219,7 +219,8 @@ impl Messenger {
             let proposal = self.mls.leave_group(&group_id)?;
             self.persist()?;
             let frame = Frame::Mls { group_id: group_id.clone(), message: proposal }.encode();
-            self.fan_out(&group_id, &others, &frame).await?;
+            let skipped = self.fan_out(&group_id, &others, &frame).await?;
+            self.note_skipped(&group_id, &skipped, Carried::LeaveRequest);
         }
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&group_id)) {
             g.active = false;
@@ -375,13 +376,15 @@ impl Messenger {
             crate::failpoint::hit("commit-staged");
             let recipients = self.mls.members(group_id)?;
             let frame = Frame::Mls { group_id: group_id.to_vec(), message: pending.commit.clone() }.encode();
-            match self.fan_out(group_id, &recipients, &frame).await {
-                Ok(_) => {
+            // Those whose queue was full: told about once the commit won (a lost one is void).
+            let skipped = match self.fan_out(group_id, &recipients, &frame).await {
+                Ok(skipped) => {
                     crate::failpoint::hit("commit-sent");
                     if let Some(p) = self.home.state.pending_commits.get_mut(&key) {
                         p.sent = true;
                     }
                     self.home.save()?;
+                    skipped
                 }
                 Err(e) if !matches!(&e, ClientError::Session(se) if !se.is_definite_refusal()) => {
                     // Refused (or never sent): nothing was stored, the commit is void.
@@ -393,7 +396,7 @@ impl Messenger {
                 // Unknown whether the server has it: the record stays, and the next receive
                 // round sends it again (see `resend_unsent_commits`); a duplicate is harmless.
                 Err(e) => return Err(e),
-            }
+            };
             let mut rounds = 0;
             while !self.commits.contains_key(group_id) {
                 if rounds == CONFIRM_ROUNDS {
@@ -409,7 +412,14 @@ impl Messenger {
             }
             match self.commits.remove(group_id) {
                 // receive_round already sent the Welcome from the outbox.
-                Some(CommitStatus::Won) => return Ok(events),
+                Some(CommitStatus::Won) => {
+                    // Someone it removed need not follow the group.
+                    let members = self.mls.members(group_id)?;
+                    let skipped: Vec<[u8; 32]> =
+                        skipped.into_iter().filter(|k| members.contains(k)).collect();
+                    self.note_skipped(group_id, &skipped, Carried::Commit);
+                    return Ok(events);
+                }
                 _ => {
                     // Lost the epoch: the winner is applied; is our change still needed?
                     if !self.home.state.groups.get(&key).is_some_and(|g| g.active) {

@@ -194,6 +194,25 @@ pub(crate) enum CommitStatus {
     Lost,
 }
 
+/// What a fanout carried, for the notice naming the members whose full queue skipped it
+/// ([`Messenger::note_skipped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carried {
+    /// An application message: only it is lost to them.
+    Message,
+    /// Our request to leave: they will not commit it.
+    LeaveRequest,
+    /// A commit: without it they cannot read the group's later epochs.
+    Commit,
+}
+
+/// The recipients of a fanout the server skipped (seq 0: their queue is full), from its
+/// answer `seqs` in `recipients` order. A server that answers fewer seqs than it was asked
+/// about is out of protocol; the ones it left out are not named (the message was taken).
+fn skipped(recipients: &[[u8; 32]], seqs: &[u64]) -> Vec<[u8; 32]> {
+    recipients.iter().zip(seqs).filter(|(_, seq)| **seq == 0).map(|(r, _)| *r).collect()
+}
+
 /// The client: an open home plus (lazily) a connection.
 pub struct Messenger {
     pub(crate) home: Home,
@@ -710,17 +729,19 @@ impl Messenger {
 
     /// Sends a group's MLS `frame` (an encoded [`Frame::Mls`](super::frame::Frame::Mls)) once
     /// for every recipient on `channel`: the server stores one copy, and the cost does not grow
-    /// with the group beyond 32 bytes of key per recipient.
+    /// with the group beyond 32 bytes of key per recipient. Returns the recipients the server
+    /// skipped because their queue is full (it stored the frame for the others; see
+    /// [`Messenger::note_skipped`]).
     pub(crate) async fn fan_out(
         &mut self,
         channel: &[u8],
         recipients: &[[u8; 32]],
         frame: &[u8],
-    ) -> Result<u64, ClientError> {
+    ) -> Result<Vec<[u8; 32]>, ClientError> {
         let payload = Parcel::Group(frame).encode();
         let to: Vec<PublicKey> = recipients.iter().map(|r| PublicKey(*r)).collect();
-        let (channel_seq, _) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
-        Ok(channel_seq)
+        let (_, seqs) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
+        Ok(skipped(recipients, &seqs))
     }
 
     /// Seals `frame` (a Welcome's) once for its recipients ([`sealmany`]: the frame once, its key
@@ -729,14 +750,15 @@ impl Messenger {
     /// within a few dozen KB of the Welcome itself (whose size the server's payload limit
     /// bounds). Each Welcome stands alone, so splitting loses no ordering; if the connection
     /// drops between parcels the whole item is sent again, and a joiner who already joined drops
-    /// the repeat (its KeyPackage is used up). Returns the last parcel's channel sequence number.
+    /// the repeat (its KeyPackage is used up). Returns the recipients the server skipped because
+    /// their queue is full.
     pub(crate) async fn seal_for_each(
         &mut self,
         channel: &[u8],
         recipients: &[[u8; 32]],
         frame: &[u8],
-    ) -> Result<u64, ClientError> {
-        let mut channel_seq = 0;
+    ) -> Result<Vec<[u8; 32]>, ClientError> {
+        let mut skipped_all = Vec::new();
         for chunk in recipients.chunks(WELCOME_RECIPIENTS_PER_PARCEL) {
             let mut keys = Vec::with_capacity(chunk.len());
             for r in chunk {
@@ -748,12 +770,34 @@ impl Messenger {
             let Some(sealed) = sealmany::seal(&to, frame) else { continue };
             let payload = Parcel::SealedMany(&sealed).encode();
             let to: Vec<PublicKey> = chunk.iter().map(|r| PublicKey(*r)).collect();
-            (channel_seq, _) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
+            let (_, seqs) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
+            skipped_all.extend(skipped(chunk, &seqs));
             // Sealing is milliseconds per parcel, on the thread that also drives the QUIC
             // connections: let keep-alives out between parcels.
             tokio::task::yield_now().await;
         }
-        Ok(channel_seq)
+        Ok(skipped_all)
+    }
+
+    /// Records a notice naming the members of `group_id` (other than us) that a fanout of
+    /// `carried` skipped: the server took it for everyone else, so it counts as sent.
+    pub(crate) fn note_skipped(&mut self, group_id: &[u8], skipped: &[[u8; 32]], carried: Carried) {
+        let me = self.identity.public().0;
+        let names: Vec<String> =
+            skipped.iter().filter(|k| **k != me).map(|k| self.display_name_in(group_id, k)).collect();
+        if names.is_empty() {
+            return;
+        }
+        let (who, to) = (names.join(", "), self.conversation_name(group_id));
+        let full = "their queue on the server is full";
+        self.notices.push(match carried {
+            Carried::Message => format!("{who} did not get your message to {to}: {full}"),
+            Carried::LeaveRequest => format!("{who} did not get your leave request for {to}: {full}"),
+            Carried::Commit => format!(
+                "{who} did not get a change to {to} ({full}), so they can no longer follow it \
+                 until they are removed and added again"
+            ),
+        });
     }
 
     /// UDP bytes this messenger's open connections have sent (for `qpq bench`).

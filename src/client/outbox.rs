@@ -32,7 +32,7 @@
 use std::collections::HashSet;
 
 use crate::client::frame::{AppMessage, Frame};
-use crate::client::messenger::{ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
+use crate::client::messenger::{Carried, ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
@@ -319,10 +319,12 @@ impl Messenger {
             sent = Err(SessionError::Disconnected("the answer was lost (test point)".into()).into());
         }
         match sent {
-            Ok(_) => {
+            Ok(skipped) => {
                 // Tests stop here to leave a message on the server and in the outbox both.
                 crate::failpoint::hit("send-enqueued");
-                Ok((group_id, recipients.len()))
+                // Sent: the server has it for everyone but those whose queue is full.
+                self.note_skipped(&group_id, &skipped, Carried::Message);
+                Ok((group_id, recipients.len().saturating_sub(skipped.len())))
             }
             Err(e) => {
                 if matches!(&e, ClientError::Session(se) if !se.is_definite_refusal()) {
