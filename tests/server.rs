@@ -1393,6 +1393,35 @@ fn stored_bytes(dir: &std::path::Path) -> u64 {
 }
 
 on_both_backends! {
+/// PostgreSQL review: a refused enqueue committed the channel and queue rows its transaction
+/// had created (to lock them), so a stranger's refused enqueues to fresh channel ids left rows
+/// for 30 days that nothing charged. A refusal now changes no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_enqueue_leaves_no_channel_or_queue_row() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 1;
+    let server = start_server_with(cfg).await;
+    let full = Identity::generate().public();
+    local(async {
+        let s = connect(&server).await;
+        s.enqueue(&full.0, b"fills it", b"").await.unwrap();
+        let e = s.enqueue(&full.0, b"refused", b"fresh channel").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "{e}");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    if let common::Backend::Postgres(url) = common::backend() {
+        let count = |sql: &str| common::pg::Cluster::get().query(&url, sql);
+        let channel = hex::encode(b"fresh channel");
+        assert_eq!(count(&format!("SELECT count(*) FROM qpq_channels WHERE id = '\\x{channel}'")), "0");
+        assert_eq!(count("SELECT count(*) FROM qpq_queues"), "1", "only the full queue's row");
+    } else {
+        assert_eq!(stored_rows(dir.path()).1, 1, "one queue entry");
+    }
+}
+
 /// Security review: a stranger who filled one member's queue (10,000 anonymous 1-byte enqueues)
 /// made every fanout naming that member fail with queueFull, freezing all their groups. A full
 /// queue now skips its recipient (seq 0) and the others still get the message.

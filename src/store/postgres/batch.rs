@@ -420,8 +420,9 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
     let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
     // The mail, its queue and channel rows (locked in step 1) and the shard (the last lock of
-    // every batch) in one statement; a batch whose every request was refused stored nothing
-    // and changes no row.
+    // every batch) in one statement. A batch whose every request was refused stored nothing
+    // and is rolled back: step 1 created the channel and queue rows it named, and a stranger
+    // repeating refused enqueues to fresh keys and channel ids left rows nothing charged.
     let mail_params = rows.params(&now_i);
     let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
@@ -434,7 +435,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
             }
             tx.execute(&write_mail, &write_params).await
         },
-        tx.batch_execute("COMMIT"),
+        tx.batch_execute(if rows.is_empty() { "ROLLBACK" } else { "COMMIT" }),
     );
     written?;
     committed?;

@@ -355,6 +355,11 @@ impl Inner {
             let mut woken = Vec::new();
             let applied = ops::apply(&tx, self.limits, now_ms, &op, &mut woken).await;
             match applied {
+                // Refused: nothing it did is kept (the channel and queue rows it created).
+                Ok(Err(refused)) => {
+                    drop(tx);
+                    return Err(refused);
+                }
                 Ok(outcome) => match tx.commit().await {
                     Ok(()) => {
                         self.commits.fetch_add(1, Ordering::Relaxed);
