@@ -496,6 +496,9 @@ impl Messenger {
                 self.notices
                     .push("the server's database was replaced: publishing our keys again".to_string());
                 self.home.state.processed_seq = 0;
+                // Nor may an ack carried from the old database's round delete the new one's.
+                self.unacked = 0;
+                self.backlog = false;
                 replaced = true;
             }
             self.home.state.server_instance = instance;

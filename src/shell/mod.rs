@@ -4,9 +4,10 @@
 //! # Design
 //! One core loop on a current-thread runtime in a `LocalSet` (capnp-rpc is `!Send`) owns the
 //! [`Messenger`] and its connection for the whole session. It `select!`s between the next line
-//! from the [`input`] thread and a long poll `receive`; a line wins, the poll is dropped (safe:
-//! effects are saved before acks and `processed_seq` makes redelivery a no-op), the line runs,
-//! then the editor is asked for the next line. Arrivals go through the [`printer`] so they
+//! from the [`input`] thread and the lock-free wait for mail ([`Messenger::wait_for_mail`]); a
+//! line wins, the wait is dropped (it changes nothing), the line runs, then the editor is asked
+//! for the next line. When mail wins, the receive round runs whole (a round cut midway lost its
+//! events); lines typed meanwhile wait in the input channel. Arrivals go through the [`printer`] so they
 //! appear above a half-typed line. A failing receive is reported once and retried with backoff
 //! ([`link`]); commands keep working meanwhile, and those needing the server fail with one line.
 //! Messages never wait for the network: a chat line (or `send`) only queues the message in the
@@ -256,10 +257,11 @@ impl Shell {
                 self.out.status(&n);
                 return Step::Waiting;
             }
-            // Only stdin sends these, and it needs no prompt.
+            // A line that could not be read (not utf-8, too long): it failed. The editor waits
+            // for the next prompt request; stdin reads on without one.
             Input::Bad(e) => {
                 self.fail(&e);
-                return Step::Waiting;
+                return if self.input.is_editor() { Step::Ask } else { Step::Waiting };
             }
             _ => {}
         }
@@ -273,7 +275,7 @@ impl Shell {
                     Step::Ask
                 }
             },
-            Input::Interrupted | Input::Notice(_) | Input::Bad(_) => Step::Ask,
+            Input::Interrupted | Input::Notice(_) | Input::Bad(_) => Step::Ask, // (the last two returned above)
             Input::Eof => Step::Quit,
             Input::Failed(e) => {
                 self.fail(&e);
