@@ -773,8 +773,15 @@ impl Messenger {
             let Some(sealed) = sealmany::seal(&to, frame) else { continue };
             let payload = Parcel::SealedMany(&sealed).encode();
             let to: Vec<PublicKey> = chunk.iter().map(|r| PublicKey(*r)).collect();
-            let (_, seqs) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
-            skipped_all.extend(skipped(chunk, &seqs));
+            match self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await {
+                Ok((_, seqs)) => skipped_all.extend(skipped(chunk, &seqs)),
+                // Every recipient of this parcel has a full queue: it is theirs that fails,
+                // and the next parcels (and the ones before, already sent) are for others.
+                Err(e) if e.code() == Some(crate::proto::wire_error::ErrorCode::QueueFull) => {
+                    skipped_all.extend_from_slice(chunk)
+                }
+                Err(e) => return Err(e.into()),
+            }
             // Sealing is milliseconds per parcel, on the thread that also drives the QUIC
             // connections: let keep-alives out between parcels.
             tokio::task::yield_now().await;
@@ -798,7 +805,7 @@ impl Messenger {
             Carried::LeaveRequest => format!("{who} did not get your leave request for {to}: {full}"),
             Carried::Commit => format!(
                 "{who} did not get a change to {to} ({full}), so they can no longer follow it \
-                 until they are removed and added again"
+                 (in a group, remove them and add them again)"
             ),
         });
     }

@@ -285,9 +285,12 @@ impl Messenger {
                     .into_iter()
                     .partition(|o| o.group_id == group_id);
                 self.home.state.orphans = rest;
-                events.push(Event::Request { group_id: group_id.clone(), from });
                 for o in mine {
                     self.hold_for_request(&group_id, &o.message, events);
+                }
+                // Told only if it still waits: holding what came ahead of it may have dropped it.
+                if self.home.state.requests.pending.iter().any(|r| r.group_id == group_id) {
+                    events.push(Event::Request { group_id, from });
                 }
             }
             // The same invitation again (a resend): the first one stands.
