@@ -48,10 +48,8 @@ impl Messenger {
     /// The waiting part of [`Messenger::receive`]: true when a receive round has work (with
     /// `wait_ms` 0, queued sends or a backlog, at once), false when `wait_ms` passed with an
     /// empty queue or another qpq process on this home saved meanwhile (its reader shows what
-    /// it fetched). It holds no lock and changes nothing, so it may be cancelled at any point,
-    /// which a round may not be without losing its events: the shell races only this against
-    /// the next typed line, then runs the round (`receive(0)`) whole.
-    pub async fn wait_for_mail(&mut self, wait_ms: u32) -> Result<bool, ClientError> {
+    /// it fetched). It holds no lock and changes nothing, so it may be cancelled at any point.
+    async fn wait_for_mail(&mut self, wait_ms: u32) -> Result<bool, ClientError> {
         self.connect().await?;
         // Queued messages go out before any long wait; a backlog is fetched at once.
         if wait_ms == 0 || self.has_queued_sends() || self.backlog {

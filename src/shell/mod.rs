@@ -4,10 +4,11 @@
 //! # Design
 //! One core loop on a current-thread runtime in a `LocalSet` (capnp-rpc is `!Send`) owns the
 //! [`Messenger`] and its connection for the whole session. It `select!`s between the next line
-//! from the [`input`] thread and the lock-free wait for mail ([`Messenger::wait_for_mail`]); a
-//! line wins, the wait is dropped (it changes nothing), the line runs, then the editor is asked
-//! for the next line. When mail wins, the receive round runs whole (a round cut midway lost its
-//! events); lines typed meanwhile wait in the input channel. Arrivals go through the [`printer`] so they
+//! from the [`input`] thread and a long poll `receive`; a line wins, the poll is dropped (safe:
+//! effects are saved before acks and `processed_seq` makes redelivery a no-op), the line runs,
+//! then the editor is asked for the next line. A round dropped midway loses the events it had
+//! not shown yet (a Welcome's "added you"; the state itself is saved): running rounds whole
+//! made a dead link hold every typed line, `/quit` included, for minutes. Arrivals go through the [`printer`] so they
 //! appear above a half-typed line. A failing receive is reported once and retried with backoff
 //! ([`link`]); commands keep working meanwhile, and those needing the server fail with one line.
 //! Messages never wait for the network: a chat line (or `send`) only queues the message in the
@@ -116,8 +117,7 @@ enum Step {
 
 enum Wake {
     Input(Input),
-    /// The wait for mail ended: true when a receive round has work.
-    Mail(Result<bool, ClientError>),
+    Received(Result<Vec<Event>, ClientError>),
 }
 
 /// What makes two `/history` lines the same request (their target resolved).
@@ -185,20 +185,12 @@ impl Shell {
                     input = lines.recv() => Wake::Input(input.unwrap_or(Input::Eof)),
                     r = async {
                         tokio::time::sleep_until(due).await;
-                        m.wait_for_mail(wait).await
-                    } => Wake::Mail(r),
+                        m.receive(wait).await
+                    } => Wake::Received(r),
                 }
             };
             let step = match wake {
-                Wake::Mail(r) => {
-                    // The round runs whole: cancelled by a typed line, its events (a Welcome's
-                    // "added you", a request) were lost and a send cut midway could go twice.
-                    // Lines typed meanwhile wait in the channel.
-                    let r = match r {
-                        Ok(true) => self.m.receive(0).await,
-                        Ok(false) => Ok(Vec::new()),
-                        Err(e) => Err(e),
-                    };
+                Wake::Received(r) => {
                     self.received(r).await;
                     Step::Waiting
                 }
