@@ -121,7 +121,7 @@ interface NodeService {
     payload @1 :Data;
   }
 
-  enqueueFanout @6 (channelId :Data, payload :Data, recipients :List(Data)) -> (channelSeq :UInt64, seqs :List(UInt64));
+  enqueueFanout @6 (channelId :Data, payload :Data, recipients :List(Data), required :Data) -> (channelSeq :UInt64, seqs :List(UInt64));
   # DS, no authentication. Enqueues ONE payload for every key in recipients whose queue can take
   # it, in one atomic, durable transaction, with one channelSeq as in enqueueBatch; seqs[i] is
   # recipients[i]'s per-recipient sequence number, or 0 when recipients[i]'s queue was full and
@@ -143,15 +143,23 @@ interface NodeService {
   #     many is "tooLarge";
   #   - each recipient's queue is charged the whole payload (its view: what it will fetch)
   #     against its message and byte caps; a recipient whose queue has no room for it (at its
-  #     message cap, or the payload would pass its byte cap) is skipped (seq 0). When every recipient is skipped the call fails with "queueFull" and nothing is
-  #     stored (no channelSeq is taken);
+  #     message cap, or the payload would pass its byte cap) is skipped (seq 0). When every
+  #     recipient is skipped the call fails with "queueFull" and nothing is stored (no
+  #     channelSeq is taken);
+  #   - required (empty for none, the default, which old clients send) is one recipient that
+  #     must not be skipped: a 32-byte key that is one of recipients, else "badRequest". When
+  #     its queue has no room for the payload, the call fails with "queueFull" and nothing is
+  #     stored for anyone (no channelSeq is taken), as if every queue were full. A committer
+  #     names itself: its own copy, in the channel's order, is how it learns that its commit won
+  #     the epoch, so a commit its own copy would miss must reach no one (the others would move
+  #     to an epoch the committer never learns it created);
   #   - the server's storage quota (and this network's enqueue byte rate) is charged the payload
   #     once plus 48 bytes per stored recipient (its real cost; skipped ones cost nothing), else
   #     "overQuota" (retry hint, nothing stored); so one call can never cost the server more
   #     than payload + 48 bytes x recipients;
   #   - one token of the enqueue rate, shared with enqueue and enqueueBatch ("rateLimited").
-  # Every refusal but a full queue (the limits above, "overQuota", "rateLimited") fails the whole
-  # call and stores nothing for anyone.
+  # Every refusal but the full queue of a recipient that is not required (the limits above,
+  # "overQuota", "rateLimited") fails the whole call and stores nothing for anyone.
   # What the server learns is what it routes: the recipient keys, the channel id, the time and
   # the size, and that these recipients got the same payload (they share a group). The payload
   # is an MLS PrivateMessage: its group id, epoch and content type are in the clear (RFC 9420

@@ -1468,6 +1468,65 @@ async fn a_fanout_skips_full_queues_and_stores_for_the_others() {
     assert_eq!(stored_bytes(dir.path()), 6 * 18 + (8 + 17 + 3 + 1000) + 2 * entry + (8 + 17 + 3 + 1) + entry);
     assert_eq!(stored_rows(dir.path()), (2, 6 + 2 + 1), "no entry for a skipped recipient");
 }
+
+/// A committer learns that its commit won from its own copy, in the channel's order. When only
+/// its own queue was full (a stranger flooded it) the server skipped it and stored the commit
+/// for the others: they moved to the next epoch and the committer never did. A fanout that
+/// names a required recipient is refused whole when that recipient's queue is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_whose_required_recipients_queue_is_full_stores_nothing_for_anyone() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 2;
+    let server = start_server_with(cfg).await;
+    let (alice, bob, carol) = (Identity::generate(), Identity::generate(), Identity::generate());
+    let keys = [alice.public(), bob.public(), carol.public()];
+    let refused = |r: Result<(u64, Vec<u64>), SessionError>| match r {
+        Err(SessionError::Rpc(e)) => (e.code, e.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    local(async {
+        let s = connect(&server).await;
+        // A stranger fills alice's queue.
+        for _ in 0..2 {
+            s.enqueue(&keys[0].0, b"flood", b"").await.unwrap();
+        }
+        let (code, msg) = refused(s.enqueue_fanout_requiring(b"grp", b"commit", &keys, &keys[0]).await);
+        assert_eq!(code, ErrorCode::QueueFull, "{msg}");
+        assert!(msg.starts_with("queue full: recipient has 2 messages"), "{msg}");
+        // Also on a fresh channel, to fresh queues: no row is left behind (checked below).
+        let erin = Identity::generate().public();
+        let (code, _) = refused(s.enqueue_fanout_requiring(b"fresh", b"commit", &[erin, keys[0]], &keys[0]).await);
+        assert_eq!(code, ErrorCode::QueueFull);
+        for p in [&bob, &carol] {
+            let (msgs, _) = login(&server, p).await.fetch(0).await.unwrap();
+            assert!(msgs.is_empty(), "nothing stored for the others: {msgs:?}");
+        }
+        let stranger = Identity::generate().public();
+        assert_eq!(
+            refused(s.enqueue_fanout_requiring(b"grp", b"x", &keys[1..], &stranger).await),
+            (ErrorCode::BadRequest, "required key is not one of the recipients".into())
+        );
+        // Without the requirement the same fanout skips alice and stores for the others, at
+        // the channel's first position: the refused ones took none.
+        let (cseq, seqs) = s.enqueue_fanout(b"grp", b"commit", &keys).await.unwrap();
+        assert_eq!((cseq, seqs), (1, vec![0, 1, 1]));
+        // A required recipient with room is stored for like any other.
+        let (cseq, seqs) = s.enqueue_fanout_requiring(b"grp", b"m", &keys[1..], &keys[1]).await.unwrap();
+        assert_eq!((cseq, seqs), (2, vec![2, 2]));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    // alice's two enqueues; two fanout rows, each with two entries.
+    assert_eq!(stored_rows(dir.path()), (2, 2 + 2 + 2), "nothing of the refused fanouts");
+    if let common::Backend::Postgres(url) = common::backend() {
+        let count = |sql: &str| common::pg::Cluster::get().query(&url, sql);
+        let fresh = hex::encode(b"fresh");
+        assert_eq!(count(&format!("SELECT count(*) FROM qpq_channels WHERE id = '\\x{fresh}'")), "0");
+        assert_eq!(count("SELECT count(*) FROM qpq_queues"), "3", "no queue row for erin");
+    }
+}
 }
 
 /// PostgreSQL schema version 1 as it shipped (frozen here: a database written by it must keep

@@ -178,7 +178,7 @@ impl Messenger {
             let Ok(group_id) = hex::decode(&key) else { continue };
             let recipients = self.mls.members(&group_id)?;
             let frame = Frame::Mls { group_id: group_id.clone(), message: commit }.encode();
-            let skipped = self.fan_out(&group_id, &recipients, &frame).await?;
+            let skipped = self.fan_out_commit(&group_id, &recipients, &frame).await?;
             self.note_skipped(&group_id, &skipped, Carried::Commit);
             if let Some(p) = self.home.state.pending_commits.get_mut(&key) {
                 p.sent = true;
@@ -802,5 +802,71 @@ mod tests {
             (server, alice, bob)
         })
         .await;
+    }
+
+    /// A commit's fanout includes the committer: its own copy, in the channel's order, tells it
+    /// that the commit won. When only bob's own queue was full (a stranger flooded it between
+    /// his catch-up and his commit), the server skipped him and stored the commit for alice:
+    /// she moved to the next epoch, and bob waited for his copy, timed out and stayed behind
+    /// for good. His own copy is now required: the commit is refused and void for everyone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_whose_committers_queue_is_full_reaches_no_one() {
+        use crate::proto::wire_error::ErrorCode;
+        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let mut cfg = ServerConfig::new(server_dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        cfg.max_queue_messages = 8;
+        let server = server::start(cfg).await.unwrap();
+        let local = tokio::task::LocalSet::new();
+        let server = local
+            .run_until(async move {
+                let mut alice = person(alice_home.path(), "alice", &server).await;
+                let mut bob = person(bob_home.path(), "bob", &server).await;
+                let bob_key = bob.public_key().0;
+                alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
+                bob.contact_add("alice", &hex::encode(alice.public_key().0)).unwrap();
+                let group_id = alice.group_create("team").unwrap();
+                alice.group_add("team", &["bob".to_string()]).await.unwrap();
+                bob.receive(0).await.unwrap();
+                alice.receive(0).await.unwrap();
+                let epoch = alice.mls.epoch(&group_id).unwrap();
+                assert_eq!(bob.mls.epoch(&group_id).unwrap(), epoch);
+
+                // bob caught up; then a stranger fills his queue before his commit goes.
+                bob.connect().await.unwrap();
+                let stranger = alice.anonymous().await.unwrap();
+                while stranger.enqueue(&bob_key, b"flood", b"").await.is_ok() {}
+                let op = bob.begin().unwrap();
+                let gid = group_id.clone();
+                let committed =
+                    bob.commit_change(&group_id, move |m| m.self_update(&gid), &[], GroupKind::Group).await;
+                drop(op);
+                let code = match &committed {
+                    Err(ClientError::Session(e)) => e.code(),
+                    _ => None,
+                };
+                assert_eq!(code, Some(ErrorCode::QueueFull), "{committed:?}");
+                assert!(bob.state().pending_commits.is_empty(), "the commit is void");
+                assert_eq!(bob.mls.epoch(&group_id).unwrap(), epoch);
+                alice.receive(0).await.unwrap();
+                assert_eq!(alice.mls.epoch(&group_id).unwrap(), epoch, "alice got no commit");
+
+                // Once his queue drains, bob's messages read as ever and his next commit wins.
+                bob.receive(0).await.unwrap();
+                let team = crate::client::messenger::Target::Group("team".into());
+                bob.send(&team, "still here").await.unwrap();
+                let events = alice.receive(0).await.unwrap();
+                let read = |e: &Event| matches!(e, Event::Message(m) if m.text == "still here");
+                assert!(events.iter().any(read), "{events:?}");
+                bob.group_update("team").await.unwrap();
+                alice.receive(0).await.unwrap();
+                assert_eq!(alice.mls.epoch(&group_id).unwrap(), epoch + 1);
+                assert_eq!(bob.mls.epoch(&group_id).unwrap(), epoch + 1);
+                alice.disconnect().await;
+                bob.disconnect().await;
+                drop((alice_home, bob_home));
+                server
+            })
+            .await;
+        server.shutdown().await.unwrap();
     }
 }

@@ -377,7 +377,8 @@ impl Messenger {
             let recipients = self.mls.members(group_id)?;
             let frame = Frame::Mls { group_id: group_id.to_vec(), message: pending.commit.clone() }.encode();
             // Those whose queue was full: told about once the commit won (a lost one is void).
-            let skipped = match self.fan_out(group_id, &recipients, &frame).await {
+            // Our own copy is required: if our queue is full the commit reaches no one.
+            let skipped = match self.fan_out_commit(group_id, &recipients, &frame).await {
                 Ok(skipped) => {
                     crate::failpoint::hit("commit-sent");
                     if let Some(p) = self.home.state.pending_commits.get_mut(&key) {

@@ -747,6 +747,25 @@ impl Messenger {
         Ok(skipped(recipients, &seqs))
     }
 
+    /// [`Messenger::fan_out`] for a commit, whose `recipients` include us: our own copy is
+    /// required. Coming back in the channel's order, it is how we learn whether the commit won
+    /// the epoch; if the server skipped only us (our queue full, say flooded by a stranger), the
+    /// others would move to an epoch we never learn we created, and re-sending our copy later
+    /// could order it after a rival commit. So when our queue is full the server refuses the
+    /// whole fanout (queueFull) and the commit is void for everyone.
+    pub(crate) async fn fan_out_commit(
+        &mut self,
+        channel: &[u8],
+        recipients: &[[u8; 32]],
+        frame: &[u8],
+    ) -> Result<Vec<[u8; 32]>, ClientError> {
+        let payload = Parcel::Group(frame).encode();
+        let to: Vec<PublicKey> = recipients.iter().map(|r| PublicKey(*r)).collect();
+        let me = self.identity.public();
+        let (_, seqs) = self.anonymous().await?.enqueue_fanout_requiring(channel, &payload, &to, &me).await?;
+        Ok(skipped(recipients, &seqs))
+    }
+
     /// Seals `frame` (a Welcome's) once for its recipients ([`sealmany`]: the frame once, its key
     /// in a hybrid envelope per recipient) and fans it out on `channel`: the server stores one
     /// copy. Recipients go [`WELCOME_RECIPIENTS_PER_PARCEL`] to a parcel, so a parcel stays

@@ -443,18 +443,43 @@ impl Session {
         self.conn.stats().udp_tx.bytes
     }
 
-    /// Enqueues one payload for every recipient atomically (the server stores it once);
-    /// returns (channel_seq, seqs).
+    /// Enqueues one payload for every recipient whose queue has room, in one transaction (the
+    /// server stores it once); returns (channel_seq, seqs), a seq of 0 for each recipient the
+    /// server skipped because its queue is full.
     pub async fn enqueue_fanout(
         &self,
         channel: &[u8],
         payload: &[u8],
         recipients: &[PublicKey],
     ) -> Result<(u64, Vec<u64>), SessionError> {
+        self.fanout(channel, payload, recipients, None).await
+    }
+
+    /// [`Self::enqueue_fanout`], except that `required` (one of `recipients`) is never
+    /// skipped: when its queue is full the call is refused with `queueFull` and nothing is
+    /// stored for anyone. A committer requires itself (see `enqueueFanout` in the schema).
+    pub async fn enqueue_fanout_requiring(
+        &self,
+        channel: &[u8],
+        payload: &[u8],
+        recipients: &[PublicKey],
+        required: &PublicKey,
+    ) -> Result<(u64, Vec<u64>), SessionError> {
+        self.fanout(channel, payload, recipients, Some(required)).await
+    }
+
+    async fn fanout(
+        &self,
+        channel: &[u8],
+        payload: &[u8],
+        recipients: &[PublicKey],
+        required: Option<&PublicKey>,
+    ) -> Result<(u64, Vec<u64>), SessionError> {
         with_backoff(|| async {
             let mut req = self.node.enqueue_fanout_request();
             req.get().set_channel_id(channel);
             req.get().set_payload(payload);
+            req.get().set_required(required.map_or(&[][..], |k| &k.0[..]));
             let mut list = req.get().init_recipients(recipients.len() as u32);
             for (i, to) in recipients.iter().enumerate() {
                 list.set(i as u32, &to.0);

@@ -534,11 +534,12 @@ impl node_service::Server for NodeServiceImpl {
             let payload = p.get_payload()?;
             check_payload(&self.shared, payload)?;
             let recipients = parse_fanout_recipients(p.get_recipients()?)?;
+            let required = parse_required(p.get_required()?, &recipients)?;
             let held = payload.len().saturating_add(recipients.len() * limits::IDENTITY_KEY_LEN);
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
             let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
             let charged = payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX));
-            let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients };
+            let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients, required };
             match self.write_enqueue(op, charged).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     // Recipients whose queues were full (seq 0) got nothing and cost nothing.
@@ -584,6 +585,18 @@ fn parse_fanout_recipients(list: capnp::data_list::Reader<'_>) -> Result<Vec<Ide
         keys.push(who);
     }
     Ok(keys)
+}
+
+/// Reads the `required` key of an `enqueueFanout`: empty for none, else one of `recipients`.
+fn parse_required(data: &[u8], recipients: &[IdentityKey]) -> Result<Option<IdentityKey>, Error> {
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let required = parse_identity("required key", data)?;
+    if !recipients.contains(&required) {
+        return Err(failed("required key is not one of the recipients"));
+    }
+    Ok(Some(required))
 }
 
 /// An authenticated account: every method acts on `who` only.

@@ -22,10 +22,13 @@
 //! - **Fanout skips full queues.** `Fanout` stores its payload, in one transaction and with
 //!   one `channelSeq`, for every recipient whose queue has room for it under its message and
 //!   byte caps, and skips the others, whose seq in the answer is 0 (real seqs start at 1). It
-//!   is refused with [`StoreError::QueueFull`] only when every recipient is skipped, and then
-//!   stores nothing and takes no `channelSeq`. The storage quota is charged for what is stored
-//!   (the payload once, [`crate::limits::FANOUT_ENTRY_BYTES`] per stored recipient); a
-//!   duplicate recipient or the quota refuses the whole fanout.
+//!   is refused with [`StoreError::QueueFull`] only when every recipient is skipped, or when
+//!   the queue of its `required` recipient (one of them; a committer's own key) has no room;
+//!   a refused fanout stores nothing for anyone and takes no `channelSeq`. A `required` key
+//!   that is not a recipient requires nothing (the RPC layer refuses it before it gets here).
+//!   The storage quota is charged for what is stored (the payload once,
+//!   [`crate::limits::FANOUT_ENTRY_BYTES`] per stored recipient); a duplicate recipient or the
+//!   quota refuses the whole fanout.
 //! - **Per-recipient seq.** Each recipient's messages get strictly increasing `seq` numbers,
 //!   from 1, dense while its queue exists, never reused (also across deletion of empty queues,
 //!   restarts and, for PostgreSQL, nodes).

@@ -880,6 +880,7 @@ pub(crate) mod tests {
             channel: channel.to_vec(),
             payload: payload.to_vec(),
             recipients: recipients.to_vec(),
+            required: None,
         }
     }
 

@@ -40,8 +40,10 @@ pub enum WriteOp {
     /// Store one payload once for every recipient (distinct keys) whose queue can take it; one
     /// shared channel position when `channel` is set. Answered with [`Outcome::Enqueued`], seqs
     /// in `recipients` order, 0 for a recipient skipped because its queue is full (real seqs
-    /// start at 1); refused with [`StoreError::QueueFull`] only when every queue is full.
-    Fanout { channel: Vec<u8>, payload: Vec<u8>, recipients: Vec<IdentityKey> },
+    /// start at 1); refused with [`StoreError::QueueFull`] when every queue is full, or when
+    /// the queue of `required` (one of `recipients`, checked by the RPC layer) is: a recipient
+    /// that must not be skipped (a committer's own copy, see `enqueueFanout` in the schema).
+    Fanout { channel: Vec<u8>, payload: Vec<u8>, recipients: Vec<IdentityKey>, required: Option<IdentityKey> },
     /// Delete `who`'s messages with seq <= `up_to`.
     Ack { who: IdentityKey, up_to: u64 },
     /// Add single-use KeyPackages and optionally replace the last-resort one (already validated
@@ -286,8 +288,9 @@ fn apply_batch<'a>(
         for (op, _) in jobs {
             let out = match op {
                 WriteOp::Enqueue { channel, items } => enqueue(&mut d, limits, now_ms, channel, items, woken),
-                WriteOp::Fanout { channel, payload, recipients } => {
-                    fanout(&mut d, limits, now_ms, channel, payload, recipients, woken)
+                WriteOp::Fanout { channel, payload, recipients, required } => {
+                    let to = Recipients { all: recipients, required: required.as_ref() };
+                    fanout(&mut d, limits, now_ms, channel, payload, to, woken)
                 }
                 WriteOp::Ack { who, up_to } => ack(&mut d, who, *up_to),
                 WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
@@ -372,21 +375,30 @@ fn enqueue<'a>(
     Ok(Outcome::Enqueued { channel_seq, seqs })
 }
 
+/// Whom a fanout is for: `all` (distinct keys, in request order), and the one of them whose
+/// full queue refuses the whole fanout instead of being skipped.
+struct Recipients<'r> {
+    all: &'r [IdentityKey],
+    required: Option<&'r IdentityKey>,
+}
+
 /// One payload stored once in `payloads`, with a shared `queue` entry per recipient. Each
 /// recipient's caps are charged the whole entry (what it will fetch); the storage quota is
 /// charged the row once plus [`limits::FANOUT_ENTRY_BYTES`] per stored entry (what the file
 /// holds). A recipient whose queue cannot take the entry is skipped (seq 0) and the others still
 /// get it: one full queue must not refuse a whole group's mail (see `enqueueFanout` in the
-/// schema). Only when every recipient is skipped is the fanout refused, storing nothing.
+/// schema). Only when every recipient is skipped, or the required one would be, is the fanout
+/// refused, storing nothing.
 fn fanout<'a>(
     d: &mut Delivery<'_>,
     limits: QueueLimits,
     now: u64,
     channel: &'a [u8],
     payload: &'a [u8],
-    recipients: &[IdentityKey],
+    to: Recipients<'_>,
     woken: &mut Vec<Committed<'a>>,
 ) -> Result<Outcome, StoreError> {
+    let recipients = to.all;
     if recipients.is_empty() {
         // Nothing to store (the RPC layer refuses this); a row without refs would never go.
         return Ok(Outcome::Enqueued { channel_seq: 0, seqs: Vec::new() });
@@ -399,6 +411,8 @@ fn fanout<'a>(
     // Per recipient: its queue's new (next_seq, count, bytes), or None when it is skipped.
     let mut planned = Vec::with_capacity(recipients.len());
     let mut first_full = None;
+    // The refusal of the required recipient's full queue: it refuses the whole fanout.
+    let mut required_full = None;
     for (i, who) in recipients.iter().enumerate() {
         if let Some(first) = seen.insert(*who, i) {
             return Err(StoreError::DuplicateRecipient { first, again: i });
@@ -406,16 +420,25 @@ fn fanout<'a>(
         let (next, count, bytes) =
             d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0));
         if count + 1 > limits.max_messages || bytes + charge > limits.max_bytes {
-            first_full.get_or_insert(StoreError::QueueFull {
+            let full = StoreError::QueueFull {
                 count,
                 bytes,
                 max_count: limits.max_messages,
                 max_bytes: limits.max_bytes,
-            });
+            };
+            if to.required == Some(who) {
+                required_full = Some(full);
+            } else {
+                first_full.get_or_insert(full);
+            }
             planned.push(None);
         } else {
             planned.push(Some((next, count + 1, bytes + charge)));
         }
+    }
+    if let Some(full) = required_full {
+        // Checked before anything is written: nothing is stored for anyone.
+        return Err(full);
     }
     let n = planned.iter().flatten().count() as u64;
     if n == 0 {

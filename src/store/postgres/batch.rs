@@ -15,7 +15,7 @@
 //!    and `seq`s and checks every cap against the state left by the requests before it; a
 //!    refused request changes nothing and does not disturb the others (the caps are decided
 //!    here, so no SAVEPOINT is needed); a fanout leaves out the recipients whose queues are
-//!    full and is refused only when that leaves nobody;
+//!    full and is refused only when that leaves nobody or leaves out its required recipient;
 //! 3. one pipelined round trip: one statement that inserts every payload and entry and updates
 //!    the queue rows, the channel rows and this connection's stored-bytes shard ([`WRITE_MAIL`]),
 //!    and COMMIT: one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a
@@ -223,6 +223,14 @@ fn items(op: &WriteOp) -> Result<Vec<(&IdentityKey, &[u8])>, StoreError> {
     }
 }
 
+/// The recipient of a fanout that must not be skipped, if it names one.
+fn required_of(op: &WriteOp) -> Option<&IdentityKey> {
+    match op {
+        WriteOp::Fanout { required, .. } => required.as_ref(),
+        _ => None,
+    }
+}
+
 fn channel_of(op: &WriteOp) -> &[u8] {
     match op {
         WriteOp::Enqueue { channel, .. } | WriteOp::Fanout { channel, .. } => channel,
@@ -353,7 +361,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
                 let q = queues.get(who).ok_or_else(missing_row)?;
                 Ok((q.count - q.freed_count, q.bytes - q.freed_bytes))
             };
-            match mail::fanout_room(limits, channel, &items, held) {
+            match mail::fanout_room(limits, channel, &items, required_of(op), held) {
                 Ok(room) => Some(room),
                 Err(TxError::Store(refused @ StoreError::QueueFull { .. })) => {
                     outcomes.push(Err(refused));

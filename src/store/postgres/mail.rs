@@ -109,11 +109,13 @@ pub(super) fn queue_full(limits: QueueLimits, count: i64, bytes: i64, add: i64) 
 
 /// Which recipients of a fanout (`items`, distinct) have room for it, given what each one's
 /// queue holds (`held`: messages, bytes); the first refusal when none has, so the fanout is
-/// refused only when it would store for nobody.
+/// refused only when it would store for nobody, or the refusal of the `required` recipient's
+/// queue when it has none (that recipient must not be skipped: see `enqueueFanout`).
 pub(super) fn fanout_room(
     limits: QueueLimits,
     channel: &[u8],
     items: &[(&IdentityKey, &[u8])],
+    required: Option<&IdentityKey>,
     mut held: impl FnMut(&IdentityKey) -> Result<(i64, i64), TxError>,
 ) -> Result<Vec<bool>, TxError> {
     let mut room = Vec::with_capacity(items.len());
@@ -123,6 +125,9 @@ pub(super) fn fanout_room(
         let full = queue_full(limits, count, bytes, queue_charge(channel, payload));
         room.push(full.is_none());
         if let Some(full) = full {
+            if required == Some(*who) {
+                return Err(TxError::Store(full));
+            }
             first_full.get_or_insert(full);
         }
     }

@@ -116,10 +116,10 @@ pub(super) async fn apply(
     match op {
         WriteOp::Enqueue { channel, items } => {
             let items: Vec<(&IdentityKey, &[u8])> = items.iter().map(|(w, p)| (w, &p[..])).collect();
-            enqueue(tx, limits, now_ms, channel, false, &items, woken).await.map(Ok)
+            enqueue(tx, limits, now_ms, channel, Stored::Each, &items, woken).await.map(Ok)
         }
         // One payload row shared by every recipient's entry (see `mail`).
-        WriteOp::Fanout { channel, payload, recipients } => {
+        WriteOp::Fanout { channel, payload, recipients, required } => {
             let mut seen = std::collections::HashMap::with_capacity(recipients.len());
             for (i, who) in recipients.iter().enumerate() {
                 if let Some(first) = seen.insert(*who, i) {
@@ -127,7 +127,8 @@ pub(super) async fn apply(
                 }
             }
             let items: Vec<(&IdentityKey, &[u8])> = recipients.iter().map(|w| (w, &payload[..])).collect();
-            enqueue(tx, limits, now_ms, channel, true, &items, woken).await.map(Ok)
+            let stored = Stored::Shared { required: required.as_ref() };
+            enqueue(tx, limits, now_ms, channel, stored, &items, woken).await.map(Ok)
         }
         WriteOp::Ack { who, up_to } => ack(tx, who, *up_to).await.map(Ok),
         WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
@@ -176,15 +177,26 @@ async fn add_to_shard(tx: &Transaction<'_>, upsert: &str, delta: i64) -> Result<
     Ok(())
 }
 
+/// How [`enqueue`] stores its items.
+#[derive(Clone, Copy)]
+enum Stored<'r> {
+    /// Each item its own payload, for every recipient or none (`Enqueue`).
+    Each,
+    /// One payload shared by distinct recipients, skipping full queues other than
+    /// `required`'s (`Fanout`).
+    Shared { required: Option<&'r IdentityKey> },
+}
+
 async fn enqueue(
     tx: &Transaction<'_>,
     limits: QueueLimits,
     now: u64,
     channel: &[u8],
-    shared: bool,
+    stored: Stored<'_>,
     items: &[(&IdentityKey, &[u8])],
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Outcome, TxError> {
+    let shared = matches!(stored, Stored::Shared { .. });
     let now_i = big(now);
     // The channel row first (see the module docs for the lock order).
     let channel_seq = if channel.is_empty() {
@@ -240,15 +252,16 @@ async fn enqueue(
         })
     };
     // A fanout (distinct recipients) leaves out those whose queues are full and stores for the
-    // others (the schema's `enqueueFanout`); refused only when that leaves nobody.
-    let room = if shared {
+    // others (the schema's `enqueueFanout`); refused only when that leaves nobody or leaves
+    // out the required recipient.
+    let room = if let Stored::Shared { required } = stored {
         let held = |who: &IdentityKey| {
             // `find` answers an index of `state` (binary search) or an error.
             let (_, _, count, bytes) = state[find(&state, who)?];
             let (freed_count, freed_bytes) = freed.get(who).copied().unwrap_or((0, 0));
             Ok((count - freed_count, bytes - freed_bytes))
         };
-        Some(mail::fanout_room(limits, channel, items, held)?)
+        Some(mail::fanout_room(limits, channel, items, required, held)?)
     } else {
         None
     };
