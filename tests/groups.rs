@@ -207,7 +207,7 @@ fn group_add_fails_when_the_invitation_cannot_be_delivered() {
     let r = alice.run(&["group", "add", "team", "bob"]);
     assert!(!r.ok, "group add must not succeed: {}", r.stderr);
     assert!(r.stderr.contains("refused their invitation"), "{}", r.stderr);
-    assert!(r.stderr.contains("queue full"), "{}", r.stderr);
+    assert!(r.stderr.contains("queue on the server is full"), "{}", r.stderr);
 }
 
 /// Issue 11: a `group add` whose commit won but whose Welcome could not leave (the connection
