@@ -741,10 +741,7 @@ impl Messenger {
         recipients: &[[u8; 32]],
         frame: &[u8],
     ) -> Result<Vec<[u8; 32]>, ClientError> {
-        let payload = Parcel::Group(frame).encode();
-        let to: Vec<PublicKey> = recipients.iter().map(|r| PublicKey(*r)).collect();
-        let (_, seqs) = self.anonymous().await?.enqueue_fanout(channel, &payload, &to).await?;
-        Ok(skipped(recipients, &seqs))
+        self.fan_out_requiring(channel, recipients, frame, None).await
     }
 
     /// [`Messenger::fan_out`] for a commit, whose `recipients` include us: our own copy is
@@ -759,10 +756,25 @@ impl Messenger {
         recipients: &[[u8; 32]],
         frame: &[u8],
     ) -> Result<Vec<[u8; 32]>, ClientError> {
+        let me = self.identity.public();
+        self.fan_out_requiring(channel, recipients, frame, Some(&me)).await
+    }
+
+    /// The fanout of [`Messenger::fan_out`] and [`Messenger::fan_out_commit`].
+    async fn fan_out_requiring(
+        &mut self,
+        channel: &[u8],
+        recipients: &[[u8; 32]],
+        frame: &[u8],
+        required: Option<&PublicKey>,
+    ) -> Result<Vec<[u8; 32]>, ClientError> {
         let payload = Parcel::Group(frame).encode();
         let to: Vec<PublicKey> = recipients.iter().map(|r| PublicKey(*r)).collect();
-        let me = self.identity.public();
-        let (_, seqs) = self.anonymous().await?.enqueue_fanout_requiring(channel, &payload, &to, &me).await?;
+        let session = self.anonymous().await?;
+        let (_, seqs) = match required {
+            Some(me) => session.enqueue_fanout_requiring(channel, &payload, &to, me).await?,
+            None => session.enqueue_fanout(channel, &payload, &to).await?,
+        };
         Ok(skipped(recipients, &seqs))
     }
 
