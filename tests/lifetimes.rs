@@ -277,3 +277,26 @@ fn a_refused_key_package_upload_is_retried_at_the_next_round() {
     assert_eq!(key_packages_line(&bob, &server, 0), count_line(40, true));
     stop(server);
 }
+
+/// The envelope (hybrid) key's lifetime read the system clock while everything else with a
+/// lifetime reads the clock it is given, so no test could move it: a home made 8 days ago by
+/// its clock showed a key made today, and a receive round did not replace it. Now it follows
+/// the given clock: 8 days on, the key is 8 days old and the next round replaces it (keeping
+/// the old one for mail sealed to it).
+#[test]
+fn the_envelope_key_ages_and_is_replaced_by_the_clock_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), -8 * DAY);
+    let alice = init_at(&server, -8 * DAY, "alice");
+    let shown = ok_at(&alice, &server, -8 * DAY, &["keys", "show"]);
+    assert!(shown.contains("created 0 days ago") && shown.contains("replaced keys kept: 0"), "{shown}");
+    stop(server);
+
+    let server = serve_at(dir.path(), 0);
+    let shown = ok_at(&alice, &server, 0, &["keys", "show"]);
+    assert!(shown.contains("created 8 days ago"), "{shown}");
+    ok_at(&alice, &server, 0, &["recv"]);
+    let shown = ok_at(&alice, &server, 0, &["keys", "show"]);
+    assert!(shown.contains("created 0 days ago") && shown.contains("replaced keys kept: 1"), "{shown}");
+    stop(server);
+}

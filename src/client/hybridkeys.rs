@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::client::messenger::{ClientError, Messenger, now_ms};
+use crate::client::messenger::{ClientError, Messenger};
 use crate::crypto::hybrid::{
     self, HybridError, HybridPublicKey, HybridSecretKey, KEY_ID_LEN, SignedHybridKey,
 };
@@ -132,7 +132,7 @@ impl Messenger {
                 "sha256:{}",
                 hex::encode(&self.own_hybrid().public_key().fingerprint()[..8])
             ),
-            age_ms: now_ms().saturating_sub(state.hybrid_created_at_ms),
+            age_ms: self.clock.now_ms().saturating_sub(state.hybrid_created_at_ms),
             published: state.hybrid_published,
             retired: state.secrets.retired_hybrid.len(),
         }
@@ -182,7 +182,7 @@ impl Messenger {
     pub async fn rotate_hybrid_key(&mut self) -> Result<u64, ClientError> {
         let _op = self.begin()?;
         if self.home.state.hybrid_published {
-            self.replace_hybrid_key(now_ms())?;
+            self.replace_hybrid_key(self.clock.now_ms())?;
         }
         self.publish_hybrid_key().await?;
         Ok(self.home.state.hybrid_created_at_ms)
@@ -192,7 +192,7 @@ impl Messenger {
     /// Call with the home lock held.
     pub(crate) async fn maintain_hybrid_key(&mut self) -> Result<(), ClientError> {
         let _op = self.begin()?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         if purge_retired(&mut self.home.state.secrets.retired_hybrid, now) > 0 {
             self.home.save()?;
         }
@@ -241,7 +241,7 @@ impl Messenger {
             // Senders start sealing to the new key only now, so the previous key's keep time
             // starts now too, not at the (maybe much earlier) rotation.
             if let Some(previous) = state.secrets.retired_hybrid.first_mut() {
-                previous.retired_at_ms = previous.retired_at_ms.max(now_ms());
+                previous.retired_at_ms = previous.retired_at_ms.max(self.clock.now_ms());
             }
             self.home.save()?;
         }
@@ -255,7 +255,7 @@ impl Messenger {
         if *who == self.identity.public().0 {
             return Ok(self.own_hybrid().public_key());
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let known = self.home.state.hybrid_keys.get(who).cloned();
         let known_key = known.as_ref().and_then(|k| HybridPublicKey::from_bytes(&k.key).ok());
         if let (Some(k), Some(key)) = (&known, &known_key)

@@ -22,7 +22,6 @@ use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::client::outbox::Watch;
 use crate::client::parcel::Parcel;
@@ -258,10 +257,6 @@ impl Drop for OpGuard {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// What an entry costs in the state, for the byte bounds of history and inbox: its text plus
 /// the fixed fields (keys, times, group id).
 pub(crate) fn entry_bytes(e: &Entry) -> usize {
@@ -350,7 +345,7 @@ impl Messenger {
         let lr = mls.last_resort_key_package()?;
         let bytes: Vec<Vec<u8>> = kps.iter().map(|k| k.bytes.clone()).collect();
         session.upload_key_packages(&bytes, Some(&lr.bytes)).await?;
-        let hybrid_created_at_ms = now_ms();
+        let hybrid_created_at_ms = Clock::from_env().now_ms();
         session
             .upload_hybrid_key(&SignedHybridKey::sign(identity.signing_key(), hybrid_created_at_ms, &hybrid))
             .await?;
