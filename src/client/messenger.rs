@@ -494,6 +494,11 @@ impl Messenger {
                 // Nor may an ack carried from the old database's round delete the new one's.
                 self.unacked = 0;
                 self.backlog = false;
+                // Recorded with the new instance, so that a republish cut short below (a lost
+                // connection, a cancelled call) is done by the next rounds' upkeep instead of
+                // never: this instance is not "new" to the next connect.
+                self.home.state.hybrid_published = false;
+                self.home.state.rotate_last_resort = true;
                 replaced = true;
             }
             self.home.state.server_instance = instance;

@@ -7,8 +7,10 @@
 //! from the [`input`] thread and a long poll `receive`; a line wins, the poll is dropped (safe:
 //! effects are saved before acks and `processed_seq` makes redelivery a no-op), the line runs,
 //! then the editor is asked for the next line. A round dropped midway loses the events it had
-//! not shown yet (a Welcome's "added you"; the state itself is saved): running rounds whole
-//! made a dead link hold every typed line, `/quit` included, for minutes. Arrivals go through the [`printer`] so they
+//! not shown yet (a Welcome's "added you"; the state itself is saved), and a send cut between
+//! the server taking it and the outbox recording that is sent again, encrypted anew if the
+//! epoch moved meanwhile (so it can arrive twice). Running rounds whole avoided both but made a
+//! dead link hold every typed line, `/quit` included, for minutes. Arrivals go through the [`printer`] so they
 //! appear above a half-typed line. A failing receive is reported once and retried with backoff
 //! ([`link`]); commands keep working meanwhile, and those needing the server fail with one line.
 //! Messages never wait for the network: a chat line (or `send`) only queues the message in the

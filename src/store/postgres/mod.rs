@@ -355,11 +355,9 @@ impl Inner {
             let mut woken = Vec::new();
             let applied = ops::apply(&tx, self.limits, now_ms, &op, &mut woken).await;
             match applied {
-                // Refused: nothing it did is kept (the channel and queue rows it created).
-                Ok(Err(refused)) => {
-                    drop(tx);
-                    return Err(refused);
-                }
+                // An inner refusal commits what the operation did before refusing (a take that
+                // found no live package still deletes the expired ones, as redb does); a refused
+                // enqueue or fanout is an outer error and rolls back (`ops::apply`).
                 Ok(outcome) => match tx.commit().await {
                     Ok(()) => {
                         self.commits.fetch_add(1, Ordering::Relaxed);
