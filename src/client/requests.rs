@@ -157,27 +157,37 @@ impl RequestBook {
         let Some(application) = content_is_application(message) else {
             return Some(Held::Refused(Refusal::NotGroupMessage));
         };
-        let handshake_bytes = request.bytes()
-            - request.held.iter().filter(|m| is_application(&m.0)).map(|m| m.0.len()).sum::<usize>();
-        if handshake_bytes.saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
+        // Each held message parsed once for its content type.
+        let apps: Vec<bool> = request.held.iter().map(|m| is_application(&m.0)).collect();
+        let app_bytes: usize =
+            request.held.iter().zip(&apps).filter(|(_, a)| **a).map(|(m, _)| m.0.len()).sum();
+        let mut bytes = request.bytes();
+        if (bytes - app_bytes).saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
             if application {
                 return Some(Held::Refused(Refusal::TooLarge));
             }
             return Some(Held::Abandoned(self.pending.remove(i)));
         }
-        let mut evicted = 0;
-        loop {
-            let applications = request.held.iter().filter(|m| is_application(&m.0)).count();
-            let fits = request.bytes().saturating_add(message.len()) <= MAX_BYTES_PER_REQUEST
-                && (!application || applications < MAX_HELD_PER_REQUEST);
-            if fits {
-                break;
-            }
-            // Some application message is held: without them all, the message fits (above).
-            let Some(oldest) = request.held.iter().position(|m| is_application(&m.0)) else { break };
-            request.held.remove(oldest);
-            evicted += 1;
+        // The oldest application messages leave until the message fits; without them all it
+        // does (above).
+        let mut applications = apps.iter().filter(|a| **a).count();
+        let mut oldest_first = apps.iter().enumerate().filter(|(_, a)| **a).map(|(j, _)| j);
+        let mut leaving = vec![false; apps.len()];
+        while bytes.saturating_add(message.len()) > MAX_BYTES_PER_REQUEST
+            || (application && applications >= MAX_HELD_PER_REQUEST)
+        {
+            let Some(j) = oldest_first.next() else { break };
+            // Invariant: `j` indexes `apps`, which has one entry per held message.
+            leaving[j] = true;
+            bytes -= request.held[j].0.len();
+            applications -= 1;
         }
+        let evicted = leaving.iter().filter(|l| **l).count();
+        let mut index = 0;
+        request.held.retain(|_| {
+            index += 1;
+            !leaving[index - 1]
+        });
         request.held.push(HeldMessage(message.to_vec()));
         Some(Held::Kept { evicted })
     }
