@@ -138,6 +138,13 @@ pub const SWEEP_INTERVAL_SECS: u64 = 600;
 /// behind the sweep are never stalled for long, however big the queue table is.
 pub const SWEEP_SLICE_ROWS: usize = 4096;
 
+/// How long a PostgreSQL `qpq_channels` row (a channel's `channelSeq` counter) is kept unused
+/// before the sweep deletes it, raising `channel_seq_floor` over its numbers. Any length keeps
+/// the numbers rising; it bounds what a stranger's enqueues to fresh channel ids leave behind
+/// (one row each, uncharged) to what they can send in this time. redb deletes its row as soon
+/// as no message of the channel is queued.
+pub const CHANNEL_IDLE_MS: u64 = 3600 * 1000;
+
 /// Most request bytes one connection may have in calls the server has not answered yet. Bounds
 /// the memory a client can pin by pipelining big enqueues (capnp-rpc has no flow control).
 pub const MAX_INFLIGHT_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;

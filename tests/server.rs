@@ -1422,6 +1422,65 @@ async fn a_refused_enqueue_leaves_no_channel_or_queue_row() {
     }
 }
 
+/// Review: on PostgreSQL a channel's counter row lived until the message TTL (30 days) after
+/// its last use, uncharged, so a stranger enqueueing to fresh channel ids (and acking) left a
+/// row per call for a month. It now goes an hour after its last use, in slices, and numbers on
+/// the channel still only rise. (redb deletes its row once nothing on the channel is queued.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channels_counter_row_is_deleted_and_its_numbers_still_rise() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    let server = start_server_with(cfg).await;
+    let pg = match common::backend() {
+        common::Backend::Postgres(url) => Some(url),
+        common::Backend::Redb => None,
+    };
+    let count = |sql: &str| common::pg::Cluster::get().query(pg.as_deref().unwrap(), sql);
+    if pg.is_some() {
+        // Old idle rows of other channels, more than one sweep slice holds.
+        let n = qpq::limits::SWEEP_SLICE_ROWS * 2 + 10;
+        count(&format!(
+            "INSERT INTO qpq_channels (id, last_seq, touched_ms)
+             SELECT int8send(i), i, 0 FROM generate_series(1, {n}) i"
+        ));
+    }
+    let stranger = Identity::generate();
+    local(async {
+        let s = login(&server, &stranger).await;
+        let mut last = 0;
+        for channel in [&b"fresh 1"[..], b"fresh 2", b"fresh 3"] {
+            let (seq, cseq) = s.enqueue(&stranger.public().0, b"x", channel).await.unwrap();
+            s.ack(seq).await.unwrap();
+            last = last.max(cseq);
+        }
+        // A channel in use keeps its row.
+        s.enqueue(&stranger.public().0, b"kept", b"busy").await.unwrap();
+        clock.advance((qpq::limits::CHANNEL_IDLE_MS + 60_000) as i64);
+        s.enqueue(&stranger.public().0, b"kept", b"busy").await.unwrap();
+        server.sweep().await;
+        if pg.is_some() {
+            assert_eq!(count("SELECT count(*) FROM qpq_channels"), "1", "only the busy channel's row is left");
+        }
+        let (_, again) = s.enqueue(&stranger.public().0, b"y", b"fresh 1").await.unwrap();
+        assert!(again > last, "a re-created channel counts on above its old numbers: {again} > {last}");
+        if pg.is_some() {
+            let old = (qpq::limits::SWEEP_SLICE_ROWS * 2 + 10) as u64;
+            assert!(again > old, "and above the swept rows' numbers: {again} > {old}");
+        }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    if pg.is_none() {
+        use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+        let channels: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("channels");
+        let db = redb::Database::open(dir.path().join("qpq.db")).unwrap();
+        let rows = db.begin_read().unwrap().open_table(channels).unwrap().len().unwrap();
+        assert_eq!(rows, 2, "the channels with queued messages: busy and fresh 1");
+    }
+}
+
 /// Security review: a stranger who filled one member's queue (10,000 anonymous 1-byte enqueues)
 /// made every fanout naming that member fail with queueFull, freezing all their groups. A full
 /// queue now skips its recipient (seq 0) and the others still get the message.

@@ -65,9 +65,10 @@ pub enum WriteOp {
     /// Delete messages that have expired as of `now_ms` (ms since the Unix epoch), and rows too
     /// damaged to deliver, among at most [`limits::SWEEP_SLICE_ROWS`] queue rows after the key
     /// `after` (empty: from the start). One slice keeps the transaction, and so every commit
-    /// waiting behind it, short. The PostgreSQL store ignores `after` (and resumes with an
-    /// empty one): each slice deletes the oldest expired entries through an index on their age,
-    /// so what it deleted is its cursor, and nodes sweeping at once skip each other's rows.
+    /// waiting behind it, short. The PostgreSQL store resumes its entries with an empty `after`
+    /// (each slice deletes the oldest expired entries through an index on their age, so what it
+    /// deleted is its cursor, and nodes sweeping at once skip each other's rows), and its idle
+    /// channel rows, last, after the channel id `after` names.
     Sweep { now_ms: u64, after: Vec<u8> },
 }
 

@@ -137,7 +137,7 @@ pub(super) async fn apply(
         WriteOp::TakeKeyPackage { who, now } => take_key_package(tx, who, *now).await,
         WriteOp::ExpireKeyPackages { now } => expire_key_packages(tx, *now).await.map(Ok),
         WriteOp::PutHybridKey { who, signed } => put_hybrid_key(tx, limits, who, signed).await,
-        WriteOp::Sweep { now_ms, .. } => sweep(tx, limits, *now_ms).await.map(Ok),
+        WriteOp::Sweep { now_ms, after } => sweep(tx, limits, *now_ms, after).await.map(Ok),
     }
 }
 
@@ -382,11 +382,22 @@ async fn release_unreferenced(tx: &Transaction<'_>) -> Result<i64, TxError> {
     Ok(tx.query_one(&stmt, &[]).await?.get(0))
 }
 
-/// Deletes the oldest expired entries (one slice), then, once none are left, empty queue rows
-/// and idle channel rows (raising the floors in the same transaction).
-async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Outcome, TxError> {
-    let cutoff = big(now.saturating_sub(limits.ttl_ms));
+/// Deletes the oldest expired entries (one slice), then, once none are left, empty queue rows,
+/// then idle channel rows (raising the floors in the same transaction), each a slice per call.
+/// The channel rows go in id order from the one `after` names ([`CHANNELS_FROM`] ‖ id): an
+/// index walk that resumes where the last slice ended, so a sweep reads each row once however
+/// many there are.
+async fn sweep(
+    tx: &Transaction<'_>,
+    limits: QueueLimits,
+    now: u64,
+    after: &[u8],
+) -> Result<Outcome, TxError> {
     let slice = big(limits::SWEEP_SLICE_ROWS as u64);
+    if let Some(from) = after.strip_prefix(CHANNELS_FROM) {
+        return sweep_channels(tx, now, from, slice).await;
+    }
+    let cutoff = big(now.saturating_sub(limits.ttl_ms));
     let rows = tx
         .query(
             concat!(
@@ -432,14 +443,41 @@ async fn sweep(tx: &Transaction<'_>, limits: QueueLimits, now: u64) -> Result<Ou
         // More may be waiting; the caller comes back for the next slice.
         return Ok(Outcome::Swept { removed: unbig(removed), resume: Some(Vec::new()) });
     }
-    tx.execute(
-        "WITH d AS (DELETE FROM qpq_channels WHERE touched_ms < $1 RETURNING last_seq)
-         UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(last_seq), 0) FROM d))
-         WHERE name = 'channel_seq_floor'",
-        &[&cutoff],
-    )
-    .await?;
-    Ok(Outcome::Swept { removed: unbig(removed), resume: None })
+    sweep_channels(tx, now, &[], slice).await
+}
+
+/// The first byte of a sweep's resume key in its channel phase (see [`sweep`]).
+const CHANNELS_FROM: &[u8] = b"c";
+
+/// Deletes up to `slice` channel rows unused for [`limits::CHANNEL_IDLE_MS`] whose id is above
+/// `from` (skipping any an enqueue holds: it is using it; the delete rechecks the age of a row
+/// an enqueue touched meanwhile) and raises `channel_seq_floor` over their numbers in the same
+/// transaction.
+async fn sweep_channels(tx: &Transaction<'_>, now: u64, from: &[u8], slice: i64) -> Result<Outcome, TxError> {
+    let idle = big(now.saturating_sub(limits::CHANNEL_IDLE_MS));
+    let rows = tx
+        .query(
+            "WITH doomed AS (
+                 SELECT id FROM qpq_channels WHERE id > $1 AND touched_ms < $3
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), d AS (
+                 DELETE FROM qpq_channels c USING doomed WHERE c.id = doomed.id AND c.touched_ms < $3
+                 RETURNING c.last_seq
+             ), f AS (
+                 UPDATE qpq_meta SET value = GREATEST(value, (SELECT coalesce(max(last_seq), 0) FROM d))
+                 WHERE name = 'channel_seq_floor'
+             )
+             SELECT (SELECT count(*) FROM doomed), (SELECT id FROM doomed ORDER BY id DESC LIMIT 1)",
+            &[&from, &slice, &idle],
+        )
+        .await?;
+    let (walked, last): (i64, Option<Vec<u8>>) =
+        rows.first().map(|r| (r.get(0), r.get(1))).unwrap_or((0, None));
+    let resume = match last {
+        Some(last) if walked >= slice => Some([CHANNELS_FROM, &last].concat()),
+        _ => None,
+    };
+    Ok(Outcome::Swept { removed: 0, resume })
 }
 
 /// Deletes up to `slice` queue rows left with no message (`count − freed` ≤ 0) and their

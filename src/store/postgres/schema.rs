@@ -34,8 +34,8 @@
 //! deletes the payloads left at 0 (`qpq_payloads_unreferenced`, a partial index, finds them) and
 //! frees the quota of both. No committed payload has `refs` 0.
 //!
-//! A `qpq_queues` row left with count 0 and a `qpq_channels` row untouched for a TTL are
-//! deleted by the sweep, which raises `seq_floor`/`channel_seq_floor` to cover their numbers
+//! A `qpq_queues` row left with count 0 and a `qpq_channels` row untouched for
+//! [`crate::limits::CHANNEL_IDLE_MS`] (an hour) are deleted by the sweep, which raises `seq_floor`/`channel_seq_floor` to cover their numbers
 //! in the same transaction; a re-created row starts from the floor, so numbers never go back.
 //!
 //! # Version 3: acks do not lock the queue row
