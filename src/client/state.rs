@@ -79,6 +79,8 @@ pub enum StateError {
     OldVersion(u32),
     #[error("no home directory: pass --home or set QPQ_HOME")]
     NoHome,
+    #[error("an earlier save of this operation failed; nothing more is saved until it is run again")]
+    Unsaved,
 }
 
 impl From<DbError> for StateError {
@@ -411,6 +413,10 @@ pub struct Home {
     pub(crate) expire_before_ms: u64,
     /// What the last successful save did to the history.
     pub(crate) last_history: records::HistoryWrites,
+    /// A save failed since the last reload: what is in memory (`state`, and openmls's changes,
+    /// which that save took out of its store's dirty set) is not on disk, so no later save
+    /// may write part of it until [`Home::refresh`] reloads the durable state.
+    unsaved: bool,
     pub state: State,
 }
 
@@ -531,6 +537,7 @@ impl Home {
             mls_loaded: None,
             expire_before_ms: 0,
             last_history: Default::default(),
+            unsaved: false,
             state,
         };
         home.refresh()?;
@@ -558,6 +565,7 @@ impl Home {
             mls_loaded: None,
             expire_before_ms: 0,
             last_history: Default::default(),
+            unsaved: false,
             state: State::new(Secrets::new([0; 32], [0; 32]), None, None),
         };
         let loaded = home.refresh();
@@ -603,6 +611,7 @@ impl Home {
         self.written = written;
         self.mls_loaded = Some(mls);
         self.generation = Some(generation);
+        self.unsaved = false;
         self.hold.0.borrow_mut().seen = generation;
         Ok(true)
     }
@@ -636,19 +645,30 @@ impl Home {
 
     /// Writes the state records that changed and openmls's changed records (`mls`) in one
     /// transaction; returns once it is durable. Call with the lock held.
+    ///
+    /// After a failed save every later one fails too, with [`StateError::Unsaved`], until a
+    /// reload (the next operation's [`Home::refresh`]): the failed one took openmls's changes
+    /// out of their dirty set, so a later save would write the messenger's records (a pending
+    /// commit, a message marked sent) without the MLS records they depend on.
     pub fn save_with(&mut self, mls: Option<&MlsStore>) -> Result<(), StateError> {
+        if self.unsaved {
+            return Err(StateError::Unsaved);
+        }
         // Until this save succeeds, what is in memory is not what is on disk: the next
         // `refresh` reloads the durable state instead of building on (and, say, publishing a
         // key from) a state that was never saved.
         let expected = self.generation.take();
-        let db = self.hold.get_or_open(&self.dir, &self.key)?;
-        let mut w = db.write()?;
-        let (written, history) =
-            records::write_changed(&self.state, &self.written, self.expire_before_ms, &mut w)?;
-        if let Some(mls) = mls {
-            mls.flush(&mut w)?;
-        }
-        let generation = w.commit()?;
+        let (generation, written, history) = match self.write(mls) {
+            Ok(done) => done,
+            Err(e) => {
+                self.unsaved = true;
+                if let Some(mls) = mls {
+                    // Its cache holds records that are not on disk; read them again.
+                    mls.forget();
+                }
+                return Err(e);
+            }
+        };
         self.hold.0.borrow_mut().seen = generation;
         // A hint only (see `GENERATION_HINT`): losing it to a crash delays a waiter, nothing more.
         // Not synced, not atomic: a torn read parses as nothing and the next poll sees it whole.
@@ -664,6 +684,21 @@ impl Home {
             self.generation = Some(generation);
         }
         Ok(())
+    }
+
+    /// [`Home::save_with`]'s transaction: (generation, records written, history writes).
+    fn write(
+        &self,
+        mls: Option<&MlsStore>,
+    ) -> Result<(u64, records::Written, records::HistoryWrites), StateError> {
+        let db = self.hold.get_or_open(&self.dir, &self.key)?;
+        let mut w = db.write()?;
+        let (written, history) =
+            records::write_changed(&self.state, &self.written, self.expire_before_ms, &mut w)?;
+        if let Some(mls) = mls {
+            mls.flush(&mut w)?;
+        }
+        Ok((w.commit()?, written, history))
     }
 }
 
@@ -739,6 +774,58 @@ mod tests {
         assert!(home.state.mls_storage.is_empty(), "mls records live in their own table");
         let mls = crate::mls::MlsClient::from_store(&[1; 32], home.take_mls().unwrap()).unwrap();
         assert_eq!(mls.group_ids(), vec![b"a group".to_vec()]);
+    }
+
+    /// The process [`a_save_after_a_failed_one_writes_nothing_until_a_reload`] starts, with the
+    /// journal's fdatasync failing: an MLS change and a contact fail to save, then a later save
+    /// of the same operation must fail too.
+    #[test]
+    #[ignore = "run by a_save_after_a_failed_one_writes_nothing_until_a_reload"]
+    fn failed_save_child() {
+        let Some(dir) = std::env::var_os("QPQ_TEST_HOME") else { return };
+        let mut home = Home::open(Path::new(&dir), None).unwrap();
+        let _lock = home.lock().unwrap();
+        home.refresh().unwrap();
+        let store = home.take_mls().unwrap();
+        // Reads through this operation's handle, as `Messenger::begin` attaches it.
+        store.attach(home.db().unwrap());
+        let mut mls = crate::mls::MlsClient::from_store(&[1; 32], store).unwrap();
+        mls.create_group(b"new group").unwrap();
+        home.state.contacts.insert("carol".into(), [4; 32]);
+        assert!(home.save_with(Some(mls.store())).is_err(), "the journal's sync failed");
+        // A later write would go to redb (a checkpoint), which works.
+        home.state.server = Some("127.0.0.1:7001".into());
+        let e = home.save().unwrap_err();
+        assert!(matches!(e, StateError::Unsaved), "{e}");
+        // A reload starts over from what is on disk.
+        home.refresh().unwrap();
+        assert!(!home.state.contacts.contains_key("carol"));
+        home.state.contacts.insert("dave".into(), [5; 32]);
+        home.save().unwrap();
+    }
+
+    /// Review: a failed save took openmls's changes out of their dirty set, and a later save
+    /// in the same operation (callers that report an error and go on, e.g. a leave that could
+    /// not be committed) wrote the messenger's records without them: a pending commit without
+    /// openmls's, a contact without the group made with it. Fails without `Home::unsaved`.
+    #[test]
+    fn a_save_after_a_failed_one_writes_nothing_until_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Home::create(dir.path(), sample(), Unlock::None).unwrap());
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["client::state::tests::failed_save_child", "--exact", "--ignored", "--nocapture"])
+            .env("QPQ_TEST_HOME", dir.path())
+            .env("QPQ_FAILPOINT", "clientdb-journal-sync-fails")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+        let mut home = Home::open(dir.path(), None).unwrap();
+        let mls = crate::mls::MlsClient::from_store(&[1; 32], home.take_mls().unwrap()).unwrap();
+        assert_eq!(mls.group_ids(), vec![b"a group".to_vec()], "the failed save wrote nothing");
+        assert!(!home.state.contacts.contains_key("carol"), "nor did the save after it");
+        assert_eq!(home.state.server.as_deref(), Some("127.0.0.1:7000"));
+        assert_eq!(home.state.contacts.get("dave"), Some(&[5; 32]), "the save after a reload did");
     }
 
     #[test]
