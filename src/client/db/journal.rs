@@ -263,15 +263,27 @@ impl Journal {
     }
 
     /// Empties the journal once redb covers every entry: the header's base becomes the next
-    /// sequence number (one block write and one `fdatasync`).
+    /// sequence number, and the entries' bytes are overwritten with zeros (one write and one
+    /// `fdatasync`). Zeros, not just a new base: the entries are sealed under the record key,
+    /// which lives as long as the home, so superseded ratchet secrets and history that
+    /// retention deleted must not stay readable in the file until later entries happen to
+    /// overwrite them. Crash-safe in any order: zeros without the new header end the replay
+    /// at the old base, whose entries redb already covers.
     pub fn reset(&mut self) -> Result<(), super::DbError> {
-        let mut header = [0u8; 40];
-        header[..16].copy_from_slice(MAGIC);
-        header[16..32].copy_from_slice(&self.id);
-        header[32..40].copy_from_slice(&self.next_seq.to_le_bytes());
+        // The header, then zeros up to what the entries used: `end`, or the whole file after a
+        // failed write, which may have left an entry past `end`.
+        let upto = if self.failed { JOURNAL_BYTES } else { self.end.clamp(HEADER_BYTES, JOURNAL_BYTES) };
+        // Invariant: at most JOURNAL_BYTES (256 KiB), which fits a usize.
+        let mut block = vec![0u8; upto as usize];
+        block[..16].copy_from_slice(MAGIC);
+        block[16..32].copy_from_slice(&self.id);
+        block[32..40].copy_from_slice(&self.next_seq.to_le_bytes());
         // A failure leaves the header unknown: `failed` keeps appends off until a reset passes.
         self.failed = true;
-        write_all_at(&self.file, &header, 0).map_err(io_err("write", &self.path))?;
+        if crate::failpoint::active("clientdb-journal-reset-fails") {
+            return Err(super::DbError::Io { op: "write", reason: "failpoint".into() });
+        }
+        write_all_at(&self.file, &block, 0).map_err(io_err("write", &self.path))?;
         self.file.sync_data().map_err(io_err("sync", &self.path))?;
         self.end = HEADER_BYTES;
         self.failed = false;

@@ -92,6 +92,15 @@ fn journal_child() {
             w.put(Table::State, b"k", &vec![5u8; 300 << 10]).unwrap();
             w.commit().unwrap();
         }
+        // Run with the journal's reset failing: writes through redb (checkpoints) are durable
+        // and say so; the journal stays unused meanwhile.
+        "reset-fails" => {
+            put(&db, "first", b"in the journal");
+            let mut w = db.write().unwrap();
+            w.put(Table::State, b"big", &vec![6u8; 300 << 10]).unwrap();
+            w.commit().expect("a durable checkpoint is reported as done");
+            put(&db, "small", b"after it");
+        }
         // Two processes taking turns: check what the other wrote, then write ours.
         turn => {
             let n: u64 = turn.strip_prefix("turn-").unwrap().parse().unwrap();
@@ -454,4 +463,39 @@ fn a_journal_write_that_failed_never_comes_back_over_a_later_one() {
     let db = ClientDb::open(dir.path(), &key()).unwrap();
     assert_eq!(value(&db, "after").as_deref(), Some(&b"journaled"[..]));
     assert_eq!(value(&db, "k"), Some(vec![5u8; 300 << 10]));
+}
+
+/// Review: a checkpoint whose redb commit was durable was reported as failed when only the
+/// journal's reset after it failed, so callers treated a saved write as lost (say, dropped a
+/// queued message already sealed and saved). Fails without the fix (the child's expect).
+#[test]
+fn a_checkpoint_whose_journal_reset_fails_is_still_done() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    assert_eq!(child(dir.path(), "reset-fails", Some("clientdb-journal-reset-fails")), Some(0));
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert_eq!(value(&db, "first").as_deref(), Some(&b"in the journal"[..]));
+    assert_eq!(value(&db, "big"), Some(vec![6u8; 300 << 10]));
+    assert_eq!(value(&db, "small").as_deref(), Some(&b"after it"[..]));
+}
+
+/// Review: a reset rewrote only the header, so the entries stayed in the file, readable with
+/// the home's key (which never changes) until later entries happened to overwrite them:
+/// superseded ratchet secrets, history that retention had deleted. A checkpoint now leaves
+/// zeros where they were. Fails without the fix.
+#[test]
+fn a_checkpoint_leaves_no_entry_bytes_in_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    for i in 0..3 {
+        put(&db, &format!("secret {i}"), &[7u8; 500]);
+    }
+    assert_eq!(frames(dir.path()).len(), 3);
+    db.checkpoint().unwrap();
+    let bytes = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+    let rest = &bytes[HEADER_BYTES as usize..];
+    assert!(rest.iter().all(|b| *b == 0), "{} non-zero bytes left", rest.iter().filter(|b| **b != 0).count());
+    drop(db);
+    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    assert_eq!(value(&db, "secret 2").as_deref(), Some(&[7u8; 500][..]));
 }
