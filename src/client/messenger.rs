@@ -336,8 +336,11 @@ impl Messenger {
         let server = opts.server.clone().ok_or(ClientError::NoServer)?;
         let identity = Identity::generate();
         let hybrid = HybridSecretKey::generate();
+        // One clock for the messenger and its MLS client (KeyPackage lifetimes), so a test that
+        // moves it moves both.
+        let clock = Clock::from_env();
         let mls =
-            MlsClient::new(identity.seed())?.with_clock(Clock::from_env()).with_display_name(name.as_deref());
+            MlsClient::new(identity.seed())?.with_clock(clock.clone()).with_display_name(name.as_deref());
         let (mut session, first_use) = open_session(&server, None, opts.fingerprint).await?;
         session.authenticate(&identity).await?;
         let server_instance = session.server_instance();
@@ -345,7 +348,7 @@ impl Messenger {
         let lr = mls.last_resort_key_package()?;
         let bytes: Vec<Vec<u8>> = kps.iter().map(|k| k.bytes.clone()).collect();
         session.upload_key_packages(&bytes, Some(&lr.bytes)).await?;
-        let hybrid_created_at_ms = Clock::from_env().now_ms();
+        let hybrid_created_at_ms = clock.now_ms();
         session
             .upload_hybrid_key(&SignedHybridKey::sign(identity.signing_key(), hybrid_created_at_ms, &hybrid))
             .await?;
@@ -364,7 +367,7 @@ impl Messenger {
         // The same records as `mls`, but clean: nothing left to write.
         let mls = match home.take_mls() {
             Some(store) => MlsClient::from_store_lazy(identity.seed(), store)?
-                .with_clock(Clock::from_env())
+                .with_clock(clock.clone())
                 .with_display_name(home.state.name.as_deref()),
             None => mls,
         };
@@ -380,7 +383,7 @@ impl Messenger {
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
-            clock: Clock::from_env(),
+            clock,
             watch: Watch::default(),
             backlog: false,
             unacked: 0,
@@ -396,8 +399,9 @@ impl Messenger {
     ) -> Result<Messenger, ClientError> {
         let mut home = Home::open(dir, passphrase)?;
         let identity = Identity::from_seed(&home.state.secrets.identity_seed);
+        let clock = Clock::from_env();
         let mls = MlsClient::from_store_lazy(identity.seed(), home.take_mls().unwrap_or_default())?
-            .with_clock(Clock::from_env())
+            .with_clock(clock.clone())
             .with_display_name(home.state.name.as_deref());
         Ok(Messenger {
             home,
@@ -410,7 +414,7 @@ impl Messenger {
             kp_check: false,
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
-            clock: Clock::from_env(),
+            clock,
             watch: Watch::default(),
             backlog: false,
             unacked: 0,
@@ -431,7 +435,7 @@ impl Messenger {
             && let Some(store) = self.home.take_mls()
         {
             self.mls = MlsClient::from_store_lazy(self.identity.seed(), store)?
-                .with_clock(Clock::from_env())
+                .with_clock(self.clock.clone())
                 .with_display_name(self.home.state.name.as_deref());
         }
         // openmls reads its records on demand through this operation's handle (the previous
