@@ -96,6 +96,12 @@ pub const MAX_FANOUT_RECIPIENTS: usize = 10_000;
 /// costs the server at most payload + 48 bytes x recipients.
 pub const FANOUT_ENTRY_BYTES: u64 = 48;
 
+/// What a refused enqueue, batch or fanout costs its network's mail budget per recipient it
+/// names (in place of its payloads, which are given back): what storing an entry for that
+/// recipient would have cost the storage quota, so refusals cost the sender about what the
+/// store's per-recipient checks cost the server. See `write_enqueue` in `server::rpc`.
+pub const REFUSED_RECIPIENT_BYTES: u64 = FANOUT_ENTRY_BYTES;
+
 /// Bytes of capnp structure around each batch item (list element, two pointers, a 32-byte key).
 const BATCH_ITEM_OVERHEAD: usize = 64;
 
@@ -297,7 +303,8 @@ pub const DEFAULT_KEY_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 777.0, burs
 /// Default budget of mail bytes one network (an IPv4 address or an IPv6 /48) may enqueue: 1 GiB
 /// at once, refilled at 1 GiB a day (~12.4 KB/s). Each enqueue is charged its payloads, a fanout
 /// its payload once plus [`FANOUT_ENTRY_BYTES`] per recipient (what the storage quota charges),
-/// all or nothing, before the store is asked.
+/// all or nothing, before the store is asked. A write the store refuses costs
+/// [`REFUSED_RECIPIENT_BYTES`] per recipient instead.
 ///
 /// Why: the enqueue rates count calls, and one call carries up to 16 MiB to recipients that
 /// cost nothing to name. One address filled the default 16 GiB storage quota in about 1,000

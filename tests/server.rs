@@ -1392,6 +1392,39 @@ fn stored_bytes(dir: &std::path::Path) -> u64 {
     used.unwrap_or(0)
 }
 
+/// The wire code of a call's refusal (panics on success).
+fn refusal_code<T: std::fmt::Debug>(r: Result<T, capnp::Error>) -> qpq::proto::wire_error::ErrorCode {
+    match r.map_err(SessionError::from) {
+        Err(SessionError::Rpc(e)) => e.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// A key no one uses, the `i`th of a series.
+fn fresh_key(i: u32) -> PublicKey {
+    let mut k = [0xA5u8; 32];
+    k[..4].copy_from_slice(&i.to_be_bytes());
+    PublicKey(k)
+}
+
+/// Sends `call` until the server answers `rateLimited`; every answer before it must be
+/// `queueFull`. Returns how many were refused `queueFull` first (panics after `most`).
+async fn refused_until_rate_limited<F, Fut>(most: usize, mut call: F) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = qpq::proto::wire_error::ErrorCode>,
+{
+    use qpq::proto::wire_error::ErrorCode;
+    for refused in 0..most {
+        match call().await {
+            ErrorCode::QueueFull => {}
+            ErrorCode::RateLimited => return refused,
+            other => panic!("expected queueFull or rateLimited, got {other:?}"),
+        }
+    }
+    panic!("{most} refused calls and still not rate limited: refusals cost the sender nothing");
+}
+
 on_both_backends! {
 /// PostgreSQL review: a refused enqueue committed the channel and queue rows its transaction
 /// had created (to lock them), so a stranger's refused enqueues to fresh channel ids left rows
@@ -1585,6 +1618,78 @@ async fn a_fanout_whose_required_recipients_queue_is_full_stores_nothing_for_any
         assert_eq!(count(&format!("SELECT count(*) FROM qpq_channels WHERE id = '\\x{fresh}'")), "0");
         assert_eq!(count("SELECT count(*) FROM qpq_queues"), "3", "no queue row for erin");
     }
+}
+
+/// A refused fanout gave its network's byte budget back in full, so a stranger could repeat
+/// one naming thousands of fresh keys and then a queue it had filled at the call rate alone,
+/// each costing the store work per recipient. Now a refusal costs 48 bytes per recipient it
+/// names (its payload is given back), and the budget runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_fanouts_spend_the_networks_byte_budget_per_recipient_named() {
+    use qpq::proto::node_capnp::node_service;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 1;
+    // One byte every 100 s: the test's real time refills nothing that counts.
+    cfg.rate_limits.enqueue_bytes_per_network = qpq::server::ratelimit::Rate { per_sec: 0.01, burst: 200_000 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let filled = fresh_key(u32::MAX);
+        s.enqueue(&filled.0, b"x", b"").await.unwrap();
+        let mut recipients: Vec<PublicKey> = (0..1_000).map(fresh_key).collect();
+        recipients.push(filled);
+        let node = node_service::Client { client: s.raw_node_client() };
+        let fanout = || {
+            let mut req = node.enqueue_fanout_request();
+            req.get().set_payload(b"y");
+            req.get().set_required(&filled.0);
+            let mut list = req.get().init_recipients(recipients.len() as u32);
+            for (i, to) in recipients.iter().enumerate() {
+                list.set(i as u32, &to.0);
+            }
+            async move { refusal_code(req.send().promise.await.map(|_| ())) }
+        };
+        // 199,999 bytes left; each refusal keeps 1,001 x 48 = 48,048 of the 48,049 it took.
+        assert_eq!(refused_until_rate_limited(50, fanout).await, 4);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// The same for a batch: it is refused at its one full queue, after the store checked the
+/// items before it; a refusal costs 48 bytes per item, however small its payloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_batches_spend_the_networks_byte_budget_per_item() {
+    use qpq::proto::node_capnp::node_service;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    cfg.max_queue_messages = 1;
+    cfg.rate_limits.enqueue_bytes_per_network = qpq::server::ratelimit::Rate { per_sec: 0.01, burst: 20_000 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let s = connect(&server).await;
+        let filled = fresh_key(u32::MAX);
+        s.enqueue(&filled.0, b"x", b"").await.unwrap();
+        let mut recipients: Vec<PublicKey> = (0..100).map(fresh_key).collect();
+        recipients.push(filled);
+        let node = node_service::Client { client: s.raw_node_client() };
+        let batch = || {
+            let mut req = node.enqueue_batch_request();
+            let mut list = req.get().init_items(recipients.len() as u32);
+            for (i, to) in recipients.iter().enumerate() {
+                let mut item = list.reborrow().get(i as u32);
+                item.set_recipient_key(&to.0);
+                item.set_payload(b"y");
+            }
+            async move { refusal_code(req.send().promise.await.map(|_| ())) }
+        };
+        // 19,999 bytes left; each refusal costs 101 x 48 = 4,848 (its 101 payload bytes are
+        // taken up front): 4 leave 607, the fifth still finds its 101 and goes into debt.
+        assert_eq!(refused_until_rate_limited(50, batch).await, 5);
+    })
+    .await;
+    server.shutdown().await.unwrap();
 }
 }
 

@@ -213,10 +213,18 @@ impl NodeServiceImpl {
     }
 
     /// Takes `bytes` of this connection's network's mail budget, all or nothing (see
-    /// [`limits::DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK`]), then writes `op`; gives the bytes
-    /// back when the store refuses, so a client retrying a refused message (a full quota, a
-    /// restart) is not charged again.
-    async fn write_enqueue(&self, op: WriteOp, bytes: usize) -> Result<Outcome, Error> {
+    /// [`limits::DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK`]), then writes `op`, which names
+    /// `recipients` recipients (a batch's items, a fanout's keys).
+    ///
+    /// When the store refuses the write (a full queue, the storage quota), the network pays
+    /// [`limits::REFUSED_RECIPIENT_BYTES`] per recipient instead of `bytes`: a client retrying a
+    /// refused message is not charged its payload again, but a refusal is not free either. The
+    /// store looked every recipient up before it refused (a batch whose last queue is full costs
+    /// the writer a lookup per item), and with a full refund a sender could repeat such calls
+    /// at the call rate alone, millions of lookups a second that every user's write waits
+    /// behind (a review of the server). A failure of the server's own (its database, a
+    /// shutdown) gives everything back.
+    async fn write_enqueue(&self, op: WriteOp, bytes: usize, recipients: usize) -> Result<Outcome, Error> {
         let limiter = &self.shared.rates.enqueue_bytes_per_network;
         let network = admission::network_key(self.source);
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
@@ -224,8 +232,21 @@ impl NodeServiceImpl {
             rate_limited_as("rate limited: too many bytes of mail enqueued from this network", ms)
         })?;
         let written = self.shared.store.write(op).await;
-        if written.is_err() {
-            self.refund_network_bytes(u64::from(bytes));
+        if let Err(e) = &written {
+            let owed = if refused_by_the_store(e) {
+                (recipients as u64).saturating_mul(limits::REFUSED_RECIPIENT_BYTES)
+            } else {
+                0
+            };
+            let taken = u64::from(bytes);
+            if owed <= taken {
+                self.refund_network_bytes(taken - owed);
+            } else {
+                // Small payloads to many recipients: the rest goes into debt, which delays the
+                // network's next enqueue.
+                let more = u32::try_from(owed - taken).unwrap_or(u32::MAX);
+                limiter.charge_n(network, self.shared.clock.now_ms(), more);
+            }
         }
         written.map_err(store_err)
     }
@@ -272,6 +293,12 @@ impl NodeServiceImpl {
     fn refund_key_package_token(&self, target: &IdentityKey) {
         self.shared.rates.key_package_per_target.refund(*target, self.shared.clock.now_ms(), 1);
     }
+}
+
+/// Whether the store refused a write after checking it (a limit it breaks), as opposed to
+/// failing (its database, a shutdown): only a refusal is charged to the sender.
+fn refused_by_the_store(e: &StoreError) -> bool {
+    !matches!(e, StoreError::Db(_) | StoreError::Closed | StoreError::Unavailable(_))
 }
 
 /// One token of a connection's bucket, then one of its address's: `rateLimited` naming `what`
@@ -456,7 +483,7 @@ impl node_service::Server for NodeServiceImpl {
             check_payload(&self.shared, payload)?;
             let channel = parse_channel(p.get_channel_id()?)?;
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
-            match self.write_enqueue(op, payload.len()).await? {
+            match self.write_enqueue(op, payload.len(), 1).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_seq(seqs.first().copied().unwrap_or(0));
@@ -509,7 +536,8 @@ impl node_service::Server for NodeServiceImpl {
                 items.push((who, payload.to_vec()));
             }
             let _bytes = self.budget.reserve(total.saturating_add(CALL_OVERHEAD_BYTES))?;
-            match self.write_enqueue(WriteOp::Enqueue { channel, items }, total).await? {
+            let named = items.len();
+            match self.write_enqueue(WriteOp::Enqueue { channel, items }, total, named).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
@@ -539,8 +567,9 @@ impl node_service::Server for NodeServiceImpl {
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
             let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
             let charged = payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX));
+            let named = recipients.len();
             let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients, required };
-            match self.write_enqueue(op, charged).await? {
+            match self.write_enqueue(op, charged, named).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     // Recipients whose queues were full (seq 0) got nothing and cost nothing.
                     let skipped = seqs.iter().filter(|s| **s == 0).count() as u64;
