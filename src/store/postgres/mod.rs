@@ -256,6 +256,12 @@ impl PgStore {
     }
 
     pub async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        if let WriteOp::Fanout { channel, payload, recipients, required: Some(required) } = &op
+            && recipients.len() > 1
+        {
+            let (who, add) = (*required, mail::queue_charge(channel, payload));
+            self.on_runtime(move |inner| async move { inner.required_has_room(&who, add).await }).await?;
+        }
         if !batch::batched(&op) {
             return self.on_runtime(|inner| async move { inner.write(op).await }).await;
         }
@@ -345,6 +351,22 @@ fn unavailable(e: TxError) -> StoreError {
 }
 
 impl Inner {
+    /// Refuses a fanout whose `required` recipient's queue has no room for `add` more bytes
+    /// before it joins a batch, with a read of that one queue. The batch checks it again under
+    /// its locks, but only after locking (creating where missing) every recipient's queue row:
+    /// a stranger naming 9,999 fresh keys and a queue it had filled made each refused call
+    /// upsert 10,000 rows. A refusal read from a committed snapshot is one the fanout could
+    /// have met at that moment (a refused fanout takes no number, so nothing orders it
+    /// further); a queue with room here is checked again under the batch's locks.
+    async fn required_has_room(&self, required: &IdentityKey, add: i64) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
+        let (count, bytes) = ops::queue_held(&client, required).await.map_err(unavailable)?;
+        match mail::queue_full(self.limits, count, bytes, add) {
+            Some(full) => Err(full),
+            None => Ok(()),
+        }
+    }
+
     /// One write in its own transaction, run again after a deadlock or serialization failure.
     async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
         let now_ms = self.clock.now_ms();

@@ -783,6 +783,22 @@ async fn put_hybrid_key(
     Ok(Err(StoreError::StaleHybridKey { stored: unbig(row.get(0)), offered: signed.created_at_ms }))
 }
 
+/// What `who`'s queue holds (messages, bytes) as of this one statement, without a lock: its
+/// queue row less what acks freed from it, read in one snapshot (the sweep deletes both rows in
+/// one transaction). Exact at that snapshot but for acks not yet committed, which make the
+/// queue look fuller (as in [`enqueue`]'s caps); (0, 0) for a queue without a row.
+pub(super) async fn queue_held(client: &Object, who: &IdentityKey) -> Result<(i64, i64), TxError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT q.count - coalesce(f.count, 0), q.bytes - coalesce(f.bytes, 0)
+             FROM qpq_queues q LEFT JOIN qpq_queue_freed f ON f.recipient = q.recipient
+             WHERE q.recipient = $1",
+        )
+        .await?;
+    let row = client.query_opt(&stmt, &[&&who[..]]).await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))).unwrap_or((0, 0)))
+}
+
 /// Single-use packages of `who` valid at `now`, and whether a valid last-resort one is stored.
 pub(super) async fn key_package_count(
     client: &Object,
