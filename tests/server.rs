@@ -113,6 +113,50 @@ async fn enqueue_fetch_ack_round_trip_and_fetch_does_not_delete() {
     server.shutdown().await.unwrap();
 }
 
+/// `ack` has no rate limit, and every ack was a durable commit (on redb an fsync, even with
+/// nothing to delete) that every other write waited behind: anyone authenticated (identities
+/// are free) could pipeline `ack(0)` to keep the disk busy. An ack, or a fetchWait's folded
+/// ack, that finds nothing to remove commits nothing; one that does still deletes for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_that_removes_nothing_commits_nothing_and_one_that_does_deletes_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Identity::generate();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let a = login(&server, &alice).await;
+        let before = server.commit_count();
+        for _ in 0..1_000 {
+            assert_eq!(a.ack(0).await.unwrap(), 0);
+        }
+        assert_eq!(a.ack(u64::MAX).await.unwrap(), 0, "an empty queue, whatever the number");
+        let (msgs, _, removed) = a.ack_and_fetch_wait(7, 0, 10).await.unwrap();
+        assert_eq!((msgs.len(), removed), (0, 0));
+        assert_eq!(server.commit_count(), before, "acks that removed nothing committed");
+
+        let sender = connect(&server).await;
+        for payload in [&b"one"[..], b"two", b"three"] {
+            sender.enqueue(&alice.public().0, payload, b"").await.unwrap();
+        }
+        let before = server.commit_count();
+        assert_eq!(a.ack(1).await.unwrap(), 1);
+        assert_eq!(server.commit_count(), before + 1, "a real ack is a commit");
+        assert_eq!(a.ack(1).await.unwrap(), 0, "acked already");
+        let (msgs, _, removed) = a.ack_and_fetch_wait(2, 0, 10).await.unwrap();
+        assert_eq!(removed, 1);
+        assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(server.commit_count(), before + 2);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let (msgs, _) = login(&server, &alice).await.fetch(0).await.unwrap();
+        assert_eq!(msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"three".to_vec()]);
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_limit_pages_and_reports_more() {
     let dir = tempfile::tempdir().unwrap();

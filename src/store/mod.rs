@@ -408,9 +408,32 @@ impl Store {
         Ok(Store { db, writer, notifier, limits, instance_id, clock })
     }
 
-    /// Sends one write to the writer thread and waits for its durable outcome.
+    /// Sends one write to the writer thread and waits for its durable outcome; an ack that
+    /// would remove nothing is answered here instead (see [`Store::holds_up_to`]).
     pub async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        if let WriteOp::Ack { who, up_to } = &op
+            && !self.holds_up_to(who, *up_to)?
+        {
+            // Why skipping is safe: this read saw no row of `who` with seq <= `up_to`. Rows
+            // committed after it have seqs above every seq the client was ever handed (seqs
+            // are handed out in increasing order and never reused), so they are not what it
+            // acknowledges; and an ack whose up_to runs ahead of its queue is answered as if
+            // it had committed at this read, before them, as it could have been. Through the
+            // writer, every such ack was a durable commit (an fsync even with no change) that
+            // every other write queued behind, and `ack` has no rate limit: anyone
+            // authenticated (identities are free) could keep the disk busy with `ack(0)`.
+            return Ok(Outcome::Acked { removed: 0 });
+        }
         self.writer.submit(op).await
+    }
+
+    /// Whether `who`'s queue holds a row with seq <= `up_to`, expired or not (an ack deletes
+    /// expired rows too): one read transaction, a range read that stops at the first row.
+    fn holds_up_to(&self, who: &IdentityKey, up_to: u64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(QUEUE)?;
+        let (start, end) = (queue_key(who, 0), queue_key(who, up_to));
+        Ok(queue.range(&start[..]..=&end[..])?.next().transpose()?.is_some())
     }
 
     /// Write transactions the writer has committed since the store was opened: each is one
@@ -604,6 +627,34 @@ pub(crate) mod tests {
         }
         let after = store.commit_count();
         assert!((2..=9).contains(&after), "8 requests took {} commits", after - 1);
+        store.close().unwrap();
+    }
+
+    /// A redb commit fsyncs even when nothing changed, and every write waiting behind it waits
+    /// for that fsync: refused enqueues and fanouts, and acks that find nothing, commit nothing.
+    #[tokio::test]
+    async fn writes_that_change_nothing_commit_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open(&dir.path().join("qpq.db"), QueueLimits { max_messages: 1, ..limits() }).unwrap();
+        let who = [7u8; 32];
+        let enqueue = || WriteOp::Enqueue { channel: b"c".to_vec(), items: vec![(who, b"a".to_vec())] };
+        store.write(enqueue()).await.unwrap();
+        let committed = store.commit_count();
+        assert!(matches!(store.write(enqueue()).await, Err(StoreError::QueueFull { .. })));
+        let fanout = WriteOp::Fanout {
+            channel: Vec::new(),
+            payload: b"b".to_vec(),
+            recipients: vec![who],
+            required: None,
+        };
+        assert!(matches!(store.write(fanout).await, Err(StoreError::QueueFull { .. })));
+        let nobody = WriteOp::Ack { who: [8u8; 32], up_to: u64::MAX };
+        assert_eq!(store.write(nobody).await.unwrap(), Outcome::Acked { removed: 0 });
+        assert_eq!(store.commit_count(), committed, "nothing changed, nothing committed");
+        // What was stored is still there, and the ack that finds it commits.
+        assert_eq!(store.write(WriteOp::Ack { who, up_to: 1 }).await.unwrap(), Outcome::Acked { removed: 1 });
+        assert_eq!(store.commit_count(), committed + 1);
         store.close().unwrap();
     }
 

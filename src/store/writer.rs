@@ -3,7 +3,9 @@
 //! Requests arrive on a channel. The thread takes the first, then every other request already
 //! waiting (up to [`limits::MAX_WRITE_BATCH`]), applies them all in one redb write transaction and
 //! commits once with `Durability::Immediate`. Only then does each caller get its reply, so an
-//! acknowledged write is on disk, and under load many requests share one fsync.
+//! acknowledged write is on disk, and under load many requests share one fsync. A batch that
+//! changed nothing (refused enqueues, acks that found nothing) is aborted instead: redb's
+//! durable commit fsyncs even then.
 //!
 //! A request that breaks a limit (queue full, pool full) fails alone: each request checks every
 //! limit before it writes anything, so it leaves no partial effect in the shared transaction. A
@@ -109,7 +111,8 @@ type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
 pub(super) struct WriterHandle {
     tx: Mutex<Option<mpsc::Sender<(WriteOp, Reply)>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// Write transactions committed so far (one fsync each); read by `qpq bench`.
+    /// Write transactions committed so far (one fsync each; a batch that changed nothing is
+    /// aborted and not counted); read by `qpq bench`.
     commits: Arc<AtomicU64>,
 }
 
@@ -200,8 +203,8 @@ fn run(
     }
 }
 
-/// Applies `jobs` in one transaction, commits it durably and hands its messages to parked
-/// fetchWaits; an error means nothing was committed.
+/// Applies `jobs` in one transaction, commits it durably (unless it changed nothing) and hands
+/// its messages to parked fetchWaits; an error means nothing was committed.
 fn commit(
     db: &Database,
     notifier: &Notifier,
@@ -214,12 +217,14 @@ fn commit(
     let mut woken: Vec<Committed<'_>> = Vec::new();
     // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
     // the thread lives on and serves the next one. The transaction is dropped uncommitted.
-    let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (outcomes, committed) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         apply_batch(db, limits, now_ms, jobs, &mut woken)
     }))
     .unwrap_or_else(|_| Err(StoreError::Db("write batch panicked".to_string())))?;
-    commits.fetch_add(1, Ordering::Relaxed);
-    notifier.hand(&woken);
+    if committed {
+        commits.fetch_add(1, Ordering::Relaxed);
+        notifier.hand(&woken);
+    }
     Ok(outcomes)
 }
 
@@ -273,17 +278,20 @@ impl<'txn> Delivery<'txn> {
     }
 }
 
-/// Applies every job in one transaction and commits it durably. The outer error aborts all.
+/// Applies every job in one transaction and commits it durably, unless no job changed
+/// anything: then it is aborted, and the flag returned with the outcomes is false. The outer
+/// error aborts all.
 fn apply_batch<'a>(
     db: &Database,
     limits: QueueLimits,
     now_ms: u64,
     jobs: &'a [(WriteOp, Reply)],
     woken: &mut Vec<Committed<'a>>,
-) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+) -> Result<(Vec<Result<Outcome, StoreError>>, bool), StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut changed = false;
     {
         let mut d = Delivery::open(&txn)?;
         for (op, _) in jobs {
@@ -309,14 +317,33 @@ fn apply_batch<'a>(
                 }
                 WriteOp::Sweep { now_ms, after } => sweep(&mut d, limits, *now_ms, after),
             };
+            changed |= !left_unchanged(op, &out);
             match out {
                 Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
                 other => outcomes.push(other),
             }
         }
     }
+    if !changed {
+        // Nothing to make durable: a redb commit fsyncs even when nothing changed, and every
+        // write waiting behind this batch would wait for that fsync too.
+        txn.abort()?;
+        return Ok((outcomes, false));
+    }
     txn.commit()?;
-    Ok(outcomes)
+    Ok((outcomes, true))
+}
+
+/// Whether `op`, answered `out`, certainly wrote nothing: an enqueue or fanout checks every
+/// limit before it writes, so a refused one wrote nothing; an ack that removed nothing wrote
+/// nothing. Anything else may have written (a refused KeyPackage take still deletes the
+/// expired packages it met).
+fn left_unchanged(op: &WriteOp, out: &Result<Outcome, StoreError>) -> bool {
+    matches!(
+        (op, out),
+        (WriteOp::Enqueue { .. } | WriteOp::Fanout { .. }, Err(_))
+            | (WriteOp::Ack { .. }, Ok(Outcome::Acked { removed: 0 }))
+    )
 }
 
 fn enqueue<'a>(

@@ -127,7 +127,7 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
         let Some(requests) = take_waiting(&queue, limits::PG_BATCH_OPS).await else { return };
         let (ops, replies): (Vec<WriteOp>, Vec<_>) = requests.into_iter().unzip();
         match inner.commit_batch(&ops).await {
-            Ok(Applied { outcomes, woken }) => {
+            Ok(Applied { outcomes, woken, .. }) => {
                 inner.notifier.notify(woken.iter());
                 inner.wakeups.push(woken.iter());
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -164,6 +164,10 @@ pub(super) fn same_error(e: &StoreError) -> StoreError {
 pub(super) struct Applied {
     outcomes: Vec<Result<Outcome, StoreError>>,
     woken: Vec<IdentityKey>,
+    /// Whether the batch wrote anything. One that did not (acks that found nothing, refused
+    /// enqueues) ends without a WAL flush (no transaction id was assigned, or it rolled back)
+    /// and is not counted in the node's commits.
+    wrote: bool,
 }
 
 impl Inner {
@@ -182,7 +186,9 @@ impl Inner {
             }
             match applied {
                 Ok(applied) => {
-                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    if applied.wrote {
+                        self.commits.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(applied);
                 }
                 Err(TxError::Conflict(m)) => last = m,
@@ -447,7 +453,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     );
     written?;
     committed?;
-    Ok(Applied { outcomes, woken })
+    Ok(Applied { outcomes, woken, wrote: !rows.is_empty() })
 }
 
 /// An ack-only batch: [`ACK_BATCH`] between BEGIN and COMMIT, one round trip.
@@ -469,12 +475,14 @@ async fn apply_acks(tx: &Object, ops: &[WriteOp]) -> Result<Applied, TxError> {
     let acked = acked?;
     committed?;
     let mut removed = vec![0u32; ops.len()];
+    // No entry deleted: nothing else was written either (every other CTE works on `d`'s rows).
+    let wrote = !acked.is_empty();
     for row in acked {
         let who = ops::identity(row.get(0))?;
         count_removed(ops, &mut removed, &who, row.get(1));
     }
     let outcomes = removed.into_iter().map(|removed| Ok(Outcome::Acked { removed })).collect();
-    Ok(Applied { outcomes, woken: Vec::new() })
+    Ok(Applied { outcomes, woken: Vec::new(), wrote })
 }
 
 /// Counts the deleted entry `seq` of `who` to the ack request that removed it: the one with the

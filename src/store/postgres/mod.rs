@@ -314,7 +314,8 @@ impl PgStore {
         &self.inner.notifier
     }
 
-    /// Write transactions this node has committed.
+    /// Write transactions this node has committed; a group commit that wrote nothing (see
+    /// `batch::Applied`) is not counted.
     pub fn commit_count(&self) -> u64 {
         self.inner.commits.load(Ordering::Relaxed)
     }
