@@ -485,6 +485,12 @@ pub const PG_NOTIFY_RECIPIENTS: usize = 100;
 
 /// Retry hint sent with `unavailable` when the shared database cannot be reached.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
+/// Page cache of the server's redb file (read cache and write buffer together; redb spills
+/// a larger transaction to the file). redb's default, 1 GiB, sits outside every budget: one
+/// network's daily mail (fetched once) filled it within minutes, and a 1 GiB VPS ran out of
+/// memory. 64 MiB holds the hot pages of the queues being fetched many times over.
+pub const SERVER_DB_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Page cache of the client database (`qpq.db`): the records of one operation (a group's MLS
 /// state, a few messenger records) fit many times over; redb's 1 GiB default is for servers.
 pub const CLIENT_DB_CACHE_BYTES: usize = 16 * 1024 * 1024;

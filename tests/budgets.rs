@@ -710,6 +710,55 @@ async fn raw_connection(server: &common::ServerProcess) -> (quinn::Endpoint, qui
     (ep, conn)
 }
 
+/// Review: the server's redb page cache was redb's default, 1 GiB, outside every budget: mail
+/// enqueued and fetched once stayed cached, so one network's daily mail grew the server by
+/// as much. 384 MiB of distinct mail in and out must leave the server within its bound.
+/// Fails without `limits::SERVER_DB_CACHE_BYTES`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_that_came_and_went_leaves_the_page_cache_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, idle) = attacked_server(dir.path()).await;
+    let pid = server.child.id();
+    local(async {
+        let people = [Identity::generate(), Identity::generate()];
+        let sender = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+        let work = async {
+            let mut n = 0u32;
+            for who in &people {
+                for _ in 0..48 {
+                    n += 1;
+                    let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(n) >> 3) as u8).collect();
+                    sender.enqueue(&who.public().0, &payload, b"").await.unwrap();
+                }
+            }
+            for who in &people {
+                let mut s = Session::connect(&server.addr.to_string(), server.pin()).await.unwrap();
+                s.authenticate(who).await.unwrap();
+                let mut got = 0;
+                loop {
+                    let (msgs, more) = s.fetch(8).await.unwrap();
+                    got += msgs.len();
+                    if let Some(last) = msgs.last() {
+                        s.ack(last.seq).await.unwrap();
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                assert_eq!(got, 48);
+                s.close().await;
+            }
+        };
+        let (peak, done) = peak_rss_until(pid, work, std::time::Duration::from_secs(240)).await;
+        eprintln!("mail in and out: idle {idle} MiB, peak {peak} MiB");
+        assert!(done, "the mail did not go through in time");
+        let after = rss_mib(pid);
+        eprintln!("mail in and out: after {after} MiB");
+        assert!(peak < RSS_BOUND_MIB, "server RSS {peak} MiB >= {RSS_BOUND_MIB} MiB (idle {idle})");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_fetch_replies_is_paused_then_closed_and_rss_stays_bounded() {
     use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};

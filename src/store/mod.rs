@@ -342,10 +342,13 @@ impl Store {
 
     /// [`Store::open`] with the clock that stamps and ages messages (the server's clock).
     pub fn open_with_clock(path: &Path, limits: QueueLimits, clock: Clock) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
-            e => e.into(),
-        })?;
+        let db =
+            Database::builder().set_cache_size(limits::SERVER_DB_CACHE_BYTES).create(path).map_err(|e| {
+                match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+                    e => e.into(),
+                }
+            })?;
         let txn = db.begin_write()?;
         let found = txn.open_table(META)?.get("schema_version")?.map(|g| g.value());
         if found == Some(3) {
