@@ -14,6 +14,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Name of the lock file inside a home directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
@@ -119,6 +120,11 @@ fn too_large(message: String) -> io::Error {
 pub enum LockError {
     #[error("another qpq process holds the home (lock file {})", path.display())]
     Busy { path: PathBuf },
+    #[error(
+        "another qpq process has held the home for {secs} s (lock file {}); is one stopped (ctrl-z) or stuck?",
+        path.display()
+    )]
+    Held { path: PathBuf, secs: u64 },
     #[error("cannot lock {}", path.display())]
     Io {
         path: PathBuf,
@@ -140,8 +146,17 @@ pub struct HomeLock {
 
 impl HomeLock {
     /// `wait=false`: fail at once with [`LockError::Busy`] if another qpq process holds the home;
-    /// `wait=true`: block until it is free.
+    /// `wait=true`: wait until it is free, at most [`crate::limits::HOME_LOCK_WAIT_MS`]
+    /// ([`LockError::Held`]): operations hold it briefly, so a longer hold is a process that
+    /// was stopped (ctrl-z) or is stuck, and waiting for it for ever hung the caller (a shell
+    /// blocked in the wait does not even see ctrl-c).
     pub fn acquire(dir: &Path, wait: bool) -> Result<HomeLock, LockError> {
+        let within = Duration::from_millis(if wait { crate::limits::HOME_LOCK_WAIT_MS } else { 0 });
+        HomeLock::acquire_within(dir, within)
+    }
+
+    /// [`HomeLock::acquire`] waiting at most `within` (zero: not at all).
+    pub fn acquire_within(dir: &Path, within: Duration) -> Result<HomeLock, LockError> {
         let path = dir.join(LOCK_FILE_NAME);
         let io_error = |source| LockError::Io { path: path.clone(), source };
         let mut options = OpenOptions::new();
@@ -152,16 +167,26 @@ impl HomeLock {
             options.mode(0o600);
         }
         let file = options.open(&path).map_err(io_error)?;
-        if wait {
-            file.lock().map_err(io_error)?;
-        } else {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
             match file.try_lock() {
-                Ok(()) => {}
-                Err(fs::TryLockError::WouldBlock) => return Err(LockError::Busy { path }),
+                Ok(()) => return Ok(HomeLock { file, path }),
+                Err(fs::TryLockError::WouldBlock) if within.is_zero() => {
+                    return Err(LockError::Busy { path });
+                }
+                Err(fs::TryLockError::WouldBlock) => {}
                 Err(fs::TryLockError::Error(source)) => return Err(io_error(source)),
             }
+            let waited = start.elapsed();
+            if waited >= within {
+                return Err(LockError::Held { path, secs: waited.as_secs() });
+            }
+            // Polled: flock has no timeout. Short pauses first (holds are usually brief), then
+            // at most 50 ms, so a release is noticed quickly.
+            std::thread::sleep(pause.min(within - waited));
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
-        Ok(HomeLock { file, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -364,6 +389,20 @@ mod tests {
         released.store(true, Ordering::SeqCst);
         drop(first);
         assert!(waiter.join().unwrap(), "waiter got the lock before it was released");
+    }
+
+    /// Review: a waiting acquire blocked in flock for as long as the holder held: a process
+    /// stopped with ctrl-z hung every other qpq process on the home, a shell included (blocked
+    /// in the call, it did not see ctrl-c). The wait is now bounded and says why it ended.
+    #[test]
+    fn a_waiting_acquire_gives_up_after_its_bound_and_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = HomeLock::acquire(dir.path(), false).unwrap();
+        let err = HomeLock::acquire_within(dir.path(), Duration::from_millis(30)).unwrap_err();
+        assert!(matches!(err, LockError::Held { .. }), "{err}");
+        assert!(err.to_string().starts_with("another qpq process has held the home for 0 s"), "{err}");
+        drop(first);
+        drop(HomeLock::acquire_within(dir.path(), Duration::from_millis(30)).unwrap());
     }
 
     #[test]

@@ -485,6 +485,12 @@ pub const PG_NOTIFY_RECIPIENTS: usize = 100;
 
 /// Retry hint sent with `unavailable` when the shared database cannot be reached.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
+/// Longest a qpq process waits for another to release its home's lock. Operations hold it for
+/// one save, or across round trips to the server (a commit's confirmation, a backlog on a slow
+/// link: minutes at worst); a hold this long is a process stopped (ctrl-z) or stuck, and the
+/// waiter gives up with an error naming it.
+pub const HOME_LOCK_WAIT_MS: u64 = 300_000;
+
 /// Page cache of the server's redb file (read cache and write buffer together; redb spills
 /// a larger transaction to the file). redb's default, 1 GiB, sits outside every budget: one
 /// network's daily mail (fetched once) filled it within minutes, and a 1 GiB VPS ran out of
