@@ -665,42 +665,59 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();
     let mut heads = HashMap::new();
-    let mut last = None;
+    let mut last: Option<Vec<u8>> = None;
     let mut scanned = 0usize;
-    let range = if after.is_empty() {
-        d.queue.range::<&[u8]>(..)?
-    } else {
-        d.queue.range::<&[u8]>((Bound::Excluded(after), Bound::Unbounded))?
-    };
-    for entry in range {
-        let (k, v) = entry?;
-        let (key, value) = (k.value(), v.value());
-        scanned += 1;
-        last = Some(key.to_vec());
-        // A shared entry ages with its payload row; one whose row is missing is damaged.
-        let shared = shared_head(&d.payloads, &mut heads, value)?;
-        let enqueued_at = match (QueueValue::of(value), shared) {
-            (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
-            (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head),
-            (QueueValue::Shared(id), None) => {
-                Err(StoreError::Db(format!("shared entry of missing payload {id}")))
-            }
+    // Where the walk goes on from: after `after`, then past each queue found still young.
+    let mut from: Option<Vec<u8>> = (!after.is_empty()).then(|| after.to_vec());
+    'walk: loop {
+        let range = match &from {
+            None => d.queue.range::<&[u8]>(..)?,
+            Some(k) => d.queue.range::<&[u8]>((Bound::Excluded(&k[..]), Bound::Unbounded))?,
         };
-        let expired = match (super::split_queue_key(key), enqueued_at) {
-            (Ok(_), Ok(at)) => now.saturating_sub(at) > limits.ttl_ms,
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "sweep removes a damaged queue row");
-                true
+        for entry in range {
+            let (k, v) = entry?;
+            let (key, value) = (k.value(), v.value());
+            scanned += 1;
+            last = Some(key.to_vec());
+            // A shared entry ages with its payload row; one whose row is missing is damaged.
+            let shared = shared_head(&d.payloads, &mut heads, value)?;
+            let enqueued_at = match (QueueValue::of(value), shared) {
+                (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
+                (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head),
+                (QueueValue::Shared(id), None) => {
+                    Err(StoreError::Db(format!("shared entry of missing payload {id}")))
+                }
+            };
+            let young_queue = match (super::split_queue_key(key), enqueued_at) {
+                (Ok((who, _)), Ok(at)) if now.saturating_sub(at) <= limits.ttl_ms => Some(who),
+                (Ok(_), Ok(_)) => None,
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "sweep removes a damaged queue row");
+                    None
+                }
+            };
+            if young_queue.is_none() {
+                doomed.push(key.to_vec());
+                // A damaged key names no recipient whose counts we could trust; leave them alone.
+                released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value, shared);
             }
-        };
-        if expired {
-            doomed.push(key.to_vec());
-            // A damaged key names no recipient whose counts we could trust; leave them alone.
-            released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value, shared);
+            if scanned >= limits::SWEEP_SLICE_ROWS {
+                break 'walk;
+            }
+            if let Some(who) = young_queue {
+                // A queue's seqs are handed out in the order its messages came, so the rest of
+                // this queue came later and is younger still: go on at the next queue. Without
+                // this skip every pass read every row (and, for a fanout's entry, its payload
+                // row): all the mail stored, every ten minutes, in the writer. (After the clock
+                // stepped back, a later message may carry an earlier time; it is swept once the
+                // ones before it are gone, and fetches hide it from the moment it expires.)
+                let past = super::queue_key(&who, u64::MAX).to_vec();
+                last = Some(past.clone());
+                from = Some(past);
+                continue 'walk;
+            }
         }
-        if scanned >= limits::SWEEP_SLICE_ROWS {
-            break;
-        }
+        break;
     }
     let resume = if scanned >= limits::SWEEP_SLICE_ROWS { last } else { None };
     for k in &doomed {
