@@ -592,6 +592,54 @@ async fn the_sweep_deletes_drained_queues_a_slice_at_a_time() {
 }
 
 /// Limits of the store-level tests above: roomy, with a queue of `max_bytes`.
+/// Sets `default_transaction_read_only` cluster-wide (every session, the open ones at their
+/// next command) and waits until a new session sees it.
+fn set_read_only(c: &common::pg::Cluster, on: bool) {
+    let value = if on { "on" } else { "off" };
+    c.psql(&format!("ALTER SYSTEM SET default_transaction_read_only = {value}"));
+    c.psql("SELECT pg_reload_conf()");
+    for _ in 0..500 {
+        if c.query(&c.url("postgres"), "SHOW default_transaction_read_only") == value {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("the reload did not take");
+}
+
+/// Review: a read-only server (25006: the old primary after a failover, still up, while the
+/// database's name now leads to the new one) was reported as unavailable, but the pooled
+/// connections to it stayed pooled, so every write failed until the node restarted. Now a
+/// node drops them and writes on a new connection, which goes to a host that accepts writes
+/// (`target_session_attrs=read-write`). Fails without the fix: the write after the failover
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_a_node_writes_to_the_new_primary_without_a_restart() {
+    use qpq::store::{Outcome, PgStore, WriteOp};
+    let (old, new) = (common::pg::Cluster::private(), common::pg::Cluster::private());
+    for c in [&old, &new] {
+        c.psql("CREATE DATABASE qpq_failover");
+    }
+    let limits = store_limits(1 << 20);
+    let clock = qpq::clock::Clock::system();
+    // The standby-to-be has the schema, as a replica would, and takes no writes.
+    PgStore::open(&new.url("qpq_failover"), limits, clock.clone()).await.unwrap().close();
+    set_read_only(&new, true);
+    let url = format!("postgres://qpq@127.0.0.1:{},127.0.0.1:{}/qpq_failover", old.port, new.port);
+    let store = PgStore::open(&url, limits, clock).await.unwrap();
+    let enqueue = || WriteOp::Enqueue { channel: b"c".to_vec(), items: vec![([1u8; 32], b"m".to_vec())] };
+    assert!(matches!(store.write(enqueue()).await, Ok(Outcome::Enqueued { .. })), "on the old primary");
+    // The failover: the old primary stays up but read-only, the standby takes writes.
+    set_read_only(&old, true);
+    set_read_only(&new, false);
+    let written = store.write(enqueue()).await;
+    assert!(matches!(written, Ok(Outcome::Enqueued { .. })), "{written:?}");
+    assert_eq!(new.query(&new.url("qpq_failover"), "SELECT count(*) FROM qpq_entries"), "1");
+    // And on: later writes find the new primary in the pool.
+    assert!(matches!(store.write(enqueue()).await, Ok(Outcome::Enqueued { .. })));
+    store.close();
+}
+
 fn store_limits(max_bytes: u64) -> qpq::store::QueueLimits {
     qpq::store::QueueLimits {
         max_messages: 1000,

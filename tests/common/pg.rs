@@ -64,6 +64,12 @@ impl Cluster {
         CLUSTER.get_or_init(Cluster::start)
     }
 
+    /// A cluster of the caller's own (a test that changes cluster-wide settings), stopped and
+    /// deleted when dropped.
+    pub fn private() -> Cluster {
+        Cluster::start()
+    }
+
     fn start() -> Cluster {
         let bin = bin_dir();
         // Kept past this function: the keeper shell deletes it when postgres stops.

@@ -171,7 +171,8 @@ pub(super) struct Applied {
 }
 
 impl Inner {
-    /// Runs `ops` as one transaction, again after a deadlock or serialization failure.
+    /// Runs `ops` as one transaction, again after a deadlock or serialization failure, or on a
+    /// new connection after meeting a read-only server.
     async fn commit_batch(&self, ops: &[WriteOp]) -> Result<Applied, StoreError> {
         let now_ms = self.clock.now_ms();
         let mut last = String::new();
@@ -192,6 +193,10 @@ impl Inner {
                     return Ok(applied);
                 }
                 Err(TxError::Conflict(m)) => last = m,
+                Err(TxError::ReadOnly(m)) => {
+                    last = m;
+                    self.discard(client);
+                }
                 Err(TxError::Store(e)) => return Err(e),
             }
             tracing::debug!(error = %last, "postgresql batch conflicted, running it again");

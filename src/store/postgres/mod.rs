@@ -52,6 +52,10 @@ const MAIL_CHANNEL: &str = "qpq_mail";
 pub(crate) enum TxError {
     /// A deadlock or serialization failure: PostgreSQL rolled it back; run it again.
     Conflict(String),
+    /// The server is read-only (25006): a standby, such as the old primary after a failover
+    /// that moved the database's address elsewhere. The connection is dropped, not pooled again
+    /// (see [`Inner::discard`]), and the write runs again on a new one.
+    ReadOnly(String),
     /// Anything else: roll back and report.
     Store(StoreError),
 }
@@ -69,14 +73,14 @@ impl From<tokio_postgres::Error> for TxError {
             Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE => {
                 TxError::Conflict(e.to_string())
             }
+            Some(c) if *c == SqlState::READ_ONLY_SQL_TRANSACTION => TxError::ReadOnly(db_text(&e)),
             // An error the server sent about our SQL or data: a bug or damage, not an outage.
-            // Lock and idle timeouts (55P03, 25P03) and a read-only server (25006, an old
-            // primary after a failover) are outages too: try again later.
+            // Lock and idle timeouts (55P03, 25P03) are outages too: try again later.
             Some(c)
                 if !c.code().starts_with("08")
                     && !c.code().starts_with("57")
                     && !c.code().starts_with("53")
-                    && !matches!(c.code(), "55P03" | "25P03" | "25006") =>
+                    && !matches!(c.code(), "55P03" | "25P03") =>
             {
                 TxError::Store(StoreError::Db(format!("postgresql: {}", db_text(&e))))
             }
@@ -184,6 +188,9 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     if cfg.get_application_name().is_none() {
         cfg.application_name(&schema::application_name());
     }
+    // Every node writes: a new connection goes to a host that accepts writes (with a URL naming
+    // several hosts, the first that does), never to a standby.
+    cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     Ok(cfg)
 }
 
@@ -347,6 +354,7 @@ impl Drop for PgStore {
 fn unavailable(e: TxError) -> StoreError {
     match e {
         TxError::Conflict(m) => StoreError::Unavailable(format!("transaction kept conflicting: {m}")),
+        TxError::ReadOnly(m) => StoreError::Unavailable(format!("the database is read-only: {m}")),
         TxError::Store(e) => e,
     }
 }
@@ -368,7 +376,18 @@ impl Inner {
         }
     }
 
-    /// One write in its own transaction, run again after a deadlock or serialization failure.
+    /// Drops `client`'s connection instead of returning it to the pool, and every idle one
+    /// with it: the server they reached is read-only now (a failover moved the primary), and a
+    /// pooled connection would go on failing every write until the node restarted. New ones go
+    /// where the URL now leads, to a host that accepts writes (`target_session_attrs`).
+    fn discard(&self, client: deadpool_postgres::Object) {
+        drop(deadpool_postgres::Object::take(client));
+        self.pool.retain(|_, _| false);
+        tracing::warn!("the database is read-only (a standby after a failover?); reconnecting");
+    }
+
+    /// One write in its own transaction, run again after a deadlock or serialization failure,
+    /// or on a new connection after meeting a read-only server.
     async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
         let now_ms = self.clock.now_ms();
         let mut last = String::new();
@@ -390,11 +409,20 @@ impl Inner {
                     }
                     Err(e) => match TxError::from(e) {
                         TxError::Conflict(m) => last = m,
+                        TxError::ReadOnly(m) => {
+                            last = m;
+                            self.discard(client);
+                        }
                         TxError::Store(e) => return Err(e),
                     },
                 },
                 // Dropping `tx` rolls it back.
                 Err(TxError::Conflict(m)) => last = m,
+                Err(TxError::ReadOnly(m)) => {
+                    drop(tx);
+                    last = m;
+                    self.discard(client);
+                }
                 Err(TxError::Store(e)) => return Err(e),
             }
             tracing::debug!(error = %last, "postgresql transaction conflicted, running it again");
