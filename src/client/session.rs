@@ -250,6 +250,11 @@ pub async fn resolve(server: &str) -> Result<SocketAddr, SessionError> {
 impl Session {
     /// Connects, verifying the server certificate against `pin`.
     pub async fn connect(server: &str, pin: Pin) -> Result<Session, SessionError> {
+        Session::connect_within(server, pin, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Session::connect`] with `timeout` for the handshake and the stream together.
+    pub async fn connect_within(server: &str, pin: Pin, timeout: Duration) -> Result<Session, SessionError> {
         let addr = resolve(server).await?;
         let connect_err = |reason: String| SessionError::Connect { addr: server.to_string(), reason };
         let seen: Arc<Mutex<Option<Fingerprint>>> = match &pin {
@@ -262,7 +267,11 @@ impl Session {
                 .map_err(|e| connect_err(e.to_string()))?;
         let connecting =
             endpoint.connect(addr, transport::SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        // One deadline for the handshake and the stream: opening a stream waits for the
+        // server's stream credit, and a server that grants none would hang us for ever (its
+        // keep-alives keep the connection open).
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = match tokio::time::timeout_at(deadline, connecting).await {
             Err(_) => return Err(connect_err("timed out".into())),
             Ok(Err(e)) => return Err(handshake_error(server, &pin, &kx, &e)),
             Ok(Ok(c)) => c,
@@ -274,7 +283,10 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner())
                 .ok_or_else(|| connect_err("no server certificate seen".into()))?,
         };
-        let (send, recv) = conn.open_bi().await.map_err(|e| handshake_error(server, &pin, &kx, &e))?;
+        let (send, recv) = match tokio::time::timeout_at(deadline, conn.open_bi()).await {
+            Err(_) => return Err(connect_err("timed out opening a stream".into())),
+            Ok(opened) => opened.map_err(|e| handshake_error(server, &pin, &kx, &e))?,
+        };
         let mut opts = capnp::message::ReaderOptions::new();
         opts.traversal_limit_in_words(Some(limits::RPC_TRAVERSAL_LIMIT_WORDS));
         let network = twoparty::VatNetwork::new(
@@ -659,6 +671,32 @@ mod tests {
         message.initn_root::<capnp::struct_list::Builder<account::message::Owned>>(n);
         let list = message.get_root_as_reader::<capnp::struct_list::Reader<account::message::Owned>>()?;
         read_messages(list, asked).map(|m| m.len())
+    }
+
+    /// Review: only the handshake had a deadline; opening the stream waits for the server's
+    /// stream credit, and a server that granted none (its keep-alives holding the connection)
+    /// hung `qpq health --server X`, an `init` probe or a script for ever. Fails without the
+    /// fix (the outer timeout).
+    #[tokio::test]
+    async fn a_server_that_grants_no_stream_is_given_up_on_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = transport::load_or_generate_identity(dir.path()).unwrap();
+        let mut cfg = transport::server_config(&id).unwrap();
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(0u32.into());
+        cfg.transport_config(Arc::new(t));
+        let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap().to_string();
+        let accepting = tokio::spawn(async move {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            conn.closed().await;
+        });
+        let pin = Pin::Fingerprint(id.fingerprint);
+        let connecting = Session::connect_within(&addr, pin, Duration::from_millis(500));
+        let r = tokio::time::timeout(Duration::from_secs(20), connecting).await.expect("gave up in time");
+        let e = r.err().expect("no session without a stream");
+        assert!(e.to_string().contains("timed out opening a stream"), "{e}");
+        accepting.abort();
     }
 
     #[test]
