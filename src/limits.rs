@@ -222,6 +222,10 @@ pub const CONNECTIONS_PER_NETWORK_FACTOR: usize = 4;
 /// may be evicted when a proven new connection from its address finds the address at its cap:
 /// longer than any call takes, shorter than the keep-alive a client uses to hold it open.
 pub const EVICT_IDLE_AFTER_MS: u64 = 10_000;
+/// At a full server, a search of every connection for an idle one to evict that found none is
+/// not repeated for this long (new connections cannot turn idle sooner than
+/// [`EVICT_IDLE_AFTER_MS`] anyway), so a flood of proven connections costs one scan a second.
+pub const EVICTION_RESCAN_AFTER_MS: u64 = 1_000;
 /// At most one "connection refused" log line per this interval (the next one counts the
 /// refusals in between), so a connection flood cannot flood the log.
 pub const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;

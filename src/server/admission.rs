@@ -23,7 +23,12 @@
 //! connections cannot lock out the others behind the same address (a NAT), while busy ones are
 //! never cut. Likewise at a full /48: a proven address with fewer connections than another
 //! address of the /48 evicts that one's longest-idle connection, so a few neighbours on a
-//! provider's shared /48 cannot lock the rest out with idle connections.
+//! provider's shared /48 cannot lock the rest out with idle connections. And at a full server:
+//! a proven connection from a network (IPv4 address or IPv6 /48) evicts the longest-idle
+//! connection of the networks holding at least two more than its own, so a few networks (40
+//! IPv4 addresses at their quota, ten /48s at theirs) cannot fill the server with idle
+//! connections; "two more" so that networks one apart do not just trade places, and a server
+//! full of one-connection networks stays as it is.
 //!
 //! The decision is pure bookkeeping (no I/O): the accept loop asks [`Admission::admit`] and keeps
 //! the returned [`Slot`] for as long as the connection lives; an evicted connection's
@@ -67,6 +72,9 @@ struct Open {
     per_ip: HashMap<IpAddr, Vec<Arc<Activity>>>,
     /// Connections per network ([`network_key`]); no entry for a network with none.
     per_net: HashMap<IpAddr, usize>,
+    /// When a scan for a victim at a full server last found none, and the smallest network size
+    /// it would take from (see [`Admission::evict_idlest_of_heavier`]).
+    fruitless_scan: Option<(u64, usize)>,
 }
 
 impl Open {
@@ -145,9 +153,6 @@ impl Admission {
         let net = network_key(ip);
         let mut open = self.lock();
         let from_ip = open.per_ip.get(&ip).map_or(0, Vec::len);
-        if open.total >= self.max_total {
-            return Decision::Refuse("server full");
-        }
         if from_ip >= self.max_per_ip {
             // Only a proven address may evict: forged Initials must not cut real connections.
             if !validated {
@@ -180,6 +185,15 @@ impl Admission {
                 || open.total >= self.max_total.div_ceil(2))
         {
             return Decision::Validate;
+        }
+        // Only a proven newcomer gets here at a full server (an unproven one was asked to
+        // validate above), and none of the steps above evicted anything (that would have made
+        // room). Like at a full network, it may take the longest-idle connection of a network
+        // heavier than its own, so idle connections of a few networks cannot fill the server.
+        if open.total >= self.max_total
+            && !Self::evict_idlest_of_heavier(&mut open, from_net + 1, self.clock.now_ms())
+        {
+            return Decision::Refuse("server full");
         }
         open.total += 1;
         open.add_to_net(net);
@@ -223,6 +237,38 @@ impl Admission {
             .min()
             .map(|(_, ip)| ip);
         victim.is_some_and(|ip| Self::evict_idlest(open, ip, now))
+    }
+
+    /// Evicts the longest-idle connection (if one may be evicted at `now`) of the networks that
+    /// hold more than `than` connections. Scans every connection (up to the server's cap), which
+    /// is fine because it runs only at a full server for a proven newcomer, and is paid for at
+    /// most once per eviction (the newcomer's fresh connection
+    /// cannot be evicted for [`limits::EVICT_IDLE_AFTER_MS`]) or once per
+    /// [`limits::EVICTION_RESCAN_AFTER_MS`] when it finds nothing: a flood of proven newcomers at
+    /// a server full of busy connections is refused without a scan until then.
+    fn evict_idlest_of_heavier(open: &mut Open, than: usize, now: u64) -> bool {
+        if let Some((at, covered)) = open.fruitless_scan {
+            // A clock stepped back (`now < at`) expires it rather than extending it.
+            let recent = now.checked_sub(at).is_some_and(|d| d < limits::EVICTION_RESCAN_AFTER_MS);
+            if recent && than >= covered {
+                return false; // that scan looked at every network this one would
+            }
+        }
+        let per_net = &open.per_net;
+        let victim = open
+            .per_ip
+            .iter()
+            .filter(|(ip, _)| per_net.get(&network_key(**ip)).is_some_and(|n| *n > than))
+            .filter_map(|(ip, conns)| {
+                conns.iter().filter_map(|a| a.idle_since(now)).min().map(|since| (since, *ip))
+            })
+            .min()
+            .map(|(_, ip)| ip);
+        let evicted = victim.is_some_and(|ip| Self::evict_idlest(open, ip, now));
+        if !evicted {
+            open.fruitless_scan = Some((now, than));
+        }
+        evicted
     }
 
     /// Open connections in all.
@@ -364,6 +410,56 @@ mod tests {
         drop(fourth);
         assert!(a.lock().per_ip.is_empty());
         assert!(a.lock().per_net.is_empty(), "an eviction gave its network count back once");
+    }
+
+    #[test]
+    fn at_a_full_server_a_proven_newcomer_evicts_an_idle_connection_of_a_heavier_network() {
+        let clock = Clock::system();
+        let a = Admission::with_clock(4, 2, clock.clone());
+        let [x, y, newcomer, other]: [IpAddr; 4] =
+            ["192.0.2.1", "192.0.2.2", "198.51.100.9", "203.0.113.4"].map(|s| s.parse().unwrap());
+        let slots: Vec<Slot> = [x, x, y, y].iter().map(|ip| admitted(a.admit(*ip, true))).collect();
+        assert!(matches!(a.admit(newcomer, true), Decision::Refuse("server full")), "nobody is idle yet");
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64 + 1);
+        for s in &slots[..3] {
+            s.activity().touch(); // all busy but y's second
+        }
+        assert!(matches!(a.admit(newcomer, false), Decision::Validate), "an unproven address evicts nothing");
+        assert!(slots.iter().all(|s| !s.activity().evicted.is_cancelled()));
+        let first = admitted(a.admit(newcomer, true));
+        let evicted: Vec<bool> = slots.iter().map(|s| s.activity().evicted.is_cancelled()).collect();
+        assert_eq!(evicted, [false, false, false, true], "only the idle one goes");
+        assert_eq!(a.open(), 4, "still full, not over");
+        // Everyone is idle now. The newcomer (one connection) takes nothing from x (two): they
+        // would only trade places. An address with none takes x's longest-idle one.
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64 + 1);
+        slots[1].activity().touch();
+        assert!(matches!(a.admit(newcomer, true), Decision::Refuse("server full")));
+        let _second = admitted(a.admit(other, true));
+        assert!(slots[0].activity().evicted.is_cancelled() && !slots[1].activity().evicted.is_cancelled());
+        assert!(!first.activity().evicted.is_cancelled(), "not from a network as light as the newcomer's");
+        drop(first);
+        drop(slots);
+        assert_eq!(a.open(), 1);
+    }
+
+    #[test]
+    fn at_a_full_server_a_fruitless_search_for_an_idle_connection_waits_before_the_next() {
+        let clock = Clock::system();
+        let a = Admission::with_clock(2, 2, clock.clone());
+        let x: IpAddr = "192.0.2.1".parse().unwrap();
+        let slots: Vec<Slot> = (0..2).map(|_| admitted(a.admit(x, true))).collect();
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64 + 1);
+        for s in &slots {
+            s.activity().set_unsent(10); // idle, but replies are being written
+        }
+        let newcomer: IpAddr = "198.51.100.9".parse().unwrap();
+        assert!(matches!(a.admit(newcomer, true), Decision::Refuse("server full")));
+        slots[0].activity().set_unsent(0);
+        assert!(matches!(a.admit(newcomer, true), Decision::Refuse("server full")), "no second scan yet");
+        clock.advance(limits::EVICTION_RESCAN_AFTER_MS as i64);
+        let _admitted = admitted(a.admit(newcomer, true));
+        assert!(slots[0].activity().evicted.is_cancelled());
     }
 
     #[test]
