@@ -127,9 +127,11 @@ impl Activity {
         self.unsent.store(bytes, Ordering::Relaxed);
     }
 
-    /// Quiet since this time, when it may be evicted at `now`.
+    /// Quiet since this time, when it may be evicted at `now`. A last input after `now` (the
+    /// wall clock stepped back) becomes `now`: quiet from here on, rather than never idle until
+    /// the clock catches up again.
     fn idle_since(&self, now: u64) -> Option<u64> {
-        let last = self.last_input_ms.load(Ordering::Relaxed);
+        let last = self.last_input_ms.fetch_min(now, Ordering::Relaxed).min(now);
         let quiet = now.saturating_sub(last) >= limits::EVICT_IDLE_AFTER_MS;
         (quiet && self.unsent.load(Ordering::Relaxed) == 0).then_some(last)
     }
@@ -460,6 +462,19 @@ mod tests {
         clock.advance(limits::EVICTION_RESCAN_AFTER_MS as i64);
         let _admitted = admitted(a.admit(newcomer, true));
         assert!(slots[0].activity().evicted.is_cancelled());
+    }
+
+    #[test]
+    fn after_the_wall_clock_steps_back_connections_turn_idle_again() {
+        let clock = Clock::system();
+        let a = Admission::with_clock(100, 1, clock.clone());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let old = admitted(a.admit(ip, true));
+        clock.advance(-3_600_000);
+        assert!(matches!(a.admit(ip, true), Decision::Refuse(_)), "not idle: quiet from the step on");
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64);
+        let _new = admitted(a.admit(ip, true));
+        assert!(old.activity().evicted.is_cancelled());
     }
 
     #[test]

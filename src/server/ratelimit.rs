@@ -108,10 +108,13 @@ impl Bucket {
         Bucket { tokens: f64::from(rate.burst), at_ms: now_ms }
     }
 
+    /// Adds the tokens gained since the bucket was last looked at. A wall clock stepped back
+    /// counts as no time passed and moves the stamp back with it: kept at the later time, a
+    /// drained bucket would not refill until the clock caught up again (hours, for a big step).
     fn refill(&mut self, rate: Rate, now_ms: u64) {
         let elapsed_s = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
         self.tokens = (self.tokens + elapsed_s * rate.per_sec).min(f64::from(rate.burst));
-        self.at_ms = self.at_ms.max(now_ms);
+        self.at_ms = now_ms;
     }
 
     /// Takes one token, or returns the milliseconds until one is there.
@@ -260,7 +263,8 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         if state.buckets.contains_key(key) || state.buckets.len() < self.max_keys {
             return true;
         }
-        if now_ms.saturating_sub(state.pruned_at_ms) >= limits::RATE_LIMIT_PRUNE_EVERY_MS {
+        // A clock stepped back to before the last pruning makes pruning due, not far off.
+        if now_ms.checked_sub(state.pruned_at_ms).is_none_or(|d| d >= limits::RATE_LIMIT_PRUNE_EVERY_MS) {
             let rate = self.rate;
             state.pruned_at_ms = now_ms;
             state.buckets.retain(|_, b| {
@@ -337,6 +341,31 @@ mod tests {
         l.check(2u8, 0).unwrap();
         assert_eq!(l.tracked(), 1);
         l.check(1u8, 1_000).unwrap();
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_counts_as_no_time_passed_not_as_time_owed() {
+        let l = KeyedLimiter::new(RATE, 1);
+        for _ in 0..3 {
+            l.take(1u8, 10_000_000).unwrap();
+        }
+        l.take(2u8, 10_000_000).unwrap_err(); // the map is full of a draining key (and pruned)
+        // The clock steps back an hour.
+        assert!(l.take(1u8, 6_400_000).is_err(), "drained, and the step back refilled nothing");
+        l.take(1u8, 6_401_000).unwrap();
+        // Key 1 has refilled: the full map can be pruned, not only once the clock is back.
+        l.take(2u8, 6_402_000).unwrap();
+        assert_eq!(l.tracked(), 1);
+
+        let clock = Clock::system();
+        let conn = ConnectionBucket::new(RATE, &clock);
+        for _ in 0..3 {
+            conn.take(&clock).unwrap();
+        }
+        clock.advance(-3_600_000);
+        conn.take(&clock).unwrap_err();
+        clock.advance(1_000);
+        conn.take(&clock).unwrap();
     }
 
     #[test]
