@@ -494,6 +494,39 @@ async fn fetch_wait_wakes_on_enqueue_and_times_out_empty() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_fetch_wait_does_not_keep_its_call_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let a = login(&server, &alice).await;
+        let sender = connect(&server).await;
+        let waiting = a.fetch_wait(60_000, 0);
+        let watching = async {
+            // The server reads a connection's calls in order: once this is answered, it has read
+            // the fetchWait call (sent first, on the first poll of `waiting`).
+            a.health().await.unwrap();
+            // Once the wait is parked, no call is being worked on: every frame has been let go.
+            // (Polled, with a deadline, because nothing says from outside when it has parked.)
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while server.received_frame_bytes() > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a parked fetchWait holds {} bytes of frames",
+                    server.received_frame_bytes()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            sender.enqueue(&alice.public().0, b"ping", b"").await.unwrap()
+        };
+        let ((msgs, _), _) = tokio::join!(async { waiting.await.unwrap() }, watching);
+        assert_eq!(msgs.len(), 1, "the wait was parked, and woken by the enqueue");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_wait_with_a_folded_ack_deletes_the_batch_before_and_returns_only_later_messages() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;

@@ -39,6 +39,28 @@ pub struct MemoryBudget {
     /// them for it made a waiting frame wake itself and spin (a review found it).
     frame_lock: std::sync::Mutex<()>,
     freed: Notify,
+    /// Bytes of whole frames capnp-rpc holds (a call's frame lives as long as its parameters:
+    /// until its handler drops them). Counted, not capped: see [`Received`].
+    received: AtomicUsize,
+}
+
+/// One incoming frame's place in [`MemoryBudget::received_bytes`], given back on drop.
+///
+/// Not held against the cap: a large frame was budgeted while it was read and its call counts
+/// its parameters in the connection's in-flight budget, and a small one
+/// ([`limits::UNBUDGETED_FRAME_BYTES`]) is not worth a wait. A handler that waits (a parked
+/// `fetchWait`) copies its parameters out and drops them first, so this stays near zero when
+/// nothing is being worked on; the count shows whether it does.
+#[derive(Debug)]
+pub struct Received {
+    budget: Arc<MemoryBudget>,
+    bytes: usize,
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        self.budget.received.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Bytes held in a [`MemoryBudget`] until dropped.
@@ -70,7 +92,19 @@ impl MemoryBudget {
             frames: AtomicUsize::new(0),
             frame_lock: std::sync::Mutex::new(()),
             freed: Notify::new(),
+            received: AtomicUsize::new(0),
         })
+    }
+
+    /// Counts an incoming frame of `bytes` until the returned value is dropped.
+    pub fn count_received(self: &Arc<Self>, bytes: usize) -> Received {
+        self.received.fetch_add(bytes, Ordering::Relaxed);
+        Received { budget: self.clone(), bytes }
+    }
+
+    /// Bytes of incoming frames capnp-rpc holds now ([`Received`]).
+    pub fn received_bytes(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// Most bytes large frames being read may hold together: half the cap, so that whatever

@@ -267,6 +267,11 @@ impl RunningServer {
         self.shared.store.stored_bytes()
     }
 
+    /// Bytes of incoming frames the RPC system holds now (see [`memory::Received`]).
+    pub fn received_frame_bytes(&self) -> usize {
+        self.shared.memory.received_bytes()
+    }
+
     /// Runs one full expiry sweep now, of messages and then KeyPackages, as the server does
     /// every [`limits::SWEEP_INTERVAL_SECS`]; returns when it is done.
     pub async fn sweep(&self) {

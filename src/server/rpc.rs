@@ -424,6 +424,7 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            drop(params); // its frame is not held across the store write (see `fetch_wait`)
             self.take_key_package_token(&who)?;
             let now = self.shared.clock.now_secs();
             let taken = self.shared.store.write(WriteOp::TakeKeyPackage { who, now }).await;
@@ -450,6 +451,7 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            drop(params); // its frame is not held across the store read (see `fetch_wait`)
             self.take_lookup_token()?;
             let signed = self
                 .shared
@@ -766,6 +768,7 @@ impl account::Server for AccountImpl {
                 signature: p.get_signature()?.to_vec(),
                 created_at_ms: p.get_created_at_ms(),
             };
+            drop(params); // its frame is not held across the store write (see `fetch_wait`)
             let now = self.shared.clock.now_ms();
             let latest = now.saturating_add(limits::MAX_HYBRID_KEY_FUTURE_MS);
             if signed.created_at_ms == 0 || signed.created_at_ms > latest {
@@ -798,6 +801,7 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let limit = fetch_limit(params.get()?.get_limit());
+            drop(params); // its frame is not held across the store read (see `fetch_wait`)
             let _reading = self.memory.fetch_slot()?;
             // Held until the reply is built: what the page loaded, a message at a time.
             let mut page = self.memory.global.page_room();
@@ -824,15 +828,17 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let p = params.get()?;
-            let timeout_ms = p.get_timeout_ms();
+            let (timeout_ms, limit, ack_up_to) = (p.get_timeout_ms(), p.get_limit(), p.get_ack_up_to());
+            // capnp-rpc keeps the call's whole frame (up to `limits::UNBUDGETED_FRAME_BYTES`,
+            // outside every budget) for as long as `params` lives: not for a minute's wait.
+            drop(params);
             if timeout_ms > limits::MAX_FETCH_WAIT_MS {
                 return Err(failed(format!(
                     "timeout out of range: {timeout_ms} > {} ms",
                     limits::MAX_FETCH_WAIT_MS
                 )));
             }
-            let limit = fetch_limit(p.get_limit());
-            let ack_up_to = p.get_ack_up_to();
+            let limit = fetch_limit(limit);
             // Refused once shutdown has begun, even without an ack: an empty answer would only
             // bring the client straight back.
             let _call = self.shared.call_guard()?;
@@ -918,6 +924,7 @@ impl account::Server for AccountImpl {
         async move {
             let _call = self.shared.call_guard()?;
             let up_to = params.get()?.get_up_to_seq();
+            drop(params); // its frame is not held across the store write (see `fetch_wait`)
             let removed = acked(self.shared.store.write(WriteOp::Ack { who: self.who, up_to }).await)?;
             results.get().set_removed(removed);
             Ok(())

@@ -23,7 +23,7 @@ use capnp_rpc::{Connection, IncomingMessage, OutgoingMessage, VatNetwork, twopar
 use futures::future::Shared;
 use futures::{FutureExt, TryFutureExt};
 
-use super::memory::{ConnMemory, Unsent};
+use super::memory::{ConnMemory, Received, Unsent};
 use crate::limits;
 
 /// A `twoparty::VatNetwork` whose connection is metered by `conn`.
@@ -269,13 +269,14 @@ impl Connection<Side> for MeteredConnection {
         // Only a call counts as use: protocol chatter (Finish, Release) that follows a reply
         // must not keep an otherwise idle connection from being evicted.
         let touched = move |m: Option<Box<dyn IncomingMessage>>| {
+            let Some(m) = m else { return Ok(None) };
+            let frame_bytes = conn.last_frame.get();
             // One reading of each message serves both.
-            if let Some(m) = m.as_ref()
-                && open.read(m.as_ref(), conn.last_frame.get())?
-            {
+            if open.read(m.as_ref(), frame_bytes)? {
                 activity.touch();
             }
-            Ok(m)
+            let received = conn.global.count_received(frame_bytes);
+            Ok(Some(Box::new(CountedMessage { inner: m, _received: received }) as Box<dyn IncomingMessage>))
         };
         if !self.conn.paused() {
             return Promise::from_future(
@@ -298,6 +299,19 @@ impl Connection<Side> for MeteredConnection {
 
     fn shutdown(&mut self, result: capnp::Result<()>) -> Promise<(), Error> {
         self.inner.borrow_mut().shutdown(result)
+    }
+}
+
+/// An incoming message counted in [`super::memory::MemoryBudget::received_bytes`] for as long as
+/// capnp-rpc keeps it (a call's message: as long as its parameters).
+struct CountedMessage {
+    inner: Box<dyn IncomingMessage>,
+    _received: Received,
+}
+
+impl IncomingMessage for CountedMessage {
+    fn get_body(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.inner.get_body()
     }
 }
 
