@@ -319,8 +319,14 @@ pub const DEFAULT_KEY_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 777.0, burs
 pub const DEFAULT_ENQUEUE_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 12_428.0, burst: 1_073_741_824 };
 
 /// Default `fetchKeyPackage` rate per target key: 32 at once, then one every 5 s, so a burst
-/// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and a client that tops up
-/// hourly never runs dry. Config: `rate_limits.key_package_per_target`.
+/// takes a sixth of a full pool ([`MAX_KEY_PACKAGES_PER_IDENTITY`]) and ordinary invitations
+/// never empty a pool a client tops up hourly. Not a defence against a determined fetcher:
+/// 720 an hour is more than a pool holds, so one connection can keep a person's pool empty
+/// (from full in about 14 minutes). That is accepted: an empty pool hands out the person's
+/// last-resort package, so they can still be added to groups; what it costs is that package's
+/// reuse (its init key serves several Welcomes) until the client rotates it after being joined
+/// through it. A rate below the pool's size per hour would only slow the draining, and would
+/// cap how often a popular person can be invited. Config: `rate_limits.key_package_per_target`.
 pub const DEFAULT_KEY_PACKAGE_RATE_PER_TARGET: Rate = Rate { per_sec: 0.2, burst: 32 };
 
 /// Most keys (addresses, target identities) one rate limiter tracks at once: ~64 B each, so a

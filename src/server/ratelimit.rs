@@ -8,8 +8,12 @@
 //! the server's [`Clock`], so tests move it instead of waiting.
 //!
 //! Keyed buckets are bounded in number ([`limits::MAX_RATE_LIMITED_KEYS`]): a bucket that has
-//! refilled is the same as none and is dropped when room is needed; when every tracked key is
-//! still draining, a new key is refused (fail closed) rather than letting the map grow.
+//! refilled is the same as none and is dropped when room is needed. When every tracked key is
+//! still draining, the map does not grow: [`KeyedLimiter::take`] refuses the new key (fail
+//! closed: the per-address limits, which a flood of new addresses must not lift), while
+//! [`KeyedLimiter::take_n`] and [`KeyedLimiter::charge_n`] let it through unlimited (fail open:
+//! the per-target and per-network limits, where refusing would let whoever fills the map refuse
+//! everyone else; the per-connection and per-address limits still hold).
 
 use std::cell::Cell;
 use std::collections::HashMap;

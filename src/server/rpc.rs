@@ -280,6 +280,13 @@ impl NodeServiceImpl {
     /// back when no package is handed out ([`Self::refund_key_package_token`]): fetches for
     /// keys without packages (a stranger naming random keys) leave full buckets, which the
     /// per-target table drops first, so they cannot lock out real ones.
+    ///
+    /// The per-target limit fails open when its table is full of draining buckets (65,536
+    /// targets each handed a package within the last few minutes): the fetch is then held only
+    /// by the connection's and address's limits. Failing closed would refuse every fetch for
+    /// any other person for as long as someone kept the table full, so nobody new could be
+    /// added to a group; failing open only lets one who already drains 65,536 pools drain one
+    /// more faster, and a drained pool still yields its last-resort package.
     fn take_key_package_token(&self, target: &IdentityKey) -> Result<(), Error> {
         let rates = &self.shared.rates;
         let what = "key package fetches";
