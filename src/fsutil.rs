@@ -215,7 +215,18 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         }
         // Created as 0700 from the start, so it is never briefly readable by others.
         match fs::DirBuilder::new().mode(0o700).create(dir) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {
+                // A directory others may write to (sticky or not: /tmp, /var/tmp, a shared
+                // drop) is not ours to take: making it 0700 would break every other user of
+                // it (a `--data-dir /tmp` run as root), and anyone could have planted files in it.
+                let mode = fs::metadata(dir)?.permissions().mode();
+                if mode & 0o1002 != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("it is shared (mode {:o}): give qpq a directory of its own", mode & 0o7777),
+                    ));
+                }
+            }
             other => other?,
         }
         // An existing directory, or one created under a restrictive umask, gets exactly 0700.
@@ -432,5 +443,23 @@ mod tests {
         let file = dir.path().join("file");
         fs::write(&file, b"").unwrap();
         assert!(ensure_private_dir(&file).is_err());
+    }
+
+    /// Review: an existing directory was made 0700 whatever it was, so `--data-dir /tmp` (or a
+    /// config typo) run as root took /tmp away from everyone else. A directory others may
+    /// write to is refused and left as it was. Fails without the check.
+    #[cfg(unix)]
+    #[test]
+    fn a_shared_directory_is_refused_and_left_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o1777, 0o777, 0o1700] {
+            let shared = dir.path().join(format!("shared-{mode:o}"));
+            fs::create_dir(&shared).unwrap();
+            fs::set_permissions(&shared, fs::Permissions::from_mode(mode)).unwrap();
+            let e = ensure_private_dir(&shared).unwrap_err();
+            assert!(e.to_string().contains("it is shared"), "{e}");
+            assert_eq!(fs::metadata(&shared).unwrap().permissions().mode() & 0o7777, mode);
+        }
     }
 }
