@@ -245,9 +245,23 @@ impl ServerConfig {
             cfg.max_payload = v;
         }
         if let Some(v) = file.max_queue_messages {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    name: "max_queue_messages",
+                    reason: "must be > 0".into(),
+                });
+            }
             cfg.max_queue_messages = v;
         }
         if let Some(v) = file.max_queue_bytes {
+            // A queue must hold at least one message of the largest size accepted (a Welcome
+            // can be that large), or such messages are refused as `queueFull` for ever.
+            if v < cfg.max_payload as u64 {
+                return Err(ConfigError::Invalid {
+                    name: "max_queue_bytes",
+                    reason: format!("must be at least max_payload_bytes ({})", cfg.max_payload),
+                });
+            }
             cfg.max_queue_bytes = v;
         }
         if let Some(v) = file.max_connections {
@@ -460,6 +474,41 @@ mod tests {
         assert_eq!(e, "invalid setting max_buffered_bytes: must be >= 16777216 (one full batch)");
         let e = resolve("stall_timeout_ms = 0\n").unwrap_err().to_string();
         assert_eq!(e, "invalid setting stall_timeout_ms: must be > 0");
+    }
+
+    /// Review: a zero queue cap, or a queue smaller than the largest message accepted, made
+    /// every enqueue (or every large Welcome) `queueFull` for ever. Both are refused at start.
+    #[test]
+    fn queue_caps_that_refuse_every_message_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() })
+        };
+        let e = resolve(
+            "max_queue_messages = 0
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "invalid setting max_queue_messages: must be > 0");
+        let e = resolve(
+            "max_payload_bytes = 2000
+max_queue_bytes = 1999
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "invalid setting max_queue_bytes: must be at least max_payload_bytes (2000)");
+        let cfg = resolve(
+            "max_payload_bytes = 2000
+max_queue_bytes = 2000
+max_queue_messages = 1
+",
+        )
+        .unwrap();
+        assert_eq!((cfg.max_queue_bytes, cfg.max_queue_messages), (2000, 1));
     }
 
     #[test]
