@@ -447,6 +447,31 @@ fn a_rotated_envelope_key_still_opens_what_was_sealed_to_the_old_one() {
     assert_eq!(carol.recv(), vec!["bob: got it"]);
 }
 
+/// Review: `recv --follow` retried every error for ever, a replaced certificate included, so
+/// a supervisor saw a process still running while nothing could ever arrive. An error only the
+/// user can end now ends it, with status 1. Fails without the fix (it retries).
+#[test]
+fn recv_follow_stops_on_a_changed_certificate_instead_of_retrying_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_restartable(dir.path());
+    let addr = server.addr;
+    let alice = User::init(&server, "alice");
+    assert_eq!(server.terminate().code(), Some(0));
+    let other_dir = tempfile::tempdir().unwrap();
+    let _impostor = ServerProcess::start_on(other_dir.path(), addr);
+    let mut follow = alice.spawn(&["recv", "--follow"]);
+    let mut err = common::Lines::of(follow.stderr.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
+    let line = err.next_line().unwrap_or_default();
+    let stopped = line.contains("server certificate changed") && !line.contains("retrying");
+    if !stopped {
+        let _ = follow.kill();
+    }
+    assert!(stopped, "{line}");
+    assert_eq!(err.next_line(), None, "nothing after the error");
+    assert_eq!(follow.wait().unwrap().code(), Some(1));
+}
+
 #[test]
 fn a_changed_server_certificate_is_a_hard_error_naming_both_fingerprints() {
     let dir = tempfile::tempdir().unwrap();

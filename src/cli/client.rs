@@ -18,7 +18,7 @@ use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::outbox::{EXIT_QUEUED, Fate};
 use crate::client::requests::{RequestView, preview_line};
-use crate::client::session::{Health, Session};
+use crate::client::session::{Health, Session, SessionError};
 use crate::client::state::{self, Entry, StateError, Unlock};
 use crate::client::timeline::{Item, changes_of};
 use crate::crypto::identity::PublicKey;
@@ -1162,6 +1162,22 @@ pub fn missed_line(missed: u64) -> String {
     )
 }
 
+/// Errors no retry can end: the user must act first (re-pin a replaced certificate, upgrade
+/// one side, name a server). `recv --follow` exits on them (status 1) instead of retrying for
+/// ever, so a supervisor or a script sees that it stopped and why.
+fn needs_the_user(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::NoServer
+            | ClientError::PinMismatch { .. }
+            | ClientError::Session(
+                SessionError::CertificateChanged { .. }
+                    | SessionError::ServerOutdated { .. }
+                    | SessionError::ClientOutdated { .. }
+            )
+    )
+}
+
 async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     // Clamped to 136 years, so that any number a script passes makes a deadline (an `Instant`
     // addition past its range panics).
@@ -1197,7 +1213,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
                 backoff = Duration::from_millis(250);
                 e
             }
-            Err(e) if args.follow => {
+            Err(e) if args.follow && !needs_the_user(&e) => {
                 err!("qpq: {}; retrying in {}s", Shown(&e.to_string()), backoff.as_secs_f32());
                 m.disconnect().await;
                 tokio::select! {
