@@ -447,6 +447,22 @@ fn a_rotated_envelope_key_still_opens_what_was_sealed_to_the_old_one() {
     assert_eq!(carol.recv(), vec!["bob: got it"]);
 }
 
+/// Ctrl-C ends `recv --follow` cleanly (status 0), through the one interrupt listener the
+/// loop keeps (a listener made afresh at each wait missed a Ctrl-C sent between two waits).
+#[test]
+fn recv_follow_ends_on_ctrl_c_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let mut follow = alice.spawn(&["recv", "--follow"]);
+    let mut err = common::Lines::of(follow.stderr.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
+    let sent = std::process::Command::new("kill").args(["-INT", &follow.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    assert_eq!(err.next_line(), None, "nothing more on stderr");
+    assert_eq!(follow.wait().unwrap().code(), Some(0));
+}
+
 /// Review: `recv --follow` retried every error for ever, a replaced certificate included, so
 /// a supervisor saw a process still running while nothing could ever arrive. An error only the
 /// user can end now ends it, with status 1. Fails without the fix (it retries).

@@ -1185,6 +1185,10 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     // This process's place in the home's inbox: other readers of the home (another `recv
     // --follow`, a shell) print the same messages, each from its own cursor.
     let mut cursor = m.read_cursor()?;
+    // One listener for the whole run, made before anything is printed: one made afresh at each
+    // wait missed a Ctrl-C that came in between (say, while a batch was being written to a slow
+    // pipe), and ran on.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // What waited already is printed before the first (long) poll.
     let mut printed_any = !print_unread(m, &mut cursor, args.json)?.is_empty();
     if args.follow {
@@ -1206,7 +1210,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         };
         let events = tokio::select! {
             r = m.receive(wait_ms) => r,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
         };
         let events = match events {
             Ok(e) => {
@@ -1218,7 +1222,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
                 m.disconnect().await;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = tokio::signal::ctrl_c() => break,
+                    _ = interrupt.recv() => break,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
