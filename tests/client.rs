@@ -708,6 +708,41 @@ fn messages_recv_could_not_write_are_printed_by_the_next_recv() {
     assert_eq!(bob.recv(), vec!["alice: hello through a broken pipe".to_string()]);
 }
 
+/// Review: a write that failed marked the whole read unread again, so a reader taking one
+/// line and leaving (`recv --json | head -n1`) got the same first message for ever when more
+/// than a pipe's buffer waited. What was written stays read; the rest is printed next time.
+/// Fails without the fix (the next recv starts with message 0 again).
+#[test]
+fn a_reader_that_takes_one_line_and_leaves_moves_the_next_recv_on() {
+    use std::io::BufRead;
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    // Five messages of 30,000 bytes: more than a pipe holds.
+    for i in 0..5 {
+        alice.ok(&["send", "bob", &format!("message {i} {}", "x".repeat(30_000))]);
+    }
+    let mut child = bob.spawn(&["recv", "--json"]);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    // Events first (the direct conversation bob joined), then the first message.
+    let mut first = String::new();
+    while !first.contains("\"type\":\"message\"") {
+        first.clear();
+        assert!(out.read_line(&mut first).unwrap() > 0, "a message line");
+    }
+    assert!(first.contains("message 0 "), "{}", first.replace(&"x".repeat(30_000), "X"));
+    drop(out);
+    let done = child.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "exit {:?}: {}",
+        done.status.code(),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let next = bob.recv();
+    assert!(!next.is_empty(), "what was not written comes next");
+    assert!(next.iter().all(|m| !m.contains("message 0 ")), "the line read is not printed again");
+    assert!(next.last().is_some_and(|m| m.contains("message 4 ")), "and the last one comes");
+}
+
 #[test]
 fn a_used_last_resort_key_package_is_replaced() {
     let (_dir, server, [alice, bob]) = cast(["alice", "bob"]);

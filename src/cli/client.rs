@@ -1133,23 +1133,22 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
 fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<Vec<Entry>> {
     // Marked read durably first, then printed: a crash in between can lose the printout (the
     // message stays in history) but never prints it twice. A write that fails (a closed pipe,
-    // a full disk) marks them unread again, so the next `recv` prints them.
+    // a full disk) marks those not yet written unread again, so the next `recv` prints them;
+    // those written stay read (what a reader that went away left unread in the pipe is lost
+    // to `recv`, and kept in history), so a reader taking one line at a time moves on.
     let unread = m.read_inbox(cursor)?;
     if unread.missed > 0 {
         err!("qpq: {}", missed_line(unread.missed));
     }
-    // One write for the whole batch keeps that window to a single system call.
-    let mut batch = String::new();
-    for e in &unread.entries {
-        let line = if json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
-        batch.push_str(&line);
-        batch.push('\n');
-    }
     let mut stdout = std::io::stdout().lock();
-    // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
-    if let Err(e) = stdout.write_all(batch.as_bytes()).and_then(|()| stdout.flush()) {
-        m.unread_again(&unread)?;
-        return Err(e.into());
+    for (shown, e) in unread.entries.iter().enumerate() {
+        // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
+        let mut line = if json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
+        line.push('\n');
+        if let Err(e) = stdout.write_all(line.as_bytes()).and_then(|()| stdout.flush()) {
+            m.unread_again(&unread, shown)?;
+            return Err(e.into());
+        }
     }
     Ok(unread.entries)
 }

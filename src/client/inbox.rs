@@ -89,12 +89,19 @@ impl Messenger {
     /// mark and the write loses stays lost; a failed write is told and undone. A no-op when
     /// another reader has shown more since. Entries beyond what the inbox keeps of read ones
     /// ([`MAX_INBOX_READ_KEPT`]) left it already: the next reader is told it missed them.
-    pub fn unread_again(&mut self, unread: &Unread) -> Result<(), ClientError> {
+    ///
+    /// `shown` entries of `unread` (its first ones) were shown whole: they stay read. Marking
+    /// the whole read unread again made `recv --json | head -n1` print the same first message
+    /// for ever when more than a pipe's buffer waited.
+    pub fn unread_again(&mut self, unread: &Unread, shown: usize) -> Result<(), ClientError> {
         let _op = self.begin()?;
         let s = &mut self.home.state;
         let (before, after) = unread.marked;
-        if s.read_seq == after && before < after {
-            s.read_seq = before;
+        // The read's entries are the inbox's last ones, ending at `after`.
+        let not_shown = unread.entries.len().saturating_sub(shown) as u64;
+        let back_to = before.max(after.saturating_sub(not_shown));
+        if s.read_seq == after && back_to < after {
+            s.read_seq = back_to;
             self.home.save()?;
         }
         Ok(())
