@@ -488,6 +488,32 @@ fn recv_follow_stops_on_a_changed_certificate_instead_of_retrying_for_ever() {
     assert_eq!(follow.wait().unwrap().code(), Some(1));
 }
 
+/// Review: a long-lived process (the shell) reconnected with the pin it had loaded, so after
+/// a replaced certificate and `qpq server pin NEW` in another terminal it kept failing until
+/// restarted. The next connect reads the home's pin. Fails without the fix.
+#[test]
+fn a_pin_set_by_another_process_is_used_by_the_next_connect() {
+    use qpq::client::messenger::{ClientError, ConnectOptions, Messenger};
+    use qpq::client::session::SessionError;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_restartable(dir.path());
+    let addr = server.addr;
+    let alice = User::init(&server, "alice");
+    assert_eq!(server.terminate().code(), Some(0));
+    let other_dir = tempfile::tempdir().unwrap();
+    let replaced = ServerProcess::start_on(other_dir.path(), addr);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(tokio::task::LocalSet::new().run_until(async {
+        let mut m = Messenger::open(alice.home.path(), None, ConnectOptions::default()).unwrap();
+        let e = m.connect().await.err().expect("the old pin refuses the new certificate");
+        assert!(matches!(e, ClientError::Session(SessionError::CertificateChanged { .. })), "{e}");
+        alice.ok(&["server", "pin", &replaced.fingerprint.to_string()]);
+        m.disconnect().await;
+        m.connect().await.expect("the pin set meanwhile is used");
+        m.disconnect().await;
+    }));
+}
+
 #[test]
 fn a_changed_server_certificate_is_a_hard_error_naming_both_fingerprints() {
     let dir = tempfile::tempdir().unwrap();

@@ -480,6 +480,10 @@ impl Messenger {
             return self.session.as_ref().ok_or(ClientError::NoServer);
         }
         self.session = None;
+        // The pin as the home holds it now: another process may have re-pinned (`qpq server
+        // pin` after a replaced certificate) since this one loaded it, and a long-lived process
+        // (the shell, `recv --follow`) reconnecting with its old copy failed for ever.
+        self.refresh()?;
         let server = self.server().ok_or(ClientError::NoServer)?;
         let known = self.home.state.known_servers.get(&server).cloned();
         let (mut session, first_use) = open_session(&server, known.as_ref(), self.opts.fingerprint).await?;
@@ -511,6 +515,16 @@ impl Messenger {
         let fp = session.fingerprint().to_string();
         if known.as_ref() != Some(&fp) {
             let _op = self.begin()?;
+            let now = self.home.state.known_servers.get(&server);
+            if now != known.as_ref() && now != Some(&fp) {
+                // Re-pinned by another process while we connected: its pin stands, not the
+                // certificate this connection accepted against the old one.
+                session.close().await;
+                return Err(ClientError::Session(SessionError::Connect {
+                    addr: server,
+                    reason: "its pinned certificate changed while connecting; try again".into(),
+                }));
+            }
             if first_use {
                 self.notices.push(format!("pinned certificate of {server}: {fp}"));
             }
