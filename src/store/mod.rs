@@ -776,6 +776,28 @@ pub(crate) mod tests {
         store.close().unwrap();
     }
 
+    /// Review of the skip above: a row stamped in the future (the clock ran fast, then was set
+    /// right) counted as young and skipped its queue, so the expired rows behind it stayed in
+    /// the caps and the quota for as long as the clock had been ahead. It is kept, and the walk
+    /// goes on. Fails without the `at <= now` condition.
+    #[tokio::test]
+    async fn a_row_stamped_in_the_future_does_not_hold_the_sweep_off_its_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let lim = limits();
+        let clock = Clock::system();
+        let store = Store::open_with_clock(&dir.path().join("qpq.db"), lim, clock.clone()).unwrap();
+        let who = [5u8; 32];
+        let one = || WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"x".to_vec())] };
+        clock.advance(10 * lim.ttl_ms as i64);
+        store.write(one()).await.unwrap();
+        clock.set_offset_ms(0);
+        store.write(one()).await.unwrap();
+        let later = clock.now_ms() + lim.ttl_ms + 1_000;
+        let swept = store.write(WriteOp::Sweep { now_ms: later, after: Vec::new() }).await.unwrap();
+        assert_eq!(swept, Outcome::Swept { removed: 1, resume: None }, "the expired row behind it went");
+        store.close().unwrap();
+    }
+
     /// Writes rows no qpq would write into a closed database file: keys shorter and longer than
     /// recipient ‖ seq, and a value too short to hold its header.
     fn damage(path: &Path, who: &IdentityKey) {

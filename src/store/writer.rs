@@ -688,15 +688,20 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
                     Err(StoreError::Db(format!("shared entry of missing payload {id}")))
                 }
             };
-            let young_queue = match (super::split_queue_key(key), enqueued_at) {
-                (Ok((who, _)), Ok(at)) if now.saturating_sub(at) <= limits.ttl_ms => Some(who),
-                (Ok(_), Ok(_)) => None,
+            // Some(who): young, so the rest of `who`'s queue is too (see the skip below).
+            // Not stamped in the future either: after a clock that ran fast was set right,
+            // such a row is kept but does not skip, or it would hold the walk off the expired
+            // rows behind it (still counted in the caps and the quota) for as long as the clock
+            // had been ahead.
+            let (doomed_row, young_queue) = match (super::split_queue_key(key), enqueued_at) {
+                (Ok((who, _)), Ok(at)) if at <= now && now - at <= limits.ttl_ms => (false, Some(who)),
+                (Ok(_), Ok(at)) => (at < now && now - at > limits.ttl_ms, None),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::warn!(error = %e, "sweep removes a damaged queue row");
-                    None
+                    (true, None)
                 }
             };
-            if young_queue.is_none() {
+            if doomed_row {
                 doomed.push(key.to_vec());
                 // A damaged key names no recipient whose counts we could trust; leave them alone.
                 released.note(super::split_queue_key(key).ok().map(|(who, _)| who), value, shared);
