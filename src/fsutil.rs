@@ -167,25 +167,29 @@ impl HomeLock {
             options.mode(0o600);
         }
         let file = options.open(&path).map_err(io_error)?;
-        let start = std::time::Instant::now();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(HomeLock { file, path }),
-                Err(fs::TryLockError::WouldBlock) if within.is_zero() => {
-                    return Err(LockError::Busy { path });
-                }
-                Err(fs::TryLockError::WouldBlock) => {}
-                Err(fs::TryLockError::Error(source)) => return Err(io_error(source)),
-            }
-            let waited = start.elapsed();
-            if waited >= within {
-                return Err(LockError::Held { path, secs: waited.as_secs() });
-            }
-            // Polled: flock has no timeout. Short pauses first (holds are usually brief), then
-            // at most 50 ms, so a release is noticed quickly.
-            std::thread::sleep(pause.min(within - waited));
-            pause = (pause * 2).min(Duration::from_millis(50));
+        match file.try_lock() {
+            Ok(()) => return Ok(HomeLock { file, path }),
+            Err(fs::TryLockError::WouldBlock) if within.is_zero() => return Err(LockError::Busy { path }),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(source)) => return Err(io_error(source)),
+        }
+        // A blocking flock, woken at the release like any waiter (polling with try_lock lost
+        // to a process that takes the lock again at once, say `recv --follow` draining a
+        // backlog), on a duplicate of our descriptor in a thread we stop waiting for at the
+        // bound. The lock belongs to the open file description both share; if the thread gets
+        // it after we gave up, it goes when the thread drops the last descriptor.
+        let waiter = file.try_clone().map_err(io_error)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("qpq-home-lock".into())
+            .spawn(move || {
+                let _ = tx.send(waiter.lock());
+            })
+            .map_err(io_error)?;
+        match rx.recv_timeout(within) {
+            Ok(Ok(())) => Ok(HomeLock { file, path }),
+            Ok(Err(source)) => Err(io_error(source)),
+            Err(_) => Err(LockError::Held { path, secs: within.as_secs() }),
         }
     }
 
@@ -412,6 +416,7 @@ mod tests {
         let err = HomeLock::acquire_within(dir.path(), Duration::from_millis(30)).unwrap_err();
         assert!(matches!(err, LockError::Held { .. }), "{err}");
         assert!(err.to_string().starts_with("another qpq process has held the home for 0 s"), "{err}");
+        // The waiter thread may take it later; dropping its descriptor lets it go.
         drop(first);
         drop(HomeLock::acquire_within(dir.path(), Duration::from_millis(30)).unwrap());
     }

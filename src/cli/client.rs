@@ -1184,12 +1184,12 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     // This process's place in the home's inbox: other readers of the home (another `recv
     // --follow`, a shell) print the same messages, each from its own cursor.
     let mut cursor = m.read_cursor()?;
-    // One listener for the whole run, made before anything is printed: one made afresh at each
-    // wait missed a Ctrl-C that came in between (say, while a batch was being written to a slow
-    // pipe), and ran on.
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // What waited already is printed before the first (long) poll.
     let mut printed_any = !print_unread(m, &mut cursor, args.json)?.is_empty();
+    // One listener for the rest of the run, made before the line below: one made afresh at
+    // each wait missed a Ctrl-C that came in between (say, while a batch was being written to a
+    // slow pipe), and ran on. (Until here a Ctrl-C ends the process the default way.)
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if args.follow {
         // Also tells a script that messages sent from now on will be printed here.
         err!("qpq: following new messages (Ctrl-C to stop)");
