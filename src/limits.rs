@@ -79,6 +79,10 @@ pub const HYBRID_KEY_LEN: usize = 1216;
 /// channel id become a second payload.
 pub const MAX_CHANNEL_ID_LEN: usize = 64;
 
+/// Bytes a queue entry adds to its payload and channel id in the queue's byte count:
+/// enqueued_at (8) ‖ channel_seq (8) ‖ channel length (1).
+pub const QUEUE_ENTRY_HEADER_BYTES: usize = 17;
+
 /// Most recipients in one multi-recipient enqueue: a large group's fan-out in one transaction.
 pub const MAX_BATCH_RECIPIENTS: usize = 4096;
 

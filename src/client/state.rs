@@ -79,8 +79,8 @@ pub enum StateError {
     OldVersion(u32),
     #[error("no home directory: pass --home or set QPQ_HOME")]
     NoHome,
-    #[error("an earlier save of this operation failed; nothing more is saved until it is run again")]
-    Unsaved,
+    #[error("cannot save the home ({0}); nothing more is saved until the command runs again")]
+    Unsaved(String),
 }
 
 impl From<DbError> for StateError {
@@ -416,7 +416,7 @@ pub struct Home {
     /// A save failed since the last reload: what is in memory (`state`, and openmls's changes,
     /// which that save took out of its store's dirty set) is not on disk, so no later save
     /// may write part of it until [`Home::refresh`] reloads the durable state.
-    unsaved: bool,
+    unsaved: Option<String>,
     pub state: State,
 }
 
@@ -537,7 +537,7 @@ impl Home {
             mls_loaded: None,
             expire_before_ms: 0,
             last_history: Default::default(),
-            unsaved: false,
+            unsaved: None,
             state,
         };
         home.refresh()?;
@@ -565,7 +565,7 @@ impl Home {
             mls_loaded: None,
             expire_before_ms: 0,
             last_history: Default::default(),
-            unsaved: false,
+            unsaved: None,
             state: State::new(Secrets::new([0; 32], [0; 32]), None, None),
         };
         let loaded = home.refresh();
@@ -611,7 +611,7 @@ impl Home {
         self.written = written;
         self.mls_loaded = Some(mls);
         self.generation = Some(generation);
-        self.unsaved = false;
+        self.unsaved = None;
         self.hold.0.borrow_mut().seen = generation;
         Ok(true)
     }
@@ -651,8 +651,8 @@ impl Home {
     /// out of their dirty set, so a later save would write the messenger's records (a pending
     /// commit, a message marked sent) without the MLS records they depend on.
     pub fn save_with(&mut self, mls: Option<&MlsStore>) -> Result<(), StateError> {
-        if self.unsaved {
-            return Err(StateError::Unsaved);
+        if let Some(cause) = &self.unsaved {
+            return Err(StateError::Unsaved(cause.clone()));
         }
         // Until this save succeeds, what is in memory is not what is on disk: the next
         // `refresh` reloads the durable state instead of building on (and, say, publishing a
@@ -661,7 +661,7 @@ impl Home {
         let (generation, written, history) = match self.write(mls) {
             Ok(done) => done,
             Err(e) => {
-                self.unsaved = true;
+                self.unsaved = Some(e.to_string());
                 if let Some(mls) = mls {
                     // Its cache holds records that are not on disk; read them again.
                     mls.forget();
@@ -796,7 +796,7 @@ mod tests {
         // A later write would go to redb (a checkpoint), which works.
         home.state.server = Some("127.0.0.1:7001".into());
         let e = home.save().unwrap_err();
-        assert!(matches!(e, StateError::Unsaved), "{e}");
+        assert!(matches!(e, StateError::Unsaved(_)), "{e}");
         // A reload starts over from what is on disk.
         home.refresh().unwrap();
         assert!(!home.state.contacts.contains_key("carol"));

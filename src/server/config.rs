@@ -255,11 +255,14 @@ impl ServerConfig {
         }
         if let Some(v) = file.max_queue_bytes {
             // A queue must hold at least one message of the largest size accepted (a Welcome
-            // can be that large), or such messages are refused as `queueFull` for ever.
-            if v < cfg.max_payload as u64 {
+            // can be that large) with its entry's header and longest channel id, or such
+            // messages are refused as `queueFull` for ever.
+            let extra = (limits::QUEUE_ENTRY_HEADER_BYTES + limits::MAX_CHANNEL_ID_LEN) as u64;
+            let least = cfg.max_payload as u64 + extra;
+            if v < least {
                 return Err(ConfigError::Invalid {
                     name: "max_queue_bytes",
-                    reason: format!("must be at least max_payload_bytes ({})", cfg.max_payload),
+                    reason: format!("must be at least max_payload_bytes + {extra} ({least})"),
                 });
             }
             cfg.max_queue_bytes = v;
@@ -486,29 +489,14 @@ mod tests {
             std::fs::write(&p, text).unwrap();
             ServerConfig::resolve(Overrides { config: Some(p.clone()), ..Default::default() })
         };
-        let e = resolve(
-            "max_queue_messages = 0
-",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = resolve("max_queue_messages = 0\n").unwrap_err().to_string();
         assert_eq!(e, "invalid setting max_queue_messages: must be > 0");
-        let e = resolve(
-            "max_payload_bytes = 2000
-max_queue_bytes = 1999
-",
-        )
-        .unwrap_err()
-        .to_string();
-        assert_eq!(e, "invalid setting max_queue_bytes: must be at least max_payload_bytes (2000)");
-        let cfg = resolve(
-            "max_payload_bytes = 2000
-max_queue_bytes = 2000
-max_queue_messages = 1
-",
-        )
-        .unwrap();
-        assert_eq!((cfg.max_queue_bytes, cfg.max_queue_messages), (2000, 1));
+        // The largest payload counts with its entry's header and the longest channel id.
+        let e = resolve("max_payload_bytes = 2000\nmax_queue_bytes = 2080\n").unwrap_err().to_string();
+        assert_eq!(e, "invalid setting max_queue_bytes: must be at least max_payload_bytes + 81 (2081)");
+        let cfg =
+            resolve("max_payload_bytes = 2000\nmax_queue_bytes = 2081\nmax_queue_messages = 1\n").unwrap();
+        assert_eq!((cfg.max_queue_bytes, cfg.max_queue_messages), (2081, 1));
     }
 
     #[test]

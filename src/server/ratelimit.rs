@@ -113,10 +113,19 @@ impl Bucket {
     }
 
     /// Adds the tokens gained since the bucket was last looked at. A wall clock stepped back
-    /// counts as no time passed and moves the stamp back with it: kept at the later time, a
-    /// drained bucket would not refill until the clock caught up again (hours, for a big step).
+    /// (by more than [`limits::RATE_LIMIT_PRUNE_EVERY_MS`]) counts as no time passed and moves
+    /// the stamp back with it: kept at the later time, a drained bucket would not refill until
+    /// the clock caught up again (hours, for a big step). A smaller step back is two callers'
+    /// readings arriving out of order (each reads the clock before taking the lock): the
+    /// stamp stays, so no interval is credited twice.
     fn refill(&mut self, rate: Rate, now_ms: u64) {
-        let elapsed_s = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
+        if now_ms < self.at_ms {
+            if self.at_ms - now_ms > limits::RATE_LIMIT_PRUNE_EVERY_MS {
+                self.at_ms = now_ms;
+            }
+            return;
+        }
+        let elapsed_s = (now_ms - self.at_ms) as f64 / 1000.0;
         self.tokens = (self.tokens + elapsed_s * rate.per_sec).min(f64::from(rate.burst));
         self.at_ms = now_ms;
     }
@@ -267,8 +276,14 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         if state.buckets.contains_key(key) || state.buckets.len() < self.max_keys {
             return true;
         }
-        // A clock stepped back to before the last pruning makes pruning due, not far off.
-        if now_ms.checked_sub(state.pruned_at_ms).is_none_or(|d| d >= limits::RATE_LIMIT_PRUNE_EVERY_MS) {
+        // A clock stepped back far before the last pruning makes pruning due, not far off; a
+        // reading just behind it (callers out of order) does not, or a full map would be
+        // scanned on every such call.
+        let due = match now_ms.checked_sub(state.pruned_at_ms) {
+            Some(since) => since >= limits::RATE_LIMIT_PRUNE_EVERY_MS,
+            None => state.pruned_at_ms - now_ms > limits::RATE_LIMIT_PRUNE_EVERY_MS,
+        };
+        if due {
             let rate = self.rate;
             state.pruned_at_ms = now_ms;
             state.buckets.retain(|_, b| {

@@ -270,11 +270,12 @@ impl Journal {
     /// overwrite them. Crash-safe in any order: zeros without the new header end the replay
     /// at the old base, whose entries redb already covers.
     pub fn reset(&mut self) -> Result<(), super::DbError> {
-        // The header, then zeros up to what the entries used: `end`, or the whole file after a
-        // failed write, which may have left an entry past `end`.
-        let upto = if self.failed { JOURNAL_BYTES } else { self.end.clamp(HEADER_BYTES, JOURNAL_BYTES) };
-        // Invariant: at most JOURNAL_BYTES (256 KiB), which fits a usize.
-        let mut block = vec![0u8; upto as usize];
+        // The header, then zeros over the whole file: entries may lie past `end` (a failed
+        // write, an earlier cycle that went further, a crash between a reset's header and its
+        // zeros), and a reset comes once per half a journal of writes, so this at most doubles
+        // what the journal writes.
+        // Invariant: JOURNAL_BYTES (256 KiB) fits a usize.
+        let mut block = vec![0u8; JOURNAL_BYTES as usize];
         block[..16].copy_from_slice(MAGIC);
         block[16..32].copy_from_slice(&self.id);
         block[32..40].copy_from_slice(&self.next_seq.to_le_bytes());
