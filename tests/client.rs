@@ -463,18 +463,24 @@ fn recv_follow_ends_on_ctrl_c_with_status_0() {
     assert_eq!(follow.wait().unwrap().code(), Some(0));
 }
 
+/// alice, pinned to a server that was stopped and replaced on its address by one with another
+/// certificate (returned, with the data dirs to keep alive).
+fn alice_behind_a_replaced_certificate() -> ([tempfile::TempDir; 2], User, ServerProcess) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let server = ServerProcess::start_restartable(dirs[0].path());
+    let addr = server.addr;
+    let alice = User::init(&server, "alice");
+    assert_eq!(server.terminate().code(), Some(0));
+    let replaced = ServerProcess::start_on(dirs[1].path(), addr);
+    (dirs, alice, replaced)
+}
+
 /// Review: `recv --follow` retried every error for ever, a replaced certificate included, so
 /// a supervisor saw a process still running while nothing could ever arrive. An error only the
 /// user can end now ends it, with status 1. Fails without the fix (it retries).
 #[test]
 fn recv_follow_stops_on_a_changed_certificate_instead_of_retrying_for_ever() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_restartable(dir.path());
-    let addr = server.addr;
-    let alice = User::init(&server, "alice");
-    assert_eq!(server.terminate().code(), Some(0));
-    let other_dir = tempfile::tempdir().unwrap();
-    let _impostor = ServerProcess::start_on(other_dir.path(), addr);
+    let (_dirs, alice, _impostor) = alice_behind_a_replaced_certificate();
     let mut follow = alice.spawn(&["recv", "--follow"]);
     let mut err = common::Lines::of(follow.stderr.take().unwrap());
     assert_eq!(err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
@@ -495,13 +501,7 @@ fn recv_follow_stops_on_a_changed_certificate_instead_of_retrying_for_ever() {
 fn a_pin_set_by_another_process_is_used_by_the_next_connect() {
     use qpq::client::messenger::{ClientError, ConnectOptions, Messenger};
     use qpq::client::session::SessionError;
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_restartable(dir.path());
-    let addr = server.addr;
-    let alice = User::init(&server, "alice");
-    assert_eq!(server.terminate().code(), Some(0));
-    let other_dir = tempfile::tempdir().unwrap();
-    let replaced = ServerProcess::start_on(other_dir.path(), addr);
+    let (_dirs, alice, replaced) = alice_behind_a_replaced_certificate();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(tokio::task::LocalSet::new().run_until(async {
         let mut m = Messenger::open(alice.home.path(), None, ConnectOptions::default()).unwrap();

@@ -496,9 +496,9 @@ fn fanout<'a>(
 }
 
 /// The refusal of one more message of `add` bytes to a queue holding `count` messages and
-/// `bytes` bytes, or None when it fits both caps.
-fn queue_full(limits: QueueLimits, count: u64, bytes: u64, add: u64) -> Option<StoreError> {
-    if count + 1 > limits.max_messages || bytes + add > limits.max_bytes {
+/// `bytes` bytes, or None when it fits both caps (both stores' check).
+pub(super) fn queue_full(limits: QueueLimits, count: u64, bytes: u64, add: u64) -> Option<StoreError> {
+    if count.saturating_add(1) > limits.max_messages || bytes.saturating_add(add) > limits.max_bytes {
         return Some(StoreError::QueueFull {
             count,
             bytes,

@@ -93,18 +93,10 @@ pub(super) fn queue_charge(channel: &[u8], payload: &[u8]) -> i64 {
 }
 
 /// The refusal of one more message of `add` bytes to a queue that holds `count` messages and
-/// `bytes` bytes (after what acks freed), or None when it fits both caps.
+/// `bytes` bytes (after what acks freed), or None when it fits both caps: redb's check, on
+/// PostgreSQL's signed counters.
 pub(super) fn queue_full(limits: QueueLimits, count: i64, bytes: i64, add: i64) -> Option<StoreError> {
-    let (count, bytes) = (ops::unbig(count), ops::unbig(bytes));
-    if count + 1 > limits.max_messages || bytes.saturating_add(ops::unbig(add)) > limits.max_bytes {
-        return Some(StoreError::QueueFull {
-            count,
-            bytes,
-            max_count: limits.max_messages,
-            max_bytes: limits.max_bytes,
-        });
-    }
-    None
+    crate::store::writer::queue_full(limits, ops::unbig(count), ops::unbig(bytes), ops::unbig(add))
 }
 
 /// Which recipients of a fanout (`items`, distinct) have room for it, given what each one's
