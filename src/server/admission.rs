@@ -257,15 +257,18 @@ impl Admission {
             }
         }
         let per_net = &open.per_net;
+        // From the heaviest network first, then the longest idle: a network holding many
+        // connections gives one up before a household with two does.
         let victim = open
             .per_ip
             .iter()
-            .filter(|(ip, _)| per_net.get(&network_key(**ip)).is_some_and(|n| *n > than))
             .filter_map(|(ip, conns)| {
-                conns.iter().filter_map(|a| a.idle_since(now)).min().map(|since| (since, *ip))
+                let held = per_net.get(&network_key(*ip)).copied().filter(|n| *n > than)?;
+                let since = conns.iter().filter_map(|a| a.idle_since(now)).min()?;
+                Some((std::cmp::Reverse(held), since, *ip))
             })
             .min()
-            .map(|(_, ip)| ip);
+            .map(|(_, _, ip)| ip);
         let evicted = victim.is_some_and(|ip| Self::evict_idlest(open, ip, now));
         if !evicted {
             open.fruitless_scan = Some((now, than));
@@ -443,6 +446,25 @@ mod tests {
         drop(first);
         drop(slots);
         assert_eq!(a.open(), 1);
+    }
+
+    /// Review: the victim was the longest-idle connection of any heavier network, so a
+    /// household with two connections lost one before a network holding many. The heaviest
+    /// network now gives one up first. Fails without the ordering.
+    #[test]
+    fn at_a_full_server_the_heaviest_network_gives_up_a_connection_first() {
+        let clock = Clock::system();
+        let a = Admission::with_clock(5, 3, clock.clone());
+        let [home, many, newcomer]: [IpAddr; 3] =
+            ["192.0.2.1", "198.51.100.9", "203.0.113.4"].map(|s| s.parse().unwrap());
+        // The household's two came first: they have been idle longest.
+        let household: Vec<Slot> = (0..2).map(|_| admitted(a.admit(home, true))).collect();
+        clock.advance(1_000);
+        let crowd: Vec<Slot> = (0..3).map(|_| admitted(a.admit(many, true))).collect();
+        clock.advance(limits::EVICT_IDLE_AFTER_MS as i64 + 1);
+        let _in = admitted(a.admit(newcomer, true));
+        assert!(household.iter().all(|s| !s.activity().evicted.is_cancelled()), "the household keeps both");
+        assert_eq!(crowd.iter().filter(|s| s.activity().evicted.is_cancelled()).count(), 1);
     }
 
     #[test]
