@@ -588,7 +588,13 @@ mod tests {
     /// A real server in `dir` on 127.0.0.1:0; started again on the same `dir`, it has the same
     /// certificate and database (on a new port).
     async fn start(dir: &Path) -> RunningServer {
-        let cfg = ServerConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        start_with(dir, |_| {}).await
+    }
+
+    /// A server in `dir` with `configure` applied to its default configuration.
+    async fn start_with(dir: &Path, configure: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+        let mut cfg = ServerConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        configure(&mut cfg);
         server::start(cfg).await.unwrap()
     }
 
@@ -611,8 +617,17 @@ mod tests {
         F: FnOnce(std::path::PathBuf, RunningServer, Messenger, Messenger) -> Fut,
         Fut: std::future::Future<Output = (RunningServer, Messenger, Messenger)>,
     {
+        with_alice_and_bob_on(|_| {}, contacts, body).await
+    }
+
+    /// [`with_alice_and_bob`] on a server configured by `configure`.
+    async fn with_alice_and_bob_on<F, Fut>(configure: impl FnOnce(&mut ServerConfig), contacts: bool, body: F)
+    where
+        F: FnOnce(std::path::PathBuf, RunningServer, Messenger, Messenger) -> Fut,
+        Fut: std::future::Future<Output = (RunningServer, Messenger, Messenger)>,
+    {
         let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
-        let server = start(server_dir.path()).await;
+        let server = start_with(server_dir.path(), configure).await;
         let local = tokio::task::LocalSet::new();
         let server = local
             .run_until(async move {
@@ -812,18 +827,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_whose_committers_queue_is_full_reaches_no_one() {
         use crate::proto::wire_error::ErrorCode;
-        let [server_dir, alice_home, bob_home] = [(); 3].map(|()| tempfile::tempdir().unwrap());
-        let mut cfg = ServerConfig::new(server_dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
-        cfg.max_queue_messages = 8;
-        let server = server::start(cfg).await.unwrap();
-        let local = tokio::task::LocalSet::new();
-        let server = local
-            .run_until(async move {
-                let mut alice = person(alice_home.path(), "alice", &server).await;
-                let mut bob = person(bob_home.path(), "bob", &server).await;
+        with_alice_and_bob_on(
+            |cfg| cfg.max_queue_messages = 8,
+            true,
+            |_, server, mut alice, mut bob| async move {
                 let bob_key = bob.public_key().0;
-                alice.contact_add("bob", &hex::encode(bob_key)).unwrap();
-                bob.contact_add("alice", &hex::encode(alice.public_key().0)).unwrap();
                 let group_id = alice.group_create("team").unwrap();
                 alice.group_add("team", &["bob".to_string()]).await.unwrap();
                 bob.receive(0).await.unwrap();
@@ -861,12 +869,9 @@ mod tests {
                 alice.receive(0).await.unwrap();
                 assert_eq!(alice.mls.epoch(&group_id).unwrap(), epoch + 1);
                 assert_eq!(bob.mls.epoch(&group_id).unwrap(), epoch + 1);
-                alice.disconnect().await;
-                bob.disconnect().await;
-                drop((alice_home, bob_home));
-                server
-            })
-            .await;
-        server.shutdown().await.unwrap();
+                (server, alice, bob)
+            },
+        )
+        .await;
     }
 }

@@ -716,9 +716,7 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
                 // row): all the mail stored, every ten minutes, in the writer. (After the clock
                 // stepped back, a later message may carry an earlier time; it is swept once the
                 // ones before it are gone, and fetches hide it from the moment it expires.)
-                let past = super::queue_key(&who, u64::MAX).to_vec();
-                last = Some(past.clone());
-                from = Some(past);
+                from = Some(super::queue_key(&who, u64::MAX).to_vec());
                 continue 'walk;
             }
         }
