@@ -248,7 +248,8 @@ pub struct RecvArgs {
     /// Wait up to SECS for the first message when none is pending
     #[arg(long, value_name = "SECS", conflicts_with = "follow")]
     pub wait: Option<u64>,
-    /// Keep printing messages as they arrive until interrupted
+    /// Keep printing messages as they arrive until interrupted; rides out a lost connection,
+    /// exits 1 on what only you can fix (a replaced certificate, an outdated side)
     #[arg(long)]
     pub follow: bool,
     /// One JSON object per message and line
