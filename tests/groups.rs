@@ -191,6 +191,53 @@ fn recv_json_emits_membership_events_with_a_stable_group_id() {
     assert_eq!(lines[0]["group_id"], group_id.as_str());
 }
 
+/// Review: a membership change reached only the process that fetched it. A join fetched by a
+/// one-shot `send` (which catches up first) was never printed by `recv`, and a `recv --follow`
+/// running meanwhile missed it whenever the other process got there first. Events now wait in
+/// the inbox like messages, for every reader, in their place among the messages.
+#[test]
+fn membership_events_fetched_by_another_command_reach_every_reader() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    let json_lines = |out: &str| -> Vec<serde_json::Value> {
+        out.lines().map(|l| serde_json::from_str(l).expect("a json line")).collect()
+    };
+    let kinds = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|v| format!("{}:{}", v["type"].as_str().unwrap(), v["event"].as_str().unwrap_or("")))
+            .collect()
+    };
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    alice.ok(&["send", "#team", "after the add"]);
+    // bob's `send` fetches the Welcome and the message, and tells its own user of the join...
+    let sent = bob.run(&["send", "alice", "hi"]);
+    assert!(sent.ok, "{}", sent.stderr);
+    assert!(sent.stderr.contains("you were added to #team by alice"), "{}", sent.stderr);
+    // ...and `recv` still prints both, the join first.
+    let lines = json_lines(&bob.ok(&["recv", "--json"]));
+    assert_eq!(kinds(&lines), ["event:joined", "message:"], "{lines:?}");
+    assert_eq!(lines[1]["text"], "after the add");
+    assert!(bob.ok(&["recv", "--json"]).is_empty(), "shown once");
+
+    // A follower prints each change once, whichever of bob's processes fetched it.
+    let mut follow = bob.spawn(&["recv", "--follow", "--json"]);
+    let mut err = common::Lines::of(follow.stderr.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
+    let mut out = common::Lines::of(follow.stdout.take().unwrap());
+    alice.ok(&["group", "add", "team", "carol"]);
+    alice.ok(&["send", "#team", "carol is here"]);
+    bob.ok(&["send", "alice", "racing the follower"]);
+    let got: Vec<serde_json::Value> =
+        (0..2).map(|_| serde_json::from_str(&out.next_line().expect("a line")).unwrap()).collect();
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    assert_eq!(kinds(&got), ["event:added", "message:"], "{got:?}");
+    assert_eq!(got[0]["members"][0]["key"], carol.key.as_str());
+    assert_eq!(got[1]["text"], "carol is here");
+    assert!(out.rest().is_empty(), "nothing twice");
+}
+
 /// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never
 /// read the group. A Welcome the server refuses (here: bob's queue is full) fails the command.
 #[test]

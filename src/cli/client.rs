@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::{GlobalArgs, complete};
 use crate::client::history::{Before, HistoryPage, HistoryQuery, parse_retention};
-use crate::client::inbox::Cursor;
+use crate::client::inbox::{Arrival, Cursor, Unread};
 use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
 use crate::client::outbox::{EXIT_QUEUED, Fate};
@@ -1129,37 +1129,64 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
     res
 }
 
-/// Prints the inbox entries after `cursor` (whichever process fetched them) and moves it on;
-/// returns them.
-fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<Vec<Entry>> {
+/// Prints the inbox's messages and membership events after `cursor` (whichever process fetched
+/// them) and moves it on; returns how many it printed. Messages go to stdout; events too with
+/// `json` (as data, in their place among the messages), else to stderr as lines for people.
+fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<usize> {
     // Marked read durably first, then printed: a crash in between can lose the printout (the
     // message stays in history) but never prints it twice. A write that fails (a closed pipe,
     // a full disk) marks those not yet written unread again, so the next `recv` prints them;
     // those written stay read (what a reader that went away left unread in the pipe is lost
     // to `recv`, and kept in history), so a reader taking one line at a time moves on.
     let unread = m.read_inbox(cursor)?;
-    if unread.missed > 0 {
-        err!("qpq: {}", missed_line(unread.missed));
+    if let Some(line) = missed_line(&unread) {
+        err!("qpq: {line}");
     }
     let mut stdout = std::io::stdout().lock();
-    for (shown, e) in unread.entries.iter().enumerate() {
+    for (shown, item) in unread.items.iter().enumerate() {
         // Both forms are escaped line by line (a guard over the batch would corrupt the JSON).
-        let mut line = if json { text::json_line(&entry_json(m, e)) } else { format_entry(m, e) };
+        let mut line = match item {
+            Arrival::Message(e) if json => text::json_line(&entry_json(m, e)),
+            Arrival::Message(e) => format_entry(m, e),
+            Arrival::Event(e) if json => {
+                event_json(m, &e.to_event()).iter().map(text::json_line).collect::<Vec<_>>().join("\n")
+            }
+            Arrival::Event(e) => {
+                if let Some(line) = describe_event(m, &e.to_event()) {
+                    err!("qpq: {line}");
+                }
+                continue;
+            }
+        };
         line.push('\n');
         if let Err(e) = stdout.write_all(line.as_bytes()).and_then(|()| stdout.flush()) {
             m.unread_again(&unread, shown)?;
             return Err(e.into());
         }
     }
-    Ok(unread.entries)
+    Ok(unread.items.len())
 }
 
-/// What a reader that fell behind the inbox's bounds is told.
-pub fn missed_line(missed: u64) -> String {
-    let s = if missed == 1 { "" } else { "s" };
-    format!(
-        "{missed} earlier message{s} not shown here: this reader fell behind and the inbox keeps only the newest (see /history)"
-    )
+/// What a reader that fell behind the inbox's bounds is told (None when it missed nothing).
+pub fn missed_line(u: &Unread) -> Option<String> {
+    let count = |n: u64, one: &str, many: &str| match n {
+        0 => None,
+        1 => Some(format!("1 earlier {one}")),
+        n => Some(format!("{n} earlier {many}")),
+    };
+    let parts: Vec<String> = [
+        count(u.missed, "message", "messages"),
+        count(u.missed_events, "membership change", "membership changes"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "{} not shown here: this reader fell behind and the inbox keeps only the newest (see /history)",
+            parts.join(" and ")
+        )
+    })
 }
 
 /// Errors no retry can end: the user must act first (re-pin a replaced certificate, upgrade
@@ -1186,7 +1213,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     // --follow`, a shell) print the same messages, each from its own cursor.
     let mut cursor = m.read_cursor()?;
     // What waited already is printed before the first (long) poll.
-    let mut printed_any = !print_unread(m, &mut cursor, args.json)?.is_empty();
+    let mut printed_any = print_unread(m, &mut cursor, args.json)? > 0;
     // One listener for the rest of the run, made before the line below: one made afresh at
     // each wait missed a Ctrl-C that came in between (say, while a batch was being written to a
     // slow pipe), and ran on. (Until here a Ctrl-C ends the process the default way.)
@@ -1229,28 +1256,15 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        // With --json, membership events are data on stdout (ahead of this batch's messages).
-        let mut batch = String::new();
-        for e in &events {
-            let json = if args.json { event_json(m, e) } else { Vec::new() };
-            for v in &json {
-                batch.push_str(&text::json_line(v));
-                batch.push('\n');
-            }
-            if json.is_empty()
-                && let Some(line) = describe_event(m, e)
-            {
+        // Membership events come from the inbox below, in their place among the messages
+        // (whichever process of this home fetched them); what else came is for this process.
+        for e in events.iter().filter(|e| changes_of(e).is_none()) {
+            if let Some(line) = describe_event(m, e) {
                 err!("qpq: {line}");
             }
         }
-        if !batch.is_empty() {
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(batch.as_bytes())?;
-            stdout.flush()?;
-        }
         print_notices(m);
-        let entries = print_unread(m, &mut cursor, args.json)?;
-        printed_any |= !entries.is_empty();
+        printed_any |= print_unread(m, &mut cursor, args.json)? > 0;
         if args.follow || m.has_backlog() {
             // A long backlog comes in rounds, each printed as it comes.
             continue;

@@ -497,13 +497,14 @@ impl Messenger {
                     // The command that made the change reports adds and removals itself; a
                     // leave we committed for someone is news (issue 10, bug 2).
                     if !changes.left.is_empty() {
-                        events.push(Event::Membership {
+                        let left = Event::Membership {
                             group_id: group_id.to_vec(),
                             by: me,
                             added: Vec::new(),
                             removed: Vec::new(),
                             left: changes.left,
-                        });
+                        };
+                        self.announce(left, events);
                     }
                     // The Welcome goes out with the same save that records the merge.
                     if let Some(welcome) = record.and_then(|r| r.welcome) {
@@ -757,7 +758,7 @@ mod tests {
                 rounds += 1;
                 let unread = bob.read_inbox(&mut cursor).unwrap();
                 missed += unread.missed;
-                shown.extend(unread.entries.into_iter().map(|e| e.text));
+                shown.extend(unread.messages().map(|e| e.text.clone()));
                 if !bob.has_backlog() {
                     break;
                 }
@@ -768,7 +769,7 @@ mod tests {
             assert!(rounds >= 2, "{rounds} rounds");
             // The round ends were acked: nothing comes again.
             bob.receive(0).await.unwrap();
-            assert!(bob.read_inbox(&mut cursor).unwrap().entries.is_empty());
+            assert!(bob.read_inbox(&mut cursor).unwrap().items.is_empty());
             (server, alice, bob)
         })
         .await;
@@ -812,7 +813,7 @@ mod tests {
             let mut cursor = bob.read_cursor().unwrap();
             let events = bob.receive(0).await.unwrap();
             let unread: Vec<String> =
-                bob.read_inbox(&mut cursor).unwrap().entries.into_iter().map(|e| e.text).collect();
+                bob.read_inbox(&mut cursor).unwrap().messages().map(|e| e.text.clone()).collect();
             assert_eq!(unread, vec!["later".to_string()], "bob follows the group: {events:?}");
             (server, alice, bob)
         })

@@ -1,4 +1,5 @@
-//! The inbox: the received messages of a home as a log that every reader follows on its own.
+//! The inbox: the received messages and membership events of a home as a log that every reader
+//! follows on its own.
 //!
 //! Several processes may read one home at once (two `recv --follow`, a shell and a `recv`).
 //! Whichever of them fetches a message from the server appends it to the inbox, and the
@@ -8,28 +9,110 @@
 //! persisted [`State::read_seq`] says how far some reader got: a new reader (one-shot `recv`,
 //! a follower or shell that starts) begins there, so `recv` prints only what no reader showed.
 //!
+//! Membership changes ("bob added carol to #team", "you were added to #team") are a second log
+//! of the same kind, [`InboxEvents`], numbered on their own: each event also records the entry
+//! it came after, so a reader shows messages and events in the order they happened, whichever
+//! process fetched them. (They were once handed only to the process that fetched them: a
+//! `recv --follow --json` never printed the join that a one-shot `send` of the same home had
+//! fetched, and a shell round cut short by a typed line lost its events.) Requests and notices
+//! stay with the process that fetched them: requests are listed by `qpq requests`.
+//!
 //! Bounds: unread entries are capped by [`MAX_INBOX_ENTRIES`] and [`MAX_INBOX_BYTES`] (the
 //! oldest leave first; they stay in their conversation's history), and of the read ones only
 //! the newest [`MAX_INBOX_READ_KEPT`] stay, for a reader a moment behind another. A reader
 //! further behind than what is kept is told how many entries it missed and goes on with the
-//! oldest one kept; it never waits for them.
+//! oldest one kept; it never waits for them. Events have the same bounds, counted apart.
+//!
+//! On disk the events are a record of their own (`inbox_events`, see
+//! [`crate::client::db::records`]); a home written before it opens with none.
 
-use crate::client::messenger::{ClientError, Messenger, keep_newest};
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::messenger::{ClientError, Event, Messenger, keep_newest};
 use crate::client::state::{Entry, State};
+use crate::client::timeline::{Change, MemberEventKind, change_event};
 use crate::limits::{MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_INBOX_READ_KEPT};
 
-/// A reader's place in the inbox: the sequence number of the last entry it showed.
+/// A reader's place in the inbox: the sequence numbers of the last entry and the last event
+/// it showed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cursor(u64);
+pub struct Cursor {
+    entries: u64,
+    events: u64,
+}
+
+/// One membership change in the inbox.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InboxEvent {
+    pub group_id: Vec<u8>,
+    pub kind: MemberEventKind,
+    pub by: [u8; 32],
+    pub members: Vec<[u8; 32]>,
+    /// Our clock when we learned of it, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Sequence number of the inbox entry it came after (0: before every entry).
+    after: u64,
+}
+
+impl InboxEvent {
+    /// The same change as a live [`Event`].
+    pub fn to_event(&self) -> Event {
+        change_event(&self.group_id, self.kind, self.by, self.members.clone())
+    }
+
+    fn bytes(&self) -> usize {
+        32 * (self.members.len() + 1) + self.group_id.len() + 32
+    }
+}
+
+/// The membership events of the inbox: a log like [`State::inbox`], numbered on its own.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboxEvents {
+    /// Oldest first; event `i` has the sequence number `end_seq - len + 1 + i`.
+    list: VecDeque<InboxEvent>,
+    /// Sequence number of the newest event ever added (0: none yet).
+    end_seq: u64,
+    /// Events up to this sequence number were shown by some reader.
+    read_seq: u64,
+}
+
+impl InboxEvents {
+    fn first_seq(&self) -> u64 {
+        (self.end_seq + 1).saturating_sub(self.list.len() as u64)
+    }
+}
+
+/// One thing a reader shows: a message or a membership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    Message(Entry),
+    Event(InboxEvent),
+}
 
 /// What a reader has not shown yet.
 #[derive(Debug, Default)]
 pub struct Unread {
     /// Entries that left the inbox before this reader showed them (it fell behind the caps).
     pub missed: u64,
-    pub entries: Vec<Entry>,
-    /// The home's read mark before and after this read (see [`Messenger::unread_again`]).
-    marked: (u64, u64),
+    /// Events that did the same.
+    pub missed_events: u64,
+    /// Messages and events in the order they were processed.
+    pub items: Vec<Arrival>,
+    /// The home's read marks (entries, events) before and after this read (see
+    /// [`Messenger::unread_again`]).
+    marked: ((u64, u64), (u64, u64)),
+}
+
+impl Unread {
+    /// The messages alone.
+    pub fn messages(&self) -> impl Iterator<Item = &Entry> {
+        self.items.iter().filter_map(|a| match a {
+            Arrival::Message(e) => Some(e),
+            Arrival::Event(_) => None,
+        })
+    }
 }
 
 /// Sequence number of the inbox's first entry (`inbox_end_seq + 1` when it is empty).
@@ -43,8 +126,27 @@ pub(crate) fn push(s: &mut State, entry: Entry) {
     s.inbox_end_seq += 1;
 }
 
+/// Appends the membership changes of one event of `group_id` to the inbox's events, after the
+/// newest entry.
+pub(crate) fn push_changes(s: &mut State, group_id: &[u8], changes: Vec<Change>, at_ms: u64) {
+    for c in changes {
+        let after = s.inbox_end_seq;
+        let e = InboxEvent {
+            group_id: group_id.to_vec(),
+            kind: c.kind,
+            by: c.by,
+            members: c.members,
+            at_ms,
+            after,
+        };
+        s.inbox_events.list.push_back(e);
+        s.inbox_events.end_seq += 1;
+    }
+}
+
 /// Takes back the entries pushed after the inbox had `len` entries: no reader saw them (the
-/// caller holds the home lock and has not saved since), so their numbers are given back too.
+/// caller holds the home lock and has not saved since, and shows them itself), so their
+/// numbers are given back too. Events pushed meanwhile stay for the readers.
 pub(crate) fn unpush_since(s: &mut State, len: usize) {
     let extra = s.inbox.len().saturating_sub(len);
     s.inbox.truncate(len);
@@ -52,32 +154,47 @@ pub(crate) fn unpush_since(s: &mut State, len: usize) {
     s.read_seq = s.read_seq.min(s.inbox_end_seq);
 }
 
-/// Keeps the inbox within its bounds: unread entries within the caps, read ones only a few.
+/// Keeps the inbox within its bounds: unread entries and events within the caps, read ones
+/// only a few.
 pub(crate) fn trim(s: &mut State) {
     keep_newest(&mut s.inbox, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES);
     let read = s.read_seq.saturating_sub(first_seq(s).saturating_sub(1));
     let drop = usize::try_from(read).unwrap_or(usize::MAX).saturating_sub(MAX_INBOX_READ_KEPT);
     s.inbox.drain(..drop.min(s.inbox.len()));
+    let ev = &mut s.inbox_events;
+    let mut bytes: usize = ev.list.iter().map(InboxEvent::bytes).sum();
+    while ev.list.len() > MAX_INBOX_ENTRIES || bytes > MAX_INBOX_BYTES {
+        let Some(old) = ev.list.pop_front() else { break };
+        bytes = bytes.saturating_sub(old.bytes());
+    }
+    let read = ev.read_seq.saturating_sub(ev.first_seq().saturating_sub(1));
+    let drop = usize::try_from(read).unwrap_or(usize::MAX).saturating_sub(MAX_INBOX_READ_KEPT);
+    ev.list.drain(..drop.min(ev.list.len()));
 }
 
 impl Messenger {
     /// Where a reader that starts now begins: after what some reader already showed.
     pub fn read_cursor(&mut self) -> Result<Cursor, ClientError> {
         let _op = self.begin()?;
-        Ok(Cursor(self.home.state.read_seq.min(self.home.state.inbox_end_seq)))
+        let s = &self.home.state;
+        let ev = &s.inbox_events;
+        Ok(Cursor { entries: s.read_seq.min(s.inbox_end_seq), events: ev.read_seq.min(ev.end_seq) })
     }
 
-    /// The entries after `cursor`, oldest first; moves `cursor` past them and records them as
-    /// read for the whole home (durably, before they are returned: a crash before they are
-    /// printed loses the printout, never shows them twice).
+    /// The entries and events after `cursor`, oldest first; moves `cursor` past them and
+    /// records them as read for the whole home (durably, before they are returned: a crash
+    /// before they are printed loses the printout, never shows them twice).
     pub fn read_inbox(&mut self, cursor: &mut Cursor) -> Result<Unread, ClientError> {
         let _op = self.begin()?;
         let s = &mut self.home.state;
-        let mut unread = unread_after(s, cursor.0);
-        *cursor = Cursor(s.inbox_end_seq);
-        unread.marked = (s.read_seq, s.read_seq.max(s.inbox_end_seq));
-        if s.inbox_end_seq > s.read_seq {
-            s.read_seq = s.inbox_end_seq;
+        let mut unread = unread_after(s, *cursor);
+        *cursor = Cursor { entries: s.inbox_end_seq, events: s.inbox_events.end_seq };
+        let ev = &mut s.inbox_events;
+        unread.marked =
+            ((s.read_seq, s.read_seq.max(s.inbox_end_seq)), (ev.read_seq, ev.read_seq.max(ev.end_seq)));
+        if s.inbox_end_seq > s.read_seq || ev.end_seq > ev.read_seq {
+            s.read_seq = s.read_seq.max(s.inbox_end_seq);
+            ev.read_seq = ev.read_seq.max(ev.end_seq);
             trim(s);
             self.home.save()?;
         }
@@ -90,32 +207,59 @@ impl Messenger {
     /// another reader has shown more since. Entries beyond what the inbox keeps of read ones
     /// ([`MAX_INBOX_READ_KEPT`]) left it already: the next reader is told it missed them.
     ///
-    /// `shown` entries of `unread` (its first ones) were shown whole: they stay read. Marking
+    /// `shown` items of `unread` (its first ones) were shown whole: they stay read. Marking
     /// the whole read unread again made `recv --json | head -n1` print the same first message
     /// for ever when more than a pipe's buffer waited.
     pub fn unread_again(&mut self, unread: &Unread, shown: usize) -> Result<(), ClientError> {
         let _op = self.begin()?;
+        let not_shown = unread.items.get(shown..).unwrap_or_default();
+        let entries = not_shown.iter().filter(|a| matches!(a, Arrival::Message(_))).count() as u64;
+        let events = not_shown.len() as u64 - entries;
         let s = &mut self.home.state;
-        let (before, after) = unread.marked;
-        // The read's entries are the inbox's last ones, ending at `after`.
-        let not_shown = unread.entries.len().saturating_sub(shown) as u64;
-        let back_to = before.max(after.saturating_sub(not_shown));
-        if s.read_seq == after && back_to < after {
-            s.read_seq = back_to;
+        // The read's entries (and events) are the inbox's last ones, ending at `after`.
+        let back = |seq: &mut u64, (before, after): (u64, u64), not_shown: u64| {
+            let back_to = before.max(after.saturating_sub(not_shown));
+            let moved = *seq == after && back_to < after;
+            if moved {
+                *seq = back_to;
+            }
+            moved
+        };
+        let (marked_entries, marked_events) = unread.marked;
+        let moved_entries = back(&mut s.read_seq, marked_entries, entries);
+        let moved_events = back(&mut s.inbox_events.read_seq, marked_events, events);
+        if moved_entries || moved_events {
             self.home.save()?;
         }
         Ok(())
     }
 }
 
-/// The entries after sequence number `from`, and how many of those left the inbox already.
-fn unread_after(s: &State, from: u64) -> Unread {
+/// The entries and events after `from`, merged in the order they were processed, and how many
+/// of them left the inbox already.
+fn unread_after(s: &State, from: Cursor) -> Unread {
     // A state older than the cursor (say, restored from a backup) starts the count over.
-    let from = from.min(s.inbox_end_seq);
+    let from_entry = from.entries.min(s.inbox_end_seq);
     let first = first_seq(s);
-    let missed = first.saturating_sub(from + 1);
-    let skip = usize::try_from(from.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
-    Unread { missed, entries: s.inbox.iter().skip(skip).cloned().collect(), marked: (0, 0) }
+    let missed = first.saturating_sub(from_entry + 1);
+    let skip = usize::try_from(from_entry.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
+    let ev = &s.inbox_events;
+    let from_event = from.events.min(ev.end_seq);
+    let first_event = ev.first_seq();
+    let missed_events = first_event.saturating_sub(from_event + 1);
+    let skip_events =
+        usize::try_from(from_event.saturating_sub(first_event.saturating_sub(1))).unwrap_or(usize::MAX);
+    // Entry `first + skip + i` comes before every event recorded after it.
+    let mut entries = s.inbox.iter().skip(skip).zip(first.saturating_add(skip as u64)..).peekable();
+    let mut items = Vec::new();
+    for e in ev.list.iter().skip(skip_events) {
+        while let Some((entry, _)) = entries.next_if(|(_, seq)| *seq <= e.after) {
+            items.push(Arrival::Message(entry.clone()));
+        }
+        items.push(Arrival::Event(e.clone()));
+    }
+    items.extend(entries.map(|(entry, _)| Arrival::Message(entry.clone())));
+    Unread { missed, missed_events, items, marked: ((0, 0), (0, 0)) }
 }
 
 #[cfg(test)]
@@ -134,8 +278,27 @@ mod tests {
         }
     }
 
+    fn change(by: u8) -> Vec<Change> {
+        vec![Change { kind: MemberEventKind::Added, by: [by; 32], members: vec![[7; 32]] }]
+    }
+
     fn state() -> State {
         State::new(Secrets::new([1; 32], [2; 32]), None, None)
+    }
+
+    fn at(n: u64) -> Cursor {
+        Cursor { entries: n, events: 0 }
+    }
+
+    /// Messages as their text, events as `+` and the first byte of who made them.
+    fn shown(u: &Unread) -> Vec<String> {
+        u.items
+            .iter()
+            .map(|a| match a {
+                Arrival::Message(e) => e.text.clone(),
+                Arrival::Event(e) => format!("+{}", e.by[0]),
+            })
+            .collect()
     }
 
     #[test]
@@ -151,8 +314,10 @@ mod tests {
         assert_eq!(s.inbox.front().map(|e| e.text.as_str()), Some("8"), "entry 8 has number 8");
         let len = s.inbox.len();
         push(&mut s, entry(999));
+        push_changes(&mut s, &[1; 16], change(3), 0);
         unpush_since(&mut s, len);
         assert_eq!(s.inbox_end_seq, MAX_INBOX_READ_KEPT as u64 + 10);
+        assert_eq!(s.inbox_events.end_seq, 1, "the event stays for the readers");
     }
 
     #[test]
@@ -162,17 +327,87 @@ mod tests {
             push(&mut s, entry(n));
         }
         s.inbox.drain(..4); // entries 1-4 left (the caps)
-        let texts = |u: &Unread| u.entries.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
-        let behind = unread_after(&s, 1);
+        let behind = unread_after(&s, at(1));
         assert_eq!(
-            (behind.missed, texts(&behind)),
+            (behind.missed, shown(&behind)),
             (3, ["5", "6", "7", "8", "9", "10"].map(String::from).to_vec())
         );
-        let current = unread_after(&s, 8);
-        assert_eq!((current.missed, texts(&current)), (0, vec!["9".to_string(), "10".to_string()]));
-        assert!(unread_after(&s, 10).entries.is_empty());
+        let current = unread_after(&s, at(8));
+        assert_eq!((current.missed, shown(&current)), (0, vec!["9".to_string(), "10".to_string()]));
+        assert!(unread_after(&s, at(10)).items.is_empty());
         // A cursor past the end (the state went back): nothing new, nothing missed.
-        let ahead = unread_after(&s, 99);
-        assert_eq!((ahead.missed, ahead.entries.len()), (0, 0));
+        let ahead = unread_after(&s, Cursor { entries: 99, events: 99 });
+        assert_eq!((ahead.missed, ahead.items.len()), (0, 0));
+    }
+
+    /// Events sit between the messages they came between, for a reader from any place.
+    #[test]
+    fn events_come_in_their_place_among_the_messages() {
+        let mut s = state();
+        push_changes(&mut s, &[1; 16], change(1), 0); // before every message
+        push(&mut s, entry(1));
+        push(&mut s, entry(2));
+        push_changes(&mut s, &[1; 16], change(2), 0);
+        push_changes(&mut s, &[1; 16], change(3), 0);
+        push(&mut s, entry(3));
+        push_changes(&mut s, &[1; 16], change(4), 0); // after the newest
+        let all = unread_after(&s, Cursor { entries: 0, events: 0 });
+        assert_eq!(shown(&all), ["+1", "1", "2", "+2", "+3", "3", "+4"]);
+        // A reader that showed messages 1-2 and event 1 before events 2-3 came.
+        let later = unread_after(&s, Cursor { entries: 2, events: 1 });
+        assert_eq!(shown(&later), ["+2", "+3", "3", "+4"]);
+        // Events missed are counted apart.
+        s.inbox_events.list.pop_front();
+        let behind = unread_after(&s, Cursor { entries: 0, events: 0 });
+        assert_eq!((behind.missed, behind.missed_events), (0, 1));
+    }
+
+    #[test]
+    fn events_are_bounded_like_entries() {
+        let mut s = state();
+        for n in 0..(MAX_INBOX_ENTRIES + 5) {
+            push_changes(&mut s, &[1; 16], change((n % 200) as u8), 0);
+        }
+        trim(&mut s);
+        assert_eq!(s.inbox_events.list.len(), MAX_INBOX_ENTRIES, "unread ones within the cap");
+        s.inbox_events.read_seq = s.inbox_events.end_seq;
+        trim(&mut s);
+        assert_eq!(s.inbox_events.list.len(), MAX_INBOX_READ_KEPT, "of read ones only a few");
+        let big = Change {
+            kind: MemberEventKind::Added,
+            by: [1; 32],
+            members: vec![[7; 32]; MAX_INBOX_BYTES / 32],
+        };
+        push_changes(&mut s, &[1; 16], vec![big], 0);
+        trim(&mut s);
+        assert!(s.inbox_events.list.iter().map(InboxEvent::bytes).sum::<usize>() <= MAX_INBOX_BYTES);
+        assert_eq!(s.inbox_events.end_seq, (MAX_INBOX_ENTRIES + 6) as u64, "numbers go on");
+    }
+
+    /// A reader whose output failed after an entry and an event gives back the rest of both,
+    /// and the events are on disk: a reader of the reopened home shows them.
+    #[test]
+    fn what_a_failed_reader_did_not_show_is_unread_again_and_events_are_kept_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = crate::client::testing::offline_messenger(dir.path());
+        let mut cursor = m.read_cursor().unwrap();
+        {
+            let _op = m.begin().unwrap();
+            let s = &mut m.home.state;
+            push(s, entry(1));
+            push_changes(s, &[1; 16], change(1), 0);
+            push(s, entry(2));
+            push_changes(s, &[1; 16], change(2), 0);
+            m.home.save().unwrap();
+        }
+        let unread = m.read_inbox(&mut cursor).unwrap();
+        assert_eq!(shown(&unread), ["1", "+1", "2", "+2"]);
+        m.unread_again(&unread, 2).unwrap();
+        drop(m);
+        let mut m = Messenger::open(dir.path(), None, Default::default()).unwrap();
+        let mut fresh = m.read_cursor().unwrap();
+        assert_eq!(shown(&m.read_inbox(&mut fresh).unwrap()), ["2", "+2"], "the two not shown");
+        let mut next = m.read_cursor().unwrap();
+        assert!(m.read_inbox(&mut next).unwrap().items.is_empty(), "read now");
     }
 }

@@ -481,7 +481,7 @@ impl Messenger {
 
     /// Joins the group of `r` and processes what waited with it. With `shown`, the caller shows
     /// the messages (they come back as events and leave the unread inbox); otherwise they stay
-    /// unread for the inbox's readers.
+    /// unread for the inbox's readers. Membership changes stay in the inbox either way.
     fn accept_one(
         &mut self,
         r: Request,
@@ -501,6 +501,8 @@ impl Messenger {
             self.handle_group_message(&group_id, &m.0, events);
         }
         if shown {
+            // The membership changes stay for the readers of the inbox (a shell shows them
+            // from there).
             crate::client::inbox::unpush_since(&mut self.home.state, unread);
         }
         Ok(group_id)

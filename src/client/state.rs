@@ -28,6 +28,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::client::db::mls::MlsStore;
 use crate::client::db::{self, ClientDb, DbError, migrate, records};
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
+use crate::client::inbox::InboxEvents;
 use crate::client::keypool::KeyPool;
 use crate::client::requests::RequestBook;
 use crate::client::timeline::Timelines;
@@ -246,6 +247,10 @@ pub struct State {
     /// in the second trailer (see the module header).
     #[serde(skip)]
     pub history_retention_ms: u64,
+    /// Membership events for the readers of the home (see [`crate::client::inbox`]); only in
+    /// the database (`qpq-state.bin` is only read, to migrate it).
+    #[serde(skip)]
+    pub inbox_events: InboxEvents,
 }
 
 /// A message in the outbox: typed, maybe encrypted, not known to be on the server yet.
@@ -314,6 +319,7 @@ impl State {
             sends: VecDeque::new(),
             timelines: Timelines::default(),
             history_retention_ms: 0,
+            inbox_events: InboxEvents::default(),
         }
     }
 

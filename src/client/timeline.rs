@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::inbox;
 use crate::client::messenger::{Event, Messenger};
 use crate::client::state::Entry;
 use crate::limits::MAX_HISTORY_BYTES_PER_CONVERSATION;
@@ -63,18 +64,7 @@ pub struct MemberEvent {
 impl MemberEvent {
     /// The same change as a live [`Event`] of the conversation `group_id`.
     pub fn to_event(&self, group_id: &[u8]) -> Event {
-        let group_id = group_id.to_vec();
-        let members = self.members.clone();
-        let by = self.by;
-        let membership =
-            |added, removed, left| Event::Membership { group_id: group_id.clone(), by, added, removed, left };
-        match self.kind {
-            MemberEventKind::Joined => Event::Joined { group_id, by },
-            MemberEventKind::RemovedUs => Event::Removed { group_id, by },
-            MemberEventKind::Added => membership(members, Vec::new(), Vec::new()),
-            MemberEventKind::Removed => membership(Vec::new(), members, Vec::new()),
-            MemberEventKind::Left => membership(Vec::new(), Vec::new(), members),
-        }
+        change_event(group_id, self.kind, self.by, self.members.clone())
     }
 
     fn bytes(&self) -> usize {
@@ -88,6 +78,20 @@ pub struct Change {
     pub kind: MemberEventKind,
     pub by: [u8; 32],
     pub members: Vec<[u8; 32]>,
+}
+
+/// The live [`Event`] of one change of the conversation `group_id`.
+pub fn change_event(group_id: &[u8], kind: MemberEventKind, by: [u8; 32], members: Vec<[u8; 32]>) -> Event {
+    let group_id = group_id.to_vec();
+    let membership =
+        |added, removed, left| Event::Membership { group_id: group_id.clone(), by, added, removed, left };
+    match kind {
+        MemberEventKind::Joined => Event::Joined { group_id, by },
+        MemberEventKind::RemovedUs => Event::Removed { group_id, by },
+        MemberEventKind::Added => membership(members, Vec::new(), Vec::new()),
+        MemberEventKind::Removed => membership(Vec::new(), members, Vec::new()),
+        MemberEventKind::Left => membership(Vec::new(), Vec::new(), members),
+    }
 }
 
 /// The membership changes of one live [`Event`] (none for messages, requests and notices), and
@@ -261,9 +265,19 @@ impl Messenger {
         }
     }
 
-    /// Records `e` and hands it on to be shown.
+    /// Records `e` in its conversation's log and [announces](Self::announce) it.
     pub(crate) fn membership_event(&mut self, e: Event, events: &mut Vec<Event>) {
         self.record_membership(&e);
+        self.announce(e, events);
+    }
+
+    /// Puts the membership changes of `e` in the inbox, where every reader of the home shows
+    /// them (see [`crate::client::inbox`]), and hands `e` on to the caller.
+    pub(crate) fn announce(&mut self, e: Event, events: &mut Vec<Event>) {
+        if let Some((group_id, changes)) = changes_of(&e) {
+            let at_ms = self.clock.now_ms();
+            inbox::push_changes(&mut self.home.state, group_id, changes, at_ms);
+        }
         events.push(e);
     }
 }

@@ -6,8 +6,9 @@
 //! [`Messenger`] and its connection for the whole session. It `select!`s between the next line
 //! from the [`input`] thread and a long poll `receive`; a line wins, the poll is dropped (safe:
 //! effects are saved before acks and `processed_seq` makes redelivery a no-op), the line runs,
-//! then the editor is asked for the next line. A round dropped midway loses the events it had
-//! not shown yet (a Welcome's "added you"; the state itself is saved), and a send cut between
+//! then the editor is asked for the next line. A round dropped midway loses the requests and
+//! notices it had not shown yet (membership changes wait in the inbox, and the state itself is
+//! saved), and a send cut between
 //! the server taking it and the outbox recording that is sent again, encrypted anew if the
 //! epoch moved meanwhile (so it can arrive twice). Running rounds whole avoided both but made a
 //! dead link hold every typed line, `/quit` included, for minutes. Arrivals go through the [`printer`] so they
@@ -50,8 +51,9 @@ use crate::cli::client::{
     history_query, home_dir, missed_line, open_messenger, run_verb, write_history,
 };
 use crate::client::history::{Before, Position};
-use crate::client::inbox::Cursor;
+use crate::client::inbox::{Arrival, Cursor};
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
+use crate::client::timeline::changes_of;
 use crate::shell::complete::{Names, SharedNames};
 use crate::shell::grammar::Action;
 use crate::shell::input::{Input, LineSource};
@@ -335,20 +337,29 @@ impl Shell {
         }
     }
 
-    /// Prints events, unread messages (from any command's receive) and notices.
+    /// Prints what this process's round or command brought besides membership changes
+    /// (requests, refused invitations, dropped messages), then the inbox's unread messages and
+    /// membership changes, whichever process fetched them, and notices.
     fn show(&mut self, events: Vec<Event>) {
-        for e in &events {
+        for e in events.iter().filter(|e| changes_of(e).is_none()) {
             if let Some(line) = describe_event(&self.m, e) {
                 self.out.data(&format!("* {line}"));
             }
         }
         match self.m.read_inbox(&mut self.cursor) {
             Ok(unread) => {
-                if unread.missed > 0 {
-                    self.out.status(&missed_line(unread.missed));
+                if let Some(line) = missed_line(&unread) {
+                    self.out.status(&line);
                 }
-                for e in &unread.entries {
-                    self.out.data(&format_entry(&self.m, e));
+                for item in &unread.items {
+                    match item {
+                        Arrival::Message(e) => self.out.data(&format_entry(&self.m, e)),
+                        Arrival::Event(e) => {
+                            if let Some(line) = describe_event(&self.m, &e.to_event()) {
+                                self.out.data(&format!("* {line}"));
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => self.fail(&format!("cannot update the inbox: {e}")),

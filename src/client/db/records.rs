@@ -45,6 +45,9 @@ const V2_GROUP_PREFIX: &str = "group/";
 /// events with their member lists (about 3 KiB for a conversation that added 100 members).
 const MESSAGE_COUNTS: &str = "message_counts";
 const MEMBER_EVENTS: &str = "member_events";
+/// [`State::inbox_events`]: a home written before it has no such record and opens with none
+/// (no format change: a qpq that knows nothing of it never reads it).
+const INBOX_EVENTS: &str = "inbox_events";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -125,6 +128,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     let (counts, events) = state.timelines.split();
     out.insert(MESSAGE_COUNTS.to_string(), encode(&counts)?);
     out.insert(MEMBER_EVENTS.to_string(), encode(&events)?);
+    out.insert(INBOX_EVENTS.to_string(), encode(&state.inbox_events)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -225,6 +229,10 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     let events: MemberEvents = decode(MEMBER_EVENTS, &get(MEMBER_EVENTS)?)?;
     state.timelines = Timelines::join(counts, events);
     let groups: Vec<(String, GroupRecord)> = decode(GROUPS, &get(GROUPS)?)?;
+    if let Some(v) = db.get(Table::State, INBOX_EVENTS.as_bytes()).map_err(db_err)? {
+        written.records.insert(INBOX_EVENTS.to_string(), digest(&v));
+        state.inbox_events = decode(INBOX_EVENTS, &v)?;
+    }
     for (id, g) in groups {
         let group = GroupMeta { name: g.name, kind: g.kind, active: g.active, history: Default::default() };
         written.conversations.insert(id.clone());
