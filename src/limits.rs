@@ -302,7 +302,7 @@ pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burs
 ///
 /// Why: identities are free, so at the per-address upload rate one address filled the whole key
 /// budget in about 90 minutes, and a /48 (65,536 /64s, each rated on its own) in seconds; then
-/// nobody could register until packages expired (28 days). A registration uploads ~21 packages
+/// nobody could register until packages expired (weeks). A registration uploads ~21 packages
 /// (~40 KB with X-Wing keys), so this still lets ~1600 people a day register from one network,
 /// and a client replacing what it hands out never comes near it; filling the 4 GiB default
 /// budget now takes 64 network-days. Config: `rate_limits.key_bytes_per_network`.
@@ -341,11 +341,26 @@ pub const MAX_RATE_LIMITED_KEYS: usize = 65_536;
 /// cost a scan per call; also the retry hint when no room could be made.
 pub const RATE_LIMIT_PRUNE_EVERY_MS: u64 = 1_000;
 
-/// Lifetime qpq gives each KeyPackage (RFC 9420 §7.2 `Lifetime.not_after - now`): 28 days, a
-/// third of openmls's default of 84, so a package (and the init key a leak would expose) is
-/// usable for a bounded time, yet a client online every two weeks never runs out (see
-/// [`KEY_PACKAGE_REPLACE_AFTER_SECS`]).
-pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 28 * 24 * 3600;
+/// Lifetime qpq gives each KeyPackage (RFC 9420 §7.2 `Lifetime.not_after - now`): 63 days,
+/// three quarters of openmls's default of 84, so a package (and the init key a leak would
+/// expose) is usable for a bounded time. It is that long because the package must outlive the
+/// commit that adds it to a group: every member checks the added package's lifetime against
+/// its own clock when it processes the commit (openmls does, RFC 9420 §7.2), and a member back
+/// after weeks away processes it from its queue then; a package already expired by then makes
+/// that member refuse the commit and fall out of the group for good. So the server hands out
+/// only packages valid for [`key_package_margin_secs`] more (its message TTL and a day), and
+/// a package stays usable 63 − 31 = 32 days at the default TTL, replaced every 14.
+pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 63 * 24 * 3600;
+
+/// How long a KeyPackage the server hands out must stay valid: as long as the commit adding
+/// it may wait in a member's queue (`message_ttl_secs`, capped so that a package replaced on
+/// time is still handed out), plus a day for members whose clocks run ahead. Packages valid
+/// for less are neither handed out nor counted, and are deleted like expired ones.
+pub fn key_package_margin_secs(message_ttl_secs: u64) -> u64 {
+    const DAY: u64 = 24 * 3600;
+    let cap = KEY_PACKAGE_LIFETIME_SECS - KEY_PACKAGE_REPLACE_AFTER_SECS - 2 * DAY;
+    message_ttl_secs.min(cap) + DAY
+}
 
 /// How far before its creation a KeyPackage's `not_before` lies, so a verifier whose clock runs
 /// up to an hour behind the creator's still accepts it (openmls uses the same margin).
@@ -356,11 +371,11 @@ pub const KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS: u64 = 3600;
 pub const MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS: u64 =
     KEY_PACKAGE_LIFETIME_SECS + KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS + 24 * 3600;
 
-/// Age at which a client replaces its published KeyPackages (single-use and last-resort): half
-/// the lifetime, so the server always holds packages with at least 14 days left from anyone
-/// who comes online every two weeks, and a client back from a longer absence republishes in
-/// its first receive round.
-pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = KEY_PACKAGE_LIFETIME_SECS / 2;
+/// Age at which a client replaces its published KeyPackages (single-use and last-resort): 14
+/// days, so the server always holds packages it will hand out from anyone who comes online
+/// every two weeks (they stay handed out for 32 days, see [`KEY_PACKAGE_LIFETIME_SECS`]), and a
+/// client back from a longer absence republishes in its first receive round.
+pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = 14 * 24 * 3600;
 
 /// How long after its `not_after` a client keeps a KeyPackage's private keys: a Welcome made
 /// just before expiry may wait in the adder's outbox and then in our queue for up to the

@@ -1211,6 +1211,45 @@ async fn one_address_is_held_to_its_quota_after_proving_it_owns_the_address() {
     server.shutdown().await.unwrap();
 }
 
+/// Review: the server handed out a KeyPackage with hours left, and a member who processed the
+/// commit adding it later (back after a few days away, the commit waiting in its queue) refused
+/// that commit, since openmls checks the added package's lifetime by the receiver's clock, and
+/// fell out of the group for good. Packages valid for less than the message TTL and a day more
+/// are now neither handed out nor counted, and the sweep deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_packages_that_could_expire_before_the_commit_reaches_everyone_are_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    let ttl = 10 * 24 * 3600;
+    cfg.message_ttl_secs = ttl;
+    let server = start_server_with(cfg).await;
+    local(async {
+        let alice = Identity::generate();
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let a = login(&server, &alice).await;
+        a.upload_key_packages(&kp_bytes(mls.key_packages(2).unwrap()), None).await.unwrap();
+        let margin = qpq::limits::key_package_margin_secs(ttl);
+        assert_eq!(margin, ttl + 24 * 3600);
+        // An hour before only the margin is left: counted and handed out.
+        let lifetime = qpq::limits::KEY_PACKAGE_LIFETIME_SECS;
+        clock.advance(((lifetime - margin - 3600) * 1000) as i64);
+        assert_eq!(a.key_package_count().await.unwrap(), (2, false));
+        connect(&server).await.fetch_key_package(&alice.public().0).await.unwrap();
+        // Two hours later, with days of its lifetime left, the other one is not.
+        clock.advance(2 * 3600 * 1000);
+        assert_eq!(a.key_package_count().await.unwrap(), (0, false));
+        let msg = rpc_msg(connect(&server).await.fetch_key_package(&alice.public().0).await);
+        assert_eq!(msg, "no key packages for this key");
+        server.sweep().await;
+        clock.set_offset_ms(0);
+        assert_eq!(a.key_package_count().await.unwrap(), (0, false), "deleted, not just hidden");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_past_its_ttl_on_the_servers_clock_is_swept_without_waiting() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,11 +1,14 @@
 //! Our KeyPackages over their lifetimes: what the server holds for us, when to replace it, and
 //! when the private keys of superseded packages are deleted.
 //!
-//! Every package lives [`limits::KEY_PACKAGE_LIFETIME_SECS`] (28 days) by our clock. The policy:
+//! Every package lives [`limits::KEY_PACKAGE_LIFETIME_SECS`] (63 days) by our clock; the server
+//! hands one out only while it has [`limits::key_package_margin_secs`] (31 days at the default
+//! message TTL) left, so that the commit adding us stays valid for every member. The policy:
 //! - **Replace by age.** In every receive round (and on `qpq keys rotate`) the client uploads a
 //!   fresh pool of single-use packages and a new last-resort one once the newest it published
 //!   is [`limits::KEY_PACKAGE_REPLACE_AFTER_SECS`] (14 days) old. Older packages the server still
-//!   holds stay valid and are handed out first; the server deletes them when they expire.
+//!   holds stay valid and are handed out first; the server deletes them once they are within the
+//!   margin.
 //! - **Refill by count.** After a Welcome used one of ours, the pool is topped up to
 //!   [`KEY_PACKAGE_POOL`] when fewer than [`KEY_PACKAGE_REFILL_BELOW`] valid ones are left, and
 //!   a used last-resort package is replaced.

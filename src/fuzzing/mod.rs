@@ -106,7 +106,12 @@ fn rpc_shared() -> Option<Arc<Shared>> {
             .ok()?;
             Some(Shared::new(
                 store,
-                RpcLimits { max_payload: crate::limits::DEFAULT_MAX_PAYLOAD },
+                RpcLimits {
+                    max_payload: crate::limits::DEFAULT_MAX_PAYLOAD,
+                    key_package_margin_secs: crate::limits::key_package_margin_secs(
+                        crate::limits::DEFAULT_MESSAGE_TTL_SECS,
+                    ),
+                },
                 Admission::new(1, 1),
                 fuzz_clock(),
                 crate::server::ratelimit::RateLimits::unlimited(),

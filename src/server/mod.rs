@@ -97,6 +97,9 @@ pub enum ServerError {
 #[derive(Debug, Clone, Copy)]
 pub struct RpcLimits {
     pub max_payload: usize,
+    /// KeyPackages valid for less than this many seconds more are not handed out
+    /// ([`limits::key_package_margin_secs`]).
+    pub key_package_margin_secs: u64,
 }
 
 /// State every connection shares.
@@ -160,6 +163,13 @@ impl Shared {
             memory: memory::MemoryBudget::new(max_buffered_bytes),
             stall_timeout,
         })
+    }
+
+    /// The time KeyPackages are judged at (unix seconds): now plus the hand-out margin, so a
+    /// package that would expire before a commit adding it can reach every member counts as
+    /// expired already (see [`limits::key_package_margin_secs`]).
+    pub fn key_package_now(&self) -> u64 {
+        self.clock.now_secs().saturating_add(self.limits.key_package_margin_secs)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -363,7 +373,10 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let shared = Shared::with_memory(
         store,
-        RpcLimits { max_payload: cfg.max_payload },
+        RpcLimits {
+            max_payload: cfg.max_payload,
+            key_package_margin_secs: limits::key_package_margin_secs(cfg.message_ttl_secs),
+        },
         Admission::with_clock(cfg.max_connections, cfg.max_connections_per_ip, cfg.clock.clone()),
         cfg.clock.clone(),
         cfg.rate_limits,
@@ -474,7 +487,7 @@ fn spawn_sweeper(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
 /// Deletes every KeyPackage expired now, one slice per write transaction (see
 /// [`WriteOp::ExpireKeyPackages`]); other writes commit between the slices.
 async fn expire_key_packages(shared: &Shared) {
-    let now = shared.clock.now_secs();
+    let now = shared.key_package_now();
     let mut removed = 0u64;
     loop {
         match shared.store.write(WriteOp::ExpireKeyPackages { now }).await {

@@ -433,7 +433,7 @@ impl node_service::Server for NodeServiceImpl {
             let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
             drop(params); // its frame is not held across the store write (see `fetch_wait`)
             self.take_key_package_token(&who)?;
-            let now = self.shared.clock.now_secs();
+            let now = self.shared.key_package_now();
             let taken = self.shared.store.write(WriteOp::TakeKeyPackage { who, now }).await;
             if !matches!(taken, Ok(Outcome::KeyPackage { .. })) {
                 self.refund_key_package_token(&who);
@@ -713,14 +713,16 @@ impl account::Server for AccountImpl {
                 list.len().saturating_add(u32::from(lr_given)),
                 lens.into_iter().chain(lr_given.then_some(lr_len)),
             )?;
-            // One reading of the clock judges the whole upload.
+            // One reading of the clock judges the whole upload: the packages' own validity at
+            // `now`, what is already stored (and what may be pruned) at the hand-out time.
             let now = self.shared.clock.now_secs();
+            let kp_now = now.saturating_add(self.shared.limits.key_package_margin_secs);
             // A full pool is refused before the packages' signatures are checked (two each): a
             // replayed upload must not buy hundreds of checks. The write checks again, atomically.
             let adding = u64::from(list.len());
             if adding > 0 {
                 let (have, _) =
-                    self.shared.store.key_package_count(&self.who, now).await.map_err(store_err)?;
+                    self.shared.store.key_package_count(&self.who, kp_now).await.map_err(store_err)?;
                 if have.saturating_add(adding) > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
                     let max = limits::MAX_KEY_PACKAGES_PER_IDENTITY;
                     return Err(store_err(StoreError::PoolFull { have, adding, max }));
@@ -735,7 +737,7 @@ impl account::Server for AccountImpl {
             if packages.is_empty() && last_resort.is_none() {
                 return Err(failed("nothing to upload"));
             }
-            let op = WriteOp::UploadKeyPackages { who: self.who, packages, last_resort, now };
+            let op = WriteOp::UploadKeyPackages { who: self.who, packages, last_resort, now: kp_now };
             match self.shared.store.write(op).await.map_err(store_err)? {
                 Outcome::KeyPackagesStored { count } => {
                     results.get().set_count(u32::try_from(count).unwrap_or(u32::MAX));
@@ -752,7 +754,7 @@ impl account::Server for AccountImpl {
         mut results: account::KeyPackageCountResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let now = self.shared.clock.now_secs();
+            let now = self.shared.key_package_now();
             let (n, lr) = self.shared.store.key_package_count(&self.who, now).await.map_err(store_err)?;
             let mut r = results.get();
             r.set_count(u32::try_from(n).unwrap_or(u32::MAX));
