@@ -224,18 +224,33 @@ impl Messenger {
     pub(crate) async fn finish_round(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
         // Kept in the state until done, so a crash or a connection failure retries next round.
-        while let Some(gid) = self.home.state.leave_requests.first().cloned() {
+        // So does a refusal (our own queue full, say): the proposal stays pending until some
+        // commit covers it, and meanwhile every message we send to the group is refused
+        // (openmls sends nothing over pending proposals), so forgetting the request lost them.
+        for gid in self.home.state.leave_requests.clone() {
+            let mut keep = false;
             if self.home.state.groups.get(&hex::encode(&gid)).is_some_and(|g| g.active) {
                 match self.commit_leave_requests(&gid).await {
                     Ok(evs) => events.extend(evs),
                     Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Err(e.into()),
-                    Err(e) => {
+                    Err(e @ ClientError::Mls(_)) => {
                         events.push(Event::Dropped { reason: format!("could not commit a leave: {e}") })
+                    }
+                    Err(e) => {
+                        let group = self.conversation_name(&gid);
+                        events.push(Event::Dropped {
+                            reason: format!(
+                                "could not commit a leave in {group} yet: {e}; trying again later"
+                            ),
+                        });
+                        keep = true;
                     }
                 }
             }
-            self.home.state.leave_requests.retain(|g| *g != gid);
-            self.home.save()?;
+            if !keep {
+                self.home.state.leave_requests.retain(|g| *g != gid);
+                self.home.save()?;
+            }
         }
         if self.kp_check || self.key_packages_due() {
             self.maintain_key_packages(false).await?;
@@ -734,6 +749,57 @@ mod tests {
             assert!(events.iter().any(left), "{events:?}");
             (server, alice, bob)
         })
+        .await;
+    }
+
+    /// Review: a leave whose commit the server refused (here: a stranger filled alice's own
+    /// queue, whose copy a commit needs) was forgotten, though bob's proposal stayed pending;
+    /// openmls sends nothing over a pending proposal, so each message alice sent to the group
+    /// was then refused and dropped. The request stays, and the next round commits it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_leave_commit_is_tried_again_and_messages_to_the_group_are_not_lost() {
+        with_alice_and_bob_on(
+            |cfg| cfg.max_queue_messages = 8,
+            true,
+            |_, server, mut alice, mut bob| async move {
+                let (alice_key, alice_pk) = (alice.public_key().0, alice.public_key());
+                let carol_home = tempfile::tempdir().unwrap();
+                let mut carol = person(carol_home.path(), "carol", &server).await;
+                let carol_key = carol.public_key().0;
+                alice.contact_add("carol", &hex::encode(carol_key)).unwrap();
+                carol.contact_add("alice", &hex::encode(alice_key)).unwrap();
+                let group_id = alice.group_create("team").unwrap();
+                alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
+                bob.receive(0).await.unwrap();
+                bob.group_leave("team").await.unwrap();
+                let op = alice.begin().unwrap();
+                alice.receive_round(0).await.unwrap();
+                assert_eq!(alice.state().leave_requests, vec![group_id.clone()]);
+                let stranger = bob.anonymous().await.unwrap();
+                while stranger.enqueue(&alice_pk.0, b"flood", b"").await.is_ok() {}
+                let events = alice.finish_round().await.unwrap();
+                let told =
+                    |e: &Event| matches!(e, Event::Dropped { reason } if reason.contains("trying again"));
+                assert!(events.iter().any(told), "{events:?}");
+                assert_eq!(alice.state().leave_requests, vec![group_id.clone()], "the request stays");
+                drop(op);
+
+                let team = crate::client::messenger::Target::Group("team".into());
+                let (fate, _) = alice.send(&team, "after the leave").await.unwrap();
+                assert!(matches!(fate, crate::client::outbox::Fate::Sent { .. }), "{fate:?}");
+                assert!(alice.state().leave_requests.is_empty());
+                let mut members = alice.mls.members(&group_id).unwrap();
+                members.sort();
+                let mut want = vec![alice_key, carol_key];
+                want.sort();
+                assert_eq!(members, want, "bob's leave is committed");
+                let events = carol.receive(0).await.unwrap();
+                let read = |e: &Event| matches!(e, Event::Message(m) if m.text == "after the leave");
+                assert!(events.iter().any(read), "{events:?}");
+                carol.disconnect().await;
+                (server, alice, bob)
+            },
+        )
         .await;
     }
 

@@ -36,6 +36,7 @@ use crate::client::messenger::{Carried, ClientError, Event, MAX_TEXT_BYTES, Mess
 use crate::client::session::SessionError;
 use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
+use crate::mls::MlsError;
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -205,6 +206,17 @@ impl Messenger {
                     }
                     self.watch.quiet.clear();
                     return Err(e);
+                }
+                // A member's leave waits to be committed (see `finish_round`, which tries again
+                // next round): openmls sends nothing until then, and the message is no less
+                // sendable for it, so it waits here, with those behind it.
+                Err(ClientError::Mls(MlsError::PendingProposals)) => {
+                    if awaited {
+                        let reason = "a member's leave must be committed first".to_string();
+                        self.watch.fate = Some(Fate::Kept { maybe_sent: false, reason });
+                    }
+                    self.watch.quiet.clear();
+                    return Ok(());
                 }
                 Err(e) => {
                     self.drop_queued(item.id)?;
