@@ -377,6 +377,12 @@ pub const MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS: u64 =
 /// client back from a longer absence republishes in its first receive round.
 pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = 14 * 24 * 3600;
 
+/// Most KeyPackages whose private keys a client holds (see [`crate::client::keypool`]): five
+/// times what the server holds for one identity ([`MAX_KEY_PACKAGES_PER_IDENTITY`]), far above
+/// what replacing a pool every two weeks and refilling after each Welcome hold over the 93 days
+/// each is kept, a few MB at most.
+pub const MAX_HELD_KEY_PACKAGES: usize = 5 * MAX_KEY_PACKAGES_PER_IDENTITY as usize;
+
 /// How long after its `not_after` a client keeps a KeyPackage's private keys: a Welcome made
 /// just before expiry may wait in the adder's outbox and then in our queue for up to the
 /// server's message TTL, so the keys stay that long (default TTL) and are then deleted.

@@ -803,6 +803,43 @@ mod tests {
         .await;
     }
 
+    /// Review: every refill or upload of unknown outcome added a pool of KeyPackage keys, kept
+    /// for 93 days, with no bound: a stranger (drain, junk Welcome, repeat) or a hostile server
+    /// (a count of 0 every round) grew the home without end. Past the cap the oldest keys go,
+    /// never the current last-resort package's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_key_packages_a_client_holds_are_capped_oldest_first() {
+        use crate::client::keypool::Published;
+        use crate::limits::MAX_HELD_KEY_PACKAGES;
+        with_alice_and_bob(true, |_, server, mut alice, bob| async move {
+            let first: Vec<Vec<u8>> =
+                alice.state().key_pool.published.iter().map(|p| p.hash_ref.clone()).collect();
+            assert!(!first.is_empty() && first.iter().all(|r| alice.mls.has_key_package(r)));
+            let newest = alice.state().key_pool.published.iter().map(|p| p.not_after).max().unwrap();
+            {
+                let _op = alice.begin().unwrap();
+                let pool = &mut alice.home.state.key_pool.published;
+                for i in 0..MAX_HELD_KEY_PACKAGES {
+                    let mut hash_ref = vec![0xee; 32];
+                    hash_ref[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    pool.push(Published { hash_ref, not_after: newest + 1, last_resort: false });
+                }
+                alice.home.save().unwrap();
+            }
+            alice.connect().await.unwrap();
+            alice.rotate_key_packages().await.unwrap();
+            let s = alice.state();
+            assert_eq!(s.key_pool.published.len(), MAX_HELD_KEY_PACKAGES);
+            assert!(
+                s.key_pool.published.iter().any(|p| p.hash_ref == s.last_resort_ref),
+                "the new last resort stays"
+            );
+            assert!(first.iter().all(|r| !alice.mls.has_key_package(r)), "the oldest keys were deleted");
+            (server, alice, bob)
+        })
+        .await;
+    }
+
     /// A backlog larger than the inbox came in one round: the round kept it all in memory and
     /// the inbox dropped the oldest before any reader saw them ("N earlier messages not
     /// shown"). Rounds now end where the next page might not fit, and the reader shows each.

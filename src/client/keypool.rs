@@ -22,6 +22,11 @@
 //!   keys when a Welcome uses it; the rest (never used, or last-resort) go by this rule. We
 //!   judge by time rather than by asking the server, so a server that lies about what it holds
 //!   cannot make us keep or lose keys.
+//! - **Hold a bounded number.** At most [`limits::MAX_HELD_KEY_PACKAGES`] packages' keys are
+//!   kept; past that the oldest go (but never the current last-resort one). Each refill and each
+//!   upload of unknown outcome adds a pool, and a stranger (a drained pool, then a junk Welcome,
+//!   every few minutes) or a hostile server (a count of 0, a dropped answer, every round) could
+//!   otherwise grow the home by a pool's keys per round for the 93 days each is kept.
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +71,25 @@ impl KeyPool {
                 now >= made_at.saturating_add(limits::KEY_PACKAGE_REPLACE_AFTER_SECS)
             }
         }
+    }
+
+    /// Forgets and returns the oldest packages beyond `max`, never the one `keep` names (the
+    /// current last-resort package).
+    pub fn take_over(&mut self, max: usize, keep: &[u8]) -> Vec<Published> {
+        let excess = self.published.len().saturating_sub(max);
+        if excess == 0 {
+            return Vec::new();
+        }
+        let mut order: Vec<usize> = (0..self.published.len()).collect();
+        order.sort_by_key(|&i| self.published[i].not_after);
+        let doomed: std::collections::HashSet<usize> =
+            order.into_iter().filter(|&i| self.published[i].hash_ref != keep).take(excess).collect();
+        let (gone, kept) = std::mem::take(&mut self.published)
+            .into_iter()
+            .enumerate()
+            .partition::<Vec<_>, _>(|(i, _)| doomed.contains(i));
+        self.published = kept.into_iter().map(|(_, p)| p).collect();
+        gone.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Forgets and returns the packages whose private keys may go as of `now`: past their
@@ -150,6 +174,10 @@ impl Messenger {
             self.home.state.key_pool.record(std::slice::from_ref(lr), true);
             self.home.state.last_resort_ref = lr.hash_ref.clone();
         }
+        let state = &mut self.home.state;
+        for p in state.key_pool.take_over(limits::MAX_HELD_KEY_PACKAGES, &state.last_resort_ref) {
+            self.mls.delete_key_package(&p.hash_ref)?;
+        }
         // Private keys must be durable before the public halves are published (and recorded, so
         // that they are deleted in time even if we crash before the upload's outcome is known).
         self.persist()?;
@@ -196,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn packages_are_replaced_after_half_their_lifetime() {
+    fn packages_are_replaced_after_two_weeks() {
         let t0 = 1_000_000_000;
         let mut pool = KeyPool::default();
         assert!(pool.replacement_due(false, t0), "nothing published yet");
@@ -222,5 +250,21 @@ mod tests {
         let gone = pool.take_superseded(expiry + margin);
         assert_eq!(gone.iter().map(|p| p.hash_ref.clone()).collect::<Vec<_>>(), vec![vec![1]]);
         assert_eq!(pool.published.len(), 1, "the younger one stays");
+    }
+
+    #[test]
+    fn beyond_the_cap_the_oldest_go_but_never_the_current_last_resort() {
+        let t0 = 1_000_000_000;
+        let mut pool = KeyPool::default();
+        pool.published = vec![made_at(t0, true, 1), made_at(t0 + 1, false, 2), made_at(t0 + 3, false, 3)];
+        pool.published.push(made_at(t0 + 2, false, 4));
+        assert!(pool.take_over(4, &[1]).is_empty(), "within the cap");
+        let gone = pool.take_over(2, &[1]);
+        assert_eq!(
+            gone.iter().map(|p| p.hash_ref[0]).collect::<Vec<_>>(),
+            [2, 4],
+            "the oldest but the kept one"
+        );
+        assert_eq!(pool.published.iter().map(|p| p.hash_ref[0]).collect::<Vec<_>>(), [1, 3]);
     }
 }
