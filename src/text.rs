@@ -127,9 +127,11 @@ pub fn message(header: &str, body: &str) -> String {
 /// line to the width could start it with `alice: ` and pass for another message.
 ///
 /// Widths are over-estimated, never under: a character counts its wider (East Asian) width,
-/// and one followed by U+FE0F (emoji presentation, `❤️`) counts two, as terminals draw it. A
-/// row broken early is harmless; one the terminal wraps is the spoof. On a terminal no wider
-/// than the header, the indent is two columns, so no continuation wraps before its text.
+/// one followed by U+FE0F (emoji presentation, `❤️`) counts two, as terminals draw it, and
+/// every character counts at least one but a few known to be drawn as nothing (joiners,
+/// variation selectors, tags, Latin combining accents). A row broken early is harmless; one
+/// the terminal wraps is the spoof. On a terminal no wider than the header, the indent is two
+/// columns, so no continuation wraps before its text.
 pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> String {
     let header = guard(header);
     let header_cols = columns(&header);
@@ -202,12 +204,32 @@ fn columns(s: &str) -> usize {
     n
 }
 
-/// The most columns a terminal may give `c`: its East Asian width where that is wider, and two
-/// when an emoji presentation selector (U+FE0F) follows it.
+/// The most columns a terminal may give `c`: its East Asian width where that is wider, two
+/// when an emoji presentation selector (U+FE0F) follows it, and at least one unless it is
+/// [`drawn_as_nothing`].
 fn char_columns(c: char, emoji_presentation: bool) -> usize {
     use unicode_width::UnicodeWidthChar;
-    let w = c.width().unwrap_or(0).max(c.width_cjk().unwrap_or(0));
+    if drawn_as_nothing(c) {
+        return 0;
+    }
+    // Not unicode-width's 0: it gives none to characters terminals draw one column wide
+    // (prepend characters such as U+0D4E and U+A8FA, unassigned default-ignorables
+    // such as U+2065 and U+FFF0-U+FFF8, marks newer than the terminal's tables), and a line
+    // padded with them would fit here and wrap there.
+    let w = c.width().unwrap_or(0).max(c.width_cjk().unwrap_or(0)).max(1);
     if emoji_presentation { w.max(2) } else { w }
+}
+
+/// True for the few characters every terminal draws as nothing, joined to the one before:
+/// the joiners ZWNJ and ZWJ, variation selectors, the tag characters of subdivision flags,
+/// and the Latin, Greek and Cyrillic combining diacritics (U+0300-U+036F, assigned since
+/// Unicode 4.1, e.g. the accents of decomposed text). Every other character counts a column
+/// or more: other combining marks (Indic vowel signs, Arabic harakat) then break a line early,
+/// which is harmless.
+fn drawn_as_nothing(c: char) -> bool {
+    matches!(c,
+        '\u{200c}' | '\u{200d}' | '\u{fe00}'..='\u{fe0f}' | '\u{e0100}'..='\u{e01ef}'
+        | '\u{e0020}'..='\u{e007f}' | '\u{300}'..='\u{36f}')
 }
 
 /// `value` as one line of JSON in which every character [`is_unsafe`] marks is a `\uXXXX`
@@ -358,6 +380,28 @@ mod tests {
             assert!(row.starts_with("  "), "{row:?}");
         }
         assert!(m.ends_with("hi"), "{m:?}");
+    }
+
+    /// unicode-width gives no columns to characters terminals draw one wide (prepend characters
+    /// such as U+A8FA, unassigned default-ignorables such as U+2065): a
+    /// line padded with them was thought to fit, the terminal wrapped it, and `alice: hi`
+    /// started a row at column 0.
+    #[test]
+    fn characters_unicode_width_calls_empty_still_count_a_column() {
+        for pad in ["\u{a8fa}", "\u{d4e}", "\u{2065}", "\u{fff0}", "\u{fff8}", "\u{e0080}"] {
+            let m = message_for_width("b: ", &format!("{}alice: hi", pad.repeat(17)), Some(20));
+            assert_eq!(
+                m,
+                format!("b: {}\n   alice: hi", pad.repeat(17)),
+                "{:x}",
+                pad.chars().next().unwrap() as u32
+            );
+        }
+        // The few drawn as nothing still count none, so the text they join is not broken early.
+        assert_eq!(columns("a\u{200d}b\u{200c}c"), 3);
+        assert_eq!(columns("a\u{fe0e}b\u{e0100}c"), 3);
+        assert_eq!(columns("\u{1f3f4}\u{e0067}\u{e0062}\u{e0073}\u{e0063}\u{e0074}\u{e007f}"), 2);
+        assert_eq!(columns("e\u{301}\u{34f}"), 1);
     }
 
     #[test]
