@@ -31,9 +31,9 @@
 //! - [`Shown`] (a `Display` wrapper) and [`shown`]: one-line strings such as names and event
 //!   lines; newlines are escaped too.
 //! - [`message`]: a message under its header. Lines of a multi-line text are continued on
-//!   lines indented by the header's width, so a continuation never starts at column 0 and
-//!   cannot pose as another sender; CRLF counts as one line break, a lone CR is escaped, a tab
-//!   becomes [`TAB_SPACES`] spaces.
+//!   lines indented by the header's width (on a terminal, at most half of its width), so a
+//!   continuation never starts at column 0 and cannot pose as another sender; CRLF counts as
+//!   one line break, a lone CR is escaped, a tab becomes [`TAB_SPACES`] spaces.
 //! - [`guard`]: the last pass over whole blocks of output (the shell's printer, `recv`): like
 //!   [`Shown`] but newlines stay. It is idempotent (an escape is plain ASCII), so text made safe
 //!   earlier passes unchanged.
@@ -130,15 +130,18 @@ pub fn message(header: &str, body: &str) -> String {
 /// one followed by U+FE0F (emoji presentation, `❤️`) counts two, as terminals draw it, and
 /// every character counts at least one but a few known to be drawn as nothing (joiners,
 /// variation selectors, tags, Latin combining accents). A row broken early is harmless; one
-/// the terminal wraps is the spoof. On a terminal no wider than the header, the indent is two
-/// columns, so no continuation wraps before its text.
+/// the terminal wraps is the spoof. The indent is at most half the terminal's width (and at
+/// least two columns), so every continuation row keeps at least half its width for text.
 pub fn message_for_width(header: &str, body: &str, width: Option<usize>) -> String {
     let header = guard(header);
     let header_cols = columns(&header);
-    let mut indent_cols = header_cols.max(2);
-    if width.is_some_and(|w| indent_cols >= w) {
-        indent_cols = 2;
-    }
+    // On a terminal, at most half its width: under a header nearly as wide (a long claimed
+    // name in a long group name) each row would hold a few columns of text, and a long message
+    // would become many times its size in indent and rows.
+    let indent_cols = match width {
+        Some(w) => header_cols.min(w / 2).max(2),
+        None => header_cols.max(2),
+    };
     let indent = " ".repeat(indent_cols);
     let mut out = String::with_capacity(header.len() + body.len() + 16);
     // A header wider than the terminal (a long claimed name in a long group name) is broken
@@ -402,6 +405,29 @@ mod tests {
         assert_eq!(columns("a\u{fe0e}b\u{e0100}c"), 3);
         assert_eq!(columns("\u{1f3f4}\u{e0067}\u{e0062}\u{e0073}\u{e0063}\u{e0074}\u{e007f}"), 2);
         assert_eq!(columns("e\u{301}\u{34f}"), 1);
+    }
+
+    /// A header just under the terminal's width (a long claimed name in a long group name)
+    /// indented every continuation by nearly the whole width: three characters a row, so a
+    /// 200 KiB message became megabytes of indent on tens of thousands of rows.
+    #[test]
+    fn a_header_nearly_as_wide_as_the_terminal_does_not_multiply_a_long_message() {
+        let header = format!("[#{}] ~{}: ", "g".repeat(40), "n".repeat(50));
+        assert_eq!(columns(&header), 97);
+        let body = "x".repeat(200 * 1024);
+        let m = message_for_width(&header, &body, Some(100));
+        assert!(m.len() <= 4 * body.len(), "{} bytes for a body of {}", m.len(), body.len());
+        let rows: Vec<&str> = m.split('\n').collect();
+        for row in &rows {
+            assert!(columns(row) <= 100, "{row:?}");
+        }
+        for row in &rows[1..] {
+            assert!(row.starts_with("  "), "{row:?}");
+        }
+        assert_eq!(rows.iter().map(|r| r.matches('x').count()).sum::<usize>(), body.len());
+        // An ordinary header still has its continuations under the text.
+        let m = message_for_width("14:03 [#team] alice: ", "one\ntwo", Some(80));
+        assert_eq!(m, "14:03 [#team] alice: one\n                     two");
     }
 
     #[test]
