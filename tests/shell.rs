@@ -345,6 +345,36 @@ fn a_shell_quitting_while_marked_offline_still_sends_its_queued_message() {
     assert_eq!(untimed(&bob.ok(&["recv"])).trim(), "alice: sent on the way out");
 }
 
+/// The shell's `/history --json` wrote the messages still waiting in the outbox in the human
+/// format, and "no messages with ... yet" and "no older messages" as lines on stdout: a script
+/// reading JSON there choked on them.
+#[test]
+fn shell_history_json_writes_nothing_but_json_on_stdout() {
+    let (_dir, server, [alice, _bob, _carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["send", "bob", "sent before the outage"]);
+    server.kill9();
+    let script = "@bob queued during the outage\n\
+                  history bob --json\n\
+                  /history bob --json --grep nothing-says-this\n\
+                  /history carol --json\n";
+    let (_, out, err) = run_script(&alice, script);
+    let objects: Vec<serde_json::Value> = out
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON on stdout ({e}): {l:?}\n{out:#?}"))
+        })
+        .collect();
+    let texts: Vec<(&str, bool)> = objects
+        .iter()
+        .map(|v| (v["text"].as_str().unwrap_or_default(), v["queued"].as_bool().unwrap_or(false)))
+        .collect();
+    assert_eq!(texts, [("sent before the outage", false), ("queued during the outage", true)], "{out:#?}");
+    // What is said about the page goes where the shell's status goes.
+    for said in ["* no older messages", "* no messages with carol yet"] {
+        assert!(err.iter().any(|l| l == said), "{said:?} not on stderr: {err:#?}");
+    }
+}
+
 fn a_seen_error(lines: &[(Stream, String)]) -> bool {
     lines.iter().any(|(s, l)| *s == Stream::Err && l.starts_with("error: "))
 }

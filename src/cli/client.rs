@@ -620,6 +620,17 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     })
 }
 
+/// A message still waiting in the outbox as a JSON object: [`entry_json`] marked `"queued":
+/// true`, with a null `position` (it gets one when it is encrypted and enters the history, and
+/// a later page shows it there, unmarked).
+pub fn queued_entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
+    let mut v = entry_json(m, e);
+    v["position"] = serde_json::Value::Null;
+    v["outgoing"] = serde_json::Value::Bool(true);
+    v["queued"] = serde_json::Value::Bool(true);
+    v
+}
+
 /// A membership event as JSON objects, one per kind of change (none for other events): `type`
 /// "event", `event` joined/added/removed/left/removed_you, the group by stable id (hex of the
 /// MLS group id) and local name, who made the change and whom it concerns.

@@ -48,7 +48,7 @@ use futures::FutureExt as _;
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
     ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry,
-    history_query, home_dir, missed_line, open_messenger, run_verb, write_history,
+    history_query, home_dir, missed_line, open_messenger, queued_entry_json, run_verb, write_history,
 };
 use crate::client::history::{Before, Position};
 use crate::client::inbox::{Arrival, Cursor};
@@ -529,7 +529,7 @@ impl Shell {
         };
         let Some(mut query) = history_query(&self.m, &args)? else {
             // A contact we have not talked to yet has no conversation.
-            self.out.data(&format!("no messages with {} yet", label.unwrap_or_default()));
+            self.about_page(args.json, &format!("no messages with {} yet", label.unwrap_or_default()));
             return Ok(());
         };
         if let Some(older) = continued.clone() {
@@ -538,21 +538,27 @@ impl Shell {
         let page = self.m.history_page(&query)?;
         let mut buf = Vec::new();
         write_history(&self.m, &query, &page, args.json, &mut buf)?;
-        // What is typed counts from the moment it is queued: it ends the newest page.
+        // What is typed counts from the moment it is queued: it ends the newest page. A script
+        // reading JSON gets it too, marked queued, so it sees the page a person sees.
         if query.before == Before::Newest
             && query.grep.is_none()
             && let Some(id) = &query.conversation
         {
             for e in self.m.queued_entries(id) {
-                buf.extend_from_slice(format_entry(&self.m, &e).as_bytes());
+                let line = if args.json {
+                    text::json_line(&queued_entry_json(&self.m, &e))
+                } else {
+                    format_entry(&self.m, &e)
+                };
+                buf.extend_from_slice(line.as_bytes());
                 buf.push(b'\n');
             }
         }
         if buf.is_empty() {
             match (&label, continued.is_some() || query.before != Before::Newest || query.grep.is_some()) {
-                (_, true) => self.out.data("no older messages"),
-                (Some(l), false) => self.out.data(&format!("no messages with {l} yet")),
-                (None, false) => self.out.data("no messages yet"),
+                (_, true) => self.about_page(args.json, "no older messages"),
+                (Some(l), false) => self.about_page(args.json, &format!("no messages with {l} yet")),
+                (None, false) => self.about_page(args.json, "no messages yet"),
             }
         } else {
             self.out.data(&String::from_utf8_lossy(&buf));
@@ -562,6 +568,17 @@ impl Shell {
             self.paging = Some((key, older));
         }
         Ok(())
+    }
+
+    /// A sentence about a `/history` page ("no older messages"): output for people, but with
+    /// `--json` a status line (stderr without a terminal), so stdout holds only JSON lines, as
+    /// the one-shot `history --json` does.
+    fn about_page(&self, json: bool, sentence: &str) {
+        if json {
+            self.out.status(sentence);
+        } else {
+            self.out.data(sentence);
+        }
     }
 }
 
