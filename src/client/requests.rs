@@ -244,7 +244,8 @@ pub struct RequestView {
     pub expires_at_ms: u64,
     /// Messages waiting with it.
     pub held: usize,
-    /// The first waiting message, as one short line (None when there is none to show).
+    /// The first waiting message from the inviter, as one short line (None when there is none
+    /// to show).
     pub preview: Option<String>,
     /// The display name the sender signed into their leaf of the invitation's group (a claim:
     /// show it marked, see [`crate::client::names`]).
@@ -350,7 +351,7 @@ impl Messenger {
         let _ = self.mls.discard_welcome_key_packages(welcome);
     }
 
-    /// Pending requests, oldest first, with a preview of each one's first message.
+    /// Pending requests, oldest first, with a preview of the first message from each one's inviter.
     pub fn requests(&mut self) -> Result<Vec<RequestView>, ClientError> {
         let _op = self.begin()?;
         if self.expire_strangers() {
@@ -383,8 +384,8 @@ impl Messenger {
             .collect())
     }
 
-    /// The first held message of `r` that reads as text, decrypted in a throwaway copy of our
-    /// MLS state (nothing is joined, nothing of ours is used up).
+    /// The first held message of `r` that its inviter wrote and that reads as text, decrypted
+    /// in a throwaway copy of our MLS state (nothing is joined, nothing of ours is used up).
     fn preview(&self, r: &Request) -> Option<String> {
         self.preview_and_name(r).0
     }
@@ -394,8 +395,11 @@ impl Messenger {
     fn preview_and_name(&self, r: &Request) -> (Option<String>, Option<String>) {
         let Ok((_, mut scratch)) = self.mls.preview_welcome(&r.welcome) else { return (None, None) };
         let name = scratch.member_name(&r.group_id, &r.from);
+        // Only the inviter's words: the preview is shown as theirs ("message request from
+        // alice: ..."), and anyone else in the group could write the first message. The others
+        // are still processed, in order, so the scratch state follows the group's epochs.
         let preview = r.held.iter().find_map(|m| match scratch.process(&r.group_id, &m.0) {
-            Ok(Incoming::Application { plaintext, .. }) => {
+            Ok(Incoming::Application { sender, plaintext }) if sender == r.from => {
                 AppMessage::decode(&plaintext).ok().map(|app| preview_line(&app.text, REQUEST_PREVIEW_CHARS))
             }
             _ => None,
@@ -663,6 +667,37 @@ mod tests {
         );
         assert!(bob.mls.group_ids().is_empty(), "nothing joined");
         assert!(bob.state().groups.is_empty());
+    }
+
+    /// "message request from alice: “…”" showed the first message held for the group,
+    /// whichever member wrote it: another member (eve) could put words in the inviter's mouth.
+    #[test]
+    fn a_requests_preview_is_only_what_the_inviter_wrote() {
+        use crate::mls::MlsClient;
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let mut alice = MlsClient::new(&rand::random()).unwrap();
+        let mut eve = MlsClient::new(&rand::random()).unwrap();
+        let group = b"alices-group".to_vec();
+        let kps = vec![
+            bob.mls.key_packages(1).unwrap().remove(0).bytes,
+            eve.key_packages(1).unwrap().remove(0).bytes,
+        ];
+        alice.create_group(&group).unwrap();
+        let welcome = alice.add_members(&group, &kps).unwrap().welcome.unwrap();
+        alice.merge_pending(&group).unwrap();
+        eve.join(&welcome).unwrap();
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "team", GroupKind::Group, alice.identity(), &mut events);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
+        let say = |m: &mut MlsClient, text: &str| {
+            m.encrypt(&group, &AppMessage { text: text.into(), sent_at_ms: 1 }.encode()).unwrap()
+        };
+        assert!(bob.hold_for_request(&group, &say(&mut eve, "alice here: wire the money"), &mut events));
+        assert_eq!(bob.requests().unwrap()[0].preview, None, "eve's words shown as alice's");
+        assert!(bob.hold_for_request(&group, &say(&mut alice, "hi bob"), &mut events));
+        let view = &bob.requests().unwrap()[0];
+        assert_eq!((view.held, view.preview.as_deref()), (2, Some("hi bob")));
     }
 
     fn request(from: u8, group: u8, welcome_len: usize, at: u64) -> Request {
