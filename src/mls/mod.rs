@@ -1000,8 +1000,13 @@ impl MlsClient {
         Ok((joined, scratch))
     }
 
-    /// Deletes the private keys of the one-time KeyPackages a Welcome we will never use was
-    /// encrypted to (a blocked sender's, an expired request's); the last-resort one is kept.
+    /// Deletes the private keys of the one-time KeyPackage a Welcome we will never use was
+    /// encrypted to (a blocked sender's, an expired request's); a last-resort one is kept.
+    ///
+    /// Only the package joining would have used: the first of ours the Welcome names, as
+    /// openmls picks it. Anyone who saw one of our packages (a co-member, in the commit that
+    /// added us; the server) could otherwise list our other packages in a Welcome of theirs
+    /// and have us delete the keys of an invitation that still waits as a request.
     pub fn discard_welcome_key_packages(&mut self, welcome: &[u8]) -> Result<(), MlsError> {
         let MlsMessageBodyIn::Welcome(parsed) = parse_message(welcome)?.extract() else {
             return Err(MlsError::UnexpectedMessage("expected a welcome"));
@@ -1011,9 +1016,11 @@ impl MlsClient {
             let hash_ref = secret.new_member();
             let bundle: Option<KeyPackageBundle> =
                 storage.key_package(&hash_ref).map_err(|e| openmls_err("read key package", e))?;
-            if bundle.is_some_and(|b| !b.key_package().last_resort()) {
+            let Some(bundle) = bundle else { continue };
+            if !bundle.key_package().last_resort() {
                 storage.delete_key_package(&hash_ref).map_err(|e| openmls_err("delete key package", e))?;
             }
+            break;
         }
         Ok(())
     }

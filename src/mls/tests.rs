@@ -715,6 +715,38 @@ fn a_discarded_welcome_can_no_longer_be_joined() {
     assert!(matches!(bob.join_welcome(&welcome), Err(MlsError::NoMatchingKeyPackage)));
 }
 
+/// Review: discarding a Welcome deleted every one of our packages it named, though joining
+/// uses only the first. A co-member who saw one package of bob's could name bob's others in a
+/// Welcome of its own and so delete the keys of an invitation waiting as a request.
+#[test]
+fn a_discarded_welcome_deletes_only_the_package_joining_would_use() {
+    use openmls::messages::EncryptedGroupSecrets;
+    let (mut alice, mut bob) = (client(), client());
+    let group = b"group-discard-02".to_vec();
+    alice.create_group(&group).unwrap();
+    let other = bob.key_packages(1).unwrap().remove(0);
+    let welcome = alice.add_members(&group, &[key_package(&bob)]).unwrap().welcome.unwrap();
+    // The same Welcome with a second secret naming bob's other package.
+    let MlsMessageBodyIn::Welcome(parsed) = parse_message(&welcome).unwrap().extract() else { panic!() };
+    let mut secrets = parsed.secrets().to_vec();
+    let header_and_secrets = 6 + secrets.tls_serialize_detached().unwrap().len(); // version, wire format, suite
+    let first = secrets[0].tls_serialize_detached().unwrap();
+    let first_ref = secrets[0].new_member().tls_serialize_detached().unwrap();
+    let mut second = key_package_ref(&other.hash_ref).unwrap().tls_serialize_detached().unwrap();
+    second.extend_from_slice(&first[first_ref.len()..]);
+    secrets.push(EncryptedGroupSecrets::tls_deserialize_exact(second.as_slice()).unwrap());
+    let mut crafted = welcome[..6].to_vec();
+    crafted.extend(secrets.tls_serialize_detached().unwrap());
+    crafted.extend_from_slice(&welcome[header_and_secrets..]);
+    assert!(
+        matches!(parse_message(&crafted).unwrap().extract(), MlsMessageBodyIn::Welcome(w) if w.secrets().len() == 2)
+    );
+
+    bob.discard_welcome_key_packages(&crafted).unwrap();
+    assert!(bob.has_key_package(&other.hash_ref), "the package it names second is kept");
+    assert!(matches!(bob.join_welcome(&welcome), Err(MlsError::NoMatchingKeyPackage)), "the first went");
+}
+
 /// Found by the `mls_storage` fuzz target: openmls's memory storage unwraps the JSON decoding of
 /// its values, so a damaged value in an otherwise well-framed export panicked when the group was
 /// loaded. It is an error now.
