@@ -88,7 +88,9 @@ interface NodeService {
   # returns one of identityKey's single-use KeyPackages (RFC 9420 section 10). When none is left it
   # returns the key's last-resort KeyPackage (kept, not removed) with lastResort = true. remaining
   # counts single-use packages left after this call. Error "no key packages for this key" when the
-  # key has neither.
+  # key has neither. Only packages valid for the server's message TTL and a day more are handed
+  # out, counted or kept: every member checks an added package's lifetime when it processes the
+  # commit that adds it, which may wait that long in its queue (RFC 9420 section 7.2).
 
   fetchHybridKey @3 (identityKey :Data) -> (hybridKey :Data, signature :Data, createdAtMs :UInt64);
   # AS, no authentication. Returns the key's current hybrid public key (X-Wing: ML-KEM-768 ||
@@ -178,6 +180,8 @@ interface Account {
   # keyPackages must not carry the last_resort extension; lastResort (optional, empty for none)
   # must, and replaces the stored last-resort package. All-or-nothing and durable. count is the
   # number of single-use packages stored afterwards; the pool is capped ("key package pool full").
+  # A package valid for less than the message TTL and a day more is stored but never handed out
+  # (see fetchKeyPackage), and deleted by the next sweep.
 
   keyPackageCount @2 () -> (count :UInt32, hasLastResort :Bool);
 

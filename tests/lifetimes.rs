@@ -182,8 +182,10 @@ fn a_user_idle_for_a_year_is_reachable_again_once_they_come_back() {
     stop(server);
 }
 
-/// The server never hands out a package past its lifetime (28 days): it deletes it instead and
-/// says so, while a package inside its lifetime is handed out as before.
+/// The server never hands out a package that could expire before the commit adding its owner
+/// reaches every member: one valid for less than the message TTL and a day more (63 - 31 = 32
+/// days after it was made, at the default TTL) is deleted instead and the adder is told, while a
+/// younger one is handed out as before.
 #[test]
 fn nobody_is_handed_a_dead_key_package() {
     let dir = tempfile::tempdir().unwrap();
@@ -195,8 +197,8 @@ fn nobody_is_handed_a_dead_key_package() {
     contacts(&alice, &carol);
     stop(server);
 
-    // 27 days on, the packages are old but alive.
-    let server = serve_at(dir.path(), 27 * DAY);
+    // 31 days on, the packages are old but handed out.
+    let server = serve_at(dir.path(), 31 * DAY);
     assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true));
     ok_at(&alice, &server, 0, &["send", "bob", "still valid"]);
     assert_eq!(
@@ -205,8 +207,8 @@ fn nobody_is_handed_a_dead_key_package() {
     );
     stop(server);
 
-    // 29 days on, every package carol uploaded is dead.
-    let server = serve_at(dir.path(), 29 * DAY);
+    // 33 days on, every package carol uploaded has less than 31 days left: none goes out.
+    let server = serve_at(dir.path(), 33 * DAY);
     let err = fails_at(&alice, &server, 0, &["send", "carol", "hi"]);
     assert_eq!(
         err.trim(),
@@ -226,24 +228,23 @@ fn nobody_is_handed_a_dead_key_package() {
 #[test]
 fn a_user_who_checks_in_every_two_weeks_stays_reachable() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_at(dir.path(), -29 * DAY);
-    let alice = init_at(&server, -29 * DAY, "alice");
-    let bob = init_at(&server, -29 * DAY, "bob");
+    let server = serve_at(dir.path(), -34 * DAY);
+    let alice = init_at(&server, -34 * DAY, "alice");
+    let bob = init_at(&server, -34 * DAY, "bob");
     contacts(&alice, &bob);
     stop(server);
 
-    // 15 days later bob receives once; his pool is past half its lifetime, so he publishes a
-    // new one.
-    let server = serve_at(dir.path(), -14 * DAY);
-    assert_eq!(ok_at(&bob, &server, -14 * DAY, &["recv"]), "");
+    // 15 days later bob receives once; his pool is over two weeks old, so he publishes a new one.
+    let server = serve_at(dir.path(), -19 * DAY);
+    assert_eq!(ok_at(&bob, &server, -19 * DAY, &["recv"]), "");
     assert_eq!(
-        key_packages_line(&bob, &server, -14 * DAY),
+        key_packages_line(&bob, &server, -19 * DAY),
         count_line(40, true),
-        "the old pool stays until it expires"
+        "the old pool stays while it is handed out"
     );
     stop(server);
 
-    // 29 days after init the first pool is dead; the second reaches him.
+    // 34 days after init the first pool is no longer handed out; the second reaches him.
     let server = serve_at(dir.path(), 0);
     ok_at(&alice, &server, 0, &["send", "bob", "hi"]);
     assert_eq!(untimed(&ok_at(&bob, &server, 0, &["recv"])).lines().collect::<Vec<_>>(), vec!["alice: hi"]);
@@ -261,7 +262,7 @@ fn a_refused_key_package_upload_is_retried_at_the_next_round() {
     let bob = init_at(&server, -15 * DAY, "bob");
     stop(server);
 
-    // Bob's pool is past half its lifetime, and the server has no room for new key material.
+    // Bob's pool is over two weeks old, and the server has no room for new key material.
     let config = dir.path().join("qpq-server.toml");
     std::fs::write(&config, "max_key_bytes = 1\n").unwrap();
     let server = serve_at(dir.path(), 0);

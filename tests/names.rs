@@ -80,8 +80,18 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
     let (okay, _, err) = run(&carol, 0, &["requests", "accept", &short(&alice)[..9]], None);
     assert!(okay && err.contains(&format!("you were added to #team by {}", marked(&alice))), "{err}");
     ok(&alice, &["send", "#team", "welcome carol"]);
+    // The join, said by `requests accept` on stderr, waits for the readers too (like every
+    // membership change a one-shot command fetched), ahead of the message.
     let (_, out, _) = run(&carol, 0, &["recv", "--json"], None);
-    let msg: serde_json::Value = serde_json::from_str(out.trim()).expect("one json line");
+    let lines: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).expect("a json line")).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(
+        (lines[0]["type"].as_str(), lines[0]["event"].as_str()),
+        (Some("event"), Some("joined")),
+        "{out}"
+    );
+    let msg = &lines[1];
     assert_eq!(msg["from"], alice.key.as_str());
     assert_eq!(msg["from_name"], serde_json::Value::Null, "alice is no contact of carol");
     assert_eq!(msg["from_claimed_name"], "Alice");

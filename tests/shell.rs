@@ -345,6 +345,29 @@ fn a_shell_quitting_while_marked_offline_still_sends_its_queued_message() {
     assert_eq!(untimed(&bob.ok(&["recv"])).trim(), "alice: sent on the way out");
 }
 
+/// Review: a script's shell exited 0 when the server refused a message it typed (carol's key
+/// has no KeyPackages there) and 0 with a message still queued at its end, where `qpq send`
+/// exits 1 and 75 for the same.
+#[test]
+fn a_scripts_status_tells_of_a_refused_or_a_still_queued_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    let nobody = qpq::crypto::identity::Identity::generate().public().to_hex();
+    let (status, _, err) = run_script(&alice, &format!("contact add carol {nobody}\n@carol hello?\n"));
+    assert_eq!(status.code(), Some(1), "{err:#?}");
+    assert!(err.iter().any(|l| l.contains("a queued message to carol was not sent")), "{err:#?}");
+
+    alice.add_contact(&bob);
+    bob.add_contact(&alice);
+    let (status, _, err) = run_script(&alice, "@bob this one goes\n");
+    assert_eq!(status.code(), Some(0), "{err:#?}");
+    server.kill9();
+    let (status, _, err) = run_script(&alice, "@bob later\n");
+    assert_eq!(status.code(), Some(75), "{err:#?}");
+    assert!(err.iter().any(|l| l.contains("1 message queued")), "{err:#?}");
+}
+
 /// The shell's `/history --json` wrote the messages still waiting in the outbox in the human
 /// format, and "no messages with ... yet" and "no older messages" as lines on stdout: a script
 /// reading JSON there choked on them.

@@ -575,7 +575,7 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
                 m.request_sender_name(group_id, from)
             ))
         }
-        Event::Dropped { reason } => Some(reason.clone()),
+        Event::Dropped { reason } | Event::NotSent { reason } => Some(reason.clone()),
         Event::WelcomeRefused { to, reason } => {
             Some(format!("the server refused the invitation of {}: {reason}", names(to)))
         }
@@ -1141,7 +1141,8 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
 }
 
 /// Prints the inbox's messages and membership events after `cursor` (whichever process fetched
-/// them) and moves it on; returns how many it printed. Messages go to stdout; events too with
+/// them) and moves it on; returns how many messages it printed (`--wait` waits for a message,
+/// not a membership change). Messages go to stdout; events too with
 /// `json` (as data, in their place among the messages), else to stderr as lines for people.
 fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<usize> {
     // Marked read durably first, then printed: a crash in between can lose the printout (the
@@ -1175,7 +1176,7 @@ fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::R
             return Err(e.into());
         }
     }
-    Ok(unread.items.len())
+    Ok(unread.messages().count())
 }
 
 /// What a reader that fell behind the inbox's bounds is told (None when it missed nothing).

@@ -14,7 +14,9 @@ const EXIT_STATUS: &[(&str, &str)] = &[
         "75",
         "send: the message is queued in the home's outbox (the server could not be reached, or the \
          answer was lost and it may have been sent); group add: the members were added but their \
-         invitation (Welcome) waits in the outbox; the next command that connects sends it",
+         invitation (Welcome) waits in the outbox; the next command that connects sends it; \
+         shell (a script): a message it typed is still queued when it ends (1 when a line failed \
+         or a message was refused)",
     ),
 ];
 

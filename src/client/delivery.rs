@@ -819,17 +819,29 @@ mod tests {
             {
                 let _op = alice.begin().unwrap();
                 let pool = &mut alice.home.state.key_pool.published;
+                // Younger than what the rotation makes (as after a clock that went back).
                 for i in 0..MAX_HELD_KEY_PACKAGES {
                     let mut hash_ref = vec![0xee; 32];
                     hash_ref[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                    pool.push(Published { hash_ref, not_after: newest + 1, last_resort: false });
+                    let not_after = newest + crate::limits::KEY_PACKAGE_LIFETIME_SECS;
+                    pool.push(Published { hash_ref, not_after, last_resort: false });
                 }
                 alice.home.save().unwrap();
             }
             alice.connect().await.unwrap();
+            let before: std::collections::HashSet<Vec<u8>> =
+                alice.state().key_pool.published.iter().map(|p| p.hash_ref.clone()).collect();
             alice.rotate_key_packages().await.unwrap();
             let s = alice.state();
             assert_eq!(s.key_pool.published.len(), MAX_HELD_KEY_PACKAGES);
+            let new: Vec<&Published> =
+                s.key_pool.published.iter().filter(|p| !before.contains(&p.hash_ref)).collect();
+            assert_eq!(
+                new.len(),
+                crate::client::messenger::KEY_PACKAGE_POOL + 1,
+                "what was just published stays"
+            );
+            assert!(new.iter().all(|p| alice.mls.has_key_package(&p.hash_ref)));
             assert!(
                 s.key_pool.published.iter().any(|p| p.hash_ref == s.last_resort_ref),
                 "the new last resort stays"

@@ -152,6 +152,12 @@ pub(crate) fn unpush_since(s: &mut State, len: usize) {
     s.inbox.truncate(len);
     s.inbox_end_seq = s.inbox_end_seq.saturating_sub(extra as u64);
     s.read_seq = s.read_seq.min(s.inbox_end_seq);
+    // An event that came after a taken-back entry now comes after the newest one left: the
+    // numbers given back go to later messages, which must not show before it.
+    let end = s.inbox_end_seq;
+    for e in s.inbox_events.list.iter_mut().rev().take_while(|e| e.after > end) {
+        e.after = end;
+    }
 }
 
 /// Keeps the inbox within its bounds: unread entries and events within the caps, read ones
@@ -318,6 +324,10 @@ mod tests {
         unpush_since(&mut s, len);
         assert_eq!(s.inbox_end_seq, MAX_INBOX_READ_KEPT as u64 + 10);
         assert_eq!(s.inbox_events.end_seq, 1, "the event stays for the readers");
+        // ...before the message that takes the number given back.
+        push(&mut s, entry(1000));
+        let from = Cursor { entries: s.inbox_end_seq - 1, events: 0 };
+        assert_eq!(shown(&unread_after(&s, from)), ["+3", "1000"]);
     }
 
     #[test]

@@ -73,17 +73,21 @@ impl KeyPool {
         }
     }
 
-    /// Forgets and returns the oldest packages beyond `max`, never the one `keep` names (the
-    /// current last-resort package).
-    pub fn take_over(&mut self, max: usize, keep: &[u8]) -> Vec<Published> {
+    /// Forgets and returns the oldest packages beyond `max`, never one `keep` names (the
+    /// current last-resort package, the ones about to be published: ties in age, or a clock
+    /// that went back, must not make them the oldest).
+    pub fn take_over(&mut self, max: usize, keep: &[&[u8]]) -> Vec<Published> {
         let excess = self.published.len().saturating_sub(max);
         if excess == 0 {
             return Vec::new();
         }
         let mut order: Vec<usize> = (0..self.published.len()).collect();
         order.sort_by_key(|&i| self.published[i].not_after);
-        let doomed: std::collections::HashSet<usize> =
-            order.into_iter().filter(|&i| self.published[i].hash_ref != keep).take(excess).collect();
+        let doomed: std::collections::HashSet<usize> = order
+            .into_iter()
+            .filter(|&i| !keep.contains(&&self.published[i].hash_ref[..]))
+            .take(excess)
+            .collect();
         let (gone, kept) = std::mem::take(&mut self.published)
             .into_iter()
             .enumerate()
@@ -174,14 +178,16 @@ impl Messenger {
             self.home.state.key_pool.record(std::slice::from_ref(lr), true);
             self.home.state.last_resort_ref = lr.hash_ref.clone();
         }
+        let refs: Vec<Vec<u8>> = kps.iter().chain(lr.as_ref()).map(|k| k.hash_ref.clone()).collect();
         let state = &mut self.home.state;
-        for p in state.key_pool.take_over(limits::MAX_HELD_KEY_PACKAGES, &state.last_resort_ref) {
+        let keep: Vec<&[u8]> =
+            refs.iter().map(Vec::as_slice).chain([state.last_resort_ref.as_slice()]).collect();
+        for p in state.key_pool.take_over(limits::MAX_HELD_KEY_PACKAGES, &keep) {
             self.mls.delete_key_package(&p.hash_ref)?;
         }
         // Private keys must be durable before the public halves are published (and recorded, so
         // that they are deleted in time even if we crash before the upload's outcome is known).
         self.persist()?;
-        let refs: Vec<Vec<u8>> = kps.iter().chain(lr.as_ref()).map(|k| k.hash_ref.clone()).collect();
         let bytes: Vec<Vec<u8>> = kps.into_iter().map(|k| k.bytes).collect();
         let uploaded =
             self.session()?.upload_key_packages(&bytes, lr.as_ref().map(|l| l.bytes.as_slice())).await;
@@ -258,8 +264,8 @@ mod tests {
         let mut pool = KeyPool::default();
         pool.published = vec![made_at(t0, true, 1), made_at(t0 + 1, false, 2), made_at(t0 + 3, false, 3)];
         pool.published.push(made_at(t0 + 2, false, 4));
-        assert!(pool.take_over(4, &[1]).is_empty(), "within the cap");
-        let gone = pool.take_over(2, &[1]);
+        assert!(pool.take_over(4, &[&[1]]).is_empty(), "within the cap");
+        let gone = pool.take_over(2, &[&[1]]);
         assert_eq!(
             gone.iter().map(|p| p.hash_ref[0]).collect::<Vec<_>>(),
             [2, 4],

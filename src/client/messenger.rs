@@ -158,6 +158,9 @@ pub enum Event {
     Removed { group_id: Vec<u8>, by: [u8; 32] },
     /// A message that could not be used; processing went on.
     Dropped { reason: String },
+    /// A message of ours that waited in the outbox was refused by the server and left it
+    /// unsent (a script's shell exits 1 for it).
+    NotSent { reason: String },
     /// The server refused the Welcome of a commit that added `to`: they are members who will
     /// never read the group.
     WelcomeRefused { to: Vec<[u8; 32]>, reason: String },

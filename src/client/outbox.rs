@@ -211,6 +211,18 @@ impl Messenger {
                 // next round): openmls sends nothing until then, and the message is no less
                 // sendable for it, so it waits here, with those behind it.
                 Err(ClientError::Mls(MlsError::PendingProposals)) => {
+                    // Whatever became of the request (a home from before it was kept), the
+                    // next round commits what is pending.
+                    let gid = match &item.to {
+                        QueuedTarget::Conversation(id) => Some(id.clone()),
+                        QueuedTarget::Person(peer) => self.find_direct(peer),
+                    };
+                    if let Some(gid) = gid
+                        && !self.home.state.leave_requests.contains(&gid)
+                    {
+                        self.home.state.leave_requests.push(gid);
+                        self.home.save()?;
+                    }
                     if awaited {
                         let reason = "a member's leave must be committed first".to_string();
                         self.watch.fate = Some(Fate::Kept { maybe_sent: false, reason });
@@ -227,7 +239,7 @@ impl Messenger {
                             QueuedTarget::Conversation(id) => self.conversation_name(id),
                             QueuedTarget::Person(k) => self.display_name(k),
                         };
-                        events.push(Event::Dropped {
+                        events.push(Event::NotSent {
                             reason: format!("a queued message to {to} was not sent: {e}"),
                         });
                     }

@@ -119,9 +119,11 @@ pub fn changes_of(e: &Event) -> Option<(&[u8], Vec<Change>)> {
                 .collect();
             Some((group_id, changes))
         }
-        Event::Message(_) | Event::Request { .. } | Event::Dropped { .. } | Event::WelcomeRefused { .. } => {
-            None
-        }
+        Event::Message(_)
+        | Event::Request { .. }
+        | Event::Dropped { .. }
+        | Event::NotSent { .. }
+        | Event::WelcomeRefused { .. } => None,
     }
 }
 

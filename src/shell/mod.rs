@@ -53,6 +53,7 @@ use crate::cli::client::{
 use crate::client::history::{Before, Position};
 use crate::client::inbox::{Arrival, Cursor};
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
+use crate::client::outbox::EXIT_QUEUED;
 use crate::client::timeline::changes_of;
 use crate::shell::complete::{Names, SharedNames};
 use crate::shell::grammar::Action;
@@ -242,7 +243,17 @@ impl Shell {
             ));
         }
         self.m.disconnect().await;
-        if self.failed && !self.input.is_editor() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        // A script's status says what `qpq send` would: 1 for a failed line or a refused
+        // message, else 75 while any message is still queued, else 0.
+        if self.input.is_editor() {
+            ExitCode::SUCCESS
+        } else if self.failed {
+            ExitCode::FAILURE
+        } else if n > 0 {
+            ExitCode::from(EXIT_QUEUED)
+        } else {
+            ExitCode::SUCCESS
+        }
     }
 
     /// Handles what the line source reported.
@@ -342,8 +353,11 @@ impl Shell {
     /// membership changes, whichever process fetched them, and notices.
     fn show(&mut self, events: Vec<Event>) {
         for e in events.iter().filter(|e| changes_of(e).is_none()) {
-            if let Some(line) = describe_event(&self.m, e) {
-                self.out.data(&format!("* {line}"));
+            match describe_event(&self.m, e) {
+                // A message typed here that will never go: a script fails like `qpq send`.
+                Some(line) if matches!(e, Event::NotSent { .. }) => self.fail(&line),
+                Some(line) => self.out.data(&format!("* {line}")),
+                None => {}
             }
         }
         match self.m.read_inbox(&mut self.cursor) {
