@@ -414,6 +414,39 @@ mod tests {
         assert_eq!(home.state.timelines.message_count(&ids[3]), 1);
     }
 
+    /// A home written before the inbox kept membership events has no `inbox_events` record: it
+    /// opens with none, and its next save writes the record.
+    #[test]
+    fn a_home_without_the_inbox_events_record_opens_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        home_with(dir.path(), &[("ab", meta("team", GroupKind::Group, true))]);
+        {
+            let db = ClientDb::open(dir.path(), &StateKey::unprotected()).unwrap();
+            let mut w = db.write().unwrap();
+            w.delete(Table::State, INBOX_EVENTS.as_bytes()).unwrap();
+            w.commit().unwrap();
+        }
+        let mut home = Home::open(dir.path(), None).unwrap();
+        assert_eq!(home.state.inbox_events, Default::default());
+        let _lock = home.lock().unwrap();
+        home.refresh().unwrap();
+        crate::client::inbox::push_changes(
+            &mut home.state,
+            &[1; 16],
+            vec![crate::client::timeline::Change {
+                kind: MemberEventKind::Joined,
+                by: [2; 32],
+                members: vec![],
+            }],
+            5,
+        );
+        home.save().unwrap();
+        drop(_lock);
+        drop(home);
+        let home = Home::open(dir.path(), None).unwrap();
+        assert_ne!(home.state.inbox_events, Default::default(), "saved in its record");
+    }
+
     /// The process [`an_upgrade_killed_before_its_commit_leaves_the_format_3_home_whole`] starts:
     /// opens the home named by `QPQ_TEST_HOME` (and dies at the failpoint it is given).
     #[test]
