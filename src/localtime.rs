@@ -17,7 +17,30 @@ use jiff::tz::TimeZone;
 /// The system time zone, looked up once; None when the system has none we can read.
 fn system_zone() -> &'static Option<TimeZone> {
     static ZONE: OnceLock<Option<TimeZone>> = OnceLock::new();
-    ZONE.get_or_init(|| TimeZone::try_system().ok())
+    ZONE.get_or_init(|| {
+        let tz = std::env::var_os("TZ");
+        if tz.as_deref().is_some_and(|v| !tz_is_safe_to_read(&v.to_string_lossy())) {
+            return None;
+        }
+        TimeZone::try_system().ok()
+    })
+}
+
+/// Largest zone file read: real TZif files are a few KiB.
+const MAX_TZ_FILE_BYTES: u64 = 1 << 20;
+
+/// False for a `TZ` that names a file jiff would read whole without a bound (`/dev/zero`,
+/// `:/dev/stdin`, a FIFO, a huge file) or climbs out of the zone directory (`..`): such a
+/// value shows times in UTC instead of hanging or exhausting memory.
+fn tz_is_safe_to_read(tz: &str) -> bool {
+    let name = tz.strip_prefix(':').unwrap_or(tz);
+    if name.split('/').any(|part| part == "..") {
+        return false;
+    }
+    if !name.starts_with('/') {
+        return true; // a zone name, looked up in the system's zone directory
+    }
+    std::fs::metadata(name).is_ok_and(|m| m.is_file() && m.len() <= MAX_TZ_FILE_BYTES)
 }
 
 /// `14:03` when `at_ms` falls on the same local day as `now_ms`, else `2026-11-29 14:03`
@@ -86,6 +109,21 @@ fn timestamp(ms: u64) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review: `TZ=/dev/zero` (or `:/dev/stdin`) made jiff read without end: a hang, then
+    /// memory exhausted, before the first time was shown.
+    #[test]
+    fn a_tz_naming_a_device_or_climbing_out_is_not_read() {
+        for bad in ["/dev/zero", ":/dev/zero", ":/dev/stdin", "/dev", "/no/such/zone", "../../../dev/zero"] {
+            assert!(!tz_is_safe_to_read(bad), "{bad}");
+        }
+        for good in ["Europe/Paris", "UTC", ":Europe/Paris", "EST5EDT"] {
+            assert!(tz_is_safe_to_read(good), "{good}");
+        }
+        if std::path::Path::new("/etc/localtime").is_file() {
+            assert!(tz_is_safe_to_read("/etc/localtime"));
+        }
+    }
 
     const DAY_MS: u64 = 24 * 3600 * 1000;
     /// 2026-11-29T14:03:07.123Z
