@@ -1955,7 +1955,7 @@ async fn a_version_2_postgres_database_is_migrated_and_its_full_queue_drains_by_
              INSERT INTO qpq_key_packages (identity, not_after, bytes) VALUES ('\\x00', {past}, '\\x01');
              INSERT INTO qpq_key_package_owners VALUES ('\\x00'), ('\\x{key}');",
             past = now_ms / 1000 - 10,
-            later = now_ms / 1000 + 3600,
+            later = now_ms / 1000 + 60 * 24 * 3600, // past the hand-out margin (31 days)
         ),
     );
     common::use_backend(common::Backend::Postgres(url.clone()));
