@@ -345,6 +345,28 @@ fn a_shell_quitting_while_marked_offline_still_sends_its_queued_message() {
     assert_eq!(untimed(&bob.ok(&["recv"])).trim(), "alice: sent on the way out");
 }
 
+/// A join another command of the home fetched (a one-shot `send`, which catches up first)
+/// reaches the shell too, once, before the message that followed it; before, only the
+/// process that fetched a membership change ever showed it.
+#[test]
+fn a_shell_shows_a_join_another_command_of_its_home_fetched() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    alice.ok(&["send", "#team", "after the add"]);
+    let sent = bob.run(&["send", "alice", "hi"]);
+    assert!(sent.stderr.contains("you were added to #team by alice"), "the send fetched it: {}", sent.stderr);
+    let mut b = ScriptShell::start(&bob);
+    b.expect(Stream::Out, "* you were added to #team by alice");
+    b.expect(Stream::Out, "[#team] alice: after the add");
+    let mut all = b.seen.clone();
+    let (status, rest) = b.finish();
+    assert!(status.success(), "{rest:#?}");
+    all.extend(rest);
+    let joins = all.iter().filter(|(_, l)| l.contains("you were added")).count();
+    assert_eq!(joins, 1, "shown once: {all:#?}");
+}
+
 /// Review: a script's shell exited 0 when the server refused a message it typed (carol's key
 /// has no KeyPackages there) and 0 with a message still queued at its end, where `qpq send`
 /// exits 1 and 75 for the same.
