@@ -377,6 +377,11 @@ pub const MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS: u64 =
 /// client back from a longer absence republishes in its first receive round.
 pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = 14 * 24 * 3600;
 
+/// Most leave proposals a client keeps per group to pass on before committing them (see
+/// `Messenger::commit_leave_requests`): each came from a member, so a group's members bound
+/// them; this bounds what a group's worth of leavers at once can make a home hold.
+pub const MAX_KEPT_LEAVE_PROPOSALS: usize = 64;
+
 /// Most KeyPackages whose private keys a client holds (see [`crate::client::keypool`]): five
 /// times what the server holds for one identity ([`MAX_KEY_PACKAGES_PER_IDENTITY`]), far above
 /// what replacing a pool every two weeks and refilling after each Welcome hold over the 93 days

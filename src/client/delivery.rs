@@ -20,7 +20,7 @@ use crate::client::session::Delivered;
 use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
 use crate::limits::{
     MAX_CATCH_UP_ROUNDS, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_INBOX_BYTES, MAX_INBOX_ENTRIES,
-    MAX_ORPHAN_BYTES, MAX_ORPHANS, MAX_PAGES_PER_ROUND, ORPHAN_TTL_MS,
+    MAX_KEPT_LEAVE_PROPOSALS, MAX_ORPHAN_BYTES, MAX_ORPHANS, MAX_PAGES_PER_ROUND, ORPHAN_TTL_MS,
 };
 use crate::mls::{self, Incoming, MlsError};
 
@@ -249,6 +249,7 @@ impl Messenger {
             }
             if !keep {
                 self.home.state.leave_requests.retain(|g| *g != gid);
+                self.home.state.leave_proposals.remove(&hex::encode(&gid));
                 self.home.save()?;
             }
         }
@@ -574,6 +575,10 @@ impl Messenger {
                 if !self.home.state.leave_requests.iter().any(|g| g == group_id) {
                     self.home.state.leave_requests.push(group_id.to_vec());
                 }
+                let kept = self.home.state.leave_proposals.entry(key.clone()).or_default();
+                if kept.len() < MAX_KEPT_LEAVE_PROPOSALS && !kept.iter().any(|m| m.as_slice() == message) {
+                    kept.push(message.to_vec());
+                }
             }
             Err(e) => {
                 // A commit that lost its epoch (or a message from an epoch we no longer keep)
@@ -795,6 +800,54 @@ mod tests {
                 assert_eq!(members, want, "bob's leave is committed");
                 let events = carol.receive(0).await.unwrap();
                 let read = |e: &Event| matches!(e, Event::Message(m) if m.text == "after the leave");
+                assert!(events.iter().any(read), "{events:?}");
+                carol.disconnect().await;
+                (server, alice, bob)
+            },
+        )
+        .await;
+    }
+
+    /// Review: a leave commit names the leaver's proposal by reference, so a member the
+    /// proposal never reached (here carol: a stranger had filled her queue when bob sent it)
+    /// could not process the commit and stayed behind for good. The committer now sends the
+    /// proposal to every member again before its commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_proposal_that_missed_a_member_reaches_her_before_the_commit() {
+        with_alice_and_bob_on(
+            |cfg| cfg.max_queue_messages = 8,
+            true,
+            |_, server, mut alice, mut bob| async move {
+                let alice_key = alice.public_key().0;
+                let carol_home = tempfile::tempdir().unwrap();
+                let mut carol = person(carol_home.path(), "carol", &server).await;
+                let carol_key = carol.public_key().0;
+                alice.contact_add("carol", &hex::encode(carol_key)).unwrap();
+                carol.contact_add("alice", &hex::encode(alice_key)).unwrap();
+                let group_id = alice.group_create("team").unwrap();
+                alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
+                bob.receive(0).await.unwrap();
+                carol.receive(0).await.unwrap();
+
+                let stranger = bob.anonymous().await.unwrap();
+                while stranger.enqueue(&carol_key, b"flood", b"").await.is_ok() {}
+                bob.group_leave("team").await.unwrap();
+                carol.receive(0).await.unwrap(); // the flood, without bob's proposal
+                alice.receive(0).await.unwrap(); // bob's proposal; alice commits it
+                assert_eq!(alice.mls.members(&group_id).unwrap().len(), 2, "alice committed the leave");
+
+                let events = carol.receive(0).await.unwrap();
+                assert_eq!(
+                    carol.mls.epoch(&group_id).unwrap(),
+                    alice.mls.epoch(&group_id).unwrap(),
+                    "{events:?}"
+                );
+                let left = |e: &Event| matches!(e, Event::Membership { left, .. } if left.len() == 1);
+                assert!(events.iter().any(left), "carol sees bob leave: {events:?}");
+                let team = crate::client::messenger::Target::Group("team".into());
+                alice.send(&team, "still here").await.unwrap();
+                let events = carol.receive(0).await.unwrap();
+                let read = |e: &Event| matches!(e, Event::Message(m) if m.text == "still here");
                 assert!(events.iter().any(read), "{events:?}");
                 carol.disconnect().await;
                 (server, alice, bob)

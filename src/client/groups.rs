@@ -118,6 +118,7 @@ impl Messenger {
         if self.home.state.leave_requests.contains(&group_id) {
             events.extend(self.commit_leave_requests(&group_id).await?);
             self.home.state.leave_requests.retain(|g| *g != group_id);
+            self.home.state.leave_proposals.remove(&hex::encode(&group_id));
             self.persist()?;
         }
         let current = self.mls.members(&group_id)?;
@@ -233,7 +234,24 @@ impl Messenger {
     }
 
     /// Commits pending leave proposals of `group_id` (someone asked to leave).
+    ///
+    /// The proposals go out again first, to every member, on the group's channel: the commit
+    /// names them by reference (RFC 9420 section 12.4), and a member who never got one (the
+    /// leaver sent it to some members only, or skipped a full queue) could not process the
+    /// commit and would stay behind for good. Those who have it already drop the copy (its
+    /// key was used, section 9.2).
     pub(crate) async fn commit_leave_requests(&mut self, group_id: &[u8]) -> Result<Vec<Event>, ClientError> {
+        let key = hex::encode(group_id);
+        let proposals = self.home.state.leave_proposals.get(&key).cloned().unwrap_or_default();
+        if !proposals.is_empty() && self.mls.has_pending_proposals(group_id) {
+            let me = self.identity.public().0;
+            let others: Vec<[u8; 32]> =
+                self.mls.members(group_id)?.into_iter().filter(|k| *k != me).collect();
+            for message in proposals {
+                let frame = Frame::Mls { group_id: group_id.to_vec(), message }.encode();
+                self.fan_out(group_id, &others, &frame).await?;
+            }
+        }
         let gid = group_id.to_vec();
         let make = |m: &mut MlsClient| {
             m.commit_pending_proposals(&gid)?.ok_or(mls::MlsError::EmptyInput("no pending proposals"))

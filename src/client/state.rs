@@ -251,6 +251,11 @@ pub struct State {
     /// the database (`qpq-state.bin` is only read, to migrate it).
     #[serde(skip)]
     pub inbox_events: InboxEvents,
+    /// The leave proposals behind [`State::leave_requests`], as they came (hex group id →
+    /// MLS messages), so that our commit of them can be preceded by a copy for every member
+    /// (see `Messenger::commit_leave_requests`); only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub leave_proposals: BTreeMap<String, Vec<Vec<u8>>>,
 }
 
 /// A message in the outbox: typed, maybe encrypted, not known to be on the server yet.
@@ -320,6 +325,7 @@ impl State {
             timelines: Timelines::default(),
             history_retention_ms: 0,
             inbox_events: InboxEvents::default(),
+            leave_proposals: BTreeMap::new(),
         }
     }
 

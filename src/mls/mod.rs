@@ -726,6 +726,14 @@ impl MlsClient {
         pending
     }
 
+    /// Whether proposals wait to be committed (false for unknown groups).
+    pub fn has_pending_proposals(&self, group_id: &[u8]) -> bool {
+        let Ok(Some(group)) = self.checkout(group_id) else { return false };
+        let pending = group.has_pending_proposals();
+        group.keep();
+        pending
+    }
+
     /// Encrypts an application message for the group's current epoch.
     pub fn encrypt(&mut self, group_id: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, MlsError> {
         let mut group = self.load_active(group_id)?;

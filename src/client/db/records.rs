@@ -48,6 +48,8 @@ const MEMBER_EVENTS: &str = "member_events";
 /// [`State::inbox_events`]: a home written before it has no such record and opens with none
 /// (no format change: a qpq that knows nothing of it never reads it).
 const INBOX_EVENTS: &str = "inbox_events";
+/// [`State::leave_proposals`], optional in the same way.
+const LEAVE_PROPOSALS: &str = "leave_proposals";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -129,6 +131,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(MESSAGE_COUNTS.to_string(), encode(&counts)?);
     out.insert(MEMBER_EVENTS.to_string(), encode(&events)?);
     out.insert(INBOX_EVENTS.to_string(), encode(&state.inbox_events)?);
+    out.insert(LEAVE_PROPOSALS.to_string(), encode(&state.leave_proposals)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -232,6 +235,10 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     if let Some(v) = db.get(Table::State, INBOX_EVENTS.as_bytes()).map_err(db_err)? {
         written.records.insert(INBOX_EVENTS.to_string(), digest(&v));
         state.inbox_events = decode(INBOX_EVENTS, &v)?;
+    }
+    if let Some(v) = db.get(Table::State, LEAVE_PROPOSALS.as_bytes()).map_err(db_err)? {
+        written.records.insert(LEAVE_PROPOSALS.to_string(), digest(&v));
+        state.leave_proposals = decode(LEAVE_PROPOSALS, &v)?;
     }
     for (id, g) in groups {
         let group = GroupMeta { name: g.name, kind: g.kind, active: g.active, history: Default::default() };
