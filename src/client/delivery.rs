@@ -104,6 +104,7 @@ impl Messenger {
         let mut saved_up_to = std::mem::take(&mut self.unacked);
         self.backlog = false;
         let (mut pages, mut added_entries, mut added_bytes) = (0usize, 0usize, 0usize);
+        let events_before = inbox::events_end(&self.home.state);
         if self.expire_strangers() {
             self.persist()?;
         }
@@ -148,8 +149,13 @@ impl Messenger {
             }
             saved_up_to = last;
             pages += 1;
+            // Membership events are bounded alike, counted apart: a message can make up to
+            // three (a commit that adds, removes and sees someone leave).
+            let (added_events, event_bytes) = inbox::events_since(&self.home.state, events_before);
             let inbox_full = added_bytes.saturating_add(MAX_FETCH_BYTES) > MAX_INBOX_BYTES
-                || added_entries.saturating_add(MAX_FETCH_MESSAGES as usize) > MAX_INBOX_ENTRIES;
+                || added_entries.saturating_add(MAX_FETCH_MESSAGES as usize) > MAX_INBOX_ENTRIES
+                || event_bytes.saturating_add(MAX_FETCH_BYTES) > MAX_INBOX_BYTES
+                || added_events.saturating_add(3 * MAX_FETCH_MESSAGES as usize) > MAX_INBOX_ENTRIES;
             if inbox_full || pages >= MAX_PAGES_PER_ROUND {
                 self.backlog = true;
                 self.unacked = last;

@@ -160,6 +160,18 @@ pub(crate) fn unpush_since(s: &mut State, len: usize) {
     }
 }
 
+/// Sequence number of the newest event (to give [`events_since`] later).
+pub(crate) fn events_end(s: &State) -> u64 {
+    s.inbox_events.end_seq
+}
+
+/// How many events were added after the newest was `end` (still in the inbox), and their bytes.
+pub(crate) fn events_since(s: &State, end: u64) -> (usize, usize) {
+    let added = usize::try_from(s.inbox_events.end_seq.saturating_sub(end)).unwrap_or(usize::MAX);
+    let bytes = s.inbox_events.list.iter().rev().take(added).map(InboxEvent::bytes).sum();
+    (added, bytes)
+}
+
 /// Keeps the inbox within its bounds: unread entries and events within the caps, read ones
 /// only a few.
 pub(crate) fn trim(s: &mut State) {
@@ -370,6 +382,18 @@ mod tests {
         s.inbox_events.list.pop_front();
         let behind = unread_after(&s, Cursor { entries: 0, events: 0 });
         assert_eq!((behind.missed, behind.missed_events), (0, 1));
+    }
+
+    #[test]
+    fn events_since_counts_what_came_after_a_mark_and_its_bytes() {
+        let mut s = state();
+        push_changes(&mut s, &[1; 16], change(1), 0);
+        let mark = events_end(&s);
+        assert_eq!(events_since(&s, mark), (0, 0));
+        push_changes(&mut s, &[1; 16], change(2), 0);
+        push_changes(&mut s, &[1; 16], change(3), 0);
+        let one = s.inbox_events.list[0].bytes();
+        assert_eq!(events_since(&s, mark), (2, 2 * one));
     }
 
     #[test]
