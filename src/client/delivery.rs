@@ -17,7 +17,7 @@ use crate::client::messenger::{
 };
 use crate::client::parcel::Parcel;
 use crate::client::session::Delivered;
-use crate::client::state::{Entry, GroupKind, GroupMeta, Orphan, Outgoing};
+use crate::client::state::{Entry, GroupKind, GroupMeta, KeptProposal, Orphan, Outgoing};
 use crate::limits::{
     MAX_CATCH_UP_ROUNDS, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_INBOX_BYTES, MAX_INBOX_ENTRIES,
     MAX_KEPT_LEAVE_PROPOSALS, MAX_ORPHAN_BYTES, MAX_ORPHANS, MAX_PAGES_PER_ROUND, ORPHAN_TTL_MS,
@@ -243,12 +243,15 @@ impl Messenger {
                         events.push(Event::Dropped { reason: format!("could not commit a leave: {e}") })
                     }
                     Err(e) => {
-                        let group = self.conversation_name(&gid);
-                        events.push(Event::Dropped {
-                            reason: format!(
-                                "could not commit a leave in {group} yet: {e}; trying again later"
-                            ),
-                        });
+                        // Said once per process, not every round it is tried again.
+                        if self.leave_retry_told.insert(gid.clone()) {
+                            let group = self.conversation_name(&gid);
+                            events.push(Event::Dropped {
+                                reason: format!(
+                                    "could not commit a leave in {group} yet: {e}; trying again later"
+                                ),
+                            });
+                        }
                         keep = true;
                     }
                 }
@@ -577,13 +580,17 @@ impl Messenger {
                     self.membership_event(change, events);
                 }
             }
-            Ok(Incoming::LeaveRequest { .. }) => {
+            Ok(Incoming::LeaveRequest { sender }) => {
                 if !self.home.state.leave_requests.iter().any(|g| g == group_id) {
                     self.home.state.leave_requests.push(group_id.to_vec());
                 }
+                // Kept to pass on before our commit of it: one per leaver, of this epoch only
+                // (an older one was committed or dropped with its epoch).
+                let epoch = self.mls.epoch(group_id).unwrap_or(0);
                 let kept = self.home.state.leave_proposals.entry(key.clone()).or_default();
-                if kept.len() < MAX_KEPT_LEAVE_PROPOSALS && !kept.iter().any(|m| m.as_slice() == message) {
-                    kept.push(message.to_vec());
+                kept.retain(|p| p.epoch == epoch && p.sender != sender);
+                if kept.len() < MAX_KEPT_LEAVE_PROPOSALS {
+                    kept.push(KeptProposal { epoch, sender, message: message.to_vec() });
                 }
             }
             Err(e) => {
@@ -828,34 +835,49 @@ mod tests {
                 let carol_home = tempfile::tempdir().unwrap();
                 let mut carol = person(carol_home.path(), "carol", &server).await;
                 let carol_key = carol.public_key().0;
+                let dave_home = tempfile::tempdir().unwrap();
+                let mut dave = person(dave_home.path(), "dave", &server).await;
+                let dave_key = dave.public_key().0;
                 alice.contact_add("carol", &hex::encode(carol_key)).unwrap();
+                alice.contact_add("dave", &hex::encode(dave_key)).unwrap();
                 carol.contact_add("alice", &hex::encode(alice_key)).unwrap();
+                dave.contact_add("alice", &hex::encode(alice_key)).unwrap();
                 let group_id = alice.group_create("team").unwrap();
-                alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
-                bob.receive(0).await.unwrap();
-                carol.receive(0).await.unwrap();
+                let invited = ["bob", "carol", "dave"].map(String::from);
+                alice.group_add("team", &invited).await.unwrap();
+                for m in [&mut bob, &mut carol, &mut dave] {
+                    m.receive(0).await.unwrap();
+                }
 
                 let stranger = bob.anonymous().await.unwrap();
                 while stranger.enqueue(&carol_key, b"flood", b"").await.is_ok() {}
                 bob.group_leave("team").await.unwrap();
                 carol.receive(0).await.unwrap(); // the flood, without bob's proposal
-                alice.receive(0).await.unwrap(); // bob's proposal; alice commits it
-                assert_eq!(alice.mls.members(&group_id).unwrap().len(), 2, "alice committed the leave");
+                // dave gets it, and commits nothing yet (only a whole receive would).
+                let op = dave.begin().unwrap();
+                dave.receive_round(0).await.unwrap();
+                drop(op);
+                alice.receive(0).await.unwrap(); // bob's proposal: alice passes it on, commits it
+                assert_eq!(alice.mls.members(&group_id).unwrap().len(), 3, "alice committed the leave");
+                assert!(alice.state().leave_proposals.is_empty(), "{:?}", alice.state().leave_proposals);
 
-                let events = carol.receive(0).await.unwrap();
-                assert_eq!(
-                    carol.mls.epoch(&group_id).unwrap(),
-                    alice.mls.epoch(&group_id).unwrap(),
-                    "{events:?}"
-                );
+                let no_drop = |events: &[Event]| !events.iter().any(|e| matches!(e, Event::Dropped { .. }));
                 let left = |e: &Event| matches!(e, Event::Membership { left, .. } if left.len() == 1);
-                assert!(events.iter().any(left), "carol sees bob leave: {events:?}");
+                let epoch = alice.mls.epoch(&group_id).unwrap();
+                let events = carol.receive(0).await.unwrap();
+                assert_eq!(carol.mls.epoch(&group_id).unwrap(), epoch, "{events:?}");
+                assert!(events.iter().any(left) && no_drop(&events), "carol sees bob leave: {events:?}");
+                // dave had the proposal: its copy is dropped without a word.
+                let events = dave.receive(0).await.unwrap();
+                assert_eq!(dave.mls.epoch(&group_id).unwrap(), epoch, "{events:?}");
+                assert!(events.iter().any(left) && no_drop(&events), "dave: {events:?}");
                 let team = crate::client::messenger::Target::Group("team".into());
                 alice.send(&team, "still here").await.unwrap();
                 let events = carol.receive(0).await.unwrap();
                 let read = |e: &Event| matches!(e, Event::Message(m) if m.text == "still here");
                 assert!(events.iter().any(read), "{events:?}");
                 carol.disconnect().await;
+                dave.disconnect().await;
                 (server, alice, bob)
             },
         )

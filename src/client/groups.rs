@@ -4,6 +4,7 @@ use rand::RngCore;
 
 use crate::client::frame::Frame;
 use crate::client::messenger::{Carried, ClientError, CommitStatus, Event, Messenger, valid_name};
+use crate::client::state::KeptProposal;
 use crate::client::state::{GroupKind, GroupMeta, Outgoing, PendingCommit};
 use crate::crypto::identity::PublicKey;
 use crate::mls::{self, KeyPackageError, MlsClient, Pending};
@@ -240,15 +241,32 @@ impl Messenger {
     /// leaver sent it to some members only, or skipped a full queue) could not process the
     /// commit and would stay behind for good. Those who have it already drop the copy (its
     /// key was used, section 9.2).
+    ///
+    /// Once per epoch per process: a commit refused and tried again each round does not send
+    /// the copies again (each takes a slot of every member's queue). The leavers get none.
     pub(crate) async fn commit_leave_requests(&mut self, group_id: &[u8]) -> Result<Vec<Event>, ClientError> {
         let key = hex::encode(group_id);
-        let proposals = self.home.state.leave_proposals.get(&key).cloned().unwrap_or_default();
-        if !proposals.is_empty() && self.mls.has_pending_proposals(group_id) {
+        let epoch = self.mls.epoch(group_id)?;
+        let proposals: Vec<KeptProposal> = self
+            .home
+            .state
+            .leave_proposals
+            .get(&key)
+            .map(|kept| kept.iter().filter(|p| p.epoch == epoch).cloned().collect())
+            .unwrap_or_default();
+        if !proposals.is_empty()
+            && self.mls.has_pending_proposals(group_id)
+            && self.leave_relayed.insert((group_id.to_vec(), epoch))
+        {
             let me = self.identity.public().0;
-            let others: Vec<[u8; 32]> =
-                self.mls.members(group_id)?.into_iter().filter(|k| *k != me).collect();
-            for message in proposals {
-                let frame = Frame::Mls { group_id: group_id.to_vec(), message }.encode();
+            let others: Vec<[u8; 32]> = self
+                .mls
+                .members(group_id)?
+                .into_iter()
+                .filter(|k| *k != me && !proposals.iter().any(|p| p.sender == *k))
+                .collect();
+            for p in proposals {
+                let frame = Frame::Mls { group_id: group_id.to_vec(), message: p.message }.encode();
                 self.fan_out(group_id, &others, &frame).await?;
             }
         }

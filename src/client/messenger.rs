@@ -230,6 +230,11 @@ pub struct Messenger {
     pub(crate) commits: HashMap<Vec<u8>, CommitStatus>,
     /// Set when a Welcome used one of our KeyPackages: check the server's pool.
     pub(crate) kp_check: bool,
+    /// Groups whose leave commit this process was refused and said it retries: said once, not
+    /// every round.
+    pub(crate) leave_retry_told: std::collections::HashSet<Vec<u8>>,
+    /// (group id, epoch) whose leave proposals this process passed on before committing them.
+    pub(crate) leave_relayed: std::collections::HashSet<(Vec<u8>, u64)>,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
     pub notices: Vec<String>,
     /// True while an operation holds the home's lock (see [`Messenger::begin`]).
@@ -384,6 +389,8 @@ impl Messenger {
             opts,
             commits: HashMap::new(),
             kp_check: false,
+            leave_retry_told: Default::default(),
+            leave_relayed: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock,
@@ -415,6 +422,8 @@ impl Messenger {
             opts,
             commits: HashMap::new(),
             kp_check: false,
+            leave_retry_told: Default::default(),
+            leave_relayed: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock,

@@ -251,11 +251,21 @@ pub struct State {
     /// the database (`qpq-state.bin` is only read, to migrate it).
     #[serde(skip)]
     pub inbox_events: InboxEvents,
-    /// The leave proposals behind [`State::leave_requests`], as they came (hex group id →
-    /// MLS messages), so that our commit of them can be preceded by a copy for every member
-    /// (see `Messenger::commit_leave_requests`); only in the database, like `inbox_events`.
+    /// The leave proposals behind [`State::leave_requests`], as they came, by hex group id, so
+    /// that our commit of them can be preceded by a copy for every member (see
+    /// `Messenger::commit_leave_requests`); only in the database, like `inbox_events`.
     #[serde(skip)]
-    pub leave_proposals: BTreeMap<String, Vec<Vec<u8>>>,
+    pub leave_proposals: BTreeMap<String, Vec<KeptProposal>>,
+}
+
+/// A member's leave proposal as it came: one per leaver, of the group's current epoch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KeptProposal {
+    pub epoch: u64,
+    /// The leaver (who needs no copy).
+    pub sender: [u8; 32],
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
 }
 
 /// A message in the outbox: typed, maybe encrypted, not known to be on the server yet.
