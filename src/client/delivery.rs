@@ -683,6 +683,20 @@ mod tests {
         server.shutdown().await.unwrap();
     }
 
+    /// One more person on `server`, in a fresh home, and alice's contact both ways (so alice's
+    /// invitations join at once); the home lives as long as the returned directory.
+    async fn contact_of_alice(
+        alice: &mut Messenger,
+        name: &str,
+        server: &RunningServer,
+    ) -> (tempfile::TempDir, Messenger) {
+        let home = tempfile::tempdir().unwrap();
+        let mut m = person(home.path(), name, server).await;
+        alice.contact_add(name, &hex::encode(m.public_key().0)).unwrap();
+        m.contact_add("alice", &hex::encode(alice.public_key().0)).unwrap();
+        (home, m)
+    }
+
     /// A Welcome whose connection could not be opened (the server went down after the commit
     /// won) was dropped as refused: bob became a member who could never read the group. It
     /// waits in the outbox and goes once the server is back.
@@ -781,11 +795,8 @@ mod tests {
             true,
             |_, server, mut alice, mut bob| async move {
                 let (alice_key, alice_pk) = (alice.public_key().0, alice.public_key());
-                let carol_home = tempfile::tempdir().unwrap();
-                let mut carol = person(carol_home.path(), "carol", &server).await;
+                let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
                 let carol_key = carol.public_key().0;
-                alice.contact_add("carol", &hex::encode(carol_key)).unwrap();
-                carol.contact_add("alice", &hex::encode(alice_key)).unwrap();
                 let group_id = alice.group_create("team").unwrap();
                 alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
                 bob.receive(0).await.unwrap();
@@ -831,17 +842,9 @@ mod tests {
             |cfg| cfg.max_queue_messages = 8,
             true,
             |_, server, mut alice, mut bob| async move {
-                let alice_key = alice.public_key().0;
-                let carol_home = tempfile::tempdir().unwrap();
-                let mut carol = person(carol_home.path(), "carol", &server).await;
+                let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
+                let (_dave_home, mut dave) = contact_of_alice(&mut alice, "dave", &server).await;
                 let carol_key = carol.public_key().0;
-                let dave_home = tempfile::tempdir().unwrap();
-                let mut dave = person(dave_home.path(), "dave", &server).await;
-                let dave_key = dave.public_key().0;
-                alice.contact_add("carol", &hex::encode(carol_key)).unwrap();
-                alice.contact_add("dave", &hex::encode(dave_key)).unwrap();
-                carol.contact_add("alice", &hex::encode(alice_key)).unwrap();
-                dave.contact_add("alice", &hex::encode(alice_key)).unwrap();
                 let group_id = alice.group_create("team").unwrap();
                 let invited = ["bob", "carol", "dave"].map(String::from);
                 alice.group_add("team", &invited).await.unwrap();
