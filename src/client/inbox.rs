@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::client::messenger::{ClientError, Event, Messenger, keep_newest};
+use crate::client::messenger::{ClientError, Event, Messenger, entry_bytes, keep_newest};
 use crate::client::state::{Entry, State};
 use crate::client::timeline::{Change, MemberEventKind, change_event};
 use crate::limits::{MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_INBOX_READ_KEPT};
@@ -78,12 +78,6 @@ pub struct InboxEvents {
     read_seq: u64,
 }
 
-impl InboxEvents {
-    fn first_seq(&self) -> u64 {
-        (self.end_seq + 1).saturating_sub(self.list.len() as u64)
-    }
-}
-
 /// One thing a reader shows: a message or a membership change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Arrival {
@@ -115,9 +109,33 @@ impl Unread {
     }
 }
 
-/// Sequence number of the inbox's first entry (`inbox_end_seq + 1` when it is empty).
+/// Sequence number of the first of `len` items numbered up to `end` (`end + 1` when none).
+fn first_of(end: u64, len: usize) -> u64 {
+    (end + 1).saturating_sub(len as u64)
+}
+
+/// Sequence number of the inbox's first entry.
 fn first_seq(s: &State) -> u64 {
-    (s.inbox_end_seq + 1).saturating_sub(s.inbox.len() as u64)
+    first_of(s.inbox_end_seq, s.inbox.len())
+}
+
+/// Keeps one of the inbox's logs (numbered up to `end`, read up to `read`) within its bounds:
+/// unread items within the caps, read ones only a few.
+fn bound<T>(list: &mut VecDeque<T>, end: u64, read: u64, bytes_of: impl Fn(&T) -> usize) {
+    keep_newest(list, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES, bytes_of);
+    let read = read.saturating_sub(first_of(end, list.len()).saturating_sub(1));
+    let drop = usize::try_from(read).unwrap_or(usize::MAX).saturating_sub(MAX_INBOX_READ_KEPT);
+    list.drain(..drop.min(list.len()));
+}
+
+/// Of a log of `len` items numbered up to `end`, for a reader that showed up to `from`: how many
+/// it missed (they left the log) and how many of the log's items it showed already.
+fn span(end: u64, len: usize, from: u64) -> (u64, usize) {
+    // A state older than the cursor (say, restored from a backup) starts the count over.
+    let from = from.min(end);
+    let first = first_of(end, len);
+    let skip = usize::try_from(from.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
+    (first.saturating_sub(from + 1), skip)
 }
 
 /// Appends a processed message to the inbox, numbering it.
@@ -175,19 +193,9 @@ pub(crate) fn events_since(s: &State, end: u64) -> (usize, usize) {
 /// Keeps the inbox within its bounds: unread entries and events within the caps, read ones
 /// only a few.
 pub(crate) fn trim(s: &mut State) {
-    keep_newest(&mut s.inbox, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES);
-    let read = s.read_seq.saturating_sub(first_seq(s).saturating_sub(1));
-    let drop = usize::try_from(read).unwrap_or(usize::MAX).saturating_sub(MAX_INBOX_READ_KEPT);
-    s.inbox.drain(..drop.min(s.inbox.len()));
+    bound(&mut s.inbox, s.inbox_end_seq, s.read_seq, entry_bytes);
     let ev = &mut s.inbox_events;
-    let mut bytes: usize = ev.list.iter().map(InboxEvent::bytes).sum();
-    while ev.list.len() > MAX_INBOX_ENTRIES || bytes > MAX_INBOX_BYTES {
-        let Some(old) = ev.list.pop_front() else { break };
-        bytes = bytes.saturating_sub(old.bytes());
-    }
-    let read = ev.read_seq.saturating_sub(ev.first_seq().saturating_sub(1));
-    let drop = usize::try_from(read).unwrap_or(usize::MAX).saturating_sub(MAX_INBOX_READ_KEPT);
-    ev.list.drain(..drop.min(ev.list.len()));
+    bound(&mut ev.list, ev.end_seq, ev.read_seq, InboxEvent::bytes);
 }
 
 impl Messenger {
@@ -256,18 +264,11 @@ impl Messenger {
 /// The entries and events after `from`, merged in the order they were processed, and how many
 /// of them left the inbox already.
 fn unread_after(s: &State, from: Cursor) -> Unread {
-    // A state older than the cursor (say, restored from a backup) starts the count over.
-    let from_entry = from.entries.min(s.inbox_end_seq);
-    let first = first_seq(s);
-    let missed = first.saturating_sub(from_entry + 1);
-    let skip = usize::try_from(from_entry.saturating_sub(first.saturating_sub(1))).unwrap_or(usize::MAX);
+    let (missed, skip) = span(s.inbox_end_seq, s.inbox.len(), from.entries);
     let ev = &s.inbox_events;
-    let from_event = from.events.min(ev.end_seq);
-    let first_event = ev.first_seq();
-    let missed_events = first_event.saturating_sub(from_event + 1);
-    let skip_events =
-        usize::try_from(from_event.saturating_sub(first_event.saturating_sub(1))).unwrap_or(usize::MAX);
+    let (missed_events, skip_events) = span(ev.end_seq, ev.list.len(), from.events);
     // Entry `first + skip + i` comes before every event recorded after it.
+    let first = first_seq(s);
     let mut entries = s.inbox.iter().skip(skip).zip(first.saturating_add(skip as u64)..).peekable();
     let mut items = Vec::new();
     for e in ev.list.iter().skip(skip_events) {

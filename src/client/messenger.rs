@@ -271,13 +271,18 @@ pub(crate) fn entry_bytes(e: &Entry) -> usize {
     e.text.len() + e.group_id.len() + 64
 }
 
-/// Drops the oldest entries until at most `max_entries` of at most `max_bytes` together
-/// ([`entry_bytes`]) remain.
-pub(crate) fn keep_newest(entries: &mut VecDeque<Entry>, max_entries: usize, max_bytes: usize) {
-    let mut bytes: usize = entries.iter().map(entry_bytes).sum();
-    while entries.len() > max_entries || bytes > max_bytes {
-        let Some(old) = entries.pop_front() else { break };
-        bytes = bytes.saturating_sub(entry_bytes(&old));
+/// Drops the oldest items until at most `max_items` of at most `max_bytes` together (each
+/// costed by `bytes_of`, [`entry_bytes`] for messages) remain.
+pub(crate) fn keep_newest<T>(
+    items: &mut VecDeque<T>,
+    max_items: usize,
+    max_bytes: usize,
+    bytes_of: impl Fn(&T) -> usize,
+) {
+    let mut bytes: usize = items.iter().map(&bytes_of).sum();
+    while items.len() > max_items || bytes > max_bytes {
+        let Some(old) = items.pop_front() else { break };
+        bytes = bytes.saturating_sub(bytes_of(&old));
     }
 }
 
@@ -905,15 +910,15 @@ mod tests {
     #[test]
     fn history_and_inbox_keep_the_newest_within_count_and_bytes() {
         let mut q: VecDeque<Entry> = ["a", "b", "c"].into_iter().map(entry).collect();
-        keep_newest(&mut q, 2, usize::MAX);
+        keep_newest(&mut q, 2, usize::MAX, entry_bytes);
         assert_eq!(q.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(), ["b", "c"]);
         let big = "x".repeat(1000);
         let mut q: VecDeque<Entry> = [big.as_str(), "small", big.as_str()].into_iter().map(entry).collect();
         let one_big = entry_bytes(&entry(&big));
-        keep_newest(&mut q, 10, one_big + entry_bytes(&entry("small")));
+        keep_newest(&mut q, 10, one_big + entry_bytes(&entry("small")), entry_bytes);
         assert_eq!(q.len(), 2, "the oldest big entry went first");
         assert_eq!(q[0].text, "small");
-        keep_newest(&mut q, 10, 10);
+        keep_newest(&mut q, 10, 10, entry_bytes);
         assert!(q.is_empty(), "nothing fits in 10 bytes");
     }
 }

@@ -232,12 +232,18 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     let events: MemberEvents = decode(MEMBER_EVENTS, &get(MEMBER_EVENTS)?)?;
     state.timelines = Timelines::join(counts, events);
     let groups: Vec<(String, GroupRecord)> = decode(GROUPS, &get(GROUPS)?)?;
-    if let Some(v) = db.get(Table::State, INBOX_EVENTS.as_bytes()).map_err(db_err)? {
-        written.records.insert(INBOX_EVENTS.to_string(), digest(&v));
+    // Records a home written before them lacks: absent, the field keeps its default.
+    let mut optional = |name: &str| -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
+        let v = db.get(Table::State, name.as_bytes()).map_err(db_err)?;
+        if let Some(v) = &v {
+            written.records.insert(name.to_string(), digest(v));
+        }
+        Ok(v)
+    };
+    if let Some(v) = optional(INBOX_EVENTS)? {
         state.inbox_events = decode(INBOX_EVENTS, &v)?;
     }
-    if let Some(v) = db.get(Table::State, LEAVE_PROPOSALS.as_bytes()).map_err(db_err)? {
-        written.records.insert(LEAVE_PROPOSALS.to_string(), digest(&v));
+    if let Some(v) = optional(LEAVE_PROPOSALS)? {
         state.leave_proposals = decode(LEAVE_PROPOSALS, &v)?;
     }
     for (id, g) in groups {
