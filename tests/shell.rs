@@ -695,6 +695,29 @@ fn pty_ctrl_c_abandons_a_stuck_command_and_the_shell_goes_on() {
     assert!(what == "interrupted" || what.starts_with("error: "), "{what}");
 }
 
+/// Leaving with a message queued and the server gone, the shell tries once more for up to ten
+/// seconds; Ctrl-C ends that wait at once and the message stays queued (it was ignored).
+#[test]
+fn pty_ctrl_c_during_the_exit_flush_leaves_the_message_queued_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
+    alice.add_contact(&bob);
+    let mut p = pty_shell(&alice);
+    p.exp_string("qpq> ").unwrap();
+    server.kill9();
+    p.send_line("@bob still here").unwrap();
+    p.exp_string("qpq> ").unwrap();
+    p.send_line("/quit").unwrap();
+    p.exp_string("sending 1 queued message").unwrap();
+    // A signal, not a key: the editor has left raw mode, and this does not depend on when.
+    p.process_mut().signal(rexpect::process::Signal::SIGINT).unwrap();
+    let rest = p.exp_eof().unwrap();
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert!(rest.contains("1 message queued"), "{rest}");
+    assert!(!rest.contains("did not answer in time"), "{rest}");
+}
+
 #[test]
 fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
     let dir = tempfile::tempdir().unwrap();

@@ -212,28 +212,7 @@ impl Shell {
         // attempt, bounded, since the outbox keeps whatever does not go out.
         let flush = self.m.has_queued_sends();
         if flush || (!self.input.is_editor() && !self.link.is_offline()) {
-            // A backlog comes in rounds, each shown as it comes; queued messages go out after
-            // the last one.
-            let last = tokio::time::timeout(
-                std::time::Duration::from_secs(crate::limits::SHELL_QUIT_FLUSH_SECS),
-                async {
-                    loop {
-                        match self.m.receive(0).await {
-                            Ok(events) => self.show(events),
-                            Err(e) => return Err(e),
-                        }
-                        if !self.m.has_backlog() {
-                            return Ok(());
-                        }
-                    }
-                },
-            )
-            .await;
-            match last {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => self.out.status(&format!("cannot receive: {e}")),
-                Err(_) => self.out.status("the server did not answer in time"),
-            }
+            self.last_flush().await;
         }
         let n = self.m.queued_sends();
         if n > 0 {
@@ -253,6 +232,55 @@ impl Shell {
             ExitCode::from(EXIT_QUEUED)
         } else {
             ExitCode::SUCCESS
+        }
+    }
+
+    /// The last receive round before leaving, bounded in time. Interactive, Ctrl-C ends it at
+    /// once: whatever did not go out stays queued (and the person is told why they wait).
+    async fn last_flush(&mut self) {
+        let mut interrupt = self.interrupt.take();
+        if let Some(i) = interrupt.as_mut() {
+            // A signal from before the flush is not meant for it (see `line_interruptibly`).
+            while let Some(Some(())) = i.recv().now_or_never() {}
+            let n = self.m.queued_sends();
+            if n > 0 {
+                let them = if n == 1 { "message: Ctrl-C leaves it" } else { "messages: Ctrl-C leaves them" };
+                self.out.status(&format!("sending {n} queued {them} queued"));
+            }
+        }
+        let interrupted = async {
+            match interrupt.as_mut() {
+                Some(i) => i.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        // A backlog comes in rounds, each shown as it comes; queued messages go out after the
+        // last one.
+        let rounds = tokio::time::timeout(
+            std::time::Duration::from_secs(crate::limits::SHELL_QUIT_FLUSH_SECS),
+            async {
+                loop {
+                    match self.m.receive(0).await {
+                        Ok(events) => self.show(events),
+                        Err(e) => return Err(e),
+                    }
+                    if !self.m.has_backlog() {
+                        return Ok(());
+                    }
+                }
+            },
+        );
+        let last = tokio::select! {
+            last = rounds => Some(last),
+            _ = interrupted => None,
+        };
+        self.interrupt = interrupt;
+        match last {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => self.out.status(&format!("cannot receive: {e}")),
+            Some(Err(_)) => self.out.status("the server did not answer in time"),
+            // Like a command dropped midway: only what the round saved counts.
+            None => self.abandoned().await,
         }
     }
 
