@@ -124,6 +124,38 @@ fn a_blocked_key_is_dropped_silently_and_stays_blocked() {
     assert!(bob.ok(&["requests"]).contains("invites you to #second"));
 }
 
+/// A request keeps the number it was listed with: `block #2` after `block #1` blocks the
+/// request listed as #2 (numbers were positions, so it blocked the one listed as #3).
+#[test]
+fn a_request_keeps_its_number_when_an_earlier_one_goes() {
+    let (dir, server, alice, bob) = strangers();
+    let carol = User::init(&server, "carol");
+    let dave = User::init(&server, "dave");
+    for (n, who) in [&alice, &carol, &dave].into_iter().enumerate() {
+        who.ok(&["send", &bob.key, "hello from a stranger"]);
+        let r = bob.run(&["recv"]);
+        assert!(r.stderr.contains(&format!("qpq requests accept #{}", n + 1)), "{}", r.stderr);
+    }
+    let list = bob.ok(&["requests"]);
+    assert!(list.contains(&format!("#2 {}", carol.key)), "{list}");
+    assert!(bob.ok(&["requests", "block", "#1"]).contains(&alice.key));
+    let out = bob.ok(&["requests", "block", "#2"]);
+    assert!(out.contains(&carol.key), "#2 is still carol's: {out}");
+    let list = bob.ok(&["requests"]);
+    assert!(list.starts_with(&format!("#3 {}", dave.key)), "dave's request kept its number: {list}");
+    assert!(bob.fails(&["requests", "accept", "#1"]).contains("no message request #1"));
+
+    // A number is never given again: the next request is #4, even after the list empties.
+    assert!(!bob.ok(&["requests", "accept", "#3"]).is_empty());
+    assert!(bob.ok(&["requests"]).contains("no message requests"));
+    let erin = User::init(&server, "erin");
+    erin.ok(&["send", &bob.key, "and me"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.stderr.contains("qpq requests accept #4"), "{}", r.stderr);
+    assert!(bob.fails(&["requests", "accept", "#3"]).contains("no message request #3"));
+    drop(dir);
+}
+
 #[test]
 fn a_contacts_invitation_still_joins_at_once() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);

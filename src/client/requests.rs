@@ -14,7 +14,7 @@
 //! sender), the bytes of each (its Welcome and held messages), their age, and the block list,
 //! so no stranger can make a home grow by more than [`crate::limits::MAX_STRANGER_BYTES`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -109,10 +109,48 @@ pub enum Refusal {
 /// The pending requests and the block list, as kept in the state.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestBook {
-    /// Oldest first; `#n` in `qpq requests` is the n-th of this list.
+    /// Oldest first (their `#n` are in [`RequestNumbers`]).
     pub pending: Vec<Request>,
     /// Keys whose invitations and messages are dropped without a word.
     pub blocked: BTreeSet<[u8; 32]>,
+}
+
+/// The `#n` of each pending request. A request keeps its number until it leaves, and a number
+/// is never given twice, so `requests block #2` after `requests block #1` means the request
+/// that was listed as `#2`, not the one that moved up (numbers were positions in the list).
+///
+/// Kept apart from [`RequestBook`] (whose encoding a qpq that knows nothing of numbers still
+/// reads and writes): [`RequestNumbers::sync`] gives numbers to requests that have none (say,
+/// after an older qpq filed them) and forgets those of requests that left.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestNumbers {
+    /// The last number given (numbers start at 1).
+    last: u64,
+    /// The pending requests' numbers, by group id.
+    by_group: BTreeMap<Vec<u8>, u64>,
+}
+
+impl RequestNumbers {
+    /// Numbers the pending requests that have none, oldest first, and forgets the rest.
+    pub fn sync(&mut self, pending: &[Request]) {
+        self.by_group.retain(|g, _| pending.iter().any(|r| r.group_id == *g));
+        for r in pending {
+            if !self.by_group.contains_key(&r.group_id) {
+                self.last = self.last.saturating_add(1);
+                self.by_group.insert(r.group_id.clone(), self.last);
+            }
+        }
+    }
+
+    /// The number of the request for `group_id`.
+    pub fn of(&self, group_id: &[u8]) -> Option<u64> {
+        self.by_group.get(group_id).copied()
+    }
+
+    /// The group id of request `#n`.
+    pub fn group_of(&self, n: u64) -> Option<&[u8]> {
+        self.by_group.iter().find(|(_, m)| **m == n).map(|(g, _)| g.as_slice())
+    }
 }
 
 impl RequestBook {
@@ -234,8 +272,8 @@ impl RequestBook {
 /// A pending request as `qpq requests` shows it.
 #[derive(Debug, Clone)]
 pub struct RequestView {
-    /// 1-based position: `qpq requests accept #n`.
-    pub number: usize,
+    /// Its number: `qpq requests accept #n` (see [`RequestNumbers`]).
+    pub number: u64,
     pub from: [u8; 32],
     pub group_id: Vec<u8>,
     /// None for a direct conversation, else the group's name as the inviter chose it.
@@ -256,7 +294,7 @@ pub struct RequestView {
 /// requests).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestSelector {
-    Number(usize),
+    Number(u64),
     Key([u8; 32]),
 }
 
@@ -292,6 +330,7 @@ impl Messenger {
         };
         match self.home.state.requests.admit(request) {
             Ok(()) => {
+                self.home.state.sync_request_numbers();
                 let (mine, rest): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut self.home.state.orphans)
                     .into_iter()
                     .partition(|o| o.group_id == group_id);
@@ -357,17 +396,17 @@ impl Messenger {
         if self.expire_strangers() {
             self.persist()?;
         }
-        Ok(self
-            .home
-            .state
+        self.home.state.sync_request_numbers();
+        let state = &self.home.state;
+        Ok(state
             .requests
             .pending
             .iter()
-            .enumerate()
-            .map(|(i, r)| {
+            .filter_map(|r| Some((state.request_numbers.of(&r.group_id)?, r)))
+            .map(|(number, r)| {
                 let (preview, claimed_name) = self.preview_and_name(r);
                 RequestView {
-                    number: i + 1,
+                    number,
                     from: r.from,
                     group_id: r.group_id.clone(),
                     group: match r.kind {
@@ -420,10 +459,10 @@ impl Messenger {
     }
 
     /// The number (`#n`) and preview of the pending request for `group_id`, for event lines.
-    pub fn request_summary(&self, group_id: &[u8]) -> Option<(usize, Option<String>)> {
-        let pending = &self.home.state.requests.pending;
-        let i = pending.iter().position(|r| r.group_id == group_id)?;
-        Some((i + 1, pending.get(i).and_then(|r| self.preview(r))))
+    pub fn request_summary(&self, group_id: &[u8]) -> Option<(u64, Option<String>)> {
+        let state = &self.home.state;
+        let r = state.requests.pending.iter().find(|r| r.group_id == group_id)?;
+        Some((state.request_numbers.of(group_id)?, self.preview(r)))
     }
 
     /// The group name a pending group request came with (None for a direct one).
@@ -435,7 +474,7 @@ impl Messenger {
     /// Parses `#n` or a contact name / 64-hex key.
     pub fn request_selector(&self, s: &str) -> Result<RequestSelector, ClientError> {
         if let Some(n) = s.strip_prefix('#') {
-            return match n.parse::<usize>() {
+            return match n.parse::<u64>() {
                 Ok(n) if n >= 1 => Ok(RequestSelector::Number(n)),
                 _ => Err(ClientError::NoRequest(s.to_string())),
             };
@@ -445,13 +484,14 @@ impl Messenger {
 
     /// Removes the selected requests from the book (none selected is an error).
     fn take_requests(&mut self, which: &RequestSelector, label: &str) -> Result<Vec<Request>, ClientError> {
-        let book = &mut self.home.state.requests;
+        let state = &mut self.home.state;
+        state.sync_request_numbers();
         let taken = match which {
-            RequestSelector::Number(n) => {
-                let i = n.checked_sub(1).filter(|i| *i < book.pending.len());
-                i.map(|i| vec![book.pending.remove(i)]).unwrap_or_default()
-            }
-            RequestSelector::Key(k) => book.take_from(k),
+            RequestSelector::Number(n) => match state.request_numbers.group_of(*n) {
+                Some(g) => state.requests.take_group(g).into_iter().collect(),
+                None => Vec::new(),
+            },
+            RequestSelector::Key(k) => state.requests.take_from(k),
         };
         if taken.is_empty() {
             return Err(ClientError::NoRequest(label.to_string()));
@@ -549,11 +589,15 @@ impl Messenger {
         let _op = self.begin()?;
         let key = match which {
             RequestSelector::Key(k) => *k,
-            RequestSelector::Number(n) => n
-                .checked_sub(1)
-                .and_then(|i| self.home.state.requests.pending.get(i))
-                .map(|r| r.from)
-                .ok_or_else(|| ClientError::NoRequest(label.to_string()))?,
+            RequestSelector::Number(n) => {
+                self.home.state.sync_request_numbers();
+                let state = &self.home.state;
+                let group = state.request_numbers.group_of(*n);
+                group
+                    .and_then(|g| state.requests.pending.iter().find(|r| r.group_id == g))
+                    .map(|r| r.from)
+                    .ok_or_else(|| ClientError::NoRequest(label.to_string()))?
+            }
         };
         if key == self.identity.public().0 {
             return Err(ClientError::SelfTarget);
@@ -792,6 +836,26 @@ mod tests {
         );
         assert_eq!(book.pending.len(), abandoned - 1);
         assert!(book.pending.iter().all(|r| r.bytes() <= MAX_BYTES_PER_REQUEST));
+    }
+
+    /// Numbers follow the requests, not their places; a home without numbers (an older qpq's)
+    /// numbers its requests oldest first; a number is never given twice.
+    #[test]
+    fn request_numbers_stay_with_their_requests_and_are_not_reused() {
+        let mut numbers = RequestNumbers::default();
+        let mut pending = vec![request(1, 1, 10, 0), request(2, 2, 10, 0), request(3, 3, 10, 0)];
+        numbers.sync(&pending);
+        assert_eq!([1, 2, 3].map(|g| numbers.of(&[g; 16])), [Some(1), Some(2), Some(3)]);
+        pending.remove(0);
+        numbers.sync(&pending);
+        assert_eq!(numbers.of(&[1; 16]), None);
+        assert_eq!(numbers.group_of(2), Some(&[2u8; 16][..]));
+        assert_eq!(numbers.group_of(1), None);
+        pending.clear();
+        numbers.sync(&pending);
+        pending.push(request(4, 4, 10, 0));
+        numbers.sync(&pending);
+        assert_eq!(numbers.of(&[4; 16]), Some(4));
     }
 
     #[test]

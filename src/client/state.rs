@@ -30,7 +30,7 @@ use crate::client::db::{self, ClientDb, DbError, migrate, records};
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::client::inbox::InboxEvents;
 use crate::client::keypool::KeyPool;
-use crate::client::requests::RequestBook;
+use crate::client::requests::{RequestBook, RequestNumbers};
 use crate::client::timeline::Timelines;
 use crate::crypto::statefile::{self, KdfParams, StateFileError, StateKey};
 use crate::fsutil::{self, HomeLock, LockError};
@@ -256,6 +256,9 @@ pub struct State {
     /// `Messenger::commit_leave_requests`); only in the database, like `inbox_events`.
     #[serde(skip)]
     pub leave_proposals: BTreeMap<String, Vec<KeptProposal>>,
+    /// The `#n` of each pending request; only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub request_numbers: RequestNumbers,
 }
 
 /// A member's leave proposal as it came: one per leaver, of the group's current epoch.
@@ -336,7 +339,13 @@ impl State {
             history_retention_ms: 0,
             inbox_events: InboxEvents::default(),
             leave_proposals: BTreeMap::new(),
+            request_numbers: RequestNumbers::default(),
         }
+    }
+
+    /// Gives pending requests without a number theirs (see [`RequestNumbers`]).
+    pub fn sync_request_numbers(&mut self) {
+        self.request_numbers.sync(&self.requests.pending);
     }
 
     pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
@@ -679,6 +688,8 @@ impl Home {
         // Until this save succeeds, what is in memory is not what is on disk: the next
         // `refresh` reloads the durable state instead of building on (and, say, publishing a
         // key from) a state that was never saved.
+        // Requests filed or dropped since the last save get or lose their numbers with it.
+        self.state.sync_request_numbers();
         let expected = self.generation.take();
         let (generation, written, history) = match self.write(mls) {
             Ok(done) => done,

@@ -50,6 +50,9 @@ const MEMBER_EVENTS: &str = "member_events";
 const INBOX_EVENTS: &str = "inbox_events";
 /// [`State::leave_proposals`], optional in the same way.
 const LEAVE_PROPOSALS: &str = "leave_proposals";
+/// [`State::request_numbers`], optional in the same way (a home without it numbers its pending
+/// requests afresh, oldest first).
+const REQUEST_NUMBERS: &str = "request_numbers";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -132,6 +135,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(MEMBER_EVENTS.to_string(), encode(&events)?);
     out.insert(INBOX_EVENTS.to_string(), encode(&state.inbox_events)?);
     out.insert(LEAVE_PROPOSALS.to_string(), encode(&state.leave_proposals)?);
+    out.insert(REQUEST_NUMBERS.to_string(), encode(&state.request_numbers)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -246,6 +250,12 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     if let Some(v) = optional(LEAVE_PROPOSALS)? {
         state.leave_proposals = decode(LEAVE_PROPOSALS, &v)?;
     }
+    if let Some(v) = optional(REQUEST_NUMBERS)? {
+        state.request_numbers = decode(REQUEST_NUMBERS, &v)?;
+    }
+    // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
+    // now, so every pending request has its number from the moment the home is read.
+    state.sync_request_numbers();
     for (id, g) in groups {
         let group = GroupMeta { name: g.name, kind: g.kind, active: g.active, history: Default::default() };
         written.conversations.insert(id.clone());
