@@ -309,8 +309,9 @@ pub const DEFAULT_KEY_UPLOAD_RATE_PER_ADDRESS: Rate = Rate { per_sec: 50.0, burs
 pub const DEFAULT_KEY_BYTES_RATE_PER_NETWORK: Rate = Rate { per_sec: 777.0, burst: 67_108_864 };
 
 /// Default budget of mail bytes one network (an IPv4 address or an IPv6 /48) may enqueue: 1 GiB
-/// at once, refilled at 1 GiB a day (~12.4 KB/s). Each enqueue is charged its payloads, a fanout
-/// its payload once plus [`FANOUT_ENTRY_BYTES`] per recipient (what the storage quota charges),
+/// at once, refilled at 1 GiB a day (~12.4 KB/s). Each enqueue is charged what the storage quota
+/// charges: every copy's payload, header ([`QUEUE_ENTRY_HEADER_BYTES`]) and channel id, a fanout
+/// its row once plus [`FANOUT_ENTRY_BYTES`] per recipient,
 /// all or nothing, before the store is asked. A write the store refuses costs
 /// [`REFUSED_RECIPIENT_BYTES`] per recipient instead.
 ///

@@ -1766,7 +1766,8 @@ async fn refused_fanouts_spend_the_networks_byte_budget_per_recipient_named() {
             }
             async move { refusal_code(req.send().promise.await.map(|_| ())) }
         };
-        // 199,999 bytes left; each refusal keeps 1,001 x 48 = 48,048 of the 48,049 it took.
+        // 199,982 bytes left (the first enqueue cost 1 + its 17-byte header); each refusal
+        // keeps 1,001 x 48 = 48,048 of the 48,074 it took (its row: 8 + 17 + 1).
         assert_eq!(refused_until_rate_limited(50, fanout).await, 4);
     })
     .await;
@@ -1800,9 +1801,10 @@ async fn refused_batches_spend_the_networks_byte_budget_per_item() {
             }
             async move { refusal_code(req.send().promise.await.map(|_| ())) }
         };
-        // 19,999 bytes left; each refusal costs 101 x 48 = 4,848 (its 101 payload bytes are
-        // taken up front): 4 leave 607, the fifth still finds its 101 and goes into debt.
-        assert_eq!(refused_until_rate_limited(50, batch).await, 5);
+        // 19,982 bytes left (the first enqueue cost 1 + its 17-byte header); each refusal
+        // costs 101 x 48 = 4,848 (101 x 18 are taken up front): 4 leave 590, short of the
+        // fifth's 1,818.
+        assert_eq!(refused_until_rate_limited(50, batch).await, 4);
     })
     .await;
     server.shutdown().await.unwrap();

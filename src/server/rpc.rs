@@ -491,8 +491,9 @@ impl node_service::Server for NodeServiceImpl {
             let _bytes = self.budget.reserve(payload.len().saturating_add(CALL_OVERHEAD_BYTES))?;
             check_payload(&self.shared, payload)?;
             let channel = parse_channel(p.get_channel_id()?)?;
+            let charged = stored_entry_bytes(&channel, payload.len());
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
-            match self.write_enqueue(op, payload.len(), 1).await? {
+            match self.write_enqueue(op, charged, 1).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_seq(seqs.first().copied().unwrap_or(0));
@@ -546,7 +547,8 @@ impl node_service::Server for NodeServiceImpl {
             }
             let _bytes = self.budget.reserve(total.saturating_add(CALL_OVERHEAD_BYTES))?;
             let named = items.len();
-            match self.write_enqueue(WriteOp::Enqueue { channel, items }, total, named).await? {
+            let charged = items.iter().map(|(_, payload)| stored_entry_bytes(&channel, payload.len())).sum();
+            match self.write_enqueue(WriteOp::Enqueue { channel, items }, charged, named).await? {
                 Outcome::Enqueued { channel_seq, seqs } => {
                     let mut r = results.get();
                     r.set_channel_seq(channel_seq);
@@ -575,7 +577,9 @@ impl node_service::Server for NodeServiceImpl {
             let held = payload.len().saturating_add(recipients.len() * limits::IDENTITY_KEY_LEN);
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
             let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
-            let charged = payload.len().saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX));
+            // The shared row (its payload id and the inline entry) once, an index entry each.
+            let row = 8usize.saturating_add(stored_entry_bytes(&channel, payload.len()));
+            let charged = row.saturating_add(usize::try_from(fanout_bytes).unwrap_or(usize::MAX));
             let named = recipients.len();
             let op = WriteOp::Fanout { channel, payload: payload.to_vec(), recipients, required };
             match self.write_enqueue(op, charged, named).await? {
@@ -592,6 +596,15 @@ impl node_service::Server for NodeServiceImpl {
             }
         }
     }
+}
+
+/// What the storage quota charges for one queued copy of `payload_len` bytes on `channel`:
+/// the payload with its entry header and channel id. The network's mail budget is charged the
+/// same, so a stranger's one-byte payloads on 64-byte channels cost it what they cost the
+/// quota (82 bytes each), not one byte (a review: 82 times less, so one address could fill the
+/// quota that the budget says takes sixteen networks a day).
+fn stored_entry_bytes(channel: &[u8], payload_len: usize) -> usize {
+    limits::QUEUE_ENTRY_HEADER_BYTES.saturating_add(channel.len()).saturating_add(payload_len)
 }
 
 /// Writes each recipient's seq of an `enqueueBatch` or `enqueueFanout` answer, in request order.
