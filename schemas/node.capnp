@@ -191,8 +191,10 @@ interface Account {
   # and is verified before the key (1216 bytes) replaces any earlier one. Durable. Clients
   # rotate their key (weekly), so this is called again with a newer createdAtMs. A key whose
   # createdAtMs is not newer than the stored one's is refused ("staleKey: ..."; re-sending the
-  # stored key exactly succeeds), and createdAtMs must be nonzero and at most a year ahead of
-  # the server's clock ("badRequest: ...").
+  # stored key exactly succeeds), and createdAtMs must be nonzero and at most a day ahead of
+  # the server's clock ("badRequest: ..."). The server deletes a key not replaced for 400 days
+  # from its createdAtMs, less its KeyPackage margin (see uploadKeyPackages): 369 days at the
+  # default message TTL.
 
   fetch @4 (limit :UInt32) -> (messages :List(Message), more :Bool);
   # DS. Returns up to limit (capped by the server, 256) pending messages in seq order WITHOUT

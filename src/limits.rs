@@ -69,8 +69,13 @@ pub const IDENTITY_KEY_LEN: usize = 32;
 pub const SIGNATURE_LEN: usize = 64;
 
 /// Furthest in the future (by the server's clock) a hybrid key's signed creation time may lie: a
-/// year of clock skew is generous, while a key dated u64::MAX would refuse every later rotation.
-pub const MAX_HYBRID_KEY_FUTURE_MS: u64 = 365 * 24 * 3600 * 1000;
+/// day. The server keeps a key [`HYBRID_KEY_SERVER_LIFETIME_SECS`] from its signed creation, so a
+/// key dated a year ahead (the bound was a year) stayed about 730 days, and a stranger could keep
+/// key storage full by renewing such keys for the price of their bytes (a review). A client whose
+/// clock is over an hour fast cannot upload KeyPackages anyway
+/// ([`KEY_PACKAGE_NOT_BEFORE_MARGIN_SECS`]); a key dated u64::MAX would refuse every later
+/// rotation.
+pub const MAX_HYBRID_KEY_FUTURE_MS: u64 = 24 * 3600 * 1000;
 
 /// Length of a hybrid (X-Wing: ML-KEM-768 + X25519) public key.
 pub const HYBRID_KEY_LEN: usize = 1216;

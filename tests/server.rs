@@ -457,6 +457,13 @@ async fn hybrid_key_round_trips_with_its_signature_and_bad_ones_are_rejected() {
         let next = SignedHybridKey::sign(alice.signing_key(), 3_000, &HybridSecretKey::generate());
         a.upload_hybrid_key(&next).await.unwrap();
         assert_eq!(anyone.fetch_hybrid_key(&alice.public().0).await.unwrap(), next);
+        // Dated at most a day ahead of the server's clock: the server keeps a key for its
+        // lifetime from that date, so one dated a year ahead stayed two years.
+        let now_ms = std::time::SystemTime::UNIX_EPOCH.elapsed().unwrap().as_millis() as u64;
+        let ahead = |ms: u64| SignedHybridKey::sign(alice.signing_key(), now_ms + ms, &HybridSecretKey::generate());
+        let msg = rpc_msg(a.upload_hybrid_key(&ahead(2 * 24 * 3600 * 1000)).await);
+        assert!(msg.contains("creation time out of range"), "{msg}");
+        a.upload_hybrid_key(&ahead(3600 * 1000)).await.unwrap();
         let msg = rpc_msg(anyone.fetch_hybrid_key(&Identity::generate().public().0).await);
         assert_eq!(msg, "no hybrid key for this key");
     })
