@@ -255,27 +255,38 @@ fn a_user_who_checks_in_every_two_weeks_stays_reachable() {
 /// published all the same, so bob's next rounds took the pool for fresh and would have tried
 /// again only 14 days later, while his last-resort reference named a package the server never
 /// had. The round after the refusal publishes the new pool.
+///
+/// And the refusal failed the whole round: while strangers kept the server's key storage full,
+/// nobody whose packages were due could send (alice's `send` failed) or receive (bob's `recv`
+/// failed). Now it is a notice, and the messages go.
 #[test]
 fn a_refused_key_package_upload_is_retried_at_the_next_round() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve_at(dir.path(), -15 * DAY);
     let bob = init_at(&server, -15 * DAY, "bob");
+    let alice = init_at(&server, -15 * DAY, "alice");
+    contacts(&alice, &bob);
     stop(server);
 
-    // Bob's pool is over two weeks old, and the server has no room for new key material.
+    // Their pools are over two weeks old, and the server has no room for new key material.
     let config = dir.path().join("qpq-server.toml");
     std::fs::write(&config, "max_key_bytes = 1\n").unwrap();
     let server = serve_at(dir.path(), 0);
-    let refused = fails_at(&bob, &server, 0, &["recv"]);
-    assert!(refused.contains("server key storage full"), "{refused}");
-    assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true));
+    let sent = run_at(&alice, &server, 0, &["send", "bob", "full of strangers"]);
+    assert!(sent.ok, "{}", sent.stderr);
+    assert!(sent.stderr.contains("could not publish new key packages yet"), "{}", sent.stderr);
+    let got = run_at(&bob, &server, 0, &["recv"]);
+    assert!(got.ok, "{}", got.stderr);
+    assert!(got.stderr.contains("server key storage full"), "{}", got.stderr);
+    assert_eq!(untimed(&got.stdout).lines().collect::<Vec<_>>(), vec!["alice: full of strangers"]);
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(19, true), "alice took one");
     stop(server);
 
     // Room again: the next round publishes the new pool and last-resort package.
     std::fs::remove_file(&config).unwrap();
     let server = serve_at(dir.path(), 0);
     assert_eq!(ok_at(&bob, &server, 0, &["recv"]), "");
-    assert_eq!(key_packages_line(&bob, &server, 0), count_line(40, true));
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(39, true));
     stop(server);
 }
 

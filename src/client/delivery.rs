@@ -16,7 +16,7 @@ use crate::client::messenger::{
     Carried, ClientError, CommitStatus, Event, Messenger, entry_bytes, valid_name,
 };
 use crate::client::parcel::Parcel;
-use crate::client::session::Delivered;
+use crate::client::session::{Delivered, SessionError};
 use crate::client::state::{Entry, GroupKind, GroupMeta, KeptProposal, Orphan, Outgoing};
 use crate::limits::{
     MAX_CATCH_UP_ROUNDS, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_INBOX_BYTES, MAX_INBOX_ENTRIES,
@@ -263,10 +263,41 @@ impl Messenger {
             }
         }
         if self.kp_check || self.key_packages_due() {
-            self.maintain_key_packages(false).await?;
+            let done = self.maintain_key_packages(false).await.map(drop);
+            self.upkeep(done, "publish new key packages", &mut events)?;
         }
-        self.maintain_hybrid_key().await?;
+        let done = self.maintain_hybrid_key().await;
+        self.upkeep(done, "replace the envelope key", &mut events)?;
         Ok(events)
+    }
+
+    /// What became of the upkeep of our keys: the server's refusal of it (its key storage full
+    /// of strangers' packages, a rate limit) is a notice, said once per process, and the round
+    /// goes on; it is tried again at the next one. It used to fail the whole round, so while
+    /// strangers kept the server's key storage full, nobody whose keys were due could receive
+    /// (their `recv` failed) or send (queued messages waited behind the failed round). A lost
+    /// connection still ends the round, as it would the sends after it.
+    fn upkeep(
+        &mut self,
+        done: Result<(), ClientError>,
+        what: &'static str,
+        events: &mut Vec<Event>,
+    ) -> Result<(), ClientError> {
+        match done {
+            Ok(()) => {
+                self.upkeep_told.remove(what);
+                Ok(())
+            }
+            Err(ClientError::Session(e @ SessionError::Rpc(_))) => {
+                if self.upkeep_told.insert(what) {
+                    events.push(Event::Dropped {
+                        reason: format!("could not {what} yet: {e}; trying again later"),
+                    });
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Tops the server's KeyPackage pool up and rotates the last-resort one when it may have

@@ -233,6 +233,8 @@ pub struct Messenger {
     /// Groups whose leave commit this process was refused and said it retries: said once, not
     /// every round.
     pub(crate) leave_retry_told: std::collections::HashSet<Vec<u8>>,
+    /// Key upkeep the server refused and this process said it retries (see `upkeep`).
+    pub(crate) upkeep_told: std::collections::HashSet<&'static str>,
     /// (group id, epoch) whose leave proposals this process passed on before committing them.
     pub(crate) leave_relayed: std::collections::HashSet<(Vec<u8>, u64)>,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
@@ -395,6 +397,7 @@ impl Messenger {
             commits: HashMap::new(),
             kp_check: false,
             leave_retry_told: Default::default(),
+            upkeep_told: Default::default(),
             leave_relayed: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
@@ -428,6 +431,7 @@ impl Messenger {
             commits: HashMap::new(),
             kp_check: false,
             leave_retry_told: Default::default(),
+            upkeep_told: Default::default(),
             leave_relayed: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
