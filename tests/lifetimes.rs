@@ -141,6 +141,56 @@ fn stored_rows(data_dir: &Path, who: &str) -> (usize, bool) {
     (single, last_resort)
 }
 
+/// The stored last-resort package of `who` (hex key), as the server's database holds it. The
+/// server must be stopped.
+fn last_resort_row(data_dir: &Path, who: &str) -> Option<Vec<u8>> {
+    let who = hex::decode(who).expect("hex key");
+    let db = redb::Database::open(data_dir.join("qpq.db")).expect("open the server's database");
+    let txn = db.begin_read().unwrap();
+    let lr: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("last_resort");
+    txn.open_table(lr).unwrap().get(&who[..]).unwrap().map(|v| v.value().to_vec())
+}
+
+/// Strangers can keep a server's key storage full. A refused refill used to leave the
+/// last-resort package unreplaced too, until it expired and nobody could invite its owner. The
+/// client now replaces it alone, which fits: a replacement frees what it takes.
+#[test]
+fn a_full_key_storage_still_takes_a_last_resort_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), -15 * DAY);
+    let bob = init_at(&server, -15 * DAY, "bob");
+    stop(server);
+    let before = last_resort_row(dir.path(), &bob.key).expect("published at init");
+
+    // No room at all: what the storage holds is in the refusal.
+    let config = dir.path().join("qpq-server.toml");
+    std::fs::write(&config, "max_key_bytes = 1\n").unwrap();
+    let server = serve_at(dir.path(), 0);
+    let r = run_at(&bob, &server, 0, &["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    let used: u64 = r
+        .stderr
+        .split("server key storage full: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", r.stderr));
+    stop(server);
+    assert!(last_resort_row(dir.path(), &bob.key) == Some(before.clone()), "no room: the old one stays");
+
+    // Full but for a few KB: no room for a pool, room for a last-resort package in place of the
+    // old one.
+    std::fs::write(&config, format!("max_key_bytes = {}\n", used + 4000)).unwrap();
+    let server = serve_at(dir.path(), 0);
+    let r = run_at(&bob, &server, 0, &["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("could not publish new key packages yet"), "{}", r.stderr);
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true), "the old pool stays");
+    stop(server);
+    let after = last_resort_row(dir.path(), &bob.key).expect("still there");
+    assert!(after != before, "the last-resort package was replaced");
+}
+
 /// Issue 9: with packages 90 days old, `send` failed with "does not belong to bob", burned one
 /// package per try and nothing refilled them. Bob and alice set up a year ago (the server's
 /// clock then agreed, or their uploads would have been refused as expired); a year later the

@@ -191,6 +191,18 @@ impl Messenger {
         let bytes: Vec<Vec<u8>> = kps.into_iter().map(|k| k.bytes).collect();
         let uploaded =
             self.session()?.upload_key_packages(&bytes, lr.as_ref().map(|l| l.bytes.as_slice())).await;
+        if let (Err(e), Some(lr)) = (&uploaded, &lr)
+            && is_key_storage_full(e)
+            && !bytes.is_empty()
+            && self.replace_last_resort_alone(lr, &refs).await?
+        {
+            // The pool waits for room; our last-resort package, which keeps us invitable, did
+            // not (a replacement frees what it takes, so it fits a full key storage).
+            self.kp_check = true;
+            self.persist()?;
+            // (`uploaded` is the refusal matched above; the fallback never runs.)
+            return Err(uploaded.err().map(Into::into).unwrap_or(ClientError::NoServer));
+        }
         if let Err(e) = uploaded {
             if e.is_definite_refusal() {
                 // The server answered without storing any (a full key storage, a rate limit, a
@@ -217,6 +229,35 @@ impl Messenger {
         self.home.save()?;
         Ok(n)
     }
+
+    /// After the server refused a pool and a last-resort package for want of key storage:
+    /// uploads the last-resort package alone. Strangers can keep a server's key storage full
+    /// (two networks' daily key budget fills it), and a last-resort package that was never
+    /// replaced expired after 63 days, so nobody could invite us any more. True unless the server
+    /// refused it too: the pool's packages (the rest of `refs`) are then forgotten with their keys.
+    async fn replace_last_resort_alone(
+        &mut self,
+        lr: &crate::mls::NewKeyPackage,
+        refs: &[Vec<u8>],
+    ) -> Result<bool, ClientError> {
+        let alone = self.session()?.upload_key_packages(&[], Some(&lr.bytes)).await;
+        if alone.as_ref().is_err_and(|e| e.is_definite_refusal()) {
+            return Ok(false);
+        }
+        let pool: Vec<&Vec<u8>> = refs.iter().filter(|r| **r != lr.hash_ref).collect();
+        self.home.state.key_pool.published.retain(|p| !pool.contains(&&p.hash_ref));
+        for r in pool {
+            self.mls.delete_key_package(r)?;
+        }
+        // An unknown outcome keeps its keys (it may be on the server) and is replaced next round.
+        self.home.state.rotate_last_resort = alone.is_err();
+        Ok(true)
+    }
+}
+
+/// The server refused an upload because its key storage is full (`overQuota`).
+fn is_key_storage_full(e: &crate::client::session::SessionError) -> bool {
+    matches!(e, crate::client::session::SessionError::Rpc(r) if r.code == crate::proto::wire_error::ErrorCode::OverQuota)
 }
 
 #[cfg(test)]
