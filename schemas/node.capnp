@@ -41,9 +41,32 @@
 # Clients branch on the code, never on the text. Codes that ask the caller to come back later
 # (rateLimited, overQuota, busy) end their text with " (retry after <N> ms)"; a client waits
 # that long before retrying, a bounded number of times. Text without a known code prefix is
-# code `unknown`. A bad call is answered with an error and the connection stays up; only a
-# message larger than the server's read limit (the largest legal call plus framing, see
-# enqueueBatch) loses its connection, since a call the server did not read cannot be answered.
+# code `unknown`. A bad call is answered with an error and the connection stays up. The
+# connection is closed instead (a call the server did not read, or will not, cannot be
+# answered) for: a message larger than the server's read limit (the largest legal call plus
+# framing, see enqueueBatch); a message over 64 KiB for a method other than enqueue,
+# enqueueBatch, enqueueFanout and uploadKeyPackages (the others take a few hundred bytes); more
+# than 4096 calls open at once; and Cap'n Proto messages a client never needs to send (Return,
+# Resolve, Disembargo, Unimplemented, a call carrying capabilities), since the server asks the
+# client nothing.
+#
+# Transport (QUIC), as a client must know it:
+#   - the client opens the one bidirectional stream within 10 s of the handshake, else the
+#     server closes the connection with application code 1 ("no rpc stream opened");
+#   - the server's QUIC idle timeout is 120 s and it sends no keep-alives: a client keeps a
+#     quiet connection open with its own (qpq's client sends one every 3 s);
+#   - application close codes: 0 bye or shutdown, 1 a protocol or internal failure, 2 an idle
+#     connection evicted to make room for a new one from the same address or network (one
+#     nothing arrived on for 10 s; a parked fetchWait counts as idle once it is that old, so a
+#     client sees its poll end with the connection and reconnects), 3 an old client (above);
+#   - per connection at most 4 fetchWait calls parked at once, and 4 fetch calls read at once
+#     ("busy", with a retry hint; "busy" also answers when the server's memory budget for calls
+#     in flight is full).
+#
+# Sequence numbers are increasing, not dense: a recipient's next seq, or a channel's next
+# channelSeq, may jump (the redb store starts an emptied queue or a quiet channel from a
+# server-wide floor). A gap is not a lost message; messages are lost only by expiry (the
+# message TTL, 30 days by default, after which an unfetched message is deleted unacked).
 
 @0xf1c1866953ae47a3;
 
@@ -182,6 +205,11 @@ interface Account {
   # number of single-use packages stored afterwards; the pool is capped ("key package pool full").
   # A package valid for less than the message TTL and a day more is stored but never handed out
   # (see fetchKeyPackage), and deleted by the next sweep.
+  # Lifetimes (RFC 9420 section 7.2 asks servers to bound them): not_after - not_before at most
+  # 63 days + 1 hour + 1 day ("badRequest: ... lifetime too long"; openmls's default 84 days is
+  # refused), not_before at most the server's now (clocks more than an hour fast are refused as
+  # not yet valid), not_after after it. qpq clients make 63-day packages and replace them after
+  # 14 days. At most 100 packages per upload and 16 KiB per package ("badRequest").
 
   keyPackageCount @2 () -> (count :UInt32, hasLastResort :Bool);
 
