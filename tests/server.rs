@@ -315,6 +315,37 @@ async fn key_packages_are_single_use_under_concurrency_then_last_resort() {
     server.shutdown().await.unwrap();
 }
 
+/// A package stored twice (named twice in one upload, or uploaded again after a retry whose
+/// first try did take effect) was handed to two inviters; the second could not join its
+/// invitee. Each package is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_package_uploaded_twice_is_stored_and_handed_out_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let alice = Identity::generate();
+        let mls = MlsClient::new(alice.seed()).unwrap();
+        let kps = kp_bytes(mls.key_packages(2).unwrap());
+        let a = login(&server, &alice).await;
+        let twice = vec![kps[0].clone(), kps[0].clone()];
+        assert_eq!(a.upload_key_packages(&twice, None).await.unwrap(), 1);
+        assert_eq!(a.upload_key_packages(&kps, None).await.unwrap(), 2, "only the new one is added");
+        let s = connect(&server).await;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(s.fetch_key_package(&alice.public().0).await.unwrap().bytes);
+        }
+        got.sort();
+        let mut want = kps.clone();
+        want.sort();
+        assert_eq!(got, want);
+        let e = s.fetch_key_package(&alice.public().0).await.unwrap_err();
+        assert_eq!(e.code(), Some(qpq::proto::wire_error::ErrorCode::NoKeyPackages), "{e}");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_material_has_a_budget_and_handed_out_or_expired_packages_free_it() {
     use qpq::proto::wire_error::ErrorCode;

@@ -175,6 +175,25 @@ impl<'t, 'm> Keys<'t, 'm> {
         Ok(left)
     }
 
+    /// Which of `packages` `who` already has stored (byte for byte).
+    fn stored_among(
+        &self,
+        who: &IdentityKey,
+        packages: &[KeyPackageEntry],
+    ) -> Result<std::collections::HashSet<Vec<u8>>, StoreError> {
+        let wanted: std::collections::HashSet<&[u8]> = packages.iter().map(|p| &p.bytes[..]).collect();
+        let mut found = std::collections::HashSet::new();
+        let (start, end) = (kp_key(who, 0), kp_key(who, u64::MAX));
+        for entry in self.packages.range(&start[..]..=&end[..])? {
+            let (_, v) = entry?;
+            let bytes = KeyPackageEntry::decode(v.value())?.bytes;
+            if wanted.contains(&bytes[..]) {
+                found.insert(bytes);
+            }
+        }
+        Ok(found)
+    }
+
     pub(super) fn upload(
         &mut self,
         limits: QueueLimits,
@@ -185,6 +204,8 @@ impl<'t, 'm> Keys<'t, 'm> {
     ) -> Result<Outcome, StoreError> {
         // Expired packages must not count against the cap: a returning user could never refill.
         let count = self.prune(who, now)?;
+        let stored = self.stored_among(who, packages)?;
+        let packages = &super::single_copies(packages, &stored);
         let (mut next, _) = self.pool.get(&who[..])?.map(|g| g.value()).unwrap_or((0, 0));
         let adding = packages.len() as u64;
         if count + adding > limits::MAX_KEY_PACKAGES_PER_IDENTITY {

@@ -221,6 +221,18 @@ pub(crate) fn decode_hybrid_key(v: &[u8]) -> Result<SignedHybridKey, StoreError>
     })
 }
 
+/// `packages` without the ones `stored` holds and without repeats, in order: a single-use
+/// package stored twice (an upload retried after a commit that did take effect, or a list
+/// naming one package twice) would be handed to two inviters, and the second Welcome could not
+/// be opened (its init key was used). Both backends store an upload through this.
+pub(crate) fn single_copies(
+    packages: &[KeyPackageEntry],
+    stored: &std::collections::HashSet<Vec<u8>>,
+) -> Vec<KeyPackageEntry> {
+    let mut seen = std::collections::HashSet::new();
+    packages.iter().filter(|p| !stored.contains(&p.bytes) && seen.insert(&p.bytes[..])).cloned().collect()
+}
+
 /// A `queue` value split in place: (enqueued_at_ms, channel_seq, channel, payload).
 type EntryParts<'a> = (u64, u64, &'a [u8], &'a [u8]);
 /// A stored KeyPackage: its lifetime's end (unix seconds) and its bytes.

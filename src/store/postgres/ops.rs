@@ -591,6 +591,17 @@ async fn upload_key_packages(
     tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&space, &id]).await?;
     // Expired packages must not count against the cap: a returning user could never refill.
     prune_key_packages(tx, key, big(now)).await?;
+    let offered: Vec<&[u8]> = packages.iter().map(|p| &p.bytes[..]).collect();
+    let stored: std::collections::HashSet<Vec<u8>> = tx
+        .query(
+            "SELECT bytes FROM qpq_key_packages WHERE identity = $1 AND bytes = ANY($2::bytea[])",
+            &[&key, &offered],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, Vec<u8>>(0))
+        .collect();
+    let packages = &crate::store::single_copies(packages, &stored);
     let have: i64 = tx
         .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
         .await?
