@@ -211,7 +211,7 @@ interface Account {
   # 63 days + 1 hour + 1 day ("badRequest: ... lifetime too long"; openmls's default 84 days is
   # refused), not_before at most the server's now (clocks more than an hour fast are refused as
   # not yet valid), not_after after it. qpq clients make 63-day packages and replace them after
-  # 14 days. At most 100 packages per upload and 16 KiB per package ("badRequest").
+  # 14 days. At most 100 packages per upload and 16 KiB per package ("tooLarge").
 
   keyPackageCount @2 () -> (count :UInt32, hasLastResort :Bool);
 

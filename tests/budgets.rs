@@ -201,9 +201,9 @@ async fn oversized_key_uploads_are_refused_before_they_spend_the_networks_budget
         let a = login(&server, &alice).await;
         let junk = vec![vec![7u8; qpq::limits::MAX_KEY_PACKAGE_BYTES + 1]; 3];
         let e = refusal(a.upload_key_packages(&junk, None).await);
-        assert!(e.message.contains("too large"), "{e:?}");
+        assert!(e.message.contains("too large") && e.code == ErrorCode::TooLarge, "{e:?}");
         let e = refusal(a.upload_key_packages(&kps[..1], Some(&junk[0])).await);
-        assert!(e.message.contains("too large"), "{e:?}");
+        assert!(e.message.contains("too large") && e.code == ErrorCode::TooLarge, "{e:?}");
         let fake =
             SignedHybridKey { key: vec![1u8; 40 << 10], signature: vec![2u8; 64], created_at_ms: 1_000 };
         let e = refusal(a.upload_hybrid_key(&fake).await);

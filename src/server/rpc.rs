@@ -703,12 +703,16 @@ impl account::Server for AccountImpl {
             let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
             let p = params.get()?;
             let list = p.get_key_packages()?;
+            // tooLarge, as for a batch or a payload: the call is over a size limit (the schema).
             if list.len() as usize > limits::MAX_KEY_PACKAGES_PER_UPLOAD {
-                return Err(failed(format!(
-                    "too many key packages in one upload: {} > {}",
-                    list.len(),
-                    limits::MAX_KEY_PACKAGES_PER_UPLOAD
-                )));
+                return Err(coded(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "too many key packages in one upload: {} > {}",
+                        list.len(),
+                        limits::MAX_KEY_PACKAGES_PER_UPLOAD
+                    ),
+                ));
             }
             let lr_len = p.get_last_resort()?.len();
             let lr_given = lr_len > 0;
@@ -717,10 +721,10 @@ impl account::Server for AccountImpl {
             if let Some(len) =
                 lens.iter().copied().chain([lr_len]).find(|&l| l > limits::MAX_KEY_PACKAGE_BYTES)
             {
-                return Err(failed(format!(
-                    "invalid key package: too large: {len} > {} bytes",
-                    limits::MAX_KEY_PACKAGE_BYTES
-                )));
+                return Err(coded(
+                    ErrorCode::TooLarge,
+                    format!("key package too large: {len} > {} bytes", limits::MAX_KEY_PACKAGE_BYTES),
+                ));
             }
             self.charge_key_uploads(
                 list.len().saturating_add(u32::from(lr_given)),
