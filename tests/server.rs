@@ -644,6 +644,31 @@ async fn unknown_methods_get_an_error_not_a_dropped_connection() {
     server.shutdown().await.unwrap();
 }
 
+/// A call whose parameters do not decode (here: a list where the parameter struct belongs) is
+/// the caller's fault: "badRequest", not capnp's code-less error, which a client reads as
+/// `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_parameters_are_a_bad_request() {
+    use qpq::proto::node_capnp::node_service;
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    local(async {
+        let s = connect(&server).await;
+        let raw = s.raw_node_client();
+        let type_id = <node_service::Client as capnp::traits::HasTypeId>::TYPE_ID;
+        let mut req = raw.new_call::<capnp::any_pointer::Owned, capnp::any_pointer::Owned>(type_id, 4, None);
+        req.get().initn_as::<capnp::primitive_list::Builder<'_, u8>>(3);
+        let err = req.send().promise.await.err().expect("a list is no enqueue");
+        let SessionError::Rpc(e) = SessionError::from(err) else { panic!("an rpc error") };
+        assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+        assert!(e.message.starts_with("malformed call: ") && e.message.len() > 20, "{e:?}");
+        assert_eq!(s.health().await.unwrap().status, "ok", "the connection stays");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_is_a_clear_error_and_batches_are_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,6 +32,19 @@ fn failed(msg: impl Into<String>) -> Error {
     coded(ErrorCode::BadRequest, msg)
 }
 
+/// Reading a call's parameters fails only when the message is malformed (a pointer out of
+/// bounds, a wrong type, past the traversal limit): the caller's fault. capnp's own error carries
+/// no code and would read as `unknown` to a client; it is `badRequest` (a review).
+trait Malformed<T> {
+    fn malformed(self) -> Result<T, Error>;
+}
+
+impl<T> Malformed<T> for capnp::Result<T> {
+    fn malformed(self) -> Result<T, Error> {
+        self.map_err(|e| failed(format!("malformed call: {e}")))
+    }
+}
+
 /// An error with its wire code; every error this module sends is built here or by
 /// [`WireError::into_rpc`].
 fn coded(code: ErrorCode, msg: impl Into<String>) -> Error {
@@ -354,8 +367,8 @@ impl node_service::Server for NodeServiceImpl {
         mut results: node_service::AuthenticateResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         let res = (|| {
-            let p = params.get()?;
-            let who = parse_identity("identity key", p.get_identity_key()?)?;
+            let p = params.get().malformed()?;
+            let who = parse_identity("identity key", p.get_identity_key().malformed()?)?;
             // An identity this connection has proved gets its account again without a second
             // check: it holds it already, and a peer replaying its own valid signature must not
             // buy a signature verification per call.
@@ -379,7 +392,7 @@ impl node_service::Server for NodeServiceImpl {
                 self.auth_failures.set(self.auth_failures.get().saturating_add(1));
                 e
             };
-            let sig = p.get_signature()?;
+            let sig = p.get_signature().malformed()?;
             let sig = Signature::from_slice(sig).map_err(|_| {
                 failure(failed(format!(
                     "signature must be {} bytes, got {}",
@@ -430,7 +443,8 @@ impl node_service::Server for NodeServiceImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard()?;
-            let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            let who =
+                parse_identity("identity key", params.get().malformed()?.get_identity_key().malformed()?)?;
             drop(params); // its frame is not held across the store write (see `fetch_wait`)
             self.take_key_package_token(&who)?;
             let now = self.shared.key_package_now();
@@ -457,7 +471,8 @@ impl node_service::Server for NodeServiceImpl {
         mut results: node_service::FetchHybridKeyResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let who = parse_identity("identity key", params.get()?.get_identity_key()?)?;
+            let who =
+                parse_identity("identity key", params.get().malformed()?.get_identity_key().malformed()?)?;
             drop(params); // its frame is not held across the store read (see `fetch_wait`)
             self.take_lookup_token()?;
             let signed = self
@@ -483,14 +498,14 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_enqueue_token()?;
-            let p = params.get()?;
-            let who = parse_identity("recipient key", p.get_recipient_key()?)?;
-            let payload = p.get_payload()?;
+            let p = params.get().malformed()?;
+            let who = parse_identity("recipient key", p.get_recipient_key().malformed()?)?;
+            let payload = p.get_payload().malformed()?;
             // Counted from what we read anyway: capnp's traversal limit counts every word read,
             // so a second pass (total_size) would halve the largest call we can take.
             let _bytes = self.budget.reserve(payload.len().saturating_add(CALL_OVERHEAD_BYTES))?;
             check_payload(&self.shared, payload)?;
-            let channel = parse_channel(p.get_channel_id()?)?;
+            let channel = parse_channel(p.get_channel_id().malformed()?)?;
             let charged = stored_entry_bytes(&channel, payload.len());
             let op = WriteOp::Enqueue { channel, items: vec![(who, payload.to_vec())] };
             match self.write_enqueue(op, charged, 1).await? {
@@ -513,9 +528,9 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_enqueue_token()?;
-            let p = params.get()?;
-            let channel = parse_channel(p.get_channel_id()?)?;
-            let list = p.get_items()?;
+            let p = params.get().malformed()?;
+            let channel = parse_channel(p.get_channel_id().malformed()?)?;
+            let list = p.get_items().malformed()?;
             if list.is_empty() {
                 return Err(failed("batch has no recipients"));
             }
@@ -530,11 +545,11 @@ impl node_service::Server for NodeServiceImpl {
             let mut seen = std::collections::HashMap::with_capacity(list.len() as usize);
             let mut total = 0usize;
             for (i, item) in list.iter().enumerate() {
-                let who = parse_identity("recipient key", item.get_recipient_key()?)?;
+                let who = parse_identity("recipient key", item.get_recipient_key().malformed()?)?;
                 if let Some(first) = seen.insert(who, i) {
                     return Err(failed(format!("duplicate recipient: item {i} repeats item {first}")));
                 }
-                let payload = item.get_payload()?;
+                let payload = item.get_payload().malformed()?;
                 check_payload(&self.shared, payload)?;
                 total += payload.len();
                 if total > limits::MAX_BATCH_BYTES {
@@ -568,12 +583,12 @@ impl node_service::Server for NodeServiceImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_enqueue_token()?;
-            let p = params.get()?;
-            let channel = parse_channel(p.get_channel_id()?)?;
-            let payload = p.get_payload()?;
+            let p = params.get().malformed()?;
+            let channel = parse_channel(p.get_channel_id().malformed()?)?;
+            let payload = p.get_payload().malformed()?;
             check_payload(&self.shared, payload)?;
-            let recipients = parse_fanout_recipients(p.get_recipients()?)?;
-            let required = parse_required(p.get_required()?, &recipients)?;
+            let recipients = parse_fanout_recipients(p.get_recipients().malformed()?)?;
+            let required = parse_required(p.get_required().malformed()?, &recipients)?;
             let held = payload.len().saturating_add(recipients.len() * limits::IDENTITY_KEY_LEN);
             let _bytes = self.budget.reserve(held.saturating_add(CALL_OVERHEAD_BYTES))?;
             let fanout_bytes = (recipients.len() as u64).saturating_mul(limits::FANOUT_ENTRY_BYTES);
@@ -629,7 +644,7 @@ fn parse_fanout_recipients(list: capnp::data_list::Reader<'_>) -> Result<Vec<Ide
     let mut keys = Vec::with_capacity(list.len() as usize);
     let mut seen = std::collections::HashMap::with_capacity(list.len() as usize);
     for (i, key) in list.iter().enumerate() {
-        let who = parse_identity("recipient key", key?)?;
+        let who = parse_identity("recipient key", key.malformed()?)?;
         if let Some(first) = seen.insert(who, i) {
             return Err(failed(format!("duplicate recipient: item {i} repeats item {first}")));
         }
@@ -700,9 +715,10 @@ impl account::Server for AccountImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_key_upload_token()?;
-            let _bytes = self.budget.reserve(size_bytes(params.get()?.total_size()?))?;
-            let p = params.get()?;
-            let list = p.get_key_packages()?;
+            let _bytes =
+                self.budget.reserve(size_bytes(params.get().malformed()?.total_size().malformed()?))?;
+            let p = params.get().malformed()?;
+            let list = p.get_key_packages().malformed()?;
             // tooLarge, as for a batch or a payload: the call is over a size limit (the schema).
             if list.len() as usize > limits::MAX_KEY_PACKAGES_PER_UPLOAD {
                 return Err(coded(
@@ -714,7 +730,7 @@ impl account::Server for AccountImpl {
                     ),
                 ));
             }
-            let lr_len = p.get_last_resort()?.len();
+            let lr_len = p.get_last_resort().malformed()?.len();
             let lr_given = lr_len > 0;
             let lens: Vec<usize> = list.iter().map(|kp| kp.map_or(0, <[u8]>::len)).collect();
             // Sizes before the network's budget is charged: junk of any size must not spend it.
@@ -747,9 +763,9 @@ impl account::Server for AccountImpl {
             }
             let mut packages = Vec::with_capacity(list.len() as usize);
             for kp in list.iter() {
-                packages.push(self.check_key_package(kp?, false, now)?);
+                packages.push(self.check_key_package(kp.malformed()?, false, now)?);
             }
-            let lr = p.get_last_resort()?;
+            let lr = p.get_last_resort().malformed()?;
             let last_resort = if lr.is_empty() { None } else { Some(self.check_key_package(lr, true, now)?) };
             if packages.is_empty() && last_resort.is_none() {
                 return Err(failed("nothing to upload"));
@@ -788,10 +804,10 @@ impl account::Server for AccountImpl {
         async move {
             let _call = self.shared.call_guard()?;
             self.take_key_upload_token()?;
-            let p = params.get()?;
+            let p = params.get().malformed()?;
             let signed = SignedHybridKey {
-                key: p.get_hybrid_key()?.to_vec(),
-                signature: p.get_signature()?.to_vec(),
+                key: p.get_hybrid_key().malformed()?.to_vec(),
+                signature: p.get_signature().malformed()?.to_vec(),
                 created_at_ms: p.get_created_at_ms(),
             };
             drop(params); // its frame is not held across the store write (see `fetch_wait`)
@@ -826,7 +842,7 @@ impl account::Server for AccountImpl {
         mut results: account::FetchResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let limit = fetch_limit(params.get()?.get_limit());
+            let limit = fetch_limit(params.get().malformed()?.get_limit());
             drop(params); // its frame is not held across the store read (see `fetch_wait`)
             let _reading = self.memory.fetch_slot()?;
             // Held until the reply is built: what the page loaded, a message at a time.
@@ -853,7 +869,7 @@ impl account::Server for AccountImpl {
         mut results: account::FetchWaitResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
-            let p = params.get()?;
+            let p = params.get().malformed()?;
             let (timeout_ms, limit, ack_up_to) = (p.get_timeout_ms(), p.get_limit(), p.get_ack_up_to());
             // capnp-rpc keeps the call's whole frame (up to `limits::UNBUDGETED_FRAME_BYTES`,
             // outside every budget) for as long as `params` lives: not for a minute's wait.
@@ -949,7 +965,7 @@ impl account::Server for AccountImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         async move {
             let _call = self.shared.call_guard()?;
-            let up_to = params.get()?.get_up_to_seq();
+            let up_to = params.get().malformed()?.get_up_to_seq();
             drop(params); // its frame is not held across the store write (see `fetch_wait`)
             let removed = acked(self.shared.store.write(WriteOp::Ack { who: self.who, up_to }).await)?;
             results.get().set_removed(removed);
