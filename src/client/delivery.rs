@@ -271,12 +271,13 @@ impl Messenger {
         Ok(events)
     }
 
-    /// What became of the upkeep of our keys: the server's refusal of it (its key storage full
-    /// of strangers' packages, a rate limit) is a notice, said once per process, and the round
-    /// goes on; it is tried again at the next one. It used to fail the whole round, so while
-    /// strangers kept the server's key storage full, nobody whose keys were due could receive
-    /// (their `recv` failed) or send (queued messages waited behind the failed round). A lost
-    /// connection still ends the round, as it would the sends after it.
+    /// What became of the upkeep of our keys: the server's answer about itself (its key storage
+    /// full of strangers' packages, a rate limit, busy) is a notice, said once per process and
+    /// kind of answer, and the round goes on; it is tried again at the next one. It used to fail
+    /// the whole round, so while strangers kept the server's key storage full, nobody whose keys
+    /// were due could receive (their `recv` failed) or send (queued messages waited behind the
+    /// failed round). A refusal of the upload itself (a clock too far off, say) still fails the
+    /// round, loudly, as does a lost connection.
     fn upkeep(
         &mut self,
         done: Result<(), ClientError>,
@@ -285,11 +286,13 @@ impl Messenger {
     ) -> Result<(), ClientError> {
         match done {
             Ok(()) => {
-                self.upkeep_told.remove(what);
+                self.upkeep_told.retain(|(w, _)| *w != what);
                 Ok(())
             }
-            Err(ClientError::Session(e @ SessionError::Rpc(_))) => {
-                if self.upkeep_told.insert(what) {
+            Err(ClientError::Session(e)) if e.is_answer_about_the_server() => {
+                // (Only answers carry a code: `is_answer_about_the_server` holds for no other.)
+                let code = if let SessionError::Rpc(r) = &e { r.code as u16 } else { 0 };
+                if self.upkeep_told.insert((what, code)) {
                     events.push(Event::Dropped {
                         reason: format!("could not {what} yet: {e}; trying again later"),
                     });

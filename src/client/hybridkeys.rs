@@ -101,10 +101,19 @@ pub fn next_created_at(previous_ms: u64, now_ms: u64) -> u64 {
 
 /// Erases retired secrets past [`RETIRED_KEY_KEEP_MS`], and the oldest beyond
 /// [`MAX_RETIRED_KEYS`]. Returns how many were erased (dropping one zeroizes it).
-pub fn purge_retired(retired: &mut Vec<RetiredHybridKey>, now_ms: u64) -> usize {
+///
+/// With `keep_newest` (our current key is not published yet), the newest retired secret stays
+/// whatever its age: the server still hands out its public half, and while the server refuses
+/// the new one (a clock too far off, say) senders go on sealing to it. Erased, everything they
+/// sealed to us became unreadable (a review).
+pub fn purge_retired(retired: &mut Vec<RetiredHybridKey>, now_ms: u64, keep_newest: bool) -> usize {
     let before = retired.len();
-    retired.retain(|r| now_ms.saturating_sub(r.retired_at_ms) < RETIRED_KEY_KEEP_MS);
     retired.sort_by_key(|r| std::cmp::Reverse(r.retired_at_ms));
+    let mut first = keep_newest;
+    // Newest first: `first` keeps the newest one when asked to.
+    retired.retain(|r| {
+        std::mem::take(&mut first) || now_ms.saturating_sub(r.retired_at_ms) < RETIRED_KEY_KEEP_MS
+    });
     retired.truncate(MAX_RETIRED_KEYS);
     before - retired.len()
 }
@@ -193,7 +202,8 @@ impl Messenger {
     pub(crate) async fn maintain_hybrid_key(&mut self) -> Result<(), ClientError> {
         let _op = self.begin()?;
         let now = self.clock.now_ms();
-        if purge_retired(&mut self.home.state.secrets.retired_hybrid, now) > 0 {
+        let unpublished = !self.home.state.hybrid_published;
+        if purge_retired(&mut self.home.state.secrets.retired_hybrid, now, unpublished) > 0 {
             self.home.save()?;
         }
         // A key the server does not have yet is published before any further rotation, so a
@@ -222,7 +232,8 @@ impl Messenger {
         retired.append(&mut state.secrets.retired_hybrid);
         state.secrets.retired_hybrid.zeroize();
         state.secrets.retired_hybrid = retired;
-        purge_retired(&mut state.secrets.retired_hybrid, now);
+        // The key just retired is the newest, and young: nothing to protect.
+        purge_retired(&mut state.secrets.retired_hybrid, now, false);
         state.secrets.hybrid_seed = *fresh.seed();
         state.hybrid_created_at_ms = next_created_at(state.hybrid_created_at_ms, now);
         state.hybrid_published = false;
@@ -335,12 +346,21 @@ mod tests {
             retired_at_ms: T0 - age_ms,
         };
         let mut retired = vec![r(RETIRED_KEY_KEEP_MS), r(1), r(RETIRED_KEY_KEEP_MS - 1)];
-        assert_eq!(purge_retired(&mut retired, T0), 1);
+        assert_eq!(purge_retired(&mut retired, T0, false), 1);
         let ages: Vec<u64> = retired.iter().map(|k| T0 - k.retired_at_ms).collect();
         assert_eq!(ages, vec![1, RETIRED_KEY_KEEP_MS - 1], "newest first, the expired one gone");
 
+        // While our new key is not published, the newest retired one is what senders use.
+        let mut old = vec![r(RETIRED_KEY_KEEP_MS + 1), r(RETIRED_KEY_KEEP_MS + 5)];
+        assert_eq!(purge_retired(&mut old, T0, true), 1);
+        assert_eq!(
+            old.iter().map(|k| T0 - k.retired_at_ms).collect::<Vec<_>>(),
+            vec![RETIRED_KEY_KEEP_MS + 1]
+        );
+        assert_eq!(purge_retired(&mut old, T0, false), 1, "once published, it goes");
+
         let mut many: Vec<RetiredHybridKey> = (0..MAX_RETIRED_KEYS as u64 + 3).map(|i| r(i * 1000)).collect();
-        assert_eq!(purge_retired(&mut many, T0), 3);
+        assert_eq!(purge_retired(&mut many, T0, false), 3);
         assert_eq!(many.len(), MAX_RETIRED_KEYS);
         assert!(
             many.iter().all(|k| T0 - k.retired_at_ms < MAX_RETIRED_KEYS as u64 * 1000),

@@ -234,7 +234,8 @@ pub struct Messenger {
     /// every round.
     pub(crate) leave_retry_told: std::collections::HashSet<Vec<u8>>,
     /// Key upkeep the server refused and this process said it retries (see `upkeep`).
-    pub(crate) upkeep_told: std::collections::HashSet<&'static str>,
+    /// (what, wire code as a number: the generated enum has no `Hash`).
+    pub(crate) upkeep_told: std::collections::HashSet<(&'static str, u16)>,
     /// (group id, epoch) whose leave proposals this process passed on before committing them.
     pub(crate) leave_relayed: std::collections::HashSet<(Vec<u8>, u64)>,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
