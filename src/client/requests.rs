@@ -122,34 +122,48 @@ pub struct RequestBook {
 /// Kept apart from [`RequestBook`] (whose encoding a qpq that knows nothing of numbers still
 /// reads and writes): [`RequestNumbers::sync`] gives numbers to requests that have none (say,
 /// after an older qpq filed them) and forgets those of requests that left.
+///
+/// A number belongs to the sender and the group together: a later request for the same group
+/// id from someone else (group ids are the inviter's choice) gets a number of its own.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestNumbers {
     /// The last number given (numbers start at 1).
     last: u64,
-    /// The pending requests' numbers, by group id.
-    by_group: BTreeMap<Vec<u8>, u64>,
+    /// The pending requests' numbers, by sender key and group id.
+    by_request: BTreeMap<Vec<u8>, u64>,
 }
 
 impl RequestNumbers {
-    /// Numbers the pending requests that have none, oldest first, and forgets the rest.
-    pub fn sync(&mut self, pending: &[Request]) {
-        self.by_group.retain(|g, _| pending.iter().any(|r| r.group_id == *g));
+    fn key(r: &Request) -> Vec<u8> {
+        [&r.from[..], &r.group_id[..]].concat()
+    }
+
+    /// Numbers the pending requests that have none, oldest first, and forgets the rest; true
+    /// when anything changed (then worth saving).
+    pub fn sync(&mut self, pending: &[Request]) -> bool {
+        let keys: BTreeSet<Vec<u8>> = pending.iter().map(Self::key).collect();
+        let before = self.by_request.len();
+        self.by_request.retain(|k, _| keys.contains(k));
+        let mut changed = before != self.by_request.len();
         for r in pending {
-            if !self.by_group.contains_key(&r.group_id) {
+            let key = Self::key(r);
+            if !self.by_request.contains_key(&key) {
                 self.last = self.last.saturating_add(1);
-                self.by_group.insert(r.group_id.clone(), self.last);
+                self.by_request.insert(key, self.last);
+                changed = true;
             }
         }
+        changed
     }
 
-    /// The number of the request for `group_id`.
-    pub fn of(&self, group_id: &[u8]) -> Option<u64> {
-        self.by_group.get(group_id).copied()
+    /// The number of `r`.
+    pub fn of(&self, r: &Request) -> Option<u64> {
+        self.by_request.get(&Self::key(r)).copied()
     }
 
-    /// The group id of request `#n`.
-    pub fn group_of(&self, n: u64) -> Option<&[u8]> {
-        self.by_group.iter().find(|(_, m)| **m == n).map(|(g, _)| g.as_slice())
+    /// Where request `#n` is in `pending`.
+    pub fn position(&self, n: u64, pending: &[Request]) -> Option<usize> {
+        pending.iter().position(|r| self.of(r) == Some(n))
     }
 }
 
@@ -393,16 +407,17 @@ impl Messenger {
     /// Pending requests, oldest first, with a preview of the first message from each one's inviter.
     pub fn requests(&mut self) -> Result<Vec<RequestView>, ClientError> {
         let _op = self.begin()?;
-        if self.expire_strangers() {
+        // Numbers given now are saved now: a number shown must stay that request's, even if
+        // an older qpq (which knows nothing of them) changes the list before our next save.
+        if self.expire_strangers() | self.home.state.sync_request_numbers() {
             self.persist()?;
         }
-        self.home.state.sync_request_numbers();
         let state = &self.home.state;
         Ok(state
             .requests
             .pending
             .iter()
-            .filter_map(|r| Some((state.request_numbers.of(&r.group_id)?, r)))
+            .filter_map(|r| Some((state.request_numbers.of(r)?, r)))
             .map(|(number, r)| {
                 let (preview, claimed_name) = self.preview_and_name(r);
                 RequestView {
@@ -462,7 +477,7 @@ impl Messenger {
     pub fn request_summary(&self, group_id: &[u8]) -> Option<(u64, Option<String>)> {
         let state = &self.home.state;
         let r = state.requests.pending.iter().find(|r| r.group_id == group_id)?;
-        Some((state.request_numbers.of(group_id)?, self.preview(r)))
+        Some((state.request_numbers.of(r)?, self.preview(r)))
     }
 
     /// The group name a pending group request came with (None for a direct one).
@@ -487,8 +502,8 @@ impl Messenger {
         let state = &mut self.home.state;
         state.sync_request_numbers();
         let taken = match which {
-            RequestSelector::Number(n) => match state.request_numbers.group_of(*n) {
-                Some(g) => state.requests.take_group(g).into_iter().collect(),
+            RequestSelector::Number(n) => match state.request_numbers.position(*n, &state.requests.pending) {
+                Some(i) => vec![state.requests.pending.remove(i)],
                 None => Vec::new(),
             },
             RequestSelector::Key(k) => state.requests.take_from(k),
@@ -592,9 +607,11 @@ impl Messenger {
             RequestSelector::Number(n) => {
                 self.home.state.sync_request_numbers();
                 let state = &self.home.state;
-                let group = state.request_numbers.group_of(*n);
-                group
-                    .and_then(|g| state.requests.pending.iter().find(|r| r.group_id == g))
+                let pending = &state.requests.pending;
+                state
+                    .request_numbers
+                    .position(*n, pending)
+                    .and_then(|i| pending.get(i))
                     .map(|r| r.from)
                     .ok_or_else(|| ClientError::NoRequest(label.to_string()))?
             }
@@ -844,18 +861,20 @@ mod tests {
     fn request_numbers_stay_with_their_requests_and_are_not_reused() {
         let mut numbers = RequestNumbers::default();
         let mut pending = vec![request(1, 1, 10, 0), request(2, 2, 10, 0), request(3, 3, 10, 0)];
-        numbers.sync(&pending);
-        assert_eq!([1, 2, 3].map(|g| numbers.of(&[g; 16])), [Some(1), Some(2), Some(3)]);
+        assert!(numbers.sync(&pending));
+        assert!(!numbers.sync(&pending), "nothing new");
+        assert_eq!(pending.iter().map(|r| numbers.of(r)).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
         pending.remove(0);
-        numbers.sync(&pending);
-        assert_eq!(numbers.of(&[1; 16]), None);
-        assert_eq!(numbers.group_of(2), Some(&[2u8; 16][..]));
-        assert_eq!(numbers.group_of(1), None);
+        assert!(numbers.sync(&pending));
+        assert_eq!(numbers.position(2, &pending), Some(0));
+        assert_eq!(numbers.position(1, &pending), None);
         pending.clear();
         numbers.sync(&pending);
         pending.push(request(4, 4, 10, 0));
+        // Another sender's request for a group id that had a number is a new request.
+        pending.push(request(5, 2, 10, 0));
         numbers.sync(&pending);
-        assert_eq!(numbers.of(&[4; 16]), Some(4));
+        assert_eq!(pending.iter().map(|r| numbers.of(r)).collect::<Vec<_>>(), [Some(4), Some(5)]);
     }
 
     #[test]

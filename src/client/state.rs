@@ -344,8 +344,8 @@ impl State {
     }
 
     /// Gives pending requests without a number theirs (see [`RequestNumbers`]).
-    pub fn sync_request_numbers(&mut self) {
-        self.request_numbers.sync(&self.requests.pending);
+    pub fn sync_request_numbers(&mut self) -> bool {
+        self.request_numbers.sync(&self.requests.pending)
     }
 
     pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
