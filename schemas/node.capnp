@@ -204,9 +204,10 @@ interface Account {
   # must, and replaces the stored last-resort package. All-or-nothing and durable. count is the
   # number of single-use packages stored afterwards; the pool is capped ("key package pool full").
   # A package valid for less than the message TTL and a day more is stored but never handed out
-  # (see fetchKeyPackage), and deleted by the next sweep. A package the account already has
-  # stored, or named twice, is stored once (so a retried upload never hands one package to two
-  # inviters).
+  # (see fetchKeyPackage), and deleted by the next sweep. A package the account has stored, or
+  # names twice, is stored once. One already handed out is not remembered, so a client retrying
+  # an upload whose outcome it does not know uploads fresh packages (as qpq's does), never the
+  # same ones: those could go to two inviters.
   # Lifetimes (RFC 9420 section 7.2 asks servers to bound them): not_after - not_before at most
   # 63 days + 1 hour + 1 day ("badRequest: ... lifetime too long"; openmls's default 84 days is
   # refused), not_before at most the server's now (clocks more than an hour fast are refused as

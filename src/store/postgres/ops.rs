@@ -592,15 +592,18 @@ async fn upload_key_packages(
     // Expired packages must not count against the cap: a returning user could never refill.
     prune_key_packages(tx, key, big(now)).await?;
     let offered: Vec<&[u8]> = packages.iter().map(|p| &p.bytes[..]).collect();
-    let stored: std::collections::HashSet<Vec<u8>> = tx
-        .query(
+    let stored: std::collections::HashSet<Vec<u8>> = if offered.is_empty() {
+        Default::default()
+    } else {
+        tx.query(
             "SELECT bytes FROM qpq_key_packages WHERE identity = $1 AND bytes = ANY($2::bytea[])",
             &[&key, &offered],
         )
         .await?
         .iter()
         .map(|r| r.get::<_, Vec<u8>>(0))
-        .collect();
+        .collect()
+    };
     let packages = &crate::store::single_copies(packages, &stored);
     let have: i64 = tx
         .query_one("SELECT count(*)::bigint FROM qpq_key_packages WHERE identity = $1", &[&key])
