@@ -514,6 +514,52 @@ pub const PG_FETCH_WORKERS: usize = 2;
 /// the call fails with `unavailable`: a database that is down gives clients an answer, not a hang.
 pub const PG_CONNECT_TIMEOUT_MS: u64 = 5_000;
 
+/// Longest one statement waits for a row lock (PostgreSQL's `lock_timeout`) before PostgreSQL
+/// fails it (55P03, answered `unavailable`): a node that stalls inside a transaction (a paused
+/// VM, a lost link) keeps its row locks until PostgreSQL notices, and the other nodes' writes
+/// to the same recipients give up after this instead of hanging their workers.
+pub const PG_LOCK_TIMEOUT_MS: u64 = 15_000;
+
+/// Longest PostgreSQL runs one statement (`statement_timeout`) before it cancels it (57014,
+/// answered `unavailable`) and frees its locks. Ours take milliseconds; this ends one whose
+/// node stopped waiting for it ([`PG_REPLY_TIMEOUT_MS`]). Above [`PG_LOCK_TIMEOUT_MS`], so a
+/// statement held up by a lock is reported as such.
+pub const PG_STATEMENT_TIMEOUT_MS: u64 = 20_000;
+
+/// Longest a session may sit idle inside a transaction (`idle_in_transaction_session_timeout`)
+/// before PostgreSQL ends it: a stalled node's transaction then does not keep its locks for the
+/// minutes or hours TCP would take to notice it is gone. (Our transactions send their
+/// statements back to back; only a stalled node is ever idle in one.)
+pub const PG_IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+
+/// Longest a node waits for PostgreSQL to answer one transaction (from its first statement to
+/// the COMMIT's reply) or one read, before it drops the connection and the call fails with
+/// `unavailable`. PostgreSQL's own timeouts end a slow statement sooner
+/// ([`PG_LOCK_TIMEOUT_MS`], [`PG_STATEMENT_TIMEOUT_MS`]) and answer; this is for a connection
+/// that stopped answering at all (a network partition mid-call, a frozen host), on which a
+/// query waited for TCP retransmission (15 minutes on Linux) while the node's one batch worker
+/// ([`PG_BATCH_WORKERS`]) made every enqueue wait behind it.
+pub const PG_REPLY_TIMEOUT_MS: u64 = 25_000;
+const _: () =
+    assert!(PG_LOCK_TIMEOUT_MS < PG_STATEMENT_TIMEOUT_MS && PG_STATEMENT_TIMEOUT_MS < PG_REPLY_TIMEOUT_MS);
+
+/// TCP keepalive of every PostgreSQL connection: first probe after this much silence, then
+/// [`PG_KEEPALIVE_INTERVAL_SECS`] apart, [`PG_KEEPALIVE_RETRIES`] unanswered ones close it. An
+/// idle pooled or listen connection to a host that vanished (no RST) is then noticed in about a
+/// minute, not after the system default of two hours.
+pub const PG_KEEPALIVE_IDLE_SECS: u64 = 30;
+/// See [`PG_KEEPALIVE_IDLE_SECS`].
+pub const PG_KEEPALIVE_INTERVAL_SECS: u64 = 10;
+/// See [`PG_KEEPALIVE_IDLE_SECS`].
+pub const PG_KEEPALIVE_RETRIES: u32 = 3;
+
+/// Longest bytes sent to PostgreSQL may stay unacknowledged before the kernel closes the
+/// connection (`TCP_USER_TIMEOUT`, Linux): keepalives only probe an idle connection, and one
+/// with a query in flight to a vanished host retransmitted for about 15 minutes. This also
+/// bounds, with the keepalives, the listen and wake-up connections, which have no
+/// [`PG_REPLY_TIMEOUT_MS`], and a connection a node dropped with a query still unanswered.
+pub const PG_TCP_USER_TIMEOUT_MS: u64 = 30_000;
+
 /// Times a PostgreSQL transaction is retried after a deadlock or serialization failure (rare
 /// races between a sweep and enqueues; PostgreSQL aborts one side, which then runs again).
 pub const PG_TX_ATTEMPTS: usize = 5;

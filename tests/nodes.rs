@@ -640,6 +640,68 @@ async fn after_a_failover_a_node_writes_to_the_new_primary_without_a_restart() {
     store.close();
 }
 
+/// Review: a query on a connection that stopped answering (a network partition mid-commit)
+/// waited for TCP retransmission, minutes, and with one batch worker per lane every enqueue of
+/// the node waited behind it. Here every COMMIT waits for a synchronous standby that never
+/// comes: the write fails `unavailable` after the store's reply deadline instead of hanging,
+/// said to have perhaps taken effect, and it has (once the database stops waiting, it is
+/// there, once, in its place); the node then writes again without a restart. Fails without
+/// the fix: the write is still waiting when the test gives up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_the_database_never_answers_fails_unavailable_and_may_have_taken_effect() {
+    use qpq::store::{Outcome, PgStore, StoreError, WriteOp};
+    use std::time::Duration;
+    // Far beyond the reply deadline: a write not answered by then hangs.
+    const HUNG: Duration = Duration::from_secs(30);
+    let cluster = common::pg::Cluster::private();
+    let url = cluster.fresh_database();
+    let clock = qpq::clock::Clock::system();
+    let deadline = Duration::from_secs(3);
+    let store = PgStore::open_with_reply_timeout(&url, store_limits(1 << 20), clock, deadline).await.unwrap();
+    let alice = [7u8; 32];
+    let enqueue = |body: &str| {
+        store.write(WriteOp::Enqueue { channel: Vec::new(), items: vec![(alice, body.as_bytes().to_vec())] })
+    };
+    let written = tokio::time::timeout(HUNG, enqueue("before")).await.expect("answered");
+    assert!(matches!(written, Ok(Outcome::Enqueued { .. })), "{written:?}");
+    let mut sent = vec!["before".to_string()];
+    // From when the setting reaches PostgreSQL's checkpointer, every commit waits for it; the
+    // writes before that commit as usual.
+    cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    cluster.psql("SELECT pg_reload_conf()");
+    let failed = loop {
+        let body = format!("during {}", sent.len());
+        sent.push(body.clone());
+        match tokio::time::timeout(HUNG, enqueue(&body)).await.expect("the write hung") {
+            Ok(_) => assert!(sent.len() < 10_000, "the commits never started waiting"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(&failed, StoreError::Unavailable(m) if m.contains("may have taken effect")), "{failed}");
+    // The COMMIT the store gave up on is still waiting; the setting's removal lets it finish.
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+    let wait_for = |n: &str| {
+        for _ in 0..1000 {
+            if cluster.query(&url, waiting) == n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("never {n} commit(s) waiting for the standby");
+    };
+    wait_for("1");
+    cluster.psql("ALTER SYSTEM RESET synchronous_standby_names");
+    cluster.psql("SELECT pg_reload_conf()");
+    wait_for("0");
+    let written = tokio::time::timeout(HUNG, enqueue("after")).await.expect("answered");
+    assert!(matches!(written, Ok(Outcome::Enqueued { .. })), "{written:?}");
+    sent.push("after".to_string());
+    let (msgs, _) = store.fetch(&alice, 0, 1000, 1 << 20).await.unwrap();
+    let got: Vec<String> = msgs.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+    assert_eq!(got, sent, "every write stored once, the one answered unavailable included");
+    store.close();
+}
+
 fn store_limits(max_bytes: u64) -> qpq::store::QueueLimits {
     qpq::store::QueueLimits {
         max_messages: 1000,

@@ -178,14 +178,17 @@ impl Inner {
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let applied = apply(&client, self.limits, now_ms, ops).await;
-            if applied.is_err() {
-                // Ends the transaction if the failure left one open (a warning, not an error,
-                // when the pipelined COMMIT already ended it); a dead connection is dropped by
-                // the pool.
-                let _ = client.batch_execute("ROLLBACK").await;
-            }
-            match applied {
+            let attempt = async {
+                let applied = apply(&client, self.limits, now_ms, ops).await;
+                if applied.is_err() {
+                    // Ends the transaction if the failure left one open (a warning, not an
+                    // error, when the pipelined COMMIT already ended it); a dead connection is
+                    // dropped by the pool.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                applied
+            };
+            match self.answered(attempt).await {
                 Ok(applied) => {
                     if applied.wrote {
                         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -196,6 +199,12 @@ impl Inner {
                 Err(TxError::ReadOnly(m)) => {
                     last = m;
                     self.discard(client);
+                }
+                // Its COMMIT may have been sent and may yet run: every request of the batch is
+                // answered `unavailable` (the worker never runs them again one by one).
+                Err(e @ TxError::Silent(_)) => {
+                    self.abandon(client);
+                    return Err(unavailable(e));
                 }
                 Err(TxError::Store(e)) => return Err(e),
             }

@@ -56,6 +56,12 @@ pub(crate) enum TxError {
     /// that moved the database's address elsewhere. The connection is dropped, not pooled again
     /// (see [`Inner::discard`]), and the write runs again on a new one.
     ReadOnly(String),
+    /// No answer within the node's reply deadline ([`Inner::answered`]): the connection is
+    /// dropped, not pooled again ([`Inner::abandon`]), since a transaction may still be open on
+    /// it. One whose COMMIT was sent may have committed, so it is never run again here and is
+    /// reported `unavailable`, as a commit cut off by a lost connection is: the client's retry
+    /// may store a duplicate, which MLS discards.
+    Silent(Duration),
     /// Anything else: roll back and report.
     Store(StoreError),
 }
@@ -75,7 +81,8 @@ impl From<tokio_postgres::Error> for TxError {
             }
             Some(c) if *c == SqlState::READ_ONLY_SQL_TRANSACTION => TxError::ReadOnly(db_text(&e)),
             // An error the server sent about our SQL or data: a bug or damage, not an outage.
-            // Lock and idle timeouts (55P03, 25P03) are outages too: try again later.
+            // Lock and idle timeouts (55P03, 25P03) are outages too: try again later. So is a
+            // statement PostgreSQL cancelled at `statement_timeout` (57014, a class 57 code).
             Some(c)
                 if !c.code().starts_with("08")
                     && !c.code().starts_with("57")
@@ -120,6 +127,8 @@ struct Inner {
     instance_id: u64,
     /// Random per process: a node skips its own NOTIFYs (it woke its waiters already).
     node_id: u64,
+    /// How long a transaction or read waits for the database's answers (see [`Inner::answered`]).
+    reply_timeout: Duration,
 }
 
 /// The PostgreSQL-backed store of one node.
@@ -153,15 +162,22 @@ pub struct PgStore {
 ///   enqueue count on each statement seeing what committed before it (PostgreSQL's default, but
 ///   a database or role may set another; under repeatable read an enqueue racing a sweep could
 ///   hand out sequence numbers below the recipient's cursor).
-/// - `lock_timeout=15s`: a node that stalls inside a transaction (a paused VM, a lost link)
-///   keeps its row locks until PostgreSQL notices; the other nodes' enqueues to the same
-///   recipients give up after this and answer `unavailable` instead of hanging their workers.
-/// - `idle_in_transaction_session_timeout=60s`: and PostgreSQL ends such a stalled transaction
-///   after this, so its locks do not outlive it by the two hours TCP keepalive would take.
-///   (Migrations wait for each other without a limit: see [`schema::migrate`].)
-const SESSION_OPTIONS: &str = "-c synchronous_commit=on -c plan_cache_mode=force_generic_plan \
-     -c random_page_cost=1.1 -c default_transaction_isolation=read\\ committed -c lock_timeout=15s \
-     -c idle_in_transaction_session_timeout=60s";
+/// - `lock_timeout` ([`limits::PG_LOCK_TIMEOUT_MS`]), `statement_timeout`
+///   ([`limits::PG_STATEMENT_TIMEOUT_MS`]) and `idle_in_transaction_session_timeout`
+///   ([`limits::PG_IDLE_IN_TRANSACTION_TIMEOUT_MS`]): PostgreSQL ends what waits or runs too
+///   long, or what a stalled node left open, and frees its locks, so the other nodes' writes
+///   answer `unavailable` instead of hanging their workers. (Migrations wait for each other
+///   without a limit: see [`schema::migrate`].)
+fn session_options() -> String {
+    format!(
+        "-c synchronous_commit=on -c plan_cache_mode=force_generic_plan -c random_page_cost=1.1 \
+         -c default_transaction_isolation=read\\ committed -c lock_timeout={} -c statement_timeout={} \
+         -c idle_in_transaction_session_timeout={}",
+        limits::PG_LOCK_TIMEOUT_MS,
+        limits::PG_STATEMENT_TIMEOUT_MS,
+        limits::PG_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+    )
+}
 
 /// Parses and checks a `postgres://` URL; the password never appears in an error.
 fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
@@ -175,16 +191,18 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
         ));
     }
     let options = match cfg.get_options() {
-        Some(o) => format!("{o} {SESSION_OPTIONS}"),
-        None => SESSION_OPTIONS.to_string(),
+        Some(o) => format!("{o} {}", session_options()),
+        None => session_options(),
     };
     cfg.options(&options);
     cfg.connect_timeout(Duration::from_millis(limits::PG_CONNECT_TIMEOUT_MS));
-    // A database host that vanished (no RST) is noticed in about a minute, not two hours.
+    // A database host that vanished (no RST) is noticed in about a minute, not two hours, and
+    // not after 15 minutes of retransmission when a query was in flight (see `limits`).
     cfg.keepalives(true)
-        .keepalives_idle(Duration::from_secs(30))
-        .keepalives_interval(Duration::from_secs(10))
-        .keepalives_retries(3);
+        .keepalives_idle(Duration::from_secs(limits::PG_KEEPALIVE_IDLE_SECS))
+        .keepalives_interval(Duration::from_secs(limits::PG_KEEPALIVE_INTERVAL_SECS))
+        .keepalives_retries(limits::PG_KEEPALIVE_RETRIES)
+        .tcp_user_timeout(Duration::from_millis(limits::PG_TCP_USER_TIMEOUT_MS));
     if cfg.get_application_name().is_none() {
         cfg.application_name(&schema::application_name());
     }
@@ -198,6 +216,18 @@ impl PgStore {
     /// Connects, migrates the schema and starts listening for other nodes' mail. Must be called
     /// inside a tokio runtime, which then runs every database call.
     pub async fn open(url: &str, limits: QueueLimits, clock: Clock) -> Result<PgStore, StoreError> {
+        let reply_timeout = Duration::from_millis(limits::PG_REPLY_TIMEOUT_MS);
+        PgStore::open_with_reply_timeout(url, limits, clock, reply_timeout).await
+    }
+
+    /// [`PgStore::open`], with `reply_timeout` as how long a call waits for the database's
+    /// answers ([`limits::PG_REPLY_TIMEOUT_MS`] but in tests).
+    pub async fn open_with_reply_timeout(
+        url: &str,
+        limits: QueueLimits,
+        clock: Clock,
+        reply_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
         let cfg = parse_url(url)?;
         let manager = Manager::from_config(
             cfg.clone(),
@@ -231,6 +261,7 @@ impl PgStore {
             largest_read: std::sync::atomic::AtomicUsize::new(0),
             instance_id,
             node_id: rand::random(),
+            reply_timeout,
         });
         let stop = CancellationToken::new();
         tokio::spawn(listen::run(cfg.clone(), inner.node_id, inner.notifier.clone(), stop.clone()));
@@ -299,7 +330,8 @@ impl PgStore {
         let who = *who;
         self.on_runtime(move |inner| async move {
             let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            ops::key_package_count(&client, &who, now).await.map_err(unavailable)
+            let counted = inner.answered(ops::key_package_count(&client, &who, now)).await;
+            inner.settle(client, counted)
         })
         .await
     }
@@ -308,7 +340,8 @@ impl PgStore {
         let who = *who;
         self.on_runtime(move |inner| async move {
             let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            ops::hybrid_key(&client, &who).await.map_err(unavailable)
+            let found = inner.answered(ops::hybrid_key(&client, &who)).await;
+            inner.settle(client, found)
         })
         .await
     }
@@ -355,6 +388,10 @@ fn unavailable(e: TxError) -> StoreError {
     match e {
         TxError::Conflict(m) => StoreError::Unavailable(format!("transaction kept conflicting: {m}")),
         TxError::ReadOnly(m) => StoreError::Unavailable(format!("the database is read-only: {m}")),
+        TxError::Silent(waited) => StoreError::Unavailable(format!(
+            "no answer from the database within {} ms (a write may have taken effect)",
+            waited.as_millis()
+        )),
         TxError::Store(e) => e,
     }
 }
@@ -369,7 +406,8 @@ impl Inner {
     /// further); a queue with room here is checked again under the batch's locks.
     async fn required_has_room(&self, required: &IdentityKey, add: i64) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-        let (count, bytes) = ops::queue_held(&client, required).await.map_err(unavailable)?;
+        let held = self.answered(ops::queue_held(&client, required)).await;
+        let (count, bytes) = self.settle(client, held)?;
         match mail::queue_full(self.limits, count, bytes, add) {
             Some(full) => Err(full),
             None => Ok(()),
@@ -386,6 +424,43 @@ impl Inner {
         tracing::warn!("the database is read-only (a standby after a failover?); reconnecting");
     }
 
+    /// `work` (one transaction or read on one pooled connection), given up as
+    /// [`TxError::Silent`] when the database has not answered it within the reply deadline.
+    async fn answered<T>(&self, work: impl Future<Output = Result<T, TxError>>) -> Result<T, TxError> {
+        tokio::time::timeout(self.reply_timeout, work)
+            .await
+            .unwrap_or(Err(TxError::Silent(self.reply_timeout)))
+    }
+
+    /// Drops `client`'s connection, which did not answer in time, and every idle one with it.
+    /// Its state is unknown (a transaction may be open on it, its COMMIT perhaps still to run),
+    /// and the idle ones most likely share its fate (the same path to the same host); new ones
+    /// are opened on demand, each within [`limits::PG_CONNECT_TIMEOUT_MS`], so the calls that
+    /// follow a partition fail within that instead of each waiting out the deadline on a dead
+    /// pooled connection. The dropped connection's task ends once its answers come or TCP gives
+    /// up (see [`limits::PG_TCP_USER_TIMEOUT_MS`]); PostgreSQL ends the statement it was running
+    /// ([`limits::PG_STATEMENT_TIMEOUT_MS`]).
+    fn abandon(&self, client: deadpool_postgres::Object) {
+        drop(deadpool_postgres::Object::take(client));
+        self.pool.retain(|_, _| false);
+        tracing::warn!(
+            waited_ms = self.reply_timeout.as_millis() as u64,
+            "the database did not answer in time; dropping its connections"
+        );
+    }
+
+    /// The result of one read on `client`, which goes back to the pool unless it was silent.
+    fn settle<T>(
+        &self,
+        client: deadpool_postgres::Object,
+        result: Result<T, TxError>,
+    ) -> Result<T, StoreError> {
+        if let Err(TxError::Silent(_)) = result {
+            self.abandon(client);
+        }
+        result.map_err(unavailable)
+    }
+
     /// One write in its own transaction, run again after a deadlock or serialization failure,
     /// or on a new connection after meeting a read-only server.
     async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
@@ -393,35 +468,32 @@ impl Inner {
         let mut last = String::new();
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let mut client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-            let tx = client.transaction().await.map_err(|e| unavailable(e.into()))?;
             let mut woken = Vec::new();
-            let applied = ops::apply(&tx, self.limits, now_ms, &op, &mut woken).await;
-            match applied {
-                // An inner refusal commits what the operation did before refusing (a take that
-                // found no live package still deletes the expired ones, as redb does); a refused
-                // enqueue or fanout is an outer error and rolls back (`ops::apply`).
-                Ok(outcome) => match tx.commit().await {
-                    Ok(()) => {
-                        self.commits.fetch_add(1, Ordering::Relaxed);
-                        self.notifier.notify(woken.iter());
-                        self.wakeups.push(woken.iter());
-                        return outcome;
-                    }
-                    Err(e) => match TxError::from(e) {
-                        TxError::Conflict(m) => last = m,
-                        TxError::ReadOnly(m) => {
-                            last = m;
-                            self.discard(client);
-                        }
-                        TxError::Store(e) => return Err(e),
-                    },
-                },
-                // Dropping `tx` rolls it back.
+            // An inner refusal commits what the operation did before refusing (a take that
+            // found no live package still deletes the expired ones, as redb does); a refused
+            // enqueue or fanout is an outer error and rolls back (`ops::apply`). An error drops
+            // `tx`, which rolls it back.
+            let attempt = async {
+                let tx = client.transaction().await?;
+                let outcome = ops::apply(&tx, self.limits, now_ms, &op, &mut woken).await?;
+                tx.commit().await?;
+                Ok(outcome)
+            };
+            match self.answered(attempt).await {
+                Ok(outcome) => {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    self.notifier.notify(woken.iter());
+                    self.wakeups.push(woken.iter());
+                    return outcome;
+                }
                 Err(TxError::Conflict(m)) => last = m,
                 Err(TxError::ReadOnly(m)) => {
-                    drop(tx);
                     last = m;
                     self.discard(client);
+                }
+                Err(e @ TxError::Silent(_)) => {
+                    self.abandon(client);
+                    return Err(unavailable(e));
                 }
                 Err(TxError::Store(e)) => return Err(e),
             }
@@ -489,19 +561,27 @@ mod tests {
         let options = cfg.get_options().expect("options are set");
         // PostgreSQL applies `-c` settings in order, so ours must come last to win.
         assert!(options.starts_with("-c synchronous_commit=off -c plan_cache_mode=auto "), "{options}");
-        assert!(options.ends_with(SESSION_OPTIONS), "{options}");
+        let ours = session_options();
+        assert!(options.ends_with(&ours), "{options}");
         for forced in [
             "synchronous_commit=on",
             "plan_cache_mode=force_generic_plan",
             "random_page_cost=1.1",
             "default_transaction_isolation=read\\ committed",
-            "lock_timeout=",
-            "idle_in_transaction_session_timeout=",
+            &format!("lock_timeout={} ", limits::PG_LOCK_TIMEOUT_MS),
+            &format!("statement_timeout={} ", limits::PG_STATEMENT_TIMEOUT_MS),
+            &format!("idle_in_transaction_session_timeout={}", limits::PG_IDLE_IN_TRANSACTION_TIMEOUT_MS),
         ] {
-            assert!(SESSION_OPTIONS.contains(forced), "{forced} missing from {SESSION_OPTIONS}");
+            assert!(ours.contains(forced), "{forced} missing from {ours}");
         }
         let plain = parse_url("postgres://qpq@127.0.0.1:5432/qpq").expect("a valid url");
-        assert_eq!(plain.get_options(), Some(SESSION_OPTIONS));
+        assert_eq!(plain.get_options(), Some(ours.as_str()));
+        // A query in flight to a vanished host fails within a minute, not after retransmission.
+        assert_eq!(plain.get_keepalives_idle(), Duration::from_secs(limits::PG_KEEPALIVE_IDLE_SECS));
+        assert_eq!(
+            plain.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(limits::PG_TCP_USER_TIMEOUT_MS))
+        );
         // Named after the schema it speaks, so a migrating node sees it (see `schema`).
         assert_eq!(plain.get_application_name(), Some(format!("qpq schema {SCHEMA_VERSION}").as_str()));
     }

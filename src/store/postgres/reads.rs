@@ -82,11 +82,12 @@ pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receive
         // Each statement answers a prefix of the requests (at least one); the rest go again.
         while !requests.is_empty() {
             let read = async {
-                let client = inner.pool.get().await.map_err(TxError::from)?;
+                let client = inner.pool.get().await.map_err(|e| unavailable(e.into()))?;
                 inner.reads.fetch_add(1, Ordering::Relaxed);
-                fetch_pages(&client, &inner, now, &requests).await
+                let pages = inner.answered(fetch_pages(&client, &inner, now, &requests)).await;
+                inner.settle(client, pages)
             };
-            match read.await.map_err(unavailable) {
+            match read.await {
                 Ok(pages) => {
                     let rest = requests.split_off(pages.len().min(requests.len()));
                     for (request, page) in requests.into_iter().zip(pages) {

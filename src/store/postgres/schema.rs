@@ -194,9 +194,10 @@ const _: () = assert!(crate::limits::KEY_ROW_OVERHEAD_BYTES == 128);
 
 /// Brings the database to [`SCHEMA_VERSION`] and returns its instance id (created on first use).
 pub(super) async fn migrate(tx: &Transaction<'_>) -> Result<u64, TxError> {
-    // A node starting while another migrates waits for it however long it takes (the
-    // session's lock_timeout is for the hot path).
-    tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
+    // A node starting while another migrates waits for it however long it takes, and a
+    // migration rewriting a big table runs however long that takes (the session's lock and
+    // statement timeouts are for the hot path).
+    tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS qpq_schema_version (
