@@ -571,6 +571,15 @@ pub const PG_FALLBACK_POLL_MS: u64 = 2_000;
 /// Longest the listen connection waits before reconnecting after it lost PostgreSQL.
 pub const PG_LISTEN_RETRY_MS: u64 = 1_000;
 
+/// Most recipients a node keeps waiting for its wake-up sender (`store::postgres::wake`): past
+/// it the set is emptied. While the sender could not reach the database, every recipient of
+/// committed mail was added without bound; at about 12 million keys the one `pg_notify` array
+/// it sends passed PostgreSQL's 1 GB limit, and it never recovered. Emptying it loses nothing:
+/// every parked `fetchWait` reads again after [`PG_FALLBACK_POLL_MS`], and only a sender that
+/// cannot send lets the set grow this large (it takes all of it at each statement). 100,000 keys are a few MB here and a 7 MB array (1,000
+/// NOTIFYs) once the sender is back.
+pub const PG_MAX_PENDING_WAKEUPS: usize = 100_000;
+
 /// Recipients named in one NOTIFY payload: 64 hex digits each, under PostgreSQL's 8000-byte
 /// payload limit with room for the sending node's id.
 pub const PG_NOTIFY_RECIPIENTS: usize = 100;

@@ -17,8 +17,14 @@
 //! delivery until the waiter's fallback poll ([`crate::limits::PG_FALLBACK_POLL_MS`]). Sent
 //! only after the data commit, a NOTIFY still never wakes a waiter before its mail is readable.
 //!
-//! Pending recipients are a set, so its size is bounded by the recipients with fresh mail, and
-//! bursts coalesce: while one NOTIFY statement runs, the next batch's recipients accumulate.
+//! Pending recipients are a set, so bursts coalesce: while one NOTIFY statement runs, the next
+//! batch's recipients accumulate. It holds at most [`limits::PG_MAX_PENDING_WAKEUPS`]: while the
+//! sender cannot reach the database, every recipient of committed mail is added, and one more
+//! empties it instead. That loses no message and sends no "wake everyone" notice: every waiter
+//! on the other nodes reads its queue again after [`limits::PG_FALLBACK_POLL_MS`] whatever it
+//! is told, so a dropped recipient's mail is late by at most that. Only a sender that cannot
+//! send lets the set grow that large (it takes the whole set at each statement), so most of it
+//! was that late already; a notice would only make every waiter of the cluster read at once.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -28,6 +34,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{MAIL_CHANNEL, ops, reconnect};
+use crate::limits;
 use crate::store::IdentityKey;
 
 /// Recipients with committed mail whose NOTIFY has not been sent yet.
@@ -38,11 +45,22 @@ pub(super) struct Pending {
 }
 
 impl Pending {
-    /// Call only after the mail of `keys` is committed.
+    /// Call only after the mail of `keys` is committed. Past the cap the set is emptied (see
+    /// the module docs).
     pub(super) fn push<'a>(&self, keys: impl IntoIterator<Item = &'a IdentityKey>) {
         let mut set = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let before = set.len();
         set.extend(keys);
+        if set.len() > limits::PG_MAX_PENDING_WAKEUPS {
+            let dropped = set.len();
+            *set = HashSet::new();
+            drop(set);
+            tracing::warn!(
+                dropped,
+                "too many wake-ups waiting for the notify connection; left to the fallback poll"
+            );
+            return;
+        }
         let added = set.len() > before;
         drop(set);
         if added {
@@ -100,5 +118,31 @@ async fn send_until_error(cfg: &tokio_postgres::Config, node_id: u64, pending: &
     match ended {
         Err(e) => e.to_string(),
         Ok(()) => "notify loop ended".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> IdentityKey {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        k
+    }
+
+    #[test]
+    fn pending_wake_ups_past_the_cap_are_dropped_for_the_fallback_poll() {
+        let pending = Pending::default();
+        let cap = limits::PG_MAX_PENDING_WAKEUPS;
+        let first: Vec<IdentityKey> = (0..cap).map(key).collect();
+        pending.push(first.iter());
+        pending.push(first[..10].iter());
+        assert_eq!(pending.take().len(), cap, "up to the cap, every recipient is kept once");
+        pending.push(first.iter());
+        pending.push([key(cap)].iter());
+        assert!(pending.take().is_empty(), "one more empties the set");
+        pending.push([key(1)].iter());
+        assert_eq!(pending.take(), vec![key(1)], "and it fills again");
     }
 }
