@@ -702,6 +702,80 @@ async fn a_commit_the_database_never_answers_fails_unavailable_and_may_have_take
     store.close();
 }
 
+/// Review: a mail batch creates (and locks) the queue and channel rows of every request it
+/// holds before it decides which it accepts, and committed them all whenever one was accepted:
+/// a refused fanout to fresh keys sharing a batch with an accepted enqueue left a queue row per
+/// key. Now only the accepted requests' rows stay. The two are put in one batch by holding up
+/// the node's batch worker on a row lock while they are queued. Fails without the fix: 102
+/// queue rows and the refused fanout's channel row are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fanout_in_a_batch_with_an_accepted_enqueue_leaves_no_rows() {
+    use qpq::store::{Outcome, PgStore, StoreError, WriteOp};
+    use std::io::Write;
+    let cluster = common::pg::Cluster::get();
+    let url = cluster.fresh_database();
+    // Room for small messages, not for the fanout's 20 kB payload.
+    let limits = qpq::store::QueueLimits { max_stored_bytes: 10_000, ..store_limits(1 << 20) };
+    let store = PgStore::open(&url, limits, qpq::clock::Clock::system()).await.unwrap();
+    let (bob, carol) = ([0xb0u8; 32], [0xc0u8; 32]);
+    let enqueue = |who: [u8; 32], channel: &[u8]| WriteOp::Enqueue {
+        channel: channel.to_vec(),
+        items: vec![(who, b"m".to_vec())],
+    };
+    assert!(matches!(store.write(enqueue(bob, b"held")).await, Ok(Outcome::Enqueued { .. })));
+    let rows = |table: &str| cluster.query(&url, &format!("SELECT count(*) FROM {table}"));
+    assert_eq!((rows("qpq_queues"), rows("qpq_channels")), ("1".to_string(), "1".to_string()));
+    // Another session locks bob's queue row; the worker's next batch waits for it.
+    let mut holder = cluster.idle_connection(&url, "holder");
+    let lock =
+        format!("BEGIN; SELECT 1 FROM qpq_queues WHERE recipient = '\\x{}' FOR UPDATE;\n", hex::encode(bob));
+    holder.stdin.as_mut().unwrap().write_all(lock.as_bytes()).unwrap();
+    let wait_for = |sql: &str| {
+        for _ in 0..1000 {
+            if cluster.query(&url, sql) == "1" {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("never: {sql}");
+    };
+    wait_for(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'holder' AND state = 'idle in transaction'",
+    );
+    // The calls borrow `store` until they are dropped, at the end of this block.
+    {
+        let mut held = std::pin::pin!(store.write(enqueue(bob, b"held")));
+        assert!(futures::poll!(held.as_mut()).is_pending());
+        wait_for(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        // Queued while the worker waits: they make its next batch together.
+        let fresh: Vec<[u8; 32]> = (0..100u8).map(|i| [i; 32]).collect();
+        let fanout = WriteOp::Fanout {
+            channel: b"refused".to_vec(),
+            payload: vec![7; 20_000],
+            recipients: fresh,
+            required: None,
+        };
+        let mut refused = std::pin::pin!(store.write(fanout));
+        let mut accepted = std::pin::pin!(store.write(enqueue(carol, b"accepted")));
+        assert!(futures::poll!(refused.as_mut()).is_pending());
+        assert!(futures::poll!(accepted.as_mut()).is_pending());
+        cluster.close_idle(&url, "holder", holder);
+        assert!(matches!(held.await, Ok(Outcome::Enqueued { .. })));
+        let refused = refused.await;
+        assert!(matches!(refused, Err(StoreError::OverQuota { .. })), "{refused:?}");
+        assert!(matches!(accepted.await, Ok(Outcome::Enqueued { .. })));
+    }
+    assert_eq!(rows("qpq_queues"), "2", "bob's and carol's queue rows, none of the fanout's");
+    assert_eq!(
+        cluster.query(&url, "SELECT string_agg(convert_from(id, 'UTF8'), ',' ORDER BY id) FROM qpq_channels"),
+        "accepted,held",
+        "no row for the refused fanout's channel"
+    );
+    store.close();
+}
+
 fn store_limits(max_bytes: u64) -> qpq::store::QueueLimits {
     qpq::store::QueueLimits {
         max_messages: 1000,

@@ -16,9 +16,10 @@
 //!    refused request changes nothing and does not disturb the others (the caps are decided
 //!    here, so no SAVEPOINT is needed); a fanout leaves out the recipients whose queues are
 //!    full and is refused only when that leaves nobody or leaves out its required recipient;
-//! 3. one pipelined round trip: one statement that inserts every payload and entry and updates
-//!    the queue rows, the channel rows and this connection's stored-bytes shard ([`WRITE_MAIL`]),
-//!    and COMMIT: one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a
+//! 3. one pipelined round trip: one statement that inserts every payload and entry, updates
+//!    the accepted requests' queue and channel rows and this connection's stored-bytes shard,
+//!    and deletes the rows step 1 created for refused requests only ([`WRITE_MAIL`]), and
+//!    COMMIT: one WAL flush acknowledges the whole batch. No NOTIFY here: it would hold a
 //!    cluster-wide lock across the flush; the other nodes are told after the commit
 //!    ([`super::wake`]). A statement that fails aborts the transaction, so the COMMIT behind it
 //!    only rolls back; the batch answers with that statement's error, never success.
@@ -42,7 +43,7 @@
 //! explain (a database error, not a refusal) makes the batch run again one request per
 //! transaction, so only the guilty request fails.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -59,16 +60,20 @@ pub(super) type Request = (WriteOp, oneshot::Sender<Result<Outcome, StoreError>>
 
 /// A batch's mail ([`mail::insert_mail_ctes`], `$1`–`$11`), its queue rows' new `next_seq`,
 /// `count` and `bytes` (`$12`–`$15`, [`ops::update_queue_rows`]), its channel rows' new
-/// `last_seq` (`$16`, `$17`) and `$19` bytes added to this connection's stored-bytes shard (of
-/// `$18`), in one statement. Its only new lock is the shard's: the queue and channel rows were
-/// locked in step 1, and the entries' keys are new (their seqs were taken under those locks).
+/// `last_seq` (`$16`, `$17`), `$19` bytes added to this connection's stored-bytes shard (of
+/// `$18`), and the deletion of the queue rows (`$20`) and channel rows (`$21`) step 1 created
+/// for refused requests only, in one statement. Its only new lock is the shard's: the queue
+/// and channel rows were locked in step 1, and the entries' keys are new (their seqs were
+/// taken under those locks).
 const WRITE_MAIL: &str = concat!(
     "WITH ",
     mail::insert_mail_ctes!(),
     ", q AS (",
     ops::update_queue_rows!("$12", "$13", "$14", "$15"),
     "), c AS (UPDATE qpq_channels c SET last_seq = u.last
-             FROM unnest($16::bytea[], $17::bigint[]) AS u(id, last) WHERE c.id = u.id)
+             FROM unnest($16::bytea[], $17::bigint[]) AS u(id, last) WHERE c.id = u.id),
+       dq AS (DELETE FROM qpq_queues WHERE recipient = ANY($20::bytea[])),
+       dc AS (DELETE FROM qpq_channels WHERE id = ANY($21::bytea[]))
      INSERT INTO qpq_stored_bytes (shard, bytes) SELECT pg_backend_pid() % $18::integer, $19::bigint WHERE $19::bigint <> 0
      ON CONFLICT (shard) DO UPDATE SET bytes = qpq_stored_bytes.bytes + excluded.bytes"
 );
@@ -344,17 +349,29 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
         None => (0, 0, 0),
     };
 
-    // Step 2, in memory. A new row (0) counts on from its floor (the schema's invariant).
+    // Step 2, in memory. A new row (0) counts on from its floor (the schema's invariant). The
+    // rows step 1 created are remembered: those no accepted request uses are deleted in step 3.
+    // (A channel row committed at 0 was left by a refused request before this: it handed out no
+    // number, so deleting it is as safe.)
     let mut channels: HashMap<Vec<u8>, i64> = HashMap::with_capacity(channel_rows.len());
+    let mut new_channels: HashSet<Vec<u8>> = HashSet::new();
     for row in channel_rows {
+        let id: Vec<u8> = row.get(0);
         let last: i64 = row.get(1);
-        channels.insert(row.get(0), if last == 0 { channel_floor } else { last });
+        if last == 0 {
+            new_channels.insert(id.clone());
+        }
+        channels.insert(id, if last == 0 { channel_floor } else { last });
     }
     let freed_before = ops::read_freed(freed_rows)?;
     let mut queues: HashMap<IdentityKey, Queue> = HashMap::with_capacity(queue_rows.len());
+    let mut new_queues: HashSet<IdentityKey> = HashSet::new();
     for row in queue_rows {
         let who = ops::identity(row.get(0))?;
         let next: i64 = row.get(1);
+        if next == 0 {
+            new_queues.insert(who);
+        }
         let next = if next == 0 { seq_floor.max(1) } else { next };
         let (freed_count, freed_bytes) = freed_before.get(&who).copied().unwrap_or((0, 0));
         queues.insert(who, Queue { next, count: row.get(2), bytes: row.get(3), freed_count, freed_bytes });
@@ -362,6 +379,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let mut rows = mail::NewMail::default();
     let mut adding_total = 0i64;
     let mut woken: Vec<IdentityKey> = Vec::new();
+    let mut used_channels: HashSet<&[u8]> = HashSet::new();
     let mut outcomes = Vec::with_capacity(ops.len());
     for op in ops {
         let items = match items(op) {
@@ -406,6 +424,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
         let channel_seq = match channels.get_mut(channel) {
             Some(last) => {
                 *last = last.saturating_add(1);
+                used_channels.insert(channel);
                 *last
             }
             None => 0,
@@ -435,18 +454,27 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     woken.sort_unstable();
     woken.dedup();
 
-    // Step 3: write it all.
+    // Step 3: write it all. Only the rows of accepted requests (`woken` is their recipients)
+    // are written back; the rows step 1 created for refused requests alone are deleted: a
+    // refused fanout naming 10,000 fresh keys, in a batch with an accepted enqueue, left 10,000
+    // empty queue rows (and its channel's row) for the sweep.
     let write_mail = tx.prepare_cached(WRITE_MAIL).await?;
-    let mut queue_state: Vec<(&IdentityKey, &Queue)> = queues.iter().collect();
+    let mut queue_state: Vec<(&IdentityKey, &Queue)> =
+        queues.iter().filter(|(k, _)| woken.binary_search(k).is_ok()).collect();
     queue_state.sort_unstable_by_key(|(k, _)| **k);
     let q_keys: Vec<&[u8]> = queue_state.iter().map(|(k, _)| &k[..]).collect();
     let q_next: Vec<i64> = queue_state.iter().map(|(_, q)| q.next).collect();
     let q_count: Vec<i64> = queue_state.iter().map(|(_, q)| q.count).collect();
     let q_bytes: Vec<i64> = queue_state.iter().map(|(_, q)| q.bytes).collect();
-    let mut channel_state: Vec<(&Vec<u8>, &i64)> = channels.iter().collect();
+    let mut channel_state: Vec<(&Vec<u8>, &i64)> =
+        channels.iter().filter(|(k, _)| used_channels.contains(&k[..])).collect();
     channel_state.sort_unstable();
     let c_keys: Vec<&[u8]> = channel_state.iter().map(|(k, _)| &k[..]).collect();
     let c_last: Vec<i64> = channel_state.iter().map(|(_, l)| **l).collect();
+    let drop_queues: Vec<&[u8]> =
+        new_queues.iter().filter(|k| woken.binary_search(k).is_err()).map(|k| &k[..]).collect();
+    let drop_channels: Vec<&[u8]> =
+        new_channels.iter().filter(|c| !used_channels.contains(&c[..])).map(|c| &c[..]).collect();
     // The mail, its queue and channel rows (locked in step 1) and the shard (the last lock of
     // every batch) in one statement. A batch whose every request was refused stored nothing
     // and is rolled back: step 1 created the channel and queue rows it named, and a stranger
@@ -454,7 +482,7 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let mail_params = rows.params(&now_i);
     let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
-    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &adding_total]);
+    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &adding_total, &drop_queues, &drop_channels]);
     // The write's error before the COMMIT's (see step 1).
     let (written, committed) = tokio::join!(
         async {
