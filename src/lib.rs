@@ -24,6 +24,7 @@
 //! - [`client`]: session with the server, the messenger core, encrypted client state.
 //! - [`cli`]: clap definitions and the one-shot commands; [`shell`]: the interactive REPL.
 //! - [`text`]: the one sanitiser peer-supplied text passes before it reaches a terminal.
+//! - [`logthrottle`]: log lines about floods of one event (refusals, an outage), one per interval.
 //! - [`bench`]: `qpq bench`, every figure measured against a reference from the same run.
 //! - `fuzzing` (hidden): one fuzz target per decoder a stranger reaches, for `fuzz/` and the
 //!   stable smoke run.
@@ -40,6 +41,7 @@ pub mod fsutil;
 pub mod fuzzing;
 pub mod limits;
 pub mod localtime;
+pub mod logthrottle;
 pub mod mls;
 pub mod proto;
 pub mod server;

@@ -238,6 +238,12 @@ pub const EVICTION_RESCAN_AFTER_MS: u64 = 1_000;
 /// At most one "connection refused" log line per this interval (the next one counts the
 /// refusals in between), so a connection flood cannot flood the log.
 pub const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;
+/// At most one log line per this interval about a failing shared database: a call answered
+/// `unavailable` (every client's retry fails one during an outage: one line each was about
+/// 1 GB of log an hour with 10,000 clients), and each of the node's two dedicated connections
+/// failing to reconnect (they retry every [`PG_LISTEN_RETRY_MS`]). The first of a flood is
+/// logged at once; the next line counts the ones in between (see [`crate::logthrottle`]).
+pub const STORE_OUTAGE_LOG_INTERVAL_MS: u64 = 10_000;
 /// A QUIC handshake that has not finished by then gives its connection slot back (a forged or
 /// stalled client must not hold it for the whole idle timeout).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

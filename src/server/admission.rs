@@ -288,32 +288,6 @@ impl Admission {
     }
 }
 
-/// Rate limit for "connection refused" log lines: a flood of refused connections must not
-/// become a flood of log lines. At most one line per [`limits::REFUSAL_LOG_INTERVAL_MS`]; the
-/// next line says how many refusals went unlogged meanwhile.
-#[derive(Debug, Default)]
-pub struct RefusalLog {
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl RefusalLog {
-    /// Some(refusals not logged since the last line) when this refusal may be logged.
-    pub fn note(&mut self, now: std::time::Instant) -> Option<u64> {
-        let interval = std::time::Duration::from_millis(crate::limits::REFUSAL_LOG_INTERVAL_MS);
-        match self.last {
-            Some(last) if now.saturating_duration_since(last) < interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 /// The address a connection's quota is counted under: IPv4 as is, IPv6 by its /64 prefix.
 pub fn quota_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
@@ -594,19 +568,6 @@ mod tests {
         let _again = admitted(a.admit(in_48(factor), true));
         drop(slots);
         assert_eq!(a.lock().per_net.len(), 2 + factor + 1, "the two /48s, and each IPv4 address");
-    }
-
-    #[test]
-    fn a_refusal_flood_logs_one_line_per_interval_and_counts_the_rest() {
-        let mut log = RefusalLog::default();
-        let t0 = std::time::Instant::now();
-        assert_eq!(log.note(t0), Some(0));
-        for _ in 0..1962 {
-            assert_eq!(log.note(t0), None);
-        }
-        let later = t0 + std::time::Duration::from_millis(crate::limits::REFUSAL_LOG_INTERVAL_MS);
-        assert_eq!(log.note(later), Some(1962), "the next line counts what went unlogged");
-        assert_eq!(log.note(later), None);
     }
 
     #[test]

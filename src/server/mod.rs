@@ -65,6 +65,7 @@ pub use config::{ServerConfig, StoreLocation};
 
 use self::admission::{Admission, Decision, Slot};
 use crate::limits;
+use crate::logthrottle::LogThrottle;
 use crate::proto::node_capnp::node_service;
 use crate::proto::wire_error::{ErrorCode, WireError};
 use crate::store::{AnyStore, DeliveryStore, Outcome, PgStore, QueueLimits, Store, StoreError, WriteOp};
@@ -550,7 +551,8 @@ async fn accept_loop(
     workers: Vec<mpsc::UnboundedSender<(u64, quinn::Incoming, Slot)>>,
 ) {
     let next_id = AtomicU64::new(1);
-    let mut refusals = admission::RefusalLog::default();
+    // A flood of refused connections must not become a flood of log lines.
+    let mut refusals = LogThrottle::new(Duration::from_millis(limits::REFUSAL_LOG_INTERVAL_MS));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,

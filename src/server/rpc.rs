@@ -19,6 +19,7 @@ use super::ratelimit::{ConnectionBucket, KeyedLimiter};
 use super::{Shared, admission};
 use crate::crypto::hybrid::{HYBRID_PUBLIC_KEY_LEN, SignedHybridKey};
 use crate::limits;
+use crate::logthrottle::SharedLogThrottle;
 use crate::mls;
 use crate::proto::node_capnp::{account, node_service};
 use crate::proto::wire_error::{ErrorCode, WireError};
@@ -55,6 +56,10 @@ fn unexpected(outcome: &Outcome) -> Error {
     coded(ErrorCode::Internal, format!("internal error: unexpected outcome {outcome:?}"))
 }
 
+/// The `unavailable` log line is written from every connection on every RPC worker thread.
+static UNAVAILABLE_LOG: SharedLogThrottle =
+    SharedLogThrottle::new(Duration::from_millis(limits::STORE_OUTAGE_LOG_INTERVAL_MS));
+
 fn store_err(e: StoreError) -> Error {
     let code = match &e {
         StoreError::Db(inner) => {
@@ -78,7 +83,9 @@ fn store_err(e: StoreError) -> Error {
         StoreError::StaleHybridKey { .. } => ErrorCode::StaleKey,
         StoreError::Closed => ErrorCode::ShuttingDown,
         StoreError::Unavailable(inner) => {
-            tracing::error!(error = %inner, "shared database unavailable");
+            if let Some(unlogged) = UNAVAILABLE_LOG.note(std::time::Instant::now()) {
+                tracing::error!(error = %inner, unlogged, "shared database unavailable");
+            }
             return WireError::retry_after(
                 ErrorCode::Unavailable,
                 "storage unavailable: the server cannot reach its database",
