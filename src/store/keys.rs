@@ -449,8 +449,15 @@ mod tests {
         }
     }
 
+    /// A package of `len` bytes, distinct from every other one made here (the store keeps one
+    /// copy of a package): its first bytes count up.
     fn kp(not_after: u64, len: usize) -> KeyPackageEntry {
-        KeyPackageEntry { not_after, bytes: vec![7; len] }
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes();
+        let mut bytes = vec![7; len];
+        let k = len.min(n.len());
+        bytes[..k].copy_from_slice(&n[..k]);
+        KeyPackageEntry { not_after, bytes }
     }
 
     fn upload(
@@ -668,9 +675,10 @@ mod tests {
         }
         // Ids start again, and packages come and go as before.
         let store = Store::open(&path, limits(u64::MAX)).unwrap();
-        store.write(upload(alice, vec![kp(now + 99, 6)], None, now)).await.unwrap();
+        let again = kp(now + 99, 6);
+        store.write(upload(alice, vec![again.clone()], None, now)).await.unwrap();
         let taken = store.write(WriteOp::TakeKeyPackage { who: alice, now }).await.unwrap();
-        assert_eq!(taken, Outcome::KeyPackage { bytes: vec![7; 6], remaining: 0, last_resort: false });
+        assert_eq!(taken, Outcome::KeyPackage { bytes: again.bytes, remaining: 0, last_resort: false });
         check(store, &path, u64::MAX).close().unwrap();
     }
 

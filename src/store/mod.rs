@@ -1259,7 +1259,10 @@ pub(crate) mod tests {
         let store = Store::open(&dir.path().join("qpq.db"), limits()).unwrap();
         let (alice, bob) = ([1u8; 32], [2u8; 32]);
         let now = 1_000_000;
-        let full: Vec<_> = (0..limits::MAX_KEY_PACKAGES_PER_IDENTITY).map(|_| kp(now + 10, 1)).collect();
+        // Distinct packages: the store keeps one copy of each.
+        let full: Vec<_> = (0..limits::MAX_KEY_PACKAGES_PER_IDENTITY)
+            .map(|i| KeyPackageEntry { not_after: now + 10, bytes: i.to_be_bytes().to_vec() })
+            .collect();
         let op = WriteOp::UploadKeyPackages { who: alice, packages: full.clone(), last_resort: None, now };
         store.write(op).await.unwrap();
         let op = WriteOp::UploadKeyPackages {
