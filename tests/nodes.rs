@@ -499,8 +499,10 @@ async fn concurrent_uploads_of_one_identity_through_two_nodes_keep_its_pool_cap(
     let who = [0x5au8; 32];
     let uploads = (0..8).map(|i| {
         let store = if i % 2 == 0 { &a } else { &b };
-        let packages =
-            (0..60).map(|k| KeyPackageEntry { not_after: now + 3600, bytes: vec![k; 64] }).collect();
+        // Distinct packages (the store keeps one copy of a package): upload i, package k.
+        let packages = (0..60)
+            .map(|k| KeyPackageEntry { not_after: now + 3600, bytes: [vec![i as u8], vec![k; 63]].concat() })
+            .collect();
         store.write(WriteOp::UploadKeyPackages { who, packages, last_resort: None, now })
     });
     let results = futures::future::join_all(uploads).await;
