@@ -153,6 +153,15 @@ pub const SWEEP_INTERVAL_SECS: u64 = 600;
 /// behind the sweep are never stalled for long, however big the queue table is.
 pub const SWEEP_SLICE_ROWS: usize = 4096;
 
+/// Most expired messages an enqueue or fanout deletes from the head of one full queue to make
+/// room (both stores), and most full queues one request (PostgreSQL: one batch) looks at that
+/// way. Mail past its TTL is hidden at once but kept, and counted in the caps, until the sweep
+/// deletes it (every [`SWEEP_INTERVAL_SECS`]); without this a queue full of it refused new
+/// mail for up to that long. Bounded so that a stranger sending to queues full of young mail
+/// makes each refusal cost a few index reads, no more.
+pub const EXPIRED_HEAD_ROWS: usize = 16;
+pub const EXPIRED_HEAD_QUEUES: usize = 64;
+
 /// How long a PostgreSQL `qpq_channels` row (a channel's `channelSeq` counter) is kept unused
 /// before the sweep deletes it, raising `channel_seq_floor` over its numbers. Any length keeps
 /// the numbers rising; it bounds what a stranger's enqueues to fresh channel ids leave behind

@@ -1799,6 +1799,75 @@ async fn a_fanout_whose_required_recipients_queue_is_full_stores_nothing_for_any
     }
 }
 
+/// Mail past its TTL is hidden from fetches at once but deleted only when the sweep comes round
+/// (every ten minutes), and until then it counted against its queue's caps: a queue full of it
+/// refused new mail, and a committer whose own queue was full of it could not commit. Now the
+/// expired messages at the head of a full queue make room, on enqueue and fanout alike, and
+/// give their quota back; a queue full of young mail is still full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_full_of_expired_mail_takes_new_mail_before_the_sweep() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    cfg.message_ttl_secs = 3600;
+    cfg.max_queue_messages = 2;
+    let server = start_server_with(cfg).await;
+    let (alice, bob) = (Identity::generate(), Identity::generate());
+    let keys = [alice.public(), bob.public()];
+    local(async {
+        let s = connect(&server).await;
+        // alice's queue full of enqueued mail, bob's of a fanout's entry and an enqueue.
+        for p in [b"old1", b"old2"] {
+            s.enqueue(&keys[0].0, p, b"").await.unwrap();
+        }
+        s.enqueue_fanout(b"grp", b"old3", &keys[1..]).await.unwrap();
+        s.enqueue(&keys[1].0, b"old4", b"").await.unwrap();
+        let e = s.enqueue(&keys[0].0, b"young", b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "{e}");
+        // An hour later by the server's clock, with no sweep run, all of it has expired.
+        clock.advance(3601 * 1000);
+        // carol's queue is full of young mail: a batch to alice and carol is refused whole, as
+        // before, and the expired messages of alice's that it deleted stay deleted (on
+        // PostgreSQL read here; redb's store test `expired_mail_deleted_to_make_room_stays_...`).
+        let carol = Identity::generate().public();
+        for p in [b"c1", b"c2"] {
+            s.enqueue(&carol.0, p, b"").await.unwrap();
+        }
+        let both = [(keys[0], b"x".to_vec()), (carol, b"x".to_vec())];
+        let e = s.enqueue_batch(b"", &both).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "{e}");
+        if let common::Backend::Postgres(url) = common::backend() {
+            let alices = format!("SELECT count(*) FROM qpq_entries WHERE recipient = '\\x{}'", hex::encode(keys[0].0));
+            assert_eq!(common::pg::Cluster::get().query(&url, &alices), "0", "deleted with the refused batch");
+        }
+        s.enqueue(&keys[0].0, b"new", b"").await.expect("alice's expired mail makes room");
+        let (cseq, seqs) = s
+            .enqueue_fanout_requiring(b"grp", b"commit", &keys, &keys[1])
+            .await
+            .expect("bob's expired mail makes room for his commit");
+        assert_eq!((cseq, seqs), (2, vec![4, 3]));
+        let a = login(&server, &alice).await;
+        let (got, _) = a.fetch(0).await.unwrap();
+        let got: Vec<_> = got.iter().map(|m| (m.seq, m.payload.clone())).collect();
+        assert_eq!(got, vec![(3, b"new".to_vec()), (4, b"commit".to_vec())]);
+        let (got, _) = login(&server, &bob).await.fetch(0).await.unwrap();
+        assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+        // alice's queue is full again, of young mail: refused as before.
+        let e = s.enqueue(&keys[0].0, b"more", b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "{e}");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+    // Only the young mail is stored, and charged: carol's two (17 + 2 each), "new" (17 + 3)
+    // and the commit's row (8 + 17 + 3 + 6) with its two entries; the expired messages gave
+    // their rows and quota back.
+    assert_eq!(stored_rows(dir.path()), (1, 5));
+    let entry = qpq::limits::FANOUT_ENTRY_BYTES;
+    assert_eq!(stored_bytes(dir.path()), 2 * (17 + 2) + (17 + 3) + (8 + 17 + 3 + 6) + 2 * entry);
+}
+
 /// A refused fanout gave its network's byte budget back in full, so a stranger could repeat
 /// one naming thousands of fresh keys and then a queue it had filled at the call rate alone,
 /// each costing the store work per recipient. Now a refusal costs 48 bytes per recipient it

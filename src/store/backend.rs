@@ -36,7 +36,9 @@
 //!   `seq > after` in seq order without removing them; `more` says a limit cut the page.
 //! - **Ack deletes.** `Ack { up_to }` deletes `who`'s messages with `seq <= up_to`.
 //! - **TTL sweep.** Messages older than the TTL are invisible at once and deleted by `Sweep`
-//!   slices; `ExpireKeyPackages` deletes expired packages.
+//!   slices; `ExpireKeyPackages` deletes expired packages. An enqueue or fanout that finds a
+//!   queue full first deletes the expired messages at its head (at most
+//!   [`crate::limits::EXPIRED_HEAD_ROWS`]), so expired mail does not refuse new mail.
 //! - **Quotas.** Per-recipient message and byte caps, per-identity KeyPackage cap, and a
 //!   server-wide cap on queued bytes (on PostgreSQL checked against the committed total, so
 //!   concurrent enqueues on several nodes may overshoot it by what they add together).

@@ -788,6 +788,39 @@ pub(crate) mod tests {
         store.close().unwrap();
     }
 
+    /// An enqueue that finds a queue full of expired mail deletes it to make room. When the
+    /// request is then refused over another queue, that deletion must still commit: the
+    /// writer aborts a batch whose requests were all refused, as one that changed nothing.
+    /// Fails without `Delivery::purged` (the sweep then finds alice's two).
+    #[tokio::test]
+    async fn expired_mail_deleted_to_make_room_stays_deleted_when_the_enqueue_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let lim = QueueLimits { max_messages: 2, ttl_ms: 60_000, ..limits() };
+        let clock = Clock::system();
+        let store = Store::open_with_clock(&dir.path().join("qpq.db"), lim, clock.clone()).unwrap();
+        let (alice, carol) = ([1u8; 32], [2u8; 32]);
+        let one =
+            |who: IdentityKey| WriteOp::Enqueue { channel: Vec::new(), items: vec![(who, b"x".to_vec())] };
+        for _ in 0..2 {
+            store.write(one(alice)).await.unwrap();
+        }
+        clock.advance(lim.ttl_ms as i64 + 1_000);
+        for _ in 0..2 {
+            store.write(one(carol)).await.unwrap();
+        }
+        let both = vec![(alice, b"y".to_vec()), (carol, b"y".to_vec())];
+        let refused = store.write(WriteOp::Enqueue { channel: Vec::new(), items: both }).await;
+        assert!(matches!(refused, Err(StoreError::QueueFull { .. })), "carol's queue is full: {refused:?}");
+        let swept = store.write(WriteOp::Sweep { now_ms: clock.now_ms(), after: Vec::new() }).await.unwrap();
+        assert_eq!(
+            swept,
+            Outcome::Swept { removed: 0, resume: None },
+            "alice's expired mail is gone already"
+        );
+        assert_eq!(store.fetch(&carol, 0, 10, 1 << 20).unwrap().0.len(), 2, "carol's young mail is kept");
+        store.close().unwrap();
+    }
+
     /// Review of the skip above: a row stamped in the future (the clock ran fast, then was set
     /// right) counted as young and skipped its queue, so the expired rows behind it stayed in
     /// the caps and the quota for as long as the clock had been ahead. It is kept, and the walk

@@ -238,6 +238,9 @@ struct Delivery<'txn> {
     payloads: redb::Table<'txn, u64, &'static [u8]>,
     payload_refs: redb::Table<'txn, u64, u64>,
     meta: redb::Table<'txn, &'static str, u64>,
+    /// Whether expired mail was deleted to make room ([`expire_head`]): that stands even when
+    /// the request that did it is refused, so the batch must commit.
+    purged: bool,
 }
 
 impl<'txn> Delivery<'txn> {
@@ -249,6 +252,7 @@ impl<'txn> Delivery<'txn> {
             payloads: txn.open_table(PAYLOADS)?,
             payload_refs: txn.open_table(PAYLOAD_REFS)?,
             meta: txn.open_table(META)?,
+            purged: false,
         })
     }
 
@@ -263,6 +267,12 @@ impl<'txn> Delivery<'txn> {
             self.meta.insert(name, value)?;
         }
         Ok(())
+    }
+
+    /// `who`'s queue as (next seq, messages, bytes); a queue without a row starts at
+    /// `seq_floor` (see the store's invariant).
+    fn queue_state(&self, who: &IdentityKey, seq_floor: u64) -> Result<(u64, u64, u64), StoreError> {
+        Ok(self.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0)))
     }
 
     /// The next position on `channel` (0 for none), which `added` new queue entries share.
@@ -323,6 +333,7 @@ fn apply_batch<'a>(
                 other => outcomes.push(other),
             }
         }
+        changed |= d.purged;
     }
     if !changed {
         // Nothing to make durable: a redb commit fsyncs even when nothing changed, and every
@@ -335,7 +346,8 @@ fn apply_batch<'a>(
 }
 
 /// Whether `op`, answered `out`, certainly wrote nothing: an enqueue or fanout checks every
-/// limit before it writes, so a refused one wrote nothing; an ack that removed nothing wrote
+/// limit before it writes, so a refused one wrote nothing (but for expired mail it deleted,
+/// which [`Delivery::purged`] tells); an ack that removed nothing wrote
 /// nothing. Anything else may have written (a refused KeyPackage take still deletes the
 /// expired packages it met).
 fn left_unchanged(op: &WriteOp, out: &Result<Outcome, StoreError>) -> bool {
@@ -355,17 +367,30 @@ fn enqueue<'a>(
     woken: &mut Vec<Committed<'a>>,
 ) -> Result<Outcome, StoreError> {
     // A queue without a row starts above every seq it may have had (see the store's invariant).
-    let seq_floor = d.counter(SEQ_FLOOR)?.max(1);
+    let mut seq_floor = d.counter(SEQ_FLOOR)?.max(1);
     // Check every recipient's cap first (several items may share a recipient), write after.
     let mut planned: HashMap<IdentityKey, (u64, u64, u64)> = HashMap::new();
     let mut adding = 0u64;
+    let mut purges = limits::EXPIRED_HEAD_QUEUES;
     for (who, payload) in items {
+        let add = StoredMessage::accounted_len(17 + channel.len() + payload.len());
         let entry = match planned.get(who) {
             Some(e) => *e,
-            None => d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0)),
+            None => {
+                let state = d.queue_state(who, seq_floor)?;
+                match queue_full(limits, state.1, state.2, add) {
+                    Some(_) => match expire_head(d, limits, now, who, &mut purges)? {
+                        Some(fresh) => {
+                            seq_floor = fresh.floor;
+                            fresh.state
+                        }
+                        None => state,
+                    },
+                    None => state,
+                }
+            }
         };
         let (next, count, bytes) = entry;
-        let add = StoredMessage::accounted_len(17 + channel.len() + payload.len());
         if let Some(full) = queue_full(limits, count, bytes, add) {
             return Err(full);
         }
@@ -429,15 +454,27 @@ fn fanout<'a>(
     // The inline encoding's length: what each recipient will fetch, and the row's body.
     let entry_len = 17 + channel.len() + payload.len();
     let charge = StoredMessage::accounted_len(entry_len);
-    let seq_floor = d.counter(SEQ_FLOOR)?.max(1);
-    let queue_state = |d: &Delivery<'_>, who: &IdentityKey| -> Result<(u64, u64, u64), StoreError> {
-        Ok(d.queue_meta.get(&who[..])?.map(|g| g.value()).unwrap_or((seq_floor, 0, 0)))
+    let mut seq_floor = d.counter(SEQ_FLOOR)?.max(1);
+    let mut purges = limits::EXPIRED_HEAD_QUEUES;
+    // `who`'s queue, with the expired mail at its head deleted first when it has no room.
+    let mut room_in = |d: &mut Delivery<'_>, who: &IdentityKey| -> Result<(u64, u64, u64), StoreError> {
+        let state = d.queue_state(who, seq_floor)?;
+        if queue_full(limits, state.1, state.2, charge).is_none() {
+            return Ok(state);
+        }
+        Ok(match expire_head(d, limits, now, who, &mut purges)? {
+            Some(fresh) => {
+                seq_floor = fresh.floor;
+                fresh.state
+            }
+            None => state,
+        })
     };
     // The required recipient first: when its queue is full the fanout is refused, so the other
     // queues need not be looked at. Checked in the loop below instead, a stranger naming
     // 9,999 fresh keys and then a queue it had filled cost the writer 10,000 lookups a call.
     if let Some(required) = to.required {
-        let (_, count, bytes) = queue_state(d, required)?;
+        let (_, count, bytes) = room_in(d, required)?;
         if let Some(full) = queue_full(limits, count, bytes, charge) {
             return Err(full);
         }
@@ -452,7 +489,7 @@ fn fanout<'a>(
         }
         // The required one has room (checked above; recipients are distinct, so nothing
         // before it in this loop changed its queue).
-        let (next, count, bytes) = queue_state(d, who)?;
+        let (next, count, bytes) = room_in(d, who)?;
         match queue_full(limits, count, bytes, charge) {
             Some(full) => {
                 first_full.get_or_insert(full);
@@ -606,6 +643,62 @@ impl Released {
         d.meta.insert(STORED_BYTES, stored.saturating_sub(freed))?;
         Ok(())
     }
+}
+
+/// A queue after [`expire_head`] made room in it, and the seq floor then (raised when its
+/// queue row went with its last message).
+struct Expired {
+    state: (u64, u64, u64),
+    floor: u64,
+}
+
+/// Deletes the expired messages at the head of `who`'s queue (at most
+/// [`limits::EXPIRED_HEAD_ROWS`]; its oldest, since seqs are handed out in arrival order), so
+/// that a queue full of mail past its TTL, hidden from `fetch` already, takes new mail before
+/// the sweep comes round. `budget` counts the queues one request may still do this to. None
+/// when nothing was deleted. Mirrors the sweep's test of age: a row stamped in the future, or
+/// damaged, stops the walk (the sweep deals with it).
+fn expire_head(
+    d: &mut Delivery<'_>,
+    limits: QueueLimits,
+    now: u64,
+    who: &IdentityKey,
+    budget: &mut usize,
+) -> Result<Option<Expired>, StoreError> {
+    if *budget == 0 {
+        return Ok(None);
+    }
+    *budget -= 1;
+    let start = queue_key(who, 0);
+    let end = queue_key(who, u64::MAX);
+    let mut doomed = Vec::new();
+    let mut released = Released::default();
+    let mut heads = HashMap::new();
+    for entry in d.queue.range(&start[..]..=&end[..])?.take(limits::EXPIRED_HEAD_ROWS) {
+        let (k, v) = entry?;
+        let shared = shared_head(&d.payloads, &mut heads, v.value())?;
+        let enqueued_at = match (QueueValue::of(v.value()), shared) {
+            (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v).ok(),
+            (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head).ok(),
+            (QueueValue::Shared(_), None) => None,
+        };
+        match enqueued_at {
+            Some(at) if at < now && now - at > limits.ttl_ms => {}
+            _ => break,
+        }
+        doomed.push(k.value().to_vec());
+        released.note(Some(*who), v.value(), shared);
+    }
+    if doomed.is_empty() {
+        return Ok(None);
+    }
+    for k in &doomed {
+        d.queue.remove(&k[..])?;
+    }
+    released.apply(d)?;
+    d.purged = true;
+    let floor = d.counter(SEQ_FLOOR)?.max(1);
+    Ok(Some(Expired { state: d.queue_state(who, floor)?, floor }))
 }
 
 fn ack(d: &mut Delivery<'_>, who: &IdentityKey, up_to: u64) -> Result<Outcome, StoreError> {

@@ -11,6 +11,8 @@
 //! 1. one pipelined round trip, in this order: BEGIN, upsert and so lock the batch's channel
 //!    rows (sorted), then its queue rows (sorted), read the floors, the stored-bytes total and
 //!    those queues' freed rows (unlocked: see [`super::ops`] for why the caps stay safe);
+//!    When the batch would overflow a queue, one more round trip first deletes the expired
+//!    mail at that queue's head ([`mail::EXPIRE_HEADS`]; counted as freed, as an ack's is);
 //! 2. in memory, the requests one after the other in arrival order: each takes its `channelSeq`
 //!    and `seq`s and checks every cap against the state left by the requests before it; a
 //!    refused request changes nothing and does not disturb the others (the caps are decided
@@ -376,6 +378,30 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
         let (freed_count, freed_bytes) = freed_before.get(&who).copied().unwrap_or((0, 0));
         queues.insert(who, Queue { next, count: row.get(2), bytes: row.get(3), freed_count, freed_bytes });
     }
+    // The queues this batch would overflow lose the expired mail at their heads first (see
+    // `mail::EXPIRE_HEADS`): one more round trip, only when some queue is full.
+    let wanted = ops.iter().flat_map(|op| {
+        let channel = channel_of(op);
+        items(op).unwrap_or_default().into_iter().map(move |(who, p)| (who, mail::queue_charge(channel, p)))
+    });
+    let held =
+        |who: &IdentityKey| queues.get(who).map(|q| (q.count - q.freed_count, q.bytes - q.freed_bytes));
+    let full = mail::overflowing(limits, wanted, held);
+    let (mut purged_quota, mut purged) = (0i64, false);
+    if !full.is_empty() {
+        let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, now);
+        let stmt = tx.prepare_cached(mail::EXPIRE_HEADS).await?;
+        let (freed, quota) = mail::expired_heads(tx.query(&stmt, &[&full, &cutoff, &rows_per_queue]).await?)?;
+        purged = !freed.is_empty();
+        for (who, (n, bytes)) in freed {
+            if let Some(q) = queues.get_mut(&who) {
+                q.freed_count += n;
+                q.freed_bytes += bytes;
+            }
+        }
+        purged_quota = quota;
+        used -= quota;
+    }
     let mut rows = mail::NewMail::default();
     let mut adding_total = 0i64;
     let mut woken: Vec<IdentityKey> = Vec::new();
@@ -482,20 +508,24 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
     let mail_params = rows.params(&now_i);
     let mut write_params: Vec<&(dyn ToSql + Sync)> = mail_params.to_vec();
     write_params.extend_from_slice(&[&q_keys, &q_next, &q_count, &q_bytes, &c_keys, &c_last]);
-    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &adding_total, &drop_queues, &drop_channels]);
+    // What the expired heads freed comes off the shard with what this batch adds.
+    let shard_delta = adding_total - purged_quota;
+    write_params.extend_from_slice(&[&ops::STORED_BYTES_SHARDS, &shard_delta, &drop_queues, &drop_channels]);
     // The write's error before the COMMIT's (see step 1).
+    // Expired mail deleted to make room stays deleted even when every request was refused.
+    let wrote = !rows.is_empty() || purged;
     let (written, committed) = tokio::join!(
         async {
-            if rows.is_empty() {
+            if !wrote {
                 return Ok(0);
             }
             tx.execute(&write_mail, &write_params).await
         },
-        tx.batch_execute(if rows.is_empty() { "ROLLBACK" } else { "COMMIT" }),
+        tx.batch_execute(if wrote { "COMMIT" } else { "ROLLBACK" }),
     );
     written?;
     committed?;
-    Ok(Applied { outcomes, woken, wrote: !rows.is_empty() })
+    Ok(Applied { outcomes, woken, wrote })
 }
 
 /// An ack-only batch: [`ACK_BATCH`] between BEGIN and COMMIT, one round trip.

@@ -87,6 +87,82 @@ macro_rules! release_or_delete_payloads {
 }
 pub(super) use release_or_delete_payloads;
 
+/// Deletes the expired entries (enqueued before `$2`) among the first `$3` of each queue of
+/// `$1` (seq order: a queue's oldest), releases or deletes their payloads and adds what went to
+/// the recipients' freed rows, as an ack does; answers per recipient the entries and bytes
+/// freed and, on every row, the quota freed in all. So a queue full of mail past its TTL
+/// (hidden from fetches already) takes new mail before the sweep comes round (see
+/// [`limits::EXPIRED_HEAD_ROWS`]). The caller holds the queue rows; this locks entries,
+/// payloads by id, then freed rows by key (`t` reads the quota sums, so `d` and `x` have run,
+/// before `f`), the ack batch's order.
+pub(super) const EXPIRE_HEADS: &str = concat!(
+    "WITH h AS (
+         SELECT e.recipient, e.seq FROM unnest($1::bytea[]) AS r(who)
+         CROSS JOIN LATERAL (SELECT recipient, seq, enqueued_at_ms FROM qpq_entries
+                             WHERE recipient = r.who ORDER BY seq LIMIT $3) e
+         WHERE e.enqueued_at_ms < $2
+     ), d AS (
+         DELETE FROM qpq_entries e USING h WHERE e.recipient = h.recipient AND e.seq = h.seq
+         RETURNING e.recipient, e.payload_id, e.bytes, e.quota
+     ), ",
+    release_or_delete_payloads!(),
+    ", t AS (SELECT ((SELECT coalesce(sum(quota), 0) FROM d) + (SELECT coalesce(sum(quota), 0) FROM x))::bigint AS q),
+       f AS (INSERT INTO qpq_queue_freed (recipient, count, bytes)
+             SELECT recipient, count(*), sum(bytes)::bigint FROM d WHERE (SELECT q FROM t) IS NOT NULL
+             GROUP BY recipient ORDER BY recipient
+             ON CONFLICT (recipient) DO UPDATE SET count = qpq_queue_freed.count + excluded.count,
+                                                   bytes = qpq_queue_freed.bytes + excluded.bytes
+             RETURNING 1)
+     SELECT recipient, count(*)::bigint, sum(bytes)::bigint, (SELECT q FROM t), (SELECT count(*) FROM f)
+     FROM d GROUP BY recipient"
+);
+
+/// The queues that `wanted` (the mail a request or a batch would add: recipient, charge) would
+/// overflow, given what each holds (`held`: messages, bytes, after what acks freed), in key
+/// order and at most [`limits::EXPIRED_HEAD_QUEUES`]: the ones [`EXPIRE_HEADS`] looks at.
+pub(super) fn overflowing<'k>(
+    limits: QueueLimits,
+    wanted: impl Iterator<Item = (&'k IdentityKey, i64)>,
+    held: impl Fn(&IdentityKey) -> Option<(i64, i64)>,
+) -> Vec<&'k [u8]> {
+    let mut want: std::collections::BTreeMap<&IdentityKey, (i64, i64)> = Default::default();
+    for (who, charge) in wanted {
+        let w = want.entry(who).or_default();
+        w.0 = w.0.saturating_add(1);
+        w.1 = w.1.saturating_add(charge);
+    }
+    want.into_iter()
+        .filter(|(who, (n, add))| {
+            held(who).is_some_and(|(count, bytes)| {
+                ops::unbig(count.saturating_add(*n)) > limits.max_messages
+                    || ops::unbig(bytes.saturating_add(*add)) > limits.max_bytes
+            })
+        })
+        .map(|(who, _)| &who[..])
+        .take(limits::EXPIRED_HEAD_QUEUES)
+        .collect()
+}
+
+/// Per recipient, the (entries, bytes) some statement freed from its queue.
+pub(super) type FreedPerQueue = std::collections::HashMap<IdentityKey, (i64, i64)>;
+
+/// [`EXPIRE_HEADS`]'s answer: per recipient the (entries, bytes) freed, and the quota freed.
+pub(super) fn expired_heads(rows: Vec<tokio_postgres::Row>) -> Result<(FreedPerQueue, i64), TxError> {
+    let mut quota = 0;
+    let mut freed = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        freed.insert(ops::identity(row.get(0))?, (row.get(1), row.get(2)));
+        quota = row.get(3);
+    }
+    Ok((freed, quota))
+}
+
+/// [`EXPIRE_HEADS`]'s parameters after `$1`: the cutoff (entries enqueued before it have
+/// expired at `now`) and the rows looked at per queue.
+pub(super) fn expire_heads_bounds(limits: QueueLimits, now: u64) -> (i64, i64) {
+    (ops::big(now.saturating_sub(limits.ttl_ms)), limits::EXPIRED_HEAD_ROWS as i64)
+}
+
 /// Bytes a message is charged on its recipient's queue: the whole message, which it will fetch.
 pub(super) fn queue_charge(channel: &[u8], payload: &[u8]) -> i64 {
     ops::big(StoredMessage::accounted_len(17 + channel.len() + payload.len()))

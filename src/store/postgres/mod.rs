@@ -403,14 +403,17 @@ impl Inner {
     /// a stranger naming 9,999 fresh keys and a queue it had filled made each refused call
     /// upsert 10,000 rows. A refusal read from a committed snapshot is one the fanout could
     /// have met at that moment (a refused fanout takes no number, so nothing orders it
-    /// further); a queue with room here is checked again under the batch's locks.
+    /// further); a queue with room here is checked again under the batch's locks. So is a full
+    /// queue whose oldest message has expired: the batch deletes the expired ones at its head
+    /// to make room.
     async fn required_has_room(&self, required: &IdentityKey, add: i64) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-        let held = self.answered(ops::queue_held(&client, required)).await;
-        let (count, bytes) = self.settle(client, held)?;
+        let (cutoff, _) = mail::expire_heads_bounds(self.limits, self.clock.now_ms());
+        let held = self.answered(ops::queue_held(&client, required, cutoff)).await;
+        let (count, bytes, head_expired) = self.settle(client, held)?;
         match mail::queue_full(self.limits, count, bytes, add) {
-            Some(full) => Err(full),
-            None => Ok(()),
+            Some(full) if !head_expired => Err(full),
+            _ => Ok(()),
         }
     }
 

@@ -245,7 +245,28 @@ async fn enqueue(
     state.sort_unstable_by_key(|s| s.0);
     // A statement of its own, after the locks (see the module docs).
     let stmt = tx.prepare_cached(READ_FREED).await?;
-    let freed = read_freed(tx.query(&stmt, &[&keys]).await?)?;
+    let mut freed = read_freed(tx.query(&stmt, &[&keys]).await?)?;
+    // The queues this would overflow lose the expired mail at their heads first (as in the
+    // group commit: see `mail::EXPIRE_HEADS`).
+    let held = |who: &IdentityKey| {
+        let i = state.binary_search_by_key(who, |s| s.0).ok()?;
+        let (fc, fb) = freed.get(who).copied().unwrap_or((0, 0));
+        Some((state[i].2 - fc, state[i].3 - fb))
+    };
+    let full =
+        mail::overflowing(limits, items.iter().map(|(w, p)| (*w, mail::queue_charge(channel, p))), held);
+    if !full.is_empty() {
+        let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, now);
+        let stmt = tx.prepare_cached(mail::EXPIRE_HEADS).await?;
+        let (expired, quota) =
+            mail::expired_heads(tx.query(&stmt, &[&full, &cutoff, &rows_per_queue]).await?)?;
+        for (who, (n, bytes)) in expired {
+            let f = freed.entry(who).or_insert((0, 0));
+            f.0 += n;
+            f.1 += bytes;
+        }
+        add_stored_bytes(tx, -quota).await?;
+    }
     let find = |state: &[(IdentityKey, i64, i64, i64)], who: &IdentityKey| {
         state.binary_search_by_key(who, |s| s.0).map_err(|_| {
             TxError::Store(StoreError::Db("enqueue: a recipient's queue row went missing".to_string()))
@@ -804,17 +825,25 @@ async fn put_hybrid_key(
 /// What `who`'s queue holds (messages, bytes) as of this one statement, without a lock: its
 /// queue row less what acks freed from it, read in one snapshot (the sweep deletes both rows in
 /// one transaction). Exact at that snapshot but for acks not yet committed, which make the
-/// queue look fuller (as in [`enqueue`]'s caps); (0, 0) for a queue without a row.
-pub(super) async fn queue_held(client: &Object, who: &IdentityKey) -> Result<(i64, i64), TxError> {
+/// queue look fuller (as in [`enqueue`]'s caps); (0, 0) for a queue without a row. Also
+/// whether its oldest message was enqueued before `cutoff` (has expired), so that an enqueue
+/// would delete it to make room (see `mail::EXPIRE_HEADS`).
+pub(super) async fn queue_held(
+    client: &Object,
+    who: &IdentityKey,
+    cutoff: i64,
+) -> Result<(i64, i64, bool), TxError> {
     let stmt = client
         .prepare_cached(
-            "SELECT q.count - coalesce(f.count, 0), q.bytes - coalesce(f.bytes, 0)
+            "SELECT q.count - coalesce(f.count, 0), q.bytes - coalesce(f.bytes, 0),
+                    coalesce((SELECT e.enqueued_at_ms < $2 FROM qpq_entries e
+                              WHERE e.recipient = $1 ORDER BY e.seq LIMIT 1), false)
              FROM qpq_queues q LEFT JOIN qpq_queue_freed f ON f.recipient = q.recipient
              WHERE q.recipient = $1",
         )
         .await?;
-    let row = client.query_opt(&stmt, &[&&who[..]]).await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))).unwrap_or((0, 0)))
+    let row = client.query_opt(&stmt, &[&&who[..], &cutoff]).await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))).unwrap_or((0, 0, false)))
 }
 
 /// Single-use packages of `who` valid at `now`, and whether a valid last-resort one is stored.
