@@ -74,7 +74,8 @@ enum ErrorCode {
   unknown @0;            # no code (an error from the RPC layer itself, or an older server)
   badRequest @1;         # a parameter is malformed or out of range; do not retry as is
   tooLarge @2;           # a payload, batch or call is over its size limit
-  queueFull @3;          # the recipient's queue is at its message or byte cap
+  queueFull @3;          # the recipient's queue is at its message or byte cap (after up to
+                         # 16 of its oldest messages, if past the TTL, were deleted to make room)
   noKeyPackages @4;      # fetchKeyPackage: the key has no KeyPackage at all
   noHybridKey @5;        # fetchHybridKey: the key has no hybrid key
   rateLimited @6;        # this connection, address or target key is over its rate (retry hint)
