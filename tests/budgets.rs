@@ -182,6 +182,55 @@ async fn the_key_material_of_one_network_has_a_budget_across_connections_and_ide
     server.shutdown().await.unwrap();
 }
 
+/// An upload the store refuses stored nothing, so its network's key material budget gets back
+/// all but [`qpq::limits::KEY_ROW_OVERHEAD_BYTES`] a row. Before, while strangers kept the key
+/// storage full, a client whose packages were due spent the whole budget on uploads retried
+/// every round, so once there was room again nobody on its network could upload for a day: here
+/// the second attempt was already `rateLimited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_refused_by_a_full_key_storage_cost_the_network_a_row_charge_not_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bob = Identity::generate();
+    let kps: Vec<Vec<u8>> =
+        MlsClient::new(bob.seed()).unwrap().key_packages(2).unwrap().into_iter().map(|k| k.bytes).collect();
+    let row = qpq::limits::KEY_ROW_OVERHEAD_BYTES;
+    let charge: u64 = kps.iter().map(|k| k.len() as u64 + row).sum();
+    let signed = SignedHybridKey::sign(bob.signing_key(), 1_000, &HybridSecretKey::generate());
+    let hybrid = (signed.key.len() + signed.signature.len()) as u64 + row;
+    assert!(hybrid < charge);
+    let mut cfg = config(dir.path());
+    let clock = Clock::system();
+    cfg.clock = clock.clone();
+    // The key storage holds nothing. The budget holds one upload, what four refused uploads of
+    // two rows and one refused hybrid key owe (a row each), and 100 bytes: a fifth refused
+    // upload still finds its whole charge, the hybrid key then its own.
+    cfg.max_key_bytes = 1;
+    let burst = charge + 4 * 2 * row + row + 100;
+    // One byte every 100 s, so the real time the test takes refills nothing that counts.
+    cfg.rate_limits.key_bytes_per_network = Rate { per_sec: 0.01, burst: burst as u32 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let b = login(&server, &bob).await;
+        for attempt in 1..=5 {
+            let e = refusal(b.upload_key_packages(&kps, None).await);
+            assert_eq!(e.code, ErrorCode::OverQuota, "attempt {attempt}: {e:?}");
+            assert!(e.message.contains("key storage full"), "{e:?}");
+        }
+        let e = refusal(b.upload_hybrid_key(&signed).await);
+        assert_eq!(e.code, ErrorCode::OverQuota, "{e:?}");
+        // Ten rows and a key refused: one more upload is short by two rows less 100 bytes.
+        let e = refusal(b.upload_key_packages(&kps, None).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "refusals are not free: {e:?}");
+        assert_eq!(e.message, "rate limited: too much key material uploaded from this network");
+        let wait = e.retry_after_ms.expect("a retry hint");
+        let short_ms = (2 * row - 100) * 100_000;
+        assert!((short_ms - 1_000..=short_ms).contains(&wait), "{wait} ms to find {short_ms} ms of bytes");
+        assert_eq!(b.key_package_count().await.unwrap(), (0, false));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// An upload's sizes are checked before the network's key material budget is charged: junk
 /// (oversized packages, a "hybrid key" of any length) must not spend a shared address's budget
 /// for a day and lock its other users out of registering.

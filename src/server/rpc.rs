@@ -324,6 +324,14 @@ impl NodeServiceImpl {
 
 /// Whether the store refused a write after checking it (a limit it breaks), as opposed to
 /// failing (its database, a shutdown): only a refusal is charged to the sender.
+/// What [`AccountImpl::charge_key_uploads`] took from its network's key material budget: the
+/// rows an upload would store and the bytes charged for them.
+#[derive(Clone, Copy)]
+struct KeyCharge {
+    rows: u64,
+    bytes: u32,
+}
+
 fn refused_by_the_store(e: &StoreError) -> bool {
     !matches!(e, StoreError::Db(_) | StoreError::Closed | StoreError::Unavailable(_))
 }
@@ -749,7 +757,7 @@ impl account::Server for AccountImpl {
                     format!("key package too large: {len} > {} bytes", limits::MAX_KEY_PACKAGE_BYTES),
                 ));
             }
-            self.charge_key_uploads(
+            let charged = self.charge_key_uploads(
                 list.len().saturating_add(u32::from(lr_given)),
                 lens.into_iter().chain(lr_given.then_some(lr_len)),
             )?;
@@ -765,7 +773,9 @@ impl account::Server for AccountImpl {
                     self.shared.store.key_package_count(&self.who, kp_now).await.map_err(store_err)?;
                 if have.saturating_add(adding) > limits::MAX_KEY_PACKAGES_PER_IDENTITY {
                     let max = limits::MAX_KEY_PACKAGES_PER_IDENTITY;
-                    return Err(store_err(StoreError::PoolFull { have, adding, max }));
+                    let full = StoreError::PoolFull { have, adding, max };
+                    self.refund_key_bytes(charged, &full);
+                    return Err(store_err(full));
                 }
             }
             let mut packages = Vec::with_capacity(list.len() as usize);
@@ -778,7 +788,7 @@ impl account::Server for AccountImpl {
                 return Err(failed("nothing to upload"));
             }
             let op = WriteOp::UploadKeyPackages { who: self.who, packages, last_resort, now: kp_now };
-            match self.shared.store.write(op).await.map_err(store_err)? {
+            match self.write_keys(op, charged).await? {
                 Outcome::KeyPackagesStored { count } => {
                     results.get().set_count(u32::try_from(count).unwrap_or(u32::MAX));
                     Ok(())
@@ -835,10 +845,11 @@ impl account::Server for AccountImpl {
                     signed.signature.len()
                 )));
             }
-            self.charge_key_uploads(0, [signed.key.len() + signed.signature.len()].into_iter())?;
+            let charged =
+                self.charge_key_uploads(0, [signed.key.len() + signed.signature.len()].into_iter())?;
             signed.verify(&self.who).map_err(|e| failed(format!("invalid hybrid key: {e}")))?;
             let op = WriteOp::PutHybridKey { who: self.who, signed };
-            self.shared.store.write(op).await.map_err(store_err)?;
+            self.write_keys(op, charged).await?;
             Ok(())
         }
     }
@@ -999,18 +1010,56 @@ impl AccountImpl {
     /// ([`limits::DEFAULT_KEY_BYTES_RATE_PER_NETWORK`]): all of them or, refused, none, so
     /// a budget nearly spent refuses a registration's first upload whole rather than letting
     /// it in and refusing its next call.
-    fn charge_key_uploads(&self, packages: u32, values: impl Iterator<Item = usize>) -> Result<(), Error> {
+    ///
+    /// Returns what it took, for [`Self::write_keys`].
+    fn charge_key_uploads(
+        &self,
+        packages: u32,
+        values: impl Iterator<Item = usize>,
+    ) -> Result<KeyCharge, Error> {
         let now = self.shared.clock.now_ms();
         let rates = &self.shared.rates;
-        let bytes = values.fold(0u64, |sum, len| {
-            sum.saturating_add(len as u64).saturating_add(limits::KEY_ROW_OVERHEAD_BYTES)
+        let (rows, bytes) = values.fold((0u64, 0u64), |(rows, sum), len| {
+            (rows + 1, sum.saturating_add(len as u64).saturating_add(limits::KEY_ROW_OVERHEAD_BYTES))
         });
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
         let network = admission::network_key(self.source);
         rates.key_bytes_per_network.take_n(network, now, bytes).map_err(key_material_limited)?;
         self.key_upload_rate.charge(packages, &self.shared.clock);
         rates.key_upload_per_address.charge_n(self.source, now, packages);
-        Ok(())
+        Ok(KeyCharge { rows, bytes })
+    }
+
+    /// Writes a key upload that [`Self::charge_key_uploads`] charged. When nothing is stored the
+    /// network's key material budget gets back what was taken for storing it: a refusal by the
+    /// store (its key storage full, the pool full, a stale key) keeps
+    /// [`limits::KEY_ROW_OVERHEAD_BYTES`] per row, about what the store's checks cost (as a
+    /// refused enqueue keeps [`limits::REFUSED_RECIPIENT_BYTES`] per recipient), and a failure
+    /// of the server's own gives everything back. Before, while strangers kept the key storage
+    /// full, a client whose packages were due spent its network's whole daily budget on uploads
+    /// that stored nothing, retrying every round, and once there was room it (and everyone on
+    /// its network) could not upload for a day.
+    async fn write_keys(&self, op: WriteOp, charged: KeyCharge) -> Result<Outcome, Error> {
+        let written = self.shared.store.write(op).await;
+        if let Err(e) = &written {
+            self.refund_key_bytes(charged, e);
+        }
+        written.map_err(store_err)
+    }
+
+    /// Gives back what [`Self::write_keys`] says a key upload refused with `e` does not owe.
+    fn refund_key_bytes(&self, charged: KeyCharge, e: &StoreError) {
+        let owed = if refused_by_the_store(e) {
+            charged.rows.saturating_mul(limits::KEY_ROW_OVERHEAD_BYTES)
+        } else {
+            0
+        };
+        let back = u64::from(charged.bytes).saturating_sub(owed);
+        if back > 0 {
+            let network = admission::network_key(self.source);
+            let back = u32::try_from(back).unwrap_or(u32::MAX);
+            self.shared.rates.key_bytes_per_network.refund(network, self.shared.clock.now_ms(), back);
+        }
     }
 
     /// One token of this connection's and its address's key upload budget, taken before
