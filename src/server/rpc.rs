@@ -60,10 +60,17 @@ fn unexpected(outcome: &Outcome) -> Error {
 static UNAVAILABLE_LOG: SharedLogThrottle =
     SharedLogThrottle::new(Duration::from_millis(limits::STORE_OUTAGE_LOG_INTERVAL_MS));
 
+/// So is the `store failure` line: a damaged row that every call of some key meets, or a
+/// database refusing every write, would otherwise write one line per call.
+static STORE_FAILURE_LOG: SharedLogThrottle =
+    SharedLogThrottle::new(Duration::from_millis(limits::STORE_OUTAGE_LOG_INTERVAL_MS));
+
 fn store_err(e: StoreError) -> Error {
     let code = match &e {
         StoreError::Db(inner) => {
-            tracing::error!(error = %inner, "store failure");
+            if let Some(unlogged) = STORE_FAILURE_LOG.note(std::time::Instant::now()) {
+                tracing::error!(error = %inner, unlogged, "store failure");
+            }
             return coded(ErrorCode::Internal, "internal storage error");
         }
         StoreError::OverQuota { .. } => {
