@@ -162,6 +162,13 @@ pub const SWEEP_SLICE_ROWS: usize = 4096;
 pub const EXPIRED_HEAD_ROWS: usize = 16;
 pub const EXPIRED_HEAD_QUEUES: usize = 64;
 
+/// How long a PostgreSQL node leaves a full queue whose head it found young before looking at
+/// its head again (see `YoungHeads` in `store::postgres::mail`): a member who stopped reading
+/// keeps a full queue of young mail, and each look is a round trip in the group commit. Expired
+/// mail may refuse new mail this much longer. At most [`YOUNG_HEADS_MAX`] queues are remembered.
+pub const EXPIRED_HEAD_RECHECK_MS: u64 = 60_000;
+pub const YOUNG_HEADS_MAX: usize = 100_000;
+
 /// How long a PostgreSQL `qpq_channels` row (a channel's `channelSeq` counter) is kept unused
 /// before the sweep deletes it, raising `channel_seq_floor` over its numbers. Any length keeps
 /// the numbers rising; it bounds what a stranger's enqueues to fresh channel ids leave behind

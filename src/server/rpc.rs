@@ -329,8 +329,6 @@ impl NodeServiceImpl {
     }
 }
 
-/// Whether the store refused a write after checking it (a limit it breaks), as opposed to
-/// failing (its database, a shutdown): only a refusal is charged to the sender.
 /// What [`AccountImpl::charge_key_uploads`] took from its network's key material budget: the
 /// rows an upload would store and the bytes charged for them.
 #[derive(Clone, Copy)]
@@ -339,6 +337,8 @@ struct KeyCharge {
     bytes: u32,
 }
 
+/// Whether the store refused a write after checking it (a limit it breaks), as opposed to
+/// failing (its database, a shutdown): only a refusal is charged to the sender.
 fn refused_by_the_store(e: &StoreError) -> bool {
     !matches!(e, StoreError::Db(_) | StoreError::Closed | StoreError::Unavailable(_))
 }
@@ -1055,11 +1055,13 @@ impl AccountImpl {
     }
 
     /// Gives back what [`Self::write_keys`] says a key upload refused with `e` does not owe.
+    /// `unavailable` gives nothing back: a PostgreSQL commit that went unanswered may have
+    /// stored the keys (a review).
     fn refund_key_bytes(&self, charged: KeyCharge, e: &StoreError) {
-        let owed = if refused_by_the_store(e) {
-            charged.rows.saturating_mul(limits::KEY_ROW_OVERHEAD_BYTES)
-        } else {
-            0
+        let owed = match e {
+            StoreError::Unavailable(_) => return,
+            e if refused_by_the_store(e) => charged.rows.saturating_mul(limits::KEY_ROW_OVERHEAD_BYTES),
+            _ => 0,
         };
         let back = u64::from(charged.bytes).saturating_sub(owed);
         if back > 0 {

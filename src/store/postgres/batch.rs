@@ -186,7 +186,7 @@ impl Inner {
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
             let attempt = async {
-                let applied = apply(&client, self.limits, now_ms, ops).await;
+                let applied = apply(&client, self.limits, now_ms, ops, &self.young_heads).await;
                 if applied.is_err() {
                     // Ends the transaction if the failure left one open (a warning, not an
                     // error, when the pipelined COMMIT already ended it); a dead connection is
@@ -268,7 +268,13 @@ fn channel_of(op: &WriteOp) -> &[u8] {
 /// Runs `ops` as one transaction on `tx`, from BEGIN to COMMIT (see the module docs for the
 /// steps). Ok means committed; after an error the caller rolls back. Refusals are per request,
 /// inside [`Applied`].
-async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
+async fn apply(
+    tx: &Object,
+    limits: QueueLimits,
+    now: u64,
+    ops: &[WriteOp],
+    young: &mail::YoungHeads,
+) -> Result<Applied, TxError> {
     let acks = ops.iter().filter(|op| matches!(op, WriteOp::Ack { .. })).count();
     if acks == ops.len() {
         return apply_acks(tx, ops).await;
@@ -278,11 +284,17 @@ async fn apply(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> R
         // makes the worker run its requests one by one, each in the transaction of its kind.
         return Err(TxError::Store(StoreError::Db("batch: acks mixed with mail".to_string())));
     }
-    apply_mail(tx, limits, now, ops).await
+    apply_mail(tx, limits, now, ops, young).await
 }
 
 /// A batch of enqueues and fanouts (the mail lane), steps 1 to 3 of the module docs.
-async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp]) -> Result<Applied, TxError> {
+async fn apply_mail(
+    tx: &Object,
+    limits: QueueLimits,
+    now: u64,
+    ops: &[WriteOp],
+    young: &mail::YoungHeads,
+) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
     // Step 1: the keys to lock, sorted.
     let mut channel_keys: Vec<&[u8]> = ops.iter().map(channel_of).filter(|c| !c.is_empty()).collect();
@@ -384,14 +396,22 @@ async fn apply_mail(tx: &Object, limits: QueueLimits, now: u64, ops: &[WriteOp])
         let channel = channel_of(op);
         items(op).unwrap_or_default().into_iter().map(move |(who, p)| (who, mail::queue_charge(channel, p)))
     });
-    let held =
-        |who: &IdentityKey| queues.get(who).map(|q| (q.count - q.freed_count, q.bytes - q.freed_bytes));
-    let full = mail::overflowing(limits, wanted, held);
+    let held = |who: &IdentityKey| {
+        if young.fresh(who, now) {
+            return None;
+        }
+        queues.get(who).map(|q| (q.count - q.freed_count, q.bytes - q.freed_bytes))
+    };
+    let required: Vec<&IdentityKey> = ops.iter().filter_map(required_of).collect();
+    let full = mail::overflowing(limits, wanted, &required, held);
     let (mut purged_quota, mut purged) = (0i64, false);
     if !full.is_empty() {
         let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, now);
         let stmt = tx.prepare_cached(mail::EXPIRE_HEADS).await?;
-        let (freed, quota) = mail::expired_heads(tx.query(&stmt, &[&full, &cutoff, &rows_per_queue]).await?)?;
+        let keys: Vec<&[u8]> = full.iter().map(|k| &k[..]).collect();
+        let (freed, quota) = mail::expired_heads(tx.query(&stmt, &[&keys, &cutoff, &rows_per_queue]).await?)?;
+        // (Noted before the commit: should it fail, the next look is only a little late.)
+        young.note(&full, &freed, now);
         purged = !freed.is_empty();
         for (who, (n, bytes)) in freed {
             if let Some(q) = queues.get_mut(&who) {

@@ -92,15 +92,19 @@ pub(super) use release_or_delete_payloads;
 /// the recipients' freed rows, as an ack does; answers per recipient the entries and bytes
 /// freed and, on every row, the quota freed in all. So a queue full of mail past its TTL
 /// (hidden from fetches already) takes new mail before the sweep comes round (see
-/// [`limits::EXPIRED_HEAD_ROWS`]). The caller holds the queue rows; this locks entries,
-/// payloads by id, then freed rows by key (`t` reads the quota sums, so `d` and `x` have run,
-/// before `f`), the ack batch's order.
+/// [`limits::EXPIRED_HEAD_ROWS`]). The caller holds the queue rows; this locks entries
+/// (skipping those a sweep or an ack is deleting: it never waits for them), payloads by id,
+/// then freed rows by key (`t` reads the quota sums, so `d` and `x` have run, before `f`), the
+/// order of the ack batch and of the sweep, neither of which holds a queue row meanwhile.
 pub(super) const EXPIRE_HEADS: &str = concat!(
     "WITH h AS (
-         SELECT e.recipient, e.seq FROM unnest($1::bytea[]) AS r(who)
-         CROSS JOIN LATERAL (SELECT recipient, seq, enqueued_at_ms FROM qpq_entries
-                             WHERE recipient = r.who ORDER BY seq LIMIT $3) e
-         WHERE e.enqueued_at_ms < $2
+         SELECT e.recipient, e.seq FROM qpq_entries e
+         WHERE (e.recipient, e.seq) IN (
+             SELECT x.recipient, x.seq FROM unnest($1::bytea[]) AS r(who)
+             CROSS JOIN LATERAL (SELECT recipient, seq, enqueued_at_ms FROM qpq_entries
+                                 WHERE recipient = r.who ORDER BY seq LIMIT $3) x
+             WHERE x.enqueued_at_ms < $2)
+         FOR UPDATE SKIP LOCKED
      ), d AS (
          DELETE FROM qpq_entries e USING h WHERE e.recipient = h.recipient AND e.seq = h.seq
          RETURNING e.recipient, e.payload_id, e.bytes, e.quota
@@ -118,33 +122,75 @@ pub(super) const EXPIRE_HEADS: &str = concat!(
 );
 
 /// The queues that `wanted` (the mail a request or a batch would add: recipient, charge) would
-/// overflow, given what each holds (`held`: messages, bytes, after what acks freed), in key
-/// order and at most [`limits::EXPIRED_HEAD_QUEUES`]: the ones [`EXPIRE_HEADS`] looks at.
+/// overflow, given what each holds (`held`: messages, bytes, after what acks freed; None for a
+/// queue not to look at), at most [`limits::EXPIRED_HEAD_QUEUES`], the `required` recipients
+/// of fanouts first (a stranger naming 64 full queues must not keep a committer's own from
+/// being looked at), in key order: the ones [`EXPIRE_HEADS`] looks at.
 pub(super) fn overflowing<'k>(
     limits: QueueLimits,
     wanted: impl Iterator<Item = (&'k IdentityKey, i64)>,
+    required: &[&IdentityKey],
     held: impl Fn(&IdentityKey) -> Option<(i64, i64)>,
-) -> Vec<&'k [u8]> {
+) -> Vec<&'k IdentityKey> {
     let mut want: std::collections::BTreeMap<&IdentityKey, (i64, i64)> = Default::default();
     for (who, charge) in wanted {
         let w = want.entry(who).or_default();
         w.0 = w.0.saturating_add(1);
         w.1 = w.1.saturating_add(charge);
     }
-    want.into_iter()
+    let mut full: Vec<&IdentityKey> = want
+        .into_iter()
         .filter(|(who, (n, add))| {
             held(who).is_some_and(|(count, bytes)| {
                 ops::unbig(count.saturating_add(*n)) > limits.max_messages
                     || ops::unbig(bytes.saturating_add(*add)) > limits.max_bytes
             })
         })
-        .map(|(who, _)| &who[..])
-        .take(limits::EXPIRED_HEAD_QUEUES)
-        .collect()
+        .map(|(who, _)| who)
+        .collect();
+    // Stable: key order within each group.
+    full.sort_by_key(|who| !required.contains(who));
+    full.truncate(limits::EXPIRED_HEAD_QUEUES);
+    full.sort_unstable();
+    full
 }
 
 /// Per recipient, the (entries, bytes) some statement freed from its queue.
 pub(super) type FreedPerQueue = std::collections::HashMap<IdentityKey, (i64, i64)>;
+
+/// Full queues whose head a node found young, and until when (ms) its batches need not look
+/// again ([`limits::EXPIRED_HEAD_RECHECK_MS`]). A member who stopped reading keeps a full queue
+/// of young mail, and without this every batch carrying a message of that member's groups paid
+/// [`EXPIRE_HEADS`]'s round trip for nothing (a review of the change).
+#[derive(Default)]
+pub(super) struct YoungHeads(std::sync::Mutex<std::collections::HashMap<IdentityKey, u64>>);
+
+impl YoungHeads {
+    /// Whether `who`'s head was found young less than the recheck time before `now`.
+    pub(super) fn fresh(&self, who: &IdentityKey, now: u64) -> bool {
+        // A poisoned lock (a panic elsewhere) only costs the round trips this saves.
+        self.0.lock().map(|m| m.get(who).is_some_and(|&until| now < until)).unwrap_or(false)
+    }
+
+    /// Notes what [`EXPIRE_HEADS`] found in the queues it `looked` at: those it `freed` nothing
+    /// from are left alone until the recheck time.
+    pub(super) fn note(&self, looked: &[&IdentityKey], freed: &FreedPerQueue, now: u64) {
+        let Ok(mut young) = self.0.lock() else { return };
+        if young.len() >= limits::YOUNG_HEADS_MAX {
+            young.retain(|_, until| now < *until);
+            if young.len() >= limits::YOUNG_HEADS_MAX {
+                young.clear();
+            }
+        }
+        for who in looked {
+            if freed.contains_key(*who) {
+                young.remove(*who);
+            } else {
+                young.insert(**who, now.saturating_add(limits::EXPIRED_HEAD_RECHECK_MS));
+            }
+        }
+    }
+}
 
 /// [`EXPIRE_HEADS`]'s answer: per recipient the (entries, bytes) freed, and the quota freed.
 pub(super) fn expired_heads(rows: Vec<tokio_postgres::Row>) -> Result<(FreedPerQueue, i64), TxError> {
@@ -309,5 +355,46 @@ impl<'a> NewMail<'a> {
             &self.sizes,
             &self.entry_quotas,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_messages: u64) -> QueueLimits {
+        QueueLimits { max_messages, max_bytes: 1 << 20, ttl_ms: 1, max_stored_bytes: 1, max_key_bytes: 1 }
+    }
+
+    #[test]
+    fn a_queue_found_young_is_left_alone_until_the_recheck_time() {
+        let young = YoungHeads::default();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let freed: FreedPerQueue = [(a, (1, 10))].into_iter().collect();
+        young.note(&[&a, &b], &freed, 1_000);
+        assert!(!young.fresh(&a, 1_000), "a gave up expired mail: look again when full");
+        assert!(young.fresh(&b, 1_000));
+        assert!(young.fresh(&b, 1_000 + limits::EXPIRED_HEAD_RECHECK_MS - 1));
+        assert!(!young.fresh(&b, 1_000 + limits::EXPIRED_HEAD_RECHECK_MS));
+        // Freed later: forgotten at once.
+        young.note(&[&b], &[(b, (1, 10))].into_iter().collect(), 2_000);
+        assert!(!young.fresh(&b, 2_000));
+    }
+
+    /// A stranger naming 64 full queues with lower keys must not keep a fanout's required
+    /// recipient (a committer's own queue) from being looked at.
+    #[test]
+    fn required_recipients_are_looked_at_first() {
+        let keys: Vec<IdentityKey> = (0..=limits::EXPIRED_HEAD_QUEUES as u8).map(|i| [i; 32]).collect();
+        let required = keys[limits::EXPIRED_HEAD_QUEUES];
+        let wanted = keys.iter().map(|k| (k, 10));
+        let full = overflowing(limits(1), wanted, &[&required], |_| Some((1, 0)));
+        assert_eq!(full.len(), limits::EXPIRED_HEAD_QUEUES);
+        assert!(full.contains(&&required), "the required queue is among those looked at");
+        assert!(full.windows(2).all(|w| w[0] < w[1]), "in key order");
+        // Room in a queue, or a queue not to look at: not named.
+        let wanted = keys.iter().take(2).map(|k| (k, 10));
+        let full = overflowing(limits(2), wanted, &[], |k| (k[0] == 0).then_some((1, 0)));
+        assert!(full.is_empty(), "{full:?}");
     }
 }

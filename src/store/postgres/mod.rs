@@ -129,6 +129,8 @@ struct Inner {
     node_id: u64,
     /// How long a transaction or read waits for the database's answers (see [`Inner::answered`]).
     reply_timeout: Duration,
+    /// Full queues the group commit need not look at for expired mail for a while.
+    young_heads: mail::YoungHeads,
 }
 
 /// The PostgreSQL-backed store of one node.
@@ -262,6 +264,7 @@ impl PgStore {
             instance_id,
             node_id: rand::random(),
             reply_timeout,
+            young_heads: mail::YoungHeads::default(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(listen::run(cfg.clone(), inner.node_id, inner.notifier.clone(), stop.clone()));

@@ -13,8 +13,10 @@
 //!   to check the pool cap.
 //! - An ack locks its entries and its recipient's `qpq_queue_freed` row (schema version 3),
 //!   never the `qpq_queues` row: acks and enqueues of one recipient do not wait for each other.
-//! - Rare lock cycles (a sweep against a batch) are PostgreSQL deadlocks; it aborts one side,
-//!   which the caller runs again.
+//! - The sweep, like an ack, counts what it deletes in the freed rows and locks queue rows
+//!   only to delete empty ones (queue rows, then freed rows: the batches' order).
+//! - Rare lock cycles (entries two statements delete in different orders) are PostgreSQL
+//!   deadlocks; it aborts one side, which the caller runs again.
 //!
 //! Why the caps stay safe although an enqueue does not lock the freed rows: it locks its queue
 //! rows first, then reads their freed rows in a later statement (so after every lock is held,
@@ -253,13 +255,18 @@ async fn enqueue(
         let (fc, fb) = freed.get(who).copied().unwrap_or((0, 0));
         Some((state[i].2 - fc, state[i].3 - fb))
     };
-    let full =
-        mail::overflowing(limits, items.iter().map(|(w, p)| (*w, mail::queue_charge(channel, p))), held);
+    let required: Vec<&IdentityKey> = match stored {
+        Stored::Shared { required } => required.into_iter().collect(),
+        Stored::Each => Vec::new(),
+    };
+    let wanted = items.iter().map(|(w, p)| (*w, mail::queue_charge(channel, p)));
+    let full = mail::overflowing(limits, wanted, &required, held);
     if !full.is_empty() {
         let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, now);
         let stmt = tx.prepare_cached(mail::EXPIRE_HEADS).await?;
+        let keys: Vec<&[u8]> = full.iter().map(|k| &k[..]).collect();
         let (expired, quota) =
-            mail::expired_heads(tx.query(&stmt, &[&full, &cutoff, &rows_per_queue]).await?)?;
+            mail::expired_heads(tx.query(&stmt, &[&keys, &cutoff, &rows_per_queue]).await?)?;
         for (who, (n, bytes)) in expired {
             let f = freed.entry(who).or_insert((0, 0));
             f.0 += n;
@@ -451,12 +458,13 @@ async fn sweep(
         sizes.push(b);
     }
     if !keys.is_empty() {
-        tx.execute(
-            "UPDATE qpq_queues q SET count = q.count - u.n, bytes = q.bytes - u.b
-             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS u(r, n, b) WHERE q.recipient = u.r",
-            &[&keys, &counts, &sizes],
-        )
-        .await?;
+        // Counted as freed, as an ack's are (`keys` are sorted): the sweep locks no queue row
+        // here, so it takes entries, payloads, freed rows and the shard in the order every
+        // batch does. It used to lower the queue rows, after it held the entries and payloads a
+        // mail batch holding those queue rows may delete to make room (`mail::EXPIRE_HEADS`):
+        // a deadlock every time the two met on a full queue whose head had expired.
+        let stmt = tx.prepare_cached(ADD_FREED).await?;
+        tx.execute(&stmt, &[&keys, &counts, &sizes]).await?;
         let freed = quota + release_unreferenced(tx).await?;
         add_stored_bytes(tx, -freed).await?;
     }

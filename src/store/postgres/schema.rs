@@ -40,7 +40,9 @@
 //!
 //! # Version 3: acks do not lock the queue row
 //! `qpq_queue_freed` (recipient → count, bytes) holds what acks removed from a queue; the
-//! `qpq_queues` row keeps what enqueues added (less what the sweep expired). A queue holds
+//! `qpq_queues` row keeps what enqueues added. (The sweep, and an enqueue deleting a full
+//! queue's expired head, count what they delete as freed too; before that the sweep lowered the
+//! queue row, and rows it lowered so stay right: both ways subtract.) A queue holds
 //! `count − freed.count` messages of `bytes − freed.bytes`. Why: an ack used to lock the same
 //! row as an enqueue to the same recipient, so a node acking and a node enqueueing took turns,
 //! each waiting for the other's WAL flush (issue 13). Now an ack locks only the freed row (and
