@@ -48,6 +48,7 @@ pub mod memory;
 pub mod outdated;
 pub mod ratelimit;
 pub mod rpc;
+pub mod sweepclock;
 pub mod vat;
 
 use std::net::SocketAddr;
@@ -285,9 +286,11 @@ impl RunningServer {
 
     /// Runs one full expiry sweep now, of messages and then KeyPackages, as the server does
     /// every [`limits::SWEEP_INTERVAL_SECS`]; returns when it is done.
+    /// It reads the server's clock as it is; the periodic sweep also keeps that clock from
+    /// running ahead of the time that really passed (see [`sweepclock`]).
     pub async fn sweep(&self) {
-        sweep_once(&self.shared).await;
-        expire_key_packages(&self.shared).await;
+        sweep_once(&self.shared, self.shared.clock.now_ms()).await;
+        expire_key_packages(&self.shared, self.shared.key_package_now()).await;
     }
 
     /// True when this start generated the self-signed certificate.
@@ -474,21 +477,30 @@ fn spawn_sweeper(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
         // The first pass comes one period after start, not at once: a restart loop must not
         // turn into a sweep loop.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut clock = sweepclock::SweepClock::new(shared.clock.now_ms(), Instant::now());
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shared.shutdown.cancelled() => return,
             }
-            sweep_once(&shared).await;
-            expire_key_packages(&shared).await;
+            let (now_ms, ahead) = clock.now(shared.clock.now_ms(), Instant::now());
+            if sweepclock::SweepClock::worth_a_warning(ahead) {
+                tracing::warn!(
+                    ahead_secs = ahead / 1000,
+                    "the system clock jumped ahead of the time that passed; the sweep takes the jump in \
+                     at twice real speed, so mail and keys are not deleted early: check the clock"
+                );
+            }
+            sweep_once(&shared, now_ms).await;
+            let key_now = (now_ms / 1000).saturating_add(shared.limits.key_package_margin_secs);
+            expire_key_packages(&shared, key_now).await;
         }
     })
 }
 
 /// Deletes every KeyPackage expired now, one slice per write transaction (see
 /// [`WriteOp::ExpireKeyPackages`]); other writes commit between the slices.
-async fn expire_key_packages(shared: &Shared) {
-    let now = shared.key_package_now();
+async fn expire_key_packages(shared: &Shared, now: u64) {
     let mut removed = 0u64;
     loop {
         match shared.store.write(WriteOp::ExpireKeyPackages { now }).await {
@@ -516,8 +528,7 @@ async fn expire_key_packages(shared: &Shared) {
 
 /// One pass over the whole queue table, one slice per write transaction (see
 /// [`WriteOp::Sweep`]); other writes commit between the slices.
-async fn sweep_once(shared: &Shared) {
-    let now_ms = shared.clock.now_ms();
+async fn sweep_once(shared: &Shared, now_ms: u64) {
     let mut after = Vec::new();
     let mut removed = 0u64;
     loop {
