@@ -1868,6 +1868,43 @@ async fn a_queue_full_of_expired_mail_takes_new_mail_before_the_sweep() {
     assert_eq!(stored_bytes(dir.path()), 2 * (17 + 2) + (17 + 3) + (8 + 17 + 3 + 6) + 2 * entry);
 }
 
+/// A server clock stepped 40 days ahead (a bad time source, a restored VM) made the next sweep
+/// delete all queued mail and every key, for good, though the fetches that hide expired mail
+/// show it again once the clock is set right. Deleting by age now follows the clock only as
+/// fast as time really passes (twice as fast, to catch up): the sweep, and an enqueue making
+/// room in a full queue, delete nothing early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_forty_days_ahead_deletes_no_mail_and_no_keys() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    cfg.max_queue_messages = 2;
+    let server = start_server_with(cfg).await;
+    let alice = Identity::generate();
+    let kps = kp_bytes(MlsClient::new(alice.seed()).unwrap().key_packages(2).unwrap());
+    local(async {
+        let a = login(&server, &alice).await;
+        assert_eq!(a.upload_key_packages(&kps, None).await.unwrap(), 2);
+        let s = connect(&server).await;
+        for p in [b"old1", b"old2"] {
+            s.enqueue(&alice.public().0, p, b"").await.unwrap();
+        }
+        clock.step_ms(40 * 24 * 3600 * 1000);
+        server.sweep().await;
+        let e = s.enqueue(&alice.public().0, b"new", b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "the full queue's head is not expired: {e}");
+        // The clock set right: everything is still there.
+        clock.set_offset_ms(0);
+        let (got, _) = a.fetch(0).await.unwrap();
+        assert_eq!(got.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"old1".to_vec(), b"old2".to_vec()]);
+        assert_eq!(a.key_package_count().await.unwrap(), (2, false));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// A refused fanout gave its network's byte budget back in full, so a stranger could repeat
 /// one naming thousands of fresh keys and then a queue it had filled at the call rate alone,
 /// each costing the store work per recipient. Now a refusal costs 48 bytes per recipient it

@@ -48,7 +48,6 @@ pub mod memory;
 pub mod outdated;
 pub mod ratelimit;
 pub mod rpc;
-pub mod sweepclock;
 pub mod vat;
 
 use std::net::SocketAddr;
@@ -117,6 +116,9 @@ pub struct Shared {
     /// The server's clock: KeyPackage lifetimes, rate limits and hybrid key times read it
     /// (tests move it).
     pub clock: crate::clock::Clock,
+    /// The time the sweep deletes by: `clock`, but not a step forward of it (see
+    /// [`crate::clock::DeletionClock`]).
+    deletion_clock: crate::clock::DeletionClock,
     /// Rate limits shared by every connection (per source address, per target key).
     pub rates: SharedRates,
     /// Calls that change or reserve state and must finish before the store closes.
@@ -158,6 +160,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
             admission,
+            deletion_clock: crate::clock::DeletionClock::new(clock.clone()),
             clock,
             rates: SharedRates::new(rate_limits),
             inflight: AtomicUsize::new(0),
@@ -286,11 +289,9 @@ impl RunningServer {
 
     /// Runs one full expiry sweep now, of messages and then KeyPackages, as the server does
     /// every [`limits::SWEEP_INTERVAL_SECS`]; returns when it is done.
-    /// It reads the server's clock as it is; the periodic sweep also keeps that clock from
-    /// running ahead of the time that really passed (see [`sweepclock`]).
+    /// By the server's [`DeletionClock`], which follows its clock but not a step forward.
     pub async fn sweep(&self) {
-        sweep_once(&self.shared, self.shared.clock.now_ms()).await;
-        expire_key_packages(&self.shared, self.shared.key_package_now()).await;
+        sweep(&self.shared).await;
     }
 
     /// True when this start generated the self-signed certificate.
@@ -477,25 +478,29 @@ fn spawn_sweeper(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
         // The first pass comes one period after start, not at once: a restart loop must not
         // turn into a sweep loop.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let mut clock = sweepclock::SweepClock::new(shared.clock.now_ms(), Instant::now());
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shared.shutdown.cancelled() => return,
             }
-            let (now_ms, ahead) = clock.now(shared.clock.now_ms(), Instant::now());
-            if sweepclock::SweepClock::worth_a_warning(ahead) {
-                tracing::warn!(
-                    ahead_secs = ahead / 1000,
-                    "the system clock jumped ahead of the time that passed; the sweep takes the jump in \
-                     at twice real speed, so mail and keys are not deleted early: check the clock"
-                );
-            }
-            sweep_once(&shared, now_ms).await;
-            let key_now = (now_ms / 1000).saturating_add(shared.limits.key_package_margin_secs);
-            expire_key_packages(&shared, key_now).await;
+            sweep(&shared).await;
         }
     })
+}
+
+/// One sweep of messages, then of keys, by the server's deletion clock.
+async fn sweep(shared: &Shared) {
+    let (now_ms, ahead) = shared.deletion_clock.now();
+    if ahead > crate::clock::QUIET_STEP_MS {
+        tracing::warn!(
+            ahead_secs = ahead / 1000,
+            "the system clock jumped ahead of the time that passed; the sweep takes the jump in at \
+             twice real speed, so that mail and keys are not deleted early: check the clock"
+        );
+    }
+    sweep_once(shared, now_ms).await;
+    let key_now = (now_ms / 1000).saturating_add(shared.limits.key_package_margin_secs);
+    expire_key_packages(shared, key_now).await;
 }
 
 /// Deletes every KeyPackage expired now, one slice per write transaction (see

@@ -171,6 +171,9 @@ fn run(
     commits: &AtomicU64,
     rx: mpsc::Receiver<(WriteOp, Reply)>,
 ) {
+    // What a full queue's expired head is judged by (see `expire_head`): not a step forward of
+    // the clock, as for the sweep.
+    let deletion = crate::clock::DeletionClock::new(clock.clone());
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < limits::MAX_WRITE_BATCH {
@@ -179,13 +182,13 @@ fn run(
                 Err(_) => break,
             }
         }
-        let now_ms = clock.now_ms();
-        let outcomes = match commit(db, notifier, limits, now_ms, commits, &jobs) {
+        let now = Now { ms: clock.now_ms(), expire_by: deletion.now().0 };
+        let outcomes = match commit(db, notifier, limits, now, commits, &jobs) {
             Ok(outcomes) => outcomes,
             Err(e) if jobs.len() > 1 => {
                 tracing::warn!(error = %e, batch = jobs.len(), "write batch failed; running its requests one by one");
                 (0..jobs.len())
-                    .map(|i| match commit(db, notifier, limits, now_ms, commits, &jobs[i..=i]) {
+                    .map(|i| match commit(db, notifier, limits, now, commits, &jobs[i..=i]) {
                         // One outcome per job: `apply_batch` pushes one for each.
                         Ok(mut one) => one.pop().unwrap_or_else(|| Err(StoreError::Db("no outcome".into()))),
                         Err(e) => Err(e),
@@ -209,7 +212,7 @@ fn commit(
     db: &Database,
     notifier: &Notifier,
     limits: QueueLimits,
-    now_ms: u64,
+    now: Now,
     commits: &AtomicU64,
     jobs: &[(WriteOp, Reply)],
 ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
@@ -218,7 +221,7 @@ fn commit(
     // A panic while applying (a bug meeting data we did not foresee) fails this batch only:
     // the thread lives on and serves the next one. The transaction is dropped uncommitted.
     let (outcomes, committed) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        apply_batch(db, limits, now_ms, jobs, &mut woken)
+        apply_batch(db, limits, now, jobs, &mut woken)
     }))
     .unwrap_or_else(|_| Err(StoreError::Db("write batch panicked".to_string())))?;
     if committed {
@@ -241,10 +244,21 @@ struct Delivery<'txn> {
     /// Whether expired mail was deleted to make room ([`expire_head`]): that stands even when
     /// the request that did it is refused, so the batch must commit.
     purged: bool,
+    /// The time [`expire_head`] judges age by ([`Now::expire_by`]).
+    expire_by: u64,
+}
+
+/// A write batch's times (ms since the epoch): `ms` stamps and ages what it writes; `expire_by`
+/// is what deleting expired mail to make room goes by, the store's
+/// [`crate::clock::DeletionClock`]: `ms`, but not a step forward of the clock.
+#[derive(Clone, Copy)]
+struct Now {
+    ms: u64,
+    expire_by: u64,
 }
 
 impl<'txn> Delivery<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Delivery<'txn>, StoreError> {
+    fn open(txn: &'txn WriteTransaction, expire_by: u64) -> Result<Delivery<'txn>, StoreError> {
         Ok(Delivery {
             queue: txn.open_table(QUEUE)?,
             queue_meta: txn.open_table(QUEUE_META)?,
@@ -253,6 +267,7 @@ impl<'txn> Delivery<'txn> {
             payload_refs: txn.open_table(PAYLOAD_REFS)?,
             meta: txn.open_table(META)?,
             purged: false,
+            expire_by,
         })
     }
 
@@ -294,16 +309,17 @@ impl<'txn> Delivery<'txn> {
 fn apply_batch<'a>(
     db: &Database,
     limits: QueueLimits,
-    now_ms: u64,
+    now: Now,
     jobs: &'a [(WriteOp, Reply)],
     woken: &mut Vec<Committed<'a>>,
 ) -> Result<(Vec<Result<Outcome, StoreError>>, bool), StoreError> {
+    let now_ms = now.ms;
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut changed = false;
     {
-        let mut d = Delivery::open(&txn)?;
+        let mut d = Delivery::open(&txn, now.expire_by)?;
         for (op, _) in jobs {
             let out = match op {
                 WriteOp::Enqueue { channel, items } => enqueue(&mut d, limits, now_ms, channel, items, woken),
@@ -379,7 +395,7 @@ fn enqueue<'a>(
             None => {
                 let state = d.queue_state(who, seq_floor)?;
                 match queue_full(limits, state.1, state.2, add) {
-                    Some(_) => match expire_head(d, limits, now, who, &mut purges)? {
+                    Some(_) => match expire_head(d, limits, who, &mut purges)? {
                         Some(fresh) => {
                             seq_floor = fresh.floor;
                             fresh.state
@@ -462,7 +478,7 @@ fn fanout<'a>(
         if queue_full(limits, state.1, state.2, charge).is_none() {
             return Ok(state);
         }
-        Ok(match expire_head(d, limits, now, who, &mut purges)? {
+        Ok(match expire_head(d, limits, who, &mut purges)? {
             Some(fresh) => {
                 seq_floor = fresh.floor;
                 fresh.state
@@ -655,13 +671,13 @@ struct Expired {
 /// Deletes the expired messages at the head of `who`'s queue (at most
 /// [`limits::EXPIRED_HEAD_ROWS`]; its oldest, since seqs are handed out in arrival order), so
 /// that a queue full of mail past its TTL, hidden from `fetch` already, takes new mail before
-/// the sweep comes round. `budget` counts the queues one request may still do this to. None
-/// when nothing was deleted. Mirrors the sweep's test of age: a row stamped in the future, or
+/// the sweep comes round. Age is judged by [`Delivery::expire_by`] (the clock, but not a step
+/// forward of it). `budget` counts the queues one request may still do this to. None when
+/// nothing was deleted. Mirrors the sweep's test of age: a row stamped in the future, or
 /// damaged, stops the walk (the sweep deals with it).
 fn expire_head(
     d: &mut Delivery<'_>,
     limits: QueueLimits,
-    now: u64,
     who: &IdentityKey,
     budget: &mut usize,
 ) -> Result<Option<Expired>, StoreError> {
@@ -669,6 +685,7 @@ fn expire_head(
         return Ok(None);
     }
     *budget -= 1;
+    let now = d.expire_by;
     let start = queue_key(who, 0);
     let end = queue_key(who, u64::MAX);
     let mut doomed = Vec::new();

@@ -186,7 +186,8 @@ impl Inner {
         for _ in 0..limits::PG_TX_ATTEMPTS {
             let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
             let attempt = async {
-                let applied = apply(&client, self.limits, now_ms, ops, &self.young_heads).await;
+                let expiry = mail::Expiry { by: self.deletion.now().0, young: Some(&self.young_heads) };
+                let applied = apply(&client, self.limits, now_ms, ops, expiry).await;
                 if applied.is_err() {
                     // Ends the transaction if the failure left one open (a warning, not an
                     // error, when the pipelined COMMIT already ended it); a dead connection is
@@ -273,7 +274,7 @@ async fn apply(
     limits: QueueLimits,
     now: u64,
     ops: &[WriteOp],
-    young: &mail::YoungHeads,
+    expiry: mail::Expiry<'_>,
 ) -> Result<Applied, TxError> {
     let acks = ops.iter().filter(|op| matches!(op, WriteOp::Ack { .. })).count();
     if acks == ops.len() {
@@ -284,7 +285,7 @@ async fn apply(
         // makes the worker run its requests one by one, each in the transaction of its kind.
         return Err(TxError::Store(StoreError::Db("batch: acks mixed with mail".to_string())));
     }
-    apply_mail(tx, limits, now, ops, young).await
+    apply_mail(tx, limits, now, ops, expiry).await
 }
 
 /// A batch of enqueues and fanouts (the mail lane), steps 1 to 3 of the module docs.
@@ -293,7 +294,7 @@ async fn apply_mail(
     limits: QueueLimits,
     now: u64,
     ops: &[WriteOp],
-    young: &mail::YoungHeads,
+    expiry: mail::Expiry<'_>,
 ) -> Result<Applied, TxError> {
     let now_i = ops::big(now);
     // Step 1: the keys to lock, sorted.
@@ -397,7 +398,7 @@ async fn apply_mail(
         items(op).unwrap_or_default().into_iter().map(move |(who, p)| (who, mail::queue_charge(channel, p)))
     });
     let held = |who: &IdentityKey| {
-        if young.fresh(who, now) {
+        if expiry.young.is_some_and(|young| young.fresh(who, now)) {
             return None;
         }
         queues.get(who).map(|q| (q.count - q.freed_count, q.bytes - q.freed_bytes))
@@ -406,12 +407,14 @@ async fn apply_mail(
     let full = mail::overflowing(limits, wanted, &required, held);
     let (mut purged_quota, mut purged) = (0i64, false);
     if !full.is_empty() {
-        let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, now);
+        let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, expiry.by);
         let stmt = tx.prepare_cached(mail::EXPIRE_HEADS).await?;
         let keys: Vec<&[u8]> = full.iter().map(|k| &k[..]).collect();
         let (freed, quota) = mail::expired_heads(tx.query(&stmt, &[&keys, &cutoff, &rows_per_queue]).await?)?;
         // (Noted before the commit: should it fail, the next look is only a little late.)
-        young.note(&full, &freed, now);
+        if let Some(young) = expiry.young {
+            young.note(&full, &freed, now);
+        }
         purged = !freed.is_empty();
         for (who, (n, bytes)) in freed {
             if let Some(q) = queues.get_mut(&who) {

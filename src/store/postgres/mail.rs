@@ -203,6 +203,15 @@ pub(super) fn expired_heads(rows: Vec<tokio_postgres::Row>) -> Result<(FreedPerQ
     Ok((freed, quota))
 }
 
+/// What deleting a full queue's expired head goes by: `by`, the store's
+/// [`crate::clock::DeletionClock`] (the clock, but not a step forward of it), and the queues a
+/// node found young lately (the group commit's; none on the one-request path).
+#[derive(Clone, Copy)]
+pub(super) struct Expiry<'a> {
+    pub(super) by: u64,
+    pub(super) young: Option<&'a YoungHeads>,
+}
+
 /// [`EXPIRE_HEADS`]'s parameters after `$1`: the cutoff (entries enqueued before it have
 /// expired at `now`) and the rows looked at per queue.
 pub(super) fn expire_heads_bounds(limits: QueueLimits, now: u64) -> (i64, i64) {

@@ -131,6 +131,8 @@ struct Inner {
     reply_timeout: Duration,
     /// Full queues the group commit need not look at for expired mail for a while.
     young_heads: mail::YoungHeads,
+    /// What a full queue's expired head is judged by: the clock, but not a step forward of it.
+    deletion: crate::clock::DeletionClock,
 }
 
 /// The PostgreSQL-backed store of one node.
@@ -255,6 +257,7 @@ impl PgStore {
         let inner = Arc::new(Inner {
             pool,
             limits,
+            deletion: crate::clock::DeletionClock::new(clock.clone()),
             clock,
             notifier: Arc::new(Notifier::default()),
             wakeups: Arc::new(wake::Pending::default()),
@@ -411,7 +414,7 @@ impl Inner {
     /// to make room.
     async fn required_has_room(&self, required: &IdentityKey, add: i64) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(|e| unavailable(e.into()))?;
-        let (cutoff, _) = mail::expire_heads_bounds(self.limits, self.clock.now_ms());
+        let (cutoff, _) = mail::expire_heads_bounds(self.limits, self.deletion.now().0);
         let held = self.answered(ops::queue_held(&client, required, cutoff)).await;
         let (count, bytes, head_expired) = self.settle(client, held)?;
         match mail::queue_full(self.limits, count, bytes, add) {
@@ -481,7 +484,8 @@ impl Inner {
             // `tx`, which rolls it back.
             let attempt = async {
                 let tx = client.transaction().await?;
-                let outcome = ops::apply(&tx, self.limits, now_ms, &op, &mut woken).await?;
+                let expiry = mail::Expiry { by: self.deletion.now().0, young: None };
+                let outcome = ops::apply(&tx, self.limits, (now_ms, expiry), &op, &mut woken).await?;
                 tx.commit().await?;
                 Ok(outcome)
             };

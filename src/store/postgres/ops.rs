@@ -106,19 +106,20 @@ pub(super) fn identity(v: &[u8]) -> Result<IdentityKey, TxError> {
     v.try_into().map_err(|_| TxError::Store(StoreError::Db(format!("corrupt identity of {} bytes", v.len()))))
 }
 
-/// Applies `op`. The outer error rolls the transaction back (a refused enqueue or upload, a
-/// database error); the inner result is what the caller gets once it commits.
+/// Applies `op` at `now_ms` (an enqueue deletes a full queue's expired head by `expiry`). The
+/// outer error rolls the transaction back (a refused enqueue or upload, a database error); the
+/// inner result is what the caller gets once it commits.
 pub(super) async fn apply(
     tx: &Transaction<'_>,
     limits: QueueLimits,
-    now_ms: u64,
+    (now_ms, expiry): (u64, mail::Expiry<'_>),
     op: &WriteOp,
     woken: &mut Vec<IdentityKey>,
 ) -> Result<Result<Outcome, StoreError>, TxError> {
     match op {
         WriteOp::Enqueue { channel, items } => {
             let items: Vec<(&IdentityKey, &[u8])> = items.iter().map(|(w, p)| (w, &p[..])).collect();
-            enqueue(tx, limits, now_ms, channel, Stored::Each, &items, woken).await.map(Ok)
+            enqueue(tx, limits, (now_ms, expiry), channel, Stored::Each, &items, woken).await.map(Ok)
         }
         // One payload row shared by every recipient's entry (see `mail`).
         WriteOp::Fanout { channel, payload, recipients, required } => {
@@ -130,7 +131,7 @@ pub(super) async fn apply(
             }
             let items: Vec<(&IdentityKey, &[u8])> = recipients.iter().map(|w| (w, &payload[..])).collect();
             let stored = Stored::Shared { required: required.as_ref() };
-            enqueue(tx, limits, now_ms, channel, stored, &items, woken).await.map(Ok)
+            enqueue(tx, limits, (now_ms, expiry), channel, stored, &items, woken).await.map(Ok)
         }
         WriteOp::Ack { who, up_to } => ack(tx, who, *up_to).await.map(Ok),
         WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
@@ -192,7 +193,7 @@ enum Stored<'r> {
 async fn enqueue(
     tx: &Transaction<'_>,
     limits: QueueLimits,
-    now: u64,
+    (now, expiry): (u64, mail::Expiry<'_>),
     channel: &[u8],
     stored: Stored<'_>,
     items: &[(&IdentityKey, &[u8])],
@@ -262,7 +263,7 @@ async fn enqueue(
     let wanted = items.iter().map(|(w, p)| (*w, mail::queue_charge(channel, p)));
     let full = mail::overflowing(limits, wanted, &required, held);
     if !full.is_empty() {
-        let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, now);
+        let (cutoff, rows_per_queue) = mail::expire_heads_bounds(limits, expiry.by);
         let stmt = tx.prepare_cached(mail::EXPIRE_HEADS).await?;
         let keys: Vec<&[u8]> = full.iter().map(|k| &k[..]).collect();
         let (expired, quota) =
