@@ -694,13 +694,8 @@ fn expire_head(
     for entry in d.queue.range(&start[..]..=&end[..])?.take(limits::EXPIRED_HEAD_ROWS) {
         let (k, v) = entry?;
         let shared = shared_head(&d.payloads, &mut heads, v.value())?;
-        let enqueued_at = match (QueueValue::of(v.value()), shared) {
-            (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v).ok(),
-            (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head).ok(),
-            (QueueValue::Shared(_), None) => None,
-        };
-        match enqueued_at {
-            Some(at) if at < now && now - at > limits.ttl_ms => {}
+        match entry_enqueued_at(v.value(), shared) {
+            Ok(at) if past_ttl(limits, at, now) => {}
             _ => break,
         }
         doomed.push(k.value().to_vec());
@@ -771,6 +766,23 @@ fn shared_head<'c>(
     Ok(cache.get(&id).and_then(Option::as_ref))
 }
 
+/// When the message of a `queue` value was enqueued: an inline value carries it, a shared one
+/// ages with its payload row (`shared`, its head); one whose row is missing is damaged.
+fn entry_enqueued_at(value: &[u8], shared: Option<&SharedHead>) -> Result<u64, StoreError> {
+    match (QueueValue::of(value), shared) {
+        (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
+        (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head),
+        (QueueValue::Shared(id), None) => {
+            Err(StoreError::Db(format!("shared entry of missing payload {id}")))
+        }
+    }
+}
+
+/// Whether a message enqueued at `at` has expired at `now` (and was not stamped in the future).
+fn past_ttl(limits: QueueLimits, at: u64, now: u64) -> bool {
+    at < now && now - at > limits.ttl_ms
+}
+
 fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();
@@ -789,15 +801,8 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
             let (key, value) = (k.value(), v.value());
             scanned += 1;
             last = Some(key.to_vec());
-            // A shared entry ages with its payload row; one whose row is missing is damaged.
             let shared = shared_head(&d.payloads, &mut heads, value)?;
-            let enqueued_at = match (QueueValue::of(value), shared) {
-                (QueueValue::Inline(v), _) => StoredMessage::enqueued_at(v),
-                (QueueValue::Shared(_), Some(s)) => StoredMessage::enqueued_at(&s.head),
-                (QueueValue::Shared(id), None) => {
-                    Err(StoreError::Db(format!("shared entry of missing payload {id}")))
-                }
-            };
+            let enqueued_at = entry_enqueued_at(value, shared);
             // Some(who): young, so the rest of `who`'s queue is too (see the skip below).
             // Not stamped in the future either: after a clock that ran fast was set right,
             // such a row is kept but does not skip, or it would hold the walk off the expired
@@ -805,7 +810,7 @@ fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> R
             // had been ahead.
             let (doomed_row, young_queue) = match (super::split_queue_key(key), enqueued_at) {
                 (Ok((who, _)), Ok(at)) if at <= now && now - at <= limits.ttl_ms => (false, Some(who)),
-                (Ok(_), Ok(at)) => (at < now && now - at > limits.ttl_ms, None),
+                (Ok(_), Ok(at)) => (past_ttl(limits, at, now), None),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::warn!(error = %e, "sweep removes a damaged queue row");
                     (true, None)
