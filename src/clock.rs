@@ -6,7 +6,7 @@
 //! counts the time that really passed ([`Clock::elapsed_ms`], monotonic), which
 //! [`Clock::advance`] moves too (time passing) and [`Clock::step_ms`] and
 //! [`Clock::set_offset_ms`] do not (the wall clock set to another time): what deletes by age
-//! tells the two apart (see `server::sweepclock`). The binary takes
+//! tells the two apart (see [`DeletionClock`]). The binary takes
 //! its starting offset from `QPQ_TEST_CLOCK_OFFSET_SECS` (tests only: it moves what this program
 //! believes the time is, nothing else).
 //!
@@ -100,8 +100,14 @@ impl Clock {
 /// acknowledged and durable, for good; the fetches that hide expired mail show it again once
 /// the clock is set right, but only if it was not deleted meanwhile. Now a step forward is taken
 /// in over as much real time as it skipped, so an operator has that long to notice (the server
-/// warns) and fix the clock. A step back is followed at once: it deletes less. What this cannot
-/// see: a step made while the program was not running (it starts from the clock as it finds it).
+/// warns) and fix the clock. A step back is followed at once: it deletes less.
+///
+/// A step made while the program was not running (a VPS booted with a bad hardware clock, a VM
+/// restored from a snapshot) is seen through the store: each sweep records the time it deleted
+/// by (the *deletion mark*), and a restarted server starts no further than
+/// [`RESTART_GRACE_MS`] past it ([`DeletionClock::resuming`]). So a server that was down for an
+/// hour takes the hour in at once, and one that comes back a month ahead takes the month in
+/// at twice real speed, as if the step had happened while it ran.
 #[derive(Debug)]
 pub struct DeletionClock {
     clock: Clock,
@@ -112,10 +118,24 @@ pub struct DeletionClock {
 /// A step forward of the wall clock smaller than this is taken in without a warning.
 pub const QUIET_STEP_MS: u64 = 60_000;
 
+/// How far past the store's deletion mark a restarted server's deletion time may start: time
+/// a server may be down (plus the sweep interval the mark lags by) and take in at once. A
+/// clock that came back stepped ahead deletes at most this much early. One day: an upgrade or
+/// a reboot is minutes, and a day early is little against a 30-day message TTL and keys of
+/// weeks; what this guards against is a month or a year.
+pub const RESTART_GRACE_MS: u64 = 24 * 3600 * 1000;
+
 impl DeletionClock {
     /// Starts at `clock`'s time now.
     pub fn new(clock: Clock) -> DeletionClock {
-        let last = std::sync::Mutex::new((clock.now_ms(), clock.elapsed_ms()));
+        DeletionClock::resuming(clock, None)
+    }
+
+    /// Starts at `clock`'s time now, but no later than [`RESTART_GRACE_MS`] past `mark`: the
+    /// time the store's sweeps last deleted by, None for a new store.
+    pub fn resuming(clock: Clock, mark: Option<u64>) -> DeletionClock {
+        let start = resume_time(clock.now_ms(), mark);
+        let last = std::sync::Mutex::new((start, clock.elapsed_ms()));
         DeletionClock { clock, last }
     }
 
@@ -129,6 +149,12 @@ impl DeletionClock {
         *last = (now, elapsed);
         (now, ahead)
     }
+}
+
+/// [`DeletionClock::resuming`]'s rule: where deletion time starts, the wall clock reading `wall`
+/// and the store's deletion mark `mark`.
+fn resume_time(wall: u64, mark: Option<u64>) -> u64 {
+    mark.map_or(wall, |m| wall.min(m.saturating_add(RESTART_GRACE_MS)))
 }
 
 /// [`DeletionClock::now`]'s rule: from the time `last` handed out at elapsed reading `last.1`,
@@ -200,6 +226,33 @@ mod tests {
             }
         }
         assert!(minutes * MIN <= 40 * MIN + step, "caught up within two days of real time");
+    }
+
+    #[test]
+    fn a_restart_takes_in_a_day_past_the_mark_at_once_and_the_rest_at_twice_real_speed() {
+        let mark = 1_800_000_000_000;
+        // A new store, or a clock behind its mark (set back while down): the clock as it reads.
+        assert_eq!(resume_time(mark, None), mark);
+        assert_eq!(resume_time(mark - DAY, Some(mark)), mark - DAY);
+        // Down for an hour: taken in at once.
+        assert_eq!(resume_time(mark + 60 * MIN, Some(mark)), mark + 60 * MIN);
+        // Back a month ahead: a day at once, then the rest as for a step while running.
+        let wall = mark + 30 * DAY;
+        let start = resume_time(wall, Some(mark));
+        assert_eq!(start, mark + DAY);
+        let (now, ahead) = deletion_time((start, 0), wall + 10 * MIN, 10 * MIN);
+        assert_eq!((now, ahead), (mark + DAY + 20 * MIN, 29 * DAY - 10 * MIN));
+    }
+
+    #[test]
+    fn a_deletion_clock_resuming_from_a_mark_resists_a_step_made_while_stopped() {
+        let clock = Clock::system();
+        let mark = clock.now_ms();
+        clock.step_ms(40 * DAY as i64);
+        let (now, ahead) = DeletionClock::resuming(clock.clone(), Some(mark)).now();
+        assert!(now <= mark + DAY + 60_000 && ahead >= 39 * DAY - 60_000, "{now} {ahead}");
+        let (now, ahead) = DeletionClock::new(clock.clone()).now();
+        assert!(now + 60_000 >= clock.now_ms() && ahead < 60_000, "no mark: the clock as it reads");
     }
 
     #[test]

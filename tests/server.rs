@@ -1905,6 +1905,59 @@ async fn a_clock_stepped_forty_days_ahead_deletes_no_mail_and_no_keys() {
     server.shutdown().await.unwrap();
 }
 
+/// A step made while the server was stopped (a VPS booting with a bad hardware clock, a VM
+/// restored from a snapshot): the restarted server's deletion clock started from the clock as
+/// it found it, so its first sweep deleted all mail and keys. Now it resumes from the time the
+/// store's last sweep deleted by, a day of grace at most, and takes the rest in as time passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_forty_days_ahead_deletes_no_mail_and_no_keys() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    cfg.max_queue_messages = 2;
+    let alice = Identity::generate();
+    let kps = kp_bytes(MlsClient::new(alice.seed()).unwrap().key_packages(2).unwrap());
+    let server = start_server_with(cfg.clone()).await;
+    local(async {
+        let a = login(&server, &alice).await;
+        assert_eq!(a.upload_key_packages(&kps, None).await.unwrap(), 2);
+        for p in [b"old1", b"old2"] {
+            a.enqueue(&alice.public().0, p, b"").await.unwrap();
+        }
+    })
+    .await;
+    // The sweep records the time it deleted by.
+    server.sweep().await;
+    server.shutdown().await.unwrap();
+
+    clock.step_ms(40 * 24 * 3600 * 1000);
+    let server = start_server_with(cfg.clone()).await;
+    server.sweep().await;
+    local(async {
+        let s = connect(&server).await;
+        let e = s.enqueue(&alice.public().0, b"new", b"").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::QueueFull), "the full queue's head is not expired: {e}");
+        clock.set_offset_ms(0);
+        let a = login(&server, &alice).await;
+        let (got, _) = a.fetch(0).await.unwrap();
+        assert_eq!(got.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"old1".to_vec(), b"old2".to_vec()]);
+        assert_eq!(a.key_package_count().await.unwrap(), (2, false));
+        // Time that really passes is followed: forty days on, the mail is deleted.
+        clock.advance(40 * 24 * 3600 * 1000);
+    })
+    .await;
+    server.sweep().await;
+    local(async {
+        clock.set_offset_ms(0);
+        let a = login(&server, &alice).await;
+        assert!(a.fetch(0).await.unwrap().0.is_empty(), "expired mail is deleted once its time has passed");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// A refused fanout gave its network's byte budget back in full, so a stranger could repeat
 /// one naming thousands of fresh keys and then a queue it had filled at the call rate alone,
 /// each costing the store work per recipient. Now a refusal costs 48 bytes per recipient it

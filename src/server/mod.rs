@@ -153,14 +153,15 @@ impl Shared {
         rate_limits: ratelimit::RateLimits,
         (max_buffered_bytes, stall_timeout): (usize, Duration),
     ) -> Arc<Shared> {
+        let store: AnyStore = store.into();
         Arc::new(Shared {
-            store: store.into(),
+            deletion_clock: crate::clock::DeletionClock::resuming(clock.clone(), store.deletion_mark()),
+            store,
             limits,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
             admission,
-            deletion_clock: crate::clock::DeletionClock::new(clock.clone()),
             clock,
             rates: SharedRates::new(rate_limits),
             inflight: AtomicUsize::new(0),
@@ -494,8 +495,9 @@ async fn sweep(shared: &Shared) {
     if ahead > crate::clock::QUIET_STEP_MS {
         tracing::warn!(
             ahead_secs = ahead / 1000,
-            "the system clock jumped ahead of the time that passed; the sweep takes the jump in at \
-             twice real speed, so that mail and keys are not deleted early: check the clock"
+            "the system clock is ahead of the time that passed (it was stepped, or the server was \
+             down for over a day since its last sweep); the sweep takes the difference in at twice \
+             real speed, so that mail and keys are not deleted early: check the clock"
         );
     }
     sweep_once(shared, now_ms).await;

@@ -92,6 +92,10 @@ pub trait DeliveryStore {
     /// The database's instance id.
     fn instance_id(&self) -> u64;
 
+    /// The latest time (ms) a sweep deleted by, as the store was opened; None when it was never
+    /// swept. Deletion by age resumes from it ([`crate::clock::DeletionClock::resuming`]).
+    fn deletion_mark(&self) -> Option<u64>;
+
     /// This node's wake-ups for parked `fetchWait`s.
     fn notifier(&self) -> &Arc<Notifier>;
 
@@ -188,6 +192,13 @@ impl DeliveryStore for AnyStore {
         }
     }
 
+    fn deletion_mark(&self) -> Option<u64> {
+        match self {
+            AnyStore::Redb(s) => s.deletion_mark(),
+            AnyStore::Postgres(s) => s.deletion_mark(),
+        }
+    }
+
     fn notifier(&self) -> &Arc<Notifier> {
         match self {
             AnyStore::Redb(s) => s.notifier(),
@@ -238,6 +249,10 @@ impl DeliveryStore for Store {
 
     fn instance_id(&self) -> u64 {
         Store::instance_id(self)
+    }
+
+    fn deletion_mark(&self) -> Option<u64> {
+        Store::deletion_mark(self)
     }
 
     fn notifier(&self) -> &Arc<Notifier> {

@@ -10,7 +10,7 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `key_bytes`: what the key rows are charged, for the key budget; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`) |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `key_bytes`: what the key rows are charged, for the key budget; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`; `deletion_mark`: the latest time a sweep deleted by, see [`crate::clock::DeletionClock`]) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | either an inline entry, the [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload (17 bytes or more), or a shared entry: payload id u64 BE (exactly 8 bytes) |
 //! | `payloads` | payload id (u64) | a fanned-out payload: refs u64 BE (`queue` entries pointing here when it was stored) ‖ the inline entry encoding above; written once, never rewritten |
 //! | `payload_refs` | payload id (u64) | `queue` entries still pointing at that `payloads` row, once some have gone (absent: the row's own refs) |
@@ -172,6 +172,9 @@ pub(crate) const SEQ_FLOOR: &str = "seq_floor";
 pub(crate) const CHANNEL_SEQ_FLOOR: &str = "channel_seq_floor";
 /// The `meta` entry holding the id the next fanned-out payload gets.
 pub(crate) const NEXT_PAYLOAD_ID: &str = "next_payload_id";
+/// The `meta` entry holding the latest time (ms) a sweep deleted by: where a restarted
+/// server's deletion time resumes from ([`crate::clock::DeletionClock::resuming`]).
+pub(crate) const DELETION_MARK: &str = "deletion_mark";
 
 /// Length of a shared `queue` value: a payload id. Inline values are at least 17 bytes long, so
 /// the length alone tells the two apart (and a version 4 file needs no rewrite).
@@ -338,6 +341,8 @@ fn queue_key_seq(key: &[u8]) -> Result<u64, StoreError> {
 pub struct Store {
     /// Random id of this database, fixed when the file was created.
     instance_id: u64,
+    /// [`DELETION_MARK`] as the store was opened (None: never swept).
+    deletion_mark: Option<u64>,
     db: Arc<Database>,
     writer: writer::WriterHandle,
     notifier: Arc<Notifier>,
@@ -405,6 +410,7 @@ impl Store {
             keys::index_existing(&txn)?;
         }
         let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
+        let deletion_mark = txn.open_table(META)?.get(DELETION_MARK)?.map(|g| g.value());
         {
             // Files written before the quota existed lack the total: count it once.
             let mut meta = txn.open_table(META)?;
@@ -419,8 +425,8 @@ impl Store {
         txn.commit()?;
         let db = Arc::new(db);
         let notifier = Arc::new(Notifier::default());
-        let writer = writer::spawn(db.clone(), notifier.clone(), limits, clock.clone())?;
-        Ok(Store { db, writer, notifier, limits, instance_id, clock })
+        let writer = writer::spawn(db.clone(), notifier.clone(), limits, clock.clone(), deletion_mark)?;
+        Ok(Store { db, writer, notifier, limits, instance_id, deletion_mark, clock })
     }
 
     /// Sends one write to the writer thread and waits for its durable outcome; an ack that
@@ -473,6 +479,11 @@ impl Store {
     /// The random id this database got when it was created.
     pub fn instance_id(&self) -> u64 {
         self.instance_id
+    }
+
+    /// The latest time (ms) a sweep deleted by, as the store was opened (None: never swept).
+    pub fn deletion_mark(&self) -> Option<u64> {
+        self.deletion_mark
     }
 
     /// Wake-ups for one recipient's queue.

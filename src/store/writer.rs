@@ -26,9 +26,9 @@ use tokio::sync::oneshot;
 use super::keys::Keys;
 use super::notifier::Committed;
 use super::{
-    CHANNEL_SEQ_FLOOR, CHANNELS, IdentityKey, KeyPackageEntry, META, NEXT_PAYLOAD_ID, Notifier, PAYLOAD_REFS,
-    PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue, SEQ_FLOOR, STORED_BYTES, StoreError, StoredMessage,
-    queue_key, split_payload_row,
+    CHANNEL_SEQ_FLOOR, CHANNELS, DELETION_MARK, IdentityKey, KeyPackageEntry, META, NEXT_PAYLOAD_ID,
+    Notifier, PAYLOAD_REFS, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue, SEQ_FLOOR, STORED_BYTES,
+    StoreError, StoredMessage, queue_key, split_payload_row,
 };
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
@@ -152,13 +152,14 @@ pub(super) fn spawn(
     notifier: Arc<Notifier>,
     limits: QueueLimits,
     clock: Clock,
+    deletion_mark: Option<u64>,
 ) -> Result<WriterHandle, StoreError> {
     let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
     let commits = Arc::new(AtomicU64::new(0));
     let counter = commits.clone();
     let thread = std::thread::Builder::new()
         .name("qpq-store-writer".into())
-        .spawn(move || run(&db, &notifier, limits, &clock, &counter, rx))
+        .spawn(move || run(&db, &notifier, limits, (&clock, deletion_mark), &counter, rx))
         .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
     Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), commits })
 }
@@ -167,13 +168,13 @@ fn run(
     db: &Database,
     notifier: &Notifier,
     limits: QueueLimits,
-    clock: &Clock,
+    (clock, deletion_mark): (&Clock, Option<u64>),
     commits: &AtomicU64,
     rx: mpsc::Receiver<(WriteOp, Reply)>,
 ) {
     // What a full queue's expired head is judged by (see `expire_head`): not a step forward of
-    // the clock, as for the sweep.
-    let deletion = crate::clock::DeletionClock::new(clock.clone());
+    // the clock, even one made while the server was stopped, as for the sweep.
+    let deletion = crate::clock::DeletionClock::resuming(clock.clone(), deletion_mark);
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < limits::MAX_WRITE_BATCH {
@@ -778,12 +779,26 @@ fn entry_enqueued_at(value: &[u8], shared: Option<&SharedHead>) -> Result<u64, S
     }
 }
 
+/// Raises `meta.deletion_mark` to `now` (ms), the time a sweep deletes by: a restarted
+/// server's deletion time resumes from it ([`crate::clock::DeletionClock::resuming`]). Never
+/// lowered, so a sweep by a clock set back does not undo it.
+fn record_deletion_mark(meta: &mut redb::Table<'_, &'static str, u64>, now: u64) -> Result<(), StoreError> {
+    let old = meta.get(DELETION_MARK)?.map(|g| g.value());
+    if old.is_none_or(|old| old < now) {
+        meta.insert(DELETION_MARK, now)?;
+    }
+    Ok(())
+}
+
 /// Whether a message enqueued at `at` has expired at `now` (and was not stamped in the future).
 fn past_ttl(limits: QueueLimits, at: u64, now: u64) -> bool {
     at < now && now - at > limits.ttl_ms
 }
 
 fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
+    if after.is_empty() {
+        record_deletion_mark(&mut d.meta, now)?;
+    }
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();
     let mut heads = HashMap::new();
@@ -864,7 +879,7 @@ mod tests {
         }
         drop(tx);
         let commits = AtomicU64::new(0);
-        run(db, &Notifier::default(), limits(), &Clock::system(), &commits, rx);
+        run(db, &Notifier::default(), limits(), (&Clock::system(), None), &commits, rx);
         answers.into_iter().map(|mut a| a.try_recv().expect("every request is answered")).collect()
     }
 

@@ -133,6 +133,8 @@ struct Inner {
     young_heads: mail::YoungHeads,
     /// What a full queue's expired head is judged by: the clock, but not a step forward of it.
     deletion: crate::clock::DeletionClock,
+    /// `qpq_meta.deletion_mark` as this node started (None: never swept).
+    deletion_mark: Option<u64>,
 }
 
 /// The PostgreSQL-backed store of one node.
@@ -247,17 +249,24 @@ impl PgStore {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot build the connection pool: {e}")))?;
-        let instance_id = {
+        let (instance_id, deletion_mark) = {
             let mut client = pool.get().await.map_err(|e| unavailable(TxError::from(e)))?;
             let tx = client.transaction().await.map_err(|e| unavailable(TxError::from(e)))?;
             let id = schema::migrate(&tx).await.map_err(unavailable)?;
+            let mark = tx
+                .query_opt("SELECT value FROM qpq_meta WHERE name = 'deletion_mark'", &[])
+                .await
+                .map_err(|e| unavailable(TxError::from(e)))?
+                .map(|row| row.get::<_, i64>(0))
+                .and_then(|v| u64::try_from(v).ok());
             tx.commit().await.map_err(|e| unavailable(TxError::from(e)))?;
-            id
+            (id, mark)
         };
         let inner = Arc::new(Inner {
             pool,
             limits,
-            deletion: crate::clock::DeletionClock::new(clock.clone()),
+            deletion: crate::clock::DeletionClock::resuming(clock.clone(), deletion_mark),
+            deletion_mark,
             clock,
             notifier: Arc::new(Notifier::default()),
             wakeups: Arc::new(wake::Pending::default()),
@@ -354,6 +363,12 @@ impl PgStore {
 
     pub fn instance_id(&self) -> u64 {
         self.inner.instance_id
+    }
+
+    /// The latest time (ms) a sweep of any node deleted by, as this node started (None: never
+    /// swept).
+    pub fn deletion_mark(&self) -> Option<u64> {
+        self.inner.deletion_mark
     }
 
     pub fn notifier(&self) -> &Arc<Notifier> {
@@ -544,6 +559,10 @@ impl super::DeliveryStore for PgStore {
 
     fn instance_id(&self) -> u64 {
         PgStore::instance_id(self)
+    }
+
+    fn deletion_mark(&self) -> Option<u64> {
+        PgStore::deletion_mark(self)
     }
 
     fn notifier(&self) -> &Arc<Notifier> {

@@ -426,6 +426,10 @@ async fn sweep(
     if let Some(from) = after.strip_prefix(CHANNELS_FROM) {
         return sweep_channels(tx, now, from, slice).await;
     }
+    // First, before this transaction locks anything else: only sweeps lock this row, so
+    // sweeps of several nodes queue here and cannot deadlock on it.
+    let stmt = tx.prepare_cached(RECORD_DELETION_MARK).await?;
+    tx.execute(&stmt, &[&big(now)]).await?;
     let cutoff = big(now.saturating_sub(limits.ttl_ms));
     let rows = tx
         .query(
@@ -479,6 +483,13 @@ async fn sweep(
         other => Ok(other),
     }
 }
+
+/// Raises `qpq_meta.deletion_mark` to $1, the time a sweep deletes by (ms): a restarted node's
+/// deletion time resumes from it ([`crate::clock::DeletionClock::resuming`]). Never lowered,
+/// so neither a node whose clock was set back nor one behind the others undoes it.
+pub(super) const RECORD_DELETION_MARK: &str =
+    "INSERT INTO qpq_meta (name, value) VALUES ('deletion_mark', $1)
+     ON CONFLICT (name) DO UPDATE SET value = GREATEST(qpq_meta.value, EXCLUDED.value)";
 
 /// The first byte of a sweep's resume key in its channel phase (see [`sweep`]).
 const CHANNELS_FROM: &[u8] = b"c";
