@@ -1905,6 +1905,40 @@ async fn a_clock_stepped_forty_days_ahead_deletes_no_mail_and_no_keys() {
     server.shutdown().await.unwrap();
 }
 
+/// A take met its target's packages expired by the server's clock and deleted them, and the
+/// last-resort one too: with that clock stepped ahead, every inviter's attempt erased its
+/// invitee's keys for good. A take now deletes only what expired by the deletion clock; it
+/// hands out nothing that looks expired, and the keys are all there once the clock is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_by_a_clock_stepped_ahead_deletes_no_key_packages() {
+    use qpq::proto::wire_error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::server_config(dir.path());
+    let clock = qpq::clock::Clock::system();
+    cfg.clock = clock.clone();
+    let server = start_server_with(cfg).await;
+    let alice = Identity::generate();
+    let mls = MlsClient::new(alice.seed()).unwrap();
+    let kps = kp_bytes(mls.key_packages(2).unwrap());
+    let lr = mls.last_resort_key_package().unwrap().bytes;
+    local(async {
+        let a = login(&server, &alice).await;
+        assert_eq!(a.upload_key_packages(&kps, Some(&lr)).await.unwrap(), 2);
+        // Past every package's lifetime (64 days at most).
+        clock.step_ms(70 * 24 * 3600 * 1000);
+        let s = connect(&server).await;
+        for _ in 0..2 {
+            let e = s.fetch_key_package(&alice.public().0).await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::NoKeyPackages), "{e}");
+        }
+        clock.set_offset_ms(0);
+        assert_eq!(a.key_package_count().await.unwrap(), (2, true), "nothing was deleted");
+        assert!(kps.contains(&s.fetch_key_package(&alice.public().0).await.unwrap().bytes));
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// A step made while the server was stopped (a VPS booting with a bad hardware clock, a VM
 /// restored from a snapshot): the restarted server's deletion clock started from the clock as
 /// it found it, so its first sweep deleted all mail and keys. Now it resumes from the time the

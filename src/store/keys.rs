@@ -243,20 +243,33 @@ impl<'t, 'm> Keys<'t, 'm> {
         Ok(Outcome::KeyPackagesStored { count: count + adding })
     }
 
-    pub(super) fn take(&mut self, who: &IdentityKey, now: u64) -> Result<Outcome, StoreError> {
+    /// Takes `who`'s oldest package valid at `now` (else its last-resort one), deleting the
+    /// expired packages it meets on the way. What it deletes as expired is judged at
+    /// `expire_by` (unix s, no later than `now`): `now` as the store's
+    /// [`crate::clock::DeletionClock`] sees it, so a clock stepped ahead makes a take skip
+    /// packages that look expired but not delete them (nor the last-resort one) for good.
+    pub(super) fn take(
+        &mut self,
+        who: &IdentityKey,
+        now: u64,
+        expire_by: u64,
+    ) -> Result<Outcome, StoreError> {
         let (start, end) = (kp_key(who, 0), kp_key(who, u64::MAX));
         let mut met = Vec::new();
         let mut found = None;
         for entry in self.packages.range(&start[..]..=&end[..])? {
             let (k, v) = entry?;
             let not_after = KeyPackageEntry::decode_not_after(v.value())?;
-            met.push((k.value().to_vec(), not_after, v.value().len()));
             if KeyPackageEntry::is_valid_at(not_after, now) {
+                met.push((k.value().to_vec(), not_after, v.value().len()));
                 found = Some(KeyPackageEntry::decode(v.value())?.bytes);
                 break;
             }
+            if !KeyPackageEntry::is_valid_at(not_after, expire_by) {
+                met.push((k.value().to_vec(), not_after, v.value().len()));
+            }
         }
-        // Every package met is deleted: the expired ones, then the one taken.
+        // The packages met expired at `expire_by` are deleted, and then the one taken.
         let removed = met.len() as u64;
         let mut freed = 0;
         for (k, not_after, len) in &met {
@@ -281,6 +294,9 @@ impl<'t, 'm> Keys<'t, 'm> {
         match last {
             Some(kp) if KeyPackageEntry::is_valid_at(kp.not_after, now) => {
                 Ok(Outcome::KeyPackage { bytes: kp.bytes, remaining: 0, last_resort: true })
+            }
+            Some(kp) if KeyPackageEntry::is_valid_at(kp.not_after, expire_by) => {
+                Err(StoreError::NoKeyPackages)
             }
             Some(_) => {
                 let freed = self.drop_last_resort(&who[..])?;

@@ -258,6 +258,14 @@ struct Now {
     expire_by: u64,
 }
 
+impl Now {
+    /// Whole seconds the clock is ahead of the deletion clock: what a time to delete keys by,
+    /// judged by this clock, is moved back by.
+    fn ahead_secs(self) -> u64 {
+        self.ms.saturating_sub(self.expire_by) / 1000
+    }
+}
+
 impl<'txn> Delivery<'txn> {
     fn open(txn: &'txn WriteTransaction, expire_by: u64) -> Result<Delivery<'txn>, StoreError> {
         Ok(Delivery {
@@ -333,8 +341,9 @@ fn apply_batch<'a>(
                     Keys::open(&txn, &mut d.meta)
                         .and_then(|mut k| k.upload(limits, who, packages, last_resort.as_ref(), *now))
                 }
-                WriteOp::TakeKeyPackage { who, now } => {
-                    Keys::open(&txn, &mut d.meta).and_then(|mut k| k.take(who, *now))
+                WriteOp::TakeKeyPackage { who, now: at } => {
+                    let expire_by = at.saturating_sub(now.ahead_secs());
+                    Keys::open(&txn, &mut d.meta).and_then(|mut k| k.take(who, *at, expire_by))
                 }
                 WriteOp::ExpireKeyPackages { now } => {
                     Keys::open(&txn, &mut d.meta).and_then(|mut k| k.expire(*now))

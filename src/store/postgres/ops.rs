@@ -137,7 +137,11 @@ pub(super) async fn apply(
         WriteOp::UploadKeyPackages { who, packages, last_resort, now } => {
             upload_key_packages(tx, limits, who, packages, last_resort.as_ref(), *now).await.map(Ok)
         }
-        WriteOp::TakeKeyPackage { who, now } => take_key_package(tx, who, *now).await,
+        WriteOp::TakeKeyPackage { who, now } => {
+            // Deletes what expired by the deletion clock only (see `take_key_package`).
+            let ahead_secs = now_ms.saturating_sub(expiry.by) / 1000;
+            take_key_package(tx, who, *now, now.saturating_sub(ahead_secs)).await
+        }
         WriteOp::ExpireKeyPackages { now } => expire_key_packages(tx, *now).await.map(Ok),
         WriteOp::PutHybridKey { who, signed } => put_hybrid_key(tx, limits, who, signed).await,
         WriteOp::Sweep { now_ms, after } => sweep(tx, limits, *now_ms, after).await.map(Ok),
@@ -692,12 +696,16 @@ async fn upload_key_packages(
     Ok(Outcome::KeyPackagesStored { count: have + adding })
 }
 
+/// Takes `who`'s oldest package valid at `now` (unix s), else its last-resort one, and deletes
+/// its packages expired at `expire_by`: `now` as the store's [`crate::clock::DeletionClock`]
+/// sees it, so a clock stepped ahead deletes nothing early (as on redb, `Keys::take`).
 async fn take_key_package(
     tx: &Transaction<'_>,
     who: &IdentityKey,
     now: u64,
+    expire_by: u64,
 ) -> Result<Result<Outcome, StoreError>, TxError> {
-    let (key, now) = (&who[..], big(now));
+    let (key, now, expire_by) = (&who[..], big(now), big(expire_by));
     let stmt = tx
         .prepare_cached(
             "WITH t AS (
@@ -708,7 +716,7 @@ async fn take_key_package(
         )
         .await?;
     let taken = tx.query_opt(&stmt, &[&key, &now]).await?;
-    prune_key_packages(tx, key, now).await?;
+    prune_key_packages(tx, key, expire_by).await?;
     if let Some(row) = taken {
         let bytes: Vec<u8> = row.get(0);
         add_key_bytes(tx, -package_charge(&bytes)).await?;
@@ -729,7 +737,7 @@ async fn take_key_package(
                 .query_opt(
                     "DELETE FROM qpq_last_resort WHERE identity = $1 AND not_after <= $2
                      RETURNING length(bytes)::bigint + $3",
-                    &[&key, &now, &package_charge(&[])],
+                    &[&key, &expire_by, &package_charge(&[])],
                 )
                 .await?;
             add_key_bytes(tx, -gone.map(|r| r.get::<_, i64>(0)).unwrap_or(0)).await?;
