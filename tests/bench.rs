@@ -73,8 +73,23 @@ fn quick_bench_reports_every_scenario_against_a_reference() {
         delivery.iter().any(|r| r["reference"].as_str().is_some_and(|x| x.starts_with("fsync p99"))),
         "no wake-up row against fsync p99"
     );
+    // A processed commit is reported again against the floor plus its bytes (issue 12).
+    let mls = report["scenarios"]["mls"].as_array().expect("an mls scenario");
+    assert!(
+        mls.iter().any(|r| r["case"].as_str().is_some_and(|c| c.starts_with("process commit"))
+            && r["reference"].as_str().is_some_and(|x| x.starts_with("floor + the commit's bytes"))
+            && positive(&r["extra"]["commit_bytes"])
+            && positive(&r["extra"]["bytes_ms"])),
+        "no process commit row against the floor plus its bytes"
+    );
     // The MLS floor is built from primitives measured in this run.
-    for primitive in ["ed25519_sign_us", "ed25519_verify_us", "hpke_suite_seal_us", "xwing_decaps_us"] {
+    for primitive in [
+        "ed25519_sign_us",
+        "ed25519_verify_us",
+        "hpke_suite_seal_us",
+        "xwing_decaps_us",
+        "commit_bytes_per_KiB_us",
+    ] {
         assert!(positive(&report["references"][primitive]), "no {primitive} reference");
     }
 }
