@@ -97,10 +97,10 @@ impl Clock {
 /// Why: a server deletes every message older than the TTL (30 days) and every key past its
 /// lifetime by the wall clock. A clock stepped forward by a month (a bad NTP source, a VM
 /// restored with a wrong clock, an operator's typo) made the next sweep delete all queued mail,
-/// acknowledged and durable, for good; the fetches that hide expired mail show it again once
-/// the clock is set right, but only if it was not deleted meanwhile. Now a step forward is taken
-/// in over as much real time as it skipped, so an operator has that long to notice (the server
-/// warns) and fix the clock. A step back is followed at once: it deletes less.
+/// acknowledged and durable, for good. Now a step forward is taken in over as much real time as
+/// it skipped, so an operator has that long to notice (the server warns) and fix the clock. A
+/// step back is followed at once: it deletes less. Fetches hide expired mail by this time too,
+/// so mail stays visible until it is really deleted, and KeyPackage takes delete by it.
 ///
 /// A step made while the program was not running (a VPS booted with a bad hardware clock, a VM
 /// restored from a snapshot) is seen through the store: each sweep records the time it deleted

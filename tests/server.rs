@@ -1895,6 +1895,9 @@ async fn a_clock_stepped_forty_days_ahead_deletes_no_mail_and_no_keys() {
         server.sweep().await;
         let e = s.enqueue(&alice.public().0, b"new", b"").await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::QueueFull), "the full queue's head is not expired: {e}");
+        // Nor hidden: mail is visible until it is really deleted.
+        let (got, _) = a.fetch(0).await.unwrap();
+        assert_eq!(got.len(), 2, "the step hid the mail");
         // The clock set right: everything is still there.
         clock.set_offset_ms(0);
         let (got, _) = a.fetch(0).await.unwrap();

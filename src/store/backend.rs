@@ -236,7 +236,7 @@ impl DeliveryStore for Store {
         max_bytes: usize,
         room: &mut dyn FnMut(usize) -> bool,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        self.fetch_within_at(who, after, limit, max_bytes, self.clock.now_ms(), room)
+        self.fetch_within_at(who, after, limit, max_bytes, self.expired_by(), room)
     }
 
     async fn key_package_count(&self, who: &IdentityKey, now: u64) -> Result<(u64, bool), StoreError> {

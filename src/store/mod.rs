@@ -343,12 +343,13 @@ pub struct Store {
     instance_id: u64,
     /// [`DELETION_MARK`] as the store was opened (None: never swept).
     deletion_mark: Option<u64>,
+    /// What fetches hide expired mail by and the writer deletes a full queue's expired head by:
+    /// the clock, but not a step forward of it.
+    deletion: Arc<crate::clock::DeletionClock>,
     db: Arc<Database>,
     writer: writer::WriterHandle,
     notifier: Arc<Notifier>,
     limits: QueueLimits,
-    /// Decides message ages (enqueue time, TTL on fetch); tests move it.
-    clock: Clock,
 }
 
 impl Store {
@@ -425,8 +426,9 @@ impl Store {
         txn.commit()?;
         let db = Arc::new(db);
         let notifier = Arc::new(Notifier::default());
-        let writer = writer::spawn(db.clone(), notifier.clone(), limits, clock.clone(), deletion_mark)?;
-        Ok(Store { db, writer, notifier, limits, instance_id, deletion_mark, clock })
+        let deletion = Arc::new(crate::clock::DeletionClock::resuming(clock.clone(), deletion_mark));
+        let writer = writer::spawn(db.clone(), notifier.clone(), limits, clock.clone(), deletion.clone())?;
+        Ok(Store { db, writer, notifier, limits, instance_id, deletion_mark, deletion })
     }
 
     /// Sends one write to the writer thread and waits for its durable outcome; an ack that
@@ -500,7 +502,13 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
-        self.fetch_at(who, after, limit, max_bytes, self.clock.now_ms())
+        self.fetch_at(who, after, limit, max_bytes, self.expired_by())
+    }
+
+    /// The time fetches judge expiry by: the clock, but not a step forward of it, so mail a
+    /// stepped clock would call expired stays visible until it is really deleted.
+    pub(crate) fn expired_by(&self) -> u64 {
+        self.deletion.now().0
     }
 
     /// [`Store::fetch`] as of the clock reading `now` (ms since the Unix epoch), which decides

@@ -152,14 +152,14 @@ pub(super) fn spawn(
     notifier: Arc<Notifier>,
     limits: QueueLimits,
     clock: Clock,
-    deletion_mark: Option<u64>,
+    deletion: Arc<crate::clock::DeletionClock>,
 ) -> Result<WriterHandle, StoreError> {
     let (tx, rx) = mpsc::channel::<(WriteOp, Reply)>();
     let commits = Arc::new(AtomicU64::new(0));
     let counter = commits.clone();
     let thread = std::thread::Builder::new()
         .name("qpq-store-writer".into())
-        .spawn(move || run(&db, &notifier, limits, (&clock, deletion_mark), &counter, rx))
+        .spawn(move || run(&db, &notifier, limits, (&clock, &deletion), &counter, rx))
         .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
     Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), commits })
 }
@@ -168,13 +168,12 @@ fn run(
     db: &Database,
     notifier: &Notifier,
     limits: QueueLimits,
-    (clock, deletion_mark): (&Clock, Option<u64>),
+    (clock, deletion): (&Clock, &crate::clock::DeletionClock),
     commits: &AtomicU64,
     rx: mpsc::Receiver<(WriteOp, Reply)>,
 ) {
-    // What a full queue's expired head is judged by (see `expire_head`): not a step forward of
-    // the clock, even one made while the server was stopped, as for the sweep.
-    let deletion = crate::clock::DeletionClock::resuming(clock.clone(), deletion_mark);
+    // `deletion`: what a full queue's expired head is judged by (see `expire_head`): not a
+    // step forward of the clock, even one made while the server was stopped, as for the sweep.
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < limits::MAX_WRITE_BATCH {
@@ -888,7 +887,8 @@ mod tests {
         }
         drop(tx);
         let commits = AtomicU64::new(0);
-        run(db, &Notifier::default(), limits(), (&Clock::system(), None), &commits, rx);
+        let deletion = crate::clock::DeletionClock::new(Clock::system());
+        run(db, &Notifier::default(), limits(), (&Clock::system(), &deletion), &commits, rx);
         answers.into_iter().map(|mut a| a.try_recv().expect("every request is answered")).collect()
     }
 

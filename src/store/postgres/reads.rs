@@ -77,7 +77,9 @@ const FETCH_PAGES: &str = "SELECT o, seq, channel_id, channel_seq,
 pub(super) async fn run_worker(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Request>>>) {
     loop {
         let Some(requests) = batch::take_waiting(&queue, limits::PG_FETCH_OPS).await else { return };
-        let now = inner.clock.now_ms();
+        // Expiry by the deletion clock: mail a clock stepped ahead would call expired stays
+        // visible until it is really deleted.
+        let now = inner.deletion.now().0;
         let mut requests = requests;
         // Each statement answers a prefix of the requests (at least one); the rest go again.
         while !requests.is_empty() {
