@@ -113,6 +113,8 @@ pub enum MlsError {
     GroupExists,
     #[error("an old welcome: it starts at epoch {welcome}, and our copy of the group reached {ours}")]
     StaleWelcome { welcome: u64, ours: u64 },
+    #[error("a welcome into a group we were in, from someone who was not in it then")]
+    NotFromAMember,
     #[error("invalid group id: must not be empty")]
     EmptyGroupId,
     #[error("not a member of this group")]
@@ -956,6 +958,17 @@ impl MlsClient {
         }
         let sender = staged.welcome_sender().map_err(|e| openmls_err("welcome sender", e))?;
         let inviter = credential_identity(sender.credential(), sender.signature_key().as_slice())?;
+        // Group ids are their creator's choice: anyone could create a group with the id of one
+        // we were in and invite us, and our copy (its name, its history) would become theirs.
+        // Only someone who was a member in the last epoch we saw brings us back.
+        if let Some(existing) = &old {
+            let was_member = existing
+                .members()
+                .any(|m| credential_identity(&m.credential, &m.signature_key).is_ok_and(|id| id == inviter));
+            if !was_member {
+                return Err(MlsError::NotFromAMember);
+            }
+        }
         if let Some(mut old) = old {
             old.delete(self.provider.storage()).map_err(|e| openmls_err("delete old group", e))?;
         }

@@ -1012,3 +1012,47 @@ fn a_replayed_welcome_does_not_rejoin_an_old_epoch() {
     bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true).unwrap();
     send(group, &mut alice, &mut [&mut bob], b"welcome back");
 }
+
+/// Group ids are their creator's choice: mallory, never in alice's #team, created a group with
+/// its id, committed past bob's epoch and invited him, and bob's copy of #team (its name and
+/// history in his client) became hers. A rejoin must come from a member of the last epoch bob
+/// saw.
+#[test]
+fn a_welcome_reusing_the_id_of_a_group_we_left_must_come_from_one_of_its_members() {
+    let mut alice = client();
+    let mut bob = client();
+    let mut mallory = client();
+    let group = b"team".as_slice();
+    alice.create_group(group).unwrap();
+    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
+    let pending = alice.add_members(group, &[kp]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.join(&pending.welcome.unwrap()).unwrap();
+    let removal = alice.remove_members(group, &[bob.identity()]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.process(group, &removal.commit).unwrap();
+    let ours = bob.epoch(group).unwrap();
+
+    mallory.create_group(group).unwrap();
+    for _ in 0..ours {
+        mallory.self_update(group).unwrap();
+        mallory.merge_pending(group).unwrap();
+    }
+    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
+    let pending = mallory.add_members(group, &[kp]).unwrap();
+    mallory.merge_pending(group).unwrap();
+    let taken = bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true);
+    assert!(matches!(taken, Err(MlsError::NotFromAMember)), "{taken:?}");
+    assert_eq!(bob.epoch(group).unwrap(), ours, "bob's copy is untouched");
+    let mut members = bob.members(group).unwrap();
+    members.sort_unstable();
+    let mut want = vec![alice.identity()];
+    want.sort_unstable();
+    assert_eq!(members, want, "still alice's group as bob last saw it");
+
+    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
+    let pending = alice.add_members(group, &[kp]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true).unwrap();
+    send(group, &mut alice, &mut [&mut bob], b"welcome back");
+}
