@@ -104,10 +104,16 @@ impl Clock {
 ///
 /// A step made while the program was not running (a VPS booted with a bad hardware clock, a VM
 /// restored from a snapshot) is seen through the store: each sweep records the time it deleted
-/// by (the *deletion mark*), and a restarted server starts no further than
-/// [`RESTART_GRACE_MS`] past it ([`DeletionClock::resuming`]). So a server that was down for an
-/// hour takes the hour in at once, and one that comes back a month ahead takes the month in
-/// at twice real speed, as if the step had happened while it ran.
+/// by and the wall clock's reading then (a [`DeletionMark`]), and a restarted server starts past
+/// that time by no more than the wall clock moved since, and at most [`RESTART_GRACE_MS`]
+/// ([`DeletionClock::resuming`]). So a server that was down for an hour takes the hour in at
+/// once, and one that comes back a month ahead takes the month in at twice real speed, as if
+/// the step had happened while it ran; restarting it again and again does not add a day each
+/// time, since its clock moved only as much as time passed.
+///
+/// Left as is: once a step was taken in whole (the clock was left wrong for as long as it
+/// skipped), the mark is ahead of the real time, and a mark is never lowered; setting the
+/// clock right then deletes less, and a later step while stopped is bounded by that mark.
 #[derive(Debug)]
 pub struct DeletionClock {
     clock: Clock,
@@ -125,15 +131,24 @@ pub const QUIET_STEP_MS: u64 = 60_000;
 /// weeks; what this guards against is a month or a year.
 pub const RESTART_GRACE_MS: u64 = 24 * 3600 * 1000;
 
+/// What a sweep records in the store (ms since the epoch): the time it deleted by, and the
+/// wall clock's reading at that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeletionMark {
+    pub at: u64,
+    pub wall: u64,
+}
+
 impl DeletionClock {
     /// Starts at `clock`'s time now.
     pub fn new(clock: Clock) -> DeletionClock {
         DeletionClock::resuming(clock, None)
     }
 
-    /// Starts at `clock`'s time now, but no later than [`RESTART_GRACE_MS`] past `mark`: the
-    /// time the store's sweeps last deleted by, None for a new store.
-    pub fn resuming(clock: Clock, mark: Option<u64>) -> DeletionClock {
+    /// Starts at `clock`'s time now, but past `mark` (what the store's sweeps last recorded,
+    /// None for a new store) by no more than the clock moved since, and at most
+    /// [`RESTART_GRACE_MS`].
+    pub fn resuming(clock: Clock, mark: Option<DeletionMark>) -> DeletionClock {
         let start = resume_time(clock.now_ms(), mark);
         let last = std::sync::Mutex::new((start, clock.elapsed_ms()));
         DeletionClock { clock, last }
@@ -153,8 +168,11 @@ impl DeletionClock {
 
 /// [`DeletionClock::resuming`]'s rule: where deletion time starts, the wall clock reading `wall`
 /// and the store's deletion mark `mark`.
-fn resume_time(wall: u64, mark: Option<u64>) -> u64 {
-    mark.map_or(wall, |m| wall.min(m.saturating_add(RESTART_GRACE_MS)))
+fn resume_time(wall: u64, mark: Option<DeletionMark>) -> u64 {
+    mark.map_or(wall, |m| {
+        let moved = wall.saturating_sub(m.wall).min(RESTART_GRACE_MS);
+        wall.min(m.at.saturating_add(moved))
+    })
 }
 
 /// [`DeletionClock::now`]'s rule: from the time `last` handed out at elapsed reading `last.1`,
@@ -230,27 +248,33 @@ mod tests {
 
     #[test]
     fn a_restart_takes_in_a_day_past_the_mark_at_once_and_the_rest_at_twice_real_speed() {
-        let mark = 1_800_000_000_000;
+        let t = 1_800_000_000_000;
+        let mark = Some(DeletionMark { at: t, wall: t });
         // A new store, or a clock behind its mark (set back while down): the clock as it reads.
-        assert_eq!(resume_time(mark, None), mark);
-        assert_eq!(resume_time(mark - DAY, Some(mark)), mark - DAY);
+        assert_eq!(resume_time(t, None), t);
+        assert_eq!(resume_time(t - DAY, mark), t - DAY);
         // Down for an hour: taken in at once.
-        assert_eq!(resume_time(mark + 60 * MIN, Some(mark)), mark + 60 * MIN);
+        assert_eq!(resume_time(t + 60 * MIN, mark), t + 60 * MIN);
         // Back a month ahead: a day at once, then the rest as for a step while running.
-        let wall = mark + 30 * DAY;
-        let start = resume_time(wall, Some(mark));
-        assert_eq!(start, mark + DAY);
+        let wall = t + 30 * DAY;
+        let start = resume_time(wall, mark);
+        assert_eq!(start, t + DAY);
         let (now, ahead) = deletion_time((start, 0), wall + 10 * MIN, 10 * MIN);
-        assert_eq!((now, ahead), (mark + DAY + 20 * MIN, 29 * DAY - 10 * MIN));
+        assert_eq!((now, ahead), (t + DAY + 20 * MIN, 29 * DAY - 10 * MIN));
+        // Restarted ten minutes later, its first sweep having recorded (now, that wall time):
+        // the ten minutes, not another day.
+        let again = Some(DeletionMark { at: now, wall: wall + 10 * MIN });
+        assert_eq!(resume_time(wall + 20 * MIN, again), now + 10 * MIN);
     }
 
     #[test]
     fn a_deletion_clock_resuming_from_a_mark_resists_a_step_made_while_stopped() {
         let clock = Clock::system();
-        let mark = clock.now_ms();
+        let mark = Some(DeletionMark { at: clock.now_ms(), wall: clock.now_ms() });
         clock.step_ms(40 * DAY as i64);
-        let (now, ahead) = DeletionClock::resuming(clock.clone(), Some(mark)).now();
-        assert!(now <= mark + DAY + 60_000 && ahead >= 39 * DAY - 60_000, "{now} {ahead}");
+        let (now, ahead) = DeletionClock::resuming(clock.clone(), mark).now();
+        let at = mark.map_or(0, |m| m.at);
+        assert!(now <= at + DAY + 60_000 && ahead >= 39 * DAY - 60_000, "{now} {ahead}");
         let (now, ahead) = DeletionClock::new(clock.clone()).now();
         assert!(now + 60_000 >= clock.now_ms() && ahead < 60_000, "no mark: the clock as it reads");
     }

@@ -92,9 +92,10 @@ pub trait DeliveryStore {
     /// The database's instance id.
     fn instance_id(&self) -> u64;
 
-    /// The latest time (ms) a sweep deleted by, as the store was opened; None when it was never
-    /// swept. Deletion by age resumes from it ([`crate::clock::DeletionClock::resuming`]).
-    fn deletion_mark(&self) -> Option<u64>;
+    /// What the latest sweep recorded (the time it deleted by, the clock then), as the store
+    /// was opened; None when it was never swept. Deletion by age resumes from it
+    /// ([`crate::clock::DeletionClock::resuming`]).
+    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark>;
 
     /// This node's wake-ups for parked `fetchWait`s.
     fn notifier(&self) -> &Arc<Notifier>;
@@ -192,7 +193,7 @@ impl DeliveryStore for AnyStore {
         }
     }
 
-    fn deletion_mark(&self) -> Option<u64> {
+    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
         match self {
             AnyStore::Redb(s) => s.deletion_mark(),
             AnyStore::Postgres(s) => s.deletion_mark(),
@@ -251,7 +252,7 @@ impl DeliveryStore for Store {
         Store::instance_id(self)
     }
 
-    fn deletion_mark(&self) -> Option<u64> {
+    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
         Store::deletion_mark(self)
     }
 

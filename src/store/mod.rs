@@ -10,7 +10,7 @@
 //! # Tables (format version [`SCHEMA_VERSION`])
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `key_bytes`: what the key rows are charged, for the key budget; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`; `deletion_mark`: the latest time a sweep deleted by, see [`crate::clock::DeletionClock`]) |
+//! | `meta` | `&str` name | `u64` (`schema_version`, `instance_id`, `stored_bytes`: bytes of all queued messages, for the storage quota; `key_bytes`: what the key rows are charged, for the key budget; `seq_floor`, `channel_seq_floor`: see below; `next_payload_id`; `deletion_mark`, `deletion_mark_wall`: the latest time a sweep deleted by and the clock's reading then, see [`crate::clock::DeletionClock`]) |
 //! | `queue` | recipient (32) ‖ seq (u64 BE) | either an inline entry, the [`StoredMessage`] encoding: enqueued_at_ms u64 BE ‖ channel_seq u64 BE ‖ channel_len u8 ‖ channel ‖ payload (17 bytes or more), or a shared entry: payload id u64 BE (exactly 8 bytes) |
 //! | `payloads` | payload id (u64) | a fanned-out payload: refs u64 BE (`queue` entries pointing here when it was stored) ‖ the inline entry encoding above; written once, never rewritten |
 //! | `payload_refs` | payload id (u64) | `queue` entries still pointing at that `payloads` row, once some have gone (absent: the row's own refs) |
@@ -175,6 +175,8 @@ pub(crate) const NEXT_PAYLOAD_ID: &str = "next_payload_id";
 /// The `meta` entry holding the latest time (ms) a sweep deleted by: where a restarted
 /// server's deletion time resumes from ([`crate::clock::DeletionClock::resuming`]).
 pub(crate) const DELETION_MARK: &str = "deletion_mark";
+/// The `meta` entry holding the clock's reading (ms) when [`DELETION_MARK`] was recorded.
+pub(crate) const DELETION_MARK_WALL: &str = "deletion_mark_wall";
 
 /// Length of a shared `queue` value: a payload id. Inline values are at least 17 bytes long, so
 /// the length alone tells the two apart (and a version 4 file needs no rewrite).
@@ -341,8 +343,8 @@ fn queue_key_seq(key: &[u8]) -> Result<u64, StoreError> {
 pub struct Store {
     /// Random id of this database, fixed when the file was created.
     instance_id: u64,
-    /// [`DELETION_MARK`] as the store was opened (None: never swept).
-    deletion_mark: Option<u64>,
+    /// [`DELETION_MARK`] and [`DELETION_MARK_WALL`] as the store was opened (None: never swept).
+    deletion_mark: Option<crate::clock::DeletionMark>,
     /// What fetches hide expired mail by and the writer deletes a full queue's expired head by:
     /// the clock, but not a step forward of it.
     deletion: Arc<crate::clock::DeletionClock>,
@@ -411,7 +413,12 @@ impl Store {
             keys::index_existing(&txn)?;
         }
         let instance_id = txn.open_table(META)?.get("instance_id")?.map(|g| g.value()).unwrap_or(0);
-        let deletion_mark = txn.open_table(META)?.get(DELETION_MARK)?.map(|g| g.value());
+        let deletion_mark = {
+            let meta = txn.open_table(META)?;
+            let at = meta.get(DELETION_MARK)?.map(|g| g.value());
+            let wall = meta.get(DELETION_MARK_WALL)?.map(|g| g.value());
+            at.map(|at| crate::clock::DeletionMark { at, wall: wall.unwrap_or(at) })
+        };
         {
             // Files written before the quota existed lack the total: count it once.
             let mut meta = txn.open_table(META)?;
@@ -483,8 +490,8 @@ impl Store {
         self.instance_id
     }
 
-    /// The latest time (ms) a sweep deleted by, as the store was opened (None: never swept).
-    pub fn deletion_mark(&self) -> Option<u64> {
+    /// What the latest sweep recorded, as the store was opened (None: never swept).
+    pub fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
         self.deletion_mark
     }
 

@@ -26,9 +26,9 @@ use tokio::sync::oneshot;
 use super::keys::Keys;
 use super::notifier::Committed;
 use super::{
-    CHANNEL_SEQ_FLOOR, CHANNELS, DELETION_MARK, IdentityKey, KeyPackageEntry, META, NEXT_PAYLOAD_ID,
-    Notifier, PAYLOAD_REFS, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue, SEQ_FLOOR, STORED_BYTES,
-    StoreError, StoredMessage, queue_key, split_payload_row,
+    CHANNEL_SEQ_FLOOR, CHANNELS, DELETION_MARK, DELETION_MARK_WALL, IdentityKey, KeyPackageEntry, META,
+    NEXT_PAYLOAD_ID, Notifier, PAYLOAD_REFS, PAYLOADS, QUEUE, QUEUE_META, QueueLimits, QueueValue, SEQ_FLOOR,
+    STORED_BYTES, StoreError, StoredMessage, queue_key, split_payload_row,
 };
 use crate::clock::Clock;
 use crate::crypto::hybrid::SignedHybridKey;
@@ -350,7 +350,7 @@ fn apply_batch<'a>(
                 WriteOp::PutHybridKey { who, signed } => {
                     Keys::open(&txn, &mut d.meta).and_then(|mut k| k.put_hybrid(limits, who, signed))
                 }
-                WriteOp::Sweep { now_ms, after } => sweep(&mut d, limits, *now_ms, after),
+                WriteOp::Sweep { now_ms, after } => sweep(&mut d, limits, (*now_ms, now.ms), after),
             };
             changed |= !left_unchanged(op, &out);
             match out {
@@ -787,13 +787,19 @@ fn entry_enqueued_at(value: &[u8], shared: Option<&SharedHead>) -> Result<u64, S
     }
 }
 
-/// Raises `meta.deletion_mark` to `now` (ms), the time a sweep deletes by: a restarted
-/// server's deletion time resumes from it ([`crate::clock::DeletionClock::resuming`]). Never
-/// lowered, so a sweep by a clock set back does not undo it.
-fn record_deletion_mark(meta: &mut redb::Table<'_, &'static str, u64>, now: u64) -> Result<(), StoreError> {
+/// Raises `meta.deletion_mark` to `now` (ms), the time a sweep deletes by, and records the
+/// clock's reading `wall` with it: a restarted server's deletion time resumes from them
+/// ([`crate::clock::DeletionClock::resuming`]). Never lowered, so a sweep by a clock set back
+/// does not undo it.
+fn record_deletion_mark(
+    meta: &mut redb::Table<'_, &'static str, u64>,
+    now: u64,
+    wall: u64,
+) -> Result<(), StoreError> {
     let old = meta.get(DELETION_MARK)?.map(|g| g.value());
     if old.is_none_or(|old| old < now) {
         meta.insert(DELETION_MARK, now)?;
+        meta.insert(DELETION_MARK_WALL, wall)?;
     }
     Ok(())
 }
@@ -803,9 +809,15 @@ fn past_ttl(limits: QueueLimits, at: u64, now: u64) -> bool {
     at < now && now - at > limits.ttl_ms
 }
 
-fn sweep(d: &mut Delivery<'_>, limits: QueueLimits, now: u64, after: &[u8]) -> Result<Outcome, StoreError> {
+/// One slice of the sweep by the deletion time `now` (the clock read `wall` then).
+fn sweep(
+    d: &mut Delivery<'_>,
+    limits: QueueLimits,
+    (now, wall): (u64, u64),
+    after: &[u8],
+) -> Result<Outcome, StoreError> {
     if after.is_empty() {
-        record_deletion_mark(&mut d.meta, now)?;
+        record_deletion_mark(&mut d.meta, now, wall)?;
     }
     let mut doomed: Vec<Vec<u8>> = Vec::new();
     let mut released = Released::default();

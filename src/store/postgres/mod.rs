@@ -133,8 +133,9 @@ struct Inner {
     young_heads: mail::YoungHeads,
     /// What a full queue's expired head is judged by: the clock, but not a step forward of it.
     deletion: crate::clock::DeletionClock,
-    /// `qpq_meta.deletion_mark` as this node started (None: never swept).
-    deletion_mark: Option<u64>,
+    /// `qpq_meta.deletion_mark` and `deletion_mark_wall` as this node started (None: never
+    /// swept).
+    deletion_mark: Option<crate::clock::DeletionMark>,
 }
 
 /// The PostgreSQL-backed store of one node.
@@ -253,12 +254,22 @@ impl PgStore {
             let mut client = pool.get().await.map_err(|e| unavailable(TxError::from(e)))?;
             let tx = client.transaction().await.map_err(|e| unavailable(TxError::from(e)))?;
             let id = schema::migrate(&tx).await.map_err(unavailable)?;
-            let mark = tx
-                .query_opt("SELECT value FROM qpq_meta WHERE name = 'deletion_mark'", &[])
+            let mut mark = (None, None);
+            let rows = tx
+                .query(
+                    "SELECT name, value FROM qpq_meta WHERE name IN ('deletion_mark', 'deletion_mark_wall')",
+                    &[],
+                )
                 .await
-                .map_err(|e| unavailable(TxError::from(e)))?
-                .map(|row| row.get::<_, i64>(0))
-                .and_then(|v| u64::try_from(v).ok());
+                .map_err(|e| unavailable(TxError::from(e)))?;
+            for row in rows {
+                let value = u64::try_from(row.get::<_, i64>(1)).ok();
+                match row.get::<_, &str>(0) {
+                    "deletion_mark" => mark.0 = value,
+                    _ => mark.1 = value,
+                }
+            }
+            let mark = mark.0.map(|at| crate::clock::DeletionMark { at, wall: mark.1.unwrap_or(at) });
             tx.commit().await.map_err(|e| unavailable(TxError::from(e)))?;
             (id, mark)
         };
@@ -365,9 +376,8 @@ impl PgStore {
         self.inner.instance_id
     }
 
-    /// The latest time (ms) a sweep of any node deleted by, as this node started (None: never
-    /// swept).
-    pub fn deletion_mark(&self) -> Option<u64> {
+    /// What the latest sweep of any node recorded, as this node started (None: never swept).
+    pub fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
         self.inner.deletion_mark
     }
 
@@ -561,7 +571,7 @@ impl super::DeliveryStore for PgStore {
         PgStore::instance_id(self)
     }
 
-    fn deletion_mark(&self) -> Option<u64> {
+    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
         PgStore::deletion_mark(self)
     }
 

@@ -144,7 +144,7 @@ pub(super) async fn apply(
         }
         WriteOp::ExpireKeyPackages { now } => expire_key_packages(tx, *now).await.map(Ok),
         WriteOp::PutHybridKey { who, signed } => put_hybrid_key(tx, limits, who, signed).await,
-        WriteOp::Sweep { now_ms, after } => sweep(tx, limits, *now_ms, after).await.map(Ok),
+        WriteOp::Sweep { now_ms: by, after } => sweep(tx, limits, (*by, now_ms), after).await.map(Ok),
     }
 }
 
@@ -420,7 +420,25 @@ async fn release_unreferenced(tx: &Transaction<'_>) -> Result<i64, TxError> {
 /// The channel rows go in id order from the one `after` names ([`CHANNELS_FROM`] ‖ id): an
 /// index walk that resumes where the last slice ended, so a sweep reads each row once however
 /// many there are.
+///
+/// A slice that starts a pass over the entries (`after` empty) records the deletion mark last:
+/// only sweeps lock its row, and each takes it as its last lock, so sweeps of several nodes
+/// hold it only while they commit and cannot deadlock on it.
 async fn sweep(
+    tx: &Transaction<'_>,
+    limits: QueueLimits,
+    (now, wall): (u64, u64),
+    after: &[u8],
+) -> Result<Outcome, TxError> {
+    let outcome = sweep_slice(tx, limits, now, after).await?;
+    if after.is_empty() {
+        let stmt = tx.prepare_cached(RECORD_DELETION_MARK).await?;
+        tx.execute(&stmt, &[&big(now), &big(wall)]).await?;
+    }
+    Ok(outcome)
+}
+
+async fn sweep_slice(
     tx: &Transaction<'_>,
     limits: QueueLimits,
     now: u64,
@@ -430,10 +448,6 @@ async fn sweep(
     if let Some(from) = after.strip_prefix(CHANNELS_FROM) {
         return sweep_channels(tx, now, from, slice).await;
     }
-    // First, before this transaction locks anything else: only sweeps lock this row, so
-    // sweeps of several nodes queue here and cannot deadlock on it.
-    let stmt = tx.prepare_cached(RECORD_DELETION_MARK).await?;
-    tx.execute(&stmt, &[&big(now)]).await?;
     let cutoff = big(now.saturating_sub(limits.ttl_ms));
     let rows = tx
         .query(
@@ -488,12 +502,18 @@ async fn sweep(
     }
 }
 
-/// Raises `qpq_meta.deletion_mark` to $1, the time a sweep deletes by (ms): a restarted node's
-/// deletion time resumes from it ([`crate::clock::DeletionClock::resuming`]). Never lowered,
-/// so neither a node whose clock was set back nor one behind the others undoes it.
-pub(super) const RECORD_DELETION_MARK: &str =
-    "INSERT INTO qpq_meta (name, value) VALUES ('deletion_mark', $1)
-     ON CONFLICT (name) DO UPDATE SET value = GREATEST(qpq_meta.value, EXCLUDED.value)";
+/// Raises `qpq_meta.deletion_mark` to $1, the time a sweep deletes by (ms), and sets
+/// `deletion_mark_wall` to $2, the clock's reading then, when it does: a restarted node's
+/// deletion time resumes from them ([`crate::clock::DeletionClock::resuming`]). Never lowered,
+/// so neither a node whose clock was set back nor one behind the others undoes it; the pair
+/// changes together under the mark row's lock.
+pub(super) const RECORD_DELETION_MARK: &str = "WITH m AS (
+         INSERT INTO qpq_meta (name, value) VALUES ('deletion_mark', $1)
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value WHERE qpq_meta.value < EXCLUDED.value
+         RETURNING value
+     )
+     INSERT INTO qpq_meta (name, value) SELECT 'deletion_mark_wall', $2 FROM m
+     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value";
 
 /// The first byte of a sweep's resume key in its channel phase (see [`sweep`]).
 const CHANNELS_FROM: &[u8] = b"c";

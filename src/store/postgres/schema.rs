@@ -8,7 +8,7 @@
 //! # Tables (version 1)
 //! | table | key | columns |
 //! |---|---|---|
-//! | `qpq_meta` | name | value bigint: `instance_id`, `seq_floor`, `channel_seq_floor` (see below); `deletion_mark` (added by the first sweep, no migration: the latest time a sweep deleted by, see [`crate::clock::DeletionClock`]) |
+//! | `qpq_meta` | name | value bigint: `instance_id`, `seq_floor`, `channel_seq_floor` (see below); `deletion_mark`, `deletion_mark_wall` (added by the first sweep, no migration: the latest time a sweep deleted by and the clock's reading then, see [`crate::clock::DeletionClock`]) |
 //! | `qpq_queues` | recipient | next_seq, count, bytes: one row per recipient with a queue; the row is the per-recipient lock that orders its `seq` numbers across nodes |
 //! | `qpq_channels` | id | last_seq, touched_ms: the per-channel counter row for `channelSeq` |
 //! | `qpq_payloads` | id (bigserial) | channel_id, channel_seq, enqueued_at_ms, body: a message body, stored once |
