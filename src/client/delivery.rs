@@ -387,8 +387,16 @@ impl Messenger {
             self.file_request(welcome, preview.group_id, name, kind, inviter, events);
             return;
         }
-        if let Err(e) = self.join_group(welcome, name, &kind, Some(inviter), events) {
-            events.push(Event::Dropped { reason: format!("could not join a group: {e}") });
+        match self.join_group(welcome, name, &kind, Some(inviter), events) {
+            Ok(_) => {}
+            Err(MlsError::NotFromAMember) => events.push(Event::Dropped {
+                reason: format!(
+                    "{} invited you back to {}, but was not in it when you left: ask someone who was to add you",
+                    self.display_name(&inviter),
+                    self.conversation_name(&preview.group_id)
+                ),
+            }),
+            Err(e) => events.push(Event::Dropped { reason: format!("could not join a group: {e}") }),
         }
     }
 
@@ -1107,5 +1115,48 @@ mod tests {
             },
         )
         .await;
+    }
+
+    /// A Welcome into a group bob was removed from, from mallory who was never in it (group
+    /// ids are their creator's choice): bob's #team keeps its name and stays left, and he is
+    /// told who tried and what to do.
+    #[test]
+    fn a_welcome_into_a_left_group_from_a_non_member_is_refused_and_named() {
+        use crate::client::testing::offline_messenger;
+        use crate::mls::MlsClient;
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let mut carol = MlsClient::new(&rand::random()).unwrap();
+        let mut mallory = MlsClient::new(&rand::random()).unwrap();
+        bob.home.state.contacts.insert("carol".into(), carol.identity());
+        bob.home.state.contacts.insert("mallory".into(), mallory.identity());
+        let group = b"team-id".to_vec();
+        carol.create_group(&group).unwrap();
+        let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
+        let welcome = carol.add_members(&group, &[kp]).unwrap().welcome.unwrap();
+        carol.merge_pending(&group).unwrap();
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "team", GroupKind::Group, carol.identity(), &mut events);
+        let removal = carol.remove_members(&group, &[bob.public_key().0]).unwrap();
+        carol.merge_pending(&group).unwrap();
+        bob.handle_group_message(&group, &removal.commit, &mut events);
+        let key = hex::encode(&group);
+        assert!(bob.state().groups.get(&key).is_some_and(|g| !g.active && g.name == "team"), "{events:?}");
+
+        mallory.create_group(&group).unwrap();
+        for _ in 0..bob.mls.epoch(&group).unwrap() {
+            mallory.self_update(&group).unwrap();
+            mallory.merge_pending(&group).unwrap();
+        }
+        let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
+        let welcome = mallory.add_members(&group, &[kp]).unwrap().welcome.unwrap();
+        let mut events = Vec::new();
+        bob.handle_welcome(&welcome, "team", GroupKind::Group, mallory.identity(), &mut events);
+        assert!(
+            matches!(events.as_slice(), [Event::Dropped { reason }]
+                if reason == "mallory invited you back to #team, but was not in it when you left: ask someone who was to add you"),
+            "{events:?}"
+        );
+        assert!(bob.state().groups.get(&key).is_some_and(|g| !g.active && g.name == "team"));
     }
 }
