@@ -231,6 +231,43 @@ async fn uploads_refused_by_a_full_key_storage_cost_the_network_a_row_charge_not
     server.shutdown().await.unwrap();
 }
 
+/// The same for a pool already full (the precheck before any signature is verified): a
+/// refusal costs the network a row charge, not the package's bytes. Before, the second refusal
+/// was already `rateLimited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_refused_by_a_full_pool_cost_the_network_a_row_charge_not_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bob = Identity::generate();
+    let max = qpq::limits::MAX_KEY_PACKAGES_PER_IDENTITY as usize;
+    let mls = MlsClient::new(bob.seed()).unwrap();
+    let pool: Vec<Vec<u8>> = mls.key_packages(max).unwrap().into_iter().map(|k| k.bytes).collect();
+    let one: Vec<Vec<u8>> = mls.key_packages(1).unwrap().into_iter().map(|k| k.bytes).collect();
+    let row = qpq::limits::KEY_ROW_OVERHEAD_BYTES;
+    let pool_charge: u64 = pool.iter().map(|k| k.len() as u64 + row).sum();
+    let one_charge = one[0].len() as u64 + row;
+    let mut cfg = config(dir.path());
+    // The pool, what five refused uploads of one package owe (a row each), one package's
+    // charge and 100 bytes: six refusals find their charge, the seventh does not.
+    let burst = pool_charge + 5 * row + one_charge + 100;
+    cfg.rate_limits.key_bytes_per_network = Rate { per_sec: 0.01, burst: burst as u32 };
+    let server = start_server_with(cfg).await;
+    local(async {
+        let b = login(&server, &bob).await;
+        for chunk in pool.chunks(qpq::limits::MAX_KEY_PACKAGES_PER_UPLOAD) {
+            b.upload_key_packages(chunk, None).await.unwrap();
+        }
+        assert_eq!(b.key_package_count().await.unwrap(), (max as u32, false));
+        for attempt in 1..=6 {
+            let e = refusal(b.upload_key_packages(&one, None).await);
+            assert_eq!(e.code, ErrorCode::PoolFull, "attempt {attempt}: {e:?}");
+        }
+        let e = refusal(b.upload_key_packages(&one, None).await);
+        assert_eq!(e.code, ErrorCode::RateLimited, "refusals are not free: {e:?}");
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
 /// An upload's sizes are checked before the network's key material budget is charged: junk
 /// (oversized packages, a "hybrid key" of any length) must not spend a shared address's budget
 /// for a day and lock its other users out of registering.
