@@ -116,9 +116,6 @@ pub struct Shared {
     /// The server's clock: KeyPackage lifetimes, rate limits and hybrid key times read it
     /// (tests move it).
     pub clock: crate::clock::Clock,
-    /// The time the sweep deletes by: `clock`, but not a step forward of it (see
-    /// [`crate::clock::DeletionClock`]).
-    deletion_clock: crate::clock::DeletionClock,
     /// Rate limits shared by every connection (per source address, per target key).
     pub rates: SharedRates,
     /// Calls that change or reserve state and must finish before the store closes.
@@ -153,10 +150,8 @@ impl Shared {
         rate_limits: ratelimit::RateLimits,
         (max_buffered_bytes, stall_timeout): (usize, Duration),
     ) -> Arc<Shared> {
-        let store: AnyStore = store.into();
         Arc::new(Shared {
-            deletion_clock: crate::clock::DeletionClock::resuming(clock.clone(), store.deletion_mark()),
-            store,
+            store: store.into(),
             limits,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
@@ -290,7 +285,8 @@ impl RunningServer {
 
     /// Runs one full expiry sweep now, of messages and then KeyPackages, as the server does
     /// every [`limits::SWEEP_INTERVAL_SECS`]; returns when it is done.
-    /// By the server's [`DeletionClock`], which follows its clock but not a step forward.
+    /// By the store's [`crate::clock::DeletionClock`], which follows the clock but not a step
+    /// forward.
     pub async fn sweep(&self) {
         sweep(&self.shared).await;
     }
@@ -489,9 +485,9 @@ fn spawn_sweeper(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// One sweep of messages, then of keys, by the server's deletion clock.
+/// One sweep of messages, then of keys, by the store's deletion clock.
 async fn sweep(shared: &Shared) {
-    let (now_ms, ahead) = shared.deletion_clock.now();
+    let (now_ms, ahead) = shared.store.deletion_clock().now();
     if ahead > crate::clock::QUIET_STEP_MS {
         tracing::warn!(
             ahead_secs = ahead / 1000,

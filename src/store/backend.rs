@@ -92,10 +92,11 @@ pub trait DeliveryStore {
     /// The database's instance id.
     fn instance_id(&self) -> u64;
 
-    /// What the latest sweep recorded (the time it deleted by, the clock then), as the store
-    /// was opened; None when it was never swept. Deletion by age resumes from it
-    /// ([`crate::clock::DeletionClock::resuming`]).
-    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark>;
+    /// The time to delete by age by (messages, keys): the store's clock, but not a step forward
+    /// of it, resumed at open from what the store's sweeps recorded
+    /// ([`crate::clock::DeletionClock::resuming`]). The server's sweeps, the expired-head
+    /// deletion and fetches all read this one.
+    fn deletion_clock(&self) -> &crate::clock::DeletionClock;
 
     /// This node's wake-ups for parked `fetchWait`s.
     fn notifier(&self) -> &Arc<Notifier>;
@@ -193,10 +194,10 @@ impl DeliveryStore for AnyStore {
         }
     }
 
-    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
+    fn deletion_clock(&self) -> &crate::clock::DeletionClock {
         match self {
-            AnyStore::Redb(s) => s.deletion_mark(),
-            AnyStore::Postgres(s) => s.deletion_mark(),
+            AnyStore::Redb(s) => s.deletion_clock(),
+            AnyStore::Postgres(s) => s.deletion_clock(),
         }
     }
 
@@ -252,8 +253,8 @@ impl DeliveryStore for Store {
         Store::instance_id(self)
     }
 
-    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
-        Store::deletion_mark(self)
+    fn deletion_clock(&self) -> &crate::clock::DeletionClock {
+        Store::deletion_clock(self)
     }
 
     fn notifier(&self) -> &Arc<Notifier> {

@@ -343,9 +343,7 @@ fn queue_key_seq(key: &[u8]) -> Result<u64, StoreError> {
 pub struct Store {
     /// Random id of this database, fixed when the file was created.
     instance_id: u64,
-    /// [`DELETION_MARK`] and [`DELETION_MARK_WALL`] as the store was opened (None: never swept).
-    deletion_mark: Option<crate::clock::DeletionMark>,
-    /// What fetches hide expired mail by and the writer deletes a full queue's expired head by:
+    /// What the server's sweeps and the writer delete by age by, and fetches hide expired mail by:
     /// the clock, but not a step forward of it.
     deletion: Arc<crate::clock::DeletionClock>,
     db: Arc<Database>,
@@ -435,7 +433,7 @@ impl Store {
         let notifier = Arc::new(Notifier::default());
         let deletion = Arc::new(crate::clock::DeletionClock::resuming(clock.clone(), deletion_mark));
         let writer = writer::spawn(db.clone(), notifier.clone(), limits, clock.clone(), deletion.clone())?;
-        Ok(Store { db, writer, notifier, limits, instance_id, deletion_mark, deletion })
+        Ok(Store { db, writer, notifier, limits, instance_id, deletion })
     }
 
     /// Sends one write to the writer thread and waits for its durable outcome; an ack that
@@ -490,9 +488,9 @@ impl Store {
         self.instance_id
     }
 
-    /// What the latest sweep recorded, as the store was opened (None: never swept).
-    pub fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
-        self.deletion_mark
+    /// The time to delete by age by (see [`crate::store::DeliveryStore::deletion_clock`]).
+    pub fn deletion_clock(&self) -> &crate::clock::DeletionClock {
+        &self.deletion
     }
 
     /// Wake-ups for one recipient's queue.

@@ -131,11 +131,9 @@ struct Inner {
     reply_timeout: Duration,
     /// Full queues the group commit need not look at for expired mail for a while.
     young_heads: mail::YoungHeads,
-    /// What a full queue's expired head is judged by: the clock, but not a step forward of it.
+    /// What this node deletes by age by, and hides expired mail by: the clock, but not a step
+    /// forward of it (see [`crate::store::DeliveryStore::deletion_clock`]).
     deletion: crate::clock::DeletionClock,
-    /// `qpq_meta.deletion_mark` and `deletion_mark_wall` as this node started (None: never
-    /// swept).
-    deletion_mark: Option<crate::clock::DeletionMark>,
 }
 
 /// The PostgreSQL-backed store of one node.
@@ -254,22 +252,16 @@ impl PgStore {
             let mut client = pool.get().await.map_err(|e| unavailable(TxError::from(e)))?;
             let tx = client.transaction().await.map_err(|e| unavailable(TxError::from(e)))?;
             let id = schema::migrate(&tx).await.map_err(unavailable)?;
-            let mut mark = (None, None);
-            let rows = tx
-                .query(
-                    "SELECT name, value FROM qpq_meta WHERE name IN ('deletion_mark', 'deletion_mark_wall')",
+            let row = tx
+                .query_one(
+                    "SELECT (SELECT value FROM qpq_meta WHERE name = 'deletion_mark'),
+                            (SELECT value FROM qpq_meta WHERE name = 'deletion_mark_wall')",
                     &[],
                 )
                 .await
                 .map_err(|e| unavailable(TxError::from(e)))?;
-            for row in rows {
-                let value = u64::try_from(row.get::<_, i64>(1)).ok();
-                match row.get::<_, &str>(0) {
-                    "deletion_mark" => mark.0 = value,
-                    _ => mark.1 = value,
-                }
-            }
-            let mark = mark.0.map(|at| crate::clock::DeletionMark { at, wall: mark.1.unwrap_or(at) });
+            let read = |i| row.get::<_, Option<i64>>(i).and_then(|v| u64::try_from(v).ok());
+            let mark = read(0).map(|at| crate::clock::DeletionMark { at, wall: read(1).unwrap_or(at) });
             tx.commit().await.map_err(|e| unavailable(TxError::from(e)))?;
             (id, mark)
         };
@@ -277,7 +269,6 @@ impl PgStore {
             pool,
             limits,
             deletion: crate::clock::DeletionClock::resuming(clock.clone(), deletion_mark),
-            deletion_mark,
             clock,
             notifier: Arc::new(Notifier::default()),
             wakeups: Arc::new(wake::Pending::default()),
@@ -376,9 +367,10 @@ impl PgStore {
         self.inner.instance_id
     }
 
-    /// What the latest sweep of any node recorded, as this node started (None: never swept).
-    pub fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
-        self.inner.deletion_mark
+    /// The time to delete by age by, resumed from what any node's sweeps recorded (see
+    /// [`crate::store::DeliveryStore::deletion_clock`]).
+    pub fn deletion_clock(&self) -> &crate::clock::DeletionClock {
+        &self.inner.deletion
     }
 
     pub fn notifier(&self) -> &Arc<Notifier> {
@@ -571,8 +563,8 @@ impl super::DeliveryStore for PgStore {
         PgStore::instance_id(self)
     }
 
-    fn deletion_mark(&self) -> Option<crate::clock::DeletionMark> {
-        PgStore::deletion_mark(self)
+    fn deletion_clock(&self) -> &crate::clock::DeletionClock {
+        PgStore::deletion_clock(self)
     }
 
     fn notifier(&self) -> &Arc<Notifier> {
