@@ -3,7 +3,7 @@
 //! The floor of an operation is the sum of the asymmetric primitives RFC 9420 obliges it to run,
 //! each timed in this run with the very implementations openmls uses (`openmls_rust_crypto`:
 //! Ed25519 via ed25519-dalek; the suite's HPKE, X-Wing/HKDF-SHA256/AES-128-GCM, via qpq's provider,
-//! [`crate::mls::QpqCrypto`], whose HPKE is libcrux's) and,
+//! [`crate::mls::QpqCrypto`], whose HPKE KEMs and AEADs are libcrux's) and,
 //! for the envelope, X-Wing (ML-KEM-768 + X25519) via the x-wing crate. A last step sets the
 //! hybrid suite against the classical DHKEM-X25519 one qpq spoke before: wire sizes and times. Hashing, symmetric encryption,
 //! serialization and storage are left out on purpose: they are what `measured / floor` exposes.

@@ -1,4 +1,4 @@
-//! The MLS crypto provider: libcrux for HPKE, RustCrypto for everything else.
+//! The MLS crypto provider: libcrux for HPKE's KEMs and AEADs, RustCrypto for everything else.
 //!
 //! Why two libraries: qpq's suite ([`super::CIPHERSUITE`], 0x004F) seals every path secret and
 //! every Welcome's GroupSecrets with X-Wing (ML-KEM-768 + X25519) HPKE, and derives every ratchet
@@ -10,34 +10,65 @@
 //! instead of 524 M, 1.68x the classical suite's instead of 2.38x. `qpq bench --scenario mls`
 //! times both (`hpke_suite_*` against `hpke_rustcrypto_*`). The rest (Ed25519, SHA-256, HKDF,
 //! AES-128-GCM, randomness) stays with RustCrypto: ed25519-dalek is as fast or faster, and
-//! keeping it keeps signatures byte-identical to the identity code in [`crate::crypto`].
+//! keeping it keeps signatures byte-identical to the identity code in [`crate::crypto`]. HPKE's
+//! own HKDF is RustCrypto's too ([`super::hpke`] says why).
 //!
 //! Same suite, same wire format, same stored keys: both implement draft-connolly-cfrg-xwing-kem-06
 //! with the 32-byte seed as the private key, so a key pair derived by one is the key pair the other
 //! derives, and a ciphertext sealed by one opens with the other. `tests` checks all three, so a
 //! database written before this provider keeps working.
 
-use openmls_libcrux_crypto::CryptoProvider as Libcrux;
+use super::hpke::QpqHpke;
+use hpke_rs::{Hpke, HpkePrivateKey, HpkePublicKey, Mode};
+use hpke_rs_crypto::HpkeCrypto;
+use hpke_rs_crypto::types::{AeadAlgorithm, KdfAlgorithm, KemAlgorithm};
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto;
 use openmls_traits::random::OpenMlsRand;
 use openmls_traits::types::{
-    AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeCiphertext, HpkeConfig, HpkeKeyPair,
-    KemOutput, SignatureScheme,
+    AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeAeadType, HpkeCiphertext, HpkeConfig,
+    HpkeKdfType, HpkeKemType, HpkeKeyPair, KemOutput, SignatureScheme,
 };
 use tls_codec::SecretVLBytes;
 
-/// qpq's MLS crypto: HPKE by libcrux, the rest by RustCrypto (see the module docs).
+/// qpq's MLS crypto: HPKE's KEMs and AEADs by libcrux, the rest by RustCrypto (see the module
+/// docs).
 pub struct QpqCrypto {
     rust: RustCrypto,
-    hpke: Libcrux,
 }
 
 impl QpqCrypto {
-    /// Seeds both random generators from the operating system.
+    /// Seeds the random generator from the operating system (HPKE seeds its own per operation).
     pub fn new() -> Result<QpqCrypto, CryptoError> {
-        Ok(QpqCrypto { rust: RustCrypto::default(), hpke: Libcrux::new()? })
+        Ok(QpqCrypto { rust: RustCrypto::default() })
     }
+}
+
+/// hpke-rs's view of an MLS suite's HPKE algorithms, in base mode (RFC 9420 section 5.1.3),
+/// or `None` for one qpq's HPKE does not have.
+fn hpke(config: HpkeConfig) -> Result<Hpke<QpqHpke>, CryptoError> {
+    let HpkeConfig(kem, kdf, aead) = config;
+    let kem = match kem {
+        HpkeKemType::DhKem25519 => KemAlgorithm::DhKem25519,
+        HpkeKemType::XWingKemDraft6 => KemAlgorithm::XWingDraft06,
+        HpkeKemType::DhKemP256 => KemAlgorithm::DhKemP256,
+        _ => return Err(CryptoError::UnsupportedCiphersuite),
+    };
+    let kdf = match kdf {
+        HpkeKdfType::HkdfSha256 => KdfAlgorithm::HkdfSha256,
+        HpkeKdfType::HkdfSha384 => KdfAlgorithm::HkdfSha384,
+        HpkeKdfType::HkdfSha512 => KdfAlgorithm::HkdfSha512,
+    };
+    let aead = match aead {
+        HpkeAeadType::AesGcm128 => AeadAlgorithm::Aes128Gcm,
+        HpkeAeadType::AesGcm256 => AeadAlgorithm::Aes256Gcm,
+        HpkeAeadType::ChaCha20Poly1305 => AeadAlgorithm::ChaCha20Poly1305,
+        HpkeAeadType::Export => AeadAlgorithm::HpkeExport,
+    };
+    QpqHpke::supports_kem(kem).map_err(|_| CryptoError::UnsupportedCiphersuite)?;
+    QpqHpke::supports_kdf(kdf).map_err(|_| CryptoError::UnsupportedCiphersuite)?;
+    QpqHpke::supports_aead(aead).map_err(|_| CryptoError::UnsupportedCiphersuite)?;
+    Ok(Hpke::new(Mode::Base, kem, kdf, aead))
 }
 
 impl Default for QpqCrypto {
@@ -65,11 +96,11 @@ impl OpenMlsRand for QpqCrypto {
 impl OpenMlsCrypto for QpqCrypto {
     fn supports(&self, ciphersuite: Ciphersuite) -> Result<(), CryptoError> {
         self.rust.supports(ciphersuite)?;
-        self.hpke.supports(ciphersuite)
+        hpke(ciphersuite.hpke_config()).map(|_| ())
     }
 
     fn supported_ciphersuites(&self) -> Vec<Ciphersuite> {
-        self.rust.supported_ciphersuites().into_iter().filter(|cs| self.hpke.supports(*cs).is_ok()).collect()
+        self.rust.supported_ciphersuites().into_iter().filter(|cs| hpke(cs.hpke_config()).is_ok()).collect()
     }
 
     fn hkdf_extract(
@@ -147,7 +178,13 @@ impl OpenMlsCrypto for QpqCrypto {
         aad: &[u8],
         ptxt: &[u8],
     ) -> Result<HpkeCiphertext, CryptoError> {
-        self.hpke.hpke_seal(config, pk_r, info, aad, ptxt)
+        let pk_r = HpkePublicKey::new(pk_r.to_vec());
+        let (kem_output, ciphertext) =
+            hpke(config)?.seal(&pk_r, info, aad, ptxt, None, None, None).map_err(|e| match e {
+                hpke_rs::HpkeError::InvalidConfig => CryptoError::SenderSetupError,
+                _ => CryptoError::HpkeEncryptionError,
+            })?;
+        Ok(HpkeCiphertext { kem_output: kem_output.into(), ciphertext: ciphertext.into() })
     }
 
     fn hpke_open(
@@ -158,7 +195,14 @@ impl OpenMlsCrypto for QpqCrypto {
         info: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        self.hpke.hpke_open(config, input, sk_r, info, aad)
+        // HpkePrivateKey wipes its copy when dropped.
+        let sk_r = HpkePrivateKey::new(sk_r.to_vec());
+        hpke(config)?
+            .open(input.kem_output.as_ref(), &sk_r, info, aad, input.ciphertext.as_ref(), None, None, None)
+            .map_err(|e| match e {
+                hpke_rs::HpkeError::InvalidConfig => CryptoError::ReceiverSetupError,
+                _ => CryptoError::HpkeDecryptionError,
+            })
     }
 
     fn hpke_setup_sender_and_export(
@@ -169,7 +213,13 @@ impl OpenMlsCrypto for QpqCrypto {
         exporter_context: &[u8],
         exporter_length: usize,
     ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
-        self.hpke.hpke_setup_sender_and_export(config, pk_r, info, exporter_context, exporter_length)
+        let pk_r = HpkePublicKey::new(pk_r.to_vec());
+        let (enc, context) = hpke(config)?
+            .setup_sender(&pk_r, info, None, None, None)
+            .map_err(|_| CryptoError::SenderSetupError)?;
+        let exported =
+            context.export(exporter_context, exporter_length).map_err(|_| CryptoError::ExporterError)?;
+        Ok((enc, exported.into()))
     }
 
     fn hpke_setup_receiver_and_export(
@@ -181,11 +231,22 @@ impl OpenMlsCrypto for QpqCrypto {
         exporter_context: &[u8],
         exporter_length: usize,
     ) -> Result<ExporterSecret, CryptoError> {
-        self.hpke.hpke_setup_receiver_and_export(config, enc, sk_r, info, exporter_context, exporter_length)
+        let sk_r = HpkePrivateKey::new(sk_r.to_vec());
+        let context = hpke(config)?
+            .setup_receiver(enc, &sk_r, info, None, None, None)
+            .map_err(|_| CryptoError::ReceiverSetupError)?;
+        let exported =
+            context.export(exporter_context, exporter_length).map_err(|_| CryptoError::ExporterError)?;
+        Ok(ExporterSecret::from(exported))
     }
 
     fn derive_hpke_keypair(&self, config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError> {
-        self.hpke.derive_hpke_keypair(config, ikm)
+        let key_pair = hpke(config)?.derive_key_pair(ikm).map_err(|e| match e {
+            hpke_rs::HpkeError::InvalidConfig => CryptoError::InvalidLength,
+            _ => CryptoError::CryptoLibraryError,
+        })?;
+        let (private, public) = key_pair.into_keys();
+        Ok(HpkeKeyPair { private: private.as_slice().to_vec().into(), public: public.as_slice().to_vec() })
     }
 }
 

@@ -162,6 +162,7 @@ pub enum MlsError {
 }
 
 mod crypto;
+mod hpke;
 mod keypackage;
 mod profile;
 #[cfg(test)]
