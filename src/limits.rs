@@ -405,6 +405,16 @@ pub const MAX_KEY_PACKAGE_LIFETIME_RANGE_SECS: u64 =
 /// client back from a longer absence republishes in its first receive round.
 pub const KEY_PACKAGE_REPLACE_AFTER_SECS: u64 = 14 * 24 * 3600;
 
+/// First wait before a client uploads KeyPackages again after the server refused them for
+/// itself (its key storage full, a rate limit, busy): doubled at each refusal in a row up to
+/// [`KEY_UPLOAD_RETRY_MAX_SECS`], or the server's own hint when it asks for longer. Without it a
+/// `recv --follow` or a shell made, stored and uploaded a pool at every message it received,
+/// for as long as strangers kept the server full (see [`crate::client::keypool`]).
+pub const KEY_UPLOAD_RETRY_MIN_SECS: u64 = 60;
+/// Longest wait between two KeyPackage uploads after refusals: the last-resort package still
+/// keeps us invitable meanwhile.
+pub const KEY_UPLOAD_RETRY_MAX_SECS: u64 = 3600;
+
 /// Most leave proposals a client keeps per group to pass on before committing them (see
 /// `Messenger::commit_leave_requests`): each came from a member, so a group's members bound
 /// them; this bounds what a group's worth of leavers at once can make a home hold.

@@ -183,13 +183,13 @@ fn a_full_key_storage_still_takes_a_last_resort_replacement() {
     assert!(last_resort_row(dir.path(), &bob.key) == Some(before.clone()), "no room: the old one stays");
 
     // Full but for a few KB: no room for a pool, room for a last-resort package in place of the
-    // old one.
+    // old one (a minute later: the refusal above makes bob wait that long before trying again).
     std::fs::write(&config, format!("max_key_bytes = {}\n", used + 4000)).unwrap();
-    let server = serve_at(dir.path(), 0);
-    let r = run_at(&bob, &server, 0, &["recv"]);
+    let server = serve_at(dir.path(), 61);
+    let r = run_at(&bob, &server, 61, &["recv"]);
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stderr.contains("could not publish new key packages yet"), "{}", r.stderr);
-    assert_eq!(key_packages_line(&bob, &server, 0), count_line(20, true), "the old pool stays");
+    assert_eq!(key_packages_line(&bob, &server, 61), count_line(20, true), "the old pool stays");
     stop(server);
     let after = last_resort_row(dir.path(), &bob.key).expect("still there");
     assert!(after != before, "the last-resort package was replaced");
@@ -336,11 +336,62 @@ fn a_refused_key_package_upload_is_retried_at_the_next_round() {
     assert_eq!(key_packages_line(&bob, &server, 0), count_line(19, true), "alice took one");
     stop(server);
 
-    // Room again: the next round publishes the new pool and last-resort package.
+    // Room again. The rounds of the next minute do not upload (a stranger-filled server is not
+    // asked again at every round); the first round after it publishes the new pool and
+    // last-resort package.
     std::fs::remove_file(&config).unwrap();
     let server = serve_at(dir.path(), 0);
     assert_eq!(ok_at(&bob, &server, 0, &["recv"]), "");
-    assert_eq!(key_packages_line(&bob, &server, 0), count_line(39, true));
+    assert_eq!(key_packages_line(&bob, &server, 0), count_line(19, true), "bob waits a minute");
+    assert_eq!(ok_at(&bob, &server, 61, &["recv"]), "");
+    assert_eq!(key_packages_line(&bob, &server, 61), count_line(39, true));
+    stop(server);
+}
+
+/// A refusal of the server for itself (its key storage full) made every round upload a new pool
+/// again, and `recv --follow` or the shell has a round per message received: for as long as
+/// strangers kept the server full, each message cost a pool's key generation, a save and a
+/// refused upload charged to our network's budget (and the envelope key's upload as well). Now
+/// the next try of either waits a minute, then two, doubling to an hour; `qpq keys rotate` does
+/// not wait.
+#[test]
+fn uploads_refused_by_a_full_server_are_tried_again_after_a_growing_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_at(dir.path(), -15 * DAY);
+    let bob = init_at(&server, -15 * DAY, "bob");
+    stop(server);
+
+    let config = dir.path().join("qpq-server.toml");
+    std::fs::write(&config, "max_key_bytes = 1\n").unwrap();
+    let server = serve_at(dir.path(), 0);
+    let refused = |r: &Run| {
+        r.ok && r.stderr.contains("could not publish new key packages yet")
+            && !r.stderr.contains("could not replace the envelope key")
+    };
+    let quiet = |r: &Run| r.ok && !r.stderr.contains("could not");
+    let got = run_at(&bob, &server, 0, &["recv"]);
+    assert!(refused(&got), "{}", got.stderr);
+    // Within the minute: no upload, so no refusal to report. (The clock is offset from the real
+    // one, which moves a few seconds between these commands: hence the margins.)
+    let got = run_at(&bob, &server, 30, &["recv"]);
+    assert!(quiet(&got), "{}", got.stderr);
+    let got = run_at(&bob, &server, 61, &["recv"]);
+    assert!(refused(&got), "tried again after a minute: {}", got.stderr);
+    // Two refusals in a row: two minutes.
+    let got = run_at(&bob, &server, 61 + 90, &["recv"]);
+    assert!(quiet(&got), "{}", got.stderr);
+    let got = run_at(&bob, &server, 61 + 121, &["recv"]);
+    assert!(refused(&got), "{}", got.stderr);
+    // `keys rotate` is the person asking: it does not wait.
+    let rotated = run_at(&bob, &server, 61 + 122, &["keys", "rotate"]);
+    assert!(!rotated.ok && rotated.stderr.contains("server key storage full"), "{}", rotated.stderr);
+    stop(server);
+
+    // Room again: after the wait, the round publishes (and the waits start over).
+    std::fs::remove_file(&config).unwrap();
+    let server = serve_at(dir.path(), 61 + 122 + 241);
+    assert_eq!(ok_at(&bob, &server, 61 + 122 + 241, &["recv"]), "");
+    assert_eq!(key_packages_line(&bob, &server, 61 + 122 + 241), count_line(40, true));
     stop(server);
 }
 

@@ -206,16 +206,30 @@ impl Messenger {
         if purge_retired(&mut self.home.state.secrets.retired_hybrid, now, unpublished) > 0 {
             self.home.save()?;
         }
+        let due =
+            !self.home.state.hybrid_published || rotation_due(self.home.state.hybrid_created_at_ms, now);
+        // After the server refused our keys for itself, the next upload waits, like a
+        // KeyPackage upload's (see `client::keypool`).
+        if !due || self.home.state.key_upload_backoff.waiting(now / 1000) {
+            return Ok(());
+        }
         // A key the server does not have yet is published before any further rotation, so a
         // run of failed uploads cannot rotate the key the server still hands out into erasure.
-        if !self.home.state.hybrid_published {
-            return self.publish_hybrid_key().await;
-        }
-        if rotation_due(self.home.state.hybrid_created_at_ms, now) {
+        if self.home.state.hybrid_published {
             self.replace_hybrid_key(now)?;
-            self.publish_hybrid_key().await?;
         }
-        Ok(())
+        let published = self.publish_hybrid_key().await;
+        if let Err(ClientError::Session(e)) = &published
+            && e.is_definite_refusal()
+            && e.is_answer_about_the_server()
+        {
+            self.home.state.key_upload_backoff.refused(now / 1000, e.retry_hint_secs());
+            self.home.save()?;
+        } else if published.is_ok() && self.home.state.key_upload_backoff.refusals > 0 {
+            self.home.state.key_upload_backoff = Default::default();
+            self.home.save()?;
+        }
+        published
     }
 
     /// Makes a fresh key current and retires the old one, durably; not yet published.

@@ -16,6 +16,12 @@
 //!   If the server refuses it, they are forgotten with their keys, so the next round sees the
 //!   pool as the server holds it and tries again; if its outcome is unknown (the connection
 //!   dropped), they are kept and the next round publishes a new pool and last-resort package.
+//!   A refusal about the server itself (its key storage full, a rate limit, busy) is tried
+//!   again only after a wait ([`UploadBackoff`]): one minute, doubling to an hour, or the
+//!   server's hint. Without it, every round of a `recv --follow` or a shell (one per message
+//!   received) made, stored and uploaded a pool for as long as strangers kept the server full,
+//!   each upload a charge on our network's budget. `qpq keys rotate` does not wait. The
+//!   envelope key's upkeep waits on the same clock (`client::hybridkeys`).
 //! - **Delete superseded keys.** The private keys of a package are kept until its `not_after`
 //!   plus [`limits::KEY_PACKAGE_KEY_RETENTION_SECS`] (a Welcome to it may wait that long in a
 //!   queue), then deleted from the MLS storage. openmls already deletes a single-use package's
@@ -42,6 +48,32 @@ pub struct Published {
     /// End of its lifetime (unix seconds, our clock).
     pub not_after: u64,
     pub last_resort: bool,
+}
+
+/// When an upload of our keys (KeyPackages, the envelope key) that the server refused for itself
+/// may be tried again (kept in the client state, so one-shot commands wait too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadBackoff {
+    /// Refusals in a row.
+    pub refusals: u32,
+    /// Not before this (unix seconds, our clock); 0: no wait.
+    pub retry_at: u64,
+}
+
+impl UploadBackoff {
+    /// Records a refusal at `now`; `hint_secs` is the server's retry hint, if it gave one.
+    pub fn refused(&mut self, now: u64, hint_secs: Option<u64>) {
+        let doubling = limits::KEY_UPLOAD_RETRY_MIN_SECS.saturating_mul(1 << self.refusals.min(16));
+        let wait = doubling.max(hint_secs.unwrap_or(0)).min(limits::KEY_UPLOAD_RETRY_MAX_SECS);
+        self.refusals = self.refusals.saturating_add(1);
+        self.retry_at = now.saturating_add(wait);
+    }
+
+    /// True while an upload should wait. A retry time further ahead than the longest wait was
+    /// set by a clock that has since been put back: it is not waited for.
+    pub fn waiting(&self, now: u64) -> bool {
+        now < self.retry_at && self.retry_at - now <= limits::KEY_UPLOAD_RETRY_MAX_SECS
+    }
 }
 
 /// The KeyPackages we published, newest last (kept in the client state).
@@ -153,6 +185,10 @@ impl Messenger {
         if !(replace_pool || replace_lr || self.kp_check) {
             return Ok(0);
         }
+        if !force && self.home.state.key_upload_backoff.waiting(now) {
+            // `kp_check` stays: the first round after the wait tries again.
+            return Ok(0);
+        }
         self.kp_check = false;
         // The server counts only packages still valid by its clock.
         let (count, has_lr) = self.session()?.key_package_count().await?;
@@ -199,6 +235,9 @@ impl Messenger {
             // The pool waits for room; our last-resort package, which keeps us invitable, did
             // not (a replacement frees what it takes, so it fits a full key storage).
             self.kp_check = true;
+            if let Err(e) = &uploaded {
+                self.home.state.key_upload_backoff.refused(now, e.retry_hint_secs());
+            }
             self.persist()?;
             // (`uploaded` is the refusal matched above; the fallback never runs.)
             return Err(uploaded.err().map(Into::into).unwrap_or(ClientError::NoServer));
@@ -214,6 +253,9 @@ impl Messenger {
                     self.mls.delete_key_package(r)?;
                 }
                 self.home.state.last_resort_ref = previous_lr;
+                if e.is_answer_about_the_server() {
+                    self.home.state.key_upload_backoff.refused(now, e.retry_hint_secs());
+                }
             } else {
                 // They may have reached the server: their keys stay (a Welcome may use them),
                 // and the next round replaces the pool and the last-resort package all the same.
@@ -226,6 +268,7 @@ impl Messenger {
         if rotate {
             self.home.state.rotate_last_resort = false;
         }
+        self.home.state.key_upload_backoff = UploadBackoff::default();
         self.home.save()?;
         Ok(n)
     }
@@ -297,6 +340,36 @@ mod tests {
         let gone = pool.take_superseded(expiry + margin);
         assert_eq!(gone.iter().map(|p| p.hash_ref.clone()).collect::<Vec<_>>(), vec![vec![1]]);
         assert_eq!(pool.published.len(), 1, "the younger one stays");
+    }
+
+    #[test]
+    fn refused_uploads_wait_a_minute_doubling_to_an_hour_or_the_servers_hint() {
+        let t0 = 1_000_000_000;
+        let mut b = UploadBackoff::default();
+        assert!(!b.waiting(t0), "no refusal, no wait");
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            b.refused(t0, None);
+            waits.push(b.retry_at - t0);
+        }
+        assert_eq!(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]);
+        assert!(b.waiting(t0 + 3599) && !b.waiting(t0 + 3600));
+
+        let mut b = UploadBackoff::default();
+        b.refused(t0, Some(600));
+        assert_eq!(b.retry_at, t0 + 600, "a longer hint wins");
+        b.refused(t0, Some(1_000_000));
+        assert_eq!(b.retry_at, t0 + 3600, "but never past the longest wait");
+        for _ in 0..100 {
+            b.refused(t0, None);
+        }
+        assert_eq!(b.retry_at, t0 + 3600, "many refusals do not overflow");
+
+        // Set by a clock a day ahead, then put back: not waited for.
+        let mut b = UploadBackoff::default();
+        b.refused(t0 + 24 * 3600, None);
+        assert!(!b.waiting(t0));
+        assert!(b.waiting(t0 + 24 * 3600 + 59));
     }
 
     #[test]

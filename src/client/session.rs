@@ -138,6 +138,14 @@ impl SessionError {
         }
     }
 
+    /// The server's retry hint in whole seconds (rounded up), when it gave one.
+    pub fn retry_hint_secs(&self) -> Option<u64> {
+        match self {
+            SessionError::Rpc(WireError { retry_after_ms: Some(ms), .. }) => Some(ms.div_ceil(1000)),
+            _ => None,
+        }
+    }
+
     /// How long to wait before retrying, when the server asked the caller to come back later
     /// (rate limited, over quota, busy); capped at [`MAX_BACKOFF`].
     fn backoff(&self) -> Option<Duration> {

@@ -259,6 +259,10 @@ pub struct State {
     /// The `#n` of each pending request; only in the database, like `inbox_events`.
     #[serde(skip)]
     pub request_numbers: RequestNumbers,
+    /// When a KeyPackage upload the server refused for itself may be tried again (see
+    /// [`crate::client::keypool`]); only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub key_upload_backoff: crate::client::keypool::UploadBackoff,
 }
 
 /// A member's leave proposal as it came: one per leaver, of the group's current epoch.
@@ -325,6 +329,7 @@ impl State {
             processed_seq: 0,
             history_limit: DEFAULT_EVENT_LIMIT,
             rotate_last_resort: false,
+            key_upload_backoff: Default::default(),
             last_resort_ref: Vec::new(),
             pending_commits: BTreeMap::new(),
             outbox: Vec::new(),

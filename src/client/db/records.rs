@@ -50,6 +50,8 @@ const MEMBER_EVENTS: &str = "member_events";
 const INBOX_EVENTS: &str = "inbox_events";
 /// [`State::leave_proposals`], optional in the same way.
 const LEAVE_PROPOSALS: &str = "leave_proposals";
+/// [`State::key_upload_backoff`], optional in the same way.
+const KEY_UPLOAD_BACKOFF: &str = "key_upload_backoff";
 /// [`State::request_numbers`], optional in the same way (a home without it numbers its pending
 /// requests afresh, oldest first).
 const REQUEST_NUMBERS: &str = "request_numbers";
@@ -135,6 +137,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(MEMBER_EVENTS.to_string(), encode(&events)?);
     out.insert(INBOX_EVENTS.to_string(), encode(&state.inbox_events)?);
     out.insert(LEAVE_PROPOSALS.to_string(), encode(&state.leave_proposals)?);
+    out.insert(KEY_UPLOAD_BACKOFF.to_string(), encode(&state.key_upload_backoff)?);
     out.insert(REQUEST_NUMBERS.to_string(), encode(&state.request_numbers)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
@@ -249,6 +252,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     }
     if let Some(v) = optional(LEAVE_PROPOSALS)? {
         state.leave_proposals = decode(LEAVE_PROPOSALS, &v)?;
+    }
+    if let Some(v) = optional(KEY_UPLOAD_BACKOFF)? {
+        state.key_upload_backoff = decode(KEY_UPLOAD_BACKOFF, &v)?;
     }
     if let Some(v) = optional(REQUEST_NUMBERS)? {
         state.request_numbers = decode(REQUEST_NUMBERS, &v)?;
