@@ -179,3 +179,38 @@ fn a_send_whose_answer_was_lost_may_have_been_sent_and_is_retried_with_the_same_
     assert_eq!(untimed(&r.stdout).lines().collect::<Vec<_>>(), ["alice: did it arrive?"]);
     assert!(r.stderr.is_empty(), "the copies are dropped quietly: {}", r.stderr);
 }
+
+/// `qpq history` left out what waits in the outbox, which the shell's `/history` shows (one
+/// grammar, one answer): a script that sent while the server was down saw its message nowhere.
+/// Now it ends the newest page, marked queued in JSON, and once sent it is in the history
+/// proper, once.
+#[test]
+fn history_shows_a_queued_message_at_the_end_of_the_newest_page() {
+    let (dir, server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    let addr = server.addr;
+    server.kill9();
+    assert_eq!(alice.run(&["send", "bob", "queued"]).code, Some(EXIT_QUEUED));
+
+    let shown = untimed(&alice.ok(&["history", "bob"]));
+    assert_eq!(shown.lines().collect::<Vec<_>>(), ["me: opening", "me: queued"], "{shown}");
+    let json = alice.ok(&["history", "bob", "--json"]);
+    let texts: Vec<(String, bool)> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .map(|v| (v["text"].as_str().unwrap_or_default().to_string(), v["queued"].as_bool().unwrap_or(false)))
+        .collect();
+    assert_eq!(texts, [("opening".to_string(), false), ("queued".to_string(), true)], "{json}");
+    // Not on an older page, nor among search results.
+    let found = alice.ok(&["history", "bob", "--grep", "queued"]);
+    assert!(found.is_empty(), "{found}");
+
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    assert!(alice.run(&["recv"]).ok);
+    let shown = untimed(&alice.ok(&["history", "bob"]));
+    assert_eq!(shown.lines().collect::<Vec<_>>(), ["me: opening", "me: queued"], "once: {shown}");
+    let json = alice.ok(&["history", "bob", "--json"]);
+    assert!(!json.contains("\"queued\":true"), "{json}");
+    assert_eq!(bob.recv(), ["alice: queued"]);
+}

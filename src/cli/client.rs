@@ -623,7 +623,7 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
 /// A message still waiting in the outbox as a JSON object: [`entry_json`] marked `"queued":
 /// true`, with a null `position` (it gets one when it is encrypted and enters the history, and
 /// a later page shows it there, unmarked).
-pub fn queued_entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
+fn queued_entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
     let mut v = entry_json(m, e);
     v["position"] = serde_json::Value::Null;
     v["outgoing"] = serde_json::Value::Bool(true);
@@ -882,6 +882,20 @@ pub fn write_history(
                 } else if let Some(line) = describe_event(m, &event) {
                     writeln!(out, "* {line}")?;
                 }
+            }
+        }
+    }
+    // What is typed counts from the moment it is queued: it ends a conversation's newest page,
+    // in the shell and in `qpq history` alike, and a script reading JSON gets it marked queued.
+    if query.before == Before::Newest
+        && query.grep.is_none()
+        && let Some(id) = &query.conversation
+    {
+        for e in m.queued_entries(id) {
+            if json {
+                writeln!(out, "{}", text::json_line(&queued_entry_json(m, &e)))?;
+            } else {
+                writeln!(out, "{}", format_entry(m, &e))?;
             }
         }
     }

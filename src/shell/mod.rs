@@ -48,7 +48,7 @@ use futures::FutureExt as _;
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
     ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry,
-    history_query, home_dir, missed_line, open_messenger, queued_entry_json, run_verb, write_history,
+    history_query, home_dir, missed_line, open_messenger, run_verb, write_history,
 };
 use crate::client::history::{Before, Position};
 use crate::client::inbox::{Arrival, Cursor};
@@ -579,23 +579,8 @@ impl Shell {
         }
         let page = self.m.history_page(&query)?;
         let mut buf = Vec::new();
+        // (Messages still queued end the newest page: `write_history` adds them.)
         write_history(&self.m, &query, &page, args.json, &mut buf)?;
-        // What is typed counts from the moment it is queued: it ends the newest page. A script
-        // reading JSON gets it too, marked queued, so it sees the page a person sees.
-        if query.before == Before::Newest
-            && query.grep.is_none()
-            && let Some(id) = &query.conversation
-        {
-            for e in self.m.queued_entries(id) {
-                let line = if args.json {
-                    text::json_line(&queued_entry_json(&self.m, &e))
-                } else {
-                    format_entry(&self.m, &e)
-                };
-                buf.extend_from_slice(line.as_bytes());
-                buf.push(b'\n');
-            }
-        }
         if buf.is_empty() {
             match (&label, continued.is_some() || query.before != Before::Newest || query.grep.is_some()) {
                 (_, true) => self.about_page(args.json, "no older messages"),
