@@ -44,8 +44,10 @@ impl QpqCrypto {
     }
 }
 
-/// hpke-rs's view of an MLS suite's HPKE algorithms, in base mode (RFC 9420 section 5.1.3),
-/// or `None` for one qpq's HPKE does not have.
+/// hpke-rs's view of an MLS suite's HPKE algorithms, in base mode (RFC 9420 section 5.1.3), or
+/// an error for one qpq's HPKE does not have. (So a suite counts as supported when libcrux has
+/// its KEM: X25519, X-Wing, P-256. qpq's KeyPackages and groups are all [`super::CIPHERSUITE`];
+/// the classical suite is kept for the bench's comparison.)
 fn hpke(config: HpkeConfig) -> Result<Hpke<QpqHpke>, CryptoError> {
     let HpkeConfig(kem, kdf, aead) = config;
     let kem = match kem {
