@@ -570,8 +570,16 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
                 (None, Some(g)) => format!("an invitation to #{}", preview_line(&g, REQUEST_PREVIEW_CHARS)),
                 (None, None) => "wants to start a conversation".to_string(),
             };
+            let reuse = if m.rejoin_by_a_newcomer(group_id, from) {
+                format!(
+                    " (it reuses the id of {}, which you left; they were not in it then)",
+                    m.conversation_name(group_id)
+                )
+            } else {
+                String::new()
+            };
             Some(format!(
-                "message request from {}: {what} \u{2014} qpq requests accept #{number} (or block #{number})",
+                "message request from {}: {what}{reuse} \u{2014} qpq requests accept #{number} (or block #{number})",
                 m.request_sender_name(group_id, from)
             ))
         }
@@ -973,8 +981,13 @@ fn run_requests(
                 let preview =
                     r.preview.as_deref().map(|p| format!(": \u{201c}{p}\u{201d}")).unwrap_or_default();
                 let claimed = r.claimed_name.as_deref().map(|n| format!(" ~{n}")).unwrap_or_default();
+                let reuse = r
+                    .reuses_left
+                    .as_deref()
+                    .map(|c| format!(" (reuses the id of {c}, which you left; they were not in it then)"))
+                    .unwrap_or_default();
                 let line = format!(
-                    "#{} {}{claimed} {what}{preview} ({} waiting, since {})",
+                    "#{} {}{claimed} {what}{preview}{reuse} ({} waiting, since {})",
                     r.number,
                     PublicKey(r.from),
                     r.held,
@@ -1049,6 +1062,7 @@ pub fn request_json(m: &Messenger, r: &RequestView) -> serde_json::Value {
         "group_id": hex::encode(&r.group_id),
         "waiting": r.held,
         "preview": r.preview,
+        "reuses_left": r.reuses_left,
         "received_at": localtime::rfc3339(r.received_at_ms),
         "expires_at": localtime::rfc3339(r.expires_at_ms),
     })

@@ -383,11 +383,14 @@ impl Messenger {
             self.discard_welcome(welcome);
             return;
         }
-        if !self.consents_to(&inviter) {
+        // A re-invitation into a group we left, from someone who was not in it then, is the
+        // person's to decide even from a contact: group ids are their creator's choice, so it
+        // may be another group under our #team's id (the request says so).
+        if !self.consents_to(&inviter) || self.rejoin_by_a_newcomer(&preview.group_id, &inviter) {
             self.file_request(welcome, preview.group_id, name, kind, inviter, events);
             return;
         }
-        match self.join_group(welcome, name, &kind, Some(inviter), events) {
+        match self.join_group(welcome, name, &kind, Some(inviter), false, events) {
             Ok(_) => {}
             Err(MlsError::NotFromAMember) => events.push(Event::Dropped {
                 reason: format!(
@@ -400,21 +403,32 @@ impl Messenger {
         }
     }
 
+    /// True when `group_id` is a conversation we left (or were removed from) and `inviter` was
+    /// not a member of it in the last epoch we saw (or we no longer hold that epoch): joining
+    /// would give our conversation (its name, its history) to a group we cannot tell is the
+    /// same one.
+    pub fn rejoin_by_a_newcomer(&self, group_id: &[u8], inviter: &[u8; 32]) -> bool {
+        let left = self.home.state.groups.get(&hex::encode(group_id)).is_some_and(|g| !g.active);
+        left && !self.mls.was_member(group_id, inviter)
+    }
+
     /// Joins from `welcome` for real, records the group and applies the messages that came
     /// ahead of it; returns the group id. With `expect_inviter`, a Welcome signed by someone
-    /// else joins nothing.
+    /// else joins nothing. `accepted` says the person accepted this invitation (a request):
+    /// it may then take back a group we left even from someone who was not in it then.
     pub(crate) fn join_group(
         &mut self,
         welcome: &[u8],
         name: &str,
         kind: &GroupKind,
         expect_inviter: Option<[u8; 32]>,
+        accepted: bool,
         events: &mut Vec<Event>,
     ) -> Result<Vec<u8>, MlsError> {
         // A group we left is joined afresh (issue 10, bug 1).
         let groups = &self.home.state.groups;
         let left = |id: &[u8]| groups.get(&hex::encode(id)).is_some_and(|g| !g.active);
-        let joined = self.mls.rejoin_welcome(welcome, left)?;
+        let joined = self.mls.rejoin_welcome(welcome, left, accepted)?;
         let group_id = joined.group_id;
         let inviter = joined.inviter;
         if expect_inviter.is_some_and(|e| e != inviter) {
@@ -1118,10 +1132,12 @@ mod tests {
     }
 
     /// A Welcome into a group bob was removed from, from mallory who was never in it (group
-    /// ids are their creator's choice): bob's #team keeps its name and stays left, and he is
-    /// told who tried and what to do.
+    /// ids are their creator's choice): even from a contact it joins nothing by itself. It
+    /// waits as a request that says so, bob's #team keeps its name and stays left meanwhile,
+    /// and it joins only once bob accepts it.
     #[test]
-    fn a_welcome_into_a_left_group_from_a_non_member_is_refused_and_named() {
+    fn a_welcome_into_a_left_group_from_a_non_member_waits_as_a_request_that_says_so() {
+        use crate::client::requests::RequestSelector;
         use crate::client::testing::offline_messenger;
         use crate::mls::MlsClient;
         let dir = tempfile::tempdir().unwrap();
@@ -1151,12 +1167,23 @@ mod tests {
         let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
         let welcome = mallory.add_members(&group, &[kp]).unwrap().welcome.unwrap();
         let mut events = Vec::new();
+        assert!(bob.rejoin_by_a_newcomer(&group, &mallory.identity()));
+        assert!(!bob.rejoin_by_a_newcomer(&group, &carol.identity()), "carol was in it");
         bob.handle_welcome(&welcome, "team", GroupKind::Group, mallory.identity(), &mut events);
-        assert!(
-            matches!(events.as_slice(), [Event::Dropped { reason }]
-                if reason == "mallory invited you back to #team, but was not in it when you left: ask someone who was to add you"),
-            "{events:?}"
-        );
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
         assert!(bob.state().groups.get(&key).is_some_and(|g| !g.active && g.name == "team"));
+        let list = bob.requests().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].reuses_left.as_deref(), Some("#team"));
+
+        // Accepted: bob is in mallory's group under his old name for it.
+        let joined = bob.request_accept(&RequestSelector::Number(list[0].number), "#1").unwrap();
+        assert!(joined.iter().any(|e| matches!(e, Event::Joined { .. })), "{joined:?}");
+        assert!(bob.state().groups.get(&key).is_some_and(|g| g.active && g.name == "team"));
+        let mut members = bob.mls.members(&group).unwrap();
+        members.sort_unstable();
+        let mut want = vec![bob.public_key().0, mallory.identity()];
+        want.sort_unstable();
+        assert_eq!(members, want);
     }
 }

@@ -302,6 +302,10 @@ pub struct RequestView {
     /// The display name the sender signed into their leaf of the invitation's group (a claim:
     /// show it marked, see [`crate::client::names`]).
     pub claimed_name: Option<String>,
+    /// Our name of a conversation we left whose group id this invitation reuses, when its
+    /// sender was not a member of it then ([`Messenger::rejoin_by_a_newcomer`]): accepting
+    /// gives that conversation to this group, which may not be the same one.
+    pub reuses_left: Option<String>,
 }
 
 /// Which requests a command means: `#n` (its number in the list) or a key (all of its
@@ -433,6 +437,9 @@ impl Messenger {
                     held: r.held.len(),
                     preview,
                     claimed_name,
+                    reuses_left: self
+                        .rejoin_by_a_newcomer(&r.group_id, &r.from)
+                        .then(|| self.conversation_name(&r.group_id)),
                 }
             })
             .collect())
@@ -548,14 +555,14 @@ impl Messenger {
         events: &mut Vec<Event>,
     ) -> Result<Vec<u8>, ClientError> {
         let unread = self.home.state.inbox.len();
-        let group_id = self.join_group(&r.welcome, &r.group_name, &r.kind, Some(r.from), events).map_err(
-            |e| match e {
+        let group_id = self
+            .join_group(&r.welcome, &r.group_name, &r.kind, Some(r.from), true, events)
+            .map_err(|e| match e {
                 MlsError::NoMatchingKeyPackage => {
                     ClientError::RequestKeyPackageGone { who: self.display_name(&r.from) }
                 }
                 other => other.into(),
-            },
-        )?;
+            })?;
         for m in &r.held {
             self.handle_group_message(&group_id, &m.0, events);
         }

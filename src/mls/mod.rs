@@ -911,18 +911,22 @@ impl MlsClient {
     /// Joins from a Welcome and reports who sent it (from the signed GroupInfo, not from any
     /// unauthenticated wrapper) and which of our KeyPackages it was encrypted to.
     pub fn join_welcome(&mut self, welcome: &[u8]) -> Result<Joined, MlsError> {
-        self.rejoin_welcome(welcome, |_| false)
+        self.rejoin_welcome(welcome, |_| false, false)
     }
 
     /// [`MlsClient::join_welcome`], where a stored group for which `left` says true is replaced
     /// even though it looks active: after a leave we never see the commit that removed us, so
     /// our copy of the group stays active (RFC 9420 section 12.1.3: the leaver's Remove proposal
     /// is committed by someone else). The old group is deleted whole (its queued proposals,
-    /// secrets and keys) only once the Welcome has been verified.
+    /// secrets and keys) only once the Welcome has been verified. A Welcome into a group we
+    /// hold must come from a member of the last epoch we saw ([`MlsError::NotFromAMember`]),
+    /// unless `from_anyone`: the person accepted this very invitation knowing its sender was
+    /// not one (see [`MlsClient::was_member`] and `client::requests`).
     pub fn rejoin_welcome(
         &mut self,
         welcome: &[u8],
         left: impl Fn(&[u8]) -> bool,
+        from_anyone: bool,
     ) -> Result<Joined, MlsError> {
         let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome)?.extract() else {
             return Err(MlsError::UnexpectedMessage("expected a welcome"));
@@ -962,7 +966,9 @@ impl MlsClient {
         // Group ids are their creator's choice: anyone could create a group with the id of one
         // we were in and invite us, and our copy (its name, its history) would become theirs.
         // Only someone who was a member in the last epoch we saw brings us back.
-        if let Some(existing) = &old {
+        if let Some(existing) = &old
+            && !from_anyone
+        {
             let was_member = existing
                 .members()
                 .any(|m| credential_identity(&m.credential, &m.signature_key).is_ok_and(|id| id == inviter));
@@ -1048,6 +1054,12 @@ impl MlsClient {
     }
 
     /// Identities of the current members, in leaf order.
+    /// True when we hold `group_id` (active or not) and `who` is a member of the last epoch we
+    /// saw of it; false for a group we do not hold.
+    pub fn was_member(&self, group_id: &[u8], who: &[u8; 32]) -> bool {
+        self.members(group_id).is_ok_and(|members| members.contains(who))
+    }
+
     pub fn members(&self, group_id: &[u8]) -> Result<Vec<[u8; 32]>, MlsError> {
         let group = self.group(group_id)?;
         let members = group

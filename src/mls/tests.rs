@@ -1003,13 +1003,13 @@ fn a_replayed_welcome_does_not_rejoin_an_old_epoch() {
     alice.merge_pending(group).unwrap();
     bob.process(group, &removal.commit).unwrap();
     assert!(!bob.is_active(group).unwrap());
-    let replayed = bob.rejoin_welcome(&old_welcome, |_| true);
+    let replayed = bob.rejoin_welcome(&old_welcome, |_| true, false);
     assert!(matches!(replayed, Err(MlsError::StaleWelcome { welcome: 1, ours: _ })), "{replayed:?}");
     assert!(!bob.is_active(group).unwrap(), "still out");
 
     let pending = alice.add_members(group, std::slice::from_ref(&last_resort)).unwrap();
     alice.merge_pending(group).unwrap();
-    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true).unwrap();
+    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true, false).unwrap();
     send(group, &mut alice, &mut [&mut bob], b"welcome back");
 }
 
@@ -1041,8 +1041,10 @@ fn a_welcome_reusing_the_id_of_a_group_we_left_must_come_from_one_of_its_members
     let kp = bob.key_packages(1).unwrap().remove(0).bytes;
     let pending = mallory.add_members(group, &[kp]).unwrap();
     mallory.merge_pending(group).unwrap();
-    let taken = bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true);
+    let mallorys = pending.welcome.unwrap();
+    let taken = bob.rejoin_welcome(&mallorys, |_| true, false);
     assert!(matches!(taken, Err(MlsError::NotFromAMember)), "{taken:?}");
+    assert!(!bob.was_member(group, &mallory.identity()) && bob.was_member(group, &alice.identity()));
     assert_eq!(bob.epoch(group).unwrap(), ours, "bob's copy is untouched");
     let mut members = bob.members(group).unwrap();
     members.sort_unstable();
@@ -1053,6 +1055,37 @@ fn a_welcome_reusing_the_id_of_a_group_we_left_must_come_from_one_of_its_members
     let kp = bob.key_packages(1).unwrap().remove(0).bytes;
     let pending = alice.add_members(group, &[kp]).unwrap();
     alice.merge_pending(group).unwrap();
-    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true).unwrap();
+    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true, false).unwrap();
     send(group, &mut alice, &mut [&mut bob], b"welcome back");
+}
+
+/// The person may still take mallory's invitation, knowing she was not a member
+/// (`from_anyone`, a request they accepted): bob is then in her group, not alice's.
+#[test]
+fn a_welcome_from_a_non_member_joins_once_the_person_accepts_it() {
+    let mut alice = client();
+    let mut bob = client();
+    let mut mallory = client();
+    let group = b"team".as_slice();
+    alice.create_group(group).unwrap();
+    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
+    let pending = alice.add_members(group, &[kp]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.join(&pending.welcome.unwrap()).unwrap();
+    let removal = alice.remove_members(group, &[bob.identity()]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.process(group, &removal.commit).unwrap();
+
+    mallory.create_group(group).unwrap();
+    for _ in 0..bob.epoch(group).unwrap() {
+        mallory.self_update(group).unwrap();
+        mallory.merge_pending(group).unwrap();
+    }
+    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
+    let pending = mallory.add_members(group, &[kp]).unwrap();
+    mallory.merge_pending(group).unwrap();
+    let joined = bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true, true).unwrap();
+    assert_eq!(joined.inviter, mallory.identity());
+    send(group, &mut mallory, &mut [&mut bob], b"hi from my group");
+    assert!(bob.was_member(group, &mallory.identity()) && !bob.was_member(group, &alice.identity()));
 }
