@@ -220,8 +220,7 @@ impl Messenger {
         }
         let published = self.publish_hybrid_key().await;
         if let Err(ClientError::Session(e)) = &published
-            && e.is_definite_refusal()
-            && e.is_answer_about_the_server()
+            && e.asks_to_wait()
         {
             self.home.state.key_upload_backoff.refused(now / 1000, e.retry_hint_secs());
             self.home.save()?;

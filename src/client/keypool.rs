@@ -16,9 +16,10 @@
 //!   If the server refuses it, they are forgotten with their keys, so the next round sees the
 //!   pool as the server holds it and tries again; if its outcome is unknown (the connection
 //!   dropped), they are kept and the next round publishes a new pool and last-resort package.
-//!   A refusal about the server itself (its key storage full, a rate limit, busy) is tried
-//!   again only after a wait ([`UploadBackoff`]): one minute, doubling to an hour, or the
-//!   server's hint. Without it, every round of a `recv --follow` or a shell (one per message
+//!   A refusal about the server itself (its key storage full, a rate limit, busy; not a
+//!   shutdown) is tried again only after a wait ([`UploadBackoff`]): one minute, doubling to an
+//!   hour, or the server's hint. One wait covers both kinds of key upload: a success of either
+//!   ends it. Without it, every round of a `recv --follow` or a shell (one per message
 //!   received) made, stored and uploaded a pool for as long as strangers kept the server full,
 //!   each upload a charge on our network's budget. `qpq keys rotate` does not wait. The
 //!   envelope key's upkeep waits on the same clock (`client::hybridkeys`).
@@ -204,6 +205,11 @@ impl Messenger {
         .min(room);
         let rotate = replace_lr || !has_lr;
         if n == 0 && !rotate {
+            // The server answered: the refusals in a row, if any, are over.
+            if self.home.state.key_upload_backoff != UploadBackoff::default() {
+                self.home.state.key_upload_backoff = UploadBackoff::default();
+                self.home.save()?;
+            }
             return Ok(0);
         }
         let kps = self.mls.key_packages(n)?;
@@ -253,7 +259,7 @@ impl Messenger {
                     self.mls.delete_key_package(r)?;
                 }
                 self.home.state.last_resort_ref = previous_lr;
-                if e.is_answer_about_the_server() {
+                if e.asks_to_wait() {
                     self.home.state.key_upload_backoff.refused(now, e.retry_hint_secs());
                 }
             } else {

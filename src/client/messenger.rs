@@ -529,6 +529,8 @@ impl Messenger {
                 // never: this instance is not "new" to the next connect.
                 self.home.state.hybrid_published = false;
                 self.home.state.rotate_last_resort = true;
+                // The new database refused us nothing: no wait from the old one's refusals.
+                self.home.state.key_upload_backoff = Default::default();
                 replaced = true;
             }
             self.home.state.server_instance = instance;

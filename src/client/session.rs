@@ -138,6 +138,16 @@ impl SessionError {
         }
     }
 
+    /// True when the server asked us to come back later: over a rate, over its storage quota,
+    /// or busy. (Not a shutdown: another node, or the same one restarted, may take the call
+    /// at once.)
+    pub fn asks_to_wait(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Rpc(e) if matches!(e.code, ErrorCode::RateLimited | ErrorCode::OverQuota | ErrorCode::Busy)
+        )
+    }
+
     /// The server's retry hint in whole seconds (rounded up), when it gave one.
     pub fn retry_hint_secs(&self) -> Option<u64> {
         match self {

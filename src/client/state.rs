@@ -259,8 +259,9 @@ pub struct State {
     /// The `#n` of each pending request; only in the database, like `inbox_events`.
     #[serde(skip)]
     pub request_numbers: RequestNumbers,
-    /// When a KeyPackage upload the server refused for itself may be tried again (see
-    /// [`crate::client::keypool`]); only in the database, like `inbox_events`.
+    /// When an upload of our keys (KeyPackages, the envelope key) that the server refused for
+    /// itself may be tried again (see [`crate::client::keypool`]); only in the database, like
+    /// `inbox_events`.
     #[serde(skip)]
     pub key_upload_backoff: crate::client::keypool::UploadBackoff,
 }
