@@ -1013,56 +1013,10 @@ fn a_replayed_welcome_does_not_rejoin_an_old_epoch() {
     send(group, &mut alice, &mut [&mut bob], b"welcome back");
 }
 
-/// Group ids are their creator's choice: mallory, never in alice's #team, created a group with
-/// its id, committed past bob's epoch and invited him, and bob's copy of #team (its name and
-/// history in his client) became hers. A rejoin must come from a member of the last epoch bob
-/// saw.
-#[test]
-fn a_welcome_reusing_the_id_of_a_group_we_left_must_come_from_one_of_its_members() {
-    let mut alice = client();
-    let mut bob = client();
-    let mut mallory = client();
-    let group = b"team".as_slice();
-    alice.create_group(group).unwrap();
-    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
-    let pending = alice.add_members(group, &[kp]).unwrap();
-    alice.merge_pending(group).unwrap();
-    bob.join(&pending.welcome.unwrap()).unwrap();
-    let removal = alice.remove_members(group, &[bob.identity()]).unwrap();
-    alice.merge_pending(group).unwrap();
-    bob.process(group, &removal.commit).unwrap();
-    let ours = bob.epoch(group).unwrap();
-
-    mallory.create_group(group).unwrap();
-    for _ in 0..ours {
-        mallory.self_update(group).unwrap();
-        mallory.merge_pending(group).unwrap();
-    }
-    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
-    let pending = mallory.add_members(group, &[kp]).unwrap();
-    mallory.merge_pending(group).unwrap();
-    let mallorys = pending.welcome.unwrap();
-    let taken = bob.rejoin_welcome(&mallorys, |_| true, false);
-    assert!(matches!(taken, Err(MlsError::NotFromAMember)), "{taken:?}");
-    assert!(!bob.was_member(group, &mallory.identity()) && bob.was_member(group, &alice.identity()));
-    assert_eq!(bob.epoch(group).unwrap(), ours, "bob's copy is untouched");
-    let mut members = bob.members(group).unwrap();
-    members.sort_unstable();
-    let mut want = vec![alice.identity()];
-    want.sort_unstable();
-    assert_eq!(members, want, "still alice's group as bob last saw it");
-
-    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
-    let pending = alice.add_members(group, &[kp]).unwrap();
-    alice.merge_pending(group).unwrap();
-    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true, false).unwrap();
-    send(group, &mut alice, &mut [&mut bob], b"welcome back");
-}
-
-/// The person may still take mallory's invitation, knowing she was not a member
-/// (`from_anyone`, a request they accepted): bob is then in her group, not alice's.
-#[test]
-fn a_welcome_from_a_non_member_joins_once_the_person_accepts_it() {
+/// alice added bob to "team" and removed him; mallory, never in it, created a group with the
+/// same id, committed past bob's epoch and invited him. Returns alice, bob, mallory and
+/// mallory's Welcome.
+fn mallory_reuses_the_id_of_a_group_bob_left() -> (MlsClient, MlsClient, MlsClient, Vec<u8>) {
     let mut alice = client();
     let mut bob = client();
     let mut mallory = client();
@@ -1084,7 +1038,37 @@ fn a_welcome_from_a_non_member_joins_once_the_person_accepts_it() {
     let kp = bob.key_packages(1).unwrap().remove(0).bytes;
     let pending = mallory.add_members(group, &[kp]).unwrap();
     mallory.merge_pending(group).unwrap();
-    let joined = bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true, true).unwrap();
+    (alice, bob, mallory, pending.welcome.unwrap())
+}
+
+/// Group ids are their creator's choice: mallory's Welcome (above) made bob's copy of #team
+/// (its name and history in his client) hers. A rejoin must come from a member of the last
+/// epoch bob saw.
+#[test]
+fn a_welcome_reusing_the_id_of_a_group_we_left_must_come_from_one_of_its_members() {
+    let (mut alice, mut bob, mallory, mallorys) = mallory_reuses_the_id_of_a_group_bob_left();
+    let group = b"team".as_slice();
+    let ours = bob.epoch(group).unwrap();
+    let taken = bob.rejoin_welcome(&mallorys, |_| true, false);
+    assert!(matches!(taken, Err(MlsError::NotFromAMember)), "{taken:?}");
+    assert!(!bob.was_member(group, &mallory.identity()) && bob.was_member(group, &alice.identity()));
+    assert_eq!(bob.epoch(group).unwrap(), ours, "bob's copy is untouched");
+    assert_eq!(bob.members(group).unwrap(), vec![alice.identity()], "still alice's group as bob last saw it");
+
+    let kp = bob.key_packages(1).unwrap().remove(0).bytes;
+    let pending = alice.add_members(group, &[kp]).unwrap();
+    alice.merge_pending(group).unwrap();
+    bob.rejoin_welcome(&pending.welcome.unwrap(), |_| true, false).unwrap();
+    send(group, &mut alice, &mut [&mut bob], b"welcome back");
+}
+
+/// The person may still take mallory's invitation, knowing she was not a member
+/// (`from_anyone`, a request they accepted): bob is then in her group, not alice's.
+#[test]
+fn a_welcome_from_a_non_member_joins_once_the_person_accepts_it() {
+    let (alice, mut bob, mut mallory, mallorys) = mallory_reuses_the_id_of_a_group_bob_left();
+    let group = b"team".as_slice();
+    let joined = bob.rejoin_welcome(&mallorys, |_| true, true).unwrap();
     assert_eq!(joined.inviter, mallory.identity());
     send(group, &mut mallory, &mut [&mut bob], b"hi from my group");
     assert!(bob.was_member(group, &mallory.identity()) && !bob.was_member(group, &alice.identity()));
