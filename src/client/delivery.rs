@@ -262,12 +262,21 @@ impl Messenger {
                 self.home.save()?;
             }
         }
+        // A round that waits after a refusal (see `client::keypool`) tries nothing: it neither
+        // says nor forgets that the server refused, so the notice stays once per process.
+        let waiting = |m: &Self| m.home.state.key_upload_backoff.waiting(m.clock.now_ms() / 1000);
         if self.kp_check || self.key_packages_due() {
+            let waited = waiting(self);
             let done = self.maintain_key_packages(false).await.map(drop);
-            self.upkeep(done, "publish new key packages", &mut events)?;
+            if !(waited && done.is_ok()) {
+                self.upkeep(done, "publish new key packages", &mut events)?;
+            }
         }
+        let waited = waiting(self);
         let done = self.maintain_hybrid_key().await;
-        self.upkeep(done, "replace the envelope key", &mut events)?;
+        if !(waited && done.is_ok()) {
+            self.upkeep(done, "replace the envelope key", &mut events)?;
+        }
         Ok(events)
     }
 
@@ -1129,6 +1138,41 @@ mod tests {
             },
         )
         .await;
+    }
+
+    /// The upkeep notice is said once per process and kind of answer. With the wait after a
+    /// refusal (`client::keypool`), each waiting round counted as a success and made the next
+    /// refusal say it again: a shell repeated it at every retry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_key_storage_is_told_once_across_the_waits_between_tries() {
+        let [server_dir, home] = [(); 2].map(|()| tempfile::tempdir().unwrap());
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async move {
+                let server = start(server_dir.path()).await;
+                let mut bob = person(home.path(), "bob", &server).await;
+                bob.disconnect().await;
+                server.shutdown().await.unwrap();
+                let server = start_with(server_dir.path(), |c| c.max_key_bytes = 1).await;
+                bob.opts = opts(&server);
+                let told = |events: &[Event]| {
+                    events
+                        .iter()
+                        .filter(|e| matches!(e, Event::Dropped { reason } if reason.contains("could not publish new key packages yet")))
+                        .count()
+                };
+                bob.home.state.rotate_last_resort = true;
+                assert_eq!(told(&bob.receive(0).await.unwrap()), 1, "refused and told");
+                let waiting = bob.state().key_upload_backoff;
+                assert!(waiting.refusals == 1 && waiting.waiting(bob.now_ms() / 1000));
+                assert_eq!(told(&bob.receive(0).await.unwrap()), 0, "waiting: nothing tried");
+                bob.clock.advance(61_000);
+                assert_eq!(told(&bob.receive(0).await.unwrap()), 0, "refused again: already told");
+                assert_eq!(bob.state().key_upload_backoff.refusals, 2, "it did try");
+                bob.disconnect().await;
+                server.shutdown().await.unwrap();
+            })
+            .await;
     }
 
     /// A Welcome into a group bob was removed from, from mallory who was never in it (group
