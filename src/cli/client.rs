@@ -570,14 +570,7 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
                 (None, Some(g)) => format!("an invitation to #{}", preview_line(&g, REQUEST_PREVIEW_CHARS)),
                 (None, None) => "wants to start a conversation".to_string(),
             };
-            let reuse = if m.rejoin_by_a_newcomer(group_id, from) {
-                format!(
-                    " (it reuses the id of {}, which you left; they were not in it then)",
-                    m.conversation_name(group_id)
-                )
-            } else {
-                String::new()
-            };
+            let reuse = reuse_note(m.reuses_left(group_id, from).as_deref(), "it ");
             Some(format!(
                 "message request from {}: {what}{reuse} \u{2014} qpq requests accept #{number} (or block #{number})",
                 m.request_sender_name(group_id, from)
@@ -960,6 +953,13 @@ pub fn health_without_home(g: &GlobalArgs) -> anyhow::Result<std::process::ExitC
     Ok(if h.status == "ok" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
 
+/// What a request that reuses the id of a conversation we left says about it (nothing for
+/// the others); `subject` starts the sentence ("it " in a notice, "" in the list).
+fn reuse_note(left: Option<&str>, subject: &str) -> String {
+    left.map(|c| format!(" ({subject}reuses the id of {c}, which you left; they were not in it then)"))
+        .unwrap_or_default()
+}
+
 fn run_requests(
     m: &mut Messenger,
     args: RequestsArgs,
@@ -981,11 +981,7 @@ fn run_requests(
                 let preview =
                     r.preview.as_deref().map(|p| format!(": \u{201c}{p}\u{201d}")).unwrap_or_default();
                 let claimed = r.claimed_name.as_deref().map(|n| format!(" ~{n}")).unwrap_or_default();
-                let reuse = r
-                    .reuses_left
-                    .as_deref()
-                    .map(|c| format!(" (reuses the id of {c}, which you left; they were not in it then)"))
-                    .unwrap_or_default();
+                let reuse = reuse_note(r.reuses_left.as_deref(), "");
                 let line = format!(
                     "#{} {}{claimed} {what}{preview}{reuse} ({} waiting, since {})",
                     r.number,

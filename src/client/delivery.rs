@@ -264,15 +264,14 @@ impl Messenger {
         }
         // A round that waits after a refusal (see `client::keypool`) tries nothing: it neither
         // says nor forgets that the server refused, so the notice stays once per process.
-        let waiting = |m: &Self| m.home.state.key_upload_backoff.waiting(m.clock.now_ms() / 1000);
         if self.kp_check || self.key_packages_due() {
-            let waited = waiting(self);
+            let waited = self.key_uploads_waiting();
             let done = self.maintain_key_packages(false).await.map(drop);
             if !(waited && done.is_ok()) {
                 self.upkeep(done, "publish new key packages", &mut events)?;
             }
         }
-        let waited = waiting(self);
+        let waited = self.key_uploads_waiting();
         let done = self.maintain_hybrid_key().await;
         if !(waited && done.is_ok()) {
             self.upkeep(done, "replace the envelope key", &mut events)?;

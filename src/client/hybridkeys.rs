@@ -210,7 +210,7 @@ impl Messenger {
             !self.home.state.hybrid_published || rotation_due(self.home.state.hybrid_created_at_ms, now);
         // After the server refused our keys for itself, the next upload waits, like a
         // KeyPackage upload's (see `client::keypool`).
-        if !due || self.home.state.key_upload_backoff.waiting(now / 1000) {
+        if !due || self.key_uploads_waiting() {
             return Ok(());
         }
         // A key the server does not have yet is published before any further rotation, so a

@@ -165,6 +165,11 @@ impl Messenger {
                 .any(|p| p.not_after.saturating_add(limits::KEY_PACKAGE_KEY_RETENTION_SECS) <= now)
     }
 
+    /// True while our key uploads wait after a refusal ([`UploadBackoff`]).
+    pub(crate) fn key_uploads_waiting(&self) -> bool {
+        self.home.state.key_upload_backoff.waiting(self.mls.now_secs())
+    }
+
     /// Publishes a fresh KeyPackage pool and last-resort package now (`qpq keys rotate`);
     /// returns how many single-use ones.
     pub async fn rotate_key_packages(&mut self) -> Result<usize, ClientError> {
@@ -186,7 +191,7 @@ impl Messenger {
         if !(replace_pool || replace_lr || self.kp_check) {
             return Ok(0);
         }
-        if !force && self.home.state.key_upload_backoff.waiting(now) {
+        if !force && self.key_uploads_waiting() {
             // `kp_check` stays: the first round after the wait tries again.
             return Ok(0);
         }

@@ -437,9 +437,7 @@ impl Messenger {
                     held: r.held.len(),
                     preview,
                     claimed_name,
-                    reuses_left: self
-                        .rejoin_by_a_newcomer(&r.group_id, &r.from)
-                        .then(|| self.conversation_name(&r.group_id)),
+                    reuses_left: self.reuses_left(&r.group_id, &r.from),
                 }
             })
             .collect())
@@ -485,6 +483,12 @@ impl Messenger {
         let state = &self.home.state;
         let r = state.requests.pending.iter().find(|r| r.group_id == group_id)?;
         Some((state.request_numbers.of(r)?, self.preview(r)))
+    }
+
+    /// Our name of the conversation we left whose group id an invitation from `from` reuses,
+    /// when `from` was not in it then (see [`RequestView::reuses_left`]).
+    pub fn reuses_left(&self, group_id: &[u8], from: &[u8; 32]) -> Option<String> {
+        self.rejoin_by_a_newcomer(group_id, from).then(|| self.conversation_name(group_id))
     }
 
     /// The group name a pending group request came with (None for a direct one).

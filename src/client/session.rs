@@ -148,25 +148,24 @@ impl SessionError {
         )
     }
 
-    /// The server's retry hint in whole seconds (rounded up), when it gave one.
-    pub fn retry_hint_secs(&self) -> Option<u64> {
+    /// The server's retry hint in milliseconds, when it gave one.
+    fn retry_hint_ms(&self) -> Option<u64> {
         match self {
-            SessionError::Rpc(WireError { retry_after_ms: Some(ms), .. }) => Some(ms.div_ceil(1000)),
+            SessionError::Rpc(WireError { retry_after_ms, .. }) => *retry_after_ms,
             _ => None,
         }
     }
 
+    /// The server's retry hint in whole seconds (rounded up), when it gave one.
+    pub fn retry_hint_secs(&self) -> Option<u64> {
+        self.retry_hint_ms().map(|ms| ms.div_ceil(1000))
+    }
+
     /// How long to wait before retrying, when the server asked the caller to come back later
-    /// (rate limited, over quota, busy); capped at [`MAX_BACKOFF`].
+    /// ([`SessionError::asks_to_wait`]) and said when; capped at [`MAX_BACKOFF`].
     fn backoff(&self) -> Option<Duration> {
-        match self {
-            SessionError::Rpc(WireError {
-                code: ErrorCode::RateLimited | ErrorCode::OverQuota | ErrorCode::Busy,
-                retry_after_ms: Some(ms),
-                ..
-            }) => Some(Duration::from_millis(*ms).min(MAX_BACKOFF)),
-            _ => None,
-        }
+        let ms = self.retry_hint_ms().filter(|_| self.asks_to_wait())?;
+        Some(Duration::from_millis(ms).min(MAX_BACKOFF))
     }
 }
 
