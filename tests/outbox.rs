@@ -214,3 +214,41 @@ fn history_shows_a_queued_message_at_the_end_of_the_newest_page() {
     assert!(!json.contains("\"queued\":true"), "{json}");
     assert_eq!(bob.recv(), ["alice: queued"]);
 }
+
+/// A message queued to a person we had no conversation with yet showed in no history: not in
+/// theirs (there was none) and not in the list of all conversations, which left out every
+/// queued message. Both now end with it; JSON names the person, with no group id yet.
+#[test]
+fn a_message_queued_to_a_new_contact_shows_in_their_history_and_in_all() {
+    let (dir, server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    let addr = server.addr;
+    server.kill9();
+    assert_eq!(alice.run(&["send", "carol", "first words"]).code, Some(EXIT_QUEUED));
+    assert_eq!(alice.run(&["send", "bob", "to bob"]).code, Some(EXIT_QUEUED));
+
+    let shown = untimed(&alice.ok(&["history", "carol"]));
+    assert_eq!(shown.lines().collect::<Vec<_>>(), ["me: first words"], "{shown}");
+    let json = alice.ok(&["history", "carol", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!((v["text"].as_str(), v["queued"].as_bool()), (Some("first words"), Some(true)), "{json}");
+    assert!(v["group_id"].is_null(), "{json}");
+    assert_eq!(v["to_name"].as_str(), Some("carol"), "{json}");
+    assert_eq!(v["to"].as_str().map(str::len), Some(64), "{json}");
+    let all = untimed(&alice.ok(&["history"]));
+    assert_eq!(
+        all.lines().collect::<Vec<_>>(),
+        ["[bob] me: opening", "[carol] me: first words", "[bob] me: to bob"],
+        "{all}"
+    );
+    let shell = qpq_in(alice.home.path(), &["shell"], Some("/history carol\n")).stdout;
+    assert!(shell.contains("me: first words"), "{shell}");
+    assert!(!shell.contains("no messages with carol yet"), "{shell}");
+
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    assert!(alice.run(&["recv"]).ok);
+    let shown = untimed(&alice.ok(&["history", "carol"]));
+    assert_eq!(shown.lines().collect::<Vec<_>>(), ["me: first words"], "once: {shown}");
+    assert_eq!(carol.recv(), ["alice: first words"]);
+}

@@ -16,7 +16,7 @@ use crate::client::history::{Before, HistoryPage, HistoryQuery, parse_retention}
 use crate::client::inbox::{Arrival, Cursor, Unread};
 use crate::client::messenger::ClientError;
 use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger};
-use crate::client::outbox::{EXIT_QUEUED, Fate};
+use crate::client::outbox::{EXIT_QUEUED, Fate, QueuedEntry, QueuedFor};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::session::{Health, Session, SessionError};
 use crate::client::state::{self, Entry, StateError, Unlock};
@@ -624,11 +624,18 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
 /// A message still waiting in the outbox as a JSON object: [`entry_json`] marked `"queued":
 /// true`, with a null `position` (it gets one when it is encrypted and enters the history, and
 /// a later page shows it there, unmarked).
-fn queued_entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
-    let mut v = entry_json(m, e);
+/// A message to a person we have no conversation with yet has a null `group_id` and names
+/// them in `to` (their key) and `to_name`.
+fn queued_entry_json(m: &Messenger, q: &QueuedEntry) -> serde_json::Value {
+    let mut v = entry_json(m, &q.entry);
     v["position"] = serde_json::Value::Null;
     v["outgoing"] = serde_json::Value::Bool(true);
     v["queued"] = serde_json::Value::Bool(true);
+    if let Some(peer) = &q.new_contact {
+        v["group_id"] = serde_json::Value::Null;
+        v["to"] = serde_json::Value::String(PublicKey(*peer).to_hex());
+        v["to_name"] = serde_json::json!(m.contact_name(peer));
+    }
     v
 }
 
@@ -810,6 +817,9 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
         return Ok(());
     }
     let Some(query) = history_query(m, args)? else {
+        if let Some(peer) = args.target.as_deref().and_then(|t| m.new_contact(t)) {
+            write_new_contact_history(m, &peer, args.json, out)?;
+        }
         return Ok(());
     };
     let page = m.history_page(&query)?;
@@ -886,18 +896,49 @@ pub fn write_history(
             }
         }
     }
-    // What is typed counts from the moment it is queued: it ends a conversation's newest page,
-    // in the shell and in `qpq history` alike, and a script reading JSON gets it marked queued.
-    if query.before == Before::Newest
-        && query.grep.is_none()
-        && let Some(id) = &query.conversation
-    {
-        for e in m.queued_entries(id) {
-            if json {
-                writeln!(out, "{}", text::json_line(&queued_entry_json(m, &e)))?;
-            } else {
-                writeln!(out, "{}", format_entry(m, &e))?;
-            }
+    // What is typed counts from the moment it is queued: it ends the newest page (of its
+    // conversation, or of all), in the shell and in `qpq history` alike, and a script reading
+    // JSON gets it marked queued.
+    if query.before == Before::Newest && query.grep.is_none() {
+        let which = match &query.conversation {
+            Some(id) => QueuedFor::Conversation(id),
+            None => QueuedFor::All,
+        };
+        write_queued(m, &m.queued_entries(which), query.conversation.is_none(), json, out)?;
+    }
+    Ok(())
+}
+
+/// The history of a person we have no conversation with yet: the messages queued to them
+/// (the conversation begins when the first leaves). False when there are none.
+pub fn write_new_contact_history(
+    m: &Messenger,
+    peer: &[u8; 32],
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<bool> {
+    let queued = m.queued_entries(QueuedFor::NewContact(peer));
+    write_queued(m, &queued, false, json, out)?;
+    Ok(!queued.is_empty())
+}
+
+/// Queued messages as history lines, naming their conversation when `all` conversations are
+/// listed.
+fn write_queued(
+    m: &Messenger,
+    queued: &[QueuedEntry],
+    all: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    for q in queued {
+        if json {
+            writeln!(out, "{}", text::json_line(&queued_entry_json(m, q)))?;
+        } else if all {
+            let with = q.new_contact.map(|p| m.display_name(&p));
+            writeln!(out, "{}", format_entry_with(m, &q.entry, with))?;
+        } else {
+            writeln!(out, "{}", format_entry(m, &q.entry))?;
         }
     }
     Ok(())
@@ -906,12 +947,18 @@ pub fn write_history(
 /// [`format_entry`] naming the direct conversation too (`14:03 [bob] me: hi`), for a history
 /// of all conversations.
 fn format_entry_in(m: &Messenger, e: &Entry) -> String {
+    format_entry_with(m, e, None)
+}
+
+/// [`format_entry_in`], with the direct conversation named `with` when given (a person we
+/// have no conversation with yet has no group id to name it by).
+fn format_entry_with(m: &Messenger, e: &Entry, with: Option<String>) -> String {
     if m.group_label(&e.group_id).is_some() {
         return format_entry(m, e);
     }
     let from = m.display_name_in(&e.group_id, &e.from);
     let when = localtime::short(e.received_at_ms, m.now_ms());
-    let with = m.conversation_name(&e.group_id);
+    let with = with.unwrap_or_else(|| m.conversation_name(&e.group_id));
     text::message_for_width(
         &format!("{when} [{}] {}: ", Shown(&with), Shown(&from)),
         &e.text,

@@ -42,6 +42,26 @@ use crate::mls::MlsError;
 /// again later, which qpq does by itself).
 pub const EXIT_QUEUED: u8 = 75;
 
+/// Which queued messages [`Messenger::queued_entries`] lists.
+#[derive(Clone, Copy, Debug)]
+pub enum QueuedFor<'a> {
+    /// Those to one conversation, by group id.
+    Conversation(&'a [u8]),
+    /// Those to a person we have no conversation with yet.
+    NewContact(&'a [u8; 32]),
+    /// Every one.
+    All,
+}
+
+/// A queued message as a history entry.
+#[derive(Clone, Debug)]
+pub struct QueuedEntry {
+    /// Its `group_id` is empty when it goes to a person we have no conversation with yet.
+    pub entry: Entry,
+    /// That person, then.
+    pub new_contact: Option<[u8; 32]>,
+}
+
 /// What became of a queued message in this process.
 #[derive(Debug)]
 pub enum Fate {
@@ -131,28 +151,49 @@ impl Messenger {
         self.watch.quiet.clear();
     }
 
-    /// The messages to a conversation that wait in the outbox and are not in its history yet
-    /// (a message enters the history when it is encrypted), as history entries.
-    pub fn queued_entries(&self, group_id: &[u8]) -> Vec<Entry> {
+    /// The messages that wait in the outbox and are not in a history yet (a message enters
+    /// its conversation's history when it is encrypted), as history entries, oldest first.
+    pub fn queued_entries(&self, which: QueuedFor<'_>) -> Vec<QueuedEntry> {
         let me = self.identity.public().0;
         self.home
             .state
             .sends
             .iter()
             .filter(|s| s.sealed.is_none())
-            .filter(|s| match &s.to {
-                QueuedTarget::Conversation(id) => id == group_id,
-                QueuedTarget::Person(peer) => self.find_direct(peer).is_some_and(|id| id == group_id),
-            })
-            .map(|s| Entry {
-                group_id: group_id.to_vec(),
-                from: me,
-                text: s.text.clone(),
-                sent_at_ms: s.sent_at_ms,
-                received_at_ms: s.sent_at_ms,
-                outgoing: true,
+            .filter_map(|s| {
+                // Where it goes now: a person's direct conversation may have begun since.
+                let (group_id, new_contact) = match &s.to {
+                    QueuedTarget::Conversation(id) => (id.clone(), None),
+                    QueuedTarget::Person(peer) => match self.find_direct(peer) {
+                        Some(id) => (id, None),
+                        None => (Vec::new(), Some(*peer)),
+                    },
+                };
+                let wanted = match which {
+                    QueuedFor::All => true,
+                    QueuedFor::Conversation(id) => new_contact.is_none() && group_id == id,
+                    QueuedFor::NewContact(peer) => new_contact.as_ref() == Some(peer),
+                };
+                let entry = Entry {
+                    group_id,
+                    from: me,
+                    text: s.text.clone(),
+                    sent_at_ms: s.sent_at_ms,
+                    received_at_ms: s.sent_at_ms,
+                    outgoing: true,
+                };
+                wanted.then_some(QueuedEntry { entry, new_contact })
             })
             .collect()
+    }
+
+    /// The person `target` names when we have no conversation with them yet (messages to them
+    /// wait for one to begin); None for a group, an unknown name or a person we talk to.
+    pub fn new_contact(&self, target: &str) -> Option<[u8; 32]> {
+        match self.resolve_target(target) {
+            Ok(Target::Person(peer)) if self.find_direct(&peer).is_none() => Some(peer),
+            _ => None,
+        }
     }
 
     /// How many messages wait in the outbox.

@@ -48,7 +48,7 @@ use futures::FutureExt as _;
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
     ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry,
-    history_query, home_dir, missed_line, open_messenger, run_verb, write_history,
+    history_query, home_dir, missed_line, open_messenger, run_verb, write_history, write_new_contact_history,
 };
 use crate::client::history::{Before, Position};
 use crate::client::inbox::{Arrival, Cursor};
@@ -570,8 +570,17 @@ impl Shell {
             _ => None,
         };
         let Some(mut query) = history_query(&self.m, &args)? else {
-            // A contact we have not talked to yet has no conversation.
-            self.about_page(args.json, &format!("no messages with {} yet", label.unwrap_or_default()));
+            // A contact we have not talked to yet has no conversation: only what waits for it.
+            let mut buf = Vec::new();
+            let peer = args.target.as_deref().and_then(|t| self.m.new_contact(t));
+            match peer {
+                Some(p) if write_new_contact_history(&self.m, &p, args.json, &mut buf)? => {
+                    self.out.data(&String::from_utf8_lossy(&buf));
+                }
+                _ => {
+                    self.about_page(args.json, &format!("no messages with {} yet", label.unwrap_or_default()))
+                }
+            }
             return Ok(());
         };
         if let Some(older) = continued.clone() {
