@@ -22,6 +22,7 @@ pub mod requests;
 pub mod session;
 pub mod state;
 pub mod timeline;
+pub mod vat;
 
 #[cfg(test)]
 pub(crate) mod testing;

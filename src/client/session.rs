@@ -312,7 +312,7 @@ impl Session {
             rpc_twoparty_capnp::Side::Client,
             opts,
         );
-        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let mut rpc = RpcSystem::new(Box::new(super::vat::GuardedNetwork::new(network)), None);
         let node: node_service::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
         let rpc_task = tokio::task::spawn_local(async move {
             if let Err(e) = rpc.await {
