@@ -9,7 +9,7 @@ use capnp_rpc::rpc_capnp::message;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{Connection, VatNetwork, twoparty};
 use common::{local, tofu};
-use qpq::client::session::Session;
+use qpq::client::session::{Session, SessionError};
 use qpq::transport;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
@@ -19,7 +19,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 enum Hostile {
     /// Asks the client for its bootstrap capability.
     Bootstrap,
-    /// Calls a capability the client never exported.
+    /// Calls the answer to a question the client never asked.
     Call,
     /// Answers the bootstrap request with a result carrying two capabilities.
     ReturnTwoCaps,
@@ -35,7 +35,9 @@ fn write(conn: &mut Box<dyn Connection<Side>>, hostile: Hostile) {
             call.set_question_id(0);
             call.set_interface_id(0x1234);
             call.set_method_id(0);
-            call.reborrow().init_target().set_imported_cap(7);
+            // A question the client never asked: capnp-rpc answers such a call with an error
+            // and keeps the answer until a Finish.
+            call.reborrow().init_target().init_promised_answer().set_question_id(5);
             call.init_params();
         }
         Hostile::ReturnTwoCaps => {
@@ -113,6 +115,8 @@ async fn a_server_that_calls_the_client_or_returns_extra_capabilities_loses_the_
             session.close().await;
             let seen = seen.await.unwrap();
             assert!(!seen.contains(&"return"), "{hostile:?}: the client answered: {seen:?}");
+            // Not an answer refusing the call (which would drop the work it carries): no answer.
+            assert!(matches!(err, SessionError::Disconnected(_)), "{hostile:?}: {err:?}");
             let text = err.to_string();
             assert!(text.contains("protocol violation: the server sent"), "{hostile:?}: {text}");
             assert!(!text.chars().any(char::is_uppercase), "{hostile:?}: lowercase: {text}");

@@ -242,6 +242,11 @@ fn a_message_queued_to_a_new_contact_shows_in_their_history_and_in_all() {
         ["[bob] me: opening", "[carol] me: first words", "[bob] me: to bob"],
         "{all}"
     );
+    // Not on an older page, nor among search results, as for any conversation.
+    for filter in [&["--grep", "first"][..], &["--before", "1h"]] {
+        let found = alice.ok(&[&["history", "carol"][..], filter].concat());
+        assert!(found.is_empty(), "{filter:?}: {found}");
+    }
     let shell = qpq_in(alice.home.path(), &["shell"], Some("/history carol\n")).stdout;
     assert!(shell.contains("me: first words"), "{shell}");
     assert!(!shell.contains("no messages with carol yet"), "{shell}");

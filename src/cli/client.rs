@@ -817,7 +817,7 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
         return Ok(());
     }
     let Some(query) = history_query(m, args)? else {
-        if let Some(peer) = args.target.as_deref().and_then(|t| m.new_contact(t)) {
+        if let Some(peer) = new_contact_newest_page(m, args) {
             write_new_contact_history(m, &peer, args.json, out)?;
         }
         return Ok(());
@@ -920,6 +920,16 @@ pub fn write_new_contact_history(
     let queued = m.queued_entries(QueuedFor::NewContact(peer));
     write_queued(m, &queued, false, json, out)?;
     Ok(!queued.is_empty())
+}
+
+/// The person `args` ask the newest page of, unfiltered, when we have no conversation with
+/// them yet: their queued messages make that page (an older page or a search shows none, as
+/// for any conversation).
+pub fn new_contact_newest_page(m: &Messenger, args: &HistoryArgs) -> Option<[u8; 32]> {
+    if args.before.is_some() || args.grep.as_deref().is_some_and(|g| !g.is_empty()) {
+        return None;
+    }
+    args.target.as_deref().and_then(|t| m.new_contact(t))
 }
 
 /// Queued messages as history lines, naming their conversation when `all` conversations are

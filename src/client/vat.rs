@@ -11,7 +11,9 @@
 //!
 //! So the connection ends, with "protocol violation: ...", at the first message a qpq server
 //! never sends: a call, a bootstrap request, a return carrying more capabilities than any result
-//! of our schema, or a three-party or obsolete message (rpc.capnp `Message`).
+//! of our schema, a three-party or obsolete message, or one of a type rpc.capnp's `Message` does
+//! not have. The calls in flight then fail as on a lost connection (their outcome is unknown),
+//! not as refused: work they carry is kept and tried again.
 
 use capnp::Error;
 use capnp::capability::Promise;
@@ -70,7 +72,9 @@ impl Connection<Side> for GuardedConnection {
     fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, Error> {
         Promise::from_future(self.inner.receive_incoming_message().and_then(|m| async move {
             match m.as_ref().and_then(|m| refusal(m.get_body())) {
-                Some(why) => Err(Error::failed(format!("protocol violation: the server sent {why}"))),
+                // Not `failed`, which reads as the server's answer refusing the calls in flight
+                // (and would drop the work they carry): the server answered nothing.
+                Some(why) => Err(Error::disconnected(format!("protocol violation: the server sent {why}"))),
                 None => Ok(m),
             }
         }))
@@ -93,7 +97,10 @@ fn refusal(body: capnp::Result<capnp::any_pointer::Reader<'_>>) -> Option<&'stat
     let caps = |p: capnp::Result<payload::Reader<'_>>| {
         p.and_then(|p| p.get_cap_table()).map_or(0, |t| t.len() as usize)
     };
-    match message.which().ok()? {
+    // capnp-rpc answers a message type it does not know with `Unimplemented`, one reply each;
+    // a server of our version never sends one.
+    let Ok(which) = message.which() else { return Some("a message of an unknown type") };
+    match which {
         message::Call(_) => Some("a call (a client exports nothing)"),
         message::Bootstrap(_) => Some("a bootstrap request (a client exports nothing)"),
         message::Return(r) => match r.ok()?.which().ok()? {
