@@ -848,6 +848,30 @@ mod tests {
         .await;
     }
 
+    /// Found by exploratory testing: when the only other member of a group left, the last one
+    /// passed the leave on to "everyone else", a fanout to nobody, which the server refuses; so
+    /// the leave was never committed, and every command said "could not commit a leave" while
+    /// the messages queued behind it (to anyone) stayed queued. The leave is committed at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_member_commits_the_only_other_members_leave_at_once() {
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            let (alice_key, bob_key) = (alice.public_key().0, bob.public_key().0);
+            let group_id = alice.group_create("team").unwrap();
+            alice.group_add("team", &["bob".to_string()]).await.unwrap();
+            bob.receive(0).await.unwrap();
+            bob.group_leave("team").await.unwrap();
+            let events = alice.receive(0).await.unwrap();
+            let stuck = |e: &Event| matches!(e, Event::Dropped { reason } if reason.contains("leave"));
+            assert!(!events.iter().any(stuck), "{events:?}");
+            assert!(alice.state().leave_requests.is_empty(), "{events:?}");
+            assert_eq!(alice.mls.members(&group_id).unwrap(), vec![alice_key], "bob's leave is committed");
+            let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
+            assert!(events.iter().any(left), "{events:?}");
+            (server, alice, bob)
+        })
+        .await;
+    }
+
     /// Review: a leave whose commit the server refused (here: a stranger filled alice's own
     /// queue, whose copy a commit needs) was forgotten, though bob's proposal stayed pending;
     /// openmls sends nothing over a pending proposal, so each message alice sent to the group

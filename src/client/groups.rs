@@ -254,17 +254,21 @@ impl Messenger {
             .get(&key)
             .map(|kept| kept.iter().filter(|p| p.epoch == epoch).cloned().collect())
             .unwrap_or_default();
+        let me = self.identity.public().0;
+        let others: Vec<[u8; 32]> = self
+            .mls
+            .members(group_id)?
+            .into_iter()
+            .filter(|k| *k != me && !proposals.iter().any(|p| p.sender == *k))
+            .collect();
+        // With nobody but us and the leavers there is no one to pass the proposals on to (a
+        // fanout to nobody is refused: the last member was stuck with the leave uncommitted,
+        // and every message queued behind it with it).
         if !proposals.is_empty()
+            && !others.is_empty()
             && self.mls.has_pending_proposals(group_id)
             && self.leave_relayed.insert((group_id.to_vec(), epoch))
         {
-            let me = self.identity.public().0;
-            let others: Vec<[u8; 32]> = self
-                .mls
-                .members(group_id)?
-                .into_iter()
-                .filter(|k| *k != me && !proposals.iter().any(|p| p.sender == *k))
-                .collect();
             for p in proposals {
                 let frame = Frame::Mls { group_id: group_id.to_vec(), message: p.message }.encode();
                 self.fan_out(group_id, &others, &frame).await?;
