@@ -513,6 +513,20 @@ fn read_hint(dir: &Path) -> Option<u64> {
     std::str::from_utf8(&bytes).ok()?.trim().parse().ok()
 }
 
+/// Writes the hint, mode 0600 like every file of the home (it tells how often the home was
+/// written, as the database's own write counter does).
+fn write_hint(dir: &Path, generation: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(dir.join(GENERATION_HINT))?.write_all(generation.to_string().as_bytes())
+}
+
 /// The default home: `$XDG_DATA_HOME/qpq` (usually `~/.local/share/qpq`).
 pub fn default_home() -> Result<PathBuf, StateError> {
     dirs::data_dir().map(|d| d.join("qpq")).ok_or(StateError::NoHome)
@@ -711,7 +725,7 @@ impl Home {
         self.hold.0.borrow_mut().seen = generation;
         // A hint only (see `GENERATION_HINT`): losing it to a crash delays a waiter, nothing more.
         // Not synced, not atomic: a torn read parses as nothing and the next poll sees it whole.
-        let _ = std::fs::write(self.dir.join(GENERATION_HINT), generation.to_string());
+        let _ = write_hint(&self.dir, generation);
         self.written = written;
         self.last_history = history;
         for g in self.state.groups.values_mut() {
