@@ -160,9 +160,13 @@ fn short_keys_work_as_targets_and_contact_keys_when_unique() {
             .starts_with(&format!("unblocked {}", dave.key))
     );
 
-    // A key nobody here knows is no target; neither is too short a prefix.
+    // A key nobody here knows is no target; neither is too short a prefix. A short key says
+    // so, rather than sending someone who typed `contact add` to `contact add`.
     let (okay, _, err) = run(&carol, 0, &["send", "0000-0000-0000-0000", "x"], None);
-    assert!(!okay && err.contains("unknown contact \"0000-0000-0000-0000\""), "{err}");
+    let unknown = "no key this home knows starts with \"0000-0000-0000-0000\": use the whole key";
+    assert!(!okay && err.contains(unknown), "{err}");
+    let (okay, _, err) = run(&carol, 0, &["contact", "add", "zed", "0000-0000-0000-0000"], None);
+    assert!(!okay && err.contains(unknown), "{err}");
     let (okay, _, err) = run(&carol, 0, &["send", &short(&bob)[..4], "x"], None);
     assert!(!okay && err.contains("unknown contact"), "{err}");
 }

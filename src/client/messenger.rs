@@ -61,6 +61,9 @@ pub enum ClientError {
     NoServer,
     #[error("unknown contact {0:?}: add it with `contact add NAME KEY` or use the 64-hex key")]
     UnknownContact(String),
+    /// A short key (`304b-9934`) that starts none of the keys this home knows.
+    #[error("no key this home knows starts with {0:?}: use the whole key (64 hex digits)")]
+    UnknownShortKey(String),
     #[error("no group named #{0}")]
     UnknownGroup(String),
     #[error("you are no longer a member of #{0}")]

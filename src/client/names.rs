@@ -153,7 +153,7 @@ impl Messenger {
             self.known_keys().into_iter().filter(|k| hex::encode(k).starts_with(&digits)).collect();
         Some(match found.as_slice() {
             [one] => Ok(*one),
-            [] => Err(ClientError::UnknownContact(s.to_string())),
+            [] => Err(ClientError::UnknownShortKey(s.to_string())),
             many => Err(ClientError::AmbiguousKey {
                 given: s.to_string(),
                 candidates: many.iter().map(|k| self.key_with_name(k)).collect::<Vec<_>>().join(", "),
