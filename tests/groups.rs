@@ -331,7 +331,7 @@ fn a_rejoined_group_whose_name_was_taken_meanwhile_gets_a_new_one() {
     bob.ok(&["recv"]);
     let mut lines = team_lines(&bob);
     lines.sort();
-    assert_eq!(lines, vec!["#team (group, 1 members, epoch 0)", "#team-2 (group, 3 members, epoch 3)"]);
+    assert_eq!(lines, vec!["#team (group, 1 member, epoch 0)", "#team-2 (group, 3 members, epoch 3)"]);
     bob.ok(&["send", "#team-2", "in the old one"]);
     assert_eq!(alice.recv(), vec!["[#team] bob: in the old one"]);
 }

@@ -61,7 +61,19 @@ fn health_without_a_home_shows_fingerprint_version_uptime_and_key_exchange() {
     // A given fingerprint is checked.
     let wrong = format!("sha256:{}", "ab".repeat(32));
     let r = qpq_in(nohome.path(), &["health", "--server", &addr, "--server-fingerprint", &wrong], None);
-    assert!(!r.ok && r.stderr.contains("server certificate changed"), "{}", r.stderr);
+    // Nothing was pinned, so nothing "changed": the one given is not the server's.
+    let mismatch = format!(
+        "the server's certificate is not the one given: --server-fingerprint {wrong}, the server presented {}",
+        server.fingerprint
+    );
+    assert!(!r.ok && r.stderr.contains(&mismatch), "{}", r.stderr);
+    let r = qpq_in(
+        nohome.path(),
+        &["init", "--name", "x", "--no-passphrase", "--server", &addr, "--server-fingerprint", &wrong],
+        None,
+    );
+    assert!(!r.ok && r.stderr.contains(&format!("{mismatch}; nothing was created")), "{}", r.stderr);
+    assert_eq!(std::fs::read_dir(nohome.path()).unwrap().count(), 0, "nothing was created");
     // Without a home there is nothing to remember a server: it must be given.
     let r = qpq_in(nohome.path(), &["health"], None);
     assert!(!r.ok && r.stderr.contains("no server: pass --server"), "{}", r.stderr);

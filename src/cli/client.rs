@@ -490,7 +490,12 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
         confirm_first_use(server, &fp)?;
         opts.fingerprint = Some(fp);
     }
-    let (m, report) = block_on_local(Messenger::init(&dir, args.name, unlock, opts))??;
+    let (m, report) = match block_on_local(Messenger::init(&dir, args.name, unlock, opts))? {
+        Err(ClientError::Session(e)) if given_certificate_mismatch(&e).is_some() => {
+            bail!("{}; nothing was created", given_certificate_mismatch(&e).unwrap_or_default())
+        }
+        r => r?,
+    };
     if report.first_use {
         err!("qpq: pinned server certificate {} (trust on first use)", report.fingerprint);
     }
@@ -498,6 +503,18 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     out!("{}", report.key)?;
     drop(m);
     Ok(())
+}
+
+/// What a `--server-fingerprint` the server does not match says where nothing was pinned yet
+/// (`init`, `health` without a home): no certificate "changed", the one given is not the
+/// server's. None for other errors.
+fn given_certificate_mismatch(e: &SessionError) -> Option<String> {
+    match e {
+        SessionError::CertificateChanged { pinned, presented } => Some(format!(
+            "the server's certificate is not the one given: --server-fingerprint {pinned}, the server presented {presented}"
+        )),
+        _ => None,
+    }
 }
 
 /// Asks for a new passphrase and its repeat, again after a mismatch ([`PASSPHRASE_TRIES`] in all).
@@ -999,7 +1016,9 @@ pub fn health_without_home(g: &GlobalArgs) -> anyhow::Result<std::process::ExitC
         None => Pin::FirstUse(Default::default()),
     };
     let h = block_on_local(async {
-        let session = Session::connect(&server, pin).await?;
+        let session = Session::connect(&server, pin).await.map_err(|e| {
+            given_certificate_mismatch(&e).map_or_else(|| anyhow::Error::from(e), anyhow::Error::msg)
+        })?;
         let h = session.health().await?;
         let mut stdout = std::io::stdout().lock();
         write_health(&mut stdout, &server, &session, &h)?;
@@ -1151,7 +1170,8 @@ async fn run_group(
         GroupCmd::List => {
             for g in m.group_list() {
                 let state = if g.active {
-                    format!("{} members, epoch {}", g.members, g.epoch)
+                    let s = if g.members == 1 { "" } else { "s" };
+                    format!("{} member{s}, epoch {}", g.members, g.epoch)
                 } else {
                     "left".into()
                 };
