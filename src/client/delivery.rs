@@ -872,6 +872,53 @@ mod tests {
         .await;
     }
 
+    /// Found by exploratory testing: a message to a group whose member's leave was not
+    /// committed yet waited, as it must, but so did every message queued after it, to anyone,
+    /// since the outbox went strictly in order. Order is kept within a conversation; the other
+    /// conversations' messages go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_waiting_for_a_leave_commit_holds_only_its_own_messages() {
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
+            let carol_key = carol.public_key().0;
+            let to_carol = crate::client::messenger::Target::Person(carol_key);
+            alice.send(&to_carol, "opening").await.unwrap();
+            alice.group_create("team").unwrap();
+            alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
+            bob.receive(0).await.unwrap();
+            bob.group_leave("team").await.unwrap();
+            // alice reads bob's request to leave, and sends before committing it.
+            let op = alice.begin().unwrap();
+            alice.receive_round(0).await.unwrap();
+            let team = crate::client::messenger::Target::Group("team".into());
+            let held = alice.queue_send(&team, "to the team").unwrap();
+            let goes = alice.queue_send(&to_carol, "to carol").unwrap();
+            let mut events = Vec::new();
+            alice.flush_sends(&mut events).await.unwrap();
+            let queued: Vec<u64> = alice.state().sends.iter().map(|s| s.id).collect();
+            assert_eq!(queued, vec![held], "only the group's message waits: {events:?}");
+            assert_ne!(held, goes);
+            drop(op);
+            let texts: Vec<String> = carol
+                .receive(0)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Message(m) => Some(m.text),
+                    _ => None,
+                })
+                .collect();
+            assert!(texts.contains(&"to carol".to_string()), "{texts:?}");
+            // The next round commits the leave, and the group's message follows.
+            alice.receive(0).await.unwrap();
+            assert!(alice.state().sends.is_empty());
+            carol.disconnect().await;
+            (server, alice, bob)
+        })
+        .await;
+    }
+
     /// Review: a leave whose commit the server refused (here: a stranger filled alice's own
     /// queue, whose copy a commit needs) was forgotten, though bob's proposal stayed pending;
     /// openmls sends nothing over a pending proposal, so each message alice sent to the group

@@ -218,10 +218,25 @@ impl Messenger {
     }
 
     /// Sends the outbox in order, under the home lock and connected. Stops at the first
-    /// message that cannot go now (the rest waits behind it, to keep the order); messages the
-    /// server refuses leave the outbox with a notice (or as the awaited message's fate).
+    /// message that cannot go because of the server (the rest waits behind it, to keep the
+    /// order). A message whose conversation must commit a member's leave first waits with the
+    /// later messages of that conversation, and the other conversations' messages go on: one
+    /// group in trouble held every message to everyone. Messages the server refuses leave the
+    /// outbox with a notice (or as the awaited message's fate).
     pub(crate) async fn flush_sends(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
-        while let Some(item) = self.home.state.sends.front().cloned() {
+        let ids: Vec<u64> = self.home.state.sends.iter().map(|s| s.id).collect();
+        // Conversations (a group id, or a person's key before their conversation begins) whose
+        // first queued message waits this round.
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        for id in ids {
+            let Some(item) = self.home.state.sends.iter().find(|s| s.id == id).cloned() else { continue };
+            let conversation = match &item.to {
+                QueuedTarget::Conversation(gid) => gid.clone(),
+                QueuedTarget::Person(peer) => self.find_direct(peer).unwrap_or_else(|| peer.to_vec()),
+            };
+            if held.contains(&conversation) {
+                continue;
+            }
             let awaited = self.watch.awaited == Some(item.id);
             match self.send_queued(item.clone(), events).await {
                 Ok((group_id, recipients)) => {
@@ -250,18 +265,14 @@ impl Messenger {
                 }
                 // A member's leave waits to be committed (see `finish_round`, which tries again
                 // next round): openmls sends nothing until then, and the message is no less
-                // sendable for it, so it waits here, with those behind it.
+                // sendable for it, so it waits here, with the later ones to its conversation.
                 Err(ClientError::Mls(MlsError::PendingProposals)) => {
                     // Whatever became of the request (a home from before it was kept), the
                     // next round commits what is pending.
-                    let gid = match &item.to {
-                        QueuedTarget::Conversation(id) => Some(id.clone()),
-                        QueuedTarget::Person(peer) => self.find_direct(peer),
-                    };
-                    if let Some(gid) = gid
-                        && !self.home.state.leave_requests.contains(&gid)
+                    if self.home.state.groups.contains_key(&hex::encode(&conversation))
+                        && !self.home.state.leave_requests.contains(&conversation)
                     {
-                        self.home.state.leave_requests.push(gid);
+                        self.home.state.leave_requests.push(conversation.clone());
                         self.home.save()?;
                     }
                     if awaited {
@@ -269,7 +280,7 @@ impl Messenger {
                         self.watch.fate = Some(Fate::Kept { maybe_sent: false, reason });
                     }
                     self.watch.quiet.clear();
-                    return Ok(());
+                    held.push(conversation);
                 }
                 Err(e) => {
                     self.drop_queued(item.id)?;
