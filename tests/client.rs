@@ -288,6 +288,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (vec!["send", &a63, "hi"], "invalid key"),
         (vec!["send", "#nope", "hi"], "no group named #nope"),
         (vec!["send", "#team", "hi"], "#team has no other members"),
+        (vec!["send", "bob", " \n\t "], "nothing to send: the message is empty"),
         (vec!["contact", "add", "eve", "1234"], "invalid key \"1234\": expected 64 hex digits"),
         (vec!["contact", "add", "bob", &bob.key], "a contact named \"bob\" already exists"),
         (vec!["contact", "add", "bad name", &bob.key], "invalid name"),

@@ -786,7 +786,7 @@ pub async fn run_verb(
             } else {
                 args.text.join(" ")
             };
-            if text.is_empty() {
+            if text.trim().is_empty() {
                 bail!("nothing to send: the message is empty");
             }
             let (fate, caught_up) = m.send(&target, &text).await?;

@@ -112,8 +112,9 @@ impl Messenger {
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClientError::TooLarge(text.len()));
         }
-        if text.is_empty() {
+        if text.trim().is_empty() {
             // The one-shot refuses it before it comes here; the shell's `send bob ''` did not.
+            // Blank counts as empty: spaces or newlines alone say nothing, and were sent.
             return Err(ClientError::EmptyMessage);
         }
         let _op = self.begin()?;
