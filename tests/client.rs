@@ -346,7 +346,10 @@ fn passphrase_protects_the_state_and_a_wrong_one_is_refused() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next(), Some(key.as_str()));
     use std::os::unix::fs::PermissionsExt;
     // Every file of the home is private, the write-counter hint `qpq.db.gen` too (it was 0644),
-    // which a save writes.
+    // which a save writes; one an older qpq left with 0644 is made private.
+    let hint = home.path().join("qpq.db.gen");
+    std::fs::write(&hint, "1").unwrap();
+    std::fs::set_permissions(&hint, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = run(&["history", "--retention", "90d"], Some("correct horse"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut names = Vec::new();

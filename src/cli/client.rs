@@ -482,6 +482,7 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
         );
     };
     let mut opts = connect_options(g)?;
+    let given = opts.fingerprint.is_some();
     if let Some(server) = &opts.server
         && opts.fingerprint.is_none()
         && std::io::stdin().is_terminal()
@@ -491,7 +492,7 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
         opts.fingerprint = Some(fp);
     }
     let (m, report) = match block_on_local(Messenger::init(&dir, args.name, unlock, opts))? {
-        Err(ClientError::Session(e)) if given_certificate_mismatch(&e).is_some() => {
+        Err(ClientError::Session(e)) if given && given_certificate_mismatch(&e).is_some() => {
             bail!("{}; nothing was created", given_certificate_mismatch(&e).unwrap_or_default())
         }
         r => r?,

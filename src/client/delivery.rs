@@ -893,8 +893,13 @@ mod tests {
             let team = crate::client::messenger::Target::Group("team".into());
             let held = alice.queue_send(&team, "to the team").unwrap();
             let goes = alice.queue_send(&to_carol, "to carol").unwrap();
+            // Both typed in a connected shell: no notice unless they waited (review: the hold
+            // made every other conversation's message announce itself as "queued").
+            alice.send_quietly(held);
+            alice.send_quietly(goes);
             let mut events = Vec::new();
             alice.flush_sends(&mut events).await.unwrap();
+            assert!(alice.notices.is_empty(), "{:?}", alice.notices);
             let queued: Vec<u64> = alice.state().sends.iter().map(|s| s.id).collect();
             assert_eq!(queued, vec![held], "only the group's message waits: {events:?}");
             assert_ne!(held, goes);
@@ -910,9 +915,10 @@ mod tests {
                 })
                 .collect();
             assert!(texts.contains(&"to carol".to_string()), "{texts:?}");
-            // The next round commits the leave, and the group's message follows.
+            // The next round commits the leave, and the group's message follows, announced.
             alice.receive(0).await.unwrap();
             assert!(alice.state().sends.is_empty());
+            assert_eq!(alice.notices, vec!["sent a queued message to #team".to_string()]);
             carol.disconnect().await;
             (server, alice, bob)
         })

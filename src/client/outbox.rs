@@ -235,10 +235,16 @@ impl Messenger {
                 QueuedTarget::Conversation(gid) => gid.clone(),
                 QueuedTarget::Person(peer) => self.find_direct(peer).unwrap_or_else(|| peer.to_vec()),
             };
+            let awaited = self.watch.awaited == Some(item.id);
             if held.contains(&conversation) {
+                // It waits behind its conversation's first: announced when it goes.
+                self.watch.quiet.remove(&item.id);
+                if awaited {
+                    let reason = "a member's leave must be committed first".to_string();
+                    self.watch.fate = Some(Fate::Kept { maybe_sent: false, reason });
+                }
                 continue;
             }
-            let awaited = self.watch.awaited == Some(item.id);
             match self.send_queued(item.clone(), events).await {
                 Ok((group_id, recipients)) => {
                     self.drop_queued(item.id)?;
@@ -268,6 +274,17 @@ impl Messenger {
                 // next round): openmls sends nothing until then, and the message is no less
                 // sendable for it, so it waits here, with the later ones to its conversation.
                 Err(ClientError::Mls(MlsError::PendingProposals)) => {
+                    // A person's conversation may have begun during this very send.
+                    let conversation = match &item.to {
+                        QueuedTarget::Person(peer) => match self.find_direct(peer) {
+                            Some(gid) => {
+                                held.push(peer.to_vec());
+                                gid
+                            }
+                            None => conversation,
+                        },
+                        QueuedTarget::Conversation(_) => conversation,
+                    };
                     // Whatever became of the request (a home from before it was kept), the
                     // next round commits what is pending.
                     if self.home.state.groups.contains_key(&hex::encode(&conversation))
@@ -280,7 +297,9 @@ impl Messenger {
                         let reason = "a member's leave must be committed first".to_string();
                         self.watch.fate = Some(Fate::Kept { maybe_sent: false, reason });
                     }
-                    self.watch.quiet.clear();
+                    // Announced when it goes; the other conversations' messages that go now
+                    // did not wait, and stay quiet.
+                    self.watch.quiet.remove(&item.id);
                     held.push(conversation);
                 }
                 Err(e) => {

@@ -524,7 +524,14 @@ fn write_hint(dir: &Path, generation: u64) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    options.open(dir.join(GENERATION_HINT))?.write_all(generation.to_string().as_bytes())
+    let mut file = options.open(dir.join(GENERATION_HINT))?;
+    // A hint an older qpq wrote has the umask's mode: made private too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(generation.to_string().as_bytes())
 }
 
 /// The default home: `$XDG_DATA_HOME/qpq` (usually `~/.local/share/qpq`).
