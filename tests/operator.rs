@@ -74,6 +74,12 @@ fn health_without_a_home_shows_fingerprint_version_uptime_and_key_exchange() {
     );
     assert!(!r.ok && r.stderr.contains(&format!("{mismatch}; nothing was created")), "{}", r.stderr);
     assert_eq!(std::fs::read_dir(nohome.path()).unwrap().count(), 0, "nothing was created");
+    // An address without a port says so, rather than "cannot resolve".
+    for no_port in ["127.0.0.1", "::1", "localhost"] {
+        let r = qpq_in(nohome.path(), &["health", "--server", no_port], None);
+        let want = format!("server address {no_port:?} has no port: write it as HOST:PORT");
+        assert!(!r.ok && r.stderr.contains(&want), "{}", r.stderr);
+    }
     // Without a home there is nothing to remember a server: it must be given.
     let r = qpq_in(nohome.path(), &["health"], None);
     assert!(!r.ok && r.stderr.contains("no server: pass --server"), "{}", r.stderr);

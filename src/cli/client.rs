@@ -1313,6 +1313,7 @@ fn needs_the_user(e: &ClientError) -> bool {
             | ClientError::PinMismatch { .. }
             | ClientError::Session(
                 SessionError::CertificateChanged { .. }
+                    | SessionError::NoPort(_)
                     | SessionError::ServerOutdated { .. }
                     | SessionError::ClientOutdated { .. }
             )

@@ -97,6 +97,7 @@ pub fn is_offline(e: &ClientError) -> bool {
         ClientError::Session(
             SessionError::Connect { .. }
             | SessionError::Resolve(_)
+            | SessionError::NoPort(_)
             | SessionError::Disconnected(_)
             | SessionError::Timeout(_),
         ) => true,

@@ -45,6 +45,9 @@ pub const CLOSE_WAIT: Duration = Duration::from_millis(5);
 pub enum SessionError {
     #[error("cannot resolve server address {0:?}")]
     Resolve(String),
+    /// An address without a port (`example.org`, `10.0.0.5`, `::1`): no lookup can fix it.
+    #[error("server address {0:?} has no port: write it as HOST:PORT")]
+    NoPort(String),
     #[error("cannot reach server {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error(
@@ -258,6 +261,9 @@ pub struct Session {
 pub async fn resolve(server: &str) -> Result<SocketAddr, SessionError> {
     if let Ok(a) = server.parse::<SocketAddr>() {
         return Ok(a);
+    }
+    if server.parse::<std::net::IpAddr>().is_ok() || !server.contains(':') {
+        return Err(SessionError::NoPort(server.to_string()));
     }
     let mut addrs =
         tokio::net::lookup_host(server).await.map_err(|_| SessionError::Resolve(server.to_string()))?;
