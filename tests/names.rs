@@ -108,8 +108,9 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
     assert!(members.contains(&format!("{} al\n", alice.key)), "{members}");
     assert!(members.contains(&format!("{} ~carol\n", carol.key)), "{members}");
 
-    // A new name reaches the group with a signed leaf update; contacts' names still win.
-    let out = ok(&alice, &["name", "set", "Alice L."]);
+    // A new name reaches the group with a signed leaf update; contacts' names still win. The
+    // spaces around it are dropped (they showed inside its marks: `~  Alice L.   (...)`).
+    let out = ok(&alice, &["name", "set", "  Alice L.  "]);
     assert!(out.contains("name: Alice L. (signed into 1 conversation)"), "{out}");
     assert!(ok(&alice, &["whoami"]).contains("name: Alice L."));
     ok(&alice, &["send", "#team", "renamed"]);

@@ -742,7 +742,7 @@ pub async fn run_verb(
             writeln!(
                 out,
                 "name: {} (signed into {groups} conversation{})",
-                Shown(&name),
+                Shown(name.trim()),
                 if groups == 1 { "" } else { "s" }
             )?;
         }

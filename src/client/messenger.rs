@@ -347,6 +347,8 @@ impl Messenger {
         if crate::client::state::exists(dir) {
             return Err(StateError::AlreadyInitialized(dir.to_path_buf()).into());
         }
+        // Spaces around a name are nobody's intent (and would show inside its marks).
+        let name = name.map(|n| n.trim().to_string());
         if let Some(n) = &name
             && !crate::mls::valid_display_name(n)
         {

@@ -96,6 +96,8 @@ impl Messenger {
     /// self-update commit each, RFC 9420 section 12.1.2) and into a new pool of KeyPackages for
     /// whoever adds us next. Returns the number of groups updated and what came in meanwhile.
     pub async fn set_display_name(&mut self, name: &str) -> Result<(usize, Vec<Event>), ClientError> {
+        // Spaces around a name are nobody's intent (and would show inside its marks).
+        let name = name.trim();
         if !crate::mls::valid_display_name(name) {
             return Err(ClientError::BadDisplayName(name.to_string()));
         }
