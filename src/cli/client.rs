@@ -944,10 +944,15 @@ pub fn write_new_contact_history(
 /// them yet: their queued messages make that page (an older page or a search shows none, as
 /// for any conversation).
 pub fn new_contact_newest_page(m: &Messenger, args: &HistoryArgs) -> Option<[u8; 32]> {
-    if args.before.is_some() || args.grep.as_deref().is_some_and(|g| !g.is_empty()) {
+    if older_or_search(args) {
         return None;
     }
     args.target.as_deref().and_then(|t| m.new_contact(t))
+}
+
+/// True when `args` ask for an older page (`--before`) or a search (a non-empty `--grep`).
+pub fn older_or_search(args: &HistoryArgs) -> bool {
+    args.before.is_some() || args.grep.as_deref().is_some_and(|g| !g.is_empty())
 }
 
 /// Queued messages as history lines, naming their conversation when `all` conversations are

@@ -814,6 +814,21 @@ mod tests {
         server.shutdown().await.unwrap();
     }
 
+    /// Bob's leave of alice's two-member group is committed: no leave request left, alice alone,
+    /// and `events` told of bob leaving.
+    fn assert_only_bob_left(
+        alice: &Messenger,
+        group_id: &[u8],
+        alice_key: [u8; 32],
+        bob_key: [u8; 32],
+        events: &[Event],
+    ) {
+        assert!(alice.state().leave_requests.is_empty(), "{events:?}");
+        assert_eq!(alice.mls.members(group_id).unwrap(), vec![alice_key], "bob's leave is committed");
+        let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
+        assert!(events.iter().any(left), "{events:?}");
+    }
+
     /// A member's leave that could not be committed because the server was out of reach was
     /// forgotten ("could not commit a leave"), so bob stayed in alice's group. The request stays
     /// and is committed once the server is back.
@@ -839,10 +854,7 @@ mod tests {
             let server = start(&server_dir).await;
             alice.opts = opts(&server);
             let events = alice.receive(0).await.unwrap();
-            assert!(alice.state().leave_requests.is_empty(), "{events:?}");
-            assert_eq!(alice.mls.members(&group_id).unwrap(), vec![alice_key], "bob's leave is committed");
-            let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
-            assert!(events.iter().any(left), "{events:?}");
+            assert_only_bob_left(&alice, &group_id, alice_key, bob_key, &events);
             (server, alice, bob)
         })
         .await;
@@ -863,10 +875,7 @@ mod tests {
             let events = alice.receive(0).await.unwrap();
             let stuck = |e: &Event| matches!(e, Event::Dropped { reason } if reason.contains("leave"));
             assert!(!events.iter().any(stuck), "{events:?}");
-            assert!(alice.state().leave_requests.is_empty(), "{events:?}");
-            assert_eq!(alice.mls.members(&group_id).unwrap(), vec![alice_key], "bob's leave is committed");
-            let left = |e: &Event| matches!(e, Event::Membership { left, .. } if *left == vec![bob_key]);
-            assert!(events.iter().any(left), "{events:?}");
+            assert_only_bob_left(&alice, &group_id, alice_key, bob_key, &events);
             (server, alice, bob)
         })
         .await;

@@ -48,8 +48,8 @@ use futures::FutureExt as _;
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
     ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry,
-    history_query, home_dir, missed_line, new_contact_newest_page, open_messenger, run_verb, write_history,
-    write_new_contact_history,
+    history_query, home_dir, missed_line, new_contact_newest_page, older_or_search, open_messenger, run_verb,
+    write_history, write_new_contact_history,
 };
 use crate::client::history::{Before, Position};
 use crate::client::inbox::{Arrival, Cursor};
@@ -578,11 +578,7 @@ impl Shell {
                     self.out.data(&String::from_utf8_lossy(&buf));
                 }
                 // An older page or a search, as for any conversation.
-                Some(_) | None
-                    if args.before.is_some() || args.grep.as_deref().is_some_and(|g| !g.is_empty()) =>
-                {
-                    self.about_page(args.json, "no older messages")
-                }
+                Some(_) | None if older_or_search(&args) => self.about_page(args.json, "no older messages"),
                 _ => {
                     self.about_page(args.json, &format!("no messages with {} yet", label.unwrap_or_default()))
                 }
