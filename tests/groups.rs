@@ -437,3 +437,76 @@ fn a_welcome_over_256_kib_lets_a_new_member_join_a_large_group_and_talk() {
     dave.ok(&["send", "#big", "glad to be here"]);
     assert_eq!(alice.recv(), vec!["[#big] dave: glad to be here"]);
 }
+
+fn json_of(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a json line ({e}): {line:?}"))
+}
+
+/// Scripts read conversations, members, identity, envelope key and server health as JSON, one
+/// object per line, with the same facts the text forms show.
+#[test]
+fn lists_and_facts_have_a_json_form() {
+    let (_dir, server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    alice.ok(&["send", "bob", "hi"]);
+    bob.ok(&["recv"]);
+
+    let groups: Vec<serde_json::Value> =
+        alice.ok(&["group", "list", "--json"]).lines().map(json_of).collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    let team = groups.iter().find(|g| g["kind"] == "group").expect("the group");
+    assert_eq!(team["name"], "#team");
+    assert_eq!(team["members"], 3);
+    assert_eq!(team["active"], true);
+    assert!(team["peer"].is_null());
+    let direct = groups.iter().find(|g| g["kind"] == "direct").expect("the direct conversation");
+    assert_eq!(direct["peer"], bob.key.as_str());
+    assert_eq!(direct["members"], 2);
+
+    let info = json_of(alice.ok(&["group", "info", "#team", "--json"]).trim());
+    assert_eq!(info["group_id"], team["group_id"]);
+    assert_eq!(info["epoch"], team["epoch"]);
+    assert!(info["ciphersuite"].as_str().is_some_and(|s| s.contains("0x")), "{info}");
+    assert_eq!(
+        info["ciphersuite"].as_str(),
+        alice.ok(&["group", "info", "team"]).lines().last().and_then(|l| l.strip_prefix("ciphersuite "))
+    );
+
+    let members: Vec<serde_json::Value> =
+        bob.ok(&["group", "members", "team", "--json"]).lines().map(json_of).collect();
+    let mut keys: Vec<&str> = members.iter().filter_map(|m| m["key"].as_str()).collect();
+    keys.sort_unstable();
+    let mut expected = [alice.key.as_str(), bob.key.as_str(), carol.key.as_str()];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    for m in &members {
+        let me = m["key"] == bob.key.as_str();
+        assert_eq!(m["me"], me, "{m}");
+        if m["key"] == alice.key.as_str() {
+            assert_eq!(m["name"], "alice", "bob's contact name for alice");
+            assert_eq!(m["claimed_name"], "alice", "the name alice signed");
+        }
+    }
+
+    let me = json_of(alice.ok(&["whoami", "--json"]).trim());
+    assert_eq!(me["key"], alice.key.as_str());
+    assert_eq!(me["name"], "alice");
+
+    let key = json_of(alice.ok(&["keys", "show", "--json"]).trim());
+    assert!(key["fingerprint"].as_str().is_some_and(|f| alice.ok(&["keys", "show"]).contains(f)), "{key}");
+    assert_eq!(key["published"], true);
+
+    let health = json_of(alice.ok(&["health", "--json"]).trim());
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["certificate_fingerprint"], server.fingerprint.to_string());
+    assert!(health["key_packages"].as_u64().is_some(), "{health}");
+    let nobody = tempfile::tempdir().unwrap();
+    let (addr, fp) = (server.addr.to_string(), server.fingerprint.to_string());
+    let r =
+        qpq_in(nobody.path(), &["health", "--json", "--server", &addr, "--server-fingerprint", &fp], None);
+    assert!(r.ok, "{}", r.stderr);
+    let health = json_of(r.stdout.trim());
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["server"], addr.as_str());
+    assert!(health["key_packages"].is_null(), "no identity, no key packages: {health}");
+}

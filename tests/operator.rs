@@ -367,6 +367,15 @@ fn a_passphrase_file_unlocks_the_home_and_must_be_private() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let r = qpq_in(home.path(), &["whoami", "--passphrase-file", file_s], None);
     assert!(!r.ok && r.stderr.contains("is readable by others (mode 644): chmod 600 it"), "{}", r.stderr);
+    // A file that is not there is said in words, without the operating system's errno.
+    let missing = dir.path().join("no-such-file");
+    let r = qpq_in(home.path(), &["whoami", "--passphrase-file", missing.to_str().unwrap()], None);
+    assert_eq!(
+        r.stderr.trim(),
+        format!("qpq: cannot read {}: no such file or directory", missing.display()),
+        "{}",
+        r.stderr
+    );
     // Without one, a script is told every way to give it.
     let r = qpq_in(home.path(), &["whoami"], None);
     assert!(

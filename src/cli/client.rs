@@ -12,6 +12,7 @@ use clap_complete::engine::ArgValueCandidates;
 use zeroize::Zeroizing;
 
 use crate::cli::{GlobalArgs, complete};
+use crate::client::groups::GroupSummary;
 use crate::client::history::{Before, HistoryPage, HistoryQuery, parse_retention};
 use crate::client::inbox::{Arrival, Cursor, Unread};
 use crate::client::messenger::ClientError;
@@ -35,9 +36,18 @@ use crate::transport::{Fingerprint, Pin};
 #[derive(Debug, Subcommand, Clone)]
 pub enum ClientVerb {
     /// Show your identity key (hex) and name
-    Whoami,
+    Whoami {
+        /// One JSON object: key, name, fingerprint
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the server; exits 0 only if it is healthy
-    Health,
+    Health {
+        /// One JSON object: status, version, uptime, certificate, protocol, key exchange (and
+        /// key packages, with a home)
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage contacts (names for keys)
     #[command(subcommand)]
     Contact(ContactCmd),
@@ -143,7 +153,11 @@ pub enum RequestsCmd {
 #[derive(Debug, Subcommand, Clone)]
 pub enum KeysCmd {
     /// Show your envelope key's fingerprint and age
-    Show,
+    Show {
+        /// One JSON object: fingerprint, created_at, published, retired
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace your envelope key and your published key packages now (say, after a device may
     /// have leaked them)
     Rotate,
@@ -219,16 +233,26 @@ pub enum GroupCmd {
         name: String,
     },
     /// List your groups and direct conversations
-    List,
+    List {
+        /// One JSON object per conversation and line
+        #[arg(long)]
+        json: bool,
+    },
     /// List the members of a group
     Members {
         #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
+        /// One JSON object per member and line
+        #[arg(long)]
+        json: bool,
     },
     /// Show a group's size, epoch and MLS ciphersuite
     Info {
         #[arg(add = ArgValueCandidates::new(complete::groups))]
         name: String,
+        /// One JSON object
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -729,7 +753,15 @@ pub async fn run_verb(
     events: &mut Vec<Event>,
 ) -> anyhow::Result<VerbOutcome> {
     match verb {
-        ClientVerb::Whoami => {
+        ClientVerb::Whoami { json: true } => {
+            let v = serde_json::json!({
+                "key": m.public_key().to_hex(),
+                "name": m.state().name,
+                "fingerprint": m.public_key().short(),
+            });
+            writeln!(out, "{}", text::json_line(&v))?;
+        }
+        ClientVerb::Whoami { json: false } => {
             writeln!(out, "{}", m.public_key())?;
             if let Some(n) = &m.state().name {
                 writeln!(out, "name: {}", Shown(n))?;
@@ -746,14 +778,21 @@ pub async fn run_verb(
                 if groups == 1 { "" } else { "s" }
             )?;
         }
-        ClientVerb::Health => {
+        ClientVerb::Health { json } => {
             let server = m.server().unwrap_or_default();
             let session = m.connect().await?;
             let h = session.health().await?;
-            write_health(out, &server, session, &h)?;
             let (kps, last_resort) = session.key_package_count().await?;
-            let lr = if last_resort { "yes" } else { "no" };
-            writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
+            if json {
+                let mut v = health_json(&server, session, &h);
+                v["key_packages"] = kps.into();
+                v["last_resort"] = last_resort.into();
+                writeln!(out, "{}", text::json_line(&v))?;
+            } else {
+                write_health(out, &server, session, &h)?;
+                let lr = if last_resort { "yes" } else { "no" };
+                writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
+            }
             if h.status != "ok" {
                 return Ok(VerbOutcome::Unhealthy);
             }
@@ -801,7 +840,17 @@ pub async fn run_verb(
             events.extend(came);
             return Ok(outcome);
         }
-        ClientVerb::Keys(KeysCmd::Show) => {
+        ClientVerb::Keys(KeysCmd::Show { json: true }) => {
+            let k = m.envelope_key();
+            let v = serde_json::json!({
+                "fingerprint": k.fingerprint,
+                "created_at": localtime::rfc3339(k.created_at_ms),
+                "published": k.published,
+                "retired": k.retired,
+            });
+            writeln!(out, "{}", text::json_line(&v))?;
+        }
+        ClientVerb::Keys(KeysCmd::Show { json: false }) => {
             let k = m.envelope_key();
             let days = k.age_ms / (24 * 60 * 60 * 1000);
             writeln!(out, "envelope key: {} created {days} days ago", k.fingerprint)?;
@@ -831,7 +880,9 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
         let keep = parse_retention(keep)?;
         let deleted = m.set_history_retention(keep)?;
         let s = if deleted == 1 { "" } else { "s" };
-        writeln!(out, "history retention: {} ({deleted} older message{s} deleted)", retention_text(keep))?;
+        // Turning retention off deletes nothing: no count to report.
+        let deleted = keep.map(|_| format!(" ({deleted} older message{s} deleted)")).unwrap_or_default();
+        writeln!(out, "history retention: {}{deleted}", retention_text(keep))?;
         return Ok(());
     }
     let Some(query) = history_query(m, args)? else {
@@ -1011,9 +1062,22 @@ fn write_health(out: &mut dyn Write, server: &str, session: &Session, h: &Health
     writeln!(out, "tls 1.3 key exchange {kx}")
 }
 
+/// `health --json`: the lines of [`write_health`] as one object.
+fn health_json(server: &str, session: &Session, h: &Health) -> serde_json::Value {
+    serde_json::json!({
+        "status": h.status,
+        "version": h.version,
+        "uptime_secs": h.uptime_secs,
+        "server": server,
+        "certificate_fingerprint": session.fingerprint().to_string(),
+        "protocol": session.protocol(),
+        "key_exchange": session.key_exchange_group(),
+    })
+}
+
 /// `qpq health` without a home (an operator's check): no identity, nothing pinned or saved. The
 /// certificate is checked against `--server-fingerprint` when given, else only shown.
-pub fn health_without_home(g: &GlobalArgs) -> anyhow::Result<std::process::ExitCode> {
+pub fn health_without_home(g: &GlobalArgs, json: bool) -> anyhow::Result<std::process::ExitCode> {
     let server = g.server.clone().ok_or_else(|| {
         anyhow::anyhow!("no server: pass --server HOST:PORT (no qpq home here to remember one)")
     })?;
@@ -1027,7 +1091,11 @@ pub fn health_without_home(g: &GlobalArgs) -> anyhow::Result<std::process::ExitC
         })?;
         let h = session.health().await?;
         let mut stdout = std::io::stdout().lock();
-        write_health(&mut stdout, &server, &session, &h)?;
+        if json {
+            writeln!(stdout, "{}", text::json_line(&health_json(&server, &session, &h)))?;
+        } else {
+            write_health(&mut stdout, &server, &session, &h)?;
+        }
         stdout.flush()?;
         session.close().await;
         anyhow::Ok(h)
@@ -1173,7 +1241,13 @@ async fn run_group(
         GroupCmd::Remove { name, members } => m.group_remove(name.trim_start_matches('#'), &members).await?,
         GroupCmd::Leave { name } => m.group_leave(name.trim_start_matches('#')).await?,
         GroupCmd::Update { name } => m.group_update(name.trim_start_matches('#')).await?,
-        GroupCmd::List => {
+        GroupCmd::List { json: true } => {
+            for g in m.group_list() {
+                writeln!(out, "{}", text::json_line(&group_json(&g)))?;
+            }
+            Vec::new()
+        }
+        GroupCmd::List { json: false } => {
             for g in m.group_list() {
                 let state = if g.active {
                     let s = if g.members == 1 { "" } else { "s" };
@@ -1186,19 +1260,38 @@ async fn run_group(
             }
             Vec::new()
         }
-        GroupCmd::Info { name } => {
+        GroupCmd::Info { name, json } => {
             let name = name.trim_start_matches('#');
             let suite = m.group_ciphersuite(name)?;
             let gid = m.find_group(name)?;
-            if let Some(g) = m.group_list().into_iter().find(|g| g.group_id == gid) {
-                writeln!(out, "{}", Shown(&g.name))?;
-                writeln!(out, "members {}", g.members)?;
-                writeln!(out, "epoch {}", g.epoch)?;
+            let group = m.group_list().into_iter().find(|g| g.group_id == gid);
+            if json {
+                let mut v = group.map_or_else(|| serde_json::json!({}), |g| group_json(&g));
+                v["ciphersuite"] = suite.into();
+                writeln!(out, "{}", text::json_line(&v))?;
+            } else {
+                if let Some(g) = group {
+                    writeln!(out, "{}", Shown(&g.name))?;
+                    writeln!(out, "members {}", g.members)?;
+                    writeln!(out, "epoch {}", g.epoch)?;
+                }
+                writeln!(out, "ciphersuite {suite}")?;
             }
-            writeln!(out, "ciphersuite {suite}")?;
             Vec::new()
         }
-        GroupCmd::Members { name } => {
+        GroupCmd::Members { name, json: true } => {
+            for mem in m.group_members(name.trim_start_matches('#'))? {
+                let v = serde_json::json!({
+                    "key": mem.key.to_hex(),
+                    "name": mem.name,
+                    "claimed_name": m.claimed_name(&mem.key.0),
+                    "me": mem.me,
+                });
+                writeln!(out, "{}", text::json_line(&v))?;
+            }
+            Vec::new()
+        }
+        GroupCmd::Members { name, json: false } => {
             for mem in m.group_members(name.trim_start_matches('#'))? {
                 // A signed name is a claim: marked with `~` (the key is on the line already).
                 let claimed = || m.claimed_name(&mem.key.0).map_or_else(|| "-".into(), |n| format!("~{n}"));
@@ -1209,6 +1302,20 @@ async fn run_group(
         }
     };
     Ok((events, outcome))
+}
+
+/// One conversation of `group list --json` (and `group info --json`): `kind` "group" or
+/// "direct" (with the other person's key in `peer`), `members` and `epoch` while we are in it.
+fn group_json(g: &GroupSummary) -> serde_json::Value {
+    serde_json::json!({
+        "name": g.name,
+        "group_id": hex::encode(&g.group_id),
+        "kind": if g.direct { "direct" } else { "group" },
+        "peer": g.peer.map(|k| PublicKey(k).to_hex()),
+        "active": g.active,
+        "members": g.members,
+        "epoch": g.epoch,
+    })
 }
 
 /// Runs one shared verb as a one-shot command.

@@ -169,7 +169,10 @@ pub fn main() -> std::process::ExitCode {
 pub fn error_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
-        let text = cause.to_string();
+        let text = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io_error_text(io),
+            None => cause.to_string(),
+        };
         if !line.contains(&text) {
             if !line.is_empty() {
                 line.push_str(": ");
@@ -178,6 +181,25 @@ pub fn error_line(e: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+/// An operating system's error as our lines read: lowercase, without the errno the standard
+/// library appends ("No such file or directory (os error 2)" is "no such file or directory").
+fn io_error_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = match e.raw_os_error() {
+        Some(code) => text.strip_suffix(&format!(" (os error {code})")).unwrap_or(&text).to_string(),
+        None => text,
+    };
+    let mut chars = text.chars();
+    match (chars.next(), chars.next()) {
+        // "No such file", not "EOF" or "TLS": only a capital followed by a small letter.
+        (Some(first), Some(second)) if first.is_ascii_uppercase() && second.is_ascii_lowercase() => {
+            // Slicing at 1 is on a char boundary: the first char is ASCII.
+            format!("{}{}", first.to_ascii_lowercase(), &text[1..])
+        }
+        _ => text,
+    }
 }
 
 /// Prints `qpq: message` (lowercase causes chained with `: `); a closed stdout is not an error.
@@ -200,8 +222,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Init(args) => client::init(&g, args).map(|()| ExitCode::SUCCESS),
         // An operator checks a server from anywhere: without a home, health needs no identity.
-        Command::Client(client::ClientVerb::Health) if !client::has_home(&g) => {
-            client::health_without_home(&g)
+        Command::Client(client::ClientVerb::Health { json }) if !client::has_home(&g) => {
+            client::health_without_home(&g, json)
         }
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Server(cmd) => client::server_verb(&g, cmd).map(|()| ExitCode::SUCCESS),

@@ -41,6 +41,8 @@ pub struct GroupSummary {
     pub name: String,
     pub group_id: Vec<u8>,
     pub direct: bool,
+    /// The other person of a direct conversation.
+    pub peer: Option<[u8; 32]>,
     pub active: bool,
     pub members: usize,
     pub epoch: u64,
@@ -300,6 +302,10 @@ impl Messenger {
                     name: self.conversation_name(&group_id),
                     epoch: self.mls.epoch(&group_id).unwrap_or(0),
                     direct: matches!(g.kind, GroupKind::Direct { .. }),
+                    peer: match g.kind {
+                        GroupKind::Direct { peer } => Some(peer),
+                        GroupKind::Group => None,
+                    },
                     active: g.active,
                     group_id,
                     members,

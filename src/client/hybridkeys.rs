@@ -123,6 +123,8 @@ pub fn purge_retired(retired: &mut Vec<RetiredHybridKey>, now_ms: u64, keep_newe
 pub struct EnvelopeKeyInfo {
     /// `sha256:` and the first 16 hex digits of the SHA-256 of the public key.
     pub fingerprint: String,
+    /// When it was made, by our clock.
+    pub created_at_ms: u64,
     pub age_ms: u64,
     pub published: bool,
     /// Replaced secrets still kept.
@@ -141,6 +143,7 @@ impl Messenger {
                 "sha256:{}",
                 hex::encode(&self.own_hybrid().public_key().fingerprint()[..8])
             ),
+            created_at_ms: state.hybrid_created_at_ms,
             age_ms: self.clock.now_ms().saturating_sub(state.hybrid_created_at_ms),
             published: state.hybrid_published,
             retired: state.secrets.retired_hybrid.len(),

@@ -133,7 +133,7 @@ fn parse_verb(text: &str, slash: &str) -> Result<Action, LineError> {
     };
     match ShellLine::try_parse_from(&words) {
         Ok(ShellLine { verb }) => Ok(match verb {
-            ShellVerb::Client(ClientVerb::History(args)) => Action::History(count_as_target(args)),
+            ShellVerb::Client(ClientVerb::History(args)) => Action::History(count_as_target(args)?),
             ShellVerb::Client(v) => Action::Verb(v),
             ShellVerb::Chat { target } => Action::Chat(target),
             ShellVerb::Help { command } => Action::Help(command),
@@ -152,15 +152,23 @@ fn parse_verb(text: &str, slash: &str) -> Result<Action, LineError> {
 }
 
 /// `/history 5`, as the shell always took it: a number where the target goes is a count
-/// (names of contacts and groups are never all digits there; write `-n` to be explicit).
-fn count_as_target(mut args: HistoryArgs) -> HistoryArgs {
-    if let Some(n) = args.target.as_deref().and_then(|t| t.parse::<u64>().ok())
-        && (1..=crate::limits::MAX_HISTORY_PAGE as u64).contains(&n)
-    {
-        args.target = None;
-        args.n = n;
+/// (names of contacts and groups are never all digits there; write `-n` to be explicit). A
+/// count out of range is refused as `-n` refuses it, not looked up as a contact.
+fn count_as_target(mut args: HistoryArgs) -> Result<HistoryArgs, LineError> {
+    let Some(digits) =
+        args.target.as_deref().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return Ok(args);
+    };
+    let max = crate::limits::MAX_HISTORY_PAGE as u64;
+    match digits.parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => {
+            args.target = None;
+            args.n = n;
+            Ok(args)
+        }
+        _ => Err(LineError(format!("/history {digits}: a page holds 1 to {max} messages"))),
     }
-    args
 }
 
 /// Escapes every unquoted `#`: shell-words reads one that starts a word as a comment, but here
@@ -319,10 +327,10 @@ mod tests {
 
     #[test]
     fn bare_lines_are_verbs_in_the_lobby_and_text_in_a_conversation() {
-        assert!(matches!(ok("whoami", false), Action::Verb(ClientVerb::Whoami)));
+        assert!(matches!(ok("whoami", false), Action::Verb(ClientVerb::Whoami { json: false })));
         assert_eq!(say_of(ok("whoami", true)), (None, "whoami".into()));
-        assert!(matches!(ok("/whoami", true), Action::Verb(ClientVerb::Whoami)));
-        assert!(matches!(ok("qpq health", false), Action::Verb(ClientVerb::Health)));
+        assert!(matches!(ok("/whoami", true), Action::Verb(ClientVerb::Whoami { json: false })));
+        assert!(matches!(ok("qpq health", false), Action::Verb(ClientVerb::Health { json: false })));
     }
 
     #[test]
@@ -369,6 +377,12 @@ mod tests {
             (Some("#team".into()), 4, None, Some("hi".into()))
         );
         assert_eq!(history("/history bob --before 2h"), (Some("bob".into()), page, Some("2h".into()), None));
+        for n in ["0", "100001", "99999999999999999999999"] {
+            assert_eq!(
+                err(&format!("/history {n}"), true),
+                format!("/history {n}: a page holds 1 to 100000 messages")
+            );
+        }
         assert!(
             err("/history -n 0", true).contains("0 is not in 1..=100000"),
             "{}",
@@ -423,7 +437,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(ok("group members #team", false),
-            Action::Verb(ClientVerb::Group(GroupCmd::Members { name })) if name == "#team"));
+            Action::Verb(ClientVerb::Group(GroupCmd::Members { name, .. })) if name == "#team"));
     }
 
     #[test]
