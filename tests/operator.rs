@@ -149,7 +149,10 @@ fn a_second_serve_on_a_data_dir_in_use_says_so() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    let want = format!("qpq: data dir {} is in use by another qpq serve", dir.path().display());
+    let want = format!(
+        "qpq: data dir {} is in use by another qpq serve (one that is shutting down holds it until it exits)",
+        dir.path().display()
+    );
     assert!(err.lines().any(|l| l == want), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).is_empty(), "no ready line");
 }

@@ -86,7 +86,9 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot create data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
-    #[error("data dir {0} is in use by another qpq serve")]
+    #[error(
+        "data dir {0} is in use by another qpq serve (one that is shutting down holds it until it exits)"
+    )]
     DataDirInUse(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
