@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ServerProcess, User, cast, introduce, local, qpq_in};
+use common::{ServerProcess, User, cast, introduce, local, qpq_in, time_width};
 use qpq::client::session::Session;
 use qpq::client::state::Home;
 use qpq::crypto::hybrid::{HybridSecretKey, SignedHybridKey};
@@ -130,6 +130,19 @@ fn history_shows_membership_changes_in_order_with_messages() {
         &["you were added to #team by alice", "bob left #team", "alice added bob"],
     );
     assert!(hist.last().is_some_and(|l| l.contains("you were removed from #team by alice")), "{hist:?}");
+    // A change shows when it was learned of, as a message shows when it came.
+    let left = hist.iter().find(|l| l.contains("bob left #team")).expect("the leave");
+    assert!(time_width(left).is_some_and(|w| left[w..].starts_with("* ")), "{left:?}");
+    let json: Vec<serde_json::Value> =
+        carol.ok(&["history", "#team", "--json"]).lines().map(json_of).collect();
+    let left = json.iter().find(|v| v["event"] == "left").expect("the leave in json");
+    let message = json.iter().find(|v| v["type"] == "message").expect("a message");
+    assert!(
+        left["received_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == message["received_at"].as_str().unwrap().len()),
+        "{left}"
+    );
 
     let hist = shell_history(&alice, "#team");
     assert_in_order(
@@ -170,6 +183,7 @@ fn recv_json_emits_membership_events_with_a_stable_group_id() {
     assert_eq!(joined["event"], "joined");
     assert_eq!(joined["group"], "team");
     assert_eq!(joined["by"], alice.key.as_str());
+    assert!(joined["received_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{joined}");
     let group_id = joined["group_id"].as_str().expect("a group id").to_string();
     assert_eq!(group_id.len(), 32, "hex of the 16-byte MLS group id: {group_id}");
     assert_eq!(message["type"], "message");

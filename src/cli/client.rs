@@ -683,8 +683,9 @@ fn queued_entry_json(m: &Messenger, q: &QueuedEntry) -> serde_json::Value {
 
 /// A membership event as JSON objects, one per kind of change (none for other events): `type`
 /// "event", `event` joined/added/removed/left/removed_you, the group by stable id (hex of the
-/// MLS group id) and local name, who made the change and whom it concerns.
-pub fn event_json(m: &Messenger, e: &Event) -> Vec<serde_json::Value> {
+/// MLS group id) and local name, who made the change and whom it concerns, and when we learned
+/// of it (`received_at`, like a message's).
+pub fn event_json(m: &Messenger, e: &Event, at_ms: u64) -> Vec<serde_json::Value> {
     let Some((group_id, changes)) = changes_of(e) else { return Vec::new() };
     let person =
         |k: &[u8; 32]| serde_json::json!({ "key": PublicKey(*k).to_hex(), "name": m.contact_name(k) });
@@ -699,6 +700,7 @@ pub fn event_json(m: &Messenger, e: &Event) -> Vec<serde_json::Value> {
                 "by": PublicKey(c.by).to_hex(),
                 "by_name": m.contact_name(&c.by),
                 "members": c.members.iter().map(person).collect::<Vec<_>>(),
+                "received_at": localtime::rfc3339(at_ms),
             })
         })
         .collect()
@@ -954,13 +956,15 @@ pub fn write_history(
                 }
             }
             Item::Event(ev) => {
+                // A change has a time (when we learned of it) like a message, and no position:
+                // a page begins and ends with messages.
                 let event = ev.to_event(&group_id);
                 if json {
-                    for v in event_json(m, &event) {
+                    for v in event_json(m, &event, ev.at_ms) {
                         writeln!(out, "{}", text::json_line(&v))?;
                     }
                 } else if let Some(line) = describe_event(m, &event) {
-                    writeln!(out, "* {line}")?;
+                    writeln!(out, "{} * {line}", localtime::short(ev.at_ms, m.now_ms()))?;
                 }
             }
         }
@@ -1374,9 +1378,11 @@ fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::R
         let mut line = match item {
             Arrival::Message(e) if json => text::json_line(&entry_json(m, e)),
             Arrival::Message(e) => format_entry(m, e),
-            Arrival::Event(e) if json => {
-                event_json(m, &e.to_event()).iter().map(text::json_line).collect::<Vec<_>>().join("\n")
-            }
+            Arrival::Event(e) if json => event_json(m, &e.to_event(), e.at_ms)
+                .iter()
+                .map(text::json_line)
+                .collect::<Vec<_>>()
+                .join("\n"),
             Arrival::Event(e) => {
                 if let Some(line) = describe_event(m, &e.to_event()) {
                     err!("qpq: {line}");
