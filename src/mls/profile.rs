@@ -54,8 +54,14 @@ pub(super) fn leaf_extensions(name: Option<&str>) -> Extensions<LeafNode> {
 /// The name a verified leaf claims, if it carries a valid one.
 pub(super) fn name_of(leaf: &LeafNode) -> Option<String> {
     let ext = leaf.extensions().unknown(DISPLAY_NAME_EXTENSION)?;
-    let name = std::str::from_utf8(&ext.0).ok()?;
-    valid_display_name(name).then(|| name.to_string())
+    claimed_name(std::str::from_utf8(&ext.0).ok()?)
+}
+
+/// A name as someone signed it, as we show it: without the spaces around it (our own client
+/// trims before signing; another may not, and "alice   " should not look unlike "alice" only
+/// in its spacing), or None when it is no valid name.
+fn claimed_name(signed: &str) -> Option<String> {
+    valid_display_name(signed).then(|| signed.trim().to_string())
 }
 
 #[cfg(test)]
@@ -73,5 +79,8 @@ mod tests {
         assert!(!valid_display_name("al\x1b[2Jice"));
         assert!(!valid_display_name("al\nice"));
         assert!(!valid_display_name("\u{202e}ecila"));
+        assert_eq!(claimed_name("  alice  ").as_deref(), Some("alice"));
+        assert_eq!(claimed_name("Zoë Ångström").as_deref(), Some("Zoë Ångström"));
+        assert_eq!(claimed_name("   "), None);
     }
 }
