@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     ServerProcess, TERMINAL_ATTACK, TERMINAL_ATTACK_SHOWN, User, assert_inert, cast, qpq_command, qpq_in,
-    untimed,
+    time_width, untimed,
 };
 use rexpect::reader::Options;
 use rexpect::session::PtySession;
@@ -142,7 +142,13 @@ fn scripted_shells_exchange_direct_and_group_messages() {
     let mut a = ScriptShell::start(&alice);
     let mut b = ScriptShell::start(&bob);
     a.say("@bob hello bob, don't worry");
-    b.expect(Stream::Out, "* alice started a conversation with you");
+    // A membership change is timed like a message.
+    assert_eq!(
+        b.expect(Stream::Out, "* alice started a conversation with you"),
+        "* alice started a conversation with you"
+    );
+    let timed = &b.seen.last().expect("the line").1;
+    assert!(time_width(timed).is_some(), "{timed:?}");
     assert_eq!(b.expect(Stream::Out, "hello bob"), "alice: hello bob, don't worry");
 
     b.say("/chat alice");

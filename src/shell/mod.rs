@@ -397,9 +397,11 @@ impl Shell {
                 for item in &unread.items {
                     match item {
                         Arrival::Message(e) => self.out.data(&format_entry(&self.m, e)),
+                        // Timed like a message and like the same change in /history.
                         Arrival::Event(e) => {
                             if let Some(line) = describe_event(&self.m, &e.to_event()) {
-                                self.out.data(&format!("* {line}"));
+                                let when = crate::localtime::short(e.at_ms, self.m.now_ms());
+                                self.out.data(&format!("{when} * {line}"));
                             }
                         }
                     }
