@@ -23,11 +23,38 @@ enum Hostile {
     Call,
     /// Answers the bootstrap request with a result carrying two capabilities.
     ReturnTwoCaps,
+    /// Sends a message of a type no rpc.capnp has (union discriminant 99).
+    UnknownType,
+}
+
+/// A message whose union says type 99: written as a bootstrap request, then its discriminant
+/// (the first 16 bits of the root struct's data, after the 8-byte segment table and the 8-byte
+/// root pointer of the one-segment flat form) patched. The generated builders cannot write it.
+fn unknown_type_message() -> capnp::message::Reader<capnp::serialize::OwnedSegments> {
+    let mut b = capnp::message::Builder::new_default();
+    b.init_root::<message::Builder<'_>>().init_bootstrap().set_question_id(0);
+    let mut words = capnp::serialize::write_message_to_words(&b);
+    assert_eq!(u16::from_le_bytes([words[16], words[17]]), 8, "bootstrap is @8 in rpc.capnp");
+    words[16..18].copy_from_slice(&99u16.to_le_bytes());
+    let r =
+        capnp::serialize::read_message(&mut words.as_slice(), capnp::message::ReaderOptions::new()).unwrap();
+    assert!(matches!(r.get_root::<message::Reader<'_>>().unwrap().which(), Err(capnp::NotInSchema(99))));
+    r
 }
 
 fn write(conn: &mut Box<dyn Connection<Side>>, hostile: Hostile) {
     let mut out = conn.new_outgoing_message(64);
-    let m = out.get_body().unwrap().init_as::<message::Builder<'_>>();
+    if let Hostile::UnknownType = hostile {
+        let raw = unknown_type_message();
+        let root = raw.get_root::<capnp::any_pointer::Reader<'_>>().unwrap();
+        out.get_body().unwrap().set_as(root).unwrap();
+    } else {
+        build(out.get_body().unwrap().init_as::<message::Builder<'_>>(), hostile);
+    }
+    let _ = out.send();
+}
+
+fn build(m: message::Builder<'_>, hostile: Hostile) {
     match hostile {
         Hostile::Bootstrap => m.init_bootstrap().set_question_id(0),
         Hostile::Call => {
@@ -49,8 +76,8 @@ fn write(conn: &mut Box<dyn Connection<Side>>, hostile: Hostile) {
             caps.reborrow().get(0).set_sender_hosted(0);
             caps.get(1).set_sender_hosted(1);
         }
+        Hostile::UnknownType => unreachable!("not built with the generated builders"),
     }
-    let _ = out.send();
 }
 
 /// Serves one connection as `hostile`; returns the kinds of message the client sent after it
@@ -103,7 +130,7 @@ async fn serve_hostile(server: quinn::Endpoint, hostile: Hostile) -> Vec<&'stati
 async fn a_server_that_calls_the_client_or_returns_extra_capabilities_loses_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let id = transport::load_or_generate_identity(dir.path()).unwrap();
-    for hostile in [Hostile::Bootstrap, Hostile::Call, Hostile::ReturnTwoCaps] {
+    for hostile in [Hostile::Bootstrap, Hostile::Call, Hostile::ReturnTwoCaps, Hostile::UnknownType] {
         let server =
             quinn::Endpoint::server(transport::server_config(&id).unwrap(), "127.0.0.1:0".parse().unwrap())
                 .unwrap();
