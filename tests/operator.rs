@@ -43,6 +43,41 @@ fn terminate(child: &mut Reaped) {
 
 // ----- item 8: the server from the operator's side -----
 
+/// Found by exploratory testing: once the reader of its log went away (`serve 2>&1 | tee` and
+/// tee killed), the log writer's failure panicked the task that handles SIGTERM, so the server
+/// could be stopped only by SIGKILL. A log line that cannot be written is now dropped.
+#[test]
+fn serve_stops_on_sigterm_after_its_log_pipe_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(QPQ)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("QPQ_CONFIG")
+        .env("QPQ_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qpq serve");
+    let mut lines = Lines::of(child.stdout.take().expect("piped stdout"));
+    while !lines.next_line().expect("the ready lines").starts_with("listening on ") {}
+    drop(child.stderr.take());
+    let mut child = Reaped(child);
+    terminate(&mut child);
+    let pid = child.0.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.0.wait();
+        let _ = tx.send(status.map(|s| s.success()));
+        child
+    });
+    let exited = rx.recv_timeout(std::time::Duration::from_secs(60));
+    if exited.is_err() {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    drop(waiter.join());
+    assert!(matches!(exited, Ok(Ok(true))), "serve did not stop cleanly on SIGTERM: {exited:?}");
+}
+
 #[test]
 fn health_without_a_home_shows_fingerprint_version_uptime_and_key_exchange() {
     let dir = tempfile::tempdir().unwrap();

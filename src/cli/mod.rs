@@ -140,6 +140,10 @@ pub fn init_logging(default: &str) {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not in files or journald.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (its reader went away) is dropped: reporting it,
+        // tracing-subscriber writes to stderr with `eprintln!`, which panics on a closed stderr
+        // and took down whichever task was logging, the one that handles SIGTERM among them.
+        .log_internal_errors(false)
         .try_init();
 }
 
