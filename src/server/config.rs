@@ -36,7 +36,7 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
     #[error("no data dir: pass --data-dir or set QPQ_DATA_DIR (no home directory to default to)")]
     NoDataDir,
-    #[error("--cert and --key must be given together")]
+    #[error("cert and key must be given together (--cert and --key, or cert and key in the config file)")]
     CertKeyPair,
     #[error("invalid store {0:?}: expected \"redb\" or a postgres://USER@HOST:PORT/DB url")]
     Store(String),
@@ -393,12 +393,43 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = String::from_utf8(bytes)
         .map_err(|_| ConfigError::Parse { path: path.to_path_buf(), reason: "not utf-8".into() })?;
     toml::from_str(&text)
-        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), reason: e.message().to_string() })
+        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), reason: toml_reason(&text, &e) })
+}
+
+/// A TOML error on one line, with where it is: `line 3 (max_queue_bytes = "x"): invalid type:
+/// string "x", expected u64`. (toml's own rendering spans several lines with a caret.)
+fn toml_reason(text: &str, e: &toml::de::Error) -> String {
+    let Some(start) = e.span().map(|s| s.start) else { return e.message().to_string() };
+    let before = text.get(..start).unwrap_or(text);
+    let number = before.matches('\n').count() + 1;
+    let line: String = text.lines().nth(number - 1).unwrap_or("").trim().chars().take(80).collect();
+    format!("line {number} ({line}): {}", e.message())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by exploratory testing: "duplicate key" and "invalid type: ..." named neither the
+    /// key nor the line.
+    #[test]
+    fn a_bad_config_file_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let reason = |text: &str| {
+            let path = dir.path().join(CONFIG_FILE);
+            std::fs::write(&path, text).unwrap();
+            match read_file(&path) {
+                Err(ConfigError::Parse { reason, .. }) => reason,
+                other => panic!("{text:?}: {:?}", other.map(|_| ())),
+            }
+        };
+        assert_eq!(
+            reason("listen = \"127.0.0.1:7000\"\nmax_queue_bytes = \"x\"\n"),
+            "line 2 (max_queue_bytes = \"x\"): invalid type: string \"x\", expected u64"
+        );
+        let dup = reason("[rate_limits]\nenqueue_per_connection = 1\nenqueue_per_connection = 2\n");
+        assert!(dup.starts_with("line 3 (enqueue_per_connection = 2): duplicate key"), "{dup}");
+    }
 
     #[test]
     fn flags_override_file_which_overrides_defaults() {
