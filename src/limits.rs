@@ -477,6 +477,14 @@ pub const MAX_INBOX_ENTRIES: usize = 10_000;
 /// Entries some reader already showed that the inbox keeps anyway, so another reader of the
 /// home that is a moment behind (it was printing, or waiting for the lock) still sees them.
 pub const MAX_INBOX_READ_KEPT: usize = 256;
+/// How long a live reader of the inbox (`recv --follow`, a shell) holds its place without
+/// reading: it reads at least every [`LIVE_READER_WAIT_MS`], so one that stopped for longer
+/// (killed, suspended) no longer keeps read entries from leaving.
+pub const LIVE_READER_LEASE_MS: u64 = 120_000;
+/// Longest a live reader waits for mail before it reads the inbox again (and renews its place).
+pub const LIVE_READER_WAIT_MS: u32 = 30_000;
+/// Most live readers a home keeps places for; past it the one seen longest ago is dropped.
+pub const MAX_LIVE_READERS: usize = 16;
 /// Most pages one receive round fetches before it returns, so that a round's memory and time
 /// are bounded even when a server always says more is waiting. Pages that add to the inbox end
 /// a round sooner (see [`crate::client::delivery`]); this bounds the others (commits, junk).

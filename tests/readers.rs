@@ -91,3 +91,41 @@ fn a_shell_and_a_follower_on_one_home_both_print_every_message() {
     drop(stdin);
     stop(shell);
 }
+
+/// Found by exploratory testing: during a burst, a shell of bob's home read hundreds of
+/// messages ahead of a `recv --follow` of the same home that was still printing, and the
+/// follower lost what the inbox no longer kept of the read ones ("N earlier messages not shown
+/// here"). A follower now keeps its place in the home. Here nobody reads the follower's output
+/// until the burst is over, so it stalls printing once the pipe is full, while a one-shot
+/// `recv` reads more than the inbox keeps of read entries past it; drained, it prints every one.
+#[test]
+fn a_follower_stalled_by_its_pipe_through_a_burst_another_reader_read_prints_every_message() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    let mut f = bob.spawn(&["recv", "--follow"]);
+    let mut err = Lines::of(f.stderr.take().expect("piped stderr"));
+    assert_eq!(err.next_line().as_deref(), Some(FOLLOWING));
+    let stdout = f.stdout.take().expect("piped stdout");
+
+    // About 1 KiB a line: the pipe (64 KiB) holds a few dozen.
+    let pad = "x".repeat(1000);
+    let n = qpq::limits::MAX_INBOX_READ_KEPT + 100;
+    let script: String = (1..=n).map(|i| format!("@bob m{i} {pad}\n")).collect();
+    // A script's shell sends for a bounded time at its end and leaves the rest queued (75);
+    // alice's next command sends it.
+    let r = common::qpq_in(alice.home.path(), &["shell"], Some(&script));
+    assert!(r.ok || r.code == Some(75), "{}", r.stderr);
+    alice.ok(&["recv"]);
+    let want: Vec<String> = (1..=n).map(|i| format!("alice: m{i} {pad}")).collect();
+    // The one-shot reader shows what the follower had not read before it stalled.
+    let shown = bob.recv();
+    assert!(shown.len() > qpq::limits::MAX_INBOX_READ_KEPT, "{} shown by recv", shown.len());
+    assert!(want.ends_with(&shown));
+
+    let mut f_out = Lines::of(stdout);
+    let got: Vec<String> = (0..n).map(|_| untimed(&f_out.next_line().expect("a line"))).collect();
+    assert_eq!(got, want);
+    stop(f);
+    drop(err);
+}

@@ -25,7 +25,7 @@ use crate::client::timeline::{Item, changes_of};
 use crate::crypto::identity::PublicKey;
 use crate::crypto::statefile::StateFileError;
 use crate::limits::{
-    DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, MAX_PASSPHRASE_FILE_BYTES, PASSPHRASE_TRIES,
+    DEFAULT_HISTORY_PAGE, LIVE_READER_WAIT_MS, MAX_HISTORY_PAGE, MAX_PASSPHRASE_FILE_BYTES, PASSPHRASE_TRIES,
     REQUEST_PREVIEW_CHARS,
 };
 use crate::localtime;
@@ -1444,7 +1444,9 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s.min(u64::from(u32::MAX))));
     // This process's place in the home's inbox: other readers of the home (another `recv
     // --follow`, a shell) print the same messages, each from its own cursor.
-    let mut cursor = m.read_cursor()?;
+    // A follower keeps its place in the home, so a faster reader of it (a shell) cannot move
+    // what it has not shown yet out of the inbox.
+    let mut cursor = if args.follow { m.live_cursor()? } else { m.read_cursor()? };
     // What waited already is printed before the first (long) poll.
     let mut printed_any = print_unread(m, &mut cursor, args.json)? > 0;
     // One listener for the rest of the run, made before the line below: one made afresh at
@@ -1458,7 +1460,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let wait_ms = if args.follow {
-            30_000
+            LIVE_READER_WAIT_MS
         } else {
             match deadline {
                 Some(d) if !printed_any => {
@@ -1508,6 +1510,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         }
     }
     m.disconnect().await;
+    m.forget_reader(&cursor)?;
     Ok(())
 }
 

@@ -18,29 +18,94 @@
 //! stay with the process that fetched them: requests are listed by `qpq requests`.
 //!
 //! Bounds: unread entries are capped by [`MAX_INBOX_ENTRIES`] and [`MAX_INBOX_BYTES`] (the
-//! oldest leave first; they stay in their conversation's history), and of the read ones only
-//! the newest [`MAX_INBOX_READ_KEPT`] stay, for a reader a moment behind another. A reader
-//! further behind than what is kept is told how many entries it missed and goes on with the
-//! oldest one kept; it never waits for them. Events have the same bounds, counted apart.
+//! oldest leave first; they stay in their conversation's history), and of the read ones the
+//! newest [`MAX_INBOX_READ_KEPT`] stay, for a reader a moment behind another. A reader that
+//! follows the inbox as it runs (`recv --follow`, the shell) also keeps its place in the home
+//! ([`LiveReaders`]), and the read entries after it stay within the caps of unread ones: during
+//! a burst a faster reader of the same home once moved hundreds of entries past a follower that
+//! was still printing, and the follower missed them. A live reader renews its place at every
+//! read, at least every [`LIVE_READER_WAIT_MS`](crate::limits::LIVE_READER_WAIT_MS); one not seen for [`LIVE_READER_LEASE_MS`]
+//! (killed, suspended) holds nothing. A reader further behind than what is kept is told how
+//! many entries it missed and goes on with the oldest one kept; it never waits for them. Events
+//! have the same bounds, counted apart.
 //!
 //! On disk the events are a record of their own (`inbox_events`, see
 //! [`crate::client::db::records`]); a home written before it opens with none.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use crate::client::messenger::{ClientError, Event, Messenger, entry_bytes, keep_newest};
 use crate::client::state::{Entry, State};
 use crate::client::timeline::{Change, MemberEventKind, change_event};
-use crate::limits::{MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_INBOX_READ_KEPT};
+use crate::limits::{
+    LIVE_READER_LEASE_MS, MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_INBOX_READ_KEPT, MAX_LIVE_READERS,
+};
 
 /// A reader's place in the inbox: the sequence numbers of the last entry and the last event
-/// it showed.
+/// it showed, and for a live reader the id its place is kept under in the home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     entries: u64,
     events: u64,
+    live: Option<u64>,
+}
+
+/// The places of the live readers of a home, by a random id (see the module header).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LiveReaders {
+    by_id: BTreeMap<u64, LivePlace>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+struct LivePlace {
+    entries: u64,
+    events: u64,
+    /// Our clock when the reader last read, ms since the Unix epoch.
+    seen_ms: u64,
+}
+
+impl LiveReaders {
+    /// Records where the reader `id` is at `now_ms`; true when that changed the record (a new
+    /// place, or a renewal due: half the lease passed).
+    fn mark(&mut self, id: u64, cursor: Cursor, now_ms: u64) -> bool {
+        let place = LivePlace { entries: cursor.entries, events: cursor.events, seen_ms: now_ms };
+        let due = match self.by_id.get(&id) {
+            Some(p) => {
+                p.entries != place.entries
+                    || p.events != place.events
+                    || now_ms.saturating_sub(p.seen_ms) >= LIVE_READER_LEASE_MS / 2
+            }
+            None => true,
+        };
+        if due {
+            self.by_id.insert(id, place);
+        }
+        due
+    }
+
+    /// Drops the readers not seen within the lease (a clock that went back keeps them), and
+    /// those seen longest ago past [`MAX_LIVE_READERS`]; true when any went.
+    fn expire(&mut self, now_ms: u64) -> bool {
+        let before = self.by_id.len();
+        self.by_id.retain(|_, p| now_ms.saturating_sub(p.seen_ms) < LIVE_READER_LEASE_MS);
+        while self.by_id.len() > MAX_LIVE_READERS {
+            let oldest = self.by_id.iter().min_by_key(|(_, p)| p.seen_ms).map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                self.by_id.remove(&id);
+            }
+        }
+        self.by_id.len() != before
+    }
+
+    /// The places no read entry (and no read event) after which may leave: the furthest-behind
+    /// live reader's (`u64::MAX`: no live reader).
+    fn held_after(&self) -> (u64, u64) {
+        let entries = self.by_id.values().map(|p| p.entries).min().unwrap_or(u64::MAX);
+        let events = self.by_id.values().map(|p| p.events).min().unwrap_or(u64::MAX);
+        (entries, events)
+    }
 }
 
 /// One membership change in the inbox.
@@ -120,11 +185,13 @@ fn first_seq(s: &State) -> u64 {
 }
 
 /// Keeps one of the inbox's logs (numbered up to `end`, read up to `read`) within its bounds:
-/// unread items within the caps, read ones only a few.
-fn bound<T>(list: &mut VecDeque<T>, end: u64, read: u64, bytes_of: impl Fn(&T) -> usize) {
+/// every item within the caps, and of the read ones a few, and those after `held` (the place of
+/// the live reader furthest behind).
+fn bound<T>(list: &mut VecDeque<T>, end: u64, read: u64, held: u64, bytes_of: impl Fn(&T) -> usize) {
     keep_newest(list, MAX_INBOX_ENTRIES, MAX_INBOX_BYTES, bytes_of);
-    let read = read.saturating_sub(first_of(end, list.len()).saturating_sub(1));
-    let drop = usize::try_from(read).unwrap_or(usize::MAX).saturating_sub(MAX_INBOX_READ_KEPT);
+    let before_first = first_of(end, list.len()).saturating_sub(1);
+    let count = |upto: u64| usize::try_from(upto.saturating_sub(before_first)).unwrap_or(usize::MAX);
+    let drop = count(read).saturating_sub(MAX_INBOX_READ_KEPT).min(count(held));
     list.drain(..drop.min(list.len()));
 }
 
@@ -193,9 +260,10 @@ pub(crate) fn events_since(s: &State, end: u64) -> (usize, usize) {
 /// Keeps the inbox within its bounds: unread entries and events within the caps, read ones
 /// only a few.
 pub(crate) fn trim(s: &mut State) {
-    bound(&mut s.inbox, s.inbox_end_seq, s.read_seq, entry_bytes);
+    let (held_entries, held_events) = s.live_readers.held_after();
+    bound(&mut s.inbox, s.inbox_end_seq, s.read_seq, held_entries, entry_bytes);
     let ev = &mut s.inbox_events;
-    bound(&mut ev.list, ev.end_seq, ev.read_seq, InboxEvent::bytes);
+    bound(&mut ev.list, ev.end_seq, ev.read_seq, held_events, InboxEvent::bytes);
 }
 
 impl Messenger {
@@ -204,7 +272,39 @@ impl Messenger {
         let _op = self.begin()?;
         let s = &self.home.state;
         let ev = &s.inbox_events;
-        Ok(Cursor { entries: s.read_seq.min(s.inbox_end_seq), events: ev.read_seq.min(ev.end_seq) })
+        Ok(Cursor {
+            entries: s.read_seq.min(s.inbox_end_seq),
+            events: ev.read_seq.min(ev.end_seq),
+            live: None,
+        })
+    }
+
+    /// [`Self::read_cursor`] for a reader that follows the inbox as it runs: its place is kept
+    /// in the home at once, so what comes after it stays until it has shown it (see the module
+    /// header). It must read at least every [`LIVE_READER_WAIT_MS`](crate::limits::LIVE_READER_WAIT_MS); [`Self::forget_reader`]
+    /// gives the place up.
+    pub fn live_cursor(&mut self) -> Result<Cursor, ClientError> {
+        let mut cursor = self.read_cursor()?;
+        let id = rand::random::<u64>();
+        cursor.live = Some(id);
+        let _op = self.begin()?;
+        let now = self.now_ms();
+        let readers = &mut self.home.state.live_readers;
+        readers.mark(id, cursor, now);
+        readers.expire(now);
+        self.home.save()?;
+        Ok(cursor)
+    }
+
+    /// Gives up a live reader's place (it stops reading).
+    pub fn forget_reader(&mut self, cursor: &Cursor) -> Result<(), ClientError> {
+        let Some(id) = cursor.live else { return Ok(()) };
+        let _op = self.begin()?;
+        if self.home.state.live_readers.by_id.remove(&id).is_some() {
+            trim(&mut self.home.state);
+            self.home.save()?;
+        }
+        Ok(())
     }
 
     /// The entries and events after `cursor`, oldest first; moves `cursor` past them and
@@ -212,13 +312,17 @@ impl Messenger {
     /// before they are printed loses the printout, never shows them twice).
     pub fn read_inbox(&mut self, cursor: &mut Cursor) -> Result<Unread, ClientError> {
         let _op = self.begin()?;
+        let now = self.now_ms();
         let s = &mut self.home.state;
         let mut unread = unread_after(s, *cursor);
-        *cursor = Cursor { entries: s.inbox_end_seq, events: s.inbox_events.end_seq };
+        *cursor = Cursor { entries: s.inbox_end_seq, events: s.inbox_events.end_seq, live: cursor.live };
+        let placed = cursor.live.is_some_and(|id| s.live_readers.mark(id, *cursor, now));
+        let expired = s.live_readers.expire(now);
         let ev = &mut s.inbox_events;
         unread.marked =
             ((s.read_seq, s.read_seq.max(s.inbox_end_seq)), (ev.read_seq, ev.read_seq.max(ev.end_seq)));
-        if s.inbox_end_seq > s.read_seq || ev.end_seq > ev.read_seq {
+        let new = s.inbox_end_seq > s.read_seq || ev.end_seq > ev.read_seq;
+        if new || placed || expired {
             s.read_seq = s.read_seq.max(s.inbox_end_seq);
             ev.read_seq = ev.read_seq.max(ev.end_seq);
             trim(s);
@@ -306,7 +410,7 @@ mod tests {
     }
 
     fn at(n: u64) -> Cursor {
-        Cursor { entries: n, events: 0 }
+        Cursor { entries: n, events: 0, live: None }
     }
 
     /// Messages as their text, events as `+` and the first byte of who made them.
@@ -318,6 +422,60 @@ mod tests {
                 Arrival::Event(e) => format!("+{}", e.by[0]),
             })
             .collect()
+    }
+
+    /// Found by exploratory testing: a `recv --follow` still printing lost entries that a
+    /// shell of the same home had read, once more than the few read ones kept came in a burst.
+    #[test]
+    fn a_live_reader_behind_keeps_what_it_has_not_shown_until_its_lease_lapses() {
+        let mut s = state();
+        let burst = MAX_INBOX_READ_KEPT as u64 * 3;
+        let follower = Cursor { entries: 0, events: 0, live: Some(7) };
+        assert!(s.live_readers.mark(7, follower, 1_000));
+        assert!(!s.live_readers.mark(7, follower, 2_000), "nothing to write: same place, lease fresh");
+        for n in 1..=burst {
+            push(&mut s, entry(n));
+            push_changes(&mut s, &[1; 16], change(3), 0);
+        }
+        // A faster reader shows everything.
+        s.read_seq = s.inbox_end_seq;
+        s.inbox_events.read_seq = s.inbox_events.end_seq;
+        trim(&mut s);
+        let u = unread_after(&s, follower);
+        assert_eq!((u.missed, u.missed_events), (0, 0));
+        assert_eq!(u.messages().count() as u64, burst, "the follower still gets every message");
+        assert_eq!(u.items.len() as u64, 2 * burst, "and every event");
+        // It shows half and renews its place there: what it showed may leave.
+        let half = Cursor { entries: burst / 2, events: burst / 2, live: Some(7) };
+        assert!(s.live_readers.mark(7, half, 3_000));
+        trim(&mut s);
+        assert_eq!(first_seq(&s), burst / 2 + 1);
+        // Killed, it stops renewing: after the lease its place holds nothing.
+        assert!(!s.live_readers.expire(3_000 + LIVE_READER_LEASE_MS - 1));
+        assert!(s.live_readers.expire(3_000 + LIVE_READER_LEASE_MS));
+        trim(&mut s);
+        assert_eq!(s.inbox.len(), MAX_INBOX_READ_KEPT);
+        assert_eq!(s.inbox_events.list.len(), MAX_INBOX_READ_KEPT);
+        // However far behind, a live reader holds no more than the caps of unread entries.
+        assert!(s.live_readers.mark(8, at(0), 5_000));
+        for n in 0..MAX_INBOX_ENTRIES as u64 + 5 {
+            push(&mut s, entry(n));
+        }
+        s.read_seq = s.inbox_end_seq;
+        trim(&mut s);
+        assert_eq!(s.inbox.len(), MAX_INBOX_ENTRIES);
+    }
+
+    #[test]
+    fn too_many_live_readers_drop_the_one_seen_longest_ago() {
+        let mut r = LiveReaders::default();
+        for id in 0..=MAX_LIVE_READERS as u64 {
+            r.mark(id, at(id), 1_000 + id);
+        }
+        assert!(r.expire(2_000));
+        assert_eq!(r.by_id.len(), MAX_LIVE_READERS);
+        assert!(!r.by_id.contains_key(&0));
+        assert_eq!(r.held_after(), (1, 0));
     }
 
     #[test]
@@ -339,7 +497,7 @@ mod tests {
         assert_eq!(s.inbox_events.end_seq, 1, "the event stays for the readers");
         // ...before the message that takes the number given back.
         push(&mut s, entry(1000));
-        let from = Cursor { entries: s.inbox_end_seq - 1, events: 0 };
+        let from = Cursor { entries: s.inbox_end_seq - 1, events: 0, live: None };
         assert_eq!(shown(&unread_after(&s, from)), ["+3", "1000"]);
     }
 
@@ -359,7 +517,7 @@ mod tests {
         assert_eq!((current.missed, shown(&current)), (0, vec!["9".to_string(), "10".to_string()]));
         assert!(unread_after(&s, at(10)).items.is_empty());
         // A cursor past the end (the state went back): nothing new, nothing missed.
-        let ahead = unread_after(&s, Cursor { entries: 99, events: 99 });
+        let ahead = unread_after(&s, Cursor { entries: 99, events: 99, live: None });
         assert_eq!((ahead.missed, ahead.items.len()), (0, 0));
     }
 
@@ -374,14 +532,14 @@ mod tests {
         push_changes(&mut s, &[1; 16], change(3), 0);
         push(&mut s, entry(3));
         push_changes(&mut s, &[1; 16], change(4), 0); // after the newest
-        let all = unread_after(&s, Cursor { entries: 0, events: 0 });
+        let all = unread_after(&s, Cursor { entries: 0, events: 0, live: None });
         assert_eq!(shown(&all), ["+1", "1", "2", "+2", "+3", "3", "+4"]);
         // A reader that showed messages 1-2 and event 1 before events 2-3 came.
-        let later = unread_after(&s, Cursor { entries: 2, events: 1 });
+        let later = unread_after(&s, Cursor { entries: 2, events: 1, live: None });
         assert_eq!(shown(&later), ["+2", "+3", "3", "+4"]);
         // Events missed are counted apart.
         s.inbox_events.list.pop_front();
-        let behind = unread_after(&s, Cursor { entries: 0, events: 0 });
+        let behind = unread_after(&s, Cursor { entries: 0, events: 0, live: None });
         assert_eq!((behind.missed, behind.missed_events), (0, 1));
     }
 

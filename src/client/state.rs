@@ -251,6 +251,10 @@ pub struct State {
     /// the database (`qpq-state.bin` is only read, to migrate it).
     #[serde(skip)]
     pub inbox_events: InboxEvents,
+    /// Where the readers that follow the inbox live are (see [`crate::client::inbox`]); only in
+    /// the database, like `inbox_events`.
+    #[serde(skip)]
+    pub live_readers: crate::client::inbox::LiveReaders,
     /// The leave proposals behind [`State::leave_requests`], as they came, by hex group id, so
     /// that our commit of them can be preceded by a copy for every member (see
     /// `Messenger::commit_leave_requests`); only in the database, like `inbox_events`.
@@ -344,6 +348,7 @@ impl State {
             timelines: Timelines::default(),
             history_retention_ms: 0,
             inbox_events: InboxEvents::default(),
+            live_readers: Default::default(),
             leave_proposals: BTreeMap::new(),
             request_numbers: RequestNumbers::default(),
         }

@@ -71,7 +71,9 @@ pub const LONG_POLL_MS: u32 = 25_000;
 pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let home = home_dir(g)?;
     let mut messenger = open_messenger(g)?;
-    let cursor = messenger.read_cursor()?;
+    // The shell keeps its place in the home: another reader of it cannot move what this one
+    // has not shown yet out of the inbox (see `crate::client::inbox`).
+    let cursor = messenger.live_cursor()?;
     let names: SharedNames = Arc::new(Mutex::new(Names::default()));
     let (out, input) = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let (tx, rx) = mpsc::channel();
@@ -93,6 +95,8 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         paging: None,
     };
     let code = block_on_local(shell.run())?;
+    // A place not given up here (the home cannot be written) lapses with its lease.
+    let _ = shell.m.forget_reader(&shell.cursor);
     let Shell { out, input, .. } = shell;
     drop(out); // ends the printer thread before the editor is joined
     input.close();

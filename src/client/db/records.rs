@@ -48,6 +48,8 @@ const MEMBER_EVENTS: &str = "member_events";
 /// [`State::inbox_events`]: a home written before it has no such record and opens with none
 /// (no format change: a qpq that knows nothing of it never reads it).
 const INBOX_EVENTS: &str = "inbox_events";
+/// [`State::live_readers`], optional in the same way.
+const LIVE_READERS: &str = "live_readers";
 /// [`State::leave_proposals`], optional in the same way.
 const LEAVE_PROPOSALS: &str = "leave_proposals";
 /// [`State::key_upload_backoff`], optional in the same way.
@@ -136,6 +138,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(MESSAGE_COUNTS.to_string(), encode(&counts)?);
     out.insert(MEMBER_EVENTS.to_string(), encode(&events)?);
     out.insert(INBOX_EVENTS.to_string(), encode(&state.inbox_events)?);
+    out.insert(LIVE_READERS.to_string(), encode(&state.live_readers)?);
     out.insert(LEAVE_PROPOSALS.to_string(), encode(&state.leave_proposals)?);
     out.insert(KEY_UPLOAD_BACKOFF.to_string(), encode(&state.key_upload_backoff)?);
     out.insert(REQUEST_NUMBERS.to_string(), encode(&state.request_numbers)?);
@@ -249,6 +252,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     };
     if let Some(v) = optional(INBOX_EVENTS)? {
         state.inbox_events = decode(INBOX_EVENTS, &v)?;
+    }
+    if let Some(v) = optional(LIVE_READERS)? {
+        state.live_readers = decode(LIVE_READERS, &v)?;
     }
     if let Some(v) = optional(LEAVE_PROPOSALS)? {
         state.leave_proposals = decode(LEAVE_PROPOSALS, &v)?;
