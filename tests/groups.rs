@@ -524,3 +524,78 @@ fn lists_and_facts_have_a_json_form() {
     assert_eq!(health["server"], addr.as_str());
     assert!(health["key_packages"].is_null(), "no identity, no key packages: {health}");
 }
+
+/// `history ARGS` paged back with `--before` to the oldest page: the lines of every page
+/// without their times, the oldest page first.
+fn history_pages(u: &User, args: &[&str]) -> Vec<String> {
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut args = [&["history"], args].concat();
+        if let Some(b) = &before {
+            args.extend(["--before", b.as_str()]);
+        }
+        let r = u.run(&args);
+        assert!(r.ok, "{}", r.stderr);
+        pages.push(common::untimed(&r.stdout).lines().map(str::to_string).collect());
+        match r.stderr.lines().find_map(|l| l.strip_prefix("qpq: older messages: qpq history ")) {
+            Some(hint) => before = Some(hint.rsplit_once("--before ").unwrap().1.to_string()),
+            None => break,
+        }
+        assert!(pages.len() < 20, "paging ends");
+    }
+    pages.into_iter().rev().flatten().collect()
+}
+
+/// Exploratory testing: a member who wrote before reading what came ahead of her (her `send`
+/// fetched it first) has her message in her history at the time she typed it, ahead of the
+/// messages it fetched though counted after them. The join showed twice in her history (at
+/// the top and again before the first message she fetched), also across `--before` pages and
+/// in `--json`, and a later add showed in the middle. The same happened to the group's creator.
+#[test]
+fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in_place() {
+    let (_dir, _server, [alice, bob, carol, _dave]) = cast(["alice", "bob", "carol", "dave"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["send", "#team", "b1"]);
+    // Each `send` fetches what is ahead of it first, and its message is older than those.
+    alice.ok(&["send", "#team", "a1"]);
+    carol.ok(&["send", "#team", "c1"]);
+    alice.ok(&["group", "add", "team", "dave"]);
+    carol.ok(&["recv"]);
+
+    let carols = [
+        "* you were added to #team by alice",
+        "[#team] me: c1",
+        "[#team] bob: b1",
+        "[#team] alice: a1",
+        "* [#team] alice added dave",
+    ];
+    let alices = [
+        "* [#team] me added bob, carol",
+        "[#team] me: a1",
+        "[#team] bob: b1",
+        "[#team] carol: c1",
+        "* [#team] me added dave",
+    ];
+    for (u, want) in [(&carol, carols.as_slice()), (&alice, alices.as_slice())] {
+        let all: Vec<String> =
+            common::untimed(&u.ok(&["history", "#team"])).lines().map(str::to_string).collect();
+        assert_eq!(all, want, "{}'s history", u.name);
+        for n in ["1", "2", "3"] {
+            assert_eq!(history_pages(u, &["#team", "-n", n]), want, "{}'s history in pages of {n}", u.name);
+        }
+        let json: Vec<serde_json::Value> =
+            u.ok(&["history", "#team", "--json"]).lines().map(json_of).collect();
+        let events = json.iter().filter(|v| v["type"] == "event").count();
+        assert_eq!(events, 2, "{}: {json:#?}", u.name);
+    }
+    // Over all conversations, #team's newest message is on an older page than bob's.
+    bob.ok(&["send", "alice", "direct"]);
+    alice.ok(&["recv"]);
+    let all: Vec<String> = common::untimed(&alice.ok(&["history"])).lines().map(str::to_string).collect();
+    assert_eq!(all.iter().filter(|l| l.contains("me added dave")).count(), 1, "{all:#?}");
+    assert!(all.last().is_some_and(|l| l.ends_with("bob: direct")), "{all:#?}");
+    for n in ["1", "2"] {
+        assert_eq!(history_pages(&alice, &["-n", n]), all, "all of alice's history in pages of {n}");
+    }
+}

@@ -22,6 +22,12 @@
 //! entry past the page (more only while a `--grep` skips entries), and merges the
 //! conversations. A page costs O(n) records for one conversation and O(n × conversations) for
 //! all of them, whatever the history's length.
+//!
+//! # Membership events
+//! [`Messenger::page_items`] puts each conversation's membership changes among a page's
+//! messages, in the order of positions (see [`crate::client::timeline`]): per conversation the
+//! page knows the entry just older than its own and whether it holds the newest ([`Edges`]),
+//! so a change shows once over all pages.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -44,6 +50,11 @@ pub struct Position {
 }
 
 impl Position {
+    /// Its place within its conversation (the order of the `history` table).
+    pub fn key(&self) -> HistoryKey {
+        HistoryKey { at_ms: self.at_ms, index: self.index }
+    }
+
     /// Parses a cursor as [`Position`]'s `Display` writes it: `AT_MS.GROUPHEX.INDEX`.
     pub fn parse_cursor(s: &str) -> Option<Position> {
         let mut parts = s.split('.');
@@ -165,9 +176,19 @@ pub struct HistoryPage {
     /// The cursor of the next older page (the position of the oldest entry here), or None when
     /// no older entry matches.
     pub older: Option<Position>,
-    /// The index of the oldest kept entry of each conversation on the page, by group id
-    /// (filled by [`Messenger::history_page`]; events before it go before it).
-    pub oldest: BTreeMap<Vec<u8>, u64>,
+    /// Where the entries of each conversation on the page sit among all of its kept ones, by
+    /// group id (filled by [`Messenger::history_page`]; see [`Messenger::page_items`]).
+    pub edges: BTreeMap<Vec<u8>, Edges>,
+}
+
+/// A conversation's kept entries on either side of those a page holds: what places the
+/// membership events that come before its first entry there and after its last.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Edges {
+    /// Its newest entry older than those on the page (None: the page holds its oldest kept).
+    pub previous: Option<Position>,
+    /// Its newest entry, when the page holds it.
+    pub newest: Option<Position>,
 }
 
 /// Case-insensitive substring matching (Unicode lowercase on both sides).
@@ -217,7 +238,7 @@ where
     }
     picked.reverse();
     let older = if more { picked.first().map(|e| e.position.clone()) } else { None };
-    HistoryPage { entries: picked, older, oldest: BTreeMap::new() }
+    HistoryPage { entries: picked, older, edges: BTreeMap::new() }
 }
 
 /// Records read per range scan while a search skips entries.
@@ -337,27 +358,45 @@ impl Messenger {
         }
         found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
         let mut page = page(found.iter().map(|(p, e)| (p.clone(), e)), query);
-        // Where each conversation on the page starts, for placing its earliest events.
+        // The oldest and newest entry of each conversation on the page.
+        let mut spans: BTreeMap<&[u8], (&Position, &Position)> = BTreeMap::new();
         for e in &page.entries {
-            let id = &e.position.group_id;
-            if page.oldest.contains_key(id) {
-                continue;
-            }
-            let key = hex::encode(id);
-            let pending = state.groups.get(&key).filter(|g| !g.history.is_empty());
-            let oldest = match db.history_oldest(id).map_err(StateError::from)? {
-                Some(k) => k.index,
-                None => state.timelines.first_index(&key, pending.map_or(0, |g| g.history.len())),
-            };
-            page.oldest.insert(id.clone(), oldest);
+            let p = &e.position;
+            spans.entry(&p.group_id).and_modify(|s| s.1 = p).or_insert((p, p));
         }
+        let mut edges = BTreeMap::new();
+        for (id, (first, last)) in spans {
+            // `found` holds each conversation's newest entries below the cursor, one more than
+            // a page: the one just older than the page's, if any is kept, is among them.
+            let previous = found.iter().map(|(p, _)| p).find(|p| p.group_id == id && *p < first).cloned();
+            let newest = match query.before {
+                // Nothing newer was left out.
+                Before::Newest => true,
+                _ => {
+                    let key = hex::encode(id);
+                    let pending = state.groups.get(&key).and_then(|g| {
+                        let base = state.timelines.first_index(&key, g.history.len());
+                        let keys = g.history.iter().enumerate();
+                        keys.map(|(i, e)| HistoryKey { at_ms: e.received_at_ms, index: base + i as u64 })
+                            .max()
+                    });
+                    let stored = db.history_newest(id).map_err(StateError::from)?;
+                    pending.max(stored) <= Some(last.key())
+                }
+            };
+            let edge = Edges { previous, newest: newest.then(|| last.clone()) };
+            edges.insert(id.to_vec(), edge);
+        }
+        page.edges = edges;
         Ok(page)
     }
 
     /// A page's messages with the membership events of their conversations in their places:
-    /// an event goes before the first message that came after it, and the events after a
+    /// an event goes before the first message of its conversation that comes after it in
+    /// history ([`crate::client::timeline::MemberEvent::precedes`]), and the events after a
     /// conversation's newest message follow it when the page holds that message (or when the
-    /// page is empty and asked for the newest of one conversation).
+    /// page is empty and asked for the newest of one conversation). Each event shows once over
+    /// all pages: on the page of the message it goes before, or of the newest message.
     pub fn page_items(&self, query: &HistoryQuery, page: &HistoryPage) -> Vec<(Vec<u8>, Item)> {
         if query.grep.is_some() {
             // A search shows what matched, nothing around it.
@@ -369,18 +408,24 @@ impl Messenger {
         }
         let state = &self.home.state;
         let mut items = Vec::with_capacity(page.entries.len());
+        // The entry of each conversation placed last, by group id.
+        let mut placed: BTreeMap<&[u8], HistoryKey> = BTreeMap::new();
         for e in &page.entries {
-            let key = hex::encode(&e.position.group_id);
-            let first = page.oldest.get(&e.position.group_id).copied().unwrap_or(0);
-            let last = state.timelines.message_count(&key).saturating_sub(1);
-            let lo = if e.position.index == first { 0 } else { e.position.index };
-            for ev in state.timelines.events_between(&key, lo, e.position.index) {
-                items.push((e.position.group_id.clone(), Item::Event(ev)));
+            let id = e.position.group_id.as_slice();
+            let key = hex::encode(id);
+            let edges = page.edges.get(id);
+            let here = e.position.key();
+            let previous = match placed.insert(id, here) {
+                Some(k) => Some(k),
+                None => edges.and_then(|x| x.previous.as_ref()).map(Position::key),
+            };
+            for ev in state.timelines.events_between(&key, previous, Some(here)) {
+                items.push((id.to_vec(), Item::Event(ev)));
             }
-            items.push((e.position.group_id.clone(), Item::Message(e.entry.clone())));
-            if e.position.index == last {
-                for ev in state.timelines.events_between(&key, last + 1, u64::MAX) {
-                    items.push((e.position.group_id.clone(), Item::Event(ev)));
+            items.push((id.to_vec(), Item::Message(e.entry.clone())));
+            if edges.is_some_and(|x| x.newest.as_ref() == Some(&e.position)) {
+                for ev in state.timelines.events_between(&key, Some(here), None) {
+                    items.push((id.to_vec(), Item::Event(ev)));
                 }
             }
         }
@@ -388,7 +433,7 @@ impl Messenger {
             && query.before == Before::Newest
             && let Some(id) = &query.conversation
         {
-            for ev in state.timelines.events_between(&hex::encode(id), 0, u64::MAX) {
+            for ev in state.timelines.events_between(&hex::encode(id), None, None) {
                 items.push((id.clone(), Item::Event(ev)));
             }
         }

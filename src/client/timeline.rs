@@ -2,10 +2,21 @@
 //! shows "bob left #team" in its place among the messages.
 //!
 //! A conversation's [`GroupLog`] counts the messages ever added to its history and keeps its
-//! recent [`MemberEvent`]s, each stamped with that count when it happened; [`Timelines::merged`]
-//! puts every event before the first message that came after it. The events are bounded like
-//! history: at most the history limit in number and
+//! recent [`MemberEvent`]s, each stamped with our clock and with that count when it happened.
+//! The events are bounded like history: at most the history limit in number and
 //! [`MAX_HISTORY_BYTES_PER_CONVERSATION`] in bytes, the oldest going first.
+//!
+//! # Placing events among messages
+//! History is in [`HistoryKey`] order: receive time, then index (the count when the message
+//! was added). The two orders differ for a message we wrote: it takes its place at the time it
+//! was typed, and its index when it is encrypted, after whatever its `send` fetched first. So
+//! an event takes its place in the same order, by its time and then its count
+//! ([`MemberEvent::precedes`]): it goes before the first entry that comes after it in history
+//! and after the others, which puts it exactly once between two neighbouring entries whatever
+//! the indices say. ([`Timelines::merged`] and `Messenger::page_items` in
+//! [`crate::client::history`] both place events this way. Placing them by the count alone
+//! showed a join twice, at the top and again before the first message fetched with an
+//! earlier index, when we wrote before reading it.)
 //!
 //! On disk the logs follow the [`State`](super::state::State) in the sealed state file (see
 //! [`super::state`]'s "Trailer"), so this needs no new state version: a home written before
@@ -16,6 +27,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::db::HistoryKey;
 use crate::client::inbox;
 use crate::client::messenger::{Event, Messenger};
 use crate::client::state::Entry;
@@ -65,6 +77,12 @@ impl MemberEvent {
     /// The same change as a live [`Event`] of the conversation `group_id`.
     pub fn to_event(&self, group_id: &[u8]) -> Event {
         change_event(group_id, self.kind, self.by, self.members.clone())
+    }
+
+    /// Whether this change goes before the history entry at `entry`: it came earlier by our
+    /// clock, or in the same millisecond before that entry was counted (see the module header).
+    pub fn precedes(&self, entry: HistoryKey) -> bool {
+        (self.at_ms, self.after) <= (entry.at_ms, entry.index)
     }
 
     fn bytes(&self) -> usize {
@@ -221,10 +239,20 @@ impl Timelines {
         self.message_count(group).saturating_sub(kept as u64)
     }
 
-    /// `group`'s events that came before message `after` for `lo <= after <= hi`, oldest first.
-    pub fn events_between(&self, group: &str, lo: u64, hi: u64) -> Vec<MemberEvent> {
+    /// `group`'s events that go after the history entry at `after` (None: from the first) and
+    /// before the one at `before` (None: to the last), in the order they happened.
+    pub fn events_between(
+        &self,
+        group: &str,
+        after: Option<HistoryKey>,
+        before: Option<HistoryKey>,
+    ) -> Vec<MemberEvent> {
         let Some(log) = self.by_group.get(group) else { return Vec::new() };
-        log.events.iter().filter(|e| (lo..=hi).contains(&e.after)).cloned().collect()
+        log.events
+            .iter()
+            .filter(|e| after.is_none_or(|k| !e.precedes(k)) && before.is_none_or(|k| e.precedes(k)))
+            .cloned()
+            .collect()
     }
 
     /// Forgets a conversation that never came to be.
@@ -232,19 +260,27 @@ impl Timelines {
         self.by_group.remove(group);
     }
 
-    /// The last `n` items of `group`'s history (its messages `history`, oldest first) with its
-    /// membership events in their places.
+    /// The last `n` items of `group`'s history (its messages `history`, in the order they were
+    /// added) with its membership events in their places, in history order (see the module
+    /// header).
     pub fn merged(&self, group: &str, history: &VecDeque<Entry>, n: usize) -> Vec<Item> {
         let Some(log) = self.by_group.get(group) else {
             return history.iter().rev().take(n).rev().cloned().map(Item::Message).collect();
         };
         // The messages still in history are the last `history.len()` of all ever added.
         let first = log.messages.saturating_sub(history.len() as u64);
-        let mut events = log.events.iter().peekable();
         let mut items = Vec::with_capacity(history.len() + log.events.len());
-        for (i, entry) in history.iter().enumerate() {
-            let index = first.saturating_add(i as u64);
-            while let Some(e) = events.next_if(|e| e.after <= index) {
+        let mut entries: Vec<(HistoryKey, &Entry)> = history
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (HistoryKey { at_ms: e.received_at_ms, index: first.saturating_add(i as u64) }, e))
+            .collect();
+        entries.sort_by_key(|(k, _)| *k);
+        let mut events: Vec<&MemberEvent> = log.events.iter().collect();
+        events.sort_by_key(|e| (e.at_ms, e.after));
+        let mut events = events.into_iter().peekable();
+        for (key, entry) in entries {
+            while let Some(e) = events.next_if(|e| e.precedes(key)) {
                 items.push(Item::Event(e.clone()));
             }
             items.push(Item::Message(entry.clone()));
@@ -343,12 +379,40 @@ mod tests {
         // Three messages kept: they are numbers 3, 4, 5 of all six.
         assert_eq!(t.first_index("g", 3), 3);
         let kinds = |v: Vec<MemberEvent>| v.into_iter().map(|e| e.kind.as_str()).collect::<Vec<_>>();
-        assert_eq!(kinds(t.events_between("g", 0, 0)), ["joined"], "before message 0");
-        assert_eq!(kinds(t.events_between("g", 5, 5)), ["left"], "before message 5");
-        assert_eq!(kinds(t.events_between("g", 6, u64::MAX)), ["added"], "after the newest");
-        assert!(t.events_between("g", 1, 4).is_empty());
-        assert!(t.events_between("other", 0, u64::MAX).is_empty());
+        // All in one millisecond: the count places them.
+        let message = |index| Some(HistoryKey { at_ms: 0, index });
+        assert_eq!(kinds(t.events_between("g", None, message(0))), ["joined"], "before message 0");
+        assert_eq!(kinds(t.events_between("g", message(4), message(5))), ["left"], "before message 5");
+        assert_eq!(kinds(t.events_between("g", message(5), None)), ["added"], "after the newest");
+        assert!(t.events_between("g", message(0), message(4)).is_empty());
+        assert!(t.events_between("other", None, None).is_empty());
         assert_eq!(t.first_index("other", 2), 0, "a home from before the counter");
+    }
+
+    /// A message we wrote is in history at the time it was typed, and counted when it was
+    /// encrypted, after the message its `send` fetched first: the count alone put the join
+    /// before both (first message by time, and message 0 by count), so it showed twice.
+    #[test]
+    fn a_message_written_before_reading_the_one_ahead_of_it_leaves_each_event_once() {
+        let mut t = Timelines::default();
+        let at = |text: &str, ms| Entry { received_at_ms: ms, ..entry(text) };
+        t.record("g", MemberEventKind::Joined, [1; 32], vec![], 10, 10);
+        // Typed at 20; its send fetched b1 at 30 (message 0), then encrypted it (message 1).
+        let history: VecDeque<Entry> = [at("b1", 30), at("c1", 20)].into();
+        t.note_message("g");
+        t.note_message("g");
+        t.record("g", MemberEventKind::Added, [1; 32], vec![[3; 32]], 40, 10);
+        assert_eq!(texts(&t.merged("g", &history, 100)), ["joined", "c1", "b1", "added"]);
+        // Between neighbours in history order, each event is found once.
+        let (c1, b1) = (HistoryKey { at_ms: 20, index: 1 }, HistoryKey { at_ms: 30, index: 0 });
+        let kinds = |v: Vec<MemberEvent>| v.into_iter().map(|e| e.kind.as_str()).collect::<Vec<_>>();
+        assert_eq!(kinds(t.events_between("g", None, Some(c1))), ["joined"]);
+        assert!(t.events_between("g", Some(c1), Some(b1)).is_empty(), "not again before message 0");
+        assert_eq!(kinds(t.events_between("g", Some(b1), None)), ["added"], "after the newest by time");
+        // In one millisecond, a change counted before a message goes before it.
+        let joined = &t.events_between("g", None, None)[0];
+        assert!(joined.precedes(HistoryKey { at_ms: 10, index: 0 }));
+        assert!(!joined.precedes(HistoryKey { at_ms: 9, index: 5 }));
     }
 
     #[test]

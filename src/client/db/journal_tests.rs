@@ -301,6 +301,7 @@ fn history_pages_merge_redb_and_the_journal() {
     assert_eq!(all[4].1, b"m1 again");
     assert_eq!(page(3).len(), 3);
     assert_eq!(db.history_oldest(b"c").unwrap(), Some(at(0)));
+    assert_eq!(db.history_newest(b"c").unwrap(), Some(at(5)), "in the journal");
     let mut w = db.write().unwrap();
     assert_eq!(w.delete_history_before(b"c", 45).unwrap(), 5, "0..=4: three in redb, two in the journal");
     w.commit().unwrap();

@@ -447,6 +447,12 @@ impl ClientDb {
         shielded(&self.path, || Ok(self.history_range(conversation, all, 1, false)?.pop().map(|(k, _)| k)))
     }
 
+    /// The key of the newest history entry of `conversation`, if any.
+    pub fn history_newest(&self, conversation: &[u8]) -> Result<Option<HistoryKey>, DbError> {
+        let all = HistoryKey::MIN..=HistoryKey::MAX;
+        shielded(&self.path, || Ok(self.history_range(conversation, all, 1, true)?.pop().map(|(k, _)| k)))
+    }
+
     fn history_range(
         &self,
         conversation: &[u8],

@@ -284,6 +284,8 @@ fn history_pages_backwards_per_conversation_in_one_range() {
     assert_eq!(db.history_page(b"conv-b", all.clone(), 1000).unwrap().len(), 300);
     assert!(db.history_page(b"conv-c", all.clone(), 10).unwrap().is_empty());
     assert_eq!(db.history_oldest(b"conv-b").unwrap(), Some(at(1001, 1)));
+    assert_eq!(db.history_newest(b"conv-b").unwrap(), Some(at(1300, 300)));
+    assert_eq!(db.history_newest(b"conv-c").unwrap(), None);
     // Expiry is one range: conv-a's entries received before 1101, and no one else's.
     let mut w = db.write().unwrap();
     assert_eq!(w.delete_history_before(b"conv-a", 1101).unwrap(), 100);
