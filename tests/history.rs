@@ -224,6 +224,6 @@ fn shell_history_pages_back_when_repeated() {
             "[bob] bob: m3",
         ]
     );
-    let hints = r.stderr.lines().filter(|l| *l == "* older messages: /history again").count();
+    let hints = r.stderr.lines().filter(|l| *l == "* older messages: /history -n 2 again").count();
     assert_eq!(hints, 3, "after each page that has older ones: {}", r.stderr);
 }

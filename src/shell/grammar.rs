@@ -199,17 +199,26 @@ fn is_top_level(e: &clap::Error, first: &str) -> bool {
 }
 
 fn unknown_command(e: &clap::Error, slash: &str, word: &str) -> LineError {
-    let hint = match e.get(ContextKind::SuggestedSubcommand) {
-        Some(ContextValue::String(s)) => format!(": did you mean {slash}{s}?"),
-        // clap offers aliases too (`h` for `histroy`): the full name reads best.
-        Some(ContextValue::Strings(v)) => match v.iter().max_by_key(|s| s.len()) {
-            Some(s) => format!(": did you mean {slash}{s}?"),
-            None => String::new(),
-        },
-        _ => String::new(),
+    // clap offers aliases too (`c` for `clear`, `h` for `histroy`): the full name reads best.
+    let suggested: Vec<String> = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(ContextValue::String(s)) => vec![full_command_name(s)],
+        Some(ContextValue::Strings(v)) => v.iter().map(|s| full_command_name(s)).collect(),
+        _ => Vec::new(),
+    };
+    let hint = match suggested.iter().max_by_key(|s| s.len()) {
+        Some(s) => format!(": did you mean {slash}{s}?"),
+        None => String::new(),
     };
     let lobby = if slash.is_empty() { "; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME" } else { "" };
     LineError(format!("unknown command {slash}{word}{hint} (type /help{lobby})"))
+}
+
+/// The command `name` is an alias of (itself when it is none).
+fn full_command_name(name: &str) -> String {
+    let cmd = ShellLine::command();
+    cmd.get_subcommands()
+        .find(|c| c.get_all_aliases().any(|a| a == name))
+        .map_or_else(|| name.to_string(), |c| c.get_name().to_string())
 }
 
 /// clap's multi-line error as one line plus its usage line, without the `--help` footer.
@@ -402,6 +411,8 @@ mod tests {
             "unknown command frobnicate (type /help; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME)"
         );
         assert_eq!(err("/histroy", true), "unknown command /histroy: did you mean /history? (type /help)");
+        // Found by exploratory testing: "clear" was offered "c", the alias of chat.
+        assert_eq!(err("/clear", true), "unknown command /clear: did you mean /chat? (type /help)");
         assert!(err("/", true).starts_with("a command is expected"));
     }
 

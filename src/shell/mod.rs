@@ -223,7 +223,8 @@ impl Shell {
         if n > 0 {
             let s = if n == 1 { "" } else { "s" };
             self.out.status(&format!(
-                "{n} message{s} queued: the next qpq command that reaches the server sends them"
+                "{n} message{s} queued: the next qpq command that reaches the server sends {}",
+                if n == 1 { "it" } else { "them" }
             ));
         }
         self.m.disconnect().await;
@@ -563,6 +564,7 @@ impl Shell {
     /// `/history`: a page of the named conversation, the open one, or (in the lobby) all;
     /// repeated, the page before.
     fn history(&mut self, mut args: HistoryArgs) -> anyhow::Result<()> {
+        let again = again_line(&args);
         let mut label = args.target.clone();
         if args.target.is_none()
             && let Some(c) = &self.conversation
@@ -608,7 +610,7 @@ impl Shell {
             self.out.data(&String::from_utf8_lossy(&buf));
         }
         if let Some(older) = page.older {
-            self.out.status("older messages: /history again");
+            self.out.status(&format!("older messages: {again} again"));
             self.paging = Some((key, older));
         }
         Ok(())
@@ -624,6 +626,26 @@ impl Shell {
             self.out.data(sentence);
         }
     }
+}
+
+/// The `/history` line that shows the page before the one `args` asked for: the same line
+/// (without `--before`), as the page key compares them. `/history 3` is continued by
+/// `/history 3`, not by `/history`, which starts over at the newest 20.
+fn again_line(args: &HistoryArgs) -> String {
+    let mut line = "/history".to_string();
+    if let Some(t) = &args.target {
+        line = format!("{line} {}", shell_words::quote(t));
+    }
+    if args.n != crate::limits::DEFAULT_HISTORY_PAGE as u64 {
+        line = format!("{line} -n {}", args.n);
+    }
+    if let Some(g) = &args.grep {
+        line = format!("{line} --grep {}", shell_words::quote(g));
+    }
+    if args.json {
+        line.push_str(" --json");
+    }
+    line
 }
 
 /// Names offered for completion: the editor shows the candidates raw, so a name with anything
