@@ -42,6 +42,10 @@ fn two_users_dm_both_ways_in_one_conversation() {
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(bob.recv(), vec!["alice: from stdin"]);
     assert!(bob.recv().is_empty(), "nothing twice");
+    // `-` is stdin too, as for other tools.
+    let r = qpq_in(alice.home.path(), &["send", "bob", "-"], Some("dash means stdin\n"));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(bob.recv(), vec!["alice: dash means stdin"]);
 
     for u in [&alice, &bob] {
         let convs: Vec<String> = u.ok(&["group", "list"]).lines().map(str::to_string).collect();

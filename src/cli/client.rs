@@ -200,7 +200,7 @@ pub struct SendArgs {
     /// A contact name, a key (64-hex, or a unique short key like 304b-9934), or #group
     #[arg(add = ArgValueCandidates::new(complete::targets))]
     pub target: String,
-    /// The message; without it, stdin is read to its end (one message)
+    /// The message; without it (or as `-`), stdin is read to its end (one message)
     pub text: Vec<String>,
 }
 
@@ -820,7 +820,9 @@ pub async fn run_verb(
         ClientVerb::Contact(ContactCmd::Remove { name }) => m.contact_remove(&name)?,
         ClientVerb::Send(args) => {
             let target = m.resolve_target(&args.target)?;
-            let text = if args.text.is_empty() {
+            // `-` alone is stdin, as for other Unix tools (one-shots only: in the shell it is text).
+            let from_stdin = args.text.is_empty() || (stdin_ok && args.text == ["-"]);
+            let text = if from_stdin {
                 if !stdin_ok {
                     bail!("nothing to send: write the message after the target");
                 }
