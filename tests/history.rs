@@ -227,3 +227,23 @@ fn shell_history_pages_back_when_repeated() {
     let hints = r.stderr.lines().filter(|l| *l == "* older messages: /history -n 2 again").count();
     assert_eq!(hints, 3, "after each page that has older ones: {}", r.stderr);
 }
+
+/// Found by exploratory testing: an empty page of the one-shot `history` printed nothing at all,
+/// where the shell says why. It says so on stderr (stdout stays empty for scripts).
+#[test]
+fn an_empty_page_says_why_on_stderr() {
+    let (_dir, _server, [alice, _bob, _carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["send", "bob", "hello"]);
+    for (args, said) in [
+        (&["history", "bob", "--grep", "zzz"][..], "qpq: no messages contain \"zzz\""),
+        (&["history", "--before", "1h"][..], "qpq: no older messages"),
+        (&["history", "carol"][..], "qpq: no messages with carol yet"),
+    ] {
+        let r = alice.run(args);
+        assert!(r.ok, "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{args:?}: {}", r.stdout);
+        assert_eq!(r.stderr.trim(), said, "{args:?}");
+    }
+    let r = alice.run(&["history", "bob"]);
+    assert!(r.stderr.is_empty(), "a page with messages says nothing more: {}", r.stderr);
+}

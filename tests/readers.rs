@@ -95,37 +95,67 @@ fn a_shell_and_a_follower_on_one_home_both_print_every_message() {
 /// Found by exploratory testing: during a burst, a shell of bob's home read hundreds of
 /// messages ahead of a `recv --follow` of the same home that was still printing, and the
 /// follower lost what the inbox no longer kept of the read ones ("N earlier messages not shown
-/// here"). A follower now keeps its place in the home. Here nobody reads the follower's output
-/// until the burst is over, so it stalls printing once the pipe is full, while a one-shot
-/// `recv` reads more than the inbox keeps of read entries past it; drained, it prints every one.
+/// here"). A follower now keeps its place in the home. Here nobody reads the follower's output:
+/// it stalls writing to the full pipe (seen in /proc), then more than the inbox keeps of read
+/// entries arrives and a one-shot `recv` reads them all past it; drained, it prints every one.
+/// (Its clock runs an hour ahead, so however slow the machine, its place cannot lapse here.)
 #[test]
 fn a_follower_stalled_by_its_pipe_through_a_burst_another_reader_read_prints_every_message() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "opening"]);
     assert_eq!(bob.recv(), ["alice: opening"]);
-    let mut f = bob.spawn(&["recv", "--follow"]);
+    let mut f = common::qpq_command(bob.home.path())
+        .args(["recv", "--follow"])
+        .env("QPQ_TEST_CLOCK_OFFSET_SECS", "3600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn recv --follow");
     let mut err = Lines::of(f.stderr.take().expect("piped stderr"));
     assert_eq!(err.next_line().as_deref(), Some(FOLLOWING));
     let stdout = f.stdout.take().expect("piped stdout");
 
-    // About 1 KiB a line: the pipe (64 KiB) holds a few dozen.
+    // 70 lines of 1 KiB fill the pipe (64 KiB): the follower stalls in a write.
     let pad = "x".repeat(1000);
-    let n = qpq::limits::MAX_INBOX_READ_KEPT + 100;
-    let script: String = (1..=n).map(|i| format!("@bob m{i} {pad}\n")).collect();
-    // A script's shell sends for a bounded time at its end and leaves the rest queued (75);
-    // alice's next command sends it.
-    let r = common::qpq_in(alice.home.path(), &["shell"], Some(&script));
-    assert!(r.ok || r.code == Some(75), "{}", r.stderr);
-    alice.ok(&["recv"]);
-    let want: Vec<String> = (1..=n).map(|i| format!("alice: m{i} {pad}")).collect();
-    // The one-shot reader shows what the follower had not read before it stalled.
+    let first: Vec<String> = (1..=70).map(|i| format!("a{i} {pad}")).collect();
+    let send_all = |texts: &[String]| {
+        let script: String = texts.iter().map(|t| format!("@bob {t}\n")).collect();
+        // A script's shell sends for a bounded time at its end and leaves the rest queued
+        // (75); alice's next command sends it.
+        let r = common::qpq_in(alice.home.path(), &["shell"], Some(&script));
+        assert!(r.ok || r.code == Some(75), "{}", r.stderr);
+        alice.ok(&["recv"]);
+    };
+    send_all(&first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !writing_to_a_full_pipe(f.id()) {
+        assert!(std::time::Instant::now() < deadline, "the follower never stalled on its pipe");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let burst: Vec<String> = (1..=qpq::limits::MAX_INBOX_READ_KEPT + 40).map(|i| format!("b{i}")).collect();
+    send_all(&burst);
+    let want: Vec<String> = burst.iter().map(|t| format!("alice: {t}")).collect();
+    // (with the last few of the first lines, if they came after the follower's last read)
     let shown = bob.recv();
-    assert!(shown.len() > qpq::limits::MAX_INBOX_READ_KEPT, "{} shown by recv", shown.len());
-    assert!(want.ends_with(&shown));
+    assert!(
+        shown.ends_with(&want),
+        "the one-shot reader shows the burst, past the stalled follower: {shown:?}"
+    );
 
     let mut f_out = Lines::of(stdout);
-    let got: Vec<String> = (0..n).map(|_| untimed(&f_out.next_line().expect("a line"))).collect();
-    assert_eq!(got, want);
+    let got: Vec<String> =
+        (0..first.len() + burst.len()).map(|_| untimed(&f_out.next_line().expect("a line"))).collect();
+    let all: Vec<String> = first.iter().chain(&burst).map(|t| format!("alice: {t}")).collect();
+    assert_eq!(got, all);
     stop(f);
     drop(err);
+}
+
+/// True when a thread of process `pid` sleeps in a pipe write (Linux: its `wchan`).
+fn writing_to_a_full_pipe(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("pipe_write")))
 }

@@ -784,14 +784,16 @@ pub async fn run_verb(
             let server = m.server().unwrap_or_default();
             let session = m.connect().await?;
             let h = session.health().await?;
-            let (kps, last_resort) = session.key_package_count().await?;
             if json {
+                let (kps, last_resort) = session.key_package_count().await?;
                 let mut v = health_json(&server, session, &h);
                 v["key_packages"] = kps.into();
                 v["last_resort"] = last_resort.into();
                 writeln!(out, "{}", text::json_line(&v))?;
             } else {
+                // The server's lines first: they stand even if the count fails.
                 write_health(out, &server, session, &h)?;
+                let (kps, last_resort) = session.key_package_count().await?;
                 let lr = if last_resort { "yes" } else { "no" };
                 writeln!(out, "key packages: {kps} on the server, last resort: {lr}")?;
             }
@@ -890,19 +892,40 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
         return Ok(());
     }
     let Some(query) = history_query(m, args)? else {
-        if let Some(peer) = new_contact_newest_page(m, args) {
-            write_new_contact_history(m, &peer, args.json, out)?;
+        let shown = match new_contact_newest_page(m, args) {
+            Some(peer) => write_new_contact_history(m, &peer, args.json, out)?,
+            None => false,
+        };
+        if !shown {
+            err!("qpq: {}", empty_page(args));
         }
         return Ok(());
     };
     let page = m.history_page(&query)?;
-    write_history(m, &query, &page, args.json, out)?;
+    let mut buf = Vec::new();
+    write_history(m, &query, &page, args.json, &mut buf)?;
+    out.write_all(&buf)?;
+    if buf.is_empty() {
+        // Said on stderr: a script reads an empty page as no lines, a person gets words.
+        err!("qpq: {}", empty_page(args));
+    }
     if let Some(older) = &page.older {
         let target =
             args.target.as_deref().map(|t| format!("{} ", shell_words::quote(t))).unwrap_or_default();
         err!("qpq: older messages: qpq history {}--before {older}", Shown(&target));
     }
     Ok(())
+}
+
+/// What an empty page of `qpq history` says (on stderr).
+fn empty_page(args: &HistoryArgs) -> String {
+    let older = if args.before.is_some() { "older " } else { "" };
+    match (args.grep.as_deref().filter(|g| !g.is_empty()), &args.target) {
+        (Some(word), _) => format!("no {older}messages contain {}", Shown(&format!("{word:?}"))),
+        (None, _) if args.before.is_some() => "no older messages".to_string(),
+        (None, Some(t)) => format!("no messages with {} yet", Shown(t)),
+        (None, None) => "no messages yet".to_string(),
+    }
 }
 
 fn retention_text(keep: Option<Duration>) -> String {
@@ -1455,6 +1478,8 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     // each wait missed a Ctrl-C that came in between (say, while a batch was being written to a
     // slow pipe), and ran on. (Until here a Ctrl-C ends the process the default way.)
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // SIGTERM (systemd, `timeout`) ends it the same way: its place in the home is given up.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     if args.follow {
         // Also tells a script that messages sent from now on will be printed here.
         err!("qpq: following new messages (Ctrl-C to stop)");
@@ -1475,6 +1500,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         let events = tokio::select! {
             r = m.receive(wait_ms) => r,
             _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
         };
         let events = match events {
             Ok(e) => {
@@ -1484,9 +1510,13 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
             Err(e) if args.follow && !needs_the_user(&e) => {
                 err!("qpq: {}; retrying in {}s", Shown(&e.to_string()), backoff.as_secs_f32());
                 m.disconnect().await;
+                // What another process of the home fetched meanwhile still shows (and this
+                // reader's place in the inbox is renewed).
+                printed_any |= print_unread(m, &mut cursor, args.json)? > 0;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = interrupt.recv() => break,
+                    _ = terminate.recv() => break,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;

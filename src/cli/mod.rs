@@ -173,10 +173,17 @@ pub fn main() -> std::process::ExitCode {
 pub fn error_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
+        let raw = cause.to_string();
         let text = match cause.downcast_ref::<std::io::Error>() {
             Some(io) => io_error_text(io),
-            None => cause.to_string(),
+            None => raw.clone(),
         };
+        // An error that prints its source (`cannot read {path}: {source}`) has the raw text in
+        // the line already: it reads as ours there, and is not added twice.
+        if text != raw && line.contains(&raw) {
+            line = line.replace(&raw, &text);
+            continue;
+        }
         if !line.contains(&text) {
             if !line.is_empty() {
                 line.push_str(": ");
@@ -279,4 +286,28 @@ fn render_man(cmd: &clap::Command, dir: &std::path::Path, out: &mut Vec<PathBuf>
         render_man(sub, dir, out)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Prints {
+        #[error("cannot read {0}: {1}")]
+        Read(String, #[source] std::io::Error),
+    }
+
+    /// An operating system's error reads lowercase without its errno, once: as a cause added
+    /// by context, and as the source an error prints itself (review: it was added twice).
+    #[test]
+    fn an_io_error_reads_as_ours_once() {
+        let missing = || std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(missing()).context("cannot read /x");
+        assert_eq!(error_line(&e), "cannot read /x: no such file or directory");
+        let e = anyhow::Error::new(Prints::Read("/x".into(), missing()));
+        assert_eq!(error_line(&e), "cannot read /x: no such file or directory");
+        let e = anyhow::Error::new(std::io::Error::other("EOF while reading"));
+        assert_eq!(error_line(&e), "EOF while reading");
+    }
 }

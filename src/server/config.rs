@@ -396,14 +396,21 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), reason: toml_reason(&text, &e) })
 }
 
-/// A TOML error on one line, with where it is: `line 3 (max_queue_bytes = "x"): invalid type:
-/// string "x", expected u64`. (toml's own rendering spans several lines with a caret.)
+/// A TOML error on one line, with where it is: `line 3 (max_queue_bytes): invalid type: string
+/// "x", expected u64`. (toml's own rendering spans several lines with a caret.) Only the key is
+/// named, never the value: `store`'s may hold the database's password.
 fn toml_reason(text: &str, e: &toml::de::Error) -> String {
     let Some(start) = e.span().map(|s| s.start) else { return e.message().to_string() };
     let before = text.get(..start).unwrap_or(text);
     let number = before.matches('\n').count() + 1;
-    let line: String = text.lines().nth(number - 1).unwrap_or("").trim().chars().take(80).collect();
-    format!("line {number} ({line}): {}", e.message())
+    let line = text.lines().nth(number - 1).unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) => {
+            let key: String = key.trim().chars().take(64).collect();
+            format!("line {number} ({key}): {}", e.message())
+        }
+        None => format!("line {number}: {}", e.message()),
+    }
 }
 
 #[cfg(test)]
@@ -425,10 +432,15 @@ mod tests {
         };
         assert_eq!(
             reason("listen = \"127.0.0.1:7000\"\nmax_queue_bytes = \"x\"\n"),
-            "line 2 (max_queue_bytes = \"x\"): invalid type: string \"x\", expected u64"
+            "line 2 (max_queue_bytes): invalid type: string \"x\", expected u64"
         );
         let dup = reason("[rate_limits]\nenqueue_per_connection = 1\nenqueue_per_connection = 2\n");
-        assert!(dup.starts_with("line 3 (enqueue_per_connection = 2): duplicate key"), "{dup}");
+        assert!(dup.starts_with("line 3 (enqueue_per_connection): duplicate key"), "{dup}");
+        // Review: the line's value was shown, and a store URL holds the database's password.
+        let store = reason("store = \"postgres://qpq:s3cret@db:5432/qpq\nlisten = 1\n");
+        assert!(!store.contains("s3cret"), "{store}");
+        let bare = reason("store = postgres://qpq:s3cret@db:5432/qpq\n");
+        assert!(!bare.contains("s3cret") && bare.starts_with("line 1 (store): "), "{bare}");
     }
 
     #[test]

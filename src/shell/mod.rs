@@ -378,6 +378,9 @@ impl Shell {
                     }
                 }
                 self.m.disconnect().await;
+                // What another process of the home fetched meanwhile still shows (and this
+                // shell's place in the inbox is renewed).
+                self.show(Vec::new());
             }
         }
     }
