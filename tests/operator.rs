@@ -37,6 +37,19 @@ fn serve_merged(data_dir: &std::path::Path, listen: &str) -> (Reaped, Lines) {
     (Reaped(child), lines)
 }
 
+/// `qpq serve` on 127.0.0.1:0 logging at info, with stdout and stderr piped apart.
+fn serve_piped(data_dir: &std::path::Path) -> std::process::Child {
+    Command::new(QPQ)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("QPQ_CONFIG")
+        .env("QPQ_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qpq serve")
+}
+
 fn terminate(child: &mut Reaped) {
     Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill -TERM");
 }
@@ -49,15 +62,7 @@ fn terminate(child: &mut Reaped) {
 #[test]
 fn serve_stops_on_sigterm_after_its_log_pipe_is_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(QPQ)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("QPQ_CONFIG")
-        .env("QPQ_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qpq serve");
+    let mut child = serve_piped(dir.path());
     let mut lines = Lines::of(child.stdout.take().expect("piped stdout"));
     while !lines.next_line().expect("the ready lines").starts_with("listening on ") {}
     drop(child.stderr.take());
@@ -496,15 +501,7 @@ fn bash_completes_a_contact_name_through_the_registered_script() {
 #[test]
 fn serve_keeps_serving_and_stops_on_sigterm_when_its_stdout_is_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(QPQ)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("QPQ_CONFIG")
-        .env("QPQ_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qpq serve");
+    let mut child = serve_piped(dir.path());
     // Nobody reads stdout: its start-up lines meet a closed pipe (as under `| head -1`).
     drop(child.stdout.take());
     let mut log = Lines::of(child.stderr.take().expect("piped stderr"));
