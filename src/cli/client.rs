@@ -20,7 +20,7 @@ use crate::client::messenger::{ConnectOptions, Event, MAX_TEXT_BYTES, Messenger}
 use crate::client::outbox::{EXIT_QUEUED, Fate, QueuedEntry, QueuedFor};
 use crate::client::requests::{RequestView, preview_line};
 use crate::client::session::{Health, Session, SessionError};
-use crate::client::state::{self, Entry, StateError, Unlock};
+use crate::client::state::{self, Entry, GroupKind, StateError, Unlock};
 use crate::client::timeline::{Item, changes_of};
 use crate::crypto::identity::PublicKey;
 use crate::crypto::statefile::StateFileError;
@@ -1284,7 +1284,7 @@ async fn run_group(
                 } else {
                     "left".into()
                 };
-                let kind = if g.direct { "direct" } else { "group" };
+                let kind = if g.is_direct() { "direct" } else { "group" };
                 writeln!(out, "{} ({kind}, {state})", Shown(&g.name))?;
             }
             Vec::new()
@@ -1339,8 +1339,11 @@ fn group_json(g: &GroupSummary) -> serde_json::Value {
     serde_json::json!({
         "name": g.name,
         "group_id": hex::encode(&g.group_id),
-        "kind": if g.direct { "direct" } else { "group" },
-        "peer": g.peer.map(|k| PublicKey(k).to_hex()),
+        "kind": if g.is_direct() { "direct" } else { "group" },
+        "peer": match g.kind {
+            GroupKind::Direct { peer } => Some(PublicKey(peer).to_hex()),
+            GroupKind::Group => None,
+        },
         "active": g.active,
         "members": g.members,
         "epoch": g.epoch,

@@ -40,12 +40,17 @@ pub struct Member {
 pub struct GroupSummary {
     pub name: String,
     pub group_id: Vec<u8>,
-    pub direct: bool,
-    /// The other person of a direct conversation.
-    pub peer: Option<[u8; 32]>,
+    /// A named group, or a direct conversation and its other person.
+    pub kind: GroupKind,
     pub active: bool,
     pub members: usize,
     pub epoch: u64,
+}
+
+impl GroupSummary {
+    pub fn is_direct(&self) -> bool {
+        matches!(self.kind, GroupKind::Direct { .. })
+    }
 }
 
 impl Messenger {
@@ -301,18 +306,14 @@ impl Messenger {
                 Some(GroupSummary {
                     name: self.conversation_name(&group_id),
                     epoch: self.mls.epoch(&group_id).unwrap_or(0),
-                    direct: matches!(g.kind, GroupKind::Direct { .. }),
-                    peer: match g.kind {
-                        GroupKind::Direct { peer } => Some(peer),
-                        GroupKind::Group => None,
-                    },
+                    kind: g.kind.clone(),
                     active: g.active,
                     group_id,
                     members,
                 })
             })
             .collect();
-        out.sort_by(|a, b| (a.direct, &a.name).cmp(&(b.direct, &b.name)));
+        out.sort_by(|a, b| (a.is_direct(), &a.name).cmp(&(b.is_direct(), &b.name)));
         out
     }
 

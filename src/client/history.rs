@@ -364,11 +364,20 @@ impl Messenger {
             let p = &e.position;
             spans.entry(&p.group_id).and_modify(|s| s.1 = p).or_insert((p, p));
         }
+        // `found` holds each conversation's newest entries below the cursor, one more than a
+        // page: the one just older than the page's, if any is kept, is among them (newest
+        // first, so the first such entry met is it). One pass for all conversations.
+        let mut previous_of: BTreeMap<&[u8], &Position> = BTreeMap::new();
+        for (p, _) in &found {
+            if let Some((first, _)) = spans.get(p.group_id.as_slice())
+                && p < *first
+            {
+                previous_of.entry(&p.group_id).or_insert(p);
+            }
+        }
         let mut edges = BTreeMap::new();
-        for (id, (first, last)) in spans {
-            // `found` holds each conversation's newest entries below the cursor, one more than
-            // a page: the one just older than the page's, if any is kept, is among them.
-            let previous = found.iter().map(|(p, _)| p).find(|p| p.group_id == id && *p < first).cloned();
+        for (id, (_, last)) in spans {
+            let previous = previous_of.get(id).map(|p| (*p).clone());
             let newest = match query.before {
                 // Nothing newer was left out.
                 Before::Newest => true,

@@ -273,13 +273,7 @@ impl Messenger {
     /// Where a reader that starts now begins: after what some reader already showed.
     pub fn read_cursor(&mut self) -> Result<Cursor, ClientError> {
         let _op = self.begin()?;
-        let s = &self.home.state;
-        let ev = &s.inbox_events;
-        Ok(Cursor {
-            entries: s.read_seq.min(s.inbox_end_seq),
-            events: ev.read_seq.min(ev.end_seq),
-            live: None,
-        })
+        Ok(start_cursor(&self.home.state))
     }
 
     /// [`Self::read_cursor`] for a reader that follows the inbox as it runs: its place is kept
@@ -295,11 +289,7 @@ impl Messenger {
         let _op = self.begin()?;
         let now = self.now_ms();
         let s = &mut self.home.state;
-        let mut cursor = Cursor {
-            entries: s.read_seq.min(s.inbox_end_seq),
-            events: s.inbox_events.read_seq.min(s.inbox_events.end_seq),
-            live: None,
-        };
+        let mut cursor = start_cursor(s);
         let id = rand::random::<u64>();
         s.live_readers.expire(now);
         if s.live_readers.register(id, cursor, now) {
@@ -389,6 +379,12 @@ impl Messenger {
         }
         Ok(())
     }
+}
+
+/// Where a reader that starts now begins: after what some reader already showed.
+fn start_cursor(s: &State) -> Cursor {
+    let ev = &s.inbox_events;
+    Cursor { entries: s.read_seq.min(s.inbox_end_seq), events: ev.read_seq.min(ev.end_seq), live: None }
 }
 
 /// The entries and events after `from`, merged in the order they were processed, and how many

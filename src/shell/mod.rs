@@ -430,7 +430,7 @@ impl Shell {
                 .m
                 .group_list()
                 .into_iter()
-                .filter(|g| !g.direct && g.active && completable(&g.name))
+                .filter(|g| !g.is_direct() && g.active && completable(&g.name))
                 .map(|g| g.name.trim_start_matches('#').to_string())
                 .collect(),
         };
