@@ -365,6 +365,28 @@ fn init_on_a_terminal_asks_again_after_a_mismatched_repeat() {
 }
 
 #[test]
+fn passphrase_on_a_terminal_asks_for_the_current_one_then_twice_for_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let home = init_with_passphrase(&server, "old one");
+    let mut cmd = qpq_command(home.path());
+    cmd.arg("passphrase");
+    let mut p = rexpect::session::spawn_with_options(cmd, pty_options()).expect("spawn on a pty");
+    p.exp_string(&format!("qpq passphrase for {}: ", home.path().display())).unwrap();
+    p.send_line("old one").unwrap();
+    p.exp_string(&format!("new qpq passphrase for {}: ", home.path().display())).unwrap();
+    p.send_line("new one").unwrap();
+    p.exp_string("repeat passphrase: ").unwrap();
+    p.send_line("new one").unwrap();
+    p.exp_string(&format!("passphrase changed for {}", home.path().display())).unwrap();
+    p.exp_eof().unwrap();
+    let whoami =
+        |pass: &str| qpq_command(home.path()).arg("whoami").env("QPQ_PASSPHRASE", pass).output().unwrap();
+    assert!(whoami("new one").status.success());
+    assert!(!whoami("old one").status.success());
+}
+
+#[test]
 fn a_wrong_passphrase_gets_three_tries_at_a_prompt_naming_the_home() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());

@@ -428,7 +428,7 @@ struct Durable {
 impl Durable {
     fn create(parent: &std::path::Path) -> anyhow::Result<Durable> {
         let dir = tempfile::tempdir_in(parent)?;
-        let db = ClientDb::create(dir.path(), &StateKey::unprotected())?;
+        let db = ClientDb::create(dir.path(), &StateKey::unprotected(), &crate::client::db::DbKey::random())?;
         Ok(Durable { db, _dir: dir })
     }
 

@@ -268,6 +268,21 @@ pub struct InitArgs {
 }
 
 #[derive(Debug, Args, Clone)]
+pub struct PassphraseArgs {
+    /// Read the new passphrase from FILE (its first line; the file must not be readable by
+    /// others) instead of asking twice on the terminal
+    #[arg(long, value_name = "FILE", conflicts_with = "remove")]
+    pub new_passphrase_file: Option<PathBuf>,
+    /// Remove the passphrase: the home's keys are then protected only by file permissions
+    #[arg(long)]
+    pub remove: bool,
+    /// Also re-seal every record under a new key (other qpq processes of the home must start
+    /// again)
+    #[arg(long)]
+    pub new_key: bool,
+}
+
+#[derive(Debug, Args, Clone)]
 pub struct RecvArgs {
     /// Wait up to SECS for the first message when none is pending
     #[arg(long, value_name = "SECS", conflicts_with = "follow")]
@@ -499,7 +514,7 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
         }
         Unlock::Passphrase(p)
     } else if std::io::stdin().is_terminal() {
-        Unlock::Passphrase(new_passphrase(&dir)?)
+        Unlock::Passphrase(new_passphrase(&dir, NewPassphrase::Init)?)
     } else {
         bail!(
             "no passphrase: set QPQ_PASSPHRASE, pass --passphrase-file, run on a terminal, or pass --no-passphrase"
@@ -530,6 +545,51 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `qpq passphrase`: proves the current passphrase by opening the home, then seals its keys
+/// under the new one (see [`crate::client::state::Home::change_passphrase`]).
+pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
+    let dir = home_dir(g)?;
+    // Where the new one comes from is settled before the current one is asked for.
+    let terminal = std::io::stdin().is_terminal();
+    if !args.remove && args.new_passphrase_file.is_none() && !terminal {
+        bail!("no new passphrase: pass --new-passphrase-file FILE, run on a terminal, or pass --remove");
+    }
+    let mut m = open_home(g)?;
+    let protected = m.home.is_passphrase_protected()?;
+    let new = if args.remove {
+        if !protected && !args.new_key {
+            err!("qpq: {} has no passphrase; nothing changed", dir.display());
+            return Ok(());
+        }
+        Unlock::None
+    } else if let Some(path) = &args.new_passphrase_file {
+        Unlock::Passphrase(passphrase_from_file(path)?)
+    } else {
+        Unlock::Passphrase(new_passphrase(&dir, NewPassphrase::Change)?)
+    };
+    let change = m.home.change_passphrase(&new, args.new_key)?;
+    let home = dir.display();
+    match (&new, protected) {
+        (Unlock::None, true) => {
+            err!("qpq: passphrase removed from {home}: only file permissions protect its keys now")
+        }
+        (Unlock::None, false) => err!("qpq: {home} stays without a passphrase"),
+        (Unlock::Passphrase(_), true) => err!("qpq: passphrase changed for {home}"),
+        (Unlock::Passphrase(_), false) => err!("qpq: passphrase set for {home}"),
+    }
+    if let Some(n) = change.resealed {
+        let why = if args.new_key {
+            ""
+        } else {
+            " (any copy of the home from while it had no passphrase holds the old key)"
+        };
+        err!(
+            "qpq: {n} records re-sealed under a new key{why}; other qpq commands running on this home must start again"
+        );
+    }
+    Ok(())
+}
+
 /// What a `--server-fingerprint` the server does not match says where nothing was pinned yet
 /// (`init`, `health` without a home): no certificate "changed", the one given is not the
 /// server's. None for other errors.
@@ -542,12 +602,23 @@ fn given_certificate_mismatch(e: &SessionError) -> Option<String> {
     }
 }
 
+/// Why a new passphrase is asked for: what an empty one and repeated mismatches say.
+#[derive(Clone, Copy)]
+enum NewPassphrase {
+    Init,
+    Change,
+}
+
 /// Asks for a new passphrase and its repeat, again after a mismatch ([`PASSPHRASE_TRIES`] in all).
-fn new_passphrase(dir: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+fn new_passphrase(dir: &std::path::Path, why: NewPassphrase) -> anyhow::Result<Zeroizing<String>> {
+    let (without, nothing) = match why {
+        NewPassphrase::Init => ("--no-passphrase", "nothing created"),
+        NewPassphrase::Change => ("--remove", "nothing changed"),
+    };
     for _ in 0..PASSPHRASE_TRIES {
         let p = prompt(&format!("new qpq passphrase for {}: ", dir.display()))?;
         if p.is_empty() {
-            bail!("empty passphrase: choose one or pass --no-passphrase");
+            bail!("empty passphrase: choose one or pass {without}");
         }
         let again = prompt("repeat passphrase: ")?;
         if p == again {
@@ -555,7 +626,7 @@ fn new_passphrase(dir: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
         }
         err!("qpq: passphrases do not match, try again");
     }
-    bail!("passphrases did not match {PASSPHRASE_TRIES} times: nothing created")
+    bail!("passphrases did not match {PASSPHRASE_TRIES} times: {nothing}")
 }
 
 fn print_notices(m: &mut Messenger) {
@@ -1450,20 +1521,22 @@ pub fn missed_line(u: &Unread) -> Option<String> {
 }
 
 /// Errors no retry can end: the user must act first (re-pin a replaced certificate, upgrade
-/// one side, name a server). `recv --follow` exits on them (status 1) instead of retrying for
-/// ever, so a supervisor or a script sees that it stopped and why.
+/// one side, name a server, start again with the home's new key). `recv --follow` exits on
+/// them (status 1) instead of retrying for ever, so a supervisor or a script sees that it
+/// stopped and why.
 fn needs_the_user(e: &ClientError) -> bool {
-    matches!(
-        e,
-        ClientError::NoServer
-            | ClientError::PinMismatch { .. }
-            | ClientError::Session(
-                SessionError::CertificateChanged { .. }
-                    | SessionError::NoPort(_)
-                    | SessionError::ServerOutdated { .. }
-                    | SessionError::ClientOutdated { .. }
-            )
-    )
+    e.home_key_changed()
+        || matches!(
+            e,
+            ClientError::NoServer
+                | ClientError::PinMismatch { .. }
+                | ClientError::Session(
+                    SessionError::CertificateChanged { .. }
+                        | SessionError::NoPort(_)
+                        | SessionError::ServerOutdated { .. }
+                        | SessionError::ClientOutdated { .. }
+                )
+        )
 }
 
 async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {

@@ -81,6 +81,15 @@ fn examples(page: &str) -> &'static [(&'static str, &'static str)] {
                 "for scripts: nothing asked",
             ),
         ],
+        "qpq-passphrase" => &[
+            ("qpq passphrase", "asks for the current passphrase, then twice for the new one"),
+            (
+                "qpq passphrase --passphrase-file ~/.old --new-passphrase-file ~/.new",
+                "for scripts: nothing asked",
+            ),
+            ("qpq passphrase --remove", "no passphrase any more (only file permissions protect the home)"),
+            ("qpq passphrase --new-key", "a new passphrase and every record re-sealed under a new key"),
+        ],
         "qpq-health" => &[
             ("qpq health", "the server of your home, and your key packages on it"),
             ("qpq health --server chat.example.org:7000", "without a home: an operator's check"),

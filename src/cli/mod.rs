@@ -82,6 +82,14 @@ pub enum Command {
     /// The pinned server certificate, like ssh's known_hosts: show, pin or forget it
     #[command(subcommand)]
     Server(client::ServerCmd),
+    /// Change the home's passphrase, set one, or remove it (asks for the current one first)
+    ///
+    /// The records have keys of their own, which the passphrase unlocks: a change copies qpq.db
+    /// with those keys sealed anew and renames the copy into place, and other qpq processes using
+    /// the home go on working. With --new-key, and always when a home without a passphrase gets
+    /// one, every record is also re-sealed under a new key: an old copy of qpq.db then opens
+    /// nothing written afterwards, and other qpq processes using the home must start again.
+    Passphrase(client::PassphraseArgs),
     /// Receive: process everything pending and print each message
     Recv(client::RecvArgs),
     /// Chat interactively (@bob hi, #team hi, /chat bob); runs a script when stdin is not a terminal
@@ -238,6 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Server(cmd) => client::server_verb(&g, cmd).map(|()| ExitCode::SUCCESS),
+        Command::Passphrase(args) => client::passphrase(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Shell => crate::shell::run(&g),
         Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),

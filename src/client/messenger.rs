@@ -139,6 +139,14 @@ pub enum ClientError {
     PinMismatch { server: String, pinned: Fingerprint, given: Fingerprint },
 }
 
+impl ClientError {
+    /// True when the home was re-sealed under a new key since this process opened it (`qpq
+    /// passphrase --new-key`): nothing this process does can open it again.
+    pub fn home_key_changed(&self) -> bool {
+        matches!(self, ClientError::State(StateError::Db(crate::client::db::DbError::KeyChanged(_))))
+    }
+}
+
 /// Something that happened while processing incoming messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -487,6 +495,12 @@ impl Messenger {
 
     pub fn public_key(&self) -> PublicKey {
         self.identity.public()
+    }
+
+    /// True once this process found its home re-sealed under another key (`qpq passphrase
+    /// --new-key` ran elsewhere): no operation of it can succeed any more.
+    pub fn home_key_changed(&self) -> bool {
+        self.home.key_changed()
     }
 
     pub fn server(&self) -> Option<String> {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::client::db::mls::MlsStore;
-use crate::client::db::{self, ClientDb, DbError, migrate, records};
+use crate::client::db::{self, ClientDb, DbError, DbKey, migrate, records};
 use crate::client::hybridkeys::{PeerHybridKey, RetiredHybridKey};
 use crate::client::inbox::InboxEvents;
 use crate::client::keypool::KeyPool;
@@ -432,6 +432,24 @@ pub enum Unlock {
     None,
 }
 
+impl Unlock {
+    /// The key that seals the records' keys: Argon2id on the passphrase with a fresh salt, or
+    /// the public unprotected key.
+    fn key(&self) -> Result<StateKey, StateError> {
+        Ok(match self {
+            Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
+            Unlock::None => StateKey::unprotected(),
+        })
+    }
+}
+
+/// What [`Home::change_passphrase`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassphraseChange {
+    /// Records re-sealed under a new record key; None when only the passphrase changed.
+    pub resealed: Option<u64>,
+}
+
 /// An open home: the state, the key of its records, and (while this process holds the home's
 /// lock) the client database.
 ///
@@ -443,7 +461,8 @@ pub enum Unlock {
 /// poll) happen without the lock.
 pub struct Home {
     dir: PathBuf,
-    key: StateKey,
+    /// The records' keys (not the passphrase's: they outlive a passphrase change).
+    key: DbKey,
     hold: DbHold,
     /// Generation of the database that `state` reflects; None: reload at the next refresh.
     generation: Option<u64>,
@@ -486,14 +505,25 @@ struct HoldInner {
     db: Option<Arc<ClientDb>>,
     /// The database generation this process last read or wrote (see [`Home::saved_elsewhere`]).
     seen: u64,
+    /// An open found the home re-sealed under another key ([`DbError::KeyChanged`]): nothing
+    /// this process does will open it again.
+    key_changed: bool,
 }
 
 impl DbHold {
-    fn get_or_open(&self, dir: &Path, key: &StateKey) -> Result<Arc<ClientDb>, StateError> {
+    fn get_or_open(&self, dir: &Path, key: &DbKey) -> Result<Arc<ClientDb>, StateError> {
         if let Some(db) = &self.0.borrow().db {
             return Ok(db.clone());
         }
-        let db = Arc::new(ClientDb::open(dir, key)?);
+        let db = match ClientDb::open(dir, key) {
+            Ok(db) => Arc::new(db),
+            Err(e) => {
+                if matches!(e, DbError::KeyChanged(_)) {
+                    self.0.borrow_mut().key_changed = true;
+                }
+                return Err(e.into());
+            }
+        };
         self.0.borrow_mut().db = Some(db.clone());
         Ok(db)
     }
@@ -582,14 +612,12 @@ impl Home {
         if exists(dir) {
             return Err(StateError::AlreadyInitialized(dir.to_path_buf()));
         }
-        let key = match unlock {
-            Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
-            Unlock::None => StateKey::unprotected(),
-        };
+        let unlock = unlock.key()?;
+        let key = DbKey::random();
         // Built aside and renamed into place, so a crash leaves no half-made home.
         let partial = dir.join(migrate::PARTIAL_FILE);
         migrate::remove_if_present(&partial)?;
-        migrate::write_new(&partial, &key, &state)?;
+        migrate::write_new(&partial, &unlock, &key, &state)?;
         migrate::publish(dir, &partial)?;
         let mut home = Home {
             dir: dir.to_path_buf(),
@@ -653,6 +681,42 @@ impl Home {
     /// Makes the next [`Home::refresh`] reload everything whatever it holds in memory.
     pub fn forget_seen(&mut self) {
         self.generation = None;
+    }
+
+    /// True once an open found the home re-sealed under another key since this process
+    /// unlocked it (`qpq passphrase --new-key`): this process cannot open it again.
+    pub fn key_changed(&self) -> bool {
+        self.hold.0.borrow().key_changed
+    }
+
+    /// True when opening the home needs a passphrase.
+    pub fn is_passphrase_protected(&self) -> Result<bool, StateError> {
+        needs_passphrase(&self.dir)
+    }
+
+    /// Seals the records' keys under `new` (a passphrase, or none): the database is copied
+    /// aside and renamed into place ([`ClientDb::change_key`]). With `new_key`, and always when
+    /// a passphrase is set on a home that had none (anyone with a copy of it from then holds
+    /// its keys), every record is re-sealed under a new record key in that copy: then other
+    /// processes of this home must start again.
+    pub fn change_passphrase(&mut self, new: &Unlock, new_key: bool) -> Result<PassphraseChange, StateError> {
+        let protected = needs_passphrase(&self.dir)?;
+        let unlock = new.key()?;
+        let _guard = self.lock()?;
+        let db = self.hold.get_or_open(&self.dir, &self.key)?;
+        let exposed = !protected && matches!(new, Unlock::Passphrase(_));
+        let next = (new_key || exposed).then(|| self.key.with_new_record_key());
+        let change = db.change_key(&unlock, &self.key, next.as_ref());
+        self.hold.close();
+        let change = change?;
+        // Processes waiting on the home look (and those holding the old record key stop).
+        let _ = write_hint(&self.dir, change.generation);
+        if let Some(next) = next {
+            self.key = next;
+        }
+        // openmls's store reads through the handle just closed.
+        self.generation = None;
+        Ok(PassphraseChange { resealed: change.resealed })
     }
 
     /// Opens the database and reloads the state if another process saved since we last did.

@@ -100,8 +100,6 @@ pub enum StateFileError {
     NeedsPassphrase,
     #[error("wrong passphrase or corrupted state file")]
     WrongPassphrase,
-    #[error("the state file was re-encrypted with another key by another qpq process: start again")]
-    Rekeyed,
     #[error("state file is corrupted or was tampered with")]
     Corrupt,
     #[error("key derivation failed: {0}")]
@@ -313,17 +311,6 @@ pub fn open(
 
     let plaintext = decrypt(bytes, &header, &key)?;
     Ok((key, plaintext))
-}
-
-/// Opens a file sealed under the same key as `key` (as another process of the same user writes
-/// it), without running Argon2 again. A file sealed under another key (a different salt or
-/// protection) is an error.
-pub fn open_with_key(bytes: &[u8], key: &StateKey) -> Result<Zeroizing<Vec<u8>>, StateFileError> {
-    let header = parse_header(bytes)?;
-    if header.source != key.source {
-        return Err(StateFileError::Rekeyed);
-    }
-    decrypt(bytes, &header, key)
 }
 
 fn decrypt(bytes: &[u8], header: &Header, key: &StateKey) -> Result<Zeroizing<Vec<u8>>, StateFileError> {

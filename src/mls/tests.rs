@@ -969,7 +969,9 @@ fn attaching_the_database_again_keeps_the_loaded_group() {
     alice.create_group(&group).unwrap();
     add(&group, &mut alice, &mut [], &mut bob);
     let dir = tempfile::tempdir().unwrap();
-    let db = std::sync::Arc::new(ClientDb::create(dir.path(), &StateKey::unprotected()).unwrap());
+    let db = std::sync::Arc::new(
+        ClientDb::create(dir.path(), &StateKey::unprotected(), &crate::client::db::DbKey::random()).unwrap(),
+    );
     let store = MlsStore::memory();
     store.restore(alice.store().snapshot());
     store.attach(db.clone());

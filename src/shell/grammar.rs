@@ -198,7 +198,15 @@ fn is_top_level(e: &clap::Error, first: &str) -> bool {
     matches!(e.get(ContextKind::InvalidSubcommand), Some(ContextValue::String(s)) if s == first)
 }
 
+/// Verbs of `qpq` that are not shell commands: each says where it runs instead of "unknown".
+const ONE_SHOT_ONLY: &[&str] = &["passphrase", "init", "recv", "server", "serve", "bench", "completions"];
+
 fn unknown_command(e: &clap::Error, slash: &str, word: &str) -> LineError {
+    if ONE_SHOT_ONLY.contains(&word) {
+        return LineError(format!(
+            "{slash}{word} is not a shell command: run `qpq {word}` outside the shell"
+        ));
+    }
     // clap offers aliases too (`c` for `clear`, `h` for `histroy`): the full name reads best.
     let suggested: Vec<String> = match e.get(ContextKind::SuggestedSubcommand) {
         Some(ContextValue::String(s)) => vec![full_command_name(s)],
@@ -413,6 +421,10 @@ mod tests {
         assert_eq!(err("/histroy", true), "unknown command /histroy: did you mean /history? (type /help)");
         // Found by exploratory testing: "clear" was offered "c", the alias of chat.
         assert_eq!(err("/clear", true), "unknown command /clear: did you mean /chat? (type /help)");
+        assert_eq!(
+            err("/passphrase", true),
+            "/passphrase is not a shell command: run `qpq passphrase` outside the shell"
+        );
         assert!(err("/", true).starts_with("a command is expected"));
     }
 

@@ -200,12 +200,24 @@ impl Shell {
                 }
             };
             let step = match wake {
+                // Nothing this shell does can open a home re-sealed under a new key.
+                Wake::Received(Err(e)) if e.home_key_changed() => {
+                    self.fail(&e.to_string());
+                    self.m.disconnect().await;
+                    return ExitCode::FAILURE;
+                }
                 Wake::Received(r) => {
                     self.received(r).await;
                     Step::Waiting
                 }
                 Wake::Input(input) => self.take(input).await,
             };
+            // Whichever step met it (and said so), a re-sealed home ends the shell.
+            if self.m.home_key_changed() {
+                self.failed = true;
+                self.m.disconnect().await;
+                return ExitCode::FAILURE;
+            }
             match step {
                 Step::Waiting => {}
                 Step::Ask => asked = false,

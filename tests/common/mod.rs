@@ -373,9 +373,9 @@ impl User {
 
     /// The client database's write counter: unchanged means nothing was written.
     pub fn state_generation(&self) -> u64 {
-        let key = qpq::crypto::statefile::StateKey::unprotected();
-        qpq::client::db::ClientDb::open(self.home.path(), &key)
+        qpq::client::db::ClientDb::unlock(self.home.path(), None)
             .expect("client database")
+            .1
             .generation()
             .unwrap()
     }

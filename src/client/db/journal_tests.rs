@@ -15,6 +15,11 @@ fn key() -> StateKey {
     StateKey::unprotected()
 }
 
+/// The records' keys of every database here.
+fn dk() -> DbKey {
+    DbKey::of(&key())
+}
+
 fn put(db: &ClientDb, name: &str, value: &[u8]) -> u64 {
     let mut w = db.write().unwrap();
     w.put(Table::State, name.as_bytes(), value).unwrap();
@@ -56,7 +61,7 @@ fn journal_child() {
         return;
     };
     let dir = Path::new(&dir);
-    let db = ClientDb::open(dir, &key()).unwrap();
+    let db = ClientDb::open(dir, &dk()).unwrap();
     match step.as_str() {
         "put-one" => {
             put(&db, "late", b"acknowledged");
@@ -119,13 +124,13 @@ fn journal_child() {
 #[test]
 fn a_write_killed_after_the_journal_sync_is_there_on_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     put(&db, "early", b"first");
     drop(db);
     let code = child(dir.path(), "put-one", Some("clientdb-journal-after-sync"));
     assert_eq!(code, Some(FAILPOINT_EXIT_CODE), "the child died at the point");
     assert_eq!(redb_generation(dir.path()), 0, "redb holds neither write: both are in the journal alone");
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "late").as_deref(), Some(&b"acknowledged"[..]));
     assert_eq!(value(&db, "early").as_deref(), Some(&b"first"[..]));
     assert_eq!(db.generation().unwrap(), 2);
@@ -140,12 +145,12 @@ fn a_write_killed_after_the_journal_sync_is_there_on_reopen() {
 #[test]
 fn a_checkpoint_killed_before_the_reset_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    drop(ClientDb::create(dir.path(), &key(), &dk()).unwrap());
     let code = child(dir.path(), "put-three-then-checkpoint", Some("clientdb-checkpoint-before-reset"));
     assert_eq!(code, Some(FAILPOINT_EXIT_CODE), "the child died at the point");
     assert_eq!(redb_generation(dir.path()), 4, "the checkpoint's commit is durable");
     assert_eq!(frames(dir.path()).len(), 3, "and the journal still holds the three entries");
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(db.generation().unwrap(), 4);
     assert_eq!(value(&db, "r1"), None, "the covered entry that wrote r1 is not replayed over its deletion");
     for name in ["r0", "r2"] {
@@ -154,13 +159,13 @@ fn a_checkpoint_killed_before_the_reset_loses_and_doubles_nothing() {
     assert_eq!(value(&db, "big").map(|v| v.len()), Some(70_000));
     assert_eq!(put(&db, "r3", b"after"), 5, "and the next write follows");
     drop(db);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "r3").as_deref(), Some(&b"after"[..]));
     assert_eq!(value(&db, "r1"), None);
 }
 
 /// Frames (offset, body length) of the journal's entries, read as the layout says.
-fn frames(dir: &Path) -> Vec<(usize, usize)> {
+pub(super) fn frames(dir: &Path) -> Vec<(usize, usize)> {
     let bytes = std::fs::read(dir.join(JOURNAL_FILE)).unwrap();
     let mut at = HEADER_BYTES as usize;
     let mut out = Vec::new();
@@ -179,7 +184,7 @@ fn frames(dir: &Path) -> Vec<(usize, usize)> {
 #[test]
 fn a_torn_journal_tail_is_ignored_and_the_earlier_entries_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     for i in 0..3 {
         put(&db, &format!("r{i}"), b"v");
     }
@@ -191,14 +196,14 @@ fn a_torn_journal_tail_is_ignored_and_the_earlier_entries_kept() {
     let (at, len) = f[2];
     bytes[at + 12 + len / 2] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "r1").as_deref(), Some(&b"v"[..]));
     assert_eq!(value(&db, "r2"), None, "the torn entry is not replayed");
     assert_eq!(db.generation().unwrap(), 2);
     assert_eq!(put(&db, "r3", b"w"), 3);
     drop(db);
     assert_eq!(frames(dir.path())[2].0, at, "written where the torn one was");
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "r3").as_deref(), Some(&b"w"[..]));
 
     // Garbage after the last entry (not a frame of the next sequence number) is ignored too.
@@ -207,7 +212,7 @@ fn a_torn_journal_tail_is_ignored_and_the_earlier_entries_kept() {
     let end = frames(dir.path()).last().map(|(at, len)| at + 12 + len).unwrap();
     bytes[end..end + 64].fill(0x5a);
     std::fs::write(&path, &bytes).unwrap();
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(db.generation().unwrap(), 3);
     assert_eq!(put(&db, "r4", b"x"), 4);
 }
@@ -217,10 +222,10 @@ fn a_torn_journal_tail_is_ignored_and_the_earlier_entries_kept() {
 #[test]
 fn a_journal_from_another_database_is_refused() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    put(&ClientDb::create(a.path(), &key()).unwrap(), "mine", b"a");
-    put(&ClientDb::create(b.path(), &key()).unwrap(), "theirs", b"b");
+    put(&ClientDb::create(a.path(), &key(), &dk()).unwrap(), "mine", b"a");
+    put(&ClientDb::create(b.path(), &key(), &dk()).unwrap(), "theirs", b"b");
     std::fs::copy(b.path().join(JOURNAL_FILE), a.path().join(JOURNAL_FILE)).unwrap();
-    let err = ClientDb::open(a.path(), &key()).unwrap_err().to_string();
+    let err = ClientDb::open(a.path(), &dk()).unwrap_err().to_string();
     assert!(err.contains("the journal belongs to another database"), "{err}");
 }
 
@@ -229,12 +234,12 @@ fn a_journal_from_another_database_is_refused() {
 #[test]
 fn two_processes_taking_turns_see_each_others_writes() {
     let dir = tempfile::tempdir().unwrap();
-    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    drop(ClientDb::create(dir.path(), &key(), &dk()).unwrap());
     for n in 1..=6u64 {
         if n % 2 == 1 {
             assert_eq!(child(dir.path(), &format!("turn-{n}"), None), Some(0), "turn {n}");
         } else {
-            let db = ClientDb::open(dir.path(), &key()).unwrap();
+            let db = ClientDb::open(dir.path(), &dk()).unwrap();
             assert_eq!(db.generation().unwrap(), n - 1);
             assert_eq!(
                 value(&db, &format!("turn{}", n - 1)).as_deref(),
@@ -244,7 +249,7 @@ fn two_processes_taking_turns_see_each_others_writes() {
         }
     }
     assert_eq!(redb_generation(dir.path()), 0, "every turn went through the journal");
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     for n in 1..=6u64 {
         assert_eq!(value(&db, &format!("turn{n}")).as_deref(), Some(format!("{n}").as_bytes()));
     }
@@ -255,7 +260,7 @@ fn two_processes_taking_turns_see_each_others_writes() {
 #[test]
 fn a_journal_about_to_pass_half_full_is_folded_into_redb() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     let big = vec![7u8; 2000];
     for i in 0..100 {
         put(&db, &format!("r{i}"), &big);
@@ -264,7 +269,7 @@ fn a_journal_about_to_pass_half_full_is_folded_into_redb() {
     }
     drop(db);
     assert!(redb_generation(dir.path()) > 50, "checkpoints happened");
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(db.generation().unwrap(), 100);
     assert_eq!(db.scan(Table::State).unwrap().len(), 100);
 }
@@ -273,7 +278,7 @@ fn a_journal_about_to_pass_half_full_is_folded_into_redb() {
 #[test]
 fn history_pages_merge_redb_and_the_journal() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     let at = |i: u64| HistoryKey { at_ms: i * 10, index: i };
     let add = |range: std::ops::Range<u64>| {
         let mut w = db.write().unwrap();
@@ -307,7 +312,7 @@ fn history_pages_merge_redb_and_the_journal() {
     w.commit().unwrap();
     assert_eq!(page(10).iter().map(|(i, _)| *i).collect::<Vec<_>>(), [5]);
     drop(db);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(db.history_oldest(b"c").unwrap(), Some(at(5)));
 }
 
@@ -318,23 +323,23 @@ fn history_pages_merge_redb_and_the_journal() {
 #[ignore = "measurement"]
 fn measure_open_with_a_full_journal() {
     let dir = tempfile::tempdir().unwrap();
-    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    drop(ClientDb::create(dir.path(), &key(), &dk()).unwrap());
     assert_eq!(child(dir.path(), "fill", None), Some(0));
     let n = frames(dir.path()).len();
     let header = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
     let id: journal::JournalId = header[16..32].try_into().unwrap();
-    let keys = RecordKeys::derive(&key());
+    let keys = RecordKeys::derive(&dk());
     let start = std::time::Instant::now();
     let replayed = journal::Journal::replay(&dir.path().join(JOURNAL_FILE), &id, 0, &keys).unwrap();
     let replay = start.elapsed();
     assert_eq!(replayed.entries.len(), n);
     drop(replayed);
     let start = std::time::Instant::now();
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     let full = start.elapsed();
     drop(db);
     let start = std::time::Instant::now();
-    drop(ClientDb::open(dir.path(), &key()).unwrap());
+    drop(ClientDb::open(dir.path(), &dk()).unwrap());
     let empty = start.elapsed();
     eprintln!(
         "{n} journal entries: replay alone {replay:?}; open (after a killed process) {full:?}; \
@@ -342,12 +347,12 @@ fn measure_open_with_a_full_journal() {
     );
 }
 
-/// A format-4 home (no journal, no `journal` record) opens as format 5: the journal is created
+/// A format-4 home (no journal, no `journal` record) opens as the current format: the journal is created
 /// then, its records are kept, and the next small write goes to the journal, not to redb.
 #[test]
 fn a_format_4_home_is_upgraded_and_gets_a_journal() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     put(&db, "old", b"kept");
     {
         // As format 4 left it.
@@ -362,14 +367,15 @@ fn a_format_4_home_is_upgraded_and_gets_a_journal() {
     }
     drop(db);
     std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    // An older format opens with the passphrase (none here), which proves the key.
+    let db = ClientDb::unlock(dir.path(), None).unwrap().1;
     assert!(dir.path().join(JOURNAL_FILE).is_file(), "the journal is created");
     assert_eq!(value(&db, "old").as_deref(), Some(&b"kept"[..]));
     let before = db.generation().unwrap();
     assert_eq!(put(&db, "new", b"journaled"), before + 1);
     assert_eq!(frames(dir.path()).len(), 1, "the write is the journal's first entry");
     drop(db);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "new").as_deref(), Some(&b"journaled"[..]));
     let format = super::tests::stored_format(&db);
     assert_eq!(format, DB_FORMAT_VERSION.to_le_bytes());
@@ -380,11 +386,11 @@ fn a_format_4_home_is_upgraded_and_gets_a_journal() {
 #[test]
 fn a_home_without_its_journal_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     put(&db, "newest", b"only in the journal");
     drop(db);
     std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
-    let e = ClientDb::open(dir.path(), &key()).unwrap_err().to_string();
+    let e = ClientDb::open(dir.path(), &dk()).unwrap_err().to_string();
     assert!(e.contains(JOURNAL_FILE), "names the journal: {e}");
     assert!(e.contains("the journal is missing") && e.contains("restore both"), "says what to do: {e}");
 }
@@ -404,17 +410,17 @@ fn set_base(dir: &Path, base: u64) {
 #[test]
 fn a_journal_whose_base_does_not_continue_the_database_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     put(&db, "a", b"journaled");
     put(&db, "b", b"journaled too");
     drop(db);
     for base in [0, 2, 3, u64::MAX] {
         set_base(dir.path(), base);
-        let e = ClientDb::open(dir.path(), &key()).unwrap_err().to_string();
+        let e = ClientDb::open(dir.path(), &dk()).unwrap_err().to_string();
         assert!(e.contains("does not continue qpq.db") && e.contains("restore both"), "base {base}: {e}");
     }
     set_base(dir.path(), 1);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "b").as_deref(), Some(&b"journaled too"[..]));
 }
 
@@ -425,7 +431,7 @@ fn a_journal_whose_base_does_not_continue_the_database_is_refused() {
 #[test]
 fn a_journal_older_than_the_database_is_outrun_not_continued() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     put(&db, "a", b"first");
     let old = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
     put(&db, "b", b"second");
@@ -436,12 +442,12 @@ fn a_journal_older_than_the_database_is_outrun_not_continued() {
     let header = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
     assert_eq!(header[32..40], 3u64.to_le_bytes(), "the checkpoint emptied the journal");
     std::fs::write(dir.path().join(JOURNAL_FILE), &old).unwrap();
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "b").as_deref(), Some(&b"second"[..]));
     put(&db, "c", b"after the old journal");
     put(&db, "d", b"journaled again");
     drop(db);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "c").as_deref(), Some(&b"after the old journal"[..]));
     assert_eq!(value(&db, "d").as_deref(), Some(&b"journaled again"[..]));
 }
@@ -454,14 +460,14 @@ fn a_journal_older_than_the_database_is_outrun_not_continued() {
 #[test]
 fn a_journal_write_that_failed_never_comes_back_over_a_later_one() {
     let dir = tempfile::tempdir().unwrap();
-    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    drop(ClientDb::create(dir.path(), &key(), &dk()).unwrap());
     assert_eq!(child(dir.path(), "sync-fails", Some("clientdb-journal-sync-fails")), Some(0));
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "k"), Some(vec![5u8; 300 << 10]), "the later write stands");
     // And the journal takes new entries again.
     put(&db, "after", b"journaled");
     drop(db);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "after").as_deref(), Some(&b"journaled"[..]));
     assert_eq!(value(&db, "k"), Some(vec![5u8; 300 << 10]));
 }
@@ -472,9 +478,9 @@ fn a_journal_write_that_failed_never_comes_back_over_a_later_one() {
 #[test]
 fn a_checkpoint_whose_journal_reset_fails_is_still_done() {
     let dir = tempfile::tempdir().unwrap();
-    drop(ClientDb::create(dir.path(), &key()).unwrap());
+    drop(ClientDb::create(dir.path(), &key(), &dk()).unwrap());
     assert_eq!(child(dir.path(), "reset-fails", Some("clientdb-journal-reset-fails")), Some(0));
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "first").as_deref(), Some(&b"in the journal"[..]));
     assert_eq!(value(&db, "big"), Some(vec![6u8; 300 << 10]));
     assert_eq!(value(&db, "small").as_deref(), Some(&b"after it"[..]));
@@ -487,7 +493,7 @@ fn a_checkpoint_whose_journal_reset_fails_is_still_done() {
 #[test]
 fn a_checkpoint_leaves_no_entry_bytes_in_the_journal() {
     let dir = tempfile::tempdir().unwrap();
-    let db = ClientDb::create(dir.path(), &key()).unwrap();
+    let db = ClientDb::create(dir.path(), &key(), &dk()).unwrap();
     for i in 0..3 {
         put(&db, &format!("secret {i}"), &[7u8; 500]);
     }
@@ -497,6 +503,6 @@ fn a_checkpoint_leaves_no_entry_bytes_in_the_journal() {
     let rest = &bytes[HEADER_BYTES as usize..];
     assert!(rest.iter().all(|b| *b == 0), "{} non-zero bytes left", rest.iter().filter(|b| **b != 0).count());
     drop(db);
-    let db = ClientDb::open(dir.path(), &key()).unwrap();
+    let db = ClientDb::open(dir.path(), &dk()).unwrap();
     assert_eq!(value(&db, "secret 2").as_deref(), Some(&[7u8; 500][..]));
 }

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use super::{ClientDb, records};
+use super::{ClientDb, DbKey, records};
 use crate::client::state::{self, STATE_FILE, State, StateError};
 use crate::crypto::statefile::{self, StateKey};
 use crate::fsutil;
@@ -38,9 +38,10 @@ pub fn remove_if_present(path: &Path) -> Result<(), StateError> {
     }
 }
 
-/// Builds a complete database for `state` at `path`, durable when this returns.
-pub fn write_new(path: &Path, key: &StateKey, state: &State) -> Result<(), StateError> {
-    let db = ClientDb::create_at(path.to_path_buf(), key)?;
+/// Builds a complete database for `state` at `path` (records sealed under `data`, itself sealed
+/// under `unlock`), durable when this returns.
+pub fn write_new(path: &Path, unlock: &StateKey, data: &DbKey, state: &State) -> Result<(), StateError> {
+    let db = ClientDb::create_at(path.to_path_buf(), unlock, data)?;
     let mut w = db.write()?;
     // The state file's kept history goes into the history table with the records.
     records::write_changed(state, &Default::default(), 0, &mut w)?;
@@ -62,8 +63,9 @@ pub fn publish(dir: &Path, partial: &Path) -> Result<(), StateError> {
 }
 
 /// Finishes or performs the migration of `dir` (the caller holds the home's lock). Returns the
-/// key when it migrated (already derived from the passphrase), None when the database was there.
-pub fn migrate_if_needed(dir: &Path, passphrase: Option<&[u8]>) -> Result<Option<StateKey>, StateError> {
+/// records' keys when it migrated (the passphrase already proven), None when the database was
+/// there.
+pub fn migrate_if_needed(dir: &Path, passphrase: Option<&[u8]>) -> Result<Option<DbKey>, StateError> {
     let partial = dir.join(PARTIAL_FILE);
     let old = dir.join(STATE_FILE);
     if super::exists(dir) {
@@ -77,13 +79,14 @@ pub fn migrate_if_needed(dir: &Path, passphrase: Option<&[u8]>) -> Result<Option
     let bytes = state::read(dir)?;
     let (key, plain) = statefile::open(&bytes, passphrase)?;
     let state = State::decode(&plain)?;
-    write_new(&partial, &key, &state)?;
+    let data = DbKey::random();
+    write_new(&partial, &key, &data, &state)?;
     crate::failpoint::hit("migrate-before-publish");
     publish(dir, &partial)?;
     crate::failpoint::hit("migrate-before-remove");
     remove_if_present(&old)?;
     fsutil::sync_dir(dir).map_err(io("sync", dir))?;
-    Ok(Some(key))
+    Ok(Some(data))
 }
 
 /// Removes the state file a published migration left behind; call only once the database has

@@ -8,7 +8,8 @@
 //! | table     | redb key                        | redb value                              |
 //! |-----------|---------------------------------|-----------------------------------------|
 //! | `meta`    | `"format"`                      | u32 LE format version, in clear         |
-//! |           | `"key"`                         | key check: a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing [`KEY_CHECK`] |
+//! |           | `"key"`                         | a [`crate::crypto::statefile`] blob (magic, KDF id, Argon2id parameters, salt) sealing the records' keys ([`seal::DbKey`]), or [`KEY_CHECK`] in a home from before format 6 |
+//! |           | `"records"`                     | record check: [`KEY_CHECK`] sealed under the records' keys |
 //! |           | `"generation"`                  | u64 LE, +1 per committed write          |
 //! |           | `"journal"`                     | the journal's id (16 B) ‖ u64 LE sequence number of the last journal entry redb holds |
 //! | `mls`     | slot of the openmls storage key | sealed openmls value ([`mls`]; a group's message secrets in two parts: [`past_leaves`], the past epochs' members shared between epochs: [`past_members`]; its ratchet tree one record per node: [`tree_nodes`]) |
@@ -39,10 +40,19 @@
 //! # Keys
 //! Opening runs Argon2id once on the passphrase with the salt and parameters of the `key`
 //! record (or takes the public unprotected key of `init --no-passphrase`), exactly as the old
-//! state file did; opening the `key` blob proves the passphrase. From that state key, HKDF-SHA256
-//! (RFC 5869) derives a slot key and a record key ([`seal`]): a slot is `HMAC-SHA256(slot key,
+//! state file did; opening the `key` blob proves the passphrase and yields the records' two keys
+//! ([`seal::DbKey`]), drawn at random when the home was made (a home from before format 6
+//! derives them from that state key by HKDF-SHA256, RFC 5869). A slot is `HMAC-SHA256(slot key,
 //! table label ‖ 0 ‖ logical key)`, a value is XChaCha20-Poly1305 with a random nonce and the
-//! table label and slot as associated data.
+//! table label and slot as associated data. A process that holds the records' keys checks them
+//! against the record check at every open, with no Argon2id run.
+//!
+//! `qpq passphrase` ([`ClientDb::change_key`], [`rekey`]) seals the same keys under a new
+//! passphrase (or the unprotected key) in a copy of the file renamed into place: other processes
+//! of the home go on. With `--new-key`, and always when a passphrase is set on a home that had
+//! none, the copy also re-seals every value under a new random record key; other processes then
+//! fail their next open with [`DbError::KeyChanged`]. The slot key never changes (see
+//! [`seal::DbKey`]).
 //!
 //! # What is visible on disk
 //! The format version, the KDF parameters and salt, the generation counter, and per table the
@@ -74,6 +84,7 @@ pub mod mls;
 pub mod past_leaves;
 pub mod past_members;
 pub mod records;
+mod rekey;
 pub mod seal;
 mod store;
 pub mod tree_nodes;
@@ -91,6 +102,8 @@ use crate::client::state::StateError;
 use crate::crypto::statefile::{self, StateFileError, StateKey};
 use crate::fsutil::HomeLock;
 use crate::limits::CLIENT_DB_CACHE_BYTES;
+pub use rekey::KeyChange;
+pub use seal::DbKey;
 use seal::{RecordDamaged, RecordKeys};
 use store::{Store, apply, attach_journal};
 
@@ -112,26 +125,36 @@ pub const DB_FILE: &str = "qpq.db";
 /// checkpoint, so the newest records may be in `qpq.db.journal` alone, which a format-4 binary
 /// would ignore (losing them); and a past epoch's member list may be a list of references to
 /// member records shared between epochs ([`past_members`]), so a commit writes the members
-/// that changed, not the ended epoch's whole list, which a format-4 binary cannot read.
-pub const DB_FORMAT_VERSION: u32 = 5;
+/// that changed, not the ended epoch's whole list, which a format-4 binary cannot read. 6: the
+/// `key` record may seal the records' keys ([`seal::DbKey`]) instead of a key check, so that a
+/// passphrase can change without re-sealing every record, and `meta` holds a record check
+/// sealed under those keys, which a format-5 binary would take for a wrong passphrase.
+pub const DB_FORMAT_VERSION: u32 = 6;
 
 /// The oldest format this one upgrades in place when opening, once the key is proven, in one
 /// redb transaction, step by step: from 2, the per-conversation records move into the `groups`
 /// record and are deleted ([`records::merge_group_records`]); from 3 (and 2), the `timelines`
 /// record is split in two ([`records::split_timelines`]); then the format record is rewritten.
-/// Everything else of formats 2 to 4 reads the same in format 5 (message secrets and ratchet
+/// Everything else of formats 2 to 5 reads the same in format 6 (message secrets and ratchet
 /// trees stored whole are still read, and split when next written; from 4, nothing moves: a
-/// past epoch's members stored inline are still read, and dropped with their epoch).
+/// past epoch's members stored inline are still read, and dropped with their epoch; from 5, the
+/// record check is added and the `key` record stays a key check until the passphrase changes).
 pub const UPGRADED_FORMAT: u32 = 2;
 
-/// What the `key` record seals: proves the key before any record is read.
+/// What the `key` record of a home from before format 6 seals, and what the record check seals:
+/// proves a key before any record is read.
 pub const KEY_CHECK: &[u8] = b"qpq.db key check v1";
+
+/// The record check's label and slot ([`RecordKeys::seal`]), apart from every table's.
+const RECORD_CHECK_LABEL: &[u8] = b"meta";
+const RECORD_CHECK_SLOT: &[u8] = b"records";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_FORMAT: &str = "format";
 const META_KEY: &str = "key";
 const META_GENERATION: &str = "generation";
 const META_JOURNAL: &str = "journal";
+const META_RECORD_CHECK: &str = "records";
 
 /// The sealed tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -175,6 +198,11 @@ pub enum DbError {
     Older { path: PathBuf, found: u32 },
     #[error("{0}")]
     Key(#[from] StateFileError),
+    #[error(
+        "{0} is sealed under another key since this command opened it (`qpq passphrase --new-key` \
+         ran, or the file was replaced): start the command again"
+    )]
+    KeyChanged(PathBuf),
     #[error("{0} is open in another handle of this process")]
     InUse(PathBuf),
     #[error("{0} was closed: writes happen under the home's lock")]
@@ -261,79 +289,70 @@ pub fn exists(dir: &Path) -> bool {
 }
 
 impl ClientDb {
-    /// Creates `dir/qpq.db` sealed under `key` (fails if it exists), with its journal. The
-    /// caller holds the home lock.
-    pub fn create(dir: &Path, key: &StateKey) -> Result<ClientDb, DbError> {
-        ClientDb::create_in(dir.join(DB_FILE), Some(dir), key)
+    /// Creates `dir/qpq.db` with records sealed under `data`, itself sealed under `unlock`
+    /// (fails if it exists), with its journal. The caller holds the home lock.
+    pub fn create(dir: &Path, unlock: &StateKey, data: &DbKey) -> Result<ClientDb, DbError> {
+        ClientDb::create_in(dir.join(DB_FILE), Some(dir), unlock, data)
     }
 
     /// Creates a database at `path` without a journal (a migration builds it under another name
     /// first; the first open in the home creates the journal).
-    pub fn create_at(path: PathBuf, key: &StateKey) -> Result<ClientDb, DbError> {
-        ClientDb::create_in(path, None, key)
+    pub fn create_at(path: PathBuf, unlock: &StateKey, data: &DbKey) -> Result<ClientDb, DbError> {
+        ClientDb::create_in(path, None, unlock, data)
     }
 
-    fn create_in(path: PathBuf, dir: Option<&Path>, key: &StateKey) -> Result<ClientDb, DbError> {
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            // Created private: records are sealed, but their sizes and the KDF salt are not.
-            options.mode(0o600);
-        }
-        let file = options.open(&path).map_err(|e| DbError::Io { op: "create", reason: e.to_string() })?;
-        let backend = redb::backends::FileBackend::new(file)
-            .map_err(|e| DbError::Io { op: "create", reason: e.to_string() })?;
-        let db = Database::builder()
-            .set_cache_size(CLIENT_DB_CACHE_BYTES)
-            .create_with_backend(backend)
-            .map_err(|e| io_err("create")(e.into()))?;
+    fn create_in(
+        path: PathBuf,
+        dir: Option<&Path>,
+        unlock: &StateKey,
+        data: &DbKey,
+    ) -> Result<ClientDb, DbError> {
+        let db = create_redb(&path)?;
+        let keys = RecordKeys::derive(data);
         let txn = db.begin_write().map_err(|e| io_err("create")(e.into()))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| io_err("create")(e.into()))?;
-            let check = statefile::seal(key, KEY_CHECK);
             let put = |m: &mut redb::Table<&str, &[u8]>, k: &str, v: &[u8]| {
                 m.insert(k, v).map(drop).map_err(|e| io_err("create")(e.into()))
             };
             put(&mut meta, META_FORMAT, &DB_FORMAT_VERSION.to_le_bytes())?;
-            put(&mut meta, META_KEY, &check)?;
+            put(&mut meta, META_KEY, &statefile::seal(unlock, &data.wrapped()))?;
+            put(&mut meta, META_RECORD_CHECK, &record_check(&keys))?;
             put(&mut meta, META_GENERATION, &0u64.to_le_bytes())?;
             for t in [Table::Mls, Table::State, Table::History] {
                 txn.open_table(t.def()).map_err(|e| io_err("create")(e.into()))?;
             }
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
-        let keys = RecordKeys::derive(key);
         let store = attach_journal(db, dir, &keys, &path)?;
         Ok(ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home: None })
     }
 
-    /// Opens the database with a passphrase (one Argon2id run), returning the state key for the
-    /// next opens of this process.
-    pub fn unlock(dir: &Path, passphrase: Option<&[u8]>) -> Result<(StateKey, ClientDb), DbError> {
+    /// Opens the database with a passphrase (one Argon2id run), returning the records' keys for
+    /// the next opens of this process.
+    pub fn unlock(dir: &Path, passphrase: Option<&[u8]>) -> Result<(DbKey, ClientDb), DbError> {
         let (db, path, format) = open_file(dir)?;
         let check = shielded(&path, || key_check(&db, &path))?;
         let (key, plain) = statefile::open(&check, passphrase)?;
-        if plain.as_slice() != KEY_CHECK {
+        let data = if plain.as_slice() == KEY_CHECK {
+            DbKey::of(&key)
+        } else if let Some(data) = DbKey::unwrap_from(&plain) {
+            data
+        } else {
             return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
-        }
-        let keys = RecordKeys::derive(&key);
-        let store = open_store(db, format, dir, &keys, &path)?;
+        };
+        let keys = RecordKeys::derive(&data);
+        let store = open_store(db, format, dir, &keys, &path, true)?;
         let home = Some(dir.to_path_buf());
-        Ok((key, ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home }))
+        Ok((data, ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home }))
     }
 
-    /// Opens the database with a key this process derived before (no Argon2id run).
-    pub fn open(dir: &Path, key: &StateKey) -> Result<ClientDb, DbError> {
+    /// Opens the database with the keys this process unlocked before (no Argon2id run), which
+    /// still open it after another process changed the passphrase, but not after `--new-key`.
+    pub fn open(dir: &Path, key: &DbKey) -> Result<ClientDb, DbError> {
         let (db, path, format) = open_file(dir)?;
-        let check = shielded(&path, || key_check(&db, &path))?;
-        let plain = statefile::open_with_key(&check, key)?;
-        if plain.as_slice() != KEY_CHECK {
-            return Err(DbError::Damaged { path, reason: "the key check does not match".into() });
-        }
         let keys = RecordKeys::derive(key);
-        let store = open_store(db, format, dir, &keys, &path)?;
+        let store = open_store(db, format, dir, &keys, &path, false)?;
         let home = Some(dir.to_path_buf());
         Ok(ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home })
     }
@@ -390,9 +409,9 @@ impl ClientDb {
         let Some(home) = &self.home else { return Err(DbError::Closed(self.path.clone())) };
         let _lock = HomeLock::acquire(home, true).map_err(|e| DbError::Lock(e.to_string()))?;
         let (db, path, format) = open_file(home)?;
-        // Replaced by an older qpq since this handle proved the key: the upgrade's first record
-        // read fails if the key is not this file's.
-        let store = open_store(db, format, home, &self.keys, &path)?;
+        // Re-sealed under a new key, or replaced by an older copy, since this handle proved
+        // the key: `open_store` says so before anything is read.
+        let store = open_store(db, format, home, &self.keys, &path, false)?;
         let out = f(&store);
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(store)));
         out
@@ -510,15 +529,53 @@ impl RawGuard<'_> {
 }
 
 /// Opens the journal of a file whose key was proven, after upgrading an older format.
+/// A new, empty redb file at `path` (fails if it exists), private to its owner.
+fn create_redb(path: &Path) -> Result<Database, DbError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Created private: records are sealed, but their sizes and the KDF salt are not.
+        options.mode(0o600);
+    }
+    let file = options.open(path).map_err(|e| DbError::Io { op: "create", reason: e.to_string() })?;
+    let backend = redb::backends::FileBackend::new(file)
+        .map_err(|e| DbError::Io { op: "create", reason: e.to_string() })?;
+    Database::builder()
+        .set_cache_size(CLIENT_DB_CACHE_BYTES)
+        .create_with_backend(backend)
+        .map_err(|e| io_err("create")(e.into()))
+}
+
+/// Checks `keys` against the file (format 6: its record check; an older format only when
+/// `key_proven`, its `key` record having just opened: the upgrade writes the record check),
+/// upgrades it if need be and attaches its journal.
 fn open_store(
     db: Database,
     format: u32,
     dir: &Path,
     keys: &RecordKeys,
     path: &Path,
+    key_proven: bool,
 ) -> Result<Store, DbError> {
     // The file is dropped inside the shield when anything fails: closing may meet damage too.
     shielded(path, move || {
+        if format == DB_FORMAT_VERSION {
+            match check_records_key(&db, keys, path) {
+                // The keys the passphrase just unlocked do not open their own check.
+                Err(DbError::KeyChanged(_)) if key_proven => {
+                    return Err(DbError::Damaged {
+                        path: path.to_path_buf(),
+                        reason: "the record check does not open under the unlocked keys".into(),
+                    });
+                }
+                r => r?,
+            }
+        } else if !key_proven {
+            // Replaced by an older qpq's copy since this process proved the key.
+            return Err(DbError::KeyChanged(path.to_path_buf()));
+        }
         upgrade_if_needed(&db, format, keys, path)?;
         attach_journal(db, Some(dir), keys, path)
     })
@@ -775,6 +832,8 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
             let mut meta = txn.open_table(META).map_err(|e| io_err("upgrade")(e.into()))?;
             meta.insert(META_FORMAT, DB_FORMAT_VERSION.to_le_bytes().as_slice())
                 .map_err(|e| io_err("upgrade")(e.into()))?;
+            meta.insert(META_RECORD_CHECK, record_check(keys).as_slice())
+                .map_err(|e| io_err("upgrade")(e.into()))?;
         }
         // Tests stop here: a crash before the commit leaves the old format, whole.
         crate::failpoint::hit("clientdb-upgrade-before-commit");
@@ -786,6 +845,29 @@ fn upgrade_if_needed(db: &Database, format: u32, keys: &RecordKeys, path: &Path)
             txn.commit().map_err(|e| io_err("upgrade")(e.into()))
         }
     })
+}
+
+/// The record check: [`KEY_CHECK`] sealed under the records' keys.
+fn record_check(keys: &RecordKeys) -> Vec<u8> {
+    keys.seal(RECORD_CHECK_LABEL, RECORD_CHECK_SLOT, KEY_CHECK)
+}
+
+/// Fails with [`DbError::KeyChanged`] unless the record check opens under `keys`.
+fn check_records_key(db: &Database, keys: &RecordKeys, path: &Path) -> Result<(), DbError> {
+    let damaged = |reason: String| DbError::Damaged { path: path.to_path_buf(), reason };
+    let txn = db.begin_read().map_err(|e| damaged(e.to_string()))?;
+    let meta = txn.open_table(META).map_err(|e| damaged(e.to_string()))?;
+    let v = meta
+        .get(META_RECORD_CHECK)
+        .map_err(|e| damaged(e.to_string()))?
+        .ok_or_else(|| damaged("no record check".into()))?;
+    let plain = keys
+        .open_uncounted(RECORD_CHECK_LABEL, RECORD_CHECK_SLOT, v.value())
+        .map_err(|_| DbError::KeyChanged(path.to_path_buf()))?;
+    if plain.as_slice() != KEY_CHECK {
+        return Err(damaged("the record check does not match".into()));
+    }
+    Ok(())
 }
 
 fn key_check(db: &Database, path: &Path) -> Result<Vec<u8>, DbError> {

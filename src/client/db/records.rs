@@ -332,7 +332,6 @@ mod tests {
     use super::*;
     use crate::client::state::{Home, Unlock};
     use crate::client::timeline::MemberEventKind;
-    use crate::crypto::statefile::StateKey;
 
     fn meta(name: &str, kind: GroupKind, active: bool) -> GroupMeta {
         GroupMeta { name: name.into(), kind, active, history: VecDeque::new() }
@@ -364,10 +363,9 @@ mod tests {
         let old = meta("old", GroupKind::Group, false);
         home_with(dir.path(), &[]);
         // Rewritten as format 2 wrote it (a record is the postcard of its fields in order).
-        let key = StateKey::unprotected();
         let v2 = [("group/ab", &team), ("group/cd", &bob), ("group/ef", &old)];
         {
-            let db = ClientDb::open(dir.path(), &key).unwrap();
+            let db = ClientDb::unlock(dir.path(), None).unwrap().1;
             let mut w = db.write().unwrap();
             let names: Vec<&str> = v2.iter().map(|(n, _)| *n).collect();
             w.put(Table::State, b"groups", &postcard::to_allocvec(&names).unwrap()).unwrap();
@@ -400,7 +398,7 @@ mod tests {
             ]
         );
         drop(home);
-        let db = ClientDb::open(dir.path(), &key).unwrap();
+        let db = ClientDb::unlock(dir.path(), None).unwrap().1;
         assert_eq!(format(&db), DB_FORMAT_VERSION.to_le_bytes());
         for (name, _) in v2 {
             assert!(db.get(Table::State, name.as_bytes()).unwrap().is_none(), "{name} is still there");
@@ -458,7 +456,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         home_with(dir.path(), &[("ab", meta("team", GroupKind::Group, true))]);
         {
-            let db = ClientDb::open(dir.path(), &StateKey::unprotected()).unwrap();
+            let db = ClientDb::unlock(dir.path(), None).unwrap().1;
             let mut w = db.write().unwrap();
             w.delete(Table::State, INBOX_EVENTS.as_bytes()).unwrap();
             w.commit().unwrap();
@@ -510,7 +508,6 @@ mod tests {
             .status()
             .unwrap();
         assert_eq!(status.code(), Some(crate::failpoint::FAILPOINT_EXIT_CODE), "the child died at the point");
-        let key = StateKey::unprotected();
         {
             // Read with redb alone: opening a ClientDb would upgrade it.
             let db = redb::Database::open(dir.path().join(super::super::DB_FILE)).unwrap();
@@ -522,7 +519,7 @@ mod tests {
         assert_eq!(home.state.timelines.message_count("ab"), 2);
         assert_eq!(home.state.timelines.events_between("ab", None, None).len(), 1);
         drop(home);
-        let db = ClientDb::open(dir.path(), &key).unwrap();
+        let db = ClientDb::unlock(dir.path(), None).unwrap().1;
         assert_eq!(format(&db), DB_FORMAT_VERSION.to_le_bytes());
     }
 
@@ -535,7 +532,7 @@ mod tests {
         timelines.note_message("ab");
         timelines.record("ab", MemberEventKind::Left, [5; 32], vec![[6; 32]], 7, 10);
         timelines.note_message("cd");
-        let db = ClientDb::open(dir, &StateKey::unprotected()).unwrap();
+        let db = ClientDb::unlock(dir, None).unwrap().1;
         let mut w = db.write().unwrap();
         w.delete(Table::State, MESSAGE_COUNTS.as_bytes()).unwrap();
         w.delete(Table::State, MEMBER_EVENTS.as_bytes()).unwrap();
@@ -552,13 +549,12 @@ mod tests {
     fn a_format_3_home_opens_with_its_timelines_split() {
         let dir = tempfile::tempdir().unwrap();
         format_3_home(dir.path());
-        let key = StateKey::unprotected();
         let home = Home::open(dir.path(), None).unwrap();
         assert_eq!(home.state.timelines.message_count("ab"), 2);
         assert_eq!(home.state.timelines.message_count("cd"), 1);
         assert_eq!(home.state.timelines.events_between("ab", None, None).len(), 1);
         drop(home);
-        let db = ClientDb::open(dir.path(), &key).unwrap();
+        let db = ClientDb::unlock(dir.path(), None).unwrap().1;
         assert_eq!(format(&db), DB_FORMAT_VERSION.to_le_bytes());
         assert!(db.get(Table::State, V3_TIMELINES.as_bytes()).unwrap().is_none(), "the old record is gone");
         let (state, _) = read_state(&db).unwrap();

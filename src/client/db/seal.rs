@@ -1,7 +1,9 @@
 //! Record keys and record sealing for the client database ([`super`]).
 //!
-//! Two keys come from the home's state key (itself HKDF over the Argon2id output, see
-//! [`crate::crypto::statefile`]) by HKDF-SHA256 (RFC 5869) with distinct `info` labels:
+//! Two keys ([`DbKey`]), random for a home made by format 6 on, kept sealed in the `key` record
+//! under the key the passphrase unlocks; for an older home, derived from its state key (itself
+//! HKDF over the Argon2id output, see [`crate::crypto::statefile`]) by HKDF-SHA256 (RFC 5869)
+//! with distinct `info` labels:
 //! - the *slot key*: a record's redb key is `HMAC-SHA256(slot key, table label || 0x00 ||
 //!   logical key)` (RFC 2104), so neither names, group ids nor openmls labels appear on disk,
 //!   and equal logical keys still find the same record;
@@ -30,6 +32,10 @@ const RECORD_KEY_INFO: &[u8] = b"qpq.db/1 record key";
 /// Prefix of every record's associated data.
 const AAD_PREFIX: &[u8] = b"qpq.db/1";
 
+/// Prefix of a wrapped [`DbKey`] in the `key` record (format 6; a home from before holds
+/// [`super::KEY_CHECK`] there, and its records are sealed under [`DbKey::of`] its state key).
+const WRAP_MAGIC: &[u8] = b"qpq.db/1 wrapped key";
+
 /// Length of a slot (an HMAC-SHA256 output).
 pub const SLOT_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
@@ -52,7 +58,81 @@ pub fn records_opened_on_this_thread() -> u64 {
     RECORDS_OPENED.with(Cell::get)
 }
 
-/// The two derived keys, wiped on drop.
+/// What a home's records are sealed under: the slot key and the record key, wiped on drop.
+///
+/// The `key` record keeps them sealed under the key the passphrase unlocks ([`super`]), so a new
+/// passphrase re-seals 64 bytes, not every record, and processes already holding these keys go on
+/// working. A home made before format 6 uses the keys derived from its first state key
+/// ([`DbKey::of`]); a new home draws them at random. `qpq passphrase --new-key` replaces the record
+/// key and re-seals every value; the slot key stays for the home's life (a slot is a one-way hash
+/// of its record's name, so records cannot be re-slotted without knowing every name).
+pub struct DbKey {
+    slot: Zeroizing<[u8; 32]>,
+    record: Zeroizing<[u8; 32]>,
+}
+
+impl DbKey {
+    /// The keys of a home made before format 6: derived from its state key.
+    pub fn of(key: &StateKey) -> DbKey {
+        DbKey { slot: key.subkey(SLOT_KEY_INFO), record: key.subkey(RECORD_KEY_INFO) }
+    }
+
+    /// Fresh random keys for a new home.
+    pub fn random() -> DbKey {
+        let mut slot = Zeroizing::new([0; 32]);
+        OsRng.fill_bytes(slot.as_mut());
+        DbKey { slot, record: DbKey::random_record() }
+    }
+
+    fn random_record() -> Zeroizing<[u8; 32]> {
+        let mut record = Zeroizing::new([0; 32]);
+        OsRng.fill_bytes(record.as_mut());
+        record
+    }
+
+    /// The same slot key with a fresh random record key (`qpq passphrase --new-key`).
+    pub fn with_new_record_key(&self) -> DbKey {
+        DbKey { slot: self.slot.clone(), record: DbKey::random_record() }
+    }
+
+    /// True when both name records with the same slots.
+    pub fn same_slots(&self, other: &DbKey) -> bool {
+        self.slot == other.slot
+    }
+
+    /// The `key` record's plaintext: the magic, then both keys.
+    pub fn wrapped(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(WRAP_MAGIC.len() + 64));
+        out.extend_from_slice(WRAP_MAGIC);
+        out.extend_from_slice(self.slot.as_ref());
+        out.extend_from_slice(self.record.as_ref());
+        out
+    }
+
+    /// Reads [`DbKey::wrapped`]'s output; None for anything else.
+    pub fn unwrap_from(plain: &[u8]) -> Option<DbKey> {
+        let keys = plain.strip_prefix(WRAP_MAGIC)?;
+        let (slot, record) = keys.split_at_checked(32)?;
+        Some(DbKey {
+            slot: Zeroizing::new(slot.try_into().ok()?),
+            record: Zeroizing::new(record.try_into().ok()?),
+        })
+    }
+}
+
+impl Clone for DbKey {
+    fn clone(&self) -> Self {
+        DbKey { slot: self.slot.clone(), record: self.record.clone() }
+    }
+}
+
+impl std::fmt::Debug for DbKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DbKey(..)")
+    }
+}
+
+/// The two keys in use, wiped on drop.
 pub struct RecordKeys {
     slot_key: Zeroizing<[u8; 32]>,
     cipher: XChaCha20Poly1305,
@@ -66,11 +146,10 @@ pub struct RecordKeys {
 pub struct RecordDamaged;
 
 impl RecordKeys {
-    pub fn derive(key: &StateKey) -> RecordKeys {
-        let record = key.subkey(RECORD_KEY_INFO);
+    pub fn derive(key: &DbKey) -> RecordKeys {
         RecordKeys {
-            slot_key: key.subkey(SLOT_KEY_INFO),
-            cipher: XChaCha20Poly1305::new(Key::from_slice(record.as_ref())),
+            slot_key: key.slot.clone(),
+            cipher: XChaCha20Poly1305::new(Key::from_slice(key.record.as_ref())),
         }
     }
 
@@ -152,7 +231,7 @@ mod tests {
 
     #[test]
     fn a_record_opens_only_in_its_own_slot_and_table() {
-        let keys = RecordKeys::derive(&StateKey::unprotected());
+        let keys = RecordKeys::derive(&DbKey::of(&StateKey::unprotected()));
         let slot = keys.slot(b"mls", b"group one");
         assert_ne!(slot, keys.slot(b"mls", b"group two"));
         assert_ne!(slot, keys.slot(b"state", b"group one"));
@@ -170,14 +249,8 @@ mod tests {
 
     #[test]
     fn another_key_names_and_seals_records_differently() {
-        let a = RecordKeys::derive(&StateKey::unprotected());
-        let b = RecordKeys::derive(
-            &StateKey::from_passphrase(
-                b"pw",
-                crate::crypto::statefile::KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 },
-            )
-            .unwrap(),
-        );
+        let a = RecordKeys::derive(&DbKey::of(&StateKey::unprotected()));
+        let b = RecordKeys::derive(&DbKey::random());
         assert_ne!(a.slot(b"mls", b"x"), b.slot(b"mls", b"x"));
         let slot = a.slot(b"mls", b"x");
         let sealed = a.seal(b"mls", &slot, b"v");

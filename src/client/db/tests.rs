@@ -22,7 +22,7 @@ const FAST: KdfParams = KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
 fn new_db() -> (tempfile::TempDir, StateKey, ClientDb) {
     let dir = tempfile::tempdir().unwrap();
     let key = StateKey::from_passphrase(b"correct horse", FAST).unwrap();
-    let db = ClientDb::create(dir.path(), &key).unwrap();
+    let db = ClientDb::create(dir.path(), &key, &DbKey::of(&key)).unwrap();
     (dir, key, db)
 }
 
@@ -64,7 +64,9 @@ fn reopened_as_format(
     flush_commit(&db, &old);
     set_format(&db, format);
     drop(db);
-    let db = Arc::new(ClientDb::open(dir.path(), key).unwrap());
+    // An older format opens with the passphrase, which proves the key the upgrade writes under.
+    let _ = key;
+    let db = Arc::new(ClientDb::unlock(dir.path(), Some(b"correct horse")).unwrap().1);
     assert_current_format(&db);
     db
 }
@@ -94,7 +96,7 @@ fn records_round_trip_and_nothing_readable_reaches_the_file() {
         let mode = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let db = ClientDb::open(dir.path(), &key).unwrap();
+    let db = ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap();
     assert_eq!(db.generation().unwrap(), 1);
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob=secret-contact-name");
 }
@@ -112,10 +114,10 @@ fn the_passphrase_unlocks_and_a_wrong_or_missing_one_is_refused_by_name() {
     assert!(err.to_string().starts_with("state file is encrypted with a passphrase"), "{err}");
     // A key from another derivation (another salt) is not taken for this home's.
     let other = StateKey::from_passphrase(b"correct horse", FAST).unwrap();
-    assert!(matches!(ClientDb::open(dir.path(), &other), Err(DbError::Key(StateFileError::Rekeyed))));
+    assert!(matches!(ClientDb::open(dir.path(), &DbKey::of(&other)), Err(DbError::KeyChanged(_))));
     // The unprotected mode needs nothing.
     let plain = tempfile::tempdir().unwrap();
-    drop(ClientDb::create(plain.path(), &StateKey::unprotected()).unwrap());
+    drop(ClientDb::create(plain.path(), &StateKey::unprotected(), &DbKey::random()).unwrap());
     assert!(!ClientDb::is_passphrase_protected(plain.path()).unwrap());
     assert!(ClientDb::unlock(plain.path(), None).is_ok());
 }
@@ -126,7 +128,7 @@ fn a_newer_or_older_format_is_refused_by_name() {
         let (dir, key, db) = new_db();
         set_format(&db, found);
         drop(db);
-        let err = ClientDb::open(dir.path(), &key).unwrap_err();
+        let err = ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap_err();
         assert!(err.to_string().contains(&format!("client database format {found}, {word} than")), "{err}");
     }
 }
@@ -140,7 +142,8 @@ fn a_format_2_database_is_upgraded_in_place_and_keeps_its_records() {
     w.commit().unwrap();
     set_format(&db, UPGRADED_FORMAT);
     drop(db);
-    let db = ClientDb::open(dir.path(), &key).unwrap();
+    let _ = key;
+    let db = ClientDb::unlock(dir.path(), Some(b"correct horse")).unwrap().1;
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
     assert_current_format(&db);
     assert_eq!(db.generation().unwrap(), 1, "the upgrade changes no record");
@@ -191,7 +194,7 @@ fn truncated_corrupted_and_foreign_files_give_clear_errors_not_panics() {
         std::fs::write(&path, bytes).unwrap();
         // Any error will do, as long as it is an error with a lowercase sentence and no panic;
         // a damaged record must not read as another value.
-        match ClientDb::open(dir.path(), &key) {
+        match ClientDb::open(dir.path(), &DbKey::of(&key)) {
             Err(e) => {
                 let msg = e.to_string();
                 assert!(msg.chars().next().is_some_and(|c| !c.is_uppercase()), "{what}: {msg}");
@@ -221,10 +224,10 @@ fn truncated_corrupted_and_foreign_files_give_clear_errors_not_panics() {
     txn.open_table(TableDefinition::<&str, &str>::new("other")).unwrap().insert("a", "b").unwrap();
     txn.commit().unwrap();
     drop(foreign);
-    let err = ClientDb::open(dir.path(), &key).unwrap_err();
+    let err = ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap_err();
     assert!(err.to_string().contains("is not a qpq client database or is damaged"), "{err}");
     std::fs::remove_file(&path).unwrap();
-    assert!(matches!(ClientDb::open(dir.path(), &key), Err(DbError::Missing(_))));
+    assert!(matches!(ClientDb::open(dir.path(), &DbKey::of(&key)), Err(DbError::Missing(_))));
 }
 
 #[test]
@@ -434,7 +437,7 @@ fn a_forgotten_overlay_leaves_the_database_as_it_was() {
 fn measure_open_cost() {
     let dir = tempfile::tempdir().unwrap();
     let key = StateKey::unprotected();
-    let db = ClientDb::create(dir.path(), &key).unwrap();
+    let db = ClientDb::create(dir.path(), &key, &DbKey::of(&key)).unwrap();
     let mut w = db.write().unwrap();
     for i in 0..5000u32 {
         w.put(Table::Mls, &i.to_be_bytes(), &[7; 2000]).unwrap();
@@ -444,11 +447,11 @@ fn measure_open_cost() {
     let rounds = 100;
     let start = std::time::Instant::now();
     for _ in 0..rounds {
-        let db = ClientDb::open(dir.path(), &key).unwrap();
+        let db = ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap();
         db.generation().unwrap();
     }
     let open = start.elapsed() / rounds;
-    let db = ClientDb::open(dir.path(), &key).unwrap();
+    let db = ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap();
     let start = std::time::Instant::now();
     for i in 0..rounds {
         let mut w = db.write().unwrap();
@@ -559,7 +562,7 @@ fn past_epoch_leaves_are_written_once_dropped_with_their_epoch_and_read_back_aft
     drop((group, alice));
     let db = Arc::into_inner(db).expect("one handle");
     drop(db);
-    let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
+    let db = Arc::new(ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap());
     let reopened = MlsStore::memory();
     reopened.attach(db.clone());
     let alice = DbProvider::new(reopened);
@@ -599,8 +602,10 @@ fn measure_app_message_commit() {
     let m = env("QPQ_MEASURE_MESSAGES", 50);
     let key = StateKey::unprotected();
     let (cdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cdb, rdb) =
-        (ClientDb::create(cdir.path(), &key).unwrap(), ClientDb::create(rdir.path(), &key).unwrap());
+    let (cdb, rdb) = (
+        ClientDb::create(cdir.path(), &key, &DbKey::of(&key)).unwrap(),
+        ClientDb::create(rdir.path(), &key, &DbKey::of(&key)).unwrap(),
+    );
     let save = |db: &ClientDb, c: &MlsClient| {
         let mut w = db.write().unwrap();
         let k = c.store().dirty_keys();
@@ -777,7 +782,7 @@ fn a_commit_rewrites_only_the_tree_nodes_it_changed_and_the_tree_survives_a_reop
     drop((group, alice));
     drop(Arc::into_inner(db).expect("one handle"));
 
-    let db = Arc::new(ClientDb::open(dir.path(), &key).unwrap());
+    let db = Arc::new(ClientDb::open(dir.path(), &DbKey::of(&key)).unwrap());
     let store = MlsStore::memory();
     store.attach(db.clone());
     let alice = DbProvider::new(store);
@@ -976,4 +981,112 @@ fn a_format_4_database_is_upgraded_in_place_and_its_inline_members_read_then_dro
     group.delete(alice.storage()).unwrap();
     flush_commit(&db, alice.storage());
     assert_eq!(assert_members_are_the_live_set(&db, &gid), (0, 0, 0));
+}
+
+/// A home as `init --no-passphrase` made it before format 6 (records under the keys derived
+/// from the public unprotected key, a key check in `key`, no record check, format 5).
+fn legacy_unprotected_home(dir: &std::path::Path) {
+    use crate::client::state::{Secrets, State};
+    let public = StateKey::unprotected();
+    let mut state = State::new(Secrets::new([1; 32], [2; 32]), Some("old".into()), None);
+    state.contacts.insert("bob".into(), [3; 32]);
+    let partial = dir.join(migrate::PARTIAL_FILE);
+    migrate::write_new(&partial, &public, &DbKey::of(&public), &state).unwrap();
+    migrate::publish(dir, &partial).unwrap();
+    let db = redb::Database::open(dir.join(DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert(META_FORMAT, 5u32.to_le_bytes().as_slice()).unwrap();
+        meta.insert(META_KEY, statefile::seal(&public, KEY_CHECK).as_slice()).unwrap();
+        meta.remove(META_RECORD_CHECK).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// Every sealed value of `table` that opens under `key`'s records keys.
+fn opening_under(dir: &std::path::Path, key: &DbKey, table: Table) -> (usize, usize) {
+    let keys = RecordKeys::derive(key);
+    let db = redb::Database::open(dir.join(DB_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(table.def()).unwrap();
+    let (mut all, mut open) = (0, 0);
+    for item in t.iter().unwrap() {
+        let (k, v) = item.unwrap();
+        all += 1;
+        open += usize::from(keys.open(table.label(), k.value(), v.value()).is_ok());
+    }
+    (all, open)
+}
+
+/// Fails without the re-seal: a passphrase set on a home that had none (here one from before
+/// format 6, whose record key is the public constant) would leave every record readable by
+/// anyone holding its keys.
+#[test]
+fn a_passphrase_on_an_old_unprotected_home_reseals_every_record_under_a_new_key() {
+    use crate::client::state::{Home, Unlock};
+    let dir = tempfile::tempdir().unwrap();
+    legacy_unprotected_home(dir.path());
+    let public = DbKey::of(&StateKey::unprotected());
+    let (all, open) = opening_under(dir.path(), &public, Table::State);
+    assert!(all > 10 && open == all, "the old home's records open under the public key");
+
+    let mut home = Home::open(dir.path(), None).unwrap();
+    assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
+    let change = home.change_passphrase(&Unlock::Passphrase("pw".to_string().into()), false).unwrap();
+    let resealed = change.resealed.expect("re-sealed because the record key was public");
+    drop(home);
+    let (all, open) = opening_under(dir.path(), &public, Table::State);
+    assert_eq!(open, 0, "no record opens under the public key any more ({all} records)");
+    assert!(resealed >= all as u64);
+
+    assert!(matches!(Home::open(dir.path(), None), Err(crate::client::state::StateError::File(_))));
+    let home = Home::open(dir.path(), Some(b"pw")).unwrap();
+    assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]), "the same records, re-sealed");
+    assert_eq!(home.state.name.as_deref(), Some("old"));
+}
+
+/// A change without a new key leaves the records as they are, so a process holding their keys
+/// still opens the home; with one, it is told the key changed instead of reading damage. What
+/// the journal held when the key changed is in the new file, re-sealed.
+#[test]
+fn a_process_keeps_its_keys_across_a_change_but_not_across_a_new_key() {
+    let (dir, key, db) = new_db();
+    let data = DbKey::of(&key);
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"contacts", b"bob").unwrap();
+    w.commit().unwrap();
+    let old_blob = {
+        let txn = db.raw().as_ref().unwrap().begin_read().unwrap();
+        txn.open_table(META).unwrap().get(META_KEY).unwrap().unwrap().value().to_vec()
+    };
+    let other = StateKey::from_passphrase(b"another", FAST).unwrap();
+    let change = db.change_key(&other, &data, None).unwrap();
+    assert_eq!(change.resealed, None);
+    drop(db);
+    let file = std::fs::read(dir.path().join(DB_FILE)).unwrap();
+    assert!(
+        !file.windows(old_blob.len()).any(|w| w == old_blob.as_slice()),
+        "the keys sealed under the old passphrase are not left in the file"
+    );
+    assert!(matches!(
+        ClientDb::unlock(dir.path(), Some(b"correct horse")),
+        Err(DbError::Key(StateFileError::WrongPassphrase))
+    ));
+    let db = ClientDb::open(dir.path(), &data).unwrap();
+    assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
+    assert_eq!(db.generation().unwrap(), change.generation);
+    let mut w = db.write().unwrap();
+    w.put(Table::State, b"late", b"journaled").unwrap();
+    w.commit().unwrap();
+    assert!(!super::journal_tests::frames(dir.path()).is_empty(), "the write is in the journal");
+
+    let next = data.with_new_record_key();
+    let change = db.change_key(&other, &data, Some(&next)).unwrap();
+    assert!(change.resealed.is_some_and(|n| n >= 2), "{change:?}");
+    drop(db);
+    assert!(matches!(ClientDb::open(dir.path(), &data), Err(DbError::KeyChanged(_))));
+    let (_, db) = ClientDb::unlock(dir.path(), Some(b"another")).unwrap();
+    assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
+    assert_eq!(db.get(Table::State, b"late").unwrap().unwrap().as_slice(), b"journaled");
 }

@@ -1,0 +1,209 @@
+//! `qpq passphrase` through the binary: setting, changing and removing a home's passphrase
+//! keeps every record and the conversations going; a process already running on the home goes
+//! on after a change, and stops by name after `--new-key`; a crash before the commit leaves the
+//! old passphrase and every record. Real `qpq serve` on 127.0.0.1:0, real homes.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::{Lines, User, cast, qpq_command, untimed};
+
+/// A private file holding `passphrase` (a passphrase file must be mode 0600).
+fn pass_file(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{passphrase}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// `u`'s command with `--passphrase-file file` (None: none given).
+fn with(file: Option<&Path>, args: &[&str]) -> Vec<String> {
+    let mut all = Vec::new();
+    if let Some(f) = file {
+        all.extend(["--passphrase-file".to_string(), f.to_str().unwrap().to_string()]);
+    }
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
+fn run(u: &User, file: Option<&Path>, args: &[&str]) -> common::Run {
+    let all = with(file, args);
+    u.run(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn ok(u: &User, file: Option<&Path>, args: &[&str]) -> common::Run {
+    let r = run(u, file, args);
+    assert!(r.ok, "{:?} failed: {}", args, r.stderr);
+    r
+}
+
+#[test]
+fn a_passphrase_is_set_changed_and_removed_and_the_home_keeps_everything() {
+    let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let (one, two, wrong) = (
+        pass_file(dir.path(), "one", "first one"),
+        pass_file(dir.path(), "two", "second one"),
+        pass_file(dir.path(), "wrong", "not it"),
+    );
+    alice.ok(&["send", "bob", "before any passphrase"]);
+    assert_eq!(bob.recv(), ["alice: before any passphrase"]);
+    let home = alice.home.path().display().to_string();
+
+    // Set on a home made with --no-passphrase: every record is re-sealed too, since any copy
+    // of the home from before holds the keys it had.
+    let r = ok(&alice, None, &["passphrase", "--new-passphrase-file", one.to_str().unwrap()]);
+    let said: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(said[0], format!("qpq: passphrase set for {home}"), "{}", r.stderr);
+    assert!(
+        said[1].contains("records re-sealed under a new key (any copy of the home from while"),
+        "{said:?}"
+    );
+    assert_eq!(said.len(), 2, "{said:?}");
+    let err = alice.fails(&["whoami"]);
+    assert!(err.contains("is encrypted with a passphrase"), "{err}");
+    assert!(ok(&alice, Some(&one), &["whoami"]).stdout.starts_with(&alice.key));
+
+    // Changed: the current one is asked for first, and a wrong one changes nothing.
+    let r = run(&alice, Some(&wrong), &["passphrase", "--new-passphrase-file", two.to_str().unwrap()]);
+    assert_eq!(r.stderr.trim(), "qpq: wrong passphrase or corrupted state file", "{}", r.stderr);
+    assert!(!r.ok);
+    let r = ok(&alice, Some(&one), &["passphrase", "--new-passphrase-file", two.to_str().unwrap()]);
+    // Only the passphrase changes: nothing is re-sealed.
+    assert_eq!(r.stderr.trim(), format!("qpq: passphrase changed for {home}"), "{}", r.stderr);
+    let r = run(&alice, Some(&one), &["whoami"]);
+    assert!(!r.ok && r.stderr.contains("wrong passphrase"), "the old one no longer opens it: {}", r.stderr);
+
+    // The conversation goes on under the new one, both ways, and the history is all there.
+    ok(&alice, Some(&two), &["send", "bob", "after the change"]);
+    assert_eq!(bob.recv(), ["alice: after the change"]);
+    bob.ok(&["send", "alice", "and back"]);
+    assert_eq!(untimed(&ok(&alice, Some(&two), &["recv"]).stdout).trim(), "bob: and back");
+    let history = untimed(&ok(&alice, Some(&two), &["history", "bob"]).stdout);
+    for text in ["before any passphrase", "after the change", "and back"] {
+        assert!(history.contains(text), "{text:?} kept: {history}");
+    }
+
+    // Removed: nothing is asked any more; removing again changes nothing and says so.
+    let r = ok(&alice, Some(&two), &["passphrase", "--remove"]);
+    assert!(r.stderr.contains("passphrase removed"), "{}", r.stderr);
+    assert!(alice.ok(&["whoami"]).starts_with(&alice.key));
+    let r = ok(&alice, None, &["passphrase", "--remove"]);
+    assert_eq!(r.stderr.trim(), format!("qpq: {home} has no passphrase; nothing changed"));
+    // Without a terminal or a file there is no new passphrase to take.
+    let r = run(&alice, None, &["passphrase"]);
+    assert!(
+        !r.ok && r.stderr.contains("pass --new-passphrase-file FILE, run on a terminal, or pass --remove"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(untimed(&alice.ok(&["history", "bob", "-n", "1"])).trim(), "bob: and back");
+}
+
+/// `recv --follow` on `u`'s home with `file`: its stderr and stdout lines, once it follows.
+fn follower(u: &User, file: &Path) -> (std::process::Child, Lines, Lines) {
+    let mut child =
+        u.spawn(&with(Some(file), &["recv", "--follow"]).iter().map(String::as_str).collect::<Vec<_>>());
+    let mut err = Lines::of(child.stderr.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
+    let out = Lines::of(child.stdout.take().unwrap());
+    (child, err, out)
+}
+
+/// Fails without the record check (a follower holding the old record key after `--new-key`
+/// reads every record as damaged) and without that error among those that stop a follower (it
+/// retries for ever).
+#[test]
+fn a_running_follower_outlives_a_change_and_stops_by_name_after_a_new_key() {
+    let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let (one, two, three) = (
+        pass_file(dir.path(), "one", "first one"),
+        pass_file(dir.path(), "two", "second one"),
+        pass_file(dir.path(), "three", "third one"),
+    );
+    alice.ok(&["send", "bob", "opening"]);
+    assert_eq!(bob.recv(), ["alice: opening"]);
+    ok(&alice, None, &["passphrase", "--new-passphrase-file", one.to_str().unwrap()]);
+    let (mut child, mut err, mut out) = follower(&alice, &one);
+    // A shell (a script that has not ended) on the same home.
+    let mut shell = qpq_command(alice.home.path())
+        .args(with(Some(&one), &["shell"]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut shell_in = shell.stdin.take().unwrap();
+    let mut shell_out = Lines::of(shell.stdout.take().unwrap());
+    let mut shell_err = Lines::of(shell.stderr.take().unwrap());
+    writeln!(shell_in, "whoami").unwrap();
+    shell_in.flush().unwrap();
+    assert_eq!(shell_out.next_line().as_deref(), Some(alice.key.as_str()), "the shell runs");
+
+    ok(&alice, Some(&one), &["passphrase", "--new-passphrase-file", two.to_str().unwrap()]);
+    bob.ok(&["send", "alice", "while it follows"]);
+    assert_eq!(untimed(&out.next_line().unwrap()).trim(), "bob: while it follows", "it goes on");
+    let line = std::iter::from_fn(|| shell_out.next_line()).find(|l| l.contains("while it follows"));
+    assert!(line.is_some(), "the shell goes on too");
+
+    let r = ok(
+        &alice,
+        Some(&two),
+        &["passphrase", "--new-key", "--new-passphrase-file", three.to_str().unwrap()],
+    );
+    assert!(r.stderr.contains("records re-sealed under a new key"), "{}", r.stderr);
+    bob.ok(&["send", "alice", "after the new key"]);
+    let said = err.next_line().unwrap();
+    assert!(said.contains("is sealed under another key since this command opened it"), "{said}");
+    assert!(said.contains("start the command again") && !said.contains("retrying"), "{said}");
+    assert_eq!(err.next_line(), None, "it stops: no retry can open the home");
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    assert_eq!(out.rest(), Vec::<String>::new(), "it printed nothing it could not save");
+    // The shell ends too, saying why, instead of "reconnecting in the background" for ever.
+    // (Whichever of its steps meets the new key first says so: a receive, or reading the inbox.)
+    let said = shell_err.next_line().unwrap();
+    assert!(said.contains("is sealed under another key since this command opened it"), "{said}");
+    assert!(!said.contains("reconnecting"), "{said}");
+    assert_eq!(shell_err.next_line(), None, "and nothing after it");
+    assert_eq!(shell.wait().unwrap().code(), Some(1));
+    drop(shell_in);
+
+    // Nothing was lost: the message waited on the server for the next reader.
+    assert_eq!(untimed(&ok(&alice, Some(&three), &["recv"]).stdout).trim(), "bob: after the new key");
+    let history = untimed(&ok(&alice, Some(&three), &["history", "bob"]).stdout);
+    assert!(history.contains("while it follows") && history.contains("after the new key"), "{history}");
+}
+
+/// The re-sealed copy replaces the file in one rename: a crash before it leaves the old file,
+/// whole, and the copy is removed by the next open.
+#[test]
+fn a_crash_before_the_new_key_commits_leaves_the_old_passphrase_and_every_record() {
+    let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let (one, two) = (pass_file(dir.path(), "one", "first one"), pass_file(dir.path(), "two", "second one"));
+    ok(&alice, None, &["passphrase", "--new-passphrase-file", one.to_str().unwrap()]);
+    for i in 0..3 {
+        bob.ok(&["send", "alice", &format!("message {i}")]);
+    }
+    let messages = |text: &str| text.lines().filter(|l| l.starts_with("bob: message")).count();
+    assert_eq!(messages(&untimed(&ok(&alice, Some(&one), &["recv"]).stdout)), 3);
+    let out = qpq_command(alice.home.path())
+        .args(with(Some(&one), &["passphrase", "--new-key", "--new-passphrase-file", two.to_str().unwrap()]))
+        .env("QPQ_FAILPOINT", "clientdb-change-key-before-publish")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(qpq::failpoint::FAILPOINT_EXIT_CODE), "stopped at the point");
+    assert!(alice.home.path().join("qpq.db.partial").exists(), "the crash left the copy aside");
+    assert!(!run(&alice, Some(&two), &["whoami"]).ok, "the new passphrase was never put in place");
+    assert!(!alice.home.path().join("qpq.db.partial").exists(), "the next open removes it");
+    let history = untimed(&ok(&alice, Some(&one), &["history", "bob"]).stdout);
+    assert_eq!(messages(&history), 3, "{history}");
+    // And the change goes through when run again.
+    ok(&alice, Some(&one), &["passphrase", "--new-key", "--new-passphrase-file", two.to_str().unwrap()]);
+    let history = untimed(&ok(&alice, Some(&two), &["history", "bob"]).stdout);
+    assert_eq!(messages(&history), 3, "{history}");
+    ok(&alice, Some(&two), &["send", "bob", "still talking"]);
+    assert_eq!(bob.recv(), ["alice: still talking"]);
+}
