@@ -296,6 +296,8 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (vec!["contact", "add", "eve", "1234"], "invalid key \"1234\": expected 64 hex digits"),
         (vec!["contact", "add", "bob", &bob.key], "a contact named \"bob\" already exists"),
         (vec!["contact", "add", "bad name", &bob.key], "invalid name"),
+        // Names are ASCII (no look-alike letters from other scripts): the error says so.
+        (vec!["contact", "add", "zo\u{eb}", &bob.key], "use 1-32 ASCII letters, digits"),
         (vec!["group", "create", "team"], "a group named #team already exists"),
         (vec!["group", "add", "team", &ab32], "invalid key: not an ed25519 public key"),
         (vec!["group", "members", "ghost"], "no group named #ghost"),

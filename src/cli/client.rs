@@ -949,6 +949,7 @@ pub async fn run_verb(
 
 /// `qpq history`: one page, then the cursor of the page before it on stderr.
 fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let target_shown = args.target.as_deref().map(|t| Shown(t).to_string());
     if let Some(keep) = &args.retention {
         if keep.trim() == "show" {
             writeln!(out, "history retention: {}", retention_text(m.history_retention()))?;
@@ -968,7 +969,7 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
             None => false,
         };
         if !shown {
-            err!("qpq: {}", empty_page(args));
+            err!("qpq: {}", empty_page(args, args.before.is_some(), target_shown.as_deref()));
         }
         return Ok(());
     };
@@ -978,7 +979,7 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
     out.write_all(&buf)?;
     if buf.is_empty() {
         // Said on stderr: a script reads an empty page as no lines, a person gets words.
-        err!("qpq: {}", empty_page(args));
+        err!("qpq: {}", empty_page(args, args.before.is_some(), target_shown.as_deref()));
     }
     if let Some(older) = &page.older {
         let target =
@@ -988,13 +989,14 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
     Ok(())
 }
 
-/// What an empty page of `qpq history` says (on stderr).
-fn empty_page(args: &HistoryArgs) -> String {
-    let older = if args.before.is_some() { "older " } else { "" };
-    match (args.grep.as_deref().filter(|g| !g.is_empty()), &args.target) {
-        (Some(word), _) => format!("no {older}messages contain {}", Shown(&format!("{word:?}"))),
-        (None, _) if args.before.is_some() => "no older messages".to_string(),
-        (None, Some(t)) => format!("no messages with {} yet", Shown(t)),
+/// What an empty page of `qpq history` (on stderr) or `/history` says: `older` when it was a
+/// page before another, `label` the conversation as shown (terminal-safe), None for all.
+pub(crate) fn empty_page(args: &HistoryArgs, older: bool, label: Option<&str>) -> String {
+    let older_word = if older { "older " } else { "" };
+    match (args.grep.as_deref().filter(|g| !g.is_empty()), label) {
+        (Some(word), _) => format!("no {older_word}messages contain {}", Shown(&format!("{word:?}"))),
+        (None, _) if older => "no older messages".to_string(),
+        (None, Some(t)) => format!("no messages with {t} yet"),
         (None, None) => "no messages yet".to_string(),
     }
 }

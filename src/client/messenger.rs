@@ -68,7 +68,7 @@ pub enum ClientError {
     UnknownGroup(String),
     #[error("you are no longer a member of #{0}")]
     NotMember(String),
-    #[error("invalid name {0:?}: use 1-32 letters, digits, '-', '_' or '.'")]
+    #[error("invalid name {0:?}: use 1-32 ASCII letters, digits, '-', '_' or '.'")]
     BadName(String),
     #[error("invalid display name {0:?}: use 1-64 bytes of printable text")]
     BadDisplayName(String),

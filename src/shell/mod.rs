@@ -47,7 +47,7 @@ use futures::FutureExt as _;
 
 use crate::cli::GlobalArgs;
 use crate::cli::client::{
-    ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, format_entry,
+    ClientVerb, HistoryArgs, SendArgs, VerbOutcome, block_on_local, describe_event, empty_page, format_entry,
     history_query, home_dir, missed_line, new_contact_newest_page, older_or_search, open_messenger, run_verb,
     write_history, write_new_contact_history,
 };
@@ -601,10 +601,11 @@ impl Shell {
                     self.out.data(&String::from_utf8_lossy(&buf));
                 }
                 // An older page or a search, as for any conversation.
-                Some(_) | None if older_or_search(&args) => self.about_page(args.json, "no older messages"),
-                _ => {
-                    self.about_page(args.json, &format!("no messages with {} yet", label.unwrap_or_default()))
+                Some(_) | None if older_or_search(&args) => {
+                    let older = args.before.is_some() || continued.is_some();
+                    self.about_page(args.json, &empty_page(&args, older, label.as_deref()))
                 }
+                _ => self.about_page(args.json, &empty_page(&args, false, label.as_deref())),
             }
             return Ok(());
         };
@@ -616,11 +617,8 @@ impl Shell {
         // (Messages still queued end the newest page: `write_history` adds them.)
         write_history(&self.m, &query, &page, args.json, &mut buf)?;
         if buf.is_empty() {
-            match (&label, continued.is_some() || query.before != Before::Newest || query.grep.is_some()) {
-                (_, true) => self.about_page(args.json, "no older messages"),
-                (Some(l), false) => self.about_page(args.json, &format!("no messages with {l} yet")),
-                (None, false) => self.about_page(args.json, "no messages yet"),
-            }
+            let older = continued.is_some() || query.before != Before::Newest;
+            self.about_page(args.json, &empty_page(&args, older, label.as_deref()));
         } else {
             self.out.data(&String::from_utf8_lossy(&buf));
         }
