@@ -313,6 +313,9 @@ fn first_use_on_a_terminal_asks_before_pinning_and_no_means_nothing_is_created()
 
     let mut p = pty_init(home.path(), &addr);
     p.exp_string("(yes/no)? ").unwrap();
+    // A stray answer asks again instead of counting as a no.
+    p.send_line("yse").unwrap();
+    p.exp_string("please type yes or no: ").unwrap();
     p.send_line("yes").unwrap();
     p.exp_string("identity created").unwrap();
     p.exp_eof().unwrap();
@@ -348,6 +351,10 @@ fn init_on_a_terminal_asks_again_after_a_mismatched_repeat() {
     let fp = server.fingerprint.to_string();
     cmd.args(["init", "--server", &server.addr.to_string(), "--server-fingerprint", &fp]);
     let mut p = rexpect::session::spawn_with_options(cmd, pty_options()).expect("spawn on a pty");
+    p.exp_string(&format!("new qpq passphrase for {}: ", home.path().display())).unwrap();
+    // An empty one asks again instead of ending init.
+    p.send_line("").unwrap();
+    p.exp_string("an empty passphrase protects nothing: type one (or pass --no-passphrase)").unwrap();
     p.exp_string(&format!("new qpq passphrase for {}: ", home.path().display())).unwrap();
     p.send_line("first try").unwrap();
     p.exp_string("repeat passphrase: ").unwrap();
@@ -432,6 +439,9 @@ fn a_passphrase_file_unlocks_the_home_and_must_be_private() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let r = qpq_in(home.path(), &["whoami", "--passphrase-file", file_s], None);
     assert!(!r.ok && r.stderr.contains("is readable by others (mode 644): chmod 600 it"), "{}", r.stderr);
+    // A directory is not taken for a file with a bad mode.
+    let r = qpq_in(home.path(), &["whoami", "--passphrase-file", dir.path().to_str().unwrap()], None);
+    assert_eq!(r.stderr.trim(), format!("qpq: passphrase file {} is not a file", dir.path().display()));
     // A file that is not there is said in words, without the operating system's errno.
     let missing = dir.path().join("no-such-file");
     let r = qpq_in(home.path(), &["whoami", "--passphrase-file", missing.to_str().unwrap()], None);

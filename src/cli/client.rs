@@ -388,12 +388,23 @@ fn confirm_first_use(server: &str, fp: &Fingerprint) -> anyhow::Result<bool> {
          qpq: compare it with the one `qpq serve` printed. trust it and pin it (yes/no)? "
     )?;
     err.flush()?;
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer).context("cannot read the answer")?;
-    match answer.trim().to_ascii_lowercase().as_str() {
-        "yes" | "y" => Ok(true),
-        _ => bail!("server certificate not trusted: nothing pinned for {server}"),
+    // A stray answer asks again (as ssh does), up to PASSPHRASE_TRIES times; an end of input
+    // is a no.
+    for _ in 0..PASSPHRASE_TRIES {
+        let mut answer = String::new();
+        if std::io::stdin().read_line(&mut answer).context("cannot read the answer")? == 0 {
+            break;
+        }
+        match answer.trim().to_ascii_lowercase().as_str() {
+            "yes" | "y" => return Ok(true),
+            "no" | "n" => break,
+            _ => {
+                write!(err, "qpq: please type yes or no: ")?;
+                err.flush()?;
+            }
+        }
     }
+    bail!("server certificate not trusted: nothing pinned for {server}")
 }
 
 /// `qpq server show|pin|forget`.
@@ -486,7 +497,11 @@ fn given_passphrase(g: &GlobalArgs) -> anyhow::Result<Option<Zeroizing<String>>>
 fn passphrase_from_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
-    let mode = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?.permissions().mode();
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?;
+    if !meta.is_file() {
+        bail!("passphrase file {shown} is not a file");
+    }
+    let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         bail!("passphrase file {shown} is readable by others (mode {:o}): chmod 600 it", mode & 0o777);
     }
@@ -618,7 +633,8 @@ fn new_passphrase(dir: &std::path::Path, why: NewPassphrase) -> anyhow::Result<Z
     for _ in 0..PASSPHRASE_TRIES {
         let p = prompt(&format!("new qpq passphrase for {}: ", dir.display()))?;
         if p.is_empty() {
-            bail!("empty passphrase: choose one or pass {without}");
+            err!("qpq: an empty passphrase protects nothing: type one (or pass {without})");
+            continue;
         }
         let again = prompt("repeat passphrase: ")?;
         if p == again {
@@ -626,7 +642,7 @@ fn new_passphrase(dir: &std::path::Path, why: NewPassphrase) -> anyhow::Result<Z
         }
         err!("qpq: passphrases do not match, try again");
     }
-    bail!("passphrases did not match {PASSPHRASE_TRIES} times: {nothing}")
+    bail!("no passphrase after {PASSPHRASE_TRIES} tries: {nothing}")
 }
 
 fn print_notices(m: &mut Messenger) {

@@ -74,6 +74,9 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (Authentication + Delivery Service)
+    ///
+    /// It logs to stderr; QPQ_LOG (else RUST_LOG) sets the filter: `info` by default, `warn` for
+    /// less, `debug` for more, or per module (`qpq=debug,quinn=warn`).
     Serve(serve::ServeArgs),
     /// Create your identity, pin the server, upload your keys; prints your key
     Init(client::InitArgs),
