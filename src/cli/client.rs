@@ -472,7 +472,7 @@ pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
     }
     let mut tries = 1;
     loop {
-        let p = prompt(&format!("qpq passphrase for {}: ", dir.display()))?;
+        let p = prompt(&format!("qpq passphrase for {}: ", Shown(&dir.display().to_string())))?;
         match Messenger::open(&dir, Some(p.as_bytes()), opts.clone()) {
             Err(ClientError::State(StateError::File(StateFileError::WrongPassphrase)))
                 if tries < PASSPHRASE_TRIES =>
@@ -513,7 +513,7 @@ fn passphrase_from_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<Stri
         std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("passphrase file {shown} is not utf-8"))?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
-        bail!("passphrase file {shown} is empty");
+        bail!("passphrase file {shown} has an empty first line");
     }
     Ok(Zeroizing::new(line.to_string()))
 }
@@ -554,7 +554,7 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
     if report.first_use {
         err!("qpq: pinned server certificate {} (trust on first use)", report.fingerprint);
     }
-    err!("qpq: identity created in {}", dir.display());
+    err!("qpq: identity created in {}", Shown(&dir.display().to_string()));
     out!("{}", report.key)?;
     drop(m);
     Ok(())
@@ -573,7 +573,7 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
     let protected = m.home.is_passphrase_protected()?;
     let new = if args.remove {
         if !protected && !args.new_key {
-            err!("qpq: {} has no passphrase; nothing changed", dir.display());
+            err!("qpq: {} has no passphrase; nothing changed", Shown(&dir.display().to_string()));
             return Ok(());
         }
         Unlock::None
@@ -583,7 +583,7 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
         Unlock::Passphrase(new_passphrase(&dir, NewPassphrase::Change)?)
     };
     let change = m.home.change_passphrase(&new, args.new_key)?;
-    let home = dir.display();
+    let home = Shown(&dir.display().to_string()).to_string();
     match (&new, protected) {
         (Unlock::None, true) => {
             err!("qpq: passphrase removed from {home}: only file permissions protect its keys now")
@@ -630,8 +630,8 @@ fn new_passphrase(dir: &std::path::Path, why: NewPassphrase) -> anyhow::Result<Z
         NewPassphrase::Init => ("--no-passphrase", "nothing created"),
         NewPassphrase::Change => ("--remove", "nothing changed"),
     };
-    for _ in 0..PASSPHRASE_TRIES {
-        let p = prompt(&format!("new qpq passphrase for {}: ", dir.display()))?;
+    for tries_left in (0..PASSPHRASE_TRIES).rev() {
+        let p = prompt(&format!("new qpq passphrase for {}: ", Shown(&dir.display().to_string())))?;
         if p.is_empty() {
             err!("qpq: an empty passphrase protects nothing: type one (or pass {without})");
             continue;
@@ -640,7 +640,9 @@ fn new_passphrase(dir: &std::path::Path, why: NewPassphrase) -> anyhow::Result<Z
         if p == again {
             return Ok(p);
         }
-        err!("qpq: passphrases do not match, try again");
+        if tries_left > 0 {
+            err!("qpq: passphrases do not match, try again");
+        }
     }
     bail!("no passphrase after {PASSPHRASE_TRIES} tries: {nothing}")
 }

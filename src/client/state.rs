@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -463,6 +464,9 @@ pub struct Home {
     dir: PathBuf,
     /// The records' keys (not the passphrase's: they outlive a passphrase change).
     key: DbKey,
+    /// The `key` record this process unlocked (or wrote): a passphrase change made elsewhere
+    /// since then is not overwritten by one asked for before it ([`Home::change_passphrase`]).
+    key_record: Vec<u8>,
     hold: DbHold,
     /// Generation of the database that `state` reflects; None: reload at the next refresh.
     generation: Option<u64>,
@@ -505,9 +509,9 @@ struct HoldInner {
     db: Option<Arc<ClientDb>>,
     /// The database generation this process last read or wrote (see [`Home::saved_elsewhere`]).
     seen: u64,
-    /// An open found the home re-sealed under another key ([`DbError::KeyChanged`]): nothing
-    /// this process does will open it again.
-    key_changed: bool,
+    /// Raised when an open or a read found the home re-sealed under another key
+    /// ([`DbError::KeyChanged`]): nothing this process does will open it again.
+    key_changed: Arc<AtomicBool>,
 }
 
 impl DbHold {
@@ -515,11 +519,15 @@ impl DbHold {
         if let Some(db) = &self.0.borrow().db {
             return Ok(db.clone());
         }
+        let flag = self.0.borrow().key_changed.clone();
         let db = match ClientDb::open(dir, key) {
-            Ok(db) => Arc::new(db),
+            Ok(mut db) => {
+                db.watch_key_change(flag);
+                Arc::new(db)
+            }
             Err(e) => {
                 if matches!(e, DbError::KeyChanged(_)) {
-                    self.0.borrow_mut().key_changed = true;
+                    flag.store(true, Ordering::Relaxed);
                 }
                 return Err(e.into());
             }
@@ -622,6 +630,7 @@ impl Home {
         let mut home = Home {
             dir: dir.to_path_buf(),
             key,
+            key_record: Vec::new(),
             hold: DbHold::default(),
             generation: None,
             written: Default::default(),
@@ -631,8 +640,9 @@ impl Home {
             unsaved: None,
             state,
         };
-        home.refresh()?;
+        let record = home.refresh().and_then(|_| Ok(home.db()?.key_record()?));
         home.hold.close();
+        home.key_record = record?;
         Ok(home)
     }
 
@@ -643,13 +653,21 @@ impl Home {
             return Err(StateError::NotInitialized(dir.to_path_buf()));
         }
         let _lock = HomeLock::acquire(dir, true)?;
-        let key = match migrate::migrate_if_needed(dir, passphrase)? {
-            Some(key) => key,
-            None => ClientDb::unlock(dir, passphrase)?.0,
+        let (key, key_record) = match migrate::migrate_if_needed(dir, passphrase)? {
+            Some(key) => {
+                let record = ClientDb::open(dir, &key)?.key_record()?;
+                (key, record)
+            }
+            None => {
+                let (key, db) = ClientDb::unlock(dir, passphrase)?;
+                let record = db.key_record()?;
+                (key, record)
+            }
         };
         let mut home = Home {
             dir: dir.to_path_buf(),
             key,
+            key_record,
             hold: DbHold::default(),
             generation: None,
             written: Default::default(),
@@ -686,7 +704,7 @@ impl Home {
     /// True once an open found the home re-sealed under another key since this process
     /// unlocked it (`qpq passphrase --new-key`): this process cannot open it again.
     pub fn key_changed(&self) -> bool {
-        self.hold.0.borrow().key_changed
+        self.hold.0.borrow().key_changed.load(Ordering::Relaxed)
     }
 
     /// True when opening the home needs a passphrase.
@@ -706,9 +724,10 @@ impl Home {
         let db = self.hold.get_or_open(&self.dir, &self.key)?;
         let exposed = !protected && matches!(new, Unlock::Passphrase(_));
         let next = (new_key || exposed).then(|| self.key.with_new_record_key());
-        let change = db.change_key(&unlock, &self.key, next.as_ref());
+        let change = db.change_key(&unlock, &self.key, next.as_ref(), &self.key_record);
         self.hold.close();
         let change = change?;
+        self.key_record = change.key_record;
         // Processes waiting on the home look (and those holding the old record key stop).
         let _ = write_hint(&self.dir, change.generation);
         if let Some(next) = next {

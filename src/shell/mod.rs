@@ -199,12 +199,11 @@ impl Shell {
                     } => Wake::Received(r),
                 }
             };
+            let mut key_lost = false;
             let step = match wake {
-                // Nothing this shell does can open a home re-sealed under a new key.
                 Wake::Received(Err(e)) if e.home_key_changed() => {
-                    self.fail(&e.to_string());
-                    self.m.disconnect().await;
-                    return ExitCode::FAILURE;
+                    key_lost = true;
+                    Step::Waiting
                 }
                 Wake::Received(r) => {
                     self.received(r).await;
@@ -212,9 +211,13 @@ impl Shell {
                 }
                 Wake::Input(input) => self.take(input).await,
             };
-            // Whichever step met it (and said so), a re-sealed home ends the shell.
-            if self.m.home_key_changed() {
-                self.failed = true;
+            // Nothing this shell does can open a home re-sealed under a new key, whichever step
+            // met it (a receive, a command, reading the inbox, keeping its place).
+            if key_lost || self.m.home_key_changed() {
+                self.fail(
+                    "this shell's home was re-sealed under another key since it started (`qpq passphrase`): \
+                     start qpq shell again",
+                );
                 self.m.disconnect().await;
                 return ExitCode::FAILURE;
             }

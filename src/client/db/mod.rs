@@ -93,7 +93,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
@@ -199,10 +200,15 @@ pub enum DbError {
     #[error("{0}")]
     Key(#[from] StateFileError),
     #[error(
-        "{0} is sealed under another key since this command opened it (`qpq passphrase --new-key` \
-         ran, or the file was replaced): start the command again"
+        "{0} is sealed under another key since this command opened it (`qpq passphrase` re-sealed \
+         it, or the file was replaced): start the command again"
     )]
     KeyChanged(PathBuf),
+    #[error(
+        "the passphrase of {0} was changed by another qpq process since this one asked for it: \
+         run `qpq passphrase` again"
+    )]
+    PassphraseChanged(PathBuf),
     #[error("{0} is open in another handle of this process")]
     InUse(PathBuf),
     #[error("{0} was closed: writes happen under the home's lock")]
@@ -261,6 +267,9 @@ pub struct ClientDb {
     path: PathBuf,
     /// The home directory, for reads after `close` (None: a database being built aside).
     home: Option<PathBuf>,
+    /// Raised when a read after `close` finds the home re-sealed under another key
+    /// ([`ClientDb::watch_key_change`]).
+    key_watch: Option<Arc<AtomicBool>>,
 }
 
 fn read_err(e: impl Into<redb::Error>) -> DbError {
@@ -325,7 +334,14 @@ impl ClientDb {
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
         let store = attach_journal(db, dir, &keys, &path)?;
-        Ok(ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home: None })
+        Ok(ClientDb {
+            db: RwLock::new(Some(store)),
+            writer: Mutex::new(()),
+            keys,
+            path,
+            home: None,
+            key_watch: None,
+        })
     }
 
     /// Opens the database with a passphrase (one Argon2id run), returning the records' keys for
@@ -344,7 +360,17 @@ impl ClientDb {
         let keys = RecordKeys::derive(&data);
         let store = open_store(db, format, dir, &keys, &path, true)?;
         let home = Some(dir.to_path_buf());
-        Ok((data, ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home }))
+        Ok((
+            data,
+            ClientDb {
+                db: RwLock::new(Some(store)),
+                writer: Mutex::new(()),
+                keys,
+                path,
+                home,
+                key_watch: None,
+            },
+        ))
     }
 
     /// Opens the database with the keys this process unlocked before (no Argon2id run), which
@@ -354,7 +380,14 @@ impl ClientDb {
         let keys = RecordKeys::derive(key);
         let store = open_store(db, format, dir, &keys, &path, false)?;
         let home = Some(dir.to_path_buf());
-        Ok(ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home })
+        Ok(ClientDb {
+            db: RwLock::new(Some(store)),
+            writer: Mutex::new(()),
+            keys,
+            path,
+            home,
+            key_watch: None,
+        })
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
@@ -368,6 +401,17 @@ impl ClientDb {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Raises `flag` when a read of this handle after `close` finds the home re-sealed under
+    /// another key (a process learns it however it meets it: see `Home::key_changed`).
+    pub fn watch_key_change(&mut self, flag: Arc<AtomicBool>) {
+        self.key_watch = Some(flag);
+    }
+
+    /// The `key` record as it is now: which passphrase (or none) unlocks the home.
+    pub fn key_record(&self) -> Result<Vec<u8>, DbError> {
+        self.with_redb(|store| key_check(&store.db, &self.path))
     }
 
     /// Releases the file (idempotent), first folding the journal into redb if it holds more
@@ -411,7 +455,15 @@ impl ClientDb {
         let (db, path, format) = open_file(home)?;
         // Re-sealed under a new key, or replaced by an older copy, since this handle proved
         // the key: `open_store` says so before anything is read.
-        let store = open_store(db, format, home, &self.keys, &path, false)?;
+        let store = match open_store(db, format, home, &self.keys, &path, false) {
+            Err(DbError::KeyChanged(p)) => {
+                if let Some(watch) = &self.key_watch {
+                    watch.store(true, Ordering::Relaxed);
+                }
+                return Err(DbError::KeyChanged(p));
+            }
+            r => r?,
+        };
         let out = f(&store);
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(store)));
         out

@@ -17,32 +17,37 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::{
     ClientDb, DbError, DbKey, META, META_FORMAT, META_GENERATION, META_JOURNAL, META_KEY, META_RECORD_CHECK,
-    Table, check_records_key, create_redb, migrate, read_err, record_check, shielded, write_err,
+    Table, check_records_key, create_redb, key_check, migrate, read_err, record_check, shielded, write_err,
 };
 use crate::client::db::seal::RecordKeys;
 use crate::crypto::statefile::{self, StateKey};
 use crate::fsutil;
 
 /// What [`ClientDb::change_key`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyChange {
     /// Records re-sealed under a new record key; None when the records were copied as they were.
     pub resealed: Option<u64>,
     /// The generation of the new file (one past the old one's, so waiting processes look).
     pub generation: u64,
+    /// The new `key` record.
+    pub key_record: Vec<u8>,
 }
 
 impl ClientDb {
     /// Replaces the file with a copy whose records' keys (`reseal`, or else `current`, the keys
     /// this handle opened it with) are sealed under `unlock`, every value re-sealed under
-    /// `reseal`'s record key if given (its slot key must be `current`'s: slots stay). The caller
-    /// holds the home's lock. The handle is closed afterwards: open the home again with the keys
-    /// now in use.
+    /// `reseal`'s record key if given (its slot key must be `current`'s: slots stay), provided
+    /// the `key` record is still `unlocked` (the one whose passphrase the caller proved: a change
+    /// another process made since is refused, not overwritten by one proved against the passphrase
+    /// before it). The caller holds the home's lock. The handle is closed afterwards: open the home
+    /// again with the keys now in use.
     pub fn change_key(
         &self,
         unlock: &StateKey,
         current: &DbKey,
         reseal: Option<&DbKey>,
+        unlocked: &[u8],
     ) -> Result<KeyChange, DbError> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut open = self.db.write().unwrap_or_else(PoisonError::into_inner);
@@ -56,6 +61,9 @@ impl ClientDb {
             let generation = store.generation(&self.path)?;
             store.checkpoint(&BTreeMap::new(), generation)?;
             check_records_key(&store.db, &RecordKeys::derive(current), &self.path)?;
+            if key_check(&store.db, &self.path)? != unlocked {
+                return Err(DbError::PassphraseChanged(self.path.clone()));
+            }
             let target = reseal.unwrap_or(current);
             let keys = RecordKeys::derive(target);
             let partial = dir.join(migrate::PARTIAL_FILE);
@@ -81,11 +89,12 @@ impl ClientDb {
                 }
             }
             let next = generation + 1;
+            let wrapped;
             {
                 let old = from.open_table(META).map_err(read_err)?;
                 let journal = old.get(META_JOURNAL).map_err(read_err)?.map(|v| v.value().to_vec());
                 let mut meta = to.open_table(META).map_err(write_err)?;
-                let wrapped = statefile::seal(unlock, &target.wrapped());
+                wrapped = statefile::seal(unlock, &target.wrapped());
                 let format = super::DB_FORMAT_VERSION.to_le_bytes();
                 let generation = next.to_le_bytes();
                 let check = record_check(&keys);
@@ -106,7 +115,7 @@ impl ClientDb {
             std::fs::rename(&partial, &self.path)
                 .map_err(|e| DbError::Io { op: "replace", reason: e.to_string() })?;
             fsutil::sync_dir(dir).map_err(|e| DbError::Io { op: "sync", reason: e.to_string() })?;
-            Ok(KeyChange { resealed: reseal.map(|_| resealed), generation: next })
+            Ok(KeyChange { resealed: reseal.map(|_| resealed), generation: next, key_record: wrapped })
         });
         // Whatever happened, this handle is done: its keys or its file may be gone (closing a
         // redb handle writes its header back, so that, too, is shielded).

@@ -61,10 +61,10 @@ pub fn records_opened_on_this_thread() -> u64 {
 /// What a home's records are sealed under: the slot key and the record key, wiped on drop.
 ///
 /// The `key` record keeps them sealed under the key the passphrase unlocks ([`super`]), so a new
-/// passphrase re-seals 64 bytes, not every record, and processes already holding these keys go on
-/// working. A home made before format 6 uses the keys derived from its first state key
-/// ([`DbKey::of`]); a new home draws them at random. `qpq passphrase --new-key` replaces the record
-/// key and re-seals every value; the slot key stays for the home's life (a slot is a one-way hash
+/// passphrase seals these 64 bytes anew (in a copy of the file, [`super::rekey`]), not every
+/// record, and processes already holding these keys go on working. A home made before format 6 uses the keys derived from its first state key
+/// ([`DbKey::of`]); a new home draws them at random. `qpq passphrase --new-key` (and a passphrase
+/// set on a home without one) replaces the record key and re-seals every value; the slot key stays for the home's life (a slot is a one-way hash
 /// of its record's name, so records cannot be re-slotted without knowing every name).
 pub struct DbKey {
     slot: Zeroizing<[u8; 32]>,

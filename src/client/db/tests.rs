@@ -1061,7 +1061,11 @@ fn a_process_keeps_its_keys_across_a_change_but_not_across_a_new_key() {
         txn.open_table(META).unwrap().get(META_KEY).unwrap().unwrap().value().to_vec()
     };
     let other = StateKey::from_passphrase(b"another", FAST).unwrap();
-    let change = db.change_key(&other, &data, None).unwrap();
+    // A change proved against a key record that is no longer there is refused.
+    let stale = statefile::seal(&key, &data.wrapped());
+    assert!(matches!(db.change_key(&other, &data, None, &stale), Err(DbError::PassphraseChanged(_))));
+    let db = ClientDb::open(dir.path(), &data).unwrap();
+    let change = db.change_key(&other, &data, None, &old_blob).unwrap();
     assert_eq!(change.resealed, None);
     drop(db);
     let file = std::fs::read(dir.path().join(DB_FILE)).unwrap();
@@ -1082,11 +1086,31 @@ fn a_process_keeps_its_keys_across_a_change_but_not_across_a_new_key() {
     assert!(!super::journal_tests::frames(dir.path()).is_empty(), "the write is in the journal");
 
     let next = data.with_new_record_key();
-    let change = db.change_key(&other, &data, Some(&next)).unwrap();
+    let change = db.change_key(&other, &data, Some(&next), &db.key_record().unwrap()).unwrap();
     assert!(change.resealed.is_some_and(|n| n >= 2), "{change:?}");
     drop(db);
     assert!(matches!(ClientDb::open(dir.path(), &data), Err(DbError::KeyChanged(_))));
     let (_, db) = ClientDb::unlock(dir.path(), Some(b"another")).unwrap();
     assert_eq!(db.get(Table::State, b"contacts").unwrap().unwrap().as_slice(), b"bob");
     assert_eq!(db.get(Table::State, b"late").unwrap().unwrap().as_slice(), b"journaled");
+}
+
+/// Fails without the check of the `key` record: two `qpq passphrase` runs that both proved the
+/// first passphrase both reported success, and the later write silently undid the earlier.
+#[test]
+fn a_passphrase_change_proved_before_another_one_is_refused() {
+    use crate::client::state::{Home, Secrets, State, StateError, Unlock};
+    let dir = tempfile::tempdir().unwrap();
+    let pass = |p: &str| Unlock::Passphrase(p.to_string().into());
+    let state = State::new(Secrets::new([1; 32], [2; 32]), None, None);
+    drop(Home::create(dir.path(), state, pass("one")).unwrap());
+    let mut a = Home::open(dir.path(), Some(b"one")).unwrap();
+    let mut b = Home::open(dir.path(), Some(b"one")).unwrap();
+    b.change_passphrase(&pass("two"), false).unwrap();
+    let err = a.change_passphrase(&pass("three"), false).unwrap_err();
+    assert!(matches!(err, StateError::Db(DbError::PassphraseChanged(_))), "{err}");
+    assert!(Home::open(dir.path(), Some(b"two")).is_ok(), "the first change stands");
+    // The process that made it can change it again.
+    b.change_passphrase(&pass("four"), false).unwrap();
+    assert!(Home::open(dir.path(), Some(b"four")).is_ok());
 }
