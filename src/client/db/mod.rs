@@ -906,30 +906,30 @@ fn record_check(keys: &RecordKeys) -> Vec<u8> {
 
 /// Fails with [`DbError::KeyChanged`] unless the record check opens under `keys`.
 fn check_records_key(db: &Database, keys: &RecordKeys, path: &Path) -> Result<(), DbError> {
-    let damaged = |reason: String| DbError::Damaged { path: path.to_path_buf(), reason };
-    let txn = db.begin_read().map_err(|e| damaged(e.to_string()))?;
-    let meta = txn.open_table(META).map_err(|e| damaged(e.to_string()))?;
-    let v = meta
-        .get(META_RECORD_CHECK)
-        .map_err(|e| damaged(e.to_string()))?
-        .ok_or_else(|| damaged("no record check".into()))?;
+    let check = meta_record(db, path, META_RECORD_CHECK, "no record check")?;
     let plain = keys
-        .open_uncounted(RECORD_CHECK_LABEL, RECORD_CHECK_SLOT, v.value())
+        .open_uncounted(RECORD_CHECK_LABEL, RECORD_CHECK_SLOT, &check)
         .map_err(|_| DbError::KeyChanged(path.to_path_buf()))?;
     if plain.as_slice() != KEY_CHECK {
-        return Err(damaged("the record check does not match".into()));
+        return Err(DbError::Damaged {
+            path: path.to_path_buf(),
+            reason: "the record check does not match".into(),
+        });
     }
     Ok(())
 }
 
+/// The `key` record: what unlocks the home.
 fn key_check(db: &Database, path: &Path) -> Result<Vec<u8>, DbError> {
+    meta_record(db, path, META_KEY, "no key record")
+}
+
+/// The `meta` record `name`; `missing` says its absence.
+fn meta_record(db: &Database, path: &Path, name: &str, missing: &str) -> Result<Vec<u8>, DbError> {
     let damaged = |reason: String| DbError::Damaged { path: path.to_path_buf(), reason };
     let txn = db.begin_read().map_err(|e| damaged(e.to_string()))?;
     let meta = txn.open_table(META).map_err(|e| damaged(e.to_string()))?;
-    let v = meta
-        .get(META_KEY)
-        .map_err(|e| damaged(e.to_string()))?
-        .ok_or_else(|| damaged("no key record".into()))?;
+    let v = meta.get(name).map_err(|e| damaged(e.to_string()))?.ok_or_else(|| damaged(missing.into()))?;
     Ok(v.value().to_vec())
 }
 
