@@ -121,6 +121,12 @@ impl ClientDb {
         // redb handle writes its header back, so that, too, is shielded).
         let store = open.take();
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(store)));
+        if changed.is_err()
+            && let Some(dir) = self.path.parent()
+        {
+            // A copy that never replaced the file (an open would remove it too).
+            let _ = remove_if_present(&dir.join(migrate::PARTIAL_FILE));
+        }
         changed
     }
 }
