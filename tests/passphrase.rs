@@ -67,6 +67,12 @@ fn a_passphrase_is_set_changed_and_removed_and_the_home_keeps_everything() {
     assert!(err.contains("is encrypted with a passphrase"), "{err}");
     assert!(ok(&alice, Some(&one), &["whoami"]).stdout.starts_with(&alice.key));
 
+    // A new passphrase file that will not do is refused before the current one is asked for.
+    let loose = pass_file(dir.path(), "loose", "loose one");
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let r = run(&alice, None, &["passphrase", "--new-passphrase-file", loose.to_str().unwrap()]);
+    assert!(!r.ok && r.stderr.contains("is readable by others (mode 644)"), "{}", r.stderr);
+
     // Changed: the current one is asked for first, and a wrong one changes nothing.
     let r = run(&alice, Some(&wrong), &["passphrase", "--new-passphrase-file", two.to_str().unwrap()]);
     assert_eq!(r.stderr.trim(), "qpq: wrong passphrase or corrupted state file", "{}", r.stderr);

@@ -569,6 +569,7 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
     if !args.remove && args.new_passphrase_file.is_none() && !terminal {
         bail!("no new passphrase: pass --new-passphrase-file FILE, run on a terminal, or pass --remove");
     }
+    let from_file = args.new_passphrase_file.as_deref().map(passphrase_from_file).transpose()?;
     let mut m = open_home(g)?;
     let protected = m.home.is_passphrase_protected()?;
     let new = if args.remove {
@@ -577,8 +578,8 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Unlock::None
-    } else if let Some(path) = &args.new_passphrase_file {
-        Unlock::Passphrase(passphrase_from_file(path)?)
+    } else if let Some(p) = from_file {
+        Unlock::Passphrase(p)
     } else {
         Unlock::Passphrase(new_passphrase(&dir, NewPassphrase::Change)?)
     };
