@@ -20,6 +20,15 @@ fn pass_file(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
     path
 }
 
+/// One private passphrase file per passphrase, in order.
+fn pass_files<const N: usize>(dir: &Path, passphrases: [&str; N]) -> [PathBuf; N] {
+    let mut i = 0;
+    passphrases.map(|p| {
+        i += 1;
+        pass_file(dir, &format!("pass-{i}"), p)
+    })
+}
+
 /// `u`'s command with `--passphrase-file file` (None: none given).
 fn with(file: Option<&Path>, args: &[&str]) -> Vec<String> {
     let mut all = Vec::new();
@@ -44,11 +53,7 @@ fn ok(u: &User, file: Option<&Path>, args: &[&str]) -> common::Run {
 #[test]
 fn a_passphrase_is_set_changed_and_removed_and_the_home_keeps_everything() {
     let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
-    let (one, two, wrong) = (
-        pass_file(dir.path(), "one", "first one"),
-        pass_file(dir.path(), "two", "second one"),
-        pass_file(dir.path(), "wrong", "not it"),
-    );
+    let [one, two, wrong] = pass_files(dir.path(), ["first one", "second one", "not it"]);
     alice.ok(&["send", "bob", "before any passphrase"]);
     assert_eq!(bob.recv(), ["alice: before any passphrase"]);
     let home = alice.home.path().display().to_string();
@@ -125,11 +130,7 @@ fn follower(u: &User, file: &Path) -> (std::process::Child, Lines, Lines) {
 #[test]
 fn a_running_follower_outlives_a_change_and_stops_by_name_after_a_new_key() {
     let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
-    let (one, two, three) = (
-        pass_file(dir.path(), "one", "first one"),
-        pass_file(dir.path(), "two", "second one"),
-        pass_file(dir.path(), "three", "third one"),
-    );
+    let [one, two, three] = pass_files(dir.path(), ["first one", "second one", "third one"]);
     alice.ok(&["send", "bob", "opening"]);
     assert_eq!(bob.recv(), ["alice: opening"]);
     ok(&alice, None, &["passphrase", "--new-passphrase-file", one.to_str().unwrap()]);
@@ -198,7 +199,7 @@ fn a_running_follower_outlives_a_change_and_stops_by_name_after_a_new_key() {
 #[test]
 fn a_crash_before_the_new_key_commits_leaves_the_old_passphrase_and_every_record() {
     let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
-    let (one, two) = (pass_file(dir.path(), "one", "first one"), pass_file(dir.path(), "two", "second one"));
+    let [one, two] = pass_files(dir.path(), ["first one", "second one"]);
     ok(&alice, None, &["passphrase", "--new-passphrase-file", one.to_str().unwrap()]);
     for i in 0..3 {
         bob.ok(&["send", "alice", &format!("message {i}")]);

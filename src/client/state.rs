@@ -709,7 +709,8 @@ impl Home {
 
     /// True when opening the home needs a passphrase.
     pub fn is_passphrase_protected(&self) -> Result<bool, StateError> {
-        needs_passphrase(&self.dir)
+        // The key record this process unlocked says so: no second look at the file.
+        Ok(statefile::is_passphrase_protected(&self.key_record)?)
     }
 
     /// Seals the records' keys under `new` (a passphrase, or none): the database is copied
@@ -718,7 +719,7 @@ impl Home {
     /// its keys), every record is re-sealed under a new record key in that copy: then other
     /// processes of this home must start again.
     pub fn change_passphrase(&mut self, new: &Unlock, new_key: bool) -> Result<PassphraseChange, StateError> {
-        let protected = needs_passphrase(&self.dir)?;
+        let protected = self.is_passphrase_protected()?;
         let unlock = new.key()?;
         let _guard = self.lock()?;
         let db = self.hold.get_or_open(&self.dir, &self.key)?;

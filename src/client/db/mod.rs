@@ -334,14 +334,12 @@ impl ClientDb {
         }
         txn.commit().map_err(|e| io_err("create")(e.into()))?;
         let store = attach_journal(db, dir, &keys, &path)?;
-        Ok(ClientDb {
-            db: RwLock::new(Some(store)),
-            writer: Mutex::new(()),
-            keys,
-            path,
-            home: None,
-            key_watch: None,
-        })
+        Ok(ClientDb::new(store, keys, path, None))
+    }
+
+    /// A handle on `store`, open (and, with `home`, able to read again after `close`).
+    fn new(store: Store, keys: RecordKeys, path: PathBuf, home: Option<PathBuf>) -> ClientDb {
+        ClientDb { db: RwLock::new(Some(store)), writer: Mutex::new(()), keys, path, home, key_watch: None }
     }
 
     /// Opens the database with a passphrase (one Argon2id run), returning the records' keys for
@@ -359,18 +357,7 @@ impl ClientDb {
         };
         let keys = RecordKeys::derive(&data);
         let store = open_store(db, format, dir, &keys, &path, true)?;
-        let home = Some(dir.to_path_buf());
-        Ok((
-            data,
-            ClientDb {
-                db: RwLock::new(Some(store)),
-                writer: Mutex::new(()),
-                keys,
-                path,
-                home,
-                key_watch: None,
-            },
-        ))
+        Ok((data, ClientDb::new(store, keys, path, Some(dir.to_path_buf()))))
     }
 
     /// Opens the database with the keys this process unlocked before (no Argon2id run), which
@@ -379,15 +366,7 @@ impl ClientDb {
         let (db, path, format) = open_file(dir)?;
         let keys = RecordKeys::derive(key);
         let store = open_store(db, format, dir, &keys, &path, false)?;
-        let home = Some(dir.to_path_buf());
-        Ok(ClientDb {
-            db: RwLock::new(Some(store)),
-            writer: Mutex::new(()),
-            keys,
-            path,
-            home,
-            key_watch: None,
-        })
+        Ok(ClientDb::new(store, keys, path, Some(dir.to_path_buf())))
     }
 
     /// True when the database at `dir` needs a passphrase (header only, no Argon2id).
