@@ -224,3 +224,40 @@ fn a_crash_before_the_new_key_commits_leaves_the_old_passphrase_and_every_record
     ok(&alice, Some(&two), &["send", "bob", "still talking"]);
     assert_eq!(bob.recv(), ["alice: still talking"]);
 }
+
+/// A one-shot `send` whose home is re-sealed between queueing its message and sending it says
+/// that the message waits for the next command (exit 75), and the next command sends it once.
+/// It said "start the command again" (exit 1), and doing that sent the message twice.
+#[test]
+fn a_send_that_meets_a_new_key_leaves_its_message_for_the_next_command() {
+    let (dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    let [one, two] = pass_files(dir.path(), ["first one", "second one"]);
+    ok(&alice, None, &["passphrase", "--new-passphrase-file", one.to_str().unwrap()]);
+    ok(&alice, Some(&one), &["send", "bob", "hello"]);
+    assert_eq!(bob.recv(), ["alice: hello"]);
+
+    let mut send = qpq_command(alice.home.path())
+        .args(with(Some(&one), &["send", "bob", "across the re-seal"]))
+        .env("QPQ_FAILPOINT", "pause:send-queued")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = Lines::of(send.stderr.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: failpoint send-queued"), "queued, and held");
+    ok(&alice, Some(&one), &["passphrase", "--new-key", "--new-passphrase-file", two.to_str().unwrap()]);
+    send.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let said: Vec<String> = std::iter::from_fn(|| err.next_line()).collect();
+    assert_eq!(send.wait().unwrap().code(), Some(75), "{said:?}");
+    assert_eq!(
+        said,
+        ["qpq: queued; the next qpq command sends it (`qpq passphrase --new-key` re-sealed the home \
+             while this one ran, and it cannot open the home again)"]
+    );
+    assert!(bob.recv().is_empty(), "not sent by the command that queued it");
+
+    let r = ok(&alice, Some(&two), &["recv"]);
+    assert!(r.stderr.contains("sent a queued message to bob"), "{}", r.stderr);
+    assert_eq!(bob.recv(), ["alice: across the re-seal"], "sent once");
+}

@@ -817,6 +817,11 @@ pub enum VerbOutcome {
         maybe_sent: bool,
         reason: String,
     },
+    /// The message waits in the outbox of a home this process can no longer open (`qpq
+    /// passphrase --new-key` re-sealed it meanwhile): the next command sends it.
+    QueuedForNext {
+        maybe_sent: bool,
+    },
 }
 
 impl VerbOutcome {
@@ -828,6 +833,11 @@ impl VerbOutcome {
             }
             VerbOutcome::Queued { maybe_sent: true, reason } => Some(format!(
                 "may have been sent; it stays queued and the same message goes again when the server is back ({reason})"
+            )),
+            VerbOutcome::QueuedForNext { maybe_sent } => Some(format!(
+                "{}; the next qpq command sends it (`qpq passphrase --new-key` re-sealed the home \
+                 while this one ran, and it cannot open the home again)",
+                if *maybe_sent { "may have been sent: it stays queued" } else { "queued" }
             )),
             _ => None,
         }
@@ -927,8 +937,10 @@ pub async fn run_verb(
             }
             let (fate, caught_up) = m.send(&target, &text).await?;
             events.extend(caught_up);
-            if let Fate::Kept { maybe_sent, reason } = fate {
-                return Ok(VerbOutcome::Queued { maybe_sent, reason });
+            match fate {
+                Fate::Kept { maybe_sent, reason } => return Ok(VerbOutcome::Queued { maybe_sent, reason }),
+                Fate::LeftForNext { maybe_sent } => return Ok(VerbOutcome::QueuedForNext { maybe_sent }),
+                Fate::Sent { .. } | Fate::Refused(_) => {}
             }
         }
         ClientVerb::Group(cmd) => {
@@ -1466,7 +1478,9 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
     match outcome {
         VerbOutcome::Ok => Ok(std::process::ExitCode::SUCCESS),
         VerbOutcome::Unhealthy => Ok(std::process::ExitCode::FAILURE),
-        VerbOutcome::Queued { .. } => Ok(std::process::ExitCode::from(EXIT_QUEUED)),
+        VerbOutcome::Queued { .. } | VerbOutcome::QueuedForNext { .. } => {
+            Ok(std::process::ExitCode::from(EXIT_QUEUED))
+        }
     }
 }
 

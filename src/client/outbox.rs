@@ -71,6 +71,9 @@ pub enum Fate {
     Refused(ClientError),
     /// Still queued; `maybe_sent` when a request carrying it may have reached the server.
     Kept { maybe_sent: bool, reason: String },
+    /// Still queued in a home this process can no longer open: `qpq passphrase --new-key`
+    /// re-sealed it meanwhile. The next command that opens the home sends it.
+    LeftForNext { maybe_sent: bool },
 }
 
 /// The one message a command waits for, and what became of it.
@@ -447,6 +450,8 @@ impl Messenger {
     /// it stays queued; the error when it was refused or could not be queued.
     pub async fn send(&mut self, target: &Target, text: &str) -> Result<(Fate, Vec<Event>), ClientError> {
         let id = self.queue_send(target, text)?;
+        // Tests run `qpq passphrase --new-key` here: between the two operations of a send.
+        crate::failpoint::hit("send-queued");
         let mut events = Vec::new();
         let mut fate = self.deliver_outbox(id, &mut events).await;
         if let Fate::Kept { maybe_sent: true, .. } = &fate {
@@ -486,6 +491,9 @@ impl Messenger {
         let maybe_sent = queued.and_then(|s| s.sealed.as_ref()).is_some_and(|s| s.maybe_sent);
         match (recorded, r) {
             (Some(f), _) => f,
+            // `qpq passphrase --new-key` re-sealed the home between queueing the message and
+            // this operation (it cannot within one: the operation holds the home's lock).
+            (None, Err(e)) if e.home_key_changed() => Fate::LeftForNext { maybe_sent },
             (None, Err(e)) if is_offline(&e) => Fate::Kept { maybe_sent, reason: e.to_string() },
             (None, Err(e)) => Fate::Refused(e),
             // Another process of this home sent it meanwhile.
