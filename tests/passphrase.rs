@@ -261,3 +261,51 @@ fn a_send_that_meets_a_new_key_leaves_its_message_for_the_next_command() {
     assert!(r.stderr.contains("sent a queued message to bob"), "{}", r.stderr);
     assert_eq!(bob.recv(), ["alice: across the re-seal"], "sent once");
 }
+
+/// A new passphrase of spaces alone is refused; the current one again changes nothing and says
+/// so; an empty QPQ_PASSPHRASE is named (it read as a wrong passphrase); and a passphrase is
+/// the same whichever Unicode form it is typed in.
+#[test]
+fn spaces_the_same_passphrase_an_empty_variable_and_unicode_forms_are_named() {
+    let (dir, server, [alice]) = cast(["alice"]);
+    let [spaces, one, composed, decomposed] =
+        pass_files(dir.path(), ["   ", "first one", "caf\u{e9} cr\u{e8}me", "cafe\u{301} cre\u{300}me"]);
+    let home = alice.home.path().display().to_string();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+
+    let r = run(&alice, None, &["passphrase", "--new-passphrase-file", &path(&spaces)]);
+    assert!(!r.ok);
+    assert_eq!(
+        r.stderr.trim(),
+        "qpq: a passphrase of spaces alone protects next to nothing: choose another (or pass --remove); nothing changed"
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let out = qpq_command(fresh.path())
+        .args(["init", "--server", &server.addr.to_string()])
+        .env("QPQ_PASSPHRASE", "   ")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("spaces alone protects next to nothing: choose another or pass --no-passphrase"),
+        "{err}"
+    );
+
+    ok(&alice, None, &["passphrase", "--new-passphrase-file", &path(&one)]);
+    let r = ok(&alice, Some(&one), &["passphrase", "--new-passphrase-file", &path(&one)]);
+    assert_eq!(r.stderr.trim(), format!("qpq: that is the passphrase of {home} already; nothing changed"));
+    let out = qpq_command(alice.home.path()).arg("whoami").env("QPQ_PASSPHRASE", "").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.starts_with(&format!("qpq: QPQ_PASSPHRASE is set but empty: set it to the passphrase of {home}")),
+        "{err}"
+    );
+
+    // Set composed, opened decomposed; the same again in the other form changes nothing.
+    ok(&alice, Some(&one), &["passphrase", "--new-passphrase-file", &path(&composed)]);
+    assert!(ok(&alice, Some(&decomposed), &["whoami"]).stdout.starts_with(&alice.key));
+    let r = ok(&alice, Some(&decomposed), &["passphrase", "--new-passphrase-file", &path(&composed)]);
+    assert!(r.stderr.contains("already; nothing changed"), "{}", r.stderr);
+}

@@ -456,13 +456,26 @@ pub fn server_verb(g: &GlobalArgs, cmd: ServerCmd) -> anyhow::Result<()> {
 /// Opens the home, asking for the passphrase if the state needs one: `--passphrase-file`,
 /// else QPQ_PASSPHRASE, else a prompt naming the home with [`PASSPHRASE_TRIES`] tries.
 pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
+    Ok(open_home_proved(g)?.0)
+}
+
+/// As [`open_home`], with the passphrase that opened the home (None when it has none).
+fn open_home_proved(g: &GlobalArgs) -> anyhow::Result<(Messenger, Option<Zeroizing<String>>)> {
     let dir = home_dir(g)?;
     let opts = connect_options(g)?;
     if !(state::exists(&dir) && state::needs_passphrase(&dir)?) {
-        return Ok(Messenger::open(&dir, None, opts)?);
+        return Ok((Messenger::open(&dir, None, opts)?, None));
     }
     if let Some(p) = given_passphrase(g)? {
-        return Ok(Messenger::open(&dir, Some(p.as_bytes()), opts)?);
+        if p.is_empty() {
+            // Only the variable can be empty (a file's empty first line is refused).
+            bail!(
+                "QPQ_PASSPHRASE is set but empty: set it to the passphrase of {}, or unset it to be asked",
+                Shown(&dir.display().to_string())
+            );
+        }
+        let m = Messenger::open(&dir, Some(p.as_bytes()), opts)?;
+        return Ok((m, Some(p)));
     }
     if !std::io::stdin().is_terminal() {
         bail!(
@@ -480,8 +493,19 @@ pub fn open_home(g: &GlobalArgs) -> anyhow::Result<Messenger> {
                 err!("qpq: wrong passphrase, try again");
                 tries += 1;
             }
-            r => return Ok(r?),
+            r => return Ok((r?, Some(p))),
         }
+    }
+}
+
+/// Why `p` will not do as a new passphrase, if it will not.
+fn weak_passphrase(p: &str) -> Option<&'static str> {
+    if p.is_empty() {
+        Some("an empty passphrase protects nothing")
+    } else if p.trim().is_empty() {
+        Some("a passphrase of spaces alone protects next to nothing")
+    } else {
+        None
     }
 }
 
@@ -527,6 +551,9 @@ pub fn init(g: &GlobalArgs, args: InitArgs) -> anyhow::Result<()> {
         if p.is_empty() {
             bail!("QPQ_PASSPHRASE is empty: choose a passphrase or pass --no-passphrase");
         }
+        if let Some(why) = weak_passphrase(&p) {
+            bail!("{why}: choose another or pass --no-passphrase; nothing created");
+        }
         Unlock::Passphrase(p)
     } else if std::io::stdin().is_terminal() {
         Unlock::Passphrase(new_passphrase(&dir, NewPassphrase::Init)?)
@@ -570,7 +597,10 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
         bail!("no new passphrase: pass --new-passphrase-file FILE, run on a terminal, or pass --remove");
     }
     let from_file = args.new_passphrase_file.as_deref().map(passphrase_from_file).transpose()?;
-    let mut m = open_home(g)?;
+    if let Some(why) = from_file.as_deref().and_then(|p| weak_passphrase(p)) {
+        bail!("{why}: choose another (or pass --remove); nothing changed");
+    }
+    let (mut m, current) = open_home_proved(g)?;
     let protected = m.home.is_passphrase_protected()?;
     let new = if args.remove {
         if !protected && !args.new_key {
@@ -583,6 +613,13 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
     } else {
         Unlock::Passphrase(new_passphrase(&dir, NewPassphrase::Change)?)
     };
+    if let (Unlock::Passphrase(new), Some(current)) = (&new, &current)
+        && same_passphrase(new, current)
+        && !args.new_key
+    {
+        err!("qpq: that is the passphrase of {} already; nothing changed", Shown(&dir.display().to_string()));
+        return Ok(());
+    }
     let change = m.home.change_passphrase(&new, args.new_key)?;
     let home = Shown(&dir.display().to_string()).to_string();
     match (&new, protected) {
@@ -618,6 +655,14 @@ fn given_certificate_mismatch(e: &SessionError) -> Option<String> {
     }
 }
 
+/// True when `a` and `b` derive the same key: equal once both are in Unicode NFC (see
+/// [`crate::client::state::Unlock`]).
+fn same_passphrase(a: &str, b: &str) -> bool {
+    use unicode_normalization::UnicodeNormalization;
+    // Compared char by char: no normalised copy of either is left in memory.
+    a.nfc().eq(b.nfc())
+}
+
 /// Why a new passphrase is asked for: what an empty one and repeated mismatches say.
 #[derive(Clone, Copy)]
 enum NewPassphrase {
@@ -633,8 +678,8 @@ fn new_passphrase(dir: &std::path::Path, why: NewPassphrase) -> anyhow::Result<Z
     };
     for tries_left in (0..PASSPHRASE_TRIES).rev() {
         let p = prompt(&format!("new qpq passphrase for {}: ", Shown(&dir.display().to_string())))?;
-        if p.is_empty() {
-            err!("qpq: an empty passphrase protects nothing: type one (or pass {without})");
+        if let Some(why) = weak_passphrase(&p) {
+            err!("qpq: {why}: type one (or pass {without})");
             continue;
         }
         let again = prompt("repeat passphrase: ")?;

@@ -427,7 +427,7 @@ impl State {
     }
 }
 
-/// How the state key is obtained.
+/// How the state key is obtained. A passphrase is taken in Unicode NFC (see [`nfc`]).
 pub enum Unlock {
     Passphrase(Zeroizing<String>),
     None,
@@ -438,10 +438,34 @@ impl Unlock {
     /// the public unprotected key.
     fn key(&self) -> Result<StateKey, StateError> {
         Ok(match self {
-            Unlock::Passphrase(p) => StateKey::from_passphrase(p.as_bytes(), KdfParams::default())?,
+            Unlock::Passphrase(p) => {
+                let nfc = nfc(p.as_bytes());
+                StateKey::from_passphrase(
+                    nfc.as_deref().map_or(p.as_bytes(), Vec::as_slice),
+                    KdfParams::default(),
+                )?
+            }
             Unlock::None => StateKey::unprotected(),
         })
     }
+}
+
+/// A passphrase in Unicode Normalization Form C, when that differs from the bytes given (None for
+/// bytes that are not UTF-8). The same characters typed on two systems may arrive composed
+/// (`é`) or decomposed (`e` and a combining accent); RFC 8265 §4.2 (the OpaqueString profile
+/// for passwords) maps both to NFC, and so does qpq before deriving a key from a passphrase.
+/// Passphrases set before that were derived from the bytes as typed: [`Home::open`] tries those
+/// second.
+fn nfc(passphrase: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    use unicode_normalization::UnicodeNormalization;
+    let text = std::str::from_utf8(passphrase).ok()?;
+    if unicode_normalization::is_nfc(text) {
+        return None;
+    }
+    // Room for any composition up front, so the buffer is never moved (leaving a copy behind).
+    let mut out = Zeroizing::new(String::with_capacity(text.len() * 3 + 16));
+    out.extend(text.nfc());
+    Some(Zeroizing::new(out.as_bytes().to_vec()))
 }
 
 /// What [`Home::change_passphrase`] did.
@@ -653,16 +677,27 @@ impl Home {
             return Err(StateError::NotInitialized(dir.to_path_buf()));
         }
         let _lock = HomeLock::acquire(dir, true)?;
-        let (key, key_record) = match migrate::migrate_if_needed(dir, passphrase)? {
-            Some(key) => {
-                let record = ClientDb::open(dir, &key)?.key_record()?;
-                (key, record)
+        let unlock = |passphrase: Option<&[u8]>| -> Result<_, StateError> {
+            match migrate::migrate_if_needed(dir, passphrase)? {
+                Some(key) => {
+                    let record = ClientDb::open(dir, &key)?.key_record()?;
+                    Ok((key, record))
+                }
+                None => {
+                    let (key, db) = ClientDb::unlock(dir, passphrase)?;
+                    let record = db.key_record()?;
+                    Ok((key, record))
+                }
             }
-            None => {
-                let (key, db) = ClientDb::unlock(dir, passphrase)?;
-                let record = db.key_record()?;
-                (key, record)
-            }
+        };
+        let normalized = passphrase.and_then(nfc);
+        let (key, key_record) = match (normalized, passphrase) {
+            (Some(n), Some(typed)) => match unlock(Some(&n)) {
+                // Set before qpq normalised passphrases: derived from the bytes as typed.
+                Err(StateError::File(StateFileError::WrongPassphrase)) => unlock(Some(typed))?,
+                r => r?,
+            },
+            _ => unlock(passphrase)?,
         };
         let mut home = Home {
             dir: dir.to_path_buf(),
@@ -1236,5 +1271,35 @@ mod tests {
         drop(home);
         assert!(needs_passphrase(dir.path()).unwrap());
         assert!(Home::open(dir.path(), Some(b"pw")).is_ok());
+    }
+
+    /// A passphrase is the same whichever Unicode form it arrives in (NFC, RFC 8265 §4.2), and a
+    /// home whose passphrase was set before qpq normalised (derived from the bytes as typed)
+    /// still opens with them. Fails without [`nfc`] in [`Unlock::key`] or without the second
+    /// try in [`Home::open`].
+    #[test]
+    fn a_passphrase_is_the_same_composed_or_decomposed_and_an_older_one_still_opens() {
+        let decomposed = "cafe\u{301} cre\u{300}me";
+        let composed = "caf\u{e9} cr\u{e8}me";
+        assert_ne!(decomposed.as_bytes(), composed.as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let params = KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
+        let key = StateKey::from_passphrase(decomposed.as_bytes(), params).unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), statefile::seal(&key, &sample().encode().unwrap()))
+            .unwrap();
+        // Set before normalising: the bytes as typed open it, and only they.
+        let home = Home::open(dir.path(), Some(decomposed.as_bytes())).unwrap();
+        assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]));
+        drop(home);
+        assert!(matches!(Home::open(dir.path(), Some(composed.as_bytes())), Err(StateError::File(_))));
+        let mut home = Home::open(dir.path(), Some(decomposed.as_bytes())).unwrap();
+        // Set again: normalised, so either form opens it.
+        home.change_passphrase(&Unlock::Passphrase(Zeroizing::new(decomposed.into())), false).unwrap();
+        drop(home);
+        for form in [composed, decomposed] {
+            let home = Home::open(dir.path(), Some(form.as_bytes())).unwrap();
+            assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]), "{form:?}");
+        }
+        assert!(matches!(Home::open(dir.path(), Some(b"cafe creme")), Err(StateError::File(_))));
     }
 }
