@@ -257,3 +257,46 @@ fn a_message_queued_to_a_new_contact_shows_in_their_history_and_in_all() {
     assert_eq!(shown.lines().collect::<Vec<_>>(), ["me: first words"], "once: {shown}");
     assert_eq!(carol.recv(), ["alice: first words"]);
 }
+
+/// A follower that sends a message a one-shot `send` queued a moment before, while that `send`
+/// still runs, says nothing of it: the `send` says what became of it (here: nothing, it went).
+/// The follower said "sent a queued message to bob" about a message nobody was told waited.
+/// Once the `send` is gone, a queued message is announced again (the tests above).
+#[test]
+fn a_follower_leaves_a_running_sends_message_to_it() {
+    use common::Lines;
+    use std::io::Write;
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "hello"]);
+    assert_eq!(bob.recv(), ["alice: hello"]);
+    let mut follow = alice.spawn(&["recv", "--follow"]);
+    let mut follow_err = Lines::of(follow.stderr.take().unwrap());
+    assert_eq!(follow_err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
+    let mut follow_out = Lines::of(follow.stdout.take().unwrap());
+
+    let mut send = qpq_command(alice.home.path())
+        .args(["send", "bob", "raced"])
+        .env("QPQ_FAILPOINT", "pause:send-queued")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send_err = Lines::of(send.stderr.take().unwrap());
+    assert_eq!(send_err.next_line().as_deref(), Some("qpq: failpoint send-queued"));
+    // The follower sees the home change and sends the outbox.
+    let r = bob.run(&["recv", "--wait", "60"]);
+    assert_eq!(untimed(&r.stdout).trim(), "alice: raced", "{}", r.stderr);
+    send.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert_eq!(send.wait().unwrap().code(), Some(0));
+    assert_eq!(send_err.next_line(), None, "the send says nothing: its message went");
+
+    // Whatever the follower said of that round is out before what it prints next.
+    bob.ok(&["send", "alice", "after"]);
+    assert_eq!(follow_out.next_line().map(|l| untimed(&l).trim().to_string()).as_deref(), Some("bob: after"));
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    let said: Vec<String> = std::iter::from_fn(|| follow_err.next_line()).collect();
+    assert!(!said.iter().any(|l| l.contains("sent a queued message")), "{said:?}");
+    assert!(bob.recv().is_empty(), "sent once");
+}

@@ -26,6 +26,17 @@
 //!   the copy still opens for a member that never got the first one unless that many commits
 //!   came in between.
 //!
+//! # Who says that a queued message went
+//! The command that queued a message says what became of it. When another process sends it
+//! (a `recv --follow`, the shell, the next one-shot), that process says "sent a queued message
+//! to ..." unless the command that queued it still runs and has not said it waits
+//! ([`State::reporting_sends`], written with the message: no extra write). A follower that
+//! happened to send a message a one-shot `send` had queued a moment before announced it as if
+//! it had waited, while the `send` itself then said "sent". A command that exited (`send`
+//! with [`EXIT_QUEUED`]) or died, and one that said the message waits (the shell), leave the
+//! announcement to whoever sends it; so does one still running after
+//! [`ANNOUNCE_UNTOLD_AFTER_MS`] (a process id reused meanwhile cannot silence it for long).
+//!
 //! A crash after a request left but before `maybe_sent` was saved is the one case where a
 //! retry in a later epoch re-encrypts and a receiver may see the text twice.
 
@@ -34,9 +45,13 @@ use std::collections::HashSet;
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{Carried, ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
 use crate::client::session::SessionError;
-use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend};
+use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend, State};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
 use crate::mls::MlsError;
+
+/// A queued message whose command still runs is announced by another process that sends it
+/// once it waited this long.
+pub const ANNOUNCE_UNTOLD_AFTER_MS: u64 = 60_000;
 
 /// Exit status of a `send` whose message waits in the outbox (EX_TEMPFAIL of sysexits.h: try
 /// again later, which qpq does by itself).
@@ -95,6 +110,12 @@ pub(crate) struct Watch {
 /// (internal) or answering out of protocol, which may never stop and would otherwise hold
 /// every message behind this one for ever, and a changed certificate or an outdated protocol
 /// (the user must act first).
+/// True while process `pid` runs (Linux's `/proc`; elsewhere never, so every queued message is
+/// announced, as before [`State::reporting_sends`]).
+fn process_runs(pid: u32) -> bool {
+    std::fs::metadata(format!("/proc/{pid}")).is_ok()
+}
+
 pub fn is_offline(e: &ClientError) -> bool {
     match e {
         ClientError::Session(
@@ -141,6 +162,7 @@ impl Messenger {
         let item =
             QueuedSend { id, to, text: text.to_string(), sent_at_ms: self.clock.now_ms(), sealed: None };
         self.home.state.sends.push_back(item);
+        self.home.state.reporting_sends.push((id, std::process::id()));
         self.home.save()?;
         Ok(id)
     }
@@ -154,6 +176,34 @@ impl Messenger {
     /// person was told they wait).
     pub fn announce_queued_sends(&mut self) {
         self.watch.quiet.clear();
+        let ids: Vec<u64> = self.home.state.sends.iter().map(|s| s.id).collect();
+        self.mark_told(&ids);
+    }
+
+    /// Notes that the person was told messages `ids` wait, so whichever process sends them
+    /// says so. Best effort: unrecorded, a message is announced once it is old enough.
+    pub fn mark_told(&mut self, ids: &[u64]) {
+        if !self.home.state.reporting_sends.iter().any(|(id, _)| ids.contains(id)) {
+            return;
+        }
+        let Ok(_op) = self.begin() else { return };
+        let State { sends, reporting_sends, .. } = &mut self.home.state;
+        let before = reporting_sends.len();
+        // Also forgets messages sent meanwhile by another process.
+        reporting_sends.retain(|(id, _)| !ids.contains(id) && sends.iter().any(|s| s.id == *id));
+        if reporting_sends.len() != before {
+            let _ = self.home.save();
+        }
+    }
+
+    /// True when a process that did not queue `item` in this run should say that it went (see
+    /// the module header).
+    fn announce_when_sent(&self, item: &QueuedSend) -> bool {
+        let reporter = self.home.state.reporting_sends.iter().find(|(id, _)| *id == item.id);
+        let young = self.clock.now_ms().saturating_sub(item.sent_at_ms) < ANNOUNCE_UNTOLD_AFTER_MS;
+        // This process's own messages: its `quiet` set decides.
+        let other = reporter.is_some_and(|(_, pid)| *pid != std::process::id() && process_runs(*pid));
+        !(other && young)
     }
 
     /// The messages that wait in the outbox and are not in a history yet (a message enters
@@ -217,6 +267,7 @@ impl Messenger {
         let before = self.home.state.sends.len();
         self.home.state.sends.retain(|s| s.id != id || s.sealed.is_some());
         if self.home.state.sends.len() != before {
+            self.home.state.reporting_sends.retain(|(t, _)| *t != id);
             self.home.save()?;
         }
         Ok(())
@@ -251,10 +302,11 @@ impl Messenger {
             }
             match self.send_queued(item.clone(), events).await {
                 Ok((group_id, recipients)) => {
+                    let announce = self.announce_when_sent(&item);
                     self.drop_queued(item.id)?;
                     if awaited {
                         self.watch.fate = Some(Fate::Sent { group_id, recipients });
-                    } else if !self.watch.quiet.remove(&item.id) {
+                    } else if !self.watch.quiet.remove(&item.id) && announce {
                         let to = self.conversation_name(&group_id);
                         self.notices.push(format!("sent a queued message to {to}"));
                     }
@@ -327,6 +379,7 @@ impl Messenger {
 
     fn drop_queued(&mut self, id: u64) -> Result<(), ClientError> {
         self.home.state.sends.retain(|s| s.id != id);
+        self.home.state.reporting_sends.retain(|(t, _)| *t != id);
         self.home.save()?;
         Ok(())
     }
@@ -466,6 +519,11 @@ impl Messenger {
                 // leaves the outbox, as a failed send always did.
                 self.unqueue(id)?;
                 Err(e)
+            }
+            f @ Fate::Kept { .. } => {
+                // The command says it waits: whoever sends it later says that it went.
+                self.mark_told(&[id]);
+                Ok((f, events))
             }
             f => Ok((f, events)),
         }

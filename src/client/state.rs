@@ -264,6 +264,11 @@ pub struct State {
     /// The `#n` of each pending request; only in the database, like `inbox_events`.
     #[serde(skip)]
     pub request_numbers: RequestNumbers,
+    /// Queued messages (id in `sends`, process id) whose command is still to say what became
+    /// of them: another process that sends one while that process lives says nothing (see
+    /// [`crate::client::outbox`]); only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub reporting_sends: Vec<(u64, u32)>,
     /// When an upload of our keys (KeyPackages, the envelope key) that the server refused for
     /// itself may be tried again (see [`crate::client::keypool`]); only in the database, like
     /// `inbox_events`.
@@ -352,6 +357,7 @@ impl State {
             live_readers: Default::default(),
             leave_proposals: BTreeMap::new(),
             request_numbers: RequestNumbers::default(),
+            reporting_sends: Vec::new(),
         }
     }
 

@@ -534,6 +534,7 @@ impl Shell {
         let id = self.m.queue_send(&target, text)?;
         if self.link.is_offline() {
             self.out.status("queued, will send when the server is back");
+            self.m.mark_told(&[id]);
         } else {
             self.m.send_quietly(id);
         }

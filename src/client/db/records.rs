@@ -57,6 +57,9 @@ const KEY_UPLOAD_BACKOFF: &str = "key_upload_backoff";
 /// [`State::request_numbers`], optional in the same way (a home without it numbers its pending
 /// requests afresh, oldest first).
 const REQUEST_NUMBERS: &str = "request_numbers";
+/// [`State::reporting_sends`], optional in the same way (without it, every queued message is
+/// announced when another process sends it, as before it).
+const REPORTING_SENDS: &str = "reporting_sends";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -142,6 +145,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(LEAVE_PROPOSALS.to_string(), encode(&state.leave_proposals)?);
     out.insert(KEY_UPLOAD_BACKOFF.to_string(), encode(&state.key_upload_backoff)?);
     out.insert(REQUEST_NUMBERS.to_string(), encode(&state.request_numbers)?);
+    out.insert(REPORTING_SENDS.to_string(), encode(&state.reporting_sends)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -266,6 +270,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     }
     if let Some(v) = optional(REQUEST_NUMBERS)? {
         state.request_numbers = decode(REQUEST_NUMBERS, &v)?;
+    }
+    if let Some(v) = optional(REPORTING_SENDS)? {
+        state.reporting_sends = decode(REPORTING_SENDS, &v)?;
     }
     // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
     // now, so every pending request has its number from the moment the home is read.
