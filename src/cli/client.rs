@@ -777,7 +777,7 @@ pub fn format_entry(m: &Messenger, e: &Entry) -> String {
 
 /// Columns of the terminal on stdout, when stdout is one: messages are broken to fit it
 /// ([`text::message_for_width`]) rather than left to the terminal's own wrapping.
-fn terminal_columns() -> Option<usize> {
+pub(crate) fn terminal_columns() -> Option<usize> {
     terminal_size::terminal_size_of(std::io::stdout()).map(|(w, _)| usize::from(w.0)).filter(|w| *w > 0)
 }
 

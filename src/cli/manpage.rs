@@ -143,7 +143,7 @@ pub fn extra_sections(page: &str) -> String {
     let mut roff = String::new();
     if page == "qpq-shell" {
         roff.push_str(".SH COMMANDS\n.nf\n");
-        for line in crate::shell::grammar::help_overview().lines() {
+        for line in crate::shell::grammar::help_overview(None).lines() {
             let _ = writeln!(roff, "{}", escape(line));
         }
         roff.push_str(".fi\n");

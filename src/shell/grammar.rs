@@ -248,16 +248,19 @@ fn condense(rendered: &str) -> String {
     format!("{head}{usage}")
 }
 
-/// The help overview: chat syntax, then every verb from the clap definitions.
-pub fn help_overview() -> String {
-    let mut s = String::from(
-        "chat:\n  \
-         @NAME TEXT        send TEXT to a contact (or a 64-hex key)\n  \
-         #GROUP TEXT       send TEXT to a group\n  \
-         TEXT              inside a conversation (/chat NAME): send TEXT there\n  \
-         /say TEXT         send TEXT to the open conversation even if it starts with / @ #\n\
-         commands (bare in the lobby, with a leading / anywhere):\n",
-    );
+/// The help overview: chat syntax, then every verb from the clap definitions, each verb's
+/// description broken at words to fit `width` columns (a terminal's), under itself.
+pub fn help_overview(width: Option<usize>) -> String {
+    let mut s = String::from("chat:\n");
+    for (name, about) in [
+        ("@NAME TEXT", "send TEXT to a contact (or a 64-hex key)"),
+        ("#GROUP TEXT", "send TEXT to a group"),
+        ("TEXT", "inside a conversation (/chat NAME): send TEXT there"),
+        ("/say TEXT", "send TEXT to the open conversation even if it starts with / @ #"),
+    ] {
+        s.push_str(&hanging(&format!("  {name:<17} "), about, width));
+    }
+    s.push_str("commands (bare in the lobby, with a leading / anywhere):\n");
     let cmd = ShellLine::command();
     for sub in cmd.get_subcommands() {
         let mut name = sub.get_name().to_string();
@@ -271,10 +274,39 @@ pub fn help_overview() -> String {
         if !aliases.is_empty() {
             name = format!("{name} ({})", aliases.join(", "));
         }
-        s.push_str(&format!("  {name:<17} {about}\n"));
+        let head = format!("  {name:<17} ");
+        s.push_str(&hanging(&head, &about, width));
     }
     s.push_str("`/help COMMAND` or `COMMAND --help` shows one command's arguments.\n");
     s
+}
+
+/// `head` then `text`, broken at spaces into rows of at most `width` columns (ASCII: clap's
+/// text), every row after the first indented as deep as `head`. A word longer than a row
+/// stays whole.
+fn hanging(head: &str, text: &str, width: Option<usize>) -> String {
+    let indent = head.len();
+    // Under 20 columns for the text, breaking helps nobody.
+    let Some(room) = width.map(|w| w.saturating_sub(indent)).filter(|r| *r >= 20) else {
+        return format!("{head}{text}\n");
+    };
+    let mut out = String::from(head);
+    let mut used = 0;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        if used > 0 && used + 1 + word.len() > room {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            used = 0;
+        }
+        if used > 0 {
+            out.push(' ');
+            used += 1;
+        }
+        out.push_str(word);
+        used += word.len();
+    }
+    out.push('\n');
+    out
 }
 
 /// The long help of one verb (`help group`, `help c`).
@@ -468,9 +500,26 @@ mod tests {
         assert_eq!(err("send bob \"hi", false), "cannot split the line into words: missing closing quote");
     }
 
+    /// Review: on a narrow terminal the descriptions ran past the edge and the terminal broke
+    /// them at column 0, under the verb names.
+    #[test]
+    fn the_overview_breaks_descriptions_under_themselves_to_fit_the_terminal() {
+        let wide = help_overview(None);
+        let narrow = help_overview(Some(50));
+        assert!(wide.lines().any(|l| l.len() > 50), "something to break");
+        for line in narrow.lines().filter(|l| l.starts_with("  ")) {
+            assert!(line.len() <= 50, "{line:?}");
+        }
+        let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(words(&wide), words(&narrow), "the same words");
+        let continued: Vec<&str> = narrow.lines().filter(|l| l.starts_with(&" ".repeat(20))).collect();
+        assert!(!continued.is_empty(), "{narrow}");
+        assert_eq!(help_overview(Some(10)), wide, "too narrow to help: unbroken");
+    }
+
     #[test]
     fn help_lists_every_verb_from_clap() {
-        let h = help_overview();
+        let h = help_overview(None);
         for word in [
             "whoami",
             "health",

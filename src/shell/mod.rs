@@ -504,7 +504,9 @@ impl Shell {
             Action::Nothing => {}
             Action::Quit => return Ok(Flow::Quit),
             Action::Show(text) => self.out.data(&text),
-            Action::Help(None) => self.out.data(&grammar::help_overview()),
+            Action::Help(None) => {
+                self.out.data(&grammar::help_overview(crate::cli::client::terminal_columns()))
+            }
             Action::Help(Some(topic)) => self.out.data(&grammar::help_for(&topic)?),
             Action::Chat(target) => self.open(target)?,
             Action::History(args) if args.retention.is_some() => self.verb(ClientVerb::History(args)).await?,
