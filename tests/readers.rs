@@ -129,7 +129,7 @@ fn a_follower_stalled_by_its_pipe_through_a_burst_another_reader_read_prints_eve
     };
     send_all(&first);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !writing_to_a_full_pipe(f.id()) {
+    while !writing_to_a_full_pipe(f.id()) && !pipe_full(&stdout, 1024 + 16) {
         assert!(std::time::Instant::now() < deadline, "the follower never stalled on its pipe");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -150,6 +150,21 @@ fn a_follower_stalled_by_its_pipe_through_a_burst_another_reader_read_prints_eve
     assert_eq!(got, all);
     stop(f);
     drop(err);
+}
+
+/// True when the pipe behind `reader` has less than `room` bytes free, so a writer of a line
+/// that long waits (`FIONREAD` against `F_GETPIPE_SZ`, pipe(7)): the same as a writer seen in
+/// `pipe_write`, on kernels that hide `wchan`.
+#[allow(unsafe_code)]
+fn pipe_full(reader: &std::process::ChildStdout, room: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    let fd = reader.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `fd` is an open pipe for the life of `reader`; FIONREAD writes one c_int, and
+    // F_GETPIPE_SZ takes no argument.
+    let (r, size) =
+        unsafe { (libc::ioctl(fd, libc::FIONREAD, &mut queued), libc::fcntl(fd, libc::F_GETPIPE_SZ)) };
+    r == 0 && size > 0 && (size as usize).saturating_sub(queued as usize) < room
 }
 
 /// True when a thread of process `pid` sleeps in a pipe write (Linux: its `wchan`).
