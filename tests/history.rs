@@ -182,13 +182,26 @@ fn retention_deletes_exactly_the_older_messages() {
     assert!(alice.ok(&["history", "--retention", "show"]).contains("off (every message is kept)"));
 
     let said = later(&["history", "--retention", "2d"]);
-    assert_eq!(said.trim(), "history retention: 2days (3 older messages deleted)");
+    assert_eq!(said.trim(), "history retention: 2 days (3 older messages deleted)");
     // Deleted from the home, not hidden: read now (before the cutoff moves) they are gone too.
     assert_eq!(texts(&history_json(&alice, &[])), ["new1", "new2"]);
-    assert!(alice.ok(&["history", "--retention", "show"]).contains("history retention: 2days"));
+    assert!(alice.ok(&["history", "--retention", "show"]).contains("history retention: 2 days"));
     assert_eq!(
         alice.ok(&["history", "--retention", "off"]).trim(),
         "history retention: off (every message is kept)"
+    );
+    // Days stay days (it said "273years 9months 16days 12h"); other spans as written.
+    assert_eq!(
+        alice.ok(&["history", "--retention", "100000d"]).trim(),
+        "history retention: 100000 days (no older messages to delete)"
+    );
+    assert_eq!(
+        alice.ok(&["history", "--retention", "1day"]).trim(),
+        "history retention: 1 day (no older messages to delete)"
+    );
+    assert_eq!(
+        alice.ok(&["history", "--retention", "36h"]).trim(),
+        "history retention: 1day 12h (no older messages to delete)"
     );
 }
 

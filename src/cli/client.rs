@@ -1035,7 +1035,11 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
         let deleted = m.set_history_retention(keep)?;
         let s = if deleted == 1 { "" } else { "s" };
         // Turning retention off deletes nothing: no count to report.
-        let deleted = keep.map(|_| format!(" ({deleted} older message{s} deleted)")).unwrap_or_default();
+        let deleted = match (keep, deleted) {
+            (None, _) => String::new(),
+            (Some(_), 0) => " (no older messages to delete)".to_string(),
+            (Some(_), n) => format!(" ({n} older message{s} deleted)"),
+        };
         writeln!(out, "history retention: {}{deleted}", retention_text(keep))?;
         return Ok(());
     }
@@ -1077,9 +1081,16 @@ pub(crate) fn empty_page(args: &HistoryArgs, older: bool, label: Option<&str>) -
     }
 }
 
+/// A retention as people set it: whole days as days (`100000d` is "100000 days", not years,
+/// months and hours of 365.25-day years), anything else as humantime writes it.
 fn retention_text(keep: Option<Duration>) -> String {
+    const DAY_SECS: u64 = 24 * 60 * 60;
     match keep {
         None => "off (every message is kept)".into(),
+        Some(d) if d.subsec_nanos() == 0 && d.as_secs() % DAY_SECS == 0 => {
+            let days = d.as_secs() / DAY_SECS;
+            format!("{days} day{}", if days == 1 { "" } else { "s" })
+        }
         Some(d) => format!("{}", humantime::format_duration(d)),
     }
 }
