@@ -237,7 +237,10 @@ async fn killing_node_a_mid_load_loses_no_acknowledged_message() {
 
 /// The database refuses the node (connections cut, new ones refused): calls that need it fail
 /// with the `unavailable` code, health still answers, nothing acknowledged is lost, and the
-/// node serves again as soon as the database is back, without a restart.
+/// node serves again as soon as the database is back, without a restart. What the failed
+/// enqueues took of the network's mail budget is given back: clients retrying through an
+/// outage are not rate limited for it afterwards (this was untested: without the refund the
+/// retries below spend the budget twice over and end `rateLimited`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_is_a_clear_error_and_the_node_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,7 +248,11 @@ async fn a_database_outage_is_a_clear_error_and_the_node_recovers() {
     let Backend::Postgres(url) = &backend else { unreachable!() };
     let db = url.rsplit('/').next().unwrap().to_string();
     common::use_backend(backend.clone());
-    let server = start_server_with(common::server_config(dir.path())).await;
+    let mut config = common::server_config(dir.path());
+    // 1000 bytes and (next to) no refill: "before" and "after" fit, the retries' 20 × 117 do not.
+    config.rate_limits.enqueue_bytes_per_network =
+        qpq::server::ratelimit::Rate { per_sec: 0.001, burst: 1000 };
+    let server = start_server_with(config).await;
     let cluster = common::pg::Cluster::get();
     local(async {
         let alice = Identity::generate();
@@ -254,9 +261,11 @@ async fn a_database_outage_is_a_clear_error_and_the_node_recovers() {
         cluster.psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
         cluster
             .psql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"));
-        let err = sender.enqueue(&alice.public().0, b"during", b"").await.unwrap_err();
-        assert_eq!(err.code(), Some(qpq::proto::wire_error::ErrorCode::Unavailable), "{err}");
-        assert!(err.to_string().contains("storage unavailable"), "{err}");
+        for _ in 0..20 {
+            let err = sender.enqueue(&alice.public().0, &[7; 100], b"").await.unwrap_err();
+            assert_eq!(err.code(), Some(qpq::proto::wire_error::ErrorCode::Unavailable), "{err}");
+            assert!(err.to_string().contains("storage unavailable"), "{err}");
+        }
         assert_eq!(sender.health().await.unwrap().status, "ok");
         cluster.psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
         sender.enqueue(&alice.public().0, b"after", b"").await.unwrap();
