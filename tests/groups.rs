@@ -599,3 +599,60 @@ fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in
         assert_eq!(history_pages(&alice, &["-n", n]), all, "all of alice's history in pages of {n}");
     }
 }
+
+/// Found by exploratory testing: carol's message, encrypted before alice removed her but placed
+/// by the server after the removal, is dropped by every member (it is no longer hers to say),
+/// while carol's `send` had said nothing was wrong and nobody was told. Now the members are
+/// told a message from her came after her removal, and carol, when she learns of her removal,
+/// that no member will read it.
+#[test]
+fn a_message_placed_after_its_senders_removal_is_dropped_and_both_sides_are_told() {
+    use common::Lines;
+    use std::io::Write;
+    use std::process::Stdio;
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    carol.ok(&["send", "#team", "before"]);
+    assert_eq!(untimed_lines(&bob.ok(&["recv"])), ["[#team] carol: before"]);
+
+    // Caught up and encrypted, held before it leaves...
+    let mut send = common::qpq_command(carol.home.path())
+        .args(["send", "#team", "too late"])
+        .env("QPQ_FAILPOINT", "pause:send-sealed")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = Lines::of(send.stderr.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: failpoint send-sealed"));
+    // ...while alice removes her: the server places the removal first.
+    alice.ok(&["group", "remove", "team", "carol"]);
+    send.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert_eq!(send.wait().unwrap().code(), Some(0), "the server took it");
+
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.trim().is_empty(), "not shown: {}", r.stdout);
+    assert!(
+        r.stderr.contains("qpq: a message from carol to #team came after they were removed and is not shown"),
+        "{}",
+        r.stderr
+    );
+    let r = carol.run(&["recv"]);
+    assert!(r.stderr.contains("you were removed from #team by alice"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "qpq: a message you sent to #team reached the server after alice removed you: no member will read it"
+        ),
+        "{}",
+        r.stderr
+    );
+    // Her messages placed before the removal were read: only the late one is counted.
+    assert_eq!(r.stderr.matches("no member will read").count(), 1, "{}", r.stderr);
+}
+
+/// Lines of a run's stdout without their time column.
+fn untimed_lines(out: &str) -> Vec<String> {
+    common::untimed(out).lines().map(str::to_string).collect()
+}

@@ -351,7 +351,11 @@ impl Messenger {
                 events.push(Event::Dropped { reason: "a welcome came without its envelope".into() });
                 return false;
             }
-            Ok(Frame::Mls { group_id, message }) => self.handle_group_message(&group_id, &message, events),
+            Ok(Frame::Mls { group_id, message }) => {
+                // Group messages travel on the group's channel (see `Messenger::fan_out`).
+                let placed = (m.channel_id == group_id).then_some(m.channel_seq);
+                self.handle_group_message(&group_id, &message, placed, events)
+            }
             Err(e) => {
                 events.push(Event::Dropped { reason: e.to_string() });
                 return false;
@@ -498,7 +502,7 @@ impl Messenger {
             std::mem::take(&mut self.home.state.orphans).into_iter().partition(|o| o.group_id == group_id);
         self.home.state.orphans = rest;
         for o in mine {
-            self.handle_group_message(&group_id, &o.message, events);
+            self.handle_group_message(&group_id, &o.message, None, events);
         }
         Ok(group_id)
     }
@@ -551,7 +555,15 @@ impl Messenger {
         (2..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or(base)
     }
 
-    pub(crate) fn handle_group_message(&mut self, group_id: &[u8], message: &[u8], events: &mut Vec<Event>) {
+    /// Applies one message of `group_id`; `placed` is its position in the group's channel when
+    /// known (not for one that waited for its Welcome).
+    pub(crate) fn handle_group_message(
+        &mut self,
+        group_id: &[u8],
+        message: &[u8],
+        placed: Option<u64>,
+        events: &mut Vec<Event>,
+    ) {
         let key = hex::encode(group_id);
         let Some(meta) = self.home.state.groups.get(&key) else {
             if !self.hold_for_request(group_id, message, events) {
@@ -599,6 +611,7 @@ impl Messenger {
                     if let Some(welcome) = record.and_then(|r| r.welcome) {
                         self.home.state.outbox.push(welcome);
                     }
+                    self.sent_after_removal(group_id, placed, false);
                     crate::failpoint::hit("commit-merged");
                     self.commits.insert(group_id.to_vec(), CommitStatus::Won);
                 }
@@ -633,11 +646,26 @@ impl Messenger {
                     let _ = self.mls.clear_pending(group_id);
                     self.commits.insert(group_id.to_vec(), CommitStatus::Lost);
                 }
+                let unread = self.sent_after_removal(group_id, placed, self_removed);
                 if self_removed {
                     if let Some(g) = self.home.state.groups.get_mut(&key) {
                         g.active = false;
                     }
                     self.membership_event(Event::Removed { group_id: group_id.to_vec(), by: sender }, events);
+                    if let Some(n) = unread {
+                        let (count, them) = if n == 1 {
+                            ("a message".to_string(), "it")
+                        } else {
+                            (format!("{n} messages"), "them")
+                        };
+                        events.push(Event::NotSent {
+                            reason: format!(
+                                "{count} you sent to {} reached the server after {} removed you: no member will read {them}",
+                                self.conversation_name(group_id),
+                                self.display_name(&sender)
+                            ),
+                        });
+                    }
                 } else if !added.is_empty() || !removed.is_empty() || !left.is_empty() {
                     let change =
                         Event::Membership { group_id: group_id.to_vec(), by: sender, added, removed, left };
@@ -656,6 +684,17 @@ impl Messenger {
                 if kept.len() < MAX_KEPT_LEAVE_PROPOSALS {
                     kept.push(KeptProposal { epoch, sender, message: message.to_vec() });
                 }
+            }
+            Err(MlsError::FormerMember(sender)) => {
+                // The server placed it after their removal: not theirs to say any more, but not
+                // to be swallowed without a word either (their side is told too).
+                events.push(Event::Dropped {
+                    reason: format!(
+                        "a message from {} to {} came after they were removed and is not shown",
+                        self.display_name(&sender),
+                        self.conversation_name(group_id)
+                    ),
+                });
             }
             Err(e) => {
                 // A commit that lost its epoch (or a message from an epoch we no longer keep)
@@ -1284,7 +1323,7 @@ mod tests {
         bob.handle_welcome(&welcome, "team", GroupKind::Group, carol.identity(), &mut events);
         let removal = carol.remove_members(&group, &[bob.public_key().0]).unwrap();
         carol.merge_pending(&group).unwrap();
-        bob.handle_group_message(&group, &removal.commit, &mut events);
+        bob.handle_group_message(&group, &removal.commit, None, &mut events);
         let key = hex::encode(&group);
         assert!(bob.state().groups.get(&key).is_some_and(|g| !g.active && g.name == "team"), "{events:?}");
 

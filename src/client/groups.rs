@@ -234,6 +234,8 @@ impl Messenger {
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&group_id)) {
             g.active = false;
         }
+        // Inactive, the group's messages are no longer processed: nothing to compare them with.
+        self.home.state.placed_sends.remove(&hex::encode(&group_id));
         let left =
             Event::Membership { group_id, by: me, added: Vec::new(), removed: Vec::new(), left: vec![me] };
         self.membership_event(left, &mut events);

@@ -802,6 +802,16 @@ impl Messenger {
         recipients: &[[u8; 32]],
         frame: &[u8],
     ) -> Result<Vec<[u8; 32]>, ClientError> {
+        Ok(self.fan_out_requiring(channel, recipients, frame, None).await?.1)
+    }
+
+    /// [`Messenger::fan_out`], with the position the server gave it in `channel`.
+    pub(crate) async fn fan_out_placed(
+        &mut self,
+        channel: &[u8],
+        recipients: &[[u8; 32]],
+        frame: &[u8],
+    ) -> Result<(u64, Vec<[u8; 32]>), ClientError> {
         self.fan_out_requiring(channel, recipients, frame, None).await
     }
 
@@ -818,7 +828,7 @@ impl Messenger {
         frame: &[u8],
     ) -> Result<Vec<[u8; 32]>, ClientError> {
         let me = self.identity.public();
-        self.fan_out_requiring(channel, recipients, frame, Some(&me)).await
+        Ok(self.fan_out_requiring(channel, recipients, frame, Some(&me)).await?.1)
     }
 
     /// The fanout of [`Messenger::fan_out`] and [`Messenger::fan_out_commit`].
@@ -828,15 +838,15 @@ impl Messenger {
         recipients: &[[u8; 32]],
         frame: &[u8],
         required: Option<&PublicKey>,
-    ) -> Result<Vec<[u8; 32]>, ClientError> {
+    ) -> Result<(u64, Vec<[u8; 32]>), ClientError> {
         let payload = Parcel::Group(frame).encode();
         let to: Vec<PublicKey> = recipients.iter().map(|r| PublicKey(*r)).collect();
         let session = self.anonymous().await?;
-        let (_, seqs) = match required {
+        let (channel_seq, seqs) = match required {
             Some(me) => session.enqueue_fanout_requiring(channel, &payload, &to, me).await?,
             None => session.enqueue_fanout(channel, &payload, &to).await?,
         };
-        Ok(skipped(recipients, &seqs))
+        Ok((channel_seq, skipped(recipients, &seqs)))
     }
 
     /// Seals `frame` (a Welcome's) once for its recipients ([`sealmany`]: the frame once, its key

@@ -45,7 +45,7 @@ use std::collections::HashSet;
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{Carried, ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
 use crate::client::session::SessionError;
-use crate::client::state::{Entry, GroupKind, QueuedSend, QueuedTarget, SealedSend, State};
+use crate::client::state::{Entry, GroupKind, MAX_PLACED_SENDS, QueuedSend, QueuedTarget, SealedSend, State};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
 use crate::mls::MlsError;
 
@@ -466,13 +466,15 @@ impl Messenger {
             }
         };
         let frame = Frame::Mls { group_id: group_id.clone(), message: ciphertext }.encode();
-        let mut sent = self.fan_out(&group_id, &recipients, &frame).await;
+        let mut sent = self.fan_out_placed(&group_id, &recipients, &frame).await;
         if sent.is_ok() && crate::failpoint::active("send-answer-lost") {
             // Tests: the server took it, and the answer never came.
             sent = Err(SessionError::Disconnected("the answer was lost (test point)".into()).into());
         }
         match sent {
-            Ok(skipped) => {
+            Ok((channel_seq, skipped)) => {
+                // Noted with the save that takes it out of the outbox (see `sent_after_removal`).
+                self.note_placed(&group_id, channel_seq);
                 // Tests stop here to leave a message on the server and in the outbox both.
                 crate::failpoint::hit("send-enqueued");
                 // Sent: the server has it for everyone but those whose queue is full.
@@ -491,6 +493,44 @@ impl Messenger {
                 Err(e)
             }
         }
+    }
+
+    /// Notes where the server placed a message of ours in `group_id`'s channel. A commit that
+    /// removes us while the message was on its way (`group remove`, a leave committed) may be
+    /// placed before it: every member then processes the removal first and drops the message
+    /// as from a former member ([`MlsError::FormerMember`]), though the server took it.
+    /// [`Messenger::sent_after_removal`] tells us.
+    fn note_placed(&mut self, group_id: &[u8], channel_seq: u64) {
+        let placed = self.home.state.placed_sends.entry(hex::encode(group_id)).or_default();
+        placed.push(channel_seq);
+        if placed.len() > MAX_PLACED_SENDS {
+            placed.remove(0);
+        }
+    }
+
+    /// A commit placed at `channel_seq` in `group_id`'s channel was processed: our messages
+    /// placed before it were read as usual, and the commit's notice if it `removed_us` says how
+    /// many placed after it no member will read. None when there are none (or the position is
+    /// unknown: a message that waited for its Welcome).
+    pub(crate) fn sent_after_removal(
+        &mut self,
+        group_id: &[u8],
+        channel_seq: Option<u64>,
+        removed_us: bool,
+    ) -> Option<usize> {
+        let key = hex::encode(group_id);
+        if removed_us {
+            let placed = self.home.state.placed_sends.remove(&key)?;
+            let after = placed.iter().filter(|p| channel_seq.is_some_and(|c| **p > c)).count();
+            return (after > 0).then_some(after);
+        }
+        if let (Some(c), Some(placed)) = (channel_seq, self.home.state.placed_sends.get_mut(&key)) {
+            placed.retain(|p| *p > c);
+            if placed.is_empty() {
+                self.home.state.placed_sends.remove(&key);
+            }
+        }
+        None
     }
 
     fn set_queued(&mut self, id: u64, f: impl FnOnce(&mut QueuedSend)) {

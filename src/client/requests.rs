@@ -568,7 +568,7 @@ impl Messenger {
                 other => other.into(),
             })?;
         for m in &r.held {
-            self.handle_group_message(&group_id, &m.0, events);
+            self.handle_group_message(&group_id, &m.0, None, events);
         }
         if shown {
             // The membership changes stay for the readers of the inbox (a shell shows them

@@ -269,6 +269,12 @@ pub struct State {
     /// [`crate::client::outbox`]); only in the database, like `inbox_events`.
     #[serde(skip)]
     pub reporting_sends: Vec<(u64, u32)>,
+    /// Per conversation (hex group id), the channel positions the server gave our messages
+    /// since the last commit we processed there (at most [`MAX_PLACED_SENDS`], the newest):
+    /// those placed after a commit that removes us are read by no one (see
+    /// `Messenger::note_placed`); only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub placed_sends: BTreeMap<String, Vec<u64>>,
     /// When an upload of our keys (KeyPackages, the envelope key) that the server refused for
     /// itself may be tried again (see [`crate::client::keypool`]); only in the database, like
     /// `inbox_events`.
@@ -358,6 +364,7 @@ impl State {
             leave_proposals: BTreeMap::new(),
             request_numbers: RequestNumbers::default(),
             reporting_sends: Vec::new(),
+            placed_sends: BTreeMap::new(),
         }
     }
 
@@ -432,6 +439,9 @@ impl State {
         Ok(s)
     }
 }
+
+/// Most channel positions [`State::placed_sends`] keeps per conversation.
+pub const MAX_PLACED_SENDS: usize = 64;
 
 /// How the state key is obtained. A passphrase is taken in Unicode NFC (see [`nfc`]).
 pub enum Unlock {

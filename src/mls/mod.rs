@@ -142,7 +142,7 @@ pub enum MlsError {
     #[error("cannot process our own message")]
     OwnMessage,
     #[error("a message from someone who is no longer a member")]
-    FormerMember,
+    FormerMember([u8; 32]),
     #[error("a message that was processed already came again")]
     Replayed,
     #[error("refused proposal: {0}, only a member's request to leave is accepted")]
@@ -814,7 +814,7 @@ impl MlsClient {
                 };
                 if past_epoch && !member() {
                     group.keep();
-                    return Err(MlsError::FormerMember);
+                    return Err(MlsError::FormerMember(sender));
                 }
                 Incoming::Application { sender, plaintext: app.into_bytes() }
             }

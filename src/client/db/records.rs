@@ -60,6 +60,8 @@ const REQUEST_NUMBERS: &str = "request_numbers";
 /// [`State::reporting_sends`], optional in the same way (without it, every queued message is
 /// announced when another process sends it, as before it).
 const REPORTING_SENDS: &str = "reporting_sends";
+/// [`State::placed_sends`], optional in the same way.
+const PLACED_SENDS: &str = "placed_sends";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -146,6 +148,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(KEY_UPLOAD_BACKOFF.to_string(), encode(&state.key_upload_backoff)?);
     out.insert(REQUEST_NUMBERS.to_string(), encode(&state.request_numbers)?);
     out.insert(REPORTING_SENDS.to_string(), encode(&state.reporting_sends)?);
+    out.insert(PLACED_SENDS.to_string(), encode(&state.placed_sends)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -273,6 +276,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     }
     if let Some(v) = optional(REPORTING_SENDS)? {
         state.reporting_sends = decode(REPORTING_SENDS, &v)?;
+    }
+    if let Some(v) = optional(PLACED_SENDS)? {
+        state.placed_sends = decode(PLACED_SENDS, &v)?;
     }
     // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
     // now, so every pending request has its number from the moment the home is read.
