@@ -552,3 +552,24 @@ fn serve_keeps_serving_and_stops_on_sigterm_when_its_stdout_is_closed() {
     assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
     assert!(child.0.wait().unwrap().success());
 }
+
+/// Found by exploratory testing: a usage error quoted the refused argument raw, so `qpq name
+/// $'Mallory\e[31m'` (a missing `set`) turned the terminal red, and a bidi override reordered
+/// the line. It is escaped like every other text qpq prints; help still prints as it is.
+#[test]
+fn a_usage_error_escapes_the_argument_it_quotes() {
+    let home = tempfile::tempdir().unwrap();
+    for arg in ["Mallory\x1b[31m", "evil\u{202e}txt"] {
+        let r = qpq_in(home.path(), &["name", arg], None);
+        assert_eq!(r.code, Some(2), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("unrecognized subcommand 'Mallory") || r.stderr.contains("'evil"),
+            "{}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains('\x1b') && !r.stderr.contains('\u{202e}'), "{:?}", r.stderr);
+    }
+    let r = qpq_in(home.path(), &["name", "--help"], None);
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("Usage: qpq name"), "{}", r.stdout);
+}

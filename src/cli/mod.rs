@@ -169,7 +169,15 @@ pub fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
-            let _ = e.print();
+            // A usage error quotes the argument it refused as typed: escape changes for one
+            // that holds control characters (`qpq name $'\e[31m'`), losing clap's colours.
+            let plain = e.render().to_string();
+            match crate::text::guard(&plain) {
+                std::borrow::Cow::Owned(escaped) if e.use_stderr() => eprint!("{escaped}"),
+                _ => {
+                    let _ = e.print();
+                }
+            }
             return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
