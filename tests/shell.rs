@@ -734,7 +734,10 @@ fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
     let mut sh = ScriptShell::start(&bob);
     // The shell catches up when it connects; the request is announced, its text only previewed.
     let line = sh.expect(Stream::Out, "message request from");
-    assert!(line.contains("hi from a stranger") && line.contains("qpq requests accept #1"), "{line}");
+    assert!(
+        line.contains("hi from a stranger") && line.contains("qpq requests accept 1 (or block 1)"),
+        "{line}"
+    );
     sh.say("requests");
     sh.expect(Stream::Out, &format!("#1 {} ~alice wants to start a conversation", alice.key));
     sh.say("requests accept #1");

@@ -131,17 +131,17 @@ pub struct RequestsArgs {
 pub enum RequestsCmd {
     /// Join the group or open the conversation, and show the messages that waited with it
     Accept {
-        /// #n from the list, or a key / contact name (all of its requests)
+        /// N or '#N' from the list, or a key / contact name (all of its requests)
         which: String,
     },
     /// Drop requests without blocking their sender
     Decline {
-        /// #n from the list, or a key / contact name
+        /// N or '#N' from the list, or a key / contact name
         which: String,
     },
     /// Drop a key's requests and ignore everything it sends from now on
     Block {
-        /// #n from the list, or a key / contact name
+        /// N or '#N' from the list, or a key / contact name
         which: String,
     },
     /// Let a blocked key's invitations through as requests again
@@ -749,7 +749,7 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             };
             let reuse = reuse_note(m.reuses_left(group_id, from).as_deref(), "it ");
             Some(format!(
-                "message request from {}: {what}{reuse} \u{2014} qpq requests accept #{number} (or block #{number})",
+                "message request from {}: {what}{reuse} \u{2014} qpq requests accept {number} (or block {number})",
                 m.request_sender_name(group_id, from)
             ))
         }
@@ -1334,10 +1334,7 @@ fn run_requests(
                 if list.is_empty() {
                     writeln!(out, "no message requests")?;
                 } else {
-                    writeln!(
-                        out,
-                        "accept with `qpq requests accept #n`, refuse with `qpq requests block #n`"
-                    )?;
+                    writeln!(out, "accept with `qpq requests accept N`, refuse with `qpq requests block N`")?;
                 }
                 let blocked = m.blocked().len();
                 if blocked > 0 {
@@ -1350,7 +1347,7 @@ fn run_requests(
         }
         Some(RequestsCmd::Accept { which }) => {
             let sel = m.request_selector(&which)?;
-            for e in m.request_accept(&sel, &which)? {
+            for e in m.request_accept(&sel, &sel.label(&which))? {
                 match &e {
                     Event::Message(entry) => writeln!(out, "{}", format_entry(m, entry))?,
                     _ => events.push(e),
@@ -1359,12 +1356,12 @@ fn run_requests(
         }
         Some(RequestsCmd::Decline { which }) => {
             let sel = m.request_selector(&which)?;
-            let n = m.request_decline(&sel, &which)?;
+            let n = m.request_decline(&sel, &sel.label(&which))?;
             writeln!(out, "declined {n} request{}", if n == 1 { "" } else { "s" })?;
         }
         Some(RequestsCmd::Block { which }) => {
             let sel = m.request_selector(&which)?;
-            let key = m.request_block(&sel, &which)?;
+            let key = m.request_block(&sel, &sel.label(&which))?;
             writeln!(
                 out,
                 "blocked {} (undo with `qpq requests unblock {}`)",

@@ -286,7 +286,7 @@ impl RequestBook {
 /// A pending request as `qpq requests` shows it.
 #[derive(Debug, Clone)]
 pub struct RequestView {
-    /// Its number: `qpq requests accept #n` (see [`RequestNumbers`]).
+    /// Its number: `qpq requests accept N` (see [`RequestNumbers`]).
     pub number: u64,
     pub from: [u8; 32],
     pub group_id: Vec<u8>,
@@ -314,6 +314,16 @@ pub struct RequestView {
 pub enum RequestSelector {
     Number(u64),
     Key([u8; 32]),
+}
+
+impl RequestSelector {
+    /// How errors name it: `#n` however the number was typed, else `typed` as it was.
+    pub fn label(&self, typed: &str) -> String {
+        match self {
+            RequestSelector::Number(n) => format!("#{n}"),
+            RequestSelector::Key(_) => typed.to_string(),
+        }
+    }
 }
 
 impl Messenger {
@@ -497,12 +507,16 @@ impl Messenger {
         matches!(r.kind, GroupKind::Group).then(|| r.group_name.clone())
     }
 
-    /// Parses `#n` or a contact name / 64-hex key.
+    /// Parses `#n`, a bare `n` (a shell takes an unquoted `#1` for a comment) unless a contact
+    /// has that name, or a contact name / 64-hex key.
     pub fn request_selector(&self, s: &str) -> Result<RequestSelector, ClientError> {
-        if let Some(n) = s.strip_prefix('#') {
+        let bare = !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && !self.home.state.contacts.contains_key(s);
+        if let Some(n) = s.strip_prefix('#').or(bare.then_some(s)) {
             return match n.parse::<u64>() {
                 Ok(n) if n >= 1 => Ok(RequestSelector::Number(n)),
-                _ => Err(ClientError::NoRequest(s.to_string())),
+                _ => Err(ClientError::NoRequest(format!("#{n}"))),
             };
         }
         Ok(RequestSelector::Key(self.resolve_person(s)?))
