@@ -656,3 +656,17 @@ fn a_message_placed_after_its_senders_removal_is_dropped_and_both_sides_are_told
 fn untimed_lines(out: &str) -> Vec<String> {
     common::untimed(out).lines().map(str::to_string).collect()
 }
+
+/// Found by exploratory testing: adding one's own key said "me is already a member of #team",
+/// removing it "that is your own key" with no way on.
+#[test]
+fn adding_or_removing_yourself_says_what_to_do() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    let err = alice.fails(&["group", "add", "team", &alice.key]);
+    assert_eq!(err.trim(), "qpq: that is your own key: you are in #team already");
+    let err = alice.fails(&["group", "remove", "team", &alice.key]);
+    assert_eq!(err.trim(), "qpq: that is your own key: to leave #team, run `qpq group leave team`");
+    drop(bob);
+}

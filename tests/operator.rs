@@ -573,3 +573,21 @@ fn a_usage_error_escapes_the_argument_it_quotes() {
     assert_eq!(r.code, Some(0));
     assert!(r.stdout.contains("Usage: qpq name"), "{}", r.stdout);
 }
+
+/// Found by exploratory testing: a data dir that is a file said "cannot create data dir ...:
+/// file exists".
+#[test]
+fn serve_names_a_data_dir_that_is_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, b"").unwrap();
+    let out = Command::new(QPQ)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&file)
+        .env("QPQ_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), format!("qpq: cannot use data dir {}: not a directory", file.display()));
+}

@@ -131,6 +131,9 @@ impl Messenger {
         }
         let current = self.mls.members(&group_id)?;
         for k in &keys {
+            if *k == self.identity.public().0 {
+                return Err(ClientError::AddSelf(name.to_string()));
+            }
             if current.contains(k) {
                 return Err(ClientError::AlreadyMember {
                     who: self.display_name(k),
@@ -190,7 +193,7 @@ impl Messenger {
                 return Err(ClientError::NotAMember { who: self.display_name(k), group: name.to_string() });
             }
             if *k == self.identity.public().0 {
-                return Err(ClientError::SelfTarget);
+                return Err(ClientError::RemoveSelf(name.to_string()));
             }
         }
         let gid = group_id.clone();

@@ -115,6 +115,10 @@ pub enum ClientError {
     CommitTimeout,
     #[error("that is your own key")]
     SelfTarget,
+    #[error("that is your own key: you are in #{0} already")]
+    AddSelf(String),
+    #[error("that is your own key: to leave #{0}, run `qpq group leave {0}`")]
+    RemoveSelf(String),
     #[error("the outbox is full ({0} messages wait): they go out when the server is back, then send again")]
     OutboxFull(usize),
     #[error("no message request {0}: see `qpq requests`")]

@@ -84,7 +84,7 @@ pub enum ServerError {
     Transport(#[from] TransportError),
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot use data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
     #[error(
         "data dir {0} is in use by another qpq serve (one that is shutting down holds it until it exits)"
@@ -345,8 +345,12 @@ impl RunningServer {
 /// Starts the server: data dir, certificate, database, endpoint, workers, accept loop.
 /// Must be called inside a multi-threaded tokio runtime.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
-    crate::fsutil::ensure_private_dir(&cfg.data_dir)
-        .map_err(|source| ServerError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
+    let data_dir_err = |source| ServerError::DataDir { path: cfg.data_dir.display().to_string(), source };
+    if std::fs::metadata(&cfg.data_dir).is_ok_and(|m| !m.is_dir()) {
+        // Said as such: creating it would fail with "file exists".
+        return Err(data_dir_err(std::io::Error::from(std::io::ErrorKind::NotADirectory)));
+    }
+    crate::fsutil::ensure_private_dir(&cfg.data_dir).map_err(data_dir_err)?;
     let identity = match (&cfg.cert, &cfg.key) {
         (Some(c), Some(k)) => transport::load_identity(c, k)?,
         _ => transport::load_or_generate_identity(&cfg.data_dir)?,
