@@ -501,7 +501,12 @@ impl Messenger {
     /// as from a former member ([`MlsError::FormerMember`]), though the server took it.
     /// [`Messenger::sent_after_removal`] tells us.
     fn note_placed(&mut self, group_id: &[u8], channel_seq: u64) {
-        let placed = self.home.state.placed_sends.entry(hex::encode(group_id)).or_default();
+        let key = hex::encode(group_id);
+        // Only groups remove members: a direct conversation's send writes nothing more.
+        if !self.home.state.groups.get(&key).is_some_and(|g| g.kind == GroupKind::Group) {
+            return;
+        }
+        let placed = self.home.state.placed_sends.entry(key).or_default();
         placed.push(channel_seq);
         if placed.len() > MAX_PLACED_SENDS {
             placed.remove(0);
