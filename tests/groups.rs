@@ -607,28 +607,17 @@ fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in
 /// that no member will read it.
 #[test]
 fn a_message_placed_after_its_senders_removal_is_dropped_and_both_sides_are_told() {
-    use common::Lines;
-    use std::io::Write;
-    use std::process::Stdio;
     let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
     team_of_three(&alice, &bob, &carol);
     carol.ok(&["send", "#team", "before"]);
     assert_eq!(untimed_lines(&bob.ok(&["recv"])), ["[#team] carol: before"]);
 
     // Caught up and encrypted, held before it leaves...
-    let mut send = common::qpq_command(carol.home.path())
-        .args(["send", "#team", "too late"])
-        .env("QPQ_FAILPOINT", "pause:send-sealed")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = Lines::of(send.stderr.take().unwrap());
-    assert_eq!(err.next_line().as_deref(), Some("qpq: failpoint send-sealed"));
+    let (mut send, _err) =
+        common::paused_at(carol.home.path(), &["send", "#team", "too late"], "send-sealed");
     // ...while alice removes her: the server places the removal first.
     alice.ok(&["group", "remove", "team", "carol"]);
-    send.stdin.take().unwrap().write_all(b"\n").unwrap();
+    common::resume(&mut send);
     assert_eq!(send.wait().unwrap().code(), Some(0), "the server took it");
 
     let r = bob.run(&["recv"]);

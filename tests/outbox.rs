@@ -265,7 +265,6 @@ fn a_message_queued_to_a_new_contact_shows_in_their_history_and_in_all() {
 #[test]
 fn a_follower_leaves_a_running_sends_message_to_it() {
     use common::Lines;
-    use std::io::Write;
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
     alice.ok(&["send", "bob", "hello"]);
     assert_eq!(bob.recv(), ["alice: hello"]);
@@ -274,20 +273,12 @@ fn a_follower_leaves_a_running_sends_message_to_it() {
     assert_eq!(follow_err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
     let mut follow_out = Lines::of(follow.stdout.take().unwrap());
 
-    let mut send = qpq_command(alice.home.path())
-        .args(["send", "bob", "raced"])
-        .env("QPQ_FAILPOINT", "pause:send-queued")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut send_err = Lines::of(send.stderr.take().unwrap());
-    assert_eq!(send_err.next_line().as_deref(), Some("qpq: failpoint send-queued"));
+    let (mut send, mut send_err) =
+        common::paused_at(alice.home.path(), &["send", "bob", "raced"], "send-queued");
     // The follower sees the home change and sends the outbox.
     let r = bob.run(&["recv", "--wait", "60"]);
     assert_eq!(untimed(&r.stdout).trim(), "alice: raced", "{}", r.stderr);
-    send.stdin.take().unwrap().write_all(b"\n").unwrap();
+    common::resume(&mut send);
     assert_eq!(send.wait().unwrap().code(), Some(0));
     assert_eq!(send_err.next_line(), None, "the send says nothing: its message went");
 

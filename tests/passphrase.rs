@@ -236,18 +236,14 @@ fn a_send_that_meets_a_new_key_leaves_its_message_for_the_next_command() {
     ok(&alice, Some(&one), &["send", "bob", "hello"]);
     assert_eq!(bob.recv(), ["alice: hello"]);
 
-    let mut send = qpq_command(alice.home.path())
-        .args(with(Some(&one), &["send", "bob", "across the re-seal"]))
-        .env("QPQ_FAILPOINT", "pause:send-queued")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = Lines::of(send.stderr.take().unwrap());
-    assert_eq!(err.next_line().as_deref(), Some("qpq: failpoint send-queued"), "queued, and held");
+    // Queued, and held.
+    let (mut send, mut err) = common::paused_at(
+        alice.home.path(),
+        &with(Some(&one), &["send", "bob", "across the re-seal"]),
+        "send-queued",
+    );
     ok(&alice, Some(&one), &["passphrase", "--new-key", "--new-passphrase-file", two.to_str().unwrap()]);
-    send.stdin.take().unwrap().write_all(b"\n").unwrap();
+    common::resume(&mut send);
     let said: Vec<String> = std::iter::from_fn(|| err.next_line()).collect();
     assert_eq!(send.wait().unwrap().code(), Some(75), "{said:?}");
     assert_eq!(

@@ -301,6 +301,29 @@ pub fn qpq_command(home: &Path) -> Command {
     cmd
 }
 
+/// `qpq ARGS` in `home`, held at failpoint `point` (`QPQ_FAILPOINT=pause:POINT`, see
+/// src/failpoint.rs): returns once it stopped there, with the rest of its stderr. [`resume`]
+/// lets it go on.
+pub fn paused_at<S: AsRef<std::ffi::OsStr>>(home: &Path, args: &[S], point: &str) -> (Child, Lines) {
+    let mut child = qpq_command(home)
+        .args(args)
+        .env("QPQ_FAILPOINT", format!("pause:{point}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qpq");
+    let mut err = Lines::of(child.stderr.take().expect("piped stderr"));
+    assert_eq!(err.next_line(), Some(format!("qpq: failpoint {point}")), "held at {point}");
+    (child, err)
+}
+
+/// Lets a process held by [`paused_at`] go on.
+pub fn resume(child: &mut Child) {
+    use std::io::Write;
+    child.stdin.take().expect("piped stdin").write_all(b"\n").expect("resume");
+}
+
 pub fn qpq_in(home: &Path, args: &[&str], stdin: Option<&str>) -> Run {
     use std::io::Write;
     let mut cmd = qpq_command(home);
