@@ -616,6 +616,7 @@ pub fn passphrase(g: &GlobalArgs, args: PassphraseArgs) -> anyhow::Result<()> {
     if let (Unlock::Passphrase(new), Some(current)) = (&new, &current)
         && same_passphrase(new, current)
         && !args.new_key
+        && !m.home.opened_with_raw_passphrase()
     {
         err!("qpq: that is the passphrase of {} already; nothing changed", Shown(&dir.display().to_string()));
         return Ok(());
@@ -659,7 +660,7 @@ fn given_certificate_mismatch(e: &SessionError) -> Option<String> {
 /// [`crate::client::state::Unlock`]).
 fn same_passphrase(a: &str, b: &str) -> bool {
     use unicode_normalization::UnicodeNormalization;
-    // Compared char by char: no normalised copy of either is left in memory.
+    // Compared char by char: no normalised copy of either is built.
     a.nfc().eq(b.nfc())
 }
 

@@ -169,14 +169,16 @@ pub fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
-            // A usage error quotes the argument it refused as typed: escape changes for one
-            // that holds control characters (`qpq name $'\e[31m'`), losing clap's colours.
-            let plain = e.render().to_string();
-            match crate::text::guard(&plain) {
-                std::borrow::Cow::Owned(escaped) if e.use_stderr() => eprint!("{escaped}"),
-                _ => {
-                    let _ = e.print();
-                }
+            // A usage error quotes the argument it refused as typed, and clap writes it raw to
+            // a colour terminal. When an argument holds anything unsafe (`qpq name $'\e[31m'`, a
+            // bidi override), the error is printed plain (clap's rendering without styles, which
+            // also drops escape sequences) and escaped, losing clap's colours.
+            let unsafe_arg = std::env::args_os()
+                .any(|a| a.to_string_lossy().chars().any(|c| crate::text::is_unsafe(c) && c != '\n'));
+            if e.use_stderr() && unsafe_arg {
+                eprint!("{}", crate::text::guard(&e.render().to_string()));
+            } else {
+                let _ = e.print();
             }
             return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }

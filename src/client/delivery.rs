@@ -687,14 +687,16 @@ impl Messenger {
             }
             Err(MlsError::FormerMember(sender)) => {
                 // The server placed it after their removal: not theirs to say any more, but not
-                // to be swallowed without a word either (their side is told too).
-                events.push(Event::Dropped {
-                    reason: format!(
-                        "a message from {} to {} came after they were removed and is not shown",
-                        self.display_name(&sender),
-                        self.conversation_name(group_id)
-                    ),
-                });
+                // to be swallowed without a word either (their side is told too). Once per round:
+                // a former member may go on sending under old epochs.
+                let reason = format!(
+                    "a message from {} to {} came after they were removed and is not shown",
+                    self.display_name(&sender),
+                    self.conversation_name(group_id)
+                );
+                if !events.iter().any(|e| matches!(e, Event::Dropped { reason: r } if *r == reason)) {
+                    events.push(Event::Dropped { reason });
+                }
             }
             Err(e) => {
                 // A commit that lost its epoch (or a message from an epoch we no longer keep)

@@ -101,6 +101,17 @@ pub(crate) struct Watch {
     quiet: HashSet<u64>,
 }
 
+/// True while process `pid` runs (Linux's `/proc`; elsewhere never, so every queued message is
+/// announced, as before [`State::reporting_sends`]).
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses (proc(5)): a zombie (Z) or a dead
+        // (X) process ran; it will say nothing more.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
 /// True for errors that say nothing about the message, only about the server or the way to
 /// it: out of reach, stopped answering, or answered about itself (shutting down, its database
 /// unavailable, busy, over a rate or its storage quota for now:
@@ -110,12 +121,6 @@ pub(crate) struct Watch {
 /// (internal) or answering out of protocol, which may never stop and would otherwise hold
 /// every message behind this one for ever, and a changed certificate or an outdated protocol
 /// (the user must act first).
-/// True while process `pid` runs (Linux's `/proc`; elsewhere never, so every queued message is
-/// announced, as before [`State::reporting_sends`]).
-fn process_runs(pid: u32) -> bool {
-    std::fs::metadata(format!("/proc/{pid}")).is_ok()
-}
-
 pub fn is_offline(e: &ClientError) -> bool {
     match e {
         ClientError::Session(
@@ -187,6 +192,11 @@ impl Messenger {
             return;
         }
         let Ok(_op) = self.begin() else { return };
+        self.forget_reporters(ids);
+    }
+
+    /// [`Messenger::mark_told`] under the caller's operation.
+    fn forget_reporters(&mut self, ids: &[u64]) {
         let State { sends, reporting_sends, .. } = &mut self.home.state;
         let before = reporting_sends.len();
         // Also forgets messages sent meanwhile by another process.
@@ -566,8 +576,14 @@ impl Messenger {
                 Err(e)
             }
             f @ Fate::Kept { .. } => {
-                // The command says it waits: whoever sends it later says that it went.
-                self.mark_told(&[id]);
+                // The command says it waits: whoever sends it later says that it went. Another
+                // process may have sent it since this one looked (it said nothing: this one was
+                // to), and then it went.
+                let Ok(_op) = self.begin() else { return Ok((f, events)) };
+                if !self.home.state.sends.iter().any(|s| s.id == id) {
+                    return Ok((Fate::Sent { group_id: Vec::new(), recipients: 0 }, events));
+                }
+                self.forget_reporters(&[id]);
                 Ok((f, events))
             }
             f => Ok((f, events)),
@@ -596,7 +612,9 @@ impl Messenger {
             (Some(f), _) => f,
             // `qpq passphrase --new-key` re-sealed the home between queueing the message and
             // this operation (it cannot within one: the operation holds the home's lock).
-            (None, Err(e)) if e.home_key_changed() => Fate::LeftForNext { maybe_sent },
+            (None, Err(e)) if e.home_key_changed() || self.home_key_changed() => {
+                Fate::LeftForNext { maybe_sent }
+            }
             (None, Err(e)) if is_offline(&e) => Fate::Kept { maybe_sent, reason: e.to_string() },
             (None, Err(e)) => Fate::Refused(e),
             // Another process of this home sent it meanwhile.

@@ -481,7 +481,8 @@ fn nfc(passphrase: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     // Room for any composition up front, so the buffer is never moved (leaving a copy behind).
     let mut out = Zeroizing::new(String::with_capacity(text.len() * 3 + 16));
     out.extend(text.nfc());
-    Some(Zeroizing::new(out.as_bytes().to_vec()))
+    // (unicode-normalization's iterator holds a few characters in buffers it does not wipe.)
+    Some(Zeroizing::new(std::mem::take(&mut *out).into_bytes()))
 }
 
 /// What [`Home::change_passphrase`] did.
@@ -507,6 +508,9 @@ pub struct Home {
     /// The `key` record this process unlocked (or wrote): a passphrase change made elsewhere
     /// since then is not overwritten by one asked for before it ([`Home::change_passphrase`]).
     key_record: Vec<u8>,
+    /// True when the passphrase opened the home only as typed, not in NFC (set before qpq
+    /// normalised passphrases, see [`nfc`]): setting the same one again normalises it.
+    raw_passphrase: bool,
     hold: DbHold,
     /// Generation of the database that `state` reflects; None: reload at the next refresh.
     generation: Option<u64>,
@@ -671,6 +675,7 @@ impl Home {
             dir: dir.to_path_buf(),
             key,
             key_record: Vec::new(),
+            raw_passphrase: false,
             hold: DbHold::default(),
             generation: None,
             written: Default::default(),
@@ -707,10 +712,14 @@ impl Home {
             }
         };
         let normalized = passphrase.and_then(nfc);
+        let mut raw_passphrase = false;
         let (key, key_record) = match (normalized, passphrase) {
             (Some(n), Some(typed)) => match unlock(Some(&n)) {
                 // Set before qpq normalised passphrases: derived from the bytes as typed.
-                Err(StateError::File(StateFileError::WrongPassphrase)) => unlock(Some(typed))?,
+                Err(StateError::File(StateFileError::WrongPassphrase)) => {
+                    raw_passphrase = true;
+                    unlock(Some(typed))?
+                }
                 r => r?,
             },
             _ => unlock(passphrase)?,
@@ -719,6 +728,7 @@ impl Home {
             dir: dir.to_path_buf(),
             key,
             key_record,
+            raw_passphrase,
             hold: DbHold::default(),
             generation: None,
             written: Default::default(),
@@ -758,6 +768,12 @@ impl Home {
         self.hold.0.borrow().key_changed.load(Ordering::Relaxed)
     }
 
+    /// True when the passphrase that opened this home did so only as typed, not in NFC: the
+    /// same passphrase set again is a change (it is normalised).
+    pub fn opened_with_raw_passphrase(&self) -> bool {
+        self.raw_passphrase
+    }
+
     /// True when opening the home needs a passphrase.
     pub fn is_passphrase_protected(&self) -> Result<bool, StateError> {
         // The key record this process unlocked says so: no second look at the file.
@@ -780,6 +796,7 @@ impl Home {
         self.hold.close();
         let change = change?;
         self.key_record = change.key_record;
+        self.raw_passphrase = false;
         // Processes waiting on the home look (and those holding the old record key stop).
         let _ = write_hint(&self.dir, change.generation);
         if let Some(next) = next {
@@ -1309,12 +1326,14 @@ mod tests {
         drop(home);
         assert!(matches!(Home::open(dir.path(), Some(composed.as_bytes())), Err(StateError::File(_))));
         let mut home = Home::open(dir.path(), Some(decomposed.as_bytes())).unwrap();
+        assert!(home.opened_with_raw_passphrase(), "so `qpq passphrase` with the same one is a change");
         // Set again: normalised, so either form opens it.
         home.change_passphrase(&Unlock::Passphrase(Zeroizing::new(decomposed.into())), false).unwrap();
         drop(home);
         for form in [composed, decomposed] {
             let home = Home::open(dir.path(), Some(form.as_bytes())).unwrap();
             assert_eq!(home.state.contacts.get("bob"), Some(&[3; 32]), "{form:?}");
+            assert!(!home.opened_with_raw_passphrase());
         }
         assert!(matches!(Home::open(dir.path(), Some(b"cafe creme")), Err(StateError::File(_))));
     }

@@ -274,11 +274,15 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     if let Some(v) = optional(REQUEST_NUMBERS)? {
         state.request_numbers = decode(REQUEST_NUMBERS, &v)?;
     }
+    // Hints, like the readers' places: one this qpq cannot read (a later qpq's) is dropped.
     if let Some(v) = optional(REPORTING_SENDS)? {
-        state.reporting_sends = decode(REPORTING_SENDS, &v)?;
+        state.reporting_sends = decode(REPORTING_SENDS, &v).unwrap_or_default();
+        // Only messages still queued (an older qpq may have sent some without taking them out).
+        let sends = &state.sends;
+        state.reporting_sends.retain(|(id, _)| sends.iter().any(|s| s.id == *id));
     }
     if let Some(v) = optional(PLACED_SENDS)? {
-        state.placed_sends = decode(PLACED_SENDS, &v)?;
+        state.placed_sends = decode(PLACED_SENDS, &v).unwrap_or_default();
     }
     // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
     // now, so every pending request has its number from the moment the home is read.
