@@ -68,12 +68,7 @@ fn run_at(u: &User, server: &ServerProcess, offset: i64, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .expect("qpq runs");
-    Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 fn ok_at(u: &User, server: &ServerProcess, offset: i64, args: &[&str]) -> String {

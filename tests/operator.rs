@@ -562,12 +562,7 @@ fn a_usage_error_escapes_the_argument_it_quotes() {
     for arg in ["Mallory\x1b[31m", "evil\u{202e}txt", "bell\x07"] {
         // As on a colour terminal: clap's stream passes escape sequences through.
         let out = qpq_command(home.path()).args(["name", arg]).env("CLICOLOR_FORCE", "1").output().unwrap();
-        let r = common::Run {
-            ok: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
+        let r = common::Run::from(out);
         assert_eq!(r.code, Some(2), "{}", r.stderr);
         assert!(r.stderr.contains("unrecognized subcommand"), "{}", r.stderr);
         let raw = |c: char| (c.is_control() && c != '\n') || c == '\u{202e}';

@@ -22,12 +22,7 @@ fn run_until(u: &User, point: &str, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .expect("qpq runs");
-    Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 #[test]

@@ -45,7 +45,7 @@ use std::collections::HashSet;
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::messenger::{Carried, ClientError, Event, MAX_TEXT_BYTES, Messenger, Target};
 use crate::client::session::SessionError;
-use crate::client::state::{Entry, GroupKind, MAX_PLACED_SENDS, QueuedSend, QueuedTarget, SealedSend, State};
+use crate::client::state::{Entry, GroupKind, MAX_PLACED_SENDS, QueuedSend, QueuedTarget, SealedSend};
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
 use crate::mls::MlsError;
 
@@ -197,10 +197,10 @@ impl Messenger {
 
     /// [`Messenger::mark_told`] under the caller's operation.
     fn forget_reporters(&mut self, ids: &[u64]) {
-        let State { sends, reporting_sends, .. } = &mut self.home.state;
+        // (Entries of messages another process sent are dropped when the state is read.)
+        let reporting_sends = &mut self.home.state.reporting_sends;
         let before = reporting_sends.len();
-        // Also forgets messages sent meanwhile by another process.
-        reporting_sends.retain(|(id, _)| !ids.contains(id) && sends.iter().any(|s| s.id == *id));
+        reporting_sends.retain(|(id, _)| !ids.contains(id));
         if reporting_sends.len() != before {
             let _ = self.home.save();
         }

@@ -283,6 +283,17 @@ pub struct Run {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Run {
+        Run {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// A person with their own temp home, driving the real binary.
 pub struct User {
     pub home: tempfile::TempDir,
@@ -336,13 +347,7 @@ pub fn qpq_in(home: &Path, args: &[&str], stdin: Option<&str>) -> Run {
             sin.write_all(s.as_bytes()).expect("write stdin");
         }
     }
-    let out = child.wait_with_output().expect("qpq runs");
-    Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(child.wait_with_output().expect("qpq runs"))
 }
 
 impl User {
