@@ -76,6 +76,9 @@ fn paging_back_shows_every_message_once_in_order_across_conversations() {
     }
     let shown = all_pages(&alice, &["bob", "-n", "2"]);
     assert_eq!(shown, ["b1", "b2", "a-to-bob", "b3"], "bob's conversation only");
+    // A count after the target (or alone) is the page size, as in the shell's `/history`.
+    assert_eq!(texts(&history_json(&alice, &["bob", "2"])), ["a-to-bob", "b3"]);
+    assert_eq!(texts(&history_json(&alice, &["3"])), ["a-to-bob", "a-to-carol", "b3"]);
 
     // Every position is distinct and the text form names the conversation of each line.
     let lines = history_json(&alice, &["-n", "100"]);
@@ -150,6 +153,8 @@ fn bad_history_input_gets_clear_errors() {
     // "6m" meant as six months is six minutes: a retention that short deletes nearly all.
     let err = alice.fails(&["history", "--retention", "6m"]);
     assert!(err.contains("under an hour") && err.contains("6months"), "{err}");
+    let err = alice.fails(&["history", "0"]);
+    assert_eq!(err.trim(), "qpq: history 0: a page holds 1 to 100000 messages");
     let err = alice.fails(&["history", "nobody"]);
     assert!(err.starts_with("qpq: unknown contact \"nobody\""), "{err}");
     // A time before anything is not an error: an empty page.

@@ -84,6 +84,13 @@ pub struct HistoryArgs {
     /// A contact name, a key or #group; all conversations without it
     #[arg(add = ArgValueCandidates::new(complete::targets))]
     pub target: Option<String>,
+    /// Messages per page, as -n N (`history #team 5`; a lone number is a count too: `history 5`)
+    #[arg(
+        value_name = "N",
+        conflicts_with = "n",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_HISTORY_PAGE as u64)
+    )]
+    pub count: Option<u64>,
     /// Only messages older than this: the cursor the previous page printed, a time
     /// ("2026-11-30 14:00", "2026-11-30", "14:00"), "today", "yesterday", or an age ("2h", "3d")
     #[arg(long, value_name = "WHEN|CURSOR")]
@@ -104,7 +111,7 @@ pub struct HistoryArgs {
     pub grep: Option<String>,
     /// Keep history for this long ("90d", "12h") and delete older messages now and from then
     /// on, or "off" to keep everything (the default); "show" prints the setting
-    #[arg(long, value_name = "AGE|off|show", conflicts_with_all = ["target", "before", "grep", "json"])]
+    #[arg(long, value_name = "AGE|off|show", conflicts_with_all = ["target", "count", "before", "grep", "json"])]
     pub retention: Option<String>,
 }
 
@@ -1024,8 +1031,36 @@ pub async fn run_verb(
     Ok(VerbOutcome::Ok)
 }
 
+impl HistoryArgs {
+    /// The page size said as a number after the target (`history #team 5`), or as the target
+    /// itself (`history 5`: names of contacts and groups are never all digits there; write
+    /// `-n` to be explicit), moved to `n`. A number out of range is refused as `-n` refuses
+    /// it, not looked up as a contact. The error names the number.
+    pub fn settled(mut self) -> Result<Self, String> {
+        if let Some(n) = self.count.take() {
+            self.n = n;
+            return Ok(self);
+        }
+        let Some(digits) =
+            self.target.as_deref().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return Ok(self);
+        };
+        let max = MAX_HISTORY_PAGE as u64;
+        match digits.parse::<u64>() {
+            Ok(n) if (1..=max).contains(&n) => {
+                self.target = None;
+                self.n = n;
+                Ok(self)
+            }
+            _ => Err(format!("{digits}: a page holds 1 to {max} messages")),
+        }
+    }
+}
+
 /// `qpq history`: one page, then the cursor of the page before it on stderr.
 fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let args = &args.clone().settled().map_err(|e| anyhow::anyhow!("history {e}"))?;
     let target_shown = args.target.as_deref().map(|t| Shown(t).to_string());
     if let Some(keep) = &args.retention {
         if keep.trim() == "show" {

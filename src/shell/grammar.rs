@@ -151,24 +151,9 @@ fn parse_verb(text: &str, slash: &str) -> Result<Action, LineError> {
     }
 }
 
-/// `/history 5`, as the shell always took it: a number where the target goes is a count
-/// (names of contacts and groups are never all digits there; write `-n` to be explicit). A
-/// count out of range is refused as `-n` refuses it, not looked up as a contact.
-fn count_as_target(mut args: HistoryArgs) -> Result<HistoryArgs, LineError> {
-    let Some(digits) =
-        args.target.as_deref().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-    else {
-        return Ok(args);
-    };
-    let max = crate::limits::MAX_HISTORY_PAGE as u64;
-    match digits.parse::<u64>() {
-        Ok(n) if (1..=max).contains(&n) => {
-            args.target = None;
-            args.n = n;
-            Ok(args)
-        }
-        _ => Err(LineError(format!("/history {digits}: a page holds 1 to {max} messages"))),
-    }
+/// `/history 5` and `/history #team 5` (see [`HistoryArgs::settled`]).
+fn count_as_target(args: HistoryArgs) -> Result<HistoryArgs, LineError> {
+    args.settled().map_err(|e| LineError(format!("/history {e}")))
 }
 
 /// Escapes every unquoted `#`: shell-words reads one that starts a word as a comment, but here
@@ -426,6 +411,19 @@ mod tests {
             (Some("#team".into()), 4, None, Some("hi".into()))
         );
         assert_eq!(history("/history bob --before 2h"), (Some("bob".into()), page, Some("2h".into()), None));
+        // Exploratory testing: a count after the target was refused as an unexpected argument.
+        assert_eq!(history("/history #team 5"), (Some("#team".into()), 5, None, None));
+        assert_eq!(history("/tail bob 2 --grep x"), (Some("bob".into()), 2, None, Some("x".into())));
+        assert!(
+            err("/history #team 5 -n 3", true).contains("cannot be used with"),
+            "{}",
+            err("/history #team 5 -n 3", true)
+        );
+        assert!(
+            err("/history #team 0", true).contains("0 is not in 1..=100000"),
+            "{}",
+            err("/history #team 0", true)
+        );
         for n in ["0", "100001", "99999999999999999999999"] {
             assert_eq!(
                 err(&format!("/history {n}"), true),
