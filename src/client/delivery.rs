@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use crate::client::frame::{AppMessage, Frame};
 use crate::client::inbox;
 use crate::client::messenger::{
-    Carried, ClientError, CommitStatus, Event, Messenger, entry_bytes, valid_name,
+    Carried, ClientError, CommitStatus, Event, Messenger, entry_bytes, same_name, valid_name,
 };
 use crate::client::parcel::Parcel;
 use crate::client::session::{Delivered, SessionError};
@@ -478,7 +478,10 @@ impl Messenger {
                 // Unless we gave its name to a new group meanwhile: two active `#team`s would
                 // make `#team` ambiguous.
                 let clash = self.home.state.groups.iter().any(|(k, other)| {
-                    *k != key && other.active && other.kind == GroupKind::Group && other.name == name
+                    *k != key
+                        && other.active
+                        && other.kind == GroupKind::Group
+                        && same_name(&other.name, &name)
                 });
                 if clash {
                     let fresh = self.unique_group_name(&name);
@@ -547,8 +550,9 @@ impl Messenger {
 
     fn unique_group_name(&self, wanted: &str) -> String {
         let base = if valid_name(wanted) { wanted.to_string() } else { "group".to_string() };
-        let taken =
-            |n: &str| self.home.state.groups.values().any(|g| g.kind == GroupKind::Group && g.name == n);
+        let taken = |n: &str| {
+            self.home.state.groups.values().any(|g| g.kind == GroupKind::Group && same_name(&g.name, n))
+        };
         if !taken(&base) {
             return base;
         }

@@ -3,7 +3,7 @@
 use rand::RngCore;
 
 use crate::client::frame::Frame;
-use crate::client::messenger::{Carried, ClientError, CommitStatus, Event, Messenger, valid_name};
+use crate::client::messenger::{Carried, ClientError, CommitStatus, Event, Messenger, same_name, valid_name};
 use crate::client::state::KeptProposal;
 use crate::client::state::{GroupKind, GroupMeta, Outgoing, PendingCommit};
 use crate::crypto::identity::PublicKey;
@@ -60,8 +60,11 @@ impl Messenger {
             return Err(ClientError::BadName(name.to_string()));
         }
         let _op = self.begin()?;
-        if self.find_group(name).is_ok() {
-            return Err(ClientError::GroupExists(name.to_string()));
+        let groups = self.home.state.groups.values();
+        if let Some(g) =
+            groups.filter(|g| g.active && g.kind == GroupKind::Group).find(|g| same_name(&g.name, name))
+        {
+            return Err(ClientError::GroupExists(g.name.clone()));
         }
         let group_id = new_group_id();
         self.mls.create_group(&group_id)?;
@@ -349,14 +352,9 @@ impl Messenger {
     pub fn conversation_id(&self, target: &str) -> Result<Vec<u8>, ClientError> {
         match self.resolve_target(target)? {
             crate::client::messenger::Target::Group(g) => match self.find_group(&g) {
-                Err(ClientError::NotMember(_)) => self
-                    .home
-                    .state
-                    .groups
-                    .iter()
-                    .find(|(_, meta)| meta.kind == GroupKind::Group && meta.name == g)
-                    .and_then(|(id, _)| hex::decode(id).ok())
-                    .ok_or(ClientError::UnknownGroup(g)),
+                Err(ClientError::NotMember(_)) => {
+                    self.any_group_named(&g).ok_or(ClientError::UnknownGroup(g))
+                }
                 found => found,
             },
             crate::client::messenger::Target::Person(p) => {

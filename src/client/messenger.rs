@@ -74,6 +74,8 @@ pub enum ClientError {
     BadDisplayName(String),
     #[error("{given:?} matches several keys: {candidates}; type more of the key")]
     AmbiguousKey { given: String, candidates: String },
+    #[error("{given} could be any of {names}: write the name as it is written there")]
+    AmbiguousName { given: String, names: String },
     #[error("a contact named {0:?} already exists")]
     ContactExists(String),
     #[error("a group named #{0} already exists")]
@@ -310,6 +312,35 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 32
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && !PublicKey::looks_like_key(name)
+}
+
+/// Whether two contact or group names are the same name: names are ASCII (see [`valid_name`])
+/// and compared ignoring case, so `#team` and `#TEAM` cannot both be there to be confused, and
+/// `send Bob` finds the contact `bob`. A home written before this may hold two names that differ
+/// only in case: the exact one is found first.
+pub fn same_name(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Of `names`, the one `name` means: the exact one, else the only one that is the
+/// [`same_name`]; `Err` with all of them when several are and none exactly.
+pub(crate) fn pick_name<'a, T>(
+    name: &str,
+    names: impl Iterator<Item = (&'a str, T)>,
+) -> Result<Option<(&'a str, T)>, Vec<&'a str>> {
+    let mut like: Vec<(&'a str, T)> = Vec::new();
+    for (n, t) in names {
+        if n == name {
+            return Ok(Some((n, t)));
+        }
+        if same_name(n, name) {
+            like.push((n, t));
+        }
+    }
+    match like.len() {
+        0 | 1 => Ok(like.pop()),
+        _ => Err(like.into_iter().map(|(n, _)| n).collect()),
+    }
 }
 
 /// Keys that cannot be a contact: our own, a small-order point (no one holds its secret; the
@@ -684,8 +715,8 @@ impl Messenger {
     /// Resolves a contact name, a 64-hex key or a unique short key (see
     /// [`names`](super::names)).
     pub fn resolve_person(&self, s: &str) -> Result<[u8; 32], ClientError> {
-        if let Some(k) = self.home.state.contacts.get(s) {
-            return Ok(*k);
+        if let Some((_, k)) = self.contact_named(s)? {
+            return Ok(k);
         }
         if PublicKey::looks_like_key(s) {
             return Ok(PublicKey::parse_hex(s)?.0);
@@ -710,6 +741,15 @@ impl Messenger {
 
     // ----- contacts -----
 
+    /// The contact `name` means (see [`pick_name`]): its name as written in the home, and key.
+    pub(crate) fn contact_named(&self, name: &str) -> Result<Option<(&str, [u8; 32])>, ClientError> {
+        let all = self.home.state.contacts.iter().map(|(n, k)| (n.as_str(), *k));
+        pick_name(name, all).map_err(|names| ClientError::AmbiguousName {
+            given: name.to_string(),
+            names: names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+        })
+    }
+
     pub fn contact_add(&mut self, name: &str, key: &str) -> Result<PublicKey, ClientError> {
         let _op = self.begin()?;
         if !valid_name(name) {
@@ -720,8 +760,8 @@ impl Messenger {
             Some(found) => PublicKey(found?),
             None => PublicKey::parse_hex(key)?,
         };
-        if self.home.state.contacts.contains_key(name) {
-            return Err(ClientError::ContactExists(name.to_string()));
+        if let Some(taken) = self.home.state.contacts.keys().find(|n| same_name(n, name)) {
+            return Err(ClientError::ContactExists(taken.clone()));
         }
         check_contact_key(&pk, &self.identity.public(), self.contact_name(&pk.0))?;
         self.home.state.contacts.insert(name.to_string(), pk.0);
@@ -731,9 +771,11 @@ impl Messenger {
 
     pub fn contact_remove(&mut self, name: &str) -> Result<(), ClientError> {
         let _op = self.begin()?;
-        if self.home.state.contacts.remove(name).is_none() {
+        let Some((named, _)) = self.contact_named(name)? else {
             return Err(ClientError::UnknownContact(name.to_string()));
-        }
+        };
+        let named = named.to_string();
+        self.home.state.contacts.remove(&named);
         self.home.save()?;
         Ok(())
     }
@@ -762,22 +804,31 @@ impl Messenger {
         }
     }
 
-    /// The group id of the active group called `name`.
+    /// The group id of the active group called `name` (see [`same_name`]).
     pub fn find_group(&self, name: &str) -> Result<Vec<u8>, ClientError> {
-        let mut inactive = false;
-        for (id, g) in &self.home.state.groups {
-            if g.kind == GroupKind::Group && g.name == name {
-                if g.active {
-                    return hex::decode(id).map_err(|_| ClientError::UnknownGroup(name.to_string()));
-                }
-                inactive = true;
+        let groups = || self.home.state.groups.iter().filter(|(_, g)| g.kind == GroupKind::Group);
+        let active = groups().filter(|(_, g)| g.active).map(|(id, g)| (g.name.as_str(), id));
+        let ambiguous = |names: Vec<&str>| ClientError::AmbiguousName {
+            given: format!("#{name}"),
+            names: names.iter().map(|n| format!("#{n}")).collect::<Vec<_>>().join(", "),
+        };
+        match pick_name(name, active).map_err(ambiguous)? {
+            Some((_, id)) => hex::decode(id).map_err(|_| ClientError::UnknownGroup(name.to_string())),
+            None if groups().any(|(_, g)| same_name(&g.name, name)) => {
+                Err(ClientError::NotMember(name.to_string()))
             }
+            None => Err(ClientError::UnknownGroup(name.to_string())),
         }
-        if inactive {
-            Err(ClientError::NotMember(name.to_string()))
-        } else {
-            Err(ClientError::UnknownGroup(name.to_string()))
-        }
+    }
+
+    /// The group called `name`, active or not (see [`same_name`]): the active one when there
+    /// is one, else of those left the first by id.
+    pub(crate) fn any_group_named(&self, name: &str) -> Option<Vec<u8>> {
+        self.find_group(name).ok().or_else(|| {
+            let groups = self.home.state.groups.iter().filter(|(_, g)| g.kind == GroupKind::Group);
+            let all = groups.map(|(id, g)| (g.name.as_str(), id));
+            pick_name(name, all).ok().flatten().and_then(|(_, id)| hex::decode(id).ok())
+        })
     }
 
     /// The active direct conversation with `peer` (lowest group id wins when both sides created
@@ -960,5 +1011,46 @@ mod tests {
         assert_eq!(q[0].text, "small");
         keep_newest(&mut q, 10, 10, entry_bytes);
         assert!(q.is_empty(), "nothing fits in 10 bytes");
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+    use crate::client::testing::offline_messenger;
+
+    /// Exploratory testing: `#team` and `#TEAM` could both exist (two groups a message could
+    /// go to by a slip of the shift key), and `send Bob` did not find the contact `bob`.
+    #[test]
+    fn names_that_differ_only_in_case_are_one_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = offline_messenger(dir.path());
+        let bob = hex::encode(MlsClient::new(&rand::random()).unwrap().identity());
+        m.contact_add("bob", &bob).unwrap();
+        assert_eq!(m.resolve_person("BOB").unwrap(), m.resolve_person("bob").unwrap());
+        let carol = hex::encode(MlsClient::new(&rand::random()).unwrap().identity());
+        let err = m.contact_add("Bob", &carol).unwrap_err();
+        assert_eq!(err.to_string(), "a contact named \"bob\" already exists");
+
+        let team = m.group_create("team").unwrap();
+        assert_eq!(m.group_create("TEAM").unwrap_err().to_string(), "a group named #team already exists");
+        assert_eq!(m.find_group("Team").unwrap(), team);
+        assert_eq!(m.conversation_id("#TEAM").unwrap(), team);
+
+        // A home from before the rule may hold both: the exact name is found first, and a name
+        // that is neither is refused rather than guessed.
+        let other = m.group_create("other").unwrap();
+        m.home.state.groups.get_mut(&hex::encode(&other)).unwrap().name = "Team".into();
+        assert_eq!(m.find_group("team").unwrap(), team);
+        assert_eq!(m.find_group("Team").unwrap(), other);
+        assert_eq!(
+            m.find_group("TEAM").unwrap_err().to_string(),
+            "#TEAM could be any of #Team, #team: write the name as it is written there"
+        );
+        m.home.state.contacts.insert("BOB".into(), MlsClient::new(&rand::random()).unwrap().identity());
+        assert!(matches!(m.resolve_person("Bob"), Err(ClientError::AmbiguousName { .. })));
+        m.contact_remove("BOB").unwrap();
+        m.contact_remove("Bob").unwrap();
+        assert!(m.contacts().is_empty());
     }
 }
