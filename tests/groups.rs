@@ -629,6 +629,7 @@ fn a_message_placed_after_its_senders_removal_is_dropped_and_both_sides_are_told
         r.stderr
     );
     let r = carol.run(&["recv"]);
+    assert_eq!(r.code, Some(1), "a message of hers was not read: {}", r.stderr);
     assert!(r.stderr.contains("you were removed from #team by alice"), "{}", r.stderr);
     assert!(
         r.stderr.contains(

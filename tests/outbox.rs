@@ -69,6 +69,26 @@ fn recv_sends_what_waits_in_the_outbox() {
     assert_eq!(bob.recv(), ["alice: queued"]);
 }
 
+/// Found by exploratory testing: a message queued while the server was away and refused
+/// when it went (carol's key has no KeyPackages there) was told by the `recv` that sent it,
+/// which exited 0: a script that saw `send` exit 75 had no status to learn it by.
+#[test]
+fn a_recv_that_finds_a_queued_message_refused_exits_1() {
+    let (dir, server, [alice]) = cast(["alice"]);
+    let nobody = qpq::crypto::identity::Identity::generate().public().to_hex();
+    alice.ok(&["contact", "add", "carol", &nobody]);
+    let addr = server.addr;
+    server.kill9();
+    assert_eq!(alice.run(&["send", "carol", "hello?"]).code, Some(EXIT_QUEUED));
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    let r = alice.run(&["recv"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: a queued message to carol was not sent: "), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    let r = alice.run(&["recv"]);
+    assert!(r.ok && r.stderr.is_empty(), "told once: {}", r.stderr);
+}
+
 /// Issue 10 item 7's third case: the request left and the answer never came. The copy that
 /// goes again is the same ciphertext, which bob drops quietly.
 #[test]

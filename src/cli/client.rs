@@ -1573,12 +1573,16 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
     }
 }
 
-/// `qpq recv`.
-pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<()> {
+/// `qpq recv`. It exits 1 when it told of a message of ours that was not sent (one that
+/// waited in the outbox and the server refused, or one placed after our removal): a script
+/// that saw `send` exit 75 learns of it by the status of the command that finds out, as a
+/// script's shell does.
+pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut m = open_messenger(g)?;
     let res = block_on_local(recv_loop(&mut m, &args))?;
     print_notices(&mut m);
-    res
+    let not_sent = res?;
+    Ok(if not_sent { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS })
 }
 
 /// Prints the inbox's messages and membership events after `cursor` (whichever process fetched
@@ -1663,7 +1667,9 @@ fn needs_the_user(e: &ClientError) -> bool {
         )
 }
 
-async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
+/// Runs `recv`; true when it told of a message of ours that was not sent.
+async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<bool> {
+    let mut not_sent = false;
     // Clamped to 136 years, so that any number a script passes makes a deadline (an `Instant`
     // addition past its range panics).
     let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s.min(u64::from(u32::MAX))));
@@ -1726,6 +1732,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
         // Membership events come from the inbox below, in their place among the messages
         // (whichever process of this home fetched them); what else came is for this process.
         for e in events.iter().filter(|e| changes_of(e).is_none()) {
+            not_sent |= matches!(e, Event::NotSent { .. });
             if let Some(line) = describe_event(m, e) {
                 err!("qpq: {line}");
             }
@@ -1743,7 +1750,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<()> {
     }
     m.disconnect().await;
     m.forget_reader(&cursor)?;
-    Ok(())
+    Ok(not_sent)
 }
 
 #[cfg(test)]

@@ -260,7 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Client(verb) => client::oneshot(&g, verb),
         Command::Server(cmd) => client::server_verb(&g, cmd).map(|()| ExitCode::SUCCESS),
         Command::Passphrase(args) => client::passphrase(&g, args).map(|()| ExitCode::SUCCESS),
-        Command::Recv(args) => client::recv(&g, args).map(|()| ExitCode::SUCCESS),
+        Command::Recv(args) => client::recv(&g, args),
         Command::Shell => crate::shell::run(&g),
         Command::Bench(args) => crate::bench::run(&g, args).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
