@@ -252,6 +252,39 @@ fn membership_events_fetched_by_another_command_reach_every_reader() {
     assert!(out.rest().is_empty(), "nothing twice");
 }
 
+/// Exploratory testing: a change a one-shot command told its person of (a `send` catching up,
+/// a `group leave`) was said again by the next `recv`, with nothing else running. Now a
+/// one-shot `recv` for people says each once; the message that came after it still prints.
+#[test]
+fn a_change_a_command_told_of_is_not_said_again_by_the_next_recv() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    alice.ok(&["send", "#team", "after the add"]);
+    let sent = bob.run(&["send", "alice", "hi"]);
+    assert!(sent.stderr.contains("qpq: you were added to #team by alice"), "{}", sent.stderr);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(untimed_lines(&r.stdout), ["[#team] alice: after the add"]);
+    assert!(!r.stderr.contains("you were added"), "said once: {}", r.stderr);
+
+    // One the command learned and one it did not: only the first is skipped.
+    alice.ok(&["group", "add", "team", "carol"]);
+    let left = bob.run(&["group", "leave", "team"]);
+    assert!(left.ok, "{}", left.stderr);
+    assert!(left.stderr.contains("qpq: [#team] alice added carol"), "{}", left.stderr);
+    assert!(left.stderr.contains("qpq: you left #team"), "{}", left.stderr);
+    carol.ok(&["recv"]);
+    carol.ok(&["send", "#team", "hello"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(!r.stderr.contains("added carol") && !r.stderr.contains("you left"), "said once: {}", r.stderr);
+    // History keeps them all.
+    let hist = untimed_lines(&bob.ok(&["history", "#team"]));
+    assert!(hist.iter().any(|l| l == "* [#team] alice added carol"), "{hist:#?}");
+    assert!(hist.iter().any(|l| l == "* you left #team"), "{hist:#?}");
+}
+
 /// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never
 /// read the group. A Welcome the server refuses (here: bob's queue is full) fails the command.
 #[test]

@@ -1546,6 +1546,7 @@ fn group_json(g: &GroupSummary) -> serde_json::Value {
 /// Runs one shared verb as a one-shot command.
 pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process::ExitCode> {
     let mut m = open_messenger(g)?;
+    m.tell_changes();
     let res = block_on_local(async {
         let mut stdout = std::io::stdout().lock();
         let mut events = Vec::new();
@@ -1556,6 +1557,9 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
                 err!("qpq: {line}");
             }
         }
+        // Told: a later `recv` for people does not say them again. If this fails (a full
+        // disk) they are said twice, as before the mark.
+        let _ = m.mark_changes_told(&events);
         m.disconnect().await;
         r
     })?;
@@ -1589,7 +1593,11 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<std::process::Exit
 /// them) and moves it on; returns how many messages it printed (`--wait` waits for a message,
 /// not a membership change). Messages go to stdout; events too with
 /// `json` (as data, in their place among the messages), else to stderr as lines for people.
-fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::Result<usize> {
+fn print_unread(m: &mut Messenger, cursor: &mut Cursor, args: &RecvArgs) -> anyhow::Result<usize> {
+    let json = args.json;
+    // A one-shot `recv` for people skips the changes a one-shot command already told (see
+    // `crate::client::inbox`); a follower keeps a view of its own, and JSON is data.
+    let skip_told = !json && !args.follow;
     // Marked read durably first, then printed: a crash in between can lose the printout (the
     // message stays in history) but never prints it twice. A write that fails (a closed pipe,
     // a full disk) marks those not yet written unread again, so the next `recv` prints them;
@@ -1611,7 +1619,7 @@ fn print_unread(m: &mut Messenger, cursor: &mut Cursor, json: bool) -> anyhow::R
                 .collect::<Vec<_>>()
                 .join("\n"),
             Arrival::Event(e) => {
-                if let Some(line) = describe_event(m, &e.to_event()) {
+                if let Some(line) = describe_event(m, &e.to_event()).filter(|_| !(skip_told && e.told)) {
                     err!("qpq: {line}");
                 }
                 continue;
@@ -1679,7 +1687,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<bool> {
     // what it has not shown yet out of the inbox.
     let mut cursor = if args.follow { m.live_cursor()? } else { m.read_cursor()? };
     // What waited already is printed before the first (long) poll.
-    let mut printed_any = print_unread(m, &mut cursor, args.json)? > 0;
+    let mut printed_any = print_unread(m, &mut cursor, args)? > 0;
     // One listener for the rest of the run, made before the line below: one made afresh at
     // each wait missed a Ctrl-C that came in between (say, while a batch was being written to a
     // slow pipe), and ran on. (Until here a Ctrl-C ends the process the default way.)
@@ -1718,7 +1726,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<bool> {
                 m.disconnect().await;
                 // What another process of the home fetched meanwhile still shows (and this
                 // reader's place in the inbox is renewed).
-                printed_any |= print_unread(m, &mut cursor, args.json)? > 0;
+                printed_any |= print_unread(m, &mut cursor, args)? > 0;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = interrupt.recv() => break,
@@ -1738,7 +1746,7 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<bool> {
             }
         }
         print_notices(m);
-        printed_any |= print_unread(m, &mut cursor, args.json)? > 0;
+        printed_any |= print_unread(m, &mut cursor, args)? > 0;
         if args.follow || m.has_backlog() {
             // A long backlog comes in rounds, each printed as it comes.
             continue;

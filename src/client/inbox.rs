@@ -29,6 +29,12 @@
 //! many entries it missed and goes on with the oldest one kept; it never waits for them. Events
 //! have the same bounds, counted apart.
 //!
+//! A one-shot command that learns of a membership change (a `send` that catches up first, a
+//! `group leave`) tells its person at once, on stderr; it also marks the event told
+//! ([`State::told_events`]) once it has printed it, and a one-shot `recv` that prints for people skips it, so one
+//! person at one terminal reads each change once. Readers that keep a view of their own (the
+//! shell, `recv --follow`) and `--json` readers, whose output is data, still show every event.
+//!
 //! On disk the events are a record of their own (`inbox_events`, see
 //! [`crate::client::db::records`]); a home written before it opens with none.
 
@@ -38,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::messenger::{ClientError, Event, Messenger, entry_bytes, keep_newest};
 use crate::client::state::{Entry, State};
-use crate::client::timeline::{Change, MemberEventKind, change_event};
+use crate::client::timeline::{Change, MemberEventKind, change_event, changes_of};
 use crate::limits::{
     LIVE_READER_LEASE_MS, MAX_INBOX_BYTES, MAX_INBOX_ENTRIES, MAX_INBOX_READ_KEPT, MAX_LIVE_READERS,
 };
@@ -122,6 +128,10 @@ pub struct InboxEvent {
     pub at_ms: u64,
     /// Sequence number of the inbox entry it came after (0: before every entry).
     after: u64,
+    /// A one-shot command told its person of it as it learned it (see the module header):
+    /// set on a reader's copy only, from [`State::told_events`].
+    #[serde(skip)]
+    pub told: bool,
 }
 
 impl InboxEvent {
@@ -226,9 +236,25 @@ pub(crate) fn push_changes(s: &mut State, group_id: &[u8], changes: Vec<Change>,
             members: c.members,
             at_ms,
             after,
+            told: false,
         };
         s.inbox_events.list.push_back(e);
         s.inbox_events.end_seq += 1;
+    }
+}
+
+/// The event numbered `seq`, while the inbox has it.
+fn event_at(s: &State, seq: u64) -> Option<&InboxEvent> {
+    let ev = &s.inbox_events;
+    let i = usize::try_from(seq.checked_sub(first_of(ev.end_seq, ev.list.len()))?).ok()?;
+    ev.list.get(i)
+}
+
+impl InboxEvent {
+    /// The same membership change as `other`, wherever each came after and whoever told it.
+    fn same_change(&self, other: &InboxEvent) -> bool {
+        (&self.group_id, self.kind, self.by, &self.members, self.at_ms)
+            == (&other.group_id, other.kind, other.by, &other.members, other.at_ms)
     }
 }
 
@@ -246,6 +272,13 @@ pub(crate) fn unpush_since(s: &mut State, len: usize) {
     for e in s.inbox_events.list.iter_mut().rev().take_while(|e| e.after > end) {
         e.after = end;
     }
+}
+
+/// The newest `n` events (fewer when the inbox has fewer), numbered.
+pub(crate) fn newest_events(s: &State, n: u64) -> Vec<(u64, InboxEvent)> {
+    let ev = &s.inbox_events;
+    let first = ev.end_seq.saturating_sub(n) + 1;
+    (first..=ev.end_seq).filter_map(|seq| event_at(s, seq).map(|e| (seq, e.clone()))).collect()
 }
 
 /// Sequence number of the newest event (to give [`events_since`] later).
@@ -267,9 +300,17 @@ pub(crate) fn trim(s: &mut State) {
     bound(&mut s.inbox, s.inbox_end_seq, s.read_seq, held_entries, entry_bytes);
     let ev = &mut s.inbox_events;
     bound(&mut ev.list, ev.end_seq, ev.read_seq, held_events, InboxEvent::bytes);
+    let first = first_of(ev.end_seq, ev.list.len());
+    s.told_events.retain(|seq| *seq >= first);
 }
 
 impl Messenger {
+    /// Makes this process a one-shot command that tells its person of the membership changes
+    /// it learns as it prints them (see the module header and [`Self::mark_changes_told`]).
+    pub fn tell_changes(&mut self) {
+        self.tells_changes = true;
+    }
+
     /// Where a reader that starts now begins: after what some reader already showed.
     pub fn read_cursor(&mut self) -> Result<Cursor, ClientError> {
         let _op = self.begin()?;
@@ -347,6 +388,41 @@ impl Messenger {
         Ok(unread)
     }
 
+    /// Marks told the membership changes among `printed` that this process learned and its
+    /// person was just told of (see the module header and [`Messenger::tell_changes`]); a
+    /// one-shot `recv` for people then skips them. A change the inbox no longer has as it was
+    /// announced (trimmed, or the state reloaded without it) is left alone.
+    pub fn mark_changes_told(&mut self, printed: &[Event]) -> Result<(), ClientError> {
+        let mut announced = std::mem::take(&mut self.announced);
+        let mut told = Vec::new();
+        for (group_id, changes) in printed.iter().filter_map(changes_of) {
+            for c in changes {
+                let found = announced.iter().position(|(_, a)| {
+                    (a.group_id.as_slice(), a.kind, a.by, &a.members) == (group_id, c.kind, c.by, &c.members)
+                });
+                if let Some(i) = found {
+                    told.push(announced.swap_remove(i));
+                }
+            }
+        }
+        if told.is_empty() {
+            return Ok(());
+        }
+        let _op = self.begin()?;
+        let s = &mut self.home.state;
+        let mut changed = false;
+        for (seq, a) in told {
+            if event_at(s, seq).is_some_and(|e| e.same_change(&a)) && !s.told_events.contains(&seq) {
+                s.told_events.push(seq);
+                changed = true;
+            }
+        }
+        if changed {
+            self.home.save()?;
+        }
+        Ok(())
+    }
+
     /// Marks what `unread` marked read as unread again, when showing it failed (the reader of a
     /// pipe went away, the disk is full): the next reader shows it. What a crash between the
     /// mark and the write loses stays lost; a failed write is told and undone. A no-op when
@@ -397,11 +473,13 @@ fn unread_after(s: &State, from: Cursor) -> Unread {
     let first = first_seq(s);
     let mut entries = s.inbox.iter().skip(skip).zip(first.saturating_add(skip as u64)..).peekable();
     let mut items = Vec::new();
-    for e in ev.list.iter().skip(skip_events) {
+    let first_event = first_of(ev.end_seq, ev.list.len());
+    for (e, seq) in ev.list.iter().skip(skip_events).zip(first_event.saturating_add(skip_events as u64)..) {
         while let Some((entry, _)) = entries.next_if(|(_, seq)| *seq <= e.after) {
             items.push(Arrival::Message(entry.clone()));
         }
-        items.push(Arrival::Event(e.clone()));
+        let told = s.told_events.contains(&seq);
+        items.push(Arrival::Event(InboxEvent { told, ..e.clone() }));
     }
     items.extend(entries.map(|(entry, _)| Arrival::Message(entry.clone())));
     Unread { missed, missed_events, items, marked: ((0, 0), (0, 0)) }

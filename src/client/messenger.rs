@@ -269,6 +269,12 @@ pub struct Messenger {
     /// The last message whose effect is saved but whose ack has not gone yet: it rides on the
     /// next round's first fetch (0 when none).
     pub(crate) unacked: u64,
+    /// This process is a one-shot command that tells its person of the membership changes it
+    /// learns (on stderr): see [`Messenger::tell_changes`].
+    pub(crate) tells_changes: bool,
+    /// The inbox events this process announced (when [`Self::tells_changes`]), by sequence
+    /// number, for [`Messenger::mark_changes_told`].
+    pub(crate) announced: Vec<(u64, crate::client::inbox::InboxEvent)>,
 }
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
@@ -454,6 +460,8 @@ impl Messenger {
             watch: Watch::default(),
             backlog: false,
             unacked: 0,
+            tells_changes: false,
+            announced: Vec::new(),
         };
         Ok((m, report))
     }
@@ -488,6 +496,8 @@ impl Messenger {
             watch: Watch::default(),
             backlog: false,
             unacked: 0,
+            tells_changes: false,
+            announced: Vec::new(),
         })
     }
 

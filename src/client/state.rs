@@ -275,6 +275,11 @@ pub struct State {
     /// `Messenger::note_placed`); only in the database, like `inbox_events`.
     #[serde(skip)]
     pub placed_sends: BTreeMap<String, Vec<u64>>,
+    /// Sequence numbers of the inbox's events a one-shot command told its person of as it
+    /// learned them: a later one-shot `recv` does not print them again (see
+    /// [`crate::client::inbox`]); only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub told_events: Vec<u64>,
     /// When an upload of our keys (KeyPackages, the envelope key) that the server refused for
     /// itself may be tried again (see [`crate::client::keypool`]); only in the database, like
     /// `inbox_events`.
@@ -365,6 +370,7 @@ impl State {
             request_numbers: RequestNumbers::default(),
             reporting_sends: Vec::new(),
             placed_sends: BTreeMap::new(),
+            told_events: Vec::new(),
         }
     }
 

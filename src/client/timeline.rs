@@ -314,7 +314,11 @@ impl Messenger {
     pub(crate) fn announce(&mut self, e: Event, events: &mut Vec<Event>) {
         if let Some((group_id, changes)) = changes_of(&e) {
             let at_ms = self.clock.now_ms();
+            let n = changes.len() as u64;
             inbox::push_changes(&mut self.home.state, group_id, changes, at_ms);
+            if self.tells_changes {
+                self.announced.extend(inbox::newest_events(&self.home.state, n));
+            }
         }
         events.push(e);
     }
