@@ -285,6 +285,26 @@ fn a_change_a_command_told_of_is_not_said_again_by_the_next_recv() {
     assert!(hist.iter().any(|l| l == "* you left #team"), "{hist:#?}");
 }
 
+/// Exploratory testing: alice's `send` committed dave's leave before her message went, so the
+/// message was encrypted for the group without him; her history showed it before "dave left",
+/// as if he could read it (carol's showed the true order).
+#[test]
+fn a_message_sent_after_the_commit_its_send_made_first_comes_after_the_change() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    bob.ok(&["group", "leave", "team"]);
+    let sent = alice.run(&["send", "#team", "after the leave"]);
+    assert!(sent.ok, "{}", sent.stderr);
+    assert!(sent.stderr.contains("bob left #team"), "{}", sent.stderr);
+    carol.ok(&["recv"]);
+    for (u, me) in [(&alice, "me"), (&carol, "alice")] {
+        let hist = untimed_lines(&u.ok(&["history", "#team"]));
+        let at = |needle: &str| hist.iter().position(|l| l.contains(needle));
+        let (left, message) = (at("bob left #team"), at(&format!("[#team] {me}: after the leave")));
+        assert!(left.is_some() && left < message, "{}: {hist:#?}", u.name);
+    }
+}
+
 /// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never
 /// read the group. A Welcome the server refuses (here: bob's queue is full) fails the command.
 #[test]

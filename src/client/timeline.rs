@@ -9,7 +9,9 @@
 //! # Placing events among messages
 //! History is in [`HistoryKey`] order: receive time, then index (the count when the message
 //! was added). The two orders differ for a message we wrote: it takes its place at the time it
-//! was typed, and its index when it is encrypted, after whatever its `send` fetched first. So
+//! was typed (or of the newest membership change we knew when it was encrypted, if later: that
+//! change decided who reads it), and its index when it is encrypted, after whatever its `send`
+//! fetched first. So
 //! an event takes its place in the same order, by its time and then its count
 //! ([`MemberEvent::precedes`]): it goes before the first entry that comes after it in history
 //! and after the others, which puts it exactly once between two neighbouring entries whatever
@@ -226,6 +228,11 @@ impl Timelines {
             let Some(old) = log.events.pop_front() else { break };
             bytes = bytes.saturating_sub(old.bytes());
         }
+    }
+
+    /// When we learned of `group`'s newest membership change still kept (None: none kept).
+    pub fn last_change_ms(&self, group: &str) -> Option<u64> {
+        self.by_group.get(group)?.events.iter().map(|e| e.at_ms).max()
     }
 
     /// Messages ever added to `group`'s history.
