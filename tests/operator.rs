@@ -219,7 +219,7 @@ fn contact_add_refuses_your_own_key_the_all_zero_key_and_a_key_named_twice() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
     let (alice, bob) = (User::init(&server, "alice"), User::init(&server, "bob"));
-    let err = alice.fails(&["contact", "add", "me", &alice.key]);
+    let err = alice.fails(&["contact", "add", "myself", &alice.key]);
     assert!(err.contains("that is your own key: contacts are other people"), "{err}");
     let zero = "0".repeat(64);
     let err = alice.fails(&["contact", "add", "nobody", &zero]);

@@ -74,6 +74,8 @@ pub enum ClientError {
     BadDisplayName(String),
     #[error("{given:?} matches several keys: {candidates}; type more of the key")]
     AmbiguousKey { given: String, candidates: String },
+    #[error("{name:?} cannot name a contact: {why}")]
+    ContactNameClash { name: String, why: &'static str },
     #[error("{given} could be any of {names}: write the name as it is written there")]
     AmbiguousName { given: String, names: String },
     #[error("a contact named {0:?} already exists")]
@@ -318,6 +320,23 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 32
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && !PublicKey::looks_like_key(name)
+}
+
+/// Why `name` cannot name a contact though it is a [`valid_name`], if it cannot: qpq shows
+/// you as "me" and "you"; a number stands for a message request (`requests accept 1`) or a
+/// page size (`history 5`); a short key (`8b95-fc23`) stands for the key it starts. A contact
+/// so named would pass for you or for someone else (exploratory testing: `contact add
+/// 8b95-fc23 KEY` took bob's short key for eve, and `send 8b95-fc23` went to her).
+pub fn contact_name_clash(name: &str) -> Option<&'static str> {
+    if same_name(name, "me") || same_name(name, "you") {
+        Some("qpq shows you as \"me\" and \"you\"")
+    } else if name.bytes().all(|b| b.is_ascii_digit()) {
+        Some("a number stands for a message request or a page size")
+    } else if crate::client::names::short_key_digits(name).is_some() {
+        Some("it reads as a short key")
+    } else {
+        None
+    }
 }
 
 /// Whether two contact or group names are the same name: names are ASCII (see [`valid_name`])
@@ -765,6 +784,9 @@ impl Messenger {
         if !valid_name(name) {
             return Err(ClientError::BadName(name.to_string()));
         }
+        if let Some(why) = contact_name_clash(name) {
+            return Err(ClientError::ContactNameClash { name: name.to_string(), why });
+        }
         // A whole key, or the short form of one this home already knows (a group member's).
         let pk = match self.resolve_short_key(key) {
             Some(found) => PublicKey(found?),
@@ -1041,6 +1063,21 @@ mod name_tests {
         let carol = hex::encode(MlsClient::new(&rand::random()).unwrap().identity());
         let err = m.contact_add("Bob", &carol).unwrap_err();
         assert_eq!(err.to_string(), "a contact named \"bob\" already exists");
+        // Names that would pass for you, a request number or someone's short key.
+        for (name, why) in [
+            ("me", "qpq shows you as \"me\" and \"you\""),
+            ("You", "qpq shows you as \"me\" and \"you\""),
+            ("12", "a number stands for a message request or a page size"),
+            ("8b95-fc23", "it reads as a short key"),
+            ("deadBEEF", "it reads as a short key"),
+        ] {
+            let err = m.contact_add(name, &carol).unwrap_err().to_string();
+            assert_eq!(err, format!("{name:?} cannot name a contact: {why}"));
+        }
+        for fine in ["meg", "8b95-fc2", "b0b"] {
+            m.contact_add(fine, &hex::encode(MlsClient::new(&rand::random()).unwrap().identity())).unwrap();
+            m.contact_remove(fine).unwrap();
+        }
 
         let team = m.group_create("team").unwrap();
         assert_eq!(m.group_create("TEAM").unwrap_err().to_string(), "a group named #team already exists");
