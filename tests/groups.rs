@@ -148,7 +148,14 @@ fn history_shows_membership_changes_in_order_with_messages() {
     assert_in_order(
         "alice",
         &hist,
-        &["me added bob, carol", "hello", "bob left #team", "after bob", "me added bob", "me removed carol"],
+        &[
+            "you added bob, carol",
+            "hello",
+            "bob left #team",
+            "after bob",
+            "you added bob",
+            "you removed carol",
+        ],
     );
     let hist = shell_history(&bob, "#team");
     assert_in_order(
@@ -624,11 +631,11 @@ fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in
         "* [#team] alice added dave",
     ];
     let alices = [
-        "* [#team] me added bob, carol",
+        "* [#team] you added bob, carol",
         "[#team] me: a1",
         "[#team] bob: b1",
         "[#team] carol: c1",
-        "* [#team] me added dave",
+        "* [#team] you added dave",
     ];
     for (u, want) in [(&carol, carols.as_slice()), (&alice, alices.as_slice())] {
         let all: Vec<String> =
@@ -646,7 +653,7 @@ fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in
     bob.ok(&["send", "alice", "direct"]);
     alice.ok(&["recv"]);
     let all: Vec<String> = common::untimed(&alice.ok(&["history"])).lines().map(str::to_string).collect();
-    assert_eq!(all.iter().filter(|l| l.contains("me added dave")).count(), 1, "{all:#?}");
+    assert_eq!(all.iter().filter(|l| l.contains("you added dave")).count(), 1, "{all:#?}");
     assert!(all.last().is_some_and(|l| l.ends_with("bob: direct")), "{all:#?}");
     for n in ["1", "2"] {
         assert_eq!(history_pages(&alice, &["-n", n]), all, "all of alice's history in pages of {n}");

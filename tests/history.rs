@@ -100,6 +100,13 @@ fn grep_and_json_shape() {
     assert!(history_json(&alice, &["--grep", "dinner"]).is_empty());
     let page = history_json(&alice, &["bob", "--grep", "LUNCH", "-n", "1"]);
     assert_eq!(texts(&page), ["lunch: yes"]);
+    // The hint for the page before keeps the search and the page size (it dropped them).
+    let r = alice.run(&["history", "--grep", "lunch", "-n", "2"]);
+    let hint = r.stderr.lines().find_map(|l| l.strip_prefix("qpq: older messages: qpq history ")).unwrap();
+    let (words, cursor) = hint.rsplit_once(" --before ").unwrap();
+    assert_eq!(words, "-n 2 --grep lunch", "{}", r.stderr);
+    let older = alice.ok(&["history", "-n", "2", "--grep", "lunch", "--before", cursor]);
+    assert_eq!(untimed(&older).trim(), "[bob] bob: Lunch at noon?");
 
     let all = history_json(&alice, &["bob"]);
     // Membership changes come as their own objects, in their place ("joined" first here).

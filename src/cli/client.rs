@@ -733,12 +733,14 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
             if added.is_empty() && removed.is_empty() {
                 return (!left.is_empty()).then_some(leave);
             }
+            // "you added dave", like "you left #team" and "you were added to #team".
+            let who = if *by == me { "you".to_string() } else { m.display_name(by) };
             let mut parts = Vec::new();
             if !added.is_empty() {
-                parts.push(format!("{} added {}", m.display_name(by), names(added)));
+                parts.push(format!("{who} added {}", names(added)));
             }
             if !removed.is_empty() {
-                parts.push(format!("{} removed {}", m.display_name(by), names(removed)));
+                parts.push(format!("{who} removed {}", names(removed)));
             }
             if !left.is_empty() {
                 parts.push(leave);
@@ -1032,6 +1034,26 @@ pub async fn run_verb(
 }
 
 impl HistoryArgs {
+    /// What says which pages these are, as words each after a space (` bob -n 3 --grep
+    /// lunch --json`): the hint for the page before repeats them with its `--before`
+    /// (exploratory testing: `qpq history --grep bm -n 3` hinted at a page of everything).
+    pub fn page_words(&self) -> String {
+        let mut line = String::new();
+        if let Some(t) = &self.target {
+            line = format!("{line} {}", shell_words::quote(t));
+        }
+        if self.n != DEFAULT_HISTORY_PAGE as u64 {
+            line = format!("{line} -n {}", self.n);
+        }
+        if let Some(g) = &self.grep {
+            line = format!("{line} --grep {}", shell_words::quote(g));
+        }
+        if self.json {
+            line.push_str(" --json");
+        }
+        line
+    }
+
     /// The page size said as a number after the target (`history #team 5`), or as the target
     /// itself (`history 5`: names of contacts and groups are never all digits there; write
     /// `-n` to be explicit), moved to `n`. A number out of range is refused as `-n` refuses
@@ -1098,9 +1120,7 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
         err!("qpq: {}", empty_page(args, args.before.is_some(), target_shown.as_deref()));
     }
     if let Some(older) = &page.older {
-        let target =
-            args.target.as_deref().map(|t| format!("{} ", shell_words::quote(t))).unwrap_or_default();
-        err!("qpq: older messages: qpq history {}--before {older}", Shown(&target));
+        err!("qpq: older messages: qpq history{} --before {older}", Shown(&args.page_words()));
     }
     Ok(())
 }

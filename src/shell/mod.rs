@@ -651,20 +651,7 @@ impl Shell {
 /// (without `--before`), as the page key compares them. `/history 3` is continued by
 /// `/history 3`, not by `/history`, which starts over at the newest 20.
 fn again_line(args: &HistoryArgs) -> String {
-    let mut line = "/history".to_string();
-    if let Some(t) = &args.target {
-        line = format!("{line} {}", shell_words::quote(t));
-    }
-    if args.n != crate::limits::DEFAULT_HISTORY_PAGE as u64 {
-        line = format!("{line} -n {}", args.n);
-    }
-    if let Some(g) = &args.grep {
-        line = format!("{line} --grep {}", shell_words::quote(g));
-    }
-    if args.json {
-        line.push_str(" --json");
-    }
-    line
+    format!("/history{}", args.page_words())
 }
 
 /// Names offered for completion: the editor shows the candidates raw, so a name with anything
