@@ -199,8 +199,12 @@ fn recv_json_emits_membership_events_with_a_stable_group_id() {
     carol.ok(&["recv"]);
 
     bob.ok(&["group", "leave", "team"]);
-    let lines = json(&alice);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    // alice's own add is an event of her home too, before the leave.
+    let mut lines = json(&alice);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let added = lines.remove(0);
+    assert_eq!((&added["event"], &added["by"]), (&"added".into(), &alice.key.as_str().into()), "{added}");
+    assert_eq!(added["members"].as_array().map(Vec::len), Some(2), "{added}");
     assert_eq!(lines[0]["event"], "left");
     assert_eq!(lines[0]["group_id"], group_id.as_str(), "the same id at every member");
     assert_eq!(lines[0]["members"][0]["key"], bob.key.as_str());
@@ -310,6 +314,44 @@ fn a_message_sent_after_the_commit_its_send_made_first_comes_after_the_change() 
         let (left, message) = (at("bob left #team"), at(&format!("[#team] {me}: after the leave")));
         assert!(left.is_some() && left < message, "{}: {hist:#?}", u.name);
     }
+}
+
+/// Exploratory testing: `group add` said nothing when it worked, and failed on a name given
+/// twice with a raw MLS error; `##x` made a group `#x`; a new group named as one we left made
+/// two `#solo` in `group list`.
+#[test]
+fn group_verbs_say_what_they_did_and_take_each_name_once() {
+    let (_dir, _server, [alice, _bob, _carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["group", "create", "team"]);
+    let r = alice.run(&["group", "add", "team", "bob", "bob", "carol"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stderr.trim(), "qpq: [#team] you added bob, carol");
+    let r = alice.run(&["group", "remove", "#team", "carol", "carol"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stderr.trim(), "qpq: [#team] you removed carol");
+    // The other readers of alice's home see her changes too.
+    let theirs: Vec<String> = alice
+        .ok(&["recv", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].to_string())
+        .collect();
+    assert_eq!(theirs, ["\"added\"", "\"removed\""]);
+
+    let err = alice.fails(&["group", "create", "##x"]);
+    assert!(err.starts_with("qpq: invalid name \"#x\""), "{err}");
+    alice.ok(&["group", "create", "solo"]);
+    alice.ok(&["group", "leave", "solo"]);
+    let r = alice.run(&["group", "create", "solo"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("the group you left named #solo is now #solo-2, with its history"),
+        "{}",
+        r.stderr
+    );
+    let list = alice.ok(&["group", "list"]);
+    let names: Vec<&str> = list.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names.iter().filter(|n| **n == "#solo").count(), 1, "{list}");
+    assert_eq!(names.iter().filter(|n| **n == "#solo-2").count(), 1, "{list}");
 }
 
 /// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never

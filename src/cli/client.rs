@@ -1080,6 +1080,11 @@ impl HistoryArgs {
     }
 }
 
+/// A group name as the group verbs take it, `team` or `#team` (one `#`: `##team` is no name).
+fn unhashed(name: &str) -> &str {
+    name.strip_prefix('#').unwrap_or(name)
+}
+
 /// `qpq history`: one page, then the cursor of the page before it on stderr.
 fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let args = &args.clone().settled().map_err(|e| anyhow::anyhow!("history {e}"))?;
@@ -1464,11 +1469,11 @@ async fn run_group(
     let mut outcome = VerbOutcome::Ok;
     let events = match cmd {
         GroupCmd::Create { name } => {
-            m.group_create(name.trim_start_matches('#'))?;
+            m.group_create(unhashed(&name))?;
             Vec::new()
         }
         GroupCmd::Add { name, members } => {
-            let name = name.trim_start_matches('#');
+            let name = unhashed(&name);
             let added = m.group_add(name, &members).await?;
             if !added.welcome_queued.is_empty() {
                 let who =
@@ -1480,9 +1485,9 @@ async fn run_group(
             }
             added.events
         }
-        GroupCmd::Remove { name, members } => m.group_remove(name.trim_start_matches('#'), &members).await?,
-        GroupCmd::Leave { name } => m.group_leave(name.trim_start_matches('#')).await?,
-        GroupCmd::Update { name } => m.group_update(name.trim_start_matches('#')).await?,
+        GroupCmd::Remove { name, members } => m.group_remove(unhashed(&name), &members).await?,
+        GroupCmd::Leave { name } => m.group_leave(unhashed(&name)).await?,
+        GroupCmd::Update { name } => m.group_update(unhashed(&name)).await?,
         GroupCmd::List { json: true } => {
             for g in m.group_list() {
                 writeln!(out, "{}", text::json_line(&group_json(&g)))?;
@@ -1503,7 +1508,7 @@ async fn run_group(
             Vec::new()
         }
         GroupCmd::Info { name, json } => {
-            let name = name.trim_start_matches('#');
+            let name = unhashed(&name);
             let suite = m.group_ciphersuite(name)?;
             let gid = m.find_group(name)?;
             let group = m.group_list().into_iter().find(|g| g.group_id == gid);
@@ -1522,7 +1527,7 @@ async fn run_group(
             Vec::new()
         }
         GroupCmd::Members { name, json: true } => {
-            for mem in m.group_members(name.trim_start_matches('#'))? {
+            for mem in m.group_members(unhashed(&name))? {
                 let v = serde_json::json!({
                     "key": mem.key.to_hex(),
                     "name": mem.name,
@@ -1534,7 +1539,7 @@ async fn run_group(
             Vec::new()
         }
         GroupCmd::Members { name, json: false } => {
-            for mem in m.group_members(name.trim_start_matches('#'))? {
+            for mem in m.group_members(unhashed(&name))? {
                 // A signed name is a claim: marked with `~` (the key is on the line already).
                 let claimed = || m.claimed_name(&mem.key.0).map_or_else(|| "-".into(), |n| format!("~{n}"));
                 let label = if mem.me { "(you)".to_string() } else { mem.name.unwrap_or_else(claimed) };

@@ -548,7 +548,7 @@ impl Messenger {
         inbox::trim(&mut self.home.state);
     }
 
-    fn unique_group_name(&self, wanted: &str) -> String {
+    pub(crate) fn unique_group_name(&self, wanted: &str) -> String {
         let base = if valid_name(wanted) { wanted.to_string() } else { "group".to_string() };
         let taken = |n: &str| {
             self.home.state.groups.values().any(|g| g.kind == GroupKind::Group && same_name(&g.name, n))
@@ -589,27 +589,19 @@ impl Messenger {
                 Ok(()) => {
                     let me = self.identity.public().0;
                     let direct = self.home.state.groups.get(&key).is_some_and(|g| g.kind != GroupKind::Group);
+                    // Every reader of the home shows our change ("you added dave"), and the
+                    // one-shot that made it says it (before, only a leave we committed for
+                    // someone was said, issue 10 bug 2, and `group add` said nothing at all).
+                    // Opening a direct conversation is no membership news.
                     if !direct {
-                        // Opening a direct conversation is no membership news.
-                        self.record_membership(&Event::Membership {
+                        let change = Event::Membership {
                             group_id: group_id.to_vec(),
                             by: me,
                             added: changes.added,
                             removed: changes.removed,
-                            left: changes.left.clone(),
-                        });
-                    }
-                    // The command that made the change reports adds and removals itself; a
-                    // leave we committed for someone is news (issue 10, bug 2).
-                    if !changes.left.is_empty() {
-                        let left = Event::Membership {
-                            group_id: group_id.to_vec(),
-                            by: me,
-                            added: Vec::new(),
-                            removed: Vec::new(),
                             left: changes.left,
                         };
-                        self.announce(left, events);
+                        self.membership_event(change, events);
                     }
                     // The Welcome goes out with the same save that records the merge.
                     if let Some(welcome) = record.and_then(|r| r.welcome) {

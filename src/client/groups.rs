@@ -66,6 +66,21 @@ impl Messenger {
         {
             return Err(ClientError::GroupExists(g.name.clone()));
         }
+        // A group we left by that name keeps its history under a free name, and `#name` is the
+        // new one (exploratory testing: `group list` showed two `#solo`, and once both were
+        // left `history '#solo'` showed the old one's only).
+        let left: Vec<String> = (self.home.state.groups.iter())
+            .filter(|(_, g)| !g.active && g.kind == GroupKind::Group && same_name(&g.name, name))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in left {
+            let fresh = self.unique_group_name(name);
+            if let Some(g) = self.home.state.groups.get_mut(&key) {
+                let old = std::mem::replace(&mut g.name, fresh.clone());
+                self.notices
+                    .push(format!("the group you left named #{old} is now #{fresh}, with its history"));
+            }
+        }
         let group_id = new_group_id();
         self.mls.create_group(&group_id)?;
         self.home.state.groups.insert(
@@ -116,11 +131,24 @@ impl Messenger {
         Ok(group_id)
     }
 
+    /// The keys `members` name (contact names, keys, short keys), each once however often it
+    /// is named (exploratory testing: `group add team bob bob` failed in MLS with a raw key).
+    fn people(&self, members: &[String]) -> Result<Vec<[u8; 32]>, ClientError> {
+        let mut keys = Vec::with_capacity(members.len());
+        for m in members {
+            let k = self.resolve_person(m)?;
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        Ok(keys)
+    }
+
     /// Adds people (contact names or hex keys) to a group. The commit won when this returns
     /// `Ok`; [`Added::welcome_queued`] names the new members whose Welcome did not leave yet.
     pub async fn group_add(&mut self, name: &str, members: &[String]) -> Result<Added, ClientError> {
         let group_id = self.find_group(name)?;
-        let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
+        let keys = self.people(members)?;
         self.connect().await?;
         let _op = self.begin()?;
         let mut events = self.catch_up().await?;
@@ -186,7 +214,7 @@ impl Messenger {
     /// Removes people from a group.
     pub async fn group_remove(&mut self, name: &str, members: &[String]) -> Result<Vec<Event>, ClientError> {
         let group_id = self.find_group(name)?;
-        let keys = members.iter().map(|m| self.resolve_person(m)).collect::<Result<Vec<_>, _>>()?;
+        let keys = self.people(members)?;
         self.connect().await?;
         let _op = self.begin()?;
         let mut events = self.catch_up().await?;
