@@ -234,6 +234,32 @@ fn server_restart_mid_conversation_loses_nothing() {
     drop(server);
 }
 
+/// Exploratory testing: a follower that rode out a restart said "retrying in 10s" as its last
+/// word, though it was connected again; the shell says so.
+#[test]
+fn a_follower_says_when_it_is_connected_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_restartable(dir.path());
+    let addr = server.addr;
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    introduce(&[&alice, &bob]);
+    let mut follow = alice.spawn(&["recv", "--follow"]);
+    let mut err = Lines::of(follow.stderr.take().unwrap());
+    let mut out = Lines::of(follow.stdout.take().unwrap());
+    assert_eq!(err.next_line().as_deref(), Some("qpq: following new messages (Ctrl-C to stop)"));
+    assert_eq!(server.terminate().code(), Some(0));
+    let retrying = err.next_line().expect("a line");
+    assert!(retrying.contains("; retrying in "), "{retrying}");
+    let _server = ServerProcess::start_on(dir.path(), addr);
+    let again = (0..20).filter_map(|_| err.next_line()).find(|l| !l.contains("; retrying in "));
+    assert_eq!(again, Some(format!("qpq: connected to {addr} again")));
+    bob.ok(&["send", "alice", "after the restart"]);
+    assert_eq!(untimed(&out.next_line().expect("a line")), "bob: after the restart");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
+
 #[test]
 fn killing_recv_midway_loses_and_doubles_nothing() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);

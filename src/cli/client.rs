@@ -1725,7 +1725,12 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<bool> {
     }
     let mut backoff = Duration::from_millis(250);
     loop {
-        let wait_ms = if args.follow {
+        // The first round after a failure catches up at once, so "connected again" is said
+        // when it is, not after a long poll.
+        let recovering = backoff > Duration::from_millis(250);
+        let wait_ms = if args.follow && recovering {
+            0
+        } else if args.follow {
             LIVE_READER_WAIT_MS
         } else {
             match deadline {
@@ -1743,6 +1748,10 @@ async fn recv_loop(m: &mut Messenger, args: &RecvArgs) -> anyhow::Result<bool> {
         };
         let events = match events {
             Ok(e) => {
+                if recovering {
+                    // Said as the shell says it: the "retrying" line was its last word.
+                    err!("qpq: connected to {} again", Shown(&m.server().unwrap_or_default()));
+                }
                 backoff = Duration::from_millis(250);
                 e
             }
