@@ -124,6 +124,8 @@ fn grep_and_json_shape() {
             "group",
             "group_id",
             "outgoing",
+            "peer",
+            "peer_name",
             "position",
             "received_at",
             "sent_at",
@@ -137,6 +139,10 @@ fn grep_and_json_shape() {
     assert_eq!(v["group"], Value::Null, "a direct conversation has no group name");
     assert_eq!(v["outgoing"], false);
     assert_eq!(lines[3]["outgoing"], true);
+    // Whom a direct message went to or came from, either way.
+    for l in [v, lines[3]] {
+        assert_eq!((&l["peer"], &l["peer_name"]), (&bob.key.as_str().into(), &"bob".into()), "{l}");
+    }
     let position = v["position"].as_str().unwrap();
     let parts: Vec<&str> = position.split('.').collect();
     assert_eq!(parts.len(), 3, "{position}");

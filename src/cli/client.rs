@@ -794,6 +794,9 @@ pub(crate) fn terminal_columns() -> Option<usize> {
 /// One message as a JSON object (print it with [`text::json_line`], which keeps the exact text
 /// but escapes what a terminal would obey).
 pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
+    // The other person of a direct conversation, whoever wrote the message (exploratory
+    // testing: an outgoing direct message said nowhere whom it went to).
+    let peer = m.direct_peer(&e.group_id);
     serde_json::json!({
         "type": "message",
         "group_id": hex::encode(&e.group_id),
@@ -801,6 +804,8 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
         "from_name": m.contact_name(&e.from),
         "from_claimed_name": m.claimed_name_in(&e.group_id, &e.from),
         "group": m.group_label(&e.group_id),
+        "peer": peer.map(|p| PublicKey(p).to_hex()),
+        "peer_name": peer.and_then(|p| m.contact_name(&p)),
         "text": e.text,
         // The sender's clock may say anything: the year 10000 and later are clamped.
         "sent_at": localtime::rfc3339(e.sent_at_ms),
@@ -822,6 +827,8 @@ fn queued_entry_json(m: &Messenger, q: &QueuedEntry) -> serde_json::Value {
         v["group_id"] = serde_json::Value::Null;
         v["to"] = serde_json::Value::String(PublicKey(*peer).to_hex());
         v["to_name"] = serde_json::json!(m.contact_name(peer));
+        v["peer"] = v["to"].clone();
+        v["peer_name"] = v["to_name"].clone();
     }
     v
 }

@@ -827,6 +827,14 @@ impl Messenger {
         }
     }
 
+    /// The other person of a direct conversation (None for a group or an unknown id).
+    pub fn direct_peer(&self, group_id: &[u8]) -> Option<[u8; 32]> {
+        match self.home.state.groups.get(&hex::encode(group_id))?.kind {
+            GroupKind::Direct { peer } => Some(peer),
+            GroupKind::Group => None,
+        }
+    }
+
     /// Group name for JSON output: the group's name, or None for a direct conversation.
     pub fn group_label(&self, group_id: &[u8]) -> Option<String> {
         match self.home.state.groups.get(&hex::encode(group_id)) {
