@@ -166,6 +166,9 @@ fn bad_history_input_gets_clear_errors() {
     // "6m" meant as six months is six minutes: a retention that short deletes nearly all.
     let err = alice.fails(&["history", "--retention", "6m"]);
     assert!(err.contains("under an hour") && err.contains("6months"), "{err}");
+    let long = "w".repeat(10_000);
+    let r = alice.run(&["history", "--grep", &long]);
+    assert_eq!(r.stderr.trim(), format!("qpq: no messages contain \"{}\"\u{2026}", &long[..64]));
     let err = alice.fails(&["history", "0"]);
     assert_eq!(err.trim(), "qpq: history 0: a page holds 1 to 100000 messages");
     let err = alice.fails(&["history", "nobody"]);

@@ -1142,7 +1142,13 @@ fn run_history(m: &mut Messenger, args: &HistoryArgs, out: &mut dyn Write) -> an
 pub(crate) fn empty_page(args: &HistoryArgs, older: bool, label: Option<&str>) -> String {
     let older_word = if older { "older " } else { "" };
     match (args.grep.as_deref().filter(|g| !g.is_empty()), label) {
-        (Some(word), _) => format!("no {older_word}messages contain {}", Shown(&format!("{word:?}"))),
+        (Some(word), _) => {
+            // The word as typed, up to a line's worth (it repeated a 100 KB word whole).
+            const SHOWN_CHARS: usize = 64;
+            let short: String = word.chars().take(SHOWN_CHARS).collect();
+            let more = if word.chars().nth(SHOWN_CHARS).is_some() { "\u{2026}" } else { "" };
+            format!("no {older_word}messages contain {}{more}", Shown(&format!("{short:?}")))
+        }
         (None, _) if older => "no older messages".to_string(),
         (None, Some(t)) => format!("no messages with {t} yet"),
         (None, None) => "no messages yet".to_string(),
