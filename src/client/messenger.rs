@@ -348,7 +348,7 @@ pub fn same_name(a: &str, b: &str) -> bool {
 }
 
 /// Of `names`, the one `name` means: the exact one, else the only one that is the
-/// [`same_name`]; `Err` with all of them when several are and none exactly.
+/// [`same_name`]; `Err` with all of them (sorted) when several are and none exactly.
 pub(crate) fn pick_name<'a, T>(
     name: &str,
     names: impl Iterator<Item = (&'a str, T)>,
@@ -364,7 +364,11 @@ pub(crate) fn pick_name<'a, T>(
     }
     match like.len() {
         0 | 1 => Ok(like.pop()),
-        _ => Err(like.into_iter().map(|(n, _)| n).collect()),
+        _ => {
+            let mut names: Vec<&str> = like.into_iter().map(|(n, _)| n).collect();
+            names.sort_unstable();
+            Err(names)
+        }
     }
 }
 
