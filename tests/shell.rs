@@ -496,6 +496,36 @@ fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     assert!(got.lines().any(|l| l == "alice: hello world"), "the typed line survived intact: {got}");
 }
 
+/// Exploratory testing: what was typed while the shell was busy (starting, running a command)
+/// showed twice, echoed by the terminal where the cursor was and again in the prompt line. The
+/// shell keeps the terminal's echo off while it runs, and gives it back when it ends.
+#[test]
+fn pty_what_is_typed_while_the_shell_is_busy_is_not_echoed_and_echo_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let mut cmd = std::process::Command::new("sh");
+    // Echo on first (rexpect turns it off), and `stty` after the shell: the terminal as the
+    // shell left it.
+    cmd.args(["-c", "stty echo; \"$0\" --home \"$1\" shell; stty -a", env!("CARGO_BIN_EXE_qpq")])
+        .arg(alice.home.path())
+        .env_remove("QPQ_SERVER")
+        .env("QPQ_LOG", "warn")
+        .env("TERM", "xterm")
+        .env("QPQ_FAILPOINT", "pause:shell-starting");
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    p.exp_string("qpq: failpoint shell-starting").unwrap();
+    // Typed while it is busy: the failpoint reads this line, as the editor would later.
+    p.send_line("typed while busy").unwrap();
+    let before = p.exp_string("qpq> ").unwrap();
+    assert!(!before.contains("typed while busy"), "echoed: {before:?}");
+    p.send_control('d').unwrap();
+    let after = p.exp_eof().unwrap();
+    let flags: Vec<&str> = after.split_whitespace().collect();
+    assert!(flags.contains(&"echo") && !flags.contains(&"-echo"), "echo is back: {after}");
+}
+
 #[test]
 fn pty_a_terminal_attack_arrives_as_visible_escapes() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);

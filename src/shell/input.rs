@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use rustyline::error::ReadlineError;
 use rustyline::history::FileHistory;
 use rustyline::{CompletionType, Config, Editor};
@@ -104,6 +105,33 @@ impl LineSource {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The terminal without echo while the shell runs: what is typed while it is busy (starting,
+/// running a command) shows once, when the editor reads it into the prompt line. With the
+/// terminal's echo it showed twice (exploratory testing): echoed where the cursor was, then
+/// again in the prompt. The editor turns its raw mode on and off around each line and goes
+/// back to this; dropping it restores the terminal as it was.
+pub struct NoEcho {
+    saved: Termios,
+}
+
+impl NoEcho {
+    /// Turns echo off on stdin's terminal; None when stdin is no terminal or it cannot.
+    pub fn on_stdin() -> Option<NoEcho> {
+        let stdin = std::io::stdin();
+        let saved = termios::tcgetattr(&stdin).ok()?;
+        let mut quiet = saved.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO | LocalFlags::ECHONL);
+        termios::tcsetattr(&stdin, SetArg::TCSANOW, &quiet).ok()?;
+        Some(NoEcho { saved })
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
     }
 }
 

@@ -69,13 +69,18 @@ pub const LONG_POLL_MS: u32 = 25_000;
 
 /// `qpq shell`.
 pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    // From the start: what is typed while the home opens and the server is reached shows once.
+    // (A passphrase prompt turns echo off and back to this by itself.)
+    let no_echo = if terminal { input::NoEcho::on_stdin() } else { None };
+    crate::failpoint::hit("shell-starting");
     let home = home_dir(g)?;
     let mut messenger = open_messenger(g)?;
     // The shell keeps its place in the home: another reader of it cannot move what this one
     // has not shown yet out of the inbox (see `crate::client::inbox`).
     let cursor = messenger.live_cursor()?;
     let names: SharedNames = Arc::new(Mutex::new(Names::default()));
-    let (out, input) = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+    let (out, input) = if terminal {
         let (tx, rx) = mpsc::channel();
         let source = LineSource::editor(home.join(input::HISTORY_FILE), names.clone(), rx)?;
         (Printer::terminal(tx), source)
@@ -100,6 +105,7 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let Shell { out, input, .. } = shell;
     drop(out); // ends the printer thread before the editor is joined
     input.close();
+    drop(no_echo); // the terminal as it was, once the editor gave it back
     Ok(code)
 }
 
