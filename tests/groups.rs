@@ -316,6 +316,26 @@ fn a_message_sent_after_the_commit_its_send_made_first_comes_after_the_change() 
     }
 }
 
+/// Exploratory testing: `send '#team'` right after being added said "no group named #team"
+/// until a `recv` fetched the invitation; so did `group leave` and `group remove`.
+#[test]
+fn a_group_just_joined_takes_a_message_without_a_recv_first() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", "bob"]);
+    let r = bob.run(&["send", "#team", "first words"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: you were added to #team by alice"), "{}", r.stderr);
+    assert_eq!(untimed_lines(&alice.ok(&["recv"])), ["[#team] bob: first words"]);
+    alice.ok(&["group", "create", "other"]);
+    alice.ok(&["group", "add", "other", "carol"]);
+    let r = carol.run(&["group", "leave", "other"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("you left #other"), "{}", r.stderr);
+    let err = carol.fails(&["send", "#nothing", "x"]);
+    assert_eq!(err.trim(), "qpq: no group named #nothing");
+}
+
 /// Exploratory testing: `group add` said nothing when it worked, and failed on a name given
 /// twice with a raw MLS error; `##x` made a group `#x`; a new group named as one we left made
 /// two `#solo` in `group list`.

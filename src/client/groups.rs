@@ -131,6 +131,28 @@ impl Messenger {
         Ok(group_id)
     }
 
+    /// The group `name` names, caught up first when it is not known (or not as a member): an
+    /// invitation may wait on the server (exploratory testing: `send '#g7'` right after being
+    /// added said "no group named #g7" until a `recv`). What the catch-up brought goes to
+    /// `events`; with the server out of reach, the lookup's own error.
+    pub(crate) async fn find_group_fetching(
+        &mut self,
+        name: &str,
+        events: &mut Vec<Event>,
+    ) -> Result<Vec<u8>, ClientError> {
+        match self.find_group(name) {
+            Err(e @ (ClientError::UnknownGroup(_) | ClientError::NotMember(_))) => {
+                if self.connect().await.is_err() {
+                    return Err(e);
+                }
+                let _op = self.begin()?;
+                events.extend(self.catch_up().await?);
+                self.find_group(name)
+            }
+            found => found,
+        }
+    }
+
     /// The keys `members` name (contact names, keys, short keys), each once however often it
     /// is named (exploratory testing: `group add team bob bob` failed in MLS with a raw key).
     fn people(&self, members: &[String]) -> Result<Vec<[u8; 32]>, ClientError> {
@@ -147,11 +169,12 @@ impl Messenger {
     /// Adds people (contact names or hex keys) to a group. The commit won when this returns
     /// `Ok`; [`Added::welcome_queued`] names the new members whose Welcome did not leave yet.
     pub async fn group_add(&mut self, name: &str, members: &[String]) -> Result<Added, ClientError> {
-        let group_id = self.find_group(name)?;
         let keys = self.people(members)?;
+        let mut events = Vec::new();
+        let group_id = self.find_group_fetching(name, &mut events).await?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.catch_up().await?;
+        events.extend(self.catch_up().await?);
         // Someone who just left is still a member until their leave is committed: commit it
         // first, so they can be added again (issue 10, bug 1).
         if self.home.state.leave_requests.contains(&group_id) {
@@ -213,11 +236,12 @@ impl Messenger {
 
     /// Removes people from a group.
     pub async fn group_remove(&mut self, name: &str, members: &[String]) -> Result<Vec<Event>, ClientError> {
-        let group_id = self.find_group(name)?;
         let keys = self.people(members)?;
+        let mut events = Vec::new();
+        let group_id = self.find_group_fetching(name, &mut events).await?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.catch_up().await?;
+        events.extend(self.catch_up().await?);
         let current = self.mls.members(&group_id)?;
         for k in &keys {
             if !current.contains(k) {
@@ -252,10 +276,11 @@ impl Messenger {
 
     /// Leaves a group: asks the others to commit our removal and stops using it at once.
     pub async fn group_leave(&mut self, name: &str) -> Result<Vec<Event>, ClientError> {
-        let group_id = self.find_group(name)?;
+        let mut events = Vec::new();
+        let group_id = self.find_group_fetching(name, &mut events).await?;
         self.connect().await?;
         let _op = self.begin()?;
-        let mut events = self.catch_up().await?;
+        events.extend(self.catch_up().await?);
         let me = self.identity.public().0;
         let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
         if !others.is_empty() {

@@ -562,10 +562,13 @@ impl Messenger {
     /// Queues `text` for `target` and sends the outbox up to it. Ok with [`Fate::Kept`] when
     /// it stays queued; the error when it was refused or could not be queued.
     pub async fn send(&mut self, target: &Target, text: &str) -> Result<(Fate, Vec<Event>), ClientError> {
+        let mut events = Vec::new();
+        if let Target::Group(name) = target {
+            self.find_group_fetching(name, &mut events).await?;
+        }
         let id = self.queue_send(target, text)?;
         // Tests run `qpq passphrase --new-key` here: between the two operations of a send.
         crate::failpoint::hit("send-queued");
-        let mut events = Vec::new();
         let mut fate = self.deliver_outbox(id, &mut events).await;
         if let Fate::Kept { maybe_sent: true, .. } = &fate {
             // The request may have arrived: the same bytes once more, on a new connection.
