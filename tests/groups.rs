@@ -372,6 +372,15 @@ fn group_verbs_say_what_they_did_and_take_each_name_once() {
     let names: Vec<&str> = list.lines().filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(names.iter().filter(|n| **n == "#solo").count(), 1, "{list}");
     assert_eq!(names.iter().filter(|n| **n == "#solo-2").count(), 1, "{list}");
+    // The left one keeps its own spelling, within the 32 bytes of a name.
+    let long = "L".repeat(32);
+    alice.ok(&["group", "create", &long]);
+    alice.ok(&["group", "leave", &long]);
+    let r = alice.run(&["group", "create", &long.to_lowercase()]);
+    assert!(r.ok, "{}", r.stderr);
+    let renamed = format!("{}-2", &long[..30]);
+    assert!(r.stderr.contains(&format!("is now #{renamed},")), "{}", r.stderr);
+    alice.ok(&["history", &format!("#{renamed}")]);
 }
 
 /// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never

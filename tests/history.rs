@@ -111,6 +111,7 @@ fn grep_and_json_shape() {
     let all = history_json(&alice, &["bob"]);
     // Membership changes come as their own objects, in their place ("joined" first here).
     assert_eq!(all[0]["type"], "event", "{:?}", all[0]);
+    assert_eq!((&all[0]["peer"], &all[0]["peer_name"]), (&bob.key.as_str().into(), &"bob".into()));
     let lines: Vec<&Value> = all.iter().filter(|v| v["type"] == "message").collect();
     let v = lines[0];
     let mut fields: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

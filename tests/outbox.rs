@@ -83,7 +83,11 @@ fn a_recv_that_finds_a_queued_message_refused_exits_1() {
     let _server = ServerProcess::start_on(dir.path(), addr);
     let r = alice.run(&["recv"]);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(r.stderr.contains("qpq: a queued message to carol was not sent: "), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("qpq: a queued message to carol (\u{201c}hello?\u{201d}) was not sent: "),
+        "{}",
+        r.stderr
+    );
     assert!(r.stdout.is_empty(), "{}", r.stdout);
     let r = alice.run(&["recv"]);
     assert!(r.ok && r.stderr.is_empty(), "told once: {}", r.stderr);

@@ -384,7 +384,10 @@ fn a_scripts_status_tells_of_a_refused_or_a_still_queued_message() {
     let nobody = qpq::crypto::identity::Identity::generate().public().to_hex();
     let (status, _, err) = run_script(&alice, &format!("contact add carol {nobody}\n@carol hello?\n"));
     assert_eq!(status.code(), Some(1), "{err:#?}");
-    assert!(err.iter().any(|l| l.contains("a queued message to carol was not sent")), "{err:#?}");
+    assert!(
+        err.iter().any(|l| l.contains("a queued message to carol (\u{201c}hello?\u{201d}) was not sent")),
+        "{err:#?}"
+    );
 
     alice.add_contact(&bob);
     bob.add_contact(&alice);

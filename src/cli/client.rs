@@ -841,6 +841,8 @@ pub fn event_json(m: &Messenger, e: &Event, at_ms: u64) -> Vec<serde_json::Value
     let Some((group_id, changes)) = changes_of(e) else { return Vec::new() };
     let person =
         |k: &[u8; 32]| serde_json::json!({ "key": PublicKey(*k).to_hex(), "name": m.contact_name(k) });
+    // As on messages: the other person of a direct conversation (null in a group).
+    let peer = m.direct_peer(group_id);
     changes
         .into_iter()
         .map(|c| {
@@ -849,6 +851,8 @@ pub fn event_json(m: &Messenger, e: &Event, at_ms: u64) -> Vec<serde_json::Value
                 "event": c.kind.as_str(),
                 "group_id": hex::encode(group_id),
                 "group": m.group_label(group_id),
+                "peer": peer.map(|p| PublicKey(p).to_hex()),
+                "peer_name": peer.and_then(|p| m.contact_name(&p)),
                 "by": PublicKey(c.by).to_hex(),
                 "by_name": m.contact_name(&c.by),
                 "members": c.members.iter().map(person).collect::<Vec<_>>(),

@@ -556,7 +556,16 @@ impl Messenger {
         if !taken(&base) {
             return base;
         }
-        (2..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or(base)
+        // Within the 32 bytes of a name (`valid_name`): the base gives way to the suffix. The
+        // name is ASCII, so any byte index is a character boundary.
+        (2..)
+            .map(|i: u32| {
+                let suffix = format!("-{i}");
+                let keep = base.len().min(32usize.saturating_sub(suffix.len()));
+                format!("{}{suffix}", base.get(..keep).unwrap_or_default())
+            })
+            .find(|n| !taken(n))
+            .unwrap_or(base)
     }
 
     /// Applies one message of `group_id`; `placed` is its position in the group's channel when

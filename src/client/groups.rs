@@ -73,12 +73,13 @@ impl Messenger {
             .filter(|(_, g)| !g.active && g.kind == GroupKind::Group && same_name(&g.name, name))
             .map(|(k, _)| k.clone())
             .collect();
+        let mut renamed = Vec::new();
         for key in left {
-            let fresh = self.unique_group_name(name);
+            let Some(old) = self.home.state.groups.get(&key).map(|g| g.name.clone()) else { continue };
+            let fresh = self.unique_group_name(&old);
             if let Some(g) = self.home.state.groups.get_mut(&key) {
-                let old = std::mem::replace(&mut g.name, fresh.clone());
-                self.notices
-                    .push(format!("the group you left named #{old} is now #{fresh}, with its history"));
+                g.name = fresh.clone();
+                renamed.push(format!("the group you left named #{old} is now #{fresh}, with its history"));
             }
         }
         let group_id = new_group_id();
@@ -93,6 +94,8 @@ impl Messenger {
             },
         );
         self.persist()?;
+        // Said once it is saved.
+        self.notices.extend(renamed);
         Ok(group_id)
     }
 

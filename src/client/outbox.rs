@@ -49,6 +49,9 @@ use crate::client::state::{Entry, GroupKind, MAX_PLACED_SENDS, QueuedSend, Queue
 use crate::limits::{MAX_QUEUED_SEND_BYTES, MAX_QUEUED_SENDS};
 use crate::mls::MlsError;
 
+/// Characters of a refused queued message quoted in its notice.
+const NOT_SENT_PREVIEW_CHARS: usize = 40;
+
 /// A queued message whose command still runs is announced by another process that sends it
 /// once it waited this long.
 pub const ANNOUNCE_UNTOLD_AFTER_MS: u64 = 60_000;
@@ -377,8 +380,13 @@ impl Messenger {
                             QueuedTarget::Conversation(id) => self.conversation_name(id),
                             QueuedTarget::Person(k) => self.display_name(k),
                         };
+                        // Which message: its start, so the person knows what to send again
+                        // (it is in no history: it never left).
+                        let text = crate::client::requests::preview_line(&item.text, NOT_SENT_PREVIEW_CHARS);
                         events.push(Event::NotSent {
-                            reason: format!("a queued message to {to} was not sent: {e}"),
+                            reason: format!(
+                                "a queued message to {to} (\u{201c}{text}\u{201d}) was not sent: {e}"
+                            ),
                         });
                     }
                 }
