@@ -272,8 +272,8 @@ fn a_change_a_command_told_of_is_not_said_again_by_the_next_recv() {
     alice.ok(&["group", "create", "team"]);
     alice.ok(&["group", "add", "team", "bob"]);
     alice.ok(&["send", "#team", "after the add"]);
-    let sent = bob.run(&["send", "alice", "hi"]);
-    assert!(sent.stderr.contains("qpq: you were added to #team by alice"), "{}", sent.stderr);
+    let sent = on_a_terminal(&bob, &["send", "alice", "hi"]);
+    assert!(sent.contains("qpq: you were added to #team by alice"), "{sent}");
     let r = bob.run(&["recv"]);
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(untimed_lines(&r.stdout), ["[#team] alice: after the add"]);
@@ -281,10 +281,9 @@ fn a_change_a_command_told_of_is_not_said_again_by_the_next_recv() {
 
     // One the command learned and one it did not: only the first is skipped.
     alice.ok(&["group", "add", "team", "carol"]);
-    let left = bob.run(&["group", "leave", "team"]);
-    assert!(left.ok, "{}", left.stderr);
-    assert!(left.stderr.contains("qpq: [#team] alice added carol"), "{}", left.stderr);
-    assert!(left.stderr.contains("qpq: you left #team"), "{}", left.stderr);
+    let left = on_a_terminal(&bob, &["group", "leave", "team"]);
+    assert!(left.contains("qpq: [#team] alice added carol"), "{left}");
+    assert!(left.contains("qpq: you left #team"), "{left}");
     carol.ok(&["recv"]);
     carol.ok(&["send", "#team", "hello"]);
     let r = bob.run(&["recv"]);
@@ -294,6 +293,22 @@ fn a_change_a_command_told_of_is_not_said_again_by_the_next_recv() {
     let hist = untimed_lines(&bob.ok(&["history", "#team"]));
     assert!(hist.iter().any(|l| l == "* [#team] alice added carol"), "{hist:#?}");
     assert!(hist.iter().any(|l| l == "* you left #team"), "{hist:#?}");
+
+    // Said where no person reads it (a file, a script's pipe), it is said again by `recv`.
+    alice.ok(&["group", "add", "team", "bob"]);
+    let piped = bob.run(&["send", "alice", "back"]);
+    assert!(piped.stderr.contains("you were added to #team by alice"), "{}", piped.stderr);
+    let r = bob.run(&["recv"]);
+    assert!(r.stderr.contains("you were added to #team by alice"), "{}", r.stderr);
+}
+
+/// `qpq ARGS` as `u` on a pseudo-terminal (stderr a terminal, as for a person): what it wrote.
+fn on_a_terminal(u: &User, args: &[&str]) -> String {
+    let mut cmd = common::qpq_command(u.home.path());
+    cmd.args(args);
+    let opts = rexpect::reader::Options::new().timeout_ms(Some(90_000)).strip_ansi_escape_codes(true);
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq on a pty");
+    p.exp_eof().expect("it ends")
 }
 
 /// Exploratory testing: alice's `send` committed dave's leave before her message went, so the

@@ -1074,9 +1074,13 @@ impl HistoryArgs {
             self.n = n;
             return Ok(self);
         }
-        let Some(digits) =
-            self.target.as_deref().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-        else {
+        // As long as a short key (`30419934`), it is one.
+        let count_like = |t: &&str| {
+            !t.is_empty()
+                && t.len() < crate::client::names::MIN_SHORT_KEY_HEX
+                && t.bytes().all(|b| b.is_ascii_digit())
+        };
+        let Some(digits) = self.target.as_deref().filter(count_like) else {
             return Ok(self);
         };
         let max = MAX_HISTORY_PAGE as u64;
@@ -1588,7 +1592,11 @@ fn group_json(g: &GroupSummary) -> serde_json::Value {
 /// Runs one shared verb as a one-shot command.
 pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process::ExitCode> {
     let mut m = open_messenger(g)?;
-    m.tell_changes();
+    // Told to a person only on a terminal: stderr to a file or a script's pipe tells no one,
+    // and a later `recv` says the changes then.
+    if std::io::stderr().is_terminal() {
+        m.tell_changes();
+    }
     let res = block_on_local(async {
         let mut stdout = std::io::stdout().lock();
         let mut events = Vec::new();
@@ -1619,7 +1627,7 @@ pub fn oneshot(g: &GlobalArgs, verb: ClientVerb) -> anyhow::Result<std::process:
     }
 }
 
-/// `qpq recv`. It exits 1 when it told of a message of ours that was not sent (one that
+/// `qpq recv`. Without `--follow` it exits 1 when it told of a message of ours that was not sent (one that
 /// waited in the outbox and the server refused, or one placed after our removal): a script
 /// that saw `send` exit 75 learns of it by the status of the command that finds out, as a
 /// script's shell does.
@@ -1627,7 +1635,8 @@ pub fn recv(g: &GlobalArgs, args: RecvArgs) -> anyhow::Result<std::process::Exit
     let mut m = open_messenger(g)?;
     let res = block_on_local(recv_loop(&mut m, &args))?;
     print_notices(&mut m);
-    let not_sent = res?;
+    // A follower ends on a signal, not on what it saw: its status says how it ended.
+    let not_sent = res? && !args.follow;
     Ok(if not_sent { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS })
 }
 

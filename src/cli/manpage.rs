@@ -8,7 +8,11 @@ use std::fmt::Write as _;
 /// Exit statuses every client command shares; the lead's merge adds the codes of other verbs.
 const EXIT_STATUS: &[(&str, &str)] = &[
     ("0", "success (for health: the server answered and is healthy)"),
-    ("1", "an error, printed on stderr as `qpq: message`; for health also an unhealthy server"),
+    (
+        "1",
+        "an error, printed on stderr as `qpq: message`; for health also an unhealthy server; for \
+         recv (without --follow) also a message of yours it found was not sent",
+    ),
     ("2", "a usage error: unknown option, missing argument (clap)"),
     (
         "75",

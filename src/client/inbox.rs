@@ -300,8 +300,10 @@ pub(crate) fn trim(s: &mut State) {
     bound(&mut s.inbox, s.inbox_end_seq, s.read_seq, held_entries, entry_bytes);
     let ev = &mut s.inbox_events;
     bound(&mut ev.list, ev.end_seq, ev.read_seq, held_events, InboxEvent::bytes);
-    let first = first_of(ev.end_seq, ev.list.len());
-    s.told_events.retain(|seq| *seq >= first);
+    // Only those a reader may still show: in the inbox, after where a new reader starts.
+    let first = first_of(ev.end_seq, ev.list.len()).max(ev.read_seq + 1);
+    let end = ev.end_seq;
+    s.told_events.retain(|seq| (first..=end).contains(seq));
 }
 
 impl Messenger {
@@ -412,8 +414,7 @@ impl Messenger {
         let s = &mut self.home.state;
         let mut changed = false;
         for (seq, a) in told {
-            if event_at(s, seq).is_some_and(|e| e.same_change(&a)) && !s.told_events.contains(&seq) {
-                s.told_events.push(seq);
+            if event_at(s, seq).is_some_and(|e| e.same_change(&a)) && s.told_events.insert(seq) {
                 changed = true;
             }
         }

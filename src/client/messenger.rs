@@ -778,7 +778,7 @@ impl Messenger {
     pub(crate) fn contact_named(&self, name: &str) -> Result<Option<(&str, [u8; 32])>, ClientError> {
         let all = self.home.state.contacts.iter().map(|(n, k)| (n.as_str(), *k));
         pick_name(name, all).map_err(|names| ClientError::AmbiguousName {
-            given: name.to_string(),
+            given: format!("{name:?}"),
             names: names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
         })
     }

@@ -279,7 +279,7 @@ pub struct State {
     /// learned them: a later one-shot `recv` does not print them again (see
     /// [`crate::client::inbox`]); only in the database, like `inbox_events`.
     #[serde(skip)]
-    pub told_events: Vec<u64>,
+    pub told_events: std::collections::BTreeSet<u64>,
     /// When an upload of our keys (KeyPackages, the envelope key) that the server refused for
     /// itself may be tried again (see [`crate::client::keypool`]); only in the database, like
     /// `inbox_events`.
@@ -370,7 +370,7 @@ impl State {
             request_numbers: RequestNumbers::default(),
             reporting_sends: Vec::new(),
             placed_sends: BTreeMap::new(),
-            told_events: Vec::new(),
+            told_events: Default::default(),
         }
     }
 

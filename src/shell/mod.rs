@@ -70,15 +70,15 @@ pub const LONG_POLL_MS: u32 = 25_000;
 /// `qpq shell`.
 pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    // From the start: what is typed while the home opens and the server is reached shows once.
-    // (A passphrase prompt turns echo off and back to this by itself.)
-    let no_echo = if terminal { input::NoEcho::on_stdin() } else { None };
-    crate::failpoint::hit("shell-starting");
     let home = home_dir(g)?;
     let mut messenger = open_messenger(g)?;
     // The shell keeps its place in the home: another reader of it cannot move what this one
     // has not shown yet out of the inbox (see `crate::client::inbox`).
     let cursor = messenger.live_cursor()?;
+    // Once the prompts of opening the home (passphrase, pinning a new server's certificate)
+    // are answered, with echo as the person left it.
+    let no_echo = if terminal { input::NoEcho::on_stdin() } else { None };
+    crate::failpoint::hit("shell-starting");
     let names: SharedNames = Arc::new(Mutex::new(Names::default()));
     let (out, input) = if terminal {
         let (tx, rx) = mpsc::channel();
