@@ -218,14 +218,20 @@ fn two_members_adding_people_at_the_same_moment_do_not_fork_the_group() {
     }
 }
 
-#[test]
-fn server_restart_mid_conversation_loses_nothing() {
+/// A server that can be stopped and started again on its port, and alice and bob, contacts.
+fn restartable_pair() -> (tempfile::TempDir, ServerProcess, std::net::SocketAddr, User, User) {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start_restartable(dir.path());
     let addr = server.addr;
     let alice = User::init(&server, "alice");
     let bob = User::init(&server, "bob");
     introduce(&[&alice, &bob]);
+    (dir, server, addr, alice, bob)
+}
+
+#[test]
+fn server_restart_mid_conversation_loses_nothing() {
+    let (dir, server, addr, alice, bob) = restartable_pair();
     alice.ok(&["send", "bob", "before restart"]);
     assert_eq!(server.terminate().code(), Some(0));
     let server = ServerProcess::start_on(dir.path(), addr);
@@ -238,12 +244,7 @@ fn server_restart_mid_conversation_loses_nothing() {
 /// word, though it was connected again; the shell says so.
 #[test]
 fn a_follower_says_when_it_is_connected_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_restartable(dir.path());
-    let addr = server.addr;
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    introduce(&[&alice, &bob]);
+    let (dir, server, addr, alice, bob) = restartable_pair();
     let mut follow = alice.spawn(&["recv", "--follow"]);
     let mut err = Lines::of(follow.stderr.take().unwrap());
     let mut out = Lines::of(follow.stdout.take().unwrap());
