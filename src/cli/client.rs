@@ -793,10 +793,19 @@ pub(crate) fn terminal_columns() -> Option<usize> {
 
 /// One message as a JSON object (print it with [`text::json_line`], which keeps the exact text
 /// but escapes what a terminal would obey).
+/// `peer` and `peer_name` of a JSON object about conversation `group_id`: its other person
+/// when it is a direct one, whoever wrote (exploratory testing: an outgoing direct message said
+/// nowhere whom it went to); null in a group.
+fn peer_json(m: &Messenger, group_id: &[u8]) -> (serde_json::Value, serde_json::Value) {
+    let peer = m.direct_peer(group_id);
+    (
+        serde_json::json!(peer.map(|p| PublicKey(p).to_hex())),
+        serde_json::json!(peer.and_then(|p| m.contact_name(&p))),
+    )
+}
+
 pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
-    // The other person of a direct conversation, whoever wrote the message (exploratory
-    // testing: an outgoing direct message said nowhere whom it went to).
-    let peer = m.direct_peer(&e.group_id);
+    let (peer, peer_name) = peer_json(m, &e.group_id);
     serde_json::json!({
         "type": "message",
         "group_id": hex::encode(&e.group_id),
@@ -804,8 +813,8 @@ pub fn entry_json(m: &Messenger, e: &Entry) -> serde_json::Value {
         "from_name": m.contact_name(&e.from),
         "from_claimed_name": m.claimed_name_in(&e.group_id, &e.from),
         "group": m.group_label(&e.group_id),
-        "peer": peer.map(|p| PublicKey(p).to_hex()),
-        "peer_name": peer.and_then(|p| m.contact_name(&p)),
+        "peer": peer,
+        "peer_name": peer_name,
         "text": e.text,
         // The sender's clock may say anything: the year 10000 and later are clamped.
         "sent_at": localtime::rfc3339(e.sent_at_ms),
@@ -841,8 +850,7 @@ pub fn event_json(m: &Messenger, e: &Event, at_ms: u64) -> Vec<serde_json::Value
     let Some((group_id, changes)) = changes_of(e) else { return Vec::new() };
     let person =
         |k: &[u8; 32]| serde_json::json!({ "key": PublicKey(*k).to_hex(), "name": m.contact_name(k) });
-    // As on messages: the other person of a direct conversation (null in a group).
-    let peer = m.direct_peer(group_id);
+    let (peer, peer_name) = peer_json(m, group_id);
     changes
         .into_iter()
         .map(|c| {
@@ -851,8 +859,8 @@ pub fn event_json(m: &Messenger, e: &Event, at_ms: u64) -> Vec<serde_json::Value
                 "event": c.kind.as_str(),
                 "group_id": hex::encode(group_id),
                 "group": m.group_label(group_id),
-                "peer": peer.map(|p| PublicKey(p).to_hex()),
-                "peer_name": peer.and_then(|p| m.contact_name(&p)),
+                "peer": peer,
+                "peer_name": peer_name,
                 "by": PublicKey(c.by).to_hex(),
                 "by_name": m.contact_name(&c.by),
                 "members": c.members.iter().map(person).collect::<Vec<_>>(),

@@ -310,7 +310,7 @@ impl Messenger {
     /// Makes this process a one-shot command that tells its person of the membership changes
     /// it learns as it prints them (see the module header and [`Self::mark_changes_told`]).
     pub fn tell_changes(&mut self) {
-        self.tells_changes = true;
+        self.announced.get_or_insert_with(Vec::new);
     }
 
     /// Where a reader that starts now begins: after what some reader already showed.
@@ -395,7 +395,7 @@ impl Messenger {
     /// one-shot `recv` for people then skips them. A change the inbox no longer has as it was
     /// announced (trimmed, or the state reloaded without it) is left alone.
     pub fn mark_changes_told(&mut self, printed: &[Event]) -> Result<(), ClientError> {
-        let mut announced = std::mem::take(&mut self.announced);
+        let mut announced = self.announced.as_mut().map(std::mem::take).unwrap_or_default();
         let mut told = Vec::new();
         for (group_id, changes) in printed.iter().filter_map(changes_of) {
             for c in changes {

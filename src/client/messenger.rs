@@ -271,12 +271,10 @@ pub struct Messenger {
     /// The last message whose effect is saved but whose ack has not gone yet: it rides on the
     /// next round's first fetch (0 when none).
     pub(crate) unacked: u64,
-    /// This process is a one-shot command that tells its person of the membership changes it
-    /// learns (on stderr): see [`Messenger::tell_changes`].
-    pub(crate) tells_changes: bool,
-    /// The inbox events this process announced (when [`Self::tells_changes`]), by sequence
-    /// number, for [`Messenger::mark_changes_told`].
-    pub(crate) announced: Vec<(u64, crate::client::inbox::InboxEvent)>,
+    /// When this process is a one-shot command that tells its person of the membership
+    /// changes it learns (see [`Messenger::tell_changes`]): the inbox events it announced, by
+    /// sequence number, for [`Messenger::mark_changes_told`]. None otherwise.
+    pub(crate) announced: Option<Vec<(u64, crate::client::inbox::InboxEvent)>>,
 }
 
 /// One operation's hold on the home lock; releases it when dropped (if it took it).
@@ -483,8 +481,7 @@ impl Messenger {
             watch: Watch::default(),
             backlog: false,
             unacked: 0,
-            tells_changes: false,
-            announced: Vec::new(),
+            announced: None,
         };
         Ok((m, report))
     }
@@ -519,8 +516,7 @@ impl Messenger {
             watch: Watch::default(),
             backlog: false,
             unacked: 0,
-            tells_changes: false,
-            announced: Vec::new(),
+            announced: None,
         })
     }
 

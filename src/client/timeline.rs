@@ -323,8 +323,8 @@ impl Messenger {
             let at_ms = self.clock.now_ms();
             let n = changes.len() as u64;
             inbox::push_changes(&mut self.home.state, group_id, changes, at_ms);
-            if self.tells_changes {
-                self.announced.extend(inbox::newest_events(&self.home.state, n));
+            if let Some(announced) = &mut self.announced {
+                announced.extend(inbox::newest_events(&self.home.state, n));
             }
         }
         events.push(e);
