@@ -67,6 +67,40 @@ fn a_leave_shows_as_left_to_everyone() {
     }
 }
 
+/// Found by exploratory testing (note23's first weak item): bob's request to leave was made
+/// in the epoch before alice's change but placed by the server after it, so it went with its
+/// epoch: bob read "you left", and alice and carol kept him a member for good. bob's client now
+/// follows the group until his removal is committed, and asks again in the new epoch.
+#[test]
+fn a_leave_placed_after_another_members_commit_is_asked_again_and_committed() {
+    let (_dir, _server, [alice, bob, carol]) = cast(["alice", "bob", "carol"]);
+    team_of_three(&alice, &bob, &carol);
+    let (mut leave, _err) = common::paused_at(bob.home.path(), &["group", "leave", "team"], "leave-proposed");
+    alice.ok(&["group", "update", "team"]);
+    common::resume(&mut leave);
+    assert_eq!(leave.wait().unwrap().code(), Some(0));
+    // The request came after alice's commit: nobody can commit it.
+    alice.ok(&["recv"]);
+    carol.ok(&["recv"]);
+    let members = |u: &User| u.ok(&["group", "members", "team"]);
+    assert!(members(&alice).contains("bob"), "{}", members(&alice));
+
+    // bob's next command reads alice's commit and asks again; alice commits it.
+    let r = bob.run(&["recv"]);
+    assert!(r.ok && r.stdout.trim().is_empty(), "{}{}", r.stdout, r.stderr);
+    let r = alice.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(!members(&alice).contains("bob"), "{}", members(&alice));
+    let r = carol.run(&["recv"]);
+    assert!(r.stderr.contains("bob"), "carol is told: {}", r.stderr);
+    assert!(!members(&carol).contains("bob"), "{}", members(&carol));
+    alice.ok(&["send", "#team", "after bob"]);
+    assert_eq!(carol.recv(), vec!["[#team] alice: after bob"]);
+    // bob hears no more of it: "you left" was said.
+    let r = bob.run(&["recv"]);
+    assert!(r.ok && r.stdout.trim().is_empty() && !r.stderr.contains("team"), "{}{}", r.stdout, r.stderr);
+}
+
 /// Issue 10, bug 3: the re-added member got `#team-2`, and `send '#team'` failed.
 #[test]
 fn a_re_added_member_keeps_the_groups_name_and_history() {

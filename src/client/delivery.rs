@@ -225,8 +225,8 @@ impl Messenger {
         Ok(())
     }
 
-    /// Work that must not run inside a commit's confirmation loop: committing leave requests and
-    /// refilling KeyPackages.
+    /// Work that must not run inside a commit's confirmation loop: committing leave requests,
+    /// asking again to leave where a commit passed over our request, and refilling KeyPackages.
     pub(crate) async fn finish_round(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
         // Kept in the state until done, so a crash or a connection failure retries next round.
@@ -262,6 +262,7 @@ impl Messenger {
                 self.home.save()?;
             }
         }
+        self.repeat_leave_requests().await?;
         // A round that waits after a refusal (see `client::keypool`) tries nothing: it neither
         // says nor forgets that the server refused, so the notice stays once per process.
         if self.kp_check || self.key_packages_due() {
@@ -415,6 +416,24 @@ impl Messenger {
         }
     }
 
+    /// Processes a message of a group we asked to leave while our removal is not committed:
+    /// its commits keep our copy of the group in step, so that when one passes over our request
+    /// [`Messenger::repeat_leave_requests`] asks again in the right epoch, and the one that
+    /// removes us ends it (without a word: "you left" was said). Its messages are not shown:
+    /// we left. False when MLS could not take it (a Welcome back may follow: an orphan then).
+    fn follow_own_leave(&mut self, group_id: &[u8], message: &[u8]) -> bool {
+        match self.mls.process(group_id, message) {
+            Ok(Incoming::Commit { self_removed, .. }) => {
+                if self_removed {
+                    self.home.state.leaving.remove(&hex::encode(group_id));
+                }
+                true
+            }
+            Ok(Incoming::Application { .. } | Incoming::LeaveRequest { .. }) => true,
+            Err(e) => matches!(e, MlsError::OwnMessage | MlsError::Replayed | MlsError::FormerMember(_)),
+        }
+    }
+
     /// True when `group_id` is a conversation we left (or were removed from) and `inviter` was
     /// not a member of it in the last epoch we saw (or we no longer hold that epoch): joining
     /// would give our conversation (its name, its history) to a group we cannot tell is the
@@ -473,6 +492,7 @@ impl Messenger {
             // Rejoining: the group keeps its name and history (issue 10, bug 3).
             Some(g) if !g.active => {
                 g.active = true;
+                self.home.state.leaving.remove(&key);
                 g.kind = kind;
                 let name = g.name.clone();
                 // Unless we gave its name to a new group meanwhile: two active `#team`s would
@@ -585,6 +605,9 @@ impl Messenger {
             return;
         };
         if !meta.active {
+            if self.home.state.leaving.contains_key(&key) && self.follow_own_leave(group_id, message) {
+                return;
+            }
             // We left or were removed; should we be added back, this may have overtaken the
             // Welcome: it waits with the orphans (bounded, and stale ones go unread).
             self.keep_orphan(group_id, message);
@@ -672,6 +695,11 @@ impl Messenger {
                         });
                     }
                 } else if !added.is_empty() || !removed.is_empty() || !left.is_empty() {
+                    // A leaver out of the group has no request left: should they come back, a
+                    // request of their first stay must not take them out again.
+                    if let Some(kept) = self.home.state.leave_proposals.get_mut(&key) {
+                        kept.retain(|p| !removed.contains(&p.sender) && !left.contains(&p.sender));
+                    }
                     let change =
                         Event::Membership { group_id: group_id.to_vec(), by: sender, added, removed, left };
                     self.membership_event(change, events);
@@ -681,11 +709,12 @@ impl Messenger {
                 if !self.home.state.leave_requests.iter().any(|g| g == group_id) {
                     self.home.state.leave_requests.push(group_id.to_vec());
                 }
-                // Kept to pass on before our commit of it: one per leaver, of this epoch only
-                // (an older one was committed or dropped with its epoch).
+                // Kept to pass on before our commit of it: one per leaver, the newest. An older
+                // one, of a past epoch, says they asked to leave though a commit passed over it:
+                // see `Messenger::commit_leave_requests`.
                 let epoch = self.mls.epoch(group_id).unwrap_or(0);
                 let kept = self.home.state.leave_proposals.entry(key.clone()).or_default();
-                kept.retain(|p| p.epoch == epoch && p.sender != sender);
+                kept.retain(|p| p.sender != sender);
                 if kept.len() < MAX_KEPT_LEAVE_PROPOSALS {
                     kept.push(KeptProposal { epoch, sender, message: message.to_vec() });
                 }
@@ -1025,6 +1054,80 @@ mod tests {
                 (server, alice, bob)
             },
         )
+        .await;
+    }
+
+    /// Found by exploratory testing: alice made a commit before bob's request to leave reached
+    /// her, and the server placed it after the request; her commit (and carol's copy of it)
+    /// took the epoch without the request, which went with it. bob stayed a member for
+    /// everyone though he had asked to leave. alice now commits his removal herself, without
+    /// waiting for bob to ask again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_request_a_commit_passed_over_is_committed_by_value() {
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
+            let (alice_key, carol_key) = (alice.public_key().0, carol.public_key().0);
+            let group_id = alice.group_create("team").unwrap();
+            alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
+            bob.receive(0).await.unwrap();
+            carol.receive(0).await.unwrap();
+            let epoch = alice.mls.epoch(&group_id).unwrap();
+
+            bob.group_leave("team").await.unwrap();
+            // alice's update, made without reading first: the server places it after bob's
+            // request, which she reads on the way to her own commit.
+            let op = alice.begin().unwrap();
+            let gid = group_id.clone();
+            alice
+                .commit_change(&group_id, move |m| m.self_update(&gid), &[], GroupKind::Group)
+                .await
+                .unwrap();
+            assert_eq!(alice.mls.epoch(&group_id).unwrap(), epoch + 1);
+            assert_eq!(alice.mls.members(&group_id).unwrap().len(), 3, "her commit passed over the request");
+            let events = alice.finish_round().await.unwrap();
+            drop(op);
+            let mut want = vec![alice_key, carol_key];
+            want.sort();
+            let mut members = alice.mls.members(&group_id).unwrap();
+            members.sort();
+            assert_eq!(members, want, "bob is out: {events:?}");
+            assert!(alice.state().leave_requests.is_empty() && alice.state().leave_proposals.is_empty());
+
+            let events = carol.receive(0).await.unwrap();
+            let mut members = carol.mls.members(&group_id).unwrap();
+            members.sort();
+            assert_eq!(members, want, "{events:?}");
+            assert!(!events.iter().any(|e| matches!(e, Event::Dropped { .. })), "{events:?}");
+            carol.disconnect().await;
+            (server, alice, bob)
+        })
+        .await;
+    }
+
+    /// The other side of the test above: a request of bob's first stay, read by carol in one
+    /// round with its commit and bob's re-add, must not take him out again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_committed_leave_request_does_not_remove_the_leaver_once_added_back() {
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
+            let group_id = alice.group_create("team").unwrap();
+            alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
+            bob.receive(0).await.unwrap();
+            carol.receive(0).await.unwrap();
+            bob.group_leave("team").await.unwrap();
+            alice.receive(0).await.unwrap();
+            alice.group_add("team", &["bob".to_string()]).await.unwrap();
+            bob.receive(0).await.unwrap();
+            assert_eq!(alice.mls.members(&group_id).unwrap().len(), 3);
+            let epoch = alice.mls.epoch(&group_id).unwrap();
+
+            let events = carol.receive(0).await.unwrap();
+            assert_eq!(carol.mls.epoch(&group_id).unwrap(), epoch, "carol commits nothing: {events:?}");
+            assert_eq!(carol.mls.members(&group_id).unwrap().len(), 3, "{events:?}");
+            assert!(carol.state().leave_proposals.is_empty(), "{:?}", carol.state().leave_proposals);
+            carol.disconnect().await;
+            (server, alice, bob)
+        })
         .await;
     }
 

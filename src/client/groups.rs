@@ -287,11 +287,7 @@ impl Messenger {
         let me = self.identity.public().0;
         let others: Vec<[u8; 32]> = self.mls.members(&group_id)?.into_iter().filter(|m| *m != me).collect();
         if !others.is_empty() {
-            let proposal = self.mls.leave_group(&group_id)?;
-            self.persist()?;
-            let frame = Frame::Mls { group_id: group_id.clone(), message: proposal }.encode();
-            let skipped = self.fan_out(&group_id, &others, &frame).await?;
-            self.note_skipped(&group_id, &skipped, Carried::LeaveRequest);
+            self.request_leave(&group_id, &others).await?;
         }
         if let Some(g) = self.home.state.groups.get_mut(&hex::encode(&group_id)) {
             g.active = false;
@@ -303,6 +299,49 @@ impl Messenger {
         self.membership_event(left, &mut events);
         self.persist()?;
         Ok(events)
+    }
+
+    /// Sends our request to leave `group_id` (a Remove proposal of our own leaf, RFC 9420
+    /// section 12.1.3) to `others` and notes the epoch it went out in, so that a commit passing
+    /// over it is followed by the request again ([`Messenger::repeat_leave_requests`]).
+    async fn request_leave(&mut self, group_id: &[u8], others: &[[u8; 32]]) -> Result<(), ClientError> {
+        let epoch = self.mls.epoch(group_id)?;
+        let proposal = self.mls.leave_group(group_id)?;
+        self.persist()?;
+        crate::failpoint::hit("leave-proposed");
+        let frame = Frame::Mls { group_id: group_id.to_vec(), message: proposal }.encode();
+        let skipped = self.fan_out(group_id, others, &frame).await?;
+        self.note_skipped(group_id, &skipped, Carried::LeaveRequest);
+        self.home.state.leaving.insert(hex::encode(group_id), epoch);
+        Ok(())
+    }
+
+    /// Asks again to leave the groups we left whose removal a commit passed over: another
+    /// member committed something else in the epoch of our request (made before the request
+    /// reached them, or before it reached anyone, the server placing it after their commit),
+    /// so the request went with its epoch and we stayed a member for everyone else. Groups
+    /// whose removal was committed are forgotten here. A failure waits for the next round.
+    pub(crate) async fn repeat_leave_requests(&mut self) -> Result<(), ClientError> {
+        let me = self.identity.public().0;
+        for (key, asked_in) in self.home.state.leaving.clone() {
+            let Ok(group_id) = hex::decode(&key) else { continue };
+            let members = self.mls.members(&group_id).unwrap_or_default();
+            let still_in = self.mls.is_active(&group_id).unwrap_or(false) && members.contains(&me);
+            let others: Vec<[u8; 32]> = members.into_iter().filter(|m| *m != me).collect();
+            if !still_in || others.is_empty() {
+                self.home.state.leaving.remove(&key);
+                self.persist()?;
+                continue;
+            }
+            if self.mls.epoch(&group_id).is_ok_and(|e| e != asked_in) {
+                match self.request_leave(&group_id, &others).await {
+                    Ok(()) => self.persist()?,
+                    Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Commits pending leave proposals of `group_id` (someone asked to leave).
@@ -345,8 +384,29 @@ impl Messenger {
                 self.fan_out(group_id, &others, &frame).await?;
             }
         }
+        // A request of a past epoch whose sender is still a member was passed over by a commit
+        // that did not cover it (made before the request reached its committer): the request
+        // went with its epoch, so we commit the removal itself (RFC 9420 section 12.1.3, by
+        // value) along with whatever is pending. Worked out again for each attempt, since a
+        // commit that beats ours may pass over a request of this epoch the same way.
+        let asked: Vec<([u8; 32], u64)> = self
+            .home
+            .state
+            .leave_proposals
+            .get(&key)
+            .map(|kept| kept.iter().filter(|p| p.sender != me).map(|p| (p.sender, p.epoch)).collect())
+            .unwrap_or_default();
         let gid = group_id.to_vec();
-        let make = |m: &mut MlsClient| {
+        let make = move |m: &mut MlsClient| {
+            let (epoch, members) = (m.epoch(&gid)?, m.members(&gid)?);
+            let passed_over: Vec<[u8; 32]> = asked
+                .iter()
+                .filter(|(sender, asked_in)| *asked_in < epoch && members.contains(sender))
+                .map(|(sender, _)| *sender)
+                .collect();
+            if !passed_over.is_empty() {
+                return m.remove_members(&gid, &passed_over);
+            }
             m.commit_pending_proposals(&gid)?.ok_or(mls::MlsError::EmptyInput("no pending proposals"))
         };
         match self.commit_change(group_id, make, &[], GroupKind::Group).await {

@@ -261,6 +261,12 @@ pub struct State {
     /// `Messenger::commit_leave_requests`); only in the database, like `inbox_events`.
     #[serde(skip)]
     pub leave_proposals: BTreeMap<String, Vec<KeptProposal>>,
+    /// Groups we asked to leave whose removal we have not seen committed, by hex group id, with
+    /// the epoch our request last went out in: a commit that passes over it (another member's,
+    /// made before ours arrived) leaves us a member, and the request goes out again in the new
+    /// epoch (see `Messenger::repeat_leave_requests`); only in the database, like `inbox_events`.
+    #[serde(skip)]
+    pub leaving: BTreeMap<String, u64>,
     /// The `#n` of each pending request; only in the database, like `inbox_events`.
     #[serde(skip)]
     pub request_numbers: RequestNumbers,
@@ -371,6 +377,7 @@ impl State {
             reporting_sends: Vec::new(),
             placed_sends: BTreeMap::new(),
             told_events: Default::default(),
+            leaving: BTreeMap::new(),
         }
     }
 

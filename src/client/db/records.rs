@@ -65,6 +65,9 @@ const PLACED_SENDS: &str = "placed_sends";
 /// [`State::told_events`], optional in the same way (without it, every event is printed by
 /// every reader, as before it).
 const TOLD_EVENTS: &str = "told_events";
+/// [`State::leaving`], optional in the same way (without it, a leave that a commit passed over
+/// is not asked again, as before it).
+const LEAVING: &str = "leaving";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -153,6 +156,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(REPORTING_SENDS.to_string(), encode(&state.reporting_sends)?);
     out.insert(PLACED_SENDS.to_string(), encode(&state.placed_sends)?);
     out.insert(TOLD_EVENTS.to_string(), encode(&state.told_events)?);
+    out.insert(LEAVING.to_string(), encode(&state.leaving)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -290,6 +294,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     }
     if let Some(v) = optional(TOLD_EVENTS)? {
         state.told_events = decode(TOLD_EVENTS, &v).unwrap_or_default();
+    }
+    if let Some(v) = optional(LEAVING)? {
+        state.leaving = decode(LEAVING, &v).unwrap_or_default();
     }
     // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
     // now, so every pending request has its number from the moment the home is read.
