@@ -124,6 +124,34 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
     assert!(!okay && err.contains("invalid display name"), "{err}");
 }
 
+/// Found by exploratory testing: bob's new name reached the groups he was in, but a group
+/// that added him later showed his old one to carol: the server still held KeyPackages signed
+/// with it (a pool is added to, not replaced), and the inviter took one of those. A member
+/// whose leaf was made before the name was now signs the new one into the group on joining.
+#[test]
+fn a_name_set_reaches_a_group_that_adds_you_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let bob = User::init(&server, "bob");
+    let carol = User::init(&server, "carol");
+    alice.add_contact(&bob);
+    alice.add_contact(&carol);
+    bob.add_contact(&alice);
+    carol.add_contact(&alice);
+    let out = ok(&bob, &["name", "set", "Robert"]);
+    assert!(out.contains("name: Robert"), "{out}");
+    ok(&alice, &["group", "create", "team"]);
+    ok(&alice, &["group", "add", "team", "bob", "carol"]);
+    ok(&bob, &["recv"]);
+    ok(&carol, &["recv"]);
+    ok(&bob, &["send", "#team", "hello"]);
+    let robert = format!("~Robert ({})", &short(&bob)[..9]);
+    assert_eq!(untimed(&ok(&carol, &["recv"])), format!("[#team] {robert}: hello\n"));
+    let members = ok(&carol, &["group", "members", "team"]);
+    assert!(members.contains(&format!("{} ~Robert\n", bob.key)), "{members}");
+}
+
 #[test]
 fn short_keys_work_as_targets_and_contact_keys_when_unique() {
     let dir = tempfile::tempdir().unwrap();

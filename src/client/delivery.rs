@@ -263,6 +263,7 @@ impl Messenger {
             }
         }
         self.repeat_leave_requests().await?;
+        events.extend(self.sign_name_into_joined_groups().await?);
         // A round that waits after a refusal (see `client::keypool`) tries nothing: it neither
         // says nor forgets that the server refused, so the notice stays once per process.
         if self.kp_check || self.key_packages_due() {
@@ -526,6 +527,10 @@ impl Messenger {
         self.home.state.orphans = rest;
         for o in mine {
             self.handle_group_message(&group_id, &o.message, None, events);
+        }
+        let me = self.identity.public().0;
+        if self.mls.member_name(&group_id, &me).as_deref() != self.mls.display_name() {
+            self.joined_with_old_name.insert(group_id.clone());
         }
         Ok(group_id)
     }

@@ -395,6 +395,11 @@ impl MlsClient {
         self.display_name = name.filter(|n| valid_display_name(n)).map(str::to_string);
     }
 
+    /// The name this client signs into the leaves it makes (see [`Self::with_display_name`]).
+    pub fn display_name(&self) -> Option<&str> {
+        self.display_name.as_deref()
+    }
+
     /// The display name member `key` of the group signed into its leaf, if a valid one.
     pub fn member_name(&self, group_id: &[u8], key: &[u8; 32]) -> Option<String> {
         let group = self.checkout(group_id).ok()??;
