@@ -94,6 +94,41 @@ fn a_strangers_group_invitation_waits_and_accept_joins_for_later_messages() {
     assert_eq!(alice.recv(), vec![format!("[#team] {}: thanks", short(&bob))]);
 }
 
+/// Found by exploratory testing: `requests block` stopped a key's invitations, but not the
+/// conversation accepted before (nor its messages in a group we share), though the README
+/// promises it drops "everything that key sends from then on".
+#[test]
+fn a_block_silences_an_accepted_conversation_and_shared_groups_until_unblocked() {
+    let (dir, server, alice, bob) = strangers();
+    let carol = User::init(&server, "carol");
+    common::introduce(&[&alice, &carol]);
+    carol.add_contact(&bob);
+    bob.add_contact(&carol);
+    alice.ok(&["send", &bob.key, "hello bob"]);
+    bob.recv();
+    bob.ok(&["requests", "accept", "#1"]);
+    carol.ok(&["group", "create", "team"]);
+    carol.ok(&["group", "add", "team", "bob", "alice"]);
+    bob.recv();
+    alice.recv();
+
+    bob.ok(&["requests", "block", &alice.key]);
+    alice.ok(&["send", &bob.key, "blocked words"]);
+    alice.ok(&["send", "#team", "blocked in the group"]);
+    carol.ok(&["send", "#team", "carol still speaks"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(untimed(&r.stdout).trim(), "[#team] carol: carol still speaks", "{}", r.stderr);
+    assert!(!r.stderr.contains("blocked"), "without a word: {}", r.stderr);
+    let history = untimed(&bob.ok(&["history"]));
+    assert!(!history.contains("blocked words") && !history.contains("blocked in the group"), "{history}");
+
+    bob.ok(&["requests", "unblock", &alice.key]);
+    alice.ok(&["send", &bob.key, "heard again"]);
+    assert_eq!(bob.recv(), vec![format!("{}: heard again", short(&alice))]);
+    drop((dir, server));
+}
+
 #[test]
 fn a_blocked_key_is_dropped_silently_and_stays_blocked() {
     let (_dir, _server, alice, bob) = strangers();

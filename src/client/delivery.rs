@@ -657,6 +657,10 @@ impl Messenger {
         }
         let epoch_before = self.mls.epoch(group_id).unwrap_or(0);
         match self.mls.process(group_id, message) {
+            // A blocked key's messages are dropped without a word wherever they come (the
+            // README's promise for `requests block`: "everything that key sends from then on"),
+            // in a conversation accepted before the block or a group we share with them too.
+            Ok(Incoming::Application { sender, .. }) if self.home.state.requests.is_blocked(&sender) => {}
             Ok(Incoming::Application { sender, plaintext }) => match AppMessage::decode(&plaintext) {
                 Ok(app) => {
                     let entry = Entry {
