@@ -150,6 +150,18 @@ fn a_name_set_reaches_a_group_that_adds_you_later() {
     assert_eq!(untimed(&ok(&carol, &["recv"])), format!("[#team] {robert}: hello\n"));
     let members = ok(&carol, &["group", "members", "team"]);
     assert!(members.contains(&format!("{} ~Robert\n", bob.key)), "{members}");
+
+    // A stranger's invitation joins on `requests accept`, which does not connect: the next
+    // command that does signs the name in.
+    let eve = User::init(&server, "eve");
+    ok(&eve, &["name", "set", "Evelyn"]);
+    ok(&alice, &["group", "add", "team", &eve.key]);
+    ok(&eve, &["recv"]);
+    ok(&eve, &["requests", "accept", "1"]);
+    ok(&eve, &["send", "#team", "hi all"]);
+    let evelyn = format!("~Evelyn ({})", &short(&eve)[..9]);
+    let got = untimed(&ok(&carol, &["recv"]));
+    assert!(got.ends_with(&format!("[#team] {evelyn}: hi all\n")), "{got}");
 }
 
 #[test]

@@ -530,7 +530,7 @@ impl Messenger {
         }
         let me = self.identity.public().0;
         if self.mls.member_name(&group_id, &me).as_deref() != self.mls.display_name() {
-            self.joined_with_old_name.insert(group_id.clone());
+            self.home.state.name_due.insert(hex::encode(&group_id));
         }
         Ok(group_id)
     }

@@ -257,10 +257,6 @@ pub struct Messenger {
     pub(crate) upkeep_told: std::collections::HashSet<(&'static str, u16)>,
     /// (group id, epoch) whose leave proposals this process passed on before committing them.
     pub(crate) leave_relayed: std::collections::HashSet<(Vec<u8>, u64)>,
-    /// Groups this process joined with a leaf that carries another name than ours (the
-    /// KeyPackage the inviter took was made before `name set`): the round's end signs our
-    /// name in (see `Messenger::sign_name_into_joined_groups`).
-    pub(crate) joined_with_old_name: std::collections::HashSet<Vec<u8>>,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
     pub notices: Vec<String>,
     /// True while an operation holds the home's lock (see [`Messenger::begin`]).
@@ -479,7 +475,6 @@ impl Messenger {
             leave_retry_told: Default::default(),
             upkeep_told: Default::default(),
             leave_relayed: Default::default(),
-            joined_with_old_name: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock,
@@ -515,7 +510,6 @@ impl Messenger {
             leave_retry_told: Default::default(),
             upkeep_told: Default::default(),
             leave_relayed: Default::default(),
-            joined_with_old_name: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock,

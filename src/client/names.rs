@@ -126,35 +126,37 @@ impl Messenger {
         Ok((updated, events))
     }
 
-    /// Signs our name into the groups this process joined with a leaf that carries another (a
+    /// Signs our name into the groups we joined with a leaf that carries another (a
     /// self-update commit each, as `name set` makes). The server hands out KeyPackages in the
     /// order they came, and `name set` adds a fresh pool to what it holds rather than replacing
-    /// it, so whoever adds us next may still take one signed with the old name. A failure is
-    /// said and not tried again: the name is a courtesy, the next `name set` signs it in.
+    /// it, so whoever adds us next may still take one signed with the old name. Kept in the
+    /// state until done, since `requests accept` joins without a connection (the next command
+    /// that connects does it). A refusal is said and not tried again: the name is a courtesy,
+    /// the next `name set` signs it in.
     pub(crate) async fn sign_name_into_joined_groups(&mut self) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
-        for group_id in std::mem::take(&mut self.joined_with_old_name) {
-            let Some(kind) = self
-                .home
-                .state
-                .groups
-                .get(&hex::encode(&group_id))
-                .filter(|g| g.active)
-                .map(|g| g.kind.clone())
-            else {
-                continue;
-            };
-            let gid = group_id.clone();
-            match self.commit_change(&group_id, move |m| m.self_update(&gid), &[], kind).await {
-                Ok(evs) => events.extend(evs),
-                Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Err(e.into()),
-                Err(e) => events.push(Event::Dropped {
-                    reason: format!(
-                        "could not sign your name into {}: {e}",
-                        self.conversation_name(&group_id)
-                    ),
-                }),
+        let me = self.identity.public().0;
+        for key in self.home.state.name_due.clone() {
+            let group = self.home.state.groups.get(&key).filter(|g| g.active).map(|g| g.kind.clone());
+            let due = hex::decode(&key)
+                .ok()
+                .zip(group)
+                .filter(|(gid, _)| self.mls.member_name(gid, &me).as_deref() != self.mls.display_name());
+            if let Some((group_id, kind)) = due {
+                let gid = group_id.clone();
+                match self.commit_change(&group_id, move |m| m.self_update(&gid), &[], kind).await {
+                    Ok(evs) => events.extend(evs),
+                    Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Err(e.into()),
+                    Err(e) => events.push(Event::Dropped {
+                        reason: format!(
+                            "could not sign your name into {}: {e}",
+                            self.conversation_name(&group_id)
+                        ),
+                    }),
+                }
             }
+            self.home.state.name_due.remove(&key);
+            self.persist()?;
         }
         Ok(events)
     }

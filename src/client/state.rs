@@ -17,7 +17,7 @@
 //! the same way: absent means "keep everything". In the database both are records of their own.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -267,6 +267,12 @@ pub struct State {
     /// epoch (see `Messenger::repeat_leave_requests`); only in the database, like `inbox_events`.
     #[serde(skip)]
     pub leaving: BTreeMap<String, u64>,
+    /// Groups we joined with a leaf that carries another name than ours (the KeyPackage the
+    /// inviter took was made before `name set`), by hex group id: the next round signs our name
+    /// in (see `Messenger::sign_name_into_joined_groups`); only in the database, like
+    /// `inbox_events`.
+    #[serde(skip)]
+    pub name_due: BTreeSet<String>,
     /// The `#n` of each pending request; only in the database, like `inbox_events`.
     #[serde(skip)]
     pub request_numbers: RequestNumbers,
@@ -378,6 +384,7 @@ impl State {
             placed_sends: BTreeMap::new(),
             told_events: Default::default(),
             leaving: BTreeMap::new(),
+            name_due: BTreeSet::new(),
         }
     }
 

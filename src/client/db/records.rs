@@ -68,6 +68,8 @@ const TOLD_EVENTS: &str = "told_events";
 /// [`State::leaving`], optional in the same way (without it, a leave that a commit passed over
 /// is not asked again, as before it).
 const LEAVING: &str = "leaving";
+/// [`State::name_due`], optional in the same way.
+const NAME_DUE: &str = "name_due";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -157,6 +159,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(PLACED_SENDS.to_string(), encode(&state.placed_sends)?);
     out.insert(TOLD_EVENTS.to_string(), encode(&state.told_events)?);
     out.insert(LEAVING.to_string(), encode(&state.leaving)?);
+    out.insert(NAME_DUE.to_string(), encode(&state.name_due)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -297,6 +300,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     }
     if let Some(v) = optional(LEAVING)? {
         state.leaving = decode(LEAVING, &v).unwrap_or_default();
+    }
+    if let Some(v) = optional(NAME_DUE)? {
+        state.name_due = decode(NAME_DUE, &v).unwrap_or_default();
     }
     // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
     // now, so every pending request has its number from the moment the home is read.
