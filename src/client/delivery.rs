@@ -417,6 +417,21 @@ impl Messenger {
         }
     }
 
+    /// Moves to `left` those `removed` whose request to leave we hold (for the group `key`): a
+    /// commit that removes a member by value after another commit passed over their request
+    /// (see `Messenger::commit_leave_requests`) is their leave, and reads as one ("bob left",
+    /// not "carol removed bob", to carol too). Only on the word of a request we checked.
+    fn asked_to_leave(&self, key: &str, removed: &mut Vec<[u8; 32]>, left: &mut Vec<[u8; 32]>) {
+        let Some(kept) = self.home.state.leave_proposals.get(key) else { return };
+        removed.retain(|k| {
+            let asked = kept.iter().any(|p| p.sender == *k);
+            if asked {
+                left.push(*k);
+            }
+            !asked
+        });
+    }
+
     /// Processes a message of a group we asked to leave while our removal is not committed:
     /// its commits keep our copy of the group in step, so that when one passes over our request
     /// [`Messenger::repeat_leave_requests`] asks again in the right epoch, and the one that
@@ -631,12 +646,14 @@ impl Messenger {
                     // someone was said, issue 10 bug 2, and `group add` said nothing at all).
                     // Opening a direct conversation is no membership news.
                     if !direct {
+                        let (mut removed, mut left) = (changes.removed, changes.left);
+                        self.asked_to_leave(&key, &mut removed, &mut left);
                         let change = Event::Membership {
                             group_id: group_id.to_vec(),
                             by: me,
                             added: changes.added,
-                            removed: changes.removed,
-                            left: changes.left,
+                            removed,
+                            left,
                         };
                         self.membership_event(change, events);
                     }
@@ -677,7 +694,8 @@ impl Messenger {
                 }
                 Err(e) => events.push(Event::Dropped { reason: format!("undecodable message: {e}") }),
             },
-            Ok(Incoming::Commit { sender, added, removed, left, self_removed, .. }) => {
+            Ok(Incoming::Commit { sender, added, mut removed, mut left, self_removed, .. }) => {
+                self.asked_to_leave(&key, &mut removed, &mut left);
                 if self.home.state.pending_commits.remove(&key).is_some() {
                     // Another commit took this epoch: ours can never apply.
                     let _ = self.mls.clear_pending(group_id);
@@ -1072,7 +1090,7 @@ mod tests {
     /// everyone though he had asked to leave. alice now commits his removal herself, without
     /// waiting for bob to ask again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_leave_request_a_commit_passed_over_is_committed_by_value() {
+    async fn a_leave_request_a_commit_passed_over_is_committed_by_value_and_reads_as_a_leave() {
         with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
             let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
             let (alice_key, carol_key) = (alice.public_key().0, carol.public_key().0);
@@ -1101,8 +1119,15 @@ mod tests {
             members.sort();
             assert_eq!(members, want, "bob is out: {events:?}");
             assert!(alice.state().leave_requests.is_empty() && alice.state().leave_proposals.is_empty());
+            // It reads as bob's leave, not as alice removing him, wherever the request was seen.
+            let bob_key = bob.public_key().0;
+            let left = |e: &Event| {
+                matches!(e, Event::Membership { removed, left, .. } if removed.is_empty() && *left == vec![bob_key])
+            };
+            assert!(events.iter().any(left), "{events:?}");
 
             let events = carol.receive(0).await.unwrap();
+            assert!(events.iter().any(left), "{events:?}");
             let mut members = carol.mls.members(&group_id).unwrap();
             members.sort();
             assert_eq!(members, want, "{events:?}");
