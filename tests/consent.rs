@@ -40,7 +40,7 @@ fn a_strangers_direct_message_waits_as_a_request_and_is_shown_on_accept() {
     assert!(
         r.stderr.contains(&format!("message request from {}", short(&alice)))
             && r.stderr.contains("hello bob, it is alice")
-            && r.stderr.contains("qpq requests accept 1 (or block 1)"),
+            && r.stderr.contains("qpq requests accept 1 (or decline 1, block 1)"),
         "{}",
         r.stderr
     );
@@ -78,7 +78,10 @@ fn a_strangers_group_invitation_waits_and_accept_joins_for_later_messages() {
     let r = bob.run(&["recv"]);
     assert_eq!(r.stdout, "");
     assert!(
-        r.stderr.contains("message request from") && r.stderr.contains("before you said yes"),
+        r.stderr.contains(&format!(
+            "message request from {} to #team: \u{201c}before you said yes",
+            short(&alice)
+        )),
         "{}",
         r.stderr
     );

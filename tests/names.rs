@@ -68,7 +68,7 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
     let (_, out, err) = run(&carol, 0, &["recv"], None);
     assert_eq!(out, "", "nothing before consent");
     assert!(
-        err.contains(&format!("message request from {}: \u{201c}hi all\u{201d}", marked(&alice))),
+        err.contains(&format!("message request from {} to #team: \u{201c}hi all\u{201d}", marked(&alice))),
         "{err}"
     );
     let list = ok(&carol, &["requests"]);

@@ -768,7 +768,7 @@ fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
     // The shell catches up when it connects; the request is announced, its text only previewed.
     let line = sh.expect(Stream::Out, "message request from");
     assert!(
-        line.contains("hi from a stranger") && line.contains("qpq requests accept 1 (or block 1)"),
+        line.contains("hi from a stranger") && line.contains("qpq requests accept 1 (or decline 1, block 1)"),
         "{line}"
     );
     sh.say("requests");

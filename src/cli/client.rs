@@ -752,14 +752,17 @@ fn event_line(m: &Messenger, e: &Event) -> Option<String> {
         }
         Event::Request { group_id, from } => {
             let (number, preview) = m.request_summary(group_id)?;
-            let what = match (preview, m.request_group_name(group_id)) {
-                (Some(text), _) => format!("\u{201c}{text}\u{201d}"),
-                (None, Some(g)) => format!("an invitation to #{}", preview_line(&g, REQUEST_PREVIEW_CHARS)),
-                (None, None) => "wants to start a conversation".to_string(),
+            let group = m.request_group_name(group_id).map(|g| preview_line(&g, REQUEST_PREVIEW_CHARS));
+            // A group's request names the group, with or without a message to show.
+            let (to, what) = match (preview, group) {
+                (Some(text), Some(g)) => (format!(" to #{g}"), format!("\u{201c}{text}\u{201d}")),
+                (Some(text), None) => (String::new(), format!("\u{201c}{text}\u{201d}")),
+                (None, Some(g)) => (String::new(), format!("an invitation to #{g}")),
+                (None, None) => (String::new(), "wants to start a conversation".to_string()),
             };
             let reuse = reuse_note(m.reuses_left(group_id, from).as_deref(), "it ");
             Some(format!(
-                "message request from {}: {what}{reuse} \u{2014} qpq requests accept {number} (or block {number})",
+                "message request from {}{to}: {what}{reuse} \u{2014} qpq requests accept {number} (or decline {number}, block {number})",
                 m.request_sender_name(group_id, from)
             ))
         }
@@ -1424,7 +1427,10 @@ fn run_requests(
                 if list.is_empty() {
                     writeln!(out, "no message requests")?;
                 } else {
-                    writeln!(out, "accept with `qpq requests accept N`, refuse with `qpq requests block N`")?;
+                    writeln!(
+                        out,
+                        "accept with `qpq requests accept N`, refuse with `qpq requests decline N` (or `block N`: their later ones too)"
+                    )?;
                 }
                 let blocked = m.blocked().len();
                 if blocked > 0 {
