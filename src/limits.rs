@@ -448,6 +448,11 @@ pub const MAX_REQUEST_BYTES: usize = MAX_REQUESTS * MAX_BYTES_PER_REQUEST;
 pub const MAX_HELD_PER_REQUEST: usize = 20;
 /// A request not answered within this time is dropped (30 days, the server's message TTL).
 pub const REQUEST_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most declined (or blocked) direct-conversation requests kept, without what waited with
+/// them, so that the stranger's next message, which their client sends into the same
+/// conversation, comes as a new request rather than vanishing (see `client::requests`); the
+/// oldest go first, and each goes when its request would have expired.
+pub const MAX_DECLINED_REQUESTS: usize = 8;
 /// Most blocked keys remembered (32 bytes each): far more than a person blocks by hand.
 pub const MAX_BLOCKED: usize = 10_000;
 /// Characters of a request's first message shown as its preview.
@@ -501,11 +506,14 @@ pub const MAX_QUEUED_SENDS: usize = 1000;
 /// Most bytes of text waiting in the outbox: the whole state is rewritten on every save.
 pub const MAX_QUEUED_SEND_BYTES: usize = 16 * 1024 * 1024;
 
-/// What strangers (keys we never accepted) can add to a home at most: requests, orphans and
-/// the block list, plus each request's bookkeeping (a KeyPackage private key of a few KiB kept
+/// What strangers (keys we never accepted) can add to a home at most: requests (pending and
+/// declined), orphans and the block list, plus each request's bookkeeping (a KeyPackage private key of a few KiB kept
 /// for the later join, names, times). Whatever a stranger sends, a home grows by no more.
-pub const MAX_STRANGER_BYTES: usize =
-    MAX_REQUEST_BYTES + MAX_ORPHAN_BYTES + MAX_BLOCKED * 32 + MAX_REQUESTS * 8 * 1024;
+pub const MAX_STRANGER_BYTES: usize = MAX_REQUEST_BYTES
+    + MAX_ORPHAN_BYTES
+    + MAX_BLOCKED * 32
+    + MAX_REQUESTS * 8 * 1024
+    + MAX_DECLINED_REQUESTS * (MAX_BYTES_PER_REQUEST + 8 * 1024);
 
 /// Largest shell history file read for cleaning: 1000 commands fit in a few tens of KiB, so a
 /// bigger file is not one qpq wrote and is emptied instead of parsed.

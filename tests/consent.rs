@@ -97,6 +97,59 @@ fn a_strangers_group_invitation_waits_and_accept_joins_for_later_messages() {
     assert_eq!(alice.recv(), vec![format!("[#team] {}: thanks", short(&bob))]);
 }
 
+/// Found by exploratory testing: after `requests decline` (or a block and an unblock), every
+/// later message of the stranger was lost without a word on either side, since their client
+/// writes into the conversation we declined. The next one now comes as a new request; and
+/// writing to them takes up that conversation rather than opening a second one.
+#[test]
+fn a_declined_strangers_next_message_comes_as_a_new_request() {
+    let (_dir, _server, alice, bob) = strangers();
+    alice.ok(&["send", &bob.key, "first try"]);
+    bob.recv();
+    assert_eq!(bob.ok(&["requests", "decline", "#1"]).trim(), "declined 1 request");
+    alice.ok(&["send", &bob.key, "second try"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok && r.stdout.is_empty(), "{}", r.stdout);
+    assert!(r.stderr.contains("message request from") && r.stderr.contains("second try"), "{}", r.stderr);
+    let accepted = untimed(&bob.ok(&["requests", "accept", "#2"]));
+    assert_eq!(accepted.trim(), format!("{}: second try", short(&alice)), "what came before the decline is gone");
+    bob.ok(&["send", &alice.key, "ok, hello"]);
+    assert_eq!(alice.recv(), vec![format!("{}: ok, hello", short(&bob))]);
+
+    // Blocked, then unblocked: silent while blocked, a request again after.
+    bob.ok(&["requests", "block", &alice.key]);
+    alice.ok(&["send", &bob.key, "while blocked"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok && r.stdout.is_empty() && !r.stderr.contains("request"), "{}{}", r.stdout, r.stderr);
+    bob.ok(&["requests", "unblock", &alice.key]);
+    alice.ok(&["send", &bob.key, "after the unblock"]);
+    assert_eq!(bob.recv(), vec![format!("{}: after the unblock", short(&alice))], "accepted before: shown");
+
+    // A declined request answered by writing: one conversation on both sides.
+    let carol = User::init(&_server, "carol");
+    carol.ok(&["send", &bob.key, "carol here"]);
+    bob.recv();
+    bob.ok(&["requests", "decline", &carol.key]);
+    bob.ok(&["send", &carol.key, "changed my mind"]);
+    assert_eq!(carol.recv(), vec![format!("{}: changed my mind", short(&bob))]);
+    assert_eq!(carol.ok(&["group", "list"]).lines().count(), 1, "{}", carol.ok(&["group", "list"]));
+    carol.ok(&["send", &bob.key, "good"]);
+    assert_eq!(bob.recv(), vec![format!("{}: good", short(&carol))]);
+
+    // A request blocked, then its sender unblocked: their next message is a request again.
+    let dave = User::init(&_server, "dave");
+    dave.ok(&["send", &bob.key, "dave here"]);
+    bob.recv();
+    bob.ok(&["requests", "block", &dave.key]);
+    dave.ok(&["send", &bob.key, "still dave"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.ok && r.stdout.is_empty() && !r.stderr.contains("request"), "{}{}", r.stdout, r.stderr);
+    bob.ok(&["requests", "unblock", &dave.key]);
+    dave.ok(&["send", &bob.key, "dave again"]);
+    let r = bob.run(&["recv"]);
+    assert!(r.stderr.contains("message request from") && r.stderr.contains("dave again"), "{}", r.stderr);
+}
+
 /// Found by exploratory testing: `requests block` stopped a key's invitations, but not the
 /// conversation accepted before (nor its messages in a group we share), though the README
 /// promises it drops "everything that key sends from then on".

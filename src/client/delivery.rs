@@ -576,7 +576,12 @@ impl Messenger {
         let now = self.clock.now_ms();
         let before = self.home.state.orphans.len();
         self.home.state.orphans.retain(|o| now.saturating_sub(o.received_at_ms) < ORPHAN_TTL_MS);
-        let expired = self.home.state.requests.expire(now);
+        let mut expired = self.home.state.requests.expire(now);
+        let (old, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.home.state.declined)
+            .into_iter()
+            .partition(|r| now.saturating_sub(r.received_at_ms) >= crate::limits::REQUEST_TTL_MS);
+        self.home.state.declined = kept;
+        expired.extend(old);
         for r in &expired {
             self.discard_welcome(&r.welcome);
         }
@@ -619,7 +624,9 @@ impl Messenger {
     ) {
         let key = hex::encode(group_id);
         let Some(meta) = self.home.state.groups.get(&key) else {
-            if !self.hold_for_request(group_id, message, events) {
+            if !self.hold_for_request(group_id, message, events)
+                && !self.reopen_declined(group_id, message, events)
+            {
                 self.keep_orphan(group_id, message);
             }
             return;

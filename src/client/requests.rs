@@ -23,8 +23,8 @@ use crate::client::messenger::{ClientError, Event, Messenger};
 use crate::client::state::{GroupKind, Orphan};
 use crate::crypto::identity::PublicKey;
 use crate::limits::{
-    MAX_BLOCKED, MAX_BYTES_PER_REQUEST, MAX_HELD_PER_REQUEST, MAX_REQUESTS, MAX_REQUESTS_PER_SENDER,
-    REQUEST_PREVIEW_CHARS, REQUEST_TTL_MS,
+    MAX_BLOCKED, MAX_BYTES_PER_REQUEST, MAX_DECLINED_REQUESTS, MAX_HELD_PER_REQUEST, MAX_REQUESTS,
+    MAX_REQUESTS_PER_SENDER, REQUEST_PREVIEW_CHARS, REQUEST_TTL_MS,
 };
 use crate::mls::{Incoming, MlsError};
 
@@ -600,27 +600,89 @@ impl Messenger {
         events: &mut Vec<Event>,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         let book = &mut self.home.state.requests;
-        let Some(i) =
-            book.pending.iter().position(|r| r.from == *peer && matches!(r.kind, GroupKind::Direct { .. }))
-        else {
-            return Ok(None);
+        let direct = |r: &Request| r.from == *peer && matches!(r.kind, GroupKind::Direct { .. });
+        // One we declined too: writing to them takes up their conversation rather than
+        // starting a second one beside it.
+        let r = match book.pending.iter().position(direct) {
+            Some(i) => book.pending.remove(i),
+            None => match self.home.state.declined.iter().position(direct) {
+                Some(i) => self.home.state.declined.remove(i),
+                None => return Ok(None),
+            },
         };
-        let r = book.pending.remove(i);
         // Replying shows nothing: what waited stays unread for `recv` and the shell.
         let joined = self.accept_one(r, false, events);
         self.persist()?;
         joined.map(Some)
     }
 
-    /// Declines requests without blocking their senders: they are dropped with what waited.
+    /// Declines requests without blocking their senders: they are dropped with what waited. A
+    /// direct conversation's invitation is kept aside ([`Messenger::set_aside`]): the sender's
+    /// client goes on writing into that conversation (nothing tells them), and their next
+    /// message comes as a new request instead of being lost.
     pub fn request_decline(&mut self, which: &RequestSelector, label: &str) -> Result<usize, ClientError> {
         let _op = self.begin()?;
         let taken = self.take_requests(which, label)?;
-        for r in &taken {
-            self.discard_welcome(&r.welcome);
+        let n = taken.len();
+        for r in taken {
+            self.set_aside(r);
         }
         self.persist()?;
-        Ok(taken.len())
+        Ok(n)
+    }
+
+    /// Keeps a declined or blocked direct-conversation request without what waited with it (a
+    /// group's is dropped: the group's next message is anyone's, not a new attempt to reach
+    /// us), within [`MAX_DECLINED_REQUESTS`], the oldest leaving first.
+    fn set_aside(&mut self, mut r: Request) {
+        if !matches!(r.kind, GroupKind::Direct { .. }) {
+            self.discard_welcome(&r.welcome);
+            return;
+        }
+        r.held.clear();
+        let declined = &mut self.home.state.declined;
+        declined.retain(|d| d.group_id != r.group_id);
+        declined.push(r);
+        while self.home.state.declined.len() > MAX_DECLINED_REQUESTS {
+            let oldest = self.home.state.declined.remove(0);
+            self.discard_welcome(&oldest.welcome);
+        }
+    }
+
+    /// A message for a direct conversation whose request we declined (or whose sender we
+    /// blocked): the request comes back, holding it, and is announced; while its sender is
+    /// blocked the message is dropped without a word. False when no such request was set aside.
+    pub(crate) fn reopen_declined(
+        &mut self,
+        group_id: &[u8],
+        message: &[u8],
+        events: &mut Vec<Event>,
+    ) -> bool {
+        let Some(i) = self.home.state.declined.iter().position(|r| r.group_id == group_id) else {
+            return false;
+        };
+        if self.home.state.requests.is_blocked(&self.home.state.declined[i].from) {
+            return true;
+        }
+        let mut r = self.home.state.declined.remove(i);
+        r.received_at_ms = self.clock.now_ms();
+        let (from, welcome) = (r.from, r.welcome.clone());
+        match self.home.state.requests.admit(r) {
+            Ok(()) => {
+                self.home.state.sync_request_numbers();
+                self.hold_for_request(group_id, message, events);
+                if self.home.state.requests.pending.iter().any(|r| r.group_id == group_id) {
+                    events.push(Event::Request { group_id: group_id.to_vec(), from });
+                }
+            }
+            Err(e) => {
+                self.discard_welcome(&welcome);
+                events.push(Event::Dropped {
+                    reason: format!("a message request from {} was dropped: {e}", PublicKey(from).short()),
+                });
+            }
+        }
+        true
     }
 
     /// Blocks a key (given, or the sender of request `#n`): its requests and what waited with
@@ -645,8 +707,9 @@ impl Messenger {
             return Err(ClientError::SelfTarget);
         }
         let (dropped, kept) = self.home.state.requests.block(key);
-        for r in &dropped {
-            self.discard_welcome(&r.welcome);
+        // Set aside, so that an unblock lets their next message through as a request.
+        for r in dropped {
+            self.set_aside(r);
         }
         self.persist()?;
         if !kept {

@@ -273,6 +273,11 @@ pub struct State {
     /// `inbox_events`.
     #[serde(skip)]
     pub name_due: BTreeSet<String>,
+    /// Direct-conversation requests we declined or whose sender we blocked, oldest first,
+    /// without what waited with them (see [`crate::client::requests`]); only in the database,
+    /// like `inbox_events`.
+    #[serde(skip)]
+    pub declined: Vec<crate::client::requests::Request>,
     /// The `#n` of each pending request; only in the database, like `inbox_events`.
     #[serde(skip)]
     pub request_numbers: RequestNumbers,
@@ -385,6 +390,7 @@ impl State {
             told_events: Default::default(),
             leaving: BTreeMap::new(),
             name_due: BTreeSet::new(),
+            declined: Vec::new(),
         }
     }
 

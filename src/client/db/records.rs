@@ -70,6 +70,8 @@ const TOLD_EVENTS: &str = "told_events";
 const LEAVING: &str = "leaving";
 /// [`State::name_due`], optional in the same way.
 const NAME_DUE: &str = "name_due";
+/// [`State::declined`], optional in the same way.
+const DECLINED: &str = "declined_requests";
 /// Format 3's one record of [`State::timelines`]; [`split_timelines`] moves it.
 const V3_TIMELINES: &str = "timelines";
 
@@ -160,6 +162,7 @@ pub fn records(state: &State) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, St
     out.insert(TOLD_EVENTS.to_string(), encode(&state.told_events)?);
     out.insert(LEAVING.to_string(), encode(&state.leaving)?);
     out.insert(NAME_DUE.to_string(), encode(&state.name_due)?);
+    out.insert(DECLINED.to_string(), encode(&state.declined)?);
     let groups: Vec<(&str, GroupRecordRef<'_>)> = state
         .groups
         .iter()
@@ -303,6 +306,9 @@ pub fn read_state(db: &ClientDb) -> Result<(State, Written), StateError> {
     }
     if let Some(v) = optional(NAME_DUE)? {
         state.name_due = decode(NAME_DUE, &v).unwrap_or_default();
+    }
+    if let Some(v) = optional(DECLINED)? {
+        state.declined = decode(DECLINED, &v).unwrap_or_default();
     }
     // An older qpq may have filed or dropped requests since: they are numbered (or forgotten)
     // now, so every pending request has its number from the moment the home is read.
