@@ -98,7 +98,7 @@ pub enum ClientError {
     ForeignKeyPackage(String),
     #[error("hybrid key of {who} rejected: {reason} (the server may have swapped it)")]
     HybridKey { who: String, reason: String },
-    #[error("#{0} has no other members yet: add some with `group add`")]
+    #[error("#{0} has no other members: add some with `group add`")]
     Alone(String),
     #[error(
         "the direct conversation with {peer} now has {others} too, so it is not private: not sending (start a group to talk to all of them)"
