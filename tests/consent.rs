@@ -112,7 +112,11 @@ fn a_declined_strangers_next_message_comes_as_a_new_request() {
     assert!(r.ok && r.stdout.is_empty(), "{}", r.stdout);
     assert!(r.stderr.contains("message request from") && r.stderr.contains("second try"), "{}", r.stderr);
     let accepted = untimed(&bob.ok(&["requests", "accept", "#2"]));
-    assert_eq!(accepted.trim(), format!("{}: second try", short(&alice)), "what came before the decline is gone");
+    assert_eq!(
+        accepted.trim(),
+        format!("{}: second try", short(&alice)),
+        "what came before the decline is gone"
+    );
     bob.ok(&["send", &alice.key, "ok, hello"]);
     assert_eq!(alice.recv(), vec![format!("{}: ok, hello", short(&bob))]);
 
