@@ -106,17 +106,18 @@ fn a_declined_strangers_next_message_comes_as_a_new_request() {
     let (_dir, _server, alice, bob) = strangers();
     alice.ok(&["send", &bob.key, "first try"]);
     bob.recv();
+    // A commit of the conversation waits with it too (review: the decline dropped it, and the
+    // request that came back could not read anything past it).
+    alice.ok(&["name", "set", "Ally"]);
+    bob.recv();
     assert_eq!(bob.ok(&["requests", "decline", "#1"]).trim(), "declined 1 request");
     alice.ok(&["send", &bob.key, "second try"]);
     let r = bob.run(&["recv"]);
     assert!(r.ok && r.stdout.is_empty(), "{}", r.stdout);
     assert!(r.stderr.contains("message request from") && r.stderr.contains("second try"), "{}", r.stderr);
     let accepted = untimed(&bob.ok(&["requests", "accept", "#2"]));
-    assert_eq!(
-        accepted.trim(),
-        format!("{}: second try", short(&alice)),
-        "what came before the decline is gone"
-    );
+    assert_eq!(accepted.lines().count(), 1, "what came before the decline is gone: {accepted}");
+    assert!(accepted.trim().ends_with(": second try"), "{accepted}");
     bob.ok(&["send", &alice.key, "ok, hello"]);
     assert_eq!(alice.recv(), vec![format!("{}: ok, hello", short(&bob))]);
 
@@ -127,7 +128,11 @@ fn a_declined_strangers_next_message_comes_as_a_new_request() {
     assert!(r.ok && r.stdout.is_empty() && !r.stderr.contains("request"), "{}{}", r.stdout, r.stderr);
     bob.ok(&["requests", "unblock", &alice.key]);
     alice.ok(&["send", &bob.key, "after the unblock"]);
-    assert_eq!(bob.recv(), vec![format!("{}: after the unblock", short(&alice))], "accepted before: shown");
+    let shown = bob.recv();
+    assert!(
+        shown.len() == 1 && shown[0].ends_with(": after the unblock"),
+        "accepted before: shown: {shown:?}"
+    );
 
     // A declined request answered by writing: one conversation on both sides.
     let carol = User::init(&_server, "carol");

@@ -320,8 +320,11 @@ impl Messenger {
     /// member committed something else in the epoch of our request (made before the request
     /// reached them, or before it reached anyone, the server placing it after their commit),
     /// so the request went with its epoch and we stayed a member for everyone else. Groups
-    /// whose removal was committed are forgotten here. A failure waits for the next round.
-    pub(crate) async fn repeat_leave_requests(&mut self) -> Result<(), ClientError> {
+    /// whose removal was committed are forgotten here. Lost connections wait for the next
+    /// round; any other failure (a refusal) is said, and left to the next process, so that a
+    /// refusing server does not get a request a round.
+    pub(crate) async fn repeat_leave_requests(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
         let me = self.identity.public().0;
         for (key, asked_in) in self.home.state.leaving.clone() {
             let Ok(group_id) = hex::decode(&key) else { continue };
@@ -333,15 +336,25 @@ impl Messenger {
                 self.persist()?;
                 continue;
             }
-            if self.mls.epoch(&group_id).is_ok_and(|e| e != asked_in) {
+            if self.mls.epoch(&group_id).is_ok_and(|e| e != asked_in)
+                && !self.leave_repeat_failed.contains(&group_id)
+            {
                 match self.request_leave(&group_id, &others).await {
                     Ok(()) => self.persist()?,
                     Err(ClientError::Session(e)) if !e.is_refusal_of_the_call() => return Err(e.into()),
-                    Err(_) => {}
+                    Err(e) => {
+                        let group = self.conversation_name(&group_id);
+                        events.push(Event::Dropped {
+                            reason: format!(
+                                "could not ask again to leave {group} (a change passed over your request): {e}; the next command tries again"
+                            ),
+                        });
+                        self.leave_repeat_failed.insert(group_id);
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(events)
     }
 
     /// Commits pending leave proposals of `group_id` (someone asked to leave).

@@ -257,6 +257,9 @@ pub struct Messenger {
     pub(crate) upkeep_told: std::collections::HashSet<(&'static str, u16)>,
     /// (group id, epoch) whose leave proposals this process passed on before committing them.
     pub(crate) leave_relayed: std::collections::HashSet<(Vec<u8>, u64)>,
+    /// Groups whose leave request this process failed to send again (see
+    /// `Messenger::repeat_leave_requests`): said once, and left to the next process.
+    pub(crate) leave_repeat_failed: std::collections::HashSet<Vec<u8>>,
     /// Notices for the person (pinned certificate, refills); the caller prints them.
     pub notices: Vec<String>,
     /// True while an operation holds the home's lock (see [`Messenger::begin`]).
@@ -475,6 +478,7 @@ impl Messenger {
             leave_retry_told: Default::default(),
             upkeep_told: Default::default(),
             leave_relayed: Default::default(),
+            leave_repeat_failed: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock,
@@ -510,6 +514,7 @@ impl Messenger {
             leave_retry_told: Default::default(),
             upkeep_told: Default::default(),
             leave_relayed: Default::default(),
+            leave_repeat_failed: Default::default(),
             notices: Vec::new(),
             held: Rc::new(Cell::new(false)),
             clock,

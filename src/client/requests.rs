@@ -8,7 +8,10 @@
 //! with) joins at once. A blocked key's is dropped silently and its KeyPackage private key
 //! deleted. Anyone else's becomes a [`Request`]: the Welcome bytes, kept unprocessed, and the
 //! group's messages that follow, held unread. `requests accept` joins for real and processes
-//! what was held; `requests block` drops it all and remembers the key.
+//! what was held; `requests block` drops the messages and remembers the key. A declined or
+//! blocked direct conversation's request is set aside with its Welcome and commits (at most
+//! [`MAX_DECLINED_REQUESTS`], for the request's lifetime): the sender's client goes on writing
+//! into that conversation, so their next message (after an unblock) makes it a request again.
 //!
 //! Everything here is bounded ([`crate::limits`]): the number of requests (in all and per
 //! sender), the bytes of each (its Welcome and held messages), their age, and the block list,
@@ -631,18 +634,25 @@ impl Messenger {
         Ok(n)
     }
 
-    /// Keeps a declined or blocked direct-conversation request without what waited with it (a
-    /// group's is dropped: the group's next message is anyone's, not a new attempt to reach
-    /// us), within [`MAX_DECLINED_REQUESTS`], the oldest leaving first.
+    /// Keeps a declined or blocked direct-conversation request without the messages that
+    /// waited with it (a group's is dropped: the group's next message is anyone's, not a new
+    /// attempt to reach us), within [`MAX_DECLINED_REQUESTS`], the oldest leaving first. Its
+    /// commits stay, as a pending request keeps them: joining later must follow the group
+    /// through them (the sender's `name set` is one).
     fn set_aside(&mut self, mut r: Request) {
         if !matches!(r.kind, GroupKind::Direct { .. }) {
             self.discard_welcome(&r.welcome);
             return;
         }
-        r.held.clear();
+        r.held.retain(|m| !is_application(&m.0));
         let declined = &mut self.home.state.declined;
-        declined.retain(|d| d.group_id != r.group_id);
-        declined.push(r);
+        if let Some(i) = declined.iter().position(|d| d.group_id == r.group_id) {
+            let old = declined.remove(i);
+            if old.welcome != r.welcome {
+                self.discard_welcome(&old.welcome);
+            }
+        }
+        self.home.state.declined.push(r);
         while self.home.state.declined.len() > MAX_DECLINED_REQUESTS {
             let oldest = self.home.state.declined.remove(0);
             self.discard_welcome(&oldest.welcome);
@@ -650,8 +660,10 @@ impl Messenger {
     }
 
     /// A message for a direct conversation whose request we declined (or whose sender we
-    /// blocked): the request comes back, holding it, and is announced; while its sender is
-    /// blocked the message is dropped without a word. False when no such request was set aside.
+    /// blocked). A commit or proposal is kept with it (see [`Messenger::set_aside`]; one that
+    /// does not fit ends it). A message brings the request back, holding it, and announced;
+    /// while its sender is blocked it is dropped without a word. False when no such request was
+    /// set aside.
     pub(crate) fn reopen_declined(
         &mut self,
         group_id: &[u8],
@@ -661,6 +673,21 @@ impl Messenger {
         let Some(i) = self.home.state.declined.iter().position(|r| r.group_id == group_id) else {
             return false;
         };
+        match content_is_application(message) {
+            // Not a group message: nothing to keep.
+            None => return true,
+            Some(false) => {
+                let declined = &mut self.home.state.declined;
+                if declined[i].bytes().saturating_add(message.len()) > MAX_BYTES_PER_REQUEST {
+                    let r = declined.remove(i);
+                    self.discard_welcome(&r.welcome);
+                } else {
+                    declined[i].held.push(HeldMessage(message.to_vec()));
+                }
+                return true;
+            }
+            Some(true) => {}
+        }
         if self.home.state.requests.is_blocked(&self.home.state.declined[i].from) {
             return true;
         }
