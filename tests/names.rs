@@ -34,6 +34,17 @@ fn ok(u: &User, args: &[&str]) -> String {
     out
 }
 
+/// A server and three people with the names given, the first knowing the other two as
+/// contacts (they know no one yet).
+fn known_to(names: [&str; 3]) -> (tempfile::TempDir, ServerProcess, [User; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let [a, b, c] = names.map(|n| User::init(&server, n));
+    a.add_contact(&b);
+    a.add_contact(&c);
+    (dir, server, [a, b, c])
+}
+
 /// The marked form of `u`'s signed name: `~Alice (304b-9934)`.
 fn marked(u: &User) -> String {
     format!("~{} ({})", u.name, &short(u)[..9])
@@ -48,13 +59,7 @@ fn short(u: &User) -> String {
 /// JSON.
 #[test]
 fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "Alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    alice.add_contact(&bob);
-    alice.add_contact(&carol);
+    let (_dir, _server, [alice, bob, carol]) = known_to(["Alice", "bob", "carol"]);
     ok(&bob, &["contact", "add", "al", &alice.key]);
     ok(&alice, &["group", "create", "team"]);
     ok(&alice, &["group", "add", "team", "bob", "carol"]);
@@ -130,13 +135,7 @@ fn a_signed_name_shows_marked_to_strangers_and_a_contacts_own_name_wins() {
 /// whose leaf was made before the name was now signs the new one into the group on joining.
 #[test]
 fn a_name_set_reaches_a_group_that_adds_you_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    alice.add_contact(&bob);
-    alice.add_contact(&carol);
+    let (_dir, server, [alice, bob, carol]) = known_to(["alice", "bob", "carol"]);
     bob.add_contact(&alice);
     carol.add_contact(&alice);
     let out = ok(&bob, &["name", "set", "Robert"]);
@@ -166,13 +165,7 @@ fn a_name_set_reaches_a_group_that_adds_you_later() {
 
 #[test]
 fn short_keys_work_as_targets_and_contact_keys_when_unique() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path());
-    let alice = User::init(&server, "alice");
-    let bob = User::init(&server, "bob");
-    let carol = User::init(&server, "carol");
-    alice.add_contact(&bob);
-    alice.add_contact(&carol);
+    let (_dir, server, [alice, bob, carol]) = known_to(["alice", "bob", "carol"]);
     carol.add_contact(&alice);
     ok(&alice, &["group", "create", "team"]);
     ok(&alice, &["group", "add", "team", "bob", "carol"]);
