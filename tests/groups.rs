@@ -432,6 +432,20 @@ fn group_verbs_say_what_they_did_and_take_each_name_once() {
     alice.ok(&["history", &format!("#{renamed}")]);
 }
 
+/// Found by exploratory testing: `group list` lists direct conversations, but `group members
+/// bob` said "no group named #bob". A name that is no group's looks up the person's direct
+/// conversation.
+#[test]
+fn group_members_and_info_take_a_direct_conversations_person() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    alice.ok(&["send", "bob", "hi"]);
+    let members = alice.ok(&["group", "members", "bob"]);
+    assert!(members.contains(&format!("{} bob", bob.key)) && members.contains("(you)"), "{members}");
+    let info = alice.ok(&["group", "info", "bob"]);
+    assert!(info.contains("members 2") && info.contains("ciphersuite"), "{info}");
+    assert!(alice.fails(&["group", "members", "carol"]).contains("no group named #carol"));
+}
+
 /// Issue 10, bug 1 (the adder's side): `group add` exited 0 although the member would never
 /// read the group. A Welcome the server refuses (here: bob's queue is full) fails the command.
 #[test]

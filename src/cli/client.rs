@@ -1545,7 +1545,7 @@ async fn run_group(
         GroupCmd::Info { name, json } => {
             let name = unhashed(&name);
             let suite = m.group_ciphersuite(name)?;
-            let gid = m.find_group(name)?;
+            let gid = m.group_or_direct(name)?;
             let group = m.group_list().into_iter().find(|g| g.group_id == gid);
             if json {
                 let mut v = group.map_or_else(|| serde_json::json!({}), |g| group_json(&g));

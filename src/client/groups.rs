@@ -454,9 +454,21 @@ impl Messenger {
         out
     }
 
-    /// Members of a group, as this client's MLS state sees them.
+    /// The group called `name`, or when there is none, the direct conversation with the person
+    /// `name` names (a contact, a key): what `group members` and `group info` look at, since
+    /// `group list` lists both.
+    pub fn group_or_direct(&self, name: &str) -> Result<Vec<u8>, ClientError> {
+        match self.find_group(name) {
+            Err(e @ ClientError::UnknownGroup(_)) => {
+                self.resolve_person(name).ok().and_then(|k| self.find_direct(&k)).ok_or(e)
+            }
+            found => found,
+        }
+    }
+
+    /// Members of a group (or direct conversation), as this client's MLS state sees them.
     pub fn group_members(&self, name: &str) -> Result<Vec<Member>, ClientError> {
-        let group_id = self.find_group(name)?;
+        let group_id = self.group_or_direct(name)?;
         let me = self.identity.public().0;
         Ok(self
             .mls
@@ -472,7 +484,7 @@ impl Messenger {
 
     /// The MLS ciphersuite of a group, by name and number (`MLS_128_..._Ed25519 (0x004f)`).
     pub fn group_ciphersuite(&self, name: &str) -> Result<String, ClientError> {
-        let suite = self.mls.ciphersuite(&self.find_group(name)?)?;
+        let suite = self.mls.ciphersuite(&self.group_or_direct(name)?)?;
         Ok(format!("{suite:?} ({:#06x})", u16::from(suite)))
     }
 
