@@ -581,11 +581,7 @@ impl Messenger {
         let before = self.home.state.orphans.len();
         self.home.state.orphans.retain(|o| now.saturating_sub(o.received_at_ms) < ORPHAN_TTL_MS);
         let mut expired = self.home.state.requests.expire(now);
-        let (old, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.home.state.declined)
-            .into_iter()
-            .partition(|r| now.saturating_sub(r.received_at_ms) >= crate::limits::REQUEST_TTL_MS);
-        self.home.state.declined = kept;
-        expired.extend(old);
+        expired.extend(crate::client::requests::take_expired(&mut self.home.state.declined, now));
         for r in &expired {
             self.discard_welcome(&r.welcome);
         }

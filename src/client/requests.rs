@@ -94,6 +94,16 @@ fn is_application(message: &[u8]) -> bool {
     content_is_application(message) == Some(true)
 }
 
+/// Removes and returns the requests of `list` older than [`REQUEST_TTL_MS`] at `now_ms`
+/// (pending ones, and those set aside: see [`Messenger::set_aside`]).
+pub fn take_expired(list: &mut Vec<Request>, now_ms: u64) -> Vec<Request> {
+    let (old, fresh) = std::mem::take(list)
+        .into_iter()
+        .partition(|r| now_ms.saturating_sub(r.received_at_ms) >= REQUEST_TTL_MS);
+    *list = fresh;
+    old
+}
+
 /// Why a request or a held message was not kept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -249,11 +259,7 @@ impl RequestBook {
 
     /// Removes and returns the requests older than [`REQUEST_TTL_MS`] at `now_ms`.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Request> {
-        let (old, fresh) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|r| now_ms.saturating_sub(r.received_at_ms) >= REQUEST_TTL_MS);
-        self.pending = fresh;
-        old
+        take_expired(&mut self.pending, now_ms)
     }
 
     /// Removes and returns every request from `key`.
