@@ -365,6 +365,23 @@ impl Messenger {
             received_at_ms: self.clock.now_ms(),
             held: Vec::new(),
         };
+        // Their invitation again, while we keep the one we declined: that copy comes back as
+        // the request, with the commits it kept. Two copies would share one KeyPackage key,
+        // and the older one's expiry would delete it from under the newer.
+        let declined = &mut self.home.state.declined;
+        let request = match declined.iter().position(|r| r.group_id == group_id && r.from == from) {
+            Some(i) if declined[i].welcome == welcome => {
+                let mut r = declined.remove(i);
+                r.received_at_ms = request.received_at_ms;
+                r
+            }
+            Some(i) => {
+                let old = declined.remove(i);
+                self.discard_welcome(&old.welcome);
+                request
+            }
+            None => request,
+        };
         match self.home.state.requests.admit(request) {
             Ok(()) => {
                 self.home.state.sync_request_numbers();
@@ -421,8 +438,15 @@ impl Messenger {
         true
     }
 
-    /// Deletes the KeyPackage private keys a Welcome we will never join was encrypted to.
+    /// Deletes the KeyPackage private keys a Welcome we will never join was encrypted to,
+    /// unless a request we keep (waiting or set aside) holds that same Welcome: a blocked
+    /// sender's resend of it, or a replay under another claimed inviter, must not take the key
+    /// its request needs. The caller takes its own request out of the lists first.
     pub(crate) fn discard_welcome(&mut self, welcome: &[u8]) {
+        let state = &self.home.state;
+        if state.requests.pending.iter().chain(&state.declined).any(|r| r.welcome == welcome) {
+            return;
+        }
         // Best effort: a Welcome that does not parse matched none of our packages anyway.
         let _ = self.mls.discard_welcome_key_packages(welcome);
     }
@@ -811,6 +835,58 @@ mod tests {
         assert!(matches!(err, ClientError::RequestKeyPackageGone { .. }), "{err}");
         assert!(err.to_string().contains("can no longer be accepted"), "{err}");
         assert!(bob.state().requests.pending.is_empty(), "an unjoinable request is not kept");
+    }
+
+    /// Found on a re-read (note24): a stranger's client sending its invitation again while we
+    /// kept our declined copy filed a second copy beside it. The first expired first, deleted
+    /// the KeyPackage key both needed, and accepting the second failed. A blocked sender's
+    /// resend deleted that key too, so their request could not be accepted once unblocked.
+    #[test]
+    fn an_invitation_sent_again_after_a_decline_or_a_block_can_still_be_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (mut stranger, welcome) = strangers_welcome(&mut bob);
+        let group = b"stranger-group-1";
+        let say = |m: &mut crate::mls::MlsClient, text: &str| {
+            m.encrypt(group, &AppMessage { text: text.into(), sent_at_ms: 1 }.encode()).unwrap()
+        };
+        let mut events = receive_direct_welcome(&mut bob, &stranger, &welcome);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]));
+        assert_eq!(bob.request_decline(&RequestSelector::Number(1), "#1").unwrap(), 1);
+        // A commit (their `name set`, say) kept with the declined copy.
+        let commit = stranger.self_update(group).unwrap().commit;
+        stranger.merge_pending(group).unwrap();
+        bob.handle_group_message(group, &commit, None, &mut events);
+        let half = i64::try_from(REQUEST_TTL_MS / 2).unwrap();
+        bob.clock.advance(half);
+        let events = receive_direct_welcome(&mut bob, &stranger, &welcome);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
+        // Past the first copy's time, within the second's.
+        bob.clock.advance(half + 1_000);
+        bob.expire_strangers();
+        bob.request_accept(&RequestSelector::Number(2), "#2").unwrap();
+        let mut events = Vec::new();
+        bob.handle_group_message(group, &say(&mut stranger, "after the commit"), None, &mut events);
+        assert!(
+            matches!(events.as_slice(), [Event::Message(m)] if m.text == "after the commit"),
+            "the joined conversation follows the commit kept before the resend: {events:?}"
+        );
+
+        // Blocked: the resend is dropped, and the set-aside request keeps its key.
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (mut stranger, welcome) = strangers_welcome(&mut bob);
+        let mut events = receive_direct_welcome(&mut bob, &stranger, &welcome);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]));
+        let key = RequestSelector::Key(stranger.identity());
+        bob.request_block(&key, "them").unwrap();
+        assert!(receive_direct_welcome(&mut bob, &stranger, &welcome).is_empty());
+        bob.request_unblock(&PublicKey(stranger.identity()).to_string()).unwrap();
+        events.clear();
+        bob.handle_group_message(group, &say(&mut stranger, "hello again"), None, &mut events);
+        assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
+        let shown = bob.request_accept(&RequestSelector::Number(2), "#2").unwrap();
+        assert!(shown.iter().any(|e| matches!(e, Event::Message(m) if m.text == "hello again")), "{shown:?}");
     }
 
     #[test]
