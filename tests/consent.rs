@@ -97,6 +97,30 @@ fn a_strangers_group_invitation_waits_and_accept_joins_for_later_messages() {
     assert_eq!(alice.recv(), vec![format!("[#team] {}: thanks", short(&bob))]);
 }
 
+/// Found by exploratory testing: `requests accept` printed the messages that waited, then
+/// every membership change their commits brought, so "carol is here" read as said before
+/// carol was added. One terminal now reads them in the order they happened.
+#[test]
+fn requests_accept_says_the_changes_in_their_places_among_the_messages() {
+    let (_dir, server, alice, bob) = strangers();
+    let carol = User::init(&server, "carol");
+    common::introduce(&[&alice, &carol]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", &bob.key]);
+    alice.ok(&["send", "#team", "hi all"]);
+    alice.ok(&["group", "add", "team", "carol"]);
+    alice.ok(&["send", "#team", "carol is here"]);
+    bob.recv();
+    let said = untimed(&bob.merged(&["requests", "accept", "#1"]));
+    let lines: Vec<&str> = said.lines().collect();
+    let at =
+        |what: &str| lines.iter().position(|l| l.contains(what)).unwrap_or_else(|| panic!("{what}: {said}"));
+    let (joined, hi, added, here) =
+        (at("you were added to #team"), at(": hi all"), at("added ~carol"), at(": carol is here"));
+    assert!(joined < hi && hi < added && added < here, "{said}");
+    assert_eq!(lines.len(), 4, "{said}");
+}
+
 /// Found by exploratory testing: after `requests decline` (or a block and an unblock), every
 /// later message of the stranger was lost without a word on either side, since their client
 /// writes into the conversation we declined. The next one now comes as a new request; and

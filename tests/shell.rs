@@ -758,6 +758,32 @@ fn pty_ctrl_c_during_the_exit_flush_leaves_the_message_queued_at_once() {
     assert!(!rest.contains("did not answer in time"), "{rest}");
 }
 
+/// Found by exploratory testing: the shell's `requests accept` showed the messages that
+/// waited, then the membership changes of the commits between them.
+#[test]
+fn requests_accept_in_the_shell_shows_the_changes_in_their_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let (alice, bob, carol) =
+        (User::init(&server, "alice"), User::init(&server, "bob"), User::init(&server, "carol"));
+    common::introduce(&[&alice, &carol]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", &bob.key]);
+    alice.ok(&["send", "#team", "hi all"]);
+    alice.ok(&["group", "add", "team", "carol"]);
+    alice.ok(&["send", "#team", "carol is here"]);
+    let mut sh = ScriptShell::start(&bob);
+    sh.expect(Stream::Out, "message request from");
+    sh.say("requests accept #1");
+    sh.expect(Stream::Out, "you were added to #team");
+    sh.expect(Stream::Out, ": hi all");
+    sh.expect(Stream::Out, "added ~carol");
+    sh.expect(Stream::Out, ": carol is here");
+    let (status, rest) = sh.finish();
+    assert!(status.success());
+    assert!(!rest.iter().any(|(_, l)| l.contains("carol is here")), "shown once: {rest:?}");
+}
+
 #[test]
 fn a_strangers_message_shows_as_a_request_in_the_shell_and_is_accepted_there() {
     let dir = tempfile::tempdir().unwrap();

@@ -921,14 +921,16 @@ impl VerbOutcome {
     }
 }
 
-/// Executes one shared verb. `stdin_ok` lets `send` read its text from stdin (one-shots only).
-/// What the verb's catching-up brought in (joins, membership changes) is added to `events` for
-/// the caller to show its own way.
+/// Executes one shared verb. `oneshot` (false in the shell) lets `send` read its text from
+/// stdin, and has `requests accept` print the membership changes it brings on stderr in their
+/// place among the messages (the shell shows both from the inbox). What the verb's catching-up
+/// brought in (joins, membership changes) is added to `events` for the caller to show its own
+/// way.
 pub async fn run_verb(
     m: &mut Messenger,
     verb: ClientVerb,
     out: &mut dyn Write,
-    stdin_ok: bool,
+    oneshot: bool,
     events: &mut Vec<Event>,
 ) -> anyhow::Result<VerbOutcome> {
     match verb {
@@ -1000,9 +1002,9 @@ pub async fn run_verb(
         ClientVerb::Send(args) => {
             let target = m.resolve_target(&args.target)?;
             // `-` alone is stdin, as for other Unix tools (one-shots only: in the shell it is text).
-            let from_stdin = args.text.is_empty() || (stdin_ok && args.text == ["-"]);
+            let from_stdin = args.text.is_empty() || (oneshot && args.text == ["-"]);
             let text = if from_stdin {
-                if !stdin_ok {
+                if !oneshot {
                     bail!("nothing to send: write the message after the target");
                 }
                 read_stdin_message()?
@@ -1042,7 +1044,7 @@ pub async fn run_verb(
             let published = if k.published { "yes" } else { "no (at the next connection)" };
             writeln!(out, "on the server: {published}; replaced keys kept: {}", k.retired)?;
         }
-        ClientVerb::Requests(args) => run_requests(m, args, out, events)?,
+        ClientVerb::Requests(args) => run_requests(m, args, out, oneshot, events)?,
         ClientVerb::History(args) => run_history(m, &args, out)?,
         ClientVerb::Keys(KeysCmd::Rotate) => {
             m.connect().await?;
@@ -1396,6 +1398,7 @@ fn run_requests(
     m: &mut Messenger,
     args: RequestsArgs,
     out: &mut dyn Write,
+    oneshot: bool,
     events: &mut Vec<Event>,
 ) -> anyhow::Result<()> {
     match args.cmd {
@@ -1443,12 +1446,28 @@ fn run_requests(
         }
         Some(RequestsCmd::Accept { which }) => {
             let sel = m.request_selector(&which)?;
-            for e in m.request_accept(&sel, &sel.label(&which))? {
+            if !oneshot {
+                // The shell shows what waited from the inbox, in order with the changes.
+                events.extend(m.request_accept(&sel, &sel.label(&which), false)?);
+                return Ok(());
+            }
+            // In the order it happened: the join, then what waited, with the membership changes
+            // of its commits (on stderr, as every one-shot says them) in their places.
+            let mut told = Vec::new();
+            for e in m.request_accept(&sel, &sel.label(&which), true)? {
                 match &e {
                     Event::Message(entry) => writeln!(out, "{}", format_entry(m, entry))?,
-                    _ => events.push(e),
+                    _ => {
+                        if let Some(line) = describe_event(m, &e) {
+                            out.flush()?;
+                            err!("qpq: {line}");
+                        }
+                        told.push(e);
+                    }
                 }
             }
+            // As the one-shot marks what it said (see `oneshot`).
+            let _ = m.mark_changes_told(&told);
         }
         Some(RequestsCmd::Decline { which }) => {
             let sel = m.request_selector(&which)?;

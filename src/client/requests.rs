@@ -573,19 +573,21 @@ impl Messenger {
     }
 
     /// Accepts requests: joins each group (or opens the direct conversation) and processes the
-    /// messages that waited with it. The returned events carry those messages; they are shown
-    /// by the caller and so do not stay in the unread inbox.
+    /// messages that waited with it. The returned events carry those messages. With `shown`,
+    /// the caller shows them, and they do not stay in the unread inbox; without, they stay
+    /// there for its readers (the shell shows them from there, as every message).
     pub fn request_accept(
         &mut self,
         which: &RequestSelector,
         label: &str,
+        shown: bool,
     ) -> Result<Vec<Event>, ClientError> {
         let _op = self.begin()?;
         let taken = self.take_requests(which, label)?;
         let mut events = Vec::new();
         let mut failure = None;
         for r in taken {
-            if let Err(e) = self.accept_one(r, true, &mut events) {
+            if let Err(e) = self.accept_one(r, shown, &mut events) {
                 failure.get_or_insert(e);
             }
         }
@@ -831,7 +833,7 @@ mod tests {
         assert!(bob.mls.group_ids().is_empty(), "a request joins nothing");
         // What the KeyPackage expiry does to an old package's private key.
         bob.mls.discard_welcome_key_packages(&welcome).unwrap();
-        let err = bob.request_accept(&RequestSelector::Number(1), "#1").unwrap_err();
+        let err = bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap_err();
         assert!(matches!(err, ClientError::RequestKeyPackageGone { .. }), "{err}");
         assert!(err.to_string().contains("can no longer be accepted"), "{err}");
         assert!(bob.state().requests.pending.is_empty(), "an unjoinable request is not kept");
@@ -864,7 +866,7 @@ mod tests {
         // Past the first copy's time, within the second's.
         bob.clock.advance(half + 1_000);
         bob.expire_strangers();
-        bob.request_accept(&RequestSelector::Number(2), "#2").unwrap();
+        bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
         let mut events = Vec::new();
         bob.handle_group_message(group, &say(&mut stranger, "after the commit"), None, &mut events);
         assert!(
@@ -885,7 +887,7 @@ mod tests {
         events.clear();
         bob.handle_group_message(group, &say(&mut stranger, "hello again"), None, &mut events);
         assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
-        let shown = bob.request_accept(&RequestSelector::Number(2), "#2").unwrap();
+        let shown = bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
         assert!(shown.iter().any(|e| matches!(e, Event::Message(m) if m.text == "hello again")), "{shown:?}");
     }
 

@@ -376,6 +376,23 @@ impl User {
         qpq_in(self.home.path(), args, None)
     }
 
+    /// Runs and asserts success; returns stdout and stderr through one pipe, as a terminal
+    /// shows them: in the order they were written.
+    pub fn merged(&self, args: &[&str]) -> String {
+        use std::io::Read;
+        let (mut reader, writer) = std::io::pipe().expect("a pipe");
+        let mut cmd = qpq_command(self.home.path());
+        cmd.args(args).stdin(Stdio::null()).stdout(writer.try_clone().expect("pipe clone")).stderr(writer);
+        let mut child = cmd.spawn().expect("spawn qpq");
+        // The command holds the pipe's writing ends: the reader ends when the child's do.
+        drop(cmd);
+        let mut text = String::new();
+        reader.read_to_string(&mut text).expect("read the pipe");
+        let status = child.wait().expect("qpq runs");
+        assert!(status.success(), "{} {:?} failed ({status}): {text}", self.name, args);
+        text
+    }
+
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
