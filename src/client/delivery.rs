@@ -865,6 +865,21 @@ mod tests {
         (home, m)
     }
 
+    /// The leave tests' opening: alice's `#team` with bob and carol (her contact, made here),
+    /// bob having read his Welcome. Returns carol's home (it lives as long as the directory),
+    /// carol, and the group's id.
+    async fn team_of_three(
+        alice: &mut Messenger,
+        bob: &mut Messenger,
+        server: &RunningServer,
+    ) -> (tempfile::TempDir, Messenger, Vec<u8>) {
+        let (home, carol) = contact_of_alice(alice, "carol", server).await;
+        let group_id = alice.group_create("team").unwrap();
+        alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
+        bob.receive(0).await.unwrap();
+        (home, carol, group_id)
+    }
+
     /// A Welcome whose connection could not be opened (the server went down after the commit
     /// won) was dropped as refused: bob became a member who could never read the group. It
     /// waits in the outbox and goes once the server is back.
@@ -1049,11 +1064,8 @@ mod tests {
             true,
             |_, server, mut alice, mut bob| async move {
                 let (alice_key, alice_pk) = (alice.public_key().0, alice.public_key());
-                let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
+                let (_carol_home, mut carol, group_id) = team_of_three(&mut alice, &mut bob, &server).await;
                 let carol_key = carol.public_key().0;
-                let group_id = alice.group_create("team").unwrap();
-                alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
-                bob.receive(0).await.unwrap();
                 bob.group_leave("team").await.unwrap();
                 let op = alice.begin().unwrap();
                 alice.receive_round(0).await.unwrap();
@@ -1094,11 +1106,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leave_request_a_commit_passed_over_is_committed_by_value_and_reads_as_a_leave() {
         with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
-            let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
+            let (_carol_home, mut carol, group_id) = team_of_three(&mut alice, &mut bob, &server).await;
             let (alice_key, carol_key) = (alice.public_key().0, carol.public_key().0);
-            let group_id = alice.group_create("team").unwrap();
-            alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
-            bob.receive(0).await.unwrap();
             carol.receive(0).await.unwrap();
             let epoch = alice.mls.epoch(&group_id).unwrap();
 
@@ -1146,10 +1155,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn our_own_commit_taking_a_leaver_out_forgets_their_request() {
         with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
-            let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
-            let group_id = alice.group_create("team").unwrap();
-            alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
-            bob.receive(0).await.unwrap();
+            let (_carol_home, mut carol, group_id) = team_of_three(&mut alice, &mut bob, &server).await;
             let bob_key = bob.public_key().0;
             bob.group_leave("team").await.unwrap();
             let op = alice.begin().unwrap();
@@ -1177,10 +1183,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_committed_leave_request_does_not_remove_the_leaver_once_added_back() {
         with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
-            let (_carol_home, mut carol) = contact_of_alice(&mut alice, "carol", &server).await;
-            let group_id = alice.group_create("team").unwrap();
-            alice.group_add("team", &["bob".to_string(), "carol".to_string()]).await.unwrap();
-            bob.receive(0).await.unwrap();
+            let (_carol_home, mut carol, group_id) = team_of_three(&mut alice, &mut bob, &server).await;
             carol.receive(0).await.unwrap();
             bob.group_leave("team").await.unwrap();
             alice.receive(0).await.unwrap();
