@@ -103,6 +103,19 @@ pub fn shown_at_most(s: &str, max_chars: usize) -> String {
     shown(start)
 }
 
+/// How much of what someone typed an error quotes back.
+pub const TYPED_SHOWN_CHARS: usize = 64;
+
+/// What someone typed, to quote back in an error: its first [`TYPED_SHOWN_CHARS`] characters,
+/// and `…` when there was more (a pasted page read back in full buries the sentence). Not
+/// escaped: the error's own display does that.
+pub fn clipped(s: &str) -> Cow<'_, str> {
+    match s.char_indices().nth(TYPED_SHOWN_CHARS) {
+        Some((end, _)) => Cow::Owned(format!("{}\u{2026}", s.get(..end).unwrap_or(s))),
+        None => Cow::Borrowed(s),
+    }
+}
+
 /// Whole lines of output with everything unsafe escaped but their line breaks kept.
 pub fn guard(s: &str) -> Cow<'_, str> {
     if !s.chars().any(|c| is_unsafe(c) && c != '\n') {
@@ -272,6 +285,15 @@ impl serde_json::ser::Formatter for SafeJson {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn what_was_typed_is_quoted_back_clipped() {
+        assert_eq!(clipped("bob"), "bob");
+        let exact = "\u{e9}".repeat(TYPED_SHOWN_CHARS);
+        assert_eq!(clipped(&exact), exact);
+        let long = format!("{exact}tail");
+        assert_eq!(clipped(&long), format!("{exact}\u{2026}"));
+    }
+
     use super::*;
 
     #[test]

@@ -88,7 +88,7 @@ pub enum TransportError {
     Generate(String),
     #[error("tls configuration failed: {0}")]
     Tls(String),
-    #[error("invalid fingerprint {0:?}: expected sha256: followed by 64 hex digits")]
+    #[error("invalid fingerprint {:?}: expected sha256: followed by 64 hex digits", crate::text::clipped(.0))]
     BadFingerprint(String),
 }
 

@@ -337,6 +337,32 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         assert_eq!(alice.state_generation(), before, "{args:?} wrote to the home");
     }
+    // Found by exploratory testing: a long mistyped name came back whole in the error (3 KB
+    // of `x` for 3 KB typed). What is quoted back is cut, and says it was.
+    let long = "x".repeat(3000);
+    let long_cases: [&[&str]; 16] = [
+        &["send", &long, "hi"],
+        &["contact", "add", "eve", &long],
+        &["history", "--before", &long],
+        &["server", "pin", &long],
+        &["--server", &long, "health"],
+        &["group", "remove", "team", &long],
+        &["send", &format!("#{long}"), "hi"],
+        &["group", "create", &long],
+        &["group", "add", "team", &long],
+        &["group", "info", &long],
+        &["contact", "add", &long, &bob.key],
+        &["contact", "remove", &long],
+        &["history", &long],
+        &["requests", "accept", &long],
+        &["requests", "unblock", &long],
+        &["name", "set", &long],
+    ];
+    for args in long_cases {
+        let err = alice.fails(args);
+        assert!(err.len() < 300 && err.contains("xxx\u{2026}"), "{:?}: {err}", &args[..2]);
+        assert_eq!(alice.state_generation(), before, "{:?} wrote to the home", &args[..2]);
+    }
     // A valid key that never ran init has no key packages.
     let stranger = qpq::crypto::identity::Identity::generate().public().to_hex();
     let err = alice.fails(&["group", "add", "team", &stranger]);

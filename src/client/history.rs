@@ -92,15 +92,15 @@ pub enum Before {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HistoryError {
     #[error(
-        "cannot read --before {0:?}: expected a cursor from the previous page, a time like \"2026-11-30 14:00\", \"today\", \"yesterday\", or an age like \"2h\" or \"3d\""
+        "cannot read --before {:?}: expected a cursor from the previous page, a time like \"2026-11-30 14:00\", \"today\", \"yesterday\", or an age like \"2h\" or \"3d\"", crate::text::clipped(.0)
     )]
     BadBefore(String),
     #[error(
-        "cannot read --retention {0:?}: expected an age like \"90d\" or \"12h\", or \"off\" to keep everything"
+        "cannot read --retention {:?}: expected an age like \"90d\" or \"12h\", or \"off\" to keep everything", crate::text::clipped(.0)
     )]
     BadRetention(String),
     #[error(
-        "a history retention of {0:?} is under an hour and would delete messages minutes old: refused (months are written \"6months\", minutes \"6m\")"
+        "a history retention of {:?} is under an hour and would delete messages minutes old: refused (months are written \"6months\", minutes \"6m\")", crate::text::clipped(.0)
     )]
     ShortRetention(String),
 }

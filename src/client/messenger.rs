@@ -34,6 +34,7 @@ use crate::crypto::hybrid::{self, HybridSecretKey, SignedHybridKey};
 use crate::crypto::identity::{Identity, IdentityError, PublicKey};
 use crate::crypto::sealmany;
 use crate::mls::{MlsClient, MlsError};
+use crate::text::clipped;
 use crate::transport::{Fingerprint, Pin};
 
 /// Recipients of one sealed-once Welcome parcel: 64 stanzas are 75 KB.
@@ -46,7 +47,8 @@ pub const KEY_PACKAGE_REFILL_BELOW: u32 = 5;
 /// Longest text message (after the envelope and MLS overhead it stays under the DS limit).
 pub const MAX_TEXT_BYTES: usize = 200 * 1024;
 
-/// Errors of client operations, phrased for the person who typed the command.
+/// Errors of client operations, phrased for the person who typed the command (what they typed
+/// is quoted back [`clipped`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{0}")]
@@ -59,24 +61,24 @@ pub enum ClientError {
     Key(#[from] IdentityError),
     #[error("no server: pass --server HOST:PORT (or set QPQ_SERVER)")]
     NoServer,
-    #[error("unknown contact {0:?}: add it with `contact add NAME KEY` or use the 64-hex key")]
+    #[error("unknown contact {:?}: add it with `contact add NAME KEY` or use the 64-hex key", clipped(.0))]
     UnknownContact(String),
     /// A short key (`304b-9934`) that starts none of the keys this home knows.
-    #[error("no key this home knows starts with {0:?}: use the whole key (64 hex digits)")]
+    #[error("no key this home knows starts with {:?}: use the whole key (64 hex digits)", clipped(.0))]
     UnknownShortKey(String),
-    #[error("no group named #{0}")]
+    #[error("no group named #{}", clipped(.0))]
     UnknownGroup(String),
-    #[error("you are no longer a member of #{0}")]
+    #[error("you are no longer a member of #{}", clipped(.0))]
     NotMember(String),
-    #[error("invalid name {0:?}: use 1-32 ASCII letters, digits, '-', '_' or '.'")]
+    #[error("invalid name {:?}: use 1-32 ASCII letters, digits, '-', '_' or '.'", clipped(.0))]
     BadName(String),
-    #[error("invalid display name {0:?}: use 1-64 bytes of printable text")]
+    #[error("invalid display name {:?}: use 1-64 bytes of printable text", clipped(.0))]
     BadDisplayName(String),
-    #[error("{given:?} matches several keys: {candidates}; type more of the key")]
+    #[error("{:?} matches several keys: {candidates}; type more of the key", clipped(.given))]
     AmbiguousKey { given: String, candidates: String },
-    #[error("{name:?} cannot name a contact: {why}")]
+    #[error("{:?} cannot name a contact: {why}", clipped(.name))]
     ContactNameClash { name: String, why: &'static str },
-    #[error("{given} could be any of {names}: write the name as it is written there")]
+    #[error("{} could be any of {names}: write the name as it is written there", clipped(.given))]
     AmbiguousName { given: String, names: String },
     #[error("a contact named {0:?} already exists")]
     ContactExists(String),
@@ -125,7 +127,7 @@ pub enum ClientError {
     RemoveSelf(String),
     #[error("the outbox is full ({0} messages wait): they go out when the server is back, then send again")]
     OutboxFull(usize),
-    #[error("no message request {0}: see `qpq requests`")]
+    #[error("no message request {}: see `qpq requests`", clipped(.0))]
     NoRequest(String),
     #[error(
         "the invitation from {who} can no longer be accepted: its key package is gone (expired); ask them to invite you again"
@@ -133,7 +135,7 @@ pub enum ClientError {
     RequestKeyPackageGone { who: String },
     #[error("the block list is full ({0} keys): unblock some first")]
     BlockListFull(usize),
-    #[error("{0} is not blocked")]
+    #[error("{} is not blocked", clipped(.0))]
     NotBlocked(String),
     #[error("that is your own key: contacts are other people")]
     ContactIsSelf,

@@ -43,10 +43,10 @@ pub const CLOSE_WAIT: Duration = Duration::from_millis(5);
 /// Errors talking to the server.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("cannot resolve server address {0:?}")]
+    #[error("cannot resolve server address {:?}", crate::text::clipped(.0))]
     Resolve(String),
     /// An address without a port (`example.org`, `10.0.0.5`, `::1`): no lookup can fix it.
-    #[error("server address {0:?} has no port: write it as HOST:PORT")]
+    #[error("server address {:?} has no port: write it as HOST:PORT", crate::text::clipped(.0))]
     NoPort(String),
     #[error("cannot reach server {addr}: {reason}")]
     Connect { addr: String, reason: String },

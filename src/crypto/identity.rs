@@ -17,7 +17,7 @@ const SHORT_LEN: usize = 16;
 /// Errors parsing keys.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
-    #[error("invalid key {0:?}: expected 64 hex digits")]
+    #[error("invalid key {:?}: expected 64 hex digits", crate::text::clipped(.0))]
     BadHex(String),
     #[error("invalid key: not an ed25519 public key")]
     NotAPoint,

@@ -16,6 +16,7 @@ use clap::{ColorChoice, CommandFactory, Parser, Subcommand};
 use crate::cli::client::ClientVerb;
 
 use crate::cli::client::HistoryArgs;
+use crate::text::clipped;
 
 /// One shell line, as clap sees it after word splitting.
 #[derive(Debug, Parser)]
@@ -203,7 +204,7 @@ fn unknown_command(e: &clap::Error, slash: &str, word: &str) -> LineError {
         None => String::new(),
     };
     let lobby = if slash.is_empty() { "; to talk, use @NAME TEXT, #GROUP TEXT or /chat NAME" } else { "" };
-    LineError(format!("unknown command {slash}{word}{hint} (type /help{lobby})"))
+    LineError(format!("unknown command {slash}{}{hint} (type /help{lobby})", clipped(word)))
 }
 
 /// The command `name` is an alias of (itself when it is none).
@@ -300,7 +301,7 @@ pub fn help_for(topic: &str) -> Result<String, LineError> {
     let mut cmd = ShellLine::command();
     match cmd.find_subcommand_mut(topic) {
         Some(sub) => Ok(sub.render_long_help().to_string()),
-        None => Err(LineError(format!("no command named {topic:?}: type /help for the list"))),
+        None => Err(LineError(format!("no command named {:?}: type /help for the list", clipped(topic)))),
     }
 }
 
@@ -456,6 +457,12 @@ mod tests {
             "/passphrase is not a shell command: run `qpq passphrase` outside the shell"
         );
         assert!(err("/", true).starts_with("a command is expected"));
+        // A pasted page is not read back whole.
+        let long = "z".repeat(5000);
+        let e = err(&format!("/{long}"), true);
+        assert!(e.len() < 200 && e.contains("zzz\u{2026} (type /help)"), "{e}");
+        let e = help_for(&long).unwrap_err().0;
+        assert!(e.len() < 200 && e.contains("zzz\u{2026}\""), "{e}");
     }
 
     #[test]
