@@ -742,16 +742,18 @@ fn history_pages(u: &User, args: &[&str]) -> Vec<String> {
 }
 
 /// Exploratory testing: a member who wrote before reading what came ahead of her (her `send`
-/// fetched it first) has her message in her history at the time she typed it, ahead of the
+/// fetched it first) had her message in her history at the time she typed it, ahead of the
 /// messages it fetched though counted after them. The join showed twice in her history (at
 /// the top and again before the first message she fetched), also across `--before` pages and
 /// in `--json`, and a later add showed in the middle. The same happened to the group's creator.
+/// (A later pass found the reply above its question: her message now goes after what its
+/// `send` fetched, as the group reads it.)
 #[test]
 fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in_place() {
     let (_dir, _server, [alice, bob, carol, _dave]) = cast(["alice", "bob", "carol", "dave"]);
     team_of_three(&alice, &bob, &carol);
     bob.ok(&["send", "#team", "b1"]);
-    // Each `send` fetches what is ahead of it first, and its message is older than those.
+    // Each `send` fetches what is ahead of it first, and its message goes after those.
     alice.ok(&["send", "#team", "a1"]);
     carol.ok(&["send", "#team", "c1"]);
     alice.ok(&["group", "add", "team", "dave"]);
@@ -759,15 +761,15 @@ fn a_message_written_before_reading_those_ahead_of_it_leaves_each_change_once_in
 
     let carols = [
         "* you were added to #team by alice",
-        "[#team] me: c1",
         "[#team] bob: b1",
         "[#team] alice: a1",
+        "[#team] me: c1",
         "* [#team] alice added dave",
     ];
     let alices = [
         "* [#team] you added bob, carol",
-        "[#team] me: a1",
         "[#team] bob: b1",
+        "[#team] me: a1",
         "[#team] carol: c1",
         "* [#team] you added dave",
     ];

@@ -1053,6 +1053,31 @@ mod tests {
         .await;
     }
 
+    /// Found by exploratory testing: a reply typed before its `send` fetched the question took
+    /// its place in history at the time it was typed, above the question, though it was
+    /// encrypted after it and the group reads it after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_goes_after_what_its_send_fetched_first() {
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            use crate::client::history::HistoryQuery;
+            use crate::client::messenger::Target;
+            let (to_bob, to_alice) =
+                (Target::Person(bob.public_key().0), Target::Person(alice.public_key().0));
+            alice.send(&to_bob, "hello").await.unwrap();
+            bob.receive(0).await.unwrap();
+            alice.queue_send(&to_bob, "answer!").unwrap();
+            alice.clock.advance(5_000);
+            bob.send(&to_alice, "question?").await.unwrap();
+            alice.send(&to_bob, "and more").await.unwrap();
+            let conversation = alice.find_direct(&bob.public_key().0);
+            let page = alice.history_page(&HistoryQuery::newest(conversation, 10)).unwrap();
+            let texts: Vec<&str> = page.entries.iter().map(|e| e.entry.text.as_str()).collect();
+            assert_eq!(texts, ["hello", "question?", "answer!", "and more"]);
+            (server, alice, bob)
+        })
+        .await;
+    }
+
     /// Review: a leave whose commit the server refused (here: a stranger filled alice's own
     /// queue, whose copy a commit needs) was forgotten, though bob's proposal stayed pending;
     /// openmls sends nothing over a pending proposal, so each message alice sent to the group

@@ -302,6 +302,16 @@ impl Messenger {
         Ok(())
     }
 
+    /// Our receive time of the newest message in `group_id`'s history, saved or waiting for
+    /// the next save; None when it has none. Needs the home's lock (an operation's).
+    pub(crate) fn newest_history_ms(&self, group_id: &[u8]) -> Result<Option<u64>, ClientError> {
+        let groups = &self.home.state.groups;
+        let pending =
+            groups.get(&hex::encode(group_id)).and_then(|g| g.history.iter().map(|e| e.received_at_ms).max());
+        let stored = self.home.db()?.history_newest(group_id).map_err(StateError::from)?;
+        Ok(pending.max(stored.map(|k| k.at_ms)))
+    }
+
     /// One page of history (see the module header). Entries past the retention are left out
     /// even before the next save deletes them. Takes the home's lock to read the database.
     pub fn history_page(&mut self, query: &HistoryQuery) -> Result<HistoryPage, ClientError> {

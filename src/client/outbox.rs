@@ -465,17 +465,20 @@ impl Messenger {
                 let body = AppMessage { text: item.text.clone(), sent_at_ms: item.sent_at_ms }.encode();
                 let ciphertext = self.mls.encrypt(&group_id, &body)?;
                 if sealed.is_none() {
-                    // In history at the time it was typed, unless a membership change came
-                    // between: it was encrypted after the change, so the change decides who
-                    // reads it and goes first (exploratory testing: the member whose `send`
-                    // committed a leave first saw "dave left" after her message).
+                    // In history at the time it was typed, unless a membership change or a
+                    // message came between: it was encrypted after them, and goes after them
+                    // in the group's order, so they go first. (Exploratory testing: the member
+                    // whose `send` committed a leave first saw "dave left" after her message;
+                    // a reply whose `send` fetched the question showed above it.)
                     let changed = self.home.state.timelines.last_change_ms(&hex::encode(&group_id));
+                    let newest = self.newest_history_ms(&group_id)?;
+                    let at = [changed, newest].into_iter().flatten().fold(item.sent_at_ms, u64::max);
                     self.push_history(Entry {
                         group_id: group_id.clone(),
                         from: self.identity.public().0,
                         text: item.text.clone(),
                         sent_at_ms: item.sent_at_ms,
-                        received_at_ms: changed.map_or(item.sent_at_ms, |c| c.max(item.sent_at_ms)),
+                        received_at_ms: at,
                         outgoing: true,
                     });
                 }

@@ -9,9 +9,9 @@
 //! # Placing events among messages
 //! History is in [`HistoryKey`] order: receive time, then index (the count when the message
 //! was added). The two orders differ for a message we wrote: it takes its place at the time it
-//! was typed (or of the newest membership change we knew when it was encrypted, if later: that
-//! change decided who reads it), and its index when it is encrypted, after whatever its `send`
-//! fetched first. So
+//! was typed (or of the newest membership change or message in its history when it was
+//! encrypted, if later: the change decided who reads it, and both come before it in the group's
+//! order), and its index when it is encrypted, after whatever its `send` fetched first. So
 //! an event takes its place in the same order, by its time and then its count
 //! ([`MemberEvent::precedes`]): it goes before the first entry that comes after it in history
 //! and after the others, which puts it exactly once between two neighbouring entries whatever
@@ -400,9 +400,10 @@ mod tests {
         assert_eq!(t.first_index("other", 2), 0, "a home from before the counter");
     }
 
-    /// A message we wrote is in history at the time it was typed, and counted when it was
-    /// encrypted, after the message its `send` fetched first: the count alone put the join
-    /// before both (first message by time, and message 0 by count), so it showed twice.
+    /// A message we wrote was once put in history at the time it was typed, and counted when it
+    /// was encrypted, after the message its `send` fetched first (homes written before keep such
+    /// entries): the count alone put the
+    /// join before both (first message by time, and message 0 by count), so it showed twice.
     #[test]
     fn a_message_written_before_reading_the_one_ahead_of_it_leaves_each_event_once() {
         let mut t = Timelines::default();
