@@ -43,7 +43,7 @@ fn a_send_while_the_server_is_down_is_queued_and_delivered_once_when_it_is_back(
     // alice's next command that connects sends the outbox first, in order, then its own.
     let r = alice.run(&["send", "bob", "back"]);
     assert!(r.ok, "{}", r.stderr);
-    assert!(r.stderr.contains("qpq: sent a queued message to bob"), "{}", r.stderr);
+    assert!(r.stderr.contains("qpq: sent 2 queued messages to bob"), "{}", r.stderr);
     // carol had no conversation with alice yet: it was opened when her message went out.
     assert!(r.stderr.contains("qpq: sent a queued message to carol"), "{}", r.stderr);
     assert_eq!(bob.recv(), ["alice: while down", "alice: still down", "alice: back"]);

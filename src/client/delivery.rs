@@ -1053,6 +1053,38 @@ mod tests {
         .await;
     }
 
+    /// Found by exploratory testing: after an outage the shell said "sent a queued message to
+    /// #team" once per message, forty lines for forty. One line per conversation now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_messages_that_go_together_are_said_once_per_conversation() {
+        with_alice_and_bob(true, |_, server, mut alice, mut bob| async move {
+            use crate::client::messenger::Target;
+            let to_bob = Target::Person(bob.public_key().0);
+            alice.send(&to_bob, "hello").await.unwrap();
+            alice.group_create("team").unwrap();
+            alice.group_add("team", &["bob".to_string()]).await.unwrap();
+            for text in ["one", "two", "three"] {
+                alice.queue_send(&to_bob, text).unwrap();
+            }
+            alice.queue_send(&Target::Group("team".into()), "to the team").unwrap();
+            alice.receive(0).await.unwrap();
+            assert_eq!(alice.notices, ["sent 3 queued messages to bob", "sent a queued message to #team"]);
+            let texts: Vec<String> = bob
+                .receive(0)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Message(m) => Some(m.text),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(texts, ["hello", "one", "two", "three", "to the team"]);
+            (server, alice, bob)
+        })
+        .await;
+    }
+
     /// Found by exploratory testing: a reply typed before its `send` fetched the question took
     /// its place in history at the time it was typed, above the question, though it was
     /// encrypted after it and the group reads it after it.

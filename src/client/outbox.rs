@@ -293,6 +293,25 @@ impl Messenger {
     /// group in trouble held every message to everyone. Messages the server refuses leave the
     /// outbox with a notice (or as the awaited message's fate).
     pub(crate) async fn flush_sends(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
+        // Said once per conversation, with a count: after an outage, forty lines of "sent a
+        // queued message to #team" told no more than one (exploratory testing).
+        let mut announced: Vec<(String, usize)> = Vec::new();
+        let r = self.flush_each(events, &mut announced).await;
+        for (to, n) in announced {
+            self.notices.push(match n {
+                1 => format!("sent a queued message to {to}"),
+                n => format!("sent {n} queued messages to {to}"),
+            });
+        }
+        r
+    }
+
+    /// [`Messenger::flush_sends`]'s work: counts in `announced` what goes that it says.
+    async fn flush_each(
+        &mut self,
+        events: &mut Vec<Event>,
+        announced: &mut Vec<(String, usize)>,
+    ) -> Result<(), ClientError> {
         let ids: Vec<u64> = self.home.state.sends.iter().map(|s| s.id).collect();
         // Conversations (a group id, or a person's key before their conversation begins) whose
         // first queued message waits this round.
@@ -321,7 +340,10 @@ impl Messenger {
                         self.watch.fate = Some(Fate::Sent { group_id, recipients });
                     } else if !self.watch.quiet.remove(&item.id) && announce {
                         let to = self.conversation_name(&group_id);
-                        self.notices.push(format!("sent a queued message to {to}"));
+                        match announced.iter_mut().find(|(t, _)| *t == to) {
+                            Some((_, n)) => *n += 1,
+                            None => announced.push((to, 1)),
+                        }
                     }
                 }
                 Err(e) if is_offline(&e) => {
