@@ -529,6 +529,36 @@ fn pty_what_is_typed_while_the_shell_is_busy_is_not_echoed_and_echo_comes_back()
     assert!(flags.contains(&"echo") && !flags.contains(&"-echo"), "echo is back: {after}");
 }
 
+/// Found by exploratory testing: a `kill` of a shell waiting at its prompt left the terminal
+/// without echo (the editor's raw mode, and the shell's own echo-off, never undone). SIGTERM
+/// and SIGHUP now end it as Ctrl-D would, the terminal given back.
+#[test]
+fn pty_a_terminated_shell_gives_the_terminal_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let alice = User::init(&server, "alice");
+    let mut cmd = std::process::Command::new("sh");
+    // The shell in the background (its stdin still the terminal, through fd 3) so that its pid
+    // is known; `stty` after it: the terminal as it left it.
+    let script = "stty echo; exec 3<&0; \"$0\" --home \"$1\" shell <&3 & echo \"pid=$!;\"; wait; stty -a";
+    cmd.args(["-c", script, env!("CARGO_BIN_EXE_qpq")])
+        .arg(alice.home.path())
+        .env_remove("QPQ_SERVER")
+        .env("QPQ_LOG", "warn")
+        .env("TERM", "xterm");
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
+    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    let (_, pid) = p.exp_regex("pid=[0-9]+;").unwrap();
+    let pid = pid.trim_start_matches("pid=").trim_end_matches(';').to_string();
+    p.exp_string("qpq> ").unwrap();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let after = p.exp_eof().unwrap();
+    let flags: Vec<&str> = after.split_whitespace().collect();
+    assert!(flags.contains(&"echo") && flags.contains(&"icanon"), "the terminal is back: {after}");
+    assert!(!flags.contains(&"-echo") && !flags.contains(&"-icanon"), "the terminal is back: {after}");
+}
+
 #[test]
 fn pty_a_terminal_attack_arrives_as_visible_escapes() {
     let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);

@@ -98,14 +98,26 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         failed: false,
         interrupt: None,
         paging: None,
+        enders: Enders::none(),
+        ended_by_signal: false,
     };
     let code = block_on_local(shell.run())?;
     // A place not given up here (the home cannot be written) lapses with its lease.
     let _ = shell.m.forget_reader(&shell.cursor);
-    let Shell { out, input, .. } = shell;
+    let Shell { out, input, ended_by_signal, .. } = shell;
     drop(out); // ends the printer thread before the editor is joined
-    input.close();
+    if ended_by_signal {
+        // The editor may be reading a line, in raw mode: it is not waited for (it ends with
+        // the process), and the terminal is set back from here.
+        drop(input);
+    } else {
+        input.close();
+    }
     drop(no_echo); // the terminal as it was, once the editor gave it back
+    if ended_by_signal {
+        // Below the prompt the editor drew, for whatever the terminal shows next.
+        println!();
+    }
     Ok(code)
 }
 
@@ -134,6 +146,44 @@ enum Step {
 enum Wake {
     Input(Input),
     Received(Result<Vec<Event>, ClientError>),
+    /// SIGTERM or SIGHUP at an interactive shell: the status to end with (128 + the signal).
+    Ended(u8),
+}
+
+/// SIGTERM and SIGHUP (the terminal closed) at an interactive shell. Left to their default
+/// action they ended the process with the terminal still in the editor's raw mode and without
+/// echo (exploratory testing); caught, they end the shell at once, the terminal given back.
+struct Enders {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Enders {
+    fn none() -> Enders {
+        Enders { term: None, hup: None }
+    }
+
+    /// Registered inside the runtime.
+    fn catch() -> Enders {
+        use tokio::signal::unix::{SignalKind, signal};
+        Enders { term: signal(SignalKind::terminate()).ok(), hup: signal(SignalKind::hangup()).ok() }
+    }
+
+    /// The status of the first that comes; never, for none registered.
+    async fn next(&mut self) -> u8 {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.term) => 128 + 15,
+            () = one(&mut self.hup) => 128 + 1,
+        }
+    }
 }
 
 /// What makes two `/history` lines the same request (their target resolved).
@@ -163,6 +213,10 @@ struct Shell {
     /// The last `/history` and the cursor of the page before the one it showed: the same
     /// `/history` again shows that page. Any other command forgets it.
     paging: Option<(PageKey, Position)>,
+    /// Interactive only: see [`Enders`].
+    enders: Enders,
+    /// Ended by one of [`Enders`]: the editor thread may still be reading, and is not waited for.
+    ended_by_signal: bool,
 }
 
 impl Shell {
@@ -170,6 +224,7 @@ impl Shell {
         if self.input.is_editor() {
             // Registered inside the runtime; from now on SIGINT no longer ends the process.
             self.interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+            self.enders = Enders::catch();
             self.greet();
         }
         self.show(Vec::new());
@@ -196,8 +251,10 @@ impl Shell {
                 };
                 let m = &mut self.m;
                 let lines = &mut self.input.lines;
+                let enders = &mut self.enders;
                 tokio::select! {
                     biased;
+                    code = enders.next() => Wake::Ended(code),
                     input = lines.recv() => Wake::Input(input.unwrap_or(Input::Eof)),
                     r = async {
                         tokio::time::sleep_until(due).await;
@@ -216,6 +273,14 @@ impl Shell {
                     Step::Waiting
                 }
                 Wake::Input(input) => self.take(input).await,
+                Wake::Ended(code) => {
+                    // At once: what is queued stays queued for the next command, as after a
+                    // Ctrl-C of the last flush; the home holds nothing unsaved between steps.
+                    self.ended_by_signal = true;
+                    self.out.status("ended by a signal");
+                    self.m.disconnect().await;
+                    return ExitCode::from(code);
+                }
             };
             // Nothing this shell does can open a home re-sealed under a new key, whichever step
             // met it (a receive, a command, reading the inbox, keeping its place).
