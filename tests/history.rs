@@ -263,6 +263,23 @@ fn shell_history_pages_back_when_repeated() {
     assert_eq!(hints, 3, "after each page that has older ones: {}", r.stderr);
 }
 
+/// Found by exploratory testing: `/history` after `/history 2` showed the newest page again,
+/// over what was on the screen, though the README says `/history` again shows the page before.
+/// A bare `/history` goes on from the last page of the same conversation (with its own size).
+#[test]
+fn a_bare_shell_history_goes_on_from_the_last_page() {
+    let (_dir, _server, [alice, bob]) = cast(["alice", "bob"]);
+    say(&bob, "alice", &["m1", "m2", "m3", "m4", "m5"]);
+    alice.ok(&["recv"]);
+    let script = "/chat bob\n/history 2\n/history\n";
+    let r = qpq_in(alice.home.path(), &["shell"], Some(script));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        untimed(&r.stdout).lines().collect::<Vec<_>>(),
+        ["bob: m4", "bob: m5", "* bob started a conversation with you", "bob: m1", "bob: m2", "bob: m3"]
+    );
+}
+
 /// Found by exploratory testing: an empty page of the one-shot `history` printed nothing at all,
 /// where the shell says why. It says so on stderr (stdout stays empty for scripts).
 #[test]

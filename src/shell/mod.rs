@@ -56,6 +56,7 @@ use crate::client::inbox::{Arrival, Cursor};
 use crate::client::messenger::{ClientError, Event, Messenger, Target};
 use crate::client::outbox::EXIT_QUEUED;
 use crate::client::timeline::changes_of;
+use crate::limits::DEFAULT_HISTORY_PAGE;
 use crate::shell::complete::{Names, SharedNames};
 use crate::shell::grammar::Action;
 use crate::shell::input::{Input, LineSource};
@@ -656,6 +657,23 @@ impl Shell {
     /// `/history`: a page of the named conversation, the open one, or (in the lobby) all;
     /// repeated, the page before.
     fn history(&mut self, mut args: HistoryArgs) -> anyhow::Result<()> {
+        // A bare `/history` after a page of the open conversation (or, in the lobby, of all)
+        // goes on from it, with its search and form and this line's page size: "more".
+        let bare = args.target.is_none()
+            && args.n == DEFAULT_HISTORY_PAGE as u64
+            && args.grep.is_none()
+            && args.before.is_none()
+            && !args.json;
+        if bare
+            && let Some((k, _)) = &self.paging
+            && k.target == self.conversation.as_ref().map(|c| c.target.clone())
+        {
+            args.grep = k.grep.clone();
+            args.json = k.json;
+            if let Some(k) = self.paging.as_mut() {
+                k.0.n = args.n;
+            }
+        }
         let again = again_line(&args);
         let mut label = args.target.clone();
         if args.target.is_none()
