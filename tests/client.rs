@@ -329,6 +329,8 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (vec!["group", "add", "team", &ab32], "invalid key: not an ed25519 public key"),
         (vec!["group", "members", "ghost"], "no group named #ghost"),
         (vec!["contact", "remove", "ghost"], "unknown contact \"ghost\""),
+        // As typed (it said `""`).
+        (vec!["name", "set", "   "], "invalid display name \"   \""),
     ];
     for (args, want) in cases {
         let err = alice.fails(&args);

@@ -423,11 +423,12 @@ impl Messenger {
             return Err(StateError::AlreadyInitialized(dir.to_path_buf()).into());
         }
         // Spaces around a name are nobody's intent (and would show inside its marks).
+        let typed = name.clone();
         let name = name.map(|n| n.trim().to_string());
         if let Some(n) = &name
             && !crate::mls::valid_display_name(n)
         {
-            return Err(ClientError::BadDisplayName(n.clone()));
+            return Err(ClientError::BadDisplayName(typed.unwrap_or_default()));
         }
         let server = opts.server.clone().ok_or(ClientError::NoServer)?;
         let identity = Identity::generate();

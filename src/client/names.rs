@@ -97,9 +97,11 @@ impl Messenger {
     /// whoever adds us next. Returns the number of groups updated and what came in meanwhile.
     pub async fn set_display_name(&mut self, name: &str) -> Result<(usize, Vec<Event>), ClientError> {
         // Spaces around a name are nobody's intent (and would show inside its marks).
+        let typed = name;
         let name = name.trim();
         if !crate::mls::valid_display_name(name) {
-            return Err(ClientError::BadDisplayName(name.to_string()));
+            // As typed: `"   "` says more than `""` (exploratory testing).
+            return Err(ClientError::BadDisplayName(typed.to_string()));
         }
         self.connect().await?;
         let _op = self.begin()?;
