@@ -104,12 +104,7 @@ fn a_strangers_group_invitation_waits_and_accept_joins_for_later_messages() {
 fn requests_accept_says_the_changes_in_their_places_among_the_messages() {
     let (_dir, server, alice, bob) = strangers();
     let carol = User::init(&server, "carol");
-    common::introduce(&[&alice, &carol]);
-    alice.ok(&["group", "create", "team"]);
-    alice.ok(&["group", "add", "team", &bob.key]);
-    alice.ok(&["send", "#team", "hi all"]);
-    alice.ok(&["group", "add", "team", "carol"]);
-    alice.ok(&["send", "#team", "carol is here"]);
+    common::a_strangers_group_with_a_change_between(&alice, &bob, &carol);
     bob.recv();
     let said = untimed(&bob.merged(&["requests", "accept", "#1"]));
     let lines: Vec<&str> = said.lines().collect();

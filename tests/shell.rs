@@ -796,12 +796,7 @@ fn requests_accept_in_the_shell_shows_the_changes_in_their_places() {
     let server = ServerProcess::start(dir.path());
     let (alice, bob, carol) =
         (User::init(&server, "alice"), User::init(&server, "bob"), User::init(&server, "carol"));
-    common::introduce(&[&alice, &carol]);
-    alice.ok(&["group", "create", "team"]);
-    alice.ok(&["group", "add", "team", &bob.key]);
-    alice.ok(&["send", "#team", "hi all"]);
-    alice.ok(&["group", "add", "team", "carol"]);
-    alice.ok(&["send", "#team", "carol is here"]);
+    common::a_strangers_group_with_a_change_between(&alice, &bob, &carol);
     let mut sh = ScriptShell::start(&bob);
     sh.expect(Stream::Out, "message request from");
     sh.say("requests accept #1");

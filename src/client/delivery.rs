@@ -865,6 +865,17 @@ mod tests {
         (home, m)
     }
 
+    /// The texts of the messages among `events`.
+    fn texts_of(events: Vec<Event>) -> Vec<String> {
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.text),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The leave tests' opening: alice's `#team` with bob and carol (her contact, made here),
     /// bob having read his Welcome. Returns carol's home (it lives as long as the directory),
     /// carol, and the group's id.
@@ -1032,16 +1043,7 @@ mod tests {
             assert_eq!(queued, vec![held], "only the group's message waits: {events:?}");
             assert_ne!(held, goes);
             drop(op);
-            let texts: Vec<String> = carol
-                .receive(0)
-                .await
-                .unwrap()
-                .into_iter()
-                .filter_map(|e| match e {
-                    Event::Message(m) => Some(m.text),
-                    _ => None,
-                })
-                .collect();
+            let texts = texts_of(carol.receive(0).await.unwrap());
             assert!(texts.contains(&"to carol".to_string()), "{texts:?}");
             // The next round commits the leave, and the group's message follows, announced.
             alice.receive(0).await.unwrap();
@@ -1069,16 +1071,7 @@ mod tests {
             alice.queue_send(&Target::Group("team".into()), "to the team").unwrap();
             alice.receive(0).await.unwrap();
             assert_eq!(alice.notices, ["sent 3 queued messages to bob", "sent a queued message to #team"]);
-            let texts: Vec<String> = bob
-                .receive(0)
-                .await
-                .unwrap()
-                .into_iter()
-                .filter_map(|e| match e {
-                    Event::Message(m) => Some(m.text),
-                    _ => None,
-                })
-                .collect();
+            let texts = texts_of(bob.receive(0).await.unwrap());
             assert_eq!(texts, ["hello", "one", "two", "three", "to the team"]);
             (server, alice, bob)
         })

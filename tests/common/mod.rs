@@ -458,6 +458,17 @@ pub fn introduce(users: &[&User]) {
     }
 }
 
+/// alice, a stranger to bob, invites him to her `#team`, writes, adds carol (her contact) and
+/// writes again: bob's request holds a message, a commit and a message.
+pub fn a_strangers_group_with_a_change_between(alice: &User, bob: &User, carol: &User) {
+    introduce(&[alice, carol]);
+    alice.ok(&["group", "create", "team"]);
+    alice.ok(&["group", "add", "team", &bob.key]);
+    alice.ok(&["send", "#team", "hi all"]);
+    alice.ok(&["group", "add", "team", "carol"]);
+    alice.ok(&["send", "#team", "carol is here"]);
+}
+
 /// A server in a temp dir plus people who ran `init` against it and know each other as
 /// contacts: the opening of most scenarios.
 pub fn cast<const N: usize>(names: [&str; N]) -> (tempfile::TempDir, ServerProcess, [User; N]) {
