@@ -295,9 +295,10 @@ impl Messenger {
     pub(crate) async fn flush_sends(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
         // Said once per conversation, with a count: after an outage, forty lines of "sent a
         // queued message to #team" told no more than one (exploratory testing).
-        let mut announced: Vec<(String, usize)> = Vec::new();
+        let mut announced: Vec<(Vec<u8>, usize)> = Vec::new();
         let r = self.flush_each(events, &mut announced).await;
-        for (to, n) in announced {
+        for (group_id, n) in announced {
+            let to = self.conversation_name(&group_id);
             self.notices.push(match n {
                 1 => format!("sent a queued message to {to}"),
                 n => format!("sent {n} queued messages to {to}"),
@@ -310,7 +311,7 @@ impl Messenger {
     async fn flush_each(
         &mut self,
         events: &mut Vec<Event>,
-        announced: &mut Vec<(String, usize)>,
+        announced: &mut Vec<(Vec<u8>, usize)>,
     ) -> Result<(), ClientError> {
         let ids: Vec<u64> = self.home.state.sends.iter().map(|s| s.id).collect();
         // Conversations (a group id, or a person's key before their conversation begins) whose
@@ -339,10 +340,9 @@ impl Messenger {
                     if awaited {
                         self.watch.fate = Some(Fate::Sent { group_id, recipients });
                     } else if !self.watch.quiet.remove(&item.id) && announce {
-                        let to = self.conversation_name(&group_id);
-                        match announced.iter_mut().find(|(t, _)| *t == to) {
+                        match announced.iter_mut().find(|(g, _)| *g == group_id) {
                             Some((_, n)) => *n += 1,
-                            None => announced.push((to, 1)),
+                            None => announced.push((group_id, 1)),
                         }
                     }
                 }
@@ -403,7 +403,8 @@ impl Messenger {
                             QueuedTarget::Person(k) => self.display_name(k),
                         };
                         // Which message: its start, so the person knows what to send again
-                        // (it is in no history: it never left).
+                        // (it never left, though its history may show it: it went there when
+                        // it was encrypted).
                         let text = crate::client::requests::preview_line(&item.text, NOT_SENT_PREVIEW_CHARS);
                         events.push(Event::NotSent {
                             reason: format!(
@@ -484,17 +485,19 @@ impl Messenger {
         let ciphertext = match item.sealed {
             Some(s) if s.group_id == group_id && (s.maybe_sent || s.epoch == epoch) => s.ciphertext,
             sealed => {
+                // In history at the time it was typed, unless a membership change or a message
+                // came between: it is encrypted after them, and goes after them in the group's
+                // order, so they go first. (Exploratory testing: the member whose `send`
+                // committed a leave first saw "dave left" after her message; a reply whose
+                // `send` fetched the question showed above it.) Only the order hangs on the
+                // history's newest record: one that cannot be read does not stop the message.
+                let changed = self.home.state.timelines.last_change_ms(&hex::encode(&group_id));
+                let newest =
+                    if sealed.is_none() { self.newest_history_ms(&group_id).ok().flatten() } else { None };
+                let at = [changed, newest].into_iter().flatten().fold(item.sent_at_ms, u64::max);
                 let body = AppMessage { text: item.text.clone(), sent_at_ms: item.sent_at_ms }.encode();
                 let ciphertext = self.mls.encrypt(&group_id, &body)?;
                 if sealed.is_none() {
-                    // In history at the time it was typed, unless a membership change or a
-                    // message came between: it was encrypted after them, and goes after them
-                    // in the group's order, so they go first. (Exploratory testing: the member
-                    // whose `send` committed a leave first saw "dave left" after her message;
-                    // a reply whose `send` fetched the question showed above it.)
-                    let changed = self.home.state.timelines.last_change_ms(&hex::encode(&group_id));
-                    let newest = self.newest_history_ms(&group_id)?;
-                    let at = [changed, newest].into_iter().flatten().fold(item.sent_at_ms, u64::max);
                     self.push_history(Entry {
                         group_id: group_id.clone(),
                         from: self.identity.public().0,

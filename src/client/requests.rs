@@ -367,13 +367,14 @@ impl Messenger {
         };
         // Their invitation again, while we keep the one we declined: that copy comes back as
         // the request, with the commits it kept. Two copies would share one KeyPackage key,
-        // and the older one's expiry would delete it from under the newer.
+        // and the older one's expiry would delete it from under the newer. It leaves the
+        // set-aside ones only once admitted: refused, it stays as it was.
         let declined = &mut self.home.state.declined;
+        let mut set_aside = None;
         let request = match declined.iter().position(|r| r.group_id == group_id && r.from == from) {
             Some(i) if declined[i].welcome == welcome => {
-                let mut r = declined.remove(i);
-                r.received_at_ms = request.received_at_ms;
-                r
+                set_aside = Some(i);
+                Request { received_at_ms: request.received_at_ms, ..declined[i].clone() }
             }
             Some(i) => {
                 let old = declined.remove(i);
@@ -384,6 +385,9 @@ impl Messenger {
         };
         match self.home.state.requests.admit(request) {
             Ok(()) => {
+                if let Some(i) = set_aside {
+                    self.home.state.declined.remove(i);
+                }
                 self.home.state.sync_request_numbers();
                 let (mine, rest): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut self.home.state.orphans)
                     .into_iter()
@@ -439,13 +443,23 @@ impl Messenger {
     }
 
     /// Deletes the KeyPackage private keys a Welcome we will never join was encrypted to,
-    /// unless a request we keep (waiting or set aside) holds that same Welcome: a blocked
-    /// sender's resend of it, or a replay under another claimed inviter, must not take the key
-    /// its request needs. The caller takes its own request out of the lists first.
+    /// unless a request we keep (waiting or set aside) needs that key: a blocked sender's resend
+    /// of its Welcome, a replay under another claimed inviter, or another Welcome to the same
+    /// package (anyone who saw the package, the server or a co-member, can write one) must not
+    /// take it. The caller takes its own request out of the lists first.
     pub(crate) fn discard_welcome(&mut self, welcome: &[u8]) {
         let state = &self.home.state;
-        if state.requests.pending.iter().chain(&state.declined).any(|r| r.welcome == welcome) {
+        let kept = || state.requests.pending.iter().chain(&state.declined);
+        if kept().any(|r| r.welcome == welcome) {
             return;
+        }
+        if let Ok(Some(ours)) = self.mls.welcome_key_package_ref(welcome) {
+            let needs = |r: &Request| {
+                self.mls.welcome_key_package_ref(&r.welcome).ok().flatten() == Some(ours.clone())
+            };
+            if kept().any(needs) {
+                return;
+            }
         }
         // Best effort: a Welcome that does not parse matched none of our packages anyway.
         let _ = self.mls.discard_welcome_key_packages(welcome);
@@ -889,6 +903,58 @@ mod tests {
         assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
         let shown = bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
         assert!(shown.iter().any(|e| matches!(e, Event::Message(m) if m.text == "hello again")), "{shown:?}");
+    }
+
+    /// Review: a resend that the requests refuse (here another stranger's request for the same
+    /// group id waits) took the declined copy out of the set-aside ones all the same, and lost it.
+    #[test]
+    fn a_refused_resend_leaves_the_declined_copy_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let (stranger, welcome) = strangers_welcome(&mut bob);
+        let (other, same_id) = strangers_welcome(&mut bob);
+        assert!(matches!(
+            receive_direct_welcome(&mut bob, &stranger, &welcome).as_slice(),
+            [Event::Request { .. }]
+        ));
+        bob.request_decline(&RequestSelector::Number(1), "#1").unwrap();
+        assert!(matches!(
+            receive_direct_welcome(&mut bob, &other, &same_id).as_slice(),
+            [Event::Request { .. }]
+        ));
+        assert!(receive_direct_welcome(&mut bob, &stranger, &welcome).is_empty());
+        let declined: Vec<[u8; 32]> = bob.state().declined.iter().map(|r| r.from).collect();
+        assert_eq!(declined, [stranger.identity()]);
+    }
+
+    /// Review: only the same Welcome's bytes kept a waiting request's key. Another Welcome to
+    /// the same KeyPackage of ours (the server saw the package; so does every co-member, in the
+    /// commit that adds us), dropped for claiming another inviter, deleted it.
+    #[test]
+    fn another_welcome_to_a_waiting_requests_package_does_not_take_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
+        let welcome_to = |group: &[u8]| {
+            let mut m = crate::mls::MlsClient::new(&rand::random()).unwrap();
+            m.create_group(group).unwrap();
+            let welcome = m.add_members(group, std::slice::from_ref(&kp)).unwrap().welcome.unwrap();
+            (m, welcome)
+        };
+        let (stranger, welcome) = welcome_to(b"stranger-group-1");
+        let (_eve, forged) = welcome_to(b"eves-group");
+        assert!(matches!(
+            receive_direct_welcome(&mut bob, &stranger, &welcome).as_slice(),
+            [Event::Request { .. }]
+        ));
+        let peer = bob.public_key().0;
+        let mut events = Vec::new();
+        bob.handle_welcome(&forged, "", GroupKind::Direct { peer }, stranger.identity(), &mut events);
+        assert!(
+            matches!(events.as_slice(), [Event::Dropped { reason }] if reason.contains("different inviter"))
+        );
+        bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap();
+        assert_eq!(bob.mls.group_ids(), vec![b"stranger-group-1".to_vec()]);
     }
 
     #[test]

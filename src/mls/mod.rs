@@ -1041,6 +1041,25 @@ impl MlsClient {
     /// added us; the server) could otherwise list our other packages in a Welcome of theirs
     /// and have us delete the keys of an invitation that still waits as a request.
     pub fn discard_welcome_key_packages(&mut self, welcome: &[u8]) -> Result<(), MlsError> {
+        let Some((hash_ref, bundle)) = self.welcome_key_package(welcome)? else { return Ok(()) };
+        if !bundle.key_package().last_resort() {
+            let storage = self.provider.storage();
+            storage.delete_key_package(&hash_ref).map_err(|e| openmls_err("delete key package", e))?;
+        }
+        Ok(())
+    }
+
+    /// The reference of the KeyPackage of ours that joining `welcome` would use; None when it
+    /// names none we hold. Two Welcomes with one answer need one private key.
+    pub fn welcome_key_package_ref(&self, welcome: &[u8]) -> Result<Option<Vec<u8>>, MlsError> {
+        Ok(self.welcome_key_package(welcome)?.map(|(hash_ref, _)| hash_ref.as_slice().to_vec()))
+    }
+
+    /// The first of our KeyPackages `welcome` names, as openmls picks it when joining.
+    fn welcome_key_package(
+        &self,
+        welcome: &[u8],
+    ) -> Result<Option<(KeyPackageRef, KeyPackageBundle)>, MlsError> {
         let MlsMessageBodyIn::Welcome(parsed) = parse_message(welcome)?.extract() else {
             return Err(MlsError::UnexpectedMessage("expected a welcome"));
         };
@@ -1049,13 +1068,11 @@ impl MlsClient {
             let hash_ref = secret.new_member();
             let bundle: Option<KeyPackageBundle> =
                 storage.key_package(&hash_ref).map_err(|e| openmls_err("read key package", e))?;
-            let Some(bundle) = bundle else { continue };
-            if !bundle.key_package().last_resort() {
-                storage.delete_key_package(&hash_ref).map_err(|e| openmls_err("delete key package", e))?;
+            if let Some(bundle) = bundle {
+                return Ok(Some((hash_ref, bundle)));
             }
-            break;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Identities of the current members, in leaf order.
