@@ -285,6 +285,8 @@ impl serde_json::ser::Formatter for SafeJson {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn what_was_typed_is_quoted_back_clipped() {
         assert_eq!(clipped("bob"), "bob");
@@ -293,8 +295,6 @@ mod tests {
         let long = format!("{exact}tail");
         assert_eq!(clipped(&long), format!("{exact}\u{2026}"));
     }
-
-    use super::*;
 
     #[test]
     fn terminal_controls_are_escaped_visibly() {

@@ -540,7 +540,7 @@ fn pty_a_terminated_shell_gives_the_terminal_back() {
     let mut cmd = std::process::Command::new("sh");
     // The shell in the background (its stdin still the terminal, through fd 3) so that its pid
     // is known; `stty` after it: the terminal as it left it.
-    let script = "stty echo; exec 3<&0; \"$0\" --home \"$1\" shell <&3 & echo \"pid=$!;\"; wait; stty -a";
+    let script = "stty echo; exec 3<&0; \"$0\" --home \"$1\" shell <&3 & p=$!; echo \"pid=$p;\"; wait $p; echo \"status=$?;\"; stty -a";
     cmd.args(["-c", script, env!("CARGO_BIN_EXE_qpq")])
         .arg(alice.home.path())
         .env_remove("QPQ_SERVER")
@@ -554,6 +554,7 @@ fn pty_a_terminated_shell_gives_the_terminal_back() {
     let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
     let after = p.exp_eof().unwrap();
+    assert!(after.contains("qpq: shell ended by SIGTERM") && after.contains("status=143;"), "{after}");
     let flags: Vec<&str> = after.split_whitespace().collect();
     assert!(flags.contains(&"echo") && flags.contains(&"icanon"), "the terminal is back: {after}");
     assert!(!flags.contains(&"-echo") && !flags.contains(&"-icanon"), "the terminal is back: {after}");

@@ -1448,13 +1448,15 @@ fn run_requests(
             let sel = m.request_selector(&which)?;
             if !oneshot {
                 // The shell shows what waited from the inbox, in order with the changes.
-                events.extend(m.request_accept(&sel, &sel.label(&which), false)?);
-                return Ok(());
+                let (accepted, failure) = m.request_accept(&sel, &sel.label(&which), false)?;
+                events.extend(accepted);
+                return failure.map_or(Ok(()), |e| Err(e.into()));
             }
             // In the order it happened: the join, then what waited, with the membership changes
             // of its commits (on stderr, as every one-shot says them) in their places.
             let mut told = Vec::new();
-            for e in m.request_accept(&sel, &sel.label(&which), true)? {
+            let (accepted, failure) = m.request_accept(&sel, &sel.label(&which), true)?;
+            for e in accepted {
                 match &e {
                     Event::Message(entry) => writeln!(out, "{}", format_entry(m, entry))?,
                     _ => {
@@ -1468,6 +1470,9 @@ fn run_requests(
             }
             // As the one-shot marks what it said (see `oneshot`).
             let _ = m.mark_changes_told(&told);
+            if let Some(e) = failure {
+                return Err(e.into());
+            }
         }
         Some(RequestsCmd::Decline { which }) => {
             let sel = m.request_selector(&which)?;

@@ -1416,7 +1416,8 @@ mod tests {
             let events = bob.receive(0).await.unwrap();
             assert!(events.iter().any(|e| matches!(e, Event::Request { .. })), "{events:?}");
 
-            let accepted = bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap();
+            let (accepted, failure) = bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap();
+            assert!(failure.is_none(), "{failure:?}");
             let texts: Vec<String> = accepted
                 .iter()
                 .filter_map(|e| match e {
@@ -1576,7 +1577,9 @@ mod tests {
         assert_eq!(list[0].reuses_left.as_deref(), Some("#team"));
 
         // Accepted: bob is in mallory's group under his old name for it.
-        let joined = bob.request_accept(&RequestSelector::Number(list[0].number), "#1", true).unwrap();
+        let (joined, failure) =
+            bob.request_accept(&RequestSelector::Number(list[0].number), "#1", true).unwrap();
+        assert!(failure.is_none(), "{failure:?}");
         assert!(joined.iter().any(|e| matches!(e, Event::Joined { .. })), "{joined:?}");
         assert!(bob.state().groups.get(&key).is_some_and(|g| g.active && g.name == "team"));
         let mut members = bob.mls.members(&group).unwrap();

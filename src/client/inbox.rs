@@ -407,6 +407,11 @@ impl Messenger {
                 }
             }
         }
+        // The others wait for a later call of this process (`requests accept` marks what it
+        // printed, then the one-shot what it prints after).
+        if let Some(rest) = self.announced.as_mut() {
+            *rest = announced;
+        }
         if told.is_empty() {
             return Ok(());
         }

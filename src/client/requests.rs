@@ -589,13 +589,15 @@ impl Messenger {
     /// Accepts requests: joins each group (or opens the direct conversation) and processes the
     /// messages that waited with it. The returned events carry those messages. With `shown`,
     /// the caller shows them, and they do not stay in the unread inbox; without, they stay
-    /// there for its readers (the shell shows them from there, as every message).
+    /// there for its readers (the shell shows them from there, as every message). When one of
+    /// several requests (all of a key's) fails, the others' events come back with the first
+    /// failure: shown ones are in no inbox any more.
     pub fn request_accept(
         &mut self,
         which: &RequestSelector,
         label: &str,
         shown: bool,
-    ) -> Result<Vec<Event>, ClientError> {
+    ) -> Result<(Vec<Event>, Option<ClientError>), ClientError> {
         let _op = self.begin()?;
         let taken = self.take_requests(which, label)?;
         let mut events = Vec::new();
@@ -606,10 +608,7 @@ impl Messenger {
             }
         }
         self.persist()?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(events),
-        }
+        Ok((events, failure))
     }
 
     /// Joins the group of `r` and processes what waited with it. With `shown`, the caller shows
@@ -847,7 +846,7 @@ mod tests {
         assert!(bob.mls.group_ids().is_empty(), "a request joins nothing");
         // What the KeyPackage expiry does to an old package's private key.
         bob.mls.discard_welcome_key_packages(&welcome).unwrap();
-        let err = bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap_err();
+        let err = bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap().1.unwrap();
         assert!(matches!(err, ClientError::RequestKeyPackageGone { .. }), "{err}");
         assert!(err.to_string().contains("can no longer be accepted"), "{err}");
         assert!(bob.state().requests.pending.is_empty(), "an unjoinable request is not kept");
@@ -880,7 +879,8 @@ mod tests {
         // Past the first copy's time, within the second's.
         bob.clock.advance(half + 1_000);
         bob.expire_strangers();
-        bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
+        let (_, failure) = bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
+        assert!(failure.is_none(), "{failure:?}");
         let mut events = Vec::new();
         bob.handle_group_message(group, &say(&mut stranger, "after the commit"), None, &mut events);
         assert!(
@@ -901,8 +901,40 @@ mod tests {
         events.clear();
         bob.handle_group_message(group, &say(&mut stranger, "hello again"), None, &mut events);
         assert!(matches!(events.as_slice(), [Event::Request { .. }]), "{events:?}");
-        let shown = bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
+        let (shown, failure) = bob.request_accept(&RequestSelector::Number(2), "#2", true).unwrap();
+        assert!(failure.is_none(), "{failure:?}");
         assert!(shown.iter().any(|e| matches!(e, Event::Message(m) if m.text == "hello again")), "{shown:?}");
+    }
+
+    /// Review: accepting all of a key's requests when one could no longer be joined returned
+    /// only the failure, and the other's messages (taken out of the inbox to be shown) were
+    /// never shown. They come back with the failure.
+    #[test]
+    fn a_failed_request_among_a_keys_does_not_hide_the_others_messages() {
+        use crate::mls::MlsClient;
+        let dir = tempfile::tempdir().unwrap();
+        let mut bob = offline_messenger(dir.path());
+        let mut stranger = MlsClient::new(&rand::random()).unwrap();
+        let mut welcomes = Vec::new();
+        for group in [b"first-group".as_slice(), b"other-group"] {
+            let kp = bob.mls.key_packages(1).unwrap().remove(0).bytes;
+            stranger.create_group(group).unwrap();
+            welcomes.push(stranger.add_members(group, &[kp]).unwrap().welcome.unwrap());
+            stranger.merge_pending(group).unwrap();
+        }
+        let mut events = Vec::new();
+        for (welcome, name) in welcomes.iter().zip(["first", "other"]) {
+            bob.handle_welcome(welcome, name, GroupKind::Group, stranger.identity(), &mut events);
+        }
+        let hello = stranger
+            .encrypt(b"other-group", &AppMessage { text: "hi".into(), sent_at_ms: 1 }.encode())
+            .unwrap();
+        assert!(bob.hold_for_request(b"other-group", &hello, &mut events));
+        bob.mls.discard_welcome_key_packages(&welcomes[0]).unwrap();
+        let key = RequestSelector::Key(stranger.identity());
+        let (shown, failure) = bob.request_accept(&key, "them", true).unwrap();
+        assert!(matches!(failure, Some(ClientError::RequestKeyPackageGone { .. })), "{failure:?}");
+        assert!(shown.iter().any(|e| matches!(e, Event::Message(m) if m.text == "hi")), "{shown:?}");
     }
 
     /// Review: a resend that the requests refuse (here another stranger's request for the same
@@ -953,7 +985,8 @@ mod tests {
         assert!(
             matches!(events.as_slice(), [Event::Dropped { reason }] if reason.contains("different inviter"))
         );
-        bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap();
+        let (_, failure) = bob.request_accept(&RequestSelector::Number(1), "#1", true).unwrap();
+        assert!(failure.is_none(), "{failure:?}");
         assert_eq!(bob.mls.group_ids(), vec![b"stranger-group-1".to_vec()]);
     }
 

@@ -100,14 +100,14 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         interrupt: None,
         paging: None,
         enders: Enders::none(),
-        ended_by_signal: false,
+        ended: None,
     };
     let code = block_on_local(shell.run())?;
     // A place not given up here (the home cannot be written) lapses with its lease.
     let _ = shell.m.forget_reader(&shell.cursor);
-    let Shell { out, input, ended_by_signal, .. } = shell;
+    let Shell { out, input, ended, .. } = shell;
     drop(out); // ends the printer thread before the editor is joined
-    if ended_by_signal {
+    if ended.is_some() {
         // The editor may be reading a line, in raw mode: it is not waited for (it ends with
         // the process), and the terminal is set back from here.
         drop(input);
@@ -115,9 +115,14 @@ pub fn run(g: &GlobalArgs) -> anyhow::Result<ExitCode> {
         input.close();
     }
     drop(no_echo); // the terminal as it was, once the editor gave it back
-    if ended_by_signal {
-        // Below the prompt the editor drew, for whatever the terminal shows next.
-        println!();
+    if let Some(code) = ended {
+        use std::io::Write as _;
+        // Bracketed paste off (the editor turns it on for each line it reads), and a new line
+        // below the prompt it drew. Errors are no matter: after SIGHUP the terminal is gone.
+        let _ = write!(std::io::stdout(), "\x1b[?2004l\n");
+        let _ = std::io::stdout().flush();
+        let signal = if code == 128 + 1 { "SIGHUP" } else { "SIGTERM" };
+        let _ = writeln!(std::io::stderr(), "qpq: shell ended by {signal}");
     }
     Ok(code)
 }
@@ -142,6 +147,8 @@ enum Step {
     /// Show the next prompt.
     Ask,
     Quit,
+    /// One of [`Enders`] came, with its status.
+    Ended(u8),
 }
 
 enum Wake {
@@ -212,12 +219,13 @@ struct Shell {
     /// shell. At the prompt the editor reads Ctrl-C as a key itself.
     interrupt: Option<tokio::signal::unix::Signal>,
     /// The last `/history` and the cursor of the page before the one it showed: the same
-    /// `/history` again shows that page. Any other command forgets it.
+    /// `/history` again (or a bare one) shows that page. Any other command forgets it.
     paging: Option<(PageKey, Position)>,
     /// Interactive only: see [`Enders`].
     enders: Enders,
-    /// Ended by one of [`Enders`]: the editor thread may still be reading, and is not waited for.
-    ended_by_signal: bool,
+    /// The status of the signal of [`Enders`] that ended the shell: the editor thread may still
+    /// be reading, and is not waited for.
+    ended: Option<u8>,
 }
 
 impl Shell {
@@ -274,15 +282,16 @@ impl Shell {
                     Step::Waiting
                 }
                 Wake::Input(input) => self.take(input).await,
-                Wake::Ended(code) => {
-                    // At once: what is queued stays queued for the next command, as after a
-                    // Ctrl-C of the last flush; the home holds nothing unsaved between steps.
-                    self.ended_by_signal = true;
-                    self.out.status("ended by a signal");
-                    self.m.disconnect().await;
-                    return ExitCode::from(code);
-                }
+                Wake::Ended(code) => Step::Ended(code),
             };
+            if let Step::Ended(code) = step {
+                // At once: what is queued stays queued for the next command, as after a Ctrl-C
+                // of the last flush; the home holds nothing unsaved between steps (a command
+                // the signal cut short was abandoned as after a crash).
+                self.ended = Some(code);
+                self.m.disconnect().await;
+                return ExitCode::from(code);
+            }
             // Nothing this shell does can open a home re-sealed under a new key, whichever step
             // met it (a receive, a command, reading the inbox, keeping its place).
             if key_lost || self.m.home_key_changed() {
@@ -294,7 +303,7 @@ impl Shell {
                 return ExitCode::FAILURE;
             }
             match step {
-                Step::Waiting => {}
+                Step::Waiting | Step::Ended(_) => {}
                 Step::Ask => asked = false,
                 Step::Quit => break,
             }
@@ -317,7 +326,9 @@ impl Shell {
         self.m.disconnect().await;
         // A script's status says what `qpq send` would: 1 for a failed line or a refused
         // message, else 75 while any message is still queued, else 0.
-        if self.input.is_editor() {
+        if let Some(code) = self.ended {
+            ExitCode::from(code)
+        } else if self.input.is_editor() {
             ExitCode::SUCCESS
         } else if self.failed {
             ExitCode::FAILURE
@@ -341,9 +352,15 @@ impl Shell {
                 self.out.status(&format!("sending {n} queued {them} queued"));
             }
         }
+        let mut enders = std::mem::replace(&mut self.enders, Enders::none());
         let interrupted = async {
             match interrupt.as_mut() {
-                Some(i) => i.recv().await,
+                Some(i) => {
+                    tokio::select! {
+                        _ = i.recv() => None,
+                        code = enders.next() => Some(code),
+                    }
+                }
                 None => std::future::pending().await,
             }
         };
@@ -365,9 +382,13 @@ impl Shell {
         );
         let last = tokio::select! {
             last = rounds => Some(last),
-            _ = interrupted => None,
+            code = interrupted => {
+                self.ended = code;
+                None
+            }
         };
         self.interrupt = interrupt;
+        self.enders = enders;
         match last {
             Some(Ok(Ok(()))) => {}
             Some(Ok(Err(e))) => self.out.status(&format!("cannot receive: {e}")),
@@ -400,7 +421,7 @@ impl Shell {
                 Some(Flow::Continue) => Step::Ask,
                 None => {
                     self.abandoned().await;
-                    Step::Ask
+                    self.ended.map_or(Step::Ask, Step::Ended)
                 }
             },
             Input::Interrupted | Input::Notice(_) | Input::Bad(_) => Step::Ask, // (the last two returned above)
@@ -526,16 +547,23 @@ impl Shell {
 
     /// Runs one line; errors become one `error:` line and the shell goes on.
     /// Runs a line; None when Ctrl-C (SIGINT) came first.
+    /// SIGTERM or SIGHUP ([`Enders`]) drops it too, and is noted in `ended`.
     async fn line_interruptibly(&mut self, line: &str) -> Option<Flow> {
         let Some(mut interrupt) = self.interrupt.take() else { return Some(self.line(line).await) };
         // A signal from before this line (say, sent while the editor was reading) is not meant
         // for it.
         while let Some(Some(())) = interrupt.recv().now_or_never() {}
+        let mut enders = std::mem::replace(&mut self.enders, Enders::none());
         let flow = tokio::select! {
             flow = self.line(line) => Some(flow),
             _ = interrupt.recv() => None,
+            code = enders.next() => {
+                self.ended = Some(code);
+                None
+            }
         };
         self.interrupt = Some(interrupt);
+        self.enders = enders;
         flow
     }
 
@@ -658,7 +686,8 @@ impl Shell {
     /// repeated, the page before.
     fn history(&mut self, mut args: HistoryArgs) -> anyhow::Result<()> {
         // A bare `/history` after a page of the open conversation (or, in the lobby, of all)
-        // goes on from it, with its search and form and this line's page size: "more".
+        // goes on from it, with its search and form and this line's page size: "more". (An
+        // explicit `-n` of the default size reads as bare: clap gives the same value.)
         let bare = args.target.is_none()
             && args.n == DEFAULT_HISTORY_PAGE as u64
             && args.grep.is_none()
@@ -737,8 +766,8 @@ impl Shell {
 }
 
 /// The `/history` line that shows the page before the one `args` asked for: the same line
-/// (without `--before`), as the page key compares them. `/history 3` is continued by
-/// `/history 3`, not by `/history`, which starts over at the newest 20.
+/// (without `--before`), as the page key compares them. (A bare `/history` goes on too, with
+/// pages of the default size: see `Shell::history`.)
 fn again_line(args: &HistoryArgs) -> String {
     format!("/history{}", args.page_words())
 }
