@@ -470,6 +470,22 @@ fn pty_shell(u: &User) -> PtySession {
     rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty")
 }
 
+/// `sh -c SCRIPT` on a pseudo-terminal, with ANSI sequences stripped, `$0` the qpq binary and
+/// `$1` `u`'s home, and `QPQ_FAILPOINT` set to `failpoint` if given.
+fn pty_script(script: &str, u: &User, failpoint: Option<&str>) -> PtySession {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", script, env!("CARGO_BIN_EXE_qpq")])
+        .arg(u.home.path())
+        .env_remove("QPQ_SERVER")
+        .env("QPQ_LOG", "warn")
+        .env("TERM", "xterm");
+    if let Some(f) = failpoint {
+        cmd.env("QPQ_FAILPOINT", f);
+    }
+    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
+    rexpect::session::spawn_with_options(cmd, opts).expect("spawn sh on a pty")
+}
+
 #[test]
 fn pty_a_message_arriving_mid_line_prints_above_it_and_keeps_the_typed_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -507,17 +523,10 @@ fn pty_what_is_typed_while_the_shell_is_busy_is_not_echoed_and_echo_comes_back()
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
     let alice = User::init(&server, "alice");
-    let mut cmd = std::process::Command::new("sh");
     // Echo on first (rexpect turns it off), and `stty` after the shell: the terminal as the
     // shell left it.
-    cmd.args(["-c", "stty echo; \"$0\" --home \"$1\" shell; stty -a", env!("CARGO_BIN_EXE_qpq")])
-        .arg(alice.home.path())
-        .env_remove("QPQ_SERVER")
-        .env("QPQ_LOG", "warn")
-        .env("TERM", "xterm")
-        .env("QPQ_FAILPOINT", "pause:shell-starting");
-    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
-    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    let script = "stty echo; \"$0\" --home \"$1\" shell; stty -a";
+    let mut p = pty_script(script, &alice, Some("pause:shell-starting"));
     p.exp_string("qpq: failpoint shell-starting").unwrap();
     // Typed while it is busy: the failpoint reads this line, as the editor would later.
     p.send_line("typed while busy").unwrap();
@@ -537,17 +546,10 @@ fn pty_a_terminated_shell_gives_the_terminal_back() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());
     let alice = User::init(&server, "alice");
-    let mut cmd = std::process::Command::new("sh");
     // The shell in the background (its stdin still the terminal, through fd 3) so that its pid
     // is known; `stty` after it: the terminal as it left it.
     let script = "stty echo; exec 3<&0; \"$0\" --home \"$1\" shell <&3 & p=$!; echo \"pid=$p;\"; wait $p; echo \"status=$?;\"; stty -a";
-    cmd.args(["-c", script, env!("CARGO_BIN_EXE_qpq")])
-        .arg(alice.home.path())
-        .env_remove("QPQ_SERVER")
-        .env("QPQ_LOG", "warn")
-        .env("TERM", "xterm");
-    let opts = Options::new().timeout_ms(Some(WAIT.as_millis() as u64)).strip_ansi_escape_codes(true);
-    let mut p = rexpect::session::spawn_with_options(cmd, opts).expect("spawn qpq shell on a pty");
+    let mut p = pty_script(script, &alice, None);
     let (_, pid) = p.exp_regex("pid=[0-9]+;").unwrap();
     let pid = pid.trim_start_matches("pid=").trim_end_matches(';').to_string();
     p.exp_string("qpq> ").unwrap();

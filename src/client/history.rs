@@ -305,11 +305,21 @@ impl Messenger {
     /// Our receive time of the newest message in `group_id`'s history, saved or waiting for
     /// the next save; None when it has none. Needs the home's lock (an operation's).
     pub(crate) fn newest_history_ms(&self, group_id: &[u8]) -> Result<Option<u64>, ClientError> {
-        let groups = &self.home.state.groups;
-        let pending =
-            groups.get(&hex::encode(group_id)).and_then(|g| g.history.iter().map(|e| e.received_at_ms).max());
+        Ok(self.newest_history_key(group_id)?.map(|k| k.at_ms))
+    }
+
+    /// The key of the newest message in `group_id`'s history, saved or waiting for the next
+    /// save; None when it has none. Needs the home's lock (an operation's).
+    fn newest_history_key(&self, group_id: &[u8]) -> Result<Option<HistoryKey>, ClientError> {
+        let state = &self.home.state;
+        let key = hex::encode(group_id);
+        let pending = state.groups.get(&key).and_then(|g| {
+            let base = state.timelines.first_index(&key, g.history.len());
+            let keys = g.history.iter().enumerate();
+            keys.map(|(i, e)| HistoryKey { at_ms: e.received_at_ms, index: base + i as u64 }).max()
+        });
         let stored = self.home.db()?.history_newest(group_id).map_err(StateError::from)?;
-        Ok(pending.max(stored.map(|k| k.at_ms)))
+        Ok(pending.max(stored))
     }
 
     /// One page of history (see the module header). Entries past the retention are left out
@@ -391,17 +401,7 @@ impl Messenger {
             let newest = match query.before {
                 // Nothing newer was left out.
                 Before::Newest => true,
-                _ => {
-                    let key = hex::encode(id);
-                    let pending = state.groups.get(&key).and_then(|g| {
-                        let base = state.timelines.first_index(&key, g.history.len());
-                        let keys = g.history.iter().enumerate();
-                        keys.map(|(i, e)| HistoryKey { at_ms: e.received_at_ms, index: base + i as u64 })
-                            .max()
-                    });
-                    let stored = db.history_newest(id).map_err(StateError::from)?;
-                    pending.max(stored) <= Some(last.key())
-                }
+                _ => self.newest_history_key(id)? <= Some(last.key()),
             };
             let edge = Edges { previous, newest: newest.then(|| last.clone()) };
             edges.insert(id.to_vec(), edge);
