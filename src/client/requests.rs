@@ -691,13 +691,12 @@ impl Messenger {
         }
         r.held.retain(|m| !is_application(&m.0));
         let declined = &mut self.home.state.declined;
-        if let Some(i) = declined.iter().position(|d| d.group_id == r.group_id) {
-            let old = declined.remove(i);
-            if old.welcome != r.welcome {
-                self.discard_welcome(&old.welcome);
-            }
+        let replaced = declined.iter().position(|d| d.group_id == r.group_id).map(|i| declined.remove(i));
+        declined.push(r);
+        // After the push: `discard_welcome` keeps the key if this request needs it.
+        if let Some(old) = replaced {
+            self.discard_welcome(&old.welcome);
         }
-        self.home.state.declined.push(r);
         while self.home.state.declined.len() > MAX_DECLINED_REQUESTS {
             let oldest = self.home.state.declined.remove(0);
             self.discard_welcome(&oldest.welcome);
